@@ -1,0 +1,235 @@
+"""Malformed input gets a clear error naming what arrived and what was expected: never a crash, never a
+silently wrong value."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import bnb_quantize, legacy_list, random_fp8, random_scales
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import torch_side
+
+pytest.importorskip("bitsandbytes")
+ERRORS = (TypeError, ValueError, AssertionError)
+
+
+def _state(nested=True):
+    _, packed, qs = bnb_quantize((40, 96), nested=nested, seed=7)
+    return packed, qs
+
+
+def test_packed_dtype_fp8_bytes():
+    packed, qs = _state()
+    fp8 = torch.zeros(packed.numel(), dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="float8_e4m3fn.*FP8 data: use dequantize_fp8"):
+        torch_side.dequantize(fp8, qs)
+
+
+def test_fp8_weight_viewed_as_uint8_with_a_4bit_state():
+    packed, qs = _state()
+    w = random_fp8((40, 96)).view(torch.uint8)  # one byte per element: twice what 4-bit needs
+    with pytest.raises(ValueError, match=r"holds 3840 bytes.*needs 1920 bytes"):
+        torch_side.dequantize(w, qs)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.float64])
+def test_int_and_other_weights(dtype):
+    packed, qs = _state()
+    with pytest.raises(TypeError, match=str(dtype)):
+        torch_side.dequantize(torch.zeros(packed.numel(), dtype=dtype), qs)
+
+
+def test_absmax_length():
+    packed, qs = _state(nested=False)
+    qs.absmax = qs.absmax[:-1]
+    with pytest.raises(ValueError, match=r"absmax has 59 entries.*need 60"):
+        torch_side.dequantize(packed, qs)
+
+
+def test_nested_absmax_length():
+    packed, qs = _state()
+    qs.state2.absmax = torch.cat([qs.state2.absmax, qs.state2.absmax])
+    with pytest.raises(ValueError, match=r"nested_absmax has 2 entries.*need 1"):
+        torch_side.dequantize(packed, qs)
+
+
+def test_float_absmax_with_nested_pieces():
+    packed, qs = _state()
+    with pytest.raises(TypeError, match="nested .*absmax is uint8, got torch.float32"):
+        torch_side.dequantize_nf4(
+            packed, qs.absmax.float(), shape=(40, 96), nested_absmax=qs.state2.absmax, nested_code=qs.state2.code
+        )
+
+
+def test_uint8_absmax_without_nested_pieces():
+    packed, qs = _state()
+    with pytest.raises(TypeError, match="pass nested_absmax, nested_code and offset"):
+        torch_side.dequantize_nf4(packed, qs.absmax, shape=(40, 96))
+
+
+def test_unknown_quant_type_and_blocksize():
+    packed, qs = _state()
+    q = copy.copy(qs)
+    q.quant_type = "int4"
+    with pytest.raises(ValueError, match="quant_type must be 'nf4' or 'fp4', got 'int4'"):
+        torch_side.dequantize(packed, q)
+    q = copy.copy(qs)
+    q.blocksize = 48
+    with pytest.raises(ValueError, match="blocksize must be one of .* got 48"):
+        torch_side.dequantize(packed, q)
+
+
+def test_output_dtype():
+    packed, qs = _state()
+    q = copy.copy(qs)
+    q.dtype = torch.float64
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32, got torch.float64"):
+        torch_side.dequantize(packed, q)
+
+
+def test_incomplete_quant_state():
+    packed, qs = _state()
+    q = copy.copy(qs)
+    q.shape = None
+    with pytest.raises(ValueError, match="incomplete QuantState: shape missing"):
+        torch_side.dequantize(packed, q)
+    q = copy.copy(qs)
+    q.offset = None
+    with pytest.raises(ValueError, match="nested .* without offset"):
+        torch_side.dequantize(packed, q)
+
+
+def test_legacy_list_layouts():
+    packed, qs = _state()
+    lst = legacy_list(qs)
+    with pytest.raises(ValueError, match="has 5 entries"):
+        torch_side.dequantize(packed, lst[:5])
+    bad = list(lst)
+    bad[4] = [qs.offset]
+    with pytest.raises(ValueError, match=r"entry 4 must be \[offset, state2\]"):
+        torch_side.dequantize(packed, bad)
+    bad = list(lst)
+    bad[2] = "bfloat16"
+    with pytest.raises(ValueError, match="entry 2 .* must be a torch.dtype"):
+        torch_side.dequantize(packed, bad)
+
+
+def test_not_a_quant_state():
+    packed, _ = _state()
+    with pytest.raises(TypeError, match="must be a bitsandbytes QuantState or the legacy list"):
+        torch_side.dequantize(packed, {"absmax": 1})
+
+
+def test_w_not_a_tensor():
+    _, qs = _state()
+    with pytest.raises(TypeError, match="W must be a torch.Tensor, got list"):
+        torch_side.dequantize([1, 2, 3], qs)
+
+
+def test_unknown_backend():
+    packed, qs = _state()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        torch_side.dequantize(packed, qs, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_pieces_on_different_devices():
+    packed, qs = _state()
+    with pytest.raises(ValueError, match=r"weight's device cuda:0; got absmax on cpu"):
+        torch_side.dequantize_nf4(
+            packed.cuda(), qs.absmax, shape=(40, 96), nested_absmax=qs.state2.absmax.cuda(),
+            nested_code=qs.state2.code.cuda(), offset=qs.offset,
+        )  # fmt: skip
+    w = random_fp8((256, 256)).cuda()
+    with pytest.raises(ValueError, match="got scale_inv on cpu"):
+        torch_side.dequantize_fp8(w, random_scales((2, 2)))
+
+
+CORRUPTIONS = {
+    "truncate absmax": lambda qs: setattr(qs, "absmax", qs.absmax[: max(0, qs.absmax.numel() - 1)]),
+    "extend absmax": lambda qs: setattr(qs, "absmax", torch.cat([qs.absmax, qs.absmax[:1]])),
+    "absmax as float64": lambda qs: setattr(qs, "absmax", qs.absmax.double()),
+    "shape grows": lambda qs: setattr(qs, "shape", torch.Size([qs.shape[0] + 2, qs.shape[1]])),
+    "shape shrinks": lambda qs: setattr(qs, "shape", torch.Size([qs.shape[0], max(0, qs.shape[1] - 2)])),
+    "blocksize doubles": lambda qs: setattr(qs, "blocksize", qs.blocksize * 2),
+    "blocksize odd": lambda qs: setattr(qs, "blocksize", qs.blocksize + 1),
+    "quant type": lambda qs: setattr(qs, "quant_type", "nf8"),
+    "dtype int": lambda qs: setattr(qs, "dtype", torch.int8),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 30),
+    cols=st.integers(3, 200),
+    nested=st.booleans(),
+    corruption=st.sampled_from(sorted(CORRUPTIONS)),
+    seed=st.integers(0, 1000),
+)
+def test_corrupted_states_raise(rows, cols, nested, corruption, seed):
+    # one block either way: doubling the blocksize changes nothing observable
+    assume(not (corruption == "blocksize doubles" and rows * cols <= 64))
+    _, packed, qs = bnb_quantize((rows, cols), nested=nested, seed=seed)
+    q = copy.deepcopy(qs)
+    CORRUPTIONS[corruption](q)
+    with pytest.raises(ERRORS):
+        torch_side.dequantize(packed, q)
+
+
+# --- FP8 -------------------------------------------------------------------------------------------
+
+
+def test_fp8_uint8_weight_names_the_fix():
+    w = random_fp8((256, 256)).view(torch.uint8)
+    with pytest.raises(TypeError, match=r"W.view\(torch.float8_e4m3fn\)"):
+        torch_side.dequantize_fp8(w, random_scales((2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bfloat16, torch.float32])
+def test_fp8_non_float8_weight(dtype):
+    with pytest.raises(TypeError, match="takes a float8 weight"):
+        torch_side.dequantize_fp8(torch.zeros(4, 4, dtype=dtype), torch.ones(1))
+
+
+def test_fp8_scale_shape_wrong():
+    w = random_fp8((576, 7168))
+    with pytest.raises(ValueError, match=r"scale_inv has shape \(4, 56\).*block 128 needs \(5, 56\)"):
+        torch_side.dequantize_fp8(w, random_scales((4, 56)))
+    with pytest.raises(ValueError, match=r"block_size \(128, 128\) needs \(5, 56\)"):
+        torch_side.dequantize_fp8(w, random_scales((5, 57)), block_size=128)
+    with pytest.raises(ValueError, match="needs a 2-D"):
+        torch_side.dequantize_fp8(random_fp8((4, 8, 8)), random_scales((1, 1, 2)))
+
+
+def test_fp8_ambiguous_block_asks_for_block_size():
+    w = random_fp8((250, 250))  # 3x3 scales: any block from 84 to 124 fits, and each cuts differently
+    with pytest.raises(ValueError, match=r"square blocks from 84 to 124 .*pass block_size="):
+        torch_side.dequantize_fp8(w, random_scales((3, 3)))
+    assert torch_side.fp8_scale_layout((250, 250), (3, 3), block_size=100).block == (100, 100)
+
+
+def test_fp8_scale_dtype_and_output_dtype():
+    w = random_fp8((128, 128))
+    with pytest.raises(TypeError, match="scale_inv must be float32, bfloat16 or float16, got torch.int32"):
+        torch_side.dequantize_fp8(w, torch.ones(1, 1, dtype=torch.int32))
+    with pytest.raises(TypeError, match="output dtype must be"):
+        torch_side.dequantize_fp8(w, torch.ones(1, 1), torch.int8)
+
+
+def test_fp8_non_finite_scales():
+    w = random_fp8((256, 256))
+    s = random_scales((2, 2))
+    s[1, 0] = float("inf")
+    got = torch_side.dequantize_fp8(w, s, torch.float32)
+    assert torch.isinf(got[128:, :128]).any() and torch.isfinite(got[:128]).all()  # propagates by default
+    with pytest.raises(ValueError, match=r"scale_inv holds 1 non-finite value.*index \(1, 0\)"):
+        torch_side.dequantize_fp8(w, s, check_finite=True)
+
+
+def test_fp8_backend_bnb_refused():
+    with pytest.raises(ValueError, match="no FP8"):
+        torch_side.dequantize_fp8(random_fp8((8, 8)), torch.ones(1), backend="bnb")

@@ -1,0 +1,276 @@
+"""torch_side.dequantize / dequantize_nf4 against bitsandbytes itself, on CPU and (gpu marker) CUDA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import DTYPES, as_bnb_returns, assert_bitwise_equal, bnb_quantize, bnb_reference, legacy_list
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_side
+from torch_side._backend import bnb_cpu_kernel_is_exact
+
+F = pytest.importorskip("bitsandbytes.functional")
+
+ODD_SHAPES = [(128, 96), (7, 48), (3, 32), (5, 7), (1, 1), (33, 65), (100,), (97,), (3,), (2, 3, 40), (576, 7168)]
+
+
+def _oracle(packed, qs, device):
+    """bitsandbytes' CUDA kernel on a GPU; its pure-torch reference (the same semantics) on the CPU."""
+    if device == "cuda":
+        return F.dequantize_4bit(packed, qs)
+    return bnb_reference(packed, qs)
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_matches_bitsandbytes(device, shape, quant_type, nested):
+    for i, dtype in enumerate(DTYPES):
+        _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i, device=device)
+        got = torch_side.dequantize(packed, qs)
+        assert got.device.type == device
+        assert_bitwise_equal(got, as_bnb_returns(_oracle(packed, qs, device), packed) if device == "cpu" else _oracle(packed, qs, device))
+        assert_bitwise_equal(got, as_bnb_returns(bnb_reference(packed, qs), packed))
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_every_blocksize(device, blocksize):
+    for nested in (True, False):
+        _, packed, qs = bnb_quantize((37, 300), blocksize=blocksize, nested=nested, seed=blocksize, device=device)
+        assert_bitwise_equal(torch_side.dequantize(packed, qs), _oracle(packed, qs, device))
+
+
+@pytest.mark.parametrize("backend", ["torch", "bnb"])
+def test_forced_backends_agree(device, backend):
+    # shapes whose rows are whole blocks, where bitsandbytes' CPU kernel is exact too
+    for i, shape in enumerate([(64, 128), (3, 4096), (17, 64)]):
+        _, packed, qs = bnb_quantize(shape, nested=bool(i % 2), seed=i, device=device)
+        assert_bitwise_equal(torch_side.dequantize(packed, qs, backend=backend), bnb_reference(packed, qs))
+
+
+def test_cpu_routes_around_the_broken_bitsandbytes_kernel():
+    # bitsandbytes 0.50's CPU kernel restarts blocks at every row: wrong for these shapes.
+    for shape in [(128, 96), (7, 48), (3, 32)]:
+        _, packed, qs = bnb_quantize(shape, nested=False)
+        assert not bnb_cpu_kernel_is_exact(shape, qs.blocksize)
+        assert_bitwise_equal(torch_side.dequantize(packed, qs), bnb_reference(packed, qs))
+        with pytest.raises(ValueError, match="restarts blocks at every row"):
+            torch_side.dequantize(packed, qs, backend="bnb")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    blocks_per_row=st.integers(1, 3),
+    blocksize=st.sampled_from([32, 64, 128]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_bnb_cpu_kernel_is_exact_where_we_use_it(rows, blocks_per_row, blocksize, quant_type, dtype, seed):
+    """The predicate that lets 'auto' use bitsandbytes' CPU kernel holds for its native kernel."""
+    shape = (rows, blocks_per_row * blocksize)
+    assert bnb_cpu_kernel_is_exact(shape, blocksize)
+    _, packed, qs = bnb_quantize(shape, blocksize=blocksize, quant_type=quant_type, nested=False, dtype=dtype, seed=seed)
+    native = torch.ops.bitsandbytes.dequantize_4bit(packed, qs.absmax, blocksize, quant_type, list(shape), dtype)
+    assert_bitwise_equal(native, bnb_reference(packed, qs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.one_of(
+        st.tuples(st.integers(1, 300)),
+        st.tuples(st.integers(1, 70), st.integers(1, 300)),
+        st.tuples(st.integers(1, 5), st.integers(1, 9), st.integers(1, 40)),
+    ),
+    blocksize=st.sampled_from([32, 64, 128, 256, 4096]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    nested=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(shape, blocksize, quant_type, nested, dtype, seed):
+    _, packed, qs = bnb_quantize(shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed)
+    assert_bitwise_equal(torch_side.dequantize(packed, qs), as_bnb_returns(bnb_reference(packed, qs), packed))
+
+
+def test_legacy_list_state(device):
+    for nested in (True, False):
+        for quant_type in ("nf4", "fp4"):
+            _, packed, qs = bnb_quantize((45, 70), nested=nested, quant_type=quant_type, device=device)
+            want = _oracle(packed, qs, device)
+            assert_bitwise_equal(torch_side.dequantize(packed, legacy_list(qs)), want)
+            assert_bitwise_equal(torch_side.dequantize(packed, legacy_list(qs)[:6]), want)  # 0.39-0.40: no code
+
+
+def test_none_quant_state_returns_w_itself():
+    w = torch.randn(3, 4)
+    assert torch_side.dequantize(w) is w
+    assert torch_side.dequantize(w, None) is w
+
+
+def test_transposed_packed_weight_comes_back_transposed(device):
+    _, packed, qs = bnb_quantize((48, 80), device=device)
+    got = torch_side.dequantize(packed.t(), qs)
+    assert got.shape == (80, 48)
+    assert_bitwise_equal(got, bnb_reference(packed, qs).t())
+    if device == "cuda":  # bitsandbytes' own convention, on its own kernel
+        assert_bitwise_equal(got, F.dequantize_4bit(packed.t(), qs))
+
+
+def test_out_is_written_and_returned(device):
+    _, packed, qs = bnb_quantize((30, 50), device=device)
+    out = torch.full(qs.shape, float("nan"), dtype=qs.dtype, device=device)
+    got = torch_side.dequantize(packed, qs, out=out)
+    assert got is out
+    assert_bitwise_equal(out, bnb_reference(packed, qs))
+    out2 = torch.full(qs.shape, float("nan"), dtype=qs.dtype, device=device)
+    got_t = torch_side.dequantize(packed.t(), qs, out=out2)
+    assert got_t.data_ptr() == out2.data_ptr() and got_t.shape == (50, 30)
+    assert_bitwise_equal(out2, bnb_reference(packed, qs))
+
+
+def test_out_non_contiguous_is_written(device):
+    _, packed, qs = bnb_quantize((30, 50), device=device)
+    big = torch.zeros(30, 100, dtype=qs.dtype, device=device)
+    out = big[:, ::2]
+    torch_side.dequantize(packed, qs, out=out)
+    assert_bitwise_equal(out, bnb_reference(packed, qs))
+
+
+@pytest.mark.parametrize(
+    "make_out, message",
+    [
+        (lambda qs: torch.empty(qs.shape[0], qs.shape[1] + 1, dtype=qs.dtype), r"shape \(30, 50\).*got shape \(30, 51\)"),
+        (lambda qs: torch.empty(qs.shape, dtype=torch.float16), r"dtype torch.bfloat16.*dtype torch.float16"),
+        (lambda qs: torch.empty(qs.shape[1], qs.shape[0], dtype=qs.dtype), r"got shape \(50, 30\)"),
+    ],
+)
+def test_out_mismatch_is_an_assertion_error(make_out, message):
+    _, packed, qs = bnb_quantize((30, 50))
+    out = make_out(qs)
+    before = out.clone()
+    with pytest.raises(AssertionError, match=message):
+        torch_side.dequantize(packed, qs, out=out)
+    assert torch.equal(out.view(torch.uint8), before.view(torch.uint8))  # nothing written
+
+
+def test_quant_storage_dtypes():
+    for storage in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
+        w = torch.randn(64, 96, dtype=torch.bfloat16)
+        packed, qs = F.quantize_4bit(w, quant_type="nf4", quant_storage=storage)
+        assert packed.dtype == storage
+        assert_bitwise_equal(torch_side.dequantize(packed, qs), bnb_reference(packed, qs))
+
+
+def test_params4bit_as_w(device):
+    bnb = pytest.importorskip("bitsandbytes")
+    p = bnb.nn.Params4bit(torch.randn(40, 64, dtype=torch.float16), requires_grad=False, quant_type="fp4").to(device)
+    assert p.bnb_quantized
+    assert_bitwise_equal(torch_side.dequantize(p, p.quant_state), _oracle(p.data, p.quant_state, device))
+
+
+def test_empty_weight():
+    _, packed, qs = bnb_quantize((4, 64))
+    got = torch_side.dequantize_nf4(
+        torch.empty(0, 1, dtype=torch.uint8), torch.empty(0), shape=(0, 64), dtype=torch.float16
+    )
+    assert got.shape == (0, 64) and got.dtype == torch.float16
+    with pytest.raises(ValueError, match="needs 128 bytes"):
+        torch_side.dequantize(torch.empty(0, 1, dtype=torch.uint8), qs)
+
+
+def test_pieces_api_matches_the_quant_state_api(device):
+    _, packed, qs = bnb_quantize((33, 130), nested=True, quant_type="fp4", device=device)
+    d = qs.as_dict(packed=False)
+    got = torch_side.dequantize_nf4(
+        packed, d["absmax"], shape=tuple(qs.shape), blocksize=qs.blocksize, code=d["quant_map"],
+        nested_absmax=d["nested_absmax"], nested_code=d["nested_quant_map"], nested_blocksize=d["nested_blocksize"],
+        offset=d["nested_offset"], quant_type=qs.quant_type, dtype=qs.dtype,
+    )  # fmt: skip
+    assert_bitwise_equal(got, torch_side.dequantize(packed, qs))
+    got_t = torch_side.dequantize_nf4(
+        packed, d["absmax"], shape=tuple(qs.shape), blocksize=qs.blocksize, nested_absmax=d["nested_absmax"],
+        nested_code=d["nested_quant_map"], offset=d["nested_offset"], quant_type="fp4", dtype=qs.dtype, transpose=True,
+    )  # fmt: skip
+    assert_bitwise_equal(got_t, got.t())
+
+
+def test_custom_code_table_is_used():
+    """A non-standard table is honoured (through the torch backend), never silently replaced."""
+    _, packed, qs = bnb_quantize((16, 64), nested=False)
+    code = torch.linspace(-1, 1, 16)
+    got = torch_side.dequantize_nf4(packed, qs.absmax, shape=(16, 64), code=code, dtype=torch.float32)
+    flat = packed.reshape(-1)
+    q = torch.stack((flat >> 4, flat & 15), -1).reshape(-1).long()
+    want = (code[q] * qs.absmax.repeat_interleave(64)).reshape(16, 64)
+    assert_bitwise_equal(got, want)
+    with pytest.raises(ValueError, match="custom 4-bit code"):
+        torch_side.dequantize_nf4(packed, qs.absmax, shape=(16, 64), code=code, backend="bnb")
+
+
+def test_nested_decode_has_two_roundings():
+    """code2[a] * absmax2 rounded to float32, then + offset rounded again: no fused multiply-add."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+    absmax2 = torch.rand(16, generator=gen) * 3
+    code2 = torch.sort(torch.randn(256, generator=gen)).values
+    offset = torch.tensor(0.123456789, dtype=torch.float32)
+    got = torch_side.decode_nested_absmax_reference(a, absmax2, code2, 256, offset)
+    import numpy as np
+
+    prod = code2.numpy()[a.numpy()] * np.repeat(absmax2.numpy(), 256)  # float32 * float32 -> float32
+    want = (prod.astype(np.float32) + np.float32(offset.item())).astype(np.float32)
+    assert np.array_equal(got.numpy(), want)
+    fused = (code2.double().numpy()[a.numpy()] * np.repeat(absmax2.double().numpy(), 256) + offset.item()).astype(np.float32)
+    assert not np.array_equal(fused, want)  # the rounding order is observable on this data
+
+
+def test_check_finite():
+    _, packed, qs = bnb_quantize((8, 64), nested=False)
+    absmax = qs.absmax.clone()
+    absmax[3] = float("nan")
+    got = torch_side.dequantize_nf4(packed, absmax, shape=(8, 64), dtype=torch.float32)
+    assert torch.isnan(got.reshape(-1)[3 * 64 : 4 * 64]).all()  # propagates by default, like bitsandbytes
+    assert not torch.isnan(got.reshape(-1)[: 3 * 64]).any()
+    with pytest.raises(ValueError, match=r"absmax holds 1 non-finite value.*index \(3,\)"):
+        torch_side.dequantize_nf4(packed, absmax, shape=(8, 64), check_finite=True)
+
+
+def test_result_does_not_alias_input():
+    _, packed, qs = bnb_quantize((8, 64))
+    got = torch_side.dequantize(packed, qs)
+    assert got.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()
+    assert math.prod(got.shape) == 8 * 64
+
+
+@pytest.mark.gpu
+def test_cuda_result_is_ordered_on_the_current_stream():
+    """Work goes on the caller's current stream: a write queued there before the call is seen."""
+    w_old, packed_old, qs = bnb_quantize((1024, 1024), nested=True, device="cuda", seed=1)
+    _, packed_new, _ = bnb_quantize((1024, 1024), nested=True, device="cuda", seed=2)
+    target = packed_old.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keep the side stream busy
+        target.copy_(packed_new)  # lands only after the sleep
+        got = torch_side.dequantize(target, qs)
+    side.synchronize()
+    # absmax belongs to packed_old's quantization, so compare against the same pieces on the CPU
+    assert_bitwise_equal(got, bnb_reference(packed_new, qs))
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_tensors_device_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    _, packed, qs = bnb_quantize((64, 64), device="cuda:1")
+    with torch.cuda.device(0):
+        got = torch_side.dequantize(packed, qs)
+    assert got.device == torch.device("cuda:1")
+    assert_bitwise_equal(got, bnb_reference(packed, qs))

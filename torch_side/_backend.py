@@ -1,0 +1,153 @@
+"""Which implementation dequantizes a tensor: decided here and nowhere else.
+
+Backends:
+    ``"bnb"``     bitsandbytes' own registered ops (``torch.ops.bitsandbytes.*``), 4-bit only.
+    ``"torch"``   plain torch; runs on every device and is the oracle the others are tested against.
+    ``"triton"``  the fused Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from typing import Literal
+
+import torch
+
+log = logging.getLogger("torch_side")
+
+Backend = Literal["auto", "triton", "bnb", "torch"]
+BACKENDS = ("auto", "triton", "bnb", "torch")
+
+BNB_MISSING = "the 'bnb' backend needs bitsandbytes: pip install 'qbridge[bnb]'"
+TRITON_MISSING = "the 'triton' backend needs triton: pip install 'qbridge[triton]'"
+
+
+@functools.cache
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_kernels_available() -> bool:
+    """True when the Triton kernels of this package exist and triton imports."""
+    if not has_module("triton"):
+        return False
+    return importlib.util.find_spec("torch_side.kernels") is not None
+
+
+def bnb_cpu_kernel_is_exact(shape: tuple[int, ...], blocksize: int) -> bool:
+    """Whether bitsandbytes' native CPU ``dequantize_4bit`` gives the CUDA kernel's values for ``shape``.
+
+    bitsandbytes 0.50's CPU kernel restarts its blocks at every row, while the format (and the CUDA
+    kernel) counts blocks over the flat row-major tensor. The two agree only when each row is a whole
+    number of blocks. It also returns 1-D shapes as ``[1, n]``.
+    """
+    return len(shape) >= 2 and shape[-1] % blocksize == 0
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _triton_usable(device: torch.device) -> str | None:
+    """None when Triton can run on ``device``, else the reason it cannot."""
+    if not triton_kernels_available():
+        return TRITON_MISSING
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreting():
+        return None
+    if device.type == "cpu":
+        return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before importing triton"
+    return f"Triton kernels run on CUDA devices, not {device.type}"
+
+
+def choose_4bit_backend(
+    device: torch.device,
+    requested: str,
+    *,
+    shape: tuple[int, ...],
+    blocksize: int,
+    standard_code: bool,
+) -> str:
+    """The backend for one 4-bit dequantization.
+
+    Args:
+        device: where the packed weight lives.
+        requested: ``"auto"`` or a backend name the caller insists on.
+        shape: the dequantized shape.
+        blocksize: the absmax block size.
+        standard_code: whether the 16-entry table is bitsandbytes' standard table for its quant type
+            (bitsandbytes' kernels hard-code those tables and ignore any other).
+
+    Raises:
+        ValueError: the requested backend cannot give correct values here, or is unknown.
+        ImportError: the requested backend's package is missing.
+    """
+    _check_name(requested)
+    if requested == "triton":
+        reason = _triton_usable(device)
+        if reason is not None:
+            raise (ImportError if reason == TRITON_MISSING else ValueError)(reason)
+        return "triton"
+    if requested == "bnb":
+        if not has_module("bitsandbytes"):
+            raise ImportError(BNB_MISSING)
+        if not standard_code:
+            raise ValueError(
+                "backend='bnb' cannot use a custom 4-bit code table: bitsandbytes' kernels hard-code the "
+                "standard NF4/FP4 tables. Use backend='torch' or 'auto'."
+            )
+        if device.type == "cpu" and not bnb_cpu_kernel_is_exact(shape, blocksize):
+            raise ValueError(
+                f"backend='bnb' on CPU gives wrong values for shape {tuple(shape)} with blocksize {blocksize}: "
+                "bitsandbytes' CPU dequantize_4bit restarts blocks at every row unless the last dimension "
+                "is a multiple of the blocksize. Use backend='auto' or 'torch'."
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='bnb' is supported here on cpu and cuda, not {device.type}")
+        return "bnb"
+    if requested == "torch":
+        return "torch"
+
+    # auto
+    if device.type == "cuda" and _triton_usable(device) is None:
+        choice, why = "triton", "CUDA tensor and the Triton kernels are available"
+    elif device.type in ("cpu", "cuda") and has_module("bitsandbytes") and standard_code:
+        if device.type == "cuda" or bnb_cpu_kernel_is_exact(shape, blocksize):
+            choice, why = "bnb", f"bitsandbytes' {device.type} kernel is exact for shape {tuple(shape)}"
+        else:
+            choice, why = "torch", (
+                f"bitsandbytes' CPU kernel is wrong for shape {tuple(shape)} with blocksize {blocksize}"
+            )
+    elif not standard_code:
+        choice, why = "torch", "custom code table"
+    else:
+        choice, why = "torch", f"no faster backend for {device.type} tensors"
+    log.debug("4-bit dequantization backend %s: %s", choice, why)
+    return choice
+
+
+def choose_fp8_backend(device: torch.device, requested: str) -> str:
+    """The backend for one FP8 dequantization (``"triton"`` or ``"torch"``)."""
+    _check_name(requested)
+    if requested == "bnb":
+        raise ValueError("backend='bnb' has no FP8 dequantization; use 'auto', 'triton' or 'torch'")
+    if requested == "triton":
+        reason = _triton_usable(device)
+        if reason is not None:
+            raise (ImportError if reason == TRITON_MISSING else ValueError)(reason)
+        return "triton"
+    if requested == "torch":
+        return "torch"
+    choice = "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
+    log.debug("FP8 dequantization backend %s for a %s tensor", choice, device.type)
+    return choice

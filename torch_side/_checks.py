@@ -1,0 +1,66 @@
+"""Input checks shared by the dequantization functions: one message style everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def require_tensor(value: object, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain ``torch.Tensor`` sharing its memory (drops Parameter and bitsandbytes wrappers)."""
+    return t if type(t) is torch.Tensor else t.data
+
+
+def same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """Raises ValueError naming every tensor that is not on ``device``."""
+    off = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.device != device}
+    if off:
+        where = ", ".join(f"{k} on {d}" for k, d in off.items())
+        raise ValueError(
+            f"all inputs must be on the weight's device {device}; got {where}. Move them with .to({str(device)!r})"
+        )
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raises ValueError when ``t`` holds NaN or Inf. On a GPU this waits for ``t`` (a host sync)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    bad = ~torch.isfinite(t)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} holds {count} non-finite value(s) (NaN or Inf), the first at index {first}: "
+            f"{t[first].item()!r}. The checkpoint is damaged there, or pass check_finite=False to let "
+            "them propagate like the reference does"
+        )
+
+
+def expected_vs_got(what: str, expected: object, got: object) -> str:
+    return f"{what}: expected {expected}, got {got}"
+
+
+def raise_out_mismatch(shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor) -> None:
+    """The ``out=`` contract of the 4-bit functions: a mismatch is an AssertionError (even under ``-O``)."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise AssertionError(
+            f"out must have shape {tuple(shape)} and dtype {dtype}; got shape {tuple(out.shape)} and dtype {out.dtype}"
+        )
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Makes ``device`` current for CUDA tensors, so their work goes on that device's current stream."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield

@@ -1,0 +1,48 @@
+"""The 16-entry code tables of bitsandbytes' 4-bit formats, as bitsandbytes builds them in float32.
+
+Index ``q`` (a nibble; the high nibble of a byte is the even element) decodes to ``TABLE[q] * absmax``.
+The values are bitsandbytes' ``get_4bit_type(...)`` tables written out exactly (each float32 value in
+its shortest decimal form), so the torch path needs no bitsandbytes at all.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+FP4_CODE = (
+    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
+    0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+    -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+)  # fmt: skip
+
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
+
+@functools.cache
+def _code_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(CODES[quant_type], dtype=torch.float32, device=device)
+
+
+def standard_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 table of ``quant_type`` (``"nf4"`` or ``"fp4"``) on ``device``, cached: do not write to it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _code_on(quant_type, device)
+
+
+def is_standard_code(code: torch.Tensor, quant_type: str) -> bool:
+    """Whether ``code`` equals the standard table of ``quant_type`` (a host sync when on a GPU)."""
+    if code.numel() != 16 or code.dtype != torch.float32:
+        return False
+    return bool(torch.equal(code.reshape(-1), standard_code(quant_type, code.device)))

@@ -1,0 +1,204 @@
+"""FP8 dequantization with per-tensor, per-row or block scales (DeepSeek-V3, Qwen-FP8, HF "fp8").
+
+The format: ``W`` float8 ``[out, in]`` and a float32 ``scale_inv`` that multiplies it. Block scales have
+shape ``[ceil(out / bo), ceil(in / bi)]`` (``bo = bi = 128`` in the checkpoints seen so far); the last block
+row and column may be partial, as in DeepSeek-V3's 576x7168 ``kv_a_proj_with_mqa`` with scales 5x56. The
+value is ``float32(W) * scale_inv[block]`` rounded once to the output dtype, as in DeepSeek's and
+transformers' references.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._backend import choose_fp8_backend
+from ._checks import check_finite as _check_finite
+from ._checks import on_device, plain, require_tensor, same_device
+
+FP8_DTYPES = tuple(
+    getattr(torch, name)
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+)
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_BLOCK = 128
+
+
+class ScaleLayout(NamedTuple):
+    """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile."""
+
+    kind: str  # "tensor", "row" or "block"
+    block: tuple[int, int]
+    grid: tuple[int, int]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
+    """The range [lo, hi] of block sizes b with ceil(n / b) == s (hi may be infinite)."""
+    if s <= 0:
+        return (1, 0)  # empty range
+    lo = _ceil_div(n, s)
+    hi = math.inf if s == 1 else _ceil_div(n, s - 1) - 1
+    return (lo, hi)
+
+
+def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
+        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+    return pair  # type: ignore[return-value]
+
+
+def fp8_scale_layout(
+    weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block_size: int | tuple[int, int] | None = None
+) -> ScaleLayout:
+    """Decides how ``scale_shape`` tiles ``weight_shape``.
+
+    One element: a per-tensor scale. ``[out, 1]`` or ``[out]``: per row. Otherwise ``[ceil(out / bo),
+    ceil(in / bi)]`` blocks, with ``(bo, bi)`` from ``block_size``, else 128 if the scale shape agrees
+    with 128, else the one square block size that fits both sides.
+
+    Raises:
+        ValueError: the shapes do not fit together, or several block sizes fit and they tile differently.
+    """
+    weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
+    if math.prod(scale_shape) == 1 and block_size is None:
+        whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
+        return ScaleLayout("tensor", whole, (1, 1))
+    if len(weight_shape) != 2:
+        raise ValueError(
+            f"scale_inv of shape {scale_shape} needs a 2-D [out, in] weight, got shape {weight_shape}; "
+            "only a one-element (per-tensor) scale fits other ranks"
+        )
+    rows, cols = weight_shape
+    if block_size is None and scale_shape in ((rows, 1), (rows,)):
+        return ScaleLayout("row", (1, max(cols, 1)), (rows, 1))
+    if len(scale_shape) != 2:
+        raise ValueError(
+            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes a one-element scale, "
+            f"a per-row scale [{rows}, 1] or block scales [ceil({rows}/b), ceil({cols}/b)]"
+        )
+    if block_size is not None:
+        bo, bi = _block_pair(block_size)
+        grid = (_ceil_div(rows, bo), _ceil_div(cols, bi))
+        if grid != scale_shape:
+            raise ValueError(
+                f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight with block_size "
+                f"{(bo, bi)} needs {grid}"
+            )
+        return ScaleLayout("block", (bo, bi), grid)
+    grid128 = (_ceil_div(rows, DEFAULT_BLOCK), _ceil_div(cols, DEFAULT_BLOCK))
+    if grid128 == scale_shape:
+        return ScaleLayout("block", (DEFAULT_BLOCK, DEFAULT_BLOCK), grid128)
+    lo0, hi0 = _fitting_blocks(rows, scale_shape[0])
+    lo1, hi1 = _fitting_blocks(cols, scale_shape[1])
+    lo, hi = max(lo0, lo1), min(hi0, hi1)
+    if lo > hi:
+        raise ValueError(
+            f"scale_inv has shape {scale_shape}, which fits no square block of a [{rows}, {cols}] weight "
+            f"(block 128 needs {grid128}); pass block_size=(rows_per_block, cols_per_block) if the blocks "
+            "are not square"
+        )
+    if lo != hi:
+        top = "any larger" if hi == math.inf else int(hi)
+        raise ValueError(
+            f"scale_inv has shape {scale_shape}: square blocks from {lo} to {top} all fit a [{rows}, {cols}] "
+            "weight and cut it differently; pass block_size= (the checkpoint's "
+            "quantization_config.weight_block_size)"
+        )
+    return ScaleLayout("block", (lo, lo), scale_shape)
+
+
+def dequantize_fp8_reference(W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Plain-torch FP8 decode: ``float32(W) * float32(scale[tile])``, one rounding to ``dtype``.
+
+    The oracle for the other backends. Returns a new tensor of ``W``'s shape.
+    """
+    wf = W.to(torch.float32)
+    s = scale.to(torch.float32)
+    if layout.kind == "tensor":
+        return (wf * s.reshape(())).to(dtype)
+    rows, cols = W.shape
+    (bo, bi), (so, si) = layout.block, layout.grid
+    s = s.reshape(so, si)
+    if rows % bo == 0 and cols % bi == 0:
+        return (wf.view(so, bo, si, bi) * s[:, None, :, None]).view(rows, cols).to(dtype)
+    expanded = s.repeat_interleave(bo, dim=0)[:rows].repeat_interleave(bi, dim=1)[:, :cols]
+    return (wf * expanded).to(dtype)
+
+
+def dequantize_fp8(
+    W: torch.Tensor,
+    scale_inv: torch.Tensor | float,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    block_size: int | tuple[int, int] | None = None,
+    transpose: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Dequantizes an FP8 weight with per-tensor, per-row or block scales.
+
+    Args:
+        W: float8_e4m3fn or float8_e5m2 weight, ``[out, in]`` (any shape with a per-tensor scale).
+        scale_inv: the multiplier (a checkpoint's ``weight_scale_inv``, or ``weight_scale`` where that
+            multiplies): per block ``[ceil(out / b), ceil(in / b)]``, per row ``[out, 1]``, or one element.
+            float32 (bfloat16 and float16 are widened exactly).
+        dtype: bfloat16 (default), float16 or float32.
+        block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
+            shape agrees with 128, else the single square block size consistent with both shapes.
+        transpose: return the ``[in, out]`` transpose (possibly a transposed view).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        check_finite: raise ValueError if a scale is NaN or Inf (a host sync on a GPU). By default they
+            propagate, as in the reference.
+
+    Returns:
+        A new tensor of ``W``'s shape (its transpose with ``transpose``) and ``dtype`` on ``W``'s device,
+        computed on that device's current stream. Never aliases ``W``.
+
+    Raises:
+        TypeError: ``W`` is not float8 (uint8 bytes must be viewed back with ``W.view(torch.float8_e4m3fn)``),
+            or the scale or output dtype is unsupported.
+        ValueError: the scale shape does not fit ``W``, or several block sizes fit ambiguously; tensors on
+            different devices; non-finite scales with ``check_finite``.
+
+    Example:
+        >>> w = torch.randn(576, 7168).to(torch.float8_e4m3fn); s = torch.rand(5, 56)
+        >>> torch_side.dequantize_fp8(w, s).shape
+        torch.Size([576, 7168])
+    """
+    W = plain(require_tensor(W, "W"))
+    if W.dtype not in FP8_DTYPES:
+        hint = ""
+        if W.dtype == torch.uint8:
+            hint = " If these are FP8 bytes, view them back: W.view(torch.float8_e4m3fn)."
+        raise TypeError(f"dequantize_fp8 takes a float8 weight ({', '.join(map(str, FP8_DTYPES))}), got {W.dtype}.{hint}")
+    if not isinstance(scale_inv, torch.Tensor):
+        if not isinstance(scale_inv, (int, float)):
+            raise TypeError(f"scale_inv must be a tensor or a number, got {type(scale_inv).__name__}")
+        scale_inv = torch.tensor(float(scale_inv), dtype=torch.float32, device=W.device)
+    scale_inv = plain(scale_inv)
+    if scale_inv.dtype not in SCALE_DTYPES:
+        raise TypeError(f"scale_inv must be float32, bfloat16 or float16, got {scale_inv.dtype}")
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
+    same_device(W.device, scale_inv=scale_inv)
+    layout = fp8_scale_layout(tuple(W.shape), tuple(scale_inv.shape), block_size)
+    if transpose and W.dim() != 2:
+        raise ValueError(f"transpose=True needs a 2-D weight, got shape {tuple(W.shape)}")
+    if check_finite:
+        _check_finite(scale_inv, "scale_inv")
+    chosen = choose_fp8_backend(W.device, backend)
+    with on_device(W.device):
+        if W.numel() == 0:
+            result = torch.empty(W.shape, dtype=dtype, device=W.device)
+        else:
+            result = dequantize_fp8_reference(W, scale_inv, layout, dtype)
+        return result.t() if transpose else result

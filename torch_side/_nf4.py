@@ -1,0 +1,338 @@
+"""bitsandbytes 4-bit (NF4 / FP4) dequantization.
+
+The format: a weight of ``n`` elements in row-major order is cut into flat blocks of ``blocksize``
+elements (the last block may be short). Element ``i`` is stored as a nibble ``q`` (the high nibble of byte
+``i // 2`` when ``i`` is even) and decodes to ``code[q] * absmax[i // blocksize]``, computed in float32 and
+rounded once to the output dtype. A nested (double-quant) absmax is itself stored as uint8 and decodes
+to ``nested_code[a] * nested_absmax[j // nested_blocksize]`` rounded to float32, then ``+ offset``
+rounded again: two roundings, no fused multiply-add. These are the semantics of bitsandbytes' CUDA
+kernels and of its pure-torch reference; its native CPU kernel departs from them for some shapes and is
+used only where it agrees (see ``_backend.bnb_cpu_kernel_is_exact``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._backend import choose_4bit_backend
+from ._checks import check_finite as _check_finite
+from ._checks import on_device, plain, raise_out_mismatch, require_tensor, same_device
+from ._codes import is_standard_code, standard_code
+from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
+
+NESTED_CODE_SIZE = 256
+
+
+def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The packed weight as a flat uint8 tensor of ``ceil(n / 2)`` bytes (a view where possible)."""
+    if packed.dtype not in PACKED_DTYPES:
+        hint = " That is FP8 data: use dequantize_fp8." if packed.dtype.is_floating_point and packed.itemsize == 1 else ""
+        raise TypeError(
+            f"packed 4-bit weight must hold its bytes as uint8 (or a bitsandbytes quant_storage dtype: "
+            f"{', '.join(str(d) for d in PACKED_DTYPES)}); got {packed.dtype}.{hint}"
+        )
+    n = math.prod(shape)
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.contiguous().view(torch.uint8)
+    need = (n + 1) // 2
+    # quant_storage wider than a byte rounds the byte count up to whole storage elements.
+    allowed = need if packed.dtype == torch.uint8 else -(-need // packed.itemsize) * packed.itemsize
+    if flat.numel() != allowed:
+        raise ValueError(
+            f"packed 4-bit weight holds {flat.numel()} bytes (shape {tuple(packed.shape)}, {packed.dtype}); "
+            f"a weight of shape {shape} needs {need} bytes (two 4-bit values per byte). "
+            "Check that the quant state belongs to this weight"
+        )
+    return flat[:need]
+
+
+def _check_pieces(
+    flat: torch.Tensor,
+    absmax: torch.Tensor,
+    *,
+    shape: tuple[int, ...],
+    blocksize: int,
+    code: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_blocksize: int,
+    offset: float | torch.Tensor,
+    quant_type: str,
+    dtype: torch.dtype,
+) -> None:
+    where = f"4-bit weight of shape {shape}"
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}")
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {dtype}")
+    n = math.prod(shape)
+    nblocks = -(-n // blocksize)
+    nested = nested_absmax is not None or nested_code is not None
+    require_tensor(absmax, "absmax")
+    if nested:
+        if nested_absmax is None or nested_code is None:
+            raise ValueError("a nested absmax needs both nested_absmax and nested_code")
+        require_tensor(nested_absmax, "nested_absmax")
+        require_tensor(nested_code, "nested_code")
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"{where}: a nested (double-quant) absmax is uint8, got {absmax.dtype}")
+        if nested_absmax.dtype != torch.float32 or nested_code.dtype != torch.float32:
+            raise TypeError(
+                f"{where}: nested_absmax and nested_code must be float32, "
+                f"got {nested_absmax.dtype} and {nested_code.dtype}"
+            )
+        if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
+            raise ValueError(f"nested_blocksize must be a positive int, got {nested_blocksize!r}")
+        n_nested = -(-nblocks // nested_blocksize)
+        if nested_absmax.numel() != n_nested:
+            raise ValueError(
+                f"{where}: nested_absmax has {nested_absmax.numel()} entries; {nblocks} absmax blocks in "
+                f"nested blocks of {nested_blocksize} need {n_nested}"
+            )
+        if nested_code.numel() != NESTED_CODE_SIZE:
+            raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.numel()}")
+        if isinstance(offset, torch.Tensor) and offset.numel() != 1:
+            raise ValueError(f"{where}: offset must be one number, got a tensor of shape {tuple(offset.shape)}")
+    elif absmax.dtype == torch.uint8:
+        raise TypeError(
+            f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
+            "nested_code and offset (the checkpoint's .nested_absmax, .nested_quant_map and nested_offset)"
+        )
+    elif absmax.dtype != torch.float32:
+        raise TypeError(f"{where}: absmax must be float32 (or uint8 when nested), got {absmax.dtype}")
+    if absmax.numel() != nblocks:
+        raise ValueError(
+            f"{where}: absmax has {absmax.numel()} entries; {n} elements in blocks of {blocksize} need {nblocks}"
+        )
+    if code is not None:
+        require_tensor(code, "code")
+        if code.dtype != torch.float32 or code.numel() != 16:
+            raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.numel()}")
+    same_device(
+        flat.device, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code,
+        offset=offset if isinstance(offset, torch.Tensor) and offset.device.type != "cpu" else None,
+    )  # fmt: skip
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values[i] * scales[i // blocksize]`` in float32, one rounding, without expanding ``scales``."""
+    n = values.numel()
+    full = n - n % blocksize
+    out = torch.empty_like(values)
+    if full:
+        torch.mul(
+            values[:full].view(-1, blocksize), scales[: full // blocksize, None], out=out[:full].view(-1, blocksize)
+        )
+    if full < n:
+        torch.mul(values[full:], scales[full // blocksize], out=out[full:])
+    return out
+
+
+def decode_nested_absmax_reference(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_code: torch.Tensor,
+    nested_blocksize: int,
+    offset: float | torch.Tensor,
+) -> torch.Tensor:
+    """Plain-torch decode of a nested absmax: ``nested_code[a] * nested_absmax[j // b]``, then ``+ offset``.
+
+    Two float32 roundings, in that order, as bitsandbytes does. Returns a new float32 tensor.
+    """
+    scaled = _scale_blocks(nested_code[absmax.reshape(-1).long()], nested_absmax.reshape(-1), nested_blocksize)
+    return scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(()))
+
+
+def dequantize_4bit_reference(
+    flat: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Plain-torch 4-bit decode of ``n`` elements from packed bytes ``flat`` with float32 ``absmax``.
+
+    The oracle for every other backend: ``code[q] * absmax[i // blocksize]`` in float32, then one
+    rounding to ``dtype``. Returns a new flat tensor of ``n`` elements.
+    """
+    nibbles = torch.stack((flat >> 4, flat & 0x0F), dim=-1).reshape(-1)[:n]
+    values = code[nibbles.long()]
+    return _scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype)
+
+
+def _decode_absmax(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_blocksize: int,
+    offset: float | torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    if nested_absmax is None:
+        return absmax.reshape(-1)
+    if backend == "bnb":
+        decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax.reshape(-1), nested_absmax.reshape(-1), nested_code, nested_blocksize, torch.float32
+        )
+        return decoded.add_(torch.as_tensor(offset, dtype=torch.float32, device=decoded.device).reshape(()))
+    return decode_nested_absmax_reference(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+
+
+def _result_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
+    if not transpose:
+        return shape
+    if len(shape) != 2:
+        raise ValueError(f"transpose=True needs a 2-D weight, got shape {shape}")
+    return (shape[1], shape[0])
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    *,
+    shape: tuple[int, ...] | torch.Size,
+    blocksize: int = 64,
+    code: torch.Tensor | None = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    offset: float | torch.Tensor = 0.0,
+    quant_type: str = "nf4",
+    dtype: torch.dtype = torch.bfloat16,
+    transpose: bool = False,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Dequantizes a bitsandbytes 4-bit weight (NF4 or FP4) from the pieces a checkpoint stores.
+
+    The same verb, arguments and values as ``jax_side.dequantize_nf4``.
+
+    Args:
+        packed: the packed weight, ``ceil(n / 2)`` bytes (uint8, or a ``quant_storage`` dtype viewed as
+            bytes), any shape (bitsandbytes writes ``[ceil(n / 2), 1]``); high nibble = even element.
+        absmax: ``ceil(n / blocksize)`` float32 block scales, or uint8 codes when nested.
+        shape: the dequantized weight's shape (``n`` = its element count).
+        blocksize: elements per absmax block: 32, 64, ..., 4096.
+        code: the 16-entry float32 table; None takes the standard table of ``quant_type``.
+        nested_absmax: float32 scales of a nested absmax (the checkpoint's ``.nested_absmax``).
+        nested_code: its 256-entry float32 table (``.nested_quant_map``).
+        nested_blocksize: absmax entries per nested block (``nested_blocksize``, 256 in bitsandbytes).
+        offset: added after decoding a nested absmax (``nested_offset``).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        dtype: float16, bfloat16 or float32.
+        transpose: return the ``[in, out]`` transpose of a 2-D ``[out, in]`` weight (possibly a
+            transposed view of a row-major result).
+        out: where to write the result; must have the result's shape (after ``transpose``) and ``dtype``.
+        backend: ``"auto"``, ``"bnb"``, ``"torch"`` or ``"triton"`` (see ``torch_side._backend``).
+        check_finite: raise ValueError if a scale is NaN or Inf (a host sync on a GPU). By default
+            non-finite scales propagate as they do in bitsandbytes.
+
+    Returns:
+        A new tensor of ``shape`` (``[in, out]`` with ``transpose``) and ``dtype`` on ``packed``'s device,
+        written on that device's current stream; ``out`` itself when given. Never aliases ``packed``.
+
+    Raises:
+        AssertionError: ``out`` has the wrong shape or dtype.
+        TypeError: a piece has the wrong dtype (e.g. FP8 bytes, a float absmax for a nested state).
+        ValueError: pieces that do not fit together, unknown quant type or block size, pieces on
+            different devices, non-finite scales with ``check_finite``.
+    """
+    packed = plain(require_tensor(packed, "packed"))
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    flat = _packed_bytes(packed, shape)
+    _check_pieces(
+        flat, absmax, shape=shape, blocksize=blocksize, code=code, nested_absmax=nested_absmax,
+        nested_code=nested_code, nested_blocksize=nested_blocksize, offset=offset, quant_type=quant_type,
+        dtype=dtype,
+    )  # fmt: skip
+    result_shape = _result_shape(shape, transpose)
+    if out is not None:
+        require_tensor(out, "out")
+        raise_out_mismatch(result_shape, dtype, out)
+        same_device(flat.device, out=out)
+    if check_finite:
+        for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("offset", offset)):
+            if isinstance(t, torch.Tensor):
+                _check_finite(t, name)
+            elif isinstance(t, float) and not math.isfinite(t):
+                raise ValueError(f"{name} is {t}; pass check_finite=False to let it propagate")
+    device = flat.device
+    standard = code is None or is_standard_code(code, quant_type)
+    chosen = choose_4bit_backend(device, backend, shape=shape, blocksize=blocksize, standard_code=standard)
+    with on_device(device):
+        if n == 0:
+            result = torch.empty(shape, dtype=dtype, device=device)
+        elif chosen == "bnb":
+            absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "bnb")
+            if device.type == "cuda" and out is not None and not transpose and out.is_contiguous():
+                torch.ops.bitsandbytes.dequantize_4bit.out(
+                    flat, absmax_f32, blocksize, quant_type, list(shape), dtype, out=out
+                )
+                return out
+            result = torch.ops.bitsandbytes.dequantize_4bit.default(
+                flat, absmax_f32, blocksize, quant_type, list(shape), dtype
+            ).reshape(shape)
+        else:
+            absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch")
+            table = code.reshape(-1) if code is not None else standard_code(quant_type, device)
+            result = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
+        if transpose:
+            result = result.t()
+        if out is not None:
+            return out.copy_(result)
+        return result
+
+
+def dequantize(
+    W: torch.Tensor,
+    quant_state: Any = None,
+    out: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Dequantizes a bitsandbytes 4-bit weight (NF4 or FP4, nested absmax or plain).
+
+    Args:
+        W: the packed weight as bitsandbytes holds it: ``[ceil(n / 2), 1]`` bytes (uint8 or another
+            ``quant_storage`` dtype), or a ``Params4bit``. Passed transposed, as ``[1, ceil(n / 2)]``
+            (bitsandbytes' convention for ``W.t()``), a 2-D result is transposed back; like bitsandbytes,
+            this includes a one-byte ``[1, 1]`` weight.
+        quant_state: a ``bitsandbytes.functional.QuantState`` or the legacy list of bitsandbytes <= 0.41,
+            ``[absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type, code]``. None returns
+            ``W`` itself. Like bitsandbytes, only ``quant_type`` chooses the table; ``code`` is not read.
+        out: optional tensor to write into; must have exactly the quant state's shape and dtype.
+        backend: ``"auto"`` (fastest exact backend for the device), ``"bnb"``, ``"torch"`` or ``"triton"``.
+        check_finite: raise ValueError on NaN/Inf scales (a host sync on a GPU); by default they
+            propagate, as in bitsandbytes.
+
+    Returns:
+        A tensor of the quant state's ``shape`` and ``dtype`` (fp16, bf16 or fp32) on ``W``'s device —
+        its transpose when ``W`` arrives as ``[1, n]``. It is new memory (or ``out``), never an alias of
+        ``W``. On CUDA the work is queued on the current stream of ``W``'s device, so a consumer
+        ordered after that stream (such as ``qbridge.to_jax``) reads it finished.
+
+    Raises:
+        AssertionError: ``out`` does not match the quant state's shape and dtype (message: expected vs got).
+        TypeError / ValueError: a malformed or mismatched quant state, see :func:`dequantize_nf4`.
+
+    Example:
+        >>> packed, qs = bitsandbytes.functional.quantize_4bit(w, quant_type="nf4")
+        >>> torch_side.dequantize(packed, qs).shape == w.shape
+        True
+    """
+    if quant_state is None:
+        return W
+    require_tensor(W, "W")
+    state = parse_quant_state(quant_state)
+    # bitsandbytes' convention: a [1, n] packed weight is W.t(), and the 2-D result is transposed back.
+    # A one-byte weight ([1, 1]) is read that way too, as bitsandbytes reads it.
+    transposed = W.dim() == 2 and W.shape[0] == 1
+    pieces = state.pieces()
+    pieces["code"] = None  # bitsandbytes' kernels choose the table by quant_type alone
+    result = dequantize_nf4(W, state.absmax, **pieces, out=out, backend=backend, check_finite=check_finite)
+    return result.t() if transposed and result.dim() == 2 else result

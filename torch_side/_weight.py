@@ -1,0 +1,125 @@
+"""One entry point for every kind of quantized weight: torchao subclasses, bitsandbytes parameters,
+FP8 weights with their scales, 4-bit weights with their quant state, and plain tensors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+import torch
+
+from ._checks import require_tensor
+from ._fp8 import FP8_DTYPES, dequantize_fp8
+from ._nf4 import dequantize
+
+
+def is_quant_tensor_subclass(W: Any) -> bool:
+    """Whether ``W`` is a tensor subclass (torchao's quantized tensors, bitsandbytes' ``Params4bit`` ...).
+
+    A plain ``torch.Tensor`` or ``torch.nn.Parameter`` is not. torchao's quantized weights are
+    Parameters too after ``quantize_`` (``isinstance(W, torch.nn.Parameter)`` holds), so the test is on
+    the exact type. Such tensors must be dequantized before they are handed to another framework: their
+    raw memory is not the values they stand for.
+    """
+    return isinstance(W, torch.Tensor) and type(W) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _torchao_version() -> str:
+    try:
+        return importlib.metadata.version("torchao")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cannot(W: torch.Tensor, why: str) -> NotImplementedError:
+    kind = f"{type(W).__module__}.{type(W).__qualname__}"
+    return NotImplementedError(f"cannot dequantize a {kind} (torchao {_torchao_version()}): {why}")
+
+
+def _bnb_kind(W: torch.Tensor) -> str | None:
+    if not type(W).__module__.startswith("bitsandbytes"):
+        return None
+    return type(W).__name__
+
+
+def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
+    kind = _bnb_kind(W)
+    if kind == "Params4bit":
+        if not getattr(W, "bnb_quantized", False) or W.quant_state is None:
+            return W.data  # not quantized yet: it still holds the dense weight
+        return dequantize(W.data, W.quant_state, backend=backend)
+    if kind == "Int8Params":
+        if getattr(W, "SCB", None) is None:
+            return W.data  # not quantized yet
+        # row-wise absmax int8: CB * SCB / 127 in float32 (bitsandbytes' int8_vectorwise_dequant)
+        return torch.ops.bitsandbytes.int8_vectorwise_dequant(W.data, W.SCB)
+    get_original = getattr(W, "get_original_weight", None)  # torchao NF4Tensor; its .dequantize is unrelated
+    method = getattr(type(W), "dequantize", None)
+    if not callable(get_original) and method in (None, torch.Tensor.dequantize):
+        raise _cannot(W, "it has no dequantize() method of its own")
+    try:
+        result = get_original() if callable(get_original) else W.dequantize()
+    except NotImplementedError as e:
+        raise _cannot(W, str(e) or "dequantize() is not implemented") from e
+    except Exception as e:  # a missing kernel package, an unsupported device ...
+        raise _cannot(W, f"{type(e).__name__}: {e}") from e
+    if is_quant_tensor_subclass(result):
+        raise _cannot(W, f"dequantize() returned another subclass, {type(result).__name__}")
+    return result
+
+
+def dequantize_weight(
+    W: torch.Tensor,
+    quant_state: Any = None,
+    transpose: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dequantizes any weight qbridge knows; plain weights pass through.
+
+    Args:
+        W: one of
+            - a torchao tensor subclass: ``NF4Tensor`` (through ``get_original_weight()``), ``Int8Tensor``,
+              ``Float8Tensor``, ``IntxUnpackedToInt8Tensor`` and others (through ``dequantize()``);
+            - a bitsandbytes ``Params4bit`` (its own ``quant_state`` unless one is given) or ``Int8Params``
+              (float32 result);
+            - a packed 4-bit weight with a bitsandbytes ``quant_state`` (see :func:`dequantize`);
+            - a float8 weight with its scale tensor as ``quant_state`` (see :func:`dequantize_fp8`);
+            - a torch-quantized tensor (``W.is_quantized``);
+            - a plain tensor or Parameter, returned as it is (a float8 tensor without a scale included).
+        quant_state: a 4-bit quant state, an FP8 scale tensor, or None.
+        transpose: return ``[in, out]`` for a 2-D ``[out, in]`` weight (``result.t()``, a view).
+        backend: passed on to the 4-bit and FP8 functions.
+
+    Returns:
+        The dense weight. Dequantized results are new memory; a plain ``W`` is returned itself (or its
+        ``.t()`` view), so the result aliases ``W`` then. Dequantization runs under ``torch.no_grad()``.
+
+    Raises:
+        NotImplementedError: a tensor subclass that cannot dequantize here (names its type and the
+            torchao version).
+        TypeError / ValueError: a quant state that does not fit ``W`` (see :func:`dequantize`,
+            :func:`dequantize_fp8`).
+    """
+    require_tensor(W, "W")
+    with torch.no_grad():
+        if isinstance(quant_state, torch.Tensor):
+            if W.dtype not in FP8_DTYPES:
+                raise TypeError(
+                    f"a tensor quant_state is an FP8 scale, but W is {W.dtype}, not float8; a 4-bit weight "
+                    "takes a bitsandbytes QuantState"
+                )
+            result = dequantize_fp8(W, quant_state, backend=backend)
+        elif quant_state is not None:
+            result = dequantize(W, quant_state, backend=backend)
+        elif W.is_quantized:
+            result = W.dequantize()
+        elif is_quant_tensor_subclass(W):
+            result = _dequantize_subclass(W, backend)
+        else:
+            result = W
+    if transpose:
+        if result.dim() != 2:
+            raise ValueError(f"transpose=True needs a 2-D weight, got shape {tuple(result.shape)}")
+        result = result.t()
+    return result
