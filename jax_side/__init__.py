@@ -1,0 +1,72 @@
+"""jax_side: Flax layouts, parameter trees and JAX-native dequantization (never imports torch).
+
+Torch -> Flax layout rules for each module kind, Flax parameter trees built from flat torch-named
+mappings (by name, or matched to a linen/nnx target), and NF4/FP4/FP8 dequantization written for JAX
+that gives the same bits as ``torch_side``.
+"""
+
+from jax_side._codes import FP4_CODE
+from jax_side._codes import NF4_CODE
+from jax_side._codes import standard_code
+from jax_side._fp8 import ScaleLayout
+from jax_side._fp8 import dequantize_fp8
+from jax_side._fp8 import fp8_scale_layout
+from jax_side._layout import KINDS
+from jax_side._layout import RULES
+from jax_side._layout import LeafRule
+from jax_side._layout import apply_rule
+from jax_side._layout import flax_shape
+from jax_side._layout import kind_of_flax_leaf
+from jax_side._layout import permutation
+from jax_side._layout import rule_for
+from jax_side._layout import rule_for_flax_leaf
+from jax_side._nf4 import decode_nested_absmax
+from jax_side._nf4 import dequantize_nf4
+from jax_side._target import Target
+from jax_side._target import as_target
+from jax_side._target import load_into_nnx
+from jax_side._target import match_to_target
+from jax_side._target import plan_for_target
+from jax_side._target import rebuild_target
+from jax_side._tree import MatchError
+from jax_side._tree import MatchReport
+from jax_side._tree import PlannedLeaf
+from jax_side._tree import TargetLeaf
+from jax_side._tree import infer_kind
+from jax_side._tree import plan_match
+from jax_side._tree import to_flax_variables
+from jax_side._tree import torch_key_candidates
+
+__all__ = [
+    "FP4_CODE",
+    "KINDS",
+    "LeafRule",
+    "MatchError",
+    "MatchReport",
+    "NF4_CODE",
+    "PlannedLeaf",
+    "RULES",
+    "ScaleLayout",
+    "Target",
+    "TargetLeaf",
+    "apply_rule",
+    "as_target",
+    "decode_nested_absmax",
+    "dequantize_fp8",
+    "dequantize_nf4",
+    "flax_shape",
+    "fp8_scale_layout",
+    "infer_kind",
+    "kind_of_flax_leaf",
+    "load_into_nnx",
+    "match_to_target",
+    "permutation",
+    "plan_for_target",
+    "plan_match",
+    "rebuild_target",
+    "rule_for",
+    "rule_for_flax_leaf",
+    "standard_code",
+    "to_flax_variables",
+    "torch_key_candidates",
+]

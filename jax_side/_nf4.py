@@ -1,0 +1,226 @@
+"""bitsandbytes 4-bit (NF4 / FP4) dequantization in JAX, bit-identical to bitsandbytes' CUDA kernels.
+
+Element ``i`` of a weight of ``n`` elements is the nibble ``q`` (high nibble of byte ``i // 2`` for even
+``i``) decoded as ``code[q] * absmax[i // blocksize]`` in float32 and rounded once to the output dtype. A
+nested absmax decodes as ``nested_code[a] * nested_absmax[j // nested_blocksize]`` rounded to float32,
+then ``+ offset`` rounded again.
+
+Those two roundings are the one place where JAX can differ: inside a single jitted computation, XLA fuses
+``a * b + c`` and the compiler contracts it into one fused multiply-add (one rounding). Called as a
+public function on concrete arrays, :func:`dequantize_nf4` therefore decodes a nested absmax in two
+separate dispatches (product, then sum) and is bit-identical to bitsandbytes. Traced inside a caller's
+own ``jax.jit``, the whole decode is one computation and the compiler may contract it: then about one
+absmax in five differs from bitsandbytes' in the last float32 bit (and a weight scaled by it by at most
+one unit in the last place of the output dtype, usually not at all after rounding to bf16). Decode the
+absmax outside the jit with :func:`decode_nested_absmax` (or keep weights un-nested) where the bits
+matter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._codes import standard_code
+
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+OUT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+PACKED_DTYPES = (jnp.uint8, jnp.int8, jnp.float16, jnp.bfloat16, jnp.float32)
+NESTED_CODE_SIZE = 256
+
+
+def _is_traced(*xs: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _bytes(packed: Any) -> tuple[jax.Array, int]:
+    """The packed weight as flat bytes, and the byte width of the dtype it was stored in."""
+    packed = jnp.asarray(packed)
+    if packed.dtype not in [jnp.dtype(d) for d in PACKED_DTYPES]:
+        hint = " That is FP8 data: use dequantize_fp8." if packed.dtype.itemsize == 1 and jnp.issubdtype(packed.dtype, jnp.floating) else ""
+        raise TypeError(
+            f"packed 4-bit weight must hold its bytes as uint8 (or a bitsandbytes quant_storage dtype); "
+            f"got {packed.dtype}.{hint}"
+        )
+    itemsize = packed.dtype.itemsize
+    if packed.dtype != jnp.uint8:
+        packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
+    return packed.reshape(-1), itemsize
+
+
+def _check(
+    flat: jax.Array,
+    itemsize: int,
+    absmax: jax.Array,
+    *,
+    shape: tuple[int, ...],
+    blocksize: int,
+    code: jax.Array | None,
+    nested_absmax: jax.Array | None,
+    nested_code: jax.Array | None,
+    nested_blocksize: int,
+    quant_type: str,
+    dtype: Any,
+) -> None:
+    where = f"4-bit weight of shape {shape}"
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in OUT_DTYPES]:
+        raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {jnp.dtype(dtype)}")
+    n = math.prod(shape)
+    need = (n + 1) // 2
+    # quant_storage wider than a byte rounds the byte count up to whole storage elements.
+    if flat.size != -(-need // itemsize) * itemsize:
+        raise ValueError(
+            f"packed 4-bit weight holds {flat.size} bytes; a weight of shape {shape} needs {need} bytes "
+            "(two 4-bit values per byte). Check that the quant state belongs to this weight"
+        )
+    nblocks = -(-n // blocksize)
+    nested = nested_absmax is not None or nested_code is not None
+    if nested:
+        if nested_absmax is None or nested_code is None:
+            raise ValueError("a nested absmax needs both nested_absmax and nested_code")
+        if absmax.dtype != jnp.uint8:
+            raise TypeError(f"{where}: a nested (double-quant) absmax is uint8, got {absmax.dtype}")
+        if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
+            raise TypeError(
+                f"{where}: nested_absmax and nested_code must be float32, got {nested_absmax.dtype} and {nested_code.dtype}"
+            )
+        n_nested = -(-nblocks // nested_blocksize)
+        if nested_absmax.size != n_nested:
+            raise ValueError(
+                f"{where}: nested_absmax has {nested_absmax.size} entries; {nblocks} absmax blocks in nested "
+                f"blocks of {nested_blocksize} need {n_nested}"
+            )
+        if nested_code.size != NESTED_CODE_SIZE:
+            raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}")
+    elif absmax.dtype == jnp.uint8:
+        raise TypeError(
+            f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
+            "nested_code and offset (the checkpoint's .nested_absmax, .nested_quant_map and nested_offset)"
+        )
+    elif absmax.dtype != jnp.float32:
+        raise TypeError(f"{where}: absmax must be float32 (or uint8 when nested), got {absmax.dtype}")
+    if absmax.size != nblocks:
+        raise ValueError(f"{where}: absmax has {absmax.size} entries; {n} elements in blocks of {blocksize} need {nblocks}")
+    if code is not None and (code.dtype != jnp.float32 or code.size != 16):
+        raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
+
+
+def _scale_blocks(values: jax.Array, scales: jax.Array, blocksize: int) -> jax.Array:
+    """``values[i] * scales[i // blocksize]`` in float32 (one rounding)."""
+    n = values.shape[0]
+    nblocks = scales.shape[0]
+    padded = jnp.pad(values, (0, nblocks * blocksize - n)).reshape(nblocks, blocksize)
+    return (padded * scales[:, None]).reshape(-1)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("nested_blocksize",))
+def _nested_product(absmax: jax.Array, nested_absmax: jax.Array, nested_code: jax.Array, nested_blocksize: int) -> jax.Array:
+    return _scale_blocks(jnp.take(nested_code, absmax.astype(jnp.int32)), nested_absmax, nested_blocksize)
+
+
+@jax.jit
+def _add_offset(product: jax.Array, offset: jax.Array) -> jax.Array:
+    return product + offset
+
+
+def decode_nested_absmax(
+    absmax: Any, nested_absmax: Any, nested_code: Any, nested_blocksize: int = 256, offset: Any = 0.0
+) -> jax.Array:
+    """Decodes a nested (double-quant) absmax: ``nested_code[a] * nested_absmax[j // b]``, then ``+ offset``.
+
+    Two float32 roundings, as bitsandbytes does: on concrete arrays the product and the sum run as two
+    separate computations so that no fused multiply-add can merge them. Traced inside a caller's jit,
+    the compiler may fuse them (see the module docstring). Returns a new float32 array.
+    """
+    absmax = jnp.asarray(absmax).reshape(-1)
+    nested_absmax = jnp.asarray(nested_absmax).reshape(-1)
+    nested_code = jnp.asarray(nested_code).reshape(-1)
+    offset = jnp.asarray(offset, dtype=jnp.float32).reshape(())
+    if _is_traced(absmax, nested_absmax, nested_code, offset):
+        return _nested_product.__wrapped__(absmax, nested_absmax, nested_code, nested_blocksize) + offset
+    product = _nested_product(absmax, nested_absmax, nested_code, nested_blocksize)
+    return _add_offset(product, offset)
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "shape", "dtype", "transpose"))
+def _decode(flat: jax.Array, absmax: jax.Array, code: jax.Array, *, blocksize: int, shape: tuple[int, ...], dtype: Any, transpose: bool) -> jax.Array:
+    n = math.prod(shape)
+    nibbles = jnp.stack((flat >> 4, flat & 0x0F), axis=-1).reshape(-1)[:n]
+    values = jnp.take(code, nibbles.astype(jnp.int32))
+    out = _scale_blocks(values, absmax, blocksize).astype(dtype).reshape(shape)
+    return out.T if transpose else out
+
+
+def dequantize_nf4(
+    packed: Any,
+    absmax: Any,
+    *,
+    shape: tuple[int, ...],
+    blocksize: int = 64,
+    code: Any = None,
+    nested_absmax: Any = None,
+    nested_code: Any = None,
+    nested_blocksize: int = 256,
+    offset: Any = 0.0,
+    quant_type: str = "nf4",
+    dtype: Any = jnp.bfloat16,
+    transpose: bool = False,
+) -> jax.Array:
+    """Dequantizes a bitsandbytes 4-bit weight (NF4 or FP4) in JAX, from the pieces a checkpoint stores.
+
+    The same verb, arguments and values as ``torch_side.dequantize_nf4``.
+
+    Args:
+        packed: ``ceil(n / 2)`` bytes, uint8 (or a ``quant_storage`` dtype, read as its bytes), any shape;
+            high nibble = even element. (The checkpoint's ``<name>.weight``.)
+        absmax: ``ceil(n / blocksize)`` float32 scales, or uint8 codes when nested (``.absmax``).
+        shape: the dequantized shape (``n`` elements).
+        blocksize: 32 ... 4096.
+        code: the 16-entry float32 table (``.quant_map``); None takes the standard table of ``quant_type``.
+        nested_absmax: float32 scales of a nested absmax (``.nested_absmax``).
+        nested_code: its 256-entry float32 table (``.nested_quant_map``).
+        nested_blocksize: absmax entries per nested block (256 in bitsandbytes).
+        offset: added to the decoded nested absmax (``nested_offset``).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        dtype: float16, bfloat16 or float32.
+        transpose: return the ``[in, out]`` (Flax ``kernel``) layout of a 2-D ``[out, in]`` weight.
+
+    Returns:
+        A new ``jax.Array`` of ``shape`` (reversed with ``transpose``) and ``dtype`` on the device of
+        ``packed``. Bit-identical to bitsandbytes' ``dequantize_4bit`` when called on concrete arrays; see
+        the module docstring for a nested absmax under a caller's jit. jit-compatible, no host round trips.
+
+    Raises:
+        TypeError / ValueError: pieces of the wrong dtype or size, unknown quant type or block size.
+    """
+    shape = tuple(int(s) for s in shape)
+    if transpose and len(shape) != 2:
+        raise ValueError(f"transpose=True needs a 2-D weight, got shape {shape}")
+    flat, itemsize = _bytes(packed)
+    absmax = jnp.asarray(absmax)
+    code = None if code is None else jnp.asarray(code)
+    nested_absmax = None if nested_absmax is None else jnp.asarray(nested_absmax)
+    nested_code = None if nested_code is None else jnp.asarray(nested_code)
+    _check(
+        flat, itemsize, absmax, shape=shape, blocksize=blocksize, code=code, nested_absmax=nested_absmax,
+        nested_code=nested_code, nested_blocksize=nested_blocksize, quant_type=quant_type, dtype=dtype,
+    )  # fmt: skip
+    n = math.prod(shape)
+    if n == 0:
+        return jnp.zeros(shape[::-1] if transpose else shape, dtype)
+    if nested_absmax is not None:
+        absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    table = jnp.asarray(standard_code(quant_type)) if code is None else code.reshape(-1)
+    return _decode(
+        flat[: (n + 1) // 2], absmax.reshape(-1), table, blocksize=blocksize, shape=shape,
+        dtype=jnp.dtype(dtype), transpose=transpose,
+    )  # fmt: skip

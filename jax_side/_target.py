@@ -1,0 +1,201 @@
+"""Targets to match a checkpoint against: linen variable dicts, nnx modules and nnx states."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._tree import MatchError, MatchReport, Path, PlannedLeaf, TargetLeaf, fill, plan_match
+
+COLLECTIONS = ("params", "batch_stats")
+
+
+@dataclasses.dataclass
+class Target:
+    """A target tree seen as leaves, and how to put filled leaves back into its structure.
+
+    ``prefix_len`` leading path entries (a linen collection name such as ``"params"``) are not part of
+    the torch name.
+    """
+
+    leaves: list[TargetLeaf]
+    rebuild: Callable[[dict[Path, Any]], Any]
+    prefix_len: int = 0
+
+
+def _is_nnx_module(obj: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:
+        return False
+    return isinstance(obj, nnx.Module)
+
+
+def _is_nnx_state(obj: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:
+        return False
+    return isinstance(obj, nnx.State)
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
+    return tuple(np.shape(x)), getattr(x, "dtype", None)
+
+
+def _value(var: Any) -> Any:
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _from_dict(tree: Mapping[str, Any]) -> Target:
+    collections = set(tree) & set(COLLECTIONS)
+    prefix_len = 1 if "params" in collections else 0
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) for path, _ in flat]
+    leaves = [TargetLeaf(p, *_shape_dtype(v)) for p, (_, v) in zip(paths, flat)]
+    originals = [v for _, v in flat]
+
+    def rebuild(values: dict[Path, Any]) -> Any:
+        return jax.tree_util.tree_unflatten(treedef, [values.get(p, o) for p, o in zip(paths, originals)])
+
+    return Target(leaves, rebuild, prefix_len)
+
+
+def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) -> Target:
+    from flax import nnx
+
+    flat = list(nnx.to_flat_state(state))
+    leaves = []
+    for path, var in flat:
+        if not isinstance(var, (nnx.Param, nnx.BatchStat)):
+            continue
+        shape, dtype = _shape_dtype(_value(var))
+        leaves.append(TargetLeaf(tuple(path), shape, dtype, (module_types or {}).get(tuple(path[:-1]))))
+    originals = {tuple(path): _value(var) for path, var in flat}
+    wanted = {leaf.path for leaf in leaves}
+
+    def rebuild(values: dict[Path, Any]) -> dict[Any, Any]:
+        pure: dict[Any, Any] = {}
+        for path in wanted:
+            node = pure
+            for seg in path[:-1]:
+                node = node.setdefault(seg, {})
+            node[path[-1]] = values.get(path, originals[path])
+        return pure
+
+    return Target(leaves, rebuild)
+
+
+def _from_nnx_module(module: Any) -> Target:
+    from flax import nnx
+
+    types = {tuple(path): type(node).__name__ for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    return _from_nnx_state(nnx.state(module), types)
+
+
+def as_target(target: Any) -> Target:
+    """Reads a linen params or variables dict (arrays or ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an
+    ``nnx.State``."""
+    if isinstance(target, Target):
+        return target
+    if _is_nnx_module(target):
+        return _from_nnx_module(target)
+    if _is_nnx_state(target):
+        return _from_nnx_state(target)
+    if isinstance(target, Mapping):
+        return _from_dict(target)
+    raise TypeError(
+        f"target must be a linen params dict, an nnx.Module or an nnx.State, got {type(target).__name__}"
+    )
+
+
+def _strip(target: Target) -> list[TargetLeaf]:
+    if not target.prefix_len:
+        return target.leaves
+    return [dataclasses.replace(leaf, path=leaf.path[target.prefix_len :]) for leaf in target.leaves]
+
+
+def plan_for_target(
+    checkpoint: Mapping[str, tuple[tuple[int, ...], Any]],
+    target: Any,
+    *,
+    dtype: Any = None,
+    kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
+    strict: bool = True,
+) -> tuple[Target, list[PlannedLeaf], MatchReport]:
+    """Plans a match from shapes alone (see :func:`jax_side.plan_match`): raises MatchError when
+    ``strict`` and anything is off, before any tensor is read."""
+    t = as_target(target)
+    plan, report = plan_match(checkpoint, _strip(t), dtype=dtype, kinds=kinds, rename=rename)
+    if strict and not report.ok:
+        raise MatchError(report)
+    return t, plan, report
+
+
+def rebuild_target(t: Target, values: dict[Path, Any]) -> Any:
+    """Puts leaf values (keyed by torch-name path, without the collection prefix) back into ``t``'s structure."""
+    if not t.prefix_len:
+        return t.rebuild(values)
+    by_full = {}
+    stripped = {leaf.path[t.prefix_len :]: leaf.path for leaf in t.leaves}
+    for path, value in values.items():
+        by_full[stripped[path]] = value
+    return t.rebuild(by_full)
+
+
+def match_to_target(
+    checkpoint: Mapping[str, Any],
+    target: Any,
+    *,
+    strict: bool = True,
+    dtype: Any = None,
+    kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> tuple[Any, MatchReport]:
+    """Lays out a flat torch-named checkpoint in the structure of a Flax target.
+
+    Every target leaf is matched to its checkpoint tensor by path (``layers.0.mlp.down_proj.kernel`` <-
+    ``layers.0.mlp.down_proj.weight``; linen's ``layers_0`` <- ``layers.0``) and laid out by its kind: a
+    Dense/Linear ``kernel`` is always the transpose of torch's ``weight``, whatever the shapes (a square
+    weight fits either way, so shapes confirm a layout but never choose it); for an nnx module the Flax
+    module type decides (so ConvTranspose is told from Conv), for a dict the leaf's name and rank do.
+
+    Args:
+        checkpoint: ``torch key -> array`` in torch layout (jax, numpy, or anything ``jnp.asarray`` reads).
+        target: a linen ``params`` dict or ``{"params": ..., "batch_stats": ...}`` dict (its leaves may be
+            ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an ``nnx.State``.
+        strict: raise :class:`MatchError` listing every missing leaf, unused tensor and shape or dtype
+            mismatch; with False, problems are only reported and unfilled leaves keep the target's values.
+        dtype: None keeps checkpoint dtypes (a difference from the target is a mismatch), ``"target"`` casts
+            to each leaf's dtype, a dtype casts every floating leaf to it.
+        kinds: dotted-Flax-path regex -> torch module kind, for what names cannot tell (``conv_transpose2d``).
+        rename: regex -> replacement applied to checkpoint keys before matching (``{"^model\\.": ""}``).
+
+    Returns:
+        ``(tree, report)``: the tree has the target's structure (a dict for linen; a pure nested dict for
+        nnx, ready for ``nnx.update``); the report says what matched and what did not.
+
+    Raises:
+        MatchError: ``strict`` and the checkpoint does not fit; the message lists every problem by name.
+    """
+    shapes = {k: (tuple(np.shape(v)), getattr(v, "dtype", np.asarray(v).dtype)) for k, v in checkpoint.items()}
+    t, plan, report = plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
+    values = fill(plan, lambda p: checkpoint[p.key], dtype=dtype)
+    return rebuild_target(t, values), report
+
+
+def load_into_nnx(module: Any, checkpoint: Mapping[str, Any], **kwargs: Any) -> MatchReport:
+    """Matches ``checkpoint`` to ``module`` (see :func:`match_to_target`) and writes it in with ``nnx.update``.
+
+    Nothing is written when matching fails under ``strict``.
+    """
+    from flax import nnx
+
+    tree, report = match_to_target(checkpoint, module, **kwargs)
+    nnx.update(module, tree)
+    return report

@@ -1,0 +1,285 @@
+"""Flax parameter trees from flat torch state dicts: by name inference, or matched to a target tree."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._layout import SKIPPED_BUFFERS, TORCH_NAME, LeafRule, apply_rule, flax_shape, rule_for, rule_for_flax_leaf
+
+Path = tuple[Any, ...]
+
+EMBEDDING_NAMES = re.compile(
+    r"(^|_)(embed|embeds|embedding|embeddings|embed_tokens|wte|wpe|word_embeddings|position_embeddings|"
+    r"token_type_embeddings|shared|tok_embeddings)$"
+)
+NORM_NAMES = re.compile(r"(norm|ln|layernorm|layer_norm|ln_\d+|ln_f)", re.IGNORECASE)
+_NUMBERED = re.compile(r"^(.*)_(\d+)$")
+
+
+class MatchError(ValueError):
+    """A checkpoint that does not fit its target: every problem is listed in ``report``."""
+
+    def __init__(self, report: MatchReport):
+        super().__init__(str(report))
+        self.report = report
+
+
+@dataclasses.dataclass
+class MatchReport:
+    """What matching a checkpoint to a target found.
+
+    Attributes:
+        missing: target leaves (dotted Flax paths) that no checkpoint tensor fills, with the keys tried.
+        unused: checkpoint keys no target leaf took.
+        shape_mismatches: ``(leaf, key, target shape, checkpoint shape in Flax layout)``.
+        dtype_mismatches: ``(leaf, key, target dtype, checkpoint dtype)``.
+        skipped: checkpoint keys that are not parameters (e.g. ``num_batches_tracked``) and were left out.
+        matched: ``leaf -> key`` for every filled leaf.
+    """
+
+    missing: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+    unused: list[str] = dataclasses.field(default_factory=list)
+    shape_mismatches: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    dtype_mismatches: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    matched: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unused or self.shape_mismatches or self.dtype_mismatches)
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} buffers skipped"
+        lines = ["checkpoint does not match its target:"]
+        for leaf, tried in self.missing:
+            lines.append(f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})")
+        for key in self.unused:
+            lines.append(f"  unused: checkpoint tensor {key!r} fills no target leaf")
+        for leaf, key, want, got in self.shape_mismatches:
+            lines.append(f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout")
+        for leaf, key, want, got in self.dtype_mismatches:
+            lines.append(
+                f"  dtype: {leaf!r} is {want}, checkpoint {key!r} is {got} (pass dtype='target' to cast)"
+            )
+        return "\n".join(lines)
+
+
+def dotted(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# --- flat state dict -> Flax variables by name --------------------------------------------------------
+
+
+def infer_kind(key: str, ndim: int, overrides: Mapping[str, str] | None = None) -> str:
+    """The torch module kind of parameter ``key`` (a dotted torch name) of rank ``ndim``.
+
+    ``overrides`` maps regular expressions over the module's dotted name to a kind; the first match wins.
+    Otherwise: running statistics -> batchnorm; a 1-D ``weight`` -> a norm; a 2-D ``weight`` -> an
+    embedding when the module's name says so (``embed_tokens``, ``wte``, ``word_embeddings`` ...), else
+    linear; a 3-5-D ``weight`` -> convolution. ConvTranspose cannot be told from Conv by name and rank:
+    name it in ``overrides`` (or match to a target, where the module type decides).
+    """
+    module, _, leaf = key.rpartition(".")
+    for pattern, kind in (overrides or {}).items():
+        if re.search(pattern, module):
+            return kind
+    if leaf in ("running_mean", "running_var"):
+        return "batchnorm"
+    if leaf != "weight":
+        return "param"
+    last = module.rpartition(".")[2]
+    if ndim == 1:
+        return "layernorm"
+    if ndim == 2:
+        return "embedding" if EMBEDDING_NAMES.search(last) else "linear"
+    if 3 <= ndim <= 5:
+        return f"conv{ndim - 2}d"
+    return "param"
+
+
+def _segments(module: str, numbered: str) -> list[Any]:
+    out: list[Any] = []
+    for seg in module.split(".") if module else []:
+        if seg.isdigit() and numbered != "keep":
+            if numbered == "int":
+                out.append(int(seg))
+            else:  # "underscore": linen's auto names, layers_0
+                out[-1] = f"{out[-1]}_{seg}" if out else seg
+            continue
+        out.append(seg)
+    return out
+
+
+def to_flax_variables(
+    state: Mapping[str, Any],
+    *,
+    dtype: Any = None,
+    numbered: str = "keep",
+    kinds: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Builds Flax variables from a flat torch-named mapping, inferring each module's kind by name and rank.
+
+    Args:
+        state: ``{"encoder.layer.0.attention.self.query.weight": array, ...}`` in torch layout.
+        dtype: cast floating leaves to this dtype; None keeps each array's dtype.
+        numbered: how numbered submodules are named: ``"keep"`` (``layers/0``, as transformers' Flax
+            models do), ``"underscore"`` (``layers_0``, linen's automatic names) or ``"int"``
+            (``layers/0`` with an int key, as ``nnx.List`` paths have).
+        kinds: module-name regex -> kind overrides (see :func:`infer_kind`).
+
+    Returns:
+        ``{"params": nested dict}``, plus ``"batch_stats"`` when the state has running statistics. Leaves
+        are new arrays where a transpose or cast was needed, else the arrays given. Buffers that are no
+        parameters (``num_batches_tracked``) are left out.
+    """
+    if numbered not in ("keep", "underscore", "int"):
+        raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
+    out: dict[str, dict[str, Any]] = {"params": {}}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf in SKIPPED_BUFFERS:
+            continue
+        x = jnp.asarray(value)
+        rule = rule_for(infer_kind(key, x.ndim, kinds), leaf)
+        node = out.setdefault(rule.collection, {})
+        for seg in _segments(module, numbered):
+            node = node.setdefault(seg, {})
+        if rule.flax_name in node:
+            raise ValueError(f"two checkpoint tensors map to the Flax leaf {dotted((*_segments(module, numbered), rule.flax_name))!r}")
+        node[rule.flax_name] = apply_rule(x, rule, dtype=dtype if jnp.issubdtype(x.dtype, jnp.floating) else None)
+    return out
+
+
+# --- matching to a target ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetLeaf:
+    """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: Any
+    module_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedLeaf:
+    """One target leaf, the checkpoint key that fills it, and the rule that lays it out."""
+
+    leaf: TargetLeaf
+    key: str
+    rule: LeafRule
+
+
+def torch_key_candidates(path: Path) -> list[str]:
+    """The torch names a Flax leaf at ``path`` may have in a checkpoint, most likely first.
+
+    ``("model", "layers", 0, "mlp", "down_proj", "kernel")`` -> ``model.layers.0.mlp.down_proj.weight``;
+    linen's ``layers_0`` is tried both as ``layers_0`` and as ``layers.0``.
+    """
+    *module, leaf = [str(p) for p in path]
+    torch_leaf = TORCH_NAME.get(leaf, leaf)
+    split = []
+    for seg in module:
+        m = _NUMBERED.match(seg)
+        split.append(f"{m.group(1)}.{m.group(2)}" if m else seg)
+    candidates = []
+    for mod in (module, split):
+        for name in (torch_leaf, leaf):
+            key = ".".join([*mod, name])
+            if key not in candidates:
+                candidates.append(key)
+    return candidates
+
+
+def plan_match(
+    checkpoint: Mapping[str, tuple[tuple[int, ...], Any]],
+    leaves: Iterable[TargetLeaf],
+    *,
+    dtype: Any = None,
+    kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> tuple[list[PlannedLeaf], MatchReport]:
+    """Decides, from shapes and dtypes alone, which checkpoint tensor fills each target leaf and how.
+
+    Args:
+        checkpoint: ``torch key -> (torch-layout shape, dtype)`` (the dtype the dequantized tensor will have).
+        leaves: the target's leaves.
+        dtype: None compares dtypes (a difference is a mismatch); ``"target"`` casts to each leaf's dtype;
+            a dtype casts every floating leaf to it.
+        kinds: dotted-Flax-path regex -> module kind overrides (e.g. ``{"decoder\\.up": "conv_transpose2d"}``).
+        rename: regex -> replacement applied to checkpoint keys first (e.g. ``{"^model\\.": ""}``).
+
+    Returns:
+        The plan (one entry per filled leaf) and the report of every problem found.
+    """
+    renamed: dict[str, str] = {}
+    for key in checkpoint:
+        new = key
+        for pattern, repl in (rename or {}).items():
+            new = re.sub(pattern, repl, new)
+        renamed[new] = key
+    report = MatchReport()
+    plan: list[PlannedLeaf] = []
+    used: set[str] = set()
+    for leaf in leaves:
+        name = dotted(leaf.path)
+        candidates = torch_key_candidates(leaf.path)
+        key = next((c for c in candidates if c in renamed), None)
+        if key is None:
+            report.missing.append((name, candidates))
+            continue
+        original = renamed[key]
+        used.add(original)
+        shape, src_dtype = checkpoint[original]
+        kind = next((k for pattern, k in (kinds or {}).items() if re.search(pattern, name)), None)
+        rule = rule_for_flax_leaf(str(leaf.path[-1]), len(shape), module_type=leaf.module_type, kind=kind)
+        got = flax_shape(rule, shape)
+        if got != tuple(leaf.shape):
+            report.shape_mismatches.append((name, original, tuple(leaf.shape), got))
+            continue
+        if dtype is None and leaf.dtype is not None and np.dtype(src_dtype) != np.dtype(leaf.dtype):
+            report.dtype_mismatches.append((name, original, str(np.dtype(leaf.dtype)), str(np.dtype(src_dtype))))
+            continue
+        report.matched[name] = original
+        plan.append(PlannedLeaf(leaf, original, rule))
+    for key in checkpoint:
+        if key in used:
+            continue
+        if key.rpartition(".")[2] in SKIPPED_BUFFERS:
+            report.skipped.append(key)
+        else:
+            report.unused.append(key)
+    return plan, report
+
+
+def leaf_dtype(planned: PlannedLeaf, dtype: Any, src_dtype: Any) -> Any:
+    """The dtype a planned leaf is cast to (None: keep)."""
+    if not jnp.issubdtype(src_dtype, jnp.floating):
+        return None
+    if dtype == "target":
+        return planned.leaf.dtype
+    return dtype
+
+
+def fill(
+    plan: list[PlannedLeaf],
+    fetch: Callable[[PlannedLeaf], Any],
+    *,
+    dtype: Any = None,
+) -> dict[Path, Any]:
+    """Produces the Flax array of every planned leaf: ``fetch`` gives the torch-layout array."""
+    out = {}
+    for p in plan:
+        x = jnp.asarray(fetch(p))
+        out[p.leaf.path] = apply_rule(x, p.rule, dtype=leaf_dtype(p, dtype, x.dtype))
+    return out

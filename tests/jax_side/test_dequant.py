@@ -1,0 +1,200 @@
+"""jax_side's NF4/FP4/FP8 dequantization against bitsandbytes (bytes made by bitsandbytes on the CPU,
+moved with numpy: jax_side itself never sees torch) and against torch_side."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    DTYPES,
+    assert_same_bits,
+    bnb_quantize,
+    bnb_reference,
+    fp8_reference_loops,
+    jnp_dtype,
+    random_fp8,
+    random_scales,
+    to_numpy,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jax_side
+import torch_side
+
+pytest.importorskip("bitsandbytes")
+
+
+def _pieces(packed, qs):
+    """The pieces a serialized bitsandbytes checkpoint holds, as numpy arrays."""
+    kw = dict(shape=tuple(qs.shape), blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=jnp_dtype(qs.dtype))
+    if qs.nested:
+        d = qs.as_dict()
+        kw.update(
+            nested_absmax=to_numpy(d["nested_absmax"]),
+            nested_code=to_numpy(d["nested_quant_map"]),
+            nested_blocksize=d["nested_blocksize"],
+            offset=d["nested_offset"],
+        )
+    return to_numpy(packed), to_numpy(qs.absmax), kw
+
+
+SHAPES = [(128, 96), (7, 48), (5, 7), (100,), (1, 1), (33, 65), (2, 3, 40), (576, 7168)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_matches_bitsandbytes(shape, quant_type, nested):
+    for i, dtype in enumerate(DTYPES):
+        _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i)
+        p, a, kw = _pieces(packed, qs)
+        got = jax_side.dequantize_nf4(p, a, **kw)
+        assert isinstance(got, jax.Array)
+        assert_same_bits(got, to_numpy(bnb_reference(packed, qs)))
+        if len(shape) == 2:
+            assert_same_bits(jax_side.dequantize_nf4(p, a, **kw, transpose=True), to_numpy(bnb_reference(packed, qs)).T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.one_of(st.tuples(st.integers(1, 300)), st.tuples(st.integers(1, 60), st.integers(1, 300))),
+    blocksize=st.sampled_from([32, 64, 128, 256, 1024]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    nested=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_nf4_random_shapes_match_torch_side(shape, blocksize, quant_type, nested, dtype, seed):
+    _, packed, qs = bnb_quantize(shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed)
+    p, a, kw = _pieces(packed, qs)
+    want = torch_side.dequantize_nf4(packed, qs.absmax, **{**kw, "dtype": dtype, "nested_absmax": qs.state2.absmax if nested else None,
+                                                           "nested_code": qs.state2.code if nested else None})  # fmt: skip
+    assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(want))
+
+
+def test_quant_storage_bytes():
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(64, 96, dtype=torch.bfloat16)
+    packed, qs = F.quantize_4bit(w, quant_type="nf4", quant_storage=torch.bfloat16, compress_statistics=False)
+    p, a, kw = _pieces(packed, qs)
+    assert p.dtype.itemsize == 2
+    assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(bnb_reference(packed, qs)))
+
+
+def test_custom_code_table():
+    _, packed, qs = bnb_quantize((16, 64), nested=False)
+    code = np.linspace(-1, 1, 16, dtype=np.float32)
+    got = jax_side.dequantize_nf4(to_numpy(packed), to_numpy(qs.absmax), shape=(16, 64), code=code, dtype=jnp.float32)
+    want = torch_side.dequantize_nf4(packed, qs.absmax, shape=(16, 64), code=torch.from_numpy(code), dtype=torch.float32)
+    assert_same_bits(got, to_numpy(want))
+
+
+def test_standard_tables_are_bitsandbytes_tables():
+    F = pytest.importorskip("bitsandbytes.functional")
+    for quant_type in ("nf4", "fp4"):
+        bnb_table = F.get_4bit_type(quant_type, device="cpu").numpy()
+        assert_same_bits(jax_side.standard_code(quant_type), bnb_table)
+        assert_same_bits(torch_side.standard_code(quant_type).numpy(), bnb_table)
+
+
+def test_nested_decode_is_exact_eagerly():
+    gen = np.random.default_rng(5)
+    a = gen.integers(0, 256, 65536, dtype=np.uint8)
+    absmax2 = (gen.random(256, dtype=np.float32) * 3).astype(np.float32)
+    code2 = np.sort(gen.standard_normal(256).astype(np.float32))
+    offset = np.float32(0.0123456)
+    got = np.asarray(jax_side.decode_nested_absmax(a, absmax2, code2, 256, offset))
+    want = (code2[a] * np.repeat(absmax2, 256)).astype(np.float32) + offset  # numpy: two roundings
+    assert_same_bits(got, want.astype(np.float32))
+
+
+def test_jit_compatible_and_the_documented_fma_difference():
+    """Inside a caller's jit the nested decode may fuse into a multiply-add; measure it, keep it bounded."""
+    _, packed, qs = bnb_quantize((512, 1024), nested=True, dtype=torch.float32, seed=9)
+    p, a, kw = _pieces(packed, qs)
+    want = to_numpy(bnb_reference(packed, qs))
+    static = {k: v for k, v in kw.items() if k not in ("nested_absmax", "nested_code")}
+    jitted = jax.jit(lambda p, a, na, nc: jax_side.dequantize_nf4(p, a, nested_absmax=na, nested_code=nc, **static))
+    got = np.asarray(jitted(p, a, kw["nested_absmax"], kw["nested_code"]))
+    ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 2, "more than the one rounding a fused multiply-add can change"
+    assert (ulps != 0).mean() < 0.35
+    # without nesting there is nothing to fuse: exact under jit too
+    _, packed, qs = bnb_quantize((512, 1024), nested=False, dtype=torch.float32, seed=9)
+    p, a, kw = _pieces(packed, qs)
+    assert_same_bits(jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, **kw))(p, a), to_numpy(bnb_reference(packed, qs)))
+
+
+@pytest.mark.parametrize("shape, scale_shape", [((576, 7168), (5, 56)), ((130, 129), (2, 2)), ((7, 300), (7, 1)), ((5, 9), ())])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_matches_the_float32_reference(shape, scale_shape, fp8):
+    w, s = random_fp8(shape, dtype=fp8), random_scales(scale_shape)
+    for dtype in DTYPES:
+        got = jax_side.dequantize_fp8(to_numpy(w), to_numpy(s), dtype=jnp_dtype(dtype))
+        want = torch_side.dequantize_fp8(w, s, dtype)
+        assert_same_bits(got, to_numpy(want))
+        if scale_shape == (5, 56):
+            assert_same_bits(got, to_numpy(fp8_reference_loops(w, s, (128, 128), dtype)))
+    if len(shape) == 2:
+        got_t = jax_side.dequantize_fp8(to_numpy(w), to_numpy(s), transpose=True)
+        assert_same_bits(got_t, to_numpy(torch_side.dequantize_fp8(w, s)).T)
+
+
+def test_fp8_under_jit_is_exact():
+    w, s = random_fp8((576, 7168)), random_scales((5, 56))
+    got = jax.jit(lambda w, s: jax_side.dequantize_fp8(w, s))(to_numpy(w), to_numpy(s))
+    assert_same_bits(got, to_numpy(torch_side.dequantize_fp8(w, s)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 3000),
+    cols=st.integers(1, 3000),
+    srows=st.integers(1, 40),
+    scols=st.integers(1, 40),
+    block=st.one_of(st.none(), st.integers(1, 400)),
+)
+def test_fp8_scale_layout_rules_agree_across_sides(rows, cols, srows, scols, block):
+    def decide(fn):
+        try:
+            return tuple(fn((rows, cols), (srows, scols), block))
+        except ValueError as e:
+            return ("error", str(e))
+
+    assert decide(jax_side.fp8_scale_layout) == decide(torch_side.fp8_scale_layout)
+
+
+def test_fp8_bad_inputs():
+    with pytest.raises(TypeError, match="bitcast_convert_type"):
+        jax_side.dequantize_fp8(np.zeros((4, 4), np.uint8), np.ones(1, np.float32))
+    with pytest.raises(ValueError, match=r"block 128 needs \(5, 56\)"):
+        jax_side.dequantize_fp8(to_numpy(random_fp8((576, 7168))), np.ones((4, 56), np.float32))
+
+
+def test_nf4_bad_inputs():
+    _, packed, qs = bnb_quantize((40, 96), nested=True)
+    p, a, kw = _pieces(packed, qs)
+    with pytest.raises(ValueError, match=r"holds 1919 bytes.*needs 1920"):
+        jax_side.dequantize_nf4(p[:-1], a, **kw)
+    with pytest.raises(TypeError, match="nested .*absmax is uint8, got float32"):
+        jax_side.dequantize_nf4(p, a.astype(np.float32), **kw)
+    with pytest.raises(TypeError, match="pass nested_absmax"):
+        jax_side.dequantize_nf4(p, a, shape=(40, 96))
+    with pytest.raises(ValueError, match=r"absmax has 59 entries.*need 60"):
+        jax_side.dequantize_nf4(p, a[:-1], **kw)
+    with pytest.raises(TypeError, match="FP8 data"):
+        jax_side.dequantize_nf4(to_numpy(random_fp8((1920,))), a, **kw)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "blocksize": 48})
+
+
+def test_empty():
+    got = jax_side.dequantize_nf4(np.zeros(0, np.uint8), np.zeros(0, np.float32), shape=(0, 64))
+    assert got.shape == (0, 64) and got.dtype == jnp.bfloat16
+    assert math.prod(jax_side.dequantize_fp8(np.zeros((0, 8), "float8_e4m3fn"), np.ones(1, np.float32)).shape) == 0

@@ -1,0 +1,163 @@
+"""Flax trees from flat checkpoints: name inference, and matching to linen / nnx targets with full reports."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_side
+
+nnx = pytest.importorskip("flax.nnx")
+linen = pytest.importorskip("flax.linen")
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.q_proj = nnx.Linear(8, 8, use_bias=False, rngs=rngs)
+        self.up = nnx.Linear(8, 12, rngs=rngs)
+        self.norm = nnx.RMSNorm(8, rngs=rngs)
+
+
+class Model(nnx.Module):
+    def __init__(self, rngs):
+        self.embed_tokens = nnx.Embed(10, 8, rngs=rngs)
+        self.layers = nnx.List([Block(rngs) for _ in range(2)])
+
+
+def _checkpoint(rng=np.random.default_rng(0)):
+    ck = {"embed_tokens.weight": rng.standard_normal((10, 8)).astype(np.float32)}
+    for i in range(2):
+        ck[f"layers.{i}.q_proj.weight"] = rng.standard_normal((8, 8)).astype(np.float32)
+        ck[f"layers.{i}.up.weight"] = rng.standard_normal((12, 8)).astype(np.float32)
+        ck[f"layers.{i}.up.bias"] = rng.standard_normal(12).astype(np.float32)
+        ck[f"layers.{i}.norm.weight"] = rng.standard_normal(8).astype(np.float32)
+    return ck
+
+
+def test_match_nnx_module():
+    m = Model(nnx.Rngs(0))
+    ck = _checkpoint()
+    tree, report = jax_side.match_to_target(ck, m)
+    assert report.ok and len(report.matched) == 9
+    assert report.matched["layers.1.up.kernel"] == "layers.1.up.weight"
+    nnx.update(m, tree)
+    np.testing.assert_array_equal(np.asarray(m.layers[1].q_proj.kernel[...]), ck["layers.1.q_proj.weight"].T)
+    np.testing.assert_array_equal(np.asarray(m.embed_tokens.embedding[...]), ck["embed_tokens.weight"])
+    np.testing.assert_array_equal(np.asarray(m.layers[0].norm.scale[...]), ck["layers.0.norm.weight"])
+
+
+def test_match_nnx_state_and_abstract_target():
+    ck = _checkpoint()
+    state = nnx.state(Model(nnx.Rngs(0)))
+    tree, report = jax_side.match_to_target(ck, state)
+    assert report.ok
+    abstract = jax.eval_shape(lambda: nnx.state(Model(nnx.Rngs(0))))  # nothing allocated
+    tree2, report2 = jax_side.match_to_target(ck, abstract)
+    assert report2.ok
+    np.testing.assert_array_equal(np.asarray(tree2["layers"][0]["up"]["kernel"]), ck["layers.0.up.weight"].T)
+
+
+def test_wrong_checkpoint_reports_every_problem_by_name():
+    m = Model(nnx.Rngs(0))
+    before = np.asarray(m.layers[0].up.kernel[...]).copy()
+    ck = _checkpoint()
+    del ck["layers.1.norm.weight"]  # missing
+    ck["layers.0.up.weight"] = ck["layers.0.up.weight"][:, :7]  # wrong shape
+    ck["layers.0.q_proj.weight"] = ck["layers.0.q_proj.weight"].astype(np.float16)  # wrong dtype
+    ck["lm_head.weight"] = np.zeros((10, 8), np.float32)  # unused
+    ck["layers.0.norm.num_batches_tracked"] = np.zeros((), np.int64)  # a buffer: skipped, not unused
+    with pytest.raises(jax_side.MatchError) as info:
+        jax_side.load_into_nnx(m, ck)
+    report = info.value.report
+    message = str(info.value)
+    assert [leaf for leaf, _ in report.missing] == ["layers.1.norm.scale"]
+    assert report.unused == ["lm_head.weight"]
+    assert report.skipped == ["layers.0.norm.num_batches_tracked"]
+    assert report.shape_mismatches == [("layers.0.up.kernel", "layers.0.up.weight", (8, 12), (7, 12))]
+    assert report.dtype_mismatches == [("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float32", "float16")]
+    for needle in ("layers.1.norm.scale", "lm_head.weight", "(8, 12)", "float16", "dtype='target'"):
+        assert needle in message
+    np.testing.assert_array_equal(np.asarray(m.layers[0].up.kernel[...]), before)  # nothing written
+
+
+def test_non_strict_returns_the_report_and_keeps_target_values():
+    m = Model(nnx.Rngs(0))
+    ck = _checkpoint()
+    del ck["layers.1.norm.weight"]
+    tree, report = jax_side.match_to_target(ck, m, strict=False)
+    assert not report.ok and report.missing[0][0] == "layers.1.norm.scale"
+    np.testing.assert_array_equal(np.asarray(tree["layers"][1]["norm"]["scale"]), np.asarray(m.layers[1].norm.scale[...]))
+
+
+def test_dtype_policies():
+    m = Model(nnx.Rngs(0))
+    ck = {k: v.astype(np.float16) for k, v in _checkpoint().items()}
+    with pytest.raises(jax_side.MatchError, match="pass dtype='target'"):
+        jax_side.match_to_target(ck, m)
+    tree, report = jax_side.match_to_target(ck, m, dtype="target")
+    assert report.ok and tree["layers"][0]["up"]["kernel"].dtype == jnp.float32
+    tree, _ = jax_side.match_to_target(ck, m, dtype=jnp.bfloat16)
+    assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+
+
+def test_rename_and_prefixes():
+    m = Model(nnx.Rngs(0))
+    ck = {f"model.{k}": v for k, v in _checkpoint().items()}
+    _, report = jax_side.match_to_target(ck, m, strict=False)
+    assert len(report.missing) == 9 and len(report.unused) == 9
+    _, report = jax_side.match_to_target(ck, m, rename={r"^model\.": ""})
+    assert report.ok and report.matched["embed_tokens.embedding"] == "model.embed_tokens.weight"
+
+
+def test_linen_variables_with_batch_stats():
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x, train=False):
+            x = linen.Conv(4, (3, 3), name="conv")(x)
+            return linen.BatchNorm(use_running_average=not train, name="bn")(x)
+
+    variables = Net().init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+    rng = np.random.default_rng(1)
+    ck = {
+        "conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "conv.bias": rng.standard_normal(4).astype(np.float32),
+        "bn.weight": rng.standard_normal(4).astype(np.float32),
+        "bn.bias": rng.standard_normal(4).astype(np.float32),
+        "bn.running_mean": rng.standard_normal(4).astype(np.float32),
+        "bn.running_var": rng.random(4).astype(np.float32),
+        "bn.num_batches_tracked": np.array(3),
+    }
+    tree, report = jax_side.match_to_target(ck, variables)
+    assert report.ok and report.skipped == ["bn.num_batches_tracked"]
+    np.testing.assert_array_equal(np.asarray(tree["batch_stats"]["bn"]["var"]), ck["bn.running_var"])
+    np.testing.assert_array_equal(np.asarray(tree["params"]["conv"]["kernel"]), ck["conv.weight"].transpose(2, 3, 1, 0))
+    by_name = jax_side.to_flax_variables(ck)
+    assert set(by_name) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(np.asarray(by_name["batch_stats"]["bn"]["mean"]), ck["bn.running_mean"])
+
+
+def test_name_inference():
+    assert jax_side.infer_kind("model.embed_tokens.weight", 2) == "embedding"
+    assert jax_side.infer_kind("transformer.wte.weight", 2) == "embedding"
+    assert jax_side.infer_kind("bert.embeddings.word_embeddings.weight", 2) == "embedding"
+    assert jax_side.infer_kind("model.layers.0.mlp.down_proj.weight", 2) == "linear"
+    assert jax_side.infer_kind("model.norm.weight", 1) == "layernorm"
+    assert jax_side.infer_kind("features.0.weight", 4) == "conv2d"
+    assert jax_side.infer_kind("bn.running_var", 1) == "batchnorm"
+    assert jax_side.infer_kind("A_log", 2) == "param"
+    assert jax_side.infer_kind("up.0.weight", 4, {r"^up\.": "conv_transpose2d"}) == "conv_transpose2d"
+    v = jax_side.to_flax_variables({"model.layers.0.mlp.down_proj.weight": np.ones((3, 5))}, numbered="int")
+    assert v["params"]["model"]["layers"][0]["mlp"]["down_proj"]["kernel"].shape == (5, 3)
+
+
+def test_key_candidates():
+    assert jax_side.torch_key_candidates(("layers_0", "attn", "kernel")) == [
+        "layers_0.attn.weight", "layers_0.attn.kernel", "layers.0.attn.weight", "layers.0.attn.kernel",
+    ]  # fmt: skip
+
+
+def test_bad_target():
+    with pytest.raises(TypeError, match="target must be"):
+        jax_side.match_to_target({}, [1, 2])
