@@ -1,0 +1,3 @@
+from qbridge._cli import main
+
+raise SystemExit(main())
