@@ -4,13 +4,21 @@ The only package that imports both torch and jax. The dequantization itself live
 (torch only); Flax layout rules and JAX-native dequantization live in ``jax_side`` (jax only).
 """
 
-from qbridge._errors import CheckpointError
-from qbridge._errors import FormatError
-from qbridge._errors import QBridgeError
-from torch_side import dequantize
-from torch_side import dequantize_fp8
-from torch_side import dequantize_weight
-from torch_side import is_quant_tensor_subclass
+from qbridge._env import configure_jax_memory
+
+configure_jax_memory()  # before JAX starts its GPU backend: torch and JAX share the card
+
+from qbridge._errors import CheckpointError  # noqa: E402
+from qbridge._errors import FormatError  # noqa: E402
+from qbridge._errors import QBridgeError  # noqa: E402
+from qbridge._handoff import dequantize_to_jax  # noqa: E402
+from qbridge._handoff import is_compact  # noqa: E402
+from qbridge._handoff import to_jax  # noqa: E402
+from qbridge._handoff import to_torch  # noqa: E402
+from torch_side import dequantize  # noqa: E402
+from torch_side import dequantize_fp8  # noqa: E402
+from torch_side import dequantize_weight  # noqa: E402
+from torch_side import is_quant_tensor_subclass  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -18,8 +26,13 @@ __all__ = [
     "CheckpointError",
     "FormatError",
     "QBridgeError",
+    "configure_jax_memory",
     "dequantize",
     "dequantize_fp8",
+    "dequantize_to_jax",
     "dequantize_weight",
+    "is_compact",
     "is_quant_tensor_subclass",
+    "to_jax",
+    "to_torch",
 ]

@@ -135,6 +135,7 @@ def test_four_bit_state_and_fp8_scale_as_quant_state(device):
         torch_side.dequantize_weight(packed, s)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
 def test_torch_quantized_tensor():
     q = torch.quantize_per_tensor(torch.randn(6, 8), 0.05, 3, torch.qint8)
     assert torch.equal(torch_side.dequantize_weight(q), q.dequantize())

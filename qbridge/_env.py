@@ -1,0 +1,109 @@
+"""Process setup that torch + JAX users trip over: JAX's GPU preallocation, and JAX silently on the CPU.
+
+JAX reserves 75 % of every GPU it initializes unless ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before
+its GPU backend starts; torch then has a quarter of the card. Importing qbridge before JAX initializes
+its backends sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless you chose any XLA client memory
+setting yourself. If JAX had already started with preallocation, the first GPU handoff warns once.
+
+A jaxlib without CUDA support falls back to the CPU with only a log line; a CUDA tensor handed to such a
+JAX would silently cross through host memory. qbridge raises instead (see :func:`jax_gpu_for`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from typing import Any
+
+import jax
+
+log = logging.getLogger("qbridge")
+
+MEMORY_SETTINGS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+PREALLOCATED_FRACTION = 0.5
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except Exception:  # the private helper moved: assume the worst, change nothing
+        return True
+
+
+def configure_jax_memory() -> bool:
+    """Turns JAX's GPU preallocation off if JAX has not started its backends and nobody chose a setting.
+
+    Returns True when it set ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+    """
+    if any(name in os.environ for name in MEMORY_SETTINGS) or _backends_initialized():
+        return False
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    log.debug("set XLA_PYTHON_CLIENT_PREALLOCATE=false so that torch and JAX can share the GPU")
+    return True
+
+
+@functools.cache
+def _warn_if_preallocated(device: Any) -> None:
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:
+        return
+    limit = stats.get("bytes_limit", 0)
+    pool = stats.get("pool_bytes", stats.get("bytes_reserved", 0))
+    total = _total_memory(device) or limit
+    if total and pool > PREALLOCATED_FRACTION * total:
+        warnings.warn(
+            f"JAX has reserved {pool / 2**30:.1f} GiB of {total / 2**30:.1f} GiB on {device}: torch and JAX share "
+            "this GPU, and torch may run out of memory. Set XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX "
+            "starts (importing qbridge first does it for you).",
+            ResourceWarning,
+            stacklevel=3,
+        )
+
+
+def _total_memory(device: Any) -> int:
+    try:
+        import torch
+
+        return torch.cuda.get_device_properties(device.local_hardware_id).total_memory
+    except Exception:
+        return 0
+
+
+@functools.cache
+def _gpu_devices() -> dict[int, Any]:
+    try:
+        devices = jax.local_devices(backend="gpu")
+    except RuntimeError:
+        return {}
+    return {d.local_hardware_id: d for d in devices}
+
+
+def jax_gpu_for(index: int) -> Any | None:
+    """The local JAX GPU with hardware id ``index`` (torch's ``cuda:index``), or None if JAX has none."""
+    device = _gpu_devices().get(index)
+    if device is not None:
+        _warn_if_preallocated(device)
+    return device
+
+
+def no_jax_gpu_message(index: int) -> str:
+    if not _gpu_devices():
+        return (
+            f"the tensor is on cuda:{index}, but JAX has no GPU backend (it runs on "
+            f"{jax.default_backend()}): a jaxlib without CUDA fell back to the CPU. Install JAX for CUDA "
+            "(pip install 'jax[cuda13]' or 'jax[cuda12]'), or pass device=jax.devices('cpu')[0] to copy the "
+            "tensor through host memory"
+        )
+    return (
+        f"the tensor is on cuda:{index}, which JAX does not see (its GPUs: "
+        f"{sorted(_gpu_devices())}; check CUDA_VISIBLE_DEVICES). Pass device= to copy it to one JAX sees"
+    )
+
+
+def jax_cpu() -> Any:
+    return jax.local_devices(backend="cpu")[0]

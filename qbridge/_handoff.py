@@ -1,0 +1,385 @@
+"""torch -> JAX (and back) through DLPack: zero-copy where JAX can alias, safe where it cannot.
+
+What plain ``jax.dlpack.from_dlpack`` gets wrong, and what is done here instead:
+
+- **Streams.** torch's ``__dlpack__`` orders JAX's stream only after torch's *current* stream, so work
+  left on a side stream is read unfinished. Here a dedicated export stream first waits (on the GPU, the
+  host never blocks) on the current stream and on every torch stream that still has work queued, and
+  JAX's stream waits on the export stream.
+- **Reuse.** The tensor is marked as used on JAX's stream (``record_stream``), so torch's caching
+  allocator does not hand its memory to new work before JAX's reads are done.
+- **Alignment.** JAX accepts a view whose pointer is off alignment and fails later inside jit (GPU) or
+  copies silently (CPU). The pointer is checked first: GPU 16 bytes, CPU 64.
+- **Strides.** Only compact layouts (any axis order) alias; other views are copied once.
+- **Quantized tensors.** torchao subclasses export garbage (GPU) or crash (CPU), and a bitsandbytes
+  ``Params4bit`` exports its packed bytes; they are dequantized first.
+- **Devices.** ``cuda:i`` maps to the JAX GPU with local hardware id ``i`` and the export runs with that
+  device current, whatever the current torch device is.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import nullcontext as _nullcontext
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import torch_side
+
+from ._env import jax_cpu, jax_gpu_for, no_jax_gpu_message
+
+log = logging.getLogger("qbridge")
+
+ALIGNMENT = {"cpu": 64, "gpu": 16}
+Producer = str | torch.cuda.Stream | Sequence[torch.cuda.Stream]
+
+_DTYPES = {
+    torch.bool: jnp.bool_,
+    torch.uint8: jnp.uint8,
+    torch.int8: jnp.int8,
+    torch.int16: jnp.int16,
+    torch.int32: jnp.int32,
+    torch.int64: jnp.int64,
+    torch.float16: jnp.float16,
+    torch.bfloat16: jnp.bfloat16,
+    torch.float32: jnp.float32,
+    torch.float64: jnp.float64,
+    torch.complex64: jnp.complex64,
+    torch.complex128: jnp.complex128,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _name) and hasattr(jnp, _name):
+        _DTYPES[getattr(torch, _name)] = getattr(jnp, _name)
+_WIDE = {torch.int64: torch.int32, torch.float64: torch.float32, torch.complex128: torch.complex64}
+if hasattr(torch, "uint64"):
+    _WIDE[torch.uint64] = torch.uint32
+_CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+COPY_NOTE = "use copy=None to let qbridge copy once, or copy=True for an independent array"
+
+
+def is_compact(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers one dense block of memory in some axis order (``t.t()`` does; ``t[:, :k]`` not)."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _x64() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def _as_device(device: Any) -> jax.Device | None:
+    if device is None or isinstance(device, jax.Device):
+        return device
+    if isinstance(device, jax.sharding.Sharding):
+        devices = device.device_set
+        if len(devices) != 1:
+            raise ValueError(f"device= takes one device; this sharding spans {len(devices)}")
+        return next(iter(devices))
+    raise TypeError(f"device must be a jax.Device or a single-device Sharding, got {type(device).__name__}")
+
+
+def _home(t: torch.Tensor) -> jax.Device | None:
+    """The JAX device that can alias ``t``'s memory, or None."""
+    if t.device.type == "cpu":
+        return jax_cpu()
+    if t.device.type == "cuda":
+        return jax_gpu_for(t.device.index)
+    return None
+
+
+@functools.cache
+def _torch_streams(index: int) -> tuple[torch.cuda.Stream, ...]:
+    """Every stream torch hands out on ``cuda:index``: the default stream and its stream pools.
+
+    torch gives pool streams round-robin, so asking until one repeats enumerates each pool.
+    """
+    device = torch.device("cuda", index)
+    found: dict[int, torch.cuda.Stream] = {}
+    default = torch.cuda.default_stream(device)
+    found[default.stream_id] = default
+    least, greatest = torch.cuda.Stream.priority_range()
+    for priority in range(least, greatest - 1, -1):
+        for _ in range(4096):
+            s = torch.cuda.Stream(device=device, priority=priority)
+            if s.stream_id in found:
+                break
+            found[s.stream_id] = s
+    return tuple(found.values())
+
+
+@functools.cache
+def _export_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=torch.device("cuda", index))
+
+
+def _producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
+    current = torch.cuda.current_stream(t.device)
+    if producer == "current":
+        return [current]
+    if producer == "auto":
+        return [current, *(s for s in _torch_streams(t.device.index) if s != current and not s.query())]
+    if isinstance(producer, torch.cuda.Stream):
+        return [current, producer]
+    if isinstance(producer, Sequence) and not isinstance(producer, str):
+        return [current, *producer]
+    raise TypeError(f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer, *, clone: bool) -> jax.Array:
+    """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring.
+
+    With ``clone`` the tensor is first copied (on the export stream, after its producers) and the copy is
+    handed over.
+    """
+    with torch.cuda.device(t.device):
+        export = _after_producers(t, producer)
+        with torch.cuda.stream(export):
+            if clone:
+                t = t.clone(memory_format=torch.contiguous_format)
+            x = jax.dlpack.from_dlpack(t, copy=False)
+        jax_stream = home.get_stream_for_external_ready_events()
+        if jax_stream:
+            t.record_stream(torch.cuda.ExternalStream(jax_stream, device=t.device))
+    return x
+
+
+def _alias(t: torch.Tensor, home: jax.Device, producer: Producer, *, clone: bool = False) -> jax.Array:
+    if t.device.type == "cuda":
+        return _export_cuda(t, home, producer, clone=clone)
+    if clone:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return jax.dlpack.from_dlpack(t, copy=False)
+
+
+def _export_bits(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
+    """For dtypes torch will not export: hand over the same bytes as an integer type, bitcast in JAX."""
+    carrier = _CARRIER[t.element_size()]
+    x = _alias(t.view(carrier), home, producer)
+    return jax.lax.bitcast_convert_type(x, _DTYPES[t.dtype])
+
+
+def _aliasing_blockers(t: torch.Tensor, home: jax.Device | None, target: jax.Device) -> list[str]:
+    reasons = []
+    if home is None or home != target:
+        reasons.append(f"JAX device {target} is not where the tensor lives ({t.device})")
+    if t.dtype in _WIDE and not _x64():
+        reasons.append(f"JAX runs with x64 off and has no {t.dtype}")
+    if t.layout != torch.strided:
+        reasons.append(f"{t.layout} tensors have no single dense buffer")
+        return reasons
+    if not is_compact(t):
+        reasons.append(f"strides {t.stride()} are not compact (a slice or an expand)")
+    align = ALIGNMENT["cpu" if t.device.type == "cpu" else "gpu"]
+    if t.numel() and t.data_ptr() % align:
+        reasons.append(f"its data pointer is {t.data_ptr() % align} bytes past a {align}-byte boundary")
+    if t.is_conj() or t.is_neg():
+        reasons.append("it is a lazily conjugated or negated view")
+    return reasons
+
+
+def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
+    """The value JAX (x64 off) can hold: int64 -> int32 only when every value fits; float64 -> float32."""
+    narrow = _WIDE[t.dtype]
+    if not t.dtype.is_floating_point and not t.dtype.is_complex and t.numel():
+        info = torch.iinfo(narrow)
+        lo, hi = int(t.min()), int(t.max())
+        if lo < info.min or hi > info.max:
+            raise ValueError(
+                f"{_describe(t)} holds values in [{lo}, {hi}], outside {narrow}: JAX runs with x64 off. "
+                "Enable it (jax.config.update('jax_enable_x64', True)) or convert the tensor yourself"
+            )
+    elif t.dtype.is_floating_point or t.dtype.is_complex:
+        warnings.warn(f"JAX runs with x64 off: {t.dtype} is rounded to {narrow}", stacklevel=4)
+    return t.to(narrow)
+
+
+def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream:
+    """The export stream of ``t``'s device, made to wait (on the GPU) for ``t``'s producers."""
+    export = _export_stream(t.device.index)
+    for s in _producers(t, producer):
+        export.wait_stream(s)
+    return export
+
+
+def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, producer: Producer) -> jax.Array:
+    """Makes one copy of ``t`` that JAX on ``target`` can alias, then hands that copy over zero-copy.
+
+    CUDA copies run on the export stream after ``t``'s producers, so they read finished values.
+    """
+    dest: torch.device | None = None
+    if target.platform == "cpu":
+        dest = torch.device("cpu")
+    elif target.platform == "gpu" and torch.cuda.is_available() and target.local_hardware_id < torch.cuda.device_count():
+        dest = torch.device("cuda", target.local_hardware_id)
+    narrow = _WIDE.get(t.dtype) if not _x64() else None
+    with torch.cuda.device(t.device) if t.device.type == "cuda" else _nullcontext():
+        stream = torch.cuda.stream(_after_producers(t, producer)) if t.device.type == "cuda" else _nullcontext()
+        with stream:
+            if t.layout != torch.strided:
+                t = t.to_dense()
+            t = t.resolve_conj().resolve_neg()
+            if narrow is not None:
+                t = _narrow_dtype(t)
+            if dest is None:  # a GPU JAX sees and torch does not: through host memory
+                host = t.to("cpu", memory_format=torch.contiguous_format)
+                return jax.device_put(jax.dlpack.from_dlpack(host), target)
+            # one copy: to the destination, dense and aligned (the caching allocator aligns to 512 bytes)
+            copied = t.to(dest, memory_format=torch.contiguous_format, copy=narrow is None)
+    if copied.device.type == "cuda":
+        return _export_cuda(copied, target, "current", clone=False)
+    return jax.dlpack.from_dlpack(copied, copy=False)
+
+
+def to_jax(
+    t: torch.Tensor,
+    *,
+    device: Any = None,
+    copy: bool | None = None,
+    producer: Producer = "auto",
+) -> jax.Array:
+    """Hands a torch tensor to JAX, zero-copy whenever JAX can alias its memory.
+
+    **The result aliases the tensor when no copy is made:** writing to the torch tensor afterwards
+    changes the JAX array (which JAX assumes immutable). Pass ``copy=True`` for an independent array.
+
+    Args:
+        t: any torch tensor. torchao tensor subclasses, bitsandbytes ``Params4bit``/``Int8Params`` and
+            torch-quantized tensors are dequantized first (``torch_side.dequantize_weight``); tensors that
+            require grad are detached.
+        device: the JAX device (or single-device sharding) for the result. Default: the JAX device of the
+            tensor's memory: ``cuda:i`` -> the JAX GPU with local hardware id ``i``, CPU -> JAX's CPU.
+        copy: ``None`` aliases where possible and otherwise copies exactly once (a misaligned pointer,
+            non-compact strides, another device, a dtype JAX would change such as int64 with x64 off),
+            saying so at debug level; ``False`` never copies and raises ``BufferError`` saying why;
+            ``True`` always returns an independent array.
+        producer: which torch streams may still be writing ``t`` (CUDA): ``"auto"`` (default) waits for
+            the current stream and every torch stream that has work queued; ``"current"`` only for the
+            current stream (torch's own DLPack rule; fastest); or the producing stream(s). All waits
+            happen on the GPU; the host is not blocked.
+
+    Returns:
+        A ``jax.Array`` with ``t``'s shape and dtype (int64/float64 become int32/float32 when JAX runs with
+        x64 off). When it aliases ``t``, ``result.unsafe_buffer_pointer() == t.data_ptr()``, and a permuted
+        view such as ``t.t()`` arrives with a matching non-default layout, not copied.
+
+    Raises:
+        BufferError: ``copy=False`` and aliasing is impossible (the message says why).
+        TypeError: ``copy=False`` for a quantized tensor (dequantizing makes new memory), a dtype JAX lacks.
+        RuntimeError: a CUDA tensor and a JAX without that GPU (e.g. a CPU-only jaxlib), unless
+            ``device=`` asks for a copy elsewhere.
+        ValueError: int64 values that do not fit int32 when JAX runs with x64 off.
+
+    Example:
+        >>> w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        >>> x = qbridge.to_jax(w)
+        >>> x.unsafe_buffer_pointer() == w.data_ptr()
+        True
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"to_jax takes a torch.Tensor, got {type(t).__name__}")
+    if copy not in (None, True, False):
+        raise TypeError(f"copy must be None, True or False, got {copy!r}")
+    if t.device.type == "meta":
+        raise ValueError(f"{_describe(t)}: a meta tensor holds no data")
+    if torch_side.is_quant_tensor_subclass(t) or t.is_quantized:
+        if copy is False:
+            raise TypeError(
+                f"{type(t).__name__} is a quantized tensor: its memory is not its values, and dequantizing it "
+                f"makes new memory, which copy=False forbids; {COPY_NOTE}"
+            )
+        t = torch_side.dequantize_weight(t)
+    t = t.detach()
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{_describe(t)}: JAX has no {t.dtype}")
+    target = _as_device(device)
+    home = _home(t)
+    if target is None:
+        if home is None:
+            raise RuntimeError(no_jax_gpu_message(t.device.index) if t.device.type == "cuda" else f"JAX cannot see {t.device}")
+        target = home
+    reasons = _aliasing_blockers(t, home, target)
+    if reasons:
+        if copy is False:
+            raise BufferError(f"cannot hand {_describe(t)} to JAX without a copy: {'; '.join(reasons)}; {COPY_NOTE}")
+        log.debug("to_jax copies %s once: %s", _describe(t), "; ".join(reasons))
+        return _copy_once(t, home, target, producer)
+    if copy:
+        return _alias(t, target, producer, clone=True)
+    try:
+        x = _alias(t, target, producer)
+    except BufferError:  # a dtype this torch will not export (float8 on older torch): same bytes, bitcast
+        if copy is False:
+            raise BufferError(f"this torch cannot export {t.dtype} without a copy; {COPY_NOTE}") from None
+        return _export_bits(t, target, producer)
+    if t.numel() and x.unsafe_buffer_pointer() != t.data_ptr():
+        if copy is False:
+            raise BufferError(f"JAX copied {_describe(t)} on import; {COPY_NOTE}")
+        log.debug("JAX copied %s on import", _describe(t))
+    return x
+
+
+def to_torch(x: jax.Array) -> torch.Tensor:
+    """Hands a single-device ``jax.Array`` to torch, zero-copy.
+
+    The tensor aliases the array, which JAX assumes immutable: do not write to it (``.clone()`` first).
+    torch's current stream is ordered after the array's producers (the DLPack stream protocol).
+
+    Raises:
+        TypeError: ``x`` is not a ``jax.Array`` or spans several devices.
+    """
+    if not isinstance(x, jax.Array):
+        raise TypeError(f"to_torch takes a jax.Array, got {type(x).__name__}")
+    if len(x.devices()) != 1:
+        raise TypeError(f"to_torch takes a single-device array; this one spans {len(x.devices())} devices")
+    if x.dtype in (jnp.int4, jnp.uint4) if hasattr(jnp, "int4") else False:
+        raise TypeError(f"torch has no {x.dtype}")
+    device = next(iter(x.devices()))
+    if device.platform == "gpu":
+        with torch.cuda.device(device.local_hardware_id):
+            return torch.from_dlpack(x)
+    return torch.from_dlpack(x)
+
+
+def dequantize_to_jax(
+    W: torch.Tensor,
+    quant_state: Any = None,
+    *,
+    transpose: bool = False,
+    dtype: torch.dtype | None = None,
+    device: Any = None,
+) -> jax.Array:
+    """``torch_side.dequantize_weight`` then :func:`to_jax`: a quantized torch weight as a JAX array.
+
+    Args:
+        W, quant_state: as for ``torch_side.dequantize_weight`` (any quantized or plain weight).
+        transpose: return the ``[in, out]`` (Flax ``kernel``) layout. It arrives zero-copy as a permuted view
+            (a JAX array with a non-default layout); jitted use runs as fast as on a contiguous array.
+        dtype: a torch dtype to cast the dense weight to first (a new tensor); None keeps its dtype.
+        device: as for :func:`to_jax`.
+
+    Returns:
+        A ``jax.Array``. It aliases the dequantized buffer (new memory), never ``W``'s quantized bytes;
+        a plain ``W`` without ``dtype`` is aliased itself (see :func:`to_jax`).
+    """
+    dense = torch_side.dequantize_weight(W, quant_state, transpose=transpose)
+    if dtype is not None and dense.dtype != dtype:
+        dense = dense.to(dtype)
+    return to_jax(dense, device=device)

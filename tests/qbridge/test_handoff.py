@@ -1,0 +1,237 @@
+"""qbridge.to_jax / to_torch / dequantize_to_jax on the CPU (GPU behaviour: test_handoff_gpu.py)."""
+
+from __future__ import annotations
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import bnb_quantize, bnb_reference, random_fp8, to_numpy
+
+import qbridge
+
+ALIASABLE = [
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16, torch.float32,
+    torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64,
+]  # fmt: skip
+
+
+def _random(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) > 0.5
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return random_fp8(shape, seed=seed, dtype=dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype) if not dtype.is_complex else torch.randn(
+            shape, generator=gen, dtype=dtype
+        )
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=torch.int64).to(dtype)
+
+
+def _same(x: jax.Array, t: torch.Tensor) -> None:
+    want = to_numpy(t)
+    got = np.asarray(x)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert np.array_equal(got.reshape(-1).view(f"u{got.dtype.itemsize}"), want.reshape(-1).view(f"u{want.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("dtype", ALIASABLE, ids=str)
+def test_zero_copy_for_every_aliasable_dtype(dtype):
+    t = _random((64, 48), dtype)
+    x = qbridge.to_jax(t, copy=False)
+    assert x.unsafe_buffer_pointer() == t.data_ptr()
+    assert x.devices() == {jax.devices("cpu")[0]}
+    _same(x, t)
+
+
+def test_permuted_views_alias_with_their_layout():
+    t = torch.randn(64, 32)
+    x = qbridge.to_jax(t.t(), copy=False)
+    assert x.unsafe_buffer_pointer() == t.data_ptr() and x.shape == (32, 64)
+    _same(x, t.t())
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda a: a @ a.T)(x)), (t.t() @ t).numpy(), rtol=1e-5, atol=1e-4)
+    p = torch.randn(2, 3, 64).permute(2, 0, 1)
+    y = qbridge.to_jax(p, copy=False)
+    assert y.unsafe_buffer_pointer() == p.data_ptr()
+    _same(y, p)
+
+
+def test_zero_copy_result_aliases_the_tensor():
+    t = torch.zeros(128)
+    x = qbridge.to_jax(t)
+    t.fill_(3.0)  # documented: writes to the torch tensor show in the JAX array
+    assert float(x[5]) == 3.0
+
+
+def test_copy_true_is_independent():
+    t = torch.randn(64, 64)
+    x = qbridge.to_jax(t, copy=True)
+    assert x.unsafe_buffer_pointer() != t.data_ptr()
+    before = np.asarray(x).copy()
+    t.add_(1.0)
+    assert np.array_equal(np.asarray(x), before)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 4, 8])
+def test_misaligned_views_are_copied_once(offset):
+    base = torch.randn(4096)
+    v = base[offset : offset + 1000]  # 4 * offset bytes past a 64-byte boundary
+    x = qbridge.to_jax(v)
+    _same(x, v)
+    assert x.unsafe_buffer_pointer() != v.data_ptr()
+    with pytest.raises(BufferError, match="bytes past a 64-byte boundary.*copy=None"):
+        qbridge.to_jax(v, copy=False)
+    np.testing.assert_allclose(float(jax.jit(jnp.sum)(x)), float(v.sum()), rtol=1e-4)
+
+
+def test_bf16_two_bytes_off():
+    base = torch.randn(4097).to(torch.bfloat16)
+    v = base[1:]
+    x = qbridge.to_jax(v)
+    _same(x, v)
+    assert float(jax.jit(lambda a: (a.astype(jnp.float32) * 2).sum())(x)) == pytest.approx(float(v.float().sum() * 2), rel=1e-3)
+
+
+def test_non_compact_views():
+    t = torch.randn(16, 100)
+    for v in (t[:, :30], t[::2], t[:, None, :].expand(16, 3, 100), t.unsqueeze(0).expand(4, 16, 100)):
+        x = qbridge.to_jax(v)
+        _same(x, v)
+        with pytest.raises(BufferError, match="not compact"):
+            qbridge.to_jax(v, copy=False)
+
+
+def test_odd_shapes():
+    for t in (torch.empty(0, 5), torch.tensor(3.5), torch.randn(1, 7), torch.randn(5, 1, 1, 3)):
+        x = qbridge.to_jax(t)
+        _same(x, t)
+    weird = torch.as_strided(torch.randn(16 * 64), (1, 5), (777, 1))  # size-1 dims may have any stride
+    x = qbridge.to_jax(weird, copy=False)
+    assert x.unsafe_buffer_pointer() == weird.data_ptr()
+    _same(x, weird)
+
+
+def test_int64_and_float64_with_x64_off():
+    assert not jax.config.jax_enable_x64
+    t = torch.arange(-5, 5, dtype=torch.int64)
+    x = qbridge.to_jax(t)
+    assert x.dtype == jnp.int32 and np.array_equal(np.asarray(x), t.numpy())
+    with pytest.raises(BufferError, match="x64 off"):
+        qbridge.to_jax(t, copy=False)
+    with pytest.raises(ValueError, match=r"outside torch.int32"):
+        qbridge.to_jax(torch.tensor([2**40]))
+    with pytest.warns(UserWarning, match="rounded to torch.float32"):
+        y = qbridge.to_jax(torch.tensor([1.0 + 2**-40], dtype=torch.float64))
+    assert y.dtype == jnp.float32
+
+
+def test_int64_with_x64_on():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        t = torch.tensor([2**40, -3], dtype=torch.int64)
+        x = qbridge.to_jax(t, copy=False)
+        assert x.dtype == jnp.int64 and x.unsafe_buffer_pointer() == t.data_ptr()
+        d = torch.randn(8, dtype=torch.float64)
+        assert qbridge.to_jax(d, copy=False).unsafe_buffer_pointer() == d.data_ptr()
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_requires_grad_is_detached_zero_copy():
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    x = qbridge.to_jax(p, copy=False)
+    assert x.unsafe_buffer_pointer() == p.data_ptr()
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_quantized_inputs_are_dequantized():
+    ao = pytest.importorskip("torchao.quantization")
+    nf4 = ao.NF4Tensor.from_tensor(torch.randn(128, 128, dtype=torch.bfloat16), 64, 256)
+    _same(qbridge.to_jax(nf4), nf4.get_original_weight())
+    with pytest.raises(TypeError, match="copy=False forbids"):
+        qbridge.to_jax(nf4, copy=False)
+    lin = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    ao.quantize_(lin, ao.Int8WeightOnlyConfig())
+    _same(qbridge.to_jax(lin.weight), lin.weight.dequantize())
+    bnb = pytest.importorskip("bitsandbytes")
+    p = bnb.nn.Params4bit(torch.randn(48, 64, dtype=torch.float16), requires_grad=False, quant_type="nf4").to("cpu")
+    _same(qbridge.to_jax(p), bnb_reference(p.data, p.quant_state))
+    q = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)
+    _same(qbridge.to_jax(q), q.dequantize())
+
+
+def test_lifetime_after_the_tensor_is_gone():
+    t = torch.randn(1 << 16)
+    want = t.numpy().copy()
+    x = qbridge.to_jax(t)
+    del t
+    gc.collect()
+    junk = [torch.full((1 << 16,), 7.0) for _ in range(8)]
+    assert np.array_equal(np.asarray(x), want)
+    del junk
+
+
+def test_explicit_cpu_device_and_sharding():
+    t = torch.randn(8, 8)
+    cpu = jax.devices("cpu")[0]
+    assert qbridge.to_jax(t, device=cpu, copy=False).unsafe_buffer_pointer() == t.data_ptr()
+    sharding = jax.sharding.SingleDeviceSharding(cpu)
+    assert qbridge.to_jax(t, device=sharding, copy=False).unsafe_buffer_pointer() == t.data_ptr()
+
+
+def test_sparse_tensor_is_densified():
+    s = torch.randn(6, 6).to_sparse()
+    _same(qbridge.to_jax(s), s.to_dense())
+    with pytest.raises(BufferError, match="sparse"):
+        qbridge.to_jax(s, copy=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="takes a torch.Tensor"):
+        qbridge.to_jax(np.zeros(3))
+    with pytest.raises(TypeError, match="copy must be"):
+        qbridge.to_jax(torch.zeros(3), copy="yes")
+    with pytest.raises(TypeError, match="JAX has no"):
+        qbridge.to_jax(torch.zeros(3, dtype=torch.complex32))
+    with pytest.raises(ValueError, match="meta tensor"):
+        qbridge.to_jax(torch.empty(3, device="meta"))
+    with pytest.raises(TypeError, match="jax.Device"):
+        qbridge.to_jax(torch.zeros(3), device="cpu")
+
+
+def test_to_torch_zero_copy_round_trip():
+    x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+    t = qbridge.to_torch(x)
+    assert t.data_ptr() == x.unsafe_buffer_pointer()
+    assert torch.equal(t, torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    back = qbridge.to_jax(t)
+    assert back.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()
+    b = qbridge.to_torch(jnp.ones(5, jnp.bfloat16))
+    assert b.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="takes a jax.Array"):
+        qbridge.to_torch(np.zeros(3))
+
+
+def test_dequantize_to_jax():
+    _, packed, qs = bnb_quantize((48, 80), nested=True)
+    want = bnb_reference(packed, qs)
+    x = qbridge.dequantize_to_jax(packed, qs)
+    _same(x, want)
+    xt = qbridge.dequantize_to_jax(packed, qs, transpose=True)
+    assert xt.shape == (80, 48)
+    _same(xt, want.t())
+    x32 = qbridge.dequantize_to_jax(packed, qs, dtype=torch.float32)
+    assert x32.dtype == jnp.float32 and np.array_equal(np.asarray(x32), want.float().numpy())
+    w = torch.randn(8, 8)
+    assert qbridge.dequantize_to_jax(w).unsafe_buffer_pointer() == w.data_ptr()  # plain weights alias
+
+
+def test_is_compact():
+    t = torch.randn(4, 5, 6)
+    assert qbridge.is_compact(t) and qbridge.is_compact(t.permute(2, 0, 1)) and qbridge.is_compact(t[1])
+    assert not qbridge.is_compact(t[:, :, :3]) and not qbridge.is_compact(t[:, ::2])

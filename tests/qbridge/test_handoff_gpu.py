@@ -1,0 +1,240 @@
+"""to_jax on CUDA: stream safety, alignment, lifetime, devices, layouts (run with `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import bnb_quantize, to_numpy
+
+pytestmark = pytest.mark.gpu
+
+TRIALS = 1000
+
+
+def _jax():
+    import jax
+
+    return jax
+
+
+def _gpu(index=0):
+    jax = _jax()
+    return next(d for d in jax.local_devices(backend="gpu") if d.local_hardware_id == index)
+
+
+def _produce(stream, n, value):
+    with torch.cuda.stream(stream):
+        buf = torch.empty(n, device="cuda")
+        torch.cuda._sleep(300_000)  # keep the producer busy so an unordered reader sees stale data
+        buf.fill_(value)
+    return buf
+
+
+@pytest.mark.parametrize("where", ["side", "current"])
+@pytest.mark.parametrize("consumer", ["eager", "jit"])
+def test_no_unfinished_reads(where, consumer):
+    import qbridge
+
+    jax = _jax()
+    last = jax.jit(lambda a: a[-1] * 1.0)
+    side = torch.cuda.Stream()
+    n = 1 << 20
+    bad = 0
+    for trial in range(TRIALS):
+        buf = _produce(side if where == "side" else torch.cuda.current_stream(), n, float(trial))
+        x = qbridge.to_jax(buf)
+        got = float(x[-1]) if consumer == "eager" else float(last(x))
+        bad += got != trial
+    assert bad == 0, f"{bad} of {TRIALS} reads saw unfinished data"
+
+
+def test_the_race_test_can_see_a_race():
+    """Bare jax.dlpack.from_dlpack on side-stream data reads it unfinished: the test above is sensitive."""
+    jax = _jax()
+    side = torch.cuda.Stream()
+    bad = 0
+    for trial in range(50):
+        buf = _produce(side, 1 << 20, float(trial + 1))
+        bad += float(jax.dlpack.from_dlpack(buf)[-1]) != trial + 1
+    torch.cuda.synchronize()
+    assert bad > 0
+
+
+def test_two_bytes_off_alignment_works_inside_jit():
+    import qbridge
+
+    jax = _jax()
+    base = torch.randn(1 << 20, device="cuda").to(torch.bfloat16)
+    v = base[1:]
+    x = qbridge.to_jax(v)
+    got = float(jax.jit(lambda a: (a.astype("float32") * 2).sum())(x))
+    assert got == pytest.approx(float(v.float().sum() * 2), rel=1e-3, abs=1e-1)
+    with pytest.raises(BufferError, match="16-byte boundary"):
+        qbridge.to_jax(v, copy=False)
+
+
+def test_zero_copy_pointer_and_device():
+    import qbridge
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.float8_e4m3fn, torch.bool, torch.int32):
+        t = (torch.randn(256, 128, device="cuda") * 10).to(dtype)
+        x = qbridge.to_jax(t, copy=False)
+        assert x.unsafe_buffer_pointer() == t.data_ptr()
+        assert x.devices() == {_gpu(t.device.index)}
+        assert np.array_equal(np.asarray(x).view(np.uint8), to_numpy(t).view(np.uint8))
+    xt = qbridge.to_jax(t.t(), copy=False)
+    assert xt.unsafe_buffer_pointer() == t.data_ptr()
+
+
+def test_lifetime():
+    import qbridge
+
+    t = torch.randn(1 << 24, device="cuda")
+    want = t[-4096:].cpu().numpy()
+    x = qbridge.to_jax(t)
+    del t
+    torch.cuda.empty_cache()
+    junk = [torch.full((1 << 24,), 7.0, device="cuda") for _ in range(4)]
+    torch.cuda.synchronize()
+    assert np.array_equal(np.asarray(x[-4096:]), want)
+    del junk
+
+
+def test_memory_is_not_reused_while_jax_reads():
+    """After JAX drops its array, torch may reuse the memory only once JAX's queued reads are done."""
+    import qbridge
+
+    jax = _jax()
+    # reads all of `a` 400 times (a few ms), then returns 400 * a[-1]
+    slow = jax.jit(lambda a: jax.lax.fori_loop(0, 400, lambda i, s: s + a[-1] + a.sum() * 0.0, 0.0))
+    for trial in range(20):
+        t = torch.full((1 << 22,), float(trial), device="cuda")
+        x = qbridge.to_jax(t)
+        out = slow(x)  # queued on JAX's stream
+        del x, t  # the buffer goes back to torch's allocator ...
+        overwrite = torch.full((1 << 22,), -1.0, device="cuda")  # ... which must not hand it out early
+        assert float(out) == 400.0 * trial
+        del overwrite
+
+
+def test_copies_on_gpu():
+    import qbridge
+
+    jax = _jax()
+    t = torch.randn(64, 100, device="cuda")
+    for v in (t[:, :30], t[::2]):
+        assert np.array_equal(np.asarray(qbridge.to_jax(v)), v.cpu().numpy())
+    i64 = torch.arange(-4, 4, device="cuda")
+    assert np.array_equal(np.asarray(qbridge.to_jax(i64)), i64.cpu().numpy())
+    c = qbridge.to_jax(t, copy=True)
+    assert c.unsafe_buffer_pointer() != t.data_ptr()
+    t.add_(1)
+    assert not np.array_equal(np.asarray(c), t.cpu().numpy())
+    host = qbridge.to_jax(t, device=jax.devices("cpu")[0])
+    assert host.devices() == {jax.devices("cpu")[0]} and np.array_equal(np.asarray(host), t.cpu().numpy())
+    up = qbridge.to_jax(torch.arange(10.0), device=_gpu(0))
+    assert up.devices() == {_gpu(0)} and np.array_equal(np.asarray(up), np.arange(10.0, dtype=np.float32))
+
+
+def test_side_stream_copy_paths_wait_for_producers():
+    import qbridge
+
+    side = torch.cuda.Stream()
+    for trial in range(50):
+        buf = _produce(side, 1 << 20, float(trial))
+        assert float(qbridge.to_jax(buf[::2])[-1]) == trial  # non-compact: copied after the producer
+        buf = _produce(side, 1 << 20, float(trial))
+        assert float(qbridge.to_jax(buf, device=_jax().devices("cpu")[0])[-1]) == trial
+
+
+def test_quantized_cuda_inputs():
+    import qbridge
+
+    F = pytest.importorskip("bitsandbytes.functional")
+    bnb = pytest.importorskip("bitsandbytes")
+    p = bnb.nn.Params4bit(torch.randn(96, 128, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4").to("cuda")
+    x = qbridge.to_jax(p)
+    assert np.array_equal(np.asarray(x).view(np.uint16), to_numpy(F.dequantize_4bit(p.data, p.quant_state)).view(np.uint16))
+    _, packed, qs = bnb_quantize((576, 7168), device="cuda")
+    xt = qbridge.dequantize_to_jax(packed, qs, transpose=True)
+    want = F.dequantize_4bit(packed, qs).t()
+    assert xt.shape == (7168, 576)
+    assert np.array_equal(np.asarray(xt).view(np.uint16), to_numpy(want).view(np.uint16))
+
+
+def _median_ms(fn, *args, reps=50):
+    fn(*args).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(*args).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def test_permuted_view_matmul_is_as_fast_as_contiguous():
+    import qbridge
+
+    jax = _jax()
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    view = qbridge.to_jax(w.t(), copy=False)
+    dense = qbridge.to_jax(w.t().contiguous())
+    a = qbridge.to_jax(torch.randn(4096, 8192, device="cuda", dtype=torch.bfloat16))
+    mm = jax.jit(lambda a, b: a @ b)
+    np.testing.assert_array_equal(np.asarray(mm(a, view)[:4, :4]), np.asarray(mm(a, dense)[:4, :4]))
+    t_view, t_dense = _median_ms(mm, a, view), _median_ms(mm, a, dense)
+    print(f"jitted 4096x8192 @ 8192x8192 bf16: permuted view {t_view:.3f} ms, contiguous {t_dense:.3f} ms")
+    assert t_view < 1.15 * t_dense
+
+
+def test_two_gpus_current_device_differs():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    import qbridge
+
+    t = torch.randn(128, device="cuda:1")
+    with torch.cuda.device(0):
+        x = qbridge.to_jax(t, copy=False)
+    assert x.devices() == {_gpu(1)} and x.unsafe_buffer_pointer() == t.data_ptr()
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_jax_on_cpu_while_torch_sees_cuda_fails_loudly():
+    code = (
+        "import qbridge, torch, jax\n"
+        "t = torch.ones(4, device='cuda')\n"
+        "try:\n    qbridge.to_jax(t)\nexcept RuntimeError as e:\n    print('RAISED', e)\n"
+        "x = qbridge.to_jax(t, device=jax.devices('cpu')[0])\nprint('COPIED', float(x.sum()))\n"
+    )
+    r = _python(code, JAX_PLATFORMS="cpu")
+    assert "RAISED" in r.stdout and "no GPU backend" in r.stdout and "COPIED 4.0" in r.stdout, r.stdout + r.stderr
+
+
+def test_preallocation_is_off_by_default_and_warned_about_when_on():
+    r = _python(
+        "import os, qbridge, jax, torch\n"
+        "print('ENV', os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))\n"
+        "qbridge.to_jax(torch.ones(4, device='cuda'))\n"
+        "s = jax.local_devices(backend='gpu')[0].memory_stats()\n"
+        "print('POOL', s.get('pool_bytes', s.get('bytes_reserved', 0)) / torch.cuda.get_device_properties(0).total_memory)\n"
+    )
+    assert "ENV false" in r.stdout, r.stdout + r.stderr
+    assert float(r.stdout.split("POOL ")[1]) < 0.2
+    r = _python(
+        "import warnings, jax\njax.devices()\nimport qbridge, torch\nwarnings.simplefilter('error', ResourceWarning)\n"
+        "try:\n    qbridge.to_jax(torch.ones(4, device='cuda'))\nexcept ResourceWarning as w:\n    print('WARNED', w)\n",
+        XLA_PYTHON_CLIENT_PREALLOCATE="true",
+    )
+    assert "WARNED" in r.stdout and "XLA_PYTHON_CLIENT_PREALLOCATE=false" in r.stdout, r.stdout + r.stderr
