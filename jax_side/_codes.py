@@ -1,5 +1,6 @@
 """The 16-entry code tables of bitsandbytes' 4-bit formats, as float32 values (bitsandbytes' own tables,
-written out exactly; tests check them against bitsandbytes and torch_side)."""
+written out exactly; tests check them against bitsandbytes and torch_side). As in ``torch_side``, FP4
+nibble ``0b1000`` is ``-0.0``, which is what bitsandbytes' CUDA kernel produces (its table says +0.0)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ NF4_CODE = (
 FP4_CODE = (
     0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
     0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
-    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+    -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
     -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
 )  # fmt: skip
 

@@ -185,7 +185,8 @@ def dequantize_nf4(
         absmax: ``ceil(n / blocksize)`` float32 scales, or uint8 codes when nested (``.absmax``).
         shape: the dequantized shape (``n`` elements).
         blocksize: 32 ... 4096.
-        code: the 16-entry float32 table (``.quant_map``); None takes the standard table of ``quant_type``.
+        code: the 16-entry float32 table (``.quant_map``); None, or a table equal to the standard one,
+            decodes as bitsandbytes' CUDA kernel does; any other table is applied as given.
         nested_absmax: float32 scales of a nested absmax (``.nested_absmax``).
         nested_code: its 256-entry float32 table (``.nested_quant_map``).
         nested_blocksize: absmax entries per nested block (256 in bitsandbytes).
@@ -219,7 +220,10 @@ def dequantize_nf4(
         return jnp.zeros(shape[::-1] if transpose else shape, dtype)
     if nested_absmax is not None:
         absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
-    table = jnp.asarray(standard_code(quant_type)) if code is None else code.reshape(-1)
+    standard = standard_code(quant_type)
+    if code is not None and not _is_traced(code) and np.array_equal(np.asarray(code).reshape(-1), standard):
+        code = None  # the standard table, decoded as bitsandbytes' CUDA kernel does (FP4's -0.0)
+    table = jnp.asarray(standard) if code is None else code.reshape(-1)
     return _decode(
         flat[: (n + 1) // 2], absmax.reshape(-1), table, blocksize=blocksize, shape=shape,
         dtype=jnp.dtype(dtype), transpose=transpose,

@@ -18,7 +18,7 @@ class DemoRow:
 
     fmt: str
     producer: str
-    bit_identical: bool
+    equal: bool
     max_abs_vs_producer: float
     rel_err_vs_original: float
     ms: float
@@ -35,11 +35,11 @@ def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 def _row(fmt: str, producer: str, ours: torch.Tensor, theirs: torch.Tensor, original: torch.Tensor, ms: float) -> DemoRow:
     ours_f, theirs_f, orig_f = ours.float().cpu(), theirs.float().cpu(), original.float().cpu()
-    same = ours.shape == theirs.shape and torch.equal(ours.cpu(), theirs.cpu())
+    same = ours.shape == theirs.shape and torch.equal(ours.cpu(), theirs.cpu())  # as numbers (-0.0 == 0.0)
     return DemoRow(
         fmt=fmt,
         producer=producer,
-        bit_identical=same,
+        equal=same,
         max_abs_vs_producer=float((ours_f - theirs_f).abs().max()),
         rel_err_vs_original=float((ours_f - orig_f).norm() / orig_f.norm()),
         ms=ms,
@@ -91,7 +91,7 @@ def run_demo(rows: int = 512, cols: int = 1024, *, seed: int = 0, device: str | 
 
 
 def format_report(report: list[DemoRow]) -> str:
-    head = f"{'format':<14}{'producer':<14}{'bit-identical':>14}{'max |diff|':>12}{'rel err vs fp':>15}{'ms':>9}"
+    head = f"{'format':<14}{'producer':<14}{'equal values':>14}{'max |diff|':>12}{'rel err vs fp':>15}{'ms':>9}"
     lines = [head, "-" * len(head)]
     for r in report:
         lines.append(

@@ -3,7 +3,8 @@
 JAX reserves 75 % of every GPU it initializes unless ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set before
 its GPU backend starts; torch then has a quarter of the card. Importing qbridge before JAX initializes
 its backends sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless you chose any XLA client memory
-setting yourself. If JAX had already started with preallocation, the first GPU handoff warns once.
+setting yourself. If JAX had already started with preallocation, the first GPU handoff warns once
+(a ``ResourceWarning``).
 
 A jaxlib without CUDA support falls back to the CPU with only a log line; a CUDA tensor handed to such a
 JAX would silently cross through host memory. qbridge raises instead (see :func:`jax_gpu_for`).
@@ -22,7 +23,6 @@ import jax
 log = logging.getLogger("qbridge")
 
 MEMORY_SETTINGS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
-PREALLOCATED_FRACTION = 0.5
 
 
 def _backends_initialized() -> bool:
@@ -46,32 +46,27 @@ def configure_jax_memory() -> bool:
     return True
 
 
+def preallocating() -> bool:
+    """Whether this process's JAX reserves a large share of each GPU up front (its default)."""
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+        return False
+    return os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() not in ("false", "0")
+
+
 @functools.cache
 def _warn_if_preallocated(device: Any) -> None:
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:
+    # JAX reserves the memory at its first allocation on the device, so memory_stats cannot tell yet:
+    # the settings the backend started with can.
+    if not preallocating():
         return
-    limit = stats.get("bytes_limit", 0)
-    pool = stats.get("pool_bytes", stats.get("bytes_reserved", 0))
-    total = _total_memory(device) or limit
-    if total and pool > PREALLOCATED_FRACTION * total:
-        warnings.warn(
-            f"JAX has reserved {pool / 2**30:.1f} GiB of {total / 2**30:.1f} GiB on {device}: torch and JAX share "
-            "this GPU, and torch may run out of memory. Set XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX "
-            "starts (importing qbridge first does it for you).",
-            ResourceWarning,
-            stacklevel=3,
-        )
-
-
-def _total_memory(device: Any) -> int:
-    try:
-        import torch
-
-        return torch.cuda.get_device_properties(device.local_hardware_id).total_memory
-    except Exception:
-        return 0
+    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+    warnings.warn(
+        f"JAX preallocates {float(fraction):.0%} of {device}'s memory, which torch shares here and may "
+        "run out of. Set XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX starts (importing qbridge before "
+        "JAX uses the GPU does it for you).",
+        ResourceWarning,
+        stacklevel=4,
+    )
 
 
 @functools.cache

@@ -126,38 +126,67 @@ def _export_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=torch.device("cuda", index))
 
 
-def _producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
+@functools.cache
+def _jax_stream(home: jax.Device, index: int) -> torch.cuda.ExternalStream | None:
+    """JAX's stream for external buffers on ``home``, as a torch stream (None if JAX has none)."""
+    pointer = home.get_stream_for_external_ready_events()
+    return torch.cuda.ExternalStream(pointer, device=torch.device("cuda", index)) if pointer else None
+
+
+def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
+    """The streams other than the current one that ``t``'s producers may still be running on."""
     current = torch.cuda.current_stream(t.device)
-    if producer == "current":
-        return [current]
-    if producer == "auto":
-        return [current, *(s for s in _torch_streams(t.device.index) if s != current and not s.query())]
-    if isinstance(producer, torch.cuda.Stream):
-        return [current, producer]
-    if isinstance(producer, Sequence) and not isinstance(producer, str):
-        return [current, *producer]
+    if isinstance(producer, str):
+        if producer == "current":
+            return []
+        if producer == "auto":
+            return [s for s in _torch_streams(t.device.index) if s != current and not s.query()]
+    elif isinstance(producer, torch.cuda.Stream):
+        return [producer] if producer != current else []
+    elif isinstance(producer, Sequence):
+        return [s for s in producer if s != current]
     raise TypeError(f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}")
+
+
+def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream:
+    """A stream ordered (on the GPU) after ``t``'s producers: the current one when no other is busy, else
+    the export stream of ``t``'s device, made to wait for the current stream and the busy ones."""
+    busy = _busy_producers(t, producer)
+    current = torch.cuda.current_stream(t.device)
+    if not busy:
+        return current
+    export = _export_stream(t.device.index)
+    export.wait_stream(current)
+    for s in busy:
+        export.wait_stream(s)
+    return export
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
+def _on(device: torch.device):
+    """Makes a CUDA device current (torch's __dlpack__ exports only from the current device)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _nullcontext()
+
+
 def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer, *, clone: bool) -> jax.Array:
     """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring.
 
-    With ``clone`` the tensor is first copied (on the export stream, after its producers) and the copy is
-    handed over.
+    With ``clone`` the tensor is first copied (after its producers) and the copy is handed over.
     """
-    with torch.cuda.device(t.device):
-        export = _after_producers(t, producer)
-        with torch.cuda.stream(export):
+    with _on(t.device):
+        with torch.cuda.stream(_after_producers(t, producer)):
             if clone:
                 t = t.clone(memory_format=torch.contiguous_format)
+            # torch's __dlpack__ makes JAX's stream wait for the (now current) stream above
             x = jax.dlpack.from_dlpack(t, copy=False)
-        jax_stream = home.get_stream_for_external_ready_events()
-        if jax_stream:
-            t.record_stream(torch.cuda.ExternalStream(jax_stream, device=t.device))
+        jax_stream = _jax_stream(home, t.device.index)
+        if jax_stream is not None:
+            t.record_stream(jax_stream)  # the allocator reuses this memory only after JAX's reads
     return x
 
 
@@ -211,14 +240,6 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.to(narrow)
 
 
-def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream:
-    """The export stream of ``t``'s device, made to wait (on the GPU) for ``t``'s producers."""
-    export = _export_stream(t.device.index)
-    for s in _producers(t, producer):
-        export.wait_stream(s)
-    return export
-
-
 def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, producer: Producer) -> jax.Array:
     """Makes one copy of ``t`` that JAX on ``target`` can alias, then hands that copy over zero-copy.
 
@@ -230,9 +251,9 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     elif target.platform == "gpu" and torch.cuda.is_available() and target.local_hardware_id < torch.cuda.device_count():
         dest = torch.device("cuda", target.local_hardware_id)
     narrow = _WIDE.get(t.dtype) if not _x64() else None
-    with torch.cuda.device(t.device) if t.device.type == "cuda" else _nullcontext():
-        stream = torch.cuda.stream(_after_producers(t, producer)) if t.device.type == "cuda" else _nullcontext()
-        with stream:
+    with _on(t.device):
+        used = _after_producers(t, producer) if t.device.type == "cuda" else None
+        with torch.cuda.stream(used) if used is not None else _nullcontext():
             if t.layout != torch.strided:
                 t = t.to_dense()
             t = t.resolve_conj().resolve_neg()
@@ -243,8 +264,8 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
                 return jax.device_put(jax.dlpack.from_dlpack(host), target)
             # one copy: to the destination, dense and aligned (the caching allocator aligns to 512 bytes)
             copied = t.to(dest, memory_format=torch.contiguous_format, copy=narrow is None)
-    if copied.device.type == "cuda":
-        return _export_cuda(copied, target, "current", clone=False)
+    if copied.device.type == "cuda":  # ordered after the stream the copy ran on
+        return _export_cuda(copied, target, used if used is not None else "current", clone=False)
     return jax.dlpack.from_dlpack(copied, copy=False)
 
 
@@ -352,10 +373,8 @@ def to_torch(x: jax.Array) -> torch.Tensor:
     if x.dtype in (jnp.int4, jnp.uint4) if hasattr(jnp, "int4") else False:
         raise TypeError(f"torch has no {x.dtype}")
     device = next(iter(x.devices()))
-    if device.platform == "gpu":
-        with torch.cuda.device(device.local_hardware_id):
-            return torch.from_dlpack(x)
-    return torch.from_dlpack(x)
+    with _on(torch.device("cuda", device.local_hardware_id)) if device.platform == "gpu" else _nullcontext():
+        return torch.from_dlpack(x)
 
 
 def dequantize_to_jax(

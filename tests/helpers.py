@@ -30,8 +30,17 @@ def bnb_quantize(
     return w, packed, qs
 
 
+def cuda_code(quant_type: str) -> torch.Tensor:
+    """bitsandbytes' table as its CUDA kernel applies it: FP4 nibble 0b1000 is -0.0 there, +0.0 in the table."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    code = F.get_4bit_type(quant_type, device="cpu").clone()
+    if quant_type == "fp4":
+        code[8] = -0.0
+    return code
+
+
 def bnb_reference(packed: torch.Tensor, qs: Any) -> torch.Tensor:
-    """bitsandbytes' own pure-torch reference (its CUDA semantics), run on the CPU.
+    """bitsandbytes' own pure-torch reference, run on the CPU, with its CUDA kernel's table (see cuda_code).
 
     The uncompiled functions behind ``bitsandbytes.backends.default.ops``: nested absmax decoded by
     ``dequantize_blockwise`` then ``+ offset``, then ``code[q] * absmax`` in float32, one rounding.
@@ -45,7 +54,7 @@ def bnb_reference(packed: torch.Tensor, qs: Any) -> torch.Tensor:
             absmax, qs.state2.absmax.cpu(), qs.state2.code.cpu(), qs.state2.blocksize, torch.float32
         )
         absmax = absmax + qs.offset.cpu()
-    code = F.get_4bit_type(qs.quant_type, device="cpu")
+    code = cuda_code(qs.quant_type)
     flat = packed.cpu().reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.cpu().reshape(-1)
     out = ops._dequantize_4bit_compute.__wrapped__(flat, absmax, code, qs.blocksize, list(qs.shape), qs.dtype)
     return out.reshape(qs.shape)

@@ -2,7 +2,10 @@
 
 Index ``q`` (a nibble; the high nibble of a byte is the even element) decodes to ``TABLE[q] * absmax``.
 The values are bitsandbytes' ``get_4bit_type(...)`` tables written out exactly (each float32 value in
-its shortest decimal form), so the torch path needs no bitsandbytes at all.
+its shortest decimal form), so the torch path needs no bitsandbytes at all, with one difference that
+follows bitsandbytes' CUDA kernel rather than its table: FP4 nibble ``0b1000`` (sign bit, zero
+magnitude) is ``-0.0``. The CUDA kernel computes ``(0 * absmax) * -1``, a negative zero, while the table
+and bitsandbytes' CPU and pure-torch paths hold ``+0.0``. The two are equal as numbers, not as bits.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ NF4_CODE = (
 FP4_CODE = (
     0.0, 0.0052083334885537624, 0.6666666865348816, 1.0,
     0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
-    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
+    -0.0, -0.0052083334885537624, -0.6666666865348816, -1.0,
     -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
 )  # fmt: skip
 

@@ -216,7 +216,8 @@ def dequantize_nf4(
         absmax: ``ceil(n / blocksize)`` float32 block scales, or uint8 codes when nested.
         shape: the dequantized weight's shape (``n`` = its element count).
         blocksize: elements per absmax block: 32, 64, ..., 4096.
-        code: the 16-entry float32 table; None takes the standard table of ``quant_type``.
+        code: the 16-entry float32 table; None, or a table equal to the standard one (a checkpoint's
+            ``quant_map``), decodes exactly as bitsandbytes' CUDA kernel does; any other table is applied as given.
         nested_absmax: float32 scales of a nested absmax (the checkpoint's ``.nested_absmax``).
         nested_code: its 256-entry float32 table (``.nested_quant_map``).
         nested_blocksize: absmax entries per nested block (``nested_blocksize``, 256 in bitsandbytes).
@@ -262,7 +263,9 @@ def dequantize_nf4(
                 raise ValueError(f"{name} is {t}; pass check_finite=False to let it propagate")
     device = flat.device
     standard = code is None or is_standard_code(code, quant_type)
-    chosen = choose_4bit_backend(device, backend, shape=shape, blocksize=blocksize, standard_code=standard)
+    chosen = choose_4bit_backend(
+        device, backend, shape=shape, blocksize=blocksize, quant_type=quant_type, standard_code=standard
+    )
     with on_device(device):
         if n == 0:
             result = torch.empty(shape, dtype=dtype, device=device)
@@ -278,7 +281,8 @@ def dequantize_nf4(
             ).reshape(shape)
         else:
             absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch")
-            table = code.reshape(-1) if code is not None else standard_code(quant_type, device)
+            # a table equal to the standard one decodes as bitsandbytes' CUDA kernel does (its -0.0 for FP4)
+            table = standard_code(quant_type, device) if standard else code.reshape(-1)
             result = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
         if transpose:
             result = result.t()

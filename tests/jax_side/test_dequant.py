@@ -15,6 +15,7 @@ from helpers import (
     assert_same_bits,
     bnb_quantize,
     bnb_reference,
+    cuda_code,
     fp8_reference_loops,
     jnp_dtype,
     random_fp8,
@@ -99,8 +100,10 @@ def test_standard_tables_are_bitsandbytes_tables():
     F = pytest.importorskip("bitsandbytes.functional")
     for quant_type in ("nf4", "fp4"):
         bnb_table = F.get_4bit_type(quant_type, device="cpu").numpy()
-        assert_same_bits(jax_side.standard_code(quant_type), bnb_table)
-        assert_same_bits(torch_side.standard_code(quant_type).numpy(), bnb_table)
+        np.testing.assert_array_equal(jax_side.standard_code(quant_type), bnb_table)  # as numbers
+        cuda_table = to_numpy(cuda_code(quant_type))  # as bits: FP4's zero with the sign bit is -0.0
+        assert_same_bits(jax_side.standard_code(quant_type), cuda_table)
+        assert_same_bits(torch_side.standard_code(quant_type).numpy(), cuda_table)
 
 
 def test_nested_decode_is_exact_eagerly():

@@ -3,6 +3,7 @@ compute the same outputs on the same input."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +15,13 @@ nnx = pytest.importorskip("flax.nnx")
 linen = pytest.importorskip("flax.linen")
 
 TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """GPU matmuls default to TF32-like precision; compare against torch's float32 at full precision."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def _state(module: torch.nn.Module) -> dict[str, np.ndarray]:

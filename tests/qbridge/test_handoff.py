@@ -205,13 +205,13 @@ def test_bad_arguments():
 
 
 def test_to_torch_zero_copy_round_trip():
-    x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+    x = jax.device_put(jnp.arange(12, dtype=jnp.float32).reshape(3, 4), jax.devices("cpu")[0])
     t = qbridge.to_torch(x)
     assert t.data_ptr() == x.unsafe_buffer_pointer()
     assert torch.equal(t, torch.arange(12, dtype=torch.float32).reshape(3, 4))
     back = qbridge.to_jax(t)
     assert back.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()
-    b = qbridge.to_torch(jnp.ones(5, jnp.bfloat16))
+    b = qbridge.to_torch(jax.device_put(jnp.ones(5, jnp.bfloat16), jax.devices("cpu")[0]))
     assert b.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="takes a jax.Array"):
         qbridge.to_torch(np.zeros(3))

@@ -32,7 +32,7 @@ def _gpu(index=0):
 def _produce(stream, n, value):
     with torch.cuda.stream(stream):
         buf = torch.empty(n, device="cuda")
-        torch.cuda._sleep(300_000)  # keep the producer busy so an unordered reader sees stale data
+        torch.cuda._sleep(3_000_000)  # ~2 ms: an unordered reader would see stale data
         buf.fill_(value)
     return buf
 
@@ -227,14 +227,19 @@ def test_preallocation_is_off_by_default_and_warned_about_when_on():
         "import os, qbridge, jax, torch\n"
         "print('ENV', os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))\n"
         "qbridge.to_jax(torch.ones(4, device='cuda'))\n"
+        "x = jax.numpy.ones((1024, 1024), device=jax.local_devices(backend='gpu')[0]).block_until_ready()\n"
         "s = jax.local_devices(backend='gpu')[0].memory_stats()\n"
-        "print('POOL', s.get('pool_bytes', s.get('bytes_reserved', 0)) / torch.cuda.get_device_properties(0).total_memory)\n"
+        "print('POOL', s['pool_bytes'] / torch.cuda.get_device_properties(0).total_memory)\n"
     )
     assert "ENV false" in r.stdout, r.stdout + r.stderr
     assert float(r.stdout.split("POOL ")[1]) < 0.2
     r = _python(
         "import warnings, jax\njax.devices()\nimport qbridge, torch\nwarnings.simplefilter('error', ResourceWarning)\n"
-        "try:\n    qbridge.to_jax(torch.ones(4, device='cuda'))\nexcept ResourceWarning as w:\n    print('WARNED', w)\n",
+        "try:\n    qbridge.to_jax(torch.ones(4, device='cuda'))\nexcept ResourceWarning as w:\n    print('WARNED', w)\n"
+        "x = jax.numpy.ones((1024, 1024), device=jax.local_devices(backend='gpu')[0]).block_until_ready()\n"
+        "s = jax.local_devices(backend='gpu')[0].memory_stats()\n"
+        "print('POOL', s['pool_bytes'] / torch.cuda.get_device_properties(0).total_memory)\n",
         XLA_PYTHON_CLIENT_PREALLOCATE="true",
     )
     assert "WARNED" in r.stdout and "XLA_PYTHON_CLIENT_PREALLOCATE=false" in r.stdout, r.stdout + r.stderr
+    assert float(r.stdout.split("POOL ")[1]) > 0.5  # the warning is about something real
