@@ -14,6 +14,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all(r.equal for r in report) else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from qbridge._bench import dump_json, format_bench, run_bench
+
+    try:
+        result = run_bench(quick=args.quick)
+    except RuntimeError as e:
+        print(f"qbridge bench: {e}", file=sys.stderr)
+        return 2
+    print(dump_json(result) if args.json else format_bench(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="dequantization speed on this GPU against the copy ceiling and baselines")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--quick", action="store_true", help="fewer shapes")
+    bench.set_defaults(func=_bench)
     return parser
 
 

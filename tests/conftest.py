@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-def _cuda_available() -> bool:
+def _cuda_visible() -> bool:
     try:
         import torch
     except ImportError:
@@ -18,8 +18,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter (set before triton loads).
+if not _cuda_visible():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _cuda_available():
+    if _cuda_visible():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
     for item in items:

@@ -99,12 +99,18 @@ def random_scales(shape: tuple[int, ...], *, seed: int = 1) -> torch.Tensor:
 
 
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Equal shape, dtype and bits (NaN payloads included)."""
+    """Equal shape, dtype and bits (signed zeros included). NaNs must sit at the same places; their
+    payloads are not compared: GPUs and CPUs canonicalize them differently."""
     assert got.shape == want.shape, f"shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"dtype {got.dtype} != {want.dtype}"
     g, w = got.detach().cpu().contiguous(), want.detach().cpu().contiguous()
     bits = {2: torch.int16, 4: torch.int32, 1: torch.uint8, 8: torch.int64}[g.element_size()]
-    diff = (g.view(bits) != w.view(bits)).sum().item()
+    differ = g.view(bits) != w.view(bits)
+    if g.is_floating_point():
+        g_nan, w_nan = torch.isnan(g), torch.isnan(w)
+        assert torch.equal(g_nan, w_nan), f"NaN at {int((g_nan != w_nan).sum())} differing places"
+        differ &= ~g_nan
+    diff = int(differ.sum())
     assert diff == 0, f"{diff} of {g.numel()} elements differ in their bits"
 
 
@@ -132,7 +138,7 @@ def jnp_dtype(dtype: torch.dtype):
 
 
 def assert_same_bits(got, want) -> None:
-    """numpy/JAX arrays: equal shape, dtype and bits."""
+    """numpy/JAX arrays: equal shape, dtype and bits (NaN payloads aside, as in assert_bitwise_equal)."""
     import numpy as np
 
     got, want = np.asarray(got), np.asarray(want)
@@ -140,5 +146,10 @@ def assert_same_bits(got, want) -> None:
     assert got.dtype == want.dtype, f"dtype {got.dtype} != {want.dtype}"
     g = got.reshape(-1).view(f"u{got.dtype.itemsize}")
     w = want.reshape(-1).view(f"u{want.dtype.itemsize}")
-    diff = int((g != w).sum())
+    differ = g != w
+    if np.issubdtype(got.dtype, np.floating) or got.dtype.kind == "V" or "float" in str(got.dtype):
+        g_nan = np.isnan(got.reshape(-1).astype(np.float32))
+        assert np.array_equal(g_nan, np.isnan(want.reshape(-1).astype(np.float32))), "NaN at differing places"
+        differ &= ~g_nan
+    diff = int(differ.sum())
     assert diff == 0, f"{diff} of {got.size} elements differ in their bits"

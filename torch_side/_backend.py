@@ -138,18 +138,23 @@ def choose_4bit_backend(
     return choice
 
 
-def choose_fp8_backend(device: torch.device, requested: str) -> str:
-    """The backend for one FP8 dequantization (``"triton"`` or ``"torch"``)."""
+TRITON_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def choose_fp8_backend(device: torch.device, requested: str, dtype: torch.dtype = torch.float8_e4m3fn) -> str:
+    """The backend for one FP8 dequantization (``"triton"`` or ``"torch"``) of a ``dtype`` weight."""
     _check_name(requested)
     if requested == "bnb":
         raise ValueError("backend='bnb' has no FP8 dequantization; use 'auto', 'triton' or 'torch'")
     if requested == "triton":
+        if dtype not in TRITON_FP8:
+            raise ValueError(f"the Triton FP8 kernel reads float8_e4m3fn and float8_e5m2, not {dtype}; use backend='torch'")
         reason = _triton_usable(device)
         if reason is not None:
             raise (ImportError if reason == TRITON_MISSING else ValueError)(reason)
         return "triton"
     if requested == "torch":
         return "torch"
-    choice = "triton" if device.type == "cuda" and _triton_usable(device) is None else "torch"
+    choice = "triton" if device.type == "cuda" and dtype in TRITON_FP8 and _triton_usable(device) is None else "torch"
     log.debug("FP8 dequantization backend %s for a %s tensor", choice, device.type)
     return choice

@@ -154,7 +154,8 @@ def dequantize_fp8(
         dtype: bfloat16 (default), float16 or float32.
         block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
             shape agrees with 128, else the single square block size consistent with both shapes.
-        transpose: return the ``[in, out]`` transpose (possibly a transposed view).
+        transpose: return the ``[in, out]`` transpose: written transposed in the same pass by the Triton
+            backend, a transposed view of the row-major result by the torch backend.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         check_finite: raise ValueError if a scale is NaN or Inf (a host sync on a GPU). By default they
             propagate, as in the reference.
@@ -195,10 +196,16 @@ def dequantize_fp8(
         raise ValueError(f"transpose=True needs a 2-D weight, got shape {tuple(W.shape)}")
     if check_finite:
         _check_finite(scale_inv, "scale_inv")
-    chosen = choose_fp8_backend(W.device, backend)
+    chosen = choose_fp8_backend(W.device, backend, W.dtype)
     with on_device(W.device):
         if W.numel() == 0:
             result = torch.empty(W.shape, dtype=dtype, device=W.device)
+        elif chosen == "triton":
+            from ._triton import dequantize_fp8_triton
+
+            return dequantize_fp8_triton(
+                W, scale_inv, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose
+            )
         else:
             result = dequantize_fp8_reference(W, scale_inv, layout, dtype)
         return result.t() if transpose else result

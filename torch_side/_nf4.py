@@ -269,6 +269,15 @@ def dequantize_nf4(
     with on_device(device):
         if n == 0:
             result = torch.empty(shape, dtype=dtype, device=device)
+        elif chosen == "triton":
+            from ._triton import dequantize_4bit_triton
+
+            table = standard_code(quant_type, device) if standard else code.reshape(-1).contiguous()
+            return dequantize_4bit_triton(
+                flat.contiguous(), absmax, table, blocksize=blocksize, shape=shape, dtype=dtype,
+                transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
+                nested_blocksize=nested_blocksize, offset=offset,
+            )  # fmt: skip
         elif chosen == "bnb":
             absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "bnb")
             if device.type == "cuda" and out is not None and not transpose and out.is_contiguous():

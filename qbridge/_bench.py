@@ -1,0 +1,210 @@
+"""``qbridge bench``: dequantization speed on the current GPU against the copy ceiling and the baselines.
+
+Every kernel time is the median of CUDA-event timings (``triton.testing.do_bench``: warm-up excluded, L2
+flushed before each run) on random data, with several input sets rotated. Percentages are of the copy
+ceiling measured in the same run: a device-to-device copy, counting bytes read plus bytes written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import torch_side
+
+LLAMA_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+LLAMA_70B = [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
+NF4_SHAPES = [*LLAMA_8B, *LLAMA_70B, (1000, 1001)]
+FP8_SHAPES = [(8192, 8192), (18432, 7168), (7168, 2048), (24576, 1536), (576, 7168), (1000, 1001)]
+QUICK_NF4 = [(8192, 8192), (14336, 4096), (1000, 1001)]
+QUICK_FP8 = [(8192, 8192), (18432, 7168), (576, 7168), (1000, 1001)]
+ROTATE_BYTES = 256 << 20  # input sets per measurement: at least this many bytes in all, far over L2
+
+
+@dataclasses.dataclass
+class Row:
+    fmt: str
+    shape: tuple[int, int]
+    method: str
+    us: float
+    bytes: int
+    pct_of_copy: float
+
+
+def _do_bench(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of ``fn`` by CUDA events (warm-up excluded, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def copy_ceiling(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _do_bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _rotating(make: Callable[[int], Any], per_set: int) -> list[Any]:
+    return [make(i) for i in range(max(2, math.ceil(ROTATE_BYTES / max(per_set, 1))))]
+
+
+def _cycle(items: list[Any], fn: Callable[[Any], Any]) -> Callable[[], Any]:
+    state = {"i": 0}
+
+    def run() -> Any:
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn(items[state["i"]])
+
+    return run
+
+
+def _nf4_sets(shape: tuple[int, int], index: int) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    import bitsandbytes.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(index)
+    w = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+    packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    return packed, qs, torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+
+
+def _one_tile_per_program(w: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    from qbridge._bench_kernels import one_tile_per_program_fp8
+
+    return one_tile_per_program_fp8(w, s, out)
+
+
+def _time_to_jax(make_weight: Callable[[], torch.Tensor], reps: int = 30) -> float:
+    """Wall-clock microseconds from a quantized weight to a ready ``jax.Array`` (median)."""
+    from qbridge import to_jax
+
+    times = []
+    for i in range(reps + 5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        to_jax(make_weight(), producer="current").block_until_ready()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
+    """NF4 (nested absmax) to bf16 at ``shape``: qbridge against bitsandbytes, torchao and plain torch."""
+    import bitsandbytes.functional as F
+
+    n = math.prod(shape)
+    nbytes = n // 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) + 2 * n
+    sets = _rotating(lambda i: _nf4_sets(shape, i), nbytes)
+
+    def qb(transpose: bool) -> Callable[[tuple], Any]:
+        def run(s: tuple) -> Any:
+            packed, qs, _ = s
+            return torch_side.dequantize_nf4(
+                packed, qs.absmax, shape=shape, nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                offset=qs.offset, dtype=torch.bfloat16, transpose=transpose, backend="triton",
+            )  # fmt: skip
+
+        return run
+
+    cases: dict[str, Callable[[], Any]] = {
+        "qbridge": _cycle(sets, qb(False)),
+        "qbridge transposed": _cycle(sets, qb(True)),
+        "bitsandbytes dequantize_4bit(out=)": _cycle(sets, lambda s: F.dequantize_4bit(s[0], s[1], out=s[2])),
+        "plain torch": _cycle(sets, lambda s: torch_side.dequantize(s[0], s[1], backend="torch")),
+    }
+    if n % (64 * 256) == 0:  # torchao's NF4Tensor needs whole scaler blocks
+        from torchao.quantization import NF4Tensor
+
+        nf4 = [NF4Tensor.from_tensor(F.dequantize_4bit(s[0], s[1]), 64, 256) for s in sets[:2]]
+        cases["torchao NF4 get_original_weight"] = _cycle(nf4, lambda t: t.get_original_weight())
+    rows = []
+    for name, fn in cases.items():
+        ms = _do_bench(fn)
+        rows.append(Row("NF4 nested->bf16", shape, name, ms * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling))
+    packed, qs, _ = sets[0]
+    us = _time_to_jax(lambda: torch_side.dequantize(packed, qs))
+    rows.append(Row("NF4 nested->bf16", shape, "qbridge end to end to jax.Array (wall)", us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling))
+    return rows
+
+
+def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
+    """Block-128 FP8 to bf16 at ``shape``: qbridge against a one-tile-per-program kernel and plain torch."""
+    n = math.prod(shape)
+    grid = (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+    nbytes = n + 4 * math.prod(grid) + 2 * n
+
+    def make(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator(device="cuda").manual_seed(i)
+        w = (torch.randn(shape, device="cuda", generator=gen) * 64).to(torch.float8_e4m3fn)
+        s = torch.rand(grid, device="cuda", generator=gen) * 1e-2 + 1e-4
+        return w, s, torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+
+    sets = _rotating(make, nbytes)
+    cases = {
+        "qbridge": lambda s: torch_side.dequantize_fp8(s[0], s[1], backend="triton"),
+        "qbridge transposed": lambda s: torch_side.dequantize_fp8(s[0], s[1], backend="triton", transpose=True),
+        "one 128x128 tile per program (DeepSeek-style)": lambda s: _one_tile_per_program(*s),
+        "plain torch": lambda s: torch_side.dequantize_fp8(s[0], s[1], backend="torch"),
+    }
+    rows = []
+    for name, fn in cases.items():
+        ms = _do_bench(_cycle(sets, fn))
+        rows.append(Row("FP8 block->bf16", shape, name, ms * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling))
+    w, s, _ = sets[0]
+    us = _time_to_jax(lambda: torch_side.dequantize_fp8(w, s))
+    rows.append(Row("FP8 block->bf16", shape, "qbridge end to end to jax.Array (wall)", us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling))
+    return rows
+
+
+def run_bench(*, quick: bool = False) -> dict[str, Any]:
+    """Runs the benchmark on the current CUDA device; returns ``{"device", "versions", "copy_tb_s", "rows"}``.
+
+    Raises:
+        RuntimeError: no CUDA device is visible.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("qbridge bench measures a CUDA GPU, and none is visible")
+    import bitsandbytes
+    import jax
+    import torchao
+    import triton
+
+    ceiling = copy_ceiling()
+    rows: list[Row] = []
+    for shape in QUICK_NF4 if quick else NF4_SHAPES:
+        rows += bench_nf4(shape, ceiling)
+    for shape in QUICK_FP8 if quick else FP8_SHAPES:
+        rows += bench_fp8(shape, ceiling)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "versions": {
+            "torch": torch.__version__, "triton": triton.__version__, "jax": jax.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "torchao": torchao.__version__,
+        },  # fmt: skip
+        "copy_tb_s": ceiling / 1e12,
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+
+
+def format_bench(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['device']}; copy ceiling {result['copy_tb_s']:.2f} TB/s (read + write); "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"{'format':<18}{'shape':<14}{'method':<48}{'us':>9}{'% of copy':>11}",
+    ]
+    for r in result["rows"]:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['fmt']:<18}{shape:<14}{r['method']:<48}{r['us']:>9.1f}{r['pct_of_copy']:>10.0f}%")
+    return "\n".join(lines)
+
+
+def dump_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, indent=2)

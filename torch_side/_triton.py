@@ -1,0 +1,105 @@
+"""Launchers for the Triton kernels in ``torch_side.kernels``: shapes, tiles, grids and output buffers.
+
+Inputs arrive checked by ``_nf4`` / ``_fp8``. Kernels run on the current stream of the tensors' device (on
+CPU tensors under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels._fp8 import fp8_kernel
+from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_kernel
+
+# Tile and launch choices, measured on an H100 (benchmarks/RESULTS.md).
+NF4_ROWS_BLOCK = 2048
+NF4_ROWS_WARPS = 8
+NF4_T_TILE = (64, 64)
+NF4_T_WARPS = 8
+FP8_TILE = (32, 256)
+FP8_T_TILE = (64, 64)
+FP8_WARPS = 8
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A contiguous buffer to launch into, and the ``out`` to copy it to afterwards (None if it is ``out``)."""
+    if out is not None and out.is_contiguous():
+        return out, None
+    return torch.empty(shape, dtype=dtype, device=device), out
+
+
+def dequantize_4bit_triton(
+    flat: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    *,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    transpose: bool,
+    out: torch.Tensor | None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    offset: float | torch.Tensor = 0.0,
+) -> torch.Tensor:
+    """One fused pass: unpack, look up, scale (a nested absmax decoded on the way), convert, and write
+    row-major or transposed. ``flat`` holds the packed bytes; ``absmax`` is float32, or uint8 when nested."""
+    n = math.prod(shape)
+    device = flat.device
+    nested = nested_absmax is not None
+    if nested:
+        offset_t = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
+        extra = (nested_absmax.reshape(-1), nested_code.reshape(-1), offset_t)
+    else:
+        extra = (absmax, absmax, absmax)  # unused pointers
+    result_shape = (shape[1], shape[0]) if transpose else shape
+    buf, copy_to = _output(result_shape, dtype, device, out)
+    common = dict(NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, enable_fp_fusion=False)
+    if transpose:
+        rows, cols = shape
+        grid = (_cdiv(rows, NF4_T_TILE[0]), _cdiv(cols, NF4_T_TILE[1]))
+        nf4_transposed_kernel[grid](
+            flat, absmax.reshape(-1), code, buf, *extra, rows, cols, BLOCKSIZE=blocksize,
+            TILE_R=NF4_T_TILE[0], TILE_C=NF4_T_TILE[1], num_warps=NF4_T_WARPS, **common,
+        )  # fmt: skip
+    else:
+        n_bytes = (n + 1) // 2
+        grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
+        nf4_rows_kernel[grid](
+            flat, absmax.reshape(-1), code, buf, *extra, n_bytes, n, BYTES_PER_BLOCK=blocksize // 2,
+            BLOCK=NF4_ROWS_BLOCK, num_warps=NF4_ROWS_WARPS, **common,
+        )  # fmt: skip
+    return copy_to.copy_(buf) if copy_to is not None else buf
+
+
+def dequantize_fp8_triton(
+    W: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    block: tuple[int, int],
+    grid_shape: tuple[int, int],
+    dtype: torch.dtype,
+    transpose: bool,
+) -> torch.Tensor:
+    """FP8 ``W`` (float8_e4m3fn or float8_e5m2; 2-D, or any shape with a one-element scale) times its
+    tiled scales, in one pass."""
+    W = W.contiguous()
+    rows, cols = (W.shape[0], W.shape[1]) if W.dim() == 2 else (1, W.numel())
+    bo, bi = (block if W.dim() == 2 else (1, max(cols, 1)))
+    if scale.numel() == 1:
+        bo, bi = max(rows, 1), max(cols, 1)
+    out = torch.empty((cols, rows) if transpose else W.shape, dtype=dtype, device=W.device)
+    tile = FP8_T_TILE if transpose else FP8_TILE
+    grid = (_cdiv(rows, tile[0]), _cdiv(cols, tile[1]))
+    fp8_kernel[grid](
+        W.view(torch.uint8), scale.contiguous(), out, rows, cols, grid_shape[1] if scale.numel() != 1 else 1, bo, bi,
+        E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, TILE_R=tile[0], TILE_C=tile[1], num_warps=FP8_WARPS,
+    )  # fmt: skip
+    return out
