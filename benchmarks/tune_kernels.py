@@ -49,17 +49,17 @@ def main():
             T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = block, warps
             ms = _do_bench(run)
             print(f"nf4 rows {shape} block={block} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
-        T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = 2048, 8
+        T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = 2048, 4
         run, nbytes = _nf4(shape, True)
-        for tile, warps in itertools.product([(32, 64), (64, 64), (64, 128), (128, 64), (32, 128)], [4, 8]):
+        for tile, warps in itertools.product([(32, 32), (64, 32), (128, 32), (64, 16), (128, 16), (256, 32)], [4, 8]):
             T.NF4_T_TILE, T.NF4_T_WARPS = tile, warps
             ms = _do_bench(run)
             print(f"nf4 transposed {shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
-        T.NF4_T_TILE, T.NF4_T_WARPS = (64, 64), 8
+        T.NF4_T_TILE, T.NF4_T_WARPS = (64, 32), 4
     for shape in [(8192, 8192), (18432, 7168), (576, 7168)]:
         for transpose in (False, True):
             run, nbytes = _fp8(shape, transpose)
-            tiles = [(64, 64), (32, 128), (128, 32), (64, 128)] if transpose else [(16, 256), (32, 256), (64, 128), (8, 512), (32, 512)]
+            tiles = [(64, 64), (128, 64), (64, 128), (128, 128), (32, 128)] if transpose else [(32, 128), (64, 128), (128, 128), (16, 128)]
             for tile, warps in itertools.product(tiles, [4, 8]):
                 if transpose:
                     T.FP8_T_TILE = tile
@@ -68,7 +68,7 @@ def main():
                 T.FP8_WARPS = warps
                 ms = _do_bench(run)
                 print(f"fp8 {'transposed ' if transpose else ''}{shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
-            T.FP8_TILE, T.FP8_T_TILE, T.FP8_WARPS = (32, 256), (64, 64), 8
+            T.FP8_TILE, T.FP8_T_TILE, T.FP8_WARPS = (64, 128), (64, 64), 4
 
 
 if __name__ == "__main__":

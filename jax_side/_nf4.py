@@ -114,12 +114,20 @@ def _check(
         raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
 
 
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+def flush(x: jax.Array) -> jax.Array:
+    """float32 values below FLT_MIN in magnitude as zeros of their sign (bitsandbytes' CUDA kernels flush)."""
+    return jnp.where(jnp.abs(x) < FLT_MIN, x * 0.0, x)
+
+
 def _scale_blocks(values: jax.Array, scales: jax.Array, blocksize: int) -> jax.Array:
-    """``values[i] * scales[i // blocksize]`` in float32 (one rounding)."""
+    """``values[i] * scales[i // blocksize]`` in float32 (one rounding, flushed to zero below FLT_MIN)."""
     n = values.shape[0]
     nblocks = scales.shape[0]
     padded = jnp.pad(values, (0, nblocks * blocksize - n)).reshape(nblocks, blocksize)
-    return (padded * scales[:, None]).reshape(-1)[:n]
+    return flush((padded * scales[:, None]).reshape(-1)[:n])
 
 
 @functools.partial(jax.jit, static_argnames=("nested_blocksize",))
@@ -129,7 +137,7 @@ def _nested_product(absmax: jax.Array, nested_absmax: jax.Array, nested_code: ja
 
 @jax.jit
 def _add_offset(product: jax.Array, offset: jax.Array) -> jax.Array:
-    return product + offset
+    return flush(product + offset)
 
 
 def decode_nested_absmax(
@@ -146,7 +154,7 @@ def decode_nested_absmax(
     nested_code = jnp.asarray(nested_code).reshape(-1)
     offset = jnp.asarray(offset, dtype=jnp.float32).reshape(())
     if _is_traced(absmax, nested_absmax, nested_code, offset):
-        return _nested_product.__wrapped__(absmax, nested_absmax, nested_code, nested_blocksize) + offset
+        return flush(_nested_product.__wrapped__(absmax, nested_absmax, nested_code, nested_blocksize) + offset)
     product = _nested_product(absmax, nested_absmax, nested_code, nested_blocksize)
     return _add_offset(product, offset)
 

@@ -39,25 +39,32 @@ def cuda_code(quant_type: str) -> torch.Tensor:
     return code
 
 
+def flush(x: torch.Tensor) -> torch.Tensor:
+    """float32 values below FLT_MIN as zeros of their sign: bitsandbytes' CUDA kernels flush denormals."""
+    tiny = x.abs() < torch.finfo(torch.float32).tiny
+    return torch.where(tiny, x * 0.0, x)
+
+
 def bnb_reference(packed: torch.Tensor, qs: Any) -> torch.Tensor:
-    """bitsandbytes' own pure-torch reference, run on the CPU, with its CUDA kernel's table (see cuda_code).
+    """bitsandbytes' own pure-torch reference, run on the CPU, made to act as its CUDA kernels do: FP4's
+    zero with the sign bit is -0.0 (see cuda_code) and float32 results below FLT_MIN flush to zero.
 
     The uncompiled functions behind ``bitsandbytes.backends.default.ops``: nested absmax decoded by
     ``dequantize_blockwise`` then ``+ offset``, then ``code[q] * absmax`` in float32, one rounding.
     """
-    F = pytest.importorskip("bitsandbytes.functional")
+    pytest.importorskip("bitsandbytes.functional")
     from bitsandbytes.backends.default import ops
 
     absmax = qs.absmax.cpu()
     if qs.nested:
-        absmax = ops._dequantize_blockwise_compute.__wrapped__(
+        absmax = flush(ops._dequantize_blockwise_compute.__wrapped__(
             absmax, qs.state2.absmax.cpu(), qs.state2.code.cpu(), qs.state2.blocksize, torch.float32
-        )
-        absmax = absmax + qs.offset.cpu()
+        ))  # fmt: skip
+        absmax = flush(absmax + qs.offset.cpu())
     code = cuda_code(qs.quant_type)
     flat = packed.cpu().reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.cpu().reshape(-1)
-    out = ops._dequantize_4bit_compute.__wrapped__(flat, absmax, code, qs.blocksize, list(qs.shape), qs.dtype)
-    return out.reshape(qs.shape)
+    out = ops._dequantize_4bit_compute.__wrapped__(flat, absmax, code, qs.blocksize, list(qs.shape), torch.float32)
+    return flush(out).to(qs.dtype).reshape(qs.shape)
 
 
 def as_bnb_returns(ref: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

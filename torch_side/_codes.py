@@ -49,3 +49,23 @@ def is_standard_code(code: torch.Tensor, quant_type: str) -> bool:
     if code.numel() != 16 or code.dtype != torch.float32:
         return False
     return bool(torch.equal(code.reshape(-1), standard_code(quant_type, code.device)))
+
+
+def pairs_of(code: torch.Tensor) -> torch.Tensor:
+    """The byte-pair table of a 16-entry ``code``: row ``b`` is ``(code[b >> 4], code[b & 15])``, the two
+    values a packed byte ``b`` decodes to (before scaling). float32 ``[256, 2]``, on ``code``'s device."""
+    index = torch.arange(256, device=code.device)
+    return torch.stack((code[index >> 4], code[index & 15]), dim=-1).contiguous()
+
+
+@functools.cache
+def _pairs_on(quant_type: str, device: torch.device) -> torch.Tensor:
+    return pairs_of(_code_on(quant_type, device))
+
+
+def standard_pairs(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`pairs_of` the standard table, cached per device: do not write to it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _pairs_on(quant_type, device)

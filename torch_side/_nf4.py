@@ -20,7 +20,7 @@ import torch
 from ._backend import choose_4bit_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, raise_out_mismatch, require_tensor, same_device
-from ._codes import is_standard_code, standard_code
+from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
@@ -120,6 +120,20 @@ def _check_pieces(
     )  # fmt: skip
 
 
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def flush_denormals_(x: torch.Tensor) -> torch.Tensor:
+    """Replaces float32 values below FLT_MIN in magnitude by zeros of their sign, in place.
+
+    bitsandbytes' CUDA kernels are built to flush denormals, so their products never are denormal.
+    """
+    tiny = x.abs() < FLT_MIN
+    x.masked_fill_(tiny & (x > 0), 0.0)
+    x.masked_fill_(tiny & (x < 0), -0.0)
+    return x
+
+
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
     """``values[i] * scales[i // blocksize]`` in float32, one rounding, without expanding ``scales``."""
     n = values.numel()
@@ -143,10 +157,13 @@ def decode_nested_absmax_reference(
 ) -> torch.Tensor:
     """Plain-torch decode of a nested absmax: ``nested_code[a] * nested_absmax[j // b]``, then ``+ offset``.
 
-    Two float32 roundings, in that order, as bitsandbytes does. Returns a new float32 tensor.
+    Two float32 roundings, in that order, as bitsandbytes does (each flushed to zero below FLT_MIN, as
+    its CUDA kernels do). Returns a new float32 tensor.
     """
-    scaled = _scale_blocks(nested_code[absmax.reshape(-1).long()], nested_absmax.reshape(-1), nested_blocksize)
-    return scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(()))
+    scaled = flush_denormals_(
+        _scale_blocks(nested_code[absmax.reshape(-1).long()], nested_absmax.reshape(-1), nested_blocksize)
+    )
+    return flush_denormals_(scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(())))
 
 
 def dequantize_4bit_reference(
@@ -154,12 +171,16 @@ def dequantize_4bit_reference(
 ) -> torch.Tensor:
     """Plain-torch 4-bit decode of ``n`` elements from packed bytes ``flat`` with float32 ``absmax``.
 
-    The oracle for every other backend: ``code[q] * absmax[i // blocksize]`` in float32, then one
-    rounding to ``dtype``. Returns a new flat tensor of ``n`` elements.
+    The oracle for every other backend: ``code[q] * absmax[i // blocksize]`` in float32 (flushed to zero
+    below FLT_MIN, as bitsandbytes' CUDA kernel does), then one rounding to ``dtype``. Returns a new flat
+    tensor of ``n`` elements.
     """
     nibbles = torch.stack((flat >> 4, flat & 0x0F), dim=-1).reshape(-1)[:n]
-    values = code[nibbles.long()]
-    return _scale_blocks(values, absmax.reshape(-1), blocksize).to(dtype)
+    values = _scale_blocks(code[nibbles.long()], absmax.reshape(-1), blocksize)
+    smallest = code.abs()[code != 0].min() if bool((code != 0).any()) else torch.ones(())
+    if n and bool((absmax.abs() < FLT_MIN / smallest).any()):  # only such scales can make denormal products
+        flush_denormals_(values)
+    return values.to(dtype)
 
 
 def _decode_absmax(
@@ -272,9 +293,9 @@ def dequantize_nf4(
         elif chosen == "triton":
             from ._triton import dequantize_4bit_triton
 
-            table = standard_code(quant_type, device) if standard else code.reshape(-1).contiguous()
+            pairs = standard_pairs(quant_type, device) if standard else pairs_of(code.reshape(-1))
             return dequantize_4bit_triton(
-                flat.contiguous(), absmax, table, blocksize=blocksize, shape=shape, dtype=dtype,
+                flat.contiguous(), absmax, pairs, blocksize=blocksize, shape=shape, dtype=dtype,
                 transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
                 nested_blocksize=nested_blocksize, offset=offset,
             )  # fmt: skip

@@ -10,17 +10,19 @@ import math
 
 import torch
 
+from ._backend import triton_interpreting
 from .kernels._fp8 import fp8_kernel
-from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_kernel
+from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transposed_kernel
 
 # Tile and launch choices, measured on an H100 (benchmarks/RESULTS.md).
-NF4_ROWS_BLOCK = 2048
-NF4_ROWS_WARPS = 8
-NF4_T_TILE = (64, 64)
-NF4_T_WARPS = 8
-FP8_TILE = (32, 256)
+NF4_ROWS_BLOCK = 2048  # packed bytes per program
+NF4_ROWS_WARPS = 4
+NF4_T_TILE = (64, 32)  # rows x packed bytes (64 x 64 elements)
+NF4_T_WARPS = 4
+NF4_T_ANY_TILE = (32, 64)
+FP8_TILE = (64, 128)
 FP8_T_TILE = (64, 64)
-FP8_WARPS = 8
+FP8_WARPS = 4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -34,10 +36,15 @@ def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, ou
     return torch.empty(shape, dtype=dtype, device=device), out
 
 
+def _soft(device: torch.device) -> bool:
+    """Integer-arithmetic conversions where the hardware's are missing (Triton's CPU interpreter)."""
+    return device.type != "cuda" or triton_interpreting()
+
+
 def dequantize_4bit_triton(
     flat: torch.Tensor,
     absmax: torch.Tensor,
-    code: torch.Tensor,
+    pairs: torch.Tensor,
     *,
     blocksize: int,
     shape: tuple[int, ...],
@@ -50,7 +57,8 @@ def dequantize_4bit_triton(
     offset: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """One fused pass: unpack, look up, scale (a nested absmax decoded on the way), convert, and write
-    row-major or transposed. ``flat`` holds the packed bytes; ``absmax`` is float32, or uint8 when nested."""
+    row-major or transposed. ``flat`` holds the packed bytes; ``absmax`` is float32, or uint8 when nested;
+    ``pairs`` is the byte-pair table of the code (``_codes.pairs_of``)."""
     n = math.prod(shape)
     device = flat.device
     nested = nested_absmax is not None
@@ -61,20 +69,31 @@ def dequantize_4bit_triton(
         extra = (absmax, absmax, absmax)  # unused pointers
     result_shape = (shape[1], shape[0]) if transpose else shape
     buf, copy_to = _output(result_shape, dtype, device, out)
-    common = dict(NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, enable_fp_fusion=False)
-    if transpose:
+    common = dict(NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, SOFT=_soft(device), enable_fp_fusion=False)
+    if transpose and shape[1] % 2 == 0:
         rows, cols = shape
-        grid = (_cdiv(rows, NF4_T_TILE[0]), _cdiv(cols, NF4_T_TILE[1]))
+        tile_r, tile_b = NF4_T_TILE
+        row_scale = cols % blocksize == 0 and (blocksize // 2) % tile_b == 0
+        grid = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
         nf4_transposed_kernel[grid](
-            flat, absmax.reshape(-1), code, buf, *extra, rows, cols, BLOCKSIZE=blocksize,
-            TILE_R=NF4_T_TILE[0], TILE_C=NF4_T_TILE[1], num_warps=NF4_T_WARPS, **common,
+            flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
+            TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, **common,
+        )  # fmt: skip
+    elif transpose:
+        rows, cols = shape
+        grid = (_cdiv(rows, NF4_T_ANY_TILE[0]), _cdiv(cols, NF4_T_ANY_TILE[1]))
+        nf4_transposed_any_kernel[grid](
+            flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize,
+            TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS, **common,
         )  # fmt: skip
     else:
         n_bytes = (n + 1) // 2
+        bytes_per_block = blocksize // 2
+        cols = min(bytes_per_block, NF4_ROWS_BLOCK)  # each row of a program's tile inside one block
         grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
         nf4_rows_kernel[grid](
-            flat, absmax.reshape(-1), code, buf, *extra, n_bytes, n, BYTES_PER_BLOCK=blocksize // 2,
-            BLOCK=NF4_ROWS_BLOCK, num_warps=NF4_ROWS_WARPS, **common,
+            flat, absmax.reshape(-1), pairs, buf, *extra, n_bytes, n, BYTES_PER_BLOCK=bytes_per_block,
+            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, **common,
         )  # fmt: skip
     return copy_to.copy_(buf) if copy_to is not None else buf
 
@@ -97,9 +116,17 @@ def dequantize_fp8_triton(
         bo, bi = max(rows, 1), max(cols, 1)
     out = torch.empty((cols, rows) if transpose else W.shape, dtype=dtype, device=W.device)
     tile = FP8_T_TILE if transpose else FP8_TILE
+    scale_cols = grid_shape[1] if scale.numel() != 1 else 1
+    if bo % tile[0] == 0 and bi % tile[1] == 0:
+        mode = 0  # each program inside one scale block
+    elif bi >= cols:
+        mode = 1  # per-row (or per-tensor) scales
+    else:
+        mode = 2
     grid = (_cdiv(rows, tile[0]), _cdiv(cols, tile[1]))
     fp8_kernel[grid](
-        W.view(torch.uint8), scale.contiguous(), out, rows, cols, grid_shape[1] if scale.numel() != 1 else 1, bo, bi,
-        E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, TILE_R=tile[0], TILE_C=tile[1], num_warps=FP8_WARPS,
+        W.view(torch.uint8), scale.contiguous(), out, rows, cols, scale_cols, bo, bi,
+        E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=tile[0], TILE_C=tile[1],
+        SOFT=_soft(W.device), num_warps=FP8_WARPS,
     )  # fmt: skip
     return out

@@ -106,6 +106,13 @@ def test_standard_tables_are_bitsandbytes_tables():
         assert_same_bits(torch_side.standard_code(quant_type).numpy(), cuda_table)
 
 
+def test_denormal_products_flush_to_zero():
+    for nested in (False, True):
+        _, packed, qs = bnb_quantize((64, 256), nested=nested, dtype=torch.float32, scale=1e-38)
+        p, a, kw = _pieces(packed, qs)
+        assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(bnb_reference(packed, qs)))
+
+
 def test_nested_decode_is_exact_eagerly():
     gen = np.random.default_rng(5)
     a = gen.integers(0, 256, 65536, dtype=np.uint8)

@@ -254,6 +254,17 @@ def test_nested_decode_has_two_roundings():
     assert not np.array_equal(fused, want)  # the rounding order is observable on this data
 
 
+def test_denormal_products_flush_to_zero_as_on_cuda(device):
+    """bitsandbytes' CUDA kernels flush float32 denormals; so does every backend here."""
+    for dtype in (torch.float32, torch.bfloat16):
+        _, packed, qs = bnb_quantize((64, 256), nested=False, dtype=dtype, device=device, scale=1e-38)
+        got = torch_side.dequantize(packed, qs)
+        assert_bitwise_equal(got, bnb_reference(packed, qs))
+        assert not bool(((got.float().abs() < torch.finfo(torch.float32).tiny) & (got != 0)).any())
+        if device == "cuda":
+            assert_bitwise_equal(got, F.dequantize_4bit(packed, qs))
+
+
 def test_check_finite():
     _, packed, qs = bnb_quantize((8, 64), nested=False)
     absmax = qs.absmax.clone()

@@ -63,10 +63,13 @@ def test_4bit_kernels_bench_shapes(shape):
         _check_4bit(packed, qs, "cuda")
 
 
-@pytest.mark.gpu
-def test_4bit_denormal_scales_match_bitsandbytes():
-    _, packed, qs = bnb_quantize((256, 512), nested=False, dtype=torch.float32, device="cuda", scale=1e-38)
-    assert_bitwise_equal(torch_side.dequantize(packed, qs, backend="triton"), F.dequantize_4bit(packed, qs))
+def test_4bit_denormal_products_flush_as_bitsandbytes_cuda_does(device):
+    for nested in (False, True):
+        _, packed, qs = bnb_quantize((256, 512), nested=nested, dtype=torch.float32, device=device, scale=1e-38)
+        got = torch_side.dequantize(packed, qs, backend="triton")
+        assert_bitwise_equal(got, bnb_reference(packed, qs))
+        if device == "cuda":
+            assert_bitwise_equal(got, F.dequantize_4bit(packed, qs))
 
 
 def test_4bit_out_and_seed_convention(device):
