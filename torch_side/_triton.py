@@ -17,12 +17,15 @@ from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transp
 # Tile and launch choices, measured on an H100 (benchmarks/RESULTS.md).
 NF4_ROWS_BLOCK = 2048  # packed bytes per program
 NF4_ROWS_WARPS = 4
+NF4_ROWS_PAIR_MODE = 1  # 0: two table lookups per byte; 1: one 8-byte pair lookup
 NF4_T_TILE = (64, 32)  # rows x packed bytes (64 x 64 elements)
 NF4_T_WARPS = 4
+NF4_T_ONE_TRANSPOSE = False  # transpose both nibble planes as one tile
 NF4_T_ANY_TILE = (32, 64)
 FP8_TILE = (64, 128)
-FP8_T_TILE = (64, 64)
+FP8_T_TILE = (128, 128)
 FP8_WARPS = 4
+FP8_T_WARPS = 8
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -77,7 +80,7 @@ def dequantize_4bit_triton(
         grid = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
         nf4_transposed_kernel[grid](
             flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
-            TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, **common,
+            TILE_R=tile_r, TILE_B=tile_b, ONE_TRANSPOSE=NF4_T_ONE_TRANSPOSE, num_warps=NF4_T_WARPS, **common,
         )  # fmt: skip
     elif transpose:
         rows, cols = shape
@@ -93,7 +96,7 @@ def dequantize_4bit_triton(
         grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
         nf4_rows_kernel[grid](
             flat, absmax.reshape(-1), pairs, buf, *extra, n_bytes, n, BYTES_PER_BLOCK=bytes_per_block,
-            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, **common,
+            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, PAIR_MODE=NF4_ROWS_PAIR_MODE, num_warps=NF4_ROWS_WARPS, **common,
         )  # fmt: skip
     return copy_to.copy_(buf) if copy_to is not None else buf
 
@@ -127,6 +130,6 @@ def dequantize_fp8_triton(
     fp8_kernel[grid](
         W.view(torch.uint8), scale.contiguous(), out, rows, cols, scale_cols, bo, bi,
         E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=tile[0], TILE_C=tile[1],
-        SOFT=_soft(W.device), num_warps=FP8_WARPS,
+        SOFT=_soft(W.device), num_warps=FP8_T_WARPS if transpose else FP8_WARPS,
     )  # fmt: skip
     return out
