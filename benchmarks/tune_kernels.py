@@ -50,19 +50,31 @@ def _fp8(shape, transpose):
 def main():
     ceiling = copy_ceiling()
     print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling / 1e12:.2f} TB/s")
-    for shape in [(8192, 8192), (14336, 4096)]:
+    for shape in [(8192, 8192), (14336, 4096), (576, 7168)]:
         run, nbytes = _nf4(shape, False)
-        for mode, block, warps in itertools.product([0, 1], [2048, 4096], [4, 8]):
-            T.NF4_ROWS_PAIR_MODE, T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = mode, block, warps
+        for block, warps in itertools.product([2048, 4096, 8192], [4, 8]):
+            T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = block, warps
             ms = _do_bench(run)
-            print(f"nf4 rows {shape} mode={mode} block={block} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
-        T.NF4_ROWS_PAIR_MODE, T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = 1, 2048, 4
+            print(f"nf4 rows {shape} block={block} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
+        T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = 4096, 4
         run, nbytes = _nf4(shape, True)
-        for one, tile, warps in itertools.product([False, True], [(64, 32), (128, 32), (256, 32)], [4, 8]):
-            T.NF4_T_ONE_TRANSPOSE, T.NF4_T_TILE, T.NF4_T_WARPS = one, tile, warps
+        for tile, warps in itertools.product([(64, 32), (128, 32), (256, 32)], [4, 8]):
+            T.NF4_T_TILE, T.NF4_T_WARPS = tile, warps
             ms = _do_bench(run)
-            print(f"nf4 transposed {shape} one={one} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
-        T.NF4_T_ONE_TRANSPOSE, T.NF4_T_TILE, T.NF4_T_WARPS = False, (64, 32), 4
+            print(f"nf4 transposed {shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
+        T.NF4_T_TILE, T.NF4_T_WARPS = (128, 32), 4
+    for shape in [(8192, 8192), (18432, 7168), (576, 7168)]:
+        for transpose in (False, True):
+            run, nbytes = _fp8(shape, transpose)
+            tiles = [(64, 64), (128, 64), (64, 128), (128, 128)] if transpose else [(32, 128), (64, 128), (128, 128)]
+            for tile, warps in itertools.product(tiles, [4, 8]):
+                if transpose:
+                    T.FP8_T_TILE, T.FP8_T_WARPS = tile, warps
+                else:
+                    T.FP8_TILE, T.FP8_WARPS = tile, warps
+                ms = _do_bench(run)
+                print(f"fp8 {'transposed ' if transpose else ''}{shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
+            T.FP8_TILE, T.FP8_T_TILE, T.FP8_WARPS, T.FP8_T_WARPS = (64, 128), (128, 128), 4, 8
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ from .kernels._fp8 import fp8_kernel
 from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transposed_kernel
 
 # Tile and launch choices, measured on an H100 (benchmarks/RESULTS.md).
-NF4_ROWS_BLOCK = 2048  # packed bytes per program
+NF4_ROWS_BLOCK = 4096  # packed bytes per program
 NF4_ROWS_WARPS = 4
-NF4_ROWS_PAIR_MODE = 1  # 0: two table lookups per byte; 1: one 8-byte pair lookup
-NF4_T_TILE = (64, 32)  # rows x packed bytes (64 x 64 elements)
+NF4_T_TILE = (128, 32)  # rows x packed bytes (128 x 64 elements)
 NF4_T_WARPS = 4
-NF4_T_ONE_TRANSPOSE = False  # transpose both nibble planes as one tile
 NF4_T_ANY_TILE = (32, 64)
 FP8_TILE = (64, 128)
 FP8_T_TILE = (128, 128)
@@ -80,7 +78,7 @@ def dequantize_4bit_triton(
         grid = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
         nf4_transposed_kernel[grid](
             flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
-            TILE_R=tile_r, TILE_B=tile_b, ONE_TRANSPOSE=NF4_T_ONE_TRANSPOSE, num_warps=NF4_T_WARPS, **common,
+            TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, **common,
         )  # fmt: skip
     elif transpose:
         rows, cols = shape
@@ -96,7 +94,7 @@ def dequantize_4bit_triton(
         grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
         nf4_rows_kernel[grid](
             flat, absmax.reshape(-1), pairs, buf, *extra, n_bytes, n, BYTES_PER_BLOCK=bytes_per_block,
-            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, PAIR_MODE=NF4_ROWS_PAIR_MODE, num_warps=NF4_ROWS_WARPS, **common,
+            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, **common,
         )  # fmt: skip
     return copy_to.copy_(buf) if copy_to is not None else buf
 

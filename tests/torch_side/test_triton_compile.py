@@ -31,13 +31,11 @@ for out, nested in itertools.product(["*bf16", "*fp16", "*fp32"], [True, False])
                  nested_absmax_ptr="*fp32", nested_code_ptr="*fp32", offset_ptr="*fp32",
                  n_bytes="i64", n_elements="i64", rows="i32", cols="i32")
     common = dict(NESTED=nested, NESTED_BLOCKSIZE=256, SOFT=False)
-    for pair_mode in (0, 1):
-        compile(nf4_rows_kernel, types, dict(BYTES_PER_BLOCK=32, ROWS=64, COLS=32, PAIR_MODE=pair_mode, **common))
-    for row_scale, one in itertools.product((True, False), (True, False)):
-        compile(nf4_transposed_kernel, types, dict(BLOCKSIZE=64, ROW_SCALE=row_scale, TILE_R=64, TILE_B=32,
-                                                   ONE_TRANSPOSE=one, **common))
+    compile(nf4_rows_kernel, types, dict(BYTES_PER_BLOCK=32, ROWS=128, COLS=32, **common))
+    for row_scale in (True, False):
+        compile(nf4_transposed_kernel, types, dict(BLOCKSIZE=64, ROW_SCALE=row_scale, TILE_R=128, TILE_B=32, **common))
     compile(nf4_transposed_any_kernel, types, dict(BLOCKSIZE=64, TILE_R=32, TILE_C=64, **common))
-    count += 7
+    count += 4
 for out, e5m2, mode, transpose in itertools.product(["*bf16", "*fp16", "*fp32"], [True, False], [0, 1, 2], [True, False]):
     types = dict(w_ptr="*u8", scale_ptr="*fp32", out_ptr=out, rows="i32", cols="i32", scale_cols="i32", bo="i32", bi="i32")
     compile(fp8_kernel, types, dict(E5M2=e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=64, TILE_C=128, SOFT=False))
@@ -51,4 +49,4 @@ def test_every_kernel_variant_compiles_for_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = pathlib.Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "COMPILED 78" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0 and "COMPILED 60" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
