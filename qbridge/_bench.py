@@ -1,8 +1,8 @@
 """``qbridge bench``: dequantization speed on the current GPU against the copy ceiling and the baselines.
 
 Every kernel time is a median GPU time on random data, warm-up excluded: calls replayed from a CUDA
-graph (so Python's launch overhead is not counted), or, for code that syncs with the host, CUDA events
-around each call with L2 flushed between runs. Input sets are rotated, at least 256 MiB of them, so that
+graph (so Python's launch overhead is not counted), or, for plain torch and torchao, CUDA events around
+each call with L2 flushed between runs. Input sets are rotated, at least 256 MiB of them, so that
 L2 does not flatter small shapes. Percentages are of the copy ceiling measured in the same run: a
 device-to-device copy, counting bytes read plus bytes written. The end-to-end rows are wall-clock time
 from a quantized weight to a ready ``jax.Array``, Python included.
@@ -11,6 +11,7 @@ from a quantized weight to a ready ``jax.Array``, Python included.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import statistics
@@ -52,19 +53,17 @@ def _per_call(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def _do_bench(fn: Callable[[], Any]) -> float:
-    """Median GPU milliseconds of ``fn``: replayed from a CUDA graph, so that Python's launch overhead is
-    not counted; functions that cannot be captured (host syncs) are timed with CUDA events around each
-    call instead, L2 flushed between runs (``triton.testing.do_bench``). Warm-up is excluded either way."""
+def _do_bench(fn: Callable[[], Any], *, graph: bool = True) -> float:
+    """Median GPU milliseconds of ``fn``, warm-up excluded: replayed from a CUDA graph, so that Python's
+    launch overhead is not counted; with ``graph=False`` (code that syncs with the host and so cannot be
+    captured) CUDA events around each call, L2 flushed between runs."""
     import triton.testing
 
     fn()  # warm-up: compile kernels, build cached tables
     torch.cuda.synchronize()
-    try:
+    if graph:
         return float(triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median"))
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return _per_call(fn)
 
 
 def copy_ceiling(nbytes: int = 2 << 30) -> float:
@@ -106,18 +105,34 @@ def _one_tile_per_program(w: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -
     return one_tile_per_program_fp8(w, s, out)
 
 
-def _time_to_jax(make_weight: Callable[[], torch.Tensor], reps: int = 30) -> float:
-    """Wall-clock microseconds from a quantized weight to a ready ``jax.Array`` (median)."""
-    from qbridge import to_jax
-
+def _wall_us(fn: Callable[[], Any], reps: int = 30) -> float:
+    """Median wall-clock microseconds of ``fn`` (which must return when its result is ready)."""
     times = []
     for i in range(reps + 5):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        to_jax(make_weight(), producer="current").block_until_ready()
+        fn()
         if i >= 5:
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+def _end_to_end(fmt: str, shape: tuple[int, int], nbytes: int, ceiling: float, dequantize: Callable[[], torch.Tensor]) -> list[Row]:
+    """Wall-clock rows: dequantize alone (to a finished tensor), and on to a ready ``jax.Array``."""
+    from qbridge import to_jax
+
+    def dense() -> None:
+        dequantize()
+        torch.cuda.synchronize()
+
+    rows = []
+    for method, fn in (
+        ("qbridge dequantize call (wall)", dense),
+        ("qbridge end to end to jax.Array (wall)", lambda: to_jax(dequantize(), producer="current").block_until_ready()),
+    ):
+        us = _wall_us(fn)
+        rows.append(Row(fmt, shape, method, us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling))
+    return rows
 
 
 def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
@@ -144,6 +159,8 @@ def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
         "bitsandbytes dequantize_4bit(out=)": _cycle(sets, lambda s: F.dequantize_4bit(s[0], s[1], out=s[2])),
         "plain torch": _cycle(sets, lambda s: torch_side.dequantize(s[0], s[1], backend="torch")),
     }
+    # these sync with the host (plain torch checks its scales) or may: timed per call, not captured
+    uncapturable = {"plain torch", "torchao NF4 get_original_weight"}
     if n % (64 * 256) == 0:  # torchao's NF4Tensor needs whole scaler blocks
         from torchao.quantization import NF4Tensor
 
@@ -151,11 +168,10 @@ def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
         cases["torchao NF4 get_original_weight"] = _cycle(nf4, lambda t: t.get_original_weight())
     rows = []
     for name, fn in cases.items():
-        ms = _do_bench(fn)
+        ms = _do_bench(fn, graph=name not in uncapturable)
         rows.append(Row("NF4 nested->bf16", shape, name, ms * 1e3, _per_call(fn) * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling))
     packed, qs, _ = sets[0]
-    us = _time_to_jax(lambda: torch_side.dequantize(packed, qs))
-    rows.append(Row("NF4 nested->bf16", shape, "qbridge end to end to jax.Array (wall)", us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling))
+    rows += _end_to_end("NF4 nested->bf16", shape, nbytes, ceiling, lambda: torch_side.dequantize(packed, qs))
     return rows
 
 
@@ -180,12 +196,11 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
     }
     rows = []
     for name, fn in cases.items():
-        ms = _do_bench(_cycle(sets, fn))
+        ms = _do_bench(_cycle(sets, fn), graph=name != "plain torch")
         per_call = _per_call(_cycle(sets, fn))
         rows.append(Row("FP8 block->bf16", shape, name, ms * 1e3, per_call * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling))
     w, s, _ = sets[0]
-    us = _time_to_jax(lambda: torch_side.dequantize_fp8(w, s))
-    rows.append(Row("FP8 block->bf16", shape, "qbridge end to end to jax.Array (wall)", us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling))
+    rows += _end_to_end("FP8 block->bf16", shape, nbytes, ceiling, lambda: torch_side.dequantize_fp8(w, s))
     return rows
 
 
@@ -204,10 +219,16 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
 
     ceiling = copy_ceiling()
     rows: list[Row] = []
-    for shape in QUICK_NF4 if quick else NF4_SHAPES:
-        rows += bench_nf4(shape, ceiling)
-    for shape in QUICK_FP8 if quick else FP8_SHAPES:
-        rows += bench_fp8(shape, ceiling)
+    skipped: list[str] = []
+    plan = [(bench_nf4, shape) for shape in (QUICK_NF4 if quick else NF4_SHAPES)]
+    plan += [(bench_fp8, shape) for shape in (QUICK_FP8 if quick else FP8_SHAPES)]
+    for fn, shape in plan:
+        try:
+            rows += fn(shape, ceiling)
+        except torch.OutOfMemoryError as e:  # record it and go on with the other shapes
+            skipped.append(f"{fn.__name__} {shape}: out of memory ({e.args[0].splitlines()[0]})")
+        gc.collect()  # drop the input sets and CUDA graphs of this shape before the next
+        torch.cuda.empty_cache()
     return {
         "device": torch.cuda.get_device_name(),
         "versions": {
@@ -216,6 +237,7 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         },  # fmt: skip
         "copy_tb_s": ceiling / 1e12,
         "rows": [dataclasses.asdict(r) for r in rows],
+        "skipped": skipped,
     }
 
 
@@ -231,6 +253,7 @@ def format_bench(result: dict[str, Any]) -> str:
         lines.append(
             f"{r['fmt']:<18}{shape:<14}{r['method']:<48}{r['us']:>9.1f}{r['pct_of_copy']:>10.0f}%{r['us_per_call']:>13.1f}"
         )
+    lines += [f"skipped: {s}" for s in result.get("skipped", [])]
     return "\n".join(lines)
 
 
