@@ -20,6 +20,9 @@ from jax_side._layout import kind_of_flax_leaf
 from jax_side._layout import permutation
 from jax_side._layout import rule_for
 from jax_side._layout import rule_for_flax_leaf
+from jax_side._llama import LlamaConfig
+from jax_side._llama import abstract_llama
+from jax_side._llama import llama_for_causal_lm
 from jax_side._nf4 import decode_nested_absmax
 from jax_side._nf4 import dequantize_nf4
 from jax_side._target import Target
@@ -33,6 +36,9 @@ from jax_side._tree import MatchReport
 from jax_side._tree import PlannedLeaf
 from jax_side._tree import TargetLeaf
 from jax_side._tree import infer_kind
+from jax_side._tree import leaf_dtype
+from jax_side._tree import nest
+from jax_side._tree import plan_by_name
 from jax_side._tree import plan_match
 from jax_side._tree import to_flax_variables
 from jax_side._tree import torch_key_candidates
@@ -41,6 +47,7 @@ __all__ = [
     "FP4_CODE",
     "KINDS",
     "LeafRule",
+    "LlamaConfig",
     "MatchError",
     "MatchReport",
     "NF4_CODE",
@@ -49,6 +56,7 @@ __all__ = [
     "ScaleLayout",
     "Target",
     "TargetLeaf",
+    "abstract_llama",
     "apply_rule",
     "as_target",
     "decode_nested_absmax",
@@ -58,9 +66,13 @@ __all__ = [
     "fp8_scale_layout",
     "infer_kind",
     "kind_of_flax_leaf",
+    "leaf_dtype",
+    "llama_for_causal_lm",
     "load_into_nnx",
     "match_to_target",
+    "nest",
     "permutation",
+    "plan_by_name",
     "plan_for_target",
     "plan_match",
     "rebuild_target",

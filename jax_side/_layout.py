@@ -44,8 +44,8 @@ TORCH_NAME = {
     "mean": "running_mean",
     "var": "running_var",
 }
-# torch buffers that are not parameters of any Flax module
-SKIPPED_BUFFERS = ("num_batches_tracked",)
+# torch buffers that are not parameters of any Flax module (matched against the last name component)
+SKIPPED_BUFFERS = ("num_batches_tracked", "position_ids", "inv_freq", "masked_bias")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,6 +71,25 @@ class MatchReport:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetLeaf:
+    """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: Any
+    module_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedLeaf:
+    """One target leaf, the checkpoint key that fills it, and the rule that lays it out."""
+
+    leaf: TargetLeaf
+    key: str
+    rule: LeafRule
+
+
 def dotted(path: Path) -> str:
     return ".".join(str(p) for p in path)
 
@@ -118,6 +137,54 @@ def _segments(module: str, numbered: str) -> list[Any]:
     return out
 
 
+def plan_by_name(
+    checkpoint: Mapping[str, tuple[tuple[int, ...], Any]],
+    *,
+    numbered: str = "keep",
+    kinds: Mapping[str, str] | None = None,
+) -> tuple[list[PlannedLeaf], list[str]]:
+    """Decides, from names and shapes alone, where each checkpoint tensor goes in Flax variables.
+
+    Args:
+        checkpoint: ``torch key -> (torch-layout shape, dtype)``.
+        numbered: see :func:`to_flax_variables`.
+        kinds: module-name regex -> kind overrides (see :func:`infer_kind`).
+
+    Returns:
+        The plan (leaf paths start with the collection, ``"params"`` or ``"batch_stats"``) and the keys
+        skipped as buffers that no Flax module holds.
+
+    Raises:
+        ValueError: two tensors would land on the same leaf, or ``numbered`` is unknown.
+    """
+    if numbered not in ("keep", "underscore", "int"):
+        raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
+    plan, skipped, taken = [], [], {}
+    for key, (shape, dtype) in checkpoint.items():
+        module, _, leaf = key.rpartition(".")
+        if leaf in SKIPPED_BUFFERS:
+            skipped.append(key)
+            continue
+        rule = rule_for(infer_kind(key, len(shape), kinds), leaf)
+        path = (rule.collection, *_segments(module, numbered), rule.flax_name)
+        if path in taken:
+            raise ValueError(f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}")
+        taken[path] = key
+        plan.append(PlannedLeaf(TargetLeaf(path, flax_shape(rule, shape), dtype), key, rule))
+    return plan, skipped
+
+
+def nest(values: Mapping[Path, Any]) -> dict[Any, Any]:
+    """``{("params", "a", "kernel"): x}`` -> ``{"params": {"a": {"kernel": x}}}``."""
+    out: dict[Any, Any] = {}
+    for path, value in values.items():
+        node = out
+        for seg in path[:-1]:
+            node = node.setdefault(seg, {})
+        node[path[-1]] = value
+    return out
+
+
 def to_flax_variables(
     state: Mapping[str, Any],
     *,
@@ -138,46 +205,15 @@ def to_flax_variables(
     Returns:
         ``{"params": nested dict}``, plus ``"batch_stats"`` when the state has running statistics. Leaves
         are new arrays where a transpose or cast was needed, else the arrays given. Buffers that are no
-        parameters (``num_batches_tracked``) are left out.
+        parameters (``num_batches_tracked``, ``position_ids`` ...) are left out.
     """
-    if numbered not in ("keep", "underscore", "int"):
-        raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
-    out: dict[str, dict[str, Any]] = {"params": {}}
-    for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        if leaf in SKIPPED_BUFFERS:
-            continue
-        x = jnp.asarray(value)
-        rule = rule_for(infer_kind(key, x.ndim, kinds), leaf)
-        node = out.setdefault(rule.collection, {})
-        for seg in _segments(module, numbered):
-            node = node.setdefault(seg, {})
-        if rule.flax_name in node:
-            raise ValueError(f"two checkpoint tensors map to the Flax leaf {dotted((*_segments(module, numbered), rule.flax_name))!r}")
-        node[rule.flax_name] = apply_rule(x, rule, dtype=dtype if jnp.issubdtype(x.dtype, jnp.floating) else None)
-    return out
+    arrays = {k: jnp.asarray(v) for k, v in state.items()}
+    plan, _ = plan_by_name({k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}, numbered=numbered, kinds=kinds)
+    values = {p.leaf.path: apply_rule(arrays[p.key], p.rule, dtype=leaf_dtype(p, dtype, arrays[p.key].dtype)) for p in plan}
+    return {"params": {}, **nest(values)}
 
 
 # --- matching to a target ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetLeaf:
-    """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it."""
-
-    path: Path
-    shape: tuple[int, ...]
-    dtype: Any
-    module_type: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PlannedLeaf:
-    """One target leaf, the checkpoint key that fills it, and the rule that lays it out."""
-
-    leaf: TargetLeaf
-    key: str
-    rule: LeafRule
 
 
 def torch_key_candidates(path: Path) -> list[str]:

@@ -7,11 +7,34 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from qbridge._demo import format_report, run_demo
+    from qbridge._demo import format_demo, run_demo
 
-    report = run_demo(args.rows, args.cols, seed=args.seed, device=args.device)
-    print(format_report(report))
-    return 0 if all(r.equal for r in report) else 1
+    result = run_demo(seed=args.seed, workdir=args.workdir, device=args.device)
+    print(format_demo(result))
+    return 0 if result.parity.ok and result.weights_equal == result.weights_checked else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from qbridge import inspect_checkpoint
+
+    print(inspect_checkpoint(args.path))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from qbridge import convert_checkpoint
+
+    report = convert_checkpoint(args.path, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                                progress=not args.quiet)  # fmt: skip
+    print(f"{report}\nwrote {args.out}")
+    return 0
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from qbridge import QBridgeError
+    from jax_side import MatchError
+
+    return (QBridgeError, MatchError, FileExistsError, ValueError)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -29,12 +52,22 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a random weight with bitsandbytes and torchao, dequantize it, report")
-    demo.add_argument("--rows", type=int, default=512)
-    demo.add_argument("--cols", type=int, default=1024)
+    demo = sub.add_parser("demo", help="a small Llama quantized to NF4, loaded into Flax through qbridge, compared")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    demo.add_argument("--workdir", default=None, help="keep the checkpoints here (default: a temporary directory)")
+    demo.add_argument("--device", default=None, help="torch device for bitsandbytes (default: cuda if present)")
     demo.set_defaults(func=_demo)
+    inspect = sub.add_parser("inspect", help="what a checkpoint holds: format, tensors by kind, sizes")
+    inspect.add_argument("path")
+    inspect.set_defaults(func=_inspect)
+    convert = sub.add_parser("convert", help="a PyTorch checkpoint to an Orbax checkpoint of Flax parameters")
+    convert.add_argument("path")
+    convert.add_argument("out")
+    convert.add_argument("--device", default=None, help="'cpu', 'cuda' or 'cuda:i' (default: the GPU if JAX and torch see it)")
+    convert.add_argument("--dtype", default=None, help="cast floating parameters (e.g. bfloat16)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(func=_convert)
     bench = sub.add_parser("bench", help="dequantization speed on this GPU against the copy ceiling and baselines")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--quick", action="store_true", help="fewer shapes")
@@ -44,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _errors() as e:
+        print(f"qbridge {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

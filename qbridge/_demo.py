@@ -1,101 +1,125 @@
-"""The built-in example: quantize a random weight with the real producers, dequantize it with qbridge,
-and report how close each result is to the producer's own dequantization and to the original weight."""
+"""``qbridge demo``: a small Llama quantized to NF4 by transformers + bitsandbytes, saved as a real checkpoint,
+loaded into a Flax model through qbridge, and compared with the torch model. Nothing is downloaded."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 
-import torch_side
+DEMO_CONFIG = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)  # fmt: skip
 
 
 @dataclasses.dataclass
-class DemoRow:
-    """One line of the demo report."""
+class DemoResult:
+    """What the demo did: timings in seconds, the parity report, the weight check."""
 
-    fmt: str
-    producer: str
-    equal: bool
-    max_abs_vs_producer: float
-    rel_err_vs_original: float
-    ms: float
+    checkpoint: str
+    summary: str
+    parity: Any
+    weights_checked: int
+    weights_equal: int
+    seconds: dict[str, float]
+    device: str
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    fn()  # warm-up: first calls load kernels and tables
-    t0 = time.perf_counter()
+def _timed(seconds: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
     out = fn()
-    if out.is_cuda:
-        torch.cuda.synchronize(out.device)
-    return out, (time.perf_counter() - t0) * 1e3
+    seconds[name] = time.perf_counter() - start
+    return out
 
 
-def _row(fmt: str, producer: str, ours: torch.Tensor, theirs: torch.Tensor, original: torch.Tensor, ms: float) -> DemoRow:
-    ours_f, theirs_f, orig_f = ours.float().cpu(), theirs.float().cpu(), original.float().cpu()
-    same = ours.shape == theirs.shape and torch.equal(ours.cpu(), theirs.cpu())  # as numbers (-0.0 == 0.0)
-    return DemoRow(
-        fmt=fmt,
-        producer=producer,
-        equal=same,
-        max_abs_vs_producer=float((ours_f - theirs_f).abs().max()),
-        rel_err_vs_original=float((ours_f - orig_f).norm() / orig_f.norm()),
-        ms=ms,
-    )
-
-
-def _bnb_rows(w: torch.Tensor) -> list[DemoRow]:
+def _bnb_weights_equal(model: torch.nn.Module, params: Any) -> tuple[int, int]:
+    """How many 4-bit weights qbridge loaded with exactly bitsandbytes' own values (as numbers)."""
+    import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    rows = []
-    for quant_type, nested in (("nf4", True), ("fp4", False)):
-        packed, qs = F.quantize_4bit(w, quant_type=quant_type, compress_statistics=nested)
-        ours, ms = _timed(lambda: torch_side.dequantize(packed, qs))
-        # (bitsandbytes' own CPU kernel is exact for rows of whole blocks, as in the default shape)
-        theirs = F.dequantize_4bit(packed, qs)
-        label = f"{quant_type.upper()}{' nested' if nested else ''}"
-        rows.append(_row(label, "bitsandbytes", ours, theirs, w, ms))
-    return rows
+    checked = equal = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        theirs = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float().cpu()
+        node = params
+        for part in name.split("."):
+            node = node[int(part) if part.isdigit() else part]
+        ours = torch.from_numpy(np.asarray(node["kernel"], dtype=np.float32)).t()
+        checked += 1
+        equal += bool(torch.equal(ours, theirs))
+    return checked, equal
 
 
-def _torchao_rows(w: torch.Tensor) -> list[DemoRow]:
-    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, NF4Tensor, quantize_
+def run_demo(*, seed: int = 0, workdir: str | os.PathLike[str] | None = None, device: str | None = None) -> DemoResult:
+    """Runs the demo; ``workdir`` keeps the checkpoints (a temporary directory otherwise)."""
+    import jax.numpy as jnp
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    rows = []
-    nf4 = NF4Tensor.from_tensor(w, 64, 256)
-    ours, ms = _timed(lambda: torch_side.dequantize_weight(nf4))
-    rows.append(_row("NF4Tensor", "torchao", ours, nf4.get_original_weight(), w, ms))
-    for label, config in (("Int8Tensor", Int8WeightOnlyConfig()), ("Float8Tensor", Float8WeightOnlyConfig())):
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    import jax_side
+    from qbridge import inspect_checkpoint, load_checkpoint
+    from qbridge.parity import compare
+
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    tdev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(workdir or tmp)
+        dense_dir, nf4_dir = root / "llama-bf16", root / "llama-nf4"
+        torch.manual_seed(seed)
+        dense = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG)).to(torch.bfloat16)
+        dense.save_pretrained(dense_dir)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+        model = _timed(seconds, "quantize (bitsandbytes)", lambda: AutoModelForCausalLM.from_pretrained(
+            dense_dir, quantization_config=quant, dtype=torch.bfloat16, device_map=tdev))  # fmt: skip
+        _timed(seconds, "save_pretrained", lambda: model.save_pretrained(nf4_dir))
+        summary = str(inspect_checkpoint(nf4_dir))
+        config = jax_side.LlamaConfig.from_hf(json.loads((nf4_dir / "config.json").read_text()))
+        target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+        params, report = _timed(seconds, "load into Flax (qbridge)", lambda: load_checkpoint(
+            nf4_dir, target=target, progress=False, return_report=True))  # fmt: skip
+        flax_model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+        from flax import nnx
+
+        nnx.update(flax_model, params)
+        checked, equal = _bnb_weights_equal(model, params)
+        ids = np.random.default_rng(seed).integers(0, config.vocab_size, (2, 16))
         with torch.no_grad():
-            lin.weight.copy_(w)
-        quantize_(lin, config)
-        q = lin.weight
-        ours, ms = _timed(lambda q=q: torch_side.dequantize_weight(q))
-        rows.append(_row(label, "torchao", ours, q.dequantize(), w, ms))
-        if label == "Float8Tensor":  # the same bytes through the FP8 path
-            ours, ms = _timed(lambda q=q: torch_side.dequantize_fp8(q.qdata, q.scale, w.dtype))
-            rows.append(_row("FP8 per-row", "torchao", ours, q.dequantize(), w, ms))
-    return rows
+            ref = _timed(seconds, "torch forward", lambda: model(torch.from_numpy(ids).to(tdev)).logits.cpu())
+        forward = nnx.jit(lambda m, x: m(x))
+        forward(flax_model, jnp.asarray(ids)).block_until_ready()  # compile
+        out = _timed(seconds, "flax forward (jitted)", lambda: forward(flax_model, jnp.asarray(ids)).block_until_ready())
+        parity = compare({"logits": ref}, {"logits": out})  # bf16 on both sides: bf16 tolerances
+        return DemoResult(str(nf4_dir), summary, parity, checked, equal, seconds, report.device)
 
 
-def run_demo(rows: int = 512, cols: int = 1024, *, seed: int = 0, device: str | None = None) -> list[DemoRow]:
-    """Quantizes one random bf16 ``[rows, cols]`` weight with bitsandbytes and torchao and dequantizes each
-    result with torch_side. Returns one :class:`DemoRow` per format."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16).to(dev)
-    return _bnb_rows(w) + _torchao_rows(w)
-
-
-def format_report(report: list[DemoRow]) -> str:
-    head = f"{'format':<14}{'producer':<14}{'equal values':>14}{'max |diff|':>12}{'rel err vs fp':>15}{'ms':>9}"
-    lines = [head, "-" * len(head)]
-    for r in report:
-        lines.append(
-            f"{r.fmt:<14}{r.producer:<14}{'yes' if r.bit_identical else 'NO':>14}"
-            f"{r.max_abs_vs_producer:>12.3g}{r.rel_err_vs_original:>15.4f}{r.ms:>9.2f}"
-        )
+def format_demo(result: DemoResult) -> str:
+    lines = [
+        "qbridge demo: a Llama (4 layers, hidden 128) quantized to NF4 by transformers + bitsandbytes,",
+        "saved with save_pretrained, loaded into a Flax nnx model through qbridge.",
+        "",
+        result.summary,
+        "",
+        f"4-bit weights equal to bitsandbytes' own dequantization: {result.weights_equal} of {result.weights_checked}",
+        "",
+        "logits, torch (bitsandbytes) vs Flax (qbridge), both bf16:",
+        str(result.parity),
+        "",
+        f"timings on {result.device}:",
+    ]
+    lines += [f"  {name:<28}{secs * 1e3:>10.1f} ms" for name, secs in result.seconds.items()]
     return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""A Llama-style decoder in flax.nnx whose module tree mirrors transformers' ``LlamaForCausalLM``.
+
+Leaf paths are the torch names with Flax leaf names (``model.layers.0.self_attn.q_proj.kernel`` for
+``model.layers.0.self_attn.q_proj.weight``), so a checkpoint written by transformers loads into it by
+target matching. The arithmetic follows transformers' eager implementation: RMSNorm in float32 and cast
+back before the scale, rotary embeddings computed in float32, softmax in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _nnx():
+    try:
+        from flax import nnx
+    except ImportError as e:  # pragma: no cover - flax is an extra
+        raise ImportError("the Flax Llama model needs flax: pip install 'qbridge[flax]'") from e
+    return nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a transformers ``LlamaConfig`` that the model uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> LlamaConfig:
+        """From a transformers ``config.json`` mapping (or ``LlamaConfig.to_dict()``).
+
+        Raises:
+            ValueError: rope scaling or another feature this model does not implement.
+        """
+        rope = config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+        if rope_type not in ("default", None):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not implemented by jax_side's Llama")
+        theta = config.get("rope_theta")
+        if theta is None:  # transformers 5 keeps it under rope_parameters
+            theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in names and k != "rope_theta"}
+        return cls(rope_theta=float(theta), **kwargs)
+
+
+def _rotary(positions: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _make_modules():
+    nnx = _nnx()
+
+    class LlamaRMSNorm(nnx.Module):
+        def __init__(self, size: int, eps: float, *, param_dtype: Any):
+            self.scale = nnx.Param(jnp.ones((size,), param_dtype))
+            self.eps = eps
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            h = x.astype(jnp.float32)
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+            return self.scale[...] * h.astype(x.dtype)
+
+    class LlamaAttention(nnx.Module):
+        def __init__(self, c: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: Any):
+            kw = dict(use_bias=c.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.config = c
+            self.q_proj = nnx.Linear(c.hidden_size, c.num_attention_heads * c.head_size, **kw)
+            self.k_proj = nnx.Linear(c.hidden_size, c.kv_heads * c.head_size, **kw)
+            self.v_proj = nnx.Linear(c.hidden_size, c.kv_heads * c.head_size, **kw)
+            self.o_proj = nnx.Linear(c.num_attention_heads * c.head_size, c.hidden_size, **kw)
+
+        def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+            c = self.config
+            b, s, _ = h.shape
+            q = self.q_proj(h).reshape(b, s, c.num_attention_heads, c.head_size).transpose(0, 2, 1, 3)
+            k = self.k_proj(h).reshape(b, s, c.kv_heads, c.head_size).transpose(0, 2, 1, 3)
+            v = self.v_proj(h).reshape(b, s, c.kv_heads, c.head_size).transpose(0, 2, 1, 3)
+            cos, sin = cos.astype(q.dtype)[None, None], sin.astype(q.dtype)[None, None]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            groups = c.num_attention_heads // c.kv_heads
+            k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+            scores = (q @ k.transpose(0, 1, 3, 2)) * (c.head_size**-0.5)
+            causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+            scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+            weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+            out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, s, -1)
+            return self.o_proj(out)
+
+    class LlamaMLP(nnx.Module):
+        def __init__(self, c: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: Any):
+            kw = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.gate_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **kw)
+            self.up_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **kw)
+            self.down_proj = nnx.Linear(c.intermediate_size, c.hidden_size, **kw)
+
+        def __call__(self, h: jax.Array) -> jax.Array:
+            return self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    class LlamaDecoderLayer(nnx.Module):
+        def __init__(self, c: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: Any):
+            kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.self_attn = LlamaAttention(c, **kw)
+            self.mlp = LlamaMLP(c, **kw)
+            self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+            self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+
+        def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+            h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+            return h + self.mlp(self.post_attention_layernorm(h))
+
+    class LlamaModel(nnx.Module):
+        def __init__(self, c: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: Any):
+            self.config = c
+            self.dtype = dtype
+            self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.layers = nnx.List([LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(c.num_hidden_layers)])
+            self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+
+        def __call__(self, input_ids: jax.Array) -> jax.Array:
+            h = self.embed_tokens(input_ids)
+            if self.dtype is not None:
+                h = h.astype(self.dtype)
+            cos, sin = _rotary(jnp.arange(input_ids.shape[1]), self.config.head_size, self.config.rope_theta)
+            for layer in self.layers:
+                h = layer(h, cos, sin)
+            return self.norm(h)
+
+    class LlamaForCausalLM(nnx.Module):
+        """``LlamaForCausalLM`` in flax.nnx: ``model(input_ids [batch, seq]) -> logits [batch, seq, vocab]``.
+
+        Args:
+            config: the model's :class:`LlamaConfig`.
+            dtype: computation dtype (None: the parameters' dtype).
+            param_dtype: dtype of freshly initialized parameters.
+            rngs: ``nnx.Rngs`` for initialization.
+        """
+
+        def __init__(self, config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: Any):
+            self.config = config
+            self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if not config.tie_word_embeddings:
+                self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                                          param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+
+        def __call__(self, input_ids: jax.Array) -> jax.Array:
+            h = self.model(input_ids)
+            if self.config.tie_word_embeddings:
+                return self.model.embed_tokens.attend(h)
+            return self.lm_head(h)
+
+    return LlamaForCausalLM
+
+
+_CLASS = None
+
+
+def llama_for_causal_lm(config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: Any = None) -> Any:
+    """Builds a :class:`LlamaForCausalLM` nnx module (flax needed). ``rngs`` default: ``nnx.Rngs(0)``."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_modules()
+    return _CLASS(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs if rngs is not None else _nnx().Rngs(0))
+
+
+def abstract_llama(config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32) -> Any:
+    """The model's parameter structure with shapes and dtypes only (``nnx.eval_shape``): a target to load a
+    checkpoint into without allocating the random initial weights."""
+    nnx = _nnx()
+    return nnx.eval_shape(lambda: llama_for_causal_lm(config, dtype=dtype, param_dtype=param_dtype))

@@ -1,0 +1,450 @@
+"""Reading quantized PyTorch checkpoints: which tensors there are, in which format, from headers alone.
+
+Formats:
+    ``bitsandbytes-4bit``  transformers ``save_pretrained`` of a 4-bit model: ``<m>.weight`` (packed uint8)
+                           with ``.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map`` and
+                           ``.quant_state.bitsandbytes__nf4|fp4`` (a JSON document stored as uint8).
+    ``bitsandbytes-8bit``  ``<m>.weight`` int8 with ``<m>.SCB`` (row absmax): ``weight * SCB / 127``.
+    ``fp8``                HF fine-grained FP8: ``<m>.weight`` float8 with ``<m>.weight_scale_inv`` (or
+                           ``weight_scale``); block size from ``quantization_config.weight_block_size``.
+    ``torchao``            ``torch.save`` state dicts of torchao tensor subclasses (read with
+                           ``weights_only=True``), or torchao's safetensors layout (``tensor_names`` metadata).
+    ``safetensors``/``torch``  plain (unquantized) tensors.
+
+No pickle code is ever executed: torch files are read with ``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+import torch_side
+
+from ._errors import CheckpointError, FormatError
+
+BNB_STATE = re.compile(r"^(?P<name>.+)\.quant_state\.bitsandbytes__(?P<qt>nf4|fp4)$")
+BNB_PIECES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+FP8_SCALES = ("_scale_inv", "_scale")
+# tensors that describe activations, not weights (FP8 static activation scales, bitsandbytes 8-bit layout tag)
+NOT_WEIGHTS = re.compile(r"(\.input_scale|\.output_scale|\.weight_format|\.k_scale|\.v_scale)$")
+DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+    "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32,
+}  # fmt: skip
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclasses.dataclass
+class Entry:
+    """One weight as the checkpoint stores it.
+
+    Attributes:
+        name: the torch parameter name (``model.layers.0.mlp.down_proj.weight``).
+        kind: ``"dense"``, ``"bnb4"``, ``"bnb8"``, ``"fp8"`` or ``"torchao"``.
+        shape: the dequantized shape.
+        dtype: the dequantized dtype.
+        stored_bytes: bytes the checkpoint holds for it (all pieces).
+        keys: role -> checkpoint key (``{"weight": ..., "absmax": ...}``).
+        info: format details (the bitsandbytes quant-state JSON, the FP8 block size, the torchao type).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stored_bytes: int
+    keys: dict[str, str]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dense_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class _Source:
+    """Where tensors come from: safetensors files opened lazily, or one torch state dict."""
+
+    def __init__(self) -> None:
+        self.key_file: dict[str, pathlib.Path] = {}
+        self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.metadata: dict[pathlib.Path, dict[str, str]] = {}
+        self._open: dict[pathlib.Path, Any] = {}
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
+        from safetensors import safe_open
+
+        if not path.exists():
+            raise CheckpointError(f"{path}: file missing (listed in the checkpoint's index)")
+        try:
+            handle = safe_open(str(path), framework="pt")
+            available = list(handle.keys())
+            meta = handle.metadata() or {}
+            for key in available if keys is None else keys:
+                if key not in available:
+                    raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
+                sl = handle.get_slice(key)
+                self.key_file[key] = path
+                self.shapes[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, key))
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' own errors: a truncated file, a corrupt header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        self._open[path] = handle
+        self.metadata[path] = meta
+
+    def add_torch(self, path: pathlib.Path) -> None:
+        if not path.exists():
+            raise CheckpointError(f"{path}: file missing")
+        _import_torchao_quietly()
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                "qbridge never runs pickle code; re-save the checkpoint as a plain state dict of tensors"
+            ) from e
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+        self._state = {**(self._state or {}), **state}
+        for key, value in state.items():
+            self.key_file[key] = path
+            self.shapes[key] = (tuple(value.shape), value.dtype)
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key``, on the CPU."""
+        if self._state is not None and key in self._state:
+            return self._state[key]
+        path = self.key_file.get(key)
+        if path is None:
+            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+        try:
+            return self._open[path].get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+
+    def close(self) -> None:
+        self._open.clear()
+        self._state = None
+
+
+def _st_dtype(name: str, path: pathlib.Path, key: str) -> torch.dtype:
+    table = {
+        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+        "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+        "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }  # fmt: skip
+    if name not in table:
+        raise CheckpointError(f"{path}: {key!r} has dtype {name}, which qbridge does not read")
+    return table[name]
+
+
+def _import_torchao_quietly() -> None:
+    """torchao registers its tensor subclasses as safe for ``weights_only`` loading when imported."""
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        pass
+
+
+class Checkpoint:
+    """A checkpoint's entries, read from headers (and the small bitsandbytes quant-state documents).
+
+    Use :func:`open_checkpoint`; close it (or use it as a context manager) when done.
+    """
+
+    def __init__(self, path: pathlib.Path, source: _Source, config: dict[str, Any], fmt: str):
+        self.path = path
+        self.source = source
+        self.config = config
+        self.format = fmt
+        self.entries: dict[str, Entry] = {}
+        self.skipped: list[str] = []
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.source.close()
+
+    @property
+    def quantization_config(self) -> dict[str, Any]:
+        return self.config.get("quantization_config") or {}
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.source.read(key)
+
+    def where(self, key: str) -> str:
+        return f"{self.source.key_file.get(key, self.path)} [{key}]"
+
+
+def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None, str]:
+    """The tensor files of a checkpoint directory or file, the safetensors index map, and the container."""
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return [path], None, "safetensors"
+        if path.suffix in TORCH_SUFFIXES:
+            return [path], None, "torch"
+        if path.name.endswith(".index.json"):
+            return _find_files(path.parent)
+        raise CheckpointError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt, .pth)")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except Exception as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+        return sorted({path / f for f in weight_map.values()}), weight_map, "safetensors"
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files, None, "safetensors"
+    torch_index = path / "pytorch_model.bin.index.json"
+    if torch_index.exists():
+        try:
+            weight_map = json.loads(torch_index.read_text())["weight_map"]
+        except Exception as e:
+            raise CheckpointError(f"{torch_index}: not a checkpoint index ({type(e).__name__}: {e})") from e
+        return sorted({path / f for f in weight_map.values()}), None, "torch"
+    files = sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
+    if files:
+        return files, None, "torch"
+    raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files")
+
+
+def _config(path: pathlib.Path) -> dict[str, Any]:
+    folder = path if path.is_dir() else path.parent
+    config = folder / "config.json"
+    if not config.exists():
+        return {}
+    try:
+        return json.loads(config.read_text())
+    except Exception as e:
+        raise CheckpointError(f"{config}: unreadable JSON ({type(e).__name__}: {e})") from e
+
+
+def _model_dtype(config: dict[str, Any]) -> torch.dtype:
+    name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    return DTYPES.get(str(name), torch.bfloat16)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Opens a checkpoint (a directory or a file) and classifies every tensor, reading no weight data.
+
+    Raises:
+        CheckpointError: missing or truncated files, a corrupt header, a torch file that
+            ``weights_only`` refuses, a quant state that does not match its tensor (names the file and key).
+        FormatError: an unknown ``quant_method``, or formats mixed in a way qbridge cannot read.
+    """
+    path = pathlib.Path(path)
+    config = _config(path)
+    files, weight_map, container = _find_files(path)
+    source = _Source()
+    for f in files:
+        if container == "safetensors":
+            keys = None if weight_map is None else [k for k, v in weight_map.items() if path_name(path, v) == f]
+            source.add_safetensors(f, keys)
+        else:
+            source.add_torch(f)
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, "bitsandbytes", "fp8", "torchao"):
+        raise FormatError(
+            f"{path}: quantization_config.quant_method is {method!r}; qbridge reads 'bitsandbytes', 'fp8' and "
+            "'torchao' checkpoints and unquantized ones"
+        )
+    ckpt = Checkpoint(path, source, config, fmt="?")
+    try:
+        _classify(ckpt)
+    except Exception:
+        ckpt.close()
+        raise
+    return ckpt
+
+
+def path_name(root: pathlib.Path, name: str) -> pathlib.Path:
+    return (root if root.is_dir() else root.parent) / name
+
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _companions(src: _Source) -> set[str]:
+    """Keys that are pieces of another weight: FP8 scales and bitsandbytes 8-bit row scales."""
+    keys = set(src.shapes)
+    out = set()
+    for key, (_, dtype) in src.shapes.items():
+        if dtype in FLOAT8:
+            out.update(key + suffix for suffix in FP8_SCALES if key + suffix in keys)
+        if dtype == torch.int8 and f"{key.rpartition('.')[0]}.SCB" in keys:
+            out.add(f"{key.rpartition('.')[0]}.SCB")
+    return out
+
+
+def _classify(ckpt: Checkpoint) -> None:
+    src = ckpt.source
+    entries: dict[str, Entry] = {}
+    for key in sorted(src.shapes):  # bitsandbytes 4-bit: every weight with a quant-state document
+        m = BNB_STATE.match(key)
+        if m:
+            entry = _bnb4_entry(ckpt, m.group("name"), m.group("qt"), key)
+            entries[entry.name] = entry
+    for path, meta in src.metadata.items():  # torchao's safetensors layout
+        if "tensor_names" in meta:
+            for entry in _torchao_safetensors_entries(ckpt, path, meta):
+                entries[entry.name] = entry
+    taken = {k for e in entries.values() for k in e.keys.values()} | _companions(src)
+    dtype = _model_dtype(ckpt.config)
+    for key in sorted(set(src.shapes) - taken):
+        shape, kdtype = src.shapes[key]
+        base, _, leaf = key.rpartition(".")
+        if NOT_WEIGHTS.search(key):
+            ckpt.skipped.append(key)
+            continue
+        if leaf in BNB_PIECES or ".quant_state." in key or leaf == "SCB":
+            raise CheckpointError(
+                f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing "
+                "(the checkpoint is incomplete)"
+            )
+        if kdtype in FLOAT8:
+            entry = _fp8_entry(ckpt, key, shape, dtype)
+        elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
+            scb = f"{base}.SCB"
+            entry = Entry(key, "bnb8", shape, dtype, _nbytes(src, key) + _nbytes(src, scb), {"weight": key, "scb": scb})
+        elif src._state is not None and torch_side.is_quant_tensor_subclass(src._state.get(key)):
+            value = src._state[key]
+            entry = Entry(key, "torchao", shape, value.dtype, _subclass_bytes(value), {"weight": key},
+                          {"type": type(value).__name__})  # fmt: skip
+        else:
+            entry = Entry(key, "dense", shape, kdtype, _nbytes(src, key), {"weight": key})
+        entries[key] = entry
+    ckpt.entries = entries
+    _check_format(ckpt, {e.kind for e in entries.values()} - {"dense"})
+
+
+def _check_format(ckpt: Checkpoint, quantized: set[str]) -> None:
+    method = ckpt.quantization_config.get("quant_method")
+    if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"}:
+        raise CheckpointError(f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state")
+    if method == "fp8" and "fp8" not in quantized:
+        raise CheckpointError(f"{ckpt.path}: config says fp8 but no float8 weight was found")
+    if len(quantized) > 1:
+        raise FormatError(f"{ckpt.path}: mixes quantization formats {sorted(quantized)}; qbridge reads one per checkpoint")
+    names = {"bnb4": "bitsandbytes-4bit", "bnb8": "bitsandbytes-8bit", "fp8": "fp8", "torchao": "torchao"}
+    ckpt.format = names[next(iter(quantized))] if quantized else ("safetensors" if ckpt.source.metadata else "torch")
+
+
+def _nbytes(src: _Source, key: str) -> int:
+    shape, dtype = src.shapes[key]
+    return math.prod(shape) * dtype.itemsize
+
+
+def _subclass_bytes(t: torch.Tensor) -> int:
+    names = list(getattr(type(t), "tensor_data_names", [])) + list(getattr(type(t), "optional_tensor_data_names", []) or [])
+    pieces = [getattr(t, n, None) for n in names] or [getattr(t, "quantized_data", None), getattr(t, "quantized_scalers", None)]
+    return sum(p.numel() * p.element_size() for p in pieces if isinstance(p, torch.Tensor))
+
+
+def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) -> Entry:
+    src = ckpt.source
+    where = ckpt.where(state_key)
+    try:
+        doc = json.loads(bytes(src.read(state_key).tolist()).decode("utf-8"))
+    except Exception as e:
+        raise CheckpointError(f"{where}: the bitsandbytes quant state is not readable JSON ({e})") from e
+    for field in ("blocksize", "shape", "dtype"):
+        if field not in doc:
+            raise CheckpointError(f"{where}: the quant state lacks {field!r}")
+    if doc.get("quant_type", quant_type) != quant_type:
+        raise CheckpointError(f"{where}: the key says {quant_type} but the quant state says {doc.get('quant_type')!r}")
+    if name not in src.shapes:
+        raise CheckpointError(f"{where}: quant state for {name!r}, which the checkpoint does not hold")
+    out_dtype = DTYPES.get(str(doc["dtype"]))
+    if out_dtype is None:
+        raise CheckpointError(f"{where}: the quant state's dtype {doc['dtype']!r} is not float16, bfloat16 or float32")
+    shape = tuple(int(s) for s in doc["shape"])
+    keys = {"weight": name, "quant_state": state_key}
+    for piece in BNB_PIECES:
+        key = f"{name}.{piece}"
+        if key in src.shapes:
+            keys[piece] = key
+    if "absmax" not in keys:
+        raise CheckpointError(f"{ckpt.where(name)}: 4-bit weight without {name}.absmax")
+    nested = "nested_absmax" in keys
+    if nested and ("nested_quant_map" not in keys or "nested_offset" not in doc):
+        raise CheckpointError(f"{where}: a nested absmax needs .nested_quant_map and nested_offset")
+    # the sizes must fit before any byte is dequantized
+    n = math.prod(shape)
+    blocksize = int(doc["blocksize"])
+    (pshape, pdtype) = src.shapes[name]
+    have = math.prod(pshape) * pdtype.itemsize
+    if have < (n + 1) // 2 or have > (n + 1) // 2 + pdtype.itemsize:
+        raise CheckpointError(
+            f"{ckpt.where(name)}: {have} packed bytes, but the quant state's shape {shape} needs {(n + 1) // 2}"
+        )
+    nblocks = -(-n // blocksize)
+    if math.prod(src.shapes[keys["absmax"]][0]) != nblocks:
+        raise CheckpointError(
+            f"{ckpt.where(keys['absmax'])}: {math.prod(src.shapes[keys['absmax']][0])} entries, but {n} elements in "
+            f"blocks of {blocksize} need {nblocks}"
+        )
+    stored = sum(_nbytes(src, k) for k in keys.values())
+    return Entry(name, "bnb4", shape, out_dtype, stored, keys, {"quant_state": doc, "quant_type": quant_type})
+
+
+def _fp8_entry(ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Entry:
+    src = ckpt.source
+    scale = next((key + s for s in FP8_SCALES if key + s in src.shapes), None)
+    if scale is None:
+        raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
+    block = ckpt.quantization_config.get("weight_block_size")
+    block = tuple(int(b) for b in block) if block else None
+    try:
+        layout = torch_side.fp8_scale_layout(shape, src.shapes[scale][0], block)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
+    info = {"block_size": block, "layout": layout, "partial": layout.kind == "block" and any(d % b for d, b in zip(shape, layout.block))}
+    return Entry(key, "fp8", shape, dtype, _nbytes(src, key) + _nbytes(src, scale), {"weight": key, "scale": scale}, info)
+
+
+def _torchao_safetensors_entries(ckpt: Checkpoint, path: pathlib.Path, meta: dict[str, str]) -> Iterator[Entry]:
+    try:
+        names = json.loads(meta["tensor_names"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: torchao metadata 'tensor_names' is not JSON ({e})") from e
+    for name in names:
+        try:
+            doc = json.loads(meta[name])
+        except Exception as e:
+            raise CheckpointError(f"{path}: torchao metadata for {name!r} missing or not JSON ({e})") from e
+        if doc.get("_type") in ("Tensor", "torch.Tensor"):
+            continue  # a plain tensor: classified as dense
+        module, _, leaf = name.rpartition(".")
+        prefix = f"{module}._{leaf}_"
+        keys = {k[len(prefix) :]: k for k in ckpt.source.shapes if k.startswith(prefix)}
+        missing = [n for n in doc.get("_tensor_data_names", []) if n not in keys]
+        if missing:
+            raise CheckpointError(f"{path}: torchao tensor {name!r} lacks its pieces {missing}")
+        data = doc.get("_data", {})
+        # the logical shape is qdata's for the unpacked layouts torchao writes here (Int8, Float8, IntxUnpacked);
+        # it is checked against the rebuilt tensor when the weight is read
+        shape = ckpt.source.shapes[keys["qdata"]][0] if "qdata" in keys else ckpt.source.shapes[next(iter(keys.values()))][0]
+        stored_dtype = data.get("dtype", {})
+        dtype = DTYPES.get(stored_dtype.get("_data", "") if isinstance(stored_dtype, dict) else str(stored_dtype),
+                           _model_dtype(ckpt.config))  # fmt: skip
+        stored = sum(_nbytes(ckpt.source, k) for k in keys.values())
+        yield Entry(name, "torchao", shape, dtype, stored, keys, {"type": doc.get("_type"), "metadata": meta, "file": path})

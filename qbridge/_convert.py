@@ -1,0 +1,79 @@
+"""``convert_checkpoint``: a quantized PyTorch checkpoint to an Orbax checkpoint of Flax parameters, atomically."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any
+
+from ._errors import CheckpointError
+from ._loader import LoadReport, load_checkpoint
+
+
+def _orbax() -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:  # pragma: no cover - orbax comes with flax
+        raise ImportError("convert needs orbax-checkpoint: pip install 'qbridge[flax]'") from e
+    return ocp
+
+
+def convert_checkpoint(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    target: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LoadReport:
+    """Loads ``path`` with :func:`qbridge.load_checkpoint` and writes the parameters to ``out`` as an Orbax
+    checkpoint (``orbax.checkpoint.StandardCheckpointer``), all or nothing.
+
+    The checkpoint is written to a hidden sibling directory and renamed into place only when complete: an
+    interrupted or failed conversion leaves no ``out`` (and removes its partial files when it can).
+    Read it back with ``orbax.checkpoint.StandardCheckpointer().restore(out)``.
+
+    Args:
+        path: the PyTorch checkpoint (any format ``load_checkpoint`` reads).
+        out: the Orbax checkpoint directory to create.
+        target, device, dtype, progress: as for :func:`qbridge.load_checkpoint`.
+        overwrite: replace an existing ``out`` (only after the new checkpoint is complete).
+
+    Returns:
+        The :class:`LoadReport` of the load.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is False.
+        CheckpointError / FormatError / MatchError: from loading; nothing is written then.
+    """
+    ocp = _orbax()
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"{out.parent}: no such directory to write the converted checkpoint in")
+    params, report = load_checkpoint(path, target=target, device=device, dtype=dtype, progress=progress, return_report=True)
+    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(partial / "state", params)
+        checkpointer.wait_until_finished()
+        if out.exists():
+            retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.replace(out, retired)
+            os.replace(partial / "state", out)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(partial / "state", out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return report
+
+
+def restore_converted(out: str | os.PathLike[str]) -> Any:
+    """The parameters of a checkpoint written by :func:`convert_checkpoint`."""
+    return _orbax().StandardCheckpointer().restore(pathlib.Path(out).absolute())

@@ -1,0 +1,303 @@
+"""``load_checkpoint``: a quantized PyTorch checkpoint into Flax parameters, one tensor at a time.
+
+For each weight: read its stored pieces from the file, move the *quantized* bytes to the device,
+dequantize there (``torch_side``, written directly in the Flax layout), hand the result to JAX zero-copy
+(``to_jax``), and drop every temporary before the next weight, so that peak device memory stays near the
+size of the result plus one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jax_side
+import torch_side
+
+from ._checkpoint import Checkpoint, Entry, open_checkpoint
+from ._errors import CheckpointError
+from ._handoff import to_jax
+
+log = logging.getLogger("qbridge")
+
+_TO_TORCH = {
+    np.dtype(jnp.bfloat16): torch.bfloat16, np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64, np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8,
+    np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
+    np.dtype(np.bool_): torch.bool,
+}  # fmt: skip
+_TO_NUMPY = {v: k for k, v in _TO_TORCH.items()}
+_TO_NUMPY.update({torch.float8_e4m3fn: np.dtype(jnp.float8_e4m3fn), torch.float8_e5m2: np.dtype(jnp.float8_e5m2)})
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` read and where it put it.
+
+    Attributes:
+        format: the checkpoint format (``bitsandbytes-4bit``, ``fp8``, ``torchao``, ``safetensors`` ...).
+        leaves: number of parameters produced.
+        skipped: checkpoint tensors left out as buffers or activation scales (``position_ids`` ...).
+        match: the target-matching report (None without a target).
+        stored_bytes: bytes read from the checkpoint; dense_bytes: bytes of the result.
+        seconds: wall time; device: where the result lives.
+    """
+
+    format: str
+    leaves: int
+    skipped: list[str]
+    match: jax_side.MatchReport | None
+    stored_bytes: int
+    dense_bytes: int
+    seconds: float
+    device: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.format}: {self.leaves} leaves, {self.stored_bytes / 1e6:.1f} MB read -> "
+            f"{self.dense_bytes / 1e6:.1f} MB on {self.device} in {self.seconds:.2f} s"
+            + (f"; skipped {', '.join(self.skipped)}" if self.skipped else "")
+        )
+
+
+def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
+    """The JAX device for results and the torch device that dequantizes for it.
+
+    ``None``: the current CUDA device when torch and JAX both see it, else the CPU. Also takes a
+    ``jax.Device``, or ``"cpu"``, ``"cuda"``, ``"cuda:i"``.
+    """
+    if device is None:
+        if torch.cuda.is_available():
+            try:
+                gpus = {d.local_hardware_id: d for d in jax.local_devices(backend="gpu")}
+            except RuntimeError:
+                gpus = {}
+            index = torch.cuda.current_device()
+            if index in gpus:
+                return gpus[index], torch.device("cuda", index)
+        return jax.local_devices(backend="cpu")[0], torch.device("cpu")
+    if isinstance(device, str):
+        tdev = torch.device(device)
+        if tdev.type == "cpu":
+            return jax.local_devices(backend="cpu")[0], tdev
+        index = tdev.index if tdev.index is not None else torch.cuda.current_device()
+        gpus = {d.local_hardware_id: d for d in jax.local_devices(backend="gpu")}
+        if index not in gpus:
+            raise ValueError(f"device {device!r}: JAX has no GPU with hardware id {index}")
+        return gpus[index], torch.device("cuda", index)
+    if isinstance(device, jax.Device):
+        if device.platform == "gpu":
+            return device, torch.device("cuda", device.local_hardware_id)
+        return device, torch.device("cpu")
+    raise TypeError(f"device must be None, a jax.Device or 'cpu'/'cuda[:i]', got {type(device).__name__}")
+
+
+def _torch_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return _TO_TORCH[np.dtype(dtype)]
+
+
+def _check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there")
+
+
+def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
+    doc = entry.info["quant_state"]
+    pieces = {role: ckpt.read(key) for role, key in entry.keys.items() if role != "quant_state"}
+    for role in ("absmax", "nested_absmax"):
+        if role in pieces:
+            _check_scales(ckpt, entry.keys[role], pieces[role])
+    code = pieces.get("quant_map")
+    if code is not None and torch_side.standard_code(entry.info["quant_type"]).shape == code.shape and bool(
+        torch.equal(code.float(), torch_side.standard_code(entry.info["quant_type"]))
+    ):
+        code = None  # the standard table: decode exactly as bitsandbytes' CUDA kernel does
+    on = {role: t.to(device) for role, t in pieces.items()}
+    nested = "nested_absmax" in on
+    try:
+        return torch_side.dequantize_nf4(
+            on["weight"], on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
+            code=None if code is None else code.to(device), quant_type=entry.info["quant_type"], dtype=entry.dtype,
+            nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
+            nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
+            transpose=transpose,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
+
+
+def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
+    scale = ckpt.read(entry.keys["scale"])
+    _check_scales(ckpt, entry.keys["scale"], scale)
+    w = ckpt.read(entry.keys["weight"]).to(device)
+    try:
+        return torch_side.dequantize_fp8(
+            w, scale.to(device), entry.dtype, block_size=entry.info["block_size"], transpose=transpose
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.where(entry.keys['scale'])}: {e}") from e
+
+
+def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+    scb = ckpt.read(entry.keys["scb"])
+    _check_scales(ckpt, entry.keys["scb"], scb)
+    w = ckpt.read(entry.keys["weight"]).to(device)
+    if scb.numel() != w.shape[0]:
+        raise CheckpointError(f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows")
+    # bitsandbytes' int8_vectorwise_dequant: int8 * SCB / 127 in float32
+    return (w.float() * (scb.to(device).float()[:, None] * (1.0 / 127))).to(entry.dtype)
+
+
+def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+    if "qdata" in entry.keys or "file" in entry.info:  # torchao's safetensors layout
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        pieces = {key: ckpt.read(key) for key in entry.keys.values()}
+        rebuilt, _ = unflatten_tensor_state_dict(pieces, entry.info["metadata"])
+        if entry.name not in rebuilt:
+            raise CheckpointError(f"{entry.info['file']}: torchao could not rebuild {entry.name!r}")
+        weight = rebuilt[entry.name]
+    else:
+        weight = ckpt.read(entry.name)
+    dense = torch_side.dequantize_weight(weight.to(device))
+    if tuple(dense.shape) != entry.shape:
+        raise CheckpointError(f"{ckpt.where(entry.name)}: rebuilt shape {tuple(dense.shape)}, expected {entry.shape}")
+    return dense
+
+
+def materialize(ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule) -> torch.Tensor:
+    """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous."""
+    perm = jax_side.permutation(rule, len(entry.shape))
+    fused_t = perm == (1, 0) and entry.kind in ("bnb4", "fp8")  # the kernels write the transpose in one pass
+    if entry.kind == "bnb4":
+        t = _bnb4(ckpt, entry, device, fused_t)
+    elif entry.kind == "fp8":
+        t = _fp8(ckpt, entry, device, fused_t)
+    elif entry.kind == "bnb8":
+        t = _bnb8(ckpt, entry, device)
+    elif entry.kind == "torchao":
+        t = _torchao(ckpt, entry, device)
+    else:
+        t = ckpt.read(entry.name).to(device)
+    if perm is not None and not fused_t:
+        t = t.permute(perm)
+    if rule.flip and perm is not None:
+        t = t.flip(rule.flip)
+    return t.contiguous()
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    target: Any = None,
+    device: Any = None,
+    dtype: Any = None,
+    strict: bool = True,
+    progress: bool = True,
+    kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
+    return_report: bool = False,
+) -> Any:
+    """Loads a (quantized) PyTorch checkpoint as Flax parameters on a JAX device.
+
+    Args:
+        path: a checkpoint directory (``config.json`` + ``*.safetensors`` or ``model.safetensors.index.json``,
+            or ``*.bin``/``*.pt``) or one file. Formats: bitsandbytes 4-bit (NF4/FP4, nested or not) and
+            8-bit, HF fine-grained FP8, torchao tensor subclasses (``torch.save`` or torchao's safetensors
+            layout), and plain tensors. Torch files are read with ``weights_only=True``.
+        target: None, or a Flax target to match: a linen ``params``/variables dict (leaves may be
+            ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an ``nnx.State``. Every target leaf is matched by
+            path and checked before any weight is read.
+        device: where the result lives: a ``jax.Device``, ``"cpu"``, ``"cuda[:i]"``, or None (the current
+            GPU when torch and JAX see it, else the CPU). Dequantization runs on the matching torch device.
+        dtype: None keeps each weight's dtype (with a target, a difference from the target's dtype is a
+            mismatch); ``"target"`` casts to each target leaf's dtype; a dtype casts every floating leaf.
+        strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
+            unfilled leaves as the target has them.
+        progress: show a progress bar (tensors and bytes; notebook-aware).
+        kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
+        rename: regex -> replacement applied to checkpoint keys before matching a target.
+        return_report: also return a :class:`LoadReport`.
+
+    Returns:
+        Without a target, Flax variables ``{"params": {...}}`` (plus ``"batch_stats"``), named by Flax
+        conventions (``kernel``, ``scale``, ``embedding``). With a target, exactly the target's structure
+        (a pure nested dict for nnx, ready for ``nnx.update``). ``(params, report)`` with ``return_report``.
+        Arrays are new device memory, contiguous, in the Flax layout.
+
+    Raises:
+        CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,
+            damaged (NaN/Inf) scales; the message names the file and key. Nothing partial is returned.
+        FormatError: an unknown ``quant_method`` or mixed formats.
+        jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
+    """
+    start = time.perf_counter()
+    jdev, tdev = resolve_device(device)
+    with open_checkpoint(path) as ckpt:
+        shapes = {name: (e.shape, _TO_NUMPY.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
+        if target is not None:
+            t, plan, match = jax_side.plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
+            skipped = [*ckpt.skipped, *match.skipped]
+        else:
+            if dtype == "target":
+                raise ValueError("dtype='target' needs a target")
+            t, match = None, None
+            plan, by_name_skipped = jax_side.plan_by_name(shapes, kinds=kinds)
+            skipped = [*ckpt.skipped, *by_name_skipped]
+        stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
+        bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
+        values: dict[Any, jax.Array] = {}
+        dense = 0
+        try:
+            for i, p in enumerate(plan):
+                entry = ckpt.entries[p.key]
+                tensor = materialize(ckpt, entry, tdev, p.rule)
+                cast = jax_side.leaf_dtype(p, dtype, _TO_NUMPY.get(tensor.dtype, np.dtype(np.float32)))
+                if cast is not None and tensor.is_floating_point():
+                    tensor = tensor.to(_torch_dtype(cast))
+                values[p.leaf.path] = to_jax(tensor, device=jdev, producer="current")
+                dense += tensor.numel() * tensor.element_size()
+                del tensor
+                if bar is not None:
+                    bar.update(entry.stored_bytes)
+                    bar.set_postfix(tensors=f"{i + 1}/{len(plan)}")
+        finally:
+            if bar is not None:
+                bar.close()
+        result = jax_side.rebuild_target(t, values) if t is not None else {"params": {}, **jax_side.nest(values)}
+        report = LoadReport(ckpt.format, len(values), skipped, match, stored, dense, time.perf_counter() - start, str(jdev))
+    if skipped:
+        log.info("load_checkpoint skipped %s (not parameters)", ", ".join(skipped))
+    log.debug("%s", report)
+    return (result, report) if return_report else result
+
+
+def dequantized_state(path: str | os.PathLike[str], *, device: Any = "cpu") -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint dequantized in torch layout, as ``{torch name: tensor}`` (for
+    inspection and parity tests). Loads everything at once: meant for small checkpoints."""
+    _, tdev = resolve_device(device)
+    identity = jax_side.rule_for("param", "weight")
+    with open_checkpoint(path) as ckpt:
+        return {name: materialize(ckpt, e, tdev, identity) for name, e in ckpt.entries.items()}

@@ -1,0 +1,101 @@
+"""Checkpoints made by the real producers, small enough for CI: transformers + bitsandbytes
+``save_pretrained``, torchao ``quantize_`` saved both ways, and an FP8 block checkpoint written by the
+documented layout (transformers refuses to quantize FP8 on a CPU, and to read partial tiles there)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+# Sizes bitsandbytes' CPU forward accepts (rows in multiples of 32, columns in multiples of 64), so the
+# quantized torch model itself can run as the reference on a CPU.
+LLAMA = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def dense_llama(path: pathlib.Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(dtype).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def bnb_llama(dense_dir: pathlib.Path, out: pathlib.Path, *, quant_type: str, nested: bool, shard: bool = False):
+    """transformers quantizes the dense checkpoint with bitsandbytes and saves it (sharded if asked)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cpu"
+    )
+    model.save_pretrained(out, max_shard_size="60KB" if shard else "5GB")
+    return model.eval()
+
+
+def fp8_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise e4m3 quantization as DeepSeek-V3's checkpoints store it: scale_inv = amax / 448 per block."""
+    rows, cols = w.shape
+    grid = (math.ceil(rows / block), math.ceil(cols / block))
+    wf = w.float()
+    scale = torch.empty(grid)
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            tile = wf[i * block : (i + 1) * block, j * block : (j + 1) * block]
+            s = tile.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * block : (i + 1) * block, j * block : (j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_llama(dense_dir: pathlib.Path, out: pathlib.Path, *, block: int = 128, scale_name: str = "weight_scale_inv"):
+    """The HF fine-grained FP8 layout: every Linear weight of the decoder as float8 + block scales."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(dense_dir / "model.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    flat = {}
+    for key, value in state.items():
+        if ".layers." in key and key.endswith("_proj.weight"):
+            q, s = fp8_quantize(value, block)
+            flat[key] = q
+            flat[key.replace(".weight", "." + scale_name)] = s
+        else:
+            flat[key] = value
+    save_file(flat, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dense_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block], "activation_scheme": "dynamic"}
+    (out / "config.json").write_text(json.dumps(config))
+    return flat
+
+
+def torchao_llama(dense_dir: pathlib.Path, out: pathlib.Path, config_name: str = "int8"):
+    """torchao ``quantize_`` on the dense model, saved as a torch state dict and in torchao's safetensors layout."""
+    transformers = pytest.importorskip("transformers")
+    ao = pytest.importorskip("torchao.quantization")
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    model = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16).eval()
+    config = {"int8": ao.Int8WeightOnlyConfig(), "float8": ao.Float8WeightOnlyConfig(), "intx": ao.IntxWeightOnlyConfig()}[config_name]
+    ao.quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    torch.save(state, out / "model.pt")
+    data, meta = flatten_tensor_state_dict(state)
+    (out / "st").mkdir(exist_ok=True)
+    save_file(data, out / "st" / "model.safetensors", metadata=meta)
+    (out / "st" / "config.json").write_text((dense_dir / "config.json").read_text())
+    (out / "config.json").write_text((dense_dir / "config.json").read_text())
+    return model

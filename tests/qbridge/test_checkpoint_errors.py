@@ -1,0 +1,171 @@
+"""Bad checkpoints: each gives a clear error naming the file and key; nothing partial is returned or
+written; no pickle code is ever executed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from checkpoints import bnb_llama, dense_llama, fp8_llama
+
+import jax_side
+import qbridge
+from qbridge import CheckpointError, FormatError
+
+pytest.importorskip("bitsandbytes")
+st = pytest.importorskip("safetensors.torch")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("made")
+    dense_llama(root / "dense")
+    bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
+    bnb_llama(root / "dense", root / "sharded", quant_type="nf4", nested=True, shard=True)
+    fp8_llama(root / "dense", root / "fp8")
+    return root
+
+
+def _copy(made, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(made / name, dst)
+    return dst
+
+
+def _rewrite(path, edit):
+    state = st.load_file(path)
+    edit(state)
+    st.save_file(state, path, metadata={"format": "pt"})
+
+
+def test_missing_shard(made, tmp_path):
+    ck = _copy(made, "sharded", tmp_path)
+    victim = sorted(ck.glob("*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"{victim.name}: file missing"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_truncated_file(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_corrupt_header(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    f = ck / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"{not json at all}" + b" " * 15
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        qbridge.inspect_checkpoint(ck)
+
+
+def test_quant_state_that_does_not_match_its_tensor(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    key = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"
+
+    def edit(state):
+        doc = json.loads(bytes(state[key].tolist()))
+        doc["shape"] = [doc["shape"][0] + 8, doc["shape"][1]]
+        state[key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+
+    _rewrite(ck / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=r"model.safetensors \[model.layers.0.mlp.down_proj.weight\]: .* needs"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_quant_state_json_garbage(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    key = "model.layers.1.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    _rewrite(ck / "model.safetensors", lambda s: s.__setitem__(key, torch.tensor(list(b"{oops"), dtype=torch.uint8)))
+    with pytest.raises(CheckpointError, match=f"{key}.*not readable JSON"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_piece_without_its_quant_state(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    key = "model.layers.1.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
+    _rewrite(ck / "model.safetensors", lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight.absmax\]: a piece of a quantized weight"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_fp8_scale_shape_that_does_not_fit(made, tmp_path):
+    ck = _copy(made, "fp8", tmp_path)
+    key = "model.layers.0.mlp.gate_proj.weight_scale_inv"
+    _rewrite(ck / "model.safetensors", lambda s: s.__setitem__(key, torch.ones(3, 1)))
+    with pytest.raises(CheckpointError, match=rf"{key}\]: scale_inv has shape \(3, 1\).*needs \(2, 1\)"):
+        qbridge.inspect_checkpoint(ck)
+
+
+def test_fp8_nan_scale(made, tmp_path):
+    ck = _copy(made, "fp8", tmp_path)
+    key = "model.layers.1.mlp.up_proj.weight_scale_inv"
+
+    def edit(state):
+        state[key][0, 0] = float("nan")
+
+    _rewrite(ck / "model.safetensors", edit)
+    with pytest.raises(CheckpointError, match=rf"{key}\]: 1 scale\(s\) are NaN or Inf"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_mixed_formats(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    fp8 = st.load_file(made / "fp8" / "model.safetensors")
+
+    def edit(state):
+        state["extra.weight"] = fp8["model.layers.0.mlp.up_proj.weight"]
+        state["extra.weight_scale_inv"] = fp8["model.layers.0.mlp.up_proj.weight_scale_inv"]
+
+    _rewrite(ck / "model.safetensors", edit)
+    with pytest.raises(FormatError, match=r"mixes quantization formats \['bnb4', 'fp8'\]"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_unknown_quant_method(made, tmp_path):
+    ck = _copy(made, "dense", tmp_path)
+    config = json.loads((ck / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (ck / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match="quant_method is 'gptq'"):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # would create the marker file if unpickled
+
+
+def test_pickle_that_weights_only_refuses_is_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2), "evil": _Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=r"model.pt: torch.load\(weights_only=True\) refused it.*never runs pickle code"):
+        qbridge.load_checkpoint(path, progress=False)
+    assert not marker.exists()
+
+
+def test_empty_directory_and_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no .safetensors, .bin or .pt files"):
+        qbridge.load_checkpoint(tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        qbridge.load_checkpoint(tmp_path / "nope", progress=False)
+
+
+def test_failed_match_returns_nothing(made):
+    config = jax_side.LlamaConfig.from_hf(json.loads((made / "nf4" / "config.json").read_text()))
+    wrong = jax_side.LlamaConfig(**{**config.__dict__, "intermediate_size": 128})
+    with pytest.raises(jax_side.MatchError) as info:
+        qbridge.load_checkpoint(made / "nf4", target=jax_side.abstract_llama(wrong), progress=False)
+    text = str(info.value)
+    assert text.count("shape:") == 6 and "model.layers.0.mlp.down_proj.kernel" in text

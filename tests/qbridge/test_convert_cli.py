@@ -1,0 +1,133 @@
+"""inspect_checkpoint, convert_checkpoint (Orbax, atomic), the CLI and the parity module."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from checkpoints import bnb_llama, dense_llama, fp8_llama
+
+import qbridge
+from qbridge import parity
+from qbridge._cli import main
+
+pytest.importorskip("orbax.checkpoint")
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def nf4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    dense_llama(root / "dense")
+    bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
+    return root / "nf4"
+
+
+def test_inspect(nf4):
+    s = qbridge.inspect_checkpoint(nf4)
+    assert s.format == "bitsandbytes-4bit" and s.kinds["bnb4"]["tensors"] == 14 and s.kinds["dense"]["tensors"] == 7
+    assert s.kinds["bnb4"]["dense_bytes"] > 2 * s.kinds["bnb4"]["stored_bytes"]  # tiny weights: tables weigh in
+    assert s.quantization_config["quant_method"] == "bitsandbytes"
+    text = str(s)
+    assert "bnb4" in text and "bnb_4bit_quant_type=nf4" in text
+
+
+def test_convert_round_trip(nf4, tmp_path):
+    out = tmp_path / "orbax"
+    report = qbridge.convert_checkpoint(nf4, out, progress=False)
+    assert report.leaves == 21 and out.is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["orbax"]  # no partial or temporary files left
+    restored = qbridge.restore_converted(out)
+    loaded = qbridge.load_checkpoint(nf4, progress=False)
+    flat_a = jax.tree_util.tree_leaves_with_path(restored)
+    flat_b = jax.tree_util.tree_leaves_with_path(loaded)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (_, a), (_, b) in zip(flat_a, flat_b):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
+    out = tmp_path / "orbax"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        qbridge.convert_checkpoint(nf4, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    qbridge.convert_checkpoint(nf4, out, progress=False, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "_CHECKPOINT_METADATA").exists()
+
+
+def test_failed_conversion_leaves_nothing(nf4, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in nf4.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    with pytest.raises(qbridge.CheckpointError):
+        qbridge.convert_checkpoint(broken, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_failure_while_writing_leaves_nothing(nf4, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def explode(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", explode)
+    with pytest.raises(OSError, match="disk full"):
+        qbridge.convert_checkpoint(nf4, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_inspect_convert_and_errors(nf4, tmp_path, capsys):
+    assert main(["inspect", str(nf4)]) == 0
+    assert "bitsandbytes-4bit" in capsys.readouterr().out
+    assert main(["convert", str(nf4), str(tmp_path / "o"), "--quiet", "--dtype", "float32"]) == 0
+    restored = qbridge.restore_converted(tmp_path / "o")
+    assert restored["params"]["model"]["norm"]["scale"].dtype == jnp.float32
+    assert main(["convert", str(nf4), str(tmp_path / "o"), "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_parity_module():
+    ref = torch.randn(4, 8, dtype=torch.float32)
+    good = ref.numpy() + 1e-7
+    report = parity.assert_parity(ref, good)
+    assert report.ok and report.outputs[0].dtype == "float32"
+    with pytest.raises(AssertionError, match="FAIL"):
+        parity.assert_parity(ref, ref.numpy() * 1.01)
+    bf = ref.to(torch.bfloat16)
+    assert parity.compare(bf, jnp.asarray(ref.numpy()).astype(jnp.bfloat16)).outputs[0].dtype == "bfloat16"
+    nan = ref.numpy().copy()
+    nan[0, 0] = np.nan
+    assert not parity.compare(ref, nan).ok
+    tree = parity.compare({"a": ref, "b": [ref, ref]}, {"a": good, "b": [good, good]})
+    assert [o.name for o in tree.outputs] == ["a", "b[0]", "b[1]"]
+    with pytest.raises(ValueError, match="shapes"):
+        parity.compare(ref, good[:2])
+    run = parity.run_parity(lambda x: x * 2, lambda x: jnp.asarray(x) * 2, [np.ones((3, 3), np.float32)])
+    assert run.ok and run.outputs[0].max_abs == 0
+
+
+def test_fp8_inspect_care_lines(tmp_path):
+    dense_llama(tmp_path / "dense")
+    fp8_llama(tmp_path / "dense", tmp_path / "fp8")
+    s = qbridge.inspect_checkpoint(tmp_path / "fp8")
+    assert any("gate_proj" in c and "[2, 1]" in c for c in s.care)
+
+
+def test_demo_command(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "equal to bitsandbytes' own dequantization: 28 of 28" in out
+    assert "logits" in out and " ok" in out

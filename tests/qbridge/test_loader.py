@@ -1,0 +1,236 @@
+"""load_checkpoint end to end on checkpoints made by the real producers: the Flax model on the loaded
+parameters matches the torch model, and every dequantized weight equals the producer's own dequantization."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from checkpoints import bnb_llama, dense_llama, fp8_llama, torchao_llama
+from helpers import assert_same_bits, bnb_reference, fp8_reference_loops, to_numpy
+
+import jax_side
+import qbridge
+from qbridge.parity import assert_parity
+
+nnx = pytest.importorskip("flax.nnx")
+pytest.importorskip("bitsandbytes")
+
+IDS = np.random.default_rng(0).integers(0, 256, (2, 12))
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense")
+    dense_llama(path)
+    return path
+
+
+def _flax_model(path):
+    config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    return config, jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+
+
+def _load_into_flax(path, **kwargs):
+    config, model = _flax_model(path if (path / "config.json").exists() else path.parent)
+    target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+    params, report = qbridge.load_checkpoint(path, target=target, progress=False, return_report=True, **kwargs)
+    nnx.update(model, params)
+    return model, params, report
+
+
+def _kernel(params, name):
+    node = params
+    for part in name.rsplit(".", 1)[0].split("."):
+        node = node[int(part) if part.isdigit() else part]
+    return np.asarray(node["kernel"]).T  # back to torch's [out, in]
+
+
+def _torch_logits(model):
+    with torch.no_grad():
+        return model(torch.from_numpy(IDS)).logits
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_bitsandbytes_llama(tmp_path, dense_dir, quant_type, nested):
+    out = tmp_path / "q"
+    model = bnb_llama(dense_dir, out, quant_type=quant_type, nested=nested, shard=nested and quant_type == "nf4")
+    # every 4-bit weight: bit-identical to bitsandbytes (its reference with the CUDA kernel's semantics),
+    # and equal as numbers to what bitsandbytes' own dequantize_4bit returns here
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    flax_model, params, report = _load_into_flax(out)
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            ours = _kernel(params, name + ".weight")
+            assert_same_bits(ours, to_numpy(bnb_reference(module.weight.data, module.weight.quant_state)))
+            np.testing.assert_array_equal(ours.astype(np.float32), F.dequantize_4bit(module.weight.data, module.weight.quant_state).float().numpy())
+            checked += 1
+    assert checked == 14 and report.format == "bitsandbytes-4bit"
+    assert_parity(_torch_logits(model), flax_model(jnp.asarray(IDS)))
+
+
+def test_sharded_checkpoint_is_read_across_files(tmp_path, dense_dir):
+    out = tmp_path / "sharded"
+    bnb_llama(dense_dir, out, quant_type="nf4", nested=True, shard=True)  # transformers' own sharding
+    assert (out / "model.safetensors.index.json").exists()
+    assert len(list(out.glob("*.safetensors"))) > 2
+    summary = qbridge.inspect_checkpoint(out)
+    assert summary.files == len(list(out.glob("*.safetensors")))
+    _, _, report = _load_into_flax(out)
+    assert report.leaves == 21
+
+
+def test_pieces_of_one_weight_in_different_shards(tmp_path, dense_dir):
+    """A weight's packed bytes in one shard, its absmax and quant state in another."""
+    from safetensors.torch import load_file, save_file
+
+    single = tmp_path / "single"
+    bnb_llama(dense_dir, single, quant_type="fp4", nested=True)
+    state = load_file(single / "model.safetensors")
+    split = tmp_path / "split"
+    split.mkdir()
+    main = {k: v for k, v in state.items() if k.endswith(".weight")}
+    rest = {k: v for k, v in state.items() if k not in main}
+    save_file(main, split / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(rest, split / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in main} | {k: "model-00002-of-00002.safetensors" for k in rest}
+    (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (split / "config.json").write_text((single / "config.json").read_text())
+    _, params_split, _ = _load_into_flax(split)
+    _, params_single, _ = _load_into_flax(single)
+    name = "model.layers.1.mlp.gate_proj.weight"
+    assert_same_bits(_kernel(params_split, name), _kernel(params_single, name))
+
+
+def test_fp8_llama_with_partial_tiles(tmp_path, dense_dir):
+    out = tmp_path / "fp8"
+    stored = fp8_llama(dense_dir, out)
+    summary = qbridge.inspect_checkpoint(out)
+    assert summary.format == "fp8" and summary.kinds["fp8"]["tensors"] == 14
+    assert any("partial" in line for line in summary.care)  # 192 rows in 128-row blocks
+    flax_model, params, _ = _load_into_flax(out)
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name in stored and stored[name].dtype == torch.float8_e4m3fn:
+                want = fp8_reference_loops(stored[name], stored[name.replace(".weight", ".weight_scale_inv")], (128, 128), torch.bfloat16)
+                assert_same_bits(_kernel(params, name), to_numpy(want))
+                p.copy_(want)  # the torch model on the same dequantized weights
+    assert_parity(_torch_logits(reference), flax_model(jnp.asarray(IDS)))
+
+
+def test_fp8_weight_scale_name(tmp_path, dense_dir):
+    out = tmp_path / "fp8s"
+    fp8_llama(dense_dir, out, scale_name="weight_scale")
+    _, _, report = _load_into_flax(out)
+    assert report.format == "fp8"
+
+
+@pytest.mark.parametrize("layout", ["model.pt", "st/model.safetensors"])
+def test_torchao_llama(tmp_path, dense_dir, layout):
+    out = tmp_path / "ao"
+    model = torchao_llama(dense_dir, out)
+    flax_model, params, report = _load_into_flax(out / layout)
+    assert report.format == "torchao"
+    for name, p in model.named_parameters():
+        if qbridge.is_quant_tensor_subclass(p):
+            assert_same_bits(_kernel(params, name), to_numpy(p.dequantize()))
+    assert_parity(_torch_logits(model), flax_model(jnp.asarray(IDS)))
+
+
+def test_dense_safetensors_and_torch_files(tmp_path, dense_dir):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16).eval()
+    flax_model, _, report = _load_into_flax(dense_dir)
+    assert report.format == "safetensors"
+    assert_parity(_torch_logits(reference), flax_model(jnp.asarray(IDS)))
+    torch.save(reference.state_dict(), tmp_path / "model.bin")
+    (tmp_path / "config.json").write_text((dense_dir / "config.json").read_text())
+    flax_model, _, report = _load_into_flax(tmp_path / "model.bin")
+    assert report.format == "torch"
+    assert_parity(_torch_logits(reference), flax_model(jnp.asarray(IDS)))
+
+
+def test_without_target_flax_names(dense_dir, tmp_path):
+    out = tmp_path / "q"
+    bnb_llama(dense_dir, out, quant_type="nf4", nested=True)
+    variables = qbridge.load_checkpoint(out, progress=False)
+    layer = variables["params"]["model"]["layers"]["0"]
+    assert layer["self_attn"]["q_proj"]["kernel"].shape == (64, 64)
+    assert layer["mlp"]["down_proj"]["kernel"].shape == (192, 64)  # [in, out]
+    assert layer["input_layernorm"]["scale"].shape == (64,)
+    assert variables["params"]["model"]["embed_tokens"]["embedding"].shape == (256, 64)
+    f32 = qbridge.load_checkpoint(out, progress=False, dtype=jnp.float32)
+    assert f32["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.float32
+
+
+def test_target_dtype_policies(dense_dir):
+    config, _ = _flax_model(dense_dir)
+    target32 = jax_side.abstract_llama(config, param_dtype=jnp.float32)
+    with pytest.raises(jax_side.MatchError, match="dtype='target'"):
+        qbridge.load_checkpoint(dense_dir, target=target32, progress=False)
+    params = qbridge.load_checkpoint(dense_dir, target=target32, dtype="target", progress=False)
+    assert params["model"]["norm"]["scale"].dtype == jnp.float32
+
+
+def test_buffers_are_skipped_and_reported(tmp_path, dense_dir):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(dense_dir / "model.safetensors")
+    state["model.embed_tokens.position_ids"] = torch.arange(12)[None]
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((dense_dir / "config.json").read_text())
+    _, _, report = _load_into_flax(tmp_path)
+    assert report.skipped == ["model.embed_tokens.position_ids"]
+
+
+def test_dequantized_state_matches_the_producer(tmp_path, dense_dir):
+    out = tmp_path / "q"
+    model = bnb_llama(dense_dir, out, quant_type="fp4", nested=False)
+    state = qbridge.dequantized_state(out)
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert_same_bits(to_numpy(state["model.layers.1.mlp.down_proj.weight"]), to_numpy(bnb_reference(w.data, w.quant_state)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_llama_on_the_gpu(tmp_path, dense_dir, quant_type):
+    """Quantized on the GPU by bitsandbytes, loaded onto the GPU through the Triton kernels; bit-identical to
+    bitsandbytes' CUDA dequantize_4bit, logits within bf16 tolerance of the CUDA torch model."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    import jax
+    import transformers
+
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cuda")
+    model.save_pretrained(tmp_path / "q")
+    flax_model, params, report = _load_into_flax(tmp_path / "q", device="cuda")
+    assert report.device.lower().startswith(("cuda", "gpu"))
+    leaf = params["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
+    assert leaf.devices() == {jax.local_devices(backend="gpu")[0]}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            assert_same_bits(_kernel(params, name + ".weight"), to_numpy(F.dequantize_4bit(module.weight.data, module.weight.quant_state)))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(IDS).cuda()).logits
+    assert_parity(ref, flax_model(jnp.asarray(IDS)))
+
+
+@pytest.mark.gpu
+def test_fp8_llama_on_the_gpu(tmp_path, dense_dir):
+    out = tmp_path / "fp8"
+    stored = fp8_llama(dense_dir, out)
+    _, params, _ = _load_into_flax(out, device="cuda")
+    name = "model.layers.0.mlp.gate_proj.weight"
+    want = fp8_reference_loops(stored[name], stored[name.replace(".weight", ".weight_scale_inv")], (128, 128), torch.bfloat16)
+    assert_same_bits(_kernel(params, name), to_numpy(want))
