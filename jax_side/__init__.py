@@ -33,6 +33,7 @@ from jax_side._target import plan_for_target
 from jax_side._target import rebuild_target
 from jax_side._tree import MatchError
 from jax_side._tree import MatchReport
+from jax_side._tree import dotted
 from jax_side._tree import PlannedLeaf
 from jax_side._tree import TargetLeaf
 from jax_side._tree import infer_kind
@@ -60,6 +61,7 @@ __all__ = [
     "apply_rule",
     "as_target",
     "decode_nested_absmax",
+    "dotted",
     "dequantize_fp8",
     "dequantize_nf4",
     "flax_shape",

@@ -47,6 +47,11 @@ def _shape_dtype(x: Any) -> tuple[tuple[int, ...], Any]:
     return tuple(np.shape(x)), getattr(x, "dtype", None)
 
 
+def _sharding(x: Any) -> Any:
+    """The sharding a target array (or ``jax.ShapeDtypeStruct``) carries, if any."""
+    return getattr(x, "sharding", None)
+
+
 def _value(var: Any) -> Any:
     return var.get_value() if hasattr(var, "get_value") else var.value
 
@@ -56,7 +61,7 @@ def _from_dict(tree: Mapping[str, Any]) -> Target:
     prefix_len = 1 if "params" in collections else 0
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) for path, _ in flat]
-    leaves = [TargetLeaf(p, *_shape_dtype(v)) for p, (_, v) in zip(paths, flat)]
+    leaves = [TargetLeaf(p, *_shape_dtype(v), sharding=_sharding(v)) for p, (_, v) in zip(paths, flat)]
     originals = [v for _, v in flat]
 
     def rebuild(values: dict[Path, Any]) -> Any:
@@ -73,8 +78,9 @@ def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) 
     for path, var in flat:
         if not isinstance(var, (nnx.Param, nnx.BatchStat)):
             continue
-        shape, dtype = _shape_dtype(_value(var))
-        leaves.append(TargetLeaf(tuple(path), shape, dtype, (module_types or {}).get(tuple(path[:-1]))))
+        value = _value(var)
+        shape, dtype = _shape_dtype(value)
+        leaves.append(TargetLeaf(tuple(path), shape, dtype, (module_types or {}).get(tuple(path[:-1])), _sharding(value)))
     originals = {tuple(path): _value(var) for path, var in flat}
     wanted = {leaf.path for leaf in leaves}
 

@@ -73,12 +73,14 @@ class MatchReport:
 
 @dataclasses.dataclass(frozen=True)
 class TargetLeaf:
-    """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it."""
+    """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it
+    (``sharding``: the ``jax.sharding.Sharding`` the target's array already has, if any)."""
 
     path: Path
     shape: tuple[int, ...]
     dtype: Any
     module_type: str | None = None
+    sharding: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,6 +134,18 @@ class _Source:
         except Exception as e:
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
 
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""
+        if self._state is not None and key in self._state:
+            return self._state[key][index]
+        path = self.key_file.get(key)
+        if path is None:
+            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+        try:
+            return self._open[path].get_slice(key)[index]
+        except Exception as e:
+            raise CheckpointError(f"{path}: reading {key!r}{list(index)} failed ({type(e).__name__}: {e})") from e
+
     def close(self) -> None:
         self._open.clear()
         self._state = None
@@ -187,6 +199,9 @@ class Checkpoint:
 
     def read(self, key: str) -> torch.Tensor:
         return self.source.read(key)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        return self.source.read_slice(key, index)
 
     def where(self, key: str) -> str:
         return f"{self.source.key_file.get(key, self.path)} [{key}]"

@@ -27,6 +27,7 @@ def convert_checkpoint(
     target: Any = None,
     device: Any = None,
     dtype: Any = None,
+    sharding: Any = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> LoadReport:
@@ -40,7 +41,8 @@ def convert_checkpoint(
     Args:
         path: the PyTorch checkpoint (any format ``load_checkpoint`` reads).
         out: the Orbax checkpoint directory to create.
-        target, device, dtype, progress: as for :func:`qbridge.load_checkpoint`.
+        target, device, dtype, sharding, progress: as for :func:`qbridge.load_checkpoint` (with ``sharding``
+            each process writes its own shards).
         overwrite: replace an existing ``out`` (only after the new checkpoint is complete).
 
     Returns:
@@ -56,7 +58,9 @@ def convert_checkpoint(
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such directory to write the converted checkpoint in")
-    params, report = load_checkpoint(path, target=target, device=device, dtype=dtype, progress=progress, return_report=True)
+    params, report = load_checkpoint(
+        path, target=target, device=device, dtype=dtype, sharding=sharding, progress=progress, return_report=True
+    )
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         checkpointer = ocp.StandardCheckpointer()

@@ -266,7 +266,9 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
             copied = t.to(dest, memory_format=torch.contiguous_format, copy=narrow is None)
     if copied.device.type == "cuda":  # ordered after the stream the copy ran on
         return _export_cuda(copied, target, used if used is not None else "current", clone=False)
-    return jax.dlpack.from_dlpack(copied, copy=False)
+    x = jax.dlpack.from_dlpack(copied, copy=False)
+    # DLPack knows one CPU device; another (XLA's host-platform devices) takes a copy of its own
+    return x if target == jax_cpu() else jax.device_put(x, target)
 
 
 def to_jax(

@@ -115,23 +115,28 @@ def _check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
         raise CheckpointError(f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there")
 
 
-def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
-    doc = entry.info["quant_state"]
-    pieces = {role: ckpt.read(key) for role, key in entry.keys.items() if role != "quant_state"}
+def _bnb4_pieces(ckpt: Checkpoint, entry: Entry) -> dict[str, torch.Tensor]:
+    """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
+    table (the standard one decodes exactly as bitsandbytes' CUDA kernel does)."""
+    pieces = {role: ckpt.read(key) for role, key in entry.keys.items() if role not in ("quant_state", "weight")}
     for role in ("absmax", "nested_absmax"):
         if role in pieces:
             _check_scales(ckpt, entry.keys[role], pieces[role])
-    code = pieces.get("quant_map")
-    if code is not None and torch_side.standard_code(entry.info["quant_type"]).shape == code.shape and bool(
-        torch.equal(code.float(), torch_side.standard_code(entry.info["quant_type"]))
-    ):
-        code = None  # the standard table: decode exactly as bitsandbytes' CUDA kernel does
-    on = {role: t.to(device) for role, t in pieces.items()}
+    code = pieces.pop("quant_map", None)
+    standard = torch_side.standard_code(entry.info["quant_type"])
+    if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
+        pieces["code"] = code
+    return pieces
+
+
+def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
+    doc = entry.info["quant_state"]
+    on = {role: t.to(device) for role, t in _bnb4_pieces(ckpt, entry).items()}
     nested = "nested_absmax" in on
     try:
         return torch_side.dequantize_nf4(
-            on["weight"], on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
-            code=None if code is None else code.to(device), quant_type=entry.info["quant_type"], dtype=entry.dtype,
+            ckpt.read(entry.keys["weight"]).to(device), on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
+            code=on.get("code"), quant_type=entry.info["quant_type"], dtype=entry.dtype,
             nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
             nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
             transpose=transpose,
@@ -218,9 +223,10 @@ def load_checkpoint(
     progress: bool = True,
     kinds: Mapping[str, str] | None = None,
     rename: Mapping[str, str] | None = None,
+    sharding: Any = None,
     return_report: bool = False,
 ) -> Any:
-    """Loads a (quantized) PyTorch checkpoint as Flax parameters on a JAX device.
+    """Loads a (quantized) PyTorch checkpoint as Flax parameters on a JAX device, or sharded over many.
 
     Args:
         path: a checkpoint directory (``config.json`` + ``*.safetensors`` or ``model.safetensors.index.json``,
@@ -239,6 +245,12 @@ def load_checkpoint(
         progress: show a progress bar (tensors and bytes; notebook-aware).
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
         rename: regex -> replacement applied to checkpoint keys before matching a target.
+        sharding: shard the result over devices: a callable ``(name, shape) -> jax.sharding.Sharding``, where
+            ``name`` is the leaf's dotted Flax path (``"model.layers.0.mlp.down_proj.kernel"``) and ``shape``
+            its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with
+            ``rules`` a sequence of ``(regex, PartitionSpec)`` searched against the name, first match wins,
+            unmatched leaves replicated. A target's own multi-device shardings win. Every addressable
+            device reads and dequantizes only its own slice (see ``qbridge._sharding``).
         return_report: also return a :class:`LoadReport`.
 
     Returns:
@@ -253,6 +265,9 @@ def load_checkpoint(
         FormatError: an unknown ``quant_method`` or mixed formats.
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
     """
+    from ._sharding import check_spec, load_sharded_leaf, sharding_for
+
+    check_spec(sharding)
     start = time.perf_counter()
     jdev, tdev = resolve_device(device)
     with open_checkpoint(path) as ckpt:
@@ -273,13 +288,21 @@ def load_checkpoint(
         try:
             for i, p in enumerate(plan):
                 entry = ckpt.entries[p.key]
-                tensor = materialize(ckpt, entry, tdev, p.rule)
-                cast = jax_side.leaf_dtype(p, dtype, _TO_NUMPY.get(tensor.dtype, np.dtype(np.float32)))
-                if cast is not None and tensor.is_floating_point():
-                    tensor = tensor.to(_torch_dtype(cast))
-                values[p.leaf.path] = to_jax(tensor, device=jdev, producer="current")
-                dense += tensor.numel() * tensor.element_size()
-                del tensor
+                cast = jax_side.leaf_dtype(p, dtype, _TO_NUMPY.get(entry.dtype, np.dtype(np.float32)))
+
+                def convert(t: torch.Tensor, cast: Any = cast) -> torch.Tensor:
+                    return t.to(_torch_dtype(cast)) if cast is not None and t.is_floating_point() else t
+
+                name = jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path)
+                leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
+                if leaf_sharding is not None:
+                    values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
+                    dense += values[p.leaf.path].nbytes
+                else:
+                    tensor = convert(materialize(ckpt, entry, tdev, p.rule))
+                    values[p.leaf.path] = to_jax(tensor, device=jdev, producer="current")
+                    dense += tensor.numel() * tensor.element_size()
+                    del tensor
                 if bar is not None:
                     bar.update(entry.stored_bytes)
                     bar.set_postfix(tensors=f"{i + 1}/{len(plan)}")

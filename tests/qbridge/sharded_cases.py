@@ -1,0 +1,133 @@
+"""Sharded loading on 8 CPU devices. Run by test_sharded.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (JAX fixes its device count when it starts)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from checkpoints import bnb_llama, dense_llama, fp8_llama, torchao_llama
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_side
+import qbridge
+from qbridge.parity import assert_parity
+
+nnx = pytest.importorskip("flax.nnx")
+IDS = np.random.default_rng(1).integers(0, 256, (2, 10))
+
+ROWS_AND_COLUMNS = [
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, "x")),  # column-parallel (torch rows)
+    (r"(o_proj|down_proj)\.kernel$", P("x", None)),  # row-parallel (torch columns: blocks straddle shards)
+    (r"embed_tokens\.embedding$", P("x", None)),
+]
+TWO_D = [
+    (r"proj\.kernel$", P("data", "model")),
+    (r"lm_head\.kernel$", P(None, ("data", "model"))),
+]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    root = tmp_path_factory.mktemp("sharded")
+    dense_llama(root / "dense")
+    bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
+    bnb_llama(root / "dense", root / "fp4", quant_type="fp4", nested=False)
+    fp8_llama(root / "dense", root / "fp8")
+    torchao_llama(root / "dense", root / "ao")
+    return root
+
+
+def _target(root):
+    config = jax_side.LlamaConfig.from_hf(json.loads((root / "dense" / "config.json").read_text()))
+    return config, jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+
+
+def _same(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+def _leaves(tree):
+    return {jax_side.dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)): v
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
+
+
+def _mesh_1d():
+    return Mesh(np.array(jax.devices()), ("x",))
+
+
+def _mesh_2d():
+    return Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp4", "fp8", "ao/model.pt", "ao/st/model.safetensors", "dense"])
+@pytest.mark.parametrize("layout", ["1d", "2d"])
+def test_sharded_equals_unsharded(made, name, layout):
+    _, target = _target(made)
+    mesh, rules = (_mesh_1d(), ROWS_AND_COLUMNS) if layout == "1d" else (_mesh_2d(), TWO_D)
+    whole = qbridge.load_checkpoint(made / name, target=target, progress=False)
+    sharded = qbridge.load_checkpoint(made / name, target=target, progress=False, sharding=(mesh, rules))
+    a, b = _leaves(whole), _leaves(sharded)
+    assert a.keys() == b.keys()
+    for leaf, x in b.items():
+        _same(x, a[leaf])
+        spec = next((p for pattern, p in rules if __import__("re").search(pattern, leaf)), P())
+        assert x.sharding == NamedSharding(mesh, spec), leaf
+        assert len(x.addressable_shards) == 8
+
+
+def test_shards_hold_only_their_slice(made):
+    _, target = _target(made)
+    mesh = _mesh_1d()
+    params = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, sharding=(mesh, ROWS_AND_COLUMNS))
+    down = params["model"]["layers"][1]["mlp"]["down_proj"]["kernel"]  # [192, 64], split over rows
+    assert [s.data.shape for s in down.addressable_shards] == [(24, 64)] * 8
+    replicated = params["model"]["norm"]["scale"]
+    assert all(s.data.shape == (64,) for s in replicated.addressable_shards)
+
+
+def test_callable_sharding_and_default_device(made):
+    _, target = _target(made)
+    mesh = _mesh_1d()
+
+    def sharding(name, shape):
+        return NamedSharding(mesh, P("x")) if name.endswith("up_proj.kernel") else None
+
+    params = qbridge.load_checkpoint(made / "fp8", target=target, progress=False, sharding=sharding)
+    up = params["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert up.sharding == NamedSharding(mesh, P("x"))
+    assert params["model"]["norm"]["scale"].devices() == {jax.devices()[0]}
+
+
+def test_target_shardings_are_honoured(made):
+    _, target = _target(made)
+    mesh = _mesh_2d()
+    first = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, sharding=(mesh, TWO_D))
+    again = qbridge.load_checkpoint(made / "fp4", target=first, progress=False)
+    for leaf, x in _leaves(again).items():
+        assert x.sharding == _leaves(first)[leaf].sharding, leaf
+
+
+def test_flax_model_under_jit_with_shardings(made):
+    config, target = _target(made)
+    mesh = _mesh_2d()
+    whole = qbridge.load_checkpoint(made / "nf4", target=target, progress=False)
+    sharded = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, sharding=(mesh, TWO_D))
+    outputs = []
+    for params in (whole, sharded):
+        model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+        nnx.update(model, params)
+        outputs.append(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(IDS)))
+    assert outputs[1].sharding is not None
+    assert_parity(outputs[0], outputs[1])
+
+
+def test_bad_sharding_spec(made):
+    with pytest.raises(TypeError, match="sharding must be a callable"):
+        qbridge.load_checkpoint(made / "nf4", progress=False, sharding=["x"])

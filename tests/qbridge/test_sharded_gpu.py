@@ -1,0 +1,50 @@
+"""Sharded loading across GPUs (needs two or more; `pytest -m gpu` on a multi-GPU machine)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import bnb_llama, dense_llama, fp8_llama
+
+import jax_side
+import qbridge
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    root = tmp_path_factory.mktemp("sharded_gpu")
+    dense_llama(root / "dense")
+    bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
+    fp8_llama(root / "dense", root / "fp8")
+    return root
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp8"])
+def test_sharded_over_gpus_equals_unsharded(made, name):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    gpus = jax.local_devices(backend="gpu")
+    mesh = Mesh(np.array(gpus), ("x",))
+    rules = [(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, "x")), (r"(o_proj|down_proj)\.kernel$", P("x", None))]
+    config = jax_side.LlamaConfig.from_hf(json.loads((made / "dense" / "config.json").read_text()))
+    target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+    whole = qbridge.load_checkpoint(made / name, target=target, device="cpu", progress=False)
+    sharded = qbridge.load_checkpoint(made / name, target=target, progress=False, sharding=(mesh, rules))
+    flat_w = dict(jax.tree_util.tree_leaves_with_path(whole))
+    for path, x in jax.tree_util.tree_leaves_with_path(sharded):
+        leaf = jax_side.dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))
+        spec = next((p for pattern, p in rules if re.search(pattern, leaf)), P())
+        assert x.sharding == NamedSharding(mesh, spec)
+        assert {s.device for s in x.addressable_shards} == set(gpus)
+        assert np.array_equal(np.asarray(x).view(np.uint16), np.asarray(flat_w[path]).view(np.uint16)), leaf
