@@ -11,6 +11,7 @@ configure_jax_memory()  # before JAX starts its GPU backend: torch and JAX share
 from qbridge._errors import CheckpointError  # noqa: E402
 from qbridge._errors import FormatError  # noqa: E402
 from qbridge._errors import QBridgeError  # noqa: E402
+from qbridge._bench import run_bench as bench  # noqa: E402
 from qbridge._checkpoint import open_checkpoint  # noqa: E402
 from qbridge._convert import convert_checkpoint  # noqa: E402
 from qbridge._convert import restore_converted  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "FormatError",
     "LoadReport",
     "QBridgeError",
+    "bench",
     "configure_jax_memory",
     "convert_checkpoint",
     "dequantize",

@@ -205,7 +205,10 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
 
 
 def run_bench(*, quick: bool = False) -> dict[str, Any]:
-    """Runs the benchmark on the current CUDA device; returns ``{"device", "versions", "copy_tb_s", "rows"}``.
+    """Runs the benchmark on the current CUDA device (``qbridge.bench``; ``qbridge bench`` on the command line).
+
+    Returns ``{"device", "versions", "copy_tb_s", "rows", "skipped"}``; each row has ``fmt``, ``shape``,
+    ``method``, ``us`` (GPU time), ``us_per_call``, ``bytes`` and ``pct_of_copy``.
 
     Raises:
         RuntimeError: no CUDA device is visible.
