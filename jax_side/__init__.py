@@ -24,6 +24,11 @@ from jax_side._llama import LlamaConfig
 from jax_side._llama import abstract_llama
 from jax_side._llama import llama_for_causal_lm
 from jax_side._nf4 import decode_nested_absmax
+from jax_side._qlayers import load_quantized_into_nnx
+from jax_side._quantized import FP8Weight
+from jax_side._quantized import NF4Weight
+from jax_side._quantized import is_quantized
+from jax_side._quantized import quantized_nbytes
 from jax_side._nf4 import dequantize_nf4
 from jax_side._target import Target
 from jax_side._target import as_target
@@ -46,13 +51,20 @@ from jax_side._tree import torch_key_candidates
 
 __all__ = [
     "FP4_CODE",
+    "FP8Weight",
     "KINDS",
     "LeafRule",
     "LlamaConfig",
     "MatchError",
     "MatchReport",
+    "NF4Weight",
     "NF4_CODE",
     "PlannedLeaf",
+    "QuantDense",
+    "QuantEmbed",
+    "QuantEmbedLinen",
+    "QuantLinear",
+    "QuantizedVariable",
     "RULES",
     "ScaleLayout",
     "Target",
@@ -61,22 +73,25 @@ __all__ = [
     "apply_rule",
     "as_target",
     "decode_nested_absmax",
-    "dotted",
     "dequantize_fp8",
     "dequantize_nf4",
+    "dotted",
     "flax_shape",
     "fp8_scale_layout",
     "infer_kind",
+    "is_quantized",
     "kind_of_flax_leaf",
     "leaf_dtype",
     "llama_for_causal_lm",
     "load_into_nnx",
+    "load_quantized_into_nnx",
     "match_to_target",
     "nest",
     "permutation",
     "plan_by_name",
     "plan_for_target",
     "plan_match",
+    "quantized_nbytes",
     "rebuild_target",
     "rule_for",
     "rule_for_flax_leaf",
@@ -84,3 +99,11 @@ __all__ = [
     "to_flax_variables",
     "torch_key_candidates",
 ]
+
+
+def __getattr__(name: str):  # the Flax layer classes are built on first use (flax is optional)
+    if name in ("QuantDense", "QuantEmbed", "QuantEmbedLinen", "QuantLinear", "QuantizedVariable"):
+        from jax_side import _qlayers
+
+        return getattr(_qlayers, name)
+    raise AttributeError(f"module 'jax_side' has no attribute {name!r}")

@@ -184,6 +184,43 @@ def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tens
     return dense
 
 
+def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
+    """Whether a weight can stay quantized in JAX: a 4-bit or FP8 Linear kernel or 2-D embedding table."""
+    if entry.kind not in ("bnb4", "fp8") or len(entry.shape) != 2:
+        return False
+    return rule.flax_name in ("kernel", "embedding") and not rule.flip
+
+
+def quantized_leaf(ckpt: Checkpoint, entry: Entry, device: torch.device, jdev: jax.Device, dtype: Any) -> Any:
+    """The stored pieces of a 4-bit or FP8 weight, moved to the device and handed to JAX zero-copy, as a
+    :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``)."""
+    name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
+
+    def put(t: torch.Tensor) -> jax.Array:
+        return to_jax(t.to(device).contiguous(), device=jdev, producer="current")
+
+    if entry.kind == "fp8":
+        scale = ckpt.read(entry.keys["scale"])
+        _check_scales(ckpt, entry.keys["scale"], scale)
+        layout = entry.info["layout"]
+        return jax_side.FP8Weight(put(ckpt.read(entry.keys["weight"])), put(scale.float().reshape(layout.grid)),
+                                  block=tuple(layout.block), dtype=name)  # fmt: skip
+    doc = entry.info["quant_state"]
+    pieces = _bnb4_pieces(ckpt, entry)
+    packed = ckpt.read(entry.keys["weight"])
+    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    nested = "nested_absmax" in pieces
+    return jax_side.NF4Weight(
+        packed=put(packed[: (np.prod(entry.shape) + 1) // 2]), absmax=put(pieces["absmax"]),
+        nested_absmax=put(pieces["nested_absmax"]) if nested else None,
+        nested_code=put(pieces["nested_quant_map"]) if nested else None,
+        offset=put(torch.tensor(float(doc.get("nested_offset", 0.0)), dtype=torch.float32)) if nested else None,
+        code=put(pieces["code"].float()) if "code" in pieces else None,
+        shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), nested_blocksize=int(doc.get("nested_blocksize", 256)),
+        quant_type=entry.info["quant_type"], dtype=name,
+    )  # fmt: skip
+
+
 def materialize(ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule) -> torch.Tensor:
     """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous."""
     perm = jax_side.permutation(rule, len(entry.shape))
@@ -224,6 +261,7 @@ def load_checkpoint(
     kinds: Mapping[str, str] | None = None,
     rename: Mapping[str, str] | None = None,
     sharding: Any = None,
+    keep_quantized: bool = False,
     return_report: bool = False,
 ) -> Any:
     """Loads a (quantized) PyTorch checkpoint as Flax parameters on a JAX device, or sharded over many.
@@ -251,6 +289,10 @@ def load_checkpoint(
             ``rules`` a sequence of ``(regex, PartitionSpec)`` searched against the name, first match wins,
             unmatched leaves replicated. A target's own multi-device shardings win. Every addressable
             device reads and dequantizes only its own slice (see ``qbridge._sharding``).
+        keep_quantized: leave bitsandbytes 4-bit and FP8 Linear kernels and embedding tables quantized: those
+            leaves arrive as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (their stored pieces,
+            zero-copy from torch), to be used by ``jax_side``'s quantized layers
+            (:func:`jax_side.load_quantized_into_nnx`). Other leaves, and other formats, arrive dense.
         return_report: also return a :class:`LoadReport`.
 
     Returns:
@@ -295,7 +337,12 @@ def load_checkpoint(
 
                 name = jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path)
                 leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
-                if leaf_sharding is not None:
+                if keep_quantized and keeps_quantized(entry, p.rule):
+                    if leaf_sharding is not None:
+                        raise ValueError(f"{name}: keep_quantized does not shard; load it dense to shard it")
+                    values[p.leaf.path] = quantized_leaf(ckpt, entry, tdev, jdev, cast)
+                    dense += values[p.leaf.path].nbytes
+                elif leaf_sharding is not None:
                     values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
                     dense += values[p.leaf.path].nbytes
                 else:

@@ -1,0 +1,245 @@
+"""Flax layers whose weights stay quantized (:class:`NF4Weight` / :class:`FP8Weight`) and are expanded inside
+each call, so XLA can fuse the expansion into the surrounding computation and nothing dense persists
+between calls. flax.nnx and linen versions of a Dense/Linear and an Embed, plus a helper that swaps the
+Linear and Embed modules of an nnx model for them.
+
+The quantized pieces are never differentiated: in nnx they live in :class:`QuantizedVariable` (not a
+``Param``, so ``nnx.grad`` leaves them alone), in linen in the ``"quantized"`` collection (not
+``"params"``), and the expanded weight passes through ``stop_gradient``. Gradients flow to the inputs,
+to biases and to LoRA-style additions (``lora_rank``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._quantized import FP8Weight, NF4Weight, is_quantized
+
+
+def _flax():
+    try:
+        from flax import linen, nnx
+    except ImportError as e:  # pragma: no cover - flax is an extra
+        raise ImportError("the quantized layers need flax: pip install 'qbridge[flax]'") from e
+    return nnx, linen
+
+
+def _dense(x: jax.Array, weight: NF4Weight | FP8Weight, bias: jax.Array | None, dtype: Any) -> jax.Array:
+    """``x @ kernel + bias`` as ``nnx.Linear`` computes it, with ``kernel`` expanded from ``weight``."""
+    kernel = jax.lax.stop_gradient(weight.dequantize(transpose=True))  # [in, out], as a Flax Dense holds it
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, kernel.dtype) if bias is None else jnp.result_type(x.dtype, kernel.dtype, bias.dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    return y
+
+
+def _make_nnx():
+    nnx, _ = _flax()
+
+    class QuantizedVariable(nnx.Variable):
+        """Holds a quantized weight: not a ``Param``, so optimizers and ``nnx.grad`` leave it alone."""
+
+    class QuantLinear(nnx.Module):
+        """``nnx.Linear`` over a quantized ``weight`` (torch layout ``[out, in]``; used as the ``[in, out]`` kernel).
+
+        Args:
+            weight: an :class:`NF4Weight` or :class:`FP8Weight`.
+            bias: float ``[out]`` or None.
+            dtype: computation dtype (None: promote input, weight and bias dtypes, as ``nnx.Linear`` does).
+            lora_rank: add a trainable low-rank update ``x @ lora_a @ lora_b * lora_scale`` (``lora_b`` starts at 0).
+            rngs: for ``lora_a``'s initialization.
+        """
+
+        def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None, lora_rank: int = 0,
+                     lora_scale: float = 1.0, rngs: Any = None):  # fmt: skip
+            if not is_quantized(weight) or len(weight.shape) != 2:
+                raise TypeError(f"QuantLinear takes a 2-D NF4Weight or FP8Weight, got {type(weight).__name__}")
+            self.weight = QuantizedVariable(weight)
+            self.bias = nnx.Param(bias) if bias is not None else None
+            self.dtype = dtype
+            self.out_features, self.in_features = weight.shape
+            self.lora_scale = lora_scale
+            if lora_rank:
+                key = (rngs or nnx.Rngs(0)).params()
+                self.lora_a = nnx.Param(jax.random.normal(key, (self.in_features, lora_rank), jnp.float32) / lora_rank**0.5)
+                self.lora_b = nnx.Param(jnp.zeros((lora_rank, self.out_features), jnp.float32))
+            else:
+                self.lora_a = self.lora_b = None
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            bias = None if self.bias is None else self.bias[...]
+            y = _dense(x, self.weight.get_value(), bias, self.dtype)
+            if self.lora_a is not None:
+                y = y + ((x.astype(jnp.float32) @ self.lora_a[...]) @ self.lora_b[...] * self.lora_scale).astype(y.dtype)
+            return y
+
+    class QuantEmbed(nnx.Module):
+        """``nnx.Embed`` over a quantized ``[num_embeddings, features]`` table."""
+
+        def __init__(self, weight: Any, *, dtype: Any = None):
+            if not is_quantized(weight) or len(weight.shape) != 2:
+                raise TypeError(f"QuantEmbed takes a 2-D NF4Weight or FP8Weight, got {type(weight).__name__}")
+            self.weight = QuantizedVariable(weight)
+            self.dtype = dtype
+            self.num_embeddings, self.features = weight.shape
+
+        def _table(self) -> jax.Array:
+            table = jax.lax.stop_gradient(self.weight.get_value().dequantize())
+            return table if self.dtype is None else table.astype(self.dtype)
+
+        def __call__(self, ids: jax.Array) -> jax.Array:
+            return jnp.take(self._table(), ids, axis=0)
+
+        def attend(self, query: jax.Array) -> jax.Array:
+            table = self._table()
+            return jnp.dot(query.astype(table.dtype), table.T)
+
+    return QuantizedVariable, QuantLinear, QuantEmbed
+
+
+def _make_linen():
+    _, linen = _flax()
+
+    class QuantDense(linen.Module):
+        """``linen.Dense`` over a quantized weight in the ``"quantized"`` collection, entry ``"kernel"``.
+
+        ``features`` must equal the weight's ``out``; a bias (if ``use_bias``) is a normal param. The weight
+        comes with the variables: ``model.apply({"params": ..., "quantized": ...}, x)``.
+        """
+
+        features: int
+        use_bias: bool = False
+        dtype: Any = None
+
+        @linen.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            weight = self.variable("quantized", "kernel", lambda: None).value
+            if not is_quantized(weight):
+                raise ValueError(f"{self.name}: no quantized kernel in the 'quantized' collection")
+            if weight.shape[0] != self.features:
+                raise ValueError(f"{self.name}: features={self.features} but the weight has {weight.shape[0]} outputs")
+            bias = self.param("bias", linen.initializers.zeros_init(), (self.features,)) if self.use_bias else None
+            return _dense(x, weight, bias, self.dtype)
+
+    class QuantEmbedLinen(linen.Module):
+        """``linen.Embed`` over a quantized table in the ``"quantized"`` collection, entry ``"embedding"``."""
+
+        dtype: Any = None
+
+        @linen.compact
+        def __call__(self, ids: jax.Array) -> jax.Array:
+            weight = self.variable("quantized", "embedding", lambda: None).value
+            if not is_quantized(weight):
+                raise ValueError(f"{self.name}: no quantized table in the 'quantized' collection")
+            table = jax.lax.stop_gradient(weight.dequantize())
+            return jnp.take(table if self.dtype is None else table.astype(self.dtype), ids, axis=0)
+
+    return QuantDense, QuantEmbedLinen
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _classes() -> dict[str, Any]:
+    if not _CACHE:
+        var, lin, emb = _make_nnx()
+        dense, embed = _make_linen()
+        _CACHE.update(QuantizedVariable=var, QuantLinear=lin, QuantEmbed=emb, QuantDense=dense, QuantEmbedLinen=embed)
+    return _CACHE
+
+
+def __getattr__(name: str) -> Any:  # the classes are built on first use: flax is optional
+    if name in ("QuantizedVariable", "QuantLinear", "QuantEmbed", "QuantDense", "QuantEmbedLinen"):
+        return _classes()[name]
+    raise AttributeError(name)
+
+
+def _split(params: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> tuple[dict[tuple, Any], dict[Any, Any]]:
+    """Quantized leaves by path, and the rest of the tree."""
+    quantized, rest = {}, {}
+    for key, value in params.items():
+        if is_quantized(value):
+            quantized[(*prefix, key)] = value
+        elif isinstance(value, Mapping):
+            q, r = _split(value, (*prefix, key))
+            quantized.update(q)
+            if r:
+                rest[key] = r
+        else:
+            rest[key] = value
+    return quantized, rest
+
+
+def _parent(model: Any, path: tuple[Any, ...]) -> tuple[Any, Any]:
+    node = model
+    for key in path[:-1]:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node, path[-1]
+
+
+def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any = None) -> list[str]:
+    """Puts parameters that hold quantized weights into an nnx model.
+
+    Every Linear whose ``kernel`` (or Embed whose ``embedding``) is an :class:`NF4Weight`/:class:`FP8Weight` in
+    ``params`` (a pure nested dict, as ``qbridge.load_checkpoint(..., keep_quantized=True, target=model)``
+    returns) is swapped, in place, for a :class:`QuantLinear` / :class:`QuantEmbed` (keeping its bias and
+    its ``dtype`` unless ``dtype`` is given); everything else is written with ``nnx.update``.
+
+    Returns:
+        The dotted paths of the swapped modules.
+
+    Raises:
+        TypeError: a quantized weight sits where neither a Linear kernel nor an Embed table is.
+    """
+    nnx, _ = _flax()
+    classes = _classes()
+    quantized, rest = _split(params)
+    swapped = []
+    for path, weight in sorted(quantized.items(), key=lambda kv: [str(k) for k in kv[0]]):
+        module_path, leaf = path[:-1], path[-1]
+        parent, name = _parent(model, module_path)
+        old = parent[name] if isinstance(name, int) else getattr(parent, name)
+        if leaf == "kernel" and isinstance(old, nnx.Linear):
+            bias = _get(rest, (*module_path, "bias"))  # the loaded bias, else the module's own
+            if bias is None and getattr(old, "bias", None) is not None:
+                bias = old.bias[...]
+            new = classes["QuantLinear"](weight, bias, dtype=dtype if dtype is not None else old.dtype)
+        elif leaf == "embedding" and isinstance(old, nnx.Embed):
+            new = classes["QuantEmbed"](weight, dtype=dtype if dtype is not None else old.dtype)
+        else:
+            raise TypeError(f"{'.'.join(map(str, path))}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
+                            f"found {type(old).__name__}")  # fmt: skip
+        if isinstance(name, int):
+            parent[name] = new
+        else:
+            setattr(parent, name, new)
+        _drop(rest, (*module_path, "bias"))
+        swapped.append(".".join(map(str, module_path)))
+    nnx.update(model, rest)
+    return swapped
+
+
+def _get(tree: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _drop(tree: dict[Any, Any], path: tuple[Any, ...]) -> None:
+    node: Any = tree
+    for key in path[:-1]:
+        if not isinstance(node, dict) or key not in node:
+            return
+        node = node[key]
+    if isinstance(node, dict):
+        node.pop(path[-1], None)

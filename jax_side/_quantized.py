@@ -1,0 +1,136 @@
+"""Quantized weights that stay quantized in JAX: registered pytrees of the pieces a checkpoint stores.
+
+:class:`NF4Weight` holds a bitsandbytes 4-bit weight (packed bytes, absmax, and the nested absmax pieces);
+:class:`FP8Weight` a float8 weight and its scales. Both describe the weight in torch's ``[out, in]``
+layout (``shape``) and dequantize on demand with :func:`jax_side.dequantize_nf4` /
+:func:`jax_side.dequantize_fp8`, so a jitted computation can expand them where they are used. Arrays are
+pytree leaves (``jax.tree_util`` maps, ``jax.device_put`` and Orbax see them); shapes, block sizes and
+dtypes are static metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._fp8 import dequantize_fp8, fp8_scale_layout
+from ._nf4 import dequantize_nf4
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+    """A bitsandbytes 4-bit (NF4/FP4) weight kept quantized.
+
+    Attributes:
+        packed: uint8 ``[ceil(n / 2)]``, the packed nibbles (high nibble = even element).
+        absmax: float32 ``[ceil(n / blocksize)]``, or uint8 when nested.
+        nested_absmax, nested_code, offset: the nested absmax pieces (None when not nested).
+        code: the 16-entry table, or None for the standard table of ``quant_type``.
+        shape: the weight's shape in torch's layout (``[out, in]`` for a Linear).
+        blocksize, nested_blocksize, quant_type: the format.
+        dtype: the dtype it dequantizes to (name, e.g. ``"bfloat16"``).
+    """
+
+    packed: jax.Array
+    absmax: jax.Array
+    nested_absmax: jax.Array | None = None
+    nested_code: jax.Array | None = None
+    offset: jax.Array | None = None
+    code: jax.Array | None = None
+    shape: tuple[int, ...] = ()
+    blocksize: int = 64
+    nested_blocksize: int = 256
+    quant_type: str = "nf4"
+    dtype: str = "bfloat16"
+
+    def dequantize(self, *, transpose: bool = False, dtype: Any = None) -> jax.Array:
+        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype).
+
+        Bit-identical to bitsandbytes on concrete arrays; inside a caller's jit a nested absmax may round
+        once instead of twice (see ``jax_side._nf4``).
+        """
+        dense = dequantize_nf4(
+            self.packed, self.absmax, shape=self.shape, blocksize=self.blocksize, code=self.code,
+            nested_absmax=self.nested_absmax, nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
+            offset=0.0 if self.offset is None else self.offset, quant_type=self.quant_type,
+            dtype=jnp.dtype(self.dtype), transpose=transpose,
+        )  # fmt: skip
+        return dense if dtype is None else dense.astype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8Weight:
+    """A float8 weight kept quantized, with per-tensor, per-row or block scales.
+
+    Attributes:
+        weight: float8_e4m3fn or float8_e5m2 ``[out, in]``.
+        scale_inv: float32 scales (the multiplier), laid out as ``block`` says.
+        block: the ``(rows, cols)`` tile one scale covers.
+        dtype: the dtype it dequantizes to.
+    """
+
+    weight: jax.Array
+    scale_inv: jax.Array
+    block: tuple[int, int] = (128, 128)
+    dtype: str = "bfloat16"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    def dequantize(self, *, transpose: bool = False, dtype: Any = None) -> jax.Array:
+        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype)."""
+        layout = fp8_scale_layout(self.weight.shape, self.scale_inv.shape, self.block)
+        dense = dequantize_fp8(self.weight, self.scale_inv, block_size=layout.block, dtype=jnp.dtype(self.dtype),
+                               transpose=transpose)  # fmt: skip
+        return dense if dtype is None else dense.astype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
+jax.tree_util.register_dataclass(
+    NF4Weight,
+    data_fields=["packed", "absmax", "nested_absmax", "nested_code", "offset", "code"],
+    meta_fields=["shape", "blocksize", "nested_blocksize", "quant_type", "dtype"],
+)
+jax.tree_util.register_dataclass(FP8Weight, data_fields=["weight", "scale_inv"], meta_fields=["block", "dtype"])
+
+QuantizedWeight = NF4Weight | FP8Weight
+
+
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a weight kept quantized (:class:`NF4Weight` or :class:`FP8Weight`)."""
+    return isinstance(x, (NF4Weight, FP8Weight))
+
+
+def quantized_nbytes(tree: Any) -> tuple[int, int]:
+    """``(bytes held, bytes if every quantized weight were dense)`` over a pytree of parameters."""
+    held = dense = 0
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized):
+        if is_quantized(leaf):
+            held += leaf.nbytes
+            dense += leaf.dense_nbytes
+        else:
+            size = int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+            held += size
+            dense += size
+    return held, dense

@@ -1,0 +1,172 @@
+"""Keeping weights quantized in JAX: load_checkpoint(keep_quantized=True), the quantized nnx and linen
+layers, gradients, and the pytrees' round trips (tree_util, device_put, Orbax)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from checkpoints import bnb_llama, dense_llama, fp8_llama
+from helpers import assert_same_bits, bnb_quantize, bnb_reference, to_numpy
+
+import jax_side
+import qbridge
+from qbridge.parity import assert_parity
+
+nnx = pytest.importorskip("flax.nnx")
+linen = pytest.importorskip("flax.linen")
+pytest.importorskip("bitsandbytes")
+IDS = np.random.default_rng(2).integers(0, 256, (2, 11))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kq")
+    dense_llama(root / "dense")
+    for quant_type, nested in (("nf4", True), ("nf4", False), ("fp4", True)):
+        bnb_llama(root / "dense", root / f"{quant_type}-{nested}", quant_type=quant_type, nested=nested)
+    fp8_llama(root / "dense", root / "fp8")
+    return root
+
+
+def _config(made):
+    return jax_side.LlamaConfig.from_hf(json.loads((made / "dense" / "config.json").read_text()))
+
+
+def _models(made, name, device=None):
+    config = _config(made)
+    target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+    kept = qbridge.load_checkpoint(made / name, target=target, keep_quantized=True, progress=False, device=device)
+    dense = qbridge.load_checkpoint(made / name, target=target, progress=False, device=device)
+    quant_model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    swapped = jax_side.load_quantized_into_nnx(quant_model, kept)
+    dense_model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    nnx.update(dense_model, dense)
+    return kept, dense, quant_model, dense_model, swapped
+
+
+@pytest.mark.parametrize("name", ["nf4-True", "nf4-False", "fp4-True", "fp8"])
+def test_kept_quantized_matches_the_dense_path(made, name):
+    kept, dense, quant_model, dense_model, swapped = _models(made, name)
+    leaf = kept["model"]["layers"][1]["self_attn"]["o_proj"]["kernel"]
+    assert isinstance(leaf, jax_side.FP8Weight if name == "fp8" else jax_side.NF4Weight)
+    assert len(swapped) == 14 and "model.layers.0.mlp.down_proj" in swapped
+    assert isinstance(quant_model.model.layers[0].mlp.down_proj, jax_side.QuantLinear)
+    held, as_dense = jax_side.quantized_nbytes(kept)
+    assert held < 0.65 * as_dense  # tiny layers: the norms, embeddings and tables weigh in
+    # every kept weight expands to exactly the dense load's value
+    for path, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
+        if jax_side.is_quantized(x):
+            node = dense
+            for k in path:
+                node = node[getattr(k, "key", getattr(k, "idx", None))]
+            assert_same_bits(x.dequantize(transpose=True), node)
+    forward = nnx.jit(lambda m, ids: m(ids))
+    quant_logits, dense_logits = forward(quant_model, jnp.asarray(IDS)), forward(dense_model, jnp.asarray(IDS))
+    assert_parity(dense_logits, quant_logits)
+    if name in ("nf4-False", "fp8"):  # no nested decode to fuse: the same computation, the same bits
+        assert_same_bits(quant_logits, dense_logits)
+
+
+def test_the_torch_model_agrees_too(made, tmp_path):
+    model = bnb_llama(made / "dense", tmp_path / "q", quant_type="nf4", nested=True)
+    config = _config(made)
+    kept = qbridge.load_checkpoint(tmp_path / "q", target=jax_side.abstract_llama(config, param_dtype=jnp.bfloat16),
+                                   keep_quantized=True, progress=False)  # fmt: skip
+    quant_model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    jax_side.load_quantized_into_nnx(quant_model, kept)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(IDS)).logits
+    assert_parity(ref, nnx.jit(lambda m, ids: m(ids))(quant_model, jnp.asarray(IDS)))
+
+
+def test_gradients_reach_inputs_and_lora_not_the_quantized_pieces():
+    _, packed, qs = bnb_quantize((48, 80), nested=True, dtype=torch.float32)
+    weight = jax_side.NF4Weight(
+        packed=jnp.asarray(to_numpy(packed.reshape(-1))), absmax=jnp.asarray(to_numpy(qs.absmax)),
+        nested_absmax=jnp.asarray(to_numpy(qs.state2.absmax)), nested_code=jnp.asarray(to_numpy(qs.state2.code)),
+        offset=jnp.asarray(qs.offset.item(), jnp.float32), shape=(48, 80), dtype="float32",
+    )  # fmt: skip
+    layer = jax_side.QuantLinear(weight, jnp.zeros(48), lora_rank=4, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 80)), jnp.float32)
+    grad_x = jax.grad(lambda x: layer(x).sum())(x)
+    w = to_numpy(bnb_reference(packed, qs))
+    np.testing.assert_allclose(np.asarray(grad_x), np.tile(w.sum(0), (3, 1)), rtol=1e-5, atol=1e-5)
+    grads = nnx.grad(lambda m, x: (m(x) ** 2).sum())(layer, x)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
+    assert names == {"bias", "lora_a", "lora_b"}  # only Params: the quantized weight is not differentiated
+    assert np.abs(np.asarray(grads["lora_b"][...])).sum() > 0
+
+
+def test_linen_layers():
+    _, packed, qs = bnb_quantize((32, 64), nested=False, dtype=torch.bfloat16)
+    kernel = jax_side.NF4Weight(packed=jnp.asarray(to_numpy(packed.reshape(-1))), absmax=jnp.asarray(to_numpy(qs.absmax)),
+                                shape=(32, 64), dtype="bfloat16")  # fmt: skip
+    _, epacked, eqs = bnb_quantize((100, 64), nested=False, dtype=torch.bfloat16, seed=5)
+    table = jax_side.NF4Weight(packed=jnp.asarray(to_numpy(epacked.reshape(-1))), absmax=jnp.asarray(to_numpy(eqs.absmax)),
+                               shape=(100, 64), dtype="bfloat16")  # fmt: skip
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, ids):
+            h = jax_side.QuantEmbedLinen(name="embed")(ids)
+            return jax_side.QuantDense(32, use_bias=True, name="proj")(h)
+
+    class Dense(linen.Module):
+        @linen.compact
+        def __call__(self, ids):
+            h = linen.Embed(100, 64, name="embed")(ids)
+            return linen.Dense(32, name="proj")(h)
+
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 100, (2, 5)))
+    variables = {"params": {"proj": {"bias": jnp.zeros(32, jnp.bfloat16)}},
+                 "quantized": {"embed": {"embedding": table}, "proj": {"kernel": kernel}}}  # fmt: skip
+    got = jax.jit(Net().apply)(variables, ids)
+    dense_vars = {"params": {"embed": {"embedding": table.dequantize()}, "proj": {"kernel": kernel.dequantize(transpose=True),
+                                                                                "bias": jnp.zeros(32, jnp.bfloat16)}}}  # fmt: skip
+    want = jax.jit(Dense().apply)(dense_vars, ids)
+    assert_same_bits(got, want)
+    grads = jax.grad(lambda p: Net().apply({"params": p, "quantized": variables["quantized"]}, ids).astype(jnp.float32).sum())(variables["params"])
+    assert set(grads) == {"proj"}
+
+
+def test_pytrees_round_trip(made, tmp_path):
+    kept, *_ = _models(made, "nf4-True")
+    leaves, treedef = jax.tree_util.tree_flatten(kept)
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    w = again["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(w, jax_side.NF4Weight) and w.shape == (192, 64)
+    moved = jax.device_put(kept, jax.devices()[0])
+    assert_same_bits(moved["model"]["layers"][0]["mlp"]["up_proj"]["kernel"].dequantize(), w.dequantize())
+    ocp = pytest.importorskip("orbax.checkpoint")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "kept", kept)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "kept", jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, kept))
+    r = restored["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(r, jax_side.NF4Weight)
+    assert_same_bits(r.dequantize(), w.dequantize())
+
+
+def test_swap_errors_and_sharding_refused(made):
+    config = _config(made)
+    kept, *_ = _models(made, "fp8")
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    bad = {"model": {"norm": {"scale": kept["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]}}}
+    with pytest.raises(TypeError, match="needs an nnx.Linear kernel or nnx.Embed table"):
+        jax_side.load_quantized_into_nnx(model, bad)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    with pytest.raises(ValueError, match="keep_quantized does not shard"):
+        qbridge.load_checkpoint(made / "fp8", keep_quantized=True, progress=False, sharding=(mesh, [(r"kernel", jax.sharding.PartitionSpec())]))
+
+
+@pytest.mark.gpu
+def test_kept_quantized_on_the_gpu(made):
+    kept, _, quant_model, dense_model, _ = _models(made, "nf4-True", device="cuda")
+    assert kept["model"]["layers"][0]["mlp"]["up_proj"]["kernel"].packed.devices() == {jax.local_devices(backend="gpu")[0]}
+    forward = nnx.jit(lambda m, ids: m(ids))
+    assert_parity(forward(dense_model, jnp.asarray(IDS)), forward(quant_model, jnp.asarray(IDS)))
