@@ -33,7 +33,9 @@ SHAPES = {  # Llama-3-8B
 }  # fmt: skip
 
 
-def write_checkpoint(path: pathlib.Path, layers: int) -> int:
+def nf4_layers(layers: int) -> dict[str, torch.Tensor]:
+    """The linear weights of ``layers`` decoder layers, random, quantized to NF4 by bitsandbytes on the GPU,
+    under transformers' keys (``<name>.weight`` and its ``.absmax`` ... ``.quant_state`` pieces)."""
     import bitsandbytes.functional as F
 
     state = {}
@@ -44,8 +46,12 @@ def write_checkpoint(path: pathlib.Path, layers: int) -> int:
             packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
             key = f"model.layers.{i}.{name}.weight"
             state[key] = packed.cpu()
-            for k, v in qs.as_dict(packed=True).items():
-                state[f"{key}.{k}"] = v.cpu()
+            state.update({f"{key}.{k}": v.cpu() for k, v in qs.as_dict(packed=True).items()})
+    return state
+
+
+def write_checkpoint(path: pathlib.Path, layers: int) -> int:
+    state = nf4_layers(layers)
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
     return len([k for k in state if k.endswith(".weight")])

@@ -27,30 +27,21 @@ from safetensors.torch import save_file
 import jax_side
 import qbridge
 
-from convert_8b import SHAPES  # noqa: E402
+from convert_8b import SHAPES, nf4_layers  # noqa: E402
 
 CONFIG = dict(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
               rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False)  # fmt: skip
 
 
 def write(path: pathlib.Path, layers: int) -> None:
-    import bitsandbytes.functional as F
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    state = {
-        "model.embed_tokens.weight": (torch.randn(1024, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu(),
-        "lm_head.weight": (torch.randn(1024, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu(),
-        "model.norm.weight": torch.ones(4096, dtype=torch.bfloat16),
-    }
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    state = nf4_layers(layers)
+    state["model.embed_tokens.weight"] = (torch.randn(1024, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu()
+    state["lm_head.weight"] = (torch.randn(1024, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu()
+    state["model.norm.weight"] = torch.ones(4096, dtype=torch.bfloat16)
     for i in range(layers):
         state[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(4096, dtype=torch.bfloat16)
         state[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(4096, dtype=torch.bfloat16)
-        for name, shape in SHAPES.items():
-            w = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
-            packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-            key = f"model.layers.{i}.{name}.weight"
-            state[key] = packed.cpu()
-            state.update({f"{key}.{k}": v.cpu() for k, v in qs.as_dict(packed=True).items()})
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     config = dict(CONFIG, num_hidden_layers=layers, quantization_config={"quant_method": "bitsandbytes"})
     (path / "config.json").write_text(json.dumps(config))

@@ -107,6 +107,13 @@ def _make_nnx():
 def _make_linen():
     _, linen = _flax()
 
+    def quantized(module: Any, name: str) -> Any:
+        """The quantized weight ``name`` of ``module``'s ``"quantized"`` collection (an error if absent)."""
+        weight = module.variable("quantized", name, lambda: None).value
+        if not is_quantized(weight):
+            raise ValueError(f"{module.name}: no quantized {name!r} in the 'quantized' collection")
+        return weight
+
     class QuantDense(linen.Module):
         """``linen.Dense`` over a quantized weight in the ``"quantized"`` collection, entry ``"kernel"``.
 
@@ -120,9 +127,7 @@ def _make_linen():
 
         @linen.compact
         def __call__(self, x: jax.Array) -> jax.Array:
-            weight = self.variable("quantized", "kernel", lambda: None).value
-            if not is_quantized(weight):
-                raise ValueError(f"{self.name}: no quantized kernel in the 'quantized' collection")
+            weight = quantized(self, "kernel")
             if weight.shape[0] != self.features:
                 raise ValueError(f"{self.name}: features={self.features} but the weight has {weight.shape[0]} outputs")
             bias = self.param("bias", linen.initializers.zeros_init(), (self.features,)) if self.use_bias else None
@@ -135,10 +140,7 @@ def _make_linen():
 
         @linen.compact
         def __call__(self, ids: jax.Array) -> jax.Array:
-            weight = self.variable("quantized", "embedding", lambda: None).value
-            if not is_quantized(weight):
-                raise ValueError(f"{self.name}: no quantized table in the 'quantized' collection")
-            table = jax.lax.stop_gradient(weight.dequantize())
+            table = jax.lax.stop_gradient(quantized(self, "embedding").dequantize())
             return jnp.take(table if self.dtype is None else table.astype(self.dtype), ids, axis=0)
 
     return QuantDense, QuantEmbedLinen

@@ -22,8 +22,20 @@ from ._fp8 import dequantize_fp8, fp8_scale_layout
 from ._nf4 import dequantize_nf4
 
 
+class _Sizes:
+    """Bytes held (every piece) and bytes the dense weight would take."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
 @dataclasses.dataclass(frozen=True)
-class NF4Weight:
+class NF4Weight(_Sizes):
     """A bitsandbytes 4-bit (NF4/FP4) weight kept quantized.
 
     Attributes:
@@ -62,17 +74,9 @@ class NF4Weight:
         )  # fmt: skip
         return dense if dtype is None else dense.astype(dtype)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
-
-    @property
-    def dense_nbytes(self) -> int:
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
-
 
 @dataclasses.dataclass(frozen=True)
-class FP8Weight:
+class FP8Weight(_Sizes):
     """A float8 weight kept quantized, with per-tensor, per-row or block scales.
 
     Attributes:
@@ -97,14 +101,6 @@ class FP8Weight:
         dense = dequantize_fp8(self.weight, self.scale_inv, block_size=layout.block, dtype=jnp.dtype(self.dtype),
                                transpose=transpose)  # fmt: skip
         return dense if dtype is None else dense.astype(dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
-
-    @property
-    def dense_nbytes(self) -> int:
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
 
 
 jax.tree_util.register_dataclass(

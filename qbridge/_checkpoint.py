@@ -207,6 +207,14 @@ class Checkpoint:
         return f"{self.source.key_file.get(key, self.path)} [{key}]"
 
 
+def _weight_map(index: pathlib.Path) -> dict[str, str]:
+    """A sharded checkpoint's ``key -> file`` map, from its ``*.index.json``."""
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except Exception as e:
+        raise CheckpointError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from e
+
+
 def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None, str]:
     """The tensor files of a checkpoint directory or file, the safetensors index map, and the container."""
     if path.is_file():
@@ -221,21 +229,14 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] 
         raise CheckpointError(f"{path}: no such file or directory")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except Exception as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+        weight_map = _weight_map(index)
         return sorted({path / f for f in weight_map.values()}), weight_map, "safetensors"
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files, None, "safetensors"
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
-        try:
-            weight_map = json.loads(torch_index.read_text())["weight_map"]
-        except Exception as e:
-            raise CheckpointError(f"{torch_index}: not a checkpoint index ({type(e).__name__}: {e})") from e
-        return sorted({path / f for f in weight_map.values()}), None, "torch"
+        return sorted({path / f for f in _weight_map(torch_index).values()}), None, "torch"
     files = sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
     if files:
         return files, None, "torch"
