@@ -170,3 +170,25 @@ def test_kept_quantized_on_the_gpu(made):
     assert kept["model"]["layers"][0]["mlp"]["up_proj"]["kernel"].packed.devices() == {jax.local_devices(backend="gpu")[0]}
     forward = nnx.jit(lambda m, ids: m(ids))
     assert_parity(forward(dense_model, jnp.asarray(IDS)), forward(quant_model, jnp.asarray(IDS)))
+
+
+@pytest.mark.parametrize("name", ["nf4-True", "fp8"])
+def test_linen_dense_on_the_llama_weights(made, name):
+    """linen's QuantDense under jit, on every kept weight of the transformers-made Llama, equals linen.Dense on
+    the dense load of the same checkpoint."""
+    kept, dense, *_ = _models(made, name)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 192)), jnp.bfloat16)
+    checked = 0
+    for path, w in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
+        if not jax_side.is_quantized(w):
+            continue
+        node = dense
+        for k in path:
+            node = node[getattr(k, "key", getattr(k, "idx", None))]
+        out_features, in_features = w.shape
+        inputs = x[..., :in_features]
+        quant = jax.jit(jax_side.QuantDense(out_features).apply)({"quantized": {"kernel": w}}, inputs)
+        want = jax.jit(linen.Dense(out_features, use_bias=False).apply)({"params": {"kernel": node}}, inputs)
+        assert_same_bits(quant, want)
+        checked += 1
+    assert checked == 14
