@@ -44,10 +44,6 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         )
 
 
-def expected_vs_got(what: str, expected: object, got: object) -> str:
-    return f"{what}: expected {expected}, got {got}"
-
-
 def raise_out_mismatch(shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor) -> None:
     """The ``out=`` contract of the 4-bit functions: a mismatch is an AssertionError (even under ``-O``)."""
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
