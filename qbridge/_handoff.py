@@ -172,15 +172,10 @@ def _on(device: torch.device):
     return _nullcontext()
 
 
-def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer, *, clone: bool) -> jax.Array:
-    """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring.
-
-    With ``clone`` the tensor is first copied (after its producers) and the copy is handed over.
-    """
+def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
+    """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring."""
     with _on(t.device):
         with torch.cuda.stream(_after_producers(t, producer)):
-            if clone:
-                t = t.clone(memory_format=torch.contiguous_format)
             # torch's __dlpack__ makes JAX's stream wait for the (now current) stream above
             x = jax.dlpack.from_dlpack(t, copy=False)
         jax_stream = _jax_stream(home, t.device.index)
@@ -189,11 +184,9 @@ def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer, *, clone
     return x
 
 
-def _alias(t: torch.Tensor, home: jax.Device, producer: Producer, *, clone: bool = False) -> jax.Array:
+def _alias(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
     if t.device.type == "cuda":
-        return _export_cuda(t, home, producer, clone=clone)
-    if clone:
-        t = t.clone(memory_format=torch.contiguous_format)
+        return _export_cuda(t, home, producer)
     return jax.dlpack.from_dlpack(t, copy=False)
 
 
@@ -264,10 +257,25 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
             # one copy: to the destination, dense and aligned (the caching allocator aligns to 512 bytes)
             copied = t.to(dest, memory_format=torch.contiguous_format, copy=narrow is None)
     if copied.device.type == "cuda":  # ordered after the stream the copy ran on
-        return _export_cuda(copied, target, used if used is not None else "current", clone=False)
+        return _export_cuda(copied, target, used if used is not None else "current")
     x = jax.dlpack.from_dlpack(copied, copy=False)
     # DLPack knows one CPU device; another (XLA's host-platform devices) takes a copy of its own
     return x if target == jax_cpu() else jax.device_put(x, target)
+
+
+def _jax_owned_copy(t: torch.Tensor, target: jax.Device, producer: Producer) -> jax.Array:
+    """An independent copy of ``t`` on ``target``, in memory that XLA allocated itself.
+
+    The tensor is first handed over zero-copy (made contiguous first if it is a permuted view: XLA's
+    copy of a non-default layout is not relied on), then XLA copies it on its own stream, ordered after
+    the tensor's producers; the torch memory is released once that copy has read it. Arrays that live in
+    torch's memory are a hazard as inputs of XLA's CUDA-graph command buffers (see :func:`to_jax`).
+    """
+    if t.layout == torch.strided and not t.is_contiguous() and is_compact(t):
+        t = t.contiguous()
+    home = _home(t)
+    staged = to_jax(t, device=home if home is not None else target, producer=producer)
+    return jax.device_put(staged, target, may_alias=False)
 
 
 def to_jax(
@@ -282,6 +290,17 @@ def to_jax(
     **The result aliases the tensor when no copy is made:** writing to the torch tensor afterwards
     changes the JAX array (which JAX assumes immutable). Pass ``copy=True`` for an independent array.
 
+    **Arrays kept for many jitted calls (parameters): pass** ``copy=True``. On GPUs, XLA records jitted
+    programs into CUDA graphs (command buffers, on by default) and updates them with each call's buffers.
+    CUDA refuses to update a recorded device-to-device copy from memory that torch allocated
+    (``cudaMalloc``) to memory that XLA allocated (its own virtual-memory pool when
+    ``XLA_PYTHON_CLIENT_PREALLOCATE=false``), so a program that copies an input, as ``nnx.jit`` does with
+    a module's state, fails on its second call with ``Failed to set memcpy D2D node params:
+    CUDA_ERROR_INVALID_VALUE`` when the first call saw a zero-copy array and the second an XLA one
+    (``benchmarks/xla_command_buffer_repro.py`` reproduces it with JAX alone). ``copy=True`` returns memory
+    XLA allocated, which has no such problem; :func:`qbridge.load_checkpoint` always returns such memory
+    on GPUs.
+
     Args:
         t: any torch tensor. torchao tensor subclasses, bitsandbytes ``Params4bit``/``Int8Params`` and
             torch-quantized tensors are dequantized first (``torch_side.dequantize_weight``); tensors that
@@ -291,7 +310,8 @@ def to_jax(
         copy: ``None`` aliases where possible and otherwise copies exactly once (a misaligned pointer,
             non-compact strides, another device, a dtype JAX would change such as int64 with x64 off),
             saying so at debug level; ``False`` never copies and raises ``BufferError`` saying why;
-            ``True`` always returns an independent array.
+            ``True`` always returns an independent array in memory that XLA allocated (contiguous,
+            default layout), copied by XLA after the tensor's producers.
         producer: which torch streams may still be writing ``t`` (CUDA): ``"auto"`` (default) waits for
             the current stream and every torch stream that has work queued; ``"current"`` only for the
             current stream (torch's own DLPack rule; fastest); or the producing stream(s). All waits
@@ -337,14 +357,14 @@ def to_jax(
         if home is None:
             raise RuntimeError(no_jax_gpu_message(t.device.index) if t.device.type == "cuda" else f"JAX cannot see {t.device}")
         target = home
+    if copy:
+        return _jax_owned_copy(t, target, producer)
     reasons = _aliasing_blockers(t, home, target)
     if reasons:
         if copy is False:
             raise BufferError(f"cannot hand {_describe(t)} to JAX without a copy: {'; '.join(reasons)}; {COPY_NOTE}")
         log.debug("to_jax copies %s once: %s", _describe(t), "; ".join(reasons))
         return _copy_once(t, home, target, producer)
-    if copy:
-        return _alias(t, target, producer, clone=True)
     try:
         x = _alias(t, target, producer)
     except BufferError:  # a dtype this torch will not export (float8 on older torch): same bytes, bitcast

@@ -66,6 +66,7 @@ class LoadReport:
             f"{self.format}: {self.leaves} leaves, {self.stored_bytes / 1e6:.1f} MB read -> "
             f"{self.dense_bytes / 1e6:.1f} MB on {self.device} in {self.seconds:.2f} s"
             + (f"; skipped {', '.join(self.skipped)}" if self.skipped else "")
+            + "".join(f"; {line}" for line in (self.match.cast_summary() if self.match else []))
         )
 
 
@@ -184,6 +185,13 @@ def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tens
     return dense
 
 
+def hand_over(t: torch.Tensor, jdev: jax.Device) -> jax.Array:
+    """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied by XLA into memory it allocated (a
+    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`), on the
+    CPU aliased zero-copy. ``t`` is the loader's own tensor, ordered on the current stream."""
+    return to_jax(t, device=jdev, producer="current", copy=True if jdev.platform != "cpu" else None)
+
+
 def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
     """Whether a weight can stay quantized in JAX: a 4-bit or FP8 Linear kernel or 2-D embedding table."""
     if entry.kind not in ("bnb4", "fp8") or len(entry.shape) != 2:
@@ -191,13 +199,13 @@ def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
     return rule.flax_name in ("kernel", "embedding") and not rule.flip
 
 
-def quantized_leaf(ckpt: Checkpoint, entry: Entry, device: torch.device, jdev: jax.Device, dtype: Any) -> Any:
-    """The stored pieces of a 4-bit or FP8 weight, moved to the device and handed to JAX zero-copy, as a
+def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
+    """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
     :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``)."""
     name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
 
-    def put(t: torch.Tensor) -> jax.Array:
-        return to_jax(t.to(device).contiguous(), device=jdev, producer="current")
+    def put(t: torch.Tensor) -> jax.Array:  # from host memory straight into XLA's (or aliased on the CPU)
+        return hand_over(t.contiguous(), jdev)
 
     if entry.kind == "fp8":
         scale = ckpt.read(entry.keys["scale"])
@@ -276,10 +284,14 @@ def load_checkpoint(
             path and checked before any weight is read.
         device: where the result lives: a ``jax.Device``, ``"cpu"``, ``"cuda[:i]"``, or None (the current
             GPU when torch and JAX see it, else the CPU). Dequantization runs on the matching torch device.
-        dtype: None keeps each weight's dtype (with a target, a difference from the target's dtype is a
-            mismatch); ``"target"`` casts to each target leaf's dtype; a dtype casts every floating leaf.
+        dtype: with a target, None (or ``"target"``) casts each floating leaf to its target leaf's dtype,
+            as torch's ``load_state_dict`` and transformers' ``from_pretrained`` cast into the model's
+            dtypes (every cast is listed in the report); ``"checkpoint"`` keeps the checkpoint's dtypes and
+            makes a difference from the target a mismatch. Without a target, None keeps each weight's
+            dtype. A dtype casts every floating leaf to it.
         strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
-            unfilled leaves as the target has them.
+            unfilled leaves as the target has them (a target leaf that holds only a shape,
+            ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
         progress: show a progress bar (tensors and bytes; notebook-aware).
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
         rename: regex -> replacement applied to checkpoint keys before matching a target.
@@ -299,7 +311,9 @@ def load_checkpoint(
         Without a target, Flax variables ``{"params": {...}}`` (plus ``"batch_stats"``), named by Flax
         conventions (``kernel``, ``scale``, ``embedding``). With a target, exactly the target's structure
         (a pure nested dict for nnx, ready for ``nnx.update``). ``(params, report)`` with ``return_report``.
-        Arrays are new device memory, contiguous, in the Flax layout.
+        Arrays are new device memory, contiguous, in the Flax layout; on GPUs, memory that XLA allocated
+        (the dequantized result is copied there once, on the GPU: arrays in torch's memory would break the
+        updates of XLA's CUDA-graph command buffers, see :func:`qbridge.to_jax`).
 
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,
@@ -318,8 +332,8 @@ def load_checkpoint(
             t, plan, match = jax_side.plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
             skipped = [*ckpt.skipped, *match.skipped]
         else:
-            if dtype == "target":
-                raise ValueError("dtype='target' needs a target")
+            if dtype in ("target", "checkpoint"):
+                raise ValueError(f"dtype={dtype!r} needs a target")
             t, match = None, None
             plan, by_name_skipped = jax_side.plan_by_name(shapes, kinds=kinds)
             skipped = [*ckpt.skipped, *by_name_skipped]
@@ -340,14 +354,14 @@ def load_checkpoint(
                 if keep_quantized and keeps_quantized(entry, p.rule):
                     if leaf_sharding is not None:
                         raise ValueError(f"{name}: keep_quantized does not shard; load it dense to shard it")
-                    values[p.leaf.path] = quantized_leaf(ckpt, entry, tdev, jdev, cast)
+                    values[p.leaf.path] = quantized_leaf(ckpt, entry, jdev, cast)
                     dense += values[p.leaf.path].nbytes
                 elif leaf_sharding is not None:
                     values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
                     dense += values[p.leaf.path].nbytes
                 else:
                     tensor = convert(materialize(ckpt, entry, tdev, p.rule))
-                    values[p.leaf.path] = to_jax(tensor, device=jdev, producer="current")
+                    values[p.leaf.path] = hand_over(tensor, jdev)
                     dense += tensor.numel() * tensor.element_size()
                     del tensor
                 if bar is not None:

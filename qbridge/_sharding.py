@@ -150,7 +150,7 @@ def load_sharded_leaf(
     ckpt: Checkpoint, entry: Entry, rule: jax_side.LeafRule, sharding: Any, cast: Callable[[torch.Tensor], torch.Tensor]
 ) -> jax.Array:
     """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device."""
-    from ._handoff import to_jax
+    from ._loader import hand_over
 
     shape = jax_side.flax_shape(rule, entry.shape)
     try:
@@ -160,7 +160,7 @@ def load_sharded_leaf(
     arrays = []
     for device, index in indices.items():
         shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
-        arrays.append(to_jax(shard, device=device, producer="current"))
+        arrays.append(hand_over(shard, device))
         del shard
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 

@@ -243,3 +243,58 @@ def test_preallocation_is_off_by_default_and_warned_about_when_on():
     )
     assert "WARNED" in r.stdout and "XLA_PYTHON_CLIENT_PREALLOCATE=false" in r.stdout, r.stdout + r.stderr
     assert float(r.stdout.split("POOL ")[1]) > 0.5  # the warning is about something real
+
+
+# A jitted program that returns its parameters (as nnx.jit returns a module's state) copies each one in a
+# memcpy node of XLA's CUDA-graph command buffer; the second call moves that node's source to XLA's own
+# output buffers. See benchmarks/xla_command_buffer_repro.py.
+_STEP = """
+import sys, pathlib, numpy as np, torch
+import qbridge
+import jax, jax.numpy as jnp
+how, folder = sys.argv[1], pathlib.Path(sys.argv[2])
+n = 4096  # 64 MB float32 parameters: XLA places buffers this large in its virtual-memory pool
+ts = [torch.randn(n, n, device="cuda") * 0.02 for _ in range(4)]
+if how == "bare":
+    torch.cuda.synchronize()
+    params = [jax.dlpack.from_dlpack(t) for t in ts]
+elif how == "to_jax_copy":
+    params = [qbridge.to_jax(t, copy=True) for t in ts]
+else:
+    from safetensors.torch import save_file
+    save_file({f"w{i}": t.cpu() for i, t in enumerate(ts)}, folder / "model.safetensors")
+    flat = qbridge.load_checkpoint(folder, progress=False)["params"]
+    params = [flat[f"w{i}"] for i in range(4)]
+
+@jax.jit
+def step(ps, x):
+    for p in ps:
+        x = jnp.tanh(x @ p)
+    return ps, x
+
+x = jnp.ones((8, n), jnp.float32)
+done = 0
+try:
+    for _ in range(5):
+        params, y = step(params, x)
+        y.block_until_ready()
+        done += 1
+    print("OK", done)
+except Exception as e:
+    print("FAILED at call", done + 1, str(e).splitlines()[0])
+"""
+
+
+def test_loaded_parameters_survive_xla_command_buffer_updates(tmp_path):
+    """load_checkpoint's arrays (and to_jax(copy=True)'s) live in XLA's memory: a jitted program that copies
+    them runs again and again with XLA's defaults. The bare DLPack import shows that the test can fail."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    results = {}
+    for how in ("bare", "to_jax_copy", "load_checkpoint"):
+        r = subprocess.run([sys.executable, "-c", _STEP, how, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+        results[how] = (r.stdout.strip().splitlines() or ["(no output) " + r.stderr[-2000:]])[-1]
+    assert results["to_jax_copy"] == "OK 5", results
+    assert results["load_checkpoint"] == "OK 5", results
+    if results["bare"] == "OK 5":
+        pytest.skip(f"this XLA updates the copy of a foreign buffer fine (the workaround could go): {results}")
+    assert "Failed to set memcpy D2D node params" in results["bare"], results
