@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._tree import MatchError, MatchReport, Path, PlannedLeaf, TargetLeaf, fill, plan_match
+from ._tree import MatchError, MatchReport, Path, PlannedLeaf, TargetLeaf, dotted, fill, plan_match
 
 COLLECTIONS = ("params", "batch_stats")
 
@@ -52,6 +52,11 @@ def _sharding(x: Any) -> Any:
     return getattr(x, "sharding", None)
 
 
+def _abstract(x: Any) -> bool:
+    """Whether a target leaf holds only a shape and dtype (``jax.eval_shape``/``nnx.eval_shape`` targets)."""
+    return isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _value(var: Any) -> Any:
     return var.get_value() if hasattr(var, "get_value") else var.value
 
@@ -61,7 +66,7 @@ def _from_dict(tree: Mapping[str, Any]) -> Target:
     prefix_len = 1 if "params" in collections else 0
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) for path, _ in flat]
-    leaves = [TargetLeaf(p, *_shape_dtype(v), sharding=_sharding(v)) for p, (_, v) in zip(paths, flat)]
+    leaves = [TargetLeaf(p, *_shape_dtype(v), sharding=_sharding(v), abstract=_abstract(v)) for p, (_, v) in zip(paths, flat)]
     originals = [v for _, v in flat]
 
     def rebuild(values: dict[Path, Any]) -> Any:
@@ -80,7 +85,8 @@ def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) 
             continue
         value = _value(var)
         shape, dtype = _shape_dtype(value)
-        leaves.append(TargetLeaf(tuple(path), shape, dtype, (module_types or {}).get(tuple(path[:-1])), _sharding(value)))
+        leaves.append(TargetLeaf(tuple(path), shape, dtype, (module_types or {}).get(tuple(path[:-1])), _sharding(value),
+                                 _abstract(value)))  # fmt: skip
     originals = {tuple(path): _value(var) for path, var in flat}
     wanted = {leaf.path for leaf in leaves}
 
@@ -134,12 +140,26 @@ def plan_for_target(
     rename: Mapping[str, str] | None = None,
     strict: bool = True,
 ) -> tuple[Target, list[PlannedLeaf], MatchReport]:
-    """Plans a match from shapes alone (see :func:`jax_side.plan_match`): raises MatchError when
-    ``strict`` and anything is off, before any tensor is read."""
+    """Plans a match from shapes alone (see :func:`jax_side.plan_match`), before any tensor is read.
+
+    Raises:
+        MatchError: ``strict`` and anything is off; or, with ``strict=False``, a target leaf that nothing
+            fills holds only a shape (a ``jax.ShapeDtypeStruct``), so there is no value to keep for it.
+    """
     t = as_target(target)
-    plan, report = plan_match(checkpoint, _strip(t), dtype=dtype, kinds=kinds, rename=rename)
+    leaves = _strip(t)
+    plan, report = plan_match(checkpoint, leaves, dtype=dtype, kinds=kinds, rename=rename)
     if strict and not report.ok:
         raise MatchError(report)
+    filled = {p.leaf.path for p in plan}
+    empty = [dotted(leaf.path) for leaf in leaves if leaf.abstract and leaf.path not in filled]
+    if empty:
+        raise MatchError(report, (
+            f"strict=False, but {len(empty)} target leaves are filled by no checkpoint tensor and the target holds "
+            f"only their shapes (jax.ShapeDtypeStruct), so they would have no value: {', '.join(empty)}. Pass a "
+            "concrete target (the initialized model, nnx.state(model) or a params dict of arrays) to keep its "
+            f"values there, or fix the match:\n{report}"
+        ))  # fmt: skip
     return t, plan, report
 
 
@@ -176,9 +196,12 @@ def match_to_target(
         target: a linen ``params`` dict or ``{"params": ..., "batch_stats": ...}`` dict (its leaves may be
             ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an ``nnx.State``.
         strict: raise :class:`MatchError` listing every missing leaf, unused tensor and shape or dtype
-            mismatch; with False, problems are only reported and unfilled leaves keep the target's values.
-        dtype: None keeps checkpoint dtypes (a difference from the target is a mismatch), ``"target"`` casts
-            to each leaf's dtype, a dtype casts every floating leaf to it.
+            mismatch; with False, problems are only reported and unfilled leaves keep the target's values
+            (a target that holds only shapes there raises instead: there is no value to keep).
+        dtype: None (or ``"target"``) casts each floating leaf to the target leaf's dtype, as torch's
+            ``load_state_dict`` does, listing each cast in ``report.casts``; ``"checkpoint"`` keeps the
+            checkpoint's dtypes, a difference from the target being a mismatch; a dtype casts every
+            floating leaf to it.
         kinds: dotted-Flax-path regex -> torch module kind, for what names cannot tell (``conv_transpose2d``).
         rename: regex -> replacement applied to checkpoint keys before matching (``{"^model\\.": ""}``).
 

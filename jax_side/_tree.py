@@ -23,10 +23,11 @@ _NUMBERED = re.compile(r"^(.*)_(\d+)$")
 
 
 class MatchError(ValueError):
-    """A checkpoint that does not fit its target: every problem is listed in ``report``."""
+    """A checkpoint that does not fit its target: every problem is listed in ``report`` (``message``, when
+    given, says what could not be done with it)."""
 
-    def __init__(self, report: MatchReport):
-        super().__init__(str(report))
+    def __init__(self, report: MatchReport, message: str | None = None):
+        super().__init__(message or str(report))
         self.report = report
 
 
@@ -41,6 +42,7 @@ class MatchReport:
         dtype_mismatches: ``(leaf, key, target dtype, checkpoint dtype)``.
         skipped: checkpoint keys that are not parameters (e.g. ``num_batches_tracked``) and were left out.
         matched: ``leaf -> key`` for every filled leaf.
+        casts: ``(leaf, key, checkpoint dtype, result dtype)`` for every floating leaf whose dtype changes.
     """
 
     missing: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
@@ -49,14 +51,26 @@ class MatchReport:
     dtype_mismatches: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     matched: dict[str, str] = dataclasses.field(default_factory=dict)
+    casts: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unused or self.shape_mismatches or self.dtype_mismatches)
 
+    def cast_summary(self) -> list[str]:
+        """One line per (checkpoint dtype, result dtype) pair: how many leaves, and the first names."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for leaf, _, src, dst in self.casts:
+            groups.setdefault((src, dst), []).append(leaf)
+        return [
+            f"cast {len(leaves)} leaves {src} -> {dst}: {', '.join(leaves[:4])}{', ...' if len(leaves) > 4 else ''}"
+            for (src, dst), leaves in groups.items()
+        ]
+
     def __str__(self) -> str:
         if self.ok:
-            return f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} buffers skipped"
+            head = f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} buffers skipped"
+            return "; ".join([head, *self.cast_summary()])
         lines = ["checkpoint does not match its target:"]
         for leaf, tried in self.missing:
             lines.append(f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})")
@@ -66,7 +80,8 @@ class MatchReport:
             lines.append(f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout")
         for leaf, key, want, got in self.dtype_mismatches:
             lines.append(
-                f"  dtype: {leaf!r} is {want}, checkpoint {key!r} is {got} (pass dtype='target' to cast)"
+                f"  dtype: {leaf!r} is {want}, checkpoint {key!r} is {got} (leave dtype=None to cast floating "
+                "leaves to the target's dtypes)"
             )
         return "\n".join(lines)
 
@@ -74,13 +89,15 @@ class MatchReport:
 @dataclasses.dataclass(frozen=True)
 class TargetLeaf:
     """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it
-    (``sharding``: the ``jax.sharding.Sharding`` the target's array already has, if any)."""
+    (``sharding``: the ``jax.sharding.Sharding`` the target's array already has, if any; ``abstract``: the
+    target holds only its shape and dtype, a ``jax.ShapeDtypeStruct``, and no value to keep)."""
 
     path: Path
     shape: tuple[int, ...]
     dtype: Any
     module_type: str | None = None
     sharding: Any = None
+    abstract: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +269,9 @@ def plan_match(
     Args:
         checkpoint: ``torch key -> (torch-layout shape, dtype)`` (the dtype the dequantized tensor will have).
         leaves: the target's leaves.
-        dtype: None compares dtypes (a difference is a mismatch); ``"target"`` casts to each leaf's dtype;
+        dtype: None (or ``"target"``) casts each floating leaf to its target leaf's dtype, as torch's
+            ``load_state_dict`` casts into a module's dtypes (every cast is listed in ``report.casts``);
+            ``"checkpoint"`` keeps the checkpoint's dtypes, and a difference from the target is a mismatch;
             a dtype casts every floating leaf to it.
         kinds: dotted-Flax-path regex -> module kind overrides (e.g. ``{"decoder\\.up": "conv_transpose2d"}``).
         rename: regex -> replacement applied to checkpoint keys first (e.g. ``{"^model\\.": ""}``).
@@ -285,11 +304,21 @@ def plan_match(
         if got != tuple(leaf.shape):
             report.shape_mismatches.append((name, original, tuple(leaf.shape), got))
             continue
-        if dtype is None and leaf.dtype is not None and np.dtype(src_dtype) != np.dtype(leaf.dtype):
-            report.dtype_mismatches.append((name, original, str(np.dtype(leaf.dtype)), str(np.dtype(src_dtype))))
-            continue
+        planned = PlannedLeaf(leaf, original, rule)
+        if dtype not in (None, "target", "checkpoint"):
+            result = np.dtype(dtype) if jnp.issubdtype(src_dtype, jnp.floating) else np.dtype(src_dtype)
+        elif leaf.dtype is None:
+            result = np.dtype(src_dtype)
+        else:
+            result = np.dtype(leaf.dtype)
+            castable = dtype != "checkpoint" and jnp.issubdtype(src_dtype, jnp.floating) and jnp.issubdtype(result, jnp.floating)
+            if result != np.dtype(src_dtype) and not castable:
+                report.dtype_mismatches.append((name, original, str(result), str(np.dtype(src_dtype))))
+                continue
+        if result != np.dtype(src_dtype):
+            report.casts.append((name, original, str(np.dtype(src_dtype)), str(result)))
         report.matched[name] = original
-        plan.append(PlannedLeaf(leaf, original, rule))
+        plan.append(planned)
     for key in checkpoint:
         if key in used:
             continue
@@ -301,11 +330,12 @@ def plan_match(
 
 
 def leaf_dtype(planned: PlannedLeaf, dtype: Any, src_dtype: Any) -> Any:
-    """The dtype a planned leaf is cast to (None: keep)."""
-    if not jnp.issubdtype(src_dtype, jnp.floating):
+    """The dtype a planned leaf is cast to (None: keep), by the ``dtype`` rule of :func:`plan_match`."""
+    if not jnp.issubdtype(src_dtype, jnp.floating) or dtype == "checkpoint":
         return None
-    if dtype == "target":
-        return planned.leaf.dtype
+    if dtype in (None, "target"):
+        want = planned.leaf.dtype
+        return None if want is None or np.dtype(want) == np.dtype(src_dtype) else want
     return dtype
 
 

@@ -69,7 +69,7 @@ def test_wrong_checkpoint_reports_every_problem_by_name():
     ck["lm_head.weight"] = np.zeros((10, 8), np.float32)  # unused
     ck["layers.0.norm.num_batches_tracked"] = np.zeros((), np.int64)  # a buffer: skipped, not unused
     with pytest.raises(jax_side.MatchError) as info:
-        jax_side.load_into_nnx(m, ck)
+        jax_side.load_into_nnx(m, ck, dtype="checkpoint")
     report = info.value.report
     message = str(info.value)
     assert [leaf for leaf, _ in report.missing] == ["layers.1.norm.scale"]
@@ -77,9 +77,13 @@ def test_wrong_checkpoint_reports_every_problem_by_name():
     assert report.skipped == ["layers.0.norm.num_batches_tracked"]
     assert report.shape_mismatches == [("layers.0.up.kernel", "layers.0.up.weight", (8, 12), (7, 12))]
     assert report.dtype_mismatches == [("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float32", "float16")]
-    for needle in ("layers.1.norm.scale", "lm_head.weight", "(8, 12)", "float16", "dtype='target'"):
+    for needle in ("layers.1.norm.scale", "lm_head.weight", "(8, 12)", "float16", "dtype=None"):
         assert needle in message
     np.testing.assert_array_equal(np.asarray(m.layers[0].up.kernel[...]), before)  # nothing written
+    with pytest.raises(jax_side.MatchError) as info:  # by default the float16 leaf is cast, the rest still wrong
+        jax_side.load_into_nnx(m, ck)
+    assert not info.value.report.dtype_mismatches and len(info.value.report.shape_mismatches) == 1
+    assert info.value.report.casts == [("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float16", "float32")]
 
 
 def test_non_strict_returns_the_report_and_keeps_target_values():
@@ -94,12 +98,44 @@ def test_non_strict_returns_the_report_and_keeps_target_values():
 def test_dtype_policies():
     m = Model(nnx.Rngs(0))
     ck = {k: v.astype(np.float16) for k, v in _checkpoint().items()}
-    with pytest.raises(jax_side.MatchError, match="pass dtype='target'"):
+    ck["layers.0.norm.num_batches_tracked"] = np.zeros((), np.int64)  # not floating: never cast, skipped here
+    for dtype in (None, "target"):  # the target's dtypes win, as in torch's load_state_dict
+        tree, report = jax_side.match_to_target(ck, m, dtype=dtype)
+        assert report.ok and tree["layers"][0]["up"]["kernel"].dtype == jnp.float32
+        assert sorted(c[1] for c in report.casts) == sorted(k for k in ck if "num_batches" not in k)
+        assert {(c[2], c[3]) for c in report.casts} == {("float16", "float32")}
+        assert "cast 9 leaves float16 -> float32" in str(report)
+        np.testing.assert_array_equal(np.asarray(tree["layers"][0]["up"]["kernel"]), ck["layers.0.up.weight"].T.astype(np.float32))
+    with pytest.raises(jax_side.MatchError, match="leave dtype=None to cast"):  # the opt-in strict mode
+        jax_side.match_to_target(ck, m, dtype="checkpoint")
+    tree, report = jax_side.match_to_target(ck, m, dtype=jnp.bfloat16)
+    assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and {(c[2], c[3]) for c in report.casts} == {("float16", "bfloat16")}
+    same = {k: v.astype(np.float32) for k, v in _checkpoint().items()}
+    assert jax_side.match_to_target(same, m)[1].casts == []
+
+
+def test_integer_leaves_are_never_cast():
+    m = Model(nnx.Rngs(0))
+    ck = _checkpoint()
+    ck["layers.0.up.weight"] = ck["layers.0.up.weight"].astype(np.int32)
+    with pytest.raises(jax_side.MatchError) as info:
         jax_side.match_to_target(ck, m)
-    tree, report = jax_side.match_to_target(ck, m, dtype="target")
-    assert report.ok and tree["layers"][0]["up"]["kernel"].dtype == jnp.float32
-    tree, _ = jax_side.match_to_target(ck, m, dtype=jnp.bfloat16)
-    assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    assert info.value.report.dtype_mismatches == [("layers.0.up.kernel", "layers.0.up.weight", "float32", "int32")]
+
+
+def test_non_strict_never_leaves_a_shape_where_a_value_belongs():
+    ck = _checkpoint()
+    del ck["layers.1.norm.weight"]
+    abstract = jax.eval_shape(lambda: nnx.state(Model(nnx.Rngs(0))))
+    with pytest.raises(jax_side.MatchError, match=r"strict=False, but 1 target leaves.*layers\.1\.norm\.scale.*concrete target"):
+        jax_side.match_to_target(ck, abstract, strict=False)
+    linen_abstract = {"params": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(Model(nnx.Rngs(0)))))}
+    with pytest.raises(jax_side.MatchError, match="layers.1.norm.scale"):
+        jax_side.match_to_target(ck, linen_abstract, strict=False)
+    concrete = nnx.state(Model(nnx.Rngs(0)))  # a concrete target keeps its own value there
+    tree, report = jax_side.match_to_target(ck, concrete, strict=False)
+    assert not report.ok and isinstance(tree["layers"][1]["norm"]["scale"], jax.Array)
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
 
 def test_rename_and_prefixes():

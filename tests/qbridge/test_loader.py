@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,10 +176,60 @@ def test_without_target_flax_names(dense_dir, tmp_path):
 def test_target_dtype_policies(dense_dir):
     config, _ = _flax_model(dense_dir)
     target32 = jax_side.abstract_llama(config, param_dtype=jnp.float32)
-    with pytest.raises(jax_side.MatchError, match="dtype='target'"):
-        qbridge.load_checkpoint(dense_dir, target=target32, progress=False)
-    params = qbridge.load_checkpoint(dense_dir, target=target32, dtype="target", progress=False)
-    assert params["model"]["norm"]["scale"].dtype == jnp.float32
+    with pytest.raises(jax_side.MatchError, match="leave dtype=None to cast"):
+        qbridge.load_checkpoint(dense_dir, target=target32, dtype="checkpoint", progress=False)
+    for dtype in (None, "target"):
+        params = qbridge.load_checkpoint(dense_dir, target=target32, dtype=dtype, progress=False)
+        assert params["model"]["norm"]["scale"].dtype == jnp.float32
+    with pytest.raises(ValueError, match="needs a target"):
+        qbridge.load_checkpoint(dense_dir, dtype="checkpoint", progress=False)
+
+
+@pytest.mark.parametrize("kind", ["nnx", "linen"])
+def test_float32_targets_from_a_bf16_nf4_checkpoint(tmp_path, dense_dir, kind):
+    """A bf16 NF4 checkpoint into float32 Flax targets with no dtype argument: the targets' dtypes win, the
+    report names every cast, and the values are bitsandbytes' bf16 values widened exactly."""
+    model = bnb_llama(dense_dir, tmp_path / "nf4", quant_type="nf4", nested=True)
+    config, _ = _flax_model(dense_dir)
+    abstract = jax_side.abstract_llama(config, param_dtype=jnp.float32)
+    if kind == "nnx":
+        target = abstract
+    else:  # a linen-style params dict of shapes, string keys as linen has them
+        def linen(d):
+            return {str(k): linen(v) if isinstance(v, dict) else jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in d.items()}
+
+        target = {"params": linen(nnx.to_pure_dict(nnx.state(abstract)))}
+    params, report = qbridge.load_checkpoint(tmp_path / "nf4", target=target, progress=False, return_report=True)
+    tree = params["params"] if kind == "linen" else params
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree))
+    casts = {leaf.removeprefix("params."): (src, dst) for leaf, _, src, dst in report.match.casts}
+    assert len(casts) == len(jax.tree.leaves(tree)) and set(casts.values()) == {("bfloat16", "float32")}
+    assert "model.layers.1.mlp.down_proj.kernel" in casts
+    assert "cast 21 leaves bfloat16 -> float32" in str(report)
+    w = model.model.layers[1].mlp.down_proj.weight
+    ours = np.asarray(tree["model"]["layers"][1 if kind == "nnx" else "1"]["mlp"]["down_proj"]["kernel"]).T
+    assert_same_bits(ours, to_numpy(bnb_reference(w.data, w.quant_state)).astype(np.float32))
+    with pytest.raises(jax_side.MatchError, match="leave dtype=None to cast"):  # the opt-in strict mode
+        qbridge.load_checkpoint(tmp_path / "nf4", target=target, dtype="checkpoint", progress=False)
+
+
+def test_non_strict_loads_keep_concrete_values_and_refuse_shapes(tmp_path, dense_dir):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(dense_dir / "model.safetensors")
+    del state["model.norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((dense_dir / "config.json").read_text())
+    config, _ = _flax_model(dense_dir)
+    with pytest.raises(jax_side.MatchError, match=r"strict=False, but 1 target leaves.*model\.norm\.scale"):
+        qbridge.load_checkpoint(tmp_path, target=jax_side.abstract_llama(config, param_dtype=jnp.bfloat16), strict=False, progress=False)
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    own = np.asarray(model.model.norm.scale[...])
+    params = qbridge.load_checkpoint(tmp_path, target=model, strict=False, progress=False)
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    np.testing.assert_array_equal(np.asarray(params["model"]["norm"]["scale"]), own)
+    nnx.update(model, params)
+    assert model(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, config.vocab_size)
 
 
 def test_buffers_are_skipped_and_reported(tmp_path, dense_dir):
