@@ -35,7 +35,9 @@ ROTATE_BYTES = 256 << 20  # input sets per measurement: at least this many bytes
 @dataclasses.dataclass
 class Row:
     """One measurement: ``us`` is GPU time (graph replay where possible), ``us_per_call`` events around
-    single calls (launch gaps and host syncs included); percentages are of ``us``."""
+    single calls (launch gaps and host syncs included); percentages are of ``us``. ``timing`` says how
+    ``us`` was measured: ``"graph replay"``, ``"events"`` (code that syncs with the host), or
+    ``"events (capture failed: ...)"`` where a CUDA graph could not be captured on this card."""
 
     fmt: str
     shape: tuple[int, int]
@@ -44,6 +46,7 @@ class Row:
     us_per_call: float
     bytes: int
     pct_of_copy: float
+    timing: str = "graph replay"
 
 
 def _per_call(fn: Callable[[], Any]) -> float:
@@ -53,17 +56,23 @@ def _per_call(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def _do_bench(fn: Callable[[], Any], *, graph: bool = True) -> float:
-    """Median GPU milliseconds of ``fn``, warm-up excluded: replayed from a CUDA graph, so that Python's
-    launch overhead is not counted; with ``graph=False`` (code that syncs with the host and so cannot be
-    captured) CUDA events around each call, L2 flushed between runs."""
+def _do_bench(fn: Callable[[], Any], *, graph: bool = True) -> tuple[float, str]:
+    """Median GPU milliseconds of ``fn`` and how they were timed, warm-up excluded: replayed from a CUDA
+    graph, so that Python's launch overhead is not counted; with ``graph=False`` (code that syncs with the
+    host and so cannot be captured), or where capturing fails on this card, CUDA events around each call,
+    L2 flushed between runs."""
     import triton.testing
 
     fn()  # warm-up: compile kernels, build cached tables
     torch.cuda.synchronize()
-    if graph:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median"))
-    return _per_call(fn)
+    if not graph:
+        return _per_call(fn), "events"
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")), "graph replay"
+    except Exception as e:  # noqa: BLE001 - any capture failure: time the calls instead, and say so
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        torch.cuda.synchronize()  # the capture has ended; the stream is usable again
+        return _per_call(fn), f"events (capture failed: {reason})"
 
 
 def copy_ceiling(nbytes: int = 2 << 30) -> float:
@@ -131,7 +140,7 @@ def _end_to_end(fmt: str, shape: tuple[int, int], nbytes: int, ceiling: float, d
         ("qbridge end to end to jax.Array (wall)", lambda: to_jax(dequantize(), producer="current").block_until_ready()),
     ):
         us = _wall_us(fn)
-        rows.append(Row(fmt, shape, method, us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling))
+        rows.append(Row(fmt, shape, method, us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling, "wall clock"))
     return rows
 
 
@@ -168,8 +177,8 @@ def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
         cases["torchao NF4 get_original_weight"] = _cycle(nf4, lambda t: t.get_original_weight())
     rows = []
     for name, fn in cases.items():
-        ms = _do_bench(fn, graph=name not in uncapturable)
-        rows.append(Row("NF4 nested->bf16", shape, name, ms * 1e3, _per_call(fn) * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling))
+        ms, timing = _do_bench(fn, graph=name not in uncapturable)
+        rows.append(Row("NF4 nested->bf16", shape, name, ms * 1e3, _per_call(fn) * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling, timing))
     packed, qs, _ = sets[0]
     rows += _end_to_end("NF4 nested->bf16", shape, nbytes, ceiling, lambda: torch_side.dequantize(packed, qs))
     return rows
@@ -196,9 +205,9 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
     }
     rows = []
     for name, fn in cases.items():
-        ms = _do_bench(_cycle(sets, fn), graph=name != "plain torch")
+        ms, timing = _do_bench(_cycle(sets, fn), graph=name != "plain torch")
         per_call = _per_call(_cycle(sets, fn))
-        rows.append(Row("FP8 block->bf16", shape, name, ms * 1e3, per_call * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling))
+        rows.append(Row("FP8 block->bf16", shape, name, ms * 1e3, per_call * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling, timing))
     w, s, _ = sets[0]
     rows += _end_to_end("FP8 block->bf16", shape, nbytes, ceiling, lambda: torch_side.dequantize_fp8(w, s))
     return rows
@@ -230,6 +239,12 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
             rows += fn(shape, ceiling)
         except torch.OutOfMemoryError as e:  # record it and go on with the other shapes
             skipped.append(f"{fn.__name__} {shape}: out of memory ({e.args[0].splitlines()[0]})")
+        except Exception as e:  # noqa: BLE001 - one failed shape never ends the run: record why, go on
+            skipped.append(f"{fn.__name__} {shape}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001 - an error that leaves the device unusable ends the run below
+                pass
         gc.collect()  # drop the input sets and CUDA graphs of this shape before the next
         torch.cuda.empty_cache()
     return {
@@ -248,13 +263,15 @@ def format_bench(result: dict[str, Any]) -> str:
     lines = [
         f"{result['device']}; copy ceiling {result['copy_tb_s']:.2f} TB/s (read + write); "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        "GPU us: graph replay (launch overhead excluded); per call: CUDA events around each call",
-        f"{'format':<18}{'shape':<14}{'method':<48}{'GPU us':>9}{'% of copy':>11}{'per call us':>13}",
+        "GPU us: graph replay (launch overhead excluded) unless the last column says otherwise; "
+        "per call: CUDA events around each call",
+        f"{'format':<18}{'shape':<14}{'method':<48}{'GPU us':>9}{'% of copy':>11}{'per call us':>13}  timing",
     ]
     for r in result["rows"]:
         shape = "x".join(map(str, r["shape"]))
         lines.append(
             f"{r['fmt']:<18}{shape:<14}{r['method']:<48}{r['us']:>9.1f}{r['pct_of_copy']:>10.0f}%{r['us_per_call']:>13.1f}"
+            f"  {r.get('timing', 'graph replay')}"
         )
     lines += [f"skipped: {s}" for s in result.get("skipped", [])]
     return "\n".join(lines)
