@@ -17,21 +17,39 @@ FP8_DTYPES = tuple(
     for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(jnp, name)
 )
-SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# float8_e8m0fnu: power-of-two block scales (MX formats, some FP8 releases), widened to float32 exactly
+SCALE_DTYPES = tuple(
+    jnp.dtype(getattr(jnp, name)) for name in ("float32", "bfloat16", "float16", "float8_e8m0fnu") if hasattr(jnp, name)
+)
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 DEFAULT_BLOCK = 128
 
 
 class ScaleLayout(NamedTuple):
-    """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile."""
+    """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile of one ``[out, in]``
+    matrix. ``stack`` holds the leading dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in
+    one tensor) whose scales are ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
 
     kind: str  # "tensor", "row" or "block"
     block: tuple[int, int]
     grid: tuple[int, int]
+    stack: tuple[int, ...] = ()
+
+    @property
+    def matrix_scale_shape(self) -> tuple[int, int]:
+        """The shape of one matrix's scales (``(1, 1)`` for a per-tensor scale)."""
+        return (1, 1) if self.kind == "tensor" else self.grid
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
+        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
+    return pair  # type: ignore[return-value]
 
 
 def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
@@ -43,39 +61,45 @@ def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
 def fp8_scale_layout(
     weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block_size: int | tuple[int, int] | None = None
 ) -> ScaleLayout:
-    """Decides how ``scale_shape`` tiles ``weight_shape``: one element per tensor, ``[out, 1]`` per row,
-    else blocks of ``block_size``, else 128 if it agrees, else the one square size that fits.
+    """Decides how ``scale_shape`` tiles ``weight_shape``.
+
+    One element (any shape, whatever ``block_size`` says): a per-tensor scale. ``[out, 1]`` or ``[out]``: per
+    row. Otherwise ``[ceil(out / bo), ceil(in / bi)]`` blocks, with ``(bo, bi)`` from ``block_size``, else
+    128 if the scale shape agrees with 128, else the one square block size that fits both sides. A stacked
+    weight ``[E, out, in]`` (experts) takes ``[E]`` (one scale per matrix) or ``[E, ...]`` with one of
+    these forms per matrix.
 
     Raises:
-        ValueError: the shapes do not fit, or several block sizes fit and tile differently.
+        ValueError: the shapes do not fit together, or several block sizes fit and they tile differently.
     """
     weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
-    if math.prod(scale_shape) == 1 and block_size is None:
+    if math.prod(scale_shape) == 1:
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))
+    if len(weight_shape) == 3 and len(scale_shape) in (1, 3) and scale_shape[0] == weight_shape[0]:
+        matrix = fp8_scale_layout(weight_shape[1:], (1, 1) if len(scale_shape) == 1 else scale_shape[1:], block_size)
+        return matrix._replace(stack=weight_shape[:1])
     if len(weight_shape) != 2:
         raise ValueError(
-            f"scale_inv of shape {scale_shape} needs a 2-D [out, in] weight, got shape {weight_shape}; "
-            "only a one-element (per-tensor) scale fits other ranks"
+            f"scale_inv of shape {scale_shape} does not fit a weight of shape {weight_shape}: a 2-D [out, in] "
+            "weight takes one scale, per-row [out, 1] or block scales; a stacked [experts, out, in] weight takes "
+            "[experts] or [experts, ...] of those; other ranks take one (per-tensor) scale"
         )
     rows, cols = weight_shape
-    if block_size is None and scale_shape in ((rows, 1), (rows,)):
-        return ScaleLayout("row", (1, max(cols, 1)), (rows, 1))
-    if len(scale_shape) != 2:
-        raise ValueError(
-            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes a one-element scale, "
-            f"a per-row scale [{rows}, 1] or block scales [ceil({rows}/b), ceil({cols}/b)]"
-        )
     if block_size is not None:
-        pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-        if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
-            raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-        grid = (_ceil_div(rows, pair[0]), _ceil_div(cols, pair[1]))
-        if grid != scale_shape:
-            raise ValueError(
-                f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight with block_size {pair} needs {grid}"
-            )
-        return ScaleLayout("block", pair, grid)  # type: ignore[arg-type]
+        bo, bi = _block_pair(block_size)
+        grid = (_ceil_div(rows, bo), _ceil_div(cols, bi))
+        if grid == scale_shape:
+            return ScaleLayout("block", (bo, bi), grid)
+    if scale_shape in ((rows, 1), (rows,)):
+        return ScaleLayout("row", (1, max(cols, 1)), (rows, 1))
+    if len(scale_shape) != 2 or block_size is not None:
+        blocks = f"block scales {grid} (block_size {(bo, bi)})" if block_size is not None else (
+            f"block scales [ceil({rows}/b), ceil({cols}/b)]")  # fmt: skip
+        raise ValueError(
+            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes one scale (of any shape), "
+            f"per-row scales [{rows}, 1] or {blocks}"
+        )
     grid128 = (_ceil_div(rows, DEFAULT_BLOCK), _ceil_div(cols, DEFAULT_BLOCK))
     if grid128 == scale_shape:
         return ScaleLayout("block", (DEFAULT_BLOCK, DEFAULT_BLOCK), grid128)
@@ -100,6 +124,14 @@ def fp8_scale_layout(
 
 @functools.partial(jax.jit, static_argnames=("layout", "dtype", "transpose"))
 def _decode(w: jax.Array, scale: jax.Array, *, layout: ScaleLayout, dtype: Any, transpose: bool) -> jax.Array:
+    if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next
+        matrix = layout._replace(stack=())
+        per = scale.reshape(*layout.stack, *layout.matrix_scale_shape)
+        return jax.vmap(lambda a, b: _decode_matrix(a, b, layout=matrix, dtype=dtype, transpose=transpose))(w, per)
+    return _decode_matrix(w, scale, layout=layout, dtype=dtype, transpose=transpose)
+
+
+def _decode_matrix(w: jax.Array, scale: jax.Array, *, layout: ScaleLayout, dtype: Any, transpose: bool) -> jax.Array:
     wf = w.astype(jnp.float32)
     s = scale.astype(jnp.float32)
     if layout.kind == "tensor":
@@ -115,7 +147,7 @@ def _decode(w: jax.Array, scale: jax.Array, *, layout: ScaleLayout, dtype: Any, 
                                   total_repeat_length=si * bi)[:, :cols]  # fmt: skip
             out = wf * expanded
         out = out.astype(dtype)
-    return out.T if transpose else out
+    return jnp.swapaxes(out, -1, -2) if transpose else out
 
 
 def dequantize_fp8(
@@ -132,13 +164,15 @@ def dequantize_fp8(
     argument; here it is keyword-only).
 
     Args:
-        w: float8_e4m3fn or float8_e5m2, ``[out, in]`` (any shape with a per-tensor scale).
-        scale_inv: per block ``[ceil(out / b), ceil(in / b)]``, per row ``[out, 1]``, or one element;
-            float32 (bfloat16/float16 widen exactly).
+        w: float8_e4m3fn or float8_e5m2, ``[out, in]``, or stacked ``[experts, out, in]`` (any shape with a
+            per-tensor scale).
+        scale_inv: per block ``[ceil(out / b), ceil(in / b)]``, per row ``[out, 1]``, or one element
+            (stacked weights: ``[experts, ...]`` of those, or ``[experts]``); float32 (bfloat16, float16 and
+            float8_e8m0fnu widen exactly).
         block_size: the block edge or ``(rows, cols)``; default 128 if the scale shape agrees with it,
             else the single square size that fits.
         dtype: bfloat16, float16 or float32.
-        transpose: return the ``[in, out]`` (Flax ``kernel``) layout.
+        transpose: return the ``[in, out]`` (Flax ``kernel``) layout (``[experts, in, out]`` when stacked).
 
     Returns:
         A new ``jax.Array``; jit-compatible (shapes decide the layout statically).
@@ -156,12 +190,12 @@ def dequantize_fp8(
         raise TypeError(f"dequantize_fp8 takes a float8 weight, got {w.dtype}.{hint}")
     scale_inv = jnp.asarray(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:
-        raise TypeError(f"scale_inv must be float32, bfloat16 or float16, got {scale_inv.dtype}")
+        raise TypeError(f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}")
     if jnp.dtype(dtype) not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
     layout = fp8_scale_layout(w.shape, scale_inv.shape, block_size)
-    if transpose and w.ndim != 2:
-        raise ValueError(f"transpose=True needs a 2-D weight, got shape {w.shape}")
+    if transpose and w.ndim != 2 + len(layout.stack):
+        raise ValueError(f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {w.shape}")
     if w.size == 0:
-        return jnp.zeros(w.shape[::-1] if transpose else w.shape, dtype)
+        return jnp.zeros((*w.shape[:-2], w.shape[-1], w.shape[-2]) if transpose else w.shape, dtype)
     return _decode(w, scale_inv, layout=layout, dtype=jnp.dtype(dtype), transpose=transpose)

@@ -12,6 +12,7 @@ from torch_side._fp8 import ScaleLayout
 from torch_side._fp8 import dequantize_fp8
 from torch_side._fp8 import dequantize_fp8_reference
 from torch_side._fp8 import fp8_scale_layout
+from torch_side._int8 import dequantize_int8
 from torch_side._nf4 import decode_nested_absmax_reference
 from torch_side._nf4 import dequantize
 from torch_side._nf4 import dequantize_4bit_reference
@@ -32,6 +33,7 @@ __all__ = [
     "dequantize_4bit_reference",
     "dequantize_fp8",
     "dequantize_fp8_reference",
+    "dequantize_int8",
     "dequantize_nf4",
     "dequantize_weight",
     "fp8_scale_layout",

@@ -23,17 +23,26 @@ FP8_DTYPES = tuple(
     for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, name)
 )
-SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float8_e8m0fnu: power-of-two block scales (MX formats, some FP8 releases), widened to float32 exactly
+SCALE_DTYPES = tuple(getattr(torch, n) for n in ("float32", "bfloat16", "float16", "float8_e8m0fnu") if hasattr(torch, n))
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_BLOCK = 128
 
 
 class ScaleLayout(NamedTuple):
-    """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile."""
+    """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile of one ``[out, in]``
+    matrix. ``stack`` holds the leading dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in
+    one tensor) whose scales are ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
 
     kind: str  # "tensor", "row" or "block"
     block: tuple[int, int]
     grid: tuple[int, int]
+    stack: tuple[int, ...] = ()
+
+    @property
+    def matrix_scale_shape(self) -> tuple[int, int]:
+        """The shape of one matrix's scales (``(1, 1)`` for a per-tensor scale)."""
+        return (1, 1) if self.kind == "tensor" else self.grid
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -61,39 +70,43 @@ def fp8_scale_layout(
 ) -> ScaleLayout:
     """Decides how ``scale_shape`` tiles ``weight_shape``.
 
-    One element: a per-tensor scale. ``[out, 1]`` or ``[out]``: per row. Otherwise ``[ceil(out / bo),
-    ceil(in / bi)]`` blocks, with ``(bo, bi)`` from ``block_size``, else 128 if the scale shape agrees
-    with 128, else the one square block size that fits both sides.
+    One element (any shape, whatever ``block_size`` says): a per-tensor scale. ``[out, 1]`` or ``[out]``: per
+    row. Otherwise ``[ceil(out / bo), ceil(in / bi)]`` blocks, with ``(bo, bi)`` from ``block_size``, else
+    128 if the scale shape agrees with 128, else the one square block size that fits both sides. A stacked
+    weight ``[E, out, in]`` (experts) takes ``[E]`` (one scale per matrix) or ``[E, ...]`` with one of
+    these forms per matrix.
 
     Raises:
         ValueError: the shapes do not fit together, or several block sizes fit and they tile differently.
     """
     weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
-    if math.prod(scale_shape) == 1 and block_size is None:
+    if math.prod(scale_shape) == 1:
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))
+    if len(weight_shape) == 3 and len(scale_shape) in (1, 3) and scale_shape[0] == weight_shape[0]:
+        matrix = fp8_scale_layout(weight_shape[1:], (1, 1) if len(scale_shape) == 1 else scale_shape[1:], block_size)
+        return matrix._replace(stack=weight_shape[:1])
     if len(weight_shape) != 2:
         raise ValueError(
-            f"scale_inv of shape {scale_shape} needs a 2-D [out, in] weight, got shape {weight_shape}; "
-            "only a one-element (per-tensor) scale fits other ranks"
+            f"scale_inv of shape {scale_shape} does not fit a weight of shape {weight_shape}: a 2-D [out, in] "
+            "weight takes one scale, per-row [out, 1] or block scales; a stacked [experts, out, in] weight takes "
+            "[experts] or [experts, ...] of those; other ranks take one (per-tensor) scale"
         )
     rows, cols = weight_shape
-    if block_size is None and scale_shape in ((rows, 1), (rows,)):
-        return ScaleLayout("row", (1, max(cols, 1)), (rows, 1))
-    if len(scale_shape) != 2:
-        raise ValueError(
-            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes a one-element scale, "
-            f"a per-row scale [{rows}, 1] or block scales [ceil({rows}/b), ceil({cols}/b)]"
-        )
     if block_size is not None:
         bo, bi = _block_pair(block_size)
         grid = (_ceil_div(rows, bo), _ceil_div(cols, bi))
-        if grid != scale_shape:
-            raise ValueError(
-                f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight with block_size "
-                f"{(bo, bi)} needs {grid}"
-            )
-        return ScaleLayout("block", (bo, bi), grid)
+        if grid == scale_shape:
+            return ScaleLayout("block", (bo, bi), grid)
+    if scale_shape in ((rows, 1), (rows,)):
+        return ScaleLayout("row", (1, max(cols, 1)), (rows, 1))
+    if len(scale_shape) != 2 or block_size is not None:
+        blocks = f"block scales {grid} (block_size {(bo, bi)})" if block_size is not None else (
+            f"block scales [ceil({rows}/b), ceil({cols}/b)]")  # fmt: skip
+        raise ValueError(
+            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes one scale (of any shape), "
+            f"per-row scales [{rows}, 1] or {blocks}"
+        )
     grid128 = (_ceil_div(rows, DEFAULT_BLOCK), _ceil_div(cols, DEFAULT_BLOCK))
     if grid128 == scale_shape:
         return ScaleLayout("block", (DEFAULT_BLOCK, DEFAULT_BLOCK), grid128)
@@ -121,6 +134,10 @@ def dequantize_fp8_reference(W: torch.Tensor, scale: torch.Tensor, layout: Scale
 
     The oracle for the other backends. Returns a new tensor of ``W``'s shape.
     """
+    if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next
+        matrix = layout._replace(stack=())
+        per = scale.reshape(*layout.stack, *layout.matrix_scale_shape)
+        return torch.stack([dequantize_fp8_reference(W[e], per[e], matrix, dtype) for e in range(W.shape[0])])
     wf = W.to(torch.float32)
     s = scale.to(torch.float32)
     if layout.kind == "tensor":
@@ -147,15 +164,18 @@ def dequantize_fp8(
     """Dequantizes an FP8 weight with per-tensor, per-row or block scales.
 
     Args:
-        W: float8_e4m3fn or float8_e5m2 weight, ``[out, in]`` (any shape with a per-tensor scale).
+        W: float8_e4m3fn or float8_e5m2 weight, ``[out, in]``, or stacked ``[experts, out, in]`` (any shape
+            with a per-tensor scale).
         scale_inv: the multiplier (a checkpoint's ``weight_scale_inv``, or ``weight_scale`` where that
-            multiplies): per block ``[ceil(out / b), ceil(in / b)]``, per row ``[out, 1]``, or one element.
-            float32 (bfloat16 and float16 are widened exactly).
+            multiplies): per block ``[ceil(out / b), ceil(in / b)]``, per row ``[out, 1]``, or one element
+            (stacked weights: ``[experts, ...]`` of those, or ``[experts]``). float32 (bfloat16, float16 and
+            float8_e8m0fnu are widened exactly).
         dtype: bfloat16 (default), float16 or float32.
         block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
             shape agrees with 128, else the single square block size consistent with both shapes.
-        transpose: return the ``[in, out]`` transpose: written transposed in the same pass by the Triton
-            backend, a transposed view of the row-major result by the torch backend.
+        transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` when stacked): written transposed
+            in the same pass by the Triton backend, a transposed view of the row-major result by the torch
+            backend.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         check_finite: raise ValueError if a scale is NaN or Inf (a host sync on a GPU). By default they
             propagate, as in the reference.
@@ -187,25 +207,33 @@ def dequantize_fp8(
         scale_inv = torch.tensor(float(scale_inv), dtype=torch.float32, device=W.device)
     scale_inv = plain(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:
-        raise TypeError(f"scale_inv must be float32, bfloat16 or float16, got {scale_inv.dtype}")
+        raise TypeError(f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}")
     if dtype not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
     same_device(W.device, scale_inv=scale_inv)
     layout = fp8_scale_layout(tuple(W.shape), tuple(scale_inv.shape), block_size)
-    if transpose and W.dim() != 2:
-        raise ValueError(f"transpose=True needs a 2-D weight, got shape {tuple(W.shape)}")
+    if transpose and W.dim() != 2 + len(layout.stack):
+        raise ValueError(f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {tuple(W.shape)}")
     if check_finite:
         _check_finite(scale_inv, "scale_inv")
+    if scale_inv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        scale_inv = scale_inv.to(torch.float32)  # power-of-two e8m0 scales: exact
     chosen = choose_fp8_backend(W.device, backend, W.dtype)
     with on_device(W.device):
-        if W.numel() == 0:
-            result = torch.empty(W.shape, dtype=dtype, device=W.device)
-        elif chosen == "triton":
-            from ._triton import dequantize_fp8_triton
+        if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next
+            matrix = layout._replace(stack=())
+            per = scale_inv.reshape(*layout.stack, *layout.matrix_scale_shape)
+            return torch.stack([_decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen) for e in range(W.shape[0])])
+        return _decode_matrix(W, scale_inv, layout, dtype, transpose, chosen)
 
-            return dequantize_fp8_triton(
-                W, scale_inv, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose
-            )
-        else:
-            result = dequantize_fp8_reference(W, scale_inv, layout, dtype)
-        return result.t() if transpose else result
+
+def _decode_matrix(W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype, transpose: bool, chosen: str) -> torch.Tensor:
+    if W.numel() == 0:
+        result = torch.empty(W.shape, dtype=dtype, device=W.device)
+    elif chosen == "triton":
+        from ._triton import dequantize_fp8_triton
+
+        return dequantize_fp8_triton(W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose)
+    else:
+        result = dequantize_fp8_reference(W, scale, layout, dtype)
+    return result.t() if transpose else result

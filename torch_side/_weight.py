@@ -10,6 +10,7 @@ import torch
 
 from ._checks import require_tensor
 from ._fp8 import FP8_DTYPES, dequantize_fp8
+from ._int8 import dequantize_int8
 from ._nf4 import dequantize
 
 
@@ -51,8 +52,7 @@ def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
     if kind == "Int8Params":
         if getattr(W, "SCB", None) is None:
             return W.data  # not quantized yet
-        # row-wise absmax int8: CB * SCB / 127 in float32 (bitsandbytes' int8_vectorwise_dequant)
-        return torch.ops.bitsandbytes.int8_vectorwise_dequant(W.data, W.SCB)
+        return dequantize_int8(W.data, W.SCB)  # bitsandbytes' int8_vectorwise_dequant, its order of operations
     get_original = getattr(W, "get_original_weight", None)  # torchao NF4Tensor; its .dequantize is unrelated
     method = getattr(type(W), "dequantize", None)
     if not callable(get_original) and method in (None, torch.Tensor.dequantize):
