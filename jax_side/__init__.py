@@ -15,6 +15,7 @@ from jax_side._layout import KINDS
 from jax_side._layout import RULES
 from jax_side._layout import LeafRule
 from jax_side._layout import apply_rule
+from jax_side._layout import buffer_reason
 from jax_side._layout import flax_shape
 from jax_side._layout import kind_of_flax_leaf
 from jax_side._layout import permutation
@@ -44,6 +45,7 @@ from jax_side._tree import TargetLeaf
 from jax_side._tree import infer_kind
 from jax_side._tree import leaf_dtype
 from jax_side._tree import nest
+from jax_side._tree import not_parameter
 from jax_side._tree import plan_by_name
 from jax_side._tree import plan_match
 from jax_side._tree import to_flax_variables
@@ -72,6 +74,7 @@ __all__ = [
     "abstract_llama",
     "apply_rule",
     "as_target",
+    "buffer_reason",
     "decode_nested_absmax",
     "dequantize_fp8",
     "dequantize_nf4",
@@ -87,6 +90,7 @@ __all__ = [
     "load_quantized_into_nnx",
     "match_to_target",
     "nest",
+    "not_parameter",
     "permutation",
     "plan_by_name",
     "plan_for_target",

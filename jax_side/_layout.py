@@ -13,6 +13,14 @@ order. Each rule says how: ``flax = flip(transpose(torch, perm), flip_axes)``.
 | BatchNorm                | running_mean   | [C]                 | mean         | [C] (batch stats)    |
 | BatchNorm                | running_var    | [C]                 | var          | [C] (batch stats)    |
 | any                      | bias           | [C]                 | bias         | [C]                  |
+| transformers Conv1D      | weight         | [out, in] (logical) | kernel       | [out, in]            |
+| stacked experts          | weight         | [E, out, in]        | kernel       | [E, in, out]         |
+
+transformers' ``Conv1D`` (GPT-2 and its family) stores ``[in, out]``, and ``[out, in]`` once bitsandbytes has
+quantized it (transformers lays the weight out as a Linear's first); the loader reads either as the
+logical Linear order ``[out, in]``, which the table starts from. Its Flax kernel is that ``[out, in]``
+array, as transformers' Flax GPT-2 (``FlaxConv1D``) holds it; a Flax ``Dense`` target module takes the
+transpose instead (the target's module type decides).
 
 ConvTranspose maps to Flax's ``ConvTranspose`` with its default ``transpose_kernel=False``; PyTorch's
 ``padding=p`` corresponds to Flax ``padding=dilation * (k - 1) - p`` on each side.
@@ -32,7 +40,7 @@ import jax.numpy as jnp
 
 KINDS = (
     "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "embedding", "layernorm", "rmsnorm", "groupnorm", "batchnorm", "param",
+    "embedding", "layernorm", "rmsnorm", "groupnorm", "batchnorm", "hf_conv1d", "stacked_linear", "param",
 )  # fmt: skip
 
 # Flax leaf name -> torch parameter name
@@ -44,8 +52,32 @@ TORCH_NAME = {
     "mean": "running_mean",
     "var": "running_var",
 }
-# torch buffers that are not parameters of any Flax module (matched against the last name component)
-SKIPPED_BUFFERS = ("num_batches_tracked", "position_ids", "inv_freq", "masked_bias")
+# torch buffers that are not parameters of any Flax module, by the last name component, and why
+BUFFERS = {
+    "num_batches_tracked": "BatchNorm's update counter (Flax keeps none)",
+    "position_ids": "position-id buffer",
+    "token_type_ids": "token-type-id buffer",
+    "inv_freq": "rotary-embedding cache",
+    "original_inv_freq": "rotary-embedding cache",
+    "cos_cached": "rotary-embedding cache",
+    "sin_cached": "rotary-embedding cache",
+    "_cos_cached": "rotary-embedding cache",
+    "_sin_cached": "rotary-embedding cache",
+    "masked_bias": "attention-mask constant",
+}
+SKIPPED_BUFFERS = tuple(BUFFERS)
+
+
+def buffer_reason(key: str, ndim: int) -> str | None:
+    """Why torch tensor ``key`` of rank ``ndim`` is a buffer and no parameter, by name rules; None if it
+    may be a parameter. Besides :data:`BUFFERS`: a 4-D ``bias`` of an attention module is the causal mask
+    older transformers saved (GPT-2's ``attn.bias``)."""
+    module, _, leaf = key.rpartition(".")
+    if leaf in BUFFERS:
+        return BUFFERS[leaf]
+    if leaf == "bias" and ndim == 4 and module.rpartition(".")[2] in ("attn", "attention", "self_attn"):
+        return "causal-mask buffer"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +113,8 @@ def _rules() -> dict[str, dict[str, LeafRule]]:
             "running_mean": LeafRule("running_mean", "mean", collection="batch_stats"),
             "running_var": LeafRule("running_var", "var", collection="batch_stats"),
         },
+        "hf_conv1d": {"weight": LeafRule("weight", "kernel"), "bias": bias},
+        "stacked_linear": {"weight": LeafRule("weight", "kernel", (0, 2, 1))},
         "param": {},
     }
     for nd in (1, 2, 3):

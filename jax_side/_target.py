@@ -139,6 +139,8 @@ def plan_for_target(
     kinds: Mapping[str, str] | None = None,
     rename: Mapping[str, str] | None = None,
     strict: bool = True,
+    torch_kinds: Mapping[str, str] | None = None,
+    optional: Mapping[str, str] | None = None,
 ) -> tuple[Target, list[PlannedLeaf], MatchReport]:
     """Plans a match from shapes alone (see :func:`jax_side.plan_match`), before any tensor is read.
 
@@ -148,7 +150,7 @@ def plan_for_target(
     """
     t = as_target(target)
     leaves = _strip(t)
-    plan, report = plan_match(checkpoint, leaves, dtype=dtype, kinds=kinds, rename=rename)
+    plan, report = plan_match(checkpoint, leaves, dtype=dtype, kinds=kinds, rename=rename, torch_kinds=torch_kinds, optional=optional)
     if strict and not report.ok:
         raise MatchError(report)
     filled = {p.leaf.path for p in plan}

@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._layout import SKIPPED_BUFFERS, TORCH_NAME, LeafRule, apply_rule, flax_shape, rule_for, rule_for_flax_leaf
+from ._layout import TORCH_NAME, LeafRule, apply_rule, buffer_reason, flax_shape, rule_for, rule_for_flax_leaf
 
 Path = tuple[Any, ...]
 
@@ -40,7 +40,8 @@ class MatchReport:
         unused: checkpoint keys no target leaf took.
         shape_mismatches: ``(leaf, key, target shape, checkpoint shape in Flax layout)``.
         dtype_mismatches: ``(leaf, key, target dtype, checkpoint dtype)``.
-        skipped: checkpoint keys that are not parameters (e.g. ``num_batches_tracked``) and were left out.
+        skipped: checkpoint keys that are not parameters (e.g. ``num_batches_tracked``) and were left out;
+            ``skip_reasons`` says why for each.
         matched: ``leaf -> key`` for every filled leaf.
         casts: ``(leaf, key, checkpoint dtype, result dtype)`` for every floating leaf whose dtype changes.
     """
@@ -50,6 +51,7 @@ class MatchReport:
     shape_mismatches: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
     dtype_mismatches: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     matched: dict[str, str] = dataclasses.field(default_factory=dict)
     casts: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
 
@@ -69,7 +71,7 @@ class MatchReport:
 
     def __str__(self) -> str:
         if self.ok:
-            head = f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} buffers skipped"
+            head = f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} tensors skipped (not parameters)"
             return "; ".join([head, *self.cast_summary()])
         lines = ["checkpoint does not match its target:"]
         for leaf, tried in self.missing:
@@ -116,19 +118,25 @@ def dotted(path: Path) -> str:
 # --- flat state dict -> Flax variables by name --------------------------------------------------------
 
 
-def infer_kind(key: str, ndim: int, overrides: Mapping[str, str] | None = None) -> str:
+def infer_kind(
+    key: str, ndim: int, overrides: Mapping[str, str] | None = None, torch_kinds: Mapping[str, str] | None = None
+) -> str:
     """The torch module kind of parameter ``key`` (a dotted torch name) of rank ``ndim``.
 
     ``overrides`` maps regular expressions over the module's dotted name to a kind; the first match wins.
-    Otherwise: running statistics -> batchnorm; a 1-D ``weight`` -> a norm; a 2-D ``weight`` -> an
-    embedding when the module's name says so (``embed_tokens``, ``wte``, ``word_embeddings`` ...), else
-    linear; a 3-5-D ``weight`` -> convolution. ConvTranspose cannot be told from Conv by name and rank:
-    name it in ``overrides`` (or match to a target, where the module type decides).
+    Then ``torch_kinds`` (``key -> kind``, known from the torch module that owns the tensor). Otherwise,
+    by name and rank (a guess): running statistics -> batchnorm; a 1-D ``weight`` -> a norm; a 2-D
+    ``weight`` -> an embedding when the module's name says so (``embed_tokens``, ``wte``,
+    ``word_embeddings`` ...), else linear; a 3-5-D ``weight`` -> convolution. ConvTranspose cannot be told
+    from Conv by name and rank: name it in ``overrides`` (or match to a target, where the module type
+    decides).
     """
     module, _, leaf = key.rpartition(".")
     for pattern, kind in (overrides or {}).items():
         if re.search(pattern, module):
             return kind
+    if torch_kinds and key in torch_kinds:
+        return torch_kinds[key]
     if leaf in ("running_mean", "running_var"):
         return "batchnorm"
     if leaf != "weight":
@@ -156,35 +164,49 @@ def _segments(module: str, numbered: str) -> list[Any]:
     return out
 
 
+def not_parameter(key: str, ndim: int, optional: Mapping[str, str] | None = None) -> str | None:
+    """Why checkpoint tensor ``key`` is no parameter (``optional``'s reason, else the buffer name rules of
+    :func:`jax_side.buffer_reason`), or None."""
+    if optional and key in optional:
+        return optional[key]
+    return buffer_reason(key, ndim)
+
+
 def plan_by_name(
     checkpoint: Mapping[str, tuple[tuple[int, ...], Any]],
     *,
     numbered: str = "keep",
     kinds: Mapping[str, str] | None = None,
-) -> tuple[list[PlannedLeaf], list[str]]:
+    torch_kinds: Mapping[str, str] | None = None,
+    optional: Mapping[str, str] | None = None,
+) -> tuple[list[PlannedLeaf], dict[str, str]]:
     """Decides, from names and shapes alone, where each checkpoint tensor goes in Flax variables.
 
     Args:
         checkpoint: ``torch key -> (torch-layout shape, dtype)``.
         numbered: see :func:`to_flax_variables`.
         kinds: module-name regex -> kind overrides (see :func:`infer_kind`).
+        torch_kinds: ``key -> kind`` of the torch module that owns each tensor, where it is known.
+        optional: ``key -> reason`` for tensors that are not parameters (tied copies, activation scales,
+            buffers): left out.
 
     Returns:
         The plan (leaf paths start with the collection, ``"params"`` or ``"batch_stats"``) and the keys
-        skipped as buffers that no Flax module holds.
+        left out as no parameters, with the reason for each.
 
     Raises:
         ValueError: two tensors would land on the same leaf, or ``numbered`` is unknown.
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
-    plan, skipped, taken = [], [], {}
+    plan, skipped, taken = [], {}, {}
     for key, (shape, dtype) in checkpoint.items():
         module, _, leaf = key.rpartition(".")
-        if leaf in SKIPPED_BUFFERS:
-            skipped.append(key)
+        reason = not_parameter(key, len(shape), optional)
+        if reason is not None:
+            skipped[key] = reason
             continue
-        rule = rule_for(infer_kind(key, len(shape), kinds), leaf)
+        rule = rule_for(infer_kind(key, len(shape), kinds, torch_kinds), leaf)
         path = (rule.collection, *_segments(module, numbered), rule.flax_name)
         if path in taken:
             raise ValueError(f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}")
@@ -263,6 +285,8 @@ def plan_match(
     dtype: Any = None,
     kinds: Mapping[str, str] | None = None,
     rename: Mapping[str, str] | None = None,
+    torch_kinds: Mapping[str, str] | None = None,
+    optional: Mapping[str, str] | None = None,
 ) -> tuple[list[PlannedLeaf], MatchReport]:
     """Decides, from shapes and dtypes alone, which checkpoint tensor fills each target leaf and how.
 
@@ -275,6 +299,10 @@ def plan_match(
             a dtype casts every floating leaf to it.
         kinds: dotted-Flax-path regex -> module kind overrides (e.g. ``{"decoder\\.up": "conv_transpose2d"}``).
         rename: regex -> replacement applied to checkpoint keys first (e.g. ``{"^model\\.": ""}``).
+        torch_kinds: ``key -> kind`` of the torch module that owns each tensor, where it is known; it lays
+            out leaves whose Flax module type is unknown (dict targets) when ``kinds`` says nothing.
+        optional: ``key -> reason`` for tensors that are not parameters (tied copies, activation scales,
+            buffers): used if a target leaf asks for them, else skipped (never "unused").
 
     Returns:
         The plan (one entry per filled leaf) and the report of every problem found.
@@ -299,6 +327,8 @@ def plan_match(
         used.add(original)
         shape, src_dtype = checkpoint[original]
         kind = next((k for pattern, k in (kinds or {}).items() if re.search(pattern, name)), None)
+        if kind is None and leaf.module_type is None and torch_kinds:
+            kind = torch_kinds.get(original)
         rule = rule_for_flax_leaf(str(leaf.path[-1]), len(shape), module_type=leaf.module_type, kind=kind)
         got = flax_shape(rule, shape)
         if got != tuple(leaf.shape):
@@ -319,11 +349,13 @@ def plan_match(
             report.casts.append((name, original, str(np.dtype(src_dtype)), str(result)))
         report.matched[name] = original
         plan.append(planned)
-    for key in checkpoint:
+    for key, (shape, _) in checkpoint.items():
         if key in used:
             continue
-        if key.rpartition(".")[2] in SKIPPED_BUFFERS:
+        reason = not_parameter(key, len(shape), optional)
+        if reason is not None:
             report.skipped.append(key)
+            report.skip_reasons[key] = reason
         else:
             report.unused.append(key)
     return plan, report
