@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import pickle
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -29,13 +30,13 @@ import torch
 
 import torch_side
 
+from ._classify import Classification, classify, module_info
+from ._dtypes import safetensors_dtype
 from ._errors import CheckpointError, FormatError
 
 BNB_STATE = re.compile(r"^(?P<name>.+)\.quant_state\.bitsandbytes__(?P<qt>nf4|fp4)$")
 BNB_PIECES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 FP8_SCALES = ("_scale_inv", "_scale")
-# tensors that describe activations, not weights (FP8 static activation scales, bitsandbytes 8-bit layout tag)
-NOT_WEIGHTS = re.compile(r"(\.input_scale|\.output_scale|\.weight_format|\.k_scale|\.v_scale)$")
 DTYPES = {
     "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
     "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32,
@@ -109,9 +110,15 @@ class _Source:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower() or "Weights only load failed" in str(e):
+                raise CheckpointError(
+                    f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {first}). "
+                    "qbridge never runs pickle code; re-save the checkpoint as a plain state dict of tensors"
+                ) from e
             raise CheckpointError(
-                f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {str(e).splitlines()[0]}). "
-                "qbridge never runs pickle code; re-save the checkpoint as a plain state dict of tensors"
+                f"{path}: the file is damaged (truncated or corrupt: {type(e).__name__}: {first}); download or save "
+                "it again"
             ) from e
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
@@ -152,14 +159,10 @@ class _Source:
 
 
 def _st_dtype(name: str, path: pathlib.Path, key: str) -> torch.dtype:
-    table = {
-        "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-        "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-        "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    }  # fmt: skip
-    if name not in table:
-        raise CheckpointError(f"{path}: {key!r} has dtype {name}, which qbridge does not read")
-    return table[name]
+    dtype = safetensors_dtype(name)
+    if dtype is None:
+        raise CheckpointError(f"{path}: {key!r} has dtype {name}, which torch {torch.__version__} has no dtype for")
+    return dtype
 
 
 def _import_torchao_quietly() -> None:
@@ -182,7 +185,8 @@ class Checkpoint:
         self.config = config
         self.format = fmt
         self.entries: dict[str, Entry] = {}
-        self.skipped: list[str] = []
+        self._classification: Classification | None = None
+        self._asked_model = False
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -206,13 +210,57 @@ class Checkpoint:
     def where(self, key: str) -> str:
         return f"{self.source.key_file.get(key, self.path)} [{key}]"
 
+    def classify(self, *, ask_model: bool = False) -> Classification:
+        """Classifies the tensors (see ``qbridge._classify``): which are no parameters, which torch module
+        kind owns each parameter. ``ask_model`` builds the torch model on the meta device (transformers
+        needed); the answer is kept, and asked again only to add the model's view."""
+        if self._classification is not None and (self._asked_model or not ask_model):
+            return self._classification
+        modules, note = module_info(self.config) if ask_model else (None, "the torch model was not asked")
+        self._asked_model = ask_model
+        shapes = {name: (e.shape, e.dtype) for name, e in self.entries.items()}
+        quantized = {name for name, e in self.entries.items() if e.kind != "dense"}
+        self._classification = classify(shapes, quantized, self.config, self.read, modules=modules, modules_note=note)
+        for key in self._classification.conv1d:  # a plain Conv1D weight is stored [in, out]: read it as [out, in]
+            entry = self.entries.get(key)
+            if entry is not None and entry.kind == "dense" and len(entry.shape) == 2 and not entry.info.get("stored_in_out"):
+                entry.info["stored_in_out"] = True
+                entry.shape = entry.shape[::-1]
+        return self._classification
+
+    @property
+    def skipped(self) -> list[str]:
+        """Keys that are no parameters (by the classification so far)."""
+        return sorted(self.classify().optional)
+
 
 def _weight_map(index: pathlib.Path) -> dict[str, str]:
-    """A sharded checkpoint's ``key -> file`` map, from its ``*.index.json``."""
+    """A sharded checkpoint's ``key -> file`` map, from its ``*.index.json``; every file must be a plain
+    name inside the checkpoint's directory (an index is untrusted input)."""
     try:
-        return json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text())["weight_map"]
     except Exception as e:
         raise CheckpointError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names (strings)")
+    for key, name in weight_map.items():
+        inside(index.parent, index.parent / name, f"{index} [{key}]")
+    return weight_map
+
+
+def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
+    """``file``, once it is known to lie in ``root`` (no absolute names, no ``..``, no link out of it).
+
+    Raises:
+        CheckpointError: naming ``what`` (the file and entry that point there) and where it leads.
+    """
+    relative = file.relative_to(root) if file.is_relative_to(root) else None
+    if relative is None or relative.is_absolute() or ".." in relative.parts:
+        raise CheckpointError(f"{what}: refers to {file}, outside the checkpoint directory {root}; refused")
+    real_root, real = root.resolve(), file.resolve()
+    if not real.is_relative_to(real_root):
+        raise CheckpointError(f"{what}: {file} is a link to {real}, outside the checkpoint directory {real_root}; refused")
+    return file
 
 
 def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None, str]:
@@ -231,13 +279,13 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] 
     if index.exists():
         weight_map = _weight_map(index)
         return sorted({path / f for f in weight_map.values()}), weight_map, "safetensors"
-    files = sorted(path.glob("*.safetensors"))
+    files = [inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors"))]
     if files:
         return files, None, "safetensors"
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
         return sorted({path / f for f in _weight_map(torch_index).values()}), None, "torch"
-    files = sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
+    files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))]
     if files:
         return files, None, "torch"
     raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files")
@@ -249,9 +297,23 @@ def _config(path: pathlib.Path) -> dict[str, Any]:
     if not config.exists():
         return {}
     try:
-        return json.loads(config.read_text())
+        doc = json.loads(config.read_text())
     except Exception as e:
         raise CheckpointError(f"{config}: unreadable JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{config}: a config is a JSON object, found {type(doc).__name__}")
+    qc = doc.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{config}: quantization_config must be an object, found {type(qc).__name__}")
+    block = (qc or {}).get("weight_block_size")
+    if block is not None and not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 20 for b in block)
+    ):
+        raise CheckpointError(f"{config}: quantization_config.weight_block_size must be two positive integers, found {block!r}")
+    arch = doc.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise CheckpointError(f"{config}: architectures must be a list of class names, found {arch!r}")
+    return doc
 
 
 def _model_dtype(config: dict[str, Any]) -> torch.dtype:
@@ -328,9 +390,6 @@ def _classify(ckpt: Checkpoint) -> None:
     for key in sorted(set(src.shapes) - taken):
         shape, kdtype = src.shapes[key]
         base, _, leaf = key.rpartition(".")
-        if NOT_WEIGHTS.search(key):
-            ckpt.skipped.append(key)
-            continue
         if leaf in BNB_PIECES or ".quant_state." in key or leaf == "SCB":
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing "
@@ -382,9 +441,23 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
         doc = json.loads(bytes(src.read(state_key).tolist()).decode("utf-8"))
     except Exception as e:
         raise CheckpointError(f"{where}: the bitsandbytes quant state is not readable JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: the bitsandbytes quant state is not a JSON object")
     for field in ("blocksize", "shape", "dtype"):
         if field not in doc:
             raise CheckpointError(f"{where}: the quant state lacks {field!r}")
+
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 24
+
+    if not positive(doc["blocksize"]) or ("nested_blocksize" in doc and not positive(doc["nested_blocksize"])):
+        raise CheckpointError(f"{where}: blocksize and nested_blocksize must be positive integers, found "
+                              f"{doc['blocksize']!r} and {doc.get('nested_blocksize')!r}")  # fmt: skip
+    if not (isinstance(doc["shape"], list) and doc["shape"] and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in doc["shape"])):
+        raise CheckpointError(f"{where}: the quant state's shape must be a list of non-negative integers, found {doc['shape']!r}")
+    offset = doc.get("nested_offset", 0.0)
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+        raise CheckpointError(f"{where}: nested_offset must be a finite number, found {offset!r}")
     if doc.get("quant_type", quant_type) != quant_type:
         raise CheckpointError(f"{where}: the key says {quant_type} but the quant state says {doc.get('quant_type')!r}")
     if name not in src.shapes:
@@ -433,7 +506,7 @@ def _fp8_entry(ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.
         layout = torch_side.fp8_scale_layout(shape, src.shapes[scale][0], block)
     except ValueError as e:
         raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
-    info = {"block_size": block, "layout": layout, "partial": layout.kind == "block" and any(d % b for d, b in zip(shape, layout.block))}
+    info = {"block_size": block, "layout": layout, "partial": layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))}
     return Entry(key, "fp8", shape, dtype, _nbytes(src, key) + _nbytes(src, scale), {"weight": key, "scale": scale}, info)
 
 

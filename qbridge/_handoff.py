@@ -32,6 +32,7 @@ import torch
 
 import torch_side
 
+from ._dtypes import TORCH_TO_JAX, jax_dtype, torch_dtype
 from ._env import jax_cpu, jax_gpu_for, no_jax_gpu_message
 
 log = logging.getLogger("qbridge")
@@ -39,27 +40,12 @@ log = logging.getLogger("qbridge")
 ALIGNMENT = {"cpu": 64, "gpu": 16}
 Producer = str | torch.cuda.Stream | Sequence[torch.cuda.Stream]
 
-_DTYPES = {
-    torch.bool: jnp.bool_,
-    torch.uint8: jnp.uint8,
-    torch.int8: jnp.int8,
-    torch.int16: jnp.int16,
-    torch.int32: jnp.int32,
-    torch.int64: jnp.int64,
-    torch.float16: jnp.float16,
-    torch.bfloat16: jnp.bfloat16,
-    torch.float32: jnp.float32,
-    torch.float64: jnp.float64,
-    torch.complex64: jnp.complex64,
-    torch.complex128: jnp.complex128,
-}
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64"):
-    if hasattr(torch, _name) and hasattr(jnp, _name):
-        _DTYPES[getattr(torch, _name)] = getattr(jnp, _name)
+_DTYPES = TORCH_TO_JAX  # every dtype torch and JAX share (qbridge._dtypes)
 _WIDE = {torch.int64: torch.int32, torch.float64: torch.float32, torch.complex128: torch.complex64}
 if hasattr(torch, "uint64"):
     _WIDE[torch.uint64] = torch.uint32
 _CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+JAX_TO_TORCH_CARRIER = {torch.uint8: jnp.uint8, torch.int16: jnp.int16, torch.int32: jnp.int32, torch.int64: jnp.int64}
 
 COPY_NOTE = "use copy=None to let qbridge copy once, or copy=True for an independent array"
 
@@ -350,7 +336,7 @@ def to_jax(
         t = torch_side.dequantize_weight(t)
     t = t.detach()
     if t.dtype not in _DTYPES:
-        raise TypeError(f"{_describe(t)}: JAX has no {t.dtype}")
+        jax_dtype(t.dtype)  # raises TypeError naming what JAX lacks
     target = _as_device(device)
     home = _home(t)
     if target is None:
@@ -391,11 +377,14 @@ def to_torch(x: jax.Array) -> torch.Tensor:
         raise TypeError(f"to_torch takes a jax.Array, got {type(x).__name__}")
     if len(x.devices()) != 1:
         raise TypeError(f"to_torch takes a single-device array; this one spans {len(x.devices())} devices")
-    if x.dtype in (jnp.int4, jnp.uint4) if hasattr(jnp, "int4") else False:
-        raise TypeError(f"torch has no {x.dtype}")
+    target = torch_dtype(x.dtype)  # raises TypeError naming what torch lacks
     device = next(iter(x.devices()))
     with _on(torch.device("cuda", device.local_hardware_id)) if device.platform == "gpu" else _nullcontext():
-        return torch.from_dlpack(x)
+        try:
+            return torch.from_dlpack(x)
+        except (BufferError, RuntimeError, TypeError):  # a dtype DLPack cannot carry: same bytes as integers
+            carrier = _CARRIER[target.itemsize]
+            return torch.from_dlpack(jax.lax.bitcast_convert_type(x, JAX_TO_TORCH_CARRIER[carrier])).view(target)
 
 
 def dequantize_to_jax(

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from ._checkpoint import open_checkpoint
+from ._loader import check_scales
 
 
 @dataclasses.dataclass
@@ -21,9 +22,12 @@ class CheckpointSummary:
         kinds: ``kind -> {"tensors", "stored_bytes", "dense_bytes"}`` (``dense``, ``bnb4``, ``bnb8``, ``fp8``,
             ``torchao``).
         stored_bytes: bytes the weights take in the checkpoint; dense_bytes: after dequantization.
-        skipped: tensors that are not weights (buffers, activation scales).
+        skipped: tensors that are no parameters (tied copies, buffers, activation scales), skipped when
+            loading unless a target asks for them; ``skip_reasons`` says why for each.
         care: weights whose shapes need care (partial FP8 tiles, 4-bit weights whose rows are not whole
             blocks), one line each.
+        classified_by: where the module kinds came from (the torch model built on the meta device, or
+            name rules); ``guessed``: the tensors whose kind name rules decided.
     """
 
     path: str
@@ -35,6 +39,9 @@ class CheckpointSummary:
     dense_bytes: int
     skipped: list[str]
     care: list[str]
+    skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    classified_by: str = ""
+    guessed: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: {self.format}, {self.files} file(s)"]
@@ -45,8 +52,13 @@ class CheckpointSummary:
             lines.append(f"{kind:<10}{k['tensors']:>9}{k['stored_bytes'] / 1e6:>12.2f}{k['dense_bytes'] / 1e6:>16.2f}")
         lines.append(f"{'total':<10}{sum(k['tensors'] for k in self.kinds.values()):>9}"
                      f"{self.stored_bytes / 1e6:>12.2f}{self.dense_bytes / 1e6:>16.2f}")  # fmt: skip
+        lines.append(f"classified by: {self.classified_by}")
+        if self.guessed:
+            shown = ", ".join(self.guessed[:8]) + (f", ... ({len(self.guessed)} in all)" if len(self.guessed) > 8 else "")
+            lines.append(f"module kinds guessed from names: {shown}")
         if self.skipped:
-            lines.append("not weights (skipped when loading): " + ", ".join(self.skipped))
+            lines.append("no parameters (skipped when loading unless a target asks):")
+            lines += [f"  {k}: {self.skip_reasons.get(k, '')}" for k in self.skipped]
         if self.care:
             lines.append("shapes that need care:")
             lines += [f"  {c}" for c in self.care]
@@ -54,15 +66,24 @@ class CheckpointSummary:
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
-    """Summarizes a checkpoint without reading its weights (see :class:`CheckpointSummary`).
+    """Summarizes a checkpoint without reading its weights (see :class:`CheckpointSummary`): from the headers,
+    the quant states and the scales (absmax, ``scale_inv``, ``SCB``), which are read and checked.
 
     Raises:
-        CheckpointError / FormatError: as :func:`qbridge.load_checkpoint` would for the same files.
+        CheckpointError / FormatError: as :func:`qbridge.load_checkpoint` would for the same files, damaged
+            (NaN/Inf) scales included.
     """
     with open_checkpoint(path) as ckpt:
+        classification = ckpt.classify(ask_model=True)
+        for e in ckpt.entries.values():
+            for role in ("absmax", "nested_absmax", "scale", "scb"):
+                if role in e.keys:
+                    check_scales(ckpt, e.keys[role], ckpt.read(e.keys[role]))
         kinds: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"tensors": 0, "stored_bytes": 0, "dense_bytes": 0})
         care = []
         for e in ckpt.entries.values():
+            if e.name in classification.optional:
+                continue
             k = kinds[e.kind]
             k["tensors"] += 1
             k["stored_bytes"] += e.stored_bytes
@@ -82,8 +103,11 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             files=len(set(ckpt.source.key_file.values())),
             quantization_config=ckpt.quantization_config,
             kinds=dict(kinds),
-            stored_bytes=sum(e.stored_bytes for e in ckpt.entries.values()),
-            dense_bytes=sum(math.prod(e.shape) * e.dtype.itemsize for e in ckpt.entries.values()),
-            skipped=list(ckpt.skipped),
+            stored_bytes=sum(k["stored_bytes"] for k in kinds.values()),
+            dense_bytes=sum(k["dense_bytes"] for k in kinds.values()),
+            skipped=sorted(classification.optional),
             care=care,
+            skip_reasons=dict(classification.optional),
+            classified_by=classification.source,
+            guessed=list(classification.guessed),
         )

@@ -24,19 +24,14 @@ import jax_side
 import torch_side
 
 from ._checkpoint import Checkpoint, Entry, open_checkpoint
+from ._classify import architecture_uses_conv1d
+from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
 from ._handoff import to_jax
 
 log = logging.getLogger("qbridge")
 
-_TO_TORCH = {
-    np.dtype(jnp.bfloat16): torch.bfloat16, np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-    np.dtype(np.float64): torch.float64, np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8,
-    np.dtype(np.int16): torch.int16, np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
-    np.dtype(np.bool_): torch.bool,
-}  # fmt: skip
-_TO_NUMPY = {v: k for k, v in _TO_TORCH.items()}
-_TO_NUMPY.update({torch.float8_e4m3fn: np.dtype(jnp.float8_e4m3fn), torch.float8_e5m2: np.dtype(jnp.float8_e5m2)})
+_TO_NUMPY = TORCH_TO_JAX  # torch dtype -> numpy/JAX dtype, for every dtype both have (qbridge._dtypes)
 
 
 @dataclasses.dataclass
@@ -46,10 +41,13 @@ class LoadReport:
     Attributes:
         format: the checkpoint format (``bitsandbytes-4bit``, ``fp8``, ``torchao``, ``safetensors`` ...).
         leaves: number of parameters produced.
-        skipped: checkpoint tensors left out as buffers or activation scales (``position_ids`` ...).
+        skipped: checkpoint tensors left out as no parameters (tied copies, buffers, activation scales);
+            ``skip_reasons`` says why for each.
         match: the target-matching report (None without a target).
         stored_bytes: bytes read from the checkpoint; dense_bytes: bytes of the result.
         seconds: wall time; device: where the result lives.
+        guessed: parameters whose module kind came from name rules, not from the torch model.
+        classified_by: where the module kinds came from, in words.
     """
 
     format: str
@@ -60,12 +58,16 @@ class LoadReport:
     dense_bytes: int
     seconds: float
     device: str
+    skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    guessed: list[str] = dataclasses.field(default_factory=list)
+    classified_by: str = ""
 
     def __str__(self) -> str:
         return (
             f"{self.format}: {self.leaves} leaves, {self.stored_bytes / 1e6:.1f} MB read -> "
             f"{self.dense_bytes / 1e6:.1f} MB on {self.device} in {self.seconds:.2f} s"
-            + (f"; skipped {', '.join(self.skipped)}" if self.skipped else "")
+            + (f"; skipped {', '.join(f'{k} ({self.skip_reasons[k]})' if k in self.skip_reasons else k for k in self.skipped)}"
+               if self.skipped else "")
             + "".join(f"; {line}" for line in (self.match.cast_summary() if self.match else []))
         )
 
@@ -107,10 +109,12 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
         return None
     if isinstance(dtype, torch.dtype):
         return dtype
-    return _TO_TORCH[np.dtype(dtype)]
+    return torch_dtype(dtype)
 
 
-def _check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
+def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # float8 scales (e8m0): exact in float32, where isfinite is defined
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there")
@@ -122,7 +126,7 @@ def _bnb4_pieces(ckpt: Checkpoint, entry: Entry) -> dict[str, torch.Tensor]:
     pieces = {role: ckpt.read(key) for role, key in entry.keys.items() if role not in ("quant_state", "weight")}
     for role in ("absmax", "nested_absmax"):
         if role in pieces:
-            _check_scales(ckpt, entry.keys[role], pieces[role])
+            check_scales(ckpt, entry.keys[role], pieces[role])
     code = pieces.pop("quant_map", None)
     standard = torch_side.standard_code(entry.info["quant_type"])
     if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
@@ -148,7 +152,7 @@ def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool)
 
 def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
     scale = ckpt.read(entry.keys["scale"])
-    _check_scales(ckpt, entry.keys["scale"], scale)
+    check_scales(ckpt, entry.keys["scale"], scale)
     w = ckpt.read(entry.keys["weight"]).to(device)
     try:
         return torch_side.dequantize_fp8(
@@ -160,12 +164,11 @@ def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) 
 
 def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
     scb = ckpt.read(entry.keys["scb"])
-    _check_scales(ckpt, entry.keys["scb"], scb)
+    check_scales(ckpt, entry.keys["scb"], scb)
     w = ckpt.read(entry.keys["weight"]).to(device)
     if scb.numel() != w.shape[0]:
         raise CheckpointError(f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows")
-    # bitsandbytes' int8_vectorwise_dequant: int8 * SCB / 127 in float32
-    return (w.float() * (scb.to(device).float()[:, None] * (1.0 / 127))).to(entry.dtype)
+    return torch_side.dequantize_int8(w, scb.to(device), dtype=entry.dtype)  # bitsandbytes' order of operations
 
 
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
@@ -194,9 +197,10 @@ def hand_over(t: torch.Tensor, jdev: jax.Device) -> jax.Array:
 
 def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
     """Whether a weight can stay quantized in JAX: a 4-bit or FP8 Linear kernel or 2-D embedding table."""
-    if entry.kind not in ("bnb4", "fp8") or len(entry.shape) != 2:
+    if entry.kind not in ("bnb4", "fp8") or len(entry.shape) != 2 or rule.flip:
         return False
-    return rule.flax_name in ("kernel", "embedding") and not rule.flip
+    perm = jax_side.permutation(rule, 2)  # the quantized layers use [out, in] as the kernel's transpose
+    return (rule.flax_name == "kernel" and perm == (1, 0)) or (rule.flax_name == "embedding" and perm is None)
 
 
 def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
@@ -209,7 +213,7 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
 
     if entry.kind == "fp8":
         scale = ckpt.read(entry.keys["scale"])
-        _check_scales(ckpt, entry.keys["scale"], scale)
+        check_scales(ckpt, entry.keys["scale"], scale)
         layout = entry.info["layout"]
         return jax_side.FP8Weight(put(ckpt.read(entry.keys["weight"])), put(scale.float().reshape(layout.grid)),
                                   block=tuple(layout.block), dtype=name)  # fmt: skip
@@ -229,8 +233,11 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     )  # fmt: skip
 
 
-def materialize(ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule) -> torch.Tensor:
-    """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous."""
+def materialize(ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule, *, stored: bool = False) -> torch.Tensor:
+    """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous.
+
+    ``rule`` applies to the logical layout (``entry.shape``): a plain transformers ``Conv1D`` weight, stored
+    ``[in, out]``, is read as ``[out, in]`` first, unless ``stored`` asks for the layout as stored."""
     perm = jax_side.permutation(rule, len(entry.shape))
     fused_t = perm == (1, 0) and entry.kind in ("bnb4", "fp8")  # the kernels write the transpose in one pass
     if entry.kind == "bnb4":
@@ -243,11 +250,50 @@ def materialize(ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_
         t = _torchao(ckpt, entry, device)
     else:
         t = ckpt.read(entry.name).to(device)
+        if entry.info.get("stored_in_out") and not stored:
+            t = t.t()
     if perm is not None and not fused_t:
         t = t.permute(perm)
     if rule.flip and perm is not None:
         t = t.flip(rule.flip)
     return t.contiguous()
+
+
+def plan_load(
+    ckpt: Checkpoint,
+    target: Any,
+    *,
+    dtype: Any = None,
+    kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
+    strict: bool = True,
+) -> tuple[Any, list[jax_side.PlannedLeaf], jax_side.MatchReport | None, dict[str, str]]:
+    """Where every tensor of ``ckpt`` goes: ``(target, plan, match report, {skipped key: reason})``.
+
+    The torch model is asked about its modules (``Checkpoint.classify``) when it can change the answer:
+    without a target (layouts by module type), for architectures with transformers ``Conv1D`` modules
+    (their stored order), and, with a target, when tensors remain that no leaf takes (tied copies and
+    caches the name rules do not know).
+    """
+    ask = target is None or architecture_uses_conv1d(ckpt.config)
+    while True:
+        classes = ckpt.classify(ask_model=ask)
+        shapes = {name: (e.shape, _TO_NUMPY.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
+        if target is None:
+            plan, skipped = jax_side.plan_by_name(shapes, kinds=kinds, torch_kinds=classes.kinds, optional=classes.optional)
+            return None, plan, None, skipped
+        try:
+            t, plan, match = jax_side.plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict,
+                                                      torch_kinds=classes.kinds, optional=classes.optional)  # fmt: skip
+        except jax_side.MatchError as e:
+            if ask or not (e.report.unused or e.report.shape_mismatches):
+                raise
+            ask = True  # let the model explain the leftovers, then match again
+            continue
+        if match.unused and not ask:
+            ask = True
+            continue
+        return t, plan, match, dict(match.skip_reasons)
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
@@ -326,17 +372,10 @@ def load_checkpoint(
     check_spec(sharding)
     start = time.perf_counter()
     jdev, tdev = resolve_device(device)
+    if target is None and dtype in ("target", "checkpoint"):
+        raise ValueError(f"dtype={dtype!r} needs a target")
     with open_checkpoint(path) as ckpt:
-        shapes = {name: (e.shape, _TO_NUMPY.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
-        if target is not None:
-            t, plan, match = jax_side.plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
-            skipped = [*ckpt.skipped, *match.skipped]
-        else:
-            if dtype in ("target", "checkpoint"):
-                raise ValueError(f"dtype={dtype!r} needs a target")
-            t, match = None, None
-            plan, by_name_skipped = jax_side.plan_by_name(shapes, kinds=kinds)
-            skipped = [*ckpt.skipped, *by_name_skipped]
+        t, plan, match, skipped = plan_load(ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
         values: dict[Any, jax.Array] = {}
@@ -371,9 +410,11 @@ def load_checkpoint(
             if bar is not None:
                 bar.close()
         result = jax_side.rebuild_target(t, values) if t is not None else {"params": {}, **jax_side.nest(values)}
-        report = LoadReport(ckpt.format, len(values), skipped, match, stored, dense, time.perf_counter() - start, str(jdev))
+        classification = ckpt.classify()
+        report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
+                            str(jdev), skipped, list(classification.guessed), classification.source)  # fmt: skip
     if skipped:
-        log.info("load_checkpoint skipped %s (not parameters)", ", ".join(skipped))
+        log.info("load_checkpoint skipped %s (not parameters)", ", ".join(f"{k} ({r})" for k, r in skipped.items()))
     log.debug("%s", report)
     return (result, report) if return_report else result
 
@@ -384,4 +425,4 @@ def dequantized_state(path: str | os.PathLike[str], *, device: Any = "cpu") -> d
     _, tdev = resolve_device(device)
     identity = jax_side.rule_for("param", "weight")
     with open_checkpoint(path) as ckpt:
-        return {name: materialize(ckpt, e, tdev, identity) for name, e in ckpt.entries.items()}
+        return {name: materialize(ckpt, e, tdev, identity, stored=True) for name, e in ckpt.entries.items()}

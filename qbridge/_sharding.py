@@ -23,7 +23,7 @@ import jax_side
 import torch_side
 
 from ._checkpoint import Checkpoint, Entry
-from ._loader import _bnb4_pieces, _check_scales, materialize
+from ._loader import _bnb4_pieces, check_scales, materialize
 
 ShardingSpec = Callable[[str, tuple[int, ...]], Any] | tuple[Any, Sequence[tuple[str, Any]]]
 
@@ -62,7 +62,7 @@ def _fp8_slice(ckpt: Checkpoint, entry: Entry, rows: tuple[int, int], cols: tupl
     (r0, r1), (c0, c1) = rows, cols
     height, width = entry.shape
     scale = ckpt.read(entry.keys["scale"])
-    _check_scales(ckpt, entry.keys["scale"], scale)
+    check_scales(ckpt, entry.keys["scale"], scale)
     if layout.kind == "tensor":
         w = ckpt.read_slice(entry.keys["weight"], (slice(r0, r1), slice(c0, c1)))
         return torch_side.dequantize_fp8(w.to(device), scale.to(device), entry.dtype)
@@ -112,6 +112,8 @@ def _slice_torch(ckpt: Checkpoint, entry: Entry, torch_index: tuple[slice, ...],
     """``weight[torch_index]`` in torch layout, dequantized on ``device``."""
     bounds = _bounds(torch_index, entry.shape)
     if entry.kind == "dense":
+        if entry.info.get("stored_in_out"):  # a plain Conv1D weight: stored [in, out], sliced in [out, in]
+            return ckpt.read_slice(entry.keys["weight"], tuple(reversed(torch_index))).to(device).t()
         return ckpt.read_slice(entry.keys["weight"], torch_index).to(device)
     if entry.kind == "fp8" and len(entry.shape) == 2:
         return _fp8_slice(ckpt, entry, bounds[0], bounds[1], device)

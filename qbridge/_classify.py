@@ -1,0 +1,251 @@
+"""Which checkpoint tensors are parameters, which torch module kind owns each, and which are no parameters
+at all: decided by rules from the producer and the stored format, never by shapes.
+
+Sources, strongest first:
+
+1. The quantization method's documented tensors that are not weights: FP8 checkpoints' activation,
+   KV-cache and attention-probability scales (``input_scale``, ``output_scale``, ``k_scale``, ``v_scale``,
+   ``q_scale``, ``prob_scale``, ``kv_scale``), bitsandbytes 8-bit's ``weight_format`` tag.
+2. The torch model itself. With transformers installed and an ``architectures`` entry in ``config.json``
+   the model is built on the meta device (no memory, no weights) and asked: each module's class gives
+   its kind (subclasses of ``nn.Embedding`` are embeddings, transformers' ``Conv1D`` stores ``[in, out]``
+   and, once bitsandbytes has quantized it, ``[out, in]``), its non-persistent buffers are caches, and
+   its tied-weight map names the copies of tied tensors. Building it costs an import of transformers (about
+   a second), so it happens when the answer can change the result: loading without a target, an
+   architecture whose transformers modeling code uses ``Conv1D``, or tensors that nothing else explains.
+3. Name rules (``jax_side.infer_kind``, ``jax_side.buffer_reason``) elsewhere: these are guesses, and the
+   report lists the tensors classified that way.
+
+A tied copy is recognised by the config or the model's tied map *and* by being equal to the tensor it
+copies; one that differs stays a parameter. Tensors that are no parameters are *optional*: a target leaf
+that asks for one gets it; otherwise it is skipped and reported with its reason, never turned into a Flax
+parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import pathlib
+from typing import Any
+
+import torch
+
+import jax_side
+
+log = logging.getLogger("qbridge")
+
+# tensors a quantization method documents as no weights, by the last name component
+NOT_WEIGHTS = {
+    "fp8": {
+        "input_scale": "FP8 static activation scale",
+        "output_scale": "FP8 output activation scale",
+        "k_scale": "FP8 KV-cache scale",
+        "v_scale": "FP8 KV-cache scale",
+        "kv_scale": "FP8 KV-cache scale",
+        "q_scale": "FP8 query scale",
+        "prob_scale": "FP8 attention-probability scale",
+    },
+    "bitsandbytes": {"weight_format": "bitsandbytes 8-bit weight-layout tag"},
+}
+# names under which checkpoints keep the output embedding that tied models share with the input one
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight", "output.weight", "cls.predictions.decoder.weight")
+
+
+@dataclasses.dataclass
+class ModuleInfo:
+    """What the torch model says about its tensors (built on the meta device)."""
+
+    architecture: str
+    kinds: dict[str, str]  # parameter or buffer name -> kind of the owning module
+    classes: dict[str, str]  # the same names -> the owning module's class name
+    non_persistent: set[str]  # buffers the model does not save (caches)
+    tied: dict[str, str]  # tied copy -> the tensor it shares
+
+
+@dataclasses.dataclass
+class Classification:
+    """The checkpoint's tensors, classified.
+
+    Attributes:
+        optional: ``key -> reason`` for tensors that are no parameters (skipped unless a target asks).
+        kinds: ``key -> torch module kind`` for parameters whose owning module is known or guessed.
+        guessed: parameter keys whose kind comes from name rules.
+        conv1d: keys owned by transformers' ``Conv1D`` modules (stored ``[in, out]`` unless quantized).
+        source: where the module kinds came from, in words.
+    """
+
+    optional: dict[str, str] = dataclasses.field(default_factory=dict)
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    guessed: list[str] = dataclasses.field(default_factory=list)
+    conv1d: set[str] = dataclasses.field(default_factory=set)
+    source: str = "name rules"
+
+
+def torch_kind(module: torch.nn.Module, ndim: int = 2) -> str:
+    """The module kind (``jax_side.KINDS``) of a torch module, from its class."""
+    nn = torch.nn
+    name = type(module).__name__
+    if name == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "hf_conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    for nd, (conv, transposed) in enumerate(((nn.Conv1d, nn.ConvTranspose1d), (nn.Conv2d, nn.ConvTranspose2d), (nn.Conv3d, nn.ConvTranspose3d)), 1):
+        if isinstance(module, transposed):
+            return f"conv_transpose{nd}d"
+        if isinstance(module, conv):
+            return f"conv{nd}d"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return "rmsnorm"
+    if name.endswith("Norm"):  # the models' own norms (LlamaRMSNorm, T5LayerNorm ...): a scale, maybe a bias
+        return "layernorm" if getattr(module, "bias", None) is not None else "rmsnorm"
+    if ndim == 3 and "expert" in name.lower():
+        return "stacked_linear"
+    return "param"
+
+
+def _transformers_dir() -> pathlib.Path | None:
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def architecture_uses_conv1d(config: dict[str, Any]) -> bool:
+    """Whether the config's architecture may hold transformers ``Conv1D`` modules, read from its modeling
+    source without importing it (True when that source cannot be found: then the model must be asked)."""
+    root, model_type = _transformers_dir(), str(config.get("model_type") or "")
+    if root is None or not config.get("architectures"):
+        return False
+    folder = root / "models" / model_type.replace("-", "_")
+    sources = sorted(folder.glob("modeling_*.py")) if folder.is_dir() else []
+    sources = [s for s in sources if not s.name.startswith(("modeling_flax", "modeling_tf"))]
+    if not sources:
+        return True
+    return any("Conv1D" in s.read_text(errors="replace") for s in sources)
+
+
+def module_info(config: dict[str, Any]) -> tuple[ModuleInfo | None, str]:
+    """The torch model of ``config`` built on the meta device and asked about its tensors, or None and why."""
+    architectures = config.get("architectures") or []
+    if not architectures:
+        return None, "config.json names no architecture"
+    if _transformers_dir() is None:
+        return None, "transformers is not installed"
+    arch = str(architectures[0])
+    try:
+        import transformers
+
+        cls = getattr(transformers, arch, None)
+        if cls is None:
+            return None, f"transformers has no {arch}"
+        plain = {k: v for k, v in config.items() if k != "quantization_config"}
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            cfg = cls.config_class.from_dict(plain)
+            with torch.device("meta"):
+                model = cls._from_config(cfg)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except Exception as e:  # noqa: BLE001 - any failure leaves the name rules in charge, said in the report
+        return None, f"could not build {arch} on the meta device ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    kinds, classes, non_persistent = {}, {}, set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        tensors = [*module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False),
+                   *module.named_buffers(prefix=prefix, recurse=False, remove_duplicate=False)]  # fmt: skip
+        for name, value in tensors:
+            kinds[name] = torch_kind(module, value.dim())
+            classes[name] = type(module).__name__
+        for buffer in getattr(module, "_non_persistent_buffers_set", ()):
+            non_persistent.add(f"{prefix}.{buffer}" if prefix else buffer)
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not isinstance(tied, dict):
+        tied = {}
+        keys = getattr(model, "_tied_weights_keys", None)
+        if isinstance(keys, dict):
+            tied = dict(keys)
+        elif keys and getattr(cfg, "tie_word_embeddings", True):
+            inputs = next((f"{n}.weight" for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
+            tied = {k: inputs for k in keys if inputs}
+    return ModuleInfo(arch, kinds, classes, non_persistent, {str(k): str(v) for k, v in tied.items()}), f"{arch} built on the meta device"
+
+
+def _same_tensor(read: Any, a: str, b: str) -> bool:
+    try:
+        x, y = read(a), read(b)
+    except Exception:  # noqa: BLE001 - an unreadable tensor is no proof of a copy
+        return False
+    return x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))
+
+
+def classify(
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    quantized: set[str],
+    config: dict[str, Any],
+    read: Any,
+    *,
+    modules: ModuleInfo | None,
+    modules_note: str,
+) -> Classification:
+    """Classifies checkpoint tensors (``key -> (shape, dtype)``; ``quantized``: the keys of quantized weights;
+    ``read(key)`` gives a stored tensor, for the equality of tied copies)."""
+    out = Classification(source=modules_note if modules is not None else f"name rules ({modules_note})")
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    documented = NOT_WEIGHTS.get(str(method), {})
+    tie = bool(config.get("tie_word_embeddings", True))
+    for key, (shape, _) in shapes.items():
+        leaf = key.rpartition(".")[2]
+        if leaf in documented:
+            out.optional[key] = documented[leaf]
+            continue
+        if modules is not None and key in modules.non_persistent:
+            out.optional[key] = f"buffer of {modules.classes.get(key, 'the model')} that the model does not save (a cache)"
+            continue
+        if modules is None or key not in modules.kinds:
+            reason = jax_side.buffer_reason(key, len(shape))
+            if reason is not None:
+                out.optional[key] = reason
+                continue
+        if modules is not None and key in modules.kinds:
+            out.kinds[key] = modules.kinds[key]
+            if modules.classes.get(key) == "Conv1D" and modules.kinds[key] == "hf_conv1d":
+                out.conv1d.add(key)
+        elif key.rpartition(".")[2] in ("weight", "running_mean", "running_var", "bias"):
+            out.guessed.append(key)
+    # tied copies: named by the model (or, without it, output-embedding names under tie_word_embeddings),
+    # and equal to the tensor they copy
+    if modules is not None:
+        pairs = [(copy, source) for copy, source in modules.tied.items() if copy in shapes and source in shapes]
+    elif tie:
+        def is_copy_name(k: str) -> bool:
+            return k.endswith(OUTPUT_EMBEDDINGS) or k.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"))
+
+        embeddings = [k for k in shapes if k not in quantized and len(shapes[k][0]) == 2 and k.endswith(".weight")
+                      and jax_side.infer_kind(k, 2) == "embedding"]  # fmt: skip
+        embeddings.sort(key=lambda k: (is_copy_name(k), len(k)))  # the shared table first (T5's shared, GPT-2's wte)
+        pairs = [(copy, source) for copy in shapes if is_copy_name(copy) for source in embeddings if source != copy]
+    else:
+        pairs = []
+    sources: set[str] = set()
+    for copy, source in pairs:
+        if copy in out.optional or copy in sources or source in out.optional or copy in quantized or source in quantized:
+            continue
+        if shapes[copy] == shapes[source] and _same_tensor(read, copy, source):
+            out.optional[copy] = f"tied to {source} (an identical copy)"
+            sources.add(source)
+            out.kinds.pop(copy, None)
+            if copy in out.guessed:
+                out.guessed.remove(copy)
+        elif modules is not None:
+            log.info("%s is tied to %s in %s, but the checkpoint holds different values: kept", copy, source, modules.architecture)
+    return out

@@ -1,0 +1,475 @@
+"""Checkpoints as they come: every tensor classified by rule (parameter or not, which module kind owns it,
+which stored layout), every decode exactly the producer's, every shared dtype crossing. Fixtures are made by
+the real producers (transformers + bitsandbytes, torch.save, safetensors) and checked against the producers'
+own decoders or plain numpy, never against qbridge."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from checkpoints import LLAMA, fp8_quantize
+from helpers import assert_same_bits, to_numpy
+
+import jax_side
+import qbridge
+import torch_side
+from qbridge import CheckpointError
+from qbridge.parity import assert_parity
+
+transformers = pytest.importorskip("transformers")
+nnx = pytest.importorskip("flax.nnx")
+bnb = pytest.importorskip("bitsandbytes")
+F = pytest.importorskip("bitsandbytes.functional")
+st = pytest.importorskip("safetensors.torch")
+transformers.logging.disable_progress_bar()
+transformers.logging.set_verbosity_error()
+
+GPT2 = dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+
+
+def _llama(path: pathlib.Path, **overrides) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides})).to(torch.bfloat16).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def _bin(model: torch.nn.Module, path: pathlib.Path, state: dict | None = None) -> None:
+    """A ``.bin`` checkpoint as transformers 4 wrote them: ``torch.save`` of the state dict (tied tensors kept)."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state if state is not None else model.state_dict(), path / "pytorch_model.bin")
+    model.config.save_pretrained(path)
+
+
+def _target(path: pathlib.Path, dtype=jnp.bfloat16):
+    config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    return config, jax_side.abstract_llama(config, param_dtype=dtype)
+
+
+# --- kind 1: leftover tensors that are legitimately no parameters ------------------------------------
+
+
+def test_a_tied_copy_in_a_bin_is_skipped_by_rule(tmp_path):
+    model = _llama(tmp_path / "st", tie_word_embeddings=True)
+    _bin(model, tmp_path / "bin")
+    assert "lm_head.weight" in torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True)
+    config, target = _target(tmp_path / "bin")
+    params, report = qbridge.load_checkpoint(tmp_path / "bin", target=target, progress=False, return_report=True)
+    assert report.skipped == ["lm_head.weight"]
+    assert report.skip_reasons["lm_head.weight"].startswith("tied to model.embed_tokens.weight")
+    assert "lm_head.weight (tied to model.embed_tokens.weight" in str(report)
+    flax_model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    nnx.update(flax_model, params)
+    ids = np.random.default_rng(0).integers(0, LLAMA["vocab_size"], (2, 9))
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits
+    assert_parity({"logits": want}, {"logits": flax_model(jnp.asarray(ids))})
+    by_name, report = qbridge.load_checkpoint(tmp_path / "bin", progress=False, return_report=True)
+    assert "lm_head" not in by_name["params"] and report.skip_reasons.keys() == {"lm_head.weight"}
+
+
+def test_a_tied_name_that_holds_other_values_stays_a_parameter(tmp_path):
+    model = _llama(tmp_path / "st", tie_word_embeddings=True)
+    state = dict(model.state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"].clone() + 1  # the config says tied; the file says otherwise
+    _bin(model, tmp_path / "bin", state)
+    _, target = _target(tmp_path / "bin")
+    with pytest.raises(jax_side.MatchError, match="unused: checkpoint tensor 'lm_head.weight'"):
+        qbridge.load_checkpoint(tmp_path / "bin", target=target, progress=False)
+
+
+def test_fp8_activation_kv_and_probability_scales_are_skipped(tmp_path):
+    model = _llama(tmp_path / "dense")
+    state = st.load_file(tmp_path / "dense" / "model.safetensors")
+    flat = {}
+    for key, value in state.items():
+        if key.endswith("_proj.weight"):
+            q, s = fp8_quantize(value)
+            flat[key], flat[key.replace(".weight", ".weight_scale_inv")] = q, s
+            flat[key.replace(".weight", ".input_scale")] = torch.tensor(0.5)
+        else:
+            flat[key] = value
+    for i in range(LLAMA["num_hidden_layers"]):
+        for name in ("k_scale", "v_scale", "q_scale", "prob_scale"):
+            flat[f"model.layers.{i}.self_attn.{name}"] = torch.tensor(1.0)
+    (tmp_path / "fp8").mkdir()
+    st.save_file(flat, tmp_path / "fp8" / "model.safetensors")
+    cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    _, target = _target(tmp_path / "dense")
+    _, report = qbridge.load_checkpoint(tmp_path / "fp8", target=target, progress=False, return_report=True)
+    assert len(report.skipped) == 2 * 7 + 2 * 4
+    assert report.skip_reasons["model.layers.1.self_attn.prob_scale"] == "FP8 attention-probability scale"
+    assert report.skip_reasons["model.layers.0.mlp.up_proj.input_scale"] == "FP8 static activation scale"
+    by_name = qbridge.load_checkpoint(tmp_path / "fp8", progress=False)["params"]
+    assert "k_scale" not in by_name["model"]["layers"]["0"]["self_attn"]
+    assert "input_scale" not in by_name["model"]["layers"]["0"]["mlp"]["up_proj"]
+    # in a plain checkpoint the same name is no documented scale: a parameter like any other
+    plain = {**state, "model.layers.0.self_attn.k_scale": torch.ones(4)}
+    (tmp_path / "plain").mkdir()
+    st.save_file(plain, tmp_path / "plain" / "model.safetensors")
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    assert "k_scale" in qbridge.load_checkpoint(tmp_path / "plain", progress=False)["params"]["model"]["layers"]["0"]["self_attn"]
+
+
+def test_buffers_and_caches_are_skipped_with_their_reasons(tmp_path):
+    model = _llama(tmp_path / "st")
+    state = dict(model.state_dict())
+    state["model.rotary_emb.inv_freq"] = model.model.rotary_emb.inv_freq  # a non-persistent buffer, saved by old code
+    state["model.embed_tokens.position_ids"] = torch.arange(16)[None]
+    _bin(model, tmp_path / "bin", state)
+    _, target = _target(tmp_path / "st")
+    _, report = qbridge.load_checkpoint(tmp_path / "bin", target=target, progress=False, return_report=True)
+    assert report.skip_reasons == {"model.rotary_emb.inv_freq": "rotary-embedding cache", "model.embed_tokens.position_ids": "position-id buffer"}
+    summary = qbridge.inspect_checkpoint(tmp_path / "bin")
+    assert "no parameters" in str(summary) and summary.skip_reasons["model.rotary_emb.inv_freq"]
+
+
+def test_gpt2s_legacy_attention_buffers_are_no_parameters(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).eval()
+    state = dict(model.state_dict())
+    n = GPT2["n_positions"]
+    for i in range(GPT2["n_layer"]):  # what transformers 4.x saved for GPT-2: a causal mask and a constant
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    _bin(model, tmp_path / "bin", state)
+    params, report = qbridge.load_checkpoint(tmp_path / "bin", progress=False, return_report=True)
+    assert report.skip_reasons["transformer.h.0.attn.bias"] == "causal-mask buffer"
+    assert report.skip_reasons["transformer.h.1.attn.masked_bias"] == "attention-mask constant"
+    assert "lm_head.weight" in report.skipped  # tied to transformer.wte.weight
+    assert set(params["params"]["transformer"]["h"]["0"]["attn"]) == {"c_attn", "c_proj"}
+
+
+# --- kind 2: every decode in the producer's order of operations ---------------------------------------
+
+
+def test_int8_decode_is_bitsandbytes_bit_for_bit():
+    cb = torch.tensor([[92]], dtype=torch.int8)
+    scb = torch.tensor([0x3ED3F275], dtype=torch.int32).view(torch.float32)
+    want = F.int8_vectorwise_dequant(cb, scb)
+    assert_same_bits(to_numpy(torch_side.dequantize_int8(cb, scb)), to_numpy(want))
+    assert float(want) == pytest.approx(0.299875944852829, abs=0)  # the issue's value, not 0.2998759150505066
+    gen = torch.Generator().manual_seed(0)
+    cb = torch.randint(-127, 128, (768, 768), dtype=torch.int8, generator=gen)
+    scb = torch.rand(768, generator=gen) * 3
+    assert_same_bits(to_numpy(torch_side.dequantize_int8(cb, scb)), to_numpy(F.int8_vectorwise_dequant(cb, scb)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_checkpoint_and_int8params_agree_with_bitsandbytes(tmp_path, dtype):
+    model = _llama(tmp_path / "dense")
+    if dtype == torch.float32:
+        model.float().save_pretrained(tmp_path / "dense")
+    q = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), dtype=dtype, device_map="cpu"
+    )
+    q.save_pretrained(tmp_path / "int8")
+    state = qbridge.dequantized_state(tmp_path / "int8")
+    for name, module in q.named_modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            want = F.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).to(dtype)
+            assert_same_bits(to_numpy(state[f"{name}.weight"]), to_numpy(want))
+            assert_same_bits(to_numpy(torch_side.dequantize_weight(module.weight).to(dtype)), to_numpy(want))
+
+
+# --- kind 3: every dtype torch, safetensors and JAX share crosses -------------------------------------
+
+
+def test_every_shared_dtype_crosses_both_ways():
+    from qbridge._dtypes import TORCH_TO_JAX
+
+    assert {torch.float8_e8m0fnu, torch.float8_e4m3fn, torch.uint16, torch.complex64} <= set(TORCH_TO_JAX)
+    wide = (torch.int64, torch.uint64, torch.float64, torch.complex128)  # JAX narrows these with x64 off
+    for tdtype in TORCH_TO_JAX:
+        if tdtype in wide:
+            continue
+        raw = torch.arange(1, 7, dtype=torch.uint8).repeat_interleave(tdtype.itemsize).view(tdtype)
+        if tdtype == torch.bool:
+            raw = torch.tensor([True, False, True])
+        x = qbridge.to_jax(raw)
+        assert np.dtype(x.dtype) == TORCH_TO_JAX[tdtype]
+        back = qbridge.to_torch(jnp.copy(x))  # an array XLA made, back to torch
+        assert back.dtype == tdtype and torch.equal(back.view(torch.uint8), raw.view(torch.uint8)), tdtype
+    with pytest.raises(TypeError, match="JAX has no complex32"):
+        qbridge.to_jax(torch.zeros(2, dtype=torch.complex32))
+    with pytest.raises(TypeError, match=r"torch .* has no float4_e2m1fn"):
+        qbridge.to_torch(jnp.zeros(2, jnp.float4_e2m1fn))
+
+
+def _e8m0_fp8_checkpoint(path: pathlib.Path, shape=(200, 300)) -> tuple[np.ndarray, np.ndarray]:
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(shape, generator=gen) * 20).to(torch.float8_e4m3fn)
+    exponents = torch.randint(120, 134, (-(-shape[0] // 128), -(-shape[1] // 128)), generator=gen, dtype=torch.uint8)
+    path.mkdir()
+    st.save_file({"layer.weight": w, "layer.weight_scale_inv": exponents.view(torch.float8_e8m0fnu)}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}, "torch_dtype": "float32"}))
+    return w.view(torch.uint8).numpy(), exponents.numpy()
+
+
+def test_fp8_checkpoints_with_power_of_two_e8m0_scales(tmp_path):
+    w_bytes, exponents = _e8m0_fp8_checkpoint(tmp_path / "e8m0")
+    import ml_dtypes
+
+    scale = np.exp2(exponents.astype(np.float64) - 127).astype(np.float32)  # F8_E8M0: 2 ** (byte - 127)
+    expanded = np.repeat(np.repeat(scale, 128, 0), 128, 1)[: w_bytes.shape[0], : w_bytes.shape[1]]
+    want = w_bytes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * expanded
+    params, report = qbridge.load_checkpoint(tmp_path / "e8m0", progress=False, return_report=True)
+    assert report.format == "fp8"
+    assert_same_bits(np.asarray(params["params"]["layer"]["kernel"]).T, want)
+    jax_w = jax_side.dequantize_fp8(w_bytes.view(ml_dtypes.float8_e4m3fn), exponents.view(ml_dtypes.float8_e8m0fnu), dtype=jnp.float32)
+    assert_same_bits(np.asarray(jax_w), want)
+
+
+# --- kind 4: scale layouts agree with each other and with their messages --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("weight", "scale", "block", "kind"),
+    [((300, 300), (), (128, 128), "tensor"), ((300, 300), (1, 1), (128, 128), "tensor"), ((300, 300), (1,), None, "tensor"),
+     ((300, 300), (300, 1), (128, 128), "row"), ((300, 300), (300,), None, "row"), ((300, 300), (3, 3), (128, 128), "block"),
+     ((576, 7168), (5, 56), None, "block"), ((4, 300, 200), (4, 3, 2), (128, 128), "block"), ((4, 300, 200), (4,), None, "tensor")],
+)  # fmt: skip
+def test_scale_layout_rules_agree_on_both_sides(weight, scale, block, kind):
+    ours = torch_side.fp8_scale_layout(weight, scale, block)
+    assert ours.kind == kind
+    assert tuple(jax_side.fp8_scale_layout(weight, scale, block)) == tuple(ours)
+
+
+def test_a_rejected_scale_is_told_what_fits():
+    for side in (torch_side, jax_side):
+        with pytest.raises(ValueError) as info:
+            side.fp8_scale_layout((300, 300), (2, 2), (128, 128))
+        message = str(info.value)
+        assert "takes one scale (of any shape), per-row scales [300, 1] or block scales (3, 3)" in message
+        side.fp8_scale_layout((300, 300), (1, 1, 1), (128, 128))  # one element is accepted whatever its shape
+
+
+# --- kind 5: stacked experts ---------------------------------------------------------------------------
+
+
+def test_stacked_fp8_experts_decode_per_expert_and_lay_out_for_flax(tmp_path):
+    experts, rows, cols = 3, 200, 300  # partial tiles in both directions
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(experts, rows, cols, generator=gen) * 30).to(torch.float8_e4m3fn)
+    scale = torch.rand(experts, 2, 3, generator=gen) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]  # far apart per expert
+    (tmp_path / "moe").mkdir()
+    st.save_file({"model.layers.0.mlp.experts.weight": w, "model.layers.0.mlp.experts.weight_scale_inv": scale}, tmp_path / "moe" / "model.safetensors")
+    (tmp_path / "moe" / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    import ml_dtypes
+
+    wf = w.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    want = np.stack([wf[e] * np.repeat(np.repeat(scale[e].numpy(), 128, 0), 128, 1)[:rows, :cols] for e in range(experts)])
+    want = want.astype(ml_dtypes.bfloat16)
+    params = qbridge.load_checkpoint(tmp_path / "moe", progress=False, kinds={"experts": "stacked_linear"})["params"]
+    kernel = np.asarray(params["model"]["layers"]["0"]["mlp"]["experts"]["kernel"])
+    assert kernel.shape == (experts, cols, rows)  # [E, in, out]
+    assert_same_bits(kernel, want.transpose(0, 2, 1))
+
+
+# --- kinds 6 and 7: layouts from the producer and the owning module, not from names or shapes ----------
+
+
+def _flax_gpt2_target():
+    """The parameter structure of transformers' FlaxGPT2LMHeadModel (FlaxConv1D kernels are [out, in])."""
+    e = GPT2["n_embd"]
+    layer = {"ln_1": {"scale": (e,), "bias": (e,)}, "ln_2": {"scale": (e,), "bias": (e,)},
+             "attn": {"c_attn": {"kernel": (3 * e, e), "bias": (3 * e,)}, "c_proj": {"kernel": (e, e), "bias": (e,)}},
+             "mlp": {"c_fc": {"kernel": (4 * e, e), "bias": (4 * e,)}, "c_proj": {"kernel": (e, 4 * e), "bias": (e,)}}}  # fmt: skip
+    tree = {"transformer": {"wte": {"embedding": (GPT2["vocab_size"], e)}, "wpe": {"embedding": (GPT2["n_positions"], e)},
+                            "ln_f": {"scale": (e,), "bias": (e,)}, "h": {str(i): layer for i in range(GPT2["n_layer"])}}}  # fmt: skip
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+class _Attn(nnx.Module):
+    def __init__(self, e, rngs):
+        self.c_attn, self.c_proj = nnx.Linear(e, 3 * e, rngs=rngs), nnx.Linear(e, e, rngs=rngs)
+
+
+class _Mlp(nnx.Module):
+    def __init__(self, e, rngs):
+        self.c_fc, self.c_proj = nnx.Linear(e, 4 * e, rngs=rngs), nnx.Linear(4 * e, e, rngs=rngs)
+
+
+class _Block(nnx.Module):
+    def __init__(self, e, rngs):
+        self.ln_1, self.ln_2 = nnx.LayerNorm(e, rngs=rngs), nnx.LayerNorm(e, rngs=rngs)
+        self.attn, self.mlp = _Attn(e, rngs), _Mlp(e, rngs)
+
+
+class _Body(nnx.Module):
+    def __init__(self, rngs):
+        e = GPT2["n_embd"]
+        self.wte = nnx.Embed(GPT2["vocab_size"], e, rngs=rngs)
+        self.wpe = nnx.Embed(GPT2["n_positions"], e, rngs=rngs)
+        self.h = nnx.List([_Block(e, rngs) for _ in range(GPT2["n_layer"])])
+        self.ln_f = nnx.LayerNorm(e, rngs=rngs)
+
+
+class _NnxGpt2(nnx.Module):
+    """A GPT-2 port that uses nnx.Linear (kernel [in, out]) where transformers has Conv1D."""
+
+    def __init__(self, rngs):
+        self.transformer = _Body(rngs)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).save_pretrained(root / "plain")
+    for bits in (4, 8):
+        config = transformers.BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+        q = transformers.AutoModelForCausalLM.from_pretrained(root / "plain", quantization_config=config, device_map="cpu")
+        q.save_pretrained(root / f"int{bits}")
+    return root
+
+
+def _gpt2_weight(root, name, which):
+    """``transformer.h.0.attn.c_proj``'s weight as the producer decodes it, in the producer's stored order."""
+    if which == "plain":
+        model = transformers.GPT2LMHeadModel.from_pretrained(root / "plain")
+        return model.get_submodule(name).weight.detach().numpy()  # Conv1D: [in, out]
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / which, device_map="cpu")
+    w = model.get_submodule(name).weight  # bitsandbytes lays Conv1D out as a Linear: [out, in]
+    return to_numpy(F.dequantize_4bit(w.data, w.quant_state) if which == "int4" else F.int8_vectorwise_dequant(w.data, w.SCB))
+
+
+@pytest.mark.parametrize("which", ["plain", "int4", "int8"])
+def test_gpt2_conv1d_into_the_flax_gpt2_layout(gpt2_dirs, which):
+    params, report = qbridge.load_checkpoint(gpt2_dirs / which, target=_flax_gpt2_target(), progress=False, return_report=True)
+    assert "GPT2LMHeadModel" in report.classified_by
+    for name in ("transformer.h.0.attn.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_attn"):
+        node = params
+        for part in name.split("."):
+            node = node[part]
+        stored = _gpt2_weight(gpt2_dirs, name, which)
+        want = stored.T if which == "plain" else stored  # FlaxConv1D holds [out, in]
+        assert_same_bits(np.asarray(node["kernel"]), want)
+
+
+@pytest.mark.parametrize("which", ["plain", "int4", "int8"])
+def test_gpt2_conv1d_into_an_nnx_linear_port(gpt2_dirs, which):
+    model = _NnxGpt2(nnx.Rngs(0))
+    params = qbridge.load_checkpoint(gpt2_dirs / which, target=model, progress=False)
+    stored = _gpt2_weight(gpt2_dirs, "transformer.h.0.attn.c_proj", which)
+    want = stored if which == "plain" else stored.T  # nnx.Linear holds [in, out]
+    assert_same_bits(np.asarray(params["transformer"]["h"][0]["attn"]["c_proj"]["kernel"]), want)
+    if which == "int4":  # kept quantized where the layer is a Linear: the quantized [out, in] is its kernel's transpose
+        kept = qbridge.load_checkpoint(gpt2_dirs / which, target=model, progress=False, keep_quantized=True)
+        assert isinstance(kept["transformer"]["h"][0]["attn"]["c_proj"]["kernel"], jax_side.NF4Weight)
+        kept_flax = qbridge.load_checkpoint(gpt2_dirs / which, target=_flax_gpt2_target(), progress=False, keep_quantized=True)
+        assert isinstance(kept_flax["transformer"]["h"]["0"]["attn"]["c_proj"]["kernel"], jax.Array)  # FlaxConv1D: dense
+
+
+def test_tables_are_embeddings_by_their_module_type_without_a_target(tmp_path):
+    config = transformers.BartConfig(vocab_size=64, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    model.save_pretrained(tmp_path / "bart")
+    params, report = qbridge.load_checkpoint(tmp_path / "bart", progress=False, return_report=True)
+    positions = params["params"]["model"]["encoder"]["embed_positions"]
+    assert list(positions) == ["embedding"] and positions["embedding"].shape == (66, 64)  # BartLearnedPositionalEmbedding
+    np.testing.assert_array_equal(np.asarray(positions["embedding"]), model.model.encoder.embed_positions.weight.detach().numpy())
+    assert "BartForConditionalGeneration built on the meta device" in report.classified_by and not report.guessed
+    # without an architecture the module types are unknown: name rules decide, and the report says so
+    cfg = json.loads((tmp_path / "bart" / "config.json").read_text())
+    cfg.pop("architectures")
+    (tmp_path / "bart" / "config.json").write_text(json.dumps(cfg))
+    _, report = qbridge.load_checkpoint(tmp_path / "bart", progress=False, return_report=True)
+    assert "model.encoder.embed_positions.weight" in report.guessed and "name rules" in report.classified_by
+    assert "module kinds guessed from names" in str(qbridge.inspect_checkpoint(tmp_path / "bart"))
+
+
+# --- kind 9: messages that point the right way ------------------------------------------------------------
+
+
+def test_a_truncated_bin_is_called_damaged(tmp_path):
+    model = _llama(tmp_path / "st")
+    _bin(model, tmp_path / "bin")
+    f = tmp_path / "bin" / "pytorch_model.bin"
+    f.write_bytes(f.read_bytes()[:-4000])
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: the file is damaged \(truncated or corrupt"):
+        qbridge.load_checkpoint(tmp_path / "bin", progress=False)
+
+
+def test_inspect_checks_the_scales(tmp_path):
+    _e8m0_fp8_checkpoint(tmp_path / "e8m0")
+    data = st.load_file(tmp_path / "e8m0" / "model.safetensors")
+    data["layer.weight_scale_inv"] = torch.full((2, 3), float("nan"))
+    st.save_file(data, tmp_path / "e8m0" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layer.weight_scale_inv\]: 6 scale\(s\) are NaN or Inf"):
+        qbridge.inspect_checkpoint(tmp_path / "e8m0")
+
+
+# --- kind 10: a checkpoint is untrusted input ---------------------------------------------------------------
+
+
+def _sharded(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "ck"
+    path.mkdir()
+    st.save_file({"a.weight": torch.ones(2, 2)}, path / "part-1.safetensors")
+    st.save_file({"b.weight": torch.ones(2, 2)}, path / "part-2.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors"])
+def test_an_index_cannot_point_outside_the_checkpoint(tmp_path, name):
+    path = _sharded(tmp_path)
+    st.save_file({"b.weight": torch.ones(2, 2)}, tmp_path / "outside.safetensors")
+    index = {"weight_map": {"a.weight": "part-1.safetensors", "b.weight": name}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json \[b.weight\]: refers to .* outside the checkpoint directory"):
+        qbridge.load_checkpoint(path, progress=False)
+
+
+def test_a_link_out_of_the_checkpoint_is_refused(tmp_path):
+    path = _sharded(tmp_path)
+    st.save_file({"c.weight": torch.ones(2, 2)}, tmp_path / "elsewhere.safetensors")
+    (path / "part-3.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match=r"part-3.safetensors is a link to .*elsewhere.safetensors, outside"):
+        qbridge.inspect_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("blocksize", 0, "blocksize and nested_blocksize must be positive"), ("blocksize", "64", "must be positive"),
+     ("shape", [10**12, 10**12], "packed bytes, but the quant state's shape"), ("shape", "big", "shape must be a list"),
+     ("nested_offset", float("inf"), "nested_offset must be a finite number"), ("shape", [-4, 8], "non-negative")],
+)  # fmt: skip
+def test_quant_state_fields_are_checked_before_use(tmp_path, field, value, message):
+    _, packed, qs = (None, *F.quantize_4bit(torch.randn(8, 8), quant_type="nf4")[:2])
+    doc = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [8, 8], field: value}
+    state = {"w.weight": packed, "w.weight.absmax": qs.absmax,
+             "w.weight.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)}  # fmt: skip
+    (tmp_path / "q").mkdir()
+    st.save_file(state, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        qbridge.load_checkpoint(tmp_path / "q", progress=False)
+
+
+def test_config_fields_are_checked(tmp_path):
+    path = _sharded(tmp_path)
+    for config, message in (([1, 2], "a config is a JSON object"), ({"quantization_config": "fp8"}, "must be an object"),
+                            ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [0, 128]}}, "two positive integers"),
+                            ({"architectures": "GPT2LMHeadModel"}, "a list of class names")):  # fmt: skip
+        (path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=message):
+            qbridge.inspect_checkpoint(path)
+
+
+def test_a_safetensors_header_that_claims_more_than_the_file_holds(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}}).encode()
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        qbridge.load_checkpoint(tmp_path / "h", progress=False)
