@@ -21,6 +21,7 @@ from qbridge._handoff import to_jax  # noqa: E402
 from qbridge._handoff import to_torch  # noqa: E402
 from qbridge._inspect import CheckpointSummary  # noqa: E402
 from qbridge._inspect import inspect_checkpoint  # noqa: E402
+from qbridge._targets import build_target  # noqa: E402
 from qbridge._loader import LoadReport  # noqa: E402
 from qbridge._loader import dequantized_state  # noqa: E402
 from qbridge._loader import load_checkpoint  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "LoadReport",
     "QBridgeError",
     "bench",
+    "build_target",
     "configure_jax_memory",
     "convert_checkpoint",
     "dequantize",

@@ -168,16 +168,18 @@ def module_info(config: dict[str, Any]) -> tuple[ModuleInfo | None, str]:
             classes[name] = type(module).__name__
         for buffer in getattr(module, "_non_persistent_buffers_set", ()):
             non_persistent.add(f"{prefix}.{buffer}" if prefix else buffer)
-    tied = getattr(model, "all_tied_weights_keys", None)
-    if not isinstance(tied, dict):
-        tied = {}
-        keys = getattr(model, "_tied_weights_keys", None)
-        if isinstance(keys, dict):
-            tied = dict(keys)
-        elif keys and getattr(cfg, "tie_word_embeddings", True):
-            inputs = next((f"{n}.weight" for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
-            tied = {k: inputs for k in keys if inputs}
-    return ModuleInfo(arch, kinds, classes, non_persistent, {str(k): str(v) for k, v in tied.items()}), f"{arch} built on the meta device"
+    # tied tensors are one Parameter under several names once the model has tied them (transformers does in
+    # post_init): each later name is a copy of the first
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    for copy, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        tied.setdefault(str(copy), str(source))
+    return ModuleInfo(arch, kinds, classes, non_persistent, tied), f"{arch} built on the meta device"
 
 
 def _same_tensor(read: Any, a: str, b: str) -> bool:

@@ -21,11 +21,27 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from qbridge import convert_checkpoint
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes PATTERN=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
-    report = convert_checkpoint(args.path, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                                progress=not args.quiet)  # fmt: skip
+
+def _convert(args: argparse.Namespace) -> int:
+    from qbridge import build_target, convert_checkpoint
+
+    target = build_target(args.target, args.path, param_dtype=args.dtype) if args.target else None
+    report = convert_checkpoint(
+        args.path, args.out, target=target, device=args.device, dtype=args.dtype, strict=not args.no_strict,
+        kinds=_pairs(args.kind, "--kind"), rename=_pairs(args.rename, "--rename"), overwrite=args.overwrite,
+        progress=not args.quiet,
+    )  # fmt: skip
     print(f"{report}\nwrote {args.out}")
     return 0
 
@@ -34,7 +50,7 @@ def _errors() -> tuple[type[BaseException], ...]:
     from qbridge import QBridgeError
     from jax_side import MatchError
 
-    return (QBridgeError, MatchError, FileExistsError, ValueError)
+    return (QBridgeError, MatchError, FileExistsError, ValueError, ImportError)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -65,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out")
     convert.add_argument("--device", default=None, help="'cpu', 'cuda' or 'cuda:i' (default: the GPU if JAX and torch see it)")
     convert.add_argument("--dtype", default=None, help="cast floating parameters (e.g. bfloat16)")
+    convert.add_argument("--target", default=None,
+                         help="lay out for this model: 'llama' (the built-in Flax Llama) or a Flax model class by import "
+                              "path, 'package.module:ClassName' (transformers' Flax classes included), built from the "
+                              "checkpoint's config.json")  # fmt: skip
+    convert.add_argument("--kind", action="append", metavar="PATTERN=KIND", help="module kind override (repeatable)")
+    convert.add_argument("--rename", action="append", metavar="PATTERN=REPLACEMENT", help="checkpoint key rename (repeatable)")
+    convert.add_argument("--no-strict", action="store_true", help="with a target: report mismatches instead of refusing")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_convert)

@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from ._errors import CheckpointError
@@ -27,7 +28,11 @@ def convert_checkpoint(
     target: Any = None,
     device: Any = None,
     dtype: Any = None,
+    strict: bool = True,
+    kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
     sharding: Any = None,
+    keep_quantized: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> LoadReport:
@@ -41,8 +46,9 @@ def convert_checkpoint(
     Args:
         path: the PyTorch checkpoint (any format ``load_checkpoint`` reads).
         out: the Orbax checkpoint directory to create.
-        target, device, dtype, sharding, progress: as for :func:`qbridge.load_checkpoint` (with ``sharding``
-            each process writes its own shards).
+        target, device, dtype, strict, kinds, rename, sharding, keep_quantized, progress: as for
+            :func:`qbridge.load_checkpoint` (with ``sharding`` each process writes its own shards). A target
+            named in words (``"llama"``, a Flax class by import path) comes from :func:`qbridge.build_target`.
         overwrite: replace an existing ``out`` (only after the new checkpoint is complete).
 
     Returns:
@@ -59,8 +65,9 @@ def convert_checkpoint(
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such directory to write the converted checkpoint in")
     params, report = load_checkpoint(
-        path, target=target, device=device, dtype=dtype, sharding=sharding, progress=progress, return_report=True
-    )
+        path, target=target, device=device, dtype=dtype, strict=strict, kinds=kinds, rename=rename, sharding=sharding,
+        keep_quantized=keep_quantized, progress=progress, return_report=True,
+    )  # fmt: skip
     partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         checkpointer = ocp.StandardCheckpointer()

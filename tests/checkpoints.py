@@ -99,3 +99,12 @@ def torchao_llama(dense_dir: pathlib.Path, out: pathlib.Path, config_name: str =
     (out / "st" / "config.json").write_text((dense_dir / "config.json").read_text())
     (out / "config.json").write_text((dense_dir / "config.json").read_text())
     return model
+
+
+def flax_llama_target(config: dict):
+    """A target factory for ``qbridge convert --target checkpoints:flax_llama_target`` (config dict in)."""
+    import jax.numpy as jnp
+
+    import jax_side
+
+    return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=jnp.bfloat16)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from checkpoints import bnb_llama, dense_llama, fp8_llama
 
+import jax_side
 import qbridge
 from qbridge import parity
 from qbridge._cli import main
@@ -129,3 +130,34 @@ def test_demo_command(capsys):
     out = capsys.readouterr().out
     assert "equal to bitsandbytes' own dequantization: 28 of 28" in out
     assert "logits" in out and " ok" in out
+
+
+def _leaves(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("spec", ["llama", "checkpoints:flax_llama_target"])
+def test_convert_takes_a_target_named_on_the_command_line(nf4, tmp_path, spec, capsys):
+    out = tmp_path / "flax.orbax"
+    assert main(["convert", str(nf4), str(out), "--target", spec, "--quiet"]) == 0
+    restored = _leaves(qbridge.restore_converted(out))
+    want = _leaves(qbridge.load_checkpoint(nf4, target=qbridge.build_target(spec, nf4), progress=False))
+    assert restored.keys() == want.keys() and "model/layers/0/mlp/down_proj/kernel" in restored
+    for key, leaf in want.items():
+        assert restored[key].dtype == leaf.dtype and np.array_equal(np.asarray(restored[key]).view(np.uint8), np.asarray(leaf).view(np.uint8))
+    expected_dtype = jnp.float32 if spec == "llama" else jnp.bfloat16  # the target's dtypes win
+    assert restored["model/norm/scale"].dtype == expected_dtype
+
+
+def test_convert_passes_kinds_rename_and_strict_through(nf4, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["convert", str(nf4), str(out), "--target", "llama", "--rename", r"^model\.=", "--quiet"]) == 2
+    assert "missing: target leaf 'model.norm.scale'" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(jax_side.MatchError, match="strict=False, but"):  # shapes only where nothing fills them
+        qbridge.convert_checkpoint(nf4, out, target=qbridge.build_target("llama", nf4), rename={r"^model\.": ""}, strict=False, progress=False)
+    assert main(["convert", str(nf4), str(out), "--kind", "bad=PAIR=x", "--kind", "nokind", "--quiet"]) == 2
+    assert "--kind takes PATTERN=VALUE, got 'nokind'" in capsys.readouterr().err
+    assert main(["convert", str(nf4), str(out), "--target", "no.such.module:Thing", "--quiet"]) == 2
+    assert main(["convert", str(nf4), str(out), "--kind", r"embed_tokens=linear", "--quiet"]) == 0
+    assert "kernel" in qbridge.restore_converted(out)["params"]["model"]["embed_tokens"]

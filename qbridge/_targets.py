@@ -1,0 +1,76 @@
+"""Targets named in words: the built-in Flax Llama, or a Flax model class (or factory) by import path, built
+from a checkpoint's ``config.json`` with shapes only (nothing allocated)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax_side
+
+from ._errors import CheckpointError
+
+
+def _config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    path = pathlib.Path(checkpoint)
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{config}: a target built from the checkpoint's config needs its config.json")
+    try:
+        doc = json.loads(config.read_text())
+    except Exception as e:
+        raise CheckpointError(f"{config}: unreadable JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{config}: a config is a JSON object")
+    return doc
+
+
+def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: Any = None) -> Any:
+    """A target for :func:`qbridge.load_checkpoint` / :func:`qbridge.convert_checkpoint`, named in words.
+
+    Args:
+        spec: ``"llama"`` (``jax_side``'s Flax Llama), or ``"package.module:Name"``: a transformers Flax model
+            class (built with ``_do_init=False``: its ``params_shape_tree``), a flax.nnx ``Module`` class
+            taking ``(config, rngs=...)`` (built with ``nnx.eval_shape``), or any callable taking the
+            checkpoint's config as a dict and returning a target.
+        checkpoint: the checkpoint directory (or a file in it) whose ``config.json`` sizes the model.
+        param_dtype: the parameters' dtype for the built-in Llama (default: float32, as Flax models
+            initialize).
+
+    Returns:
+        Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves or an abstract nnx module): nothing is
+        allocated.
+
+    Raises:
+        ValueError: an unknown ``spec``. ImportError: the import path does not resolve.
+        CheckpointError: the checkpoint has no readable ``config.json``.
+    """
+    config = _config(checkpoint)
+    if spec == "llama":
+        import jax.numpy as jnp
+
+        return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or jnp.float32)
+    if ":" not in spec:
+        raise ValueError(f"target {spec!r}: name 'llama' or a class by import path, 'package.module:ClassName'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"target {spec!r}: cannot import it ({type(e).__name__}: {e})") from e
+    if isinstance(obj, type) and hasattr(obj, "config_class") and hasattr(obj, "init_weights"):  # transformers Flax
+        plain = {k: v for k, v in config.items() if k != "quantization_config"}
+        return obj(obj.config_class.from_dict(plain), _do_init=False).params_shape_tree
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is an extra
+        nnx = None
+    if nnx is not None and isinstance(obj, type) and issubclass(obj, nnx.Module):
+        return nnx.eval_shape(lambda: obj(config, rngs=nnx.Rngs(0)))
+    if callable(obj):
+        return obj(config)
+    raise ValueError(f"target {spec!r} is a {type(obj).__name__}, not a model class or a callable")
