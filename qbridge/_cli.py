@@ -53,6 +53,15 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (QBridgeError, MatchError, FileExistsError, ValueError, ImportError)
 
 
+def _parity(args: argparse.Namespace) -> int:
+    from qbridge.parity import trace_checkpoint
+
+    report = trace_checkpoint(args.path, model=args.model, keep_quantized=args.keep_quantized, tokens=args.tokens,
+                              batch=args.batch, seed=args.seed)  # fmt: skip
+    print(report)
+    return 0 if report.first_divergence is None else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     from qbridge._bench import dump_json, format_bench, run_bench
 
@@ -91,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_convert)
+    parity = sub.add_parser("parity", help="layer-by-layer parity: transformers' torch model of a checkpoint vs a Flax model")
+    parity.add_argument("path")
+    parity.add_argument("--model", default="llama", help="'llama' (built in) or an nnx Module class by import path, 'package.module:Name'")
+    parity.add_argument("--keep-quantized", action="store_true", help="load the Flax model kept quantized")
+    parity.add_argument("--tokens", type=int, default=16)
+    parity.add_argument("--batch", type=int, default=2)
+    parity.add_argument("--seed", type=int, default=0)
+    parity.set_defaults(func=_parity)
     bench = sub.add_parser("bench", help="dequantization speed on this GPU against the copy ceiling and baselines")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--quick", action="store_true", help="fewer shapes")

@@ -33,7 +33,7 @@ TOLERANCES = {
 }
 _ORDER = ["float8", "bfloat16", "float16", "float32", "float64"]
 
-__all__ = ["OutputParity", "ParityReport", "TOLERANCES", "assert_parity", "compare", "run_parity"]
+__all__ = ["OutputParity", "ParityReport", "TOLERANCES", "TracePair", "TraceReport", "assert_parity", "compare", "run_parity", "trace", "trace_checkpoint"]
 
 
 @dataclasses.dataclass
@@ -171,3 +171,6 @@ def assert_parity(reference: Any, candidate: Any, **tolerances: Any) -> ParityRe
     if not report.ok:
         raise AssertionError(f"parity failed:\n{report}")
     return report
+
+
+from ._trace import TracePair, TraceReport, trace, trace_checkpoint  # noqa: E402  (layer by layer; uses compare above)

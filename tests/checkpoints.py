@@ -108,3 +108,14 @@ def flax_llama_target(config: dict):
     import jax_side
 
     return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=jnp.bfloat16)
+
+
+def BrokenLlama(config: dict, *, rngs):  # noqa: N802 - used as a model class on the command line
+    """jax_side's Flax Llama with a planted fault (the first norm's epsilon), for ``qbridge parity --model``."""
+    import jax.numpy as jnp
+
+    import jax_side
+
+    model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=jnp.float32, rngs=rngs)
+    model.model.layers[0].input_layernorm.eps = 1e-1
+    return model

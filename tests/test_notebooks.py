@@ -17,6 +17,7 @@ FIGURES = {
     "quickstart.ipynb": ["quickstart_errors.png"],
     "fp8_and_torchao.ipynb": ["fp8_block_error.png"],
     "performance.ipynb": ["performance.png"],
+    "parity_debugging.ipynb": ["parity_trace.png"],
 }
 
 

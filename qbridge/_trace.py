@@ -1,0 +1,477 @@
+"""Layer-by-layer parity: where a Flax port and its torch original part ways.
+
+Both models run on the same inputs. Every submodule's input and output is captured on both sides (torch
+forward hooks; flax.nnx by wrapping each submodule class's ``__call__`` for the duration of the run; linen
+with ``nn.intercept_methods``), the two sides are paired by module path through the loader's name mapping
+(``model.layers.3.mlp.down_proj`` is ``("model", "layers", 3, "mlp", "down_proj")`` in nnx and
+``model/layers_3/mlp/down_proj`` in linen; ``rename=`` maps torch names the way ``load_checkpoint``'s does),
+and each pair is compared with :func:`qbridge.parity.compare`'s dtype-aware tolerances.
+
+The first divergence is the module where the difference starts: its input agrees on both sides and its
+output does not, and every submodule it called with agreeing inputs agrees too. So a transposed kernel
+points at that Linear, a wrong epsilon at that norm, and an error in an attention block's own code
+(rotary halves, softmax precision) at the attention block rather than at the projection after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+_NUMBERED = re.compile(r"^(.*)_(\d+)$")
+
+
+@dataclasses.dataclass
+class TracePair:
+    """One module seen from both sides: its torch name and Flax path, how its input and output compare."""
+
+    name: str
+    flax_path: str
+    shape: tuple[int, ...]
+    dtype: str
+    max_abs: float
+    max_rel: float
+    cosine: float
+    ok: bool
+    input_ok: bool
+    order: int
+
+
+@dataclasses.dataclass
+class TraceReport:
+    """Per-module parity in execution order (each module when its call ends).
+
+    Attributes:
+        pairs: the paired modules, in the order their calls ended on the torch side.
+        first_divergence: the torch name of the module where the two models part ways (see the module
+            docstring), or None when every pair agrees.
+        unpaired_torch / unpaired_flax: modules called on one side with no counterpart on the other.
+    """
+
+    pairs: list[TracePair]
+    first_divergence: str | None
+    unpaired_torch: list[str]
+    unpaired_flax: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.pairs)
+
+    def __str__(self) -> str:
+        head = f"{'module (torch name)':<44}{'shape':<16}{'dtype':<10}{'max |err|':>11}{'rel':>10}{'cosine':>12}  verdict"
+        lines = [head, "-" * len(head)]
+        for p in self.pairs:
+            mark = "  <- first divergence" if p.name == self.first_divergence else ""
+            verdict = "ok" if p.ok else ("FAIL" if p.input_ok else "fail (input differs)")
+            lines.append(
+                f"{p.name or '(model)':<44}{'x'.join(map(str, p.shape)):<16}{p.dtype:<10}{p.max_abs:>11.3g}"
+                f"{p.max_rel:>10.2e}{p.cosine:>12.7f}  {verdict}{mark}"
+            )
+        lines.append(f"first divergence: {self.first_divergence}" if self.first_divergence else "the two models agree")
+        if self.unpaired_torch:
+            lines.append("torch modules with no Flax counterpart: " + ", ".join(self.unpaired_torch))
+        if self.unpaired_flax:
+            lines.append("Flax modules with no torch counterpart: " + ", ".join(self.unpaired_flax))
+        return "\n".join(lines)
+
+    def to_dataframe(self) -> Any:
+        """The pairs as a ``pandas.DataFrame`` (pandas needed)."""
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError("to_dataframe needs pandas: pip install pandas") from e
+        return pd.DataFrame([dataclasses.asdict(p) for p in self.pairs])
+
+    def plot(self, ax: Any = None) -> Any:
+        """Relative error by module in execution order (log scale), the first divergence marked
+        (matplotlib needed). Returns the axes."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("plot needs matplotlib: pip install matplotlib") from e
+        if ax is None:
+            _, ax = plt.subplots(figsize=(10, 3.5))
+        rel = [max(p.max_rel, 1e-12) for p in self.pairs]
+        colors = ["tab:red" if not p.ok else "tab:blue" for p in self.pairs]
+        ax.bar(range(len(rel)), rel, color=colors)
+        ax.set_yscale("log")
+        ax.set_ylabel("max |err| / max |torch|")
+        ax.set_xlabel("module, in execution order")
+        names = [p.name or "(model)" for p in self.pairs]
+        step = max(1, len(names) // 24)
+        ax.set_xticks(range(0, len(names), step), names[::step], rotation=90, fontsize=7)
+        if self.first_divergence is not None:
+            i = names.index(self.first_divergence)
+            ax.axvline(i, color="tab:red", linestyle="--", linewidth=1)
+            ax.text(i, 0.92, " first divergence", transform=ax.get_xaxis_transform(), color="tab:red", ha="left", va="top")
+        return ax
+
+
+def _first_array(value: Any) -> Any:
+    """The first array of a module's output (a tuple's first, a model output's logits or first field)."""
+    import torch
+
+    if isinstance(value, (torch.Tensor, np.ndarray)) or hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    if isinstance(value, Mapping):
+        if "logits" in value:
+            return _first_array(value["logits"])
+        for v in value.values():
+            found = _first_array(v)
+            if found is not None:
+                return found
+        return None
+    if hasattr(value, "to_tuple"):  # transformers ModelOutput
+        return _first_array(value.to_tuple())
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            found = _first_array(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _first_input(args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    found = _first_array(args)
+    if found is None:
+        for key in ("hidden_states", "input_ids", "pixel_values", "x", "inputs"):
+            if key in kwargs:
+                return _first_array(kwargs[key])
+        found = _first_array(kwargs)
+    return found
+
+
+@dataclasses.dataclass
+class _Call:
+    inp: Any
+    out: Any
+    start: int
+    end: int
+
+
+def _torch_run(module: Any, inputs: Any) -> dict[str, _Call]:
+    import torch
+
+    calls: dict[str, _Call] = {}
+    pending: dict[str, tuple[Any, int]] = {}
+    counter = [0]
+    hooks = []
+
+    def pre(name: str):
+        def hook(mod: Any, args: tuple, kwargs: dict) -> None:
+            counter[0] += 1
+            pending[name] = (_first_input(args, kwargs), counter[0])
+
+        return hook
+
+    def post(name: str):
+        def hook(mod: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            counter[0] += 1
+            if name not in calls:  # a module called twice: its first call is compared
+                inp, start = pending.get(name, (None, counter[0]))
+                calls[name] = _Call(inp, _first_array(output), start, counter[0])
+
+        return hook
+
+    for name, sub in module.named_modules():
+        hooks.append(sub.register_forward_pre_hook(pre(name), with_kwargs=True))
+        hooks.append(sub.register_forward_hook(post(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, Mapping):
+                module(**inputs)
+            else:
+                module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _nnx_run(module: Any, inputs: Any) -> dict[str, _Call]:
+    from flax import nnx
+
+    paths = {id(node): _dotted(tuple(path)) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    calls: dict[str, _Call] = {}
+    counter = [0]
+    originals: dict[type, Any] = {}
+
+    def wrap(cls: type) -> Any:
+        call = cls.__call__
+
+        def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counter[0] += 1
+            start, inp = counter[0], _first_input(args, kwargs)
+            out = call(self, *args, **kwargs)
+            counter[0] += 1
+            name = paths.get(id(self))
+            if name is not None and name not in calls:
+                calls[name] = _Call(inp, _first_array(out), start, counter[0])
+            return out
+
+        return traced
+
+    for _, node in nnx.iter_graph(module):
+        cls = type(node)
+        if isinstance(node, nnx.Module) and cls not in originals and "__call__" in {k for c in cls.__mro__ for k in vars(c)}:
+            owner = next(c for c in cls.__mro__ if "__call__" in vars(c))
+            if owner not in originals:
+                originals[owner] = owner.__call__
+                owner.__call__ = wrap(owner)
+    try:
+        module(**inputs) if isinstance(inputs, Mapping) else module(*inputs)
+    finally:
+        for owner, call in originals.items():
+            owner.__call__ = call
+    return calls
+
+
+def _linen_run(module: Any, variables: Any, inputs: Any) -> dict[str, _Call]:
+    from flax import linen as nn
+
+    calls: dict[str, _Call] = {}
+    counter = [0]
+
+    def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        counter[0] += 1
+        start, inp = counter[0], _first_input(args, kwargs)
+        out = next_fun(*args, **kwargs)
+        counter[0] += 1
+        name = _dotted(tuple(context.module.path))
+        if name not in calls:
+            calls[name] = _Call(inp, _first_array(out), start, counter[0])
+        return out
+
+    with nn.intercept_methods(interceptor):
+        if isinstance(inputs, Mapping):
+            module.apply(variables, **inputs)
+        else:
+            module.apply(variables, *inputs)
+    return calls
+
+
+def _flax_names(name: str) -> list[str]:
+    """A Flax path's torch-style names: itself, and linen's ``layers_3`` read as ``layers.3``."""
+    parts = name.split(".") if name else []
+    split = []
+    for seg in parts:
+        m = _NUMBERED.match(seg)
+        split.extend([m.group(1), m.group(2)] if m else [seg])
+    return list(dict.fromkeys([name, ".".join(split)]))
+
+
+def _as_numpy(x: Any) -> np.ndarray | None:
+    """Values as numpy: floating ones as float32 (bfloat16 and float16 widen exactly), others as they are."""
+    if x is None:
+        return None
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        return t.float().numpy() if t.is_floating_point() else t.numpy()
+    import jax.numpy as jnp
+
+    a = np.asarray(x)
+    return a.astype(np.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+
+def _aligned(ref: np.ndarray, cand: np.ndarray) -> np.ndarray | None:
+    """``cand`` in ``ref``'s layout: as is, or channels-last moved first (Flax convolutions), or None."""
+    if ref.shape == cand.shape:
+        return cand
+    if cand.ndim >= 3 and np.moveaxis(cand, -1, 1).shape == ref.shape:
+        return np.moveaxis(cand, -1, 1)
+    return None
+
+
+def trace(
+    torch_module: Any,
+    flax_module: Any,
+    inputs: Any,
+    *,
+    variables: Any = None,
+    flax_inputs: Any = None,
+    rename: Mapping[str, str] | None = None,
+    rtol: float | None = None,
+    min_cosine: float | None = None,
+) -> TraceReport:
+    """Runs a torch model and its Flax port on the same inputs and compares every submodule's output.
+
+    Args:
+        torch_module: the torch original (plain, bitsandbytes- or torchao-quantized), a ``torch.nn.Module``.
+        flax_module: the Flax port: an ``nnx.Module`` (run eagerly), or a linen ``Module`` with
+            ``variables`` (its ``{"params": ...}``), e.g. one loaded by :func:`qbridge.load_checkpoint`
+            (dense or kept quantized).
+        inputs: torch tensors (token ids, pixel values...): one tensor, a tuple of them (positional) or a
+            dict (keyword). The Flax side gets the same values through :func:`qbridge.to_jax`.
+        variables: the linen variables (required for a linen module).
+        flax_inputs: the Flax side's inputs where they differ (channels-last images, say).
+        rename: regex -> replacement applied to torch module names before pairing, as ``load_checkpoint``'s
+            ``rename`` does to checkpoint keys.
+        rtol, min_cosine: override :func:`qbridge.parity.compare`'s dtype-aware tolerances.
+
+    Returns:
+        A :class:`TraceReport` (``report.first_divergence``, ``print(report)``, ``report.plot()``).
+
+    Raises:
+        TypeError: ``flax_module`` is neither an nnx nor a linen module, or a linen module without variables.
+    """
+    import torch
+
+    from ._handoff import to_jax
+    from .parity import compare
+
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if flax_inputs is None:
+        convert = lambda t: to_jax(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        flax_inputs = {k: convert(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else tuple(convert(v) for v in inputs)
+    torch_calls = _torch_run(torch_module, inputs)
+    try:
+        from flax import linen, nnx
+    except ImportError as e:  # pragma: no cover - flax is an extra
+        raise ImportError("trace needs flax: pip install 'qbridge[flax]'") from e
+    if isinstance(flax_module, nnx.Module):
+        flax_calls = _nnx_run(flax_module, flax_inputs)
+    elif isinstance(flax_module, linen.Module):
+        if variables is None:
+            raise TypeError("a linen module needs its variables: trace(..., variables={'params': params})")
+        flax_calls = _linen_run(flax_module, variables, flax_inputs)
+    else:
+        raise TypeError(f"flax_module must be an nnx.Module or a linen.Module, got {type(flax_module).__name__}")
+
+    by_torch_name: dict[str, str] = {}
+    for name in flax_calls:
+        for candidate in _flax_names(name):
+            by_torch_name.setdefault(candidate, name)
+    pairs, unpaired_torch, paired_flax = [], [], set()
+    for name, call in sorted(torch_calls.items(), key=lambda kv: kv[1].end):
+        key = name
+        for pattern, repl in (rename or {}).items():
+            key = re.sub(pattern, repl, key)
+        flax_name = by_torch_name.get(key)
+        ref, cand = _as_numpy(call.out), None if flax_name is None else _as_numpy(flax_calls[flax_name].out)
+        if flax_name is None or ref is None or cand is None or _aligned(ref, cand) is None:
+            unpaired_torch.append(name or "(model)")
+            continue
+        paired_flax.add(flax_name)
+        theirs = flax_calls[flax_name]
+        tol, cos = _tolerances(call.out, theirs.out, rtol, min_cosine)
+        o = compare({"o": ref}, {"o": _aligned(ref, cand)}, rtol=tol, min_cosine=cos).outputs[0]
+        input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine)
+        pairs.append(TracePair(name, flax_name, tuple(ref.shape), _dtype_name(call.out, theirs.out), o.max_abs, o.max_rel,
+                               o.cosine, o.ok, input_ok, call.end))  # fmt: skip
+    first = _first_divergence(pairs, torch_calls)
+    unpaired_flax = [n or "(model)" for n in flax_calls if n not in paired_flax]
+    return TraceReport(pairs, first, unpaired_torch, unpaired_flax)
+
+
+def _dtype_name(a: Any, b: Any) -> str:
+    from .parity import _ORDER, _kind
+
+    return min(_kind(str(getattr(a, "dtype", "float32"))), _kind(str(getattr(b, "dtype", "float32"))), key=_ORDER.index)
+
+
+def _tolerances(a: Any, b: Any, rtol: float | None, min_cosine: float | None) -> tuple[float, float]:
+    from .parity import TOLERANCES
+
+    default_rtol, default_cos = TOLERANCES[_dtype_name(a, b)]
+    return (rtol if rtol is not None else default_rtol, min_cosine if min_cosine is not None else default_cos)
+
+
+def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None) -> bool:
+    ref, cand = _as_numpy(a), _as_numpy(b)
+    if ref is None or cand is None:
+        return True  # nothing to compare: taken as agreeing
+    cand = _aligned(ref, cand)
+    if cand is None:
+        return False
+    if ref.dtype.kind not in "fc":
+        return bool(np.array_equal(ref, cand))
+    from .parity import compare
+
+    tol, cos = _tolerances(a, b, rtol, min_cosine)
+    return compare({"i": ref}, {"i": cand}, rtol=tol, min_cosine=cos).ok
+
+
+def _first_divergence(pairs: list[TracePair], calls: Mapping[str, _Call]) -> str | None:
+    """The first module (by the end of its call) whose input agrees and output does not, and whose
+    submodules called with agreeing inputs all agree."""
+    for p in pairs:
+        if p.ok or not p.input_ok:
+            continue
+        inside = [q for q in pairs if q.name != p.name and _child_of(q.name, p.name)
+                  and calls[p.name].start < calls[q.name].start and calls[q.name].end < calls[p.name].end]  # fmt: skip
+        if all(q.ok or not q.input_ok for q in inside):
+            return p.name
+    bad = [p for p in pairs if not p.ok]  # no such module (every failing one saw a differing input): the first failure
+    return bad[0].name if bad else None
+
+
+def _child_of(child: str, parent: str) -> bool:
+    return parent == "" or child.startswith(parent + ".")
+
+
+def trace_checkpoint(
+    path: Any,
+    *,
+    model: str = "llama",
+    keep_quantized: bool = False,
+    tokens: int = 16,
+    batch: int = 2,
+    seed: int = 0,
+    **tolerances: Any,
+) -> TraceReport:
+    """:func:`trace` for a checkpoint directory: transformers' torch model of it (quantized as saved) against a
+    Flax model loaded from it by :func:`qbridge.load_checkpoint`, on random token ids.
+
+    Args:
+        path: a transformers checkpoint directory (``config.json`` with ``architectures``).
+        model: ``"llama"`` (``jax_side``'s Flax Llama) or ``"package.module:Name"``, a flax.nnx Module class
+            (or factory) called as ``Name(config_dict, rngs=nnx.Rngs(0))``.
+        keep_quantized: load the Flax model kept quantized (``load_quantized_into_nnx``).
+        tokens, batch, seed: the random token ids' shape and seed.
+        tolerances: ``rtol`` / ``min_cosine`` for :func:`trace`.
+    """
+    import importlib
+    import json
+    import pathlib
+
+    import jax.numpy as jnp
+    import torch
+    import transformers
+    from flax import nnx
+
+    import jax_side
+
+    from ._loader import load_checkpoint
+
+    path = pathlib.Path(path)
+    config = json.loads((path / "config.json").read_text())
+    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", device_map="cpu").eval()
+    if model == "llama":
+        flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
+    else:
+        module_name, _, attr = model.partition(":")
+        factory: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        flax_model = factory(config, rngs=nnx.Rngs(0))
+    params = load_checkpoint(path, target=flax_model, keep_quantized=keep_quantized, progress=False)
+    if keep_quantized:
+        jax_side.load_quantized_into_nnx(flax_model, params)
+    else:
+        nnx.update(flax_model, params)
+    ids = torch.from_numpy(np.random.default_rng(seed).integers(0, int(config["vocab_size"]), (batch, tokens)))
+    return trace(torch_model, flax_model, ids, **tolerances)

@@ -1,0 +1,169 @@
+"""qbridge.parity.trace: layer-by-layer parity between a torch model and its Flax port. A correct port agrees
+everywhere; each planted fault is found at the module that holds it; unpaired modules are listed."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from checkpoints import LLAMA, bnb_llama
+
+import jax_side
+import qbridge
+from qbridge._cli import main
+from qbridge.parity import trace
+
+transformers = pytest.importorskip("transformers")
+nnx = pytest.importorskip("flax.nnx")
+linen = pytest.importorskip("flax.linen")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trace")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()  # float32
+    model.save_pretrained(root / "f32")
+    model.to(torch.bfloat16).save_pretrained(root / "bf16")
+    bnb_llama(root / "bf16", root / "nf4", quant_type="nf4", nested=True)
+    return root
+
+
+def _pair(made, name="f32", **load):
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(made / name, attn_implementation="eager", device_map="cpu").eval()
+    config = jax_side.LlamaConfig.from_hf(json.loads((made / name / "config.json").read_text()))
+    dtype = jnp.float32 if name == "f32" else jnp.bfloat16
+    flax_model = jax_side.llama_for_causal_lm(config, param_dtype=dtype)
+    params = qbridge.load_checkpoint(made / name, target=flax_model, progress=False, **load)
+    if load.get("keep_quantized"):
+        jax_side.load_quantized_into_nnx(flax_model, params)
+    else:
+        nnx.update(flax_model, params)
+    return torch_model, flax_model
+
+
+IDS = torch.from_numpy(np.random.default_rng(0).integers(0, LLAMA["vocab_size"], (2, 11)))
+
+
+def test_a_correct_port_agrees_end_to_end(made):
+    torch_model, flax_model = _pair(made)
+    report = trace(torch_model, flax_model, IDS)
+    assert report.ok and report.first_divergence is None
+    names = [p.name for p in report.pairs]
+    assert names[0] == "model.embed_tokens" and names[-1] == "" and "model.layers.1.mlp.down_proj" in names
+    assert names.index("model.layers.0.self_attn.q_proj") < names.index("model.layers.0.self_attn") < names.index("model.layers.0")
+    # what has no Flax counterpart is listed, not ignored: the rotary module and the activation modules
+    assert set(report.unpaired_torch) == {"model.rotary_emb", "model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
+    assert report.unpaired_flax == []
+    text = str(report)
+    assert "the two models agree" in text and "model.rotary_emb" in text
+
+
+def test_a_transposed_dense_kernel(made):
+    torch_model, flax_model = _pair(made)
+    kernel = flax_model.model.layers[1].self_attn.q_proj.kernel  # square: every shape check passes
+    kernel[...] = kernel[...].T
+    report = trace(torch_model, flax_model, IDS)
+    assert report.first_divergence == "model.layers.1.self_attn.q_proj"
+    assert all(p.ok for p in report.pairs if p.name.startswith("model.layers.0"))
+
+
+def test_a_wrong_norm_epsilon(made):
+    torch_model, flax_model = _pair(made)
+    flax_model.model.layers[1].post_attention_layernorm.eps = 1e-2
+    assert trace(torch_model, flax_model, IDS).first_divergence == "model.layers.1.post_attention_layernorm"
+
+
+def test_swapped_rotary_halves(made, monkeypatch):
+    import jax_side._llama as port
+
+    torch_model, flax_model = _pair(made)
+    monkeypatch.setattr(port, "_rotate_half", lambda x: jnp.concatenate([x[..., x.shape[-1] // 2 :], -x[..., : x.shape[-1] // 2]], axis=-1))
+    report = trace(torch_model, flax_model, IDS)
+    assert report.first_divergence == "model.layers.0.self_attn"  # the attention block's own code, not o_proj after it
+    by_name = {p.name: p for p in report.pairs}
+    assert by_name["model.layers.0.self_attn.q_proj"].ok and not by_name["model.layers.0.self_attn.o_proj"].input_ok
+
+
+def test_an_fp16_softmax(made, monkeypatch):
+    torch_model, flax_model = _pair(made)
+    softmax = jax.nn.softmax
+    monkeypatch.setattr(jax.nn, "softmax", lambda x, axis=-1: softmax(x.astype(jnp.float16), axis=axis).astype(x.dtype))
+    report = trace(torch_model, flax_model, IDS)
+    assert report.first_divergence == "model.layers.0.self_attn"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_quantized_torch_against_the_flax_model_qbridge_loaded(made, keep):
+    torch_model, flax_model = _pair(made, "nf4", keep_quantized=keep)
+    assert type(torch_model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    if keep:
+        assert isinstance(flax_model.model.layers[0].mlp.down_proj, jax_side.QuantLinear)
+    report = trace(torch_model, flax_model, IDS)
+    assert report.first_divergence is None, str(report)
+    assert {p.dtype for p in report.pairs} == {"bfloat16"} and len(report.pairs) == 29
+
+
+def test_a_linen_port_with_numbered_names_and_channels_last_images():
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)])
+            self.extra = torch.nn.Identity()
+
+        def forward(self, x):
+            h = self.extra(self.conv(x)).mean(dim=(2, 3))
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    class FlaxNet(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            h = linen.Conv(8, (3, 3), padding=1, name="conv")(x).mean(axis=(1, 2))
+            h = linen.Dense(8, name="layers_0")(h)
+            return linen.Dense(4, name="layers_1")(h)
+
+    torch.manual_seed(0)
+    net = TorchNet().eval()
+    variables = jax_side.to_flax_variables({k: v.detach().numpy() for k, v in net.state_dict().items()}, numbered="underscore")
+    x = torch.randn(2, 3, 6, 6)
+    flax_x = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
+    report = trace(net, FlaxNet(), x, variables=variables, flax_inputs=(flax_x,))
+    assert report.ok and [p.name for p in report.pairs] == ["conv", "layers.0", "layers.1", ""]
+    assert report.unpaired_torch == ["extra"]
+
+
+def test_the_report_as_a_dataframe(made):
+    pytest.importorskip("pandas")
+    torch_model, flax_model = _pair(made)
+    frame = trace(torch_model, flax_model, IDS).to_dataframe()
+    assert len(frame) == 29 and {"name", "flax_path", "max_rel", "cosine", "ok", "input_ok"} <= set(frame.columns)
+    assert frame["ok"].all()
+
+
+def test_the_report_plots(made, tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    torch_model, flax_model = _pair(made)
+    flax_model.model.layers[0].input_layernorm.eps = 1e-2
+    report = trace(torch_model, flax_model, IDS)
+    ax = report.plot()
+    ax.figure.savefig(tmp_path / "trace.png")
+    assert (tmp_path / "trace.png").stat().st_size > 1000 and len(ax.patches) == len(report.pairs)
+
+
+def test_the_cli(made, capsys):
+    assert main(["parity", str(made / "f32"), "--tokens", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "the two models agree" in out and "model.layers.1.mlp.down_proj" in out
+    assert main(["parity", str(made / "nf4"), "--keep-quantized"]) == 0
+    assert main(["parity", str(made / "f32"), "--model", "checkpoints:BrokenLlama"]) == 1
+    assert "first divergence: model.layers.0.input_layernorm" in capsys.readouterr().out
