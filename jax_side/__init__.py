@@ -22,6 +22,9 @@ from jax_side._layout import permutation
 from jax_side._layout import rule_for
 from jax_side._layout import rule_for_flax_leaf
 from jax_side._llama import LlamaConfig
+from jax_side._lora import LoraConfig
+from jax_side._lora import add_lora
+from jax_side._lora import lora_layers
 from jax_side._llama import abstract_llama
 from jax_side._llama import llama_for_causal_lm
 from jax_side._nf4 import decode_nested_absmax
@@ -57,6 +60,7 @@ __all__ = [
     "KINDS",
     "LeafRule",
     "LlamaConfig",
+    "LoraConfig",
     "MatchError",
     "MatchReport",
     "NF4Weight",
@@ -72,6 +76,7 @@ __all__ = [
     "Target",
     "TargetLeaf",
     "abstract_llama",
+    "add_lora",
     "apply_rule",
     "as_target",
     "buffer_reason",
@@ -88,6 +93,7 @@ __all__ = [
     "llama_for_causal_lm",
     "load_into_nnx",
     "load_quantized_into_nnx",
+    "lora_layers",
     "match_to_target",
     "nest",
     "not_parameter",

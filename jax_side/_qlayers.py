@@ -6,7 +6,7 @@ Linear and Embed modules of an nnx model for them.
 The quantized pieces are never differentiated: in nnx they live in :class:`QuantizedVariable` (not a
 ``Param``, so ``nnx.grad`` leaves them alone), in linen in the ``"quantized"`` collection (not
 ``"params"``), and the expanded weight passes through ``stop_gradient``. Gradients flow to the inputs,
-to biases and to LoRA-style additions (``lora_rank``).
+to biases and to LoRA adapters (``jax_side.add_lora``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
 
 
@@ -53,31 +54,25 @@ def _make_nnx():
             weight: an :class:`NF4Weight` or :class:`FP8Weight`.
             bias: float ``[out]`` or None.
             dtype: computation dtype (None: promote input, weight and bias dtypes, as ``nnx.Linear`` does).
-            lora_rank: add a trainable low-rank update ``x @ lora_a @ lora_b * lora_scale`` (``lora_b`` starts at 0).
-            rngs: for ``lora_a``'s initialization.
+            lora: a :class:`LoraConfig` to start with LoRA adapters (see :func:`add_lora`); ``rngs`` initializes them.
         """
 
-        def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None, lora_rank: int = 0,
-                     lora_scale: float = 1.0, rngs: Any = None):  # fmt: skip
+        def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None, lora: Any = None, rngs: Any = None):
             if not is_quantized(weight) or len(weight.shape) != 2:
                 raise TypeError(f"QuantLinear takes a 2-D NF4Weight or FP8Weight, got {type(weight).__name__}")
             self.weight = QuantizedVariable(weight)
             self.bias = nnx.Param(bias) if bias is not None else None
             self.dtype = dtype
             self.out_features, self.in_features = weight.shape
-            self.lora_scale = lora_scale
-            if lora_rank:
-                key = (rngs or nnx.Rngs(0)).params()
-                self.lora_a = nnx.Param(jax.random.normal(key, (self.in_features, lora_rank), jnp.float32) / lora_rank**0.5)
-                self.lora_b = nnx.Param(jnp.zeros((lora_rank, self.out_features), jnp.float32))
-            else:
-                self.lora_a = self.lora_b = None
+            self.lora = nnx.data(None)  # LoRA adapters may be set later (jax_side.add_lora)
+            if lora is not None:
+                self.lora = lora_adapter_class()(self.in_features, self.out_features, lora, rngs=rngs or nnx.Rngs(0))
 
         def __call__(self, x: jax.Array) -> jax.Array:
             bias = None if self.bias is None else self.bias[...]
             y = _dense(x, self.weight.get_value(), bias, self.dtype)
-            if self.lora_a is not None:
-                y = y + ((x.astype(jnp.float32) @ self.lora_a[...]) @ self.lora_b[...] * self.lora_scale).astype(y.dtype)
+            if self.lora is not None:
+                y = y + self.lora(x, y.dtype)
             return y
 
     class QuantEmbed(nnx.Module):
@@ -118,20 +113,33 @@ def _make_linen():
         """``linen.Dense`` over a quantized weight in the ``"quantized"`` collection, entry ``"kernel"``.
 
         ``features`` must equal the weight's ``out``; a bias (if ``use_bias``) is a normal param. The weight
-        comes with the variables: ``model.apply({"params": ..., "quantized": ...}, x)``.
+        comes with the variables: ``model.apply({"params": ..., "quantized": ...}, x)``. With ``lora`` (a
+        :class:`LoraConfig`), LoRA adapters ``lora_A`` / ``lora_B`` live in the ``"lora"`` collection
+        (initialized from the ``"params"`` rng, as PEFT initializes them); their dropout needs
+        ``deterministic=False`` and a ``"dropout"`` rng while training.
         """
 
         features: int
         use_bias: bool = False
         dtype: Any = None
+        lora: Any = None
 
         @linen.compact
-        def __call__(self, x: jax.Array) -> jax.Array:
+        def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
             weight = quantized(self, "kernel")
             if weight.shape[0] != self.features:
                 raise ValueError(f"{self.name}: features={self.features} but the weight has {weight.shape[0]} outputs")
             bias = self.param("bias", linen.initializers.zeros_init(), (self.features,)) if self.use_bias else None
-            return _dense(x, weight, bias, self.dtype)
+            y = _dense(x, weight, bias, self.dtype)
+            if self.lora is not None:
+                in_features = weight.shape[1]
+                a = self.variable("lora", "lora_A", lambda: init_lora_a(self.make_rng("params"), in_features, self.lora.r)).value
+                b = self.variable("lora", "lora_B", lambda: jnp.zeros((self.lora.r, self.features), jnp.float32)).value
+                xa = x.astype(a.dtype)
+                if self.lora.lora_dropout:
+                    xa = linen.Dropout(self.lora.lora_dropout)(xa, deterministic=deterministic)
+                y = y + lora_delta(xa, a, b, self.lora.scaling, y.dtype)
+            return y
 
     class QuantEmbedLinen(linen.Module):
         """``linen.Embed`` over a quantized table in the ``"quantized"`` collection, entry ``"embedding"``."""

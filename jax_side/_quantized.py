@@ -126,6 +126,8 @@ def quantized_nbytes(tree: Any) -> tuple[int, int]:
             held += leaf.nbytes
             dense += leaf.dense_nbytes
         else:
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)  # an nnx state's rng keys: their raw words
             size = int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
             held += size
             dense += size

@@ -25,6 +25,8 @@ from qbridge._targets import build_target  # noqa: E402
 from qbridge._loader import LoadReport  # noqa: E402
 from qbridge._loader import dequantized_state  # noqa: E402
 from qbridge._loader import load_checkpoint  # noqa: E402
+from qbridge._peft import load_peft_adapter  # noqa: E402
+from qbridge._peft import save_peft_adapter  # noqa: E402
 from torch_side import dequantize  # noqa: E402
 from torch_side import dequantize_fp8  # noqa: E402
 from torch_side import dequantize_weight  # noqa: E402
@@ -51,8 +53,10 @@ __all__ = [
     "is_compact",
     "is_quant_tensor_subclass",
     "load_checkpoint",
+    "load_peft_adapter",
     "open_checkpoint",
     "restore_converted",
+    "save_peft_adapter",
     "to_jax",
     "to_torch",
 ]

@@ -18,6 +18,7 @@ FIGURES = {
     "fp8_and_torchao.ipynb": ["fp8_block_error.png"],
     "performance.ipynb": ["performance.png"],
     "parity_debugging.ipynb": ["parity_trace.png"],
+    "qlora.ipynb": ["qlora_loss.png"],
 }
 
 
@@ -36,6 +37,7 @@ def test_committed_without_outputs(name):
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_runs_and_draws(name, tmp_path, monkeypatch):
     monkeypatch.setenv("QBRIDGE_FIGURES", str(tmp_path))
+    monkeypatch.setenv("QBRIDGE_ADAPTER", str(tmp_path / "qlora-adapter"))
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
         book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}

@@ -91,15 +91,15 @@ def test_gradients_reach_inputs_and_lora_not_the_quantized_pieces():
         nested_absmax=jnp.asarray(to_numpy(qs.state2.absmax)), nested_code=jnp.asarray(to_numpy(qs.state2.code)),
         offset=jnp.asarray(qs.offset.item(), jnp.float32), shape=(48, 80), dtype="float32",
     )  # fmt: skip
-    layer = jax_side.QuantLinear(weight, jnp.zeros(48), lora_rank=4, rngs=nnx.Rngs(0))
+    layer = jax_side.QuantLinear(weight, jnp.zeros(48), lora=jax_side.LoraConfig(r=4), rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 80)), jnp.float32)
     grad_x = jax.grad(lambda x: layer(x).sum())(x)
     w = to_numpy(bnb_reference(packed, qs))
     np.testing.assert_allclose(np.asarray(grad_x), np.tile(w.sum(0), (3, 1)), rtol=1e-5, atol=1e-5)
     grads = nnx.grad(lambda m, x: (m(x) ** 2).sum())(layer, x)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
-    assert names == {"bias", "lora_a", "lora_b"}  # only Params: the quantized weight is not differentiated
-    assert np.abs(np.asarray(grads["lora_b"][...])).sum() > 0
+    assert names == {"bias", "lora.lora_A", "lora.lora_B"}  # only Params: the quantized weight is not differentiated
+    assert np.abs(np.asarray(grads["lora"]["lora_B"][...])).sum() > 0
 
 
 def test_linen_layers():

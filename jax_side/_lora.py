@@ -1,0 +1,185 @@
+"""LoRA adapters on kept-quantized layers (QLoRA), with PEFT's configuration, initialization and arithmetic.
+
+A LoRA layer adds ``dropout(x) @ A @ B * scaling`` to a frozen base layer: ``A`` is ``[in, r]``, ``B``
+``[r, out]`` (PEFT's ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` transposed, the Flax
+kernel convention), ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). As PEFT does:
+``A`` starts kaiming-uniform (``a = sqrt(5)``: uniform in ``+-1/sqrt(in)``), ``B`` at zero, so the adapted
+layer starts equal to its base; the input is cast to the adapters' dtype, the product cast back to the
+base output's dtype and then multiplied by ``scaling`` (``peft.tuners.lora.bnb.Linear4bit.forward``).
+
+The adapters are ``nnx.LoRAParam`` (a ``Param``): train them alone with ``nnx.Optimizer(model, tx,
+wrt=nnx.LoRAParam)``; the quantized weights are no ``Param`` and never receive gradients. In linen they live
+in their own ``"lora"`` collection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+ALL_LINEAR = "all-linear"
+OUTPUT_LAYERS = ("lm_head",)  # PEFT's all-linear leaves the output layer out
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which layers get adapters, and their shape, as PEFT's ``LoraConfig`` spells it.
+
+    Attributes:
+        r: the rank.
+        lora_alpha: the scale numerator (``scaling = lora_alpha / r``).
+        lora_dropout: dropout on the adapters' input while training (``model.train()``; off in ``model.eval()``).
+        target_modules: module names as PEFT matches them (a name matches a module whose dotted path is it or
+            ends with ``"." + name``: ``("q_proj", "v_proj")``), ``"all-linear"`` (every kept-quantized
+            Linear but the output layer), or one string used as a regular expression over the full path.
+        use_rslora: ``scaling = lora_alpha / sqrt(r)``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if isinstance(self.target_modules, Sequence) and not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))  # a set of names, as in PEFT
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def matches(self, path: str) -> bool:
+        """Whether the layer at dotted ``path`` gets an adapter (PEFT's matching rules)."""
+        if self.target_modules == ALL_LINEAR:
+            return path.rpartition(".")[2] not in OUTPUT_LAYERS
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, path) is not None
+        return any(path == t or path.endswith("." + t) for t in self.target_modules)
+
+    def to_peft(self) -> dict[str, Any]:
+        """The fields of PEFT's ``adapter_config.json`` this config sets."""
+        targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": targets, "use_rslora": self.use_rslora, "bias": "none", "fan_in_fan_out": False,
+                "use_dora": False, "init_lora_weights": True, "modules_to_save": None}  # fmt: skip
+
+    @classmethod
+    def from_peft(cls, doc: Mapping[str, Any]) -> LoraConfig:
+        """From PEFT's ``adapter_config.json``.
+
+        Raises:
+            ValueError: a PEFT feature these layers do not implement (DoRA, trained biases, fan_in_fan_out,
+                modules_to_save, per-layer ranks or alphas), named.
+        """
+        if doc.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"adapter is {doc.get('peft_type')!r}, not LORA")
+        defaults = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
+                    "alpha_pattern": {}, "layers_to_transform": None, "exclude_modules": None, "lora_bias": False,
+                    "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
+                    "layer_replication": None}  # fmt: skip
+        unsupported = [k for k, off in defaults.items() if doc.get(k) not in (None, off)]
+        if unsupported:
+            raise ValueError(f"adapter uses PEFT features these layers do not implement: {', '.join(f'{k}={doc[k]!r}' for k in unsupported)}")
+        targets = doc.get("target_modules") or ()
+        return cls(r=int(doc["r"]), lora_alpha=float(doc.get("lora_alpha", 8)), lora_dropout=float(doc.get("lora_dropout", 0.0)),
+                   target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=bool(doc.get("use_rslora", False)))  # fmt: skip
+
+
+def init_lora_a(key: jax.Array, in_features: int, r: int, dtype: Any = jnp.float32) -> jax.Array:
+    """PEFT's ``lora_A`` initialization (``kaiming_uniform_(a=sqrt(5))``: uniform in ``+-1/sqrt(in)``), as
+    ``[in, r]``."""
+    bound = 1.0 / math.sqrt(in_features)
+    return jax.random.uniform(key, (in_features, r), dtype, -bound, bound)
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float, out_dtype: Any) -> jax.Array:
+    """``(x @ A @ B)`` in the adapters' dtype, cast to ``out_dtype``, times ``scaling``: PEFT's order."""
+    return ((x.astype(a.dtype) @ a) @ b).astype(out_dtype) * scaling
+
+
+def _nnx():
+    from flax import nnx
+
+    return nnx
+
+
+_ADAPTER: dict[str, Any] = {}
+
+
+def lora_adapter_class() -> Any:
+    """The nnx module holding one layer's adapters (built on first use: flax is optional)."""
+    if "cls" not in _ADAPTER:
+        nnx = _nnx()
+
+        class LoRAAdapter(nnx.Module):
+            """``lora_A`` ``[in, r]`` and ``lora_B`` ``[r, out]`` (``nnx.LoRAParam``), dropout, and the config."""
+
+            def __init__(self, in_features: int, out_features: int, config: LoraConfig, *, rngs: Any, dtype: Any = jnp.float32):
+                self.config = config
+                self.lora_A = nnx.LoRAParam(init_lora_a(rngs.params(), in_features, config.r, dtype))
+                self.lora_B = nnx.LoRAParam(jnp.zeros((config.r, out_features), dtype))
+                self.dropout = nnx.Dropout(config.lora_dropout, rngs=rngs) if config.lora_dropout else None
+
+            def __call__(self, x: jax.Array, out_dtype: Any) -> jax.Array:
+                if self.dropout is not None:
+                    x = self.dropout(x.astype(self.lora_A[...].dtype))
+                return lora_delta(x, self.lora_A[...], self.lora_B[...], self.config.scaling, out_dtype)
+
+        _ADAPTER["cls"] = LoRAAdapter
+    return _ADAPTER["cls"]
+
+
+def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None, dtype: Any = jnp.float32) -> list[str]:
+    """Adds LoRA adapters, in place, to the kept-quantized Linear layers of an nnx model that ``config``
+    targets (:class:`QuantLinear`, as ``load_quantized_into_nnx`` puts them in).
+
+    Args:
+        model: an ``nnx.Module``.
+        config: which layers, rank, alpha, dropout.
+        rngs: ``nnx.Rngs`` for ``lora_A`` and dropout (default ``nnx.Rngs(0)``).
+        dtype: the adapters' dtype (float32, as QLoRA keeps them).
+
+    Returns:
+        The dotted paths of the adapted layers (``model.layers.0.self_attn.q_proj`` ...).
+
+    Raises:
+        ValueError: nothing matched ``config.target_modules``.
+        TypeError: a matched layer is a dense ``nnx.Linear``: adapters attach to kept-quantized layers
+            (load with ``keep_quantized=True``).
+    """
+    nnx = _nnx()
+    from ._qlayers import _classes
+
+    quant_linear = _classes()["QuantLinear"]
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
+    for name, node in layers:
+        if isinstance(node, nnx.Linear) and config.matches(name) and config.target_modules != ALL_LINEAR:
+            raise TypeError(f"{name} is a dense nnx.Linear: LoRA adapters here attach to kept-quantized layers; load the "
+                            "checkpoint with keep_quantized=True and jax_side.load_quantized_into_nnx")  # fmt: skip
+    adapted = []
+    for name, node in layers:
+        if isinstance(node, quant_linear) and config.matches(name):
+            node.lora = lora_adapter_class()(node.in_features, node.out_features, config, rngs=rngs, dtype=dtype)
+            adapted.append(name)
+    if not adapted:
+        raise ValueError(f"no kept-quantized Linear matches target_modules={config.target_modules!r}")
+    return sorted(adapted)
+
+
+def lora_layers(model: Any) -> dict[str, Any]:
+    """``dotted path -> adapter`` for every layer of an nnx model that holds LoRA adapters."""
+    nnx = _nnx()
+    cls = lora_adapter_class()
+    return {".".join(str(p) for p in path[:-1]): node for path, node in nnx.iter_graph(model) if isinstance(node, cls)}

@@ -1,0 +1,209 @@
+"""QLoRA in JAX on a bitsandbytes checkpoint: adapters as PEFT makes them, trained with optax while the
+quantized weights stay frozen, written as a PEFT adapter that torch's PEFT loads onto the 4-bit model, and
+PEFT adapters read back exactly."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from checkpoints import LLAMA, bnb_llama, dense_llama
+from helpers import assert_same_bits
+
+import jax_side
+import qbridge
+from qbridge.parity import assert_parity
+
+nnx = pytest.importorskip("flax.nnx")
+linen = pytest.importorskip("flax.linen")
+optax = pytest.importorskip("optax")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+IDS = np.random.default_rng(1).integers(0, LLAMA["vocab_size"], (2, 12))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    dense_llama(root / "dense")
+    bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
+    return root
+
+
+def _torch_4bit(made):
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                             bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_pretrained(made / "nf4", quantization_config=config, dtype=torch.bfloat16, device_map="cpu").eval()
+
+
+def _kept(made):
+    config = jax_side.LlamaConfig.from_hf(json.loads((made / "nf4" / "config.json").read_text()))
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    params = qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False)
+    jax_side.load_quantized_into_nnx(model, params)
+    return model
+
+
+def _loss(model, ids):
+    logits = model(ids[:, :-1]).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+
+def test_targets_are_matched_as_peft_matches_them():
+    config = jax_side.LoraConfig(target_modules=["q_proj", "v_proj"])
+    assert config.matches("model.layers.0.self_attn.q_proj") and not config.matches("model.layers.0.self_attn.o_proj")
+    assert not config.matches("model.layers.0.self_attn.xq_proj")  # a whole name, as PEFT's endswith(".name")
+    everything = jax_side.LoraConfig(target_modules="all-linear")
+    assert everything.matches("model.layers.1.mlp.down_proj") and not everything.matches("lm_head")
+    assert jax_side.LoraConfig(target_modules=r".*\.1\.mlp\..*").matches("model.layers.1.mlp.up_proj")
+    assert jax_side.LoraConfig(r=16, lora_alpha=32).scaling == 2.0 and jax_side.LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
+    with pytest.raises(ValueError, match="use_dora=True"):
+        jax_side.LoraConfig.from_peft({"peft_type": "LORA", "r": 4, "use_dora": True})
+
+
+def test_adapters_start_as_peft_starts_them(made):
+    model = _kept(made)
+    before = model(jnp.asarray(IDS))
+    names = jax_side.add_lora(model, jax_side.LoraConfig(r=8, target_modules="all-linear"), rngs=nnx.Rngs(3))
+    assert len(names) == 14 and "lm_head" not in names  # lm_head is dense here, and all-linear leaves it out anyway
+    adapter = jax_side.lora_layers(model)["model.layers.0.mlp.down_proj"]
+    a, b = np.asarray(adapter.lora_A[...]), np.asarray(adapter.lora_B[...])
+    assert a.shape == (192, 8) and a.dtype == np.float32 and np.abs(a).max() <= 1 / np.sqrt(192) and a.std() > 0.5 / np.sqrt(3 * 192)
+    assert not b.any()
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))), np.asarray(before))  # B = 0: the base model
+    with pytest.raises(TypeError, match="lm_head is a dense nnx.Linear"):
+        jax_side.add_lora(model, jax_side.LoraConfig(target_modules=["lm_head"]))
+
+
+def test_only_the_adapters_train(made):
+    model = _kept(made)
+    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    lora_before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    ids = jnp.asarray(IDS)
+
+    @nnx.jit
+    def step(model, optimizer, ids):
+        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, ids)
+        optimizer.update(model, grads)
+        return loss, grads
+
+    losses = []
+    for _ in range(5):
+        loss, grads = step(model, optimizer, ids)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    grad_leaves = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
+    assert grad_leaves and all(name.endswith(("lora_A", "lora_B")) for name in grad_leaves)
+    frozen_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):  # norms, tables, quantized pieces
+        assert np.array_equal(np.atleast_1d(before).view(np.uint8), np.atleast_1d(after).view(np.uint8))
+    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(lora_before), jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))]
+    assert all(changed)
+
+
+def test_a_jax_trained_adapter_runs_in_torch_peft(made, tmp_path):
+    model = _kept(made)
+    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
+    ids = jnp.asarray(IDS)
+    for _ in range(4):
+        grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, ids)
+        optimizer.update(model, grads)
+    out = qbridge.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(made / "nf4"))
+    torch_base = _torch_4bit(made)
+    with torch.no_grad():
+        base = torch_base(torch.from_numpy(IDS)).logits
+    adapted = peft.PeftModel.from_pretrained(torch_base, out).eval()
+    assert type(adapted.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    with torch.no_grad():
+        torch_logits = adapted(torch.from_numpy(IDS)).logits
+    flax_logits = model(ids)
+    assert_parity({"logits": torch_logits}, {"logits": flax_logits})  # bf16 tolerances
+    assert (torch_logits.float() - base.float()).abs().max() > 10 * (torch_logits.float() - torch.from_numpy(np.asarray(flax_logits, np.float32))).abs().max()
+
+
+def test_a_peft_adapter_reads_into_flax_exactly(made, tmp_path):
+    torch.manual_seed(2)
+    torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # PEFT starts B at zero: give it values to carry
+    torch_model.save_pretrained(tmp_path / "peft")
+    model = _kept(made)
+    names = qbridge.load_peft_adapter(model, tmp_path / "peft")
+    assert names == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj"))
+    from safetensors.numpy import load_file
+
+    theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    layers = jax_side.lora_layers(model)
+    assert layers["model.layers.1.mlp.up_proj"].config == jax_side.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "up_proj"))
+    for name, adapter in layers.items():
+        assert_same_bits(np.asarray(adapter.lora_A[...]).T, theirs[f"base_model.model.{name}.lora_A.weight"])
+        assert_same_bits(np.asarray(adapter.lora_B[...]).T, theirs[f"base_model.model.{name}.lora_B.weight"])
+    qbridge.save_peft_adapter(model, tmp_path / "back")
+    ours = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert_same_bits(ours[key], theirs[key])
+    model.eval()  # dropout off: the Flax model with PEFT's adapter gives the torch PEFT model's logits
+    with torch.no_grad():
+        torch_logits = torch_model.eval()(torch.from_numpy(IDS)).logits
+    assert_parity({"logits": torch_logits}, {"logits": model(jnp.asarray(IDS))})
+
+
+def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
+    torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    torch_model.save_pretrained(tmp_path / "peft")
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 64), np.float32)
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    with pytest.raises(qbridge.CheckpointError, match=r"adapters for layers the model lacks: \['base_model.model.model.layers.9"):
+        qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_config.json").unlink()
+    with pytest.raises(qbridge.CheckpointError, match="adapter_config.json: missing"):
+        qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
+
+
+def test_dropout_is_on_while_training_only(made):
+    model = _kept(made)
+    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_dropout=0.5, target_modules=["v_proj"]), rngs=nnx.Rngs(0))
+    for adapter in jax_side.lora_layers(model).values():
+        adapter.lora_B[...] = jnp.ones_like(adapter.lora_B[...])
+    ids = jnp.asarray(IDS)
+    model.train()
+    assert not np.array_equal(np.asarray(model(ids)), np.asarray(model(ids)))  # a fresh mask each call
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
+
+
+def test_linen_quant_dense_with_lora():
+    from helpers import bnb_quantize, to_numpy
+
+    _, packed, qs = bnb_quantize((32, 64), nested=False, dtype=torch.float32)
+    kernel = jax_side.NF4Weight(packed=jnp.asarray(to_numpy(packed.reshape(-1))), absmax=jnp.asarray(to_numpy(qs.absmax)),
+                                shape=(32, 64), dtype="float32")  # fmt: skip
+    layer = jax_side.QuantDense(32, lora=jax_side.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64)), jnp.float32)
+    _, made = layer.apply({"quantized": {"kernel": kernel}}, x, mutable=["params", "lora"], rngs={"params": jax.random.key(0)})
+    variables = {**made, "quantized": {"kernel": kernel}}
+    assert variables["lora"]["lora_A"].shape == (64, 4) and not variables["lora"]["lora_B"].any()
+    base = layer.apply(variables, x)
+
+    def loss(lora, rng):
+        y = layer.apply({**variables, "lora": lora}, x, deterministic=False, rngs={"dropout": rng})
+        return ((y - 1.0) ** 2).sum()
+
+    grads = jax.grad(loss)(variables["lora"], jax.random.key(1))
+    assert set(grads) == {"lora_A", "lora_B"} and np.abs(np.asarray(grads["lora_B"])).sum() > 0
+    np.testing.assert_array_equal(np.asarray(layer.apply(variables, x)), np.asarray(base))
