@@ -291,7 +291,8 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] 
     raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files")
 
 
-def _config(path: pathlib.Path) -> dict[str, Any]:
+def read_config(path: pathlib.Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` (``{}`` without one), its fields checked (it is untrusted input)."""
     folder = path if path.is_dir() else path.parent
     config = folder / "config.json"
     if not config.exists():
@@ -330,7 +331,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         FormatError: an unknown ``quant_method``, or formats mixed in a way qbridge cannot read.
     """
     path = pathlib.Path(path)
-    config = _config(path)
+    config = read_config(path)
     files, weight_map, container = _find_files(path)
     source = _Source()
     for f in files:

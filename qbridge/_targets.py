@@ -4,13 +4,13 @@ from a checkpoint's ``config.json`` with shapes only (nothing allocated)."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import pathlib
 from typing import Any
 
 import jax_side
 
+from ._checkpoint import read_config
 from ._errors import CheckpointError
 
 
@@ -19,13 +19,7 @@ def _config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.exists():
         raise CheckpointError(f"{config}: a target built from the checkpoint's config needs its config.json")
-    try:
-        doc = json.loads(config.read_text())
-    except Exception as e:
-        raise CheckpointError(f"{config}: unreadable JSON ({type(e).__name__}: {e})") from e
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{config}: a config is a JSON object")
-    return doc
+    return read_config(path)  # the checkpoint reader's checks
 
 
 def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: Any = None) -> Any:

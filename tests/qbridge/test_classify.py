@@ -86,7 +86,7 @@ def test_a_tied_name_that_holds_other_values_stays_a_parameter(tmp_path):
 
 
 def test_fp8_activation_kv_and_probability_scales_are_skipped(tmp_path):
-    model = _llama(tmp_path / "dense")
+    _llama(tmp_path / "dense")
     state = st.load_file(tmp_path / "dense" / "model.safetensors")
     flat = {}
     for key, value in state.items():
