@@ -31,8 +31,8 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
             taking ``(config, rngs=...)`` (built with ``nnx.eval_shape``), or any callable taking the
             checkpoint's config as a dict and returning a target.
         checkpoint: the checkpoint directory (or a file in it) whose ``config.json`` sizes the model.
-        param_dtype: the parameters' dtype for the built-in Llama (default: float32, as Flax models
-            initialize).
+        param_dtype: the parameters' dtype for the built-in Llama (default: the checkpoint's ``torch_dtype``
+            from its config, else float32).
 
     Returns:
         Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves or an abstract nnx module): nothing is
@@ -46,7 +46,8 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
     if spec == "llama":
         import jax.numpy as jnp
 
-        return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or jnp.float32)
+        stored = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(config.get("torch_dtype") or config.get("dtype")), jnp.float32)
+        return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or stored)
     if ":" not in spec:
         raise ValueError(f"target {spec!r}: name 'llama' or a class by import path, 'package.module:ClassName'")
     module_name, _, attr = spec.partition(":")

@@ -68,7 +68,7 @@ class ParityReport:
             shape = "x".join(map(str, o.shape))
             lines.append(
                 f"{o.name:<24}{shape:<18}{o.dtype:<10}{o.max_abs:>11.3g}{o.max_rel:>10.2e}{o.cosine:>12.7f}  "
-                + ("ok" if o.ok else f"FAIL (rel <= {o.rtol:g}, cosine >= {o.min_cosine:g})")
+                + ("ok" if o.ok else f"FAIL (rel <= {o.rtol:g}, cosine >= {o.min_cosine:g} for {o.dtype}; pass rtol=/min_cosine= for others)")
             )
         return "\n".join(lines)
 

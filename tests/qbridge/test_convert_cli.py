@@ -145,8 +145,9 @@ def test_convert_takes_a_target_named_on_the_command_line(nf4, tmp_path, spec, c
     assert restored.keys() == want.keys() and "model/layers/0/mlp/down_proj/kernel" in restored
     for key, leaf in want.items():
         assert restored[key].dtype == leaf.dtype and np.array_equal(np.asarray(restored[key]).view(np.uint8), np.asarray(leaf).view(np.uint8))
-    expected_dtype = jnp.float32 if spec == "llama" else jnp.bfloat16  # the target's dtypes win
-    assert restored["model/norm/scale"].dtype == expected_dtype
+    assert restored["model/norm/scale"].dtype == jnp.bfloat16  # the built-in Llama in the checkpoint's dtype
+    f32 = qbridge.build_target("llama", nf4, param_dtype=jnp.float32)
+    assert qbridge.load_checkpoint(nf4, target=f32, progress=False)["model"]["norm"]["scale"].dtype == jnp.float32
 
 
 def test_convert_passes_kinds_rename_and_strict_through(nf4, tmp_path, capsys):
