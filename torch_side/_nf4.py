@@ -166,6 +166,13 @@ def decode_nested_absmax_reference(
     return flush_denormals_(scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(())))
 
 
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """``[256, 2]`` float32: packed byte ``b`` -> ``(code[b >> 4], code[b & 15])``, as bitsandbytes packs an
+    even element in the high nibble."""
+    c = code.to(torch.float32).reshape(-1)
+    return torch.stack((c.repeat_interleave(16), c.repeat(16)), dim=-1)
+
+
 def dequantize_4bit_reference(
     flat: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -175,8 +182,14 @@ def dequantize_4bit_reference(
     below FLT_MIN, as bitsandbytes' CUDA kernel does), then one rounding to ``dtype``. Returns a new flat
     tensor of ``n`` elements.
     """
-    nibbles = torch.stack((flat >> 4, flat & 0x0F), dim=-1).reshape(-1)[:n]
-    values = _scale_blocks(code[nibbles.long()], absmax.reshape(-1), blocksize)
+    # a byte-pair table: one lookup per packed byte gives both of its values (high nibble first)
+    values = torch.nn.functional.embedding(flat.reshape(-1).to(torch.int32), pair_table(code)).reshape(-1)[:n]
+    scales = absmax.reshape(-1)
+    full = n - n % blocksize
+    if full:
+        values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+    if full < n:
+        values[full:].mul_(scales[full // blocksize])
     smallest = code.abs()[code != 0].min() if bool((code != 0).any()) else torch.ones(())
     if n and bool((absmax.abs() < FLT_MIN / smallest).any()):  # only such scales can make denormal products
         flush_denormals_(values)
