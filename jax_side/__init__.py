@@ -25,6 +25,8 @@ from jax_side._llama import LlamaConfig
 from jax_side._lora import LoraConfig
 from jax_side._lora import add_lora
 from jax_side._lora import lora_layers
+from jax_side._lora import lora_targets
+from jax_side._lora import remove_lora
 from jax_side._llama import abstract_llama
 from jax_side._llama import llama_for_causal_lm
 from jax_side._nf4 import decode_nested_absmax
@@ -94,6 +96,7 @@ __all__ = [
     "load_into_nnx",
     "load_quantized_into_nnx",
     "lora_layers",
+    "lora_targets",
     "match_to_target",
     "nest",
     "not_parameter",
@@ -103,6 +106,7 @@ __all__ = [
     "plan_match",
     "quantized_nbytes",
     "rebuild_target",
+    "remove_lora",
     "rule_for",
     "rule_for_flax_leaf",
     "standard_code",

@@ -136,6 +136,8 @@ def rule_for(kind: str, torch_name: str) -> LeafRule:
     """
     if kind not in RULES:
         raise ValueError(f"unknown module kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind == "stacked_linear" and torch_name != "weight":  # fused experts name their tensors (gate_up_proj ...)
+        return LeafRule(torch_name, torch_name, (0, 2, 1))
     return RULES[kind].get(torch_name, LeafRule(torch_name, torch_name))
 
 

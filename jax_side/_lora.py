@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -34,7 +34,8 @@ class LoraConfig:
     Attributes:
         r: the rank.
         lora_alpha: the scale numerator (``scaling = lora_alpha / r``).
-        lora_dropout: dropout on the adapters' input while training (``model.train()``; off in ``model.eval()``).
+        lora_dropout: dropout on the adapters' input while training: off when the adapters are made (as PEFT
+            hands out a loaded adapter), on after ``model.train()``, off again after ``model.eval()``.
         target_modules: module names as PEFT matches them (a name matches a module whose dotted path is it or
             ends with ``"." + name``: ``("q_proj", "v_proj")``), ``"all-linear"`` (every kept-quantized
             Linear but the output layer), or one string used as a regular expression over the full path.
@@ -52,8 +53,8 @@ class LoraConfig:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.target_modules, Sequence) and not isinstance(self.target_modules, str):
-            object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))  # a set of names, as in PEFT
+        if not isinstance(self.target_modules, str):  # a set of names, as PEFT keeps them (list, tuple or set)
+            object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
 
     @property
     def scaling(self) -> float:
@@ -82,6 +83,8 @@ class LoraConfig:
             ValueError: a PEFT feature these layers do not implement (DoRA, trained biases, fan_in_fan_out,
                 modules_to_save, per-layer ranks or alphas), named.
         """
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"an adapter config is a JSON object, found {type(doc).__name__}")
         if doc.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter is {doc.get('peft_type')!r}, not LORA")
         defaults = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
@@ -91,8 +94,13 @@ class LoraConfig:
         unsupported = [k for k, off in defaults.items() if doc.get(k) not in (None, off)]
         if unsupported:
             raise ValueError(f"adapter uses PEFT features these layers do not implement: {', '.join(f'{k}={doc[k]!r}' for k in unsupported)}")
+        r = doc.get("r")
+        if isinstance(r, float) and r.is_integer():
+            r = int(r)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"adapter config: r must be a positive integer, found {r!r}")
         targets = doc.get("target_modules") or ()
-        return cls(r=int(doc["r"]), lora_alpha=float(doc.get("lora_alpha", 8)), lora_dropout=float(doc.get("lora_dropout", 0.0)),
+        return cls(r=r, lora_alpha=float(doc.get("lora_alpha", 8)), lora_dropout=float(doc.get("lora_dropout", 0.0)),
                    target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=bool(doc.get("use_rslora", False)))  # fmt: skip
 
 
@@ -129,7 +137,8 @@ def lora_adapter_class() -> Any:
                 self.config = config
                 self.lora_A = nnx.LoRAParam(init_lora_a(rngs.params(), in_features, config.r, dtype))
                 self.lora_B = nnx.LoRAParam(jnp.zeros((config.r, out_features), dtype))
-                self.dropout = nnx.Dropout(config.lora_dropout, rngs=rngs) if config.lora_dropout else None
+                # created off, as PEFT hands out a loaded adapter in eval mode: model.train() turns it on
+                self.dropout = nnx.Dropout(config.lora_dropout, deterministic=True, rngs=rngs) if config.lora_dropout else None
 
             def __call__(self, x: jax.Array, out_dtype: Any) -> jax.Array:
                 if self.dropout is not None:
@@ -159,23 +168,43 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None, dtype: Any = j
             (load with ``keep_quantized=True``).
     """
     nnx = _nnx()
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    targets = lora_targets(model, config)
+    for node in targets.values():
+        node.lora = lora_adapter_class()(node.in_features, node.out_features, config, rngs=rngs, dtype=dtype)
+    return sorted(targets)
+
+
+def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
+    """``dotted path -> layer`` for the kept-quantized Linear layers of ``model`` that ``config`` targets,
+    changing nothing. Raises as :func:`add_lora` does."""
+    nnx = _nnx()
     from ._qlayers import _classes
 
     quant_linear = _classes()["QuantLinear"]
-    rngs = rngs if rngs is not None else nnx.Rngs(0)
     layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
     for name, node in layers:
         if isinstance(node, nnx.Linear) and config.matches(name) and config.target_modules != ALL_LINEAR:
             raise TypeError(f"{name} is a dense nnx.Linear: LoRA adapters here attach to kept-quantized layers; load the "
                             "checkpoint with keep_quantized=True and jax_side.load_quantized_into_nnx")  # fmt: skip
-    adapted = []
-    for name, node in layers:
-        if isinstance(node, quant_linear) and config.matches(name):
-            node.lora = lora_adapter_class()(node.in_features, node.out_features, config, rngs=rngs, dtype=dtype)
-            adapted.append(name)
-    if not adapted:
+    targets = {name: node for name, node in layers if isinstance(node, quant_linear) and config.matches(name)}
+    if not targets:
         raise ValueError(f"no kept-quantized Linear matches target_modules={config.target_modules!r}")
-    return sorted(adapted)
+    return targets
+
+
+def remove_lora(model: Any) -> list[str]:
+    """Takes every LoRA adapter off an nnx model (the layers compute their base again); returns their paths."""
+    nnx = _nnx()
+    from ._qlayers import _classes
+
+    quant_linear = _classes()["QuantLinear"]
+    removed = []
+    for path, node in list(nnx.iter_graph(model)):
+        if isinstance(node, quant_linear) and node.lora is not None:
+            node.lora = nnx.data(None)
+            removed.append(".".join(str(p) for p in path))
+    return sorted(removed)
 
 
 def lora_layers(model: Any) -> dict[str, Any]:

@@ -42,6 +42,8 @@ DTYPES = {
     "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32,
 }  # fmt: skip
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+# files that sit beside a model's weights without being them (PEFT adapters, optimizer and trainer state)
+NOT_MODEL_FILES = {"adapter_model.safetensors", "adapter_model.bin", "optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth", "scaler.pt"}
 
 
 @dataclasses.dataclass
@@ -80,6 +82,7 @@ class _Source:
         self.metadata: dict[pathlib.Path, dict[str, str]] = {}
         self._open: dict[pathlib.Path, Any] = {}
         self._state: dict[str, torch.Tensor] | None = None
+        self.maps_files = False  # torch files are memory-mapped: their tensors are the file's memory
 
     def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         from safetensors import safe_open
@@ -93,6 +96,8 @@ class _Source:
             for key in available if keys is None else keys:
                 if key not in available:
                     raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
+                if key in self.key_file:
+                    raise CheckpointError(f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known")
                 sl = handle.get_slice(key)
                 self.key_file[key] = path
                 self.shapes[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, key))
@@ -124,7 +129,11 @@ class _Source:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+        for key in state:
+            if key in self.key_file:
+                raise CheckpointError(f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known")
         self._state = {**(self._state or {}), **state}
+        self.maps_files = True
         for key, value in state.items():
             self.key_file[key] = path
             self.shapes[key] = (tuple(value.shape), value.dtype)
@@ -216,7 +225,7 @@ class Checkpoint:
         needed); the answer is kept, and asked again only to add the model's view."""
         if self._classification is not None and (self._asked_model or not ask_model):
             return self._classification
-        modules, note = module_info(self.config) if ask_model else (None, "the torch model was not asked")
+        modules, note = module_info(self.config, len(self.source.shapes)) if ask_model else (None, "the torch model was not asked")
         self._asked_model = ask_model
         shapes = {name: (e.shape, e.dtype) for name, e in self.entries.items()}
         quantized = {name for name, e in self.entries.items() if e.kind != "dense"}
@@ -277,15 +286,19 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] 
         raise CheckpointError(f"{path}: no such file or directory")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _weight_map(index)
+        weight_map = _weight_map(inside(path, index, str(index)))
         return sorted({path / f for f in weight_map.values()}), weight_map, "safetensors"
-    files = [inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors"))]
+    for single, container in ((path / "model.safetensors", "safetensors"), (path / "pytorch_model.bin", "torch")):
+        if single.exists():  # transformers' single-file name: other files beside it (adapters ...) are not the model
+            return [inside(path, single, str(single))], None, container
+    files = [inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if f.name not in NOT_MODEL_FILES]
     if files:
         return files, None, "safetensors"
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
-        return sorted({path / f for f in _weight_map(torch_index).values()}), None, "torch"
-    files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))]
+        return sorted({path / f for f in _weight_map(inside(path, torch_index, str(torch_index))).values()}), None, "torch"
+    files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
+             if f.name not in NOT_MODEL_FILES]  # fmt: skip
     if files:
         return files, None, "torch"
     raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files")
@@ -297,6 +310,7 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
     config = folder / "config.json"
     if not config.exists():
         return {}
+    inside(folder, config, str(config))
     try:
         doc = json.loads(config.read_text())
     except Exception as e:
@@ -311,6 +325,9 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
         isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 20 for b in block)
     ):
         raise CheckpointError(f"{config}: quantization_config.weight_block_size must be two positive integers, found {block!r}")
+    tie = doc.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise CheckpointError(f"{config}: tie_word_embeddings must be true or false, found {tie!r}")
     arch = doc.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
         raise CheckpointError(f"{config}: architectures must be a list of class names, found {arch!r}")

@@ -134,11 +134,20 @@ def architecture_uses_conv1d(config: dict[str, Any]) -> bool:
     return any("Conv1D" in s.read_text(errors="replace") for s in sources)
 
 
-def module_info(config: dict[str, Any]) -> tuple[ModuleInfo | None, str]:
-    """The torch model of ``config`` built on the meta device and asked about its tensors, or None and why."""
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
+
+
+def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[ModuleInfo | None, str]:
+    """The torch model of ``config`` built on the meta device and asked about its tensors, or None and why.
+
+    ``tensors``, the checkpoint's tensor count, bounds the work a config can ask for: a config naming more
+    layers than that is not built (building takes time in proportion to the layers)."""
     architectures = config.get("architectures") or []
     if not architectures:
         return None, "config.json names no architecture"
+    layers = sum(v for k in LAYER_FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0)
+    if tensors is not None and layers > max(tensors, 8):
+        return None, f"config.json names {layers} layers for {tensors} tensors; the model was not built"
     if _transformers_dir() is None:
         return None, "transformers is not installed"
     arch = str(architectures[0])

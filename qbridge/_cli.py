@@ -50,7 +50,9 @@ def _errors() -> tuple[type[BaseException], ...]:
     from qbridge import QBridgeError
     from jax_side import MatchError
 
-    return (QBridgeError, MatchError, FileExistsError, ValueError, ImportError)
+    import re
+
+    return (QBridgeError, MatchError, FileExistsError, ValueError, ImportError, re.error)
 
 
 def _parity(args: argparse.Namespace) -> int:

@@ -49,19 +49,25 @@ def convert_checkpoint(
         target, device, dtype, strict, kinds, rename, sharding, keep_quantized, progress: as for
             :func:`qbridge.load_checkpoint` (with ``sharding`` each process writes its own shards). A target
             named in words (``"llama"``, a Flax class by import path) comes from :func:`qbridge.build_target`.
-        overwrite: replace an existing ``out`` (only after the new checkpoint is complete).
+        overwrite: replace an existing Orbax checkpoint at ``out`` (only after the new one is complete).
 
     Returns:
         The :class:`LoadReport` of the load.
 
     Raises:
-        FileExistsError: ``out`` exists and ``overwrite`` is False.
+        FileExistsError: ``out`` exists and ``overwrite`` is False, or it is no Orbax checkpoint (only those
+            are replaced), or it is or holds the checkpoint being converted.
         CheckpointError / FormatError / MatchError: from loading; nothing is written then.
     """
     ocp = _orbax()
     out = pathlib.Path(out).absolute()
+    source = pathlib.Path(path).absolute().resolve()
+    if source == out.resolve() or source.is_relative_to(out.resolve()):
+        raise FileExistsError(f"{out} holds the checkpoint being converted ({path}); write the Orbax checkpoint elsewhere")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not (out / "_CHECKPOINT_METADATA").exists():
+        raise FileExistsError(f"{out} exists and is no Orbax checkpoint; overwrite replaces only one (remove it yourself)")
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such directory to write the converted checkpoint in")
     params, report = load_checkpoint(

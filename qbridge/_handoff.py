@@ -207,7 +207,11 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
     narrow = _WIDE[t.dtype]
     if not t.dtype.is_floating_point and not t.dtype.is_complex and t.numel():
         info = torch.iinfo(narrow)
-        lo, hi = int(t.min()), int(t.max())
+        if t.dtype == getattr(torch, "uint64", None):  # torch has no min/max for uint64: read its bits as int64
+            as_signed = t.view(torch.int64)
+            lo, hi = (0, int(as_signed.max())) if bool((as_signed >= 0).all()) else (0, 2**64 - 1)
+        else:
+            lo, hi = int(t.min()), int(t.max())
         if lo < info.min or hi > info.max:
             raise ValueError(
                 f"{_describe(t)} holds values in [{lo}, {hi}], outside {narrow}: JAX runs with x64 off. "

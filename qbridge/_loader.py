@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -123,9 +124,12 @@ def _bnb4_pieces(ckpt: Checkpoint, entry: Entry) -> dict[str, torch.Tensor]:
     """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
     table (the standard one decodes exactly as bitsandbytes' CUDA kernel does)."""
     pieces = {role: ckpt.read(key) for role, key in entry.keys.items() if role not in ("quant_state", "weight")}
-    for role in ("absmax", "nested_absmax"):
+    for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # scales and tables: finite
         if role in pieces:
             check_scales(ckpt, entry.keys[role], pieces[role])
+    offset = float(entry.info["quant_state"].get("nested_offset", 0.0))
+    if abs(offset) > float(np.finfo(np.float32).max):
+        raise CheckpointError(f"{ckpt.where(entry.keys['quant_state'])}: nested_offset {offset} does not fit float32")
     code = pieces.pop("quant_map", None)
     standard = torch_side.standard_code(entry.info["quant_type"])
     if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
@@ -187,11 +191,13 @@ def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tens
     return dense
 
 
-def hand_over(t: torch.Tensor, jdev: jax.Device) -> jax.Array:
+def hand_over(t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint) -> jax.Array:
     """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied by XLA into memory it allocated (a
-    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`), on the
-    CPU aliased zero-copy. ``t`` is the loader's own tensor, ordered on the current stream."""
-    return to_jax(t, device=jdev, producer="current", copy=True if jdev.platform != "cpu" else None)
+    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`); on the
+    CPU aliased zero-copy, unless it may still be the checkpoint file's memory (torch files are mapped, and
+    an array over them would change, or fault, when the file does). ``t`` is ordered on the current stream."""
+    copy = jdev.platform != "cpu" or ckpt.source.maps_files
+    return to_jax(t, device=jdev, producer="current", copy=True if copy else None)
 
 
 def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
@@ -208,7 +214,7 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
 
     def put(t: torch.Tensor) -> jax.Array:  # from host memory straight into XLA's (or aliased on the CPU)
-        return hand_over(t.contiguous(), jdev)
+        return hand_over(t.contiguous(), jdev, ckpt)
 
     if entry.kind == "fp8":
         scale = ckpt.read(entry.keys["scale"])
@@ -373,6 +379,13 @@ def load_checkpoint(
     jdev, tdev = resolve_device(device)
     if target is None and dtype in ("target", "checkpoint"):
         raise ValueError(f"dtype={dtype!r} needs a target")
+    if dtype not in (None, "target", "checkpoint"):
+        try:
+            floating = jnp.issubdtype(np.dtype(dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(f"dtype={dtype!r}: weights are cast only to a floating dtype (bfloat16, float16, float32 ...)")
     with open_checkpoint(path) as ckpt:
         t, plan, match, skipped = plan_load(ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
@@ -399,7 +412,7 @@ def load_checkpoint(
                     dense += values[p.leaf.path].nbytes
                 else:
                     tensor = convert(materialize(ckpt, entry, tdev, p.rule))
-                    values[p.leaf.path] = hand_over(tensor, jdev)
+                    values[p.leaf.path] = hand_over(tensor, jdev, ckpt)
                     dense += tensor.numel() * tensor.element_size()
                     del tensor
                 if bar is not None:

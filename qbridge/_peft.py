@@ -13,7 +13,6 @@ import os
 import pathlib
 from typing import Any
 
-import numpy as np
 
 import jax_side
 
@@ -70,19 +69,23 @@ def save_peft_adapter(
 
 def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: Any = None) -> list[str]:
     """Reads a PEFT LoRA adapter directory into an nnx model with kept-quantized layers: adds the adapters
-    its config names (``jax_side.add_lora``) and sets their values, exactly.
+    its config names (``jax_side.add_lora``; dropout off until ``model.train()``) and sets their values,
+    exactly.
 
     Returns:
         The dotted paths of the adapted layers.
 
     Raises:
-        CheckpointError: a missing or unreadable file, adapters for layers the model lacks (named), missing
-            adapters, or shapes that do not fit.
-        ValueError: a PEFT feature these layers do not implement (``jax_side.LoraConfig.from_peft``).
+        CheckpointError: a missing or unreadable file, a config these layers do not implement (DoRA,
+            trained biases ...: ``jax_side.LoraConfig.from_peft``), adapters for layers the model lacks
+            (named), missing adapters, or shapes and dtypes that do not fit. Nothing is changed then; on
+            success the file's adapters replace any the model had.
     """
     from safetensors.flax import load_file
 
     path = pathlib.Path(directory)
+    import jax.numpy as jnp
+
     for name in (CONFIG, WEIGHTS):
         if not (path / name).exists():
             raise CheckpointError(f"{path / name}: missing (a PEFT adapter directory holds {CONFIG} and {WEIGHTS})")
@@ -91,22 +94,30 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
         tensors = load_file(str(path / WEIGHTS))
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PEFT adapter ({type(e).__name__}: {e})") from e
-    config = jax_side.LoraConfig.from_peft(doc)
-    dtype = next(iter(tensors.values())).dtype if tensors else np.float32
-    names = list(jax_side.lora_layers(model)) or jax_side.add_lora(model, config, rngs=rngs, dtype=dtype)
-    layers = jax_side.lora_layers(model)
-    wanted = {f"{PREFIX}{n}.{ab}.weight" for n in names for ab in ("lora_A", "lora_B")}
-    extra = sorted(k for k in tensors if k.replace(".default.", ".") not in wanted)
-    missing = sorted(k for k in wanted if k not in tensors and k.replace(".weight", ".default.weight") not in tensors)
-    if extra or missing:
-        raise CheckpointError(f"{path / WEIGHTS}: adapters for layers the model lacks: {extra}; layers without adapters: {missing}")
-    for name in names:
-        adapter = layers[name]
-        for attr in ("lora_A", "lora_B"):
+    try:
+        config = jax_side.LoraConfig.from_peft(doc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG}: {e}") from e
+    targets = jax_side.lora_targets(model, config)  # everything is checked before the model changes
+    values = {}
+    for name, layer in targets.items():
+        for attr, shape in (("lora_A", (config.r, layer.in_features)), ("lora_B", (layer.out_features, config.r))):
             key = f"{PREFIX}{name}.{attr}.weight"
             value = tensors.get(key, tensors.get(key.replace(".weight", ".default.weight")))
-            want = tuple(getattr(adapter, attr)[...].shape[::-1])
-            if tuple(value.shape) != want:
-                raise CheckpointError(f"{path / WEIGHTS} [{key}]: shape {tuple(value.shape)}, the layer needs {want}")
-            getattr(adapter, attr)[...] = value.T
+            if value is None:
+                continue
+            if tuple(value.shape) != shape or not jnp.issubdtype(value.dtype, jnp.floating):
+                raise CheckpointError(f"{path / WEIGHTS} [{key}]: {value.dtype} {tuple(value.shape)}, the layer needs floating {shape}")
+            values[(name, attr)] = value
+    wanted = {f"{PREFIX}{n}.{ab}.weight" for n in targets for ab in ("lora_A", "lora_B")}
+    extra = sorted(k for k in tensors if k.replace(".default.", ".") not in wanted)
+    missing = sorted(f"{PREFIX}{n}.{ab}.weight" for n in targets for ab in ("lora_A", "lora_B") if (n, ab) not in values)
+    if extra or missing:
+        raise CheckpointError(f"{path / WEIGHTS}: adapters for layers the model lacks: {extra}; layers without adapters: {missing}")
+    jax_side.remove_lora(model)  # the file's adapters replace any the model had
+    dtype = next(iter(values.values())).dtype
+    names = jax_side.add_lora(model, config, rngs=rngs, dtype=dtype)
+    layers = jax_side.lora_layers(model)
+    for (name, attr), value in values.items():
+        getattr(layers[name], attr)[...] = value.T
     return sorted(names)

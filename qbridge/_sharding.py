@@ -162,7 +162,7 @@ def load_sharded_leaf(
     arrays = []
     for device, index in indices.items():
         shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
-        arrays.append(hand_over(shard, device))
+        arrays.append(hand_over(shard, device, ckpt))
         del shard
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 

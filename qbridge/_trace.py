@@ -117,11 +117,9 @@ def _first_array(value: Any) -> Any:
 
     if isinstance(value, (torch.Tensor, np.ndarray)) or hasattr(value, "shape") and hasattr(value, "dtype"):
         return value
-    if isinstance(value, Mapping):
-        if "logits" in value:
-            return _first_array(value["logits"])
-        for v in value.values():
-            found = _first_array(v)
+    if isinstance(value, Mapping):  # by name, never by insertion order (the two sides may build dicts differently)
+        for key in ("logits", "last_hidden_state", *sorted(value, key=str)):
+            found = _first_array(value[key]) if key in value else None
             if found is not None:
                 return found
         return None

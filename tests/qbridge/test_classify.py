@@ -473,3 +473,96 @@ def test_a_safetensors_header_that_claims_more_than_the_file_holds(tmp_path):
     (tmp_path / "h" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         qbridge.load_checkpoint(tmp_path / "h", progress=False)
+
+
+# --- what an adversarial trial found ----------------------------------------------------------------------
+
+
+def test_cpu_arrays_from_a_bin_do_not_share_the_file(tmp_path):
+    (tmp_path / "ck").mkdir()
+    torch.save({"norm.weight": torch.ones(100_000), "layer.weight": torch.ones(8, 4)}, tmp_path / "ck" / "pytorch_model.bin")
+    params = qbridge.load_checkpoint(tmp_path / "ck", progress=False, device="cpu")["params"]
+    torch.save({"x": torch.zeros(1)}, tmp_path / "ck" / "pytorch_model.bin")  # the file is replaced under the arrays
+    assert float(params["norm"]["scale"].sum()) == 100_000.0 and float(params["layer"]["kernel"].sum()) == 32.0
+
+
+def test_files_beside_the_model_and_keys_in_two_files(tmp_path):
+    (tmp_path / "ck").mkdir()
+    st.save_file({"w.weight": torch.ones(4, 4)}, tmp_path / "ck" / "model.safetensors")
+    st.save_file({"base_model.model.w.lora_A.weight": torch.ones(2, 4)}, tmp_path / "ck" / "adapter_model.safetensors")
+    params = qbridge.load_checkpoint(tmp_path / "ck", progress=False)["params"]
+    assert list(params) == ["w"]  # the PEFT adapter beside the model is not the model
+    (tmp_path / "two").mkdir()
+    st.save_file({"w.weight": torch.ones(4, 4)}, tmp_path / "two" / "part-a.safetensors")
+    st.save_file({"w.weight": torch.zeros(4, 4)}, tmp_path / "two" / "part-b.safetensors")
+    with pytest.raises(CheckpointError, match=r"part-b.safetensors: holds 'w.weight', which .*part-a.safetensors holds too"):
+        qbridge.load_checkpoint(tmp_path / "two", progress=False)
+
+
+def test_stacked_experts_named_by_their_projection(tmp_path):
+    w = torch.randn(3, 10, 6)
+    (tmp_path / "moe").mkdir()
+    st.save_file({"model.mlp.experts.gate_up_proj": w}, tmp_path / "moe" / "model.safetensors")
+    params = qbridge.load_checkpoint(tmp_path / "moe", progress=False, kinds={"experts": "stacked_linear"})["params"]
+    np.testing.assert_array_equal(np.asarray(params["model"]["mlp"]["experts"]["gate_up_proj"]), w.numpy().transpose(0, 2, 1))
+
+
+def test_hostile_configs_are_refused_or_bounded(tmp_path):
+    import time
+
+    model = _llama(tmp_path / "st")
+    cfg = json.loads((tmp_path / "st" / "config.json").read_text())
+    (tmp_path / "st" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": "no"}))
+    with pytest.raises(CheckpointError, match="tie_word_embeddings must be true or false"):
+        qbridge.inspect_checkpoint(tmp_path / "st")
+    (tmp_path / "st" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 20000}))
+    start = time.perf_counter()
+    summary = qbridge.inspect_checkpoint(tmp_path / "st")
+    assert time.perf_counter() - start < 10 and "names 20000 layers" in summary.classified_by
+    (tmp_path / "elsewhere.json").write_text(json.dumps(cfg))
+    (tmp_path / "st" / "config.json").unlink()
+    (tmp_path / "st" / "config.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(CheckpointError, match=r"config.json is a link to .*elsewhere.json, outside"):
+        qbridge.load_checkpoint(tmp_path / "st", progress=False)
+    del model
+
+
+def test_a_non_floating_dtype_is_refused(tmp_path):
+    _llama(tmp_path / "st")
+    with pytest.raises(ValueError, match="only to a floating dtype"):
+        qbridge.load_checkpoint(tmp_path / "st", dtype=np.int8, progress=False)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [("nested_offset", 1e308, "does not fit float32"),
+                                                         ("code", float("inf"), "NaN or Inf")])  # fmt: skip
+def test_quant_tables_and_offsets_that_would_make_nan_weights(tmp_path, field, value, message):
+    packed, qs = F.quantize_4bit(torch.randn(8, 64), quant_type="nf4", compress_statistics=True)
+    state = {"w.weight": packed, **{f"w.weight.{k}": v for k, v in qs.as_dict(packed=True).items()}}
+    key = "w.weight.quant_state.bitsandbytes__nf4"
+    doc = json.loads(bytes(state[key].tolist()))
+    if field == "nested_offset":
+        doc["nested_offset"] = value
+        state[key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+    else:
+        state["w.weight.nested_quant_map"] = state["w.weight.nested_quant_map"].clone()
+        state["w.weight.nested_quant_map"][3] = value
+    (tmp_path / "q").mkdir()
+    st.save_file(state, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        qbridge.load_checkpoint(tmp_path / "q", progress=False)
+
+
+def test_uint64_to_jax_with_x64_off():
+    x = qbridge.to_jax(torch.tensor([5, 7], dtype=torch.uint64))
+    assert x.dtype == jnp.uint32 and np.asarray(x).tolist() == [5, 7]
+    with pytest.raises(ValueError, match="outside torch.uint32"):
+        qbridge.to_jax(torch.tensor([2**40], dtype=torch.uint64))
+
+
+def test_the_cli_reports_bad_patterns_cleanly(tmp_path, capsys):
+    from qbridge._cli import main
+
+    _llama(tmp_path / "st")
+    assert main(["convert", str(tmp_path / "st"), str(tmp_path / "o"), "--kind", "[=linear", "--quiet"]) == 2
+    assert "qbridge convert:" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "st"), str(tmp_path / "o"), "--dtype", "bogus", "--quiet"]) == 2

@@ -57,8 +57,27 @@ def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         qbridge.convert_checkpoint(nf4, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="is no Orbax checkpoint"):  # overwrite replaces only a checkpoint
+        qbridge.convert_checkpoint(nf4, out, progress=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    qbridge.convert_checkpoint(nf4, out, progress=False)
+    first = (out / "_CHECKPOINT_METADATA").stat().st_mtime_ns
     qbridge.convert_checkpoint(nf4, out, progress=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "_CHECKPOINT_METADATA").exists()
+    assert (out / "_CHECKPOINT_METADATA").stat().st_mtime_ns != first
+
+
+def test_convert_never_writes_over_its_source(nf4, tmp_path):
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(nf4, parent / "ck")
+    (parent / "notes.txt").write_text("mine")
+    for out in (parent, parent / "ck"):
+        with pytest.raises(FileExistsError, match="holds the checkpoint being converted"):
+            qbridge.convert_checkpoint(parent / "ck", out, progress=False, overwrite=True)
+    assert (parent / "notes.txt").exists() and (parent / "ck" / "config.json").exists()
 
 
 def test_failed_conversion_leaves_nothing(nf4, tmp_path):

@@ -207,3 +207,38 @@ def test_linen_quant_dense_with_lora():
     grads = jax.grad(loss)(variables["lora"], jax.random.key(1))
     assert set(grads) == {"lora_A", "lora_B"} and np.abs(np.asarray(grads["lora_B"])).sum() > 0
     np.testing.assert_array_equal(np.asarray(layer.apply(variables, x)), np.asarray(base))
+
+
+def test_a_loaded_adapter_is_deterministic_and_replaces_what_was_there(made, tmp_path):
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True, target_modules={"q_proj", "down_proj"})
+    torch_model = peft.get_peft_model(_torch_4bit(made), config)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    torch_model.save_pretrained(tmp_path / "peft")
+    model = _kept(made)
+    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"]))  # other settings
+    qbridge.load_peft_adapter(model, tmp_path / "peft")
+    ids = jnp.asarray(IDS)
+    first, second = model(ids), model(ids)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))  # dropout off, as PEFT hands adapters out
+    with torch.no_grad():
+        want = torch_model.eval()(torch.from_numpy(IDS)).logits
+    assert_parity({"logits": want}, {"logits": first})  # rsLoRA's scaling came with the file
+    assert jax_side.lora_layers(model)["model.layers.0.self_attn.q_proj"].config.use_rslora
+    qbridge.save_peft_adapter(model, tmp_path / "back")  # a set of target modules, as PEFT keeps it
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["use_rslora"] is True
+
+
+def test_a_broken_adapter_leaves_the_model_as_it_was(made, tmp_path):
+    torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    torch_model.save_pretrained(tmp_path / "peft")
+    doc = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    model = _kept(made)
+    for bad, message in (({**doc, "r": 8.7}, "r must be a positive integer"), ([doc], "a JSON object"), ({**doc, "r": 8}, "the layer needs")):
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(bad))
+        with pytest.raises(qbridge.CheckpointError, match=message):
+            qbridge.load_peft_adapter(model, tmp_path / "peft")
+        assert jax_side.lora_layers(model) == {}

@@ -167,3 +167,40 @@ def test_the_cli(made, capsys):
     assert main(["parity", str(made / "nf4"), "--keep-quantized"]) == 0
     assert main(["parity", str(made / "f32"), "--model", "checkpoints:BrokenLlama"]) == 1
     assert "first divergence: model.layers.0.input_layernorm" in capsys.readouterr().out
+
+
+def test_dict_outputs_pair_by_name_not_by_order():
+    class TorchPair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"first": self.a(x), "second": self.b(x)}
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([TorchPair()])
+
+        def forward(self, x):
+            out = self.layers[0](x)
+            return out["first"] + out["second"]
+
+    class FlaxPair(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            second = linen.Dense(4, name="b")(x)  # built the other way round
+            return {"second": second, "first": linen.Dense(4, name="a")(x)}
+
+    class FlaxNet(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            out = FlaxPair(name="layers_0")(x)
+            return out["first"] + out["second"]
+
+    torch.manual_seed(0)
+    net = TorchNet().eval()
+    variables = jax_side.to_flax_variables({k: v.detach().numpy() for k, v in net.state_dict().items()}, numbered="underscore")
+    report = trace(net, FlaxNet(), torch.randn(3, 4), variables=variables)
+    assert report.first_divergence is None and "layers.0" in [p.name for p in report.pairs]
