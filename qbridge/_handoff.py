@@ -404,7 +404,8 @@ def dequantize_to_jax(
     Args:
         W, quant_state: as for ``torch_side.dequantize_weight`` (any quantized or plain weight).
         transpose: return the ``[in, out]`` (Flax ``kernel``) layout. It arrives zero-copy as a permuted view
-            (a JAX array with a non-default layout); jitted use runs as fast as on a contiguous array.
+            (a JAX array with a non-default layout): the same values in jitted use, at times slower where a
+            matmul is memory-bound.
         dtype: a torch dtype to cast the dense weight to first (a new tensor); None keeps its dtype.
         device: as for :func:`to_jax`.
 

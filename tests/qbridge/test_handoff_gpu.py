@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -169,29 +167,19 @@ def test_quantized_cuda_inputs():
     assert np.array_equal(np.asarray(xt).view(np.uint16), to_numpy(want).view(np.uint16))
 
 
-def _median_ms(fn, *args, reps=50):
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def test_permuted_view_matmul_is_as_fast_as_contiguous():
+def test_a_permuted_view_computes_as_its_contiguous_copy():
+    """A zero-copy permuted view (non-default JAX layout) in a jitted matmul gives the contiguous copy's
+    values. Its speed is a benchmark's business (benchmarks/handoff.py), not a test's."""
     import qbridge
 
     jax = _jax()
     w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     view = qbridge.to_jax(w.t(), copy=False)
+    assert view.unsafe_buffer_pointer() == w.data_ptr()
     dense = qbridge.to_jax(w.t().contiguous())
     a = qbridge.to_jax(torch.randn(4096, 8192, device="cuda", dtype=torch.bfloat16))
     mm = jax.jit(lambda a, b: a @ b)
-    np.testing.assert_array_equal(np.asarray(mm(a, view)[:4, :4]), np.asarray(mm(a, dense)[:4, :4]))
-    t_view, t_dense = _median_ms(mm, a, view), _median_ms(mm, a, dense)
-    print(f"jitted 4096x8192 @ 8192x8192 bf16: permuted view {t_view:.3f} ms, contiguous {t_dense:.3f} ms")
-    assert t_view < 1.15 * t_dense
+    np.testing.assert_array_equal(np.asarray(mm(a, view)), np.asarray(mm(a, dense)))
 
 
 def test_two_gpus_current_device_differs():
