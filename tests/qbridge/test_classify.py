@@ -328,7 +328,8 @@ def gpt2_dirs(tmp_path_factory):
     for bits in (4, 8):
         config = transformers.BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_quant_type="nf4",
                                                  bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-        q = transformers.AutoModelForCausalLM.from_pretrained(root / "plain", quantization_config=config, device_map="cpu")
+        q = transformers.AutoModelForCausalLM.from_pretrained(root / "plain", quantization_config=config, device_map="cpu",
+                                                              dtype=torch.float32)  # transformers 4 would pick float16  # fmt: skip
         q.save_pretrained(root / f"int{bits}")
     return root
 
@@ -338,7 +339,7 @@ def _gpt2_weight(root, name, which):
     if which == "plain":
         model = transformers.GPT2LMHeadModel.from_pretrained(root / "plain")
         return model.get_submodule(name).weight.detach().numpy()  # Conv1D: [in, out]
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / which, device_map="cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / which, device_map="cpu", dtype=torch.float32)
     w = model.get_submodule(name).weight  # bitsandbytes lays Conv1D out as a Linear: [out, in]
     return to_numpy(F.dequantize_4bit(w.data, w.quant_state) if which == "int4" else F.int8_vectorwise_dequant(w.data, w.SCB))
 
