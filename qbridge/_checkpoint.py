@@ -237,11 +237,6 @@ class Checkpoint:
                 entry.shape = entry.shape[::-1]
         return self._classification
 
-    @property
-    def skipped(self) -> list[str]:
-        """Keys that are no parameters (by the classification so far)."""
-        return sorted(self.classify().optional)
-
 
 def _weight_map(index: pathlib.Path) -> dict[str, str]:
     """A sharded checkpoint's ``key -> file`` map, from its ``*.index.json``; every file must be a plain
