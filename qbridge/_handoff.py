@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import torch
 
 import torch_side
@@ -40,12 +39,10 @@ log = logging.getLogger("qbridge")
 ALIGNMENT = {"cpu": 64, "gpu": 16}
 Producer = str | torch.cuda.Stream | Sequence[torch.cuda.Stream]
 
-_DTYPES = TORCH_TO_JAX  # every dtype torch and JAX share (qbridge._dtypes)
 _WIDE = {torch.int64: torch.int32, torch.float64: torch.float32, torch.complex128: torch.complex64}
 if hasattr(torch, "uint64"):
     _WIDE[torch.uint64] = torch.uint32
 _CARRIER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-JAX_TO_TORCH_CARRIER = {torch.uint8: jnp.uint8, torch.int16: jnp.int16, torch.int32: jnp.int32, torch.int64: jnp.int64}
 
 COPY_NOTE = "use copy=None to let qbridge copy once, or copy=True for an independent array"
 
@@ -180,7 +177,7 @@ def _export_bits(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.A
     """For dtypes torch will not export: hand over the same bytes as an integer type, bitcast in JAX."""
     carrier = _CARRIER[t.element_size()]
     x = _alias(t.view(carrier), home, producer)
-    return jax.lax.bitcast_convert_type(x, _DTYPES[t.dtype])
+    return jax.lax.bitcast_convert_type(x, TORCH_TO_JAX[t.dtype])
 
 
 def _aliasing_blockers(t: torch.Tensor, home: jax.Device | None, target: jax.Device) -> list[str]:
@@ -253,19 +250,24 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     return x if target == jax_cpu() else jax.device_put(x, target)
 
 
-def _jax_owned_copy(t: torch.Tensor, target: jax.Device, producer: Producer) -> jax.Array:
+def jax_owned_copy(t: torch.Tensor, target: jax.Device, producer: Producer, *, wait: bool = True) -> jax.Array:
     """An independent copy of ``t`` on ``target``, in memory that XLA allocated itself.
 
     The tensor is first handed over zero-copy (made contiguous first if it is a permuted view: XLA's
     copy of a non-default layout is not relied on), then XLA copies it on its own stream, ordered after
     the tensor's producers; the torch memory is released once that copy has read it. Arrays that live in
     torch's memory are a hazard as inputs of XLA's CUDA-graph command buffers (see :func:`to_jax`).
+
+    XLA copies asynchronously: with ``wait`` this returns once the copy is made, so that writes to ``t``
+    (or to the file it maps) afterwards cannot reach the result. Without it the caller promises that
+    nothing writes ``t`` again (the loader's own decoded tensors), and nothing waits on the host.
     """
     if t.layout == torch.strided and not t.is_contiguous() and is_compact(t):
         t = t.contiguous()
     home = _home(t)
     staged = to_jax(t, device=home if home is not None else target, producer=producer)
-    return jax.device_put(staged, target, may_alias=False)
+    out = jax.device_put(staged, target, may_alias=False)
+    return out.block_until_ready() if wait else out
 
 
 def to_jax(
@@ -301,7 +303,8 @@ def to_jax(
             non-compact strides, another device, a dtype JAX would change such as int64 with x64 off),
             saying so at debug level; ``False`` never copies and raises ``BufferError`` saying why;
             ``True`` always returns an independent array in memory that XLA allocated (contiguous,
-            default layout), copied by XLA after the tensor's producers.
+            default layout), copied by XLA after the tensor's producers; it returns once the copy is
+            made (a host wait), so later writes to ``t`` cannot reach it.
         producer: which torch streams may still be writing ``t`` (CUDA): ``"auto"`` (default) waits for
             the current stream and every torch stream that has work queued; ``"current"`` only for the
             current stream (torch's own DLPack rule; fastest); or the producing stream(s). All waits
@@ -339,8 +342,7 @@ def to_jax(
             )
         t = torch_side.dequantize_weight(t)
     t = t.detach()
-    if t.dtype not in _DTYPES:
-        jax_dtype(t.dtype)  # raises TypeError naming what JAX lacks
+    jax_dtype(t.dtype)  # raises TypeError naming what JAX lacks
     target = _as_device(device)
     home = _home(t)
     if target is None:
@@ -348,7 +350,7 @@ def to_jax(
             raise RuntimeError(no_jax_gpu_message(t.device.index) if t.device.type == "cuda" else f"JAX cannot see {t.device}")
         target = home
     if copy:
-        return _jax_owned_copy(t, target, producer)
+        return jax_owned_copy(t, target, producer)
     reasons = _aliasing_blockers(t, home, target)
     if reasons:
         if copy is False:
@@ -388,7 +390,7 @@ def to_torch(x: jax.Array) -> torch.Tensor:
             return torch.from_dlpack(x)
         except (BufferError, RuntimeError, TypeError):  # a dtype DLPack cannot carry: same bytes as integers
             carrier = _CARRIER[target.itemsize]
-            return torch.from_dlpack(jax.lax.bitcast_convert_type(x, JAX_TO_TORCH_CARRIER[carrier])).view(target)
+            return torch.from_dlpack(jax.lax.bitcast_convert_type(x, TORCH_TO_JAX[carrier])).view(target)
 
 
 def dequantize_to_jax(

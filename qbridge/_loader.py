@@ -27,12 +27,9 @@ from ._checkpoint import Checkpoint, Entry, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
-from ._handoff import to_jax
+from ._handoff import jax_owned_copy, to_jax
 
 log = logging.getLogger("qbridge")
-
-_TO_NUMPY = TORCH_TO_JAX  # torch dtype -> numpy/JAX dtype, for every dtype both have (qbridge._dtypes)
-
 
 @dataclasses.dataclass
 class LoadReport:
@@ -196,8 +193,11 @@ def hand_over(t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint) -> jax.Array:
     parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`); on the
     CPU aliased zero-copy, unless it may still be the checkpoint file's memory (torch files are mapped, and
     an array over them would change, or fault, when the file does). ``t`` is ordered on the current stream."""
-    copy = jdev.platform != "cpu" or ckpt.source.maps_files
-    return to_jax(t, device=jdev, producer="current", copy=True if copy else None)
+    if jdev.platform != "cpu":  # the loader's own tensor, written by nothing else: no host wait for the copy
+        return jax_owned_copy(t, jdev, "current", wait=False)
+    if ckpt.source.maps_files:  # the file may change after the load returns: the copy must be made by then
+        return jax_owned_copy(t, jdev, "current", wait=True)
+    return to_jax(t, device=jdev, producer="current")
 
 
 def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
@@ -283,7 +283,7 @@ def plan_load(
     ask = target is None or architecture_uses_conv1d(ckpt.config)
     while True:
         classes = ckpt.classify(ask_model=ask)
-        shapes = {name: (e.shape, _TO_NUMPY.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
+        shapes = {name: (e.shape, TORCH_TO_JAX.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
         if target is None:
             plan, skipped = jax_side.plan_by_name(shapes, kinds=kinds, torch_kinds=classes.kinds, optional=classes.optional)
             return None, plan, None, skipped
@@ -395,7 +395,7 @@ def load_checkpoint(
         try:
             for i, p in enumerate(plan):
                 entry = ckpt.entries[p.key]
-                cast = jax_side.leaf_dtype(p, dtype, _TO_NUMPY.get(entry.dtype, np.dtype(np.float32)))
+                cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
 
                 def convert(t: torch.Tensor, cast: Any = cast) -> torch.Tensor:
                     return t.to(_torch_dtype(cast)) if cast is not None and t.is_floating_point() else t
