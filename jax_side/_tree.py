@@ -335,18 +335,15 @@ def plan_match(
             report.shape_mismatches.append((name, original, tuple(leaf.shape), got))
             continue
         planned = PlannedLeaf(leaf, original, rule)
-        if dtype not in (None, "target", "checkpoint"):
-            result = np.dtype(dtype) if jnp.issubdtype(src_dtype, jnp.floating) else np.dtype(src_dtype)
-        elif leaf.dtype is None:
-            result = np.dtype(src_dtype)
-        else:
-            result = np.dtype(leaf.dtype)
-            castable = dtype != "checkpoint" and jnp.issubdtype(src_dtype, jnp.floating) and jnp.issubdtype(result, jnp.floating)
-            if result != np.dtype(src_dtype) and not castable:
-                report.dtype_mismatches.append((name, original, str(result), str(np.dtype(src_dtype))))
+        src = np.dtype(src_dtype)
+        if dtype in (None, "target", "checkpoint") and leaf.dtype is not None and np.dtype(leaf.dtype) != src:
+            castable = dtype != "checkpoint" and jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(leaf.dtype, jnp.floating)
+            if not castable:
+                report.dtype_mismatches.append((name, original, str(np.dtype(leaf.dtype)), str(src)))
                 continue
-        if result != np.dtype(src_dtype):
-            report.casts.append((name, original, str(np.dtype(src_dtype)), str(result)))
+        cast = leaf_dtype(planned, dtype, src)  # the same rule the loader casts by
+        if cast is not None and np.dtype(cast) != src:
+            report.casts.append((name, original, str(src), str(np.dtype(cast))))
         report.matched[name] = original
         plan.append(planned)
     for key, (shape, _) in checkpoint.items():
