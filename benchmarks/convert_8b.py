@@ -62,7 +62,11 @@ def _pieces(path: pathlib.Path):
         keys = list(f.keys())
         for key in keys:
             if key.endswith(".weight"):
-                yield key, {k[len(key) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(key + ".")} | {"": f.get_tensor(key)}
+                yield (
+                    key,
+                    {k[len(key) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(key + ".")}
+                    | {"": f.get_tensor(key)},
+                )
 
 
 def _quant_state(pieces, device):
@@ -113,8 +117,12 @@ def main() -> None:
         size = (path / "model.safetensors").stat().st_size
         params = sum(np.prod(s) for s in SHAPES.values()) * args.layers
         rows = {}
-        rows["(a) qbridge.load_checkpoint -> GPU"] = measure(lambda: qbridge.load_checkpoint(path, device="cuda", progress=False))
-        rows["(b) bitsandbytes on GPU -> .cpu().numpy() -> jax.device_put"] = measure(lambda: via_host(path, "cuda"))
+        rows["(a) qbridge.load_checkpoint -> GPU"] = measure(
+            lambda: qbridge.load_checkpoint(path, device="cuda", progress=False)
+        )
+        rows["(b) bitsandbytes on GPU -> .cpu().numpy() -> jax.device_put"] = measure(
+            lambda: via_host(path, "cuda")
+        )
         rows["(c) dequantize on CPU -> jax.device_put"] = measure(lambda: via_host(path, "cpu"), runs=1)
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "jax": jax.__version__,
@@ -126,7 +134,9 @@ def main() -> None:
           f"{size / 1e9:.2f} GB file")  # fmt: skip
     for k, (t, p) in rows.items():
         print(f"{k:<62}{t:>8.3f} s  x{t / base:>6.1f}  peak torch GPU {p:.2f} GB")
-    print("(peak torch GPU: what torch allocated at most; the results of (b) and (c) live in JAX's allocator besides)")
+    print(
+        "(peak torch GPU: what torch allocated at most; the results of (b) and (c) live in JAX's allocator besides)"
+    )
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
 

@@ -31,10 +31,20 @@ s = torch.rand(5, 56, generator=gen) * 1e-2 + 1e-4
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     got = torch_side.dequantize_fp8(w.cuda(), s.cuda(), dtype, backend="triton")
     want = torch_side.dequantize_fp8(w, s, dtype, backend="torch")
-    wf, sf = w.float().reshape(-1), s.repeat_interleave(128, 0)[:576].repeat_interleave(128, 1)[:, :7168].reshape(-1)
-    show(f"fp8 576x7168 -> {dtype}", got, want, lambda i: f"w {wf[i].item()!r} byte {w.view(torch.uint8).reshape(-1)[i].item():#04x} s {sf[i].item()!r} exact {wf[i].item() * sf[i].item()!r}")
+    wf, sf = (
+        w.float().reshape(-1),
+        s.repeat_interleave(128, 0)[:576].repeat_interleave(128, 1)[:, :7168].reshape(-1),
+    )
+    show(
+        f"fp8 576x7168 -> {dtype}",
+        got,
+        want,
+        lambda i, wf=wf, sf=sf: (
+            f"w {wf[i].item()!r} byte {w.view(torch.uint8).reshape(-1)[i].item():#04x} s {sf[i].item()!r} exact {wf[i].item() * sf[i].item()!r}"
+        ),
+    )
 
-import bitsandbytes.functional as F  # noqa: E402
+import bitsandbytes.functional as F
 
 x = (torch.randn(256, 512, generator=gen) * 1e-38).cuda()
 packed, qs = F.quantize_4bit(x, compress_statistics=False)

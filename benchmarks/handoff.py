@@ -54,10 +54,14 @@ def main() -> None:
         "streams_scanned_by_auto": len(qbridge._handoff._torch_streams(0)),
         "rows": rows,
     }
-    print(f"{info['device']}, torch {info['torch']}, jax {info['jax']}; 'auto' checks {info['streams_scanned_by_auto']} streams")
+    print(
+        f"{info['device']}, torch {info['torch']}, jax {info['jax']}; 'auto' checks {info['streams_scanned_by_auto']} streams"
+    )
     base = {r["numel"]: r["us_per_call"] for r in rows if r["case"].startswith("jax.")}
     for r in rows:
-        print(f"{r['case']:<45} numel {r['numel']:>9}  {r['us_per_call']:8.1f} us  x{r['us_per_call'] / base[r['numel']]:.2f}")
+        print(
+            f"{r['case']:<45} numel {r['numel']:>9}  {r['us_per_call']:8.1f} us  x{r['us_per_call'] / base[r['numel']]:.2f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=2)

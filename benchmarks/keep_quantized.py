@@ -14,6 +14,7 @@ temporary memory; parameter memory is what JAX's allocator holds after the load.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -24,12 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from convert_8b import SHAPES, nf4_layers
 from safetensors.torch import save_file
 
 import jax_side
 import qbridge
-
-from convert_8b import SHAPES, nf4_layers  # noqa: E402
 
 VOCAB = 32000
 CONFIG = dict(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -39,7 +39,9 @@ CONFIG = dict(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_a
 def write(path: pathlib.Path, layers: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
     state = nf4_layers(layers)
-    state["model.embed_tokens.weight"] = (torch.randn(VOCAB, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu()
+    state["model.embed_tokens.weight"] = (
+        (torch.randn(VOCAB, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu()
+    )
     state["lm_head.weight"] = (torch.randn(VOCAB, 4096, device="cuda", generator=gen) * 0.02).bfloat16().cpu()
     state["model.norm.weight"] = torch.ones(4096, dtype=torch.bfloat16)
     for i in range(layers):
@@ -48,6 +50,12 @@ def write(path: pathlib.Path, layers: int) -> None:
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     config = dict(CONFIG, num_hidden_layers=layers, quantization_config={"quant_method": "bitsandbytes"})
     (path / "config.json").write_text(json.dumps(config))
+
+
+def _forward(graphdef, state, ids):
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(ids)
 
 
 def latency_ms(forward, state, ids) -> float:
@@ -81,7 +89,9 @@ def main() -> None:
         largest_dense = max(np.prod(s) for s in SHAPES.values()) * 2
         for mode in ("dense", "kept NF4"):
             before = _jax_bytes()
-            params = qbridge.load_checkpoint(path, target=target, keep_quantized=mode != "dense", progress=False, device="cuda")
+            params = qbridge.load_checkpoint(
+                path, target=target, keep_quantized=mode != "dense", progress=False, device="cuda"
+            )
             jax.block_until_ready(params)
             resident = _jax_bytes() - before  # the loaded parameters live in JAX's allocator
             model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
@@ -92,16 +102,20 @@ def main() -> None:
             held, _ = jax_side.quantized_nbytes(params)
             del params
             graphdef, state = nnx.split(model)
-            forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+            forward = jax.jit(functools.partial(_forward, graphdef))
             row = {"param_bytes": int(held), "resident_jax_bytes": int(resident)}
             for tokens in (1, 16, 128):
                 ids = jnp.asarray(np.random.default_rng(tokens).integers(0, VOCAB, (1, tokens)), jnp.int32)
-                row[f"tokens{tokens}_temp_bytes"] = forward.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+                row[f"tokens{tokens}_temp_bytes"] = (
+                    forward.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+                )
                 row[f"tokens{tokens}_ms"] = latency_ms(forward, state, ids)
             results[mode] = row
             del model, state
     dense, kept = results["dense"], results["kept NF4"]
-    print(f"{torch.cuda.get_device_name()}: {args.layers} Llama-3-8B layers (vocab {VOCAB}), jax.jit of the split state, batch 1")
+    print(
+        f"{torch.cuda.get_device_name()}: {args.layers} Llama-3-8B layers (vocab {VOCAB}), jax.jit of the split state, batch 1"
+    )
     for mode, row in results.items():
         print(f"  {mode:<9} params {row['param_bytes'] / 1e9:6.3f} GB (JAX holds {row['resident_jax_bytes'] / 1e9:6.3f} GB)  "
               + "  ".join(f"{t} tokens {row[f'tokens{t}_ms']:7.3f} ms" for t in (1, 16, 128))

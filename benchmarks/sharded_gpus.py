@@ -18,12 +18,11 @@ import time
 import jax
 import numpy as np
 import torch
+from convert_8b import SHAPES, write_checkpoint
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import qbridge
-
-from convert_8b import SHAPES, write_checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     gpus = jax.local_devices(backend="gpu")
     mesh = Mesh(np.array(gpus), ("x",))
-    rules = [(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, "x")), (r"(o_proj|down_proj)\.kernel$", P("x", None))]
+    rules = [
+        (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, "x")),
+        (r"(o_proj|down_proj)\.kernel$", P("x", None)),
+    ]
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         path = pathlib.Path(tmp)
         write_checkpoint(path, args.layers)
@@ -47,7 +49,10 @@ def main() -> None:
         seconds = time.perf_counter() - start
     dense = sum(int(np.prod(s)) for s in SHAPES.values()) * args.layers * 2
     largest = max(int(np.prod(s)) for s in SHAPES.values()) * 2
-    rows = [{"gpu": i, "peak_gb": torch.cuda.max_memory_allocated(i) / 1e9} for i in range(torch.cuda.device_count())]
+    rows = [
+        {"gpu": i, "peak_gb": torch.cuda.max_memory_allocated(i) / 1e9}
+        for i in range(torch.cuda.device_count())
+    ]
     share = dense / len(gpus) / 1e9
     print(f"{torch.cuda.get_device_name()} x{len(gpus)}: {args.layers} Llama-3-8B layers, result {dense / 1e9:.2f} GB "
           f"(share {share:.2f} GB per GPU, largest weight {largest / 1e9:.3f} GB), loaded in {seconds:.2f} s")  # fmt: skip

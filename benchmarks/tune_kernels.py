@@ -11,11 +11,10 @@ import itertools
 import math
 
 import torch
+import triton.testing
 
 import torch_side
 import torch_side._triton as T
-import triton.testing
-
 from qbridge._bench import copy_ceiling
 
 
@@ -44,7 +43,9 @@ def _nf4(shape, transpose):
 def _fp8(shape, transpose):
     w = (torch.randn(shape, device="cuda") * 64).to(torch.float8_e4m3fn)
     s = torch.rand((shape[0] + 127) // 128, (shape[1] + 127) // 128, device="cuda")
-    return (lambda: torch_side.dequantize_fp8(w, s, transpose=transpose, backend="triton")), 3 * math.prod(shape)
+    return (lambda: torch_side.dequantize_fp8(w, s, transpose=transpose, backend="triton")), 3 * math.prod(
+        shape
+    )
 
 
 def main():
@@ -55,25 +56,35 @@ def main():
         for block, warps in itertools.product([2048, 4096, 8192], [4, 8]):
             T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = block, warps
             ms = _do_bench(run)
-            print(f"nf4 rows {shape} block={block} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
+            print(
+                f"nf4 rows {shape} block={block} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%"
+            )
         T.NF4_ROWS_BLOCK, T.NF4_ROWS_WARPS = 4096, 4
         run, nbytes = _nf4(shape, True)
         for tile, warps in itertools.product([(64, 32), (128, 32), (256, 32)], [4, 8]):
             T.NF4_T_TILE, T.NF4_T_WARPS = tile, warps
             ms = _do_bench(run)
-            print(f"nf4 transposed {shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
+            print(
+                f"nf4 transposed {shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%"
+            )
         T.NF4_T_TILE, T.NF4_T_WARPS = (128, 32), 4
     for shape in [(8192, 8192), (18432, 7168), (576, 7168)]:
         for transpose in (False, True):
             run, nbytes = _fp8(shape, transpose)
-            tiles = [(64, 64), (128, 64), (64, 128), (128, 128)] if transpose else [(32, 128), (64, 128), (128, 128)]
+            tiles = (
+                [(64, 64), (128, 64), (64, 128), (128, 128)]
+                if transpose
+                else [(32, 128), (64, 128), (128, 128)]
+            )
             for tile, warps in itertools.product(tiles, [4, 8]):
                 if transpose:
                     T.FP8_T_TILE, T.FP8_T_WARPS = tile, warps
                 else:
                     T.FP8_TILE, T.FP8_WARPS = tile, warps
                 ms = _do_bench(run)
-                print(f"fp8 {'transposed ' if transpose else ''}{shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%")
+                print(
+                    f"fp8 {'transposed ' if transpose else ''}{shape} tile={tile} warps={warps}: {ms * 1e3:.1f} us {100 * nbytes / ms / 1e-3 / ceiling:.0f}%"
+                )
             T.FP8_TILE, T.FP8_T_TILE, T.FP8_WARPS, T.FP8_T_WARPS = (64, 128), (128, 128), 4, 8
 
 

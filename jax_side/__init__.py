@@ -5,75 +5,67 @@ mappings (by name, or matched to a linen/nnx target), and NF4/FP4/FP8 dequantiza
 that gives the same bits as ``torch_side``.
 """
 
-from jax_side._codes import FP4_CODE
-from jax_side._codes import NF4_CODE
-from jax_side._codes import standard_code
-from jax_side._fp8 import ScaleLayout
-from jax_side._fp8 import dequantize_fp8
-from jax_side._fp8 import fp8_scale_layout
-from jax_side._layout import KINDS
-from jax_side._layout import RULES
-from jax_side._layout import LeafRule
-from jax_side._layout import apply_rule
-from jax_side._layout import buffer_reason
-from jax_side._layout import flax_shape
-from jax_side._layout import kind_of_flax_leaf
-from jax_side._layout import permutation
-from jax_side._layout import rule_for
-from jax_side._layout import rule_for_flax_leaf
-from jax_side._llama import LlamaConfig
-from jax_side._lora import LoraConfig
-from jax_side._lora import add_lora
-from jax_side._lora import lora_layers
-from jax_side._lora import lora_targets
-from jax_side._lora import remove_lora
-from jax_side._llama import abstract_llama
-from jax_side._llama import llama_for_causal_lm
-from jax_side._nf4 import decode_nested_absmax
+from jax_side._codes import FP4_CODE, NF4_CODE, standard_code
+from jax_side._fp8 import ScaleLayout, dequantize_fp8, fp8_scale_layout
+from jax_side._layout import (
+    KINDS,
+    RULES,
+    LeafRule,
+    apply_rule,
+    buffer_reason,
+    flax_shape,
+    kind_of_flax_leaf,
+    permutation,
+    rule_for,
+    rule_for_flax_leaf,
+)
+from jax_side._llama import LlamaConfig, abstract_llama, llama_for_causal_lm
+from jax_side._lora import LoraConfig, add_lora, lora_layers, lora_targets, remove_lora
+from jax_side._nf4 import decode_nested_absmax, dequantize_nf4
 from jax_side._qlayers import load_quantized_into_nnx
-from jax_side._quantized import FP8Weight
-from jax_side._quantized import NF4Weight
-from jax_side._quantized import is_quantized
-from jax_side._quantized import quantized_nbytes
-from jax_side._nf4 import dequantize_nf4
-from jax_side._target import Target
-from jax_side._target import as_target
-from jax_side._target import load_into_nnx
-from jax_side._target import match_to_target
-from jax_side._target import plan_for_target
-from jax_side._target import rebuild_target
-from jax_side._tree import MatchError
-from jax_side._tree import MatchReport
-from jax_side._tree import dotted
-from jax_side._tree import PlannedLeaf
-from jax_side._tree import TargetLeaf
-from jax_side._tree import infer_kind
-from jax_side._tree import leaf_dtype
-from jax_side._tree import nest
-from jax_side._tree import not_parameter
-from jax_side._tree import plan_by_name
-from jax_side._tree import plan_match
-from jax_side._tree import to_flax_variables
-from jax_side._tree import torch_key_candidates
+from jax_side._quantized import FP8Weight, NF4Weight, is_quantized, quantized_nbytes
+from jax_side._target import (
+    Target,
+    as_target,
+    load_into_nnx,
+    match_to_target,
+    plan_for_target,
+    rebuild_target,
+)
+from jax_side._tree import (
+    MatchError,
+    MatchReport,
+    PlannedLeaf,
+    TargetLeaf,
+    dotted,
+    infer_kind,
+    leaf_dtype,
+    nest,
+    not_parameter,
+    plan_by_name,
+    plan_match,
+    to_flax_variables,
+    torch_key_candidates,
+)
 
 __all__ = [
     "FP4_CODE",
-    "FP8Weight",
     "KINDS",
+    "NF4_CODE",
+    "RULES",
+    "FP8Weight",
     "LeafRule",
     "LlamaConfig",
     "LoraConfig",
     "MatchError",
     "MatchReport",
     "NF4Weight",
-    "NF4_CODE",
     "PlannedLeaf",
     "QuantDense",
     "QuantEmbed",
     "QuantEmbedLinen",
     "QuantLinear",
     "QuantizedVariable",
-    "RULES",
     "ScaleLayout",
     "Target",
     "TargetLeaf",

@@ -19,7 +19,9 @@ FP8_DTYPES = tuple(
 )
 # float8_e8m0fnu: power-of-two block scales (MX formats, some FP8 releases), widened to float32 exactly
 SCALE_DTYPES = tuple(
-    jnp.dtype(getattr(jnp, name)) for name in ("float32", "bfloat16", "float16", "float8_e8m0fnu") if hasattr(jnp, name)
+    jnp.dtype(getattr(jnp, name))
+    for name in ("float32", "bfloat16", "float16", "float8_e8m0fnu")
+    if hasattr(jnp, name)
 )
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 DEFAULT_BLOCK = 128
@@ -59,7 +61,9 @@ def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
 
 
 def fp8_scale_layout(
-    weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block_size: int | tuple[int, int] | None = None
+    weight_shape: tuple[int, ...],
+    scale_shape: tuple[int, ...],
+    block_size: int | tuple[int, int] | None = None,
 ) -> ScaleLayout:
     """Decides how ``scale_shape`` tiles ``weight_shape``.
 
@@ -77,7 +81,9 @@ def fp8_scale_layout(
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))
     if len(weight_shape) == 3 and len(scale_shape) in (1, 3) and scale_shape[0] == weight_shape[0]:
-        matrix = fp8_scale_layout(weight_shape[1:], (1, 1) if len(scale_shape) == 1 else scale_shape[1:], block_size)
+        matrix = fp8_scale_layout(
+            weight_shape[1:], (1, 1) if len(scale_shape) == 1 else scale_shape[1:], block_size
+        )
         return matrix._replace(stack=weight_shape[:1])
     if len(weight_shape) != 2:
         raise ValueError(
@@ -127,11 +133,15 @@ def _decode(w: jax.Array, scale: jax.Array, *, layout: ScaleLayout, dtype: Any, 
     if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next
         matrix = layout._replace(stack=())
         per = scale.reshape(*layout.stack, *layout.matrix_scale_shape)
-        return jax.vmap(lambda a, b: _decode_matrix(a, b, layout=matrix, dtype=dtype, transpose=transpose))(w, per)
+        return jax.vmap(lambda a, b: _decode_matrix(a, b, layout=matrix, dtype=dtype, transpose=transpose))(
+            w, per
+        )
     return _decode_matrix(w, scale, layout=layout, dtype=dtype, transpose=transpose)
 
 
-def _decode_matrix(w: jax.Array, scale: jax.Array, *, layout: ScaleLayout, dtype: Any, transpose: bool) -> jax.Array:
+def _decode_matrix(
+    w: jax.Array, scale: jax.Array, *, layout: ScaleLayout, dtype: Any, transpose: bool
+) -> jax.Array:
     wf = w.astype(jnp.float32)
     s = scale.astype(jnp.float32)
     if layout.kind == "tensor":
@@ -186,16 +196,22 @@ def dequantize_fp8(
     if w.dtype not in FP8_DTYPES:
         hint = ""
         if w.dtype == jnp.uint8:
-            hint = " If these are FP8 bytes, view them back: jax.lax.bitcast_convert_type(w, jnp.float8_e4m3fn)."
+            hint = (
+                " If these are FP8 bytes, view them back: jax.lax.bitcast_convert_type(w, jnp.float8_e4m3fn)."
+            )
         raise TypeError(f"dequantize_fp8 takes a float8 weight, got {w.dtype}.{hint}")
     scale_inv = jnp.asarray(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:
-        raise TypeError(f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}")
+        raise TypeError(
+            f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}"
+        )
     if jnp.dtype(dtype) not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
     layout = fp8_scale_layout(w.shape, scale_inv.shape, block_size)
     if transpose and w.ndim != 2 + len(layout.stack):
-        raise ValueError(f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {w.shape}")
+        raise ValueError(
+            f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {w.shape}"
+        )
     if w.size == 0:
         return jnp.zeros((*w.shape[:-2], w.shape[-1], w.shape[-2]) if transpose else w.shape, dtype)
     return _decode(w, scale_inv, layout=layout, dtype=jnp.dtype(dtype), transpose=transpose)

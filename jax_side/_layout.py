@@ -92,11 +92,11 @@ class LeafRule:
 
 
 def _conv_perm(nd: int) -> tuple[int, ...]:
-    return tuple(range(2, 2 + nd)) + (1, 0)
+    return (*range(2, 2 + nd), 1, 0)
 
 
 def _conv_transpose_perm(nd: int) -> tuple[int, ...]:
-    return tuple(range(2, 2 + nd)) + (0, 1)
+    return (*range(2, 2 + nd), 0, 1)
 
 
 def _rules() -> dict[str, dict[str, LeafRule]]:
@@ -136,7 +136,9 @@ def rule_for(kind: str, torch_name: str) -> LeafRule:
     """
     if kind not in RULES:
         raise ValueError(f"unknown module kind {kind!r}; known: {', '.join(KINDS)}")
-    if kind == "stacked_linear" and torch_name != "weight":  # fused experts name their tensors (gate_up_proj ...)
+    if (
+        kind == "stacked_linear" and torch_name != "weight"
+    ):  # fused experts name their tensors (gate_up_proj ...)
         return LeafRule(torch_name, torch_name, (0, 2, 1))
     return RULES[kind].get(torch_name, LeafRule(torch_name, torch_name))
 

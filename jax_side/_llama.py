@@ -136,7 +136,9 @@ def _make_modules():
             self.self_attn = LlamaAttention(c, **kw)
             self.mlp = LlamaMLP(c, **kw)
             self.input_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
-            self.post_attention_layernorm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+            self.post_attention_layernorm = LlamaRMSNorm(
+                c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype
+            )
 
         def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
             h = h + self.self_attn(self.input_layernorm(h), cos, sin)
@@ -146,8 +148,15 @@ def _make_modules():
         def __init__(self, c: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: Any):
             self.config = c
             self.dtype = dtype
-            self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            self.layers = nnx.List([LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(c.num_hidden_layers)])
+            self.embed_tokens = nnx.Embed(
+                c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+            self.layers = nnx.List(
+                [
+                    LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    for _ in range(c.num_hidden_layers)
+                ]
+            )
             self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
 
         def __call__(self, input_ids: jax.Array) -> jax.Array:
@@ -169,7 +178,9 @@ def _make_modules():
             rngs: ``nnx.Rngs`` for initialization.
         """
 
-        def __init__(self, config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: Any):
+        def __init__(
+            self, config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: Any
+        ):
             self.config = config
             self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             if not config.tie_word_embeddings:
@@ -188,12 +199,16 @@ def _make_modules():
 _CLASS = None
 
 
-def llama_for_causal_lm(config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: Any = None) -> Any:
+def llama_for_causal_lm(
+    config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: Any = None
+) -> Any:
     """Builds a :class:`LlamaForCausalLM` nnx module (flax needed). ``rngs`` default: ``nnx.Rngs(0)``."""
     global _CLASS
     if _CLASS is None:
         _CLASS = _make_modules()
-    return _CLASS(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs if rngs is not None else _nnx().Rngs(0))
+    return _CLASS(
+        config, dtype=dtype, param_dtype=param_dtype, rngs=rngs if rngs is not None else _nnx().Rngs(0)
+    )
 
 
 def abstract_llama(config: LlamaConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32) -> Any:

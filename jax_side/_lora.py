@@ -53,7 +53,9 @@ class LoraConfig:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.target_modules, str):  # a set of names, as PEFT keeps them (list, tuple or set)
+        if not isinstance(
+            self.target_modules, str
+        ):  # a set of names, as PEFT keeps them (list, tuple or set)
             object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
 
     @property
@@ -93,7 +95,9 @@ class LoraConfig:
                     "layer_replication": None}  # fmt: skip
         unsupported = [k for k, off in defaults.items() if doc.get(k) not in (None, off)]
         if unsupported:
-            raise ValueError(f"adapter uses PEFT features these layers do not implement: {', '.join(f'{k}={doc[k]!r}' for k in unsupported)}")
+            raise ValueError(
+                f"adapter uses PEFT features these layers do not implement: {', '.join(f'{k}={doc[k]!r}' for k in unsupported)}"
+            )
         r = doc.get("r")
         if isinstance(r, float) and r.is_integer():
             r = int(r)
@@ -133,12 +137,24 @@ def lora_adapter_class() -> Any:
         class LoRAAdapter(nnx.Module):
             """``lora_A`` ``[in, r]`` and ``lora_B`` ``[r, out]`` (``nnx.LoRAParam``), dropout, and the config."""
 
-            def __init__(self, in_features: int, out_features: int, config: LoraConfig, *, rngs: Any, dtype: Any = jnp.float32):
+            def __init__(
+                self,
+                in_features: int,
+                out_features: int,
+                config: LoraConfig,
+                *,
+                rngs: Any,
+                dtype: Any = jnp.float32,
+            ):
                 self.config = config
                 self.lora_A = nnx.LoRAParam(init_lora_a(rngs.params(), in_features, config.r, dtype))
                 self.lora_B = nnx.LoRAParam(jnp.zeros((config.r, out_features), dtype))
                 # created off, as PEFT hands out a loaded adapter in eval mode: model.train() turns it on
-                self.dropout = nnx.Dropout(config.lora_dropout, deterministic=True, rngs=rngs) if config.lora_dropout else None
+                self.dropout = (
+                    nnx.Dropout(config.lora_dropout, deterministic=True, rngs=rngs)
+                    if config.lora_dropout
+                    else None
+                )
 
             def __call__(self, x: jax.Array, out_dtype: Any) -> jax.Array:
                 if self.dropout is not None:
@@ -211,4 +227,8 @@ def lora_layers(model: Any) -> dict[str, Any]:
     """``dotted path -> adapter`` for every layer of an nnx model that holds LoRA adapters."""
     nnx = _nnx()
     cls = lora_adapter_class()
-    return {".".join(str(p) for p in path[:-1]): node for path, node in nnx.iter_graph(model) if isinstance(node, cls)}
+    return {
+        ".".join(str(p) for p in path[:-1]): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, cls)
+    }

@@ -42,7 +42,11 @@ def _bytes(packed: Any) -> tuple[jax.Array, int]:
     """The packed weight as flat bytes, and the byte width of the dtype it was stored in."""
     packed = jnp.asarray(packed)
     if packed.dtype not in [jnp.dtype(d) for d in PACKED_DTYPES]:
-        hint = " That is FP8 data: use dequantize_fp8." if packed.dtype.itemsize == 1 and jnp.issubdtype(packed.dtype, jnp.floating) else ""
+        hint = (
+            " That is FP8 data: use dequantize_fp8."
+            if packed.dtype.itemsize == 1 and jnp.issubdtype(packed.dtype, jnp.floating)
+            else ""
+        )
         raise TypeError(
             f"packed 4-bit weight must hold its bytes as uint8 (or a bitsandbytes quant_storage dtype); "
             f"got {packed.dtype}.{hint}"
@@ -71,7 +75,9 @@ def _check(
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}")
+        raise ValueError(
+            f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
+        )
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in OUT_DTYPES]:
         raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {jnp.dtype(dtype)}")
     n = math.prod(shape)
@@ -100,7 +106,9 @@ def _check(
                 f"blocks of {nested_blocksize} need {n_nested}"
             )
         if nested_code.size != NESTED_CODE_SIZE:
-            raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}")
+            raise ValueError(
+                f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}"
+            )
     elif absmax.dtype == jnp.uint8:
         raise TypeError(
             f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
@@ -109,7 +117,9 @@ def _check(
     elif absmax.dtype != jnp.float32:
         raise TypeError(f"{where}: absmax must be float32 (or uint8 when nested), got {absmax.dtype}")
     if absmax.size != nblocks:
-        raise ValueError(f"{where}: absmax has {absmax.size} entries; {n} elements in blocks of {blocksize} need {nblocks}")
+        raise ValueError(
+            f"{where}: absmax has {absmax.size} entries; {n} elements in blocks of {blocksize} need {nblocks}"
+        )
     if code is not None and (code.dtype != jnp.float32 or code.size != 16):
         raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
 
@@ -131,7 +141,9 @@ def _scale_blocks(values: jax.Array, scales: jax.Array, blocksize: int) -> jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("nested_blocksize",))
-def _nested_product(absmax: jax.Array, nested_absmax: jax.Array, nested_code: jax.Array, nested_blocksize: int) -> jax.Array:
+def _nested_product(
+    absmax: jax.Array, nested_absmax: jax.Array, nested_code: jax.Array, nested_blocksize: int
+) -> jax.Array:
     return _scale_blocks(jnp.take(nested_code, absmax.astype(jnp.int32)), nested_absmax, nested_blocksize)
 
 
@@ -154,13 +166,24 @@ def decode_nested_absmax(
     nested_code = jnp.asarray(nested_code).reshape(-1)
     offset = jnp.asarray(offset, dtype=jnp.float32).reshape(())
     if _is_traced(absmax, nested_absmax, nested_code, offset):
-        return flush(_nested_product.__wrapped__(absmax, nested_absmax, nested_code, nested_blocksize) + offset)
+        return flush(
+            _nested_product.__wrapped__(absmax, nested_absmax, nested_code, nested_blocksize) + offset
+        )
     product = _nested_product(absmax, nested_absmax, nested_code, nested_blocksize)
     return _add_offset(product, offset)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "shape", "dtype", "transpose"))
-def _decode(flat: jax.Array, absmax: jax.Array, code: jax.Array, *, blocksize: int, shape: tuple[int, ...], dtype: Any, transpose: bool) -> jax.Array:
+def _decode(
+    flat: jax.Array,
+    absmax: jax.Array,
+    code: jax.Array,
+    *,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: Any,
+    transpose: bool,
+) -> jax.Array:
     n = math.prod(shape)
     nibbles = jnp.stack((flat >> 4, flat & 0x0F), axis=-1).reshape(-1)[:n]
     values = jnp.take(code, nibbles.astype(jnp.int32))

@@ -33,7 +33,11 @@ def _dense(x: jax.Array, weight: NF4Weight | FP8Weight, bias: jax.Array | None, 
     """``x @ kernel + bias`` as ``nnx.Linear`` computes it, with ``kernel`` expanded from ``weight``."""
     kernel = jax.lax.stop_gradient(weight.dequantize(transpose=True))  # [in, out], as a Flax Dense holds it
     if dtype is None:
-        dtype = jnp.result_type(x.dtype, kernel.dtype) if bias is None else jnp.result_type(x.dtype, kernel.dtype, bias.dtype)
+        dtype = (
+            jnp.result_type(x.dtype, kernel.dtype)
+            if bias is None
+            else jnp.result_type(x.dtype, kernel.dtype, bias.dtype)
+        )
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
@@ -57,16 +61,28 @@ def _make_nnx():
             lora: a :class:`LoraConfig` to start with LoRA adapters (see :func:`add_lora`); ``rngs`` initializes them.
         """
 
-        def __init__(self, weight: Any, bias: jax.Array | None = None, *, dtype: Any = None, lora: Any = None, rngs: Any = None):
+        def __init__(
+            self,
+            weight: Any,
+            bias: jax.Array | None = None,
+            *,
+            dtype: Any = None,
+            lora: Any = None,
+            rngs: Any = None,
+        ):
             if not is_quantized(weight) or len(weight.shape) != 2:
-                raise TypeError(f"QuantLinear takes a 2-D NF4Weight or FP8Weight, got {type(weight).__name__}")
+                raise TypeError(
+                    f"QuantLinear takes a 2-D NF4Weight or FP8Weight, got {type(weight).__name__}"
+                )
             self.weight = QuantizedVariable(weight)
             self.bias = nnx.Param(bias) if bias is not None else None
             self.dtype = dtype
             self.out_features, self.in_features = weight.shape
             self.lora = nnx.data(None)  # LoRA adapters may be set later (jax_side.add_lora)
             if lora is not None:
-                self.lora = lora_adapter_class()(self.in_features, self.out_features, lora, rngs=rngs or nnx.Rngs(0))
+                self.lora = lora_adapter_class()(
+                    self.in_features, self.out_features, lora, rngs=rngs or nnx.Rngs(0)
+                )
 
         def __call__(self, x: jax.Array) -> jax.Array:
             bias = None if self.bias is None else self.bias[...]
@@ -128,13 +144,23 @@ def _make_linen():
         def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
             weight = quantized(self, "kernel")
             if weight.shape[0] != self.features:
-                raise ValueError(f"{self.name}: features={self.features} but the weight has {weight.shape[0]} outputs")
-            bias = self.param("bias", linen.initializers.zeros_init(), (self.features,)) if self.use_bias else None
+                raise ValueError(
+                    f"{self.name}: features={self.features} but the weight has {weight.shape[0]} outputs"
+                )
+            bias = (
+                self.param("bias", linen.initializers.zeros_init(), (self.features,))
+                if self.use_bias
+                else None
+            )
             y = _dense(x, weight, bias, self.dtype)
             if self.lora is not None:
                 in_features = weight.shape[1]
-                a = self.variable("lora", "lora_A", lambda: init_lora_a(self.make_rng("params"), in_features, self.lora.r)).value
-                b = self.variable("lora", "lora_B", lambda: jnp.zeros((self.lora.r, self.features), jnp.float32)).value
+                a = self.variable(
+                    "lora", "lora_A", lambda: init_lora_a(self.make_rng("params"), in_features, self.lora.r)
+                ).value
+                b = self.variable(
+                    "lora", "lora_B", lambda: jnp.zeros((self.lora.r, self.features), jnp.float32)
+                ).value
                 xa = x.astype(a.dtype)
                 if self.lora.lora_dropout:
                     xa = linen.Dropout(self.lora.lora_dropout)(xa, deterministic=deterministic)
@@ -161,7 +187,9 @@ def _classes() -> dict[str, Any]:
     if not _CACHE:
         var, lin, emb = _make_nnx()
         dense, embed = _make_linen()
-        _CACHE.update(QuantizedVariable=var, QuantLinear=lin, QuantEmbed=emb, QuantDense=dense, QuantEmbedLinen=embed)
+        _CACHE.update(
+            QuantizedVariable=var, QuantLinear=lin, QuantEmbed=emb, QuantDense=dense, QuantEmbedLinen=embed
+        )
     return _CACHE
 
 
@@ -171,7 +199,9 @@ def __getattr__(name: str) -> Any:  # the classes are built on first use: flax i
     raise AttributeError(name)
 
 
-def _split(params: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> tuple[dict[tuple, Any], dict[Any, Any]]:
+def _split(
+    params: Mapping[Any, Any], prefix: tuple[Any, ...] = ()
+) -> tuple[dict[tuple, Any], dict[Any, Any]]:
     """Quantized leaves by path, and the rest of the tree."""
     quantized, rest = {}, {}
     for key, value in params.items():

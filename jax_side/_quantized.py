@@ -108,7 +108,9 @@ jax.tree_util.register_dataclass(
     data_fields=["packed", "absmax", "nested_absmax", "nested_code", "offset", "code"],
     meta_fields=["shape", "blocksize", "nested_blocksize", "quant_type", "dtype"],
 )
-jax.tree_util.register_dataclass(FP8Weight, data_fields=["weight", "scale_inv"], meta_fields=["block", "dtype"])
+jax.tree_util.register_dataclass(
+    FP8Weight, data_fields=["weight", "scale_inv"], meta_fields=["block", "dtype"]
+)
 
 QuantizedWeight = NF4Weight | FP8Weight
 

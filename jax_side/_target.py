@@ -66,7 +66,10 @@ def _from_dict(tree: Mapping[str, Any]) -> Target:
     prefix_len = 1 if "params" in collections else 0
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) for path, _ in flat]
-    leaves = [TargetLeaf(p, *_shape_dtype(v), sharding=_sharding(v), abstract=_abstract(v)) for p, (_, v) in zip(paths, flat)]
+    leaves = [
+        TargetLeaf(p, *_shape_dtype(v), sharding=_sharding(v), abstract=_abstract(v))
+        for p, (_, v) in zip(paths, flat)
+    ]
     originals = [v for _, v in flat]
 
     def rebuild(values: dict[Path, Any]) -> Any:
@@ -105,7 +108,11 @@ def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) 
 def _from_nnx_module(module: Any) -> Target:
     from flax import nnx
 
-    types = {tuple(path): type(node).__name__ for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    types = {
+        tuple(path): type(node).__name__
+        for path, node in nnx.iter_graph(module)
+        if isinstance(node, nnx.Module)
+    }
     return _from_nnx_state(nnx.state(module), types)
 
 
@@ -150,7 +157,15 @@ def plan_for_target(
     """
     t = as_target(target)
     leaves = _strip(t)
-    plan, report = plan_match(checkpoint, leaves, dtype=dtype, kinds=kinds, rename=rename, torch_kinds=torch_kinds, optional=optional)
+    plan, report = plan_match(
+        checkpoint,
+        leaves,
+        dtype=dtype,
+        kinds=kinds,
+        rename=rename,
+        torch_kinds=torch_kinds,
+        optional=optional,
+    )
     if strict and not report.ok:
         raise MatchError(report)
     filled = {p.leaf.path for p in plan}
@@ -214,7 +229,9 @@ def match_to_target(
     Raises:
         MatchError: ``strict`` and the checkpoint does not fit; the message lists every problem by name.
     """
-    shapes = {k: (tuple(np.shape(v)), getattr(v, "dtype", np.asarray(v).dtype)) for k, v in checkpoint.items()}
+    shapes = {
+        k: (tuple(np.shape(v)), getattr(v, "dtype", np.asarray(v).dtype)) for k, v in checkpoint.items()
+    }
     t, plan, report = plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
     values = fill(plan, lambda p: checkpoint[p.key], dtype=dtype)
     return rebuild_target(t, values), report

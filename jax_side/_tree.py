@@ -48,7 +48,9 @@ class MatchReport:
 
     missing: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
     unused: list[str] = dataclasses.field(default_factory=list)
-    shape_mismatches: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    shape_mismatches: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=list
+    )
     dtype_mismatches: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -75,7 +77,9 @@ class MatchReport:
             return "; ".join([head, *self.cast_summary()])
         lines = ["checkpoint does not match its target:"]
         for leaf, tried in self.missing:
-            lines.append(f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})")
+            lines.append(
+                f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})"
+            )
         for key in self.unused:
             lines.append(f"  unused: checkpoint tensor {key!r} fills no target leaf")
         for leaf, key, want, got in self.shape_mismatches:
@@ -119,7 +123,10 @@ def dotted(path: Path) -> str:
 
 
 def infer_kind(
-    key: str, ndim: int, overrides: Mapping[str, str] | None = None, torch_kinds: Mapping[str, str] | None = None
+    key: str,
+    ndim: int,
+    overrides: Mapping[str, str] | None = None,
+    torch_kinds: Mapping[str, str] | None = None,
 ) -> str:
     """The torch module kind of parameter ``key`` (a dotted torch name) of rank ``ndim``.
 
@@ -249,8 +256,13 @@ def to_flax_variables(
         parameters (``num_batches_tracked``, ``position_ids`` ...) are left out.
     """
     arrays = {k: jnp.asarray(v) for k, v in state.items()}
-    plan, _ = plan_by_name({k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}, numbered=numbered, kinds=kinds)
-    values = {p.leaf.path: apply_rule(arrays[p.key], p.rule, dtype=leaf_dtype(p, dtype, arrays[p.key].dtype)) for p in plan}
+    plan, _ = plan_by_name(
+        {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}, numbered=numbered, kinds=kinds
+    )
+    values = {
+        p.leaf.path: apply_rule(arrays[p.key], p.rule, dtype=leaf_dtype(p, dtype, arrays[p.key].dtype))
+        for p in plan
+    }
     return {"params": {}, **nest(values)}
 
 
@@ -337,7 +349,11 @@ def plan_match(
         planned = PlannedLeaf(leaf, original, rule)
         src = np.dtype(src_dtype)
         if dtype in (None, "target", "checkpoint") and leaf.dtype is not None and np.dtype(leaf.dtype) != src:
-            castable = dtype != "checkpoint" and jnp.issubdtype(src, jnp.floating) and jnp.issubdtype(leaf.dtype, jnp.floating)
+            castable = (
+                dtype != "checkpoint"
+                and jnp.issubdtype(src, jnp.floating)
+                and jnp.issubdtype(leaf.dtype, jnp.floating)
+            )
             if not castable:
                 report.dtype_mismatches.append((name, original, str(np.dtype(leaf.dtype)), str(src)))
                 continue

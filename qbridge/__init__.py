@@ -8,29 +8,43 @@ from qbridge._env import configure_jax_memory
 
 configure_jax_memory()  # before JAX starts its GPU backend: torch and JAX share the card
 
-from qbridge._errors import CheckpointError  # noqa: E402
-from qbridge._errors import FormatError  # noqa: E402
-from qbridge._errors import QBridgeError  # noqa: E402
-from qbridge._bench import run_bench as bench  # noqa: E402
-from qbridge._checkpoint import open_checkpoint  # noqa: E402
-from qbridge._convert import convert_checkpoint  # noqa: E402
-from qbridge._convert import restore_converted  # noqa: E402
-from qbridge._handoff import dequantize_to_jax  # noqa: E402
-from qbridge._handoff import is_compact  # noqa: E402
-from qbridge._handoff import to_jax  # noqa: E402
-from qbridge._handoff import to_torch  # noqa: E402
-from qbridge._inspect import CheckpointSummary  # noqa: E402
-from qbridge._inspect import inspect_checkpoint  # noqa: E402
-from qbridge._targets import build_target  # noqa: E402
-from qbridge._loader import LoadReport  # noqa: E402
-from qbridge._loader import dequantized_state  # noqa: E402
-from qbridge._loader import load_checkpoint  # noqa: E402
-from qbridge._peft import load_peft_adapter  # noqa: E402
-from qbridge._peft import save_peft_adapter  # noqa: E402
-from torch_side import dequantize  # noqa: E402
-from torch_side import dequantize_fp8  # noqa: E402
-from torch_side import dequantize_weight  # noqa: E402
-from torch_side import is_quant_tensor_subclass  # noqa: E402
+from qbridge._bench import run_bench as bench
+from qbridge._checkpoint import open_checkpoint
+from qbridge._convert import (
+    convert_checkpoint,
+    restore_converted,
+)
+from qbridge._errors import (
+    CheckpointError,
+    FormatError,
+    QBridgeError,
+)
+from qbridge._handoff import (
+    dequantize_to_jax,
+    is_compact,
+    to_jax,
+    to_torch,
+)
+from qbridge._inspect import (
+    CheckpointSummary,
+    inspect_checkpoint,
+)
+from qbridge._loader import (
+    LoadReport,
+    dequantized_state,
+    load_checkpoint,
+)
+from qbridge._peft import (
+    load_peft_adapter,
+    save_peft_adapter,
+)
+from qbridge._targets import build_target
+from torch_side import (
+    dequantize,
+    dequantize_fp8,
+    dequantize_weight,
+    is_quant_tensor_subclass,
+)
 
 __version__ = "0.1.0"
 

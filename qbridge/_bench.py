@@ -69,7 +69,7 @@ def _do_bench(fn: Callable[[], Any], *, graph: bool = True) -> tuple[float, str]
         return _per_call(fn), "events"
     try:
         return float(triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")), "graph replay"
-    except Exception as e:  # noqa: BLE001 - any capture failure: time the calls instead, and say so
+    except Exception as e:
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         torch.cuda.synchronize()  # the capture has ended; the stream is usable again
         return _per_call(fn), f"events (capture failed: {reason})"
@@ -126,7 +126,9 @@ def _wall_us(fn: Callable[[], Any], reps: int = 30) -> float:
     return statistics.median(times) * 1e6
 
 
-def _end_to_end(fmt: str, shape: tuple[int, int], nbytes: int, ceiling: float, dequantize: Callable[[], torch.Tensor]) -> list[Row]:
+def _end_to_end(
+    fmt: str, shape: tuple[int, int], nbytes: int, ceiling: float, dequantize: Callable[[], torch.Tensor]
+) -> list[Row]:
     """Wall-clock rows: dequantize alone (to a finished tensor), and on to a ready ``jax.Array``."""
     from qbridge import to_jax
 
@@ -137,10 +139,15 @@ def _end_to_end(fmt: str, shape: tuple[int, int], nbytes: int, ceiling: float, d
     rows = []
     for method, fn in (
         ("qbridge dequantize call (wall)", dense),
-        ("qbridge end to end to jax.Array (wall)", lambda: to_jax(dequantize(), producer="current").block_until_ready()),
+        (
+            "qbridge end to end to jax.Array (wall)",
+            lambda: to_jax(dequantize(), producer="current").block_until_ready(),
+        ),
     ):
         us = _wall_us(fn)
-        rows.append(Row(fmt, shape, method, us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling, "wall clock"))
+        rows.append(
+            Row(fmt, shape, method, us, us, nbytes, 100 * nbytes / (us * 1e-6) / ceiling, "wall clock")
+        )
     return rows
 
 
@@ -178,7 +185,18 @@ def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
     rows = []
     for name, fn in cases.items():
         ms, timing = _do_bench(fn, graph=name not in uncapturable)
-        rows.append(Row("NF4 nested->bf16", shape, name, ms * 1e3, _per_call(fn) * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling, timing))
+        rows.append(
+            Row(
+                "NF4 nested->bf16",
+                shape,
+                name,
+                ms * 1e3,
+                _per_call(fn) * 1e3,
+                nbytes,
+                100 * nbytes / (ms * 1e-3) / ceiling,
+                timing,
+            )
+        )
     packed, qs, _ = sets[0]
     rows += _end_to_end("NF4 nested->bf16", shape, nbytes, ceiling, lambda: torch_side.dequantize(packed, qs))
     return rows
@@ -199,7 +217,9 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
     sets = _rotating(make, nbytes)
     cases = {
         "qbridge": lambda s: torch_side.dequantize_fp8(s[0], s[1], backend="triton"),
-        "qbridge transposed": lambda s: torch_side.dequantize_fp8(s[0], s[1], backend="triton", transpose=True),
+        "qbridge transposed": lambda s: torch_side.dequantize_fp8(
+            s[0], s[1], backend="triton", transpose=True
+        ),
         "one 128x128 tile per program (DeepSeek-style)": lambda s: _one_tile_per_program(*s),
         "plain torch": lambda s: torch_side.dequantize_fp8(s[0], s[1], backend="torch"),
     }
@@ -207,7 +227,18 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
     for name, fn in cases.items():
         ms, timing = _do_bench(_cycle(sets, fn), graph=name != "plain torch")
         per_call = _per_call(_cycle(sets, fn))
-        rows.append(Row("FP8 block->bf16", shape, name, ms * 1e3, per_call * 1e3, nbytes, 100 * nbytes / (ms * 1e-3) / ceiling, timing))
+        rows.append(
+            Row(
+                "FP8 block->bf16",
+                shape,
+                name,
+                ms * 1e3,
+                per_call * 1e3,
+                nbytes,
+                100 * nbytes / (ms * 1e-3) / ceiling,
+                timing,
+            )
+        )
     w, s, _ = sets[0]
     rows += _end_to_end("FP8 block->bf16", shape, nbytes, ceiling, lambda: torch_side.dequantize_fp8(w, s))
     return rows
@@ -239,20 +270,25 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
             rows += fn(shape, ceiling)
         except torch.OutOfMemoryError as e:  # record it and go on with the other shapes
             skipped.append(f"{fn.__name__} {shape}: out of memory ({e.args[0].splitlines()[0]})")
-        except Exception as e:  # noqa: BLE001 - one failed shape never ends the run: record why, go on
-            skipped.append(f"{fn.__name__} {shape}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}")
+        except Exception as e:
+            skipped.append(
+                f"{fn.__name__} {shape}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            )
             try:
                 torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001 - an error that leaves the device unusable ends the run below
+            except Exception:
                 pass
         gc.collect()  # drop the input sets and CUDA graphs of this shape before the next
         torch.cuda.empty_cache()
     return {
         "device": torch.cuda.get_device_name(),
         "versions": {
-            "torch": torch.__version__, "triton": triton.__version__, "jax": jax.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "torchao": torchao.__version__,
-        },  # fmt: skip
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "jax": jax.__version__,
+            "bitsandbytes": bitsandbytes.__version__,
+            "torchao": torchao.__version__,
+        },
         "copy_tb_s": ceiling / 1e12,
         "rows": [dataclasses.asdict(r) for r in rows],
         "skipped": skipped,

@@ -43,7 +43,15 @@ DTYPES = {
 }  # fmt: skip
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # files that sit beside a model's weights without being them (PEFT adapters, optimizer and trainer state)
-NOT_MODEL_FILES = {"adapter_model.safetensors", "adapter_model.bin", "optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth", "scaler.pt"}
+NOT_MODEL_FILES = {
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "training_args.bin",
+    "rng_state.pth",
+    "scaler.pt",
+}
 
 
 @dataclasses.dataclass
@@ -97,7 +105,9 @@ class _Source:
                 if key not in available:
                     raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
                 if key in self.key_file:
-                    raise CheckpointError(f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known")
+                    raise CheckpointError(
+                        f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
+                    )
                 sl = handle.get_slice(key)
                 self.key_file[key] = path
                 self.shapes[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, key))
@@ -116,7 +126,9 @@ class _Source:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
-            if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower() or "Weights only load failed" in str(e):
+            if (
+                isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower()
+            ) or "Weights only load failed" in str(e):
                 raise CheckpointError(
                     f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {first}). "
                     "qbridge never runs pickle code; re-save the checkpoint as a plain state dict of tensors"
@@ -131,7 +143,9 @@ class _Source:
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
         for key in state:
             if key in self.key_file:
-                raise CheckpointError(f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known")
+                raise CheckpointError(
+                    f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
+                )
         self._state = {**(self._state or {}), **state}
         self.maps_files = True
         for key, value in state.items():
@@ -160,7 +174,9 @@ class _Source:
         try:
             return self._open[path].get_slice(key)[index]
         except Exception as e:
-            raise CheckpointError(f"{path}: reading {key!r}{list(index)} failed ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"{path}: reading {key!r}{list(index)} failed ({type(e).__name__}: {e})"
+            ) from e
 
     def close(self) -> None:
         self._open.clear()
@@ -170,7 +186,9 @@ class _Source:
 def _st_dtype(name: str, path: pathlib.Path, key: str) -> torch.dtype:
     dtype = safetensors_dtype(name)
     if dtype is None:
-        raise CheckpointError(f"{path}: {key!r} has dtype {name}, which torch {torch.__version__} has no dtype for")
+        raise CheckpointError(
+            f"{path}: {key!r} has dtype {name}, which torch {torch.__version__} has no dtype for"
+        )
     return dtype
 
 
@@ -225,14 +243,27 @@ class Checkpoint:
         needed); the answer is kept, and asked again only to add the model's view."""
         if self._classification is not None and (self._asked_model or not ask_model):
             return self._classification
-        modules, note = module_info(self.config, len(self.source.shapes)) if ask_model else (None, "the torch model was not asked")
+        modules, note = (
+            module_info(self.config, len(self.source.shapes))
+            if ask_model
+            else (None, "the torch model was not asked")
+        )
         self._asked_model = ask_model
         shapes = {name: (e.shape, e.dtype) for name, e in self.entries.items()}
         quantized = {name for name, e in self.entries.items() if e.kind != "dense"}
-        self._classification = classify(shapes, quantized, self.config, self.read, modules=modules, modules_note=note)
-        for key in self._classification.conv1d:  # a plain Conv1D weight is stored [in, out]: read it as [out, in]
+        self._classification = classify(
+            shapes, quantized, self.config, self.read, modules=modules, modules_note=note
+        )
+        for (
+            key
+        ) in self._classification.conv1d:  # a plain Conv1D weight is stored [in, out]: read it as [out, in]
             entry = self.entries.get(key)
-            if entry is not None and entry.kind == "dense" and len(entry.shape) == 2 and not entry.info.get("stored_in_out"):
+            if (
+                entry is not None
+                and entry.kind == "dense"
+                and len(entry.shape) == 2
+                and not entry.info.get("stored_in_out")
+            ):
                 entry.info["stored_in_out"] = True
                 entry.shape = entry.shape[::-1]
         return self._classification
@@ -245,7 +276,9 @@ def _weight_map(index: pathlib.Path) -> dict[str, str]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except Exception as e:
         raise CheckpointError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from e
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names (strings)")
     for key, name in weight_map.items():
         inside(index.parent, index.parent / name, f"{index} [{key}]")
@@ -263,7 +296,9 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
         raise CheckpointError(f"{what}: refers to {file}, outside the checkpoint directory {root}; refused")
     real_root, real = root.resolve(), file.resolve()
     if not real.is_relative_to(real_root):
-        raise CheckpointError(f"{what}: {file} is a link to {real}, outside the checkpoint directory {real_root}; refused")
+        raise CheckpointError(
+            f"{what}: {file} is a link to {real}, outside the checkpoint directory {real_root}; refused"
+        )
     return file
 
 
@@ -283,15 +318,26 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] 
     if index.exists():
         weight_map = _weight_map(inside(path, index, str(index)))
         return sorted({path / f for f in weight_map.values()}), weight_map, "safetensors"
-    for single, container in ((path / "model.safetensors", "safetensors"), (path / "pytorch_model.bin", "torch")):
-        if single.exists():  # transformers' single-file name: other files beside it (adapters ...) are not the model
+    for single, container in (
+        (path / "model.safetensors", "safetensors"),
+        (path / "pytorch_model.bin", "torch"),
+    ):
+        if (
+            single.exists()
+        ):  # transformers' single-file name: other files beside it (adapters ...) are not the model
             return [inside(path, single, str(single))], None, container
-    files = [inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if f.name not in NOT_MODEL_FILES]
+    files = [
+        inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if f.name not in NOT_MODEL_FILES
+    ]
     if files:
         return files, None, "safetensors"
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
-        return sorted({path / f for f in _weight_map(inside(path, torch_index, str(torch_index))).values()}), None, "torch"
+        return (
+            sorted({path / f for f in _weight_map(inside(path, torch_index, str(torch_index))).values()}),
+            None,
+            "torch",
+        )
     files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
              if f.name not in NOT_MODEL_FILES]  # fmt: skip
     if files:
@@ -317,9 +363,13 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
         raise CheckpointError(f"{config}: quantization_config must be an object, found {type(qc).__name__}")
     block = (qc or {}).get("weight_block_size")
     if block is not None and not (
-        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 20 for b in block)
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 20 for b in block)
     ):
-        raise CheckpointError(f"{config}: quantization_config.weight_block_size must be two positive integers, found {block!r}")
+        raise CheckpointError(
+            f"{config}: quantization_config.weight_block_size must be two positive integers, found {block!r}"
+        )
     tie = doc.get("tie_word_embeddings")
     if tie is not None and not isinstance(tie, bool):
         raise CheckpointError(f"{config}: tie_word_embeddings must be true or false, found {tie!r}")
@@ -348,7 +398,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     source = _Source()
     for f in files:
         if container == "safetensors":
-            keys = None if weight_map is None else [k for k, v in weight_map.items() if path_name(path, v) == f]
+            keys = (
+                None if weight_map is None else [k for k, v in weight_map.items() if path_name(path, v) == f]
+            )
             source.add_safetensors(f, keys)
         else:
             source.add_torch(f)
@@ -412,7 +464,9 @@ def _classify(ckpt: Checkpoint) -> None:
             entry = _fp8_entry(ckpt, key, shape, dtype)
         elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
             scb = f"{base}.SCB"
-            entry = Entry(key, "bnb8", shape, dtype, _nbytes(src, key) + _nbytes(src, scb), {"weight": key, "scb": scb})
+            entry = Entry(
+                key, "bnb8", shape, dtype, _nbytes(src, key) + _nbytes(src, scb), {"weight": key, "scb": scb}
+            )
         elif src._state is not None and torch_side.is_quant_tensor_subclass(src._state.get(key)):
             value = src._state[key]
             entry = Entry(key, "torchao", shape, value.dtype, _subclass_bytes(value), {"weight": key},
@@ -427,13 +481,19 @@ def _classify(ckpt: Checkpoint) -> None:
 def _check_format(ckpt: Checkpoint, quantized: set[str]) -> None:
     method = ckpt.quantization_config.get("quant_method")
     if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"}:
-        raise CheckpointError(f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state")
+        raise CheckpointError(
+            f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state"
+        )
     if method == "fp8" and "fp8" not in quantized:
         raise CheckpointError(f"{ckpt.path}: config says fp8 but no float8 weight was found")
     if len(quantized) > 1:
-        raise FormatError(f"{ckpt.path}: mixes quantization formats {sorted(quantized)}; qbridge reads one per checkpoint")
+        raise FormatError(
+            f"{ckpt.path}: mixes quantization formats {sorted(quantized)}; qbridge reads one per checkpoint"
+        )
     names = {"bnb4": "bitsandbytes-4bit", "bnb8": "bitsandbytes-8bit", "fp8": "fp8", "torchao": "torchao"}
-    ckpt.format = names[next(iter(quantized))] if quantized else ("safetensors" if ckpt.source.metadata else "torch")
+    ckpt.format = (
+        names[next(iter(quantized))] if quantized else ("safetensors" if ckpt.source.metadata else "torch")
+    )
 
 
 def _nbytes(src: _Source, key: str) -> int:
@@ -442,8 +502,13 @@ def _nbytes(src: _Source, key: str) -> int:
 
 
 def _subclass_bytes(t: torch.Tensor) -> int:
-    names = list(getattr(type(t), "tensor_data_names", [])) + list(getattr(type(t), "optional_tensor_data_names", []) or [])
-    pieces = [getattr(t, n, None) for n in names] or [getattr(t, "quantized_data", None), getattr(t, "quantized_scalers", None)]
+    names = list(getattr(type(t), "tensor_data_names", [])) + list(
+        getattr(type(t), "optional_tensor_data_names", []) or []
+    )
+    pieces = [getattr(t, n, None) for n in names] or [
+        getattr(t, "quantized_data", None),
+        getattr(t, "quantized_scalers", None),
+    ]
     return sum(p.numel() * p.element_size() for p in pieces if isinstance(p, torch.Tensor))
 
 
@@ -463,21 +528,33 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
     def positive(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 24
 
-    if not positive(doc["blocksize"]) or ("nested_blocksize" in doc and not positive(doc["nested_blocksize"])):
+    if not positive(doc["blocksize"]) or (
+        "nested_blocksize" in doc and not positive(doc["nested_blocksize"])
+    ):
         raise CheckpointError(f"{where}: blocksize and nested_blocksize must be positive integers, found "
                               f"{doc['blocksize']!r} and {doc.get('nested_blocksize')!r}")  # fmt: skip
-    if not (isinstance(doc["shape"], list) and doc["shape"] and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in doc["shape"])):
-        raise CheckpointError(f"{where}: the quant state's shape must be a list of non-negative integers, found {doc['shape']!r}")
+    if not (
+        isinstance(doc["shape"], list)
+        and doc["shape"]
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in doc["shape"])
+    ):
+        raise CheckpointError(
+            f"{where}: the quant state's shape must be a list of non-negative integers, found {doc['shape']!r}"
+        )
     offset = doc.get("nested_offset", 0.0)
     if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
         raise CheckpointError(f"{where}: nested_offset must be a finite number, found {offset!r}")
     if doc.get("quant_type", quant_type) != quant_type:
-        raise CheckpointError(f"{where}: the key says {quant_type} but the quant state says {doc.get('quant_type')!r}")
+        raise CheckpointError(
+            f"{where}: the key says {quant_type} but the quant state says {doc.get('quant_type')!r}"
+        )
     if name not in src.shapes:
         raise CheckpointError(f"{where}: quant state for {name!r}, which the checkpoint does not hold")
     out_dtype = DTYPES.get(str(doc["dtype"]))
     if out_dtype is None:
-        raise CheckpointError(f"{where}: the quant state's dtype {doc['dtype']!r} is not float16, bfloat16 or float32")
+        raise CheckpointError(
+            f"{where}: the quant state's dtype {doc['dtype']!r} is not float16, bfloat16 or float32"
+        )
     shape = tuple(int(s) for s in doc["shape"])
     keys = {"weight": name, "quant_state": state_key}
     for piece in BNB_PIECES:
@@ -519,11 +596,25 @@ def _fp8_entry(ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.
         layout = torch_side.fp8_scale_layout(shape, src.shapes[scale][0], block)
     except ValueError as e:
         raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
-    info = {"block_size": block, "layout": layout, "partial": layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))}
-    return Entry(key, "fp8", shape, dtype, _nbytes(src, key) + _nbytes(src, scale), {"weight": key, "scale": scale}, info)
+    info = {
+        "block_size": block,
+        "layout": layout,
+        "partial": layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block)),
+    }
+    return Entry(
+        key,
+        "fp8",
+        shape,
+        dtype,
+        _nbytes(src, key) + _nbytes(src, scale),
+        {"weight": key, "scale": scale},
+        info,
+    )
 
 
-def _torchao_safetensors_entries(ckpt: Checkpoint, path: pathlib.Path, meta: dict[str, str]) -> Iterator[Entry]:
+def _torchao_safetensors_entries(
+    ckpt: Checkpoint, path: pathlib.Path, meta: dict[str, str]
+) -> Iterator[Entry]:
     try:
         names = json.loads(meta["tensor_names"])
     except Exception as e:
@@ -544,9 +635,21 @@ def _torchao_safetensors_entries(ckpt: Checkpoint, path: pathlib.Path, meta: dic
         data = doc.get("_data", {})
         # the logical shape is qdata's for the unpacked layouts torchao writes here (Int8, Float8, IntxUnpacked);
         # it is checked against the rebuilt tensor when the weight is read
-        shape = ckpt.source.shapes[keys["qdata"]][0] if "qdata" in keys else ckpt.source.shapes[next(iter(keys.values()))][0]
+        shape = (
+            ckpt.source.shapes[keys["qdata"]][0]
+            if "qdata" in keys
+            else ckpt.source.shapes[next(iter(keys.values()))][0]
+        )
         stored_dtype = data.get("dtype", {})
         dtype = DTYPES.get(stored_dtype.get("_data", "") if isinstance(stored_dtype, dict) else str(stored_dtype),
                            _model_dtype(ckpt.config))  # fmt: skip
         stored = sum(_nbytes(ckpt.source, k) for k in keys.values())
-        yield Entry(name, "torchao", shape, dtype, stored, keys, {"type": doc.get("_type"), "metadata": meta, "file": path})
+        yield Entry(
+            name,
+            "torchao",
+            shape,
+            dtype,
+            stored,
+            keys,
+            {"type": doc.get("_type"), "metadata": meta, "file": path},
+        )

@@ -93,7 +93,9 @@ def torch_kind(module: torch.nn.Module, ndim: int = 2) -> str:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
-    for nd, (conv, transposed) in enumerate(((nn.Conv1d, nn.ConvTranspose1d), (nn.Conv2d, nn.ConvTranspose2d), (nn.Conv3d, nn.ConvTranspose3d)), 1):
+    for nd, (conv, transposed) in enumerate(
+        ((nn.Conv1d, nn.ConvTranspose1d), (nn.Conv2d, nn.ConvTranspose2d), (nn.Conv3d, nn.ConvTranspose3d)), 1
+    ):
         if isinstance(module, transposed):
             return f"conv_transpose{nd}d"
         if isinstance(module, conv):
@@ -145,7 +147,9 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
     architectures = config.get("architectures") or []
     if not architectures:
         return None, "config.json names no architecture"
-    layers = sum(v for k in LAYER_FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0)
+    layers = sum(
+        v for k in LAYER_FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0
+    )
     if tensors is not None and layers > max(tensors, 8):
         return None, f"config.json names {layers} layers for {tensors} tensors; the model was not built"
     if _transformers_dir() is None:
@@ -166,8 +170,11 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
                 model = cls._from_config(cfg)
         finally:
             transformers.logging.set_verbosity(verbosity)
-    except Exception as e:  # noqa: BLE001 - any failure leaves the name rules in charge, said in the report
-        return None, f"could not build {arch} on the meta device ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    except Exception as e:
+        return (
+            None,
+            f"could not build {arch} on the meta device ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+        )
     kinds, classes, non_persistent = {}, {}, set()
     for prefix, module in model.named_modules(remove_duplicate=False):
         tensors = [*module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False),
@@ -194,7 +201,7 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
 def _same_tensor(read: Any, a: str, b: str) -> bool:
     try:
         x, y = read(a), read(b)
-    except Exception:  # noqa: BLE001 - an unreadable tensor is no proof of a copy
+    except Exception:
         return False
     return x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))
 
@@ -220,7 +227,9 @@ def classify(
             out.optional[key] = documented[leaf]
             continue
         if modules is not None and key in modules.non_persistent:
-            out.optional[key] = f"buffer of {modules.classes.get(key, 'the model')} that the model does not save (a cache)"
+            out.optional[key] = (
+                f"buffer of {modules.classes.get(key, 'the model')} that the model does not save (a cache)"
+            )
             continue
         if modules is None or key not in modules.kinds:
             reason = jax_side.buffer_reason(key, len(shape))
@@ -236,20 +245,35 @@ def classify(
     # tied copies: named by the model (or, without it, output-embedding names under tie_word_embeddings),
     # and equal to the tensor they copy
     if modules is not None:
-        pairs = [(copy, source) for copy, source in modules.tied.items() if copy in shapes and source in shapes]
+        pairs = [
+            (copy, source) for copy, source in modules.tied.items() if copy in shapes and source in shapes
+        ]
     elif tie:
+
         def is_copy_name(k: str) -> bool:
-            return k.endswith(OUTPUT_EMBEDDINGS) or k.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"))
+            return k.endswith(OUTPUT_EMBEDDINGS) or k.endswith(
+                ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+            )
 
         embeddings = [k for k in shapes if k not in quantized and len(shapes[k][0]) == 2 and k.endswith(".weight")
                       and jax_side.infer_kind(k, 2) == "embedding"]  # fmt: skip
-        embeddings.sort(key=lambda k: (is_copy_name(k), len(k)))  # the shared table first (T5's shared, GPT-2's wte)
-        pairs = [(copy, source) for copy in shapes if is_copy_name(copy) for source in embeddings if source != copy]
+        embeddings.sort(
+            key=lambda k: (is_copy_name(k), len(k))
+        )  # the shared table first (T5's shared, GPT-2's wte)
+        pairs = [
+            (copy, source) for copy in shapes if is_copy_name(copy) for source in embeddings if source != copy
+        ]
     else:
         pairs = []
     sources: set[str] = set()
     for copy, source in pairs:
-        if copy in out.optional or copy in sources or source in out.optional or copy in quantized or source in quantized:
+        if (
+            copy in out.optional
+            or copy in sources
+            or source in out.optional
+            or copy in quantized
+            or source in quantized
+        ):
             continue
         if shapes[copy] == shapes[source] and _same_tensor(read, copy, source):
             out.optional[copy] = f"tied to {source} (an identical copy)"
@@ -258,5 +282,10 @@ def classify(
             if copy in out.guessed:
                 out.guessed.remove(copy)
         elif modules is not None:
-            log.info("%s is tied to %s in %s, but the checkpoint holds different values: kept", copy, source, modules.architecture)
+            log.info(
+                "%s is tied to %s in %s, but the checkpoint holds different values: kept",
+                copy,
+                source,
+                modules.architecture,
+            )
     return out

@@ -47,10 +47,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from qbridge import QBridgeError
-    from jax_side import MatchError
-
     import re
+
+    from jax_side import MatchError
+    from qbridge import QBridgeError
 
     return (QBridgeError, MatchError, FileExistsError, ValueError, ImportError, re.error)
 
@@ -79,10 +79,16 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a small Llama quantized to NF4, loaded into Flax through qbridge, compared")
+    demo = sub.add_parser(
+        "demo", help="a small Llama quantized to NF4, loaded into Flax through qbridge, compared"
+    )
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--workdir", default=None, help="keep the checkpoints here (default: a temporary directory)")
-    demo.add_argument("--device", default=None, help="torch device for bitsandbytes (default: cuda if present)")
+    demo.add_argument(
+        "--workdir", default=None, help="keep the checkpoints here (default: a temporary directory)"
+    )
+    demo.add_argument(
+        "--device", default=None, help="torch device for bitsandbytes (default: cuda if present)"
+    )
     demo.set_defaults(func=_demo)
     inspect = sub.add_parser("inspect", help="what a checkpoint holds: format, tensors by kind, sizes")
     inspect.add_argument("path")
@@ -90,27 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="a PyTorch checkpoint to an Orbax checkpoint of Flax parameters")
     convert.add_argument("path")
     convert.add_argument("out")
-    convert.add_argument("--device", default=None, help="'cpu', 'cuda' or 'cuda:i' (default: the GPU if JAX and torch see it)")
+    convert.add_argument(
+        "--device", default=None, help="'cpu', 'cuda' or 'cuda:i' (default: the GPU if JAX and torch see it)"
+    )
     convert.add_argument("--dtype", default=None, help="cast floating parameters (e.g. bfloat16)")
     convert.add_argument("--target", default=None,
                          help="lay out for this model: 'llama' (the built-in Flax Llama) or a Flax model class by import "
                               "path, 'package.module:ClassName' (transformers' Flax classes included), built from the "
                               "checkpoint's config.json")  # fmt: skip
-    convert.add_argument("--kind", action="append", metavar="PATTERN=KIND", help="module kind override (repeatable)")
-    convert.add_argument("--rename", action="append", metavar="PATTERN=REPLACEMENT", help="checkpoint key rename (repeatable)")
-    convert.add_argument("--no-strict", action="store_true", help="with a target: report mismatches instead of refusing")
-    convert.add_argument("--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete")
+    convert.add_argument(
+        "--kind", action="append", metavar="PATTERN=KIND", help="module kind override (repeatable)"
+    )
+    convert.add_argument(
+        "--rename", action="append", metavar="PATTERN=REPLACEMENT", help="checkpoint key rename (repeatable)"
+    )
+    convert.add_argument(
+        "--no-strict", action="store_true", help="with a target: report mismatches instead of refusing"
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete"
+    )
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_convert)
-    parity = sub.add_parser("parity", help="layer-by-layer parity: transformers' torch model of a checkpoint vs a Flax model")
+    parity = sub.add_parser(
+        "parity", help="layer-by-layer parity: transformers' torch model of a checkpoint vs a Flax model"
+    )
     parity.add_argument("path")
-    parity.add_argument("--model", default="llama", help="'llama' (built in) or an nnx Module class by import path, 'package.module:Name'")
+    parity.add_argument(
+        "--model",
+        default="llama",
+        help="'llama' (built in) or an nnx Module class by import path, 'package.module:Name'",
+    )
     parity.add_argument("--keep-quantized", action="store_true", help="load the Flax model kept quantized")
     parity.add_argument("--tokens", type=int, default=16)
     parity.add_argument("--batch", type=int, default=2)
     parity.add_argument("--seed", type=int, default=0)
     parity.set_defaults(func=_parity)
-    bench = sub.add_parser("bench", help="dequantization speed on this GPU against the copy ceiling and baselines")
+    bench = sub.add_parser(
+        "bench", help="dequantization speed on this GPU against the copy ceiling and baselines"
+    )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--quick", action="store_true", help="fewer shapes")
     bench.set_defaults(func=_bench)

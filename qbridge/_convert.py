@@ -63,11 +63,15 @@ def convert_checkpoint(
     out = pathlib.Path(out).absolute()
     source = pathlib.Path(path).absolute().resolve()
     if source == out.resolve() or source.is_relative_to(out.resolve()):
-        raise FileExistsError(f"{out} holds the checkpoint being converted ({path}); write the Orbax checkpoint elsewhere")
+        raise FileExistsError(
+            f"{out} holds the checkpoint being converted ({path}); write the Orbax checkpoint elsewhere"
+        )
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not (out / "_CHECKPOINT_METADATA").exists():
-        raise FileExistsError(f"{out} exists and is no Orbax checkpoint; overwrite replaces only one (remove it yourself)")
+        raise FileExistsError(
+            f"{out} exists and is no Orbax checkpoint; overwrite replaces only one (remove it yourself)"
+        )
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such directory to write the converted checkpoint in")
     params, report = load_checkpoint(

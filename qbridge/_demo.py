@@ -60,17 +60,18 @@ def _bnb_weights_equal(model: torch.nn.Module, params: Any) -> tuple[int, int]:
     return checked, equal
 
 
-def run_demo(*, seed: int = 0, workdir: str | os.PathLike[str] | None = None, device: str | None = None) -> DemoResult:
+def run_demo(
+    *, seed: int = 0, workdir: str | os.PathLike[str] | None = None, device: str | None = None
+) -> DemoResult:
     """Runs the demo; ``workdir`` keeps the checkpoints (a temporary directory otherwise)."""
     import jax
     import jax.numpy as jnp
+    import transformers
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     import jax_side
     from qbridge import inspect_checkpoint, load_checkpoint
     from qbridge.parity import compare
-
-    import transformers
 
     transformers.logging.disable_progress_bar()
     tdev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -67,7 +67,9 @@ def jax_dtype(dtype: torch.dtype) -> np.dtype:
         TypeError: JAX has no dtype of that name and width (the message says so).
     """
     if dtype not in TORCH_TO_JAX:
-        raise TypeError(f"JAX has no {str(dtype).replace('torch.', '')} (torch's {dtype}); convert the tensor first")
+        raise TypeError(
+            f"JAX has no {str(dtype).replace('torch.', '')} (torch's {dtype}); convert the tensor first"
+        )
     return TORCH_TO_JAX[dtype]
 
 
@@ -79,7 +81,9 @@ def torch_dtype(dtype: Any) -> torch.dtype:
     """
     dtype = np.dtype(dtype)
     if dtype not in JAX_TO_TORCH:
-        raise TypeError(f"torch {torch.__version__} has no {dtype.name} (JAX's {dtype}); convert the array first")
+        raise TypeError(
+            f"torch {torch.__version__} has no {dtype.name} (JAX's {dtype}); convert the array first"
+        )
     return JAX_TO_TORCH[dtype]
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from contextlib import nullcontext as _nullcontext
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext as _nullcontext
 from typing import Any
 
 import jax
@@ -127,7 +127,9 @@ def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stre
         return [producer] if producer != current else []
     elif isinstance(producer, Sequence):
         return [s for s in producer if s != current]
-    raise TypeError(f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}")
+    raise TypeError(
+        f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
+    )
 
 
 def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream:
@@ -204,7 +206,9 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
     narrow = _WIDE[t.dtype]
     if not t.dtype.is_floating_point and not t.dtype.is_complex and t.numel():
         info = torch.iinfo(narrow)
-        if t.dtype == getattr(torch, "uint64", None):  # torch has no min/max for uint64: read its bits as int64
+        if t.dtype == getattr(
+            torch, "uint64", None
+        ):  # torch has no min/max for uint64: read its bits as int64
             as_signed = t.view(torch.int64)
             lo, hi = (0, int(as_signed.max())) if bool((as_signed >= 0).all()) else (0, 2**64 - 1)
         else:
@@ -227,7 +231,11 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     dest: torch.device | None = None
     if target.platform == "cpu":
         dest = torch.device("cpu")
-    elif target.platform == "gpu" and torch.cuda.is_available() and target.local_hardware_id < torch.cuda.device_count():
+    elif (
+        target.platform == "gpu"
+        and torch.cuda.is_available()
+        and target.local_hardware_id < torch.cuda.device_count()
+    ):
         dest = torch.device("cuda", target.local_hardware_id)
     narrow = _WIDE.get(t.dtype) if not _x64() else None
     with _on(t.device):
@@ -250,7 +258,9 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     return x if target == jax_cpu() else jax.device_put(x, target)
 
 
-def jax_owned_copy(t: torch.Tensor, target: jax.Device, producer: Producer, *, wait: bool = True) -> jax.Array:
+def jax_owned_copy(
+    t: torch.Tensor, target: jax.Device, producer: Producer, *, wait: bool = True
+) -> jax.Array:
     """An independent copy of ``t`` on ``target``, in memory that XLA allocated itself.
 
     The tensor is first handed over zero-copy (made contiguous first if it is a permuted view: XLA's
@@ -347,14 +357,20 @@ def to_jax(
     home = _home(t)
     if target is None:
         if home is None:
-            raise RuntimeError(no_jax_gpu_message(t.device.index) if t.device.type == "cuda" else f"JAX cannot see {t.device}")
+            raise RuntimeError(
+                no_jax_gpu_message(t.device.index)
+                if t.device.type == "cuda"
+                else f"JAX cannot see {t.device}"
+            )
         target = home
     if copy:
         return jax_owned_copy(t, target, producer)
     reasons = _aliasing_blockers(t, home, target)
     if reasons:
         if copy is False:
-            raise BufferError(f"cannot hand {_describe(t)} to JAX without a copy: {'; '.join(reasons)}; {COPY_NOTE}")
+            raise BufferError(
+                f"cannot hand {_describe(t)} to JAX without a copy: {'; '.join(reasons)}; {COPY_NOTE}"
+            )
         log.debug("to_jax copies %s once: %s", _describe(t), "; ".join(reasons))
         return _copy_once(t, home, target, producer)
     try:

@@ -45,15 +45,22 @@ class CheckpointSummary:
     def __str__(self) -> str:
         lines = [f"{self.path}: {self.format}, {self.files} file(s)"]
         if self.quantization_config:
-            lines.append("quantization_config: " + ", ".join(f"{k}={v}" for k, v in sorted(self.quantization_config.items())))
+            lines.append(
+                "quantization_config: "
+                + ", ".join(f"{k}={v}" for k, v in sorted(self.quantization_config.items()))
+            )
         lines.append(f"{'kind':<10}{'tensors':>9}{'stored MB':>12}{'dequantized MB':>16}")
         for kind, k in sorted(self.kinds.items()):
-            lines.append(f"{kind:<10}{k['tensors']:>9}{k['stored_bytes'] / 1e6:>12.2f}{k['dense_bytes'] / 1e6:>16.2f}")
+            lines.append(
+                f"{kind:<10}{k['tensors']:>9}{k['stored_bytes'] / 1e6:>12.2f}{k['dense_bytes'] / 1e6:>16.2f}"
+            )
         lines.append(f"{'total':<10}{sum(k['tensors'] for k in self.kinds.values()):>9}"
                      f"{self.stored_bytes / 1e6:>12.2f}{self.dense_bytes / 1e6:>16.2f}")  # fmt: skip
         lines.append(f"classified by: {self.classified_by}")
         if self.guessed:
-            shown = ", ".join(self.guessed[:8]) + (f", ... ({len(self.guessed)} in all)" if len(self.guessed) > 8 else "")
+            shown = ", ".join(self.guessed[:8]) + (
+                f", ... ({len(self.guessed)} in all)" if len(self.guessed) > 8 else ""
+            )
             lines.append(f"module kinds guessed from names: {shown}")
         if self.skipped:
             lines.append("no parameters (skipped when loading unless a target asks):")
@@ -78,7 +85,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             for role in ("absmax", "nested_absmax", "scale", "scb"):
                 if role in e.keys:
                     check_scales(ckpt, e.keys[role], ckpt.read(e.keys[role]))
-        kinds: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"tensors": 0, "stored_bytes": 0, "dense_bytes": 0})
+        kinds: dict[str, dict[str, int]] = collections.defaultdict(
+            lambda: {"tensors": 0, "stored_bytes": 0, "dense_bytes": 0}
+        )
         care = []
         for e in ckpt.entries.values():
             if e.name in classification.optional:

@@ -31,6 +31,7 @@ from ._handoff import jax_owned_copy, to_jax
 
 log = logging.getLogger("qbridge")
 
+
 @dataclasses.dataclass
 class LoadReport:
     """What :func:`load_checkpoint` read and where it put it.
@@ -63,8 +64,11 @@ class LoadReport:
         return (
             f"{self.format}: {self.leaves} leaves, {self.stored_bytes / 1e6:.1f} MB read -> "
             f"{self.dense_bytes / 1e6:.1f} MB on {self.device} in {self.seconds:.2f} s"
-            + (f"; skipped {', '.join(f'{k} ({self.skip_reasons[k]})' if k in self.skip_reasons else k for k in self.skipped)}"
-               if self.skipped else "")
+            + (
+                f"; skipped {', '.join(f'{k} ({self.skip_reasons[k]})' if k in self.skip_reasons else k for k in self.skipped)}"
+                if self.skipped
+                else ""
+            )
             + "".join(f"; {line}" for line in (self.match.cast_summary() if self.match else []))
         )
 
@@ -114,19 +118,25 @@ def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
         t = t.float()  # float8 scales (e8m0): exact in float32, where isfinite is defined
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
-        raise CheckpointError(f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there")
+        raise CheckpointError(
+            f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there"
+        )
 
 
 def _bnb4_pieces(ckpt: Checkpoint, entry: Entry) -> dict[str, torch.Tensor]:
     """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
     table (the standard one decodes exactly as bitsandbytes' CUDA kernel does)."""
-    pieces = {role: ckpt.read(key) for role, key in entry.keys.items() if role not in ("quant_state", "weight")}
+    pieces = {
+        role: ckpt.read(key) for role, key in entry.keys.items() if role not in ("quant_state", "weight")
+    }
     for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # scales and tables: finite
         if role in pieces:
             check_scales(ckpt, entry.keys[role], pieces[role])
     offset = float(entry.info["quant_state"].get("nested_offset", 0.0))
     if abs(offset) > float(np.finfo(np.float32).max):
-        raise CheckpointError(f"{ckpt.where(entry.keys['quant_state'])}: nested_offset {offset} does not fit float32")
+        raise CheckpointError(
+            f"{ckpt.where(entry.keys['quant_state'])}: nested_offset {offset} does not fit float32"
+        )
     code = pieces.pop("quant_map", None)
     standard = torch_side.standard_code(entry.info["quant_type"])
     if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
@@ -167,8 +177,12 @@ def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
     check_scales(ckpt, entry.keys["scb"], scb)
     w = ckpt.read(entry.keys["weight"]).to(device)
     if scb.numel() != w.shape[0]:
-        raise CheckpointError(f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows")
-    return torch_side.dequantize_int8(w, scb.to(device), dtype=entry.dtype)  # bitsandbytes' order of operations
+        raise CheckpointError(
+            f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows"
+        )
+    return torch_side.dequantize_int8(
+        w, scb.to(device), dtype=entry.dtype
+    )  # bitsandbytes' order of operations
 
 
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
@@ -184,7 +198,9 @@ def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tens
         weight = ckpt.read(entry.name)
     dense = torch_side.dequantize_weight(weight.to(device))
     if tuple(dense.shape) != entry.shape:
-        raise CheckpointError(f"{ckpt.where(entry.name)}: rebuilt shape {tuple(dense.shape)}, expected {entry.shape}")
+        raise CheckpointError(
+            f"{ckpt.where(entry.name)}: rebuilt shape {tuple(dense.shape)}, expected {entry.shape}"
+        )
     return dense
 
 
@@ -238,7 +254,9 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     )  # fmt: skip
 
 
-def materialize(ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule, *, stored: bool = False) -> torch.Tensor:
+def materialize(
+    ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule, *, stored: bool = False
+) -> torch.Tensor:
     """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous.
 
     ``rule`` applies to the logical layout (``entry.shape``): a plain transformers ``Conv1D`` weight, stored
@@ -285,7 +303,9 @@ def plan_load(
         classes = ckpt.classify(ask_model=ask)
         shapes = {name: (e.shape, TORCH_TO_JAX.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
         if target is None:
-            plan, skipped = jax_side.plan_by_name(shapes, kinds=kinds, torch_kinds=classes.kinds, optional=classes.optional)
+            plan, skipped = jax_side.plan_by_name(
+                shapes, kinds=kinds, torch_kinds=classes.kinds, optional=classes.optional
+            )
             return None, plan, None, skipped
         try:
             t, plan, match = jax_side.plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict,
@@ -385,9 +405,13 @@ def load_checkpoint(
         except TypeError:
             floating = False
         if not floating:
-            raise ValueError(f"dtype={dtype!r}: weights are cast only to a floating dtype (bfloat16, float16, float32 ...)")
+            raise ValueError(
+                f"dtype={dtype!r}: weights are cast only to a floating dtype (bfloat16, float16, float32 ...)"
+            )
     with open_checkpoint(path) as ckpt:
-        t, plan, match, skipped = plan_load(ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
+        t, plan, match, skipped = plan_load(
+            ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict
+        )
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
         values: dict[Any, jax.Array] = {}
@@ -421,12 +445,16 @@ def load_checkpoint(
         finally:
             if bar is not None:
                 bar.close()
-        result = jax_side.rebuild_target(t, values) if t is not None else {"params": {}, **jax_side.nest(values)}
+        result = (
+            jax_side.rebuild_target(t, values) if t is not None else {"params": {}, **jax_side.nest(values)}
+        )
         classification = ckpt.classify()
         report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
                             str(jdev), skipped, list(classification.guessed), classification.source)  # fmt: skip
     if skipped:
-        log.info("load_checkpoint skipped %s (not parameters)", ", ".join(f"{k} ({r})" for k, r in skipped.items()))
+        log.info(
+            "load_checkpoint skipped %s (not parameters)", ", ".join(f"{k} ({r})" for k, r in skipped.items())
+        )
     log.debug("%s", report)
     return (result, report) if return_report else result
 

@@ -13,7 +13,6 @@ import os
 import pathlib
 from typing import Any
 
-
 import jax_side
 
 from ._errors import CheckpointError
@@ -53,7 +52,9 @@ def save_peft_adapter(
         raise ValueError("the model has no LoRA adapters: add them with jax_side.add_lora")
     configs = {adapter.config for adapter in layers.values()}
     if len(configs) != 1:
-        raise ValueError(f"the adapters were made with {len(configs)} different LoraConfigs; PEFT's file holds one")
+        raise ValueError(
+            f"the adapters were made with {len(configs)} different LoraConfigs; PEFT's file holds one"
+        )
     config = configs.pop()
     tensors = {}
     for name, adapter in sorted(layers.items()):
@@ -62,7 +63,12 @@ def save_peft_adapter(
     out = pathlib.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-    doc = {**config.to_peft(), "task_type": task_type, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
+    doc = {
+        **config.to_peft(),
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+    }
     (out / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True))
     return out
 
@@ -88,7 +94,9 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
 
     for name in (CONFIG, WEIGHTS):
         if not (path / name).exists():
-            raise CheckpointError(f"{path / name}: missing (a PEFT adapter directory holds {CONFIG} and {WEIGHTS})")
+            raise CheckpointError(
+                f"{path / name}: missing (a PEFT adapter directory holds {CONFIG} and {WEIGHTS})"
+            )
     try:
         doc = json.loads((path / CONFIG).read_text())
         tensors = load_file(str(path / WEIGHTS))
@@ -101,19 +109,28 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
     targets = jax_side.lora_targets(model, config)  # everything is checked before the model changes
     values = {}
     for name, layer in targets.items():
-        for attr, shape in (("lora_A", (config.r, layer.in_features)), ("lora_B", (layer.out_features, config.r))):
+        for attr, shape in (
+            ("lora_A", (config.r, layer.in_features)),
+            ("lora_B", (layer.out_features, config.r)),
+        ):
             key = f"{PREFIX}{name}.{attr}.weight"
             value = tensors.get(key, tensors.get(key.replace(".weight", ".default.weight")))
             if value is None:
                 continue
             if tuple(value.shape) != shape or not jnp.issubdtype(value.dtype, jnp.floating):
-                raise CheckpointError(f"{path / WEIGHTS} [{key}]: {value.dtype} {tuple(value.shape)}, the layer needs floating {shape}")
+                raise CheckpointError(
+                    f"{path / WEIGHTS} [{key}]: {value.dtype} {tuple(value.shape)}, the layer needs floating {shape}"
+                )
             values[(name, attr)] = value
     wanted = {f"{PREFIX}{n}.{ab}.weight" for n in targets for ab in ("lora_A", "lora_B")}
     extra = sorted(k for k in tensors if k.replace(".default.", ".") not in wanted)
-    missing = sorted(f"{PREFIX}{n}.{ab}.weight" for n in targets for ab in ("lora_A", "lora_B") if (n, ab) not in values)
+    missing = sorted(
+        f"{PREFIX}{n}.{ab}.weight" for n in targets for ab in ("lora_A", "lora_B") if (n, ab) not in values
+    )
     if extra or missing:
-        raise CheckpointError(f"{path / WEIGHTS}: adapters for layers the model lacks: {extra}; layers without adapters: {missing}")
+        raise CheckpointError(
+            f"{path / WEIGHTS}: adapters for layers the model lacks: {extra}; layers without adapters: {missing}"
+        )
     jax_side.remove_lora(model)  # the file's adapters replace any the model had
     dtype = next(iter(values.values())).dtype
     names = jax_side.add_lora(model, config, rngs=rngs, dtype=dtype)

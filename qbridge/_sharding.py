@@ -56,7 +56,9 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int,
     return [s.indices(n)[:2] for s, n in zip(index, shape)]
 
 
-def _fp8_slice(ckpt: Checkpoint, entry: Entry, rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> torch.Tensor:
+def _fp8_slice(
+    ckpt: Checkpoint, entry: Entry, rows: tuple[int, int], cols: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """The torch-layout slice of an FP8 weight: dequantize the scale tiles that cover it, then cut."""
     layout = entry.info["layout"]
     (r0, r1), (c0, c1) = rows, cols
@@ -75,7 +77,9 @@ def _fp8_slice(ckpt: Checkpoint, entry: Entry, rows: tuple[int, int], cols: tupl
     return dense[r0 - R0 : r1 - R0, c0 - C0 : c1 - C0]
 
 
-def _bnb4_slice(ckpt: Checkpoint, entry: Entry, bounds: list[tuple[int, int]], device: torch.device, budget: int) -> torch.Tensor:
+def _bnb4_slice(
+    ckpt: Checkpoint, entry: Entry, bounds: list[tuple[int, int]], device: torch.device, budget: int
+) -> torch.Tensor:
     """The torch-layout slice of a 1-D or 2-D bitsandbytes 4-bit weight. Its blocks run over the flat
     row-major weight, so rows are decoded in chunks (whole blocks, about ``budget`` elements) and cut."""
     doc = entry.info["quant_state"]
@@ -104,11 +108,15 @@ def _bnb4_slice(ckpt: Checkpoint, entry: Entry, bounds: list[tuple[int, int]], d
             quant_type=entry.info["quant_type"], dtype=entry.dtype, code=None if code is None else code.to(device),
         )  # fmt: skip
         start = a * width - blk0 * blocksize
-        out[a - rows[0] : b - rows[0]] = seg[start : start + (b - a) * width].view(b - a, width)[:, cols[0] : cols[1]]
+        out[a - rows[0] : b - rows[0]] = seg[start : start + (b - a) * width].view(b - a, width)[
+            :, cols[0] : cols[1]
+        ]
     return out if len(entry.shape) == 2 else out.reshape(-1)
 
 
-def _slice_torch(ckpt: Checkpoint, entry: Entry, torch_index: tuple[slice, ...], device: torch.device, budget: int) -> torch.Tensor:
+def _slice_torch(
+    ckpt: Checkpoint, entry: Entry, torch_index: tuple[slice, ...], device: torch.device, budget: int
+) -> torch.Tensor:
     """``weight[torch_index]`` in torch layout, dequantized on ``device``."""
     bounds = _bounds(torch_index, entry.shape)
     if entry.kind == "dense":
@@ -132,7 +140,11 @@ def load_shard(
     perm = jax_side.permutation(rule, ndim)
     flax_shape = jax_side.flax_shape(rule, entry.shape)
     index = tuple(index) + (slice(None),) * (ndim - len(index))
-    if rule.flip and perm is not None and any(_bounds((index[a],), (flax_shape[a],))[0] != (0, flax_shape[a]) for a in rule.flip):
+    if (
+        rule.flip
+        and perm is not None
+        and any(_bounds((index[a],), (flax_shape[a],))[0] != (0, flax_shape[a]) for a in rule.flip)
+    ):
         whole = materialize(ckpt, entry, device, rule)  # a flipped axis cut across: lay out whole, then cut
         return whole[index].contiguous()
     torch_index = list(index) if perm is None else [slice(None)] * ndim
@@ -149,7 +161,11 @@ def load_shard(
 
 
 def load_sharded_leaf(
-    ckpt: Checkpoint, entry: Entry, rule: jax_side.LeafRule, sharding: Any, cast: Callable[[torch.Tensor], torch.Tensor]
+    ckpt: Checkpoint,
+    entry: Entry,
+    rule: jax_side.LeafRule,
+    sharding: Any,
+    cast: Callable[[torch.Tensor], torch.Tensor],
 ) -> jax.Array:
     """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device."""
     from ._loader import hand_over
@@ -176,7 +192,9 @@ def check_spec(spec: Any) -> None:
             f"got {type(spec).__name__}"
         )
     for rule in spec[1]:
-        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[1], jax.sharding.PartitionSpec)):
+        if not (
+            isinstance(rule, (tuple, list))
+            and len(rule) == 2
+            and isinstance(rule[1], jax.sharding.PartitionSpec)
+        ):
             raise TypeError(f"sharding rules are (regex, PartitionSpec) pairs, got {rule!r}")
-
-

@@ -46,10 +46,16 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
     if spec == "llama":
         import jax.numpy as jnp
 
-        stored = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(str(config.get("torch_dtype") or config.get("dtype")), jnp.float32)
-        return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or stored)
+        stored = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(
+            str(config.get("torch_dtype") or config.get("dtype")), jnp.float32
+        )
+        return jax_side.abstract_llama(
+            jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or stored
+        )
     if ":" not in spec:
-        raise ValueError(f"target {spec!r}: name 'llama' or a class by import path, 'package.module:ClassName'")
+        raise ValueError(
+            f"target {spec!r}: name 'llama' or a class by import path, 'package.module:ClassName'"
+        )
     module_name, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -57,7 +63,9 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
         raise ImportError(f"target {spec!r}: cannot import it ({type(e).__name__}: {e})") from e
-    if isinstance(obj, type) and hasattr(obj, "config_class") and hasattr(obj, "init_weights"):  # transformers Flax
+    if (
+        isinstance(obj, type) and hasattr(obj, "config_class") and hasattr(obj, "init_weights")
+    ):  # transformers Flax
         plain = {k: v for k, v in config.items() if k != "quantization_config"}
         return obj(obj.config_class.from_dict(plain), _do_init=False).params_shape_tree
     try:

@@ -71,7 +71,9 @@ class TraceReport:
                 f"{p.name or '(model)':<44}{'x'.join(map(str, p.shape)):<16}{p.dtype:<10}{p.max_abs:>11.3g}"
                 f"{p.max_rel:>10.2e}{p.cosine:>12.7f}  {verdict}{mark}"
             )
-        lines.append(f"first divergence: {self.first_divergence}" if self.first_divergence else "the two models agree")
+        lines.append(
+            f"first divergence: {self.first_divergence}" if self.first_divergence else "the two models agree"
+        )
         if self.unpaired_torch:
             lines.append("torch modules with no Flax counterpart: " + ", ".join(self.unpaired_torch))
         if self.unpaired_flax:
@@ -107,7 +109,15 @@ class TraceReport:
         if self.first_divergence is not None:
             i = names.index(self.first_divergence)
             ax.axvline(i, color="tab:red", linestyle="--", linewidth=1)
-            ax.text(i, 0.92, " first divergence", transform=ax.get_xaxis_transform(), color="tab:red", ha="left", va="top")
+            ax.text(
+                i,
+                0.92,
+                " first divergence",
+                transform=ax.get_xaxis_transform(),
+                color="tab:red",
+                ha="left",
+                va="top",
+            )
         return ax
 
 
@@ -115,9 +125,11 @@ def _first_array(value: Any) -> Any:
     """The first array of a module's output (a tuple's first, a model output's logits or first field)."""
     import torch
 
-    if isinstance(value, (torch.Tensor, np.ndarray)) or hasattr(value, "shape") and hasattr(value, "dtype"):
+    if isinstance(value, (torch.Tensor, np.ndarray)) or (hasattr(value, "shape") and hasattr(value, "dtype")):
         return value
-    if isinstance(value, Mapping):  # by name, never by insertion order (the two sides may build dicts differently)
+    if isinstance(
+        value, Mapping
+    ):  # by name, never by insertion order (the two sides may build dicts differently)
         for key in ("logits", "last_hidden_state", *sorted(value, key=str)):
             found = _first_array(value[key]) if key in value else None
             if found is not None:
@@ -197,7 +209,11 @@ def _dotted(path: tuple) -> str:
 def _nnx_run(module: Any, inputs: Any) -> dict[str, _Call]:
     from flax import nnx
 
-    paths = {id(node): _dotted(tuple(path)) for path, node in nnx.iter_graph(module) if isinstance(node, nnx.Module)}
+    paths = {
+        id(node): _dotted(tuple(path))
+        for path, node in nnx.iter_graph(module)
+        if isinstance(node, nnx.Module)
+    }
     calls: dict[str, _Call] = {}
     counter = [0]
     originals: dict[type, Any] = {}
@@ -219,7 +235,11 @@ def _nnx_run(module: Any, inputs: Any) -> dict[str, _Call]:
 
     for _, node in nnx.iter_graph(module):
         cls = type(node)
-        if isinstance(node, nnx.Module) and cls not in originals and "__call__" in {k for c in cls.__mro__ for k in vars(c)}:
+        if (
+            isinstance(node, nnx.Module)
+            and cls not in originals
+            and "__call__" in {k for c in cls.__mro__ for k in vars(c)}
+        ):
             owner = next(c for c in cls.__mro__ if "__call__" in vars(c))
             if owner not in originals:
                 originals[owner] = owner.__call__
@@ -333,7 +353,11 @@ def trace(
         inputs = (inputs,)
     if flax_inputs is None:
         convert = lambda t: to_jax(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        flax_inputs = {k: convert(v) for k, v in inputs.items()} if isinstance(inputs, Mapping) else tuple(convert(v) for v in inputs)
+        flax_inputs = (
+            {k: convert(v) for k, v in inputs.items()}
+            if isinstance(inputs, Mapping)
+            else tuple(convert(v) for v in inputs)
+        )
     torch_calls = _torch_run(torch_module, inputs)
     try:
         from flax import linen, nnx
@@ -346,7 +370,9 @@ def trace(
             raise TypeError("a linen module needs its variables: trace(..., variables={'params': params})")
         flax_calls = _linen_run(flax_module, variables, flax_inputs)
     else:
-        raise TypeError(f"flax_module must be an nnx.Module or a linen.Module, got {type(flax_module).__name__}")
+        raise TypeError(
+            f"flax_module must be an nnx.Module or a linen.Module, got {type(flax_module).__name__}"
+        )
 
     by_torch_name: dict[str, str] = {}
     for name in flax_calls:
@@ -377,7 +403,11 @@ def trace(
 def _dtype_name(a: Any, b: Any) -> str:
     from .parity import _ORDER, _kind
 
-    return min(_kind(str(getattr(a, "dtype", "float32"))), _kind(str(getattr(b, "dtype", "float32"))), key=_ORDER.index)
+    return min(
+        _kind(str(getattr(a, "dtype", "float32"))),
+        _kind(str(getattr(b, "dtype", "float32"))),
+        key=_ORDER.index,
+    )
 
 
 def _tolerances(a: Any, b: Any, rtol: float | None, min_cosine: float | None) -> tuple[float, float]:
@@ -412,7 +442,9 @@ def _first_divergence(pairs: list[TracePair], calls: Mapping[str, _Call]) -> str
                   and calls[p.name].start < calls[q.name].start and calls[q.name].end < calls[p.name].end]  # fmt: skip
         if all(q.ok or not q.input_ok for q in inside):
             return p.name
-    bad = [p for p in pairs if not p.ok]  # no such module (every failing one saw a differing input): the first failure
+    bad = [
+        p for p in pairs if not p.ok
+    ]  # no such module (every failing one saw a differing input): the first failure
     return bad[0].name if bad else None
 
 
@@ -456,8 +488,12 @@ def trace_checkpoint(
 
     path = pathlib.Path(path)
     config = json.loads((path / "config.json").read_text())
-    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16)
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", device_map="cpu").eval()
+    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(
+        str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16
+    )
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", device_map="cpu"
+    ).eval()
     if model == "llama":
         flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
     else:
@@ -471,5 +507,7 @@ def trace_checkpoint(
         jax_side.load_quantized_into_nnx(flax_model, params)
     else:
         nnx.update(flax_model, params)
-    ids = torch.from_numpy(np.random.default_rng(seed).integers(0, int(config["vocab_size"]), (batch, tokens)))
+    ids = torch.from_numpy(
+        np.random.default_rng(seed).integers(0, int(config["vocab_size"]), (batch, tokens))
+    )
     return trace(torch_model, flax_model, ids, **tolerances)

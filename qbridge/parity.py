@@ -33,7 +33,18 @@ TOLERANCES = {
 }
 _ORDER = ["float8", "bfloat16", "float16", "float32", "float64"]
 
-__all__ = ["OutputParity", "ParityReport", "TOLERANCES", "TracePair", "TraceReport", "assert_parity", "compare", "run_parity", "trace", "trace_checkpoint"]
+__all__ = [
+    "TOLERANCES",
+    "OutputParity",
+    "ParityReport",
+    "TracePair",
+    "TraceReport",
+    "assert_parity",
+    "compare",
+    "run_parity",
+    "trace",
+    "trace_checkpoint",
+]
 
 
 @dataclasses.dataclass
@@ -68,7 +79,11 @@ class ParityReport:
             shape = "x".join(map(str, o.shape))
             lines.append(
                 f"{o.name:<24}{shape:<18}{o.dtype:<10}{o.max_abs:>11.3g}{o.max_rel:>10.2e}{o.cosine:>12.7f}  "
-                + ("ok" if o.ok else f"FAIL (rel <= {o.rtol:g}, cosine >= {o.min_cosine:g} for {o.dtype}; pass rtol=/min_cosine= for others)")
+                + (
+                    "ok"
+                    if o.ok
+                    else f"FAIL (rel <= {o.rtol:g}, cosine >= {o.min_cosine:g} for {o.dtype}; pass rtol=/min_cosine= for others)"
+                )
             )
         return "\n".join(lines)
 
@@ -97,7 +112,11 @@ def _numpy(x: Any) -> tuple[np.ndarray, str]:
 
 def _flatten(tree: Any, prefix: str = "output") -> list[tuple[str, Any]]:
     if isinstance(tree, dict):
-        return [item for k in sorted(tree) for item in _flatten(tree[k], f"{prefix}.{k}" if prefix != "output" else str(k))]
+        return [
+            item
+            for k in sorted(tree)
+            for item in _flatten(tree[k], f"{prefix}.{k}" if prefix != "output" else str(k))
+        ]
     if isinstance(tree, (list, tuple)):
         return [item for i, v in enumerate(tree) for item in _flatten(v, f"{prefix}[{i}]")]
     if hasattr(tree, "logits") and not hasattr(tree, "shape"):  # transformers model outputs
@@ -135,7 +154,10 @@ def compare(
             raise ValueError(f"output {name!r}: shapes {ref.shape} and {cand.shape} differ")
         kind = min(_kind(ref_dtype), _kind(cand_dtype), key=_ORDER.index)
         default_rtol, default_cos = TOLERANCES[kind]
-        tol, cos_min = rtol if rtol is not None else default_rtol, min_cosine if min_cosine is not None else default_cos
+        tol, cos_min = (
+            rtol if rtol is not None else default_rtol,
+            min_cosine if min_cosine is not None else default_cos,
+        )
         err = np.abs(ref - cand)
         max_abs = float(err.max()) if err.size else 0.0
         scale = float(np.abs(ref).max()) if ref.size else 0.0

@@ -28,7 +28,9 @@ def dense_llama(path: pathlib.Path, *, seed: int = 0, dtype: torch.dtype = torch
     return model
 
 
-def bnb_llama(dense_dir: pathlib.Path, out: pathlib.Path, *, quant_type: str, nested: bool, shard: bool = False):
+def bnb_llama(
+    dense_dir: pathlib.Path, out: pathlib.Path, *, quant_type: str, nested: bool, shard: bool = False
+):
     """transformers quantizes the dense checkpoint with bitsandbytes and saves it (sharded if asked)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
@@ -59,7 +61,9 @@ def fp8_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
     return q, scale
 
 
-def fp8_llama(dense_dir: pathlib.Path, out: pathlib.Path, *, block: int = 128, scale_name: str = "weight_scale_inv"):
+def fp8_llama(
+    dense_dir: pathlib.Path, out: pathlib.Path, *, block: int = 128, scale_name: str = "weight_scale_inv"
+):
     """The HF fine-grained FP8 layout: every Linear weight of the decoder as float8 + block scales."""
     from safetensors.torch import load_file, save_file
 
@@ -75,7 +79,11 @@ def fp8_llama(dense_dir: pathlib.Path, out: pathlib.Path, *, block: int = 128, s
             flat[key] = value
     save_file(flat, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dense_dir / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [block, block], "activation_scheme": "dynamic"}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "weight_block_size": [block, block],
+        "activation_scheme": "dynamic",
+    }
     (out / "config.json").write_text(json.dumps(config))
     return flat
 
@@ -88,8 +96,14 @@ def torchao_llama(dense_dir: pathlib.Path, out: pathlib.Path, config_name: str =
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     model = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16).eval()
-    config = {"int8": ao.Int8WeightOnlyConfig(), "float8": ao.Float8WeightOnlyConfig(), "intx": ao.IntxWeightOnlyConfig()}[config_name]
-    ao.quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    config = {
+        "int8": ao.Int8WeightOnlyConfig(),
+        "float8": ao.Float8WeightOnlyConfig(),
+        "intx": ao.IntxWeightOnlyConfig(),
+    }[config_name]
+    ao.quantize_(
+        model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn
+    )
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     torch.save(state, out / "model.pt")
@@ -110,12 +124,14 @@ def flax_llama_target(config: dict):
     return jax_side.abstract_llama(jax_side.LlamaConfig.from_hf(config), param_dtype=jnp.bfloat16)
 
 
-def BrokenLlama(config: dict, *, rngs):  # noqa: N802 - used as a model class on the command line
+def BrokenLlama(config: dict, *, rngs):
     """jax_side's Flax Llama with a planted fault (the first norm's epsilon), for ``qbridge parity --model``."""
     import jax.numpy as jnp
 
     import jax_side
 
-    model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=jnp.float32, rngs=rngs)
+    model = jax_side.llama_for_causal_lm(
+        jax_side.LlamaConfig.from_hf(config), param_dtype=jnp.float32, rngs=rngs
+    )
     model.model.layers[0].input_layernorm.eps = 1e-1
     return model

@@ -62,8 +62,14 @@ def bnb_reference(packed: torch.Tensor, qs: Any) -> torch.Tensor:
         ))  # fmt: skip
         absmax = flush(absmax + qs.offset.cpu())
     code = cuda_code(qs.quant_type)
-    flat = packed.cpu().reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.cpu().reshape(-1)
-    out = ops._dequantize_4bit_compute.__wrapped__(flat, absmax, code, qs.blocksize, list(qs.shape), torch.float32)
+    flat = (
+        packed.cpu().reshape(-1).view(torch.uint8)
+        if packed.dtype != torch.uint8
+        else packed.cpu().reshape(-1)
+    )
+    out = ops._dequantize_4bit_compute.__wrapped__(
+        flat, absmax, code, qs.blocksize, list(qs.shape), torch.float32
+    )
     return flush(out).to(qs.dtype).reshape(qs.shape)
 
 
@@ -81,10 +87,16 @@ def legacy_list(qs: Any) -> list[Any]:
     return [qs.absmax, qs.shape, qs.dtype, qs.blocksize, compressed, qs.quant_type, qs.code]
 
 
-def fp8_reference_loops(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def fp8_reference_loops(
+    w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     """A float32 reference written tile by tile, independent of the library's vectorized code."""
     wf = w.cpu().to(torch.float32)
-    s = scale.cpu().to(torch.float32).reshape(math.ceil(w.shape[0] / block[0]), math.ceil(w.shape[1] / block[1]))
+    s = (
+        scale.cpu()
+        .to(torch.float32)
+        .reshape(math.ceil(w.shape[0] / block[0]), math.ceil(w.shape[1] / block[1]))
+    )
     out = torch.empty_like(wf)
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
@@ -94,7 +106,9 @@ def fp8_reference_loops(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     return out.to(dtype)
 
 
-def random_fp8(shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+def random_fp8(
+    shape: tuple[int, ...], *, seed: int = 0, dtype: torch.dtype = torch.float8_e4m3fn
+) -> torch.Tensor:
     """Random FP8 values spread over the format's range (never zeros only)."""
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * 64).to(dtype)

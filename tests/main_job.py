@@ -17,16 +17,15 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 import jax_side
 import qbridge
 from qbridge.parity import compare
-
-import jax  # noqa: E402  (after qbridge, as the README shows: qbridge configures JAX's GPU memory first)
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 CALLS = 12
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU for a quick look at small sizes
@@ -69,8 +68,14 @@ def make_checkpoint(fmt: str, dense_dir: pathlib.Path, out: pathlib.Path, ids: t
     elif fmt == "torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-        model = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16, device_map=DEVICE)
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            dense_dir, dtype=torch.bfloat16, device_map=DEVICE
+        )
+        quantize_(
+            model,
+            Int8WeightOnlyConfig(),
+            filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn,
+        )
         out.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), out / "model.pt")
         (out / "config.json").write_text((dense_dir / "config.json").read_text())
@@ -87,11 +92,21 @@ def make_checkpoint(fmt: str, dense_dir: pathlib.Path, out: pathlib.Path, ids: t
             else:
                 flat[key] = decoded[key] = value
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in flat.items()}, out / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous().cpu() for k, v in flat.items()},
+            out / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         cfg = json.loads((dense_dir / "config.json").read_text())
-        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+        cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+            "activation_scheme": "dynamic",
+        }
         (out / "config.json").write_text(json.dumps(cfg))
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(dense_dir)).to(DEVICE, torch.bfloat16)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(dense_dir)).to(
+            DEVICE, torch.bfloat16
+        )
         model.load_state_dict(decoded)
     else:
         raise ValueError(f"unknown format {fmt!r}")
@@ -108,7 +123,10 @@ def run_model(model, x: jax.Array, ref: np.ndarray) -> dict:
     forward = nnx.jit(lambda m, ids: m(ids))
     graphdef, state = nnx.split(model)
     split_forward = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))
-    for name, call in (("nnx.jit", lambda: forward(model, x)), ("jax.jit split state", lambda: split_forward(state, x))):
+    for name, call in (
+        ("nnx.jit", lambda: forward(model, x)),
+        ("jax.jit split state", lambda: split_forward(state, x)),
+    ):
         outs, times, error = [], [], None
         try:
             for _ in range(CALLS):
@@ -116,7 +134,7 @@ def run_model(model, x: jax.Array, ref: np.ndarray) -> dict:
                 logits = call().block_until_ready()
                 times.append(time.perf_counter() - t0)
                 outs.append(np.asarray(logits, dtype=np.float32))
-        except Exception as e:  # noqa: BLE001 - reported to the test, which fails with it
+        except Exception as e:
             error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         parity = compare({"logits": ref}, {"logits": outs[-1].astype(jnp.bfloat16)}) if outs else None
         result[name] = {
@@ -143,7 +161,9 @@ def main(fmt: str, dense_dir: str, work: str, out_json: str) -> None:
     for keep in (False, True) if fmt != "torchao" else (False,):
         target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
         t0 = time.perf_counter()
-        params, report = qbridge.load_checkpoint(ckpt, target=target, keep_quantized=keep, progress=False, return_report=True)
+        params, report = qbridge.load_checkpoint(
+            ckpt, target=target, keep_quantized=keep, progress=False, return_report=True
+        )
         jax.block_until_ready(params)
         load_s = time.perf_counter() - t0
         model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)

@@ -31,7 +31,9 @@ def test_committed_without_outputs(name):
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     for cell in book.cells:
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"{name}: strip the outputs before committing"
+            assert not cell.outputs and cell.execution_count is None, (
+                f"{name}: strip the outputs before committing"
+            )
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))

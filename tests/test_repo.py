@@ -19,14 +19,16 @@ BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # any
 def test_every_public_name_imports(package):
     module = importlib.import_module(package)
     assert module.__all__, f"{package} has an empty __all__"
-    assert sorted(module.__all__) == list(module.__all__), "keep __all__ sorted"
+    assert len(set(module.__all__)) == len(module.__all__), f"{package}.__all__ repeats a name"
     for name in module.__all__:
         assert getattr(module, name) is not None, f"{package}.{name}"
 
 
 def _run_blocked(blocked: list[str], code: str) -> subprocess.CompletedProcess:
     script = BLOCK.format(names=blocked) + code
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_torch_side_never_imports_jax():
@@ -57,7 +59,9 @@ def test_jax_side_never_imports_torch():
 def test_no_cross_imports_in_source():
     pattern = {
         "torch_side": re.compile(r"^\s*(import|from)\s+(jax|jaxlib|flax|jax_side|qbridge)\b", re.M),
-        "jax_side": re.compile(r"^\s*(import|from)\s+(torch|bitsandbytes|torchao|triton|torch_side|qbridge)\b", re.M),
+        "jax_side": re.compile(
+            r"^\s*(import|from)\s+(torch|bitsandbytes|torchao|triton|torch_side|qbridge)\b", re.M
+        ),
     }
     for package, regex in pattern.items():
         for path in (ROOT / package).rglob("*.py"):
@@ -75,7 +79,11 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, "the Quickstart has exactly two commands: the demo and the tests"
     demo, tests = commands
     assert "qbridge demo" in demo and "pytest" in tests
-    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert ci == [tests], "the CI script must run the README's test command and nothing else"
     for command in commands:
         assert "torch==2.13.0" in command, "an unpinned torch pulls a multi-GB CUDA build on CPU machines"

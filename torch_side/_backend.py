@@ -148,13 +148,19 @@ def choose_fp8_backend(device: torch.device, requested: str, dtype: torch.dtype 
         raise ValueError("backend='bnb' has no FP8 dequantization; use 'auto', 'triton' or 'torch'")
     if requested == "triton":
         if dtype not in TRITON_FP8:
-            raise ValueError(f"the Triton FP8 kernel reads float8_e4m3fn and float8_e5m2, not {dtype}; use backend='torch'")
+            raise ValueError(
+                f"the Triton FP8 kernel reads float8_e4m3fn and float8_e5m2, not {dtype}; use backend='torch'"
+            )
         reason = _triton_usable(device)
         if reason is not None:
             raise (ImportError if reason == TRITON_MISSING else ValueError)(reason)
         return "triton"
     if requested == "torch":
         return "torch"
-    choice = "triton" if device.type == "cuda" and dtype in TRITON_FP8 and _triton_usable(device) is None else "torch"
+    choice = (
+        "triton"
+        if device.type == "cuda" and dtype in TRITON_FP8 and _triton_usable(device) is None
+        else "torch"
+    )
     log.debug("FP8 dequantization backend %s for a %s tensor", choice, device.type)
     return choice

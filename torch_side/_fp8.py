@@ -24,7 +24,9 @@ FP8_DTYPES = tuple(
     if hasattr(torch, name)
 )
 # float8_e8m0fnu: power-of-two block scales (MX formats, some FP8 releases), widened to float32 exactly
-SCALE_DTYPES = tuple(getattr(torch, n) for n in ("float32", "bfloat16", "float16", "float8_e8m0fnu") if hasattr(torch, n))
+SCALE_DTYPES = tuple(
+    getattr(torch, n) for n in ("float32", "bfloat16", "float16", "float8_e8m0fnu") if hasattr(torch, n)
+)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_BLOCK = 128
 
@@ -66,7 +68,9 @@ def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int
 
 
 def fp8_scale_layout(
-    weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block_size: int | tuple[int, int] | None = None
+    weight_shape: tuple[int, ...],
+    scale_shape: tuple[int, ...],
+    block_size: int | tuple[int, int] | None = None,
 ) -> ScaleLayout:
     """Decides how ``scale_shape`` tiles ``weight_shape``.
 
@@ -84,7 +88,9 @@ def fp8_scale_layout(
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))
     if len(weight_shape) == 3 and len(scale_shape) in (1, 3) and scale_shape[0] == weight_shape[0]:
-        matrix = fp8_scale_layout(weight_shape[1:], (1, 1) if len(scale_shape) == 1 else scale_shape[1:], block_size)
+        matrix = fp8_scale_layout(
+            weight_shape[1:], (1, 1) if len(scale_shape) == 1 else scale_shape[1:], block_size
+        )
         return matrix._replace(stack=weight_shape[:1])
     if len(weight_shape) != 2:
         raise ValueError(
@@ -129,7 +135,9 @@ def fp8_scale_layout(
     return ScaleLayout("block", (lo, lo), scale_shape)
 
 
-def dequantize_fp8_reference(W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_fp8_reference(
+    W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype
+) -> torch.Tensor:
     """Plain-torch FP8 decode: ``float32(W) * float32(scale[tile])``, one rounding to ``dtype``.
 
     The oracle for the other backends. Returns a new tensor of ``W``'s shape.
@@ -200,20 +208,26 @@ def dequantize_fp8(
         hint = ""
         if W.dtype == torch.uint8:
             hint = " If these are FP8 bytes, view them back: W.view(torch.float8_e4m3fn)."
-        raise TypeError(f"dequantize_fp8 takes a float8 weight ({', '.join(map(str, FP8_DTYPES))}), got {W.dtype}.{hint}")
+        raise TypeError(
+            f"dequantize_fp8 takes a float8 weight ({', '.join(map(str, FP8_DTYPES))}), got {W.dtype}.{hint}"
+        )
     if not isinstance(scale_inv, torch.Tensor):
         if not isinstance(scale_inv, (int, float)):
             raise TypeError(f"scale_inv must be a tensor or a number, got {type(scale_inv).__name__}")
         scale_inv = torch.tensor(float(scale_inv), dtype=torch.float32, device=W.device)
     scale_inv = plain(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:
-        raise TypeError(f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}")
+        raise TypeError(
+            f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}"
+        )
     if dtype not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
     same_device(W.device, scale_inv=scale_inv)
     layout = fp8_scale_layout(tuple(W.shape), tuple(scale_inv.shape), block_size)
     if transpose and W.dim() != 2 + len(layout.stack):
-        raise ValueError(f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {tuple(W.shape)}")
+        raise ValueError(
+            f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {tuple(W.shape)}"
+        )
     if check_finite:
         _check_finite(scale_inv, "scale_inv")
     if scale_inv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -223,17 +237,28 @@ def dequantize_fp8(
         if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next
             matrix = layout._replace(stack=())
             per = scale_inv.reshape(*layout.stack, *layout.matrix_scale_shape)
-            return torch.stack([_decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen) for e in range(W.shape[0])])
+            return torch.stack(
+                [_decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen) for e in range(W.shape[0])]
+            )
         return _decode_matrix(W, scale_inv, layout, dtype, transpose, chosen)
 
 
-def _decode_matrix(W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype, transpose: bool, chosen: str) -> torch.Tensor:
+def _decode_matrix(
+    W: torch.Tensor,
+    scale: torch.Tensor,
+    layout: ScaleLayout,
+    dtype: torch.dtype,
+    transpose: bool,
+    chosen: str,
+) -> torch.Tensor:
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":
         from ._triton import dequantize_fp8_triton
 
-        return dequantize_fp8_triton(W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose)
+        return dequantize_fp8_triton(
+            W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose
+        )
     else:
         result = dequantize_fp8_reference(W, scale, layout, dtype)
     return result.t() if transpose else result

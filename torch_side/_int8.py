@@ -14,7 +14,9 @@ from ._checks import on_device, plain, require_tensor, same_device
 RECIPROCAL_127 = 7.874015718698502e-3  # bitsandbytes' constant, multiplied in float32
 
 
-def dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int8(
+    CB: torch.Tensor, SCB: torch.Tensor, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Dequantizes a bitsandbytes 8-bit weight exactly as ``bitsandbytes.functional.int8_vectorwise_dequant``.
 
     Args:

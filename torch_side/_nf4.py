@@ -29,7 +29,11 @@ NESTED_CODE_SIZE = 256
 def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The packed weight as a flat uint8 tensor of ``ceil(n / 2)`` bytes (a view where possible)."""
     if packed.dtype not in PACKED_DTYPES:
-        hint = " That is FP8 data: use dequantize_fp8." if packed.dtype.is_floating_point and packed.itemsize == 1 else ""
+        hint = (
+            " That is FP8 data: use dequantize_fp8."
+            if packed.dtype.is_floating_point and packed.itemsize == 1
+            else ""
+        )
         raise TypeError(
             f"packed 4-bit weight must hold its bytes as uint8 (or a bitsandbytes quant_storage dtype: "
             f"{', '.join(str(d) for d in PACKED_DTYPES)}); got {packed.dtype}.{hint}"
@@ -68,7 +72,9 @@ def _check_pieces(
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}")
+        raise ValueError(
+            f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
+        )
     if dtype not in OUT_DTYPES:
         raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {dtype}")
     n = math.prod(shape)
@@ -96,9 +102,13 @@ def _check_pieces(
                 f"nested blocks of {nested_blocksize} need {n_nested}"
             )
         if nested_code.numel() != NESTED_CODE_SIZE:
-            raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.numel()}")
+            raise ValueError(
+                f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.numel()}"
+            )
         if isinstance(offset, torch.Tensor) and offset.numel() != 1:
-            raise ValueError(f"{where}: offset must be one number, got a tensor of shape {tuple(offset.shape)}")
+            raise ValueError(
+                f"{where}: offset must be one number, got a tensor of shape {tuple(offset.shape)}"
+            )
     elif absmax.dtype == torch.uint8:
         raise TypeError(
             f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
@@ -113,7 +123,9 @@ def _check_pieces(
     if code is not None:
         require_tensor(code, "code")
         if code.dtype != torch.float32 or code.numel() != 16:
-            raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.numel()}")
+            raise ValueError(
+                f"code must be a float32 table of 16 entries, got {code.dtype} with {code.numel()}"
+            )
     same_device(
         flat.device, absmax=absmax, code=code, nested_absmax=nested_absmax, nested_code=nested_code,
         offset=offset if isinstance(offset, torch.Tensor) and offset.device.type != "cpu" else None,
@@ -141,7 +153,9 @@ def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) ->
     out = torch.empty_like(values)
     if full:
         torch.mul(
-            values[:full].view(-1, blocksize), scales[: full // blocksize, None], out=out[:full].view(-1, blocksize)
+            values[:full].view(-1, blocksize),
+            scales[: full // blocksize, None],
+            out=out[:full].view(-1, blocksize),
         )
     if full < n:
         torch.mul(values[full:], scales[full // blocksize], out=out[full:])
@@ -163,7 +177,9 @@ def decode_nested_absmax_reference(
     scaled = flush_denormals_(
         _scale_blocks(nested_code[absmax.reshape(-1).long()], nested_absmax.reshape(-1), nested_blocksize)
     )
-    return flush_denormals_(scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(())))
+    return flush_denormals_(
+        scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(()))
+    )
 
 
 def pair_table(code: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,9 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
 
 
 def _from_quant_state_object(qs: Any) -> FourBitState:
-    missing = [a for a in ("absmax", "shape", "dtype", "blocksize", "quant_type") if getattr(qs, a, None) is None]
+    missing = [
+        a for a in ("absmax", "shape", "dtype", "blocksize", "quant_type") if getattr(qs, a, None) is None
+    ]
     if missing:
         raise ValueError(
             f"incomplete QuantState: {', '.join(missing)} missing. A 4-bit QuantState needs absmax, shape, "
@@ -126,7 +128,9 @@ def _from_legacy_list(qs: Sequence[Any]) -> FourBitState:
     absmax, shape, dtype, blocksize, compressed, quant_type = qs[:6]
     code = qs[6] if len(qs) == 7 else None
     if not isinstance(absmax, torch.Tensor):
-        raise ValueError(f"legacy quant_state: entry 0 (absmax) must be a tensor, got {type(absmax).__name__}")
+        raise ValueError(
+            f"legacy quant_state: entry 0 (absmax) must be a tensor, got {type(absmax).__name__}"
+        )
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"legacy quant_state: entry 2 (dtype) must be a torch.dtype, got {dtype!r}")
     nested_absmax = nested_code = None

@@ -30,7 +30,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _output(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A contiguous buffer to launch into, and the ``out`` to copy it to afterwards (None if it is ``out``)."""
     if out is not None and out.is_contiguous():
         return out, None
@@ -70,7 +72,9 @@ def dequantize_4bit_triton(
         extra = (absmax, absmax, absmax)  # unused pointers
     result_shape = (shape[1], shape[0]) if transpose else shape
     buf, copy_to = _output(result_shape, dtype, device, out)
-    common = dict(NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, SOFT=_soft(device), enable_fp_fusion=False)
+    common = dict(
+        NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, SOFT=_soft(device), enable_fp_fusion=False
+    )
     if transpose and shape[1] % 2 == 0:
         rows, cols = shape
         tile_r, tile_b = NF4_T_TILE
@@ -112,7 +116,7 @@ def dequantize_fp8_triton(
     tiled scales, in one pass."""
     W = W.contiguous()
     rows, cols = (W.shape[0], W.shape[1]) if W.dim() == 2 else (1, W.numel())
-    bo, bi = (block if W.dim() == 2 else (1, max(cols, 1)))
+    bo, bi = block if W.dim() == 2 else (1, max(cols, 1))
     if scale.numel() == 1:
         bo, bi = max(rows, 1), max(cols, 1)
     out = torch.empty((cols, rows) if transpose else W.shape, dtype=dtype, device=W.device)

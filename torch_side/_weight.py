@@ -52,7 +52,9 @@ def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
     if kind == "Int8Params":
         if getattr(W, "SCB", None) is None:
             return W.data  # not quantized yet
-        return dequantize_int8(W.data, W.SCB)  # bitsandbytes' int8_vectorwise_dequant, its order of operations
+        return dequantize_int8(
+            W.data, W.SCB
+        )  # bitsandbytes' int8_vectorwise_dequant, its order of operations
     get_original = getattr(W, "get_original_weight", None)  # torchao NF4Tensor; its .dequantize is unrelated
     method = getattr(type(W), "dequantize", None)
     if not callable(get_original) and method in (None, torch.Tensor.dequantize):

@@ -33,7 +33,9 @@ pytest.importorskip("bitsandbytes")
 
 def _pieces(packed, qs):
     """The pieces a serialized bitsandbytes checkpoint holds, as numpy arrays."""
-    kw = dict(shape=tuple(qs.shape), blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=jnp_dtype(qs.dtype))
+    kw = dict(
+        shape=tuple(qs.shape), blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=jnp_dtype(qs.dtype)
+    )
     if qs.nested:
         d = qs.as_dict()
         kw.update(
@@ -59,7 +61,9 @@ def test_nf4_matches_bitsandbytes(shape, quant_type, nested):
         assert isinstance(got, jax.Array)
         assert_same_bits(got, to_numpy(bnb_reference(packed, qs)))
         if len(shape) == 2:
-            assert_same_bits(jax_side.dequantize_nf4(p, a, **kw, transpose=True), to_numpy(bnb_reference(packed, qs)).T)
+            assert_same_bits(
+                jax_side.dequantize_nf4(p, a, **kw, transpose=True), to_numpy(bnb_reference(packed, qs)).T
+            )
 
 
 @settings(max_examples=40, deadline=None)
@@ -72,7 +76,9 @@ def test_nf4_matches_bitsandbytes(shape, quant_type, nested):
     seed=st.integers(0, 2**16),
 )
 def test_nf4_random_shapes_match_torch_side(shape, blocksize, quant_type, nested, dtype, seed):
-    _, packed, qs = bnb_quantize(shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed)
+    _, packed, qs = bnb_quantize(
+        shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed
+    )
     p, a, kw = _pieces(packed, qs)
     want = torch_side.dequantize_nf4(packed, qs.absmax, **{**kw, "dtype": dtype, "nested_absmax": qs.state2.absmax if nested else None,
                                                            "nested_code": qs.state2.code if nested else None})  # fmt: skip
@@ -91,8 +97,12 @@ def test_quant_storage_bytes():
 def test_custom_code_table():
     _, packed, qs = bnb_quantize((16, 64), nested=False)
     code = np.linspace(-1, 1, 16, dtype=np.float32)
-    got = jax_side.dequantize_nf4(to_numpy(packed), to_numpy(qs.absmax), shape=(16, 64), code=code, dtype=jnp.float32)
-    want = torch_side.dequantize_nf4(packed, qs.absmax, shape=(16, 64), code=torch.from_numpy(code), dtype=torch.float32)
+    got = jax_side.dequantize_nf4(
+        to_numpy(packed), to_numpy(qs.absmax), shape=(16, 64), code=code, dtype=jnp.float32
+    )
+    want = torch_side.dequantize_nf4(
+        packed, qs.absmax, shape=(16, 64), code=torch.from_numpy(code), dtype=torch.float32
+    )
     assert_same_bits(got, to_numpy(want))
 
 
@@ -130,7 +140,9 @@ def test_jit_compatible_and_the_documented_fma_difference():
     p, a, kw = _pieces(packed, qs)
     want = to_numpy(bnb_reference(packed, qs))
     static = {k: v for k, v in kw.items() if k not in ("nested_absmax", "nested_code")}
-    jitted = jax.jit(lambda p, a, na, nc: jax_side.dequantize_nf4(p, a, nested_absmax=na, nested_code=nc, **static))
+    jitted = jax.jit(
+        lambda p, a, na, nc: jax_side.dequantize_nf4(p, a, nested_absmax=na, nested_code=nc, **static)
+    )
     got = np.asarray(jitted(p, a, kw["nested_absmax"], kw["nested_code"]))
     ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
     assert ulps.max() <= 2, "more than the one rounding a fused multiply-add can change"
@@ -138,10 +150,14 @@ def test_jit_compatible_and_the_documented_fma_difference():
     # without nesting there is nothing to fuse: exact under jit too
     _, packed, qs = bnb_quantize((512, 1024), nested=False, dtype=torch.float32, seed=9)
     p, a, kw = _pieces(packed, qs)
-    assert_same_bits(jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, **kw))(p, a), to_numpy(bnb_reference(packed, qs)))
+    assert_same_bits(
+        jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, **kw))(p, a), to_numpy(bnb_reference(packed, qs))
+    )
 
 
-@pytest.mark.parametrize("shape, scale_shape", [((576, 7168), (5, 56)), ((130, 129), (2, 2)), ((7, 300), (7, 1)), ((5, 9), ())])
+@pytest.mark.parametrize(
+    "shape, scale_shape", [((576, 7168), (5, 56)), ((130, 129), (2, 2)), ((7, 300), (7, 1)), ((5, 9), ())]
+)
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_matches_the_float32_reference(shape, scale_shape, fp8):
     w, s = random_fp8(shape, dtype=fp8), random_scales(scale_shape)
@@ -192,7 +208,7 @@ def test_nf4_bad_inputs():
     p, a, kw = _pieces(packed, qs)
     with pytest.raises(ValueError, match=r"holds 1919 bytes.*needs 1920"):
         jax_side.dequantize_nf4(p[:-1], a, **kw)
-    with pytest.raises(TypeError, match="nested .*absmax is uint8, got float32"):
+    with pytest.raises(TypeError, match=r"nested .*absmax is uint8, got float32"):
         jax_side.dequantize_nf4(p, a.astype(np.float32), **kw)
     with pytest.raises(TypeError, match="pass nested_absmax"):
         jax_side.dequantize_nf4(p, a, shape=(40, 96))
@@ -207,4 +223,7 @@ def test_nf4_bad_inputs():
 def test_empty():
     got = jax_side.dequantize_nf4(np.zeros(0, np.uint8), np.zeros(0, np.float32), shape=(0, 64))
     assert got.shape == (0, 64) and got.dtype == jnp.bfloat16
-    assert math.prod(jax_side.dequantize_fp8(np.zeros((0, 8), "float8_e4m3fn"), np.ones(1, np.float32)).shape) == 0
+    assert (
+        math.prod(jax_side.dequantize_fp8(np.zeros((0, 8), "float8_e4m3fn"), np.ones(1, np.float32)).shape)
+        == 0
+    )

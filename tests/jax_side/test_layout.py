@@ -68,7 +68,9 @@ def test_conv(nd, groups):
     fm = nnx.Conv(4, 6, k, strides=2, padding=[(1, 1)] * nd, feature_group_count=groups, rngs=nnx.Rngs(0))
     _load(fm, tm)
     x = torch.randn(2, 4, *([7] * nd))
-    np.testing.assert_allclose(np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL)
+    np.testing.assert_allclose(
+        np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL
+    )
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -78,10 +80,14 @@ def test_conv_transpose(nd):
     p = 1
     tm = conv(4, 5, k, stride=2, padding=p)
     # torch's padding p is Flax's dilation * (k - 1) - p on each side
-    fm = nnx.ConvTranspose(4, 5, k, strides=2, padding=[(kk - 1 - p, kk - 1 - p) for kk in k], rngs=nnx.Rngs(0))
+    fm = nnx.ConvTranspose(
+        4, 5, k, strides=2, padding=[(kk - 1 - p, kk - 1 - p) for kk in k], rngs=nnx.Rngs(0)
+    )
     _load(fm, tm)  # the nnx module type tells ConvTranspose from Conv
     x = torch.randn(2, 4, *([5] * nd))
-    np.testing.assert_allclose(np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL)
+    np.testing.assert_allclose(
+        np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL
+    )
 
 
 def test_conv_transpose_by_name_needs_an_override():
@@ -90,7 +96,9 @@ def test_conv_transpose_by_name_needs_an_override():
     variables = jax_side.to_flax_variables(_state(tm), kinds={r"^0$": "conv_transpose2d"})
     nnx.update(fm, variables["params"]["0"])
     x = torch.randn(1, 3, 6, 6)
-    np.testing.assert_allclose(np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL)
+    np.testing.assert_allclose(
+        np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL
+    )
 
 
 def test_embedding():
@@ -106,7 +114,10 @@ def test_embedding():
     [
         lambda: (torch.nn.LayerNorm(8, eps=1e-5), nnx.LayerNorm(8, epsilon=1e-5, rngs=nnx.Rngs(0))),
         lambda: (torch.nn.RMSNorm(8, eps=1e-6), nnx.RMSNorm(8, epsilon=1e-6, rngs=nnx.Rngs(0))),
-        lambda: (torch.nn.GroupNorm(2, 8, eps=1e-5), nnx.GroupNorm(8, num_groups=2, epsilon=1e-5, rngs=nnx.Rngs(0))),
+        lambda: (
+            torch.nn.GroupNorm(2, 8, eps=1e-5),
+            nnx.GroupNorm(8, num_groups=2, epsilon=1e-5, rngs=nnx.Rngs(0)),
+        ),
     ],
 )
 def test_norms(make):
@@ -131,7 +142,9 @@ def test_batchnorm_with_running_stats():
     report = _load(fm, tm)
     assert report.skipped == ["num_batches_tracked"]
     x = torch.randn(2, 6, 4, 4)
-    np.testing.assert_allclose(np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL)
+    np.testing.assert_allclose(
+        np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL
+    )
 
 
 class _TorchNet(torch.nn.Module):

@@ -26,7 +26,8 @@ class Model(nnx.Module):
         self.layers = nnx.List([Block(rngs) for _ in range(2)])
 
 
-def _checkpoint(rng=np.random.default_rng(0)):
+def _checkpoint(seed: int = 0):
+    rng = np.random.default_rng(seed)
     ck = {"embed_tokens.weight": rng.standard_normal((10, 8)).astype(np.float32)}
     for i in range(2):
         ck[f"layers.{i}.q_proj.weight"] = rng.standard_normal((8, 8)).astype(np.float32)
@@ -51,7 +52,7 @@ def test_match_nnx_module():
 def test_match_nnx_state_and_abstract_target():
     ck = _checkpoint()
     state = nnx.state(Model(nnx.Rngs(0)))
-    tree, report = jax_side.match_to_target(ck, state)
+    _, report = jax_side.match_to_target(ck, state)
     assert report.ok
     abstract = jax.eval_shape(lambda: nnx.state(Model(nnx.Rngs(0))))  # nothing allocated
     tree2, report2 = jax_side.match_to_target(ck, abstract)
@@ -76,14 +77,20 @@ def test_wrong_checkpoint_reports_every_problem_by_name():
     assert report.unused == ["lm_head.weight"]
     assert report.skipped == ["layers.0.norm.num_batches_tracked"]
     assert report.shape_mismatches == [("layers.0.up.kernel", "layers.0.up.weight", (8, 12), (7, 12))]
-    assert report.dtype_mismatches == [("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float32", "float16")]
+    assert report.dtype_mismatches == [
+        ("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float32", "float16")
+    ]
     for needle in ("layers.1.norm.scale", "lm_head.weight", "(8, 12)", "float16", "dtype=None"):
         assert needle in message
     np.testing.assert_array_equal(np.asarray(m.layers[0].up.kernel[...]), before)  # nothing written
-    with pytest.raises(jax_side.MatchError) as info:  # by default the float16 leaf is cast, the rest still wrong
+    with pytest.raises(
+        jax_side.MatchError
+    ) as info:  # by default the float16 leaf is cast, the rest still wrong
         jax_side.load_into_nnx(m, ck)
     assert not info.value.report.dtype_mismatches and len(info.value.report.shape_mismatches) == 1
-    assert info.value.report.casts == [("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float16", "float32")]
+    assert info.value.report.casts == [
+        ("layers.0.q_proj.kernel", "layers.0.q_proj.weight", "float16", "float32")
+    ]
 
 
 def test_non_strict_returns_the_report_and_keeps_target_values():
@@ -92,7 +99,9 @@ def test_non_strict_returns_the_report_and_keeps_target_values():
     del ck["layers.1.norm.weight"]
     tree, report = jax_side.match_to_target(ck, m, strict=False)
     assert not report.ok and report.missing[0][0] == "layers.1.norm.scale"
-    np.testing.assert_array_equal(np.asarray(tree["layers"][1]["norm"]["scale"]), np.asarray(m.layers[1].norm.scale[...]))
+    np.testing.assert_array_equal(
+        np.asarray(tree["layers"][1]["norm"]["scale"]), np.asarray(m.layers[1].norm.scale[...])
+    )
 
 
 def test_dtype_policies():
@@ -105,11 +114,15 @@ def test_dtype_policies():
         assert sorted(c[1] for c in report.casts) == sorted(k for k in ck if "num_batches" not in k)
         assert {(c[2], c[3]) for c in report.casts} == {("float16", "float32")}
         assert "cast 9 leaves float16 -> float32" in str(report)
-        np.testing.assert_array_equal(np.asarray(tree["layers"][0]["up"]["kernel"]), ck["layers.0.up.weight"].T.astype(np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(tree["layers"][0]["up"]["kernel"]), ck["layers.0.up.weight"].T.astype(np.float32)
+        )
     with pytest.raises(jax_side.MatchError, match="leave dtype=None to cast"):  # the opt-in strict mode
         jax_side.match_to_target(ck, m, dtype="checkpoint")
     tree, report = jax_side.match_to_target(ck, m, dtype=jnp.bfloat16)
-    assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and {(c[2], c[3]) for c in report.casts} == {("float16", "bfloat16")}
+    assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and {
+        (c[2], c[3]) for c in report.casts
+    } == {("float16", "bfloat16")}
     same = {k: v.astype(np.float32) for k, v in _checkpoint().items()}
     assert jax_side.match_to_target(same, m)[1].casts == []
 
@@ -120,17 +133,26 @@ def test_integer_leaves_are_never_cast():
     ck["layers.0.up.weight"] = ck["layers.0.up.weight"].astype(np.int32)
     with pytest.raises(jax_side.MatchError) as info:
         jax_side.match_to_target(ck, m)
-    assert info.value.report.dtype_mismatches == [("layers.0.up.kernel", "layers.0.up.weight", "float32", "int32")]
+    assert info.value.report.dtype_mismatches == [
+        ("layers.0.up.kernel", "layers.0.up.weight", "float32", "int32")
+    ]
 
 
 def test_non_strict_never_leaves_a_shape_where_a_value_belongs():
     ck = _checkpoint()
     del ck["layers.1.norm.weight"]
     abstract = jax.eval_shape(lambda: nnx.state(Model(nnx.Rngs(0))))
-    with pytest.raises(jax_side.MatchError, match=r"strict=False, but 1 target leaves.*layers\.1\.norm\.scale.*concrete target"):
+    with pytest.raises(
+        jax_side.MatchError,
+        match=r"strict=False, but 1 target leaves.*layers\.1\.norm\.scale.*concrete target",
+    ):
         jax_side.match_to_target(ck, abstract, strict=False)
-    linen_abstract = {"params": jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(Model(nnx.Rngs(0)))))}
-    with pytest.raises(jax_side.MatchError, match="layers.1.norm.scale"):
+    linen_abstract = {
+        "params": jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(nnx.state(Model(nnx.Rngs(0))))
+        )
+    }
+    with pytest.raises(jax_side.MatchError, match=r"layers.1.norm.scale"):
         jax_side.match_to_target(ck, linen_abstract, strict=False)
     concrete = nnx.state(Model(nnx.Rngs(0)))  # a concrete target keeps its own value there
     tree, report = jax_side.match_to_target(ck, concrete, strict=False)
@@ -168,7 +190,9 @@ def test_linen_variables_with_batch_stats():
     tree, report = jax_side.match_to_target(ck, variables)
     assert report.ok and report.skipped == ["bn.num_batches_tracked"]
     np.testing.assert_array_equal(np.asarray(tree["batch_stats"]["bn"]["var"]), ck["bn.running_var"])
-    np.testing.assert_array_equal(np.asarray(tree["params"]["conv"]["kernel"]), ck["conv.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        np.asarray(tree["params"]["conv"]["kernel"]), ck["conv.weight"].transpose(2, 3, 1, 0)
+    )
     by_name = jax_side.to_flax_variables(ck)
     assert set(by_name) == {"params", "batch_stats"}
     np.testing.assert_array_equal(np.asarray(by_name["batch_stats"]["bn"]["mean"]), ck["bn.running_mean"])

@@ -85,7 +85,9 @@ def test_sharded_equals_unsharded(made, name, layout):
 def test_shards_hold_only_their_slice(made):
     _, target = _target(made)
     mesh = _mesh_1d()
-    params = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, sharding=(mesh, ROWS_AND_COLUMNS))
+    params = qbridge.load_checkpoint(
+        made / "nf4", target=target, progress=False, sharding=(mesh, ROWS_AND_COLUMNS)
+    )
     down = params["model"]["layers"][1]["mlp"]["down_proj"]["kernel"]  # [192, 64], split over rows
     assert [s.data.shape for s in down.addressable_shards] == [(24, 64)] * 8
     replicated = params["model"]["norm"]["scale"]

@@ -52,7 +52,7 @@ def test_truncated_file(made, tmp_path):
     ck = _copy(made, "nf4", tmp_path)
     f = ck / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
         qbridge.load_checkpoint(ck, progress=False)
 
 
@@ -62,7 +62,7 @@ def test_corrupt_header(made, tmp_path):
     data = bytearray(f.read_bytes())
     data[8:40] = b"{not json at all}" + b" " * 15
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
         qbridge.inspect_checkpoint(ck)
 
 
@@ -76,14 +76,19 @@ def test_quant_state_that_does_not_match_its_tensor(made, tmp_path):
         state[key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
 
     _rewrite(ck / "model.safetensors", edit)
-    with pytest.raises(CheckpointError, match=r"model.safetensors \[model.layers.0.mlp.down_proj.weight\]: .* needs"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors \[model.layers.0.mlp.down_proj.weight\]: .* needs"
+    ):
         qbridge.load_checkpoint(ck, progress=False)
 
 
 def test_quant_state_json_garbage(made, tmp_path):
     ck = _copy(made, "nf4", tmp_path)
     key = "model.layers.1.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
-    _rewrite(ck / "model.safetensors", lambda s: s.__setitem__(key, torch.tensor(list(b"{oops"), dtype=torch.uint8)))
+    _rewrite(
+        ck / "model.safetensors",
+        lambda s: s.__setitem__(key, torch.tensor(list(b"{oops"), dtype=torch.uint8)),
+    )
     with pytest.raises(CheckpointError, match=f"{key}.*not readable JSON"):
         qbridge.load_checkpoint(ck, progress=False)
 
@@ -100,7 +105,9 @@ def test_fp8_scale_shape_that_does_not_fit(made, tmp_path):
     ck = _copy(made, "fp8", tmp_path)
     key = "model.layers.0.mlp.gate_proj.weight_scale_inv"
     _rewrite(ck / "model.safetensors", lambda s: s.__setitem__(key, torch.ones(3, 1)))
-    with pytest.raises(CheckpointError, match=rf"{key}\]: scale_inv has shape \(3, 1\).*block scales \(2, 1\)"):
+    with pytest.raises(
+        CheckpointError, match=rf"{key}\]: scale_inv has shape \(3, 1\).*block scales \(2, 1\)"
+    ):
         qbridge.inspect_checkpoint(ck)
 
 
@@ -150,13 +157,15 @@ def test_pickle_that_weights_only_refuses_is_never_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "model.pt"
     torch.save({"w": torch.ones(2), "evil": _Payload(str(marker))}, path)
-    with pytest.raises(CheckpointError, match=r"model.pt: torch.load\(weights_only=True\) refused it.*never runs pickle code"):
+    with pytest.raises(
+        CheckpointError, match=r"model.pt: torch.load\(weights_only=True\) refused it.*never runs pickle code"
+    ):
         qbridge.load_checkpoint(path, progress=False)
     assert not marker.exists()
 
 
 def test_empty_directory_and_missing_path(tmp_path):
-    with pytest.raises(CheckpointError, match="no .safetensors, .bin or .pt files"):
+    with pytest.raises(CheckpointError, match=r"no .safetensors, .bin or .pt files"):
         qbridge.load_checkpoint(tmp_path, progress=False)
     with pytest.raises(CheckpointError, match="no such file or directory"):
         qbridge.load_checkpoint(tmp_path / "nope", progress=False)

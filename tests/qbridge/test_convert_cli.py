@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +28,14 @@ def nf4(tmp_path_factory):
 
 def test_inspect(nf4):
     s = qbridge.inspect_checkpoint(nf4)
-    assert s.format == "bitsandbytes-4bit" and s.kinds["bnb4"]["tensors"] == 14 and s.kinds["dense"]["tensors"] == 7
-    assert s.kinds["bnb4"]["dense_bytes"] > 2 * s.kinds["bnb4"]["stored_bytes"]  # tiny weights: tables weigh in
+    assert (
+        s.format == "bitsandbytes-4bit"
+        and s.kinds["bnb4"]["tensors"] == 14
+        and s.kinds["dense"]["tensors"] == 7
+    )
+    assert (
+        s.kinds["bnb4"]["dense_bytes"] > 2 * s.kinds["bnb4"]["stored_bytes"]
+    )  # tiny weights: tables weigh in
     assert s.quantization_config["quant_method"] == "bitsandbytes"
     text = str(s)
     assert "bnb4" in text and "bnb_4bit_quant_type=nf4" in text
@@ -47,7 +52,9 @@ def test_convert_round_trip(nf4, tmp_path):
     flat_b = jax.tree_util.tree_leaves_with_path(loaded)
     assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
     for (_, a), (_, b) in zip(flat_a, flat_b):
-        assert a.dtype == b.dtype and np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+        assert a.dtype == b.dtype and np.array_equal(
+            np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)
+        )
 
 
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
@@ -57,7 +64,9 @@ def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         qbridge.convert_checkpoint(nf4, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    with pytest.raises(FileExistsError, match="is no Orbax checkpoint"):  # overwrite replaces only a checkpoint
+    with pytest.raises(
+        FileExistsError, match="is no Orbax checkpoint"
+    ):  # overwrite replaces only a checkpoint
         qbridge.convert_checkpoint(nf4, out, progress=False, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
@@ -152,7 +161,10 @@ def test_demo_command(capsys):
 
 
 def _leaves(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 @pytest.mark.parametrize("spec", ["llama", "checkpoints:flax_llama_target"])
@@ -163,19 +175,35 @@ def test_convert_takes_a_target_named_on_the_command_line(nf4, tmp_path, spec, c
     want = _leaves(qbridge.load_checkpoint(nf4, target=qbridge.build_target(spec, nf4), progress=False))
     assert restored.keys() == want.keys() and "model/layers/0/mlp/down_proj/kernel" in restored
     for key, leaf in want.items():
-        assert restored[key].dtype == leaf.dtype and np.array_equal(np.asarray(restored[key]).view(np.uint8), np.asarray(leaf).view(np.uint8))
+        assert restored[key].dtype == leaf.dtype and np.array_equal(
+            np.asarray(restored[key]).view(np.uint8), np.asarray(leaf).view(np.uint8)
+        )
     assert restored["model/norm/scale"].dtype == jnp.bfloat16  # the built-in Llama in the checkpoint's dtype
     f32 = qbridge.build_target("llama", nf4, param_dtype=jnp.float32)
-    assert qbridge.load_checkpoint(nf4, target=f32, progress=False)["model"]["norm"]["scale"].dtype == jnp.float32
+    assert (
+        qbridge.load_checkpoint(nf4, target=f32, progress=False)["model"]["norm"]["scale"].dtype
+        == jnp.float32
+    )
 
 
 def test_convert_passes_kinds_rename_and_strict_through(nf4, tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["convert", str(nf4), str(out), "--target", "llama", "--rename", r"^model\.=", "--quiet"]) == 2
+    assert (
+        main(["convert", str(nf4), str(out), "--target", "llama", "--rename", r"^model\.=", "--quiet"]) == 2
+    )
     assert "missing: target leaf 'model.norm.scale'" in capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(jax_side.MatchError, match="strict=False, but"):  # shapes only where nothing fills them
-        qbridge.convert_checkpoint(nf4, out, target=qbridge.build_target("llama", nf4), rename={r"^model\.": ""}, strict=False, progress=False)
+    with pytest.raises(
+        jax_side.MatchError, match="strict=False, but"
+    ):  # shapes only where nothing fills them
+        qbridge.convert_checkpoint(
+            nf4,
+            out,
+            target=qbridge.build_target("llama", nf4),
+            rename={r"^model\.": ""},
+            strict=False,
+            progress=False,
+        )
     assert main(["convert", str(nf4), str(out), "--kind", "bad=PAIR=x", "--kind", "nokind", "--quiet"]) == 2
     assert "--kind takes PATTERN=VALUE, got 'nokind'" in capsys.readouterr().err
     assert main(["convert", str(nf4), str(out), "--target", "no.such.module:Thing", "--quiet"]) == 2

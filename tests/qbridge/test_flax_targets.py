@@ -68,7 +68,10 @@ def _inputs(arch: str, config) -> dict[str, np.ndarray]:
     if arch == "clip":
         return {"input_ids": ids, "pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)}
     if arch == "whisper":
-        return {"input_features": rng.standard_normal((2, 16, 64)).astype(np.float32), "decoder_input_ids": ids[:, :5]}
+        return {
+            "input_features": rng.standard_normal((2, 16, 64)).astype(np.float32),
+            "decoder_input_ids": ids[:, :5],
+        }
     if arch in ("t5", "bart"):
         return {"input_ids": ids, "decoder_input_ids": ids[:, :7]}
     return {"input_ids": ids}
@@ -99,13 +102,17 @@ def _dense(made: pathlib.Path, arch: str):
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
     out_emb = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not out_emb and m.weight.shape[0] % 2 == 0]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and m is not out_emb and m.weight.shape[0] % 2 == 0
+    ]
 
 
 def _make(made: pathlib.Path, arch: str, fmt: str):
     """The checkpoint of ``fmt`` by its real producer, and the reference torch model: the float32 model whose
     quantized weights hold the producer's own dequantization."""
-    plain, config = _dense(made, arch)
+    plain, _ = _dense(made, arch)
     torch_cls = getattr(transformers, ARCHITECTURES[arch][2])
     reference = torch_cls.from_pretrained(plain, torch_dtype=torch.float32).eval()
     if fmt == "plain":
@@ -114,7 +121,9 @@ def _make(made: pathlib.Path, arch: str, fmt: str):
     if fmt in ("nf4", "fp4", "int8"):
         qc = transformers.BitsAndBytesConfig(load_in_4bit=fmt != "int8", load_in_8bit=fmt == "int8", bnb_4bit_quant_type=fmt if fmt != "int8" else "nf4",
                                              bnb_4bit_use_double_quant=fmt == "nf4", bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-        q = torch_cls.from_pretrained(plain, quantization_config=qc, device_map="cpu", torch_dtype=torch.float32)
+        q = torch_cls.from_pretrained(
+            plain, quantization_config=qc, device_map="cpu", torch_dtype=torch.float32
+        )
         q.save_pretrained(out)
         with torch.no_grad():
             for name, module in q.named_modules():
@@ -122,9 +131,15 @@ def _make(made: pathlib.Path, arch: str, fmt: str):
                     w = module.weight
                     # bitsandbytes' reference decode made to act as its CUDA kernel (FP4's signed zero, flushed
                     # denormals: tests/helpers.py); its CPU kernel differs from its CUDA one there
-                    dense = bnb_reference(w.data, w.quant_state) if fmt != "int8" else F.int8_vectorwise_dequant(w.data, w.SCB)
+                    dense = (
+                        bnb_reference(w.data, w.quant_state)
+                        if fmt != "int8"
+                        else F.int8_vectorwise_dequant(w.data, w.SCB)
+                    )
                     target = reference.get_submodule(name).weight
-                    target.copy_(dense.T if type(reference.get_submodule(name)).__name__ == "Conv1D" else dense)
+                    target.copy_(
+                        dense.T if type(reference.get_submodule(name)).__name__ == "Conv1D" else dense
+                    )
         return out, reference
     if fmt == "fp8":
         state = st.load_file(plain / "model.safetensors")
@@ -182,7 +197,9 @@ def test_architecture_into_its_transformers_flax_model(made, arch, fmt):
     flax_cls = getattr(transformers, flax_name)
     try:
         target = qbridge.build_target(f"transformers:{flax_name}", path)
-    except TypeError:  # transformers 4.x's Flax code calls JAX functions this JAX no longer has (FlaxT5: jnp.clip)
+    except (
+        TypeError
+    ):  # transformers 4.x's Flax code calls JAX functions this JAX no longer has (FlaxT5: jnp.clip)
         _weights_equal(path, reference)
         RESULTS[(arch, fmt)] = f"weights equal ({flax_name} does not build on jax {jax.__version__})"
         return
@@ -191,18 +208,28 @@ def test_architecture_into_its_transformers_flax_model(made, arch, fmt):
     # transformers' own torch -> Flax conversion of the reference weights: every leaf, bit for bit
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    shapes = types.SimpleNamespace(params=target, base_model_prefix=flax_cls.base_model_prefix)  # what the converter reads
-    want_params = convert_pytorch_state_dict_to_flax({k: v.detach() for k, v in reference.state_dict().items()}, shapes)
-    flat_want = dict(jax.tree_util.tree_leaves_with_path(want_params))  # (it also writes tied heads the model reuses)
+    shapes = types.SimpleNamespace(
+        params=target, base_model_prefix=flax_cls.base_model_prefix
+    )  # what the converter reads
+    want_params = convert_pytorch_state_dict_to_flax(
+        {k: v.detach() for k, v in reference.state_dict().items()}, shapes
+    )
+    flat_want = dict(
+        jax.tree_util.tree_leaves_with_path(want_params)
+    )  # (it also writes tied heads the model reuses)
     flat_got = dict(jax.tree_util.tree_leaves_with_path(params))
-    assert set(flat_got) == {p for p, _ in jax.tree_util.tree_leaves_with_path(target)} and set(flat_got) <= set(flat_want)
+    assert set(flat_got) == {p for p, _ in jax.tree_util.tree_leaves_with_path(target)} and set(
+        flat_got
+    ) <= set(flat_want)
     for path_, leaf in flat_got.items():
         assert_same_bits(np.asarray(leaf, dtype=np.float32), np.asarray(flat_want[path_], dtype=np.float32))
     try:
         got = _output(arch, flax_model(**{k: jnp.asarray(v) for k, v in inputs.items()}, params=params))
     except TypeError as e:  # transformers 4.x's Flax code calls JAX functions this JAX no longer has
         RESULTS[(arch, fmt)] = f"leaves equal; the Flax model does not run on jax {jax.__version__}"
-        pytest.xfail(f"{flax_name} does not run on jax {jax.__version__} ({e}); every leaf equals transformers' conversion")
+        pytest.xfail(
+            f"{flax_name} does not run on jax {jax.__version__} ({e}); every leaf equals transformers' conversion"
+        )
     with torch.no_grad():
         want = _output(arch, reference(**{k: torch.from_numpy(v) for k, v in inputs.items()}))
     parity = compare({"out": want}, {"out": got}, rtol=2e-3, min_cosine=1 - 1e-6)

@@ -22,12 +22,29 @@ from qbridge import CheckpointError, FormatError
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("safetensors.torch")
 F = pytest.importorskip("bitsandbytes.functional")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as s  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as s
 
 TYPED = (CheckpointError, FormatError, jax_side.MatchError)
-SETTINGS = settings(max_examples=60, deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture])
-DTYPE_NAMES = ["F32", "F16", "BF16", "U8", "I8", "I64", "F8_E4M3", "F8_E8M0", "BOOL", "F4", "Q8", "", "f32", "F64"]
+SETTINGS = settings(
+    max_examples=60, deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+DTYPE_NAMES = [
+    "F32",
+    "F16",
+    "BF16",
+    "U8",
+    "I8",
+    "I64",
+    "F8_E4M3",
+    "F8_E8M0",
+    "BOOL",
+    "F4",
+    "Q8",
+    "",
+    "f32",
+    "F64",
+]
 
 
 def _write_safetensors(path: pathlib.Path, header: dict | bytes, data: bytes) -> None:
@@ -47,7 +64,11 @@ def nf4_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
     w = torch.randn(24, 80)
     packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    state = {"layer.weight": packed, **{f"layer.weight.{k}": v for k, v in qs.as_dict(packed=True).items()}, "norm.weight": torch.ones(80)}
+    state = {
+        "layer.weight": packed,
+        **{f"layer.weight.{k}": v for k, v in qs.as_dict(packed=True).items()},
+        "norm.weight": torch.ones(80),
+    }
     st.save_file(state, root / "model.safetensors")
     (root / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
     return root
@@ -84,7 +105,9 @@ def test_corrupted_header_bytes(nf4_dir, start, junk):
 
 @SETTINGS
 @given(
-    key=s.sampled_from(["layer.weight", "layer.weight.absmax", "norm.weight", "layer.weight.quant_state.bitsandbytes__nf4"]),
+    key=s.sampled_from(
+        ["layer.weight", "layer.weight.absmax", "norm.weight", "layer.weight.quant_state.bitsandbytes__nf4"]
+    ),
     dtype=s.sampled_from(DTYPE_NAMES) | s.none(),
     shape=s.lists(s.integers(-3, 1 << 40), max_size=4) | s.none(),
     offsets=s.tuples(s.integers(-8, 1 << 41), s.integers(-8, 1 << 41)) | s.none(),
@@ -137,7 +160,9 @@ def test_corrupted_index(nf4_dir, names, wrap):
     (path / "model.safetensors").rename(path / "model-1.safetensors")
     keys = ["layer.weight", "norm.weight", "layer.weight.absmax"]
     weight_map = {k: names[i % len(names)] for i, k in enumerate(keys)}
-    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map} if wrap else weight_map))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map} if wrap else weight_map)
+    )
     _outcome(path)
     shutil.rmtree(path)
 

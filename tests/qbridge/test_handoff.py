@@ -26,18 +26,24 @@ def _random(shape, dtype, seed=0):
     if dtype.is_floating_point and dtype.itemsize == 1:
         return random_fp8(shape, seed=seed, dtype=dtype)
     if dtype.is_floating_point or dtype.is_complex:
-        return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype) if not dtype.is_complex else torch.randn(
-            shape, generator=gen, dtype=dtype
+        return (
+            torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype)
+            if not dtype.is_complex
+            else torch.randn(shape, generator=gen, dtype=dtype)
         )
     info = torch.iinfo(dtype)
-    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=torch.int64).to(dtype)
+    return torch.randint(
+        max(info.min, -1000), min(info.max, 1000), shape, generator=gen, dtype=torch.int64
+    ).to(dtype)
 
 
 def _same(x: jax.Array, t: torch.Tensor) -> None:
     want = to_numpy(t)
     got = np.asarray(x)
     assert got.shape == want.shape and got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert np.array_equal(got.reshape(-1).view(f"u{got.dtype.itemsize}"), want.reshape(-1).view(f"u{want.dtype.itemsize}"))
+    assert np.array_equal(
+        got.reshape(-1).view(f"u{got.dtype.itemsize}"), want.reshape(-1).view(f"u{want.dtype.itemsize}")
+    )
 
 
 @pytest.mark.parametrize("dtype", ALIASABLE, ids=str)
@@ -54,7 +60,9 @@ def test_permuted_views_alias_with_their_layout():
     x = qbridge.to_jax(t.t(), copy=False)
     assert x.unsafe_buffer_pointer() == t.data_ptr() and x.shape == (32, 64)
     _same(x, t.t())
-    np.testing.assert_allclose(np.asarray(jax.jit(lambda a: a @ a.T)(x)), (t.t() @ t).numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda a: a @ a.T)(x)), (t.t() @ t).numpy(), rtol=1e-5, atol=1e-4
+    )
     p = torch.randn(2, 3, 64).permute(2, 0, 1)
     y = qbridge.to_jax(p, copy=False)
     assert y.unsafe_buffer_pointer() == p.data_ptr()
@@ -84,7 +92,7 @@ def test_misaligned_views_are_copied_once(offset):
     x = qbridge.to_jax(v)
     _same(x, v)
     assert x.unsafe_buffer_pointer() != v.data_ptr()
-    with pytest.raises(BufferError, match="bytes past a 64-byte boundary.*copy=None"):
+    with pytest.raises(BufferError, match=r"bytes past a 64-byte boundary.*copy=None"):
         qbridge.to_jax(v, copy=False)
     np.testing.assert_allclose(float(jax.jit(jnp.sum)(x)), float(v.sum()), rtol=1e-4)
 
@@ -94,7 +102,9 @@ def test_bf16_two_bytes_off():
     v = base[1:]
     x = qbridge.to_jax(v)
     _same(x, v)
-    assert float(jax.jit(lambda a: (a.astype(jnp.float32) * 2).sum())(x)) == pytest.approx(float(v.float().sum() * 2), rel=1e-3)
+    assert float(jax.jit(lambda a: (a.astype(jnp.float32) * 2).sum())(x)) == pytest.approx(
+        float(v.float().sum() * 2), rel=1e-3
+    )
 
 
 def test_non_compact_views():
@@ -159,7 +169,9 @@ def test_quantized_inputs_are_dequantized():
     ao.quantize_(lin, ao.Int8WeightOnlyConfig())
     _same(qbridge.to_jax(lin.weight), lin.weight.dequantize())
     bnb = pytest.importorskip("bitsandbytes")
-    p = bnb.nn.Params4bit(torch.randn(48, 64, dtype=torch.float16), requires_grad=False, quant_type="nf4").to("cpu")
+    p = bnb.nn.Params4bit(torch.randn(48, 64, dtype=torch.float16), requires_grad=False, quant_type="nf4").to(
+        "cpu"
+    )
     _same(qbridge.to_jax(p), bnb_reference(p.data, p.quant_state))
     q = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)
     _same(qbridge.to_jax(q), q.dequantize())
@@ -192,7 +204,7 @@ def test_sparse_tensor_is_densified():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="takes a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"takes a torch.Tensor"):
         qbridge.to_jax(np.zeros(3))
     with pytest.raises(TypeError, match="copy must be"):
         qbridge.to_jax(torch.zeros(3), copy="yes")
@@ -200,7 +212,7 @@ def test_bad_arguments():
         qbridge.to_jax(torch.zeros(3, dtype=torch.complex32))
     with pytest.raises(ValueError, match="meta tensor"):
         qbridge.to_jax(torch.empty(3, device="meta"))
-    with pytest.raises(TypeError, match="jax.Device"):
+    with pytest.raises(TypeError, match=r"jax.Device"):
         qbridge.to_jax(torch.zeros(3), device="cpu")
 
 
@@ -213,7 +225,7 @@ def test_to_torch_zero_copy_round_trip():
     assert back.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()
     b = qbridge.to_torch(jax.device_put(jnp.ones(5, jnp.bfloat16), jax.devices("cpu")[0]))
     assert b.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="takes a jax.Array"):
+    with pytest.raises(TypeError, match=r"takes a jax.Array"):
         qbridge.to_torch(np.zeros(3))
 
 

@@ -81,7 +81,15 @@ def test_two_bytes_off_alignment_works_inside_jit():
 def test_zero_copy_pointer_and_device():
     import qbridge
 
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.float8_e4m3fn, torch.bool, torch.int32):
+    for dtype in (
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+        torch.uint8,
+        torch.float8_e4m3fn,
+        torch.bool,
+        torch.int32,
+    ):
         t = (torch.randn(256, 128, device="cuda") * 10).to(dtype)
         x = qbridge.to_jax(t, copy=False)
         assert x.unsafe_buffer_pointer() == t.data_ptr()
@@ -157,9 +165,13 @@ def test_quantized_cuda_inputs():
 
     F = pytest.importorskip("bitsandbytes.functional")
     bnb = pytest.importorskip("bitsandbytes")
-    p = bnb.nn.Params4bit(torch.randn(96, 128, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4").to("cuda")
+    p = bnb.nn.Params4bit(
+        torch.randn(96, 128, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4"
+    ).to("cuda")
     x = qbridge.to_jax(p)
-    assert np.array_equal(np.asarray(x).view(np.uint16), to_numpy(F.dequantize_4bit(p.data, p.quant_state)).view(np.uint16))
+    assert np.array_equal(
+        np.asarray(x).view(np.uint16), to_numpy(F.dequantize_4bit(p.data, p.quant_state)).view(np.uint16)
+    )
     _, packed, qs = bnb_quantize((576, 7168), device="cuda")
     xt = qbridge.dequantize_to_jax(packed, qs, transpose=True)
     want = F.dequantize_4bit(packed, qs).t()
@@ -207,7 +219,9 @@ def test_jax_on_cpu_while_torch_sees_cuda_fails_loudly():
         "x = qbridge.to_jax(t, device=jax.devices('cpu')[0])\nprint('COPIED', float(x.sum()))\n"
     )
     r = _python(code, JAX_PLATFORMS="cpu")
-    assert "RAISED" in r.stdout and "no GPU backend" in r.stdout and "COPIED 4.0" in r.stdout, r.stdout + r.stderr
+    assert "RAISED" in r.stdout and "no GPU backend" in r.stdout and "COPIED 4.0" in r.stdout, (
+        r.stdout + r.stderr
+    )
 
 
 def test_preallocation_is_off_by_default_and_warned_about_when_on():
@@ -279,10 +293,18 @@ def test_loaded_parameters_survive_xla_command_buffer_updates(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     results = {}
     for how in ("bare", "to_jax_copy", "load_checkpoint"):
-        r = subprocess.run([sys.executable, "-c", _STEP, how, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", _STEP, how, str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         results[how] = (r.stdout.strip().splitlines() or ["(no output) " + r.stderr[-2000:]])[-1]
     assert results["to_jax_copy"] == "OK 5", results
     assert results["load_checkpoint"] == "OK 5", results
     if results["bare"] == "OK 5":
-        pytest.skip(f"this XLA updates the copy of a foreign buffer fine (the workaround could go): {results}")
+        pytest.skip(
+            f"this XLA updates the copy of a foreign buffer fine (the workaround could go): {results}"
+        )
     assert "Failed to set memcpy D2D node params" in results["bare"], results

@@ -40,7 +40,9 @@ def _config(made):
 def _models(made, name, device=None):
     config = _config(made)
     target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
-    kept = qbridge.load_checkpoint(made / name, target=target, keep_quantized=True, progress=False, device=device)
+    kept = qbridge.load_checkpoint(
+        made / name, target=target, keep_quantized=True, progress=False, device=device
+    )
     dense = qbridge.load_checkpoint(made / name, target=target, progress=False, device=device)
     quant_model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
     swapped = jax_side.load_quantized_into_nnx(quant_model, kept)
@@ -66,7 +68,10 @@ def test_kept_quantized_matches_the_dense_path(made, name):
                 node = node[getattr(k, "key", getattr(k, "idx", None))]
             assert_same_bits(x.dequantize(transpose=True), node)
     forward = nnx.jit(lambda m, ids: m(ids))
-    quant_logits, dense_logits = forward(quant_model, jnp.asarray(IDS)), forward(dense_model, jnp.asarray(IDS))
+    quant_logits, dense_logits = (
+        forward(quant_model, jnp.asarray(IDS)),
+        forward(dense_model, jnp.asarray(IDS)),
+    )
     assert_parity(dense_logits, quant_logits)
     if name in ("nf4-False", "fp8"):  # no nested decode to fuse: the same computation, the same bits
         assert_same_bits(quant_logits, dense_logits)
@@ -98,7 +103,11 @@ def test_gradients_reach_inputs_and_lora_not_the_quantized_pieces():
     np.testing.assert_allclose(np.asarray(grad_x), np.tile(w.sum(0), (3, 1)), rtol=1e-5, atol=1e-5)
     grads = nnx.grad(lambda m, x: (m(x) ** 2).sum())(layer, x)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
-    assert names == {"bias", "lora.lora_A", "lora.lora_B"}  # only Params: the quantized weight is not differentiated
+    assert names == {
+        "bias",
+        "lora.lora_A",
+        "lora.lora_B",
+    }  # only Params: the quantized weight is not differentiated
     assert np.abs(np.asarray(grads["lora"]["lora_B"][...])).sum() > 0
 
 
@@ -130,7 +139,11 @@ def test_linen_layers():
                                                                                 "bias": jnp.zeros(32, jnp.bfloat16)}}}  # fmt: skip
     want = jax.jit(Dense().apply)(dense_vars, ids)
     assert_same_bits(got, want)
-    grads = jax.grad(lambda p: Net().apply({"params": p, "quantized": variables["quantized"]}, ids).astype(jnp.float32).sum())(variables["params"])
+    grads = jax.grad(
+        lambda p: (
+            Net().apply({"params": p, "quantized": variables["quantized"]}, ids).astype(jnp.float32).sum()
+        )
+    )(variables["params"])
     assert set(grads) == {"proj"}
 
 
@@ -146,7 +159,9 @@ def test_pytrees_round_trip(made, tmp_path):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "kept", kept)
     checkpointer.wait_until_finished()
-    restored = checkpointer.restore(tmp_path / "kept", jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, kept))
+    restored = checkpointer.restore(
+        tmp_path / "kept", jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, kept)
+    )
     r = restored["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert isinstance(r, jax_side.NF4Weight)
     assert_same_bits(r.dequantize(), w.dequantize())
@@ -157,17 +172,24 @@ def test_swap_errors_and_sharding_refused(made):
     kept, *_ = _models(made, "fp8")
     model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
     bad = {"model": {"norm": {"scale": kept["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]}}}
-    with pytest.raises(TypeError, match="needs an nnx.Linear kernel or nnx.Embed table"):
+    with pytest.raises(TypeError, match=r"needs an nnx.Linear kernel or nnx.Embed table"):
         jax_side.load_quantized_into_nnx(model, bad)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
     with pytest.raises(ValueError, match="keep_quantized does not shard"):
-        qbridge.load_checkpoint(made / "fp8", keep_quantized=True, progress=False, sharding=(mesh, [(r"kernel", jax.sharding.PartitionSpec())]))
+        qbridge.load_checkpoint(
+            made / "fp8",
+            keep_quantized=True,
+            progress=False,
+            sharding=(mesh, [(r"kernel", jax.sharding.PartitionSpec())]),
+        )
 
 
 @pytest.mark.gpu
 def test_kept_quantized_on_the_gpu(made):
     kept, _, quant_model, dense_model, _ = _models(made, "nf4-True", device="cuda")
-    assert kept["model"]["layers"][0]["mlp"]["up_proj"]["kernel"].packed.devices() == {jax.local_devices(backend="gpu")[0]}
+    assert kept["model"]["layers"][0]["mlp"]["up_proj"]["kernel"].packed.devices() == {
+        jax.local_devices(backend="gpu")[0]
+    }
     forward = nnx.jit(lambda m, ids: m(ids))
     assert_parity(forward(dense_model, jnp.asarray(IDS)), forward(quant_model, jnp.asarray(IDS)))
 

@@ -38,7 +38,9 @@ def _flax_model(path):
 def _load_into_flax(path, **kwargs):
     config, model = _flax_model(path if (path / "config.json").exists() else path.parent)
     target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
-    params, report = qbridge.load_checkpoint(path, target=target, progress=False, return_report=True, **kwargs)
+    params, report = qbridge.load_checkpoint(
+        path, target=target, progress=False, return_report=True, **kwargs
+    )
     nnx.update(model, params)
     return model, params, report
 
@@ -59,7 +61,9 @@ def _torch_logits(model):
 @pytest.mark.parametrize("nested", [True, False])
 def test_bitsandbytes_llama(tmp_path, dense_dir, quant_type, nested):
     out = tmp_path / "q"
-    model = bnb_llama(dense_dir, out, quant_type=quant_type, nested=nested, shard=nested and quant_type == "nf4")
+    model = bnb_llama(
+        dense_dir, out, quant_type=quant_type, nested=nested, shard=nested and quant_type == "nf4"
+    )
     # every 4-bit weight: bit-identical to bitsandbytes (its reference with the CUDA kernel's semantics),
     # and equal as numbers to what bitsandbytes' own dequantize_4bit returns here
     import bitsandbytes as bnb
@@ -71,7 +75,10 @@ def test_bitsandbytes_llama(tmp_path, dense_dir, quant_type, nested):
         if isinstance(module, bnb.nn.Linear4bit):
             ours = _kernel(params, name + ".weight")
             assert_same_bits(ours, to_numpy(bnb_reference(module.weight.data, module.weight.quant_state)))
-            np.testing.assert_array_equal(ours.astype(np.float32), F.dequantize_4bit(module.weight.data, module.weight.quant_state).float().numpy())
+            np.testing.assert_array_equal(
+                ours.astype(np.float32),
+                F.dequantize_4bit(module.weight.data, module.weight.quant_state).float().numpy(),
+            )
             checked += 1
     assert checked == 14 and report.format == "bitsandbytes-4bit"
     assert_parity(_torch_logits(model), flax_model(jnp.asarray(IDS)))
@@ -101,8 +108,12 @@ def test_pieces_of_one_weight_in_different_shards(tmp_path, dense_dir):
     rest = {k: v for k, v in state.items() if k not in main}
     save_file(main, split / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     save_file(rest, split / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    weight_map = {k: "model-00001-of-00002.safetensors" for k in main} | {k: "model-00002-of-00002.safetensors" for k in rest}
-    (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    weight_map = dict.fromkeys(main, "model-00001-of-00002.safetensors") | dict.fromkeys(
+        rest, "model-00002-of-00002.safetensors"
+    )
+    (split / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (split / "config.json").write_text((single / "config.json").read_text())
     _, params_split, _ = _load_into_flax(split)
     _, params_single, _ = _load_into_flax(single)
@@ -122,7 +133,12 @@ def test_fp8_llama_with_partial_tiles(tmp_path, dense_dir):
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if name in stored and stored[name].dtype == torch.float8_e4m3fn:
-                want = fp8_reference_loops(stored[name], stored[name.replace(".weight", ".weight_scale_inv")], (128, 128), torch.bfloat16)
+                want = fp8_reference_loops(
+                    stored[name],
+                    stored[name.replace(".weight", ".weight_scale_inv")],
+                    (128, 128),
+                    torch.bfloat16,
+                )
                 assert_same_bits(_kernel(params, name), to_numpy(want))
                 p.copy_(want)  # the torch model on the same dequantized weights
     assert_parity(_torch_logits(reference), flax_model(jnp.asarray(IDS)))
@@ -195,11 +211,17 @@ def test_float32_targets_from_a_bf16_nf4_checkpoint(tmp_path, dense_dir, kind):
     if kind == "nnx":
         target = abstract
     else:  # a linen-style params dict of shapes, string keys as linen has them
+
         def linen(d):
-            return {str(k): linen(v) if isinstance(v, dict) else jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in d.items()}
+            return {
+                str(k): linen(v) if isinstance(v, dict) else jax.ShapeDtypeStruct(v.shape, v.dtype)
+                for k, v in d.items()
+            }
 
         target = {"params": linen(nnx.to_pure_dict(nnx.state(abstract)))}
-    params, report = qbridge.load_checkpoint(tmp_path / "nf4", target=target, progress=False, return_report=True)
+    params, report = qbridge.load_checkpoint(
+        tmp_path / "nf4", target=target, progress=False, return_report=True
+    )
     tree = params["params"] if kind == "linen" else params
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree))
     casts = {leaf.removeprefix("params."): (src, dst) for leaf, _, src, dst in report.match.casts}
@@ -222,7 +244,12 @@ def test_non_strict_loads_keep_concrete_values_and_refuse_shapes(tmp_path, dense
     (tmp_path / "config.json").write_text((dense_dir / "config.json").read_text())
     config, _ = _flax_model(dense_dir)
     with pytest.raises(jax_side.MatchError, match=r"strict=False, but 1 target leaves.*model\.norm\.scale"):
-        qbridge.load_checkpoint(tmp_path, target=jax_side.abstract_llama(config, param_dtype=jnp.bfloat16), strict=False, progress=False)
+        qbridge.load_checkpoint(
+            tmp_path,
+            target=jax_side.abstract_llama(config, param_dtype=jnp.bfloat16),
+            strict=False,
+            progress=False,
+        )
     model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
     own = np.asarray(model.model.norm.scale[...])
     params = qbridge.load_checkpoint(tmp_path, target=model, strict=False, progress=False)
@@ -248,7 +275,9 @@ def test_dequantized_state_matches_the_producer(tmp_path, dense_dir):
     model = bnb_llama(dense_dir, out, quant_type="fp4", nested=False)
     state = qbridge.dequantized_state(out)
     w = model.model.layers[1].mlp.down_proj.weight
-    assert_same_bits(to_numpy(state["model.layers.1.mlp.down_proj.weight"]), to_numpy(bnb_reference(w.data, w.quant_state)))
+    assert_same_bits(
+        to_numpy(state["model.layers.1.mlp.down_proj.weight"]), to_numpy(bnb_reference(w.data, w.quant_state))
+    )
 
 
 @pytest.mark.gpu
@@ -263,7 +292,9 @@ def test_bitsandbytes_llama_on_the_gpu(tmp_path, dense_dir, quant_type):
 
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cuda")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cuda"
+    )
     model.save_pretrained(tmp_path / "q")
     flax_model, params, report = _load_into_flax(tmp_path / "q", device="cuda")
     assert report.device.lower().startswith(("cuda", "gpu"))
@@ -271,7 +302,10 @@ def test_bitsandbytes_llama_on_the_gpu(tmp_path, dense_dir, quant_type):
     assert leaf.devices() == {jax.local_devices(backend="gpu")[0]}
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            assert_same_bits(_kernel(params, name + ".weight"), to_numpy(F.dequantize_4bit(module.weight.data, module.weight.quant_state)))
+            assert_same_bits(
+                _kernel(params, name + ".weight"),
+                to_numpy(F.dequantize_4bit(module.weight.data, module.weight.quant_state)),
+            )
     with torch.no_grad():
         ref = model(torch.from_numpy(IDS).cuda()).logits
     assert_parity(ref, flax_model(jnp.asarray(IDS)))
@@ -283,5 +317,7 @@ def test_fp8_llama_on_the_gpu(tmp_path, dense_dir):
     stored = fp8_llama(dense_dir, out)
     _, params, _ = _load_into_flax(out, device="cuda")
     name = "model.layers.0.mlp.gate_proj.weight"
-    want = fp8_reference_loops(stored[name], stored[name.replace(".weight", ".weight_scale_inv")], (128, 128), torch.bfloat16)
+    want = fp8_reference_loops(
+        stored[name], stored[name.replace(".weight", ".weight_scale_inv")], (128, 128), torch.bfloat16
+    )
     assert_same_bits(_kernel(params, name), to_numpy(want))

@@ -46,7 +46,10 @@ def _dense(path: pathlib.Path, **overrides) -> pathlib.Path:
 def dense_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("main_job")
     # FP8 gets an intermediate size that is not a multiple of 128: partial tiles in gate/up rows and down columns
-    return root, {"8b": _dense(root / "bf16-8b"), "8b-partial": _dense(root / "bf16-8b-partial", intermediate_size=14400)}
+    return root, {
+        "8b": _dense(root / "bf16-8b"),
+        "8b-partial": _dense(root / "bf16-8b-partial", intermediate_size=14400),
+    }
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "fp8", "torchao"])
@@ -69,7 +72,11 @@ def test_main_job_at_real_size(dense_dirs, fmt):
             assert run["quantized_layers"] == 7  # the decoder layer's seven projections
         for form in ("nnx.jit", "jax.jit split state"):
             r = run[form]
-            print(f"\n[{fmt} {kind} {form}] {r['calls_ok']} calls, median {r['median_ms_after_first']} ms\n{r['parity']}")
+            print(
+                f"\n[{fmt} {kind} {form}] {r['calls_ok']} calls, median {r['median_ms_after_first']} ms\n{r['parity']}"
+            )
             assert r["error"] is None and r["calls_ok"] >= 10, f"{fmt} {kind} {form}: {r['error']}"
             assert r["same_every_call"], f"{fmt} {kind} {form}: the logits changed between calls"
-            assert r["parity_ok"], f"{fmt} {kind} {form}: logits differ from the torch quantized model\n{r['parity']}"
+            assert r["parity_ok"], (
+                f"{fmt} {kind} {form}: logits differ from the torch quantized model\n{r['parity']}"
+            )

@@ -39,7 +39,9 @@ def made(tmp_path_factory):
 def _torch_4bit(made):
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                              bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    return transformers.AutoModelForCausalLM.from_pretrained(made / "nf4", quantization_config=config, dtype=torch.bfloat16, device_map="cpu").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        made / "nf4", quantization_config=config, dtype=torch.bfloat16, device_map="cpu"
+    ).eval()
 
 
 def _kept(made):
@@ -57,12 +59,17 @@ def _loss(model, ids):
 
 def test_targets_are_matched_as_peft_matches_them():
     config = jax_side.LoraConfig(target_modules=["q_proj", "v_proj"])
-    assert config.matches("model.layers.0.self_attn.q_proj") and not config.matches("model.layers.0.self_attn.o_proj")
+    assert config.matches("model.layers.0.self_attn.q_proj") and not config.matches(
+        "model.layers.0.self_attn.o_proj"
+    )
     assert not config.matches("model.layers.0.self_attn.xq_proj")  # a whole name, as PEFT's endswith(".name")
     everything = jax_side.LoraConfig(target_modules="all-linear")
     assert everything.matches("model.layers.1.mlp.down_proj") and not everything.matches("lm_head")
     assert jax_side.LoraConfig(target_modules=r".*\.1\.mlp\..*").matches("model.layers.1.mlp.up_proj")
-    assert jax_side.LoraConfig(r=16, lora_alpha=32).scaling == 2.0 and jax_side.LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
+    assert (
+        jax_side.LoraConfig(r=16, lora_alpha=32).scaling == 2.0
+        and jax_side.LoraConfig(r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
+    )
     with pytest.raises(ValueError, match="use_dora=True"):
         jax_side.LoraConfig.from_peft({"peft_type": "LORA", "r": 4, "use_dora": True})
 
@@ -71,19 +78,30 @@ def test_adapters_start_as_peft_starts_them(made):
     model = _kept(made)
     before = model(jnp.asarray(IDS))
     names = jax_side.add_lora(model, jax_side.LoraConfig(r=8, target_modules="all-linear"), rngs=nnx.Rngs(3))
-    assert len(names) == 14 and "lm_head" not in names  # lm_head is dense here, and all-linear leaves it out anyway
+    assert (
+        len(names) == 14 and "lm_head" not in names
+    )  # lm_head is dense here, and all-linear leaves it out anyway
     adapter = jax_side.lora_layers(model)["model.layers.0.mlp.down_proj"]
     a, b = np.asarray(adapter.lora_A[...]), np.asarray(adapter.lora_B[...])
-    assert a.shape == (192, 8) and a.dtype == np.float32 and np.abs(a).max() <= 1 / np.sqrt(192) and a.std() > 0.5 / np.sqrt(3 * 192)
+    assert (
+        a.shape == (192, 8)
+        and a.dtype == np.float32
+        and np.abs(a).max() <= 1 / np.sqrt(192)
+        and a.std() > 0.5 / np.sqrt(3 * 192)
+    )
     assert not b.any()
-    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))), np.asarray(before))  # B = 0: the base model
-    with pytest.raises(TypeError, match="lm_head is a dense nnx.Linear"):
+    np.testing.assert_array_equal(
+        np.asarray(model(jnp.asarray(IDS))), np.asarray(before)
+    )  # B = 0: the base model
+    with pytest.raises(TypeError, match=r"lm_head is a dense nnx.Linear"):
         jax_side.add_lora(model, jax_side.LoraConfig(target_modules=["lm_head"]))
 
 
 def test_only_the_adapters_train(made):
     model = _kept(made)
-    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    jax_side.add_lora(
+        model, jax_side.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     frozen_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)))
     lora_before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
@@ -103,15 +121,23 @@ def test_only_the_adapters_train(made):
     grad_leaves = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
     assert grad_leaves and all(name.endswith(("lora_A", "lora_B")) for name in grad_leaves)
     frozen_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.LoRAParam)))
-    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)):  # norms, tables, quantized pieces
+    for before, after in zip(
+        jax.tree.leaves(frozen_before), jax.tree.leaves(frozen_after)
+    ):  # norms, tables, quantized pieces
         assert np.array_equal(np.atleast_1d(before).view(np.uint8), np.atleast_1d(after).view(np.uint8))
-    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(lora_before), jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))]
+    changed = [
+        not np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(lora_before), jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    ]
     assert all(changed)
 
 
 def test_a_jax_trained_adapter_runs_in_torch_peft(made, tmp_path):
     model = _kept(made)
-    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    jax_side.add_lora(
+        model,
+        jax_side.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
     ids = jnp.asarray(IDS)
     for _ in range(4):
@@ -122,17 +148,24 @@ def test_a_jax_trained_adapter_runs_in_torch_peft(made, tmp_path):
     with torch.no_grad():
         base = torch_base(torch.from_numpy(IDS)).logits
     adapted = peft.PeftModel.from_pretrained(torch_base, out).eval()
-    assert type(adapted.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    assert (
+        type(adapted.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    )
     with torch.no_grad():
         torch_logits = adapted(torch.from_numpy(IDS)).logits
     flax_logits = model(ids)
     assert_parity({"logits": torch_logits}, {"logits": flax_logits})  # bf16 tolerances
-    assert (torch_logits.float() - base.float()).abs().max() > 10 * (torch_logits.float() - torch.from_numpy(np.asarray(flax_logits, np.float32))).abs().max()
+    assert (torch_logits.float() - base.float()).abs().max() > 10 * (
+        torch_logits.float() - torch.from_numpy(np.asarray(flax_logits, np.float32))
+    ).abs().max()
 
 
 def test_a_peft_adapter_reads_into_flax_exactly(made, tmp_path):
     torch.manual_seed(2)
-    torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "up_proj"]))
+    torch_model = peft.get_peft_model(
+        _torch_4bit(made),
+        peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "up_proj"]),
+    )
     with torch.no_grad():
         for name, p in torch_model.named_parameters():
             if "lora_B" in name:
@@ -140,12 +173,16 @@ def test_a_peft_adapter_reads_into_flax_exactly(made, tmp_path):
     torch_model.save_pretrained(tmp_path / "peft")
     model = _kept(made)
     names = qbridge.load_peft_adapter(model, tmp_path / "peft")
-    assert names == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj"))
+    assert names == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj")
+    )
     from safetensors.numpy import load_file
 
     theirs = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     layers = jax_side.lora_layers(model)
-    assert layers["model.layers.1.mlp.up_proj"].config == jax_side.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "up_proj"))
+    assert layers["model.layers.1.mlp.up_proj"].config == jax_side.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=("q_proj", "up_proj")
+    )
     for name, adapter in layers.items():
         assert_same_bits(np.asarray(adapter.lora_A[...]).T, theirs[f"base_model.model.{name}.lora_A.weight"])
         assert_same_bits(np.asarray(adapter.lora_B[...]).T, theirs[f"base_model.model.{name}.lora_B.weight"])
@@ -168,16 +205,21 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
     tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"] = np.zeros((4, 64), np.float32)
     save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
-    with pytest.raises(qbridge.CheckpointError, match=r"adapters for layers the model lacks: \['base_model.model.model.layers.9"):
+    with pytest.raises(
+        qbridge.CheckpointError,
+        match=r"adapters for layers the model lacks: \['base_model.model.model.layers.9",
+    ):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
     (tmp_path / "peft" / "adapter_config.json").unlink()
-    with pytest.raises(qbridge.CheckpointError, match="adapter_config.json: missing"):
+    with pytest.raises(qbridge.CheckpointError, match=r"adapter_config.json: missing"):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
 
 
 def test_dropout_is_on_while_training_only(made):
     model = _kept(made)
-    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_dropout=0.5, target_modules=["v_proj"]), rngs=nnx.Rngs(0))
+    jax_side.add_lora(
+        model, jax_side.LoraConfig(r=4, lora_dropout=0.5, target_modules=["v_proj"]), rngs=nnx.Rngs(0)
+    )
     for adapter in jax_side.lora_layers(model).values():
         adapter.lora_B[...] = jnp.ones_like(adapter.lora_B[...])
     ids = jnp.asarray(IDS)
@@ -195,7 +237,9 @@ def test_linen_quant_dense_with_lora():
                                 shape=(32, 64), dtype="float32")  # fmt: skip
     layer = jax_side.QuantDense(32, lora=jax_side.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64)), jnp.float32)
-    _, made = layer.apply({"quantized": {"kernel": kernel}}, x, mutable=["params", "lora"], rngs={"params": jax.random.key(0)})
+    _, made = layer.apply(
+        {"quantized": {"kernel": kernel}}, x, mutable=["params", "lora"], rngs={"params": jax.random.key(0)}
+    )
     variables = {**made, "quantized": {"kernel": kernel}}
     assert variables["lora"]["lora_A"].shape == (64, 4) and not variables["lora"]["lora_B"].any()
     base = layer.apply(variables, x)
@@ -211,7 +255,9 @@ def test_linen_quant_dense_with_lora():
 
 def test_a_loaded_adapter_is_deterministic_and_replaces_what_was_there(made, tmp_path):
     torch.manual_seed(3)
-    config = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True, target_modules={"q_proj", "down_proj"})
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, lora_dropout=0.1, use_rslora=True, target_modules={"q_proj", "down_proj"}
+    )
     torch_model = peft.get_peft_model(_torch_4bit(made), config)
     with torch.no_grad():
         for name, p in torch_model.named_parameters():
@@ -219,11 +265,15 @@ def test_a_loaded_adapter_is_deterministic_and_replaces_what_was_there(made, tmp
                 p.normal_()
     torch_model.save_pretrained(tmp_path / "peft")
     model = _kept(made)
-    jax_side.add_lora(model, jax_side.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"]))  # other settings
+    jax_side.add_lora(
+        model, jax_side.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"])
+    )  # other settings
     qbridge.load_peft_adapter(model, tmp_path / "peft")
     ids = jnp.asarray(IDS)
     first, second = model(ids), model(ids)
-    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))  # dropout off, as PEFT hands adapters out
+    np.testing.assert_array_equal(
+        np.asarray(first), np.asarray(second)
+    )  # dropout off, as PEFT hands adapters out
     with torch.no_grad():
         want = torch_model.eval()(torch.from_numpy(IDS)).logits
     assert_parity({"logits": want}, {"logits": first})  # rsLoRA's scaling came with the file
@@ -237,7 +287,11 @@ def test_a_broken_adapter_leaves_the_model_as_it_was(made, tmp_path):
     torch_model.save_pretrained(tmp_path / "peft")
     doc = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     model = _kept(made)
-    for bad, message in (({**doc, "r": 8.7}, "r must be a positive integer"), ([doc], "a JSON object"), ({**doc, "r": 8}, "the layer needs")):
+    for bad, message in (
+        ({**doc, "r": 8.7}, "r must be a positive integer"),
+        ([doc], "a JSON object"),
+        ({**doc, "r": 8}, "the layer needs"),
+    ):
         (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(bad))
         with pytest.raises(qbridge.CheckpointError, match=message):
             qbridge.load_peft_adapter(model, tmp_path / "peft")

@@ -36,7 +36,10 @@ def test_sharded_over_gpus_equals_unsharded(made, name):
 
     gpus = jax.local_devices(backend="gpu")
     mesh = Mesh(np.array(gpus), ("x",))
-    rules = [(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, "x")), (r"(o_proj|down_proj)\.kernel$", P("x", None))]
+    rules = [
+        (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", P(None, "x")),
+        (r"(o_proj|down_proj)\.kernel$", P("x", None)),
+    ]
     config = jax_side.LlamaConfig.from_hf(json.loads((made / "dense" / "config.json").read_text()))
     target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
     whole = qbridge.load_checkpoint(made / name, target=target, device="cpu", progress=False)

@@ -36,7 +36,9 @@ def made(tmp_path_factory):
 
 
 def _pair(made, name="f32", **load):
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(made / name, attn_implementation="eager", device_map="cpu").eval()
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        made / name, attn_implementation="eager", device_map="cpu"
+    ).eval()
     config = jax_side.LlamaConfig.from_hf(json.loads((made / name / "config.json").read_text()))
     dtype = jnp.float32 if name == "f32" else jnp.bfloat16
     flax_model = jax_side.llama_for_causal_lm(config, param_dtype=dtype)
@@ -57,9 +59,17 @@ def test_a_correct_port_agrees_end_to_end(made):
     assert report.ok and report.first_divergence is None
     names = [p.name for p in report.pairs]
     assert names[0] == "model.embed_tokens" and names[-1] == "" and "model.layers.1.mlp.down_proj" in names
-    assert names.index("model.layers.0.self_attn.q_proj") < names.index("model.layers.0.self_attn") < names.index("model.layers.0")
+    assert (
+        names.index("model.layers.0.self_attn.q_proj")
+        < names.index("model.layers.0.self_attn")
+        < names.index("model.layers.0")
+    )
     # what has no Flax counterpart is listed, not ignored: the rotary module and the activation modules
-    assert set(report.unpaired_torch) == {"model.rotary_emb", "model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"}
+    assert set(report.unpaired_torch) == {
+        "model.rotary_emb",
+        "model.layers.0.mlp.act_fn",
+        "model.layers.1.mlp.act_fn",
+    }
     assert report.unpaired_flax == []
     text = str(report)
     assert "the two models agree" in text and "model.rotary_emb" in text
@@ -84,17 +94,28 @@ def test_swapped_rotary_halves(made, monkeypatch):
     import jax_side._llama as port
 
     torch_model, flax_model = _pair(made)
-    monkeypatch.setattr(port, "_rotate_half", lambda x: jnp.concatenate([x[..., x.shape[-1] // 2 :], -x[..., : x.shape[-1] // 2]], axis=-1))
+    monkeypatch.setattr(
+        port,
+        "_rotate_half",
+        lambda x: jnp.concatenate([x[..., x.shape[-1] // 2 :], -x[..., : x.shape[-1] // 2]], axis=-1),
+    )
     report = trace(torch_model, flax_model, IDS)
-    assert report.first_divergence == "model.layers.0.self_attn"  # the attention block's own code, not o_proj after it
+    assert (
+        report.first_divergence == "model.layers.0.self_attn"
+    )  # the attention block's own code, not o_proj after it
     by_name = {p.name: p for p in report.pairs}
-    assert by_name["model.layers.0.self_attn.q_proj"].ok and not by_name["model.layers.0.self_attn.o_proj"].input_ok
+    assert (
+        by_name["model.layers.0.self_attn.q_proj"].ok
+        and not by_name["model.layers.0.self_attn.o_proj"].input_ok
+    )
 
 
 def test_an_fp16_softmax(made, monkeypatch):
     torch_model, flax_model = _pair(made)
     softmax = jax.nn.softmax
-    monkeypatch.setattr(jax.nn, "softmax", lambda x, axis=-1: softmax(x.astype(jnp.float16), axis=axis).astype(x.dtype))
+    monkeypatch.setattr(
+        jax.nn, "softmax", lambda x, axis=-1: softmax(x.astype(jnp.float16), axis=axis).astype(x.dtype)
+    )
     report = trace(torch_model, flax_model, IDS)
     assert report.first_divergence == "model.layers.0.self_attn"
 
@@ -133,7 +154,9 @@ def test_a_linen_port_with_numbered_names_and_channels_last_images():
 
     torch.manual_seed(0)
     net = TorchNet().eval()
-    variables = jax_side.to_flax_variables({k: v.detach().numpy() for k, v in net.state_dict().items()}, numbered="underscore")
+    variables = jax_side.to_flax_variables(
+        {k: v.detach().numpy() for k, v in net.state_dict().items()}, numbered="underscore"
+    )
     x = torch.randn(2, 3, 6, 6)
     flax_x = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
     report = trace(net, FlaxNet(), x, variables=variables, flax_inputs=(flax_x,))
@@ -145,7 +168,9 @@ def test_the_report_as_a_dataframe(made):
     pytest.importorskip("pandas")
     torch_model, flax_model = _pair(made)
     frame = trace(torch_model, flax_model, IDS).to_dataframe()
-    assert len(frame) == 29 and {"name", "flax_path", "max_rel", "cosine", "ok", "input_ok"} <= set(frame.columns)
+    assert len(frame) == 29 and {"name", "flax_path", "max_rel", "cosine", "ok", "input_ok"} <= set(
+        frame.columns
+    )
     assert frame["ok"].all()
 
 
@@ -201,6 +226,8 @@ def test_dict_outputs_pair_by_name_not_by_order():
 
     torch.manual_seed(0)
     net = TorchNet().eval()
-    variables = jax_side.to_flax_variables({k: v.detach().numpy() for k, v in net.state_dict().items()}, numbered="underscore")
+    variables = jax_side.to_flax_variables(
+        {k: v.detach().numpy() for k, v in net.state_dict().items()}, numbered="underscore"
+    )
     report = trace(net, FlaxNet(), torch.randn(3, 4), variables=variables)
     assert report.first_divergence is None and "layers.0" in [p.name for p in report.pairs]

@@ -25,12 +25,12 @@ def _state(nested=True):
 def test_packed_dtype_fp8_bytes():
     packed, qs = _state()
     fp8 = torch.zeros(packed.numel(), dtype=torch.float8_e4m3fn)
-    with pytest.raises(TypeError, match="float8_e4m3fn.*FP8 data: use dequantize_fp8"):
+    with pytest.raises(TypeError, match=r"float8_e4m3fn.*FP8 data: use dequantize_fp8"):
         torch_side.dequantize(fp8, qs)
 
 
 def test_fp8_weight_viewed_as_uint8_with_a_4bit_state():
-    packed, qs = _state()
+    _, qs = _state()
     w = random_fp8((40, 96)).view(torch.uint8)  # one byte per element: twice what 4-bit needs
     with pytest.raises(ValueError, match=r"holds 3840 bytes.*needs 1920 bytes"):
         torch_side.dequantize(w, qs)
@@ -59,9 +59,13 @@ def test_nested_absmax_length():
 
 def test_float_absmax_with_nested_pieces():
     packed, qs = _state()
-    with pytest.raises(TypeError, match="nested .*absmax is uint8, got torch.float32"):
+    with pytest.raises(TypeError, match=r"nested .*absmax is uint8, got torch.float32"):
         torch_side.dequantize_nf4(
-            packed, qs.absmax.float(), shape=(40, 96), nested_absmax=qs.state2.absmax, nested_code=qs.state2.code
+            packed,
+            qs.absmax.float(),
+            shape=(40, 96),
+            nested_absmax=qs.state2.absmax,
+            nested_code=qs.state2.code,
         )
 
 
@@ -79,7 +83,7 @@ def test_unknown_quant_type_and_blocksize():
         torch_side.dequantize(packed, q)
     q = copy.copy(qs)
     q.blocksize = 48
-    with pytest.raises(ValueError, match="blocksize must be one of .* got 48"):
+    with pytest.raises(ValueError, match=r"blocksize must be one of .* got 48"):
         torch_side.dequantize(packed, q)
 
 
@@ -87,7 +91,7 @@ def test_output_dtype():
     packed, qs = _state()
     q = copy.copy(qs)
     q.dtype = torch.float64
-    with pytest.raises(ValueError, match="float16, bfloat16 or float32, got torch.float64"):
+    with pytest.raises(ValueError, match=r"float16, bfloat16 or float32, got torch.float64"):
         torch_side.dequantize(packed, q)
 
 
@@ -99,7 +103,7 @@ def test_incomplete_quant_state():
         torch_side.dequantize(packed, q)
     q = copy.copy(qs)
     q.offset = None
-    with pytest.raises(ValueError, match="nested .* without offset"):
+    with pytest.raises(ValueError, match=r"nested .* without offset"):
         torch_side.dequantize(packed, q)
 
 
@@ -114,7 +118,7 @@ def test_legacy_list_layouts():
         torch_side.dequantize(packed, bad)
     bad = list(lst)
     bad[2] = "bfloat16"
-    with pytest.raises(ValueError, match="entry 2 .* must be a torch.dtype"):
+    with pytest.raises(ValueError, match=r"entry 2 .* must be a torch.dtype"):
         torch_side.dequantize(packed, bad)
 
 
@@ -126,7 +130,7 @@ def test_not_a_quant_state():
 
 def test_w_not_a_tensor():
     _, qs = _state()
-    with pytest.raises(TypeError, match="W must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"W must be a torch.Tensor, got list"):
         torch_side.dequantize([1, 2, 3], qs)
 
 
@@ -199,7 +203,10 @@ def test_fp8_scale_shape_wrong():
     w = random_fp8((576, 7168))
     with pytest.raises(ValueError, match=r"scale_inv has shape \(4, 56\).*block 128 needs \(5, 56\)"):
         torch_side.dequantize_fp8(w, random_scales((4, 56)))
-    with pytest.raises(ValueError, match=r"\(5, 57\); a \[576, 7168\] weight takes .*block scales \(5, 56\) \(block_size \(128, 128\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(5, 57\); a \[576, 7168\] weight takes .*block scales \(5, 56\) \(block_size \(128, 128\)\)",
+    ):
         torch_side.dequantize_fp8(w, random_scales((5, 57)), block_size=128)
     with pytest.raises(ValueError, match=r"\(1, 1, 2\) does not fit a weight of shape \(4, 8, 8\)"):
         torch_side.dequantize_fp8(random_fp8((4, 8, 8)), random_scales((1, 1, 2)))
@@ -214,7 +221,9 @@ def test_fp8_ambiguous_block_asks_for_block_size():
 
 def test_fp8_scale_dtype_and_output_dtype():
     w = random_fp8((128, 128))
-    with pytest.raises(TypeError, match="scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got torch.int32"):
+    with pytest.raises(
+        TypeError, match=r"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got torch.int32"
+    ):
         torch_side.dequantize_fp8(w, torch.ones(1, 1, dtype=torch.int32))
     with pytest.raises(TypeError, match="output dtype must be"):
         torch_side.dequantize_fp8(w, torch.ones(1, 1), torch.int8)

@@ -44,7 +44,9 @@ def test_default_dtype_is_bfloat16():
 def test_row_and_tensor_scales(device):
     w = random_fp8((37, 301)).to(device)
     row = random_scales((37, 1)).to(device)
-    assert_bitwise_equal(torch_side.dequantize_fp8(w, row), fp8_reference_loops(w, row, (1, 301), torch.bfloat16))
+    assert_bitwise_equal(
+        torch_side.dequantize_fp8(w, row), fp8_reference_loops(w, row, (1, 301), torch.bfloat16)
+    )
     assert_bitwise_equal(
         torch_side.dequantize_fp8(w, row.reshape(37)), fp8_reference_loops(w, row, (1, 301), torch.bfloat16)
     )
@@ -65,11 +67,16 @@ def test_non_square_blocks():
 
 def test_block_inference():
     assert torch_side.fp8_scale_layout((200, 300), (2, 3)).block == (128, 128)  # 128 whenever it fits
-    assert torch_side.fp8_scale_layout((222, 1000), (2, 10)).block == (111, 111)  # the one square block that fits
+    assert torch_side.fp8_scale_layout((222, 1000), (2, 10)).block == (
+        111,
+        111,
+    )  # the one square block that fits
     with pytest.raises(ValueError, match="from 110 to 111"):
         torch_side.fp8_scale_layout((220, 1000), (2, 10))
     w, s = random_fp8((222, 1000)), random_scales((2, 10))
-    assert_bitwise_equal(torch_side.dequantize_fp8(w, s), fp8_reference_loops(w, s, (111, 111), torch.bfloat16))
+    assert_bitwise_equal(
+        torch_side.dequantize_fp8(w, s), fp8_reference_loops(w, s, (111, 111), torch.bfloat16)
+    )
 
 
 def test_transpose(device):
@@ -82,7 +89,9 @@ def test_transpose(device):
 def test_bf16_and_fp16_scales_widen_exactly():
     w = random_fp8((256, 256))
     s = random_scales((2, 2)).to(torch.bfloat16)
-    assert_bitwise_equal(torch_side.dequantize_fp8(w, s), fp8_reference_loops(w, s.float(), (128, 128), torch.bfloat16))
+    assert_bitwise_equal(
+        torch_side.dequantize_fp8(w, s), fp8_reference_loops(w, s.float(), (128, 128), torch.bfloat16)
+    )
 
 
 def test_nan_fp8_values_propagate():

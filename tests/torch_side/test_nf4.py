@@ -15,7 +15,19 @@ from torch_side._backend import bnb_cpu_kernel_restarts_blocks, choose_4bit_back
 
 F = pytest.importorskip("bitsandbytes.functional")
 
-ODD_SHAPES = [(128, 96), (7, 48), (3, 32), (5, 7), (1, 1), (33, 65), (100,), (97,), (3,), (2, 3, 40), (576, 7168)]
+ODD_SHAPES = [
+    (128, 96),
+    (7, 48),
+    (3, 32),
+    (5, 7),
+    (1, 1),
+    (33, 65),
+    (100,),
+    (97,),
+    (3,),
+    (2, 3, 40),
+    (576, 7168),
+]
 
 
 def _oracle(packed, qs, device):
@@ -30,17 +42,26 @@ def _oracle(packed, qs, device):
 @pytest.mark.parametrize("nested", [True, False])
 def test_matches_bitsandbytes(device, shape, quant_type, nested):
     for i, dtype in enumerate(DTYPES):
-        _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i, device=device)
+        _, packed, qs = bnb_quantize(
+            shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i, device=device
+        )
         got = torch_side.dequantize(packed, qs)
         assert got.device.type == device
-        assert_bitwise_equal(got, as_bnb_returns(_oracle(packed, qs, device), packed) if device == "cpu" else _oracle(packed, qs, device))
+        assert_bitwise_equal(
+            got,
+            as_bnb_returns(_oracle(packed, qs, device), packed)
+            if device == "cpu"
+            else _oracle(packed, qs, device),
+        )
         assert_bitwise_equal(got, as_bnb_returns(bnb_reference(packed, qs), packed))
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
 def test_every_blocksize(device, blocksize):
     for nested in (True, False):
-        _, packed, qs = bnb_quantize((37, 300), blocksize=blocksize, nested=nested, seed=blocksize, device=device)
+        _, packed, qs = bnb_quantize(
+            (37, 300), blocksize=blocksize, nested=nested, seed=blocksize, device=device
+        )
         assert_bitwise_equal(torch_side.dequantize(packed, qs), _oracle(packed, qs, device))
 
 
@@ -75,7 +96,9 @@ def test_fp4_negative_zero_follows_the_cuda_kernel():
     assert (nibbles == 8).any()
     neg_zero = got.reshape(-1)[nibbles == 8]
     assert torch.all(neg_zero == 0) and torch.all(torch.signbit(neg_zero))
-    native = torch.ops.bitsandbytes.dequantize_4bit(packed, qs.absmax, qs.blocksize, "fp4", list(qs.shape), qs.dtype)
+    native = torch.ops.bitsandbytes.dequantize_4bit(
+        packed, qs.absmax, qs.blocksize, "fp4", list(qs.shape), qs.dtype
+    )
     assert torch.equal(native, got)  # as numbers; the sign of its zero depends on the CPU's code path
 
 
@@ -101,7 +124,10 @@ def test_bnb_cpu_kernel_restart_predicate(rows, cols, blocksize, dtype, seed):
 def test_auto_never_picks_the_cpu_kernel_of_bitsandbytes():
     cpu = torch.device("cpu")
     for shape in [(64, 128), (128, 96), (100,)]:
-        assert choose_4bit_backend(cpu, "auto", shape=shape, blocksize=64, quant_type="nf4", standard_code=True) == "torch"
+        assert (
+            choose_4bit_backend(cpu, "auto", shape=shape, blocksize=64, quant_type="nf4", standard_code=True)
+            == "torch"
+        )
 
 
 @settings(max_examples=60, deadline=None)
@@ -118,7 +144,9 @@ def test_auto_never_picks_the_cpu_kernel_of_bitsandbytes():
     seed=st.integers(0, 2**16),
 )
 def test_random_shapes(shape, blocksize, quant_type, nested, dtype, seed):
-    _, packed, qs = bnb_quantize(shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed)
+    _, packed, qs = bnb_quantize(
+        shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed
+    )
     assert_bitwise_equal(torch_side.dequantize(packed, qs), as_bnb_returns(bnb_reference(packed, qs), packed))
 
 
@@ -128,7 +156,9 @@ def test_legacy_list_state(device):
             _, packed, qs = bnb_quantize((45, 70), nested=nested, quant_type=quant_type, device=device)
             want = _oracle(packed, qs, device)
             assert_bitwise_equal(torch_side.dequantize(packed, legacy_list(qs)), want)
-            assert_bitwise_equal(torch_side.dequantize(packed, legacy_list(qs)[:6]), want)  # 0.39-0.40: no code
+            assert_bitwise_equal(
+                torch_side.dequantize(packed, legacy_list(qs)[:6]), want
+            )  # 0.39-0.40: no code
 
 
 def test_none_quant_state_returns_w_itself():
@@ -169,7 +199,10 @@ def test_out_non_contiguous_is_written(device):
 @pytest.mark.parametrize(
     "make_out, message",
     [
-        (lambda qs: torch.empty(qs.shape[0], qs.shape[1] + 1, dtype=qs.dtype), r"shape \(30, 50\).*got shape \(30, 51\)"),
+        (
+            lambda qs: torch.empty(qs.shape[0], qs.shape[1] + 1, dtype=qs.dtype),
+            r"shape \(30, 50\).*got shape \(30, 51\)",
+        ),
         (lambda qs: torch.empty(qs.shape, dtype=torch.float16), r"dtype torch.bfloat16.*dtype torch.float16"),
         (lambda qs: torch.empty(qs.shape[1], qs.shape[0], dtype=qs.dtype), r"got shape \(50, 30\)"),
     ],
@@ -193,13 +226,15 @@ def test_quant_storage_dtypes():
 
 def test_params4bit_as_w(device):
     bnb = pytest.importorskip("bitsandbytes")
-    p = bnb.nn.Params4bit(torch.randn(40, 64, dtype=torch.float16), requires_grad=False, quant_type="fp4").to(device)
+    p = bnb.nn.Params4bit(torch.randn(40, 64, dtype=torch.float16), requires_grad=False, quant_type="fp4").to(
+        device
+    )
     assert p.bnb_quantized
     assert_bitwise_equal(torch_side.dequantize(p, p.quant_state), _oracle(p.data, p.quant_state, device))
 
 
 def test_empty_weight():
-    _, packed, qs = bnb_quantize((4, 64))
+    _, _, qs = bnb_quantize((4, 64))
     got = torch_side.dequantize_nf4(
         torch.empty(0, 1, dtype=torch.uint8), torch.empty(0), shape=(0, 64), dtype=torch.float16
     )
@@ -250,7 +285,9 @@ def test_nested_decode_has_two_roundings():
     prod = code2.numpy()[a.numpy()] * np.repeat(absmax2.numpy(), 256)  # float32 * float32 -> float32
     want = (prod.astype(np.float32) + np.float32(offset.item())).astype(np.float32)
     assert np.array_equal(got.numpy(), want)
-    fused = (code2.double().numpy()[a.numpy()] * np.repeat(absmax2.double().numpy(), 256) + offset.item()).astype(np.float32)
+    fused = (
+        code2.double().numpy()[a.numpy()] * np.repeat(absmax2.double().numpy(), 256) + offset.item()
+    ).astype(np.float32)
     assert not np.array_equal(fused, want)  # the rounding order is observable on this data
 
 
@@ -286,7 +323,7 @@ def test_result_does_not_alias_input():
 @pytest.mark.gpu
 def test_cuda_result_is_ordered_on_the_current_stream():
     """Work goes on the caller's current stream: a write queued there before the call is seen."""
-    w_old, packed_old, qs = bnb_quantize((1024, 1024), nested=True, device="cuda", seed=1)
+    _, packed_old, qs = bnb_quantize((1024, 1024), nested=True, device="cuda", seed=1)
     _, packed_new, _ = bnb_quantize((1024, 1024), nested=True, device="cuda", seed=2)
     target = packed_old.clone()
     side = torch.cuda.Stream()

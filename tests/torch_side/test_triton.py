@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, assert_bitwise_equal, bnb_quantize, bnb_reference, fp8_reference_loops, random_fp8, random_scales
+from helpers import (
+    DTYPES,
+    assert_bitwise_equal,
+    bnb_quantize,
+    bnb_reference,
+    fp8_reference_loops,
+    random_fp8,
+    random_scales,
+)
 
 import torch_side
 
@@ -45,13 +53,17 @@ def _check_4bit(packed, qs, device):
 @pytest.mark.parametrize("nested", [True, False])
 def test_4bit_kernels_small_and_odd(device, shape, quant_type, nested):
     for i, dtype in enumerate(DTYPES):
-        _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i, device=device)
+        _, packed, qs = bnb_quantize(
+            shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i, device=device
+        )
         _check_4bit(packed, qs, device)
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
 def test_4bit_kernels_every_blocksize(device, blocksize):
-    _, packed, qs = bnb_quantize((21, 390), blocksize=blocksize, quant_type="nf4", nested=True, device=device, seed=blocksize)
+    _, packed, qs = bnb_quantize(
+        (21, 390), blocksize=blocksize, quant_type="nf4", nested=True, device=device, seed=blocksize
+    )
     _check_4bit(packed, qs, device)
 
 
@@ -59,13 +71,17 @@ def test_4bit_kernels_every_blocksize(device, blocksize):
 @pytest.mark.parametrize("shape", BENCH)
 def test_4bit_kernels_bench_shapes(shape):
     for quant_type, nested in (("nf4", True), ("fp4", False)):
-        _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=torch.bfloat16, device="cuda")
+        _, packed, qs = bnb_quantize(
+            shape, quant_type=quant_type, nested=nested, dtype=torch.bfloat16, device="cuda"
+        )
         _check_4bit(packed, qs, "cuda")
 
 
 def test_4bit_denormal_products_flush_as_bitsandbytes_cuda_does(device):
     for nested in (False, True):
-        _, packed, qs = bnb_quantize((256, 512), nested=nested, dtype=torch.float32, device=device, scale=1e-38)
+        _, packed, qs = bnb_quantize(
+            (256, 512), nested=nested, dtype=torch.float32, device=device, scale=1e-38
+        )
         got = torch_side.dequantize(packed, qs, backend="triton")
         assert_bitwise_equal(got, bnb_reference(packed, qs))
         if device == "cuda":
@@ -83,7 +99,9 @@ def test_4bit_out_and_seed_convention(device):
     assert_bitwise_equal(strided, want)
     assert_bitwise_equal(torch_side.dequantize(packed.t(), qs, backend="triton"), want.t())
     out_t = torch.empty(80, 48, dtype=qs.dtype, device=device)
-    got = torch_side.dequantize_nf4(packed, qs.absmax, **_pieces(qs), transpose=True, out=out_t, backend="triton")
+    got = torch_side.dequantize_nf4(
+        packed, qs.absmax, **_pieces(qs), transpose=True, out=out_t, backend="triton"
+    )
     assert got is out_t
     assert_bitwise_equal(out_t, want.t())
 
@@ -120,13 +138,17 @@ def test_fp8_kernel_every_bit_pattern(device):
         s = torch.tensor([[0.5, 3.0], [1e-3, 7.0]], device=device)
         for dtype in DTYPES:
             got = torch_side.dequantize_fp8(w, s, dtype, block_size=(2, 128), backend="triton")
-            assert_bitwise_equal(got, torch_side.dequantize_fp8(w, s, dtype, block_size=(2, 128), backend="torch"))
+            assert_bitwise_equal(
+                got, torch_side.dequantize_fp8(w, s, dtype, block_size=(2, 128), backend="torch")
+            )
     w = random_fp8((4, 6)).to(device)
     assert_bitwise_equal(torch_side.dequantize_fp8(w, torch.tensor(0.25, device=device), backend="triton"),
                          torch_side.dequantize_fp8(w, torch.tensor(0.25, device=device), backend="torch"))  # fmt: skip
     w3 = random_fp8((2, 3, 5)).to(device)
     one = torch.tensor([0.125], device=device)
-    assert_bitwise_equal(torch_side.dequantize_fp8(w3, one, backend="triton"), (w3.float() * 0.125).to(torch.bfloat16))
+    assert_bitwise_equal(
+        torch_side.dequantize_fp8(w3, one, backend="triton"), (w3.float() * 0.125).to(torch.bfloat16)
+    )
 
 
 @pytest.mark.gpu
@@ -140,7 +162,6 @@ def test_fp8_kernel_bench_shapes(shape):
 
 
 def test_auto_picks_triton_on_cuda_only(device):
-    _, packed, qs = bnb_quantize((8, 64), device=device)
     from torch_side._backend import choose_4bit_backend, choose_fp8_backend
 
     kw = dict(shape=(8, 64), blocksize=64, quant_type="nf4", standard_code=True)

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = r'''
+SCRIPT = r"""
 import itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -41,12 +41,16 @@ for out, e5m2, mode, transpose in itertools.product(["*bf16", "*fp16", "*fp32"],
     compile(fp8_kernel, types, dict(E5M2=e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=64, TILE_C=128, SOFT=False))
     count += 1
 print("COMPILED", count)
-'''
+"""
 
 
 def test_every_kernel_variant_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0 and "COMPILED 60" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0 and "COMPILED 60" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-5000:]
+    )

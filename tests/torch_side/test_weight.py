@@ -102,7 +102,9 @@ def test_params4bit(device):
         got = torch_side.dequantize_weight(w)
         assert got.shape == (40, 72)
         assert_bitwise_equal(got, bnb_reference(w.data, w.quant_state))
-        assert_bitwise_equal(torch_side.dequantize_weight(w, transpose=True), bnb_reference(w.data, w.quant_state).t())
+        assert_bitwise_equal(
+            torch_side.dequantize_weight(w, transpose=True), bnb_reference(w.data, w.quant_state).t()
+        )
 
 
 def test_params4bit_not_yet_quantized_is_dense():
@@ -131,7 +133,7 @@ def test_four_bit_state_and_fp8_scale_as_quant_state(device):
     assert_bitwise_equal(torch_side.dequantize_weight(packed, qs), bnb_reference(packed, qs))
     w, s = random_fp8((256, 130)).to(device), random_scales((2, 2)).to(device)
     assert_bitwise_equal(torch_side.dequantize_weight(w, s), torch_side.dequantize_fp8(w, s))
-    with pytest.raises(TypeError, match="FP8 scale, but W is torch.uint8"):
+    with pytest.raises(TypeError, match=r"FP8 scale, but W is torch.uint8"):
         torch_side.dequantize_weight(packed, s)
 
 
@@ -153,7 +155,9 @@ class _Broken(torch.Tensor):
 def test_subclass_that_cannot_dequantize():
     t = torch.randn(3, 3).as_subclass(_Opaque)
     assert torch_side.is_quant_tensor_subclass(t)
-    with pytest.raises(NotImplementedError, match=r"_Opaque \(torchao .*\).*no dequantize\(\) method of its own"):
+    with pytest.raises(
+        NotImplementedError, match=r"_Opaque \(torchao .*\).*no dequantize\(\) method of its own"
+    ):
         torch_side.dequantize_weight(t)
     b = torch.randn(3, 3).as_subclass(_Broken)
     with pytest.raises(NotImplementedError, match=r"_Broken .*RuntimeError: kernel package missing"):

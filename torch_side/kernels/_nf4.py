@@ -47,7 +47,10 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
     """The float32 absmax of blocks ``blk`` (decoding a nested absmax on the fly)."""
     if NESTED:
         a = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        product = flush(tl.load(nested_code_ptr + a) * tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0))
+        product = flush(
+            tl.load(nested_code_ptr + a)
+            * tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        )
         return flush(product + tl.load(offset_ptr))
     else:
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
@@ -94,10 +97,21 @@ def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_abs
     byte = tl.load(packed_ptr + r * half + jb, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
     if ROW_SCALE:
         blk = (r * cols + 2 * pid_b * TILE_B) // BLOCKSIZE
-        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, r < rows, NESTED, NESTED_BLOCKSIZE)
+        scale = block_scale(
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            blk,
+            r < rows,
+            NESTED,
+            NESTED_BLOCKSIZE,
+        )
     else:
         blk = (r * cols + 2 * jb) // BLOCKSIZE
-        scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, NESTED, NESTED_BLOCKSIZE)
+        scale = block_scale(
+            absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, NESTED, NESTED_BLOCKSIZE
+        )
     pair = tl.load(pairs_ptr + (byte * 2)[:, :, None] + tl.arange(0, 2)[None, None, :])  # [TILE_R, TILE_B, 2]
     values = to_output(flush(pair * scale[:, :, None]), out_ptr, SOFT).reshape(TILE_R, 2 * TILE_B)
     r_t = pid_r * TILE_R + tl.arange(0, TILE_R)[None, :]
