@@ -51,7 +51,7 @@ def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int
     pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
         raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-    return pair  # type: ignore[return-value]
+    return (pair[0], pair[1])
 
 
 def _fitting_blocks(n: int, s: int) -> tuple[int, float]:

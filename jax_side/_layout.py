@@ -70,7 +70,7 @@ SKIPPED_BUFFERS = tuple(BUFFERS)
 
 def buffer_reason(key: str, ndim: int) -> str | None:
     """Why torch tensor ``key`` of rank ``ndim`` is a buffer and no parameter, by name rules; None if it
-    may be a parameter. Besides :data:`BUFFERS`: a 4-D ``bias`` of an attention module is the causal mask
+    may be a parameter. Besides the known buffer names (``num_batches_tracked``, ``position_ids``, rotary caches, ...): a 4-D ``bias`` of an attention module is the causal mask
     older transformers saved (GPT-2's ``attn.bias``)."""
     module, _, leaf = key.rpartition(".")
     if leaf in BUFFERS:
@@ -130,7 +130,7 @@ RULES = _rules()
 
 
 def rule_for(kind: str, torch_name: str) -> LeafRule:
-    """The rule for parameter ``torch_name`` of a torch module of ``kind`` (see :data:`KINDS`).
+    """The rule for parameter ``torch_name`` of a torch module of ``kind`` (see :data:`jax_side.KINDS`).
 
     Unknown names of a known kind, and every name of kind ``"param"``, keep their name and layout.
     """

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    pass
 
 
 def _nnx():
@@ -43,10 +46,12 @@ class LlamaConfig:
 
     @property
     def kv_heads(self) -> int:
+        """The number of key/value heads, ``num_key_value_heads`` (``num_attention_heads`` when unset)."""
         return self.num_key_value_heads or self.num_attention_heads
 
     @property
     def head_size(self) -> int:
+        """The size of one attention head, ``head_dim`` (``hidden_size // num_attention_heads`` when unset)."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
@@ -81,7 +86,8 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _make_modules():
-    nnx = _nnx()
+    _nnx()  # raises the install hint when flax is missing
+    from flax import nnx
 
     class LlamaRMSNorm(nnx.Module):
         def __init__(self, size: int, eps: float, *, param_dtype: Any):

@@ -18,10 +18,13 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    pass
 
 ALL_LINEAR = "all-linear"
 OUTPUT_LAYERS = ("lm_head",)  # PEFT's all-linear leaves the output layer out
@@ -60,6 +63,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
+        """The factor PEFT applies to the adapter product, ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def matches(self, path: str) -> bool:
@@ -132,7 +136,8 @@ _ADAPTER: dict[str, Any] = {}
 def lora_adapter_class() -> Any:
     """The nnx module holding one layer's adapters (built on first use: flax is optional)."""
     if "cls" not in _ADAPTER:
-        nnx = _nnx()
+        _nnx()  # raises the install hint when flax is missing
+        from flax import nnx
 
         class LoRAAdapter(nnx.Module):
             """``lora_A`` ``[in, r]`` and ``lora_B`` ``[r, out]`` (``nnx.LoRAParam``), dropout, and the config."""

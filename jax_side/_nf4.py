@@ -140,11 +140,13 @@ def _scale_blocks(values: jax.Array, scales: jax.Array, blocksize: int) -> jax.A
     return flush((padded * scales[:, None]).reshape(-1)[:n])
 
 
-@functools.partial(jax.jit, static_argnames=("nested_blocksize",))
-def _nested_product(
+def _nested_product_traced(
     absmax: jax.Array, nested_absmax: jax.Array, nested_code: jax.Array, nested_blocksize: int
 ) -> jax.Array:
     return _scale_blocks(jnp.take(nested_code, absmax.astype(jnp.int32)), nested_absmax, nested_blocksize)
+
+
+_nested_product = jax.jit(_nested_product_traced, static_argnames=("nested_blocksize",))
 
 
 @jax.jit
@@ -166,9 +168,7 @@ def decode_nested_absmax(
     nested_code = jnp.asarray(nested_code).reshape(-1)
     offset = jnp.asarray(offset, dtype=jnp.float32).reshape(())
     if _is_traced(absmax, nested_absmax, nested_code, offset):
-        return flush(
-            _nested_product.__wrapped__(absmax, nested_absmax, nested_code, nested_blocksize) + offset
-        )
+        return flush(_nested_product_traced(absmax, nested_absmax, nested_code, nested_blocksize) + offset)
     product = _nested_product(absmax, nested_absmax, nested_code, nested_blocksize)
     return _add_offset(product, offset)
 
@@ -232,7 +232,8 @@ def dequantize_nf4(
         the module docstring for a nested absmax under a caller's jit. jit-compatible, no host round trips.
 
     Raises:
-        TypeError / ValueError: pieces of the wrong dtype or size, unknown quant type or block size.
+        TypeError: pieces of the wrong dtype.
+        ValueError: pieces of the wrong size, an unknown quant type or block size.
     """
     shape = tuple(int(s) for s in shape)
     if transpose and len(shape) != 2:

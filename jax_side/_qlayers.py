@@ -12,10 +12,13 @@ to biases and to LoRA adapters (``jax_side.add_lora``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    pass
 
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
@@ -46,7 +49,8 @@ def _dense(x: jax.Array, weight: NF4Weight | FP8Weight, bias: jax.Array | None, 
 
 
 def _make_nnx():
-    nnx, _ = _flax()
+    _flax()  # raises the install hint when flax is missing
+    from flax import nnx
 
     class QuantizedVariable(nnx.Variable):
         """Holds a quantized weight: not a ``Param``, so optimizers and ``nnx.grad`` leave it alone."""
@@ -109,6 +113,8 @@ def _make_nnx():
             return jnp.take(self._table(), ids, axis=0)
 
         def attend(self, query: jax.Array) -> jax.Array:
+            """``query @ table.T`` as ``nnx.Embed.attend`` computes it (tied output layers); ``query`` is
+            cast to the table's dtype. Shape ``[..., features]`` -> ``[..., num_embeddings]``."""
             table = self._table()
             return jnp.dot(query.astype(table.dtype), table.T)
 
@@ -116,7 +122,8 @@ def _make_nnx():
 
 
 def _make_linen():
-    _, linen = _flax()
+    _flax()  # raises the install hint when flax is missing
+    from flax import linen
 
     def quantized(module: Any, name: str) -> Any:
         """The quantized weight ``name`` of ``module``'s ``"quantized"`` collection (an error if absent)."""
@@ -206,7 +213,8 @@ def _split(
     quantized, rest = {}, {}
     for key, value in params.items():
         if is_quantized(value):
-            quantized[(*prefix, key)] = value
+            path = (*prefix, key)
+            quantized[path] = value
         elif isinstance(value, Mapping):
             q, r = _split(value, (*prefix, key))
             quantized.update(q)

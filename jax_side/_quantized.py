@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,14 @@ from ._nf4 import dequantize_nf4
 
 class _Sizes:
     """Bytes held (every piece) and bytes the dense weight would take."""
+
+    if TYPE_CHECKING:  # fields or properties of the dataclasses below
+
+        @property
+        def shape(self) -> tuple[int, ...]: ...
+
+        @property
+        def dtype(self) -> Any: ...
 
     @property
     def nbytes(self) -> int:
@@ -41,10 +49,14 @@ class NF4Weight(_Sizes):
     Attributes:
         packed: uint8 ``[ceil(n / 2)]``, the packed nibbles (high nibble = even element).
         absmax: float32 ``[ceil(n / blocksize)]``, or uint8 when nested.
-        nested_absmax, nested_code, offset: the nested absmax pieces (None when not nested).
+        nested_absmax: float32 ``[ceil(len(absmax) / nested_blocksize)]`` when nested, else None.
+        nested_code: float32 ``[256]``, the table of the nested absmax, when nested, else None.
+        offset: float32 scalar added to the decoded absmax when nested, else None.
         code: the 16-entry table, or None for the standard table of ``quant_type``.
         shape: the weight's shape in torch's layout (``[out, in]`` for a Linear).
-        blocksize, nested_blocksize, quant_type: the format.
+        blocksize: elements per absmax block (64 for transformers' checkpoints).
+        nested_blocksize: absmax values per nested block (256).
+        quant_type: ``"nf4"`` or ``"fp4"``.
         dtype: the dtype it dequantizes to (name, e.g. ``"bfloat16"``).
     """
 
@@ -93,6 +105,7 @@ class FP8Weight(_Sizes):
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of the dense weight, torch layout ``[out, in]`` (the stored FP8 array's shape)."""
         return tuple(self.weight.shape)
 
     def dequantize(self, *, transpose: bool = False, dtype: Any = None) -> jax.Array:

@@ -59,6 +59,7 @@ class MatchReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing is missing, unused or mismatched in shape or dtype."""
         return not (self.missing or self.unused or self.shape_mismatches or self.dtype_mismatches)
 
     def cast_summary(self) -> list[str]:
@@ -84,9 +85,9 @@ class MatchReport:
             lines.append(f"  unused: checkpoint tensor {key!r} fills no target leaf")
         for leaf, key, want, got in self.shape_mismatches:
             lines.append(f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout")
-        for leaf, key, want, got in self.dtype_mismatches:
+        for leaf, key, want_dtype, got_dtype in self.dtype_mismatches:
             lines.append(
-                f"  dtype: {leaf!r} is {want}, checkpoint {key!r} is {got} (leave dtype=None to cast floating "
+                f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} (leave dtype=None to cast floating "
                 "leaves to the target's dtypes)"
             )
         return "\n".join(lines)
@@ -116,6 +117,7 @@ class PlannedLeaf:
 
 
 def dotted(path: Path) -> str:
+    """A tree path as one dotted name: ``("params", "layers", 0, "kernel")`` -> ``"params.layers.0.kernel"``."""
     return ".".join(str(p) for p in path)
 
 
@@ -206,7 +208,9 @@ def plan_by_name(
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
-    plan, skipped, taken = [], {}, {}
+    plan: list[PlannedLeaf] = []
+    skipped: dict[str, str] = {}
+    taken: dict[Path, str] = {}
     for key, (shape, dtype) in checkpoint.items():
         module, _, leaf = key.rpartition(".")
         reason = not_parameter(key, len(shape), optional)
@@ -331,11 +335,11 @@ def plan_match(
     for leaf in leaves:
         name = dotted(leaf.path)
         candidates = torch_key_candidates(leaf.path)
-        key = next((c for c in candidates if c in renamed), None)
-        if key is None:
+        found = next((c for c in candidates if c in renamed), None)
+        if found is None:
             report.missing.append((name, candidates))
             continue
-        original = renamed[key]
+        original = renamed[found]
         used.add(original)
         shape, src_dtype = checkpoint[original]
         kind = next((k for pattern, k in (kinds or {}).items() if re.search(pattern, name)), None)

@@ -78,6 +78,7 @@ class Entry:
 
     @property
     def dense_bytes(self) -> int:
+        """Bytes of the dequantized weight, ``prod(shape) * dtype.itemsize``."""
         return math.prod(self.shape) * self.dtype.itemsize
 
 
@@ -203,7 +204,14 @@ def _import_torchao_quietly() -> None:
 class Checkpoint:
     """A checkpoint's entries, read from headers (and the small bitsandbytes quant-state documents).
 
-    Use :func:`open_checkpoint`; close it (or use it as a context manager) when done.
+    Use :func:`qbridge.open_checkpoint`; close it (or use it as a context manager) when done.
+
+    Attributes:
+        path: the checkpoint directory or file.
+        config: its ``config.json`` (empty when there is none).
+        format: ``"bitsandbytes-4bit"``, ``"bitsandbytes-8bit"``, ``"fp8"``, ``"torchao"`` or ``"safetensors"``
+            (unquantized), as :class:`qbridge.CheckpointSummary` reports it.
+        entries: weight name -> :class:`Entry`, one per weight with all its stored pieces.
     """
 
     def __init__(self, path: pathlib.Path, source: _Source, config: dict[str, Any], fmt: str):
@@ -222,19 +230,33 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
+        """Closes the files (memory maps of safetensors files, opened torch files)."""
         self.source.close()
 
     @property
     def quantization_config(self) -> dict[str, Any]:
+        """``config.json``'s ``quantization_config`` (empty for an unquantized checkpoint)."""
         return self.config.get("quantization_config") or {}
 
     def read(self, key: str) -> torch.Tensor:
+        """The stored tensor ``key`` as it is on disk (quantized pieces stay quantized), on the CPU.
+
+        Raises:
+            CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
+        """
         return self.source.read(key)
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Rows/columns ``index`` of the stored tensor ``key``, reading only those bytes from safetensors
+        files (torch files are read whole). A new CPU tensor.
+
+        Raises:
+            CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
+        """
         return self.source.read_slice(key, index)
 
     def where(self, key: str) -> str:
+        """``"<file> [<key>]"``: the file holding ``key``, for error messages."""
         return f"{self.source.key_file.get(key, self.path)} [{key}]"
 
     def classify(self, *, ask_model: bool = False) -> Classification:
@@ -429,7 +451,7 @@ FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 def _companions(src: _Source) -> set[str]:
     """Keys that are pieces of another weight: FP8 scales and bitsandbytes 8-bit row scales."""
     keys = set(src.shapes)
-    out = set()
+    out: set[str] = set()
     for key, (_, dtype) in src.shapes.items():
         if dtype in FLOAT8:
             out.update(key + suffix for suffix in FP8_SCALES if key + suffix in keys)

@@ -177,9 +177,9 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
         )
     kinds, classes, non_persistent = {}, {}, set()
     for prefix, module in model.named_modules(remove_duplicate=False):
-        tensors = [*module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False),
-                   *module.named_buffers(prefix=prefix, recurse=False, remove_duplicate=False)]  # fmt: skip
-        for name, value in tensors:
+        own = [*module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False),
+               *module.named_buffers(prefix=prefix, recurse=False, remove_duplicate=False)]  # fmt: skip
+        for name, value in own:
             kinds[name] = torch_kind(module, value.dim())
             classes[name] = type(module).__name__
         for buffer in getattr(module, "_non_persistent_buffers_set", ()):

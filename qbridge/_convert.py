@@ -57,7 +57,9 @@ def convert_checkpoint(
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is False, or it is no Orbax checkpoint (only those
             are replaced), or it is or holds the checkpoint being converted.
-        CheckpointError / FormatError / MatchError: from loading; nothing is written then.
+        CheckpointError: from loading (a damaged or unreadable checkpoint); nothing is written then.
+        FormatError: from loading (an unknown or mixed format); nothing is written then.
+        jax_side.MatchError: from matching to ``target``; nothing is written then.
     """
     ocp = _orbax()
     out = pathlib.Path(out).absolute()

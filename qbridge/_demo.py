@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-DEMO_CONFIG = dict(
+DEMO_CONFIG: dict[str, Any] = dict(
     vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
 )  # fmt: skip
@@ -50,7 +50,8 @@ def _bnb_weights_equal(model: torch.nn.Module, params: Any) -> tuple[int, int]:
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        theirs = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float().cpu()
+        weight: Any = module.weight  # a bitsandbytes Params4bit
+        theirs = F.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
         node = params
         for part in name.split("."):
             node = node[int(part) if part.isdigit() else part]
@@ -80,7 +81,8 @@ def run_demo(
         root = pathlib.Path(workdir or tmp)
         dense_dir, nf4_dir = root / "llama-bf16", root / "llama-nf4"
         torch.manual_seed(seed)
-        dense = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG)).to(torch.bfloat16)
+        dense: Any = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG))
+        dense = dense.to(torch.bfloat16)
         dense.save_pretrained(dense_dir)
         quant = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -60,7 +60,7 @@ def is_compact(t: torch.Tensor) -> bool:
 
 
 def _x64() -> bool:
-    return bool(jax.config.jax_enable_x64)
+    return bool(jax.config.read("jax_enable_x64"))
 
 
 def _as_device(device: Any) -> jax.Device | None:
@@ -93,7 +93,7 @@ def _torch_streams(index: int) -> tuple[torch.cuda.Stream, ...]:
     found: dict[int, torch.cuda.Stream] = {}
     default = torch.cuda.default_stream(device)
     found[default.stream_id] = default
-    least, greatest = torch.cuda.Stream.priority_range()
+    least, greatest = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod in torch
     for priority in range(least, greatest - 1, -1):
         for _ in range(4096):
             s = torch.cuda.Stream(device=device, priority=priority)
@@ -125,8 +125,8 @@ def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stre
             return [s for s in _torch_streams(t.device.index) if s != current and not s.query()]
     elif isinstance(producer, torch.cuda.Stream):
         return [producer] if producer != current else []
-    elif isinstance(producer, Sequence):
-        return [s for s in producer if s != current]
+    elif isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer):
+        return [s for s in producer if isinstance(s, torch.cuda.Stream) and s != current]
     raise TypeError(
         f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
     )

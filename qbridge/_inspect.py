@@ -16,11 +16,13 @@ class CheckpointSummary:
     """A checkpoint at a glance.
 
     Attributes:
-        path, format: where and what (``bitsandbytes-4bit``, ``fp8``, ``torchao``, ``safetensors`` ...).
+        path: the checkpoint directory or file.
+        format: ``bitsandbytes-4bit``, ``bitsandbytes-8bit``, ``fp8``, ``torchao`` or ``safetensors``.
         quantization_config: ``config.json``'s ``quantization_config`` (empty if none).
         kinds: ``kind -> {"tensors", "stored_bytes", "dense_bytes"}`` (``dense``, ``bnb4``, ``bnb8``, ``fp8``,
             ``torchao``).
-        stored_bytes: bytes the weights take in the checkpoint; dense_bytes: after dequantization.
+        stored_bytes: bytes the weights take in the checkpoint.
+        dense_bytes: bytes they take after dequantization.
         skipped: tensors that are no parameters (tied copies, buffers, activation scales), skipped when
             loading unless a target asks for them; ``skip_reasons`` says why for each.
         care: weights whose shapes need care (partial FP8 tiles, 4-bit weights whose rows are not whole
@@ -76,8 +78,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
     the quant states and the scales (absmax, ``scale_inv``, ``SCB``), which are read and checked.
 
     Raises:
-        CheckpointError / FormatError: as :func:`qbridge.load_checkpoint` would for the same files, damaged
-            (NaN/Inf) scales included.
+        CheckpointError: as :func:`qbridge.load_checkpoint` would for the same files, damaged (NaN/Inf)
+            scales included.
+        FormatError: an unknown or mixed quantization format.
     """
     with open_checkpoint(path) as ckpt:
         classification = ckpt.classify(ask_model=True)

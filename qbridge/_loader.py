@@ -42,8 +42,10 @@ class LoadReport:
         skipped: checkpoint tensors left out as no parameters (tied copies, buffers, activation scales);
             ``skip_reasons`` says why for each.
         match: the target-matching report (None without a target).
-        stored_bytes: bytes read from the checkpoint; dense_bytes: bytes of the result.
-        seconds: wall time; device: where the result lives.
+        stored_bytes: bytes read from the checkpoint.
+        dense_bytes: bytes of the result.
+        seconds: wall time of the load.
+        device: where the result lives.
         guessed: parameters whose module kind came from name rules, not from the torch model.
         classified_by: where the module kinds came from, in words.
     """

@@ -39,7 +39,8 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
         allocated.
 
     Raises:
-        ValueError: an unknown ``spec``. ImportError: the import path does not resolve.
+        ValueError: an unknown ``spec``.
+        ImportError: the import path does not resolve.
         CheckpointError: the checkpoint has no readable ``config.json``.
     """
     config = _config(checkpoint)
@@ -71,7 +72,7 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
     try:
         from flax import nnx
     except ImportError:  # pragma: no cover - flax is an extra
-        nnx = None
+        nnx = None  # type: ignore[assignment]
     if nnx is not None and isinstance(obj, type) and issubclass(obj, nnx.Module):
         return nnx.eval_shape(lambda: obj(config, rngs=nnx.Rngs(0)))
     if callable(obj):

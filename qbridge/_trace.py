@@ -49,7 +49,8 @@ class TraceReport:
         pairs: the paired modules, in the order their calls ended on the torch side.
         first_divergence: the torch name of the module where the two models part ways (see the module
             docstring), or None when every pair agrees.
-        unpaired_torch / unpaired_flax: modules called on one side with no counterpart on the other.
+        unpaired_torch: torch modules called with no Flax counterpart.
+        unpaired_flax: Flax modules called with no torch counterpart.
     """
 
     pairs: list[TracePair]
@@ -59,6 +60,7 @@ class TraceReport:
 
     @property
     def ok(self) -> bool:
+        """True when every paired module's output agrees within its tolerance."""
         return all(p.ok for p in self.pairs)
 
     def __str__(self) -> str:
@@ -243,12 +245,12 @@ def _nnx_run(module: Any, inputs: Any) -> dict[str, _Call]:
             owner = next(c for c in cls.__mro__ if "__call__" in vars(c))
             if owner not in originals:
                 originals[owner] = owner.__call__
-                owner.__call__ = wrap(owner)
+                owner.__call__ = wrap(owner)  # type: ignore[method-assign]  # undone below
     try:
         module(**inputs) if isinstance(inputs, Mapping) else module(*inputs)
     finally:
         for owner, call in originals.items():
-            owner.__call__ = call
+            owner.__call__ = call  # type: ignore[method-assign]
     return calls
 
 
@@ -281,7 +283,7 @@ def _linen_run(module: Any, variables: Any, inputs: Any) -> dict[str, _Call]:
 def _flax_names(name: str) -> list[str]:
     """A Flax path's torch-style names: itself, and linen's ``layers_3`` read as ``layers.3``."""
     parts = name.split(".") if name else []
-    split = []
+    split: list[str] = []
     for seg in parts:
         m = _NUMBERED.match(seg)
         split.extend([m.group(1), m.group(2)] if m else [seg])

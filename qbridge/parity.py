@@ -70,6 +70,7 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
+        """True when every output agrees within its tolerance."""
         return all(o.ok for o in self.outputs)
 
     def __str__(self) -> str:

@@ -222,6 +222,7 @@ def _decode_absmax(
 ) -> torch.Tensor:
     if nested_absmax is None:
         return absmax.reshape(-1)
+    assert nested_code is not None  # _check_pieces requires both
     if backend == "bnb":
         decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(
             absmax.reshape(-1), nested_absmax.reshape(-1), nested_code, nested_blocksize, torch.float32
@@ -322,7 +323,11 @@ def dequantize_nf4(
         elif chosen == "triton":
             from ._triton import dequantize_4bit_triton
 
-            pairs = standard_pairs(quant_type, device) if standard else pairs_of(code.reshape(-1))
+            pairs = (
+                pairs_of(code.reshape(-1))
+                if code is not None and not standard
+                else standard_pairs(quant_type, device)
+            )
             return dequantize_4bit_triton(
                 flat.contiguous(), absmax, pairs, blocksize=blocksize, shape=shape, dtype=dtype,
                 transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
@@ -341,7 +346,9 @@ def dequantize_nf4(
         else:
             absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch")
             # a table equal to the standard one decodes as bitsandbytes' CUDA kernel does (its -0.0 for FP4)
-            table = standard_code(quant_type, device) if standard else code.reshape(-1)
+            table = (
+                code.reshape(-1) if code is not None and not standard else standard_code(quant_type, device)
+            )
             result = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
         if transpose:
             result = result.t()
@@ -381,7 +388,8 @@ def dequantize(
 
     Raises:
         AssertionError: ``out`` does not match the quant state's shape and dtype (message: expected vs got).
-        TypeError / ValueError: a malformed or mismatched quant state, see :func:`dequantize_nf4`.
+        TypeError: a quant-state piece of the wrong type or dtype (see :func:`torch_side.dequantize_nf4`).
+        ValueError: a malformed or mismatched quant state (see :func:`torch_side.dequantize_nf4`).
 
     Example:
         >>> packed, qs = bitsandbytes.functional.quantize_4bit(w, quant_type="nf4")

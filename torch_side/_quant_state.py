@@ -59,10 +59,12 @@ class FourBitState:
 
     @property
     def nested(self) -> bool:
+        """True when the absmax is itself quantized (bitsandbytes' double quantization)."""
         return self.nested_absmax is not None
 
     @property
     def numel(self) -> int:
+        """Number of elements of the dense weight, ``prod(shape)``."""
         return math.prod(self.shape)
 
     def pieces(self) -> dict[str, Any]:
@@ -113,10 +115,10 @@ def _from_quant_state_object(qs: Any) -> FourBitState:
         blocksize=int(qs.blocksize),
         quant_type=qs.quant_type,
         code=getattr(qs, "code", None),
-        nested_absmax=state2.absmax if nested else None,
-        nested_code=state2.code if nested else None,
-        nested_blocksize=int(state2.blocksize) if nested else 256,
-        offset=offset if nested else 0.0,
+        nested_absmax=state2.absmax if state2 is not None else None,
+        nested_code=state2.code if state2 is not None else None,
+        nested_blocksize=int(state2.blocksize) if state2 is not None else 256,
+        offset=offset if offset is not None and nested else 0.0,
     )
 
 

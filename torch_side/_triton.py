@@ -64,8 +64,8 @@ def dequantize_4bit_triton(
     ``pairs`` is the byte-pair table of the code (``_codes.pairs_of``)."""
     n = math.prod(shape)
     device = flat.device
-    nested = nested_absmax is not None
-    if nested:
+    nested = nested_absmax is not None and nested_code is not None
+    if nested_absmax is not None and nested_code is not None:
         offset_t = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
         extra = (nested_absmax.reshape(-1), nested_code.reshape(-1), offset_t)
     else:
@@ -79,7 +79,7 @@ def dequantize_4bit_triton(
         rows, cols = shape
         tile_r, tile_b = NF4_T_TILE
         row_scale = cols % blocksize == 0 and (blocksize // 2) % tile_b == 0
-        grid = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
+        grid: tuple[int, ...] = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
         nf4_transposed_kernel[grid](
             flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
             TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, **common,

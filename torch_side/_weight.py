@@ -45,16 +45,16 @@ def _bnb_kind(W: torch.Tensor) -> str | None:
 
 def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
     kind = _bnb_kind(W)
+    bnb_param: Any = W  # a bitsandbytes Parameter subclass: its attributes are bitsandbytes'
     if kind == "Params4bit":
-        if not getattr(W, "bnb_quantized", False) or W.quant_state is None:
+        if not getattr(W, "bnb_quantized", False) or bnb_param.quant_state is None:
             return W.data  # not quantized yet: it still holds the dense weight
-        return dequantize(W.data, W.quant_state, backend=backend)
+        return dequantize(W.data, bnb_param.quant_state, backend=backend)
     if kind == "Int8Params":
         if getattr(W, "SCB", None) is None:
             return W.data  # not quantized yet
-        return dequantize_int8(
-            W.data, W.SCB
-        )  # bitsandbytes' int8_vectorwise_dequant, its order of operations
+        # bitsandbytes' int8_vectorwise_dequant, its order of operations
+        return dequantize_int8(W.data, bnb_param.SCB)
     get_original = getattr(W, "get_original_weight", None)  # torchao NF4Tensor; its .dequantize is unrelated
     method = getattr(type(W), "dequantize", None)
     if not callable(get_original) and method in (None, torch.Tensor.dequantize):
@@ -80,7 +80,8 @@ def dequantize_weight(
     """Dequantizes any weight qbridge knows; plain weights pass through.
 
     Args:
-        W: one of
+        W: one of:
+
             - a torchao tensor subclass: ``NF4Tensor`` (through ``get_original_weight()``), ``Int8Tensor``,
               ``Float8Tensor``, ``IntxUnpackedToInt8Tensor`` and others (through ``dequantize()``);
             - a bitsandbytes ``Params4bit`` (its own ``quant_state`` unless one is given) or ``Int8Params``
@@ -100,8 +101,8 @@ def dequantize_weight(
     Raises:
         NotImplementedError: a tensor subclass that cannot dequantize here (names its type and the
             torchao version).
-        TypeError / ValueError: a quant state that does not fit ``W`` (see :func:`dequantize`,
-            :func:`dequantize_fp8`).
+        TypeError: a quant state of the wrong kind for ``W`` (see :func:`dequantize`, :func:`dequantize_fp8`).
+        ValueError: a quant state whose pieces do not fit ``W``.
     """
     require_tensor(W, "W")
     with torch.no_grad():
