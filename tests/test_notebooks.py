@@ -1,8 +1,9 @@
-"""Every notebook runs top to bottom (on the CPU here) and renders its figures; committed notebooks carry no
-outputs."""
+"""Every notebook runs top to bottom (on the CPU here) and renders its figures, and is stored with the outputs
+of its current code (``python notebooks/execute.py`` refreshes them), figures included."""
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 
 import pytest
@@ -26,14 +27,27 @@ def test_every_notebook_is_listed():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(FIGURES)
 
 
+def _execute_module():
+    spec = importlib.util.spec_from_file_location("notebooks_execute", NOTEBOOKS / "execute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("name", sorted(FIGURES))
-def test_committed_without_outputs(name):
+def test_stored_with_the_outputs_of_its_code(name):
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
-    for cell in book.cells:
-        if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, (
-                f"{name}: strip the outputs before committing"
-            )
+    refresh = f"run `python notebooks/execute.py {name}` and commit the result"
+    stored = book.metadata.get("qbridge", {}).get("source_sha256")
+    assert stored == _execute_module().source_sha256(book), (
+        f"{name}: the code changed since its outputs; {refresh}"
+    )
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), f"{name}: not every cell ran; {refresh}"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], f"{name}: stored with an error; {refresh}"
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= len(FIGURES[name]), f"{name}: {len(images)} stored figures; {refresh}"
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
