@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 import torch_side
@@ -82,6 +83,11 @@ class Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+# tensors up to this size (quant maps, FP8 scale grids, norms) are kept once read: every shard of a weight
+# needs them whole, and reading them again for each device would multiply small reads by the device count
+SMALL_TENSOR_BYTES = 1 << 16
+
+
 class _Source:
     """Where tensors come from: safetensors files opened lazily, or one torch state dict."""
 
@@ -92,6 +98,9 @@ class _Source:
         self._open: dict[pathlib.Path, Any] = {}
         self._state: dict[str, torch.Tensor] | None = None
         self.maps_files = False  # torch files are memory-mapped: their tensors are the file's memory
+        self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
+        self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
+        self._small: dict[str, torch.Tensor] = {}
 
     def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         from safetensors import safe_open
@@ -156,32 +165,90 @@ class _Source:
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
         if self._state is not None and key in self._state:
-            return self._state[key]
+            return self._counted(self._state[key])
+        if key in self._small:  # tables and scales read again for another shard: once from the file
+            return self._small[key].clone()
         path = self.key_file.get(key)
         if path is None:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
         try:
-            return self._open[path].get_tensor(key)
+            t = self._counted(self._open[path].get_tensor(key))
         except Exception as e:
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
+            self._small[key] = t.clone()
+        return t
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""
         if self._state is not None and key in self._state:
-            return self._state[key][index]
+            return self._counted(self._state[key][index])
         path = self.key_file.get(key)
         if path is None:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
         try:
-            return self._open[path].get_slice(key)[index]
+            return self._counted(self._open[path].get_slice(key)[index])
         except Exception as e:
             raise CheckpointError(
                 f"{path}: reading {key!r}{list(index)} failed ({type(e).__name__}: {e})"
             ) from e
 
+    def _counted(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes_read += _tensor_nbytes(t)
+        return t
+
+    def read_window(
+        self, key: str, row_bytes: int, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> torch.Tensor:
+        """Bytes ``[rows[0]:rows[1], cols[0]:cols[1]]`` of the stored tensor ``key`` with its bytes viewed
+        as rows of ``row_bytes``: a new uint8 CPU tensor. From a safetensors file only those byte ranges are
+        copied (through a read-only memory map of the file)."""
+        (r0, r1), (c0, c1) = rows, cols
+        if self._state is not None and key in self._state:
+            flat = self._state[key].reshape(-1).view(torch.uint8)
+            return self._counted(flat.view(-1, row_bytes)[r0:r1, c0:c1].contiguous())
+        path = self.key_file.get(key)
+        if path is None:
+            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+        try:
+            begin, end = self._offsets(path)[key]
+            if (end - begin) % row_bytes or r1 * row_bytes > end - begin:
+                raise ValueError(f"{end - begin} bytes do not hold rows {rows} of {row_bytes} bytes")
+            whole = np.memmap(path, dtype=np.uint8, mode="r", offset=begin, shape=(end - begin,))
+            window = np.array(whole.reshape(-1, row_bytes)[r0:r1, c0:c1])
+            del whole
+        except Exception as e:
+            raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+        return self._counted(torch.from_numpy(window))
+
+    def _offsets(self, path: pathlib.Path) -> dict[str, tuple[int, int]]:
+        """Absolute byte ranges of a safetensors file's tensors, from its header."""
+        if path not in self._byte_ranges:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            start = 8 + size
+            self._byte_ranges[path] = {
+                k: (start + int(v["data_offsets"][0]), start + int(v["data_offsets"][1]))
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
+        return self._byte_ranges[path]
+
     def close(self) -> None:
         self._open.clear()
+        self._small.clear()
         self._state = None
+
+
+def _tensor_nbytes(t: Any) -> int:
+    """Bytes a tensor holds; for a tensor subclass (torchao), the bytes of its inner tensors."""
+    if not isinstance(t, torch.Tensor):
+        return 0
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        return sum(_tensor_nbytes(getattr(t, name, None)) for name in flatten()[0])
+    return t.numel() * t.element_size()
 
 
 def _st_dtype(name: str, path: pathlib.Path, key: str) -> torch.dtype:
@@ -234,6 +301,12 @@ class Checkpoint:
         self.source.close()
 
     @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read from the files so far through :meth:`read` and :meth:`read_slice` (headers and
+        the small quant-state documents aside): a slice counts only its own bytes."""
+        return self.source.bytes_read
+
+    @property
     def quantization_config(self) -> dict[str, Any]:
         """``config.json``'s ``quantization_config`` (empty for an unquantized checkpoint)."""
         return self.config.get("quantization_config") or {}
@@ -254,6 +327,18 @@ class Checkpoint:
             CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
         """
         return self.source.read_slice(key, index)
+
+    def read_window(
+        self, key: str, row_bytes: int, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> torch.Tensor:
+        """Bytes ``[rows[0]:rows[1], cols[0]:cols[1]]`` of the stored tensor ``key``, its bytes viewed as rows
+        of ``row_bytes`` (a 4-bit weight's packed bytes as a matrix): a new uint8 CPU tensor, read without
+        reading the rest.
+
+        Raises:
+            CheckpointError: ``key`` is not in the checkpoint, or the window does not fit its bytes.
+        """
+        return self.source.read_window(key, row_bytes, rows, cols)
 
     def where(self, key: str) -> str:
         """``"<file> [<key>]"``: the file holding ``key``, for error messages."""

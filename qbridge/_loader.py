@@ -42,12 +42,15 @@ class LoadReport:
         skipped: checkpoint tensors left out as no parameters (tied copies, buffers, activation scales);
             ``skip_reasons`` says why for each.
         match: the target-matching report (None without a target).
-        stored_bytes: bytes read from the checkpoint.
-        dense_bytes: bytes of the result.
+        stored_bytes: bytes the checkpoint stores for the loaded leaves (all their pieces).
+        dense_bytes: bytes of the result (whole arrays; a sharded array counts once).
         seconds: wall time of the load.
         device: where the result lives.
         guessed: parameters whose module kind came from name rules, not from the torch model.
         classified_by: where the module kinds came from, in words.
+        read_bytes: tensor bytes this process read from the checkpoint's files (headers aside). A sharded
+            load reads the byte ranges of this process's shards, so under ``jax.distributed`` each process
+            reads about its share (see ``qbridge._sharding``).
     """
 
     format: str
@@ -61,10 +64,11 @@ class LoadReport:
     skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     guessed: list[str] = dataclasses.field(default_factory=list)
     classified_by: str = ""
+    read_bytes: int = 0
 
     def __str__(self) -> str:
         return (
-            f"{self.format}: {self.leaves} leaves, {self.stored_bytes / 1e6:.1f} MB read -> "
+            f"{self.format}: {self.leaves} leaves, {self.read_bytes / 1e6:.1f} MB read -> "
             f"{self.dense_bytes / 1e6:.1f} MB on {self.device} in {self.seconds:.2f} s"
             + (
                 f"; skipped {', '.join(f'{k} ({self.skip_reasons[k]})' if k in self.skip_reasons else k for k in self.skipped)}"
@@ -125,11 +129,25 @@ def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
         )
 
 
-def _bnb4_pieces(ckpt: Checkpoint, entry: Entry) -> dict[str, torch.Tensor]:
+def _bnb4_pieces(
+    ckpt: Checkpoint, entry: Entry, absmax_range: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
-    table (the standard one decodes exactly as bitsandbytes' CUDA kernel does)."""
+    table (the standard one decodes exactly as bitsandbytes' CUDA kernel does).
+
+    ``absmax_range`` ``(a0, a1)`` reads only absmax blocks ``a0:a1`` (``a0`` a multiple of the nested block
+    size when nested) and the nested absmax values that cover them."""
+    sliced: dict[str, tuple[slice, ...]] = {}
+    if absmax_range is not None:
+        a0, a1 = absmax_range
+        sliced["absmax"] = (slice(a0, a1),)
+        if "nested_absmax" in entry.keys:
+            nb = int(entry.info["quant_state"].get("nested_blocksize", 256))
+            sliced["nested_absmax"] = (slice(a0 // nb, -(-a1 // nb)),)
     pieces = {
-        role: ckpt.read(key) for role, key in entry.keys.items() if role not in ("quant_state", "weight")
+        role: ckpt.read_slice(key, sliced[role]) if role in sliced else ckpt.read(key)
+        for role, key in entry.keys.items()
+        if role not in ("quant_state", "weight")
     }
     for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # scales and tables: finite
         if role in pieces:
@@ -452,7 +470,8 @@ def load_checkpoint(
         )
         classification = ckpt.classify()
         report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
-                            str(jdev), skipped, list(classification.guessed), classification.source)  # fmt: skip
+                            str(jdev), skipped, list(classification.guessed), classification.source,
+                            read_bytes=ckpt.bytes_read)  # fmt: skip
     if skipped:
         log.info(
             "load_checkpoint skipped %s (not parameters)", ", ".join(f"{k} ({r})" for k, r in skipped.items())

@@ -5,8 +5,22 @@ A shard is produced from the checkpoint directly: the slice's rows and columns a
 dequantized there, and the exact slice is cut out on that device. Quantization blocks that straddle a
 shard boundary are dequantized whole and then cut (FP8 tiles; bitsandbytes' flat 4-bit blocks, which
 run across rows). The shards become one global array with ``jax.make_array_from_single_device_arrays``
-without any further copy. Only addressable devices are served, so each process of a multi-host job
-produces just its own shards.
+without any further copy. Only addressable devices are served, so each process of a multi-controller
+job (``jax.distributed``) produces just its own shards.
+
+What a process reads from the files (``LoadReport.read_bytes`` counts it):
+
+- plain weights: the rows and columns of its shards (safetensors slices);
+- FP8 weights: the scale tiles that cover its shards, rows and columns rounded out to whole tiles, and
+  the (small) scale tensor whole;
+- bitsandbytes 4-bit weights: the packed bytes of the blocks that hold its shards. Blocks run over the
+  flat row-major weight; when every row holds whole blocks (the width a multiple of the block size, as in
+  every transformers checkpoint) a split along columns reads only the blocks of its columns in each
+  row. The absmax of its rows comes with them (1/32 of their packed bytes when nested, 1/8 otherwise);
+- bitsandbytes 8-bit weights, torchao tensor subclasses and weights of rank 3 and more: the whole
+  weight, decoded once per process on its first device and cut for each of its devices.
+
+Replicated leaves are read whole by every process that holds a replica.
 """
 
 from __future__ import annotations
@@ -62,51 +76,82 @@ def _fp8_slice(
     """The torch-layout slice of an FP8 weight: dequantize the scale tiles that cover it, then cut."""
     layout = entry.info["layout"]
     (r0, r1), (c0, c1) = rows, cols
-    height, width = entry.shape
     scale = ckpt.read(entry.keys["scale"])
     check_scales(ckpt, entry.keys["scale"], scale)
     if layout.kind == "tensor":
         w = ckpt.read_slice(entry.keys["weight"], (slice(r0, r1), slice(c0, c1)))
         return torch_side.dequantize_fp8(w.to(device), scale.to(device), entry.dtype)
     bo, bi = layout.block
-    R0, R1 = r0 // bo * bo, min(-(-r1 // bo) * bo, height)
-    C0, C1 = c0 // bi * bi, min(-(-c1 // bi) * bi, width)
-    w = ckpt.read_slice(entry.keys["weight"], (slice(R0, R1), slice(C0, C1))).to(device)
-    s = scale.reshape(layout.grid)[R0 // bo : -(-R1 // bo), C0 // bi : -(-C1 // bi)].contiguous().to(device)
-    dense = torch_side.dequantize_fp8(w, s, entry.dtype, block_size=(bo, bi))
-    return dense[r0 - R0 : r1 - R0, c0 - C0 : c1 - C0]
+    R0, C0 = r0 // bo * bo, c0 // bi * bi  # the slice's first tile starts here
+    w = ckpt.read_slice(entry.keys["weight"], (slice(r0, r1), slice(c0, c1)))  # only the slice's bytes
+    if (R0, C0) != (r0, c0):  # put it where it sits in its tiles; the padding decodes to nothing used
+        padded = torch.zeros((r1 - R0, c1 - C0), dtype=w.dtype)
+        padded[r0 - R0 :, c0 - C0 :] = w
+        w = padded
+    s = scale.reshape(layout.grid)[R0 // bo : -(-r1 // bo), C0 // bi : -(-c1 // bi)].contiguous().to(device)
+    dense = torch_side.dequantize_fp8(w.to(device), s, entry.dtype, block_size=(bo, bi))
+    return dense[r0 - R0 :, c0 - C0 :]
 
 
 def _bnb4_slice(
     ckpt: Checkpoint, entry: Entry, bounds: list[tuple[int, int]], device: torch.device, budget: int
 ) -> torch.Tensor:
     """The torch-layout slice of a 1-D or 2-D bitsandbytes 4-bit weight. Its blocks run over the flat
-    row-major weight, so rows are decoded in chunks (whole blocks, about ``budget`` elements) and cut."""
+    row-major weight, so rows are decoded in chunks (whole blocks, about ``budget`` elements) and cut.
+
+    Reads only the packed bytes of the blocks that hold the slice: its rows, and, when each row holds whole
+    blocks (the width a multiple of the block size), only the blocks of its columns in each row; the
+    absmax of its rows (1/32 of their packed bytes when nested, 1/8 otherwise)."""
     doc = entry.info["quant_state"]
     blocksize = int(doc["blocksize"])
     n = math.prod(entry.shape)
     width = entry.shape[1] if len(entry.shape) == 2 else 1  # a 1-D weight: one element per "row"
     rows, cols = bounds[0], (bounds[1] if len(entry.shape) == 2 else (0, 1))
-    pieces = _bnb4_pieces(ckpt, entry)
+    if rows[1] <= rows[0] or cols[1] <= cols[0]:
+        return torch.empty(
+            (rows[1] - rows[0], cols[1] - cols[0])[: len(entry.shape)], dtype=entry.dtype, device=device
+        )
+    nested = "nested_absmax" in entry.keys
+    nb = int(doc.get("nested_blocksize", 256))
+    first, last = (
+        rows[0] * width // blocksize,
+        -(-(rows[1] * width) // blocksize),
+    )  # absmax blocks of the rows
+    base = first // nb * nb if nested else first
+    pieces = _bnb4_pieces(ckpt, entry, (base, last))
     absmax = pieces["absmax"].to(device)
-    if "nested_absmax" in pieces:  # decoded once, exactly as bitsandbytes does, then sliced per chunk
+    if nested:  # decoded once, exactly as bitsandbytes does, then sliced per chunk
         absmax = torch_side.decode_nested_absmax_reference(
-            absmax, pieces["nested_absmax"].to(device), pieces["nested_quant_map"].to(device),
-            int(doc.get("nested_blocksize", 256)), float(doc.get("nested_offset", 0.0)),
+            absmax, pieces["nested_absmax"].to(device), pieces["nested_quant_map"].to(device), nb,
+            float(doc.get("nested_offset", 0.0)),
         )  # fmt: skip
     code = pieces.get("code")
+    code = None if code is None else code.to(device)
+    decode = dict(blocksize=blocksize, quant_type=entry.info["quant_type"], dtype=entry.dtype, code=code)
     out = torch.empty((rows[1] - rows[0], cols[1] - cols[0]), dtype=entry.dtype, device=device)
-    step = max(1, budget // width)
+    # a window of whole blocks per row: only when rows hold whole blocks and the slice leaves some out
+    windowed = len(entry.shape) == 2 and width % blocksize == 0 and (cols[1] - cols[0]) < width
+    c0, c1 = (
+        (cols[0] // blocksize * blocksize, -(-cols[1] // blocksize) * blocksize) if windowed else (0, width)
+    )
+    step = max(1, budget // max(1, c1 - c0))
     for a in range(rows[0], rows[1], step):
         b = min(a + step, rows[1])
+        if windowed:
+            per_row = width // blocksize
+            packed = ckpt.read_window(entry.keys["weight"], width // 2, (a, b), (c0 // 2, c1 // 2)).to(device)
+            scales = absmax.view(-1)[a * per_row - base : b * per_row - base].view(b - a, per_row)
+            scales = scales[:, c0 // blocksize : c1 // blocksize].contiguous().view(-1)
+            seg = torch_side.dequantize_nf4(packed.view(-1), scales, shape=((b - a) * (c1 - c0),), **decode)
+            out[a - rows[0] : b - rows[0]] = seg.view(b - a, c1 - c0)[:, cols[0] - c0 : cols[1] - c0]
+            continue
         blk0, blk1 = a * width // blocksize, -(-(b * width) // blocksize)
         n_seg = min(blk1 * blocksize, n) - blk0 * blocksize
         byte0 = blk0 * blocksize // 2  # blocks hold an even number of elements: byte-aligned
         packed = ckpt.read_slice(entry.keys["weight"], (slice(byte0, byte0 + (n_seg + 1) // 2),)).to(device)
         seg = torch_side.dequantize_nf4(
-            packed, absmax[blk0:blk1].contiguous(), shape=(n_seg,), blocksize=blocksize,
-            quant_type=entry.info["quant_type"], dtype=entry.dtype, code=None if code is None else code.to(device),
-        )  # fmt: skip
+            packed, absmax[blk0 - base : blk1 - base].contiguous(), shape=(n_seg,), **decode
+        )
         start = a * width - blk0 * blocksize
         out[a - rows[0] : b - rows[0]] = seg[start : start + (b - a) * width].view(b - a, width)[
             :, cols[0] : cols[1]
@@ -176,11 +221,34 @@ def load_sharded_leaf(
     except Exception as e:
         raise ValueError(f"{entry.name}: sharding {sharding} does not fit the Flax shape {shape}: {e}") from e
     arrays = []
+    whole = None
+    if not reads_slices(entry):  # decoded once per process, on its first device, and cut for each device
+        whole = materialize(ckpt, entry, _torch_device(next(iter(indices))), rule)
+    made: dict[str, torch.Tensor] = {}  # replicas within this process are read once and copied
     for device, index in indices.items():
-        shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
+        key = repr(tuple((s.start, s.stop, s.step) for s in index))
+        if key in made:
+            shard = made[key].to(_torch_device(device))
+        elif whole is not None:
+            shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
+        else:
+            shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
+        made.setdefault(key, shard)
         arrays.append(hand_over(shard, device, ckpt))
         del shard
+    made.clear()
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def reads_slices(entry: Entry) -> bool:
+    """Whether a shard of ``entry`` reads only its own byte ranges: plain weights, FP8 block/row/tensor
+    scaled 2-D weights and bitsandbytes 4-bit weights of rank 1 or 2. Others (bitsandbytes 8-bit, torchao
+    tensor subclasses, higher ranks) are read and decoded whole, once per process."""
+    return (
+        entry.kind == "dense"
+        or (entry.kind == "fp8" and len(entry.shape) == 2)
+        or (entry.kind == "bnb4" and len(entry.shape) <= 2)
+    )
 
 
 def check_spec(spec: Any) -> None:

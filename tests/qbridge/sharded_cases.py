@@ -133,3 +133,35 @@ def test_flax_model_under_jit_with_shardings(made):
 def test_bad_sharding_spec(made):
     with pytest.raises(TypeError, match="sharding must be a callable"):
         qbridge.load_checkpoint(made / "nf4", progress=False, sharding=["x"])
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp8", "ao/model.pt", "dense"])
+def test_read_bytes_whole_and_sharded(made, name):
+    """A whole load reads every stored byte once; a load sharded over 8 devices in one process reads
+    each block it needs once too (all devices are this process's), never a multiple."""
+    _, report = qbridge.load_checkpoint(made / name, progress=False, return_report=True)
+    assert report.read_bytes == report.stored_bytes
+    _, sharded = qbridge.load_checkpoint(
+        made / name, progress=False, return_report=True, sharding=(_mesh_1d(), ROWS_AND_COLUMNS)
+    )
+    assert report.stored_bytes <= sharded.read_bytes <= 1.6 * report.stored_bytes, (sharded, report)
+
+
+def test_read_window_equals_the_slice(made):
+    """Checkpoint.read_window (a window of a 4-bit weight's bytes seen as a matrix) from safetensors and
+    from a torch file equals slicing the whole tensor."""
+    import torch
+
+    from qbridge import open_checkpoint
+
+    with open_checkpoint(made / "nf4") as ckpt:
+        entry = ckpt.entries["model.layers.0.mlp.down_proj.weight"]  # [64, 192]: rows of 96 bytes
+        whole = ckpt.read(entry.keys["weight"]).reshape(-1).view(-1, 96)
+        before = ckpt.bytes_read
+        window = ckpt.read_window(entry.keys["weight"], 96, (5, 17), (32, 64))
+        assert torch.equal(window, whole[5:17, 32:64]) and ckpt.bytes_read - before == 12 * 32
+        with pytest.raises(qbridge.CheckpointError, match="reading"):
+            ckpt.read_window(entry.keys["weight"], 97, (0, 1), (0, 1))
+    torch.save({"w": whole.clone()}, made / "window.pt")
+    with open_checkpoint(made / "window.pt") as ckpt:
+        assert torch.equal(ckpt.read_window("w", 96, (5, 17), (32, 64)), whole[5:17, 32:64])
