@@ -291,6 +291,8 @@ def test_loaded_parameters_survive_xla_command_buffer_updates(tmp_path):
     """load_checkpoint's arrays (and to_jax(copy=True)'s) live in XLA's memory: a jitted program that copies
     them runs again and again with XLA's defaults. The bare DLPack import shows that the test can fail."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one GPU: the bare
+    # import must fail for the command-buffer reason, not because JAX left another GPU current
     results = {}
     for how in ("bare", "to_jax_copy", "load_checkpoint"):
         r = subprocess.run(

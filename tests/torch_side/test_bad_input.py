@@ -143,7 +143,8 @@ def test_unknown_backend():
 @pytest.mark.gpu
 def test_pieces_on_different_devices():
     packed, qs = _state()
-    with pytest.raises(ValueError, match=r"weight's device cuda:0; got absmax on cpu"):
+    # cuda:N: on a machine with several GPUs, JAX starting its GPU backend may leave another device current
+    with pytest.raises(ValueError, match=r"weight's device cuda:\d; got absmax on cpu"):
         torch_side.dequantize_nf4(
             packed.cuda(), qs.absmax, shape=(40, 96), nested_absmax=qs.state2.absmax.cuda(),
             nested_code=qs.state2.code.cuda(), offset=qs.offset,
