@@ -34,6 +34,10 @@ from qbridge._loader import (
     dequantized_state,
     load_checkpoint,
 )
+from qbridge._multiprocess import (
+    ProcessReport,
+    check_multiprocess_load,
+)
 from qbridge._peft import (
     load_peft_adapter,
     save_peft_adapter,
@@ -53,9 +57,11 @@ __all__ = [
     "CheckpointSummary",
     "FormatError",
     "LoadReport",
+    "ProcessReport",
     "QBridgeError",
     "bench",
     "build_target",
+    "check_multiprocess_load",
     "configure_jax_memory",
     "convert_checkpoint",
     "dequantize",

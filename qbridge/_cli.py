@@ -76,6 +76,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _multiprocess(args: argparse.Namespace) -> int:
+    from qbridge import check_multiprocess_load
+
+    mesh = tuple(int(s) for s in args.mesh.lower().split("x")) if args.mesh else None
+    pairs = _pairs(args.rule, "--rule") or {}
+    rules = [(pattern, [None if a in ("", "none", "None") else a for a in axes.split(",")])
+             for pattern, axes in pairs.items()] or None  # fmt: skip
+    try:
+        reports = check_multiprocess_load(
+            args.paths, processes=args.processes, cpu_devices=args.cpu_devices, gpus=args.gpus, mesh_shape=mesh,
+            rules=rules, convert_dir=args.convert_dir, timeout=args.timeout,
+        )  # fmt: skip
+    except RuntimeError as e:
+        print(f"qbridge multiprocess: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(str(r) for r in reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--quick", action="store_true", help="fewer shapes")
     bench.set_defaults(func=_bench)
+    multi = sub.add_parser(
+        "multiprocess",
+        help="load checkpoints sharded over N local jax.distributed processes; check every shard, measure reads",
+    )
+    multi.add_argument("paths", nargs="+")
+    multi.add_argument("--processes", type=int, default=2)
+    multi.add_argument("--cpu-devices", type=int, default=4, help="CPU devices per process")
+    multi.add_argument("--gpus", action="store_true", help="one GPU per process instead of CPU devices")
+    multi.add_argument(
+        "--mesh", default=None, help="mesh shape over all devices: 'N' or 'DxM' (default: 1-D)"
+    )
+    multi.add_argument("--rule", action="append", metavar="PATTERN=AXES",
+                       help="shard leaves matching PATTERN as AXES, e.g. 'down_proj\\.kernel$=x,none' (repeatable; "
+                            "default: split the last axis, and the first on a 2-D mesh)")  # fmt: skip
+    multi.add_argument("--convert-dir", default=None, help="also convert the first checkpoint to Orbax here")
+    multi.add_argument("--timeout", type=float, default=600.0, help="seconds before every process is stopped")
+    multi.set_defaults(func=_multiprocess)
     return parser
 
 

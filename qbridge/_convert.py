@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import secrets
 import shutil
 import uuid
 from collections.abc import Mapping
 from typing import Any
+
+import jax
+import numpy as np
 
 from ._errors import CheckpointError
 from ._loader import LoadReport, load_checkpoint
@@ -41,7 +45,13 @@ def convert_checkpoint(
 
     The checkpoint is written to a hidden sibling directory and renamed into place only when complete: an
     interrupted or failed conversion leaves no ``out`` (and removes its partial files when it can).
-    Read it back with ``orbax.checkpoint.StandardCheckpointer().restore(out)``.
+    Read it back with :func:`restore_converted` (or ``orbax.checkpoint.StandardCheckpointer().restore``).
+
+    Under ``jax.distributed`` every process calls it with the same arguments: with ``sharding`` each
+    process reads and decodes only its own shards (see :func:`qbridge.load_checkpoint`) and writes them
+    through Orbax's multi-process save; process 0 moves the finished checkpoint into place after every
+    process has written, and every process returns only after that. ``out`` must be on a file system all
+    processes share.
 
     Args:
         path: the PyTorch checkpoint (any format ``load_checkpoint`` reads).
@@ -80,23 +90,60 @@ def convert_checkpoint(
         path, target=target, device=device, dtype=dtype, strict=strict, kinds=kinds, rename=rename, sharding=sharding,
         keep_quantized=keep_quantized, progress=progress, return_report=True,
     )  # fmt: skip
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    token = _shared_token()  # one name for the partial directory in every process
+    partial = out.parent / f".{out.name}.partial-{token}"
+    primary = jax.process_index() == 0
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(partial / "state", params)
         checkpointer.wait_until_finished()
-        if out.exists():
-            retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.replace(out, retired)
-            os.replace(partial / "state", out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(partial / "state", out)
+        _barrier(f"qbridge-convert-written-{token}")
+        if primary:
+            if out.exists():
+                retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+                os.replace(out, retired)
+                os.replace(partial / "state", out)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(partial / "state", out)
+        _barrier(f"qbridge-convert-in-place-{token}")
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        if primary:
+            shutil.rmtree(partial, ignore_errors=True)
     return report
 
 
-def restore_converted(out: str | os.PathLike[str]) -> Any:
-    """The parameters of a checkpoint written by :func:`convert_checkpoint`."""
-    return _orbax().StandardCheckpointer().restore(pathlib.Path(out).absolute())
+def _shared_token() -> str:
+    """A random token, the same in every process of a ``jax.distributed`` job (process 0's)."""
+    value = np.array(secrets.randbits(62), dtype=np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.broadcast_one_to_all(value)
+    return f"{int(value):016x}"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
+    """The parameters of a checkpoint written by :func:`convert_checkpoint`.
+
+    Args:
+        out: the Orbax checkpoint directory.
+        target: None (arrays as saved, on the devices they were saved from), or a pytree of the same
+            structure whose leaves are ``jax.ShapeDtypeStruct`` (with a ``sharding``) or arrays: each leaf
+            is restored with that leaf's sharding and dtype, so a checkpoint saved on one mesh can be
+            read onto another (under ``jax.distributed`` each process reads its own shards).
+
+    Returns:
+        The parameter pytree: new arrays, aliasing nothing.
+    """
+    path = pathlib.Path(out).absolute()
+    if target is None:
+        return _orbax().StandardCheckpointer().restore(path)
+    return _orbax().StandardCheckpointer().restore(path, target)

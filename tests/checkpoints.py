@@ -19,17 +19,27 @@ LLAMA = dict(
 )  # fmt: skip
 
 
-def dense_llama(path: pathlib.Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+def dense_llama(
+    path: pathlib.Path, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, sizes: dict | None = None
+):
+    """A random transformers Llama saved plain; ``sizes`` overrides entries of ``LLAMA``."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(dtype).eval()
+    config = transformers.LlamaConfig(**{**LLAMA, **(sizes or {})})
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     model.save_pretrained(path)
     return model
 
 
 def bnb_llama(
-    dense_dir: pathlib.Path, out: pathlib.Path, *, quant_type: str, nested: bool, shard: bool = False
+    dense_dir: pathlib.Path,
+    out: pathlib.Path,
+    *,
+    quant_type: str,
+    nested: bool,
+    shard: bool = False,
+    device_map: str = "cpu",
 ):
     """transformers quantizes the dense checkpoint with bitsandbytes and saves it (sharded if asked)."""
     transformers = pytest.importorskip("transformers")
@@ -39,7 +49,7 @@ def bnb_llama(
         bnb_4bit_compute_dtype=torch.bfloat16,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cpu"
+        dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map=device_map
     )
     model.save_pretrained(out, max_shard_size="60KB" if shard else "5GB")
     return model.eval()

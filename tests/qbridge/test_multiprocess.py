@@ -1,0 +1,91 @@
+"""Sharded loading and conversion under JAX's multi-controller runtime: 2 local processes x 4 CPU devices
+(coordinator on 127.0.0.1, gloo collectives), each checking its shards against a whole load and reading
+about its share of the files."""
+
+from __future__ import annotations
+
+import pytest
+from checkpoints import bnb_llama, dense_llama, fp8_llama, torchao_llama
+
+from qbridge._multiprocess import check_multiprocess_load
+
+pytest.importorskip("flax")
+pytest.importorskip("bitsandbytes")
+
+# 4-bit: every split below leaves each device whole 64-element blocks (a block is the smallest piece that
+# can be read); FP8 reads exact slices, and 704 = 5.5 tiles of 128 gives partial tiles at the edges
+BNB_SIZES = dict(hidden_size=512, intermediate_size=1024, vocab_size=512, num_key_value_heads=2)
+FP8_SIZES = dict(hidden_size=256, intermediate_size=704, vocab_size=512, num_key_value_heads=2)
+ROWS_AND_COLUMNS = [  # as tensor parallelism splits a Llama
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", [None, "x"]),  # torch rows
+    (r"(o_proj|down_proj)\.kernel$", ["x", None]),  # torch columns
+    (r"embed_tokens\.embedding$", ["x", None]),
+    (r"lm_head\.kernel$", [None, "x"]),
+]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    dense_llama(root / "dense", sizes=BNB_SIZES)
+    bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
+    torchao_llama(root / "dense", root / "ao")
+    dense_llama(root / "dense-fp8", sizes=FP8_SIZES)
+    fp8_llama(root / "dense-fp8", root / "fp8")
+    return root
+
+
+def _check_reads(load, *, sliced):
+    read, share, stored = load["read_bytes"], load["share_bytes"], load["stored_bytes"]
+    if sliced:  # its own byte ranges: its share, plus rows' absmax, tables and tiles rounded out
+        assert share < 0.6 * stored, load
+        assert read <= 1.05 * share + 16 * 1024, load
+    else:  # torchao: each weight read whole, once per process (not once per device)
+        assert read <= 1.02 * stored, load
+
+
+def test_two_processes_one_dimensional_mesh(made):
+    ckpts = [made / "nf4", made / "fp8", made / "ao" / "model.pt", made / "ao" / "st" / "model.safetensors"]
+    reports = check_multiprocess_load(
+        ckpts, processes=2, cpu_devices=4, mesh_shape=(8,), rules=ROWS_AND_COLUMNS, timeout=600
+    )
+    assert [r.process_index for r in reports] == [0, 1]
+    for r in reports:
+        assert len(r.local_devices) == 4 and r.ok, r
+        for load, sliced in zip(r.loads, (True, True, False, False)):
+            assert load["leaves"] == 21 and load["shards"] == 21 * 4 and not load["mismatched"], load
+            _check_reads(load, sliced=sliced)
+
+
+def test_two_processes_two_dimensional_mesh_and_orbax(made, tmp_path):
+    reports = check_multiprocess_load(
+        [made / "nf4", made / "fp8"],
+        processes=2,
+        cpu_devices=4,
+        mesh_shape=(2, 4),
+        convert_dir=tmp_path,
+        timeout=600,
+    )
+    for r in reports:
+        assert r.ok, r
+        for load in r.loads:
+            _check_reads(load, sliced=True)
+        assert r.convert["restored_shards"] == 21 * 4 and not r.convert["mismatched"]
+    out = tmp_path / "nf4.orbax"
+    assert (out / "_CHECKPOINT_METADATA").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["nf4.orbax"]  # no partial directory left behind
+
+
+def test_a_failing_process_stops_them_all(made, tmp_path):
+    with pytest.raises(RuntimeError, match=r"process 1 \(exit [^0]"):
+        check_multiprocess_load([made / "nf4", tmp_path / "missing"], processes=2, cpu_devices=1, timeout=300)
+
+
+def test_the_command(made, capsys):
+    from qbridge._cli import main
+
+    rc = main(["multiprocess", str(made / "fp8"), "--processes", "2", "--cpu-devices", "2", "--mesh", "2x2",
+               "--rule", r"proj\.kernel$=data,model", "--timeout", "300"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert out.count("42 shards of 21 leaves equal") == 2, out  # 2 processes x 2 devices x 21 leaves
