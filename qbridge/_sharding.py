@@ -227,8 +227,8 @@ def load_sharded_leaf(
     made: dict[str, torch.Tensor] = {}  # replicas within this process are read once and copied
     for device, index in indices.items():
         key = repr(tuple((s.start, s.stop, s.step) for s in index))
-        if key in made:
-            shard = made[key].to(_torch_device(device))
+        if key in made:  # a copy: arrays of different devices never share memory
+            shard = made[key].to(_torch_device(device), copy=True)
         elif whole is not None:
             shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
         else:
