@@ -5,6 +5,7 @@ mappings (by name, or matched to a linen/nnx target), and NF4/FP4/FP8 dequantiza
 that gives the same bits as ``torch_side``.
 """
 
+from jax_side._adapters import add_lora, lora_layers, lora_targets, remove_lora
 from jax_side._codes import FP4_CODE, NF4_CODE, standard_code
 from jax_side._fp8 import ScaleLayout, dequantize_fp8, fp8_scale_layout
 from jax_side._layout import (
@@ -20,7 +21,7 @@ from jax_side._layout import (
     rule_for_flax_leaf,
 )
 from jax_side._llama import LlamaConfig, abstract_llama, llama_for_causal_lm
-from jax_side._lora import LoraConfig, add_lora, lora_layers, lora_targets, remove_lora
+from jax_side._lora import LoraConfig
 from jax_side._nf4 import decode_nested_absmax, dequantize_nf4
 from jax_side._qlayers import load_quantized_into_nnx
 from jax_side._quantized import FP8Weight, NF4Weight, is_quantized, quantized_nbytes

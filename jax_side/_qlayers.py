@@ -12,13 +12,10 @@ to biases and to LoRA adapters (``jax_side.add_lora``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-if TYPE_CHECKING:
-    pass
 
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from ._checkpoint import open_checkpoint
-from ._loader import check_scales
+from ._decode import check_scales
 
 
 @dataclasses.dataclass

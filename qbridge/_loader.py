@@ -1,9 +1,16 @@
 """``load_checkpoint``: a quantized PyTorch checkpoint into Flax parameters, one tensor at a time.
 
-For each weight: read its stored pieces from the file, move the *quantized* bytes to the device,
-dequantize there (``torch_side``, written directly in the Flax layout), hand the result to JAX zero-copy
-(``to_jax``), and drop every temporary before the next weight, so that peak device memory stays near the
-size of the result plus one tensor.
+This module orchestrates; each stage of the pipeline has its own home, and only this module knows their
+order:
+
+1. reading stored pieces: ``_checkpoint`` (headers, classification, byte ranges);
+2. matching to a target and planning: ``jax_side`` (``plan_load`` here calls it);
+3. decoding, on the device the result is for: ``_decode`` (the quantized bytes move to the device, and
+   ``torch_side`` writes the dense result directly in the Flax layout);
+4. handing over to JAX on one device: ``_place``; placing shards over many devices: ``_sharding``.
+
+Every temporary is dropped before the next weight, so that peak device memory stays near the size of
+the result plus one tensor.
 """
 
 from __future__ import annotations
@@ -21,13 +28,13 @@ import numpy as np
 import torch
 
 import jax_side
-import torch_side
 
-from ._checkpoint import Checkpoint, Entry, open_checkpoint
+from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
+from ._decode import materialize
 from ._dtypes import TORCH_TO_JAX, torch_dtype
-from ._errors import CheckpointError
-from ._handoff import jax_owned_copy, to_jax
+from ._place import hand_over, keeps_quantized, quantized_leaf
+from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
 log = logging.getLogger("qbridge")
 
@@ -117,189 +124,6 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch_dtype(dtype)
-
-
-def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        t = t.float()  # float8 scales (e8m0): exact in float32, where isfinite is defined
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise CheckpointError(
-            f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there"
-        )
-
-
-def _bnb4_pieces(
-    ckpt: Checkpoint, entry: Entry, absmax_range: tuple[int, int] | None = None
-) -> dict[str, torch.Tensor]:
-    """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
-    table (the standard one decodes exactly as bitsandbytes' CUDA kernel does).
-
-    ``absmax_range`` ``(a0, a1)`` reads only absmax blocks ``a0:a1`` (``a0`` a multiple of the nested block
-    size when nested) and the nested absmax values that cover them."""
-    sliced: dict[str, tuple[slice, ...]] = {}
-    if absmax_range is not None:
-        a0, a1 = absmax_range
-        sliced["absmax"] = (slice(a0, a1),)
-        if "nested_absmax" in entry.keys:
-            nb = int(entry.info["quant_state"].get("nested_blocksize", 256))
-            sliced["nested_absmax"] = (slice(a0 // nb, -(-a1 // nb)),)
-    pieces = {
-        role: ckpt.read_slice(key, sliced[role]) if role in sliced else ckpt.read(key)
-        for role, key in entry.keys.items()
-        if role not in ("quant_state", "weight")
-    }
-    for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # scales and tables: finite
-        if role in pieces:
-            check_scales(ckpt, entry.keys[role], pieces[role])
-    offset = float(entry.info["quant_state"].get("nested_offset", 0.0))
-    if abs(offset) > float(np.finfo(np.float32).max):
-        raise CheckpointError(
-            f"{ckpt.where(entry.keys['quant_state'])}: nested_offset {offset} does not fit float32"
-        )
-    code = pieces.pop("quant_map", None)
-    standard = torch_side.standard_code(entry.info["quant_type"])
-    if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
-        pieces["code"] = code
-    return pieces
-
-
-def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
-    doc = entry.info["quant_state"]
-    on = {role: t.to(device) for role, t in _bnb4_pieces(ckpt, entry).items()}
-    nested = "nested_absmax" in on
-    try:
-        return torch_side.dequantize_nf4(
-            ckpt.read(entry.keys["weight"]).to(device), on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
-            code=on.get("code"), quant_type=entry.info["quant_type"], dtype=entry.dtype,
-            nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
-            nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
-            transpose=transpose,
-        )  # fmt: skip
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
-
-
-def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
-    scale = ckpt.read(entry.keys["scale"])
-    check_scales(ckpt, entry.keys["scale"], scale)
-    w = ckpt.read(entry.keys["weight"]).to(device)
-    try:
-        return torch_side.dequantize_fp8(
-            w, scale.to(device), entry.dtype, block_size=entry.info["block_size"], transpose=transpose
-        )
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.where(entry.keys['scale'])}: {e}") from e
-
-
-def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
-    scb = ckpt.read(entry.keys["scb"])
-    check_scales(ckpt, entry.keys["scb"], scb)
-    w = ckpt.read(entry.keys["weight"]).to(device)
-    if scb.numel() != w.shape[0]:
-        raise CheckpointError(
-            f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows"
-        )
-    return torch_side.dequantize_int8(
-        w, scb.to(device), dtype=entry.dtype
-    )  # bitsandbytes' order of operations
-
-
-def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
-    if "qdata" in entry.keys or "file" in entry.info:  # torchao's safetensors layout
-        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
-
-        pieces = {key: ckpt.read(key) for key in entry.keys.values()}
-        rebuilt, _ = unflatten_tensor_state_dict(pieces, entry.info["metadata"])
-        if entry.name not in rebuilt:
-            raise CheckpointError(f"{entry.info['file']}: torchao could not rebuild {entry.name!r}")
-        weight = rebuilt[entry.name]
-    else:
-        weight = ckpt.read(entry.name)
-    dense = torch_side.dequantize_weight(weight.to(device))
-    if tuple(dense.shape) != entry.shape:
-        raise CheckpointError(
-            f"{ckpt.where(entry.name)}: rebuilt shape {tuple(dense.shape)}, expected {entry.shape}"
-        )
-    return dense
-
-
-def hand_over(t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint) -> jax.Array:
-    """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied by XLA into memory it allocated (a
-    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`); on the
-    CPU aliased zero-copy, unless it may still be the checkpoint file's memory (torch files are mapped, and
-    an array over them would change, or fault, when the file does). ``t`` is ordered on the current stream."""
-    if jdev.platform != "cpu":  # the loader's own tensor, written by nothing else: no host wait for the copy
-        return jax_owned_copy(t, jdev, "current", wait=False)
-    if ckpt.source.maps_files:  # the file may change after the load returns: the copy must be made by then
-        return jax_owned_copy(t, jdev, "current", wait=True)
-    return to_jax(t, device=jdev, producer="current")
-
-
-def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
-    """Whether a weight can stay quantized in JAX: a 4-bit or FP8 Linear kernel or 2-D embedding table."""
-    if entry.kind not in ("bnb4", "fp8") or len(entry.shape) != 2 or rule.flip:
-        return False
-    perm = jax_side.permutation(rule, 2)  # the quantized layers use [out, in] as the kernel's transpose
-    return (rule.flax_name == "kernel" and perm == (1, 0)) or (rule.flax_name == "embedding" and perm is None)
-
-
-def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
-    """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
-    :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``)."""
-    name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
-
-    def put(t: torch.Tensor) -> jax.Array:  # from host memory straight into XLA's (or aliased on the CPU)
-        return hand_over(t.contiguous(), jdev, ckpt)
-
-    if entry.kind == "fp8":
-        scale = ckpt.read(entry.keys["scale"])
-        check_scales(ckpt, entry.keys["scale"], scale)
-        layout = entry.info["layout"]
-        return jax_side.FP8Weight(put(ckpt.read(entry.keys["weight"])), put(scale.float().reshape(layout.grid)),
-                                  block=tuple(layout.block), dtype=name)  # fmt: skip
-    doc = entry.info["quant_state"]
-    pieces = _bnb4_pieces(ckpt, entry)
-    packed = ckpt.read(entry.keys["weight"])
-    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
-    nested = "nested_absmax" in pieces
-    return jax_side.NF4Weight(
-        packed=put(packed[: (np.prod(entry.shape) + 1) // 2]), absmax=put(pieces["absmax"]),
-        nested_absmax=put(pieces["nested_absmax"]) if nested else None,
-        nested_code=put(pieces["nested_quant_map"]) if nested else None,
-        offset=put(torch.tensor(float(doc.get("nested_offset", 0.0)), dtype=torch.float32)) if nested else None,
-        code=put(pieces["code"].float()) if "code" in pieces else None,
-        shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), nested_blocksize=int(doc.get("nested_blocksize", 256)),
-        quant_type=entry.info["quant_type"], dtype=name,
-    )  # fmt: skip
-
-
-def materialize(
-    ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule, *, stored: bool = False
-) -> torch.Tensor:
-    """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous.
-
-    ``rule`` applies to the logical layout (``entry.shape``): a plain transformers ``Conv1D`` weight, stored
-    ``[in, out]``, is read as ``[out, in]`` first, unless ``stored`` asks for the layout as stored."""
-    perm = jax_side.permutation(rule, len(entry.shape))
-    fused_t = perm == (1, 0) and entry.kind in ("bnb4", "fp8")  # the kernels write the transpose in one pass
-    if entry.kind == "bnb4":
-        t = _bnb4(ckpt, entry, device, fused_t)
-    elif entry.kind == "fp8":
-        t = _fp8(ckpt, entry, device, fused_t)
-    elif entry.kind == "bnb8":
-        t = _bnb8(ckpt, entry, device)
-    elif entry.kind == "torchao":
-        t = _torchao(ckpt, entry, device)
-    else:
-        t = ckpt.read(entry.name).to(device)
-        if entry.info.get("stored_in_out") and not stored:
-            t = t.t()
-    if perm is not None and not fused_t:
-        t = t.permute(perm)
-    if rule.flip and perm is not None:
-        t = t.flip(rule.flip)
-    return t.contiguous()
 
 
 def plan_load(
@@ -412,7 +236,6 @@ def load_checkpoint(
         FormatError: an unknown ``quant_method`` or mixed formats.
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
     """
-    from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
     check_spec(sharding)
     start = time.perf_counter()

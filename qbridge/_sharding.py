@@ -37,7 +37,8 @@ import jax_side
 import torch_side
 
 from ._checkpoint import Checkpoint, Entry
-from ._loader import _bnb4_pieces, check_scales, materialize
+from ._decode import bnb4_pieces, check_scales, materialize
+from ._place import hand_over
 
 ShardingSpec = Callable[[str, tuple[int, ...]], Any] | tuple[Any, Sequence[tuple[str, Any]]]
 
@@ -118,7 +119,7 @@ def _bnb4_slice(
         -(-(rows[1] * width) // blocksize),
     )  # absmax blocks of the rows
     base = first // nb * nb if nested else first
-    pieces = _bnb4_pieces(ckpt, entry, (base, last))
+    pieces = bnb4_pieces(ckpt, entry, (base, last))
     absmax = pieces["absmax"].to(device)
     if nested:  # decoded once, exactly as bitsandbytes does, then sliced per chunk
         absmax = torch_side.decode_nested_absmax_reference(
@@ -213,8 +214,6 @@ def load_sharded_leaf(
     cast: Callable[[torch.Tensor], torch.Tensor],
 ) -> jax.Array:
     """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device."""
-    from ._loader import hand_over
-
     shape = jax_side.flax_shape(rule, entry.shape)
     try:
         indices = sharding.addressable_devices_indices_map(shape)

@@ -348,8 +348,8 @@ def trace(
     """
     import torch
 
+    from ._compare import compare
     from ._handoff import to_jax
-    from .parity import compare
 
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
@@ -403,7 +403,7 @@ def trace(
 
 
 def _dtype_name(a: Any, b: Any) -> str:
-    from .parity import _ORDER, _kind
+    from ._compare import _ORDER, _kind
 
     return min(
         _kind(str(getattr(a, "dtype", "float32"))),
@@ -413,7 +413,7 @@ def _dtype_name(a: Any, b: Any) -> str:
 
 
 def _tolerances(a: Any, b: Any, rtol: float | None, min_cosine: float | None) -> tuple[float, float]:
-    from .parity import TOLERANCES
+    from ._compare import TOLERANCES
 
     default_rtol, default_cos = TOLERANCES[_dtype_name(a, b)]
     return (rtol if rtol is not None else default_rtol, min_cosine if min_cosine is not None else default_cos)
@@ -428,7 +428,7 @@ def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None) 
         return False
     if ref.dtype.kind not in "fc":
         return bool(np.array_equal(ref, cand))
-    from .parity import compare
+    from ._compare import compare
 
     tol, cos = _tolerances(a, b, rtol, min_cosine)
     return compare({"i": ref}, {"i": cand}, rtol=tol, min_cosine=cos).ok

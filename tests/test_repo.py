@@ -87,3 +87,25 @@ def test_ci_runs_the_readme_test_command():
     assert ci == [tests], "the CI script must run the README's test command and nothing else"
     for command in commands:
         assert "torch==2.13.0" in command, "an unpinned torch pulls a multi-GB CUDA build on CPU machines"
+
+
+def test_no_module_of_a_package_imports_another_that_imports_it_back():
+    """Import cycles between a package's modules (imports inside functions included) mean that a shared
+    piece wants its own file."""
+    import ast
+    import graphlib
+
+    for package in ("qbridge", "torch_side", "jax_side"):
+        graph = {}
+        for path in (ROOT / package).glob("*.py"):
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                    deps.add(node.module.split(".")[0])
+                elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{package}._"):
+                    deps.add(node.module.split(".")[1])
+            graph[path.stem] = deps
+        try:
+            tuple(graphlib.TopologicalSorter(graph).static_order())
+        except graphlib.CycleError as e:
+            pytest.fail(f"{package}: modules import each other: {e.args[1]}")

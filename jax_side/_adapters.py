@@ -1,0 +1,76 @@
+"""Attaching LoRA adapters to a model's kept-quantized Linear layers, and finding or removing them (the
+adapters themselves, their configuration and arithmetic: ``_lora``; the layers: ``_qlayers``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from ._lora import ALL_LINEAR, LoraConfig, _nnx, lora_adapter_class
+from ._qlayers import _classes
+
+
+def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None, dtype: Any = jnp.float32) -> list[str]:
+    """Adds LoRA adapters, in place, to the kept-quantized Linear layers of an nnx model that ``config``
+    targets (:class:`QuantLinear`, as ``load_quantized_into_nnx`` puts them in).
+
+    Args:
+        model: an ``nnx.Module``.
+        config: which layers, rank, alpha, dropout.
+        rngs: ``nnx.Rngs`` for ``lora_A`` and dropout (default ``nnx.Rngs(0)``).
+        dtype: the adapters' dtype (float32, as QLoRA keeps them).
+
+    Returns:
+        The dotted paths of the adapted layers (``model.layers.0.self_attn.q_proj`` ...).
+
+    Raises:
+        ValueError: nothing matched ``config.target_modules``.
+        TypeError: a matched layer is a dense ``nnx.Linear``: adapters attach to kept-quantized layers
+            (load with ``keep_quantized=True``).
+    """
+    nnx = _nnx()
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    targets = lora_targets(model, config)
+    for node in targets.values():
+        node.lora = lora_adapter_class()(node.in_features, node.out_features, config, rngs=rngs, dtype=dtype)
+    return sorted(targets)
+
+
+def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
+    """``dotted path -> layer`` for the kept-quantized Linear layers of ``model`` that ``config`` targets,
+    changing nothing. Raises as :func:`add_lora` does."""
+    nnx = _nnx()
+    quant_linear = _classes()["QuantLinear"]
+    layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
+    for name, node in layers:
+        if isinstance(node, nnx.Linear) and config.matches(name) and config.target_modules != ALL_LINEAR:
+            raise TypeError(f"{name} is a dense nnx.Linear: LoRA adapters here attach to kept-quantized layers; load the "
+                            "checkpoint with keep_quantized=True and jax_side.load_quantized_into_nnx")  # fmt: skip
+    targets = {name: node for name, node in layers if isinstance(node, quant_linear) and config.matches(name)}
+    if not targets:
+        raise ValueError(f"no kept-quantized Linear matches target_modules={config.target_modules!r}")
+    return targets
+
+
+def remove_lora(model: Any) -> list[str]:
+    """Takes every LoRA adapter off an nnx model (the layers compute their base again); returns their paths."""
+    nnx = _nnx()
+    quant_linear = _classes()["QuantLinear"]
+    removed = []
+    for path, node in list(nnx.iter_graph(model)):
+        if isinstance(node, quant_linear) and node.lora is not None:
+            node.lora = nnx.data(None)
+            removed.append(".".join(str(p) for p in path))
+    return sorted(removed)
+
+
+def lora_layers(model: Any) -> dict[str, Any]:
+    """``dotted path -> adapter`` for every layer of an nnx model that holds LoRA adapters."""
+    nnx = _nnx()
+    cls = lora_adapter_class()
+    return {
+        ".".join(str(p) for p in path[:-1]): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, cls)
+    }

@@ -1,0 +1,168 @@
+"""Output parity: per-output errors and cosine similarity with dtype-aware tolerances (public face:
+``qbridge.parity``, whose docstring gives the tolerances)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+TOLERANCES = {
+    "float64": (1e-10, 1 - 1e-12),
+    "float32": (1e-4, 1 - 1e-6),
+    "float16": (1e-2, 1 - 1e-4),
+    "bfloat16": (6e-2, 0.999),
+    "float8": (6e-2, 0.999),
+}
+_ORDER = ["float8", "bfloat16", "float16", "float32", "float64"]
+
+
+@dataclasses.dataclass
+class OutputParity:
+    """How one output of the candidate compares with the reference."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    max_abs: float
+    max_rel: float  # max_abs / max|reference|
+    cosine: float
+    rtol: float
+    min_cosine: float
+    ok: bool
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """Per-output parity; ``ok`` when every output passes."""
+
+    outputs: list[OutputParity]
+
+    @property
+    def ok(self) -> bool:
+        """True when every output agrees within its tolerance."""
+        return all(o.ok for o in self.outputs)
+
+    def __str__(self) -> str:
+        head = f"{'output':<24}{'shape':<18}{'dtype':<10}{'max |err|':>11}{'rel':>10}{'cosine':>12}  verdict"
+        lines = [head, "-" * len(head)]
+        for o in self.outputs:
+            shape = "x".join(map(str, o.shape))
+            lines.append(
+                f"{o.name:<24}{shape:<18}{o.dtype:<10}{o.max_abs:>11.3g}{o.max_rel:>10.2e}{o.cosine:>12.7f}  "
+                + (
+                    "ok"
+                    if o.ok
+                    else f"FAIL (rel <= {o.rtol:g}, cosine >= {o.min_cosine:g} for {o.dtype}; pass rtol=/min_cosine= for others)"
+                )
+            )
+        return "\n".join(lines)
+
+
+def _kind(dtype: Any) -> str:
+    name = str(dtype).replace("torch.", "")
+    if "float8" in name:
+        return "float8"
+    if name in TOLERANCES:
+        return name
+    return "float32"
+
+
+def _numpy(x: Any) -> tuple[np.ndarray, str]:
+    """Values as float64 numpy, and the source dtype's name."""
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", torch.float64).numpy(), str(x.dtype).replace("torch.", "")
+    except ImportError:  # pragma: no cover
+        pass
+    arr = np.asarray(x)
+    return arr.astype(np.float64), str(arr.dtype)
+
+
+def _flatten(tree: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        return [
+            item
+            for k in sorted(tree)
+            for item in _flatten(tree[k], f"{prefix}.{k}" if prefix != "output" else str(k))
+        ]
+    if isinstance(tree, (list, tuple)):
+        return [item for i, v in enumerate(tree) for item in _flatten(v, f"{prefix}[{i}]")]
+    if hasattr(tree, "logits") and not hasattr(tree, "shape"):  # transformers model outputs
+        return [("logits", tree.logits)]
+    return [(prefix, tree)]
+
+
+def compare(
+    reference: Any,
+    candidate: Any,
+    *,
+    rtol: float | None = None,
+    min_cosine: float | None = None,
+) -> ParityReport:
+    """Compares two outputs (arrays, torch tensors, or matching dicts/lists of them; transformers model
+    outputs give their ``logits``).
+
+    Args:
+        reference: usually the torch model's output.
+        candidate: usually the Flax model's output.
+        rtol: allowed ``max|err| / max|reference|``; default from the lower-precision dtype (module docstring).
+        min_cosine: required cosine similarity; default likewise.
+
+    Raises:
+        ValueError: the two have different structures or shapes.
+    """
+    refs, cands = _flatten(reference), _flatten(candidate)
+    if [n for n, _ in refs] != [n for n, _ in cands]:
+        raise ValueError(f"outputs differ in structure: {[n for n, _ in refs]} vs {[n for n, _ in cands]}")
+    outputs = []
+    for (name, r), (_, c) in zip(refs, cands):
+        ref, ref_dtype = _numpy(r)
+        cand, cand_dtype = _numpy(c)
+        if ref.shape != cand.shape:
+            raise ValueError(f"output {name!r}: shapes {ref.shape} and {cand.shape} differ")
+        kind = min(_kind(ref_dtype), _kind(cand_dtype), key=_ORDER.index)
+        default_rtol, default_cos = TOLERANCES[kind]
+        tol, cos_min = (
+            rtol if rtol is not None else default_rtol,
+            min_cosine if min_cosine is not None else default_cos,
+        )
+        err = np.abs(ref - cand)
+        max_abs = float(err.max()) if err.size else 0.0
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+        denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
+        cosine = float(np.dot(ref.ravel(), cand.ravel()) / denom) if denom else float(max_abs == 0)
+        finite = bool(np.isfinite(ref).all() and np.isfinite(cand).all())
+        ok = finite and max_rel <= tol and cosine >= cos_min
+        outputs.append(OutputParity(name, tuple(ref.shape), kind, max_abs, max_rel, cosine, tol, cos_min, ok))
+    return ParityReport(outputs)
+
+
+def run_parity(
+    torch_fn: Callable[..., Any],
+    jax_fn: Callable[..., Any],
+    inputs: Sequence[Any],
+    **tolerances: Any,
+) -> ParityReport:
+    """Runs ``torch_fn(*inputs)`` (under ``torch.no_grad``, inputs as torch tensors) and ``jax_fn(*inputs)``
+    (inputs as numpy/JAX arrays) and compares their outputs with :func:`compare`."""
+    import torch
+
+    torch_inputs = [torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in inputs]
+    jax_inputs = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.no_grad():
+        reference = torch_fn(*torch_inputs)
+    return compare(reference, jax_fn(*jax_inputs), **tolerances)
+
+
+def assert_parity(reference: Any, candidate: Any, **tolerances: Any) -> ParityReport:
+    """:func:`compare`, raising AssertionError with the full report when any output fails."""
+    report = compare(reference, candidate, **tolerances)
+    if not report.ok:
+        raise AssertionError(f"parity failed:\n{report}")
+    return report

@@ -1,0 +1,151 @@
+"""Decoding, the pipeline's third stage: a checkpoint weight's stored pieces (read by ``_checkpoint``) to a
+dense torch tensor on a torch device, in the Flax layout.
+
+Runs on the calling thread; on CUDA devices its work is queued on the device's current stream, and the
+only host waits are the checks of scales on the CPU (NaN/Inf is a damaged checkpoint). It holds one
+weight's pieces and its result at a time: the caller drops them before the next weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import jax_side
+import torch_side
+
+from ._checkpoint import Checkpoint, Entry
+from ._errors import CheckpointError
+
+
+def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # float8 scales (e8m0): exact in float32, where isfinite is defined
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(
+            f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there"
+        )
+
+
+def bnb4_pieces(
+    ckpt: Checkpoint, entry: Entry, absmax_range: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
+    table (the standard one decodes exactly as bitsandbytes' CUDA kernel does).
+
+    ``absmax_range`` ``(a0, a1)`` reads only absmax blocks ``a0:a1`` (``a0`` a multiple of the nested block
+    size when nested) and the nested absmax values that cover them."""
+    sliced: dict[str, tuple[slice, ...]] = {}
+    if absmax_range is not None:
+        a0, a1 = absmax_range
+        sliced["absmax"] = (slice(a0, a1),)
+        if "nested_absmax" in entry.keys:
+            nb = int(entry.info["quant_state"].get("nested_blocksize", 256))
+            sliced["nested_absmax"] = (slice(a0 // nb, -(-a1 // nb)),)
+    pieces = {
+        role: ckpt.read_slice(key, sliced[role]) if role in sliced else ckpt.read(key)
+        for role, key in entry.keys.items()
+        if role not in ("quant_state", "weight")
+    }
+    for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # scales and tables: finite
+        if role in pieces:
+            check_scales(ckpt, entry.keys[role], pieces[role])
+    offset = float(entry.info["quant_state"].get("nested_offset", 0.0))
+    if abs(offset) > float(np.finfo(np.float32).max):
+        raise CheckpointError(
+            f"{ckpt.where(entry.keys['quant_state'])}: nested_offset {offset} does not fit float32"
+        )
+    code = pieces.pop("quant_map", None)
+    standard = torch_side.standard_code(entry.info["quant_type"])
+    if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
+        pieces["code"] = code
+    return pieces
+
+
+def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
+    doc = entry.info["quant_state"]
+    on = {role: t.to(device) for role, t in bnb4_pieces(ckpt, entry).items()}
+    nested = "nested_absmax" in on
+    try:
+        return torch_side.dequantize_nf4(
+            ckpt.read(entry.keys["weight"]).to(device), on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
+            code=on.get("code"), quant_type=entry.info["quant_type"], dtype=entry.dtype,
+            nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
+            nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
+            transpose=transpose,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
+
+
+def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
+    scale = ckpt.read(entry.keys["scale"])
+    check_scales(ckpt, entry.keys["scale"], scale)
+    w = ckpt.read(entry.keys["weight"]).to(device)
+    try:
+        return torch_side.dequantize_fp8(
+            w, scale.to(device), entry.dtype, block_size=entry.info["block_size"], transpose=transpose
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.where(entry.keys['scale'])}: {e}") from e
+
+
+def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+    scb = ckpt.read(entry.keys["scb"])
+    check_scales(ckpt, entry.keys["scb"], scb)
+    w = ckpt.read(entry.keys["weight"]).to(device)
+    if scb.numel() != w.shape[0]:
+        raise CheckpointError(
+            f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows"
+        )
+    return torch_side.dequantize_int8(
+        w, scb.to(device), dtype=entry.dtype
+    )  # bitsandbytes' order of operations
+
+
+def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+    if "qdata" in entry.keys or "file" in entry.info:  # torchao's safetensors layout
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        pieces = {key: ckpt.read(key) for key in entry.keys.values()}
+        rebuilt, _ = unflatten_tensor_state_dict(pieces, entry.info["metadata"])
+        if entry.name not in rebuilt:
+            raise CheckpointError(f"{entry.info['file']}: torchao could not rebuild {entry.name!r}")
+        weight = rebuilt[entry.name]
+    else:
+        weight = ckpt.read(entry.name)
+    dense = torch_side.dequantize_weight(weight.to(device))
+    if tuple(dense.shape) != entry.shape:
+        raise CheckpointError(
+            f"{ckpt.where(entry.name)}: rebuilt shape {tuple(dense.shape)}, expected {entry.shape}"
+        )
+    return dense
+
+
+def materialize(
+    ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule, *, stored: bool = False
+) -> torch.Tensor:
+    """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous.
+
+    ``rule`` applies to the logical layout (``entry.shape``): a plain transformers ``Conv1D`` weight, stored
+    ``[in, out]``, is read as ``[out, in]`` first, unless ``stored`` asks for the layout as stored."""
+    perm = jax_side.permutation(rule, len(entry.shape))
+    fused_t = perm == (1, 0) and entry.kind in ("bnb4", "fp8")  # the kernels write the transpose in one pass
+    if entry.kind == "bnb4":
+        t = _bnb4(ckpt, entry, device, fused_t)
+    elif entry.kind == "fp8":
+        t = _fp8(ckpt, entry, device, fused_t)
+    elif entry.kind == "bnb8":
+        t = _bnb8(ckpt, entry, device)
+    elif entry.kind == "torchao":
+        t = _torchao(ckpt, entry, device)
+    else:
+        t = ckpt.read(entry.name).to(device)
+        if entry.info.get("stored_in_out") and not stored:
+            t = t.t()
+    if perm is not None and not fused_t:
+        t = t.permute(perm)
+    if rule.flip and perm is not None:
+        t = t.flip(rule.flip)
+    return t.contiguous()

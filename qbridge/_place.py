@@ -1,0 +1,71 @@
+"""Handing over, the pipeline's fourth stage: a decoded torch tensor (or a weight's stored pieces, kept
+quantized) to a ``jax.Array`` on one JAX device. Placing shards over many devices is ``_sharding``'s.
+
+On GPUs XLA copies each result once, on the device, into memory it allocated, ordered after the current
+stream with no host wait; on the CPU results alias torch's memory, except tensors that may still be a
+mapped torch file's memory, which are copied before the load returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+import jax_side
+
+from ._checkpoint import Checkpoint, Entry
+from ._decode import bnb4_pieces, check_scales
+from ._handoff import jax_owned_copy, to_jax
+
+
+def hand_over(t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint) -> jax.Array:
+    """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied by XLA into memory it allocated (a
+    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`); on the
+    CPU aliased zero-copy, unless it may still be the checkpoint file's memory (torch files are mapped, and
+    an array over them would change, or fault, when the file does). ``t`` is ordered on the current stream."""
+    if jdev.platform != "cpu":  # the loader's own tensor, written by nothing else: no host wait for the copy
+        return jax_owned_copy(t, jdev, "current", wait=False)
+    if ckpt.source.maps_files:  # the file may change after the load returns: the copy must be made by then
+        return jax_owned_copy(t, jdev, "current", wait=True)
+    return to_jax(t, device=jdev, producer="current")
+
+
+def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
+    """Whether a weight can stay quantized in JAX: a 4-bit or FP8 Linear kernel or 2-D embedding table."""
+    if entry.kind not in ("bnb4", "fp8") or len(entry.shape) != 2 or rule.flip:
+        return False
+    perm = jax_side.permutation(rule, 2)  # the quantized layers use [out, in] as the kernel's transpose
+    return (rule.flax_name == "kernel" and perm == (1, 0)) or (rule.flax_name == "embedding" and perm is None)
+
+
+def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
+    """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
+    :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``)."""
+    name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
+
+    def put(t: torch.Tensor) -> jax.Array:  # from host memory straight into XLA's (or aliased on the CPU)
+        return hand_over(t.contiguous(), jdev, ckpt)
+
+    if entry.kind == "fp8":
+        scale = ckpt.read(entry.keys["scale"])
+        check_scales(ckpt, entry.keys["scale"], scale)
+        layout = entry.info["layout"]
+        return jax_side.FP8Weight(put(ckpt.read(entry.keys["weight"])), put(scale.float().reshape(layout.grid)),
+                                  block=tuple(layout.block), dtype=name)  # fmt: skip
+    doc = entry.info["quant_state"]
+    pieces = bnb4_pieces(ckpt, entry)
+    packed = ckpt.read(entry.keys["weight"])
+    packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    nested = "nested_absmax" in pieces
+    return jax_side.NF4Weight(
+        packed=put(packed[: (np.prod(entry.shape) + 1) // 2]), absmax=put(pieces["absmax"]),
+        nested_absmax=put(pieces["nested_absmax"]) if nested else None,
+        nested_code=put(pieces["nested_quant_map"]) if nested else None,
+        offset=put(torch.tensor(float(doc.get("nested_offset", 0.0)), dtype=torch.float32)) if nested else None,
+        code=put(pieces["code"].float()) if "code" in pieces else None,
+        shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), nested_blocksize=int(doc.get("nested_blocksize", 256)),
+        quant_type=entry.info["quant_type"], dtype=name,
+    )  # fmt: skip
