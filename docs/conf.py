@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.abspath(".."))
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 project = "qbridge"
+release = version = importlib.import_module("qbridge").__version__
 author = "qbridge contributors"
 copyright = "2026, qbridge contributors"
 

@@ -108,6 +108,14 @@ __all__ = [
 ]
 
 
+# Public classes name the package they are used from (in reprs, tracebacks and the API reference).
+for _name in __all__:
+    _obj = globals().get(_name)
+    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "._"):
+        _obj.__module__ = __name__
+del _name, _obj
+
+
 def __getattr__(name: str):  # the Flax layer classes are built on first use (flax is optional)
     if name in ("QuantDense", "QuantEmbed", "QuantEmbedLinen", "QuantLinear", "QuantizedVariable"):
         from jax_side import _qlayers

@@ -9,7 +9,7 @@ from qbridge._env import configure_jax_memory
 configure_jax_memory()  # before JAX starts its GPU backend: torch and JAX share the card
 
 from qbridge._bench import run_bench as bench
-from qbridge._checkpoint import open_checkpoint
+from qbridge._checkpoint import Checkpoint, open_checkpoint
 from qbridge._convert import (
     convert_checkpoint,
     restore_converted,
@@ -53,6 +53,7 @@ from torch_side import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
     "CheckpointError",
     "CheckpointSummary",
     "FormatError",
@@ -80,3 +81,10 @@ __all__ = [
     "to_jax",
     "to_torch",
 ]
+
+# Public classes name the package they are used from (in reprs, tracebacks and the API reference).
+for _name in __all__:
+    _obj = globals().get(_name)
+    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -278,7 +278,7 @@ class Checkpoint:
         config: its ``config.json`` (empty when there is none).
         format: ``"bitsandbytes-4bit"``, ``"bitsandbytes-8bit"``, ``"fp8"``, ``"torchao"`` or ``"safetensors"``
             (unquantized), as :class:`qbridge.CheckpointSummary` reports it.
-        entries: weight name -> :class:`Entry`, one per weight with all its stored pieces.
+        entries: weight name -> :class:`~qbridge._checkpoint.Entry`, one per weight with all its stored pieces.
     """
 
     def __init__(self, path: pathlib.Path, source: _Source, config: dict[str, Any], fmt: str):

@@ -95,13 +95,34 @@ def _multiprocess(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
+class _Defaults(argparse.HelpFormatter):
+    """Help that shows an option's default when it has a meaningful one (not None, not a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qbridge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="a small Llama quantized to NF4, loaded into Flax through qbridge, compared"
+    parser = argparse.ArgumentParser(
+        prog="qbridge",
+        description="Quantized PyTorch checkpoints (bitsandbytes, FP8, torchao) into JAX/Flax: try, inspect, "
+        "convert, compare, measure.",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = _Defaults
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=defaults,
+        help="a small Llama quantized to NF4, loaded into Flax through qbridge, compared",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
     demo.add_argument(
         "--workdir", default=None, help="keep the checkpoints here (default: a temporary directory)"
     )
@@ -109,10 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="torch device for bitsandbytes (default: cuda if present)"
     )
     demo.set_defaults(func=_demo)
-    inspect = sub.add_parser("inspect", help="what a checkpoint holds: format, tensors by kind, sizes")
+    inspect = sub.add_parser(
+        "inspect", formatter_class=defaults, help="what a checkpoint holds: format, tensors by kind, sizes"
+    )
     inspect.add_argument("path")
     inspect.set_defaults(func=_inspect)
-    convert = sub.add_parser("convert", help="a PyTorch checkpoint to an Orbax checkpoint of Flax parameters")
+    convert = sub.add_parser(
+        "convert",
+        formatter_class=defaults,
+        help="a PyTorch checkpoint to an Orbax checkpoint of Flax parameters",
+    )
     convert.add_argument("path")
     convert.add_argument("out")
     convert.add_argument(
@@ -138,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_convert)
     parity = sub.add_parser(
-        "parity", help="layer-by-layer parity: transformers' torch model of a checkpoint vs a Flax model"
+        "parity",
+        formatter_class=defaults,
+        help="layer-by-layer parity: transformers' torch model of a checkpoint vs a Flax model",
     )
     parity.add_argument("path")
     parity.add_argument(
@@ -152,17 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--seed", type=int, default=0)
     parity.set_defaults(func=_parity)
     bench = sub.add_parser(
-        "bench", help="dequantization speed on this GPU against the copy ceiling and baselines"
+        "bench",
+        formatter_class=defaults,
+        help="dequantization speed on this GPU against the copy ceiling and baselines",
     )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--quick", action="store_true", help="fewer shapes")
     bench.set_defaults(func=_bench)
     multi = sub.add_parser(
         "multiprocess",
+        formatter_class=defaults,
         help="load checkpoints sharded over N local jax.distributed processes; check every shard, measure reads",
     )
-    multi.add_argument("paths", nargs="+")
-    multi.add_argument("--processes", type=int, default=2)
+    multi.add_argument("paths", nargs="+", help="checkpoint directories or files")
+    multi.add_argument("--processes", type=int, default=2, help="local processes to start")
     multi.add_argument("--cpu-devices", type=int, default=4, help="CPU devices per process")
     multi.add_argument("--gpus", action="store_true", help="one GPU per process instead of CPU devices")
     multi.add_argument(
@@ -171,8 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--rule", action="append", metavar="PATTERN=AXES",
                        help="shard leaves matching PATTERN as AXES, e.g. 'down_proj\\.kernel$=x,none' (repeatable; "
                             "default: split the last axis, and the first on a 2-D mesh)")  # fmt: skip
-    multi.add_argument("--convert-dir", default=None, help="also convert the first checkpoint to Orbax here")
-    multi.add_argument("--timeout", type=float, default=600.0, help="seconds before every process is stopped")
+    multi.add_argument(
+        "--convert-dir",
+        default=None,
+        help="also convert the first checkpoint to DIR/NAME.orbax from all processes (created if "
+        "missing; an existing NAME.orbax is replaced) and restore it onto another sharding",
+    )
+    multi.add_argument("--timeout", type=float, default=600.0, help="seconds before every process is stopped")  # fmt: skip
     multi.set_defaults(func=_multiprocess)
     return parser
 

@@ -56,9 +56,17 @@ def convert_checkpoint(
     Args:
         path: the PyTorch checkpoint (any format ``load_checkpoint`` reads).
         out: the Orbax checkpoint directory to create.
-        target, device, dtype, strict, kinds, rename, sharding, keep_quantized, progress: as for
-            :func:`qbridge.load_checkpoint` (with ``sharding`` each process writes its own shards). A target
-            named in words (``"llama"``, a Flax class by import path) comes from :func:`qbridge.build_target`.
+        target: the Flax target to lay the parameters out for, as for :func:`qbridge.load_checkpoint`; to
+            name one in words (``"llama"``, a Flax class by import path) use :func:`qbridge.build_target`.
+        device: where the parameters are made before writing, as for :func:`qbridge.load_checkpoint`.
+        dtype: the dtype rule or cast, as for :func:`qbridge.load_checkpoint`.
+        strict: refuse a checkpoint that does not fit ``target`` (as for :func:`qbridge.load_checkpoint`).
+        kinds: regex -> torch module kind overrides, as for :func:`qbridge.load_checkpoint`.
+        rename: regex -> replacement for checkpoint keys, as for :func:`qbridge.load_checkpoint`.
+        sharding: shard the parameters as :func:`qbridge.load_checkpoint` does; each process writes its
+            own shards.
+        keep_quantized: write 4-bit and FP8 kernels kept quantized (their stored pieces).
+        progress: show a progress bar while loading.
         overwrite: replace an existing Orbax checkpoint at ``out`` (only after the new one is complete).
 
     Returns:

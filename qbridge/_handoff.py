@@ -299,7 +299,7 @@ def to_jax(
     ``XLA_PYTHON_CLIENT_PREALLOCATE=false``), so a program that copies an input, as ``nnx.jit`` does with
     a module's state, fails on its second call with ``Failed to set memcpy D2D node params:
     CUDA_ERROR_INVALID_VALUE`` when the first call saw a zero-copy array and the second an XLA one
-    (``benchmarks/xla_command_buffer_repro.py`` reproduces it with JAX alone). ``copy=True`` returns memory
+    (``benchmarks/xla_command_buffer_repro.py`` reproduces it with JAX and CuPy alone). ``copy=True`` returns memory
     XLA allocated, which has no such problem; :func:`qbridge.load_checkpoint` always returns such memory
     on GPUs.
 
@@ -420,7 +420,10 @@ def dequantize_to_jax(
     """``torch_side.dequantize_weight`` then :func:`to_jax`: a quantized torch weight as a JAX array.
 
     Args:
-        W, quant_state: as for ``torch_side.dequantize_weight`` (any quantized or plain weight).
+        W: any quantized or plain weight ``torch_side.dequantize_weight`` takes (packed 4-bit bytes, an FP8
+            weight, a torchao tensor subclass, a bitsandbytes ``Params4bit``/``Int8Params``, a plain tensor).
+        quant_state: what ``W`` needs beside it: a bitsandbytes ``QuantState`` for packed 4-bit bytes, the
+            ``scale_inv`` tensor for an FP8 weight; None for the others.
         transpose: return the ``[in, out]`` (Flax ``kernel``) layout. It arrives zero-copy as a permuted view
             (a JAX array with a non-default layout): the same values in jitted use, at times slower where a
             matmul is memory-bound.

@@ -17,6 +17,7 @@ class CheckpointSummary:
 
     Attributes:
         path: the checkpoint directory or file.
+        files: how many weight files it has.
         format: ``bitsandbytes-4bit``, ``bitsandbytes-8bit``, ``fp8``, ``torchao`` or ``safetensors``.
         quantization_config: ``config.json``'s ``quantization_config`` (empty if none).
         kinds: ``kind -> {"tensors", "stored_bytes", "dense_bytes"}`` (``dense``, ``bnb4``, ``bnb8``, ``fp8``,
@@ -24,11 +25,13 @@ class CheckpointSummary:
         stored_bytes: bytes the weights take in the checkpoint.
         dense_bytes: bytes they take after dequantization.
         skipped: tensors that are no parameters (tied copies, buffers, activation scales), skipped when
-            loading unless a target asks for them; ``skip_reasons`` says why for each.
+            loading unless a target asks for them.
         care: weights whose shapes need care (partial FP8 tiles, 4-bit weights whose rows are not whole
             blocks), one line each.
+        skip_reasons: ``key -> why`` for each skipped tensor.
         classified_by: where the module kinds came from (the torch model built on the meta device, or
-            name rules); ``guessed``: the tensors whose kind name rules decided.
+            name rules).
+        guessed: the tensors whose module kind name rules decided.
     """
 
     path: str

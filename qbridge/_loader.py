@@ -46,8 +46,8 @@ class LoadReport:
     Attributes:
         format: the checkpoint format (``bitsandbytes-4bit``, ``fp8``, ``torchao``, ``safetensors`` ...).
         leaves: number of parameters produced.
-        skipped: checkpoint tensors left out as no parameters (tied copies, buffers, activation scales);
-            ``skip_reasons`` says why for each.
+        skipped: checkpoint tensors left out as no parameters (tied copies, buffers, activation scales).
+        skip_reasons: ``key -> why`` for each skipped tensor.
         match: the target-matching report (None without a target).
         stored_bytes: bytes the checkpoint stores for the loaded leaves (all their pieces).
         dense_bytes: bytes of the result (whole arrays; a sharded array counts once).
@@ -57,7 +57,7 @@ class LoadReport:
         classified_by: where the module kinds came from, in words.
         read_bytes: tensor bytes this process read from the checkpoint's files (headers aside). A sharded
             load reads the byte ranges of this process's shards, so under ``jax.distributed`` each process
-            reads about its share (see ``qbridge._sharding``).
+            reads about its share (the README's *Several processes* says what is read).
     """
 
     format: str
@@ -215,7 +215,7 @@ def load_checkpoint(
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with
             ``rules`` a sequence of ``(regex, PartitionSpec)`` searched against the name, first match wins,
             unmatched leaves replicated. A target's own multi-device shardings win. Every addressable
-            device reads and dequantizes only its own slice (see ``qbridge._sharding``).
+            device reads and dequantizes only its own slice.
         keep_quantized: leave bitsandbytes 4-bit and FP8 Linear kernels and embedding tables quantized: those
             leaves arrive as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (their stored pieces,
             zero-copy from torch), to be used by ``jax_side``'s quantized layers

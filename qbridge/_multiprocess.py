@@ -7,7 +7,7 @@ shards, byte for byte, against the same checkpoint loaded whole into host memory
 each process read from the files and its peak memory, can also convert to Orbax from all processes and
 restore onto another sharding, and stops every process it started, within a time limit.
 
-Run as ``python -m qbridge._multiprocess SPEC`` it is one such process (the parent starts it so).
+Each process runs ``python -m qbridge._process SPEC`` (the parent starts them so).
 """
 
 from __future__ import annotations
@@ -47,22 +47,24 @@ class ProcessReport:
             so far plus torch's peak during this load).
         convert: for ``convert_dir``: ``out``, ``restored_shards`` checked and ``mismatched`` leaves after
             restoring onto another sharding; else None.
+        mesh: the mesh the checkpoints were sharded over, in words.
     """
 
     process_index: int
     local_devices: list[str]
     loads: list[dict[str, Any]]
     convert: dict[str, Any] | None = None
+    mesh: str = ""
 
     def __str__(self) -> str:
-        lines = [f"process {self.process_index} ({', '.join(self.local_devices)}):"]
+        lines = [f"process {self.process_index} ({', '.join(self.local_devices)}; mesh {self.mesh}):"]
         for load in self.loads:
             verdict = "equal" if not load["mismatched"] else f"DIFFER: {', '.join(load['mismatched'])}"
             lines.append(
                 f"  {load['checkpoint']}: {load['shards']} shards of {load['leaves']} leaves {verdict}; read "
                 f"{load['read_bytes'] / 1e6:.2f} MB (its share {load['share_bytes'] / 1e6:.2f} MB of "
-                f"{load['stored_bytes'] / 1e6:.2f} MB stored) in {load['seconds']:.2f} s; holds "
-                f"{load['held_bytes'] / 1e6:.1f} MB, peak memory {load['peak_bytes'] / 1e6:.0f} MB"
+                f"{load['stored_bytes'] / 1e6:.2f} MB stored) in {load['seconds']:.2f} s; its devices "
+                f"hold {load['held_bytes'] / 1e6:.1f} MB (replicas each counted), peak memory {load['peak_bytes'] / 1e6:.0f} MB"
             )
         if self.convert:
             verdict = (
@@ -126,12 +128,31 @@ def check_multiprocess_load(
         RuntimeError: a process failed or the time ran out; the message holds the end of each process's
             output. Every process started is gone when this returns or raises.
     """
+    from ._checkpoint import open_checkpoint
+
     if processes < 1 or cpu_devices < 1:
         raise ValueError(f"processes and cpu_devices must be positive, got {processes} and {cpu_devices}")
-    total = processes * (1 if gpus else cpu_devices)
+    per = 1 if gpus else cpu_devices
+    total = processes * per
     shape = tuple(int(s) for s in (mesh_shape or (total,)))
     if len(shape) not in (1, 2) or math.prod(shape) != total:
-        raise ValueError(f"mesh_shape {shape} must be 1-D or 2-D with {total} devices in all")
+        raise ValueError(
+            f"mesh shape {'x'.join(map(str, shape))} holds {math.prod(shape)} devices; {processes} processes x "
+            f"{per} device(s) give {total}: use a 1-D or 2-D shape whose sizes multiply to {total}"
+        )
+    axes = ("x",) if len(shape) == 1 else ("data", "model")
+    for pattern, partition in rules or ():
+        named = [a for p in partition for a in ((p,) if isinstance(p, str) or p is None else p)]
+        unknown = [a for a in named if a is not None and a not in axes]
+        if unknown:
+            raise ValueError(f"rule {pattern!r}: axes {unknown} are not in the mesh's axes {list(axes)}")
+    if isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    for c in checkpoints:  # a bad path is reported here, once, not by every process
+        with open_checkpoint(c):
+            pass
+    if convert_dir is not None:
+        pathlib.Path(convert_dir).mkdir(parents=True, exist_ok=True)
     spec = {
         "port": _free_port(),
         "processes": processes,
@@ -154,7 +175,7 @@ def check_multiprocess_load(
                 env["JAX_PLATFORMS"] = "cpu"
             out = open(pathlib.Path(logs) / f"{i}.log", "w+")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "qbridge._multiprocess", json.dumps({**spec, "process_id": i})],
+                [sys.executable, "-m", "qbridge._process", json.dumps({**spec, "process_id": i})],
                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
             started.append((proc, out))
@@ -178,11 +199,15 @@ def check_multiprocess_load(
             out.close()
     if failed or any(p.returncode != 0 for p, _ in started):
         tails = "\n".join(
-            f"--- process {i} (exit {p.returncode}) ---\n{text[-4000:]}"
+            f"--- process {i} (exit {p.returncode}) ---\n{_tail(text)}"
             for i, ((p, _), text) in enumerate(zip(started, texts))
         )
-        why = "ran past its time limit" if time.monotonic() > deadline else "failed"
-        raise RuntimeError(f"a process of the {processes}-process load {why}:\n{tails}")
+        if time.monotonic() > deadline:
+            why = f"ran past the time limit of {timeout:.0f} s"
+        else:
+            bad = [i for i, (p, _) in enumerate(started) if p.returncode not in (0, -signal.SIGKILL)]
+            why = f"process {', '.join(map(str, bad))} failed" if bad else "failed"
+        raise RuntimeError(f"the {processes}-process load {why} (each process's output ends below):\n{tails}")
     reports = []
     for i, text in enumerate(texts):
         line = next((ln for ln in text.splitlines() if ln.startswith(RESULT)), None)
@@ -190,6 +215,13 @@ def check_multiprocess_load(
             raise RuntimeError(f"process {i} printed no result:\n{text[-4000:]}")
         reports.append(ProcessReport(**json.loads(line[len(RESULT) :])))
     return sorted(reports, key=lambda r: r.process_index)
+
+
+def _tail(text: str) -> str:
+    """The end of a process's output: its traceback when it has one (import messages of other packages
+    before it are left out)."""
+    start = text.rfind("Traceback (most recent call last)")
+    return text[start:][-6000:] if start >= 0 else text[-4000:]
 
 
 def _sharding_fn(mesh: Any, rules: list[list[Any]] | None) -> Any:
@@ -295,7 +327,7 @@ def _share(ckpt_path: str, sharded: dict[str, Any]) -> tuple[int, int]:
     return stored, int(share)
 
 
-def _worker(spec: dict[str, Any]) -> None:
+def run_process(spec: dict[str, Any]) -> None:
     import jax
 
     if not spec["gpus"]:
@@ -363,10 +395,7 @@ def _worker(spec: dict[str, Any]) -> None:
             if differ or array.sharding != expected:
                 mismatched.append(name)
         convert = {"out": str(out), "restored_shards": shards, "mismatched": mismatched}
-    result = ProcessReport(jax.process_index(), [str(d) for d in jax.local_devices()], loads, convert)
+    names = ", ".join(f"{n}={s}" for n, s in mesh.shape.items())
+    result = ProcessReport(jax.process_index(), [str(d) for d in jax.local_devices()], loads, convert, names)
     print(RESULT + json.dumps(dataclasses.asdict(result)), flush=True)
     jax.distributed.shutdown()
-
-
-if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))

@@ -114,11 +114,13 @@ class TraceReport:
             ax.text(
                 i,
                 0.92,
-                " first divergence",
+                "first divergence",
                 transform=ax.get_xaxis_transform(),
-                color="tab:red",
+                color="black",
                 ha="left",
                 va="top",
+                fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "tab:red", "boxstyle": "round,pad=0.2"},
             )
         return ax
 

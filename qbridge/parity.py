@@ -43,3 +43,10 @@ __all__ = [
     "trace",
     "trace_checkpoint",
 ]
+
+# Public classes name the package they are used from (in reprs, tracebacks and the API reference).
+for _name in __all__:
+    _obj = globals().get(_name)
+    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "._"):
+        _obj.__module__ = __name__
+del _name, _obj

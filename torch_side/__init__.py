@@ -36,3 +36,10 @@ __all__ = [
     "parse_quant_state",
     "standard_code",
 ]
+
+# Public classes name the package they are used from (in reprs, tracebacks and the API reference).
+for _name in __all__:
+    _obj = globals().get(_name)
+    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -76,9 +76,25 @@ def test_two_processes_two_dimensional_mesh_and_orbax(made, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["nf4.orbax"]  # no partial directory left behind
 
 
-def test_a_failing_process_stops_them_all(made, tmp_path):
-    with pytest.raises(RuntimeError, match=r"process 1 \(exit [^0]"):
-        check_multiprocess_load([made / "nf4", tmp_path / "missing"], processes=2, cpu_devices=1, timeout=300)
+def test_a_failing_process_stops_them_all(made):
+    # a partition that does not divide its axis fails inside every process
+    with pytest.raises(
+        RuntimeError, match=r"(?s)process 0, 1 failed.*--- process 1 \(exit 1\) ---\nTraceback"
+    ):
+        check_multiprocess_load(
+            str(made / "fp8"), processes=2, cpu_devices=3, rules=[("gate_proj.kernel$", ["x", None])]
+        )
+
+
+def test_bad_arguments_are_refused_before_any_process_starts(made, tmp_path):
+    import qbridge
+
+    with pytest.raises(qbridge.CheckpointError, match="missing"):
+        check_multiprocess_load([made / "nf4", tmp_path / "missing"], processes=2, cpu_devices=1)
+    with pytest.raises(ValueError, match="mesh shape 3x3 holds 9 devices; 2 processes x 4 device"):
+        check_multiprocess_load(made / "nf4", mesh_shape=(3, 3))
+    with pytest.raises(ValueError, match=r"axes \['nope'\] are not in the mesh's axes \['x'\]"):
+        check_multiprocess_load(made / "nf4", rules=[("kernel$", ["nope", None])])
 
 
 def test_the_command(made, capsys):
