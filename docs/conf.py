@@ -8,6 +8,8 @@ properties of public classes). The narrative pages include the README's sections
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import inspect
 import os
@@ -64,6 +66,16 @@ nitpick_ignore_regex = [
 PACKAGES = ("torch_side", "jax_side", "qbridge", "qbridge.parity")
 
 
+def _documented(obj: object) -> bool:
+    """Whether ``obj`` carries a docstring of its own (a dataclass's generated signature is none)."""
+    if isinstance(obj, property):
+        obj = obj.fget
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    if inspect.isclass(obj) and dataclasses.is_dataclass(obj) and doc.startswith(f"{obj.__name__}("):
+        return False
+    return bool(doc)
+
+
 def _public_members(obj: type) -> list[tuple[str, object]]:
     """Public methods and properties a class defines itself (not inherited from elsewhere)."""
     out = []
@@ -72,26 +84,26 @@ def _public_members(obj: type) -> list[tuple[str, object]]:
             continue
         if isinstance(value, (staticmethod, classmethod)):
             value = value.__func__
-        if inspect.isfunction(value) or isinstance(value, property):
+        if callable(value) or isinstance(value, (property, functools.cached_property)):
             out.append((name, value))
     return out
 
 
-def _missing_docstrings() -> list[str]:
+def _missing_docstrings(packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """Public names of ``packages`` (their ``__all__``) without a docstring: functions and other callables,
+    classes, and the public methods and properties of the classes qbridge defines."""
     missing = []
-    for package in PACKAGES:
+    ours = {p.split(".")[0] for p in packages}
+    for package in packages:
         module = importlib.import_module(package)
         for name in module.__all__:
             obj = getattr(module, name)
-            if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+            if not callable(obj):
                 continue  # constants are described on their API page
-            if not (obj.__doc__ or "").strip():
+            if not _documented(obj):
                 missing.append(f"{package}.{name}")
-            if inspect.isclass(obj) and obj.__module__.split(".")[0] in ("torch_side", "jax_side", "qbridge"):
-                for member, value in _public_members(obj):
-                    doc = value.__doc__ if not isinstance(value, property) else (value.fget.__doc__ or "")
-                    if not (doc or "").strip():
-                        missing.append(f"{package}.{name}.{member}")
+            if inspect.isclass(obj) and obj.__module__.split(".")[0] in ours:
+                missing += [f"{package}.{name}.{m}" for m, v in _public_members(obj) if not _documented(v)]
     return missing
 
 

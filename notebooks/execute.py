@@ -5,7 +5,9 @@ stored outputs belong to the stored code:
     python notebooks/execute.py                    # all of them
     python notebooks/execute.py quickstart.ipynb   # one
 
-Each notebook records the SHA-256 of its code cells in ``metadata["qbridge"]["source_sha256"]``. Standard
+Each notebook records the SHA-256 of its code cells' sources in ``metadata["qbridge"]["source_sha256"]``
+and of their outputs and execution counts in ``outputs_sha256``: outputs edited or removed by hand no
+longer match. Standard
 error is not stored: it holds progress bars and other packages' import-time messages, which depend on the
 machine; the results, tables and figures are on standard output and in display data.
 """
@@ -13,6 +15,7 @@ machine; the results, tables and figures are on standard output and in display d
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import sys
@@ -27,6 +30,17 @@ def source_sha256(book) -> str:
     for cell in book.cells:
         if cell.cell_type == "code":
             digest.update(cell.source.encode())
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def outputs_sha256(book) -> str:
+    """SHA-256 over the code cells' execution counts and outputs, in order."""
+    digest = hashlib.sha256()
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            record = {"count": cell.execution_count, "outputs": cell.outputs}
+            digest.update(json.dumps(record, sort_keys=True, default=str).encode())
             digest.update(b"\0")
     return digest.hexdigest()
 
@@ -50,7 +64,9 @@ def execute(path: pathlib.Path) -> None:
     for cell in book.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
-    book.metadata.setdefault("qbridge", {})["source_sha256"] = source_sha256(book)
+    stamp = book.metadata.setdefault("qbridge", {})
+    stamp["source_sha256"] = source_sha256(book)
+    stamp["outputs_sha256"] = outputs_sha256(book)
     nbformat.write(book, path)
 
 

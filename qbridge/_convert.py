@@ -123,12 +123,12 @@ def convert_checkpoint(
 
 def _shared_token() -> str:
     """A random token, the same in every process of a ``jax.distributed`` job (process 0's)."""
-    value = np.array(secrets.randbits(62), dtype=np.int64)
+    value = np.array([secrets.randbits(31), secrets.randbits(31)], dtype=np.int32)  # int32: fits with x64 off
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         value = multihost_utils.broadcast_one_to_all(value)
-    return f"{int(value):016x}"
+    return "".join(f"{int(v):08x}" for v in np.asarray(value))
 
 
 def _barrier(name: str) -> None:
@@ -146,7 +146,9 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         target: None (arrays as saved, on the devices they were saved from), or a pytree of the same
             structure whose leaves are ``jax.ShapeDtypeStruct`` (with a ``sharding``) or arrays: each leaf
             is restored with that leaf's sharding and dtype, so a checkpoint saved on one mesh can be
-            read onto another (under ``jax.distributed`` each process reads its own shards).
+            read onto another (under ``jax.distributed`` each process reads its own shards). Without a
+            target the arrays go back onto the devices they were saved from, so a checkpoint written by
+            several processes needs a target to be read by one.
 
     Returns:
         The parameter pytree: new arrays, aliasing nothing.

@@ -237,7 +237,7 @@ def load_checkpoint(
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
     """
 
-    check_spec(sharding)
+    sharding = check_spec(sharding)
     start = time.perf_counter()
     jdev, tdev = resolve_device(device)
     if target is None and dtype in ("target", "checkpoint"):
@@ -271,7 +271,11 @@ def load_checkpoint(
                 leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
                 if keep_quantized and keeps_quantized(entry, p.rule):
                     if leaf_sharding is not None:
-                        raise ValueError(f"{name}: keep_quantized does not shard; load it dense to shard it")
+                        raise ValueError(
+                            f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
+                            + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
+                               "several devices") + "); load it dense to shard it, or keep it on one device"
+                        )  # fmt: skip
                     values[p.leaf.path] = quantized_leaf(ckpt, entry, jdev, cast)
                     dense += values[p.leaf.path].nbytes
                 elif leaf_sharding is not None:

@@ -134,7 +134,9 @@ def check_multiprocess_load(
         raise ValueError(f"processes and cpu_devices must be positive, got {processes} and {cpu_devices}")
     per = 1 if gpus else cpu_devices
     total = processes * per
-    shape = tuple(int(s) for s in (mesh_shape or (total,)))
+    shape = tuple(mesh_shape or (total,))
+    if not all(isinstance(s, int) and s > 0 for s in shape):
+        raise ValueError(f"mesh_shape {shape} must hold positive ints")
     if len(shape) not in (1, 2) or math.prod(shape) != total:
         raise ValueError(
             f"mesh shape {'x'.join(map(str, shape))} holds {math.prod(shape)} devices; {processes} processes x "
@@ -142,6 +144,14 @@ def check_multiprocess_load(
         )
     axes = ("x",) if len(shape) == 1 else ("data", "model")
     for pattern, partition in rules or ():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"rule {pattern!r} is no regular expression: {e}") from e
+        if isinstance(partition, str):
+            raise TypeError(
+                f"rule {pattern!r}: the partition is a list of axis names or None per leaf axis, got {partition!r}"
+            )
         named = [a for p in partition for a in ((p,) if isinstance(p, str) or p is None else p)]
         unknown = [a for a in named if a is not None and a not in axes]
         if unknown:
@@ -181,6 +191,7 @@ def check_multiprocess_load(
             started.append((proc, out))
         deadline = time.monotonic() + timeout
         failed = False
+        stop = _stop_on_sigterm()  # a SIGTERM ends this call through the finally below, not around it
         try:
             while any(p.poll() is None for p, _ in started):
                 if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p, _ in started):
@@ -192,6 +203,7 @@ def check_multiprocess_load(
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            stop()
         texts = []
         for _, out in started:
             out.seek(0)
@@ -203,7 +215,7 @@ def check_multiprocess_load(
             for i, ((p, _), text) in enumerate(zip(started, texts))
         )
         if time.monotonic() > deadline:
-            why = f"ran past the time limit of {timeout:.0f} s"
+            why = f"ran past the time limit of {timeout:g} s"
         else:
             bad = [i for i, (p, _) in enumerate(started) if p.returncode not in (0, -signal.SIGKILL)]
             why = f"process {', '.join(map(str, bad))} failed" if bad else "failed"
@@ -215,6 +227,20 @@ def check_multiprocess_load(
             raise RuntimeError(f"process {i} printed no result:\n{text[-4000:]}")
         reports.append(ProcessReport(**json.loads(line[len(RESULT) :])))
     return sorted(reports, key=lambda r: r.process_index)
+
+
+def _stop_on_sigterm() -> Any:
+    """Makes SIGTERM raise ``SystemExit`` in this (main) thread while processes run; returns the undo."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _tail(text: str) -> str:

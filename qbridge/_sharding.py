@@ -38,6 +38,7 @@ import torch_side
 
 from ._checkpoint import Checkpoint, Entry
 from ._decode import bnb4_pieces, check_scales, materialize
+from ._errors import CheckpointError
 from ._place import hand_over
 
 ShardingSpec = Callable[[str, tuple[int, ...]], Any] | tuple[Any, Sequence[tuple[str, Any]]]
@@ -149,15 +150,27 @@ def _bnb4_slice(
         blk0, blk1 = a * width // blocksize, -(-(b * width) // blocksize)
         n_seg = min(blk1 * blocksize, n) - blk0 * blocksize
         byte0 = blk0 * blocksize // 2  # blocks hold an even number of elements: byte-aligned
-        packed = ckpt.read_slice(entry.keys["weight"], (slice(byte0, byte0 + (n_seg + 1) // 2),)).to(device)
-        seg = torch_side.dequantize_nf4(
-            packed, absmax[blk0 - base : blk1 - base].contiguous(), shape=(n_seg,), **decode
-        )
+        packed = _packed_bytes(ckpt, entry.keys["weight"], byte0, (n_seg + 1) // 2).to(device)
+        try:
+            seg = torch_side.dequantize_nf4(
+                packed, absmax[blk0 - base : blk1 - base].contiguous(), shape=(n_seg,), **decode
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
         start = a * width - blk0 * blocksize
         out[a - rows[0] : b - rows[0]] = seg[start : start + (b - a) * width].view(b - a, width)[
             :, cols[0] : cols[1]
         ]
     return out if len(entry.shape) == 2 else out.reshape(-1)
+
+
+def _packed_bytes(ckpt: Checkpoint, key: str, start: int, count: int) -> torch.Tensor:
+    """Bytes ``start:start + count`` of a 4-bit weight's packed storage, whatever dtype stores them
+    (bitsandbytes' ``quant_storage`` may be bfloat16 or float32, two or four bytes per element)."""
+    size = ckpt.source.shapes[key][1].itemsize
+    first, last = start // size, -(-(start + count) // size)
+    raw = ckpt.read_slice(key, (slice(first, last),)).reshape(-1).view(torch.uint8)
+    return raw[start - first * size : start - first * size + count]
 
 
 def _slice_torch(
@@ -250,18 +263,31 @@ def reads_slices(entry: Entry) -> bool:
     )
 
 
-def check_spec(spec: Any) -> None:
+def check_spec(spec: Any) -> Any:
+    """``spec`` checked, with ``(mesh, rules)`` rules made a tuple (an iterator is read once), and each
+    rule's regex compiled.
+
+    Raises:
+        TypeError: not a callable, nor a ``(mesh, rules)`` pair of ``(regex, PartitionSpec)`` rules.
+        ValueError: a rule's regex does not compile.
+    """
     if spec is None or callable(spec):
-        return
+        return spec
     if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], jax.sharding.Mesh)):
         raise TypeError(
             "sharding must be a callable (name, shape) -> Sharding or a pair (mesh, [(regex, PartitionSpec), ...]), "
             f"got {type(spec).__name__}"
         )
-    for rule in spec[1]:
+    rules = tuple(spec[1])
+    for rule in rules:
         if not (
             isinstance(rule, (tuple, list))
             and len(rule) == 2
             and isinstance(rule[1], jax.sharding.PartitionSpec)
         ):
             raise TypeError(f"sharding rules are (regex, PartitionSpec) pairs, got {rule!r}")
+        try:
+            re.compile(rule[0])
+        except (re.error, TypeError) as e:
+            raise ValueError(f"sharding rule {rule[0]!r} is no regular expression: {e}") from e
+    return (spec[0], rules)

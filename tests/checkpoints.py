@@ -40,13 +40,14 @@ def bnb_llama(
     nested: bool,
     shard: bool = False,
     device_map: str = "cpu",
+    quant_storage: torch.dtype = torch.uint8,
 ):
     """transformers quantizes the dense checkpoint with bitsandbytes and saves it (sharded if asked)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("bitsandbytes")
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=quant_storage,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(
         dense_dir, quantization_config=config, dtype=torch.bfloat16, device_map=device_map

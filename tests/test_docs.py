@@ -33,3 +33,24 @@ def test_docs_build_strictly(tmp_path):
         assert phrase in (tmp_path / "html" / f"{page}.html").read_text(), f"{page}.html lacks {phrase!r}"
     api = (tmp_path / "html" / "api" / "qbridge.html").read_text()
     assert 'id="qbridge.load_checkpoint"' in api and 'id="qbridge.to_jax"' in api
+
+
+def test_the_docstring_check_sees_every_kind_of_public_name(tmp_path, monkeypatch):
+    """A dataclass with only its generated signature, a cached function and a cached property count as
+    undocumented."""
+    import importlib.util
+
+    (tmp_path / "planted.py").write_text(
+        "import dataclasses, functools\n"
+        "__all__ = ['Plain', 'cached', 'Holder', 'fine']\n"
+        "@dataclasses.dataclass\nclass Plain:\n    x: int\n"
+        "@functools.cache\ndef cached(x):\n    return x\n"
+        "class Holder:\n    '''Documented.'''\n    @functools.cached_property\n    def value(self):\n        return 1\n"
+        "def fine():\n    '''Documented.'''\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("docs_conf", ROOT / "docs" / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    missing = conf._missing_docstrings(("planted",))
+    assert sorted(missing) == ["planted.Holder.value", "planted.Plain", "planted.cached"], missing

@@ -3,6 +3,7 @@ of its current code (``python notebooks/execute.py`` refreshes them), figures in
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import pathlib
 
@@ -36,18 +37,52 @@ def _execute_module():
 
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_stored_with_the_outputs_of_its_code(name):
-    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    _check_stored(nbformat.read(NOTEBOOKS / name, as_version=4), name)
+
+
+def _check_stored(book, name):
     refresh = f"run `python notebooks/execute.py {name}` and commit the result"
-    stored = book.metadata.get("qbridge", {}).get("source_sha256")
-    assert stored == _execute_module().source_sha256(book), (
+    stamp = book.metadata.get("qbridge", {})
+    execute = _execute_module()
+    assert stamp.get("source_sha256") == execute.source_sha256(book), (
         f"{name}: the code changed since its outputs; {refresh}"
     )
+    assert stamp.get("outputs_sha256") == execute.outputs_sha256(book), (
+        f"{name}: the stored outputs are not the ones its run produced; {refresh}"
+    )
     code = [c for c in book.cells if c.cell_type == "code"]
-    assert all(c.execution_count is not None for c in code), f"{name}: not every cell ran; {refresh}"
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{name}: cells ran {counts}, not once each in order; {refresh}"
+    )
     outputs = [o for c in code for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"], f"{name}: stored with an error; {refresh}"
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    images = [base64.b64decode(o["data"]["image/png"]) for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= len(FIGURES[name]), f"{name}: {len(images)} stored figures; {refresh}"
+    for png in images:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, f"{name}: a stored figure is no picture"
+
+
+def test_the_freshness_check_catches_tampering():
+    """Edited code, removed or replaced outputs and reordered runs each fail the check above."""
+    import copy
+
+    name = "quickstart.ipynb"
+    book = nbformat.read(NOTEBOOKS / name, as_version=4)
+    _check_stored(book, name)
+    code = [i for i, c in enumerate(book.cells) if c.cell_type == "code"]
+    with_output = next(i for i in code if book.cells[i].outputs)
+    tampered = {
+        "code edited": lambda b: setattr(b.cells[code[0]], "source", b.cells[code[0]].source + "\nx = 1"),
+        "outputs removed": lambda b: setattr(b.cells[with_output], "outputs", []),
+        "run out of order": lambda b: setattr(b.cells[code[0]], "execution_count", 99),
+    }
+    for what, change in tampered.items():
+        copy_ = copy.deepcopy(book)
+        change(copy_)
+        with pytest.raises(AssertionError):
+            _check_stored(copy_, name)
+            pytest.fail(f"{what} passed")
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from checkpoints import bnb_llama, dense_llama, fp8_llama, torchao_llama
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -38,6 +39,10 @@ def made(tmp_path_factory):
     dense_llama(root / "dense")
     bnb_llama(root / "dense", root / "nf4", quant_type="nf4", nested=True)
     bnb_llama(root / "dense", root / "fp4", quant_type="fp4", nested=False)
+    # FSDP-QLoRA's storage: the packed bytes stored as bfloat16 elements, two bytes each
+    bnb_llama(
+        root / "dense", root / "nf4-bf16-storage", quant_type="nf4", nested=True, quant_storage=torch.bfloat16
+    )
     fp8_llama(root / "dense", root / "fp8")
     torchao_llama(root / "dense", root / "ao")
     return root
@@ -66,7 +71,9 @@ def _mesh_2d():
     return Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 
 
-@pytest.mark.parametrize("name", ["nf4", "fp4", "fp8", "ao/model.pt", "ao/st/model.safetensors", "dense"])
+@pytest.mark.parametrize(
+    "name", ["nf4", "fp4", "nf4-bf16-storage", "fp8", "ao/model.pt", "ao/st/model.safetensors", "dense"]
+)
 @pytest.mark.parametrize("layout", ["1d", "2d"])
 def test_sharded_equals_unsharded(made, name, layout):
     _, target = _target(made)
@@ -165,3 +172,18 @@ def test_read_window_equals_the_slice(made):
     torch.save({"w": whole.clone()}, made / "window.pt")
     with open_checkpoint(made / "window.pt") as ckpt:
         assert torch.equal(ckpt.read_window("w", 96, (5, 17), (32, 64)), whole[5:17, 32:64])
+
+
+def test_rules_given_as_an_iterator_are_applied(made):
+    _, target = _target(made)
+    rules = ((pattern, spec) for pattern, spec in ROWS_AND_COLUMNS)  # read once only
+    params = qbridge.load_checkpoint(
+        made / "nf4", target=target, progress=False, sharding=(_mesh_1d(), rules)
+    )
+    down = params["model"]["layers"][1]["mlp"]["down_proj"]["kernel"]
+    assert down.sharding == NamedSharding(_mesh_1d(), P("x", None))
+
+
+def test_a_rule_that_is_no_regex(made):
+    with pytest.raises(ValueError, match=r"sharding rule 'kernel\[' is no regular expression"):
+        qbridge.load_checkpoint(made / "nf4", progress=False, sharding=(_mesh_1d(), [("kernel[", P())]))

@@ -95,6 +95,44 @@ def test_bad_arguments_are_refused_before_any_process_starts(made, tmp_path):
         check_multiprocess_load(made / "nf4", mesh_shape=(3, 3))
     with pytest.raises(ValueError, match=r"axes \['nope'\] are not in the mesh's axes \['x'\]"):
         check_multiprocess_load(made / "nf4", rules=[("kernel$", ["nope", None])])
+    with pytest.raises(ValueError, match="must hold positive ints"):
+        check_multiprocess_load(made / "nf4", mesh_shape=(-2, -4))
+    with pytest.raises(ValueError, match="is no regular expression"):
+        check_multiprocess_load(made / "nf4", rules=[("kernel[", ["x", None])])
+    with pytest.raises(TypeError, match="list of axis names"):
+        check_multiprocess_load(made / "nf4", rules=[("kernel$", "x")])
+
+
+def test_a_terminated_caller_leaves_no_process_behind(made, tmp_path):
+    """SIGTERM to the process that started the others: they are killed with it, as on any other exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "marker-ckpt"
+    marker.symlink_to(made / "nf4", target_is_directory=True)  # names the children's command lines
+    code = (
+        "from qbridge._multiprocess import check_multiprocess_load\n"
+        f"check_multiprocess_load({str(marker)!r}, processes=2, cpu_devices=1, timeout=300)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+
+    def children():
+        out = subprocess.run(
+            ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True
+        ).stdout
+        return [line for line in out.splitlines() if "qbridge._process" in line and str(marker) in line]
+
+    deadline = time.monotonic() + 120
+    while len(children()) < 2 and time.monotonic() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    assert len(children()) == 2, "the processes did not start"
+    os.kill(parent.pid, signal.SIGTERM)
+    parent.wait(timeout=60)
+    time.sleep(0.5)
+    assert children() == [], children()
 
 
 def test_the_command(made, capsys):
