@@ -4,7 +4,7 @@ The only package that imports both torch and jax. The dequantization itself live
 (torch only); Flax layout rules and JAX-native dequantization live in ``jax_side`` (jax only).
 """
 
-from qbridge._env import configure_jax_memory
+from qbridge._env import configure_jax_memory, name_public_classes
 
 configure_jax_memory()  # before JAX starts its GPU backend: torch and JAX share the card
 
@@ -82,9 +82,4 @@ __all__ = [
     "to_torch",
 ]
 
-# Public classes name the package they are used from (in reprs, tracebacks and the API reference).
-for _name in __all__:
-    _obj = globals().get(_name)
-    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "._"):
-        _obj.__module__ = __name__
-del _name, _obj
+name_public_classes(globals())

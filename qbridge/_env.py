@@ -106,3 +106,14 @@ def no_jax_gpu_message(index: int) -> str:
 
 def jax_cpu() -> Any:
     return jax.local_devices(backend="cpu")[0]
+
+
+def name_public_classes(namespace: dict[str, Any]) -> None:
+    """Makes the public classes of a package's namespace (its ``__all__``) name that package as their module,
+    so that reprs, tracebacks and the API reference show ``qbridge.CheckpointError``, not its private home."""
+    package = namespace["__name__"]
+    for name in namespace["__all__"]:
+        obj = namespace.get(name)
+        home = obj.__module__.split(".") if isinstance(obj, type) else []
+        if home and home[0] == package.split(".")[0] and home[-1].startswith("_"):  # a private module of ours
+            obj.__module__ = package

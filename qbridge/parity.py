@@ -24,6 +24,7 @@ from ._compare import (
     compare,
     run_parity,
 )
+from ._env import name_public_classes
 from ._trace import (
     TracePair,
     TraceReport,
@@ -44,9 +45,4 @@ __all__ = [
     "trace_checkpoint",
 ]
 
-# Public classes name the package they are used from (in reprs, tracebacks and the API reference).
-for _name in __all__:
-    _obj = globals().get(_name)
-    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "._"):
-        _obj.__module__ = __name__
-del _name, _obj
+name_public_classes(globals())
