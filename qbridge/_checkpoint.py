@@ -221,6 +221,29 @@ class _Source:
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
         return self._counted(torch.from_numpy(window))
 
+    def map_tensor(self, key: str) -> torch.Tensor:
+        """The stored tensor ``key`` over the file's memory (a copy-on-write map of a safetensors file; a
+        torch file's tensors are mapped already): nothing is read until it is used, and nothing is
+        counted. Count what is used with :meth:`count`."""
+        if self._state is not None and key in self._state:
+            return self._state[key]
+        path = self.key_file.get(key)
+        if path is None:
+            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+        shape, dtype = self.shapes[key]
+        begin, end = self._offsets(path)[key]
+        mapped = (
+            np.memmap(path, dtype=np.uint8, mode="c", offset=begin, shape=(end - begin,))
+            if end > begin
+            else None
+        )
+        raw = torch.from_numpy(mapped) if mapped is not None else torch.empty(0, dtype=torch.uint8)
+        return raw.view(dtype).reshape(shape)
+
+    def count(self, t: torch.Tensor) -> torch.Tensor:
+        """Counts ``t``'s bytes (its inner tensors' for a tensor subclass) as read; returns ``t``."""
+        return self._counted(t)
+
     def _offsets(self, path: pathlib.Path) -> dict[str, tuple[int, int]]:
         """Absolute byte ranges of a safetensors file's tensors, from its header."""
         if path not in self._byte_ranges:

@@ -104,17 +104,23 @@ def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
     )  # bitsandbytes' order of operations
 
 
-def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+def torchao_weight(ckpt: Checkpoint, entry: Entry, *, mapped: bool = False) -> torch.Tensor:
+    """A torchao weight as its tensor subclass, on the CPU. ``mapped``: over the file's memory, read (and
+    counted) only where it is used (see ``Checkpoint.source.map_tensor``)."""
+    read = ckpt.source.map_tensor if mapped else ckpt.read
     if "qdata" in entry.keys or "file" in entry.info:  # torchao's safetensors layout
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-        pieces = {key: ckpt.read(key) for key in entry.keys.values()}
+        pieces = {key: read(key) for key in entry.keys.values()}
         rebuilt, _ = unflatten_tensor_state_dict(pieces, entry.info["metadata"])
         if entry.name not in rebuilt:
             raise CheckpointError(f"{entry.info['file']}: torchao could not rebuild {entry.name!r}")
-        weight = rebuilt[entry.name]
-    else:
-        weight = ckpt.read(entry.name)
+        return rebuilt[entry.name]
+    return read(entry.name)
+
+
+def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+    weight = torchao_weight(ckpt, entry)
     dense = torch_side.dequantize_weight(weight.to(device))
     if tuple(dense.shape) != entry.shape:
         raise CheckpointError(

@@ -17,8 +17,10 @@ What a process reads from the files (``LoadReport.read_bytes`` counts it):
   flat row-major weight; when every row holds whole blocks (the width a multiple of the block size, as in
   every transformers checkpoint) a split along columns reads only the blocks of its columns in each
   row. The absmax of its rows comes with them (1/32 of their packed bytes when nested, 1/8 otherwise);
-- bitsandbytes 8-bit weights, torchao tensor subclasses and weights of rank 3 and more: the whole
-  weight, decoded once per process on its first device and cut for each of its devices.
+- torchao weights: torchao slices its own tensor subclass, rebuilt over the mapped file, so only the
+  slice's pieces are read; where torchao refuses a split (across quantization groups), as below;
+- bitsandbytes 8-bit weights and weights of rank 3 and more: the whole weight, decoded once per process
+  on its first device and cut for each of its devices.
 
 Replicated leaves are read whole by every process that holds a replica.
 """
@@ -37,7 +39,7 @@ import jax_side
 import torch_side
 
 from ._checkpoint import Checkpoint, Entry
-from ._decode import bnb4_pieces, check_scales, materialize
+from ._decode import bnb4_pieces, check_scales, materialize, torchao_weight
 from ._errors import CheckpointError
 from ._place import hand_over
 
@@ -173,6 +175,28 @@ def _packed_bytes(ckpt: Checkpoint, key: str, start: int, count: int) -> torch.T
     return raw[start - first * size : start - first * size + count]
 
 
+class _NoSlice(Exception):
+    """torchao cannot slice this weight there (a split across its quantization groups)."""
+
+
+def _torchao_slice(
+    ckpt: Checkpoint, entry: Entry, torch_index: tuple[slice, ...], device: torch.device
+) -> torch.Tensor:
+    """A torchao weight's slice through torchao's own slicing of its subclass, over the mapped file: only
+    the slice's pieces are read. Raises ``_NoSlice`` where torchao refuses the split."""
+    weight = torchao_weight(ckpt, entry, mapped=True)
+    try:
+        part = weight[torch_index]
+    except (AssertionError, NotImplementedError, RuntimeError, ValueError, IndexError) as e:
+        raise _NoSlice(str(e)) from e
+    ckpt.source.count(part)
+    dense = torch_side.dequantize_weight(part.to(device))
+    want = tuple(b - a for a, b in _bounds(torch_index, entry.shape))
+    if tuple(dense.shape) != want:
+        raise _NoSlice(f"torchao's slice of {entry.name} has shape {tuple(dense.shape)}, expected {want}")
+    return dense
+
+
 def _slice_torch(
     ckpt: Checkpoint, entry: Entry, torch_index: tuple[slice, ...], device: torch.device, budget: int
 ) -> torch.Tensor:
@@ -186,7 +210,9 @@ def _slice_torch(
         return _fp8_slice(ckpt, entry, bounds[0], bounds[1], device)
     if entry.kind == "bnb4" and len(entry.shape) <= 2:
         return _bnb4_slice(ckpt, entry, bounds, device, budget)
-    # bitsandbytes 8-bit, torchao, higher ranks: the whole weight on the device, then the slice
+    if entry.kind == "torchao" and len(entry.shape) == 2:
+        return _torchao_slice(ckpt, entry, torch_index, device)
+    # bitsandbytes 8-bit, higher ranks: the whole weight on the device, then the slice
     whole = materialize(ckpt, entry, device, jax_side.rule_for("param", "weight"))
     return whole[torch_index]
 
@@ -244,7 +270,11 @@ def load_sharded_leaf(
         elif whole is not None:
             shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
         else:
-            shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
+            try:
+                shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
+            except _NoSlice:  # from here on: decoded whole once, cut for each device
+                whole = materialize(ckpt, entry, _torch_device(device), rule)
+                shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
         made.setdefault(key, shard)
         arrays.append(hand_over(shard, device, ckpt))
         del shard
@@ -254,11 +284,11 @@ def load_sharded_leaf(
 
 def reads_slices(entry: Entry) -> bool:
     """Whether a shard of ``entry`` reads only its own byte ranges: plain weights, FP8 block/row/tensor
-    scaled 2-D weights and bitsandbytes 4-bit weights of rank 1 or 2. Others (bitsandbytes 8-bit, torchao
-    tensor subclasses, higher ranks) are read and decoded whole, once per process."""
+    scaled 2-D weights, bitsandbytes 4-bit weights of rank 1 or 2, and 2-D torchao weights where torchao
+    slices them. Others (bitsandbytes 8-bit, higher ranks) are read and decoded whole, once per process."""
     return (
         entry.kind == "dense"
-        or (entry.kind == "fp8" and len(entry.shape) == 2)
+        or (entry.kind in ("fp8", "torchao") and len(entry.shape) == 2)
         or (entry.kind == "bnb4" and len(entry.shape) <= 2)
     )
 
