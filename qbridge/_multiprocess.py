@@ -294,6 +294,20 @@ def _leaves(tree: Any) -> dict[str, Any]:
     }
 
 
+def _compare_shards(got: dict[str, Any], want: dict[str, Any]) -> tuple[int, list[str]]:
+    """Shards checked, and the leaves of ``got`` whose shards differ from ``want`` (or that it lacks)."""
+    shards, mismatched = 0, []
+    for name, array in got.items():
+        if name not in want:
+            mismatched.append(name)
+            continue
+        checked, differ = _shards_differ(array, want[name])
+        shards += checked
+        if differ:
+            mismatched.append(name)
+    return shards, mismatched
+
+
 def _shards_differ(sharded: Any, whole: Any) -> tuple[int, bool]:
     import numpy as np
 
@@ -376,7 +390,7 @@ def run_process(spec: dict[str, Any]) -> None:
     sharding = _sharding_fn(mesh, spec["rules"])
     home = jax.local_devices(backend="cpu")[0]  # the reference load: host memory, devices untouched
     loads = []
-    wholes = {}
+    first_whole = None  # the first checkpoint's reference, kept for the conversion
     for path in spec["checkpoints"]:
         _reset_peaks(spec["gpus"])
         start = time.perf_counter()
@@ -384,14 +398,10 @@ def run_process(spec: dict[str, Any]) -> None:
         seconds = time.perf_counter() - start
         peak, held = _peak_bytes(spec["gpus"]), _held_bytes(sharded)
         whole = load_checkpoint(path, device=home, progress=False)  # the reference, after the measurement
-        wholes[path] = whole
-        got, want = _leaves(sharded), _leaves(whole)
-        shards, mismatched = 0, []
-        for name, array in got.items():
-            checked, differ = _shards_differ(array, want[name])
-            shards += checked
-            if differ or name not in want:
-                mismatched.append(name)
+        if first_whole is None:
+            first_whole = whole
+        got = _leaves(sharded)
+        shards, mismatched = _compare_shards(got, _leaves(whole))
         stored, share = _share(path, got)
         loads.append({
             "checkpoint": path, "leaves": len(got), "shards": shards, "mismatched": mismatched,
@@ -399,7 +409,6 @@ def run_process(spec: dict[str, Any]) -> None:
             "seconds": seconds, "peak_bytes": peak, "held_bytes": held,
         })  # fmt: skip
         del sharded, got, whole
-        wholes = {k: v for k, v in wholes.items() if k == spec["checkpoints"][0]}  # kept for the conversion
     convert = None
     if spec["convert_dir"]:
         path = spec["checkpoints"][0]
@@ -407,19 +416,17 @@ def run_process(spec: dict[str, Any]) -> None:
             re.sub(r"[^\w.-]", "_", pathlib.Path(path).name) + ".orbax"
         )
         convert_checkpoint(path, out, sharding=sharding, progress=False, overwrite=True)
-        whole = wholes[path]
         target = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_other_sharding(mesh, x.shape)), whole
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_other_sharding(mesh, x.shape)),
+            first_whole,
         )
-        restored = restore_converted(out, target)
-        want = _leaves(whole)
-        shards, mismatched = 0, []
-        for name, array in _leaves(restored).items():
-            expected = _other_sharding(mesh, array.shape)
-            checked, differ = _shards_differ(array, want[name])
-            shards += checked
-            if differ or array.sharding != expected:
-                mismatched.append(name)
+        restored = _leaves(restore_converted(out, target))
+        shards, mismatched = _compare_shards(restored, _leaves(first_whole))
+        mismatched += [
+            n
+            for n, a in restored.items()
+            if n not in mismatched and a.sharding != _other_sharding(mesh, a.shape)
+        ]
         convert = {"out": str(out), "restored_shards": shards, "mismatched": mismatched}
     names = ", ".join(f"{n}={s}" for n, s in mesh.shape.items())
     result = ProcessReport(jax.process_index(), [str(d) for d in jax.local_devices()], loads, convert, names)
