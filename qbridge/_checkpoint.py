@@ -201,25 +201,16 @@ class _Source:
         self, key: str, row_bytes: int, rows: tuple[int, int], cols: tuple[int, int]
     ) -> torch.Tensor:
         """Bytes ``[rows[0]:rows[1], cols[0]:cols[1]]`` of the stored tensor ``key`` with its bytes viewed
-        as rows of ``row_bytes``: a new uint8 CPU tensor. From a safetensors file only those byte ranges are
-        copied (through a read-only memory map of the file)."""
+        as rows of ``row_bytes``: a new uint8 CPU tensor. Only those byte ranges are copied, from the file's
+        memory (:meth:`map_tensor`)."""
         (r0, r1), (c0, c1) = rows, cols
-        if self._state is not None and key in self._state:
-            flat = self._state[key].reshape(-1).view(torch.uint8)
-            return self._counted(flat.view(-1, row_bytes)[r0:r1, c0:c1].contiguous())
-        path = self.key_file.get(key)
-        if path is None:
-            raise CheckpointError(f"checkpoint has no tensor {key!r}")
-        try:
-            begin, end = self._offsets(path)[key]
-            if (end - begin) % row_bytes or r1 * row_bytes > end - begin:
-                raise ValueError(f"{end - begin} bytes do not hold rows {rows} of {row_bytes} bytes")
-            whole = np.memmap(path, dtype=np.uint8, mode="r", offset=begin, shape=(end - begin,))
-            window = np.array(whole.reshape(-1, row_bytes)[r0:r1, c0:c1])
-            del whole
-        except Exception as e:
-            raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
-        return self._counted(torch.from_numpy(window))
+        flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
+        if flat.numel() % row_bytes or r1 * row_bytes > flat.numel():
+            raise CheckpointError(
+                f"{self.key_file[key]}: reading {key!r} failed: its {flat.numel()} bytes do not hold rows {rows} "
+                f"of {row_bytes} bytes"
+            )
+        return self._counted(flat.view(-1, row_bytes)[r0:r1, c0:c1].contiguous())
 
     def map_tensor(self, key: str) -> torch.Tensor:
         """The stored tensor ``key`` over the file's memory (a copy-on-write map of a safetensors file; a
@@ -325,8 +316,9 @@ class Checkpoint:
 
     @property
     def bytes_read(self) -> int:
-        """Tensor bytes read from the files so far through :meth:`read` and :meth:`read_slice` (headers and
-        the small quant-state documents aside): a slice counts only its own bytes."""
+        """Tensor bytes read from the files so far through :meth:`read`, :meth:`read_slice` and
+        :meth:`read_window` (headers and the small quant-state documents aside): a slice counts only its
+        own bytes."""
         return self.source.bytes_read
 
     @property
