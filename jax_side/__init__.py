@@ -8,6 +8,7 @@ that gives the same bits as ``torch_side``.
 from jax_side._adapters import add_lora, lora_layers, lora_targets, remove_lora
 from jax_side._codes import FP4_CODE, NF4_CODE, standard_code
 from jax_side._fp8 import ScaleLayout, dequantize_fp8, fp8_scale_layout
+from jax_side._fused import fits_kernel, get_matmul_path, matmul_path, quantized_matmul, set_matmul_path
 from jax_side._layout import (
     KINDS,
     RULES,
@@ -79,8 +80,10 @@ __all__ = [
     "dequantize_fp8",
     "dequantize_nf4",
     "dotted",
+    "fits_kernel",
     "flax_shape",
     "fp8_scale_layout",
+    "get_matmul_path",
     "infer_kind",
     "is_quantized",
     "kind_of_flax_leaf",
@@ -91,17 +94,20 @@ __all__ = [
     "lora_layers",
     "lora_targets",
     "match_to_target",
+    "matmul_path",
     "nest",
     "not_parameter",
     "permutation",
     "plan_by_name",
     "plan_for_target",
     "plan_match",
+    "quantized_matmul",
     "quantized_nbytes",
     "rebuild_target",
     "remove_lora",
     "rule_for",
     "rule_for_flax_leaf",
+    "set_matmul_path",
     "standard_code",
     "to_flax_variables",
     "torch_key_candidates",

@@ -1,6 +1,6 @@
-"""Flax layers whose weights stay quantized (:class:`NF4Weight` / :class:`FP8Weight`) and are expanded inside
-each call, so XLA can fuse the expansion into the surrounding computation and nothing dense persists
-between calls. flax.nnx and linen versions of a Dense/Linear and an Embed, plus a helper that swaps the
+"""Flax layers whose weights stay quantized (:class:`NF4Weight` / :class:`FP8Weight`): their matmuls run
+through :func:`jax_side.quantized_matmul`, which on GPUs decodes each weight tile inside the matmul kernel
+(elsewhere, the weight is expanded inside the call), so nothing dense persists between calls. flax.nnx and linen versions of a Dense/Linear and an Embed, plus a helper that swaps the
 Linear and Embed modules of an nnx model for them.
 
 The quantized pieces are never differentiated: in nnx they live in :class:`QuantizedVariable` (not a
@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._fused import quantized_matmul
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
 
@@ -30,16 +31,18 @@ def _flax():
 
 
 def _dense(x: jax.Array, weight: NF4Weight | FP8Weight, bias: jax.Array | None, dtype: Any) -> jax.Array:
-    """``x @ kernel + bias`` as ``nnx.Linear`` computes it, with ``kernel`` expanded from ``weight``."""
-    kernel = jax.lax.stop_gradient(weight.dequantize(transpose=True))  # [in, out], as a Flax Dense holds it
+    """``x @ kernel + bias`` as ``nnx.Linear`` computes it, with ``kernel`` the ``[in, out]`` view of ``weight``.
+
+    The product runs through :func:`jax_side.quantized_matmul` (the fused kernel on GPUs, else the weight
+    expanded then multiplied); the stored pieces get no gradient.
+    """
+    weight = jax.lax.stop_gradient(weight)
     if dtype is None:
+        wdtype = jnp.dtype(weight.dtype)
         dtype = (
-            jnp.result_type(x.dtype, kernel.dtype)
-            if bias is None
-            else jnp.result_type(x.dtype, kernel.dtype, bias.dtype)
+            jnp.result_type(x.dtype, wdtype) if bias is None else jnp.result_type(x.dtype, wdtype, bias.dtype)
         )
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    y = quantized_matmul(x.astype(dtype), weight)
     if bias is not None:
         y = y + bias.astype(dtype)
     return y
@@ -112,8 +115,9 @@ def _make_nnx():
         def attend(self, query: jax.Array) -> jax.Array:
             """``query @ table.T`` as ``nnx.Embed.attend`` computes it (tied output layers); ``query`` is
             cast to the table's dtype. Shape ``[..., features]`` -> ``[..., num_embeddings]``."""
-            table = self._table()
-            return jnp.dot(query.astype(table.dtype), table.T)
+            weight = jax.lax.stop_gradient(self.weight.get_value())
+            dtype = jnp.dtype(weight.dtype if self.dtype is None else self.dtype)
+            return quantized_matmul(query.astype(dtype), weight)
 
     return QuantizedVariable, QuantLinear, QuantEmbed
 

@@ -1,0 +1,408 @@
+"""``x @ dequantize(W).T`` without a dense ``W``: each weight tile is decoded in registers inside the matmul.
+
+Kept-quantized layers (``jax_side.QuantLinear``, ``QuantDense``) call :func:`quantized_matmul`. On NVIDIA
+GPUs it runs a Pallas kernel (the Triton lowering) that reads the stored pieces (4-bit bytes and absmax,
+or FP8 values and scales), decodes one tile at a time as ``jax_side.dequantize_nf4`` /
+``jax_side.dequantize_fp8`` do (``code[q] * absmax`` or ``float32(w) * scale`` in float32, rounded to the
+weight's dtype, then cast to the computation dtype) and feeds it to the tensor cores with float32
+accumulation. No dense weight exists in memory at any point.
+
+The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other
+backends) is made in one place, :func:`matmul_path`:
+
+* ``"auto"`` (default): the kernel on CUDA GPUs where the weight fits it, else expand-then-matmul.
+  The platform is chosen when the computation is compiled (``jax.lax.platform_dependent``).
+* ``"expand"``: always expand-then-matmul.
+* ``"interpret"``: the kernel through Pallas' interpreter, on any backend (slow; for tests).
+
+Set it with ``jax_side.set_matmul_path(...)``, the ``jax_side.matmul_path(...)`` context manager, or the
+``QBRIDGE_MATMUL`` environment variable (read when jax_side is imported). The path is part of JAX's
+tracing context, so jitted functions are traced again when it changes.
+
+Results equal expand-then-matmul up to the order of the float32 accumulation (and, for a nested absmax,
+the one rounding the compiler may merge; see ``jax_side._nf4``). Gradients flow to ``x`` (computed with
+the expanded weight in the backward pass, as bitsandbytes' ``MatMul4Bit`` does); the stored pieces get
+none.
+
+Which weights the kernel takes: 2-D ``[out, in]`` NF4/FP4 weights whose ``in`` is a multiple of the
+blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 weights with per-tensor,
+per-row or block scales. Others use expand-then-matmul under every setting but ``"interpret"``, which
+raises for them. Sharded weights (meshes with automatic axes) reach the kernel whole: XLA gathers them
+for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax._src import config as jax_config  # enum_state: a setting that is part of jit's cache key
+
+from ._codes import standard_code
+from ._fp8 import fp8_scale_layout
+from ._quantized import FP8Weight, NF4Weight
+
+PATHS = ("auto", "expand", "interpret")
+
+
+def _validated(path: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"matmul path must be one of {PATHS}, got {path!r}")
+    return path
+
+
+def _from_environment() -> str:
+    try:
+        return _validated(os.environ.get("QBRIDGE_MATMUL", "auto"))
+    except ValueError as e:
+        raise ValueError(f"QBRIDGE_MATMUL: {e}") from None
+
+
+# A JAX configuration state, so that the path is part of jit's cache key: a function traced under one path
+# is traced again under another instead of replaying the old choice.
+_STATE = jax_config.enum_state(
+    "qbridge_matmul", PATHS, default=_from_environment(), include_in_trace_context=True,
+    help="qbridge: how kept-quantized layers multiply (auto, expand or interpret)",
+)  # fmt: skip
+
+
+def get_matmul_path() -> str:
+    """The current path for kept-quantized matmuls: ``"auto"``, ``"expand"`` or ``"interpret"``."""
+    return str(_STATE.value)
+
+
+def set_matmul_path(path: str) -> None:
+    """Sets the path for kept-quantized matmuls from now on (see the module docstring for the choices).
+
+    Raises:
+        ValueError: an unknown path.
+    """
+    jax.config.update("qbridge_matmul", _validated(path))
+
+
+@contextlib.contextmanager
+def matmul_path(path: str) -> Iterator[None]:
+    """Context manager: kept-quantized matmuls traced inside it use ``path`` (this thread only)."""
+    with _STATE(_validated(path)):
+        yield
+
+
+def fits_kernel(weight: NF4Weight | FP8Weight) -> str | None:
+    """None if the fused kernel takes ``weight``, else the reason it does not."""
+    if len(weight.shape) != 2:
+        return f"a {len(weight.shape)}-D weight (the kernel takes 2-D [out, in])"
+    out, inp = weight.shape
+    if out == 0 or inp == 0:
+        return "an empty weight"
+    if isinstance(weight, NF4Weight):
+        if inp % weight.blocksize:
+            return (
+                f"in={inp} is not a multiple of the blocksize {weight.blocksize} (absmax blocks cross rows)"
+            )
+        return None
+    if weight.weight.dtype not in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2)):
+        return f"{weight.weight.dtype} weights (the kernel takes float8_e4m3fn and float8_e5m2)"
+    layout = fp8_scale_layout(weight.weight.shape, weight.scale_inv.shape, weight.block)
+    if layout.stack:
+        return "stacked weights"
+    return None
+
+
+class _Tiles(NamedTuple):
+    bm: int  # rows of x per program
+    bn: int  # rows of W (outputs) per program
+    bk: int  # elements of the contraction per step
+    split: int  # programs along the contraction (float32 partial sums, added after)
+    warps: int
+    stages: int  # software pipelining depth; 1 where the loop gathers (deeper pipelines stall on gathers)
+
+
+_SMS = 132  # H100/H200 multiprocessors: the grid aims at about one wave of programs
+_tiles_override: Any = None  # benchmarks/fused_matmul.py tries other tiles through this
+
+
+def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool) -> _Tiles:
+    """Tile sizes for ``[m, k] @ [k, n]``; ``step`` is the contraction's granularity (a power of two)."""
+    if _tiles_override is not None:
+        return _tiles_override(m, n, k, step, gathers)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128  # each block of x decodes W once more
+    bn = 32 if m <= 16 else 64
+    bk = max(step, 256 if m <= 16 else 128)
+    programs = -(-m // bm) * -(-n // bn)
+    steps = -(-k // bk)
+    split = 1 if programs >= _SMS else max(1, min(steps, -(-_SMS // programs)))
+    return _Tiles(bm, bn, bk, split, 4, 1 if gathers else 3)
+
+
+def _compiler_params(t: _Tiles) -> Any:
+    from jax.experimental.pallas import triton as plt
+
+    return plt.CompilerParams(num_warps=t.warps, num_stages=t.stages)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b.T`` with float32 accumulation (full float32 products for float32 inputs)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def _store(out_ref: Any, acc: jax.Array, *, m: int, n: int, t: _Tiles) -> None:
+    """Writes a program's ``[bm, bn]`` result: the output itself, or its slot of the partial sums."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pm * t.bm + jnp.arange(t.bm)
+    cols = pn * t.bn + jnp.arange(t.bn)
+    ok = (rows < m)[:, None] & (cols < n)[None, :]
+    tile = (pl.ds(pm * t.bm, t.bm), pl.ds(pn * t.bn, t.bn))
+    if t.split == 1:
+        plt.store(out_ref.at[tile], acc.astype(out_ref.dtype), mask=ok)
+    else:
+        plt.store(out_ref.at[(ps, *tile)], acc, mask=ok)
+
+
+def _call(
+    kernel: Any, args: tuple, *, m: int, n: int, dtype: Any, t: _Tiles, interpret: bool, name: str
+) -> jax.Array:
+    from jax.experimental import pallas as pl
+
+    shape = (m, n) if t.split == 1 else (t.split, m, n)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(shape, dtype if t.split == 1 else jnp.float32),
+        grid=(pl.cdiv(n, t.bn), t.split, pl.cdiv(m, t.bm)),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(t),
+        name=name,
+    )(*args)
+    return out if t.split == 1 else out.sum(0).astype(dtype)
+
+
+def _split_steps(k_steps: int, t: _Tiles) -> tuple[int, _Tiles]:
+    """Steps per program along the contraction, and the tiles with the split that leaves none idle."""
+    steps = -(-k_steps // t.split)
+    return steps, t._replace(split=-(-k_steps // steps))
+
+
+# ------------------------------------------------------------------------------------------- NF4 / FP4
+
+
+def _nf4_kernel(
+    x_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
+    *, m: int, n: int, groups: int, half: int, bg: int, steps: int, nested_blocksize: int, nested: bool,
+    wdtype: Any, t: _Tiles,
+):  # fmt: skip
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pn * t.bn + jnp.arange(t.bn)
+    row_ok = rows < n
+    x_ok = (pm * t.bm + jnp.arange(t.bm)) < m
+    kb = bg * half  # bytes of a weight row per step; twice as many elements
+    cdtype = x_ref.dtype
+
+    def body(i, acc):
+        g0 = (ps * steps + i) * bg
+        gs = g0 + jnp.arange(bg)
+        ok = row_ok[:, None] & (gs < groups)[None, :]
+        q = plt.load(packed_ref.at[pl.ds(pn * t.bn, t.bn), pl.ds(g0, bg), :], mask=ok[:, :, None], other=0)
+        a = plt.load(absmax_ref.at[pl.ds(pn * t.bn, t.bn), pl.ds(g0, bg)], mask=ok, other=0)
+        if (
+            nested
+        ):  # nested_code[a] * nested_absmax[block // nested_blocksize] + offset, as bitsandbytes decodes
+            block = jnp.minimum(
+                (rows[:, None] * groups + gs[None, :]) // nested_blocksize, nabs_ref.shape[0] - 1
+            )
+            scale = ncode_ref[a.astype(jnp.int32)] * nabs_ref[block] + offset_ref[0]
+        else:
+            scale = a
+        scale = scale[:, :, None]
+        hi = (code_ref[(q >> 4).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
+        lo = (code_ref[(q & 15).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
+        # the even elements of x meet the high nibbles, the odd ones the low nibbles
+        k_ok = (g0 * half + jnp.arange(kb)) < groups * half
+        x_mask = x_ok[:, None] & k_ok[None, :]
+        even = jnp.broadcast_to(2 * (g0 * half + jnp.arange(kb))[None, :], (t.bm, kb))
+        xrows = jnp.broadcast_to((pm * t.bm + jnp.arange(t.bm))[:, None], (t.bm, kb))
+        xe = plt.load(x_ref.at[xrows, even], mask=x_mask, other=0)
+        xo = plt.load(x_ref.at[xrows, even + 1], mask=x_mask, other=0)
+        return acc + _dot(xe, hi) + _dot(xo, lo)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
+    _store(out_ref, acc, m=m, n=n, t=t)
+
+
+def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
+    """``x [m, k] @ dequantize(w).T`` in ``x.dtype`` through the kernel."""
+    n, k = w.shape
+    m = x.shape[0]
+    bs = w.blocksize
+    half, groups = bs // 2, k // bs
+    t = _tiles(m, n, k, bs, gathers=True)
+    bg = t.bk // bs
+    steps, t = _split_steps(-(-groups // bg), t)
+
+    packed = w.packed
+    if packed.dtype != jnp.uint8:
+        packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
+    packed = packed.reshape(-1)[: n * k // 2].reshape(n, groups, half)
+    absmax = w.absmax.reshape(n, groups)
+    nested = w.nested_absmax is not None
+    nabs = w.nested_absmax.reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
+    ncode = w.nested_code.reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
+    offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)
+    code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
+    kernel = functools.partial(
+        _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps,
+        nested_blocksize=w.nested_blocksize, nested=nested, wdtype=jnp.dtype(w.dtype), t=t,
+    )  # fmt: skip
+    return _call(kernel, (x, packed, absmax, nabs, ncode, offset, code), m=m, n=n, dtype=x.dtype, t=t,
+                 interpret=interpret, name="qbridge_nf4_matmul")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- FP8
+
+
+def _fp8_kernel(
+    x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtype: Any,
+    tile_scale: bool, t: _Tiles,
+):  # fmt: skip
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pn * t.bn + jnp.arange(t.bn)
+    row_ok = rows < n
+    x_ok = (pm * t.bm + jnp.arange(t.bm)) < m
+    so, si = s_ref.shape
+    srow = jnp.minimum(rows // bo, so - 1)
+    cdtype = x_ref.dtype
+
+    def body(i, acc):
+        k0 = (ps * steps + i) * t.bk
+        cols = k0 + jnp.arange(t.bk)
+        col_ok = cols < k
+        ok = row_ok[:, None] & col_ok[None, :]
+        wq = plt.load(w_ref.at[pl.ds(pn * t.bn, t.bn), pl.ds(k0, t.bk)], mask=ok)  # float8 has no fill value
+        if tile_scale:  # one scale covers the whole tile
+            s = plt.load(s_ref.at[jnp.minimum((pn * t.bn) // bo, so - 1), jnp.minimum(k0 // bi, si - 1)])
+        else:
+            scol = jnp.minimum(cols // bi, si - 1)
+            s = s_ref[
+                jnp.broadcast_to(srow[:, None], (t.bn, t.bk)), jnp.broadcast_to(scol[None, :], (t.bn, t.bk))
+            ]
+        wt = jnp.where(ok, wq.astype(jnp.float32) * s, 0.0).astype(wdtype).astype(cdtype)
+        xt = plt.load(
+            x_ref.at[pl.ds(pm * t.bm, t.bm), pl.ds(k0, t.bk)], mask=x_ok[:, None] & col_ok[None, :], other=0
+        )
+        return acc + _dot(xt, wt)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
+    _store(out_ref, acc, m=m, n=n, t=t)
+
+
+def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
+    n, k = w.shape
+    m = x.shape[0]
+    layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+    bo, bi = layout.block
+    scale = w.scale_inv.astype(jnp.float32).reshape(layout.matrix_scale_shape)
+    t = _tiles(m, n, k, 128, gathers=False)
+    # one scale per tile when tiles nest in the scale blocks (per tensor, per row with one row a tile, 128x128)
+    tile_scale = bo % t.bn == 0 and (bi % t.bk == 0 or bi >= k)
+    if not tile_scale:
+        t = _tiles(m, n, k, 128, gathers=True)
+    steps, t = _split_steps(-(-k // t.bk), t)
+    kernel = functools.partial(
+        _fp8_kernel,
+        m=m,
+        n=n,
+        k=k,
+        bo=bo,
+        bi=bi,
+        steps=steps,
+        wdtype=jnp.dtype(w.dtype),
+        tile_scale=tile_scale,
+        t=t,
+    )
+    return _call(kernel, (x, w.weight, scale), m=m, n=n, dtype=x.dtype, t=t, interpret=interpret,
+                 name="qbridge_fp8_matmul")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _expand(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
+    kernel = w.dequantize(transpose=True).astype(x.dtype)  # [in, out]
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _fused(x: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array:
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    if x2.shape[0] == 0:
+        return jnp.zeros((*lead, w.shape[0]), x.dtype)
+    fn = _nf4_matmul if isinstance(w, NF4Weight) else _fp8_matmul
+    return fn(x2, w, interpret=interpret).reshape(*lead, w.shape[0])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_matmul(x: jax.Array, w: Any, path: str) -> jax.Array:
+    if path == "interpret":
+        return _fused(x, w, True)
+    return jax.lax.platform_dependent(x, w, default=_expand, cuda=lambda x, w: _fused(x, w, False))
+
+
+def _kernel_matmul_fwd(x: jax.Array, w: Any, path: str) -> tuple[jax.Array, Any]:
+    return _kernel_matmul(x, w, path), w
+
+
+def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any]:
+    dense = w.dequantize().astype(dy.dtype)  # [out, in]
+    dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
+    zeros = jax.tree_util.tree_map(
+        lambda a: (
+            jnp.zeros(a.shape, jax.dtypes.float0)
+            if not jnp.issubdtype(a.dtype, jnp.inexact)
+            else jnp.zeros_like(a)
+        ),
+        w,
+    )
+    return dx, zeros
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
+    """``x @ dequantize(weight).T``: ``x [..., in]`` times a kept-quantized ``[out, in]`` weight.
+
+    The dense weight is rounded to ``weight.dtype`` and cast to ``x.dtype``, as expand-then-matmul does;
+    products accumulate in float32 and the result is ``x.dtype`` ``[..., out]``. The path (the fused
+    kernel or expand-then-matmul) follows :func:`get_matmul_path`; see the module docstring.
+
+    Raises:
+        ValueError: the path is ``"interpret"`` and the kernel does not take ``weight``; ``x``'s last
+            dimension is not the weight's ``in``.
+    """
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features, the weight {tuple(weight.shape)} takes {weight.shape[-1]}"
+        )
+    path = get_matmul_path()
+    reason = fits_kernel(weight)
+    if path == "expand" or (reason is not None and path == "auto"):
+        return _expand(x, weight)
+    if reason is not None:
+        raise ValueError(f"the fused matmul does not take {reason}")
+    return _kernel_matmul(x, weight, path)

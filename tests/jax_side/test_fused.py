@@ -1,0 +1,274 @@
+"""The fused dequantize-matmul (``jax_side.quantized_matmul``) against expand-then-matmul in float32.
+
+On the CPU the kernel runs through Pallas' interpreter (``matmul_path("interpret")``): the same kernel
+code as on the GPU, the same tiles and masks. 4-bit pieces are made by bitsandbytes, FP8 values and scales
+at random. The tolerance is float32 accumulation in another order, plus one rounding of the output to
+its dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import bnb_quantize, random_fp8, random_scales, to_numpy
+
+import jax_side
+from jax_side import _fused
+
+pytest.importorskip("bitsandbytes")
+nnx = pytest.importorskip("flax.nnx")
+
+ROUNDING = {jnp.float32: 2e-6, jnp.bfloat16: 8e-3, jnp.float16: 1e-3}  # one rounding of the output, relative
+
+
+def nf4(shape, *, quant_type="nf4", nested=True, blocksize=64, dtype=torch.bfloat16, seed=0, storage=None):
+    _, packed, qs = bnb_quantize(
+        shape, quant_type=quant_type, nested=nested, blocksize=blocksize, dtype=dtype, seed=seed
+    )
+    kw = {}
+    if qs.nested:
+        d = qs.as_dict()
+        kw = dict(nested_absmax=jnp.asarray(to_numpy(d["nested_absmax"])), nested_code=jnp.asarray(to_numpy(d["nested_quant_map"])),
+                  offset=jnp.asarray(d["nested_offset"], jnp.float32), nested_blocksize=d["nested_blocksize"])  # fmt: skip
+    packed = jnp.asarray(to_numpy(packed.reshape(-1)))
+    if storage is not None:  # bitsandbytes' quant_storage: the same bytes held in wider elements
+        packed = jax.lax.bitcast_convert_type(packed.reshape(-1, jnp.dtype(storage).itemsize), storage)
+    return jax_side.NF4Weight(packed=packed, absmax=jnp.asarray(to_numpy(qs.absmax)), shape=tuple(shape),
+                              blocksize=blocksize, quant_type=quant_type, dtype=jnp.dtype({torch.bfloat16: "bfloat16",
+                              torch.float16: "float16", torch.float32: "float32"}[dtype]).name, **kw)  # fmt: skip
+
+
+def fp8(shape, scale_shape, *, block=(128, 128), fmt=torch.float8_e4m3fn, seed=0):
+    w = jnp.asarray(to_numpy(random_fp8(shape, seed=seed, dtype=fmt)))
+    return jax_side.FP8Weight(
+        w, jnp.asarray(to_numpy(random_scales(scale_shape, seed=seed + 1))), block=block
+    )
+
+
+def reference(x, w):
+    """expand-then-matmul in float32: the weight as its dtype, then as x's dtype, products in float64."""
+    dense = np.asarray(w.dequantize().astype(x.dtype).astype(jnp.float32), np.float64)
+    return np.asarray(x.astype(jnp.float32), np.float64) @ dense.T
+
+
+def assert_close(got, x, w):
+    want = reference(x, w)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    scale = (
+        np.abs(np.asarray(x.astype(jnp.float32), np.float64))
+        @ np.abs(np.asarray(w.dequantize().astype(x.dtype).astype(jnp.float32), np.float64)).T
+    )  # the size of the terms summed
+    tol = ROUNDING[x.dtype.type] * np.abs(want) + 1e-6 * scale + 1e-30
+    bad = np.abs(got - want) > tol
+    assert not bad.any(), f"{bad.sum()} of {bad.size} outputs off; worst {np.abs(got - want).max()}"
+
+
+def x_for(m, k, dtype, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((m, k)), dtype)
+
+
+WEIGHTS = {
+    "nf4 nested, rows and columns past the tiles": lambda: nf4((70, 384)),
+    "nf4 plain fp16 weight": lambda: nf4((33, 256), nested=False, dtype=torch.float16),
+    "fp4 nested": lambda: nf4((48, 128), quant_type="fp4"),
+    "nf4 blocksize 128, float32 weight": lambda: nf4((17, 640), blocksize=128, dtype=torch.float32),
+    "nf4 blocksize 32, 3 groups": lambda: nf4((40, 96), blocksize=32),
+    "nf4 bf16 quant_storage": lambda: nf4((64, 128), storage=jnp.bfloat16),
+    "fp8 block 128, partial tiles": lambda: fp8((200, 300), (2, 3)),
+    "fp8 e5m2 per-row": lambda: fp8((65, 129), (65, 1), fmt=torch.float8_e5m2),
+    "fp8 per-tensor": lambda: fp8((40, 72), (1,)),
+    "fp8 block 64x32": lambda: fp8((130, 100), (3, 4), block=(64, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHTS))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_kernel_equals_expand_then_matmul(name, dtype):
+    w = WEIGHTS[name]()
+    assert jax_side.fits_kernel(w) is None
+    for m in (1, 19) if dtype == jnp.bfloat16 else (3,):
+        x = x_for(m, w.shape[1], dtype, seed=m)
+        with jax_side.matmul_path("interpret"):
+            got = jax.jit(jax_side.quantized_matmul)(x, w)
+        assert_close(got, x, w)
+
+
+def test_many_tokens_split_and_leading_dimensions():
+    w = nf4((96, 512))
+    x = jnp.asarray(
+        np.random.default_rng(3).standard_normal((2, 40, 512)), jnp.bfloat16
+    )  # 80 rows: bm 64, 2 blocks
+    with jax_side.matmul_path("interpret"):
+        got = jax.jit(jax_side.quantized_matmul)(x, w)
+    assert got.shape == (2, 40, 96)
+    assert_close(got.reshape(80, 96), x.reshape(80, 512), w)
+    with jax_side.matmul_path("interpret"):  # a split along the contraction (few output tiles, many steps)
+        _fused._tiles_override = lambda m, n, k, step, gathers: _fused._Tiles(16, 32, max(step, 128), 3, 4, 1)
+        try:
+            split = jax.jit(jax_side.quantized_matmul)(x[0, :5], w)
+        finally:
+            _fused._tiles_override = None
+    assert_close(split, x[0, :5], w)
+
+
+def test_the_path_switch():
+    w = nf4((32, 128))
+    x = x_for(2, 128, jnp.float32)
+
+    def has_kernel(path):
+        with jax_side.matmul_path(path):
+            return "pallas_call" in str(jax.make_jaxpr(jax_side.quantized_matmul)(x, w))
+
+    assert jax_side.get_matmul_path() == "auto"
+    assert has_kernel("interpret") and has_kernel("auto") and not has_kernel("expand")
+    # "auto" compiles the kernel only for CUDA: on this CPU the expansion runs, with the same result
+    with jax_side.matmul_path("auto"):
+        auto = jax.jit(jax_side.quantized_matmul)(x, w)
+    with jax_side.matmul_path("expand"):
+        expand = jax.jit(jax_side.quantized_matmul)(x, w)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(expand))
+    jax_side.set_matmul_path("expand")
+    try:
+        assert jax_side.get_matmul_path() == "expand"
+        with jax_side.matmul_path("interpret"):
+            assert jax_side.get_matmul_path() == "interpret"
+        assert not has_kernel("expand")
+    finally:
+        jax_side.set_matmul_path("auto")
+    with pytest.raises(ValueError, match="matmul path must be one of"):
+        jax_side.set_matmul_path("fast")
+    code = "import jax_side; print(jax_side.get_matmul_path())"
+    env = dict(os.environ, QBRIDGE_MATMUL="expand", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "expand"
+    env["QBRIDGE_MATMUL"] = "quick"
+    code = "import jax_side; jax_side.get_matmul_path()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "QBRIDGE_MATMUL" in out.stderr
+
+
+def test_weights_the_kernel_does_not_take():
+    crossing = nf4((5, 100))  # in=100: absmax blocks of 64 run across rows
+    assert "not a multiple of the blocksize" in jax_side.fits_kernel(crossing)
+    stacked = fp8((2, 64, 128), (2, 1, 1))
+    assert "3-D" in jax_side.fits_kernel(stacked)
+    x = x_for(3, 100, jnp.float32)
+    with jax_side.matmul_path("auto"):  # falls back to expand-then-matmul
+        assert_close(jax.jit(jax_side.quantized_matmul)(x, crossing), x, crossing)
+    with jax_side.matmul_path("interpret"), pytest.raises(ValueError, match="does not take"):
+        jax_side.quantized_matmul(x, crossing)
+    with pytest.raises(ValueError, match="x has 99 features"):
+        jax_side.quantized_matmul(x[:, :99], crossing)
+
+
+def test_gradients_vmap_and_layers():
+    w = nf4((48, 128), dtype=torch.float32)
+    x = x_for(3, 128, jnp.float32)
+    dense = np.asarray(w.dequantize(), np.float64)
+    with jax_side.matmul_path("interpret"):
+        grad_x = jax.jit(jax.grad(lambda x: (jax_side.quantized_matmul(x, w) ** 2).sum()))(x)
+        y = jax_side.quantized_matmul(x, w)
+        batched = jax.jit(jax.vmap(jax_side.quantized_matmul, in_axes=(0, None)))(x.reshape(3, 1, 128), w)
+        layer = jax_side.QuantLinear(w, jnp.ones(48), lora=jax_side.LoraConfig(r=4), rngs=nnx.Rngs(0))
+        grads = nnx.grad(lambda m, x: (m(x) ** 2).sum())(layer, x)
+        fused_out = layer(x)
+    np.testing.assert_allclose(
+        np.asarray(grad_x), 2 * np.asarray(y, np.float64) @ dense, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(batched).reshape(3, 48), np.asarray(y), rtol=1e-6, atol=1e-6)
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
+    assert names == {"bias", "lora.lora_A", "lora.lora_B"}
+    with jax_side.matmul_path("expand"):
+        want = nnx.grad(lambda m, x: (m(x) ** 2).sum())(layer, x)
+        np.testing.assert_allclose(np.asarray(fused_out), np.asarray(layer(x)), rtol=1e-5, atol=1e-5)
+    for path in ("bias", "lora.lora_A", "lora.lora_B"):
+        a = dict(nnx.to_flat_state(grads))[tuple(path.split("."))][...]
+        b = dict(nnx.to_flat_state(want))[tuple(path.split("."))][...]
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_tied_output_layer_uses_the_kernel():
+    table = nf4((50, 64))
+    embed = jax_side.QuantEmbed(table)
+    q = x_for(4, 64, jnp.bfloat16)
+    with jax_side.matmul_path("interpret"):
+        assert "pallas_call" in str(jax.make_jaxpr(embed.attend)(q))
+        got = embed.attend(q)
+    assert_close(got, q, table)
+
+
+def test_sharded_weights():
+    """Weights and inputs placed over 4 CPU devices (a mesh with automatic axes): the interpreted kernel
+    under jit gives the unsharded result."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import jax_side
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        rng = np.random.default_rng(0)
+        n, k = 64, 256
+        w = jax_side.NF4Weight(packed=jnp.asarray(rng.integers(0, 256, n * k // 2, dtype=np.uint8)),
+                               absmax=jnp.asarray(rng.random(n * k // 64, dtype=np.float32)), shape=(n, k))
+        for kind in (jax.sharding.AxisType.Auto,):
+            mesh = jax.make_mesh((4,), ("x",), axis_types=(kind,))
+            shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("x")))
+            sw = jax_side.NF4Weight(packed=shard(w.packed), absmax=shard(w.absmax), shape=(n, k))
+            x = jax.device_put(jnp.asarray(rng.standard_normal((8, k)), jnp.float32), NamedSharding(mesh, P("x", None)))
+            with jax_side.matmul_path("interpret"):
+                f = jax.jit(jax_side.quantized_matmul)
+                kernel = "pallas_call" in str(jax.make_jaxpr(jax_side.quantized_matmul)(x, sw))
+                got = f(x, sw)
+            want = np.asarray(x) @ np.asarray(w.dequantize(dtype=jnp.float32)).T
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+            print(kind.name, kernel, len(sw.packed.sharding.device_set))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["Auto", "True", "4"]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_kernel_on_the_gpu(name):
+    w = jax.device_put(WEIGHTS[name](), jax.devices("gpu")[0])
+    for dtype, m in ((jnp.bfloat16, 1), (jnp.bfloat16, 40), (jnp.float32, 5), (jnp.float16, 16)):
+        x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), jax.devices("gpu")[0])
+        with jax_side.matmul_path("auto"):
+            lowered = jax.jit(jax_side.quantized_matmul).lower(x, w)
+            assert "__gpu$xla.gpu.triton" in lowered.as_text()  # the kernel, not the expansion
+            got = lowered.compile()(x, w)
+        assert_close(got, x, w)
+
+
+@pytest.mark.gpu
+def test_no_dense_weight_in_the_compiled_program():
+    rng = np.random.default_rng(0)
+    n, k = 4096, 4096
+    w = jax_side.NF4Weight(packed=jnp.asarray(rng.integers(0, 256, n * k // 2, dtype=np.uint8)),
+                           absmax=jnp.asarray(rng.integers(0, 256, n * k // 64, dtype=np.uint8)),
+                           nested_absmax=jnp.asarray(rng.random(n * k // 64 // 256, dtype=np.float32) * 0.01),
+                           nested_code=jnp.asarray(np.sort(rng.uniform(-1, 1, 256)).astype(np.float32)),
+                           offset=jnp.float32(0.02), shape=(n, k))  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((16, k)), jnp.bfloat16)
+    temp = {}
+    for path in ("auto", "expand"):
+        with jax_side.matmul_path(path):
+            temp[path] = (
+                jax.jit(jax_side.quantized_matmul).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+            )
+    assert temp["expand"] >= n * k * 2  # the expansion holds a dense bf16 weight
+    assert temp["auto"] < n * k * 2 // 8, temp
