@@ -272,3 +272,22 @@ def test_no_dense_weight_in_the_compiled_program():
             )
     assert temp["expand"] >= n * k * 2  # the expansion holds a dense bf16 weight
     assert temp["auto"] < n * k * 2 // 8, temp
+
+
+@pytest.mark.gpu
+def test_training_step_on_the_gpu():
+    """QLoRA's step on the GPU: gradients through the kernel's backward equal those of expand-then-matmul."""
+    gpu = jax.devices("gpu")[0]
+    w = jax.device_put(nf4((256, 512)), gpu)
+    layer = jax_side.QuantLinear(w, None, lora=jax_side.LoraConfig(r=8), rngs=nnx.Rngs(0))
+    x = jax.device_put(x_for(24, 512, jnp.bfloat16), gpu)
+    grads = {}
+    for path in ("auto", "expand"):
+        with jax_side.matmul_path(path):
+            g = nnx.jit(nnx.grad(lambda m, x: (m(x).astype(jnp.float32) ** 2).sum()))(layer, x)
+        grads[path] = {p: np.asarray(v[...], np.float32) for p, v in nnx.to_flat_state(g)}
+    assert set(grads["auto"]) == {("lora", "lora_A"), ("lora", "lora_B")}
+    for p in grads["auto"]:
+        np.testing.assert_allclose(
+            grads["auto"][p], grads["expand"][p], rtol=3e-2, atol=1e-2 * np.abs(grads["expand"][p]).max()
+        )
