@@ -11,7 +11,7 @@ Whether a dense weight is materialized is read off the compiled program's tempor
 memory is what JAX's allocator holds after the load; the bytes-moved floor is the parameter bytes at
 4.2 TB/s.
 
-    python benchmarks/keep_quantized.py --layers 4 --out benchmarks/results/keep-quantized-h200.json
+    python benchmarks/keep_quantized.py --layers 4 --out benchmarks/results/keep-quantized-fused-h200.json
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def _store(out_ref: Any, acc: jax.Array, *, m: int, n: int, t: _Tiles) -> None:
     if t.split == 1:
         plt.store(out_ref.at[tile], acc.astype(out_ref.dtype), mask=ok)
     else:
-        plt.store(out_ref.at[(ps, *tile)], acc, mask=ok)
+        plt.store(out_ref.at[ps, tile[0], tile[1]], acc, mask=ok)
 
 
 def _call(
@@ -257,9 +257,9 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
         packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
     packed = packed.reshape(-1)[: n * k // 2].reshape(n, groups, half)
     absmax = w.absmax.reshape(n, groups)
-    nested = w.nested_absmax is not None
-    nabs = w.nested_absmax.reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
-    ncode = w.nested_code.reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
+    nested = w.nested_absmax is not None and w.nested_code is not None
+    nabs = w.nested_absmax.reshape(-1) if w.nested_absmax is not None else jnp.zeros((1,), jnp.float32)
+    ncode = w.nested_code.reshape(-1) if w.nested_code is not None else jnp.zeros((1,), jnp.float32)
     offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)
     code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
     kernel = functools.partial(
@@ -352,8 +352,12 @@ def _fused(x: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, w.shape[0]), x.dtype)
-    fn = _nf4_matmul if isinstance(w, NF4Weight) else _fp8_matmul
-    return fn(x2, w, interpret=interpret).reshape(*lead, w.shape[0])
+    y = (
+        _nf4_matmul(x2, w, interpret=interpret)
+        if isinstance(w, NF4Weight)
+        else _fp8_matmul(x2, w, interpret=interpret)
+    )
+    return y.reshape(*lead, w.shape[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
