@@ -22,7 +22,7 @@ tracing context, so jitted functions are traced again when it changes.
 Results equal expand-then-matmul up to the order of the float32 accumulation (and, for a nested absmax,
 the one rounding the compiler may merge; see ``jax_side._nf4``). Gradients flow to ``x`` (computed with
 the expanded weight in the backward pass, as bitsandbytes' ``MatMul4Bit`` does); the stored pieces get
-none.
+none. Forward-mode differentiation (``jax.jvp``) needs the ``"expand"`` path.
 
 Which weights the kernel takes: 2-D ``[out, in]`` NF4/FP4 weights whose ``in`` is a multiple of the
 blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 weights with per-tensor,
@@ -46,7 +46,7 @@ from jax._src import config as jax_config  # enum_state: a setting that is part 
 
 from ._codes import standard_code
 from ._fp8 import fp8_scale_layout
-from ._quantized import FP8Weight, NF4Weight
+from ._quantized import FP8Weight, NF4Weight, is_quantized
 
 PATHS = ("auto", "expand", "interpret")
 
@@ -67,7 +67,7 @@ def _from_environment() -> str:
 # A JAX configuration state, so that the path is part of jit's cache key: a function traced under one path
 # is traced again under another instead of replaying the old choice.
 _STATE = jax_config.enum_state(
-    "qbridge_matmul", PATHS, default=_from_environment(), include_in_trace_context=True,
+    "qbridge_matmul", PATHS, default=_from_environment(), include_in_jit_key=True, include_in_trace_context=True,
     help="qbridge: how kept-quantized layers multiply (auto, expand or interpret)",
 )  # fmt: skip
 
@@ -395,10 +395,27 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     products accumulate in float32 and the result is ``x.dtype`` ``[..., out]``. The path (the fused
     kernel or expand-then-matmul) follows :func:`get_matmul_path`; see the module docstring.
 
+    Differentiable in reverse mode (``jax.grad``, ``jax.vjp``) with respect to ``x``; forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) needs ``matmul_path("expand")``, because the kernel's
+    gradient is a custom VJP that recomputes the dense weight in the backward pass instead of keeping it.
+
     Raises:
-        ValueError: the path is ``"interpret"`` and the kernel does not take ``weight``; ``x``'s last
-            dimension is not the weight's ``in``.
+        TypeError: ``weight`` is not an NF4Weight/FP8Weight, or ``x`` is not a floating-point array.
+        ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; the path
+            is ``"interpret"`` and the kernel does not take ``weight``.
     """
+    if not is_quantized(weight):
+        raise TypeError(f"quantized_matmul takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"quantized_matmul takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    if (
+        not hasattr(x, "shape")
+        or not hasattr(x, "dtype")
+        or x.ndim == 0
+        or not jnp.issubdtype(x.dtype, jnp.floating)
+    ):
+        raise TypeError(f"x must be a floating-point array of shape [..., in], got {type(x).__name__} "
+                        f"{getattr(x, 'dtype', '')}{tuple(getattr(x, 'shape', ()))}")  # fmt: skip
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"x has {x.shape[-1]} features, the weight {tuple(weight.shape)} takes {weight.shape[-1]}"
@@ -408,5 +425,8 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     if path == "expand" or (reason is not None and path == "auto"):
         return _expand(x, weight)
     if reason is not None:
-        raise ValueError(f"the fused matmul does not take {reason}")
+        raise ValueError(
+            f"matmul_path('interpret') runs the fused kernel, which does not take this weight: {reason}; "
+            "use matmul_path('auto') or matmul_path('expand') for it"
+        )
     return _kernel_matmul(x, weight, path)

@@ -136,6 +136,13 @@ def test_the_path_switch():
     with jax_side.matmul_path("expand"):
         expand = jax.jit(jax_side.quantized_matmul)(x, w)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(expand))
+    # one jitted function, traced again under each path (the path is part of jit's cache key)
+    traced = []
+    f = jax.jit(lambda x, w: (traced.append(jax_side.get_matmul_path()), jax_side.quantized_matmul(x, w))[1])
+    for path in ("expand", "interpret", "expand"):
+        with jax_side.matmul_path(path):
+            f(x, w)
+    assert traced == ["expand", "interpret"]
     jax_side.set_matmul_path("expand")
     try:
         assert jax_side.get_matmul_path() == "expand"
@@ -164,10 +171,33 @@ def test_weights_the_kernel_does_not_take():
     x = x_for(3, 100, jnp.float32)
     with jax_side.matmul_path("auto"):  # falls back to expand-then-matmul
         assert_close(jax.jit(jax_side.quantized_matmul)(x, crossing), x, crossing)
-    with jax_side.matmul_path("interpret"), pytest.raises(ValueError, match="does not take"):
+    with (
+        jax_side.matmul_path("interpret"),
+        pytest.raises(ValueError, match=r"does not take this weight: in=100 .*use matmul_path\('auto'\)"),
+    ):
         jax_side.quantized_matmul(x, crossing)
     with pytest.raises(ValueError, match="x has 99 features"):
         jax_side.quantized_matmul(x[:, :99], crossing)
+    with pytest.raises(ValueError, match=r"2-D \[out, in\] weight, got shape \(2, 64, 128\)"):
+        jax_side.quantized_matmul(x_for(2, 128, jnp.float32), stacked)
+    with pytest.raises(TypeError, match="takes an NF4Weight or FP8Weight, got ArrayImpl"):
+        jax_side.quantized_matmul(x, jnp.ones((5, 100)))
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        jax_side.quantized_matmul(jnp.ones((3, 100), jnp.int32), crossing)
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        jax_side.quantized_matmul([[1.0] * 100], crossing)
+    with jax_side.matmul_path("auto"), pytest.raises(TypeError, match=r"forward-mode|jvp"):
+        jax.jvp(
+            lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
+            (x_for(2, 128, jnp.float32),),
+            (x_for(2, 128, jnp.float32),),
+        )
+    with jax_side.matmul_path("expand"):  # the documented way to forward-mode derivatives
+        jax.jvp(
+            lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
+            (x_for(2, 128, jnp.float32),),
+            (x_for(2, 128, jnp.float32),),
+        )
 
 
 def test_gradients_vmap_and_layers():
