@@ -154,20 +154,36 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     )
 
 
-def _store(out_ref: Any, acc: jax.Array, *, m: int, n: int, t: _Tiles) -> None:
+class _Program(NamedTuple):
+    """Where one program of the grid ``(output tiles, contraction splits, row blocks of x)`` works."""
+
+    pn: Any  # which tile of W's rows (the output's columns)
+    ps: Any  # which part of the contraction
+    pm: Any  # which block of x's rows
+    rows: jax.Array  # [bn] rows of W
+    row_ok: jax.Array  # [bn] those inside W
+    x_ok: jax.Array  # [bm] rows of x inside x
+
+
+def _program(m: int, n: int, t: _Tiles) -> _Program:
+    from jax.experimental import pallas as pl
+
+    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pn * t.bn + jnp.arange(t.bn)
+    return _Program(pn, ps, pm, rows, rows < n, (pm * t.bm + jnp.arange(t.bm)) < m)
+
+
+def _store(out_ref: Any, acc: jax.Array, p: _Program, t: _Tiles) -> None:
     """Writes a program's ``[bm, bn]`` result: the output itself, or its slot of the partial sums."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pm * t.bm + jnp.arange(t.bm)
-    cols = pn * t.bn + jnp.arange(t.bn)
-    ok = (rows < m)[:, None] & (cols < n)[None, :]
-    tile = (pl.ds(pm * t.bm, t.bm), pl.ds(pn * t.bn, t.bn))
+    ok = p.x_ok[:, None] & p.row_ok[None, :]
+    tile = (pl.ds(p.pm * t.bm, t.bm), pl.ds(p.pn * t.bn, t.bn))
     if t.split == 1:
         plt.store(out_ref.at[tile], acc.astype(out_ref.dtype), mask=ok)
     else:
-        plt.store(out_ref.at[ps, tile[0], tile[1]], acc, mask=ok)
+        plt.store(out_ref.at[p.ps, tile[0], tile[1]], acc, mask=ok)
 
 
 def _call(
@@ -204,10 +220,8 @@ def _nf4_kernel(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pn * t.bn + jnp.arange(t.bn)
-    row_ok = rows < n
-    x_ok = (pm * t.bm + jnp.arange(t.bm)) < m
+    p = _program(m, n, t)
+    pn, ps, pm, rows, row_ok, x_ok = p
     kb = bg * half  # bytes of a weight row per step; twice as many elements
     cdtype = x_ref.dtype
 
@@ -239,7 +253,7 @@ def _nf4_kernel(
         return acc + _dot(xe, hi) + _dot(xo, lo)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
-    _store(out_ref, acc, m=m, n=n, t=t)
+    _store(out_ref, acc, p, t)
 
 
 def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
@@ -280,10 +294,8 @@ def _fp8_kernel(
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    pn, ps, pm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rows = pn * t.bn + jnp.arange(t.bn)
-    row_ok = rows < n
-    x_ok = (pm * t.bm + jnp.arange(t.bm)) < m
+    p = _program(m, n, t)
+    pn, ps, pm, rows, row_ok, x_ok = p
     so, si = s_ref.shape
     srow = jnp.minimum(rows // bo, so - 1)
     cdtype = x_ref.dtype
@@ -308,7 +320,7 @@ def _fp8_kernel(
         return acc + _dot(xt, wt)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
-    _store(out_ref, acc, m=m, n=n, t=t)
+    _store(out_ref, acc, p, t)
 
 
 def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
