@@ -46,6 +46,7 @@ from jax._src import config as jax_config  # enum_state: a setting that is part 
 
 from ._codes import standard_code
 from ._fp8 import fp8_scale_layout
+from ._nf4 import _bytes as _packed_bytes
 from ._quantized import FP8Weight, NF4Weight, is_quantized
 
 PATHS = ("auto", "expand", "interpret")
@@ -266,10 +267,8 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     bg = t.bk // bs
     steps, t = _split_steps(-(-groups // bg), t)
 
-    packed = w.packed
-    if packed.dtype != jnp.uint8:
-        packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
-    packed = packed.reshape(-1)[: n * k // 2].reshape(n, groups, half)
+    flat, _ = _packed_bytes(w.packed)  # quant_storage wider than a byte: its bytes
+    packed = flat[: n * k // 2].reshape(n, groups, half)
     absmax = w.absmax.reshape(n, groups)
     nested = w.nested_absmax is not None and w.nested_code is not None
     nabs = w.nested_absmax.reshape(-1) if w.nested_absmax is not None else jnp.zeros((1,), jnp.float32)
