@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -52,11 +52,12 @@ def raise_out_mismatch(shape: tuple[int, ...], dtype: torch.dtype, out: torch.Te
         )
 
 
-@contextlib.contextmanager
-def on_device(device: torch.device) -> Iterator[None]:
-    """Makes ``device`` current for CUDA tensors, so their work goes on that device's current stream."""
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            yield
-    else:
-        yield
+_NOTHING = contextlib.nullcontext()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Makes ``device`` current for CUDA tensors, so their work goes on that device's current stream (a
+    no-op when it is current already)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return _NOTHING

@@ -9,14 +9,16 @@ transformers' references.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from ._backend import choose_fp8_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, require_tensor, same_device
+from ._plans import FP8_PLANS, tensor_key
 
 FP8_DTYPES = tuple(
     getattr(torch, name)
@@ -135,6 +137,14 @@ def fp8_scale_layout(
     return ScaleLayout("block", (lo, lo), scale_shape)
 
 
+@functools.lru_cache(maxsize=4096)
+def _layout(
+    weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block_size: int | tuple[int, int] | None
+) -> ScaleLayout:
+    """:func:`fp8_scale_layout`, remembered per shape pair (a checkpoint has few distinct ones)."""
+    return fp8_scale_layout(weight_shape, scale_shape, block_size)
+
+
 def dequantize_fp8_reference(
     W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -203,6 +213,15 @@ def dequantize_fp8(
         >>> torch_side.dequantize_fp8(w, s).shape
         torch.Size([576, 7168])
     """
+    plan_key = None
+    if not check_finite and isinstance(W, torch.Tensor) and isinstance(scale_inv, torch.Tensor) and W.is_cuda:
+        try:
+            plan_key = (tensor_key(W), tensor_key(scale_inv), dtype, block_size, transpose, backend)
+            plan = FP8_PLANS.get(plan_key)
+        except TypeError:  # an unhashable argument (a block_size list): no plan
+            plan_key = plan = None
+        if plan is not None and W.device.index == torch.cuda.current_device():
+            return plan(plain(W), plain(scale_inv), W.device)
     W = plain(require_tensor(W, "W"))
     if W.dtype not in FP8_DTYPES:
         hint = ""
@@ -223,7 +242,10 @@ def dequantize_fp8(
     if dtype not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
     same_device(W.device, scale_inv=scale_inv)
-    layout = fp8_scale_layout(tuple(W.shape), tuple(scale_inv.shape), block_size)
+    try:
+        layout = _layout(W.shape, scale_inv.shape, block_size)
+    except TypeError:  # an unhashable block_size (a list): the same rules, not remembered
+        layout = fp8_scale_layout(tuple(W.shape), tuple(scale_inv.shape), block_size)
     if transpose and W.dim() != 2 + len(layout.stack):
         raise ValueError(
             f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {tuple(W.shape)}"
@@ -232,7 +254,10 @@ def dequantize_fp8(
         _check_finite(scale_inv, "scale_inv")
     if scale_inv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         scale_inv = scale_inv.to(torch.float32)  # power-of-two e8m0 scales: exact
+        plan_key = None
     chosen = choose_fp8_backend(W.device, backend, W.dtype)
+    if layout.stack or W.device.type != "cuda" or W.device.index != torch.cuda.current_device():
+        plan_key = None
     with on_device(W.device):
         if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next
             matrix = layout._replace(stack=())
@@ -240,7 +265,7 @@ def dequantize_fp8(
             return torch.stack(
                 [_decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen) for e in range(W.shape[0])]
             )
-        return _decode_matrix(W, scale_inv, layout, dtype, transpose, chosen)
+        return _decode_matrix(W, scale_inv, layout, dtype, transpose, chosen, plan_key)
 
 
 def _decode_matrix(
@@ -250,6 +275,7 @@ def _decode_matrix(
     dtype: torch.dtype,
     transpose: bool,
     chosen: str,
+    plan_key: tuple[Any, ...] | None = None,
 ) -> torch.Tensor:
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
@@ -257,8 +283,9 @@ def _decode_matrix(
         from ._triton import dequantize_fp8_triton
 
         return dequantize_fp8_triton(
-            W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose
-        )
+            W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose,
+            plan_key=plan_key,
+        )  # fmt: skip
     else:
         result = dequantize_fp8_reference(W, scale, layout, dtype)
     return result.t() if transpose else result

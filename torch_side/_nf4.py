@@ -21,6 +21,7 @@ from ._backend import choose_4bit_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, raise_out_mismatch, require_tensor, same_device
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
+from ._plans import NF4_PLANS, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
@@ -51,7 +52,7 @@ def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
             f"a weight of shape {shape} needs {need} bytes (two 4-bit values per byte). "
             "Check that the quant state belongs to this weight"
         )
-    return flat[:need]
+    return flat if flat.numel() == need else flat[:need]
 
 
 def _check_pieces(
@@ -239,6 +240,66 @@ def _result_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
     return (shape[1], shape[0])
 
 
+def _plan_key(
+    packed: Any,
+    absmax: Any,
+    shape: Any,
+    blocksize: Any,
+    code: Any,
+    nested_absmax: Any,
+    nested_code: Any,
+    nested_blocksize: Any,
+    offset: Any,
+    quant_type: Any,
+    dtype: Any,
+    transpose: Any,
+    out: Any,
+    backend: Any,
+    check_finite: Any,
+) -> tuple[Any, ...] | None:
+    """The key of this call's plan (``_plans``), or None when it has none: only CUDA calls without ``code``
+    or ``check_finite`` have one."""
+    if code is not None or check_finite or not isinstance(packed, torch.Tensor):
+        return None
+    if not packed.is_cuda or not isinstance(absmax, torch.Tensor):
+        return None
+    try:
+        nested = (
+            None
+            if nested_absmax is None and nested_code is None
+            else (tensor_key(nested_absmax), tensor_key(nested_code), nested_blocksize)
+        )
+        key = (
+            tensor_key(packed), tensor_key(absmax), tuple(shape), blocksize, nested,
+            tensor_key(offset) if isinstance(offset, torch.Tensor) else type(offset), quant_type, dtype, transpose,
+            backend, tensor_key(out) if out is not None else None,
+        )  # fmt: skip
+        hash(key)
+    except (TypeError, AttributeError):  # not tensors, unhashable values: the full checks will say
+        return None
+    return key
+
+
+def _plan_ready(
+    packed: torch.Tensor,
+    flat: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: float | torch.Tensor,
+    device: torch.device,
+) -> bool:
+    """Whether the kernel reads every piece where it lies (no copy or conversion on the way), so that a
+    plan can pass the next call's pieces straight to it."""
+    pieces = [absmax] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
+    if isinstance(offset, torch.Tensor) and nested_absmax is not None:
+        if offset.dtype != torch.float32 or offset.device != device:
+            return False
+        pieces.append(offset)
+    where = packed.is_contiguous() and flat.data_ptr() == packed.data_ptr()
+    return where and all(p is not None and p.is_contiguous() for p in pieces)
+
+
 def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -292,6 +353,14 @@ def dequantize_nf4(
         ValueError: pieces that do not fit together, unknown quant type or block size, pieces on
             different devices, non-finite scales with ``check_finite``.
     """
+    plan_key = _plan_key(
+        packed, absmax, shape, blocksize, code, nested_absmax, nested_code, nested_blocksize, offset,
+        quant_type, dtype, transpose, out, backend, check_finite,
+    )  # fmt: skip
+    if plan_key is not None:
+        plan = NF4_PLANS.get(plan_key)
+        if plan is not None and packed.device.index == torch.cuda.current_device():
+            return plan(plain(packed), absmax, nested_absmax, nested_code, offset, packed.device, out)
     packed = plain(require_tensor(packed, "packed"))
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
@@ -317,6 +386,13 @@ def dequantize_nf4(
     chosen = choose_4bit_backend(
         device, backend, shape=shape, blocksize=blocksize, quant_type=quant_type, standard_code=standard
     )
+    if plan_key is not None and not (
+        chosen == "triton"
+        and n
+        and device.index == torch.cuda.current_device()
+        and _plan_ready(packed, flat, absmax, nested_absmax, nested_code, offset, device)
+    ):
+        plan_key = None
     with on_device(device):
         if n == 0:
             result = torch.empty(shape, dtype=dtype, device=device)
@@ -331,7 +407,7 @@ def dequantize_nf4(
             return dequantize_4bit_triton(
                 flat.contiguous(), absmax, pairs, blocksize=blocksize, shape=shape, dtype=dtype,
                 transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
-                nested_blocksize=nested_blocksize, offset=offset,
+                nested_blocksize=nested_blocksize, offset=offset, plan_key=plan_key,
             )  # fmt: skip
         elif chosen == "bnb":
             absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "bnb")

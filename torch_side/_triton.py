@@ -7,10 +7,13 @@ CPU tensors under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ._backend import triton_interpreting
+from ._launch import Launcher, launch
+from ._plans import FP8_PLANS, NF4_PLANS, remember
 from .kernels._fp8 import fp8_kernel
 from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transposed_kernel
 
@@ -44,6 +47,48 @@ def _soft(device: torch.device) -> bool:
     return device.type != "cuda" or triton_interpreting()
 
 
+class NF4Plan:
+    """A checked 4-bit call: allocate the output and launch (see ``_plans``)."""
+
+    __slots__ = ("dtype", "ints", "launcher", "nested", "out_shape", "pairs")
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        out_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        ints: tuple[int, ...],
+        pairs: torch.Tensor,
+        nested: bool,
+    ) -> None:
+        self.launcher, self.out_shape, self.dtype, self.ints = launcher, out_shape, dtype, ints
+        self.pairs, self.nested = pairs, nested
+
+    def __call__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        offset: Any,
+        device: torch.device,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        if self.nested:
+            extra = (
+                nested_absmax,
+                nested_code,
+                offset if isinstance(offset, torch.Tensor) else float(offset),
+            )
+        else:
+            extra = (absmax, absmax, absmax)
+        # packed in its quant_storage dtype or as bytes: the launcher passes the pointer
+        self.launcher(device.index, packed, absmax, self.pairs, out, *extra, *self.ints)
+        return out
+
+
 def dequantize_4bit_triton(
     flat: torch.Tensor,
     absmax: torch.Tensor,
@@ -58,49 +103,84 @@ def dequantize_4bit_triton(
     nested_code: torch.Tensor | None = None,
     nested_blocksize: int = 256,
     offset: float | torch.Tensor = 0.0,
+    plan_key: tuple[Any, ...] | None = None,
 ) -> torch.Tensor:
     """One fused pass: unpack, look up, scale (a nested absmax decoded on the way), convert, and write
     row-major or transposed. ``flat`` holds the packed bytes; ``absmax`` is float32, or uint8 when nested;
-    ``pairs`` is the byte-pair table of the code (``_codes.pairs_of``)."""
+    ``pairs`` is the byte-pair table of the code (``_codes.pairs_of``). With ``plan_key``, the launch is
+    remembered under it (``_plans``)."""
     n = math.prod(shape)
     device = flat.device
     nested = nested_absmax is not None and nested_code is not None
+    absmax = absmax.contiguous()  # the kernels read flat memory: any contiguous shape will do
     if nested_absmax is not None and nested_code is not None:
-        offset_t = torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
-        extra = (nested_absmax.reshape(-1), nested_code.reshape(-1), offset_t)
+        # a tensor is read on the device; a number goes in as a float32 argument (no host-to-device copy)
+        offset_t = (
+            offset.to(device=device, dtype=torch.float32).contiguous()
+            if isinstance(offset, torch.Tensor)
+            else float(offset)
+        )
+        extra = (nested_absmax.contiguous(), nested_code.contiguous(), offset_t)
     else:
         extra = (absmax, absmax, absmax)  # unused pointers
     result_shape = (shape[1], shape[0]) if transpose else shape
     buf, copy_to = _output(result_shape, dtype, device, out)
     common = dict(
-        NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize, SOFT=_soft(device), enable_fp_fusion=False
+        NESTED=nested,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        OFFSET_TENSOR=isinstance(extra[2], torch.Tensor),
+        SOFT=_soft(device),
+        enable_fp_fusion=False,
     )
+    ints: tuple[int, ...]
     if transpose and shape[1] % 2 == 0:
         rows, cols = shape
+        ints = (rows, cols)
         tile_r, tile_b = NF4_T_TILE
         row_scale = cols % blocksize == 0 and (blocksize // 2) % tile_b == 0
         grid: tuple[int, ...] = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
-        nf4_transposed_kernel[grid](
-            flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
+        launcher = launch(
+            nf4_transposed_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
             TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, **common,
         )  # fmt: skip
     elif transpose:
         rows, cols = shape
+        ints = (rows, cols)
         grid = (_cdiv(rows, NF4_T_ANY_TILE[0]), _cdiv(cols, NF4_T_ANY_TILE[1]))
-        nf4_transposed_any_kernel[grid](
-            flat, absmax.reshape(-1), pairs, buf, *extra, rows, cols, BLOCKSIZE=blocksize,
+        launcher = launch(
+            nf4_transposed_any_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BLOCKSIZE=blocksize,
             TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS, **common,
         )  # fmt: skip
     else:
         n_bytes = (n + 1) // 2
+        ints = (n_bytes, n)
         bytes_per_block = blocksize // 2
         cols = min(bytes_per_block, NF4_ROWS_BLOCK)  # each row of a program's tile inside one block
         grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
-        nf4_rows_kernel[grid](
-            flat, absmax.reshape(-1), pairs, buf, *extra, n_bytes, n, BYTES_PER_BLOCK=bytes_per_block,
+        launcher = launch(
+            nf4_rows_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BYTES_PER_BLOCK=bytes_per_block,
             ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, **common,
         )  # fmt: skip
+    if plan_key is not None and launcher is not None and copy_to is None:  # out, when given, is buf
+        remember(NF4_PLANS, plan_key, NF4Plan(launcher, result_shape, dtype, ints, pairs, nested))
     return copy_to.copy_(buf) if copy_to is not None else buf
+
+
+class FP8Plan:
+    """A checked FP8 call: allocate the output and launch (see ``_plans``)."""
+
+    __slots__ = ("dtype", "ints", "launcher", "out_shape")
+
+    def __init__(
+        self, launcher: Launcher, out_shape: tuple[int, ...], dtype: torch.dtype, ints: tuple[int, ...]
+    ):
+        self.launcher, self.out_shape, self.dtype, self.ints = launcher, out_shape, dtype, ints
+
+    def __call__(self, W: torch.Tensor, scale: torch.Tensor, device: torch.device) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        # W's float8 dtype or its uint8 view: the launcher passes the pointer
+        self.launcher(device.index, W, scale, out, *self.ints)
+        return out
 
 
 def dequantize_fp8_triton(
@@ -111,15 +191,18 @@ def dequantize_fp8_triton(
     grid_shape: tuple[int, int],
     dtype: torch.dtype,
     transpose: bool,
+    plan_key: tuple[Any, ...] | None = None,
 ) -> torch.Tensor:
     """FP8 ``W`` (float8_e4m3fn or float8_e5m2; 2-D, or any shape with a one-element scale) times its
-    tiled scales, in one pass."""
+    tiled scales, in one pass. With ``plan_key``, the launch is remembered under it (``_plans``)."""
     W = W.contiguous()
+    scale = scale.contiguous()
     rows, cols = (W.shape[0], W.shape[1]) if W.dim() == 2 else (1, W.numel())
     bo, bi = block if W.dim() == 2 else (1, max(cols, 1))
     if scale.numel() == 1:
         bo, bi = max(rows, 1), max(cols, 1)
-    out = torch.empty((cols, rows) if transpose else W.shape, dtype=dtype, device=W.device)
+    out_shape = (cols, rows) if transpose else tuple(W.shape)
+    out = torch.empty(out_shape, dtype=dtype, device=W.device)
     tile = FP8_T_TILE if transpose else FP8_TILE
     scale_cols = grid_shape[1] if scale.numel() != 1 else 1
     if bo % tile[0] == 0 and bi % tile[1] == 0:
@@ -129,9 +212,12 @@ def dequantize_fp8_triton(
     else:
         mode = 2
     grid = (_cdiv(rows, tile[0]), _cdiv(cols, tile[1]))
-    fp8_kernel[grid](
-        W.view(torch.uint8), scale.contiguous(), out, rows, cols, scale_cols, bo, bi,
+    ints = (rows, cols, scale_cols, bo, bi)
+    launcher = launch(
+        fp8_kernel, grid, W.view(torch.uint8), scale, out, *ints,
         E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=tile[0], TILE_C=tile[1],
         SOFT=_soft(W.device), num_warps=FP8_T_WARPS if transpose else FP8_WARPS,
     )  # fmt: skip
+    if plan_key is not None and launcher is not None:
+        remember(FP8_PLANS, plan_key, FP8Plan(launcher, out_shape, dtype, ints))
     return out

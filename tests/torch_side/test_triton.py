@@ -42,6 +42,9 @@ def _check_4bit(packed, qs, device):
     assert_bitwise_equal(got, want)
     if device == "cuda":
         assert_bitwise_equal(got, F.dequantize_4bit(packed, qs))  # bitsandbytes' own CUDA kernel
+    if qs.nested:  # the nested offset as a number, as the checkpoint loader passes it: a kernel argument
+        number = {**_pieces(qs), "offset": float(qs.offset)}
+        assert_bitwise_equal(torch_side.dequantize_nf4(packed, qs.absmax, **number, backend="triton"), want)
     if len(qs.shape) == 2:
         got_t = torch_side.dequantize_nf4(packed, qs.absmax, **_pieces(qs), transpose=True, backend="triton")
         assert got_t.is_contiguous()  # written transposed, not a view
@@ -177,3 +180,41 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         torch_side.dequantize(packed, qs, backend="triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         torch_side.dequantize_fp8(random_fp8((4, 4)), torch.ones(1), backend="triton")
+
+
+@pytest.mark.gpu
+def test_repeated_calls_reuse_their_checked_plan_with_new_data():
+    """After the first call of a kind, calls with equal shapes, dtypes, devices and pointer alignment skip
+    the checks and Triton's argument binding (torch_side._plans): they must still read their own pieces,
+    and a weight whose pointer is not 16-byte aligned, or whose sizes differ, must get a plan of its own."""
+    from torch_side._plans import FP8_PLANS, NF4_PLANS
+
+    FP8_PLANS.clear()
+    for i, (rows, cols) in enumerate([(256, 512), (256, 512), (1, 512), (255, 509), (256, 512)]):
+        for offset in (0, 1, 0):  # a weight 1 byte into its storage is not 16-byte aligned
+            raw = random_fp8((rows * cols + 1,), seed=10 * i + offset).cuda()
+            w = raw[offset : offset + rows * cols].view(rows, cols)
+            s = random_scales((-(-rows // 128), -(-cols // 128)), seed=i + offset).cuda()
+            want = fp8_reference_loops(w, s, (128, 128), torch.bfloat16)
+            assert_bitwise_equal(torch_side.dequantize_fp8(w, s, backend="triton"), want)
+            assert_bitwise_equal(torch_side.dequantize_fp8(w, s, backend="triton", transpose=True), want.t())
+    # {aligned, misaligned} x {256x512, 1x512, 255x509} x {row-major, transposed}
+    assert len(FP8_PLANS) == 12
+
+    NF4_PLANS.clear()
+    for seed in range(3):  # new data, same kind: one plan, each call reads its own pieces
+        for nested in (True, False):
+            _, packed, qs = bnb_quantize((64, 320), nested=nested, seed=seed, device="cuda")
+            assert_bitwise_equal(torch_side.dequantize(packed, qs), F.dequantize_4bit(packed, qs))
+            pieces = _pieces(qs)
+            if nested:  # the nested offset as a number (as the checkpoint loader passes it)
+                pieces["offset"] = float(qs.offset)
+            got = torch_side.dequantize_nf4(packed, qs.absmax, **pieces, transpose=True)
+            assert_bitwise_equal(got, F.dequantize_4bit(packed, qs).t())
+            buffer = torch.empty(64 * 320 + 1, dtype=qs.dtype, device="cuda")
+            for start in (0, 1):  # out= as given, 16-byte aligned or not
+                out = buffer[start : start + 64 * 320].view(64, 320)
+                assert torch_side.dequantize(packed, qs, out=out) is out
+                assert_bitwise_equal(out, F.dequantize_4bit(packed, qs))
+    # {nested, plain} x {offset tensor and row-major, offset number and transposed, out aligned or not}
+    assert len(NF4_PLANS) == 8

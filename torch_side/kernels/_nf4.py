@@ -43,7 +43,7 @@ def to_output(x, out_ptr, SOFT: tl.constexpr):
 
 @triton.jit
 def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask,
-                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr):  # fmt: skip
     """The float32 absmax of blocks ``blk`` (decoding a nested absmax on the fly)."""
     if NESTED:
         a = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
@@ -51,7 +51,11 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
             tl.load(nested_code_ptr + a)
             * tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
         )
-        return flush(product + tl.load(offset_ptr))
+        if OFFSET_TENSOR:  # a one-element tensor (a QuantState's offset)
+            offset = tl.load(offset_ptr)
+        else:  # a number, passed as a float32 argument
+            offset = offset_ptr
+        return flush(product + offset)
     else:
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
@@ -59,7 +63,7 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
 @triton.jit
 def nf4_rows_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                     n_bytes, n_elements,
-                    BYTES_PER_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                    BYTES_PER_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
                     ROWS: tl.constexpr, COLS: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
     """Row-major output. A program decodes ``ROWS x COLS`` packed bytes, each of its rows inside one
     absmax block (``COLS`` divides ``BYTES_PER_BLOCK``, or ``ROWS == 1`` and the block holds the program),
@@ -71,7 +75,7 @@ def nf4_rows_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_pt
     byte = tl.load(packed_ptr + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
     first = start + row * COLS
     scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, first // BYTES_PER_BLOCK,
-                        first < n_bytes, NESTED, NESTED_BLOCKSIZE)  # fmt: skip
+                        first < n_bytes, NESTED, NESTED_BLOCKSIZE, OFFSET_TENSOR)  # fmt: skip
     high, low = tl.split(tl.load(pairs_ptr + (byte * 2)[:, :, None] + tl.arange(0, 2)[None, None, :]))
     values = to_output(flush(tl.interleave(high * scale, low * scale)), out_ptr, SOFT)
     elems = 2 * start + row * (2 * COLS) + tl.arange(0, 2 * COLS)[None, :]
@@ -81,7 +85,7 @@ def nf4_rows_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_pt
 @triton.jit
 def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                           rows, cols,
-                          BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                          BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
                           ROW_SCALE: tl.constexpr, TILE_R: tl.constexpr, TILE_B: tl.constexpr,
                           SOFT: tl.constexpr):  # fmt: skip
     """An even-width ``[rows, cols]`` weight written as its ``[cols, rows]`` transpose. A program reads a
@@ -106,11 +110,20 @@ def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_abs
             r < rows,
             NESTED,
             NESTED_BLOCKSIZE,
+            OFFSET_TENSOR,
         )
     else:
         blk = (r * cols + 2 * jb) // BLOCKSIZE
         scale = block_scale(
-            absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, NESTED, NESTED_BLOCKSIZE
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            blk,
+            mask,
+            NESTED,
+            NESTED_BLOCKSIZE,
+            OFFSET_TENSOR,
         )
     pair = tl.load(pairs_ptr + (byte * 2)[:, :, None] + tl.arange(0, 2)[None, None, :])  # [TILE_R, TILE_B, 2]
     values = to_output(flush(pair * scale[:, :, None]), out_ptr, SOFT).reshape(TILE_R, 2 * TILE_B)
@@ -122,7 +135,7 @@ def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_abs
 @triton.jit
 def nf4_transposed_any_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                               rows, cols,
-                              BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                              BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
                               TILE_R: tl.constexpr, TILE_C: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
     """Any ``[rows, cols]`` weight (odd widths too: rows then straddle bytes) written transposed, one element
     at a time (the table's first column is ``code`` itself, read at ``2 * (q << 4)``)."""
@@ -133,6 +146,6 @@ def nf4_transposed_any_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested
     byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
     nibble = (byte >> (((flat & 1) ^ 1) * 4).to(tl.int32)) & 15
     scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, flat // BLOCKSIZE, mask,
-                        NESTED, NESTED_BLOCKSIZE)  # fmt: skip
+                        NESTED, NESTED_BLOCKSIZE, OFFSET_TENSOR)  # fmt: skip
     values = to_output(flush(tl.load(pairs_ptr + 2 * (nibble << 4)) * scale), out_ptr, SOFT)
     tl.store(out_ptr + c * rows + r, values, mask=mask)

@@ -1,0 +1,69 @@
+"""Launching the Triton kernels, and launching them again with as little host work as possible.
+
+``kernel[grid](*args, **meta)`` binds every argument, computes Triton's specialization key and looks the
+compiled kernel up on each call. :func:`launch` does that once and returns a :class:`Launcher` holding the
+``CompiledKernel`` Triton chose; the callers keep it in a plan keyed by everything that decides that
+choice (dtypes, shapes, 16-byte alignment of every pointer, the constexpr values, the device), and launch
+it directly on the current stream when the same key comes back (``_fp8`` and ``_nf4``).
+
+Under ``TRITON_INTERPRET=1`` there is no compiled kernel: every launch goes through the interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._backend import triton_interpreting
+
+try:  # Triton's launch hooks (profilers): when one is set, launches go through Triton's own runner
+    from triton import knobs as _knobs
+
+    _RUNTIME: Any = _knobs.runtime
+except ImportError:  # older Triton: always its runner
+    _RUNTIME = None
+
+
+class Launcher:
+    """One compiled specialization of a kernel and the constexpr values it was compiled for."""
+
+    __slots__ = ("compiled", "constexprs", "grid")
+
+    def __init__(self, compiled: Any, constexprs: tuple[Any, ...], grid: tuple[int, int, int]) -> None:
+        self.compiled = compiled
+        self.constexprs = constexprs
+        self.grid = grid
+
+    def __call__(self, device_index: int, *args: Any) -> None:
+        """Launches on the current stream of CUDA device ``device_index`` (which must be current) with
+        runtime arguments ``args`` of the same specialization (dtypes, alignment, integer values)."""
+        compiled = self.compiled
+        stream = torch._C._cuda_getCurrentRawStream(device_index)
+        runtime = _RUNTIME
+        if runtime is None or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+            compiled[self.grid](*args, *self.constexprs, stream=stream)
+            return
+        g = self.grid
+        compiled.run(
+            g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+            *args, *self.constexprs,
+        )  # fmt: skip
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> Launcher | None:
+    """``kernel[grid](*args, **meta)``; returns a :class:`Launcher` for launching the same specialization
+    again (None under the interpreter, or for a kernel with parameters left to their defaults).
+
+    ``args`` are the kernel's runtime arguments in order; ``meta`` its constexpr parameters (all of them,
+    by name) and launch options (``num_warps``, ``num_stages``, ``enable_fp_fusion``).
+    """
+    compiled = kernel[grid](*args, **meta)
+    if compiled is None or triton_interpreting():
+        return None
+    names = getattr(kernel, "arg_names", None)
+    if names is None or not all(n in meta for n in names[len(args) :]):
+        return None
+    full = (*grid, 1, 1)
+    compiled._init_handles()  # loaded already by the launch above; makes .run and .function usable
+    return Launcher(compiled, tuple(meta[n] for n in names[len(args) :]), (full[0], full[1], full[2]))
