@@ -104,7 +104,9 @@ def no_jax_gpu_message(index: int) -> str:
     )
 
 
+@functools.cache
 def jax_cpu() -> Any:
+    """JAX's first CPU device (asked once per process)."""
     return jax.local_devices(backend="cpu")[0]
 
 

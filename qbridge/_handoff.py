@@ -49,7 +49,7 @@ COPY_NOTE = "use copy=None to let qbridge copy once, or copy=True for an indepen
 
 def is_compact(t: torch.Tensor) -> bool:
     """Whether ``t`` covers one dense block of memory in some axis order (``t.t()`` does; ``t[:, :k]`` not)."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:
         return True
     expected = 1
     for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
@@ -115,54 +115,105 @@ def _jax_stream(home: jax.Device, index: int) -> torch.cuda.ExternalStream | Non
     return torch.cuda.ExternalStream(pointer, device=torch.device("cuda", index)) if pointer else None
 
 
+# the C method itself where torch has CUDA: the scan below calls it for every stream
+_query = getattr(torch._C._CudaStreamBase, "query", torch.cuda.Stream.query)
+
+
 def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
     """The streams other than the current one that ``t``'s producers may still be running on."""
-    current = torch.cuda.current_stream(t.device)
     if isinstance(producer, str):
         if producer == "current":
             return []
         if producer == "auto":
-            return [s for s in _torch_streams(t.device.index) if s != current and not s.query()]
+            current = torch.cuda.current_stream(t.device)
+            return [s for s in _torch_streams(t.device.index) if not _query(s) and s != current]
     elif isinstance(producer, torch.cuda.Stream):
-        return [producer] if producer != current else []
+        return [producer] if producer != torch.cuda.current_stream(t.device) else []
     elif isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer):
+        current = torch.cuda.current_stream(t.device)
         return [s for s in producer if isinstance(s, torch.cuda.Stream) and s != current]
     raise TypeError(
         f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
     )
 
 
-def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream:
-    """A stream ordered (on the GPU) after ``t``'s producers: the current one when no other is busy, else
-    the export stream of ``t``'s device, made to wait for the current stream and the busy ones."""
+def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream | None:
+    """None when the current stream is ordered after ``t``'s producers (no other is busy); else the export
+    stream of ``t``'s device, made to wait (on the GPU) for the current stream and the busy ones."""
     busy = _busy_producers(t, producer)
-    current = torch.cuda.current_stream(t.device)
     if not busy:
-        return current
+        return None
     export = _export_stream(t.device.index)
-    export.wait_stream(current)
+    export.wait_stream(torch.cuda.current_stream(t.device))
     for s in busy:
         export.wait_stream(s)
     return export
+
+
+@functools.cache
+def _importer() -> tuple[Any, bool] | None:
+    """JAX's DLPack import itself, as ``jax.dlpack.from_dlpack`` calls it after its checks (which
+    :func:`to_jax` has made already), and whether it takes the DLPack device type; None where this JAX
+    does not have it (then ``jax.dlpack.from_dlpack`` is used)."""
+    try:
+        from jax._src.lib import _jax, jaxlib_extension_version
+
+        return _jax.dlpack_managed_tensor_to_buffer, jaxlib_extension_version >= 467
+    except (ImportError, AttributeError):
+        return None
+
+
+@functools.cache
+def _import_stream(device: jax.Device) -> int | None:
+    """The stream JAX's import waits on for ``device`` (as ``jax.dlpack.from_dlpack`` asks for it)."""
+    try:
+        return device.get_stream_for_external_ready_events()
+    except jax.errors.JaxRuntimeError as e:
+        if "UNIMPLEMENTED" in str(e):
+            return None
+        raise
+
+
+_DL_CUDA_HOST = 3  # DLPack's kDLCUDAHost: pinned host memory, exported without a stream
+
+
+def _from_dlpack(t: torch.Tensor, device: jax.Device) -> jax.Array:
+    """``jax.dlpack.from_dlpack(t, copy=False)`` for a tensor :func:`to_jax` has checked (JAX's dtype,
+    aligned, compact, on ``device``), without repeating the checks: the same import, the same stream
+    protocol (torch's ``__dlpack__(stream=...)`` orders JAX's stream after torch's current one)."""
+    importer = _importer()
+    if importer is None:
+        return jax.dlpack.from_dlpack(t, copy=False)
+    fn, takes_device_type = importer
+    dl_type = int(t.__dlpack_device__()[0])
+    stream = None if dl_type == _DL_CUDA_HOST else _import_stream(device)
+    capsule = t.__dlpack__(stream=stream)
+    if takes_device_type:
+        return fn(capsule, device, stream, False, dl_type)
+    return fn(capsule, device, stream, False)
 
 
 def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
 
-def _on(device: torch.device):
+_NOTHING = _nullcontext()
+
+
+def _on(device: torch.device) -> Any:
     """Makes a CUDA device current (torch's __dlpack__ exports only from the current device)."""
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return _nullcontext()
+    return _NOTHING
 
 
 def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
     """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring."""
     with _on(t.device):
-        with torch.cuda.stream(_after_producers(t, producer)):
-            # torch's __dlpack__ makes JAX's stream wait for the (now current) stream above
-            x = jax.dlpack.from_dlpack(t, copy=False)
+        after = _after_producers(t, producer)
+        # torch's __dlpack__ makes JAX's stream wait for the current stream (made ``after`` here if needed)
+        with torch.cuda.stream(after) if after is not None else _NOTHING:
+            x = _from_dlpack(t, home)
         jax_stream = _jax_stream(home, t.device.index)
         if jax_stream is not None:
             t.record_stream(jax_stream)  # the allocator reuses this memory only after JAX's reads
@@ -172,7 +223,7 @@ def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.A
 def _alias(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
     if t.device.type == "cuda":
         return _export_cuda(t, home, producer)
-    return jax.dlpack.from_dlpack(t, copy=False)
+    return _from_dlpack(t, home)
 
 
 def _export_bits(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
@@ -240,6 +291,8 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     narrow = _WIDE.get(t.dtype) if not _x64() else None
     with _on(t.device):
         used = _after_producers(t, producer) if t.device.type == "cuda" else None
+        if used is None and t.device.type == "cuda":
+            used = torch.cuda.current_stream(t.device)
         with torch.cuda.stream(used) if used is not None else _nullcontext():
             if t.layout != torch.strided:
                 t = t.to_dense()
@@ -351,7 +404,8 @@ def to_jax(
                 f"makes new memory, which copy=False forbids; {COPY_NOTE}"
             )
         t = torch_side.dequantize_weight(t)
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     jax_dtype(t.dtype)  # raises TypeError naming what JAX lacks
     target = _as_device(device)
     home = _home(t)
@@ -437,4 +491,6 @@ def dequantize_to_jax(
     dense = torch_side.dequantize_weight(W, quant_state, transpose=transpose)
     if dtype is not None and dense.dtype != dtype:
         dense = dense.to(dtype)
-    return to_jax(dense, device=device)
+    # new memory was written on the current stream just now: no other stream to wait for
+    fresh = dense.untyped_storage().data_ptr() != W.untyped_storage().data_ptr()
+    return to_jax(dense, device=device, producer="current" if fresh else "auto")
