@@ -16,6 +16,7 @@ No pickle code is ever executed: torch files are read with ``weights_only=True``
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -86,6 +87,8 @@ class Entry:
 # tensors up to this size (quant maps, FP8 scale grids, norms) are kept once read: every shard of a weight
 # needs them whole, and reading them again for each device would multiply small reads by the device count
 SMALL_TENSOR_BYTES = 1 << 16
+READ_THREADS = 4  # background readers of read_ahead (page cache to host memory)
+READ_AHEAD_MIN_BYTES = SMALL_TENSOR_BYTES  # smaller tensors are read when asked for
 
 
 class _Source:
@@ -101,6 +104,8 @@ class _Source:
         self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         self._small: dict[str, torch.Tensor] = {}
+        self._ahead: dict[str, concurrent.futures.Future[torch.Tensor]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         from safetensors import safe_open
@@ -162,8 +167,39 @@ class _Source:
             self.key_file[key] = path
             self.shapes[key] = (tuple(value.shape), value.dtype)
 
+    def read_ahead(self, key: str, *, pin: bool) -> int:
+        """Starts reading the stored tensor ``key`` in a background thread, into pinned host memory with
+        ``pin`` (so that its host-to-device copy can run asynchronously); the next :meth:`read` of ``key``
+        returns it. Returns the bytes it holds, 0 when nothing is read ahead: tensors of torch files (mapped
+        already), small ones, keys read ahead already."""
+        if self._state is not None or key in self._ahead or key not in self.key_file:
+            return 0
+        shape, dtype = self.shapes[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes <= READ_AHEAD_MIN_BYTES:
+            return 0
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                READ_THREADS, thread_name_prefix="qbridge-read"
+            )
+        self._ahead[key] = self._pool.submit(self._copy_out, key, pin)
+        return nbytes
+
+    def _copy_out(self, key: str, pin: bool) -> torch.Tensor:
+        mapped = self.map_tensor(key)  # the bytes safetensors' header places there
+        out = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=pin)
+        return out.copy_(mapped)  # torch copies without holding the GIL: reader threads run in parallel
+
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            try:
+                return self._counted(ahead.result())
+            except Exception as e:
+                raise CheckpointError(
+                    f"{self.key_file[key]}: reading {key!r} failed ({type(e).__name__}: {e})"
+                ) from e
         if self._state is not None and key in self._state:
             return self._counted(self._state[key])
         if key in self._small:  # tables and scales read again for another shard: once from the file
@@ -250,6 +286,10 @@ class _Source:
         return self._byte_ranges[path]
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead.clear()
         self._open.clear()
         self._small.clear()
         self._state = None
@@ -333,6 +373,12 @@ class Checkpoint:
             CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
         """
         return self.source.read(key)
+
+    def read_ahead(self, key: str, *, pin: bool = False) -> int:
+        """Starts reading the stored tensor ``key`` in a background thread (into pinned host memory with
+        ``pin``); the next :meth:`read` of ``key`` returns it. Returns the bytes read ahead (0 for small
+        tensors, torch files' tensors and keys read ahead already)."""
+        return self.source.read_ahead(key, pin=pin)
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """Rows/columns ``index`` of the stored tensor ``key``, reading only those bytes from safetensors

@@ -15,11 +15,12 @@ the result plus one tensor.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,6 +38,41 @@ from ._place import hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
 log = logging.getLogger("qbridge")
+
+READ_AHEAD_BYTES = 1 << 30  # pinned host memory holding the upcoming weights' bytes during a GPU load
+
+
+class _ReadAhead:
+    """Keeps the stored bytes of the next weights being read (``Checkpoint.read_ahead``: background
+    threads; pinned host memory for a GPU load, so that host-to-device copies run asynchronously) while the current one is copied, decoded and handed over, at most
+    ``READ_AHEAD_BYTES`` at a time (one weight more when a single weight is larger)."""
+
+    def __init__(self, ckpt: Checkpoint, keys: Sequence[str | None], *, pin: bool) -> None:
+        self.ckpt, self.keys, self.pin = ckpt, keys, pin
+        self.next = 0
+        self.inflight: collections.deque[tuple[int, int]] = collections.deque()  # (plan index, bytes)
+        self.bytes = 0
+
+    def advance(self, i: int) -> None:
+        """Called before weight ``i`` is loaded: the weights before it are done."""
+        while self.inflight and self.inflight[0][0] < i:
+            self.bytes -= self.inflight.popleft()[1]
+        while self.next < len(self.keys) and (self.bytes < READ_AHEAD_BYTES or not self.inflight):
+            key = self.keys[self.next]
+            n = self.ckpt.read_ahead(key, pin=self.pin) if key is not None else 0
+            if n:
+                self.inflight.append((self.next, n))
+                self.bytes += n
+            self.next += 1
+
+
+def _stored_weight_key(entry: Any) -> str | None:
+    """The key of the stored tensor holding a weight's bulk (its packed or float8 bytes), read ahead."""
+    if entry.kind in ("bnb4", "fp8", "bnb8"):
+        return entry.keys.get("weight")
+    if entry.kind == "torchao":
+        return None
+    return entry.name
 
 
 @dataclasses.dataclass
@@ -259,8 +295,19 @@ def load_checkpoint(
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
         values: dict[Any, jax.Array] = {}
         dense = 0
+        ahead = _ReadAhead(
+            ckpt,
+            [
+                _stored_weight_key(ckpt.entries[p.key])
+                if sharding is None and p.leaf.sharding is None and not keep_quantized
+                else None
+                for p in plan
+            ],
+            pin=tdev.type == "cuda",
+        )
         try:
             for i, p in enumerate(plan):
+                ahead.advance(i)
                 entry = ckpt.entries[p.key]
                 cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
 

@@ -321,3 +321,57 @@ def test_fp8_llama_on_the_gpu(tmp_path, dense_dir):
         stored[name], stored[name.replace(".weight", ".weight_scale_inv")], (128, 128), torch.bfloat16
     )
     assert_same_bits(_kernel(params, name), to_numpy(want))
+
+
+def test_read_ahead_hands_out_the_stored_bytes_and_counts_them(tmp_path, dense_dir, monkeypatch):
+    """``Checkpoint.read_ahead`` (background threads) returns what ``read`` returns, counted once when
+    handed out; a file cut short after it was opened fails naming the file and the key."""
+    import qbridge._checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", 16 << 10)  # the test model's weights are small
+    with qbridge.open_checkpoint(dense_dir) as ckpt:
+        big = max(ckpt.entries.values(), key=lambda e: e.stored_bytes).name
+        small = min(ckpt.entries.values(), key=lambda e: e.stored_bytes).name
+        want = ckpt.read(big).clone()
+        before = ckpt.bytes_read
+        assert ckpt.read_ahead(big) == want.numel() * want.element_size()
+        assert ckpt.read_ahead(big) == 0  # already on its way
+        assert ckpt.read_ahead(small) == 0  # small tensors (here: under 16 KiB) are read when asked for
+        assert ckpt.bytes_read == before  # nothing handed out yet
+        got = ckpt.read(big)
+        assert ckpt.bytes_read == before + want.numel() * want.element_size()
+        assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in dense_dir.iterdir():
+        (cut / f.name).write_bytes(f.read_bytes())
+    with qbridge.open_checkpoint(cut) as ckpt:
+        file = cut / "model.safetensors"
+        size = file.stat().st_size
+        ranges = ckpt.source._offsets(file)
+        last = next(k for k, (b, e) in sorted(ranges.items(), key=lambda kv: -kv[1][1]) if e - b > 16 << 10)
+        file.write_bytes(file.read_bytes()[: min(size // 2, ranges[last][0])])
+        assert ckpt.read_ahead(last)
+        with pytest.raises(qbridge.CheckpointError, match=f"model.safetensors: reading '{last}' failed"):
+            ckpt.read(last)
+
+
+def test_loads_are_the_same_with_any_read_ahead_window(tmp_path, dense_dir, monkeypatch):
+    """Reading ahead changes when bytes are read, never what is loaded: no reading ahead, a window of one
+    weight at a time and a window holding the whole checkpoint give the same parameters and bytes read."""
+    import qbridge._checkpoint as checkpoint
+    import qbridge._loader as loader
+
+    results = []
+    for smallest, window in ((1 << 40, 0), (0, 0), (0, 1 << 40)):
+        monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", smallest)
+        monkeypatch.setattr(loader, "READ_AHEAD_BYTES", window)
+        params, report = qbridge.load_checkpoint(dense_dir, progress=False, return_report=True)
+        results.append((jax.tree.map(np.asarray, params), report.read_bytes))
+    (plain, read), *others = results
+    for params, read_ahead in others:
+        assert read_ahead == read > 0
+        jax.tree.map(
+            lambda x, y: np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8)), plain, params
+        )
