@@ -183,6 +183,13 @@ def decode_nested_absmax_reference(
     )
 
 
+def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
+    """Whether some ``code[q] * absmax`` product may be denormal (then flushed to zero, as bitsandbytes'
+    CUDA kernel does): only scales below ``FLT_MIN / smallest nonzero |code|`` can make one."""
+    smallest = code.abs()[code != 0].min() if bool((code != 0).any()) else torch.ones(())
+    return bool(n) and bool((absmax.abs() < FLT_MIN / smallest).any())
+
+
 def pair_table(code: torch.Tensor) -> torch.Tensor:
     """``[256, 2]`` float32: packed byte ``b`` -> ``(code[b >> 4], code[b & 15])``, as bitsandbytes packs an
     even element in the high nibble."""
@@ -207,10 +214,52 @@ def dequantize_4bit_reference(
         values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < n:
         values[full:].mul_(scales[full // blocksize])
-    smallest = code.abs()[code != 0].min() if bool((code != 0).any()) else torch.ones(())
-    if n and bool((absmax.abs() < FLT_MIN / smallest).any()):  # only such scales can make denormal products
+    if _needs_flush(absmax, code, n):
         flush_denormals_(values)
     return values.to(dtype)
+
+
+CPU_CHUNK = 1 << 18  # elements per step of the CPU decode: its temporaries stay in a core's L2 cache
+
+
+def dequantize_4bit_cpu(
+    flat: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`dequantize_4bit_reference`'s values, bit for bit, computed in cache-sized steps on the CPU.
+
+    Each step of ``CPU_CHUNK`` elements (whole blocks) looks every packed byte up in the byte-pair table
+    once (both of its float32 values as one 64-bit entry), multiplies by the block scales in float32 and
+    rounds once to ``dtype`` while storing, so no temporary larger than a step exists. Scales small enough
+    to make denormal products take the reference itself. Returns a new flat tensor of ``n`` elements.
+    """
+    absmax = absmax.reshape(-1)
+    if n == 0 or _needs_flush(absmax, code, n):
+        return dequantize_4bit_reference(flat, absmax, code, blocksize, n, dtype)
+    pairs = pair_table(code).contiguous().view(torch.int64).reshape(256)  # byte -> (code[hi], code[lo])
+    flat = flat.reshape(-1)
+    out = torch.empty(n, dtype=dtype)
+    step = max(CPU_CHUNK - CPU_CHUNK % blocksize, blocksize)  # whole blocks (blocksize is even)
+    index = torch.empty(step // 2, dtype=torch.int32)
+    values = torch.empty(step // 2, dtype=torch.int64)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        nbytes = (stop - start + 1) // 2
+        torch.index_select(
+            pairs, 0, index[:nbytes].copy_(flat[start // 2 : start // 2 + nbytes]), out=values[:nbytes]
+        )
+        got = values[:nbytes].view(torch.float32)[: stop - start]
+        full = (stop - start) - (stop - start) % blocksize
+        first = start // blocksize
+        if full:
+            blocks = full // blocksize
+            torch.mul(
+                got[:full].view(blocks, blocksize),
+                absmax[first : first + blocks, None],
+                out=out[start : start + full].view(blocks, blocksize),
+            )
+        if full < stop - start:  # the weight's last, short block
+            torch.mul(got[full:], absmax[first + full // blocksize], out=out[start + full : stop])
+    return out
 
 
 def _decode_absmax(
@@ -425,7 +474,8 @@ def dequantize_nf4(
             table = (
                 code.reshape(-1) if code is not None and not standard else standard_code(quant_type, device)
             )
-            result = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
+            decode = dequantize_4bit_cpu if device.type == "cpu" else dequantize_4bit_reference
+            result = decode(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
         if transpose:
             result = result.t()
         if out is not None:

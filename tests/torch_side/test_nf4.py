@@ -346,3 +346,34 @@ def test_cuda_runs_on_the_tensors_device_not_the_current_one():
         got = torch_side.dequantize(packed, qs)
     assert got.device == torch.device("cuda:1")
     assert_bitwise_equal(got, bnb_reference(packed, qs))
+
+
+@pytest.mark.parametrize("step", [64, 96, 4096, 1 << 18])
+@pytest.mark.parametrize("shape", [(1000, 1001), (33, 65), (7,), (2, 3, 257)])
+def test_cpu_decode_in_steps_matches_bitsandbytes(shape, step, monkeypatch):
+    """The CPU decode works in steps of whole blocks (torch_side._nf4.CPU_CHUNK elements): any step, with
+    the last block short and odd element counts, gives bitsandbytes' values bit for bit, and the oracle's."""
+    import torch_side._nf4 as nf4
+
+    monkeypatch.setattr(nf4, "CPU_CHUNK", step)
+    for i, (quant_type, nested, blocksize) in enumerate(
+        [("nf4", True, 64), ("fp4", False, 32), ("nf4", False, 256), ("fp4", True, 128)]
+    ):
+        dtype = DTYPES[i % len(DTYPES)]
+        _, packed, qs = bnb_quantize(
+            shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=i
+        )
+        got = torch_side.dequantize(packed, qs, backend="torch")
+        assert_bitwise_equal(got, as_bnb_returns(bnb_reference(packed, qs), packed))
+        pieces = torch_side.parse_quant_state(qs)
+        absmax = (
+            torch_side.decode_nested_absmax_reference(
+                pieces.absmax, pieces.nested_absmax, pieces.nested_code, pieces.nested_blocksize, pieces.offset
+            )
+            if nested
+            else pieces.absmax
+        )
+        table = torch_side.standard_code(quant_type)
+        flat = packed.reshape(-1).view(torch.uint8)[: (math.prod(shape) + 1) // 2]
+        want = torch_side.dequantize_4bit_reference(flat, absmax, table, blocksize, math.prod(shape), dtype)
+        assert_bitwise_equal(got.reshape(-1), want)
