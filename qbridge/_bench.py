@@ -6,6 +6,10 @@ each call with L2 flushed between runs. Input sets are rotated, at least 256 MiB
 L2 does not flatter small shapes. Percentages are of the copy ceiling measured in the same run: a
 device-to-device copy, counting bytes read plus bytes written. The end-to-end rows are wall-clock time
 from a quantized weight to a ready ``jax.Array``, Python included.
+
+Users call these functions one weight at a time, so every row also has the wall time per call of a loop
+of back-to-back calls (host work included where it exceeds the GPU's), and fresh processes time the
+first call of each format, Triton's compilation included, with an empty and with a warm Triton cache.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ import dataclasses
 import gc
 import json
 import math
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +44,9 @@ ROTATE_BYTES = 256 << 20  # input sets per measurement: at least this many bytes
 @dataclasses.dataclass
 class Row:
     """One measurement: ``us`` is GPU time (graph replay where possible), ``us_per_call`` events around
-    single calls (launch gaps and host syncs included); percentages are of ``us``. ``timing`` says how
+    single calls (launch gaps and host syncs included), ``us_in_loop`` wall time per call of a Python loop
+    calling it one weight after another, as users do (host work included wherever it exceeds the GPU
+    work: :func:`_in_loop`); percentages are of ``us``. ``timing`` says how
     ``us`` was measured: ``"graph replay"``, ``"events"`` (code that syncs with the host), or
     ``"events (capture failed: ...)"`` where a CUDA graph could not be captured on this card."""
 
@@ -47,6 +58,7 @@ class Row:
     bytes: int
     pct_of_copy: float
     timing: str = "graph replay"
+    us_in_loop: float = math.nan
 
 
 def _per_call(fn: Callable[[], Any]) -> float:
@@ -106,6 +118,22 @@ def _nf4_sets(shape: tuple[int, int], index: int) -> tuple[torch.Tensor, Any, to
     w = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
     packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     return packed, qs, torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+
+
+def _in_loop(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Median wall-clock microseconds per call of ``calls`` back-to-back calls (5 repetitions, one
+    warm-up), the device synchronized before and after each repetition: what a loop over a model's
+    weights sees, host work and GPU work overlapping as they do there."""
+    times = []
+    for i in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        if i:
+            times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times) * 1e6
 
 
 def _one_tile_per_program(w: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -172,6 +200,7 @@ def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
     cases: dict[str, Callable[[], Any]] = {
         "qbridge": _cycle(sets, qb(False)),
         "qbridge transposed": _cycle(sets, qb(True)),
+        "qbridge dequantize(out=)": _cycle(sets, lambda s: torch_side.dequantize(s[0], s[1], out=s[2])),
         "bitsandbytes dequantize_4bit(out=)": _cycle(sets, lambda s: F.dequantize_4bit(s[0], s[1], out=s[2])),
         "plain torch": _cycle(sets, lambda s: torch_side.dequantize(s[0], s[1], backend="torch")),
     }
@@ -195,6 +224,7 @@ def bench_nf4(shape: tuple[int, int], ceiling: float) -> list[Row]:
                 nbytes,
                 100 * nbytes / (ms * 1e-3) / ceiling,
                 timing,
+                _in_loop(fn),
             )
         )
     packed, qs, _ = sets[0]
@@ -237,6 +267,7 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
                 nbytes,
                 100 * nbytes / (ms * 1e-3) / ceiling,
                 timing,
+                _in_loop(_cycle(sets, fn)),
             )
         )
     w, s, _ = sets[0]
@@ -244,11 +275,93 @@ def bench_fp8(shape: tuple[int, int], ceiling: float) -> list[Row]:
     return rows
 
 
+_PROCESS = r"""
+import sys, time
+t0 = time.perf_counter()
+import torch
+IMPORTS
+torch.zeros(1, device="cuda")  # CUDA context
+t1 = time.perf_counter()
+SETUP
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+CALL
+torch.cuda.synchronize()
+t3 = time.perf_counter()
+print("QBRIDGE-PROCESS", t1 - t0, t3 - t2)
+"""
+
+_PROCESS_CASES = {
+    "NF4 nested 4096x4096: qbridge dequantize": (
+        "import bitsandbytes.functional as F, torch_side",
+        "p, qs = F.quantize_4bit(torch.randn(4096, 4096, device='cuda', dtype=torch.bfloat16), "
+        "quant_type='nf4', compress_statistics=True)",
+        "torch_side.dequantize(p, qs)",
+    ),
+    "NF4 nested 4096x4096: bitsandbytes dequantize_4bit": (
+        "import bitsandbytes.functional as F",
+        "p, qs = F.quantize_4bit(torch.randn(4096, 4096, device='cuda', dtype=torch.bfloat16), "
+        "quant_type='nf4', compress_statistics=True)",
+        "F.dequantize_4bit(p, qs)",
+    ),
+    "FP8 block 2048x7168: qbridge dequantize_fp8": (
+        "import torch_side",
+        "w = (torch.randn(2048, 7168, device='cuda') * 64).to(torch.float8_e4m3fn); s = torch.rand(16, 56, device='cuda')",
+        "torch_side.dequantize_fp8(w, s)",
+    ),
+    "FP8 block 2048x7168: one 128x128 tile per program": (
+        "import importlib.util; spec = importlib.util.spec_from_file_location('k', KERNELS); "
+        "k = importlib.util.module_from_spec(spec); spec.loader.exec_module(k)",
+        "w = (torch.randn(2048, 7168, device='cuda') * 64).to(torch.float8_e4m3fn); s = torch.rand(16, 56, device='cuda'); "
+        "o = torch.empty(2048, 7168, device='cuda', dtype=torch.bfloat16)",
+        "k.one_tile_per_program_fp8(w, s, o)",
+    ),
+}
+
+
+def whole_process() -> list[dict[str, Any]]:
+    """Fresh ``python`` processes that import, make one weight and dequantize it once, with an empty
+    Triton cache and again with the cache that run left (warm): ``seconds`` for the whole process,
+    ``import_s`` (imports and the CUDA context) and ``first_call_s`` (the first call, compilation
+    included, to a finished result)."""
+    kernels = repr(str(pathlib.Path(__file__).with_name("_bench_kernels.py")))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qbridge-bench-triton-") as cache:
+        env = {**os.environ, "TRITON_CACHE_DIR": cache}
+        for state in ("empty", "warm"):
+            for method, (imports, setup, call) in _PROCESS_CASES.items():
+                script = (
+                    _PROCESS.replace("IMPORTS", imports.replace("KERNELS", kernels))
+                    .replace("SETUP", setup)
+                    .replace("CALL", call)
+                )
+                t0 = time.perf_counter()
+                done = subprocess.run(
+                    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+                )
+                seconds = time.perf_counter() - t0
+                line = [x for x in done.stdout.splitlines() if x.startswith("QBRIDGE-PROCESS")]
+                if done.returncode or not line:
+                    raise RuntimeError(f"{method}: the process failed: {done.stderr.strip()[-400:]}")
+                import_s, first = (float(x) for x in line[0].split()[1:])
+                rows.append(
+                    {
+                        "method": method,
+                        "cache": state,
+                        "seconds": seconds,
+                        "import_s": import_s,
+                        "first_call_s": first,
+                    }
+                )
+    return rows
+
+
 def run_bench(*, quick: bool = False) -> dict[str, Any]:
     """Runs the benchmark on the current CUDA device (``qbridge.bench``; ``qbridge bench`` on the command line).
 
-    Returns ``{"device", "versions", "copy_tb_s", "rows", "skipped"}``; each row has ``fmt``, ``shape``,
-    ``method``, ``us`` (GPU time), ``us_per_call``, ``bytes`` and ``pct_of_copy``.
+    Returns ``{"device", "versions", "copy_tb_s", "rows", "process", "skipped"}``; each row has ``fmt``,
+    ``shape``, ``method``, ``us`` (GPU time), ``us_per_call``, ``us_in_loop``, ``bytes`` and
+    ``pct_of_copy``; ``process`` holds the whole-process rows of :func:`whole_process`.
 
     Raises:
         RuntimeError: no CUDA device is visible.
@@ -280,6 +393,11 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
                 pass
         gc.collect()  # drop the input sets and CUDA graphs of this shape before the next
         torch.cuda.empty_cache()
+    try:
+        process = whole_process()
+    except Exception as e:
+        process = []
+        skipped.append(f"whole process: {type(e).__name__}: {str(e).strip()[:300]}")
     return {
         "device": torch.cuda.get_device_name(),
         "versions": {
@@ -291,6 +409,7 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         },
         "copy_tb_s": ceiling / 1e12,
         "rows": [dataclasses.asdict(r) for r in rows],
+        "process": process,
         "skipped": skipped,
     }
 
@@ -301,13 +420,20 @@ def format_bench(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         "GPU us: graph replay (launch overhead excluded) unless the last column says otherwise; "
         "per call: CUDA events around each call",
-        f"{'format':<18}{'shape':<14}{'method':<48}{'GPU us':>9}{'% of copy':>11}{'per call us':>13}  timing",
+        "in a loop: wall time per call of back-to-back calls, as a loop over a model's weights sees it",
+        f"{'format':<18}{'shape':<14}{'method':<48}{'GPU us':>9}{'% of copy':>11}{'per call us':>13}"
+        f"{'in a loop us':>14}  timing",
     ]
     for r in result["rows"]:
         shape = "x".join(map(str, r["shape"]))
         lines.append(
             f"{r['fmt']:<18}{shape:<14}{r['method']:<48}{r['us']:>9.1f}{r['pct_of_copy']:>10.0f}%{r['us_per_call']:>13.1f}"
-            f"  {r.get('timing', 'graph replay')}"
+            f"{r.get('us_in_loop', math.nan):>14.1f}  {r.get('timing', 'graph replay')}"
+        )
+    for p in result.get("process", []):
+        lines.append(
+            f"whole process ({p['cache']} Triton cache): {p['method']}: {p['seconds']:.2f} s "
+            f"(import {p['import_s']:.2f} s, first call {p['first_call_s']:.2f} s)"
         )
     lines += [f"skipped: {s}" for s in result.get("skipped", [])]
     return "\n".join(lines)
