@@ -361,7 +361,8 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
 
     Returns ``{"device", "versions", "copy_tb_s", "rows", "process", "skipped"}``; each row has ``fmt``,
     ``shape``, ``method``, ``us`` (GPU time), ``us_per_call``, ``us_in_loop``, ``bytes`` and
-    ``pct_of_copy``; ``process`` holds the whole-process rows of :func:`whole_process`.
+    ``pct_of_copy``; ``process`` holds the fresh-process rows (first call with an empty and a warm
+    Triton cache).
 
     Raises:
         RuntimeError: no CUDA device is visible.
