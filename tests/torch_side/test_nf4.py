@@ -368,7 +368,11 @@ def test_cpu_decode_in_steps_matches_bitsandbytes(shape, step, monkeypatch):
         pieces = torch_side.parse_quant_state(qs)
         absmax = (
             torch_side.decode_nested_absmax_reference(
-                pieces.absmax, pieces.nested_absmax, pieces.nested_code, pieces.nested_blocksize, pieces.offset
+                pieces.absmax,
+                pieces.nested_absmax,
+                pieces.nested_code,
+                pieces.nested_blocksize,
+                pieces.offset,
             )
             if nested
             else pieces.absmax
