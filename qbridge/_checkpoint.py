@@ -24,6 +24,7 @@ import os
 import pathlib
 import pickle
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +107,11 @@ class _Source:
         self._small: dict[str, torch.Tensor] = {}
         self._ahead: dict[str, concurrent.futures.Future[torch.Tensor]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # each safetensors file as opened: maps and header reads use it, so a file replaced on disk
+        # afterwards (an atomic re-save) is not mixed in
+        self._files: dict[pathlib.Path, Any] = {}
+        self._file_lock = threading.Lock()  # reader threads share the files' positions
+        self._closed = False
 
     def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         from safetensors import safe_open
@@ -131,6 +137,7 @@ class _Source:
         except Exception as e:  # safetensors' own errors: a truncated file, a corrupt header
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
         self._open[path] = handle
+        self._files[path] = open(path, "rb")  # closed by close()
         self.metadata[path] = meta
 
     def add_torch(self, path: pathlib.Path) -> None:
@@ -172,7 +179,7 @@ class _Source:
         ``pin`` (so that its host-to-device copy can run asynchronously); the next :meth:`read` of ``key``
         returns it. Returns the bytes it holds, 0 when nothing is read ahead: tensors of torch files (mapped
         already), small ones, keys read ahead already."""
-        if self._state is not None or key in self._ahead or key not in self.key_file:
+        if self._closed or self._state is not None or key in self._ahead or key not in self.key_file:
             return 0
         shape, dtype = self.shapes[key]
         nbytes = math.prod(shape) * dtype.itemsize
@@ -195,11 +202,14 @@ class _Source:
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
             try:
-                return self._counted(ahead.result())
+                t = self._counted(ahead.result())
             except Exception as e:
                 raise CheckpointError(
                     f"{self.key_file[key]}: reading {key!r} failed ({type(e).__name__}: {e})"
                 ) from e
+            if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # as below: a second read comes from here
+                self._small[key] = t.clone()
+            return t
         if self._state is not None and key in self._state:
             return self._counted(self._state[key])
         if key in self._small:  # tables and scales read again for another shard: once from the file
@@ -259,11 +269,12 @@ class _Source:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
         shape, dtype = self.shapes[key]
         begin, end = self._offsets(path)[key]
-        mapped = (
-            np.memmap(path, dtype=np.uint8, mode="c", offset=begin, shape=(end - begin,))
-            if end > begin
-            else None
-        )
+        mapped = None
+        if end > begin:
+            with self._file_lock:  # np.memmap moves the file's position to learn its size
+                mapped = np.memmap(
+                    self._files[path], dtype=np.uint8, mode="c", offset=begin, shape=(end - begin,)
+                )
         raw = torch.from_numpy(mapped) if mapped is not None else torch.empty(0, dtype=torch.uint8)
         return raw.view(dtype).reshape(shape)
 
@@ -274,7 +285,9 @@ class _Source:
     def _offsets(self, path: pathlib.Path) -> dict[str, tuple[int, int]]:
         """Absolute byte ranges of a safetensors file's tensors, from its header."""
         if path not in self._byte_ranges:
-            with open(path, "rb") as f:
+            with self._file_lock:
+                f = self._files[path]
+                f.seek(0)
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
             start = 8 + size
@@ -290,6 +303,10 @@ class _Source:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._ahead.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._closed = True
         self._open.clear()
         self._small.clear()
         self._state = None

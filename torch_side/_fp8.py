@@ -256,7 +256,12 @@ def dequantize_fp8(
         scale_inv = scale_inv.to(torch.float32)  # power-of-two e8m0 scales: exact
         plan_key = None
     chosen = choose_fp8_backend(W.device, backend, W.dtype)
-    if layout.stack or W.device.type != "cuda" or W.device.index != torch.cuda.current_device():
+    if (
+        layout.stack
+        or W.device.type != "cuda"
+        or W.device.index != torch.cuda.current_device()
+        or not (W.is_contiguous() and scale_inv.is_contiguous())  # the kernel reads them where they lie
+    ):
         plan_key = None
     with on_device(W.device):
         if layout.stack:  # one matrix at a time: no tile crosses from one expert to the next

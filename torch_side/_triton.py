@@ -114,12 +114,14 @@ def dequantize_4bit_triton(
     nested = nested_absmax is not None and nested_code is not None
     absmax = absmax.contiguous()  # the kernels read flat memory: any contiguous shape will do
     if nested_absmax is not None and nested_code is not None:
-        # a tensor is read on the device; a number goes in as a float32 argument (no host-to-device copy)
-        offset_t = (
-            offset.to(device=device, dtype=torch.float32).contiguous()
-            if isinstance(offset, torch.Tensor)
-            else float(offset)
-        )
+        # a tensor is read on the device; a number goes in as a float32 argument (no host-to-device copy),
+        # except under the interpreter, which would keep a Python float (float64 where float32 cannot hold it)
+        if isinstance(offset, torch.Tensor):
+            offset_t: torch.Tensor | float = offset.to(device=device, dtype=torch.float32).contiguous()
+        elif _soft(device):
+            offset_t = torch.tensor(float(offset), dtype=torch.float32, device=device)
+        else:
+            offset_t = float(offset)
         extra = (nested_absmax.contiguous(), nested_code.contiguous(), offset_t)
     else:
         extra = (absmax, absmax, absmax)  # unused pointers

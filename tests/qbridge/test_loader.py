@@ -357,6 +357,37 @@ def test_read_ahead_hands_out_the_stored_bytes_and_counts_them(tmp_path, dense_d
             ckpt.read(last)
 
 
+def test_read_ahead_reads_the_file_as_opened(tmp_path, dense_dir, monkeypatch):
+    """A file replaced on disk after the checkpoint was opened (an atomic re-save) is not mixed in: reading
+    ahead maps the file that was opened. A key read twice is counted once; after close nothing is read."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import qbridge._checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", 0)
+    ckdir = tmp_path / "ck"
+    shutil.copytree(dense_dir, ckdir)
+    file = ckdir / "model.safetensors"
+    old = load_file(file)
+    with qbridge.open_checkpoint(ckdir) as ckpt:
+        save_file({k: v + 1 for k, v in old.items()}, tmp_path / "new.safetensors", metadata={"format": "pt"})
+        os.replace(tmp_path / "new.safetensors", file)
+        for key in old:
+            assert ckpt.read_ahead(key)
+        for key, want in old.items():
+            got = ckpt.read(key)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
+        counted = ckpt.bytes_read
+        assert counted == sum(v.numel() * v.element_size() for v in old.values())
+        key = next(iter(old))  # every tensor of the test model is small (under 64 KiB)
+        ckpt.read(key)  # a small tensor read again comes from memory and is counted once
+        assert ckpt.bytes_read == counted
+    assert ckpt.read_ahead(key) == 0  # closed: no reader threads start
+
+
 def test_loads_are_the_same_with_any_read_ahead_window(tmp_path, dense_dir, monkeypatch):
     """Reading ahead changes when bytes are read, never what is loaded: no reading ahead, a window of one
     weight at a time and a window holding the whole checkpoint give the same parameters and bytes read."""

@@ -45,6 +45,13 @@ def _check_4bit(packed, qs, device):
     if qs.nested:  # the nested offset as a number, as the checkpoint loader passes it: a kernel argument
         number = {**_pieces(qs), "offset": float(qs.offset)}
         assert_bitwise_equal(torch_side.dequantize_nf4(packed, qs.absmax, **number, backend="triton"), want)
+        # numbers float32 cannot hold exactly or at all round to float32 first, as on the torch path
+        for offset in (1e-40, 1e300, -1e300, float("nan")):
+            odd = {**_pieces(qs), "offset": offset}
+            assert_bitwise_equal(
+                torch_side.dequantize_nf4(packed, qs.absmax, **odd, backend="triton"),
+                torch_side.dequantize_nf4(packed, qs.absmax, **odd, backend="torch"),
+            )
     if len(qs.shape) == 2:
         got_t = torch_side.dequantize_nf4(packed, qs.absmax, **_pieces(qs), transpose=True, backend="triton")
         assert got_t.is_contiguous()  # written transposed, not a view
@@ -199,6 +206,13 @@ def test_repeated_calls_reuse_their_checked_plan_with_new_data():
             assert_bitwise_equal(torch_side.dequantize_fp8(w, s, backend="triton"), want)
             assert_bitwise_equal(torch_side.dequantize_fp8(w, s, backend="triton", transpose=True), want.t())
     # {aligned, misaligned} x {256x512, 1x512, 255x509} x {row-major, transposed}
+    assert len(FP8_PLANS) == 12
+    # a transposed view of a weight and of its scales: copied to row-major for the kernel, never planned
+    for _ in range(2):
+        w = random_fp8((512, 256), seed=3).cuda().t()
+        s = random_scales((2, 4), seed=4).cuda().t()
+        want = fp8_reference_loops(w, s, (128, 128), torch.bfloat16)
+        assert_bitwise_equal(torch_side.dequantize_fp8(w, s, backend="triton"), want)
     assert len(FP8_PLANS) == 12
 
     NF4_PLANS.clear()
