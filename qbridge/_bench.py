@@ -368,7 +368,9 @@ def run_bench(*, quick: bool = False) -> dict[str, Any]:
         RuntimeError: no CUDA device is visible.
     """
     if not torch.cuda.is_available():
-        raise RuntimeError("qbridge bench measures a CUDA GPU, and none is visible")
+        raise RuntimeError(
+            "it measures a CUDA GPU, and none is visible (the CPU decode: python benchmarks/cpu_decode.py)"
+        )
     import bitsandbytes
     import jax
     import torchao
