@@ -199,26 +199,16 @@ class _Source:
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
-        ahead = self._ahead.pop(key, None)
-        if ahead is not None:
-            try:
-                t = self._counted(ahead.result())
-            except Exception as e:
-                raise CheckpointError(
-                    f"{self.key_file[key]}: reading {key!r} failed ({type(e).__name__}: {e})"
-                ) from e
-            if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # as below: a second read comes from here
-                self._small[key] = t.clone()
-            return t
-        if self._state is not None and key in self._state:
+        ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
+        if ahead is None and self._state is not None and key in self._state:
             return self._counted(self._state[key])
-        if key in self._small:  # tables and scales read again for another shard: once from the file
+        if ahead is None and key in self._small:  # tables and scales read again for another shard
             return self._small[key].clone()
         path = self.key_file.get(key)
         if path is None:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
         try:
-            t = self._counted(self._open[path].get_tensor(key))
+            t = self._counted(ahead.result() if ahead is not None else self._open[path].get_tensor(key))
         except Exception as e:
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:

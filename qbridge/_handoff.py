@@ -290,10 +290,9 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
         dest = torch.device("cuda", target.local_hardware_id)
     narrow = _WIDE.get(t.dtype) if not _x64() else None
     with _on(t.device):
+        # None: the current stream already follows the producers (and then the copy runs there)
         used = _after_producers(t, producer) if t.device.type == "cuda" else None
-        if used is None and t.device.type == "cuda":
-            used = torch.cuda.current_stream(t.device)
-        with torch.cuda.stream(used) if used is not None else _nullcontext():
+        with torch.cuda.stream(used) if used is not None else _NOTHING:
             if t.layout != torch.strided:
                 t = t.to_dense()
             t = t.resolve_conj().resolve_neg()

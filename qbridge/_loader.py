@@ -44,8 +44,9 @@ READ_AHEAD_BYTES = 1 << 30  # pinned host memory holding the upcoming weights' b
 
 class _ReadAhead:
     """Keeps the stored bytes of the next weights being read (``Checkpoint.read_ahead``: background
-    threads; pinned host memory for a GPU load, so that host-to-device copies run asynchronously) while the current one is copied, decoded and handed over, at most
-    ``READ_AHEAD_BYTES`` at a time (one weight more when a single weight is larger)."""
+    threads; pinned host memory for a GPU load, so that host-to-device copies run asynchronously) while
+    the current one is copied, decoded and handed over, at most ``READ_AHEAD_BYTES`` at a time (one weight
+    more when a single weight is larger)."""
 
     def __init__(self, ckpt: Checkpoint, keys: Sequence[str | None], *, pin: bool) -> None:
         self.ckpt, self.keys, self.pin = ckpt, keys, pin

@@ -76,6 +76,8 @@ class NF4Plan:
     ) -> torch.Tensor:
         if out is None:
             out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        # the arguments dequantize_4bit_triton builds, without its conversions: _nf4._plan_ready made
+        # plans only for pieces that need none (contiguous, a float32 offset tensor on the device)
         if self.nested:
             extra = (
                 nested_absmax,
