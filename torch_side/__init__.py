@@ -6,6 +6,7 @@ what the producing library computes.
 
 from torch_side._backend import BACKENDS
 from torch_side._codes import FP4_CODE, NF4_CODE, standard_code
+from torch_side._compile import wait_for_kernels
 from torch_side._fp8 import ScaleLayout, dequantize_fp8, dequantize_fp8_reference, fp8_scale_layout
 from torch_side._int8 import dequantize_int8
 from torch_side._nf4 import (
@@ -35,6 +36,7 @@ __all__ = [
     "is_quant_tensor_subclass",
     "parse_quant_state",
     "standard_code",
+    "wait_for_kernels",
 ]
 
 # Public classes name the package they are used from (in reprs, tracebacks and the API reference).

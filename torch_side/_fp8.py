@@ -18,6 +18,7 @@ import torch
 from ._backend import choose_fp8_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, require_tensor, same_device
+from ._compile import KernelNotReady
 from ._plans import FP8_PLANS, tensor_key
 
 FP8_DTYPES = tuple(
@@ -268,9 +269,14 @@ def dequantize_fp8(
             matrix = layout._replace(stack=())
             per = scale_inv.reshape(*layout.stack, *layout.matrix_scale_shape)
             return torch.stack(
-                [_decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen) for e in range(W.shape[0])]
+                [
+                    _decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen, wait=backend == "triton")
+                    for e in range(W.shape[0])
+                ]
             )
-        return _decode_matrix(W, scale_inv, layout, dtype, transpose, chosen, plan_key)
+        return _decode_matrix(
+            W, scale_inv, layout, dtype, transpose, chosen, plan_key, wait=backend == "triton"
+        )
 
 
 def _decode_matrix(
@@ -281,16 +287,21 @@ def _decode_matrix(
     transpose: bool,
     chosen: str,
     plan_key: tuple[Any, ...] | None = None,
+    wait: bool = True,
 ) -> torch.Tensor:
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":
         from ._triton import dequantize_fp8_triton
 
-        return dequantize_fp8_triton(
-            W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose,
-            plan_key=plan_key,
-        )  # fmt: skip
+        try:
+            return dequantize_fp8_triton(
+                W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose,
+                plan_key=plan_key, wait=wait,
+            )  # fmt: skip
+        except KernelNotReady:  # compiling in the background (_compile): the same bits another way
+            result = dequantize_fp8_reference(W, scale, layout, dtype)
+            return result.t().contiguous() if transpose else result  # the layout the kernel writes
     else:
         result = dequantize_fp8_reference(W, scale, layout, dtype)
     return result.t() if transpose else result

@@ -1,8 +1,9 @@
 """Launching the Triton kernels, and launching them again with as little host work as possible.
 
 ``kernel[grid](*args, **meta)`` binds every argument, computes Triton's specialization key and looks the
-compiled kernel up on each call. :func:`launch` does that once and returns a :class:`Launcher` holding the
-``CompiledKernel`` Triton chose; the callers keep it in a plan keyed by everything that decides that
+compiled kernel up on each call, and compiles it on the caller's thread the first time. :func:`launch`
+gets the ``CompiledKernel`` from ``_compile`` (which can make it ready in the background instead) and
+returns a :class:`Launcher` holding it; the callers keep it in a plan keyed by everything that decides that
 choice (dtypes, shapes, 16-byte alignment of every pointer, the constexpr values, the device), and launch
 it directly on the current stream when the same key comes back (``_fp8`` and ``_nf4``).
 
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from ._backend import triton_interpreting
+from ._compile import ready_kernel
 
 try:  # Triton's launch hooks (profilers): when one is set, launches go through Triton's own runner
     from triton import knobs as _knobs
@@ -51,19 +53,26 @@ class Launcher:
         )  # fmt: skip
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **meta: Any) -> Launcher | None:
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, wait: bool = True, **meta: Any) -> Launcher | None:
     """``kernel[grid](*args, **meta)``; returns a :class:`Launcher` for launching the same specialization
     again (None under the interpreter, or for a kernel with parameters left to their defaults).
 
-    ``args`` are the kernel's runtime arguments in order; ``meta`` its constexpr parameters (all of them,
-    by name) and launch options (``num_warps``, ``num_stages``, ``enable_fp_fusion``).
+    ``args`` are the kernel's runtime arguments in order, the first a tensor on the device to launch on
+    (current on this thread); ``meta`` its constexpr parameters (all of them, by name) and launch options
+    (``num_warps``, ``num_stages``, ``enable_fp_fusion``).
+
+    Raises:
+        KernelNotReady: ``wait`` is false and the kernel is being compiled in the background (``_compile``);
+            nothing was launched.
     """
-    compiled = kernel[grid](*args, **meta)
-    if compiled is None or triton_interpreting():
-        return None
     names = getattr(kernel, "arg_names", None)
-    if names is None or not all(n in meta for n in names[len(args) :]):
+    if triton_interpreting() or names is None or not all(n in meta for n in names[len(args) :]):
+        kernel[grid](*args, **meta)
         return None
+    device_index = args[0].device.index
+    compiled = ready_kernel(kernel, args, meta, device_index, wait=wait)
+    compiled._init_handles()  # loads the module on the device the first time; then a no-op
     full = (*grid, 1, 1)
-    compiled._init_handles()  # loaded already by the launch above; makes .run and .function usable
-    return Launcher(compiled, tuple(meta[n] for n in names[len(args) :]), (full[0], full[1], full[2]))
+    launcher = Launcher(compiled, tuple(meta[n] for n in names[len(args) :]), (full[0], full[1], full[2]))
+    launcher(device_index, *args)
+    return launcher

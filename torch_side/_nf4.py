@@ -13,6 +13,7 @@ used only where it agrees (see ``_backend.bnb_cpu_kernel_is_exact``).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from ._backend import choose_4bit_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, raise_out_mismatch, require_tensor, same_device
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
+from ._compile import KernelNotReady
 from ._plans import NF4_PLANS, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
@@ -214,7 +216,7 @@ def dequantize_4bit_reference(
         values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < n:
         values[full:].mul_(scales[full // blocksize])
-    if _needs_flush(absmax, code, n):
+    if values.device.type != "cpu" or _needs_flush(absmax, code, n):  # a GPU flushes without asking (no sync)
         flush_denormals_(values)
     return values.to(dtype)
 
@@ -453,11 +455,31 @@ def dequantize_nf4(
                 if code is not None and not standard
                 else standard_pairs(quant_type, device)
             )
-            return dequantize_4bit_triton(
-                flat.contiguous(), absmax, pairs, blocksize=blocksize, shape=shape, dtype=dtype,
-                transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
-                nested_blocksize=nested_blocksize, offset=offset, plan_key=plan_key,
-            )  # fmt: skip
+            try:
+                return dequantize_4bit_triton(
+                    flat.contiguous(), absmax, pairs, blocksize=blocksize, shape=shape, dtype=dtype,
+                    transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
+                    nested_blocksize=nested_blocksize, offset=offset, plan_key=plan_key, wait=backend == "triton",
+                )  # fmt: skip
+            except KernelNotReady:  # compiling in the background (_compile): the same bits another way
+                absmax_f32 = _decode_absmax(
+                    absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch"
+                )
+                if standard and sys.modules.get("bitsandbytes") is not None:  # imported already: its kernel
+                    result = torch.ops.bitsandbytes.dequantize_4bit.default(
+                        flat, absmax_f32, blocksize, quant_type, list(shape), dtype
+                    )
+                else:
+                    table = (
+                        code.reshape(-1)
+                        if code is not None and not standard
+                        else standard_code(quant_type, device)
+                    )
+                    result = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype)
+                result = result.reshape(shape)
+                if transpose:
+                    result = result.t().contiguous()  # the layout the kernel writes
+                return out.copy_(result) if out is not None else result
         elif chosen == "bnb":
             absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "bnb")
             if device.type == "cuda" and out is not None and not transpose and out.is_contiguous():

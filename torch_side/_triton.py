@@ -106,11 +106,13 @@ def dequantize_4bit_triton(
     nested_blocksize: int = 256,
     offset: float | torch.Tensor = 0.0,
     plan_key: tuple[Any, ...] | None = None,
+    wait: bool = True,
 ) -> torch.Tensor:
     """One fused pass: unpack, look up, scale (a nested absmax decoded on the way), convert, and write
     row-major or transposed. ``flat`` holds the packed bytes; ``absmax`` is float32, or uint8 when nested;
     ``pairs`` is the byte-pair table of the code (``_codes.pairs_of``). With ``plan_key``, the launch is
-    remembered under it (``_plans``)."""
+    remembered under it (``_plans``). With ``wait`` false, raises ``KernelNotReady`` (writing nothing) while
+    the kernel is compiled in the background (``_compile``)."""
     n = math.prod(shape)
     device = flat.device
     nested = nested_absmax is not None and nested_code is not None
@@ -145,7 +147,7 @@ def dequantize_4bit_triton(
         grid: tuple[int, ...] = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
         launcher = launch(
             nf4_transposed_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
-            TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, **common,
+            TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, wait=wait, **common,
         )  # fmt: skip
     elif transpose:
         rows, cols = shape
@@ -153,7 +155,7 @@ def dequantize_4bit_triton(
         grid = (_cdiv(rows, NF4_T_ANY_TILE[0]), _cdiv(cols, NF4_T_ANY_TILE[1]))
         launcher = launch(
             nf4_transposed_any_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BLOCKSIZE=blocksize,
-            TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS, **common,
+            TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS, wait=wait, **common,
         )  # fmt: skip
     else:
         n_bytes = (n + 1) // 2
@@ -163,7 +165,7 @@ def dequantize_4bit_triton(
         grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
         launcher = launch(
             nf4_rows_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BYTES_PER_BLOCK=bytes_per_block,
-            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, **common,
+            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, wait=wait, **common,
         )  # fmt: skip
     if plan_key is not None and launcher is not None and copy_to is None:  # out, when given, is buf
         remember(NF4_PLANS, plan_key, NF4Plan(launcher, result_shape, dtype, ints, pairs, nested))
@@ -196,9 +198,11 @@ def dequantize_fp8_triton(
     dtype: torch.dtype,
     transpose: bool,
     plan_key: tuple[Any, ...] | None = None,
+    wait: bool = True,
 ) -> torch.Tensor:
     """FP8 ``W`` (float8_e4m3fn or float8_e5m2; 2-D, or any shape with a one-element scale) times its
-    tiled scales, in one pass. With ``plan_key``, the launch is remembered under it (``_plans``)."""
+    tiled scales, in one pass. With ``plan_key``, the launch is remembered under it (``_plans``). ``wait``:
+    as in :func:`dequantize_4bit_triton`."""
     W = W.contiguous()
     scale = scale.contiguous()
     rows, cols = (W.shape[0], W.shape[1]) if W.dim() == 2 else (1, W.numel())
@@ -220,7 +224,7 @@ def dequantize_fp8_triton(
     launcher = launch(
         fp8_kernel, grid, W.view(torch.uint8), scale, out, *ints,
         E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=tile[0], TILE_C=tile[1],
-        SOFT=_soft(W.device), num_warps=FP8_T_WARPS if transpose else FP8_WARPS,
+        SOFT=_soft(W.device), num_warps=FP8_T_WARPS if transpose else FP8_WARPS, wait=wait,
     )  # fmt: skip
     if plan_key is not None and launcher is not None:
         remember(FP8_PLANS, plan_key, FP8Plan(launcher, out_shape, dtype, ints))

@@ -219,16 +219,18 @@ def test_repeated_calls_reuse_their_checked_plan_with_new_data():
     for seed in range(3):  # new data, same kind: one plan, each call reads its own pieces
         for nested in (True, False):
             _, packed, qs = bnb_quantize((64, 320), nested=nested, seed=seed, device="cuda")
-            assert_bitwise_equal(torch_side.dequantize(packed, qs), F.dequantize_4bit(packed, qs))
+            assert_bitwise_equal(
+                torch_side.dequantize(packed, qs, backend="triton"), F.dequantize_4bit(packed, qs)
+            )
             pieces = _pieces(qs)
             if nested:  # the nested offset as a number (as the checkpoint loader passes it)
                 pieces["offset"] = float(qs.offset)
-            got = torch_side.dequantize_nf4(packed, qs.absmax, **pieces, transpose=True)
+            got = torch_side.dequantize_nf4(packed, qs.absmax, **pieces, transpose=True, backend="triton")
             assert_bitwise_equal(got, F.dequantize_4bit(packed, qs).t())
             buffer = torch.empty(64 * 320 + 1, dtype=qs.dtype, device="cuda")
             for start in (0, 1):  # out= as given, 16-byte aligned or not
                 out = buffer[start : start + 64 * 320].view(64, 320)
-                assert torch_side.dequantize(packed, qs, out=out) is out
+                assert torch_side.dequantize(packed, qs, out=out, backend="triton") is out
                 assert_bitwise_equal(out, F.dequantize_4bit(packed, qs))
     # {nested, plain} x {offset tensor and row-major, offset number and transposed, out aligned or not}
     assert len(NF4_PLANS) == 8

@@ -55,3 +55,70 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert result.returncode == 0 and "COMPILED 72" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
     )
+
+
+BACKGROUND = r"""
+import os, sys, tempfile
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+import torch, triton.compiler.compiler as tc
+from torch_side import _compile
+from torch_side._compile_child import compile_only
+from torch_side.kernels._fp8 import fp8_kernel
+from torch_side.kernels._nf4 import nf4_rows_kernel
+
+bytes_ = torch.zeros(4096, dtype=torch.uint8)
+floats = torch.zeros(64)
+out = torch.zeros(4096, dtype=torch.bfloat16)
+meta = dict(E5M2=False, TRANSPOSE=False, SCALE_MODE=0, TILE_R=64, TILE_C=128, SOFT=False, num_warps=4)
+cases = [
+    (bytes_, floats, out, 256, 512, 4, 128, 128),
+    (bytes_, floats, out, 272, 528, 4, 128, 128),  # other sizes, same divisibility: the same variant
+    (bytes_[1:], floats, out, 256, 512, 4, 128, 128),  # weight 1 byte off 16-byte alignment
+    (bytes_, floats[1:], out, 256, 512, 4, 128, 128),  # scales 4 bytes off
+    (bytes_, floats, out[3:], 256, 512, 4, 128, 128),  # output 6 bytes off
+    (bytes_, floats, out, 1, 512, 4, 128, 128),  # one row: Triton makes it a constant
+    (bytes_, floats, out, 255, 509, 4, 128, 128),  # sizes that are no multiple of 16
+    (bytes_, floats, out, 2**31 + 16, 512, 4, 128, 128),  # a size that needs 64 bits
+]
+by_key = {}
+with compile_only(90):
+    for args in cases:
+        real = fp8_kernel.warmup(*args, grid=(1,), **meta).hash
+        stand_in = fp8_kernel.warmup(*_compile.stand_ins(args), grid=(1,), **meta).hash
+        assert real == stand_in, args[3:]
+        key = _compile.variant_key(fp8_kernel, 0, args, meta)
+        assert by_key.setdefault(key, real) == real, ("one key, two compiled variants", args[3:])
+print("VARIANTS", len(by_key), len(set(by_key.values())))
+
+# the compile process fills the cache that this process then reads without compiling
+nf4_args = (bytes_, floats, floats, out, floats, floats, 0.5, 64, 128)
+nf4_meta = dict(BYTES_PER_BLOCK=32, NESTED=True, NESTED_BLOCKSIZE=256, OFFSET_TENSOR=False, ROWS=128, COLS=32,
+                SOFT=False, num_warps=4, enable_fp_fusion=False)
+spec = _compile.describe(nf4_rows_kernel, nf4_args, nf4_meta)
+assert _compile._compile_elsewhere([spec], 90)
+def no_compiling(*a, **k):
+    raise AssertionError("compiled in this process")
+tc.ASTSource.make_ir = no_compiling
+with compile_only(90):
+    nf4_rows_kernel.warmup(*_compile.stand_ins(nf4_args), grid=(1,), **nf4_meta)
+    try:  # a variant the compile process was not asked for is not in the cache
+        nf4_rows_kernel.warmup(*_compile.stand_ins(nf4_args[:-1] + (129,)), grid=(1,), **nf4_meta)
+    except AssertionError:
+        print("FROM THE CACHE")
+"""
+
+
+def test_background_compiles_are_the_variants_a_launch_would_compile():
+    """The variant key and the stand-in arguments of the background compile (torch_side._compile) give
+    the compiled kernel Triton picks for the real arguments (pointer alignment, sizes of 1, multiples of
+    16, 64-bit sizes); the compile process fills the cache a launch then reads without compiling."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", BACKGROUND], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    # 8 cases, 7 variants: 256x512 and 272x528 (multiples of 16, aligned) share one
+    assert result.returncode == 0 and "VARIANTS 7 7" in result.stdout and "FROM THE CACHE" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-5000:]
+    )

@@ -1,0 +1,301 @@
+"""Compiled Triton kernels, without a compile wait on the calling thread.
+
+A kernel specialization (a *variant*: the kernel, its constexpr values and launch options, and what
+Triton specializes each runtime argument on) is compiled once per machine and loaded once per process.
+Triton does both on the first launch, on the caller's thread: about 0.3-1 s of compiling per variant
+with an empty cache, and about 0.7 s of hashing its own installation and importing on the first load of
+a process even with a warm one (H200, ``benchmarks/RESULTS.md``).
+
+With ``QBRIDGE_TRITON_COMPILE=background`` (the default), :func:`ready_kernel` never does that on the
+caller's thread. A variant that is not loaded yet is handed to one background thread, and the call is
+answered by the caller with the exact torch path (same bits). The thread loads the variant from Triton's
+cache; a variant this machine has not compiled yet (no record of it, see below) is first compiled in a
+separate Python process for the device's architecture, so that compiling takes no time from the
+caller's process (Triton's compiler holds the GIL for most of its work). From then on, calls launch the
+compiled kernel. ``QBRIDGE_TRITON_COMPILE=wait`` compiles on the caller's thread, as Triton does.
+
+A record (an empty file in Triton's cache directory, named by a hash of the variant, the kernel's source,
+Triton's version and the device's architecture) says that the variant was compiled into that cache. A
+missing or stale record costs time only: the load compiles whatever Triton's cache lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+log = logging.getLogger("torch_side")
+
+MODES = ("background", "wait")
+COMPILE_MODE_ENV = "QBRIDGE_TRITON_COMPILE"
+GATHER_S = 0.05  # how long the background thread gathers requests before starting a compile process
+CHILD_TIMEOUT_S = 900.0  # a compile process that has not finished by then is given up (compiled in-process)
+
+_READY: dict[
+    tuple[Any, ...], Any
+] = {}  # variant -> CompiledKernel (loaded on the device by its first launch)
+_REQUESTED: set[tuple[Any, ...]] = set()
+_FAILED: set[tuple[Any, ...]] = set()  # compiled on the caller's thread next time, to raise Triton's error
+_QUEUE: queue.Queue[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]] = queue.Queue()
+_LOCK = threading.Lock()  # Triton's per-kernel caches are filled by one thread at a time
+_IDLE = threading.Condition()
+_WORKING = 0
+_WORKER: threading.Thread | None = None
+
+
+class KernelNotReady(Exception):
+    """The variant is being compiled or loaded in the background; nothing was launched."""
+
+
+def compile_mode() -> str:
+    """``"background"`` or ``"wait"``, from ``QBRIDGE_TRITON_COMPILE``.
+
+    Raises:
+        ValueError: the variable holds another value.
+    """
+    mode = os.environ.get(COMPILE_MODE_ENV, "") or "background"
+    if mode not in MODES:
+        raise ValueError(f"{COMPILE_MODE_ENV} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def arg_spec(arg: Any) -> tuple[Any, ...]:
+    """What Triton specializes a runtime argument on (or something finer).
+
+    A tensor: its dtype and whether its address is a multiple of 16. An int: whether it is 1, whether it
+    is a multiple of 16, and the integer type its value needs. A float: nothing (always fp32).
+    """
+    if isinstance(arg, torch.Tensor):
+        return ("t", arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool):
+        return ("b",)
+    if isinstance(arg, int):
+        kind = "i32" if -(2**31) <= arg < 2**31 else ("i64" if -(2**63) <= arg < 2**63 else "u64")
+        return ("i", arg == 1, arg % 16 == 0, kind)
+    if isinstance(arg, float):
+        return ("f",)
+    raise TypeError(f"no Triton specialization known for an argument of type {type(arg).__name__}")
+
+
+def variant_key(
+    kernel: Any, device_index: int, args: tuple[Any, ...], meta: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The key under which a compiled variant is kept: two calls with equal keys run the same machine code."""
+    return (kernel, device_index, tuple(arg_spec(a) for a in args), tuple(sorted(meta.items())))
+
+
+class StandIn:
+    """A pointer argument for compiling: a dtype and an address that is, or is not, 16-byte aligned."""
+
+    def __init__(self, dtype: torch.dtype, aligned: bool) -> None:
+        self.dtype = dtype
+        self.shape = [1]
+        self._ptr = 0 if aligned else 1
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def stride(self) -> tuple[int, ...]:
+        return (1,)
+
+
+def stand_ins(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with every tensor replaced by a :class:`StandIn` of the same specialization."""
+    return tuple(StandIn(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def describe(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any]) -> dict[str, Any]:
+    """A JSON description of one variant (``args`` real or :func:`stand_ins`), for the compile process
+    (``_compile_child``)."""
+    return {
+        "module": kernel.fn.__module__,
+        "name": kernel.fn.__name__,
+        "args": [
+            ["t", str(a.dtype).removeprefix("torch."), a.data_ptr() % 16 == 0]
+            if isinstance(a, (torch.Tensor, StandIn))
+            else ["f", a]
+            if isinstance(a, float)
+            else ["i", a]
+            for a in args
+        ],
+        "meta": meta,
+    }
+
+
+def triton_cache_dir() -> pathlib.Path:
+    """The directory Triton caches compiled kernels in."""
+    try:
+        from triton import knobs
+
+        configured = knobs.cache.dir
+    except (ImportError, AttributeError):
+        configured = None
+    return pathlib.Path(
+        configured or os.environ.get("TRITON_CACHE_DIR") or pathlib.Path.home() / ".triton" / "cache"
+    )
+
+
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
+
+
+def record_path(kernel: Any, spec: dict[str, Any], capability: int) -> pathlib.Path:
+    """Where the record of one compiled variant lives."""
+    import triton
+
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_") and k != "TRITON_CACHE_DIR")
+    text = json.dumps(
+        [triton.__version__, kernel.cache_key, spec, capability, env], sort_keys=True, default=str
+    )
+    return triton_cache_dir() / "qbridge-variants" / hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_record(path: pathlib.Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as e:  # a read-only cache: the next process compiles again
+        log.debug("could not record a compiled variant at %s: %s", path, e)
+
+
+def _compile_elsewhere(specs: list[dict[str, Any]], capability: int) -> bool:
+    """Compiles ``specs`` into Triton's cache in a new Python process; True when it succeeded."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(triton_cache_dir()))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    request = json.dumps({"capability": capability, "variants": specs})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch_side._compile_child"],
+            input=request, capture_output=True, text=True, env=env, timeout=CHILD_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("the compile process did not run (%s); compiling in this process", e)
+        return False
+    if done.returncode != 0:
+        log.debug("the compile process failed (%s); compiling in this process", done.stderr[-2000:])
+        return False
+    return True
+
+
+def _load(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], device_index: int) -> Any:
+    """Triton's compiled kernel for the variant of ``args`` (stand-ins will do) and ``meta`` on the device:
+    from Triton's memory, its disk cache, or compiled now."""
+    with _LOCK, torch.cuda.device(device_index):
+        return kernel.warmup(*args, grid=(1,), **meta)
+
+
+def _work() -> None:
+    global _WORKING
+    while True:
+        batch = [_QUEUE.get()]
+        # the first calls of a model ask for several variants at once: one compile process for all
+        time.sleep(GATHER_S)
+        while True:
+            try:
+                batch.append(_QUEUE.get_nowait())
+            except queue.Empty:
+                break
+        try:
+            records = []
+            for _, kernel, args, meta, device_index in batch:
+                capability = _capability(device_index)
+                records.append((record_path(kernel, describe(kernel, args, meta), capability), capability))
+            missing: dict[int, list[dict[str, Any]]] = {}
+            for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
+                if not record.exists():
+                    missing.setdefault(capability, []).append(describe(kernel, args, meta))
+            for capability, specs in missing.items():
+                _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
+            for (record, _), (key, kernel, args, meta, device_index) in zip(records, batch, strict=True):
+                try:
+                    _READY[key] = _load(kernel, args, meta, device_index)
+                    if not record.exists():  # Triton's cache holds it now
+                        _write_record(record)
+                except Exception as e:  # the caller's thread compiles it next time, and raises Triton's error
+                    log.debug("background compile of %s failed: %r", kernel, e)
+                    _FAILED.add(key)
+        except Exception as e:
+            log.debug("background compiles failed: %r", e)
+            for key, *_ in batch:
+                _FAILED.add(key)
+        finally:
+            with _IDLE:
+                _WORKING -= len(batch)
+                _IDLE.notify_all()
+
+
+def _request(
+    key: tuple[Any, ...], kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], device_index: int
+) -> None:
+    global _WORKER, _WORKING
+    with _IDLE:
+        if key in _REQUESTED:
+            return
+        _REQUESTED.add(key)
+        _WORKING += 1
+        if _WORKER is None or not _WORKER.is_alive():
+            _WORKER = threading.Thread(target=_work, name="torch_side-triton-compile", daemon=True)
+            _WORKER.start()
+    # stand-ins only: the queue holds no reference to the caller's tensors
+    _QUEUE.put((key, kernel, stand_ins(args), dict(meta), device_index))
+
+
+def ready_kernel(
+    kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], device_index: int, *, wait: bool
+) -> Any:
+    """Triton's ``CompiledKernel`` for launching ``kernel`` with ``args`` and ``meta`` on CUDA device
+    ``device_index`` (current on this thread).
+
+    Args:
+        wait: compile or load on this thread if needed (also when ``QBRIDGE_TRITON_COMPILE=wait``, and for
+            a variant whose background compile failed, so that Triton's error reaches the caller).
+
+    Raises:
+        KernelNotReady: ``wait`` is false and the variant is being made ready in the background.
+    """
+    key = variant_key(kernel, device_index, args, meta)
+    compiled = _READY.get(key)
+    if compiled is not None:
+        return compiled
+    if not wait and key not in _FAILED and compile_mode() == "background":
+        _request(key, kernel, args, meta, device_index)
+        raise KernelNotReady
+    compiled = _load(kernel, stand_ins(args), meta, device_index)
+    _READY[key] = compiled
+    return compiled
+
+
+def wait_for_kernels(timeout: float | None = None) -> bool:
+    """Waits until every Triton kernel asked for so far is compiled and loaded (or has failed, in which
+    case the next call compiles it on the caller's thread and raises Triton's error).
+
+    Calls with the default ``backend="auto"`` answer from the exact torch path while a kernel they need is
+    compiled in the background; call this first where every call must run the compiled kernels (timing,
+    CUDA graph capture).
+
+    Args:
+        timeout: seconds to wait at most; None waits as long as it takes.
+
+    Returns:
+        True when nothing is left to compile, False when ``timeout`` ran out first.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _IDLE:
+        while _WORKING:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            _IDLE.wait(left)
+    return True
