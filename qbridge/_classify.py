@@ -10,9 +10,12 @@ Sources, strongest first:
    the model is built on the meta device (no memory, no weights) and asked: each module's class gives
    its kind (subclasses of ``nn.Embedding`` are embeddings, transformers' ``Conv1D`` stores ``[in, out]``
    and, once bitsandbytes has quantized it, ``[out, in]``), its non-persistent buffers are caches, and
-   its tied-weight map names the copies of tied tensors. Building it costs an import of transformers (about
-   a second), so it happens when the answer can change the result: loading without a target, an
-   architecture whose transformers modeling code uses ``Conv1D``, or tensors that nothing else explains.
+   its tied-weight map names the copies of tied tensors. Building it costs an import of transformers (a
+   second to 15 s, by what it imports along), so it happens when the answer can change the result: loading
+   without a target, an architecture whose transformers modeling code uses ``Conv1D``, or tensors that
+   nothing else explains. The answer is remembered in qbridge's cache directory (:func:`cache_dir`) under
+   a hash of the config and of the transformers, torch and qbridge versions, so later processes loading
+   the same model skip the import.
 3. Name rules (``jax_side.infer_kind``, ``jax_side.buffer_reason``) elsewhere: these are guesses, and the
    report lists the tensors classified that way.
 
@@ -25,8 +28,12 @@ parameter.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -155,13 +162,17 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
     if _transformers_dir() is None:
         return None, "transformers is not installed"
     arch = str(architectures[0])
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    remembered = _cache_file(arch, plain)
+    info = _read_info(remembered)
+    if info is not None:
+        return info, f"{arch} built on the meta device (remembered from an earlier build: {remembered})"
     try:
         import transformers
 
         cls = getattr(transformers, arch, None)
         if cls is None:
             return None, f"transformers has no {arch}"
-        plain = {k: v for k, v in config.items() if k != "quantization_config"}
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
@@ -195,7 +206,72 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
             first[id(param)] = name
     for copy, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         tied.setdefault(str(copy), str(source))
-    return ModuleInfo(arch, kinds, classes, non_persistent, tied), f"{arch} built on the meta device"
+    info = ModuleInfo(arch, kinds, classes, non_persistent, tied)
+    _write_info(remembered, info)
+    return info, f"{arch} built on the meta device"
+
+
+CACHE_ENV = "QBRIDGE_CACHE_DIR"
+INFO_FORMAT = 1  # raise when ModuleInfo or the rules that fill it change: older files are not read
+
+
+def cache_dir() -> pathlib.Path | None:
+    """Where qbridge remembers what it derived once: ``$QBRIDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/qbridge``
+    or ``~/.cache/qbridge``; None when ``QBRIDGE_CACHE_DIR`` is set to ``off``."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen == "off":
+        return None
+    if chosen:
+        return pathlib.Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "qbridge"
+
+
+def _cache_file(arch: str, config: dict[str, Any]) -> pathlib.Path | None:
+    """The file that remembers the model of ``config``: named by a hash of the config and of the versions of
+    everything that decides the answer (transformers builds the model, torch and qbridge classify it)."""
+    import qbridge
+
+    root = cache_dir()
+    if root is None:
+        return None
+    try:
+        versions = [importlib.metadata.version("transformers"), torch.__version__, qbridge.__version__]
+        text = json.dumps([INFO_FORMAT, arch, versions, config], sort_keys=True, default=repr)
+    except (importlib.metadata.PackageNotFoundError, TypeError, ValueError):
+        return None
+    return root / "modules" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
+
+
+def _read_info(path: pathlib.Path | None) -> ModuleInfo | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        info = ModuleInfo(
+            str(data["architecture"]), dict(data["kinds"]), dict(data["classes"]),
+            set(data["non_persistent"]), dict(data["tied"]),
+        )  # fmt: skip
+        if not all(isinstance(v, str) for d in (info.kinds, info.classes, info.tied) for v in d.values()):
+            raise TypeError("values must be strings")
+    except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: built again, and the file rewritten
+        log.debug("ignoring %s: %s", path, e)
+        return None
+    return info
+
+
+def _write_info(path: pathlib.Path | None, info: ModuleInfo) -> None:
+    if path is None:
+        return
+    data = dataclasses.asdict(info)
+    data["non_persistent"] = sorted(info.non_persistent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(data))
+        os.replace(partial, path)  # whole or absent, also with several processes writing
+    except OSError as e:  # a read-only home: built again next time
+        log.debug("could not remember the model in %s: %s", path, e)
 
 
 def _same_tensor(read: Any, a: str, b: str) -> bool:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # JAX must not take 75 % of the card that torch shares with it in the GPU tests.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# What qbridge remembers between processes (models built on the meta device) stays inside the test run.
+os.environ.setdefault("QBRIDGE_CACHE_DIR", tempfile.mkdtemp(prefix="qbridge-test-cache-"))
 
 
 def _cuda_visible() -> bool:

@@ -6,8 +6,11 @@ own decoders or plain numpy, never against qbridge."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -462,6 +465,57 @@ def test_tables_are_embeddings_by_their_module_type_without_a_target(tmp_path):
     _, report = qbridge.load_checkpoint(tmp_path / "bart", progress=False, return_report=True)
     assert "model.encoder.embed_positions.weight" in report.guessed and "name rules" in report.classified_by
     assert "module kinds guessed from names" in str(qbridge.inspect_checkpoint(tmp_path / "bart"))
+
+
+def test_the_model_is_built_once_and_remembered(tmp_path, monkeypatch):
+    """The torch model asked about a checkpoint's tensors is built once; later loads of the same model read
+    the answer from qbridge's cache directory. Another config is built anew; a damaged file is rebuilt."""
+    from qbridge._classify import module_info
+
+    monkeypatch.setenv("QBRIDGE_CACHE_DIR", str(tmp_path / "cache"))
+    config = {**transformers.GPT2Config(**GPT2).to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    first, note = module_info(config)
+    assert (
+        first is not None and "remembered" not in note and "transformer.h.0.attn.c_attn.weight" in first.kinds
+    )
+    (saved,) = (tmp_path / "cache" / "modules").glob("*.json")
+    build = transformers.GPT2LMHeadModel._from_config
+
+    def no_building(*args, **kwargs):
+        raise RuntimeError("built again")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "_from_config", no_building)
+    second, note = module_info(config)
+    assert second == first and "remembered" in note
+    _, note = module_info({**config, "n_layer": 3})  # another model: asked again
+    assert "built again" in note
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "_from_config", build)
+    saved.write_text('{"architecture": "GPT2LMHeadModel", "kinds": ')
+    third, note = module_info(config)
+    assert (
+        third == first and "remembered" not in note and json.loads(saved.read_text())["kinds"] == first.kinds
+    )
+    monkeypatch.setenv("QBRIDGE_CACHE_DIR", "off")
+    saved.unlink()
+    assert module_info(config)[0] == first and not saved.exists()
+
+
+def test_a_later_process_loads_without_importing_transformers(tmp_path):
+    _llama(tmp_path / "llama")
+    script = (
+        "import sys, qbridge; qbridge.load_checkpoint(sys.argv[1], progress=False); "
+        "print('TRANSFORMERS', 'transformers' in sys.modules)"
+    )
+    env = {**os.environ, "QBRIDGE_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    seen = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "llama")], env=env, capture_output=True, text=True,
+            timeout=600, cwd=pathlib.Path(__file__).resolve().parents[2],
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen.append(done.stdout.split("TRANSFORMERS")[-1].strip())
+    assert seen == ["True", "False"]
 
 
 # --- kind 9: messages that point the right way ------------------------------------------------------------
