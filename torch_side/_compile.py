@@ -2,17 +2,20 @@
 
 A kernel specialization (a *variant*: the kernel, its constexpr values and launch options, and what
 Triton specializes each runtime argument on) is compiled once per machine and loaded once per process.
-Triton does both on the first launch, on the caller's thread: about 0.3-1 s of compiling per variant
-with an empty cache, and about 0.7 s of hashing its own installation and importing on the first load of
-a process even with a warm one (H200, ``benchmarks/RESULTS.md``).
+Triton does both on the first launch, on the caller's thread: 0.3-1 s of compiling per variant with an
+empty cache, and even with a warm one about 0.15 s to import Triton and 0.7 s to hash its own
+installation and import more on the first load of a process (H200, ``benchmarks/RESULTS.md``).
 
-With ``QBRIDGE_TRITON_COMPILE=background`` (the default), :func:`ready_kernel` never does that on the
-caller's thread. A variant that is not loaded yet is handed to one background thread, and the call is
-answered by the caller with the exact torch path (same bits). The thread loads the variant from Triton's
-cache; a variant this machine has not compiled yet (no record of it, see below) is first compiled in a
-separate Python process for the device's architecture, so that compiling takes no time from the
-caller's process (Triton's compiler holds the GIL for most of its work). From then on, calls launch the
-compiled kernel. ``QBRIDGE_TRITON_COMPILE=wait`` compiles on the caller's thread, as Triton does.
+With ``QBRIDGE_TRITON_COMPILE=background`` (the default), calls with ``backend="auto"`` never do that on
+the caller's thread. One background thread imports the kernels' module (and Triton), then loads each
+variant a call asks for from Triton's cache; a variant this machine has not compiled yet (no record of
+it, see below) is first compiled in a separate Python process for the device's architecture, without a
+GPU, so that compiling takes no time from the caller's process (Triton's compiler holds the GIL for most
+of its work). Until its kernel is ready, a call is answered on the caller's thread by the exact torch
+path, or by bitsandbytes' kernel when bitsandbytes is imported already: the same bits, more slowly.
+
+``QBRIDGE_TRITON_COMPILE=wait``, ``backend="triton"`` and every call after :func:`wait_for_kernels`
+compile or load on the caller's thread, as Triton does.
 
 A record (an empty file in Triton's cache directory, named by a hash of the variant, the kernel's source,
 Triton's version and the device's architecture) says that the variant was compiled into that cache. A
@@ -22,6 +25,7 @@ missing or stale record costs time only: the load compiles whatever Triton's cac
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -52,6 +56,10 @@ _LOCK = threading.Lock()  # Triton's per-kernel caches are filled by one thread 
 _IDLE = threading.Condition()
 _WORKING = 0
 _WORKER: threading.Thread | None = None
+KERNELS_MODULE = "torch_side._triton"
+IMPORT_KEY = ("import", KERNELS_MODULE)
+_IMPORTED = threading.Event()  # set once the kernels' module is imported (or its import failed)
+_WAIT_FROM_NOW = False  # set by wait_for_kernels
 
 
 class KernelNotReady(Exception):
@@ -207,6 +215,19 @@ def _work() -> None:
                 batch.append(_QUEUE.get_nowait())
             except queue.Empty:
                 break
+        if any(item[1] is None for item in batch):  # the kernels' module, imported away from the caller
+            try:
+                importlib.import_module(KERNELS_MODULE)
+            except Exception as e:  # the caller's thread imports it next time, and raises the error
+                log.debug("importing %s failed: %r", KERNELS_MODULE, e)
+                _FAILED.add(IMPORT_KEY)
+            _IMPORTED.set()
+            with _IDLE:
+                _WORKING -= sum(item[1] is None for item in batch)
+                _IDLE.notify_all()
+            batch = [item for item in batch if item[1] is not None]
+            if not batch:
+                continue
         try:
             records = []
             for _, kernel, args, meta, device_index in batch:
@@ -252,6 +273,24 @@ def _request(
     _QUEUE.put((key, kernel, stand_ins(args), dict(meta), device_index))
 
 
+def kernels_imported(wait: bool) -> None:
+    """Returns when the caller may import the Triton kernels' module (``_triton``) without waiting: it is
+    imported already, or ``wait``, or ``QBRIDGE_TRITON_COMPILE=wait``. Importing it imports Triton (about
+    0.15 s), so otherwise the background thread imports it.
+
+    Raises:
+        KernelNotReady: the module is being imported in the background.
+    """
+    if _IMPORTED.is_set() or wait or IMPORT_KEY in _FAILED or _waiting():
+        return
+    module = sys.modules.get(KERNELS_MODULE)
+    if module is not None and not getattr(module.__spec__, "_initializing", False):  # imported elsewhere
+        _IMPORTED.set()
+        return
+    _request(IMPORT_KEY, None, (), {}, -1)
+    raise KernelNotReady
+
+
 def ready_kernel(
     kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], device_index: int, *, wait: bool
 ) -> Any:
@@ -269,7 +308,7 @@ def ready_kernel(
     compiled = _READY.get(key)
     if compiled is not None:
         return compiled
-    if not wait and key not in _FAILED and compile_mode() == "background":
+    if not wait and key not in _FAILED and not _waiting():
         _request(key, kernel, args, meta, device_index)
         raise KernelNotReady
     compiled = _load(kernel, stand_ins(args), meta, device_index)
@@ -277,20 +316,27 @@ def ready_kernel(
     return compiled
 
 
-def wait_for_kernels(timeout: float | None = None) -> bool:
-    """Waits until every Triton kernel asked for so far is compiled and loaded (or has failed, in which
-    case the next call compiles it on the caller's thread and raises Triton's error).
+def _waiting() -> bool:
+    return _WAIT_FROM_NOW or compile_mode() == "wait"
 
-    Calls with the default ``backend="auto"`` answer from the exact torch path while a kernel they need is
-    compiled in the background; call this first where every call must run the compiled kernels (timing,
-    CUDA graph capture).
+
+def wait_for_kernels(timeout: float | None = None) -> bool:
+    """Waits for the Triton kernels being compiled or loaded in the background, and makes every later call
+    wait for the kernel it needs instead of answering another way (as ``QBRIDGE_TRITON_COMPILE=wait``).
+
+    Calls with the default ``backend="auto"`` answer from the exact torch path (or bitsandbytes' kernel)
+    while Triton and a kernel they need are made ready in the background (``torch_side._compile``): the
+    same bits, more slowly. Call this once where every call must run the compiled kernels: before timing
+    them or capturing them in a CUDA graph.
 
     Args:
         timeout: seconds to wait at most; None waits as long as it takes.
 
     Returns:
-        True when nothing is left to compile, False when ``timeout`` ran out first.
+        True when nothing is left in the background, False when ``timeout`` ran out first.
     """
+    global _WAIT_FROM_NOW
+    _WAIT_FROM_NOW = True
     deadline = None if timeout is None else time.monotonic() + timeout
     with _IDLE:
         while _WORKING:

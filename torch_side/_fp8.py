@@ -18,7 +18,7 @@ import torch
 from ._backend import choose_fp8_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, require_tensor, same_device
-from ._compile import KernelNotReady
+from ._compile import KernelNotReady, kernels_imported
 from ._plans import FP8_PLANS, tensor_key
 
 FP8_DTYPES = tuple(
@@ -292,9 +292,10 @@ def _decode_matrix(
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":
-        from ._triton import dequantize_fp8_triton
-
         try:
+            kernels_imported(wait)
+            from ._triton import dequantize_fp8_triton
+
             return dequantize_fp8_triton(
                 W, scale, block=layout.block, grid_shape=layout.grid, dtype=dtype, transpose=transpose,
                 plan_key=plan_key, wait=wait,

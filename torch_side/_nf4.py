@@ -22,7 +22,7 @@ from ._backend import choose_4bit_backend
 from ._checks import check_finite as _check_finite
 from ._checks import on_device, plain, raise_out_mismatch, require_tensor, same_device
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
-from ._compile import KernelNotReady
+from ._compile import KernelNotReady, kernels_imported
 from ._plans import NF4_PLANS, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
@@ -448,24 +448,32 @@ def dequantize_nf4(
         if n == 0:
             result = torch.empty(shape, dtype=dtype, device=device)
         elif chosen == "triton":
-            from ._triton import dequantize_4bit_triton
-
-            pairs = (
-                pairs_of(code.reshape(-1))
-                if code is not None and not standard
-                else standard_pairs(quant_type, device)
-            )
             try:
+                kernels_imported(backend == "triton")
+                from ._triton import dequantize_4bit_triton
+
+                pairs = (
+                    pairs_of(code.reshape(-1))
+                    if code is not None and not standard
+                    else standard_pairs(quant_type, device)
+                )
                 return dequantize_4bit_triton(
                     flat.contiguous(), absmax, pairs, blocksize=blocksize, shape=shape, dtype=dtype,
                     transpose=transpose, out=out, nested_absmax=nested_absmax, nested_code=nested_code,
                     nested_blocksize=nested_blocksize, offset=offset, plan_key=plan_key, wait=backend == "triton",
                 )  # fmt: skip
             except KernelNotReady:  # compiling in the background (_compile): the same bits another way
+                # bitsandbytes' kernels when it is imported already (exact on CUDA), else the torch path
+                with_bnb = standard and sys.modules.get("bitsandbytes") is not None
                 absmax_f32 = _decode_absmax(
-                    absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch"
+                    absmax,
+                    nested_absmax,
+                    nested_code,
+                    nested_blocksize,
+                    offset,
+                    "bnb" if with_bnb else "torch",
                 )
-                if standard and sys.modules.get("bitsandbytes") is not None:  # imported already: its kernel
+                if with_bnb:
                     result = torch.ops.bitsandbytes.dequantize_4bit.default(
                         flat, absmax_f32, blocksize, quant_type, list(shape), dtype
                     )
