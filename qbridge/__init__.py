@@ -23,6 +23,7 @@ from qbridge._handoff import (
     dequantize_to_jax,
     is_compact,
     to_jax,
+    to_jax_many,
     to_torch,
 )
 from qbridge._inspect import (
@@ -79,6 +80,7 @@ __all__ = [
     "restore_converted",
     "save_peft_adapter",
     "to_jax",
+    "to_jax_many",
     "to_torch",
 ]
 

@@ -7,12 +7,19 @@ what the producing library computes.
 from torch_side._backend import BACKENDS
 from torch_side._codes import FP4_CODE, NF4_CODE, standard_code
 from torch_side._compile import wait_for_kernels
-from torch_side._fp8 import ScaleLayout, dequantize_fp8, dequantize_fp8_reference, fp8_scale_layout
+from torch_side._fp8 import (
+    ScaleLayout,
+    dequantize_fp8,
+    dequantize_fp8_many,
+    dequantize_fp8_reference,
+    fp8_scale_layout,
+)
 from torch_side._int8 import dequantize_int8
 from torch_side._nf4 import (
     decode_nested_absmax_reference,
     dequantize,
     dequantize_4bit_reference,
+    dequantize_many,
     dequantize_nf4,
 )
 from torch_side._quant_state import FourBitState, parse_quant_state
@@ -28,8 +35,10 @@ __all__ = [
     "dequantize",
     "dequantize_4bit_reference",
     "dequantize_fp8",
+    "dequantize_fp8_many",
     "dequantize_fp8_reference",
     "dequantize_int8",
+    "dequantize_many",
     "dequantize_nf4",
     "dequantize_weight",
     "fp8_scale_layout",

@@ -61,3 +61,14 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return _NOTHING
+
+
+def numbered(index: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, its TypeError, ValueError or AssertionError prefixed with ``weights[index]: ``
+    (the many-weights functions)."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        if type(e) not in (TypeError, ValueError, AssertionError):
+            raise  # a subclass: as it came
+        raise type(e)(f"weights[{index}]: {e}") from e

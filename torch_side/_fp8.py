@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from ._backend import choose_fp8_backend
 from ._checks import check_finite as _check_finite
-from ._checks import on_device, plain, require_tensor, same_device
+from ._checks import numbered, on_device, plain, require_tensor, same_device
 from ._compile import KernelNotReady, kernels_imported
 from ._plans import FP8_PLANS, tensor_key
 
@@ -170,6 +171,26 @@ def dequantize_fp8_reference(
     return (wf * expanded).to(dtype)
 
 
+def _plan_key(
+    W: Any, scale_inv: Any, dtype: Any, block_size: Any, transpose: Any, backend: Any, check_finite: Any
+) -> tuple[Any, ...] | None:
+    """The key of this call's plan (``_plans``), or None when it cannot have one (CPU tensors, a number
+    as the scale, ``check_finite``, an unhashable argument)."""
+    if (
+        check_finite
+        or not isinstance(W, torch.Tensor)
+        or not isinstance(scale_inv, torch.Tensor)
+        or not W.is_cuda
+    ):
+        return None
+    try:
+        key = (tensor_key(W), tensor_key(scale_inv), dtype, block_size, transpose, backend)
+        hash(key)
+    except TypeError:  # an unhashable argument (a block_size list): no plan
+        return None
+    return key
+
+
 def dequantize_fp8(
     W: torch.Tensor,
     scale_inv: torch.Tensor | float,
@@ -214,15 +235,11 @@ def dequantize_fp8(
         >>> torch_side.dequantize_fp8(w, s).shape
         torch.Size([576, 7168])
     """
-    plan_key = None
-    if not check_finite and isinstance(W, torch.Tensor) and isinstance(scale_inv, torch.Tensor) and W.is_cuda:
-        try:
-            plan_key = (tensor_key(W), tensor_key(scale_inv), dtype, block_size, transpose, backend)
-            plan = FP8_PLANS.get(plan_key)
-        except TypeError:  # an unhashable argument (a block_size list): no plan
-            plan_key = plan = None
+    plan_key = _plan_key(W, scale_inv, dtype, block_size, transpose, backend, check_finite)
+    if plan_key is not None:
+        plan = FP8_PLANS.get(plan_key)
         if plan is not None and W.device.index == torch.cuda.current_device():
-            return plan(plain(W), plain(scale_inv), W.device)
+            return plan(plain(W), plain(scale_inv), W.device)  # type: ignore[arg-type]  # a key: a tensor
     W = plain(require_tensor(W, "W"))
     if W.dtype not in FP8_DTYPES:
         hint = ""
@@ -306,3 +323,66 @@ def _decode_matrix(
     else:
         result = dequantize_fp8_reference(W, scale, layout, dtype)
     return result.t() if transpose else result
+
+
+def dequantize_fp8_many(
+    weights: Sequence[torch.Tensor],
+    scale_invs: Sequence[torch.Tensor | float],
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    block_size: int | tuple[int, int] | None = None,
+    transpose: bool = False,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> list[torch.Tensor]:
+    """Dequantizes many FP8 weights: ``[dequantize_fp8(W, s, dtype, ...) for W, s in zip(weights,
+    scale_invs)]``, the same values, in few launches.
+
+    On a CUDA device, weights that share a kind with one already dequantized in this process (shape, float8
+    dtype, scale shape and dtype, device, contiguity and 16-byte alignment: a model's experts, or one
+    projection of every layer) are decoded together, one launch per kind, instead of one per weight. The
+    first weight of each kind, and every weight elsewhere, takes :func:`dequantize_fp8`'s own path.
+
+    Args:
+        weights: float8 weights, as :func:`dequantize_fp8` takes them.
+        scale_invs: their scales, one per weight.
+        dtype, block_size, transpose, backend, check_finite: as in :func:`dequantize_fp8`, for every weight.
+
+    Returns:
+        A list of new tensors, one per weight, as :func:`dequantize_fp8` returns them (written on the current
+        stream of their device). Never aliases an input.
+
+    Raises:
+        ValueError: ``weights`` and ``scale_invs`` differ in length; and as :func:`dequantize_fp8`, naming the
+            weight's index (``weights[i]: ...``).
+        TypeError: as :func:`dequantize_fp8`, naming the weight's index.
+    """
+    if len(weights) != len(scale_invs):
+        raise ValueError(f"got {len(weights)} weights and {len(scale_invs)} scale_invs: one scale per weight")
+    results: list[torch.Tensor | None] = [None] * len(weights)
+    kinds: dict[tuple[Any, ...], list[int]] = {}
+    for i, (W, s) in enumerate(zip(weights, scale_invs, strict=True)):
+        key = _plan_key(W, s, dtype, block_size, transpose, backend, check_finite)
+        if key is not None and key in FP8_PLANS and W.device.index == torch.cuda.current_device():
+            kinds.setdefault(key, []).append(i)
+        else:
+            results[i] = numbered(i, dequantize_fp8, W, s, dtype, block_size=block_size, transpose=transpose,
+                                  backend=backend, check_finite=check_finite)  # fmt: skip
+    for key, members in kinds.items():
+        plan = FP8_PLANS.get(key)
+        Ws = [plain(weights[i]) for i in members]
+        scales = [plain(scale_invs[i]) for i in members]  # type: ignore[arg-type]  # tensors: they have a plan
+        outs = None
+        if plan is not None and len(members) > 1:
+            from ._triton import dequantize_fp8_group
+
+            try:
+                outs = dequantize_fp8_group(Ws, scales, wait=backend == "triton", **plan.group)
+            except KernelNotReady:  # the grouped kernel compiles in the background: one launch per weight
+                outs = None
+        if outs is None:
+            outs = [plan(W, s, W.device) if plan is not None else dequantize_fp8(W, s, dtype, block_size=block_size,
+                    transpose=transpose, backend=backend) for W, s in zip(Ws, scales, strict=True)]  # fmt: skip
+        for i, out in zip(members, outs, strict=True):
+            results[i] = out
+    return results  # type: ignore[return-value]

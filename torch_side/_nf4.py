@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ._backend import choose_4bit_backend
 from ._checks import check_finite as _check_finite
-from ._checks import on_device, plain, raise_out_mismatch, require_tensor, same_device
+from ._checks import numbered, on_device, plain, raise_out_mismatch, require_tensor, same_device
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._plans import NF4_PLANS, tensor_key
@@ -563,3 +564,83 @@ def dequantize(
     pieces["code"] = None  # bitsandbytes' kernels choose the table by quant_type alone
     result = dequantize_nf4(W, state.absmax, **pieces, out=out, backend=backend, check_finite=check_finite)
     return result.t() if transposed and result.dim() == 2 else result
+
+
+def dequantize_many(
+    weights: Sequence[torch.Tensor],
+    quant_states: Sequence[Any] | None = None,
+    *,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> list[torch.Tensor]:
+    """Dequantizes many bitsandbytes 4-bit weights: ``[dequantize(W, qs) for W, qs in zip(weights,
+    quant_states)]``, the same values, in few launches.
+
+    On a CUDA device, weights that share a kind with one already dequantized in this process (shape, quant
+    type, block sizes, output dtype, nested or not, dtypes, device, contiguity and 16-byte alignment of every
+    piece: a model's layers) are decoded together, one launch per kind, instead of one per weight. The first
+    weight of each kind, and every weight elsewhere, takes :func:`dequantize`'s own path.
+
+    Args:
+        weights: packed weights as :func:`dequantize` takes them, or ``Params4bit`` (whose ``quant_state``
+            is used when ``quant_states`` is None).
+        quant_states: one quant state per weight (``None`` entries return the weight itself, as
+            :func:`dequantize` does); None reads each weight's ``quant_state`` attribute.
+        backend, check_finite: as in :func:`dequantize`, for every weight.
+
+    Returns:
+        A list of new tensors, one per weight, as :func:`dequantize` returns them (written on the current
+        stream of their device).
+
+    Raises:
+        ValueError: ``weights`` and ``quant_states`` differ in length; and as :func:`dequantize`, naming the
+            weight's index (``weights[i]: ...``).
+        TypeError, AssertionError: as :func:`dequantize`, naming the weight's index.
+    """
+    if quant_states is None:
+        quant_states = [getattr(W, "quant_state", None) for W in weights]
+    if len(weights) != len(quant_states):
+        raise ValueError(f"got {len(weights)} weights and {len(quant_states)} quant states: one per weight")
+    results: list[torch.Tensor | None] = [None] * len(weights)
+    kinds: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
+    for i, (W, qs) in enumerate(zip(weights, quant_states, strict=True)):
+        key = state = None
+        if qs is not None and isinstance(W, torch.Tensor) and W.is_cuda:
+            state = numbered(i, parse_quant_state, qs)
+            pieces = state.pieces()
+            key = _plan_key(
+                W, state.absmax, pieces["shape"], pieces["blocksize"], None, pieces["nested_absmax"],
+                pieces["nested_code"], pieces["nested_blocksize"], pieces["offset"], pieces["quant_type"],
+                pieces["dtype"], False, None, backend, check_finite,
+            )  # fmt: skip
+        if key is not None and key in NF4_PLANS and W.device.index == torch.cuda.current_device():
+            kinds.setdefault(key, []).append((i, state))
+        else:
+            results[i] = numbered(i, dequantize, W, qs, backend=backend, check_finite=check_finite)
+    for key, members in kinds.items():
+        plan = NF4_PLANS.get(key)
+        packed = [plain(weights[i]) for i, _ in members]
+        states = [state for _, state in members]
+        outs = None
+        if plan is not None and len(members) > 1:
+            from ._triton import dequantize_4bit_group
+
+            nested = plan.nested
+            try:
+                outs = dequantize_4bit_group(
+                    [_packed_bytes(p, plan.group["shape"]) for p in packed], [st.absmax for st in states],
+                    plan.pairs, nested_absmaxes=[st.nested_absmax for st in states] if nested else None,
+                    nested_codes=[st.nested_code for st in states] if nested else None,
+                    offsets=[st.offset for st in states] if nested else None, wait=backend == "triton",
+                    **plan.group,
+                )  # fmt: skip
+            except KernelNotReady:  # the grouped kernel compiles in the background: one launch per weight
+                outs = None
+        if outs is None:
+            outs = [
+                numbered(i, dequantize_nf4, p, st.absmax, **{**st.pieces(), "code": None}, backend=backend)
+                for (i, st), p in zip(members, packed, strict=True)
+            ]
+        for (i, _), p, out in zip(members, packed, outs, strict=True):
+            results[i] = out.t() if p.dim() == 2 and p.shape[0] == 1 and out.dim() == 2 else out
+    return results  # type: ignore[return-value]

@@ -14,8 +14,14 @@ import torch
 from ._backend import triton_interpreting
 from ._launch import Launcher, launch
 from ._plans import FP8_PLANS, NF4_PLANS, remember
-from .kernels._fp8 import fp8_kernel
-from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transposed_kernel
+from .kernels._fp8 import fp8_group_kernel, fp8_kernel
+from .kernels._nf4 import (
+    nf4_rows_group_kernel,
+    nf4_rows_kernel,
+    nf4_transposed_any_kernel,
+    nf4_transposed_group_kernel,
+    nf4_transposed_kernel,
+)
 
 # Tile and launch choices, measured on an H100 (benchmarks/RESULTS.md).
 NF4_ROWS_BLOCK = 4096  # packed bytes per program
@@ -50,7 +56,7 @@ def _soft(device: torch.device) -> bool:
 class NF4Plan:
     """A checked 4-bit call: allocate the output and launch (see ``_plans``)."""
 
-    __slots__ = ("dtype", "ints", "launcher", "nested", "out_shape", "pairs")
+    __slots__ = ("dtype", "group", "ints", "launcher", "nested", "out_shape", "pairs")
 
     def __init__(
         self,
@@ -60,9 +66,11 @@ class NF4Plan:
         ints: tuple[int, ...],
         pairs: torch.Tensor,
         nested: bool,
+        group: dict[str, Any],
     ) -> None:
         self.launcher, self.out_shape, self.dtype, self.ints = launcher, out_shape, dtype, ints
         self.pairs, self.nested = pairs, nested
+        self.group = group  # the keyword arguments of dequantize_4bit_group for weights of this plan
 
     def __call__(
         self,
@@ -91,6 +99,50 @@ class NF4Plan:
         return out
 
 
+def _nf4_spec(
+    shape: tuple[int, ...],
+    blocksize: int,
+    transpose: bool,
+    nested: bool,
+    nested_blocksize: int,
+    offset_tensor: bool,
+    device: torch.device,
+) -> tuple[Any, Any, tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+    """The kernel for one 4-bit weight, its grouped form (None where there is none), grid, integer
+    arguments and constexpr arguments."""
+    meta: dict[str, Any] = dict(
+        NESTED=nested,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        OFFSET_TENSOR=offset_tensor,
+        SOFT=_soft(device),
+        enable_fp_fusion=False,
+    )
+    if transpose and shape[1] % 2 == 0:
+        rows, cols = shape
+        tile_r, tile_b = NF4_T_TILE
+        row_scale = cols % blocksize == 0 and (blocksize // 2) % tile_b == 0
+        meta.update(
+            BLOCKSIZE=blocksize, ROW_SCALE=row_scale, TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS
+        )
+        grid = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
+        return nf4_transposed_kernel, nf4_transposed_group_kernel, grid, (rows, cols), meta
+    if transpose:
+        rows, cols = shape
+        meta.update(
+            BLOCKSIZE=blocksize, TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS
+        )
+        grid = (_cdiv(rows, NF4_T_ANY_TILE[0]), _cdiv(cols, NF4_T_ANY_TILE[1]))
+        return nf4_transposed_any_kernel, None, grid, (rows, cols), meta
+    n = math.prod(shape)
+    n_bytes = (n + 1) // 2
+    bytes_per_block = blocksize // 2
+    cols = min(bytes_per_block, NF4_ROWS_BLOCK)  # each row of a program's tile inside one block
+    meta.update(
+        BYTES_PER_BLOCK=bytes_per_block, ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS
+    )
+    return nf4_rows_kernel, nf4_rows_group_kernel, (_cdiv(n_bytes, NF4_ROWS_BLOCK),), (n_bytes, n), meta
+
+
 def dequantize_4bit_triton(
     flat: torch.Tensor,
     absmax: torch.Tensor,
@@ -113,7 +165,6 @@ def dequantize_4bit_triton(
     ``pairs`` is the byte-pair table of the code (``_codes.pairs_of``). With ``plan_key``, the launch is
     remembered under it (``_plans``). With ``wait`` false, raises ``KernelNotReady`` (writing nothing) while
     the kernel is compiled in the background (``_compile``)."""
-    n = math.prod(shape)
     device = flat.device
     nested = nested_absmax is not None and nested_code is not None
     absmax = absmax.contiguous()  # the kernels read flat memory: any contiguous shape will do
@@ -131,62 +182,67 @@ def dequantize_4bit_triton(
         extra = (absmax, absmax, absmax)  # unused pointers
     result_shape = (shape[1], shape[0]) if transpose else shape
     buf, copy_to = _output(result_shape, dtype, device, out)
-    common = dict(
-        NESTED=nested,
-        NESTED_BLOCKSIZE=nested_blocksize,
-        OFFSET_TENSOR=isinstance(extra[2], torch.Tensor),
-        SOFT=_soft(device),
-        enable_fp_fusion=False,
+    kernel, _, grid, ints, meta = _nf4_spec(
+        shape, blocksize, transpose, nested, nested_blocksize, isinstance(extra[2], torch.Tensor), device
     )
-    ints: tuple[int, ...]
-    if transpose and shape[1] % 2 == 0:
-        rows, cols = shape
-        ints = (rows, cols)
-        tile_r, tile_b = NF4_T_TILE
-        row_scale = cols % blocksize == 0 and (blocksize // 2) % tile_b == 0
-        grid: tuple[int, ...] = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
-        launcher = launch(
-            nf4_transposed_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BLOCKSIZE=blocksize, ROW_SCALE=row_scale,
-            TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS, wait=wait, **common,
-        )  # fmt: skip
-    elif transpose:
-        rows, cols = shape
-        ints = (rows, cols)
-        grid = (_cdiv(rows, NF4_T_ANY_TILE[0]), _cdiv(cols, NF4_T_ANY_TILE[1]))
-        launcher = launch(
-            nf4_transposed_any_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BLOCKSIZE=blocksize,
-            TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS, wait=wait, **common,
-        )  # fmt: skip
-    else:
-        n_bytes = (n + 1) // 2
-        ints = (n_bytes, n)
-        bytes_per_block = blocksize // 2
-        cols = min(bytes_per_block, NF4_ROWS_BLOCK)  # each row of a program's tile inside one block
-        grid = (_cdiv(n_bytes, NF4_ROWS_BLOCK),)
-        launcher = launch(
-            nf4_rows_kernel, grid, flat, absmax, pairs, buf, *extra, *ints, BYTES_PER_BLOCK=bytes_per_block,
-            ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS, wait=wait, **common,
-        )  # fmt: skip
+    launcher = launch(kernel, grid, flat, absmax, pairs, buf, *extra, *ints, wait=wait, **meta)
     if plan_key is not None and launcher is not None and copy_to is None:  # out, when given, is buf
-        remember(NF4_PLANS, plan_key, NF4Plan(launcher, result_shape, dtype, ints, pairs, nested))
+        group = dict(
+            blocksize=blocksize,
+            shape=shape,
+            dtype=dtype,
+            transpose=transpose,
+            nested_blocksize=nested_blocksize,
+        )
+        remember(NF4_PLANS, plan_key, NF4Plan(launcher, result_shape, dtype, ints, pairs, nested, group))
     return copy_to.copy_(buf) if copy_to is not None else buf
 
 
 class FP8Plan:
     """A checked FP8 call: allocate the output and launch (see ``_plans``)."""
 
-    __slots__ = ("dtype", "ints", "launcher", "out_shape")
+    __slots__ = ("dtype", "group", "ints", "launcher", "out_shape")
 
     def __init__(
-        self, launcher: Launcher, out_shape: tuple[int, ...], dtype: torch.dtype, ints: tuple[int, ...]
+        self,
+        launcher: Launcher,
+        out_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        ints: tuple[int, ...],
+        group: dict[str, Any],
     ):
         self.launcher, self.out_shape, self.dtype, self.ints = launcher, out_shape, dtype, ints
+        self.group = group  # the keyword arguments of dequantize_fp8_group for weights of this plan
 
     def __call__(self, W: torch.Tensor, scale: torch.Tensor, device: torch.device) -> torch.Tensor:
         out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
         # W's float8 dtype or its uint8 view: the launcher passes the pointer
         self.launcher(device.index, W, scale, out, *self.ints)
         return out
+
+
+def _fp8_spec(
+    W: torch.Tensor, one_scale: bool, block: tuple[int, int], grid_shape: tuple[int, int], transpose: bool
+) -> tuple[tuple[int, ...], tuple[int, ...], dict[str, Any], tuple[int, ...]]:
+    """Grid, integer arguments, constexpr arguments and output shape of the FP8 kernel for ``W``."""
+    rows, cols = (W.shape[0], W.shape[1]) if W.dim() == 2 else (1, W.numel())
+    bo, bi = block if W.dim() == 2 else (1, max(cols, 1))
+    if one_scale:
+        bo, bi = max(rows, 1), max(cols, 1)
+    tile = FP8_T_TILE if transpose else FP8_TILE
+    scale_cols = grid_shape[1] if not one_scale else 1
+    if bo % tile[0] == 0 and bi % tile[1] == 0:
+        mode = 0  # each program inside one scale block
+    elif bi >= cols:
+        mode = 1  # per-row (or per-tensor) scales
+    else:
+        mode = 2
+    meta = dict(
+        E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=tile[0], TILE_C=tile[1],
+        SOFT=_soft(W.device), num_warps=FP8_T_WARPS if transpose else FP8_WARPS,
+    )  # fmt: skip
+    out_shape = (cols, rows) if transpose else tuple(W.shape)
+    return (_cdiv(rows, tile[0]), _cdiv(cols, tile[1])), (rows, cols, scale_cols, bo, bi), meta, out_shape
 
 
 def dequantize_fp8_triton(
@@ -205,27 +261,129 @@ def dequantize_fp8_triton(
     as in :func:`dequantize_4bit_triton`."""
     W = W.contiguous()
     scale = scale.contiguous()
-    rows, cols = (W.shape[0], W.shape[1]) if W.dim() == 2 else (1, W.numel())
-    bo, bi = block if W.dim() == 2 else (1, max(cols, 1))
-    if scale.numel() == 1:
-        bo, bi = max(rows, 1), max(cols, 1)
-    out_shape = (cols, rows) if transpose else tuple(W.shape)
+    grid, ints, meta, out_shape = _fp8_spec(W, scale.numel() == 1, block, grid_shape, transpose)
     out = torch.empty(out_shape, dtype=dtype, device=W.device)
-    tile = FP8_T_TILE if transpose else FP8_TILE
-    scale_cols = grid_shape[1] if scale.numel() != 1 else 1
-    if bo % tile[0] == 0 and bi % tile[1] == 0:
-        mode = 0  # each program inside one scale block
-    elif bi >= cols:
-        mode = 1  # per-row (or per-tensor) scales
-    else:
-        mode = 2
-    grid = (_cdiv(rows, tile[0]), _cdiv(cols, tile[1]))
-    ints = (rows, cols, scale_cols, bo, bi)
-    launcher = launch(
-        fp8_kernel, grid, W.view(torch.uint8), scale, out, *ints,
-        E5M2=W.dtype == torch.float8_e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=tile[0], TILE_C=tile[1],
-        SOFT=_soft(W.device), num_warps=FP8_T_WARPS if transpose else FP8_WARPS, wait=wait,
-    )  # fmt: skip
+    launcher = launch(fp8_kernel, grid, W.view(torch.uint8), scale, out, *ints, wait=wait, **meta)
     if plan_key is not None and launcher is not None:
-        remember(FP8_PLANS, plan_key, FP8Plan(launcher, out_shape, dtype, ints))
+        group = dict(block=block, grid_shape=grid_shape, dtype=dtype, transpose=transpose)
+        remember(FP8_PLANS, plan_key, FP8Plan(launcher, out_shape, dtype, ints, group))
     return out
+
+
+MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
+
+
+def _members(columns: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
+    offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
+    16-byte aligned (the grouped kernels tell the compiler the offsets are multiples of 16 bytes)."""
+    device = columns[0][0].device
+    n = len(columns[0])
+    ptrs = [[t.data_ptr() for t in column] for column in columns]
+    if any(p % 16 for column in ptrs for p in column):
+        return None
+    sizes = [column[0].element_size() for column in columns]
+    tables = []
+    for start in range(0, n, MAX_GROUP):
+        stop = min(n, start + MAX_GROUP)
+        rows = [
+            [(column[i] - column[start]) // size for column, size in zip(ptrs, sizes, strict=True)]
+            for i in range(start, stop)
+        ]
+        tables.append(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True))
+    return tables
+
+
+def dequantize_fp8_group(
+    Ws: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    *,
+    block: tuple[int, int],
+    grid_shape: tuple[int, int],
+    dtype: torch.dtype,
+    transpose: bool,
+    wait: bool = True,
+) -> list[torch.Tensor] | None:
+    """:func:`dequantize_fp8_triton` of many contiguous weights of one shape, float8 dtype and scale layout
+    (scales contiguous, of one shape and dtype) in one launch per :data:`MAX_GROUP`; the same bits.
+
+    Returns new outputs, or None (nothing launched) when a tensor is not 16-byte aligned.
+
+    Raises:
+        KernelNotReady: as in :func:`dequantize_4bit_triton` (nothing launched).
+    """
+    W0 = Ws[0]
+    grid, ints, meta, out_shape = _fp8_spec(W0, scales[0].numel() == 1, block, grid_shape, transpose)
+    outs = [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in Ws]
+    raw = [W.view(torch.uint8) for W in Ws]
+    tables = _members([raw, scales, outs])
+    if tables is None:
+        return None
+    for k, table in enumerate(tables):
+        first = k * MAX_GROUP
+        launch(
+            fp8_group_kernel, (*grid, table.shape[0]), raw[first], scales[first], outs[first], table, *ints,
+            wait=wait or k > 0, **meta,
+        )  # fmt: skip
+    return outs
+
+
+def dequantize_4bit_group(
+    flats: list[torch.Tensor],
+    absmaxes: list[torch.Tensor],
+    pairs: torch.Tensor,
+    *,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    transpose: bool,
+    nested_absmaxes: list[torch.Tensor] | None = None,
+    nested_codes: list[torch.Tensor] | None = None,
+    nested_blocksize: int = 256,
+    offsets: list[float | torch.Tensor] | None = None,
+    wait: bool = True,
+) -> list[torch.Tensor] | None:
+    """:func:`dequantize_4bit_triton` of many weights of one shape and format (contiguous pieces) in one
+    launch per :data:`MAX_GROUP`; the same bits. The offsets of nested absmaxes go to the kernel as one
+    float32 table (a number rounds to float32 as it does as a single call's argument).
+
+    Returns new outputs, or None (nothing launched) when a piece is not 16-byte aligned or the layout has
+    no grouped kernel (odd-width transposed weights).
+
+    Raises:
+        KernelNotReady: as in :func:`dequantize_4bit_triton` (nothing launched).
+    """
+    device = flats[0].device
+    nested = nested_absmaxes is not None and nested_codes is not None
+    _, group_kernel, grid, ints, meta = _nf4_spec(
+        shape, blocksize, transpose, nested, nested_blocksize, nested, device
+    )
+    if group_kernel is None:
+        return None
+    result_shape = (shape[1], shape[0]) if transpose else shape
+    outs = [torch.empty(result_shape, dtype=dtype, device=device) for _ in flats]
+    if nested and nested_absmaxes is not None and nested_codes is not None and offsets is not None:
+        # one 16-byte row per weight, so that every offset is 16-byte aligned like the other pieces
+        table = torch.zeros(len(flats), 4, dtype=torch.float32)
+        if all(not isinstance(o, torch.Tensor) for o in offsets):
+            table[:, 0] = torch.tensor([float(o) for o in offsets], dtype=torch.float32)
+            table = table.to(device, non_blocking=True)
+        else:
+            table = table.to(device)
+            table[:, 0] = torch.stack(
+                [torch.as_tensor(o, dtype=torch.float32).to(device).reshape(()) for o in offsets]
+            )
+        columns = [flats, absmaxes, outs, nested_absmaxes, nested_codes, list(table[:, 0:1])]
+    else:
+        columns = [flats, absmaxes, outs, absmaxes, absmaxes, absmaxes]  # unused pointers
+    tables = _members(columns)
+    if tables is None:
+        return None
+    for k, members in enumerate(tables):
+        first = k * MAX_GROUP
+        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, members.shape[0])
+        launch(
+            group_kernel, grid3, *(column[first] for column in columns[:2]), pairs,
+            *(column[first] for column in columns[2:]), members, *ints, wait=wait or k > 0, **meta,
+        )  # fmt: skip
+    return outs

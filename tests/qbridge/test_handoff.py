@@ -216,6 +216,30 @@ def test_bad_arguments():
         qbridge.to_jax(torch.zeros(3), device="cpu")
 
 
+def test_many_tensors_are_handed_over_as_one_at_a_time():
+    base = torch.randn(4096)
+    tensors = [
+        torch.randn(64, 32),
+        base[1:1001],
+        torch.arange(10, dtype=torch.int32),
+        torch.randn(8, 8).t(),
+        torch.zeros(0),
+    ]
+    xs = qbridge.to_jax_many(tensors)
+    for t, x in zip(tensors, xs, strict=True):
+        one = qbridge.to_jax(t)
+        _same(x, t)
+        assert x.dtype == one.dtype and x.shape == one.shape
+        # aliased exactly where to_jax aliases (the misaligned view is copied by both)
+        assert (x.unsafe_buffer_pointer() == t.data_ptr()) == (one.unsafe_buffer_pointer() == t.data_ptr())
+    assert xs[0].unsafe_buffer_pointer() == tensors[0].data_ptr()
+    assert qbridge.to_jax_many([]) == []
+    with pytest.raises(BufferError, match=r"tensors\[1\]: cannot hand .* without a copy"):
+        qbridge.to_jax_many(tensors[:2], copy=False)
+    with pytest.raises(TypeError, match=r"tensors\[0\]: to_jax takes a torch.Tensor"):
+        qbridge.to_jax_many([np.zeros(3)])
+
+
 def test_to_torch_zero_copy_round_trip():
     x = jax.device_put(jnp.arange(12, dtype=jnp.float32).reshape(3, 4), jax.devices("cpu")[0])
     t = qbridge.to_torch(x)

@@ -53,6 +53,27 @@ def test_no_unfinished_reads(where, consumer):
     assert bad == 0, f"{bad} of {TRIALS} reads saw unfinished data"
 
 
+def test_many_tensors_wait_for_their_producers_with_one_stream_scan(monkeypatch):
+    """to_jax_many asks torch's streams once per call whether they are busy, and every tensor still waits
+    for its producers: side streams, the current stream, and work queued after the scan on the current one."""
+    import qbridge
+    from qbridge import _handoff
+
+    scans = []
+    original = _handoff._torch_streams
+    monkeypatch.setattr(_handoff, "_torch_streams", lambda index: scans.append(index) or original(index))
+    sides = [torch.cuda.Stream() for _ in range(3)]
+    bad = 0
+    for trial in range(100):
+        bufs = [_produce(sides[i % 3] if i % 4 else torch.cuda.current_stream(), 1 << 18, float(trial + i))
+                for i in range(8)]  # fmt: skip
+        xs = qbridge.to_jax_many(bufs)
+        bad += sum(float(x[-1]) != trial + i for i, x in enumerate(xs))
+        assert all(x.unsafe_buffer_pointer() == b.data_ptr() for x, b in zip(xs, bufs, strict=True))
+    assert bad == 0, f"{bad} of 800 reads saw unfinished data"
+    assert len(scans) == 100  # one scan per call, not per tensor
+
+
 def test_the_race_test_can_see_a_race():
     """Bare jax.dlpack.from_dlpack on side-stream data reads it unfinished: the test above is sensitive."""
     jax = _jax()

@@ -12,7 +12,7 @@ on the GPU the conversion instructions give the same exact values.
 import triton
 import triton.language as tl
 
-from ._nf4 import to_output
+from ._nf4 import member, to_output
 
 
 @triton.jit
@@ -37,12 +37,12 @@ def fp8_to_float32(raw, E5M2: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
-def fp8_kernel(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi,
-               E5M2: tl.constexpr, TRANSPOSE: tl.constexpr, SCALE_MODE: tl.constexpr,
-               TILE_R: tl.constexpr, TILE_C: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
-    """``w_ptr`` points at the weight's bytes (uint8)."""
-    r0 = tl.program_id(0).to(tl.int64) * TILE_R
-    c0 = tl.program_id(1).to(tl.int64) * TILE_C
+def fp8_tile(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi, pid_r, pid_c,
+             E5M2: tl.constexpr, TRANSPOSE: tl.constexpr, SCALE_MODE: tl.constexpr,
+             TILE_R: tl.constexpr, TILE_C: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
+    """Decodes tile ``(pid_r, pid_c)`` of one weight."""
+    r0 = pid_r.to(tl.int64) * TILE_R
+    c0 = pid_c.to(tl.int64) * TILE_C
     r = r0 + tl.arange(0, TILE_R)[:, None]
     c = c0 + tl.arange(0, TILE_C)[None, :]
     mask = (r < rows) & (c < cols)
@@ -61,3 +61,25 @@ def fp8_kernel(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi,
         tl.store(out_ptr + c_t * rows + r_t, tl.trans(values), mask=(r_t < rows) & (c_t < cols))
     else:
         tl.store(out_ptr + r * cols + c, values, mask=mask)
+
+
+@triton.jit
+def fp8_kernel(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi,
+               E5M2: tl.constexpr, TRANSPOSE: tl.constexpr, SCALE_MODE: tl.constexpr,
+               TILE_R: tl.constexpr, TILE_C: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
+    """``w_ptr`` points at the weight's bytes (uint8)."""
+    fp8_tile(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi, tl.program_id(0), tl.program_id(1),
+             E5M2, TRANSPOSE, SCALE_MODE, TILE_R, TILE_C, SOFT)  # fmt: skip
+
+
+@triton.jit
+def fp8_group_kernel(w_ptr, scale_ptr, out_ptr, members_ptr, rows, cols, scale_cols, bo, bi,
+                     E5M2: tl.constexpr, TRANSPOSE: tl.constexpr, SCALE_MODE: tl.constexpr,
+                     TILE_R: tl.constexpr, TILE_C: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
+    """Many weights of one shape and layout in one launch: grid axis 2 is the weight. The pointers are the
+    first weight's; ``members_ptr`` holds, per weight, the element offsets of its weight, scales and output
+    from them (int64 ``[n, 3]``, each a multiple of 16 bytes)."""
+    g = tl.program_id(2).to(tl.int64) * 3
+    fp8_tile(member(w_ptr, members_ptr, g), member(scale_ptr, members_ptr, g + 1),
+             member(out_ptr, members_ptr, g + 2), rows, cols, scale_cols, bo, bi, tl.program_id(0),
+             tl.program_id(1), E5M2, TRANSPOSE, SCALE_MODE, TILE_R, TILE_C, SOFT)  # fmt: skip

@@ -1,0 +1,179 @@
+"""Many weights at once: ``dequantize_many`` / ``dequantize_fp8_many`` give exactly what one call per weight
+gives, and the grouped kernels behind them (one launch for many weights of one kind) give the bits of the
+single-weight kernels' oracles. On CPU the grouped kernels run under Triton's interpreter; on a GPU
+(`pytest -m gpu`) the many-weights functions group compiled launches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    assert_bitwise_equal,
+    bnb_quantize,
+    bnb_reference,
+    fp8_reference_loops,
+    random_fp8,
+    random_scales,
+)
+
+import torch_side
+from torch_side import _codes, _triton
+
+pytest.importorskip("triton")
+F = pytest.importorskip("bitsandbytes.functional")
+
+
+def _fp8_members(shape, n, *, seed, dtype=torch.float8_e4m3fn, scale_shape=None, device="cpu"):
+    scale_shape = scale_shape or (-(-shape[0] // 128), -(-shape[1] // 128))
+    Ws = [random_fp8(shape, seed=seed + i, dtype=dtype).to(device) for i in range(n)]
+    scales = [random_scales(scale_shape, seed=seed + 100 + i).to(device) for i in range(n)]
+    return Ws, scales
+
+
+@pytest.mark.parametrize("shape", [(130, 257), (256, 384), (1, 512), (7, 9)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_grouped_fp8_kernel_equals_the_oracle(shape, transpose):
+    for dtype, scale_shape in [
+        (torch.float8_e4m3fn, None),  # block scales, partial tiles
+        (torch.float8_e5m2, None),
+        (torch.float8_e4m3fn, (shape[0], 1)),  # per-row scales
+        (torch.float8_e4m3fn, (1,)),  # one scale
+    ]:
+        Ws, scales = _fp8_members(shape, 3, seed=sum(shape), dtype=dtype, scale_shape=scale_shape)
+        layout = torch_side.fp8_scale_layout(shape, scales[0].shape)
+        outs = _triton.dequantize_fp8_group(
+            Ws, scales, block=layout.block, grid_shape=layout.grid, dtype=torch.bfloat16, transpose=transpose
+        )
+        assert outs is not None and len(outs) == 3
+        for W, s, out in zip(Ws, scales, outs, strict=True):
+            want = torch_side.dequantize_fp8_reference(W, s, layout, torch.bfloat16)
+            if layout.kind == "block":
+                assert_bitwise_equal(want, fp8_reference_loops(W, s, layout.block, torch.bfloat16))
+            assert_bitwise_equal(out, want.t() if transpose else want)
+
+
+@pytest.mark.parametrize("shape", [(64, 320), (33, 130), (65, 64), (3, 5, 8), (1, 2)])
+@pytest.mark.parametrize("nested", [True, False])
+def test_grouped_4bit_kernels_equal_bitsandbytes(shape, nested):
+    items = [
+        bnb_quantize(shape, nested=nested, seed=i, quant_type="fp4" if i == 1 else "nf4") for i in range(4)
+    ]
+    for quant_type in ("nf4", "fp4"):
+        group = [(p, qs) for _, p, qs in items if qs.quant_type == quant_type]
+        for transpose in (False, True) if len(shape) == 2 else (False,):
+            qss = [qs for _, qs in group]
+            kw = {}
+            if nested:  # offsets as tensors and as numbers in one launch
+                kw = dict(
+                    nested_absmaxes=[qs.state2.absmax for qs in qss], nested_codes=[qs.state2.code for qs in qss],
+                    offsets=[qs.offset if i % 2 else float(qs.offset) for i, qs in enumerate(qss)],
+                )  # fmt: skip
+            outs = _triton.dequantize_4bit_group(
+                [p.reshape(-1) for p, _ in group], [qs.absmax for qs in qss],
+                _codes.standard_pairs(quant_type, torch.device("cpu")), blocksize=64, shape=shape,
+                dtype=torch.bfloat16, transpose=transpose, **kw,
+            )  # fmt: skip
+            if transpose and shape[1] % 2:
+                assert outs is None  # odd widths: no grouped kernel, the caller launches one by one
+                continue
+            assert outs is not None
+            for (p, qs), out in zip(group, outs, strict=True):
+                want = bnb_reference(p, qs)
+                assert_bitwise_equal(out, want.t() if transpose else want)
+
+
+def test_groups_larger_than_a_launch_and_misaligned_members(monkeypatch):
+    monkeypatch.setattr(_triton, "MAX_GROUP", 2)  # 5 weights: launches of 2, 2 and 1
+    Ws, scales = _fp8_members((40, 136), 5, seed=7)
+    outs = _triton.dequantize_fp8_group(
+        Ws, scales, block=(128, 128), grid_shape=(1, 2), dtype=torch.float16, transpose=False
+    )
+    for W, s, out in zip(Ws, scales, outs, strict=True):
+        assert_bitwise_equal(out, fp8_reference_loops(W, s, (128, 128), torch.float16))
+    raw = torch.empty(40 * 136 + 1, dtype=torch.uint8)
+    odd = raw[1:].view(torch.float8_e4m3fn).view(40, 136).copy_(Ws[0])  # 1 byte off 16-byte alignment
+    assert (
+        _triton.dequantize_fp8_group(
+            [Ws[1], odd],
+            scales[:2],
+            block=(128, 128),
+            grid_shape=(1, 2),
+            dtype=torch.float16,
+            transpose=False,
+        )
+        is None
+    )
+
+
+def test_many_equals_one_call_per_weight(device, monkeypatch):
+    """Mixed kinds, shapes, a transposed ([1, n]) weight, a Params4bit, a None quant state; FP8 in several
+    layouts: the lists hold exactly what one call per weight returns. On a GPU, the second and later
+    weights of a kind are decoded by grouped launches."""
+    grouped = []
+
+    def counted(fn):
+        def run(*args, **kwargs):
+            outs = fn(*args, **kwargs)
+            grouped.append((fn.__name__, None if outs is None else len(outs)))
+            return outs
+
+        return run
+
+    monkeypatch.setattr(_triton, "dequantize_4bit_group", counted(_triton.dequantize_4bit_group))
+    monkeypatch.setattr(_triton, "dequantize_fp8_group", counted(_triton.dequantize_fp8_group))
+    items = [bnb_quantize((64, 320), seed=i, device=device) for i in range(3)]
+    items += [bnb_quantize((33, 130), nested=False, seed=9, device=device)]
+    items += [bnb_quantize((64, 320), seed=11, device=device)]
+    weights = [p for _, p, _ in items]
+    states = [qs for _, _, qs in items]
+    weights.append(items[0][1].t())  # bitsandbytes' convention for W.t(): the result is transposed back
+    states.append(items[0][2])
+    weights.append(torch.arange(6.0, device=device))  # no quant state: the weight itself
+    states.append(None)
+    for backend in ("auto", "triton") if device == "cuda" else ("auto",):
+        for _ in range(2):  # the second round finds every kind checked already
+            got = torch_side.dequantize_many(weights, states, backend=backend)
+            for i, (W, qs) in enumerate(zip(weights, states, strict=True)):
+                want = torch_side.dequantize(W, qs, backend="torch")
+                assert got[i].shape == want.shape, i
+                assert_bitwise_equal(got[i], want)
+                if qs is not None and device == "cuda":
+                    assert_bitwise_equal(got[i], F.dequantize_4bit(W, qs))
+    if device == "cuda":  # backend="triton" waits for the grouped kernels: the 3 later (64, 320) weights
+        assert ("dequantize_4bit_group", 3) in grouped, grouped
+    bnb = pytest.importorskip("bitsandbytes")
+    params = bnb.nn.Params4bit(torch.randn(64, 128).to(torch.bfloat16), requires_grad=False)
+    if device == "cuda":
+        params = params.cuda()
+        got = torch_side.dequantize_many([params, params])
+        for out in got:
+            assert_bitwise_equal(out, F.dequantize_4bit(params.data, params.quant_state))
+
+    Ws, scales = _fp8_members((300, 520), 4, seed=3, device=device)
+    Ws += [random_fp8((576, 7168), seed=5).to(device)]
+    scales += [random_scales((5, 56), seed=6).to(device)]
+    Ws += [random_fp8((8, 16), seed=8, dtype=torch.float8_e5m2).to(device)]
+    scales += [torch.tensor(0.5, device=device)]
+    for transpose in (False, True):
+        for _ in range(2):
+            got = torch_side.dequantize_fp8_many(Ws, scales, torch.bfloat16, transpose=transpose)
+            for W, s, out in zip(Ws, scales, got, strict=True):
+                want = torch_side.dequantize_fp8(W, s, torch.bfloat16, transpose=transpose, backend="torch")
+                assert_bitwise_equal(out, want)
+    if device == "cuda":
+        torch_side.dequantize_fp8_many(Ws, scales, torch.bfloat16, backend="triton")
+        torch_side.dequantize_fp8_many(Ws, scales, torch.bfloat16, backend="triton")
+        assert ("dequantize_fp8_group", 4) in grouped, grouped  # the four (300, 520) weights
+
+
+def test_many_names_the_bad_weight():
+    _, p, qs = bnb_quantize((64, 64))
+    with pytest.raises(ValueError, match="one per weight"):
+        torch_side.dequantize_many([p, p], [qs])
+    with pytest.raises(TypeError, match=r"weights\[1\]: .*FP8 data"):
+        torch_side.dequantize_many([p, p.view(torch.float8_e4m3fn)], [qs, qs])
+    Ws, scales = _fp8_members((64, 64), 2, seed=1)
+    with pytest.raises(ValueError, match="one scale per weight"):
+        torch_side.dequantize_fp8_many(Ws, scales[:1])
+    with pytest.raises(ValueError, match=r"weights\[1\]: scale_inv has shape \(3, 3\)"):
+        torch_side.dequantize_fp8_many(Ws, [scales[0], torch.ones(3, 3)])
