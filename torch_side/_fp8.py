@@ -33,6 +33,7 @@ SCALE_DTYPES = tuple(
 )
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_BLOCK = 128
+GROUP_CHUNK = 32  # weights per grouped launch of the many-weights functions (launched as soon as gathered)
 
 
 class ScaleLayout(NamedTuple):
@@ -361,14 +362,9 @@ def dequantize_fp8_many(
         raise ValueError(f"got {len(weights)} weights and {len(scale_invs)} scale_invs: one scale per weight")
     results: list[torch.Tensor | None] = [None] * len(weights)
     kinds: dict[tuple[Any, ...], list[int]] = {}
-    for i, (W, s) in enumerate(zip(weights, scale_invs, strict=True)):
-        key = _plan_key(W, s, dtype, block_size, transpose, backend, check_finite)
-        if key is not None and key in FP8_PLANS and W.device.index == torch.cuda.current_device():
-            kinds.setdefault(key, []).append(i)
-        else:
-            results[i] = numbered(i, dequantize_fp8, W, s, dtype, block_size=block_size, transpose=transpose,
-                                  backend=backend, check_finite=check_finite)  # fmt: skip
-    for key, members in kinds.items():
+
+    def flush(key: tuple[Any, ...]) -> None:
+        members = kinds.pop(key)
         plan = FP8_PLANS.get(key)
         Ws = [plain(weights[i]) for i in members]
         scales = [plain(scale_invs[i]) for i in members]  # type: ignore[arg-type]  # tensors: they have a plan
@@ -385,4 +381,16 @@ def dequantize_fp8_many(
                     transpose=transpose, backend=backend) for W, s in zip(Ws, scales, strict=True)]  # fmt: skip
         for i, out in zip(members, outs, strict=True):
             results[i] = out
+
+    for i, (W, s) in enumerate(zip(weights, scale_invs, strict=True)):
+        key = _plan_key(W, s, dtype, block_size, transpose, backend, check_finite)
+        if key is not None and key in FP8_PLANS and W.device.index == torch.cuda.current_device():
+            kinds.setdefault(key, []).append(i)
+            if len(kinds[key]) == GROUP_CHUNK:  # launched now: the GPU decodes while the rest is checked
+                flush(key)
+        else:
+            results[i] = numbered(i, dequantize_fp8, W, s, dtype, block_size=block_size, transpose=transpose,
+                                  backend=backend, check_finite=check_finite)  # fmt: skip
+    for key in list(kinds):
+        flush(key)
     return results  # type: ignore[return-value]

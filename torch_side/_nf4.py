@@ -28,6 +28,7 @@ from ._plans import NF4_PLANS, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
+GROUP_CHUNK = 32  # weights per grouped launch of dequantize_many (launched as soon as gathered)
 
 
 def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -603,21 +604,9 @@ def dequantize_many(
         raise ValueError(f"got {len(weights)} weights and {len(quant_states)} quant states: one per weight")
     results: list[torch.Tensor | None] = [None] * len(weights)
     kinds: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
-    for i, (W, qs) in enumerate(zip(weights, quant_states, strict=True)):
-        key = state = None
-        if qs is not None and isinstance(W, torch.Tensor) and W.is_cuda:
-            state = numbered(i, parse_quant_state, qs)
-            pieces = state.pieces()
-            key = _plan_key(
-                W, state.absmax, pieces["shape"], pieces["blocksize"], None, pieces["nested_absmax"],
-                pieces["nested_code"], pieces["nested_blocksize"], pieces["offset"], pieces["quant_type"],
-                pieces["dtype"], False, None, backend, check_finite,
-            )  # fmt: skip
-        if key is not None and key in NF4_PLANS and W.device.index == torch.cuda.current_device():
-            kinds.setdefault(key, []).append((i, state))
-        else:
-            results[i] = numbered(i, dequantize, W, qs, backend=backend, check_finite=check_finite)
-    for key, members in kinds.items():
+
+    def flush(key: tuple[Any, ...]) -> None:
+        members = kinds.pop(key)
         plan = NF4_PLANS.get(key)
         packed = [plain(weights[i]) for i, _ in members]
         states = [state for _, state in members]
@@ -643,4 +632,23 @@ def dequantize_many(
             ]
         for (i, _), p, out in zip(members, packed, outs, strict=True):
             results[i] = out.t() if p.dim() == 2 and p.shape[0] == 1 and out.dim() == 2 else out
+
+    for i, (W, qs) in enumerate(zip(weights, quant_states, strict=True)):
+        key = state = None
+        if qs is not None and isinstance(W, torch.Tensor) and W.is_cuda:
+            state = numbered(i, parse_quant_state, qs)
+            pieces = state.pieces()
+            key = _plan_key(
+                W, state.absmax, pieces["shape"], pieces["blocksize"], None, pieces["nested_absmax"],
+                pieces["nested_code"], pieces["nested_blocksize"], pieces["offset"], pieces["quant_type"],
+                pieces["dtype"], False, None, backend, check_finite,
+            )  # fmt: skip
+        if key is not None and key in NF4_PLANS and W.device.index == torch.cuda.current_device():
+            kinds.setdefault(key, []).append((i, state))
+            if len(kinds[key]) == GROUP_CHUNK:  # launched now: the GPU decodes while the rest is checked
+                flush(key)
+        else:
+            results[i] = numbered(i, dequantize, W, qs, backend=backend, check_finite=check_finite)
+    for key in list(kinds):
+        flush(key)
     return results  # type: ignore[return-value]

@@ -273,16 +273,24 @@ def dequantize_fp8_triton(
 MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 
 
-def _members(columns: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+def _members(columns: list[Any]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
-    offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
-    16-byte aligned (the grouped kernels tell the compiler the offsets are multiples of 16 bytes)."""
+    offsets from the launch's first weight, one column per pointer argument: a list of tensors, or one
+    ``[n, 4]`` float32 table whose row ``i`` is weight ``i``'s. None when a tensor is not 16-byte aligned
+    (the grouped kernels tell the compiler the offsets are multiples of 16 bytes)."""
     device = columns[0][0].device
     n = len(columns[0])
-    ptrs = [[t.data_ptr() for t in column] for column in columns]
+    ptrs, sizes = [], []
+    for column in columns:
+        if isinstance(column, torch.Tensor):  # a table: row i, 16 bytes from row i - 1
+            base = column.data_ptr()
+            ptrs.append([base + 16 * i for i in range(n)])
+            sizes.append(column.element_size())
+        else:
+            ptrs.append([t.data_ptr() for t in column])
+            sizes.append(column[0].element_size())
     if any(p % 16 for column in ptrs for p in column):
         return None
-    sizes = [column[0].element_size() for column in columns]
     tables = []
     for start in range(0, n, MAX_GROUP):
         stop = min(n, start + MAX_GROUP)
@@ -364,16 +372,19 @@ def dequantize_4bit_group(
     outs = [torch.empty(result_shape, dtype=dtype, device=device) for _ in flats]
     if nested and nested_absmaxes is not None and nested_codes is not None and offsets is not None:
         # one 16-byte row per weight, so that every offset is 16-byte aligned like the other pieces
-        table = torch.zeros(len(flats), 4, dtype=torch.float32)
-        if all(not isinstance(o, torch.Tensor) for o in offsets):
-            table[:, 0] = torch.tensor([float(o) for o in offsets], dtype=torch.float32)
-            table = table.to(device, non_blocking=True)
+        tensors = [o for o in offsets if isinstance(o, torch.Tensor)]
+        if len(tensors) == len(offsets) and len({o.device for o in tensors}) == 1:  # QuantStates': no sync
+            column = torch.stack([o.reshape(()) for o in offsets]).to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
+            table = torch.zeros(len(flats), 4, dtype=torch.float32, device=device)
+            table[:, 0] = column
         else:
-            table = table.to(device)
-            table[:, 0] = torch.stack(
-                [torch.as_tensor(o, dtype=torch.float32).to(device).reshape(()) for o in offsets]
+            numbers = torch.zeros(len(flats), 4, dtype=torch.float32)
+            numbers[:, 0] = torch.tensor(
+                [float(o) if not isinstance(o, torch.Tensor) else float(o.reshape(())) for o in offsets],
+                dtype=torch.float32,
             )
-        columns = [flats, absmaxes, outs, nested_absmaxes, nested_codes, list(table[:, 0:1])]
+            table = numbers.to(device, non_blocking=True)
+        columns: list[Any] = [flats, absmaxes, outs, nested_absmaxes, nested_codes, table]
     else:
         columns = [flats, absmaxes, outs, absmaxes, absmaxes, absmaxes]  # unused pointers
     tables = _members(columns)
@@ -382,8 +393,8 @@ def dequantize_4bit_group(
     for k, members in enumerate(tables):
         first = k * MAX_GROUP
         grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, members.shape[0])
+        firsts = [column[first] for column in columns]  # a table's row: a [4] view
         launch(
-            group_kernel, grid3, *(column[first] for column in columns[:2]), pairs,
-            *(column[first] for column in columns[2:]), members, *ints, wait=wait or k > 0, **meta,
+            group_kernel, grid3, *firsts[:2], pairs, *firsts[2:], members, *ints, wait=wait or k > 0, **meta,
         )  # fmt: skip
     return outs
