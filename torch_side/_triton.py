@@ -273,15 +273,6 @@ def dequantize_fp8_triton(
 MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` copied to ``device`` without waiting: from pinned memory (torch caches pinned blocks and keeps
-    each until its copy is done). A copy from pageable memory would first wait for the stream's earlier
-    work, so the GPU would sit idle while the host prepares the next group."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _members(columns: list[Any]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
     offsets from the launch's first weight, one column per pointer argument: a list of tensors, or one
@@ -307,7 +298,7 @@ def _members(columns: list[Any]) -> list[torch.Tensor] | None:
             [(column[i] - column[start]) // size for column, size in zip(ptrs, sizes, strict=True)]
             for i in range(start, stop)
         ]
-        tables.append(_to_device(torch.tensor(rows, dtype=torch.int64), device))
+        tables.append(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True))
     return tables
 
 
@@ -392,7 +383,7 @@ def dequantize_4bit_group(
                 [float(o) if not isinstance(o, torch.Tensor) else float(o.reshape(())) for o in offsets],
                 dtype=torch.float32,
             )
-            table = _to_device(numbers, device)
+            table = numbers.to(device, non_blocking=True)
         columns: list[Any] = [flats, absmaxes, outs, nested_absmaxes, nested_codes, table]
     else:
         columns = [flats, absmaxes, outs, absmaxes, absmaxes, absmaxes]  # unused pointers
