@@ -28,7 +28,6 @@ from ._plans import NF4_PLANS, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
-GROUP_CHUNK = 32  # weights per grouped launch of dequantize_many (launched as soon as gathered)
 
 
 def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -575,12 +574,12 @@ def dequantize_many(
     check_finite: bool = False,
 ) -> list[torch.Tensor]:
     """Dequantizes many bitsandbytes 4-bit weights: ``[dequantize(W, qs) for W, qs in zip(weights,
-    quant_states)]``, the same values, in few launches.
+    quant_states)]``, the same values, with errors that name the weight.
 
-    On a CUDA device, weights that share a kind with one already dequantized in this process (shape, quant
-    type, block sizes, output dtype, nested or not, dtypes, device, contiguity and 16-byte alignment of every
-    piece: a model's layers) are decoded together, one launch per kind, instead of one per weight. The first
-    weight of each kind, and every weight elsewhere, takes :func:`dequantize`'s own path.
+    Each weight takes :func:`dequantize`'s path, so on a CUDA device every weight of a kind already
+    checked in this process launches its kernel directly (``torch_side._plans``). (A grouped launch per
+    kind, as :func:`dequantize_fp8_many` makes, measured no faster for 4-bit weights on an H200: the work
+    per weight on the host stayed the same, ``benchmarks/RESULTS.md``.)
 
     Args:
         weights: packed weights as :func:`dequantize` takes them, or ``Params4bit`` (whose ``quant_state``
@@ -602,53 +601,7 @@ def dequantize_many(
         quant_states = [getattr(W, "quant_state", None) for W in weights]
     if len(weights) != len(quant_states):
         raise ValueError(f"got {len(weights)} weights and {len(quant_states)} quant states: one per weight")
-    results: list[torch.Tensor | None] = [None] * len(weights)
-    kinds: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
-
-    def flush(key: tuple[Any, ...]) -> None:
-        members = kinds.pop(key)
-        plan = NF4_PLANS.get(key)
-        packed = [plain(weights[i]) for i, _ in members]
-        states = [state for _, state in members]
-        outs = None
-        if plan is not None and len(members) > 1:
-            from ._triton import dequantize_4bit_group
-
-            nested = plan.nested
-            try:
-                outs = dequantize_4bit_group(
-                    [_packed_bytes(p, plan.group["shape"]) for p in packed], [st.absmax for st in states],
-                    plan.pairs, nested_absmaxes=[st.nested_absmax for st in states] if nested else None,
-                    nested_codes=[st.nested_code for st in states] if nested else None,
-                    offsets=[st.offset for st in states] if nested else None, wait=backend == "triton",
-                    **plan.group,
-                )  # fmt: skip
-            except KernelNotReady:  # the grouped kernel compiles in the background: one launch per weight
-                outs = None
-        if outs is None:
-            outs = [
-                numbered(i, dequantize_nf4, p, st.absmax, **{**st.pieces(), "code": None}, backend=backend)
-                for (i, st), p in zip(members, packed, strict=True)
-            ]
-        for (i, _), p, out in zip(members, packed, outs, strict=True):
-            results[i] = out.t() if p.dim() == 2 and p.shape[0] == 1 and out.dim() == 2 else out
-
-    for i, (W, qs) in enumerate(zip(weights, quant_states, strict=True)):
-        key = state = None
-        if qs is not None and isinstance(W, torch.Tensor) and W.is_cuda:
-            state = numbered(i, parse_quant_state, qs)
-            pieces = state.pieces()
-            key = _plan_key(
-                W, state.absmax, pieces["shape"], pieces["blocksize"], None, pieces["nested_absmax"],
-                pieces["nested_code"], pieces["nested_blocksize"], pieces["offset"], pieces["quant_type"],
-                pieces["dtype"], False, None, backend, check_finite,
-            )  # fmt: skip
-        if key is not None and key in NF4_PLANS and W.device.index == torch.cuda.current_device():
-            kinds.setdefault(key, []).append((i, state))
-            if len(kinds[key]) == GROUP_CHUNK:  # launched now: the GPU decodes while the rest is checked
-                flush(key)
-        else:
-            results[i] = numbered(i, dequantize, W, qs, backend=backend, check_finite=check_finite)
-    for key in list(kinds):
-        flush(key)
-    return results  # type: ignore[return-value]
+    return [
+        numbered(i, dequantize, W, qs, backend=backend, check_finite=check_finite)
+        for i, (W, qs) in enumerate(zip(weights, quant_states, strict=True))
+    ]

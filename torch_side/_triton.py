@@ -15,13 +15,7 @@ from ._backend import triton_interpreting
 from ._launch import Launcher, launch
 from ._plans import FP8_PLANS, NF4_PLANS, remember
 from .kernels._fp8 import fp8_group_kernel, fp8_kernel
-from .kernels._nf4 import (
-    nf4_rows_group_kernel,
-    nf4_rows_kernel,
-    nf4_transposed_any_kernel,
-    nf4_transposed_group_kernel,
-    nf4_transposed_kernel,
-)
+from .kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transposed_kernel
 
 # Tile and launch choices, measured on an H100 (benchmarks/RESULTS.md).
 NF4_ROWS_BLOCK = 4096  # packed bytes per program
@@ -56,7 +50,7 @@ def _soft(device: torch.device) -> bool:
 class NF4Plan:
     """A checked 4-bit call: allocate the output and launch (see ``_plans``)."""
 
-    __slots__ = ("dtype", "group", "ints", "launcher", "nested", "out_shape", "pairs")
+    __slots__ = ("dtype", "ints", "launcher", "nested", "out_shape", "pairs")
 
     def __init__(
         self,
@@ -66,11 +60,9 @@ class NF4Plan:
         ints: tuple[int, ...],
         pairs: torch.Tensor,
         nested: bool,
-        group: dict[str, Any],
     ) -> None:
         self.launcher, self.out_shape, self.dtype, self.ints = launcher, out_shape, dtype, ints
         self.pairs, self.nested = pairs, nested
-        self.group = group  # the keyword arguments of dequantize_4bit_group for weights of this plan
 
     def __call__(
         self,
@@ -107,9 +99,8 @@ def _nf4_spec(
     nested_blocksize: int,
     offset_tensor: bool,
     device: torch.device,
-) -> tuple[Any, Any, tuple[int, ...], tuple[int, ...], dict[str, Any]]:
-    """The kernel for one 4-bit weight, its grouped form (None where there is none), grid, integer
-    arguments and constexpr arguments."""
+) -> tuple[Any, tuple[int, ...], tuple[int, ...], dict[str, Any]]:
+    """The kernel for one 4-bit weight, its grid, integer arguments and constexpr arguments."""
     meta: dict[str, Any] = dict(
         NESTED=nested,
         NESTED_BLOCKSIZE=nested_blocksize,
@@ -125,14 +116,14 @@ def _nf4_spec(
             BLOCKSIZE=blocksize, ROW_SCALE=row_scale, TILE_R=tile_r, TILE_B=tile_b, num_warps=NF4_T_WARPS
         )
         grid = (_cdiv(rows, tile_r), _cdiv(cols // 2, tile_b))
-        return nf4_transposed_kernel, nf4_transposed_group_kernel, grid, (rows, cols), meta
+        return nf4_transposed_kernel, grid, (rows, cols), meta
     if transpose:
         rows, cols = shape
         meta.update(
             BLOCKSIZE=blocksize, TILE_R=NF4_T_ANY_TILE[0], TILE_C=NF4_T_ANY_TILE[1], num_warps=NF4_T_WARPS
         )
         grid = (_cdiv(rows, NF4_T_ANY_TILE[0]), _cdiv(cols, NF4_T_ANY_TILE[1]))
-        return nf4_transposed_any_kernel, None, grid, (rows, cols), meta
+        return nf4_transposed_any_kernel, grid, (rows, cols), meta
     n = math.prod(shape)
     n_bytes = (n + 1) // 2
     bytes_per_block = blocksize // 2
@@ -140,7 +131,7 @@ def _nf4_spec(
     meta.update(
         BYTES_PER_BLOCK=bytes_per_block, ROWS=NF4_ROWS_BLOCK // cols, COLS=cols, num_warps=NF4_ROWS_WARPS
     )
-    return nf4_rows_kernel, nf4_rows_group_kernel, (_cdiv(n_bytes, NF4_ROWS_BLOCK),), (n_bytes, n), meta
+    return nf4_rows_kernel, (_cdiv(n_bytes, NF4_ROWS_BLOCK),), (n_bytes, n), meta
 
 
 def dequantize_4bit_triton(
@@ -182,19 +173,12 @@ def dequantize_4bit_triton(
         extra = (absmax, absmax, absmax)  # unused pointers
     result_shape = (shape[1], shape[0]) if transpose else shape
     buf, copy_to = _output(result_shape, dtype, device, out)
-    kernel, _, grid, ints, meta = _nf4_spec(
+    kernel, grid, ints, meta = _nf4_spec(
         shape, blocksize, transpose, nested, nested_blocksize, isinstance(extra[2], torch.Tensor), device
     )
     launcher = launch(kernel, grid, flat, absmax, pairs, buf, *extra, *ints, wait=wait, **meta)
     if plan_key is not None and launcher is not None and copy_to is None:  # out, when given, is buf
-        group = dict(
-            blocksize=blocksize,
-            shape=shape,
-            dtype=dtype,
-            transpose=transpose,
-            nested_blocksize=nested_blocksize,
-        )
-        remember(NF4_PLANS, plan_key, NF4Plan(launcher, result_shape, dtype, ints, pairs, nested, group))
+        remember(NF4_PLANS, plan_key, NF4Plan(launcher, result_shape, dtype, ints, pairs, nested))
     return copy_to.copy_(buf) if copy_to is not None else buf
 
 
@@ -273,22 +257,14 @@ def dequantize_fp8_triton(
 MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 
 
-def _members(columns: list[Any]) -> list[torch.Tensor] | None:
+def _members(columns: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
-    offsets from the launch's first weight, one column per pointer argument: a list of tensors, or one
-    ``[n, 4]`` float32 table whose row ``i`` is weight ``i``'s. None when a tensor is not 16-byte aligned
-    (the grouped kernels tell the compiler the offsets are multiples of 16 bytes)."""
+    offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
+    16-byte aligned (the grouped kernel tells the compiler the offsets are multiples of 16 bytes)."""
     device = columns[0][0].device
     n = len(columns[0])
-    ptrs, sizes = [], []
-    for column in columns:
-        if isinstance(column, torch.Tensor):  # a table: row i, 16 bytes from row i - 1
-            base = column.data_ptr()
-            ptrs.append([base + 16 * i for i in range(n)])
-            sizes.append(column.element_size())
-        else:
-            ptrs.append([t.data_ptr() for t in column])
-            sizes.append(column[0].element_size())
+    ptrs = [[t.data_ptr() for t in column] for column in columns]
+    sizes = [column[0].element_size() for column in columns]
     if any(p % 16 for column in ptrs for p in column):
         return None
     tables = []
@@ -332,69 +308,5 @@ def dequantize_fp8_group(
         launch(
             fp8_group_kernel, (*grid, table.shape[0]), raw[first], scales[first], outs[first], table, *ints,
             wait=wait or k > 0, **meta,
-        )  # fmt: skip
-    return outs
-
-
-def dequantize_4bit_group(
-    flats: list[torch.Tensor],
-    absmaxes: list[torch.Tensor],
-    pairs: torch.Tensor,
-    *,
-    blocksize: int,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    transpose: bool,
-    nested_absmaxes: list[torch.Tensor] | None = None,
-    nested_codes: list[torch.Tensor] | None = None,
-    nested_blocksize: int = 256,
-    offsets: list[float | torch.Tensor] | None = None,
-    wait: bool = True,
-) -> list[torch.Tensor] | None:
-    """:func:`dequantize_4bit_triton` of many weights of one shape and format (contiguous pieces) in one
-    launch per :data:`MAX_GROUP`; the same bits. The offsets of nested absmaxes go to the kernel as one
-    float32 table (a number rounds to float32 as it does as a single call's argument).
-
-    Returns new outputs, or None (nothing launched) when a piece is not 16-byte aligned or the layout has
-    no grouped kernel (odd-width transposed weights).
-
-    Raises:
-        KernelNotReady: as in :func:`dequantize_4bit_triton` (nothing launched).
-    """
-    device = flats[0].device
-    nested = nested_absmaxes is not None and nested_codes is not None
-    _, group_kernel, grid, ints, meta = _nf4_spec(
-        shape, blocksize, transpose, nested, nested_blocksize, nested, device
-    )
-    if group_kernel is None:
-        return None
-    result_shape = (shape[1], shape[0]) if transpose else shape
-    outs = [torch.empty(result_shape, dtype=dtype, device=device) for _ in flats]
-    if nested and nested_absmaxes is not None and nested_codes is not None and offsets is not None:
-        # one 16-byte row per weight, so that every offset is 16-byte aligned like the other pieces
-        tensors = [o for o in offsets if isinstance(o, torch.Tensor)]
-        if len(tensors) == len(offsets) and len({o.device for o in tensors}) == 1:  # QuantStates': no sync
-            column = torch.stack([o.reshape(()) for o in offsets]).to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
-            table = torch.zeros(len(flats), 4, dtype=torch.float32, device=device)
-            table[:, 0] = column
-        else:
-            numbers = torch.zeros(len(flats), 4, dtype=torch.float32)
-            numbers[:, 0] = torch.tensor(
-                [float(o) if not isinstance(o, torch.Tensor) else float(o.reshape(())) for o in offsets],
-                dtype=torch.float32,
-            )
-            table = numbers.to(device, non_blocking=True)
-        columns: list[Any] = [flats, absmaxes, outs, nested_absmaxes, nested_codes, table]
-    else:
-        columns = [flats, absmaxes, outs, absmaxes, absmaxes, absmaxes]  # unused pointers
-    tables = _members(columns)
-    if tables is None:
-        return None
-    for k, members in enumerate(tables):
-        first = k * MAX_GROUP
-        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, members.shape[0])
-        firsts = [column[first] for column in columns]  # a table's row: a [4] view
-        launch(
-            group_kernel, grid3, *firsts[:2], pairs, *firsts[2:], members, *ints, wait=wait or k > 0, **meta,
         )  # fmt: skip
     return outs

@@ -1,7 +1,7 @@
 """Many weights at once: ``dequantize_many`` / ``dequantize_fp8_many`` give exactly what one call per weight
-gives, and the grouped kernels behind them (one launch for many weights of one kind) give the bits of the
-single-weight kernels' oracles. On CPU the grouped kernels run under Triton's interpreter; on a GPU
-(`pytest -m gpu`) the many-weights functions group compiled launches."""
+gives, and the grouped FP8 kernel behind the latter (one launch for many weights of one kind) gives the
+bits of the oracle. On CPU the grouped kernel runs under Triton's interpreter; on a GPU (`pytest -m gpu`)
+``dequantize_fp8_many`` groups compiled launches."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import torch
 from helpers import (
     assert_bitwise_equal,
     bnb_quantize,
-    bnb_reference,
     fp8_reference_loops,
     random_fp8,
     random_scales,
 )
 
 import torch_side
-from torch_side import _codes, _fp8, _nf4, _triton
+from torch_side import _fp8, _triton
 
 pytest.importorskip("triton")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -52,36 +51,6 @@ def test_grouped_fp8_kernel_equals_the_oracle(shape, transpose):
             assert_bitwise_equal(out, want.t() if transpose else want)
 
 
-@pytest.mark.parametrize("shape", [(64, 320), (33, 130), (65, 64), (3, 5, 8), (1, 2)])
-@pytest.mark.parametrize("nested", [True, False])
-def test_grouped_4bit_kernels_equal_bitsandbytes(shape, nested):
-    items = [
-        bnb_quantize(shape, nested=nested, seed=i, quant_type="fp4" if i == 1 else "nf4") for i in range(4)
-    ]
-    for quant_type in ("nf4", "fp4"):
-        group = [(p, qs) for _, p, qs in items if qs.quant_type == quant_type]
-        for transpose in (False, True) if len(shape) == 2 else (False,):
-            qss = [qs for _, qs in group]
-            kw = {}
-            if nested:  # offsets as tensors and as numbers in one launch
-                kw = dict(
-                    nested_absmaxes=[qs.state2.absmax for qs in qss], nested_codes=[qs.state2.code for qs in qss],
-                    offsets=[qs.offset if i % 2 else float(qs.offset) for i, qs in enumerate(qss)],
-                )  # fmt: skip
-            outs = _triton.dequantize_4bit_group(
-                [p.reshape(-1) for p, _ in group], [qs.absmax for qs in qss],
-                _codes.standard_pairs(quant_type, torch.device("cpu")), blocksize=64, shape=shape,
-                dtype=torch.bfloat16, transpose=transpose, **kw,
-            )  # fmt: skip
-            if transpose and shape[1] % 2:
-                assert outs is None  # odd widths: no grouped kernel, the caller launches one by one
-                continue
-            assert outs is not None
-            for (p, qs), out in zip(group, outs, strict=True):
-                want = bnb_reference(p, qs)
-                assert_bitwise_equal(out, want.t() if transpose else want)
-
-
 def test_groups_larger_than_a_launch_and_misaligned_members(monkeypatch):
     monkeypatch.setattr(_triton, "MAX_GROUP", 2)  # 5 weights: launches of 2, 2 and 1
     Ws, scales = _fp8_members((40, 136), 5, seed=7)
@@ -108,7 +77,7 @@ def test_groups_larger_than_a_launch_and_misaligned_members(monkeypatch):
 @pytest.mark.parametrize("chunk", [32, 2])
 def test_many_equals_one_call_per_weight(device, chunk, monkeypatch):
     """Mixed kinds, shapes, a transposed ([1, n]) weight, a Params4bit, a None quant state; FP8 in several
-    layouts: the lists hold exactly what one call per weight returns. On a GPU, the second and later
+    layouts: the lists hold exactly what one call per weight returns. On a GPU, the second and later FP8
     weights of a kind are decoded by grouped launches."""
     grouped = []
 
@@ -120,9 +89,7 @@ def test_many_equals_one_call_per_weight(device, chunk, monkeypatch):
 
         return run
 
-    monkeypatch.setattr(_nf4, "GROUP_CHUNK", chunk)  # 2: launched while the list is still being read
-    monkeypatch.setattr(_fp8, "GROUP_CHUNK", chunk)
-    monkeypatch.setattr(_triton, "dequantize_4bit_group", counted(_triton.dequantize_4bit_group))
+    monkeypatch.setattr(_fp8, "GROUP_CHUNK", chunk)  # 2: launched while the list is still being read
     monkeypatch.setattr(_triton, "dequantize_fp8_group", counted(_triton.dequantize_fp8_group))
     items = [bnb_quantize((64, 320), seed=i, device=device) for i in range(3)]
     items += [bnb_quantize((33, 130), nested=False, seed=9, device=device)]
@@ -142,8 +109,6 @@ def test_many_equals_one_call_per_weight(device, chunk, monkeypatch):
                 assert_bitwise_equal(got[i], want)
                 if qs is not None and device == "cuda":
                     assert_bitwise_equal(got[i], F.dequantize_4bit(W, qs))
-    if device == "cuda":  # backend="triton" waits for the grouped kernels: the 3 later (64, 320) weights
-        assert ("dequantize_4bit_group", 3 if chunk == 32 else 2) in grouped, grouped
     bnb = pytest.importorskip("bitsandbytes")
     params = bnb.nn.Params4bit(torch.randn(64, 128).to(torch.bfloat16), requires_grad=False)
     if device == "cuda":

@@ -17,8 +17,7 @@ import itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from torch_side.kernels._fp8 import fp8_group_kernel, fp8_kernel
-from torch_side.kernels._nf4 import (nf4_rows_group_kernel, nf4_rows_kernel, nf4_transposed_any_kernel,
-                                     nf4_transposed_group_kernel, nf4_transposed_kernel)
+from torch_side.kernels._nf4 import nf4_rows_kernel, nf4_transposed_any_kernel, nf4_transposed_kernel
 
 SM90 = GPUTarget("cuda", 90, 32)
 
@@ -38,11 +37,6 @@ for out, (nested, offset_tensor) in itertools.product(["*bf16", "*fp16", "*fp32"
         compile(nf4_transposed_kernel, types, dict(BLOCKSIZE=64, ROW_SCALE=row_scale, TILE_R=128, TILE_B=32, **common))
     compile(nf4_transposed_any_kernel, types, dict(BLOCKSIZE=64, TILE_R=32, TILE_C=64, **common))
     count += 4
-    if offset_tensor:  # the grouped kernels (dequantize_many) read offsets from a table
-        grouped = dict(types, members_ptr="*i64")
-        compile(nf4_rows_group_kernel, grouped, dict(BYTES_PER_BLOCK=32, ROWS=128, COLS=32, **common))
-        compile(nf4_transposed_group_kernel, grouped, dict(BLOCKSIZE=64, ROW_SCALE=True, TILE_R=128, TILE_B=32, **common))
-        count += 2
 for out, e5m2, mode, transpose in itertools.product(["*bf16", "*fp16", "*fp32"], [True, False], [0, 1, 2], [True, False]):
     types = dict(w_ptr="*u8", scale_ptr="*fp32", out_ptr=out, rows="i32", cols="i32", scale_cols="i32", bo="i32", bi="i32")
     compile(fp8_kernel, types, dict(E5M2=e5m2, TRANSPOSE=transpose, SCALE_MODE=mode, TILE_R=64, TILE_C=128, SOFT=False))
@@ -60,7 +54,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
     )
-    assert result.returncode == 0 and "COMPILED 120" in result.stdout, (
+    assert result.returncode == 0 and "COMPILED 108" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
     )
 

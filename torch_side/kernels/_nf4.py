@@ -62,7 +62,8 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
 
 @triton.jit
 def member(ptr, members_ptr, i):
-    """``ptr`` moved by the element offset ``members_ptr[i]``, a multiple of 16 bytes (grouped launches)."""
+    """``ptr`` moved by the element offset ``members_ptr[i]``, a multiple of 16 bytes (grouped launches,
+    ``_fp8.fp8_group_kernel``)."""
     return ptr + tl.multiple_of(
         tl.load(members_ptr + i), 16 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
     )
@@ -96,22 +97,6 @@ def nf4_rows_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_pt
     absmax block (``COLS`` divides ``BYTES_PER_BLOCK``, or ``ROWS == 1`` and the block holds the program),
     so the scale is computed once per row."""
     nf4_rows(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-             n_bytes, n_elements, tl.program_id(0), BYTES_PER_BLOCK, NESTED, NESTED_BLOCKSIZE, OFFSET_TENSOR,
-             ROWS, COLS, SOFT)  # fmt: skip
-
-
-@triton.jit
-def nf4_rows_group_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                          members_ptr, n_bytes, n_elements,
-                          BYTES_PER_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                          OFFSET_TENSOR: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
-    """:func:`nf4_rows_kernel` over many weights of one shape in one launch (grid axis 2: the weight). The
-    pointers are the first weight's; ``members_ptr`` holds per weight the element offsets (int64 ``[n, 6]``)
-    of its packed bytes, absmax, output, nested absmax, nested code and offset from them."""
-    g = tl.program_id(2).to(tl.int64) * 6
-    nf4_rows(member(packed_ptr, members_ptr, g), member(absmax_ptr, members_ptr, g + 1), pairs_ptr,
-             member(out_ptr, members_ptr, g + 2), member(nested_absmax_ptr, members_ptr, g + 3),
-             member(nested_code_ptr, members_ptr, g + 4), member(offset_ptr, members_ptr, g + 5),
              n_bytes, n_elements, tl.program_id(0), BYTES_PER_BLOCK, NESTED, NESTED_BLOCKSIZE, OFFSET_TENSOR,
              ROWS, COLS, SOFT)  # fmt: skip
 
@@ -173,21 +158,6 @@ def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_abs
     as coalesced output rows. ``ROW_SCALE``: each tile row lies inside one absmax block. (Measured on an
     H100, this beat transposing the two nibble planes separately and transposing the packed bytes.)"""
     nf4_transposed(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                   rows, cols, tl.program_id(0), tl.program_id(1), BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-                   OFFSET_TENSOR, ROW_SCALE, TILE_R, TILE_B, SOFT)  # fmt: skip
-
-
-@triton.jit
-def nf4_transposed_group_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr,
-                                offset_ptr, members_ptr, rows, cols,
-                                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                                OFFSET_TENSOR: tl.constexpr, ROW_SCALE: tl.constexpr, TILE_R: tl.constexpr,
-                                TILE_B: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
-    """:func:`nf4_transposed_kernel` over many weights of one shape (as :func:`nf4_rows_group_kernel`)."""
-    g = tl.program_id(2).to(tl.int64) * 6
-    nf4_transposed(member(packed_ptr, members_ptr, g), member(absmax_ptr, members_ptr, g + 1), pairs_ptr,
-                   member(out_ptr, members_ptr, g + 2), member(nested_absmax_ptr, members_ptr, g + 3),
-                   member(nested_code_ptr, members_ptr, g + 4), member(offset_ptr, members_ptr, g + 5),
                    rows, cols, tl.program_id(0), tl.program_id(1), BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
                    OFFSET_TENSOR, ROW_SCALE, TILE_R, TILE_B, SOFT)  # fmt: skip
 
