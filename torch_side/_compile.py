@@ -62,6 +62,22 @@ _IMPORTED = threading.Event()  # set once the kernels' module is imported (or it
 _WAIT_FROM_NOW = False  # set by wait_for_kernels
 
 
+def _after_fork() -> None:
+    """A forked child has no background thread: it starts its own, with nothing half done. (Kernels made
+    ready in the parent stay ready: their modules were loaded in the CUDA context the child inherits, which
+    CUDA does not support using after a fork anyway.)"""
+    global _QUEUE, _LOCK, _IDLE, _WORKING, _WORKER
+    _REQUESTED.clear()
+    _QUEUE = queue.Queue()
+    _LOCK = threading.Lock()
+    _IDLE = threading.Condition()
+    _WORKING = 0
+    _WORKER = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class KernelNotReady(Exception):
     """The variant is being compiled or loaded in the background; nothing was launched."""
 
