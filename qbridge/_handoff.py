@@ -470,15 +470,19 @@ def to_jax_many(
     waits for anyway.
 
     Args:
-        tensors: torch tensors, as :func:`to_jax` takes them.
+        tensors: a list (or another iterable) of torch tensors, as :func:`to_jax` takes them.
         device, copy, producer: as in :func:`to_jax`, for every tensor.
 
     Returns:
         A list of ``jax.Array``, one per tensor, as :func:`to_jax` returns them (aliasing where it would).
 
     Raises:
-        As :func:`to_jax`, with the tensor's index in the message (``tensors[i]: ...``).
+        TypeError: ``tensors`` is a single tensor (whose rows would be taken for tensors) or not iterable;
+            and as :func:`to_jax`, with the tensor's index in the message (``tensors[i]: ...``).
+        ValueError, BufferError, RuntimeError: as :func:`to_jax`, with the tensor's index.
     """
+    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
+        raise TypeError(f"to_jax_many takes a list of torch tensors, got a {type(tensors).__name__}")
     token = _SCANS.set({})
     try:
         results = []

@@ -233,7 +233,10 @@ def load_checkpoint(
             layout), and plain tensors. Torch files are read with ``weights_only=True``.
         target: None, or a Flax target to match: a linen ``params``/variables dict (leaves may be
             ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an ``nnx.State``. Every target leaf is matched by
-            path and checked before any weight is read.
+            path and checked before any weight is read. Without one, the module kinds come from the torch
+            model built on the meta device when transformers knows the architecture; that answer is
+            remembered in ``$QBRIDGE_CACHE_DIR`` (default ``~/.cache/qbridge``; ``off``: not remembered),
+            so later processes loading the same model skip importing transformers.
         device: where the result lives: a ``jax.Device``, ``"cpu"``, ``"cuda[:i]"``, or None (the current
             GPU when torch and JAX see it, else the CPU). Dequantization runs on the matching torch device.
         dtype: with a target, None (or ``"target"``) casts each floating leaf to its target leaf's dtype,

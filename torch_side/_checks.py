@@ -72,3 +72,14 @@ def numbered(index: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if type(e) not in (TypeError, ValueError, AssertionError):
             raise  # a subclass: as it came
         raise type(e)(f"weights[{index}]: {e}") from e
+
+
+def as_list(items: Any, name: str) -> list[Any]:
+    """``items`` (a list, tuple or other iterable of per-weight values) as a list.
+
+    Raises:
+        TypeError: ``items`` is a single tensor (whose rows would be taken for weights) or not iterable.
+    """
+    if isinstance(items, torch.Tensor) or not hasattr(items, "__iter__") or isinstance(items, (str, bytes)):
+        raise TypeError(f"{name} must be a list of per-weight values, got a {type(items).__name__}")
+    return list(items)

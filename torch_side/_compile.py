@@ -83,15 +83,19 @@ class KernelNotReady(Exception):
 
 
 def compile_mode() -> str:
-    """``"background"`` or ``"wait"``, from ``QBRIDGE_TRITON_COMPILE``.
+    """``"background"`` (the default, also when the variable is empty) or ``"wait"``, from
+    ``QBRIDGE_TRITON_COMPILE``, read at each call; checked once when torch_side is imported.
 
     Raises:
         ValueError: the variable holds another value.
     """
     mode = os.environ.get(COMPILE_MODE_ENV, "") or "background"
     if mode not in MODES:
-        raise ValueError(f"{COMPILE_MODE_ENV} must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"{COMPILE_MODE_ENV} must be one of {MODES} (or unset), got {mode!r}")
     return mode
+
+
+compile_mode()  # a misspelt value fails at import, not later inside a checkpoint load
 
 
 def arg_spec(arg: Any) -> tuple[Any, ...]:
@@ -337,13 +341,15 @@ def _waiting() -> bool:
 
 
 def wait_for_kernels(timeout: float | None = None) -> bool:
-    """Waits for the Triton kernels being compiled or loaded in the background, and makes every later call
-    wait for the kernel it needs instead of answering another way (as ``QBRIDGE_TRITON_COMPILE=wait``).
+    """Waits for the Triton kernels being imported, compiled or loaded in the background, and makes every
+    later call of this process wait for the kernel it needs instead of answering another way (as
+    ``QBRIDGE_TRITON_COMPILE=wait`` does; it cannot be undone).
 
-    Calls with the default ``backend="auto"`` answer from the exact torch path (or bitsandbytes' kernel)
-    while Triton and a kernel they need are made ready in the background (``torch_side._compile``): the
-    same bits, more slowly. Call this once where every call must run the compiled kernels: before timing
-    them or capturing them in a CUDA graph.
+    On CUDA, calls with the default ``backend="auto"`` answer from the exact torch path (or bitsandbytes'
+    kernel) while Triton and a kernel they need are made ready in the background: the same bits, more
+    slowly. Call this once where every call must run the compiled kernels, then make one call of each
+    kind (which compiles or loads what was not asked for yet) before timing them or capturing them in a
+    CUDA graph. Where nothing runs in the background (CPU tensors) it returns True at once.
 
     Args:
         timeout: seconds to wait at most; None waits as long as it takes.

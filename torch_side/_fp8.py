@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ._backend import choose_fp8_backend
+from ._checks import as_list, numbered, on_device, plain, require_tensor, same_device
 from ._checks import check_finite as _check_finite
-from ._checks import numbered, on_device, plain, require_tensor, same_device
 from ._compile import KernelNotReady, kernels_imported
 from ._plans import FP8_PLANS, tensor_key
 
@@ -356,8 +356,11 @@ def dequantize_fp8_many(
     Raises:
         ValueError: ``weights`` and ``scale_invs`` differ in length; and as :func:`dequantize_fp8`, naming the
             weight's index (``weights[i]: ...``).
-        TypeError: as :func:`dequantize_fp8`, naming the weight's index.
+        TypeError: ``weights`` or ``scale_invs`` is a single tensor instead of a list (or another iterable);
+            and as :func:`dequantize_fp8`, naming the weight's index.
     """
+    weights = as_list(weights, "weights")
+    scale_invs = as_list(scale_invs, "scale_invs")
     if len(weights) != len(scale_invs):
         raise ValueError(f"got {len(weights)} weights and {len(scale_invs)} scale_invs: one scale per weight")
     results: list[torch.Tensor | None] = [None] * len(weights)
@@ -367,7 +370,7 @@ def dequantize_fp8_many(
         members = kinds.pop(key)
         plan = FP8_PLANS.get(key)
         Ws = [plain(weights[i]) for i in members]
-        scales = [plain(scale_invs[i]) for i in members]  # type: ignore[arg-type]  # tensors: they have a plan
+        scales = [plain(scale_invs[i]) for i in members]  # tensors: they have a plan
         outs = None
         if plan is not None and len(members) > 1:
             from ._triton import dequantize_fp8_group

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ._backend import choose_4bit_backend
+from ._checks import as_list, numbered, on_device, plain, raise_out_mismatch, require_tensor, same_device
 from ._checks import check_finite as _check_finite
-from ._checks import numbered, on_device, plain, raise_out_mismatch, require_tensor, same_device
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._plans import NF4_PLANS, tensor_key
@@ -530,7 +530,8 @@ def dequantize(
             (bitsandbytes' convention for ``W.t()``), a 2-D result is transposed back; like bitsandbytes,
             this includes a one-byte ``[1, 1]`` weight.
         quant_state: a ``bitsandbytes.functional.QuantState`` or the legacy list of bitsandbytes <= 0.41,
-            ``[absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type, code]``. None returns
+            ``[absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type, code]``. None takes a
+            ``Params4bit``'s own ``quant_state``; for a weight without one (nothing quantized) it returns
             ``W`` itself. Like bitsandbytes, only ``quant_type`` chooses the table; ``code`` is not read.
         out: optional tensor to write into; must have exactly the quant state's shape and dtype.
         backend: ``"auto"`` (fastest exact backend for the device), ``"bnb"``, ``"torch"`` or ``"triton"``.
@@ -540,7 +541,7 @@ def dequantize(
     Returns:
         A tensor of the quant state's ``shape`` and ``dtype`` (fp16, bf16 or fp32) on ``W``'s device —
         its transpose when ``W`` arrives as ``[1, n]``. It is new memory (or ``out``), never an alias of
-        ``W``. On CUDA the work is queued on the current stream of ``W``'s device, so a consumer
+        ``W``, except that a weight without a quant state comes back as it is. On CUDA the work is queued on the current stream of ``W``'s device, so a consumer
         ordered after that stream (such as ``qbridge.to_jax``) reads it finished.
 
     Raises:
@@ -554,7 +555,9 @@ def dequantize(
         True
     """
     if quant_state is None:
-        return W
+        quant_state = getattr(W, "quant_state", None)  # a Params4bit carries its own
+        if quant_state is None:
+            return W
     require_tensor(W, "W")
     state = parse_quant_state(quant_state)
     # bitsandbytes' convention: a [1, n] packed weight is W.t(), and the 2-D result is transposed back.
@@ -584,21 +587,23 @@ def dequantize_many(
     Args:
         weights: packed weights as :func:`dequantize` takes them, or ``Params4bit`` (whose ``quant_state``
             is used when ``quant_states`` is None).
-        quant_states: one quant state per weight (``None`` entries return the weight itself, as
-            :func:`dequantize` does); None reads each weight's ``quant_state`` attribute.
+        quant_states: one quant state per weight, or None (each weight's own, as :func:`dequantize`
+            takes it: ``Params4bit`` carry theirs; a weight without one comes back as it is).
         backend, check_finite: as in :func:`dequantize`, for every weight.
 
     Returns:
-        A list of new tensors, one per weight, as :func:`dequantize` returns them (written on the current
+        A list with one tensor per weight, as :func:`dequantize` returns them (written on the current
         stream of their device).
 
     Raises:
+        TypeError: ``weights`` or ``quant_states`` is a single tensor or quant state instead of a list (or
+            another iterable); and as :func:`dequantize`, naming the weight's index (``weights[i]: ...``).
         ValueError: ``weights`` and ``quant_states`` differ in length; and as :func:`dequantize`, naming the
-            weight's index (``weights[i]: ...``).
-        TypeError, AssertionError: as :func:`dequantize`, naming the weight's index.
+            weight's index.
+        AssertionError: as :func:`dequantize`, naming the weight's index.
     """
-    if quant_states is None:
-        quant_states = [getattr(W, "quant_state", None) for W in weights]
+    weights = as_list(weights, "weights")
+    quant_states = [None] * len(weights) if quant_states is None else as_list(quant_states, "quant_states")
     if len(weights) != len(quant_states):
         raise ValueError(f"got {len(weights)} weights and {len(quant_states)} quant states: one per weight")
     return [

@@ -238,6 +238,8 @@ def test_many_tensors_are_handed_over_as_one_at_a_time():
         qbridge.to_jax_many(tensors[:2], copy=False)
     with pytest.raises(TypeError, match=r"tensors\[0\]: to_jax takes a torch.Tensor"):
         qbridge.to_jax_many([np.zeros(3)])
+    with pytest.raises(TypeError, match="takes a list of torch tensors, got a Tensor"):
+        qbridge.to_jax_many(tensors[0])  # its rows are no tensors to hand over
 
 
 def test_to_torch_zero_copy_round_trip():

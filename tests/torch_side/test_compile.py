@@ -23,6 +23,18 @@ def test_the_mode_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("QBRIDGE_TRITON_COMPILE", "later")
     with pytest.raises(ValueError, match=r"QBRIDGE_TRITON_COMPILE must be one of \('background', 'wait'\)"):
         _compile.compile_mode()
+    # a misspelt value fails at import: later it would surface inside a checkpoint load as a damaged file
+    env = {**os.environ, "QBRIDGE_TRITON_COMPILE": "later"}
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", "import torch_side"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "QBRIDGE_TRITON_COMPILE must be one of" in done.stderr
 
 
 def test_argument_specializations():

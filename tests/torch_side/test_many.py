@@ -139,10 +139,17 @@ def test_many_names_the_bad_weight():
     _, p, qs = bnb_quantize((64, 64))
     with pytest.raises(ValueError, match="one per weight"):
         torch_side.dequantize_many([p, p], [qs])
+    with pytest.raises(TypeError, match="weights must be a list of per-weight values, got a Tensor"):
+        torch_side.dequantize_many(p, [qs])  # one weight, not a list: its rows are no weights
+    with pytest.raises(TypeError, match="quant_states must be a list of per-weight values, got a QuantState"):
+        torch_side.dequantize_many([p], qs)
+    assert len(torch_side.dequantize_many(iter([p, p]), iter([qs, qs]))) == 2  # any iterable
     with pytest.raises(TypeError, match=r"weights\[1\]: .*FP8 data"):
         torch_side.dequantize_many([p, p.view(torch.float8_e4m3fn)], [qs, qs])
     Ws, scales = _fp8_members((64, 64), 2, seed=1)
     with pytest.raises(ValueError, match="one scale per weight"):
         torch_side.dequantize_fp8_many(Ws, scales[:1])
+    with pytest.raises(TypeError, match="weights must be a list of per-weight values, got a Tensor"):
+        torch_side.dequantize_fp8_many(Ws[0], scales[0])
     with pytest.raises(ValueError, match=r"weights\[1\]: scale_inv has shape \(3, 3\)"):
         torch_side.dequantize_fp8_many(Ws, [scales[0], torch.ones(3, 3)])

@@ -167,6 +167,16 @@ def test_none_quant_state_returns_w_itself():
     assert torch_side.dequantize(w, None) is w
 
 
+def test_a_params4bit_without_a_quant_state_argument_uses_its_own():
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(64, 128).to(torch.bfloat16)
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    p.data, p.quant_state = bnb.functional.quantize_4bit(w, quant_type="nf4")  # quantized, as .cuda() does
+    got = torch_side.dequantize(p)
+    assert got.shape == (64, 128) and got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), torch_side.dequantize(p.data, p.quant_state).view(torch.int16))
+
+
 def test_transposed_packed_weight_comes_back_transposed(device):
     _, packed, qs = bnb_quantize((48, 80), device=device)
     got = torch_side.dequantize(packed.t(), qs)
