@@ -28,6 +28,7 @@ parameter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -35,6 +36,7 @@ import json
 import logging
 import os
 import pathlib
+import threading
 from typing import Any
 
 import torch
@@ -164,7 +166,7 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
     arch = str(architectures[0])
     plain = {k: v for k, v in config.items() if k != "quantization_config"}
     remembered = _cache_file(arch, plain)
-    info = _read_info(remembered)
+    info = _read_info(remembered, arch)
     if info is not None:
         return info, f"{arch} built on the meta device (remembered from an earlier build: {remembered})"
     try:
@@ -217,19 +219,28 @@ INFO_FORMAT = 1  # raise when ModuleInfo or the rules that fill it change: older
 
 def cache_dir() -> pathlib.Path | None:
     """Where qbridge remembers what it derived once: ``$QBRIDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/qbridge``
-    or ``~/.cache/qbridge``; None when ``QBRIDGE_CACHE_DIR`` is set to ``off``."""
+    or ``~/.cache/qbridge``; None when ``QBRIDGE_CACHE_DIR`` is ``off`` (any case), or without a home."""
     chosen = os.environ.get(CACHE_ENV)
-    if chosen == "off":
+    if chosen is not None and chosen.strip().lower() == "off":
         return None
     if chosen:
         return pathlib.Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    except RuntimeError:  # no home directory to be found
+        return None
     return pathlib.Path(base) / "qbridge"
 
 
+@functools.cache
+def _rules_hash() -> str:
+    """A hash of the code that fills a ModuleInfo: a changed rule invalidates what older code remembered."""
+    return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _cache_file(arch: str, config: dict[str, Any]) -> pathlib.Path | None:
-    """The file that remembers the model of ``config``: named by a hash of the config and of the versions of
-    everything that decides the answer (transformers builds the model, torch and qbridge classify it)."""
+    """The file that remembers the model of ``config``: named by a hash of the config, of the versions of
+    what builds and reads the model (transformers, torch, qbridge) and of the rules in this file."""
     import qbridge
 
     root = cache_dir()
@@ -237,25 +248,44 @@ def _cache_file(arch: str, config: dict[str, Any]) -> pathlib.Path | None:
         return None
     try:
         versions = [importlib.metadata.version("transformers"), torch.__version__, qbridge.__version__]
-        text = json.dumps([INFO_FORMAT, arch, versions, config], sort_keys=True, default=repr)
-    except (importlib.metadata.PackageNotFoundError, TypeError, ValueError):
+        text = json.dumps([INFO_FORMAT, _rules_hash(), arch, versions, config], sort_keys=True, default=repr)
+    except (importlib.metadata.PackageNotFoundError, OSError, TypeError, ValueError):
         return None
     return root / "modules" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
 
 
-def _read_info(path: pathlib.Path | None) -> ModuleInfo | None:
+def _strings(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError(f"{what} must map names to names")
+    return value
+
+
+def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
+    """The ModuleInfo remembered at ``path``, or None (absent, damaged, or not what this code writes: then
+    the model is built again and the file rewritten)."""
     if path is None or not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("architecture") != arch:
+            raise ValueError("not a record of this architecture")
+        kinds = _strings(data["kinds"], "kinds")
+        if not set(kinds.values()) <= set(jax_side.KINDS):
+            raise ValueError(f"unknown module kinds {sorted(set(kinds.values()) - set(jax_side.KINDS))}")
+        non_persistent = data["non_persistent"]
+        if not isinstance(non_persistent, list) or not all(isinstance(k, str) for k in non_persistent):
+            raise TypeError("non_persistent must be a list of names")
         info = ModuleInfo(
-            str(data["architecture"]), dict(data["kinds"]), dict(data["classes"]),
-            set(data["non_persistent"]), dict(data["tied"]),
-        )  # fmt: skip
-        if not all(isinstance(v, str) for d in (info.kinds, info.classes, info.tied) for v in d.values()):
-            raise TypeError("values must be strings")
-    except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: built again, and the file rewritten
-        log.debug("ignoring %s: %s", path, e)
+            arch,
+            kinds,
+            _strings(data["classes"], "classes"),
+            set(non_persistent),
+            _strings(data["tied"], "tied"),
+        )
+    except Exception as e:  # damaged in any way (deep nesting included): built again, the file rewritten
+        log.debug("ignoring %s: %r", path, e)
         return None
     return info
 
@@ -267,7 +297,7 @@ def _write_info(path: pathlib.Path | None, info: ModuleInfo) -> None:
     data["non_persistent"] = sorted(info.non_persistent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
         partial.write_text(json.dumps(data))
         os.replace(partial, path)  # whole or absent, also with several processes writing
     except OSError as e:  # a read-only home: built again next time

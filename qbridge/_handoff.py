@@ -483,6 +483,7 @@ def to_jax_many(
     """
     if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
         raise TypeError(f"to_jax_many takes a list of torch tensors, got a {type(tensors).__name__}")
+    tensors = list(tensors)  # every tensor made (its work queued) before the one scan of the streams
     token = _SCANS.set({})
     try:
         results = []

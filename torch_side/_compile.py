@@ -44,7 +44,8 @@ log = logging.getLogger("torch_side")
 MODES = ("background", "wait")
 COMPILE_MODE_ENV = "QBRIDGE_TRITON_COMPILE"
 GATHER_S = 0.05  # how long the background thread gathers requests before starting a compile process
-CHILD_TIMEOUT_S = 900.0  # a compile process that has not finished by then is given up (compiled in-process)
+CHILD_TIMEOUT_S = 900.0
+IMPORT_WAIT_S = 60.0  # at most this long a fork waits for the background import of Triton  # a compile process that has not finished by then is given up (compiled in-process)
 
 _READY: dict[
     tuple[Any, ...], Any
@@ -75,7 +76,15 @@ def _after_fork() -> None:
     _WORKER = None
 
 
-os.register_at_fork(after_in_child=_after_fork)
+def _before_fork() -> None:
+    """A fork while the background thread imports Triton would leave the child with half-imported
+    modules whose import locks no thread of the child will ever release (``import triton`` there would
+    hang): let the import finish first (it takes about a second)."""
+    if IMPORT_KEY in _REQUESTED and not _IMPORTED.is_set():
+        _IMPORTED.wait(IMPORT_WAIT_S)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork)
 
 
 class KernelNotReady(Exception):
@@ -169,9 +178,11 @@ def triton_cache_dir() -> pathlib.Path:
         configured = knobs.cache.dir
     except (ImportError, AttributeError):
         configured = None
-    return pathlib.Path(
-        configured or os.environ.get("TRITON_CACHE_DIR") or pathlib.Path.home() / ".triton" / "cache"
-    )
+    if configured:
+        return pathlib.Path(configured)
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return pathlib.Path(os.environ["TRITON_CACHE_DIR"])
+    return pathlib.Path(os.environ.get("TRITON_HOME") or pathlib.Path.home()) / ".triton" / "cache"
 
 
 def _capability(device_index: int) -> int:
@@ -179,13 +190,20 @@ def _capability(device_index: int) -> int:
     return major * 10 + minor
 
 
-def record_path(kernel: Any, spec: dict[str, Any], capability: int) -> pathlib.Path:
-    """Where the record of one compiled variant lives."""
+def record_path(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], capability: int) -> pathlib.Path:
+    """Where the record of one compiled variant lives: named by what Triton specializes on (not the
+    arguments' values, so that every size of one variant shares it)."""
     import triton
 
+    spec = [
+        ["t", str(a.dtype), a.data_ptr() % 16 == 0]
+        if isinstance(a, (torch.Tensor, StandIn))
+        else list(arg_spec(a))
+        for a in args
+    ]
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_") and k != "TRITON_CACHE_DIR")
     text = json.dumps(
-        [triton.__version__, kernel.cache_key, spec, capability, env], sort_keys=True, default=str
+        [triton.__version__, kernel.cache_key, spec, sorted(meta.items()), capability, env], default=str
     )
     return triton_cache_dir() / "qbridge-variants" / hashlib.sha256(text.encode()).hexdigest()
 
@@ -252,7 +270,7 @@ def _work() -> None:
             records = []
             for _, kernel, args, meta, device_index in batch:
                 capability = _capability(device_index)
-                records.append((record_path(kernel, describe(kernel, args, meta), capability), capability))
+                records.append((record_path(kernel, args, meta, capability), capability))
             missing: dict[int, list[dict[str, Any]]] = {}
             for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
                 if not record.exists():
@@ -279,18 +297,29 @@ def _work() -> None:
 
 def _request(
     key: tuple[Any, ...], kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], device_index: int
-) -> None:
+) -> bool:
+    """Hands a variant to the background thread (once); False when no thread can be started (then the
+    caller's thread does the work, as with ``QBRIDGE_TRITON_COMPILE=wait``)."""
     global _WORKER, _WORKING
     with _IDLE:
         if key in _REQUESTED:
-            return
+            return True
+        if _WORKER is None or not _WORKER.is_alive():
+            worker = threading.Thread(target=_work, name="torch_side-triton-compile", daemon=True)
+            try:
+                worker.start()
+            except RuntimeError as e:  # a thread limit, or interpreter shutdown
+                log.debug(
+                    "no background thread for Triton compiles (%s): compiling on the caller's thread", e
+                )
+                _FAILED.add(key)
+                return False
+            _WORKER = worker
         _REQUESTED.add(key)
         _WORKING += 1
-        if _WORKER is None or not _WORKER.is_alive():
-            _WORKER = threading.Thread(target=_work, name="torch_side-triton-compile", daemon=True)
-            _WORKER.start()
     # stand-ins only: the queue holds no reference to the caller's tensors
     _QUEUE.put((key, kernel, stand_ins(args), dict(meta), device_index))
+    return True
 
 
 def kernels_imported(wait: bool) -> None:
@@ -307,8 +336,8 @@ def kernels_imported(wait: bool) -> None:
     if module is not None and not getattr(module.__spec__, "_initializing", False):  # imported elsewhere
         _IMPORTED.set()
         return
-    _request(IMPORT_KEY, None, (), {}, -1)
-    raise KernelNotReady
+    if _request(IMPORT_KEY, None, (), {}, -1):
+        raise KernelNotReady
 
 
 def ready_kernel(
@@ -329,8 +358,8 @@ def ready_kernel(
     if compiled is not None:
         return compiled
     if not wait and key not in _FAILED and not _waiting():
-        _request(key, kernel, args, meta, device_index)
-        raise KernelNotReady
+        if _request(key, kernel, args, meta, device_index):
+            raise KernelNotReady
     compiled = _load(kernel, stand_ins(args), meta, device_index)
     _READY[key] = compiled
     return compiled

@@ -380,8 +380,9 @@ def dequantize_fp8_many(
             except KernelNotReady:  # the grouped kernel compiles in the background: one launch per weight
                 outs = None
         if outs is None:
-            outs = [plan(W, s, W.device) if plan is not None else dequantize_fp8(W, s, dtype, block_size=block_size,
-                    transpose=transpose, backend=backend) for W, s in zip(Ws, scales, strict=True)]  # fmt: skip
+            outs = [plan(W, s, W.device) if plan is not None else numbered(i, dequantize_fp8, W, s, dtype,
+                    block_size=block_size, transpose=transpose, backend=backend)
+                    for i, W, s in zip(members, Ws, scales, strict=True)]  # fmt: skip
         for i, out in zip(members, outs, strict=True):
             results[i] = out
 

@@ -465,27 +465,28 @@ def dequantize_nf4(
                 )  # fmt: skip
             except KernelNotReady:  # compiling in the background (_compile): the same bits another way
                 # bitsandbytes' kernels when it is imported already (exact on CUDA), else the torch path
-                with_bnb = standard and sys.modules.get("bitsandbytes") is not None
-                absmax_f32 = _decode_absmax(
-                    absmax,
-                    nested_absmax,
-                    nested_code,
-                    nested_blocksize,
-                    offset,
-                    "bnb" if with_bnb else "torch",
-                )
-                if with_bnb:
-                    result = torch.ops.bitsandbytes.dequantize_4bit.default(
-                        flat, absmax_f32, blocksize, quant_type, list(shape), dtype
+                fallback: torch.Tensor | None = None
+                if standard and sys.modules.get("bitsandbytes") is not None:
+                    try:
+                        absmax_f32 = _decode_absmax(
+                            absmax, nested_absmax, nested_code, nested_blocksize, offset, "bnb"
+                        )
+                        fallback = torch.ops.bitsandbytes.dequantize_4bit.default(
+                            flat, absmax_f32, blocksize, quant_type, list(shape), dtype
+                        )
+                    except Exception:  # a bitsandbytes without its CUDA ops (or half imported): torch
+                        fallback = None
+                if fallback is None:
+                    absmax_f32 = _decode_absmax(
+                        absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch"
                     )
-                else:
                     table = (
                         code.reshape(-1)
                         if code is not None and not standard
                         else standard_code(quant_type, device)
                     )
-                    result = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype)
-                result = result.reshape(shape)
+                    fallback = dequantize_4bit_reference(flat, absmax_f32, table, blocksize, n, dtype)
+                result = fallback.reshape(shape)
                 if transpose:
                     result = result.t().contiguous()  # the layout the kernel writes
                 return out.copy_(result) if out is not None else result

@@ -234,6 +234,8 @@ def test_many_tensors_are_handed_over_as_one_at_a_time():
         assert (x.unsafe_buffer_pointer() == t.data_ptr()) == (one.unsafe_buffer_pointer() == t.data_ptr())
     assert xs[0].unsafe_buffer_pointer() == tensors[0].data_ptr()
     assert qbridge.to_jax_many([]) == []
+    from_generator = qbridge.to_jax_many(t for t in tensors[:2])  # any iterable, made whole first
+    assert [x.shape for x in from_generator] == [x.shape for x in xs[:2]]
     with pytest.raises(BufferError, match=r"tensors\[1\]: cannot hand .* without a copy"):
         qbridge.to_jax_many(tensors[:2], copy=False)
     with pytest.raises(TypeError, match=r"tensors\[0\]: to_jax takes a torch.Tensor"):

@@ -69,3 +69,50 @@ def test_a_forked_child_starts_with_nothing_under_way():
     root = pathlib.Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", FORK], cwd=root, capture_output=True, text=True, timeout=300)
     assert "CHILD 0" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+def test_no_background_thread_means_the_work_is_done_on_the_callers_thread(monkeypatch):
+    """If no thread can be started (a thread limit, interpreter shutdown), nothing is left half asked:
+    the variant is marked for the caller's thread, and wait_for_kernels has nothing to wait for."""
+    monkeypatch.setattr(_compile, "_FAILED", set())
+    monkeypatch.setattr(_compile, "_REQUESTED", set())
+    monkeypatch.setattr(_compile, "_WORKER", None)
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_compile.threading.Thread, "start", refuse)
+    before = _compile._WORKING
+    assert _compile._request(("a variant",), None, (), {}, 0) is False
+    assert ("a variant",) in _compile._FAILED and ("a variant",) not in _compile._REQUESTED
+    assert _compile._WORKING == before and _compile.wait_for_kernels(timeout=1)
+
+
+FORK_DURING_IMPORT = r"""
+import os, signal, sys, time
+from torch_side import _compile
+try:
+    _compile.kernels_imported(False)  # the background thread starts importing Triton and the kernels
+except _compile.KernelNotReady:
+    pass
+deadline = time.monotonic() + 60
+while "triton.language" not in sys.modules and time.monotonic() < deadline:  # the import under way
+    time.sleep(0.001)
+pid = os.fork()  # waits for that import to finish
+if pid == 0:
+    signal.alarm(60)  # a child stuck on a half-imported module's lock dies here
+    import triton
+    import torch_side._triton
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_during_the_background_import_leaves_the_child_able_to_import():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_DURING_IMPORT], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert "CHILD 0" in done.stdout, done.stdout + done.stderr[-3000:]

@@ -91,6 +91,10 @@ with compile_only(90):
         key = _compile.variant_key(fp8_kernel, 0, args, meta)
         assert by_key.setdefault(key, real) == real, ("one key, two compiled variants", args[3:])
 print("VARIANTS", len(by_key), len(set(by_key.values())))
+# one record per variant, whatever the sizes: a record names what Triton specializes on
+assert _compile.record_path(fp8_kernel, cases[0], meta, 90) == _compile.record_path(fp8_kernel, cases[1], meta, 90)
+assert _compile.record_path(fp8_kernel, cases[0], meta, 90) != _compile.record_path(fp8_kernel, cases[2], meta, 90)
+assert _compile.record_path(fp8_kernel, cases[0], meta, 90) != _compile.record_path(fp8_kernel, cases[0], meta, 89)
 
 # the compile process fills the cache that this process then reads without compiling
 nf4_args = (bytes_, floats, floats, out, floats, floats, 0.5, 64, 128)
