@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -74,9 +75,13 @@ def _check(
     where = f"4-bit weight of shape {shape}"
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
+    if (
+        isinstance(blocksize, bool)
+        or not isinstance(blocksize, numbers.Integral)
+        or blocksize not in BLOCKSIZES
+    ):
         raise ValueError(
-            f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
+            f"blocksize must be one of the ints {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
         )
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in OUT_DTYPES]:
         raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {jnp.dtype(dtype)}")

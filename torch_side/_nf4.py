@@ -13,6 +13,7 @@ used only where it agrees (see ``_backend.bnb_cpu_kernel_is_exact``).
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -75,9 +76,13 @@ def _check_pieces(
     where = f"4-bit weight of shape {shape}"
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    if blocksize not in BLOCKSIZES:
+    if (
+        isinstance(blocksize, bool)
+        or not isinstance(blocksize, numbers.Integral)
+        or blocksize not in BLOCKSIZES
+    ):
         raise ValueError(
-            f"blocksize must be one of {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
+            f"blocksize must be one of the ints {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
         )
     if dtype not in OUT_DTYPES:
         raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {dtype}")

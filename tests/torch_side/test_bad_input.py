@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from helpers import bnb_quantize, legacy_list, random_fp8, random_scales
@@ -85,6 +86,14 @@ def test_unknown_quant_type_and_blocksize():
     q.blocksize = 48
     with pytest.raises(ValueError, match=r"blocksize must be one of .* got 48"):
         torch_side.dequantize(packed, q)
+    pieces = dict(
+        shape=tuple(qs.shape), nested_absmax=qs.state2.absmax, nested_code=qs.state2.code, offset=qs.offset
+    )
+    with pytest.raises(ValueError, match=r"blocksize must be one of the ints .* got 64.0"):
+        torch_side.dequantize_nf4(packed, qs.absmax, blocksize=64.0, **pieces)  # equal to 64, still refused
+    want = torch_side.dequantize_nf4(packed, qs.absmax, blocksize=64, **pieces)
+    got = torch_side.dequantize_nf4(packed, qs.absmax, blocksize=np.int64(64), **pieces)  # numpy ints do
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_output_dtype():
