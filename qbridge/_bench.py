@@ -442,10 +442,10 @@ def format_bench(result: dict[str, Any]) -> str:
             f"{r.get('us_in_loop', math.nan):>14.1f}  {r.get('timing', 'graph replay')}"
         )
     for p in result.get("process", []):
+        after = f", next 100 calls {p['next_100_calls_s']:.3f} s" if "next_100_calls_s" in p else ""
         lines.append(
             f"whole process ({p['cache']} Triton cache): {p['method']}: {p['seconds']:.2f} s "
-            f"(import {p['import_s']:.2f} s, first call {p['first_call_s']:.3f} s, "
-            f"next 100 calls {p['next_100_calls_s']:.3f} s)"
+            f"(import {p['import_s']:.2f} s, first call {p['first_call_s']:.3f} s{after})"
         )
     lines += [f"skipped: {s}" for s in result.get("skipped", [])]
     return "\n".join(lines)
