@@ -138,6 +138,17 @@ def test_int64_and_float64_with_x64_off():
     with pytest.warns(UserWarning, match="rounded to torch.float32"):
         y = qbridge.to_jax(torch.tensor([1.0 + 2**-40], dtype=torch.float64))
     assert y.dtype == jnp.float32
+    # the warning names the tensor and points at the caller's line, whichever path made the copy
+    for call in (
+        lambda t: qbridge.to_jax(t),
+        lambda t: qbridge.to_jax(t, copy=True),
+        lambda t: qbridge.to_jax_many([t])[0],
+    ):
+        with pytest.warns(
+            UserWarning, match=r"torch.float64 tensor of shape \(3,\) on cpu is rounded"
+        ) as seen:
+            call(torch.ones(3, dtype=torch.float64))
+        assert seen[0].filename == __file__, seen[0].filename
 
 
 def test_int64_with_x64_on():
