@@ -44,12 +44,11 @@ log = logging.getLogger("torch_side")
 MODES = ("background", "wait")
 COMPILE_MODE_ENV = "QBRIDGE_TRITON_COMPILE"
 GATHER_S = 0.05  # how long the background thread gathers requests before starting a compile process
-CHILD_TIMEOUT_S = 900.0
-IMPORT_WAIT_S = 60.0  # at most this long a fork waits for the background import of Triton  # a compile process that has not finished by then is given up (compiled in-process)
+CHILD_TIMEOUT_S = 900.0  # a compile process still running then is given up (the variant compiles here)
+IMPORT_WAIT_S = 60.0  # at most this long a fork waits for the background import of Triton
 
-_READY: dict[
-    tuple[Any, ...], Any
-] = {}  # variant -> CompiledKernel (loaded on the device by its first launch)
+# variant -> Triton's CompiledKernel (its module is loaded on the device by the first launch)
+_READY: dict[tuple[Any, ...], Any] = {}
 _REQUESTED: set[tuple[Any, ...]] = set()
 _FAILED: set[tuple[Any, ...]] = set()  # compiled on the caller's thread next time, to raise Triton's error
 _QUEUE: queue.Queue[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]] = queue.Queue()
@@ -116,7 +115,7 @@ def arg_spec(arg: Any) -> tuple[Any, ...]:
     if isinstance(arg, torch.Tensor):
         return ("t", arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool):
-        return ("b",)
+        return ("b", arg)
     if isinstance(arg, int):
         kind = "i32" if -(2**31) <= arg < 2**31 else ("i64" if -(2**63) <= arg < 2**63 else "u64")
         return ("i", arg == 1, arg % 16 == 0, kind)
