@@ -1,0 +1,158 @@
+"""A whole fresh process loading an NF4 checkpoint, against the raw route, with empty and warm caches.
+
+Writes a checkpoint of N decoder layers with Llama-3-8B's linear shapes (random weights quantized to
+nested NF4 by bitsandbytes, transformers' keys), then times fresh ``python -c`` processes in the same
+run, each reading the file from the page cache:
+
+- qbridge: ``qbridge.load_checkpoint(path, device=...)`` (no target), to ready arrays;
+- the raw route: for each weight, bitsandbytes' ``QuantState.from_dict`` and ``dequantize_4bit`` on the
+  device, then a bare ``jax.dlpack.from_dlpack`` of the transposed view (the Flax ``[in, out]`` layout).
+
+First with empty caches (a fresh ``TRITON_CACHE_DIR`` and ``QBRIDGE_CACHE_DIR``), then again with what
+those runs left. Each process prints its import and load seconds; the whole-process wall time is measured
+outside it. ``--scale`` divides every dimension (a quick run, or a CPU smoke test with ``--device cpu``).
+
+    python benchmarks/fresh_process_raw_route.py --layers 4 --out benchmarks/results/fresh-raw-route.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {  # Llama-3-8B
+    "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (1024, 4096), "self_attn.v_proj": (1024, 4096),
+    "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (14336, 4096), "mlp.up_proj": (14336, 4096),
+    "mlp.down_proj": (4096, 14336),
+}  # fmt: skip
+
+QBRIDGE = r"""
+import sys, time
+t0 = time.perf_counter()
+import jax, qbridge
+t1 = time.perf_counter()
+params = qbridge.load_checkpoint(sys.argv[1], device=sys.argv[2], progress=False)
+jax.block_until_ready(params)
+t2 = time.perf_counter()
+print("PROCESS", t1 - t0, t2 - t1, len(jax.tree.leaves(params)))
+"""
+
+RAW = r"""
+import sys, time
+t0 = time.perf_counter()
+import jax, torch
+import bitsandbytes.functional as F
+from safetensors import safe_open
+t1 = time.perf_counter()
+device = sys.argv[2]
+out = {}
+with safe_open(sys.argv[1], "pt") as f:
+    keys = list(f.keys())
+    for key in keys:
+        if not key.endswith(".weight"):
+            continue
+        pieces = {k[len(key) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(key + ".")}
+        qs = F.QuantState.from_dict(pieces, device=device)
+        dense = F.dequantize_4bit(f.get_tensor(key).to(device), qs)
+        out[key] = jax.dlpack.from_dlpack(dense.t())
+jax.block_until_ready(out)
+t2 = time.perf_counter()
+print("PROCESS", t1 - t0, t2 - t1, len(out))
+"""
+
+
+def write_checkpoint(path: pathlib.Path, layers: int, scale: int, device: str) -> int:
+    import bitsandbytes.functional as F
+    import torch
+    from safetensors.torch import save_file
+
+    state = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for i in range(layers):
+        for name, (rows, cols) in SHAPES.items():
+            shape = (rows // scale, cols // scale)
+            w = torch.randn(shape, device=device, generator=gen, dtype=torch.bfloat16) * 0.02
+            packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+            key = f"model.layers.{i}.{name}.weight"
+            state[key] = packed.cpu()
+            state.update({f"{key}.{k}": v.cpu() for k, v in qs.as_dict(packed=True).items()})
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    return layers * len(SHAPES)
+
+
+def run(script: str, target: str, device: str, env: dict[str, str]) -> dict[str, float]:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", script, target, device], env=env, capture_output=True, text=True, timeout=900
+    )
+    wall = time.perf_counter() - start
+    line = [x for x in done.stdout.splitlines() if x.startswith("PROCESS")]
+    if done.returncode or not line:
+        raise RuntimeError(f"the process failed: {done.stderr.strip()[-2000:]}")
+    imports, load, count = line[0].split()[1:]
+    return {"process_s": wall, "import_s": float(imports), "load_s": float(load), "weights": int(count)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--scale", type=int, default=1, help="divide every dimension by this (default 1)")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+    args = parser.parse_args()
+    import jax
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qbridge-raw-route-") as tmp:
+        root = pathlib.Path(tmp)
+        (root / "ckpt").mkdir()
+        weights = write_checkpoint(root / "ckpt", args.layers, args.scale, args.device)
+        size = (root / "ckpt" / "model.safetensors").stat().st_size
+        env = {
+            **os.environ,
+            "TRITON_CACHE_DIR": str(root / "triton"),
+            "QBRIDGE_CACHE_DIR": str(root / "qbridge"),
+        }
+        env.pop("QBRIDGE_TRITON_COMPILE", None)
+        if args.device == "cpu":
+            env["JAX_PLATFORMS"] = "cpu"
+        for caches in ("empty", "warm"):
+            for method, script, target in (
+                ("qbridge.load_checkpoint", QBRIDGE, str(root / "ckpt")),
+                (
+                    "raw route: bitsandbytes + jax.dlpack.from_dlpack",
+                    RAW,
+                    str(root / "ckpt" / "model.safetensors"),
+                ),
+            ):
+                row = {"caches": caches, "method": method, **run(script, target, args.device, env)}
+                rows.append(row)
+                print(
+                    f"{caches:<6}{method:<52}process {row['process_s']:7.2f} s  imports {row['import_s']:6.2f} s  "
+                    f"load {row['load_s']:7.3f} s  ({row['weights']} weights)",
+                    flush=True,
+                )
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = {
+        "device": device, "torch": torch.__version__, "jax": jax.__version__, "layers": args.layers,
+        "scale": args.scale, "weights": weights, "file_bytes": size, "rows": rows,
+    }  # fmt: skip
+    for caches in ("empty", "warm"):
+        mine, raw = (r for r in rows if r["caches"] == caches)
+        print(
+            f"{caches} caches: qbridge / raw route, whole process {mine['process_s'] / raw['process_s']:.2f}x"
+        )
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
