@@ -206,7 +206,7 @@ def dequantize_nf4(
     nested_absmax: Any = None,
     nested_code: Any = None,
     nested_blocksize: int = 256,
-    offset: Any = 0.0,
+    offset: Any = None,
     quant_type: str = "nf4",
     dtype: Any = jnp.bfloat16,
     transpose: bool = False,
@@ -226,7 +226,8 @@ def dequantize_nf4(
         nested_absmax: float32 scales of a nested absmax (``.nested_absmax``).
         nested_code: its 256-entry float32 table (``.nested_quant_map``).
         nested_blocksize: absmax entries per nested block (256 in bitsandbytes).
-        offset: added to the decoded nested absmax (``nested_offset``).
+        offset: added to the decoded nested absmax (``nested_offset``); required with one (bitsandbytes
+            stores it with every nested absmax), ignored without.
         quant_type: ``"nf4"`` or ``"fp4"``.
         dtype: float16, bfloat16 or float32.
         transpose: return the ``[in, out]`` (Flax ``kernel``) layout of a 2-D ``[out, in]`` weight.
@@ -252,6 +253,11 @@ def dequantize_nf4(
         flat, itemsize, absmax, shape=shape, blocksize=blocksize, code=code, nested_absmax=nested_absmax,
         nested_code=nested_code, nested_blocksize=nested_blocksize, quant_type=quant_type, dtype=dtype,
     )  # fmt: skip
+    if nested_absmax is not None and offset is None:
+        raise ValueError(
+            f"4-bit weight of shape {shape}: a nested absmax needs its offset: pass offset= (the checkpoint's "
+            "nested_offset, a QuantState's .offset); every decoded scale is shifted by it"
+        )
     n = math.prod(shape)
     if n == 0:
         return jnp.zeros(shape[::-1] if transpose else shape, dtype)

@@ -69,7 +69,7 @@ def _check_pieces(
     nested_absmax: torch.Tensor | None,
     nested_code: torch.Tensor | None,
     nested_blocksize: int,
-    offset: float | torch.Tensor,
+    offset: float | torch.Tensor | None,
     quant_type: str,
     dtype: torch.dtype,
 ) -> None:
@@ -113,6 +113,11 @@ def _check_pieces(
         if nested_code.numel() != NESTED_CODE_SIZE:
             raise ValueError(
                 f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.numel()}"
+            )
+        if offset is None:
+            raise ValueError(
+                f"{where}: a nested absmax needs its offset: pass offset= (the checkpoint's nested_offset, a "
+                "QuantState's .offset); every decoded scale is shifted by it"
             )
         if isinstance(offset, torch.Tensor) and offset.numel() != 1:
             raise ValueError(
@@ -367,7 +372,7 @@ def dequantize_nf4(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_blocksize: int = 256,
-    offset: float | torch.Tensor = 0.0,
+    offset: float | torch.Tensor | None = None,
     quant_type: str = "nf4",
     dtype: torch.dtype = torch.bfloat16,
     transpose: bool = False,
@@ -390,7 +395,8 @@ def dequantize_nf4(
         nested_absmax: float32 scales of a nested absmax (the checkpoint's ``.nested_absmax``).
         nested_code: its 256-entry float32 table (``.nested_quant_map``).
         nested_blocksize: absmax entries per nested block (``nested_blocksize``, 256 in bitsandbytes).
-        offset: added after decoding a nested absmax (``nested_offset``).
+        offset: added after decoding a nested absmax (``nested_offset``); required with one (bitsandbytes
+            stores it with every nested absmax), ignored without.
         quant_type: ``"nf4"`` or ``"fp4"``.
         dtype: float16, bfloat16 or float32.
         transpose: return the ``[in, out]`` transpose of a 2-D ``[out, in]`` weight (possibly a
@@ -427,6 +433,8 @@ def dequantize_nf4(
         nested_code=nested_code, nested_blocksize=nested_blocksize, offset=offset, quant_type=quant_type,
         dtype=dtype,
     )  # fmt: skip
+    if offset is None:  # no nested absmax (checked): nothing reads it
+        offset = 0.0
     result_shape = _result_shape(shape, transpose)
     if out is not None:
         require_tensor(out, "out")

@@ -218,6 +218,8 @@ def test_nf4_bad_inputs():
         jax_side.dequantize_nf4(to_numpy(random_fp8((1920,))), a, **kw)
     with pytest.raises(ValueError, match="blocksize must be one of"):
         jax_side.dequantize_nf4(p, a, **{**kw, "blocksize": 48})
+    with pytest.raises(ValueError, match=r"a nested absmax needs its offset: pass offset="):
+        jax_side.dequantize_nf4(p, a, **{k: v for k, v in kw.items() if k != "offset"})
     with pytest.raises(ValueError, match=r"blocksize must be one of the ints .* got 64.0"):
         jax_side.dequantize_nf4(p, a, **{**kw, "blocksize": 64.0})
 

@@ -89,6 +89,9 @@ def test_unknown_quant_type_and_blocksize():
     pieces = dict(
         shape=tuple(qs.shape), nested_absmax=qs.state2.absmax, nested_code=qs.state2.code, offset=qs.offset
     )
+    without = {k: v for k, v in pieces.items() if k != "offset"}
+    with pytest.raises(ValueError, match=r"a nested absmax needs its offset: pass offset="):
+        torch_side.dequantize_nf4(packed, qs.absmax, **without)  # would shift every scale silently
     with pytest.raises(ValueError, match=r"blocksize must be one of the ints .* got 64.0"):
         torch_side.dequantize_nf4(packed, qs.absmax, blocksize=64.0, **pieces)  # equal to 64, still refused
     want = torch_side.dequantize_nf4(packed, qs.absmax, blocksize=64, **pieces)
