@@ -12,7 +12,7 @@ on the GPU the conversion instructions give the same exact values.
 import triton
 import triton.language as tl
 
-from ._nf4 import member, to_output
+from ._nf4 import to_output
 
 
 @triton.jit
@@ -70,6 +70,14 @@ def fp8_kernel(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi,
     """``w_ptr`` points at the weight's bytes (uint8)."""
     fp8_tile(w_ptr, scale_ptr, out_ptr, rows, cols, scale_cols, bo, bi, tl.program_id(0), tl.program_id(1),
              E5M2, TRANSPOSE, SCALE_MODE, TILE_R, TILE_C, SOFT)  # fmt: skip
+
+
+@triton.jit
+def member(ptr, members_ptr, i):
+    """``ptr`` moved by the element offset ``members_ptr[i]``, a multiple of 16 bytes (grouped launches)."""
+    return ptr + tl.multiple_of(
+        tl.load(members_ptr + i), 16 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    )
 
 
 @triton.jit

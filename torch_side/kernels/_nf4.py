@@ -61,20 +61,14 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
 
 
 @triton.jit
-def member(ptr, members_ptr, i):
-    """``ptr`` moved by the element offset ``members_ptr[i]``, a multiple of 16 bytes (grouped launches,
-    ``_fp8.fp8_group_kernel``)."""
-    return ptr + tl.multiple_of(
-        tl.load(members_ptr + i), 16 // (ptr.dtype.element_ty.primitive_bitwidth // 8)
-    )
-
-
-@triton.jit
-def nf4_rows(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-             n_bytes, n_elements, pid,
-             BYTES_PER_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
-             ROWS: tl.constexpr, COLS: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
-    start = pid.to(tl.int64) * (ROWS * COLS)
+def nf4_rows_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                    n_bytes, n_elements,
+                    BYTES_PER_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
+                    ROWS: tl.constexpr, COLS: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
+    """Row-major output. A program decodes ``ROWS x COLS`` packed bytes, each of its rows inside one
+    absmax block (``COLS`` divides ``BYTES_PER_BLOCK``, or ``ROWS == 1`` and the block holds the program),
+    so the scale is computed once per row."""
+    start = tl.program_id(0).to(tl.int64) * (ROWS * COLS)
     row = tl.arange(0, ROWS)[:, None]
     offs = start + row * COLS + tl.arange(0, COLS)[None, :]
     mask = offs < n_bytes
@@ -89,26 +83,17 @@ def nf4_rows(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nest
 
 
 @triton.jit
-def nf4_rows_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                    n_bytes, n_elements,
-                    BYTES_PER_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
-                    ROWS: tl.constexpr, COLS: tl.constexpr, SOFT: tl.constexpr):  # fmt: skip
-    """Row-major output. A program decodes ``ROWS x COLS`` packed bytes, each of its rows inside one
-    absmax block (``COLS`` divides ``BYTES_PER_BLOCK``, or ``ROWS == 1`` and the block holds the program),
-    so the scale is computed once per row."""
-    nf4_rows(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-             n_bytes, n_elements, tl.program_id(0), BYTES_PER_BLOCK, NESTED, NESTED_BLOCKSIZE, OFFSET_TENSOR,
-             ROWS, COLS, SOFT)  # fmt: skip
-
-
-@triton.jit
-def nf4_transposed(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                   rows, cols, pid_r, pid_b,
-                   BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
-                   ROW_SCALE: tl.constexpr, TILE_R: tl.constexpr, TILE_B: tl.constexpr,
-                   SOFT: tl.constexpr):  # fmt: skip
-    pid_r = pid_r.to(tl.int64)
-    pid_b = pid_b.to(tl.int64)
+def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                          rows, cols,
+                          BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
+                          ROW_SCALE: tl.constexpr, TILE_R: tl.constexpr, TILE_B: tl.constexpr,
+                          SOFT: tl.constexpr):  # fmt: skip
+    """An even-width ``[rows, cols]`` weight written as its ``[cols, rows]`` transpose. A program reads a
+    ``TILE_R x TILE_B`` tile of packed bytes (``2 * TILE_B`` columns), decodes it, and writes it transposed
+    as coalesced output rows. ``ROW_SCALE``: each tile row lies inside one absmax block. (Measured on an
+    H100, this beat transposing the two nibble planes separately and transposing the packed bytes.)"""
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
     r = pid_r * TILE_R + tl.arange(0, TILE_R)[:, None]
     jb = pid_b * TILE_B + tl.arange(0, TILE_B)[None, :]
     half = cols // 2
@@ -145,21 +130,6 @@ def nf4_transposed(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr
     r_t = pid_r * TILE_R + tl.arange(0, TILE_R)[None, :]
     c_t = 2 * pid_b * TILE_B + tl.arange(0, 2 * TILE_B)[:, None]
     tl.store(out_ptr + c_t * rows + r_t, tl.trans(values), mask=(r_t < rows) & (c_t < cols))
-
-
-@triton.jit
-def nf4_transposed_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                          rows, cols,
-                          BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, OFFSET_TENSOR: tl.constexpr,
-                          ROW_SCALE: tl.constexpr, TILE_R: tl.constexpr, TILE_B: tl.constexpr,
-                          SOFT: tl.constexpr):  # fmt: skip
-    """An even-width ``[rows, cols]`` weight written as its ``[cols, rows]`` transpose. A program reads a
-    ``TILE_R x TILE_B`` tile of packed bytes (``2 * TILE_B`` columns), decodes it, and writes it transposed
-    as coalesced output rows. ``ROW_SCALE``: each tile row lies inside one absmax block. (Measured on an
-    H100, this beat transposing the two nibble planes separately and transposing the packed bytes.)"""
-    nf4_transposed(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                   rows, cols, tl.program_id(0), tl.program_id(1), BLOCKSIZE, NESTED, NESTED_BLOCKSIZE,
-                   OFFSET_TENSOR, ROW_SCALE, TILE_R, TILE_B, SOFT)  # fmt: skip
 
 
 @triton.jit
