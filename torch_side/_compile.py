@@ -109,10 +109,11 @@ compile_mode()  # a misspelt value fails at import, not later inside a checkpoin
 def arg_spec(arg: Any) -> tuple[Any, ...]:
     """What Triton specializes a runtime argument on (or something finer).
 
-    A tensor: its dtype and whether its address is a multiple of 16. An int: whether it is 1, whether it
-    is a multiple of 16, and the integer type its value needs. A float: nothing (always fp32).
+    A tensor (or its :class:`StandIn`): its dtype and whether its address is a multiple of 16. An int:
+    whether it is 1, whether it is a multiple of 16, and the integer type its value needs. A float:
+    nothing (always fp32).
     """
-    if isinstance(arg, torch.Tensor):
+    if isinstance(arg, (torch.Tensor, StandIn)):
         return ("t", arg.dtype, arg.data_ptr() % 16 == 0)
     if isinstance(arg, bool):
         return ("b", arg)
@@ -194,12 +195,7 @@ def record_path(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], capabi
     arguments' values, so that every size of one variant shares it)."""
     import triton
 
-    spec = [
-        ["t", str(a.dtype), a.data_ptr() % 16 == 0]
-        if isinstance(a, (torch.Tensor, StandIn))
-        else list(arg_spec(a))
-        for a in args
-    ]
+    spec = [arg_spec(a) for a in args]
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_") and k != "TRITON_CACHE_DIR")
     text = json.dumps(
         [triton.__version__, kernel.cache_key, spec, sorted(meta.items()), capability, env], default=str
