@@ -14,8 +14,8 @@ Sources, strongest first:
    second to 15 s, by what it imports along), so it happens when the answer can change the result: loading
    without a target, an architecture whose transformers modeling code uses ``Conv1D``, or tensors that
    nothing else explains. The answer is remembered in qbridge's cache directory (:func:`cache_dir`) under
-   a hash of the config and of the transformers, torch and qbridge versions, so later processes loading
-   the same model skip the import.
+   a hash of the config, of the transformers, torch and qbridge versions and of this file, so later
+   processes loading the same model skip the import.
 3. Name rules (``jax_side.infer_kind``, ``jax_side.buffer_reason``) elsewhere: these are guesses, and the
    report lists the tensors classified that way.
 
@@ -214,7 +214,6 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
 
 
 CACHE_ENV = "QBRIDGE_CACHE_DIR"
-INFO_FORMAT = 1  # raise when ModuleInfo or the rules that fill it change: older files are not read
 
 
 def cache_dir() -> pathlib.Path | None:
@@ -248,7 +247,7 @@ def _cache_file(arch: str, config: dict[str, Any]) -> pathlib.Path | None:
         return None
     try:
         versions = [importlib.metadata.version("transformers"), torch.__version__, qbridge.__version__]
-        text = json.dumps([INFO_FORMAT, _rules_hash(), arch, versions, config], sort_keys=True, default=repr)
+        text = json.dumps([_rules_hash(), arch, versions, config], sort_keys=True, default=repr)
     except (importlib.metadata.PackageNotFoundError, OSError, TypeError, ValueError):
         return None
     return root / "modules" / f"{hashlib.sha256(text.encode()).hexdigest()}.json"
