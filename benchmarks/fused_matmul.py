@@ -132,49 +132,49 @@ def check(rng) -> None:
             assert err < tol, err
 
 
-VARIANTS = [  # (bm, bn, bk, split or 0 for the default rule, warps, stages or 0 for the default rule)
-    (16, 16, 256, 0, 4, 0),
-    (16, 32, 256, 0, 4, 0),
-    (16, 64, 256, 0, 4, 0),
-    (16, 32, 512, 0, 4, 0),
-    (16, 32, 128, 0, 4, 0),
-    (16, 32, 256, 1, 4, 0),
-    (16, 32, 256, 0, 8, 0),
-    (16, 32, 256, 0, 2, 0),
-    (16, 64, 128, 0, 4, 0),
-    (16, 128, 128, 0, 8, 0),
-    (16, 32, 256, 0, 4, 2),
-    (16, 16, 512, 1, 4, 0),
+VARIANTS = [  # (bm, bn, bk, waves: programs aimed at, in multiples of the multiprocessors, warps, stages)
+    (16, 32, 256, 1, 4, 1),
+    (16, 32, 256, 4, 4, 1),
+    (16, 32, 512, 4, 4, 1),
+    (16, 64, 256, 4, 4, 1),
+    (16, 64, 256, 4, 8, 1),
+    (16, 32, 512, 8, 4, 1),
+    (16, 64, 512, 4, 8, 1),
+    (16, 128, 256, 2, 8, 1),
+    (16, 32, 256, 4, 4, 2),
+    (16, 32, 128, 1, 4, 3),
+    (16, 64, 128, 1, 4, 3),
+    (16, 64, 128, 4, 4, 3),
+    (16, 128, 128, 4, 8, 3),
 ]
 
 
 def sweep(weights, x) -> list:
-    """Times other tiles; prints the best three."""
+    """Times other tiles; prints the best three. The contraction is split until the grid holds ``waves``
+    times as many programs as the card has multiprocessors (or every program takes one step)."""
     out = []
-    for bm, bn, bk, split, warps, stages in VARIANTS:
+    for bm, bn, bk, waves, warps, stages in VARIANTS:
         if x.shape[0] > 16:
             bm = 64 if bm == 16 else bm
 
-        def pick(m, n, k, step, gathers, bm=bm, bn=bn, bk=bk, split=split, warps=warps, stages=stages):
+        def pick(m, n, k, step, gathers, bm=bm, bn=bn, bk=bk, waves=waves, warps=warps, stages=stages):
             bk = max(step, bk)
             programs = -(-m // bm) * -(-n // bn)
-            s = split or (
-                1 if programs >= _fused._SMS else max(1, min(-(-k // bk), -(-_fused._SMS // programs)))
-            )
-            return _fused._Tiles(bm, bn, bk, s, warps, stages or (1 if gathers else 3))
+            s = max(1, min(-(-k // bk), -(-waves * _fused._SMS // programs)))
+            return _fused._Tiles(bm, bn, bk, s, warps, stages)
 
         _fused._tiles_override = pick
         try:
             s = time_per_matmul(fused, weights, x, reps=3)
         except Exception as e:  # a tile that does not compile
-            print(f"  tiles {bm, bn, bk, split, warps, stages}: {type(e).__name__}: {str(e)[:200]}")
+            print(f"  tiles {bm, bn, bk, waves, warps, stages}: {type(e).__name__}: {str(e)[:200]}")
             continue
         finally:
             _fused._tiles_override = None
-        out.append((s, (bm, bn, bk, split, warps, stages)))
+        out.append((s, (bm, bn, bk, waves, warps, stages)))
     out.sort(key=lambda r: r[0])
     for s, t in out[:3]:
-        print(f"  sweep {s * 1e6:7.1f} us (bm, bn, bk, split, warps, stages) = {t}")
+        print(f"  sweep {s * 1e6:7.1f} us (bm, bn, bk, waves, warps, stages) = {t}")
     return out[:5]
 
 
@@ -214,7 +214,7 @@ def main() -> None:
             row["expand_s"] = time_per_matmul(expand, weights, x)
             row["fused_s"] = time_per_matmul(fused, weights, x)
             if args.sweep:
-                row["sweep"] = sweep(weights[:4], x)
+                row["sweep"] = sweep(weights, x)
             rows.append(row)
             print(f"{fmt} {n}x{k} tokens {m:3d}: dense {row['dense_s'] * 1e6:7.1f} us ({n * k * 2 / row['dense_s'] / ceiling:4.0%} of ceiling)"
                   f"  expand {row['expand_s'] * 1e6:7.1f} us  fused {row['fused_s'] * 1e6:7.1f} us ({wbytes / row['fused_s'] / ceiling:4.0%})"
