@@ -273,7 +273,7 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     nested = w.nested_absmax is not None and w.nested_code is not None
     nabs = w.nested_absmax.reshape(-1) if w.nested_absmax is not None else jnp.zeros((1,), jnp.float32)
     ncode = w.nested_code.reshape(-1) if w.nested_code is not None else jnp.zeros((1,), jnp.float32)
-    offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)
+    offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)  # None: not nested
     code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
     kernel = functools.partial(
         _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps,
@@ -412,8 +412,8 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
 
     Raises:
         TypeError: ``weight`` is not an NF4Weight/FP8Weight, or ``x`` is not a floating-point array.
-        ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; the path
-            is ``"interpret"`` and the kernel does not take ``weight``.
+        ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; a nested
+            NF4/FP4 weight has no offset; the path is ``"interpret"`` and the kernel does not take ``weight``.
     """
     if not is_quantized(weight):
         raise TypeError(f"quantized_matmul takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
@@ -431,6 +431,8 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
         raise ValueError(
             f"x has {x.shape[-1]} features, the weight {tuple(weight.shape)} takes {weight.shape[-1]}"
         )
+    if isinstance(weight, NF4Weight):
+        weight._check_offset()
     path = get_matmul_path()
     reason = fits_kernel(weight)
     if path == "expand" or (reason is not None and path == "auto"):

@@ -51,7 +51,7 @@ class NF4Weight(_Sizes):
         absmax: float32 ``[ceil(n / blocksize)]``, or uint8 when nested.
         nested_absmax: float32 ``[ceil(len(absmax) / nested_blocksize)]`` when nested, else None.
         nested_code: float32 ``[256]``, the table of the nested absmax, when nested, else None.
-        offset: float32 scalar added to the decoded absmax when nested, else None.
+        offset: float32 scalar added to the decoded absmax when nested (required then), else None.
         code: the 16-entry table, or None for the standard table of ``quant_type``.
         shape: the weight's shape in torch's layout (``[out, in]`` for a Linear).
         blocksize: elements per absmax block (64 for transformers' checkpoints).
@@ -77,14 +77,25 @@ class NF4Weight(_Sizes):
 
         Bit-identical to bitsandbytes on concrete arrays; inside a caller's jit a nested absmax may round
         once instead of twice (see ``jax_side._nf4``).
+
+        Raises:
+            ValueError: a nested absmax without its offset.
         """
+        self._check_offset()
         dense = dequantize_nf4(
             self.packed, self.absmax, shape=self.shape, blocksize=self.blocksize, code=self.code,
             nested_absmax=self.nested_absmax, nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
-            offset=0.0 if self.offset is None else self.offset, quant_type=self.quant_type,
+            offset=self.offset, quant_type=self.quant_type,
             dtype=jnp.dtype(self.dtype), transpose=transpose,
         )  # fmt: skip
         return dense if dtype is None else dense.astype(dtype)
+
+    def _check_offset(self) -> None:
+        if self.nested_absmax is not None and self.offset is None:
+            raise ValueError(
+                f"NF4Weight of shape {tuple(self.shape)} has a nested absmax but no offset: set offset= (the "
+                "checkpoint's nested_offset, a QuantState's .offset); bitsandbytes adds it to every decoded scale"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

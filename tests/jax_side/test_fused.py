@@ -8,6 +8,7 @@ its dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -192,6 +193,15 @@ def test_weights_the_kernel_does_not_take():
             (x_for(2, 128, jnp.float32),),
             (x_for(2, 128, jnp.float32),),
         )
+    no_offset = dataclasses.replace(nf4((8, 128)), offset=None)  # nested: the offset shifts every scale
+    for path in ("auto", "expand", "interpret"):
+        with (
+            jax_side.matmul_path(path),
+            pytest.raises(ValueError, match=r"shape \(8, 128\) has a nested absmax but no offset"),
+        ):
+            jax.jit(jax_side.quantized_matmul)(x_for(2, 128, jnp.float32), no_offset)
+    with pytest.raises(ValueError, match="nested absmax but no offset"):
+        no_offset.dequantize()
     with jax_side.matmul_path("expand"):  # the documented way to forward-mode derivatives
         jax.jvp(
             lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
