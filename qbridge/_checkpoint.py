@@ -455,7 +455,10 @@ def _weight_map(index: pathlib.Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names (strings)")
+    first_key: dict[str, str] = {}  # each file once (a DeepSeek-V3 index names 163 files for 91,000 keys)
     for key, name in weight_map.items():
+        first_key.setdefault(name, key)
+    for name, key in first_key.items():
         inside(index.parent, index.parent / name, f"{index} [{key}]")
     return weight_map
 
