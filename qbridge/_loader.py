@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -203,10 +204,14 @@ def plan_load(
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
+    """A progress bar on a terminal or in a notebook; None where nobody watches one (a log file, a pipe)."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # tqdm.notebook's widget bar inside Jupyter, else a text bar
 
+    notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+    if not notebook and not getattr(sys.stderr, "isatty", lambda: False)():
+        return None  # not a notebook, stderr not a terminal: redrawn bars would only fill the log
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
@@ -247,7 +252,8 @@ def load_checkpoint(
         strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
             unfilled leaves as the target has them (a target leaf that holds only a shape,
             ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
-        progress: show a progress bar (tensors and bytes; notebook-aware).
+        progress: show a progress bar (bytes and tensors) on a terminal or in a notebook; none where
+            stderr is a file or a pipe.
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
         rename: regex -> replacement applied to checkpoint keys before matching a target.
         sharding: shard the result over devices: a callable ``(name, shape) -> jax.sharding.Sharding``, where
@@ -339,7 +345,7 @@ def load_checkpoint(
                     del tensor
                 if bar is not None:
                     bar.update(entry.stored_bytes)
-                    bar.set_postfix(tensors=f"{i + 1}/{len(plan)}")
+                    bar.set_postfix(tensors=f"{i + 1}/{len(plan)}", refresh=False)  # drawn at update's pace
         finally:
             if bar is not None:
                 bar.close()

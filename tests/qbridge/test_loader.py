@@ -406,3 +406,39 @@ def test_loads_are_the_same_with_any_read_ahead_window(tmp_path, dense_dir, monk
         jax.tree.map(
             lambda x, y: np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8)), plain, params
         )
+
+
+class _Terminal:
+    """A stand-in for a terminal's stderr: says it is one and keeps what is written."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_progress_bar_draws_on_terminals_only_and_at_its_own_pace(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(4, 8) for i in range(300)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    params = qbridge.load_checkpoint(tmp_path, device="cpu")
+    assert len(jax.tree.leaves(params)) == 300
+    drawn = "".join(terminal.writes)
+    assert "qbridge:" in drawn  # a bar was drawn on the terminal
+    assert drawn.count("\r") < 60, drawn.count("\r")  # redrawn at tqdm's pace, not once per tensor
+    piped = _Terminal()
+    piped.isatty = lambda: False  # type: ignore[method-assign]
+    monkeypatch.setattr("sys.stderr", piped)
+    qbridge.load_checkpoint(tmp_path, device="cpu")
+    assert piped.writes == []  # a log file or a pipe gets no bar
