@@ -33,6 +33,7 @@ import jax
 import torch
 
 import torch_side
+from torch_side._checks import on_device
 
 from ._dtypes import TORCH_TO_JAX, jax_dtype, torch_dtype
 from ._env import jax_cpu, jax_gpu_for, no_jax_gpu_message
@@ -215,16 +216,9 @@ def _describe(t: torch.Tensor) -> str:
 _NOTHING = _nullcontext()
 
 
-def _on(device: torch.device) -> Any:
-    """Makes a CUDA device current (torch's __dlpack__ exports only from the current device)."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return _NOTHING
-
-
 def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
     """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring."""
-    with _on(t.device):
+    with on_device(t.device):
         after = _after_producers(t, producer)
         # torch's __dlpack__ makes JAX's stream wait for the current stream (made ``after`` here if needed)
         with torch.cuda.stream(after) if after is not None else _NOTHING:
@@ -315,7 +309,7 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     ):
         dest = torch.device("cuda", target.local_hardware_id)
     narrow = _WIDE.get(t.dtype) if not _x64() else None
-    with _on(t.device):
+    with on_device(t.device):
         # None: the current stream already follows the producers (and then the copy runs there)
         used = _after_producers(t, producer) if t.device.type == "cuda" else None
         with torch.cuda.stream(used) if used is not None else _NOTHING:
@@ -527,7 +521,11 @@ def to_torch(x: jax.Array) -> torch.Tensor:
         raise TypeError(f"to_torch takes a single-device array; this one spans {len(x.devices())} devices")
     target = torch_dtype(x.dtype)  # raises TypeError naming what torch lacks
     device = next(iter(x.devices()))
-    with _on(torch.device("cuda", device.local_hardware_id)) if device.platform == "gpu" else _nullcontext():
+    with (
+        on_device(torch.device("cuda", device.local_hardware_id))
+        if device.platform == "gpu"
+        else _nullcontext()
+    ):
         try:
             return torch.from_dlpack(x)
         except (BufferError, RuntimeError, TypeError):  # a dtype DLPack cannot carry: same bytes as integers
