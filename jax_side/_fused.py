@@ -16,8 +16,8 @@ backends) is made in one place, :func:`matmul_path`:
 * ``"interpret"``: the kernel through Pallas' interpreter, on any backend (slow; for tests).
 
 Set it with ``jax_side.set_matmul_path(...)``, the ``jax_side.matmul_path(...)`` context manager, or the
-``QBRIDGE_MATMUL`` environment variable (read when jax_side is imported). The path is part of JAX's
-tracing context, so jitted functions are traced again when it changes.
+``QBRIDGE_MATMUL`` environment variable (read when jax_side is imported; empty or unset means ``"auto"``).
+The path is part of JAX's tracing context, so jitted functions are traced again when it changes.
 
 Results equal expand-then-matmul up to the order of the float32 accumulation (and, for a nested absmax,
 the one rounding the compiler may merge; see ``jax_side._nf4``). Gradients flow to ``x`` (computed with
@@ -60,15 +60,18 @@ def _validated(path: str) -> str:
 
 def _from_environment() -> str:
     try:
-        return _validated(os.environ.get("QBRIDGE_MATMUL", "auto"))
+        return _validated(os.environ.get("QBRIDGE_MATMUL", "") or "auto")  # empty: as if unset
     except ValueError as e:
         raise ValueError(f"QBRIDGE_MATMUL: {e}") from None
 
 
 # A JAX configuration state, so that the path is part of jit's cache key: a function traced under one path
-# is traced again under another instead of replaying the old choice.
+# is traced again under another instead of replaying the old choice. JAX also reads a state's default from
+# the environment variable of its name in capitals; this name is not QBRIDGE_MATMUL, so that JAX does not
+# read that variable without the reading above (an empty value means unset).
+_FLAG = "qbridge_matmul_path"
 _STATE = jax_config.enum_state(
-    "qbridge_matmul", PATHS, default=_from_environment(), include_in_jit_key=True, include_in_trace_context=True,
+    _FLAG, PATHS, default=_from_environment(), include_in_jit_key=True, include_in_trace_context=True,
     help="qbridge: how kept-quantized layers multiply (auto, expand or interpret)",
 )  # fmt: skip
 
@@ -84,7 +87,7 @@ def set_matmul_path(path: str) -> None:
     Raises:
         ValueError: an unknown path.
     """
-    jax.config.update("qbridge_matmul", _validated(path))
+    jax.config.update(_FLAG, _validated(path))
 
 
 @contextlib.contextmanager

@@ -158,6 +158,9 @@ def test_the_path_switch():
     env = dict(os.environ, QBRIDGE_MATMUL="expand", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "expand"
+    env["QBRIDGE_MATMUL"] = ""  # `export QBRIDGE_MATMUL=`: as if unset
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "auto"
     env["QBRIDGE_MATMUL"] = "quick"
     code = "import jax_side; jax_side.get_matmul_path()"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
