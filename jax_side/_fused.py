@@ -97,8 +97,24 @@ def matmul_path(path: str) -> Iterator[None]:
         yield
 
 
-def fits_kernel(weight: NF4Weight | FP8Weight) -> str | None:
-    """None if the fused kernel takes ``weight``, else the reason it does not."""
+def fits_kernel(weight: NF4Weight | FP8Weight | Any) -> str | None:
+    """None if the fused kernel takes ``weight``, else the reason it does not.
+
+    ``weight`` is an NF4Weight or FP8Weight, or a flax ``nnx.Variable`` holding one (a kept layer's
+    ``.weight``).
+
+    Raises:
+        TypeError: ``weight`` is neither.
+    """
+    if not is_quantized(weight):
+        get = getattr(weight, "get_value", None)  # an nnx Variable
+        inner = get() if callable(get) else getattr(weight, "value", None)
+        if not is_quantized(inner):
+            raise TypeError(
+                "fits_kernel takes an NF4Weight or FP8Weight (or an nnx Variable holding one), got "
+                f"{type(weight).__name__}"
+            )
+        weight = inner
     if len(weight.shape) != 2:
         return f"a {len(weight.shape)}-D weight (the kernel takes 2-D [out, in])"
     out, inp = weight.shape

@@ -172,6 +172,11 @@ def test_weights_the_kernel_does_not_take():
     assert "not a multiple of the blocksize" in jax_side.fits_kernel(crossing)
     stacked = fp8((2, 64, 128), (2, 1, 1))
     assert "3-D" in jax_side.fits_kernel(stacked)
+    layer = jax_side.QuantLinear(crossing, None, rngs=nnx.Rngs(0))  # a kept layer's weight: an nnx Variable
+    assert "not a multiple of the blocksize" in jax_side.fits_kernel(layer.weight)
+    assert jax_side.fits_kernel(jax_side.QuantLinear(nf4((8, 128)), None, rngs=nnx.Rngs(0)).weight) is None
+    with pytest.raises(TypeError, match="fits_kernel takes an NF4Weight or FP8Weight"):
+        jax_side.fits_kernel(jnp.ones((5, 100)))
     x = x_for(3, 100, jnp.float32)
     with jax_side.matmul_path("auto"):  # falls back to expand-then-matmul
         assert_close(jax.jit(jax_side.quantized_matmul)(x, crossing), x, crossing)
