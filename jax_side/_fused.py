@@ -27,8 +27,10 @@ none. Forward-mode differentiation (``jax.jvp``) needs the ``"expand"`` path.
 Which weights the kernel takes: 2-D ``[out, in]`` NF4/FP4 weights whose ``in`` is a multiple of the
 blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 weights with per-tensor,
 per-row or block scales. Others use expand-then-matmul under every setting but ``"interpret"``, which
-raises for them. Sharded weights (meshes with automatic axes) reach the kernel whole: XLA gathers them
-for it.
+raises for them. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
+axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
+(``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
+the output features.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from jax._src import config as jax_config  # enum_state: a setting that is part 
 from ._codes import standard_code
 from ._fp8 import fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
-from ._quantized import FP8Weight, NF4Weight, is_quantized
+from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
 
 PATHS = ("auto", "expand", "interpret")
 
@@ -452,6 +454,12 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
         )
     if isinstance(weight, NF4Weight):
         weight._check_offset()
+    mesh = explicit_mesh(x, weight)
+    if mesh is not None:  # the kernel and the expansion run with the mesh's axes automatic around them
+        from jax.sharding import PartitionSpec as P
+
+        spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+        return with_auto_axes(quantized_matmul, (x, weight), P(*spec[: x.ndim - 1], None), mesh)
     path = get_matmul_path()
     reason = fits_kernel(weight)
     if path == "expand" or (reason is not None and path == "auto"):

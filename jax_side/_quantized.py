@@ -22,6 +22,46 @@ from ._fp8 import dequantize_fp8, fp8_scale_layout
 from ._nf4 import dequantize_nf4
 
 
+def explicit_mesh(*trees: Any) -> Any:
+    """The mesh of the first array among ``trees`` placed on a mesh with an explicit axis (JAX's sharding
+    in types, ``jax.sharding.AxisType.Explicit``), or None."""
+    for leaf in jax.tree_util.tree_leaves(trees):
+        try:
+            mesh = jax.typeof(leaf).sharding.mesh
+        except (AttributeError, TypeError):  # not an array, or no sharding in its type
+            continue
+        if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+            return mesh
+    return None
+
+
+def with_auto_axes(fn: Any, args: tuple, out_spec: Any, mesh: Any) -> Any:
+    """``fn(*args)`` with ``mesh``'s axes made automatic around it (``jax.sharding.auto_axes``): inside,
+    XLA places the work as it does on meshes with automatic axes (gathering stored pieces where a gather
+    needs them); the result is placed as ``out_spec`` says."""
+    run = jax.sharding.auto_axes(fn, out_sharding=out_spec)
+    if jax.sharding.get_abstract_mesh().empty:  # arrays on a mesh that is not the context's
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh if hasattr(mesh, "abstract_mesh") else mesh):
+            return run(*args)
+    return run(*args)
+
+
+def _rows_spec(stored: Any, shape: tuple[int, ...], transpose: bool, mesh: Any) -> Any:
+    """Where a dense weight of ``shape`` (torch's layout) goes on an explicit mesh: its first axis split like
+    the stored array's first axis when it divides evenly, else replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    spec = tuple(jax.typeof(stored).sharding.spec)
+    axes = spec[0] if spec else None
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in names)
+    if not names or not shape or shape[0] % size:
+        return P()
+    out: list[Any] = [None] * len(shape)
+    out[1 if transpose and len(shape) == 2 else 0] = axes
+    return P(*out)
+
+
 class _Sizes:
     """Bytes held (every piece) and bytes the dense weight would take."""
 
@@ -78,10 +118,19 @@ class NF4Weight(_Sizes):
         Bit-identical to bitsandbytes on concrete arrays; inside a caller's jit a nested absmax may round
         once instead of twice (see ``jax_side._nf4``).
 
+        On a mesh with explicit axes the result's rows are split like ``packed`` (replicated when they
+        do not divide evenly).
+
         Raises:
             ValueError: a nested absmax without its offset.
         """
         self._check_offset()
+        mesh = explicit_mesh(self)
+        if mesh is not None:
+            out = _rows_spec(self.packed, tuple(self.shape), transpose, mesh)
+            return with_auto_axes(
+                lambda w: w.dequantize(transpose=transpose, dtype=dtype), (self,), out, mesh
+            )
         dense = dequantize_nf4(
             self.packed, self.absmax, shape=self.shape, blocksize=self.blocksize, code=self.code,
             nested_absmax=self.nested_absmax, nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
@@ -120,7 +169,17 @@ class FP8Weight(_Sizes):
         return tuple(self.weight.shape)
 
     def dequantize(self, *, transpose: bool = False, dtype: Any = None) -> jax.Array:
-        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype)."""
+        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype).
+
+        On a mesh with explicit axes the result's rows are split like ``weight`` (replicated when they do
+        not divide evenly).
+        """
+        mesh = explicit_mesh(self)
+        if mesh is not None:
+            out = _rows_spec(self.weight, tuple(self.shape), transpose, mesh)
+            return with_auto_axes(
+                lambda w: w.dequantize(transpose=transpose, dtype=dtype), (self,), out, mesh
+            )
         layout = fp8_scale_layout(self.weight.shape, self.scale_inv.shape, self.block)
         dense = dequantize_fp8(self.weight, self.scale_inv, block_size=layout.block, dtype=jnp.dtype(self.dtype),
                                transpose=transpose)  # fmt: skip

@@ -255,10 +255,12 @@ def test_tied_output_layer_uses_the_kernel():
 
 
 def test_sharded_weights():
-    """Weights and inputs placed over 4 CPU devices (a mesh with automatic axes): the interpreted kernel
-    under jit gives the unsharded result."""
+    """Weights and inputs placed over 4 CPU devices, on meshes with automatic and with explicit axes (JAX's
+    sharding in types), with the mesh set as the context's or not: the interpreted kernel, the expansion
+    and ``dequantize`` give the unsharded results, under jit and eagerly."""
     code = textwrap.dedent(
         """
+        import contextlib
         import jax, jax.numpy as jnp, numpy as np
         import jax_side
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -266,24 +268,42 @@ def test_sharded_weights():
         n, k = 64, 256
         w = jax_side.NF4Weight(packed=jnp.asarray(rng.integers(0, 256, n * k // 2, dtype=np.uint8)),
                                absmax=jnp.asarray(rng.random(n * k // 64, dtype=np.float32)), shape=(n, k))
-        for kind in (jax.sharding.AxisType.Auto,):
+        f = jax_side.FP8Weight(jnp.asarray(rng.standard_normal((n, k)), jnp.float8_e4m3fn),
+                               jnp.asarray(rng.random((1, 2)) * 0.1, jnp.float32))
+        xs = jnp.asarray(rng.standard_normal((8, k)), jnp.float32)
+        for kind in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
             mesh = jax.make_mesh((4,), ("x",), axis_types=(kind,))
-            shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("x")))
-            sw = jax_side.NF4Weight(packed=shard(w.packed), absmax=shard(w.absmax), shape=(n, k))
-            x = jax.device_put(jnp.asarray(rng.standard_normal((8, k)), jnp.float32), NamedSharding(mesh, P("x", None)))
-            with jax_side.matmul_path("interpret"):
-                f = jax.jit(jax_side.quantized_matmul)
-                kernel = "pallas_call" in str(jax.make_jaxpr(jax_side.quantized_matmul)(x, sw))
-                got = f(x, sw)
-            want = np.asarray(x) @ np.asarray(w.dequantize(dtype=jnp.float32)).T
-            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-            print(kind.name, kernel, len(sw.packed.sharding.device_set))
+            shard = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
+            placed = [(w, jax_side.NF4Weight(packed=shard(w.packed, "x"), absmax=shard(w.absmax, "x"), shape=(n, k))),
+                      (f, jax_side.FP8Weight(shard(f.weight, "x", None), shard(f.scale_inv)))]
+            x = shard(xs, "x", None)
+            for context, (whole, sw), path in [(c, p, m) for c in (True, False) for p in placed for m in ("interpret", "expand")]:
+                with jax_side.matmul_path(path), jax.set_mesh(mesh) if context else contextlib.nullcontext():
+                    kernel = "pallas_call" in str(jax.make_jaxpr(jax_side.quantized_matmul)(x, sw))
+                    got = [jax.jit(jax_side.quantized_matmul)(x, sw), jax_side.quantized_matmul(x, sw)]
+                    dense = [jax.jit(lambda s: s.dequantize(transpose=True))(sw), sw.dequantize()]
+                want = np.asarray(xs) @ np.asarray(whole.dequantize(dtype=jnp.float32)).T
+                for g in got:
+                    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+                np.testing.assert_array_equal(np.asarray(dense[0]), np.asarray(whole.dequantize(transpose=True)))
+                np.testing.assert_array_equal(np.asarray(dense[1]), np.asarray(whole.dequantize()))
+                print(kind.name, context, type(whole).__name__, path, kernel, len(sw.weight.sharding.device_set if hasattr(sw, "weight") else sw.packed.sharding.device_set))
         """
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["Auto", "True", "4"]
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert len(lines) == 16, out.stdout
+    for kind, context, fmt, path, kernel, devices in lines:
+        assert kernel == str(path == "interpret") and devices == "4", (
+            kind,
+            context,
+            fmt,
+            path,
+            kernel,
+            devices,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ GPU
