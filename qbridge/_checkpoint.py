@@ -116,13 +116,18 @@ class _Source:
     def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         from safetensors import safe_open
 
-        if not path.exists():
+        try:
+            exists = path.is_file()
+        except OSError as e:  # a name too long for the file system
+            raise CheckpointError(f"{path}: cannot be opened ({type(e).__name__}: {e})") from e
+        if not exists:
             raise CheckpointError(f"{path}: file missing (listed in the checkpoint's index)")
         try:
             handle = safe_open(str(path), framework="pt")
-            available = list(handle.keys())
+            stored = list(handle.keys())
+            available = set(stored)
             meta = handle.metadata() or {}
-            for key in available if keys is None else keys:
+            for key in stored if keys is None else keys:
                 if key not in available:
                     raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
                 if key in self.key_file:
@@ -444,9 +449,15 @@ class Checkpoint:
         return self._classification
 
 
-def _weight_map(index: pathlib.Path) -> dict[str, str]:
-    """A sharded checkpoint's ``key -> file`` map, from its ``*.index.json``; every file must be a plain
-    name inside the checkpoint's directory (an index is untrusted input)."""
+def _read_index(index: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]]]:
+    """A sharded checkpoint's files and the keys each holds, from its ``*.index.json`` (``weight_map``:
+    key -> file name). Every file must be a plain name inside the index's directory (an index is untrusted
+    input); each is checked once, however many keys it holds (DeepSeek-V3: 163 files, 91,000 keys).
+
+    Raises:
+        CheckpointError: not an index, an empty or malformed ``weight_map``, a name that is no file name
+            or leads outside the directory (naming the index and the entry).
+    """
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except Exception as e:
@@ -455,24 +466,37 @@ def _weight_map(index: pathlib.Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names (strings)")
-    first_key: dict[str, str] = {}  # each file once (a DeepSeek-V3 index names 163 files for 91,000 keys)
+    if not weight_map:
+        raise CheckpointError(f"{index}: weight_map lists no tensors")
+    by_name: dict[str, list[str]] = {}
     for key, name in weight_map.items():
-        first_key.setdefault(name, key)
-    for name, key in first_key.items():
-        inside(index.parent, index.parent / name, f"{index} [{key}]")
-    return weight_map
+        by_name.setdefault(name, []).append(key)
+    root = index.parent
+    files: dict[pathlib.Path, list[str]] = {}
+    for name, keys in by_name.items():
+        what = f"{index} [{keys[0]}]"
+        file = root / name
+        if not name or "\0" in name or file == root or pathlib.PurePath(name).name in (".", ".."):
+            raise CheckpointError(f"{what}: {name!r} is not a file name")
+        inside(root, file, what)
+        files.setdefault(file, []).extend(keys)  # "./a" and "a" name one file
+    return sorted(files), files
 
 
 def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
     """``file``, once it is known to lie in ``root`` (no absolute names, no ``..``, no link out of it).
 
     Raises:
-        CheckpointError: naming ``what`` (the file and entry that point there) and where it leads.
+        CheckpointError: naming ``what`` (the file and entry that point there) and where it leads, or why
+            the name cannot be followed (a link loop, a name too long).
     """
     relative = file.relative_to(root) if file.is_relative_to(root) else None
     if relative is None or relative.is_absolute() or ".." in relative.parts:
         raise CheckpointError(f"{what}: refers to {file}, outside the checkpoint directory {root}; refused")
-    real_root, real = root.resolve(), file.resolve()
+    try:
+        real_root, real = root.resolve(), file.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a link loop, a name too long, a NUL byte
+        raise CheckpointError(f"{what}: {file} cannot be followed ({type(e).__name__}: {e})") from e
     if not real.is_relative_to(real_root):
         raise CheckpointError(
             f"{what}: {file} is a link to {real}, outside the checkpoint directory {real_root}; refused"
@@ -480,22 +504,32 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
     return file
 
 
-def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] | None, str]:
-    """The tensor files of a checkpoint directory or file, the safetensors index map, and the container."""
+def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]] | None, str]:
+    """The tensor files of a checkpoint directory or file, the keys an index assigns to each (None without
+    a safetensors index: every key of every file), and the container."""
     if path.is_file():
         if path.suffix == ".safetensors":
             return [path], None, "safetensors"
         if path.suffix in TORCH_SUFFIXES:
             return [path], None, "torch"
-        if path.name.endswith(".index.json"):
-            return _find_files(path.parent)
-        raise CheckpointError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt, .pth)")
+        if path.name.endswith(".index.json"):  # this index, not whichever the directory holds
+            files, keys = _read_index(path)
+            suffixes = {f.suffix for f in files}
+            if suffixes == {".safetensors"}:
+                return files, keys, "safetensors"
+            if suffixes <= set(TORCH_SUFFIXES):
+                return files, None, "torch"
+            raise CheckpointError(
+                f"{path}: the index names files of kinds {sorted(suffixes)}; qbridge reads an index of "
+                ".safetensors files or of torch files (.bin, .pt, .pth)"
+            )
+        raise CheckpointError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt, .pth, .index.json)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _weight_map(inside(path, index, str(index)))
-        return sorted({path / f for f in weight_map.values()}), weight_map, "safetensors"
+        files, keys = _read_index(inside(path, index, str(index)))
+        return files, keys, "safetensors"
     for single, container in (
         (path / "model.safetensors", "safetensors"),
         (path / "pytorch_model.bin", "torch"),
@@ -511,11 +545,7 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[str, str] 
         return files, None, "safetensors"
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
-        return (
-            sorted({path / f for f in _weight_map(inside(path, torch_index, str(torch_index))).values()}),
-            None,
-            "torch",
-        )
+        return _read_index(inside(path, torch_index, str(torch_index)))[0], None, "torch"
     files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
              if f.name not in NOT_MODEL_FILES]  # fmt: skip
     if files:
@@ -572,14 +602,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """
     path = pathlib.Path(path)
     config = read_config(path)
-    files, weight_map, container = _find_files(path)
+    files, keys_of, container = _find_files(path)
     source = _Source()
     for f in files:
         if container == "safetensors":
-            keys = (
-                None if weight_map is None else [k for k, v in weight_map.items() if path_name(path, v) == f]
-            )
-            source.add_safetensors(f, keys)
+            source.add_safetensors(f, None if keys_of is None else keys_of[f])
         else:
             source.add_torch(f)
     method = (config.get("quantization_config") or {}).get("quant_method")
@@ -595,10 +622,6 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         ckpt.close()
         raise
     return ckpt
-
-
-def path_name(root: pathlib.Path, name: str) -> pathlib.Path:
-    return (root if root.is_dir() else root.parent) / name
 
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)

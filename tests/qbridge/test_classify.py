@@ -565,6 +565,57 @@ def test_an_index_cannot_point_outside_the_checkpoint(tmp_path, name):
         qbridge.load_checkpoint(path, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("a\0.safetensors", r"\[b.weight\]: 'a\\x00.safetensors' is not a file name"),
+        (".", r"\[b.weight\]: '.' is not a file name"),
+        ("", r"\[b.weight\]: '' is not a file name"),
+        ("loop1", r"\[b.weight\]: .*loop1 cannot be followed"),
+    ],
+)
+def test_an_index_entry_that_names_no_file_is_refused(tmp_path, name, message):
+    path = _sharded(tmp_path)
+    (path / "loop1").symlink_to(path / "loop2")
+    (path / "loop2").symlink_to(path / "loop1")
+    index = {"weight_map": {"a.weight": "part-1.safetensors", "b.weight": name}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message):
+        qbridge.inspect_checkpoint(path)
+
+
+def test_an_index_is_read_as_written(tmp_path, monkeypatch):
+    """An index given as the path is the one read (not the directory's); an empty one is refused; each file
+    is checked once, however many keys it holds."""
+    path = _sharded(tmp_path)
+    st.save_file({"c.weight": torch.ones(2, 2)}, path / "unrelated.safetensors")
+    custom = path / "custom.safetensors.index.json"
+    custom.write_text(json.dumps({"weight_map": {"a.weight": "part-1.safetensors"}}))
+    assert set(qbridge.load_checkpoint(custom, device="cpu", progress=False)["params"]) == {"a"}
+    custom.write_text(
+        json.dumps({"weight_map": {"a.weight": "part-1.safetensors", "b.weight": "gone.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match=r"gone.safetensors: file missing"):
+        qbridge.inspect_checkpoint(custom)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match="weight_map lists no tensors"):
+        qbridge.inspect_checkpoint(path)
+    keys = {f"t{i}.weight": torch.ones(2) for i in range(40)}
+    st.save_file(dict(list(keys.items())[:20]), path / "part-1.safetensors")
+    st.save_file(dict(list(keys.items())[20:]), path / "part-2.safetensors")
+    weight_map = {k: f"part-{1 + i // 20}.safetensors" for i, k in enumerate(keys)}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    from qbridge import _checkpoint
+
+    checked = []
+    real = _checkpoint.inside
+    monkeypatch.setattr(
+        _checkpoint, "inside", lambda root, file, what: checked.append(file) or real(root, file, what)
+    )
+    qbridge.inspect_checkpoint(path)
+    assert sum(f.name.startswith("part-") for f in checked) == 2  # once per file, not once per key
+
+
 def test_a_link_out_of_the_checkpoint_is_refused(tmp_path):
     path = _sharded(tmp_path)
     st.save_file({"c.weight": torch.ones(2, 2)}, tmp_path / "elsewhere.safetensors")
