@@ -433,8 +433,10 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
 
     Raises:
         TypeError: ``weight`` is not an NF4Weight/FP8Weight, or ``x`` is not a floating-point array.
-        ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; a nested
-            NF4/FP4 weight has no offset; the path is ``"interpret"`` and the kernel does not take ``weight``.
+        TypeError, ValueError: the weight's pieces do not make a weight (dtypes, sizes, tables, a nested
+            absmax without its offset: what ``weight.dequantize()`` refuses), on every path.
+        ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; the path is
+            ``"interpret"`` and the kernel does not take ``weight``.
     """
     if not is_quantized(weight):
         raise TypeError(f"quantized_matmul takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
@@ -460,10 +462,11 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
 
         spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
         return with_auto_axes(quantized_matmul, (x, weight), P(*spec[: x.ndim - 1], None), mesh)
+    jax.eval_shape(lambda w: w.dequantize(), weight)  # every check of the pieces, on every path; no work
     path = get_matmul_path()
     reason = fits_kernel(weight)
     if path == "expand" or (reason is not None and path == "auto"):
-        return _expand(x, weight)
+        return _expand(x, jax.lax.stop_gradient(weight))  # the stored pieces get no gradient on any path
     if reason is not None:
         raise ValueError(
             f"matmul_path('interpret') runs the fused kernel, which does not take this weight: {reason}; "

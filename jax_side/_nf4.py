@@ -98,6 +98,12 @@ def _check(
     if nested:
         if nested_absmax is None or nested_code is None:
             raise ValueError("a nested absmax needs both nested_absmax and nested_code")
+        if (
+            isinstance(nested_blocksize, bool)
+            or not isinstance(nested_blocksize, numbers.Integral)
+            or nested_blocksize <= 0
+        ):
+            raise ValueError(f"{where}: nested_blocksize must be a positive int, got {nested_blocksize!r}")
         if absmax.dtype != jnp.uint8:
             raise TypeError(f"{where}: a nested (double-quant) absmax is uint8, got {absmax.dtype}")
         if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
@@ -160,14 +166,31 @@ def _add_offset(product: jax.Array, offset: jax.Array) -> jax.Array:
 
 
 def decode_nested_absmax(
-    absmax: Any, nested_absmax: Any, nested_code: Any, nested_blocksize: int = 256, offset: Any = 0.0
+    absmax: Any, nested_absmax: Any, nested_code: Any, nested_blocksize: int = 256, offset: Any = None
 ) -> jax.Array:
     """Decodes a nested (double-quant) absmax: ``nested_code[a] * nested_absmax[j // b]``, then ``+ offset``.
 
     Two float32 roundings, as bitsandbytes does: on concrete arrays the product and the sum run as two
     separate computations so that no fused multiply-add can merge them. Traced inside a caller's jit,
     the compiler may fuse them (see the module docstring). Returns a new float32 array.
+
+    ``offset`` (the checkpoint's ``nested_offset``, a QuantState's ``.offset``) is required: bitsandbytes
+    stores one with every nested absmax and adds it to every decoded scale.
+
+    Raises:
+        ValueError: no ``offset``; ``nested_blocksize`` not a positive int.
     """
+    if offset is None:
+        raise ValueError(
+            "decode_nested_absmax needs offset= (the checkpoint's nested_offset, a QuantState's .offset); "
+            "every decoded scale is shifted by it"
+        )
+    if (
+        isinstance(nested_blocksize, bool)
+        or not isinstance(nested_blocksize, numbers.Integral)
+        or nested_blocksize <= 0
+    ):
+        raise ValueError(f"nested_blocksize must be a positive int, got {nested_blocksize!r}")
     absmax = jnp.asarray(absmax).reshape(-1)
     nested_absmax = jnp.asarray(nested_absmax).reshape(-1)
     nested_code = jnp.asarray(nested_code).reshape(-1)

@@ -132,6 +132,13 @@ def test_nested_decode_is_exact_eagerly():
     got = np.asarray(jax_side.decode_nested_absmax(a, absmax2, code2, 256, offset))
     want = (code2[a] * np.repeat(absmax2, 256)).astype(np.float32) + offset  # numpy: two roundings
     assert_same_bits(got, want.astype(np.float32))
+    with pytest.raises(ValueError, match="needs offset="):
+        jax_side.decode_nested_absmax(a, absmax2, code2, 256)
+    with pytest.raises(ValueError, match="nested_blocksize must be a positive int"):
+        jax_side.decode_nested_absmax(a, absmax2, code2, 0, offset)
+    with pytest.raises(ValueError, match="nested_blocksize must be a positive int, got 0"):
+        jax_side.dequantize_nf4(np.zeros(32, np.uint8), np.zeros(1, np.uint8), shape=(64,), nested_absmax=np.ones(1, np.float32),
+                                nested_code=np.ones(256, np.float32), nested_blocksize=0, offset=0.0)  # fmt: skip
 
 
 def test_jit_compatible_and_the_documented_fma_difference():

@@ -210,6 +210,31 @@ def test_weights_the_kernel_does_not_take():
             jax.jit(jax_side.quantized_matmul)(x_for(2, 128, jnp.float32), no_offset)
     with pytest.raises(ValueError, match="nested absmax but no offset"):
         no_offset.dequantize()
+    good = nf4((8, 128))
+    bad = {  # pieces that make no weight: refused on every path, as dequantize refuses them
+        "nested_code missing": (dataclasses.replace(good, nested_code=None), ValueError, "needs both"),
+        "uint8 absmax, not nested": (
+            dataclasses.replace(good, nested_absmax=None, nested_code=None, offset=None),
+            TypeError,
+            "absmax is uint8",
+        ),
+        "8-entry code": (dataclasses.replace(good, code=jnp.zeros(8, jnp.float32)), ValueError, "16 entries"),
+        "int8 dtype": (dataclasses.replace(good, dtype="int8"), ValueError, "output dtype"),
+        "absmax too long": (
+            dataclasses.replace(good, absmax=jnp.zeros(good.absmax.size + 3, jnp.uint8)),
+            ValueError,
+            "absmax has 19 entries",
+        ),
+        "fp8 int32 scales": (
+            jax_side.FP8Weight(fp8((8, 128), (1, 1)).weight, jnp.ones((1, 1), jnp.int32)),
+            TypeError,
+            "scale_inv must be",
+        ),
+    }
+    for weight, error, message in bad.values():
+        for path in ("auto", "expand", "interpret"):
+            with jax_side.matmul_path(path), pytest.raises(error, match=message):
+                jax.jit(jax_side.quantized_matmul)(x_for(2, 128, jnp.float32), weight)
     with jax_side.matmul_path("expand"):  # the documented way to forward-mode derivatives
         jax.jvp(
             lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
@@ -242,6 +267,18 @@ def test_gradients_vmap_and_layers():
         a = dict(nnx.to_flat_state(grads))[tuple(path.split("."))][...]
         b = dict(nnx.to_flat_state(want))[tuple(path.split("."))][...]
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_the_stored_pieces_get_no_gradient_on_any_path():
+    w = nf4((16, 128), dtype=torch.float32)
+    x = x_for(3, 128, jnp.float32)
+    for path in ("auto", "expand", "interpret"):
+        with jax_side.matmul_path(path):
+            g = jax.grad(lambda w: jax_side.quantized_matmul(x, w).sum(), allow_int=True)(w)
+        assert float(jnp.abs(g.offset)) == 0.0, path
+        assert float(jnp.abs(g.nested_absmax).sum()) == 0.0 and float(jnp.abs(g.nested_code).sum()) == 0.0, (
+            path
+        )
 
 
 def test_tied_output_layer_uses_the_kernel():
