@@ -280,8 +280,11 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
         if t.dtype == getattr(
             torch, "uint64", None
         ):  # torch has no min/max for uint64: read its bits as int64
-            as_signed = t.view(torch.int64)
-            lo, hi = (0, int(as_signed.max())) if bool((as_signed >= 0).all()) else (0, 2**64 - 1)
+            as_signed = t.view(torch.int64)  # values from 2**63 up read as negative: add 2**64 back
+            high = as_signed < 0
+            small, large = as_signed[~high], as_signed[high]
+            lo = int(small.min()) if small.numel() else int(large.min()) + 2**64
+            hi = int(large.max()) + 2**64 if large.numel() else int(small.max())
         else:
             lo, hi = int(t.min()), int(t.max())
         if lo < info.min or hi > info.max:

@@ -135,6 +135,17 @@ def test_int64_and_float64_with_x64_off():
         qbridge.to_jax(t, copy=False)
     with pytest.raises(ValueError, match=r"outside torch.int32"):
         qbridge.to_jax(torch.tensor([2**40]))
+    for values, shown in (
+        ([5, 2**64 - 7], r"\[5, 18446744073709551609\]"),
+        ([2**63], r"\[9223372036854775808, 9223372036854775808\]"),
+    ):
+        with pytest.raises(
+            ValueError, match=shown + ", outside torch.uint32"
+        ):  # uint64 has no min/max in torch
+            qbridge.to_jax(torch.tensor(values, dtype=torch.uint64))
+    assert np.array_equal(
+        np.asarray(qbridge.to_jax(torch.tensor([1, 2**32 - 1], dtype=torch.uint64))), [1, 2**32 - 1]
+    )
     with pytest.warns(UserWarning, match="rounded to torch.float32"):
         y = qbridge.to_jax(torch.tensor([1.0 + 2**-40], dtype=torch.float64))
     assert y.dtype == jnp.float32
