@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -250,8 +251,10 @@ def dequantize_fp8(
             f"dequantize_fp8 takes a float8 weight ({', '.join(map(str, FP8_DTYPES))}), got {W.dtype}.{hint}"
         )
     if not isinstance(scale_inv, torch.Tensor):
-        if not isinstance(scale_inv, (int, float)):
-            raise TypeError(f"scale_inv must be a tensor or a number, got {type(scale_inv).__name__}")
+        if isinstance(scale_inv, bool) or not isinstance(scale_inv, numbers.Real):  # numpy scalars are Real
+            raise TypeError(
+                f"scale_inv must be a tensor or a real number, got {type(scale_inv).__name__} {scale_inv!r}"
+            )
         scale_inv = torch.tensor(float(scale_inv), dtype=torch.float32, device=W.device)
     scale_inv = plain(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:

@@ -255,3 +255,13 @@ def test_fp8_non_finite_scales():
 def test_fp8_backend_bnb_refused():
     with pytest.raises(ValueError, match="no FP8"):
         torch_side.dequantize_fp8(random_fp8((8, 8)), torch.ones(1), backend="bnb")
+
+
+def test_fp8_scale_as_a_number():
+    w = random_fp8((4, 8), seed=1)
+    want = torch_side.dequantize_fp8(w, torch.tensor(2.0))
+    for number in (2.0, 2, np.float32(2.0), np.int64(2)):  # Python and numpy numbers: one per-tensor scale
+        assert torch.equal(torch_side.dequantize_fp8(w, number), want)
+    for wrong in (True, np.bool_(True), "2", None):
+        with pytest.raises(TypeError, match="scale_inv must be a tensor or a real number, got"):
+            torch_side.dequantize_fp8(w, wrong)
