@@ -402,7 +402,8 @@ def to_jax(
 
     Raises:
         BufferError: ``copy=False`` and aliasing is impossible (the message says why).
-        TypeError: ``copy=False`` for a quantized tensor (dequantizing makes new memory), a dtype JAX lacks.
+        TypeError: ``copy=False`` for a quantized tensor (dequantizing makes new memory), a dtype JAX lacks,
+            a nested tensor.
         RuntimeError: a CUDA tensor and a JAX without that GPU (e.g. a CPU-only jaxlib), unless
             ``device=`` asks for a copy elsewhere.
         ValueError: int64 values that do not fit int32 when JAX runs with x64 off.
@@ -417,6 +418,11 @@ def to_jax(
         raise TypeError(f"to_jax takes a torch.Tensor, got {type(t).__name__}")
     if copy not in (None, True, False):
         raise TypeError(f"copy must be None, True or False, got {copy!r}")
+    if t.is_nested:  # components may differ in shape: no array shape
+        raise TypeError(
+            f"to_jax takes a regular tensor; this is a nested tensor of {t.size(0)} components, which may differ in shape: "
+            "hand over its components (t.unbind()) or a padded tensor (t.to_padded_tensor(0.0))"
+        )
     if t.device.type == "meta":
         raise ValueError(f"{_describe(t)}: a meta tensor holds no data")
     if torch_side.is_quant_tensor_subclass(t) or t.is_quantized:

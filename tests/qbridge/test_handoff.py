@@ -297,3 +297,11 @@ def test_is_compact():
     t = torch.randn(4, 5, 6)
     assert qbridge.is_compact(t) and qbridge.is_compact(t.permute(2, 0, 1)) and qbridge.is_compact(t[1])
     assert not qbridge.is_compact(t[:, :, :3]) and not qbridge.is_compact(t[:, ::2])
+
+
+def test_a_nested_tensor_is_refused_with_what_to_do():
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"nested tensor of 2 components.*t.unbind\(\)"):
+        qbridge.to_jax(nested)
+    with pytest.raises(TypeError, match=r"tensors\[1\]: to_jax takes a regular tensor"):
+        qbridge.to_jax_many([torch.ones(2), nested])
