@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -181,6 +182,15 @@ def not_parameter(key: str, ndim: int, optional: Mapping[str, str] | None = None
     return buffer_reason(key, ndim)
 
 
+def _warn_unmatched(what: str, patterns: Iterable[str], names: Iterable[str]) -> None:
+    """Warns about each ``what`` rule whose regex matches none of ``names`` (a rule that did nothing is
+    most often a typo or a rule for another checkpoint)."""
+    names = list(names)
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            warnings.warn(f"the {what} rule {pattern!r} matched no name; it changed nothing", stacklevel=3)
+
+
 def plan_by_name(
     checkpoint: Mapping[str, tuple[tuple[int, ...], Any]],
     *,
@@ -208,6 +218,7 @@ def plan_by_name(
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
+    _warn_unmatched("kinds", kinds or {}, (k.rpartition(".")[0] for k in checkpoint))
     plan: list[PlannedLeaf] = []
     skipped: dict[str, str] = {}
     taken: dict[Path, str] = {}
@@ -324,11 +335,21 @@ def plan_match(
         The plan (one entry per filled leaf) and the report of every problem found.
     """
     renamed: dict[str, str] = {}
+    applied: set[str] = set()
     for key in checkpoint:
         new = key
         for pattern, repl in (rename or {}).items():
-            new = re.sub(pattern, repl, new)
+            new, count = re.subn(pattern, repl, new)
+            if count:
+                applied.add(pattern)
         renamed[new] = key
+    for pattern in rename or {}:
+        if pattern not in applied:
+            warnings.warn(
+                f"the rename rule {pattern!r} matched no checkpoint key; it changed nothing", stacklevel=2
+            )
+    leaves = list(leaves)
+    _warn_unmatched("kinds", kinds or {}, (dotted(leaf.path) for leaf in leaves))
     report = MatchReport()
     plan: list[PlannedLeaf] = []
     used: set[str] = set()

@@ -167,6 +167,18 @@ def test_rename_and_prefixes():
     assert len(report.missing) == 9 and len(report.unused) == 9
     _, report = jax_side.match_to_target(ck, m, rename={r"^model\.": ""})
     assert report.ok and report.matched["embed_tokens.embedding"] == "model.embed_tokens.weight"
+    # rules that match nothing change nothing, and say so (a typo, or a rule for another checkpoint)
+    with pytest.warns(UserWarning) as seen:
+        _, report = jax_side.match_to_target(
+            ck, m, rename={r"^model\.": "", r"^base\.": ""}, kinds={"experts": "linear"}
+        )
+    assert report.ok
+    assert [str(w.message) for w in seen] == [
+        "the rename rule '^base\\\\.' matched no checkpoint key; it changed nothing",
+        "the kinds rule 'experts' matched no name; it changed nothing",
+    ]
+    with pytest.warns(UserWarning, match="the kinds rule 'nowhere' matched no name"):
+        jax_side.plan_by_name({"a.weight": ((2, 2), np.float32)}, kinds={"nowhere": "linear"})
 
 
 def test_linen_variables_with_batch_stats():
