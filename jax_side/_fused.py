@@ -420,6 +420,19 @@ def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
+@functools.lru_cache(maxsize=256)
+def _checked(treedef: Any, leaves: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
+    weight = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
+    jax.eval_shape(lambda w: w.dequantize(), weight)
+
+
+def _check_pieces(weight: NF4Weight | FP8Weight) -> None:
+    """Every check ``weight.dequantize()`` makes of the pieces (dtypes, sizes, tables, the offset), without
+    decoding; once per kind of weight (the checks see only shapes, dtypes and the static fields)."""
+    leaves, treedef = jax.tree_util.tree_flatten(weight)
+    _checked(treedef, tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves))
+
+
 def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     """``x @ dequantize(weight).T``: ``x [..., in]`` times a kept-quantized ``[out, in]`` weight.
 
@@ -462,7 +475,7 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
 
         spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
         return with_auto_axes(quantized_matmul, (x, weight), P(*spec[: x.ndim - 1], None), mesh)
-    jax.eval_shape(lambda w: w.dequantize(), weight)  # every check of the pieces, on every path; no work
+    _check_pieces(weight)
     path = get_matmul_path()
     reason = fits_kernel(weight)
     if path == "expand" or (reason is not None and path == "auto"):

@@ -23,23 +23,42 @@ from ._nf4 import dequantize_nf4
 
 
 def explicit_mesh(*trees: Any) -> Any:
-    """The mesh of the first array among ``trees`` placed on a mesh with an explicit axis (JAX's sharding
-    in types, ``jax.sharding.AxisType.Explicit``), or None."""
+    """The mesh of the arrays among ``trees`` placed on a mesh with an explicit axis (JAX's sharding in
+    types, ``jax.sharding.AxisType.Explicit``), or None.
+
+    Raises:
+        ValueError: arrays on two different such meshes.
+    """
+    found = None
     for leaf in jax.tree_util.tree_leaves(trees):
         try:
             mesh = jax.typeof(leaf).sharding.mesh
         except (AttributeError, TypeError):  # not an array, or no sharding in its type
             continue
-        if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-            return mesh
-    return None
+        if not _explicit_axes(mesh):
+            continue
+        if found is not None and mesh != found:
+            raise ValueError(
+                f"the input and the weight's pieces lie on different meshes ({found} and {mesh}); put them on "
+                "one mesh"
+            )
+        found = mesh
+    return found
+
+
+def _explicit_axes(mesh: Any) -> tuple[str, ...]:
+    types = getattr(mesh, "axis_types", ())
+    return tuple(
+        n for n, t in zip(getattr(mesh, "axis_names", ()), types) if t == jax.sharding.AxisType.Explicit
+    )
 
 
 def with_auto_axes(fn: Any, args: tuple, out_spec: Any, mesh: Any) -> Any:
-    """``fn(*args)`` with ``mesh``'s axes made automatic around it (``jax.sharding.auto_axes``): inside,
-    XLA places the work as it does on meshes with automatic axes (gathering stored pieces where a gather
-    needs them); the result is placed as ``out_spec`` says."""
-    run = jax.sharding.auto_axes(fn, out_sharding=out_spec)
+    """``fn(*args)`` with ``mesh``'s explicit axes made automatic around it (``jax.sharding.auto_axes``):
+    inside, XLA places the work as it does on meshes with automatic axes (gathering stored pieces where a
+    gather needs them); the result is placed as ``out_spec`` says. Manual axes (inside ``shard_map``) stay
+    manual."""
+    run = jax.sharding.auto_axes(fn, axes=_explicit_axes(mesh), out_sharding=out_spec)
     if jax.sharding.get_abstract_mesh().empty:  # arrays on a mesh that is not the context's
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh if hasattr(mesh, "abstract_mesh") else mesh):
             return run(*args)

@@ -336,6 +336,20 @@ def test_sharded_weights():
                 np.testing.assert_array_equal(np.asarray(dense[0]), np.asarray(whole.dequantize(transpose=True)))
                 np.testing.assert_array_equal(np.asarray(dense[1]), np.asarray(whole.dequantize()))
                 print(kind.name, context, type(whole).__name__, path, kernel, len(sw.weight.sharding.device_set if hasattr(sw, "weight") else sw.packed.sharding.device_set))
+        # inside a shard_map over one axis of an explicit 2-D mesh: the manual axis stays manual
+        mesh2 = jax.make_mesh((2, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+        x2 = jax.device_put(xs, NamedSharding(mesh2, P("a", None)))
+        for path in ("expand", "interpret"):
+            with jax.set_mesh(mesh2), jax_side.matmul_path(path):
+                f = jax.shard_map(lambda x: jax_side.quantized_matmul(x, w), in_specs=P("a", None), out_specs=P("a", None),
+                                  axis_names={"a"}, check_vma=False)
+                np.testing.assert_allclose(np.asarray(jax.jit(f)(x2)), np.asarray(xs) @ np.asarray(w.dequantize(dtype=jnp.float32)).T, rtol=1e-5, atol=1e-5)
+        try:
+            jax_side.quantized_matmul(x2, placed[0][1])
+        except ValueError as e:
+            assert "different meshes" in str(e), e
+        else:
+            raise AssertionError("x and the weight on two meshes were accepted")
         """
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
