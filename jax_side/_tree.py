@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -182,13 +183,50 @@ def not_parameter(key: str, ndim: int, optional: Mapping[str, str] | None = None
     return buffer_reason(key, ndim)
 
 
+def _warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside jax_side and qbridge (the user's line), so
+    that it points there and Python shows it once per line, however often a load plans."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in (
+        "jax_side",
+        "qbridge",
+    ):
+        frame = frame.f_back
+    warnings.warn_explicit(
+        message,
+        UserWarning,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=str(frame.f_globals.get("__name__", "")),
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+    )
+
+
 def _warn_unmatched(what: str, patterns: Iterable[str], names: Iterable[str]) -> None:
     """Warns about each ``what`` rule whose regex matches none of ``names`` (a rule that did nothing is
     most often a typo or a rule for another checkpoint)."""
     names = list(names)
     for pattern in patterns:
         if not any(re.search(pattern, n) for n in names):
-            warnings.warn(f"the {what} rule {pattern!r} matched no name; it changed nothing", stacklevel=3)
+            _warn(f"the {what} rule {pattern!r} matched no name; it changed nothing")
+
+
+def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str, str]:
+    """``key -> key`` with every ``rename`` rule (regex -> replacement) applied in order; warns about rules
+    that change no key."""
+    applied: set[str] = set()
+    out: dict[str, str] = {}
+    for key in keys:
+        new = key
+        for pattern, repl in (rename or {}).items():
+            new, count = re.subn(pattern, repl, new)
+            if count:
+                applied.add(pattern)
+        out[key] = new
+    for pattern in rename or {}:
+        if pattern not in applied:
+            _warn(f"the rename rule {pattern!r} matched no checkpoint key; it changed nothing")
+    return out
 
 
 def plan_by_name(
@@ -196,6 +234,7 @@ def plan_by_name(
     *,
     numbered: str = "keep",
     kinds: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
     torch_kinds: Mapping[str, str] | None = None,
     optional: Mapping[str, str] | None = None,
 ) -> tuple[list[PlannedLeaf], dict[str, str]]:
@@ -204,7 +243,9 @@ def plan_by_name(
     Args:
         checkpoint: ``torch key -> (torch-layout shape, dtype)``.
         numbered: see :func:`to_flax_variables`.
-        kinds: module-name regex -> kind overrides (see :func:`infer_kind`).
+        kinds: module-name regex -> kind overrides (see :func:`infer_kind`), over the renamed names.
+        rename: regex -> replacement applied to checkpoint keys first, in order (e.g. ``{"^model\\.": ""}``):
+            the Flax paths come from the renamed keys.
         torch_kinds: ``key -> kind`` of the torch module that owns each tensor, where it is known.
         optional: ``key -> reason`` for tensors that are not parameters (tied copies, activation scales,
             buffers): left out.
@@ -218,17 +259,20 @@ def plan_by_name(
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
-    _warn_unmatched("kinds", kinds or {}, (k.rpartition(".")[0] for k in checkpoint))
+    names = _renamed(checkpoint, rename)
+    by_name = {names[k]: v for k, v in (torch_kinds or {}).items() if k in names}
+    _warn_unmatched("kinds", kinds or {}, (n.rpartition(".")[0] for n in names.values()))
     plan: list[PlannedLeaf] = []
     skipped: dict[str, str] = {}
     taken: dict[Path, str] = {}
     for key, (shape, dtype) in checkpoint.items():
-        module, _, leaf = key.rpartition(".")
+        name = names[key]
+        module, _, leaf = name.rpartition(".")
         reason = not_parameter(key, len(shape), optional)
         if reason is not None:
             skipped[key] = reason
             continue
-        rule = rule_for(infer_kind(key, len(shape), kinds, torch_kinds), leaf)
+        rule = rule_for(infer_kind(name, len(shape), kinds, by_name), leaf)
         path = (rule.collection, *_segments(module, numbered), rule.flax_name)
         if path in taken:
             raise ValueError(f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}")
@@ -334,20 +378,7 @@ def plan_match(
     Returns:
         The plan (one entry per filled leaf) and the report of every problem found.
     """
-    renamed: dict[str, str] = {}
-    applied: set[str] = set()
-    for key in checkpoint:
-        new = key
-        for pattern, repl in (rename or {}).items():
-            new, count = re.subn(pattern, repl, new)
-            if count:
-                applied.add(pattern)
-        renamed[new] = key
-    for pattern in rename or {}:
-        if pattern not in applied:
-            warnings.warn(
-                f"the rename rule {pattern!r} matched no checkpoint key; it changed nothing", stacklevel=2
-            )
+    renamed = {new: key for key, new in _renamed(checkpoint, rename).items()}
     leaves = list(leaves)
     _warn_unmatched("kinds", kinds or {}, (dotted(leaf.path) for leaf in leaves))
     report = MatchReport()

@@ -186,7 +186,7 @@ def plan_load(
         shapes = {name: (e.shape, TORCH_TO_JAX.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
         if target is None:
             plan, skipped = jax_side.plan_by_name(
-                shapes, kinds=kinds, torch_kinds=classes.kinds, optional=classes.optional
+                shapes, kinds=kinds, rename=rename, torch_kinds=classes.kinds, optional=classes.optional
             )
             return None, plan, None, skipped
         try:
@@ -255,7 +255,8 @@ def load_checkpoint(
         progress: show a progress bar (bytes and tensors) on a terminal or in a notebook; none where
             stderr is a file or a pipe.
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
-        rename: regex -> replacement applied to checkpoint keys before matching a target.
+        rename: regex -> replacement applied to checkpoint keys first, in order: before matching a target,
+            or, without one, to name the Flax paths (the tensors are read under their own keys).
         sharding: shard the result over devices: a callable ``(name, shape) -> jax.sharding.Sharding``, where
             ``name`` is the leaf's dotted Flax path (``"model.layers.0.mlp.down_proj.kernel"``) and ``shape``
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with

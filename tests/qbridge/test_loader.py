@@ -442,3 +442,18 @@ def test_the_progress_bar_draws_on_terminals_only_and_at_its_own_pace(tmp_path, 
     monkeypatch.setattr("sys.stderr", piped)
     qbridge.load_checkpoint(tmp_path, device="cpu")
     assert piped.writes == []  # a log file or a pipe gets no bar
+
+
+def test_rename_without_a_target_names_the_paths_and_rules_that_match_nothing_warn_at_the_caller(tmp_path):
+    from safetensors.torch import save_file
+
+    w = torch.randn(4, 3)
+    save_file(
+        {"base.model.l1.weight": w, "base.model.norm.weight": torch.ones(3)}, tmp_path / "model.safetensors"
+    )
+    params = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False, rename={r"^base\.model\.": ""})
+    assert set(params["params"]) == {"l1", "norm"}
+    np.testing.assert_array_equal(np.asarray(params["params"]["l1"]["kernel"]), w.numpy().T)
+    with pytest.warns(UserWarning, match=r"the rename rule '\^nowhere' matched no checkpoint key") as seen:
+        qbridge.load_checkpoint(tmp_path, device="cpu", progress=False, rename={"^nowhere": ""})
+    assert seen[0].filename == __file__  # it points at the caller's line, not inside qbridge
