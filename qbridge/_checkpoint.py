@@ -145,7 +145,9 @@ class _Source:
         self._files[path] = open(path, "rb")  # closed by close()
         self.metadata[path] = meta
 
-    def add_torch(self, path: pathlib.Path) -> None:
+    def add_torch(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
+        """Adds a torch state-dict file (loaded mapped, ``weights_only``); ``keys``: only those (an index's
+        entries for this file), each required."""
         if not path.exists():
             raise CheckpointError(f"{path}: file missing")
         _import_torchao_quietly()
@@ -168,6 +170,11 @@ class _Source:
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+        if keys is not None:
+            for key in keys:
+                if key not in state:
+                    raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
+            state = {key: state[key] for key in keys}
         for key in state:
             if key in self.key_file:
                 raise CheckpointError(
@@ -506,7 +513,7 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
 
 def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]] | None, str]:
     """The tensor files of a checkpoint directory or file, the keys an index assigns to each (None without
-    a safetensors index: every key of every file), and the container."""
+    an index: every key of every file), and the container."""
     if path.is_file():
         if path.suffix == ".safetensors":
             return [path], None, "safetensors"
@@ -518,7 +525,7 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Pa
             if suffixes == {".safetensors"}:
                 return files, keys, "safetensors"
             if suffixes <= set(TORCH_SUFFIXES):
-                return files, None, "torch"
+                return files, keys, "torch"
             raise CheckpointError(
                 f"{path}: the index names files of kinds {sorted(suffixes)}; qbridge reads an index of "
                 ".safetensors files or of torch files (.bin, .pt, .pth)"
@@ -545,7 +552,8 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Pa
         return files, None, "safetensors"
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
-        return _read_index(inside(path, torch_index, str(torch_index)))[0], None, "torch"
+        files, keys = _read_index(inside(path, torch_index, str(torch_index)))
+        return files, keys, "torch"
     files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
              if f.name not in NOT_MODEL_FILES]  # fmt: skip
     if files:
@@ -608,7 +616,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         if container == "safetensors":
             source.add_safetensors(f, None if keys_of is None else keys_of[f])
         else:
-            source.add_torch(f)
+            source.add_torch(f, None if keys_of is None else keys_of[f])
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method not in (None, "bitsandbytes", "fp8", "torchao"):
         raise FormatError(

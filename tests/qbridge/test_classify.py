@@ -616,6 +616,26 @@ def test_an_index_is_read_as_written(tmp_path, monkeypatch):
     assert sum(f.name.startswith("part-") for f in checked) == 2  # once per file, not once per key
 
 
+def test_a_torch_index_selects_keys_as_a_safetensors_index_does(tmp_path):
+    path = tmp_path / "bins"
+    path.mkdir()
+    torch.save({"a.weight": torch.ones(2, 2), "extra.weight": torch.ones(3, 3)}, path / "pytorch_model-1.bin")
+    torch.save({"b.weight": torch.ones(2, 2)}, path / "pytorch_model-2.bin")
+    index = path / "pytorch_model.bin.index.json"
+    index.write_text(
+        json.dumps({"weight_map": {"a.weight": "pytorch_model-1.bin", "b.weight": "pytorch_model-2.bin"}})
+    )
+    for where in (path, index):  # the directory's index, or the index as the path
+        assert set(qbridge.load_checkpoint(where, device="cpu", progress=False)["params"]) == {"a", "b"}
+    index.write_text(
+        json.dumps({"weight_map": {"a.weight": "pytorch_model-1.bin", "gone.weight": "pytorch_model-2.bin"}})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model-2.bin: the index lists 'gone.weight', which this file"
+    ):
+        qbridge.inspect_checkpoint(path)
+
+
 def test_a_link_out_of_the_checkpoint_is_refused(tmp_path):
     path = _sharded(tmp_path)
     st.save_file({"c.weight": torch.ones(2, 2)}, tmp_path / "elsewhere.safetensors")
