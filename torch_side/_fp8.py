@@ -15,6 +15,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ._backend import choose_fp8_backend
@@ -251,6 +252,10 @@ def dequantize_fp8(
             f"dequantize_fp8 takes a float8 weight ({', '.join(map(str, FP8_DTYPES))}), got {W.dtype}.{hint}"
         )
     if not isinstance(scale_inv, torch.Tensor):
+        if hasattr(scale_inv, "__array__") and not isinstance(scale_inv, numbers.Real):  # 0-d numpy or JAX
+            held = np.asarray(scale_inv)
+            if held.ndim == 0 and held.dtype.kind in "fiu":
+                scale_inv = held.item()
         if isinstance(scale_inv, bool) or not isinstance(scale_inv, numbers.Real):  # numpy scalars are Real
             raise TypeError(
                 f"scale_inv must be a tensor or a real number, got {type(scale_inv).__name__} {scale_inv!r}"

@@ -87,10 +87,10 @@ def dequantize_weight(
             - a bitsandbytes ``Params4bit`` (its own ``quant_state`` unless one is given) or ``Int8Params``
               (float32 result);
             - a packed 4-bit weight with a bitsandbytes ``quant_state`` (see :func:`dequantize`);
-            - a float8 weight with its scale tensor as ``quant_state`` (see :func:`dequantize_fp8`);
+            - a float8 weight with its scale (a tensor or a number) as ``quant_state`` (see :func:`dequantize_fp8`);
             - a torch-quantized tensor (``W.is_quantized``);
             - a plain tensor or Parameter, returned as it is (a float8 tensor without a scale included).
-        quant_state: a 4-bit quant state, an FP8 scale tensor, or None.
+        quant_state: a 4-bit quant state, an FP8 scale (tensor or number), or None.
         transpose: return ``[in, out]`` for a 2-D ``[out, in]`` weight (``result.t()``, a view).
         backend: passed on to the 4-bit and FP8 functions.
 
@@ -106,7 +106,7 @@ def dequantize_weight(
     """
     require_tensor(W, "W")
     with torch.no_grad():
-        if isinstance(quant_state, torch.Tensor):
+        if isinstance(quant_state, torch.Tensor) or (W.dtype in FP8_DTYPES and quant_state is not None):
             if W.dtype not in FP8_DTYPES:
                 raise TypeError(
                     f"a tensor quant_state is an FP8 scale, but W is {W.dtype}, not float8; a 4-bit weight "
