@@ -30,7 +30,8 @@ per-row or block scales. Others use expand-then-matmul under every setting but `
 raises for them. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
 axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
-the output features.
+the output features. Inside ``jax.shard_map``, the kernel path needs ``check_vma=False`` (Pallas' kernel
+call carries no varying-axes annotation); ``matmul_path("expand")`` works either way.
 """
 
 from __future__ import annotations
@@ -421,7 +422,8 @@ _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
 @functools.lru_cache(maxsize=256)
-def _checked(treedef: Any, leaves: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
+def _checked(fields: str, treedef: Any, leaves: tuple[tuple[tuple[int, ...], Any], ...]) -> None:
+    # fields (the static fields as written) tells 64 from 64.0, which compare and hash equal in treedef
     weight = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
     jax.eval_shape(lambda w: w.dequantize(), weight)
 
@@ -430,7 +432,7 @@ def _check_pieces(weight: NF4Weight | FP8Weight) -> None:
     """Every check ``weight.dequantize()`` makes of the pieces (dtypes, sizes, tables, the offset), without
     decoding; once per kind of weight (the checks see only shapes, dtypes and the static fields)."""
     leaves, treedef = jax.tree_util.tree_flatten(weight)
-    _checked(treedef, tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves))
+    _checked(str(treedef), treedef, tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves))
 
 
 def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:

@@ -40,7 +40,8 @@ def explicit_mesh(*trees: Any) -> Any:
         if found is not None and mesh != found:
             raise ValueError(
                 f"the input and the weight's pieces lie on different meshes ({found} and {mesh}); put them on "
-                "one mesh"
+                "one mesh (inside jax.shard_map, pass the weight in through in_specs rather than capturing it: "
+                "a captured weight is on the outer mesh)"
             )
         found = mesh
     return found

@@ -225,7 +225,11 @@ def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str,
         out[key] = new
     for pattern in rename or {}:
         if pattern not in applied:
-            _warn(f"the rename rule {pattern!r} matched no checkpoint key; it changed nothing")
+            _warn(
+                f"the rename rule {pattern!r} matched no checkpoint key; it changed nothing (rules apply in "
+                "order to each key; quantization pieces such as .absmax or .weight_scale_inv follow their "
+                "weight and are not renamed)"
+            )
     return out
 
 
@@ -245,7 +249,8 @@ def plan_by_name(
         numbered: see :func:`to_flax_variables`.
         kinds: module-name regex -> kind overrides (see :func:`infer_kind`), over the renamed names.
         rename: regex -> replacement applied to checkpoint keys first, in order (e.g. ``{"^model\\.": ""}``):
-            the Flax paths come from the renamed keys.
+            the Flax module paths come from the renamed keys; a tensor's own name (``weight``, ``bias``)
+            keeps deciding its layout and Flax leaf name.
         torch_kinds: ``key -> kind`` of the torch module that owns each tensor, where it is known.
         optional: ``key -> reason`` for tensors that are not parameters (tied copies, activation scales,
             buffers): left out.
@@ -259,7 +264,16 @@ def plan_by_name(
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
-    names = _renamed(checkpoint, rename)
+    raw = _renamed(checkpoint, rename)
+    # the module path follows the rename; the tensor's own name (weight, bias, ...) keeps deciding its layout
+    names = {k: ".".join(filter(None, (n.rpartition(".")[0], k.rpartition(".")[2]))) for k, n in raw.items()}
+    for key, new in raw.items():
+        if new.rpartition(".")[2] != key.rpartition(".")[2]:
+            _warn(
+                f"rename turned {key!r} into {new!r}: without a target, renaming reaches the module path only; "
+                f"the Flax leaf name follows the layout of {key.rpartition('.')[2]!r}"
+            )
+            break
     by_name = {names[k]: v for k, v in (torch_kinds or {}).items() if k in names}
     _warn_unmatched("kinds", kinds or {}, (n.rpartition(".")[0] for n in names.values()))
     plan: list[PlannedLeaf] = []
@@ -378,7 +392,13 @@ def plan_match(
     Returns:
         The plan (one entry per filled leaf) and the report of every problem found.
     """
-    renamed = {new: key for key, new in _renamed(checkpoint, rename).items()}
+    renamed: dict[str, str] = {}
+    for key, new in _renamed(checkpoint, rename).items():
+        if new in renamed:
+            raise ValueError(
+                f"rename makes {renamed[new]!r} and {key!r} both {new!r}; which one is meant is not known"
+            )
+        renamed[new] = key
     leaves = list(leaves)
     _warn_unmatched("kinds", kinds or {}, (dotted(leaf.path) for leaf in leaves))
     report = MatchReport()

@@ -256,7 +256,8 @@ def load_checkpoint(
             stderr is a file or a pipe.
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
         rename: regex -> replacement applied to checkpoint keys first, in order: before matching a target,
-            or, without one, to name the Flax paths (the tensors are read under their own keys).
+            or, without one, to name the Flax module paths (a tensor's own name, ``weight`` or ``bias``,
+            keeps deciding its layout; the tensors are read under their own keys).
         sharding: shard the result over devices: a callable ``(name, shape) -> jax.sharding.Sharding``, where
             ``name`` is the leaf's dotted Flax path (``"model.layers.0.mlp.down_proj.kernel"``) and ``shape``
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with

@@ -254,8 +254,11 @@ def dequantize_fp8(
     if not isinstance(scale_inv, torch.Tensor):
         if hasattr(scale_inv, "__array__") and not isinstance(scale_inv, numbers.Real):  # 0-d numpy or JAX
             held = np.asarray(scale_inv)
-            if held.ndim == 0 and held.dtype.kind in "fiu":
-                scale_inv = held.item()
+            if held.ndim == 0 and held.dtype.kind not in "bcUSOM":  # not bool, complex, text, objects, times
+                try:  # numeric kinds, and bfloat16/float8 (numpy sees those as kind "V")
+                    scale_inv = float(held)
+                except (TypeError, ValueError):
+                    pass
         if isinstance(scale_inv, bool) or not isinstance(scale_inv, numbers.Real):  # numpy scalars are Real
             raise TypeError(
                 f"scale_inv must be a tensor or a real number, got {type(scale_inv).__name__} {scale_inv!r}"

@@ -242,6 +242,12 @@ def test_weights_the_kernel_does_not_take():
             "scale_inv must be",
         ),
     }
+    bad["float blocksize after a valid call"] = (
+        dataclasses.replace(good, blocksize=64.0),
+        ValueError,
+        "blocksize must be one of the ints",
+    )  # the checks are remembered per kind of weight: 64.0 is not 64's kind
+    jax_side.quantized_matmul(x_for(2, 128, jnp.float32), good)
     for weight, error, message in bad.values():
         for path in ("auto", "expand", "interpret"):
             with jax_side.matmul_path(path), pytest.raises(error, match=message):

@@ -174,7 +174,8 @@ def test_rename_and_prefixes():
         )
     assert report.ok
     assert [str(w.message) for w in seen] == [
-        "the rename rule '^base\\\\.' matched no checkpoint key; it changed nothing",
+        "the rename rule '^base\\\\.' matched no checkpoint key; it changed nothing (rules apply in order to each "
+        "key; quantization pieces such as .absmax or .weight_scale_inv follow their weight and are not renamed)",
         "the kinds rule 'experts' matched no name; it changed nothing",
     ]
     with pytest.warns(UserWarning, match="the kinds rule 'nowhere' matched no name"):

@@ -457,3 +457,15 @@ def test_rename_without_a_target_names_the_paths_and_rules_that_match_nothing_wa
     with pytest.warns(UserWarning, match=r"the rename rule '\^nowhere' matched no checkpoint key") as seen:
         qbridge.load_checkpoint(tmp_path, device="cpu", progress=False, rename={"^nowhere": ""})
     assert seen[0].filename == __file__  # it points at the caller's line, not inside qbridge
+    # a rename of the tensor's own name reaches only the module path: the layout stays the weight's
+    with pytest.warns(UserWarning, match=r"renaming reaches the module path only"):
+        renamed = qbridge.load_checkpoint(
+            tmp_path, device="cpu", progress=False, rename={r"\.weight$": ".kernel"}
+        )
+    np.testing.assert_array_equal(np.asarray(renamed["params"]["base"]["model"]["l1"]["kernel"]), w.numpy().T)
+    assert set(renamed["params"]["base"]["model"]["norm"]) == {"scale"}
+    target = {"params": {"proj": {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float32)}}}
+    save_file({"a.l1.weight": w, "b.l1.weight": w.clone()}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"rename makes 'a.l1.weight' and 'b.l1.weight' both 'proj.weight'"):
+        qbridge.load_checkpoint(tmp_path, target=target, device="cpu", progress=False, strict=False,
+                                rename={r"^(a|b)\.l1": "proj"})  # fmt: skip

@@ -260,9 +260,19 @@ def test_fp8_backend_bnb_refused():
 def test_fp8_scale_as_a_number():
     w = random_fp8((4, 8), seed=1)
     want = torch_side.dequantize_fp8(w, torch.tensor(2.0))
-    for number in (2.0, 2, np.float32(2.0), np.int64(2), np.array(2.0, np.float32)):  # one per-tensor scale
+    import ml_dtypes
+
+    bf16 = np.array(2.0, ml_dtypes.bfloat16)  # 0-d bfloat16 (numpy's kind "V")
+    for number in (
+        2.0,
+        2,
+        np.float32(2.0),
+        np.int64(2),
+        np.array(2.0, np.float32),
+        bf16,
+    ):  # one per-tensor scale
         assert torch.equal(torch_side.dequantize_fp8(w, number), want)
         assert torch.equal(torch_side.dequantize_weight(w, number), want)
-    for wrong in (True, np.bool_(True), "2", None, np.array([2.0]), np.array(True)):
+    for wrong in (True, np.bool_(True), "2", None, np.array([2.0]), np.array(True), np.array("2.0")):
         with pytest.raises(TypeError, match="scale_inv must be a tensor or a real number, got"):
             torch_side.dequantize_fp8(w, wrong)
