@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -26,10 +27,20 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str] | None:
         return None
     out = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
+        # split at the first "=" that leaves a valid regex before it (a pattern may hold "=", as in "(?=")
+        splits = [i for i, c in enumerate(item) if c == "=" and i > 0]
+        if not splits:
             raise ValueError(f"{flag} takes PATTERN=VALUE, got {item!r}")
-        out[key] = value
+        for i in splits:
+            try:
+                re.compile(item[:i])
+            except re.error as e:
+                error = e
+                continue
+            out[item[:i]] = item[i + 1 :]
+            break
+        else:
+            raise ValueError(f"{flag} {item!r}: no '=' in it follows a valid regular expression ({error})")
     return out
 
 
@@ -47,8 +58,6 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    import re
-
     from jax_side import MatchError
     from qbridge import QBridgeError
 

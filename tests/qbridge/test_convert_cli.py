@@ -206,6 +206,11 @@ def test_convert_passes_kinds_rename_and_strict_through(nf4, tmp_path, capsys):
         )
     assert main(["convert", str(nf4), str(out), "--kind", "bad=PAIR=x", "--kind", "nokind", "--quiet"]) == 2
     assert "--kind takes PATTERN=VALUE, got 'nokind'" in capsys.readouterr().err
+    assert main(["convert", str(nf4), str(out), "--rename", "(=x", "--quiet"]) == 2
+    assert "--rename '(=x': no '=' in it follows a valid regular expression" in capsys.readouterr().err
+    from qbridge._cli import _pairs  # a pattern may hold "=" itself: the split is after the valid regex
+
+    assert _pairs([r"^model\.(?=layers)=", "a=b=c"], "--rename") == {r"^model\.(?=layers)": "", "a": "b=c"}
     assert main(["convert", str(nf4), str(out), "--target", "no.such.module:Thing", "--quiet"]) == 2
     assert main(["convert", str(nf4), str(out), "--kind", r"embed_tokens=linear", "--quiet"]) == 0
     assert "kernel" in qbridge.restore_converted(out)["params"]["model"]["embed_tokens"]
