@@ -203,6 +203,11 @@ def plan_load(
         return t, plan, match, dict(match.skip_reasons)
 
 
+def _replicated_here(sharding: Any) -> bool:
+    """Whether ``sharding`` holds a whole copy on each of its devices, all of them this process's."""
+    return bool(sharding.is_fully_replicated and sharding.is_fully_addressable)
+
+
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     """A progress bar on a terminal or in a notebook; None where nobody watches one (a log file, a pipe)."""
     if not enabled:
@@ -267,7 +272,9 @@ def load_checkpoint(
         keep_quantized: leave bitsandbytes 4-bit and FP8 Linear kernels and embedding tables quantized: those
             leaves arrive as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (their stored pieces,
             zero-copy from torch), to be used by ``jax_side``'s quantized layers
-            (:func:`jax_side.load_quantized_into_nnx`). Other leaves, and other formats, arrive dense.
+            (:func:`jax_side.load_quantized_into_nnx`). Other leaves, and other formats, arrive dense. With
+            ``sharding=``, a kept leaf may be replicated (a copy of its pieces on each device; a leaf no rule
+            matches is), not split: a rule that splits one raises ``ValueError``.
         return_report: also return a :class:`LoadReport`.
 
     Returns:
@@ -329,14 +336,20 @@ def load_checkpoint(
                 name = jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path)
                 leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
                 if keep_quantized and keeps_quantized(entry, p.rule):
-                    if leaf_sharding is not None:
+                    if leaf_sharding is not None and _replicated_here(leaf_sharding):  # a copy per device
+                        values[p.leaf.path] = jax.device_put(
+                            quantized_leaf(ckpt, entry, jdev, cast), leaf_sharding
+                        )
+                        dense += values[p.leaf.path].nbytes
+                    elif leaf_sharding is not None:
                         raise ValueError(
                             f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
                             + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
                                "several devices") + "); load it dense to shard it, or keep it on one device"
                         )  # fmt: skip
-                    values[p.leaf.path] = quantized_leaf(ckpt, entry, jdev, cast)
-                    dense += values[p.leaf.path].nbytes
+                    else:
+                        values[p.leaf.path] = quantized_leaf(ckpt, entry, jdev, cast)
+                        dense += values[p.leaf.path].nbytes
                 elif leaf_sharding is not None:
                     values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
                     dense += values[p.leaf.path].nbytes

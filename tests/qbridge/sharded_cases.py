@@ -89,6 +89,24 @@ def test_sharded_equals_unsharded(made, name, layout):
         assert len(x.addressable_shards) == 8
 
 
+def test_kept_weights_are_replicated_where_no_rule_splits_them(made):
+    _, target = _target(made)
+    mesh = _mesh_1d()
+    rules = [(r"embed_tokens\.embedding$", P(None, "x"))]  # dense in bitsandbytes checkpoints: split
+    whole = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, keep_quantized=True)
+    placed = qbridge.load_checkpoint(
+        made / "nf4", target=target, progress=False, keep_quantized=True, sharding=(mesh, rules)
+    )
+    kept = placed["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(kept, jax_side.NF4Weight)
+    assert all(a.sharding == NamedSharding(mesh, P()) for a in jax.tree.leaves(kept))
+    _same(kept.dequantize(), whole["model"]["layers"][0]["mlp"]["down_proj"]["kernel"].dequantize())
+    assert placed["model"]["embed_tokens"]["embedding"].sharding == NamedSharding(mesh, P(None, "x"))
+    with pytest.raises(ValueError, match=r"down_proj.kernel: keep_quantized does not shard"):
+        qbridge.load_checkpoint(made / "nf4", target=target, progress=False, keep_quantized=True,
+                                sharding=(mesh, [(r"down_proj\.kernel$", P("x", None))]))  # fmt: skip
+
+
 def test_shards_hold_only_their_slice(made):
     _, target = _target(made)
     mesh = _mesh_1d()

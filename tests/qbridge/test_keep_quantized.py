@@ -167,7 +167,7 @@ def test_pytrees_round_trip(made, tmp_path):
     assert_same_bits(r.dequantize(), w.dequantize())
 
 
-def test_swap_errors_and_sharding_refused(made):
+def test_swap_errors_and_replicated_kept_weights(made):
     config = _config(made)
     kept, *_ = _models(made, "fp8")
     model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
@@ -175,13 +175,15 @@ def test_swap_errors_and_sharding_refused(made):
     with pytest.raises(TypeError, match=r"needs an nnx.Linear kernel or nnx.Embed table"):
         jax_side.load_quantized_into_nnx(model, bad)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
-    with pytest.raises(ValueError, match="keep_quantized does not shard"):
-        qbridge.load_checkpoint(
-            made / "fp8",
-            keep_quantized=True,
-            progress=False,
-            sharding=(mesh, [(r"kernel", jax.sharding.PartitionSpec())]),
-        )
+    placed = qbridge.load_checkpoint(  # replicated kept weights are placed (splitting them: sharded_cases.py)
+        made / "fp8",
+        keep_quantized=True,
+        progress=False,
+        sharding=(mesh, [(r"kernel", jax.sharding.PartitionSpec())]),
+    )
+    weight = placed["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(weight, jax_side.FP8Weight)
+    assert weight.weight.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 @pytest.mark.gpu
