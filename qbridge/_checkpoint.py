@@ -168,13 +168,18 @@ class _Source:
             ) from e
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
         if keys is not None:
             for key in keys:
                 if key not in state:
                     raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
             state = {key: state[key] for key in keys}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"{path}: expected a state dict of tensors; {key!r} holds a {type(value).__name__}"
+                )
         for key in state:
             if key in self.key_file:
                 raise CheckpointError(

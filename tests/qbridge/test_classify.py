@@ -627,6 +627,13 @@ def test_a_torch_index_selects_keys_as_a_safetensors_index_does(tmp_path):
     )
     for where in (path, index):  # the directory's index, or the index as the path
         assert set(qbridge.load_checkpoint(where, device="cpu", progress=False)["params"]) == {"a", "b"}
+    torch.save({"b.weight": torch.ones(2, 2), "step": 7}, path / "pytorch_model-2.bin")  # unlisted: not read
+    assert set(qbridge.load_checkpoint(index, device="cpu", progress=False)["params"]) == {"a", "b"}
+    torch.save({"step": 7}, path / "pytorch_model-3.bin")
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model-3.bin: expected a state dict of tensors; 'step' holds"
+    ):
+        qbridge.inspect_checkpoint(path / "pytorch_model-3.bin")
     index.write_text(
         json.dumps({"weight_map": {"a.weight": "pytorch_model-1.bin", "gone.weight": "pytorch_model-2.bin"}})
     )
