@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
 from ._dtypes import TORCH_TO_JAX, torch_dtype
+from ._handoff import _warn_caller
 from ._place import hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
@@ -267,8 +269,8 @@ def load_checkpoint(
             ``name`` is the leaf's dotted Flax path (``"model.layers.0.mlp.down_proj.kernel"``) and ``shape``
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with
             ``rules`` a sequence of ``(regex, PartitionSpec)`` searched against the name, first match wins,
-            unmatched leaves replicated. A target's own multi-device shardings win. Every addressable
-            device reads and dequantizes only its own slice.
+            unmatched leaves replicated (a rule that matches no leaf warns). A target's own multi-device
+            shardings win. Every addressable device reads and dequantizes only its own slice.
         keep_quantized: leave bitsandbytes 4-bit and FP8 Linear kernels and embedding tables quantized: those
             leaves arrive as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (their stored pieces,
             zero-copy from torch), to be used by ``jax_side``'s quantized layers
@@ -310,6 +312,11 @@ def load_checkpoint(
         t, plan, match, skipped = plan_load(
             ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict
         )
+        if isinstance(sharding, tuple):  # (mesh, rules): a rule that matches no leaf is most often a typo
+            names = [jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path) for p in plan]
+            for pattern, _ in sharding[1]:
+                if not any(re.search(pattern, n) for n in names):
+                    _warn_caller(f"the sharding rule {pattern!r} matched no leaf; it placed nothing")
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
         values: dict[Any, jax.Array] = {}

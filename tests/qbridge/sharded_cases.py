@@ -158,6 +158,9 @@ def test_flax_model_under_jit_with_shardings(made):
 def test_bad_sharding_spec(made):
     with pytest.raises(TypeError, match="sharding must be a callable"):
         qbridge.load_checkpoint(made / "nf4", progress=False, sharding=["x"])
+    with pytest.warns(UserWarning, match=r"the sharding rule 'nowhere' matched no leaf") as seen:
+        qbridge.load_checkpoint(made / "dense", progress=False, sharding=(_mesh_1d(), [("nowhere", P("x"))]))
+    assert seen[0].filename == __file__
 
 
 @pytest.mark.parametrize("name", ["nf4", "fp8", "ao/model.pt", "dense"])
