@@ -216,6 +216,35 @@ jax.tree_util.register_dataclass(
 )
 
 QuantizedWeight = NF4Weight | FP8Weight
+_META = {
+    "NF4Weight": ("shape", "blocksize", "nested_blocksize", "quant_type", "dtype"),
+    "FP8Weight": ("block", "dtype"),
+}
+
+
+def meta_fields(weight: NF4Weight | FP8Weight) -> dict[str, Any]:
+    """A kept weight's fields that are no arrays (JSON-ready: tuples as lists, dtypes as names)."""
+    out: dict[str, Any] = {}
+    for name in _META[type(weight).__name__]:
+        value = getattr(weight, name)
+        out[name] = list(value) if isinstance(value, tuple) else str(value) if name == "dtype" else value
+    return out
+
+
+def from_pieces(kind: str, pieces: Any, fields: dict[str, Any]) -> NF4Weight | FP8Weight:
+    """The weight ``kind`` (``"NF4Weight"`` or ``"FP8Weight"``) from its arrays (``pieces``, a mapping of
+    field name to array, as a checkpoint stores them) and :func:`meta_fields`' record.
+
+    Raises:
+        ValueError: an unknown kind, or pieces and fields that are not the kind's.
+    """
+    if kind not in _META:
+        raise ValueError(f"unknown kept-weight kind {kind!r} (NF4Weight or FP8Weight)")
+    cls = NF4Weight if kind == "NF4Weight" else FP8Weight
+    static: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    if set(static) != set(_META[kind]) or not isinstance(pieces, dict):
+        raise ValueError(f"a {kind} needs the fields {list(_META[kind])} and a mapping of its arrays")
+    return cls(**dict(pieces), **static)
 
 
 def is_quantized(x: Any) -> bool:

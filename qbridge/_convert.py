@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import secrets
@@ -12,6 +13,9 @@ from typing import Any
 
 import jax
 import numpy as np
+
+import jax_side
+from jax_side._quantized import from_pieces, meta_fields
 
 from ._errors import CheckpointError
 from ._loader import LoadReport, load_checkpoint
@@ -65,7 +69,8 @@ def convert_checkpoint(
         rename: regex -> replacement for checkpoint keys, as for :func:`qbridge.load_checkpoint`.
         sharding: shard the parameters as :func:`qbridge.load_checkpoint` does; each process writes its
             own shards.
-        keep_quantized: write 4-bit and FP8 kernels kept quantized (their stored pieces).
+        keep_quantized: write 4-bit and FP8 kernels kept quantized (their stored pieces, and beside them
+            their other fields): :func:`restore_converted` gives them back as ``NF4Weight`` / ``FP8Weight``.
         progress: show a progress bar while loading.
         overwrite: replace an existing Orbax checkpoint at ``out`` (only after the new one is complete).
 
@@ -105,6 +110,8 @@ def convert_checkpoint(
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(partial / "state", params)
         checkpointer.wait_until_finished()
+        if primary:
+            _write_quantized_fields(params, partial / "state" / QUANTIZED_FIELDS)
         _barrier(f"qbridge-convert-written-{token}")
         if primary:
             if out.exists():
@@ -151,9 +158,54 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
             several processes needs a target to be read by one.
 
     Returns:
-        The parameter pytree: new arrays, aliasing nothing.
+        The parameter pytree: new arrays, aliasing nothing. Weights written kept quantized come back as
+        :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` without a target too.
+
+    Raises:
+        CheckpointError: the checkpoint's record of kept-quantized weights does not fit its arrays.
     """
     path = pathlib.Path(out).absolute()
     if target is None:
-        return _orbax().StandardCheckpointer().restore(path)
+        return _read_quantized_fields(_orbax().StandardCheckpointer().restore(path), path / QUANTIZED_FIELDS)
     return _orbax().StandardCheckpointer().restore(path, target)
+
+
+# Beside the arrays, a written checkpoint records each kept-quantized weight's fields that are no arrays
+# (shape, blocksize, quant_type, dtype ...): Orbax stores arrays only, and without them the pieces restored
+# without a target could not be made a weight again.
+QUANTIZED_FIELDS = "qbridge_quantized.json"
+
+
+def _key(k: Any) -> str | int:
+    return (
+        k.idx if isinstance(k, jax.tree_util.SequenceKey) else str(getattr(k, "key", getattr(k, "name", k)))
+    )
+
+
+def _write_quantized_fields(params: Any, file: pathlib.Path) -> None:
+    kept = [
+        {"path": [_key(k) for k in path], "type": type(leaf).__name__, "fields": meta_fields(leaf)}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=jax_side.is_quantized)[0]
+        if jax_side.is_quantized(leaf)
+    ]
+    if kept:
+        file.write_text(json.dumps({"format": 1, "weights": kept}))
+
+
+def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
+    if not file.exists():
+        return tree
+    try:
+        doc = json.loads(file.read_text())
+        for entry in doc["weights"]:
+            *parents, last = entry["path"]
+            node = tree
+            for k in parents:
+                node = node[k if isinstance(node, list) else str(k)]
+            key = last if isinstance(node, list) else str(last)
+            node[key] = from_pieces(entry["type"], node[key], entry["fields"])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{file}: the record of kept-quantized weights does not fit the checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    return tree

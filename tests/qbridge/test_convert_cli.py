@@ -57,6 +57,29 @@ def test_convert_round_trip(nf4, tmp_path):
         )
 
 
+def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_path):
+    """Orbax stores arrays only: the weights' other fields travel beside them, so the pieces restored
+    without a target are NF4Weights again, equal bit for bit."""
+    out = tmp_path / "kept.orbax"
+    qbridge.convert_checkpoint(nf4, out, keep_quantized=True, progress=False)
+    restored = qbridge.restore_converted(out)
+    loaded = qbridge.load_checkpoint(nf4, keep_quantized=True, progress=False)
+    a = jax.tree_util.tree_flatten_with_path(loaded, is_leaf=jax_side.is_quantized)[0]
+    b = dict(jax.tree_util.tree_flatten_with_path(restored, is_leaf=jax_side.is_quantized)[0])
+    kept = [path for path, leaf in a if jax_side.is_quantized(leaf)]
+    assert len(kept) == 14 and b.keys() == dict(a).keys()
+    for path, leaf in a:
+        other = b[path]
+        assert type(other) is type(leaf)
+        x, y = (w.dequantize() if jax_side.is_quantized(w) else w for w in (leaf, other))
+        assert x.dtype == y.dtype and np.array_equal(
+            np.asarray(x).view(np.uint16), np.asarray(y).view(np.uint16)
+        )
+    (out / "qbridge_quantized.json").write_text('{"format": 1, "weights": [{"path": ["params", "nowhere"]}]}')
+    with pytest.raises(qbridge.CheckpointError, match="record of kept-quantized weights does not fit"):
+        qbridge.restore_converted(out)
+
+
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
     out = tmp_path / "orbax"
     out.mkdir()
