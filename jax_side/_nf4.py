@@ -58,6 +58,15 @@ def _bytes(packed: Any) -> tuple[jax.Array, int]:
     return packed.reshape(-1), itemsize
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_nested_blocksize(nested_blocksize: Any, where: str = "") -> None:
+    if not _is_int(nested_blocksize) or nested_blocksize <= 0:
+        raise ValueError(f"{where}nested_blocksize must be a positive int, got {nested_blocksize!r}")
+
+
 def _check(
     flat: jax.Array,
     itemsize: int,
@@ -75,11 +84,7 @@ def _check(
     where = f"4-bit weight of shape {shape}"
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-    if (
-        isinstance(blocksize, bool)
-        or not isinstance(blocksize, numbers.Integral)
-        or blocksize not in BLOCKSIZES
-    ):
+    if not _is_int(blocksize) or blocksize not in BLOCKSIZES:
         raise ValueError(
             f"blocksize must be one of the ints {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
         )
@@ -98,12 +103,7 @@ def _check(
     if nested:
         if nested_absmax is None or nested_code is None:
             raise ValueError("a nested absmax needs both nested_absmax and nested_code")
-        if (
-            isinstance(nested_blocksize, bool)
-            or not isinstance(nested_blocksize, numbers.Integral)
-            or nested_blocksize <= 0
-        ):
-            raise ValueError(f"{where}: nested_blocksize must be a positive int, got {nested_blocksize!r}")
+        _check_nested_blocksize(nested_blocksize, f"{where}: ")
         if absmax.dtype != jnp.uint8:
             raise TypeError(f"{where}: a nested (double-quant) absmax is uint8, got {absmax.dtype}")
         if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
@@ -185,12 +185,7 @@ def decode_nested_absmax(
             "decode_nested_absmax needs offset= (the checkpoint's nested_offset, a QuantState's .offset); "
             "every decoded scale is shifted by it"
         )
-    if (
-        isinstance(nested_blocksize, bool)
-        or not isinstance(nested_blocksize, numbers.Integral)
-        or nested_blocksize <= 0
-    ):
-        raise ValueError(f"nested_blocksize must be a positive int, got {nested_blocksize!r}")
+    _check_nested_blocksize(nested_blocksize)
     absmax = jnp.asarray(absmax).reshape(-1)
     nested_absmax = jnp.asarray(nested_absmax).reshape(-1)
     nested_code = jnp.asarray(nested_code).reshape(-1)

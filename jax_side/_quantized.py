@@ -83,7 +83,8 @@ def _rows_spec(stored: Any, shape: tuple[int, ...], transpose: bool, mesh: Any) 
 
 
 class _Sizes:
-    """Bytes held (every piece) and bytes the dense weight would take."""
+    """What NF4Weight and FP8Weight share: bytes held (every piece), bytes the dense weight would take, and
+    dequantizing on a mesh with explicit axes."""
 
     if TYPE_CHECKING:  # fields or properties of the dataclasses below
 
@@ -100,6 +101,12 @@ class _Sizes:
     @property
     def dense_nbytes(self) -> int:
         return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+    def _dequantize_with_auto_axes(self, stored: Any, mesh: Any, transpose: bool, dtype: Any) -> jax.Array:
+        """``dequantize`` on a mesh with explicit axes: run with them made automatic, the result's rows
+        split like ``stored``'s first axis (replicated when they do not divide evenly)."""
+        out = _rows_spec(stored, tuple(self.shape), transpose, mesh)
+        return with_auto_axes(lambda w: w.dequantize(transpose=transpose, dtype=dtype), (self,), out, mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +152,8 @@ class NF4Weight(_Sizes):
             ValueError: a nested absmax without its offset.
         """
         self._check_offset()
-        mesh = explicit_mesh(self)
-        if mesh is not None:
-            out = _rows_spec(self.packed, tuple(self.shape), transpose, mesh)
-            return with_auto_axes(
-                lambda w: w.dequantize(transpose=transpose, dtype=dtype), (self,), out, mesh
-            )
+        if (mesh := explicit_mesh(self)) is not None:
+            return self._dequantize_with_auto_axes(self.packed, mesh, transpose, dtype)
         dense = dequantize_nf4(
             self.packed, self.absmax, shape=self.shape, blocksize=self.blocksize, code=self.code,
             nested_absmax=self.nested_absmax, nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
@@ -194,12 +197,8 @@ class FP8Weight(_Sizes):
         On a mesh with explicit axes the result's rows are split like ``weight`` (replicated when they do
         not divide evenly).
         """
-        mesh = explicit_mesh(self)
-        if mesh is not None:
-            out = _rows_spec(self.weight, tuple(self.shape), transpose, mesh)
-            return with_auto_axes(
-                lambda w: w.dequantize(transpose=transpose, dtype=dtype), (self,), out, mesh
-            )
+        if (mesh := explicit_mesh(self)) is not None:
+            return self._dequantize_with_auto_axes(self.weight, mesh, transpose, dtype)
         layout = fp8_scale_layout(self.weight.shape, self.scale_inv.shape, self.block)
         dense = dequantize_fp8(self.weight, self.scale_inv, block_size=layout.block, dtype=jnp.dtype(self.dtype),
                                transpose=transpose)  # fmt: skip
