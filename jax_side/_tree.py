@@ -183,9 +183,10 @@ def not_parameter(key: str, ndim: int, optional: Mapping[str, str] | None = None
     return buffer_reason(key, ndim)
 
 
-def _warn(message: str) -> None:
+def warn_at_caller(message: str) -> None:
     """A UserWarning attributed to the first caller outside jax_side and qbridge (the user's line), so
-    that it points there and Python shows it once per line, however often a load plans."""
+    that it points there and Python shows it once per line, however deep the call inside and however
+    often a load plans."""
     frame = sys._getframe(1)
     while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in (
         "jax_side",
@@ -202,13 +203,18 @@ def _warn(message: str) -> None:
     )
 
 
-def _warn_unmatched(what: str, patterns: Iterable[str], names: Iterable[str]) -> None:
+def warn_unmatched(
+    what: str,
+    patterns: Iterable[str],
+    names: Iterable[str],
+    outcome: str = "matched no name; it changed nothing",
+) -> None:
     """Warns about each ``what`` rule whose regex matches none of ``names`` (a rule that did nothing is
     most often a typo or a rule for another checkpoint)."""
     names = list(names)
     for pattern in patterns:
         if not any(re.search(pattern, n) for n in names):
-            _warn(f"the {what} rule {pattern!r} matched no name; it changed nothing")
+            warn_at_caller(f"the {what} rule {pattern!r} {outcome}")
 
 
 def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str, str]:
@@ -225,7 +231,7 @@ def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str,
         out[key] = new
     for pattern in rename or {}:
         if pattern not in applied:
-            _warn(
+            warn_at_caller(
                 f"the rename rule {pattern!r} matched no checkpoint key; it changed nothing (rules apply in "
                 "order to each key; quantization pieces such as .absmax or .weight_scale_inv follow their "
                 "weight and are not renamed)"
@@ -269,13 +275,13 @@ def plan_by_name(
     names = {k: ".".join(filter(None, (n.rpartition(".")[0], k.rpartition(".")[2]))) for k, n in raw.items()}
     for key, new in raw.items():
         if new.rpartition(".")[2] != key.rpartition(".")[2]:
-            _warn(
+            warn_at_caller(
                 f"rename turned {key!r} into {new!r}: without a target, renaming reaches the module path only; "
                 f"the Flax leaf name follows the layout of {key.rpartition('.')[2]!r}"
             )
             break
     by_name = {names[k]: v for k, v in (torch_kinds or {}).items() if k in names}
-    _warn_unmatched("kinds", kinds or {}, (n.rpartition(".")[0] for n in names.values()))
+    warn_unmatched("kinds", kinds or {}, (n.rpartition(".")[0] for n in names.values()))
     plan: list[PlannedLeaf] = []
     skipped: dict[str, str] = {}
     taken: dict[Path, str] = {}
@@ -400,7 +406,7 @@ def plan_match(
             )
         renamed[new] = key
     leaves = list(leaves)
-    _warn_unmatched("kinds", kinds or {}, (dotted(leaf.path) for leaf in leaves))
+    warn_unmatched("kinds", kinds or {}, (dotted(leaf.path) for leaf in leaves))
     report = MatchReport()
     plan: list[PlannedLeaf] = []
     used: set[str] = set()

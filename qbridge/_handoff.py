@@ -22,9 +22,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-import os
-import sys
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext as _nullcontext
 from typing import Any
@@ -33,6 +30,7 @@ import jax
 import torch
 
 import torch_side
+from jax_side._tree import warn_at_caller
 from torch_side._checks import on_device
 
 from ._dtypes import TORCH_TO_JAX, jax_dtype, torch_dtype
@@ -261,17 +259,6 @@ def _aliasing_blockers(t: torch.Tensor, home: jax.Device | None, target: jax.Dev
     return reasons
 
 
-def _warn_caller(message: str) -> None:
-    """A UserWarning attributed to the first frame outside qbridge (the user's call, however deep the
-    call path inside qbridge was)."""
-    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame: Any = sys._getframe(0)  # this function: stacklevel 1
-    level = 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
-
-
 def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
     """The value JAX (x64 off) can hold: int64 -> int32 only when every value fits; float64 -> float32."""
     narrow = _WIDE[t.dtype]
@@ -293,7 +280,7 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
                 "Enable it (jax.config.update('jax_enable_x64', True)) or convert the tensor yourself"
             )
     elif t.dtype.is_floating_point or t.dtype.is_complex:
-        _warn_caller(f"JAX runs with x64 off: the {_describe(t)} is rounded to {narrow}")
+        warn_at_caller(f"JAX runs with x64 off: the {_describe(t)} is rounded to {narrow}")
     return t.to(narrow)
 
 

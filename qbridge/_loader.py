@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -31,12 +30,12 @@ import numpy as np
 import torch
 
 import jax_side
+from jax_side._tree import warn_unmatched
 
 from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
 from ._dtypes import TORCH_TO_JAX, torch_dtype
-from ._handoff import _warn_caller
 from ._place import hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
@@ -312,11 +311,11 @@ def load_checkpoint(
         t, plan, match, skipped = plan_load(
             ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict
         )
-        if isinstance(sharding, tuple):  # (mesh, rules): a rule that matches no leaf is most often a typo
-            names = [jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path) for p in plan]
-            for pattern, _ in sharding[1]:
-                if not any(re.search(pattern, n) for n in names):
-                    _warn_caller(f"the sharding rule {pattern!r} matched no leaf; it placed nothing")
+        names = [jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path) for p in plan]
+        if isinstance(sharding, tuple):  # (mesh, rules)
+            warn_unmatched(
+                "sharding", [rule[0] for rule in sharding[1]], names, "matched no leaf; it placed nothing"
+            )
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
         values: dict[Any, jax.Array] = {}
@@ -340,23 +339,21 @@ def load_checkpoint(
                 def convert(t: torch.Tensor, cast: Any = cast) -> torch.Tensor:
                     return t.to(_torch_dtype(cast)) if cast is not None and t.is_floating_point() else t
 
-                name = jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path)
+                name = names[i]
                 leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
                 if keep_quantized and keeps_quantized(entry, p.rule):
-                    if leaf_sharding is not None and _replicated_here(leaf_sharding):  # a copy per device
-                        values[p.leaf.path] = jax.device_put(
-                            quantized_leaf(ckpt, entry, jdev, cast), leaf_sharding
-                        )
-                        dense += values[p.leaf.path].nbytes
-                    elif leaf_sharding is not None:
+                    if leaf_sharding is not None and not _replicated_here(leaf_sharding):
                         raise ValueError(
                             f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
                             + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
                                "several devices") + "); load it dense to shard it, or keep it on one device"
                         )  # fmt: skip
-                    else:
-                        values[p.leaf.path] = quantized_leaf(ckpt, entry, jdev, cast)
-                        dense += values[p.leaf.path].nbytes
+                    kept = quantized_leaf(ckpt, entry, jdev, cast)
+                    # a replicated placement: a copy of the pieces on each device
+                    values[p.leaf.path] = (
+                        kept if leaf_sharding is None else jax.device_put(kept, leaf_sharding)
+                    )
+                    dense += values[p.leaf.path].nbytes
                 elif leaf_sharding is not None:
                     values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
                     dense += values[p.leaf.path].nbytes
