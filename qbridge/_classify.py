@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 import jax_side
+from torch_side._cache import cache_dir
 
 log = logging.getLogger("qbridge")
 
@@ -211,24 +212,6 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
     info = ModuleInfo(arch, kinds, classes, non_persistent, tied)
     _write_info(remembered, info)
     return info, f"{arch} built on the meta device"
-
-
-CACHE_ENV = "QBRIDGE_CACHE_DIR"
-
-
-def cache_dir() -> pathlib.Path | None:
-    """Where qbridge remembers what it derived once: ``$QBRIDGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/qbridge``
-    or ``~/.cache/qbridge``; None when ``QBRIDGE_CACHE_DIR`` is ``off`` (any case), or without a home."""
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen is not None and chosen.strip().lower() == "off":
-        return None
-    if chosen:
-        return pathlib.Path(chosen)
-    try:
-        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    except RuntimeError:  # no home directory to be found
-        return None
-    return pathlib.Path(base) / "qbridge"
 
 
 @functools.cache

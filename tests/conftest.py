@@ -26,6 +26,16 @@ if not _cuda_visible():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """CPU 4-bit calls take qbridge's C kernel once it is built (in the background, torch path meanwhile):
+    built before the tests, every CPU test of dequantize exercises that kernel, not whichever was ready."""
+    try:
+        from torch_side import _native
+    except ImportError:  # a jax-only environment
+        return
+    _native.cpu_4bit(wait=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _cuda_visible():
         return

@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from ._native import wait_for_build
+
 log = logging.getLogger("torch_side")
 
 MODES = ("background", "wait")
@@ -373,7 +375,9 @@ def wait_for_kernels(timeout: float | None = None) -> bool:
     kernel) while Triton and a kernel they need are made ready in the background: the same bits, more
     slowly. Call this once where every call must run the compiled kernels, then make one call of each
     kind (which compiles or loads what was not asked for yet) before timing them or capturing them in a
-    CUDA graph. Where nothing runs in the background (CPU tensors) it returns True at once.
+    CUDA graph. On the CPU, the first 4-bit call of a machine builds qbridge's C kernel in the background
+    (about a second, ``torch_side/_native.py``; the torch path answers meanwhile): this waits for that
+    build too. Where nothing runs in the background it returns True at once.
 
     Args:
         timeout: seconds to wait at most; None waits as long as it takes.
@@ -390,4 +394,4 @@ def wait_for_kernels(timeout: float | None = None) -> bool:
             if left is not None and left <= 0:
                 return False
             _IDLE.wait(left)
-    return True
+    return wait_for_build(None if deadline is None else max(0.0, deadline - time.monotonic()))

@@ -25,7 +25,8 @@ from ._checks import as_list, numbered, on_device, plain, raise_out_mismatch, re
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
-from ._plans import NF4_PLANS, tensor_key
+from ._native import KINDS, cpu_4bit
+from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
@@ -199,7 +200,8 @@ def decode_nested_absmax_reference(
 def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
     """Whether some ``code[q] * absmax`` product may be denormal (then flushed to zero, as bitsandbytes'
     CUDA kernel does): only scales below ``FLT_MIN / smallest nonzero |code|`` can make one."""
-    smallest = code.abs()[code != 0].min() if bool((code != 0).any()) else torch.ones(())
+    magnitudes = code.abs()[(code != 0) & ~code.isnan()]  # a NaN entry makes NaN products, never denormal
+    smallest = magnitudes.min() if magnitudes.numel() else torch.ones(())
     return bool(n) and bool((absmax.abs() < FLT_MIN / smallest).any())
 
 
@@ -275,6 +277,115 @@ def dequantize_4bit_cpu(
     return out
 
 
+def dequantize_4bit_native(
+    flat: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    offset: float | torch.Tensor = 0.0,
+    *,
+    out: torch.Tensor | None = None,
+    wait: bool = False,
+) -> torch.Tensor | None:
+    """:func:`dequantize_4bit_reference`'s values, bit for bit, from the C kernel (``_native``) on the CPU.
+
+    Decodes a nested absmax itself (``absmax`` uint8 with ``nested_absmax``, ``nested_code`` and
+    ``offset``) or takes float32 ``absmax``. Writes into ``out`` (a contiguous tensor of ``n`` elements
+    and ``dtype``) when given, else into a new flat tensor, and returns it. Returns None, having written
+    nothing, when the kernel is not built yet (``wait`` waits for it) or cannot be had, or when a piece is
+    not as the kernel reads it (CPU, contiguous, the checked dtypes): the caller takes the torch path.
+    """
+    fn = cpu_4bit(wait)
+    if fn is None or flat.device.type != "cpu" or not flat.is_contiguous():
+        return None
+    kind = KINDS.get(str(dtype).removeprefix("torch."))
+    pieces = [absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
+    if kind is None or not all(
+        p is not None and p.device.type == "cpu" and p.is_contiguous() for p in pieces
+    ):
+        return None
+    if code.dtype != torch.float32 or code.numel() != 16:
+        return None
+    if out is None:
+        out = torch.empty(n, dtype=dtype)
+    elif out.device.type != "cpu" or not out.is_contiguous() or out.dtype != dtype or out.numel() != n:
+        return None
+    threads = torch.get_num_threads()
+    if nested_absmax is None:
+        if absmax.dtype != torch.float32:
+            return None
+        fn(flat.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), n, blocksize,
+           out.data_ptr(), kind, threads)  # fmt: skip
+        return out
+    assert nested_code is not None  # _check_pieces requires both
+    if (
+        absmax.dtype != torch.uint8
+        or nested_absmax.dtype != torch.float32
+        or nested_code.dtype != torch.float32
+    ):
+        return None
+    if nested_code.numel() != NESTED_CODE_SIZE or (
+        isinstance(offset, torch.Tensor) and offset.device.type != "cpu"
+    ):
+        return None
+    offset_f32 = torch.as_tensor(
+        offset, dtype=torch.float32
+    ).item()  # rounded to float32 as the reference does
+    fn(flat.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
+       nested_blocksize, offset_f32, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
+    return out
+
+
+class NF4CpuPlan:
+    """A checked 4-bit call on the CPU through the C kernel: allocate the output and call (see ``_plans``)."""
+
+    __slots__ = ("blocksize", "code", "dtype", "kind", "n", "nested_blocksize", "shape", "transpose")
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        code: torch.Tensor,
+        blocksize: int,
+        n: int,
+        transpose: bool,
+        nested_blocksize: int,
+    ) -> None:
+        self.shape, self.dtype, self.code, self.blocksize, self.n = shape, dtype, code, blocksize, n
+        self.kind, self.transpose = KINDS[str(dtype).removeprefix("torch.")], transpose
+        self.nested_blocksize = nested_blocksize
+
+    def __call__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        nested_absmax: torch.Tensor | None,
+        nested_code: torch.Tensor | None,
+        offset: Any,
+        device: torch.device,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # the key held every piece's dtype, shape, contiguity and device, and out only when written in place
+        result = torch.empty(self.shape, dtype=self.dtype) if out is None else out
+        fn = cpu_4bit()
+        if nested_absmax is None:
+            fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, self.code.data_ptr(), self.n,
+               self.blocksize, result.data_ptr(), self.kind, torch.get_num_threads())  # fmt: skip
+        else:
+            assert nested_code is not None
+            if type(offset) is not float:  # a float rounds to float32 in the call, as torch rounds it
+                offset = torch.as_tensor(offset, dtype=torch.float32).item()
+            fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
+               self.nested_blocksize, offset, self.code.data_ptr(), self.n,
+               self.blocksize, result.data_ptr(), self.kind, torch.get_num_threads())  # fmt: skip
+        return result.t() if self.transpose and out is None else result
+
+
 def _decode_absmax(
     absmax: torch.Tensor,
     nested_absmax: torch.Tensor | None,
@@ -323,7 +434,7 @@ def _plan_key(
     or ``check_finite`` have one."""
     if code is not None or check_finite or not isinstance(packed, torch.Tensor):
         return None
-    if not packed.is_cuda or not isinstance(absmax, torch.Tensor):
+    if not (packed.is_cuda or packed.is_cpu) or not isinstance(absmax, torch.Tensor):
         return None
     try:
         nested = (
@@ -422,7 +533,7 @@ def dequantize_nf4(
     )  # fmt: skip
     if plan_key is not None:
         plan = NF4_PLANS.get(plan_key)
-        if plan is not None and packed.device.index == torch.cuda.current_device():
+        if plan is not None and (packed.is_cpu or packed.device.index == torch.cuda.current_device()):
             return plan(plain(packed), absmax, nested_absmax, nested_code, offset, packed.device, out)
     packed = plain(require_tensor(packed, "packed"))
     shape = tuple(int(s) for s in shape)
@@ -452,10 +563,13 @@ def dequantize_nf4(
         device, backend, shape=shape, blocksize=blocksize, quant_type=quant_type, standard_code=standard
     )
     if plan_key is not None and not (
-        chosen == "triton"
-        and n
-        and device.index == torch.cuda.current_device()
+        n
         and _plan_ready(packed, flat, absmax, nested_absmax, nested_code, offset, device)
+        and (
+            chosen == "triton" and device.index == torch.cuda.current_device()
+            if device.type == "cuda"
+            else chosen == "torch" and backend == "auto" and (out is None or not transpose)
+        )
     ):
         plan_key = None
     with on_device(device):
@@ -514,13 +628,30 @@ def dequantize_nf4(
                 flat, absmax_f32, blocksize, quant_type, list(shape), dtype
             ).reshape(shape)
         else:
-            absmax_f32 = _decode_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch")
             # a table equal to the standard one decodes as bitsandbytes' CUDA kernel does (its -0.0 for FP4)
             table = (
                 code.reshape(-1) if code is not None and not standard else standard_code(quant_type, device)
             )
-            decode = dequantize_4bit_cpu if device.type == "cpu" else dequantize_4bit_reference
-            result = decode(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
+            native = None
+            if device.type == "cpu" and backend == "auto":
+                into = out if out is not None and not transpose and out.is_contiguous() else None
+                native = dequantize_4bit_native(
+                    flat, absmax, table, blocksize, n, dtype, nested_absmax, nested_code, nested_blocksize,
+                    offset, out=into,
+                )  # fmt: skip
+                if native is not None and plan_key is not None and (out is None or into is not None):
+                    plan = NF4CpuPlan(shape, dtype, table, blocksize, n, transpose, nested_blocksize)
+                    remember(NF4_PLANS, plan_key, plan)
+                if native is not None and into is not None:
+                    return out  # type: ignore[return-value]  # written in place
+            if native is not None:
+                result = native.reshape(shape)
+            else:
+                absmax_f32 = _decode_absmax(
+                    absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch"
+                )
+                decode = dequantize_4bit_cpu if device.type == "cpu" else dequantize_4bit_reference
+                result = decode(flat, absmax_f32, table, blocksize, n, dtype).reshape(shape)
         if transpose:
             result = result.t()
         if out is not None:

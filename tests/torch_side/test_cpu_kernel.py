@@ -1,0 +1,310 @@
+"""The C kernel that decodes 4-bit weights on the CPU (torch_side/_native.py, kernels/cpu_4bit.c).
+
+Its bits are compared with the plain-torch reference (itself tested against bitsandbytes) on fresh random
+data of many shapes, tables and scales, on one thread and on several; its build, its cache and its
+absence are tested in fresh processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+from helpers import DTYPES, as_bnb_returns, assert_bitwise_equal, bnb_quantize, bnb_reference, flush
+
+import torch_side
+from torch_side import _native
+from torch_side._nf4 import dequantize_4bit_native
+from torch_side._plans import NF4_PLANS
+
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    fn = _native.cpu_4bit(wait=True)
+    if fn is None:
+        try:
+            compiler = _native._compiler()
+        except _native.BuildError:
+            pytest.skip("no C compiler here: CPU calls take the torch path (tested elsewhere)")
+        pytest.fail(
+            f"the CPU kernel could not be built with {compiler} (see the warning logged by torch_side)"
+        )
+    return fn
+
+
+def _pieces(n, blocksize, *, nested, seed, nested_blocksize=256, code=None):
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=gen)
+    blocks = -(-n // blocksize)
+    if code is None:
+        code = torch.randn(16, generator=gen)
+    if not nested:
+        return packed, torch.randn(blocks, generator=gen) * 3, code, {}
+    absmax = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=gen)
+    extra = dict(
+        nested_absmax=torch.rand(-(-blocks // nested_blocksize), generator=gen) + 0.01,
+        nested_code=torch.randn(256, generator=gen),
+        nested_blocksize=nested_blocksize,
+        offset=float(torch.randn((), generator=gen)),
+    )
+    return packed, absmax, code, extra
+
+
+def _reference(packed, absmax, code, blocksize, n, dtype, extra):
+    if extra:
+        absmax = torch_side.decode_nested_absmax_reference(
+            absmax, extra["nested_absmax"], extra["nested_code"], extra["nested_blocksize"], extra["offset"]
+        )
+    return torch_side.dequantize_4bit_reference(packed, absmax, code, blocksize, n, dtype)
+
+
+def _plain(packed, absmax, code, blocksize, n, dtype):
+    """Element by element as the format says: nibble, table, times the block's scale, flushed, rounded."""
+    nibbles = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(-1)[:n].long()
+    return flush(code[nibbles] * absmax[torch.arange(n) // blocksize]).to(dtype)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 63, 64, 65, 127, 4095, 4096, 4097, 100_001])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("nested", [False, True])
+def test_matches_the_reference(kernel, n, blocksize, nested):
+    """Every output dtype, random tables and scales, element counts around the 32-element vector steps
+    and the blocks (the last block short, odd counts ending on a high nibble)."""
+    for i, dtype in enumerate(DTYPES):
+        packed, absmax, code, extra = _pieces(n, blocksize, nested=nested, seed=i, nested_blocksize=7)
+        got = dequantize_4bit_native(packed, absmax, code, blocksize, n, dtype, **extra)
+        assert got is not None
+        assert_bitwise_equal(got, _reference(packed, absmax, code, blocksize, n, dtype, extra))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_several_threads_split_blocks_exactly(kernel, threads):
+    """Large weights are split over threads by whole blocks: each thread count gives the same bits
+    (n past the size from which threads are used, with a short last block)."""
+    n = (1 << 20) + 4097
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for nested in (False, True):
+            packed, absmax, code, extra = _pieces(n, 64, nested=nested, seed=threads)
+            got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.bfloat16, **extra)
+            assert_bitwise_equal(got, _reference(packed, absmax, code, 64, n, torch.bfloat16, extra))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_special_scales_and_tables(kernel):
+    """NaN, infinite, zero and signed-zero scales, scales small enough to make denormal products (flushed
+    to zeros of their sign, as bitsandbytes' CUDA kernel does), products past float16's and bfloat16's
+    range, float16 subnormal results, and tables with zeros of both signs and tiny entries."""
+    n, blocksize = 64 * 40, 64
+    specials = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-38, -3e-39, 1e-45, 2.5e-38,
+                7e-38, 1e30, -3e38, 1e-5, -6e-8, 65504.0, 3.3e38]  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    absmax = torch.randn(n // blocksize, generator=gen)
+    absmax[: len(specials)] = torch.tensor(specials)
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
+    tables = [
+        torch_side.standard_code("nf4"),
+        torch_side.standard_code("fp4"),
+        torch.tensor(
+            [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0, 4.0, -4.0, 1e-3, 7.0, 8.0, 9.0]
+        ),
+        torch.zeros(16),
+        torch.tensor([math.nan, math.inf] + [0.25] * 14),
+    ]
+    for code in tables:
+        for dtype in DTYPES:
+            want = _plain(packed, absmax, code, blocksize, n, dtype)
+            got = dequantize_4bit_native(packed, absmax, code, blocksize, n, dtype)
+            assert_bitwise_equal(got, want)
+            assert_bitwise_equal(_reference(packed, absmax, code, blocksize, n, dtype, {}), want)
+            torch_path = torch_side.dequantize_nf4(
+                packed, absmax, shape=(n,), blocksize=blocksize, code=code, dtype=dtype, backend="torch"
+            )
+            assert_bitwise_equal(torch_path, want)
+
+
+def test_nan_is_written_as_torch_writes_it(kernel):
+    """A NaN result has torch's CPU bits, not only a NaN's place: 0xFFFF in bfloat16."""
+    packed = torch.full((16,), 0x77, dtype=torch.uint8)
+    got = dequantize_4bit_native(packed, torch.tensor([math.nan]), torch.ones(16), 32, 32, torch.bfloat16)
+    want = torch.full((32,), math.nan).to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_uses_it_and_matches_bitsandbytes(kernel, quant_type, nested):
+    """torch_side.dequantize on the CPU (backend="auto") goes through the kernel, and through a plan on
+    the next call of the same kind, with bitsandbytes' values; out= is written in place; a [1, k] packed
+    weight comes back transposed; backend="torch" keeps the torch path with the same bits."""
+    for i, dtype in enumerate(DTYPES):
+        for shape in [(33, 65), (576, 7168), (7,)]:
+            _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i)
+            want = as_bnb_returns(bnb_reference(packed, qs), packed)
+            NF4_PLANS.clear()
+            first = torch_side.dequantize(packed, qs)
+            assert len(NF4_PLANS) == 1  # a plan exists only when the kernel answered
+            again = torch_side.dequantize(packed, qs)  # through the plan
+            out = torch.full(qs.shape, math.nan, dtype=dtype)
+            into = torch_side.dequantize(packed, qs, out=out)
+            assert into is out
+            for got in (first, again, out, torch_side.dequantize(packed, qs, backend="torch")):
+                assert_bitwise_equal(got, want)
+            if len(shape) == 2:
+                t = torch_side.dequantize(packed.t(), qs)  # bitsandbytes' W.t() convention
+                assert_bitwise_equal(t, as_bnb_returns(bnb_reference(packed.t(), qs), packed.t()))
+
+
+def test_transposed_and_offset_tensor_through_dequantize_nf4(kernel):
+    """transpose=True (twice: the second call through the plan), an offset given as a tensor of another
+    float dtype, and a non-contiguous out (written by a copy)."""
+    _, packed, qs = bnb_quantize((96, 40), nested=True, seed=3)
+    p = torch_side.parse_quant_state(qs)
+    pieces = dict(
+        shape=p.shape, blocksize=p.blocksize, nested_absmax=p.nested_absmax, nested_code=p.nested_code,
+        nested_blocksize=p.nested_blocksize, quant_type=p.quant_type, dtype=torch.float16,
+    )  # fmt: skip
+    want = torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=p.offset, backend="torch")
+    for offset in (p.offset, p.offset.double(), float(p.offset)):
+        for _ in range(2):
+            got = torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=offset, transpose=True)
+            assert_bitwise_equal(got, want.t())
+    out = torch.empty(40, 96, dtype=torch.float16).t()
+    torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=p.offset, out=out)
+    assert_bitwise_equal(out, want)
+
+
+def test_calls_from_several_threads_at_once(kernel):
+    """Python threads calling at once (the loader's readers do): the pool serves one call, the others
+    decode on their own thread; every result is right."""
+    n = (1 << 19) + 33
+    jobs = [_pieces(n, 64, nested=bool(i % 2), seed=i) for i in range(6)]
+    results: dict[int, torch.Tensor] = {}
+
+    def run(i):
+        packed, absmax, code, extra = jobs[i]
+        results[i] = dequantize_4bit_native(packed, absmax, code, 64, n, torch.bfloat16, **extra)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (packed, absmax, code, extra) in enumerate(jobs):
+        assert_bitwise_equal(results[i], _reference(packed, absmax, code, 64, n, torch.bfloat16, extra))
+
+
+_FORKED: dict[str, object] = {}  # what a forked child decodes (it inherits the parent's memory)
+
+
+def _decode_in_child(queue):
+    # only the C kernel runs here: torch's own OpenMP threads do not survive a fork either
+    packed, absmax, code, _ = _FORKED["job"]
+    got = dequantize_4bit_native(packed, absmax, code, 64, _FORKED["n"], torch.float32)
+    queue.put(None if got is None else hashlib.sha256(got.numpy().tobytes()).hexdigest())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is Linux's default start method")
+def test_a_forked_child_decodes_with_its_own_threads(kernel):
+    """The pool's threads do not survive a fork: a child forked after the parent used them starts its own
+    (it would wait forever on the parent's otherwise)."""
+    n = (1 << 20) + 1
+    _FORKED.update(n=n, job=_pieces(n, 64, nested=False, seed=9))
+    packed, absmax, code, _ = _FORKED["job"]
+    want = _reference(packed, absmax, code, 64, n, torch.float32, {})
+    got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)  # the parent's pool runs
+    assert_bitwise_equal(got, want)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.SimpleQueue()
+    child = ctx.Process(target=_decode_in_child, args=(queue,))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the forked child did not finish"
+    assert queue.get() == hashlib.sha256(want.numpy().tobytes()).hexdigest()
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+    )  # fmt: skip
+
+
+PROBE = """
+    import logging, time, torch, torch_side
+    from torch_side import _native
+    logging.basicConfig(level=logging.WARNING)
+    packed = torch.randint(0, 256, (2048,), dtype=torch.uint8)
+    args = dict(shape=(64, 64), nested_absmax=None, dtype=torch.bfloat16)
+    first = torch_side.dequantize_nf4(packed, torch.rand(64), **args)  # starts the build (or loads it)
+    ready_at_once = _native._FN is not None
+    torch_side.wait_for_kernels()
+    print("at once", ready_at_once, "after waiting", _native._FN is not None, flush=True)
+"""
+
+
+def test_built_once_per_cache_then_loaded_at_once(tmp_path):
+    """The first process builds the kernel in the background (its first call answered by the torch
+    path) and keeps it in the cache; the next process loads it on its first call."""
+    env = dict(QBRIDGE_CACHE_DIR=str(tmp_path))
+    first = _run(PROBE, **env)
+    assert first.returncode == 0, first.stderr
+    assert "at once False after waiting True" in first.stdout
+    assert list((tmp_path / "cpu-kernels").glob("cpu_4bit-*.so"))
+    second = _run(PROBE, **env)
+    assert second.returncode == 0, second.stderr
+    assert "at once True after waiting True" in second.stdout
+
+
+def test_a_damaged_build_in_the_cache_is_built_again(tmp_path):
+    env = dict(QBRIDGE_CACHE_DIR=str(tmp_path))
+    assert _run(PROBE, **env).returncode == 0
+    (built,) = (tmp_path / "cpu-kernels").glob("cpu_4bit-*.so")
+    built.write_bytes(b"not a library")
+    again = _run(PROBE, **env)
+    assert again.returncode == 0, again.stderr
+    assert "after waiting True" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        (dict(CC="false"), "false failed to build cpu_4bit.c"),
+        (dict(CC="/nonexistent/cc"), "could not be run"),
+        (dict(QBRIDGE_CPU_KERNEL="off"), None),
+    ],
+)
+def test_without_a_kernel_the_torch_path_answers(tmp_path, env, says):
+    """A failing or missing compiler is logged once and every call takes the torch path with the same
+    bits; QBRIDGE_CPU_KERNEL=off builds nothing and logs nothing."""
+    code = (
+        PROBE
+        + """
+    want = torch_side.dequantize_nf4(packed, torch.linspace(-2, 2, 64), **args, backend="torch")
+    got = torch_side.dequantize_nf4(packed, torch.linspace(-2, 2, 64), **args)
+    print("same", torch.equal(got.view(torch.int16), want.view(torch.int16)))
+    """
+    )
+    done = _run(code, QBRIDGE_CACHE_DIR=str(tmp_path), **env)
+    assert done.returncode == 0, done.stderr
+    assert "after waiting False" in done.stdout and "same True" in done.stdout
+    if says is None:
+        assert "unavailable" not in done.stderr
+        assert not (tmp_path / "cpu-kernels").exists()
+    else:
+        assert done.stderr.count("CPU 4-bit kernel is unavailable") == 1 and says in done.stderr

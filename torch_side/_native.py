@@ -1,0 +1,199 @@
+"""The CPU decode of 4-bit weights in C (``kernels/cpu_4bit.c``), built once per machine, loaded with ctypes.
+
+torch operations alone cannot decode a 4-bit weight as fast as bitsandbytes' native CPU kernel: at
+1024x1024 the byte lookup alone (``index_select``) costs more than that whole kernel. The C kernel looks
+each nibble up in a register-held table (AVX-512 where the CPU has it, plain C elsewhere), multiplies
+by the block's scale and rounds while storing, on a small pool of threads for large weights; it gives
+the bits of ``_nf4.dequantize_4bit_reference`` (tested against it).
+
+It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for the machine's
+CPU and kept in qbridge's cache directory (``_cache.cache_dir``, under ``cpu-kernels/``), named by a hash
+of its source, the flags and the CPU's features, so a process after the first loads it in about a
+millisecond. The first process builds it in a background thread (about a second) while its calls take
+the torch path (the same bits); :func:`torch_side.wait_for_kernels` waits for that build (and makes a
+later first call wait for it).
+``QBRIDGE_CPU_KERNEL=off`` keeps every call on the torch path. Without a compiler, or when the build
+fails (logged once at warning level), calls take the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Any
+
+from ._cache import cache_dir
+
+log = logging.getLogger("torch_side")
+
+SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
+ENV = "QBRIDGE_CPU_KERNEL"
+KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}  # the kernel's output kinds, by torch dtype name
+BUILD_TIMEOUT_S = 300.0
+
+_FN: Any = None  # the loaded qb_dequantize_4bit, once ready
+_UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
+_LOCK = threading.Lock()
+_BUILDING: threading.Thread | None = None
+_WAIT_FROM_NOW = False  # set by torch_side.wait_for_kernels: later first calls wait for the build
+
+
+class BuildError(RuntimeError):
+    """The C kernel could not be built or loaded."""
+
+
+def _cpu_features() -> str:
+    """What the build for ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(root: pathlib.Path) -> pathlib.Path:
+    """Where the built kernel lies under ``root``: named by a hash of its source, flags, compiler choice,
+    platform and CPU features (a cache shared by machines with other CPUs holds one build per CPU)."""
+    key = "\0".join(
+        [SOURCE.read_bytes().hex(), " ".join(FLAGS), os.environ.get("CC", ""), platform.platform(),
+         platform.machine(), _cpu_features()]
+    )  # fmt: skip
+    return root / "cpu-kernels" / f"cpu_4bit-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
+
+
+def _compiler() -> list[str]:
+    chosen = os.environ.get("CC")
+    if chosen:
+        return shlex.split(chosen)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise BuildError("no C compiler found (set CC, or install cc, gcc or clang)")
+
+
+def build(target: pathlib.Path) -> None:
+    """Compiles the kernel into ``target`` (written under a temporary name, then renamed: a reader never
+    sees half a file). Falls back to a build without ``-march=native`` where the compiler refuses it.
+
+    Raises:
+        BuildError: no compiler, or it failed (its message is included).
+    """
+    compiler = _compiler()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        errors = []
+        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):
+            try:
+                done = subprocess.run(
+                    [*compiler, *flags, str(SOURCE), "-o", tmp],
+                    capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False,
+                )  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise BuildError(f"{' '.join(compiler)} could not be run: {e}") from e
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return
+            errors.append(done.stderr.strip()[-400:])
+        raise BuildError(f"{' '.join(compiler)} failed to build {SOURCE.name}: {errors[-1]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: pathlib.Path) -> Any:
+    """The kernel's entry point from a built library, with its argument types set."""
+    try:
+        fn = ctypes.CDLL(str(path)).qb_dequantize_4bit
+    except (OSError, AttributeError) as e:
+        raise BuildError(f"{path} could not be loaded: {e}") from e
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, i64, i64, p, i32, i32]
+    fn.restype = i32
+    return fn
+
+
+def _build_and_load() -> None:
+    global _FN, _UNAVAILABLE
+    try:
+        root = cache_dir()
+        if root is None:  # nothing is remembered: a build for this process only
+            root = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
+        path = library_path(root)
+        if not path.exists():
+            build(path)
+        try:
+            fn = load(path)
+        except BuildError:  # a damaged file in the cache: build it again, once
+            build(path)
+            fn = load(path)
+        _FN = fn
+    except BuildError as e:
+        _UNAVAILABLE = True
+        log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %s", e)
+    except Exception as e:  # an unwritable cache, a missing source: the torch path still answers
+        _UNAVAILABLE = True
+        log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %r", e)
+
+
+def cpu_4bit(wait: bool = False) -> Any:
+    """The C kernel's entry point, or None while it is being built (then, or never, the torch path answers).
+
+    The first call starts the work: loading a build from the cache happens on the calling thread (about
+    a millisecond); a build happens in a background thread unless ``wait``.
+    """
+    global _BUILDING, _UNAVAILABLE
+    if _FN is not None or _UNAVAILABLE:
+        return _FN
+    with _LOCK:
+        if _FN is None and not _UNAVAILABLE and _BUILDING is None:
+            if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no", "false"):
+                _UNAVAILABLE = True
+                return None
+            root = cache_dir()
+            if root is not None and library_path(root).exists():
+                _build_and_load()
+                return _FN
+            _BUILDING = threading.Thread(target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=True)
+            _BUILDING.start()
+        building = _BUILDING
+    if (wait or _WAIT_FROM_NOW) and building is not None:
+        building.join()
+    return _FN
+
+
+def _after_fork_in_child() -> None:
+    """A build thread of the parent does not exist in a forked child: the child starts its own if needed."""
+    global _BUILDING, _LOCK
+    _LOCK = threading.Lock()
+    if _FN is None:
+        _BUILDING = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def wait_for_build(timeout: float | None = None) -> bool:
+    """Waits for a build under way, and makes later first calls wait for theirs; True when none is left."""
+    global _WAIT_FROM_NOW
+    _WAIT_FROM_NOW = True
+    building = _BUILDING
+    if building is None:
+        return True
+    building.join(timeout)
+    return not building.is_alive()

@@ -1,0 +1,337 @@
+/* qbridge's CPU decode of bitsandbytes 4-bit weights (NF4 / FP4), bit for bit as torch_side's reference.
+ *
+ * Element i of a weight of n elements is the nibble q of packed byte i / 2 (the high nibble when i is
+ * even) and decodes to code[q] * scale[i / blocksize] in float32, flushed to a zero of its sign below
+ * FLT_MIN (as bitsandbytes' CUDA kernels are built to do), then rounded once to the output type. A scale
+ * is absmax[j] (float32), or for a nested absmax flush(flush(nested_code[a[j]] * nested_absmax[j /
+ * nested_blocksize]) + offset): two float32 roundings, no fused multiply-add (built with
+ * -ffp-contract=off). Rounding to bfloat16 is to nearest even with every NaN written as 0xFFFF, as torch
+ * does on the CPU; to float16 it is the IEEE conversion (round to nearest even).
+ *
+ * Built by torch_side/_native.py with the machine's C compiler and loaded with ctypes.
+ */
+#include <float.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define QB_AVX512 1
+#else
+#define QB_AVX512 0
+#endif
+
+enum { QB_F32 = 0, QB_BF16 = 1, QB_F16 = 2 };
+
+typedef struct {
+    const uint8_t *packed;
+    const float *absmax;        /* float32 scales, or NULL when nested */
+    const uint8_t *absmax_code; /* uint8 codes of a nested absmax */
+    const float *nested_code;   /* 256 entries */
+    const float *nested_absmax;
+    int64_t nested_blocksize;
+    float offset;
+    const float *code; /* 16 entries */
+    int64_t n;
+    int64_t blocksize;
+    void *out;
+    int kind;
+    int64_t first_block, stop_block;
+} qb_job;
+
+static inline uint32_t bits_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+}
+
+static inline float float_of(uint32_t u) {
+    float v;
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static inline float flush(float v) {
+    uint32_t u = bits_of(v);
+    return (u & 0x7fffffffu) < 0x00800000u ? float_of(u & 0x80000000u) : v;
+}
+
+static inline uint16_t bf16_of(float v) {
+    uint32_t u = bits_of(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffffu;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline uint16_t f16_of(float v) {
+#if defined(__FLT16_MAX__)
+    _Float16 h = (_Float16)v;
+    uint16_t r;
+    memcpy(&r, &h, 2);
+    return r;
+#else /* IEEE float32 -> float16, round to nearest even (the FP16 library's fp16_ieee_from_fp32_value) */
+    const float scale_to_inf = float_of(0x77800000u), scale_to_zero = float_of(0x08800000u);
+    float base = (v < 0 ? -v : v) * scale_to_inf * scale_to_zero;
+    uint32_t w = bits_of(v), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = float_of((bias >> 1) + 0x07800000u) + base;
+    uint32_t b = bits_of(base), exp_bits = (b >> 13) & 0x00007c00u, mantissa_bits = b & 0x00000fffu;
+    uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+#endif
+}
+
+static inline void store_one(void *out, int kind, int64_t i, float v) {
+    if (kind == QB_F32)
+        ((float *)out)[i] = v;
+    else if (kind == QB_BF16)
+        ((uint16_t *)out)[i] = bf16_of(v);
+    else
+        ((uint16_t *)out)[i] = f16_of(v);
+}
+
+static inline float scale_of(const qb_job *job, int64_t j) {
+    if (job->absmax) return job->absmax[j];
+    float s = flush(job->nested_code[job->absmax_code[j]] * job->nested_absmax[j / job->nested_blocksize]);
+    return flush(s + job->offset);
+}
+
+#if QB_AVX512
+static inline __m512 flush16(__m512 v) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), sign = _mm512_set1_epi32((int)0x80000000u);
+    __m512i u = _mm512_castps_si512(v);
+    __mmask16 tiny = _mm512_cmplt_epu32_mask(_mm512_and_si512(u, magnitude), _mm512_set1_epi32(0x00800000));
+    return _mm512_castsi512_ps(_mm512_mask_and_epi32(u, tiny, u, sign));
+}
+
+static inline void store16(void *out, int kind, int64_t i, __m512 v) {
+    if (kind == QB_F32) {
+        _mm512_storeu_ps((float *)out + i, v);
+    } else if (kind == QB_BF16) {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xffff));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtepi32_epi16(r));
+    } else {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i),
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
+/* bfloat16 of two vectors (lo -> elements 0..15, hi -> 16..31), NaN written as 0xFFFF */
+static inline void store32_bf16(uint16_t *out, __m512 lo, __m512 hi) {
+#if defined(__AVX512BF16__)
+    __m512i r = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    __mmask32 nan = (__mmask32)_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) |
+                    ((__mmask32)_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q) << 16);
+    _mm512_storeu_si512((void *)out, _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(-1)));
+#else
+    store16(out, QB_BF16, 0, lo);
+    store16(out, QB_BF16, 16, hi);
+#endif
+}
+
+/* count elements from element `start` (even), count a multiple of 32, one scale */
+static inline void run32(const uint8_t *packed, __m512 table, float scale, void *out, int kind, int flush_products,
+                         int64_t start, int64_t count) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int64_t i = start; i < start + count; i += 32) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(packed + i / 2));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low), lo = _mm_and_si128(x, low);
+        __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), s);
+        __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), s);
+        if (flush_products) {
+            v0 = flush16(v0);
+            v1 = flush16(v1);
+        }
+        if (kind == QB_BF16) {
+            store32_bf16((uint16_t *)out + i, v0, v1);
+        } else {
+            store16(out, kind, i, v0);
+            store16(out, kind, i + 16, v1);
+        }
+    }
+}
+#endif
+
+/* Products code[q] * scale can be denormal only when 0 < |scale| < FLT_MIN / (smallest nonzero |code|);
+ * blocks with a scale at least twice that (or zero, NaN or infinite: no denormal products) skip the flush. */
+static float flush_limit(const float *code) {
+    float smallest = 0.0f;
+    for (int q = 0; q < 16; q++) {
+        float c = code[q] < 0 ? -code[q] : code[q];
+        if (c > 0 && (smallest == 0.0f || c < smallest)) smallest = c;
+    }
+    return smallest > 0 ? 2.0f * (FLT_MIN / smallest) : 0.0f;
+}
+
+static void run_blocks(const qb_job *job) {
+    const int64_t bs = job->blocksize, n = job->n;
+    const float limit = flush_limit(job->code);
+#if QB_AVX512
+    const __m512 table = _mm512_loadu_ps(job->code);
+#endif
+    for (int64_t j = job->first_block; j < job->stop_block; j++) {
+        const float scale = scale_of(job, j);
+        const int64_t start = j * bs, stop = start + bs < n ? start + bs : n;
+        int64_t i = start;
+#if QB_AVX512
+        const float magnitude = scale < 0 ? -scale : scale;
+        const int exact = magnitude >= limit || magnitude == 0.0f || magnitude > FLT_MAX; /* NaN: flush path */
+        const int64_t vec = (stop - start) - (stop - start) % 32;
+        if (vec) {
+            if (job->kind == QB_BF16) {
+                if (exact)
+                    run32(job->packed, table, scale, job->out, QB_BF16, 0, start, vec);
+                else
+                    run32(job->packed, table, scale, job->out, QB_BF16, 1, start, vec);
+            } else if (job->kind == QB_F32) {
+                run32(job->packed, table, scale, job->out, QB_F32, !exact, start, vec);
+            } else {
+                run32(job->packed, table, scale, job->out, QB_F16, !exact, start, vec);
+            }
+            i += vec;
+        }
+#endif
+        for (; i < stop; i++) {
+            const uint8_t b = job->packed[i / 2];
+            const float c = job->code[(i & 1) ? (b & 15) : (b >> 4)];
+            store_one(job->out, job->kind, i, flush(c * scale));
+        }
+    }
+}
+
+/* A pool of worker threads, started on first use and kept: starting a thread per call costs more than
+ * decoding a megabyte. A worker that finished spins for up to SPIN_NS before it sleeps, so that calls in a
+ * loop do not pay a wake-up each. One call uses the pool at a time; a call that finds it busy decodes alone. */
+#define QB_MAX_THREADS 64
+#define SPIN_NS 200000L
+static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER; /* held by the call using the pool */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static qb_job pool_jobs[QB_MAX_THREADS];
+static int pool_workers = 0, pool_parts = 0, pool_pending = 0; /* parts and pending: atomics */
+static unsigned long pool_generation = 0;                       /* atomic; bumped once per call */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* Spins until *value != avoid (or SPIN_NS pass); returns the last value read. */
+static unsigned long spin_while_equal(const unsigned long *value, unsigned long avoid) {
+    const long until = now_ns() + SPIN_NS;
+    for (;;) {
+        for (int k = 0; k < 64; k++) {
+            unsigned long v = __atomic_load_n(value, __ATOMIC_ACQUIRE);
+            if (v != avoid) return v;
+            cpu_relax();
+        }
+        if (now_ns() > until) return avoid;
+    }
+}
+
+static void *pool_worker(void *arg) {
+    const int t = (int)((intptr_t)arg & 0xff);                    /* this worker runs part t */
+    unsigned long seen = (unsigned long)((uintptr_t)arg >> 8); /* the generation before it started */
+    for (;;) {
+        unsigned long g = spin_while_equal(&pool_generation, seen);
+        if (g == seen) {
+            pthread_mutex_lock(&pool_lock);
+            while ((g = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&pool_start, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+        }
+        seen = g;
+        if (t < __atomic_load_n(&pool_parts, __ATOMIC_ACQUIRE)) {
+            run_blocks(&pool_jobs[t]);
+            if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0) {
+                pthread_mutex_lock(&pool_lock);
+                pthread_cond_signal(&pool_done);
+                pthread_mutex_unlock(&pool_lock);
+            }
+        }
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* the child has no workers: start again (locks as at startup) */
+    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
+    pool_call = unlocked;
+    pool_lock = unlocked;
+    pool_start = fresh;
+    pool_done = fresh;
+    pool_workers = pool_parts = pool_pending = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Runs parts 0 .. parts-1 of jobs (part 0 on this thread); returns the number of threads that ran them. */
+static int run_parallel(const qb_job *jobs, int parts) {
+    pthread_once(&pool_once, pool_register_fork);
+    if (parts > 1 && pthread_mutex_trylock(&pool_call) == 0) {
+        const unsigned long generation = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE);
+        while (pool_workers < parts - 1 && pool_workers + 1 < QB_MAX_THREADS) {
+            pthread_t id;
+            uintptr_t arg = ((uintptr_t)generation << 8) | (uintptr_t)(pool_workers + 1);
+            if (pthread_create(&id, NULL, pool_worker, (void *)arg) != 0) break;
+            pthread_detach(id);
+            pool_workers++;
+        }
+        const int used = parts - 1 < pool_workers ? parts : pool_workers + 1;
+        for (int t = 0; t < parts; t++) pool_jobs[t] = jobs[t];
+        __atomic_store_n(&pool_parts, used, __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_pending, used - 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&pool_lock);
+        __atomic_store_n(&pool_generation, generation + 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&pool_start);
+        pthread_mutex_unlock(&pool_lock);
+        run_blocks(&jobs[0]);
+        for (int t = used; t < parts; t++) run_blocks(&jobs[t]); /* parts without a worker */
+        const long until = now_ns() + SPIN_NS;
+        while (__atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0 && now_ns() < until) cpu_relax();
+        pthread_mutex_lock(&pool_lock);
+        while (__atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool_done, &pool_lock);
+        pthread_mutex_unlock(&pool_lock);
+        pthread_mutex_unlock(&pool_call);
+        return used;
+    }
+    for (int t = 0; t < parts; t++) run_blocks(&jobs[t]);
+    return 1;
+}
+
+/* Decodes n elements into out (kind: 0 float32, 1 bfloat16, 2 float16) on up to `threads` threads.
+ * absmax: float32 scales, or NULL with absmax_code/nested_code/nested_absmax/offset for a nested absmax.
+ * Returns the number of threads that decoded. */
+int qb_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t *absmax_code,
+                       const float *nested_code, const float *nested_absmax, int64_t nested_blocksize,
+                       float offset, const float *code, int64_t n, int64_t blocksize, void *out, int kind,
+                       int threads) {
+    const int64_t blocks = (n + blocksize - 1) / blocksize;
+    const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
+    if ((int64_t)threads > n / per_thread) threads = (int)(n / per_thread);
+    if (threads < 1) threads = 1;
+    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
+    if (threads > blocks) threads = (int)blocks;
+    qb_job jobs[QB_MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        qb_job job = {packed, absmax, absmax_code, nested_code, nested_absmax, nested_blocksize, offset,
+                      code, n, blocksize, out, kind, blocks * t / threads, blocks * (t + 1) / threads};
+        jobs[t] = job;
+    }
+    return run_parallel(jobs, threads);
+}
