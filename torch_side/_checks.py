@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 
 def require_tensor(value: object, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def resolved(t: _T) -> _T:
+    """``t`` with a lazy negation or conjugation (``torch._neg_view``, ``.conj()``) applied: kernels read a
+    tensor's memory through its pointer, which holds the values before it. Anything else as it is."""
+    if isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj()):
+        return t.resolve_conj().resolve_neg()  # type: ignore[return-value]  # _T is that tensor's type
+    return t
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

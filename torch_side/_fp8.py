@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._backend import choose_fp8_backend
-from ._checks import as_list, numbered, on_device, plain, require_tensor, same_device
+from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device
 from ._checks import check_finite as _check_finite
 from ._compile import KernelNotReady, kernels_imported
 from ._plans import FP8_PLANS, tensor_key
@@ -184,8 +184,16 @@ def _plan_key(
         or not isinstance(W, torch.Tensor)
         or not isinstance(scale_inv, torch.Tensor)
         or not W.is_cuda
+        or W.is_neg()
+        or scale_inv.is_neg()  # a lazy negation: the pointer holds other values (resolved by the full path)
     ):
         return None
+    if (
+        block_size is not None
+        and type(block_size) is not int
+        and not (type(block_size) is tuple and all(type(b) is int for b in block_size))
+    ):
+        return None  # 128.0 hashes as 128: only exact ints may skip the checks
     try:
         key = (tensor_key(W), tensor_key(scale_inv), dtype, block_size, transpose, backend)
         hash(key)
@@ -243,7 +251,7 @@ def dequantize_fp8(
         plan = FP8_PLANS.get(plan_key)
         if plan is not None and W.device.index == torch.cuda.current_device():
             return plan(plain(W), plain(scale_inv), W.device)  # type: ignore[arg-type]  # a key: a tensor
-    W = plain(require_tensor(W, "W"))
+    W = resolved(plain(require_tensor(W, "W")))
     if W.dtype not in FP8_DTYPES:
         hint = ""
         if W.dtype == torch.uint8:
@@ -264,7 +272,7 @@ def dequantize_fp8(
                 f"scale_inv must be a tensor or a real number, got {type(scale_inv).__name__} {scale_inv!r}"
             )
         scale_inv = torch.tensor(float(scale_inv), dtype=torch.float32, device=W.device)
-    scale_inv = plain(scale_inv)
+    scale_inv = resolved(plain(scale_inv))
     if scale_inv.dtype not in SCALE_DTYPES:
         raise TypeError(
             f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}"

@@ -9,11 +9,15 @@ the bits of ``_nf4.dequantize_4bit_reference`` (tested against it).
 It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for the machine's
 CPU and kept in qbridge's cache directory (``_cache.cache_dir``, under ``cpu-kernels/``), named by a hash
 of its source, the flags and the CPU's features, so a process after the first loads it in about a
-millisecond. The first process builds it in a background thread (about a second) while its calls take
+millisecond (after checking the hash written beside it: a damaged file is built again). The first
+process builds it in a background thread (about a second, in a process that finishes even if this one
+exits first) while its calls take
 the torch path (the same bits); :func:`torch_side.wait_for_kernels` waits for that build (and makes a
 later first call wait for it).
 ``QBRIDGE_CPU_KERNEL=off`` keeps every call on the torch path. Without a compiler, or when the build
-fails (logged once at warning level), calls take the torch path.
+fails (logged once at warning level), calls take the torch path. A cache directory that cannot take the
+build (read-only, ``QBRIDGE_CACHE_DIR=off``) gets none: the process builds one for itself, in a temporary
+directory removed once loaded.
 """
 
 from __future__ import annotations
@@ -27,19 +31,22 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from typing import Any
 
+from ._build_c import FLAGS, UNWRITABLE, digest
 from ._cache import cache_dir
 
 log = logging.getLogger("torch_side")
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
+BUILDER = pathlib.Path(__file__).with_name("_build_c.py")
 ENV = "QBRIDGE_CPU_KERNEL"
+OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
+NO_COMPILER = "no C compiler found"
 KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}  # the kernel's output kinds, by torch dtype name
-BUILD_TIMEOUT_S = 300.0
 
 _FN: Any = None  # the loaded qb_dequantize_4bit, once ready
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
@@ -50,6 +57,10 @@ _WAIT_FROM_NOW = False  # set by torch_side.wait_for_kernels: later first calls 
 
 class BuildError(RuntimeError):
     """The C kernel could not be built or loaded."""
+
+
+class Unwritable(BuildError):
+    """The cache directory could not take the build."""
 
 
 def _cpu_features() -> str:
@@ -82,38 +93,40 @@ def _compiler() -> list[str]:
         found = shutil.which(name)
         if found:
             return [found]
-    raise BuildError("no C compiler found (set CC, or install cc, gcc or clang)")
+    raise BuildError(f"{NO_COMPILER} (set CC, or install cc, gcc or clang)")
 
 
 def build(target: pathlib.Path) -> None:
-    """Compiles the kernel into ``target`` (written under a temporary name, then renamed: a reader never
-    sees half a file). Falls back to a build without ``-march=native`` where the compiler refuses it.
+    """Compiles the kernel into ``target`` in a process of its own session (``_build_c.py``), which
+    finishes and lands the library whole even when this process exits first; waits for it here.
 
     Raises:
         BuildError: no compiler, or it failed (its message is included).
     """
     compiler = _compiler()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
     try:
-        errors = []
-        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):
-            try:
-                done = subprocess.run(
-                    [*compiler, *flags, str(SOURCE), "-o", tmp],
-                    capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False,
-                )  # fmt: skip
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise BuildError(f"{' '.join(compiler)} could not be run: {e}") from e
-            if done.returncode == 0:
-                os.replace(tmp, target)
-                return
-            errors.append(done.stderr.strip()[-400:])
-        raise BuildError(f"{' '.join(compiler)} failed to build {SOURCE.name}: {errors[-1]}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        done = subprocess.run(
+            [sys.executable, str(BUILDER), str(SOURCE), str(target), *compiler],
+            capture_output=True, text=True, check=False, start_new_session=True,
+        )  # fmt: skip
+    except OSError as e:
+        raise BuildError(f"the build could not be started: {e}") from e
+    if done.returncode != 0:
+        kind = Unwritable if done.returncode == UNWRITABLE else BuildError
+        raise kind(done.stderr.strip()[-600:] or f"the build exited with {done.returncode}")
+
+
+def _whole(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a library this machine's builds wrote whole: the hash beside it matches, and it
+    is owned by this user (or root) and not writable by others (a library is code this process runs)."""
+    try:
+        st = path.stat()
+        if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
+            return False
+        recorded = pathlib.Path(f"{path}.sha256").read_text().strip()
+    except (OSError, AttributeError, UnicodeDecodeError):  # AttributeError: no getuid (Windows)
+        return False
+    return recorded == digest(str(path))
 
 
 def load(path: pathlib.Path) -> Any:
@@ -132,21 +145,26 @@ def _build_and_load() -> None:
     global _FN, _UNAVAILABLE
     try:
         root = cache_dir()
-        if root is None:  # nothing is remembered: a build for this process only
-            root = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
-        path = library_path(root)
-        if not path.exists():
+        if root is not None:
+            path = library_path(root)
+            try:
+                if not _whole(path):
+                    build(path)
+                if _whole(path):
+                    _FN = load(path)
+                    return
+            except Unwritable as e:
+                log.debug("%s cannot take the build (%s): building for this process only", root, e)
+        # no cache, or one that cannot take the build: a build for this process only, removed once loaded
+        # (the loaded library stays mapped)
+        with tempfile.TemporaryDirectory(prefix="qbridge-") as tmp:
+            path = library_path(pathlib.Path(tmp))
             build(path)
-        try:
-            fn = load(path)
-        except BuildError:  # a damaged file in the cache: build it again, once
-            build(path)
-            fn = load(path)
-        _FN = fn
+            _FN = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %s", e)
-    except Exception as e:  # an unwritable cache, a missing source: the torch path still answers
+    except Exception as e:  # a missing source, an unreadable home: the torch path still answers
         _UNAVAILABLE = True
         log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %r", e)
 
@@ -162,11 +180,11 @@ def cpu_4bit(wait: bool = False) -> Any:
         return _FN
     with _LOCK:
         if _FN is None and not _UNAVAILABLE and _BUILDING is None:
-            if os.environ.get(ENV, "").strip().lower() in ("off", "0", "no", "false"):
+            if os.environ.get(ENV, "").strip().lower() in OFF:
                 _UNAVAILABLE = True
                 return None
             root = cache_dir()
-            if root is not None and library_path(root).exists():
+            if root is not None and _whole(library_path(root)):
                 _build_and_load()
                 return _FN
             _BUILDING = threading.Thread(target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=True)

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 
 from ._backend import choose_4bit_backend
-from ._checks import as_list, numbered, on_device, plain, raise_out_mismatch, require_tensor, same_device
+from ._checks import (
+    as_list,
+    numbered,
+    on_device,
+    plain,
+    raise_out_mismatch,
+    require_tensor,
+    resolved,
+    same_device,
+)
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
@@ -75,6 +84,8 @@ def _check_pieces(
     dtype: torch.dtype,
 ) -> None:
     where = f"4-bit weight of shape {shape}"
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must not have negative sizes, got {shape}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if (
@@ -202,7 +213,8 @@ def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
     CUDA kernel does): only scales below ``FLT_MIN / smallest nonzero |code|`` can make one."""
     magnitudes = code.abs()[(code != 0) & ~code.isnan()]  # a NaN entry makes NaN products, never denormal
     smallest = magnitudes.min() if magnitudes.numel() else torch.ones(())
-    return bool(n) and bool((absmax.abs() < FLT_MIN / smallest).any())
+    # in float64, with a margin: FLT_MIN / smallest is itself denormal (and rounded) when smallest > 1
+    return bool(n) and bool((absmax.double().abs() * smallest.double() < 2 * FLT_MIN).any())
 
 
 def pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -289,36 +301,34 @@ def dequantize_4bit_native(
     nested_blocksize: int = 256,
     offset: float | torch.Tensor = 0.0,
     *,
-    out: torch.Tensor | None = None,
     wait: bool = False,
 ) -> torch.Tensor | None:
     """:func:`dequantize_4bit_reference`'s values, bit for bit, from the C kernel (``_native``) on the CPU.
 
     Decodes a nested absmax itself (``absmax`` uint8 with ``nested_absmax``, ``nested_code`` and
-    ``offset``) or takes float32 ``absmax``. Writes into ``out`` (a contiguous tensor of ``n`` elements
-    and ``dtype``) when given, else into a new flat tensor, and returns it. Returns None, having written
-    nothing, when the kernel is not built yet (``wait`` waits for it) or cannot be had, or when a piece is
-    not as the kernel reads it (CPU, contiguous, the checked dtypes): the caller takes the torch path.
+    ``offset``) or takes float32 ``absmax``. Returns a new flat tensor of ``n`` elements and ``dtype`` (the
+    kernel writes through a pointer, which only new memory allows: an ``out=`` is filled by the caller with
+    ``copy_``, which keeps torch's checks and version counter). Returns None when the kernel is not built
+    yet (``wait`` waits for it) or cannot be had, or when a piece is not as the kernel reads it (CPU,
+    contiguous, the checked dtypes, no lazy negation): the caller takes the torch path.
     """
     fn = cpu_4bit(wait)
-    if fn is None or flat.device.type != "cpu" or not flat.is_contiguous():
+    if fn is None or flat.device.type != "cpu":
         return None
     kind = KINDS.get(str(dtype).removeprefix("torch."))
-    pieces = [absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
+    pieces = [flat, absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
     if kind is None or not all(
-        p is not None and p.device.type == "cpu" and p.is_contiguous() for p in pieces
+        p is not None and p.device.type == "cpu" and p.is_contiguous() and not (p.is_neg() or p.is_conj())
+        for p in pieces
     ):
         return None
     if code.dtype != torch.float32 or code.numel() != 16:
-        return None
-    if out is None:
-        out = torch.empty(n, dtype=dtype)
-    elif out.device.type != "cpu" or not out.is_contiguous() or out.dtype != dtype or out.numel() != n:
         return None
     threads = torch.get_num_threads()
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             return None
+        out = torch.empty(n, dtype=dtype)
         fn(flat.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), n, blocksize,
            out.data_ptr(), kind, threads)  # fmt: skip
         return out
@@ -329,13 +339,17 @@ def dequantize_4bit_native(
         or nested_code.dtype != torch.float32
     ):
         return None
-    if nested_code.numel() != NESTED_CODE_SIZE or (
-        isinstance(offset, torch.Tensor) and offset.device.type != "cpu"
+    if nested_code.numel() != NESTED_CODE_SIZE:
+        return None
+    if isinstance(offset, torch.Tensor) and (
+        offset.device.type != "cpu" or offset.is_neg() or offset.is_conj()
     ):
         return None
-    offset_f32 = torch.as_tensor(
-        offset, dtype=torch.float32
-    ).item()  # rounded to float32 as the reference does
+    # rounded to float32 (and refused unless one number) as the reference does
+    offset_f32 = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
+    # entries past the last absmax block never read another nested scale: the same decode, in C's int64
+    nested_blocksize = min(nested_blocksize, max(1, absmax.numel()))
+    out = torch.empty(n, dtype=dtype)
     fn(flat.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
        nested_blocksize, offset_f32, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
     return out
@@ -358,7 +372,7 @@ class NF4CpuPlan:
     ) -> None:
         self.shape, self.dtype, self.code, self.blocksize, self.n = shape, dtype, code, blocksize, n
         self.kind, self.transpose = KINDS[str(dtype).removeprefix("torch.")], transpose
-        self.nested_blocksize = nested_blocksize
+        self.nested_blocksize = min(nested_blocksize, max(1, -(-n // blocksize)))  # as dequantize_4bit_native
 
     def __call__(
         self,
@@ -370,8 +384,8 @@ class NF4CpuPlan:
         device: torch.device,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # the key held every piece's dtype, shape, contiguity and device, and out only when written in place
-        result = torch.empty(self.shape, dtype=self.dtype) if out is None else out
+        # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
+        result = torch.empty(self.shape, dtype=self.dtype)
         fn = cpu_4bit()
         if nested_absmax is None:
             fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, self.code.data_ptr(), self.n,
@@ -379,11 +393,11 @@ class NF4CpuPlan:
         else:
             assert nested_code is not None
             if type(offset) is not float:  # a float rounds to float32 in the call, as torch rounds it
-                offset = torch.as_tensor(offset, dtype=torch.float32).item()
+                offset = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
             fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
                self.nested_blocksize, offset, self.code.data_ptr(), self.n,
                self.blocksize, result.data_ptr(), self.kind, torch.get_num_threads())  # fmt: skip
-        return result.t() if self.transpose and out is None else result
+        return result.t() if self.transpose else result
 
 
 def _decode_absmax(
@@ -436,6 +450,13 @@ def _plan_key(
         return None
     if not (packed.is_cuda or packed.is_cpu) or not isinstance(absmax, torch.Tensor):
         return None
+    if type(blocksize) is not int or type(nested_blocksize) is not int:
+        return None  # 64.0 hashes as 64: only exact ints may skip the checks
+    if any(
+        isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj())
+        for t in (absmax, nested_absmax, nested_code, offset)
+    ):
+        return None  # a lazy negation: the pointers hold other values (resolved by the full path)
     try:
         nested = (
             None
@@ -535,7 +556,9 @@ def dequantize_nf4(
         plan = NF4_PLANS.get(plan_key)
         if plan is not None and (packed.is_cpu or packed.device.index == torch.cuda.current_device()):
             return plan(plain(packed), absmax, nested_absmax, nested_code, offset, packed.device, out)
-    packed = plain(require_tensor(packed, "packed"))
+    packed = resolved(plain(require_tensor(packed, "packed")))
+    absmax, code, offset = resolved(absmax), resolved(code), resolved(offset)
+    nested_absmax, nested_code = resolved(nested_absmax), resolved(nested_code)
     shape = tuple(int(s) for s in shape)
     n = math.prod(shape)
     flat = _packed_bytes(packed, shape)
@@ -568,7 +591,7 @@ def dequantize_nf4(
         and (
             chosen == "triton" and device.index == torch.cuda.current_device()
             if device.type == "cuda"
-            else chosen == "torch" and backend == "auto" and (out is None or not transpose)
+            else chosen == "torch" and backend == "auto" and out is None
         )
     ):
         plan_key = None
@@ -634,16 +657,13 @@ def dequantize_nf4(
             )
             native = None
             if device.type == "cpu" and backend == "auto":
-                into = out if out is not None and not transpose and out.is_contiguous() else None
                 native = dequantize_4bit_native(
                     flat, absmax, table, blocksize, n, dtype, nested_absmax, nested_code, nested_blocksize,
-                    offset, out=into,
+                    offset,
                 )  # fmt: skip
-                if native is not None and plan_key is not None and (out is None or into is not None):
+                if native is not None and plan_key is not None and out is None:
                     plan = NF4CpuPlan(shape, dtype, table, blocksize, n, transpose, nested_blocksize)
                     remember(NF4_PLANS, plan_key, plan)
-                if native is not None and into is not None:
-                    return out  # type: ignore[return-value]  # written in place
             if native is not None:
                 result = native.reshape(shape)
             else:

@@ -11,10 +11,13 @@ import hashlib
 import math
 import multiprocessing
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -308,3 +311,219 @@ def test_without_a_kernel_the_torch_path_answers(tmp_path, env, says):
         assert not (tmp_path / "cpu-kernels").exists()
     else:
         assert done.stderr.count("CPU 4-bit kernel is unavailable") == 1 and says in done.stderr
+
+
+def test_calls_of_changing_sizes_on_many_threads_never_return_early(kernel):
+    """Each part of a call runs exactly once and the call returns after all of them, also when workers
+    wake late and calls of different part counts follow each other (a busy thread preempts workers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    stop = threading.Event()
+
+    def busy():
+        x = 0
+        while not stop.is_set():
+            x += 1
+
+    spinner = threading.Thread(target=busy)
+    spinner.start()
+    try:
+        jobs = []
+        for i, n in enumerate((1 << 19, 1 << 21, 3 << 19)):
+            packed, absmax, code, _ = _pieces(n, 64, nested=False, seed=i)
+            jobs.append((packed, absmax, code, n, _reference(packed, absmax, code, 64, n, torch.float32, {})))
+        for _ in range(60):
+            for packed, absmax, code, n, want in jobs:
+                got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)
+                assert torch.equal(got, want)
+    finally:
+        stop.set()
+        spinner.join()
+        torch.set_num_threads(before)
+
+
+def _same_as_torch_path(call):
+    """The default call and backend="torch" give the same bits, or raise the same error."""
+    outcomes = []
+    for backend in ("auto", "torch"):
+        try:
+            outcomes.append(call(backend))
+        except Exception as e:
+            outcomes.append(e)
+    got, want = outcomes
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want), (got, want)
+    else:
+        assert not isinstance(got, Exception), got
+        assert_bitwise_equal(got, want)
+
+
+def test_inputs_the_kernel_must_not_take_at_face_value(kernel):
+    """Pieces with a lazy negation (their pointer holds other values), a blocksize of 64.0 after a call
+    with 64 (equal hashes: a plan must not skip the check), nested_blocksize past C's int64, an offset of
+    two numbers, negative shape sizes: as the torch path answers, every time."""
+    n = 64 * 100
+    gen = torch.Generator().manual_seed(3)
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand(100, generator=gen) + 0.1
+    codes = torch.randint(0, 256, (100,), dtype=torch.uint8, generator=gen)
+    nested = dict(
+        nested_absmax=torch.rand(1, generator=gen), nested_code=torch.linspace(-1, 1, 256), offset=0.25
+    )
+    for _ in range(2):  # the second round meets the plans the first made
+        _same_as_torch_path(lambda b: torch_side.dequantize_nf4(packed, absmax, shape=(n,), backend=b))
+        _same_as_torch_path(
+            lambda b: torch_side.dequantize_nf4(packed, torch._neg_view(absmax), shape=(n,), backend=b)
+        )
+        _same_as_torch_path(
+            lambda b: torch_side.dequantize_nf4(
+                packed, absmax, shape=(n,), code=torch._neg_view(torch_side.standard_code("nf4")), backend=b
+            )
+        )
+        for name in ("nested_absmax", "nested_code"):
+            changed = {**nested, name: torch._neg_view(nested[name])}
+            _same_as_torch_path(
+                lambda b, c=changed: torch_side.dequantize_nf4(packed, codes, shape=(n,), backend=b, **c)
+            )
+        _same_as_torch_path(
+            lambda b: torch_side.dequantize_nf4(packed, absmax, shape=(n,), blocksize=64.0, backend=b)
+        )
+        _same_as_torch_path(
+            lambda b: torch_side.dequantize_nf4(packed, codes, shape=(n,), backend=b, **nested)
+        )
+        for big in (2**64, 2**64 + 3, 2**63 - 1, 2**64 - 1):
+            _same_as_torch_path(
+                lambda b, big=big: torch_side.dequantize_nf4(
+                    packed, codes, shape=(n,), nested_blocksize=big, backend=b, **{**nested}
+                )
+            )
+        _same_as_torch_path(
+            lambda b: torch_side.dequantize_nf4(
+                packed, codes, shape=(n,), backend=b, **{**nested, "offset": [0.5, 1.0]}
+            )
+        )
+        _same_as_torch_path(lambda b: torch_side.dequantize_nf4(packed, absmax, shape=(-80, -80), backend=b))
+    with pytest.raises(ValueError, match="blocksize must be one of the ints"):
+        torch_side.dequantize_nf4(packed, absmax, shape=(n,), blocksize=64.0)
+    with pytest.raises(ValueError, match="negative sizes"):
+        torch_side.dequantize_nf4(packed, absmax, shape=(-80, -80))
+
+
+def test_out_keeps_torchs_rules(kernel):
+    """out= is filled as torch fills a tensor in place: a leaf that requires grad is refused, the version
+    counter moves (autograd notices a saved tensor was changed), an out overlapping an input gets the
+    torch path's values."""
+    packed = torch.randint(0, 256, (2048,), dtype=torch.uint8)
+    absmax = torch.rand(64)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        torch_side.dequantize_nf4(
+            packed, absmax, shape=(64, 64), dtype=torch.float32, out=torch.empty(64, 64, requires_grad=True)
+        )
+    w = torch.rand(64, 64, requires_grad=True)
+    out = torch.zeros(64, 64)
+    y = (w * out).sum()
+    torch_side.dequantize_nf4(packed, absmax, shape=(64, 64), dtype=torch.float32, out=out)
+    assert out._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+    def overlapping(backend):
+        buf = torch.linspace(0.5, 2.0, 4096)
+        return torch_side.dequantize_nf4(
+            packed, buf[:64], shape=(64, 64), dtype=torch.float32, out=buf.view(64, 64), backend=backend
+        )
+
+    _same_as_torch_path(overlapping)
+
+
+def test_the_torch_path_flushes_every_denormal_product(kernel):
+    """A table entry above 1 makes FLT_MIN / entry itself denormal: the torch path's check for scales
+    that need the flush must not round it away (the kernel and CUDA flush)."""
+    code = torch.full((16,), 6.0)
+    scale = torch.tensor([1398101], dtype=torch.int32).view(torch.float32)  # 1398101 * 2**-149
+    packed = torch.zeros(32, dtype=torch.uint8)
+    want = _plain(packed, scale, code, 64, 64, torch.float32)
+    assert int((want == 0).sum()) == 64
+    _same_as_torch_path(
+        lambda b: torch_side.dequantize_nf4(
+            packed, scale, shape=(64,), code=code, dtype=torch.float32, backend=b
+        )
+    )
+    assert_bitwise_equal(
+        torch_side.dequantize_nf4(
+            packed, scale, shape=(64,), code=code, dtype=torch.float32, backend="torch"
+        ),
+        want,
+    )
+
+
+SHORT = """
+import torch, torch_side
+torch_side.dequantize_nf4(torch.zeros(2048, dtype=torch.uint8), torch.rand(64), shape=(4096,))
+"""
+
+
+def test_a_short_process_still_fills_the_cache(tmp_path):
+    """A process that exits while its build runs leaves the build to finish (in its own session): the
+    library lands whole in the cache, with nothing half-written beside it."""
+    done = _run(SHORT, QBRIDGE_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "cpu-kernels"
+    for _ in range(300):
+        if list(folder.glob("cpu_4bit-*.so")):
+            break
+        time.sleep(0.1)
+    (built,) = folder.glob("cpu_4bit-*.so")
+    assert (built.stat().st_mode & 0o777) == 0o755
+    time.sleep(0.5)
+    assert sorted(p.name for p in folder.iterdir()) == [built.name, built.name + ".sha256"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "world-writable", "no hash"])
+def test_a_damaged_or_foreign_library_is_built_again_not_loaded(tmp_path, damage):
+    """A truncated library (dlopen of one can kill the process), one that others may write, or one
+    without its hash is not loaded: it is built again."""
+    env = dict(QBRIDGE_CACHE_DIR=str(tmp_path))
+    assert _run(PROBE, **env).returncode == 0
+    (built,) = (tmp_path / "cpu-kernels").glob("cpu_4bit-*.so")
+    if damage == "truncate":
+        built.write_bytes(built.read_bytes()[:4096])
+    elif damage == "world-writable":
+        built.chmod(0o777)
+    else:
+        pathlib.Path(f"{built}.sha256").unlink()
+    again = _run(PROBE, **env)
+    assert again.returncode == 0, again.stderr
+    assert "at once False after waiting True" in again.stdout
+    assert (built.stat().st_mode & 0o777) == 0o755 and pathlib.Path(f"{built}.sha256").exists()
+
+
+def test_a_cache_that_cannot_take_the_build_gets_none(tmp_path):
+    """QBRIDGE_CACHE_DIR=off, or a path that cannot be a directory: the process builds a library for
+    itself, in a temporary directory it removes."""
+    for cache in ("off", "/dev/null/qbridge"):
+        tmp = tmp_path / cache.replace("/", "_")
+        tmp.mkdir()
+        done = _run(PROBE, QBRIDGE_CACHE_DIR=cache, TMPDIR=str(tmp))
+        assert done.returncode == 0, done.stderr
+        assert "after waiting True" in done.stdout, done.stderr
+        assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_float16_nan_payloads_without_the_compilers_float16(tmp_path):
+    """Compilers without _Float16 take the kernel's own float16 rounding: NaN payloads as the hardware
+    conversion (and torch) keep them, in the vector part and the scalar tail alike."""
+    code = """
+    import torch, torch_side
+    torch_side.wait_for_kernels()  # the first call builds the kernel on the spot
+    from torch_side import _native
+    absmax = torch.tensor([0x3f800000, 0x7fc00001, 0xffa00000 - 2**32, 0x7fffffff], dtype=torch.int32).view(torch.float32)
+    packed = torch.randint(0, 256, (125,), dtype=torch.uint8)
+    a = torch_side.dequantize_nf4(packed, absmax, shape=(250,), dtype=torch.float16)
+    b = torch_side.dequantize_nf4(packed, absmax, shape=(250,), dtype=torch.float16, backend="torch")
+    print("kernel", _native._FN is not None, "same", torch.equal(a.view(torch.int16), b.view(torch.int16)))
+    """
+    done = _run(code, QBRIDGE_CACHE_DIR=str(tmp_path), CC="gcc -U__FLT16_MAX__")
+    assert done.returncode == 0, done.stderr
+    assert "kernel True same True" in done.stdout

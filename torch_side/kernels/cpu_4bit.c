@@ -78,7 +78,8 @@ static inline uint16_t f16_of(float v) {
     base = float_of((bias >> 1) + 0x07800000u) + base;
     uint32_t b = bits_of(base), exp_bits = (b >> 13) & 0x00007c00u, mantissa_bits = b & 0x00000fffu;
     uint32_t nonsign = exp_bits + mantissa_bits;
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+    /* a NaN keeps its sign and the top of its payload, quieted, as the hardware conversion does */
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u | ((w >> 13) & 0x3ffu) : nonsign));
 #endif
 }
 
@@ -205,16 +206,25 @@ static void run_blocks(const qb_job *job) {
 }
 
 /* A pool of worker threads, started on first use and kept: starting a thread per call costs more than
- * decoding a megabyte. A worker that finished spins for up to SPIN_NS before it sleeps, so that calls in a
- * loop do not pay a wake-up each. One call uses the pool at a time; a call that finds it busy decodes alone. */
+ * decoding a megabyte. A call publishes its parts in one 64-bit word (generation, number of parts, next part
+ * to claim); the caller and the workers claim parts from that word with compare-and-swap, so each part of
+ * a call runs exactly once, by whichever thread claims it, and a worker that wakes late can only claim
+ * parts of the call being served (their jobs stay valid until the call has counted all of them done). A
+ * worker that found nothing to claim spins for up to SPIN_NS before it sleeps, so that calls in a loop do
+ * not pay a wake-up each. One call uses the pool at a time; a call that finds it busy decodes alone. */
 #define QB_MAX_THREADS 64
 #define SPIN_NS 200000L
+#define WORD(gen, parts, next) (((uint64_t)(gen) << 16) | ((uint64_t)(parts) << 8) | (uint64_t)(next))
+#define WORD_GEN(w) ((w) >> 16)
+#define WORD_PARTS(w) ((int)(((w) >> 8) & 0xff))
+#define WORD_NEXT(w) ((int)((w) & 0xff))
 static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER; /* held by the call using the pool */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
 static qb_job pool_jobs[QB_MAX_THREADS];
-static int pool_workers = 0, pool_parts = 0, pool_pending = 0; /* parts and pending: atomics */
-static unsigned long pool_generation = 0;                       /* atomic; bumped once per call */
+static int pool_workers = 0;
+static int pool_pending = 0; /* atomic: parts of the current call not finished yet */
+static uint64_t pool_word = 0; /* atomic: WORD(generation, parts, next part to claim) */
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -230,38 +240,49 @@ static inline long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Spins until *value != avoid (or SPIN_NS pass); returns the last value read. */
-static unsigned long spin_while_equal(const unsigned long *value, unsigned long avoid) {
-    const long until = now_ns() + SPIN_NS;
-    for (;;) {
-        for (int k = 0; k < 64; k++) {
-            unsigned long v = __atomic_load_n(value, __ATOMIC_ACQUIRE);
-            if (v != avoid) return v;
-            cpu_relax();
-        }
-        if (now_ns() > until) return avoid;
+/* Claims the next part of the call being served: its index, or -1 (then *gen is the generation seen). */
+static int claim(uint64_t *gen) {
+    uint64_t w = __atomic_load_n(&pool_word, __ATOMIC_ACQUIRE);
+    while (WORD_NEXT(w) < WORD_PARTS(w)) {
+        if (__atomic_compare_exchange_n(&pool_word, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return WORD_NEXT(w);
+    }
+    *gen = WORD_GEN(w);
+    return -1;
+}
+
+static void finish_part(void) {
+    if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0) {
+        pthread_mutex_lock(&pool_lock);
+        pthread_cond_signal(&pool_done);
+        pthread_mutex_unlock(&pool_lock);
     }
 }
 
 static void *pool_worker(void *arg) {
-    const int t = (int)((intptr_t)arg & 0xff);                    /* this worker runs part t */
-    unsigned long seen = (unsigned long)((uintptr_t)arg >> 8); /* the generation before it started */
+    (void)arg;
     for (;;) {
-        unsigned long g = spin_while_equal(&pool_generation, seen);
-        if (g == seen) {
+        uint64_t gen = 0;
+        const int part = claim(&gen);
+        if (part >= 0) {
+            run_blocks(&pool_jobs[part]);
+            finish_part();
+            continue;
+        }
+        /* nothing to claim: wait for the next call (a new generation), spinning first */
+        const long until = now_ns() + SPIN_NS;
+        int changed = 0;
+        while (!changed && now_ns() < until) {
+            for (int k = 0; k < 64 && !changed; k++) {
+                changed = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) != gen;
+                cpu_relax();
+            }
+        }
+        if (!changed) {
             pthread_mutex_lock(&pool_lock);
-            while ((g = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE)) == seen)
+            while (WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) == gen)
                 pthread_cond_wait(&pool_start, &pool_lock);
             pthread_mutex_unlock(&pool_lock);
-        }
-        seen = g;
-        if (t < __atomic_load_n(&pool_parts, __ATOMIC_ACQUIRE)) {
-            run_blocks(&pool_jobs[t]);
-            if (__atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL) == 0) {
-                pthread_mutex_lock(&pool_lock);
-                pthread_cond_signal(&pool_done);
-                pthread_mutex_unlock(&pool_lock);
-            }
         }
     }
     return NULL;
@@ -274,41 +295,43 @@ static void pool_after_fork(void) { /* the child has no workers: start again (lo
     pool_lock = unlocked;
     pool_start = fresh;
     pool_done = fresh;
-    pool_workers = pool_parts = pool_pending = 0;
+    pool_workers = 0;
+    pool_pending = 0;
+    pool_word = WORD(WORD_GEN(pool_word) + 1, 0, 0);
 }
 
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
-/* Runs parts 0 .. parts-1 of jobs (part 0 on this thread); returns the number of threads that ran them. */
+/* Runs parts 0 .. parts-1 of jobs, on this thread and the pool's; returns the number of threads offered. */
 static int run_parallel(const qb_job *jobs, int parts) {
     pthread_once(&pool_once, pool_register_fork);
     if (parts > 1 && pthread_mutex_trylock(&pool_call) == 0) {
-        const unsigned long generation = __atomic_load_n(&pool_generation, __ATOMIC_ACQUIRE);
         while (pool_workers < parts - 1 && pool_workers + 1 < QB_MAX_THREADS) {
             pthread_t id;
-            uintptr_t arg = ((uintptr_t)generation << 8) | (uintptr_t)(pool_workers + 1);
-            if (pthread_create(&id, NULL, pool_worker, (void *)arg) != 0) break;
+            if (pthread_create(&id, NULL, pool_worker, NULL) != 0) break;
             pthread_detach(id);
             pool_workers++;
         }
-        const int used = parts - 1 < pool_workers ? parts : pool_workers + 1;
         for (int t = 0; t < parts; t++) pool_jobs[t] = jobs[t];
-        __atomic_store_n(&pool_parts, used, __ATOMIC_RELEASE);
-        __atomic_store_n(&pool_pending, used - 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_pending, parts, __ATOMIC_RELEASE);
         pthread_mutex_lock(&pool_lock);
-        __atomic_store_n(&pool_generation, generation + 1, __ATOMIC_RELEASE);
+        const uint64_t gen = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) + 1;
+        __atomic_store_n(&pool_word, WORD(gen, parts, 0), __ATOMIC_RELEASE);
         pthread_cond_broadcast(&pool_start);
         pthread_mutex_unlock(&pool_lock);
-        run_blocks(&jobs[0]);
-        for (int t = used; t < parts; t++) run_blocks(&jobs[t]); /* parts without a worker */
+        uint64_t seen;
+        for (int part; (part = claim(&seen)) >= 0;) { /* every part nobody else took */
+            run_blocks(&pool_jobs[part]);
+            __atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL);
+        }
         const long until = now_ns() + SPIN_NS;
         while (__atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0 && now_ns() < until) cpu_relax();
         pthread_mutex_lock(&pool_lock);
         while (__atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool_done, &pool_lock);
         pthread_mutex_unlock(&pool_lock);
         pthread_mutex_unlock(&pool_call);
-        return used;
+        return pool_workers + 1 < parts ? pool_workers + 1 : parts;
     }
     for (int t = 0; t < parts; t++) run_blocks(&jobs[t]);
     return 1;

@@ -1,0 +1,84 @@
+"""Builds one C source into a shared library, whole or not at all (standard library only).
+
+Run as a script by ``_native`` (``python _build_c.py SOURCE TARGET COMPILER...``) in a process of its own
+session, so that a build started by a short-lived process still completes and lands in the cache. The
+library is compiled under a temporary name, made readable by all, flushed to disk, and its SHA-256 is
+written beside it (``TARGET.sha256``) before both are renamed into place: a reader that finds the hash
+and a library that matches it has a whole library (a truncated one can crash the loading process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
+TIMEOUT_S = 300.0
+
+
+UNWRITABLE = 2  # the exit code when the target's folder cannot take the build
+
+
+class Unwritable(OSError):
+    """The target's folder cannot be written."""
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build(source: str, target: str, compiler: list[str]) -> str | None:
+    """Compiles ``source`` into ``target``; returns None, or the compiler's complaint."""
+    folder = os.path.dirname(target)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
+    except OSError as e:
+        raise Unwritable(f"cannot write to {folder}: {e}") from e
+    os.close(fd)
+    try:
+        complaint = ""
+        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):
+            try:
+                done = subprocess.run(
+                    [*compiler, *flags, source, "-o", tmp],
+                    capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+                )  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return f"{' '.join(compiler)} could not be run: {e}"
+            if done.returncode == 0:
+                os.chmod(tmp, 0o755)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                _write_synced(tmp + ".sha256", digest(tmp).encode())
+                os.replace(tmp + ".sha256", target + ".sha256")
+                os.replace(tmp, target)
+                return None
+            complaint = done.stderr.strip()[-400:]
+        return f"{' '.join(compiler)} failed to build {os.path.basename(source)}: {complaint}"
+    finally:
+        for leftover in (tmp, tmp + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+if __name__ == "__main__":
+    try:
+        problem = build(sys.argv[1], sys.argv[2], sys.argv[3:])
+    except OSError as e:  # the folder, the rename: nothing was built there
+        print(e, file=sys.stderr)
+        sys.exit(UNWRITABLE)
+    if problem:
+        print(problem, file=sys.stderr)
+    sys.exit(1 if problem else 0)
