@@ -74,6 +74,10 @@ def build(source: str, target: str, compiler: list[str]) -> str | None:
 
 
 if __name__ == "__main__":
+    try:  # the lowest priority: the process that asked keeps working (on the torch path) meanwhile
+        os.nice(19)
+    except (AttributeError, OSError):
+        pass
     try:
         problem = build(sys.argv[1], sys.argv[2], sys.argv[3:])
     except OSError as e:  # the folder, the rename: nothing was built there
