@@ -324,14 +324,10 @@ def dequantize_4bit_native(
         return None
     if code.dtype != torch.float32 or code.numel() != 16:
         return None
-    threads = torch.get_num_threads()
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             return None
-        out = torch.empty(n, dtype=dtype)
-        fn(flat.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), n, blocksize,
-           out.data_ptr(), kind, threads)  # fmt: skip
-        return out
+        return _kernel_call(fn, torch.empty(n, dtype=dtype), kind, flat, absmax, code, blocksize, n)
     assert nested_code is not None  # _check_pieces requires both
     if (
         absmax.dtype != torch.uint8
@@ -349,9 +345,35 @@ def dequantize_4bit_native(
     offset_f32 = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
     # entries past the last absmax block never read another nested scale: the same decode, in C's int64
     nested_blocksize = min(nested_blocksize, max(1, absmax.numel()))
-    out = torch.empty(n, dtype=dtype)
-    fn(flat.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
-       nested_blocksize, offset_f32, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
+    return _kernel_call(
+        fn, torch.empty(n, dtype=dtype), kind, flat, absmax, code, blocksize, n,
+        nested_absmax, nested_code, nested_blocksize, offset_f32,
+    )  # fmt: skip
+
+
+def _kernel_call(
+    fn: Any,
+    out: torch.Tensor,
+    kind: int,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    n: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_blocksize: int = 1,
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """One call of the C kernel into ``out`` (new memory of ``n`` elements), on torch's thread count."""
+    threads = torch.get_num_threads()
+    if nested_absmax is None:
+        fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), n, blocksize,
+           out.data_ptr(), kind, threads)  # fmt: skip
+    else:
+        assert nested_code is not None
+        fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
+           nested_blocksize, offset, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
     return out
 
 
@@ -385,18 +407,12 @@ class NF4CpuPlan:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
-        result = torch.empty(self.shape, dtype=self.dtype)
-        fn = cpu_4bit()
-        if nested_absmax is None:
-            fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, self.code.data_ptr(), self.n,
-               self.blocksize, result.data_ptr(), self.kind, torch.get_num_threads())  # fmt: skip
-        else:
-            assert nested_code is not None
-            if type(offset) is not float:  # a float rounds to float32 in the call, as torch rounds it
-                offset = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
-            fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
-               self.nested_blocksize, offset, self.code.data_ptr(), self.n,
-               self.blocksize, result.data_ptr(), self.kind, torch.get_num_threads())  # fmt: skip
+        if nested_absmax is not None and type(offset) is not float:  # a float rounds to float32 in the call
+            offset = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
+        result = _kernel_call(
+            cpu_4bit(), torch.empty(self.shape, dtype=self.dtype), self.kind, packed, absmax, self.code,
+            self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
+        )  # fmt: skip
         return result.t() if self.transpose else result
 
 
