@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
 TIMEOUT_S = 300.0
@@ -38,11 +39,25 @@ def _write_synced(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _remove_stale(folder: str) -> None:
+    """Removes what builds killed midway left (temporary files over an hour old)."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if ".so.tmp" in name:
+            path = os.path.join(folder, name)
+            try:
+                if now - os.lstat(path).st_mtime > 3600:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
 def build(source: str, target: str, compiler: list[str]) -> str | None:
     """Compiles ``source`` into ``target``; returns None, or the compiler's complaint."""
     folder = os.path.dirname(target)
     try:
         os.makedirs(folder, exist_ok=True)
+        _remove_stale(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     except OSError as e:
         raise Unwritable(f"cannot write to {folder}: {e}") from e

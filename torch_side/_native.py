@@ -10,8 +10,8 @@ It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``cl
 CPU and kept in qbridge's cache directory (``_cache.cache_dir``, under ``cpu-kernels/``), named by a hash
 of its source, the flags and the CPU's features, so a process after the first loads it in about a
 millisecond (after checking the hash written beside it: a damaged file is built again). The first
-process builds it in a background thread (about a second, in a process that finishes even if this one
-exits first) while its calls take
+process builds it in a background thread (about a second; a process that ends sooner waits for it at
+exit) while its calls take
 the torch path (the same bits); :func:`torch_side.wait_for_kernels` waits for that build (and makes a
 later first call wait for it).
 ``QBRIDGE_CPU_KERNEL=off`` keeps every call on the torch path. Without a compiler, or when the build
@@ -30,6 +30,7 @@ import pathlib
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -97,33 +98,36 @@ def _compiler() -> list[str]:
 
 
 def build(target: pathlib.Path) -> None:
-    """Compiles the kernel into ``target`` in a process of its own session (``_build_c.py``), which
-    finishes and lands the library whole even when this process exits first; waits for it here.
+    """Compiles the kernel into ``target`` in a process of its own session (``_build_c.py``: an interrupt
+    of this process's terminal does not stop it halfway); waits for it here.
 
     Raises:
         BuildError: no compiler, or it failed (its message is included).
     """
     compiler = _compiler()
     try:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, str(BUILDER), str(SOURCE), str(target), *compiler],
-            capture_output=True, text=True, check=False, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )  # fmt: skip
     except OSError as e:
         raise BuildError(f"the build could not be started: {e}") from e
-    if done.returncode != 0:
-        kind = Unwritable if done.returncode == UNWRITABLE else BuildError
-        raise kind(done.stderr.strip()[-600:] or f"the build exited with {done.returncode}")
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        kind = Unwritable if proc.returncode == UNWRITABLE else BuildError
+        raise kind(stderr.strip()[-600:] or f"the build exited with {proc.returncode}")
 
 
 def _whole(path: pathlib.Path) -> bool:
     """Whether ``path`` is a library this machine's builds wrote whole: the hash beside it matches, and it
     is owned by this user (or root) and not writable by others (a library is code this process runs)."""
+    sidecar = pathlib.Path(f"{path}.sha256")
     try:
-        st = path.stat()
-        if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
-            return False
-        recorded = pathlib.Path(f"{path}.sha256").read_text().strip()
+        for f in (path, sidecar):  # regular files (not links), this user's or root's, written by no other
+            st = f.lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
+                return False
+        recorded = sidecar.read_text().strip()
     except (OSError, AttributeError, UnicodeDecodeError):  # AttributeError: no getuid (Windows)
         return False
     return recorded == digest(str(path))
@@ -151,14 +155,18 @@ def _build_and_load() -> None:
                 if not _whole(path):
                     build(path)
                 if _whole(path):
-                    _FN = load(path)
-                    return
+                    try:
+                        _FN = load(path)
+                        return
+                    except BuildError as e:  # whole but not the kernel (replaced by hand): built again
+                        log.debug("%s could not be loaded (%s): built again", path, e)
+                        build(path)  # for the processes after this one; this one loaded that path already
             except Unwritable as e:
                 log.debug("%s cannot take the build (%s): building for this process only", root, e)
-        # no cache, or one that cannot take the build: a build for this process only, removed once loaded
-        # (the loaded library stays mapped)
-        with tempfile.TemporaryDirectory(prefix="qbridge-") as tmp:
-            path = library_path(pathlib.Path(tmp))
+        # no cache, or one that cannot take the build: a build for this process only, in a folder removed
+        # once loaded (the loaded library stays mapped)
+        with tempfile.TemporaryDirectory(prefix="qbridge-") as private:
+            path = library_path(pathlib.Path(private))
             build(path)
             _FN = load(path)
     except BuildError as e:
@@ -187,7 +195,11 @@ def cpu_4bit(wait: bool = False) -> Any:
             if root is not None and _whole(library_path(root)):
                 _build_and_load()
                 return _FN
-            _BUILDING = threading.Thread(target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=True)
+            # not a daemon: a process that ends sooner waits for the build at exit (once per machine), so
+            # that the cache gets the library and a private build's folder is removed
+            _BUILDING = threading.Thread(
+                target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=False
+            )
             _BUILDING.start()
         building = _BUILDING
     if (wait or _WAIT_FROM_NOW) and building is not None:

@@ -460,17 +460,21 @@ def _plan_key(
     backend: Any,
     check_finite: Any,
 ) -> tuple[Any, ...] | None:
-    """The key of this call's plan (``_plans``), or None when it has none: only CUDA calls without ``code``
-    or ``check_finite`` have one."""
+    """The key of this call's plan (``_plans``), or None when it has none: only CUDA and CPU calls without
+    ``code`` or ``check_finite`` have one."""
     if code is not None or check_finite or not isinstance(packed, torch.Tensor):
         return None
     if not (packed.is_cuda or packed.is_cpu) or not isinstance(absmax, torch.Tensor):
         return None
-    if type(blocksize) is not int or type(nested_blocksize) is not int:
-        return None  # 64.0 hashes as 64: only exact ints may skip the checks
+    if (
+        type(blocksize) is not int
+        or type(nested_blocksize) is not int
+        or type(shape) not in (tuple, torch.Size)
+    ):
+        return None  # 64.0 hashes as 64, an iterator would be used up: only exact types may skip the checks
     if any(
         isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj())
-        for t in (absmax, nested_absmax, nested_code, offset)
+        for t in (packed, absmax, nested_absmax, nested_code, offset)
     ):
         return None  # a lazy negation: the pointers hold other values (resolved by the full path)
     try:

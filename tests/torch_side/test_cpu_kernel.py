@@ -375,6 +375,12 @@ def test_inputs_the_kernel_must_not_take_at_face_value(kernel):
         _same_as_torch_path(
             lambda b: torch_side.dequantize_nf4(packed, torch._neg_view(absmax), shape=(n,), backend=b)
         )
+        for storage in (torch.uint8, torch.bfloat16):  # a negated packed weight is other bytes
+            neg = torch._neg_view(packed.view(storage))
+            _same_as_torch_path(
+                lambda b, neg=neg: torch_side.dequantize_nf4(neg, absmax, shape=(n,), backend=b)
+            )
+        _same_as_torch_path(lambda b: torch_side.dequantize_nf4(packed, absmax, shape=iter((n,)), backend=b))
         _same_as_torch_path(
             lambda b: torch_side.dequantize_nf4(
                 packed, absmax, shape=(n,), code=torch._neg_view(torch_side.standard_code("nf4")), backend=b
@@ -479,7 +485,7 @@ def test_a_short_process_still_fills_the_cache(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [built.name, built.name + ".sha256"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "world-writable", "no hash"])
+@pytest.mark.parametrize("damage", ["truncate", "world-writable", "no hash", "a link", "another library"])
 def test_a_damaged_or_foreign_library_is_built_again_not_loaded(tmp_path, damage):
     """A truncated library (dlopen of one can kill the process), one that others may write, or one
     without its hash is not loaded: it is built again."""
@@ -490,12 +496,33 @@ def test_a_damaged_or_foreign_library_is_built_again_not_loaded(tmp_path, damage
         built.write_bytes(built.read_bytes()[:4096])
     elif damage == "world-writable":
         built.chmod(0o777)
-    else:
+    elif damage == "no hash":
         pathlib.Path(f"{built}.sha256").unlink()
+    else:  # a library that is not the kernel, with its true hash beside it: linked to, or copied
+        other = _some_library()
+        built.unlink()
+        if damage == "a link":
+            built.symlink_to(other)
+        else:
+            shutil.copyfile(other, built)
+            built.chmod(0o755)
+        pathlib.Path(f"{built}.sha256").write_text(hashlib.sha256(other.read_bytes()).hexdigest())
     again = _run(PROBE, **env)
     assert again.returncode == 0, again.stderr
-    assert "at once False after waiting True" in again.stdout
+    # one that looks whole is loaded on the first call, fails, and is built again on the spot
+    expected = "after waiting True" if damage == "another library" else "at once False after waiting True"
+    assert expected in again.stdout
     assert (built.stat().st_mode & 0o777) == 0o755 and pathlib.Path(f"{built}.sha256").exists()
+    assert not built.is_symlink() and b"qb_dequantize_4bit" in built.read_bytes()
+
+
+def _some_library() -> pathlib.Path:
+    """A shared library of the system's that is not the kernel (the math library)."""
+    for folder in ("/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib"):
+        for name in ("libm.so.6", "libm.dylib"):
+            if (pathlib.Path(folder) / name).is_file():
+                return (pathlib.Path(folder) / name).resolve()
+    pytest.skip("no libm found to stand in for another library")
 
 
 def test_a_cache_that_cannot_take_the_build_gets_none(tmp_path):
@@ -507,6 +534,9 @@ def test_a_cache_that_cannot_take_the_build_gets_none(tmp_path):
         done = _run(PROBE, QBRIDGE_CACHE_DIR=cache, TMPDIR=str(tmp))
         assert done.returncode == 0, done.stderr
         assert "after waiting True" in done.stdout, done.stderr
+        assert list(tmp.iterdir()) == []
+        short = _run(SHORT, QBRIDGE_CACHE_DIR=cache, TMPDIR=str(tmp))  # ends while its build runs
+        assert short.returncode == 0, short.stderr
         assert list(tmp.iterdir()) == []
 
 
