@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
 
 # JAX must not take 75 % of the card that torch shares with it in the GPU tests.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# What qbridge remembers between processes (models built on the meta device) stays inside the test run.
-os.environ.setdefault("QBRIDGE_CACHE_DIR", tempfile.mkdtemp(prefix="qbridge-test-cache-"))
+# What qbridge remembers between processes (models built on the meta device, the CPU kernel) stays inside
+# the test run, and goes with it.
+if "QBRIDGE_CACHE_DIR" not in os.environ:
+    os.environ["QBRIDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="qbridge-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["QBRIDGE_CACHE_DIR"], ignore_errors=True)
 
 
 def _cuda_visible() -> bool:

@@ -139,6 +139,7 @@ def load(path: pathlib.Path) -> Any:
         fn = ctypes.CDLL(str(path)).qb_dequantize_4bit
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
+    log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, i64, i64, p, i32, i32]
     fn.restype = i32
