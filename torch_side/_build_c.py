@@ -17,7 +17,7 @@ import tempfile
 import time
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
-TIMEOUT_S = 300.0
+TIMEOUT_S = 120.0
 
 
 UNWRITABLE = 2  # the exit code when the target's folder cannot take the build

@@ -10,8 +10,8 @@ It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``cl
 CPU and kept in qbridge's cache directory (``_cache.cache_dir``, under ``cpu-kernels/``), named by a hash
 of its source, the flags and the CPU's features, so a process after the first loads it in about a
 millisecond (after checking the hash written beside it: a damaged file is built again). The first
-process builds it in a background thread (about a second; a process that ends sooner waits for it at
-exit) while its calls take
+process builds it in a background thread (about a second; a process that ends sooner leaves it to
+finish in its own session) while its calls take
 the torch path (the same bits); :func:`torch_side.wait_for_kernels` waits for that build (and makes a
 later first call wait for it).
 ``QBRIDGE_CPU_KERNEL=off`` keeps every call on the torch path. Without a compiler, or when the build
@@ -22,6 +22,7 @@ directory removed once loaded.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -30,6 +31,7 @@ import pathlib
 import platform
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -54,6 +56,10 @@ _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no 
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
 _WAIT_FROM_NOW = False  # set by torch_side.wait_for_kernels: later first calls wait for the build
+_PRIVATE: pathlib.Path | None = None  # the folder of a build for this process only (made before it starts)
+_PRIVATE_BUILD: subprocess.Popen[str] | None = None  # that build's process, stopped at exit
+_EXITING = False  # set at exit, when a private build may no longer start
+_EXIT_LOCK = threading.Lock()
 
 
 class BuildError(RuntimeError):
@@ -104,14 +110,21 @@ def build(target: pathlib.Path) -> None:
     Raises:
         BuildError: no compiler, or it failed (its message is included).
     """
+    global _PRIVATE_BUILD
     compiler = _compiler()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, str(BUILDER), str(SOURCE), str(target), *compiler],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
-    except OSError as e:
-        raise BuildError(f"the build could not be started: {e}") from e
+    private = _PRIVATE is not None and target.is_relative_to(_PRIVATE)
+    with _EXIT_LOCK:  # a private build starts before the exit handler looks, or not at all
+        if private and _EXITING:
+            raise BuildError("the process is exiting")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, str(BUILDER), str(SOURCE), str(target), *compiler],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
+        except OSError as e:
+            raise BuildError(f"the build could not be started: {e}") from e
+        if private:
+            _PRIVATE_BUILD = proc  # stopped at exit (_remove_private)
     _, stderr = proc.communicate()
     if proc.returncode != 0:
         kind = Unwritable if proc.returncode == UNWRITABLE else BuildError
@@ -164,18 +177,25 @@ def _build_and_load() -> None:
                         build(path)  # for the processes after this one; this one loaded that path already
             except Unwritable as e:
                 log.debug("%s cannot take the build (%s): building for this process only", root, e)
-        # no cache, or one that cannot take the build: a build for this process only, in a folder removed
-        # once loaded (the loaded library stays mapped)
-        with tempfile.TemporaryDirectory(prefix="qbridge-") as private:
-            path = library_path(pathlib.Path(private))
+        # no cache, or one that cannot take the build: a build for this process only, in the folder
+        # cpu_4bit made, removed once loaded (the loaded library stays mapped) or at exit
+        private = _PRIVATE if _PRIVATE is not None else pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
+        try:
+            path = library_path(private)
             build(path)
             _FN = load(path)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
     except BuildError as e:
         _UNAVAILABLE = True
-        log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %s", e)
+        if not _EXITING:  # a private build stopped at exit is no news
+            log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %s", e)
     except Exception as e:  # a missing source, an unreadable home: the torch path still answers
         _UNAVAILABLE = True
         log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %r", e)
+    finally:
+        if _PRIVATE is not None:  # unused, or loaded from
+            shutil.rmtree(_PRIVATE, ignore_errors=True)
 
 
 def cpu_4bit(wait: bool = False) -> Any:
@@ -196,16 +216,40 @@ def cpu_4bit(wait: bool = False) -> Any:
             if root is not None and _whole(library_path(root)):
                 _build_and_load()
                 return _FN
-            # not a daemon: a process that ends sooner waits for the build at exit (once per machine), so
-            # that the cache gets the library and a private build's folder is removed
-            _BUILDING = threading.Thread(
-                target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=False
-            )
+            # a process that ends first leaves a build for the cache to finish (its own session), and
+            # stops a build for itself only and removes its folder (made here, before any exit can begin)
+            _make_private()
+            _BUILDING = threading.Thread(target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=True)
             _BUILDING.start()
         building = _BUILDING
     if (wait or _WAIT_FROM_NOW) and building is not None:
         building.join()
     return _FN
+
+
+def _make_private() -> None:
+    """The folder a build for this process only would use, and its removal at exit."""
+    global _PRIVATE
+    _PRIVATE = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
+    atexit.register(_remove_private, _PRIVATE, os.getpid())
+
+
+def _remove_private(folder: pathlib.Path, owner: int) -> None:
+    """At exit: stops a build for this process only that still runs, and removes its folder (not in a
+    forked child, which inherits the handler but not the build)."""
+    global _EXITING
+    if os.getpid() != owner:
+        return
+    with _EXIT_LOCK:
+        _EXITING = True
+        build = _PRIVATE_BUILD
+    if build is not None and build.poll() is None:
+        try:  # the builder leads its own process group: its compiler goes with it
+            os.killpg(build.pid, signal.SIGKILL)
+        except (OSError, AttributeError):  # AttributeError: no killpg (Windows)
+            build.kill()
+        build.wait()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _after_fork_in_child() -> None:

@@ -557,3 +557,21 @@ def test_float16_nan_payloads_without_the_compilers_float16(tmp_path):
     done = _run(code, QBRIDGE_CACHE_DIR=str(tmp_path), CC="gcc -U__FLT16_MAX__")
     assert done.returncode == 0, done.stderr
     assert "kernel True same True" in done.stdout
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not shutil.which("pkill"), reason="uses a shell script and pkill"
+)
+def test_a_hanging_compiler_does_not_hold_the_process(tmp_path):
+    """The build runs beside the process: one that ends while its compiler hangs ends at once (the build
+    is left to its own time limit), and its first call was answered by the torch path."""
+    hang = tmp_path / "hanging-cc"
+    hang.write_text("#!/bin/sh\nwhile :; do sleep 1; done\n")
+    hang.chmod(0o755)
+    try:
+        t0 = time.monotonic()
+        done = _run(SHORT, QBRIDGE_CACHE_DIR=str(tmp_path / "cache"), CC=str(hang))
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - t0 < 60
+    finally:
+        subprocess.run(["pkill", "-f", str(hang)], check=False)
