@@ -23,10 +23,6 @@ TIMEOUT_S = 120.0
 UNWRITABLE = 2  # the exit code when the target's folder cannot take the build
 
 
-class Unwritable(OSError):
-    """The target's folder cannot be written."""
-
-
 def digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -60,7 +56,7 @@ def build(source: str, target: str, compiler: list[str]) -> str | None:
         _remove_stale(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     except OSError as e:
-        raise Unwritable(f"cannot write to {folder}: {e}") from e
+        raise OSError(f"cannot write to {folder}: {e}") from e
     os.close(fd)
     try:
         complaint = ""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -48,8 +49,6 @@ SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
 BUILDER = pathlib.Path(__file__).with_name("_build_c.py")
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
-NO_COMPILER = "no C compiler found"
-KINDS = {"float32": 0, "bfloat16": 1, "float16": 2}  # the kernel's output kinds, by torch dtype name
 
 _FN: Any = None  # the loaded qb_dequantize_4bit, once ready
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
@@ -82,6 +81,7 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
+@functools.cache  # read once per process: the source, the CPU's features
 def library_path(root: pathlib.Path) -> pathlib.Path:
     """Where the built kernel lies under ``root``: named by a hash of its source, flags, compiler choice,
     platform and CPU features (a cache shared by machines with other CPUs holds one build per CPU)."""
@@ -100,7 +100,7 @@ def _compiler() -> list[str]:
         found = shutil.which(name)
         if found:
             return [found]
-    raise BuildError(f"{NO_COMPILER} (set CC, or install cc, gcc or clang)")
+    raise BuildError("no C compiler found (set CC, or install cc, gcc or clang)")
 
 
 def build(target: pathlib.Path) -> None:
@@ -178,14 +178,10 @@ def _build_and_load() -> None:
             except Unwritable as e:
                 log.debug("%s cannot take the build (%s): building for this process only", root, e)
         # no cache, or one that cannot take the build: a build for this process only, in the folder
-        # cpu_4bit made, removed once loaded (the loaded library stays mapped) or at exit
-        private = _PRIVATE if _PRIVATE is not None else pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
-        try:
-            path = library_path(private)
-            build(path)
-            _FN = load(path)
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
+        # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
+        path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
+        build(path)
+        _FN = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _EXITING:  # a private build stopped at exit is no news
@@ -227,11 +223,12 @@ def cpu_4bit(wait: bool = False) -> Any:
     return _FN
 
 
-def _make_private() -> None:
+def _make_private() -> pathlib.Path:
     """The folder a build for this process only would use, and its removal at exit."""
     global _PRIVATE
     _PRIVATE = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
     atexit.register(_remove_private, _PRIVATE, os.getpid())
+    return _PRIVATE
 
 
 def _remove_private(folder: pathlib.Path, owner: int) -> None:

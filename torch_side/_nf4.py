@@ -34,11 +34,12 @@ from ._checks import (
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
-from ._native import KINDS, cpu_4bit
+from ._native import cpu_4bit
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
+CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C kernel's output kinds
 
 
 def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -315,7 +316,7 @@ def dequantize_4bit_native(
     fn = cpu_4bit(wait)
     if fn is None or flat.device.type != "cpu":
         return None
-    kind = KINDS.get(str(dtype).removeprefix("torch."))
+    kind = CPU_KINDS.get(dtype)
     pieces = [flat, absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
     if kind is None or not all(
         p is not None and p.device.type == "cpu" and p.is_contiguous() and not (p.is_neg() or p.is_conj())
@@ -341,13 +342,9 @@ def dequantize_4bit_native(
         offset.device.type != "cpu" or offset.is_neg() or offset.is_conj()
     ):
         return None
-    # rounded to float32 (and refused unless one number) as the reference does
-    offset_f32 = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
-    # entries past the last absmax block never read another nested scale: the same decode, in C's int64
-    nested_blocksize = min(nested_blocksize, max(1, absmax.numel()))
     return _kernel_call(
         fn, torch.empty(n, dtype=dtype), kind, flat, absmax, code, blocksize, n,
-        nested_absmax, nested_code, nested_blocksize, offset_f32,
+        nested_absmax, nested_code, nested_blocksize, offset,
     )  # fmt: skip
 
 
@@ -363,17 +360,21 @@ def _kernel_call(
     nested_absmax: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     nested_blocksize: int = 1,
-    offset: float = 0.0,
+    offset: Any = 0.0,
 ) -> torch.Tensor:
     """One call of the C kernel into ``out`` (new memory of ``n`` elements), on torch's thread count."""
     threads = torch.get_num_threads()
     if nested_absmax is None:
         fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), n, blocksize,
            out.data_ptr(), kind, threads)  # fmt: skip
-    else:
-        assert nested_code is not None
-        fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
-           nested_blocksize, offset, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
+        return out
+    assert nested_code is not None
+    if type(offset) is not float:  # rounded to float32 (and refused unless one number) as the reference does;
+        offset = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()  # a float rounds in the call
+    # entries past the last absmax block never read another nested scale: the same decode, in C's int64
+    nested_blocksize = min(nested_blocksize, max(1, -(-n // blocksize)))
+    fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
+       nested_blocksize, offset, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
     return out
 
 
@@ -393,8 +394,7 @@ class NF4CpuPlan:
         nested_blocksize: int,
     ) -> None:
         self.shape, self.dtype, self.code, self.blocksize, self.n = shape, dtype, code, blocksize, n
-        self.kind, self.transpose = KINDS[str(dtype).removeprefix("torch.")], transpose
-        self.nested_blocksize = min(nested_blocksize, max(1, -(-n // blocksize)))  # as dequantize_4bit_native
+        self.kind, self.transpose, self.nested_blocksize = CPU_KINDS[dtype], transpose, nested_blocksize
 
     def __call__(
         self,
@@ -407,8 +407,6 @@ class NF4CpuPlan:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
-        if nested_absmax is not None and type(offset) is not float:  # a float rounds to float32 in the call
-            offset = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
         result = _kernel_call(
             cpu_4bit(), torch.empty(self.shape, dtype=self.dtype), self.kind, packed, absmax, self.code,
             self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
