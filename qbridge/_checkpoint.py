@@ -25,7 +25,7 @@ import pathlib
 import pickle
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import Any
 
 import numpy as np
@@ -127,13 +127,7 @@ class _Source:
             stored = list(handle.keys())
             available = set(stored)
             meta = handle.metadata() or {}
-            for key in stored if keys is None else keys:
-                if key not in available:
-                    raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
-                if key in self.key_file:
-                    raise CheckpointError(
-                        f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
-                    )
+            for key in self._selected(path, stored, available, keys):
                 sl = handle.get_slice(key)
                 self.key_file[key] = path
                 self.shapes[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, key))
@@ -144,6 +138,20 @@ class _Source:
         self._open[path] = handle
         self._files[path] = open(path, "rb")  # closed by close()
         self.metadata[path] = meta
+
+    def _selected(
+        self, path: pathlib.Path, stored: list[str], available: Container[str], keys: list[str] | None
+    ) -> list[str]:
+        """The keys of ``path`` to add: all it stores, or an index's ``keys`` for it, each of which it must
+        hold; none may be held by a file added before."""
+        for key in stored if keys is None else keys:
+            if key not in available:
+                raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
+            if key in self.key_file:
+                raise CheckpointError(
+                    f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
+                )
+        return stored if keys is None else keys
 
     def add_torch(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         """Adds a torch state-dict file (loaded mapped, ``weights_only``); ``keys``: only those (an index's
@@ -170,20 +178,11 @@ class _Source:
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
-        if keys is not None:
-            for key in keys:
-                if key not in state:
-                    raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
-            state = {key: state[key] for key in keys}
+        state = {key: state[key] for key in self._selected(path, list(state), state, keys)}
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(
                     f"{path}: expected a state dict of tensors; {key!r} holds a {type(value).__name__}"
-                )
-        for key in state:
-            if key in self.key_file:
-                raise CheckpointError(
-                    f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
                 )
         self._state = {**(self._state or {}), **state}
         self.maps_files = True
