@@ -5,7 +5,8 @@ GPUs it runs a Pallas kernel (the Triton lowering) that reads the stored pieces 
 or FP8 values and scales), decodes one tile at a time as ``jax_side.dequantize_nf4`` /
 ``jax_side.dequantize_fp8`` do (``code[q] * absmax`` or ``float32(w) * scale`` in float32, rounded to the
 weight's dtype, then cast to the computation dtype) and feeds it to the tensor cores with float32
-accumulation. No dense weight exists in memory at any point.
+accumulation; a single row of x times an NF4/FP4 weight (one token) is multiplied on the vector units
+instead, with float32 products and sums. No dense weight exists in memory at any point.
 
 The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other
 backends) is made in one place, :func:`matmul_path`:
@@ -150,10 +151,17 @@ _SMS = 132  # H100/H200 multiprocessors: the grid aims at about one wave of prog
 _tiles_override: Any = None  # benchmarks/fused_matmul.py tries other tiles through this
 
 
-def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool) -> _Tiles:
-    """Tile sizes for ``[m, k] @ [k, n]``; ``step`` is the contraction's granularity (a power of two)."""
+def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool, gemv: bool = False) -> _Tiles:
+    """Tile sizes for ``[m, k] @ [k, n]``; ``step`` is the contraction's granularity (a power of two).
+    ``gemv``: one row of x multiplied on the vector units (NF4), whose programs are smaller: the grid aims
+    at four waves of them."""
     if _tiles_override is not None:
-        return _tiles_override(m, n, k, step, gathers)
+        t = _tiles_override(m, n, k, step, gathers)
+        return t._replace(bm=1) if gemv else t
+    if gemv:
+        bn, bk = 32, max(step, 256)
+        programs = -(-n // bn)
+        return _Tiles(1, bn, bk, max(1, min(-(-k // bk), -(-4 * _SMS // programs))), 4, 1)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128  # each block of x decodes W once more
     bn = 32 if m <= 16 else 64
     bk = max(step, 256 if m <= 16 else 128)
@@ -235,57 +243,118 @@ def _split_steps(k_steps: int, t: _Tiles) -> tuple[int, _Tiles]:
 # ------------------------------------------------------------------------------------------- NF4 / FP4
 
 
+def _nf4_step(
+    packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, p: _Program, i: Any, *, groups: int,
+    half: int, bg: int, steps: int, nested_blocksize: int, nested: bool, wdtype: Any, cdtype: Any, bn: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """Step ``i`` of a program's contraction: its ``bg`` absmax blocks of ``bn`` weight rows decoded, as
+    ``(hi, lo, g0)``: the high and low nibbles' values ``[bn, bg * half]`` in ``cdtype`` (the weight's even
+    and odd columns) and the first block's index along the row."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    g0 = (p.ps * steps + i) * bg
+    gs = g0 + jnp.arange(bg)
+    ok = p.row_ok[:, None] & (gs < groups)[None, :]
+    q = plt.load(packed_ref.at[pl.ds(p.pn * bn, bn), pl.ds(g0, bg), :], mask=ok[:, :, None], other=0)
+    a = plt.load(absmax_ref.at[pl.ds(p.pn * bn, bn), pl.ds(g0, bg)], mask=ok, other=0)
+    if nested:  # nested_code[a] * nested_absmax[block // nested_blocksize] + offset, as bitsandbytes decodes
+        block = jnp.minimum(
+            (p.rows[:, None] * groups + gs[None, :]) // nested_blocksize, nabs_ref.shape[0] - 1
+        )
+        scale = ncode_ref[a.astype(jnp.int32)] * nabs_ref[block] + offset_ref[0]
+    else:
+        scale = a
+    scale = scale[:, :, None]
+    kb = bg * half
+    hi = (code_ref[(q >> 4).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(bn, kb)
+    lo = (code_ref[(q & 15).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(bn, kb)
+    return hi, lo, g0
+
+
 def _nf4_kernel(
-    x_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
+    x_ref, xo_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
     *, m: int, n: int, groups: int, half: int, bg: int, steps: int, nested_blocksize: int, nested: bool,
-    wdtype: Any, t: _Tiles,
+    wdtype: Any, t: _Tiles, split_x: bool,
 ):  # fmt: skip
+    """The tensor-core kernel. ``split_x``: ``x_ref``/``xo_ref`` hold x's even and odd columns (read as
+    tiles); else ``x_ref`` holds x, read with a stride of 2 (cheaper for up to 16 rows)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
     p = _program(m, n, t)
-    pn, ps, pm, rows, row_ok, x_ok = p
     kb = bg * half  # bytes of a weight row per step; twice as many elements
-    cdtype = x_ref.dtype
+    decode = functools.partial(
+        _nf4_step, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, p, groups=groups,
+        half=half, bg=bg, steps=steps, nested_blocksize=nested_blocksize, nested=nested, wdtype=wdtype,
+        cdtype=x_ref.dtype, bn=t.bn,
+    )  # fmt: skip
 
     def body(i, acc):
-        g0 = (ps * steps + i) * bg
-        gs = g0 + jnp.arange(bg)
-        ok = row_ok[:, None] & (gs < groups)[None, :]
-        q = plt.load(packed_ref.at[pl.ds(pn * t.bn, t.bn), pl.ds(g0, bg), :], mask=ok[:, :, None], other=0)
-        a = plt.load(absmax_ref.at[pl.ds(pn * t.bn, t.bn), pl.ds(g0, bg)], mask=ok, other=0)
-        if (
-            nested
-        ):  # nested_code[a] * nested_absmax[block // nested_blocksize] + offset, as bitsandbytes decodes
-            block = jnp.minimum(
-                (rows[:, None] * groups + gs[None, :]) // nested_blocksize, nabs_ref.shape[0] - 1
-            )
-            scale = ncode_ref[a.astype(jnp.int32)] * nabs_ref[block] + offset_ref[0]
-        else:
-            scale = a
-        scale = scale[:, :, None]
-        hi = (code_ref[(q >> 4).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
-        lo = (code_ref[(q & 15).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
+        hi, lo, g0 = decode(i)
         # the even elements of x meet the high nibbles, the odd ones the low nibbles
         k_ok = (g0 * half + jnp.arange(kb)) < groups * half
-        x_mask = x_ok[:, None] & k_ok[None, :]
-        even = jnp.broadcast_to(2 * (g0 * half + jnp.arange(kb))[None, :], (t.bm, kb))
-        xrows = jnp.broadcast_to((pm * t.bm + jnp.arange(t.bm))[:, None], (t.bm, kb))
-        xe = plt.load(x_ref.at[xrows, even], mask=x_mask, other=0)
-        xo = plt.load(x_ref.at[xrows, even + 1], mask=x_mask, other=0)
+        x_mask = p.x_ok[:, None] & k_ok[None, :]
+        if split_x:
+            tile = (pl.ds(p.pm * t.bm, t.bm), pl.ds(g0 * half, kb))
+            xe = plt.load(x_ref.at[tile], mask=x_mask, other=0)
+            xo = plt.load(xo_ref.at[tile], mask=x_mask, other=0)
+        else:
+            even = jnp.broadcast_to(2 * (g0 * half + jnp.arange(kb))[None, :], (t.bm, kb))
+            xrows = jnp.broadcast_to((p.pm * t.bm + jnp.arange(t.bm))[:, None], (t.bm, kb))
+            xe = plt.load(x_ref.at[xrows, even], mask=x_mask, other=0)
+            xo = plt.load(x_ref.at[xrows, even + 1], mask=x_mask, other=0)
         return acc + _dot(xe, hi) + _dot(xo, lo)
 
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
     _store(out_ref, acc, p, t)
 
 
+def _nf4_gemv_kernel(
+    x_ref, xo_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
+    *, m: int, n: int, groups: int, half: int, bg: int, steps: int, nested_blocksize: int, nested: bool,
+    wdtype: Any, t: _Tiles, split_x: bool,
+):  # fmt: skip
+    """One row of x on the vector units: ``acc[bn, kb] += w * x`` elementwise in float32 (products of the
+    decoded weight and x, both exact in float32), summed along the contraction once at the end. ``x_ref``
+    and ``xo_ref`` hold x's even and odd columns."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    p = _program(m, n, t)
+    kb = bg * half
+    decode = functools.partial(
+        _nf4_step, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, p, groups=groups,
+        half=half, bg=bg, steps=steps, nested_blocksize=nested_blocksize, nested=nested, wdtype=wdtype,
+        cdtype=x_ref.dtype, bn=t.bn,
+    )  # fmt: skip
+
+    def body(i, acc):
+        hi, lo, g0 = decode(i)
+        k_ok = (g0 * half + jnp.arange(kb)) < groups * half
+        tile = (pl.ds(0, 1), pl.ds(g0 * half, kb))
+        xe = plt.load(x_ref.at[tile], mask=k_ok[None, :], other=0).astype(jnp.float32)  # [1, kb]
+        xo = plt.load(xo_ref.at[tile], mask=k_ok[None, :], other=0).astype(jnp.float32)
+        # the select keeps the roundings above: XLA's CPU compiler (Pallas' interpreter) folds a narrowing
+        # conversion followed by a widening one into nothing
+        zero = jnp.zeros((), hi.dtype)
+        hi = jnp.where(k_ok[None, :], hi, zero).astype(jnp.float32)
+        lo = jnp.where(k_ok[None, :], lo, zero).astype(jnp.float32)
+        return acc + hi * xe + lo * xo
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bn, kb), jnp.float32))
+    _store(out_ref, jnp.sum(acc, axis=1)[None, :], p, t)
+
+
 def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
-    """``x [m, k] @ dequantize(w).T`` in ``x.dtype`` through the kernel."""
+    """``x [m, k] @ dequantize(w).T`` in ``x.dtype`` through the kernel: for one row of x the vector-unit
+    kernel, else the tensor-core one (x's even and odd columns split before it above 16 rows)."""
     n, k = w.shape
     m = x.shape[0]
     bs = w.blocksize
     half, groups = bs // 2, k // bs
-    t = _tiles(m, n, k, bs, gathers=True)
+    gemv = m == 1
+    t = _tiles(m, n, k, bs, gathers=True, gemv=gemv)
     bg = t.bk // bs
     steps, t = _split_steps(-(-groups // bg), t)
 
@@ -297,12 +366,14 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     ncode = w.nested_code.reshape(-1) if w.nested_code is not None else jnp.zeros((1,), jnp.float32)
     offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)  # None: not nested
     code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
+    split_x = gemv or m > 16
+    xs = (x[:, 0::2], x[:, 1::2]) if split_x else (x, x[:1, :1])  # the second: an unread placeholder
     kernel = functools.partial(
-        _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps,
-        nested_blocksize=w.nested_blocksize, nested=nested, wdtype=jnp.dtype(w.dtype), t=t,
+        _nf4_gemv_kernel if gemv else _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps,
+        nested_blocksize=w.nested_blocksize, nested=nested, wdtype=jnp.dtype(w.dtype), t=t, split_x=split_x,
     )  # fmt: skip
-    return _call(kernel, (x, packed, absmax, nabs, ncode, offset, code), m=m, n=n, dtype=x.dtype, t=t,
-                 interpret=interpret, name="qbridge_nf4_matmul")  # fmt: skip
+    return _call(kernel, (*xs, packed, absmax, nabs, ncode, offset, code), m=m, n=n, dtype=x.dtype, t=t,
+                 interpret=interpret, name="qbridge_nf4_gemv" if gemv else "qbridge_nf4_matmul")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- FP8

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -107,11 +108,20 @@ WEIGHTS = {
 def test_kernel_equals_expand_then_matmul(name, dtype):
     w = WEIGHTS[name]()
     assert jax_side.fits_kernel(w) is None
-    for m in (1, 19) if dtype == jnp.bfloat16 else (3,):
+    for m in (1, 19) if dtype == jnp.bfloat16 else (1, 3):
         x = x_for(m, w.shape[1], dtype, seed=m)
         with jax_side.matmul_path("interpret"):
             got = jax.jit(jax_side.quantized_matmul)(x, w)
         assert_close(got, x, w)
+
+
+def test_which_nf4_kernel_each_row_count_takes():
+    """One row of x: the vector-unit kernel (a decode-bound matrix-vector product); more: the tensor cores."""
+    w = nf4((64, 128))
+    for m, name in ((1, "qbridge_nf4_gemv"), (5, "qbridge_nf4_matmul"), (40, "qbridge_nf4_matmul")):
+        with jax_side.matmul_path("interpret"):
+            jaxpr = str(jax.make_jaxpr(jax_side.quantized_matmul)(x_for(m, 128, jnp.bfloat16), w))
+        assert set(re.findall(r"qbridge_nf4_\w+", jaxpr)) == {name}, m
 
 
 def test_many_tokens_split_and_leading_dimensions():
@@ -268,13 +278,15 @@ def test_gradients_vmap_and_layers():
         grad_x = jax.jit(jax.grad(lambda x: (jax_side.quantized_matmul(x, w) ** 2).sum()))(x)
         y = jax_side.quantized_matmul(x, w)
         batched = jax.jit(jax.vmap(jax_side.quantized_matmul, in_axes=(0, None)))(x.reshape(3, 1, 128), w)
+        rows = [jax_side.quantized_matmul(x[i : i + 1], w) for i in range(3)]  # one row: the same kernel
         layer = jax_side.QuantLinear(w, jnp.ones(48), lora=jax_side.LoraConfig(r=4), rngs=nnx.Rngs(0))
         grads = nnx.grad(lambda m, x: (m(x) ** 2).sum())(layer, x)
         fused_out = layer(x)
     np.testing.assert_allclose(
         np.asarray(grad_x), 2 * np.asarray(y, np.float64) @ dense, rtol=1e-5, atol=1e-5
     )
-    np.testing.assert_allclose(np.asarray(batched).reshape(3, 48), np.asarray(y), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(batched).reshape(3, 48), np.concatenate(rows), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(batched).reshape(3, 48), np.asarray(y), rtol=1e-5, atol=1e-5)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
     assert names == {"bias", "lora.lora_A", "lora.lora_B"}
     with jax_side.matmul_path("expand"):
@@ -381,7 +393,8 @@ def test_sharded_weights():
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_kernel_on_the_gpu(name):
     w = jax.device_put(WEIGHTS[name](), jax.devices("gpu")[0])
-    for dtype, m in ((jnp.bfloat16, 1), (jnp.bfloat16, 40), (jnp.float32, 5), (jnp.float16, 16)):
+    for dtype, m in ((jnp.bfloat16, 1), (jnp.bfloat16, 40), (jnp.float32, 5), (jnp.float16, 16),
+                     (jnp.float32, 1), (jnp.float16, 1)):  # fmt: skip
         x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), jax.devices("gpu")[0])
         with jax_side.matmul_path("auto"):
             lowered = jax.jit(jax_side.quantized_matmul).lower(x, w)
