@@ -5,8 +5,8 @@ GPUs it runs a Pallas kernel (the Triton lowering) that reads the stored pieces 
 or FP8 values and scales), decodes one tile at a time as ``jax_side.dequantize_nf4`` /
 ``jax_side.dequantize_fp8`` do (``code[q] * absmax`` or ``float32(w) * scale`` in float32, rounded to the
 weight's dtype, then cast to the computation dtype) and feeds it to the tensor cores with float32
-accumulation; a single row of x times an NF4/FP4 weight (one token) is multiplied on the vector units
-instead, with float32 products and sums. No dense weight exists in memory at any point.
+accumulation; a single row of x (one token) is multiplied on the vector units instead, with float32
+products and sums. No dense weight exists in memory at any point.
 
 The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other
 backends) is made in one place, :func:`matmul_path`:
@@ -149,19 +149,20 @@ class _Tiles(NamedTuple):
 
 _SMS = 132  # H100/H200 multiprocessors: the grid aims at about one wave of programs
 _tiles_override: Any = None  # benchmarks/fused_matmul.py tries other tiles through this
+_one_row_on_vector_units = True  # benchmarks/fused_matmul.py times the tensor cores at one row through this
 
 
 def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool, gemv: bool = False) -> _Tiles:
     """Tile sizes for ``[m, k] @ [k, n]``; ``step`` is the contraction's granularity (a power of two).
-    ``gemv``: one row of x multiplied on the vector units (NF4), whose programs are smaller: the grid aims
-    at four waves of them."""
+    ``gemv``: one row of x multiplied on the vector units, whose programs are smaller: the grid aims at four
+    waves of them."""
     if _tiles_override is not None:
         t = _tiles_override(m, n, k, step, gathers)
         return t._replace(bm=1) if gemv else t
     if gemv:
-        bn, bk = 32, max(step, 256)
+        bn, bk = 32, max(step, 256 if gathers else 128)
         programs = -(-n // bn)
-        return _Tiles(1, bn, bk, max(1, min(-(-k // bk), -(-4 * _SMS // programs))), 4, 1)
+        return _Tiles(1, bn, bk, max(1, min(-(-k // bk), -(-4 * _SMS // programs))), 4, 1 if gathers else 3)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128  # each block of x decodes W once more
     bn = 32 if m <= 16 else 64
     bk = max(step, 256 if m <= 16 else 128)
@@ -353,7 +354,7 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     m = x.shape[0]
     bs = w.blocksize
     half, groups = bs // 2, k // bs
-    gemv = m == 1
+    gemv = m == 1 and _one_row_on_vector_units
     t = _tiles(m, n, k, bs, gathers=True, gemv=gemv)
     bg = t.bk // bs
     steps, t = _split_steps(-(-groups // bg), t)
@@ -379,6 +380,35 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
 # ------------------------------------------------------------------------------------------------- FP8
 
 
+def _fp8_step(
+    w_ref, s_ref, p: _Program, i: Any, *, k: int, bo: int, bi: int, steps: int, wdtype: Any, cdtype: Any,
+    tile_scale: bool, t: _Tiles,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """Step ``i`` of a program's contraction: ``bn`` weight rows by ``bk`` columns decoded, as
+    ``(w [bn, bk] in cdtype, zero outside the weight; the columns' mask [bk])``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    so, si = s_ref.shape
+    k0 = (p.ps * steps + i) * t.bk
+    cols = k0 + jnp.arange(t.bk)
+    col_ok = cols < k
+    ok = p.row_ok[:, None] & col_ok[None, :]
+    wq = plt.load(w_ref.at[pl.ds(p.pn * t.bn, t.bn), pl.ds(k0, t.bk)], mask=ok)  # float8 has no fill value
+    if tile_scale:  # one scale covers the whole tile
+        s = plt.load(s_ref.at[jnp.minimum((p.pn * t.bn) // bo, so - 1), jnp.minimum(k0 // bi, si - 1)])
+    else:
+        srow = jnp.minimum(p.rows // bo, so - 1)
+        scol = jnp.minimum(cols // bi, si - 1)
+        s = s_ref[
+            jnp.broadcast_to(srow[:, None], (t.bn, t.bk)), jnp.broadcast_to(scol[None, :], (t.bn, t.bk))
+        ]
+    # the select after the roundings also keeps them when a widening follows (the one-row kernel): XLA's CPU
+    # compiler (Pallas' interpreter) folds a narrowing conversion followed by a widening one into nothing
+    w = (wq.astype(jnp.float32) * s).astype(wdtype).astype(cdtype)
+    return jnp.where(ok, w, jnp.zeros((), cdtype)), col_ok
+
+
 def _fp8_kernel(
     x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtype: Any,
     tile_scale: bool, t: _Tiles,
@@ -387,27 +417,18 @@ def _fp8_kernel(
     from jax.experimental.pallas import triton as plt
 
     p = _program(m, n, t)
-    pn, ps, pm, rows, row_ok, x_ok = p
-    so, si = s_ref.shape
-    srow = jnp.minimum(rows // bo, so - 1)
-    cdtype = x_ref.dtype
+    decode = functools.partial(
+        _fp8_step, w_ref, s_ref, p, k=k, bo=bo, bi=bi, steps=steps, wdtype=wdtype, cdtype=x_ref.dtype,
+        tile_scale=tile_scale, t=t,
+    )  # fmt: skip
 
     def body(i, acc):
-        k0 = (ps * steps + i) * t.bk
-        cols = k0 + jnp.arange(t.bk)
-        col_ok = cols < k
-        ok = row_ok[:, None] & col_ok[None, :]
-        wq = plt.load(w_ref.at[pl.ds(pn * t.bn, t.bn), pl.ds(k0, t.bk)], mask=ok)  # float8 has no fill value
-        if tile_scale:  # one scale covers the whole tile
-            s = plt.load(s_ref.at[jnp.minimum((pn * t.bn) // bo, so - 1), jnp.minimum(k0 // bi, si - 1)])
-        else:
-            scol = jnp.minimum(cols // bi, si - 1)
-            s = s_ref[
-                jnp.broadcast_to(srow[:, None], (t.bn, t.bk)), jnp.broadcast_to(scol[None, :], (t.bn, t.bk))
-            ]
-        wt = jnp.where(ok, wq.astype(jnp.float32) * s, 0.0).astype(wdtype).astype(cdtype)
+        wt, col_ok = decode(i)
+        k0 = (p.ps * steps + i) * t.bk
         xt = plt.load(
-            x_ref.at[pl.ds(pm * t.bm, t.bm), pl.ds(k0, t.bk)], mask=x_ok[:, None] & col_ok[None, :], other=0
+            x_ref.at[pl.ds(p.pm * t.bm, t.bm), pl.ds(k0, t.bk)],
+            mask=p.x_ok[:, None] & col_ok[None, :],
+            other=0,
         )
         return acc + _dot(xt, wt)
 
@@ -415,32 +436,50 @@ def _fp8_kernel(
     _store(out_ref, acc, p, t)
 
 
+def _fp8_gemv_kernel(
+    x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtype: Any,
+    tile_scale: bool, t: _Tiles,
+):  # fmt: skip
+    """One row of x on the vector units, as ``_nf4_gemv_kernel``."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    p = _program(m, n, t)
+    decode = functools.partial(
+        _fp8_step, w_ref, s_ref, p, k=k, bo=bo, bi=bi, steps=steps, wdtype=wdtype, cdtype=x_ref.dtype,
+        tile_scale=tile_scale, t=t,
+    )  # fmt: skip
+
+    def body(i, acc):
+        wt, col_ok = decode(i)
+        k0 = (p.ps * steps + i) * t.bk
+        xt = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(k0, t.bk)], mask=col_ok[None, :], other=0)
+        return acc + wt.astype(jnp.float32) * xt.astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bn, t.bk), jnp.float32))
+    _store(out_ref, jnp.sum(acc, axis=1)[None, :], p, t)
+
+
 def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
+    """``x [m, k] @ dequantize(w).T`` in ``x.dtype`` through the kernel (one row of x: the vector units)."""
     n, k = w.shape
     m = x.shape[0]
+    gemv = m == 1 and _one_row_on_vector_units
     layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
     bo, bi = layout.block
     scale = w.scale_inv.astype(jnp.float32).reshape(layout.matrix_scale_shape)
-    t = _tiles(m, n, k, 128, gathers=False)
+    t = _tiles(m, n, k, 128, gathers=False, gemv=gemv)
     # one scale per tile when tiles nest in the scale blocks (per tensor, per row with one row a tile, 128x128)
     tile_scale = bo % t.bn == 0 and (bi % t.bk == 0 or bi >= k)
     if not tile_scale:
-        t = _tiles(m, n, k, 128, gathers=True)
+        t = _tiles(m, n, k, 128, gathers=True, gemv=gemv)
     steps, t = _split_steps(-(-k // t.bk), t)
     kernel = functools.partial(
-        _fp8_kernel,
-        m=m,
-        n=n,
-        k=k,
-        bo=bo,
-        bi=bi,
-        steps=steps,
-        wdtype=jnp.dtype(w.dtype),
-        tile_scale=tile_scale,
-        t=t,
-    )
+        _fp8_gemv_kernel if gemv else _fp8_kernel, m=m, n=n, k=k, bo=bo, bi=bi, steps=steps,
+        wdtype=jnp.dtype(w.dtype), tile_scale=tile_scale, t=t,
+    )  # fmt: skip
     return _call(kernel, (x, w.weight, scale), m=m, n=n, dtype=x.dtype, t=t, interpret=interpret,
-                 name="qbridge_fp8_matmul")  # fmt: skip
+                 name="qbridge_fp8_gemv" if gemv else "qbridge_fp8_matmul")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- public

@@ -115,13 +115,14 @@ def test_kernel_equals_expand_then_matmul(name, dtype):
         assert_close(got, x, w)
 
 
-def test_which_nf4_kernel_each_row_count_takes():
+@pytest.mark.parametrize("fmt", ["nf4", "fp8"])
+def test_which_kernel_each_row_count_takes(fmt):
     """One row of x: the vector-unit kernel (a decode-bound matrix-vector product); more: the tensor cores."""
-    w = nf4((64, 128))
-    for m, name in ((1, "qbridge_nf4_gemv"), (5, "qbridge_nf4_matmul"), (40, "qbridge_nf4_matmul")):
+    w = nf4((64, 128)) if fmt == "nf4" else fp8((64, 128), (1, 1))
+    for m, name in ((1, "gemv"), (5, "matmul"), (40, "matmul")):
         with jax_side.matmul_path("interpret"):
             jaxpr = str(jax.make_jaxpr(jax_side.quantized_matmul)(x_for(m, 128, jnp.bfloat16), w))
-        assert set(re.findall(r"qbridge_nf4_\w+", jaxpr)) == {name}, m
+        assert set(re.findall(r"qbridge_\w+", jaxpr)) == {f"qbridge_{fmt}_{name}"}, m
 
 
 def test_many_tokens_split_and_leading_dimensions():
