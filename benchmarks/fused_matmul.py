@@ -5,9 +5,9 @@ Weights are random NF4 (nested absmax, blocksize 64) and FP8 (float8_e4m3fn, 128
 JAX. Each figure is the time of one matmul inside a jitted loop (``lax.fori_loop``; each step feeds the
 next, so nothing is hoisted) that rotates through enough weight copies to exceed the L2 several times,
 median of 5 runs after a warm-up run. At one token the fused kernel multiplies on the vector units; the
-tensor-core kernel that larger token counts use is timed beside it. GB/s counts the bytes of the weight as stored (packed bytes + absmax
-pieces, or FP8 values + scales; bf16 for dense) over that time, beside the read ceiling (a reduction over
-256 MiB arrays, timed the same way) measured in the same run.
+tensor-core kernel that larger token counts use is timed beside it. GB/s counts the bytes of the weight as
+stored (packed bytes + absmax pieces, or FP8 values + scales; bf16 for dense) over that time, beside the
+read ceiling (a reduction over 256 MiB arrays, timed the same way) measured in the same run.
 
     python benchmarks/fused_matmul.py --out benchmarks/results/fused-matmul-h200.json
     python benchmarks/fused_matmul.py --sweep      # try other tiles, print the best per case
