@@ -11,7 +11,7 @@ to biases and to LoRA adapters (``jax_side.add_lora``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -226,11 +226,33 @@ def _split(
     return quantized, rest
 
 
-def _parent(model: Any, path: tuple[Any, ...]) -> tuple[Any, Any]:
+def _module(model: Any, path: tuple[Any, ...], full: tuple[Any, ...]) -> Any:
+    """The submodule at ``path`` (a prefix of the parameter path ``full``), or a ValueError naming the first
+    key the model lacks."""
     node = model
-    for key in path[:-1]:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
-    return node, path[-1]
+    for i, key in enumerate(path):
+        try:
+            node = node[key] if isinstance(key, int) else getattr(node, key)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            raise ValueError(_not_the_models(full, i)) from None
+    return node
+
+
+def _not_the_models(path: tuple[Any, ...], i: int) -> str:
+    where = ".".join(map(str, path[:i])) or "its root"
+    return (
+        f"{'.'.join(map(str, path))}: the model has no key {path[i]!r} ({type(path[i]).__name__}) under {where}; "
+        "the parameters must follow the model's own structure, as qbridge.load_checkpoint(path, target=model, "
+        "keep_quantized=True) returns them"
+    )
+
+
+def _leaf_paths(tree: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
 
 
 def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any = None) -> list[str]:
@@ -246,15 +268,17 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
 
     Raises:
         TypeError: a quantized weight sits where neither a Linear kernel nor an Embed table is.
+        ValueError: a quantized weight's path does not exist in the model (parameters loaded without
+            ``target=model``, or for another model).
     """
     nnx, _ = _flax()
     classes = _classes()
     quantized, rest = _split(params)
-    swapped = []
+    swaps = []  # every new module is made before the model changes, so a refused tree leaves it as it was
     for path, weight in sorted(quantized.items(), key=lambda kv: [str(k) for k in kv[0]]):
         module_path, leaf = path[:-1], path[-1]
-        parent, name = _parent(model, module_path)
-        old = parent[name] if isinstance(name, int) else getattr(parent, name)
+        parent, name = _module(model, module_path[:-1], path), module_path[-1]
+        old = _module(model, module_path, path)
         if leaf == "kernel" and isinstance(old, nnx.Linear):
             bias = _get(rest, (*module_path, "bias"))  # the loaded bias, else the module's own
             if bias is None and getattr(old, "bias", None) is not None:
@@ -265,14 +289,23 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         else:
             raise TypeError(f"{'.'.join(map(str, path))}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
                             f"found {type(old).__name__}")  # fmt: skip
+        _drop(rest, (*module_path, "bias"))
+        swaps.append((parent, name, new, ".".join(map(str, module_path))))
+    known = {
+        tuple(path[:i]) for path, _ in nnx.to_flat_state(nnx.state(model)) for i in range(1, len(path) + 1)
+    }
+    for path in _leaf_paths(rest):
+        if path not in known:
+            raise ValueError(
+                _not_the_models(path, next(i for i in range(len(path)) if path[: i + 1] not in known))
+            )
+    nnx.update(model, rest)
+    for parent, name, new, _ in swaps:
         if isinstance(name, int):
             parent[name] = new
         else:
             setattr(parent, name, new)
-        _drop(rest, (*module_path, "bias"))
-        swapped.append(".".join(map(str, module_path)))
-    nnx.update(model, rest)
-    return swapped
+    return [dotted for *_, dotted in swaps]
 
 
 def _get(tree: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:

@@ -4,6 +4,7 @@ layers, gradients, and the pytrees' round trips (tree_util, device_put, Orbax)."
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,26 @@ def test_swap_errors_and_replicated_kept_weights(made):
     weight = placed["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
     assert isinstance(weight, jax_side.FP8Weight)
     assert weight.weight.sharding == jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
+    """A targetless load keys layers by strings under "params": refused, naming the first key the model
+    lacks, before any module is swapped or any value written."""
+    config = _config(made)
+    targetless = qbridge.load_checkpoint(made / "nf4-True", keep_quantized=True, progress=False)
+    for tree, missing in (
+        (targetless, "'params' (str) under its root"),
+        (targetless["params"], "'0' (str) under model.layers"),
+    ):
+        model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+        before = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        with pytest.raises(
+            ValueError, match=re.escape(f"the model has no key {missing}") + r".*target=model"
+        ):
+            jax_side.load_quantized_into_nnx(model, tree)
+        assert isinstance(model.model.layers[0].mlp.down_proj, nnx.Linear)
+        after = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
 @pytest.mark.gpu
