@@ -8,6 +8,7 @@ from qbridge._env import configure_jax_memory, name_public_classes
 
 configure_jax_memory()  # before JAX starts its GPU backend: torch and JAX share the card
 
+from qbridge import parity  # qbridge.parity.compare / trace work after a plain `import qbridge`
 from qbridge._bench import run_bench as bench
 from qbridge._checkpoint import Checkpoint, open_checkpoint
 from qbridge._convert import (
@@ -77,6 +78,7 @@ __all__ = [
     "load_checkpoint",
     "load_peft_adapter",
     "open_checkpoint",
+    "parity",
     "restore_converted",
     "save_peft_adapter",
     "to_jax",

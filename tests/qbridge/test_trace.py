@@ -4,6 +4,8 @@ everywhere; each planted fault is found at the module that holds it; unpaired mo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +233,10 @@ def test_dict_outputs_pair_by_name_not_by_order():
     )
     report = trace(net, FlaxNet(), torch.randn(3, 4), variables=variables)
     assert report.first_divergence is None and "layers.0" in [p.name for p in report.pairs]
+
+
+def test_parity_is_reached_from_a_plain_import():
+    """The README writes ``qbridge.parity.compare(...)`` after ``import qbridge``."""
+    code = "import qbridge; print(qbridge.parity.compare.__name__, qbridge.parity.trace.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["compare", "trace"], out.stderr[-2000:]
