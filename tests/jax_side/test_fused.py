@@ -355,6 +355,13 @@ def test_sharded_weights():
                 np.testing.assert_array_equal(np.asarray(dense[0]), np.asarray(whole.dequantize(transpose=True)))
                 np.testing.assert_array_equal(np.asarray(dense[1]), np.asarray(whole.dequantize()))
                 print(kind.name, context, type(whole).__name__, path, kernel, len(sw.weight.sharding.device_set if hasattr(sw, "weight") else sw.packed.sharding.device_set))
+            x1 = shard(xs[:1], None, None)  # one row (the vector-unit kernel), replicated, against sharded weights
+            for whole, sw in placed:
+                with jax_side.matmul_path("interpret"), jax.set_mesh(mesh):
+                    one = jax.jit(jax_side.quantized_matmul)(x1, sw)
+                    assert "_gemv" in str(jax.make_jaxpr(jax_side.quantized_matmul)(x1, sw))
+                np.testing.assert_allclose(np.asarray(one), np.asarray(xs[:1]) @ np.asarray(whole.dequantize(dtype=jnp.float32)).T,
+                                           rtol=1e-5, atol=1e-5)
         # inside a shard_map over one axis of an explicit 2-D mesh: the manual axis stays manual
         mesh2 = jax.make_mesh((2, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
         x2 = jax.device_put(xs, NamedSharding(mesh2, P("a", None)))
