@@ -11,7 +11,7 @@ to biases and to LoRA adapters (``jax_side.add_lora``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -247,14 +247,6 @@ def _not_the_models(path: tuple[Any, ...], i: int) -> str:
     )
 
 
-def _leaf_paths(tree: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaf_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key)
-
-
 def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any = None) -> list[str]:
     """Puts parameters that hold quantized weights into an nnx model.
 
@@ -272,6 +264,8 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
             ``target=model``, or for another model).
     """
     nnx, _ = _flax()
+    from flax import traverse_util
+
     classes = _classes()
     quantized, rest = _split(params)
     swaps = []  # every new module is made before the model changes, so a refused tree leaves it as it was
@@ -294,7 +288,7 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
     known = {
         tuple(path[:i]) for path, _ in nnx.to_flat_state(nnx.state(model)) for i in range(1, len(path) + 1)
     }
-    for path in _leaf_paths(rest):
+    for path in traverse_util.flatten_dict(rest):  # rest: plain nested dicts, as _split makes them
         if path not in known:
             raise ValueError(
                 _not_the_models(path, next(i for i in range(len(path)) if path[: i + 1] not in known))
