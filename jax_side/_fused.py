@@ -276,10 +276,13 @@ def _nf4_step(
 def _nf4_kernel(
     x_ref, xo_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
     *, m: int, n: int, groups: int, half: int, bg: int, steps: int, nested_blocksize: int, nested: bool,
-    wdtype: Any, t: _Tiles, split_x: bool,
+    wdtype: Any, t: _Tiles, split_x: bool, one_row: bool,
 ):  # fmt: skip
-    """The tensor-core kernel. ``split_x``: ``x_ref``/``xo_ref`` hold x's even and odd columns (read as
-    tiles); else ``x_ref`` holds x, read with a stride of 2 (cheaper for up to 16 rows)."""
+    """``split_x``: ``x_ref``/``xo_ref`` hold x's even and odd columns (read as tiles); else ``x_ref`` holds
+    x, read with a stride of 2 (cheaper for 2 to 16 rows). ``one_row``: one row of x (``t.bm == 1``, x
+    split) multiplied on the vector units: ``acc[bn, kb] += w * x`` elementwise in float32 (products of the
+    decoded weight and x, both exact in float32), summed along the contraction once at the end; else the
+    tensor cores multiply ``[bm, kb] @ [kb, bn]`` tiles."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
@@ -290,61 +293,33 @@ def _nf4_kernel(
         half=half, bg=bg, steps=steps, nested_blocksize=nested_blocksize, nested=nested, wdtype=wdtype,
         cdtype=x_ref.dtype, bn=t.bn,
     )  # fmt: skip
+    row0 = 0 if one_row else p.pm * t.bm
 
     def body(i, acc):
         hi, lo, g0 = decode(i)
         # the even elements of x meet the high nibbles, the odd ones the low nibbles
         k_ok = (g0 * half + jnp.arange(kb)) < groups * half
-        x_mask = p.x_ok[:, None] & k_ok[None, :]
+        x_mask = k_ok[None, :] if one_row else p.x_ok[:, None] & k_ok[None, :]
         if split_x:
-            tile = (pl.ds(p.pm * t.bm, t.bm), pl.ds(g0 * half, kb))
+            tile = (pl.ds(row0, t.bm), pl.ds(g0 * half, kb))
             xe = plt.load(x_ref.at[tile], mask=x_mask, other=0)
             xo = plt.load(xo_ref.at[tile], mask=x_mask, other=0)
         else:
             even = jnp.broadcast_to(2 * (g0 * half + jnp.arange(kb))[None, :], (t.bm, kb))
-            xrows = jnp.broadcast_to((p.pm * t.bm + jnp.arange(t.bm))[:, None], (t.bm, kb))
+            xrows = jnp.broadcast_to((row0 + jnp.arange(t.bm))[:, None], (t.bm, kb))
             xe = plt.load(x_ref.at[xrows, even], mask=x_mask, other=0)
             xo = plt.load(x_ref.at[xrows, even + 1], mask=x_mask, other=0)
-        return acc + _dot(xe, hi) + _dot(xo, lo)
-
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
-    _store(out_ref, acc, p, t)
-
-
-def _nf4_gemv_kernel(
-    x_ref, xo_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
-    *, m: int, n: int, groups: int, half: int, bg: int, steps: int, nested_blocksize: int, nested: bool,
-    wdtype: Any, t: _Tiles, split_x: bool,
-):  # fmt: skip
-    """One row of x on the vector units: ``acc[bn, kb] += w * x`` elementwise in float32 (products of the
-    decoded weight and x, both exact in float32), summed along the contraction once at the end. ``x_ref``
-    and ``xo_ref`` hold x's even and odd columns."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-
-    p = _program(m, n, t)
-    kb = bg * half
-    decode = functools.partial(
-        _nf4_step, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, p, groups=groups,
-        half=half, bg=bg, steps=steps, nested_blocksize=nested_blocksize, nested=nested, wdtype=wdtype,
-        cdtype=x_ref.dtype, bn=t.bn,
-    )  # fmt: skip
-
-    def body(i, acc):
-        hi, lo, g0 = decode(i)
-        k_ok = (g0 * half + jnp.arange(kb)) < groups * half
-        tile = (pl.ds(0, 1), pl.ds(g0 * half, kb))
-        xe = plt.load(x_ref.at[tile], mask=k_ok[None, :], other=0).astype(jnp.float32)  # [1, kb]
-        xo = plt.load(xo_ref.at[tile], mask=k_ok[None, :], other=0).astype(jnp.float32)
+        if not one_row:
+            return acc + _dot(xe, hi) + _dot(xo, lo)
         # the select keeps the roundings above: XLA's CPU compiler (Pallas' interpreter) folds a narrowing
         # conversion followed by a widening one into nothing
         zero = jnp.zeros((), hi.dtype)
         hi = jnp.where(k_ok[None, :], hi, zero).astype(jnp.float32)
         lo = jnp.where(k_ok[None, :], lo, zero).astype(jnp.float32)
-        return acc + hi * xe + lo * xo
+        return acc + hi * xe.astype(jnp.float32) + lo * xo.astype(jnp.float32)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bn, kb), jnp.float32))
-    _store(out_ref, jnp.sum(acc, axis=1)[None, :], p, t)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bn, kb) if one_row else (t.bm, t.bn), jnp.float32))
+    _store(out_ref, jnp.sum(acc, axis=1)[None, :] if one_row else acc, p, t)
 
 
 def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
@@ -370,8 +345,8 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     split_x = gemv or m > 16
     xs = (x[:, 0::2], x[:, 1::2]) if split_x else (x, x[:1, :1])  # the second: an unread placeholder
     kernel = functools.partial(
-        _nf4_gemv_kernel if gemv else _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps,
-        nested_blocksize=w.nested_blocksize, nested=nested, wdtype=jnp.dtype(w.dtype), t=t, split_x=split_x,
+        _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps, nested_blocksize=w.nested_blocksize,
+        nested=nested, wdtype=jnp.dtype(w.dtype), t=t, split_x=split_x, one_row=gemv,
     )  # fmt: skip
     return _call(kernel, (*xs, packed, absmax, nabs, ncode, offset, code), m=m, n=n, dtype=x.dtype, t=t,
                  interpret=interpret, name="qbridge_nf4_gemv" if gemv else "qbridge_nf4_matmul")  # fmt: skip
@@ -411,8 +386,10 @@ def _fp8_step(
 
 def _fp8_kernel(
     x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtype: Any,
-    tile_scale: bool, t: _Tiles,
+    tile_scale: bool, t: _Tiles, one_row: bool,
 ):  # fmt: skip
+    """``one_row``: one row of x (``t.bm == 1``) on the vector units, as in ``_nf4_kernel``; else the tensor
+    cores."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
@@ -425,6 +402,9 @@ def _fp8_kernel(
     def body(i, acc):
         wt, col_ok = decode(i)
         k0 = (p.ps * steps + i) * t.bk
+        if one_row:
+            xt = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(k0, t.bk)], mask=col_ok[None, :], other=0)
+            return acc + wt.astype(jnp.float32) * xt.astype(jnp.float32)
         xt = plt.load(
             x_ref.at[pl.ds(p.pm * t.bm, t.bm), pl.ds(k0, t.bk)],
             mask=p.x_ok[:, None] & col_ok[None, :],
@@ -432,32 +412,8 @@ def _fp8_kernel(
         )
         return acc + _dot(xt, wt)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
-    _store(out_ref, acc, p, t)
-
-
-def _fp8_gemv_kernel(
-    x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtype: Any,
-    tile_scale: bool, t: _Tiles,
-):  # fmt: skip
-    """One row of x on the vector units, as ``_nf4_gemv_kernel``."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plt
-
-    p = _program(m, n, t)
-    decode = functools.partial(
-        _fp8_step, w_ref, s_ref, p, k=k, bo=bo, bi=bi, steps=steps, wdtype=wdtype, cdtype=x_ref.dtype,
-        tile_scale=tile_scale, t=t,
-    )  # fmt: skip
-
-    def body(i, acc):
-        wt, col_ok = decode(i)
-        k0 = (p.ps * steps + i) * t.bk
-        xt = plt.load(x_ref.at[pl.ds(0, 1), pl.ds(k0, t.bk)], mask=col_ok[None, :], other=0)
-        return acc + wt.astype(jnp.float32) * xt.astype(jnp.float32)
-
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bn, t.bk), jnp.float32))
-    _store(out_ref, jnp.sum(acc, axis=1)[None, :], p, t)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bn, t.bk) if one_row else (t.bm, t.bn), jnp.float32))
+    _store(out_ref, jnp.sum(acc, axis=1)[None, :] if one_row else acc, p, t)
 
 
 def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
@@ -475,8 +431,8 @@ def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
         t = _tiles(m, n, k, 128, gathers=True, gemv=gemv)
     steps, t = _split_steps(-(-k // t.bk), t)
     kernel = functools.partial(
-        _fp8_gemv_kernel if gemv else _fp8_kernel, m=m, n=n, k=k, bo=bo, bi=bi, steps=steps,
-        wdtype=jnp.dtype(w.dtype), tile_scale=tile_scale, t=t,
+        _fp8_kernel, m=m, n=n, k=k, bo=bo, bi=bi, steps=steps, wdtype=jnp.dtype(w.dtype),
+        tile_scale=tile_scale, t=t, one_row=gemv,
     )  # fmt: skip
     return _call(kernel, (x, w.weight, scale), m=m, n=n, dtype=x.dtype, t=t, interpret=interpret,
                  name="qbridge_fp8_gemv" if gemv else "qbridge_fp8_matmul")  # fmt: skip
