@@ -65,7 +65,9 @@ def bnb4_pieces(
 
 def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
     doc = entry.info["quant_state"]
-    on = {role: t.to(device) for role, t in bnb4_pieces(ckpt, entry).items()}
+    # non_blocking: a small copy from pageable memory is staged at once; a blocking one would wait for the
+    # device to finish the previous weights (torch synchronizes the stream after it)
+    on = {role: t.to(device, non_blocking=True) for role, t in bnb4_pieces(ckpt, entry).items()}
     nested = "nested_absmax" in on
     try:
         return torch_side.dequantize_nf4(
@@ -85,7 +87,11 @@ def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) 
     w = ckpt.read(entry.keys["weight"]).to(device, non_blocking=True)  # async from pinned read-ahead memory
     try:
         return torch_side.dequantize_fp8(
-            w, scale.to(device), entry.dtype, block_size=entry.info["block_size"], transpose=transpose
+            w,
+            scale.to(device, non_blocking=True),
+            entry.dtype,
+            block_size=entry.info["block_size"],
+            transpose=transpose,
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.where(entry.keys['scale'])}: {e}") from e
@@ -100,7 +106,7 @@ def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
             f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows"
         )
     return torch_side.dequantize_int8(
-        w, scb.to(device), dtype=entry.dtype
+        w, scb.to(device, non_blocking=True), dtype=entry.dtype
     )  # bitsandbytes' order of operations
 
 
