@@ -36,7 +36,7 @@ from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
 from ._dtypes import TORCH_TO_JAX, torch_dtype
-from ._place import hand_over, keeps_quantized, quantized_leaf
+from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
 log = logging.getLogger("qbridge")
@@ -330,6 +330,7 @@ def load_checkpoint(
             ],
             pin=tdev.type == "cuda",
         )
+        into = XlaDestinations()  # dense results: torch writes them into arrays XLA allocated
         try:
             for i, p in enumerate(plan):
                 ahead.advance(i)
@@ -359,13 +360,14 @@ def load_checkpoint(
                     dense += values[p.leaf.path].nbytes
                 else:
                     tensor = convert(materialize(ckpt, entry, tdev, p.rule))
-                    values[p.leaf.path] = hand_over(tensor, jdev, ckpt)
+                    values[p.leaf.path] = hand_over(tensor, jdev, ckpt, into)
                     dense += tensor.numel() * tensor.element_size()
                     del tensor
                 if bar is not None:
                     bar.update(entry.stored_bytes)
                     bar.set_postfix(tensors=f"{i + 1}/{len(plan)}", refresh=False)  # drawn at update's pace
         finally:
+            into.settle()  # torch's writes have landed: the arrays may be read (or, on an error, freed)
             if bar is not None:
                 bar.close()
         result = (

@@ -1,8 +1,9 @@
 """Handing over, the pipeline's fourth stage: a decoded torch tensor (or a weight's stored pieces, kept
 quantized) to a ``jax.Array`` on one JAX device. Placing shards over many devices is ``_sharding``'s.
 
-On GPUs XLA copies each result once, on the device, into memory it allocated, ordered after the current
-stream with no host wait; on the CPU results alias torch's memory, except tensors that may still be a
+On GPUs each result is copied once, on the device, into memory XLA allocated, with no host wait per
+tensor (torch copies into arrays from ``_handoff.XlaDestinations``, and the loader waits once at the end;
+XLA copies a shape whose allocation is still being compiled); on the CPU results alias torch's memory, except tensors that may still be a
 mapped torch file's memory, which are copied before the load returns.
 """
 
@@ -18,16 +19,20 @@ import jax_side
 
 from ._checkpoint import Checkpoint, Entry
 from ._decode import bnb4_pieces, check_scales
-from ._handoff import jax_owned_copy, to_jax
+from ._handoff import XlaDestinations, jax_owned_copy, to_jax
 
 
-def hand_over(t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint) -> jax.Array:
-    """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied by XLA into memory it allocated (a
-    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`); on the
+def hand_over(
+    t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint, into: XlaDestinations | None = None
+) -> jax.Array:
+    """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied into memory XLA allocated (a
+    parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`): by torch
+    into an array from ``into`` where it has one (valid once ``into.settle()`` returns), else by XLA; on the
     CPU aliased zero-copy, unless it may still be the checkpoint file's memory (torch files are mapped, and
     an array over them would change, or fault, when the file does). ``t`` is ordered on the current stream."""
     if jdev.platform != "cpu":  # the loader's own tensor, written by nothing else: no host wait for the copy
-        return jax_owned_copy(t, jdev, "current", wait=False)
+        out = into.write(t, jdev) if into is not None else None
+        return out if out is not None else jax_owned_copy(t, jdev, "current", wait=False)
     if ckpt.source.maps_files:  # the file may change after the load returns: the copy must be made by then
         return jax_owned_copy(t, jdev, "current", wait=True)
     return to_jax(t, device=jdev, producer="current")

@@ -305,3 +305,36 @@ def test_a_nested_tensor_is_refused_with_what_to_do():
         qbridge.to_jax(nested)
     with pytest.raises(TypeError, match=r"tensors\[1\]: to_jax takes a regular tensor"):
         qbridge.to_jax_many([torch.ones(2), nested])
+
+
+def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
+    """XlaDestinations (the loader's GPU route, exercised here on JAX's CPU): a shape's first write starts
+    compiling its allocation and returns None (the caller copies another way); then every write is a new
+    array holding exactly the tensor's bits, in its own buffer, which later writes leave alone."""
+    from qbridge import _handoff
+
+    cpu = jax.devices("cpu")[0]
+    into = _handoff.XlaDestinations()
+    gen = torch.Generator().manual_seed(11)
+    shape = (37, 29)  # a shape no other test allocates, so the first write finds nothing compiled
+    first = torch.randn(shape, generator=gen).bfloat16()
+    assert into.write(first, cpu) is None
+    _handoff.wait_for_allocators()
+    tensors = [torch.randn(shape, generator=gen).to(dtype) for dtype in (torch.bfloat16, torch.bfloat16)]
+    tensors += [
+        torch.randn(shape, generator=gen).half(),
+        torch.randint(-128, 128, shape, generator=gen).to(torch.int8),
+    ]
+    assert (
+        into.write(tensors[2], cpu) is None and into.write(tensors[3], cpu) is None
+    )  # other dtypes: compiling
+    _handoff.wait_for_allocators()
+    arrays = [into.write(t, cpu) for t in tensors]
+    into.settle()
+    assert len({a.unsafe_buffer_pointer() for a in arrays}) == len(arrays)
+    for t, a in zip(tensors, arrays):
+        assert a.shape == shape and a.dtype == jax.numpy.dtype(str(t.dtype).replace("torch.", ""))
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), to_numpy(t).view(np.uint8))
+    # what it does not take: the caller keeps its own route
+    assert into.write(torch.randn(shape, dtype=torch.float64), cpu) is None
+    assert into.write(torch.empty(0, 29, dtype=torch.bfloat16), cpu) is None

@@ -285,8 +285,12 @@ elif how == "to_jax_copy":
     params = [qbridge.to_jax(t, copy=True) for t in ts]
 else:
     from safetensors.torch import save_file
+    from qbridge import _handoff
     save_file({f"w{i}": t.cpu() for i, t in enumerate(ts)}, folder / "model.safetensors")
     flat = qbridge.load_checkpoint(folder, progress=False)["params"]
+    if how == "load_checkpoint_again":  # the arrays torch writes into (the first load: XLA's copies)
+        _handoff.wait_for_allocators()
+        flat = qbridge.load_checkpoint(folder, progress=False)["params"]
     params = [flat[f"w{i}"] for i in range(4)]
 
 @jax.jit
@@ -315,7 +319,7 @@ def test_loaded_parameters_survive_xla_command_buffer_updates(tmp_path):
     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one GPU: the bare
     # import must fail for the command-buffer reason, not because JAX left another GPU current
     results = {}
-    for how in ("bare", "to_jax_copy", "load_checkpoint"):
+    for how in ("bare", "to_jax_copy", "load_checkpoint", "load_checkpoint_again"):
         r = subprocess.run(
             [sys.executable, "-c", _STEP, how, str(tmp_path)],
             env=env,
@@ -326,8 +330,50 @@ def test_loaded_parameters_survive_xla_command_buffer_updates(tmp_path):
         results[how] = (r.stdout.strip().splitlines() or ["(no output) " + r.stderr[-2000:]])[-1]
     assert results["to_jax_copy"] == "OK 5", results
     assert results["load_checkpoint"] == "OK 5", results
+    assert results["load_checkpoint_again"] == "OK 5", results
     if results["bare"] == "OK 5":
         pytest.skip(
             f"this XLA updates the copy of a foreign buffer fine (the workaround could go): {results}"
         )
     assert "Failed to set memcpy D2D node params" in results["bare"], results
+
+
+def test_the_loader_writes_into_arrays_xla_allocated_and_returns_after_the_writes(tmp_path, monkeypatch):
+    """Once a shape's allocation is compiled, the loader's dense results are written by torch into new
+    arrays that XLA allocated (distinct buffers, the checkpoint's exact values), and the load returns only
+    after those writes landed: read at once, each array holds its values even when the device is kept busy
+    before every write."""
+    from safetensors.torch import save_file
+
+    import qbridge
+    from qbridge import _handoff
+
+    gen = torch.Generator().manual_seed(3)
+    stored = {
+        "w0": torch.randn(1024, 512, generator=gen),
+        "w1": torch.randn(1024, 512, generator=gen),
+        "w2": torch.randn(33, 7, generator=gen).bfloat16(),
+        "b": torch.randn(4099, generator=gen).half(),
+    }
+    save_file(stored, tmp_path / "model.safetensors")
+    qbridge.load_checkpoint(tmp_path, progress=False)  # starts compiling the allocations
+    _handoff.wait_for_allocators()
+    written = []
+    write = _handoff.XlaDestinations.write
+
+    def slow_write(self, t, device):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of device work queued before the write
+        out = write(self, t, device)
+        written.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_handoff.XlaDestinations, "write", slow_write)
+    params = qbridge.load_checkpoint(tmp_path, progress=False)["params"]
+    assert written == [True] * len(stored)
+    for name, value in stored.items():  # read at once, before anything else waits for the device
+        got, want = np.asarray(params[name]), to_numpy(value)
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)
+    pointers = {params[k].unsafe_buffer_pointer() for k in stored}
+    assert len(pointers) == len(stored)
+    assert all(params[k].devices() == {_gpu()} for k in stored)
