@@ -23,6 +23,7 @@ import concurrent.futures
 import contextvars
 import functools
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext as _nullcontext
@@ -574,20 +575,26 @@ _allocators_lock = threading.Lock()
 _compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+POOL_BYTES = 16 << 20  # one allocation program makes up to 32 arrays of a shape, at most this many bytes in all
+
+
 @functools.cache
 def _fill_value(dtype: Any, device: jax.Device) -> jax.Array:
-    """A zero on ``device``: the allocation's argument, so that XLA cannot make its result a constant."""
+    """A zero on ``device``: the allocation's argument, so that XLA cannot make its results constants."""
     return jax.device_put(np.zeros((), dtype), device)
 
 
 def _compile_allocator(key: tuple[tuple[int, ...], Any, jax.Device]) -> Any:
     shape, dtype, device = key
-    fn = jax.jit(
-        lambda fill: jax.lax.broadcast(fill, shape), out_shardings=jax.sharding.SingleDeviceSharding(device)
-    )
-    fn(
-        _fill_value(dtype, device)
-    ).block_until_ready()  # compiles, and checks it runs, off the caller's thread
+    count = max(1, min(32, POOL_BYTES // max(1, math.prod(shape) * np.dtype(dtype).itemsize)))
+
+    def allocate(fill: jax.Array) -> tuple[jax.Array, ...]:  # distinct values: distinct buffers
+        return tuple(jax.lax.broadcast(fill + np.asarray(i, dtype), shape) for i in range(count))
+
+    fn = jax.jit(allocate, out_shardings=(jax.sharding.SingleDeviceSharding(device),) * count)
+    jax.block_until_ready(
+        fn(_fill_value(dtype, device))
+    )  # compiles, and checks it runs, off the caller's thread
     with _allocators_lock:
         _allocators[key] = fn
         _compiling.pop(key, None)
@@ -595,47 +602,67 @@ def _compile_allocator(key: tuple[tuple[int, ...], Any, jax.Device]) -> Any:
 
 
 class XlaDestinations:
-    """Writes torch tensors into new arrays that XLA allocated on one device: the allocation runs as a tiny
-    XLA program, its memory is handed to torch through DLPack (torch's current stream waits for the
-    allocation on the GPU) and torch copies the tensor into it on its current stream.
+    """New arrays that XLA allocated on one device, for torch to write: each allocation program makes
+    several arrays of one shape at once (up to 32, ``POOL_BYTES`` in all), their memory is handed to torch
+    through DLPack (torch's current stream waits for the allocation on the GPU), and torch writes them on
+    its current stream.
 
-    Beside :func:`jax_owned_copy`, the host work per array is about a third and the device copy runs at
+    Beside :func:`jax_owned_copy`, the host work per array is a fraction and the device copy runs at
     torch's speed; but the arrays are **not ordered after torch's writes**: JAX must not read them before
     :meth:`settle` (a host wait for torch's current streams of the devices written). Memory that XLA
     allocated is what XLA's command buffers need of parameters (see :func:`to_jax`).
 
     The allocation program of each ``(shape, dtype, device)`` is compiled once per process in a background
-    thread; until it is ready, and for dtypes torch and JAX do not share through DLPack, :meth:`write`
-    returns None and the caller uses another route.
+    thread; until it is ready, and for dtypes torch and JAX do not share through DLPack, :meth:`take` and
+    :meth:`write` return None and the caller uses another route.
     """
 
     def __init__(self) -> None:
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self._spare: dict[tuple[tuple[int, ...], Any, jax.Device], list[jax.Array]] = {}
+
+    def take(
+        self, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, on: torch.device
+    ) -> tuple[jax.Array, torch.Tensor] | None:
+        """A new ``shape`` array of ``dtype`` on ``device`` and a torch tensor over its memory (on ``on``,
+        the same device as torch sees it), to be written on torch's current stream; or None."""
+        if dtype not in _FILLABLE or not math.prod(shape):
+            return None
+        key = (tuple(shape), jax_dtype(dtype), device)
+        spare = self._spare.get(key)
+        if not spare:
+            fn = _allocators.get(key)
+            if fn is None:
+                _start_compile(key)
+                return None
+            spare = self._spare[key] = list(fn(_fill_value(key[1], device)))[::-1]
+        out = spare.pop()
+        with on_device(on):
+            dest = torch.from_dlpack(out)  # JAX's export makes torch's current stream wait for the allocation
+            if dest.device != on or dest.data_ptr() != out.unsafe_buffer_pointer():
+                return None  # another device (or a copy): not this route
+            if on.type == "cuda":
+                self._streams.setdefault(on.index, torch.cuda.current_stream(on))
+        return out, dest
 
     def write(self, t: torch.Tensor, device: jax.Device) -> jax.Array | None:
         """A new array on ``device`` that will hold ``t``'s values once :meth:`settle` returns, or None."""
-        if t.dtype not in _FILLABLE or t.numel() == 0 or t.layout != torch.strided:
+        if t.layout != torch.strided:
             return None
-        key = (tuple(t.shape), jax_dtype(t.dtype), device)
-        fn = _allocators.get(key)
-        if fn is None:
-            _start_compile(key)
+        got = self.take(t.shape, t.dtype, device, t.device)
+        if got is None:
             return None
-        out = fn(_fill_value(key[1], device))
         with on_device(t.device):
-            dest = torch.from_dlpack(out)  # JAX's export makes torch's current stream wait for the allocation
-            if dest.device != t.device or dest.data_ptr() != out.unsafe_buffer_pointer():
-                return None  # another device (or a copy): not this route
-            dest.copy_(t)
-            if t.device.type == "cuda":
-                self._streams.setdefault(t.device.index, torch.cuda.current_stream(t.device))
-        return out
+            got[1].copy_(t)
+        return got[0]
 
     def settle(self) -> None:
-        """Waits on the host until every :meth:`write` so far has landed (its arrays may then be read)."""
+        """Waits on the host until every write so far has landed (its arrays may then be read); drops the
+        arrays allocated and not taken."""
         for stream in self._streams.values():
             stream.synchronize()
         self._streams.clear()
+        self._spare.clear()
 
 
 def _start_compile(key: tuple[tuple[int, ...], Any, jax.Device]) -> None:
