@@ -19,6 +19,7 @@ What plain ``jax.dlpack.from_dlpack`` gets wrong, and what is done here instead:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextvars
 import functools
@@ -571,11 +572,14 @@ def dequantize_to_jax(
 _FILLABLE = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.uint8, torch.int16, torch.int32)
 _allocators: dict[tuple[tuple[int, ...], Any, jax.Device], Any] = {}  # ready: calls that return a new array
 _compiling: dict[tuple[tuple[int, ...], Any, jax.Device], Any] = {}  # compiling in the background
+_seen: collections.Counter[tuple[tuple[int, ...], Any, jax.Device]] = collections.Counter()
 _allocators_lock = threading.Lock()
 _compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-POOL_BYTES = 16 << 20  # one allocation program makes up to 32 arrays of a shape, at most this many bytes in all
+POOL_BYTES = (
+    16 << 20
+)  # one allocation program makes up to 32 arrays of a shape, at most this many bytes in all
 
 
 @functools.cache
@@ -613,7 +617,7 @@ class XlaDestinations:
     allocated is what XLA's command buffers need of parameters (see :func:`to_jax`).
 
     The allocation program of each ``(shape, dtype, device)`` is compiled once per process in a background
-    thread; until it is ready, and for dtypes torch and JAX do not share through DLPack, :meth:`take` and
+    thread, from the second time that shape is asked for; until it is ready, and for dtypes torch and JAX do not share through DLPack, :meth:`take` and
     :meth:`write` return None and the caller uses another route.
     """
 
@@ -633,7 +637,9 @@ class XlaDestinations:
         if not spare:
             fn = _allocators.get(key)
             if fn is None:
-                _start_compile(key)
+                _seen[key] += 1
+                if _seen[key] >= 2:  # a shape seen once may never come again: not worth a compile
+                    _start_compile(key)
                 return None
             spare = self._spare[key] = list(fn(_fill_value(key[1], device)))[::-1]
         out = spare.pop()

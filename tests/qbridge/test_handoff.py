@@ -308,9 +308,10 @@ def test_a_nested_tensor_is_refused_with_what_to_do():
 
 
 def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
-    """XlaDestinations (the loader's GPU route, exercised here on JAX's CPU): a shape's first write starts
-    compiling its allocation and returns None (the caller copies another way); then every write is a new
-    array holding exactly the tensor's bits, in its own buffer, which later writes leave alone."""
+    """XlaDestinations (the loader's GPU route, exercised here on JAX's CPU): a shape's first two writes
+    return None (the caller copies another way), and the second starts compiling its allocation; then every
+    write is a new array holding exactly the tensor's bits, in its own buffer, which later writes leave
+    alone."""
     from qbridge import _handoff
 
     cpu = jax.devices("cpu")[0]
@@ -319,15 +320,16 @@ def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
     shape = (37, 29)  # a shape no other test allocates, so the first write finds nothing compiled
     first = torch.randn(shape, generator=gen).bfloat16()
     assert into.write(first, cpu) is None
+    assert not any(key[0] == shape for key in _handoff._compiling)  # seen once: not worth a compile yet
+    assert into.write(first, cpu) is None  # seen twice: compiling
     _handoff.wait_for_allocators()
     tensors = [torch.randn(shape, generator=gen).to(dtype) for dtype in (torch.bfloat16, torch.bfloat16)]
     tensors += [
         torch.randn(shape, generator=gen).half(),
         torch.randint(-128, 128, shape, generator=gen).to(torch.int8),
     ]
-    assert (
-        into.write(tensors[2], cpu) is None and into.write(tensors[3], cpu) is None
-    )  # other dtypes: compiling
+    for t in tensors[2:] * 2:  # other dtypes, other programs: compiled from their second write
+        assert into.write(t, cpu) is None
     _handoff.wait_for_allocators()
     arrays = [into.write(t, cpu) for t in tensors]
     into.settle()
