@@ -16,7 +16,8 @@ the floor overlaps them: ``bytes / min(read, copy)``), and the extrapolation to 
 layers, 58 of them MoE; about 91,000 tensors, 680 GB).
 
 Usage (GPU machine): ``python benchmarks/deepseek_v3_scale.py --layers 2 --out results/deepseek-v3-scale-h200.json``.
-``--experts 8`` makes a small checkpoint for a quick run (on a CPU too: ``--device cpu``).
+``--experts 8`` makes a small checkpoint for a quick run (on a CPU too: ``--device cpu``). ``--tiny`` keeps
+every tensor and name at tiny shapes: the wall time per tensor is then the host work per tensor.
 """
 
 from __future__ import annotations
@@ -149,6 +150,12 @@ def main() -> None:
         "--dir", default=None, help="where to write the checkpoint (default: a temporary dir)"
     )
     parser.add_argument("--loads", type=int, default=2, help="loads in this process (default 2)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the same tensors and names at tiny shapes (hidden 256, expert 128): device work and reading "
+        "become negligible, so the wall time per tensor is the host work per tensor",
+    )
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     args = parser.parse_args()
 
@@ -156,6 +163,9 @@ def main() -> None:
 
     import qbridge
 
+    if args.tiny:
+        global HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS
+        HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS = 256, 128, 128, 64, 64, 2
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="deepseek-v3-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -199,18 +209,28 @@ def main() -> None:
         "by_bytes_s": per_byte * WHOLE_MODEL["bytes"],
         "floor_s": WHOLE_MODEL["bytes"] / rate,
     }
-    print(
-        f"whole DeepSeek-V3 (~{WHOLE_MODEL['tensors']} tensors, {WHOLE_MODEL['bytes'] / 1e9:.0f} GB) at this rate: "
-        f"{whole['by_tensors_s']:.0f} s by tensor count, {whole['by_bytes_s']:.0f} s by bytes; "
-        f"floor {whole['floor_s']:.0f} s"
-        + (" (one GPU cannot hold it dense: a multi-GPU load)" if gpu else " (1.4 TB dense in host memory)")
-    )
+    if args.tiny:  # the bytes are not DeepSeek-V3's: only the host work per tensor extrapolates
+        print(
+            f"host work for DeepSeek-V3's ~{WHOLE_MODEL['tensors']} tensors at this rate: {whole['by_tensors_s']:.1f} s"
+        )
+    else:
+        print(
+            f"whole DeepSeek-V3 (~{WHOLE_MODEL['tensors']} tensors, {WHOLE_MODEL['bytes'] / 1e9:.0f} GB) at this rate: "
+            f"{whole['by_tensors_s']:.0f} s by tensor count, {whole['by_bytes_s']:.0f} s by bytes; "
+            f"floor {whole['floor_s']:.0f} s"
+            + (
+                " (one GPU cannot hold it dense: a multi-GPU load)"
+                if gpu
+                else " (1.4 TB dense in host memory)"
+            )
+        )
     result = {
         "device": torch.cuda.get_device_name()
         if gpu
         else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "versions": {"torch": torch.__version__, "jax": jax.__version__},
         "layers": args.layers,
+        "tiny": args.tiny,
         "experts": args.experts,
         "tensors": count,
         "bytes": nbytes,
