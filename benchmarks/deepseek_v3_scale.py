@@ -204,11 +204,9 @@ def main() -> None:
     best = min(loads, key=lambda r: r["wall_s"])
     per_tensor = best["wall_s"] / count
     per_byte = best["wall_s"] / nbytes
-    whole = {
-        "by_tensors_s": per_tensor * WHOLE_MODEL["tensors"],
-        "by_bytes_s": per_byte * WHOLE_MODEL["bytes"],
-        "floor_s": WHOLE_MODEL["bytes"] / rate,
-    }
+    whole = {"by_tensors_s": per_tensor * WHOLE_MODEL["tensors"]}
+    if not args.tiny:  # tiny shapes: the bytes are not DeepSeek-V3's
+        whole.update(by_bytes_s=per_byte * WHOLE_MODEL["bytes"], floor_s=WHOLE_MODEL["bytes"] / rate)
     if args.tiny:  # the bytes are not DeepSeek-V3's: only the host work per tensor extrapolates
         print(
             f"host work for DeepSeek-V3's ~{WHOLE_MODEL['tensors']} tensors at this rate: {whole['by_tensors_s']:.1f} s"

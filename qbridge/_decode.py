@@ -24,7 +24,9 @@ def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
     if not t.is_floating_point() or not t.numel():
         return
     if t.dtype in _NUMPY_FLOATS and t.device.type == "cpu" and not t.is_neg():
-        if np.isfinite(t.numpy()).all():  # a few microseconds; torch's two CPU ops took 30-40 on the GPU host
+        # numpy: a few microseconds, where torch's two CPU ops took 30-40 on the GPU host; detach: a torch
+        # file may hold its scales as Parameters
+        if np.isfinite(t.detach().numpy()).all():
             return
     elif t.dtype not in (torch.bfloat16, *_NUMPY_FLOATS):
         t = t.float()  # float8 scales (e8m0): exact in float32, where isfinite is defined

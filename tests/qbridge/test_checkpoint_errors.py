@@ -111,6 +111,24 @@ def test_fp8_scale_shape_that_does_not_fit(made, tmp_path):
         qbridge.inspect_checkpoint(ck)
 
 
+@pytest.mark.parametrize("damaged", [False, True])
+def test_fp8_scales_saved_as_parameters_in_a_torch_file(made, tmp_path, damaged):
+    """A torch file may hold its scales as nn.Parameters (requires_grad): they are checked like others."""
+    ck = _copy(made, "fp8", tmp_path)
+    state = st.load_file(ck / "model.safetensors")
+    (ck / "model.safetensors").unlink()
+    key = "model.layers.1.mlp.up_proj.weight_scale_inv"
+    if damaged:
+        state[key][0, 0] = float("inf")
+    state = {k: torch.nn.Parameter(v) if k.endswith("weight_scale_inv") else v for k, v in state.items()}
+    torch.save(state, ck / "pytorch_model.bin")
+    if damaged:
+        with pytest.raises(CheckpointError, match=rf"{key}\]: 1 scale\(s\) are NaN or Inf"):
+            qbridge.load_checkpoint(ck, progress=False)
+    else:
+        assert qbridge.load_checkpoint(ck, progress=False)["params"]
+
+
 def test_fp8_nan_scale(made, tmp_path):
     ck = _copy(made, "fp8", tmp_path)
     key = "model.layers.1.mlp.up_proj.weight_scale_inv"
