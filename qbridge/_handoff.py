@@ -595,10 +595,9 @@ def _compile_allocator(key: tuple[tuple[int, ...], Any, jax.Device]) -> Any:
     def allocate(fill: jax.Array) -> tuple[jax.Array, ...]:  # distinct values: distinct buffers
         return tuple(jax.lax.broadcast(fill + np.asarray(i, dtype), shape) for i in range(count))
 
-    fn = jax.jit(allocate, out_shardings=(jax.sharding.SingleDeviceSharding(device),) * count)
-    jax.block_until_ready(
-        fn(_fill_value(dtype, device))
-    )  # compiles, and checks it runs, off the caller's thread
+    jitted = jax.jit(allocate, out_shardings=(jax.sharding.SingleDeviceSharding(device),) * count)
+    # compiled ahead of time, not run: a trial run would hold a weight's worth of memory in the background
+    fn = jitted.lower(_fill_value(dtype, device)).compile()
     with _allocators_lock:
         _allocators[key] = fn
         _compiling.pop(key, None)
@@ -641,7 +640,11 @@ class XlaDestinations:
                 if _seen[key] >= 2:  # a shape seen once may never come again: not worth a compile
                     _start_compile(key)
                 return None
-            spare = self._spare[key] = list(fn(_fill_value(key[1], device)))[::-1]
+            try:
+                spare = self._spare[key] = list(fn(_fill_value(key[1], device)))[::-1]
+            except jax.errors.JaxRuntimeError as e:  # out of memory, say: the caller's route may still fit
+                log.debug("allocating %s arrays in XLA failed, so they are copied by XLA: %s", key[:2], e)
+                return None
         out = spare.pop()
         with on_device(on):
             dest = torch.from_dlpack(out)  # JAX's export makes torch's current stream wait for the allocation

@@ -337,6 +337,17 @@ def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
     for t, a in zip(tensors, arrays):
         assert a.shape == shape and a.dtype == jax.numpy.dtype(str(t.dtype).replace("torch.", ""))
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), to_numpy(t).view(np.uint8))
+    # an allocation that fails (out of device memory, say) leaves the caller its own route, not an error
+    key = (shape, jax.numpy.dtype(jax.numpy.bfloat16), cpu)
+
+    def exhausted(fill):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate")
+
+    compiled, _handoff._allocators[key] = _handoff._allocators[key], exhausted
+    try:
+        assert _handoff.XlaDestinations().write(tensors[0], cpu) is None
+    finally:
+        _handoff._allocators[key] = compiled
     # what it does not take: the caller keeps its own route
     assert into.write(torch.randn(shape, dtype=torch.float64), cpu) is None
     assert into.write(torch.empty(0, 29, dtype=torch.bfloat16), cpu) is None
