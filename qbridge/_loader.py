@@ -283,8 +283,9 @@ def load_checkpoint(
         conventions (``kernel``, ``scale``, ``embedding``). With a target, exactly the target's structure
         (a pure nested dict for nnx, ready for ``nnx.update``). ``(params, report)`` with ``return_report``.
         Arrays are new device memory, contiguous, in the Flax layout; on GPUs, memory that XLA allocated
-        (the dequantized result is copied there once, on the GPU: arrays in torch's memory would break the
-        updates of XLA's CUDA-graph command buffers, see :func:`qbridge.to_jax`).
+        (the dequantized result is written there once, on the GPU, by torch or by XLA: arrays in torch's
+        memory would break the updates of XLA's CUDA-graph command buffers, see :func:`qbridge.to_jax`).
+        Every array is ready when this returns (the host waits once, at the end, for torch's writes).
 
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,
