@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -92,8 +93,11 @@ class LoadReport:
         dense_bytes: bytes of the result (whole arrays; a sharded array counts once).
         seconds: wall time of the load.
         device: where the result lives.
-        guessed: parameters whose module kind came from name rules, not from the torch model.
-        classified_by: where the module kinds came from, in words.
+        guessed: parameters whose module kind came from name rules, not from the torch model (with a
+            target: only those where that kind decided the layout; the target's nnx module types and
+            ``kinds`` decide first).
+        classified_by: where the module kinds came from, in words (with a target: how many leaves the
+            target's module types laid out).
         read_bytes: tensor bytes this process read from the checkpoint's files (headers aside). A sharded
             load reads the byte ranges of this process's shards, so under ``jax.distributed`` each process
             reads about its share (the README's *Several processes* says what is read).
@@ -202,6 +206,23 @@ def plan_load(
             ask = True
             continue
         return t, plan, match, dict(match.skip_reasons)
+
+
+def _guesses_that_decided(
+    plan: Sequence[jax_side.PlannedLeaf],
+    names: Sequence[str],
+    guessed: set[str],
+    kinds: Mapping[str, str] | None,
+) -> list[str]:
+    """With a target: the checkpoint keys whose layout a name rule's guess decided. A leaf whose Flax module
+    type the target knows (nnx modules), or that a ``kinds`` pattern names, was laid out without one."""
+    return [
+        p.key
+        for p, name in zip(plan, names)
+        if p.key in guessed
+        and p.leaf.module_type is None
+        and not any(re.search(pattern, name) for pattern in kinds or {})
+    ]
 
 
 def _replicated_here(sharding: Any) -> bool:
@@ -375,9 +396,14 @@ def load_checkpoint(
             jax_side.rebuild_target(t, values) if t is not None else {"params": {}, **jax_side.nest(values)}
         )
         classification = ckpt.classify()
+        guessed, classified_by = list(classification.guessed), classification.source
+        if t is not None:  # the target's module types, then kinds=, decide before a name rule's guess
+            guessed = _guesses_that_decided(plan, names, set(guessed), kinds)
+            typed = sum(p.leaf.module_type is not None for p in plan)
+            if typed:
+                classified_by += f"; the target's module types laid out {typed} of {len(plan)} leaves"
         report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
-                            str(jdev), skipped, list(classification.guessed), classification.source,
-                            read_bytes=ckpt.bytes_read)  # fmt: skip
+                            str(jdev), skipped, guessed, classified_by, read_bytes=ckpt.bytes_read)  # fmt: skip
     if skipped:
         log.info(
             "load_checkpoint skipped %s (not parameters)", ", ".join(f"{k} ({r})" for k, r in skipped.items())

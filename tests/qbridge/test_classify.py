@@ -796,3 +796,32 @@ def test_the_cli_reports_bad_patterns_cleanly(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "st"), str(tmp_path / "o"), "--kind", "[=linear", "--quiet"]) == 2
     assert "qbridge convert:" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "st"), str(tmp_path / "o"), "--dtype", "bogus", "--quiet"]) == 2
+
+
+def test_with_a_target_the_report_lists_only_guesses_that_decided_a_layout(tmp_path):
+    """An nnx target's module types lay every leaf out, so no name-rule guess decided anything and the
+    report lists none (it said "name rules" and listed every tensor); a dict target has no module types,
+    so the guesses it used are listed, except where ``kinds`` named the leaf."""
+    _llama(tmp_path / "llama")
+    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+    cfg.pop("architectures")  # no torch model to ask: name rules classify, with a target or without
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
+    _, target = _target(tmp_path / "llama")
+    _, plain = qbridge.load_checkpoint(tmp_path / "llama", progress=False, return_report=True)
+    assert plain.guessed and "name rules" in plain.classified_by
+    _, report = qbridge.load_checkpoint(tmp_path / "llama", target=target, progress=False, return_report=True)
+    assert report.guessed == []
+    assert (
+        f"the target's module types laid out {report.leaves} of {report.leaves} leaves"
+        in report.classified_by
+    )
+    as_dict = {"params": qbridge.load_checkpoint(tmp_path / "llama", progress=False)["params"]}
+    _, by_dict = qbridge.load_checkpoint(
+        tmp_path / "llama", target=as_dict, progress=False, return_report=True
+    )
+    assert by_dict.guessed and set(by_dict.guessed) <= set(plain.guessed)
+    assert "module types laid out" not in by_dict.classified_by
+    _, overridden = qbridge.load_checkpoint(tmp_path / "llama", target=as_dict, progress=False, return_report=True,
+                                            kinds={r"mlp\.": "linear"})  # fmt: skip
+    assert set(overridden.guessed) == {k for k in by_dict.guessed if ".mlp." not in k}
+    assert len(overridden.guessed) < len(by_dict.guessed)
