@@ -1,4 +1,5 @@
-"""4-bit decode on the CPU: ``torch_side.dequantize`` against bitsandbytes' own CPU kernel, same process.
+"""4-bit decode on the CPU: ``torch_side.dequantize`` against bitsandbytes' own CPU kernel, same process; and
+FP8 decode on the CPU (``torch_side.dequantize_fp8``) against the torch path.
 
 bitsandbytes' CPU kernel is wrong for some shapes (``torch_side._backend.bnb_cpu_kernel_restarts_blocks``),
 so qbridge never calls it; its speed is the bar. The shapes here are ones where it is right. Per call:
@@ -84,6 +85,23 @@ def main() -> None:
             lines.append(
                 f"{'x'.join(map(str, shape)):<12}{'nested' if nested else 'plain':<8}{ours:>10.4f}"
                 f"{torch_path:>12.4f}{theirs:>14.4f}{ours / theirs:>12.2f}x"
+            )
+    lines += [
+        "FP8 -> bf16, block 128x128 scales, per call (median ms); no library decodes FP8 on the CPU faster than",
+        "torch's own ops, so the bar is the torch path (float32(W) * scale, rounded once: what answers without",
+        "the kernel, and what a hand-written decode does):",
+        f"{'shape':<12}{'fp8':<8}{'qbridge':>10}{'torch path':>12}{'torch/qbridge':>15}",
+    ]
+    for shape in [(64, 64), (1024, 1024), (576, 7168), (2048, 7168), (7168, 2048), (4096, 4096)]:
+        for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            W = (torch.randn(shape) * 64).to(fp8)
+            s = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128)) * 1e-3 + 1e-5
+            reps = 15 if shape[0] * shape[1] > 2_000_000 else 300
+            ours = median_ms(lambda W=W, s=s: torch_side.dequantize_fp8(W, s), reps)
+            torch_path = median_ms(lambda W=W, s=s: torch_side.dequantize_fp8(W, s, backend="torch"), reps)
+            lines.append(
+                f"{'x'.join(map(str, shape)):<12}{str(fp8).split('_')[-1]:<8}{ours:>10.4f}{torch_path:>12.4f}"
+                f"{torch_path / ours:>14.1f}x"
             )
     lines.append("fresh process, NF4 4096x4096 plain (imports s, first call ms, next 100 calls ms):")
     with tempfile.TemporaryDirectory() as cache:

@@ -22,6 +22,7 @@ from ._backend import choose_fp8_backend
 from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device
 from ._checks import check_finite as _check_finite
 from ._compile import KernelNotReady, kernels_imported
+from ._native import CPU_KINDS, cpu_fp8
 from ._plans import FP8_PLANS, tensor_key
 
 FP8_DTYPES = tuple(
@@ -174,6 +175,54 @@ def dequantize_fp8_reference(
     return (wf * expanded).to(dtype)
 
 
+E5M2_NATIVE_FROM = (
+    1 << 20
+)  # elements; measured on a 2-core x86-64 machine (AVX-512), benchmarks/cpu_decode.py
+
+
+@functools.cache
+def _byte_values(dtype: torch.dtype) -> torch.Tensor:
+    """The float32 value torch gives each of the 256 bytes of a float8 ``dtype``: the C kernel's table."""
+    return torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
+
+
+def dequantize_fp8_native(
+    W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """:func:`dequantize_fp8_reference`'s values, bit for bit, from the C kernel (``_native``) on the CPU:
+    each byte's float32 value from a table, times its tile's float32 scale, rounded once to ``dtype``.
+
+    Returns a new tensor of ``W``'s shape, or None when the kernel is not built yet (or cannot be had) or a
+    piece is not as it reads it (CPU, contiguous, no lazy negation, one matrix): the caller takes the
+    torch path.
+    """
+    fn = cpu_fp8()
+    kind = CPU_KINDS.get(dtype)
+    if fn is None or kind is None or layout.stack or not W.numel():
+        return None
+    if W.dtype == torch.float8_e5m2 and W.numel() < E5M2_NATIVE_FROM:
+        return None  # torch widens e5m2 (a float16's high byte) about as fast as the table below this size
+    if W.dtype not in FP8_DTYPES or scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if not all(t.device.type == "cpu" and t.is_contiguous() and not t.is_neg() for t in (W, scale)):
+        return None
+    scale = scale.to(torch.float32)  # exact: the reference widens the same way
+    if layout.kind == "tensor":  # any shape: one row of every element, one scale
+        rows, cols, block_rows, block_cols, scale_cols = 1, W.numel(), 1, W.numel(), 1
+        if scale.numel() != 1:
+            return None
+    else:
+        if W.dim() != 2:
+            return None
+        (rows, cols), (block_rows, block_cols), scale_cols = W.shape, layout.block, layout.grid[1]
+        if scale.numel() != layout.grid[0] * layout.grid[1] or block_rows < 1 or block_cols < 1:
+            return None
+    out = torch.empty(W.shape, dtype=dtype)
+    fn(W.view(torch.uint8).data_ptr(), _byte_values(W.dtype).data_ptr(), scale.data_ptr(), rows, cols,
+       block_rows, block_cols, scale_cols, out.data_ptr(), kind, torch.get_num_threads())  # fmt: skip
+    return out
+
+
 def _plan_key(
     W: Any, scale_inv: Any, dtype: Any, block_size: Any, transpose: Any, backend: Any, check_finite: Any
 ) -> tuple[Any, ...] | None:
@@ -307,13 +356,23 @@ def dequantize_fp8(
             per = scale_inv.reshape(*layout.stack, *layout.matrix_scale_shape)
             return torch.stack(
                 [
-                    _decode_matrix(W[e], per[e], matrix, dtype, transpose, chosen, wait=backend == "triton")
+                    _decode_matrix(
+                        W[e],
+                        per[e],
+                        matrix,
+                        dtype,
+                        transpose,
+                        chosen,
+                        wait=backend == "triton",
+                        native=backend == "auto",
+                    )
                     for e in range(W.shape[0])
                 ]
             )
         return _decode_matrix(
-            W, scale_inv, layout, dtype, transpose, chosen, plan_key, wait=backend == "triton"
-        )
+            W, scale_inv, layout, dtype, transpose, chosen, plan_key, wait=backend == "triton",
+            native=backend == "auto",
+        )  # fmt: skip
 
 
 def _decode_matrix(
@@ -325,8 +384,12 @@ def _decode_matrix(
     chosen: str,
     plan_key: tuple[Any, ...] | None = None,
     wait: bool = True,
+    native: bool = False,
 ) -> torch.Tensor:
-    if W.numel() == 0:
+    decoded = dequantize_fp8_native(W, scale, layout, dtype) if native and W.device.type == "cpu" else None
+    if decoded is not None:
+        result = decoded
+    elif W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":
         try:

@@ -1,4 +1,5 @@
-"""The CPU decode of 4-bit weights in C (``kernels/cpu_4bit.c``), built once per machine, loaded with ctypes.
+"""The CPU decode of 4-bit (and FP8) weights in C (``kernels/cpu_4bit.c``), built once per machine, loaded
+with ctypes.
 
 torch operations alone cannot decode a 4-bit weight as fast as bitsandbytes' native CPU kernel: at
 1024x1024 the byte lookup alone (``index_select``) costs more than that whole kernel. The C kernel looks
@@ -40,6 +41,8 @@ import tempfile
 import threading
 from typing import Any
 
+import torch
+
 from ._build_c import FLAGS, UNWRITABLE, digest
 from ._cache import cache_dir
 
@@ -50,7 +53,10 @@ BUILDER = pathlib.Path(__file__).with_name("_build_c.py")
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
 
+CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's output kinds
+
 _FN: Any = None  # the loaded qb_dequantize_4bit, once ready
+_FP8: Any = None  # the loaded qb_dequantize_fp8, from the same library
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -146,21 +152,24 @@ def _whole(path: pathlib.Path) -> bool:
     return recorded == digest(str(path))
 
 
-def load(path: pathlib.Path) -> Any:
-    """The kernel's entry point from a built library, with its argument types set."""
+def load(path: pathlib.Path) -> tuple[Any, Any]:
+    """The kernel's entry points from a built library (4-bit, FP8), with their argument types set."""
     try:
-        fn = ctypes.CDLL(str(path)).qb_dequantize_4bit
+        library = ctypes.CDLL(str(path))
+        fn, fp8 = library.qb_dequantize_4bit, library.qb_dequantize_fp8
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
     log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, i64, i64, p, i32, i32]
     fn.restype = i32
-    return fn
+    fp8.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i32, i32]
+    fp8.restype = i32
+    return fn, fp8
 
 
 def _build_and_load() -> None:
-    global _FN, _UNAVAILABLE
+    global _FN, _FP8, _UNAVAILABLE
     try:
         root = cache_dir()
         if root is not None:
@@ -170,7 +179,7 @@ def _build_and_load() -> None:
                     build(path)
                 if _whole(path):
                     try:
-                        _FN = load(path)
+                        _FN, _FP8 = load(path)
                         return
                     except BuildError as e:  # whole but not the kernel (replaced by hand): built again
                         log.debug("%s could not be loaded (%s): built again", path, e)
@@ -181,7 +190,7 @@ def _build_and_load() -> None:
         # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
         path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
         build(path)
-        _FN = load(path)
+        _FN, _FP8 = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _EXITING:  # a private build stopped at exit is no news
@@ -221,6 +230,12 @@ def cpu_4bit(wait: bool = False) -> Any:
     if (wait or _WAIT_FROM_NOW) and building is not None:
         building.join()
     return _FN
+
+
+def cpu_fp8(wait: bool = False) -> Any:
+    """The FP8 entry point of the same library (see :func:`cpu_4bit`), or None."""
+    cpu_4bit(wait)
+    return _FP8
 
 
 def _make_private() -> pathlib.Path:

@@ -34,12 +34,11 @@ from ._checks import (
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
-from ._native import cpu_4bit
+from ._native import CPU_KINDS, cpu_4bit
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
 NESTED_CODE_SIZE = 256
-CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C kernel's output kinds
 
 
 def _packed_bytes(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

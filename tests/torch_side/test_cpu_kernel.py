@@ -575,3 +575,90 @@ def test_a_hanging_compiler_does_not_hold_the_process(tmp_path):
         assert time.monotonic() - t0 < 60
     finally:
         subprocess.run(["pkill", "-f", str(hang)], check=False)
+
+
+# --- FP8 ---------------------------------------------------------------------------------------------
+
+_SPECIAL_FP8 = [
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    0.0,
+    -0.0,
+    1e-3,
+    -448.0,
+    57344.0,
+    2.0**-9,
+    2.0**-16,
+]
+
+
+def _fp8_weight(shape, dtype, gen):
+    """Random float8 bytes (every byte value appears, NaN encodings included), then special values."""
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).view(dtype)
+    flat = w.view(-1)
+    for i, v in enumerate(_SPECIAL_FP8[: flat.numel()]):
+        flat[i * 7 % flat.numel()] = torch.tensor(v).to(dtype)
+    return w
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "shape, scale_shape, block",
+    [
+        ((1, 1), (1, 1), None),  # one scale
+        ((3, 5), (), None),  # a 0-d per-tensor scale
+        ((2, 3, 40), (), None),  # stacked experts under one scale: every element one row
+        ((7, 33), (7, 1), None),  # per row
+        ((257, 513), (3, 5), 128),  # partial tiles on both sides
+        ((128, 256), (1, 2), 128),
+        ((100, 300), (2, 5), 64),
+        ((1031, 4100), (9, 33), 128),  # more than one thread's share (2**18 elements), odd rows
+    ],
+)
+def test_fp8_matches_the_reference_bit_for_bit(kernel, monkeypatch, fp8, shape, scale_shape, block):
+    """dequantize_fp8 on the CPU takes the C kernel (the plain-torch decode raises if asked) and gives
+    its bits for every output dtype: all 256 byte values (NaN, infinities, subnormals, -0), and scales
+    that are NaN, infinite, zero, negative or tiny enough to make subnormal products."""
+    from torch_side import _fp8
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    W = _fp8_weight(shape, fp8, gen)
+    scale = torch.rand(scale_shape, generator=gen) * 1e-2
+    flat = scale.view(-1)
+    for i, v in enumerate([float("nan"), float("inf"), 0.0, -3.0, 1e-38][: flat.numel() - 1]):
+        flat[i + 1] = v
+    monkeypatch.setattr(_fp8, "E5M2_NATIVE_FROM", 0)  # small e5m2 weights too (they take torch's path)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        want = torch_side.dequantize_fp8(W, scale, dtype, block_size=block, backend="torch")
+        original = _fp8.dequantize_fp8_reference
+        _fp8.dequantize_fp8_reference = None  # the C kernel must answer
+        try:
+            got = torch_side.dequantize_fp8(W, scale, dtype, block_size=block)
+        finally:
+            _fp8.dequantize_fp8_reference = original
+        assert_bitwise_equal(got, want)
+
+
+def test_fp8_other_inputs_take_the_torch_path_with_the_same_bits(kernel):
+    """What the kernel does not read as it lies (a non-contiguous weight, a transposed result, bf16, f16
+    and e8m0 scales, several threads or one) still comes out bit-identical to the plain-torch decode."""
+    gen = torch.Generator().manual_seed(5)
+    W = _fp8_weight((600, 700), torch.float8_e4m3fn, gen)
+    scale = torch.rand(5, 6, generator=gen) * 1e-2
+    cases = [
+        (W[:, ::2], torch.rand(5, 3, generator=gen), {}),
+        (W, scale, {"transpose": True}),
+        (W, scale.bfloat16(), {}),
+        (W, scale.half(), {}),
+        (W, (torch.rand(5, 6, generator=gen) * 8).exp2().to(torch.float8_e8m0fnu), {}),
+    ]
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            for w, s, kw in cases:
+                want = torch_side.dequantize_fp8(w, s, torch.bfloat16, backend="torch", **kw)
+                assert_bitwise_equal(torch_side.dequantize_fp8(w, s, torch.bfloat16, **kw), want)
+    finally:
+        torch.set_num_threads(before)

@@ -8,6 +8,10 @@
  * -ffp-contract=off). Rounding to bfloat16 is to nearest even with every NaN written as 0xFFFF, as torch
  * does on the CPU; to float16 it is the IEEE conversion (round to nearest even).
  *
+ * FP8 weights (qb_dequantize_fp8) decode element (r, c) as lut[byte] * scale[tile of (r, c)] in float32,
+ * the table holding torch's float32 value of each of the 256 bytes, with no flush, then the same rounding
+ * to the output type: torch_side's plain-torch FP8 decode, bit for bit.
+ *
  * Built by torch_side/_native.py with the machine's C compiler and loaded with ctypes.
  */
 #include <float.h>
@@ -25,7 +29,9 @@
 
 enum { QB_F32 = 0, QB_BF16 = 1, QB_F16 = 2 };
 
-typedef struct {
+typedef struct qb_job qb_job;
+struct qb_job {
+    void (*run)(const qb_job *job); /* decodes this part */
     const uint8_t *packed;
     const float *absmax;        /* float32 scales, or NULL when nested */
     const uint8_t *absmax_code; /* uint8 codes of a nested absmax */
@@ -39,7 +45,12 @@ typedef struct {
     void *out;
     int kind;
     int64_t first_block, stop_block;
-} qb_job;
+    /* FP8: w[r, c] as lut[byte] * scale[(r / block_rows) * scale_cols + c / block_cols], rows first_row.. */
+    const uint8_t *fp8;
+    const float *lut; /* 256 entries: the float32 value of every byte */
+    const float *scale;
+    int64_t cols, block_rows, block_cols, scale_cols, first_row, stop_row;
+};
 
 static inline uint32_t bits_of(float v) {
     uint32_t u;
@@ -205,6 +216,30 @@ static void run_blocks(const qb_job *job) {
     }
 }
 
+/* FP8 rows first_row .. stop_row - 1: each byte's float32 value from the table, times its tile's scale in
+ * float32 (one rounding), rounded once more while storing: the plain-torch decode's order of operations. */
+static void run_fp8_rows(const qb_job *job) {
+    const int64_t cols = job->cols, bc = job->block_cols;
+    for (int64_t r = job->first_row; r < job->stop_row; r++) {
+        const float *scales = job->scale + (r / job->block_rows) * job->scale_cols;
+        const uint8_t *w = job->fp8 + r * cols;
+        const int64_t base = r * cols;
+        for (int64_t c0 = 0; c0 < cols; c0 += bc) {
+            const int64_t c1 = cols - c0 > bc ? c0 + bc : cols;
+            const float scale = scales[c0 / bc];
+            int64_t c = c0;
+#if QB_AVX512
+            const __m512 s = _mm512_set1_ps(scale);
+            for (; c + 16 <= c1; c += 16) {
+                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c)));
+                store16(job->out, job->kind, base + c, _mm512_mul_ps(_mm512_i32gather_ps(bytes, job->lut, 4), s));
+            }
+#endif
+            for (; c < c1; c++) store_one(job->out, job->kind, base + c, job->lut[w[c]] * scale);
+        }
+    }
+}
+
 /* A pool of worker threads, started on first use and kept: starting a thread per call costs more than
  * decoding a megabyte. A call publishes its parts in one 64-bit word (generation, number of parts, next part
  * to claim); the caller and the workers claim parts from that word with compare-and-swap, so each part of
@@ -265,7 +300,7 @@ static void *pool_worker(void *arg) {
         uint64_t gen = 0;
         const int part = claim(&gen);
         if (part >= 0) {
-            run_blocks(&pool_jobs[part]);
+            pool_jobs[part].run(&pool_jobs[part]);
             finish_part();
             continue;
         }
@@ -322,7 +357,7 @@ static int run_parallel(const qb_job *jobs, int parts) {
         pthread_mutex_unlock(&pool_lock);
         uint64_t seen;
         for (int part; (part = claim(&seen)) >= 0;) { /* every part nobody else took */
-            run_blocks(&pool_jobs[part]);
+            pool_jobs[part].run(&pool_jobs[part]);
             __atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL);
         }
         const long until = now_ns() + SPIN_NS;
@@ -333,7 +368,7 @@ static int run_parallel(const qb_job *jobs, int parts) {
         pthread_mutex_unlock(&pool_call);
         return pool_workers + 1 < parts ? pool_workers + 1 : parts;
     }
-    for (int t = 0; t < parts; t++) run_blocks(&jobs[t]);
+    for (int t = 0; t < parts; t++) jobs[t].run(&jobs[t]);
     return 1;
 }
 
@@ -352,8 +387,32 @@ int qb_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t
     if (threads > blocks) threads = (int)blocks;
     qb_job jobs[QB_MAX_THREADS];
     for (int t = 0; t < threads; t++) {
-        qb_job job = {packed, absmax, absmax_code, nested_code, nested_absmax, nested_blocksize, offset,
-                      code, n, blocksize, out, kind, blocks * t / threads, blocks * (t + 1) / threads};
+        qb_job job = {.run = run_blocks, .packed = packed, .absmax = absmax, .absmax_code = absmax_code,
+                      .nested_code = nested_code, .nested_absmax = nested_absmax,
+                      .nested_blocksize = nested_blocksize, .offset = offset, .code = code, .n = n,
+                      .blocksize = blocksize, .out = out, .kind = kind, .first_block = blocks * t / threads,
+                      .stop_block = blocks * (t + 1) / threads};
+        jobs[t] = job;
+    }
+    return run_parallel(jobs, threads);
+}
+
+/* Decodes an FP8 matrix [rows, cols] (its bytes) into out (kind as above) on up to `threads` threads: element
+ * (r, c) is lut[byte] * scale[(r / block_rows) * scale_cols + c / block_cols] in float32, rounded to the kind.
+ * Returns the number of threads that decoded. */
+int qb_dequantize_fp8(const uint8_t *w, const float *lut, const float *scale, int64_t rows, int64_t cols,
+                      int64_t block_rows, int64_t block_cols, int64_t scale_cols, void *out, int kind,
+                      int threads) {
+    const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
+    if ((int64_t)threads > rows * cols / per_thread) threads = (int)(rows * cols / per_thread);
+    if (threads < 1) threads = 1;
+    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
+    if (threads > rows) threads = (int)rows;
+    qb_job jobs[QB_MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        qb_job job = {.run = run_fp8_rows, .out = out, .kind = kind, .fp8 = w, .lut = lut, .scale = scale,
+                      .cols = cols, .block_rows = block_rows, .block_cols = block_cols, .scale_cols = scale_cols,
+                      .first_row = rows * t / threads, .stop_row = rows * (t + 1) / threads};
         jobs[t] = job;
     }
     return run_parallel(jobs, threads);
