@@ -276,7 +276,9 @@ def dequantize_fp8(
         transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` when stacked): written transposed
             in the same pass by the Triton backend, a transposed view of the row-major result by the torch
             backend.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``. ``"auto"``: Triton on CUDA; on the CPU qbridge's C
+            kernel (``torch_side/_native.py``; the torch path's bits) once it is built, except float8_e5m2
+            weights under ``E5M2_NATIVE_FROM`` elements, and the torch path until then.
         check_finite: raise ValueError if a scale is NaN or Inf (a host sync on a GPU). By default they
             propagate, as in the reference.
 
