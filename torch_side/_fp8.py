@@ -183,7 +183,7 @@ E5M2_NATIVE_FROM = (
 @functools.cache
 def _byte_values(dtype: torch.dtype) -> torch.Tensor:
     """The float32 value torch gives each of the 256 bytes of a float8 ``dtype``: the C kernel's table."""
-    return torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
+    return torch.arange(256, dtype=torch.uint8, device="cpu").view(dtype).to(torch.float32)
 
 
 def dequantize_fp8_native(
@@ -206,6 +206,8 @@ def dequantize_fp8_native(
         return None
     if not all(t.device.type == "cpu" and t.is_contiguous() and not t.is_neg() for t in (W, scale)):
         return None
+    if torch.is_grad_enabled() and scale.requires_grad:  # the torch path keeps the graph to the scale
+        return None
     scale = scale.to(torch.float32)  # exact: the reference widens the same way
     if layout.kind == "tensor":  # any shape: one row of every element, one scale
         rows, cols, block_rows, block_cols, scale_cols = 1, W.numel(), 1, W.numel(), 1
@@ -217,9 +219,10 @@ def dequantize_fp8_native(
         (rows, cols), (block_rows, block_cols), scale_cols = W.shape, layout.block, layout.grid[1]
         if scale.numel() != layout.grid[0] * layout.grid[1] or block_rows < 1 or block_cols < 1:
             return None
-    out = torch.empty(W.shape, dtype=dtype)
-    fn(W.view(torch.uint8).data_ptr(), _byte_values(W.dtype).data_ptr(), scale.data_ptr(), rows, cols,
-       block_rows, block_cols, scale_cols, out.data_ptr(), kind, torch.get_num_threads())  # fmt: skip
+    out = torch.empty(W.shape, dtype=dtype, device="cpu")  # not the default device: the kernel writes here
+    table = _byte_values(W.dtype)  # held through the call (another thread may replace the cached one)
+    fn(W.view(torch.uint8).data_ptr(), table.data_ptr(), scale.data_ptr(), rows, cols, block_rows, block_cols,
+       scale_cols, out.data_ptr(), kind, torch.get_num_threads())  # fmt: skip
     return out
 
 

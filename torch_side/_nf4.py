@@ -264,10 +264,10 @@ def dequantize_4bit_cpu(
         return dequantize_4bit_reference(flat, absmax, code, blocksize, n, dtype)
     pairs = pair_table(code).contiguous().view(torch.int64).reshape(256)  # byte -> (code[hi], code[lo])
     flat = flat.reshape(-1)
-    out = torch.empty(n, dtype=dtype)
+    out = torch.empty(n, dtype=dtype, device="cpu")
     step = max(CPU_CHUNK - CPU_CHUNK % blocksize, blocksize)  # whole blocks (blocksize is even)
-    index = torch.empty(step // 2, dtype=torch.int32)
-    values = torch.empty(step // 2, dtype=torch.int64)
+    index = torch.empty(step // 2, dtype=torch.int32, device="cpu")
+    values = torch.empty(step // 2, dtype=torch.int64, device="cpu")
     for start in range(0, n, step):
         stop = min(n, start + step)
         nbytes = (stop - start + 1) // 2
@@ -327,7 +327,9 @@ def dequantize_4bit_native(
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             return None
-        return _kernel_call(fn, torch.empty(n, dtype=dtype), kind, flat, absmax, code, blocksize, n)
+        return _kernel_call(
+            fn, torch.empty(n, dtype=dtype, device="cpu"), kind, flat, absmax, code, blocksize, n
+        )
     assert nested_code is not None  # _check_pieces requires both
     if (
         absmax.dtype != torch.uint8
@@ -342,7 +344,7 @@ def dequantize_4bit_native(
     ):
         return None
     return _kernel_call(
-        fn, torch.empty(n, dtype=dtype), kind, flat, absmax, code, blocksize, n,
+        fn, torch.empty(n, dtype=dtype, device="cpu"), kind, flat, absmax, code, blocksize, n,
         nested_absmax, nested_code, nested_blocksize, offset,
     )  # fmt: skip
 
@@ -407,7 +409,7 @@ class NF4CpuPlan:
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
         result = _kernel_call(
-            cpu_4bit(), torch.empty(self.shape, dtype=self.dtype), self.kind, packed, absmax, self.code,
+            cpu_4bit(), torch.empty(self.shape, dtype=self.dtype, device="cpu"), self.kind, packed, absmax, self.code,
             self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
         )  # fmt: skip
         return result.t() if self.transpose else result

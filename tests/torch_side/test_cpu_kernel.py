@@ -662,3 +662,91 @@ def test_fp8_other_inputs_take_the_torch_path_with_the_same_bits(kernel):
                 assert_bitwise_equal(torch_side.dequantize_fp8(w, s, torch.bfloat16, **kw), want)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_default_device_does_not_move_the_cpu_kernels_output(kernel):
+    """The C kernel writes through a pointer into memory it was given: under another default device
+    (torch.device("meta") or set_default_device) that memory, and the FP8 byte table, stay on the CPU."""
+    from torch_side import _fp8
+
+    gen = torch.Generator().manual_seed(8)
+    W = _fp8_weight((300, 400), torch.float8_e4m3fn, gen)
+    scale = torch.rand(3, 4, generator=gen)
+    want = torch_side.dequantize_fp8(W, scale, backend="torch")
+    packed, absmax, code, extra = _pieces(4097, 64, nested=True, seed=8)
+    want4 = _reference(packed, absmax, code, 64, 4097, torch.bfloat16, extra)
+    _fp8._byte_values.cache_clear()  # made under the default device below
+    with torch.device("meta"):
+        got = torch_side.dequantize_fp8(W, scale)
+        got4 = dequantize_4bit_native(packed, absmax, code, 64, 4097, torch.bfloat16, **extra)
+    assert got.device.type == "cpu" and got4.device.type == "cpu"
+    assert_bitwise_equal(got, want)
+    assert_bitwise_equal(got4, want4)
+
+
+def test_first_fp8_calls_from_several_threads_at_once(kernel):
+    """Threads that make the first FP8 call of a process together each get the right bits (the byte
+    table a thread passes to the kernel stays alive through its call, whichever table the cache keeps)."""
+    from torch_side import _fp8
+
+    gen = torch.Generator().manual_seed(9)
+    W = _fp8_weight((256, 256), torch.float8_e4m3fn, gen)
+    scale = torch.rand(1, 1, generator=gen)
+    want = torch_side.dequantize_fp8(W, scale, backend="torch")
+    for _ in range(150):
+        _fp8._byte_values.cache_clear()
+        start = threading.Barrier(8)
+        results: list = [None] * 8
+
+        def work(i, start=start, results=results):
+            start.wait()
+            results[i] = torch_side.dequantize_fp8(W, scale)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for got in results:
+            assert_bitwise_equal(got, want)
+
+
+def test_fp8_gradients_to_a_scale_flow_as_on_the_torch_path(kernel):
+    """A scale that requires grad takes the torch path, which keeps the graph to it."""
+    gen = torch.Generator().manual_seed(10)
+    W = _fp8_weight((256, 384), torch.float8_e4m3fn, gen)
+    W.view(torch.uint8)[W.view(torch.uint8) & 0x7F == 0x7F] = 0  # no NaN: gradients to compare
+    grads = []
+    for backend in ("auto", "torch"):
+        scale = (torch.rand(2, 3, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_()
+        out = torch_side.dequantize_fp8(W, scale, torch.float32, backend=backend)
+        assert out.requires_grad
+        out.sum().backward()
+        grads.append(scale.grad)
+    assert_bitwise_equal(grads[0], grads[1])
+
+
+def test_every_thread_of_a_call_computes_under_the_callers_flush_setting(kernel):
+    """With torch.set_flush_denormal(True) on the calling thread, every part of a call (the pool's threads
+    too, started before the setting changed) flushes denormal products, as the caller's thread does."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    torch.set_flush_denormal(False)
+    gen = torch.Generator().manual_seed(11)
+    W = (torch.rand(2048, 1024, generator=gen) * 2.0**-4).to(torch.float8_e4m3fn)
+    scale = torch.full((16, 8), 2.0**-120)  # a normal scale; products under 2**-6 * scale are denormal
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch_side.dequantize_fp8(W, scale, torch.float32)  # the pool's threads exist before the setting
+        plain = torch_side.dequantize_fp8(W, scale, torch.float32, backend="torch")
+        assert bool((plain != 0).any() & (plain.abs() < FLT_MIN).any())  # denormal products exist
+        flushed = torch.where(plain.abs() < FLT_MIN, torch.zeros_like(plain).copysign(plain), plain)
+        torch.set_flush_denormal(True)
+        try:
+            got = torch_side.dequantize_fp8(W, scale, torch.float32)
+        finally:
+            torch.set_flush_denormal(False)
+        assert_bitwise_equal(got, flushed)
+    finally:
+        torch.set_num_threads(before)

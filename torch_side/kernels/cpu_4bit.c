@@ -10,7 +10,12 @@
  *
  * FP8 weights (qb_dequantize_fp8) decode element (r, c) as lut[byte] * scale[tile of (r, c)] in float32,
  * the table holding torch's float32 value of each of the 256 bytes, with no flush, then the same rounding
- * to the output type: torch_side's plain-torch FP8 decode, bit for bit.
+ * to the output type: torch_side's plain-torch FP8 decode, bit for bit. One exception: a NaN weight times a
+ * NaN scale is a NaN whose float32/float16 payload is either operand's (torch itself gives either, by the
+ * element's place in its loops); as bfloat16 every NaN is 0xFFFF.
+ *
+ * Every part of a call runs with the calling thread's floating-point control word (x86 MXCSR: flushing
+ * denormals, torch.set_flush_denormal), so the pool's threads compute as the caller's thread would.
  *
  * Built by torch_side/_native.py with the machine's C compiler and loaded with ctypes.
  */
@@ -50,6 +55,7 @@ struct qb_job {
     const float *lut; /* 256 entries: the float32 value of every byte */
     const float *scale;
     int64_t cols, block_rows, block_cols, scale_cols, first_row, stop_row;
+    unsigned int csr; /* the caller's floating-point control word (x86) */
 };
 
 static inline uint32_t bits_of(float v) {
@@ -232,12 +238,31 @@ static void run_fp8_rows(const qb_job *job) {
             const __m512 s = _mm512_set1_ps(scale);
             for (; c + 16 <= c1; c += 16) {
                 const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c)));
-                store16(job->out, job->kind, base + c, _mm512_mul_ps(_mm512_i32gather_ps(bytes, job->lut, 4), s));
+                store16(job->out, job->kind, base + c, _mm512_mul_ps(s, _mm512_i32gather_ps(bytes, job->lut, 4)));
             }
 #endif
             for (; c < c1; c++) store_one(job->out, job->kind, base + c, job->lut[w[c]] * scale);
         }
     }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define QB_CSR 1
+#else
+#define QB_CSR 0
+#endif
+
+/* One part, under the caller's floating-point control word, restoring this thread's afterwards. */
+static void run_part(const qb_job *job) {
+#if QB_CSR
+    const unsigned int own = _mm_getcsr();
+    _mm_setcsr(job->csr);
+    job->run(job);
+    _mm_setcsr(own);
+#else
+    job->run(job);
+#endif
 }
 
 /* A pool of worker threads, started on first use and kept: starting a thread per call costs more than
@@ -300,7 +325,7 @@ static void *pool_worker(void *arg) {
         uint64_t gen = 0;
         const int part = claim(&gen);
         if (part >= 0) {
-            pool_jobs[part].run(&pool_jobs[part]);
+            run_part(&pool_jobs[part]);
             finish_part();
             continue;
         }
@@ -339,8 +364,11 @@ static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
 /* Runs parts 0 .. parts-1 of jobs, on this thread and the pool's; returns the number of threads offered. */
-static int run_parallel(const qb_job *jobs, int parts) {
+static int run_parallel(qb_job *jobs, int parts) {
     pthread_once(&pool_once, pool_register_fork);
+#if QB_CSR
+    for (int t = 0; t < parts; t++) jobs[t].csr = _mm_getcsr();
+#endif
     if (parts > 1 && pthread_mutex_trylock(&pool_call) == 0) {
         while (pool_workers < parts - 1 && pool_workers + 1 < QB_MAX_THREADS) {
             pthread_t id;
@@ -357,7 +385,7 @@ static int run_parallel(const qb_job *jobs, int parts) {
         pthread_mutex_unlock(&pool_lock);
         uint64_t seen;
         for (int part; (part = claim(&seen)) >= 0;) { /* every part nobody else took */
-            pool_jobs[part].run(&pool_jobs[part]);
+            run_part(&pool_jobs[part]);
             __atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL);
         }
         const long until = now_ns() + SPIN_NS;
@@ -368,7 +396,7 @@ static int run_parallel(const qb_job *jobs, int parts) {
         pthread_mutex_unlock(&pool_call);
         return pool_workers + 1 < parts ? pool_workers + 1 : parts;
     }
-    for (int t = 0; t < parts; t++) jobs[t].run(&jobs[t]);
+    for (int t = 0; t < parts; t++) jobs[t].run(&jobs[t]); /* on the caller's thread: its own word */
     return 1;
 }
 
