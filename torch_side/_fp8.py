@@ -209,8 +209,9 @@ def dequantize_fp8_native(
     if torch.is_grad_enabled() and scale.requires_grad:  # the torch path keeps the graph to the scale
         return None
     scale = scale.to(torch.float32)  # exact: the reference widens the same way
-    if layout.kind == "tensor":  # any shape: one row of every element, one scale
-        rows, cols, block_rows, block_cols, scale_cols = 1, W.numel(), 1, W.numel(), 1
+    if layout.kind == "tensor":  # any shape: rows of its last dimension (split over threads), one scale
+        cols = W.shape[-1] if W.dim() else 1
+        rows, block_rows, block_cols, scale_cols = W.numel() // cols, W.numel() // cols, cols, 1
         if scale.numel() != 1:
             return None
     else:
