@@ -22,7 +22,7 @@ from ._backend import choose_fp8_backend
 from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device
 from ._checks import check_finite as _check_finite
 from ._compile import KernelNotReady, kernels_imported
-from ._native import CPU_KINDS, cpu_fp8
+from ._native import CPU_KINDS, cpu_fp8, readable
 from ._plans import FP8_PLANS, tensor_key
 
 FP8_DTYPES = tuple(
@@ -207,6 +207,8 @@ def dequantize_fp8_native(
     if not all(t.device.type == "cpu" and t.is_contiguous() and not t.is_neg() for t in (W, scale)):
         return None
     if torch.is_grad_enabled() and scale.requires_grad:  # the torch path keeps the graph to the scale
+        return None
+    if not readable(W, scale):  # under vmap / jvp, or a tangent: the torch path carries them
         return None
     scale = scale.to(torch.float32)  # exact: the reference widens the same way
     if layout.kind == "tensor":  # any shape: rows of its last dimension (split over threads), one scale

@@ -232,6 +232,20 @@ def cpu_4bit(wait: bool = False) -> Any:
     return _FN
 
 
+def readable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel may read these tensors' memory as their values: none is a functorch wrapper
+    (``torch.func.vmap``, ``grad``, ``jvp``: no storage of their own) or carries a forward-mode tangent
+    (which a result written by the kernel would drop)."""
+    import torch.autograd.forward_ad as fwad
+
+    for t in tensors:
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        if fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None:
+            return False
+    return True
+
+
 def cpu_fp8(wait: bool = False) -> Any:
     """The FP8 entry point of the same library (see :func:`cpu_4bit`), or None."""
     cpu_4bit(wait)

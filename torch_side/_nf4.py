@@ -34,7 +34,7 @@ from ._checks import (
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
-from ._native import CPU_KINDS, cpu_4bit
+from ._native import CPU_KINDS, cpu_4bit, readable
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
@@ -322,6 +322,9 @@ def dequantize_4bit_native(
         for p in pieces
     ):
         return None
+    present = [p for p in pieces if p is not None]  # every piece, checked above
+    if not readable(*present) or (torch.is_grad_enabled() and any(p.requires_grad for p in present)):
+        return None  # under vmap / jvp, a tangent, or a graph to keep: the torch path carries them
     if code.dtype != torch.float32 or code.numel() != 16:
         return None
     if nested_absmax is None:

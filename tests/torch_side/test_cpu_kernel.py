@@ -750,3 +750,34 @@ def test_every_thread_of_a_call_computes_under_the_callers_flush_setting(kernel)
         assert_bitwise_equal(got, flushed)
     finally:
         torch.set_num_threads(before)
+
+
+def test_fp8_under_forward_mode_and_vmap_takes_the_torch_path(kernel):
+    """A scale with a forward-mode tangent, or one that torch.func.vmap / jvp wraps (no storage of its
+    own), is decoded by the torch path, which carries the tangent and the batch: as backend='torch'."""
+    import torch.autograd.forward_ad as fwad
+
+    gen = torch.Generator().manual_seed(12)
+    W = _fp8_weight((64, 96), torch.float8_e4m3fn, gen)
+    W.view(torch.uint8)[W.view(torch.uint8) & 0x7F == 0x7F] = 0
+    scale = torch.rand(1, 1, generator=gen) + 0.5
+    outs = {}
+    for backend in ("auto", "torch"):
+        with fwad.dual_level():
+            out = torch_side.dequantize_fp8(W, fwad.make_dual(scale, torch.ones_like(scale)), torch.float32,
+                                            backend=backend)  # fmt: skip
+            primal, tangent = fwad.unpack_dual(out)
+            assert tangent is not None, backend
+            outs[backend] = (primal.clone(), tangent.clone())
+    assert_bitwise_equal(outs["auto"][0], outs["torch"][0])
+    assert_bitwise_equal(outs["auto"][1], outs["torch"][1])
+    scales = torch.tensor([0.5, 2.0])
+    batched = {
+        b: torch.func.vmap(lambda s, b=b: torch_side.dequantize_fp8(W, s, torch.float32, backend=b))(scales)
+        for b in ("auto", "torch")
+    }
+    assert batched["auto"].shape == (2, 64, 96)
+    assert_bitwise_equal(batched["auto"], batched["torch"])
+    _, tangent = torch.func.jvp(lambda s: torch_side.dequantize_fp8(W, s, torch.float32), (scale,),
+                                (torch.ones_like(scale),))  # fmt: skip
+    assert_bitwise_equal(tangent, W.float())
