@@ -126,6 +126,11 @@ def dotted(path: Path) -> str:
 # --- flat state dict -> Flax variables by name --------------------------------------------------------
 
 
+def kind_override(name: str, overrides: Mapping[str, str] | None) -> str | None:
+    """The kind of the first ``overrides`` pattern (a regular expression) found in ``name``, or None."""
+    return next((kind for pattern, kind in (overrides or {}).items() if re.search(pattern, name)), None)
+
+
 def infer_kind(
     key: str,
     ndim: int,
@@ -143,9 +148,9 @@ def infer_kind(
     decides).
     """
     module, _, leaf = key.rpartition(".")
-    for pattern, kind in (overrides or {}).items():
-        if re.search(pattern, module):
-            return kind
+    overridden = kind_override(module, overrides)
+    if overridden is not None:
+        return overridden
     if torch_kinds and key in torch_kinds:
         return torch_kinds[key]
     if leaf in ("running_mean", "running_var"):
@@ -420,7 +425,7 @@ def plan_match(
         original = renamed[found]
         used.add(original)
         shape, src_dtype = checkpoint[original]
-        kind = next((k for pattern, k in (kinds or {}).items() if re.search(pattern, name)), None)
+        kind = kind_override(name, kinds)
         if kind is None and leaf.module_type is None and torch_kinds:
             kind = torch_kinds.get(original)
         rule = rule_for_flax_leaf(str(leaf.path[-1]), len(shape), module_type=leaf.module_type, kind=kind)

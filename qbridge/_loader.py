@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 import jax_side
-from jax_side._tree import warn_unmatched
+from jax_side._tree import kind_override, warn_unmatched
 
 from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
@@ -219,9 +218,7 @@ def _guesses_that_decided(
     return [
         p.key
         for p, name in zip(plan, names)
-        if p.key in guessed
-        and p.leaf.module_type is None
-        and not any(re.search(pattern, name) for pattern in kinds or {})
+        if p.key in guessed and p.leaf.module_type is None and kind_override(name, kinds) is None
     ]
 
 
