@@ -204,11 +204,7 @@ def dequantize_fp8_native(
         return None  # torch widens e5m2 (a float16's high byte) about as fast as the table below this size
     if W.dtype not in FP8_DTYPES or scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    if not all(t.device.type == "cpu" and t.is_contiguous() and not t.is_neg() for t in (W, scale)):
-        return None
-    if torch.is_grad_enabled() and scale.requires_grad:  # the torch path keeps the graph to the scale
-        return None
-    if not readable(W, scale):  # under vmap / jvp, or a tangent: the torch path carries them
+    if not readable(W, scale):  # the torch path carries vmap, tangents and the graph to the scale
         return None
     scale = scale.to(torch.float32)  # exact: the reference widens the same way
     if layout.kind == "tensor":  # any shape: rows of its last dimension (split over threads), one scale

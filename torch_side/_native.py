@@ -42,6 +42,7 @@ import threading
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 
 from ._build_c import FLAGS, UNWRITABLE, digest
 from ._cache import cache_dir
@@ -232,16 +233,21 @@ def cpu_4bit(wait: bool = False) -> Any:
     return _FN
 
 
-def readable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel may read these tensors' memory as their values: none is a functorch wrapper
-    (``torch.func.vmap``, ``grad``, ``jvp``: no storage of their own) or carries a forward-mode tangent
-    (which a result written by the kernel would drop)."""
-    import torch.autograd.forward_ad as fwad
-
+def readable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernel may read these tensors' memory as their values in place of the torch path: each
+    is there, on the CPU, contiguous, neither lazily negated nor conjugated (the memory holds other
+    values), no functorch wrapper (``torch.func.vmap``, ``grad``, ``jvp``: no storage of its own), without
+    a forward-mode tangent, and not in need of a graph (requires grad while grad is enabled): a result
+    written by the kernel would drop the last two."""
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if t is None or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return False
-        if fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_neg() or t.is_conj():
+            return False
+        if (grad and t.requires_grad) or (
+            fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None
+        ):
             return False
     return True
 

@@ -317,14 +317,8 @@ def dequantize_4bit_native(
         return None
     kind = CPU_KINDS.get(dtype)
     pieces = [flat, absmax, code] + ([nested_absmax, nested_code] if nested_absmax is not None else [])
-    if kind is None or not all(
-        p is not None and p.device.type == "cpu" and p.is_contiguous() and not (p.is_neg() or p.is_conj())
-        for p in pieces
-    ):
+    if kind is None or not readable(*pieces):
         return None
-    present = [p for p in pieces if p is not None]  # every piece, checked above
-    if not readable(*present) or (torch.is_grad_enabled() and any(p.requires_grad for p in present)):
-        return None  # under vmap / jvp, a tangent, or a graph to keep: the torch path carries them
     if code.dtype != torch.float32 or code.numel() != 16:
         return None
     if nested_absmax is None:
