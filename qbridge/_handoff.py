@@ -577,9 +577,8 @@ _allocators_lock = threading.Lock()
 _compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-POOL_BYTES = (
-    16 << 20
-)  # one allocation program makes up to 32 arrays of a shape, at most this many bytes in all
+# one allocation program makes up to 32 arrays of a shape, at most this many bytes in all
+POOL_BYTES = 16 << 20
 
 
 @functools.cache
@@ -616,8 +615,9 @@ class XlaDestinations:
     allocated is what XLA's command buffers need of parameters (see :func:`to_jax`).
 
     The allocation program of each ``(shape, dtype, device)`` is compiled once per process in a background
-    thread, from the second time that shape is asked for; until it is ready, and for dtypes torch and JAX do not share through DLPack, :meth:`take` and
-    :meth:`write` return None and the caller uses another route.
+    thread, from the second time that shape is asked for; until it is ready, and for dtypes torch and JAX
+    do not share through DLPack, :meth:`take` and :meth:`write` return None and the caller uses another
+    route.
     """
 
     def __init__(self) -> None:

@@ -406,8 +406,8 @@ class NF4CpuPlan:
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
         result = _kernel_call(
-            cpu_4bit(), torch.empty(self.shape, dtype=self.dtype, device="cpu"), self.kind, packed, absmax, self.code,
-            self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
+            cpu_4bit(), torch.empty(self.shape, dtype=self.dtype, device="cpu"), self.kind, packed, absmax,
+            self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
         )  # fmt: skip
         return result.t() if self.transpose else result
 
