@@ -4,8 +4,8 @@ dense bf16 ``x @ W`` in XLA, on Llama-3-8B layer shapes, on one GPU.
 Weights are random NF4 (nested absmax, blocksize 64) and FP8 (float8_e4m3fn, 128x128 block scales) made in
 JAX. Each figure is the time of one matmul inside a jitted loop (``lax.fori_loop``; each step feeds the
 next, so nothing is hoisted) that rotates through enough weight copies to exceed the L2 several times,
-median of 5 runs after a warm-up run. At one token the fused kernel multiplies on the vector units; the
-tensor-core kernel that larger token counts use is timed beside it. GB/s counts the bytes of the weight as
+median of 5 runs after a warm-up run. At one token ``quantized_matmul`` multiplies through XLA's one-row
+reduction (the decode fused into it); the tensor-core kernel that larger token counts use is timed beside it. GB/s counts the bytes of the weight as
 stored (packed bytes + absmax pieces, or FP8 values + scales; bf16 for dense) over that time, beside the
 read ceiling (a reduction over 256 MiB arrays, timed the same way) measured in the same run.
 
@@ -215,11 +215,11 @@ def main() -> None:
             row["expand_s"] = time_per_matmul(expand, weights, x)
             row["fused_s"] = time_per_matmul(fused, weights, x)
             if m == 1:  # the same row through the tensor-core kernel, as before the vector-unit one
-                _fused._one_row_on_vector_units = False
+                _fused._one_row_in_xla = False
                 try:
                     row["fused_tensor_cores_s"] = time_per_matmul(fused, weights, x)
                 finally:
-                    _fused._one_row_on_vector_units = True
+                    _fused._one_row_in_xla = True
             if args.sweep:
                 row["sweep"] = sweep(weights, x)
             rows.append(row)
