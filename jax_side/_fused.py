@@ -54,7 +54,7 @@ from jax._src import config as jax_config  # enum_state: a setting that is part 
 from ._codes import standard_code
 from ._fp8 import dequantize_fp8, fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
-from ._nf4 import decode_nested_absmax, flush
+from ._nf4 import decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
 
 PATHS = ("auto", "expand", "interpret")
@@ -422,14 +422,20 @@ def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
 # --------------------------------------------------------------------------------------------- one row
 
 
+_ROUNDABLE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))  # x dtypes of _one_row
+
+
 def _exact_f32(v: jax.Array) -> jax.Array:
     """``v`` (bfloat16, float16 or float32) as float32, widened with integer operations.
 
     XLA removes a narrowing conversion followed by a widening one (``f32 -> bf16 -> f32``) where it allows
     excess precision (its default), which would skip the rounding to the weight's and x's dtypes that
-    expand-then-matmul makes. Bit operations are not conversions, so the rounding stays."""
+    expand-then-matmul makes. Bit operations are not conversions, so the rounding stays. Only the last
+    operation makes floats, so no NaN appears that ``v`` does not hold (``jax_debug_nans``)."""
     if v.dtype == jnp.float32:
         return v
+    if v.dtype not in _ROUNDABLE:
+        raise TypeError(f"_exact_f32 widens bfloat16 and float16, got {v.dtype}")
     bits = jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
     if v.dtype == jnp.bfloat16:  # a bfloat16 is a float32's high half
         return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
@@ -437,20 +443,21 @@ def _exact_f32(v: jax.Array) -> jax.Array:
     # the mantissa times 2**-24 (subnormal values and zero), the top exponent for infinities and NaNs;
     # then the sign
     exponent = bits & 0x7C00
-    normal = jax.lax.bitcast_convert_type(((bits & 0x7FFF) << 13) + (112 << 23), jnp.float32)
-    small = (bits & 0x3FF).astype(jnp.float32) * jnp.float32(2.0**-24)
-    special = jax.lax.bitcast_convert_type(((bits & 0x3FF) << 13) | 0x7F800000, jnp.float32)
-    magnitude = jnp.where(exponent == 0, small, jnp.where(exponent == 0x7C00, special, normal))
-    sign = (bits & 0x8000) << 16
-    return jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(magnitude, jnp.uint32) | sign, jnp.float32
+    normal = ((bits & 0x7FFF) << 13) + (112 << 23)
+    small = jax.lax.bitcast_convert_type(
+        (bits & 0x3FF).astype(jnp.float32) * jnp.float32(2.0**-24), jnp.uint32
     )
+    special = ((bits & 0x3FF) << 13) | 0x7F800000
+    magnitude = jnp.where(exponent == 0, small, jnp.where(exponent == 0x7C00, special, normal))
+    return jax.lax.bitcast_convert_type(magnitude | ((bits & 0x8000) << 16), jnp.float32)
 
 
 def _nf4_rows(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
     """The high and low nibbles' decoded values, float32 ``[n, groups, blocksize // 2]`` each (the weight's
-    even and odd columns), as ``jax_side.dequantize_nf4`` computes them before its final rounding:
-    ``code[q] * absmax`` in float32, flushed below FLT_MIN. Laid out by absmax block so that XLA fuses the
+    even and odd columns): ``code[q] * absmax`` in float32, as ``jax_side.dequantize_nf4`` computes them
+    before its final rounding, except that products below FLT_MIN in magnitude are not flushed to zero (as
+    in the tensor-core kernel; flushing cost 6-27 % of the one-row time on an H200, and such a product moves
+    a sum by less than FLT_MIN times an element of x). Laid out by absmax block so that XLA fuses the
     decode into its consumer (the dense weight's interleaved layout would be materialized first)."""
     n, k = w.shape
     bs = w.blocksize
@@ -464,7 +471,7 @@ def _nf4_rows(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
     code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
 
     def value(nibble: jax.Array) -> jax.Array:
-        return flush(code.at[nibble.astype(jnp.int32)].get(mode="promise_in_bounds") * scale)
+        return code.at[nibble.astype(jnp.int32)].get(mode="promise_in_bounds") * scale
 
     return value(q >> 4), value(q & 15)
 
@@ -483,8 +490,8 @@ def _one_row_sums(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
     if isinstance(w, NF4Weight):
         hi, lo = _nf4_rows(w)
         _, groups, half = hi.shape
-        xe = xf[0, 0::2].reshape(groups, half)  # the even elements of x meet the high nibbles
-        xo = xf[0, 1::2].reshape(groups, half)
+        xe = xf[0, 0::2].reshape(1, groups, half)  # the even elements of x meet the high nibbles
+        xo = xf[0, 1::2].reshape(1, groups, half)
         return jnp.sum(rounded(hi) * xe + rounded(lo) * xo, axis=(1, 2))
     layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
     products = dequantize_fp8(w.weight, w.scale_inv, block_size=layout.block, dtype=jnp.float32)
@@ -496,6 +503,40 @@ def _one_row(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
     H200 against the tensor-core kernel at one token (``benchmarks/RESULTS.md``): 1.3-1.7x faster for NF4
     and FP8 at every Llama-3-8B projection shape, and faster than the vector-unit Pallas kernel it replaced."""
     return _one_row_sums(x, w).astype(x.dtype)[None, :]
+
+
+@functools.cache
+def _one_row_batchable(interpret: bool) -> Any:
+    """:func:`_one_row` whose ``jax.vmap`` over x alone multiplies the batch's rows together through the
+    kernel (``B`` rows of x against one weight). A batched reduction would decode the weight once per row,
+    and XLA then materializes the dense weight (measured on an H200: 33 MB of temporaries and 3-4x the time
+    of the kernel for 8 rows of a 4096x4096 weight). With the weight batched too, each row meets its own
+    weight: the one-row form, batched."""
+
+    @jax.custom_batching.custom_vmap
+    def one_row(x: jax.Array, w: Any) -> jax.Array:
+        return _one_row(x, w)
+
+    @one_row.def_vmap
+    def _(axis_size: int, in_batched: Any, x: jax.Array, w: Any) -> tuple[jax.Array, bool]:
+        x_batched, w_batched = in_batched
+        if any(jax.tree_util.tree_leaves(w_batched)):
+            axes = jax.tree_util.tree_map(lambda b: 0 if b else None, w_batched)
+            return jax.vmap(_one_row, in_axes=(0 if x_batched else None, axes))(x, w), True
+        rows = x.reshape(axis_size, x.shape[-1])  # x [B, 1, k]
+        y = _rows(rows, w, interpret) if axis_size > 1 else _one_row(rows, w)
+        return y.reshape(axis_size, 1, y.shape[-1]), True
+
+    return one_row
+
+
+def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array:
+    """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form."""
+    if x2.shape[0] == 1 and x2.dtype in _ROUNDABLE and _one_row_in_xla:  # others: the kernel, as before
+        return _one_row_batchable(interpret)(x2, w)
+    if isinstance(w, NF4Weight):
+        return _nf4_matmul(x2, w, interpret=interpret)
+    return _fp8_matmul(x2, w, interpret=interpret)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -511,13 +552,7 @@ def _fused(x: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     x2 = x.reshape(math.prod(lead), x.shape[-1])
     if x2.shape[0] == 0:
         return jnp.zeros((*lead, w.shape[0]), x.dtype)
-    if x2.shape[0] == 1 and _one_row_in_xla:
-        y = _one_row(x2, w)
-    elif isinstance(w, NF4Weight):
-        y = _nf4_matmul(x2, w, interpret=interpret)
-    else:
-        y = _fp8_matmul(x2, w, interpret=interpret)
-    return y.reshape(*lead, w.shape[0])
+    return _rows(x2, w, interpret).reshape(*lead, w.shape[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

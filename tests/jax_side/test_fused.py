@@ -140,6 +140,64 @@ def test_exact_widening_of_every_value(dtype):
     np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
 
 
+@pytest.mark.parametrize("path", ["auto", "interpret"])
+def test_one_row_of_other_dtypes_and_strict_settings(path):
+    """One row of x in a dtype the one-row form does not round to (float8, float64) takes the kernel as
+    before; jitted under "auto" the CUDA branch is traced on every machine, so nothing in it may fail to
+    trace. NF4 and FP8 weights, rank promotion "raise" and jax_debug_nans (no NaN made along the way)."""
+    for w in (nf4((64, 128)), fp8((64, 128), (1, 1))):
+        with jax_side.matmul_path(path):
+            x8 = x_for(1, 128, jnp.float8_e4m3fn, seed=2)
+            got = jax.jit(jax_side.quantized_matmul)(x8, w)
+            assert got.dtype == x8.dtype and got.shape == (1, 64)
+            if path == "interpret":
+                assert "pallas_call" in str(jax.make_jaxpr(jax_side.quantized_matmul)(x8, w))
+            with jax.numpy_rank_promotion("raise"):
+                for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+                    x = x_for(1, 128, dtype, seed=3)
+                    assert_close(jax.jit(jax_side.quantized_matmul)(x, w), x, w)
+            jax.config.update("jax_debug_nans", True)
+            try:
+                x = x_for(1, 128, jnp.float16, seed=3)
+                assert_close(jax_side.quantized_matmul(x, w), x, w)
+            finally:
+                jax.config.update("jax_debug_nans", False)
+            jax.config.update("jax_enable_x64", True)
+            try:
+                x64 = jnp.asarray(np.random.default_rng(5).standard_normal((1, 128)), jnp.float64)
+                y = jax.jit(jax_side.quantized_matmul)(x64, w)
+                want = np.asarray(x64) @ np.asarray(w.dequantize(dtype=jnp.float32), np.float64).T
+                assert y.dtype == jnp.float64 and y.shape == (1, 64)
+                np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+            finally:
+                jax.config.update("jax_enable_x64", False)
+
+
+def test_vmap_over_single_rows():
+    """``jax.vmap`` over rows of x, one each, against one weight multiplies them together through the
+    kernel (a batched one-row reduction would decode the weight once per row, and XLA then materializes
+    it); over stacked weights too, each row meets its own weight. Gradients under vmap."""
+    for w in (nf4((64, 128)), fp8((64, 128), (1, 1))):
+        xb = x_for(6, 128, jnp.float32, seed=7).reshape(6, 1, 128)
+        with jax_side.matmul_path("interpret"):
+            f = jax.vmap(jax_side.quantized_matmul, in_axes=(0, None))
+            assert "pallas_call" in str(jax.make_jaxpr(f)(xb, w))
+            got = jax.jit(f)(xb, w)
+            grads = jax.jit(
+                jax.vmap(jax.grad(lambda x, w: jax_side.quantized_matmul(x, w).sum()), (0, None))
+            )(xb, w)
+            one = jax.jit(f)(xb[:1], w)  # a batch of one: the one-row form
+            assert "pallas_call" not in str(jax.make_jaxpr(f)(xb[:1], w))
+            stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), w)
+            two = jax.jit(jax.vmap(jax_side.quantized_matmul))(xb[:2], stacked)
+        dense = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
+        want = np.asarray(xb, np.float64) @ dense.T
+        for y, ref in ((got, want), (one, want[:1]), (two, want[:2])):
+            np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(grads, np.float64), np.broadcast_to(dense.sum(0), (6, 1, 128)),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 def test_one_row_rounds_the_weight_and_x():
     """The one-row form rounds the decoded weight to its dtype and then to x's dtype, and takes x as
     rounded: its float32 sums equal the float64 sums of those rounded products, up to float32 accumulation."""
@@ -471,6 +529,10 @@ def test_no_dense_weight_in_the_compiled_program():
                     temp[path] = compiled.memory_analysis().temp_size_in_bytes
             assert temp["expand"] >= n * k * 2  # the expansion holds a dense bf16 weight
             assert temp["auto"] < n * k * 2 // 8, (type(weight).__name__, m, temp)
+        xb = jnp.asarray(rng.standard_normal((8, 1, k)), jnp.bfloat16)  # vmap over single rows
+        with jax_side.matmul_path("auto"):
+            f = jax.jit(jax.vmap(jax_side.quantized_matmul, in_axes=(0, None)))
+            assert f.lower(xb, weight).compile().memory_analysis().temp_size_in_bytes < n * k * 2 // 8
 
 
 @pytest.mark.gpu
