@@ -34,8 +34,9 @@ per-row or block scales. Others use expand-then-matmul under every setting but `
 raises for them. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
 axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
-the output features. Inside ``jax.shard_map``, the kernel path needs ``check_vma=False`` (Pallas' kernel
-call carries no varying-axes annotation); ``matmul_path("expand")`` works either way.
+the output features. Inside ``jax.shard_map``, the kernel path (two or more rows of x, single rows under
+``jax.vmap`` included) needs ``check_vma=False`` (Pallas' kernel call carries no varying-axes annotation);
+``matmul_path("expand")`` works either way.
 """
 
 from __future__ import annotations
@@ -452,7 +453,7 @@ def _exact_f32(v: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(magnitude | ((bits & 0x8000) << 16), jnp.float32)
 
 
-def _nf4_rows(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
+def _nf4_rows(w: NF4Weight, code: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The high and low nibbles' decoded values, float32 ``[n, groups, blocksize // 2]`` each (the weight's
     even and odd columns): ``code[q] * absmax`` in float32, as ``jax_side.dequantize_nf4`` computes them
     before its final rounding, except that products below FLT_MIN in magnitude are not flushed to zero (as
@@ -468,7 +469,6 @@ def _nf4_rows(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
     else:
         absmax = w.absmax
     scale = absmax.reshape(n, k // bs, 1)
-    code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
 
     def value(nibble: jax.Array) -> jax.Array:
         return code.at[nibble.astype(jnp.int32)].get(mode="promise_in_bounds") * scale
@@ -476,11 +476,21 @@ def _nf4_rows(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
     return value(q >> 4), value(q & 15)
 
 
-def _one_row_sums(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
+def _nf4_code(w: NF4Weight) -> jax.Array:
+    """A 4-bit weight's 16-entry table (the standard one where it has none)."""
+    return jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
+
+
+def _code(w: NF4Weight | FP8Weight) -> jax.Array | None:
+    """:func:`_nf4_code` for a 4-bit weight; None for FP8."""
+    return _nf4_code(w) if isinstance(w, NF4Weight) else None
+
+
+def _one_row_sums(x: jax.Array, w: NF4Weight | FP8Weight, code: jax.Array | None = None) -> jax.Array:
     """``x [1, k] @ dequantize(w).T`` as float32 ``[n]``: a product and a sum along ``in``, which XLA
     compiles into one reduction that decodes each weight element where it reads it (no dense weight in
     memory). The decoded weight is rounded to ``w.dtype`` and then to ``x.dtype``; products and sums are
-    float32."""
+    float32. ``code``: a 4-bit weight's table (default :func:`_code`)."""
 
     def rounded(v: jax.Array) -> jax.Array:  # float32 -> the weight's dtype -> x's dtype, as float32
         v = _exact_f32(v.astype(w.dtype))
@@ -488,7 +498,7 @@ def _one_row_sums(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
 
     xf = _exact_f32(x)
     if isinstance(w, NF4Weight):
-        hi, lo = _nf4_rows(w)
+        hi, lo = _nf4_rows(w, _nf4_code(w) if code is None else code)
         _, groups, half = hi.shape
         xe = xf[0, 0::2].reshape(1, groups, half)  # the even elements of x meet the high nibbles
         xo = xf[0, 1::2].reshape(1, groups, half)
@@ -498,34 +508,39 @@ def _one_row_sums(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
     return jnp.sum(rounded(products) * xf, axis=1)  # x [1, k] broadcast over the rows
 
 
-def _one_row(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
+def _one_row(x: jax.Array, w: NF4Weight | FP8Weight, code: jax.Array | None = None) -> jax.Array:
     """``x [1, k] @ dequantize(w).T`` in ``x.dtype`` ``[1, n]`` through :func:`_one_row_sums`. Measured on an
     H200 against the tensor-core kernel at one token (``benchmarks/RESULTS.md``): 1.3-1.7x faster for NF4
     and FP8 at every Llama-3-8B projection shape, and faster than the vector-unit Pallas kernel it replaced."""
-    return _one_row_sums(x, w).astype(x.dtype)[None, :]
+    return _one_row_sums(x, w, code).astype(x.dtype)[None, :]
 
 
 @functools.cache
 def _one_row_batchable(interpret: bool) -> Any:
-    """:func:`_one_row` whose ``jax.vmap`` over x alone multiplies the batch's rows together through the
-    kernel (``B`` rows of x against one weight). A batched reduction would decode the weight once per row,
-    and XLA then materializes the dense weight (measured on an H200: 33 MB of temporaries and 3-4x the time
-    of the kernel for 8 rows of a 4096x4096 weight). With the weight batched too, each row meets its own
+    """:func:`_one_row` (taking the 4-bit table as an argument: a custom batching rule takes no batched
+    constants) whose ``jax.vmap`` over x alone multiplies the batch's rows together through the kernel
+    (``B`` rows of x against one weight). A batched reduction would decode the weight once per row, and XLA
+    then materializes the dense weight (measured on an H200: 33 MB of temporaries and 3-4x the time of the
+    kernel for 8 rows of a 4096x4096 weight). With the weight or table batched too, each row meets its own
     weight: the one-row form, batched."""
 
     @jax.custom_batching.custom_vmap
-    def one_row(x: jax.Array, w: Any) -> jax.Array:
-        return _one_row(x, w)
+    def one_row(x: jax.Array, w: Any, code: Any) -> jax.Array:
+        return _one_row(x, w, code)
 
     @one_row.def_vmap
-    def _(axis_size: int, in_batched: Any, x: jax.Array, w: Any) -> tuple[jax.Array, bool]:
-        x_batched, w_batched = in_batched
-        if any(jax.tree_util.tree_leaves(w_batched)):
-            axes = jax.tree_util.tree_map(lambda b: 0 if b else None, w_batched)
-            return jax.vmap(_one_row, in_axes=(0 if x_batched else None, axes))(x, w), True
-        rows = x.reshape(axis_size, x.shape[-1])  # x [B, 1, k]
-        y = _rows(rows, w, interpret) if axis_size > 1 else _one_row(rows, w)
-        return y.reshape(axis_size, 1, y.shape[-1]), True
+    def _(axis_size: int, in_batched: Any, x: jax.Array, w: Any, code: Any) -> tuple[jax.Array, bool]:
+        x_batched, w_batched, code_batched = in_batched
+        if any(jax.tree_util.tree_leaves((w_batched, code_batched))):
+            axes = jax.tree_util.tree_map(lambda b: 0 if b else None, (w_batched, code_batched))
+            return jax.vmap(_one_row, in_axes=(0 if x_batched else None, *axes))(x, w, code), True
+        n, k = w.shape
+        if axis_size == 0:
+            return jnp.zeros((0, 1, n), x.dtype), True
+        rows = x.reshape(axis_size, k)  # x [B, 1, k]
+        # a batch of one stays batchable, for a vmap around this one
+        y = _rows(rows, w, interpret) if axis_size > 1 else one_row(rows, w, code)
+        return y.reshape(axis_size, 1, n), True
 
     return one_row
 
@@ -533,7 +548,7 @@ def _one_row_batchable(interpret: bool) -> Any:
 def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array:
     """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form."""
     if x2.shape[0] == 1 and x2.dtype in _ROUNDABLE and _one_row_in_xla:  # others: the kernel, as before
-        return _one_row_batchable(interpret)(x2, w)
+        return _one_row_batchable(interpret)(x2, w, _code(w))
     if isinstance(w, NF4Weight):
         return _nf4_matmul(x2, w, interpret=interpret)
     return _fp8_matmul(x2, w, interpret=interpret)

@@ -196,6 +196,26 @@ def test_vmap_over_single_rows():
             np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(grads, np.float64), np.broadcast_to(dense.sum(0), (6, 1, 128)),
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+        for path in ("interpret", "auto"):  # "auto": jit traces the CUDA branch on every machine
+            with jax_side.matmul_path(path):
+                # a cond with a batched predicate batches every operand, the 4-bit table included
+                def pick(x, p, w):
+                    return jax.lax.cond(
+                        p, jax_side.quantized_matmul, lambda x, w: -jax_side.quantized_matmul(x, w), x, w
+                    )
+
+                signs = np.array([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])[:, None, None]
+                picked = jax.jit(jax.vmap(pick, in_axes=(0, 0, None)))(xb, jnp.asarray(signs[:, 0, 0] > 0), w)
+                np.testing.assert_allclose(np.asarray(picked, np.float64), signs * want, rtol=1e-5, atol=1e-5)
+                empty = jax.jit(f)(xb[:0], w)
+                assert empty.shape == (0, 1, 64) and empty.dtype == xb.dtype
+                # vmap of vmap whose inner batch is one row: the outer batch still reaches the kernel
+                nested = jax.vmap(f, in_axes=(0, None))
+                got2 = jax.jit(nested)(xb.reshape(6, 1, 1, 128), w)
+                np.testing.assert_allclose(np.asarray(got2, np.float64).reshape(6, 64), want.reshape(6, 64),
+                                           rtol=1e-5, atol=1e-5)  # fmt: skip
+                if path == "interpret":
+                    assert "pallas_call" in str(jax.make_jaxpr(nested)(xb.reshape(6, 1, 1, 128), w))
 
 
 def test_one_row_rounds_the_weight_and_x():
