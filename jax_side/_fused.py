@@ -476,6 +476,18 @@ def _nf4_rows(w: NF4Weight, code: jax.Array) -> tuple[jax.Array, jax.Array]:
     return value(q >> 4), value(q & 15)
 
 
+def cast_exactly(v: jax.Array, dtype: Any) -> jax.Array:
+    """``v.astype(dtype)``, keeping ``v``'s rounding: a bfloat16 or float16 ``v`` is widened with bit
+    operations first (see :func:`_exact_f32`), so that XLA cannot merge the narrowing conversion that made
+    ``v`` with this one and skip a rounding (a weight decoded in float32 and rounded to bfloat16, as
+    bitsandbytes decodes, then used in float32)."""
+    if v.dtype == jnp.dtype(dtype):
+        return v
+    if v.dtype in _ROUNDABLE:
+        return _exact_f32(v).astype(dtype)
+    return v.astype(dtype)
+
+
 def _nf4_code(w: NF4Weight) -> jax.Array:
     """A 4-bit weight's 16-entry table (the standard one where it has none)."""
     return jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
@@ -558,7 +570,7 @@ def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
 
 
 def _expand(x: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
-    kernel = w.dequantize(transpose=True).astype(x.dtype)  # [in, out]
+    kernel = cast_exactly(w.dequantize(transpose=True), x.dtype)  # [in, out]
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 

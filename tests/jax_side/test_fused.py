@@ -218,6 +218,22 @@ def test_vmap_over_single_rows():
                     assert "pallas_call" in str(jax.make_jaxpr(nested)(xb.reshape(6, 1, 1, 128), w))
 
 
+def test_cast_exactly_keeps_the_rounding():
+    """A value rounded to bfloat16 or float16 and then used in float32 stays rounded (the expansion and the
+    embedding tables cast so): XLA drops such a pair of conversions inside a reduction (off by about 0.6
+    here without the bit widening)."""
+    rng = np.random.default_rng(8)
+    v = jnp.asarray(rng.standard_normal((64, 4096)) * 3, jnp.float32)
+    x = jnp.asarray(rng.standard_normal(4096), jnp.float32)
+    for narrow in (jnp.bfloat16, jnp.float16):
+        want = np.asarray(v.astype(narrow).astype(jnp.float32), np.float64) @ np.asarray(x, np.float64)
+        got = jax.jit(
+            lambda v, x, n=narrow: jnp.sum(_fused.cast_exactly(v.astype(n), jnp.float32) * x, axis=1)
+        )(v, x)
+        assert np.abs(np.asarray(got, np.float64) - want).max() < 1e-2
+    assert _fused.cast_exactly(v, jnp.float32) is v
+
+
 def test_one_row_rounds_the_weight_and_x():
     """The one-row form rounds the decoded weight to its dtype and then to x's dtype, and takes x as
     rounded: its float32 sums equal the float64 sums of those rounded products, up to float32 accumulation."""
