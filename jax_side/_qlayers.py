@@ -247,24 +247,13 @@ def _not_the_models(path: tuple[Any, ...], i: int) -> str:
     )
 
 
-def _module_dtype(old: Any, dtype: Any) -> Any:
-    """The computation dtype of the layer that replaces ``old``: ``dtype`` if given, else ``old``'s own
-    ``dtype``, else its ``param_dtype`` (what ``old`` computed in for inputs of its parameters' dtype: a
-    kept weight decodes to the checkpoint's dtype, which may be narrower than the model's parameters)."""
-    if dtype is not None:
-        return dtype
-    return old.dtype if old.dtype is not None else old.param_dtype
-
-
 def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any = None) -> list[str]:
     """Puts parameters that hold quantized weights into an nnx model.
 
     Every Linear whose ``kernel`` (or Embed whose ``embedding``) is an :class:`NF4Weight`/:class:`FP8Weight` in
     ``params`` (a pure nested dict, as ``qbridge.load_checkpoint(..., keep_quantized=True, target=model)``
-    returns) is swapped, in place, for a :class:`QuantLinear` / :class:`QuantEmbed` that keeps its bias and
-    computes in ``dtype`` if given, else in the module's ``dtype``, else in its ``param_dtype`` (a kept
-    weight decodes to the checkpoint's dtype, e.g. bfloat16, and is then cast to that dtype, as a dense load
-    into the model casts); everything else is written with ``nnx.update``.
+    returns) is swapped, in place, for a :class:`QuantLinear` / :class:`QuantEmbed` (keeping its bias and
+    its ``dtype`` unless ``dtype`` is given); everything else is written with ``nnx.update``.
 
     Returns:
         The dotted paths of the swapped modules.
@@ -288,9 +277,9 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
             bias = _get(rest, (*module_path, "bias"))  # the loaded bias, else the module's own
             if bias is None and getattr(old, "bias", None) is not None:
                 bias = old.bias[...]
-            new = classes["QuantLinear"](weight, bias, dtype=_module_dtype(old, dtype))
+            new = classes["QuantLinear"](weight, bias, dtype=dtype if dtype is not None else old.dtype)
         elif leaf == "embedding" and isinstance(old, nnx.Embed):
-            new = classes["QuantEmbed"](weight, dtype=_module_dtype(old, dtype))
+            new = classes["QuantEmbed"](weight, dtype=dtype if dtype is not None else old.dtype)
         else:
             raise TypeError(f"{'.'.join(map(str, path))}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
                             f"found {type(old).__name__}")  # fmt: skip

@@ -291,10 +291,7 @@ def load_checkpoint(
         keep_quantized: leave bitsandbytes 4-bit and FP8 Linear kernels and embedding tables quantized: those
             leaves arrive as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (their stored pieces,
             zero-copy from torch), to be used by ``jax_side``'s quantized layers
-            (:func:`jax_side.load_quantized_into_nnx`). They decode to the checkpoint's dtype (bitsandbytes'
-            ``quant_state`` dtype, the dense dtype of FP8 weights), or to ``dtype`` when given, not to the
-            target's dtype: the swapped layers cast the decoded weight to the model's dtype, as the dense
-            path casts bitsandbytes' result. Other leaves, and other formats, arrive dense. With
+            (:func:`jax_side.load_quantized_into_nnx`). Other leaves, and other formats, arrive dense. With
             ``sharding=``, a kept leaf may be replicated (a copy of its pieces on each device; a leaf no rule
             matches is), not split: a rule that splits one raises ``ValueError``.
         return_report: also return a :class:`LoadReport`.
@@ -371,12 +368,7 @@ def load_checkpoint(
                             + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
                                "several devices") + "); load it dense to shard it, or keep it on one device"
                         )  # fmt: skip
-                    # the pieces decode to the checkpoint's dtype (bitsandbytes' quant_state dtype, the FP8
-                    # weights' dense dtype), as the dense path decodes before casting to the target's dtype;
-                    # the swapped layers compute in the target's dtype (dtype=: the pieces decode to it)
-                    kept = quantized_leaf(
-                        ckpt, entry, jdev, None if dtype in ("target", "checkpoint") else dtype
-                    )
+                    kept = quantized_leaf(ckpt, entry, jdev, cast)
                     # a replicated placement: a copy of the pieces on each device
                     values[p.leaf.path] = (
                         kept if leaf_sharding is None else jax.device_put(kept, leaf_sharding)
