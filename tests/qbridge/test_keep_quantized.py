@@ -78,6 +78,18 @@ def test_kept_quantized_matches_the_dense_path(made, name):
         assert_same_bits(quant_logits, dense_logits)
 
 
+def test_a_dtype_the_kept_weights_cannot_decode_to_is_refused_by_name(made):
+    target = jax_side.abstract_llama(_config(made), param_dtype=jnp.float32)
+    for name in ("nf4-True", "fp8"):
+        with pytest.raises(
+            ValueError,
+            match=r"model\.layers\.0\..*keep_quantized decodes to float16, bfloat16 or float32.*float64",
+        ):
+            qbridge.load_checkpoint(
+                made / name, target=target, keep_quantized=True, dtype=jnp.float64, progress=False
+            )
+
+
 def test_the_torch_model_agrees_too(made, tmp_path):
     model = bnb_llama(made / "dense", tmp_path / "q", quant_type="nf4", nested=True)
     config = _config(made)
