@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax._src import config as jax_config  # enum_state: a setting that is part of jit's cache key
 
 from ._codes import standard_code
-from ._fp8 import dequantize_fp8, fp8_scale_layout
+from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
 from ._nf4 import decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
@@ -328,7 +328,7 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     nabs = w.nested_absmax.reshape(-1) if w.nested_absmax is not None else jnp.zeros((1,), jnp.float32)
     ncode = w.nested_code.reshape(-1) if w.nested_code is not None else jnp.zeros((1,), jnp.float32)
     offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)  # None: not nested
-    code = jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
+    code = _nf4_code(w)
     split_x = m > 16
     xs = (x[:, 0::2], x[:, 1::2]) if split_x else (x, x[:1, :1])  # the second: an unread placeholder
     kernel = functools.partial(
@@ -423,9 +423,6 @@ def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
 # --------------------------------------------------------------------------------------------- one row
 
 
-_ROUNDABLE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))  # x dtypes of _one_row
-
-
 def _exact_f32(v: jax.Array) -> jax.Array:
     """``v`` (bfloat16, float16 or float32) as float32, widened with integer operations.
 
@@ -435,7 +432,7 @@ def _exact_f32(v: jax.Array) -> jax.Array:
     operation makes floats, so no NaN appears that ``v`` does not hold (``jax_debug_nans``)."""
     if v.dtype == jnp.float32:
         return v
-    if v.dtype not in _ROUNDABLE:
+    if v.dtype not in OUT_DTYPES:
         raise TypeError(f"_exact_f32 widens bfloat16 and float16, got {v.dtype}")
     bits = jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
     if v.dtype == jnp.bfloat16:  # a bfloat16 is a float32's high half
@@ -483,7 +480,7 @@ def cast_exactly(v: jax.Array, dtype: Any) -> jax.Array:
     bitsandbytes decodes, then used in float32)."""
     if v.dtype == jnp.dtype(dtype):
         return v
-    if v.dtype in _ROUNDABLE:
+    if v.dtype in OUT_DTYPES:
         return _exact_f32(v).astype(dtype)
     return v.astype(dtype)
 
@@ -559,7 +556,7 @@ def _one_row_batchable(interpret: bool) -> Any:
 
 def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array:
     """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form."""
-    if x2.shape[0] == 1 and x2.dtype in _ROUNDABLE and _one_row_in_xla:  # others: the kernel, as before
+    if x2.shape[0] == 1 and x2.dtype in OUT_DTYPES and _one_row_in_xla:  # others: the kernel, as before
         return _one_row_batchable(interpret)(x2, w, _code(w))
     if isinstance(w, NF4Weight):
         return _nf4_matmul(x2, w, interpret=interpret)

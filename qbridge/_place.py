@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import jax_side
+from jax_side._fp8 import OUT_DTYPES
 
 from ._checkpoint import Checkpoint, Entry
 from ._decode import bnb4_pieces, check_scales
@@ -50,7 +51,7 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
     :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``)."""
     name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
-    if name not in ("float16", "bfloat16", "float32"):
+    if np.dtype(name) not in OUT_DTYPES:  # what a kept weight may decode to
         raise ValueError(
             f"{entry.name}: keep_quantized decodes to float16, bfloat16 or float32, and this leaf is "
             f"to be {name} (the target's dtype or dtype=); load it without keep_quantized, or into one of those"
