@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import config as jax_config  # enum_state: a setting that is part of jit's cache key
 
+from ._casts import cast_exactly, exact_f32
 from ._codes import standard_code
 from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
@@ -239,12 +240,20 @@ def _split_steps(k_steps: int, t: _Tiles) -> tuple[int, _Tiles]:
     return steps, t._replace(split=-(-k_steps // steps))
 
 
+def _rounded(v: jax.Array, wdtypes: tuple, cdtype: Any) -> jax.Array:
+    """A tile's decoded float32 values rounded to each of ``wdtypes`` (the weight's ``roundings``), then
+    cast to the computation dtype ``cdtype``."""
+    for dt in wdtypes:
+        v = v.astype(dt)
+    return v.astype(cdtype)
+
+
 # ------------------------------------------------------------------------------------------- NF4 / FP4
 
 
 def _nf4_step(
     packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, p: _Program, i: Any, *, groups: int,
-    half: int, bg: int, steps: int, nested_blocksize: int, nested: bool, wdtype: Any, cdtype: Any, bn: int,
+    half: int, bg: int, steps: int, nested_blocksize: int, nested: bool, wdtypes: tuple, cdtype: Any, bn: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """Step ``i`` of a program's contraction: its ``bg`` absmax blocks of ``bn`` weight rows decoded, as
     ``(hi, lo, g0)``: the high and low nibbles' values ``[bn, bg * half]`` in ``cdtype`` (the weight's even
@@ -266,15 +275,15 @@ def _nf4_step(
         scale = a
     scale = scale[:, :, None]
     kb = bg * half
-    hi = (code_ref[(q >> 4).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(bn, kb)
-    lo = (code_ref[(q & 15).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(bn, kb)
+    hi = _rounded(code_ref[(q >> 4).astype(jnp.int32)] * scale, wdtypes, cdtype).reshape(bn, kb)
+    lo = _rounded(code_ref[(q & 15).astype(jnp.int32)] * scale, wdtypes, cdtype).reshape(bn, kb)
     return hi, lo, g0
 
 
 def _nf4_kernel(
     x_ref, xo_ref, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, out_ref,
     *, m: int, n: int, groups: int, half: int, bg: int, steps: int, nested_blocksize: int, nested: bool,
-    wdtype: Any, t: _Tiles, split_x: bool,
+    wdtypes: tuple, t: _Tiles, split_x: bool,
 ):  # fmt: skip
     """``[bm, kb] @ [kb, bn]`` tiles on the tensor cores. ``split_x``: ``x_ref``/``xo_ref`` hold x's even and
     odd columns (read as tiles); else ``x_ref`` holds x, read with a stride of 2 (cheaper up to 16 rows)."""
@@ -285,7 +294,7 @@ def _nf4_kernel(
     kb = bg * half  # bytes of a weight row per step; twice as many elements
     decode = functools.partial(
         _nf4_step, packed_ref, absmax_ref, nabs_ref, ncode_ref, offset_ref, code_ref, p, groups=groups,
-        half=half, bg=bg, steps=steps, nested_blocksize=nested_blocksize, nested=nested, wdtype=wdtype,
+        half=half, bg=bg, steps=steps, nested_blocksize=nested_blocksize, nested=nested, wdtypes=wdtypes,
         cdtype=x_ref.dtype, bn=t.bn,
     )  # fmt: skip
     row0 = p.pm * t.bm
@@ -333,7 +342,7 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     xs = (x[:, 0::2], x[:, 1::2]) if split_x else (x, x[:1, :1])  # the second: an unread placeholder
     kernel = functools.partial(
         _nf4_kernel, m=m, n=n, groups=groups, half=half, bg=bg, steps=steps, nested_blocksize=w.nested_blocksize,
-        nested=nested, wdtype=jnp.dtype(w.dtype), t=t, split_x=split_x,
+        nested=nested, wdtypes=w.roundings, t=t, split_x=split_x,
     )  # fmt: skip
     return _call(kernel, (*xs, packed, absmax, nabs, ncode, offset, code), m=m, n=n, dtype=x.dtype, t=t,
                  interpret=interpret, name="qbridge_nf4_matmul")  # fmt: skip
@@ -343,7 +352,7 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
 
 
 def _fp8_step(
-    w_ref, s_ref, p: _Program, i: Any, *, k: int, bo: int, bi: int, steps: int, wdtype: Any, cdtype: Any,
+    w_ref, s_ref, p: _Program, i: Any, *, k: int, bo: int, bi: int, steps: int, wdtypes: tuple, cdtype: Any,
     tile_scale: bool, t: _Tiles,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """Step ``i`` of a program's contraction: ``bn`` weight rows by ``bk`` columns decoded, as
@@ -367,12 +376,12 @@ def _fp8_step(
         ]
     # the select after the roundings also keeps them when a widening follows (the one-row kernel): XLA's CPU
     # compiler (Pallas' interpreter) folds a narrowing conversion followed by a widening one into nothing
-    w = (wq.astype(jnp.float32) * s).astype(wdtype).astype(cdtype)
+    w = _rounded(wq.astype(jnp.float32) * s, wdtypes, cdtype)
     return jnp.where(ok, w, jnp.zeros((), cdtype)), col_ok
 
 
 def _fp8_kernel(
-    x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtype: Any,
+    x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtypes: tuple,
     tile_scale: bool, t: _Tiles,
 ):  # fmt: skip
     """``[bm, bk] @ [bk, bn]`` tiles on the tensor cores."""
@@ -381,7 +390,7 @@ def _fp8_kernel(
 
     p = _program(m, n, t)
     decode = functools.partial(
-        _fp8_step, w_ref, s_ref, p, k=k, bo=bo, bi=bi, steps=steps, wdtype=wdtype, cdtype=x_ref.dtype,
+        _fp8_step, w_ref, s_ref, p, k=k, bo=bo, bi=bi, steps=steps, wdtypes=wdtypes, cdtype=x_ref.dtype,
         tile_scale=tile_scale, t=t,
     )  # fmt: skip
 
@@ -413,7 +422,7 @@ def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
         t = _tiles(m, n, k, 128, gathers=True)
     steps, t = _split_steps(-(-k // t.bk), t)
     kernel = functools.partial(
-        _fp8_kernel, m=m, n=n, k=k, bo=bo, bi=bi, steps=steps, wdtype=jnp.dtype(w.dtype),
+        _fp8_kernel, m=m, n=n, k=k, bo=bo, bi=bi, steps=steps, wdtypes=w.roundings,
         tile_scale=tile_scale, t=t,
     )  # fmt: skip
     return _call(kernel, (x, w.weight, scale), m=m, n=n, dtype=x.dtype, t=t, interpret=interpret,
@@ -421,33 +430,6 @@ def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------- one row
-
-
-def _exact_f32(v: jax.Array) -> jax.Array:
-    """``v`` (bfloat16, float16 or float32) as float32, widened with integer operations.
-
-    XLA removes a narrowing conversion followed by a widening one (``f32 -> bf16 -> f32``) where it allows
-    excess precision (its default), which would skip the rounding to the weight's and x's dtypes that
-    expand-then-matmul makes. Bit operations are not conversions, so the rounding stays. Only the last
-    operation makes floats, so no NaN appears that ``v`` does not hold (``jax_debug_nans``)."""
-    if v.dtype == jnp.float32:
-        return v
-    if v.dtype not in OUT_DTYPES:
-        raise TypeError(f"_exact_f32 widens bfloat16 and float16, got {v.dtype}")
-    bits = jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
-    if v.dtype == jnp.bfloat16:  # a bfloat16 is a float32's high half
-        return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
-    # float16: exponent and mantissa moved into float32's fields and the exponent rebased (normal values),
-    # the mantissa times 2**-24 (subnormal values and zero), the top exponent for infinities and NaNs;
-    # then the sign
-    exponent = bits & 0x7C00
-    normal = ((bits & 0x7FFF) << 13) + (112 << 23)
-    small = jax.lax.bitcast_convert_type(
-        (bits & 0x3FF).astype(jnp.float32) * jnp.float32(2.0**-24), jnp.uint32
-    )
-    special = ((bits & 0x3FF) << 13) | 0x7F800000
-    magnitude = jnp.where(exponent == 0, small, jnp.where(exponent == 0x7C00, special, normal))
-    return jax.lax.bitcast_convert_type(magnitude | ((bits & 0x8000) << 16), jnp.float32)
 
 
 def _nf4_rows(w: NF4Weight, code: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -473,18 +455,6 @@ def _nf4_rows(w: NF4Weight, code: jax.Array) -> tuple[jax.Array, jax.Array]:
     return value(q >> 4), value(q & 15)
 
 
-def cast_exactly(v: jax.Array, dtype: Any) -> jax.Array:
-    """``v.astype(dtype)``, keeping ``v``'s rounding: a bfloat16 or float16 ``v`` is widened with bit
-    operations first (see :func:`_exact_f32`), so that XLA cannot merge the narrowing conversion that made
-    ``v`` with this one and skip a rounding (a weight decoded in float32 and rounded to bfloat16, as
-    bitsandbytes decodes, then used in float32)."""
-    if v.dtype == jnp.dtype(dtype):
-        return v
-    if v.dtype in OUT_DTYPES:
-        return _exact_f32(v).astype(dtype)
-    return v.astype(dtype)
-
-
 def _nf4_code(w: NF4Weight) -> jax.Array:
     """A 4-bit weight's 16-entry table (the standard one where it has none)."""
     return jnp.asarray(standard_code(w.quant_type)) if w.code is None else w.code.reshape(-1)
@@ -498,14 +468,17 @@ def _code(w: NF4Weight | FP8Weight) -> jax.Array | None:
 def _one_row_sums(x: jax.Array, w: NF4Weight | FP8Weight, code: jax.Array | None = None) -> jax.Array:
     """``x [1, k] @ dequantize(w).T`` as float32 ``[n]``: a product and a sum along ``in``, which XLA
     compiles into one reduction that decodes each weight element where it reads it (no dense weight in
-    memory). The decoded weight is rounded to ``w.dtype`` and then to ``x.dtype``; products and sums are
-    float32. ``code``: a 4-bit weight's table (default :func:`_code`)."""
+    memory). The decoded weight is rounded to each of ``w.roundings`` and then to ``x.dtype``; products and
+    sums are float32. ``code``: a 4-bit weight's table (default :func:`_code`)."""
 
-    def rounded(v: jax.Array) -> jax.Array:  # float32 -> the weight's dtype -> x's dtype, as float32
-        v = _exact_f32(v.astype(w.dtype))
-        return _exact_f32(v.astype(x.dtype)) if x.dtype not in (jnp.float32, jnp.dtype(w.dtype)) else v
+    def rounded(v: jax.Array) -> jax.Array:  # float32 -> the weight's roundings -> x's dtype, as float32
+        last = jnp.dtype(jnp.float32)  # widening to float32 is exact: a value rounded to last stays so
+        for dt in (*w.roundings, x.dtype):
+            if dt not in (jnp.float32, last):
+                v, last = exact_f32(v.astype(dt)), dt
+        return v
 
-    xf = _exact_f32(x)
+    xf = exact_f32(x)
     if isinstance(w, NF4Weight):
         hi, lo = _nf4_rows(w, _nf4_code(w) if code is None else code)
         _, groups, half = hi.shape
@@ -591,7 +564,7 @@ def _kernel_matmul_fwd(x: jax.Array, w: Any, path: str) -> tuple[jax.Array, Any]
 
 
 def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any]:
-    dense = w.dequantize().astype(dy.dtype)  # [out, in]
+    dense = cast_exactly(w.dequantize(), dy.dtype)  # [out, in]
     dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
     zeros = jax.tree_util.tree_map(
         lambda a: (
@@ -624,7 +597,8 @@ def _check_pieces(weight: NF4Weight | FP8Weight) -> None:
 def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     """``x @ dequantize(weight).T``: ``x [..., in]`` times a kept-quantized ``[out, in]`` weight.
 
-    The dense weight is rounded to ``weight.dtype`` and cast to ``x.dtype``, as expand-then-matmul does;
+    The dense weight is rounded to ``weight.roundings`` (its ``decode_dtype``, if set, then its ``dtype``) and
+    cast to ``x.dtype``, as expand-then-matmul does;
     products accumulate in float32 and the result is ``x.dtype`` ``[..., out]``. The path (the fused
     kernel or expand-then-matmul) follows :func:`get_matmul_path`; see the module docstring.
 

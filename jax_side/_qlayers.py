@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._fused import cast_exactly, quantized_matmul
+from ._casts import cast_exactly
+from ._fused import quantized_matmul
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._fp8 import dequantize_fp8, fp8_scale_layout
+from ._casts import cast_exactly
+from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import dequantize_nf4
 
 
@@ -94,6 +95,42 @@ class _Sizes:
         @property
         def dtype(self) -> Any: ...
 
+        @property
+        def decode_dtype(self) -> Any: ...
+
+    @property
+    def roundings(self) -> tuple[Any, ...]:
+        """The dtypes each decoded element (computed in float32) is rounded to, in order: ``decode_dtype``
+        then ``dtype`` where a ``decode_dtype`` other than ``dtype`` is set, else ``dtype`` alone.
+
+        Raises:
+            ValueError: ``dtype`` or ``decode_dtype`` is not bfloat16, float16 or float32.
+        """
+        out: list[Any] = []
+        for field in ("decode_dtype", "dtype"):
+            name = getattr(self, field)
+            if name is None and field == "decode_dtype":
+                continue
+            try:
+                dt = jnp.dtype(name)
+            except TypeError:
+                dt = None
+            if dt not in OUT_DTYPES:
+                raise ValueError(
+                    f"{type(self).__name__} of shape {tuple(self.shape)}: {field}={name!r}; a kept weight "
+                    "decodes to bfloat16, float16 or float32"
+                )
+            if not out or out[-1] != dt:
+                out.append(dt)
+        return tuple(out)
+
+    def _finish(self, dense: jax.Array, dtype: Any) -> jax.Array:
+        """``dense`` (decoded to ``roundings[0]``) rounded to the later ``roundings``, then cast to ``dtype``
+        (None: left as is), each rounding kept under XLA (``cast_exactly``)."""
+        for dt in self.roundings[1:]:
+            dense = cast_exactly(dense, dt)
+        return dense if dtype is None else cast_exactly(dense, dtype)
+
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
@@ -125,6 +162,10 @@ class NF4Weight(_Sizes):
         nested_blocksize: absmax values per nested block (256).
         quant_type: ``"nf4"`` or ``"fp4"``.
         dtype: the dtype it dequantizes to (name, e.g. ``"bfloat16"``).
+        decode_dtype: the dtype each decoded value is rounded to before the cast to ``dtype`` (name), or None
+            (rounded to ``dtype`` alone). The loader sets it to the checkpoint's dtype (bitsandbytes'
+            ``quant_state.dtype``) where the model's dtype differs, so that a kept weight used in float32
+            equals bitsandbytes' bfloat16 decode widened, as the dense load gives it.
     """
 
     packed: jax.Array
@@ -138,9 +179,11 @@ class NF4Weight(_Sizes):
     nested_blocksize: int = 256
     quant_type: str = "nf4"
     dtype: str = "bfloat16"
+    decode_dtype: str | None = None
 
     def dequantize(self, *, transpose: bool = False, dtype: Any = None) -> jax.Array:
-        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype).
+        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype),
+        rounded as ``roundings`` says before the cast to ``dtype``.
 
         Bit-identical to bitsandbytes on concrete arrays; inside a caller's jit a nested absmax may round
         once instead of twice (see ``jax_side._nf4``).
@@ -149,7 +192,8 @@ class NF4Weight(_Sizes):
         do not divide evenly).
 
         Raises:
-            ValueError: a nested absmax without its offset.
+            ValueError: a nested absmax without its offset; a ``dtype`` or ``decode_dtype`` field that is
+                not bfloat16, float16 or float32.
         """
         self._check_offset()
         if (mesh := explicit_mesh(self)) is not None:
@@ -158,9 +202,9 @@ class NF4Weight(_Sizes):
             self.packed, self.absmax, shape=self.shape, blocksize=self.blocksize, code=self.code,
             nested_absmax=self.nested_absmax, nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
             offset=self.offset, quant_type=self.quant_type,
-            dtype=jnp.dtype(self.dtype), transpose=transpose,
+            dtype=self.roundings[0], transpose=transpose,
         )  # fmt: skip
-        return dense if dtype is None else dense.astype(dtype)
+        return self._finish(dense, dtype)
 
     def _check_offset(self) -> None:
         if self.nested_absmax is not None and self.offset is None:
@@ -179,12 +223,16 @@ class FP8Weight(_Sizes):
         scale_inv: float32 scales (the multiplier), laid out as ``block`` says.
         block: the ``(rows, cols)`` tile one scale covers.
         dtype: the dtype it dequantizes to.
+        decode_dtype: the dtype each decoded value is rounded to before the cast to ``dtype``, or None
+            (rounded to ``dtype`` alone); the loader sets it to the checkpoint's dtype where the model's
+            differs, as the dense load rounds.
     """
 
     weight: jax.Array
     scale_inv: jax.Array
     block: tuple[int, int] = (128, 128)
     dtype: str = "bfloat16"
+    decode_dtype: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -192,33 +240,38 @@ class FP8Weight(_Sizes):
         return tuple(self.weight.shape)
 
     def dequantize(self, *, transpose: bool = False, dtype: Any = None) -> jax.Array:
-        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype).
+        """The dense weight (``[in, out]`` with ``transpose``), in ``dtype`` (default: the stored dtype),
+        rounded as ``roundings`` says before the cast to ``dtype``.
 
         On a mesh with explicit axes the result's rows are split like ``weight`` (replicated when they do
         not divide evenly).
+
+        Raises:
+            ValueError: a ``dtype`` or ``decode_dtype`` field that is not bfloat16, float16 or float32.
         """
         if (mesh := explicit_mesh(self)) is not None:
             return self._dequantize_with_auto_axes(self.weight, mesh, transpose, dtype)
         layout = fp8_scale_layout(self.weight.shape, self.scale_inv.shape, self.block)
-        dense = dequantize_fp8(self.weight, self.scale_inv, block_size=layout.block, dtype=jnp.dtype(self.dtype),
+        dense = dequantize_fp8(self.weight, self.scale_inv, block_size=layout.block, dtype=self.roundings[0],
                                transpose=transpose)  # fmt: skip
-        return dense if dtype is None else dense.astype(dtype)
+        return self._finish(dense, dtype)
 
 
 jax.tree_util.register_dataclass(
     NF4Weight,
     data_fields=["packed", "absmax", "nested_absmax", "nested_code", "offset", "code"],
-    meta_fields=["shape", "blocksize", "nested_blocksize", "quant_type", "dtype"],
+    meta_fields=["shape", "blocksize", "nested_blocksize", "quant_type", "dtype", "decode_dtype"],
 )
 jax.tree_util.register_dataclass(
-    FP8Weight, data_fields=["weight", "scale_inv"], meta_fields=["block", "dtype"]
+    FP8Weight, data_fields=["weight", "scale_inv"], meta_fields=["block", "dtype", "decode_dtype"]
 )
 
 QuantizedWeight = NF4Weight | FP8Weight
 _META = {
-    "NF4Weight": ("shape", "blocksize", "nested_blocksize", "quant_type", "dtype"),
-    "FP8Weight": ("block", "dtype"),
+    "NF4Weight": ("shape", "blocksize", "nested_blocksize", "quant_type", "dtype", "decode_dtype"),
+    "FP8Weight": ("block", "dtype", "decode_dtype"),
 }
+_OPTIONAL = {"decode_dtype"}  # absent from records written before it existed
 
 
 def meta_fields(weight: NF4Weight | FP8Weight) -> dict[str, Any]:
@@ -227,6 +280,8 @@ def meta_fields(weight: NF4Weight | FP8Weight) -> dict[str, Any]:
     for name in _META[type(weight).__name__]:
         value = getattr(weight, name)
         out[name] = list(value) if isinstance(value, tuple) else str(value) if name == "dtype" else value
+        if name == "decode_dtype" and value is not None:
+            out[name] = str(value)
     return out
 
 
@@ -241,7 +296,7 @@ def from_pieces(kind: str, pieces: Any, fields: dict[str, Any]) -> NF4Weight | F
         raise ValueError(f"unknown kept-weight kind {kind!r} (NF4Weight or FP8Weight)")
     cls = NF4Weight if kind == "NF4Weight" else FP8Weight
     static: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    if set(static) != set(_META[kind]) or not isinstance(pieces, dict):
+    if not set(_META[kind]) - _OPTIONAL <= set(static) <= set(_META[kind]) or not isinstance(pieces, dict):
         raise ValueError(f"a {kind} needs the fields {list(_META[kind])} and a mapping of its arrays")
     return cls(**dict(pieces), **static)
 

@@ -49,13 +49,24 @@ def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
 
 def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
     """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
-    :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``)."""
-    name = np.dtype(dtype).name if dtype is not None else str(entry.dtype).replace("torch.", "")
+    :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``, or
+    the checkpoint's dtype when None, through a rounding to the checkpoint's dtype: its ``decode_dtype``)."""
+    stored = str(entry.dtype).replace(
+        "torch.", ""
+    )  # what the checkpoint decodes to (bitsandbytes' quant_state.dtype)
+    name = np.dtype(dtype).name if dtype is not None else stored
     if np.dtype(name) not in OUT_DTYPES:  # what a kept weight may decode to
         raise ValueError(
             f"{entry.name}: keep_quantized decodes to float16, bfloat16 or float32, and this leaf is "
             f"to be {name} (the target's dtype or dtype=); load it without keep_quantized, or into one of those"
         )
+    if np.dtype(stored) not in OUT_DTYPES:
+        raise ValueError(
+            f"{entry.name}: the checkpoint decodes this weight to {stored}, and a kept weight decodes through "
+            "float16, bfloat16 or float32 only; load it without keep_quantized"
+        )
+    # rounded to the checkpoint's dtype first, then cast to the model's, as the dense load does
+    decode_dtype = stored if stored != name else None
 
     def put(t: torch.Tensor) -> jax.Array:  # from host memory straight into XLA's (or aliased on the CPU)
         return hand_over(t.contiguous(), jdev, ckpt)
@@ -65,7 +76,7 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
         check_scales(ckpt, entry.keys["scale"], scale)
         layout = entry.info["layout"]
         return jax_side.FP8Weight(put(ckpt.read(entry.keys["weight"])), put(scale.float().reshape(layout.grid)),
-                                  block=tuple(layout.block), dtype=name)  # fmt: skip
+                                  block=tuple(layout.block), dtype=name, decode_dtype=decode_dtype)  # fmt: skip
     doc = entry.info["quant_state"]
     pieces = bnb4_pieces(ckpt, entry)
     packed = ckpt.read(entry.keys["weight"])
@@ -78,5 +89,5 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
         offset=put(torch.tensor(float(doc.get("nested_offset", 0.0)), dtype=torch.float32)) if nested else None,
         code=put(pieces["code"].float()) if "code" in pieces else None,
         shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), nested_blocksize=int(doc.get("nested_blocksize", 256)),
-        quant_type=entry.info["quant_type"], dtype=name,
+        quant_type=entry.info["quant_type"], dtype=name, decode_dtype=decode_dtype,
     )  # fmt: skip

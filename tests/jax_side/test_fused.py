@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import bnb_quantize, random_fp8, random_scales, to_numpy
+from helpers import assert_same_bits, bnb_quantize, random_fp8, random_scales, to_numpy
 
 import jax_side
-from jax_side import _fused
+from jax_side import _casts, _fused
 
 pytest.importorskip("bitsandbytes")
 nnx = pytest.importorskip("flax.nnx")
@@ -100,6 +100,13 @@ WEIGHTS = {
     "fp8 e5m2 per-row": lambda: fp8((65, 129), (65, 1), fmt=torch.float8_e5m2),
     "fp8 per-tensor": lambda: fp8((40, 72), (1,)),
     "fp8 block 64x32": lambda: fp8((130, 100), (3, 4), block=(64, 32)),
+    # a bfloat16/float16 checkpoint's weight in a float32 model: rounded to the checkpoint's dtype first
+    "nf4 decoded through bfloat16 into float32": lambda: dataclasses.replace(
+        nf4((70, 384)), dtype="float32", decode_dtype="bfloat16"
+    ),
+    "fp8 decoded through float16 into float32": lambda: dataclasses.replace(
+        fp8((200, 300), (2, 3)), dtype="float32", decode_dtype="float16"
+    ),
 }
 
 
@@ -134,7 +141,7 @@ def test_exact_widening_of_every_value(dtype):
     that a conversion gives; NaNs stay NaN."""
     v = jax.lax.bitcast_convert_type(jnp.arange(65536, dtype=jnp.uint32).astype(jnp.uint16), dtype)
     want = np.asarray(v.astype(jnp.float32))
-    got = np.asarray(jax.jit(_fused._exact_f32)(v))
+    got = np.asarray(jax.jit(_casts.exact_f32)(v))
     nan = np.isnan(want)
     assert np.isnan(got[nan]).all()
     np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
@@ -228,10 +235,10 @@ def test_cast_exactly_keeps_the_rounding():
     for narrow in (jnp.bfloat16, jnp.float16):
         want = np.asarray(v.astype(narrow).astype(jnp.float32), np.float64) @ np.asarray(x, np.float64)
         got = jax.jit(
-            lambda v, x, n=narrow: jnp.sum(_fused.cast_exactly(v.astype(n), jnp.float32) * x, axis=1)
+            lambda v, x, n=narrow: jnp.sum(_casts.cast_exactly(v.astype(n), jnp.float32) * x, axis=1)
         )(v, x)
         assert np.abs(np.asarray(got, np.float64) - want).max() < 1e-2
-    assert _fused.cast_exactly(v, jnp.float32) is v
+    assert _casts.cast_exactly(v, jnp.float32) is v
 
 
 def test_one_row_rounds_the_weight_and_x():
@@ -255,6 +262,41 @@ def test_one_row_rounds_the_weight_and_x():
         ]  # float32 weight
         assert (np.abs(unrounded - want) > 3 * tol).any(), (wdtype, xdtype)  # the roundings matter here
         assert (np.abs(got - want) <= tol).all(), (wdtype, xdtype, np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("decode", ["bfloat16", "float16"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp8"])
+def test_decode_dtype_rounds_first_on_every_path(fmt, decode):
+    """A weight used in float32 whose checkpoint decodes to bfloat16 or float16 (``decode_dtype``) gives the
+    checkpoint's decode widened, on every path: dequantize bit for bit, the expansion, the kernel, the
+    one-row form, vmapped single rows and the gradient to x; the rounding moves these sums far more than
+    float32 accumulation does."""
+    base = nf4((64, 256), dtype=torch.float32) if fmt == "nf4" else fp8((64, 256), (1, 2))
+    w = dataclasses.replace(base, dtype="float32", decode_dtype=decode)
+    assert w.roundings == (jnp.dtype(decode), jnp.dtype(jnp.float32))
+    narrow = dataclasses.replace(base, dtype=decode).dequantize()  # the checkpoint's own decode
+    dense = np.asarray(narrow.astype(jnp.float32), np.float64)
+    assert_same_bits(w.dequantize(), narrow.astype(jnp.float32))
+    assert_same_bits(w.dequantize(dtype=jnp.float16), narrow.astype(jnp.float32).astype(jnp.float16))
+    unrounded = np.asarray(dataclasses.replace(base, dtype="float32").dequantize(), np.float64)
+    x = x_for(19, 256, jnp.float32, seed=3)
+    want = np.asarray(x, np.float64) @ dense.T
+    tol = 1e-5 * (np.abs(np.asarray(x, np.float64)) @ np.abs(dense).T)
+    assert (np.abs(np.asarray(x, np.float64) @ unrounded.T - want) > 5 * tol).any()  # the rounding shows
+    for path in ("expand", "interpret"):
+        with jax_side.matmul_path(path):
+            for m in (1, 5, 19):
+                got = np.asarray(jax.jit(jax_side.quantized_matmul)(x[:m], w), np.float64)
+                assert (np.abs(got - want[:m]) <= tol[:m]).all(), (path, m, np.abs(got - want[:m]).max())
+            rows = jax.jit(jax.vmap(jax_side.quantized_matmul, (0, None)))(x[:6, None], w)
+            assert (np.abs(np.asarray(rows, np.float64)[:, 0] - want[:6]) <= tol[:6]).all(), path
+            grad = jax.jit(jax.grad(lambda x, w: jax_side.quantized_matmul(x, w).sum()))(x[:3], w)
+            np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense.sum(0), (3, 256)),
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"decode_dtype='int8'.*bfloat16, float16 or float32"):
+        dataclasses.replace(w, decode_dtype="int8").dequantize()
+    with jax_side.matmul_path("interpret"), pytest.raises(ValueError, match="decode_dtype"):
+        jax_side.quantized_matmul(x, dataclasses.replace(w, decode_dtype="float64"))
 
 
 def test_many_tokens_split_and_leading_dimensions():
@@ -373,7 +415,11 @@ def test_weights_the_kernel_does_not_take():
             "absmax is uint8",
         ),
         "8-entry code": (dataclasses.replace(good, code=jnp.zeros(8, jnp.float32)), ValueError, "16 entries"),
-        "int8 dtype": (dataclasses.replace(good, dtype="int8"), ValueError, "output dtype"),
+        "int8 dtype": (
+            dataclasses.replace(good, dtype="int8"),
+            ValueError,
+            r"dtype='int8'.*bfloat16, float16 or float32",
+        ),
         "absmax too long": (
             dataclasses.replace(good, absmax=jnp.zeros(good.absmax.size + 3, jnp.uint8)),
             ValueError,

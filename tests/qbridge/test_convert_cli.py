@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,25 @@ def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_p
         assert x.dtype == y.dtype and np.array_equal(
             np.asarray(x).view(np.uint16), np.asarray(y).view(np.uint16)
         )
+    # into float32 the weights keep their rounding to the checkpoint's bfloat16 (decode_dtype) through the file;
+    # a record written before that field existed still restores (rounded to dtype alone)
+    out32 = tmp_path / "kept32.orbax"
+    qbridge.convert_checkpoint(nf4, out32, keep_quantized=True, dtype=jnp.float32, progress=False)
+    record = json.loads((out32 / "qbridge_quantized.json").read_text())
+    assert {w["fields"]["decode_dtype"] for w in record["weights"]} == {"bfloat16"}
+    loaded32 = qbridge.load_checkpoint(nf4, keep_quantized=True, dtype=jnp.float32, progress=False)
+    w32 = loaded32["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    r32 = qbridge.restore_converted(out32)["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert (r32.dtype, r32.decode_dtype) == ("float32", "bfloat16")
+    assert np.array_equal(np.asarray(r32.dequantize()), np.asarray(w32.dequantize()))
+    assert np.array_equal(
+        np.asarray(r32.dequantize()), np.asarray(w32.dequantize(dtype=jnp.bfloat16), np.float32)
+    )
+    for w in record["weights"]:
+        del w["fields"]["decode_dtype"]
+    (out32 / "qbridge_quantized.json").write_text(json.dumps(record))
+    old = qbridge.restore_converted(out32)["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert (old.dtype, old.decode_dtype) == ("float32", None)
     (out / "qbridge_quantized.json").write_text('{"format": 1, "weights": [{"path": ["params", "nowhere"]}]}')
     with pytest.raises(qbridge.CheckpointError, match="record of kept-quantized weights does not fit"):
         qbridge.restore_converted(out)
