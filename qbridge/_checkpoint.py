@@ -104,7 +104,7 @@ class _Source:
         self.maps_files = False  # torch files are memory-mapped: their tensors are the file's memory
         self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
-        self._small: dict[str, torch.Tensor] = {}
+        self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
         self._ahead: dict[str, concurrent.futures.Future[torch.Tensor]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # each safetensors file as opened: maps and header reads use it, so a file replaced on disk
@@ -218,18 +218,18 @@ class _Source:
         ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
         if ahead is None and self._state is not None and key in self._state:
             return self._counted(self._state[key])
-        if ahead is None and key in self._small:  # tables and scales read again for another shard
-            return self._small[key].clone()
         path = self.key_file.get(key)
         if path is None:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
         try:
-            t = self._counted(ahead.result() if ahead is not None else self._open[path].get_tensor(key))
+            t = ahead.result() if ahead is not None else self._open[path].get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
-        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
-            self._small[key] = t.clone()
-        return t
+        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # tables and scales read again for another shard:
+            if ahead is None and key in self._small:  # from the page cache, counted once
+                return t
+            self._small.add(key)
+        return self._counted(t)
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""

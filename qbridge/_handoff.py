@@ -212,6 +212,31 @@ def _from_dlpack(t: torch.Tensor, device: jax.Device) -> jax.Array:
     return fn(capsule, device, stream, False)
 
 
+@functools.cache
+def _exporter() -> Any:
+    """JAX's DLPack export itself (``jax.Array.__dlpack__`` calls it after checks that hold for a new
+    single-device array, and after making a single-device view of it), or None where this JAX does not have
+    it (then ``torch.from_dlpack`` is used)."""
+    try:
+        from jax._src.lib import _jax
+
+        return _jax.buffer_to_dlpack_managed_tensor
+    except (ImportError, AttributeError):
+        return None
+
+
+def _torch_view(out: jax.Array, on: torch.device) -> torch.Tensor:
+    """``torch.from_dlpack(out)`` for a new single-device array on ``on``: a torch tensor over its memory,
+    with torch's current stream made to wait (on the GPU) for the array's producer, as the DLPack stream
+    protocol does. Calls the export and the import directly: ``torch.from_dlpack`` and JAX's ``__dlpack__``
+    spent about 30 of their 42 microseconds per array on checks and on making a view of the array (H200)."""
+    export = _exporter()
+    if export is None or on.type != "cuda":
+        return torch.from_dlpack(out)
+    stream = torch._C._cuda_getCurrentRawStream(on.index)
+    return torch._C._from_dlpack(export(out, stream=1 if stream == 0 else stream))  # 1: the legacy default
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
 
@@ -631,7 +656,7 @@ class XlaDestinations:
         the same device as torch sees it), to be written on torch's current stream; or None."""
         if dtype not in _FILLABLE or not math.prod(shape):
             return None
-        key = (tuple(shape), jax_dtype(dtype), device)
+        key = (tuple(shape), TORCH_TO_JAX[dtype], device)
         spare = self._spare.get(key)
         if not spare:
             fn = _allocators.get(key)
@@ -647,21 +672,21 @@ class XlaDestinations:
                 return None
         out = spare.pop()
         with on_device(on):
-            dest = torch.from_dlpack(out)  # JAX's export makes torch's current stream wait for the allocation
+            dest = _torch_view(out, on)  # JAX's export makes torch's current stream wait for the allocation
             if dest.device != on or dest.data_ptr() != out.unsafe_buffer_pointer():
                 return None  # another device (or a copy): not this route
-            if on.type == "cuda":
-                self._streams.setdefault(on.index, torch.cuda.current_stream(on))
+            if on.type == "cuda" and on.index not in self._streams:
+                self._streams[on.index] = torch.cuda.current_stream(on)
         return out, dest
 
     def write(self, t: torch.Tensor, device: jax.Device) -> jax.Array | None:
         """A new array on ``device`` that will hold ``t``'s values once :meth:`settle` returns, or None."""
         if t.layout != torch.strided:
             return None
-        got = self.take(t.shape, t.dtype, device, t.device)
-        if got is None:
-            return None
         with on_device(t.device):
+            got = self.take(t.shape, t.dtype, device, t.device)
+            if got is None:
+                return None
             got[1].copy_(t)
         return got[0]
 
