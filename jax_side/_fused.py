@@ -34,9 +34,9 @@ per-row or block scales. Others use expand-then-matmul under every setting but `
 raises for them. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
 axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
-the output features. Inside ``jax.shard_map``, the kernel path (two or more rows of x, single rows under
-``jax.vmap`` included) needs ``check_vma=False`` (Pallas' kernel call carries no varying-axes annotation);
-``matmul_path("expand")`` works either way.
+the output features. Inside ``jax.shard_map`` with ``check_vma=True`` (its default) the kernel's result is
+declared to vary along the mesh axes its inputs vary along (and a replicated weight is made to vary alike);
+Pallas' interpreter (``"interpret"``) cannot run there and needs ``check_vma=False``.
 """
 
 from __future__ import annotations
@@ -217,15 +217,34 @@ def _store(out_ref: Any, acc: jax.Array, p: _Program, t: _Tiles) -> None:
         plt.store(out_ref.at[p.ps, tile[0], tile[1]], acc, mask=ok)
 
 
+def _varying_alike(args: tuple) -> tuple[tuple, dict[str, Any]]:
+    """Inside ``jax.shard_map`` with ``check_vma=True``: ``args`` made to vary along every mesh axis any of
+    them varies along (``jax.lax.pcast``), and the ``ShapeDtypeStruct`` keyword that says the kernel's
+    result varies so too (Pallas cannot infer it). Elsewhere: ``args`` as they are, no keyword."""
+    axes: set[Any] = set()
+    for a in args:
+        axes |= set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
+    if not axes:
+        return args, {}
+
+    def vary(a: jax.Array) -> jax.Array:
+        missing = axes - set(jax.typeof(a).manual_axis_type.varying)
+        return jax.lax.pcast(a, tuple(sorted(missing)), to="varying") if missing else a
+
+    args = tuple(vary(a) for a in args)
+    return args, {"manual_axis_type": jax.typeof(args[0]).manual_axis_type}
+
+
 def _call(
     kernel: Any, args: tuple, *, m: int, n: int, dtype: Any, t: _Tiles, interpret: bool, name: str
 ) -> jax.Array:
     from jax.experimental import pallas as pl
 
     shape = (m, n) if t.split == 1 else (t.split, m, n)
+    args, varying = _varying_alike(args)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(shape, dtype if t.split == 1 else jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(shape, dtype if t.split == 1 else jnp.float32, **varying),
         grid=(pl.cdiv(n, t.bn), t.split, pl.cdiv(m, t.bm)),
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(t),

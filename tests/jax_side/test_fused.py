@@ -639,6 +639,31 @@ def test_no_dense_weight_in_the_compiled_program():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["nf4", "fp8"])
+def test_kernel_inside_shard_map_with_varying_axes_checked(fmt):
+    """Inside ``jax.shard_map`` with ``check_vma=True`` (its default) the kernel's result is declared to
+    vary as x does (Pallas cannot infer it), and a replicated weight is made to vary alike: the kernel runs,
+    forward and backward, as it does outside."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    gpu = jax.devices("gpu")[0]
+    mesh = jax.sharding.Mesh(np.array([gpu]), ("d",))
+    w = jax.device_put(nf4((64, 128)) if fmt == "nf4" else fp8((64, 128), (1, 1)), gpu)
+    for m in (16, 1):  # the kernel; one row: XLA's reduction
+        x = jax.device_put(x_for(m, 128, jnp.float32, seed=2), NamedSharding(mesh, P("d")))
+        with jax_side.matmul_path("auto"):
+            f = jax.shard_map(jax_side.quantized_matmul, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
+            assert ("__gpu$xla.gpu.triton" in jax.jit(f).lower(x, w).as_text()) == (m > 1)
+            got = jax.jit(f)(x, w)
+            grad = jax.jit(jax.grad(lambda x, w, f=f: f(x, w).sum()))(x, w)
+        assert_close(got, x, w)  # float64 reference (XLA's own float32 dot on a GPU rounds to TF32)
+        dense = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
+        np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense.sum(0), (m, 128)),
+                                   rtol=1e-3, atol=1e-3)  # fmt: skip
+
+
+@pytest.mark.gpu
 def test_training_step_on_the_gpu():
     """QLoRA's step on the GPU: gradients through the kernel's backward equal those of expand-then-matmul."""
     gpu = jax.devices("gpu")[0]
