@@ -25,8 +25,8 @@ The path is part of JAX's tracing context, so jitted functions are traced again 
 
 Results equal expand-then-matmul up to the order of the float32 accumulation (and, for a nested absmax,
 the one rounding the compiler may merge; see ``jax_side._nf4``). Gradients flow to ``x`` (computed with
-the expanded weight, recomputed in the backward pass rather than kept, as bitsandbytes' ``MatMul4Bit``
-does; forward mode too); the stored pieces get none.
+the expanded weight in the backward pass, as bitsandbytes' ``MatMul4Bit`` does); the stored pieces get
+none. Forward-mode differentiation (``jax.jvp``) needs the ``"expand"`` path.
 
 Which weights the kernel takes: 2-D ``[out, in]`` NF4/FP4 weights whose ``in`` is a multiple of the
 blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 weights with per-tensor,
@@ -571,26 +571,32 @@ def _fused(x: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     return _rows(x2, w, interpret).reshape(*lead, w.shape[0])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _kernel_matmul(x: jax.Array, w: Any, path: str) -> jax.Array:
     if path == "interpret":
         return _fused(x, w, True)
     return jax.lax.platform_dependent(x, w, default=_expand, cuda=lambda x, w: _fused(x, w, False))
 
 
-@jax.checkpoint  # recomputed where needed, never saved: no dense weight is kept for the backward pass
-def _dense_tangent(dx: jax.Array, w: Any) -> jax.Array:
-    """``dx @ dequantize(w).T``, linear in ``dx``: the kernel's derivative along x, computed with the
-    expanded weight (as bitsandbytes' ``MatMul4Bit`` computes its backward pass)."""
-    dense = cast_exactly(w.dequantize(), dx.dtype)  # [out, in]
-    return jax.lax.dot_general(dx, dense, (((dx.ndim - 1,), (1,)), ((), ())))
+def _kernel_matmul_fwd(x: jax.Array, w: Any, path: str) -> tuple[jax.Array, Any]:
+    return _kernel_matmul(x, w, path), w
 
 
-@_kernel_matmul.defjvp
-def _kernel_matmul_jvp(path: str, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
-    x, w = primals
-    dx, _ = tangents  # the stored pieces are constants: a tangent along them changes nothing
-    return _kernel_matmul(x, w, path), _dense_tangent(dx, w)
+def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any]:
+    dense = cast_exactly(w.dequantize(), dy.dtype)  # [out, in]
+    dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
+    zeros = jax.tree_util.tree_map(
+        lambda a: (
+            jnp.zeros(a.shape, jax.dtypes.float0)
+            if not jnp.issubdtype(a.dtype, jnp.inexact)
+            else jnp.zeros_like(a)
+        ),
+        w,
+    )
+    return dx, zeros
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
 @functools.lru_cache(maxsize=256)
@@ -615,10 +621,9 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     products accumulate in float32 and the result is ``x.dtype`` ``[..., out]``. The path (the fused
     kernel or expand-then-matmul) follows :func:`get_matmul_path`; see the module docstring.
 
-    Differentiable with respect to ``x`` in reverse and forward mode (``jax.grad``, ``jax.vjp``,
-    ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``): on the kernel's path the derivative is computed with the
-    expanded weight, recomputed where it is needed rather than kept from the forward pass. The stored pieces
-    get no gradient (zeros) on any path.
+    Differentiable in reverse mode (``jax.grad``, ``jax.vjp``) with respect to ``x``; forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) needs ``matmul_path("expand")``, because the kernel's
+    gradient is a custom VJP that recomputes the dense weight in the backward pass instead of keeping it.
 
     Raises:
         TypeError: ``weight`` is not an NF4Weight/FP8Weight, or ``x`` is not a floating-point array.

@@ -392,6 +392,12 @@ def test_weights_the_kernel_does_not_take():
         jax_side.quantized_matmul(jnp.ones((3, 100), jnp.int32), crossing)
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         jax_side.quantized_matmul([[1.0] * 100], crossing)
+    with jax_side.matmul_path("auto"), pytest.raises(TypeError, match=r"forward-mode|jvp"):
+        jax.jvp(
+            lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
+            (x_for(2, 128, jnp.float32),),
+            (x_for(2, 128, jnp.float32),),
+        )
     no_offset = dataclasses.replace(nf4((8, 128)), offset=None)  # nested: the offset shifts every scale
     for path in ("auto", "expand", "interpret"):
         with (
@@ -436,38 +442,35 @@ def test_weights_the_kernel_does_not_take():
         for path in ("auto", "expand", "interpret"):
             with jax_side.matmul_path(path), pytest.raises(error, match=message):
                 jax.jit(jax_side.quantized_matmul)(x_for(2, 128, jnp.float32), weight)
+    with jax_side.matmul_path("expand"):  # the documented way to forward-mode derivatives
+        jax.jvp(
+            lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
+            (x_for(2, 128, jnp.float32),),
+            (x_for(2, 128, jnp.float32),),
+        )
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp8"])
-def test_forward_mode_and_what_the_backward_pass_keeps(fmt, capsys):
-    """``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` through the kernel's path equal the dense weight's
-    derivatives; under ``jax.grad`` the forward pass keeps the stored pieces for the backward pass, never
-    the expanded weight (it is recomputed there)."""
-    w = nf4((48, 128), dtype=torch.float32) if fmt == "nf4" else fp8((48, 128), (1, 1))
-    dense = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
-    x, dx = x_for(3, 128, jnp.float32), x_for(3, 128, jnp.float32, seed=5)
-    for path in ("interpret", "auto", "expand"):
-        with jax_side.matmul_path(path):
+def test_the_backward_pass_keeps_no_dense_weight_under_any_remat_policy(fmt, capsys):
+    """On the kernel's path the forward pass keeps the stored pieces for the backward pass, never the
+    expanded weight, also where a remat policy around the layer saves everything it may (a tangent
+    computed with the expanded weight became such a saved value)."""
+    w = nf4((256, 128), dtype=torch.float32) if fmt == "nf4" else fp8((256, 128), (2, 1))
+    x = x_for(4, 128, jnp.float32)
+    policies = [None, jax.checkpoint_policies.everything_saveable,
+                jax.checkpoint_policies.save_anything_except_these_names("unrelated")]  # fmt: skip
+    with jax_side.matmul_path("interpret"):
+        for policy in policies:
 
-            def f(x):
-                return jax_side.quantized_matmul(x, w)
+            def loss(x, w):
+                return jnp.sum(jnp.sin(jax_side.quantized_matmul(x, w)))
 
-            y, t = jax.jit(lambda x, dx: jax.jvp(f, (x,), (dx,)))(x, dx)
-            np.testing.assert_allclose(np.asarray(y, np.float64), np.asarray(x, np.float64) @ dense.T,
-                                       rtol=1e-5, atol=1e-5)  # fmt: skip
-            np.testing.assert_allclose(np.asarray(t, np.float64), np.asarray(dx, np.float64) @ dense.T,
-                                       rtol=1e-5, atol=1e-5)  # fmt: skip
-            np.testing.assert_allclose(np.asarray(jax.jacfwd(f)(x[:1]), np.float64)[0, :, 0, :], dense,
-                                       rtol=1e-5, atol=1e-6)  # fmt: skip
-            h = np.asarray(jax.hessian(lambda x: (f(x) ** 2).sum())(x[:1]), np.float64)[0, :, 0, :]
-            np.testing.assert_allclose(h, 2 * dense.T @ dense, rtol=1e-4, atol=1e-4)
-            if path == "interpret":  # the kernel's path: only the pieces (and x's own values) are kept
-                capsys.readouterr()
-                print_saved_residuals(lambda x, w: (jax_side.quantized_matmul(x, w) ** 2).sum(), x, w)
-                kept = capsys.readouterr().out
-                dense_sized = [ln for ln in kept.splitlines() if "[48,128]" in ln or "[128,48]" in ln]
-                assert "from the argument w" in kept, kept  # FP8: the stored float8 weight itself
-                assert all("from the argument w.weight" in ln for ln in dense_sized), kept
+            capsys.readouterr()
+            print_saved_residuals(loss if policy is None else jax.checkpoint(loss, policy=policy), x, w)
+            kept = capsys.readouterr().out
+            dense_sized = [ln for ln in kept.splitlines() if "[256,128]" in ln or "[128,256]" in ln]
+            assert "from the argument w" in kept, kept
+            assert all("from the argument w.weight" in ln for ln in dense_sized), (policy, kept)  # FP8's own
 
 
 def test_gradients_vmap_and_layers():
