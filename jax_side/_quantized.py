@@ -279,10 +279,20 @@ def meta_fields(weight: NF4Weight | FP8Weight) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _META[type(weight).__name__]:
         value = getattr(weight, name)
-        out[name] = list(value) if isinstance(value, tuple) else str(value) if name == "dtype" else value
-        if name == "decode_dtype" and value is not None:
-            out[name] = str(value)
+        if name in _OPTIONAL and value is None:
+            continue  # as records written before the field existed: readable by those versions too
+        out[name] = (
+            list(value) if isinstance(value, tuple) else _dtype_name(value) if "dtype" in name else value
+        )
     return out
+
+
+def _dtype_name(value: Any) -> str:
+    """A dtype field as a name (``"bfloat16"`` for ``jnp.bfloat16`` or ``jnp.dtype("bfloat16")``)."""
+    try:
+        return jnp.dtype(value).name
+    except TypeError:
+        return str(value)
 
 
 def from_pieces(kind: str, pieces: Any, fields: dict[str, Any]) -> NF4Weight | FP8Weight:
@@ -298,7 +308,9 @@ def from_pieces(kind: str, pieces: Any, fields: dict[str, Any]) -> NF4Weight | F
     static: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     if not set(_META[kind]) - _OPTIONAL <= set(static) <= set(_META[kind]) or not isinstance(pieces, dict):
         raise ValueError(f"a {kind} needs the fields {list(_META[kind])} and a mapping of its arrays")
-    return cls(**dict(pieces), **static)
+    weight = cls(**dict(pieces), **static)
+    weight.roundings  # noqa: B018  (raises ValueError for a dtype a kept weight cannot decode to)
+    return weight
 
 
 def is_quantized(x: Any) -> bool:

@@ -195,17 +195,27 @@ def _write_quantized_fields(params: Any, file: pathlib.Path) -> None:
 def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
     if not file.exists():
         return tree
+    where = ""
     try:
         doc = json.loads(file.read_text())
+        if doc.get("format", 1) != 1:
+            raise CheckpointError(
+                f"{file}: a record of kept-quantized weights in format {doc.get('format')!r}, written by a newer "
+                "qbridge (this one reads format 1); restore it with that version"
+            )
         for entry in doc["weights"]:
+            where = f" at {'/'.join(str(k) for k in entry.get('path', []))}"
             *parents, last = entry["path"]
             node = tree
             for k in parents:
                 node = node[k if isinstance(node, list) else str(k)]
             key = last if isinstance(node, list) else str(last)
             node[key] = from_pieces(entry["type"], node[key], entry["fields"])
-    except (KeyError, IndexError, TypeError, ValueError) as e:
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(
-            f"{file}: the record of kept-quantized weights does not fit the checkpoint ({type(e).__name__}: {e})"
+            f"{file}: the record of kept-quantized weights does not fit the checkpoint{where} "
+            f"({type(e).__name__}: {e})"
         ) from e
     return tree

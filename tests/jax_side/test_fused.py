@@ -25,6 +25,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jax_side
 from jax_side import _casts, _fused
+from jax_side._quantized import from_pieces, meta_fields
 
 pytest.importorskip("bitsandbytes")
 nnx = pytest.importorskip("flax.nnx")
@@ -296,6 +297,17 @@ def test_decode_dtype_rounds_first_on_every_path(fmt, decode):
                                        rtol=1e-5, atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match=r"decode_dtype='int8'.*bfloat16, float16 or float32"):
         dataclasses.replace(w, decode_dtype="int8").dequantize()
+    # the fields' record (Orbax files) names dtypes given as JAX types, and reads back the same weight
+    typed = dataclasses.replace(w, dtype=jnp.float32, decode_dtype=getattr(jnp, decode))
+    fields = meta_fields(typed)
+    assert (fields["dtype"], fields["decode_dtype"]) == ("float32", decode)
+    pieces = {
+        f.name: getattr(typed, f.name)
+        for f in dataclasses.fields(typed)
+        if f.name not in fields and f.name != "shape"
+    }
+    again = from_pieces(type(typed).__name__, pieces, fields)
+    assert again.roundings == w.roundings and "decode_dtype" not in meta_fields(base)
     with jax_side.matmul_path("interpret"), pytest.raises(ValueError, match="decode_dtype"):
         jax_side.quantized_matmul(x, dataclasses.replace(w, decode_dtype="float64"))
 

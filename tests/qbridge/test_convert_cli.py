@@ -83,6 +83,11 @@ def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_p
     qbridge.convert_checkpoint(nf4, out32, keep_quantized=True, dtype=jnp.float32, progress=False)
     record = json.loads((out32 / "qbridge_quantized.json").read_text())
     assert {w["fields"]["decode_dtype"] for w in record["weights"]} == {"bfloat16"}
+    # without one (a bfloat16 model) the record is as before the field existed: older versions read it
+    assert not any(
+        "decode_dtype" in w["fields"]
+        for w in json.loads((out / "qbridge_quantized.json").read_text())["weights"]
+    )
     loaded32 = qbridge.load_checkpoint(nf4, keep_quantized=True, dtype=jnp.float32, progress=False)
     w32 = loaded32["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
     r32 = qbridge.restore_converted(out32)["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
@@ -96,6 +101,16 @@ def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_p
     (out32 / "qbridge_quantized.json").write_text(json.dumps(record))
     old = qbridge.restore_converted(out32)["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
     assert (old.dtype, old.decode_dtype) == ("float32", None)
+    record["weights"][3]["fields"]["decode_dtype"] = "float64"  # refused when read, naming the weight
+    (out32 / "qbridge_quantized.json").write_text(json.dumps(record))
+    where = "/".join(map(str, record["weights"][3]["path"]))
+    with pytest.raises(
+        qbridge.CheckpointError, match=f"does not fit the checkpoint at {where} .*decode_dtype='float64'"
+    ):
+        qbridge.restore_converted(out32)
+    (out32 / "qbridge_quantized.json").write_text(json.dumps({**record, "format": 2}))
+    with pytest.raises(qbridge.CheckpointError, match="format 2, written by a newer qbridge"):
+        qbridge.restore_converted(out32)
     (out / "qbridge_quantized.json").write_text('{"format": 1, "weights": [{"path": ["params", "nowhere"]}]}')
     with pytest.raises(qbridge.CheckpointError, match="record of kept-quantized weights does not fit"):
         qbridge.restore_converted(out)
