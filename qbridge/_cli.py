@@ -51,7 +51,7 @@ def _convert(args: argparse.Namespace) -> int:
     report = convert_checkpoint(
         args.path, args.out, target=target, device=args.device, dtype=args.dtype, strict=not args.no_strict,
         kinds=_pairs(args.kind, "--kind"), rename=_pairs(args.rename, "--rename"), overwrite=args.overwrite,
-        progress=not args.quiet,
+        keep_quantized=args.keep_quantized, progress=not args.quiet,
     )  # fmt: skip
     print(f"{report}\nwrote {args.out}")
     return 0
@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete"
+    )
+    convert.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="write 4-bit and FP8 Linear kernels and embedding tables kept quantized (their stored pieces; "
+        "restore_converted gives them back as jax_side.NF4Weight / FP8Weight)",
     )
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=_convert)

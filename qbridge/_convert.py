@@ -8,6 +8,7 @@ import pathlib
 import secrets
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -158,8 +159,12 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
             several processes needs a target to be read by one.
 
     Returns:
-        The parameter pytree: new arrays, aliasing nothing. Weights written kept quantized come back as
-        :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` without a target too.
+        The parameter pytree: new arrays, aliasing nothing. Without a target, dictionaries keyed by ints
+        when written (an nnx model's layer numbers) are keyed by ints again, so the tree goes back into the
+        model (``nnx.update``, ``jax_side.load_quantized_into_nnx``); weights written kept quantized come
+        back as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` with their recorded fields. With a
+        target, a kept weight's fields that are no arrays (``dtype``, ``decode_dtype`` ...) are the
+        target's; a ``UserWarning`` names the first weight where they differ from the record.
 
     Raises:
         CheckpointError: the checkpoint's record of kept-quantized weights does not fit its arrays.
@@ -167,7 +172,9 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
     path = pathlib.Path(out).absolute()
     if target is None:
         return _read_quantized_fields(_orbax().StandardCheckpointer().restore(path), path / QUANTIZED_FIELDS)
-    return _orbax().StandardCheckpointer().restore(path, target)
+    restored = _orbax().StandardCheckpointer().restore(path, target)
+    _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
+    return restored
 
 
 # Beside the arrays, a written checkpoint records each kept-quantized weight's fields that are no arrays
@@ -183,13 +190,52 @@ def _key(k: Any) -> str | int:
 
 
 def _write_quantized_fields(params: Any, file: pathlib.Path) -> None:
+    """Writes the record beside the arrays: each kept weight's fields, and the dictionaries keyed by ints
+    (Orbax writes every key as a string)."""
     kept = [
         {"path": [_key(k) for k in path], "type": type(leaf).__name__, "fields": meta_fields(leaf)}
         for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=jax_side.is_quantized)[0]
         if jax_side.is_quantized(leaf)
     ]
-    if kept:
-        file.write_text(json.dumps({"format": 1, "weights": kept}))
+    int_keys = _int_keys(params, [])
+    if kept or int_keys:
+        file.write_text(json.dumps({"format": 1, "weights": kept, "int_keys": int_keys}))
+
+
+def _int_keys(node: Any, path: list[str | int]) -> list[dict[str, Any]]:
+    """``[{"path": [...], "keys": [ints]}]`` for every dictionary in ``node`` with int keys."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, Mapping):
+        ints = [k for k in node if isinstance(k, int) and not isinstance(k, bool)]
+        if ints:
+            found.append({"path": path, "keys": ints})
+        for k, v in node.items():
+            found += _int_keys(v, [*path, k if isinstance(k, int) else str(k)])
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            found += _int_keys(v, [*path, i])
+    return found
+
+
+def _warn_if_fields_differ(tree: Any, file: pathlib.Path) -> None:
+    if not file.exists():
+        return
+    try:
+        recorded = {tuple(map(str, w["path"])): w["fields"] for w in json.loads(file.read_text())["weights"]}
+    except (KeyError, TypeError, ValueError):
+        return  # restoring with a target does not read the record: nothing to compare with
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=jax_side.is_quantized)[0]:
+        if not jax_side.is_quantized(leaf):
+            continue
+        where = tuple(str(_key(k)) for k in path)
+        fields = recorded.get(where)
+        if fields is not None and fields != meta_fields(leaf):
+            warnings.warn(
+                f"{file.parent}: the kept weight at {'/'.join(where)} is restored with the target's fields "
+                f"{meta_fields(leaf)}, and was written with {fields}; it decodes as the target says",
+                stacklevel=3,
+            )
+            return
 
 
 def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
@@ -211,6 +257,16 @@ def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
                 node = node[k if isinstance(node, list) else str(k)]
             key = last if isinstance(node, list) else str(last)
             node[key] = from_pieces(entry["type"], node[key], entry["fields"])
+        where = ""
+        for entry in sorted(doc.get("int_keys", []), key=lambda e: -len(e["path"])):  # innermost first
+            node = tree
+            for k in entry["path"]:
+                node = node[k if isinstance(node, list) else str(k)]
+            numbered = {int(k): node.pop(str(k)) for k in sorted(entry["keys"])}
+            rest = dict(node)
+            node.clear()
+            node.update(numbered)
+            node.update(rest)
     except CheckpointError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:

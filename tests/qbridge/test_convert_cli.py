@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -116,6 +117,40 @@ def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_p
         qbridge.restore_converted(out)
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["dense", "kept"])
+def test_a_converted_model_goes_back_into_the_nnx_model(nf4, tmp_path, kept):
+    """Written from an nnx target (layers keyed by ints), restored without one: the layer numbers are ints
+    again, so the tree goes back into the model and gives the logits of a direct load. With a target whose
+    kept weights' fields differ from the file's record, the restore warns, naming the weight."""
+    nnx = pytest.importorskip("flax.nnx")
+    config = jax_side.LlamaConfig.from_hf(json.loads((nf4 / "config.json").read_text()))
+    target = jax_side.abstract_llama(config, param_dtype=jnp.float32)
+    out = tmp_path / "model.orbax"
+    qbridge.convert_checkpoint(nf4, out, target=target, keep_quantized=kept, progress=False)
+    restored = qbridge.restore_converted(out)
+    direct = qbridge.load_checkpoint(nf4, target=target, keep_quantized=kept, progress=False)
+    assert list(restored["model"]["layers"]) == [0, 1]
+    ids = jnp.asarray(np.arange(9)[None] % config.vocab_size)
+    logits = []
+    for params in (restored, direct):
+        model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.float32)
+        if kept:
+            jax_side.load_quantized_into_nnx(model, params)
+        else:
+            nnx.update(model, params)
+        logits.append(np.asarray(model(ids)))
+    np.testing.assert_array_equal(logits[0], logits[1])
+    if kept:  # a target built without the checkpoint's dtype: its weights would skip the bfloat16 rounding
+        unrounded = jax.tree_util.tree_map(
+            lambda x: dataclasses.replace(x, decode_dtype=None) if jax_side.is_quantized(x) else x,
+            direct, is_leaf=jax_side.is_quantized,
+        )  # fmt: skip
+        with pytest.warns(
+            UserWarning, match=r"kept weight at model/layers/0/.* restored with the target's fields"
+        ):
+            qbridge.restore_converted(out, unrounded)
+
+
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
     out = tmp_path / "orbax"
     out.mkdir()
@@ -181,6 +216,14 @@ def test_cli_inspect_convert_and_errors(nf4, tmp_path, capsys):
     assert restored["params"]["model"]["norm"]["scale"].dtype == jnp.float32
     assert main(["convert", str(nf4), str(tmp_path / "o"), "--quiet"]) == 2
     assert "exists" in capsys.readouterr().err
+    assert (
+        main(["convert", str(nf4), str(tmp_path / "k"), "--quiet", "--keep-quantized", "--dtype", "float32"])
+        == 0
+    )
+    kept = qbridge.restore_converted(tmp_path / "k")["params"]["model"]["layers"]["0"]["mlp"]["up_proj"][
+        "kernel"
+    ]
+    assert isinstance(kept, jax_side.NF4Weight) and (kept.dtype, kept.decode_dtype) == ("float32", "bfloat16")
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
 
