@@ -36,7 +36,7 @@ axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made aut
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
 the output features. Inside ``jax.shard_map`` with ``check_vma=True`` (its default) the kernel's result is
 declared to vary along the mesh axes its inputs vary along (and a replicated weight is made to vary alike);
-Pallas' interpreter (``"interpret"``) cannot run there and needs ``check_vma=False``.
+Pallas' interpreter (``"interpret"``) cannot run there where x varies, and needs ``check_vma=False``.
 """
 
 from __future__ import annotations
@@ -218,14 +218,15 @@ def _store(out_ref: Any, acc: jax.Array, p: _Program, t: _Tiles) -> None:
 
 
 def _varying_alike(args: tuple) -> tuple[tuple, dict[str, Any]]:
-    """Inside ``jax.shard_map`` with ``check_vma=True``: ``args`` made to vary along every mesh axis any of
-    them varies along (``jax.lax.pcast``), and the ``ShapeDtypeStruct`` keyword that says the kernel's
-    result varies so too (Pallas cannot infer it). Elsewhere: ``args`` as they are, no keyword."""
+    """``args`` made to vary along every mesh axis any of them varies along (``jax.lax.pcast``; inside
+    ``jax.shard_map`` with ``check_vma=True``), and the ``ShapeDtypeStruct`` keyword that says the kernel's
+    result varies so too (Pallas cannot infer it; none varies outside such a shard_map)."""
     axes: set[Any] = set()
     for a in args:
         axes |= set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
-    if not axes:
-        return args, {}
+    if not axes:  # varying along no axis (outside shard_map: no manual axes at all)
+        mat = getattr(jax.typeof(args[0]), "manual_axis_type", None)
+        return args, {} if mat is None else {"manual_axis_type": mat}
 
     def vary(a: jax.Array) -> jax.Array:
         missing = axes - set(jax.typeof(a).manual_axis_type.varying)

@@ -225,9 +225,10 @@ class _Source:
             t = ahead.result() if ahead is not None else self._open[path].get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
-        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # tables and scales read again for another shard:
-            if ahead is None and key in self._small:  # from the page cache, counted once
-                return t
+        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
+            t = t.clone()  # its own memory: safetensors hands out views of one file mapping per file
+            if ahead is None and key in self._small:  # tables and scales read again for another shard:
+                return t  # from the page cache, counted once
             self._small.add(key)
         return self._counted(t)
 

@@ -29,12 +29,15 @@ def hand_over(
     """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied into memory XLA allocated (a
     parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`): by torch
     into an array from ``into`` where it has one (valid once ``into.settle()`` returns), else by XLA; on the
-    CPU aliased zero-copy, unless it may still be the checkpoint file's memory (torch files are mapped, and
-    an array over them would change, or fault, when the file does). ``t`` is ordered on the current stream."""
+    CPU aliased zero-copy, unless it may still be the checkpoint file's memory (a mapped torch file, or a
+    tensor read from a safetensors file as it stands: an array over it would change, or fault, when the
+    file does). ``t`` is ordered on the current stream."""
     if jdev.platform != "cpu":  # the loader's own tensor, written by nothing else: no host wait for the copy
         out = into.write(t, jdev) if into is not None else None
         return out if out is not None else jax_owned_copy(t, jdev, "current", wait=False)
-    if ckpt.source.maps_files:  # the file may change after the load returns: the copy must be made by then
+    # memory torch did not allocate (a mapped torch file; safetensors hands out views of its file mapping):
+    # the file may change, or shrink, after the load returns; the copy must be made by then
+    if ckpt.source.maps_files or not t.untyped_storage().resizable():
         return jax_owned_copy(t, jdev, "current", wait=True)
     return to_jax(t, device=jdev, producer="current")
 

@@ -608,6 +608,48 @@ def test_sharded_weights():
         )
 
 
+def test_inside_shard_map_with_varying_axes_checked():
+    """``jax.shard_map`` with ``check_vma=True`` (its default) on four CPU devices: x varying, replicated,
+    or unvarying after a ``psum``, against a replicated weight, forward and backward, under "auto" (whose
+    jit also builds the CUDA branch's kernel call), "expand" and, where x varies along no axis,
+    "interpret"."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, "tests/jax_side"); sys.path.insert(0, "tests")
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import PartitionSpec as P
+        import jax_side
+        from test_fused import nf4, fp8
+        mesh = jax.make_mesh((4,), ("x",))
+        for w in (nf4((128, 256)), fp8((128, 256), (1, 2))):
+            x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 256)), jnp.float32)
+            want = np.asarray(x, np.float64) @ np.asarray(w.dequantize(dtype=jnp.float32), np.float64).T
+            cases = {
+                "varying": ((P("x"), P()), P("x"), jax_side.quantized_matmul),
+                "replicated": ((P(), P()), P(), jax_side.quantized_matmul),
+                "after psum": ((P(), P()), P(), lambda x, w: jax_side.quantized_matmul(jax.lax.psum(x, "x") / 4, w)),
+            }
+            for path in ("auto", "expand", "interpret"):
+                for name, (specs, out, fn) in cases.items():
+                    if path == "interpret" and name == "varying":
+                        continue  # the interpreter needs check_vma=False there (documented)
+                    with jax_side.matmul_path(path):
+                        f = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=out)
+                        xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, specs[0]))
+                        y = jax.jit(f)(xs, w)
+                        g = jax.jit(jax.grad(lambda x, w: f(x, w).sum()))(xs, w)
+                    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-4)
+                    assert np.isfinite(np.asarray(g)).all()
+                    print(type(w).__name__, path, name)
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(out.stdout.splitlines()) == 16, out.stdout
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 

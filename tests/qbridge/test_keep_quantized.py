@@ -224,6 +224,46 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
+@pytest.mark.parametrize("name", ["nf4-True", "fp8", "dense"])
+def test_a_cpu_load_holds_nothing_of_the_file(made, tmp_path, name, monkeypatch):
+    """On the CPU, kept pieces and dense leaves are the load's own memory, not views of the safetensors
+    file's mapping (which safetensors hands out, large tensors included): overwriting the file in place
+    afterwards changes none of them; and a small tensor read twice comes back unchanged after the first
+    read's result was written to."""
+    import shutil
+
+    import qbridge._checkpoint
+
+    monkeypatch.setattr(qbridge._checkpoint, "SMALL_TENSOR_BYTES", 0)  # every read as a large one's
+    ckpt = tmp_path / name
+    shutil.copytree(made / name, ckpt)
+    params = qbridge.load_checkpoint(ckpt, device="cpu", keep_quantized=name != "dense", progress=False)
+    before = [np.array(a) for a in jax.tree_util.tree_leaves(params)]
+    for file in ckpt.glob("*.safetensors"):  # a checkpoint saved again in place, byte for byte different
+        size = file.stat().st_size
+        header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        with open(file, "r+b") as f:
+            f.seek(header)
+            f.write(b"\x5a" * (size - header))
+    after = [np.array(a) for a in jax.tree_util.tree_leaves(params)]
+    assert all(
+        np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
+        for x, y in zip(before, after, strict=True)
+    )
+    monkeypatch.undo()
+    with qbridge.open_checkpoint(made / name) as c:
+        key = min(c.source.shapes, key=lambda k: _nbytes(c.source.shapes[k]))
+        first = c.read(key)
+        pristine = first.clone()
+        first.view(torch.uint8).fill_(0)
+        assert torch.equal(c.read(key).view(torch.uint8), pristine.view(torch.uint8))
+
+
+def _nbytes(shape_dtype):
+    shape, dtype = shape_dtype
+    return int(np.prod(shape)) * dtype.itemsize
+
+
 @pytest.mark.gpu
 def test_kept_quantized_on_the_gpu(made):
     kept, _, quant_model, dense_model, _ = _models(made, "nf4-True", device="cuda")
