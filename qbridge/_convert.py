@@ -217,6 +217,15 @@ def _int_keys(node: Any, path: list[str | int]) -> list[dict[str, Any]]:
     return found
 
 
+def _decoding(fields: dict[str, Any]) -> dict[str, Any]:
+    """A weight's recorded fields as they decide its decoding (a ``decode_dtype`` equal to ``dtype`` is
+    none)."""
+    out = dict(fields)
+    if out.get("decode_dtype") in (None, out.get("dtype")):
+        out.pop("decode_dtype", None)
+    return out
+
+
 def _warn_if_fields_differ(tree: Any, file: pathlib.Path) -> None:
     if not file.exists():
         return
@@ -229,7 +238,7 @@ def _warn_if_fields_differ(tree: Any, file: pathlib.Path) -> None:
             continue
         where = tuple(str(_key(k)) for k in path)
         fields = recorded.get(where)
-        if fields is not None and fields != meta_fields(leaf):
+        if fields is not None and _decoding(fields) != _decoding(meta_fields(leaf)):
             warnings.warn(
                 f"{file.parent}: the kept weight at {'/'.join(where)} is restored with the target's fields "
                 f"{meta_fields(leaf)}, and was written with {fields}; it decodes as the target says",
@@ -244,10 +253,14 @@ def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
     where = ""
     try:
         doc = json.loads(file.read_text())
-        if doc.get("format", 1) != 1:
+        version = doc.get("format")
+        if type(version) is not int or version != 1:
+            newer = type(version) is int and version > 1
             raise CheckpointError(
-                f"{file}: a record of kept-quantized weights in format {doc.get('format')!r}, written by a newer "
-                "qbridge (this one reads format 1); restore it with that version"
+                f"{file}: a record of kept-quantized weights in format {version!r}"
+                + (", written by a newer qbridge" if newer else "")
+                + " (this one reads format 1)"
+                + ("; restore it with that version" if newer else "")
             )
         for entry in doc["weights"]:
             where = f" at {'/'.join(str(k) for k in entry.get('path', []))}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,10 @@ def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_p
     (out32 / "qbridge_quantized.json").write_text(json.dumps({**record, "format": 2}))
     with pytest.raises(qbridge.CheckpointError, match="format 2, written by a newer qbridge"):
         qbridge.restore_converted(out32)
+    for version in (0, "1", True):
+        (out32 / "qbridge_quantized.json").write_text(json.dumps({**record, "format": version}))
+        with pytest.raises(qbridge.CheckpointError, match=r"in format .* \(this one reads format 1\)$"):
+            qbridge.restore_converted(out32)
     (out / "qbridge_quantized.json").write_text('{"format": 1, "weights": [{"path": ["params", "nowhere"]}]}')
     with pytest.raises(qbridge.CheckpointError, match="record of kept-quantized weights does not fit"):
         qbridge.restore_converted(out)
@@ -149,6 +154,17 @@ def test_a_converted_model_goes_back_into_the_nnx_model(nf4, tmp_path, kept):
             UserWarning, match=r"kept weight at model/layers/0/.* restored with the target's fields"
         ):
             qbridge.restore_converted(out, unrounded)
+        bf16 = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+        same = jax.tree_util.tree_map(  # decode_dtype equal to dtype: the same decoding, no warning
+            lambda x: dataclasses.replace(x, decode_dtype=x.dtype) if jax_side.is_quantized(x) else x,
+            qbridge.load_checkpoint(nf4, target=bf16, keep_quantized=True, progress=False),
+            is_leaf=jax_side.is_quantized,
+        )
+        out16 = tmp_path / "bf16.orbax"
+        qbridge.convert_checkpoint(nf4, out16, target=bf16, keep_quantized=True, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            qbridge.restore_converted(out16, same)
 
 
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
