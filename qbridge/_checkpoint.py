@@ -216,8 +216,13 @@ class _Source:
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
         ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
-        if ahead is None and self._state is not None and key in self._state:
-            return self._counted(self._state[key])
+        if ahead is None and self._state is not None and key in self._state:  # a torch file's tensor
+            t = self._state[key]
+            if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # read again for another shard: counted once
+                if key in self._small:
+                    return t
+                self._small.add(key)
+            return self._counted(t)
         path = self.key_file.get(key)
         if path is None:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")

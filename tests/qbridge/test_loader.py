@@ -323,6 +323,25 @@ def test_fp8_llama_on_the_gpu(tmp_path, dense_dir):
     assert_same_bits(_kernel(params, name), to_numpy(want))
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_a_small_tensor_read_twice_is_counted_once(tmp_path, fmt):
+    """Scales and tables are read once per shard of a sharded load: ``bytes_read`` counts them once, from
+    a safetensors file and from a torch file alike."""
+    state = {"big": torch.randn(256, 256), "scale": torch.rand(16, 56)}
+    folder = tmp_path / fmt
+    folder.mkdir()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, folder / "model.safetensors")
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    with qbridge.open_checkpoint(folder) as ckpt:
+        for _ in range(3):
+            assert torch.equal(ckpt.source.read("scale"), state["scale"])
+        assert ckpt.source.bytes_read == 16 * 56 * 4
+
+
 def test_read_ahead_hands_out_the_stored_bytes_and_counts_them(tmp_path, dense_dir, monkeypatch):
     """``Checkpoint.read_ahead`` (background threads) returns what ``read`` returns, counted once when
     handed out; a file cut short after it was opened fails naming the file and the key."""
