@@ -101,7 +101,6 @@ class _Source:
         self.metadata: dict[pathlib.Path, dict[str, str]] = {}
         self._open: dict[pathlib.Path, Any] = {}
         self._state: dict[str, torch.Tensor] | None = None
-        self.maps_files = False  # torch files are memory-mapped: their tensors are the file's memory
         self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
@@ -185,7 +184,6 @@ class _Source:
                     f"{path}: expected a state dict of tensors; {key!r} holds a {type(value).__name__}"
                 )
         self._state = {**(self._state or {}), **state}
-        self.maps_files = True
         for key, value in state.items():
             self.key_file[key] = path
             self.shapes[key] = (tuple(value.shape), value.dtype)
@@ -216,24 +214,22 @@ class _Source:
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
         ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
-        if ahead is None and self._state is not None and key in self._state:  # a torch file's tensor
-            t = self._state[key]
-            if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # read again for another shard: counted once
-                if key in self._small:
-                    return t
-                self._small.add(key)
-            return self._counted(t)
-        path = self.key_file.get(key)
-        if path is None:
-            raise CheckpointError(f"checkpoint has no tensor {key!r}")
-        try:
-            t = ahead.result() if ahead is not None else self._open[path].get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+        torch_file = ahead is None and self._state is not None and key in self._state
+        if torch_file:
+            t = self._state[key]  # a tensor subclass (torchao) stays as stored
+        else:
+            path = self.key_file.get(key)
+            if path is None:
+                raise CheckpointError(f"checkpoint has no tensor {key!r}")
+            try:
+                t = ahead.result() if ahead is not None else self._open[path].get_tensor(key)
+            except Exception as e:
+                raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
-            t = t.clone()  # its own memory: safetensors hands out views of one file mapping per file
+            if not torch_file:
+                t = t.clone()  # its own memory: safetensors hands out views of one file mapping per file
             if ahead is None and key in self._small:  # tables and scales read again for another shard:
-                return t  # from the page cache, counted once
+                return t  # counted once
             self._small.add(key)
         return self._counted(t)
 

@@ -379,7 +379,7 @@ def load_checkpoint(
                     dense += values[p.leaf.path].nbytes
                 else:
                     tensor = convert(materialize(ckpt, entry, tdev, p.rule))
-                    values[p.leaf.path] = hand_over(tensor, jdev, ckpt, into)
+                    values[p.leaf.path] = hand_over(tensor, jdev, into)
                     dense += tensor.numel() * tensor.element_size()
                     del tensor
                 if bar is not None:

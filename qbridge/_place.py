@@ -23,21 +23,17 @@ from ._decode import bnb4_pieces, check_scales
 from ._handoff import XlaDestinations, jax_owned_copy, to_jax
 
 
-def hand_over(
-    t: torch.Tensor, jdev: jax.Device, ckpt: Checkpoint, into: XlaDestinations | None = None
-) -> jax.Array:
+def hand_over(t: torch.Tensor, jdev: jax.Device, into: XlaDestinations | None = None) -> jax.Array:
     """A loaded tensor as a ``jax.Array`` on ``jdev``: on GPUs copied into memory XLA allocated (a
     parameter in torch's memory breaks XLA's command-buffer updates, see :func:`qbridge.to_jax`): by torch
     into an array from ``into`` where it has one (valid once ``into.settle()`` returns), else by XLA; on the
-    CPU aliased zero-copy, unless it may still be the checkpoint file's memory (a mapped torch file, or a
-    tensor read from a safetensors file as it stands: an array over it would change, or fault, when the
-    file does). ``t`` is ordered on the current stream."""
+    CPU aliased zero-copy, unless it is memory torch did not allocate, which may still be the checkpoint
+    file's (a mapped torch file, or a tensor read from a safetensors file as it stands: an array over it
+    would change, or fault, when the file does). ``t`` is ordered on the current stream."""
     if jdev.platform != "cpu":  # the loader's own tensor, written by nothing else: no host wait for the copy
         out = into.write(t, jdev) if into is not None else None
         return out if out is not None else jax_owned_copy(t, jdev, "current", wait=False)
-    # memory torch did not allocate (a mapped torch file; safetensors hands out views of its file mapping):
-    # the file may change, or shrink, after the load returns; the copy must be made by then
-    if ckpt.source.maps_files or not t.untyped_storage().resizable():
+    if not t.untyped_storage().resizable():  # the file may change after the load: copied by its return
         return jax_owned_copy(t, jdev, "current", wait=True)
     return to_jax(t, device=jdev, producer="current")
 
@@ -54,9 +50,8 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
     :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``, or
     the checkpoint's dtype when None, through a rounding to the checkpoint's dtype: its ``decode_dtype``)."""
-    stored = str(entry.dtype).replace(
-        "torch.", ""
-    )  # what the checkpoint decodes to (bitsandbytes' quant_state.dtype)
+    # what the checkpoint decodes to (bitsandbytes' quant_state.dtype)
+    stored = str(entry.dtype).replace("torch.", "")
     name = np.dtype(dtype).name if dtype is not None else stored
     if np.dtype(name) not in OUT_DTYPES:  # what a kept weight may decode to
         raise ValueError(
@@ -72,7 +67,7 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     decode_dtype = stored if stored != name else None
 
     def put(t: torch.Tensor) -> jax.Array:  # from host memory straight into XLA's (or aliased on the CPU)
-        return hand_over(t.contiguous(), jdev, ckpt)
+        return hand_over(t.contiguous(), jdev)
 
     if entry.kind == "fp8":
         scale = ckpt.read(entry.keys["scale"])

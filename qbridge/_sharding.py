@@ -276,7 +276,7 @@ def load_sharded_leaf(
                 whole = materialize(ckpt, entry, _torch_device(device), rule)
                 shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
         made.setdefault(key, shard)
-        arrays.append(hand_over(shard, device, ckpt))
+        arrays.append(hand_over(shard, device))
         del shard
     made.clear()
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

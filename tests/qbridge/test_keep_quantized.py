@@ -224,7 +224,7 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
-@pytest.mark.parametrize("name", ["nf4-True", "fp8", "dense"])
+@pytest.mark.parametrize("name", ["nf4-True", "fp8", "dense", "dense-torch-file"])
 def test_a_cpu_load_holds_nothing_of_the_file(made, tmp_path, name, monkeypatch):
     """On the CPU, kept pieces and dense leaves are the load's own memory, not views of the safetensors
     file's mapping (which safetensors hands out, large tensors included): overwriting the file in place
@@ -236,12 +236,21 @@ def test_a_cpu_load_holds_nothing_of_the_file(made, tmp_path, name, monkeypatch)
 
     monkeypatch.setattr(qbridge._checkpoint, "SMALL_TENSOR_BYTES", 0)  # every read as a large one's
     ckpt = tmp_path / name
-    shutil.copytree(made / name, ckpt)
-    params = qbridge.load_checkpoint(ckpt, device="cpu", keep_quantized=name != "dense", progress=False)
+    source = made / name.removesuffix("-torch-file")
+    shutil.copytree(source, ckpt)
+    if name.endswith("torch-file"):  # the same weights in a torch file, which torch.load maps
+        from safetensors.torch import load_file
+
+        for file in ckpt.glob("*.safetensors"):
+            torch.save(load_file(file), ckpt / "pytorch_model.bin")
+            file.unlink()
+    params = qbridge.load_checkpoint(
+        ckpt, device="cpu", keep_quantized=not name.startswith("dense"), progress=False
+    )
     before = [np.array(a) for a in jax.tree_util.tree_leaves(params)]
-    for file in ckpt.glob("*.safetensors"):  # a checkpoint saved again in place, byte for byte different
+    for file in [*ckpt.glob("*.safetensors"), *ckpt.glob("*.bin")]:  # saved again in place, every byte new
         size = file.stat().st_size
-        header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        header = 8 + int.from_bytes(file.read_bytes()[:8], "little") if file.suffix == ".safetensors" else 0
         with open(file, "r+b") as f:
             f.seek(header)
             f.write(b"\x5a" * (size - header))
@@ -251,7 +260,7 @@ def test_a_cpu_load_holds_nothing_of_the_file(made, tmp_path, name, monkeypatch)
         for x, y in zip(before, after, strict=True)
     )
     monkeypatch.undo()
-    with qbridge.open_checkpoint(made / name) as c:
+    with qbridge.open_checkpoint(source) as c:
         key = min(c.source.shapes, key=lambda k: _nbytes(c.source.shapes[k]))
         first = c.read(key)
         pristine = first.clone()
