@@ -214,9 +214,11 @@ class _Source:
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
         ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
-        torch_file = ahead is None and self._state is not None and key in self._state
-        if torch_file:
-            t = self._state[key]  # a tensor subclass (torchao) stays as stored
+        # a torch file's tensor (a tensor subclass, torchao's, stays as stored), or None
+        stored = self._state.get(key) if ahead is None and self._state is not None else None
+        torch_file = stored is not None
+        if stored is not None:
+            t = stored
         else:
             path = self.key_file.get(key)
             if path is None:
