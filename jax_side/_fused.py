@@ -394,8 +394,7 @@ def _fp8_step(
         s = s_ref[
             jnp.broadcast_to(srow[:, None], (t.bn, t.bk)), jnp.broadcast_to(scol[None, :], (t.bn, t.bk))
         ]
-    # the select after the roundings also keeps them when a widening follows (the one-row kernel): XLA's CPU
-    # compiler (Pallas' interpreter) folds a narrowing conversion followed by a widening one into nothing
+    # zero outside the weight: float8 loads have no fill value
     w = _rounded(wq.astype(jnp.float32) * s, wdtypes, cdtype)
     return jnp.where(ok, w, jnp.zeros((), cdtype)), col_ok
 

@@ -247,6 +247,13 @@ def _warn_if_fields_differ(tree: Any, file: pathlib.Path) -> None:
             return
 
 
+def _at(tree: Any, path: list[Any]) -> Any:
+    """The node at a recorded ``path`` of a tree as Orbax restores it (dictionary keys as strings)."""
+    for k in path:
+        tree = tree[k if isinstance(tree, list) else str(k)]
+    return tree
+
+
 def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
     if not file.exists():
         return tree
@@ -265,16 +272,12 @@ def _read_quantized_fields(tree: Any, file: pathlib.Path) -> Any:
         for entry in doc["weights"]:
             where = f" at {'/'.join(str(k) for k in entry.get('path', []))}"
             *parents, last = entry["path"]
-            node = tree
-            for k in parents:
-                node = node[k if isinstance(node, list) else str(k)]
+            node = _at(tree, parents)
             key = last if isinstance(node, list) else str(last)
             node[key] = from_pieces(entry["type"], node[key], entry["fields"])
         where = ""
         for entry in sorted(doc.get("int_keys", []), key=lambda e: -len(e["path"])):  # innermost first
-            node = tree
-            for k in entry["path"]:
-                node = node[k if isinstance(node, list) else str(k)]
+            node = _at(tree, entry["path"])
             numbered = {int(k): node.pop(str(k)) for k in sorted(entry["keys"])}
             rest = dict(node)
             node.clear()
