@@ -1,12 +1,14 @@
-"""4-bit decode on the CPU: ``torch_side.dequantize`` against bitsandbytes' own CPU kernel, same process; and
-FP8 decode on the CPU (``torch_side.dequantize_fp8``) against the torch path.
+"""4-bit decode on the CPU: ``torch_side.dequantize`` and ``jax_side.dequantize_nf4`` against bitsandbytes' own
+CPU kernel, same process; and FP8 decode on the CPU (``torch_side.dequantize_fp8``) against the torch path.
 
 bitsandbytes' CPU kernel is wrong for some shapes (``torch_side._backend.bnb_cpu_kernel_restarts_blocks``),
 so qbridge never calls it; its speed is the bar. The shapes here are ones where it is right. Per call:
 medians of wall-clock time over back-to-back calls, random data, bf16 output, nested and plain absmax, warm-up
 excluded; ``qbridge`` is the default call (qbridge's C kernel, ``torch_side/_native.py``), ``torch path``
 the same call with ``backend="torch"`` (what answers while the kernel is being built, or without a
-compiler). Whole process: a fresh ``python -c`` that imports torch_side, makes an NF4 weight and times its
+compiler). ``jax_side`` is ``jax_side.dequantize_nf4`` on concrete CPU arrays (the same pieces, moved with
+numpy; result ready), through the C kernel (``jax_side/_cpu_kernel.py``) and through XLA's operations (what
+answers before that kernel is built, or without a compiler). Whole process: a fresh ``python -c`` that imports torch_side, makes an NF4 weight and times its
 first ``dequantize_nf4`` and the next 100, with an empty cache directory (the kernel is built in the
 background meanwhile) and with the one that run left (loaded on the first call).
 
@@ -16,6 +18,7 @@ Usage: ``python benchmarks/cpu_decode.py [--out results/cpu-decode.txt]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -23,13 +26,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import bitsandbytes
 import bitsandbytes.functional as F
+import jax
+import jax.numpy as jnp
 import torch
 
+import jax_side
 import torch_side
+from jax_side import _cpu_kernel
 
 
 def median_ms(fn: Callable[[], object], reps: int) -> float:
@@ -61,17 +68,45 @@ print(f"{imported:.2f} {first * 1e3:.1f} {(time.perf_counter() - t0) * 1e3:.0f}"
 """
 
 
+@contextlib.contextmanager
+def _xla_operations() -> Iterator[None]:
+    """jax_side's CPU decodes traced inside decode with XLA's operations, as before the kernel is built."""
+    saved = _cpu_kernel._READY, _cpu_kernel._UNAVAILABLE
+    _cpu_kernel._READY, _cpu_kernel._UNAVAILABLE = False, True
+    try:
+        yield
+    finally:
+        _cpu_kernel._READY, _cpu_kernel._UNAVAILABLE = saved
+
+
+def _jax_call(packed: torch.Tensor, qs: object) -> Callable[[], object]:
+    """``jax_side.dequantize_nf4`` on the same pieces, as CPU jax arrays; waits for the result."""
+    d = qs.as_dict(packed=False)  # type: ignore[attr-defined]
+    kw = dict(shape=tuple(qs.shape), blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=jnp.bfloat16)  # type: ignore[attr-defined]
+    p, a = jnp.asarray(packed.numpy()), jnp.asarray(qs.absmax.numpy())  # type: ignore[attr-defined]
+    if qs.nested:  # type: ignore[attr-defined]
+        kw.update(
+            nested_absmax=jnp.asarray(d["nested_absmax"].numpy()),
+            nested_code=jnp.asarray(d["nested_quant_map"].numpy()),
+            nested_blocksize=d["nested_blocksize"],
+            offset=float(d["nested_offset"]),
+        )
+    return lambda: jax_side.dequantize_nf4(p, a, **kw).block_until_ready()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch_side.wait_for_kernels()
+    jax_side.wait_for_kernels()
     lines = [
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), bitsandbytes {bitsandbytes.__version__}, Python "
-        f"{platform.python_version()}",
+        f"({torch.get_num_threads()} threads), jax {jax.__version__}, bitsandbytes {bitsandbytes.__version__}, "
+        f"Python {platform.python_version()}",
         "per call (median ms):",
-        f"{'shape':<12}{'absmax':<8}{'qbridge':>10}{'torch path':>12}{'bitsandbytes':>14}{'qbridge/bnb':>13}",
+        f"{'shape':<12}{'absmax':<8}{'qbridge':>10}{'torch path':>12}{'bitsandbytes':>14}{'qbridge/bnb':>13}"
+        f"{'jax_side':>10}{'XLA ops':>10}{'jax_side/bnb':>14}",
     ]
     torch.manual_seed(0)
     for shape in [(64, 64), (1024, 1024), (4096, 4096)]:
@@ -82,9 +117,14 @@ def main() -> None:
             theirs = median_ms(lambda p=packed, q=qs: F.dequantize_4bit(p, q), reps)
             ours = median_ms(lambda p=packed, q=qs: torch_side.dequantize(p, q), reps)
             torch_path = median_ms(lambda p=packed, q=qs: torch_side.dequantize(p, q, backend="torch"), reps)
+            call = _jax_call(packed, qs)
+            jax_kernel = median_ms(call, reps)
+            with _xla_operations():
+                jax_xla = median_ms(call, reps)
             lines.append(
                 f"{'x'.join(map(str, shape)):<12}{'nested' if nested else 'plain':<8}{ours:>10.4f}"
                 f"{torch_path:>12.4f}{theirs:>14.4f}{ours / theirs:>12.2f}x"
+                f"{jax_kernel:>10.4f}{jax_xla:>10.4f}{jax_kernel / theirs:>13.2f}x"
             )
     lines += [
         "FP8 -> bf16, block 128x128 scales, per call (median ms); no library decodes FP8 on the CPU faster than",

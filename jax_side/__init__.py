@@ -7,6 +7,7 @@ that gives the same bits as ``torch_side``.
 
 from jax_side._adapters import add_lora, lora_layers, lora_targets, remove_lora
 from jax_side._codes import FP4_CODE, NF4_CODE, standard_code
+from jax_side._cpu_kernel import wait_for_kernels
 from jax_side._fp8 import ScaleLayout, dequantize_fp8, fp8_scale_layout
 from jax_side._fused import fits_kernel, get_matmul_path, matmul_path, quantized_matmul, set_matmul_path
 from jax_side._layout import (
@@ -111,6 +112,7 @@ __all__ = [
     "standard_code",
     "to_flax_variables",
     "torch_key_candidates",
+    "wait_for_kernels",
 ]
 
 

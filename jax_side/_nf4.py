@@ -5,15 +5,19 @@ Element ``i`` of a weight of ``n`` elements is the nibble ``q`` (high nibble of 
 nested absmax decodes as ``nested_code[a] * nested_absmax[j // nested_blocksize]`` rounded to float32,
 then ``+ offset`` rounded again.
 
-Those two roundings are the one place where JAX can differ: inside a single jitted computation, XLA fuses
-``a * b + c`` and the compiler contracts it into one fused multiply-add (one rounding). Called as a
-public function on concrete arrays, :func:`dequantize_nf4` therefore decodes a nested absmax in two
-separate dispatches (product, then sum) and is bit-identical to bitsandbytes. Traced inside a caller's
-own ``jax.jit``, the whole decode is one computation and the compiler may contract it: then about one
-absmax in five differs from bitsandbytes' in the last float32 bit (and a weight scaled by it by at most
-one unit in the last place of the output dtype, usually not at all after rounding to bf16). Decode the
-absmax outside the jit with :func:`decode_nested_absmax` (or keep weights un-nested) where the bits
-matter.
+On the CPU the decode is qbridge's C kernel, called from XLA (``_cpu_kernel``: several times faster than
+XLA's own operations, the same bits, a nested absmax included, also inside a caller's jit); elsewhere, and
+on the CPU until that kernel is built, it is XLA's operations below.
+
+With XLA's operations, those two roundings are the one place where JAX can differ: inside a single jitted
+computation, XLA fuses ``a * b + c`` and the compiler contracts it into one fused multiply-add (one
+rounding). Called as a public function on concrete arrays, :func:`dequantize_nf4` therefore decodes a
+nested absmax in two separate dispatches (product, then sum) and is bit-identical to bitsandbytes. Traced
+inside a caller's own ``jax.jit`` on a GPU, the whole decode is one computation and the compiler may
+contract it: then about one absmax in five differs from bitsandbytes' in the last float32 bit (and a weight
+scaled by it by at most one unit in the last place of the output dtype, usually not at all after rounding
+to bf16). Decode the absmax outside the jit with :func:`decode_nested_absmax` (or keep weights un-nested)
+where the bits matter.
 """
 
 from __future__ import annotations
@@ -27,22 +31,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _cpu_kernel
 from ._codes import standard_code
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 OUT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 PACKED_DTYPES = (jnp.uint8, jnp.int8, jnp.float16, jnp.bfloat16, jnp.float32)
 NESTED_CODE_SIZE = 256
+_PACKED = frozenset(jnp.dtype(d) for d in PACKED_DTYPES)
+_OUT = frozenset(jnp.dtype(d) for d in OUT_DTYPES)
 
 
 def _is_traced(*xs: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _bytes(packed: Any) -> tuple[jax.Array, int]:
-    """The packed weight as flat bytes, and the byte width of the dtype it was stored in."""
-    packed = jnp.asarray(packed)
-    if packed.dtype not in [jnp.dtype(d) for d in PACKED_DTYPES]:
+def _packed_itemsize(packed: jax.Array) -> int:
+    """The byte width of the dtype the packed weight was stored in; TypeError for one that cannot hold it."""
+    if packed.dtype not in _PACKED:
         hint = (
             " That is FP8 data: use dequantize_fp8."
             if packed.dtype.itemsize == 1 and jnp.issubdtype(packed.dtype, jnp.floating)
@@ -52,10 +58,24 @@ def _bytes(packed: Any) -> tuple[jax.Array, int]:
             f"packed 4-bit weight must hold its bytes as uint8 (or a bitsandbytes quant_storage dtype); "
             f"got {packed.dtype}.{hint}"
         )
-    itemsize = packed.dtype.itemsize
+    return int(packed.dtype.itemsize)
+
+
+def _as_bytes(packed: jax.Array) -> jax.Array:
+    """The packed weight's bytes, flat (traceable)."""
     if packed.dtype != jnp.uint8:
         packed = jax.lax.bitcast_convert_type(packed, jnp.uint8)
-    return packed.reshape(-1), itemsize
+    return packed.reshape(-1)
+
+
+def _bytes(packed: Any) -> tuple[jax.Array, int]:
+    """The packed weight as flat bytes, and the byte width of the dtype it was stored in."""
+    packed = jnp.asarray(packed)
+    return _as_bytes(packed), _packed_itemsize(packed)
+
+
+def _array(x: Any) -> jax.Array:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def _is_int(value: Any) -> bool:
@@ -68,7 +88,7 @@ def _check_nested_blocksize(nested_blocksize: Any, where: str = "") -> None:
 
 
 def _check(
-    flat: jax.Array,
+    nbytes: int,
     itemsize: int,
     absmax: jax.Array,
     *,
@@ -88,14 +108,14 @@ def _check(
         raise ValueError(
             f"blocksize must be one of the ints {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
         )
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in OUT_DTYPES]:
+    if jnp.dtype(dtype) not in _OUT:
         raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {jnp.dtype(dtype)}")
     n = math.prod(shape)
     need = (n + 1) // 2
     # quant_storage wider than a byte rounds the byte count up to whole storage elements.
-    if flat.size != -(-need // itemsize) * itemsize:
+    if nbytes != -(-need // itemsize) * itemsize:
         raise ValueError(
-            f"packed 4-bit weight holds {flat.size} bytes; a weight of shape {shape} needs {need} bytes "
+            f"packed 4-bit weight holds {nbytes} bytes; a weight of shape {shape} needs {need} bytes "
             "(two 4-bit values per byte). Check that the quant state belongs to this weight"
         )
     nblocks = -(-n // blocksize)
@@ -196,7 +216,6 @@ def decode_nested_absmax(
     return _add_offset(product, offset)
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "shape", "dtype", "transpose"))
 def _decode(
     flat: jax.Array,
     absmax: jax.Array,
@@ -212,6 +231,74 @@ def _decode(
     values = jnp.take(code, nibbles.astype(jnp.int32))
     out = _scale_blocks(values, absmax, blocksize).astype(dtype).reshape(shape)
     return out.T if transpose else out
+
+
+# What a decode program is specialized on: blocksize, nested_blocksize, shape, dtype, transpose.
+Statics = tuple[int, int, tuple[int, ...], Any, bool]
+
+
+def _xla_decode(
+    flat: jax.Array, absmax: jax.Array, table: jax.Array, *nested: jax.Array, statics: Statics
+) -> jax.Array:
+    """XLA's operations for what the CPU kernel computes (its derivative, and the decode elsewhere)."""
+    blocksize, nested_blocksize, shape, dtype, transpose = statics
+    if nested:
+        nested_code, nested_absmax, offset = nested
+        absmax = flush(
+            _nested_product_traced(absmax, nested_absmax, nested_code, nested_blocksize) + offset[0]
+        )
+    return _decode(flat, absmax, table, blocksize=blocksize, shape=shape, dtype=dtype, transpose=transpose)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_decode(statics: Statics, *operands: jax.Array) -> jax.Array:
+    blocksize, nested_blocksize, shape, dtype, transpose = statics
+    out = _cpu_kernel.call(
+        *operands, n=math.prod(shape), dtype=dtype, blocksize=blocksize, nested_blocksize=nested_blocksize
+    ).reshape(shape)
+    return out.T if transpose else out
+
+
+@_kernel_decode.defjvp
+def _kernel_decode_jvp(
+    statics: Statics, primals: tuple[jax.Array, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """The kernel's values, and the derivative of XLA's operations (a scale's, the code's, the offset's)."""
+    _, tangent = jax.jvp(functools.partial(_xla_decode, statics=statics), primals, tangents)
+    return _kernel_decode(statics, *primals), tangent
+
+
+@functools.partial(jax.jit, static_argnames=("statics", "quant_type", "kernel"))
+def _dequantize(
+    packed: jax.Array,
+    absmax: jax.Array,
+    *rest: jax.Array,
+    statics: Statics,
+    quant_type: str | None,
+    kernel: bool,
+) -> jax.Array:
+    """One program for a whole decode. ``rest``: the code table unless ``quant_type`` names the standard
+    one, then a nested absmax's ``nested_code``, ``nested_absmax`` and ``offset``. With ``kernel``, the C
+    kernel decodes where the program runs on the CPU (chosen as it lowers), XLA's operations elsewhere."""
+    n = math.prod(statics[2])
+    table = jnp.asarray(standard_code(quant_type)) if quant_type is not None else rest[0].reshape(-1)
+    nested = rest if quant_type is not None else rest[1:]
+    if nested:
+        nested_code, nested_absmax, offset = nested
+        nested = (nested_code.reshape(-1), nested_absmax.reshape(-1), offset.astype(jnp.float32).reshape(1))
+    operands = (_as_bytes(packed)[: (n + 1) // 2], absmax.reshape(-1), table, *nested)
+    if not kernel:
+        return _xla_decode(*operands, statics=statics)
+    return jax.lax.platform_dependent(
+        *operands,
+        cpu=functools.partial(_kernel_decode, statics),
+        default=functools.partial(_xla_decode, statics=statics),
+    )
+
+
+def _on_cpu(x: jax.Array) -> bool:
+    """Whether a concrete array lies on CPU devices alone."""
+    return all(d.platform == "cpu" for d in x.devices())
 
 
 def dequantize_nf4(
@@ -262,30 +349,41 @@ def dequantize_nf4(
     shape = tuple(int(s) for s in shape)
     if transpose and len(shape) != 2:
         raise ValueError(f"transpose=True needs a 2-D weight, got shape {shape}")
-    flat, itemsize = _bytes(packed)
-    absmax = jnp.asarray(absmax)
-    code = None if code is None else jnp.asarray(code)
-    nested_absmax = None if nested_absmax is None else jnp.asarray(nested_absmax)
-    nested_code = None if nested_code is None else jnp.asarray(nested_code)
+    packed = _array(packed)
+    itemsize = _packed_itemsize(packed)
+    absmax = _array(absmax)
+    code = None if code is None else _array(code)
+    nested_absmax = None if nested_absmax is None else _array(nested_absmax)
+    nested_code = None if nested_code is None else _array(nested_code)
     _check(
-        flat, itemsize, absmax, shape=shape, blocksize=blocksize, code=code, nested_absmax=nested_absmax,
-        nested_code=nested_code, nested_blocksize=nested_blocksize, quant_type=quant_type, dtype=dtype,
+        packed.size * itemsize, itemsize, absmax, shape=shape, blocksize=blocksize, code=code,
+        nested_absmax=nested_absmax, nested_code=nested_code, nested_blocksize=nested_blocksize,
+        quant_type=quant_type, dtype=dtype,
     )  # fmt: skip
     if nested_absmax is not None and offset is None:
         raise ValueError(
             f"4-bit weight of shape {shape}: a nested absmax needs its offset: pass offset= (the checkpoint's "
             "nested_offset, a QuantState's .offset); every decoded scale is shifted by it"
         )
-    n = math.prod(shape)
-    if n == 0:
+    if math.prod(shape) == 0:
         return jnp.zeros(shape[::-1] if transpose else shape, dtype)
-    if nested_absmax is not None:
-        absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
-    standard = standard_code(quant_type)
-    if code is not None and not _is_traced(code) and np.array_equal(np.asarray(code).reshape(-1), standard):
+    if (
+        code is not None
+        and not _is_traced(code)
+        and np.array_equal(np.asarray(code).reshape(-1), standard_code(quant_type))
+    ):
         code = None  # the standard table, decoded as bitsandbytes' CUDA kernel does (FP4's -0.0)
-    table = jnp.asarray(standard) if code is None else code.reshape(-1)
-    return _decode(
-        flat[: (n + 1) // 2], absmax.reshape(-1), table, blocksize=blocksize, shape=shape,
-        dtype=jnp.dtype(dtype), transpose=transpose,
-    )  # fmt: skip
+    table = () if code is None else (code,)
+    standard = quant_type if code is None else None
+    statics = (blocksize, nested_blocksize, shape, jnp.dtype(dtype), transpose)
+    traced = _is_traced(packed, absmax, code, nested_absmax, nested_code, offset)
+    if nested_absmax is not None:
+        if (traced or _on_cpu(packed)) and _cpu_kernel.cpu_kernel_ready():
+            nested = (nested_code, nested_absmax, _array(offset))
+            return _dequantize(
+                packed, absmax, *table, *nested, statics=statics, quant_type=standard, kernel=True
+            )
+        # XLA's operations: the two roundings in two programs unless traced (see the module docstring)
+        absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+    kernel = (traced or _on_cpu(packed)) and _cpu_kernel.cpu_kernel_ready()
+    return _dequantize(packed, absmax, *table, statics=statics, quant_type=standard, kernel=kernel)

@@ -37,8 +37,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     try:
         from torch_side import _native
     except ImportError:  # a jax-only environment
+        pass
+    else:
+        _native.cpu_4bit(wait=True)
+    try:
+        import jax_side
+    except ImportError:  # a torch-only environment
         return
-    _native.cpu_4bit(wait=True)
+    jax_side.wait_for_kernels()  # the same for jax_side's CPU decode (tests of XLA's operations pick them)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

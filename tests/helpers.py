@@ -174,3 +174,19 @@ def assert_same_bits(got, want) -> None:
         differ &= ~g_nan
     diff = int(differ.sum())
     assert diff == 0, f"{diff} of {got.size} elements differ in their bits"
+
+
+def bnb_pieces(packed, qs):
+    """The pieces a serialized bitsandbytes checkpoint holds, as numpy arrays."""
+    kw = dict(
+        shape=tuple(qs.shape), blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=jnp_dtype(qs.dtype)
+    )
+    if qs.nested:
+        d = qs.as_dict()
+        kw.update(
+            nested_absmax=to_numpy(d["nested_absmax"]),
+            nested_code=to_numpy(d["nested_quant_map"]),
+            nested_blocksize=d["nested_blocksize"],
+            offset=d["nested_offset"],
+        )
+    return to_numpy(packed), to_numpy(qs.absmax), kw

@@ -1,7 +1,8 @@
-"""Builds one C source into a shared library, whole or not at all (standard library only).
+"""Builds C sources into one shared library, whole or not at all (standard library only).
 
-Run as a script by ``_native`` (``python _build_c.py SOURCE TARGET COMPILER...``) in a process of its own
-session, so that a build started by a short-lived process still completes and lands in the cache. The
+Run as a script (``python _build_c.py SOURCES TARGET COMPILER...``, SOURCES joined by ``os.pathsep``) in a
+process of its own session, by ``_native`` and by jax_side's ``_cpu_kernel`` (which loads this file by its
+path for :func:`whole`: it never imports torch_side), so that a build started by a short-lived process still completes and lands in the cache. The
 library is compiled under a temporary name, made readable by all, flushed to disk, and its SHA-256 is
 written beside it (``TARGET.sha256``) before both are renamed into place: a reader that finds the hash
 and a library that matches it has a whole library (a truncated one can crash the loading process).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,22 @@ UNWRITABLE = 2  # the exit code when the target's folder cannot take the build
 def digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def whole(path: str) -> bool:
+    """Whether ``path`` is a library these builds wrote whole: the hash beside it matches, and it is owned by
+    this user (or root) and not writable by others (a library is code the loading process runs)."""
+    sidecar = f"{path}.sha256"
+    try:
+        for name in (path, sidecar):  # regular files (not links), this user's or root's, written by no other
+            st = os.lstat(name)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
+                return False
+        with open(sidecar) as f:
+            recorded = f.read().strip()
+    except (OSError, AttributeError, UnicodeDecodeError):  # AttributeError: no getuid (Windows)
+        return False
+    return recorded == digest(path)
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -48,8 +66,8 @@ def _remove_stale(folder: str) -> None:
                 pass
 
 
-def build(source: str, target: str, compiler: list[str]) -> str | None:
-    """Compiles ``source`` into ``target``; returns None, or the compiler's complaint."""
+def build(sources: list[str], target: str, compiler: list[str]) -> str | None:
+    """Compiles ``sources`` into ``target``; returns None, or the compiler's complaint."""
     folder = os.path.dirname(target)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -63,7 +81,7 @@ def build(source: str, target: str, compiler: list[str]) -> str | None:
         for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):
             try:
                 done = subprocess.run(
-                    [*compiler, *flags, source, "-o", tmp],
+                    [*compiler, *flags, *sources, "-o", tmp],
                     capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
                 )  # fmt: skip
             except (OSError, subprocess.TimeoutExpired) as e:
@@ -77,7 +95,8 @@ def build(source: str, target: str, compiler: list[str]) -> str | None:
                 os.replace(tmp, target)
                 return None
             complaint = done.stderr.strip()[-400:]
-        return f"{' '.join(compiler)} failed to build {os.path.basename(source)}: {complaint}"
+        names = ", ".join(os.path.basename(s) for s in sources)
+        return f"{' '.join(compiler)} failed to build {names}: {complaint}"
     finally:
         for leftover in (tmp, tmp + ".sha256"):
             if os.path.exists(leftover):
@@ -90,7 +109,7 @@ if __name__ == "__main__":
     except (AttributeError, OSError):
         pass
     try:
-        problem = build(sys.argv[1], sys.argv[2], sys.argv[3:])
+        problem = build(sys.argv[1].split(os.pathsep), sys.argv[2], sys.argv[3:])
     except OSError as e:  # the folder, the rename: nothing was built there
         print(e, file=sys.stderr)
         sys.exit(UNWRITABLE)

@@ -34,7 +34,6 @@ import platform
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 
-from ._build_c import FLAGS, UNWRITABLE, digest
+from ._build_c import FLAGS, UNWRITABLE, whole
 from ._cache import cache_dir
 
 log = logging.getLogger("torch_side")
@@ -139,18 +138,7 @@ def build(target: pathlib.Path) -> None:
 
 
 def _whole(path: pathlib.Path) -> bool:
-    """Whether ``path`` is a library this machine's builds wrote whole: the hash beside it matches, and it
-    is owned by this user (or root) and not writable by others (a library is code this process runs)."""
-    sidecar = pathlib.Path(f"{path}.sha256")
-    try:
-        for f in (path, sidecar):  # regular files (not links), this user's or root's, written by no other
-            st = f.lstat()
-            if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022:
-                return False
-        recorded = sidecar.read_text().strip()
-    except (OSError, AttributeError, UnicodeDecodeError):  # AttributeError: no getuid (Windows)
-        return False
-    return recorded == digest(str(path))
+    return whole(str(path))
 
 
 def load(path: pathlib.Path) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ import torch
 from helpers import (
     DTYPES,
     assert_same_bits,
+    bnb_pieces,
     bnb_quantize,
     bnb_reference,
     cuda_code,
@@ -27,24 +28,21 @@ from hypothesis import strategies as st
 
 import jax_side
 import torch_side
+from jax_side import _cpu_kernel
 
 pytest.importorskip("bitsandbytes")
 
 
-def _pieces(packed, qs):
-    """The pieces a serialized bitsandbytes checkpoint holds, as numpy arrays."""
-    kw = dict(
-        shape=tuple(qs.shape), blocksize=qs.blocksize, quant_type=qs.quant_type, dtype=jnp_dtype(qs.dtype)
-    )
-    if qs.nested:
-        d = qs.as_dict()
-        kw.update(
-            nested_absmax=to_numpy(d["nested_absmax"]),
-            nested_code=to_numpy(d["nested_quant_map"]),
-            nested_blocksize=d["nested_blocksize"],
-            offset=d["nested_offset"],
-        )
-    return to_numpy(packed), to_numpy(qs.absmax), kw
+@pytest.fixture(params=["kernel", "xla"], autouse=True)
+def decode_path(request, monkeypatch):
+    """Every test here runs on both CPU decodes: qbridge's C kernel through XLA's FFI, and XLA's operations
+    (what other platforms run, and the CPU before the kernel is built)."""
+    if request.param == "kernel":
+        assert jax_side.wait_for_kernels(), "the CPU kernel could not be built here"
+    else:
+        monkeypatch.setattr(_cpu_kernel, "_READY", False)
+        monkeypatch.setattr(_cpu_kernel, "_UNAVAILABLE", True)
+    return request.param
 
 
 SHAPES = [(128, 96), (7, 48), (5, 7), (100,), (1, 1), (33, 65), (2, 3, 40), (576, 7168)]
@@ -56,7 +54,7 @@ SHAPES = [(128, 96), (7, 48), (5, 7), (100,), (1, 1), (33, 65), (2, 3, 40), (576
 def test_nf4_matches_bitsandbytes(shape, quant_type, nested):
     for i, dtype in enumerate(DTYPES):
         _, packed, qs = bnb_quantize(shape, quant_type=quant_type, nested=nested, dtype=dtype, seed=i)
-        p, a, kw = _pieces(packed, qs)
+        p, a, kw = bnb_pieces(packed, qs)
         got = jax_side.dequantize_nf4(p, a, **kw)
         assert isinstance(got, jax.Array)
         assert_same_bits(got, to_numpy(bnb_reference(packed, qs)))
@@ -79,7 +77,7 @@ def test_nf4_random_shapes_match_torch_side(shape, blocksize, quant_type, nested
     _, packed, qs = bnb_quantize(
         shape, blocksize=blocksize, quant_type=quant_type, nested=nested, dtype=dtype, seed=seed
     )
-    p, a, kw = _pieces(packed, qs)
+    p, a, kw = bnb_pieces(packed, qs)
     want = torch_side.dequantize_nf4(packed, qs.absmax, **{**kw, "dtype": dtype, "nested_absmax": qs.state2.absmax if nested else None,
                                                            "nested_code": qs.state2.code if nested else None})  # fmt: skip
     assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(want))
@@ -89,7 +87,7 @@ def test_quant_storage_bytes():
     F = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(64, 96, dtype=torch.bfloat16)
     packed, qs = F.quantize_4bit(w, quant_type="nf4", quant_storage=torch.bfloat16, compress_statistics=False)
-    p, a, kw = _pieces(packed, qs)
+    p, a, kw = bnb_pieces(packed, qs)
     assert p.dtype.itemsize == 2
     assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(bnb_reference(packed, qs)))
 
@@ -119,7 +117,7 @@ def test_standard_tables_are_bitsandbytes_tables():
 def test_denormal_products_flush_to_zero():
     for nested in (False, True):
         _, packed, qs = bnb_quantize((64, 256), nested=nested, dtype=torch.float32, scale=1e-38)
-        p, a, kw = _pieces(packed, qs)
+        p, a, kw = bnb_pieces(packed, qs)
         assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(bnb_reference(packed, qs)))
 
 
@@ -141,22 +139,25 @@ def test_nested_decode_is_exact_eagerly():
                                 nested_code=np.ones(256, np.float32), nested_blocksize=0, offset=0.0)  # fmt: skip
 
 
-def test_jit_compatible_and_the_documented_fma_difference():
-    """Inside a caller's jit the nested decode may fuse into a multiply-add; measure it, keep it bounded."""
+def test_jit_compatible_and_the_documented_fma_difference(decode_path):
+    """Inside a caller's jit XLA's operations may fuse the nested decode into a multiply-add; measure it,
+    keep it bounded. The CPU kernel decodes the nested absmax itself: exact under jit too."""
     _, packed, qs = bnb_quantize((512, 1024), nested=True, dtype=torch.float32, seed=9)
-    p, a, kw = _pieces(packed, qs)
+    p, a, kw = bnb_pieces(packed, qs)
     want = to_numpy(bnb_reference(packed, qs))
     static = {k: v for k, v in kw.items() if k not in ("nested_absmax", "nested_code")}
     jitted = jax.jit(
         lambda p, a, na, nc: jax_side.dequantize_nf4(p, a, nested_absmax=na, nested_code=nc, **static)
     )
     got = np.asarray(jitted(p, a, kw["nested_absmax"], kw["nested_code"]))
+    if decode_path == "kernel":
+        assert_same_bits(got, want)
     ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
     assert ulps.max() <= 2, "more than the one rounding a fused multiply-add can change"
     assert (ulps != 0).mean() < 0.35
     # without nesting there is nothing to fuse: exact under jit too
     _, packed, qs = bnb_quantize((512, 1024), nested=False, dtype=torch.float32, seed=9)
-    p, a, kw = _pieces(packed, qs)
+    p, a, kw = bnb_pieces(packed, qs)
     assert_same_bits(
         jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, **kw))(p, a), to_numpy(bnb_reference(packed, qs))
     )
@@ -212,7 +213,7 @@ def test_fp8_bad_inputs():
 
 def test_nf4_bad_inputs():
     _, packed, qs = bnb_quantize((40, 96), nested=True)
-    p, a, kw = _pieces(packed, qs)
+    p, a, kw = bnb_pieces(packed, qs)
     with pytest.raises(ValueError, match=r"holds 1919 bytes.*needs 1920"):
         jax_side.dequantize_nf4(p[:-1], a, **kw)
     with pytest.raises(TypeError, match=r"nested .*absmax is uint8, got float32"):
@@ -238,3 +239,16 @@ def test_empty():
         math.prod(jax_side.dequantize_fp8(np.zeros((0, 8), "float8_e4m3fn"), np.ones(1, np.float32)).shape)
         == 0
     )
+
+
+def _lowered(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_the_cpu_decode_is_the_kernel_where_ready(decode_path):
+    """A program decoding on the CPU calls the kernel once it is ready, and not before (XLA's operations)."""
+    for nested in (True, False):
+        _, packed, qs = bnb_quantize((64, 96), nested=nested)
+        p, a, kw = bnb_pieces(packed, qs)
+        text = _lowered(lambda p, a, kw=kw: jax_side.dequantize_nf4(p, a, **kw), p, a)
+        assert (_cpu_kernel.TARGET in text) == (decode_path == "kernel")

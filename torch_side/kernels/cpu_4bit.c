@@ -17,7 +17,8 @@
  * Every part of a call runs with the calling thread's floating-point control word (x86 MXCSR: flushing
  * denormals, torch.set_flush_denormal), so the pool's threads compute as the caller's thread would.
  *
- * Built by torch_side/_native.py with the machine's C compiler and loaded with ctypes.
+ * Built by torch_side/_native.py with the machine's C compiler and loaded with ctypes; jax_side/_cpu_kernel.py
+ * builds it again together with its XLA FFI binding (jax_side/kernels/cpu_4bit_xla.c) for jax_side's CPU decode.
  */
 #include <float.h>
 #include <pthread.h>

@@ -1,0 +1,248 @@
+"""jax_side's CPU decode of 4-bit weights in C: qbridge's CPU kernel, registered with XLA as an FFI target.
+
+XLA's own operations decode an NF4 weight on the CPU several times slower than bitsandbytes' native CPU
+kernel (at 1024x1024 the 16-entry table lookup alone costs more than that whole kernel). The C kernel
+torch_side uses on the CPU (``torch_side/kernels/cpu_4bit.c``: a register-held table, the scale multiply
+and the rounding in one pass, a pool of threads for large weights) is compiled together with its XLA
+binding (``kernels/cpu_4bit_xla.c``, against jaxlib's FFI headers) and called from jitted programs
+through ``jax.ffi.ffi_call`` on the CPU platform. It writes bitsandbytes' CUDA bits, a nested absmax
+included (its two roundings are the kernel's own, so no fused multiply-add can merge them even inside a
+caller's jit).
+
+Built once per machine with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into
+qbridge's cache directory (``$QBRIDGE_CACHE_DIR``, else ``~/.cache/qbridge``), named by a hash of both
+sources, the flags, jaxlib's version and the CPU's features. The first process builds it in a background
+thread (about a second) and decodes with XLA's operations meanwhile (the same bits); a program traced
+before the kernel was ready keeps XLA's operations. :func:`wait_for_kernels` waits for the build.
+``QBRIDGE_CPU_KERNEL=off`` keeps XLA's operations; without a compiler, or when the build fails (logged
+once at warning level), they stay too. A cache directory that is off or cannot take the build gets a
+build in a temporary directory, for this process only.
+
+jax_side never imports torch_side: the C source is found beside torch_side's package (the same
+distribution) without importing it, and the builder (``_build_c.py``, standard library only) is run as a
+script and loaded by its path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import pathlib
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from types import ModuleType
+from typing import Any
+
+import jax
+
+log = logging.getLogger("jax_side")
+
+ENV = "QBRIDGE_CPU_KERNEL"
+OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
+TARGET = "qbridge_dequantize_4bit_cpu"  # the FFI target's name, registered for the CPU platform
+BINDING = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit_xla.c"
+
+_READY = False  # the target is registered: CPU decodes may call it
+_UNAVAILABLE = False  # it cannot be had in this process (disabled, no compiler, failed build)
+_LOCK = threading.Lock()
+_BUILDING: threading.Thread | None = None
+
+
+@functools.cache
+def _torch_side_dir() -> pathlib.Path:
+    """torch_side's folder, found without importing it (importing it would import torch)."""
+    spec = importlib.util.find_spec("torch_side")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "qbridge's torch_side package (which holds the C kernel's source) is not installed"
+        )
+    return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+@functools.cache
+def _builder() -> ModuleType:
+    """torch_side's standard-library builder, loaded by its path (not as a torch_side module)."""
+    path = _torch_side_dir() / "_build_c.py"
+    spec = importlib.util.spec_from_file_location("_qbridge_build_c", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{path} cannot be loaded")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sources() -> list[pathlib.Path]:
+    return [_torch_side_dir() / "kernels" / "cpu_4bit.c", BINDING]
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path(root: pathlib.Path) -> pathlib.Path:
+    """Where the built library lies under ``root``, named by everything the build depends on."""
+    key = "\0".join(
+        [*(s.read_bytes().hex() for s in _sources()), " ".join(_builder().FLAGS), os.environ.get("CC", ""),
+         jax.ffi.include_dir(), _jaxlib_version(), platform.platform(), platform.machine(), _cpu_features()]
+    )  # fmt: skip
+    return root / "cpu-kernels" / f"cpu_4bit_xla-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
+
+
+def _jaxlib_version() -> str:
+    import jaxlib
+
+    return str(getattr(jaxlib, "__version__", ""))
+
+
+def _cache_dir() -> pathlib.Path | None:
+    """qbridge's cache directory (``$QBRIDGE_CACHE_DIR``; None when it is ``off`` or there is no home)."""
+    chosen = os.environ.get("QBRIDGE_CACHE_DIR")
+    if chosen is not None and chosen.strip().lower() == "off":
+        return None
+    if chosen:
+        return pathlib.Path(chosen)
+    try:
+        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    except RuntimeError:
+        return None
+    return pathlib.Path(base) / "qbridge"
+
+
+def _compiler() -> list[str]:
+    chosen = os.environ.get("CC")
+    if chosen:
+        return shlex.split(chosen)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+
+
+def _build(target: pathlib.Path) -> None:
+    """Runs the builder in a process of its own session (an interrupt of this process's terminal does not
+    stop it halfway); raises RuntimeError with the compiler's complaint."""
+    sources = os.pathsep.join(str(s) for s in _sources())
+    compiler = [*_compiler(), f"-I{jax.ffi.include_dir()}"]
+    done = subprocess.run(
+        [sys.executable, str(_torch_side_dir() / "_build_c.py"), sources, str(target), *compiler],
+        capture_output=True, text=True, start_new_session=True, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip()[-600:] or f"the build exited with {done.returncode}")
+
+
+def _register(path: pathlib.Path) -> None:
+    global _READY
+    library = ctypes.CDLL(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.qb_xla_dequantize_4bit), platform="cpu")
+    log.debug("qbridge's CPU 4-bit kernel registered with XLA from %s", path)
+    _READY = True
+
+
+def _build_and_register() -> None:
+    global _UNAVAILABLE
+    private = None
+    try:
+        root = _cache_dir()
+        if root is not None:
+            path = _library_path(root)
+            try:
+                if not _builder().whole(str(path)):
+                    _build(path)
+                if _builder().whole(str(path)):
+                    _register(path)
+                    return
+            except (RuntimeError, OSError) as e:
+                log.debug("%s cannot take the build (%s): building for this process only", root, e)
+        private = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
+        path = _library_path(private)
+        _build(path)
+        _register(path)  # the loaded library stays mapped once its file is removed below
+    except Exception as e:  # no compiler, a failed build, no source: XLA's operations still answer
+        _UNAVAILABLE = True
+        log.warning(
+            "qbridge's CPU 4-bit kernel is unavailable, jax_side decodes with XLA's operations: %s", e
+        )
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def cpu_kernel_ready(wait: bool = False) -> bool:
+    """Whether the FFI target may be called now. The first call starts the work: a build in the cache is
+    registered on the calling thread (about a millisecond); a build runs in a background thread unless
+    ``wait``."""
+    global _BUILDING, _UNAVAILABLE
+    if _READY or _UNAVAILABLE:
+        return _READY
+    with _LOCK:
+        if not _READY and not _UNAVAILABLE and _BUILDING is None:
+            if os.environ.get(ENV, "").strip().lower() in OFF:
+                _UNAVAILABLE = True
+                return False
+            root = _cache_dir()
+            try:
+                cached = root is not None and _builder().whole(str(_library_path(root)))
+            except OSError:
+                cached = False
+            if cached:
+                _build_and_register()
+                return _READY
+            _BUILDING = threading.Thread(
+                target=_build_and_register, name="qbridge-jax-cpu-kernel", daemon=True
+            )
+            _BUILDING.start()
+        building = _BUILDING
+    if wait and building is not None:
+        building.join()
+    return _READY
+
+
+def wait_for_kernels(timeout: float | None = None) -> bool:
+    """Waits for the CPU kernel's build (starting it if no CPU decode has yet); returns whether it is ready.
+
+    Decodes traced after it returns True call the kernel; without it, the first process on a machine
+    decodes with XLA's operations (the same values) until the build is done.
+    """
+    if not cpu_kernel_ready():
+        building = _BUILDING
+        if building is not None:
+            building.join(timeout)
+    return _READY
+
+
+def threads() -> int:
+    """The threads the kernel may use: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def call(*operands: Any, n: int, dtype: Any, blocksize: int, nested_blocksize: int) -> jax.Array:
+    """The kernel's flat result of ``n`` elements of ``dtype`` (see ``kernels/cpu_4bit_xla.c``)."""
+    import numpy as np
+
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n,), dtype), vmap_method="sequential")(
+        *operands,
+        blocksize=np.int64(blocksize),
+        nested_blocksize=np.int64(nested_blocksize),
+        threads=np.int64(threads()),
+    )

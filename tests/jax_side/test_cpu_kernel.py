@@ -1,0 +1,110 @@
+"""jax_side's CPU decode through qbridge's C kernel (``jax_side/_cpu_kernel.py``): batching, derivatives,
+its build in a fresh process without torch, and what answers when it cannot be had. Its values are checked
+against bitsandbytes with every other decode test in ``test_dequant.py`` (run on both CPU paths)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import assert_same_bits, bnb_pieces, bnb_quantize, bnb_reference, to_numpy
+
+import jax_side
+from jax_side import _cpu_kernel
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(autouse=True)
+def kernel_ready():
+    assert jax_side.wait_for_kernels(), "the CPU kernel could not be built here"
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_kernel_under_vmap_and_grad(nested):
+    """vmap over stacked weights, and derivatives with respect to the float pieces (absmax, nested_absmax,
+    offset, code): the kernel's values, XLA's operations' derivatives."""
+    shape = (8, 96)
+    stacks = [bnb_quantize(shape, nested=nested, dtype=torch.float32, seed=s) for s in (1, 2, 3)]
+    pieces = [bnb_pieces(packed, qs) for _, packed, qs in stacks]
+    kw = pieces[0][2]
+    p = np.stack([pc[0] for pc in pieces])
+    a = np.stack([pc[1] for pc in pieces])
+    if nested:
+        na = np.stack([pc[2]["nested_absmax"] for pc in pieces])
+        offsets = np.array([pc[2]["offset"] for pc in pieces], np.float32)
+        static = {k: v for k, v in kw.items() if k not in ("nested_absmax", "nested_code", "offset")}
+        fn = lambda p, a, na, off: jax_side.dequantize_nf4(  # noqa: E731
+            p, a, nested_absmax=na, nested_code=kw["nested_code"], offset=off, **static
+        )
+        args = (p, a, na, offsets)
+    else:
+        fn = lambda p, a: jax_side.dequantize_nf4(p, a, **kw)  # noqa: E731
+        args = (p, a)
+    got = jax.jit(jax.vmap(fn))(*args)
+    for i, (_, packed, qs) in enumerate(stacks):
+        assert_same_bits(got[i], to_numpy(bnb_reference(packed, qs)))
+    # derivatives: the same on both paths (the kernel's are XLA's operations')
+    code = jax_side.standard_code("nf4")
+    if nested:
+        loss = lambda na, off, code: jnp.sum(  # noqa: E731
+            jax_side.dequantize_nf4(p[0], a[0], **{**static, "nested_absmax": na, "offset": off, "code": code,
+                                                    "nested_code": kw["nested_code"]}) ** 2)  # fmt: skip
+        primals = (jnp.asarray(na[0]), jnp.float32(kw["offset"]), jnp.asarray(code))
+    else:
+        loss = lambda a, code: jnp.sum(jax_side.dequantize_nf4(p[0], a, **{**kw, "code": code}) ** 2)  # noqa: E731
+        primals = (jnp.asarray(a[0]), jnp.asarray(code))
+    argnums = tuple(range(len(primals)))
+    with_kernel = jax.grad(loss, argnums)(*primals)
+    assert _cpu_kernel.TARGET in jax.jit(jax.grad(loss, argnums)).lower(*primals).as_text()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_cpu_kernel, "_READY", False)
+        mp.setattr(_cpu_kernel, "_UNAVAILABLE", True)
+        with_xla = jax.grad(loss, argnums)(*primals)
+    for g, h in zip(with_kernel, with_xla):
+        assert float(jnp.abs(g).max()) > 0
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(h))
+
+
+_FALLBACK = """
+import logging, sys
+sys.modules["torch"] = None  # jax_side builds and calls the kernel without torch (or torch_side) imported
+import numpy as np, jax, jax_side
+from jax_side import _cpu_kernel
+logging.basicConfig(level=logging.WARNING)
+print("ready", jax_side.wait_for_kernels())
+p = np.arange(48, dtype=np.uint8)
+a = np.linspace(0.5, 2.0, 2, dtype=np.float32)
+got = jax_side.dequantize_nf4(p, a, shape=(96,), dtype=jax.numpy.float32)
+print("decoded", float(got.sum()), "torch_side" in sys.modules)
+print("kernel", _cpu_kernel.TARGET in jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, shape=(96,))).lower(p, a).as_text())
+"""
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"CC": "false"}, {"QBRIDGE_CPU_KERNEL": "off"}, {"QBRIDGE_CACHE_DIR": "off"}]
+)
+def test_kernel_builds_without_torch_and_falls_back(env, tmp_path):
+    """A fresh process builds the kernel without importing torch; a compiler that fails, the switch off,
+    or no cache directory leave XLA's operations (a warning for the failure) or a private build."""
+    base = {**os.environ, "QBRIDGE_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    base.pop("CC", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _FALLBACK], env={**base, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    want = jax_side.dequantize_nf4(np.arange(48, dtype=np.uint8), np.linspace(0.5, 2.0, 2, dtype=np.float32),
+                                   shape=(96,), dtype=jnp.float32)  # fmt: skip
+    assert lines["decoded"] == f"{float(want.sum())} False"
+    built = not env or "QBRIDGE_CACHE_DIR" in env
+    assert lines["ready"] == str(built) and lines["kernel"] == str(built)
+    assert ("unavailable" in done.stderr) == ("CC" in env), done.stderr[-2000:]
+    if not env:
+        assert list((tmp_path / "cache" / "cpu-kernels").glob("cpu_4bit_xla-*.so"))
