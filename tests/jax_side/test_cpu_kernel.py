@@ -108,3 +108,11 @@ def test_kernel_builds_without_torch_and_falls_back(env, tmp_path):
     assert ("unavailable" in done.stderr) == ("CC" in env), done.stderr[-2000:]
     if not env:
         assert list((tmp_path / "cache" / "cpu-kernels").glob("cpu_4bit_xla-*.so"))
+
+
+def test_programs_for_gpus_keep_xlas_operations():
+    """The kernel is chosen as a program lowers: one lowered for CUDA never calls the CPU target."""
+    p, a = np.arange(48, dtype=np.uint8), np.ones(2, np.float32)
+    traced = jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, shape=(96,))).trace(p, a)
+    assert _cpu_kernel.TARGET in traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert _cpu_kernel.TARGET not in traced.lower(lowering_platforms=("cuda",)).as_text()
