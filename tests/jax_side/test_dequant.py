@@ -242,7 +242,8 @@ def test_empty():
 
 
 def _lowered(fn, *args):
-    return jax.jit(fn).lower(*args).as_text()
+    """The program ``fn`` becomes on the CPU (on a GPU machine too, whose default is the GPU)."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
 
 
 def test_the_cpu_decode_is_the_kernel_where_ready(decode_path):
