@@ -377,13 +377,13 @@ def dequantize_nf4(
     standard = quant_type if code is None else None
     statics = (blocksize, nested_blocksize, shape, jnp.dtype(dtype), transpose)
     traced = _is_traced(packed, absmax, code, nested_absmax, nested_code, offset)
+    kernel = (traced or _on_cpu(packed)) and _cpu_kernel.cpu_kernel_ready()
     if nested_absmax is not None:
-        if (traced or _on_cpu(packed)) and _cpu_kernel.cpu_kernel_ready():
+        if kernel:
             nested = (nested_code, nested_absmax, _array(offset))
             return _dequantize(
                 packed, absmax, *table, *nested, statics=statics, quant_type=standard, kernel=True
             )
         # XLA's operations: the two roundings in two programs unless traced (see the module docstring)
         absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
-    kernel = (traced or _on_cpu(packed)) and _cpu_kernel.cpu_kernel_ready()
     return _dequantize(packed, absmax, *table, statics=statics, quant_type=standard, kernel=kernel)
