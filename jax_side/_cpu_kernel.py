@@ -4,10 +4,12 @@ XLA's own operations decode an NF4 weight on the CPU several times slower than b
 kernel (at 1024x1024 the 16-entry table lookup alone costs more than that whole kernel). The C kernel
 torch_side uses on the CPU (``torch_side/kernels/cpu_4bit.c``: a register-held table, the scale multiply
 and the rounding in one pass, a pool of threads for large weights) is compiled together with its XLA
-binding (``kernels/cpu_4bit_xla.c``, against jaxlib's FFI headers) and called from jitted programs
-through ``jax.ffi.ffi_call`` on the CPU platform. It writes bitsandbytes' CUDA bits, a nested absmax
-included (its two roundings are the kernel's own, so no fused multiply-add can merge them even inside a
-caller's jit).
+binding (``kernels/cpu_4bit_xla.c``, against jaxlib's FFI headers). jax_side's decode is a primitive of
+its own (``_nf4._decode_4bit_p``) that lowers to a call of that target where the program runs on the CPU,
+and to XLA's operations elsewhere and in ``jax.export`` (an exported program cannot call a target
+registered in one process only). It writes bitsandbytes' CUDA bits, a nested absmax included (its two
+roundings are the kernel's own, so no fused multiply-add can merge them even inside a caller's jit).
+Processes with several CPU devices keep XLA's operations (see :func:`usable`).
 
 Built once per machine with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) into
 qbridge's cache directory (``$QBRIDGE_CACHE_DIR``, else ``~/.cache/qbridge``), named by a hash of both
@@ -228,6 +230,27 @@ def wait_for_kernels(timeout: float | None = None) -> bool:
     return _READY
 
 
+def registered() -> bool:
+    """Whether the FFI target is registered in this process (programs lowered from now on may call it)."""
+    return _READY
+
+
+@functools.cache
+def _one_cpu_device() -> bool:
+    try:
+        return len(jax.devices("cpu")) == 1
+    except RuntimeError:  # no CPU backend
+        return False
+
+
+def usable() -> bool:
+    """Whether decodes traced now should call the kernel: it is registered (a first call starts its build),
+    and the process has one CPU device. With several (a mesh of CPU devices), XLA would run the kernel,
+    which it cannot partition, on every device over gathered operands: XLA's operations keep the decode
+    sharded there."""
+    return cpu_kernel_ready() and _one_cpu_device()
+
+
 def threads() -> int:
     """The threads the kernel may use: the CPUs this process may run on."""
     try:
@@ -236,13 +259,12 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
-def call(*operands: Any, n: int, dtype: Any, blocksize: int, nested_blocksize: int) -> jax.Array:
-    """The kernel's flat result of ``n`` elements of ``dtype`` (see ``kernels/cpu_4bit_xla.c``)."""
+def lowering(ctx: Any, *operands: Any, n: int, blocksize: int, nested_blocksize: int) -> Any:
+    """The FFI call decoding ``n`` elements per weight (see ``kernels/cpu_4bit_xla.c``), as MLIR."""
     import numpy as np
 
-    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n,), dtype), vmap_method="sequential")(
-        *operands,
-        blocksize=np.int64(blocksize),
-        nested_blocksize=np.int64(nested_blocksize),
+    rule = jax.ffi.ffi_lowering(TARGET)
+    return rule(
+        ctx, *operands, n=np.int64(n), blocksize=np.int64(blocksize), nested_blocksize=np.int64(nested_blocksize),
         threads=np.int64(threads()),
-    )
+    )  # fmt: skip

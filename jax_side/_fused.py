@@ -58,6 +58,7 @@ from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
 from ._nf4 import decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
+from ._varying import vary_alike
 
 PATHS = ("auto", "expand", "interpret")
 
@@ -218,22 +219,11 @@ def _store(out_ref: Any, acc: jax.Array, p: _Program, t: _Tiles) -> None:
 
 
 def _varying_alike(args: tuple) -> tuple[tuple, dict[str, Any]]:
-    """``args`` made to vary along every mesh axis any of them varies along (``jax.lax.pcast``; inside
-    ``jax.shard_map`` with ``check_vma=True``), and the ``ShapeDtypeStruct`` keyword that says the kernel's
-    result varies so too (Pallas cannot infer it; none varies outside such a shard_map)."""
-    axes: set[Any] = set()
-    for a in args:
-        axes |= set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
-    if not axes:  # varying along no axis (outside shard_map: no manual axes at all)
-        mat = getattr(jax.typeof(args[0]), "manual_axis_type", None)
-        return args, {} if mat is None else {"manual_axis_type": mat}
-
-    def vary(a: jax.Array) -> jax.Array:
-        missing = axes - set(jax.typeof(a).manual_axis_type.varying)
-        return jax.lax.pcast(a, tuple(sorted(missing)), to="varying") if missing else a
-
-    args = tuple(vary(a) for a in args)
-    return args, {"manual_axis_type": jax.typeof(args[0]).manual_axis_type}
+    """``args`` made to vary alike (:func:`vary_alike`), and the ``ShapeDtypeStruct`` keyword that says the
+    kernel's result varies so too (Pallas cannot infer it)."""
+    args = vary_alike(args)
+    mat = getattr(jax.typeof(args[0]), "manual_axis_type", None)
+    return args, {} if mat is None else {"manual_axis_type": mat}
 
 
 def _call(

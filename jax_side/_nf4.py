@@ -25,14 +25,18 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
 
 from . import _cpu_kernel
 from ._codes import standard_code
+from ._varying import vary_alike
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 OUT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -102,6 +106,8 @@ def _check(
     dtype: Any,
 ) -> None:
     where = f"4-bit weight of shape {shape}"
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must not have negative sizes, got {shape}")
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     if not _is_int(blocksize) or blocksize not in BLOCKSIZES:
@@ -155,6 +161,18 @@ def _check(
         raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
 
 
+def _check_offset(offset: Any, shape: tuple[int, ...]) -> None:
+    if math.prod(jnp.shape(offset)) != 1:
+        raise ValueError(
+            f"4-bit weight of shape {shape}: offset must be one number (the checkpoint's nested_offset), got "
+            f"shape {jnp.shape(offset)}"
+        )
+    if jnp.iscomplexobj(offset) or jnp.result_type(offset) == jnp.bool_:
+        raise TypeError(
+            f"4-bit weight of shape {shape}: offset must be a real number, got {jnp.result_type(offset)}"
+        )
+
+
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
 
@@ -166,6 +184,7 @@ def flush(x: jax.Array) -> jax.Array:
 def _scale_blocks(values: jax.Array, scales: jax.Array, blocksize: int) -> jax.Array:
     """``values[i] * scales[i // blocksize]`` in float32 (one rounding, flushed to zero below FLT_MIN)."""
     n = values.shape[0]
+    blocksize = min(blocksize, max(n, 1))  # one block covers at most every value (ceil(n / blocksize) == 1)
     nblocks = scales.shape[0]
     padded = jnp.pad(values, (0, nblocks * blocksize - n)).reshape(nblocks, blocksize)
     return flush((padded * scales[:, None]).reshape(-1)[:n])
@@ -250,12 +269,58 @@ def _xla_decode(
     return _decode(flat, absmax, table, blocksize=blocksize, shape=shape, dtype=dtype, transpose=transpose)
 
 
+def _xla_flat(*operands: jax.Array, statics: Statics) -> jax.Array:
+    """XLA's operations for ``_decode_4bit_p``: flat decodes, over any leading dimensions the operands share."""
+    fn = functools.partial(_xla_decode, statics=statics)
+    for _ in range(operands[0].ndim - 1):
+        fn = jax.vmap(fn)
+    return fn(*operands)
+
+
+# The CPU kernel as a primitive of its own, so that the choice is made as a program lowers: the kernel where
+# it runs on the CPU and the target is registered, XLA's operations elsewhere and in jax.export (whose
+# programs cannot call a target registered in this process only). Operands: flat bytes, absmax, the code
+# table, then a nested absmax's nested_code, nested_absmax and offset (1 element), all with the same leading
+# (vmapped) dimensions; statics as Statics with shape (n,) and transpose False.
+_decode_4bit_p = Primitive("qbridge_dequantize_4bit")
+_decode_4bit_p.def_impl(_xla_flat)
+_decode_4bit_p.def_abstract_eval(
+    lambda packed, *_, statics: packed.update(
+        shape=packed.shape[:-1] + statics[2], dtype=jnp.dtype(statics[3]), weak_type=False
+    )
+)
+_xla_lowering = mlir.lower_fun(_xla_flat, multiple_results=False)
+mlir.register_lowering(_decode_4bit_p, _xla_lowering)
+
+
+def _cpu_lowering(ctx: Any, *operands: Any, statics: Statics) -> Any:
+    if ctx.module_context.lowering_parameters.for_export or not _cpu_kernel.registered():
+        return _xla_lowering(ctx, *operands, statics=statics)
+    blocksize, nested_blocksize, (n,), _, _ = statics
+    return _cpu_kernel.lowering(ctx, *operands, n=n, blocksize=blocksize, nested_blocksize=nested_blocksize)
+
+
+mlir.register_lowering(_decode_4bit_p, _cpu_lowering, platform="cpu")
+
+
+def _batch(args: Any, dims: Any, *, statics: Statics) -> tuple[jax.Array, int]:
+    """vmap: one call over the batch (the kernel loops over it), unbatched operands broadcast."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [
+        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        for a, d in zip(args, dims)
+    ]
+    return _decode_4bit_p.bind(*args, statics=statics), 0
+
+
+batching.primitive_batchers[_decode_4bit_p] = _batch
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_decode(statics: Statics, *operands: jax.Array) -> jax.Array:
     blocksize, nested_blocksize, shape, dtype, transpose = statics
-    out = _cpu_kernel.call(
-        *operands, n=math.prod(shape), dtype=dtype, blocksize=blocksize, nested_blocksize=nested_blocksize
-    ).reshape(shape)
+    flat = (blocksize, nested_blocksize, (math.prod(shape),), dtype, False)
+    out = _decode_4bit_p.bind(*vary_alike(operands), statics=flat).reshape(shape)
     return out.T if transpose else out
 
 
@@ -287,17 +352,11 @@ def _dequantize(
         nested_code, nested_absmax, offset = nested
         nested = (nested_code.reshape(-1), nested_absmax.reshape(-1), offset.astype(jnp.float32).reshape(1))
     operands = (_as_bytes(packed)[: (n + 1) // 2], absmax.reshape(-1), table, *nested)
-    if not kernel:
-        return _xla_decode(*operands, statics=statics)
-    return jax.lax.platform_dependent(
-        *operands,
-        cpu=functools.partial(_kernel_decode, statics),
-        default=functools.partial(_xla_decode, statics=statics),
-    )
+    return _kernel_decode(statics, *operands) if kernel else _xla_decode(*operands, statics=statics)
 
 
 def _on_cpu(x: jax.Array) -> bool:
-    """Whether a concrete array lies on CPU devices alone."""
+    """Whether a concrete array lies on the CPU."""
     return all(d.platform == "cpu" for d in x.devices())
 
 
@@ -326,8 +385,9 @@ def dequantize_nf4(
         absmax: ``ceil(n / blocksize)`` float32 scales, or uint8 codes when nested (``.absmax``).
         shape: the dequantized shape (``n`` elements).
         blocksize: 32 ... 4096.
-        code: the 16-entry float32 table (``.quant_map``); None, or a table equal to the standard one,
-            decodes as bitsandbytes' CUDA kernel does; any other table is applied as given.
+        code: the 16-entry float32 table (``.quant_map``); None, or a concrete table equal to the standard
+            one, decodes as bitsandbytes' CUDA kernel does; any other table is applied as given (a traced
+            table too: FP4's table then decodes nibble 8 as +0.0 where that kernel writes -0.0).
         nested_absmax: float32 scales of a nested absmax (``.nested_absmax``).
         nested_code: its 256-entry float32 table (``.nested_quant_map``).
         nested_blocksize: absmax entries per nested block (256 in bitsandbytes).
@@ -343,10 +403,14 @@ def dequantize_nf4(
         the module docstring for a nested absmax under a caller's jit. jit-compatible, no host round trips.
 
     Raises:
-        TypeError: pieces of the wrong dtype.
-        ValueError: pieces of the wrong size, an unknown quant type or block size.
+        TypeError: pieces of the wrong dtype; a shape of non-ints; an offset that is no real number.
+        ValueError: pieces of the wrong size, an unknown quant type or block size, a negative size, an
+            offset of more than one number.
     """
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must hold ints, got {shape!r}") from None
     if transpose and len(shape) != 2:
         raise ValueError(f"transpose=True needs a 2-D weight, got shape {shape}")
     packed = _array(packed)
@@ -360,11 +424,15 @@ def dequantize_nf4(
         nested_absmax=nested_absmax, nested_code=nested_code, nested_blocksize=nested_blocksize,
         quant_type=quant_type, dtype=dtype,
     )  # fmt: skip
-    if nested_absmax is not None and offset is None:
-        raise ValueError(
-            f"4-bit weight of shape {shape}: a nested absmax needs its offset: pass offset= (the checkpoint's "
-            "nested_offset, a QuantState's .offset); every decoded scale is shifted by it"
-        )
+    if nested_absmax is not None:
+        if offset is None:
+            raise ValueError(
+                f"4-bit weight of shape {shape}: a nested absmax needs its offset: pass offset= (the checkpoint's "
+                "nested_offset, a QuantState's .offset); every decoded scale is shifted by it"
+            )
+        _check_offset(offset, shape)
+        # a nested block past the absmax's end changes nothing: at most the whole absmax is one block
+        nested_blocksize = min(nested_blocksize, max(1, -(-math.prod(shape) // blocksize)))
     if math.prod(shape) == 0:
         return jnp.zeros(shape[::-1] if transpose else shape, dtype)
     if (
@@ -377,7 +445,7 @@ def dequantize_nf4(
     standard = quant_type if code is None else None
     statics = (blocksize, nested_blocksize, shape, jnp.dtype(dtype), transpose)
     traced = _is_traced(packed, absmax, code, nested_absmax, nested_code, offset)
-    kernel = (traced or _on_cpu(packed)) and _cpu_kernel.cpu_kernel_ready()
+    kernel = (traced or _on_cpu(packed)) and _cpu_kernel.usable()
     if nested_absmax is not None:
         if kernel:
             nested = (nested_code, nested_absmax, _array(offset))

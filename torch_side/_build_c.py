@@ -91,6 +91,7 @@ def build(sources: list[str], target: str, compiler: list[str]) -> str | None:
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 _write_synced(tmp + ".sha256", digest(tmp).encode())
+                os.chmod(tmp + ".sha256", 0o644)  # not the umask's: whole() refuses what others may write
                 os.replace(tmp + ".sha256", target + ".sha256")
                 os.replace(tmp, target)
                 return None

@@ -5,13 +5,14 @@
  * for the values it writes (bitsandbytes' CUDA kernels' bits: a float32 product flushed below FLT_MIN,
  * rounded once to the output type; a nested absmax decoded with its two float32 roundings).
  *
- * Operands, in order (checked here; jax_side checks them first and names the weight):
- *   packed   uint8[>= ceil(n / 2)]       two values per byte, the high nibble first
+ * Operands, in order, per weight (checked here; jax_side checks them first and names the weight):
+ *   packed   uint8[ceil(n / 2)]          two values per byte, the high nibble first
  *   absmax   float32[ceil(n / blocksize)], or uint8 codes of a nested absmax (then three more operands)
  *   code     float32[16]
  *   nested_code float32[256], nested_absmax float32[ceil(blocks / nested_blocksize)], offset float32[1]
- * Result: n elements of float32, bfloat16 or float16. Attributes (int64): blocksize, nested_blocksize,
- * threads (the most threads the kernel may use).
+ * Result: n elements of float32, bfloat16 or float16 per weight. Every operand and the result may hold a
+ * batch of B weights one after the other (a vmapped decode: B = the result's elements / n), decoded in
+ * turn. Attributes (int64): n, blocksize, nested_blocksize, threads (the most threads the kernel may use).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -93,37 +94,45 @@ XLA_FFI_Error *qb_xla_dequantize_4bit(XLA_FFI_CallFrame *frame) {
                      : out->dtype == XLA_FFI_DataType_F16  ? 2
                                                            : -1;
     if (kind < 0) return refuse(frame, "qbridge's CPU 4-bit kernel writes float32, bfloat16 or float16");
-    int64_t blocksize, nested_blocksize, threads;
-    if (!int_attr(frame, "blocksize", &blocksize) || !int_attr(frame, "nested_blocksize", &nested_blocksize) ||
-        !int_attr(frame, "threads", &threads) || blocksize <= 0 || nested_blocksize <= 0 || threads <= 0)
-        return refuse(frame, "qbridge's CPU 4-bit kernel needs positive int attributes blocksize, "
+    int64_t n, blocksize, nested_blocksize, threads;
+    if (!int_attr(frame, "n", &n) || !int_attr(frame, "blocksize", &blocksize) ||
+        !int_attr(frame, "nested_blocksize", &nested_blocksize) || !int_attr(frame, "threads", &threads) ||
+        n <= 0 || blocksize <= 0 || nested_blocksize <= 0 || threads <= 0)
+        return refuse(frame, "qbridge's CPU 4-bit kernel needs positive int attributes n, blocksize, "
                              "nested_blocksize and threads");
-    const int64_t n = elements(out), blocks = (n + blocksize - 1) / blocksize;
+    const int64_t batch = elements(out) / n, blocks = (n + blocksize - 1) / blocksize;
+    const int nested = frame->args.size == 6;
     const XLA_FFI_Buffer *packed = operand(frame, 0, XLA_FFI_DataType_U8);
+    const XLA_FFI_Buffer *absmax = operand(frame, 1, nested ? XLA_FFI_DataType_U8 : XLA_FFI_DataType_F32);
     const XLA_FFI_Buffer *code = operand(frame, 2, XLA_FFI_DataType_F32);
-    if (packed == NULL || elements(packed) < (n + 1) / 2 || code == NULL || elements(code) != 16)
-        return refuse(frame, "qbridge's CPU 4-bit kernel: packed must be ceil(n / 2) uint8 bytes and code 16 "
-                             "float32 entries");
-    if (frame->args.size == 3) {
-        const XLA_FFI_Buffer *absmax = operand(frame, 1, XLA_FFI_DataType_F32);
-        if (absmax == NULL || elements(absmax) != blocks)
-            return refuse(frame, "qbridge's CPU 4-bit kernel: absmax must be ceil(n / blocksize) float32 scales");
-        qb_dequantize_4bit(packed->data, absmax->data, NULL, NULL, NULL, nested_blocksize, 0.0f, code->data, n,
-                           blocksize, out->data, kind, (int)(threads < 64 ? threads : 64));
-        return NULL;
+    const XLA_FFI_Buffer *nested_code = nested ? operand(frame, 3, XLA_FFI_DataType_F32) : NULL;
+    const XLA_FFI_Buffer *nested_absmax = nested ? operand(frame, 4, XLA_FFI_DataType_F32) : NULL;
+    const XLA_FFI_Buffer *offset = nested ? operand(frame, 5, XLA_FFI_DataType_F32) : NULL;
+    const int64_t nested_blocks = (blocks + nested_blocksize - 1) / nested_blocksize;
+    if (elements(out) != batch * n || (frame->args.size != 3 && !nested) || packed == NULL ||
+        elements(packed) != batch * ((n + 1) / 2) || absmax == NULL || elements(absmax) != batch * blocks ||
+        code == NULL || elements(code) != batch * 16 ||
+        (nested && (nested_code == NULL || elements(nested_code) != batch * 256 || nested_absmax == NULL ||
+                    elements(nested_absmax) != batch * nested_blocks || offset == NULL ||
+                    elements(offset) != batch)))
+        return refuse(frame, "qbridge's CPU 4-bit kernel: per weight, packed must be ceil(n / 2) uint8 bytes, "
+                             "absmax ceil(n / blocksize) float32 scales (or uint8 codes with a 256-entry float32 "
+                             "nested_code, its float32 nested_absmax and one float32 offset), code 16 float32 "
+                             "entries");
+    const int width = out->dtype == XLA_FFI_DataType_F32 ? 4 : 2;
+    const int parts = (int)(threads < 64 ? threads : 64);
+    for (int64_t b = 0; b < batch; b++) {
+        const uint8_t *bytes = (const uint8_t *)packed->data + b * ((n + 1) / 2);
+        const float *table = (const float *)code->data + b * 16;
+        char *dest = (char *)out->data + b * n * width;
+        if (nested)
+            qb_dequantize_4bit(bytes, NULL, (const uint8_t *)absmax->data + b * blocks,
+                               (const float *)nested_code->data + b * 256,
+                               (const float *)nested_absmax->data + b * nested_blocks, nested_blocksize,
+                               ((const float *)offset->data)[b], table, n, blocksize, dest, kind, parts);
+        else
+            qb_dequantize_4bit(bytes, (const float *)absmax->data + b * blocks, NULL, NULL, NULL, nested_blocksize,
+                               0.0f, table, n, blocksize, dest, kind, parts);
     }
-    const XLA_FFI_Buffer *absmax = operand(frame, 1, XLA_FFI_DataType_U8);
-    const XLA_FFI_Buffer *nested_code = operand(frame, 3, XLA_FFI_DataType_F32);
-    const XLA_FFI_Buffer *nested_absmax = operand(frame, 4, XLA_FFI_DataType_F32);
-    const XLA_FFI_Buffer *offset = operand(frame, 5, XLA_FFI_DataType_F32);
-    if (frame->args.size != 6 || absmax == NULL || elements(absmax) != blocks || nested_code == NULL ||
-        elements(nested_code) != 256 || nested_absmax == NULL ||
-        elements(nested_absmax) != (blocks + nested_blocksize - 1) / nested_blocksize || offset == NULL ||
-        elements(offset) != 1)
-        return refuse(frame, "qbridge's CPU 4-bit kernel: a nested absmax needs ceil(n / blocksize) uint8 codes, "
-                             "a 256-entry float32 nested_code, its float32 nested_absmax and one float32 offset");
-    qb_dequantize_4bit(packed->data, NULL, absmax->data, nested_code->data, nested_absmax->data, nested_blocksize,
-                       *(const float *)offset->data, code->data, n, blocksize, out->data, kind,
-                       (int)(threads < 64 ? threads : 64));
     return NULL;
 }

@@ -123,3 +123,111 @@ def test_programs_for_gpus_keep_xlas_operations():
     traced = jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, shape=(96,))).trace(p, a)
     assert _cpu_kernel.TARGET in traced.lower(lowering_platforms=("cpu",)).as_text()
     assert _cpu_kernel.TARGET not in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_export_keeps_xlas_operations():
+    """An exported program cannot call a target registered in one process: jax.export gets XLA's operations
+    (the same values), while the same function jitted calls the kernel."""
+    from jax import export
+
+    p, a = np.arange(48, dtype=np.uint8), np.linspace(0.5, 2.0, 2, dtype=np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        f = jax.jit(lambda p, a: jax_side.dequantize_nf4(p, a, shape=(96,), dtype=jnp.float32))
+        assert _cpu_kernel.TARGET in f.trace(p, a).lower(lowering_platforms=("cpu",)).as_text()
+        for platforms in (["cpu"], ["cpu", "cuda"]):
+            exported = export.export(f, platforms=platforms)(p, a)
+            assert _cpu_kernel.TARGET not in exported.mlir_module()
+        assert_same_bits(export.export(f, platforms=["cpu"])(p, a).call(p, a), f(p, a))
+
+
+def test_vmap_is_one_kernel_call():
+    """vmap over stacked weights is one call of the kernel, which loops over them (not one call per weight
+    in a loop of XLA's)."""
+    P = np.random.default_rng(0).integers(0, 256, (64, 128), dtype=np.uint8)
+    A = np.random.default_rng(1).random((64, 4), dtype=np.float32)
+    fn = jax.jit(jax.vmap(lambda p, a: jax_side.dequantize_nf4(p, a, shape=(256,))))
+    text = fn.trace(P, A).lower(lowering_platforms=("cpu",)).as_text()
+    assert text.count(_cpu_kernel.TARGET) == 1 and "stablehlo.while" not in text
+    with jax.default_device(jax.devices("cpu")[0]):
+        got = fn(P, A)
+        for i in (0, 17, 63):
+            assert_same_bits(got[i], jax_side.dequantize_nf4(P[i], A[i], shape=(256,)))
+
+
+def test_shard_map_with_a_varying_weight():
+    """Inside shard_map (check_vma=True) a weight passed in varying along a mesh axis decodes through the
+    kernel, its result varying as the weight does."""
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(0)
+    w = jax_side.NF4Weight(
+        packed=jnp.asarray(rng.integers(0, 256, 32 * 256 // 2, dtype=np.uint8), device=jax.devices("cpu")[0]),
+        absmax=jnp.asarray(rng.random(32 * 256 // 64, dtype=np.float32), device=jax.devices("cpu")[0]),
+        shape=(32, 256),
+    )
+    mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("x",))
+    x = jnp.ones((2, 256), jnp.bfloat16, device=jax.devices("cpu")[0])
+    for packed, absmax in ((P("x"), P()), (P(), P("x"))):  # the result varies as either piece does
+        spec = jax_side.NF4Weight(packed=packed, absmax=absmax, shape=(32, 256))
+        f = jax.jit(jax.shard_map(lambda w: w.dequantize(), mesh=mesh, in_specs=(spec,), out_specs=P("x")))
+        assert (_cpu_kernel.TARGET in f.lower(w).as_text()) == _cpu_kernel.usable()
+        assert_same_bits(f(w), w.dequantize())
+        g = jax.jit(
+            jax.shard_map(jax_side.quantized_matmul, mesh=mesh, in_specs=(P(), spec), out_specs=P(None, "x"))
+        )
+        assert_same_bits(g(x, w), jax_side.quantized_matmul(x, w))
+        # a result that varies cannot be returned as replicated (the kernel's result must say it varies)
+        h = jax.jit(jax.shard_map(lambda w: w.dequantize(), mesh=mesh, in_specs=(spec,), out_specs=P()))
+        with pytest.raises(ValueError, match="out_specs"):
+            h(w)
+
+
+_SEVERAL_DEVICES = """
+import numpy as np, jax, jax_side
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax_side import _cpu_kernel
+print("ready", jax_side.wait_for_kernels(), "usable", _cpu_kernel.usable())
+rng = np.random.default_rng(0); mesh = Mesh(np.array(jax.devices()), ("x",))
+p = jax.device_put(rng.integers(0, 256, 8192, dtype=np.uint8), NamedSharding(mesh, P("x")))
+a = jax.device_put(rng.random(256).astype(np.float32), NamedSharding(mesh, P("x")))
+print("spec", *jax_side.dequantize_nf4(p, a, shape=(64, 256)).sharding.spec)
+"""
+
+
+def test_several_cpu_devices_keep_xlas_operations(tmp_path):
+    """With a mesh of CPU devices the decode stays XLA's operations, which XLA partitions (the kernel would
+    run whole on every device, its result replicated)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SEVERAL_DEVICES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["ready True usable False", "spec x"]
+
+
+_REGISTERED = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(message)s")
+import jax_side
+jax_side.wait_for_kernels()
+"""
+
+
+def test_a_group_writable_umask_still_reuses_the_build(tmp_path):
+    """Under umask 002 the hash beside the library was written group-writable, which the check of a cached
+    build refuses: every process built the kernel again (twice). Now the second process loads the first's."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "QBRIDGE_CACHE_DIR": str(tmp_path)}
+    logs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", _REGISTERED], env=env, capture_output=True, text=True, timeout=300,
+            preexec_fn=lambda: os.umask(0o002),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        logs.append([line for line in done.stdout.splitlines() if "registered with XLA from" in line])
+    for log in logs:
+        assert len(log) == 1 and str(tmp_path / "cpu-kernels") in log[0], log
+    (built,) = (tmp_path / "cpu-kernels").glob("cpu_4bit_xla-*.so")
+    for f in (built, built.with_name(built.name + ".sha256")):
+        assert f.stat().st_mode & 0o022 == 0

@@ -230,6 +230,23 @@ def test_nf4_bad_inputs():
         jax_side.dequantize_nf4(p, a, **{k: v for k, v in kw.items() if k != "offset"})
     with pytest.raises(ValueError, match=r"blocksize must be one of the ints .* got 64.0"):
         jax_side.dequantize_nf4(p, a, **{**kw, "blocksize": 64.0})
+    with pytest.raises(ValueError, match=r"offset must be one number .* got shape \(2,\)"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "offset": np.array([0.1, 0.2], np.float32)})
+    with pytest.raises(TypeError, match="offset must be a real number"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "offset": 1j})
+    with pytest.raises(TypeError, match=r"shape must hold ints, got \(40.5, 96\)"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "shape": (40.5, 96)})
+    with pytest.raises(ValueError, match="shape must not have negative sizes"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "shape": (-40, -96)})
+
+
+def test_nested_blocks_larger_than_the_absmax():
+    """A nested block size past the absmax's end decodes as one nested block (it aborted XLA's operations)."""
+    _, packed, qs = bnb_quantize((40, 96), nested=True)
+    p, a, kw = bnb_pieces(packed, qs)
+    want = jax_side.dequantize_nf4(p, a, **kw)
+    for nested_blocksize in (2**62, 2**63, 10**30):
+        assert_same_bits(jax_side.dequantize_nf4(p, a, **{**kw, "nested_blocksize": nested_blocksize}), want)
 
 
 def test_empty():
