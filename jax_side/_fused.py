@@ -654,4 +654,13 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
             f"matmul_path('interpret') runs the fused kernel, which does not take this weight: {reason}; "
             "use matmul_path('auto') or matmul_path('expand') for it"
         )
+    if path == "auto" and not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((x, weight))):
+        return _auto_on_concrete(x, weight)
     return _kernel_matmul(x, weight, path)
+
+
+@jax.jit
+def _auto_on_concrete(x: jax.Array, w: Any) -> jax.Array:
+    """``"auto"`` on concrete arrays, jitted: outside a jit ``platform_dependent`` picks the default backend's
+    branch, not the arrays' platform (CPU arrays on a GPU machine reached the Pallas kernel and failed)."""
+    return _kernel_matmul(x, w, "auto")
