@@ -21,8 +21,9 @@ once at warning level), they stay too. A cache directory that is off or cannot t
 build in a temporary directory, for this process only.
 
 jax_side never imports torch_side: the C source is found beside torch_side's package (the same
-distribution) without importing it, and the builder (``_build_c.py``, standard library only) is run as a
-script and loaded by its path.
+distribution) without importing it; the builder (``_build_c.py``: compiler, build, the check of a cached
+build) and the cache directory (``_cache.py``), both standard library only, are run as a script or loaded
+by their paths.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import importlib.util
 import logging
 import os
 import pathlib
-import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -71,10 +70,11 @@ def _torch_side_dir() -> pathlib.Path:
 
 
 @functools.cache
-def _builder() -> ModuleType:
-    """torch_side's standard-library builder, loaded by its path (not as a torch_side module)."""
-    path = _torch_side_dir() / "_build_c.py"
-    spec = importlib.util.spec_from_file_location("_qbridge_build_c", path)
+def _shared(name: str) -> ModuleType:
+    """One of torch_side's standard-library modules (``_build_c``: the builder; ``_cache``: qbridge's cache
+    directory), loaded by its path, not as a torch_side module."""
+    path = _torch_side_dir() / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_qbridge_shared{name}", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"{path} cannot be loaded")
     module = importlib.util.module_from_spec(spec)
@@ -82,27 +82,25 @@ def _builder() -> ModuleType:
     return module
 
 
+def _builder() -> ModuleType:
+    return _shared("_build_c")
+
+
 def _sources() -> list[pathlib.Path]:
     return [_torch_side_dir() / "kernels" / "cpu_4bit.c", BINDING]
 
 
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
+@functools.cache
 def _library_path(root: pathlib.Path) -> pathlib.Path:
     """Where the built library lies under ``root``, named by everything the build depends on."""
     key = "\0".join(
-        [*(s.read_bytes().hex() for s in _sources()), " ".join(_builder().FLAGS), os.environ.get("CC", ""),
-         jax.ffi.include_dir(), _jaxlib_version(), platform.platform(), platform.machine(), _cpu_features()]
-    )  # fmt: skip
+        [
+            *(s.read_bytes().hex() for s in _sources()),
+            _builder().machine_key(),
+            jax.ffi.include_dir(),
+            _jaxlib_version(),
+        ]
+    )
     return root / "cpu-kernels" / f"cpu_4bit_xla-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
 
 
@@ -114,34 +112,14 @@ def _jaxlib_version() -> str:
 
 def _cache_dir() -> pathlib.Path | None:
     """qbridge's cache directory (``$QBRIDGE_CACHE_DIR``; None when it is ``off`` or there is no home)."""
-    chosen = os.environ.get("QBRIDGE_CACHE_DIR")
-    if chosen is not None and chosen.strip().lower() == "off":
-        return None
-    if chosen:
-        return pathlib.Path(chosen)
-    try:
-        base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    except RuntimeError:
-        return None
-    return pathlib.Path(base) / "qbridge"
-
-
-def _compiler() -> list[str]:
-    chosen = os.environ.get("CC")
-    if chosen:
-        return shlex.split(chosen)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+    return _shared("_cache").cache_dir()
 
 
 def _build(target: pathlib.Path) -> None:
     """Runs the builder in a process of its own session (an interrupt of this process's terminal does not
     stop it halfway); raises RuntimeError with the compiler's complaint."""
     sources = os.pathsep.join(str(s) for s in _sources())
-    compiler = [*_compiler(), f"-I{jax.ffi.include_dir()}"]
+    compiler = [*_builder().compiler(), f"-I{jax.ffi.include_dir()}"]
     done = subprocess.run(
         [sys.executable, str(_torch_side_dir() / "_build_c.py"), sources, str(target), *compiler],
         capture_output=True, text=True, start_new_session=True, check=False,

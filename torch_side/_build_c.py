@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -28,6 +31,42 @@ UNWRITABLE = 2  # the exit code when the target's folder cannot take the build
 def digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
+
+
+def compiler() -> list[str]:
+    """The machine's C compiler: ``$CC``, else ``cc``, ``gcc`` or ``clang``.
+
+    Raises:
+        LookupError: none found.
+    """
+    chosen = os.environ.get("CC")
+    if chosen:
+        return shlex.split(chosen)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise LookupError("no C compiler found (set CC, or install cc, gcc or clang)")
+
+
+def _cpu_features() -> str:
+    """What a build for ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine_key() -> str:
+    """What a build depends on besides its sources: the flags, the compiler chosen, the platform and the
+    CPU's features (a cache shared by machines with other CPUs holds one build per CPU)."""
+    return "\0".join(
+        [" ".join(FLAGS), os.environ.get("CC", ""), platform.platform(), platform.machine(), _cpu_features()]
+    )
 
 
 def whole(path: str) -> bool:

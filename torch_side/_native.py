@@ -30,8 +30,6 @@ import hashlib
 import logging
 import os
 import pathlib
-import platform
-import shlex
 import shutil
 import signal
 import subprocess
@@ -43,7 +41,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 
-from ._build_c import FLAGS, UNWRITABLE, whole
+from ._build_c import UNWRITABLE, compiler, machine_key, whole
 from ._cache import cache_dir
 
 log = logging.getLogger("torch_side")
@@ -75,38 +73,19 @@ class Unwritable(BuildError):
     """The cache directory could not take the build."""
 
 
-def _cpu_features() -> str:
-    """What the build for ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 @functools.cache  # read once per process: the source, the CPU's features
 def library_path(root: pathlib.Path) -> pathlib.Path:
-    """Where the built kernel lies under ``root``: named by a hash of its source, flags, compiler choice,
-    platform and CPU features (a cache shared by machines with other CPUs holds one build per CPU)."""
-    key = "\0".join(
-        [SOURCE.read_bytes().hex(), " ".join(FLAGS), os.environ.get("CC", ""), platform.platform(),
-         platform.machine(), _cpu_features()]
-    )  # fmt: skip
+    """Where the built kernel lies under ``root``: named by a hash of its source and what else the build
+    depends on (``_build_c.machine_key``)."""
+    key = SOURCE.read_bytes().hex() + "\0" + machine_key()
     return root / "cpu-kernels" / f"cpu_4bit-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
 
 
 def _compiler() -> list[str]:
-    chosen = os.environ.get("CC")
-    if chosen:
-        return shlex.split(chosen)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    raise BuildError("no C compiler found (set CC, or install cc, gcc or clang)")
+    try:
+        return compiler()
+    except LookupError as e:
+        raise BuildError(str(e)) from None
 
 
 def build(target: pathlib.Path) -> None:
