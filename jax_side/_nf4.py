@@ -125,6 +125,10 @@ def _check(
             "(two 4-bit values per byte). Check that the quant state belongs to this weight"
         )
     nblocks = -(-n // blocksize)
+    if absmax.size != nblocks:  # before a nested absmax's sizes, which follow from it
+        raise ValueError(
+            f"{where}: absmax has {absmax.size} entries; {n} elements in blocks of {blocksize} need {nblocks}"
+        )
     nested = nested_absmax is not None or nested_code is not None
     if nested:
         if nested_absmax is None or nested_code is None:
@@ -153,24 +157,28 @@ def _check(
         )
     elif absmax.dtype != jnp.float32:
         raise TypeError(f"{where}: absmax must be float32 (or uint8 when nested), got {absmax.dtype}")
-    if absmax.size != nblocks:
-        raise ValueError(
-            f"{where}: absmax has {absmax.size} entries; {n} elements in blocks of {blocksize} need {nblocks}"
-        )
     if code is not None and (code.dtype != jnp.float32 or code.size != 16):
         raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
 
 
-def _check_offset(offset: Any, shape: tuple[int, ...]) -> None:
-    if math.prod(jnp.shape(offset)) != 1:
+def _offset(offset: Any, shape: tuple[int, ...]) -> Any:
+    """A nested absmax's offset as an array (a jax array or tracer as given; a number, a numpy or a torch
+    scalar through numpy), checked to be one real number."""
+    if not isinstance(offset, jax.Array | np.ndarray):
+        try:
+            offset = np.asarray(offset)
+        except Exception as e:
+            raise TypeError(
+                f"4-bit weight of shape {shape}: offset must be a real number, got {offset!r}"
+            ) from e
+    if math.prod(offset.shape) != 1:
         raise ValueError(
             f"4-bit weight of shape {shape}: offset must be one number (the checkpoint's nested_offset), got "
-            f"shape {jnp.shape(offset)}"
+            f"shape {offset.shape}"
         )
-    if jnp.iscomplexobj(offset) or jnp.result_type(offset) == jnp.bool_:
-        raise TypeError(
-            f"4-bit weight of shape {shape}: offset must be a real number, got {jnp.result_type(offset)}"
-        )
+    if not (jnp.issubdtype(offset.dtype, jnp.floating) or jnp.issubdtype(offset.dtype, jnp.integer)):
+        raise TypeError(f"4-bit weight of shape {shape}: offset must be a real number, got {offset.dtype}")
+    return offset
 
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -393,7 +401,8 @@ def dequantize_nf4(
         nested_blocksize: absmax entries per nested block (256 in bitsandbytes).
         offset: added to the decoded nested absmax (``nested_offset``); required with one (bitsandbytes
             stores it with every nested absmax), ignored without.
-        quant_type: ``"nf4"`` or ``"fp4"``.
+        quant_type: ``"nf4"`` or ``"fp4"`` (the checkpoint's; bitsandbytes' ``quantize_4bit`` defaults to
+            ``"fp4"``).
         dtype: float16, bfloat16 or float32.
         transpose: return the ``[in, out]`` (Flax ``kernel``) layout of a 2-D ``[out, in]`` weight.
 
@@ -430,7 +439,7 @@ def dequantize_nf4(
                 f"4-bit weight of shape {shape}: a nested absmax needs its offset: pass offset= (the checkpoint's "
                 "nested_offset, a QuantState's .offset); every decoded scale is shifted by it"
             )
-        _check_offset(offset, shape)
+        offset = _offset(offset, shape)
         # a nested block past the absmax's end changes nothing: at most the whole absmax is one block
         nested_blocksize = min(nested_blocksize, max(1, -(-math.prod(shape) // blocksize)))
     if math.prod(shape) == 0:

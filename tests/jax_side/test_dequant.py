@@ -238,6 +238,14 @@ def test_nf4_bad_inputs():
         jax_side.dequantize_nf4(p, a, **{**kw, "shape": (40.5, 96)})
     with pytest.raises(ValueError, match="shape must not have negative sizes"):
         jax_side.dequantize_nf4(p, a, **{**kw, "shape": (-40, -96)})
+    with pytest.raises(ValueError, match=r"absmax has 60 entries; 3840 elements in blocks of 128 need 30"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "blocksize": 128})  # the absmax, not the nested one, named
+    torch_offset = torch.tensor(kw["offset"])  # a QuantState's offset, as bitsandbytes holds it
+    assert_same_bits(
+        jax_side.dequantize_nf4(p, a, **{**kw, "offset": torch_offset}), jax_side.dequantize_nf4(p, a, **kw)
+    )
+    with pytest.raises(TypeError, match="offset must be a real number, got object"):
+        jax_side.dequantize_nf4(p, a, **{**kw, "offset": object()})
 
 
 def test_nested_blocks_larger_than_the_absmax():
