@@ -196,10 +196,13 @@ def cpu_kernel_ready(wait: bool = False) -> bool:
 
 
 def wait_for_kernels(timeout: float | None = None) -> bool:
-    """Waits for the CPU kernel's build (starting it if no CPU decode has yet); returns whether it is ready.
+    """Waits for the CPU kernel's build (starting it if no CPU decode has yet); returns whether it is built
+    and registered with XLA.
 
-    Decodes traced after it returns True call the kernel; without it, the first process on a machine
-    decodes with XLA's operations (the same values) until the build is done.
+    CPU decodes traced after it returns True call the kernel, unless the process has several CPU devices
+    (then XLA's operations, which XLA can partition); without it, the first process on a machine decodes
+    with XLA's operations (the same values) until the build is done, and a function traced meanwhile keeps
+    them.
     """
     if not cpu_kernel_ready():
         building = _BUILDING
