@@ -28,6 +28,7 @@ by their paths.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -226,10 +228,25 @@ def _one_cpu_device() -> bool:
 
 def usable() -> bool:
     """Whether decodes traced now should call the kernel: it is registered (a first call starts its build),
-    and the process has one CPU device. With several (a mesh of CPU devices), XLA would run the kernel,
-    which it cannot partition, on every device over gathered operands: XLA's operations keep the decode
-    sharded there."""
-    return cpu_kernel_ready() and _one_cpu_device()
+    the process has one CPU device, and no caller has set it aside (:func:`set_aside`). With several CPU
+    devices (a mesh of them), XLA would run the kernel, which it cannot partition, on every device over
+    gathered operands: XLA's operations keep the decode sharded there."""
+    return not getattr(_ASIDE, "on", False) and cpu_kernel_ready() and _one_cpu_device()
+
+
+_ASIDE = threading.local()
+
+
+@contextlib.contextmanager
+def set_aside() -> Iterator[None]:
+    """Decodes traced on this thread inside take XLA's operations: where XLA fuses the decode into what
+    consumes it (a matmul's operand), which a call of the kernel would keep it from doing."""
+    before = getattr(_ASIDE, "on", False)
+    _ASIDE.on = True
+    try:
+        yield
+    finally:
+        _ASIDE.on = before
 
 
 def threads() -> int:

@@ -231,3 +231,25 @@ def test_a_group_writable_umask_still_reuses_the_build(tmp_path):
     (built,) = (tmp_path / "cpu-kernels").glob("cpu_4bit_xla-*.so")
     for f in (built, built.with_name(built.name + ".sha256")):
         assert f.stat().st_mode & 0o022 == 0
+
+
+def test_kept_matmuls_decode_with_xlas_operations():
+    """quantized_matmul on the CPU (forward and backward) leaves the decode to XLA's operations, which XLA
+    fuses into its dot's operand; a call of the kernel, whose result XLA would convert in a pass of its own,
+    measured slower there. A standalone decode calls the kernel, transposed decodes do not."""
+    rng = np.random.default_rng(0)
+    w = jax_side.NF4Weight(
+        packed=jnp.asarray(rng.integers(0, 256, 64 * 256 // 2, dtype=np.uint8)),
+        absmax=jnp.asarray(rng.random(64 * 256 // 64, dtype=np.float32)),
+        shape=(64, 256),
+    )
+    x = jnp.ones((3, 256), jnp.bfloat16)
+
+    def lowered(fn, *args):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+
+    assert _cpu_kernel.TARGET not in lowered(jax_side.quantized_matmul, x, w)
+    grad = jax.grad(lambda x, w: jnp.sum(jax_side.quantized_matmul(x, w).astype(jnp.float32)))
+    assert _cpu_kernel.TARGET not in lowered(grad, x, w)
+    assert _cpu_kernel.TARGET in lowered(lambda w: w.dequantize(), w)
+    assert _cpu_kernel.TARGET not in lowered(lambda w: w.dequantize(transpose=True), w)
