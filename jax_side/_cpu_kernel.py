@@ -28,6 +28,7 @@ by their paths.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -58,6 +59,9 @@ _READY = False  # the target is registered: CPU decodes may call it
 _UNAVAILABLE = False  # it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
+_PRIVATE_BUILD: subprocess.Popen[str] | None = None  # a build for this process only, stopped at exit
+_EXITING = False  # set at exit, when a build for this process only may no longer start
+_EXIT_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -117,17 +121,37 @@ def _cache_dir() -> pathlib.Path | None:
     return _shared("_cache").cache_dir()
 
 
-def _build(target: pathlib.Path) -> None:
+def _build(target: pathlib.Path, *, private: bool = False) -> None:
     """Runs the builder in a process of its own session (an interrupt of this process's terminal does not
-    stop it halfway); raises RuntimeError with the compiler's complaint."""
+    stop it halfway; a build into the cache outlives this process and lands there); raises RuntimeError
+    with the compiler's complaint. A ``private`` build (for this process only) is stopped at exit."""
+    global _PRIVATE_BUILD
     sources = os.pathsep.join(str(s) for s in _sources())
     compiler = [*_builder().compiler(), f"-I{jax.ffi.include_dir()}"]
-    done = subprocess.run(
-        [sys.executable, str(_torch_side_dir() / "_build_c.py"), sources, str(target), *compiler],
-        capture_output=True, text=True, start_new_session=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip()[-600:] or f"the build exited with {done.returncode}")
+    with _EXIT_LOCK:  # a private build starts before the exit handler looks, or not at all
+        if private and _EXITING:
+            raise RuntimeError("the process is exiting")
+        proc = subprocess.Popen(
+            [sys.executable, str(_torch_side_dir() / "_build_c.py"), sources, str(target), *compiler],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        if private:
+            _PRIVATE_BUILD = proc
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(stderr.strip()[-600:] or f"the build exited with {proc.returncode}")
+
+
+def _stop_private(folder: pathlib.Path, owner: int) -> None:
+    """At exit: stops a build for this process only that still runs, and removes its folder (not in a
+    forked child, which inherits the handler but not the build)."""
+    global _EXITING
+    if os.getpid() != owner:
+        return
+    with _EXIT_LOCK:
+        _EXITING = True
+        build = _PRIVATE_BUILD
+    _builder().stop(build, folder)
 
 
 def _register(path: pathlib.Path) -> None:
@@ -154,11 +178,14 @@ def _build_and_register() -> None:
             except (RuntimeError, OSError) as e:
                 log.debug("%s cannot take the build (%s): building for this process only", root, e)
         private = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
+        atexit.register(_stop_private, private, os.getpid())
         path = _library_path(private)
-        _build(path)
+        _build(path, private=True)
         _register(path)  # the loaded library stays mapped once its file is removed below
     except Exception as e:  # no compiler, a failed build, no source: XLA's operations still answer
         _UNAVAILABLE = True
+        if _EXITING:  # a build for this process only, stopped at exit, is no news
+            return
         log.warning(
             "qbridge's CPU 4-bit kernel is unavailable, jax_side decodes with XLA's operations: %s", e
         )

@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def machine_key() -> str:
     return "\0".join(
         [" ".join(FLAGS), os.environ.get("CC", ""), platform.platform(), platform.machine(), _cpu_features()]
     )
+
+
+def stop(build: subprocess.Popen[str] | None, folder: str | os.PathLike[str]) -> None:
+    """Stops a build that still runs (the builder leads its own process group: its compiler goes with it)
+    and removes its folder: what a process that exits first does with a build for itself only."""
+    if build is not None and build.poll() is None:
+        try:
+            os.killpg(build.pid, signal.SIGKILL)
+        except (OSError, AttributeError):  # AttributeError: no killpg (Windows)
+            build.kill()
+        build.wait()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def whole(path: str) -> bool:

@@ -31,7 +31,6 @@ import logging
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 
-from ._build_c import UNWRITABLE, compiler, machine_key, whole
+from ._build_c import UNWRITABLE, compiler, machine_key, stop, whole
 from ._cache import cache_dir
 
 log = logging.getLogger("torch_side")
@@ -242,13 +241,7 @@ def _remove_private(folder: pathlib.Path, owner: int) -> None:
     with _EXIT_LOCK:
         _EXITING = True
         build = _PRIVATE_BUILD
-    if build is not None and build.poll() is None:
-        try:  # the builder leads its own process group: its compiler goes with it
-            os.killpg(build.pid, signal.SIGKILL)
-        except (OSError, AttributeError):  # AttributeError: no killpg (Windows)
-            build.kill()
-        build.wait()
-    shutil.rmtree(folder, ignore_errors=True)
+    stop(build, folder)
 
 
 def _after_fork_in_child() -> None:

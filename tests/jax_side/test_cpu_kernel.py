@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -253,3 +254,26 @@ def test_kept_matmuls_decode_with_xlas_operations():
     assert _cpu_kernel.TARGET not in lowered(grad, x, w)
     assert _cpu_kernel.TARGET in lowered(lambda w: w.dequantize(), w)
     assert _cpu_kernel.TARGET not in lowered(lambda w: w.dequantize(transpose=True), w)
+
+
+_EXITS_EARLY = """
+import time
+from jax_side import _cpu_kernel
+_cpu_kernel.cpu_kernel_ready()  # starts a build for this process only (the cache is off)
+time.sleep(0.2)
+"""
+
+
+def test_a_process_exiting_mid_build_leaves_no_private_build(tmp_path):
+    """With no cache directory a process builds for itself in a temporary folder; one that exits while
+    the build runs stops it and removes the folder (it was left behind, and the build finished into it)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "QBRIDGE_CACHE_DIR": "off", "TMPDIR": str(tmp)}
+    done = subprocess.run(
+        [sys.executable, "-c", _EXITS_EARLY], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unavailable" not in done.stderr
+    time.sleep(3)  # what a build left running would need to finish
+    assert not list(tmp.glob("qbridge-*")), list(tmp.rglob("*"))
