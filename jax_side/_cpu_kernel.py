@@ -38,8 +38,6 @@ import logging
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -59,9 +57,6 @@ _READY = False  # the target is registered: CPU decodes may call it
 _UNAVAILABLE = False  # it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
-_PRIVATE_BUILD: subprocess.Popen[str] | None = None  # a build for this process only, stopped at exit
-_EXITING = False  # set at exit, when a build for this process only may no longer start
-_EXIT_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -121,37 +116,19 @@ def _cache_dir() -> pathlib.Path | None:
     return _shared("_cache").cache_dir()
 
 
+@functools.cache
+def _builds() -> Any:
+    """The builder's runs (``_build_c.Builds``); a build for this process only is stopped at exit."""
+    return _builder().Builds()
+
+
 def _build(target: pathlib.Path, *, private: bool = False) -> None:
-    """Runs the builder in a process of its own session (an interrupt of this process's terminal does not
-    stop it halfway; a build into the cache outlives this process and lands there); raises RuntimeError
-    with the compiler's complaint. A ``private`` build (for this process only) is stopped at exit."""
-    global _PRIVATE_BUILD
-    sources = os.pathsep.join(str(s) for s in _sources())
+    """Builds the library into ``target`` and waits (see ``_build_c.Builds``); raises RuntimeError with the
+    compiler's complaint (or OSError: the builder could not be started)."""
     compiler = [*_builder().compiler(), f"-I{jax.ffi.include_dir()}"]
-    with _EXIT_LOCK:  # a private build starts before the exit handler looks, or not at all
-        if private and _EXITING:
-            raise RuntimeError("the process is exiting")
-        proc = subprocess.Popen(
-            [sys.executable, str(_torch_side_dir() / "_build_c.py"), sources, str(target), *compiler],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )  # fmt: skip
-        if private:
-            _PRIVATE_BUILD = proc
-    _, stderr = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(stderr.strip()[-600:] or f"the build exited with {proc.returncode}")
-
-
-def _stop_private(folder: pathlib.Path, owner: int) -> None:
-    """At exit: stops a build for this process only that still runs, and removes its folder (not in a
-    forked child, which inherits the handler but not the build)."""
-    global _EXITING
-    if os.getpid() != owner:
-        return
-    with _EXIT_LOCK:
-        _EXITING = True
-        build = _PRIVATE_BUILD
-    _builder().stop(build, folder)
+    code, complaint = _builds().run([str(s) for s in _sources()], str(target), compiler, private=private)
+    if code != 0:
+        raise RuntimeError(complaint[-600:] or f"the build exited with {code}")
 
 
 def _register(path: pathlib.Path) -> None:
@@ -170,21 +147,23 @@ def _build_and_register() -> None:
         if root is not None:
             path = _library_path(root)
             try:
-                if not _builder().whole(str(path)):
+                whole = _builder().whole(str(path))
+                if not whole:
                     _build(path)
-                if _builder().whole(str(path)):
+                    whole = _builder().whole(str(path))
+                if whole:
                     _register(path)
                     return
             except (RuntimeError, OSError) as e:
                 log.debug("%s cannot take the build (%s): building for this process only", root, e)
         private = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
-        atexit.register(_stop_private, private, os.getpid())
+        atexit.register(_builds().stop_at_exit, private, os.getpid())
         path = _library_path(private)
         _build(path, private=True)
         _register(path)  # the loaded library stays mapped once its file is removed below
     except Exception as e:  # no compiler, a failed build, no source: XLA's operations still answer
         _UNAVAILABLE = True
-        if _EXITING:  # a build for this process only, stopped at exit, is no news
+        if _builds().exiting:  # a build for this process only, stopped at exit, is no news
             return
         log.warning(
             "qbridge's CPU 4-bit kernel is unavailable, jax_side decodes with XLA's operations: %s", e
@@ -194,10 +173,9 @@ def _build_and_register() -> None:
             shutil.rmtree(private, ignore_errors=True)
 
 
-def cpu_kernel_ready(wait: bool = False) -> bool:
+def cpu_kernel_ready() -> bool:
     """Whether the FFI target may be called now. The first call starts the work: a build in the cache is
-    registered on the calling thread (about a millisecond); a build runs in a background thread unless
-    ``wait``."""
+    registered on the calling thread (about a millisecond); a build runs in a background thread."""
     global _BUILDING, _UNAVAILABLE
     if _READY or _UNAVAILABLE:
         return _READY
@@ -218,9 +196,6 @@ def cpu_kernel_ready(wait: bool = False) -> bool:
                 target=_build_and_register, name="qbridge-jax-cpu-kernel", daemon=True
             )
             _BUILDING.start()
-        building = _BUILDING
-    if wait and building is not None:
-        building.join()
     return _READY
 
 

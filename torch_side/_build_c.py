@@ -1,8 +1,8 @@
 """Builds C sources into one shared library, whole or not at all (standard library only).
 
 Run as a script (``python _build_c.py SOURCES TARGET COMPILER...``, SOURCES joined by ``os.pathsep``) in a
-process of its own session, by ``_native`` and by jax_side's ``_cpu_kernel`` (which loads this file by its
-path for :func:`whole`: it never imports torch_side), so that a build started by a short-lived process still completes and lands in the cache. The
+process of its own session (:class:`Builds`), by ``_native`` and by jax_side's ``_cpu_kernel`` (which loads
+this file by its path: it never imports torch_side), so that a build started by a short-lived process still completes and lands in the cache. The
 library is compiled under a temporary name, made readable by all, flushed to disk, and its SHA-256 is
 written beside it (``TARGET.sha256``) before both are renamed into place: a reader that finds the hash
 and a library that matches it has a whole library (a truncated one can crash the loading process).
@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
@@ -70,16 +71,52 @@ def machine_key() -> str:
     )
 
 
-def stop(build: subprocess.Popen[str] | None, folder: str | os.PathLike[str]) -> None:
-    """Stops a build that still runs (the builder leads its own process group: its compiler goes with it)
-    and removes its folder: what a process that exits first does with a build for itself only."""
-    if build is not None and build.poll() is None:
-        try:
-            os.killpg(build.pid, signal.SIGKILL)
-        except (OSError, AttributeError):  # AttributeError: no killpg (Windows)
-            build.kill()
-        build.wait()
-    shutil.rmtree(folder, ignore_errors=True)
+class Builds:
+    """Runs this file as the builder of one side's kernel, in a process of its own session (an interrupt of
+    the caller's terminal does not stop it halfway; a build into the cache outlives the caller and lands
+    there), and stops at the caller's exit a build made for that process only."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # a build for this process only starts before the exit handler looks
+        self.exiting = False  # set at exit: a build for this process only may no longer start
+        self._private: subprocess.Popen[str] | None = None
+
+    def run(self, sources: list[str], target: str, compiler: list[str], *, private: bool) -> tuple[int, str]:
+        """Builds ``sources`` into ``target`` and waits: the builder's exit code (0, 1, or
+        :data:`UNWRITABLE`) and its complaint.
+
+        Raises:
+            RuntimeError: a build for this process only, asked for while it exits.
+            OSError: the builder could not be started.
+        """
+        with self._lock:
+            if private and self.exiting:
+                raise RuntimeError("the process is exiting")
+            proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), os.pathsep.join(sources), target, *compiler],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
+            if private:
+                self._private = proc
+        _, stderr = proc.communicate()
+        return proc.returncode, stderr.strip()
+
+    def stop_at_exit(self, folder: str | os.PathLike[str], owner: int) -> None:
+        """Registered with ``atexit`` for the folder of a build for this process only: stops that build if it
+        still runs (the builder leads its own process group: its compiler goes with it) and removes the
+        folder; not in a forked child, which inherits the handler but not the build."""
+        if os.getpid() != owner:
+            return
+        with self._lock:
+            self.exiting = True
+            build = self._private
+        if build is not None and build.poll() is None:
+            try:
+                os.killpg(build.pid, signal.SIGKILL)
+            except (OSError, AttributeError):  # AttributeError: no killpg (Windows)
+                build.kill()
+            build.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def whole(path: str) -> bool:

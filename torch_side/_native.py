@@ -31,8 +31,6 @@ import logging
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 from typing import Any
@@ -40,13 +38,12 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwad
 
-from ._build_c import UNWRITABLE, compiler, machine_key, stop, whole
+from ._build_c import UNWRITABLE, Builds, compiler, machine_key, whole
 from ._cache import cache_dir
 
 log = logging.getLogger("torch_side")
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
-BUILDER = pathlib.Path(__file__).with_name("_build_c.py")
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
 
@@ -59,9 +56,7 @@ _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
 _WAIT_FROM_NOW = False  # set by torch_side.wait_for_kernels: later first calls wait for the build
 _PRIVATE: pathlib.Path | None = None  # the folder of a build for this process only (made before it starts)
-_PRIVATE_BUILD: subprocess.Popen[str] | None = None  # that build's process, stopped at exit
-_EXITING = False  # set at exit, when a private build may no longer start
-_EXIT_LOCK = threading.Lock()
+_BUILDS = Builds()  # the builder's runs; a build for this process only is stopped at exit
 
 
 class BuildError(RuntimeError):
@@ -94,25 +89,17 @@ def build(target: pathlib.Path) -> None:
     Raises:
         BuildError: no compiler, or it failed (its message is included).
     """
-    global _PRIVATE_BUILD
     compiler = _compiler()
     private = _PRIVATE is not None and target.is_relative_to(_PRIVATE)
-    with _EXIT_LOCK:  # a private build starts before the exit handler looks, or not at all
-        if private and _EXITING:
-            raise BuildError("the process is exiting")
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, str(BUILDER), str(SOURCE), str(target), *compiler],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            )  # fmt: skip
-        except OSError as e:
-            raise BuildError(f"the build could not be started: {e}") from e
-        if private:
-            _PRIVATE_BUILD = proc  # stopped at exit (_remove_private)
-    _, stderr = proc.communicate()
-    if proc.returncode != 0:
-        kind = Unwritable if proc.returncode == UNWRITABLE else BuildError
-        raise kind(stderr.strip()[-600:] or f"the build exited with {proc.returncode}")
+    try:
+        code, complaint = _BUILDS.run([str(SOURCE)], str(target), compiler, private=private)
+    except RuntimeError as e:  # the process is exiting
+        raise BuildError(str(e)) from None
+    except OSError as e:
+        raise BuildError(f"the build could not be started: {e}") from e
+    if code != 0:
+        kind = Unwritable if code == UNWRITABLE else BuildError
+        raise kind(complaint[-600:] or f"the build exited with {code}")
 
 
 def _whole(path: pathlib.Path) -> bool:
@@ -142,9 +129,11 @@ def _build_and_load() -> None:
         if root is not None:
             path = library_path(root)
             try:
-                if not _whole(path):
+                whole = _whole(path)
+                if not whole:
                     build(path)
-                if _whole(path):
+                    whole = _whole(path)
+                if whole:
                     try:
                         _FN, _FP8 = load(path)
                         return
@@ -160,7 +149,7 @@ def _build_and_load() -> None:
         _FN, _FP8 = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
-        if not _EXITING:  # a private build stopped at exit is no news
+        if not _BUILDS.exiting:  # a private build stopped at exit is no news
             log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %s", e)
     except Exception as e:  # a missing source, an unreadable home: the torch path still answers
         _UNAVAILABLE = True
@@ -228,20 +217,8 @@ def _make_private() -> pathlib.Path:
     """The folder a build for this process only would use, and its removal at exit."""
     global _PRIVATE
     _PRIVATE = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-"))
-    atexit.register(_remove_private, _PRIVATE, os.getpid())
+    atexit.register(_BUILDS.stop_at_exit, _PRIVATE, os.getpid())
     return _PRIVATE
-
-
-def _remove_private(folder: pathlib.Path, owner: int) -> None:
-    """At exit: stops a build for this process only that still runs, and removes its folder (not in a
-    forked child, which inherits the handler but not the build)."""
-    global _EXITING
-    if os.getpid() != owner:
-        return
-    with _EXIT_LOCK:
-        _EXITING = True
-        build = _PRIVATE_BUILD
-    stop(build, folder)
 
 
 def _after_fork_in_child() -> None:
