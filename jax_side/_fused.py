@@ -57,7 +57,7 @@ from ._casts import cast_exactly, exact_f32
 from ._codes import standard_code
 from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
-from ._nf4 import decode_nested_absmax
+from ._nf4 import _is_traced, decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
 from ._varying import vary_alike
 
@@ -661,7 +661,7 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
             f"matmul_path('interpret') runs the fused kernel, which does not take this weight: {reason}; "
             "use matmul_path('auto') or matmul_path('expand') for it"
         )
-    if path == "auto" and not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((x, weight))):
+    if path == "auto" and not _is_traced(*jax.tree.leaves((x, weight))):
         return _auto_on_concrete(x, weight)
     return _kernel_matmul(x, weight, path)
 
