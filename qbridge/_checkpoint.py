@@ -25,7 +25,7 @@ import pathlib
 import pickle
 import re
 import threading
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -235,6 +235,45 @@ class _Source:
             self._small.add(key)
         return self._counted(t)
 
+    def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
+        """The stored tensors ``keys`` (of one shape and dtype) as the rows of one new CPU tensor ``[len(keys),
+        row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding (unset) up to a
+        multiple of 16 bytes. Pinned memory with ``pin``. A safetensors file's tensor is read with one system
+        call into its row; each key is counted as :meth:`read` counts it."""
+        shape, dtype = self.shapes[keys[0]]
+        numel = math.prod(shape)
+        row = -(-numel * dtype.itemsize // 16) * 16 // dtype.itemsize
+        out = torch.empty((len(keys), row), dtype=dtype, pin_memory=pin)
+        rows = out.view(torch.uint8).numpy()
+        nbytes = numel * dtype.itemsize
+        for i, key in enumerate(keys):
+            if self.shapes.get(key) != (shape, dtype):
+                raise ValueError(f"read_stacked: {key!r} is {self.shapes.get(key)}, not {(shape, dtype)}")
+            path = self.key_file[key]
+            if self._state is not None or key in self._ahead or not nbytes:
+                out[i, :numel].copy_(self.read(key).reshape(-1))
+                continue
+            begin, end = self._offsets(path)[key]
+            got = (
+                _read_at(self._files[path], begin, rows[i, :nbytes], self._file_lock)
+                if end - begin == nbytes
+                else -1
+            )
+            if got != nbytes:
+                found = (
+                    f"{got} of its {nbytes} bytes read"
+                    if got >= 0
+                    else f"{end - begin} bytes stored where {nbytes} belong"
+                )
+                raise CheckpointError(
+                    f"{path}: reading {key!r} failed: {found} (a truncated or damaged file)"
+                )
+            if key not in self._small:
+                self.bytes_read += nbytes
+                if nbytes <= SMALL_TENSOR_BYTES:
+                    self._small.add(key)
+        return out
+
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""
         if self._state is not None and key in self._state:
@@ -322,6 +361,15 @@ class _Source:
         self._state = None
 
 
+def _read_at(f: Any, offset: int, into: np.ndarray, lock: threading.Lock) -> int:
+    """Reads ``into.nbytes`` bytes of file ``f`` from ``offset`` into ``into``; returns how many were read."""
+    if hasattr(os, "preadv"):  # leaves the file's position alone: no lock
+        return int(os.preadv(f.fileno(), [into.data], offset))
+    with lock:
+        f.seek(offset)
+        return int(f.readinto(into.data) or 0)
+
+
 def _tensor_nbytes(t: Any) -> int:
     """Bytes a tensor holds; for a tensor subclass (torchao), the bytes of its inner tensors."""
     if not isinstance(t, torch.Tensor):
@@ -406,6 +454,17 @@ class Checkpoint:
         ``pin``); the next :meth:`read` of ``key`` returns it. Returns the bytes read ahead (0 for small
         tensors, torch files' tensors and keys read ahead already)."""
         return self.source.read_ahead(key, pin=pin)
+
+    def read_stacked(self, keys: Sequence[str], *, pin: bool = False) -> torch.Tensor:
+        """The stored tensors ``keys``, all of one shape and dtype, as the rows of one new CPU tensor
+        ``[len(keys), row]``: row ``i`` holds tensor ``i``'s elements in order, then padding up to a multiple
+        of 16 bytes (``row * itemsize``). Pinned memory with ``pin``. Counted as :meth:`read` counts.
+
+        Raises:
+            CheckpointError: a tensor's bytes cannot be read.
+            ValueError: the tensors differ in shape or dtype.
+        """
+        return self.source.read_stacked(keys, pin=pin)
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """Rows/columns ``index`` of the stored tensor ``key``, reading only those bytes from safetensors

@@ -595,9 +595,11 @@ def dequantize_to_jax(
 # ------------------------------------------------------------------- arrays XLA allocates, torch fills
 
 _FILLABLE = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.uint8, torch.int16, torch.int32)
-_allocators: dict[tuple[tuple[int, ...], Any, jax.Device], Any] = {}  # ready: calls that return a new array
-_compiling: dict[tuple[tuple[int, ...], Any, jax.Device], Any] = {}  # compiling in the background
-_seen: collections.Counter[tuple[tuple[int, ...], Any, jax.Device]] = collections.Counter()
+# (shape, dtype, device, arrays per call)
+_Key = tuple[tuple[int, ...], Any, jax.Device, int]
+_allocators: dict[_Key, Any] = {}  # ready: calls that return new arrays
+_compiling: dict[_Key, Any] = {}  # compiling in the background
+_seen: collections.Counter[_Key] = collections.Counter()
 _allocators_lock = threading.Lock()
 _compiler: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -612,9 +614,24 @@ def _fill_value(dtype: Any, device: jax.Device) -> jax.Array:
     return jax.device_put(np.zeros((), dtype), device)
 
 
-def _compile_allocator(key: tuple[tuple[int, ...], Any, jax.Device]) -> Any:
-    shape, dtype, device = key
-    count = max(1, min(32, POOL_BYTES // max(1, math.prod(shape) * np.dtype(dtype).itemsize)))
+def _pooled(shape: tuple[int, ...], dtype: Any) -> int:
+    """Arrays per allocation call for :meth:`XlaDestinations.take`: up to 32, ``POOL_BYTES`` in all."""
+    return max(1, min(32, POOL_BYTES // max(1, math.prod(shape) * np.dtype(dtype).itemsize)))
+
+
+def _allocator(key: _Key) -> Any:
+    """The compiled allocation call of ``key``, or None while it is not compiled (it is started from the
+    second time a key is asked for: a shape seen once may never come again)."""
+    fn = _allocators.get(key)
+    if fn is None:
+        _seen[key] += 1
+        if _seen[key] >= 2:
+            _start_compile(key)
+    return fn
+
+
+def _compile_allocator(key: _Key) -> Any:
+    shape, dtype, device, count = key
 
     def allocate(fill: jax.Array) -> tuple[jax.Array, ...]:  # distinct values: distinct buffers
         return tuple(jax.lax.broadcast(fill + np.asarray(i, dtype), shape) for i in range(count))
@@ -647,7 +664,7 @@ class XlaDestinations:
 
     def __init__(self) -> None:
         self._streams: dict[int, torch.cuda.Stream] = {}
-        self._spare: dict[tuple[tuple[int, ...], Any, jax.Device], list[jax.Array]] = {}
+        self._spare: dict[_Key, list[jax.Array]] = {}
 
     def take(
         self, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, on: torch.device
@@ -656,14 +673,12 @@ class XlaDestinations:
         the same device as torch sees it), to be written on torch's current stream; or None."""
         if dtype not in _FILLABLE or not math.prod(shape):
             return None
-        key = (tuple(shape), TORCH_TO_JAX[dtype], device)
+        jdtype = TORCH_TO_JAX[dtype]
+        key = (tuple(shape), jdtype, device, _pooled(tuple(shape), jdtype))
         spare = self._spare.get(key)
         if not spare:
-            fn = _allocators.get(key)
+            fn = _allocator(key)
             if fn is None:
-                _seen[key] += 1
-                if _seen[key] >= 2:  # a shape seen once may never come again: not worth a compile
-                    _start_compile(key)
                 return None
             try:
                 spare = self._spare[key] = list(fn(_fill_value(key[1], device)))[::-1]
@@ -678,6 +693,31 @@ class XlaDestinations:
             if on.type == "cuda" and on.index not in self._streams:
                 self._streams[on.index] = torch.cuda.current_stream(on)
         return out, dest
+
+    def take_many(
+        self, n: int, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, on: torch.device
+    ) -> list[jax.Array] | None:
+        """``n`` new ``shape`` arrays of ``dtype`` on ``device`` (a GPU), made by one allocation call, for torch
+        to write on its current stream of ``on`` through their addresses (``unsafe_buffer_pointer``), which
+        has been made to wait for the allocation on the GPU; or None (compiled from the second time this
+        ``n``, shape and dtype are asked for)."""
+        if dtype not in _FILLABLE or not math.prod(shape) or on.type != "cuda":
+            return None
+        fn = _allocator((tuple(shape), TORCH_TO_JAX[dtype], device, n))
+        if fn is None:
+            return None
+        try:
+            arrays = list(fn(_fill_value(TORCH_TO_JAX[dtype], device)))
+        except jax.errors.JaxRuntimeError as e:  # out of memory, say: the caller's route may still fit
+            log.debug("allocating %d %s arrays in XLA failed: %s", n, tuple(shape), e)
+            return None
+        with on_device(on):
+            # the arrays of one call share its completion event: waiting for one waits for all
+            first = _torch_view(arrays[0], on)
+            if first.device != on or first.data_ptr() != arrays[0].unsafe_buffer_pointer():
+                return None
+            self._streams.setdefault(on.index, torch.cuda.current_stream(on))
+        return arrays
 
     def write(self, t: torch.Tensor, device: jax.Device) -> jax.Array | None:
         """A new array on ``device`` that will hold ``t``'s values once :meth:`settle` returns, or None."""
@@ -699,7 +739,7 @@ class XlaDestinations:
         self._spare.clear()
 
 
-def _start_compile(key: tuple[tuple[int, ...], Any, jax.Device]) -> None:
+def _start_compile(key: _Key) -> None:
     global _compiler
     with _allocators_lock:
         if key in _allocators or key in _compiling:

@@ -7,7 +7,8 @@ order:
 2. matching to a target and planning: ``jax_side`` (``plan_load`` here calls it);
 3. decoding, on the device the result is for: ``_decode`` (the quantized bytes move to the device, and
    ``torch_side`` writes the dense result directly in the Flax layout);
-4. handing over to JAX on one device: ``_place``; placing shards over many devices: ``_sharding``.
+4. handing over to JAX on one device: ``_place``; placing shards over many devices: ``_sharding``;
+   on a GPU, FP8 weights of one kind are decoded and handed over together: ``_group``.
 
 Every temporary is dropped before the next weight, so that peak device memory stays near the size of
 the result plus one tensor.
@@ -36,6 +37,7 @@ from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
 from ._dtypes import TORCH_TO_JAX, torch_dtype
+from ._group import FP8Groups
 from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
@@ -337,7 +339,7 @@ def load_checkpoint(
             )
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
-        values: dict[Any, jax.Array] = {}
+        values: dict[Any, Any] = {}
         dense = 0
         ahead = _ReadAhead(
             ckpt,
@@ -350,6 +352,10 @@ def load_checkpoint(
             pin=tdev.type == "cuda",
         )
         into = XlaDestinations()  # dense results: torch writes them into arrays XLA allocated
+        # FP8 weights of one kind decoded together into arrays XLA allocates (a GPU load of whole arrays)
+        groups = (
+            FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if jdev.platform == "gpu" else None
+        )
         try:
             for i, p in enumerate(plan):
                 ahead.advance(i)
@@ -377,6 +383,10 @@ def load_checkpoint(
                 elif leaf_sharding is not None:
                     values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
                     dense += values[p.leaf.path].nbytes
+                elif groups is not None and (kind := groups.kind(entry, p.rule, cast)) is not None:
+                    values[p.leaf.path] = None  # keeps the plan's order; set when its group is decoded
+                    groups.add(kind, p.leaf.path, entry)
+                    dense += entry.dense_bytes
                 else:
                     tensor = convert(materialize(ckpt, entry, tdev, p.rule))
                     values[p.leaf.path] = hand_over(tensor, jdev, into)
@@ -385,6 +395,8 @@ def load_checkpoint(
                 if bar is not None:
                     bar.update(entry.stored_bytes)
                     bar.set_postfix(tensors=f"{i + 1}/{len(plan)}", refresh=False)  # drawn at update's pace
+            if groups is not None:
+                groups.flush_all()
         finally:
             into.settle()  # torch's writes have landed: the arrays may be read (or, on an error, freed)
             if bar is not None:

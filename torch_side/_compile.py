@@ -149,6 +149,18 @@ class StandIn:
         return (1,)
 
 
+class Address(StandIn):
+    """A pointer argument given by its address on the device (memory that no torch tensor holds, such as an
+    array XLA allocated): launched as that address, specialized as a tensor of ``dtype``."""
+
+    def __init__(self, address: int, dtype: torch.dtype) -> None:
+        super().__init__(dtype, True)
+        self._ptr = address
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
 def stand_ins(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """``args`` with every tensor replaced by a :class:`StandIn` of the same specialization."""
     return tuple(StandIn(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)

@@ -21,7 +21,7 @@ import torch
 from ._backend import choose_fp8_backend
 from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device
 from ._checks import check_finite as _check_finite
-from ._compile import KernelNotReady, kernels_imported
+from ._compile import Address, KernelNotReady, kernels_imported
 from ._native import CPU_KINDS, cpu_fp8, readable
 from ._plans import FP8_PLANS, tensor_key
 
@@ -484,3 +484,54 @@ def dequantize_fp8_many(
     for key in list(kinds):
         flush(key)
     return results  # type: ignore[return-value]
+
+
+def fp8_planned(
+    W: torch.Tensor,
+    scale_inv: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    block_size: int | tuple[int, int] | None,
+    transpose: bool,
+) -> bool:
+    """Whether a call of this process already checked ``dequantize_fp8(W, scale_inv, dtype, block_size=...,
+    transpose=...)``'s kind of arguments (``_plans``): then :func:`dequantize_fp8_group_into` can decode
+    weights of that kind without a first call."""
+    key = _plan_key(W, scale_inv, dtype, block_size, transpose, "auto", False)
+    return key is not None and key in FP8_PLANS
+
+
+def dequantize_fp8_group_into(
+    weights: Sequence[torch.Tensor],
+    scale_invs: Sequence[torch.Tensor],
+    outs: Sequence[int],
+    dtype: torch.dtype,
+    *,
+    block_size: int | tuple[int, int] | None,
+    transpose: bool,
+) -> bool:
+    """``dequantize_fp8(weights[i], scale_invs[i], dtype, block_size=..., transpose=...)`` written to the
+    device memory at address ``outs[i]``, for every ``i``, in one launch: the same bits (qbridge's loader
+    writes a checkpoint's weights straight into arrays XLA allocated).
+
+    Every weight must be of one kind (shape, float8 dtype, contiguity; views of one ``[n, ...]`` tensor are),
+    every scale too, on the current CUDA device; each address holds a contiguous output of that call's shape
+    and ``dtype`` on that device, written on its current stream.
+
+    Returns:
+        True when written; False, with nothing written, when no earlier call of this process checked a
+        weight of this kind (``_plans``), the grouped kernel is still being compiled in the background, or a
+        pointer is not 16-byte aligned. The caller then decodes them one by one.
+    """
+    W, scale = weights[0], scale_invs[0]
+    key = _plan_key(W, scale, dtype, block_size, transpose, "auto", False)
+    plan = FP8_PLANS.get(key) if key is not None else None
+    if plan is None or W.device.index != torch.cuda.current_device():
+        return False
+    from ._triton import dequantize_fp8_group
+
+    try:
+        addresses = [Address(p, dtype) for p in outs]
+        return dequantize_fp8_group(weights, scale_invs, wait=False, outs=addresses, **plan.group) is not None
+    except KernelNotReady:  # the grouped kernel compiles in the background
+        return False

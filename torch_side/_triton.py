@@ -7,6 +7,7 @@ CPU tensors under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -257,7 +258,7 @@ def dequantize_fp8_triton(
 MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 
 
-def _members(columns: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+def _members(columns: Sequence[Sequence[Any]]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
     offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
     16-byte aligned (the grouped kernel tells the compiler the offsets are multiples of 16 bytes)."""
@@ -279,26 +280,34 @@ def _members(columns: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
 
 
 def dequantize_fp8_group(
-    Ws: list[torch.Tensor],
-    scales: list[torch.Tensor],
+    Ws: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
     *,
     block: tuple[int, int],
     grid_shape: tuple[int, int],
     dtype: torch.dtype,
     transpose: bool,
     wait: bool = True,
-) -> list[torch.Tensor] | None:
+    outs: Sequence[Any] | None = None,
+) -> list[Any] | None:
     """:func:`dequantize_fp8_triton` of many contiguous weights of one shape, float8 dtype and scale layout
     (scales contiguous, of one shape and dtype) in one launch per :data:`MAX_GROUP`; the same bits.
 
-    Returns new outputs, or None (nothing launched) when a tensor is not 16-byte aligned.
+    ``outs``: where to write, one per weight (tensors, or ``_compile.Address`` of memory torch does not
+    hold), each contiguous of the output's shape and ``dtype`` on the weights' device; default: new tensors.
+
+    Returns the outputs, or None (nothing launched) when a pointer is not 16-byte aligned.
 
     Raises:
         KernelNotReady: as in :func:`dequantize_4bit_triton` (nothing launched).
     """
     W0 = Ws[0]
     grid, ints, meta, out_shape = _fp8_spec(W0, scales[0].numel() == 1, block, grid_shape, transpose)
-    outs = [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in Ws]
+    outs = (
+        list(outs)
+        if outs is not None
+        else [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in Ws]
+    )
     raw = [W.view(torch.uint8) for W in Ws]
     tables = _members([raw, scales, outs])
     if tables is None:

@@ -196,3 +196,45 @@ def test_failed_match_returns_nothing(made):
         qbridge.load_checkpoint(made / "nf4", target=jax_side.abstract_llama(wrong), progress=False)
     text = str(info.value)
     assert text.count("shape:") == 6 and "model.layers.0.mlp.down_proj.kernel" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, dtype):
+    """Checkpoint.read_stacked (the grouped FP8 route's reader: one system call per tensor into one
+    tensor) holds in row i what read(keys[i]) holds, padded to 16 bytes, from safetensors and torch files,
+    counts bytes once per small key, and names a tensor whose bytes the file lacks."""
+    from safetensors.torch import save_file
+
+    from qbridge._checkpoint import open_checkpoint
+
+    gen = torch.Generator().manual_seed(5)
+    stored = {f"s{i}": (torch.randn(3, 5, generator=gen) * 40).to(dtype) for i in range(4)}
+    stored["other"] = torch.randn(2, 2, generator=gen)
+    if dtype.itemsize == 1:  # float8 weights come with their scales
+        stored.update({f"s{i}_scale_inv": torch.ones(1) for i in range(4)})
+    save_file(stored, tmp_path / "model.safetensors")
+    torch.save(stored, tmp_path / "model.pt")
+    keys = ["s2", "s0", "s3"]
+    for file in ("model.safetensors", "model.pt"):
+        with open_checkpoint(tmp_path / file) as ckpt:
+            rows = ckpt.read_stacked(keys)
+            assert rows.dtype == dtype and rows.shape[0] == 3 and rows.shape[1] * dtype.itemsize % 16 == 0
+            for i, key in enumerate(keys):
+                got = rows[i, :15].reshape(3, 5)
+                assert torch.equal(got.view(torch.uint8), stored[key].view(torch.uint8)), (file, key)
+            assert ckpt.bytes_read == 3 * 15 * dtype.itemsize
+            ckpt.read_stacked(keys)  # small tensors are counted once, as read counts them
+            assert ckpt.bytes_read == 3 * 15 * dtype.itemsize
+            with pytest.raises(ValueError, match="'other' is"):
+                ckpt.read_stacked(["s0", "other"])
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(whole)
+    with open_checkpoint(tmp_path / "cut" / "model.safetensors") as ckpt:
+        (tmp_path / "cut" / "model.safetensors").write_bytes(whole[: len(whole) - 8])  # cut after opening
+        last = max(keys, key=lambda k: ckpt.source._offsets(ckpt.source.key_file[k])[k][1])
+        with pytest.raises(
+            CheckpointError,
+            match=rf"reading '{last}' failed: {15 * dtype.itemsize - 8} of its {15 * dtype.itemsize} bytes read \(a truncated",
+        ):
+            ckpt.read_stacked(keys)

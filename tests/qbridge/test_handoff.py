@@ -338,7 +338,8 @@ def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
         assert a.shape == shape and a.dtype == jax.numpy.dtype(str(t.dtype).replace("torch.", ""))
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), to_numpy(t).view(np.uint8))
     # an allocation that fails (out of device memory, say) leaves the caller its own route, not an error
-    key = (shape, jax.numpy.dtype(jax.numpy.bfloat16), cpu)
+    bf16 = jax.numpy.dtype(jax.numpy.bfloat16)
+    key = (shape, bf16, cpu, _handoff._pooled(shape, bf16))
 
     def exhausted(fill):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate")

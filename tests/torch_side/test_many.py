@@ -51,6 +51,26 @@ def test_grouped_fp8_kernel_equals_the_oracle(shape, transpose):
             assert_bitwise_equal(out, want.t() if transpose else want)
 
 
+def test_grouped_fp8_kernel_writes_where_it_is_told():
+    """``outs=``: the grouped kernel writes into the given outputs (the loader passes the addresses of arrays
+    XLA allocated), and into nothing else."""
+    Ws, scales = _fp8_members((130, 257), 3, seed=4)
+    layout = torch_side.fp8_scale_layout((130, 257), scales[0].shape)
+    outs = [torch.full((257, 130), 7.0, dtype=torch.bfloat16) for _ in Ws]
+    returned = _triton.dequantize_fp8_group(
+        Ws,
+        scales,
+        block=layout.block,
+        grid_shape=layout.grid,
+        dtype=torch.bfloat16,
+        transpose=True,
+        outs=outs,
+    )
+    assert returned is not None and all(r is o for r, o in zip(returned, outs, strict=True))
+    for W, s, out in zip(Ws, scales, outs, strict=True):
+        assert_bitwise_equal(out, torch_side.dequantize_fp8_reference(W, s, layout, torch.bfloat16).t())
+
+
 def test_groups_larger_than_a_launch_and_misaligned_members(monkeypatch):
     monkeypatch.setattr(_triton, "MAX_GROUP", 2)  # 5 weights: launches of 2, 2 and 1
     Ws, scales = _fp8_members((40, 136), 5, seed=7)
@@ -153,3 +173,31 @@ def test_many_names_the_bad_weight():
         torch_side.dequantize_fp8_many(Ws[0], scales[0])
     with pytest.raises(ValueError, match=r"weights\[1\]: scale_inv has shape \(3, 3\)"):
         torch_side.dequantize_fp8_many(Ws, [scales[0], torch.ones(3, 3)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transpose", [False, True])
+def test_group_into_addresses_gives_the_bits_of_one_call_per_weight(transpose):
+    """dequantize_fp8_group_into (the loader's grouped route): weights of a kind already checked, written to
+    bare device addresses in one launch, hold what one call per weight returns; a kind no call checked yet,
+    or an address off 16-byte alignment, writes nothing and says so."""
+    torch_side.wait_for_kernels()
+    shape = (200, 130)  # partial 128x128 tiles
+    stacked = torch.stack(_fp8_members(shape, 5, seed=21, device="cuda")[0])
+    scales = torch.stack(_fp8_members(shape, 5, seed=21, device="cuda")[1])
+    Ws, Ss = stacked.unbind(0), scales.unbind(0)
+    out_shape = shape[::-1] if transpose else shape
+    outs = torch.full((5, *out_shape), 3.0, dtype=torch.float16, device="cuda")
+    args = dict(block_size=None, transpose=transpose)
+    addresses = [o.data_ptr() for o in outs]
+    unseen = random_fp8((72, 40), seed=22).cuda()  # a shape no other test decodes: no plan for it
+    assert not _fp8.fp8_planned(unseen, Ss[0][:1, :1], torch.float16, **args)
+    assert not _fp8.dequantize_fp8_group_into([unseen], [Ss[0][:1, :1]], addresses[:1], torch.float16, **args)
+    want = [torch_side.dequantize_fp8(W, s, torch.float16, **args) for W, s in zip(Ws, Ss, strict=True)]
+    assert _fp8.fp8_planned(Ws[0], Ss[0], torch.float16, **args)
+    assert _fp8.dequantize_fp8_group_into(Ws, Ss, addresses, torch.float16, **args)
+    for got, w in zip(outs, want, strict=True):
+        assert_bitwise_equal(got, w)
+    assert not _fp8.dequantize_fp8_group_into(
+        Ws[:2], Ss[:2], [addresses[0], addresses[1] + 2], torch.float16, **args
+    )

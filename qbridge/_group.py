@@ -1,0 +1,165 @@
+"""Decoding many FP8 weights of one kind together on a GPU, straight into arrays XLA allocated: the
+loader's route for a checkpoint's repeated weights (a mixture-of-experts model's experts), which shares the
+host work of reading, copying, decoding and handing over across a group instead of paying it per weight.
+
+For a GPU load without sharding, the loader hands this stage every FP8 weight that the decode writes in
+one pass in the Flax layout (as stored, or transposed) and that keeps its dtype. Weights of one kind
+(shape, float8 dtype, scale shape and dtype, block size, output dtype, layout) wait until :data:`GROUP` of
+them are gathered (or until the pending weights hold ``max_bytes``, or the load ends); then
+
+1. their scales are read with one system call each into one tensor, checked for NaN/Inf together, and
+   copied to the device in one copy; their float8 bytes (read ahead into pinned host memory by the
+   loader's reading threads, or, when small, read like the scales) go into one device tensor;
+2. XLA allocates their results in one call (``XlaDestinations.take_many``);
+3. one launch decodes every weight into its result (``torch_side``'s grouped FP8 kernel: the bits of one
+   call per weight).
+
+The first weight of a kind in a process is decoded by itself (its call checks the kind), and until a
+kind's allocation call and the grouped kernel are compiled (in the background, from their second use)
+its weights are decoded one by one into results handed over as the loader's other weights are. Either
+way the values are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+import jax_side
+import torch_side
+from torch_side._checks import on_device
+from torch_side._fp8 import dequantize_fp8_group_into, fp8_planned
+
+from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry
+from ._decode import check_scales
+from ._dtypes import torch_dtype
+from ._errors import CheckpointError
+from ._handoff import XlaDestinations, _torch_view
+from ._place import hand_over
+
+GROUP = 32  # weights per grouped decode
+
+
+class FP8Groups:
+    """Gathers a GPU load's FP8 weights by kind and decodes each group together (see the module).
+
+    Results go into ``values`` under each weight's leaf path, valid once ``into.settle()`` returns.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        tdev: torch.device,
+        jdev: jax.Device,
+        into: XlaDestinations,
+        values: dict[Any, Any],
+        max_bytes: int,
+    ) -> None:
+        self.ckpt, self.tdev, self.jdev, self.into, self.values = ckpt, tdev, jdev, into, values
+        self.max_bytes = max_bytes
+        self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry]]] = {}
+        self.pending_bytes: dict[tuple[Any, ...], int] = {}
+
+    def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
+        """The group ``entry`` joins, or None when it is loaded by itself: not FP8, not 2-D, flipped, laid
+        out otherwise than as stored or transposed, or cast to another dtype."""
+        if entry.kind != "fp8" or len(entry.shape) != 2 or rule.flip:
+            return None
+        if cast is not None and torch_dtype(cast) != entry.dtype:
+            return None
+        perm = jax_side.permutation(rule, 2)
+        if perm not in (None, (1, 0)):
+            return None
+        shapes = self.ckpt.source.shapes
+        return (entry.shape, shapes[entry.keys["weight"]], shapes[entry.keys["scale"]],
+                entry.info["block_size"], entry.dtype, perm == (1, 0))  # fmt: skip
+
+    def add(self, kind: tuple[Any, ...], path: Any, entry: Entry) -> None:
+        """Queues a weight (its result goes to ``values[path]``); decodes its group when it is full, and the
+        largest group when the pending weights outgrow ``max_bytes``."""
+        members = self.pending.setdefault(kind, [])
+        members.append((path, entry))
+        self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + entry.stored_bytes
+        if len(members) == GROUP:
+            self.flush(kind)
+        elif sum(self.pending_bytes.values()) > self.max_bytes:
+            self.flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
+
+    def flush_all(self) -> None:
+        for kind in list(self.pending):
+            self.flush(kind)
+
+    def flush(self, kind: tuple[Any, ...]) -> None:
+        members = self.pending.pop(kind)
+        del self.pending_bytes[kind]
+        shape, (wshape, wdtype), (sshape, _), block_size, dtype, transpose = kind
+        entries = [e for _, e in members]
+        ckpt, dev = self.ckpt, self.tdev
+        rows = ckpt.read_stacked([e.keys["scale"] for e in entries])  # each row padded to 16 bytes
+        self._check(rows[:, : math.prod(sshape)], entries, sshape)
+        with on_device(dev):
+            # non_blocking: pinned memory copies asynchronously; small pageable copies are staged at once
+            # (a blocking copy would make the host wait for the device's earlier work). The rows are copied
+            # whole, so that every weight's scales start 16-byte aligned on the device too.
+            S = rows.to(dev, non_blocking=True)[:, : math.prod(sshape)].unflatten(1, sshape).unbind(0)
+            wkeys = [e.keys["weight"] for e in entries]
+            if math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES:  # not read ahead: read here
+                packed = ckpt.read_stacked(wkeys, pin=True).to(dev, non_blocking=True)
+                W = packed[:, : math.prod(wshape)].unflatten(1, wshape).unbind(0)
+            else:
+                stacked = torch.empty((len(wkeys), *wshape), dtype=wdtype, device=dev)
+                W = stacked.unbind(0)
+                torch._foreach_copy_(list(W), [ckpt.read(k) for k in wkeys], non_blocking=True)
+            args = dict(block_size=block_size, transpose=transpose)
+            start = 0 if fp8_planned(W[0], S[0], dtype, **args) else 1  # a first call checks the kind
+            if start:
+                self._one(members[0], W[0], S[0], None, dtype, args)
+            rest = members[start:]
+            out_shape = (shape[1], shape[0]) if transpose else shape
+            arrays = (
+                self.into.take_many(len(rest), out_shape, dtype, self.jdev, dev) if len(rest) > 1 else None
+            )
+            if arrays is not None:
+                addresses = [a.unsafe_buffer_pointer() for a in arrays]
+                if dequantize_fp8_group_into(W[start:], S[start:], addresses, dtype, **args):
+                    for (path, _), array in zip(rest, arrays, strict=True):
+                        self.values[path] = array
+                    return
+            for j, member in enumerate(rest):
+                into = arrays[j] if arrays is not None else None
+                self._one(member, W[start + j], S[start + j], into, dtype, args)
+
+    def _one(
+        self,
+        member: tuple[Any, Entry],
+        W: torch.Tensor,
+        scale: torch.Tensor,
+        array: jax.Array | None,
+        dtype: torch.dtype,
+        args: dict[str, Any],
+    ) -> None:
+        """One weight by itself (its own call, as the loader decodes a weight), into ``array`` if given."""
+        path, entry = member
+        try:
+            t = torch_side.dequantize_fp8(W, scale, dtype, **args)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.ckpt.where(entry.keys['scale'])}: {e}") from e
+        if array is not None:
+            _torch_view(array, self.tdev).copy_(t)
+            self.values[path] = array
+        else:
+            self.values[path] = hand_over(t.contiguous(), self.jdev, self.into)
+
+    def _check(self, scales: torch.Tensor, entries: list[Entry], sshape: tuple[int, ...]) -> None:
+        """NaN/Inf scales are a damaged checkpoint: checked for the whole group, then named one by one."""
+        if scales.dtype in (torch.float16, torch.float32):
+            finite = bool(np.isfinite(scales.numpy()).all())
+        else:
+            finite = bool(torch.isfinite(scales.float()).all())
+        if not finite:
+            for e, row in zip(entries, scales, strict=True):
+                check_scales(self.ckpt, e.keys["scale"], row.reshape(sshape))

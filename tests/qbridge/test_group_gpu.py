@@ -1,0 +1,158 @@
+"""The loader's grouped FP8 route on a GPU (``qbridge/_group.py``): FP8 weights of one kind decoded
+together, in one launch, into arrays XLA allocated, give the bits of one call per weight; a damaged scale
+inside a group is named; and the arrays hold their values even when XLA's allocation waits behind other
+work on the device (run with `pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_fp8, random_scales, to_numpy
+
+pytestmark = pytest.mark.gpu
+
+KINDS = {  # name -> (shape, count): more than one group of each, a remainder, partial 128x128 tiles
+    "gate_proj": ((256, 384), 40),
+    "down_proj": ((200, 130), 37),
+}
+
+
+def _write(folder, *, damaged=None, scale_dtype=torch.float32):
+    from safetensors.torch import save_file
+
+    stored = {"model.norm.weight": torch.randn(384).bfloat16()}
+    seed = 0
+    for name, (shape, count) in KINDS.items():
+        for e in range(count):
+            key = f"model.layers.0.mlp.experts.{e}.{name}.weight"
+            seed += 1
+            stored[key] = random_fp8(shape, seed=seed)
+            grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+            stored[key + "_scale_inv"] = random_scales(grid, seed=1000 + seed).to(scale_dtype)
+    if damaged is not None:
+        stored[damaged][0, -1] = float("nan")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(stored, folder / "model.safetensors")
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return stored
+
+
+def _expected(stored):
+    """What one call per weight gives, in the Flax layout (a Linear's kernel: the transpose)."""
+    import torch_side
+
+    out = {}
+    for key, value in stored.items():
+        if key.endswith("_proj.weight"):
+            w, s = value.cuda(), stored[key + "_scale_inv"].cuda()
+            decoded = torch_side.dequantize_fp8(w, s, torch.bfloat16, block_size=(128, 128)).t().cpu()
+            out[key.removeprefix("model.")] = decoded  # Flax names: no "model." (see _flat)
+    return out
+
+
+def _flat(params):
+    import jax
+
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path[1:-1]) + ".weight": leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+
+
+def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
+    import qbridge
+    import torch_side
+    from qbridge import _group, _handoff
+
+    stored = _write(tmp_path / "ckpt", scale_dtype=scale_dtype)
+    want = _expected(stored)
+    grouped = []
+    real = _group.dequantize_fp8_group_into
+
+    def recorded(*args, **kwargs):
+        grouped.append(real(*args, **kwargs))
+        return grouped[-1]
+
+    monkeypatch.setattr(_group, "dequantize_fp8_group_into", recorded)
+    for load in range(4):  # first loads: kernels and allocation calls compile in the background
+        params = _flat(qbridge.load_checkpoint(tmp_path / "ckpt", progress=False)["params"])
+        kernels = {k: v for k, v in params.items() if "_proj" in k}
+        assert len(kernels) == sum(c for _, c in KINDS.values())
+        for key, got in kernels.items():
+            np.testing.assert_array_equal(
+                np.asarray(got).view(np.uint16), to_numpy(want[key]).view(np.uint16), err_msg=key
+            )
+        if load == 1:
+            torch_side.wait_for_kernels()
+            _handoff.wait_for_allocators()
+    return grouped
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_loads_give_the_bits_of_one_call_per_weight(tmp_path, monkeypatch, scale_dtype):
+    grouped = _loads_grouped(tmp_path, monkeypatch, scale_dtype)
+    assert True in grouped, grouped  # the grouped route ran (and gave the bits above)
+
+
+def test_one_weight_at_a_time_gives_the_same(tmp_path, monkeypatch):
+    """The control: with groups of one, the loader decodes weight by weight (the route before groups)."""
+    from qbridge import _group
+
+    monkeypatch.setattr(_group, "GROUP", 1)
+    assert _loads_grouped(tmp_path, monkeypatch, torch.float32) == []
+
+
+def test_a_damaged_scale_inside_a_group_is_named(tmp_path):
+    import qbridge
+
+    bad = "model.layers.0.mlp.experts.33.gate_proj.weight_scale_inv"
+    _write(tmp_path / "ok")
+    _write(tmp_path / "bad", damaged=bad)
+    for _ in range(3):
+        qbridge.load_checkpoint(tmp_path / "ok", progress=False)
+    with pytest.raises(qbridge.CheckpointError, match=rf"model.safetensors \[{bad}\]: 1 scale\(s\) are NaN"):
+        qbridge.load_checkpoint(tmp_path / "bad", progress=False)
+
+
+def test_arrays_hold_their_values_when_the_allocation_waits_behind_other_work(tmp_path, monkeypatch):
+    """All arrays of one allocation call share its completion on the GPU: torch waits for one of them and
+    then writes every one. XLA's stream is kept busy before each allocation call, so a write that did not
+    wait would be overwritten by the allocation's fill."""
+    import jax
+    import jax.numpy as jnp
+
+    import qbridge
+    import torch_side
+    from qbridge import _handoff
+
+    stored = _write(tmp_path / "ckpt")
+    want = _expected(stored)
+    for _ in range(2):
+        qbridge.load_checkpoint(tmp_path / "ckpt", progress=False)
+    torch_side.wait_for_kernels()
+    _handoff.wait_for_allocators()
+    qbridge.load_checkpoint(tmp_path / "ckpt", progress=False)
+    _handoff.wait_for_allocators()
+    busy_when_taken = []
+    take_many = _handoff.XlaDestinations.take_many
+    x = jnp.ones((4096, 4096), jnp.float32, device=jax.local_devices(backend="gpu")[0])
+
+    def after_busy_work(self, *args, **kwargs):
+        y = x
+        for _ in range(20):  # tens of milliseconds queued on XLA's stream before the allocation
+            y = jnp.tanh(y @ x)
+        out = take_many(self, *args, **kwargs)
+        busy_when_taken.append(not y.is_ready())
+        return out
+
+    monkeypatch.setattr(_handoff.XlaDestinations, "take_many", after_busy_work)
+    params = _flat(qbridge.load_checkpoint(tmp_path / "ckpt", progress=False)["params"])
+    assert busy_when_taken and all(busy_when_taken), busy_when_taken
+    for key, value in want.items():
+        np.testing.assert_array_equal(
+            np.asarray(params[key]).view(np.uint16), to_numpy(value).view(np.uint16), err_msg=key
+        )
