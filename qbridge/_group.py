@@ -63,6 +63,7 @@ class FP8Groups:
         self.max_bytes = max_bytes
         self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry]]] = {}
         self.pending_bytes: dict[tuple[Any, ...], int] = {}
+        self.total = 0  # stored bytes pending
 
     def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
         """The group ``entry`` joins, or None when it is loaded by itself: not FP8, not 2-D, flipped, laid
@@ -84,9 +85,10 @@ class FP8Groups:
         members = self.pending.setdefault(kind, [])
         members.append((path, entry))
         self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + entry.stored_bytes
+        self.total += entry.stored_bytes
         if len(members) == GROUP:
             self.flush(kind)
-        elif sum(self.pending_bytes.values()) > self.max_bytes:
+        elif self.total > self.max_bytes:
             self.flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
 
     def flush_all(self) -> None:
@@ -95,7 +97,7 @@ class FP8Groups:
 
     def flush(self, kind: tuple[Any, ...]) -> None:
         members = self.pending.pop(kind)
-        del self.pending_bytes[kind]
+        self.total -= self.pending_bytes.pop(kind)
         shape, (wshape, wdtype), (sshape, _), block_size, dtype, transpose = kind
         entries = [e for _, e in members]
         ckpt, dev = self.ckpt, self.tdev

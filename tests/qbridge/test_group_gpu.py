@@ -156,3 +156,21 @@ def test_arrays_hold_their_values_when_the_allocation_waits_behind_other_work(tm
         np.testing.assert_array_equal(
             np.asarray(params[key]).view(np.uint16), to_numpy(value).view(np.uint16), err_msg=key
         )
+
+
+def test_pending_weights_are_decoded_before_they_outgrow_the_bound(tmp_path, monkeypatch):
+    """The weights waiting for their group hold at most the loader's read-ahead window: past it, the
+    largest group is decoded early (fewer than GROUP weights), with the same bits."""
+    from qbridge import _group, _loader
+
+    monkeypatch.setattr(_loader, "READ_AHEAD_BYTES", 300_000)  # about 3 of the larger kind's weights
+    sizes = []
+    flush = _group.FP8Groups.flush
+
+    def sized(self, kind):
+        sizes.append(len(self.pending[kind]))
+        return flush(self, kind)
+
+    monkeypatch.setattr(_group.FP8Groups, "flush", sized)
+    _loads_grouped(tmp_path, monkeypatch, torch.float32)
+    assert sizes and max(sizes) < _group.GROUP, sizes
