@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
+import mmap
 import os
 import pathlib
 import pickle
@@ -28,7 +30,6 @@ import threading
 from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 import torch_side
@@ -109,6 +110,7 @@ class _Source:
         # each safetensors file as opened: maps and header reads use it, so a file replaced on disk
         # afterwards (an atomic re-save) is not mixed in
         self._files: dict[pathlib.Path, Any] = {}
+        self._maps: dict[pathlib.Path, mmap.mmap] = {}  # each safetensors file mapped once, when first used
         self._file_lock = threading.Lock()  # reader threads share the files' positions
         self._closed = False
 
@@ -244,8 +246,9 @@ class _Source:
         numel = math.prod(shape)
         row = -(-numel * dtype.itemsize // 16) * 16 // dtype.itemsize
         out = torch.empty((len(keys), row), dtype=dtype, pin_memory=pin)
-        rows = out.view(torch.uint8).numpy()
-        nbytes = numel * dtype.itemsize
+        flat = out.view(torch.uint8).numpy().data.cast("B")
+        nbytes, row_bytes = numel * dtype.itemsize, row * dtype.itemsize
+        ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         for i, key in enumerate(keys):
             if self.shapes.get(key) != (shape, dtype):
                 raise ValueError(f"read_stacked: {key!r} is {self.shapes.get(key)}, not {(shape, dtype)}")
@@ -253,9 +256,13 @@ class _Source:
             if self._state is not None or key in self._ahead or not nbytes:
                 out[i, :numel].copy_(self.read(key).reshape(-1))
                 continue
-            begin, end = self._offsets(path)[key]
+            offsets = ranges.get(path)
+            if offsets is None:
+                offsets = ranges[path] = self._offsets(path)
+            begin, end = offsets[key]
+            start = i * row_bytes
             got = (
-                _read_at(self._files[path], begin, rows[i, :nbytes], self._file_lock)
+                _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
                 if end - begin == nbytes
                 else -1
             )
@@ -318,13 +325,20 @@ class _Source:
             raise CheckpointError(f"checkpoint has no tensor {key!r}")
         shape, dtype = self.shapes[key]
         begin, end = self._offsets(path)[key]
-        mapped = None
-        if end > begin:
-            with self._file_lock:  # np.memmap moves the file's position to learn its size
-                mapped = np.memmap(
-                    self._files[path], dtype=np.uint8, mode="c", offset=begin, shape=(end - begin,)
-                )
-        raw = torch.from_numpy(mapped) if mapped is not None else torch.empty(0, dtype=torch.uint8)
+        if end <= begin:
+            return torch.empty(0, dtype=torch.uint8).view(dtype).reshape(shape)
+        mapping = self._maps.get(path)
+        if mapping is None:
+            with self._file_lock:
+                mapping = self._maps.get(path)
+                if mapping is None:  # one copy-on-write map per file: a tensor's writes stay in memory
+                    mapping = self._maps[path] = mmap.mmap(
+                        self._files[path].fileno(), 0, access=mmap.ACCESS_COPY
+                    )
+        if end > len(mapping):
+            raise ValueError(f"{key!r} ends at byte {end} of a file of {len(mapping)} bytes")
+        # a view of the map, which it keeps alive (the map is unmapped when its last view is gone)
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=begin)
         return raw.view(dtype).reshape(shape)
 
     def count(self, t: torch.Tensor) -> torch.Tensor:
@@ -355,19 +369,23 @@ class _Source:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._maps.clear()  # unmapped once no tensor views them
         self._closed = True
         self._open.clear()
         self._small.clear()
         self._state = None
 
 
-def _read_at(f: Any, offset: int, into: np.ndarray, lock: threading.Lock) -> int:
-    """Reads ``into.nbytes`` bytes of file ``f`` from ``offset`` into ``into``; returns how many were read."""
-    if hasattr(os, "preadv"):  # leaves the file's position alone: no lock
-        return int(os.preadv(f.fileno(), [into.data], offset))
+_PREADV = getattr(os, "preadv", None)  # reads at an offset, leaving the file's position alone (POSIX)
+
+
+def _read_at(f: Any, offset: int, into: memoryview, lock: threading.Lock) -> int:
+    """Reads ``len(into)`` bytes of file ``f`` from ``offset`` into ``into``; returns how many were read."""
+    if _PREADV is not None:
+        return int(_PREADV(f.fileno(), [into], offset))
     with lock:
         f.seek(offset)
-        return int(f.readinto(into.data) or 0)
+        return int(f.readinto(into) or 0)
 
 
 def _tensor_nbytes(t: Any) -> int:
@@ -861,6 +879,10 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
     return Entry(name, "bnb4", shape, out_dtype, stored, keys, {"quant_state": doc, "quant_type": quant_type})
 
 
+# the scale layout of a (weight shape, scale shape, block) (a checkpoint repeats few), or its ValueError
+_fp8_layout = functools.lru_cache(maxsize=1024)(torch_side.fp8_scale_layout)
+
+
 def _fp8_entry(ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Entry:
     src = ckpt.source
     scale = next((key + s for s in FP8_SCALES if key + s in src.shapes), None)
@@ -869,7 +891,7 @@ def _fp8_entry(ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.
     block = ckpt.quantization_config.get("weight_block_size")
     block = tuple(int(b) for b in block) if block else None
     try:
-        layout = torch_side.fp8_scale_layout(shape, src.shapes[scale][0], block)
+        layout = _fp8_layout(shape, src.shapes[scale][0], block)
     except ValueError as e:
         raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
     info = {
