@@ -110,7 +110,6 @@ class _Source:
         # each safetensors file as opened: maps and header reads use it, so a file replaced on disk
         # afterwards (an atomic re-save) is not mixed in
         self._files: dict[pathlib.Path, Any] = {}
-        self._maps: dict[pathlib.Path, mmap.mmap] = {}  # each safetensors file mapped once, when first used
         self._file_lock = threading.Lock()  # reader threads share the files' positions
         self._closed = False
 
@@ -238,20 +237,28 @@ class _Source:
         return self._counted(t)
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
-        """The stored tensors ``keys`` (of one shape and dtype) as the rows of one new CPU tensor ``[len(keys),
-        row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding (unset) up to a
-        multiple of 16 bytes. Pinned memory with ``pin``. A safetensors file's tensor is read with one system
-        call into its row; each key is counted as :meth:`read` counts it."""
+        """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
+        ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
+        (unset) up to a multiple of 16 bytes. Pinned memory with ``pin`` (CUDA needed). A safetensors file's
+        tensor is read with positioned reads straight into its row; each key is counted as :meth:`read`
+        counts it."""
+        if isinstance(keys, str) or not keys:
+            raise ValueError(f"read_stacked takes a non-empty sequence of keys, got {keys!r}")
+        for key in keys:
+            if key not in self.key_file:
+                raise CheckpointError(f"checkpoint has no tensor {key!r}")
+        if self._closed:
+            raise CheckpointError(f"reading {keys[0]!r} failed: the checkpoint is closed")
         shape, dtype = self.shapes[keys[0]]
         numel = math.prod(shape)
         row = -(-numel * dtype.itemsize // 16) * 16 // dtype.itemsize
         out = torch.empty((len(keys), row), dtype=dtype, pin_memory=pin)
-        flat = out.view(torch.uint8).numpy().data.cast("B")
         nbytes, row_bytes = numel * dtype.itemsize, row * dtype.itemsize
+        flat = out.view(torch.uint8).numpy().data.cast("B") if nbytes else memoryview(b"")
         ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         for i, key in enumerate(keys):
-            if self.shapes.get(key) != (shape, dtype):
-                raise ValueError(f"read_stacked: {key!r} is {self.shapes.get(key)}, not {(shape, dtype)}")
+            if self.shapes[key] != (shape, dtype):
+                raise ValueError(f"read_stacked: {key!r} is {self.shapes[key]}, not {(shape, dtype)}")
             path = self.key_file[key]
             if self._state is not None or key in self._ahead or not nbytes:
                 out[i, :numel].copy_(self.read(key).reshape(-1))
@@ -327,18 +334,12 @@ class _Source:
         begin, end = self._offsets(path)[key]
         if end <= begin:
             return torch.empty(0, dtype=torch.uint8).view(dtype).reshape(shape)
-        mapping = self._maps.get(path)
-        if mapping is None:
-            with self._file_lock:
-                mapping = self._maps.get(path)
-                if mapping is None:  # one copy-on-write map per file: a tensor's writes stay in memory
-                    mapping = self._maps[path] = mmap.mmap(
-                        self._files[path].fileno(), 0, access=mmap.ACCESS_COPY
-                    )
-        if end > len(mapping):
-            raise ValueError(f"{key!r} ends at byte {end} of a file of {len(mapping)} bytes")
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY
+        # a copy-on-write map of the tensor's pages (the file never changes through it), unmapped when the
+        # tensor is gone; mmap refuses a range past the file's end (a truncated file) with ValueError
+        mapping = mmap.mmap(self._files[path].fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
         # a view of the map, which it keeps alive (the map is unmapped when its last view is gone)
-        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=begin)
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=begin - start)
         return raw.view(dtype).reshape(shape)
 
     def count(self, t: torch.Tensor) -> torch.Tensor:
@@ -369,7 +370,6 @@ class _Source:
         for f in self._files.values():
             f.close()
         self._files.clear()
-        self._maps.clear()  # unmapped once no tensor views them
         self._closed = True
         self._open.clear()
         self._small.clear()
@@ -380,12 +380,20 @@ _PREADV = getattr(os, "preadv", None)  # reads at an offset, leaving the file's 
 
 
 def _read_at(f: Any, offset: int, into: memoryview, lock: threading.Lock) -> int:
-    """Reads ``len(into)`` bytes of file ``f`` from ``offset`` into ``into``; returns how many were read."""
-    if _PREADV is not None:
-        return int(_PREADV(f.fileno(), [into], offset))
-    with lock:
-        f.seek(offset)
-        return int(f.readinto(into) or 0)
+    """Reads ``len(into)`` bytes of file ``f`` from ``offset`` into ``into``; returns how many were read
+    (fewer at the file's end). One call reads at most about 2 GiB on Linux: it is repeated until done."""
+    done = 0
+    while done < len(into):
+        if _PREADV is not None:
+            got = int(_PREADV(f.fileno(), [into[done:]], offset + done))
+        else:
+            with lock:
+                f.seek(offset + done)
+                got = int(f.readinto(into[done:]) or 0)
+        if not got:
+            break
+        done += got
+    return done
 
 
 def _tensor_nbytes(t: Any) -> int:
@@ -479,8 +487,9 @@ class Checkpoint:
         of 16 bytes (``row * itemsize``). Pinned memory with ``pin``. Counted as :meth:`read` counts.
 
         Raises:
-            CheckpointError: a tensor's bytes cannot be read.
-            ValueError: the tensors differ in shape or dtype.
+            CheckpointError: a key the checkpoint lacks, a tensor whose bytes cannot be read (a truncated
+                file), or a closed checkpoint.
+            ValueError: no keys, or tensors that differ in shape or dtype.
         """
         return self.source.read_stacked(keys, pin=pin)
 

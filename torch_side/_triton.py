@@ -279,6 +279,25 @@ def _members(columns: Sequence[Sequence[Any]]) -> list[torch.Tensor] | None:
     return tables
 
 
+def _check_outs(
+    outs: list[Any], n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Outputs given to a grouped launch: one per weight, each of the output's dtype, and each tensor
+    contiguous, of the output's shape, on the weights' device (an address cannot be checked further)."""
+    if len(outs) != n:
+        raise ValueError(f"{len(outs)} outputs for {n} weights: one output per weight")
+    for i, out in enumerate(outs):
+        if out.dtype != dtype:
+            raise ValueError(f"outs[{i}] is {out.dtype}; the outputs are {dtype}")
+        if isinstance(out, torch.Tensor) and (
+            tuple(out.shape) != shape or not out.is_contiguous() or out.device != device
+        ):
+            raise ValueError(
+                f"outs[{i}] must be a contiguous {shape} tensor on {device}, got "
+                f"{tuple(out.shape)} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous")
+            )
+
+
 def dequantize_fp8_group(
     Ws: Sequence[torch.Tensor],
     scales: Sequence[torch.Tensor],
@@ -300,14 +319,16 @@ def dequantize_fp8_group(
 
     Raises:
         KernelNotReady: as in :func:`dequantize_4bit_triton` (nothing launched).
+        ValueError: ``outs`` is not one output per weight of the output's dtype (and, for tensors, shape,
+            contiguity and device); nothing launched.
     """
     W0 = Ws[0]
     grid, ints, meta, out_shape = _fp8_spec(W0, scales[0].numel() == 1, block, grid_shape, transpose)
-    outs = (
-        list(outs)
-        if outs is not None
-        else [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in Ws]
-    )
+    if outs is None:
+        outs = [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in Ws]
+    else:
+        outs = list(outs)
+        _check_outs(outs, len(Ws), out_shape, dtype, W0.device)
     raw = [W.view(torch.uint8) for W in Ws]
     tables = _members([raw, scales, outs])
     if tables is None:

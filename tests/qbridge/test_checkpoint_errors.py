@@ -4,6 +4,7 @@ written; no pickle code is ever executed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -238,3 +239,95 @@ def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, dtype):
             match=rf"reading '{last}' failed: {15 * dtype.itemsize - 8} of its {15 * dtype.itemsize} bytes read \(a truncated",
         ):
             ckpt.read_stacked(keys)
+
+
+def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_path, monkeypatch):
+    """Missing keys, no keys, a closed checkpoint: clear errors. Zero-element tensors read as empty rows.
+    A positioned read returns at most about 2 GiB on Linux, so reads are repeated until done: here every
+    read is cut to 7 bytes, and the rows are still whole."""
+    from safetensors.torch import save_file
+
+    from qbridge import _checkpoint
+    from qbridge._checkpoint import open_checkpoint
+
+    gen = torch.Generator().manual_seed(6)
+    stored = {f"s{i}": torch.randn(5, 3, generator=gen) for i in range(3)}
+    stored.update(z0=torch.empty(0, 4), z1=torch.empty(0, 4))
+    save_file(stored, tmp_path / "model.safetensors")
+    with open_checkpoint(tmp_path / "model.safetensors") as ckpt:
+        with pytest.raises(CheckpointError, match="checkpoint has no tensor 'nope'"):
+            ckpt.read_stacked(["s0", "nope"])
+        for keys in ([], "s0"):
+            with pytest.raises(ValueError, match="non-empty sequence of keys"):
+                ckpt.read_stacked(keys)
+        assert ckpt.read_stacked(["z0", "z1"]).shape == (2, 0)
+        real = _checkpoint._PREADV
+        if real is not None:
+            monkeypatch.setattr(
+                _checkpoint, "_PREADV", lambda fd, bufs, offset: real(fd, [bufs[0][:7]], offset)
+            )
+        rows = ckpt.read_stacked(["s2", "s1"])
+        assert torch.equal(rows[0, :15].reshape(5, 3), stored["s2"]) and torch.equal(
+            rows[1, :15].reshape(5, 3), stored["s1"]
+        )
+    with pytest.raises(CheckpointError, match="closed"):
+        ckpt.read_stacked(["s0"])
+
+
+_MANY_FILES = """
+import resource, sys, pathlib, torch
+from safetensors.torch import save_file
+import qbridge
+folder, files = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+for i in range(files):  # tensors of 80 KiB: read ahead, through the file's memory
+    save_file({f"w{i}": torch.full((20480,), float(i))}, folder / f"part-{i:04d}.safetensors")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(files + 120, hard), hard))
+params = qbridge.load_checkpoint(folder, device="cpu", progress=False)["params"]
+assert all(float(params[f"w{i}"][0]) == i for i in range(files))
+print("LOADED", files)
+"""
+
+
+def test_a_checkpoint_of_many_files_loads_with_one_descriptor_per_file(tmp_path):
+    """A checkpoint keeps one open file per safetensors file; mapping tensors for the read-ahead threads
+    must not hold another per file (a checkpoint of N files then needs 2N descriptors: 500 files failed
+    under the usual limit of 1024)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _MANY_FILES, str(tmp_path), "300"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert "LOADED 300" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
+_TRUNCATED = """
+import os, sys, pathlib, torch
+from safetensors.torch import save_file
+from qbridge import CheckpointError
+from qbridge._checkpoint import open_checkpoint
+folder = pathlib.Path(sys.argv[1])
+save_file({"a": torch.ones(40000), "b": torch.ones(40000)}, folder / "model.safetensors")
+with open_checkpoint(folder / "model.safetensors") as ckpt:
+    ckpt.read_ahead("a", pin=False)
+    assert ckpt.read("a").sum() == 40000
+    size = (folder / "model.safetensors").stat().st_size
+    os.truncate(folder / "model.safetensors", size - 1000)  # cut in place while the load runs
+    ckpt.read_ahead("b", pin=False)
+    try:
+        ckpt.read("b")
+    except CheckpointError as e:
+        print("REFUSED", e)
+"""
+
+
+def test_a_file_cut_in_place_during_a_load_is_an_error_not_a_crash(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _TRUNCATED, str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+    assert r.returncode == 0 and "REFUSED" in r.stdout and "reading 'b' failed" in r.stdout, (
+        r.returncode,
+        r.stdout + r.stderr[-3000:],
+    )

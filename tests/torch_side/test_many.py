@@ -69,6 +69,18 @@ def test_grouped_fp8_kernel_writes_where_it_is_told():
     assert returned is not None and all(r is o for r, o in zip(returned, outs, strict=True))
     for W, s, out in zip(Ws, scales, outs, strict=True):
         assert_bitwise_equal(out, torch_side.dequantize_fp8_reference(W, s, layout, torch.bfloat16).t())
+    kw = dict(block=layout.block, grid_shape=layout.grid, dtype=torch.bfloat16, transpose=True)
+    for bad, message in [
+        (outs[:2], "2 outputs for 3 weights"),
+        ([*outs[:2], outs[2].float()], r"outs\[2\] is torch.float32"),
+        (
+            [*outs[:2], torch.empty(130, 257, dtype=torch.bfloat16)],
+            r"outs\[2\] must be a contiguous \(257, 130\)",
+        ),
+        ([*outs[:2], torch.empty(130, 257, dtype=torch.bfloat16).t()], "not contiguous"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _triton.dequantize_fp8_group(Ws, scales, outs=bad, **kw)
 
 
 def test_groups_larger_than_a_launch_and_misaligned_members(monkeypatch):
