@@ -331,3 +331,19 @@ def test_a_file_cut_in_place_during_a_load_is_an_error_not_a_crash(tmp_path):
         r.returncode,
         r.stdout + r.stderr[-3000:],
     )
+
+
+def test_a_device_that_is_not_there_is_named_with_what_to_use(tmp_path):
+    """device= strings fail with qbridge's message, not torch's or JAX's: JAX's name 'gpu', a device kind
+    qbridge does not load onto, and (on a machine without one) a CUDA GPU."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, tmp_path / "model.safetensors")
+    cases = [("gpu", r"device 'gpu' is not a device \(JAX's name for one; here it is 'cuda'\)"),
+             ("gpu:1", "JAX's name for one"), ("mps", "qbridge loads onto the CPU or CUDA GPUs"),
+             ("cpu0", r"'cpu', 'cuda' or 'cuda:i'")]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases += [("cuda", "sees no CUDA GPU here; use 'cpu'"), ("cuda:0", "sees no CUDA GPU here")]
+    for device, message in cases:
+        with pytest.raises(ValueError, match=message):
+            qbridge.load_checkpoint(tmp_path, device=device, progress=False)
