@@ -110,7 +110,7 @@ class FP8Groups:
             S = rows.to(dev, non_blocking=True)[:, : math.prod(sshape)].unflatten(1, sshape).unbind(0)
             wkeys = [e.keys["weight"] for e in entries]
             if math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES:  # not read ahead: read here
-                packed = ckpt.read_stacked(wkeys, pin=True).to(dev, non_blocking=True)
+                packed = ckpt.read_stacked(wkeys, pin=dev.type == "cuda").to(dev, non_blocking=True)
                 W = packed[:, : math.prod(wshape)].unflatten(1, wshape).unbind(0)
             else:
                 stacked = torch.empty((len(wkeys), *wshape), dtype=wdtype, device=dev)

@@ -146,3 +146,33 @@ def BrokenLlama(config: dict, *, rngs):
     )
     model.model.layers[0].input_layernorm.eps = 1e-1
     return model
+
+
+FP8_EXPERT_KINDS = {  # name -> (shape, count): more than one group of each, a remainder, partial 128x128 tiles
+    "gate_proj": ((256, 384), 40),
+    "down_proj": ((200, 130), 37),
+}
+
+
+def fp8_experts(folder, *, damaged=None, scale_dtype=torch.float32):
+    """Many FP8 expert weights of two kinds with 128x128 block scales (the layout DeepSeek-V3 stores), in one
+    file; ``damaged``: a scale key to hold a NaN. Returns what was stored."""
+    from helpers import random_fp8, random_scales
+    from safetensors.torch import save_file
+
+    stored = {"model.norm.weight": torch.randn(384).bfloat16()}
+    seed = 0
+    for name, (shape, count) in FP8_EXPERT_KINDS.items():
+        for e in range(count):
+            key = f"model.layers.0.mlp.experts.{e}.{name}.weight"
+            seed += 1
+            stored[key] = random_fp8(shape, seed=seed)
+            grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+            stored[key + "_scale_inv"] = random_scales(grid, seed=1000 + seed).to(scale_dtype)
+    if damaged is not None:
+        stored[damaged][0, -1] = float("nan")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(stored, folder / "model.safetensors")
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return stored

@@ -5,40 +5,14 @@ work on the device (run with `pytest -m gpu`)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from helpers import random_fp8, random_scales, to_numpy
+from checkpoints import FP8_EXPERT_KINDS as KINDS
+from checkpoints import fp8_experts as _write
+from helpers import to_numpy
 
 pytestmark = pytest.mark.gpu
-
-KINDS = {  # name -> (shape, count): more than one group of each, a remainder, partial 128x128 tiles
-    "gate_proj": ((256, 384), 40),
-    "down_proj": ((200, 130), 37),
-}
-
-
-def _write(folder, *, damaged=None, scale_dtype=torch.float32):
-    from safetensors.torch import save_file
-
-    stored = {"model.norm.weight": torch.randn(384).bfloat16()}
-    seed = 0
-    for name, (shape, count) in KINDS.items():
-        for e in range(count):
-            key = f"model.layers.0.mlp.experts.{e}.{name}.weight"
-            seed += 1
-            stored[key] = random_fp8(shape, seed=seed)
-            grid = (-(-shape[0] // 128), -(-shape[1] // 128))
-            stored[key + "_scale_inv"] = random_scales(grid, seed=1000 + seed).to(scale_dtype)
-    if damaged is not None:
-        stored[damaged][0, -1] = float("nan")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(stored, folder / "model.safetensors")
-    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
-    (folder / "config.json").write_text(json.dumps(config))
-    return stored
 
 
 def _expected(stored):
