@@ -187,14 +187,15 @@ def _byte_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_fp8_native(
-    W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype
+    W: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype, transpose: bool = False
 ) -> torch.Tensor | None:
     """:func:`dequantize_fp8_reference`'s values, bit for bit, from the C kernel (``_native``) on the CPU:
     each byte's float32 value from a table, times its tile's float32 scale, rounded once to ``dtype``.
 
-    Returns a new tensor of ``W``'s shape, or None when the kernel is not built yet (or cannot be had) or a
-    piece is not as it reads it (CPU, contiguous, no lazy negation, one matrix): the caller takes the
-    torch path.
+    Returns a new tensor of ``W``'s shape, or with ``transpose`` (a 2-D ``W``) a new contiguous tensor of its
+    transpose, written transposed in the same pass; or None when the kernel is not built yet (or cannot be
+    had) or a piece is not as it reads it (CPU, contiguous, no lazy negation, one matrix): the caller takes
+    the torch path.
     """
     fn = cpu_fp8()
     kind = CPU_KINDS.get(dtype)
@@ -218,10 +219,13 @@ def dequantize_fp8_native(
         (rows, cols), (block_rows, block_cols), scale_cols = W.shape, layout.block, layout.grid[1]
         if scale.numel() != layout.grid[0] * layout.grid[1] or block_rows < 1 or block_cols < 1:
             return None
-    out = torch.empty(W.shape, dtype=dtype, device="cpu")  # not the default device: the kernel writes here
+    if transpose and W.dim() != 2:
+        return None
+    shape = (W.shape[1], W.shape[0]) if transpose else W.shape
+    out = torch.empty(shape, dtype=dtype, device="cpu")  # not the default device: the kernel writes here
     table = _byte_values(W.dtype)  # held through the call (another thread may replace the cached one)
     fn(W.view(torch.uint8).data_ptr(), table.data_ptr(), scale.data_ptr(), rows, cols, block_rows, block_cols,
-       scale_cols, out.data_ptr(), kind, torch.get_num_threads())  # fmt: skip
+       scale_cols, out.data_ptr(), kind, torch.get_num_threads(), int(transpose))  # fmt: skip
     return out
 
 
@@ -276,8 +280,8 @@ def dequantize_fp8(
         block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
             shape agrees with 128, else the single square block size consistent with both shapes.
         transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` when stacked): written transposed
-            in the same pass by the Triton backend, a transposed view of the row-major result by the torch
-            backend.
+            in the same pass by the Triton backend and by qbridge's CPU kernel, a transposed view of the
+            row-major result by the torch backend.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. ``"auto"``: Triton on CUDA; on the CPU qbridge's C
             kernel (``torch_side/_native.py``; the torch path's bits) once it is built, except float8_e5m2
             weights under ``E5M2_NATIVE_FROM`` elements, and the torch path until then.
@@ -390,10 +394,14 @@ def _decode_matrix(
     wait: bool = True,
     native: bool = False,
 ) -> torch.Tensor:
-    decoded = dequantize_fp8_native(W, scale, layout, dtype) if native and W.device.type == "cpu" else None
+    decoded = (
+        dequantize_fp8_native(W, scale, layout, dtype, transpose)
+        if native and W.device.type == "cpu"
+        else None
+    )
     if decoded is not None:
-        result = decoded
-    elif W.numel() == 0:
+        return decoded  # written in the layout asked for
+    if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":
         try:

@@ -51,6 +51,7 @@ CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kerne
 
 _FN: Any = None  # the loaded qb_dequantize_4bit, once ready
 _FP8: Any = None  # the loaded qb_dequantize_fp8, from the same library
+_FN_T: Any = None  # the loaded qb_dequantize_4bit_t (written transposed), from the same library
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -106,24 +107,27 @@ def _whole(path: pathlib.Path) -> bool:
     return whole(str(path))
 
 
-def load(path: pathlib.Path) -> tuple[Any, Any]:
-    """The kernel's entry points from a built library (4-bit, FP8), with their argument types set."""
+def load(path: pathlib.Path) -> tuple[Any, Any, Any]:
+    """The kernel's entry points from a built library (4-bit, FP8, 4-bit written transposed), with their
+    argument types set."""
     try:
         library = ctypes.CDLL(str(path))
-        fn, fp8 = library.qb_dequantize_4bit, library.qb_dequantize_fp8
+        fn, fp8, fn_t = library.qb_dequantize_4bit, library.qb_dequantize_fp8, library.qb_dequantize_4bit_t
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
     log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, i64, i64, p, i32, i32]
     fn.restype = i32
-    fp8.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i32, i32]
+    fp8.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, i32, i32, i32]
     fp8.restype = i32
-    return fn, fp8
+    fn_t.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, i64, i64, i64, p, i32, i32]
+    fn_t.restype = i32
+    return fn, fp8, fn_t
 
 
 def _build_and_load() -> None:
-    global _FN, _FP8, _UNAVAILABLE
+    global _FN, _FP8, _FN_T, _UNAVAILABLE
     try:
         root = cache_dir()
         if root is not None:
@@ -135,7 +139,7 @@ def _build_and_load() -> None:
                     whole = _whole(path)
                 if whole:
                     try:
-                        _FN, _FP8 = load(path)
+                        _FN, _FP8, _FN_T = load(path)
                         return
                     except BuildError as e:  # whole but not the kernel (replaced by hand): built again
                         log.debug("%s could not be loaded (%s): built again", path, e)
@@ -146,7 +150,7 @@ def _build_and_load() -> None:
         # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
         path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
         build(path)
-        _FN, _FP8 = load(path)
+        _FN, _FP8, _FN_T = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _BUILDS.exiting:  # a private build stopped at exit is no news
@@ -211,6 +215,12 @@ def cpu_fp8(wait: bool = False) -> Any:
     """The FP8 entry point of the same library (see :func:`cpu_4bit`), or None."""
     cpu_4bit(wait)
     return _FP8
+
+
+def cpu_4bit_t(wait: bool = False) -> Any:
+    """The transposed 4-bit entry point of the same library (see :func:`cpu_4bit`), or None."""
+    cpu_4bit(wait)
+    return _FN_T
 
 
 def _make_private() -> pathlib.Path:

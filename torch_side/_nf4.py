@@ -34,7 +34,7 @@ from ._checks import (
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
-from ._native import CPU_KINDS, cpu_4bit, readable
+from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
@@ -302,17 +302,20 @@ def dequantize_4bit_native(
     offset: float | torch.Tensor = 0.0,
     *,
     wait: bool = False,
+    transposed: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
     """:func:`dequantize_4bit_reference`'s values, bit for bit, from the C kernel (``_native``) on the CPU.
 
     Decodes a nested absmax itself (``absmax`` uint8 with ``nested_absmax``, ``nested_code`` and
     ``offset``) or takes float32 ``absmax``. Returns a new flat tensor of ``n`` elements and ``dtype`` (the
     kernel writes through a pointer, which only new memory allows: an ``out=`` is filled by the caller with
-    ``copy_``, which keeps torch's checks and version counter). Returns None when the kernel is not built
-    yet (``wait`` waits for it) or cannot be had, or when a piece is not as the kernel reads it (CPU,
-    contiguous, the checked dtypes, no lazy negation): the caller takes the torch path.
+    ``copy_``, which keeps torch's checks and version counter); with ``transposed`` ``(rows, cols)`` (``rows
+    * cols == n``), the ``[cols, rows]`` transpose of the ``[rows, cols]`` weight, written transposed in the
+    same pass. Returns None when the kernel is not built yet (``wait`` waits for it) or cannot be had, or
+    when a piece is not as the kernel reads it (CPU, contiguous, the checked dtypes, no lazy negation): the
+    caller takes the torch path.
     """
-    fn = cpu_4bit(wait)
+    fn = cpu_4bit(wait) if transposed is None else (cpu_4bit(wait) and cpu_4bit_t())
     if fn is None or flat.device.type != "cpu":
         return None
     kind = CPU_KINDS.get(dtype)
@@ -324,9 +327,8 @@ def dequantize_4bit_native(
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             return None
-        return _kernel_call(
-            fn, torch.empty(n, dtype=dtype, device="cpu"), kind, flat, absmax, code, blocksize, n
-        )
+        return _kernel_call(fn, _new_out(n, dtype, transposed), kind, flat, absmax, code, blocksize, n,
+                            rows_cols=transposed)  # fmt: skip
     assert nested_code is not None  # _check_pieces requires both
     if (
         absmax.dtype != torch.uint8
@@ -341,9 +343,15 @@ def dequantize_4bit_native(
     ):
         return None
     return _kernel_call(
-        fn, torch.empty(n, dtype=dtype, device="cpu"), kind, flat, absmax, code, blocksize, n,
-        nested_absmax, nested_code, nested_blocksize, offset,
+        fn, _new_out(n, dtype, transposed), kind, flat, absmax, code, blocksize, n,
+        nested_absmax, nested_code, nested_blocksize, offset, rows_cols=transposed,
     )  # fmt: skip
+
+
+def _new_out(n: int, dtype: torch.dtype, transposed: tuple[int, int] | None) -> torch.Tensor:
+    """New CPU memory for the kernel's result (not the default device: the kernel writes here)."""
+    shape = (n,) if transposed is None else (transposed[1], transposed[0])
+    return torch.empty(shape, dtype=dtype, device="cpu")
 
 
 def _kernel_call(
@@ -359,11 +367,15 @@ def _kernel_call(
     nested_code: torch.Tensor | None = None,
     nested_blocksize: int = 1,
     offset: Any = 0.0,
+    rows_cols: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """One call of the C kernel into ``out`` (new memory of ``n`` elements), on torch's thread count."""
+    """One call of the C kernel into ``out`` (new memory of ``n`` elements), on torch's thread count. With
+    ``rows_cols``, the weight is ``[rows, cols]`` and ``out`` (``[cols, rows]``) gets it written transposed
+    (``fn`` is then the transposed entry point)."""
     threads = torch.get_num_threads()
+    size: tuple[int, ...] = (n,) if rows_cols is None else rows_cols
     if nested_absmax is None:
-        fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), n, blocksize,
+        fn(packed.data_ptr(), absmax.data_ptr(), None, None, None, 1, 0.0, code.data_ptr(), *size, blocksize,
            out.data_ptr(), kind, threads)  # fmt: skip
         return out
     assert nested_code is not None
@@ -372,7 +384,7 @@ def _kernel_call(
     # entries past the last absmax block never read another nested scale: the same decode, in C's int64
     nested_blocksize = min(nested_blocksize, max(1, -(-n // blocksize)))
     fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
-       nested_blocksize, offset, code.data_ptr(), n, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
+       nested_blocksize, offset, code.data_ptr(), *size, blocksize, out.data_ptr(), kind, threads)  # fmt: skip
     return out
 
 
@@ -405,11 +417,17 @@ class NF4CpuPlan:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
-        result = _kernel_call(
+        if self.transpose:  # written transposed by the kernel
+            rows, cols = self.shape
+            return _kernel_call(
+                cpu_4bit_t(), torch.empty((cols, rows), dtype=self.dtype, device="cpu"), self.kind, packed,
+                absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize,
+                offset, rows_cols=(rows, cols),
+            )  # fmt: skip
+        return _kernel_call(
             cpu_4bit(), torch.empty(self.shape, dtype=self.dtype, device="cpu"), self.kind, packed, absmax,
             self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
         )  # fmt: skip
-        return result.t() if self.transpose else result
 
 
 def _decode_absmax(
@@ -675,13 +693,14 @@ def dequantize_nf4(
             if device.type == "cpu" and backend == "auto":
                 native = dequantize_4bit_native(
                     flat, absmax, table, blocksize, n, dtype, nested_absmax, nested_code, nested_blocksize,
-                    offset,
+                    offset, transposed=(shape[0], shape[1]) if transpose else None,
                 )  # fmt: skip
                 if native is not None and plan_key is not None and out is None:
                     plan = NF4CpuPlan(shape, dtype, table, blocksize, n, transpose, nested_blocksize)
                     remember(NF4_PLANS, plan_key, plan)
-            if native is not None:
-                result = native.reshape(shape)
+            if native is not None:  # written in the layout asked for
+                written = native.reshape(result_shape)
+                return out.copy_(written) if out is not None else written
             else:
                 absmax_f32 = _decode_absmax(
                     absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch"

@@ -90,6 +90,35 @@ def test_matches_the_reference(kernel, n, blocksize, nested):
         assert_bitwise_equal(got, _reference(packed, absmax, code, blocksize, n, dtype, extra))
 
 
+@pytest.mark.parametrize(
+    "rows, cols", [(1, 1), (3, 5), (16, 64), (17, 63), (33, 130), (48, 96), (21, 33), (700, 1500)]
+)
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("nested", [False, True])
+def test_written_transposed_matches_the_reference(kernel, rows, cols, blocksize, nested):
+    """The kernel's transposed entry point (a Linear's [out, in] weight written as its [in, out] kernel) gives
+    the reference's transpose bit for bit, contiguous: rows past whole tiles of 16, columns past whole tiles
+    of 64, odd columns (rows that start on a low nibble), blocks that end inside a row; one thread and
+    several (700 x 1500 is past one thread's share)."""
+    n = rows * cols
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3) if n > (1 << 18) else (before,):
+            torch.set_num_threads(threads)
+            for i, dtype in enumerate(DTYPES):
+                packed, absmax, code, extra = _pieces(
+                    n, blocksize, nested=nested, seed=i + rows, nested_blocksize=7
+                )
+                got = dequantize_4bit_native(
+                    packed, absmax, code, blocksize, n, dtype, **extra, transposed=(rows, cols)
+                )
+                assert got is not None and got.shape == (cols, rows) and got.is_contiguous()
+                want = _reference(packed, absmax, code, blocksize, n, dtype, extra).reshape(rows, cols).t()
+                assert_bitwise_equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_several_threads_split_blocks_exactly(kernel, threads):
     """Large weights are split over threads by whole blocks: each thread count gives the same bits
@@ -184,6 +213,7 @@ def test_transposed_and_offset_tensor_through_dequantize_nf4(kernel):
         for _ in range(2):
             got = torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=offset, transpose=True)
             assert_bitwise_equal(got, want.t())
+            assert got.is_contiguous()  # written transposed by the kernel, not a view
     out = torch.empty(40, 96, dtype=torch.float16).t()
     torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=p.offset, out=out)
     assert_bitwise_equal(out, want)
@@ -614,12 +644,15 @@ def _fp8_weight(shape, dtype, gen):
         ((128, 256), (1, 2), 128),
         ((100, 300), (2, 5), 64),
         ((1031, 4100), (9, 33), 128),  # more than one thread's share (2**18 elements), odd rows
+        ((50, 250), (1, 3), 100),  # scale blocks that start inside a group of 16 columns
+        ((33, 70), (33, 1), None),  # per row, rows and columns past whole tiles of 16 x 64
     ],
 )
 def test_fp8_matches_the_reference_bit_for_bit(kernel, monkeypatch, fp8, shape, scale_shape, block):
     """dequantize_fp8 on the CPU takes the C kernel (the plain-torch decode raises if asked) and gives
-    its bits for every output dtype: all 256 byte values (NaN, infinities, subnormals, -0), and scales
-    that are NaN, infinite, zero, negative or tiny enough to make subnormal products."""
+    its bits for every output dtype, row-major and (2-D weights) written transposed, contiguous: all 256
+    byte values (NaN, infinities, subnormals, -0), and scales that are NaN, infinite, zero, negative or
+    tiny enough to make subnormal products."""
     from torch_side import _fp8
 
     gen = torch.Generator().manual_seed(sum(shape))
@@ -630,19 +663,23 @@ def test_fp8_matches_the_reference_bit_for_bit(kernel, monkeypatch, fp8, shape, 
         flat[i + 1] = v
     monkeypatch.setattr(_fp8, "E5M2_NATIVE_FROM", 0)  # small e5m2 weights too (they take torch's path)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        want = torch_side.dequantize_fp8(W, scale, dtype, block_size=block, backend="torch")
-        original = _fp8.dequantize_fp8_reference
-        _fp8.dequantize_fp8_reference = None  # the C kernel must answer
-        try:
-            got = torch_side.dequantize_fp8(W, scale, dtype, block_size=block)
-        finally:
-            _fp8.dequantize_fp8_reference = original
-        assert_bitwise_equal(got, want)
+        for transpose in (False, True) if W.dim() == 2 else (False,):
+            kw = dict(block_size=block, transpose=transpose)
+            want = torch_side.dequantize_fp8(W, scale, dtype, backend="torch", **kw)
+            original = _fp8.dequantize_fp8_reference
+            _fp8.dequantize_fp8_reference = None  # the C kernel must answer
+            try:
+                got = torch_side.dequantize_fp8(W, scale, dtype, **kw)
+            finally:
+                _fp8.dequantize_fp8_reference = original
+            assert got.is_contiguous()
+            assert_bitwise_equal(got, want)
 
 
 def test_fp8_other_inputs_take_the_torch_path_with_the_same_bits(kernel):
-    """What the kernel does not read as it lies (a non-contiguous weight, a transposed result, bf16, f16
-    and e8m0 scales, several threads or one) still comes out bit-identical to the plain-torch decode."""
+    """What the kernel does not read as it lies (a non-contiguous weight, e8m0 scales), and bf16 and f16
+    scales and a transposed result, with several threads or one, come out bit-identical to the plain-torch
+    decode."""
     gen = torch.Generator().manual_seed(5)
     W = _fp8_weight((600, 700), torch.float8_e4m3fn, gen)
     scale = torch.rand(5, 6, generator=gen) * 1e-2

@@ -55,7 +55,7 @@ struct qb_job {
     const uint8_t *fp8;
     const float *lut; /* 256 entries: the float32 value of every byte */
     const float *scale;
-    int64_t cols, block_rows, block_cols, scale_cols, first_row, stop_row;
+    int64_t rows, cols, block_rows, block_cols, scale_cols, first_row, stop_row;
     unsigned int csr; /* the caller's floating-point control word (x86) */
 };
 
@@ -223,6 +223,65 @@ static void run_blocks(const qb_job *job) {
     }
 }
 
+/* The 4-bit decode written transposed, for a weight of shape [rows, cols] (element i = r * cols + c of the
+ * flat order): element (r, c) to out[c * rows + r], the [cols, rows] layout (a Linear's kernel in Flax).
+ * 16 rows at a time are decoded into a float32 tile 64 columns wide (segment by segment of one absmax
+ * block), and each of its columns is stored as 16 consecutive outputs: the same products, flushes and
+ * rounding as the row-major decode. Rows first_row .. stop_row - 1. */
+#define QB_TILE_C 64
+static inline float decode_one(const qb_job *job, int64_t i, float scale) {
+    const uint8_t b = job->packed[i / 2];
+    return flush(job->code[(i & 1) ? (b & 15) : (b >> 4)] * scale);
+}
+
+static void run_blocks_t(const qb_job *job) {
+    const int64_t cols = job->cols, rows = job->rows, bs = job->blocksize;
+    int64_t r = job->first_row;
+#if QB_AVX512
+    const __m512 table = _mm512_loadu_ps(job->code);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(QB_TILE_C));
+    float tile[16 * QB_TILE_C];
+    for (; r + 16 <= job->stop_row; r += 16) {
+        for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
+            const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
+            for (int k = 0; k < 16; k++) {
+                float *into = tile + k * QB_TILE_C;
+                int64_t i = (r + k) * cols + c0, c = 0;
+                while (c < width) { /* a segment of one absmax block */
+                    const int64_t j = i / bs;
+                    const int64_t seg = (j + 1) * bs - i < width - c ? (j + 1) * bs - i : width - c;
+                    const float scale = scale_of(job, j);
+                    int64_t e = 0;
+                    if ((i & 1) == 0) { /* 32 elements from 16 bytes, high nibble first */
+                        const __m512 sv = _mm512_set1_ps(scale);
+                        for (; e + 32 <= seg; e += 32) {
+                            const __m128i x = _mm_loadu_si128((const __m128i *)(job->packed + (i + e) / 2));
+                            const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low), lo = _mm_and_si128(x, low);
+                            const __m512 v0 = _mm512_mul_ps(
+                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), sv);
+                            const __m512 v1 = _mm512_mul_ps(
+                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), sv);
+                            _mm512_storeu_ps(into + c + e, flush16(v0));
+                            _mm512_storeu_ps(into + c + e + 16, flush16(v1));
+                        }
+                    }
+                    for (; e < seg; e++) into[c + e] = decode_one(job, i + e, scale);
+                    i += seg;
+                    c += seg;
+                }
+            }
+            for (int64_t c = 0; c < width; c++)
+                store16(job->out, job->kind, (c0 + c) * rows + r, _mm512_i32gather_ps(down, tile + c, 4));
+        }
+    }
+#endif
+    for (; r < job->stop_row; r++)
+        for (int64_t c = 0, i = r * cols; c < cols; c++, i++)
+            store_one(job->out, job->kind, c * rows + r, decode_one(job, i, scale_of(job, i / bs)));
+}
+
 /* FP8 rows first_row .. stop_row - 1: each byte's float32 value from the table, times its tile's scale in
  * float32 (one rounding), rounded once more while storing: the plain-torch decode's order of operations. */
 static void run_fp8_rows(const qb_job *job) {
@@ -245,6 +304,47 @@ static void run_fp8_rows(const qb_job *job) {
             for (; c < c1; c++) store_one(job->out, job->kind, base + c, job->lut[w[c]] * scale);
         }
     }
+}
+
+/* The FP8 decode written transposed (as run_blocks_t writes the 4-bit one): element (r, c) of the [rows, cols]
+ * weight to out[c * rows + r], 16 rows at a time through a float32 tile 64 columns wide; the same products
+ * and rounding while storing. */
+static inline float fp8_value(const qb_job *job, int64_t r, int64_t c) {
+    return job->lut[job->fp8[r * job->cols + c]] * job->scale[(r / job->block_rows) * job->scale_cols + c / job->block_cols];
+}
+
+static void run_fp8_rows_t(const qb_job *job) {
+    const int64_t cols = job->cols, rows = job->rows, bc = job->block_cols;
+    int64_t r = job->first_row;
+#if QB_AVX512
+    float tile[16 * QB_TILE_C];
+    const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(QB_TILE_C));
+    for (; r + 16 <= job->stop_row; r += 16) {
+        for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
+            const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
+            for (int k = 0; k < 16; k++) {
+                const int64_t rr = r + k;
+                const float *scales = job->scale + (rr / job->block_rows) * job->scale_cols;
+                const uint8_t *w = job->fp8 + rr * cols + c0;
+                float *into = tile + k * QB_TILE_C;
+                int64_t c = 0;
+                for (; c + 16 <= width; c += 16) {
+                    const int64_t first = (c0 + c) / bc, last = (c0 + c + 15) / bc;
+                    if (first != last) break; /* 16 columns across two scale blocks: element by element */
+                    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c)));
+                    _mm512_storeu_ps(into + c, _mm512_mul_ps(_mm512_set1_ps(scales[first]),
+                                                             _mm512_i32gather_ps(bytes, job->lut, 4)));
+                }
+                for (; c < width; c++) into[c] = job->lut[w[c]] * scales[(c0 + c) / bc];
+            }
+            for (int64_t c = 0; c < width; c++)
+                store16(job->out, job->kind, (c0 + c) * rows + r, _mm512_i32gather_ps(down, tile + c, 4));
+        }
+    }
+#endif
+    for (; r < job->stop_row; r++)
+        for (int64_t c = 0; c < cols; c++) store_one(job->out, job->kind, c * rows + r, fp8_value(job, r, c));
 }
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -426,12 +526,12 @@ int qb_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t
     return run_parallel(jobs, threads);
 }
 
-/* Decodes an FP8 matrix [rows, cols] (its bytes) into out (kind as above) on up to `threads` threads: element
- * (r, c) is lut[byte] * scale[(r / block_rows) * scale_cols + c / block_cols] in float32, rounded to the kind.
- * Returns the number of threads that decoded. */
-int qb_dequantize_fp8(const uint8_t *w, const float *lut, const float *scale, int64_t rows, int64_t cols,
-                      int64_t block_rows, int64_t block_cols, int64_t scale_cols, void *out, int kind,
-                      int threads) {
+/* qb_dequantize_4bit of a [rows, cols] weight (n = rows * cols), written transposed: element (r, c) at
+ * out[c * rows + r]. Rows are split over up to `threads` threads. Returns the number of threads that decoded. */
+int qb_dequantize_4bit_t(const uint8_t *packed, const float *absmax, const uint8_t *absmax_code,
+                         const float *nested_code, const float *nested_absmax, int64_t nested_blocksize,
+                         float offset, const float *code, int64_t rows, int64_t cols, int64_t blocksize, void *out,
+                         int kind, int threads) {
     const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
     if ((int64_t)threads > rows * cols / per_thread) threads = (int)(rows * cols / per_thread);
     if (threads < 1) threads = 1;
@@ -439,8 +539,32 @@ int qb_dequantize_fp8(const uint8_t *w, const float *lut, const float *scale, in
     if (threads > rows) threads = (int)rows;
     qb_job jobs[QB_MAX_THREADS];
     for (int t = 0; t < threads; t++) {
-        qb_job job = {.run = run_fp8_rows, .out = out, .kind = kind, .fp8 = w, .lut = lut, .scale = scale,
-                      .cols = cols, .block_rows = block_rows, .block_cols = block_cols, .scale_cols = scale_cols,
+        qb_job job = {.run = run_blocks_t, .packed = packed, .absmax = absmax, .absmax_code = absmax_code,
+                      .nested_code = nested_code, .nested_absmax = nested_absmax,
+                      .nested_blocksize = nested_blocksize, .offset = offset, .code = code, .n = rows * cols,
+                      .blocksize = blocksize, .out = out, .kind = kind, .rows = rows, .cols = cols,
+                      .first_row = rows * t / threads, .stop_row = rows * (t + 1) / threads};
+        jobs[t] = job;
+    }
+    return run_parallel(jobs, threads);
+}
+
+/* Decodes an FP8 matrix [rows, cols] (its bytes) into out (kind as above) on up to `threads` threads: element
+ * (r, c) is lut[byte] * scale[(r / block_rows) * scale_cols + c / block_cols] in float32, rounded to the kind,
+ * written at out[r * cols + c], or with `transpose` at out[c * rows + r]. Returns the number of threads that
+ * decoded. */
+int qb_dequantize_fp8(const uint8_t *w, const float *lut, const float *scale, int64_t rows, int64_t cols,
+                      int64_t block_rows, int64_t block_cols, int64_t scale_cols, void *out, int kind,
+                      int threads, int transpose) {
+    const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
+    if ((int64_t)threads > rows * cols / per_thread) threads = (int)(rows * cols / per_thread);
+    if (threads < 1) threads = 1;
+    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
+    if (threads > rows) threads = (int)rows;
+    qb_job jobs[QB_MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        qb_job job = {.run = transpose ? run_fp8_rows_t : run_fp8_rows, .out = out, .kind = kind, .fp8 = w,
+                      .lut = lut, .scale = scale, .rows = rows, .cols = cols, .block_rows = block_rows, .block_cols = block_cols, .scale_cols = scale_cols,
                       .first_row = rows * t / threads, .stop_row = rows * (t + 1) / threads};
         jobs[t] = job;
     }
