@@ -12,6 +12,9 @@ answers before that kernel is built, or without a compiler). Whole process: a fr
 first ``dequantize_nf4`` and the next 100, with an empty cache directory (the kernel is built in the
 background meanwhile) and with the one that run left (loaded on the first call).
 
+Written transposed: a Linear's weight decoded as its Flax kernel (``transpose=True``, contiguous), against a
+row-major decode followed by a transposed copy (the route before the kernel wrote transposes itself).
+
 Usage: ``python benchmarks/cpu_decode.py [--out results/cpu-decode.txt]``.
 """
 
@@ -143,6 +146,49 @@ def main() -> None:
                 f"{'x'.join(map(str, shape)):<12}{str(fp8).split('_')[-1]:<8}{ours:>10.4f}{torch_path:>12.4f}"
                 f"{torch_path / ours:>14.1f}x"
             )
+    lines += [
+        "Written transposed (a Linear's [out, in] weight as its [in, out] Flax kernel, contiguous, as the loader",
+        "asks), per call (median ms): the kernel writing the transpose itself, against the route before it",
+        "(row-major decode by the kernel, then a transposed copy), and the torch path:",
+        f"{'shape':<12}{'format':<12}{'qbridge':>10}{'row-major+copy':>16}{'torch path':>12}{'copy/qbridge':>14}",
+    ]
+    for shape in [(1024, 4096), (4096, 4096), (14336, 4096)]:
+        w = torch.randn(shape, dtype=torch.bfloat16)
+        packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        p = torch_side.parse_quant_state(qs)
+        kw = dict(shape=p.shape, blocksize=p.blocksize, nested_absmax=p.nested_absmax, nested_code=p.nested_code,
+                  nested_blocksize=p.nested_blocksize, offset=p.offset, dtype=torch.bfloat16)  # fmt: skip
+        reps = 7 if shape[0] > 2000 else 51
+        ours = median_ms(
+            lambda a=p.absmax, k=kw, q=packed: torch_side.dequantize_nf4(q, a, transpose=True, **k), reps
+        )
+        copy = median_ms(
+            lambda a=p.absmax, k=kw, q=packed: torch_side.dequantize_nf4(q, a, **k).t().contiguous(), reps
+        )
+        torch_path = median_ms(
+            lambda a=p.absmax, k=kw, q=packed: torch_side.dequantize_nf4(
+                q, a, transpose=True, backend="torch", **k
+            ).contiguous(),
+            reps,
+        )
+        lines.append(
+            f"{'x'.join(map(str, shape)):<12}{'nf4 nested':<12}{ours:>10.3f}{copy:>16.3f}{torch_path:>12.3f}"
+            f"{copy / ours:>13.2f}x"
+        )
+    for shape in [(576, 7168), (2048, 7168), (7168, 2048)]:
+        W = (torch.randn(shape) * 64).to(torch.float8_e4m3fn)
+        s = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128)) * 1e-3 + 1e-5
+        reps = 15
+        ours = median_ms(lambda W=W, s=s: torch_side.dequantize_fp8(W, s, transpose=True), reps)
+        copy = median_ms(lambda W=W, s=s: torch_side.dequantize_fp8(W, s).t().contiguous(), reps)
+        torch_path = median_ms(
+            lambda W=W, s=s: torch_side.dequantize_fp8(W, s, transpose=True, backend="torch").contiguous(),
+            reps,
+        )
+        lines.append(
+            f"{'x'.join(map(str, shape)):<12}{'fp8 e4m3':<12}{ours:>10.3f}{copy:>16.3f}{torch_path:>12.3f}"
+            f"{copy / ours:>13.2f}x"
+        )
     lines.append("fresh process, NF4 4096x4096 plain (imports s, first call ms, next 100 calls ms):")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "QBRIDGE_CACHE_DIR": cache}
