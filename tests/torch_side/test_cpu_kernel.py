@@ -818,3 +818,48 @@ def test_fp8_under_forward_mode_and_vmap_takes_the_torch_path(kernel):
     _, tangent = torch.func.jvp(lambda s: torch_side.dequantize_fp8(W, s, torch.float32), (scale,),
                                 (torch.ones_like(scale),))  # fmt: skip
     assert_bitwise_equal(tangent, W.float())
+
+
+def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch):
+    """CPUs without AVX-512 (most laptops) run the kernel's plain C paths: built here without AVX-512 and
+    put in the built kernel's place, they give the reference's bits too, row-major and written transposed,
+    4-bit and FP8."""
+    import platform
+
+    from torch_side import _build_c, _fp8
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX-512 paths exist on x86-64 only: the build here is the plain one already")
+    flags = [f for f in _build_c.FLAGS if f != "-march=native"] + ["-mno-avx512f"]
+    target = tmp_path / "plain.so"
+    subprocess.run([*_build_c.compiler(), *flags, str(_native.SOURCE), "-o", str(target)], check=True)
+    monkeypatch.setattr(_native, "_FN", None)
+    fn, fp8, fn_t = _native.load(target)
+    monkeypatch.setattr(_native, "_FN", fn)
+    monkeypatch.setattr(_native, "_FP8", fp8)
+    monkeypatch.setattr(_native, "_FN_T", fn_t)
+    NF4_PLANS.clear()
+    for rows, cols, blocksize, nested in [(33, 130, 64, True), (17, 63, 32, False), (300, 900, 4096, True)]:
+        n = rows * cols
+        for i, dtype in enumerate(DTYPES):
+            packed, absmax, code, extra = _pieces(
+                n, blocksize, nested=nested, seed=i + rows, nested_blocksize=7
+            )
+            want = _reference(packed, absmax, code, blocksize, n, dtype, extra)
+            assert_bitwise_equal(
+                dequantize_4bit_native(packed, absmax, code, blocksize, n, dtype, **extra), want
+            )
+            got = dequantize_4bit_native(
+                packed, absmax, code, blocksize, n, dtype, **extra, transposed=(rows, cols)
+            )
+            assert_bitwise_equal(got, want.reshape(rows, cols).t())
+    gen = torch.Generator().manual_seed(12)
+    W = _fp8_weight((257, 513), torch.float8_e4m3fn, gen)
+    scale = torch.rand(3, 5, generator=gen) * 1e-2
+    cases = [(dtype, transpose) for dtype in DTYPES for transpose in (False, True)]
+    wants = [torch_side.dequantize_fp8(W, scale, d, transpose=t, backend="torch") for d, t in cases]
+    monkeypatch.setattr(_fp8, "dequantize_fp8_reference", None)  # the plain C kernel must answer
+    for (dtype, transpose), want in zip(cases, wants, strict=True):
+        got = torch_side.dequantize_fp8(W, scale, dtype, transpose=transpose)
+        assert got.is_contiguous()
+        assert_bitwise_equal(got, want)
