@@ -229,6 +229,17 @@ static void run_blocks(const qb_job *job) {
  * block), and each of its columns is stored as 16 consecutive outputs: the same products, flushes and
  * rounding as the row-major decode. Rows first_row .. stop_row - 1. */
 #define QB_TILE_C 64
+#if QB_AVX512
+/* Stores a decoded tile (16 rows from row r, `width` columns from column c0, QB_TILE_C floats per row)
+ * transposed: tile column c becomes outputs (c0 + c) * rows + r .. + 15, rounded as store16 rounds. */
+static inline void store_tile_t(const qb_job *job, const float *tile, int64_t r, int64_t c0, int64_t width) {
+    const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(QB_TILE_C));
+    for (int64_t c = 0; c < width; c++)
+        store16(job->out, job->kind, (c0 + c) * job->rows + r, _mm512_i32gather_ps(down, tile + c, 4));
+}
+#endif
+
 static inline float decode_one(const qb_job *job, int64_t i, float scale) {
     const uint8_t b = job->packed[i / 2];
     return flush(job->code[(i & 1) ? (b & 15) : (b >> 4)] * scale);
@@ -240,8 +251,6 @@ static void run_blocks_t(const qb_job *job) {
 #if QB_AVX512
     const __m512 table = _mm512_loadu_ps(job->code);
     const __m128i low = _mm_set1_epi8(0x0f);
-    const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(QB_TILE_C));
     float tile[16 * QB_TILE_C];
     for (; r + 16 <= job->stop_row; r += 16) {
         for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
@@ -272,8 +281,7 @@ static void run_blocks_t(const qb_job *job) {
                     c += seg;
                 }
             }
-            for (int64_t c = 0; c < width; c++)
-                store16(job->out, job->kind, (c0 + c) * rows + r, _mm512_i32gather_ps(down, tile + c, 4));
+            store_tile_t(job, tile, r, c0, width);
         }
     }
 #endif
@@ -318,8 +326,6 @@ static void run_fp8_rows_t(const qb_job *job) {
     int64_t r = job->first_row;
 #if QB_AVX512
     float tile[16 * QB_TILE_C];
-    const __m512i down = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(QB_TILE_C));
     for (; r + 16 <= job->stop_row; r += 16) {
         for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
             const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
@@ -338,8 +344,7 @@ static void run_fp8_rows_t(const qb_job *job) {
                 }
                 for (; c < width; c++) into[c] = job->lut[w[c]] * scales[(c0 + c) / bc];
             }
-            for (int64_t c = 0; c < width; c++)
-                store16(job->out, job->kind, (c0 + c) * rows + r, _mm512_i32gather_ps(down, tile + c, 4));
+            store_tile_t(job, tile, r, c0, width);
         }
     }
 #endif
