@@ -506,6 +506,17 @@ static int run_parallel(qb_job *jobs, int parts) {
     return 1;
 }
 
+/* The threads a call uses: at most `threads`, one per 2**18 elements (less is decoded faster on one thread),
+ * at least one, and at most one per unit of work (`units`: blocks or rows). */
+static int thread_count(int threads, int64_t elements, int64_t units) {
+    const int64_t per_thread = (int64_t)1 << 18;
+    if ((int64_t)threads > elements / per_thread) threads = (int)(elements / per_thread);
+    if (threads < 1) threads = 1;
+    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
+    if (threads > units) threads = (int)units;
+    return threads;
+}
+
 /* Decodes n elements into out (kind: 0 float32, 1 bfloat16, 2 float16) on up to `threads` threads.
  * absmax: float32 scales, or NULL with absmax_code/nested_code/nested_absmax/offset for a nested absmax.
  * Returns the number of threads that decoded. */
@@ -514,11 +525,7 @@ int qb_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t
                        float offset, const float *code, int64_t n, int64_t blocksize, void *out, int kind,
                        int threads) {
     const int64_t blocks = (n + blocksize - 1) / blocksize;
-    const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
-    if ((int64_t)threads > n / per_thread) threads = (int)(n / per_thread);
-    if (threads < 1) threads = 1;
-    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
-    if (threads > blocks) threads = (int)blocks;
+    threads = thread_count(threads, n, blocks);
     qb_job jobs[QB_MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         qb_job job = {.run = run_blocks, .packed = packed, .absmax = absmax, .absmax_code = absmax_code,
@@ -537,11 +544,7 @@ int qb_dequantize_4bit_t(const uint8_t *packed, const float *absmax, const uint8
                          const float *nested_code, const float *nested_absmax, int64_t nested_blocksize,
                          float offset, const float *code, int64_t rows, int64_t cols, int64_t blocksize, void *out,
                          int kind, int threads) {
-    const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
-    if ((int64_t)threads > rows * cols / per_thread) threads = (int)(rows * cols / per_thread);
-    if (threads < 1) threads = 1;
-    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
-    if (threads > rows) threads = (int)rows;
+    threads = thread_count(threads, rows * cols, rows);
     qb_job jobs[QB_MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         qb_job job = {.run = run_blocks_t, .packed = packed, .absmax = absmax, .absmax_code = absmax_code,
@@ -561,16 +564,13 @@ int qb_dequantize_4bit_t(const uint8_t *packed, const float *absmax, const uint8
 int qb_dequantize_fp8(const uint8_t *w, const float *lut, const float *scale, int64_t rows, int64_t cols,
                       int64_t block_rows, int64_t block_cols, int64_t scale_cols, void *out, int kind,
                       int threads, int transpose) {
-    const int64_t per_thread = (int64_t)1 << 18; /* elements: less than that is decoded faster on one thread */
-    if ((int64_t)threads > rows * cols / per_thread) threads = (int)(rows * cols / per_thread);
-    if (threads < 1) threads = 1;
-    if (threads > QB_MAX_THREADS) threads = QB_MAX_THREADS;
-    if (threads > rows) threads = (int)rows;
+    threads = thread_count(threads, rows * cols, rows);
     qb_job jobs[QB_MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         qb_job job = {.run = transpose ? run_fp8_rows_t : run_fp8_rows, .out = out, .kind = kind, .fp8 = w,
-                      .lut = lut, .scale = scale, .rows = rows, .cols = cols, .block_rows = block_rows, .block_cols = block_cols, .scale_cols = scale_cols,
-                      .first_row = rows * t / threads, .stop_row = rows * (t + 1) / threads};
+                      .lut = lut, .scale = scale, .rows = rows, .cols = cols, .block_rows = block_rows,
+                      .block_cols = block_cols, .scale_cols = scale_cols, .first_row = rows * t / threads,
+                      .stop_row = rows * (t + 1) / threads};
         jobs[t] = job;
     }
     return run_parallel(jobs, threads);
