@@ -22,7 +22,7 @@ from ._backend import choose_fp8_backend
 from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device
 from ._checks import check_finite as _check_finite
 from ._compile import Address, KernelNotReady, kernels_imported
-from ._native import CPU_KINDS, cpu_fp8, readable
+from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
 from ._plans import FP8_PLANS, tensor_key
 
 FP8_DTYPES = tuple(
@@ -394,13 +394,12 @@ def _decode_matrix(
     wait: bool = True,
     native: bool = False,
 ) -> torch.Tensor:
-    decoded = (
-        dequantize_fp8_native(W, scale, layout, dtype, transpose)
-        if native and W.device.type == "cpu"
-        else None
-    )
-    if decoded is not None:
-        return decoded  # written in the layout asked for
+    if native and W.device.type == "cpu":
+        # the kernel writes the transpose itself where that beats a transposed view of its row-major result
+        written_t = transpose and W.dim() == 2 and transposes_well(W.shape[0], W.shape[1], nibbles=False)
+        decoded = dequantize_fp8_native(W, scale, layout, dtype, written_t)
+        if decoded is not None:
+            return decoded.t() if transpose and not written_t else decoded
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":

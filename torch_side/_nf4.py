@@ -34,7 +34,7 @@ from ._checks import (
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
-from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable
+from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable, transposes_well
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
 
@@ -391,7 +391,17 @@ def _kernel_call(
 class NF4CpuPlan:
     """A checked 4-bit call on the CPU through the C kernel: allocate the output and call (see ``_plans``)."""
 
-    __slots__ = ("blocksize", "code", "dtype", "kind", "n", "nested_blocksize", "shape", "transpose")
+    __slots__ = (
+        "blocksize",
+        "code",
+        "dtype",
+        "kind",
+        "n",
+        "nested_blocksize",
+        "shape",
+        "transpose",
+        "written_t",
+    )
 
     def __init__(
         self,
@@ -402,9 +412,11 @@ class NF4CpuPlan:
         n: int,
         transpose: bool,
         nested_blocksize: int,
+        written_t: bool,
     ) -> None:
         self.shape, self.dtype, self.code, self.blocksize, self.n = shape, dtype, code, blocksize, n
         self.kind, self.transpose, self.nested_blocksize = CPU_KINDS[dtype], transpose, nested_blocksize
+        self.written_t = written_t  # the kernel writes the transpose (else: a transposed view of its result)
 
     def __call__(
         self,
@@ -417,17 +429,18 @@ class NF4CpuPlan:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
-        if self.transpose:  # written transposed by the kernel
+        if self.written_t:
             rows, cols = self.shape
             return _kernel_call(
                 cpu_4bit_t(), torch.empty((cols, rows), dtype=self.dtype, device="cpu"), self.kind, packed,
                 absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize,
                 offset, rows_cols=(rows, cols),
             )  # fmt: skip
-        return _kernel_call(
+        result = _kernel_call(
             cpu_4bit(), torch.empty(self.shape, dtype=self.dtype, device="cpu"), self.kind, packed, absmax,
             self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
         )  # fmt: skip
+        return result.t() if self.transpose else result
 
 
 def _decode_absmax(
@@ -690,17 +703,22 @@ def dequantize_nf4(
                 code.reshape(-1) if code is not None and not standard else standard_code(quant_type, device)
             )
             native = None
+            # the kernel writes the transpose itself where that beats a transposed copy of its result
+            written_t = transpose and transposes_well(shape[0], shape[1], nibbles=True)
             if device.type == "cpu" and backend == "auto":
                 native = dequantize_4bit_native(
                     flat, absmax, table, blocksize, n, dtype, nested_absmax, nested_code, nested_blocksize,
-                    offset, transposed=(shape[0], shape[1]) if transpose else None,
+                    offset, transposed=(shape[0], shape[1]) if written_t else None,
                 )  # fmt: skip
                 if native is not None and plan_key is not None and out is None:
-                    plan = NF4CpuPlan(shape, dtype, table, blocksize, n, transpose, nested_blocksize)
+                    plan = NF4CpuPlan(
+                        shape, dtype, table, blocksize, n, transpose, nested_blocksize, written_t
+                    )
                     remember(NF4_PLANS, plan_key, plan)
-            if native is not None:  # written in the layout asked for
-                written = native.reshape(result_shape)
-                return out.copy_(written) if out is not None else written
+            if native is not None and written_t:
+                return out.copy_(native) if out is not None else native
+            if native is not None:
+                result = native.reshape(shape)
             else:
                 absmax_f32 = _decode_absmax(
                     absmax, nested_absmax, nested_code, nested_blocksize, offset, "torch"

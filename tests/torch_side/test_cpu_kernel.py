@@ -213,10 +213,34 @@ def test_transposed_and_offset_tensor_through_dequantize_nf4(kernel):
         for _ in range(2):
             got = torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=offset, transpose=True)
             assert_bitwise_equal(got, want.t())
-            assert got.is_contiguous()  # written transposed by the kernel, not a view
+            assert not got.is_contiguous()  # 40 columns: a transposed view of the kernel's row-major result
     out = torch.empty(40, 96, dtype=torch.float16).t()
     torch_side.dequantize_nf4(packed, p.absmax, **pieces, offset=p.offset, out=out)
     assert_bitwise_equal(out, want)
+
+
+def test_the_kernel_writes_transposes_where_that_pays(kernel):
+    """dequantize_nf4(transpose=True) on the CPU: written transposed by the kernel (contiguous) for shapes
+    whose rows fill its 16-row tiles and whose columns fill its vector steps; a transposed view of its
+    row-major result otherwise (narrow, short or odd-width weights, where the element-by-element code would
+    be slower). The same bits either way, through the plan on the second call too."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for (rows, cols), written in [((64, 128), True), ((15, 128), False), ((64, 63), False),
+                                      ((64, 32), False), ((700, 1500), True), ((31, 2**15), False)]:  # fmt: skip
+            assert _native.transposes_well(rows, cols, nibbles=True) == written, (rows, cols)
+            _, packed, qs = bnb_quantize((rows, cols), nested=True, seed=rows)
+            p = torch_side.parse_quant_state(qs)
+            kw = dict(shape=p.shape, blocksize=p.blocksize, nested_absmax=p.nested_absmax, nested_code=p.nested_code,
+                      nested_blocksize=p.nested_blocksize, offset=p.offset, dtype=torch.bfloat16)  # fmt: skip
+            want = torch_side.dequantize_nf4(packed, p.absmax, **kw, backend="torch").t()
+            for _ in range(2):
+                got = torch_side.dequantize_nf4(packed, p.absmax, **kw, transpose=True)
+                assert got.is_contiguous() == written, (rows, cols)
+                assert_bitwise_equal(got, want)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_calls_from_several_threads_at_once(kernel):
@@ -672,7 +696,8 @@ def test_fp8_matches_the_reference_bit_for_bit(kernel, monkeypatch, fp8, shape, 
                 got = torch_side.dequantize_fp8(W, scale, dtype, **kw)
             finally:
                 _fp8.dequantize_fp8_reference = original
-            assert got.is_contiguous()
+            # written transposed by the kernel where that pays (else a transposed view of its result)
+            assert got.is_contiguous() or not _native.transposes_well(*shape, nibbles=False)
             assert_bitwise_equal(got, want)
 
 

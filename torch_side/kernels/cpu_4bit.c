@@ -10,9 +10,10 @@
  *
  * FP8 weights (qb_dequantize_fp8) decode element (r, c) as lut[byte] * scale[tile of (r, c)] in float32,
  * the table holding torch's float32 value of each of the 256 bytes, with no flush, then the same rounding
- * to the output type: torch_side's plain-torch FP8 decode, bit for bit. One exception: a NaN weight times a
- * NaN scale is a NaN whose float32/float16 payload is either operand's (torch itself gives either, by the
- * element's place in its loops); as bfloat16 every NaN is 0xFFFF.
+ * to the output type: torch_side's plain-torch FP8 decode, bit for bit. One exception, in both formats: a
+ * NaN times a NaN (an FP8 NaN byte and a NaN scale; a NaN entry of a custom 4-bit table and a NaN scale) is
+ * a NaN whose float32/float16 payload is either operand's (torch itself gives either, by the element's
+ * place in its loops; vector and scalar code here may differ too); as bfloat16 every NaN is 0xFFFF.
  *
  * Every part of a call runs with the calling thread's floating-point control word (x86 MXCSR: flushing
  * denormals, torch.set_flush_denormal), so the pool's threads compute as the caller's thread would.
