@@ -280,8 +280,8 @@ def dequantize_fp8(
         block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
             shape agrees with 128, else the single square block size consistent with both shapes.
         transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` when stacked): written transposed
-            in the same pass by the Triton backend and by qbridge's CPU kernel, a transposed view of the
-            row-major result by the torch backend.
+            in the same pass by the Triton backend and by qbridge's CPU kernel (where that beats copying:
+            ``_native.transposes_well``), else a transposed view of the row-major result.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. ``"auto"``: Triton on CUDA; on the CPU qbridge's C
             kernel (``torch_side/_native.py``; the torch path's bits) once it is built, except float8_e5m2
             weights under ``E5M2_NATIVE_FROM`` elements, and the torch path until then.
