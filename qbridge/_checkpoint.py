@@ -255,7 +255,6 @@ class _Source:
         out = torch.empty((len(keys), row), dtype=dtype, pin_memory=pin)
         nbytes, row_bytes = numel * dtype.itemsize, row * dtype.itemsize
         flat = out.view(torch.uint8).numpy().data.cast("B") if nbytes else memoryview(b"")
-        ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         for i, key in enumerate(keys):
             if self.shapes[key] != (shape, dtype):
                 raise ValueError(f"read_stacked: {key!r} is {self.shapes[key]}, not {(shape, dtype)}")
@@ -263,10 +262,7 @@ class _Source:
             if self._state is not None or key in self._ahead or not nbytes:
                 out[i, :numel].copy_(self.read(key).reshape(-1))
                 continue
-            offsets = ranges.get(path)
-            if offsets is None:
-                offsets = ranges[path] = self._offsets(path)
-            begin, end = offsets[key]
+            begin, end = self._offsets(path)[key]
             start = i * row_bytes
             got = (
                 _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)

@@ -26,7 +26,6 @@ import math
 from typing import Any
 
 import jax
-import numpy as np
 import torch
 
 import jax_side
@@ -35,7 +34,7 @@ from torch_side._checks import on_device
 from torch_side._fp8 import dequantize_fp8_group_into, fp8_planned
 
 from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry
-from ._decode import check_scales
+from ._decode import all_finite, check_scales
 from ._dtypes import torch_dtype
 from ._errors import CheckpointError
 from ._handoff import XlaDestinations, _torch_view
@@ -158,10 +157,6 @@ class FP8Groups:
 
     def _check(self, scales: torch.Tensor, entries: list[Entry], sshape: tuple[int, ...]) -> None:
         """NaN/Inf scales are a damaged checkpoint: checked for the whole group, then named one by one."""
-        if scales.dtype in (torch.float16, torch.float32):
-            finite = bool(np.isfinite(scales.numpy()).all())
-        else:
-            finite = bool(torch.isfinite(scales.float()).all())
-        if not finite:
+        if not all_finite(scales):
             for e, row in zip(entries, scales, strict=True):
                 check_scales(self.ckpt, e.keys["scale"], row.reshape(sshape))
