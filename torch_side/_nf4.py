@@ -315,7 +315,7 @@ def dequantize_4bit_native(
     when a piece is not as the kernel reads it (CPU, contiguous, the checked dtypes, no lazy negation): the
     caller takes the torch path.
     """
-    fn = cpu_4bit(wait) if transposed is None else (cpu_4bit(wait) and cpu_4bit_t())
+    fn = cpu_4bit(wait) if transposed is None else cpu_4bit_t(wait)
     if fn is None or flat.device.type != "cpu":
         return None
     kind = CPU_KINDS.get(dtype)
@@ -429,17 +429,15 @@ class NF4CpuPlan:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
-        if self.written_t:
-            rows, cols = self.shape
-            return _kernel_call(
-                cpu_4bit_t(), torch.empty((cols, rows), dtype=self.dtype, device="cpu"), self.kind, packed,
-                absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize,
-                offset, rows_cols=(rows, cols),
-            )  # fmt: skip
+        rows_cols = (self.shape[0], self.shape[1]) if self.written_t else None
         result = _kernel_call(
-            cpu_4bit(), torch.empty(self.shape, dtype=self.dtype, device="cpu"), self.kind, packed, absmax,
-            self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
+            cpu_4bit_t() if self.written_t else cpu_4bit(), _new_out(self.n, self.dtype, rows_cols), self.kind,
+            packed, absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize,
+            offset, rows_cols=rows_cols,
         )  # fmt: skip
+        if self.written_t:
+            return result
+        result = result.reshape(self.shape)
         return result.t() if self.transpose else result
 
 
