@@ -153,16 +153,23 @@ static inline void store32_bf16(uint16_t *out, __m512 lo, __m512 hi) {
 #endif
 }
 
+/* The products table[q] * s of the 32 nibbles in 16 bytes, high nibble first: elements 0..15 in *v0, 16..31
+ * in *v1 (not flushed). */
+static inline void decode32(const uint8_t *bytes, __m512 table, __m512 s, __m512 *v0, __m512 *v1) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const __m128i x = _mm_loadu_si128((const __m128i *)bytes);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low), lo = _mm_and_si128(x, low);
+    *v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), s);
+    *v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), s);
+}
+
 /* count elements from element `start` (even), count a multiple of 32, one scale */
 static inline void run32(const uint8_t *packed, __m512 table, float scale, void *out, int kind, int flush_products,
                          int64_t start, int64_t count) {
     const __m512 s = _mm512_set1_ps(scale);
-    const __m128i low = _mm_set1_epi8(0x0f);
     for (int64_t i = start; i < start + count; i += 32) {
-        __m128i x = _mm_loadu_si128((const __m128i *)(packed + i / 2));
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low), lo = _mm_and_si128(x, low);
-        __m512 v0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), s);
-        __m512 v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), s);
+        __m512 v0, v1;
+        decode32(packed + i / 2, table, s, &v0, &v1);
         if (flush_products) {
             v0 = flush16(v0);
             v1 = flush16(v1);
@@ -186,6 +193,13 @@ static float flush_limit(const float *code) {
         if (c > 0 && (smallest == 0.0f || c < smallest)) smallest = c;
     }
     return smallest > 0 ? 2.0f * (FLT_MIN / smallest) : 0.0f;
+}
+
+/* Element i of a 4-bit weight: its nibble (the high one when i is even) from the table, times its block's
+ * scale, flushed below FLT_MIN. */
+static inline float decode_one(const qb_job *job, int64_t i, float scale) {
+    const uint8_t b = job->packed[i / 2];
+    return flush(job->code[(i & 1) ? (b & 15) : (b >> 4)] * scale);
 }
 
 static void run_blocks(const qb_job *job) {
@@ -216,19 +230,10 @@ static void run_blocks(const qb_job *job) {
             i += vec;
         }
 #endif
-        for (; i < stop; i++) {
-            const uint8_t b = job->packed[i / 2];
-            const float c = job->code[(i & 1) ? (b & 15) : (b >> 4)];
-            store_one(job->out, job->kind, i, flush(c * scale));
-        }
+        for (; i < stop; i++) store_one(job->out, job->kind, i, decode_one(job, i, scale));
     }
 }
 
-/* The 4-bit decode written transposed, for a weight of shape [rows, cols] (element i = r * cols + c of the
- * flat order): element (r, c) to out[c * rows + r], the [cols, rows] layout (a Linear's kernel in Flax).
- * 16 rows at a time are decoded into a float32 tile 64 columns wide (segment by segment of one absmax
- * block), and each of its columns is stored as 16 consecutive outputs: the same products, flushes and
- * rounding as the row-major decode. Rows first_row .. stop_row - 1. */
 #define QB_TILE_C 64
 #if QB_AVX512
 /* Stores a decoded tile (16 rows from row r, `width` columns from column c0, QB_TILE_C floats per row)
@@ -241,17 +246,16 @@ static inline void store_tile_t(const qb_job *job, const float *tile, int64_t r,
 }
 #endif
 
-static inline float decode_one(const qb_job *job, int64_t i, float scale) {
-    const uint8_t b = job->packed[i / 2];
-    return flush(job->code[(i & 1) ? (b & 15) : (b >> 4)] * scale);
-}
-
+/* The 4-bit decode written transposed, for a weight of shape [rows, cols] (element i = r * cols + c of the
+ * flat order): element (r, c) to out[c * rows + r], the [cols, rows] layout (a Linear's kernel in Flax).
+ * 16 rows at a time are decoded into a float32 tile 64 columns wide (segment by segment of one absmax
+ * block), and each of its columns is stored as 16 consecutive outputs: the same products, flushes and
+ * rounding as the row-major decode. Rows first_row .. stop_row - 1. */
 static void run_blocks_t(const qb_job *job) {
     const int64_t cols = job->cols, rows = job->rows, bs = job->blocksize;
     int64_t r = job->first_row;
 #if QB_AVX512
     const __m512 table = _mm512_loadu_ps(job->code);
-    const __m128i low = _mm_set1_epi8(0x0f);
     float tile[16 * QB_TILE_C];
     for (; r + 16 <= job->stop_row; r += 16) {
         for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
@@ -267,12 +271,8 @@ static void run_blocks_t(const qb_job *job) {
                     if ((i & 1) == 0) { /* 32 elements from 16 bytes, high nibble first */
                         const __m512 sv = _mm512_set1_ps(scale);
                         for (; e + 32 <= seg; e += 32) {
-                            const __m128i x = _mm_loadu_si128((const __m128i *)(job->packed + (i + e) / 2));
-                            const __m128i hi = _mm_and_si128(_mm_srli_epi16(x, 4), low), lo = _mm_and_si128(x, low);
-                            const __m512 v0 = _mm512_mul_ps(
-                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table), sv);
-                            const __m512 v1 = _mm512_mul_ps(
-                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), sv);
+                            __m512 v0, v1;
+                            decode32(job->packed + (i + e) / 2, table, sv, &v0, &v1);
                             _mm512_storeu_ps(into + c + e, flush16(v0));
                             _mm512_storeu_ps(into + c + e + 16, flush16(v1));
                         }
