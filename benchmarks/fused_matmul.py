@@ -5,7 +5,9 @@ Weights are random NF4 (nested absmax, blocksize 64) and FP8 (float8_e4m3fn, 128
 JAX. Each figure is the time of one matmul inside a jitted loop (``lax.fori_loop``; each step feeds the
 next, so nothing is hoisted) that rotates through enough weight copies to exceed the L2 several times,
 median of 5 runs after a warm-up run. At one token ``quantized_matmul`` multiplies through XLA's one-row
-reduction (the decode fused into it); the tensor-core kernel that larger token counts use is timed beside it. GB/s counts the bytes of the weight as
+reduction (the decode fused into it); the tensor-core kernel that larger token counts use is timed beside it.
+FP8 from 2 to 16 tokens is also timed with a scale gathered per element of its 256-element steps over
+128x128 blocks (``_fused._fp8_tiles``), as before one scale was loaded per half of a step. GB/s counts the bytes of the weight as
 stored (packed bytes + absmax pieces, or FP8 values + scales; bf16 for dense) over that time, beside the
 read ceiling (a reduction over 256 MiB arrays, timed the same way) measured in the same run.
 
@@ -220,6 +222,12 @@ def main() -> None:
                     row["fused_tensor_cores_s"] = time_per_matmul(fused, weights, x)
                 finally:
                     _fused._one_row_in_xla = True
+            if fmt == "FP8" and 1 < m <= 16:  # a scale gathered per element there, as before
+                _fused._fp8_two_scales = False
+                try:
+                    row["fused_per_element_scales_s"] = time_per_matmul(fused, weights, x)
+                finally:
+                    _fused._fp8_two_scales = True
             if args.sweep:
                 row["sweep"] = sweep(weights, x)
             rows.append(row)
@@ -227,6 +235,7 @@ def main() -> None:
                   f"  expand {row['expand_s'] * 1e6:7.1f} us  fused {row['fused_s'] * 1e6:7.1f} us ({wbytes / row['fused_s'] / ceiling:4.0%})"
                   f"  fused/dense {row['fused_s'] / row['dense_s']:.2f}x  floor {wbytes / ceiling * 1e6:.1f} us"
                   + (f"  tensor cores {row['fused_tensor_cores_s'] * 1e6:.1f} us" if m == 1 else "")
+                  + (f"  per-element scales {row['fused_per_element_scales_s'] * 1e6:.1f} us" if "fused_per_element_scales_s" in row else "")
                   , flush=True)  # fmt: skip
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"device": dev, "jax": jax.__version__, "read_ceiling_Bps": ceiling,

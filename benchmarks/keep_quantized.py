@@ -4,7 +4,11 @@ model with Llama-3-8B layer shapes.
 Writes an NF4 checkpoint (bitsandbytes on the GPU, transformers' key layout) of N decoder layers (vocab
 32000), loads it dense and kept quantized into jax_side's Llama, and times the forward as a user runs it
 again and again: ``jax.jit`` over the model's split state (``nnx.jit`` would walk the module graph in Python
-on every call), batch 1 at 1, 16 and 128 tokens, median of 20 after warm-up, XLA's defaults. Kept weights
+on every call), batch 1 at 1, 16 and 128 tokens, XLA's defaults. Every model stays loaded and the rounds
+alternate between them (the forward's time moves between runs and machines more than between models run
+side by side); each round times 10 calls each waited for (their median: a step that reads its result) and
+10 calls queued back to back before one wait (a loop that keeps its results on the device); a figure is
+the median over the rounds, printed with the rounds' range. Kept weights
 run through the fused kernel (``matmul_path("auto")``) and, for comparison, expanded then multiplied
 (``matmul_path("expand")``); an FP8 checkpoint (128x128 block scales) of the same shapes likewise.
 Whether a dense weight is materialized is read off the compiled program's temporary memory; parameter
@@ -33,6 +37,7 @@ from safetensors.torch import save_file
 
 import jax_side
 import qbridge
+from jax_side import _fused
 
 VOCAB = 32000
 CONFIG = dict(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -81,15 +86,27 @@ def _forward(graphdef, state, ids):
     return nnx.merge(graphdef, state)(ids)
 
 
-def latency_ms(forward, state, ids) -> float:
-    for _ in range(3):
-        forward(state, ids).block_until_ready()
-    times = []
-    for _ in range(20):
+def latency_ms(forward, state, ids, calls: int = 10) -> tuple[float, float]:
+    """Milliseconds per forward, median over ``calls``: (each call waited for, as a step that reads its
+    result does; back to back, ``calls`` calls queued before one wait, as a loop that keeps its results on
+    the device does)."""
+    forward(state, ids).block_until_ready()
+    waited = []
+    for _ in range(calls):
         start = time.perf_counter()
         forward(state, ids).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        waited.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    outs = [forward(state, ids) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    return statistics.median(waited) * 1e3, (time.perf_counter() - start) / calls * 1e3
+
+
+TOKENS = (1, 16, 128)
+
+
+def _ids(tokens: int) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(tokens).integers(0, VOCAB, (1, tokens)), jnp.int32)
 
 
 def _jax_bytes() -> int:
@@ -101,66 +118,93 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over every model and token count")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fp8-per-element-scales", action="store_true",
+                        help="also time kept FP8 compiled with a scale gathered per element up to 16 rows, as before")  # fmt: skip
     args = parser.parse_args()
-    results = {}
+    results: dict[str, dict] = {}
     largest_dense = max(np.prod(s) for s in SHAPES.values()) * 2
     modes = [("nf4", "dense", None), ("nf4", "kept NF4", "auto"), ("nf4", "kept NF4, expanded", "expand"),
              ("fp8", "kept FP8", "auto"), ("fp8", "kept FP8, expanded", "expand")]  # fmt: skip
+    if args.fp8_per_element_scales:
+        modes.append(("fp8", "kept FP8, per-element scales", "auto"))
+    forwards = {}  # every model stays loaded, so that the rounds below alternate between them
+    tmp = tempfile.TemporaryDirectory(dir=".")
     for fmt in ("nf4", "fp8"):
-        with tempfile.TemporaryDirectory(dir=".") as tmp:
-            path = pathlib.Path(tmp)
-            write(path, args.layers, fmt)
-            config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
-            target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
-            for mode_fmt, mode, matmul in modes:
-                if mode_fmt != fmt:
-                    continue
+        path = pathlib.Path(tmp.name) / fmt
+        path.mkdir()
+        write(path, args.layers, fmt)
+        config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+        target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+        loaded: dict[bool, tuple] = {}  # kept weights are loaded once for both of their paths
+        for mode_fmt, mode, matmul in modes:
+            if mode_fmt != fmt:
+                continue
+            kept = mode != "dense"
+            if kept not in loaded:
                 before = _jax_bytes()
                 params = qbridge.load_checkpoint(
-                    path, target=target, keep_quantized=mode != "dense", progress=False, device="cuda"
+                    path, target=target, keep_quantized=kept, progress=False, device="cuda"
                 )
                 jax.block_until_ready(params)
                 resident = _jax_bytes() - before  # the loaded parameters live in JAX's allocator
                 model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
-                if mode == "dense":
-                    nnx.update(model, params)
-                else:
+                if kept:
                     jax_side.load_quantized_into_nnx(model, params)
+                else:
+                    nnx.update(model, params)
                 held, _ = jax_side.quantized_nbytes(params)
                 del params
-                graphdef, state = nnx.split(model)
-                row = {"param_bytes": int(held), "resident_jax_bytes": int(resident)}
-                with jax_side.matmul_path(matmul or "auto"):
-                    forward = jax.jit(functools.partial(_forward, graphdef))
-                    for tokens in (1, 16, 128):
-                        ids = jnp.asarray(
-                            np.random.default_rng(tokens).integers(0, VOCAB, (1, tokens)), jnp.int32
-                        )
-                        row[f"tokens{tokens}_temp_bytes"] = (
-                            forward.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
-                        )
-                        row[f"tokens{tokens}_ms"] = latency_ms(forward, state, ids)
-                results[mode] = row
-                del model, state
-                print(
-                    mode, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True
-                )
+                loaded[kept] = (nnx.split(model), int(held), int(resident))
+            (graphdef, state), held, resident = loaded[kept]
+            row: dict = {"param_bytes": held, "resident_jax_bytes": resident}
+            # compiled here; the rounds below replay the compiled programs
+            _fused._fp8_two_scales = mode != "kept FP8, per-element scales"
+            with jax_side.matmul_path(matmul or "auto"):
+                forward = jax.jit(functools.partial(_forward, graphdef))
+                for tokens in TOKENS:
+                    ids = _ids(tokens)
+                    row[f"tokens{tokens}_temp_bytes"] = (
+                        forward.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
+                    )
+                    forward(state, ids).block_until_ready()
+            _fused._fp8_two_scales = True
+            forwards[mode] = (forward, state, matmul or "auto")
+            results[mode] = row
+    for r in range(args.rounds):
+        for mode, (forward, state, matmul) in forwards.items():
+            with jax_side.matmul_path(matmul):
+                for tokens in TOKENS:
+                    waited, queued = latency_ms(forward, state, _ids(tokens))
+                    results[mode].setdefault(f"tokens{tokens}_waited_ms_rounds", []).append(waited)
+                    results[mode].setdefault(f"tokens{tokens}_back_to_back_ms_rounds", []).append(queued)
+        print(f"round {r + 1} of {args.rounds} done", flush=True)
+    tmp.cleanup()
+    for row in results.values():
+        for tokens in TOKENS:
+            for form in ("waited", "back_to_back"):
+                row[f"tokens{tokens}_{form}_ms"] = statistics.median(row[f"tokens{tokens}_{form}_ms_rounds"])
     dense = results["dense"]
     print(
-        f"{torch.cuda.get_device_name()}: {args.layers} Llama-3-8B layers (vocab {VOCAB}), jax.jit of the split state, batch 1"
+        f"{torch.cuda.get_device_name()}: {args.layers} Llama-3-8B layers (vocab {VOCAB}), jax.jit of the split "
+        f"state, batch 1; median of {args.rounds} rounds (each: the median of 10 calls each waited for, then "
+        "10 calls back to back); the models alternate within each round"
     )
     floor = {}
     for mode, row in results.items():
-        print(f"  {mode:<19} params {row['param_bytes'] / 1e9:6.3f} GB  "
-              + "  ".join(f"{t} tokens {row[f'tokens{t}_ms']:7.3f} ms ({row[f'tokens{t}_ms'] / dense[f'tokens{t}_ms']:.2f}x dense)" for t in (1, 16, 128))
-              + f"  XLA temp {row['tokens1_temp_bytes'] / 1e6:.0f} MB"
-              + f"  bytes-moved floor {row['param_bytes'] / 4.2e12 * 1e3:.3f} ms at 4.2 TB/s")  # fmt: skip
+        for form in ("waited", "back_to_back"):
+            print(f"  {mode:<19} {form:<12} params {row['param_bytes'] / 1e9:6.3f} GB  "
+                  + "  ".join(f"{t} tokens {row[f'tokens{t}_{form}_ms']:7.3f} ms ({row[f'tokens{t}_{form}_ms'] / dense[f'tokens{t}_{form}_ms']:.2f}x dense;"
+                              f" rounds {min(row[f'tokens{t}_{form}_ms_rounds']):.3f}-{max(row[f'tokens{t}_{form}_ms_rounds']):.3f})" for t in TOKENS)
+                  + f"  XLA temp {row['tokens1_temp_bytes'] / 1e6:.1f} MB"
+                  + f"  bytes-moved floor {row['param_bytes'] / 4.2e12 * 1e3:.3f} ms at 4.2 TB/s")  # fmt: skip
         floor[mode] = row["param_bytes"] / 4.2e12
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "layers": args.layers,
             "vocab": VOCAB, "jax": jax.__version__, "torch": torch.__version__, "form": "jax.jit of nnx.split state",
-            "largest_dense_weight_bytes": int(largest_dense), "bytes_floor_s_at_4.2TBps": floor, "results": results}, indent=2))  # fmt: skip
+            "rounds": args.rounds, "largest_dense_weight_bytes": int(largest_dense), "bytes_floor_s_at_4.2TBps": floor,
+            "results": results}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

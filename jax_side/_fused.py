@@ -158,6 +158,7 @@ class _Tiles(NamedTuple):
 _SMS = 132  # H100/H200 multiprocessors: the grid aims at about one wave of programs
 _tiles_override: Any = None  # benchmarks/fused_matmul.py tries other tiles through this
 _one_row_in_xla = True  # benchmarks/fused_matmul.py times the tensor-core kernel at one row through this
+_fp8_two_scales = True  # benchmarks/fused_matmul.py times the per-element scales they replaced through this
 
 
 def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool) -> _Tiles:
@@ -364,7 +365,7 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
 
 def _fp8_step(
     w_ref, s_ref, p: _Program, i: Any, *, k: int, bo: int, bi: int, steps: int, wdtypes: tuple, cdtype: Any,
-    tile_scale: bool, t: _Tiles,
+    tile_scales: int, t: _Tiles,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """Step ``i`` of a program's contraction: ``bn`` weight rows by ``bk`` columns decoded, as
     ``(w [bn, bk] in cdtype, zero outside the weight; the columns' mask [bk])``."""
@@ -377,8 +378,12 @@ def _fp8_step(
     col_ok = cols < k
     ok = p.row_ok[:, None] & col_ok[None, :]
     wq = plt.load(w_ref.at[pl.ds(p.pn * t.bn, t.bn), pl.ds(k0, t.bk)], mask=ok)  # float8 has no fill value
-    if tile_scale:  # one scale covers the whole tile
-        s = plt.load(s_ref.at[jnp.minimum((p.pn * t.bn) // bo, so - 1), jnp.minimum(k0 // bi, si - 1)])
+    if tile_scales:  # one scale covers the whole tile, or each of its halves along the contraction
+        srow = jnp.minimum((p.pn * t.bn) // bo, so - 1)
+        s = plt.load(s_ref.at[srow, jnp.minimum(k0 // bi, si - 1)])
+        if tile_scales == 2:
+            s2 = plt.load(s_ref.at[srow, jnp.minimum(k0 // bi + 1, si - 1)])
+            s = jnp.where(jnp.arange(t.bk) < bi, s, s2)[None, :]
     else:
         srow = jnp.minimum(p.rows // bo, so - 1)
         scol = jnp.minimum(cols // bi, si - 1)
@@ -392,7 +397,7 @@ def _fp8_step(
 
 def _fp8_kernel(
     x_ref, w_ref, s_ref, out_ref, *, m: int, n: int, k: int, bo: int, bi: int, steps: int, wdtypes: tuple,
-    tile_scale: bool, t: _Tiles,
+    tile_scales: int, t: _Tiles,
 ):  # fmt: skip
     """``[bm, bk] @ [bk, bn]`` tiles on the tensor cores."""
     from jax.experimental import pallas as pl
@@ -401,7 +406,7 @@ def _fp8_kernel(
     p = _program(m, n, t)
     decode = functools.partial(
         _fp8_step, w_ref, s_ref, p, k=k, bo=bo, bi=bi, steps=steps, wdtypes=wdtypes, cdtype=x_ref.dtype,
-        tile_scale=tile_scale, t=t,
+        tile_scales=tile_scales, t=t,
     )  # fmt: skip
 
     def body(i, acc):
@@ -418,6 +423,19 @@ def _fp8_kernel(
     _store(out_ref, acc, p, t)
 
 
+def _fp8_tiles(m: int, n: int, k: int, block: tuple[int, int]) -> tuple[_Tiles, int]:
+    """The FP8 kernel's tiles for ``x [m, k] @ W.T`` (``W [n, k]``, scales per ``block``), and how many scales
+    each tile takes along the contraction: 1 (one covers the tile), 2 (one per half), or 0 (a scale gathered
+    per element; the loop is then not pipelined)."""
+    bo, bi = block
+    t = _tiles(m, n, k, 128, gathers=False)
+    if bo % t.bn == 0 and (bi % t.bk == 0 or bi >= k):  # per tensor, per row with one row a tile, 128x128
+        return t, 1
+    if bo % t.bn == 0 and t.bk == 2 * bi and _fp8_two_scales:  # 128x128 blocks under 256-element steps
+        return t, 2
+    return _tiles(m, n, k, 128, gathers=True), 0
+
+
 def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
     """``x [m, k] @ dequantize(w).T`` in ``x.dtype`` through the tensor-core kernel."""
     n, k = w.shape
@@ -425,15 +443,11 @@ def _fp8_matmul(x: jax.Array, w: FP8Weight, *, interpret: bool) -> jax.Array:
     layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
     bo, bi = layout.block
     scale = w.scale_inv.astype(jnp.float32).reshape(layout.matrix_scale_shape)
-    t = _tiles(m, n, k, 128, gathers=False)
-    # one scale per tile when tiles nest in the scale blocks (per tensor, per row with one row a tile, 128x128)
-    tile_scale = bo % t.bn == 0 and (bi % t.bk == 0 or bi >= k)
-    if not tile_scale:
-        t = _tiles(m, n, k, 128, gathers=True)
+    t, tile_scales = _fp8_tiles(m, n, k, (bo, bi))
     steps, t = _split_steps(-(-k // t.bk), t)
     kernel = functools.partial(
         _fp8_kernel, m=m, n=n, k=k, bo=bo, bi=bi, steps=steps, wdtypes=w.roundings,
-        tile_scale=tile_scale, t=t,
+        tile_scales=tile_scales, t=t,
     )  # fmt: skip
     return _call(kernel, (x, w.weight, scale), m=m, n=n, dtype=x.dtype, t=t, interpret=interpret,
                  name="qbridge_fp8_matmul")  # fmt: skip
