@@ -31,7 +31,9 @@ none. Forward-mode differentiation (``jax.jvp``) needs the ``"expand"`` path.
 Which weights the kernel takes: 2-D ``[out, in]`` NF4/FP4 weights whose ``in`` is a multiple of the
 blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 weights with per-tensor,
 per-row or block scales. Others use expand-then-matmul under every setting but ``"interpret"``, which
-raises for them. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
+raises for them. The kernel is written for Pallas' Triton lowering, which JAX 0.11 deprecated in favour
+of Mosaic GPU: under a JAX without it, ``"auto"`` expands weights of more than one row of x, warning once
+(a ``RuntimeWarning``), and ``"interpret"`` raises ValueError. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
 axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
 the output features. Inside ``jax.shard_map`` with ``check_vma=True`` (its default) the kernel's result is
@@ -43,8 +45,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -551,10 +555,42 @@ def _one_row_batchable(interpret: bool) -> Any:
     return one_row
 
 
+_TRITON_LOWERING = "jax.experimental.pallas.triton"
+
+
+@functools.cache
+def _kernel_unavailable() -> str | None:
+    """None where this JAX has Pallas' Triton lowering, which the kernel is written for; else why not (JAX
+    0.11 deprecated that lowering in favour of Mosaic GPU)."""
+    try:
+        importlib.import_module(_TRITON_LOWERING)
+    except ImportError as e:
+        return f"this JAX ({jax.__version__}) has no {_TRITON_LOWERING} ({e})"
+    return None
+
+
+@functools.cache
+def _warn_expanding(reason: str) -> None:
+    warnings.warn(
+        f"jax_side.quantized_matmul: {reason}, which its fused kernel needs; kept-quantized weights are "
+        "expanded before multiplying instead (slower, and a dense weight is made in each call; one row of x "
+        "still takes the XLA reduction)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array:
-    """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form."""
+    """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form; expanded where
+    this JAX cannot build the kernel (``"interpret"`` then raises ValueError)."""
     if x2.shape[0] == 1 and x2.dtype in OUT_DTYPES and _one_row_in_xla:  # others: the kernel, as before
         return _one_row_batchable(interpret)(x2, w, _code(w))
+    reason = _kernel_unavailable()
+    if reason is not None:
+        if interpret:
+            raise ValueError(f"matmul_path('interpret') runs the fused kernel, which cannot be built: {reason}")
+        _warn_expanding(reason)  # traced for the GPU branch on every platform: the warning is the GPU's
+        return _expand(x2, w)
     if isinstance(w, NF4Weight):
         return _nf4_matmul(x2, w, interpret=interpret)
     return _fp8_matmul(x2, w, interpret=interpret)

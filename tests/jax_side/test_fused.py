@@ -8,12 +8,14 @@ its dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +149,37 @@ def test_both_fp8_scale_loads_equal_expand_then_matmul(two_scales, monkeypatch):
     x = x_for(3, 300, jnp.bfloat16, seed=5)
     with jax_side.matmul_path("interpret"):  # a function of its own: the setting is not in jit's cache key
         assert_close(jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))(x, w), x, w)
+
+
+def test_a_jax_without_the_kernels_lowering_expands(monkeypatch):
+    """JAX 0.11 deprecated Pallas' Triton lowering, which the kernel is written for. Where a JAX lacks it,
+    kept layers expand their weights with one warning (the GPU branch is traced on every platform, so
+    without this every kept matmul of more than one row failed), one row keeps the XLA reduction, and
+    ``"interpret"`` says why it cannot run."""
+    monkeypatch.setitem(sys.modules, _fused._TRITON_LOWERING, None)  # as if it did not exist
+    _fused._kernel_unavailable.cache_clear()
+    _fused._warn_expanding.cache_clear()
+    try:
+        w = WEIGHTS["nf4 nested, rows and columns past the tiles"]()
+        for m in (1, 3):
+            x = x_for(m, w.shape[1], jnp.bfloat16, seed=m)
+            with (
+                pytest.warns(RuntimeWarning, match="expanded before multiplying") if m > 1 else _no_warning()
+            ):
+                got = jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))(x, w)
+            assert_close(got, x, w)
+        with jax_side.matmul_path("interpret"), pytest.raises(ValueError, match="cannot be built: this JAX"):
+            jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))(x_for(3, w.shape[1], jnp.float32), w)
+    finally:
+        _fused._kernel_unavailable.cache_clear()
+        _fused._warn_expanding.cache_clear()
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        yield
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp8"])
