@@ -36,7 +36,7 @@ from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable, transposes_well
 from ._plans import NF4_PLANS, remember, tensor_key
-from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, parse_quant_state
+from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, quant_state_pieces
 
 NESTED_CODE_SIZE = 256
 
@@ -303,17 +303,18 @@ def dequantize_4bit_native(
     *,
     wait: bool = False,
     transposed: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """:func:`dequantize_4bit_reference`'s values, bit for bit, from the C kernel (``_native``) on the CPU.
 
     Decodes a nested absmax itself (``absmax`` uint8 with ``nested_absmax``, ``nested_code`` and
-    ``offset``) or takes float32 ``absmax``. Returns a new flat tensor of ``n`` elements and ``dtype`` (the
-    kernel writes through a pointer, which only new memory allows: an ``out=`` is filled by the caller with
-    ``copy_``, which keeps torch's checks and version counter); with ``transposed`` ``(rows, cols)`` (``rows
-    * cols == n``), the ``[cols, rows]`` transpose of the ``[rows, cols]`` weight, written transposed in the
-    same pass. Returns None when the kernel is not built yet (``wait`` waits for it) or cannot be had, or
-    when a piece is not as the kernel reads it (CPU, contiguous, the checked dtypes, no lazy negation): the
-    caller takes the torch path.
+    ``offset``) or takes float32 ``absmax``. Returns a new flat tensor of ``n`` elements and ``dtype``, or
+    ``out`` itself, written in place, when :func:`writable_in_place` allows (the caller checked its shape and
+    dtype; else the caller fills ``out`` with ``copy_``, which keeps torch's checks); with ``transposed``
+    ``(rows, cols)`` (``rows * cols == n``), the ``[cols, rows]`` transpose of the ``[rows, cols]`` weight,
+    written transposed in the same pass. Returns None when the kernel is not built yet (``wait`` waits for
+    it) or cannot be had, or when a piece is not as the kernel reads it (CPU, contiguous, the checked dtypes,
+    no lazy negation): the caller takes the torch path.
     """
     fn = cpu_4bit(wait) if transposed is None else cpu_4bit_t(wait)
     if fn is None or flat.device.type != "cpu":
@@ -324,11 +325,12 @@ def dequantize_4bit_native(
         return None
     if code.dtype != torch.float32 or code.numel() != 16:
         return None
+    into = out if out is not None and writable_in_place(out, pieces) else None
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             return None
-        return _kernel_call(fn, _new_out(n, dtype, transposed), kind, flat, absmax, code, blocksize, n,
-                            rows_cols=transposed)  # fmt: skip
+        return _written(into, _kernel_call(fn, into if into is not None else _new_out(n, dtype, transposed), kind,
+                                           flat, absmax, code, blocksize, n, rows_cols=transposed))  # fmt: skip
     assert nested_code is not None  # _check_pieces requires both
     if (
         absmax.dtype != torch.uint8
@@ -342,16 +344,52 @@ def dequantize_4bit_native(
         offset.device.type != "cpu" or offset.is_neg() or offset.is_conj()
     ):
         return None
-    return _kernel_call(
-        fn, _new_out(n, dtype, transposed), kind, flat, absmax, code, blocksize, n,
+    return _written(into, _kernel_call(
+        fn, into if into is not None else _new_out(n, dtype, transposed), kind, flat, absmax, code, blocksize, n,
         nested_absmax, nested_code, nested_blocksize, offset, rows_cols=transposed,
-    )  # fmt: skip
+    ))  # fmt: skip
+
+
+_CPU = torch.device("cpu")
+
+
+def writable_in_place(out: torch.Tensor, pieces: Sequence[torch.Tensor | None]) -> bool:
+    """Whether the C kernel may write ``out`` (already checked for shape and dtype) through its pointer with
+    the effect torch's in-place copy would have: a plain contiguous CPU tensor outside autograd (torch
+    refuses in-place writes to a leaf that requires grad), not an inference tensor (refused outside
+    inference mode), not lazily negated (its memory holds the negated values), and sharing no memory with
+    the ``pieces`` the kernel reads. Else the result goes to new memory and ``out.copy_`` keeps torch's
+    checks and errors."""
+    if (
+        type(out) is not torch.Tensor
+        or out.requires_grad
+        or out.is_inference()
+        or out.is_neg()
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+    ):
+        return False
+    start = out.data_ptr()
+    end = start + out.numel() * out.element_size()
+    for t in pieces:
+        if t is not None and t.data_ptr() < end and start < t.data_ptr() + t.numel() * t.element_size():
+            return False
+    return True
+
+
+def _written(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """``result`` of a kernel call; when it wrote ``out`` through its pointer, ``out`` with its version
+    counter moved on, as torch's in-place operations do (autograd checks saved tensors against it)."""
+    if out is not None:
+        torch.autograd.graph.increment_version(out)
+        return out
+    return result
 
 
 def _new_out(n: int, dtype: torch.dtype, transposed: tuple[int, int] | None) -> torch.Tensor:
     """New CPU memory for the kernel's result (not the default device: the kernel writes here)."""
     shape = (n,) if transposed is None else (transposed[1], transposed[0])
-    return torch.empty(shape, dtype=dtype, device="cpu")
+    return torch.empty(shape, dtype=dtype, device=_CPU)
 
 
 def _kernel_call(
@@ -398,6 +436,8 @@ class NF4CpuPlan:
         "kind",
         "n",
         "nested_blocksize",
+        "out_shape",
+        "rows_cols",
         "shape",
         "transpose",
         "written_t",
@@ -417,6 +457,9 @@ class NF4CpuPlan:
         self.shape, self.dtype, self.code, self.blocksize, self.n = shape, dtype, code, blocksize, n
         self.kind, self.transpose, self.nested_blocksize = CPU_KINDS[dtype], transpose, nested_blocksize
         self.written_t = written_t  # the kernel writes the transpose (else: a transposed view of its result)
+        self.rows_cols = (shape[0], shape[1]) if written_t else None
+        # the kernel writes contiguous memory: allocated in the shape returned (a reshape costs 1 us a call)
+        self.out_shape = (shape[1], shape[0]) if written_t else shape
 
     def __call__(
         self,
@@ -428,17 +471,22 @@ class NF4CpuPlan:
         device: torch.device,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # the key held every piece's dtype, shape, contiguity and device; plans exist only without out=
-        rows_cols = (self.shape[0], self.shape[1]) if self.written_t else None
-        result = _kernel_call(
-            cpu_4bit_t() if self.written_t else cpu_4bit(), _new_out(self.n, self.dtype, rows_cols), self.kind,
-            packed, absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize,
-            offset, rows_cols=rows_cols,
-        )  # fmt: skip
-        if self.written_t:
-            return result
-        result = result.reshape(self.shape)
-        return result.t() if self.transpose else result
+        # the key held every piece's dtype, shape, contiguity and device (out's too: plans with out= exist
+        # where the kernel writes out's layout)
+        into = None
+        if out is not None and writable_in_place(
+            out, (packed, absmax, nested_absmax, nested_code, self.code)
+        ):
+            into = out
+        result = _written(into, _kernel_call(
+            cpu_4bit_t() if self.written_t else cpu_4bit(),
+            into if into is not None else torch.empty(self.out_shape, dtype=self.dtype, device=_CPU),
+            self.kind, packed, absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code,
+            self.nested_blocksize, offset, rows_cols=self.rows_cols,
+        ))  # fmt: skip
+        if out is not None:
+            return out if into is not None else out.copy_(result)
+        return result.t() if self.transpose and not self.written_t else result
 
 
 def _decode_absmax(
@@ -497,11 +545,9 @@ def _plan_key(
         or type(shape) not in (tuple, torch.Size)
     ):
         return None  # 64.0 hashes as 64, an iterator would be used up: only exact types may skip the checks
-    if any(
-        isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj())
-        for t in (packed, absmax, nested_absmax, nested_code, offset)
-    ):
-        return None  # a lazy negation: the pointers hold other values (resolved by the full path)
+    for t in (packed, absmax, nested_absmax, nested_code, offset):  # a loop: any() of a generator costs 1 us
+        if isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj()):
+            return None  # a lazy negation: the pointers hold other values (resolved by the full path)
     try:
         nested = (
             None
@@ -636,7 +682,7 @@ def dequantize_nf4(
         and (
             chosen == "triton" and device.index == torch.cuda.current_device()
             if device.type == "cuda"
-            else chosen == "torch" and backend == "auto" and out is None
+            else chosen == "torch" and backend == "auto"
         )
     ):
         plan_key = None
@@ -703,16 +749,20 @@ def dequantize_nf4(
             native = None
             # the kernel writes the transpose itself where that beats a transposed copy of its result
             written_t = transpose and transposes_well(shape[0], shape[1], nibbles=True)
+            # out= takes the kernel's writes where its layout is the one written (not a transposed view)
+            direct = transpose == written_t
             if device.type == "cpu" and backend == "auto":
                 native = dequantize_4bit_native(
                     flat, absmax, table, blocksize, n, dtype, nested_absmax, nested_code, nested_blocksize,
-                    offset, transposed=(shape[0], shape[1]) if written_t else None,
+                    offset, transposed=(shape[0], shape[1]) if written_t else None, out=out if direct else None,
                 )  # fmt: skip
-                if native is not None and plan_key is not None and out is None:
+                if native is not None and plan_key is not None and (out is None or direct):
                     plan = NF4CpuPlan(
                         shape, dtype, table, blocksize, n, transpose, nested_blocksize, written_t
                     )
                     remember(NF4_PLANS, plan_key, plan)
+            if native is not None and out is not None and native is out:
+                return out  # written in place
             if native is not None and written_t:
                 return out.copy_(native) if out is not None else native
             if native is not None:
@@ -775,13 +825,12 @@ def dequantize(
         if quant_state is None:
             return W
     require_tensor(W, "W")
-    state = parse_quant_state(quant_state)
+    absmax, pieces = quant_state_pieces(quant_state)
     # bitsandbytes' convention: a [1, n] packed weight is W.t(), and the 2-D result is transposed back.
     # A one-byte weight ([1, 1]) is read that way too, as bitsandbytes reads it.
     transposed = W.dim() == 2 and W.shape[0] == 1
-    pieces = state.pieces()
     pieces["code"] = None  # bitsandbytes' kernels choose the table by quant_type alone
-    result = dequantize_nf4(W, state.absmax, **pieces, out=out, backend=backend, check_finite=check_finite)
+    result = dequantize_nf4(W, absmax, **pieces, out=out, backend=backend, check_finite=check_finite)
     return result.t() if transposed and result.dim() == 2 else result
 
 

@@ -469,31 +469,56 @@ def test_inputs_the_kernel_must_not_take_at_face_value(kernel):
         torch_side.dequantize_nf4(packed, absmax, shape=(-80, -80))
 
 
-def test_out_keeps_torchs_rules(kernel):
-    """out= is filled as torch fills a tensor in place: a leaf that requires grad is refused, the version
-    counter moves (autograd notices a saved tensor was changed), an out overlapping an input gets the
-    torch path's values."""
+@pytest.mark.parametrize("transpose", [False, True])
+def test_out_keeps_torchs_rules(kernel, transpose):
+    """out= is filled as torch fills a tensor in place, on the first call and through the plan of later
+    calls (the kernel writes a writable out itself; 64x64 takes its transposed writes): a leaf that requires
+    grad is refused, the version counter moves (autograd notices a saved tensor was changed), an inference
+    tensor is refused outside inference mode, a lazily negated out holds the values, and an out
+    overlapping an input (absmax, or the packed bytes it would overwrite first) gets the torch path's
+    values."""
     packed = torch.randint(0, 256, (2048,), dtype=torch.uint8)
     absmax = torch.rand(64)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        torch_side.dequantize_nf4(
-            packed, absmax, shape=(64, 64), dtype=torch.float32, out=torch.empty(64, 64, requires_grad=True)
-        )
-    w = torch.rand(64, 64, requires_grad=True)
-    out = torch.zeros(64, 64)
-    y = (w * out).sum()
-    torch_side.dequantize_nf4(packed, absmax, shape=(64, 64), dtype=torch.float32, out=out)
-    assert out._version > 0
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.backward()
+    kw = dict(shape=(64, 64), dtype=torch.float32, transpose=transpose)
+    want = torch_side.dequantize_nf4(packed, absmax, **kw, backend="torch")
+    NF4_PLANS.clear()
+    for call in ("first", "planned"):
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            torch_side.dequantize_nf4(packed, absmax, **kw, out=torch.empty(64, 64, requires_grad=True))
+        w = torch.rand(64, 64, requires_grad=True)
+        out = torch.zeros(64, 64)
+        y = (w * out).sum()
+        version = out._version
+        assert torch_side.dequantize_nf4(packed, absmax, **kw, out=out) is out
+        assert_bitwise_equal(out, want)
+        assert out._version > version, call
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+        with torch.inference_mode():
+            inference = torch.zeros(64, 64)
+            torch_side.dequantize_nf4(packed, absmax, **kw, out=inference)
+        assert_bitwise_equal(inference, want)
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            torch_side.dequantize_nf4(packed, absmax, **kw, out=inference)
+        negated = torch.zeros(64, 64)._neg_view()
+        torch_side.dequantize_nf4(packed, absmax, **kw, out=negated)
+        assert_bitwise_equal(negated.resolve_neg(), want)
+        assert len(NF4_PLANS) == 1, call  # the first call made the plan that later calls take
 
     def overlapping(backend):
         buf = torch.linspace(0.5, 2.0, 4096)
+        return torch_side.dequantize_nf4(packed, buf[:64], **kw, out=buf.view(64, 64), backend=backend)
+
+    def over_the_bytes(backend):
+        buf = torch.empty(4096, dtype=torch.float32)
+        buf.view(torch.uint8)[:2048] = packed  # the kernel's first writes would clobber bytes it reads later
         return torch_side.dequantize_nf4(
-            packed, buf[:64], shape=(64, 64), dtype=torch.float32, out=buf.view(64, 64), backend=backend
+            buf.view(torch.uint8)[:2048], absmax, **kw, out=buf.view(64, 64), backend=backend
         )
 
-    _same_as_torch_path(overlapping)
+    for _ in range(2):  # the first call, then through the plan
+        _same_as_torch_path(overlapping)
+        _same_as_torch_path(over_the_bytes)
 
 
 def test_the_torch_path_flushes_every_denormal_product(kernel):
