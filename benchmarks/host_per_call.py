@@ -4,7 +4,8 @@ For each case: ``host us``, the time the Python thread spends per call while cal
 without a sync, the device synchronized before and after); ``wall us``, the same loop including the wait
 for the device at its end, per call; ``event us``, CUDA events around single calls with L2 flushed
 (``triton.testing.do_bench``). Peers run in the same process: bitsandbytes ``dequantize_4bit``, a
-one-128x128-tile-per-program FP8 launch, bare ``jax.dlpack.from_dlpack``. Random data.
+one-128x128-tile-per-program FP8 launch, bare ``jax.dlpack.from_dlpack``. Random data. Kernels compile
+on their first call (``torch_side.wait_for_kernels()``), before the warm-up calls end.
 
 Usage: ``python benchmarks/host_per_call.py [case name ...]``; each named case is also profiled
 (cProfile, by own time).
@@ -26,6 +27,10 @@ from qbridge._bench_kernels import one_tile_per_program_fp8
 
 torch.manual_seed(0)
 dev = "cuda"
+# every later call waits for the kernel it needs instead of answering from the torch path while Triton
+# compiles in the background (the per-call figures are of the compiled kernels; a fresh process's first
+# calls are timed by fresh_process_load.py and `qbridge bench`'s process rows)
+torch_side.wait_for_kernels()
 
 
 def host_us(fn, n=300):

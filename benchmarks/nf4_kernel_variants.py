@@ -60,9 +60,23 @@ def kernel_v(
     prefetch,
     xsplit,
     notable=False,
+    select=False,
 ):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
+
+    # select: the 16 table entries read once per program, each nibble decoded by a tree of 15 selects
+    # (no gather in the loop, so that Triton can pipeline it); the same float32 values as the lookup
+    entries = [code_ref[j] for j in range(16)] if select else None
+
+    def lookup(nibble):
+        if entries is None:
+            return code_ref[nibble]
+        level = entries
+        for bit in (1, 2, 4, 8):
+            on = (nibble & bit) != 0
+            level = [jnp.where(on, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
+        return level[0]
 
     p = _fused._program(m, n, t)
     pn, ps, pm, rows, row_ok, x_ok = p
@@ -116,8 +130,8 @@ def kernel_v(
                 .reshape(t.bn, kb)
             )
             return acc + _fused._dot(xe, hi) + _fused._dot(xo, lo)
-        hi = (code_ref[(q >> 4).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
-        lo = (code_ref[(q & 15).astype(jnp.int32)] * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
+        hi = (lookup((q >> 4).astype(jnp.int32)) * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
+        lo = (lookup((q & 15).astype(jnp.int32)) * scale).astype(wdtype).astype(cdtype).reshape(t.bn, kb)
         return acc + _fused._dot(xe, hi) + _fused._dot(xo, lo)
 
     acc0 = jnp.zeros((t.bm, t.bn), jnp.float32)
@@ -265,7 +279,9 @@ def gemv(x, w, *, bn=32, bk=256, waves=2, warps=4, stages=1, notable=False):
     return out.astype(x.dtype)[None, :]
 
 
-def nf4_matmul_v(x, w, *, prefetch, xsplit, waves=1, bn=None, bk=None, warps=4, stages=1, notable=False):
+def nf4_matmul_v(
+    x, w, *, prefetch, xsplit, waves=1, bn=None, bk=None, warps=4, stages=1, notable=False, select=False
+):
     n, k = w.shape
     m = x.shape[0]
     bs = w.blocksize
@@ -307,6 +323,7 @@ def nf4_matmul_v(x, w, *, prefetch, xsplit, waves=1, bn=None, bk=None, warps=4, 
         prefetch=prefetch,
         xsplit=xsplit,
         notable=notable,
+        select=select,
     )
     return _fused._call(
         kernel,
@@ -331,6 +348,12 @@ VARS = {
     "pf_w2_bk512": dict(prefetch=True, xsplit=False, bk=512, waves=2),
     "pf_st2": dict(prefetch=True, xsplit=False, stages=2),
     "pf_notable": dict(prefetch=True, xsplit=False, notable=True),
+    # gather-free decodes, pipelined by Triton (2026-12-01): a bound without the table, and the select tree
+    "notable_st3": dict(prefetch=False, xsplit=False, notable=True, stages=3),
+    "sel": dict(prefetch=False, xsplit=False, select=True),
+    "sel_st3": dict(prefetch=False, xsplit=False, select=True, stages=3),
+    "sel_st3_bn64": dict(prefetch=False, xsplit=False, select=True, stages=3, bn=64),
+    "xs_sel_st3": dict(prefetch=False, xsplit=True, select=True, stages=3),
 }
 
 
