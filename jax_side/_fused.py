@@ -33,7 +33,8 @@ blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 w
 per-row or block scales. Others use expand-then-matmul under every setting but ``"interpret"``, which
 raises for them. The kernel is written for Pallas' Triton lowering, which JAX 0.11 deprecated in favour
 of Mosaic GPU: under a JAX without it, ``"auto"`` expands weights of more than one row of x, warning once
-(a ``RuntimeWarning``), and ``"interpret"`` raises ValueError. Sharded weights reach the kernel whole: XLA gathers them for it. On meshes with explicit
+(a ``RuntimeWarning``), and ``"interpret"`` raises ValueError. Sharded weights reach the kernel whole: XLA
+gathers them for it. On meshes with explicit
 axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
 the output features. Inside ``jax.shard_map`` with ``check_vma=True`` (its default) the kernel's result is

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 
 from ._backend import choose_4bit_backend
 from ._checks import (
@@ -355,19 +356,16 @@ _CPU = torch.device("cpu")
 
 def writable_in_place(out: torch.Tensor, pieces: Sequence[torch.Tensor | None]) -> bool:
     """Whether the C kernel may write ``out`` (already checked for shape and dtype) through its pointer with
-    the effect torch's in-place copy would have: a plain contiguous CPU tensor outside autograd (torch
-    refuses in-place writes to a leaf that requires grad), not an inference tensor (refused outside
-    inference mode), not lazily negated (its memory holds the negated values), and sharing no memory with
-    the ``pieces`` the kernel reads. Else the result goes to new memory and ``out.copy_`` keeps torch's
-    checks and errors."""
-    if (
-        type(out) is not torch.Tensor
-        or out.requires_grad
-        or out.is_inference()
-        or out.is_neg()
-        or out.device.type != "cpu"
-        or not out.is_contiguous()
-    ):
+    the effect torch's in-place copy would have: a plain strided, contiguous CPU tensor with memory of its
+    own, outside autograd (torch refuses in-place writes to a leaf that requires grad; a forward-mode
+    tangent would have to be zeroed), not an inference tensor (refused outside inference mode), a zero
+    tensor (immutable) or a functorch wrapper (no storage of its own), not lazily negated (its memory holds
+    the negated values), and sharing no memory with the ``pieces`` the kernel reads. Else the result goes to
+    new memory and ``out.copy_`` keeps torch's checks, errors and autograd."""
+    # readable(): on the CPU, contiguous, not lazily negated, no functorch wrapper, no forward-mode tangent
+    if type(out) is not torch.Tensor or out.layout != torch.strided or not readable(out):
+        return False
+    if out.requires_grad or out.is_inference() or out._is_zerotensor() or not out.data_ptr():
         return False
     start = out.data_ptr()
     end = start + out.numel() * out.element_size()
@@ -545,9 +543,17 @@ def _plan_key(
         or type(shape) not in (tuple, torch.Size)
     ):
         return None  # 64.0 hashes as 64, an iterator would be used up: only exact types may skip the checks
-    for t in (packed, absmax, nested_absmax, nested_code, offset):  # a loop: any() of a generator costs 1 us
-        if isinstance(t, torch.Tensor) and (t.is_neg() or t.is_conj()):
-            return None  # a lazy negation: the pointers hold other values (resolved by the full path)
+    grad = packed.is_cpu and torch.is_grad_enabled()
+    if packed.is_cpu and fwad._current_level >= 0:
+        return None  # forward-mode AD: the torch path carries tangents; the kernel's result would drop them
+    for t in (packed, absmax, nested_absmax, nested_code, offset, out):  # a loop: any() of a generator: 1 us
+        if isinstance(t, torch.Tensor) and (
+            torch._C._functorch.is_functorch_wrapped_tensor(t)  # vmap, grad: no storage of its own
+            or t.is_neg()  # a lazy negation: the pointers hold other values (resolved by the full path)
+            or t.is_conj()
+            or (grad and t.requires_grad)  # the CPU torch path builds a graph; the kernel's result would not
+        ):
+            return None
     try:
         nested = (
             None
