@@ -1,7 +1,7 @@
 """Small 4-bit decodes on the CPU, where a call's host work is most of its time: ``torch_side.dequantize``
 (new result), ``torch_side.dequantize(out=)``, and bitsandbytes' own CPU ``dequantize_4bit``, in one
 process, at 64x64 and 1024x1024, plain and nested absmax, bf16. Medians of back-to-back calls (3000 at
-64x64, 500 at 1024x1024) after warm-up, once the C kernel is built.
+64x64, 500 at 1024x1024) after 3 warm-up calls, once the C kernel is built.
 
 Before/after comparisons run this script alternately with an older tree first on ``PYTHONPATH``, the
 label given as the first argument::
@@ -16,26 +16,14 @@ Results: ``results/cpu-small-calls-2core.txt``.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import bitsandbytes.functional as F
 import torch
+from cpu_decode import median_ms
 
 import torch_side
-
-
-def median_us(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(50):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -49,9 +37,9 @@ def main() -> None:
             time.sleep(2)  # the C kernel is built in the background on a machine's first call
             reps = 3000 if shape[0] == 64 else 500
             out = torch.empty(*shape, dtype=torch.bfloat16)
-            ours = median_us(lambda: torch_side.dequantize(packed, qs), reps)  # noqa: B023
-            into = median_us(lambda: torch_side.dequantize(packed, qs, out=out), reps)  # noqa: B023
-            bnb = median_us(lambda: F.dequantize_4bit(packed, qs), reps)  # noqa: B023
+            ours = median_ms(lambda: torch_side.dequantize(packed, qs), reps) * 1e3  # noqa: B023
+            into = median_ms(lambda: torch_side.dequantize(packed, qs, out=out), reps) * 1e3  # noqa: B023
+            bnb = median_ms(lambda: F.dequantize_4bit(packed, qs), reps) * 1e3  # noqa: B023
             rows.append(
                 f"{shape[0]}x{shape[1]} {'nested' if nested else 'plain'}: qbridge {ours:.2f} out= {into:.2f} "
                 f"bnb {bnb:.2f} us ({ours / bnb:.2f}x, out= {into / bnb:.2f}x)"
