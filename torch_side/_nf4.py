@@ -326,29 +326,34 @@ def dequantize_4bit_native(
         return None
     if code.dtype != torch.float32 or code.numel() != 16:
         return None
-    into = out if out is not None and writable_in_place(out, pieces) else None
     if nested_absmax is None:
         if absmax.dtype != torch.float32:
             return None
-        return _written(into, _kernel_call(fn, into if into is not None else _new_out(n, dtype, transposed), kind,
-                                           flat, absmax, code, blocksize, n, rows_cols=transposed))  # fmt: skip
-    assert nested_code is not None  # _check_pieces requires both
-    if (
-        absmax.dtype != torch.uint8
-        or nested_absmax.dtype != torch.float32
-        or nested_code.dtype != torch.float32
-    ):
-        return None
-    if nested_code.numel() != NESTED_CODE_SIZE:
-        return None
-    if isinstance(offset, torch.Tensor) and (
-        offset.device.type != "cpu" or offset.is_neg() or offset.is_conj()
-    ):
-        return None
-    return _written(into, _kernel_call(
-        fn, into if into is not None else _new_out(n, dtype, transposed), kind, flat, absmax, code, blocksize, n,
-        nested_absmax, nested_code, nested_blocksize, offset, rows_cols=transposed,
-    ))  # fmt: skip
+        nested: dict[str, Any] = {}
+    else:
+        assert nested_code is not None  # _check_pieces requires both
+        if (
+            absmax.dtype != torch.uint8
+            or nested_absmax.dtype != torch.float32
+            or nested_code.dtype != torch.float32
+        ):
+            return None
+        if nested_code.numel() != NESTED_CODE_SIZE:
+            return None
+        if isinstance(offset, torch.Tensor) and (
+            offset.device.type != "cpu" or offset.is_neg() or offset.is_conj()
+        ):
+            return None
+        nested = dict(
+            nested_absmax=nested_absmax,
+            nested_code=nested_code,
+            nested_blocksize=nested_blocksize,
+            offset=offset,
+        )
+    into = out if out is not None and writable_in_place(out, pieces) else None
+    target = into if into is not None else _new_out(n, dtype, transposed)
+    return _written(into, _kernel_call(fn, target, kind, flat, absmax, code, blocksize, n, **nested,
+                                       rows_cols=transposed))  # fmt: skip
 
 
 _CPU = torch.device("cpu")
