@@ -32,9 +32,9 @@ Which weights the kernel takes: 2-D ``[out, in]`` NF4/FP4 weights whose ``in`` i
 blocksize (no absmax block crosses a row), and 2-D float8_e4m3fn / float8_e5m2 weights with per-tensor,
 per-row or block scales. Others use expand-then-matmul under every setting but ``"interpret"``, which
 raises for them. The kernel is written for Pallas' Triton lowering, which JAX 0.11 deprecated in favour
-of Mosaic GPU: under a JAX without it, ``"auto"`` expands weights of more than one row of x, warning once
-(a ``RuntimeWarning``), and ``"interpret"`` raises ValueError. Sharded weights reach the kernel whole: XLA
-gathers them for it. On meshes with explicit
+of Mosaic GPU: under a JAX without it, ``"auto"`` expands the weight in calls whose x has more than one
+row, warning once (a ``RuntimeWarning``), and ``"interpret"`` raises ValueError. Sharded weights reach
+the kernel whole: XLA gathers them for it. On meshes with explicit
 axes (``jax.sharding.AxisType.Explicit``) the matmul runs with the axes made automatic around it
 (``jax.sharding.auto_axes``); its result keeps ``x``'s placement along the leading axes and is whole along
 the output features. Inside ``jax.shard_map`` with ``check_vma=True`` (its default) the kernel's result is
@@ -589,7 +589,9 @@ def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     reason = _kernel_unavailable()
     if reason is not None:
         if interpret:
-            raise ValueError(f"matmul_path('interpret') runs the fused kernel, which cannot be built: {reason}")
+            raise ValueError(
+                f"matmul_path('interpret') runs the fused kernel, which cannot be built: {reason}"
+            )
         _warn_expanding(reason)  # traced for the GPU branch on every platform: the warning is the GPU's
         return _expand(x2, w)
     if isinstance(w, NF4Weight):

@@ -810,14 +810,16 @@ def dequantize(
             ``[absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type, code]``. None takes a
             ``Params4bit``'s own ``quant_state``; for a weight without one (nothing quantized) it returns
             ``W`` itself. Like bitsandbytes, only ``quant_type`` chooses the table; ``code`` is not read.
-        out: optional tensor to write into; must have exactly the quant state's shape and dtype.
+        out: optional tensor to write into; must have exactly the quant state's shape and dtype (also for a
+            ``[1, n]`` W, whose result is then ``out.t()``).
         backend: ``"auto"`` (fastest exact backend for the device), ``"bnb"``, ``"torch"`` or ``"triton"``.
         check_finite: raise ValueError on NaN/Inf scales (a host sync on a GPU); by default they
             propagate, as in bitsandbytes.
 
     Returns:
         A tensor of the quant state's ``shape`` and ``dtype`` (fp16, bf16 or fp32) on ``W``'s device —
-        its transpose when ``W`` arrives as ``[1, n]``. It is new memory (or ``out``), never an alias of
+        its transpose when ``W`` arrives as ``[1, n]``. It is new memory (or ``out``, or for a ``[1, n]`` W
+        ``out.t()``), never an alias of
         ``W``, except that a weight without a quant state comes back as it is. On CUDA the work is queued on the current stream of ``W``'s device, so a consumer
         ordered after that stream (such as ``qbridge.to_jax``) reads it finished.
 
