@@ -152,12 +152,25 @@ VARIANTS = [  # (bm, bn, bk, waves: programs aimed at, in multiples of the multi
 ]
 
 
+VARIANTS_MANY_ROWS = [  # above 16 rows of x: larger output tiles, more warps, deeper pipelines
+    (128, 64, 128, 1, 4, 3),
+    (128, 128, 128, 1, 8, 3),
+    (64, 128, 128, 1, 4, 3),
+    (64, 128, 128, 1, 8, 3),
+    (128, 64, 128, 1, 8, 4),
+    (64, 64, 128, 2, 4, 4),
+    (128, 256, 128, 1, 8, 3),
+    (128, 128, 128, 2, 8, 4),
+]
+
+
 def sweep(weights, x) -> list:
     """Times other tiles; prints the best three. The contraction is split until the grid holds ``waves``
     times as many programs as the card has multiprocessors (or every program takes one step)."""
     out = []
-    for bm, bn, bk, waves, warps, stages in VARIANTS:
-        if x.shape[0] > 16:
+    many = x.shape[0] > 16
+    for bm, bn, bk, waves, warps, stages in VARIANTS_MANY_ROWS if many else VARIANTS:
+        if many:
             bm = 64 if bm == 16 else bm
 
         def pick(m, n, k, step, gathers, bm=bm, bn=bn, bk=bk, waves=waves, warps=warps, stages=stages):

@@ -164,14 +164,19 @@ _SMS = 132  # H100/H200 multiprocessors: the grid aims at about one wave of prog
 _tiles_override: Any = None  # benchmarks/fused_matmul.py tries other tiles through this
 _one_row_in_xla = True  # benchmarks/fused_matmul.py times the tensor-core kernel at one row through this
 _fp8_two_scales = True  # benchmarks/fused_matmul.py times the per-element scales they replaced through this
+_fp8_wide_tiles = True  # benchmarks/keep_quantized.py times the 128x64 tiles they replaced through this
 
 
-def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool) -> _Tiles:
-    """Tile sizes for ``[m, k] @ [k, n]``; ``step`` is the contraction's granularity (a power of two)."""
+def _tiles(m: int, n: int, k: int, step: int, *, gathers: bool, wide: bool = False) -> _Tiles:
+    """Tile sizes for ``[m, k] @ [k, n]``; ``step`` is the contraction's granularity (a power of two).
+    ``wide``: above 64 rows of x, 64x128 output tiles instead of 128x64 (FP8 with one scale per tile:
+    0.86-0.96x the time at 128 tokens on an H200, ``results/fused-matmul-fp8-128-sweep-h200.json``)."""
     if _tiles_override is not None:
         return _tiles_override(m, n, k, step, gathers)
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128  # each block of x decodes W once more
     bn = 32 if m <= 16 else 64
+    if wide and m > 64 and _fp8_wide_tiles:
+        bm, bn = 64, 128
     bk = max(step, 256 if m <= 16 else 128)
     programs = -(-m // bm) * -(-n // bn)
     steps = -(-k // bk)
@@ -433,9 +438,9 @@ def _fp8_tiles(m: int, n: int, k: int, block: tuple[int, int]) -> tuple[_Tiles, 
     each tile takes along the contraction: 1 (one covers the tile), 2 (one per half), or 0 (a scale gathered
     per element; the loop is then not pipelined)."""
     bo, bi = block
-    t = _tiles(m, n, k, 128, gathers=False)
-    if bo % t.bn == 0 and (bi % t.bk == 0 or bi >= k):  # per tensor, per row with one row a tile, 128x128
-        return t, 1
+    for t in (_tiles(m, n, k, 128, gathers=False, wide=True), _tiles(m, n, k, 128, gathers=False)):
+        if bo % t.bn == 0 and (bi % t.bk == 0 or bi >= k):  # per tensor, per row with one row a tile, 128x128
+            return t, 1
     if bo % t.bn == 0 and t.bk == 2 * bi and _fp8_two_scales:  # 128x128 blocks under 256-element steps
         return t, 2
     return _tiles(m, n, k, 128, gathers=True), 0
