@@ -729,8 +729,8 @@ def test_inside_shard_map_with_varying_axes_checked():
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_kernel_on_the_gpu(name):
     w = jax.device_put(WEIGHTS[name](), jax.devices("gpu")[0])
-    for dtype, m in ((jnp.bfloat16, 1), (jnp.bfloat16, 40), (jnp.float32, 5), (jnp.float16, 16),
-                     (jnp.float32, 1), (jnp.float16, 1)):  # fmt: skip
+    for dtype, m in ((jnp.bfloat16, 1), (jnp.bfloat16, 40), (jnp.bfloat16, 70), (jnp.float32, 5),
+                     (jnp.float16, 16), (jnp.float32, 1), (jnp.float16, 1)):  # fmt: skip  # 70: FP8's 64x128 tiles
         x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), jax.devices("gpu")[0])
         with jax_side.matmul_path("auto"):
             lowered = jax.jit(jax_side.quantized_matmul).lower(x, w)
