@@ -350,10 +350,9 @@ def dequantize_4bit_native(
             nested_blocksize=nested_blocksize,
             offset=offset,
         )
-    into = out if out is not None and writable_in_place(out, pieces) else None
-    target = into if into is not None else _new_out(n, dtype, transposed)
-    return _written(into, _kernel_call(fn, target, kind, flat, absmax, code, blocksize, n, **nested,
-                                       rows_cols=transposed))  # fmt: skip
+    shape = (n,) if transposed is None else (transposed[1], transposed[0])
+    return _kernel_into(fn, out, shape, dtype, pieces, kind, flat, absmax, code, blocksize, n, **nested,
+                        rows_cols=transposed)  # fmt: skip
 
 
 _CPU = torch.device("cpu")
@@ -380,19 +379,20 @@ def writable_in_place(out: torch.Tensor, pieces: Sequence[torch.Tensor | None]) 
     return True
 
 
-def _written(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    """``result`` of a kernel call; when it wrote ``out`` through its pointer, ``out`` with its version
-    counter moved on, as torch's in-place operations do (autograd checks saved tensors against it)."""
-    if out is not None:
-        torch.autograd.graph.increment_version(out)
-        return out
-    return result
-
-
-def _new_out(n: int, dtype: torch.dtype, transposed: tuple[int, int] | None) -> torch.Tensor:
-    """New CPU memory for the kernel's result (not the default device: the kernel writes here)."""
-    shape = (n,) if transposed is None else (transposed[1], transposed[0])
-    return torch.empty(shape, dtype=dtype, device=_CPU)
+def _kernel_into(
+    fn: Any, out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+    pieces: Sequence[torch.Tensor | None], *args: Any, **kwargs: Any,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`_kernel_call` (``args``, ``kwargs``) into ``out`` where :func:`writable_in_place` allows it
+    (with ``out``'s version counter moved on, as torch's in-place operations do: autograd checks saved
+    tensors against it), else into new CPU memory of ``shape`` and ``dtype`` (not the default device: the
+    kernel writes here); returns what it wrote."""
+    into = out if out is not None and writable_in_place(out, pieces) else None
+    target = into if into is not None else torch.empty(shape, dtype=dtype, device=_CPU)
+    _kernel_call(fn, target, *args, **kwargs)
+    if into is not None:
+        torch.autograd.graph.increment_version(into)
+    return target
 
 
 def _kernel_call(
@@ -476,19 +476,14 @@ class NF4CpuPlan:
     ) -> torch.Tensor:
         # the key held every piece's dtype, shape, contiguity and device (out's too: plans with out= exist
         # where the kernel writes out's layout)
-        into = None
-        if out is not None and writable_in_place(
-            out, (packed, absmax, nested_absmax, nested_code, self.code)
-        ):
-            into = out
-        result = _written(into, _kernel_call(
-            cpu_4bit_t() if self.written_t else cpu_4bit(),
-            into if into is not None else torch.empty(self.out_shape, dtype=self.dtype, device=_CPU),
-            self.kind, packed, absmax, self.code, self.blocksize, self.n, nested_absmax, nested_code,
-            self.nested_blocksize, offset, rows_cols=self.rows_cols,
-        ))  # fmt: skip
+        result = _kernel_into(
+            cpu_4bit_t() if self.written_t else cpu_4bit(), out, self.out_shape, self.dtype,
+            (packed, absmax, nested_absmax, nested_code, self.code), self.kind, packed, absmax, self.code,
+            self.blocksize, self.n, nested_absmax, nested_code, self.nested_blocksize, offset,
+            rows_cols=self.rows_cols,
+        )  # fmt: skip
         if out is not None:
-            return out if into is not None else out.copy_(result)
+            return out if result is out else out.copy_(result)
         return result.t() if self.transpose and not self.written_t else result
 
 
