@@ -20,22 +20,24 @@ from ._errors import CheckpointError
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
+def _checkable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or float8 scales (e8m0) widened to float32: exact, and where isfinite is defined."""
+    return t if t.dtype in (torch.bfloat16, *_NUMPY_FLOATS) else t.float()
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of a floating tensor is finite (no NaN, no Inf)."""
     if t.dtype in _NUMPY_FLOATS and t.device.type == "cpu" and not t.is_neg():
         # numpy: a few microseconds, where torch's two CPU ops took 30-40 on the GPU host; detach: a torch
         # file may hold its scales as Parameters
         return bool(np.isfinite(t.detach().numpy()).all())
-    if t.dtype not in (torch.bfloat16, *_NUMPY_FLOATS):
-        t = t.float()  # float8 scales (e8m0): exact in float32, where isfinite is defined
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(_checkable(t)).all())
 
 
 def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
     if not t.is_floating_point() or not t.numel() or all_finite(t):
         return
-    wide = t if t.dtype in (torch.bfloat16, *_NUMPY_FLOATS) else t.float()
-    bad = int((~torch.isfinite(wide)).sum())
+    bad = int((~torch.isfinite(_checkable(t))).sum())
     raise CheckpointError(
         f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there"
     )
