@@ -140,7 +140,8 @@ def rule_for(kind: str, torch_name: str) -> LeafRule:
         kind == "stacked_linear" and torch_name != "weight"
     ):  # fused experts name their tensors (gate_up_proj ...)
         return LeafRule(torch_name, torch_name, (0, 2, 1))
-    return RULES[kind].get(torch_name, LeafRule(torch_name, torch_name))
+    rule = RULES[kind].get(torch_name)
+    return LeafRule(torch_name, torch_name) if rule is None else rule
 
 
 def kind_of_flax_leaf(flax_name: str, ndim: int, module_type: str | None = None) -> str:

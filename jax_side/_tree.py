@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import sys
 import warnings
@@ -128,7 +129,9 @@ def dotted(path: Path) -> str:
 
 def kind_override(name: str, overrides: Mapping[str, str] | None) -> str | None:
     """The kind of the first ``overrides`` pattern (a regular expression) found in ``name``, or None."""
-    return next((kind for pattern, kind in (overrides or {}).items() if re.search(pattern, name)), None)
+    if not overrides:
+        return None
+    return next((kind for pattern, kind in overrides.items() if re.search(pattern, name)), None)
 
 
 def infer_kind(
@@ -168,9 +171,11 @@ def infer_kind(
 
 
 def _segments(module: str, numbered: str) -> list[Any]:
+    if numbered == "keep" or not module:  # digits stay names: the dotted parts as they are
+        return module.split(".") if module else []
     out: list[Any] = []
-    for seg in module.split(".") if module else []:
-        if seg.isdigit() and numbered != "keep":
+    for seg in module.split("."):
+        if seg.isdigit():
             if numbered == "int":
                 out.append(int(seg))
             else:  # "underscore": linen's auto names, layers_0
@@ -461,9 +466,18 @@ def plan_match(
     return plan, report
 
 
+@functools.lru_cache(maxsize=64)
+def _floating(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def leaf_dtype(planned: PlannedLeaf, dtype: Any, src_dtype: Any) -> Any:
     """The dtype a planned leaf is cast to (None: keep), by the ``dtype`` rule of :func:`plan_match`."""
-    if not jnp.issubdtype(src_dtype, jnp.floating) or dtype == "checkpoint":
+    try:
+        floating = _floating(src_dtype)  # asked once per dtype: a load asks for every leaf
+    except TypeError:  # unhashable
+        floating = bool(jnp.issubdtype(src_dtype, jnp.floating))
+    if not floating or dtype == "checkpoint":
         return None
     if dtype in (None, "target"):
         want = planned.leaf.dtype

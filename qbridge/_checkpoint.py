@@ -741,7 +741,7 @@ def _classify(ckpt: Checkpoint) -> None:
     src = ckpt.source
     entries: dict[str, Entry] = {}
     for key in sorted(src.shapes):  # bitsandbytes 4-bit: every weight with a quant-state document
-        m = BNB_STATE.match(key)
+        m = BNB_STATE.match(key) if ".quant_state." in key else None
         if m:
             entry = _bnb4_entry(ckpt, m.group("name"), m.group("qt"), key)
             entries[entry.name] = entry
@@ -751,6 +751,8 @@ def _classify(ckpt: Checkpoint) -> None:
                 entries[entry.name] = entry
     taken = {k for e in entries.values() for k in e.keys.values()} | _companions(src)
     dtype = _model_dtype(ckpt.config)
+    block = ckpt.quantization_config.get("weight_block_size")
+    block = tuple(int(b) for b in block) if block else None
     for key in sorted(set(src.shapes) - taken):
         shape, kdtype = src.shapes[key]
         base, _, leaf = key.rpartition(".")
@@ -760,7 +762,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "(the checkpoint is incomplete)"
             )
         if kdtype in FLOAT8:
-            entry = _fp8_entry(ckpt, key, shape, dtype)
+            entry = _fp8_entry(ckpt, key, shape, dtype, block)
         elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
             scb = f"{base}.SCB"
             entry = Entry(
@@ -884,35 +886,34 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
     return Entry(name, "bnb4", shape, out_dtype, stored, keys, {"quant_state": doc, "quant_type": quant_type})
 
 
-# the scale layout of a (weight shape, scale shape, block) (a checkpoint repeats few), or its ValueError
-_fp8_layout = functools.lru_cache(maxsize=1024)(torch_side.fp8_scale_layout)
+@functools.lru_cache(maxsize=1024)
+def _fp8_layout(
+    shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
+) -> tuple[torch_side.ScaleLayout, bool]:
+    """The scale layout of a (weight shape, scale shape, block) (a checkpoint repeats few), and whether its
+    blocks leave a partial tile; or its ValueError."""
+    layout = torch_side.fp8_scale_layout(shape, scale_shape, block)
+    return layout, layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))
 
 
-def _fp8_entry(ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Entry:
-    src = ckpt.source
-    scale = next((key + s for s in FP8_SCALES if key + s in src.shapes), None)
-    if scale is None:
-        raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
-    block = ckpt.quantization_config.get("weight_block_size")
-    block = tuple(int(b) for b in block) if block else None
+def _fp8_entry(
+    ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.dtype, block: tuple[int, int] | None
+) -> Entry:
+    """``block``: ``quantization_config.weight_block_size``, or None."""
+    shapes = ckpt.source.shapes
+    scale = key + "_scale_inv"
+    if scale not in shapes:
+        scale = key + "_scale"
+        if scale not in shapes:
+            raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
+    scale_shape, scale_dtype = shapes[scale]
     try:
-        layout = _fp8_layout(shape, src.shapes[scale][0], block)
+        layout, partial = _fp8_layout(shape, scale_shape, block)
     except ValueError as e:
         raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
-    info = {
-        "block_size": block,
-        "layout": layout,
-        "partial": layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block)),
-    }
-    return Entry(
-        key,
-        "fp8",
-        shape,
-        dtype,
-        _nbytes(src, key) + _nbytes(src, scale),
-        {"weight": key, "scale": scale},
-        info,
-    )
+    stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
+    info = {"block_size": block, "layout": layout, "partial": partial}
+    return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)
 
 
 def _torchao_safetensors_entries(
