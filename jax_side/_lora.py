@@ -4,8 +4,9 @@ A LoRA layer adds ``dropout(x) @ A @ B * scaling`` to a frozen base layer: ``A``
 ``[r, out]`` (PEFT's ``lora_A.weight`` ``[r, in]`` and ``lora_B.weight`` ``[out, r]`` transposed, the Flax
 kernel convention), ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``). As PEFT does:
 ``A`` starts kaiming-uniform (``a = sqrt(5)``: uniform in ``+-1/sqrt(in)``), ``B`` at zero, so the adapted
-layer starts equal to its base; the input is cast to the adapters' dtype, the product cast back to the
-base output's dtype and then multiplied by ``scaling`` (``peft.tuners.lora.bnb.Linear4bit.forward``).
+layer starts equal to its base; the input is cast to the adapters' dtype, the product multiplied by
+``scaling`` in that dtype and then cast to the base output's dtype (``peft.tuners.lora.bnb.Linear4bit.forward``,
+PEFT 0.21).
 
 The adapters are ``nnx.LoRAParam`` (a ``Param``): train them alone with ``nnx.Optimizer(model, tx,
 wrt=nnx.LoRAParam)``; the quantized weights are no ``Param`` and never receive gradients. In linen they live
@@ -117,8 +118,10 @@ def init_lora_a(key: jax.Array, in_features: int, r: int, dtype: Any = jnp.float
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float, out_dtype: Any) -> jax.Array:
-    """``(x @ A @ B)`` in the adapters' dtype, cast to ``out_dtype``, times ``scaling``: PEFT's order."""
-    return ((x.astype(a.dtype) @ a) @ b).astype(out_dtype) * scaling
+    """``(x @ A @ B) * scaling`` in the adapters' dtype, then cast to ``out_dtype``: PEFT's order
+    (``peft.tuners.lora.bnb.Linear4bit.forward``, PEFT 0.21: ``lora_B(lora_A(dropout(x))) * scaling``, then
+    ``.to(result.dtype)``)."""
+    return (((x.astype(a.dtype) @ a) @ b) * scaling).astype(out_dtype)
 
 
 def _nnx():

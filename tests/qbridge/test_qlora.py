@@ -229,6 +229,46 @@ def test_dropout_is_on_while_training_only(made):
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
 
 
+def test_the_adapter_term_is_pefts_bit_for_bit(made):
+    """The LoRA term as PEFT's ``Linear4bit.forward`` computes it (product times ``scaling`` in the adapters'
+    float32, then cast to the base output's bfloat16), for the nnx adapter (``lora_delta``, which linen's
+    ``QuantDense`` adds too). The base layer is made to return zeros, so that PEFT's layer returns its LoRA term alone. Values are small integers
+    in eighths: every product and sum is exact in float32, so only the order of the two roundings (times
+    4/3, then to bfloat16) decides the bits, and scaling after the cast differs in many elements."""
+    rng = np.random.default_rng(3)
+    hidden = LLAMA["hidden_size"]
+    torch_model = peft.get_peft_model(
+        _torch_4bit(made), peft.LoraConfig(r=12, lora_alpha=16, target_modules=["q_proj"])
+    )
+    layer = torch_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb" and layer.scaling["default"] == 16 / 12
+    a = rng.integers(-8, 9, (hidden, 12)).astype(np.float32) / 8  # [in, r]
+    b = rng.integers(-8, 9, (12, layer.out_features)).astype(np.float32) / 8  # [r, out]
+    x = rng.integers(-4, 5, (2, 5, hidden)).astype(np.float32)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(torch.from_numpy(a.T))
+        layer.lora_B["default"].weight.copy_(torch.from_numpy(b.T))
+    base = layer.base_layer
+    base.forward = lambda t, *args, **kwargs: torch.zeros(
+        (*t.shape[:-1], layer.out_features), dtype=torch.bfloat16
+    )
+    with torch.no_grad():
+        theirs = layer(torch.from_numpy(x).to(torch.bfloat16))
+    assert theirs.dtype == torch.bfloat16 and theirs.abs().max() > 0
+    want = theirs.float().numpy()
+    xj = jnp.asarray(x, jnp.bfloat16)
+    from jax_side._lora import lora_adapter_class
+
+    adapter = lora_adapter_class()(hidden, layer.out_features, jax_side.LoraConfig(r=12, lora_alpha=16),
+                                            rngs=nnx.Rngs(0))  # fmt: skip
+    adapter.lora_A[...], adapter.lora_B[...] = jnp.asarray(a), jnp.asarray(b)
+    np.testing.assert_array_equal(np.asarray(adapter(xj, jnp.bfloat16), np.float32), want)
+    cast_first = (((np.asarray(xj, np.float32) @ a) @ b).astype(jnp.bfloat16) * np.float32(16 / 12)).astype(
+        jnp.bfloat16
+    )
+    assert (np.asarray(cast_first, np.float32) != want).sum() > want.size // 10  # the order shows in the bits
+
+
 def test_linen_quant_dense_with_lora():
     from helpers import bnb_quantize, to_numpy
 
