@@ -261,8 +261,8 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
 
     Raises:
         TypeError: a quantized weight sits where neither a Linear kernel nor an Embed table is.
-        ValueError: a quantized weight's path does not exist in the model (parameters loaded without
-            ``target=model``, or for another model).
+        ValueError: a weight's path does not exist in the model, or its shape differs from the model's
+            (parameters loaded without ``target=model``, or for another model). Nothing is changed then.
     """
     nnx, _ = _flax()
     from flax import traverse_util
@@ -275,25 +275,33 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         parent, name = _module(model, module_path[:-1], path), module_path[-1]
         old = _module(model, module_path, path)
         if leaf == "kernel" and isinstance(old, nnx.Linear):
+            _check_shape(path, tuple(weight.shape), (old.out_features, old.in_features), "[out, in]")
             bias = _get(rest, (*module_path, "bias"))  # the loaded bias, else the module's own
             if bias is None and getattr(old, "bias", None) is not None:
                 bias = old.bias[...]
             new = classes["QuantLinear"](weight, bias, dtype=dtype if dtype is not None else old.dtype)
         elif leaf == "embedding" and isinstance(old, nnx.Embed):
+            _check_shape(
+                path, tuple(weight.shape), (old.num_embeddings, old.features), "[num_embeddings, features]"
+            )
             new = classes["QuantEmbed"](weight, dtype=dtype if dtype is not None else old.dtype)
         else:
             raise TypeError(f"{'.'.join(map(str, path))}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
                             f"found {type(old).__name__}")  # fmt: skip
         _drop(rest, (*module_path, "bias"))
         swaps.append((parent, name, new, ".".join(map(str, module_path))))
-    known = {
-        tuple(path[:i]) for path, _ in nnx.to_flat_state(nnx.state(model)) for i in range(1, len(path) + 1)
-    }
-    for path in traverse_util.flatten_dict(rest):  # rest: plain nested dicts, as _split makes them
+    leaves = dict(nnx.to_flat_state(nnx.state(model)))
+    known = {tuple(path[:i]) for path in leaves for i in range(1, len(path) + 1)}
+    for path, value in traverse_util.flatten_dict(
+        rest
+    ).items():  # rest: plain nested dicts, as _split makes them
         if path not in known:
             raise ValueError(
                 _not_the_models(path, next(i for i in range(len(path)) if path[: i + 1] not in known))
             )
+        held = leaves.get(path)
+        if held is not None and hasattr(value, "shape") and hasattr(held, "shape"):
+            _check_shape(path, tuple(value.shape), tuple(held.shape), "as the model holds it")
     nnx.update(model, rest)
     for parent, name, new, _ in swaps:
         if isinstance(name, int):
@@ -301,6 +309,16 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         else:
             setattr(parent, name, new)
     return [dotted for *_, dotted in swaps]
+
+
+def _check_shape(path: tuple[Any, ...], got: tuple[int, ...], want: tuple[int, ...], layout: str) -> None:
+    """Parameters for another model (other widths) are refused before the model changes."""
+    if got != want:
+        raise ValueError(
+            f"{'.'.join(map(str, path))}: shape {got} where the model's is {want} ({layout}): these parameters "
+            "were loaded for another model; load them with qbridge.load_checkpoint(path, target=model, "
+            "keep_quantized=True) for this one"
+        )
 
 
 def _get(tree: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:

@@ -224,6 +224,35 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
+@pytest.mark.parametrize("name", ["nf4-True", "fp8"])
+def test_parameters_of_another_model_are_refused_and_change_nothing(made, name):
+    """Kept parameters loaded for this checkpoint's model, put into a model of other widths: refused with
+    the first leaf whose shape differs, before any module is swapped or any value written. A narrower
+    model (fewer heads, narrower MLP) and a different vocabulary both show: a quantized Linear, a plain
+    leaf."""
+    config = _config(made)
+    kept, *_ = _models(made, name)
+    for other, where in (
+        (
+            {"intermediate_size": config.intermediate_size // 2},
+            r"model\.layers\.0\.mlp\.down_proj\.kernel: shape",
+        ),
+        (
+            {"vocab_size": config.vocab_size * 2},
+            r"lm_head\.kernel: shape|model\.embed_tokens\.embedding: shape",
+        ),
+    ):
+        model = jax_side.llama_for_causal_lm(
+            jax_side.LlamaConfig(**{**config.__dict__, **other}), param_dtype=jnp.bfloat16
+        )
+        before = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        with pytest.raises(ValueError, match=where + r".*loaded for another model"):
+            jax_side.load_quantized_into_nnx(model, kept)
+        assert isinstance(model.model.layers[0].mlp.down_proj, nnx.Linear)
+        after = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
 @pytest.mark.parametrize("name", ["nf4-True", "fp8", "dense", "dense-torch-file"])
 def test_a_cpu_load_holds_nothing_of_the_file(made, tmp_path, name, monkeypatch):
     """On the CPU, kept pieces and dense leaves are the load's own memory, not views of the safetensors
