@@ -277,6 +277,8 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         if leaf == "kernel" and isinstance(old, nnx.Linear):
             _check_shape(path, tuple(weight.shape), (old.out_features, old.in_features), "[out, in]")
             bias = _get(rest, (*module_path, "bias"))  # the loaded bias, else the module's own
+            if bias is not None and hasattr(bias, "shape"):
+                _check_shape((*module_path, "bias"), tuple(bias.shape), (old.out_features,), "[out]")
             if bias is None and getattr(old, "bias", None) is not None:
                 bias = old.bias[...]
             new = classes["QuantLinear"](weight, bias, dtype=dtype if dtype is not None else old.dtype)
