@@ -51,12 +51,15 @@ class TraceReport:
             docstring), or None when every pair agrees.
         unpaired_torch: torch modules called with no Flax counterpart.
         unpaired_flax: Flax modules called with no torch counterpart.
+        notes: what was done to the reference before comparing, in words (:func:`trace_checkpoint`: FP8
+            weights that transformers decoded wrongly, replaced by their exact decode).
     """
 
     pairs: list[TracePair]
     first_divergence: str | None
     unpaired_torch: list[str]
     unpaired_flax: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,7 @@ class TraceReport:
             lines.append("torch modules with no Flax counterpart: " + ", ".join(self.unpaired_torch))
         if self.unpaired_flax:
             lines.append("Flax modules with no torch counterpart: " + ", ".join(self.unpaired_flax))
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def to_dataframe(self) -> Any:
@@ -469,6 +473,13 @@ def trace_checkpoint(
     """:func:`trace` for a checkpoint directory: transformers' torch model of it (quantized as saved) against a
     Flax model loaded from it by :func:`qbridge.load_checkpoint`, on random token ids.
 
+    Where transformers decodes FP8 weights into dense ones (on a CPU) and a decoded weight differs from
+    ``float8 value * its block's scale_inv`` rounded once to the weight's dtype (transformers 5 derives the
+    block size from the scale grid, so partial 128-tiles get blocks of ``rows // scale_rows``), that weight of
+    the torch model is replaced by its exact decode (``torch_side.dequantize_fp8``) before the run, and the
+    report's ``notes`` say which and by how much they differed: the comparison then tests the Flax model,
+    not transformers' decode.
+
     Args:
         path: a transformers checkpoint directory (``config.json`` with ``architectures``).
         model: ``"llama"`` (``jax_side``'s Flax Llama) or ``"package.module:Name"``, a flax.nnx Module class
@@ -511,7 +522,47 @@ def trace_checkpoint(
         jax_side.load_quantized_into_nnx(flax_model, params)
     else:
         nnx.update(flax_model, params)
+    notes = _exact_fp8_reference(torch_model, path)
     ids = torch.from_numpy(
         np.random.default_rng(seed).integers(0, int(config["vocab_size"]), (batch, tokens))
     )
-    return trace(torch_model, flax_model, ids, **tolerances)
+    report = trace(torch_model, flax_model, ids, **tolerances)
+    report.notes.extend(notes)
+    return report
+
+
+def _exact_fp8_reference(torch_model: Any, path: Any) -> list[str]:
+    """Replaces the dense weights that transformers decoded from FP8 where they differ from the exact decode;
+    returns a note saying so (none when nothing differed)."""
+    import torch
+    import transformers
+
+    import torch_side
+
+    from ._checkpoint import open_checkpoint
+
+    params = dict(torch_model.named_parameters())
+    wrong: list[tuple[float, str]] = []
+    with open_checkpoint(path) as ckpt:
+        for entry in ckpt.entries.values():
+            p = params.get(entry.name)
+            if entry.kind != "fp8" or p is None or not p.is_floating_point() or p.element_size() == 1:
+                continue  # kept as float8 (transformers' own FP8 matmul), or not a parameter here
+            if tuple(p.shape) != entry.shape:
+                continue
+            exact = torch_side.dequantize_fp8(
+                ckpt.read(entry.keys["weight"]), ckpt.read(entry.keys["scale"]), p.dtype,
+                block_size=entry.info["block_size"],
+            )  # fmt: skip
+            if not torch.equal(p.detach().cpu(), exact):
+                wrong.append(((p.detach().cpu().float() - exact.float()).abs().max().item(), entry.name))
+                with torch.no_grad():
+                    p.copy_(exact.to(p.device))
+    if not wrong:
+        return []
+    worst, name = max(wrong)
+    return [
+        f"transformers {transformers.__version__} decoded {len(wrong)} FP8 weight(s) to values other than their "
+        f"block scales give (largest difference {worst:.3g}, in {name}; partial tiles decoded with blocks sized "
+        "from the scale grid); the torch reference ran with their exact decode (torch_side.dequantize_fp8)"
+    ]

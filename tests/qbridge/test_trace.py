@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from checkpoints import LLAMA, bnb_llama
+from checkpoints import LLAMA, bnb_llama, dense_llama, fp8_llama
 
 import jax_side
 import qbridge
@@ -131,6 +131,25 @@ def test_quantized_torch_against_the_flax_model_qbridge_loaded(made, keep):
     report = trace(torch_model, flax_model, IDS)
     assert report.first_divergence is None, str(report)
     assert {p.dtype for p in report.pairs} == {"bfloat16"} and len(report.pairs) == 29
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_fp8_partial_tiles_against_an_exact_reference(tmp_path, keep):
+    """FP8 weights of 200 and 300 rows (partial 128-tiles): transformers 5 decodes them on a CPU with blocks
+    sized from the scale grid (200 // 2 = 100 rows), which would make every layer look wrong. The reference
+    runs with the exact decode instead, the report says so, and the models agree."""
+    from qbridge.parity import trace_checkpoint
+
+    sizes = dict(hidden_size=200, intermediate_size=300, num_attention_heads=4, num_key_value_heads=2)
+    dense_llama(tmp_path / "dense", sizes=sizes)
+    fp8_llama(tmp_path / "dense", tmp_path / "fp8")
+    report = trace_checkpoint(tmp_path / "fp8", keep_quantized=keep, tokens=7)
+    assert report.first_divergence is None, str(report)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", device_map="cpu")
+    if torch_model.model.layers[0].mlp.down_proj.weight.element_size() > 1:  # decoded by transformers
+        assert len(report.notes) == 1 and "exact decode" in report.notes[0] and "note: " in str(report)
+    else:
+        assert report.notes == []
 
 
 def test_a_linen_port_with_numbered_names_and_channels_last_images():
