@@ -120,7 +120,7 @@ def _make_modules():
             causal = jnp.tril(jnp.ones((s, s), dtype=bool))
             scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
             weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-            out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, s, -1)
+            out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, s, c.num_attention_heads * c.head_size)
             return self.o_proj(out)
 
     class LlamaMLP(nnx.Module):

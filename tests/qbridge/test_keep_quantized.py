@@ -224,6 +224,15 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
+def test_empty_batches_and_sequences_give_empty_logits(made):
+    """ids of shape (0, 5) or (2, 0): logits of shape (0, 5, vocab) and (2, 0, vocab), dense and kept."""
+    _, _, quant_model, dense_model, _ = _models(made, "nf4-True")
+    vocab = _config(made).vocab_size
+    for model in (dense_model, quant_model):
+        for shape in ((0, 5), (2, 0)):
+            assert model(jnp.zeros(shape, jnp.int32)).shape == (*shape, vocab)
+
+
 @pytest.mark.parametrize("name", ["nf4-True", "fp8"])
 def test_parameters_of_another_model_are_refused_and_change_nothing(made, name):
     """Kept parameters loaded for this checkpoint's model, put into a model of other widths: refused with
