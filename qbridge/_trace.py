@@ -485,11 +485,16 @@ def trace_checkpoint(
         model: ``"llama"`` (``jax_side``'s Flax Llama) or ``"package.module:Name"``, a flax.nnx Module class
             (or factory) called as ``Name(config_dict, rngs=nnx.Rngs(0))``.
         keep_quantized: load the Flax model kept quantized (``load_quantized_into_nnx``).
-        tokens, batch, seed: the random token ids' shape and seed.
+        tokens, batch, seed: the random token ids' shape (positive) and seed.
         tolerances: ``rtol`` / ``min_cosine`` for :func:`trace`.
+
+    Raises:
+        CheckpointError: no ``config.json``, a missing, truncated or unreadable weight file (naming it), or a
+            checkpoint transformers cannot build a model from.
+        ValueError: ``tokens`` or ``batch`` below 1, or a ``model`` path that names nothing.
+        ImportError: ``model``'s module cannot be imported.
     """
     import importlib
-    import json
     import pathlib
 
     import jax.numpy as jnp
@@ -499,24 +504,46 @@ def trace_checkpoint(
 
     import jax_side
 
+    from ._checkpoint import open_checkpoint, read_config
+    from ._errors import CheckpointError
     from ._loader import load_checkpoint
 
+    for name, value in (("tokens", tokens), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive number of token ids, got {value!r}")
     path = pathlib.Path(path)
-    config = json.loads((path / "config.json").read_text())
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: no config.json there; parity needs a transformers checkpoint directory (config.json with "
+            "architectures, and the weights)"
+        )
+    config = read_config(path)  # checked: it is untrusted input
     dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(
         str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16
     )
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation="eager", device_map="cpu"
-    ).eval()
+    open_checkpoint(
+        path
+    ).close()  # missing, truncated or unreadable weight files: named before transformers reads them
     if model == "llama":
         flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
     else:
         module_name, _, attr = model.partition(":")
         factory: Any = importlib.import_module(module_name)
         for part in attr.split("."):
+            if not hasattr(factory, part):
+                raise ValueError(
+                    f"model={model!r}: {module_name} has no {attr!r} (expected 'package.module:Name')"
+                )
             factory = getattr(factory, part)
         flax_model = factory(config, rngs=nnx.Rngs(0))
+    try:
+        torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, attn_implementation="eager", device_map="cpu"
+        ).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: transformers could not build its torch model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
     params = load_checkpoint(path, target=flax_model, keep_quantized=keep_quantized, progress=False)
     if keep_quantized:
         jax_side.load_quantized_into_nnx(flax_model, params)

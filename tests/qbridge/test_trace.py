@@ -215,6 +215,28 @@ def test_the_cli(made, capsys):
     assert "first divergence: model.layers.0.input_layernorm" in capsys.readouterr().out
 
 
+def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
+    """Bad input to `qbridge parity` ends in one line naming the file or the option (exit code 2), before
+    transformers reads anything: no directory or config.json, a truncated weight file, no token ids, a
+    model path that names nothing."""
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(made / "f32", cut)
+    whole = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(whole[: len(whole) // 2])
+    for argv, says in (
+        ([str(tmp_path / "nothing")], "nothing: no config.json there"),
+        ([str(cut)], "cut/model.safetensors: not a readable safetensors file"),
+        ([str(made / "f32"), "--batch", "0"], "batch must be a positive number"),
+        ([str(made / "f32"), "--tokens", "-3"], "tokens must be a positive number"),
+        ([str(made / "f32"), "--model", "checkpoints:Nope"], "checkpoints has no 'Nope'"),
+    ):
+        assert main(["parity", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("qbridge parity: ") and says in err and err.count("\n") == 1, err
+
+
 def test_dict_outputs_pair_by_name_not_by_order():
     class TorchPair(torch.nn.Module):
         def __init__(self):
