@@ -67,7 +67,14 @@ def _kind(dtype: Any) -> str:
         return "float8"
     if name in TOLERANCES:
         return name
+    if name == "bool" or "int" in name:  # token ids, masks: compared exactly
+        return name
     return "float32"
+
+
+def _tolerances(kind: str) -> tuple[float, float]:
+    """``(rtol, min_cosine)`` for an output kind: integers and booleans must be equal."""
+    return TOLERANCES.get(kind, (0.0, 0.0))
 
 
 def _numpy(x: Any) -> tuple[np.ndarray, str]:
@@ -125,20 +132,25 @@ def compare(
         cand, cand_dtype = _numpy(c)
         if ref.shape != cand.shape:
             raise ValueError(f"output {name!r}: shapes {ref.shape} and {cand.shape} differ")
-        kind = min(_kind(ref_dtype), _kind(cand_dtype), key=_ORDER.index)
-        default_rtol, default_cos = TOLERANCES[kind]
+        kinds = [_kind(ref_dtype), _kind(cand_dtype)]
+        floating = [k for k in kinds if k in _ORDER]  # an integer output beside a float one: the float's
+        kind = min(floating, key=_ORDER.index) if floating else kinds[0]
+        default_rtol, default_cos = _tolerances(kind)
         tol, cos_min = (
             rtol if rtol is not None else default_rtol,
             min_cosine if min_cosine is not None else default_cos,
         )
-        err = np.abs(ref - cand)
-        max_abs = float(err.max()) if err.size else 0.0
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        # the same infinity on both sides (masked logits) agrees; NaN, or an infinity on one side only, fails
+        both = np.isfinite(ref) & np.isfinite(cand)
+        agree_elsewhere = bool(((ref == cand) | both).all())
+        ref_f, cand_f = ref[both], cand[both]
+        err = np.abs(ref_f - cand_f)
+        max_abs = (float(err.max()) if err.size else 0.0) if agree_elsewhere else float("inf")
+        scale = float(np.abs(ref_f).max()) if ref_f.size else 0.0
         max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
-        denom = float(np.linalg.norm(ref) * np.linalg.norm(cand))
-        cosine = float(np.dot(ref.ravel(), cand.ravel()) / denom) if denom else float(max_abs == 0)
-        finite = bool(np.isfinite(ref).all() and np.isfinite(cand).all())
-        ok = finite and max_rel <= tol and cosine >= cos_min
+        denom = float(np.linalg.norm(ref_f) * np.linalg.norm(cand_f))
+        cosine = float(np.dot(ref_f, cand_f) / denom) if denom else float(max_abs == 0)
+        ok = agree_elsewhere and max_rel <= tol and cosine >= cos_min
         outputs.append(OutputParity(name, tuple(ref.shape), kind, max_abs, max_rel, cosine, tol, cos_min, ok))
     return ParityReport(outputs)
 

@@ -237,6 +237,26 @@ def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
         assert err.startswith("qbridge parity: ") and says in err and err.count("\n") == 1, err
 
 
+def test_compare_with_infinities_nans_and_integers():
+    """The same infinity on both sides (masked logits) agrees and the error is measured on the rest; a NaN
+    or an infinity on one side fails; integer outputs are labelled as such and must be equal."""
+    from qbridge.parity import compare
+
+    logits = np.array([[0.5, -np.inf, 1.0], [2.0, 3.0, -np.inf]], np.float32)
+    near = logits + np.float32(1e-6) * np.isfinite(logits)
+    report = compare({"logits": logits}, {"logits": near})
+    (out,) = report.outputs
+    assert report.ok and 0 < out.max_abs < 2e-6 and out.cosine > 1 - 1e-9, str(report)
+    for bad in (np.where(np.isinf(logits), np.float32(-1e9), logits), np.where(logits == 3, np.nan, logits)):
+        (out,) = compare(logits, bad).outputs
+        assert not out.ok and out.max_abs == float("inf")
+    ids = np.array([[3, 1, 4]], np.int64)
+    (out,) = compare(ids, ids.copy()).outputs
+    assert out.ok and out.dtype == "int64"
+    assert not compare(ids, ids + np.array([[0, 0, 1]])).ok  # one token id off: not within any tolerance
+    assert not compare(torch.tensor([[True, False]]), np.array([[True, True]])).ok
+
+
 def test_dict_outputs_pair_by_name_not_by_order():
     class TorchPair(torch.nn.Module):
         def __init__(self):
