@@ -45,8 +45,10 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
     layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
     for name, node in layers:
         if isinstance(node, nnx.Linear) and config.matches(name) and config.target_modules != ALL_LINEAR:
-            raise TypeError(f"{name} is a dense nnx.Linear: LoRA adapters here attach to kept-quantized layers; load the "
-                            "checkpoint with keep_quantized=True and jax_side.load_quantized_into_nnx")  # fmt: skip
+            raise TypeError(f"{name} is a dense nnx.Linear: LoRA adapters here attach to kept-quantized layers only. "
+                            "Its weight is not quantized in this model: it was loaded dense (load the checkpoint with "
+                            "keep_quantized=True and jax_side.load_quantized_into_nnx), or the checkpoint does not "
+                            "quantize it (bitsandbytes leaves lm_head dense); leave it out of target_modules")  # fmt: skip
     targets = {name: node for name, node in layers if isinstance(node, quant_linear) and config.matches(name)}
     if not targets:
         raise ValueError(f"no kept-quantized Linear matches target_modules={config.target_modules!r}")

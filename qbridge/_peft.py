@@ -73,6 +73,11 @@ def save_peft_adapter(
     return out
 
 
+def _layer_of(key: str) -> str:
+    """The layer's dotted path in an adapter file's key (``base_model.model.<path>.lora_A[.default].weight``)."""
+    return key.removeprefix(PREFIX).split(".lora_", 1)[0]
+
+
 def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: Any = None) -> list[str]:
     """Reads a PEFT LoRA adapter directory into an nnx model with kept-quantized layers: adds the adapters
     its config names (``jax_side.add_lora``; dropout off until ``model.train()``) and sets their values,
@@ -83,8 +88,9 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
 
     Raises:
         CheckpointError: a missing or unreadable file, a config these layers do not implement (DoRA,
-            trained biases ...: ``jax_side.LoraConfig.from_peft``), adapters for layers the model lacks
-            (named), missing adapters, or shapes and dtypes that do not fit. Nothing is changed then; on
+            trained biases ...: ``jax_side.LoraConfig.from_peft``), ``target_modules`` that name no
+            kept-quantized layer or name a dense one, adapters for layers the model lacks or the config does
+            not name (named), missing adapters, or shapes and dtypes that do not fit. Nothing is changed then; on
             success the file's adapters replace any the model had.
     """
     from safetensors.flax import load_file
@@ -106,7 +112,10 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
         config = jax_side.LoraConfig.from_peft(doc)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from e
-    targets = jax_side.lora_targets(model, config)  # everything is checked before the model changes
+    try:
+        targets = jax_side.lora_targets(model, config)  # everything is checked before the model changes
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG}: {e}") from e
     values = {}
     for name, layer in targets.items():
         for attr, shape in (
@@ -128,8 +137,23 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
         f"{PREFIX}{n}.{ab}.weight" for n in targets for ab in ("lora_A", "lora_B") if (n, ab) not in values
     )
     if extra or missing:
+        quantized = jax_side.lora_targets(model, jax_side.LoraConfig(target_modules="all-linear"))
+        untargeted = [k for k in extra if _layer_of(k) in quantized]
+        lacking = [k for k in extra if k not in untargeted]
         raise CheckpointError(
-            f"{path / WEIGHTS}: adapters for layers the model lacks: {extra}; layers without adapters: {missing}"
+            f"{path / WEIGHTS}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"adapters for layers the model lacks: {lacking}" if lacking else "",
+                    f"adapters for layers {CONFIG}'s target_modules={config.target_modules!r} does not name: "
+                    f"{untargeted}"
+                    if untargeted
+                    else "",
+                    f"layers without adapters: {missing}" if missing else "",
+                )
+                if part
+            )
         )
     jax_side.remove_lora(model)  # the file's adapters replace any the model had
     dtype = next(iter(values.values())).dtype

@@ -210,6 +210,21 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
         match=r"adapters for layers the model lacks: \['base_model.model.model.layers.9",
     ):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
+    del tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"]
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    doc = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for targets, says in (
+        (["foo_proj"], r"adapter_config.json: no kept-quantized Linear matches target_modules=\('foo_proj',\)"),
+        (None, r"adapter_config.json: no kept-quantized Linear matches"),
+        (["lm_head"], r"adapter_config.json: lm_head is a dense nnx.Linear.*bitsandbytes leaves lm_head dense"),
+        (["v_proj"], r"adapters for layers adapter_config.json's target_modules=\('v_proj',\) does not name: "
+                     r"\['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"),
+    ):  # fmt: skip
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**doc, "target_modules": targets}))
+        model = _kept(made)
+        with pytest.raises(qbridge.CheckpointError, match=says):
+            qbridge.load_peft_adapter(model, tmp_path / "peft")
+        assert jax_side.lora_layers(model) == {}  # nothing changed
     (tmp_path / "peft" / "adapter_config.json").unlink()
     with pytest.raises(qbridge.CheckpointError, match=r"adapter_config.json: missing"):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
