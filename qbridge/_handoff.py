@@ -314,6 +314,14 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.to(narrow)
 
 
+@functools.cache
+def _torch_gpus() -> int:
+    """How many GPUs torch sees, asked once per process: the answer does not change, and in a process's
+    first load on an H200 each ask took about 2 ms (103 asks, 0.2 s, while background threads loaded
+    kernels; ``results/first-load-window-h200.txt``)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, producer: Producer) -> jax.Array:
     """Makes one copy of ``t`` that JAX on ``target`` can alias, then hands that copy over zero-copy.
 
@@ -322,11 +330,7 @@ def _copy_once(t: torch.Tensor, home: jax.Device | None, target: jax.Device, pro
     dest: torch.device | None = None
     if target.platform == "cpu":
         dest = torch.device("cpu")
-    elif (
-        target.platform == "gpu"
-        and torch.cuda.is_available()
-        and target.local_hardware_id < torch.cuda.device_count()
-    ):
+    elif target.platform == "gpu" and target.local_hardware_id < _torch_gpus():
         dest = torch.device("cuda", target.local_hardware_id)
     narrow = _WIDE.get(t.dtype) if not _x64() else None
     with on_device(t.device):
