@@ -15,9 +15,10 @@ points at that Linear, a wrong epsilon at that norm, and an error in an attentio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -521,9 +522,10 @@ def trace_checkpoint(
     dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(
         str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16
     )
-    open_checkpoint(
+    with open_checkpoint(
         path
-    ).close()  # missing, truncated or unreadable weight files: named before transformers reads them
+    ) as ckpt:  # missing, truncated or unreadable files: named before transformers reads them
+        fp8 = ckpt.format == "fp8"
     if model == "llama":
         flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
     else:
@@ -537,25 +539,81 @@ def trace_checkpoint(
             factory = getattr(factory, part)
         flax_model = factory(config, rngs=nnx.Rngs(0))
     try:
-        torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation="eager", device_map="cpu"
-        ).eval()
+        with _transformers_quiet():  # its load report and progress bar; what went wrong is said below
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation="eager", device_map="cpu"
+            ).eval()
+        notes = _exact_fp8_reference(torch_model, path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path}: transformers could not build its torch model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from e
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        if not fp8:
+            raise CheckpointError(f"{path}: transformers could not build its torch model ({why})") from e
+        with _transformers_quiet():
+            torch_model = _decoded_reference(path)  # e.g. partial tiles the scale grid does not divide
+        notes = [
+            f"transformers {transformers.__version__} could not build the FP8 model ({why}); the torch reference "
+            "is transformers' model of the config without its quantization_config, holding every weight "
+            "decoded exactly (qbridge.dequantized_state)"
+        ]
     params = load_checkpoint(path, target=flax_model, keep_quantized=keep_quantized, progress=False)
     if keep_quantized:
         jax_side.load_quantized_into_nnx(flax_model, params)
     else:
         nnx.update(flax_model, params)
-    notes = _exact_fp8_reference(torch_model, path)
     ids = torch.from_numpy(
         np.random.default_rng(seed).integers(0, int(config["vocab_size"]), (batch, tokens))
     )
     report = trace(torch_model, flax_model, ids, **tolerances)
     report.notes.extend(notes)
     return report
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' logging at errors only and its progress bars off, restored after."""
+    from transformers.utils import logging as tlog
+
+    verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _decoded_reference(path: Any) -> Any:
+    """transformers' model of an FP8 checkpoint's config, unquantized, holding its exactly decoded weights."""
+    import torch
+    import transformers
+
+    from ._errors import CheckpointError
+    from ._loader import dequantized_state
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    torch_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    torch_model = torch_model.to(
+        dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    ).eval()
+    missing, unexpected = torch_model.load_state_dict(dequantized_state(path), strict=False)
+    torch_model.tie_weights()
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"{path}: the decoded weights do not fit transformers' model of the config (missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    return torch_model
 
 
 def _exact_fp8_reference(torch_model: Any, path: Any) -> list[str]:
