@@ -21,6 +21,7 @@ from ._casts import cast_exactly
 from ._fused import quantized_matmul
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
+from ._tree import warn_at_caller
 
 
 def _flax():
@@ -304,6 +305,11 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         held = leaves.get(path)
         if held is not None and hasattr(value, "shape") and hasattr(held, "shape"):
             _check_shape(path, tuple(value.shape), tuple(held.shape), "as the model holds it")
+    if not swaps:
+        warn_at_caller(
+            "load_quantized_into_nnx: these parameters hold no quantized weight (loaded without "
+            "keep_quantized=True, or the checkpoint quantizes no Linear or Embed): the model was updated dense"
+        )
     nnx.update(model, rest)
     for parent, name, new, _ in swaps:
         if isinstance(name, int):

@@ -224,6 +224,23 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
+def test_dense_parameters_warn_and_adapters_say_why_they_cannot_attach(made):
+    """Parameters loaded without keep_quantized=True hold no quantized weight: load_quantized_into_nnx warns
+    that the model was updated dense (from the caller's line), and adapters then say the model holds no
+    kept-quantized layer and how to get one, for any target_modules."""
+    config = _config(made)
+    dense = qbridge.load_checkpoint(
+        made / "nf4-True", target=jax_side.abstract_llama(config, param_dtype=jnp.bfloat16), progress=False
+    )
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    with pytest.warns(UserWarning, match=r"hold no quantized weight.*keep_quantized=True") as caught:
+        assert jax_side.load_quantized_into_nnx(model, dense) == []
+    assert caught[0].filename == __file__
+    for targets in ("all-linear", "q_proj"):
+        with pytest.raises(ValueError, match=r"the model holds none.*keep_quantized=True"):
+            jax_side.add_lora(model, jax_side.LoraConfig(target_modules=targets))
+
+
 def test_empty_batches_and_sequences_give_empty_logits(made):
     """ids of shape (0, 5) or (2, 0): logits of shape (0, 5, vocab) and (2, 0, vocab), dense and kept."""
     _, _, quant_model, dense_model, _ = _models(made, "nf4-True")
