@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import pathlib
+import sys
 from typing import Any
 
 import jax_side
@@ -20,6 +21,45 @@ def _config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     if not config.exists():
         raise CheckpointError(f"{config}: a target built from the checkpoint's config needs its config.json")
     return read_config(path)  # the checkpoint reader's checks
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object ``'package.module:Name'`` names (``Name`` may be dotted). A module that is not importable
+    as it stands but lies in the current directory is imported from there, as ``python -m`` would find it.
+
+    Raises:
+        ValueError: ``spec`` has no ``':'``.
+        ImportError: the module cannot be imported or does not hold ``Name`` (``what`` and ``spec`` named).
+    """
+    if ":" not in spec:
+        raise ValueError(f"{what} {spec!r}: name an object by import path, 'package.module:Name'")
+    module_name, _, attr = spec.partition(":")
+    top = module_name.split(".")[0]
+    try:
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            here = os.getcwd()
+            if e.name != top or not (os.path.exists(f"{top}.py") or os.path.isdir(top)) or here in sys.path:
+                raise
+            sys.path.insert(0, here)
+            try:
+                obj = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(here)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        hint = ""
+        if top == "transformers" and attr.startswith("Flax"):
+            import transformers
+
+            hint = (
+                f"; transformers {transformers.__version__} has no Flax classes: they need transformers 4.57 or "
+                "older (pip install 'transformers==4.57.6')"
+            )
+        raise ImportError(f"{what} {spec!r}: cannot import it ({type(e).__name__}: {e}){hint}") from e
+    return obj
 
 
 def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: Any = None) -> Any:
@@ -57,13 +97,7 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
         raise ValueError(
             f"target {spec!r}: name 'llama' or a class by import path, 'package.module:ClassName'"
         )
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ImportError(f"target {spec!r}: cannot import it ({type(e).__name__}: {e})") from e
+    obj = import_object(spec, "target")
     if (
         isinstance(obj, type) and hasattr(obj, "config_class") and hasattr(obj, "init_weights")
     ):  # transformers Flax
@@ -74,7 +108,8 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
     except ImportError:  # pragma: no cover - flax is an extra
         nnx = None  # type: ignore[assignment]
     if nnx is not None and isinstance(obj, type) and issubclass(obj, nnx.Module):
-        return nnx.eval_shape(lambda: obj(config, rngs=nnx.Rngs(0)))
+        module: Any = obj  # a user's Module subclass: its own constructor
+        return nnx.eval_shape(lambda: module(config, rngs=nnx.Rngs(0)))
     if callable(obj):
         return obj(config)
     raise ValueError(f"target {spec!r} is a {type(obj).__name__}, not a model class or a callable")

@@ -495,7 +495,6 @@ def trace_checkpoint(
         ValueError: ``tokens`` or ``batch`` below 1, or a ``model`` path that names nothing.
         ImportError: ``model``'s module cannot be imported.
     """
-    import importlib
     import pathlib
 
     import jax.numpy as jnp
@@ -508,6 +507,7 @@ def trace_checkpoint(
     from ._checkpoint import open_checkpoint, read_config
     from ._errors import CheckpointError
     from ._loader import load_checkpoint
+    from ._targets import import_object
 
     for name, value in (("tokens", tokens), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -529,15 +529,18 @@ def trace_checkpoint(
     if model == "llama":
         flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
     else:
-        module_name, _, attr = model.partition(":")
-        factory: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            if not hasattr(factory, part):
-                raise ValueError(
-                    f"model={model!r}: {module_name} has no {attr!r} (expected 'package.module:Name')"
-                )
-            factory = getattr(factory, part)
-        flax_model = factory(config, rngs=nnx.Rngs(0))
+        if ":" not in model:
+            raise ValueError(
+                f"model {model!r}: 'llama', or an nnx Module class by import path, 'package.module:Name'"
+            )
+        factory = import_object(model, "model")
+        try:
+            flax_model = factory(config, rngs=nnx.Rngs(0))
+        except TypeError as e:
+            raise ValueError(
+                f"model {model!r}: called as {model.partition(':')[2]}(config_dict, rngs=nnx.Rngs(0)) it raised "
+                f"TypeError: {e}; name an nnx Module class (or factory) that takes the config dict and rngs"
+            ) from e
     try:
         with _transformers_quiet():  # its load report and progress bar; what went wrong is said below
             torch_model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -238,11 +238,28 @@ def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
         ([str(cut)], "cut/model.safetensors: not a readable safetensors file"),
         ([str(made / "f32"), "--batch", "0"], "batch must be a positive number"),
         ([str(made / "f32"), "--tokens", "-3"], "tokens must be a positive number"),
-        ([str(made / "f32"), "--model", "checkpoints:Nope"], "checkpoints has no 'Nope'"),
+        ([str(made / "f32"), "--model", "checkpoints:Nope"], "model 'checkpoints:Nope': cannot import it"),
+        ([str(made / "f32"), "--model", "nowhere"], "'package.module:Name'"),
+        ([str(made / "f32"), "--model", "jax_side:LlamaConfig"], "name an nnx Module class (or factory)"),
     ):
         assert main(["parity", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("qbridge parity: ") and says in err and err.count("\n") == 1, err
+
+
+def test_a_model_module_in_the_current_directory(made, tmp_path, monkeypatch, capsys):
+    """`--model mymodel:Name` finds mymodel.py in the current directory even where it is not on sys.path (the
+    installed `qbridge` script, unlike `python -m`, does not put it there), and leaves sys.path as it was."""
+    (tmp_path / "port_here.py").write_text(
+        "import jax_side\n"
+        "def Llama(config, rngs=None):\n"
+        "    return jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    assert main(["parity", str(made / "f32"), "--model", "port_here:Llama", "--tokens", "5"]) == 0
+    assert "the two models agree" in capsys.readouterr().out and sys.path == before
 
 
 def test_compare_with_infinities_nans_and_integers():
