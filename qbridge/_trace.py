@@ -339,8 +339,9 @@ def trace(
         flax_module: the Flax port: an ``nnx.Module`` (run eagerly), or a linen ``Module`` with
             ``variables`` (its ``{"params": ...}``), e.g. one loaded by :func:`qbridge.load_checkpoint`
             (dense or kept quantized).
-        inputs: torch tensors (token ids, pixel values...): one tensor, a tuple of them (positional) or a
-            dict (keyword). The Flax side gets the same values through :func:`qbridge.to_jax`.
+        inputs: tensors (token ids, pixel values...): one, a tuple of them (positional) or a dict (keyword);
+            torch tensors, or numpy/JAX arrays (taken as torch tensors of their values). The Flax side gets
+            the same values through :func:`qbridge.to_jax`.
         variables: the linen variables (required for a linen module).
         flax_inputs: the Flax side's inputs where they differ (channels-last images, say).
         rename: regex -> replacement applied to torch module names before pairing, as ``load_checkpoint``'s
@@ -358,8 +359,18 @@ def trace(
     from ._compare import compare
     from ._handoff import to_jax
 
-    if isinstance(inputs, torch.Tensor):
+    def as_torch(x: Any) -> Any:  # numpy or JAX arrays (token ids ...) as torch tensors of their values
+        return (
+            x if isinstance(x, torch.Tensor) or not hasattr(x, "__array__") else torch.from_numpy(np.array(x))
+        )
+
+    if isinstance(inputs, torch.Tensor) or hasattr(inputs, "__array__"):
         inputs = (inputs,)
+    inputs = (
+        {k: as_torch(v) for k, v in inputs.items()}
+        if isinstance(inputs, Mapping)
+        else tuple(map(as_torch, inputs))
+    )
     if flax_inputs is None:
         convert = lambda t: to_jax(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
         flax_inputs = (

@@ -75,6 +75,11 @@ def test_a_correct_port_agrees_end_to_end(made):
     assert report.unpaired_flax == []
     text = str(report)
     assert "the two models agree" in text and "model.rotary_emb" in text
+    for ids in (IDS.numpy(), jnp.asarray(IDS.numpy()), {"input_ids": IDS.numpy()}):  # arrays of other kinds
+        again = trace(torch_model, flax_model, ids)
+        assert again.first_divergence is None and [p.max_abs for p in again.pairs] == [
+            p.max_abs for p in report.pairs
+        ]
 
 
 def test_a_transposed_dense_kernel(made):
