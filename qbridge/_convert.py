@@ -151,7 +151,8 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
 
     Args:
         out: the Orbax checkpoint directory.
-        target: None (arrays as saved, on the devices they were saved from), or a pytree of the same
+        target: None (arrays as saved, on the devices they were saved from), an nnx model or
+            ``nnx.State`` (for a checkpoint written from one, its pure dict), or a pytree of the same
             structure whose leaves are ``jax.ShapeDtypeStruct`` (with a ``sharding``) or arrays: each leaf
             is restored with that leaf's sharding and dtype, so a checkpoint saved on one mesh can be
             read onto another (under ``jax.distributed`` each process reads its own shards). Without a
@@ -167,14 +168,50 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         target's; a ``UserWarning`` names the first weight where they differ from the record.
 
     Raises:
-        CheckpointError: the checkpoint's record of kept-quantized weights does not fit its arrays.
+        CheckpointError: the checkpoint's record of kept-quantized weights does not fit its arrays; the
+            target's tree is not the checkpoint's; an nnx target for kept-quantized weights.
     """
     path = pathlib.Path(out).absolute()
     if target is None:
         return _read_quantized_fields(_orbax().StandardCheckpointer().restore(path), path / QUANTIZED_FIELDS)
-    restored = _orbax().StandardCheckpointer().restore(path, target)
+    tree = _as_tree(target, path)
+    try:
+        restored = _orbax().StandardCheckpointer().restore(path, tree)
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"{path}: the target's tree does not match the checkpoint's ({type(e).__name__}: {first}). A "
+            "checkpoint written without a target holds {'params': {...}} with Flax names and restores without "
+            "one (restore_converted(out)); one written from a target (qbridge convert --target llama) restores "
+            "onto that target: the model, nnx.state(model), or the same tree of arrays or ShapeDtypeStructs"
+        ) from e
     _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
     return restored
+
+
+def _as_tree(target: Any, path: pathlib.Path) -> Any:
+    """A target as the tree the checkpoint was written from: an nnx model or state as its pure dict (what
+    ``load_checkpoint(..., target=model)`` returns and ``convert_checkpoint`` writes)."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is an extra
+        return target
+    if not isinstance(target, (nnx.Module, nnx.State)):
+        return target
+    if _kept_weights(path / QUANTIZED_FIELDS):
+        raise CheckpointError(
+            f"{path}: holds kept-quantized weights, which an nnx model's dense kernels cannot receive: restore it "
+            "without a target, then jax_side.load_quantized_into_nnx(model, params)"
+        )
+    return nnx.to_pure_dict(nnx.state(target) if isinstance(target, nnx.Module) else target)
+
+
+def _kept_weights(file: pathlib.Path) -> bool:
+    """Whether the record beside a written checkpoint lists kept-quantized weights."""
+    try:
+        return bool(json.loads(file.read_text()).get("weights"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # Beside the arrays, a written checkpoint records each kept-quantized weight's fields that are no arrays

@@ -167,6 +167,32 @@ def test_a_converted_model_goes_back_into_the_nnx_model(nf4, tmp_path, kept):
             qbridge.restore_converted(out16, same)
 
 
+def test_restoring_onto_an_nnx_model_or_state(nf4, tmp_path):
+    """A checkpoint written from an nnx target restores onto the model, its state or its abstract twin (each
+    taken as its pure dict), giving the arrays written. Onto a tree it was not written from, or with kept
+    weights onto a dense model, the error says which target fits."""
+    nnx = pytest.importorskip("flax.nnx")
+    config = jax_side.LlamaConfig.from_hf(json.loads((nf4 / "config.json").read_text()))
+    target = jax_side.abstract_llama(config, param_dtype=jnp.float32)
+    out = tmp_path / "model.orbax"
+    qbridge.convert_checkpoint(nf4, out, target=target, progress=False)
+    want = qbridge.restore_converted(out)
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.float32)
+    for onto in (model, nnx.state(model), target):
+        got = qbridge.restore_converted(out, onto)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    targetless = tmp_path / "targetless.orbax"
+    qbridge.convert_checkpoint(nf4, targetless, progress=False)
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"does not match the checkpoint's.*restores without one"
+    ):
+        qbridge.restore_converted(targetless, model)
+    kept = tmp_path / "kept.orbax"
+    qbridge.convert_checkpoint(nf4, kept, target=target, keep_quantized=True, progress=False)
+    with pytest.raises(qbridge.CheckpointError, match=r"kept-quantized weights.*load_quantized_into_nnx"):
+        qbridge.restore_converted(kept, model)
+
+
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
     out = tmp_path / "orbax"
     out.mkdir()
