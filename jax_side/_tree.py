@@ -79,7 +79,17 @@ class MatchReport:
         if self.ok:
             head = f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} tensors skipped (not parameters)"
             return "; ".join([head, *self.cast_summary()])
-        lines = ["checkpoint does not match its target:"]
+        counts = [
+            f"{len(items)} {what}"
+            for items, what in (
+                (self.missing, "target leaves missing"),
+                (self.unused, "checkpoint tensors unused"),
+                (self.shape_mismatches, "shapes differ"),
+                (self.dtype_mismatches, "dtypes differ"),
+            )
+            if items
+        ]
+        lines = [f"checkpoint does not match its target ({', '.join(counts)}):"]
         for leaf, tried in self.missing:
             lines.append(
                 f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})"

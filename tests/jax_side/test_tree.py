@@ -82,6 +82,10 @@ def test_wrong_checkpoint_reports_every_problem_by_name():
     ]
     for needle in ("layers.1.norm.scale", "lm_head.weight", "(8, 12)", "float16", "dtype=None"):
         assert needle in message
+    assert message.splitlines()[0] == (  # the counts first, then every problem
+        "checkpoint does not match its target (1 target leaves missing, 1 checkpoint tensors unused, "
+        "1 shapes differ, 1 dtypes differ):"
+    )
     np.testing.assert_array_equal(np.asarray(m.layers[0].up.kernel[...]), before)  # nothing written
     with pytest.raises(
         jax_side.MatchError
