@@ -120,8 +120,13 @@ def init_lora_a(key: jax.Array, in_features: int, r: int, dtype: Any = jnp.float
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float, out_dtype: Any) -> jax.Array:
     """``(x @ A @ B) * scaling`` in the adapters' dtype, then cast to ``out_dtype``: PEFT's order
     (``peft.tuners.lora.bnb.Linear4bit.forward``, PEFT 0.21: ``lora_B(lora_A(dropout(x))) * scaling``, then
-    ``.to(result.dtype)``)."""
-    return (((x.astype(a.dtype) @ a) @ b) * scaling).astype(out_dtype)
+    ``.to(result.dtype)``). The product is multiplied by ``scaling`` in float32 (at least) and rounded once
+    to the adapters' dtype, as torch multiplies a tensor by a Python number."""
+    product = (x.astype(a.dtype) @ a) @ b
+    # torch multiplies a float16/bfloat16 tensor by a Python float in float32 and rounds once; JAX would round
+    # scaling to the product's dtype first (16/12 -> 1.3359375 in bfloat16)
+    wide = jnp.promote_types(product.dtype, jnp.float32)
+    return (product.astype(wide) * scaling).astype(product.dtype).astype(out_dtype)
 
 
 def _nnx():

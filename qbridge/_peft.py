@@ -78,10 +78,13 @@ def _layer_of(key: str) -> str:
     return key.removeprefix(PREFIX).split(".lora_", 1)[0]
 
 
-def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: Any = None) -> list[str]:
+def load_peft_adapter(
+    model: Any, directory: str | os.PathLike[str], *, rngs: Any = None, autocast_adapter_dtype: bool = True
+) -> list[str]:
     """Reads a PEFT LoRA adapter directory into an nnx model with kept-quantized layers: adds the adapters
     its config names (``jax_side.add_lora``; dropout off until ``model.train()``) and sets their values,
-    exactly.
+    exactly. ``autocast_adapter_dtype``: as ``peft.PeftModel.from_pretrained``'s (default True), float16 and
+    bfloat16 adapters are widened to float32 (exactly); False keeps the file's dtype.
 
     Returns:
         The dotted paths of the adapted layers.
@@ -157,8 +160,10 @@ def load_peft_adapter(model: Any, directory: str | os.PathLike[str], *, rngs: An
         )
     jax_side.remove_lora(model)  # the file's adapters replace any the model had
     dtype = next(iter(values.values())).dtype
+    if autocast_adapter_dtype and dtype in (jnp.float16, jnp.bfloat16):  # PEFT's default on loading
+        dtype = jnp.dtype(jnp.float32)
     names = jax_side.add_lora(model, config, rngs=rngs, dtype=dtype)
     layers = jax_side.lora_layers(model)
     for (name, attr), value in values.items():
-        getattr(layers[name], attr)[...] = value.T
+        getattr(layers[name], attr)[...] = value.T.astype(dtype)
     return sorted(names)

@@ -197,6 +197,31 @@ def test_a_peft_adapter_reads_into_flax_exactly(made, tmp_path):
     assert_parity({"logits": torch_logits}, {"logits": model(jnp.asarray(IDS))})
 
 
+def test_half_precision_adapter_files_are_widened_as_peft_loads_them(made, tmp_path):
+    """A bfloat16 adapter file: float32 adapters holding the same values (PEFT's autocast_adapter_dtype,
+    on by default), or bfloat16 ones with autocast_adapter_dtype=False."""
+    from safetensors.numpy import load_file, save_file
+
+    torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    torch_model.save_pretrained(tmp_path / "peft")
+    file = tmp_path / "peft" / "adapter_model.safetensors"
+    rng = np.random.default_rng(4)
+    half = {
+        k: np.asarray(jnp.asarray(rng.standard_normal(v.shape), jnp.bfloat16))
+        for k, v in load_file(file).items()
+    }
+    save_file(half, file)
+    for autocast, dtype in ((True, jnp.float32), (False, jnp.bfloat16)):
+        model = _kept(made)
+        qbridge.load_peft_adapter(model, tmp_path / "peft", autocast_adapter_dtype=autocast)
+        adapter = jax_side.lora_layers(model)["model.layers.0.self_attn.q_proj"]
+        assert adapter.lora_A[...].dtype == dtype
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        np.testing.assert_array_equal(
+            np.asarray(adapter.lora_A[...], np.float32).T, half[key].astype(np.float32)
+        )
+
+
 def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
     torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     torch_model.save_pretrained(tmp_path / "peft")
@@ -244,25 +269,34 @@ def test_dropout_is_on_while_training_only(made):
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(model(ids)))
 
 
-def test_the_adapter_term_is_pefts_bit_for_bit(made):
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_adapter_term_is_pefts_bit_for_bit(made, adapter_dtype):
     """The LoRA term as PEFT's ``Linear4bit.forward`` computes it (product times ``scaling`` in the adapters'
-    float32, then cast to the base output's bfloat16), for the nnx adapter (``lora_delta``, which linen's
-    ``QuantDense`` adds too). The base layer is made to return zeros, so that PEFT's layer returns its LoRA term alone. Values are small integers
-    in eighths: every product and sum is exact in float32, so only the order of the two roundings (times
-    4/3, then to bfloat16) decides the bits, and scaling after the cast differs in many elements."""
+    dtype, as torch multiplies by a Python number: in float32, rounded once; then cast to the base output's
+    bfloat16), for the nnx adapter (``lora_delta``, which linen's ``QuantDense`` adds too), with float32
+    and bfloat16 adapters. The base layer is made to return zeros, so that PEFT's layer returns its LoRA
+    term alone. Values are small integers in eighths: every product and sum is exact in float32, so only
+    the roundings decide the bits (scaling 4/3 is 1.3359375 in bfloat16)."""
+    from jax_side._lora import lora_adapter_class
+
     rng = np.random.default_rng(3)
     hidden = LLAMA["hidden_size"]
     torch_model = peft.get_peft_model(
-        _torch_4bit(made), peft.LoraConfig(r=12, lora_alpha=16, target_modules=["q_proj"])
+        _torch_4bit(made),
+        peft.LoraConfig(r=12, lora_alpha=16, target_modules=["q_proj"]),
+        autocast_adapter_dtype=False,
     )
     layer = torch_model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__module__ == "peft.tuners.lora.bnb" and layer.scaling["default"] == 16 / 12
     a = rng.integers(-8, 9, (hidden, 12)).astype(np.float32) / 8  # [in, r]
     b = rng.integers(-8, 9, (12, layer.out_features)).astype(np.float32) / 8  # [r, out]
     x = rng.integers(-4, 5, (2, 5, hidden)).astype(np.float32)
+    layer.lora_A["default"].to(adapter_dtype)
+    layer.lora_B["default"].to(adapter_dtype)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(torch.from_numpy(a.T))
         layer.lora_B["default"].weight.copy_(torch.from_numpy(b.T))
+    assert layer.lora_A["default"].weight.dtype == adapter_dtype
     base = layer.base_layer
     base.forward = lambda t, *args, **kwargs: torch.zeros(
         (*t.shape[:-1], layer.out_features), dtype=torch.bfloat16
@@ -271,17 +305,30 @@ def test_the_adapter_term_is_pefts_bit_for_bit(made):
         theirs = layer(torch.from_numpy(x).to(torch.bfloat16))
     assert theirs.dtype == torch.bfloat16 and theirs.abs().max() > 0
     want = theirs.float().numpy()
-    xj = jnp.asarray(x, jnp.bfloat16)
-    from jax_side._lora import lora_adapter_class
-
+    jdtype = jnp.float32 if adapter_dtype == torch.float32 else jnp.bfloat16
     adapter = lora_adapter_class()(hidden, layer.out_features, jax_side.LoraConfig(r=12, lora_alpha=16),
-                                            rngs=nnx.Rngs(0))  # fmt: skip
-    adapter.lora_A[...], adapter.lora_B[...] = jnp.asarray(a), jnp.asarray(b)
-    np.testing.assert_array_equal(np.asarray(adapter(xj, jnp.bfloat16), np.float32), want)
-    cast_first = (((np.asarray(xj, np.float32) @ a) @ b).astype(jnp.bfloat16) * np.float32(16 / 12)).astype(
-        jnp.bfloat16
+                                   rngs=nnx.Rngs(0), dtype=jdtype)  # fmt: skip
+    adapter.lora_A[...], adapter.lora_B[...] = jnp.asarray(a, jdtype), jnp.asarray(b, jdtype)
+    np.testing.assert_array_equal(
+        np.asarray(adapter(jnp.asarray(x, jnp.bfloat16), jnp.bfloat16), np.float32), want
     )
-    assert (np.asarray(cast_first, np.float32) != want).sum() > want.size // 10  # the order shows in the bits
+
+
+def test_lora_delta_scales_as_torch_multiplies():
+    """The other orders give other bits on these values: casting to the output before scaling, and (for
+    bfloat16 adapters) scaling by 16/12 rounded to bfloat16."""
+    from jax_side._lora import lora_delta
+
+    rng = np.random.default_rng(3)
+    x, a, b = (jnp.asarray(rng.integers(-8, 9, s) / 8, jnp.bfloat16) for s in ((4, 64), (64, 12), (12, 48)))
+    got = np.asarray(lora_delta(x, a, b, 16 / 12, jnp.bfloat16), np.float32)
+    product = np.asarray((x @ a) @ b, np.float32)  # the bfloat16 product lora_delta forms
+    want = np.asarray(
+        jnp.asarray(product * np.float32(16 / 12), jnp.float32).astype(jnp.bfloat16), np.float32
+    )
+    np.testing.assert_array_equal(got, want)
+    in_bf16 = np.asarray((x @ a) @ b * jnp.bfloat16(16 / 12), np.float32)
+    assert (in_bf16 != want).sum() > want.size // 10
 
 
 def test_linen_quant_dense_with_lora():
