@@ -65,6 +65,8 @@ def _kind(dtype: Any) -> str:
     name = str(dtype).replace("torch.", "")
     if "float8" in name:
         return "float8"
+    if name.startswith("complex"):  # the tolerances of its parts
+        return {"complex32": "float16", "chalf": "float16", "complex64": "float32"}.get(name, "float64")
     if name in TOLERANCES:
         return name
     if name == "bool" or "int" in name:  # token ids, masks: compared exactly
@@ -78,19 +80,32 @@ def _tolerances(kind: str) -> tuple[float, float]:
 
 
 def _numpy(x: Any) -> tuple[np.ndarray, str]:
-    """Values as float64 numpy, and the source dtype's name."""
+    """Values as numpy (float64, complex128 for complex values, integers and booleans as they are), and the
+    source dtype's name."""
     try:
         import torch
 
         if isinstance(x, torch.Tensor):
-            return x.detach().to("cpu", torch.float64).numpy(), str(x.dtype).replace("torch.", "")
+            name = str(x.dtype).replace("torch.", "")
+            t = x.detach().cpu()
+            if t.is_complex():
+                return t.to(torch.complex128).numpy(), name
+            if t.is_floating_point():
+                return t.to(torch.float64).numpy(), name
+            return t.numpy(), name
     except ImportError:  # pragma: no cover
         pass
     arr = np.asarray(x)
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        return arr.astype(np.complex128), str(arr.dtype)
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        return arr, str(arr.dtype)
     return arr.astype(np.float64), str(arr.dtype)
 
 
 def _flatten(tree: Any, prefix: str = "output") -> list[tuple[str, Any]]:
+    if hasattr(tree, "logits") and not hasattr(tree, "shape"):  # transformers model outputs (dicts too)
+        return [(prefix if prefix != "output" else "logits", tree.logits)]
     if isinstance(tree, dict):
         return [
             item
@@ -99,8 +114,6 @@ def _flatten(tree: Any, prefix: str = "output") -> list[tuple[str, Any]]:
         ]
     if isinstance(tree, (list, tuple)):
         return [item for i, v in enumerate(tree) for item in _flatten(v, f"{prefix}[{i}]")]
-    if hasattr(tree, "logits") and not hasattr(tree, "shape"):  # transformers model outputs
-        return [("logits", tree.logits)]
     return [(prefix, tree)]
 
 
@@ -124,6 +137,8 @@ def compare(
         ValueError: the two have different structures or shapes.
     """
     refs, cands = _flatten(reference), _flatten(candidate)
+    if len(refs) == len(cands) == 1:  # one output each (a model output's logits against an array): paired
+        cands = [(refs[0][0], cands[0][1])]
     if [n for n, _ in refs] != [n for n, _ in cands]:
         raise ValueError(f"outputs differ in structure: {[n for n, _ in refs]} vs {[n for n, _ in cands]}")
     outputs = []
@@ -144,12 +159,23 @@ def compare(
         both = np.isfinite(ref) & np.isfinite(cand)
         agree_elsewhere = bool(((ref == cand) | both).all())
         ref_f, cand_f = ref[both], cand[both]
-        err = np.abs(ref_f - cand_f)
-        max_abs = (float(err.max()) if err.size else 0.0) if agree_elsewhere else float("inf")
+        if kind not in _ORDER:  # integers and booleans: exact, in their own arithmetic (no float64 rounding)
+            diffs = [
+                abs(int(r) - int(c))
+                for r, c in zip(ref_f.ravel().tolist(), cand_f.ravel().tolist())
+                if r != c
+            ]
+            max_abs = float(max(diffs, default=0))
+            ref_f, cand_f = ref_f.astype(np.float64), cand_f.astype(np.float64)
+        else:
+            err = np.abs(ref_f - cand_f)  # a complex difference's modulus
+            max_abs = float(err.max()) if err.size else 0.0
+        if not agree_elsewhere:
+            max_abs = float("inf")
         scale = float(np.abs(ref_f).max()) if ref_f.size else 0.0
         max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
         denom = float(np.linalg.norm(ref_f) * np.linalg.norm(cand_f))
-        cosine = float(np.dot(ref_f, cand_f) / denom) if denom else float(max_abs == 0)
+        cosine = float(np.real(np.vdot(ref_f, cand_f)) / denom) if denom else float(max_abs == 0)
         ok = agree_elsewhere and max_rel <= tol and cosine >= cos_min
         outputs.append(OutputParity(name, tuple(ref.shape), kind, max_abs, max_rel, cosine, tol, cos_min, ok))
     return ParityReport(outputs)

@@ -13,7 +13,8 @@ least ``min_cosine``:
 | bfloat16, float8 | 6e-2   | 0.999      |
 
 (bfloat16 keeps 8 significant bits; a few layers of bf16 matmuls with different accumulation orders move
-logits by a few percent of their range.) Integer and boolean outputs (token ids, masks) must be equal. The
+logits by a few percent of their range.) Complex outputs take their parts' tolerances, on complex
+differences. Integer and boolean outputs (token ids, masks) must be equal, compared as integers. The
 errors and the cosine are taken over the elements finite on both sides: the same infinity on both sides
 (masked logits) agrees, while a NaN, or an infinity on one side only, fails the output (``max_abs`` inf).
 """

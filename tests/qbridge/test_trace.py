@@ -285,6 +285,17 @@ def test_compare_with_infinities_nans_and_integers():
     assert out.ok and out.dtype == "int64"
     assert not compare(ids, ids + np.array([[0, 0, 1]])).ok  # one token id off: not within any tolerance
     assert not compare(torch.tensor([[True, False]]), np.array([[True, True]])).ok
+    big = np.array([2**53 + 1], np.int64)  # equal as float64, not as integers
+    (out,) = compare(big, big - 1).outputs
+    assert not out.ok and out.max_abs == 1.0
+    assert compare(big, big.copy()).ok
+    z = np.array([1 + 1j, 2 - 3j], np.complex64)  # complex values: not their real parts alone
+    assert compare(z, z.copy()).ok and not compare(z, np.conj(z)).ok
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    with torch.no_grad():
+        output = model(IDS)  # a transformers ModelOutput (a dict): its logits, against an array or the same
+    assert compare(output, output.logits.numpy()).ok and compare(output, {"logits": output.logits}).ok
 
 
 def test_dict_outputs_pair_by_name_not_by_order():
