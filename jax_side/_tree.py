@@ -188,8 +188,10 @@ def _segments(module: str, numbered: str) -> list[Any]:
         if seg.isdigit():
             if numbered == "int":
                 out.append(int(seg))
-            else:  # "underscore": linen's auto names, layers_0
-                out[-1] = f"{out[-1]}_{seg}" if out else seg
+            elif out:  # "underscore": linen's auto names, layers_0
+                out[-1] = f"{out[-1]}_{seg}"
+            else:  # a leading number (an nn.Sequential's "0.weight"): the name as it is
+                out.append(seg)
             continue
         out.append(seg)
     return out

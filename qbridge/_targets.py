@@ -28,12 +28,18 @@ def import_object(spec: str, what: str) -> Any:
     as it stands but lies in the current directory is imported from there, as ``python -m`` would find it.
 
     Raises:
-        ValueError: ``spec`` has no ``':'``.
-        ImportError: the module cannot be imported or does not hold ``Name`` (``what`` and ``spec`` named).
+        ValueError: ``spec`` is not ``'package.module:Name'`` (no ``':'``, an empty part, a file path).
+        ImportError: the module cannot be imported (whatever importing it raised) or does not hold ``Name``
+            (``what`` and ``spec`` named; the original error chained).
     """
-    if ":" not in spec:
-        raise ValueError(f"{what} {spec!r}: name an object by import path, 'package.module:Name'")
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or "/" in module_name or module_name.endswith(".py"):
+        hint = (
+            f" (a module name, not a file: run from its directory and give '{pathlib.Path(module_name).stem}:{attr}')"
+            if module_name.endswith(".py") or "/" in module_name
+            else ""
+        )
+        raise ValueError(f"{what} {spec!r}: name an object by import path, 'package.module:Name'{hint}")
     top = module_name.split(".")[0]
     try:
         try:
@@ -49,7 +55,7 @@ def import_object(spec: str, what: str) -> Any:
                 sys.path.remove(here)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # ImportError, a missing name, or whatever importing the user's module raised
         hint = ""
         if top == "transformers" and attr.startswith("Flax"):
             import transformers

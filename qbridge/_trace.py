@@ -506,6 +506,7 @@ def trace_checkpoint(
         ValueError: ``tokens`` or ``batch`` below 1, or a ``model`` path that names nothing.
         ImportError: ``model``'s module cannot be imported.
     """
+    import inspect
     import pathlib
 
     import jax.numpy as jnp
@@ -545,13 +546,14 @@ def trace_checkpoint(
                 f"model {model!r}: 'llama', or an nnx Module class by import path, 'package.module:Name'"
             )
         factory = import_object(model, "model")
-        try:
-            flax_model = factory(config, rngs=nnx.Rngs(0))
-        except TypeError as e:
+        try:  # the calling convention is checked; errors from inside the factory are the factory's own
+            inspect.signature(factory).bind(config, rngs=None)
+        except (TypeError, ValueError) as e:
             raise ValueError(
-                f"model {model!r}: called as {model.partition(':')[2]}(config_dict, rngs=nnx.Rngs(0)) it raised "
-                f"TypeError: {e}; name an nnx Module class (or factory) that takes the config dict and rngs"
+                f"model {model!r} cannot be called as {model.partition(':')[2]}(config_dict, rngs=nnx.Rngs(0)) "
+                f"({e}); name an nnx Module class (or factory) that takes the config dict and rngs"
             ) from e
+        flax_model = factory(config, rngs=nnx.Rngs(0))
     try:
         with _transformers_quiet():  # its load report and progress bar; what went wrong is said below
             torch_model = transformers.AutoModelForCausalLM.from_pretrained(

@@ -227,6 +227,14 @@ def test_name_inference():
     assert jax_side.infer_kind("up.0.weight", 4, {r"^up\.": "conv_transpose2d"}) == "conv_transpose2d"
     v = jax_side.to_flax_variables({"model.layers.0.mlp.down_proj.weight": np.ones((3, 5))}, numbered="int")
     assert v["params"]["model"]["layers"][0]["mlp"]["down_proj"]["kernel"].shape == (5, 3)
+    sequential = {
+        "0.weight": np.ones((8, 4)),
+        "0.bias": np.ones(8),
+        "2.weight": np.ones((2, 8)),
+    }  # nn.Sequential
+    for numbered, names in (("keep", ["0", "2"]), ("int", [0, 2]), ("underscore", ["0", "2"])):
+        v = jax_side.to_flax_variables(sequential, numbered=numbered)
+        assert list(v["params"]) == names and v["params"][names[1]]["kernel"].shape == (8, 2)
 
 
 def test_key_candidates():

@@ -246,6 +246,11 @@ def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
         ([str(made / "f32"), "--model", "checkpoints:Nope"], "model 'checkpoints:Nope': cannot import it"),
         ([str(made / "f32"), "--model", "nowhere"], "'package.module:Name'"),
         ([str(made / "f32"), "--model", "jax_side:LlamaConfig"], "name an nnx Module class (or factory)"),
+        (
+            [str(made / "f32"), "--model", "./port.py:Llama"],
+            "not a file: run from its directory and give 'port:Llama'",
+        ),
+        ([str(made / "f32"), "--model", ":Llama"], "name an object by import path"),
     ):
         assert main(["parity", *argv]) == 2, argv
         err = capsys.readouterr().err
@@ -260,11 +265,17 @@ def test_a_model_module_in_the_current_directory(made, tmp_path, monkeypatch, ca
         "def Llama(config, rngs=None):\n"
         "    return jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config))\n"
     )
+    (tmp_path / "port_buggy.py").write_text("def Llama(config, rngs=None):\n    return 1 + 'a'\n")
+    (tmp_path / "port_fails.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     before = list(sys.path)
     assert main(["parity", str(made / "f32"), "--model", "port_here:Llama", "--tokens", "5"]) == 0
     assert "the two models agree" in capsys.readouterr().out and sys.path == before
+    with pytest.raises(TypeError, match="unsupported operand"):  # the port's own bug, with its traceback
+        main(["parity", str(made / "f32"), "--model", "port_buggy:Llama"])
+    assert main(["parity", str(made / "f32"), "--model", "port_fails:Llama"]) == 2
+    assert "cannot import it (RuntimeError: boom at import)" in capsys.readouterr().err
 
 
 def test_compare_with_infinities_nans_and_integers():
