@@ -288,6 +288,12 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
                 path, tuple(weight.shape), (old.num_embeddings, old.features), "[num_embeddings, features]"
             )
             new = classes["QuantEmbed"](weight, dtype=dtype if dtype is not None else old.dtype)
+        elif isinstance(old, (classes["QuantLinear"], classes["QuantEmbed"])):
+            raise TypeError(
+                f"{'.'.join(map(str, path))}: this module is kept quantized already (an earlier "
+                "load_quantized_into_nnx); put new quantized weights into a fresh model, e.g. "
+                "jax_side.llama_for_causal_lm(config)"
+            )
         else:
             raise TypeError(f"{'.'.join(map(str, path))}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
                             f"found {type(old).__name__}")  # fmt: skip
@@ -303,8 +309,22 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
                 _not_the_models(path, next(i for i in range(len(path)) if path[: i + 1] not in known))
             )
         held = leaves.get(path)
-        if held is not None and hasattr(value, "shape") and hasattr(held, "shape"):
-            _check_shape(path, tuple(value.shape), tuple(held.shape), "as the model holds it")
+        if path not in leaves:
+            raise ValueError(
+                f"{'.'.join(map(str, path))}: a value where the model holds a module; the parameters must follow "
+                "the model's own structure, as qbridge.load_checkpoint(path, target=model, keep_quantized=True) "
+                "returns them"
+            )
+        if held is not None and hasattr(held, "shape"):
+            _check_shape(path, tuple(jnp.shape(value)), tuple(held.shape), "as the model holds it")
+            if jnp.issubdtype(held.dtype, jnp.inexact) and not jnp.issubdtype(
+                jnp.result_type(value), jnp.inexact
+            ):
+                raise ValueError(
+                    f"{'.'.join(map(str, path))}: {jnp.result_type(value)} values where the model holds "
+                    f"{held.dtype}: these parameters were not loaded for this model (load them with "
+                    "qbridge.load_checkpoint(path, target=model, keep_quantized=True))"
+                )
     if not swaps:
         warn_at_caller(
             "load_quantized_into_nnx: these parameters hold no quantized weight (loaded without "

@@ -644,6 +644,7 @@ def _exact_fp8_reference(torch_model: Any, path: Any) -> list[str]:
 
     params = dict(torch_model.named_parameters())
     wrong: list[tuple[float, str]] = []
+    causes: set[str] = set()  # what the wrongly decoded weights have in common, where it is known
     with open_checkpoint(path) as ckpt:
         for entry in ckpt.entries.values():
             p = params.get(entry.name)
@@ -657,13 +658,20 @@ def _exact_fp8_reference(torch_model: Any, path: Any) -> list[str]:
             )  # fmt: skip
             if not torch.equal(p.detach().cpu(), exact):
                 wrong.append(((p.detach().cpu().float() - exact.float()).abs().max().item(), entry.name))
+                if entry.info.get("partial"):
+                    causes.add("partial tiles decoded with blocks sized from the scale grid")
+                if not entry.keys["scale"].endswith("_scale_inv"):
+                    causes.add(
+                        f"scales stored as {entry.keys['scale'].rpartition('.')[2]}, not weight_scale_inv"
+                    )
                 with torch.no_grad():
                     p.copy_(exact.to(p.device))
     if not wrong:
         return []
     worst, name = max(wrong)
+    why = f"; {', '.join(sorted(causes))}" if causes else ""
     return [
         f"transformers {transformers.__version__} decoded {len(wrong)} FP8 weight(s) to values other than their "
-        f"block scales give (largest difference {worst:.3g}, in {name}; partial tiles decoded with blocks sized "
-        "from the scale grid); the torch reference ran with their exact decode (torch_side.dequantize_fp8)"
+        f"scales give (largest difference {worst:.3g}, in {name}{why}); the torch reference ran with their exact "
+        "decode (torch_side.dequantize_fp8)"
     ]

@@ -224,6 +224,36 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
 
 
+def test_values_that_do_not_fit_the_model_change_nothing(made):
+    """A number where the model holds an array, integers where it holds floats, an array where it holds a
+    module: refused by name before anything changes. Loading again into a kept-quantized model says to use
+    a fresh one."""
+    config = _config(made)
+    kept, *_ = _models(made, "nf4-True")
+    bad = {
+        "number": (("model", "norm", "scale"), 1.0, r"model\.norm\.scale: shape \(\) where"),
+        "integers": (("model", "norm", "scale"), jnp.ones((config.hidden_size,), jnp.int32), r"int32 values where"),
+        "module": (("model", "norm"), jnp.ones((config.hidden_size,)), r"model\.norm: a value where the model holds a module"),
+    }  # fmt: skip
+    for path, value, says in bad.values():
+        params = jax.tree_util.tree_map(lambda x: x, kept, is_leaf=jax_side.is_quantized)
+        node = params
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+        before = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        with pytest.raises(ValueError, match=says):
+            jax_side.load_quantized_into_nnx(model, params)
+        assert isinstance(model.model.layers[0].mlp.down_proj, nnx.Linear)
+        after = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    jax_side.load_quantized_into_nnx(model, kept)
+    with pytest.raises(TypeError, match=r"kept quantized already.*fresh model"):
+        jax_side.load_quantized_into_nnx(model, kept)
+
+
 def test_dense_parameters_warn_and_adapters_say_why_they_cannot_attach(made):
     """Parameters loaded without keep_quantized=True hold no quantized weight: load_quantized_into_nnx warns
     that the model was updated dense (from the caller's line), and adapters then say the model holds no
