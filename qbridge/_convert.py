@@ -18,7 +18,7 @@ import numpy as np
 import jax_side
 from jax_side._quantized import from_pieces, meta_fields
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, first_line
 from ._loader import LoadReport, load_checkpoint
 
 
@@ -178,9 +178,8 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)
     except (ValueError, TypeError, KeyError, AssertionError) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(
-            f"{path}: the target's tree does not match the checkpoint's ({type(e).__name__}: {first}). A "
+            f"{path}: the target's tree does not match the checkpoint's ({type(e).__name__}: {first_line(e)}). A "
             "checkpoint written without a target holds {'params': {...}} with Flax names and restores without "
             "one (restore_converted(out)); one written from a target (qbridge convert --target llama) restores "
             "onto that target: the model, nnx.state(model), or the same tree of arrays or ShapeDtypeStructs"

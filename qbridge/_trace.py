@@ -517,7 +517,7 @@ def trace_checkpoint(
     import jax_side
 
     from ._checkpoint import open_checkpoint, read_config
-    from ._errors import CheckpointError
+    from ._errors import CheckpointError, first_line
     from ._loader import load_checkpoint
     from ._targets import import_object
 
@@ -561,7 +561,7 @@ def trace_checkpoint(
             ).eval()
         notes = _exact_fp8_reference(torch_model, path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        why = f"{type(e).__name__}: {_first_line(e)}"
+        why = f"{type(e).__name__}: {first_line(e)}"
         if not fp8:
             raise CheckpointError(f"{path}: transformers could not build its torch model ({why})") from e
         with _transformers_quiet():
@@ -598,11 +598,6 @@ def _transformers_quiet() -> Iterator[None]:
         tlog.set_verbosity(verbosity)
         if bars:
             tlog.enable_progress_bar()
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _decoded_reference(path: Any) -> Any:
