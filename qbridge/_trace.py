@@ -534,43 +534,43 @@ def trace_checkpoint(
     dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(
         str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16
     )
-    with open_checkpoint(
-        path
-    ) as ckpt:  # missing, truncated or unreadable files: named before transformers reads them
-        fp8 = ckpt.format == "fp8"
-    if model == "llama":
-        flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
-    else:
-        if ":" not in model:
-            raise ValueError(
-                f"model {model!r}: 'llama', or an nnx Module class by import path, 'package.module:Name'"
-            )
-        factory = import_object(model, "model")
-        try:  # the calling convention is checked; errors from inside the factory are the factory's own
-            inspect.signature(factory).bind(config, rngs=None)
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"model {model!r} cannot be called as {model.partition(':')[2]}(config_dict, rngs=nnx.Rngs(0)) "
-                f"({e}); name an nnx Module class (or factory) that takes the config dict and rngs"
-            ) from e
-        flax_model = factory(config, rngs=nnx.Rngs(0))
-    try:
-        with _transformers_quiet():  # its load report and progress bar; what went wrong is said below
-            torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, attn_implementation="eager", device_map="cpu"
-            ).eval()
-        notes = _exact_fp8_reference(torch_model, path)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        why = f"{type(e).__name__}: {first_line(e)}"
-        if not fp8:
-            raise CheckpointError(f"{path}: transformers could not build its torch model ({why})") from e
-        with _transformers_quiet():
-            torch_model = _decoded_reference(path)  # e.g. partial tiles the scale grid does not divide
-        notes = [
-            f"transformers {transformers.__version__} could not build the FP8 model ({why}); the torch reference "
-            "is transformers' model of the config without its quantization_config, holding every weight "
-            "decoded exactly (qbridge.dequantized_state)"
-        ]
+    # opened first: missing, truncated or unreadable files are named before transformers reads them
+    with open_checkpoint(path) as ckpt:
+        if model == "llama":
+            flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
+        else:
+            if ":" not in model:
+                raise ValueError(
+                    f"model {model!r}: 'llama', or an nnx Module class by import path, 'package.module:Name'"
+                )
+            factory = import_object(model, "model")
+            try:  # the calling convention is checked; errors from inside the factory are the factory's own
+                inspect.signature(factory).bind(config, rngs=None)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"model {model!r} cannot be called as {model.partition(':')[2]}(config_dict, "
+                    f"rngs=nnx.Rngs(0)) ({e}); name an nnx Module class (or factory) that takes the config dict "
+                    "and rngs"
+                ) from e
+            flax_model = factory(config, rngs=nnx.Rngs(0))
+        try:
+            with _transformers_quiet():  # its load report and progress bar; what went wrong is said below
+                torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, attn_implementation="eager", device_map="cpu"
+                ).eval()
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            why = f"{type(e).__name__}: {first_line(e)}"
+            if ckpt.format != "fp8":
+                raise CheckpointError(f"{path}: transformers could not build its torch model ({why})") from e
+            with _transformers_quiet():
+                torch_model = _decoded_reference(path)  # e.g. partial tiles the scale grid does not divide
+            notes = [
+                f"transformers {transformers.__version__} could not build the FP8 model ({why}); the torch "
+                "reference is transformers' model of the config without its quantization_config, holding every "
+                "weight decoded exactly (qbridge.dequantized_state)"
+            ]
+        else:
+            notes = _exact_fp8_reference(torch_model, ckpt) if ckpt.format == "fp8" else []
     params = load_checkpoint(path, target=flax_model, keep_quantized=keep_quantized, progress=False)
     if keep_quantized:
         jax_side.load_quantized_into_nnx(flax_model, params)
@@ -627,40 +627,35 @@ def _decoded_reference(path: Any) -> Any:
     return torch_model
 
 
-def _exact_fp8_reference(torch_model: Any, path: Any) -> list[str]:
-    """Replaces the dense weights that transformers decoded from FP8 where they differ from the exact decode;
-    returns a note saying so (none when nothing differed)."""
+def _exact_fp8_reference(torch_model: Any, ckpt: Any) -> list[str]:
+    """Replaces the dense weights that transformers decoded from FP8 where they differ from the exact decode
+    (read from the open checkpoint ``ckpt``); returns a note saying so (none when nothing differed)."""
     import torch
     import transformers
 
     import torch_side
 
-    from ._checkpoint import open_checkpoint
-
     params = dict(torch_model.named_parameters())
     wrong: list[tuple[float, str]] = []
     causes: set[str] = set()  # what the wrongly decoded weights have in common, where it is known
-    with open_checkpoint(path) as ckpt:
-        for entry in ckpt.entries.values():
-            p = params.get(entry.name)
-            if entry.kind != "fp8" or p is None or not p.is_floating_point() or p.element_size() == 1:
-                continue  # kept as float8 (transformers' own FP8 matmul), or not a parameter here
-            if tuple(p.shape) != entry.shape:
-                continue
-            exact = torch_side.dequantize_fp8(
-                ckpt.read(entry.keys["weight"]), ckpt.read(entry.keys["scale"]), p.dtype,
-                block_size=entry.info["block_size"],
-            )  # fmt: skip
-            if not torch.equal(p.detach().cpu(), exact):
-                wrong.append(((p.detach().cpu().float() - exact.float()).abs().max().item(), entry.name))
-                if entry.info.get("partial"):
-                    causes.add("partial tiles decoded with blocks sized from the scale grid")
-                if not entry.keys["scale"].endswith("_scale_inv"):
-                    causes.add(
-                        f"scales stored as {entry.keys['scale'].rpartition('.')[2]}, not weight_scale_inv"
-                    )
-                with torch.no_grad():
-                    p.copy_(exact.to(p.device))
+    for entry in ckpt.entries.values():
+        p = params.get(entry.name)
+        if entry.kind != "fp8" or p is None or not p.is_floating_point() or p.element_size() == 1:
+            continue  # kept as float8 (transformers' own FP8 matmul), or not a parameter here
+        if tuple(p.shape) != entry.shape:
+            continue
+        exact = torch_side.dequantize_fp8(
+            ckpt.read(entry.keys["weight"]), ckpt.read(entry.keys["scale"]), p.dtype,
+            block_size=entry.info["block_size"],
+        )  # fmt: skip
+        if not torch.equal(p.detach().cpu(), exact):
+            wrong.append(((p.detach().cpu().float() - exact.float()).abs().max().item(), entry.name))
+            if entry.info.get("partial"):
+                causes.add("partial tiles decoded with blocks sized from the scale grid")
+            if not entry.keys["scale"].endswith("_scale_inv"):
+                causes.add(f"scales stored as {entry.keys['scale'].rpartition('.')[2]}, not weight_scale_inv")
+            with torch.no_grad():
+                p.copy_(exact.to(p.device))
     if not wrong:
         return []
     worst, name = max(wrong)
