@@ -301,21 +301,19 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         swaps.append((parent, name, new, ".".join(map(str, module_path))))
     leaves = dict(nnx.to_flat_state(nnx.state(model)))
     known = {tuple(path[:i]) for path in leaves for i in range(1, len(path) + 1)}
-    for path, value in traverse_util.flatten_dict(
-        rest
-    ).items():  # rest: plain nested dicts, as _split makes them
+    for path, value in traverse_util.flatten_dict(rest).items():  # rest: plain nested dicts (_split)
         if path not in known:
             raise ValueError(
                 _not_the_models(path, next(i for i in range(len(path)) if path[: i + 1] not in known))
             )
         held = leaves.get(path)
-        if path not in leaves:
+        if held is None:  # known, but as a module's path
             raise ValueError(
                 f"{'.'.join(map(str, path))}: a value where the model holds a module; the parameters must follow "
                 "the model's own structure, as qbridge.load_checkpoint(path, target=model, keep_quantized=True) "
                 "returns them"
             )
-        if held is not None and hasattr(held, "shape"):
+        if hasattr(held, "shape"):
             _check_shape(path, tuple(jnp.shape(value)), tuple(held.shape), "as the model holds it")
             if jnp.issubdtype(held.dtype, jnp.inexact) and not jnp.issubdtype(
                 jnp.result_type(value), jnp.inexact
