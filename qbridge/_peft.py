@@ -143,21 +143,16 @@ def load_peft_adapter(
         quantized = jax_side.lora_targets(model, jax_side.LoraConfig(target_modules="all-linear"))
         untargeted = [k for k in extra if _layer_of(k) in quantized]
         lacking = [k for k in extra if k not in untargeted]
-        raise CheckpointError(
-            f"{path / WEIGHTS}: "
-            + "; ".join(
-                part
-                for part in (
-                    f"adapters for layers the model lacks: {lacking}" if lacking else "",
-                    f"adapters for layers {CONFIG}'s target_modules={config.target_modules!r} does not name: "
-                    f"{untargeted}"
-                    if untargeted
-                    else "",
-                    f"layers without adapters: {missing}" if missing else "",
-                )
-                if part
+        problems = []
+        if lacking:
+            problems.append(f"adapters for layers the model lacks: {lacking}")
+        if untargeted:
+            problems.append(
+                f"adapters for layers {CONFIG}'s target_modules={config.target_modules!r} does not name: {untargeted}"
             )
-        )
+        if missing:
+            problems.append(f"layers without adapters: {missing}")
+        raise CheckpointError(f"{path / WEIGHTS}: " + "; ".join(problems))
     jax_side.remove_lora(model)  # the file's adapters replace any the model had
     dtype = next(iter(values.values())).dtype
     if autocast_adapter_dtype and dtype in (jnp.float16, jnp.bfloat16):  # PEFT's default on loading
