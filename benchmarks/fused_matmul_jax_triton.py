@@ -172,83 +172,54 @@ def split_for(m, n, k, BM, BN, BK, waves):
     return steps, -(-ksteps // steps)
 
 
-def nf4_tt(x, w, cfg):
+def launch(kernel, args, x, n, k, cfg, **meta):
+    """``kernel`` over ``x [m, k]`` and a ``[n, k]`` weight (``args``: the arrays after ``x``), with the tiles and
+    contraction split of ``cfg``; the float32 partial sums added when split."""
     BM, BN, BK, warps, stages, waves = cfg
-    n, k = w.shape
     m = x.shape[0]
     steps, split = split_for(m, n, k, BM, BN, BK, waves)
+    out_shape = jax.ShapeDtypeStruct(
+        (split, m, n) if split > 1 else (m, n), jnp.float32 if split > 1 else x.dtype
+    )
+    out = jt.triton_call(
+        x,
+        *args,
+        M=m,
+        N=n,
+        K=k,
+        steps=steps,
+        kernel=kernel,
+        out_shape=out_shape,
+        grid=(triton.cdiv(n, BN), split, triton.cdiv(m, BM)),
+        num_warps=warps,
+        num_stages=stages,
+        enable_fp_fusion=False,
+        BM=BM,
+        BN=BN,
+        BK=BK,
+        SPLIT=split,
+        F32=x.dtype == jnp.float32,
+        **meta,
+    )
+    return out.sum(0).astype(x.dtype) if split > 1 else out
+
+
+def nf4_tt(x, w, cfg):
+    n, k = w.shape
     flat, _ = _packed_bytes(w.packed)
     nested = w.nested_absmax is not None
     nabs = w.nested_absmax.reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
     ncode = w.nested_code.reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
     off = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)
     code = _fused._nf4_code(w).astype(jnp.float32)
-    out_shape = jax.ShapeDtypeStruct(
-        (split, m, n) if split > 1 else (m, n), jnp.float32 if split > 1 else x.dtype
-    )
-    out = jt.triton_call(
-        x,
-        flat,
-        w.absmax.reshape(-1),
-        nabs,
-        ncode,
-        code,
-        off,
-        M=m,
-        N=n,
-        K=k,
-        steps=steps,
-        kernel=nf4_mm,
-        out_shape=out_shape,
-        grid=(triton.cdiv(n, BN), split, triton.cdiv(m, BM)),
-        num_warps=warps,
-        num_stages=stages,
-        enable_fp_fusion=False,
-        BM=BM,
-        BN=BN,
-        BK=BK,
-        BS=w.blocksize,
-        NBS=w.nested_blocksize,
-        NESTED=nested,
-        SPLIT=split,
-        F32=x.dtype == jnp.float32,
-    )
-    return out.sum(0).astype(x.dtype) if split > 1 else out
+    args = (flat, w.absmax.reshape(-1), nabs, ncode, code, off)
+    return launch(nf4_mm, args, x, n, k, cfg, BS=w.blocksize, NBS=w.nested_blocksize, NESTED=nested)
 
 
 def fp8_tt(x, w, cfg):
-    BM, BN, BK, warps, stages, waves = cfg
     n, k = w.weight.shape
-    m = x.shape[0]
-    steps, split = split_for(m, n, k, BM, BN, BK, waves)
     s = w.scale_inv.astype(jnp.float32)
-    out_shape = jax.ShapeDtypeStruct(
-        (split, m, n) if split > 1 else (m, n), jnp.float32 if split > 1 else x.dtype
-    )
-    out = jt.triton_call(
-        x,
-        w.weight,
-        s,
-        M=m,
-        N=n,
-        K=k,
-        steps=steps,
-        si=s.shape[1],
-        kernel=fp8_mm,
-        out_shape=out_shape,
-        grid=(triton.cdiv(n, BN), split, triton.cdiv(m, BM)),
-        num_warps=warps,
-        num_stages=stages,
-        enable_fp_fusion=False,
-        BM=BM,
-        BN=BN,
-        BK=BK,
-        BO=128,
-        BI=128,
-        SPLIT=split,
-        F32=x.dtype == jnp.float32,
-    )
-    return out.sum(0).astype(x.dtype) if split > 1 else out
+    return launch(fp8_mm, (w.weight, s), x, n, k, cfg, si=s.shape[1], BO=128, BI=128)
 
 
 SMALL_NF4 = [
