@@ -34,6 +34,7 @@ import torch
 
 import torch_side
 
+from . import _staging
 from ._classify import Classification, classify, module_info
 from ._dtypes import safetensors_dtype
 from ._errors import CheckpointError, FormatError
@@ -105,7 +106,8 @@ class _Source:
         self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
-        self._ahead: dict[str, concurrent.futures.Future[torch.Tensor]] = {}
+        # read_ahead's readings: the tensor, and the staging block holding it (None: memory of its own)
+        self._ahead: dict[str, concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         # each safetensors file as opened: maps and header reads use it, so a file replaced on disk
         # afterwards (an atomic re-save) is not mixed in
@@ -191,8 +193,8 @@ class _Source:
 
     def read_ahead(self, key: str, *, pin: bool) -> int:
         """Starts reading the stored tensor ``key`` in a background thread, into pinned host memory with
-        ``pin`` (so that its host-to-device copy can run asynchronously); the next :meth:`read` of ``key``
-        returns it. Returns the bytes it holds, 0 when nothing is read ahead: tensors of torch files (mapped
+        ``pin`` (so that its host-to-device copy can run asynchronously); the next :meth:`read`,
+        :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes it holds, 0 when nothing is read ahead: tensors of torch files (mapped
         already), small ones, keys read ahead already."""
         if self._closed or self._state is not None or key in self._ahead or key not in self.key_file:
             return 0
@@ -207,10 +209,29 @@ class _Source:
         self._ahead[key] = self._pool.submit(self._copy_out, key, pin)
         return nbytes
 
-    def _copy_out(self, key: str, pin: bool) -> torch.Tensor:
+    def _copy_out(self, key: str, pin: bool) -> tuple[torch.Tensor, _staging.Block | None]:
         mapped = self.map_tensor(key)  # the bytes safetensors' header places there
-        out = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=pin)
-        return out.copy_(mapped)  # torch copies without holding the GIL: reader threads run in parallel
+        block = _staging.take(_tensor_nbytes(mapped)) if pin else None
+        if block is None:  # pageable memory, or memory torch pins
+            out = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=pin)
+        else:
+            out = block.tensor(mapped.dtype, tuple(mapped.shape))
+        try:
+            return out.copy_(mapped), block  # torch copies without holding the GIL: readers run in parallel
+        except BaseException:
+            if block is not None:
+                block.give_back()
+            raise
+
+    def _read_ahead_result(
+        self, key: str, ahead: concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]]
+    ) -> tuple[torch.Tensor, _staging.Block | None]:
+        try:
+            return ahead.result()
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.key_file[key]}: reading {key!r} failed ({type(e).__name__}: {e})"
+            ) from e
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
@@ -220,12 +241,17 @@ class _Source:
         torch_file = stored is not None
         if stored is not None:
             t = stored
+        elif ahead is not None:
+            t, block = self._read_ahead_result(key, ahead)
+            if block is not None:  # its own memory: the staging block goes back to the region now
+                t = t.clone()
+                block.give_back()
         else:
             path = self.key_file.get(key)
             if path is None:
                 raise CheckpointError(f"checkpoint has no tensor {key!r}")
             try:
-                t = ahead.result() if ahead is not None else self._open[path].get_tensor(key)
+                t = self._open[path].get_tensor(key)
             except Exception as e:
                 raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
@@ -233,8 +259,51 @@ class _Source:
                 t = t.clone()  # its own memory: safetensors hands out views of one file mapping per file
             if ahead is None and key in self._small:  # tables and scales read again for another shard:
                 return t  # counted once
+        return self._count_read(key, t)
+
+    def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
+        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
             self._small.add(key)
         return self._counted(t)
+
+    def read_into(self, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> None:
+        """Copies each stored tensor ``keys[i]`` into ``outs[i]`` (its shape and dtype, on any device), on the
+        current stream of that device, without waiting for the copy. A key read ahead into the staging
+        region gives its block back once the device has copied it."""
+        if len(keys) != len(outs):
+            raise ValueError(f"read_into: {len(keys)} keys for {len(outs)} tensors")
+        returning: list[tuple[_staging.Block, torch.device]] = []
+        try:
+            for key, out in zip(keys, outs, strict=True):
+                ahead = self._ahead.pop(key, None)
+                if ahead is None:
+                    out.copy_(self.read(key), non_blocking=True)
+                    continue
+                t, block = self._read_ahead_result(key, ahead)
+                if block is not None:
+                    returning.append((block, out.device))
+                out.copy_(t, non_blocking=True)
+                self._count_read(key, t)
+        finally:
+            events: dict[torch.device, torch.cuda.Event] = {}
+            for block, device in returning:
+                if device.type != "cuda":  # copied already
+                    block.give_back()
+                    continue
+                if device not in events:
+                    events[device] = torch.cuda.Event()
+                    events[device].record(torch.cuda.current_stream(device))
+                block.give_back(events[device])
+
+    def read_to(self, key: str, device: torch.device) -> torch.Tensor:
+        """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting."""
+        if device.type == "cpu" or key not in self._ahead:
+            return self.read(key).to(device, non_blocking=True)
+        shape, dtype = self.shapes[key]
+        out = torch.empty(shape, dtype=dtype, device=device)
+        self.read_into([key], [out])
+        return out
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
@@ -362,6 +431,13 @@ class _Source:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        for ahead in self._ahead.values():  # read ahead and never asked for: their blocks go back
+            if (
+                not ahead.cancelled()
+                and ahead.exception() is None
+                and (block := ahead.result()[1]) is not None
+            ):
+                block.give_back()
         self._ahead.clear()
         for f in self._files.values():
             f.close()
@@ -471,9 +547,30 @@ class Checkpoint:
         """
         return self.source.read(key)
 
+    def read_to(self, key: str, device: torch.device) -> torch.Tensor:
+        """The stored tensor ``key`` on ``device``: a new tensor, copied on the device's current stream without
+        the host waiting (on the CPU: :meth:`read`'s tensor). Counted as :meth:`read` counts.
+
+        Raises:
+            CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
+        """
+        return self.source.read_to(key, device)
+
+    def read_into(self, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> None:
+        """Copies each stored tensor ``keys[i]`` into ``outs[i]`` (a tensor of its shape and dtype, on any
+        device) on that device's current stream, without the host waiting. Counted as :meth:`read` counts.
+
+        Raises:
+            CheckpointError: a key the checkpoint lacks, or a tensor whose bytes cannot be read.
+            RuntimeError: an ``outs[i]`` of another shape (torch's copy refuses it).
+            ValueError: ``keys`` and ``outs`` differ in length.
+        """
+        self.source.read_into(keys, outs)
+
     def read_ahead(self, key: str, *, pin: bool = False) -> int:
         """Starts reading the stored tensor ``key`` in a background thread (into pinned host memory with
-        ``pin``); the next :meth:`read` of ``key`` returns it. Returns the bytes read ahead (0 for small
+        ``pin``: the process's staging region, ``qbridge._staging``, where it has room); the next
+        :meth:`read`, :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes read ahead (0 for small
         tensors, torch files' tensors and keys read ahead already)."""
         return self.source.read_ahead(key, pin=pin)
 

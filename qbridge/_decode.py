@@ -86,7 +86,7 @@ def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool)
     nested = "nested_absmax" in on
     try:
         return torch_side.dequantize_nf4(
-            ckpt.read(entry.keys["weight"]).to(device, non_blocking=True), on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
+            ckpt.read_to(entry.keys["weight"], device), on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
             code=on.get("code"), quant_type=entry.info["quant_type"], dtype=entry.dtype,
             nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
             nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
@@ -99,7 +99,7 @@ def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool)
 def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
     scale = ckpt.read(entry.keys["scale"])
     check_scales(ckpt, entry.keys["scale"], scale)
-    w = ckpt.read(entry.keys["weight"]).to(device, non_blocking=True)  # async from pinned read-ahead memory
+    w = ckpt.read_to(entry.keys["weight"], device)  # async from pinned read-ahead memory
     try:
         return torch_side.dequantize_fp8(
             w,
@@ -115,7 +115,7 @@ def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) 
 def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
     scb = ckpt.read(entry.keys["scb"])
     check_scales(ckpt, entry.keys["scb"], scb)
-    w = ckpt.read(entry.keys["weight"]).to(device, non_blocking=True)
+    w = ckpt.read_to(entry.keys["weight"], device)
     if scb.numel() != w.shape[0]:
         raise CheckpointError(
             f"{ckpt.where(entry.keys['scb'])}: {scb.numel()} row scales for {w.shape[0]} rows"
@@ -168,7 +168,7 @@ def materialize(
     elif entry.kind == "torchao":
         t = _torchao(ckpt, entry, device)
     else:
-        t = ckpt.read(entry.name).to(device, non_blocking=True)
+        t = ckpt.read_to(entry.name, device)
         if entry.info.get("stored_in_out") and not stored:
             t = t.t()
     if perm is not None and not fused_t:

@@ -114,7 +114,7 @@ class FP8Groups:
             else:
                 stacked = torch.empty((len(wkeys), *wshape), dtype=wdtype, device=dev)
                 W = stacked.unbind(0)
-                torch._foreach_copy_(list(W), [ckpt.read(k) for k in wkeys], non_blocking=True)
+                ckpt.read_into(wkeys, W)
             args = dict(block_size=block_size, transpose=transpose)
             start = 0 if fp8_planned(W[0], S[0], dtype, **args) else 1  # a first call checks the kind
             if start:

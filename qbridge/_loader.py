@@ -34,6 +34,7 @@ import torch
 import jax_side
 from jax_side._tree import kind_override, warn_unmatched
 
+from . import _staging
 from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
@@ -333,6 +334,10 @@ def load_checkpoint(
     sharding = check_spec(sharding)
     start = time.perf_counter()
     jdev, tdev = resolve_device(device)
+    if tdev.type == "cuda" and sharding is None and not keep_quantized:
+        # pinned memory for the weights read ahead (READ_AHEAD_BYTES) and for those waiting for their groups
+        # (as many): made once per process, in the background, while the checkpoint is opened
+        _staging.prepare(2 * READ_AHEAD_BYTES)
     if target is None and dtype in ("target", "checkpoint"):
         raise ValueError(f"dtype={dtype!r} needs a target")
     if dtype not in (None, "target", "checkpoint"):

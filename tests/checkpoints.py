@@ -176,3 +176,27 @@ def fp8_experts(folder, *, damaged=None, scale_dtype=torch.float32):
     config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
     (folder / "config.json").write_text(json.dumps(config))
     return stored
+
+
+def fp8_experts_decoded(stored):
+    """What one ``torch_side.dequantize_fp8`` call per weight of :func:`fp8_experts` gives (on the GPU), in
+    the Flax layout (a Linear's kernel: the transpose), by Flax name (``model.`` dropped, ``.weight`` kept)."""
+    import torch_side
+
+    out = {}
+    for key, value in stored.items():
+        if key.endswith("_proj.weight"):
+            w, s = value.cuda(), stored[key + "_scale_inv"].cuda()
+            decoded = torch_side.dequantize_fp8(w, s, torch.bfloat16, block_size=(128, 128)).t().cpu()
+            out[key.removeprefix("model.")] = decoded  # Flax names: no "model." (see _flat)
+    return out
+
+
+def loaded_weights(params):
+    """A loaded ``params`` tree (without a target) flat, by the checkpoint's names: ``{"layers.0....weight": array}``."""
+    import jax
+
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path[1:-1]) + ".weight": leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }

@@ -10,31 +10,11 @@ import pytest
 import torch
 from checkpoints import FP8_EXPERT_KINDS as KINDS
 from checkpoints import fp8_experts as _write
+from checkpoints import fp8_experts_decoded as _expected
+from checkpoints import loaded_weights as _flat
 from helpers import to_numpy
 
 pytestmark = pytest.mark.gpu
-
-
-def _expected(stored):
-    """What one call per weight gives, in the Flax layout (a Linear's kernel: the transpose)."""
-    import torch_side
-
-    out = {}
-    for key, value in stored.items():
-        if key.endswith("_proj.weight"):
-            w, s = value.cuda(), stored[key + "_scale_inv"].cuda()
-            decoded = torch_side.dequantize_fp8(w, s, torch.bfloat16, block_size=(128, 128)).t().cpu()
-            out[key.removeprefix("model.")] = decoded  # Flax names: no "model." (see _flat)
-    return out
-
-
-def _flat(params):
-    import jax
-
-    return {
-        ".".join(str(getattr(k, "key", k)) for k in path[1:-1]) + ".weight": leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
 
 
 def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
