@@ -166,10 +166,13 @@ def stand_ins(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(StandIn(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def describe(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any]) -> dict[str, Any]:
+def describe(
+    kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], record: pathlib.Path | None = None
+) -> dict[str, Any]:
     """A JSON description of one variant (``args`` real or :func:`stand_ins`), for the compile process
-    (``_compile_child``)."""
+    (``_compile_child``), which writes ``record`` (:func:`record_path`) once the variant is in the cache."""
     return {
+        "record": None if record is None else str(record),
         "module": kernel.fn.__module__,
         "name": kernel.fn.__name__,
         "args": [
@@ -217,7 +220,8 @@ def record_path(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], capabi
     return triton_cache_dir() / "qbridge-variants" / hashlib.sha256(text.encode()).hexdigest()
 
 
-def _write_record(path: pathlib.Path) -> None:
+def write_record(path: pathlib.Path) -> None:
+    """Records that the variant of ``path`` (:func:`record_path`) is in Triton's cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
@@ -282,15 +286,15 @@ def _work() -> None:
                 records.append((record_path(kernel, args, meta, capability), capability))
             missing: dict[int, list[dict[str, Any]]] = {}
             for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
-                if not record.exists():
-                    missing.setdefault(capability, []).append(describe(kernel, args, meta))
+                if not record.exists():  # the compile process records it: a process that ends first
+                    missing.setdefault(capability, []).append(describe(kernel, args, meta, record))
             for capability, specs in missing.items():
                 _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
             for (record, _), (key, kernel, args, meta, device_index) in zip(records, batch, strict=True):
                 try:
                     _READY[key] = _load(kernel, args, meta, device_index)
                     if not record.exists():  # Triton's cache holds it now
-                        _write_record(record)
+                        write_record(record)
                 except Exception as e:  # the caller's thread compiles it next time, and raises Triton's error
                     log.debug("background compile of %s failed: %r", kernel, e)
                     _FAILED.add(key)

@@ -2,8 +2,9 @@
 
 Reads ``{"capability": 90, "variants": [spec, ...]}`` (``_compile.describe``) on stdin and compiles each
 variant for that CUDA architecture the way a launch would (Triton's own binding and specialization, on
-stand-in arguments), so the caller's process finds it in the cache. Prints one line per variant: the
-cache hash Triton gave it.
+stand-in arguments), so the caller's process finds it in the cache, and writes the variant's record (its
+``"record"``), so that later processes find it even when the asking one has ended. Prints one line per
+variant: the cache hash Triton gave it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import pathlib
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -70,10 +72,15 @@ def compile_variant(spec: dict[str, Any]) -> Any:
 
 
 def main() -> None:
+    from torch_side._compile import write_record
+
     request = json.load(sys.stdin)
     with compile_only(int(request["capability"])):
         for spec in request["variants"]:
-            print(compile_variant(spec).hash, flush=True)
+            compiled = compile_variant(spec)
+            if spec.get("record"):  # recorded here: the asking process may have ended (a script's one load)
+                write_record(pathlib.Path(spec["record"]))
+            print(compiled.hash, flush=True)
 
 
 if __name__ == "__main__":

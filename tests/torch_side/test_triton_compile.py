@@ -100,8 +100,11 @@ assert _compile.record_path(fp8_kernel, cases[0], meta, 90) != _compile.record_p
 nf4_args = (bytes_, floats, floats, out, floats, floats, 0.5, 64, 128)
 nf4_meta = dict(BYTES_PER_BLOCK=32, NESTED=True, NESTED_BLOCKSIZE=256, OFFSET_TENSOR=False, ROWS=128, COLS=32,
                 SOFT=False, num_warps=4, enable_fp_fusion=False)
-spec = _compile.describe(nf4_rows_kernel, nf4_args, nf4_meta)
+record = _compile.record_path(nf4_rows_kernel, _compile.stand_ins(nf4_args), nf4_meta, 90)
+spec = _compile.describe(nf4_rows_kernel, nf4_args, nf4_meta, record)
+assert not record.exists()
 assert _compile._compile_elsewhere([spec], 90)
+assert record.exists()  # written by the compile process: later processes load, whether or not this one does
 def no_compiling(*a, **k):
     raise AssertionError("compiled in this process")
 tc.ASTSource.make_ir = no_compiling
@@ -117,7 +120,8 @@ with compile_only(90):
 def test_background_compiles_are_the_variants_a_launch_would_compile():
     """The variant key and the stand-in arguments of the background compile (torch_side._compile) give
     the compiled kernel Triton picks for the real arguments (pointer alignment, sizes of 1, multiples of
-    16, 64-bit sizes); the compile process fills the cache a launch then reads without compiling."""
+    16, 64-bit sizes); the compile process fills the cache a launch then reads without compiling, and
+    writes the variant's record."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = pathlib.Path(__file__).resolve().parents[2]
