@@ -7,11 +7,13 @@ empty cache, and even with a warm one about 0.15 s to import Triton and 0.7 s to
 installation and import more on the first load of a process (H200, ``benchmarks/RESULTS.md``).
 
 With ``QBRIDGE_TRITON_COMPILE=background`` (the default), calls with ``backend="auto"`` never do that on
-the caller's thread. One background thread imports the kernels' module (and Triton), then loads each
+the caller's thread. A background thread imports the kernels' module (and Triton), then loads each
 variant a call asks for from Triton's cache; a variant this machine has not compiled yet (no record of
 it, see below) is first compiled in a separate Python process for the device's architecture, without a
 GPU, so that compiling takes no time from the caller's process (Triton's compiler holds the GIL for most
-of its work). Until its kernel is ready, a call is answered on the caller's thread by the exact torch
+of its work). Variants asked for while such a process runs start their own at once, and each process
+records what it compiled: a script that ends before its kernels are ready leaves them compiled for the
+next one. Until its kernel is ready, a call is answered on the caller's thread by the exact torch
 path, or by bitsandbytes' kernel when bitsandbytes is imported already: the same bits, more slowly.
 
 ``QBRIDGE_TRITON_COMPILE=wait``, ``backend="triton"`` and every call after :func:`wait_for_kernels`
@@ -279,33 +281,46 @@ def _work() -> None:
             batch = [item for item in batch if item[1] is not None]
             if not batch:
                 continue
+        # each batch in a thread of its own: variants asked for while a compile process runs start theirs at
+        # once, so that a process that ends early (a script's one load) leaves every one of them recorded
         try:
-            records = []
-            for _, kernel, args, meta, device_index in batch:
-                capability = _capability(device_index)
-                records.append((record_path(kernel, args, meta, capability), capability))
-            missing: dict[int, list[dict[str, Any]]] = {}
-            for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
-                if not record.exists():  # the compile process records it: a process that ends first
-                    missing.setdefault(capability, []).append(describe(kernel, args, meta, record))
-            for capability, specs in missing.items():
-                _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
-            for (record, _), (key, kernel, args, meta, device_index) in zip(records, batch, strict=True):
-                try:
-                    _READY[key] = _load(kernel, args, meta, device_index)
-                    if not record.exists():  # Triton's cache holds it now
-                        write_record(record)
-                except Exception as e:  # the caller's thread compiles it next time, and raises Triton's error
-                    log.debug("background compile of %s failed: %r", kernel, e)
-                    _FAILED.add(key)
-        except Exception as e:
-            log.debug("background compiles failed: %r", e)
-            for key, *_ in batch:
+            threading.Thread(
+                target=_make_ready, args=(batch,), name="torch_side-triton-compile", daemon=True
+            ).start()
+        except RuntimeError:  # a thread limit: this thread does it
+            _make_ready(batch)
+
+
+def _make_ready(batch: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]]) -> None:
+    """Compiles the variants of ``batch`` that Triton's cache lacks in a compile process, then loads them."""
+    global _WORKING
+    try:
+        records = []
+        for _, kernel, args, meta, device_index in batch:
+            capability = _capability(device_index)
+            records.append((record_path(kernel, args, meta, capability), capability))
+        missing: dict[int, list[dict[str, Any]]] = {}
+        for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
+            if not record.exists():  # the compile process records it: a process that ends first
+                missing.setdefault(capability, []).append(describe(kernel, args, meta, record))
+        for capability, specs in missing.items():
+            _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
+        for (record, _), (key, kernel, args, meta, device_index) in zip(records, batch, strict=True):
+            try:
+                _READY[key] = _load(kernel, args, meta, device_index)
+                if not record.exists():  # Triton's cache holds it now
+                    write_record(record)
+            except Exception as e:  # the caller's thread compiles it next time, and raises Triton's error
+                log.debug("background compile of %s failed: %r", kernel, e)
                 _FAILED.add(key)
-        finally:
-            with _IDLE:
-                _WORKING -= len(batch)
-                _IDLE.notify_all()
+    except Exception as e:
+        log.debug("background compiles failed: %r", e)
+        for key, *_ in batch:
+            _FAILED.add(key)
+    finally:
+        with _IDLE:
+            _WORKING -= len(batch)
+            _IDLE.notify_all()
 
 
 def _request(

@@ -132,3 +132,58 @@ def test_background_compiles_are_the_variants_a_launch_would_compile():
     assert result.returncode == 0 and "VARIANTS 7 7" in result.stdout and "FROM THE CACHE" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
     )
+
+
+EARLY_EXIT = r"""
+import time, torch
+from torch_side import _compile
+from torch_side._compile_child import compile_only
+from torch_side.kernels._fp8 import fp8_kernel
+
+_compile._capability = lambda device_index: 90  # no GPU here: what an H200 reports
+
+
+def load(kernel, args, meta, device_index):  # a GPU load's stand-in: compile (from the cache) for sm_90
+    with compile_only(90):
+        return kernel.warmup(*args, grid=(1,), **meta)
+
+
+_compile._load = load
+bytes_, floats, out = torch.zeros(4096, dtype=torch.uint8), torch.zeros(64), torch.zeros(4096, dtype=torch.bfloat16)
+meta = dict(E5M2=False, TRANSPOSE=False, SCALE_MODE=0, TILE_R=64, TILE_C=128, SOFT=False, num_warps=4)
+for args in [(bytes_, floats, out, 256, 512, 4, 128, 128), (bytes_, floats, out, 256, 7160, 64, 128, 128)]:
+    print("RECORD", _compile.record_path(fp8_kernel, _compile.stand_ins(args), meta, 90), flush=True)
+    _compile._request(_compile.variant_key(fp8_kernel, 0, args, meta), fp8_kernel, args, meta, 0)
+    time.sleep(0.5)  # the first variant's compile process is running when the second is asked for
+print("EXIT", flush=True)  # long before either compile process is done
+"""
+
+
+def test_a_process_that_ends_early_leaves_every_variant_it_asked_for_recorded(tmp_path):
+    """A script's one load asks for its variants one after another and ends before they are compiled: each
+    variant's compile process starts at once (not after the one before it) and records what it compiled,
+    so the next process finds every one of them in Triton's cache."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", EARLY_EXIT], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    asked = time.monotonic() - started
+    records = [
+        pathlib.Path(line.split(maxsplit=1)[1])
+        for line in result.stdout.splitlines()
+        if line.startswith("RECORD")
+    ]
+    assert result.returncode == 0 and "EXIT" in result.stdout and len(set(records)) == 2, result.stderr[
+        -3000:
+    ]
+    if records[1].exists():  # compiled before the process ended: this machine is too fast to tell
+        pytest.skip("the second variant was compiled before its process ended")
+    deadline = time.monotonic() + max(300.0, 10 * asked)
+    while not all(r.exists() for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [r.exists() for r in records] == [True, True]
