@@ -56,8 +56,17 @@ class LlamaConfig:
         """From a transformers ``config.json`` mapping (or ``LlamaConfig.to_dict()``).
 
         Raises:
-            ValueError: rope scaling or another feature this model does not implement.
+            ValueError: rope scaling or another feature this model does not implement, or a config without a
+                Llama's sizes (another architecture: ``model_type`` named).
         """
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in config]
+        if missing:
+            kind = config.get("model_type")
+            raise ValueError(
+                f"the config{f' (model_type {kind!r})' if kind else ''} has no {', '.join(missing)}: jax_side's "
+                "Llama takes Llama-like configs; give another architecture a target of its own"
+            )
         rope = config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
         if rope_type not in ("default", None):
@@ -163,6 +172,11 @@ def _make_modules():
             self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
 
         def __call__(self, input_ids: jax.Array) -> jax.Array:
+            if jnp.ndim(input_ids) != 2:
+                raise ValueError(
+                    f"input_ids must be [batch, seq] token ids, got shape {jnp.shape(input_ids)} (one sequence: "
+                    "ids[None])"
+                )
             h = self.embed_tokens(input_ids)
             if self.dtype is not None:
                 h = h.astype(self.dtype)

@@ -87,6 +87,15 @@ class _Sizes:
     """What NF4Weight and FP8Weight share: bytes held (every piece), bytes the dense weight would take, and
     dequantizing on a mesh with explicit axes."""
 
+    def __getitem__(self, index: Any) -> Any:
+        """Refused: a layer indexing its kernel (``kernel[...]``, as ``nnx.Linear`` does) holds a kept weight it
+        cannot use."""
+        raise TypeError(
+            f"a kept-quantized {type(self).__name__} {self.shape} was indexed as a dense array, likely by a plain "
+            "nnx.Linear or nnx.Embed after nnx.update: load kept weights with jax_side.load_quantized_into_nnx("
+            "model, params), which swaps those layers for quantized ones, or call .dequantize() for the dense values"
+        )
+
     if TYPE_CHECKING:  # fields or properties of the dataclasses below
 
         @property

@@ -23,6 +23,10 @@ EMBEDDING_NAMES = re.compile(
 )
 NORM_NAMES = re.compile(r"(norm|ln|layernorm|layer_norm|ln_\d+|ln_f)", re.IGNORECASE)
 _NUMBERED = re.compile(r"^(.*)_(\d+)$")
+# stored pieces of bitsandbytes 4-bit and 8-bit weights and of FP8 weights (qbridge's checkpoint formats)
+_QUANTIZED_PIECE = re.compile(
+    r"\.(absmax|quant_map|nested_absmax|nested_quant_map|SCB|weight_scale_inv|weight_scale)$|\.quant_state\."
+)
 
 
 class MatchError(ValueError):
@@ -90,6 +94,12 @@ class MatchReport:
             if items
         ]
         lines = [f"checkpoint does not match its target ({', '.join(counts)}):"]
+        quantized = [key for key in self.unused if _QUANTIZED_PIECE.search(key)]
+        if quantized:
+            lines.append(
+                f"  ({len(quantized)} unused tensors are quantized pieces, such as {quantized[0]!r}: a quantized "
+                "checkpoint loads with qbridge.load_checkpoint(path, target=...), which decodes them)"
+            )
         for leaf, tried in self.missing:
             lines.append(
                 f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})"

@@ -194,8 +194,9 @@ class _Source:
     def read_ahead(self, key: str, *, pin: bool) -> int:
         """Starts reading the stored tensor ``key`` in a background thread, into pinned host memory with
         ``pin`` (so that its host-to-device copy can run asynchronously); the next :meth:`read`,
-        :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes it holds, 0 when nothing is read ahead: tensors of torch files (mapped
-        already), small ones, keys read ahead already."""
+        :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes it holds, 0 when
+        nothing is read ahead: tensors of torch files (mapped already), small ones, keys read ahead
+        already."""
         if self._closed or self._state is not None or key in self._ahead or key not in self.key_file:
             return 0
         shape, dtype = self.shapes[key]
@@ -570,8 +571,8 @@ class Checkpoint:
     def read_ahead(self, key: str, *, pin: bool = False) -> int:
         """Starts reading the stored tensor ``key`` in a background thread (into pinned host memory with
         ``pin``: the process's staging region, ``qbridge._staging``, where it has room); the next
-        :meth:`read`, :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes read ahead (0 for small
-        tensors, torch files' tensors and keys read ahead already)."""
+        :meth:`read`, :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes read
+        ahead (0 for small tensors, torch files' tensors and keys read ahead already)."""
         return self.source.read_ahead(key, pin=pin)
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool = False) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -184,16 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=defaults,
         help="layer-by-layer parity: transformers' torch model of a checkpoint vs a Flax model",
     )
-    parity.add_argument("path")
+    parity.add_argument("path", help="a transformers checkpoint directory (config.json and the weights)")
     parity.add_argument(
         "--model",
         default="llama",
         help="'llama' (built in) or an nnx Module class by import path, 'package.module:Name'",
     )
     parity.add_argument("--keep-quantized", action="store_true", help="load the Flax model kept quantized")
-    parity.add_argument("--tokens", type=int, default=16)
-    parity.add_argument("--batch", type=int, default=2)
-    parity.add_argument("--seed", type=int, default=0)
+    parity.add_argument("--tokens", type=int, default=16, help="sequence length of the random token ids")
+    parity.add_argument("--batch", type=int, default=2, help="sequences per batch")
+    parity.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     parity.set_defaults(func=_parity)
     bench = sub.add_parser(
         "bench",
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mesh", default=None, help="mesh shape over all devices: 'N' or 'DxM' (default: 1-D)"
     )
     multi.add_argument("--rule", action="append", metavar="PATTERN=AXES",
-                       help="shard leaves matching PATTERN as AXES, e.g. 'down_proj\\.kernel$=x,none' (repeatable; "
+                       help="shard leaves matching PATTERN as AXES, mesh axes or 'none' per leaf axis: 'x' on a 1-D mesh, "
+                            "'data' and 'model' on a 2-D one, e.g. 'down_proj\\.kernel$=model,none' (repeatable; "
                             "default: split the last axis, and the first on a 2-D mesh)")  # fmt: skip
     multi.add_argument(
         "--convert-dir",
@@ -231,11 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except _errors() as e:
-        print(f"qbridge {args.command}: {e}", file=sys.stderr)
-        return 2
+
+    def one_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+        print(f"qbridge {args.command}: {category.__name__}: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line  # a warning reads as a line of the command, without Python's echo
+        try:
+            return args.func(args)
+        except _errors() as e:
+            print(f"qbridge {args.command}: {e}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

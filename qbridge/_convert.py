@@ -168,12 +168,22 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         target's; a ``UserWarning`` names the first weight where they differ from the record.
 
     Raises:
-        CheckpointError: the checkpoint's record of kept-quantized weights does not fit its arrays; the
-            target's tree is not the checkpoint's; an nnx target for kept-quantized weights.
+        CheckpointError: ``out`` is not an Orbax checkpoint; the checkpoint's record of kept-quantized weights
+            does not fit its arrays; the target's tree is not the checkpoint's; an nnx target for
+            kept-quantized weights.
     """
     path = pathlib.Path(out).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory" + (" (a file)" if path.exists() else ""))
     if target is None:
-        return _read_quantized_fields(_orbax().StandardCheckpointer().restore(path), path / QUANTIZED_FIELDS)
+        try:
+            restored = _orbax().StandardCheckpointer().restore(path)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{path}: not a checkpoint written by convert_checkpoint (Orbax: {first_line(e)}); a PyTorch "
+                "checkpoint loads with load_checkpoint"
+            ) from e
+        return _read_quantized_fields(restored, path / QUANTIZED_FIELDS)
     tree = _as_tree(target, path)
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)

@@ -64,7 +64,16 @@ def _bnb_weights_equal(model: torch.nn.Module, params: Any) -> tuple[int, int]:
 def run_demo(
     *, seed: int = 0, workdir: str | os.PathLike[str] | None = None, device: str | None = None
 ) -> DemoResult:
-    """Runs the demo; ``workdir`` keeps the checkpoints (a temporary directory otherwise)."""
+    """Runs the demo; ``workdir`` keeps the checkpoints (a temporary directory otherwise); ``device``: the
+    torch device bitsandbytes quantizes on (``"cpu"``, ``"cuda"``, ``"cuda:i"``; default: the GPU if present).
+
+    Raises:
+        ValueError: ``device`` is not a device torch sees here.
+    """
+    if device is not None:
+        from qbridge._loader import resolve_device
+
+        device = str(resolve_device(device)[1])  # a device that is not one, or not here, fails now
     import jax
     import jax.numpy as jnp
     import transformers

@@ -136,8 +136,10 @@ def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
     """The JAX device for results and the torch device that dequantizes for it.
 
     ``None``: the current CUDA device when torch and JAX both see it, else the CPU. Also takes a
-    ``jax.Device``, or ``"cpu"``, ``"cuda"``, ``"cuda:i"``.
+    ``jax.Device``, or ``"cpu"``, ``"cuda"``, ``"cuda:i"`` (or that ``torch.device``).
     """
+    if isinstance(device, torch.device):
+        device = str(device)
     if device is None:
         if torch.cuda.is_available():
             try:
@@ -285,13 +287,15 @@ def load_checkpoint(
             model built on the meta device when transformers knows the architecture; that answer is
             remembered in ``$QBRIDGE_CACHE_DIR`` (default ``~/.cache/qbridge``; ``off``: not remembered),
             so later processes loading the same model skip importing transformers.
-        device: where the result lives: a ``jax.Device``, ``"cpu"``, ``"cuda[:i]"``, or None (the current
-            GPU when torch and JAX see it, else the CPU). Dequantization runs on the matching torch device.
+        device: where the result lives: a ``jax.Device``, ``"cpu"``, ``"cuda[:i]"`` (or that ``torch.device``),
+            or None (the current GPU when torch and JAX see it, else the CPU). Dequantization runs on the
+            matching torch device.
         dtype: with a target, None (or ``"target"``) casts each floating leaf to its target leaf's dtype,
             as torch's ``load_state_dict`` and transformers' ``from_pretrained`` cast into the model's
             dtypes (every cast is listed in the report); ``"checkpoint"`` keeps the checkpoint's dtypes and
             makes a difference from the target a mismatch. Without a target, None keeps each weight's
-            dtype. A dtype casts every floating leaf to it.
+            dtype. A dtype (JAX's, numpy's, torch's or its name) casts every floating leaf to it; float64
+            only with JAX's x64 mode on.
         strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
             unfilled leaves as the target has them (a target leaf that holds only a shape,
             ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
@@ -340,6 +344,8 @@ def load_checkpoint(
         _staging.prepare(2 * READ_AHEAD_BYTES)
     if target is None and dtype in ("target", "checkpoint"):
         raise ValueError(f"dtype={dtype!r} needs a target")
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")  # its name (JAX's own table narrows float64 without x64)
     if dtype not in (None, "target", "checkpoint"):
         try:
             floating = jnp.issubdtype(np.dtype(dtype), jnp.floating)
@@ -348,6 +354,11 @@ def load_checkpoint(
         if not floating:
             raise ValueError(
                 f"dtype={dtype!r}: weights are cast only to a floating dtype (bfloat16, float16, float32 ...)"
+            )
+        if np.dtype(dtype).itemsize > 4 and not jax.config.read("jax_enable_x64"):
+            raise ValueError(
+                f"dtype={np.dtype(dtype).name}: JAX runs with x64 off, so its arrays hold at most 32-bit floats; "
+                "turn it on first (jax.config.update('jax_enable_x64', True)) or pick float32"
             )
     with open_checkpoint(path) as ckpt:
         t, plan, match, skipped = plan_load(

@@ -155,7 +155,10 @@ def check_multiprocess_load(
         named = [a for p in partition for a in ((p,) if isinstance(p, str) or p is None else p)]
         unknown = [a for a in named if a is not None and a not in axes]
         if unknown:
-            raise ValueError(f"rule {pattern!r}: axes {unknown} are not in the mesh's axes {list(axes)}")
+            raise ValueError(
+                f"rule {pattern!r}: axes {unknown} are not in the mesh's axes {list(axes)} (a 1-D mesh has axis "
+                "'x', a 2-D mesh 'data' and 'model')"
+            )
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
     for c in checkpoints:  # a bad path is reported here, once, not by every process

@@ -17,6 +17,8 @@ from ._errors import CheckpointError
 
 def _config(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     path = pathlib.Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory or file")
     config = (path if path.is_dir() else path.parent) / "config.json"
     if not config.exists():
         raise CheckpointError(f"{config}: a target built from the checkpoint's config needs its config.json")

@@ -525,6 +525,12 @@ def trace_checkpoint(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive number of token ids, got {value!r}")
     path = pathlib.Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: no such checkpoint directory"
+            if not path.exists()
+            else f"{path}: parity needs the checkpoint's directory (config.json and the weights), not a file"
+        )
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"{path}: no config.json there; parity needs a transformers checkpoint directory (config.json with "

@@ -1,0 +1,143 @@
+"""What a newcomer's natural mistakes get: one clear message naming what to do (found by trying the README
+as a new user), and the natural spellings that should simply work (a ``torch.device``, a torch dtype)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+from checkpoints import dense_llama
+
+import jax_side
+import qbridge
+from qbridge._cli import main
+
+GPT2_CONFIG = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64,
+               "n_head": 2, "vocab_size": 256}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense")
+    dense_llama(path)
+    return path
+
+
+def test_another_architecture_is_named_where_the_builtin_llama_is_asked_for(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_CONFIG))
+    with pytest.raises(
+        ValueError, match=r"model_type 'gpt2'\) has no vocab_size|model_type 'gpt2'\) has no hidden_size"
+    ):
+        qbridge.build_target("llama", tmp_path)
+    with pytest.raises(ValueError, match="Llama-like configs"):
+        jax_side.LlamaConfig.from_hf(GPT2_CONFIG)
+
+
+def test_a_missing_directory_is_named_as_missing(tmp_path, capsys):
+    nope = tmp_path / "nope"
+    with pytest.raises(qbridge.CheckpointError, match="nope: no such checkpoint directory"):
+        qbridge.build_target("llama", nope)
+    assert main(["parity", str(nope)]) == 2
+    assert "nope: no such checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(qbridge.CheckpointError, match="nope: no such directory"):
+        qbridge.restore_converted(nope)
+
+
+def test_a_pytorch_checkpoint_given_to_restore_converted_is_named(dense):
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"not a checkpoint written by convert_checkpoint.*load_checkpoint"
+    ):
+        qbridge.restore_converted(dense)
+
+
+def test_torch_devices_and_dtypes_are_taken(dense):
+    params = qbridge.load_checkpoint(dense, device=torch.device("cpu"), dtype=torch.bfloat16, progress=False)
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(leaf.dtype == jnp.bfloat16 for leaf in leaves)
+    assert {d.platform for leaf in leaves for d in leaf.devices()} == {"cpu"}
+
+
+def test_float64_without_x64_is_refused_up_front(dense):
+    assert not jax.config.read("jax_enable_x64")
+    with pytest.raises(ValueError, match="x64 off"):
+        qbridge.load_checkpoint(dense, dtype="float64", progress=False)
+    with pytest.raises(ValueError, match="x64 off"):
+        qbridge.load_checkpoint(dense, dtype=torch.float64, progress=False)
+
+
+def test_the_llama_refuses_ids_without_a_batch_axis():
+    pytest.importorskip("flax.nnx")
+    config = jax_side.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2)  # fmt: skip
+    model = jax_side.llama_for_causal_lm(config)
+    with pytest.raises(ValueError, match=r"\[batch, seq\].*ids\[None\]"):
+        model(jnp.array([1, 2, 3]))
+    assert model(jnp.array([[1, 2, 3]])).shape == (1, 3, 32)
+
+
+def test_a_kept_weight_indexed_as_a_dense_one_says_how_to_load_it(dense, tmp_path):
+    from checkpoints import bnb_llama
+
+    bnb_llama(dense, tmp_path / "nf4", quant_type="nf4", nested=True)
+    params = qbridge.load_checkpoint(tmp_path / "nf4", keep_quantized=True, progress=False)
+    kept = params["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(kept, jax_side.NF4Weight)
+    with pytest.raises(TypeError, match=r"indexed as a dense array.*load_quantized_into_nnx"):
+        kept[...]
+
+
+def test_quantized_pieces_in_a_match_error_point_to_load_checkpoint():
+    report = jax_side.MatchReport(missing=[], unused=["m.weight.absmax", "m.weight.quant_state.bitsandbytes__nf4",
+                                                     "n.weight"], shape_mismatches=[], dtype_mismatches=[],
+                                  skipped=[], matched={})  # fmt: skip
+    text = str(report)
+    assert "2 unused tensors are quantized pieces" in text and "qbridge.load_checkpoint" in text
+    plain = jax_side.MatchReport(missing=[], unused=["n.weight"], shape_mismatches=[], dtype_mismatches=[],
+                                 skipped=[], matched={})  # fmt: skip
+    assert "quantized pieces" not in str(plain)
+
+
+def test_a_rule_with_another_meshs_axes_says_which_axes_each_mesh_has(dense):
+    from qbridge._multiprocess import check_multiprocess_load
+
+    with pytest.raises(ValueError, match="a 1-D mesh has axis 'x', a 2-D mesh 'data' and 'model'"):
+        check_multiprocess_load(
+            dense, processes=2, cpu_devices=2, mesh_shape=(2, 2), rules=[("kernel$", ["x", None])]
+        )
+
+
+def test_cli_warnings_are_one_line_of_the_command(dense, tmp_path, capsys):
+    assert (
+        main(
+            ["convert", str(dense), str(tmp_path / "o.orbax"), "--kind", "nothing_matches=linear", "--quiet"]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "nothing_matches" in line]
+    assert lines and all(line.startswith("qbridge convert: UserWarning: ") for line in lines), err
+    assert "SystemExit" not in err and "warnings.warn" not in err
+
+
+def test_demo_refuses_a_device_that_is_not_one_before_any_work(capsys):
+    assert main(["demo", "--device", "gpu"]) == 2
+    assert "JAX's name for one; here it is 'cuda'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["demo", "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_parity_help_describes_every_argument(capsys):
+    with pytest.raises(SystemExit):
+        main(["parity", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for words in (
+        "config.json and the weights",
+        "sequence length",
+        "sequences per batch",
+        "seed of the random",
+    ):
+        assert words in out, out
