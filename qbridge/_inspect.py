@@ -10,6 +10,8 @@ from typing import Any
 from ._checkpoint import open_checkpoint
 from ._decode import check_scales
 
+SHOWN = 8  # lines of one kind a summary shows before it counts the rest
+
 
 @dataclasses.dataclass
 class CheckpointSummary:
@@ -69,10 +71,19 @@ class CheckpointSummary:
             lines.append(f"module kinds guessed from names: {shown}")
         if self.skipped:
             lines.append("no parameters (skipped when loading unless a target asks):")
-            lines += [f"  {k}: {self.skip_reasons.get(k, '')}" for k in self.skipped]
+            by_reason: dict[str, list[str]] = collections.defaultdict(list)
+            for k in self.skipped:
+                by_reason[self.skip_reasons.get(k, "")].append(k)
+            for reason, keys in by_reason.items():
+                if len(keys) <= SHOWN:
+                    lines += [f"  {k}: {reason}" for k in keys]
+                else:  # one line for many tensors of one kind (a tag on every 8-bit weight)
+                    lines.append(f"  {len(keys)} tensors, {reason}: {', '.join(keys[:2])}, ... {keys[-1]}")
         if self.care:
             lines.append("shapes that need care:")
-            lines += [f"  {c}" for c in self.care]
+            lines += [f"  {c}" for c in self.care[:SHOWN]]
+            if len(self.care) > SHOWN:
+                lines.append(f"  ... {len(self.care)} in all (CheckpointSummary.care lists every one)")
         return "\n".join(lines)
 
 

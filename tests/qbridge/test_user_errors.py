@@ -141,3 +141,23 @@ def test_parity_help_describes_every_argument(capsys):
         "seed of the random",
     ):
         assert words in out, out
+
+
+def test_inspect_counts_many_lines_of_one_kind():
+    """A checkpoint of 8-bit weights tags every weight (``weight_format``), and partial FP8 tiles come on every
+    expert: the summary says so in a line each, and keeps every one in its fields."""
+    from qbridge._inspect import SHOWN, CheckpointSummary
+
+    tags = [f"model.layers.{i}.mlp.down_proj.weight_format" for i in range(28)]
+    care = [f"model.layers.{i}.mlp.down_proj.weight: [200, 130] with 128x128 blocks" for i in range(28)]
+    summary = CheckpointSummary(path="x", format="bitsandbytes-8bit", files=1, quantization_config={}, kinds={},
+                                stored_bytes=0, dense_bytes=0, skipped=[*tags, "lm_head.weight"], care=care,
+                                skip_reasons={**dict.fromkeys(tags, "bitsandbytes 8-bit weight-layout tag"),
+                                              "lm_head.weight": "tied to the embedding"},
+                                classified_by="names", guessed=[])  # fmt: skip
+    text = str(summary).splitlines()
+    assert sum("weight_format" in line for line in text) == 1
+    assert "  28 tensors, bitsandbytes 8-bit weight-layout tag: " in "\n".join(text)
+    assert "  lm_head.weight: tied to the embedding" in text
+    assert sum("with 128x128 blocks" in line for line in text) == SHOWN
+    assert "  ... 28 in all (CheckpointSummary.care lists every one)" in text
