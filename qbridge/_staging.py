@@ -41,10 +41,11 @@ _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA c
 class Block:
     """``nbytes`` bytes of a :class:`Region` at ``offset``, held by one reader until given back."""
 
-    __slots__ = ("nbytes", "offset", "region")
+    __slots__ = ("given_back", "nbytes", "offset", "region")
 
     def __init__(self, region: Region, offset: int, nbytes: int) -> None:
         self.region, self.offset, self.nbytes = region, offset, nbytes
+        self.given_back = False
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """The block's memory as a CPU tensor of ``dtype`` and ``shape`` (its first bytes; aliases the block)."""
@@ -93,6 +94,9 @@ class Region:
         while True:
             with self._lock:
                 self._reclaim()
+                coming = sum(block.nbytes for _, block in self._returning)
+                if size > sum(length for _, length in self._free) + coming:
+                    return None  # waiting for every copy would not make room
                 for i, (offset, length) in enumerate(self._free):
                     if length >= size:
                         if length == size:
@@ -106,7 +110,17 @@ class Region:
             event.synchronize()  # the oldest copy out of the region (the GIL is released meanwhile)
 
     def give_back(self, block: Block, after: Any = None) -> None:
+        """Takes ``block`` back: at once, or once the event ``after`` has completed.
+
+        Raises:
+            ValueError: the block is another region's, or was given back already.
+        """
         with self._lock:
+            if block.region is not self or block.given_back:
+                raise ValueError(
+                    f"block at {block.offset} of {block.nbytes} bytes: given back already, or not this region's"
+                )
+            block.given_back = True
             if after is None:
                 self._release(block)
             else:

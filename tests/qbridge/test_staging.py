@@ -207,3 +207,19 @@ def test_a_load_reuses_blocks_only_after_the_device_copied_out_of_them(tmp_path,
         if load == 0:
             torch_side.wait_for_kernels()
     assert region.free_bytes() == region.nbytes
+
+
+def test_a_block_given_back_twice_or_too_large_a_request_is_refused():
+    region = _staging.Region(4 * PAGE, register=False)
+    block = region.take(PAGE)
+    block.give_back()
+    with pytest.raises(ValueError, match="given back already"):
+        block.give_back()
+    assert region._free == [(0, 4 * PAGE)]
+    busy = region.take(4 * PAGE)
+    copy = _Copy()
+    busy.give_back(copy)
+    assert region.take(5 * PAGE) is None and copy.waited == 0  # no copy could make room: none waited for
+    other = _staging.Region(PAGE, register=False).take(PAGE)
+    with pytest.raises(ValueError, match="not this region's"):
+        region.give_back(other)
