@@ -272,8 +272,16 @@ class _Source:
         """Copies each stored tensor ``keys[i]`` into ``outs[i]`` (its shape and dtype, on any device), on the
         current stream of that device, without waiting for the copy. A key read ahead into the staging
         region gives its block back once the device has copied it."""
-        if len(keys) != len(outs):
-            raise ValueError(f"read_into: {len(keys)} keys for {len(outs)} tensors")
+        if isinstance(keys, str) or len(keys) != len(outs):
+            raise ValueError(
+                f"read_into takes a sequence of keys, one per tensor, got {keys!r} for {len(outs)}"
+            )
+        for key, out in zip(keys, outs, strict=True):
+            if key in self.shapes and (tuple(out.shape), out.dtype) != self.shapes[key]:
+                shape, dtype = self.shapes[key]
+                raise ValueError(
+                    f"read_into: {key!r} is {list(shape)} {dtype}, the tensor for it {list(out.shape)} {out.dtype}"
+                )
         returning: list[tuple[_staging.Block, torch.device]] = []
         try:
             for key, out in zip(keys, outs, strict=True):
@@ -299,6 +307,7 @@ class _Source:
 
     def read_to(self, key: str, device: torch.device) -> torch.Tensor:
         """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting."""
+        device = torch.device(device)
         if device.type == "cpu" or key not in self._ahead:
             return self.read(key).to(device, non_blocking=True)
         shape, dtype = self.shapes[key]
@@ -433,8 +442,9 @@ class _Source:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         for ahead in self._ahead.values():  # read ahead and never asked for: their blocks go back
-            if (
-                not ahead.cancelled()
+            if (  # done: a forked child's unfinished futures have no thread to finish them
+                ahead.done()
+                and not ahead.cancelled()
                 and ahead.exception() is None
                 and (block := ahead.result()[1]) is not None
             ):
@@ -563,8 +573,8 @@ class Checkpoint:
 
         Raises:
             CheckpointError: a key the checkpoint lacks, or a tensor whose bytes cannot be read.
-            RuntimeError: an ``outs[i]`` of another shape (torch's copy refuses it).
-            ValueError: ``keys`` and ``outs`` differ in length.
+            ValueError: ``keys`` is not a sequence of keys as long as ``outs``, or an ``outs[i]`` of another
+                shape or dtype than its stored tensor (nothing copied).
         """
         self.source.read_into(keys, outs)
 

@@ -160,8 +160,8 @@ def test_a_read_that_fails_gives_its_block_back(tmp_path, cpu_region, monkeypatc
     save_file({"a": torch.randn(64, 64), "b": torch.randn(64, 64)}, tmp_path / "model.safetensors")
     with qbridge.open_checkpoint(tmp_path) as ckpt:
         assert ckpt.read_ahead("a", pin=True) and ckpt.read_ahead("b", pin=True)
-        with pytest.raises(RuntimeError):
-            ckpt.read_into(["a"], [torch.empty(3, 3)])  # torch refuses the copy: the block still comes back
+        with pytest.raises(RuntimeError):  # torch refuses the copy (in place into a leaf that needs grad)
+            ckpt.read_into(["a"], [torch.zeros(64, 64, requires_grad=True)])  # the block still comes back
         ckpt.read("b")
         assert cpu_region.free_bytes() == cpu_region.nbytes
 
@@ -223,3 +223,63 @@ def test_a_block_given_back_twice_or_too_large_a_request_is_refused():
     other = _staging.Region(PAGE, register=False).take(PAGE)
     with pytest.raises(ValueError, match="not this region's"):
         region.give_back(other)
+
+
+def test_read_into_refuses_tensors_of_another_shape_or_dtype_before_copying(tmp_path, cpu_region):
+    from safetensors.torch import save_file
+
+    stored = {"a": torch.arange(300 * 257, dtype=torch.int64).reshape(300, 257), "b": torch.randn(300, 257)}
+    save_file(stored, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.read_ahead("a", pin=True) and ckpt.read_ahead("b", pin=True)
+        for outs in ([torch.zeros(300, 257, dtype=torch.int32), torch.zeros(300, 257)],
+                     [torch.zeros(300, 257, dtype=torch.int64), torch.zeros(2, 300, 257)]):  # fmt: skip
+            with pytest.raises(ValueError, match=r"read_into: '(a|b)' is \[300, 257\]"):
+                ckpt.read_into(["a", "b"], outs)
+            assert not any(o.any() for o in outs)  # nothing copied
+        with pytest.raises(ValueError, match="a sequence of keys"):
+            ckpt.read_into("a", [torch.zeros(300, 257, dtype=torch.int64)])
+        got = ckpt.read_to("a", "cpu")  # a device's name will do
+        assert torch.equal(got, stored["a"])
+        outs = [torch.zeros(300, 257, dtype=torch.int64), torch.zeros(300, 257)]
+        ckpt.read_into(["a", "b"], outs)  # read twice: "a" from the file this time
+        assert torch.equal(outs[0], stored["a"]) and torch.equal(outs[1], stored["b"])
+    assert cpu_region.free_bytes() == cpu_region.nbytes
+
+
+def test_closing_in_a_forked_child_with_a_read_in_flight_returns(tmp_path, cpu_region, monkeypatch):
+    """A fork while a reading thread copies: the child has no such thread, so closing must not wait for it."""
+    import os
+    import time
+
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(300, 257)}, tmp_path / "model.safetensors")
+    ckpt = qbridge.open_checkpoint(tmp_path)
+    mapped = ckpt.source.map_tensor
+
+    def slow(key):
+        time.sleep(1.0)
+        return mapped(key)
+
+    monkeypatch.setattr(ckpt.source, "map_tensor", slow)
+    assert ckpt.read_ahead("w", pin=True)
+    time.sleep(0.2)
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            ckpt.close()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("closing the checkpoint in the forked child hung")
+    assert os.waitstatus_to_exitcode(status) == 0
+    ckpt.close()
