@@ -55,6 +55,7 @@ IMPORT_WAIT_S = 60.0  # at most this long a fork waits for the background import
 _READY: dict[tuple[Any, ...], Any] = {}
 _REQUESTED: set[tuple[Any, ...]] = set()
 _FAILED: set[tuple[Any, ...]] = set()  # compiled on the caller's thread next time, to raise Triton's error
+_COMPILING: dict[pathlib.Path, threading.Event] = {}  # records a compile process is making, set when done
 _QUEUE: queue.Queue[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]] = queue.Queue()
 _LOCK = threading.Lock()  # Triton's per-kernel caches are filled by one thread at a time
 _IDLE = threading.Condition()
@@ -72,6 +73,7 @@ def _after_fork() -> None:
     CUDA does not support using after a fork anyway.)"""
     global _QUEUE, _LOCK, _IDLE, _WORKING, _WORKER
     _REQUESTED.clear()
+    _COMPILING.clear()
     _QUEUE = queue.Queue()
     _LOCK = threading.Lock()
     _IDLE = threading.Condition()
@@ -300,11 +302,28 @@ def _make_ready(batch: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[st
             capability = _capability(device_index)
             records.append((record_path(kernel, args, meta, capability), capability))
         missing: dict[int, list[dict[str, Any]]] = {}
-        for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
-            if not record.exists():  # the compile process records it: a process that ends first
+        mine: list[pathlib.Path] = []  # compiled by this batch's process
+        others: list[threading.Event] = []  # being compiled by another batch's (the variant on another GPU)
+        with _IDLE:
+            for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
+                if record.exists() or record in mine:
+                    continue
+                if record in _COMPILING:
+                    others.append(_COMPILING[record])
+                    continue
+                _COMPILING[record] = threading.Event()
+                mine.append(record)
+                # the compile process records it: a process that ends first
                 missing.setdefault(capability, []).append(describe(kernel, args, meta, record))
-        for capability, specs in missing.items():
-            _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
+        try:
+            for capability, specs in missing.items():
+                _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
+        finally:
+            with _IDLE:
+                for record in mine:
+                    _COMPILING.pop(record).set()
+        for event in others:
+            event.wait()
         for (record, _), (key, kernel, args, meta, device_index) in zip(records, batch, strict=True):
             try:
                 _READY[key] = _load(kernel, args, meta, device_index)

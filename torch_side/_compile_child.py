@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Iterator
@@ -80,7 +81,10 @@ def main() -> None:
             compiled = compile_variant(spec)
             if spec.get("record"):  # recorded here: the asking process may have ended (a script's one load)
                 write_record(pathlib.Path(spec["record"]))
-            print(compiled.hash, flush=True)
+            try:
+                print(compiled.hash, flush=True)
+            except OSError:  # the asking process has ended (a broken pipe): the other variants still compile
+                sys.stdout = open(os.devnull, "w")  # for the rest of this process
 
 
 if __name__ == "__main__":

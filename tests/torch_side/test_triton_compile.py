@@ -3,6 +3,7 @@ not first on the GPU machine. (A subprocess: under TRITON_INTERPRET=1 kernels ar
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -187,3 +188,80 @@ def test_a_process_that_ends_early_leaves_every_variant_it_asked_for_recorded(tm
     while not all(r.exists() for r in records) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert [r.exists() for r in records] == [True, True]
+
+
+MANY_GPUS = r"""
+import time, torch
+from torch_side import _compile
+from torch_side._compile_child import compile_only
+from torch_side.kernels._fp8 import fp8_kernel
+
+_compile._capability = lambda device_index: 90
+
+
+def load(kernel, args, meta, device_index):
+    with compile_only(90):
+        return kernel.warmup(*args, grid=(1,), **meta)
+
+
+_compile._load = load
+calls = []
+elsewhere = _compile._compile_elsewhere
+_compile._compile_elsewhere = lambda specs, capability: calls.append(len(specs)) or elsewhere(specs, capability)
+args = (torch.zeros(4096, dtype=torch.uint8), torch.zeros(64), torch.zeros(4096, dtype=torch.bfloat16), 256, 512, 4, 128, 128)
+meta = dict(E5M2=False, TRANSPOSE=False, SCALE_MODE=0, TILE_R=64, TILE_C=128, SOFT=False, num_warps=4)
+for device_index in range(4):  # one variant, asked for on four GPUs of one architecture
+    _compile._request(_compile.variant_key(fp8_kernel, device_index, args, meta), fp8_kernel, args, meta, device_index)
+    time.sleep(0.2)
+_compile.wait_for_kernels()
+print("READY", len(_compile._READY), "COMPILE PROCESSES", len(calls), flush=True)
+"""
+
+
+def test_one_variant_asked_for_on_several_gpus_is_compiled_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", MANY_GPUS], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "READY 4 COMPILE PROCESSES 1" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-3000:]
+    )
+
+
+CHILD_REQUEST = r"""
+import json, sys, torch
+from torch_side import _compile
+from torch_side.kernels._fp8 import fp8_kernel
+
+meta = dict(E5M2=False, TRANSPOSE=False, SCALE_MODE=0, TILE_R=64, TILE_C=128, SOFT=False, num_warps=4)
+specs = []
+for cols in (512, 7160):
+    args = (torch.zeros(4096, dtype=torch.uint8), torch.zeros(64), torch.zeros(4096, dtype=torch.bfloat16), 256, cols, 4, 128, 128)
+    record = _compile.record_path(fp8_kernel, _compile.stand_ins(args), meta, 90)
+    specs.append(_compile.describe(fp8_kernel, args, meta, record))
+print(json.dumps({"capability": 90, "variants": specs}))
+"""
+
+
+def test_a_compile_process_whose_asker_has_gone_compiles_and_records_every_variant(tmp_path):
+    """The asking process ended (its end of the pipe is closed) before the first variant was done: the
+    compile process still compiles and records the others, instead of dying on its first line of output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    request = subprocess.run(
+        [sys.executable, "-c", CHILD_REQUEST], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert request.returncode == 0, request.stderr[-3000:]
+    records = [pathlib.Path(v["record"]) for v in json.loads(request.stdout)["variants"]]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "torch_side._compile_child"], cwd=root, env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    child.stdin.write(request.stdout)
+    child.stdin.close()
+    child.stdout.close()  # nobody reads what it prints any more
+    child.wait(timeout=600)
+    assert [r.exists() for r in records] == [True, True], child.stderr.read()[-3000:]
