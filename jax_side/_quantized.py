@@ -87,6 +87,8 @@ class _Sizes:
     """What NF4Weight and FP8Weight share: bytes held (every piece), bytes the dense weight would take, and
     dequantizing on a mesh with explicit axes."""
 
+    __iter__ = None  # not a sequence: indexing refuses (below), and iteration must not fall back to it
+
     def __getitem__(self, index: Any) -> Any:
         """Refused: a layer indexing its kernel (``kernel[...]``, as ``nnx.Linear`` does) holds a kept weight it
         cannot use."""

@@ -146,6 +146,10 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# files an Orbax checkpoint directory holds (one of them is enough to tell it from another directory)
+_ORBAX_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "commit_success.txt")
+
+
 def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
     """The parameters of a checkpoint written by :func:`convert_checkpoint`.
 
@@ -179,6 +183,11 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         try:
             restored = _orbax().StandardCheckpointer().restore(path)
         except (FileNotFoundError, ValueError, KeyError) as e:
+            if any((path / name).exists() for name in _ORBAX_FILES):
+                raise CheckpointError(
+                    f"{path}: the Orbax checkpoint there is damaged or incomplete (Orbax: {first_line(e)}); "
+                    "convert it again"
+                ) from e
             raise CheckpointError(
                 f"{path}: not a checkpoint written by convert_checkpoint (Orbax: {first_line(e)}); a PyTorch "
                 "checkpoint loads with load_checkpoint"

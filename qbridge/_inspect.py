@@ -65,18 +65,18 @@ class CheckpointSummary:
                      f"{self.stored_bytes / 1e6:>12.2f}{self.dense_bytes / 1e6:>16.2f}")  # fmt: skip
         lines.append(f"classified by: {self.classified_by}")
         if self.guessed:
-            shown = ", ".join(self.guessed[:8]) + (
-                f", ... ({len(self.guessed)} in all)" if len(self.guessed) > 8 else ""
+            shown = ", ".join(self.guessed[:SHOWN]) + (
+                f", ... ({len(self.guessed)} in all)" if len(self.guessed) > SHOWN else ""
             )
             lines.append(f"module kinds guessed from names: {shown}")
         if self.skipped:
             lines.append("no parameters (skipped when loading unless a target asks):")
             by_reason: dict[str, list[str]] = collections.defaultdict(list)
-            for k in self.skipped:
-                by_reason[self.skip_reasons.get(k, "")].append(k)
+            for key in self.skipped:
+                by_reason[self.skip_reasons.get(key, "")].append(key)
             for reason, keys in by_reason.items():
                 if len(keys) <= SHOWN:
-                    lines += [f"  {k}: {reason}" for k in keys]
+                    lines += [f"  {key}: {reason}" for key in keys]
                 else:  # one line for many tensors of one kind (a tag on every 8-bit weight)
                     lines.append(f"  {len(keys)} tensors, {reason}: {', '.join(keys[:2])}, ... {keys[-1]}")
         if self.care:

@@ -46,11 +46,15 @@ def test_a_missing_directory_is_named_as_missing(tmp_path, capsys):
         qbridge.restore_converted(nope)
 
 
-def test_a_pytorch_checkpoint_given_to_restore_converted_is_named(dense):
+def test_a_pytorch_checkpoint_given_to_restore_converted_is_named(dense, tmp_path):
     with pytest.raises(
         qbridge.CheckpointError, match=r"not a checkpoint written by convert_checkpoint.*load_checkpoint"
     ):
         qbridge.restore_converted(dense)
+    qbridge.convert_checkpoint(dense, tmp_path / "o.orbax", progress=False)
+    (tmp_path / "o.orbax" / "_METADATA").write_text("{garbled")
+    with pytest.raises(qbridge.CheckpointError, match="the Orbax checkpoint there is damaged or incomplete"):
+        qbridge.restore_converted(tmp_path / "o.orbax")
 
 
 def test_torch_devices_and_dtypes_are_taken(dense):
@@ -87,6 +91,8 @@ def test_a_kept_weight_indexed_as_a_dense_one_says_how_to_load_it(dense, tmp_pat
     assert isinstance(kept, jax_side.NF4Weight)
     with pytest.raises(TypeError, match=r"indexed as a dense array.*load_quantized_into_nnx"):
         kept[...]
+    with pytest.raises(TypeError, match="not iterable"):  # not a sequence through its indexing
+        list(kept)
 
 
 def test_quantized_pieces_in_a_match_error_point_to_load_checkpoint():
