@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from checkpoints import bnb_llama, dense_llama, fp8_llama, torchao_llama
+from checkpoints import bnb_llama, fp8_llama, torchao_llama
 from helpers import assert_same_bits, bnb_reference, fp8_reference_loops, to_numpy
 
 import jax_side
@@ -21,13 +21,6 @@ nnx = pytest.importorskip("flax.nnx")
 pytest.importorskip("bitsandbytes")
 
 IDS = np.random.default_rng(0).integers(0, 256, (2, 12))
-
-
-@pytest.fixture(scope="session")
-def dense_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense")
-    dense_llama(path)
-    return path
 
 
 def _flax_model(path):

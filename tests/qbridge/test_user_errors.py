@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 import torch
-from checkpoints import dense_llama
 
 import jax_side
 import qbridge
@@ -17,13 +16,6 @@ from qbridge._cli import main
 
 GPT2_CONFIG = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64,
                "n_head": 2, "vocab_size": 256}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense")
-    dense_llama(path)
-    return path
 
 
 def test_another_architecture_is_named_where_the_builtin_llama_is_asked_for(tmp_path):
@@ -46,30 +38,32 @@ def test_a_missing_directory_is_named_as_missing(tmp_path, capsys):
         qbridge.restore_converted(nope)
 
 
-def test_a_pytorch_checkpoint_given_to_restore_converted_is_named(dense, tmp_path):
+def test_a_pytorch_checkpoint_given_to_restore_converted_is_named(dense_dir, tmp_path):
     with pytest.raises(
         qbridge.CheckpointError, match=r"not a checkpoint written by convert_checkpoint.*load_checkpoint"
     ):
-        qbridge.restore_converted(dense)
-    qbridge.convert_checkpoint(dense, tmp_path / "o.orbax", progress=False)
+        qbridge.restore_converted(dense_dir)
+    qbridge.convert_checkpoint(dense_dir, tmp_path / "o.orbax", progress=False)
     (tmp_path / "o.orbax" / "_METADATA").write_text("{garbled")
     with pytest.raises(qbridge.CheckpointError, match="the Orbax checkpoint there is damaged or incomplete"):
         qbridge.restore_converted(tmp_path / "o.orbax")
 
 
-def test_torch_devices_and_dtypes_are_taken(dense):
-    params = qbridge.load_checkpoint(dense, device=torch.device("cpu"), dtype=torch.bfloat16, progress=False)
+def test_torch_devices_and_dtypes_are_taken(dense_dir):
+    params = qbridge.load_checkpoint(
+        dense_dir, device=torch.device("cpu"), dtype=torch.bfloat16, progress=False
+    )
     leaves = jax.tree.leaves(params)
     assert leaves and all(leaf.dtype == jnp.bfloat16 for leaf in leaves)
     assert {d.platform for leaf in leaves for d in leaf.devices()} == {"cpu"}
 
 
-def test_float64_without_x64_is_refused_up_front(dense):
+def test_float64_without_x64_is_refused_up_front(dense_dir):
     assert not jax.config.read("jax_enable_x64")
     with pytest.raises(ValueError, match="x64 off"):
-        qbridge.load_checkpoint(dense, dtype="float64", progress=False)
+        qbridge.load_checkpoint(dense_dir, dtype="float64", progress=False)
     with pytest.raises(ValueError, match="x64 off"):
-        qbridge.load_checkpoint(dense, dtype=torch.float64, progress=False)
+        qbridge.load_checkpoint(dense_dir, dtype=torch.float64, progress=False)
 
 
 def test_the_llama_refuses_ids_without_a_batch_axis():
@@ -82,10 +76,10 @@ def test_the_llama_refuses_ids_without_a_batch_axis():
     assert model(jnp.array([[1, 2, 3]])).shape == (1, 3, 32)
 
 
-def test_a_kept_weight_indexed_as_a_dense_one_says_how_to_load_it(dense, tmp_path):
+def test_a_kept_weight_indexed_as_a_dense_one_says_how_to_load_it(dense_dir, tmp_path):
     from checkpoints import bnb_llama
 
-    bnb_llama(dense, tmp_path / "nf4", quant_type="nf4", nested=True)
+    bnb_llama(dense_dir, tmp_path / "nf4", quant_type="nf4", nested=True)
     params = qbridge.load_checkpoint(tmp_path / "nf4", keep_quantized=True, progress=False)
     kept = params["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
     assert isinstance(kept, jax_side.NF4Weight)
@@ -106,19 +100,26 @@ def test_quantized_pieces_in_a_match_error_point_to_load_checkpoint():
     assert "quantized pieces" not in str(plain)
 
 
-def test_a_rule_with_another_meshs_axes_says_which_axes_each_mesh_has(dense):
+def test_a_rule_with_another_meshs_axes_says_which_axes_each_mesh_has(dense_dir):
     from qbridge._multiprocess import check_multiprocess_load
 
     with pytest.raises(ValueError, match="a 1-D mesh has axis 'x', a 2-D mesh 'data' and 'model'"):
         check_multiprocess_load(
-            dense, processes=2, cpu_devices=2, mesh_shape=(2, 2), rules=[("kernel$", ["x", None])]
+            dense_dir, processes=2, cpu_devices=2, mesh_shape=(2, 2), rules=[("kernel$", ["x", None])]
         )
 
 
-def test_cli_warnings_are_one_line_of_the_command(dense, tmp_path, capsys):
+def test_cli_warnings_are_one_line_of_the_command(dense_dir, tmp_path, capsys):
     assert (
         main(
-            ["convert", str(dense), str(tmp_path / "o.orbax"), "--kind", "nothing_matches=linear", "--quiet"]
+            [
+                "convert",
+                str(dense_dir),
+                str(tmp_path / "o.orbax"),
+                "--kind",
+                "nothing_matches=linear",
+                "--quiet",
+            ]
         )
         == 0
     )

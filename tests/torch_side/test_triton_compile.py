@@ -13,6 +13,17 @@ import pytest
 
 pytest.importorskip("triton")
 
+
+def _run(script: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh Python process at the repository's root, Triton's interpreter off (kernels are
+    not compilable under it), with ``env`` added."""
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    root = pathlib.Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=full, capture_output=True, text=True, timeout=timeout
+    )
+
+
 SCRIPT = r"""
 import itertools, triton
 from triton.backends.compiler import GPUTarget
@@ -49,12 +60,7 @@ print("COMPILED", count)
 
 
 def test_every_kernel_variant_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
+    result = _run(SCRIPT, 900, TRITON_DEFAULT_FP_FUSION="1")
     assert result.returncode == 0 and "COMPILED 108" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
     )
@@ -123,12 +129,7 @@ def test_background_compiles_are_the_variants_a_launch_would_compile():
     the compiled kernel Triton picks for the real arguments (pointer alignment, sizes of 1, multiples of
     16, 64-bit sizes); the compile process fills the cache a launch then reads without compiling, and
     writes the variant's record."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", BACKGROUND], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
+    result = _run(BACKGROUND, 900, TRITON_DEFAULT_FP_FUSION="1")
     # 8 cases, 7 variants: 256x512 and 272x528 (multiples of 16, aligned) share one
     assert result.returncode == 0 and "VARIANTS 7 7" in result.stdout and "FROM THE CACHE" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
@@ -166,13 +167,8 @@ def test_a_process_that_ends_early_leaves_every_variant_it_asked_for_recorded(tm
     so the next process finds every one of them in Triton's cache."""
     import time
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = pathlib.Path(__file__).resolve().parents[2]
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", EARLY_EXIT], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = _run(EARLY_EXIT, 300, TRITON_CACHE_DIR=str(tmp_path))
     asked = time.monotonic() - started
     records = [
         pathlib.Path(line.split(maxsplit=1)[1])
@@ -219,12 +215,7 @@ print("READY", len(_compile._READY), "COMPILE PROCESSES", len(calls), flush=True
 
 
 def test_one_variant_asked_for_on_several_gpus_is_compiled_once(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", MANY_GPUS], cwd=root, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = _run(MANY_GPUS, 600, TRITON_CACHE_DIR=str(tmp_path))
     assert result.returncode == 0 and "READY 4 COMPILE PROCESSES 1" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-3000:]
     )
@@ -248,16 +239,14 @@ print(json.dumps({"capability": 90, "variants": specs}))
 def test_a_compile_process_whose_asker_has_gone_compiles_and_records_every_variant(tmp_path):
     """The asking process ended (its end of the pipe is closed) before the first variant was done: the
     compile process still compiles and records the others, instead of dying on its first line of output."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = pathlib.Path(__file__).resolve().parents[2]
-    request = subprocess.run(
-        [sys.executable, "-c", CHILD_REQUEST], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+    request = _run(CHILD_REQUEST, 300, TRITON_CACHE_DIR=str(tmp_path))
     assert request.returncode == 0, request.stderr[-3000:]
     records = [pathlib.Path(v["record"]) for v in json.loads(request.stdout)["variants"]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
+        "TRITON_CACHE_DIR": str(tmp_path)
+    }
     child = subprocess.Popen(
-        [sys.executable, "-m", "torch_side._compile_child"], cwd=root, env=env, text=True,
+        [sys.executable, "-m", "torch_side._compile_child"], cwd=pathlib.Path(__file__).resolve().parents[2], env=env, text=True,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     child.stdin.write(request.stdout)
