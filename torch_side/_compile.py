@@ -56,7 +56,9 @@ _READY: dict[tuple[Any, ...], Any] = {}
 _REQUESTED: set[tuple[Any, ...]] = set()
 _FAILED: set[tuple[Any, ...]] = set()  # compiled on the caller's thread next time, to raise Triton's error
 _COMPILING: dict[pathlib.Path, threading.Event] = {}  # records a compile process is making, set when done
-_QUEUE: queue.Queue[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]] = queue.Queue()
+_QUEUE: queue.Queue[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]] = (
+    queue.Queue()
+)  # key, kernel, args, meta, device
 _LOCK = threading.Lock()  # Triton's per-kernel caches are filled by one thread at a time
 _IDLE = threading.Condition()
 _WORKING = 0
@@ -293,7 +295,33 @@ def _work() -> None:
             _make_ready(batch)
 
 
-def _make_ready(batch: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]]) -> None:
+_Item = tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]  # key, kernel, args, meta, device
+
+
+def _claim(
+    records: list[tuple[pathlib.Path, int]], batch: list[_Item]
+) -> tuple[dict[int, list[dict[str, Any]]], list[pathlib.Path], list[threading.Event]]:
+    """Of a batch's variants missing from Triton's cache, those this batch compiles (their descriptions by
+    architecture, and their records, now marked as being compiled) and the events of those another batch is
+    compiling already (one variant asked for on several GPUs)."""
+    missing: dict[int, list[dict[str, Any]]] = {}
+    mine: list[pathlib.Path] = []
+    others: list[threading.Event] = []
+    with _IDLE:
+        for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
+            if record.exists() or record in mine:
+                continue
+            if record in _COMPILING:
+                others.append(_COMPILING[record])
+                continue
+            _COMPILING[record] = threading.Event()
+            mine.append(record)
+            # the compile process records it: a process that ends first
+            missing.setdefault(capability, []).append(describe(kernel, args, meta, record))
+    return missing, mine, others
+
+
+def _make_ready(batch: list[_Item]) -> None:
     """Compiles the variants of ``batch`` that Triton's cache lacks in a compile process, then loads them."""
     global _WORKING
     try:
@@ -301,20 +329,7 @@ def _make_ready(batch: list[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[st
         for _, kernel, args, meta, device_index in batch:
             capability = _capability(device_index)
             records.append((record_path(kernel, args, meta, capability), capability))
-        missing: dict[int, list[dict[str, Any]]] = {}
-        mine: list[pathlib.Path] = []  # compiled by this batch's process
-        others: list[threading.Event] = []  # being compiled by another batch's (the variant on another GPU)
-        with _IDLE:
-            for (record, capability), (_, kernel, args, meta, _) in zip(records, batch, strict=True):
-                if record.exists() or record in mine:
-                    continue
-                if record in _COMPILING:
-                    others.append(_COMPILING[record])
-                    continue
-                _COMPILING[record] = threading.Event()
-                mine.append(record)
-                # the compile process records it: a process that ends first
-                missing.setdefault(capability, []).append(describe(kernel, args, meta, record))
+        missing, mine, others = _claim(records, batch)
         try:
             for capability, specs in missing.items():
                 _compile_elsewhere(specs, capability)  # if it fails, the load below compiles here
