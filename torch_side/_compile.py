@@ -56,9 +56,8 @@ _READY: dict[tuple[Any, ...], Any] = {}
 _REQUESTED: set[tuple[Any, ...]] = set()
 _FAILED: set[tuple[Any, ...]] = set()  # compiled on the caller's thread next time, to raise Triton's error
 _COMPILING: dict[pathlib.Path, threading.Event] = {}  # records a compile process is making, set when done
-_QUEUE: queue.Queue[tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]] = (
-    queue.Queue()
-)  # key, kernel, args, meta, device
+_Item = tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]  # key, kernel, args, meta, device
+_QUEUE: queue.Queue[_Item] = queue.Queue()
 _LOCK = threading.Lock()  # Triton's per-kernel caches are filled by one thread at a time
 _IDLE = threading.Condition()
 _WORKING = 0
@@ -293,9 +292,6 @@ def _work() -> None:
             ).start()
         except RuntimeError:  # a thread limit: this thread does it
             _make_ready(batch)
-
-
-_Item = tuple[tuple[Any, ...], Any, tuple[Any, ...], dict[str, Any], int]  # key, kernel, args, meta, device
 
 
 def _claim(
