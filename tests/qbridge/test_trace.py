@@ -239,7 +239,9 @@ def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
     whole = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(whole[: len(whole) // 2])
     for argv, says in (
-        ([str(tmp_path / "nothing")], "nothing: no config.json there"),
+        ([str(tmp_path / "nothing")], "nothing: no such checkpoint directory"),
+        ([str(tmp_path)], f"{tmp_path.name}: no config.json there"),
+        ([str(cut / "model.safetensors")], "parity needs the checkpoint's directory"),
         ([str(cut)], "cut/model.safetensors: not a readable safetensors file"),
         ([str(made / "f32"), "--batch", "0"], "batch must be a positive number"),
         ([str(made / "f32"), "--tokens", "-3"], "tokens must be a positive number"),
