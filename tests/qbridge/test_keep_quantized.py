@@ -84,15 +84,21 @@ def test_kept_quantized_matches_the_dense_path(made, name, param_dtype):
 
 
 def test_a_dtype_the_kept_weights_cannot_decode_to_is_refused_by_name(made):
+    """float64 with JAX's x64 on (without it every load refuses float64 up front): dense leaves could hold
+    it, kept weights cannot decode to it."""
     target = jax_side.abstract_llama(_config(made), param_dtype=jnp.float32)
-    for name in ("nf4-True", "fp8"):
-        with pytest.raises(
-            ValueError,
-            match=r"model\.layers\.0\..*keep_quantized decodes to float16, bfloat16 or float32.*float64",
-        ):
-            qbridge.load_checkpoint(
-                made / name, target=target, keep_quantized=True, dtype=jnp.float64, progress=False
-            )
+    jax.config.update("jax_enable_x64", True)
+    try:
+        for name in ("nf4-True", "fp8"):
+            with pytest.raises(
+                ValueError,
+                match=r"model\.layers\.0\..*keep_quantized decodes to float16, bfloat16 or float32.*float64",
+            ):
+                qbridge.load_checkpoint(
+                    made / name, target=target, keep_quantized=True, dtype=jnp.float64, progress=False
+                )
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 def test_the_torch_model_agrees_too(made, tmp_path):
