@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._tree import refuse_torch
+
 FP8_DTYPES = tuple(
     jnp.dtype(getattr(jnp, name))
     for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -192,6 +194,8 @@ def dequantize_fp8(
             or an unsupported scale or output dtype.
         ValueError: the scale shape does not fit ``w`` (see :func:`fp8_scale_layout`).
     """
+    refuse_torch(w, "w")
+    refuse_torch(scale_inv, "scale_inv")
     w = jnp.asarray(w)
     if w.dtype not in FP8_DTYPES:
         hint = ""

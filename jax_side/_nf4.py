@@ -36,6 +36,7 @@ from jax.interpreters import batching, mlir
 
 from . import _cpu_kernel
 from ._codes import standard_code
+from ._tree import refuse_torch
 from ._varying import vary_alike
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -79,7 +80,10 @@ def _bytes(packed: Any) -> tuple[jax.Array, int]:
 
 
 def _array(x: Any) -> jax.Array:
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+    if isinstance(x, jax.Array):
+        return x
+    refuse_torch(x, f"a {type(x).__name__} argument")
+    return jnp.asarray(x)
 
 
 def _is_int(value: Any) -> bool:

@@ -90,12 +90,12 @@ class _Sizes:
     __iter__ = None  # not a sequence: indexing refuses (below), and iteration must not fall back to it
 
     def __getitem__(self, index: Any) -> Any:
-        """Refused: a layer indexing its kernel (``kernel[...]``, as ``nnx.Linear`` does) holds a kept weight it
-        cannot use."""
+        """Refused: a kept weight has no dense values to index (``variable[...]`` reads them from arrays)."""
         raise TypeError(
-            f"a kept-quantized {type(self).__name__} {self.shape} was indexed as a dense array, likely by a plain "
-            "nnx.Linear or nnx.Embed after nnx.update: load kept weights with jax_side.load_quantized_into_nnx("
-            "model, params), which swaps those layers for quantized ones, or call .dequantize() for the dense values"
+            f"a kept-quantized {type(self).__name__} {self.shape} has no dense values to index: .dequantize() "
+            "gives them; its stored pieces are its fields. A plain nnx.Linear or nnx.Embed indexes its kernel "
+            "like this after nnx.update: load kept weights with jax_side.load_quantized_into_nnx(model, params), "
+            "which swaps those layers for quantized ones"
         )
 
     if TYPE_CHECKING:  # fields or properties of the dataclasses below

@@ -9,7 +9,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._tree import MatchError, MatchReport, Path, PlannedLeaf, TargetLeaf, dotted, fill, plan_match
+from ._tree import (
+    MatchError,
+    MatchReport,
+    Path,
+    PlannedLeaf,
+    TargetLeaf,
+    dotted,
+    fill,
+    plan_match,
+    refuse_torch,
+)
 
 COLLECTIONS = ("params", "batch_stats")
 
@@ -209,7 +219,8 @@ def match_to_target(
     module type decides (so ConvTranspose is told from Conv), for a dict the leaf's name and rank do.
 
     Args:
-        checkpoint: ``torch key -> array`` in torch layout (jax, numpy, or anything ``jnp.asarray`` reads).
+        checkpoint: ``torch key -> array`` in torch layout (jax, numpy, or anything ``jnp.asarray`` reads;
+            not torch tensors: ``qbridge.to_jax`` hands them over).
         target: a linen ``params`` dict or ``{"params": ..., "batch_stats": ...}`` dict (its leaves may be
             ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an ``nnx.State``.
         strict: raise :class:`MatchError` listing every missing leaf, unused tensor and shape or dtype
@@ -228,7 +239,10 @@ def match_to_target(
 
     Raises:
         MatchError: ``strict`` and the checkpoint does not fit; the message lists every problem by name.
+        TypeError: a torch tensor among the checkpoint's values (named).
     """
+    for k, v in checkpoint.items():
+        refuse_torch(v, f"checkpoint[{k!r}]")
     shapes = {
         k: (tuple(np.shape(v)), getattr(v, "dtype", np.asarray(v).dtype)) for k, v in checkpoint.items()
     }

@@ -73,12 +73,18 @@ def _x64() -> bool:
 def _as_device(device: Any) -> jax.Device | None:
     if device is None or isinstance(device, jax.Device):
         return device
+    if isinstance(device, (str, torch.device)):  # torch's names, as load_checkpoint takes them
+        from ._loader import resolve_device
+
+        return resolve_device(device)[0]
     if isinstance(device, jax.sharding.Sharding):
         devices = device.device_set
         if len(devices) != 1:
             raise ValueError(f"device= takes one device; this sharding spans {len(devices)}")
         return next(iter(devices))
-    raise TypeError(f"device must be a jax.Device or a single-device Sharding, got {type(device).__name__}")
+    raise TypeError(
+        f"device must be a jax.Device, a single-device Sharding, or 'cpu'/'cuda[:i]', got {type(device).__name__}"
+    )
 
 
 def _home(t: torch.Tensor) -> jax.Device | None:
@@ -130,6 +136,20 @@ _query = getattr(torch._C._CudaStreamBase, "query", torch.cuda.Stream.query)
 _SCANS: contextvars.ContextVar[dict[int, list[torch.cuda.Stream]] | None] = contextvars.ContextVar(
     "qbridge_stream_scans", default=None
 )
+
+
+def _check_producer(producer: Producer) -> None:
+    """Raises TypeError for a ``producer`` that is none of the accepted values (on any device)."""
+    if isinstance(producer, str):
+        ok = producer in ("auto", "current")
+    else:
+        ok = isinstance(producer, torch.cuda.Stream) or (
+            isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer)
+        )
+    if not ok:
+        raise TypeError(
+            f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
+        )
 
 
 def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
@@ -310,6 +330,13 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
                 "Enable it (jax.config.update('jax_enable_x64', True)) or convert the tensor yourself"
             )
     elif t.dtype.is_floating_point or t.dtype.is_complex:
+        big = float(torch.finfo(narrow).max)
+        parts = (t.real, t.imag) if t.is_complex() else (t,)
+        if t.numel() and any(bool((p.isfinite() & (p.abs() > big)).any()) for p in parts):
+            raise ValueError(
+                f"{_describe(t)} holds finite values beyond {narrow}'s range (they would become inf): JAX runs "
+                "with x64 off. Enable it (jax.config.update('jax_enable_x64', True)) or scale the tensor"
+            )
         warn_at_caller(f"JAX runs with x64 off: the {_describe(t)} is rounded to {narrow}")
     return t.to(narrow)
 
@@ -403,8 +430,9 @@ def to_jax(
         t: any torch tensor. torchao tensor subclasses, bitsandbytes ``Params4bit``/``Int8Params`` and
             torch-quantized tensors are dequantized first (``torch_side.dequantize_weight``); tensors that
             require grad are detached.
-        device: the JAX device (or single-device sharding) for the result. Default: the JAX device of the
-            tensor's memory: ``cuda:i`` -> the JAX GPU with local hardware id ``i``, CPU -> JAX's CPU.
+        device: the JAX device (or single-device sharding, or torch's name for one: ``"cpu"``, ``"cuda:i"``,
+            a ``torch.device``) for the result. Default: the JAX device of the tensor's memory: ``cuda:i`` ->
+            the JAX GPU with local hardware id ``i``, CPU -> JAX's CPU.
         copy: ``None`` aliases where possible and otherwise copies exactly once (a misaligned pointer,
             non-compact strides, another device, a dtype JAX would change such as int64 with x64 off),
             saying so at debug level; ``False`` never copies and raises ``BufferError`` saying why;
@@ -427,7 +455,8 @@ def to_jax(
             a nested tensor.
         RuntimeError: a CUDA tensor and a JAX without that GPU (e.g. a CPU-only jaxlib), unless
             ``device=`` asks for a copy elsewhere.
-        ValueError: int64 values that do not fit int32 when JAX runs with x64 off.
+        ValueError: int64 values that do not fit int32, or finite float64 values beyond float32's range,
+            when JAX runs with x64 off.
 
     Example:
         >>> w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -439,6 +468,7 @@ def to_jax(
         raise TypeError(f"to_jax takes a torch.Tensor, got {type(t).__name__}")
     if copy not in (None, True, False):
         raise TypeError(f"copy must be None, True or False, got {copy!r}")
+    _check_producer(producer)
     if t.is_nested:  # components may differ in shape: no array shape
         raise TypeError(
             f"to_jax takes a regular tensor; this is a nested tensor of {t.size(0)} components, which may differ in shape: "
@@ -545,6 +575,8 @@ def to_torch(x: jax.Array) -> torch.Tensor:
     Raises:
         TypeError: ``x`` is not a ``jax.Array`` or spans several devices.
     """
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError("to_torch takes a concrete jax.Array; inside jax.jit there are only traced values")
     if not isinstance(x, jax.Array):
         raise TypeError(f"to_torch takes a jax.Array, got {type(x).__name__}")
     if len(x.devices()) != 1:
@@ -568,7 +600,7 @@ def dequantize_to_jax(
     quant_state: Any = None,
     *,
     transpose: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: Any = None,
     device: Any = None,
 ) -> jax.Array:
     """``torch_side.dequantize_weight`` then :func:`to_jax`: a quantized torch weight as a JAX array.
@@ -581,18 +613,25 @@ def dequantize_to_jax(
         transpose: return the ``[in, out]`` (Flax ``kernel``) layout. It arrives zero-copy as a permuted view
             (a JAX array with a non-default layout): the same values in jitted use, at times slower where a
             matmul is memory-bound.
-        dtype: a torch dtype to cast the dense weight to first (a new tensor); None keeps its dtype.
+        dtype: a dtype (torch's, JAX's, numpy's or its name) to cast the dense weight to first (a new tensor);
+            None keeps its dtype.
         device: as for :func:`to_jax`.
 
     Returns:
         A ``jax.Array``. It aliases the dequantized buffer (new memory), never ``W``'s quantized bytes;
         a plain ``W`` without ``dtype`` is aliased itself (see :func:`to_jax`).
     """
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        dtype = torch_dtype(np.dtype(dtype))  # JAX's, numpy's or its name
     dense = torch_side.dequantize_weight(W, quant_state, transpose=transpose)
     if dtype is not None and dense.dtype != dtype:
         dense = dense.to(dtype)
-    # new memory was written on the current stream just now: no other stream to wait for
-    fresh = dense.untyped_storage().data_ptr() != W.untyped_storage().data_ptr()
+    # new memory was written on the current stream just now: no other stream to wait for. (A tensor
+    # subclass, torchao's, has no storage of its own: its dequantized weight is always new memory.)
+    fresh = (
+        torch_side.is_quant_tensor_subclass(W)
+        or dense.untyped_storage().data_ptr() != W.untyped_storage().data_ptr()
+    )
     return to_jax(dense, device=device, producer="current" if fresh else "auto")
 
 

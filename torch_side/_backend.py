@@ -114,9 +114,10 @@ def choose_4bit_backend(
             )
         if device.type == "cpu" and bnb_cpu_kernel_restarts_blocks(shape, blocksize):
             raise ValueError(
-                f"backend='bnb' on CPU gives wrong values for shape {tuple(shape)} with blocksize {blocksize}: "
-                "bitsandbytes' CPU dequantize_4bit restarts blocks at every row unless the last dimension is "
-                "a multiple of the blocksize. Use backend='auto' or 'torch'."
+                f"backend='bnb' on CPU can give wrong values for shape {tuple(shape)} with blocksize {blocksize}: "
+                "bitsandbytes' CPU dequantize_4bit restarts blocks at every row, so where the last dimension is "
+                "not a multiple of the blocksize its values are wrong for most shapes. Use backend='auto' or "
+                "'torch'."
             )
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='bnb' is supported here on cpu and cuda, not {device.type}")

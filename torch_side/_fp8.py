@@ -69,7 +69,10 @@ def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
 
 
 def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    try:
+        pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    except TypeError:  # a float, say: not a pair either
+        pair = (block_size,)
     if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
         raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
     return (pair[0], pair[1])

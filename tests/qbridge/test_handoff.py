@@ -235,7 +235,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="meta tensor"):
         qbridge.to_jax(torch.empty(3, device="meta"))
     with pytest.raises(TypeError, match=r"jax.Device"):
-        qbridge.to_jax(torch.zeros(3), device="cpu")
+        qbridge.to_jax(torch.zeros(3), device=0)
+    with pytest.raises(ValueError, match="is not a device"):
+        qbridge.to_jax(torch.zeros(3), device="gpu0")
 
 
 def test_many_tensors_are_handed_over_as_one_at_a_time():

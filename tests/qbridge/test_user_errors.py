@@ -83,7 +83,7 @@ def test_a_kept_weight_indexed_as_a_dense_one_says_how_to_load_it(dense_dir, tmp
     params = qbridge.load_checkpoint(tmp_path / "nf4", keep_quantized=True, progress=False)
     kept = params["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
     assert isinstance(kept, jax_side.NF4Weight)
-    with pytest.raises(TypeError, match=r"indexed as a dense array.*load_quantized_into_nnx"):
+    with pytest.raises(TypeError, match=r"no dense values to index.*load_quantized_into_nnx"):
         kept[...]
     with pytest.raises(TypeError, match="not iterable"):  # not a sequence through its indexing
         list(kept)
@@ -168,3 +168,47 @@ def test_inspect_counts_many_lines_of_one_kind():
     assert "  lm_head.weight: tied to the embedding" in text
     assert sum("with 128x128 blocks" in line for line in text) == SHOWN
     assert "  ... 28 in all (CheckpointSummary.care lists every one)" in text
+
+
+def test_dequantize_to_jax_takes_torchao_weights_and_any_dtype_spelling():
+    """torchao's tensor subclasses have no storage of their own (their dequantized weight is new memory)."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = torch.nn.Linear(64, 32).bfloat16()
+    quantize_(layer, Int8WeightOnlyConfig())
+    want = layer.weight.dequantize().float().numpy()
+    for dtype in (torch.float32, jnp.float32, "float32"):
+        got = qbridge.dequantize_to_jax(layer.weight, dtype=dtype)
+        assert got.dtype == jnp.float32 and (jax.device_get(got) == want).all()
+    assert qbridge.dequantize_to_jax(layer.weight, transpose=True).shape == (64, 32)
+
+
+def test_to_jax_checks_its_arguments_on_every_device():
+    t = torch.ones(3)
+    assert qbridge.to_jax(t, device="cpu").devices() == {jax.devices("cpu")[0]}
+    assert qbridge.to_jax(t, device=torch.device("cpu")).devices() == {jax.devices("cpu")[0]}
+    with pytest.raises(TypeError, match="producer must be 'auto', 'current'"):
+        qbridge.to_jax(t, producer="curent")  # a typo is caught here too, not first on a GPU
+    with pytest.raises(ValueError, match=r"beyond torch\.float32's range"):
+        qbridge.to_jax(torch.tensor([1.0, 1e300], dtype=torch.float64))  # it would become inf
+    with pytest.warns(UserWarning, match="rounded"):
+        qbridge.to_jax(torch.tensor([1.0, float("inf"), 1e-300], dtype=torch.float64))  # inf stays inf
+    with pytest.raises(TypeError, match=r"inside jax\.jit"):
+        jax.jit(qbridge.to_torch)(jnp.ones(2))
+
+
+def test_jax_side_names_torch_tensors_given_to_it():
+    w = torch.randn(4, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"w is a torch tensor.*qbridge.to_jax"):
+        jax_side.dequantize_fp8(w, torch.ones(1, 1))
+    with pytest.raises(TypeError, match=r"checkpoint\['weight'\] is a torch tensor"):
+        jax_side.match_to_target({"weight": torch.ones(2, 2)}, {"kernel": jnp.zeros((2, 2))})
+
+
+def test_a_float_block_size_is_refused_as_a_block_size():
+    import torch_side
+
+    w = torch.randn(256, 256).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"block_size must be a positive int or a pair of them, got 128\.0"):
+        torch_side.dequantize_fp8(w, torch.rand(2, 2), torch.bfloat16, block_size=128.0)
