@@ -69,6 +69,7 @@ def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
 
 
 def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    pair: tuple[Any, ...]
     try:
         pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     except TypeError:  # a float, say: not a pair either
