@@ -71,7 +71,7 @@ def run_demo(
         ValueError: ``device`` is not a device torch sees here.
     """
     if device is not None:
-        from qbridge._loader import resolve_device
+        from qbridge._devices import resolve_device
 
         device = str(resolve_device(device)[1])  # a device that is not one, or not here, fails now
     import jax

@@ -38,6 +38,7 @@ import torch_side
 from jax_side._tree import warn_at_caller
 from torch_side._checks import on_device
 
+from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, jax_dtype, torch_dtype
 from ._env import jax_cpu, jax_gpu_for, no_jax_gpu_message
 
@@ -74,8 +75,6 @@ def _as_device(device: Any) -> jax.Device | None:
     if device is None or isinstance(device, jax.Device):
         return device
     if isinstance(device, (str, torch.device)):  # torch's names, as load_checkpoint takes them
-        from ._loader import resolve_device
-
         return resolve_device(device)[0]
     if isinstance(device, jax.sharding.Sharding):
         devices = device.device_set
