@@ -79,10 +79,10 @@ def _bytes(packed: Any) -> tuple[jax.Array, int]:
     return _as_bytes(packed), _packed_itemsize(packed)
 
 
-def _array(x: Any) -> jax.Array:
+def _array(x: Any, name: str = "an argument") -> jax.Array:
     if isinstance(x, jax.Array):
         return x
-    refuse_torch(x, f"a {type(x).__name__} argument")
+    refuse_torch(x, name)
     return jnp.asarray(x)
 
 
@@ -426,12 +426,12 @@ def dequantize_nf4(
         raise TypeError(f"shape must hold ints, got {shape!r}") from None
     if transpose and len(shape) != 2:
         raise ValueError(f"transpose=True needs a 2-D weight, got shape {shape}")
-    packed = _array(packed)
+    packed = _array(packed, "packed")
     itemsize = _packed_itemsize(packed)
-    absmax = _array(absmax)
-    code = None if code is None else _array(code)
-    nested_absmax = None if nested_absmax is None else _array(nested_absmax)
-    nested_code = None if nested_code is None else _array(nested_code)
+    absmax = _array(absmax, "absmax")
+    code = None if code is None else _array(code, "code")
+    nested_absmax = None if nested_absmax is None else _array(nested_absmax, "nested_absmax")
+    nested_code = None if nested_code is None else _array(nested_code, "nested_code")
     _check(
         packed.size * itemsize, itemsize, absmax, shape=shape, blocksize=blocksize, code=code,
         nested_absmax=nested_absmax, nested_code=nested_code, nested_blocksize=nested_blocksize,

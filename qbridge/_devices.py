@@ -34,7 +34,10 @@ def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
             hint = " (JAX's name for one; here it is 'cuda')" if device.split(":")[0] == "gpu" else ""
             raise ValueError(f"device {device!r} is not a device{hint}: use {names}") from None
         if tdev.type == "cpu":
-            return jax.local_devices(backend="cpu")[0], tdev
+            cpus = jax.local_devices(backend="cpu")
+            if (tdev.index or 0) >= len(cpus):
+                raise ValueError(f"device {device!r}: JAX has {len(cpus)} CPU device(s) here")
+            return cpus[tdev.index or 0], torch.device("cpu")
         if tdev.type != "cuda":
             raise ValueError(f"device {device!r}: qbridge loads onto the CPU or CUDA GPUs; use {names}")
         if not torch.cuda.is_available():

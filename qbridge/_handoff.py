@@ -329,14 +329,20 @@ def _narrow_dtype(t: torch.Tensor) -> torch.Tensor:
                 "Enable it (jax.config.update('jax_enable_x64', True)) or convert the tensor yourself"
             )
     elif t.dtype.is_floating_point or t.dtype.is_complex:
-        big = float(torch.finfo(narrow).max)
-        parts = (t.real, t.imag) if t.is_complex() else (t,)
-        if t.numel() and any(bool((p.isfinite() & (p.abs() > big)).any()) for p in parts):
+        narrowed = t.to(narrow)
+        # infinities the cast made: one pass over the result (its least and greatest values) unless it holds
+        # an inf or a NaN at all
+        flat = torch.view_as_real(narrowed) if narrowed.is_complex() else narrowed
+        least, most = (float(v) for v in torch.aminmax(flat)) if flat.numel() else (0.0, 0.0)
+        finite = math.isfinite(least) and math.isfinite(most)
+        if not finite and bool((narrowed.isinf() & ~t.isinf()).any()):
             raise ValueError(
-                f"{_describe(t)} holds finite values beyond {narrow}'s range (they would become inf): JAX runs "
-                "with x64 off. Enable it (jax.config.update('jax_enable_x64', True)) or scale the tensor"
+                f"{_describe(t)} holds finite values beyond float32's range (they would become inf"
+                f"{', in either part' if t.is_complex() else ''}): JAX runs with x64 off. Enable it "
+                "(jax.config.update('jax_enable_x64', True)) or scale the tensor"
             )
         warn_at_caller(f"JAX runs with x64 off: the {_describe(t)} is rounded to {narrow}")
+        return narrowed
     return t.to(narrow)
 
 
@@ -575,7 +581,10 @@ def to_torch(x: jax.Array) -> torch.Tensor:
         TypeError: ``x`` is not a ``jax.Array`` or spans several devices.
     """
     if isinstance(x, jax.core.Tracer):
-        raise TypeError("to_torch takes a concrete jax.Array; inside jax.jit there are only traced values")
+        raise TypeError(
+            "to_torch takes a concrete jax.Array; under a JAX transformation (jit, grad, vmap) there are only "
+            "traced values"
+        )
     if not isinstance(x, jax.Array):
         raise TypeError(f"to_torch takes a jax.Array, got {type(x).__name__}")
     if len(x.devices()) != 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -69,14 +70,19 @@ def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
 
 
 def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``block_size`` as ``(rows, cols)``: ints of any kind (numpy's too), not floats or bools."""
     pair: tuple[Any, ...]
     try:
-        pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+        pair = (block_size, block_size) if _is_int(block_size) else tuple(block_size)  # type: ignore[arg-type]
     except TypeError:  # a float, say: not a pair either
         pair = (block_size,)
-    if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
+    if len(pair) != 2 or not all(_is_int(b) and b > 0 for b in pair):
         raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-    return (pair[0], pair[1])
+    return (operator.index(pair[0]), operator.index(pair[1]))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def fp8_scale_layout(
@@ -341,6 +347,8 @@ def dequantize_fp8(
     if dtype not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
     same_device(W.device, scale_inv=scale_inv)
+    if block_size is not None:  # checked before the remembered layouts (128.0 hashes as 128 does)
+        block_size = _block_pair(block_size)
     try:
         layout = _layout(W.shape, scale_inv.shape, block_size)
     except TypeError:  # an unhashable block_size (a list): the same rules, not remembered

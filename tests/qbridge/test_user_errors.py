@@ -7,6 +7,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 
@@ -190,11 +191,11 @@ def test_to_jax_checks_its_arguments_on_every_device():
     assert qbridge.to_jax(t, device=torch.device("cpu")).devices() == {jax.devices("cpu")[0]}
     with pytest.raises(TypeError, match="producer must be 'auto', 'current'"):
         qbridge.to_jax(t, producer="curent")  # a typo is caught here too, not first on a GPU
-    with pytest.raises(ValueError, match=r"beyond torch\.float32's range"):
+    with pytest.raises(ValueError, match="beyond float32's range"):
         qbridge.to_jax(torch.tensor([1.0, 1e300], dtype=torch.float64))  # it would become inf
     with pytest.warns(UserWarning, match="rounded"):
         qbridge.to_jax(torch.tensor([1.0, float("inf"), 1e-300], dtype=torch.float64))  # inf stays inf
-    with pytest.raises(TypeError, match=r"inside jax\.jit"):
+    with pytest.raises(TypeError, match="under a JAX transformation"):
         jax.jit(qbridge.to_torch)(jnp.ones(2))
 
 
@@ -212,3 +213,39 @@ def test_a_float_block_size_is_refused_as_a_block_size():
     w = torch.randn(256, 256).to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match=r"block_size must be a positive int or a pair of them, got 128\.0"):
         torch_side.dequantize_fp8(w, torch.rand(2, 2), torch.bfloat16, block_size=128.0)
+
+
+def test_block_sizes_are_checked_the_same_whatever_was_decoded_before():
+    import torch_side
+
+    w, s = torch.randn(256, 256).to(torch.float8_e4m3fn), torch.rand(2, 2)
+    want = torch_side.dequantize_fp8(w, s, torch.bfloat16, block_size=128)  # remembers this layout
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        torch_side.dequantize_fp8(w, s, torch.bfloat16, block_size=128.0)  # 128.0 hashes as 128 does
+    for size in (np.int64(128), (np.int64(128), 128), torch.Size([128, 128])):  # ints of any kind
+        assert torch.equal(torch_side.dequantize_fp8(w, s, torch.bfloat16, block_size=size), want)
+
+
+def test_float64_near_float32s_largest_value_rounds_to_it():
+    big = float(np.finfo(np.float32).max)
+    with pytest.warns(UserWarning, match="rounded"):
+        got = qbridge.to_jax(torch.tensor([-big * (1 + 1e-12), big * (1 + 1e-9)], dtype=torch.float64))
+    assert (np.abs(np.asarray(got)) == np.float32(big)).all()  # rounded to the largest float32, not inf
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        qbridge.to_jax(torch.tensor([2.0**128], dtype=torch.float64))
+    with pytest.raises(ValueError, match="in either part"):
+        qbridge.to_jax(torch.tensor([complex(1.0, -(2.0**200))], dtype=torch.complex128))
+    with pytest.raises(ValueError, match="beyond float32's range"):  # beside NaN and inf: the slower check
+        qbridge.to_jax(torch.tensor([float("nan"), float("inf"), 2.0**130], dtype=torch.float64))
+
+
+def test_messages_name_the_argument_and_the_transformation():
+    with pytest.raises(TypeError, match=r"transformation \(jit, grad, vmap\)"):
+        jax.grad(lambda a: qbridge.to_torch(a).sum())(jnp.ones(2))
+    with pytest.raises(TypeError, match="packed is a torch tensor"):
+        jax_side.dequantize_nf4(torch.zeros(8, dtype=torch.uint8), jnp.ones(1), shape=(4, 4))
+    with pytest.raises(ValueError, match="JAX has 1 CPU device"):
+        qbridge.to_jax(torch.ones(2), device="cpu:3")
+    from jax_side._tree import refuse_torch
+
+    refuse_torch(torch.Size([2, 2]), "a shape")  # a torch.Size is a shape, not a tensor: not refused
