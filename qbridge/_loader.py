@@ -290,10 +290,6 @@ def load_checkpoint(
     sharding = check_spec(sharding)
     start = time.perf_counter()
     jdev, tdev = resolve_device(device)
-    if tdev.type == "cuda" and sharding is None and not keep_quantized:
-        # pinned memory for the weights read ahead (READ_AHEAD_BYTES) and for those waiting for their groups
-        # (as many): made once per process, in the background, while the checkpoint is opened
-        _staging.prepare(2 * READ_AHEAD_BYTES)
     if target is None and dtype in ("target", "checkpoint"):
         raise ValueError(f"dtype={dtype!r} needs a target")
     if isinstance(dtype, torch.dtype):
@@ -312,6 +308,10 @@ def load_checkpoint(
                 f"dtype={np.dtype(dtype).name}: JAX runs with x64 off, so its arrays hold at most 32-bit floats; "
                 "turn it on first (jax.config.update('jax_enable_x64', True)) or pick float32"
             )
+    if tdev.type == "cuda" and sharding is None and not keep_quantized:
+        # pinned memory for the weights read ahead (READ_AHEAD_BYTES) and for those waiting for their groups
+        # (as many): made once per process, in the background, while the checkpoint is opened
+        _staging.prepare(2 * READ_AHEAD_BYTES)
     with open_checkpoint(path) as ckpt:
         t, plan, match, skipped = plan_load(
             ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict
