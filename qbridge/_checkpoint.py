@@ -1009,11 +1009,12 @@ def _fp8_entry(
 ) -> Entry:
     """``block``: ``quantization_config.weight_block_size``, or None."""
     shapes = ckpt.source.shapes
-    scale = key + "_scale_inv"
-    if scale not in shapes:
-        scale = key + "_scale"
-        if scale not in shapes:
-            raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
+    for suffix in FP8_SCALES:  # _scale_inv, then _scale
+        scale = key + suffix
+        if scale in shapes:
+            break
+    else:
+        raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
     scale_shape, scale_dtype = shapes[scale]
     try:
         layout, partial = _fp8_layout(shape, scale_shape, block)
