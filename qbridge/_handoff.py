@@ -28,7 +28,7 @@ import math
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext as _nullcontext
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -146,9 +146,13 @@ def _check_producer(producer: Producer) -> None:
             isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer)
         )
     if not ok:
-        raise TypeError(
-            f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
-        )
+        _bad_producer(producer)
+
+
+def _bad_producer(producer: Any) -> NoReturn:
+    raise TypeError(
+        f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
+    )
 
 
 def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
@@ -170,9 +174,7 @@ def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stre
     elif isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer):
         current = torch.cuda.current_stream(t.device)
         return [s for s in producer if isinstance(s, torch.cuda.Stream) and s != current]
-    raise TypeError(
-        f"producer must be 'auto', 'current', a torch.cuda.Stream or a sequence of them, got {producer!r}"
-    )
+    _bad_producer(producer)
 
 
 def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream | None:
