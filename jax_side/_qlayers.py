@@ -21,7 +21,7 @@ from ._casts import cast_exactly
 from ._fused import quantized_matmul
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
-from ._tree import warn_at_caller
+from ._tree import dotted, warn_at_caller
 
 
 def _flax():
@@ -241,9 +241,9 @@ def _module(model: Any, path: tuple[Any, ...], full: tuple[Any, ...]) -> Any:
 
 
 def _not_the_models(path: tuple[Any, ...], i: int) -> str:
-    where = ".".join(map(str, path[:i])) or "its root"
+    where = dotted(path[:i]) or "its root"
     return (
-        f"{'.'.join(map(str, path))}: the model has no key {path[i]!r} ({type(path[i]).__name__}) under {where}; "
+        f"{dotted(path)}: the model has no key {path[i]!r} ({type(path[i]).__name__}) under {where}; "
         "the parameters must follow the model's own structure, as qbridge.load_checkpoint(path, target=model, "
         "keep_quantized=True) returns them"
     )
@@ -290,15 +290,15 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
             new = classes["QuantEmbed"](weight, dtype=dtype if dtype is not None else old.dtype)
         elif isinstance(old, (classes["QuantLinear"], classes["QuantEmbed"])):
             raise TypeError(
-                f"{'.'.join(map(str, path))}: this module is kept quantized already (an earlier "
+                f"{dotted(path)}: this module is kept quantized already (an earlier "
                 "load_quantized_into_nnx); put new quantized weights into a fresh model, e.g. "
                 "jax_side.llama_for_causal_lm(config)"
             )
         else:
-            raise TypeError(f"{'.'.join(map(str, path))}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
+            raise TypeError(f"{dotted(path)}: a quantized weight needs an nnx.Linear kernel or nnx.Embed table here, "
                             f"found {type(old).__name__}")  # fmt: skip
         _drop(rest, (*module_path, "bias"))
-        swaps.append((parent, name, new, ".".join(map(str, module_path))))
+        swaps.append((parent, name, new, dotted(module_path)))
     leaves = dict(nnx.to_flat_state(nnx.state(model)))
     known = {tuple(path[:i]) for path in leaves for i in range(1, len(path) + 1)}
     for path, value in traverse_util.flatten_dict(rest).items():  # rest: plain nested dicts (_split)
@@ -309,7 +309,7 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         held = leaves.get(path)
         if held is None:  # known, but as a module's path
             raise ValueError(
-                f"{'.'.join(map(str, path))}: a value where the model holds a module; the parameters must follow "
+                f"{dotted(path)}: a value where the model holds a module; the parameters must follow "
                 "the model's own structure, as qbridge.load_checkpoint(path, target=model, keep_quantized=True) "
                 "returns them"
             )
@@ -319,7 +319,7 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
                 jnp.result_type(value), jnp.inexact
             ):
                 raise ValueError(
-                    f"{'.'.join(map(str, path))}: {jnp.result_type(value)} values where the model holds "
+                    f"{dotted(path)}: {jnp.result_type(value)} values where the model holds "
                     f"{held.dtype}: these parameters were not loaded for this model (load them with "
                     "qbridge.load_checkpoint(path, target=model, keep_quantized=True))"
                 )
@@ -334,14 +334,14 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
             parent[name] = new
         else:
             setattr(parent, name, new)
-    return [dotted for *_, dotted in swaps]
+    return [where for *_, where in swaps]
 
 
 def _check_shape(path: tuple[Any, ...], got: tuple[int, ...], want: tuple[int, ...], layout: str) -> None:
     """Parameters for another model (other widths) are refused before the model changes."""
     if got != want:
         raise ValueError(
-            f"{'.'.join(map(str, path))}: shape {got} where the model's is {want} ({layout}): these parameters "
+            f"{dotted(path)}: shape {got} where the model's is {want} ({layout}): these parameters "
             "were loaded for another model; load them with qbridge.load_checkpoint(path, target=model, "
             "keep_quantized=True) for this one"
         )
