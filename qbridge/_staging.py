@@ -67,7 +67,7 @@ class Region:
     """
 
     def __init__(self, nbytes: int, *, register: bool = True) -> None:
-        nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        nbytes = _pages(nbytes)
         self.nbytes = nbytes
         self._map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         huge = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -90,7 +90,7 @@ class Region:
     def take(self, nbytes: int) -> Block | None:
         """A block of at least ``nbytes``; waits for copies out of returned blocks while none is free and
         some are on their way back. None when the blocks in use leave no room."""
-        size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        size = _pages(nbytes)
         while True:
             with self._lock:
                 self._reclaim()
@@ -147,6 +147,11 @@ class Region:
             end += self._free[i][1]
             del self._free[i]
         self._free.insert(i, (start, end - start))
+
+
+def _pages(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages, one at least."""
+    return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
 
 
 def _touch(raw: np.ndarray) -> None:
