@@ -18,10 +18,7 @@ def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
         device = str(device)
     if device is None:
         if torch.cuda.is_available():
-            try:
-                gpus = {d.local_hardware_id: d for d in jax.local_devices(backend="gpu")}
-            except RuntimeError:
-                gpus = {}
+            gpus = _jax_gpus()
             index = torch.cuda.current_device()
             if index in gpus:
                 return gpus[index], torch.device("cuda", index)
@@ -46,10 +43,7 @@ def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
                 f"device {device!r}: torch {torch.__version__}{build} sees no CUDA GPU here; use 'cpu'"
             )
         index = tdev.index if tdev.index is not None else torch.cuda.current_device()
-        try:
-            gpus = {d.local_hardware_id: d for d in jax.local_devices(backend="gpu")}
-        except RuntimeError:  # this JAX has no GPU backend (a CPU-only jaxlib, or JAX_PLATFORMS=cpu)
-            gpus = {}
+        gpus = _jax_gpus()
         if index not in gpus:
             raise ValueError(f"device {device!r}: JAX has no GPU with hardware id {index}")
         return gpus[index], torch.device("cuda", index)
@@ -58,3 +52,12 @@ def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
             return device, torch.device("cuda", device.local_hardware_id)
         return device, torch.device("cpu")
     raise TypeError(f"device must be None, a jax.Device or 'cpu'/'cuda[:i]', got {type(device).__name__}")
+
+
+def _jax_gpus() -> dict[int, jax.Device]:
+    """JAX's GPUs of this process by local hardware id (none when this JAX has no GPU backend: a CPU-only
+    jaxlib, or JAX_PLATFORMS=cpu)."""
+    try:
+        return {d.local_hardware_id: d for d in jax.local_devices(backend="gpu")}
+    except RuntimeError:
+        return {}
