@@ -672,13 +672,14 @@ def _pooled(shape: tuple[int, ...], dtype: Any) -> int:
     return max(1, min(32, POOL_BYTES // max(1, math.prod(shape) * np.dtype(dtype).itemsize)))
 
 
-def _allocator(key: _Key) -> Any:
+def _allocator(key: _Key, asked_from: int = 2) -> Any:
     """The compiled allocation call of ``key``, or None while it is not compiled (it is started from the
-    second time a key is asked for: a shape seen once may never come again)."""
+    ``asked_from``-th time a key is asked for: by default the second, as a shape seen once may never come
+    again)."""
     fn = _allocators.get(key)
     if fn is None:
         _seen[key] += 1
-        if _seen[key] >= 2:
+        if _seen[key] >= asked_from:
             _start_compile(key)
     return fn
 
@@ -710,9 +711,9 @@ class XlaDestinations:
     allocated is what XLA's command buffers need of parameters (see :func:`to_jax`).
 
     The allocation program of each ``(shape, dtype, device)`` is compiled once per process in a background
-    thread, from the second time that shape is asked for; until it is ready, and for dtypes torch and JAX
-    do not share through DLPack, :meth:`take` and :meth:`write` return None and the caller uses another
-    route.
+    thread, from the second time that shape is asked for (a group's call, of :meth:`take_many`, from the
+    first); until it is ready, and for dtypes torch and JAX do not share through DLPack, :meth:`take`,
+    :meth:`take_many` and :meth:`write` return None and the caller uses another route.
     """
 
     def __init__(self) -> None:
@@ -752,11 +753,12 @@ class XlaDestinations:
     ) -> list[jax.Array] | None:
         """``n`` new ``shape`` arrays of ``dtype`` on ``device`` (a GPU), made by one allocation call, for torch
         to write on its current stream of ``on`` through their addresses (``unsafe_buffer_pointer``), which
-        has been made to wait for the allocation on the GPU; or None (compiled from the second time this
-        ``n``, shape and dtype are asked for)."""
+        has been made to wait for the allocation on the GPU; or None while the call for this ``n``, shape
+        and dtype is compiled in the background (from the first time it is asked for: ``n`` arrays of one
+        shape are a model's repeated weights, which come again)."""
         if dtype not in _FILLABLE or not math.prod(shape) or on.type != "cuda":
             return None
-        fn = _allocator((tuple(shape), TORCH_TO_JAX[dtype], device, n))
+        fn = _allocator((tuple(shape), TORCH_TO_JAX[dtype], device, n), asked_from=1)
         if fn is None:
             return None
         try:

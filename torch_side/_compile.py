@@ -423,6 +423,16 @@ def ready_kernel(
     return compiled
 
 
+def ask(kernel: Any, args: tuple[Any, ...], meta: dict[str, Any], device_index: int) -> None:
+    """Starts making a variant ready in the background, as a call with ``wait=False`` would, without
+    launching it: for a variant that later calls will need (the grouped launch of weights whose single
+    launch is being compiled), so that one compile process makes both. ``args`` may be stand-ins. Does
+    nothing where calls wait for their kernels, or for a variant ready, asked for, or failed already."""
+    key = variant_key(kernel, device_index, args, meta)
+    if key not in _READY and key not in _FAILED and not _waiting():
+        _request(key, kernel, args, meta, device_index)
+
+
 def _waiting() -> bool:
     return _WAIT_FROM_NOW or compile_mode() == "wait"
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ._backend import triton_interpreting
+from ._compile import KernelNotReady, StandIn, ask
 from ._launch import Launcher, launch
 from ._plans import FP8_PLANS, NF4_PLANS, remember
 from .kernels._fp8 import fp8_group_kernel, fp8_kernel
@@ -248,7 +249,14 @@ def dequantize_fp8_triton(
     scale = scale.contiguous()
     grid, ints, meta, out_shape = _fp8_spec(W, scale.numel() == 1, block, grid_shape, transpose)
     out = torch.empty(out_shape, dtype=dtype, device=W.device)
-    launcher = launch(fp8_kernel, grid, W.view(torch.uint8), scale, out, *ints, wait=wait, **meta)
+    try:
+        launcher = launch(fp8_kernel, grid, W.view(torch.uint8), scale, out, *ints, wait=wait, **meta)
+    except KernelNotReady:
+        if plan_key is not None:  # weights of a planned kind come many at a time: their grouped kernel too
+            grouped = (StandIn(torch.uint8, True), StandIn(scale.dtype, True), StandIn(dtype, True),
+                       StandIn(torch.int64, True), *ints)  # fmt: skip
+            ask(fp8_group_kernel, grouped, meta, W.device.index)
+        raise
     if plan_key is not None and launcher is not None:
         group = dict(block=block, grid_shape=grid_shape, dtype=dtype, transpose=transpose)
         remember(FP8_PLANS, plan_key, FP8Plan(launcher, out_shape, dtype, ints, group))

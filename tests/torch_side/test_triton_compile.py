@@ -254,3 +254,39 @@ def test_a_compile_process_whose_asker_has_gone_compiles_and_records_every_varia
     child.stdout.close()  # nobody reads what it prints any more
     child.wait(timeout=600)
     assert [r.exists() for r in records] == [True, True], child.stderr.read()[-3000:]
+
+
+GROUP_ASKED = r"""
+import threading, torch
+from torch_side import _compile
+from torch_side._compile import KernelNotReady
+from torch_side._triton import dequantize_fp8_group, dequantize_fp8_triton
+
+_compile._capability = lambda device_index: 90  # no GPU here: what an H200 reports
+_compile._compile_elsewhere = lambda specs, capability: True
+_compile._load = lambda *args: threading.Event().wait()  # still compiling while the calls below ask
+torch.manual_seed(0)
+weights = [torch.randn(256, 7160).to(torch.float8_e4m3fn) for _ in range(3)]
+scales = [torch.rand(2, 56) for _ in range(3)]
+for transpose in (False, True):
+    kind = dict(block=(128, 128), grid_shape=(2, 56), dtype=torch.bfloat16, transpose=transpose)
+    try:  # a planned kind's first weight, as dequantize_fp8 calls it
+        dequantize_fp8_triton(weights[0], scales[0], plan_key=("kind", transpose), wait=False, **kind)
+    except KernelNotReady:
+        pass
+    asked = set(_compile._REQUESTED)
+    try:  # the kind's other weights, as dequantize_fp8_many and the loader call them
+        dequantize_fp8_group(weights[1:], scales[1:], wait=False, **kind)
+    except KernelNotReady:
+        pass
+    print("ASKED", len(asked), "NEW", len(_compile._REQUESTED - asked), flush=True)
+"""
+
+
+def test_a_single_weights_compile_asks_for_its_grouped_kernel_too():
+    """When the kernel for one weight of a planned kind is asked for, the grouped launch that the kind's
+    other weights take is asked for with it (one compile process makes both), not only once the single
+    kernel is ready and a grouped call comes: a fresh process's grouped loads start a compile earlier."""
+    result = _run(GROUP_ASKED, 300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["ASKED 2 NEW 0", "ASKED 4 NEW 0"], result.stdout
