@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from ._checks import tracing
+
 log = logging.getLogger("torch_side")
 
 Backend = Literal["auto", "triton", "bnb", "torch"]
@@ -125,6 +127,8 @@ def choose_4bit_backend(
     if requested == "torch":
         return "torch"
 
+    if tracing():  # torch.compile traces the torch path (and compiles it); a kernel's pointers it cannot
+        return "torch"
     # auto. bitsandbytes' CPU kernel is never chosen: besides the row-restart bug it differs from the CUDA
     # kernel by CPU (seen: FP4's zero sign, and 109 of 4.1M fp16 roundings at 576x7168 on one AVX-512 host).
     if device.type == "cuda" and _triton_usable(device) is None:
@@ -156,7 +160,7 @@ def choose_fp8_backend(device: torch.device, requested: str, dtype: torch.dtype 
         if reason is not None:
             raise (ImportError if reason == TRITON_MISSING else ValueError)(reason)
         return "triton"
-    if requested == "torch":
+    if requested == "torch" or tracing():  # torch.compile traces the torch path (see choose_4bit_backend)
         return "torch"
     choice = (
         "triton"

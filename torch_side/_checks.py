@@ -16,6 +16,15 @@ def require_tensor(value: object, name: str) -> torch.Tensor:
     return value
 
 
+def tracing() -> bool:
+    """Whether ``torch.compile`` is tracing this call: the kernels, which read and write memory through
+    pointers, and the plans, which launch them, are left out of a traced call, which takes the torch path
+    (plain torch operations, which the compiler traces and compiles; the same bits). Traced, pointers and
+    tables computed on the way are not the values a kernel reads (seen: ``torch.compile`` of
+    ``dequantize_fp8`` on the CPU gave garbage through the C kernel)."""
+    return torch.compiler.is_compiling()
+
+
 def resolved(t: _T) -> _T:
     """``t`` with a lazy negation or conjugation (``torch._neg_view``, ``.conj()``) applied: kernels read a
     tensor's memory through its pointer, which holds the values before it. Anything else as it is."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._backend import choose_fp8_backend
-from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device
+from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device, tracing
 from ._checks import check_finite as _check_finite
 from ._compile import Address, KernelNotReady, kernels_imported
 from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
@@ -243,9 +243,10 @@ def _plan_key(
     W: Any, scale_inv: Any, dtype: Any, block_size: Any, transpose: Any, backend: Any, check_finite: Any
 ) -> tuple[Any, ...] | None:
     """The key of this call's plan (``_plans``), or None when it cannot have one (CPU tensors, a number
-    as the scale, ``check_finite``, an unhashable argument)."""
+    as the scale, ``check_finite``, an unhashable argument, a call ``torch.compile`` traces)."""
     if (
         check_finite
+        or tracing()
         or not isinstance(W, torch.Tensor)
         or not isinstance(scale_inv, torch.Tensor)
         or not W.is_cuda

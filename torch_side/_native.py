@@ -40,6 +40,7 @@ import torch.autograd.forward_ad as fwad
 
 from ._build_c import UNWRITABLE, Builds, compiler, machine_key, whole
 from ._cache import cache_dir
+from ._checks import tracing
 
 log = logging.getLogger("torch_side")
 
@@ -197,7 +198,9 @@ def readable(*tensors: torch.Tensor | None) -> bool:
     is there, on the CPU, contiguous, neither lazily negated nor conjugated (the memory holds other
     values), no functorch wrapper (``torch.func.vmap``, ``grad``, ``jvp``: no storage of its own), without
     a forward-mode tangent, and not in need of a graph (requires grad while grad is enabled): a result
-    written by the kernel would drop the last two."""
+    written by the kernel would drop the last two. Never while ``torch.compile`` traces (``tracing``)."""
+    if tracing():
+        return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None or torch._C._functorch.is_functorch_wrapped_tensor(t):

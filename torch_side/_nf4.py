@@ -31,6 +31,7 @@ from ._checks import (
     require_tensor,
     resolved,
     same_device,
+    tracing,
 )
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
@@ -532,8 +533,8 @@ def _plan_key(
     check_finite: Any,
 ) -> tuple[Any, ...] | None:
     """The key of this call's plan (``_plans``), or None when it has none: only CUDA and CPU calls without
-    ``code`` or ``check_finite`` have one."""
-    if code is not None or check_finite or not isinstance(packed, torch.Tensor):
+    ``code`` or ``check_finite`` have one, outside ``torch.compile``'s tracing."""
+    if code is not None or check_finite or not isinstance(packed, torch.Tensor) or tracing():
         return None
     if not (packed.is_cuda or packed.is_cpu) or not isinstance(absmax, torch.Tensor):
         return None
