@@ -869,6 +869,13 @@ def _classify(ckpt: Checkpoint) -> None:
                 f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing "
                 "(the checkpoint is incomplete)"
             )
+        owner = next((key.removesuffix(s) for s in FP8_SCALES if key.endswith(f"weight{s}")), None)
+        if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
+            held = f"is stored as {src.shapes[owner][1]}, not float8" if owner in src.shapes else "is missing"
+            raise CheckpointError(
+                f"{ckpt.where(key)}: the scale of a float8 weight, but its weight {owner} {held} (the checkpoint "
+                "is incomplete or damaged; if its weights were dequantized already, leave the scales out)"
+            )
         if kdtype in FLOAT8:
             entry = _fp8_entry(ckpt, key, shape, dtype, block)
         elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
@@ -1009,17 +1016,26 @@ def _fp8_entry(
 ) -> Entry:
     """``block``: ``quantization_config.weight_block_size``, or None."""
     shapes = ckpt.source.shapes
-    for suffix in FP8_SCALES:  # _scale_inv, then _scale
-        scale = key + suffix
-        if scale in shapes:
-            break
-    else:
+    scales = [key + suffix for suffix in FP8_SCALES if key + suffix in shapes]
+    if not scales:
         raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
+    if len(scales) > 1:
+        raise CheckpointError(
+            f"{ckpt.where(key)}: float8 weight with two scales, {' and '.join(scales)}; which one it is "
+            "multiplied by cannot be told (the checkpoint is damaged or mixes two formats)"
+        )
+    scale = scales[0]
     scale_shape, scale_dtype = shapes[scale]
     try:
         layout, partial = _fp8_layout(shape, scale_shape, block)
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
+        why = str(e)
+        if "pass block_size=" in why:  # torch_side's hint to a caller; here the block size is the config's
+            why = why.partition("; pass block_size=")[0] + (
+                "; the checkpoint's config.json must say which: quantization_config.weight_block_size "
+                "(e.g. [128, 128])"
+            )
+        raise CheckpointError(f"{ckpt.where(scale)}: {why}") from e
     stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)

@@ -347,3 +347,43 @@ def test_a_device_that_is_not_there_is_named_with_what_to_use(tmp_path):
     for device, message in cases:
         with pytest.raises(ValueError, match=message):
             qbridge.load_checkpoint(tmp_path, device=device, progress=False)
+
+
+def _fp8_dir(path, tensors, block=(128, 128)):
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file(tensors, path / "model.safetensors")
+    qc = {"quant_method": "fp8"} | ({"weight_block_size": list(block)} if block else {})
+    (path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    return path
+
+
+def test_an_fp8_weight_with_two_scales_is_refused_naming_both(tmp_path):
+    W, s = torch.randn(300, 500).to(torch.float8_e4m3fn), torch.rand(3, 4)
+    ck = _fp8_dir(tmp_path / "ck", {"k.weight": W, "k.weight_scale_inv": s, "k.weight_scale": s * 2})
+    with pytest.raises(CheckpointError, match=r"k.weight.*two scales, k.weight_scale_inv and k.weight_scale"):
+        qbridge.load_checkpoint(ck, device="cpu")
+
+
+@pytest.mark.parametrize("stored", ["missing", "bfloat16"])
+def test_an_fp8_scale_whose_weight_is_not_float8_is_refused(tmp_path, stored):
+    """Before, the scale became a Flax parameter of its own (and a bf16 weight beside it loaded unscaled)."""
+    W, s = torch.randn(300, 500).to(torch.float8_e4m3fn), torch.rand(3, 4)
+    tensors = {"k.weight": W, "k.weight_scale_inv": s, "m.weight_scale_inv": s.clone()}
+    if stored == "bfloat16":
+        tensors["m.weight"] = torch.randn(300, 500).bfloat16()
+    ck = _fp8_dir(tmp_path / "ck", tensors)
+    held = "is missing" if stored == "missing" else "is stored as torch.bfloat16, not float8"
+    with pytest.raises(CheckpointError, match=rf"\[m.weight_scale_inv\]: the scale of a float8 weight, but its "
+                       rf"weight m.weight {held}"):  # fmt: skip
+        qbridge.load_checkpoint(ck, device="cpu")
+
+
+def test_an_ambiguous_scale_grid_points_to_the_config_not_to_an_argument(tmp_path):
+    # a [300, 300] weight with a 2x2 grid: square blocks of 150 up to 299 all fit
+    W, s = torch.randn(300, 300).to(torch.float8_e4m3fn), torch.rand(2, 2)
+    ck = _fp8_dir(tmp_path / "ck", {"k.weight": W, "k.weight_scale_inv": s}, block=None)
+    with pytest.raises(CheckpointError, match=r"quantization_config.weight_block_size") as e:
+        qbridge.load_checkpoint(ck, device="cpu")
+    assert "block_size=" not in str(e.value)
