@@ -13,7 +13,16 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from ._layout import TORCH_NAME, LeafRule, apply_rule, buffer_reason, flax_shape, rule_for, rule_for_flax_leaf
+from ._layout import (
+    KINDS,
+    TORCH_NAME,
+    LeafRule,
+    apply_rule,
+    buffer_reason,
+    flax_shape,
+    rule_for,
+    rule_for_flax_leaf,
+)
 
 Path = tuple[Any, ...]
 
@@ -154,6 +163,18 @@ def kind_override(name: str, overrides: Mapping[str, str] | None) -> str | None:
     return next((kind for pattern, kind in overrides.items() if re.search(pattern, name)), None)
 
 
+def check_rank(rule: LeafRule, shape: tuple[int, ...], key: str, kind: str) -> None:
+    """Raises ValueError where a ``kinds`` pattern gave ``key`` a module kind whose layout for this tensor
+    is of another rank (``stacked_linear`` on a 2-D weight, ``conv2d`` on a matrix): it would keep torch's
+    layout under a Flax name that promises another."""
+    if rule.perm is not None and len(rule.perm) != len(shape):
+        raise ValueError(
+            f"{key}: kinds= names its module {kind!r}, whose {rule.torch_name!r} is a rank-{len(rule.perm)} "
+            f"tensor, but this one is rank {len(shape)} {tuple(shape)}. Make the pattern match only modules of "
+            "that kind (anchor it, e.g. r'experts$' instead of 'experts'), or name this module's kind"
+        )
+
+
 def infer_kind(
     key: str,
     ndim: int,
@@ -244,6 +265,36 @@ def warn_at_caller(message: str) -> None:
     )
 
 
+def check_rules(what: str, rules: Mapping[str, str] | None) -> None:
+    """Raises for a ``kinds`` or ``rename`` argument that is not a mapping of regular expressions to strings
+    (module kinds of :data:`jax_side.KINDS` for ``kinds``), naming the rule.
+
+    Raises:
+        TypeError: not a mapping, or a pattern or value that is not a string.
+        ValueError: a pattern that is no regular expression, or an unknown kind.
+    """
+    if rules is None:
+        return
+    if not isinstance(rules, Mapping):
+        raise TypeError(
+            f"{what} must be a mapping of regular expressions to strings, got {type(rules).__name__}"
+        )
+    for pattern, value in rules.items():
+        if not isinstance(pattern, str) or not isinstance(value, str):
+            raise TypeError(
+                f"{what} rule {pattern!r}: {value!r}: the pattern and the "
+                f"{'kind' if what == 'kinds' else 'replacement'} must be strings"
+            )
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{what} rule {pattern!r} is no regular expression: {e}") from e
+        if what == "kinds" and value not in KINDS:
+            raise ValueError(
+                f"kinds rule {pattern!r}: unknown module kind {value!r}; known: {', '.join(KINDS)}"
+            )
+
+
 def warn_unmatched(
     what: str,
     patterns: Iterable[str],
@@ -261,6 +312,7 @@ def warn_unmatched(
 def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str, str]:
     """``key -> key`` with every ``rename`` rule (regex -> replacement) applied in order; warns about rules
     that change no key."""
+    check_rules("rename", rename)
     applied: set[str] = set()
     out: dict[str, str] = {}
     for key in keys:
@@ -307,10 +359,14 @@ def plan_by_name(
         left out as no parameters, with the reason for each.
 
     Raises:
-        ValueError: two tensors would land on the same leaf, or ``numbered`` is unknown.
+        ValueError: two tensors would land on the same leaf, ``numbered`` is unknown, a ``kinds`` or
+            ``rename`` pattern is no regular expression, a kind is unknown, or a ``kinds`` pattern gives a
+            tensor a kind whose layout is for another rank.
+        TypeError: ``kinds`` or ``rename`` is not a mapping of strings to strings.
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")
+    check_rules("kinds", kinds)
     raw = _renamed(checkpoint, rename)
     # the module path follows the rename; the tensor's own name (weight, bias, ...) keeps deciding its layout
     names = {k: ".".join(filter(None, (n.rpartition(".")[0], k.rpartition(".")[2]))) for k, n in raw.items()}
@@ -334,6 +390,9 @@ def plan_by_name(
             skipped[key] = reason
             continue
         rule = rule_for(infer_kind(name, len(shape), kinds, by_name), leaf)
+        overridden = kind_override(module, kinds)
+        if overridden is not None:
+            check_rank(rule, shape, key, overridden)
         path = (rule.collection, *_segments(module, numbered), rule.flax_name)
         if path in taken:
             raise ValueError(f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}")
@@ -439,6 +498,7 @@ def plan_match(
     Returns:
         The plan (one entry per filled leaf) and the report of every problem found.
     """
+    check_rules("kinds", kinds)
     renamed: dict[str, str] = {}
     for key, new in _renamed(checkpoint, rename).items():
         if new in renamed:
@@ -461,10 +521,12 @@ def plan_match(
         original = renamed[found]
         used.add(original)
         shape, src_dtype = checkpoint[original]
-        kind = kind_override(name, kinds)
+        kind = overridden = kind_override(name, kinds)
         if kind is None and leaf.module_type is None and torch_kinds:
             kind = torch_kinds.get(original)
         rule = rule_for_flax_leaf(str(leaf.path[-1]), len(shape), module_type=leaf.module_type, kind=kind)
+        if overridden is not None:
+            check_rank(rule, shape, original, overridden)
         got = flax_shape(rule, shape)
         if got != tuple(leaf.shape):
             report.shape_mismatches.append((name, original, tuple(leaf.shape), got))

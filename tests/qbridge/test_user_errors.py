@@ -249,3 +249,36 @@ def test_messages_name_the_argument_and_the_transformation():
     from jax_side._tree import refuse_torch
 
     refuse_torch(torch.Size([2, 2]), "a shape")  # a torch.Size is a shape, not a tensor: not refused
+
+
+@pytest.mark.parametrize(
+    "kinds, rename, error",
+    [
+        ({"(": "linear"}, None, r"kinds rule '\(' is no regular expression"),
+        ({"mlp": "nonsense"}, None, r"kinds rule 'mlp': unknown module kind 'nonsense'"),
+        ({"zzz_matches_nothing": "nonsense"}, None, r"unknown module kind 'nonsense'"),
+        (None, {"(": "x"}, r"rename rule '\(' is no regular expression"),
+        (None, {"a": 1}, r"rename rule 'a': 1: the pattern and the replacement must be strings"),
+        (None, ["a"], r"rename must be a mapping"),
+    ],
+)
+def test_bad_kinds_and_rename_rules_are_named(dense_dir, kinds, rename, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        qbridge.load_checkpoint(dense_dir, device="cpu", kinds=kinds, rename=rename)
+
+
+def test_a_kinds_rule_for_another_rank_is_refused_naming_the_tensor(tmp_path):
+    """stacked_linear on per-expert 2-D weights (as the README's example pattern can match) used to keep
+    torch's [out, in] layout under the name kernel."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.0.mlp.experts.{e}.down_proj.weight": torch.randn(20, 30) for e in range(3)}
+    (tmp_path / "ck").mkdir()
+    save_file(tensors, tmp_path / "ck" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"experts.0.down_proj.weight: kinds= names its module 'stacked_linear'"
+                       r", whose 'weight' is a rank-3 tensor, but this one is rank 2 \(20, 30\)"):  # fmt: skip
+        qbridge.load_checkpoint(tmp_path / "ck", device="cpu", kinds={"experts": "stacked_linear"})
+    # without the rule, each expert's weight is a Linear's: its kernel is the transpose
+    params = qbridge.load_checkpoint(tmp_path / "ck", device="cpu")
+    expert = params["params"]["model"]["layers"]["0"]["mlp"]["experts"]["0"]
+    assert expert["down_proj"]["kernel"].shape == (30, 20)
