@@ -9,6 +9,7 @@ back before the scale, rotary embeddings computed in float32, softmax in float32
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,9 +38,24 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default", "linear" or "llama3" (transformers' rope_parameters/rope_scaling)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_position_embeddings: int = 8192  # llama3 only
+    hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope type {self.rope_type!r} is not implemented by jax_side's Llama (it implements "
+                f"{', '.join(ROPE_TYPES)})"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not implemented by jax_side's Llama (silu)")
 
     @property
     def kv_heads(self) -> int:
@@ -55,9 +71,12 @@ class LlamaConfig:
     def from_hf(cls, config: Mapping[str, Any]) -> LlamaConfig:
         """From a transformers ``config.json`` mapping (or ``LlamaConfig.to_dict()``).
 
+        Rotary scaling is read from ``rope_scaling`` (transformers 4) or ``rope_parameters`` (transformers 5):
+        ``linear`` and ``llama3`` (Llama 3.1 and later) are implemented as transformers computes them.
+
         Raises:
-            ValueError: rope scaling or another feature this model does not implement, or a config without a
-                Llama's sizes (another architecture: ``model_type`` named).
+            ValueError: a rope type or activation this model does not implement, or a config without a Llama's
+                sizes (another architecture: ``model_type`` named).
         """
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [name for name in required if name not in config]
@@ -67,20 +86,52 @@ class LlamaConfig:
                 f"the config{f' (model_type {kind!r})' if kind else ''} has no {', '.join(missing)}: jax_side's "
                 "Llama takes Llama-like configs; give another architecture a target of its own"
             )
-        rope = config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-        if rope_type not in ("default", None):
-            raise ValueError(f"rope_scaling type {rope_type!r} is not implemented by jax_side's Llama")
-        theta = config.get("rope_theta")
-        if theta is None:  # transformers 5 keeps it under rope_parameters
-            theta = (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        # transformers 5 keeps theta and the scaling under rope_parameters; 4.x: rope_theta and rope_scaling
+        parameters = config.get("rope_parameters") or {}
+        rope = {**parameters, **(config.get("rope_scaling") or {})}
+        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        theta = config.get("rope_theta", parameters.get("rope_theta", 10000.0))
+        rope_kwargs: dict[str, Any] = {"rope_type": str(rope_type), "rope_theta": float(theta)}
+        if rope_type in ("linear", "llama3"):
+            rope_kwargs["rope_factor"] = float(rope["factor"])
+        if rope_type == "llama3":
+            rope_kwargs.update(
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("a partial_rotary_factor is not implemented by jax_side's Llama")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names and k != "rope_theta"}
-        return cls(rope_theta=float(theta), **kwargs)
+        kwargs = {k: v for k, v in config.items() if k in names and k not in rope_kwargs}
+        return cls(**rope_kwargs, **kwargs)
 
 
-def _rotary(positions: jax.Array, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _inv_freq(c: LlamaConfig) -> jax.Array:
+    """The rotary inverse frequencies of ``c``, as transformers' ``ROPE_INIT_FUNCTIONS`` compute them (in
+    float32): default; ``linear`` divides them by the factor; ``llama3`` divides the low frequencies by it
+    and interpolates between the two in the middle band."""
+    dim = c.head_size
+    inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if c.rope_type == "linear":
+        return inv_freq / c.rope_factor
+    if c.rope_type == "llama3":
+        old = c.rope_original_max_position_embeddings
+        low_wavelen, high_wavelen = old / c.rope_low_freq_factor, old / c.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / c.rope_factor, inv_freq)
+        smooth = (old / wavelen - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def _rotary(positions: jax.Array, c: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    inv_freq = _inv_freq(c)
     freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -180,7 +231,7 @@ def _make_modules():
             h = self.embed_tokens(input_ids)
             if self.dtype is not None:
                 h = h.astype(self.dtype)
-            cos, sin = _rotary(jnp.arange(input_ids.shape[1]), self.config.head_size, self.config.rope_theta)
+            cos, sin = _rotary(jnp.arange(input_ids.shape[1]), self.config)
             for layer in self.layers:
                 h = layer(h, cos, sin)
             return self.norm(h)

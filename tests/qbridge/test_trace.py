@@ -370,3 +370,39 @@ def test_nf4_widths_bitsandbytes_cannot_run_on_the_cpu_compare_against_the_exact
     report = trace_checkpoint(tmp_path / "nf4", tokens=5)
     assert report.first_divergence is None, str(report)
     assert len(report.notes) == 1 and "could not run the 4-bit torch model on the CPU" in report.notes[0]
+
+
+ROPES = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_rope_scaling_as_transformers_saves_it_agrees_end_to_end(tmp_path, rope):
+    """transformers 5 saves rope scaling under rope_parameters (4.x: rope_scaling); before, the Llama read
+    neither and ran unscaled rotary embeddings without a word (logits off by 1e-2)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**LLAMA, "rope_theta": 5000.0}, rope_scaling=ROPES[rope])
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(tmp_path / "f32")  # float32
+    saved = json.loads((tmp_path / "f32" / "config.json").read_text())
+    assert (saved.get("rope_parameters") or saved.get("rope_scaling"))["rope_type"] == rope
+    c = jax_side.LlamaConfig.from_hf(saved)
+    assert (c.rope_type, c.rope_theta) == (rope, 5000.0)
+    torch_model, flax_model = _pair(tmp_path)
+    report = trace(torch_model, flax_model, IDS)
+    assert report.ok and report.first_divergence is None, str(report)
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not implemented"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope type 'yarn' is not implemented"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, r"rope type 'dynamic'"),
+    ],
+)
+def test_a_config_the_llama_does_not_implement_is_refused(change, error):
+    with pytest.raises(ValueError, match=error):
+        jax_side.LlamaConfig.from_hf({**LLAMA, **change})
