@@ -247,7 +247,11 @@ def load_checkpoint(
             dtypes (every cast is listed in the report); ``"checkpoint"`` keeps the checkpoint's dtypes and
             makes a difference from the target a mismatch. Without a target, None keeps each weight's
             dtype. A dtype (JAX's, numpy's, torch's or its name) casts every floating leaf to it; float64
-            only with JAX's x64 mode on.
+            only with JAX's x64 mode on. A quantized weight's own dtype is the one its producer decodes it
+            to: a 4-bit weight's quant state dtype; an FP8 or 8-bit weight's ``config.json`` ``torch_dtype``
+            (bfloat16 when absent), as transformers decodes them. A cast comes after that decode (so an
+            FP8 weight loaded as float32 is its bfloat16 decode widened, not ``float32(w) * scale``; give
+            the config ``"torch_dtype": "float32"`` for that).
         strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
             unfilled leaves as the target has them (a target leaf that holds only a shape,
             ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
