@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import re
@@ -88,6 +89,33 @@ class MatchReport:
             for (src, dst), leaves in groups.items()
         ]
 
+    def rename_hint(self) -> str | None:
+        """Where unused checkpoint keys are missing leaves' keys with a prefix added (or dropped), the
+        ``rename`` rule that would match them, in words; else None."""
+        prefixes: dict[str, list[str]] = {}  # a dotted suffix of an unused key -> the prefixes before it
+        for key in self.unused:
+            parts = key.split(".")
+            for i in range(1, len(parts)):
+                prefixes.setdefault(".".join(parts[i:]), []).append(".".join(parts[:i]) + ".")
+        unused = set(self.unused)
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        for _, tried in self.missing:
+            for candidate in tried:
+                counts.update((prefix, "") for prefix in prefixes.get(candidate, ()))
+                parts = candidate.split(".")
+                counts.update(
+                    ("", ".".join(parts[:i]) + ".")
+                    for i in range(1, len(parts))
+                    if ".".join(parts[i:]) in unused
+                )
+        if not counts:
+            return None
+        (old, new), n = counts.most_common(1)[0]
+        rule = f"rename={{{'^' + re.escape(old)!r}: {new!r}}}"
+        if old:
+            return f"{n} unused tensors are missing leaves' keys with {old!r} in front: {rule} drops it"
+        return f"{n} missing leaves' keys are unused tensors' with {new!r} in front: {rule} adds it"
+
     def __str__(self) -> str:
         if self.ok:
             head = f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} tensors skipped (not parameters)"
@@ -109,6 +137,9 @@ class MatchReport:
                 f"  ({len(quantized)} unused tensors are quantized pieces, such as {quantized[0]!r}: a quantized "
                 "checkpoint loads with qbridge.load_checkpoint(path, target=...), which decodes them)"
             )
+        hint = self.rename_hint()
+        if hint:
+            lines.append(f"  ({hint})")
         for leaf, tried in self.missing:
             lines.append(
                 f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})"

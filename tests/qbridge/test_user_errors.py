@@ -282,3 +282,36 @@ def test_a_kinds_rule_for_another_rank_is_refused_naming_the_tensor(tmp_path):
     params = qbridge.load_checkpoint(tmp_path / "ck", device="cpu")
     expert = params["params"]["model"]["layers"]["0"]["mlp"]["experts"]["0"]
     assert expert["down_proj"]["kernel"].shape == (30, 20)
+
+
+@pytest.mark.parametrize("stored_prefix, target_scope", [("encoder.", None), ("", "model")])
+def test_a_match_error_of_a_prefix_says_which_rename_matches(tmp_path, stored_prefix, target_scope):
+    """Checkpoint keys with a prefix the target's names lack (or the other way round): the error says
+    which rename= rule would match them, and that rule loads."""
+    import flax.linen as nn
+    from safetensors.torch import save_file
+
+    tensors = {f"{stored_prefix}fc1.weight": torch.randn(8, 4), f"{stored_prefix}fc1.bias": torch.randn(8)}
+    (tmp_path / "ck").mkdir()
+    save_file(tensors, tmp_path / "ck" / "model.safetensors")
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="fc1")(x)
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Inner(name="model")(x)
+
+    target = (Outer() if target_scope else Inner()).init(jax.random.key(0), jnp.ones((1, 4)))
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path / "ck", target=target, device="cpu")
+    rule = {r"^encoder\.": ""} if stored_prefix else {"^": "model."}
+    assert f"rename={rule!r}" in str(e.value), str(e.value)
+    params = qbridge.load_checkpoint(tmp_path / "ck", target=target, device="cpu", rename=rule)
+    inner = params["params"]["model"] if target_scope else params["params"]
+    np.testing.assert_array_equal(
+        np.asarray(inner["fc1"]["bias"]), tensors[f"{stored_prefix}fc1.bias"].numpy()
+    )
