@@ -93,7 +93,9 @@ def convert_checkpoint(
             f"{out} holds the checkpoint being converted ({path}); write the Orbax checkpoint elsewhere"
         )
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(
+            f"{out} exists; pass overwrite=True (on the command line: --overwrite) to replace it"
+        )
     if out.exists() and not (out / "_CHECKPOINT_METADATA").exists():
         raise FileExistsError(
             f"{out} exists and is no Orbax checkpoint; overwrite replaces only one (remove it yourself)"
