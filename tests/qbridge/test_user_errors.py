@@ -315,3 +315,17 @@ def test_a_match_error_of_a_prefix_says_which_rename_matches(tmp_path, stored_pr
     np.testing.assert_array_equal(
         np.asarray(inner["fc1"]["bias"]), tensors[f"{stored_prefix}fc1.bias"].numpy()
     )
+
+
+def test_tensors_a_kinds_rule_decided_are_not_reported_as_guessed(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.{name}.weight": torch.randn(20, 30) for i in range(2) for name in ("up", "down")}
+    (tmp_path / "ck").mkdir()
+    save_file(tensors, tmp_path / "ck" / "model.safetensors")
+    _, report = qbridge.load_checkpoint(tmp_path / "ck", device="cpu", return_report=True)
+    assert sorted(report.guessed) == sorted(tensors)  # no config: every layout is a guess by name
+    _, report = qbridge.load_checkpoint(
+        tmp_path / "ck", device="cpu", return_report=True, kinds={r"down$": "linear"}
+    )
+    assert sorted(report.guessed) == ["layers.0.up.weight", "layers.1.up.weight"]
