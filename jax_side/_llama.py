@@ -75,8 +75,10 @@ class LlamaConfig:
         ``linear`` and ``llama3`` (Llama 3.1 and later) are implemented as transformers computes them.
 
         Raises:
-            ValueError: a rope type or activation this model does not implement, or a config without a Llama's
-                sizes (another architecture: ``model_type`` named).
+            ValueError: a rope type, activation or sliding attention window this model does not implement, a
+                ``model_type`` other than ``llama`` or ``mistral`` (architectures with Llama's names that
+                compute otherwise), or a config without a Llama's sizes (another architecture:
+                ``model_type`` named).
         """
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
         missing = [name for name in required if name not in config]
@@ -86,11 +88,23 @@ class LlamaConfig:
                 f"the config{f' (model_type {kind!r})' if kind else ''} has no {', '.join(missing)}: jax_side's "
                 "Llama takes Llama-like configs; give another architecture a target of its own"
             )
-        # transformers 5 keeps theta and the scaling under rope_parameters; 4.x: rope_theta and rope_scaling
-        parameters = config.get("rope_parameters") or {}
-        rope = {**parameters, **(config.get("rope_scaling") or {})}
+        kind = config.get("model_type")
+        if kind not in (None, *MODEL_TYPES):
+            raise ValueError(
+                f"model_type {kind!r} is not one jax_side's Llama implements ({', '.join(MODEL_TYPES)}): models "
+                "that share Llama's names compute otherwise (multipliers, layers without rotary embeddings, "
+                "interleaved rotary); give it a target of its own"
+            )
+        if config.get("sliding_window") is not None or config.get("use_sliding_window"):
+            raise ValueError(
+                f"a sliding attention window ({config.get('sliding_window')}) is not implemented by jax_side's "
+                "Llama: it attends over the whole sequence"
+            )
+        # as transformers 5 reads it: a 4.x rope_scaling replaces rope_parameters, whose rope_theta wins over
+        # the top-level one
+        rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
         rope_type = rope.get("rope_type", rope.get("type")) or "default"
-        theta = config.get("rope_theta", parameters.get("rope_theta", 10000.0))
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         rope_kwargs: dict[str, Any] = {"rope_type": str(rope_type), "rope_theta": float(theta)}
         if rope_type in ("linear", "llama3"):
             rope_kwargs["rope_factor"] = float(rope["factor"])
@@ -98,7 +112,9 @@ class LlamaConfig:
             rope_kwargs.update(
                 rope_low_freq_factor=float(rope["low_freq_factor"]),
                 rope_high_freq_factor=float(rope["high_freq_factor"]),
-                rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                rope_original_max_position_embeddings=int(
+                    rope.get("original_max_position_embeddings", config.get("max_position_embeddings", 8192))
+                ),
             )
         if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
             raise ValueError("a partial_rotary_factor is not implemented by jax_side's Llama")
@@ -108,6 +124,7 @@ class LlamaConfig:
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_TYPES = ("llama", "mistral")  # transformers' model_type values computed as this model computes
 
 
 def _inv_freq(c: LlamaConfig) -> jax.Array:
