@@ -28,6 +28,16 @@ ALL_LINEAR = "all-linear"
 OUTPUT_LAYERS = ("lm_head",)  # PEFT's all-linear leaves the output layer out
 
 
+# adapter_config.json fields these layers honour, or that do not change what a loaded adapter computes
+# (bookkeeping, how the factors were initialized or trained, runtime options)
+_LORA_FIELDS_HONOURED = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
+    "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "qalora_group_size", "runtime_config",
+})  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which layers get adapters, and their shape, as PEFT's ``LoraConfig`` spells it.
@@ -84,18 +94,21 @@ class LoraConfig:
         """From PEFT's ``adapter_config.json``.
 
         Raises:
-            ValueError: a PEFT feature these layers do not implement (DoRA, trained biases, fan_in_fan_out,
-                modules_to_save, per-layer ranks or alphas), named.
+            ValueError: a PEFT feature these layers do not implement (DoRA, aLoRA, trained biases,
+                fan_in_fan_out, modules_to_save, per-layer ranks or alphas, and any field this version does not
+                know, set), named.
         """
         if not isinstance(doc, Mapping):
             raise ValueError(f"an adapter config is a JSON object, found {type(doc).__name__}")
         if doc.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter is {doc.get('peft_type')!r}, not LORA")
-        defaults = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "rank_pattern": {},
-                    "alpha_pattern": {}, "layers_to_transform": None, "exclude_modules": None, "lora_bias": False,
-                    "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
-                    "layer_replication": None}  # fmt: skip
-        unsupported = [k for k, off in defaults.items() if doc.get(k) not in (None, off)]
+        # every other field, set to anything but its off value (None, False, empty, bias "none"), changes what
+        # the adapter computes (DoRA, aLoRA, per-layer ranks, ...) or is unknown here: refused, named
+        unsupported = [
+            k
+            for k, v in doc.items()
+            if k not in _LORA_FIELDS_HONOURED and v not in (None, False, {}, [], "none")
+        ]
         if unsupported:
             raise ValueError(
                 f"adapter uses PEFT features these layers do not implement: {', '.join(f'{k}={doc[k]!r}' for k in unsupported)}"

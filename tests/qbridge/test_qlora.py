@@ -5,6 +5,7 @@ PEFT adapters read back exactly."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,22 @@ def test_targets_are_matched_as_peft_matches_them():
     )
     with pytest.raises(ValueError, match="use_dora=True"):
         jax_side.LoraConfig.from_peft({"peft_type": "LORA", "r": 4, "use_dora": True})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("alora_invocation_tokens", [7]), ("arrow_config", {"top_k": 2}), ("use_bdlora", True),
+     ("a_field_of_a_later_peft", 3)],
+)  # fmt: skip
+def test_adapter_features_the_layers_do_not_implement_are_refused_by_name(field, value):
+    """An aLoRA adapter applies only after its invocation tokens; loaded as plain LoRA it was applied at
+    every position (logits off by up to 6 in a breaker's model). Every field not known to be honoured or
+    harmless, set, is refused; PEFT's own saved config, with its defaults, loads."""
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}")):
+        jax_side.LoraConfig.from_peft({"peft_type": "LORA", "r": 4, field: value})
+    peft = pytest.importorskip("peft")
+    saved = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM").to_dict()
+    assert jax_side.LoraConfig.from_peft(saved).r == 4
 
 
 def test_adapters_start_as_peft_starts_them(made):
