@@ -37,6 +37,7 @@ import torch
 import torch_side
 from jax_side._tree import warn_at_caller
 from torch_side._checks import on_device
+from torch_side._fp8 import FP8_DTYPES
 
 from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, jax_dtype, torch_dtype
@@ -623,8 +624,11 @@ def dequantize_to_jax(
         transpose: return the ``[in, out]`` (Flax ``kernel``) layout. It arrives zero-copy as a permuted view
             (a JAX array with a non-default layout): the same values in jitted use, at times slower where a
             matmul is memory-bound.
-        dtype: a dtype (torch's, JAX's, numpy's or its name) to cast the dense weight to first (a new tensor);
-            None keeps its dtype.
+        dtype: a dtype (torch's, JAX's, numpy's or its name) for the dense weight (a new tensor); None keeps
+            the decode's. An FP8 weight is decoded straight to a bfloat16, float16 or float32 ``dtype``
+            (``float32(W) * scale``, rounded once, as ``torch_side.dequantize_fp8(W, scale, dtype)``); other
+            weights are decoded as their producer decodes them (a 4-bit weight to its quant state's dtype),
+            then cast.
         device: as for :func:`to_jax`.
 
     Returns:
@@ -633,7 +637,11 @@ def dequantize_to_jax(
     """
     if dtype is not None and not isinstance(dtype, torch.dtype):
         dtype = torch_dtype(np.dtype(dtype))  # JAX's, numpy's or its name
-    dense = torch_side.dequantize_weight(W, quant_state, transpose=transpose)
+    fp8 = isinstance(W, torch.Tensor) and W.dtype in FP8_DTYPES and quant_state is not None
+    if fp8 and dtype in (torch.bfloat16, torch.float16, torch.float32):  # one rounding, to dtype
+        dense = torch_side.dequantize_fp8(W, quant_state, dtype, transpose=transpose)
+    else:
+        dense = torch_side.dequantize_weight(W, quant_state, transpose=transpose)
     if dtype is not None and dense.dtype != dtype:
         dense = dense.to(dtype)
     # new memory was written on the current stream just now: no other stream to wait for. (A tensor

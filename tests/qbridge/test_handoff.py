@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import bnb_quantize, bnb_reference, random_fp8, to_numpy
+from helpers import bnb_quantize, bnb_reference, fp8_reference_loops, random_fp8, random_scales, to_numpy
 
 import qbridge
 
@@ -293,6 +293,17 @@ def test_dequantize_to_jax():
     assert x32.dtype == jnp.float32 and np.array_equal(np.asarray(x32), want.float().numpy())
     w = torch.randn(8, 8)
     assert qbridge.dequantize_to_jax(w).unsafe_buffer_pointer() == w.data_ptr()  # plain weights alias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, "bfloat16"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_an_fp8_weight_is_decoded_straight_to_the_dtype_asked_for(dtype, transpose):
+    """float32(W) * scale rounded once to dtype (a breaker found float32 asked for and bf16-rounded values
+    given: the bf16 decode widened, 2e-3 relative off)."""
+    W, s = random_fp8((300, 500), seed=21), random_scales((3, 4), seed=22)
+    want = fp8_reference_loops(W, s, (128, 128), getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    got = qbridge.dequantize_to_jax(W, s, dtype=dtype, transpose=transpose)
+    _same(got, want.t() if transpose else want)
 
 
 def test_is_compact():
