@@ -106,6 +106,10 @@ class LlamaConfig:
         rope_type = rope.get("rope_type", rope.get("type")) or "default"
         theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         rope_kwargs: dict[str, Any] = {"rope_type": str(rope_type), "rope_theta": float(theta)}
+        needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"]}
+        absent = [k for k in needed.get(rope_type, []) if k not in rope]
+        if absent:
+            raise ValueError(f"the config's {rope_type} rope parameters lack {', '.join(absent)}")
         if rope_type in ("linear", "llama3"):
             rope_kwargs["rope_factor"] = float(rope["factor"])
         if rope_type == "llama3":

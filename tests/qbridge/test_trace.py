@@ -401,6 +401,10 @@ def test_rope_scaling_as_transformers_saves_it_agrees_end_to_end(tmp_path, rope)
         ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not implemented"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope type 'yarn' is not implemented"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, r"rope type 'dynamic'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            r"llama3 rope parameters lack low_freq_factor",
+        ),
     ],
 )
 def test_a_config_the_llama_does_not_implement_is_refused(change, error):
