@@ -396,12 +396,12 @@ def load_checkpoint(
         guessed, classified_by = list(classification.guessed), classification.source
         if t is not None:  # the target's module types, then kinds=, decide before a name rule's guess
             guessed = _guesses_that_decided(plan, names, set(guessed), kinds)
-        elif kinds:  # kinds= searches the module path (the Flax name without its leaf) before a guess
-            decided = {p.key for p, name in zip(plan, names) if kind_override(name.rpartition(".")[0], kinds)}
-            guessed = [key for key in guessed if key not in decided]
             typed = sum(p.leaf.module_type is not None for p in plan)
             if typed:
                 classified_by += f"; the target's module types laid out {typed} of {len(plan)} leaves"
+        elif kinds:  # kinds= searches the module path (the Flax name without its leaf) before a guess
+            decided = {p.key for p, name in zip(plan, names) if kind_override(name.rpartition(".")[0], kinds)}
+            guessed = [key for key in guessed if key not in decided]
         report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
                             str(jdev), skipped, guessed, classified_by, read_bytes=ckpt.bytes_read)  # fmt: skip
     if skipped:
