@@ -34,6 +34,9 @@ class CheckpointSummary:
         classified_by: where the module kinds came from (the torch model built on the meta device, or
             name rules).
         guessed: the tensors whose module kind name rules decided.
+        decoded_to: ``kind -> dtype names`` the quantized weights of each kind decode to (a 4-bit weight:
+            its quant state's dtype; FP8 and 8-bit: ``config.json``'s ``torch_dtype``, bfloat16 when absent,
+            as transformers decodes them). ``load_checkpoint``'s ``dtype`` casts after that decode.
     """
 
     path: str
@@ -48,6 +51,7 @@ class CheckpointSummary:
     skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     classified_by: str = ""
     guessed: list[str] = dataclasses.field(default_factory=list)
+    decoded_to: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: {self.format}, {self.files} file(s)"]
@@ -63,6 +67,12 @@ class CheckpointSummary:
             )
         lines.append(f"{'total':<10}{sum(k['tensors'] for k in self.kinds.values()):>9}"
                      f"{self.stored_bytes / 1e6:>12.2f}{self.dense_bytes / 1e6:>16.2f}")  # fmt: skip
+        if self.decoded_to:
+            lines.append(
+                "decoded to: "
+                + "; ".join(f"{kind} {', '.join(names)}" for kind, names in sorted(self.decoded_to.items()))
+                + " (a dtype= given to load_checkpoint casts after that decode)"
+            )
         lines.append(f"classified by: {self.classified_by}")
         if self.guessed:
             shown = ", ".join(self.guessed[:SHOWN]) + (
@@ -106,9 +116,12 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             lambda: {"tensors": 0, "stored_bytes": 0, "dense_bytes": 0}
         )
         care = []
+        decoded: dict[str, set[str]] = collections.defaultdict(set)
         for e in ckpt.entries.values():
             if e.name in classification.optional:
                 continue
+            if e.kind in ("bnb4", "bnb8", "fp8"):
+                decoded[e.kind].add(str(e.dtype).removeprefix("torch."))
             k = kinds[e.kind]
             k["tensors"] += 1
             k["stored_bytes"] += e.stored_bytes
@@ -135,4 +148,5 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             skip_reasons=dict(classification.optional),
             classified_by=classification.source,
             guessed=list(classification.guessed),
+            decoded_to={kind: sorted(names) for kind, names in decoded.items()},
         )

@@ -329,3 +329,23 @@ def test_tensors_a_kinds_rule_decided_are_not_reported_as_guessed(tmp_path):
         tmp_path / "ck", device="cpu", return_report=True, kinds={r"down$": "linear"}
     )
     assert sorted(report.guessed) == ["layers.0.up.weight", "layers.1.up.weight"]
+
+
+@pytest.mark.parametrize("torch_dtype", [None, "float32"])
+def test_inspect_says_what_quantized_weights_decode_to(tmp_path, torch_dtype):
+    """A new user loaded an FP8 checkpoint as float32 and got its bfloat16 decode widened; inspect now says
+    what each kind decodes to before any cast."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "ck").mkdir()
+    save_file({"k.weight": torch.randn(300, 500).to(torch.float8_e4m3fn), "k.weight_scale_inv": torch.rand(3, 4)},
+              tmp_path / "ck" / "model.safetensors")  # fmt: skip
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    if torch_dtype:
+        config["torch_dtype"] = torch_dtype
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    summary = qbridge.inspect_checkpoint(tmp_path / "ck")
+    assert summary.decoded_to == {"fp8": [torch_dtype or "bfloat16"]}
+    assert f"decoded to: fp8 {torch_dtype or 'bfloat16'}" in str(summary)
+    params = qbridge.load_checkpoint(tmp_path / "ck", device="cpu")
+    assert params["params"]["k"]["kernel"].dtype == jnp.dtype(torch_dtype or "bfloat16")
