@@ -125,6 +125,36 @@ def torch_kind(module: torch.nn.Module, ndim: int = 2) -> str:
     return "param"
 
 
+# the matrices of a feed-forward expert by the side the model's hidden size is on: its input, or its output
+_INPUT_SIDE = frozenset({"gate_up_proj", "gate_proj", "up_proj", "w1", "w3", "fc1"})
+_OUTPUT_SIDE = frozenset({"down_proj", "w2", "fc2"})
+
+
+def _hidden_sizes(config: dict[str, Any]) -> set[int]:
+    """The hidden sizes a config names (its own, and its sub-configs', such as a ``text_config``)."""
+    sizes = {v for k in ("hidden_size", "d_model", "n_embd") if isinstance(v := config.get(k), int)}
+    for sub in config.values():
+        if isinstance(sub, dict):
+            sizes |= _hidden_sizes(sub)
+    return sizes
+
+
+def experts_stored_in_out(module: torch.nn.Module, hidden: set[int]) -> bool | None:
+    """Whether a module of stacked expert matrices stores them ``[experts, in, out]`` (multiplied as
+    ``x @ W[e]``: GPT-OSS, Llama 4), already the Flax kernel's layout, rather than ``[experts, out, in]``
+    (``F.linear``: Mixtral, Qwen MoE, DeepSeek), which ``stacked_linear`` transposes. Told by the side that
+    holds the model's hidden size in a matrix whose role its name gives (an input-side ``gate_up_proj``, an
+    output-side ``down_proj``); None when no matrix tells (square, or unknown names)."""
+    for leaf, p in module.named_parameters(recurse=False):
+        if p.dim() != 3 or (p.shape[1] in hidden) == (p.shape[2] in hidden):
+            continue
+        if leaf in _INPUT_SIDE:
+            return p.shape[1] in hidden
+        if leaf in _OUTPUT_SIDE:
+            return p.shape[2] in hidden
+    return None
+
+
 def _transformers_dir() -> pathlib.Path | None:
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
@@ -190,11 +220,15 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
             f"could not build {arch} on the meta device ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
         )
     kinds, classes, non_persistent = {}, {}, set()
+    hidden = _hidden_sizes(plain)
     for prefix, module in model.named_modules(remove_duplicate=False):
         own = [*module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False),
                *module.named_buffers(prefix=prefix, recurse=False, remove_duplicate=False)]  # fmt: skip
+        in_out = "expert" in type(module).__name__.lower() and experts_stored_in_out(module, hidden)
         for name, value in own:
-            kinds[name] = torch_kind(module, value.dim())
+            kind = torch_kind(module, value.dim())
+            # [experts, in, out] storage is the kernels' layout already: kept as stored
+            kinds[name] = "param" if kind == "stacked_linear" and in_out else kind
             classes[name] = type(module).__name__
         for buffer in getattr(module, "_non_persistent_buffers_set", ()):
             non_persistent.add(f"{prefix}.{buffer}" if prefix else buffer)

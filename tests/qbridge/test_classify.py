@@ -825,3 +825,64 @@ def test_with_a_target_the_report_lists_only_guesses_that_decided_a_layout(tmp_p
                                             kinds={r"mlp\.": "linear"})  # fmt: skip
     assert set(overridden.guessed) == {k for k in by_dict.guessed if ".mlp." not in k}
     assert len(overridden.guessed) < len(by_dict.guessed)
+
+
+def _moe(name, tmp_path, **sizes):
+    """A tiny transformers MoE model of ``name`` with random weights, saved; its first layer's experts."""
+    transformers = pytest.importorskip("transformers")
+    config_name = "Llama4TextConfig" if name == "Llama4" else f"{name}Config"
+    config_cls, model_cls = (
+        getattr(transformers, config_name, None),
+        getattr(transformers, f"{name}ForCausalLM", None),
+    )
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"this transformers has no {name}")
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**sizes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / name)
+    return model, model.model.layers[0].feed_forward.experts if name == "Llama4" else model.model.layers[
+        0
+    ].mlp.experts
+
+
+MOES = {  # stored [experts, in, out], multiplied as x @ W[e]; GPT-OSS's down_proj is square
+    "GptOss": dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                   layer_types=["full_attention"]),
+    "Llama4": dict(vocab_size=64, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48,
+                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                   num_local_experts=2, interleave_moe_layer_step=1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MOES)
+def test_experts_stored_in_out_come_out_as_x_times_kernel(tmp_path, name):
+    """A breaker found GPT-OSS's and Llama 4's experts (stored [experts, in, out]) transposed as if stored
+    [experts, out, in], so x @ kernel[e] was wrong (by 4.6 in a tiny model; square weights pass any shape
+    check). Each expert's kernel must give the torch module's own product."""
+    _, experts = _moe(name, tmp_path, **MOES[name])
+    params = qbridge.load_checkpoint(tmp_path / name, progress=False, device="cpu")["params"]
+    layer = params["model"]["layers"]["0"]
+    got = (layer["feed_forward"] if name == "Llama4" else layer["mlp"])["experts"]
+    for leaf in ("gate_up_proj", "down_proj"):
+        stored = getattr(experts, leaf).detach()
+        h = torch.randn(5, stored.shape[1])
+        np.testing.assert_allclose(h.numpy() @ np.asarray(got[leaf])[1], (h @ stored[1]).numpy(), rtol=1e-5,
+                                   atol=1e-5, err_msg=leaf)  # fmt: skip
+
+
+def test_experts_stored_out_in_are_told_apart_from_in_out():
+    """Mixtral's fused experts (in memory [experts, out, in], used with F.linear) keep stacked_linear's
+    transpose; GPT-OSS's are seen as [experts, in, out], even where only one matrix tells (a square one)."""
+    transformers = pytest.importorskip("transformers")
+    from qbridge._classify import experts_stored_in_out
+
+    mixtral = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**MOES["GptOss"] | {"intermediate_size": 48})
+    )
+    assert experts_stored_in_out(mixtral.model.layers[0].mlp.experts, {32}) is False
+    oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(**MOES["GptOss"]))
+    assert experts_stored_in_out(oss.model.layers[0].mlp.experts, {32}) is True
