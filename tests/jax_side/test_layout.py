@@ -90,6 +90,22 @@ def test_conv_transpose(nd):
     )
 
 
+def test_a_subclass_of_a_flax_layer_is_laid_out_as_that_layer():
+    """class Upsample(nnx.ConvTranspose) inherits its layout; before, its unknown type name fell back to the
+    name rules, which read a 4-D kernel as a Conv (no flip, in/out swapped: wrong values for square ones)."""
+
+    class Upsample(nnx.ConvTranspose):
+        pass
+
+    tm = torch.nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+    fm = Upsample(4, 4, (3, 3), strides=2, padding=[(1, 1), (1, 1)], rngs=nnx.Rngs(0))
+    _load(fm, tm)
+    x = torch.randn(1, 4, 5, 5)
+    np.testing.assert_allclose(
+        np.asarray(fm(jnp.asarray(_channels_last(x)))), _channels_last(_run(tm, x)), **TOL
+    )
+
+
 def test_conv_transpose_by_name_needs_an_override():
     tm = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 4, 3))
     fm = nnx.ConvTranspose(3, 4, (3, 3), padding="VALID", rngs=nnx.Rngs(0))
