@@ -458,7 +458,9 @@ def to_flax_variables(
         numbered: how numbered submodules are named: ``"keep"`` (``layers/0``, as transformers' Flax
             models do), ``"underscore"`` (``layers_0``, linen's automatic names) or ``"int"``
             (``layers/0`` with an int key, as ``nnx.List`` paths have).
-        kinds: module-name regex -> kind overrides (see :func:`infer_kind`).
+        kinds: module-name regex -> kind overrides (see :func:`infer_kind`). ``"hf_conv1d"`` takes a transformers ``Conv1D`` weight in Linear order ``[out, in]`` (as
+            bitsandbytes stores a quantized one); a plain one, stored ``[in, out]``, is given transposed
+            (``w.T``), as ``qbridge.load_checkpoint`` reads it.
 
     Returns:
         ``{"params": nested dict}``, plus ``"batch_stats"`` when the state has running statistics. Leaves
@@ -520,6 +522,9 @@ def plan_match(
             ``"checkpoint"`` keeps the checkpoint's dtypes, and a difference from the target is a mismatch;
             a dtype casts every floating leaf to it.
         kinds: dotted-Flax-path regex -> module kind overrides (e.g. ``{"decoder\\.up": "conv_transpose2d"}``).
+            ``"hf_conv1d"`` takes a transformers ``Conv1D`` weight in Linear order ``[out, in]`` (as
+            bitsandbytes stores a quantized one); a plain one, stored ``[in, out]``, is given transposed
+            (``w.T``), as ``qbridge.load_checkpoint`` reads it.
         rename: regex -> replacement applied to checkpoint keys first (e.g. ``{"^model\\.": ""}``).
         torch_kinds: ``key -> kind`` of the torch module that owns each tensor, where it is known; it lays
             out leaves whose Flax module type is unknown (dict targets) when ``kinds`` says nothing.
