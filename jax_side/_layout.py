@@ -144,13 +144,23 @@ def rule_for(kind: str, torch_name: str) -> LeafRule:
     return LeafRule(torch_name, torch_name) if rule is None else rule
 
 
+_LINEAR_TYPES = ("linear", "dense", "densegeneral", "lineargeneral")
+_NORM_TYPES = ("layernorm", "rmsnorm", "groupnorm", "batchnorm")
+
+
+def known_module_type(module_type: str) -> bool:
+    """Whether :func:`kind_of_flax_leaf` lays a leaf out by this Flax module type (a layer's class name)."""
+    t = module_type.lower()
+    return t in _LINEAR_TYPES or t == "embed" or t.startswith("conv") or t in _NORM_TYPES
+
+
 def kind_of_flax_leaf(flax_name: str, ndim: int, module_type: str | None = None) -> str:
     """The torch module kind a Flax leaf comes from, by its Flax module type when known, else by its name
     and rank. A ``kernel`` of rank 3-5 is read as a (non-transposed) convolution unless ``module_type``
     says ConvTranspose: shapes alone cannot tell them apart."""
     if module_type is not None:
         t = module_type.lower()
-        if t in ("linear", "dense", "densegeneral", "lineargeneral"):
+        if t in _LINEAR_TYPES:
             return "linear"
         if t == "embed":
             return "embedding"
@@ -158,7 +168,7 @@ def kind_of_flax_leaf(flax_name: str, ndim: int, module_type: str | None = None)
             if flax_name != "kernel" or not 3 <= ndim <= 5:
                 return "param"  # a bias keeps its layout
             return f"conv_transpose{ndim - 2}d" if t.startswith("convtranspose") else f"conv{ndim - 2}d"
-        if t in ("layernorm", "rmsnorm", "groupnorm", "batchnorm"):
+        if t in _NORM_TYPES:
             return t
     if flax_name == "kernel":
         return "linear" if ndim == 2 else f"conv{ndim - 2}d"

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ._layout import known_module_type
 from ._tree import (
     MatchError,
     MatchReport,
@@ -115,18 +116,11 @@ def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) 
     return Target(leaves, rebuild)
 
 
-# Flax's layers whose parameter layout kind_of_flax_leaf knows by their type
-FLAX_LAYERS = frozenset({
-    "linear", "dense", "densegeneral", "lineargeneral", "embed", "conv", "convtranspose", "layernorm",
-    "rmsnorm", "groupnorm", "batchnorm",
-})  # fmt: skip
-
-
 def _module_type(node: Any) -> str:
     """The layer type of an nnx module: its class's name, or for a subclass of a Flax layer (``class
     Upsample(nnx.ConvTranspose)``) that layer's, whose parameter layout it inherits."""
     for cls in type(node).__mro__:
-        if cls.__module__.startswith("flax.") and cls.__name__.lower() in FLAX_LAYERS:
+        if cls.__module__.startswith("flax.") and known_module_type(cls.__name__):
             return cls.__name__
     return type(node).__name__
 
