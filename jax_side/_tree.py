@@ -420,9 +420,11 @@ def plan_by_name(
         if reason is not None:
             skipped[key] = reason
             continue
-        rule = rule_for(infer_kind(name, len(shape), kinds, by_name), leaf)
-        overridden = kind_override(module, kinds)
-        if overridden is not None:
+        overridden = kind_override(module, kinds)  # kinds= decides first, as in infer_kind
+        if overridden is None:
+            rule = rule_for(infer_kind(name, len(shape), None, by_name), leaf)
+        else:
+            rule = rule_for(overridden, leaf)
             check_rank(rule, shape, key, overridden)
         path = (rule.collection, *_segments(module, numbered), rule.flax_name)
         if path in taken:
@@ -458,9 +460,10 @@ def to_flax_variables(
         numbered: how numbered submodules are named: ``"keep"`` (``layers/0``, as transformers' Flax
             models do), ``"underscore"`` (``layers_0``, linen's automatic names) or ``"int"``
             (``layers/0`` with an int key, as ``nnx.List`` paths have).
-        kinds: module-name regex -> kind overrides (see :func:`infer_kind`). ``"hf_conv1d"`` takes a transformers ``Conv1D`` weight in Linear order ``[out, in]`` (as
-            bitsandbytes stores a quantized one); a plain one, stored ``[in, out]``, is given transposed
-            (``w.T``), as ``qbridge.load_checkpoint`` reads it.
+        kinds: module-name regex -> kind overrides (see :func:`infer_kind`). ``"hf_conv1d"`` takes a
+            transformers ``Conv1D`` weight in Linear order ``[out, in]`` (as bitsandbytes stores a quantized
+            one); a plain one, stored ``[in, out]``, is given transposed (``w.T``), as
+            ``qbridge.load_checkpoint`` reads it.
 
     Returns:
         ``{"params": nested dict}``, plus ``"batch_stats"`` when the state has running statistics. Leaves
