@@ -157,25 +157,22 @@ def _bad_producer(producer: Any) -> NoReturn:
 
 
 def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stream]:
-    """The streams other than the current one that ``t``'s producers may still be running on."""
-    if isinstance(producer, str):
-        if producer == "current":
-            return []
-        if producer == "auto":
-            scans = _SCANS.get()
-            if scans is not None and t.device.index in scans:  # to_jax_many: scanned once per device
-                return scans[t.device.index]
-            current = torch.cuda.current_stream(t.device)
-            busy = [s for s in _torch_streams(t.device.index) if not _query(s) and s != current]
-            if scans is not None:
-                scans[t.device.index] = busy
-            return busy
-    elif isinstance(producer, torch.cuda.Stream):
-        return [producer] if producer != torch.cuda.current_stream(t.device) else []
-    elif isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer):
+    """The streams other than the current one that ``t``'s producers may still be running on (``producer``:
+    a value :func:`_check_producer` accepted)."""
+    if producer == "current":
+        return []
+    if isinstance(producer, str):  # "auto"
+        scans = _SCANS.get()
+        if scans is not None and t.device.index in scans:  # to_jax_many: scanned once per device
+            return scans[t.device.index]
         current = torch.cuda.current_stream(t.device)
-        return [s for s in producer if isinstance(s, torch.cuda.Stream) and s != current]
-    _bad_producer(producer)
+        busy = [s for s in _torch_streams(t.device.index) if not _query(s) and s != current]
+        if scans is not None:
+            scans[t.device.index] = busy
+        return busy
+    current = torch.cuda.current_stream(t.device)
+    streams = [producer] if isinstance(producer, torch.cuda.Stream) else producer
+    return [s for s in streams if s != current]
 
 
 def _after_producers(t: torch.Tensor, producer: Producer) -> torch.cuda.Stream | None:
