@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -562,13 +563,20 @@ def trace_checkpoint(
                     "and rngs"
                 ) from e
             flax_model = factory(config, rngs=nnx.Rngs(0))
+        load_report: list[str] = []
         try:
-            with _transformers_quiet():  # its load report and progress bar; what went wrong is said below
+            with _transformers_quiet(load_report):  # its load report kept; what went wrong is said below
                 torch_model = transformers.AutoModelForCausalLM.from_pretrained(
                     path, attn_implementation="eager", device_map="cpu"
                 ).eval()
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            why = f"{type(e).__name__}: {first_line(e)}"
+            cause = _conversion_error("\n".join(load_report))
+            # transformers' error points to its load report, which was not shown: that report's first error
+            why = (
+                f"{type(e).__name__}: {first_line(e)}"
+                if cause is None
+                else f"{type(e).__name__} in its weight conversion: {cause}"
+            )
             if ckpt.format != "fp8":
                 raise CheckpointError(f"{path}: transformers could not build its torch model ({why})") from e
             with _transformers_quiet():
@@ -611,19 +619,51 @@ def trace_checkpoint(
 
 
 @contextlib.contextmanager
-def _transformers_quiet() -> Iterator[None]:
-    """transformers' logging at errors only and its progress bars off, restored after."""
+def _transformers_quiet(report: list[str] | None = None) -> Iterator[None]:
+    """transformers' logging at errors only and its progress bars off, restored after. With ``report``, its
+    warnings (such as the load report of ``from_pretrained``) are appended to that list instead of shown."""
     from transformers.utils import logging as tlog
 
     verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
+    root = tlog.get_logger()  # the library's root logger
+    kept = _Collect(report) if report is not None else None
+    handlers, propagate = list(root.handlers), root.propagate
+    if kept is None:
+        tlog.set_verbosity_error()
+    else:
+        tlog.set_verbosity(logging.WARNING)
+        root.handlers[:] = [kept]
+        root.propagate = False
     tlog.disable_progress_bar()
     try:
         yield
     finally:
+        root.handlers[:], root.propagate = handlers, propagate
         tlog.set_verbosity(verbosity)
         if bars:
             tlog.enable_progress_bar()
+
+
+class _Collect(logging.Handler):
+    """Appends each record's text to a list."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+def _conversion_error(report: str) -> str | None:
+    """The first error of transformers' load report (its ``CONVERSION`` entries: the tensor it was making
+    and the exception), or None. The report is styled with terminal escapes, which are dropped."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", report)
+    error = re.search(r"^(\w+(?:Error|Exception): .+)$", text, re.MULTILINE)
+    if error is None:
+        return None
+    tensor = re.search(r"destined for (\S+?)\.? Ckpt", text)
+    return f"{tensor.group(1)}: {error.group(1)}" if tensor else error.group(1)
 
 
 def _decoded_reference(path: Any) -> Any:

@@ -4,6 +4,7 @@ everywhere; each planted fault is found at the module that holds it; unpaired mo
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -152,12 +153,18 @@ def test_fp8_partial_tiles_against_an_exact_reference(tmp_path, keep, widths):
     sizes = dict(hidden_size=hidden, intermediate_size=inter, num_attention_heads=4, num_key_value_heads=2)
     dense_llama(tmp_path / "dense", sizes=sizes)
     fp8_llama(tmp_path / "dense", tmp_path / "fp8")
+    root = transformers.utils.logging.get_logger()
+    logging_before = (list(root.handlers), root.propagate, transformers.utils.logging.get_verbosity())
     report = trace_checkpoint(tmp_path / "fp8", keep_quantized=keep, tokens=7)
+    assert (list(root.handlers), root.propagate, transformers.utils.logging.get_verbosity()) == logging_before
     assert report.first_divergence is None, str(report)
     try:
         torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", device_map="cpu")
     except RuntimeError:  # transformers refuses the checkpoint
         assert len(report.notes) == 1 and "could not build the FP8 model" in report.notes[0], report.notes
+        # why, from transformers' load report (its error refers to that report, which is not shown)
+        assert "above report" not in report.notes[0] and "Error: " in report.notes[0], report.notes
+        assert re.search(r"in its weight conversion: model\.layers\.\d+\.\S+\.weight: ", report.notes[0])
         return
     if torch_model.model.layers[0].mlp.down_proj.weight.element_size() > 1:  # decoded by transformers
         assert len(report.notes) == 1 and "exact decode" in report.notes[0] and "note: " in str(report)
