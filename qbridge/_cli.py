@@ -11,7 +11,7 @@ import warnings
 def _demo(args: argparse.Namespace) -> int:
     from qbridge._demo import format_demo, run_demo
 
-    result = run_demo(seed=args.seed, workdir=args.workdir, device=args.device)
+    result = run_demo(seed=args.seed, workdir=args.workdir, device=args.device, overwrite=args.overwrite)
     print(format_demo(result))
     return 0 if result.parity.ok and result.weights_equal == result.weights_checked else 1
 
@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--device", default=None, help="torch device for bitsandbytes (default: cuda if present)"
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace checkpoints in WORKDIR/llama-bf16 and WORKDIR/llama-nf4 that an earlier demo did not write",
     )
     demo.set_defaults(func=_demo)
     inspect = sub.add_parser(

@@ -61,19 +61,61 @@ def _bnb_weights_equal(model: torch.nn.Module, params: Any) -> tuple[int, int]:
     return checked, equal
 
 
+def _made_by_demo(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` holds a checkpoint an earlier demo wrote (its config is the demo's model)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and all(config.get(k) == v for k, v in DEMO_CONFIG.items())
+
+
+def _clear(folders: list[pathlib.Path], overwrite: bool) -> None:
+    """Empties the demo's checkpoint folders for writing: those an earlier demo wrote always, other
+    checkpoints (a ``config.json``) with ``overwrite``; raises FileExistsError for anything else that is
+    there, before anything is removed."""
+    import shutil
+
+    taken = [f for f in folders if f.exists() and not (f.is_dir() and not any(f.iterdir()))]
+    for folder in taken:
+        if _made_by_demo(folder):
+            continue
+        if not overwrite:
+            raise FileExistsError(
+                f"{folder} exists and holds something other than an earlier demo's checkpoint; pass "
+                "overwrite=True (on the command line: --overwrite) to replace it, or pick another workdir"
+            )
+        if not (folder / "config.json").is_file():
+            raise FileExistsError(
+                f"{folder} exists and is no checkpoint; overwrite replaces only one (remove it yourself)"
+            )
+    for folder in taken:
+        shutil.rmtree(folder)  # no stale shards of the checkpoint that was there
+
+
 def run_demo(
-    *, seed: int = 0, workdir: str | os.PathLike[str] | None = None, device: str | None = None
+    *,
+    seed: int = 0,
+    workdir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
 ) -> DemoResult:
-    """Runs the demo; ``workdir`` keeps the checkpoints (a temporary directory otherwise); ``device``: the
-    torch device bitsandbytes quantizes on (``"cpu"``, ``"cuda"``, ``"cuda:i"``; default: the GPU if present).
+    """Runs the demo; ``workdir`` keeps the checkpoints, ``workdir/llama-bf16`` and ``workdir/llama-nf4`` (a
+    temporary directory otherwise); ``device``: the torch device bitsandbytes quantizes on (``"cpu"``,
+    ``"cuda"``, ``"cuda:i"``; default: the GPU if present). Checkpoints an earlier demo left there are
+    replaced; other checkpoints only with ``overwrite``.
 
     Raises:
         ValueError: ``device`` is not a device torch sees here.
+        FileExistsError: ``workdir`` holds ``llama-bf16`` or ``llama-nf4`` that an earlier demo did not write
+            (without ``overwrite``), or that is no checkpoint.
     """
     if device is not None:
         from qbridge._devices import resolve_device
 
         device = str(resolve_device(device)[1])  # a device that is not one, or not here, fails now
+    if workdir is not None:
+        _clear([pathlib.Path(workdir) / "llama-bf16", pathlib.Path(workdir) / "llama-nf4"], overwrite)
     import jax
     import jax.numpy as jnp
     import transformers

@@ -138,6 +138,22 @@ def test_demo_refuses_a_device_that_is_not_one_before_any_work(capsys):
         assert "sees no CUDA GPU here" in capsys.readouterr().err
 
 
+def test_demo_keeps_what_it_did_not_write_in_its_workdir(tmp_path, capsys):
+    mine = tmp_path / "llama-nf4"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"hidden_size": 4096}')
+    (tmp_path / "llama-bf16").mkdir()
+    (tmp_path / "llama-bf16" / "notes.txt").write_text("mine")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "llama-" in err and "--overwrite" in err, err
+    # --overwrite replaces a checkpoint, never a folder that holds something else; nothing goes before that
+    assert main(["demo", "--workdir", str(tmp_path), "--overwrite"]) == 2
+    assert "llama-bf16 exists and is no checkpoint" in capsys.readouterr().err
+    assert (mine / "config.json").read_text() == '{"hidden_size": 4096}'
+    assert (tmp_path / "llama-bf16" / "notes.txt").read_text() == "mine"
+
+
 def test_parity_help_describes_every_argument(capsys):
     with pytest.raises(SystemExit):
         main(["parity", "--help"])
