@@ -36,7 +36,8 @@ class CheckpointSummary:
         guessed: the tensors whose module kind name rules decided.
         decoded_to: ``kind -> dtype names`` the quantized weights of each kind decode to (a 4-bit weight:
             its quant state's dtype; FP8 and 8-bit: ``config.json``'s ``torch_dtype``, bfloat16 when absent,
-            as transformers decodes them). ``load_checkpoint``'s ``dtype`` casts after that decode.
+            as transformers decodes them; torchao: the tensor subclass's own dtype, what its ``dequantize()``
+            returns). ``load_checkpoint``'s ``dtype`` casts after that decode.
     """
 
     path: str
@@ -120,7 +121,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
         for e in ckpt.entries.values():
             if e.name in classification.optional:
                 continue
-            if e.kind in ("bnb4", "bnb8", "fp8"):
+            if e.kind in ("bnb4", "bnb8", "fp8", "torchao"):
                 decoded[e.kind].add(str(e.dtype).removeprefix("torch."))
             k = kinds[e.kind]
             k["tensors"] += 1

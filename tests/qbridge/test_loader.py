@@ -150,9 +150,15 @@ def test_torchao_llama(tmp_path, dense_dir, layout):
     model = torchao_llama(dense_dir, out)
     flax_model, params, report = _load_into_flax(out / layout)
     assert report.format == "torchao"
+    decoded = set()
     for name, p in model.named_parameters():
         if qbridge.is_quant_tensor_subclass(p):
             assert_same_bits(_kernel(params, name), to_numpy(p.dequantize()))
+            decoded.add(str(p.dequantize().dtype).removeprefix("torch."))
+    # inspect says what the subclasses decode to, as it does for the other formats
+    summary = qbridge.inspect_checkpoint(out / layout)
+    assert summary.decoded_to == {"torchao": sorted(decoded)} == {"torchao": ["bfloat16"]}
+    assert "decoded to: torchao bfloat16" in str(summary)
     assert_parity(_torch_logits(model), flax_model(jnp.asarray(IDS)))
 
 
