@@ -75,15 +75,21 @@ def test_a_compiled_module_that_decodes_its_weight_gives_the_eager_output():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("asked", ["auto", "triton"])
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_cuda_calls_traced_give_the_kernels_bits(backend):
-    """On a GPU, traced calls take the torch path too; its bits are the kernels' (tested elsewhere), here
-    checked against the eager (Triton) call of the same weights."""
+def test_cuda_calls_traced_give_the_kernels_bits(backend, asked):
+    """On a GPU, traced calls take the torch path too (``backend="triton"`` asked for by name: Triton's
+    kernel); their bits are the kernels' (tested elsewhere), here checked against the eager (Triton) call of
+    the same weights."""
     torch_side.wait_for_kernels()
     W, s = random_fp8((300, 500), seed=9).cuda(), random_scales((3, 4), seed=10).cuda()
     eager = [torch_side.dequantize_fp8(W, s, transpose=True) for _ in range(2)][-1]
-    got = _compiled(lambda w, sc: torch_side.dequantize_fp8(w, sc, transpose=True), backend)(W, s)
+    got = _compiled(lambda w, sc: torch_side.dequantize_fp8(w, sc, transpose=True, backend=asked), backend)(
+        W, s
+    )
     assert_bitwise_equal(got, eager)
     _, packed, qs = bnb_quantize((96, 200), seed=11, device="cuda")
     eager = [torch_side.dequantize(packed, qs) for _ in range(2)][-1]
-    assert_bitwise_equal(_compiled(lambda p: torch_side.dequantize(p, qs), backend)(packed), eager)
+    assert_bitwise_equal(
+        _compiled(lambda p: torch_side.dequantize(p, qs, backend=asked), backend)(packed), eager
+    )
