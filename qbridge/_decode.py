@@ -8,6 +8,8 @@ weight's pieces and its result at a time: the caller drops them before the next 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -46,8 +48,10 @@ def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
 def bnb4_pieces(
     ckpt: Checkpoint, entry: Entry, absmax_range: tuple[int, int] | None = None
 ) -> dict[str, torch.Tensor]:
-    """A 4-bit weight's scales and tables (on the CPU), checked; ``code`` only when it is not the standard
-    table (the standard one decodes exactly as bitsandbytes' CUDA kernel does).
+    """A 4-bit weight's scales and the nested absmax's table (on the CPU), checked. The 16-entry
+    ``quant_map`` is checked but not returned: bitsandbytes' ``dequantize_4bit`` never reads it (its
+    kernels take the table of ``quant_type``), so the weight is decoded with that table; one that differs
+    is warned about.
 
     ``absmax_range`` ``(a0, a1)`` reads only absmax blocks ``a0:a1`` (``a0`` a multiple of the nested block
     size when nested) and the nested absmax values that cover them."""
@@ -74,7 +78,12 @@ def bnb4_pieces(
     code = pieces.pop("quant_map", None)
     standard = torch_side.standard_code(entry.info["quant_type"])
     if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
-        pieces["code"] = code
+        warnings.warn(
+            f"{ckpt.where(entry.keys['quant_map'])}: differs from bitsandbytes' {entry.info['quant_type']} "
+            "table, which bitsandbytes decodes this weight with regardless (it does not read quant_map); "
+            "decoded with that table, as bitsandbytes does",
+            stacklevel=2,
+        )
     return pieces
 
 
@@ -87,7 +96,7 @@ def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool)
     try:
         return torch_side.dequantize_nf4(
             ckpt.read_to(entry.keys["weight"], device), on["absmax"], shape=entry.shape, blocksize=int(doc["blocksize"]),
-            code=on.get("code"), quant_type=entry.info["quant_type"], dtype=entry.dtype,
+            quant_type=entry.info["quant_type"], dtype=entry.dtype,
             nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
             nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
             transpose=transpose,

@@ -85,7 +85,6 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
         nested_absmax=put(pieces["nested_absmax"]) if nested else None,
         nested_code=put(pieces["nested_quant_map"]) if nested else None,
         offset=put(torch.tensor(float(doc.get("nested_offset", 0.0)), dtype=torch.float32)) if nested else None,
-        code=put(pieces["code"].float()) if "code" in pieces else None,
         shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), nested_blocksize=int(doc.get("nested_blocksize", 256)),
         quant_type=entry.info["quant_type"], dtype=name, decode_dtype=decode_dtype,
     )  # fmt: skip

@@ -129,9 +129,7 @@ def _bnb4_slice(
             absmax, pieces["nested_absmax"].to(device), pieces["nested_quant_map"].to(device), nb,
             float(doc.get("nested_offset", 0.0)),
         )  # fmt: skip
-    code = pieces.get("code")
-    code = None if code is None else code.to(device)
-    decode = dict(blocksize=blocksize, quant_type=entry.info["quant_type"], dtype=entry.dtype, code=code)
+    decode = dict(blocksize=blocksize, quant_type=entry.info["quant_type"], dtype=entry.dtype)
     out = torch.empty((rows[1] - rows[0], cols[1] - cols[0]), dtype=entry.dtype, device=device)
     # a window of whole blocks per row: only when rows hold whole blocks and the slice leaves some out
     windowed = len(entry.shape) == 2 and width % blocksize == 0 and (cols[1] - cols[0]) < width

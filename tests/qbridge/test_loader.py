@@ -487,3 +487,33 @@ def test_rename_without_a_target_names_the_paths_and_rules_that_match_nothing_wa
     with pytest.raises(ValueError, match=r"rename makes 'a.l1.weight' and 'b.l1.weight' both 'proj.weight'"):
         qbridge.load_checkpoint(tmp_path, target=target, device="cpu", progress=False, strict=False,
                                 rename={r"^(a|b)\.l1": "proj"})  # fmt: skip
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_4bit_quant_map_bitsandbytes_does_not_read(tmp_path, dense_dir, quant_type):
+    """bitsandbytes' dequantize_4bit takes the table of quant_type and never reads a weight's quant_map:
+    an edited one (here doubled) decodes as the unedited checkpoint does, dense and kept quantized, and
+    is warned about by name."""
+    from safetensors.torch import load_file, save_file
+
+    bnb_llama(dense_dir, tmp_path / "q", quant_type=quant_type, nested=True)
+    (tmp_path / "edited").mkdir()
+    for f in (tmp_path / "q").iterdir():
+        (tmp_path / "edited" / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight.quant_map"
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, tmp_path / "edited" / "model.safetensors", metadata={"format": "pt"})
+    for keep in (False, True):
+        want = qbridge.load_checkpoint(tmp_path / "q", device="cpu", keep_quantized=keep, progress=False)
+        with pytest.warns(UserWarning, match=rf"{key}.*differs from bitsandbytes' {quant_type} table"):
+            got = qbridge.load_checkpoint(
+                tmp_path / "edited", device="cpu", keep_quantized=keep, progress=False
+            )
+        kernel = got["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
+        if keep:
+            kernel = kernel.dequantize()
+            want_kernel = want["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"].dequantize()
+        else:
+            want_kernel = want["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
+        assert_same_bits(np.asarray(kernel), np.asarray(want_kernel))
