@@ -845,6 +845,17 @@ def _companions(src: _Source) -> set[str]:
     return out
 
 
+def _bnb8_weight(ckpt: Checkpoint, base: str, leaf: str) -> bool:
+    """Whether the int8 tensor ``base.leaf`` is a bitsandbytes 8-bit weight, known by its ``weight_format``
+    tag or by a ``config.json`` that says the model was quantized to 8 bits by bitsandbytes."""
+    if leaf != "weight":
+        return False
+    qc = ckpt.quantization_config
+    return f"{base}.weight_format" in ckpt.source.shapes or (
+        qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_8bit") or qc.get("_load_in_8bit"))
+    )
+
+
 def _classify(ckpt: Checkpoint) -> None:
     src = ckpt.source
     entries: dict[str, Entry] = {}
@@ -878,6 +889,11 @@ def _classify(ckpt: Checkpoint) -> None:
             )
         if kdtype in FLOAT8:
             entry = _fp8_entry(ckpt, key, shape, dtype, block)
+        elif kdtype == torch.int8 and f"{base}.SCB" not in src.shapes and _bnb8_weight(ckpt, base, leaf):
+            raise CheckpointError(
+                f"{ckpt.where(key)}: a bitsandbytes 8-bit weight without its row scales {base}.SCB (the "
+                "checkpoint is incomplete or damaged): its int8 values alone are not the weight"
+            )
         elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
             scb = f"{base}.SCB"
             entry = Entry(

@@ -208,6 +208,33 @@ def test_int8_checkpoint_and_int8params_agree_with_bitsandbytes(tmp_path, dtype)
             assert_same_bits(to_numpy(torch_side.dequantize_weight(module.weight).to(dtype)), to_numpy(want))
 
 
+def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
+    """An 8-bit checkpoint missing one weight's SCB had loaded that weight's int8 values as its kernel (and
+    inspect counted it dense); it is refused, by name, whether its weight_format tag or the config says
+    8-bit."""
+    from safetensors.torch import load_file, save_file
+
+    _llama(tmp_path / "dense")
+    q = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+        device_map="cpu",
+    )
+    q.save_pretrained(tmp_path / "int8")
+    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    base = "model.layers.0.self_attn.q_proj"
+    del tensors[f"{base}.SCB"]
+    for drop_tag in (False, True):  # known by its weight_format tag, or by the config alone
+        if drop_tag:
+            del tensors[f"{base}.weight_format"]
+        save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+        for call in (qbridge.load_checkpoint, qbridge.inspect_checkpoint, qbridge.dequantized_state):
+            with pytest.raises(
+                qbridge.CheckpointError, match=rf"{base}\.weight.*without its row scales {base}\.SCB"
+            ):
+                call(tmp_path / "int8")
+
+
 # --- kind 3: every dtype torch, safetensors and JAX share crosses -------------------------------------
 
 
