@@ -912,7 +912,9 @@ def _classify(ckpt: Checkpoint) -> None:
 
 def _check_format(ckpt: Checkpoint, quantized: set[str]) -> None:
     method = ckpt.quantization_config.get("quant_method")
-    if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"}:
+    # llm_int8_has_fp16_weight: bitsandbytes' 8-bit layers keep their floating weights, saved as they are
+    fp16_weights = bool(ckpt.quantization_config.get("llm_int8_has_fp16_weight"))
+    if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"} and not fp16_weights:
         raise CheckpointError(
             f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state"
         )

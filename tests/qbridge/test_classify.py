@@ -235,6 +235,27 @@ def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
                 call(tmp_path / "int8")
 
 
+def test_an_8bit_config_that_kept_floating_weights_loads_them(tmp_path):
+    """With llm_int8_has_fp16_weight, bitsandbytes' 8-bit layers keep their floating weights, and
+    save_pretrained writes them unquantized: they load as they are (they had been refused)."""
+    _llama(tmp_path / "dense")
+    q = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True),
+        device_map="cpu",
+    )
+    assert isinstance(q.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
+    q.save_pretrained(tmp_path / "q")
+    state = qbridge.dequantized_state(tmp_path / "q")
+    for name, p in q.state_dict().items():
+        if name in state:
+            assert_same_bits(to_numpy(state[name]), to_numpy(p))
+    assert {f"{n}.weight" for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)} <= set(state)
+    params = qbridge.load_checkpoint(tmp_path / "q", device="cpu")
+    kernel = params["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
+    assert_same_bits(np.asarray(kernel).T, to_numpy(q.model.layers[0].mlp.down_proj.weight))
+
+
 # --- kind 3: every dtype torch, safetensors and JAX share crosses -------------------------------------
 
 
