@@ -622,6 +622,17 @@ class Checkpoint:
         """``"<file> [<key>]"``: the file holding ``key``, for error messages."""
         return f"{self.source.key_file.get(key, self.path)} [{key}]"
 
+    def unlisted(self, *keys: str) -> str:
+        """For the message about missing ``keys``: where a safetensors file holds one that the checkpoint's
+        index does not list (so it was not read), ``" ({file} holds {key}, but the index does not list
+        it)"``; else ``""``."""
+        for path, handle in self.source._open.items():
+            held = set(handle.keys())
+            for key in keys:
+                if key in held and key not in self.source.key_file:
+                    return f" ({path} holds {key}, but the checkpoint's index does not list it)"
+        return ""
+
     def classify(self, *, ask_model: bool = False) -> Classification:
         """Classifies the tensors (see ``qbridge._classify``): which are no parameters, which torch module
         kind owns each parameter. ``ask_model`` builds the torch model on the meta device (transformers
@@ -893,6 +904,7 @@ def _classify(ckpt: Checkpoint) -> None:
             raise CheckpointError(
                 f"{ckpt.where(key)}: a bitsandbytes 8-bit weight without its row scales {base}.SCB (the "
                 "checkpoint is incomplete or damaged): its int8 values alone are not the weight"
+                + ckpt.unlisted(f"{base}.SCB")
             )
         elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
             scb = f"{base}.SCB"
@@ -996,7 +1008,9 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
         if key in src.shapes:
             keys[piece] = key
     if "absmax" not in keys:
-        raise CheckpointError(f"{ckpt.where(name)}: 4-bit weight without {name}.absmax")
+        raise CheckpointError(
+            f"{ckpt.where(name)}: 4-bit weight without {name}.absmax{ckpt.unlisted(f'{name}.absmax')}"
+        )
     nested = "nested_absmax" in keys
     if nested and ("nested_quant_map" not in keys or "nested_offset" not in doc):
         raise CheckpointError(f"{where}: a nested absmax needs .nested_quant_map and nested_offset")
@@ -1036,7 +1050,10 @@ def _fp8_entry(
     shapes = ckpt.source.shapes
     scales = [key + suffix for suffix in FP8_SCALES if key + suffix in shapes]
     if not scales:
-        raise CheckpointError(f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale")
+        raise CheckpointError(
+            f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale"
+            + ckpt.unlisted(*(key + suffix for suffix in FP8_SCALES))
+        )
     if len(scales) > 1:
         raise CheckpointError(
             f"{ckpt.where(key)}: float8 weight with two scales, {' and '.join(scales)}; which one it is "

@@ -387,3 +387,17 @@ def test_an_ambiguous_scale_grid_points_to_the_config_not_to_an_argument(tmp_pat
     with pytest.raises(CheckpointError, match=r"quantization_config.weight_block_size") as e:
         qbridge.load_checkpoint(ck, device="cpu")
     assert "block_size=" not in str(e.value)
+
+
+def test_a_piece_the_index_leaves_out_is_named_with_the_file_that_holds_it(made, tmp_path):
+    """A scale present in its shard but missing from model.safetensors.index.json (so never read): the
+    error says which file holds it and that the index does not list it."""
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    key = next(k for k in index["weight_map"] if k.endswith("down_proj.weight.absmax"))
+    shard = index["weight_map"].pop(key)
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=rf"without {key}.*{shard} holds {key}, but the checkpoint's index"
+    ):
+        qbridge.load_checkpoint(ck, progress=False)
