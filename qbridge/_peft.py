@@ -78,6 +78,17 @@ def _layer_of(key: str) -> str:
     return key.removeprefix(PREFIX).split(".lora_", 1)[0]
 
 
+def _module_at(model: Any, path: str) -> Any:
+    """The submodule of ``model`` at a dotted torch path (``model.layers.0.mlp``), or None."""
+    node = model
+    for part in path.split("."):
+        try:
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+    return node
+
+
 def load_peft_adapter(
     model: Any, directory: str | os.PathLike[str], *, rngs: Any = None, autocast_adapter_dtype: bool = True
 ) -> list[str]:
@@ -143,7 +154,22 @@ def load_peft_adapter(
         quantized = jax_side.lora_targets(model, jax_side.LoraConfig(target_modules="all-linear"))
         untargeted = [k for k in extra if _layer_of(k) in quantized]
         lacking = [k for k in extra if k not in untargeted]
+        # layers the model has, of a kind that takes no LoRA here (an embedding's lora_embedding_A/B)
+        held = {k: _module_at(model, _layer_of(k).split(".base_layer", 1)[0]) for k in lacking}
+        other = sorted(
+            {
+                f"{_layer_of(k).split('.base_layer', 1)[0]} ({type(m).__name__})"
+                for k, m in held.items()
+                if m is not None
+            }
+        )
+        lacking = [k for k, m in held.items() if m is None]
         problems = []
+        if other:
+            problems.append(
+                f"adapters for layers that are not linear: {other}; LoRA adapters are loaded onto linear layers "
+                "only (train and save the adapter with target_modules naming linear layers)"
+            )
         if lacking:
             problems.append(f"adapters for layers the model lacks: {lacking}")
         if untargeted:

@@ -272,6 +272,20 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
 
 
+def test_an_adapter_on_an_embedding_is_refused_as_not_linear(made, tmp_path):
+    """PEFT's LoRA on embed_tokens (lora_embedding_A/B): the error says the layer is not linear, where it
+    said the model lacked a layer it has."""
+    torch_model = peft.get_peft_model(
+        _torch_4bit(made), peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"])
+    )
+    torch_model.save_pretrained(tmp_path / "peft")
+    model = _kept(made)
+    with pytest.raises(qbridge.CheckpointError, match=r"not linear: \['model.embed_tokens \(Embed\)'\]") as e:
+        qbridge.load_peft_adapter(model, tmp_path / "peft")
+    assert "lacks" not in str(e.value)
+    assert jax_side.lora_layers(model) == {}
+
+
 def test_dropout_is_on_while_training_only(made):
     model = _kept(made)
     jax_side.add_lora(
