@@ -767,6 +767,10 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Pa
              if f.name not in NOT_MODEL_FILES]  # fmt: skip
     if files:
         return files, None, "torch"
+    if (path / "_CHECKPOINT_METADATA").exists():  # what qbridge convert writes
+        raise CheckpointError(
+            f"{path}: an Orbax checkpoint, not a PyTorch one; read it with qbridge.restore_converted"
+        )
     raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files")
 
 

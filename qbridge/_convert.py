@@ -79,6 +79,7 @@ def convert_checkpoint(
         The :class:`LoadReport` of the load.
 
     Raises:
+        ValueError: ``out`` is empty.
         FileExistsError: ``out`` exists and ``overwrite`` is False, or it is no Orbax checkpoint (only those
             are replaced), or it is or holds the checkpoint being converted.
         CheckpointError: from loading (a damaged or unreadable checkpoint); nothing is written then.
@@ -86,6 +87,8 @@ def convert_checkpoint(
         jax_side.MatchError: from matching to ``target``; nothing is written then.
     """
     ocp = _orbax()
+    if not os.fspath(out):
+        raise ValueError("out is empty: name the Orbax checkpoint directory to create")
     out = pathlib.Path(out).absolute()
     source = pathlib.Path(path).absolute().resolve()
     if source == out.resolve() or source.is_relative_to(out.resolve()):
@@ -101,7 +104,8 @@ def convert_checkpoint(
             f"{out} exists and is no Orbax checkpoint; overwrite replaces only one (remove it yourself)"
         )
     if not out.parent.is_dir():
-        raise CheckpointError(f"{out.parent}: no such directory to write the converted checkpoint in")
+        what = "a file, not a directory" if out.parent.exists() else "no such directory"
+        raise CheckpointError(f"{out.parent}: {what} to write the converted checkpoint in")
     params, report = load_checkpoint(
         path, target=target, device=device, dtype=dtype, strict=strict, kinds=kinds, rename=rename, sharding=sharding,
         keep_quantized=keep_quantized, progress=progress, return_report=True,

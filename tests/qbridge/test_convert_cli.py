@@ -225,6 +225,19 @@ def test_convert_never_writes_over_its_source(nf4, tmp_path):
     assert (parent / "notes.txt").exists() and (parent / "ck" / "config.json").exists()
 
 
+def test_convert_output_paths_that_cannot_be_and_an_orbax_checkpoint_given_to_load(nf4, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(qbridge.CheckpointError, match="afile: a file, not a directory"):
+        qbridge.convert_checkpoint(nf4, tmp_path / "afile" / "x.orbax", progress=False)
+    with pytest.raises(ValueError, match="out is empty"):
+        qbridge.convert_checkpoint(nf4, "", progress=False)
+    qbridge.convert_checkpoint(nf4, tmp_path / "m.orbax", progress=False)
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"an Orbax checkpoint, not a PyTorch one; .*restore_converted"
+    ):
+        qbridge.load_checkpoint(tmp_path / "m.orbax", progress=False)
+
+
 def test_failed_conversion_leaves_nothing(nf4, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
