@@ -28,8 +28,11 @@ def resolve_device(device: Any) -> tuple[jax.Device, torch.device]:
         try:
             tdev = torch.device(device)
         except RuntimeError:
-            hint = " (JAX's name for one; here it is 'cuda')" if device.split(":")[0] == "gpu" else ""
-            raise ValueError(f"device {device!r} is not a device{hint}: use {names}") from None
+            if device.split(":")[0] == "gpu":
+                raise ValueError(
+                    f"device {device!r} is JAX's name for a GPU; qbridge takes torch's names: use {names}"
+                ) from None
+            raise ValueError(f"device {device!r} is not a device: use {names}") from None
         if tdev.type == "cpu":
             cpus = jax.local_devices(backend="cpu")
             if (tdev.index or 0) >= len(cpus):

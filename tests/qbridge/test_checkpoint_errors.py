@@ -339,8 +339,8 @@ def test_a_device_that_is_not_there_is_named_with_what_to_use(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.ones(3)}, tmp_path / "model.safetensors")
-    cases = [("gpu", r"device 'gpu' is not a device \(JAX's name for one; here it is 'cuda'\)"),
-             ("gpu:1", "JAX's name for one"), ("mps", "qbridge loads onto the CPU or CUDA GPUs"),
+    cases = [("gpu", r"device 'gpu' is JAX's name for a GPU; qbridge takes torch's names: use 'cpu', 'cuda'"),
+             ("gpu:1", "JAX's name for a GPU"), ("mps", "qbridge loads onto the CPU or CUDA GPUs"),
              ("cpu0", r"'cpu', 'cuda' or 'cuda:i'")]  # fmt: skip
     if not torch.cuda.is_available():
         cases += [("cuda", "sees no CUDA GPU here; use 'cpu'"), ("cuda:0", "sees no CUDA GPU here")]

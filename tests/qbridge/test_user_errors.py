@@ -132,7 +132,9 @@ def test_cli_warnings_are_one_line_of_the_command(dense_dir, tmp_path, capsys):
 
 def test_demo_refuses_a_device_that_is_not_one_before_any_work(capsys):
     assert main(["demo", "--device", "gpu"]) == 2
-    assert "JAX's name for one; here it is 'cuda'" in capsys.readouterr().err
+    assert (
+        "is JAX's name for a GPU; qbridge takes torch's names: use 'cpu', 'cuda'" in capsys.readouterr().err
+    )
     if not torch.cuda.is_available():
         assert main(["demo", "--device", "cuda"]) == 2
         assert "sees no CUDA GPU here" in capsys.readouterr().err
