@@ -588,7 +588,16 @@ def to_torch(x: jax.Array) -> torch.Tensor:
     if not isinstance(x, jax.Array):
         raise TypeError(f"to_torch takes a jax.Array, got {type(x).__name__}")
     if len(x.devices()) != 1:
-        raise TypeError(f"to_torch takes a single-device array; this one spans {len(x.devices())} devices")
+        whole = x.is_fully_replicated
+        raise TypeError(
+            f"to_torch takes a single-device array; this one spans {len(x.devices())} devices"
+            + (
+                ", each holding all of it: hand over one device's copy, x.addressable_shards[0].data"
+                if whole
+                else ": gather it onto one device first (jax.device_put(x, device)), or hand over each "
+                "shard's data (x.addressable_shards[i].data)"
+            )
+        )
     target = torch_dtype(x.dtype)  # raises TypeError naming what torch lacks
     device = next(iter(x.devices()))
     with (

@@ -208,3 +208,17 @@ def test_rules_given_as_an_iterator_are_applied(made):
 def test_a_rule_that_is_no_regex(made):
     with pytest.raises(ValueError, match=r"sharding rule 'kernel\[' is no regular expression"):
         qbridge.load_checkpoint(made / "nf4", progress=False, sharding=(_mesh_1d(), [("kernel[", P())]))
+
+
+def test_to_torch_of_an_array_on_many_devices_says_how_to_take_one():
+    mesh = jax.make_mesh((8,), ("x",))
+    x = jnp.arange(16.0)
+    whole = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    with pytest.raises(
+        TypeError, match=r"spans 8 devices, each holding all of it: .*addressable_shards\[0\]\.data"
+    ):
+        qbridge.to_torch(whole)
+    assert np.array_equal(qbridge.to_torch(whole.addressable_shards[0].data).numpy(), np.asarray(x))
+    split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+    with pytest.raises(TypeError, match=r"spans 8 devices: gather it onto one device first"):
+        qbridge.to_torch(split)
