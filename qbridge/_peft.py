@@ -155,14 +155,9 @@ def load_peft_adapter(
         untargeted = [k for k in extra if _layer_of(k) in quantized]
         lacking = [k for k in extra if k not in untargeted]
         # layers the model has, of a kind that takes no LoRA here (an embedding's lora_embedding_A/B)
-        held = {k: _module_at(model, _layer_of(k).split(".base_layer", 1)[0]) for k in lacking}
-        other = sorted(
-            {
-                f"{_layer_of(k).split('.base_layer', 1)[0]} ({type(m).__name__})"
-                for k, m in held.items()
-                if m is not None
-            }
-        )
+        layers = {k: _layer_of(k).split(".base_layer", 1)[0] for k in lacking}
+        held = {k: _module_at(model, name) for k, name in layers.items()}
+        other = sorted({f"{layers[k]} ({type(m).__name__})" for k, m in held.items() if m is not None})
         lacking = [k for k, m in held.items() if m is None]
         problems = []
         if other:
