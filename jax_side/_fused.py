@@ -721,7 +721,15 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
         )
     if path == "auto" and not _is_traced(*jax.tree.leaves((x, weight))):
         return _auto_on_concrete(x, weight)
-    return _kernel_matmul(x, weight, path)
+    try:
+        return _kernel_matmul(x, weight, path)
+    except TypeError as e:  # JAX's own words for forward mode through a custom VJP
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            f"quantized_matmul on matmul_path({path!r}) has reverse-mode derivatives only (jax.grad, jax.vjp); "
+            "for forward mode (jax.jvp, jax.jacfwd, jax.hessian) run it under jax_side.matmul_path('expand')"
+        ) from e
 
 
 @jax.jit

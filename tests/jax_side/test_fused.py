@@ -476,12 +476,18 @@ def test_weights_the_kernel_does_not_take():
         jax_side.quantized_matmul(jnp.ones((3, 100), jnp.int32), crossing)
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         jax_side.quantized_matmul([[1.0] * 100], crossing)
-    with jax_side.matmul_path("auto"), pytest.raises(TypeError, match=r"forward-mode|jvp"):
-        jax.jvp(
-            lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
-            (x_for(2, 128, jnp.float32),),
-            (x_for(2, 128, jnp.float32),),
-        )
+    for path in ("auto", "interpret"):  # the error says which path gives forward mode
+        with (
+            jax_side.matmul_path(path),
+            pytest.raises(
+                TypeError, match=rf"matmul_path\('{path}'\) has reverse-mode .*matmul_path\('expand'\)"
+            ),
+        ):
+            jax.jvp(
+                lambda x: jax_side.quantized_matmul(x, nf4((8, 128))),
+                (x_for(2, 128, jnp.float32),),
+                (x_for(2, 128, jnp.float32),),
+            )
     no_offset = dataclasses.replace(nf4((8, 128)), offset=None)  # nested: the offset shifts every scale
     for path in ("auto", "expand", "interpret"):
         with (
