@@ -147,13 +147,31 @@ class MatchReport:
         for key in self.unused:
             lines.append(f"  unused: checkpoint tensor {key!r} fills no target leaf")
         for leaf, key, want, got in self.shape_mismatches:
-            lines.append(f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout")
+            lines.append(
+                f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout"
+                + _grouped_transpose_hint(want, got)
+            )
         for leaf, key, want_dtype, got_dtype in self.dtype_mismatches:
             lines.append(
                 f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} (leave dtype=None to cast floating "
                 "leaves to the target's dtypes)"
             )
         return "\n".join(lines)
+
+
+def _grouped_transpose_hint(want: tuple[int, ...], got: tuple[int, ...]) -> str:
+    """For a convolution kernel whose output features are ``groups`` times fewer than the target's: torch's
+    grouped ConvTranspose stores ``[in, out / groups, k...]``, and Flax's ConvTranspose has no groups."""
+    if not 3 <= len(want) == len(got) <= 5 or want[:-1] != got[:-1] or not got[-1]:
+        return ""
+    groups, rest = divmod(want[-1], got[-1])
+    if groups < 2 or rest:
+        return ""
+    return (
+        f" (if the torch layer is a ConvTranspose with groups={groups}: its weight holds out/groups output "
+        "features, and Flax's ConvTranspose has no feature groups; such a layer needs a module of your own, "
+        "e.g. jax.lax.conv_general_dilated with lhs_dilation and feature_group_count)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

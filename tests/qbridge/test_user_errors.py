@@ -367,3 +367,31 @@ def test_inspect_says_what_quantized_weights_decode_to(tmp_path, torch_dtype):
     assert f"decoded to: fp8 {torch_dtype or 'bfloat16'}" in str(summary)
     params = qbridge.load_checkpoint(tmp_path / "ck", device="cpu")
     assert params["params"]["k"]["kernel"].dtype == jnp.dtype(torch_dtype or "bfloat16")
+
+
+def test_a_grouped_transposed_convolution_is_named_in_the_mismatch(tmp_path):
+    """torch's ConvTranspose2d(groups=2) stores out/groups output features; Flax's ConvTranspose has no
+    groups: the MatchError says so where it only gave the two shapes."""
+    from flax import nnx
+    from safetensors.torch import save_file
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.ConvTranspose2d(4, 6, 3, groups=2)
+            self.head = torch.nn.Linear(6, 5)
+
+    save_file(Torch().state_dict(), tmp_path / "model.safetensors")
+
+    class Flax(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.ConvTranspose(4, 6, (3, 3), rngs=rngs)
+            self.head = nnx.Linear(6, 10, rngs=rngs)
+
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path, target=Flax(nnx.Rngs(0)))
+    lines = str(e.value).splitlines()
+    up = next(line for line in lines if "'up.kernel'" in line)
+    assert "expects (3, 3, 4, 6)" in up and "ConvTranspose with groups=2" in up, up
+    head = next(line for line in lines if "'head.kernel'" in line)
+    assert "groups" not in head, head  # a Dense kernel twice as wide is no such case
