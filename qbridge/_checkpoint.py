@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 import torch_side
+from torch_side._fp8 import BlockSizeUnknown
 
 from . import _staging
 from ._classify import Classification, classify, module_info
@@ -1067,14 +1068,13 @@ def _fp8_entry(
     scale_shape, scale_dtype = shapes[scale]
     try:
         layout, partial = _fp8_layout(shape, scale_shape, block)
+    except BlockSizeUnknown as e:  # torch_side's hint is to a caller; here the block size is the config's
+        raise CheckpointError(
+            f"{ckpt.where(scale)}: {e.reason}; the checkpoint's config.json must say which: "
+            "quantization_config.weight_block_size (e.g. [128, 128])"
+        ) from e
     except ValueError as e:
-        why = str(e)
-        if "pass block_size=" in why:  # torch_side's hint to a caller; here the block size is the config's
-            why = why.partition("; pass block_size=")[0] + (
-                "; the checkpoint's config.json must say which: quantization_config.weight_block_size "
-                "(e.g. [128, 128])"
-            )
-        raise CheckpointError(f"{ckpt.where(scale)}: {why}") from e
+        raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
     stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)

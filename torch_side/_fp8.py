@@ -85,6 +85,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+class BlockSizeUnknown(ValueError):
+    """The scale grid leaves the block size open (no block fits it, or several that tile differently):
+    ``reason`` says why, the message adds how to give it (``block_size=``)."""
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(f"{reason}; {hint}")
+        self.reason = reason
+
+
 def fp8_scale_layout(
     weight_shape: tuple[int, ...],
     scale_shape: tuple[int, ...],
@@ -138,17 +147,17 @@ def fp8_scale_layout(
     lo1, hi1 = _fitting_blocks(cols, scale_shape[1])
     lo, hi = max(lo0, lo1), min(hi0, hi1)
     if lo > hi:
-        raise ValueError(
+        raise BlockSizeUnknown(
             f"scale_inv has shape {scale_shape}, which fits no square block of a [{rows}, {cols}] weight "
-            f"(block 128 needs {grid128}); pass block_size=(rows_per_block, cols_per_block) if the blocks "
-            "are not square"
+            f"(block 128 needs {grid128})",
+            "pass block_size=(rows_per_block, cols_per_block) if the blocks are not square",
         )
     if lo != hi:
         top = "any larger" if hi == math.inf else int(hi)
-        raise ValueError(
+        raise BlockSizeUnknown(
             f"scale_inv has shape {scale_shape}: square blocks from {lo} to {top} all fit a [{rows}, {cols}] "
-            "weight and cut it differently; pass block_size= (the checkpoint's "
-            "quantization_config.weight_block_size)"
+            "weight and cut it differently",
+            "pass block_size= (the checkpoint's quantization_config.weight_block_size)",
         )
     return ScaleLayout("block", (lo, lo), scale_shape)
 
