@@ -150,6 +150,7 @@ class MatchReport:
             lines.append(
                 f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout"
                 + _grouped_transpose_hint(want, got)
+                + _transposed_hint(leaf, want, got)
             )
         for leaf, key, want_dtype, got_dtype in self.dtype_mismatches:
             lines.append(
@@ -157,6 +158,19 @@ class MatchReport:
                 "leaves to the target's dtypes)"
             )
         return "\n".join(lines)
+
+
+def _transposed_hint(leaf: str, want: tuple[int, ...], got: tuple[int, ...]) -> str:
+    """For a 2-D kernel laid out as the transpose of its target's (a transformers ``Conv1D`` read for a
+    Dense, whose kind a target without module types cannot tell)."""
+    if len(want) != 2 or want == got or got != want[::-1] or not leaf.endswith(".kernel"):
+        return ""
+    module = re.escape(leaf.removesuffix(".kernel"))
+    return (
+        f" (its transpose: the layout follows the torch module's kind; name the kind your Flax module has, "
+        f"e.g. kinds={{r'{module}\\.': 'linear'}} for a Dense kernel [in, out]; transformers' Conv1D weights are "
+        "otherwise laid out [out, in], as its FlaxGPT2 held them)"
+    )
 
 
 def _grouped_transpose_hint(want: tuple[int, ...], got: tuple[int, ...]) -> str:

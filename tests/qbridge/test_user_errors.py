@@ -395,3 +395,36 @@ def test_a_grouped_transposed_convolution_is_named_in_the_mismatch(tmp_path):
     assert "expects (3, 3, 4, 6)" in up and "ConvTranspose with groups=2" in up, up
     head = next(line for line in lines if "'head.kernel'" in line)
     assert "groups" not in head, head  # a Dense kernel twice as wide is no such case
+
+
+def test_a_gpt2_conv1d_read_for_a_dense_target_names_the_kind_to_give(tmp_path):
+    """A linen params dict carries no module types: GPT-2's Conv1D kernels are laid out [out, in], as
+    transformers' FlaxGPT2 held them. A port built on Dense expects [in, out]; the mismatch names the
+    kinds= rule that lays them out so, and that rule loads Conv1D's stored [in, out] exactly."""
+    import re
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=100, n_positions=32)
+    torch_model = transformers.GPT2LMHeadModel(config)
+    torch_model.save_pretrained(tmp_path)
+    loaded = qbridge.load_checkpoint(tmp_path, device="cpu")
+
+    def dense(path, a):
+        name = jax.tree_util.keystr(path)
+        conv1d = any(s in name for s in ("c_attn", "c_fc", "c_proj")) and "kernel" in name
+        return jax.ShapeDtypeStruct(a.shape[::-1] if conv1d else a.shape, a.dtype)
+
+    target = jax.tree_util.tree_map_with_path(dense, loaded)
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path, target=target, device="cpu")
+    line = next(x for x in str(e.value).splitlines() if "'transformer.h.0.attn.c_attn.kernel'" in x)
+    pattern = re.search(r"kinds=\{r'(.+?)': 'linear'\}", line).group(1)
+    assert pattern == r"transformer\.h\.0\.attn\.c_attn\.", line
+    kinds = {pattern: "linear", r"c_fc\.": "linear", r"c_proj\.": "linear"}
+    params = qbridge.load_checkpoint(tmp_path, target=target, device="cpu", kinds=kinds)
+    block = params["params"]["transformer"]["h"]["0"]
+    for module, kernel in ((torch_model.transformer.h[0].attn.c_attn, block["attn"]["c_attn"]["kernel"]),
+                           (torch_model.transformer.h[0].mlp.c_proj, block["mlp"]["c_proj"]["kernel"])):  # fmt: skip
+        np.testing.assert_array_equal(
+            np.asarray(kernel), module.weight.detach().numpy()
+        )  # Conv1D's [in, out]
