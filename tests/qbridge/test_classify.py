@@ -934,3 +934,23 @@ def test_experts_stored_out_in_are_told_apart_from_in_out():
     assert experts_stored_in_out(mixtral.model.layers[0].mlp.experts, {32}) is False
     oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(**MOES["GptOss"]))
     assert experts_stored_in_out(oss.model.layers[0].mlp.experts, {32}) is True
+
+
+def test_a_router_of_its_own_class_keeps_torchs_layout_unless_kinds_names_it(tmp_path):
+    """Qwen3-MoE's router (transformers 5) is a module of its own class holding a [experts, hidden] weight:
+    without a target it keeps torch's name and layout (its kind is not known), and kinds= makes it a Dense
+    kernel, as the README says."""
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100, head_dim=16,
+    )  # fmt: skip
+    model = transformers.Qwen3MoeForCausalLM(config)
+    assert not isinstance(model.model.layers[0].mlp.gate, torch.nn.Linear)
+    model.save_pretrained(tmp_path)
+    want = model.model.layers[0].mlp.gate.weight.detach().numpy()
+    gate = qbridge.load_checkpoint(tmp_path, device="cpu")["params"]["model"]["layers"]["0"]["mlp"]["gate"]
+    assert set(gate) == {"weight"}
+    np.testing.assert_array_equal(np.asarray(gate["weight"]), want)
+    params = qbridge.load_checkpoint(tmp_path, device="cpu", kinds={r"mlp\.gate$": "linear"})
+    gate = params["params"]["model"]["layers"]["0"]["mlp"]["gate"]
+    np.testing.assert_array_equal(np.asarray(gate["kernel"]), want.T)
