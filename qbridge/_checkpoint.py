@@ -809,9 +809,16 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
     return doc
 
 
-def _model_dtype(config: dict[str, Any]) -> torch.dtype:
-    name = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-    return DTYPES.get(str(name), torch.bfloat16)
+def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype transformers decodes an FP8, 8-bit or torchao weight to: ``config.json``'s ``torch_dtype``
+    (or ``dtype``), bfloat16 when absent; another name is refused, not guessed."""
+    name = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16"
+    if str(name) not in DTYPES:
+        raise CheckpointError(
+            f"{ckpt.path}: config.json's torch_dtype is {name!r}, and quantized weights decode to float16, "
+            "bfloat16 or float32 (the model's dtype): set it to the dtype they should decode to"
+        )
+    return DTYPES[str(name)]
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -885,7 +892,7 @@ def _classify(ckpt: Checkpoint) -> None:
             for entry in _torchao_safetensors_entries(ckpt, path, meta):
                 entries[entry.name] = entry
     taken = {k for e in entries.values() for k in e.keys.values()} | _companions(src)
-    dtype = _model_dtype(ckpt.config)
+    dtype = functools.cache(lambda: _model_dtype(ckpt))  # asked for by quantized weights only
     block = ckpt.quantization_config.get("weight_block_size")
     block = tuple(int(b) for b in block) if block else None
     for key in sorted(set(src.shapes) - taken):
@@ -904,7 +911,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "is incomplete or damaged; if its weights were dequantized already, leave the scales out)"
             )
         if kdtype in FLOAT8:
-            entry = _fp8_entry(ckpt, key, shape, dtype, block)
+            entry = _fp8_entry(ckpt, key, shape, dtype(), block)
         elif kdtype == torch.int8 and f"{base}.SCB" not in src.shapes and _bnb8_weight(ckpt, base, leaf):
             raise CheckpointError(
                 f"{ckpt.where(key)}: a bitsandbytes 8-bit weight without its row scales {base}.SCB (the "
@@ -914,7 +921,12 @@ def _classify(ckpt: Checkpoint) -> None:
         elif kdtype == torch.int8 and f"{base}.SCB" in src.shapes:
             scb = f"{base}.SCB"
             entry = Entry(
-                key, "bnb8", shape, dtype, _nbytes(src, key) + _nbytes(src, scb), {"weight": key, "scb": scb}
+                key,
+                "bnb8",
+                shape,
+                dtype(),
+                _nbytes(src, key) + _nbytes(src, scb),
+                {"weight": key, "scb": scb},
             )
         elif src._state is not None and torch_side.is_quant_tensor_subclass(src._state.get(key)):
             value = src._state[key]
@@ -1109,8 +1121,8 @@ def _torchao_safetensors_entries(
             else ckpt.source.shapes[next(iter(keys.values()))][0]
         )
         stored_dtype = data.get("dtype", {})
-        dtype = DTYPES.get(stored_dtype.get("_data", "") if isinstance(stored_dtype, dict) else str(stored_dtype),
-                           _model_dtype(ckpt.config))  # fmt: skip
+        stored_name = stored_dtype.get("_data", "") if isinstance(stored_dtype, dict) else str(stored_dtype)
+        dtype = DTYPES[stored_name] if stored_name in DTYPES else _model_dtype(ckpt)
         stored = sum(_nbytes(ckpt.source, k) for k in keys.values())
         yield Entry(
             name,

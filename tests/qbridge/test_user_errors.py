@@ -428,3 +428,33 @@ def test_a_gpt2_conv1d_read_for_a_dense_target_names_the_kind_to_give(tmp_path):
         np.testing.assert_array_equal(
             np.asarray(kernel), module.weight.detach().numpy()
         )  # Conv1D's [in, out]
+
+
+def test_a_config_dtype_quantized_weights_cannot_decode_to_is_refused(tmp_path):
+    """FP8 weights decode to config.json's torch_dtype; one qbridge does not know (float64, "auto") had
+    silently given bfloat16. A dense checkpoint with such a config still loads (the dtype is not used)."""
+    from safetensors.torch import save_file
+
+    for quantized in (True, False):
+        folder = tmp_path / str(quantized)
+        folder.mkdir()
+        tensors = {"k.weight": torch.randn(64, 128)}
+        config: dict = {"torch_dtype": "float64"}
+        if quantized:
+            tensors = {
+                "k.weight": tensors["k.weight"].to(torch.float8_e4m3fn),
+                "k.weight_scale_inv": torch.rand(1, 1),
+            }
+            config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        save_file(tensors, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config))
+        if quantized:
+            for name in ("float64", "auto"):
+                (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": name}))
+                with pytest.raises(
+                    qbridge.CheckpointError, match=rf"torch_dtype is '{name}', and quantized weights"
+                ):
+                    qbridge.load_checkpoint(folder, device="cpu")
+        else:
+            params = qbridge.load_checkpoint(folder, device="cpu")
+            assert params["params"]["k"]["kernel"].shape == (128, 64)
