@@ -286,7 +286,9 @@ def load_checkpoint(
 
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,
-            damaged (NaN/Inf) scales; the message names the file and key. Nothing partial is returned.
+            damaged (NaN/Inf) scales, a quantized weight without its scales, a ``config.json``
+            ``torch_dtype`` quantized weights cannot decode to; the message names the file and key. Nothing
+            partial is returned.
         FormatError: an unknown ``quant_method`` or mixed formats.
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
     """
