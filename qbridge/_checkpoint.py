@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 import torch_side
-from torch_side._fp8 import BlockSizeUnknown
+from torch_side._checks import BlockSizeUnknown
 
 from . import _staging
 from ._classify import Classification, classify, module_info

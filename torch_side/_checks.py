@@ -82,12 +82,23 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return _NOTHING
 
 
+class BlockSizeUnknown(ValueError):
+    """An FP8 scale grid leaves the block size open (no block fits it, or several that tile differently):
+    ``reason`` says why, ``hint`` how to give it (``block_size=``); the message is both."""
+
+    def __init__(self, reason: str, hint: str) -> None:
+        super().__init__(f"{reason}; {hint}")
+        self.reason, self.hint = reason, hint
+
+
 def numbered(index: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, its TypeError, ValueError or AssertionError prefixed with ``weights[index]: ``
     (the many-weights functions)."""
     try:
         return fn(*args, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
+        if isinstance(e, BlockSizeUnknown):  # numbered as the others, keeping its class
+            raise BlockSizeUnknown(f"weights[{index}]: {e.reason}", e.hint) from e
         if type(e) not in (TypeError, ValueError, AssertionError):
             raise  # a subclass: as it came
         raise type(e)(f"weights[{index}]: {e}") from e

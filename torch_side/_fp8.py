@@ -20,7 +20,17 @@ import numpy as np
 import torch
 
 from ._backend import choose_fp8_backend
-from ._checks import as_list, numbered, on_device, plain, require_tensor, resolved, same_device, tracing
+from ._checks import (
+    BlockSizeUnknown,
+    as_list,
+    numbered,
+    on_device,
+    plain,
+    require_tensor,
+    resolved,
+    same_device,
+    tracing,
+)
 from ._checks import check_finite as _check_finite
 from ._compile import Address, KernelNotReady, kernels_imported
 from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
@@ -83,15 +93,6 @@ def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-class BlockSizeUnknown(ValueError):
-    """The scale grid leaves the block size open (no block fits it, or several that tile differently):
-    ``reason`` says why, the message adds how to give it (``block_size=``)."""
-
-    def __init__(self, reason: str, hint: str) -> None:
-        super().__init__(f"{reason}; {hint}")
-        self.reason = reason
 
 
 def fp8_scale_layout(
