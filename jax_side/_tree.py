@@ -146,12 +146,18 @@ class MatchReport:
             )
         for key in self.unused:
             lines.append(f"  unused: checkpoint tensor {key!r} fills no target leaf")
+        transposed = []  # modules whose kernels are their targets' transposes
         for leaf, key, want, got in self.shape_mismatches:
+            flipped = len(want) == 2 and want != got and got == want[::-1] and leaf.endswith(".kernel")
+            if flipped:
+                transposed.append(leaf.removesuffix(".kernel").rpartition(".")[2])
             lines.append(
                 f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout"
                 + _grouped_transpose_hint(want, got)
-                + _transposed_hint(leaf, want, got)
+                + (" (its transpose)" if flipped else "")
             )
+        if transposed:
+            lines.append(_transposed_hint(sorted(set(transposed))))
         for leaf, key, want_dtype, got_dtype in self.dtype_mismatches:
             lines.append(
                 f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} (leave dtype=None to cast floating "
@@ -160,16 +166,15 @@ class MatchReport:
         return "\n".join(lines)
 
 
-def _transposed_hint(leaf: str, want: tuple[int, ...], got: tuple[int, ...]) -> str:
-    """For a 2-D kernel laid out as the transpose of its target's (a transformers ``Conv1D`` read for a
-    Dense, whose kind a target without module types cannot tell)."""
-    if len(want) != 2 or want == got or got != want[::-1] or not leaf.endswith(".kernel"):
-        return ""
-    module = re.escape(leaf.removesuffix(".kernel"))
+def _transposed_hint(modules: list[str]) -> str:
+    """For kernels laid out as their targets' transposes (a transformers ``Conv1D`` read for a Dense, whose
+    kind a target without module types cannot tell): the ``kinds=`` rule for all modules of those names."""
+    names = "|".join(re.escape(m) for m in modules)
     return (
-        f" (its transpose: the layout follows the torch module's kind; name the kind your Flax module has, "
-        f"e.g. kinds={{r'{module}\\.': 'linear'}} for a Dense kernel [in, out]; transformers' Conv1D weights are "
-        "otherwise laid out [out, in], as its FlaxGPT2 held them)"
+        "  (kernels laid out as their targets' transposes: the layout follows the torch module's kind, and "
+        "every module of that kind is laid out so, square ones too, whose shapes match; name the kind your Flax "
+        f"modules have, e.g. kinds={{r'({names})(\\.|$)': 'linear'}} for Dense kernels [in, out]; "
+        "transformers' Conv1D weights are otherwise laid out [out, in], as its FlaxGPT2 held them)"
     )
 
 

@@ -11,6 +11,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -951,6 +952,15 @@ def test_a_router_of_its_own_class_keeps_torchs_layout_unless_kinds_names_it(tmp
     gate = qbridge.load_checkpoint(tmp_path, device="cpu")["params"]["model"]["layers"]["0"]["mlp"]["gate"]
     assert set(gate) == {"weight"}
     np.testing.assert_array_equal(np.asarray(gate["weight"]), want)
-    params = qbridge.load_checkpoint(tmp_path, device="cpu", kinds={r"mlp\.gate$": "linear"})
+    rule = {r"mlp\.gate(\.|$)": "linear"}  # the README's
+    params = qbridge.load_checkpoint(tmp_path, device="cpu", kinds=rule)
     gate = params["params"]["model"]["layers"]["0"]["mlp"]["gate"]
     np.testing.assert_array_equal(np.asarray(gate["kernel"]), want.T)
+    # the same rule with a params-dict target: it matches the leaf's path too (no "matched no name" warning)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = qbridge.load_checkpoint(tmp_path, target=target, device="cpu", kinds=rule)
+    np.testing.assert_array_equal(
+        np.asarray(again["params"]["model"]["layers"]["0"]["mlp"]["gate"]["kernel"]), want.T
+    )

@@ -399,8 +399,9 @@ def test_a_grouped_transposed_convolution_is_named_in_the_mismatch(tmp_path):
 
 def test_a_gpt2_conv1d_read_for_a_dense_target_names_the_kind_to_give(tmp_path):
     """A linen params dict carries no module types: GPT-2's Conv1D kernels are laid out [out, in], as
-    transformers' FlaxGPT2 held them. A port built on Dense expects [in, out]; the mismatch names the
-    kinds= rule that lays them out so, and that rule loads Conv1D's stored [in, out] exactly."""
+    transformers' FlaxGPT2 held them. A port built on Dense expects [in, out]; the mismatch gives one kinds=
+    rule for every module of those names, the square attn.c_proj too (whose shape matches either way), and
+    that rule loads Conv1D's stored [in, out] exactly, with the target and without one."""
     import re
 
     transformers = pytest.importorskip("transformers")
@@ -417,17 +418,18 @@ def test_a_gpt2_conv1d_read_for_a_dense_target_names_the_kind_to_give(tmp_path):
     target = jax.tree_util.tree_map_with_path(dense, loaded)
     with pytest.raises(jax_side.MatchError) as e:
         qbridge.load_checkpoint(tmp_path, target=target, device="cpu")
-    line = next(x for x in str(e.value).splitlines() if "'transformer.h.0.attn.c_attn.kernel'" in x)
-    pattern = re.search(r"kinds=\{r'(.+?)': 'linear'\}", line).group(1)
-    assert pattern == r"transformer\.h\.0\.attn\.c_attn\.", line
-    kinds = {pattern: "linear", r"c_fc\.": "linear", r"c_proj\.": "linear"}
-    params = qbridge.load_checkpoint(tmp_path, target=target, device="cpu", kinds=kinds)
-    block = params["params"]["transformer"]["h"]["0"]
-    for module, kernel in ((torch_model.transformer.h[0].attn.c_attn, block["attn"]["c_attn"]["kernel"]),
-                           (torch_model.transformer.h[0].mlp.c_proj, block["mlp"]["c_proj"]["kernel"])):  # fmt: skip
-        np.testing.assert_array_equal(
-            np.asarray(kernel), module.weight.detach().numpy()
-        )  # Conv1D's [in, out]
+    assert "'transformer.h.0.attn.c_attn.kernel' expects (64, 192)" in str(e.value)
+    assert "'transformer.h.0.attn.c_proj.kernel'" not in str(e.value)  # square: its shape matches
+    pattern = re.search(r"kinds=\{r'(.+?)': 'linear'\}", str(e.value)).group(1)
+    assert pattern == r"(c_attn|c_fc|c_proj)(\.|$)", str(e.value)
+    block = torch_model.transformer.h[0]
+    for given in (target, None):
+        params = qbridge.load_checkpoint(tmp_path, target=given, device="cpu", kinds={pattern: "linear"})
+        got = params["params"]["transformer"]["h"]["0"]
+        for module, kernel in ((block.attn.c_attn, got["attn"]["c_attn"]["kernel"]),
+                               (block.attn.c_proj, got["attn"]["c_proj"]["kernel"]),
+                               (block.mlp.c_proj, got["mlp"]["c_proj"]["kernel"])):  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(kernel), module.weight.detach().numpy())  # [in, out]
 
 
 def test_a_config_dtype_quantized_weights_cannot_decode_to_is_refused(tmp_path):
