@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ class DemoResult:
     weights_equal: int
     seconds: dict[str, float]
     device: str
+    kept_in: str | None = None  # the workdir holding the checkpoints (None: a temporary directory, removed)
 
 
 def _timed(seconds: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -70,27 +72,41 @@ def _made_by_demo(folder: pathlib.Path) -> bool:
     return isinstance(config, dict) and all(config.get(k) == v for k, v in DEMO_CONFIG.items())
 
 
-def _clear(folders: list[pathlib.Path], overwrite: bool) -> None:
-    """Empties the demo's checkpoint folders for writing: those an earlier demo wrote always, other
-    checkpoints (a ``config.json``) with ``overwrite``; raises FileExistsError for anything else that is
-    there, before anything is removed."""
-    import shutil
+# what save_pretrained writes for the demo's models: the only files the demo removes from its folders
+_SAVED = re.compile(
+    r"(generation_)?config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
 
-    taken = [f for f in folders if f.exists() and not (f.is_dir() and not any(f.iterdir()))]
-    for folder in taken:
-        if _made_by_demo(folder):
+
+def _clear(folders: list[pathlib.Path], overwrite: bool) -> None:
+    """Readies the demo's checkpoint folders for writing, or raises FileExistsError before anything is
+    removed. A folder may hold only files ``save_pretrained`` writes (``config.json``,
+    ``generation_config.json``, ``model*.safetensors`` and its index); they are removed where an earlier
+    demo wrote them (the config is the demo's model's), and for another checkpoint with ``overwrite``.
+    Anything else (another file, a folder, a link) is never removed: the demo refuses."""
+    removals: list[pathlib.Path] = []
+    for folder in folders:
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise FileExistsError(
+                f"{folder} exists and is no folder (a file or a link); pick another workdir"
+            )
+        if not folder.exists():
             continue
-        if not overwrite:
+        entries = sorted(folder.iterdir())
+        other = [e.name for e in entries if e.is_symlink() or not e.is_file() or not _SAVED.fullmatch(e.name)]
+        if other:
             raise FileExistsError(
-                f"{folder} exists and holds something other than an earlier demo's checkpoint; pass "
-                "overwrite=True (on the command line: --overwrite) to replace it, or pick another workdir"
+                f"{folder} holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}, which are not files of "
+                "a checkpoint the demo writes; it removes no others: move them, or pick another workdir"
             )
-        if not (folder / "config.json").is_file():
+        if entries and not _made_by_demo(folder) and not overwrite:
             raise FileExistsError(
-                f"{folder} exists and is no checkpoint; overwrite replaces only one (remove it yourself)"
+                f"{folder} holds a checkpoint an earlier demo did not write; pass overwrite=True (on the "
+                "command line: --overwrite) to replace it, or pick another workdir"
             )
-    for folder in taken:
-        shutil.rmtree(folder)  # no stale shards of the checkpoint that was there
+        removals += entries
+    for entry in removals:  # no stale shards of the checkpoint that was there
+        entry.unlink()
 
 
 def run_demo(
@@ -103,12 +119,12 @@ def run_demo(
     """Runs the demo; ``workdir`` keeps the checkpoints, ``workdir/llama-bf16`` and ``workdir/llama-nf4`` (a
     temporary directory otherwise); ``device``: the torch device bitsandbytes quantizes on (``"cpu"``,
     ``"cuda"``, ``"cuda:i"``; default: the GPU if present). Checkpoints an earlier demo left there are
-    replaced; other checkpoints only with ``overwrite``.
+    replaced; other checkpoints only with ``overwrite``; other files never.
 
     Raises:
         ValueError: ``device`` is not a device torch sees here.
-        FileExistsError: ``workdir`` holds ``llama-bf16`` or ``llama-nf4`` that an earlier demo did not write
-            (without ``overwrite``), or that is no checkpoint.
+        FileExistsError: ``workdir`` holds ``llama-bf16`` or ``llama-nf4`` with a checkpoint an earlier demo did
+            not write (without ``overwrite``), or with files no checkpoint has, or as a file or link.
     """
     if device is not None:
         from qbridge._devices import resolve_device
@@ -163,7 +179,8 @@ def run_demo(
         forward(state, x).block_until_ready()  # compile
         out = _timed(seconds, "flax forward (jitted)", lambda: forward(state, x).block_until_ready())
         parity = compare({"logits": ref}, {"logits": out})  # bf16 on both sides: bf16 tolerances
-        return DemoResult(str(nf4_dir), summary, parity, checked, equal, seconds, report.device)
+        kept_in = None if workdir is None else os.fspath(workdir)
+        return DemoResult(str(nf4_dir), summary, parity, checked, equal, seconds, report.device, kept_in)
 
 
 def format_demo(result: DemoResult) -> str:
@@ -181,4 +198,10 @@ def format_demo(result: DemoResult) -> str:
         f"timings on {result.device}:",
     ]
     lines += [f"  {name:<28}{secs * 1e3:>10.1f} ms" for name, secs in result.seconds.items()]
+    if result.kept_in is not None:
+        where = pathlib.Path(result.kept_in)
+        lines += [
+            "",
+            f"checkpoints kept: {where / 'llama-nf4'} (NF4), {where / 'llama-bf16'} (its bf16 weights)",
+        ]
     return "\n".join(lines)

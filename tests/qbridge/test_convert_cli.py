@@ -315,14 +315,15 @@ def test_demo_command(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "equal to bitsandbytes' own dequantization: 28 of 28" in out
     assert "logits" in out and " ok" in out
-    # what it left is recognized as its own, and replaced whole (no stale file of the earlier checkpoint)
+    assert f"checkpoints kept: {tmp_path / 'llama-nf4'} (NF4)" in out
+    # what it left is recognized as its own, and its files replaced (no stale shard of the earlier checkpoint)
     from qbridge._demo import _clear, _made_by_demo
 
     folders = [tmp_path / "llama-bf16", tmp_path / "llama-nf4"]
     assert all(_made_by_demo(f) for f in folders)
     (folders[1] / "model-00002-of-00002.safetensors").write_bytes(b"stale")
     _clear(folders, overwrite=False)
-    assert not any(f.exists() for f in folders)
+    assert all(f.is_dir() and not any(f.iterdir()) for f in folders)
 
 
 def _leaves(tree):

@@ -141,19 +141,30 @@ def test_demo_refuses_a_device_that_is_not_one_before_any_work(capsys):
 
 
 def test_demo_keeps_what_it_did_not_write_in_its_workdir(tmp_path, capsys):
+    from qbridge._demo import DEMO_CONFIG
+
     mine = tmp_path / "llama-nf4"
     mine.mkdir()
     (mine / "config.json").write_text('{"hidden_size": 4096}')
     (tmp_path / "llama-bf16").mkdir()
-    (tmp_path / "llama-bf16" / "notes.txt").write_text("mine")
+    # another checkpoint: replaced only with --overwrite
     assert main(["demo", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "llama-" in err and "--overwrite" in err, err
-    # --overwrite replaces a checkpoint, never a folder that holds something else; nothing goes before that
-    assert main(["demo", "--workdir", str(tmp_path), "--overwrite"]) == 2
-    assert "llama-bf16 exists and is no checkpoint" in capsys.readouterr().err
-    assert (mine / "config.json").read_text() == '{"hidden_size": 4096}'
-    assert (tmp_path / "llama-bf16" / "notes.txt").read_text() == "mine"
+    assert "llama-nf4 holds a checkpoint an earlier demo did not write" in err and "--overwrite" in err, err
+    # files no checkpoint has, even beside the demo's own config: never removed, with --overwrite neither
+    (mine / "config.json").write_text(json.dumps(DEMO_CONFIG))
+    (mine / "NOTES.txt").write_text("mine")
+    for flags in ([], ["--overwrite"]):
+        assert main(["demo", "--workdir", str(tmp_path), *flags]) == 2
+        assert "llama-nf4 holds NOTES.txt, which are not files of a checkpoint" in capsys.readouterr().err
+    assert (mine / "NOTES.txt").read_text() == "mine" and (mine / "config.json").exists()
+    # a link is no folder of the demo's
+    (mine / "NOTES.txt").unlink()
+    (tmp_path / "llama-bf16").rmdir()
+    (tmp_path / "llama-bf16").symlink_to(mine)
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert "llama-bf16 exists and is no folder (a file or a link)" in capsys.readouterr().err
+    assert (mine / "config.json").exists()
 
 
 def test_parity_help_describes_every_argument(capsys):
