@@ -810,12 +810,14 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The dtype transformers decodes an FP8, 8-bit or torchao weight to: ``config.json``'s ``torch_dtype``
-    (or ``dtype``), bfloat16 when absent; another name is refused, not guessed."""
-    name = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "bfloat16"
+    """The dtype transformers decodes an FP8, 8-bit or torchao weight to: ``config.json``'s ``dtype``, else its
+    ``torch_dtype`` (transformers 5 keeps ``dtype`` where both are given), bfloat16 when neither is; another
+    name is refused, not guessed."""
+    field = "dtype" if ckpt.config.get("dtype") else "torch_dtype"
+    name = ckpt.config.get(field) or "bfloat16"
     if str(name) not in DTYPES:
         raise CheckpointError(
-            f"{ckpt.path}: config.json's torch_dtype is {name!r}, and quantized weights decode to float16, "
+            f"{ckpt.path}: config.json's {field} is {name!r}, and quantized weights decode to float16, "
             "bfloat16 or float32 (the model's dtype): set it to the dtype they should decode to"
         )
     return DTYPES[str(name)]

@@ -35,7 +35,7 @@ class CheckpointSummary:
             name rules).
         guessed: the tensors whose module kind name rules decided.
         decoded_to: ``kind -> dtype names`` the quantized weights of each kind decode to (a 4-bit weight:
-            its quant state's dtype; FP8 and 8-bit: ``config.json``'s ``torch_dtype``, bfloat16 when absent,
+            its quant state's dtype; FP8 and 8-bit: ``config.json``'s ``dtype`` (or ``torch_dtype``), bfloat16 when absent,
             as transformers decodes them; torchao: the tensor subclass's own dtype, what its ``dequantize()``
             returns). ``load_checkpoint``'s ``dtype`` casts after that decode.
     """

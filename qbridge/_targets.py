@@ -96,7 +96,7 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
         import jax.numpy as jnp
 
         stored = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(
-            str(config.get("torch_dtype") or config.get("dtype")), jnp.float32
+            str(config.get("dtype") or config.get("torch_dtype")), jnp.float32
         )
         return jax_side.abstract_llama(
             jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or stored

@@ -542,7 +542,7 @@ def trace_checkpoint(
         )
     config = read_config(path)  # checked: it is untrusted input
     dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(
-        str(config.get("torch_dtype") or config.get("dtype")), jnp.bfloat16
+        str(config.get("dtype") or config.get("torch_dtype")), jnp.bfloat16
     )
     # opened first: missing, truncated or unreadable files are named before transformers reads them
     with open_checkpoint(path) as ckpt:
