@@ -21,6 +21,7 @@ from ._layout import (
     apply_rule,
     buffer_reason,
     flax_shape,
+    kind_of_flax_leaf,
     rule_for,
     rule_for_flax_leaf,
 )
@@ -61,6 +62,7 @@ class MatchReport:
             ``skip_reasons`` says why for each.
         matched: ``leaf -> key`` for every filled leaf.
         casts: ``(leaf, key, checkpoint dtype, result dtype)`` for every floating leaf whose dtype changes.
+        hints: ``leaf -> why its shape may differ``, for shape mismatches whose cause the layout suggests.
     """
 
     missing: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
@@ -73,6 +75,7 @@ class MatchReport:
     skip_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     matched: dict[str, str] = dataclasses.field(default_factory=dict)
     casts: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    hints: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -146,15 +149,13 @@ class MatchReport:
             )
         for key in self.unused:
             lines.append(f"  unused: checkpoint tensor {key!r} fills no target leaf")
-        transposed = []  # modules whose kernels are their targets' transposes
+        transposed = []  # Conv1D modules whose kernels are their targets' transposes
         for leaf, key, want, got in self.shape_mismatches:
-            flipped = len(want) == 2 and want != got and got == want[::-1] and leaf.endswith(".kernel")
-            if flipped:
+            hint = self.hints.get(leaf, "")
+            if hint == _TRANSPOSED:
                 transposed.append(leaf.removesuffix(".kernel").rpartition(".")[2])
             lines.append(
-                f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout"
-                + _grouped_transpose_hint(want, got)
-                + (" (its transpose)" if flipped else "")
+                f"  shape: {leaf!r} expects {want}, checkpoint {key!r} gives {got} in Flax layout{hint}"
             )
         if transposed:
             lines.append(_transposed_hint(sorted(set(transposed))))
@@ -164,6 +165,18 @@ class MatchReport:
                 "leaves to the target's dtypes)"
             )
         return "\n".join(lines)
+
+
+_TRANSPOSED = " (its transpose)"  # the hint of a Conv1D kernel laid out as its target's transpose
+
+
+def _shape_hint(kind: str, leaf: str, want: tuple[int, ...], got: tuple[int, ...]) -> str:
+    """Why a leaf laid out by a module ``kind`` may have come out in ``got`` where its target has ``want``."""
+    if kind == "hf_conv1d" and len(want) == 2 and got == want[::-1] != want and leaf.endswith(".kernel"):
+        return _TRANSPOSED
+    if kind.startswith("conv_transpose"):
+        return _grouped_transpose_hint(want, got)
+    return ""
 
 
 def _transposed_hint(modules: list[str]) -> str:
@@ -606,6 +619,10 @@ def plan_match(
         got = flax_shape(rule, shape)
         if got != tuple(leaf.shape):
             report.shape_mismatches.append((name, original, tuple(leaf.shape), got))
+            laid_out_as = kind or kind_of_flax_leaf(str(leaf.path[-1]), len(shape), leaf.module_type)
+            hint = _shape_hint(laid_out_as, name, tuple(leaf.shape), got)
+            if hint:
+                report.hints[name] = hint
             continue
         planned = PlannedLeaf(leaf, original, rule)
         src = np.dtype(src_dtype)

@@ -407,6 +407,22 @@ def test_a_grouped_transposed_convolution_is_named_in_the_mismatch(tmp_path):
     head = next(line for line in lines if "'head.kernel'" in line)
     assert "groups" not in head, head  # a Dense kernel twice as wide is no such case
 
+    # a plain convolution into one with twice the outputs: no word of transposed convolutions
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 3, 3)
+
+    save_file(Plain().state_dict(), tmp_path / "model.safetensors")
+
+    class Wider(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(4, 6, (3, 3), rngs=rngs)
+
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path, target=Wider(nnx.Rngs(0)))
+    assert "expects (3, 3, 4, 6)" in str(e.value) and "ConvTranspose" not in str(e.value), str(e.value)
+
 
 def test_a_gpt2_conv1d_read_for_a_dense_target_names_the_kind_to_give(tmp_path):
     """A linen params dict carries no module types: GPT-2's Conv1D kernels are laid out [out, in], as
@@ -433,6 +449,14 @@ def test_a_gpt2_conv1d_read_for_a_dense_target_names_the_kind_to_give(tmp_path):
     assert "'transformer.h.0.attn.c_proj.kernel'" not in str(e.value)  # square: its shape matches
     pattern = re.search(r"kinds=\{r'(.+?)': 'linear'\}", str(e.value)).group(1)
     assert pattern == r"(c_attn|c_fc|c_proj)(\.|$)", str(e.value)
+    # a Linear's kernel the wrong way round in the target: no kinds= advice (linear is its kind already)
+    torch_model.lm_head = torch.nn.Linear(64, 100, bias=False)
+    torch_model.save_pretrained(tmp_path / "untied")
+    flipped = dict(loaded["params"])
+    flipped["lm_head"] = {"kernel": jax.ShapeDtypeStruct((100, 64), jnp.float32)}
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path / "untied", target={"params": flipped}, device="cpu")
+    assert "'lm_head.kernel' expects (100, 64)" in str(e.value) and "kinds=" not in str(e.value), str(e.value)
     block = torch_model.transformer.h[0]
     for given in (target, None):
         params = qbridge.load_checkpoint(tmp_path, target=given, device="cpu", kinds={pattern: "linear"})
