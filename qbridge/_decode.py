@@ -77,13 +77,17 @@ def bnb4_pieces(
         )
     code = pieces.pop("quant_map", None)
     standard = torch_side.standard_code(entry.info["quant_type"])
-    if code is not None and not (code.shape == standard.shape and bool(torch.equal(code.float(), standard))):
-        warnings.warn(
-            f"{ckpt.where(entry.keys['quant_map'])}: differs from bitsandbytes' {entry.info['quant_type']} "
-            "table, which bitsandbytes decodes this weight with regardless (it does not read quant_map); "
-            "decoded with that table, as bitsandbytes does",
-            stacklevel=2,
-        )
+    # told once per weight (a sharded load reads it per slice); a table only stored in a narrower dtype
+    # holds the standard values rounded, and is no news
+    if code is not None and (absmax_range is None or absmax_range[0] == 0):
+        rounded = standard.to(code.dtype).float() if code.is_floating_point() else standard
+        if not (code.shape == standard.shape and bool(torch.equal(code.float(), rounded))):
+            warnings.warn(
+                f"{ckpt.where(entry.keys['quant_map'])}: differs from bitsandbytes' {entry.info['quant_type']} "
+                "table; bitsandbytes' dequantize_4bit decodes this weight with its own table for the quant "
+                "type regardless (it does not read quant_map), and so does qbridge",
+                stacklevel=2,
+            )
     return pieces
 
 

@@ -74,7 +74,7 @@ def _made_by_demo(folder: pathlib.Path) -> bool:
 
 # what save_pretrained writes for the demo's models: the only files the demo removes from its folders
 _SAVED = re.compile(
-    r"(generation_)?config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"(generation_)?config\.json|model(-[0-9]+-of-[0-9]+)?\.safetensors|model\.safetensors\.index\.json"
 )
 
 
@@ -131,6 +131,8 @@ def run_demo(
 
         device = str(resolve_device(device)[1])  # a device that is not one, or not here, fails now
     if workdir is not None:
+        if pathlib.Path(workdir).exists() and not pathlib.Path(workdir).is_dir():
+            raise FileExistsError(f"{workdir} is a file; --workdir names a folder to keep the checkpoints in")
         _clear([pathlib.Path(workdir) / "llama-bf16", pathlib.Path(workdir) / "llama-nf4"], overwrite)
     import jax
     import jax.numpy as jnp

@@ -4,6 +4,7 @@ parameters matches the torch model, and every dequantized weight equals the prod
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -517,3 +518,19 @@ def test_a_4bit_quant_map_bitsandbytes_does_not_read(tmp_path, dense_dir, quant_
         else:
             want_kernel = want["params"]["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"]
         assert_same_bits(np.asarray(kernel), np.asarray(want_kernel))
+    # the standard table stored in a narrower dtype (a converter that casts every float tensor): its values
+    # rounded, no news, no warning; the same values
+    tensors[key] = load_file(tmp_path / "q" / "model.safetensors")[key].to(torch.bfloat16)
+    save_file(tensors, tmp_path / "edited" / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = qbridge.load_checkpoint(tmp_path / "edited", device="cpu", progress=False)
+    want = qbridge.load_checkpoint(tmp_path / "q", device="cpu", progress=False)
+    path = ("params", "model", "layers", "0", "mlp", "down_proj", "kernel")
+    assert_same_bits(np.asarray(_at(got, path)), np.asarray(_at(want, path)))
+
+
+def _at(tree, path):
+    for part in path:
+        tree = tree[part]
+    return tree

@@ -165,6 +165,16 @@ def test_demo_keeps_what_it_did_not_write_in_its_workdir(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 2
     assert "llama-bf16 exists and is no folder (a file or a link)" in capsys.readouterr().err
     assert (mine / "config.json").exists()
+    # shards numbered in other scripts' digits are no files the demo writes
+    (tmp_path / "llama-bf16").unlink()
+    (mine / "model-١-of-٢.safetensors").write_bytes(b"mine")
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert "which are not files of a checkpoint" in capsys.readouterr().err
+    assert (mine / "model-١-of-٢.safetensors").exists()
+    # a workdir that is a file: refused before any work
+    (tmp_path / "afile").write_text("mine")
+    assert main(["demo", "--workdir", str(tmp_path / "afile")]) == 2
+    assert "afile is a file; --workdir names a folder" in capsys.readouterr().err
 
 
 def test_parity_help_describes_every_argument(capsys):
