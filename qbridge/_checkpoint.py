@@ -528,6 +528,7 @@ class Checkpoint:
         self.entries: dict[str, Entry] = {}
         self._classification: Classification | None = None
         self._asked_model = False
+        self.warned: set[str] = set()  # keys a warning was given for (once per key, however often read)
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -79,7 +79,8 @@ def bnb4_pieces(
     standard = torch_side.standard_code(entry.info["quant_type"])
     # told once per weight (a sharded load reads it per slice); a table only stored in a narrower dtype
     # holds the standard values rounded, and is no news
-    if code is not None and (absmax_range is None or absmax_range[0] == 0):
+    if code is not None and entry.keys["quant_map"] not in ckpt.warned:
+        ckpt.warned.add(entry.keys["quant_map"])
         rounded = standard.to(code.dtype).float() if code.is_floating_point() else standard
         if not (code.shape == standard.shape and bool(torch.equal(code.float(), rounded))):
             warnings.warn(

@@ -222,3 +222,25 @@ def test_to_torch_of_an_array_on_many_devices_says_how_to_take_one():
     split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
     with pytest.raises(TypeError, match=r"spans 8 devices: gather it onto one device first"):
         qbridge.to_torch(split)
+
+
+def test_an_edited_quant_map_is_warned_about_once_per_weight_and_decoded_as_bitsandbytes_does(made, tmp_path):
+    import shutil
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(made / "nf4", tmp_path / "nf4")
+    tensors = load_file(tmp_path / "nf4" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight.quant_map"
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, tmp_path / "nf4" / "model.safetensors", metadata={"format": "pt"})
+    rules = (_mesh_1d(), [(r"down_proj\.kernel$", P("x", None))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = qbridge.load_checkpoint(tmp_path / "nf4", sharding=rules, progress=False)
+    told = [w for w in caught if key in str(w.message)]
+    assert len(told) == 1, [str(w.message) for w in caught]
+    want = qbridge.load_checkpoint(made / "nf4", sharding=rules, progress=False)
+    name = "model.layers.0.mlp.down_proj.kernel"
+    _same(_leaves(got)[f"params.{name}"], _leaves(want)[f"params.{name}"])
