@@ -613,14 +613,15 @@ def plan_match(
         kind = overridden = kind_override(name, kinds)
         if kind is None and leaf.module_type is None and torch_kinds:
             kind = torch_kinds.get(original)
+        # the kind the leaf is laid out by: the override's or the torch module's, else its Flax module type's
+        kind = kind or kind_of_flax_leaf(str(leaf.path[-1]), len(shape), leaf.module_type)
         rule = rule_for_flax_leaf(str(leaf.path[-1]), len(shape), module_type=leaf.module_type, kind=kind)
         if overridden is not None:
             check_rank(rule, shape, original, overridden)
         got = flax_shape(rule, shape)
         if got != tuple(leaf.shape):
             report.shape_mismatches.append((name, original, tuple(leaf.shape), got))
-            laid_out_as = kind or kind_of_flax_leaf(str(leaf.path[-1]), len(shape), leaf.module_type)
-            hint = _shape_hint(laid_out_as, name, tuple(leaf.shape), got)
+            hint = _shape_hint(kind, name, tuple(leaf.shape), got)
             if hint:
                 report.hints[name] = hint
             continue
