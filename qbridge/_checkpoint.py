@@ -810,12 +810,18 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
     return doc
 
 
+def config_dtype(config: dict[str, Any]) -> tuple[str, Any]:
+    """The model dtype a ``config.json`` names and the field naming it: ``dtype``, else ``torch_dtype``
+    (transformers 5 keeps ``dtype`` where both are given); ``("torch_dtype", None)`` when neither does."""
+    field = "dtype" if config.get("dtype") else "torch_dtype"
+    return field, config.get(field)
+
+
 def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The dtype transformers decodes an FP8, 8-bit or torchao weight to: ``config.json``'s ``dtype``, else its
-    ``torch_dtype`` (transformers 5 keeps ``dtype`` where both are given), bfloat16 when neither is; another
-    name is refused, not guessed."""
-    field = "dtype" if ckpt.config.get("dtype") else "torch_dtype"
-    name = ckpt.config.get(field) or "bfloat16"
+    """The dtype transformers decodes an FP8, 8-bit or torchao weight to: ``config.json``'s model dtype
+    (:func:`config_dtype`), bfloat16 when it names none; another name is refused, not guessed."""
+    field, name = config_dtype(ckpt.config)
+    name = name or "bfloat16"
     if str(name) not in DTYPES:
         raise CheckpointError(
             f"{ckpt.path}: config.json's {field} is {name!r}, and quantized weights decode to float16, "

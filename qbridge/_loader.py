@@ -248,10 +248,10 @@ def load_checkpoint(
             makes a difference from the target a mismatch. Without a target, None keeps each weight's
             dtype. A dtype (JAX's, numpy's, torch's or its name) casts every floating leaf to it; float64
             only with JAX's x64 mode on. A quantized weight's own dtype is the one its producer decodes it
-            to: a 4-bit weight's quant state dtype; an FP8 or 8-bit weight's ``config.json`` ``torch_dtype``
-            (bfloat16 when absent), as transformers decodes them. A cast comes after that decode (so an
-            FP8 weight loaded as float32 is its bfloat16 decode widened, not ``float32(w) * scale``; give
-            the config ``"torch_dtype": "float32"`` for that).
+            to: a 4-bit weight's quant state dtype; an FP8 or 8-bit weight's ``config.json`` ``dtype`` (or
+            ``torch_dtype``; bfloat16 when absent), as transformers decodes them. A cast comes after that
+            decode (so an FP8 weight loaded as float32 is its bfloat16 decode widened, not
+            ``float32(w) * scale``; give the config ``"dtype": "float32"`` for that).
         strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
             unfilled leaves as the target has them (a target leaf that holds only a shape,
             ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
@@ -287,7 +287,7 @@ def load_checkpoint(
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,
             damaged (NaN/Inf) scales, a quantized weight without its scales, a ``config.json``
-            ``torch_dtype`` quantized weights cannot decode to; the message names the file and key. Nothing
+            model dtype quantized weights cannot decode to; the message names the file and key. Nothing
             partial is returned.
         FormatError: an unknown ``quant_method`` or mixed formats.
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.

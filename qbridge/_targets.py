@@ -11,7 +11,7 @@ from typing import Any
 
 import jax_side
 
-from ._checkpoint import read_config
+from ._checkpoint import config_dtype, read_config
 from ._errors import CheckpointError
 
 
@@ -79,8 +79,8 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
             taking ``(config, rngs=...)`` (built with ``nnx.eval_shape``), or any callable taking the
             checkpoint's config as a dict and returning a target.
         checkpoint: the checkpoint directory (or a file in it) whose ``config.json`` sizes the model.
-        param_dtype: the parameters' dtype for the built-in Llama (default: the checkpoint's ``torch_dtype``
-            from its config, else float32).
+        param_dtype: the parameters' dtype for the built-in Llama (default: the checkpoint's model dtype
+            from its config, ``dtype`` or ``torch_dtype``, else float32).
 
     Returns:
         Shapes and dtypes only (``jax.ShapeDtypeStruct`` leaves or an abstract nnx module): nothing is
@@ -96,7 +96,7 @@ def build_target(spec: str, checkpoint: str | os.PathLike[str], *, param_dtype: 
         import jax.numpy as jnp
 
         stored = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(
-            str(config.get("dtype") or config.get("torch_dtype")), jnp.float32
+            str(config_dtype(config)[1]), jnp.float32
         )
         return jax_side.abstract_llama(
             jax_side.LlamaConfig.from_hf(config), param_dtype=param_dtype or stored

@@ -520,7 +520,7 @@ def trace_checkpoint(
 
     import jax_side
 
-    from ._checkpoint import open_checkpoint, read_config
+    from ._checkpoint import config_dtype, open_checkpoint, read_config
     from ._errors import CheckpointError, first_line
     from ._loader import load_checkpoint
     from ._targets import import_object
@@ -541,9 +541,7 @@ def trace_checkpoint(
             "architectures, and the weights)"
         )
     config = read_config(path)  # checked: it is untrusted input
-    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(
-        str(config.get("dtype") or config.get("torch_dtype")), jnp.bfloat16
-    )
+    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(str(config_dtype(config)[1]), jnp.bfloat16)
     # opened first: missing, truncated or unreadable files are named before transformers reads them
     with open_checkpoint(path) as ckpt:
         if model == "llama":
