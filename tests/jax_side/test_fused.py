@@ -26,7 +26,8 @@ from helpers import assert_same_bits, bnb_quantize, random_fp8, random_scales, t
 from jax.ad_checkpoint import print_saved_residuals
 
 import jax_side
-from jax_side import _casts, _fused
+from jax_side import _casts, _fused, _mosaic
+from jax_side._codes import standard_code
 from jax_side._quantized import from_pieces, meta_fields
 
 pytest.importorskip("bitsandbytes")
@@ -728,6 +729,113 @@ def test_inside_shard_map_with_varying_axes_checked():
     assert len(out.stdout.splitlines()) == 16, out.stdout
 
 
+# ------------------------------------------------------------------------------ Mosaic GPU, on Hopper
+# jax_side._mosaic: its table lookup, the PTX text itself run by a small interpreter for every pair of bytes
+# against bitsandbytes' tables, and which calls reach it, lowered for CUDA (JAX lowers Mosaic GPU and Triton
+# kernels without a GPU); on a Hopper GPU (gpu marker), its results against expand-then-matmul.
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is the byte of ``{b, a}`` that nibble i of ``c``
+    names (0-3: ``a``'s bytes, 4-7: ``b``'s); a nibble's fourth bit asks for another mode, never used here."""
+    assert c & 0x8888 == 0, hex(c)
+    src = a | (b << 32)
+    return sum(((src >> (8 * ((c >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+_OPS = {
+    "mov.b32": lambda v: v[0],
+    "and.b32": lambda v: v[0] & v[1],
+    "or.b32": lambda v: v[0] | v[1],
+    "shr.b32": lambda v: v[0] >> v[1],
+    "prmt.b32": lambda v: _prmt(*v),
+}
+
+
+def run_ptx(ptx: str, sel: int) -> list[int]:
+    """Runs the lookup's PTX text with ``$4 = sel``; returns ``$0..$3``. Refuses any instruction it does not
+    know, so a change to the text cannot pass unchecked."""
+    regs = {"$4": sel}
+    for line in ptx.splitlines():
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        if op in ("{", "}", ".reg"):
+            continue
+        dest, *src = (t.strip() for t in rest.split(","))
+        regs[dest] = _OPS[op]([regs[t] if t in regs else int(t, 0) for t in src])
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_permute_lookup_equals_the_table_for_every_pair_of_bytes(quant_type):
+    table = standard_code(quant_type)
+    want = table.view(np.uint32)
+    ptx = _mosaic.lookup_ptx(table)
+    for sel in range(1 << 16):  # two packed bytes: nibbles lo0, hi0, lo1, hi1
+        nibbles = (sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12)
+        assert run_ptx(ptx, sel) == [int(want[v]) for v in nibbles], hex(sel)
+
+
+def test_the_interpreter_notices_a_changed_instruction():
+    ptx = _mosaic.lookup_ptx(standard_code("nf4")).replace("$0, u01, u23, 0x5410", "$0, u01, u23, 0x5401")
+    assert run_ptx(ptx, 0x0001) != [int(v) for v in standard_code("nf4")[[1, 0, 0, 0]].view(np.uint32)]
+
+
+def _kernels(x, w) -> set[str]:
+    text = jax.jit(jax_side.quantized_matmul).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    return {
+        name for name, key in (("mosaic", "mosaic_gpu"), ("triton", "__gpu$xla.gpu.triton")) if key in text
+    }
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """As on a Hopper GPU: the kernel is chosen where a call fits it."""
+    monkeypatch.setattr(_mosaic, "_force", True)
+
+
+def test_which_calls_take_it(hopper):
+    w = nf4((128, 512))
+    fits = [(m, dt) for m in (2, 5, 16, 17, 32) for dt in (jnp.bfloat16, jnp.float16)]
+    for m, dt in fits:  # a weight decoding to x's dtype (or float32): rounded once, as the kernel does
+        weight = dataclasses.replace(w, dtype=jnp.dtype(dt).name)
+        assert _kernels(x_for(m, 512, dt), weight) == {"mosaic"}, (m, dt)
+    assert _kernels(x_for(5, 512, jnp.float16), dataclasses.replace(w, dtype="float32")) == {"mosaic"}
+    others = {
+        "33 rows": (x_for(33, 512, jnp.bfloat16), w),
+        "float32 x": (x_for(5, 512, jnp.float32), w),
+        "out not a multiple of 64": (x_for(5, 384, jnp.bfloat16), nf4((70, 384))),
+        "in not a multiple of 256": (x_for(5, 384, jnp.bfloat16), nf4((64, 384))),
+        "blocksize 128": (x_for(5, 512, jnp.bfloat16), nf4((64, 512), blocksize=128)),
+        "a table of its own": (x_for(5, 512, jnp.bfloat16), dataclasses.replace(w, code=jnp.asarray(standard_code("nf4")))),
+        "a bfloat16 weight in float16": (x_for(5, 512, jnp.float16), w),  # rounded twice
+        "rounded through bfloat16 for float16 x": (
+            x_for(5, 512, jnp.float16), dataclasses.replace(w, dtype="float32", decode_dtype="bfloat16")
+        ),
+    }  # fmt: skip
+    for name, (x, weight) in others.items():
+        assert _kernels(x, weight) == {"triton"}, name
+    assert _kernels(x_for(1, 512, jnp.bfloat16), w) == set()  # one row: XLA's reduction
+    # fp4, plain absmax, a float32 weight used in bfloat16, leading dimensions: taken
+    assert _kernels(x_for(3, 512, jnp.bfloat16), nf4((64, 512), quant_type="fp4", nested=False)) == {"mosaic"}
+    f32 = dataclasses.replace(w, dtype="float32", decode_dtype="bfloat16")
+    assert _kernels(x_for(6, 512, jnp.bfloat16).reshape(2, 3, 512), f32) == {"mosaic"}
+
+
+def test_not_chosen_off_hopper_nor_where_x_varies(hopper, monkeypatch):
+    from jax.sharding import PartitionSpec as P
+
+    w = nf4((128, 512))
+    x = x_for(4, 512, jnp.bfloat16)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("d",))
+    f = jax.shard_map(jax_side.quantized_matmul, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
+    text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" not in text and "__gpu$xla.gpu.triton" in text  # the Triton kernel declares variance
+    monkeypatch.setattr(_mosaic, "_force", None)  # this machine's own devices decide
+    assert _mosaic.takes(x, w) == _mosaic._hopper()
+    monkeypatch.setattr(_mosaic, "_force", False)
+    assert _kernels(x, w) == {"triton"}
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -815,3 +923,40 @@ def test_training_step_on_the_gpu():
         np.testing.assert_allclose(
             grads["auto"][p], grads["expand"][p], rtol=3e-2, atol=1e-2 * np.abs(grads["expand"][p]).max()
         )
+
+
+def _on_hopper() -> bool:
+    return _mosaic._hopper() and _mosaic._unavailable() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3)],
+    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096"],
+)  # fmt: skip
+def test_on_a_hopper_gpu(make):
+    if not _on_hopper():
+        pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
+    gpu = jax.devices("gpu")[0]
+    w = jax.device_put(make(), gpu)
+    for m, dtype in (
+        (2, jnp.bfloat16),
+        (5, jnp.float16),
+        (16, jnp.bfloat16),
+        (17, jnp.bfloat16),
+        (32, jnp.float16),
+    ):
+        x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
+        weight = dataclasses.replace(w, dtype=jnp.dtype(dtype).name)  # decoding to x's dtype: rounded once
+        lowered = jax.jit(jax_side.quantized_matmul).lower(x, weight)
+        assert "mosaic_gpu" in lowered.as_text(), m
+        assert_close(lowered.compile()(x, weight), x, weight)
+    xb = jax.device_put(x_for(12, w.shape[1], jnp.bfloat16, seed=7).reshape(3, 4, w.shape[1]), gpu)
+    got = jax.jit(jax.vmap(jax_side.quantized_matmul, in_axes=(0, None)))(xb, w)
+    for i in range(3):
+        assert_close(got[i], xb[i], w)
+    grad = jax.jit(jax.grad(lambda x: jax_side.quantized_matmul(x, w).astype(jnp.float32).sum()))(xb[0])
+    dense = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense.sum(0), grad.shape),
+                               rtol=2e-2, atol=2e-2 * np.abs(dense.sum(0)).max())  # fmt: skip

@@ -1,0 +1,256 @@
+"""``x @ dequantize(W).T`` for 4-bit weights on Hopper GPUs, in Pallas' Mosaic GPU lowering.
+
+The operands are swapped, ``y.T = W @ x.T``, so that the decoded weight is the warpgroup MMA's left operand,
+held in registers (64 rows of W per program), and x is the right operand in shared memory: x's even and
+odd columns (split by XLA before the call) meet the high and low nibbles of bitsandbytes' packed bytes.
+Packed bytes, absmax and x reach shared memory through a TMA pipeline. Each element is decoded as
+``round(code[nibble] * absmax)`` to x's dtype (bitsandbytes' order of operations, as
+``jax_side.dequantize_nf4`` then a cast), the lookup done by byte permutes (``prmt.b32``: four 16-entry
+float32 lookups per 24 instructions, the table's bytes held as immediates), then multiplied on the tensor
+cores with float32 accumulation. A nested absmax is decoded by XLA before the call (1/64 of the weight's
+elements, float32).
+
+Measured on an H200 at 16 tokens (``benchmarks/fused_matmul_mosaic.py``, ``benchmarks/RESULTS.md``):
+0.62-0.87x the time of the Pallas Triton kernel in ``_fused`` at Llama-3-8B's projection shapes.
+
+Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
+Pallas' Mosaic GPU lowering, 2 to 32 rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
+multiple of 64, ``in`` a multiple of 256, blocksize 64, the standard NF4/FP4 table (``code`` None: the table
+is compiled into the kernel), rounded once (``roundings`` of x's dtype or float32 only), outside
+``jax.shard_map``'s varying axes. Others go to ``_fused``'s Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._codes import standard_code
+from ._nf4 import _bytes as _packed_bytes
+from ._nf4 import decode_nested_absmax
+from ._quantized import NF4Weight
+from ._varying import _varying_axes
+
+MAX_ROWS = 32  # x's rows padded to 16 or 32 (the MMA's N); more rows and shared memory runs out at 4 stages
+_TILE = 64  # rows of W per program: the warpgroup MMA's M
+_BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
+_SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
+_force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
+
+
+@functools.cache
+def _unavailable() -> str | None:
+    """None where this JAX has Pallas' Mosaic GPU lowering with what the kernel uses; else why not."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError as e:
+        return f"this JAX ({jax.__version__}) has no Pallas Mosaic GPU lowering ({e})"
+    try:  # JAX 0.11: importing plgpu no longer registers its pallas lowering
+        from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
+    except ImportError:
+        pass
+    missing = [n for n in ("kernel", "emit_pipeline", "inline_mgpu", "wgmma", "ACC") if not hasattr(plgpu, n)]
+    return f"this JAX's Mosaic GPU lowering lacks {', '.join(missing)}" if missing else None
+
+
+@functools.cache
+def _hopper() -> bool:
+    """Whether this process's CUDA devices are all Hopper GPUs (compute capability 9.x)."""
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        return False
+    return bool(gpus) and all(str(getattr(d, "compute_capability", "")).startswith("9.") for d in gpus)
+
+
+def _varies(args: tuple) -> bool:
+    """Whether any of ``args`` varies along a ``jax.shard_map`` axis (the kernel declares no variance)."""
+    return any(_varying_axes(a) for a in jax.tree_util.tree_leaves(args))
+
+
+def takes(x2: jax.Array, w: Any) -> bool:
+    """Whether this kernel multiplies ``x2 [m, in]`` by ``w`` (see the module docstring)."""
+    if not isinstance(w, NF4Weight) or not (_hopper() if _force is None else _force):
+        return False
+    m, k = x2.shape
+    n = w.shape[0]
+    return (
+        2 <= m <= MAX_ROWS
+        and x2.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and w.code is None
+        and w.blocksize == 64
+        and n % _TILE == 0
+        and k % (64 * _BLOCKS) == 0
+        and all(jnp.dtype(d) in (x2.dtype, jnp.dtype(jnp.float32)) for d in w.roundings)
+        and not _varies((x2, w))
+        and _unavailable() is None
+    )
+
+
+def _table_words(table: Any) -> list[list[int]]:
+    """The 16 float32 entries' bytes regrouped for ``prmt``: ``[p][w]`` holds byte p of entries 4w..4w+3."""
+    b = np.asarray(table, np.float32).view(np.uint32)
+    return [[sum(((int(b[4 * w + i]) >> (8 * p)) & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
+            for p in range(4)]  # fmt: skip
+
+
+def lookup_ptx(table: Any) -> str:
+    """PTX for four lookups in a 16-entry float32 ``table``: ``$4`` holds four 4-bit indices (bits 0-15), and
+    ``$0..$3`` get ``table[index]``'s bits for each. ``prmt.b32 d, a, b, c`` picks byte i of ``d`` from the
+    eight bytes of ``{b, a}`` by nibble i of ``c``: each of a float's four bytes is looked up in the entries
+    below 8 and in those from 8 (``c``'s nibbles are the indices' low three bits), one of the two picked by
+    the index's fourth bit, and the four bytes of each result gathered last."""
+    words = _table_words(table)
+    lines = ["{", ".reg .b32 s7, s2, t, lo, hi, r0, r1, r2, r3, u01, u23, v01, v23, w0, w1, w2, w3;",
+             "and.b32 s7, $4, 0x7777;", "shr.b32 t, $4, 1;", "and.b32 t, t, 0x4444;", "or.b32 s2, t, 0x3210;"]  # fmt: skip
+    for p in range(4):
+        lines += [f"mov.b32 w{w}, 0x{words[p][w]:08x};" for w in range(4)]
+        lines += ["prmt.b32 lo, w0, w1, s7;", "prmt.b32 hi, w2, w3, s7;", f"prmt.b32 r{p}, lo, hi, s2;"]
+    lines += ["prmt.b32 u01, r0, r1, 0x5140;", "prmt.b32 u23, r2, r3, 0x5140;",
+              "prmt.b32 v01, r0, r1, 0x7362;", "prmt.b32 v23, r2, r3, 0x7362;",
+              "prmt.b32 $0, u01, u23, 0x5410;", "prmt.b32 $1, u01, u23, 0x7632;",
+              "prmt.b32 $2, v01, v23, 0x5410;", "prmt.b32 $3, v01, v23, 0x7632;", "}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _decoder(dtype: Any, table: Any) -> Any:
+    """``(hi, lo) = decode(q, scale)``: ``q`` uint8 ``[64, 32]`` (one absmax block of 64 rows), ``scale``
+    float32 ``[64, 32]`` (each row's absmax); ``round(table[q >> 4] * scale)`` and ``round(table[q & 15] *
+    scale)`` in ``dtype`` (bfloat16 or float16), in the warpgroup MMA's register layout."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    ptx = lookup_ptx(table)
+    out = plgpu.ShapeDtypeStruct((_TILE, 32), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out, out))
+    def decode(ctx: Any, q: Any, scale: Any) -> Any:
+        i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
+        odt = ir.BF16Type.get() if jnp.dtype(dtype) == jnp.bfloat16 else ir.F16Type.get()
+        struct = llvm.StructType.get_literal([i32] * 4)
+        v2, o2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), odt)
+        hi_regs = np.empty(q.registers.shape, dtype=object)
+        lo_regs = np.empty(q.registers.shape, dtype=object)
+        for idx, reg in np.ndenumerate(q.registers):  # two bytes of one row: elements 2j..2j+3 of W
+            sel = arith.extui(i32, mgu.bitcast(reg, i16))  # nibbles: lo0, hi0, lo1, hi1
+            looked = llvm.inline_asm(struct, [sel], ptx, "=r,=r,=r,=r,r")
+            assert isinstance(looked, ir.Value)
+            lo0, hi0, lo1, hi1 = (mgu.bitcast(llvm.extractvalue(i32, looked, [i]), f32) for i in range(4))
+            s = scale.registers[idx]
+            s0 = vector.extract(s, dynamic_position=[], static_position=[0])
+            s1 = vector.extract(s, dynamic_position=[], static_position=[1])
+            for regs, (a, b) in ((hi_regs, (hi0, hi1)), (lo_regs, (lo0, lo1))):
+                pair = vector.from_elements(v2, [arith.mulf(a, s0), arith.mulf(b, s1)])
+                regs[idx] = arith.truncf(o2, pair)  # to nearest even, as astype
+        return tuple(
+            fa.FragmentedArray(_registers=r, _layout=q.layout, _is_signed=None) for r in (hi_regs, lo_regs)
+        )
+
+    return decode
+
+
+def kernel(
+    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None, stages: int = 4,
+    decode: Any = None,
+) -> jax.Array:  # fmt: skip
+    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to ``MAX_ROWS``), where
+    ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
+    and its absmax, float32, transposed to ``[k / 64, n]``. ``split``: programs along the contraction
+    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth;
+    ``decode``: another ``(hi, lo) = decode(q, scale)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = q.shape[0]
+    nb, ke = 32 * _BLOCKS, 64 * _BLOCKS  # bytes and elements of a weight row per step
+    rows = 16 if m <= 16 else 32  # the MMA's N
+    steps, tiles = k // ke, n // _TILE
+    if split is None:
+        split = 1
+        while tiles * split < _SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
+            split *= 2
+    sp = steps // split  # steps per program
+    xp = jnp.zeros((rows, k), x.dtype).at[:m].set(x)
+    xe, xo = xp[:, 0::2].T, xp[:, 1::2].T  # [k / 2, rows]: the even elements of x meet the high nibbles
+    swz = plgpu.find_swizzle(rows * 16, "rhs")
+    x_tr = (plgpu.TilingTransform((8, swz * 8 // 16)), plgpu.SwizzleTransform(swz))
+    swz = plgpu.find_swizzle(nb * 8, "lhs")
+    q_tr = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
+    swz = plgpu.find_swizzle(rows * 32, "out")
+    o_tr = (plgpu.TilingTransform((8, swz * 8 // 32)), plgpu.SwizzleTransform(swz))
+    decode = decode or _decoder(x.dtype, table)
+
+    def step(_: Any, q_smem: Any, a_smem: Any, xe_smem: Any, xo_smem: Any, acc: Any) -> Any:
+        qs = q_smem[...]
+        for b in range(_BLOCKS):
+            scale = jax.lax.broadcast_in_dim(a_smem[b], (_TILE, 32), [0])
+            hi, lo = decode(qs[:, 32 * b : 32 * (b + 1)], scale)
+            plgpu.wgmma(acc, hi, xe_smem.at[pl.ds(32 * b, 32)])
+            plgpu.wgmma(acc, lo, xo_smem.at[pl.ds(32 * b, 32)])
+            plgpu.wgmma_wait(0)
+        return acc
+
+    def body(q_gmem: Any, a_gmem: Any, xe_gmem: Any, xo_gmem: Any, out_gmem: Any, out_smem: Any) -> None:
+        i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+        wrows = pl.ds(i * _TILE, _TILE)
+        part = pl.ds(j * sp * (ke // 2), sp * (ke // 2))
+
+        def scoped(acc: Any) -> None:
+            plgpu.emit_pipeline(
+                step,
+                grid=(sp,),
+                in_specs=[
+                    plgpu.BlockSpec((_TILE, nb), lambda s: (0, s), transforms=q_tr),
+                    plgpu.BlockSpec((_BLOCKS, _TILE), lambda s: (s, 0)),
+                    plgpu.BlockSpec((ke // 2, rows), lambda s: (s, 0), transforms=x_tr),
+                    plgpu.BlockSpec((ke // 2, rows), lambda s: (s, 0), transforms=x_tr),
+                ],
+                max_concurrent_steps=stages,
+                init_carry=acc,
+            )(
+                q_gmem.at[wrows, pl.ds(j * sp * nb, sp * nb)],
+                a_gmem.at[pl.ds(j * sp * _BLOCKS, sp * _BLOCKS), wrows],
+                xe_gmem.at[part],
+                xo_gmem.at[part],
+            )
+            out_smem[...] = acc[...]
+
+        pl.run_scoped(scoped, plgpu.ACC((_TILE, rows), jnp.float32))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[j, wrows])
+        plgpu.wait_smem_to_gmem(0)
+
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((split, n, rows), jnp.float32),
+        grid=(tiles, split),
+        grid_names=("n", "s"),
+        scratch_types=dict(out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr)),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(q, absmax_t, xe, xo)
+    return out.sum(0)[:, :m].T.astype(x.dtype)
+
+
+def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
+    """A 4-bit weight's packed bytes ``[n, k / 2]`` and its decoded absmax, float32 ``[k / 64, n]``."""
+    n, k = w.shape
+    flat, _ = _packed_bytes(w.packed)  # quant_storage wider than a byte: its bytes
+    if w.nested_absmax is not None and w.nested_code is not None:
+        absmax = decode_nested_absmax(w.absmax, w.nested_absmax, w.nested_code, w.nested_blocksize, w.offset)
+    else:
+        absmax = w.absmax
+    return flat[: n * k // 2].reshape(n, k // 2), absmax.reshape(n, k // 64).T
+
+
+def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`."""
+    q, absmax_t = pieces(w)
+    return kernel(x2, q, absmax_t, table=standard_code(w.quant_type))
