@@ -1069,6 +1069,15 @@ def _fp8_layout(
     return layout, layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))
 
 
+def scale_error(ckpt: Checkpoint, key: str, e: Exception) -> CheckpointError:
+    """``e``, raised by a decode that calls its scale argument ``scale_inv``, as a CheckpointError naming the
+    tensor ``key`` and calling it by the checkpoint's own name (``weight_scale_inv``, ``weight_scale``)."""
+    msg = str(e)
+    if msg.startswith("scale_inv "):
+        msg = key.rpartition(".")[2] + msg[len("scale_inv") :]
+    return CheckpointError(f"{ckpt.where(key)}: {msg}")
+
+
 def _fp8_entry(
     ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.dtype, block: tuple[int, int] | None
 ) -> Entry:
@@ -1095,7 +1104,7 @@ def _fp8_entry(
             "quantization_config.weight_block_size (e.g. [128, 128])"
         ) from e
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
+        raise scale_error(ckpt, scale, e) from e
     stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)

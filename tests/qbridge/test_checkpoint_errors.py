@@ -102,13 +102,18 @@ def test_piece_without_its_quant_state(made, tmp_path):
         qbridge.load_checkpoint(ck, progress=False)
 
 
-def test_fp8_scale_shape_that_does_not_fit(made, tmp_path):
+@pytest.mark.parametrize("leaf", ["weight_scale_inv", "weight_scale"])
+def test_fp8_scale_shape_that_does_not_fit(made, tmp_path, leaf):
+    """The error names the scale tensor, and calls it by the checkpoint's name for it."""
     ck = _copy(made, "fp8", tmp_path)
-    key = "model.layers.0.mlp.gate_proj.weight_scale_inv"
-    _rewrite(ck / "model.safetensors", lambda s: s.__setitem__(key, torch.ones(3, 1)))
-    with pytest.raises(
-        CheckpointError, match=rf"{key}\]: scale_inv has shape \(3, 1\).*block scales \(2, 1\)"
-    ):
+    key = f"model.layers.0.mlp.gate_proj.{leaf}"
+
+    def damage(s):
+        s.pop("model.layers.0.mlp.gate_proj.weight_scale_inv")
+        s[key] = torch.ones(3, 1)
+
+    _rewrite(ck / "model.safetensors", damage)
+    with pytest.raises(CheckpointError, match=rf"{key}\]: {leaf} has shape \(3, 1\).*block scales \(2, 1\)"):
         qbridge.inspect_checkpoint(ck)
 
 
