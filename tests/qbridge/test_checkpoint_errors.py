@@ -406,3 +406,19 @@ def test_a_piece_the_index_leaves_out_is_named_with_the_file_that_holds_it(made,
         CheckpointError, match=rf"without {key}.*{shard} holds {key}, but the checkpoint's index"
     ):
         qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_a_piece_in_a_file_the_index_never_names_is_named_with_that_file(made, tmp_path):
+    """A scale moved into a safetensors file that model.safetensors.index.json does not name at all (so it is
+    never opened): the error says which file holds it."""
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    key = next(k for k in index["weight_map"] if k.endswith("down_proj.weight.absmax"))
+    shard = ck / index["weight_map"].pop(key)
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    moved = {}
+    _rewrite(shard, lambda s: moved.update({key: s.pop(key)}))
+    st.save_file(moved, ck / "extra.safetensors")
+    (ck / "broken.safetensors").write_bytes(b"not a safetensors file")  # skipped in the search
+    with pytest.raises(CheckpointError, match=rf"without {key}.*extra.safetensors holds {key}, but the"):
+        qbridge.load_checkpoint(ck, progress=False)
