@@ -628,12 +628,31 @@ class Checkpoint:
         """For the message about missing ``keys``: where a safetensors file holds one that the checkpoint's
         index does not list (so it was not read), ``" ({file} holds {key}, but the index does not list
         it)"``; else ``""``."""
-        for path, handle in self.source._open.items():
-            held = set(handle.keys())
+        for path, held in self._every_file():
             for key in keys:
                 if key in held and key not in self.source.key_file:
                     return f" ({path} holds {key}, but the checkpoint's index does not list it)"
         return ""
+
+    def _every_file(self) -> Iterator[tuple[pathlib.Path, set[str]]]:
+        """Each safetensors file opened, then each other one beside them that the index never names (for
+        messages: its header is read here), with the keys it holds."""
+        for path, handle in self.source._open.items():
+            yield path, set(handle.keys())
+        if not self.path.is_dir():
+            return
+        from safetensors import safe_open
+
+        opened = {p.resolve() for p in self.source._open}
+        for path in sorted(self.path.glob("*.safetensors")):
+            if path.resolve() in opened:
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = set(handle.keys())
+            except Exception:  # not a readable file: nothing to say about it here
+                continue
+            yield path, keys
 
     def classify(self, *, ask_model: bool = False) -> Classification:
         """Classifies the tensors (see ``qbridge._classify``): which are no parameters, which torch module
@@ -1069,6 +1088,15 @@ def _fp8_layout(
     return layout, layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))
 
 
+def scale_error(ckpt: Checkpoint, key: str, e: Exception) -> CheckpointError:
+    """``e``, raised by a decode that calls its scale argument ``scale_inv``, as a CheckpointError naming the
+    tensor ``key`` and calling it by the checkpoint's own name (``weight_scale_inv``, ``weight_scale``)."""
+    msg = str(e)
+    if msg.startswith("scale_inv "):
+        msg = key.rpartition(".")[2] + msg[len("scale_inv") :]
+    return CheckpointError(f"{ckpt.where(key)}: {msg}")
+
+
 def _fp8_entry(
     ckpt: Checkpoint, key: str, shape: tuple[int, ...], dtype: torch.dtype, block: tuple[int, int] | None
 ) -> Entry:
@@ -1095,7 +1123,7 @@ def _fp8_entry(
             "quantization_config.weight_block_size (e.g. [128, 128])"
         ) from e
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.where(scale)}: {e}") from e
+        raise scale_error(ckpt, scale, e) from e
     stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)

@@ -16,7 +16,7 @@ import torch
 import jax_side
 import torch_side
 
-from ._checkpoint import Checkpoint, Entry
+from ._checkpoint import Checkpoint, Entry, scale_error
 from ._errors import CheckpointError
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
@@ -123,7 +123,7 @@ def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) 
             transpose=transpose,
         )
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.where(entry.keys['scale'])}: {e}") from e
+        raise scale_error(ckpt, entry.keys["scale"], e) from e
 
 
 def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:

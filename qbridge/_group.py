@@ -33,10 +33,9 @@ import torch_side
 from torch_side._checks import on_device
 from torch_side._fp8 import dequantize_fp8_group_into, fp8_planned
 
-from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry
+from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry, scale_error
 from ._decode import all_finite, check_scales
 from ._dtypes import torch_dtype
-from ._errors import CheckpointError
 from ._handoff import XlaDestinations, _torch_view
 from ._place import hand_over
 
@@ -148,7 +147,7 @@ class FP8Groups:
         try:
             t = torch_side.dequantize_fp8(W, scale, dtype, **args)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.ckpt.where(entry.keys['scale'])}: {e}") from e
+            raise scale_error(self.ckpt, entry.keys["scale"], e) from e
         if array is not None:
             _torch_view(array, self.tdev).copy_(t)
             self.values[path] = array

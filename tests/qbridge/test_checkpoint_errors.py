@@ -102,13 +102,18 @@ def test_piece_without_its_quant_state(made, tmp_path):
         qbridge.load_checkpoint(ck, progress=False)
 
 
-def test_fp8_scale_shape_that_does_not_fit(made, tmp_path):
+@pytest.mark.parametrize("leaf", ["weight_scale_inv", "weight_scale"])
+def test_fp8_scale_shape_that_does_not_fit(made, tmp_path, leaf):
+    """The error names the scale tensor, and calls it by the checkpoint's name for it."""
     ck = _copy(made, "fp8", tmp_path)
-    key = "model.layers.0.mlp.gate_proj.weight_scale_inv"
-    _rewrite(ck / "model.safetensors", lambda s: s.__setitem__(key, torch.ones(3, 1)))
-    with pytest.raises(
-        CheckpointError, match=rf"{key}\]: scale_inv has shape \(3, 1\).*block scales \(2, 1\)"
-    ):
+    key = f"model.layers.0.mlp.gate_proj.{leaf}"
+
+    def damage(s):
+        s.pop("model.layers.0.mlp.gate_proj.weight_scale_inv")
+        s[key] = torch.ones(3, 1)
+
+    _rewrite(ck / "model.safetensors", damage)
+    with pytest.raises(CheckpointError, match=rf"{key}\]: {leaf} has shape \(3, 1\).*block scales \(2, 1\)"):
         qbridge.inspect_checkpoint(ck)
 
 
@@ -400,4 +405,20 @@ def test_a_piece_the_index_leaves_out_is_named_with_the_file_that_holds_it(made,
     with pytest.raises(
         CheckpointError, match=rf"without {key}.*{shard} holds {key}, but the checkpoint's index"
     ):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_a_piece_in_a_file_the_index_never_names_is_named_with_that_file(made, tmp_path):
+    """A scale moved into a safetensors file that model.safetensors.index.json does not name at all (so it is
+    never opened): the error says which file holds it."""
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    key = next(k for k in index["weight_map"] if k.endswith("down_proj.weight.absmax"))
+    shard = ck / index["weight_map"].pop(key)
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    moved = {}
+    _rewrite(shard, lambda s: moved.update({key: s.pop(key)}))
+    st.save_file(moved, ck / "extra.safetensors")
+    (ck / "broken.safetensors").write_bytes(b"not a safetensors file")  # skipped in the search
+    with pytest.raises(CheckpointError, match=rf"without {key}.*extra.safetensors holds {key}, but the"):
         qbridge.load_checkpoint(ck, progress=False)
