@@ -156,6 +156,82 @@ def _decoder(dtype: Any, table: Any) -> Any:
     return decode
 
 
+# Each row's 16 products ``round(table[j] * absmax)`` as two byte tables: $1..$8 hold the products in pairs
+# (entry 2i in bits 0-15 of $(i+1), entry 2i+1 in bits 16-31); $0..$3 get the low bytes of entries 4w..4w+3,
+# $4..$7 their high bytes.
+PRODUCT_TABLES_PTX = "\n".join(
+    ["{"]
+    + [f"prmt.b32 ${w}, ${2 * w + 9}, ${2 * w + 10}, 0x6420;" for w in range(4)]
+    + [f"prmt.b32 ${w + 4}, ${2 * w + 9}, ${2 * w + 10}, 0x7531;" for w in range(4)]
+    + ["}"]
+)
+# Four lookups in those tables: $2 holds four 4-bit indices (lo0, hi0, lo1, hi1), $3..$6 the low-byte table,
+# $7..$10 the high-byte one; $0 gets the products of hi0 and hi1 as a pair, $1 those of lo0 and lo1.
+PRODUCT_LOOKUP_PTX = "\n".join([
+    "{", ".reg .b32 s7, s2, t, a, b, rl, rh;",
+    "and.b32 s7, $2, 0x7777;", "shr.b32 t, $2, 1;", "and.b32 t, t, 0x4444;", "or.b32 s2, t, 0x3210;",
+    "prmt.b32 a, $3, $4, s7;", "prmt.b32 b, $5, $6, s7;", "prmt.b32 rl, a, b, s2;",
+    "prmt.b32 a, $7, $8, s7;", "prmt.b32 b, $9, $10, s7;", "prmt.b32 rh, a, b, s2;",
+    "prmt.b32 $0, rl, rh, 0x7351;", "prmt.b32 $1, rl, rh, 0x6240;", "}",
+])  # fmt: skip
+
+
+def _products_decoder(dtype: Any, table: Any) -> Any:
+    """As :func:`_decoder`, with each row's 16 products ``round(table[j] * absmax)`` made once per absmax
+    block and looked up (12 instructions per four elements, no multiply or rounding per element): the same
+    values, as bitsandbytes rounds them."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    values = [float(v) for v in np.asarray(table, np.float32)]
+    out = plgpu.ShapeDtypeStruct((_TILE, 32), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out, out))
+    def decode(ctx: Any, q: Any, scale: Any) -> Any:
+        i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
+        odt = ir.BF16Type.get() if jnp.dtype(dtype) == jnp.bfloat16 else ir.F16Type.get()
+        v2, o2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), odt)
+        consts = [mgu.c(v, f32) for v in values]
+        tables: dict[Any, list[Any]] = {}  # the row a register holds (the layout's row half) -> 8 words
+
+        def row_tables(s: Any) -> list[Any]:
+            pairs = []
+            for i in range(8):
+                prods = vector.from_elements(
+                    v2, [arith.mulf(consts[2 * i], s), arith.mulf(consts[2 * i + 1], s)]
+                )
+                pairs.append(mgu.bitcast(arith.truncf(o2, prods), i32))  # to nearest even, as astype
+            words = llvm.inline_asm(llvm.StructType.get_literal([i32] * 8), pairs, PRODUCT_TABLES_PTX,
+                                    ",".join(["=r"] * 8 + ["r"] * 8))  # fmt: skip
+            assert isinstance(words, ir.Value)
+            return [llvm.extractvalue(i32, words, [i]) for i in range(8)]
+
+        hi_regs = np.empty(q.registers.shape, dtype=object)
+        lo_regs = np.empty(q.registers.shape, dtype=object)
+        for idx, reg in np.ndenumerate(q.registers):  # two bytes of one row: elements 2j..2j+3 of W
+            row = idx[:1] + idx[2:]  # registers differing only in the column tile share a row
+            if row not in tables:
+                s = vector.extract(scale.registers[idx], dynamic_position=[], static_position=[0])
+                tables[row] = row_tables(s)
+            sel = arith.extui(i32, mgu.bitcast(reg, i16))  # nibbles: lo0, hi0, lo1, hi1
+            looked = llvm.inline_asm(llvm.StructType.get_literal([i32] * 2), [sel, *tables[row]],
+                                     PRODUCT_LOOKUP_PTX, ",".join(["=r"] * 2 + ["r"] * 9))  # fmt: skip
+            assert isinstance(looked, ir.Value)
+            hi_regs[idx] = mgu.bitcast(llvm.extractvalue(i32, looked, [0]), o2)
+            lo_regs[idx] = mgu.bitcast(llvm.extractvalue(i32, looked, [1]), o2)
+        return tuple(
+            fa.FragmentedArray(_registers=r, _layout=q.layout, _is_signed=None) for r in (hi_regs, lo_regs)
+        )
+
+    return decode
+
+
+_products = False  # benchmarks/fused_matmul_mosaic.py times the product tables through this
+
+
 def kernel(
     x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None, stages: int = 4,
     decode: Any = None,
@@ -186,7 +262,7 @@ def kernel(
     q_tr = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
     swz = plgpu.find_swizzle(rows * 32, "out")
     o_tr = (plgpu.TilingTransform((8, swz * 8 // 32)), plgpu.SwizzleTransform(swz))
-    decode = decode or _decoder(x.dtype, table)
+    decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table)
 
     def step(_: Any, q_smem: Any, a_smem: Any, xe_smem: Any, xo_smem: Any, acc: Any) -> Any:
         qs = q_smem[...]

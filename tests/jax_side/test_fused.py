@@ -752,17 +752,17 @@ _OPS = {
 }
 
 
-def run_ptx(ptx: str, sel: int) -> list[int]:
-    """Runs the lookup's PTX text with ``$4 = sel``; returns ``$0..$3``. Refuses any instruction it does not
-    know, so a change to the text cannot pass unchecked."""
-    regs = {"$4": sel}
+def run_ptx(ptx: str, sel: int, inputs: dict[str, int] | None = None, outputs: int = 4) -> list[int]:
+    """Runs a lookup's PTX text with ``$4 = sel`` (or ``inputs``); returns ``$0..$(outputs - 1)``. Refuses any
+    instruction it does not know, so a change to the text cannot pass unchecked."""
+    regs = {"$4": sel} if inputs is None else dict(inputs)
     for line in ptx.splitlines():
         op, _, rest = line.strip().rstrip(";").partition(" ")
         if op in ("{", "}", ".reg"):
             continue
         dest, *src = (t.strip() for t in rest.split(","))
         regs[dest] = _OPS[op]([regs[t] if t in regs else int(t, 0) for t in src])
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(outputs)]
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -773,6 +773,25 @@ def test_the_permute_lookup_equals_the_table_for_every_pair_of_bytes(quant_type)
     for sel in range(1 << 16):  # two packed bytes: nibbles lo0, hi0, lo1, hi1
         nibbles = (sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12)
         assert run_ptx(ptx, sel) == [int(want[v]) for v in nibbles], hex(sel)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_the_product_tables_give_each_rounded_product(dtype):
+    """The per-row tables of ``round(code[j] * absmax)``: built from the rounded pairs as the kernel makes
+    them, then looked up for every pair of bytes, against the products rounded by numpy."""
+    code = standard_code("nf4")
+    for absmax in np.float32([0.0371, 3.1e-5, 17.25]):
+        products = (
+            (code * absmax).astype(dtype).view(np.uint16).astype(np.int64)
+        )  # float32 product, one rounding
+        pairs = {f"${9 + i}": int(products[2 * i] | products[2 * i + 1] << 16) for i in range(8)}
+        tables = run_ptx(_mosaic.PRODUCT_TABLES_PTX, 0, pairs, outputs=8)
+        given = {f"${3 + i}": t for i, t in enumerate(tables)}
+        for sel in range(0, 1 << 16, 1 if absmax == np.float32(0.0371) else 97):
+            lo0, hi0, lo1, hi1 = sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12
+            got = run_ptx(_mosaic.PRODUCT_LOOKUP_PTX, 0, {"$2": sel, **given}, outputs=2)
+            want = [int(products[hi0] | products[hi1] << 16), int(products[lo0] | products[lo1] << 16)]
+            assert got == want, (absmax, hex(sel))
 
 
 def test_the_interpreter_notices_a_changed_instruction():
@@ -787,10 +806,11 @@ def _kernels(x, w) -> set[str]:
     }
 
 
-@pytest.fixture
-def hopper(monkeypatch):
-    """As on a Hopper GPU: the kernel is chosen where a call fits it."""
+@pytest.fixture(params=[False, True], ids=["lookup", "product tables"])
+def hopper(monkeypatch, request):
+    """As on a Hopper GPU: the kernel is chosen where a call fits it (with either decode)."""
     monkeypatch.setattr(_mosaic, "_force", True)
+    monkeypatch.setattr(_mosaic, "_products", request.param)
 
 
 def test_which_calls_take_it(hopper):
@@ -935,7 +955,9 @@ def _on_hopper() -> bool:
     [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3)],
     ids=["nf4 nested", "fp4 plain", "nf4 4096x4096"],
 )  # fmt: skip
-def test_on_a_hopper_gpu(make):
+@pytest.mark.parametrize("products", [False, True], ids=["lookup", "product tables"])
+def test_on_a_hopper_gpu(make, products, monkeypatch):
+    monkeypatch.setattr(_mosaic, "_products", products)
     if not _on_hopper():
         pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
     gpu = jax.devices("gpu")[0]
