@@ -1,6 +1,6 @@
-"""The Mosaic GPU kernel for 4-bit weights (``jax_side._mosaic``) against the Pallas Triton kernel and a dense
-bf16 ``x @ W`` in XLA, per layer on Llama-3-8B shapes, with ``fused_matmul.py``'s weights and loop, and the
-kernel with two other decodes of the nibbles in its place:
+"""The Mosaic GPU kernel (``jax_side._mosaic``) against the Pallas Triton kernel and a dense bf16 ``x @ W`` in
+XLA, per layer on Llama-3-8B shapes, with ``fused_matmul.py``'s weights and loop: FP8 (block 128) as
+``quantized_matmul`` runs it, and NF4 with other decodes of the nibbles in the kernel's place:
 
 - ``prmt`` (in use): four 16-entry float32 lookups per 24 instructions, 20 of them byte permutes;
 - ``products``: each row's 16 products ``round(code[j] * absmax)`` made once per absmax block and looked up
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--tokens", type=int, nargs="+", default=[16])
     parser.add_argument("--decodes", nargs="+", default=["prmt", "products", "select", "none"])
+    parser.add_argument("--formats", nargs="+", default=["NF4", "FP8"])
     args = parser.parse_args()
     if _mosaic._unavailable() is not None or not _mosaic._hopper():
         raise SystemExit(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
@@ -110,26 +111,31 @@ def main() -> None:
             print(f"check {n}x{k} T={t} {decode}: max rel err {err:.2e}", flush=True)
             assert err < 2e-2, err
     rows = []
-    for n, k in fm.SHAPES:
-        ws = fm.copies(fm.nf4_weight, n, k, rng)
-        count = max(2, int(np.ceil(3 * fm.L2_BYTES / (n * k * 2))))
-        dense = [
-            jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)).astype(jnp.bfloat16)
-            for _ in range(count)
-        ]
-        for t in args.tokens:
-            x = jnp.asarray(rng.standard_normal((t, k), dtype=np.float32)).astype(jnp.bfloat16)
-            r = {"n": n, "k": k, "tokens": t}
-            r["dense_us"] = fm.time_per_matmul(fm.dense, dense, x) * 1e6
-            r["triton_us"] = fm.time_per_matmul(triton, ws, x) * 1e6
-            r["quantized_matmul_us"] = fm.time_per_matmul(fm.fused, ws, x) * 1e6
-            for decode in args.decodes:
-                r[f"mosaic_{decode}_us"] = fm.time_per_matmul(mosaic(decode), ws, x) * 1e6
-            print(
-                json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in r.items()}),
-                flush=True,
-            )
-            rows.append(r)
+    for fmt in args.formats:
+        for n, k in fm.SHAPES:
+            ws = fm.copies(fm.nf4_weight if fmt == "NF4" else fm.fp8_weight, n, k, rng)
+            count = max(2, int(np.ceil(3 * fm.L2_BYTES / (n * k * 2))))
+            dense = [jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)).astype(jnp.bfloat16)
+                     for _ in range(count)]  # fmt: skip
+            for t in args.tokens:
+                x = jnp.asarray(rng.standard_normal((t, k), dtype=np.float32)).astype(jnp.bfloat16)
+                r = {"format": fmt, "n": n, "k": k, "tokens": t}
+                if fmt == "FP8":  # quantized_matmul takes the Mosaic kernel on Hopper: checked as it runs
+                    want = (
+                        np.asarray(x, np.float64)
+                        @ np.asarray(ws[0].dequantize(dtype=jnp.float32), np.float64).T
+                    )
+                    got = np.asarray(jax.jit(fm.fused)(x, ws[0]), np.float64)
+                    r["check_rel_err"] = float(np.abs(got - want).max() / np.abs(want).max())
+                    assert r["check_rel_err"] < 2e-2, r
+                r["dense_us"] = fm.time_per_matmul(fm.dense, dense, x) * 1e6
+                r["triton_us"] = fm.time_per_matmul(triton, ws, x) * 1e6
+                r["quantized_matmul_us"] = fm.time_per_matmul(fm.fused, ws, x) * 1e6
+                for decode in args.decodes if fmt == "NF4" else ():
+                    r[f"mosaic_{decode}_us"] = fm.time_per_matmul(mosaic(decode), ws, x) * 1e6
+                print(json.dumps({key: round(v, 4 if key == "check_rel_err" else 1) if isinstance(v, float) else v
+                                  for key, v in r.items()}), flush=True)  # fmt: skip
+                rows.append(r)
     if args.out:
         meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
         pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -123,9 +123,9 @@ def main() -> None:
     parser.add_argument("--fp8-earlier-tiles", action="store_true",
                         help="also time kept FP8 compiled with the kernel's tiles before 2026-12-01 (a scale gathered "
                              "per element up to 16 rows, 128x64 output tiles above 64)")  # fmt: skip
-    parser.add_argument("--nf4-triton", action="store_true",
-                        help="also time kept NF4 compiled with the Pallas Triton kernel where Hopper GPUs take the "
-                             "Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
+    parser.add_argument("--triton", action="store_true",
+                        help="also time kept NF4 and FP8 compiled with the Pallas Triton kernel where Hopper GPUs take "
+                             "the Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
     parser.add_argument("--nf4-products", action="store_true",
                         help="also time kept NF4 with the Mosaic GPU kernel's product tables (jax_side._mosaic)")  # fmt: skip
     args = parser.parse_args()
@@ -135,8 +135,8 @@ def main() -> None:
              ("fp8", "kept FP8", "auto"), ("fp8", "kept FP8, expanded", "expand")]  # fmt: skip
     if args.fp8_earlier_tiles:
         modes.append(("fp8", "kept FP8, earlier tiles", "auto"))
-    if args.nf4_triton:
-        modes.append(("nf4", "kept NF4, Triton kernel", "auto"))
+    if args.triton:
+        modes += [("nf4", "kept NF4, Triton kernel", "auto"), ("fp8", "kept FP8, Triton kernel", "auto")]
     if args.nf4_products:
         modes.append(("nf4", "kept NF4, product tables", "auto"))
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
@@ -171,7 +171,7 @@ def main() -> None:
             row: dict = {"param_bytes": held, "resident_jax_bytes": resident}
             # compiled here; the rounds below replay the compiled programs
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = mode != "kept FP8, earlier tiles"
-            _mosaic._force = False if mode == "kept NF4, Triton kernel" else None
+            _mosaic._force = False if mode.endswith("Triton kernel") else None
             _mosaic._products = mode == "kept NF4, product tables"
             with jax_side.matmul_path(matmul or "auto"):
                 forward = jax.jit(functools.partial(_forward, graphdef))

@@ -1,43 +1,50 @@
-"""``x @ dequantize(W).T`` for 4-bit weights on Hopper GPUs, in Pallas' Mosaic GPU lowering.
+"""``x @ dequantize(W).T`` for 4-bit and FP8 weights on Hopper GPUs, in Pallas' Mosaic GPU lowering.
 
 The operands are swapped, ``y.T = W @ x.T``, so that the decoded weight is the warpgroup MMA's left operand,
-held in registers (64 rows of W per program), and x is the right operand in shared memory: x's even and
-odd columns (split by XLA before the call) meet the high and low nibbles of bitsandbytes' packed bytes.
-Packed bytes, absmax and x reach shared memory through a TMA pipeline. Each element is decoded as
-``round(code[nibble] * absmax)`` to x's dtype (bitsandbytes' order of operations, as
-``jax_side.dequantize_nf4`` then a cast), the lookup done by byte permutes (``prmt.b32``: four 16-entry
-float32 lookups per 24 instructions, the table's bytes held as immediates), then multiplied on the tensor
-cores with float32 accumulation. A nested absmax is decoded by XLA before the call (1/64 of the weight's
-elements, float32).
+held in registers (64 rows of W per program), and x is the right operand in shared memory (its rows padded
+to 16 or 32, the MMA's N). Weight bytes, scales and x reach shared memory through a TMA pipeline; each
+block of a row is decoded in registers and multiplied on the tensor cores with float32 accumulation.
 
-Measured on an H200 at 16 tokens (``benchmarks/fused_matmul_mosaic.py``, ``benchmarks/RESULTS.md``):
-0.62-0.87x the time of the Pallas Triton kernel in ``_fused`` at Llama-3-8B's projection shapes.
+- 4-bit: x's even and odd columns (split by XLA before the call) meet the high and low nibbles of
+  bitsandbytes' packed bytes. Each element is ``round(code[nibble] * absmax)`` in x's dtype (bitsandbytes'
+  order of operations, as ``jax_side.dequantize_nf4`` then a cast), the lookup done by byte permutes
+  (``prmt.b32``: four 16-entry float32 lookups per 24 instructions, the table's bytes held as
+  immediates). A nested absmax is decoded by XLA before the call (1/64 of the weight's elements, float32).
+- FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order),
+  the scales laid out by XLA as each row's scale per 128 columns (1/128 of the weight's elements).
+
+Measured on an H200 at 16 tokens (``benchmarks/fused_matmul_mosaic.py``, ``benchmarks/RESULTS.md``): the 4-bit
+kernel takes 0.62-0.87x the time of the Pallas Triton kernel in ``_fused`` at Llama-3-8B's projection shapes.
+FP8 through this kernel has not been timed yet.
 
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
 Pallas' Mosaic GPU lowering, 2 to 32 rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
-multiple of 64, ``in`` a multiple of 256, blocksize 64, the standard NF4/FP4 table (``code`` None: the table
-is compiled into the kernel), rounded once (``roundings`` of x's dtype or float32 only), outside
-``jax.shard_map``'s varying axes. Others go to ``_fused``'s Triton kernel.
+multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
+outside ``jax.shard_map``'s varying axes; 4-bit weights with blocksize 64 and the standard NF4/FP4 table
+(``code`` None: the table is compiled into the kernel), FP8 weights in float8_e4m3fn with per-tensor,
+per-row or block scales whose blocks span a multiple of 128 columns. Others go to ``_fused``'s Triton kernel.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._codes import standard_code
+from ._fp8 import fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
 from ._nf4 import decode_nested_absmax
-from ._quantized import NF4Weight
+from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
 MAX_ROWS = 32  # x's rows padded to 16 or 32 (the MMA's N); more rows and shared memory runs out at 4 stages
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
+_FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
 _SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
 _force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
 
@@ -74,17 +81,25 @@ def _varies(args: tuple) -> bool:
 
 def takes(x2: jax.Array, w: Any) -> bool:
     """Whether this kernel multiplies ``x2 [m, in]`` by ``w`` (see the module docstring)."""
-    if not isinstance(w, NF4Weight) or not (_hopper() if _force is None else _force):
+    if not isinstance(w, (NF4Weight, FP8Weight)) or not (_hopper() if _force is None else _force):
         return False
     m, k = x2.shape
     n = w.shape[0]
+    if isinstance(w, NF4Weight):
+        fits = w.code is None and w.blocksize == 64
+    else:
+        layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+        fits = (
+            w.weight.dtype == jnp.dtype(jnp.float8_e4m3fn)
+            and not layout.stack
+            and (layout.kind != "block" or layout.block[1] % 128 == 0)
+        )
     return (
-        2 <= m <= MAX_ROWS
+        fits
+        and 2 <= m <= MAX_ROWS
         and x2.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and w.code is None
-        and w.blocksize == 64
         and n % _TILE == 0
-        and k % (64 * _BLOCKS) == 0
+        and k % 256 == 0
         and all(jnp.dtype(d) in (x2.dtype, jnp.dtype(jnp.float32)) for d in w.roundings)
         and not _varies((x2, w))
         and _unavailable() is None
@@ -232,70 +247,76 @@ def _products_decoder(dtype: Any, table: Any) -> Any:
 _products = False  # benchmarks/fused_matmul_mosaic.py times the product tables through this
 
 
-def kernel(
-    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None, stages: int = 4,
-    decode: Any = None,
-) -> jax.Array:  # fmt: skip
-    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to ``MAX_ROWS``), where
-    ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
-    and its absmax, float32, transposed to ``[k / 64, n]``. ``split``: programs along the contraction
-    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth;
-    ``decode``: another ``(hi, lo) = decode(q, scale)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
+class _Format(NamedTuple):
+    """How a weight's stored columns meet x: each absmax/scale block of a row holds ``cols`` stored columns
+    (bytes of W) and meets ``len(xs)`` operands of x, ``x_rows`` rows of each; ``decode(w, scale)`` turns a
+    ``[64, cols]`` block and its row scales (broadcast to ``[64, cols]``) into one left operand per x
+    operand, in the warpgroup MMA's register layout."""
+
+    cols: int
+    x_rows: int
+    blocks: int  # blocks per pipeline step
+    decode: Any
+
+
+def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
+                    out_dtype: Any, split: int | None, stages: int) -> jax.Array:  # fmt: skip
+    """``sum_i decode(W)_i @ x_ops[i]`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns,
+    ``scales_t`` float32 ``[kw / cols, n]``, each ``x_ops[i]`` ``[kx, rows]`` (x transposed, its rows padded).
+    The contraction is split until the grid fills the multiprocessors (float32 partial sums, added by XLA)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    m, k = x.shape
-    n = q.shape[0]
-    nb, ke = 32 * _BLOCKS, 64 * _BLOCKS  # bytes and elements of a weight row per step
-    rows = 16 if m <= 16 else 32  # the MMA's N
-    steps, tiles = k // ke, n // _TILE
+    n, kw = w.shape
+    rows = x_ops[0].shape[1]  # the MMA's N
+    wb, xb = fmt.cols * fmt.blocks, fmt.x_rows * fmt.blocks  # stored columns and x rows per step
+    steps, tiles = kw // wb, n // _TILE
     if split is None:
         split = 1
         while tiles * split < _SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
             split *= 2
     sp = steps // split  # steps per program
-    xp = jnp.zeros((rows, k), x.dtype).at[:m].set(x)
-    xe, xo = xp[:, 0::2].T, xp[:, 1::2].T  # [k / 2, rows]: the even elements of x meet the high nibbles
-    swz = plgpu.find_swizzle(rows * 16, "rhs")
-    x_tr = (plgpu.TilingTransform((8, swz * 8 // 16)), plgpu.SwizzleTransform(swz))
-    swz = plgpu.find_swizzle(nb * 8, "lhs")
-    q_tr = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
-    swz = plgpu.find_swizzle(rows * 32, "out")
-    o_tr = (plgpu.TilingTransform((8, swz * 8 // 32)), plgpu.SwizzleTransform(swz))
-    decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table)
 
-    def step(_: Any, q_smem: Any, a_smem: Any, xe_smem: Any, xo_smem: Any, acc: Any) -> Any:
-        qs = q_smem[...]
-        for b in range(_BLOCKS):
-            scale = jax.lax.broadcast_in_dim(a_smem[b], (_TILE, 32), [0])
-            hi, lo = decode(qs[:, 32 * b : 32 * (b + 1)], scale)
-            plgpu.wgmma(acc, hi, xe_smem.at[pl.ds(32 * b, 32)])
-            plgpu.wgmma(acc, lo, xo_smem.at[pl.ds(32 * b, 32)])
+    def transforms(minor_bytes: int, itemsize: int, kind: str) -> tuple:
+        swz = plgpu.find_swizzle(minor_bytes * 8, kind)
+        return (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
+
+    x_tr = transforms(rows * 2, 2, "rhs")
+    w_tr = transforms(wb * w.dtype.itemsize, w.dtype.itemsize, "lhs")
+    o_tr = transforms(rows * 4, 4, "out")
+
+    def step(_: Any, w_smem: Any, s_smem: Any, *refs: Any) -> Any:
+        *x_smem, acc = refs
+        ws = w_smem[...]
+        for b in range(fmt.blocks):
+            scale = jax.lax.broadcast_in_dim(s_smem[b], (_TILE, fmt.cols), [0])
+            for lhs, xs in zip(
+                fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + 1)], scale), x_smem, strict=True
+            ):
+                plgpu.wgmma(acc, lhs, xs.at[pl.ds(fmt.x_rows * b, fmt.x_rows)])
             plgpu.wgmma_wait(0)
         return acc
 
-    def body(q_gmem: Any, a_gmem: Any, xe_gmem: Any, xo_gmem: Any, out_gmem: Any, out_smem: Any) -> None:
+    def body(w_gmem: Any, s_gmem: Any, *refs: Any, out_smem: Any) -> None:
+        *x_gmem, out_gmem = refs
         i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
         wrows = pl.ds(i * _TILE, _TILE)
-        part = pl.ds(j * sp * (ke // 2), sp * (ke // 2))
 
         def scoped(acc: Any) -> None:
             plgpu.emit_pipeline(
                 step,
                 grid=(sp,),
                 in_specs=[
-                    plgpu.BlockSpec((_TILE, nb), lambda s: (0, s), transforms=q_tr),
-                    plgpu.BlockSpec((_BLOCKS, _TILE), lambda s: (s, 0)),
-                    plgpu.BlockSpec((ke // 2, rows), lambda s: (s, 0), transforms=x_tr),
-                    plgpu.BlockSpec((ke // 2, rows), lambda s: (s, 0), transforms=x_tr),
+                    plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
+                    plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0)),
+                    *[plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr) for _ in x_gmem],
                 ],
                 max_concurrent_steps=stages,
                 init_carry=acc,
             )(
-                q_gmem.at[wrows, pl.ds(j * sp * nb, sp * nb)],
-                a_gmem.at[pl.ds(j * sp * _BLOCKS, sp * _BLOCKS), wrows],
-                xe_gmem.at[part],
-                xo_gmem.at[part],
+                w_gmem.at[wrows, pl.ds(j * sp * wb, sp * wb)],
+                s_gmem.at[pl.ds(j * sp * fmt.blocks, sp * fmt.blocks), wrows],
+                *[xg.at[pl.ds(j * sp * xb, sp * xb)] for xg in x_gmem],
             )
             out_smem[...] = acc[...]
 
@@ -311,8 +332,46 @@ def kernel(
         grid_names=("n", "s"),
         scratch_types=dict(out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr)),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(q, absmax_t, xe, xo)
-    return out.sum(0)[:, :m].T.astype(x.dtype)
+    )(w, scales_t, *x_ops)
+    return out.sum(0)[:, :m].T.astype(out_dtype)
+
+
+def _padded_t(x: jax.Array) -> jax.Array:
+    """``x [m, k]`` transposed, its rows padded to the MMA's N (16 or 32): ``[k, 16 | 32]``."""
+    m, k = x.shape
+    return jnp.zeros((16 if m <= 16 else 32, k), x.dtype).at[:m].set(x).T
+
+
+def kernel(
+    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None, stages: int = 4,
+    decode: Any = None,
+) -> jax.Array:  # fmt: skip
+    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to ``MAX_ROWS``), where
+    ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
+    and its absmax, float32, transposed to ``[k / 64, n]``. ``split``: programs along the contraction
+    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth;
+    ``decode``: another ``(hi, lo) = decode(q, scale)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
+    xt = _padded_t(x)
+    x_ops = [xt[0::2], xt[1::2]]  # [k / 2, rows]: the even elements of x meet the high nibbles
+    decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table)
+    fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode)
+    return _swapped_matmul(
+        x_ops, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split, stages=stages
+    )
+
+
+def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
+               stages: int = 4) -> jax.Array:  # fmt: skip
+    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype``, where ``W [n, k]`` is ``float32(w) * scale`` rounded
+    to ``x.dtype`` (``jax_side.dequantize_fp8``'s order), ``w`` float8_e4m3fn ``[n, k]``, and ``scales_t``
+    float32 ``[k / 128, n]`` each row's scale per 128 columns."""
+
+    def decode(wb: jax.Array, scale: jax.Array) -> list[jax.Array]:
+        return [(wb.astype(jnp.float32) * scale).astype(x.dtype)]
+
+    fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
+    return _swapped_matmul([_padded_t(x)], w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+                           stages=stages)  # fmt: skip
 
 
 def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
@@ -330,3 +389,22 @@ def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
     """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`."""
     q, absmax_t = pieces(w)
     return kernel(x2, q, absmax_t, table=standard_code(w.quant_type))
+
+
+def fp8_scales_t(w: FP8Weight) -> jax.Array:
+    """An FP8 weight's scales as each row's scale per 128 columns, float32 ``[in / 128, out]``."""
+    n, k = w.shape
+    layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+    s = w.scale_inv.astype(jnp.float32)
+    if layout.kind == "tensor":
+        return jnp.broadcast_to(s.reshape(()), (k // 128, n))
+    if layout.kind == "row":
+        return jnp.broadcast_to(s.reshape(1, n), (k // 128, n))
+    bo, bi = layout.block
+    s = jnp.repeat(s.reshape(layout.grid), bo, axis=0)[:n]
+    return jnp.repeat(s, bi // 128, axis=1)[:, : k // 128].T
+
+
+def fp8_matmul(x2: jax.Array, w: FP8Weight) -> jax.Array:
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`fp8_kernel`, for calls :func:`takes`."""
+    return fp8_kernel(x2, w.weight, fp8_scales_t(w))

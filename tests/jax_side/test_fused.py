@@ -841,6 +841,44 @@ def test_which_calls_take_it(hopper):
     assert _kernels(x_for(6, 512, jnp.bfloat16).reshape(2, 3, 512), f32) == {"mosaic"}
 
 
+def test_fp8_calls_it_takes(hopper):
+    fits = {
+        "block 128": fp8((256, 512), (2, 4)),
+        "per-row": fp8((128, 512), (128, 1)),
+        "per-tensor": fp8((64, 256), (1,)),
+        "block 64x256": fp8((192, 512), (3, 2), block=(64, 256)),
+    }
+    for name, w in fits.items():
+        for m in (2, 32):
+            assert _kernels(x_for(m, w.shape[1], jnp.bfloat16), w) == {"mosaic"}, (name, m)
+    others = {
+        "e5m2": fp8((128, 512), (1, 4), fmt=torch.float8_e5m2),
+        "block 64x32": fp8((128, 512), (2, 16), block=(64, 32)),
+        "in not a multiple of 256": fp8((128, 384), (1, 3)),
+        "out not a multiple of 64": fp8((200, 512), (2, 4)),
+    }
+    for name, w in others.items():
+        assert _kernels(x_for(5, w.shape[1], jnp.bfloat16), w) == {"triton"}, name
+
+
+@pytest.mark.parametrize("layout", ["block 128", "per-row", "per-tensor", "block 64x256", "partial blocks"])
+def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
+    """The kernel's scales (each row's scale per 128 columns) times the float8 values are the weight
+    ``dequantize()`` gives, bit for bit, for each scale layout the kernel takes."""
+    w = {
+        "block 128": lambda: fp8((256, 512), (2, 4)),
+        "per-row": lambda: fp8((128, 512), (128, 1)),
+        "per-tensor": lambda: fp8((64, 256), (1,)),
+        "block 64x256": lambda: fp8((192, 512), (3, 2), block=(64, 256)),
+        "partial blocks": lambda: fp8((192, 768), (2, 6)),  # 192 rows: the second block row is half full
+    }[layout]()
+    scales = np.repeat(np.asarray(_mosaic.fp8_scales_t(w)).T, 128, axis=1)  # [out, in]
+    got = (np.asarray(w.weight.astype(jnp.float32)) * scales).astype(np.float32)  # float32 products
+    for dt in w.roundings:  # then the weight's roundings, as the kernel rounds to x's dtype
+        got = got.astype(dt)
+    assert_same_bits(got.astype(np.float32), np.asarray(w.dequantize(dtype=jnp.float32)))
+
+
 def test_not_chosen_off_hopper_nor_where_x_varies(hopper, monkeypatch):
     from jax.sharding import PartitionSpec as P
 
@@ -952,16 +990,20 @@ def _on_hopper() -> bool:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "make",
-    [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3)],
-    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096"],
+    [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3),
+     lambda: fp8((256, 512), (2, 4)), lambda: fp8((128, 512), (128, 1)), lambda: fp8((4096, 4096), (32, 32), seed=3)],
+    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
 )  # fmt: skip
 @pytest.mark.parametrize("products", [False, True], ids=["lookup", "product tables"])
 def test_on_a_hopper_gpu(make, products, monkeypatch):
     monkeypatch.setattr(_mosaic, "_products", products)
     if not _on_hopper():
         pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
+    w = make()
+    if products and isinstance(w, jax_side.FP8Weight):
+        pytest.skip("the product tables are a 4-bit decode")
     gpu = jax.devices("gpu")[0]
-    w = jax.device_put(make(), gpu)
+    w = jax.device_put(w, gpu)
     for m, dtype in (
         (2, jnp.bfloat16),
         (5, jnp.float16),
