@@ -41,7 +41,7 @@ from ._nf4 import decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
-MAX_ROWS = 32  # x's rows padded to 16 or 32 (the MMA's N); more rows and shared memory runs out at 4 stages
+MAX_ROWS = 32  # the rows of x quantized_matmul hands the kernel (measured up to 16); it takes up to 128
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
@@ -132,10 +132,20 @@ def lookup_ptx(table: Any) -> str:
     return "\n".join(lines)
 
 
-def _decoder(dtype: Any, table: Any) -> Any:
-    """``(hi, lo) = decode(q, scale)``: ``q`` uint8 ``[64, 32]`` (one absmax block of 64 rows), ``scale``
-    float32 ``[64, 32]`` (each row's absmax); ``round(table[q >> 4] * scale)`` and ``round(table[q & 15] *
-    scale)`` in ``dtype`` (bfloat16 or float16), in the warpgroup MMA's register layout."""
+def _scale_register(scales: tuple, idx: tuple) -> Any:
+    """The register of ``scales`` (one ``[64, 32]`` array per absmax block, in the warpgroup MMA's layout)
+    that covers the elements of ``q``'s register ``idx`` (``q``: ``[64, 32 * len(scales)]``; the layout's
+    second register axis counts column tiles of 8)."""
+    block, tile = divmod(idx[1], 4)
+    at = (*idx[:1], tile, *idx[2:])
+    return scales[block].registers[at]
+
+
+def _decoder(dtype: Any, table: Any, group: int = 1) -> Any:
+    """``(hi, lo) = decode(q, *scales)``: ``q`` uint8 ``[64, 32 * group]`` (``group`` absmax blocks of 64
+    rows), each of ``scales`` float32 ``[64, 32]`` (each row's absmax in one block); ``round(table[q >> 4] *
+    scale)`` and ``round(table[q & 15] * scale)`` in ``dtype`` (bfloat16 or float16), in the warpgroup MMA's
+    register layout."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, vector
     from jax.experimental.mosaic.gpu import fragmented_array as fa
@@ -143,10 +153,10 @@ def _decoder(dtype: Any, table: Any) -> Any:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     ptx = lookup_ptx(table)
-    out = plgpu.ShapeDtypeStruct((_TILE, 32), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
+    out = plgpu.ShapeDtypeStruct((_TILE, 32 * group), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out, out))
-    def decode(ctx: Any, q: Any, scale: Any) -> Any:
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 + group), return_type=(out, out))
+    def decode(ctx: Any, q: Any, *scales: Any) -> Any:
         i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
         odt = ir.BF16Type.get() if jnp.dtype(dtype) == jnp.bfloat16 else ir.F16Type.get()
         struct = llvm.StructType.get_literal([i32] * 4)
@@ -158,7 +168,7 @@ def _decoder(dtype: Any, table: Any) -> Any:
             looked = llvm.inline_asm(struct, [sel], ptx, "=r,=r,=r,=r,r")
             assert isinstance(looked, ir.Value)
             lo0, hi0, lo1, hi1 = (mgu.bitcast(llvm.extractvalue(i32, looked, [i]), f32) for i in range(4))
-            s = scale.registers[idx]
+            s = _scale_register(scales, idx)
             s0 = vector.extract(s, dynamic_position=[], static_position=[0])
             s1 = vector.extract(s, dynamic_position=[], static_position=[1])
             for regs, (a, b) in ((hi_regs, (hi0, hi1)), (lo_regs, (lo0, lo1))):
@@ -191,7 +201,7 @@ PRODUCT_LOOKUP_PTX = "\n".join([
 ])  # fmt: skip
 
 
-def _products_decoder(dtype: Any, table: Any) -> Any:
+def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
     """As :func:`_decoder`, with each row's 16 products ``round(table[j] * absmax)`` made once per absmax
     block and looked up (12 instructions per four elements, no multiply or rounding per element): the same
     values, as bitsandbytes rounds them."""
@@ -202,15 +212,15 @@ def _products_decoder(dtype: Any, table: Any) -> Any:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     values = [float(v) for v in np.asarray(table, np.float32)]
-    out = plgpu.ShapeDtypeStruct((_TILE, 32), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
+    out = plgpu.ShapeDtypeStruct((_TILE, 32 * group), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out, out))
-    def decode(ctx: Any, q: Any, scale: Any) -> Any:
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 + group), return_type=(out, out))
+    def decode(ctx: Any, q: Any, *scales: Any) -> Any:
         i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
         odt = ir.BF16Type.get() if jnp.dtype(dtype) == jnp.bfloat16 else ir.F16Type.get()
         v2, o2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), odt)
         consts = [mgu.c(v, f32) for v in values]
-        tables: dict[Any, list[Any]] = {}  # the row a register holds (the layout's row half) -> 8 words
+        tables: dict[Any, list[Any]] = {}  # (block, the row a register holds) -> 8 words
 
         def row_tables(s: Any) -> list[Any]:
             pairs = []
@@ -227,9 +237,13 @@ def _products_decoder(dtype: Any, table: Any) -> Any:
         hi_regs = np.empty(q.registers.shape, dtype=object)
         lo_regs = np.empty(q.registers.shape, dtype=object)
         for idx, reg in np.ndenumerate(q.registers):  # two bytes of one row: elements 2j..2j+3 of W
-            row = idx[:1] + idx[2:]  # registers differing only in the column tile share a row
+            row = (
+                idx[1] // 4,
+                *idx[:1],
+                *idx[2:],
+            )  # the block, and the row: column tiles of a block share it
             if row not in tables:
-                s = vector.extract(scale.registers[idx], dynamic_position=[], static_position=[0])
+                s = vector.extract(_scale_register(scales, idx), dynamic_position=[], static_position=[0])
                 tables[row] = row_tables(s)
             sel = arith.extui(i32, mgu.bitcast(reg, i16))  # nibbles: lo0, hi0, lo1, hi1
             looked = llvm.inline_asm(llvm.StructType.get_literal([i32] * 2), [sel, *tables[row]],
@@ -257,6 +271,8 @@ class _Format(NamedTuple):
     x_rows: int
     blocks: int  # blocks per pipeline step
     decode: Any
+    group: int = 1  # blocks per MMA: ``decode(w [64, cols * group], *scales)`` (x's rows per MMA: a multiple of 64 from
+    # 64 tokens up, where x's tile swizzles 128 bytes)
 
 
 def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
@@ -288,12 +304,12 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
     def step(_: Any, w_smem: Any, s_smem: Any, *refs: Any) -> Any:
         *x_smem, acc = refs
         ws = w_smem[...]
-        for b in range(fmt.blocks):
-            scale = jax.lax.broadcast_in_dim(s_smem[b], (_TILE, fmt.cols), [0])
-            for lhs, xs in zip(
-                fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + 1)], scale), x_smem, strict=True
-            ):
-                plgpu.wgmma(acc, lhs, xs.at[pl.ds(fmt.x_rows * b, fmt.x_rows)])
+        g = fmt.group
+        for b in range(0, fmt.blocks, g):
+            scales = [jax.lax.broadcast_in_dim(s_smem[b + i], (_TILE, fmt.cols), [0]) for i in range(g)]
+            lhs = fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
+            for a, xs in zip(lhs, x_smem, strict=True):
+                plgpu.wgmma(acc, a, xs.at[pl.ds(fmt.x_rows * b, fmt.x_rows * g)])
             plgpu.wgmma_wait(0)
         return acc
 
@@ -336,32 +352,41 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
     return out.sum(0)[:, :m].T.astype(out_dtype)
 
 
+_STAGES = {16: 4, 32: 4, 64: 3, 128: 2}  # pipeline depth by x's padded rows: shared memory holds x's tiles
+
+
+def _padded_rows(m: int) -> int:
+    """x's rows padded to the MMA's N: 16, 32, 64 or 128."""
+    return next(r for r in _STAGES if m <= r)
+
+
 def _padded_t(x: jax.Array) -> jax.Array:
-    """``x [m, k]`` transposed, its rows padded to the MMA's N (16 or 32): ``[k, 16 | 32]``."""
+    """``x [m, k]`` transposed, its rows padded to the MMA's N: ``[k, 16 | 32 | 64 | 128]``."""
     m, k = x.shape
-    return jnp.zeros((16 if m <= 16 else 32, k), x.dtype).at[:m].set(x).T
+    return jnp.zeros((_padded_rows(m), k), x.dtype).at[:m].set(x).T
 
 
 def kernel(
-    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None, stages: int = 4,
-    decode: Any = None,
+    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None,
+    stages: int | None = None, decode: Any = None,
 ) -> jax.Array:  # fmt: skip
-    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to ``MAX_ROWS``), where
+    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to 128), where
     ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
     and its absmax, float32, transposed to ``[k / 64, n]``. ``split``: programs along the contraction
-    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth;
-    ``decode``: another ``(hi, lo) = decode(q, scale)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
+    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth (default
+    by x's rows); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
+    times some)."""
     xt = _padded_t(x)
     x_ops = [xt[0::2], xt[1::2]]  # [k / 2, rows]: the even elements of x meet the high nibbles
-    decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table)
-    fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode)
-    return _swapped_matmul(
-        x_ops, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split, stages=stages
-    )
+    group = 1 if xt.shape[1] <= 32 else 2  # from 64 rows of x, two absmax blocks per MMA
+    decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
+    fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group)
+    return _swapped_matmul(x_ops, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+                           stages=stages or _STAGES[xt.shape[1]])  # fmt: skip
 
 
 def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
-               stages: int = 4) -> jax.Array:  # fmt: skip
+               stages: int | None = None) -> jax.Array:  # fmt: skip
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype``, where ``W [n, k]`` is ``float32(w) * scale`` rounded
     to ``x.dtype`` (``jax_side.dequantize_fp8``'s order), ``w`` float8_e4m3fn ``[n, k]``, and ``scales_t``
     float32 ``[k / 128, n]`` each row's scale per 128 columns."""
@@ -370,8 +395,9 @@ def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | 
         return [(wb.astype(jnp.float32) * scale).astype(x.dtype)]
 
     fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
-    return _swapped_matmul([_padded_t(x)], w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
-                           stages=stages)  # fmt: skip
+    xt = _padded_t(x)
+    return _swapped_matmul([xt], w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+                           stages=stages or _STAGES[xt.shape[1]])  # fmt: skip
 
 
 def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:

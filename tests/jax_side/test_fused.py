@@ -1016,6 +1016,10 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
         lowered = jax.jit(jax_side.quantized_matmul).lower(x, weight)
         assert "mosaic_gpu" in lowered.as_text(), m
         assert_close(lowered.compile()(x, weight), x, weight)
+    matmul = _mosaic.nf4_matmul if isinstance(w, jax_side.NF4Weight) else _mosaic.fp8_matmul
+    for m in (33, 64, 100, 128):  # more rows than quantized_matmul hands it (64 and up: two blocks per MMA)
+        x = jax.device_put(x_for(m, w.shape[1], jnp.bfloat16, seed=m), gpu)
+        assert_close(jax.jit(matmul)(x, w), x, w)
     xb = jax.device_put(x_for(12, w.shape[1], jnp.bfloat16, seed=7).reshape(3, 4, w.shape[1]), gpu)
     got = jax.jit(jax.vmap(jax_side.quantized_matmul, in_axes=(0, None)))(xb, w)
     for i in range(3):
