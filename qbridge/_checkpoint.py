@@ -35,6 +35,7 @@ import torch
 
 import torch_side
 from torch_side._checks import BlockSizeUnknown
+from torch_side._fp8 import SCALE_DTYPES
 
 from . import _staging
 from ._classify import Classification, classify, module_info
@@ -1142,6 +1143,11 @@ def _fp8_entry(
         )
     scale = scales[0]
     scale_shape, scale_dtype = shapes[scale]
+    if scale_dtype not in SCALE_DTYPES:  # refused by every path alike (a kept weight would convert it)
+        raise CheckpointError(
+            f"{ckpt.where(scale)}: {scale.rpartition('.')[2]} must be float32, bfloat16, float16 or "
+            f"float8_e8m0fnu, got {scale_dtype}"
+        )
     try:
         layout, partial = _fp8_layout(shape, scale_shape, block)
     except BlockSizeUnknown as e:  # torch_side's hint is to a caller; here the block size is the config's

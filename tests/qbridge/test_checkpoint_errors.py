@@ -468,3 +468,16 @@ def test_a_stacked_weights_scales_and_an_unknown_block_size_are_named_as_stored(
     ck = _fp8_dir(tmp_path / "unknown", {"a.weight": W, "a.weight_scale": torch.ones(2, 2)}, block=None)
     with pytest.raises(CheckpointError, match=r"\[a.weight_scale\]: weight_scale has shape \(2, 2\): square"):
         qbridge.inspect_checkpoint(ck)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.int32, torch.float64, torch.bool])
+def test_a_scale_of_a_dtype_no_decode_takes_is_refused_on_every_path(tmp_path, scale_dtype):
+    """Inspection, the dense load and a kept load refuse it alike (a kept load converted it to float32)."""
+    W = torch.randn(256, 192).to(torch.float8_e4m3fn)
+    ck = _fp8_dir(tmp_path / "ck", {"b.weight": W, "b.weight_scale_inv": torch.ones(2, 2).to(scale_dtype)})
+    match = rf"\[b.weight_scale_inv\]: weight_scale_inv must be float32, .* got {scale_dtype}"
+    with pytest.raises(CheckpointError, match=match):
+        qbridge.inspect_checkpoint(ck)
+    for keep in (False, True):
+        with pytest.raises(CheckpointError, match=match):
+            qbridge.load_checkpoint(ck, device="cpu", keep_quantized=keep)
