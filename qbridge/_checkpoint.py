@@ -26,6 +26,7 @@ import os
 import pathlib
 import pickle
 import re
+import stat
 import threading
 from collections.abc import Container, Iterator, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 
 import torch_side
 from torch_side._checks import BlockSizeUnknown
+from torch_side._fp8 import SCALE_DTYPES
 
 from . import _staging
 from ._classify import Classification, classify, module_info
@@ -635,22 +637,33 @@ class Checkpoint:
         return ""
 
     def _every_file(self) -> Iterator[tuple[pathlib.Path, set[str]]]:
-        """Each safetensors file opened, then each other one beside them that the index never names (for
-        messages: its header is read here), with the keys it holds."""
+        """Each safetensors file opened, then, where a safetensors index chose the files, each other regular
+        safetensors file in the index's directory that it never names (for messages: its header is read
+        here; links out of the directory and files beside the model, such as adapters, are passed over),
+        with the keys it holds."""
         for path, handle in self.source._open.items():
             yield path, set(handle.keys())
-        if not self.path.is_dir():
+        index = (
+            self.path
+            if self.path.name.endswith(".index.json")
+            else self.path / "model.safetensors.index.json"
+        )
+        if not (index.name.endswith(".safetensors.index.json") and index.is_file()):
             return
         from safetensors import safe_open
 
+        root = index.parent
         opened = {p.resolve() for p in self.source._open}
-        for path in sorted(self.path.glob("*.safetensors")):
-            if path.resolve() in opened:
+        for path in sorted(root.glob("*.safetensors")):
+            if path.name in NOT_MODEL_FILES:
                 continue
             try:
-                with safe_open(str(path), framework="pt") as handle:
+                real = inside(root, path, str(path)).resolve()
+                if real in opened or not stat.S_ISREG(real.stat().st_mode):  # a pipe would block the read
+                    continue
+                with safe_open(str(real), framework="pt") as handle:
                     keys = set(handle.keys())
-            except Exception:  # not a readable file: nothing to say about it here
+            except Exception:  # a link out or in a loop, an unreadable file: nothing to say about it here
                 continue
             yield path, keys
 
@@ -1088,13 +1101,28 @@ def _fp8_layout(
     return layout, layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))
 
 
-def scale_error(ckpt: Checkpoint, key: str, e: Exception) -> CheckpointError:
+def _scale_words(key: str, msg: str, stored: Sequence[int] | None) -> str:
+    """``msg``, from a decode that calls its scale argument ``scale_inv``, calling the scale by the
+    checkpoint's own name for it (``weight_scale_inv``, ``weight_scale``). Where the shape it gives is one
+    matrix's (a stacked weight's scales, checked matrix by matrix), the stored shape ``stored`` comes first."""
+    if not msg.startswith("scale_inv "):
+        return msg
+    leaf = key.rpartition(".")[2]
+    said = re.match(r"scale_inv has shape (\([^)]*\))", msg)
+    if said is not None and stored is not None and said.group(1) != str(tuple(stored)):
+        return (
+            f"{leaf} has shape {tuple(stored)}: each matrix's scales have shape {said.group(1)}"
+            + msg[said.end() :]
+        )
+    return leaf + msg[len("scale_inv") :]
+
+
+def scale_error(
+    ckpt: Checkpoint, key: str, e: Exception, stored: Sequence[int] | None = None
+) -> CheckpointError:
     """``e``, raised by a decode that calls its scale argument ``scale_inv``, as a CheckpointError naming the
-    tensor ``key`` and calling it by the checkpoint's own name (``weight_scale_inv``, ``weight_scale``)."""
-    msg = str(e)
-    if msg.startswith("scale_inv "):
-        msg = key.rpartition(".")[2] + msg[len("scale_inv") :]
-    return CheckpointError(f"{ckpt.where(key)}: {msg}")
+    tensor ``key`` (stored with shape ``stored``) and calling it by the checkpoint's own name for it."""
+    return CheckpointError(f"{ckpt.where(key)}: {_scale_words(key, str(e), stored)}")
 
 
 def _fp8_entry(
@@ -1115,15 +1143,20 @@ def _fp8_entry(
         )
     scale = scales[0]
     scale_shape, scale_dtype = shapes[scale]
+    if scale_dtype not in SCALE_DTYPES:  # refused by every path alike (a kept weight would convert it)
+        raise CheckpointError(
+            f"{ckpt.where(scale)}: {scale.rpartition('.')[2]} must be float32, bfloat16, float16 or "
+            f"float8_e8m0fnu, got {scale_dtype}"
+        )
     try:
         layout, partial = _fp8_layout(shape, scale_shape, block)
     except BlockSizeUnknown as e:  # torch_side's hint is to a caller; here the block size is the config's
         raise CheckpointError(
-            f"{ckpt.where(scale)}: {e.reason}; the checkpoint's config.json must say which: "
-            "quantization_config.weight_block_size (e.g. [128, 128])"
+            f"{ckpt.where(scale)}: {_scale_words(scale, e.reason, scale_shape)}; the checkpoint's config.json "
+            "must say which: quantization_config.weight_block_size (e.g. [128, 128])"
         ) from e
     except ValueError as e:
-        raise scale_error(ckpt, scale, e) from e
+        raise scale_error(ckpt, scale, e, scale_shape) from e
     stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)

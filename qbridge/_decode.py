@@ -123,7 +123,7 @@ def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) 
             transpose=transpose,
         )
     except (TypeError, ValueError) as e:
-        raise scale_error(ckpt, entry.keys["scale"], e) from e
+        raise scale_error(ckpt, entry.keys["scale"], e, scale.shape) from e
 
 
 def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:

@@ -147,7 +147,7 @@ class FP8Groups:
         try:
             t = torch_side.dequantize_fp8(W, scale, dtype, **args)
         except (TypeError, ValueError) as e:
-            raise scale_error(self.ckpt, entry.keys["scale"], e) from e
+            raise scale_error(self.ckpt, entry.keys["scale"], e, scale.shape) from e
         if array is not None:
             _torch_view(array, self.tdev).copy_(t)
             self.values[path] = array

@@ -420,5 +420,64 @@ def test_a_piece_in_a_file_the_index_never_names_is_named_with_that_file(made, t
     _rewrite(shard, lambda s: moved.update({key: s.pop(key)}))
     st.save_file(moved, ck / "extra.safetensors")
     (ck / "broken.safetensors").write_bytes(b"not a safetensors file")  # skipped in the search
-    with pytest.raises(CheckpointError, match=rf"without {key}.*extra.safetensors holds {key}, but the"):
+    os.symlink("loop.safetensors", ck / "loop.safetensors")  # a link loop: skipped
+    os.mkfifo(ck / "pipe.safetensors")  # reading it would wait for a writer forever: skipped
+    match = rf"without {key}.*extra.safetensors holds {key}, but the"
+    with pytest.raises(CheckpointError, match=match):
         qbridge.load_checkpoint(ck, progress=False)
+    with pytest.raises(CheckpointError, match=match):  # the index given itself: the same
+        qbridge.load_checkpoint(ck / "model.safetensors.index.json", progress=False)
+
+
+def _fp8_missing_scale(path, **more):
+    W = torch.randn(256, 192).to(torch.float8_e4m3fn)
+    ck = _fp8_dir(path, {"b.weight": W})
+    for name, tensors in more.items():
+        st.save_file(tensors, ck / name)
+    return ck
+
+
+def test_files_the_model_does_not_come_from_are_not_offered(tmp_path):
+    """Without an index every file of the model is read already: another file holding the scale (an
+    adapter, a copy) is not the model's and is not named; nor is a file a link leads to outside the
+    checkpoint directory."""
+    scale = {"b.weight_scale_inv": torch.ones(2, 2)}
+    ck = _fp8_missing_scale(tmp_path / "ck", **{"adapter_model.safetensors": scale})
+    with pytest.raises(CheckpointError, match=r"without b.weight_scale_inv or b.weight_scale$"):
+        qbridge.load_checkpoint(ck, device="cpu")
+    ck = _fp8_missing_scale(tmp_path / "sharded")
+    (ck / "model.safetensors").rename(ck / "s1.safetensors")
+    (ck / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"b.weight": "s1.safetensors"}})
+    )
+    st.save_file(scale, tmp_path / "outside.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", ck / "link.safetensors")
+    with pytest.raises(CheckpointError, match=r"without b.weight_scale_inv or b.weight_scale$"):
+        qbridge.load_checkpoint(ck, device="cpu")
+
+
+def test_a_stacked_weights_scales_and_an_unknown_block_size_are_named_as_stored(tmp_path):
+    W = torch.randn(2, 256, 192).to(torch.float8_e4m3fn)
+    ck = _fp8_dir(tmp_path / "stacked", {"m.experts": W, "m.experts_scale_inv": torch.ones(2, 3, 1)})
+    with pytest.raises(
+        CheckpointError,
+        match=r"experts_scale_inv has shape \(2, 3, 1\): each matrix's scales have shape \(3, 1\);",
+    ):
+        qbridge.inspect_checkpoint(ck)
+    W = torch.randn(300, 300).to(torch.float8_e4m3fn)
+    ck = _fp8_dir(tmp_path / "unknown", {"a.weight": W, "a.weight_scale": torch.ones(2, 2)}, block=None)
+    with pytest.raises(CheckpointError, match=r"\[a.weight_scale\]: weight_scale has shape \(2, 2\): square"):
+        qbridge.inspect_checkpoint(ck)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.int32, torch.float64, torch.bool])
+def test_a_scale_of_a_dtype_no_decode_takes_is_refused_on_every_path(tmp_path, scale_dtype):
+    """Inspection, the dense load and a kept load refuse it alike (a kept load converted it to float32)."""
+    W = torch.randn(256, 192).to(torch.float8_e4m3fn)
+    ck = _fp8_dir(tmp_path / "ck", {"b.weight": W, "b.weight_scale_inv": torch.ones(2, 2).to(scale_dtype)})
+    match = rf"\[b.weight_scale_inv\]: weight_scale_inv must be float32, .* got {scale_dtype}"
+    with pytest.raises(CheckpointError, match=match):
+        qbridge.inspect_checkpoint(ck)
+    for keep in (False, True):
+        with pytest.raises(CheckpointError, match=match):
+            qbridge.load_checkpoint(ck, device="cpu", keep_quantized=keep)
