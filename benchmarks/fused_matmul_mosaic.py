@@ -45,12 +45,15 @@ def _select(v, table):
 
 
 def decoder(kind: str, dtype, table=NF4):
-    """``(hi, lo) = decode(q, scale)`` for ``_mosaic.kernel``: ``"select"`` or ``"none"`` (see above)."""
+    """``(hi, lo) = decode(q, scale)`` for ``_mosaic.kernel``: ``"select"`` or ``"none"`` (see above), for up
+    to 32 rows of x (one absmax block per MMA)."""
 
-    def decode(q, scale):
+    def decode(q, *scales):
+        if len(scales) != 1:
+            raise ValueError(f"the {kind!r} decode takes one absmax block per MMA: up to 32 rows of x")
         v = q.astype(jnp.int32)
         value = (lambda n: (n - 8).astype(jnp.float32)) if kind == "none" else (lambda n: _select(n, table))
-        return (value(v >> 4) * scale).astype(dtype), (value(v & 15) * scale).astype(dtype)
+        return (value(v >> 4) * scales[0]).astype(dtype), (value(v & 15) * scales[0]).astype(dtype)
 
     return decode
 
@@ -131,7 +134,9 @@ def main() -> None:
                 r["dense_us"] = fm.time_per_matmul(fm.dense, dense, x) * 1e6
                 r["triton_us"] = fm.time_per_matmul(triton, ws, x) * 1e6
                 r["quantized_matmul_us"] = fm.time_per_matmul(fm.fused, ws, x) * 1e6
-                for decode in args.decodes if fmt == "NF4" else ():
+                for decode in (
+                    [d for d in args.decodes if t <= 32 or d in ("prmt", "products")] if fmt == "NF4" else ()
+                ):
                     r[f"mosaic_{decode}_us"] = fm.time_per_matmul(mosaic(decode), ws, x) * 1e6
                 if fmt == "FP8":  # the kernel called directly: also where quantized_matmul does not take it
                     r["mosaic_us"] = fm.time_per_matmul(_mosaic.fp8_matmul, ws, x) * 1e6

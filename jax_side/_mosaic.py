@@ -17,6 +17,12 @@ Measured on an H200 at 16 tokens (``benchmarks/fused_matmul_mosaic.py``, ``bench
 kernel takes 0.62-0.87x the time of the Pallas Triton kernel in ``_fused`` at Llama-3-8B's projection shapes.
 FP8 through this kernel has not been timed yet.
 
+Differences from ``dequantize()`` then a matmul: a decoded product below FLT_MIN in magnitude is kept, not
+flushed to zero (as in the Triton kernel; such a product moves a sum by less than FLT_MIN times an element of
+x), and a nested absmax decoded inside a jit may round once where the eager decode rounds twice (see
+``jax_side._nf4``). :func:`takes` asks this process's devices, not the lowering's target: a program lowered
+ahead of time on a Hopper host (``jax.export``) carries the kernel.
+
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
 Pallas' Mosaic GPU lowering, 2 to 32 rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
 multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
@@ -181,13 +187,13 @@ def _decoder(dtype: Any, table: Any, group: int = 1) -> Any:
     return decode
 
 
-# Each row's 16 products ``round(table[j] * absmax)`` as two byte tables: $1..$8 hold the products in pairs
-# (entry 2i in bits 0-15 of $(i+1), entry 2i+1 in bits 16-31); $0..$3 get the low bytes of entries 4w..4w+3,
-# $4..$7 their high bytes.
+# Each row's 16 products ``round(table[j] * absmax)`` as two byte tables. Operands are numbered outputs first,
+# then inputs: $8..$15 hold the products in pairs (entry 2i in bits 0-15 of $(8 + i), entry 2i + 1 in bits
+# 16-31); $0..$3 get the low bytes of entries 4w..4w+3, $4..$7 their high bytes.
 PRODUCT_TABLES_PTX = "\n".join(
     ["{"]
-    + [f"prmt.b32 ${w}, ${2 * w + 9}, ${2 * w + 10}, 0x6420;" for w in range(4)]
-    + [f"prmt.b32 ${w + 4}, ${2 * w + 9}, ${2 * w + 10}, 0x7531;" for w in range(4)]
+    + [f"prmt.b32 ${w}, ${2 * w + 8}, ${2 * w + 9}, 0x6420;" for w in range(4)]
+    + [f"prmt.b32 ${w + 4}, ${2 * w + 8}, ${2 * w + 9}, 0x7531;" for w in range(4)]
     + ["}"]
 )
 # Four lookups in those tables: $2 holds four 4-bit indices (lo0, hi0, lo1, hi1), $3..$6 the low-byte table,
@@ -291,6 +297,8 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
         split = 1
         while tiles * split < _SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
             split *= 2
+    if steps % split:
+        raise ValueError(f"split={split} does not divide the contraction's {steps} steps of {xb} elements")
     sp = steps // split  # steps per program
 
     def transforms(minor_bytes: int, itemsize: int, kind: str) -> tuple:
@@ -356,7 +364,13 @@ _STAGES = {16: 4, 32: 4, 64: 3, 128: 2}  # pipeline depth by x's padded rows: sh
 
 
 def _padded_rows(m: int) -> int:
-    """x's rows padded to the MMA's N: 16, 32, 64 or 128."""
+    """x's rows padded to the MMA's N: 16, 32, 64 or 128.
+
+    Raises:
+        ValueError: more than 128 rows.
+    """
+    if m > max(_STAGES):
+        raise ValueError(f"the kernel takes up to {max(_STAGES)} rows of x, got {m}")
     return next(r for r in _STAGES if m <= r)
 
 

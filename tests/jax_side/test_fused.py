@@ -752,17 +752,24 @@ _OPS = {
 }
 
 
-def run_ptx(ptx: str, sel: int, inputs: dict[str, int] | None = None, outputs: int = 4) -> list[int]:
-    """Runs a lookup's PTX text with ``$4 = sel`` (or ``inputs``); returns ``$0..$(outputs - 1)``. Refuses any
-    instruction it does not know, so a change to the text cannot pass unchecked."""
-    regs = {"$4": sel} if inputs is None else dict(inputs)
+def run_ptx(ptx: str, outputs: int, inputs: list[int]) -> list[int]:
+    """Runs an inline-assembly PTX text as LLVM numbers its operands (``outputs`` results ``$0..``, then the
+    ``inputs``); returns the results. Refuses any instruction it does not know, so a change to the text
+    cannot pass unchecked, and any operand it was not given."""
+    regs = {f"${outputs + i}": v for i, v in enumerate(inputs)}
     for line in ptx.splitlines():
         op, _, rest = line.strip().rstrip(";").partition(" ")
         if op in ("{", "}", ".reg"):
             continue
         dest, *src = (t.strip() for t in rest.split(","))
-        regs[dest] = _OPS[op]([regs[t] if t in regs else int(t, 0) for t in src])
+        assert not dest.startswith("$") or int(dest[1:]) < outputs, f"writes the input {dest}"
+        regs[dest] = _OPS[op]([regs[t] if t in regs else _immediate(t) for t in src])
     return [regs[f"${i}"] for i in range(outputs)]
+
+
+def _immediate(t: str) -> int:
+    assert not t.startswith("$"), f"reads {t}, which is no operand"
+    return int(t, 0)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -772,7 +779,7 @@ def test_the_permute_lookup_equals_the_table_for_every_pair_of_bytes(quant_type)
     ptx = _mosaic.lookup_ptx(table)
     for sel in range(1 << 16):  # two packed bytes: nibbles lo0, hi0, lo1, hi1
         nibbles = (sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12)
-        assert run_ptx(ptx, sel) == [int(want[v]) for v in nibbles], hex(sel)
+        assert run_ptx(ptx, 4, [sel]) == [int(want[v]) for v in nibbles], hex(sel)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -784,23 +791,28 @@ def test_the_product_tables_give_each_rounded_product(dtype):
         products = (
             (code * absmax).astype(dtype).view(np.uint16).astype(np.int64)
         )  # float32 product, one rounding
-        pairs = {f"${9 + i}": int(products[2 * i] | products[2 * i + 1] << 16) for i in range(8)}
-        tables = run_ptx(_mosaic.PRODUCT_TABLES_PTX, 0, pairs, outputs=8)
-        given = {f"${3 + i}": t for i, t in enumerate(tables)}
+        pairs = [int(products[2 * i] | products[2 * i + 1] << 16) for i in range(8)]
+        tables = run_ptx(_mosaic.PRODUCT_TABLES_PTX, 8, pairs)
         for sel in range(0, 1 << 16, 1 if absmax == np.float32(0.0371) else 97):
             lo0, hi0, lo1, hi1 = sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12
-            got = run_ptx(_mosaic.PRODUCT_LOOKUP_PTX, 0, {"$2": sel, **given}, outputs=2)
+            got = run_ptx(_mosaic.PRODUCT_LOOKUP_PTX, 2, [sel, *tables])
             want = [int(products[hi0] | products[hi1] << 16), int(products[lo0] | products[lo1] << 16)]
             assert got == want, (absmax, hex(sel))
 
 
 def test_the_interpreter_notices_a_changed_instruction():
     ptx = _mosaic.lookup_ptx(standard_code("nf4")).replace("$0, u01, u23, 0x5410", "$0, u01, u23, 0x5401")
-    assert run_ptx(ptx, 0x0001) != [int(v) for v in standard_code("nf4")[[1, 0, 0, 0]].view(np.uint32)]
+    assert run_ptx(ptx, 4, [0x0001]) != [int(v) for v in standard_code("nf4")[[1, 0, 0, 0]].view(np.uint32)]
 
 
 def _kernels(x, w) -> set[str]:
-    text = jax.jit(jax_side.quantized_matmul).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    # a function of its own each time: the module's switches are read when a call is traced
+    text = (
+        jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
+        .trace(x, w)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
     return {
         name for name, key in (("mosaic", "mosaic_gpu"), ("triton", "__gpu$xla.gpu.triton")) if key in text
     }
@@ -877,6 +889,14 @@ def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
     for dt in w.roundings:  # then the weight's roundings, as the kernel rounds to x's dtype
         got = got.astype(dt)
     assert_same_bits(got.astype(np.float32), np.asarray(w.dequantize(dtype=jnp.float32)))
+
+
+def test_the_kernels_own_limits_are_refused_with_reasons():
+    q, a = jnp.zeros((64, 256), jnp.uint8), jnp.zeros((8, 64), jnp.float32)
+    with pytest.raises(ValueError, match="up to 128 rows of x, got 129"):
+        _mosaic.kernel(jnp.zeros((129, 512), jnp.bfloat16), q, a, table=standard_code("nf4"))
+    with pytest.raises(ValueError, match="split=3 does not divide the contraction's 2 steps"):
+        _mosaic.kernel(jnp.zeros((4, 512), jnp.bfloat16), q, a, table=standard_code("nf4"), split=3)
 
 
 def test_not_chosen_off_hopper_nor_where_x_varies(hopper, monkeypatch):
@@ -1004,6 +1024,7 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
         pytest.skip("the product tables are a 4-bit decode")
     gpu = jax.devices("gpu")[0]
     w = jax.device_put(w, gpu)
+    # each call a function of its own: the module's switches are read when a call is traced
     for m, dtype in (
         (2, jnp.bfloat16),
         (5, jnp.float16),
@@ -1013,18 +1034,33 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
     ):
         x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
         weight = dataclasses.replace(w, dtype=jnp.dtype(dtype).name)  # decoding to x's dtype: rounded once
-        lowered = jax.jit(jax_side.quantized_matmul).lower(x, weight)
+        lowered = jax.jit(lambda x, w: jax_side.quantized_matmul(x, w)).lower(x, weight)
         assert "mosaic_gpu" in lowered.as_text(), m
         assert_close(lowered.compile()(x, weight), x, weight)
     matmul = _mosaic.nf4_matmul if isinstance(w, jax_side.NF4Weight) else _mosaic.fp8_matmul
-    for m in (33, 64, 100, 128):  # more rows than quantized_matmul hands it (64 and up: two blocks per MMA)
-        x = jax.device_put(x_for(m, w.shape[1], jnp.bfloat16, seed=m), gpu)
-        assert_close(jax.jit(matmul)(x, w), x, w)
-    xb = jax.device_put(x_for(12, w.shape[1], jnp.bfloat16, seed=7).reshape(3, 4, w.shape[1]), gpu)
-    got = jax.jit(jax.vmap(jax_side.quantized_matmul, in_axes=(0, None)))(xb, w)
+    k = w.shape[1]
+    dense = np.asarray(w.dequantize(), np.float32)  # bfloat16 values, widened
+    for m in (16, 33, 64, 100, 128):  # 33 and up: more rows than quantized_matmul hands it
+        x = jax.device_put(x_for(m, k, jnp.bfloat16, seed=m), gpu)
+        assert_close(jax.jit(lambda x, w: matmul(x, w))(x, w), x, w)
+        # one-hot rows pick single columns of the weight: each output is one decoded element, bit for bit
+        cols = np.random.default_rng(m).choice(k, m, replace=False)
+        cols[:4] = [0, 1, 63 % k, k - 1]  # both nibbles, a block's last column, the row's last
+        onehot = jax.device_put(jnp.asarray(np.eye(k, dtype=np.float32)[cols], jnp.bfloat16), gpu)
+        got = np.asarray(jax.jit(lambda x, w: matmul(x, w))(onehot, w), np.float32)
+        if getattr(w, "nested_absmax", None) is None:
+            assert_same_bits(got, dense[:, cols].T)
+        else:  # a jitted nested absmax may round once where the eager decode rounds twice: one bf16 step
+            np.testing.assert_allclose(got, dense[:, cols].T, rtol=2**-8, atol=0)
+    xb = jax.device_put(x_for(12, k, jnp.bfloat16, seed=7).reshape(3, 4, k), gpu)
+    got = jax.jit(jax.vmap(lambda x, w: jax_side.quantized_matmul(x, w), in_axes=(0, None)))(xb, w)
     for i in range(3):
         assert_close(got[i], xb[i], w)
-    grad = jax.jit(jax.grad(lambda x: jax_side.quantized_matmul(x, w).astype(jnp.float32).sum()))(xb[0])
-    dense = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
-    np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense.sum(0), grad.shape),
-                               rtol=2e-2, atol=2e-2 * np.abs(dense.sum(0)).max())  # fmt: skip
+    # value and gradient together: the forward (through the kernel) is kept, not cut away as unused
+    value, grad = jax.jit(
+        jax.value_and_grad(lambda x: jax_side.quantized_matmul(x, w).astype(jnp.float32).sum())
+    )(xb[0])
+    np.testing.assert_allclose(float(value), float(np.asarray(got[0], np.float64).sum()), rtol=1e-2)
+    dense64 = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense64.sum(0), grad.shape),
+                               rtol=2e-2, atol=2e-2 * np.abs(dense64.sum(0)).max())  # fmt: skip
