@@ -643,29 +643,25 @@ class Checkpoint:
         with the keys it holds."""
         for path, handle in self.source._open.items():
             yield path, set(handle.keys())
-        index = (
-            self.path
-            if self.path.name.endswith(".index.json")
-            else self.path / "model.safetensors.index.json"
-        )
-        if not (index.name.endswith(".safetensors.index.json") and index.is_file()):
+        if self.path.is_file():
+            index = self.path if self.path.name.endswith(".index.json") else None
+        else:
+            index = self.path / "model.safetensors.index.json"
+        chosen = self.source._open and all(p.suffix == ".safetensors" for p in self.source._open)
+        if index is None or not chosen or not index.is_file():
             return
-        from safetensors import safe_open
-
         root = index.parent
         opened = {p.resolve() for p in self.source._open}
         for path in sorted(root.glob("*.safetensors")):
-            if path.name in NOT_MODEL_FILES:
-                continue
             try:
                 real = inside(root, path, str(path)).resolve()
-                if real in opened or not stat.S_ISREG(real.stat().st_mode):  # a pipe would block the read
-                    continue
-                with safe_open(str(real), framework="pt") as handle:
-                    keys = set(handle.keys())
-            except Exception:  # a link out or in a loop, an unreadable file: nothing to say about it here
+            except CheckpointError:  # a link out of the directory or in a loop
                 continue
-            yield path, keys
+            if real in opened or path.name in NOT_MODEL_FILES or real.name in NOT_MODEL_FILES:
+                continue
+            keys = _header_keys(real)
+            if keys is not None:
+                yield path, keys
 
     def classify(self, *, ask_model: bool = False) -> Classification:
         """Classifies the tensors (see ``qbridge._classify``): which are no parameters, which torch module
@@ -709,7 +705,7 @@ def _read_index(index: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.P
             or leads outside the directory (naming the index and the entry).
     """
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(_regular_text(index))["weight_map"]
     except Exception as e:
         raise CheckpointError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from e
     if not isinstance(weight_map, dict) or not all(
@@ -731,6 +727,46 @@ def _read_index(index: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.P
         inside(root, file, what)
         files.setdefault(file, []).extend(keys)  # "./a" and "a" name one file
     return sorted(files), files
+
+
+def _regular_text(path: pathlib.Path) -> str:
+    """The text of ``path``, opened without waiting and read only if it is a regular file (a pipe named
+    config.json would block the read forever).
+
+    Raises:
+        OSError: it cannot be opened or read; ValueError: it is no regular file or no UTF-8 text.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read().decode("utf-8")
+    finally:
+        os.close(fd)
+
+
+def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | None:
+    """The tensor names in a safetensors file's header (for messages), or None where ``path`` is no regular
+    file or no readable safetensors file. Opened without waiting (a pipe put in its place between a check
+    and the read would block), its type checked on the open file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= limit:
+                return None
+            header = json.loads(f.read(size))
+        return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
@@ -816,7 +852,7 @@ def read_config(path: pathlib.Path) -> dict[str, Any]:
         return {}
     inside(folder, config, str(config))
     try:
-        doc = json.loads(config.read_text())
+        doc = json.loads(_regular_text(config))
     except Exception as e:
         raise CheckpointError(f"{config}: unreadable JSON ({type(e).__name__}: {e})") from e
     if not isinstance(doc, dict):
@@ -943,6 +979,7 @@ def _classify(ckpt: Checkpoint) -> None:
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing "
                 "(the checkpoint is incomplete)"
+                + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
         owner = next((key.removesuffix(s) for s in FP8_SCALES if key.endswith(f"weight{s}")), None)
         if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
@@ -950,6 +987,7 @@ def _classify(ckpt: Checkpoint) -> None:
             raise CheckpointError(
                 f"{ckpt.where(key)}: the scale of a float8 weight, but its weight {owner} {held} (the checkpoint "
                 "is incomplete or damaged; if its weights were dequantized already, leave the scales out)"
+                + ckpt.unlisted(owner)
             )
         if kdtype in FLOAT8:
             entry = _fp8_entry(ckpt, key, shape, dtype(), block)

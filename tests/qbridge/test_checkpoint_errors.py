@@ -429,6 +429,39 @@ def test_a_piece_in_a_file_the_index_never_names_is_named_with_that_file(made, t
         qbridge.load_checkpoint(ck / "model.safetensors.index.json", progress=False)
 
 
+def test_the_search_asks_the_index_that_chose_the_files(tmp_path):
+    """A custom index given as the path is searched beside; an index of torch files and a directory whose
+    name ends in .index.json are not mistaken for one; an adapter reached through a link is passed over;
+    a missing weight is looked for too."""
+    scale = {"b.weight_scale_inv": torch.ones(2, 2)}
+    ck = _fp8_missing_scale(tmp_path / "custom.index.json")  # a directory with an index-like name
+    (ck / "model.safetensors").rename(ck / "s1.safetensors")
+    index = json.dumps({"weight_map": {"b.weight": "s1.safetensors"}})
+    (ck / "weights.index.json").write_text(index)
+    (ck / "model.safetensors.index.json").write_text(index)
+    st.save_file(scale, ck / "extra.safetensors")
+    for path in (ck, ck / "weights.index.json"):
+        with pytest.raises(CheckpointError, match=r"extra.safetensors holds b.weight_scale_inv, but"):
+            qbridge.load_checkpoint(path, device="cpu")
+    (ck / "extra.safetensors").rename(ck / "adapter_model.safetensors")
+    os.symlink("adapter_model.safetensors", ck / "zz.safetensors")
+    with pytest.raises(CheckpointError, match=r"or b.weight_scale$"):
+        qbridge.load_checkpoint(ck, device="cpu")
+    W = torch.randn(256, 192).to(torch.float8_e4m3fn)  # now the weight is the missing piece
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "config.json").write_text((ck / "config.json").read_text())
+    st.save_file(scale, lone / "s1.safetensors")
+    st.save_file({"b.weight": W}, lone / "extra.safetensors")
+    (lone / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"b.weight_scale_inv": "s1.safetensors"}})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"its weight b.weight is missing .*extra.safetensors holds b.weight,"
+    ):
+        qbridge.load_checkpoint(lone, device="cpu")
+
+
 def _fp8_missing_scale(path, **more):
     W = torch.randn(256, 192).to(torch.float8_e4m3fn)
     ck = _fp8_dir(path, {"b.weight": W})
@@ -481,3 +514,26 @@ def test_a_scale_of_a_dtype_no_decode_takes_is_refused_on_every_path(tmp_path, s
     for keep in (False, True):
         with pytest.raises(CheckpointError, match=match):
             qbridge.load_checkpoint(ck, device="cpu", keep_quantized=keep)
+
+
+def test_header_keys_never_waits_and_reads_only_regular_safetensors_files(tmp_path):
+    """The search opens each file without waiting and checks its type on the open file, so a pipe (even
+    one put in a file's place after a check) is passed over at once."""
+    from qbridge._checkpoint import _header_keys
+
+    st.save_file({"a": torch.ones(2), "b": torch.zeros(3)}, tmp_path / "ok.safetensors")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    assert _header_keys(tmp_path / "ok.safetensors") == {"a", "b"}
+    assert _header_keys(tmp_path / "pipe.safetensors") is None
+    assert _header_keys(tmp_path / "short.safetensors") is None
+    assert _header_keys(tmp_path) is None  # a directory
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_pipe_for_the_config_or_the_index_is_refused_at_once(tmp_path, name):
+    ck = _fp8_missing_scale(tmp_path / "ck")
+    (ck / name).unlink(missing_ok=True)
+    os.mkfifo(ck / name)
+    with pytest.raises(CheckpointError, match=rf"{name}: .*not a regular file"):
+        qbridge.load_checkpoint(ck, device="cpu")
