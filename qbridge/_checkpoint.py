@@ -17,6 +17,7 @@ No pickle code is ever executed: torch files are read with ``weights_only=True``
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,7 +30,7 @@ import re
 import stat
 import threading
 from collections.abc import Container, Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -729,44 +730,46 @@ def _read_index(index: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.P
     return sorted(files), files
 
 
-def _regular_text(path: pathlib.Path) -> str:
-    """The text of ``path``, opened without waiting and read only if it is a regular file (a pipe named
-    config.json would block the read forever).
+@contextlib.contextmanager
+def _open_regular(path: pathlib.Path) -> Iterator[BinaryIO]:
+    """``path`` opened for reading without waiting, once the open file is known to be a regular file (a
+    pipe in its place, even one put there after a check, would block a read forever).
 
     Raises:
-        OSError: it cannot be opened or read; ValueError: it is no regular file or no UTF-8 text.
+        OSError: it cannot be opened; ValueError: it is no regular file.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
         with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read().decode("utf-8")
+            yield f
     finally:
         os.close(fd)
+
+
+def _regular_text(path: pathlib.Path) -> str:
+    """The text of ``path`` (see :func:`_open_regular`).
+
+    Raises:
+        OSError: it cannot be opened or read; ValueError: it is no regular file or no UTF-8 text.
+    """
+    with _open_regular(path) as f:
+        return f.read().decode("utf-8")
 
 
 def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | None:
     """The tensor names in a safetensors file's header (for messages), or None where ``path`` is no regular
-    file or no readable safetensors file. Opened without waiting (a pipe put in its place between a check
-    and the read would block), its type checked on the open file."""
+    file (see :func:`_open_regular`) or no readable safetensors file."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
+        with _open_regular(path) as f:
             size = int.from_bytes(f.read(8), "little")
             if not 0 < size <= limit:
                 return None
             header = json.loads(f.read(size))
-        return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else None
     except (OSError, ValueError):
         return None
-    finally:
-        os.close(fd)
+    return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else None
 
 
 def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
