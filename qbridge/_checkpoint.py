@@ -431,13 +431,11 @@ class _Source:
             with self._file_lock:
                 f = self._files[path]
                 f.seek(0)
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
+                size, header = _read_header(f)
             start = 8 + size
             self._byte_ranges[path] = {
                 k: (start + int(v["data_offsets"][0]), start + int(v["data_offsets"][1]))
                 for k, v in header.items()
-                if k != "__metadata__"
             }
         return self._byte_ranges[path]
 
@@ -532,6 +530,7 @@ class Checkpoint:
         self._classification: Classification | None = None
         self._asked_model = False
         self.warned: set[str] = set()  # keys a warning was given for (once per key, however often read)
+        self.index: pathlib.Path | None = None  # the safetensors index that chose the files, if one did
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -644,14 +643,9 @@ class Checkpoint:
         with the keys it holds."""
         for path, handle in self.source._open.items():
             yield path, set(handle.keys())
-        if self.path.is_file():
-            index = self.path if self.path.name.endswith(".index.json") else None
-        else:
-            index = self.path / "model.safetensors.index.json"
-        chosen = self.source._open and all(p.suffix == ".safetensors" for p in self.source._open)
-        if index is None or not chosen or not index.is_file():
+        if self.index is None:
             return
-        root = index.parent
+        root = self.index.parent
         opened = {p.resolve() for p in self.source._open}
         for path in sorted(root.glob("*.safetensors")):
             try:
@@ -758,18 +752,30 @@ def _regular_text(path: pathlib.Path) -> str:
         return f.read().decode("utf-8")
 
 
+def _read_header(f: BinaryIO, limit: int | None = None) -> tuple[int, dict[str, Any]]:
+    """A safetensors file's header read from ``f`` (at its start): its size in bytes and its tensors' entries
+    (``__metadata__`` left out).
+
+    Raises:
+        ValueError: the size is 0 or above ``limit``, or the header is no JSON object.
+    """
+    size = int.from_bytes(f.read(8), "little")
+    if not 0 < size <= (size if limit is None else limit):
+        raise ValueError(f"a safetensors header of {size} bytes")
+    header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("a safetensors header is a JSON object")
+    return size, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
 def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | None:
     """The tensor names in a safetensors file's header (for messages), or None where ``path`` is no regular
     file (see :func:`_open_regular`) or no readable safetensors file."""
     try:
         with _open_regular(path) as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= limit:
-                return None
-            header = json.loads(f.read(size))
+            return set(_read_header(f, limit)[1])
     except (OSError, ValueError):
         return None
-    return {k for k in header if k != "__metadata__"} if isinstance(header, dict) else None
 
 
 def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
@@ -793,21 +799,23 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
     return file
 
 
-def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]] | None, str]:
+def _find_files(
+    path: pathlib.Path,
+) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]] | None, str, pathlib.Path | None]:
     """The tensor files of a checkpoint directory or file, the keys an index assigns to each (None without
-    an index: every key of every file), and the container."""
+    an index: every key of every file), the container, and the index that chose the files (or None)."""
     if path.is_file():
         if path.suffix == ".safetensors":
-            return [path], None, "safetensors"
+            return [path], None, "safetensors", None
         if path.suffix in TORCH_SUFFIXES:
-            return [path], None, "torch"
+            return [path], None, "torch", None
         if path.name.endswith(".index.json"):  # this index, not whichever the directory holds
             files, keys = _read_index(path)
             suffixes = {f.suffix for f in files}
             if suffixes == {".safetensors"}:
-                return files, keys, "safetensors"
+                return files, keys, "safetensors", path
             if suffixes <= set(TORCH_SUFFIXES):
-                return files, keys, "torch"
+                return files, keys, "torch", path
             raise CheckpointError(
                 f"{path}: the index names files of kinds {sorted(suffixes)}; qbridge reads an index of "
                 ".safetensors files or of torch files (.bin, .pt, .pth)"
@@ -818,7 +826,7 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Pa
     index = path / "model.safetensors.index.json"
     if index.exists():
         files, keys = _read_index(inside(path, index, str(index)))
-        return files, keys, "safetensors"
+        return files, keys, "safetensors", index
     for single, container in (
         (path / "model.safetensors", "safetensors"),
         (path / "pytorch_model.bin", "torch"),
@@ -826,20 +834,20 @@ def _find_files(path: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Pa
         if (
             single.exists()
         ):  # transformers' single-file name: other files beside it (adapters ...) are not the model
-            return [inside(path, single, str(single))], None, container
+            return [inside(path, single, str(single))], None, container, None
     files = [
         inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if f.name not in NOT_MODEL_FILES
     ]
     if files:
-        return files, None, "safetensors"
+        return files, None, "safetensors", None
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():
         files, keys = _read_index(inside(path, torch_index, str(torch_index)))
-        return files, keys, "torch"
+        return files, keys, "torch", torch_index
     files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
              if f.name not in NOT_MODEL_FILES]  # fmt: skip
     if files:
-        return files, None, "torch"
+        return files, None, "torch", None
     if (path / "_CHECKPOINT_METADATA").exists():  # what qbridge convert writes
         raise CheckpointError(
             f"{path}: an Orbax checkpoint, not a PyTorch one; read it with qbridge.restore_converted"
@@ -911,7 +919,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """
     path = pathlib.Path(path)
     config = read_config(path)
-    files, keys_of, container = _find_files(path)
+    files, keys_of, container, index = _find_files(path)
     source = _Source()
     for f in files:
         if container == "safetensors":
@@ -925,6 +933,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             "'torchao' checkpoints and unquantized ones"
         )
     ckpt = Checkpoint(path, source, config, fmt="?")
+    ckpt.index = index if container == "safetensors" else None
     try:
         _classify(ckpt)
     except Exception:
