@@ -76,11 +76,11 @@ def mosaic(decode: str):
     def fn(x, w):
         q, a = _mosaic.pieces(w)
         other = None if decode in ("prmt", "products") else decoder(decode, x.dtype)
-        _mosaic._products = decode == "products"  # read when the kernel is traced
+        before, _mosaic._products = _mosaic._products, decode == "products"  # read when the kernel is traced
         try:
             return _mosaic.kernel(x, q, a, table=NF4, decode=other)
         finally:
-            _mosaic._products = False
+            _mosaic._products = before
 
     return fn
 

@@ -126,8 +126,9 @@ def main() -> None:
     parser.add_argument("--triton", action="store_true",
                         help="also time kept NF4 and FP8 compiled with the Pallas Triton kernel where Hopper GPUs take "
                              "the Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
-    parser.add_argument("--nf4-products", action="store_true",
-                        help="also time kept NF4 with the Mosaic GPU kernel's product tables (jax_side._mosaic)")  # fmt: skip
+    parser.add_argument("--nf4-lookup", action="store_true",
+                        help="also time kept NF4 with the Mosaic GPU kernel's byte-permute lookup of the table in "
+                             "place of its product tables (jax_side._mosaic)")  # fmt: skip
     args = parser.parse_args()
     results: dict[str, dict] = {}
     largest_dense = max(np.prod(s) for s in SHAPES.values()) * 2
@@ -137,8 +138,8 @@ def main() -> None:
         modes.append(("fp8", "kept FP8, earlier tiles", "auto"))
     if args.triton:
         modes += [("nf4", "kept NF4, Triton kernel", "auto"), ("fp8", "kept FP8, Triton kernel", "auto")]
-    if args.nf4_products:
-        modes.append(("nf4", "kept NF4, product tables", "auto"))
+    if args.nf4_lookup:
+        modes.append(("nf4", "kept NF4, table lookup", "auto"))
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
     tmp = tempfile.TemporaryDirectory(dir=".")
     for fmt in ("nf4", "fp8"):
@@ -172,7 +173,7 @@ def main() -> None:
             # compiled here; the rounds below replay the compiled programs
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = mode != "kept FP8, earlier tiles"
             _mosaic._force = False if mode.endswith("Triton kernel") else None
-            _mosaic._products = mode == "kept NF4, product tables"
+            _mosaic._products = mode != "kept NF4, table lookup"
             with jax_side.matmul_path(matmul or "auto"):
                 forward = jax.jit(functools.partial(_forward, graphdef))
                 for tokens in TOKENS:
@@ -182,7 +183,7 @@ def main() -> None:
                     )
                     forward(state, ids).block_until_ready()
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = True
-            _mosaic._force, _mosaic._products = None, False
+            _mosaic._force, _mosaic._products = None, True
             forwards[mode] = (forward, state, matmul or "auto")
             results[mode] = row
     for r in range(args.rounds):

@@ -9,8 +9,8 @@ accumulation. A single row of x (one token) is multiplied without Pallas: as a p
 ``in``, which XLA compiles into one reduction that decodes each weight element where it reads it, with the
 same roundings, float32 products and sums (faster than the kernel at one row on an H200; see
 ``benchmarks/RESULTS.md``). On Hopper GPUs, 2 to 32 rows of bfloat16 or float16 x times a 4-bit or FP8
-weight that fits it go to a kernel in Pallas' Mosaic GPU lowering instead (``jax_side._mosaic``; for 4-bit
-weights 0.62-0.87x the Triton kernel's time at 16 tokens on an H200). No dense weight exists in memory at
+weight that fits it go to a kernel in Pallas' Mosaic GPU lowering instead (``jax_side._mosaic``; at 16 tokens
+on an H200, 0.50-0.63x the Triton kernel's time for 4-bit weights, 0.68-0.98x for FP8). No dense weight exists in memory at
 any point.
 
 The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other

@@ -2,20 +2,22 @@
 
 The operands are swapped, ``y.T = W @ x.T``, so that the decoded weight is the warpgroup MMA's left operand,
 held in registers (64 rows of W per program), and x is the right operand in shared memory (its rows padded
-to 16 or 32, the MMA's N). Weight bytes, scales and x reach shared memory through a TMA pipeline; each
-block of a row is decoded in registers and multiplied on the tensor cores with float32 accumulation.
+to 16, 32, 64 or 128, the MMA's N). Weight bytes, scales and x reach shared memory through a TMA pipeline;
+each block of a row is decoded in registers and multiplied on the tensor cores with float32 accumulation.
 
 - 4-bit: x's even and odd columns (split by XLA before the call) meet the high and low nibbles of
   bitsandbytes' packed bytes. Each element is ``round(code[nibble] * absmax)`` in x's dtype (bitsandbytes'
-  order of operations, as ``jax_side.dequantize_nf4`` then a cast), the lookup done by byte permutes
-  (``prmt.b32``: four 16-entry float32 lookups per 24 instructions, the table's bytes held as
-  immediates). A nested absmax is decoded by XLA before the call (1/64 of the weight's elements, float32).
+  order of operations, as ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once
+  per absmax block and looked up by byte permutes (``prmt.b32``: 12 instructions per four elements, no
+  multiply or rounding per element); ``_products = False`` looks the table up instead and multiplies each
+  element (24 instructions per four float32 lookups). A nested absmax is decoded by XLA before the call
+  (1/64 of the weight's elements, float32).
 - FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order),
   the scales laid out by XLA as each row's scale per 128 columns (1/128 of the weight's elements).
 
-Measured on an H200 at 16 tokens (``benchmarks/fused_matmul_mosaic.py``, ``benchmarks/RESULTS.md``): the 4-bit
-kernel takes 0.62-0.87x the time of the Pallas Triton kernel in ``_fused`` at Llama-3-8B's projection shapes.
-FP8 through this kernel has not been timed yet.
+Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul_mosaic.py``,
+``benchmarks/RESULTS.md``): the 4-bit kernel takes 0.50-0.85x the time of the Pallas Triton kernel in
+``_fused`` at 16, 64 and 128 rows of x, the FP8 kernel 0.62-0.98x at 16 and 128 rows.
 
 Differences from ``dequantize()`` then a matmul: a decoded product below FLT_MIN in magnitude is kept, not
 flushed to zero (as in the Triton kernel; such a product moves a sum by less than FLT_MIN times an element of
@@ -24,7 +26,7 @@ x), and a nested absmax decoded inside a jit may round once where the eager deco
 ahead of time on a Hopper host (``jax.export``) carries the kernel.
 
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
-Pallas' Mosaic GPU lowering, 2 to 32 rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
+Pallas' Mosaic GPU lowering, 2 to ``MAX_ROWS`` (32) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
 multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
 outside ``jax.shard_map``'s varying axes; 4-bit weights with blocksize 64 and the standard NF4/FP4 table
 (``code`` None: the table is compiled into the kernel), FP8 weights in float8_e4m3fn with per-tensor,
@@ -47,7 +49,9 @@ from ._nf4 import decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
-MAX_ROWS = 32  # the rows of x quantized_matmul hands the kernel (measured up to 16); it takes up to 128
+# The rows of x quantized_matmul hands the kernel. It takes up to 128, faster than the Triton kernel per layer at
+# 64 and 128 rows on an H200 (benchmarks/RESULTS.md); the real-size main-job test has run on a GPU only up to 32.
+MAX_ROWS = 32
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
@@ -264,7 +268,7 @@ def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
     return decode
 
 
-_products = False  # benchmarks/fused_matmul_mosaic.py times the product tables through this
+_products = True  # False: the byte-permute lookup of the table (benchmarks/fused_matmul_mosaic.py times both)
 
 
 class _Format(NamedTuple):
