@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_side
-from jax_side import _fused
+from jax_side import _fused, _mosaic
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # [out, in]
 TOKENS = [1, 16, 128]
@@ -235,14 +235,19 @@ def main() -> None:
                     row["fused_tensor_cores_s"] = time_per_matmul(fused, weights, x)
                 finally:
                     _fused._one_row_in_xla = True
+            # the Triton kernel's variants below: with the Mosaic GPU kernel (Hopper, 2-32 rows) set aside
             if fmt == "FP8" and 1 < m <= 16:  # a scale gathered per element there, as before
-                _fused._fp8_two_scales = False
+                _fused._fp8_two_scales, _mosaic._force = False, False
                 try:
                     row["fused_per_element_scales_s"] = time_per_matmul(fused, weights, x)
                 finally:
-                    _fused._fp8_two_scales = True
+                    _fused._fp8_two_scales, _mosaic._force = True, None
             if args.sweep:
-                row["sweep"] = sweep(weights, x)
+                _mosaic._force = False
+                try:
+                    row["sweep"] = sweep(weights, x)
+                finally:
+                    _mosaic._force = None
             rows.append(row)
             print(f"{fmt} {n}x{k} tokens {m:3d}: dense {row['dense_s'] * 1e6:7.1f} us ({n * k * 2 / row['dense_s'] / ceiling:4.0%} of ceiling)"
                   f"  expand {row['expand_s'] * 1e6:7.1f} us  fused {row['fused_s'] * 1e6:7.1f} us ({wbytes / row['fused_s'] / ceiling:4.0%})"

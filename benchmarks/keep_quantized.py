@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 import jax_side
 import qbridge
-from jax_side import _fused
+from jax_side import _fused, _mosaic
 
 VOCAB = 32000
 CONFIG = dict(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -123,6 +123,12 @@ def main() -> None:
     parser.add_argument("--fp8-earlier-tiles", action="store_true",
                         help="also time kept FP8 compiled with the kernel's tiles before 2026-12-01 (a scale gathered "
                              "per element up to 16 rows, 128x64 output tiles above 64)")  # fmt: skip
+    parser.add_argument("--triton", action="store_true",
+                        help="also time kept NF4 and FP8 compiled with the Pallas Triton kernel where Hopper GPUs take "
+                             "the Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
+    parser.add_argument("--nf4-lookup", action="store_true",
+                        help="also time kept NF4 with the Mosaic GPU kernel's byte-permute lookup of the table in "
+                             "place of its product tables (jax_side._mosaic)")  # fmt: skip
     args = parser.parse_args()
     results: dict[str, dict] = {}
     largest_dense = max(np.prod(s) for s in SHAPES.values()) * 2
@@ -130,6 +136,10 @@ def main() -> None:
              ("fp8", "kept FP8", "auto"), ("fp8", "kept FP8, expanded", "expand")]  # fmt: skip
     if args.fp8_earlier_tiles:
         modes.append(("fp8", "kept FP8, earlier tiles", "auto"))
+    if args.triton:
+        modes += [("nf4", "kept NF4, Triton kernel", "auto"), ("fp8", "kept FP8, Triton kernel", "auto")]
+    if args.nf4_lookup:
+        modes.append(("nf4", "kept NF4, table lookup", "auto"))
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
     tmp = tempfile.TemporaryDirectory(dir=".")
     for fmt in ("nf4", "fp8"):
@@ -162,6 +172,8 @@ def main() -> None:
             row: dict = {"param_bytes": held, "resident_jax_bytes": resident}
             # compiled here; the rounds below replay the compiled programs
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = mode != "kept FP8, earlier tiles"
+            _mosaic._force = False if mode.endswith("Triton kernel") else None
+            _mosaic._products = mode != "kept NF4, table lookup"
             with jax_side.matmul_path(matmul or "auto"):
                 forward = jax.jit(functools.partial(_forward, graphdef))
                 for tokens in TOKENS:
@@ -171,6 +183,7 @@ def main() -> None:
                     )
                     forward(state, ids).block_until_ready()
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = True
+            _mosaic._force, _mosaic._products = None, True
             forwards[mode] = (forward, state, matmul or "auto")
             results[mode] = row
     for r in range(args.rounds):

@@ -26,7 +26,8 @@ from helpers import assert_same_bits, bnb_quantize, random_fp8, random_scales, t
 from jax.ad_checkpoint import print_saved_residuals
 
 import jax_side
-from jax_side import _casts, _fused
+from jax_side import _casts, _fused, _mosaic
+from jax_side._codes import standard_code
 from jax_side._quantized import from_pieces, meta_fields
 
 pytest.importorskip("bitsandbytes")
@@ -728,6 +729,191 @@ def test_inside_shard_map_with_varying_axes_checked():
     assert len(out.stdout.splitlines()) == 16, out.stdout
 
 
+# ------------------------------------------------------------------------------ Mosaic GPU, on Hopper
+# jax_side._mosaic: its table lookup, the PTX text itself run by a small interpreter for every pair of bytes
+# against bitsandbytes' tables, and which calls reach it, lowered for CUDA (JAX lowers Mosaic GPU and Triton
+# kernels without a GPU); on a Hopper GPU (gpu marker), its results against expand-then-matmul.
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32`` (default mode): byte i of the result is the byte of ``{b, a}`` that nibble i of ``c``
+    names (0-3: ``a``'s bytes, 4-7: ``b``'s); a nibble's fourth bit asks for another mode, never used here."""
+    assert c & 0x8888 == 0, hex(c)
+    src = a | (b << 32)
+    return sum(((src >> (8 * ((c >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+_OPS = {
+    "mov.b32": lambda v: v[0],
+    "and.b32": lambda v: v[0] & v[1],
+    "or.b32": lambda v: v[0] | v[1],
+    "shr.b32": lambda v: v[0] >> v[1],
+    "prmt.b32": lambda v: _prmt(*v),
+}
+
+
+def run_ptx(ptx: str, outputs: int, inputs: list[int]) -> list[int]:
+    """Runs an inline-assembly PTX text as LLVM numbers its operands (``outputs`` results ``$0..``, then the
+    ``inputs``); returns the results. Refuses any instruction it does not know, so a change to the text
+    cannot pass unchecked, and any operand it was not given."""
+    regs = {f"${outputs + i}": v for i, v in enumerate(inputs)}
+    for line in ptx.splitlines():
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        if op in ("{", "}", ".reg"):
+            continue
+        dest, *src = (t.strip() for t in rest.split(","))
+        assert not dest.startswith("$") or int(dest[1:]) < outputs, f"writes the input {dest}"
+        regs[dest] = _OPS[op]([regs[t] if t in regs else _immediate(t) for t in src])
+    return [regs[f"${i}"] for i in range(outputs)]
+
+
+def _immediate(t: str) -> int:
+    assert not t.startswith("$"), f"reads {t}, which is no operand"
+    return int(t, 0)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_permute_lookup_equals_the_table_for_every_pair_of_bytes(quant_type):
+    table = standard_code(quant_type)
+    want = table.view(np.uint32)
+    ptx = _mosaic.lookup_ptx(table)
+    for sel in range(1 << 16):  # two packed bytes: nibbles lo0, hi0, lo1, hi1
+        nibbles = (sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12)
+        assert run_ptx(ptx, 4, [sel]) == [int(want[v]) for v in nibbles], hex(sel)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_the_product_tables_give_each_rounded_product(dtype):
+    """The per-row tables of ``round(code[j] * absmax)``: built from the rounded pairs as the kernel makes
+    them, then looked up for every pair of bytes, against the products rounded by numpy."""
+    code = standard_code("nf4")
+    for absmax in np.float32([0.0371, 3.1e-5, 17.25]):
+        products = (
+            (code * absmax).astype(dtype).view(np.uint16).astype(np.int64)
+        )  # float32 product, one rounding
+        pairs = [int(products[2 * i] | products[2 * i + 1] << 16) for i in range(8)]
+        tables = run_ptx(_mosaic.PRODUCT_TABLES_PTX, 8, pairs)
+        for sel in range(0, 1 << 16, 1 if absmax == np.float32(0.0371) else 97):
+            lo0, hi0, lo1, hi1 = sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, sel >> 12
+            got = run_ptx(_mosaic.PRODUCT_LOOKUP_PTX, 2, [sel, *tables])
+            want = [int(products[hi0] | products[hi1] << 16), int(products[lo0] | products[lo1] << 16)]
+            assert got == want, (absmax, hex(sel))
+
+
+def test_the_interpreter_notices_a_changed_instruction():
+    ptx = _mosaic.lookup_ptx(standard_code("nf4")).replace("$0, u01, u23, 0x5410", "$0, u01, u23, 0x5401")
+    assert run_ptx(ptx, 4, [0x0001]) != [int(v) for v in standard_code("nf4")[[1, 0, 0, 0]].view(np.uint32)]
+
+
+def _kernels(x, w) -> set[str]:
+    # a function of its own each time: the module's switches are read when a call is traced
+    text = (
+        jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
+        .trace(x, w)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    return {
+        name for name, key in (("mosaic", "mosaic_gpu"), ("triton", "__gpu$xla.gpu.triton")) if key in text
+    }
+
+
+@pytest.fixture(params=[False, True], ids=["lookup", "product tables"])
+def hopper(monkeypatch, request):
+    """As on a Hopper GPU: the kernel is chosen where a call fits it (with either decode)."""
+    monkeypatch.setattr(_mosaic, "_force", True)
+    monkeypatch.setattr(_mosaic, "_products", request.param)
+
+
+def test_which_calls_take_it(hopper):
+    w = nf4((128, 512))
+    fits = [(m, dt) for m in (2, 5, 16, 17, 32) for dt in (jnp.bfloat16, jnp.float16)]
+    for m, dt in fits:  # a weight decoding to x's dtype (or float32): rounded once, as the kernel does
+        weight = dataclasses.replace(w, dtype=jnp.dtype(dt).name)
+        assert _kernels(x_for(m, 512, dt), weight) == {"mosaic"}, (m, dt)
+    assert _kernels(x_for(5, 512, jnp.float16), dataclasses.replace(w, dtype="float32")) == {"mosaic"}
+    others = {
+        "more than MAX_ROWS rows": (x_for(_mosaic.MAX_ROWS + 1, 512, jnp.bfloat16), w),
+        "float32 x": (x_for(5, 512, jnp.float32), w),
+        "out not a multiple of 64": (x_for(5, 384, jnp.bfloat16), nf4((70, 384))),
+        "in not a multiple of 256": (x_for(5, 384, jnp.bfloat16), nf4((64, 384))),
+        "blocksize 128": (x_for(5, 512, jnp.bfloat16), nf4((64, 512), blocksize=128)),
+        "a table of its own": (x_for(5, 512, jnp.bfloat16), dataclasses.replace(w, code=jnp.asarray(standard_code("nf4")))),
+        "a bfloat16 weight in float16": (x_for(5, 512, jnp.float16), w),  # rounded twice
+        "rounded through bfloat16 for float16 x": (
+            x_for(5, 512, jnp.float16), dataclasses.replace(w, dtype="float32", decode_dtype="bfloat16")
+        ),
+    }  # fmt: skip
+    for name, (x, weight) in others.items():
+        assert _kernels(x, weight) == {"triton"}, name
+    assert _kernels(x_for(1, 512, jnp.bfloat16), w) == set()  # one row: XLA's reduction
+    # fp4, plain absmax, a float32 weight used in bfloat16, leading dimensions: taken
+    assert _kernels(x_for(3, 512, jnp.bfloat16), nf4((64, 512), quant_type="fp4", nested=False)) == {"mosaic"}
+    f32 = dataclasses.replace(w, dtype="float32", decode_dtype="bfloat16")
+    assert _kernels(x_for(6, 512, jnp.bfloat16).reshape(2, 3, 512), f32) == {"mosaic"}
+
+
+def test_fp8_calls_it_takes(hopper):
+    fits = {
+        "block 128": fp8((256, 512), (2, 4)),
+        "per-row": fp8((128, 512), (128, 1)),
+        "per-tensor": fp8((64, 256), (1,)),
+        "block 64x256": fp8((192, 512), (3, 2), block=(64, 256)),
+    }
+    for name, w in fits.items():
+        for m in (2, 32):
+            assert _kernels(x_for(m, w.shape[1], jnp.bfloat16), w) == {"mosaic"}, (name, m)
+    others = {
+        "e5m2": fp8((128, 512), (1, 4), fmt=torch.float8_e5m2),
+        "block 64x32": fp8((128, 512), (2, 16), block=(64, 32)),
+        "in not a multiple of 256": fp8((128, 384), (1, 3)),
+        "out not a multiple of 64": fp8((200, 512), (2, 4)),
+    }
+    for name, w in others.items():
+        assert _kernels(x_for(5, w.shape[1], jnp.bfloat16), w) == {"triton"}, name
+
+
+@pytest.mark.parametrize("layout", ["block 128", "per-row", "per-tensor", "block 64x256", "partial blocks"])
+def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
+    """The kernel's scales (each row's scale per 128 columns) times the float8 values are the weight
+    ``dequantize()`` gives, bit for bit, for each scale layout the kernel takes."""
+    w = {
+        "block 128": lambda: fp8((256, 512), (2, 4)),
+        "per-row": lambda: fp8((128, 512), (128, 1)),
+        "per-tensor": lambda: fp8((64, 256), (1,)),
+        "block 64x256": lambda: fp8((192, 512), (3, 2), block=(64, 256)),
+        "partial blocks": lambda: fp8((192, 768), (2, 6)),  # 192 rows: the second block row is half full
+    }[layout]()
+    scales = np.repeat(np.asarray(_mosaic.fp8_scales_t(w)).T, 128, axis=1)  # [out, in]
+    got = (np.asarray(w.weight.astype(jnp.float32)) * scales).astype(np.float32)  # float32 products
+    for dt in w.roundings:  # then the weight's roundings, as the kernel rounds to x's dtype
+        got = got.astype(dt)
+    assert_same_bits(got.astype(np.float32), np.asarray(w.dequantize(dtype=jnp.float32)))
+
+
+def test_the_kernels_own_limits_are_refused_with_reasons():
+    q, a = jnp.zeros((64, 256), jnp.uint8), jnp.zeros((8, 64), jnp.float32)
+    with pytest.raises(ValueError, match="up to 128 rows of x, got 129"):
+        _mosaic.kernel(jnp.zeros((129, 512), jnp.bfloat16), q, a, table=standard_code("nf4"))
+    with pytest.raises(ValueError, match="split=3 does not divide the contraction's 2 steps"):
+        _mosaic.kernel(jnp.zeros((4, 512), jnp.bfloat16), q, a, table=standard_code("nf4"), split=3)
+
+
+def test_not_chosen_off_hopper_nor_where_x_varies(hopper, monkeypatch):
+    from jax.sharding import PartitionSpec as P
+
+    w = nf4((128, 512))
+    x = x_for(4, 512, jnp.bfloat16)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:1]), ("d",))
+    f = jax.shard_map(jax_side.quantized_matmul, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
+    text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" not in text and "__gpu$xla.gpu.triton" in text  # the Triton kernel declares variance
+    monkeypatch.setattr(_mosaic, "_force", None)  # this machine's own devices decide
+    assert _mosaic.takes(x, w) == _mosaic._hopper()
+    monkeypatch.setattr(_mosaic, "_force", False)
+    assert _kernels(x, w) == {"triton"}
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -815,3 +1001,66 @@ def test_training_step_on_the_gpu():
         np.testing.assert_allclose(
             grads["auto"][p], grads["expand"][p], rtol=3e-2, atol=1e-2 * np.abs(grads["expand"][p]).max()
         )
+
+
+def _on_hopper() -> bool:
+    return _mosaic._hopper() and _mosaic._unavailable() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3),
+     lambda: fp8((256, 512), (2, 4)), lambda: fp8((128, 512), (128, 1)), lambda: fp8((4096, 4096), (32, 32), seed=3)],
+    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
+)  # fmt: skip
+@pytest.mark.parametrize("products", [False, True], ids=["lookup", "product tables"])
+def test_on_a_hopper_gpu(make, products, monkeypatch):
+    monkeypatch.setattr(_mosaic, "_products", products)
+    if not _on_hopper():
+        pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
+    w = make()
+    if products and isinstance(w, jax_side.FP8Weight):
+        pytest.skip("the product tables are a 4-bit decode")
+    gpu = jax.devices("gpu")[0]
+    w = jax.device_put(w, gpu)
+    # each call a function of its own: the module's switches are read when a call is traced
+    for m, dtype in (
+        (2, jnp.bfloat16),
+        (5, jnp.float16),
+        (16, jnp.bfloat16),
+        (17, jnp.bfloat16),
+        (32, jnp.float16),
+    ):
+        x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
+        weight = dataclasses.replace(w, dtype=jnp.dtype(dtype).name)  # decoding to x's dtype: rounded once
+        lowered = jax.jit(lambda x, w: jax_side.quantized_matmul(x, w)).lower(x, weight)
+        assert "mosaic_gpu" in lowered.as_text(), m
+        assert_close(lowered.compile()(x, weight), x, weight)
+    matmul = _mosaic.nf4_matmul if isinstance(w, jax_side.NF4Weight) else _mosaic.fp8_matmul
+    k = w.shape[1]
+    dense = np.asarray(w.dequantize(), np.float32)  # bfloat16 values, widened
+    for m in (16, 33, 64, 100, 128):  # 33 and up: more rows than quantized_matmul hands it
+        x = jax.device_put(x_for(m, k, jnp.bfloat16, seed=m), gpu)
+        assert_close(jax.jit(lambda x, w: matmul(x, w))(x, w), x, w)
+        # one-hot rows pick single columns of the weight: each output is one decoded element, bit for bit
+        cols = np.random.default_rng(m).choice(k, m, replace=False)
+        cols[:4] = [0, 1, 63 % k, k - 1]  # both nibbles, a block's last column, the row's last
+        onehot = jax.device_put(jnp.asarray(np.eye(k, dtype=np.float32)[cols], jnp.bfloat16), gpu)
+        got = np.asarray(jax.jit(lambda x, w: matmul(x, w))(onehot, w), np.float32)
+        if getattr(w, "nested_absmax", None) is None:  # equal values: a -0.0 element sums to +0.0
+            np.testing.assert_array_equal(got, dense[:, cols].T)
+        else:  # a jitted nested absmax may round once where the eager decode rounds twice: one bf16 step
+            np.testing.assert_allclose(got, dense[:, cols].T, rtol=2**-8, atol=0)
+    xb = jax.device_put(x_for(12, k, jnp.bfloat16, seed=7).reshape(3, 4, k), gpu)
+    got = jax.jit(jax.vmap(lambda x, w: jax_side.quantized_matmul(x, w), in_axes=(0, None)))(xb, w)
+    for i in range(3):
+        assert_close(got[i], xb[i], w)
+    # value and gradient together: the forward (through the kernel) is kept, not cut away as unused
+    value, grad = jax.jit(
+        jax.value_and_grad(lambda x: jax_side.quantized_matmul(x, w).astype(jnp.float32).sum())
+    )(xb[0])
+    np.testing.assert_allclose(float(value), float(np.asarray(got[0], np.float64).sum()), rtol=1e-2)
+    dense64 = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense64.sum(0), grad.shape),
+                               rtol=2e-2, atol=2e-2 * np.abs(dense64.sum(0)).max())  # fmt: skip

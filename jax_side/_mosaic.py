@@ -1,0 +1,454 @@
+"""``x @ dequantize(W).T`` for 4-bit and FP8 weights on Hopper GPUs, in Pallas' Mosaic GPU lowering.
+
+The operands are swapped, ``y.T = W @ x.T``, so that the decoded weight is the warpgroup MMA's left operand,
+held in registers (64 rows of W per program), and x is the right operand in shared memory (its rows padded
+to 16, 32, 64 or 128, the MMA's N). Weight bytes, scales and x reach shared memory through a TMA pipeline;
+each block of a row is decoded in registers and multiplied on the tensor cores with float32 accumulation.
+
+- 4-bit: x's even and odd columns (split by XLA before the call) meet the high and low nibbles of
+  bitsandbytes' packed bytes. Each element is ``round(code[nibble] * absmax)`` in x's dtype (bitsandbytes'
+  order of operations, as ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once
+  per absmax block and looked up by byte permutes (``prmt.b32``: 12 instructions per four elements, no
+  multiply or rounding per element); ``_products = False`` looks the table up instead and multiplies each
+  element (24 instructions per four float32 lookups). A nested absmax is decoded by XLA before the call
+  (1/64 of the weight's elements, float32).
+- FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order),
+  the scales laid out by XLA as each row's scale per 128 columns (1/128 of the weight's elements).
+
+Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul_mosaic.py``,
+``benchmarks/RESULTS.md``): the 4-bit kernel takes 0.50-0.85x the time of the Pallas Triton kernel in
+``_fused`` at 16, 64 and 128 rows of x, the FP8 kernel 0.62-0.98x at 16 and 128 rows.
+
+Differences from ``dequantize()`` then a matmul: a decoded product below FLT_MIN in magnitude is kept, not
+flushed to zero (as in the Triton kernel; such a product moves a sum by less than FLT_MIN times an element of
+x), and a nested absmax decoded inside a jit may round once where the eager decode rounds twice (see
+``jax_side._nf4``). :func:`takes` asks this process's devices, not the lowering's target: a program lowered
+ahead of time on a Hopper host (``jax.export``) carries the kernel.
+
+Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
+Pallas' Mosaic GPU lowering, 2 to ``MAX_ROWS`` (32) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
+multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
+outside ``jax.shard_map``'s varying axes; 4-bit weights with blocksize 64 and the standard NF4/FP4 table
+(``code`` None: the table is compiled into the kernel), FP8 weights in float8_e4m3fn with per-tensor,
+per-row or block scales whose blocks span a multiple of 128 columns. Others go to ``_fused``'s Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._codes import standard_code
+from ._fp8 import fp8_scale_layout
+from ._nf4 import _bytes as _packed_bytes
+from ._nf4 import decode_nested_absmax
+from ._quantized import FP8Weight, NF4Weight
+from ._varying import _varying_axes
+
+# The rows of x quantized_matmul hands the kernel. It takes up to 128, faster than the Triton kernel per layer at
+# 64 and 128 rows on an H200 (benchmarks/RESULTS.md); the real-size main-job test has run on a GPU only up to 32.
+MAX_ROWS = 32
+_TILE = 64  # rows of W per program: the warpgroup MMA's M
+_BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
+_FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
+_SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
+_force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
+
+
+@functools.cache
+def _unavailable() -> str | None:
+    """None where this JAX has Pallas' Mosaic GPU lowering with what the kernel uses; else why not."""
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+    except ImportError as e:
+        return f"this JAX ({jax.__version__}) has no Pallas Mosaic GPU lowering ({e})"
+    try:  # JAX 0.11: importing plgpu no longer registers its pallas lowering
+        from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
+    except ImportError:
+        pass
+    missing = [n for n in ("kernel", "emit_pipeline", "inline_mgpu", "wgmma", "ACC") if not hasattr(plgpu, n)]
+    return f"this JAX's Mosaic GPU lowering lacks {', '.join(missing)}" if missing else None
+
+
+@functools.cache
+def _hopper() -> bool:
+    """Whether this process's CUDA devices are all Hopper GPUs (compute capability 9.x)."""
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        return False
+    return bool(gpus) and all(str(getattr(d, "compute_capability", "")).startswith("9.") for d in gpus)
+
+
+def _varies(args: tuple) -> bool:
+    """Whether any of ``args`` varies along a ``jax.shard_map`` axis (the kernel declares no variance)."""
+    return any(_varying_axes(a) for a in jax.tree_util.tree_leaves(args))
+
+
+def takes(x2: jax.Array, w: Any) -> bool:
+    """Whether this kernel multiplies ``x2 [m, in]`` by ``w`` (see the module docstring)."""
+    if not isinstance(w, (NF4Weight, FP8Weight)) or not (_hopper() if _force is None else _force):
+        return False
+    m, k = x2.shape
+    n = w.shape[0]
+    if isinstance(w, NF4Weight):
+        fits = w.code is None and w.blocksize == 64
+    else:
+        layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+        fits = (
+            w.weight.dtype == jnp.dtype(jnp.float8_e4m3fn)
+            and not layout.stack
+            and (layout.kind != "block" or layout.block[1] % 128 == 0)
+        )
+    return (
+        fits
+        and 2 <= m <= MAX_ROWS
+        and x2.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and n % _TILE == 0
+        and k % 256 == 0
+        and all(jnp.dtype(d) in (x2.dtype, jnp.dtype(jnp.float32)) for d in w.roundings)
+        and not _varies((x2, w))
+        and _unavailable() is None
+    )
+
+
+def _table_words(table: Any) -> list[list[int]]:
+    """The 16 float32 entries' bytes regrouped for ``prmt``: ``[p][w]`` holds byte p of entries 4w..4w+3."""
+    b = np.asarray(table, np.float32).view(np.uint32)
+    return [[sum(((int(b[4 * w + i]) >> (8 * p)) & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
+            for p in range(4)]  # fmt: skip
+
+
+def lookup_ptx(table: Any) -> str:
+    """PTX for four lookups in a 16-entry float32 ``table``: ``$4`` holds four 4-bit indices (bits 0-15), and
+    ``$0..$3`` get ``table[index]``'s bits for each. ``prmt.b32 d, a, b, c`` picks byte i of ``d`` from the
+    eight bytes of ``{b, a}`` by nibble i of ``c``: each of a float's four bytes is looked up in the entries
+    below 8 and in those from 8 (``c``'s nibbles are the indices' low three bits), one of the two picked by
+    the index's fourth bit, and the four bytes of each result gathered last."""
+    words = _table_words(table)
+    lines = ["{", ".reg .b32 s7, s2, t, lo, hi, r0, r1, r2, r3, u01, u23, v01, v23, w0, w1, w2, w3;",
+             "and.b32 s7, $4, 0x7777;", "shr.b32 t, $4, 1;", "and.b32 t, t, 0x4444;", "or.b32 s2, t, 0x3210;"]  # fmt: skip
+    for p in range(4):
+        lines += [f"mov.b32 w{w}, 0x{words[p][w]:08x};" for w in range(4)]
+        lines += ["prmt.b32 lo, w0, w1, s7;", "prmt.b32 hi, w2, w3, s7;", f"prmt.b32 r{p}, lo, hi, s2;"]
+    lines += ["prmt.b32 u01, r0, r1, 0x5140;", "prmt.b32 u23, r2, r3, 0x5140;",
+              "prmt.b32 v01, r0, r1, 0x7362;", "prmt.b32 v23, r2, r3, 0x7362;",
+              "prmt.b32 $0, u01, u23, 0x5410;", "prmt.b32 $1, u01, u23, 0x7632;",
+              "prmt.b32 $2, v01, v23, 0x5410;", "prmt.b32 $3, v01, v23, 0x7632;", "}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _scale_register(scales: tuple, idx: tuple) -> Any:
+    """The register of ``scales`` (one ``[64, 32]`` array per absmax block, in the warpgroup MMA's layout)
+    that covers the elements of ``q``'s register ``idx`` (``q``: ``[64, 32 * len(scales)]``; the layout's
+    second register axis counts column tiles of 8)."""
+    block, tile = divmod(idx[1], 4)
+    at = (*idx[:1], tile, *idx[2:])
+    return scales[block].registers[at]
+
+
+def _decoder(dtype: Any, table: Any, group: int = 1) -> Any:
+    """``(hi, lo) = decode(q, *scales)``: ``q`` uint8 ``[64, 32 * group]`` (``group`` absmax blocks of 64
+    rows), each of ``scales`` float32 ``[64, 32]`` (each row's absmax in one block); ``round(table[q >> 4] *
+    scale)`` and ``round(table[q & 15] * scale)`` in ``dtype`` (bfloat16 or float16), in the warpgroup MMA's
+    register layout."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    ptx = lookup_ptx(table)
+    out = plgpu.ShapeDtypeStruct((_TILE, 32 * group), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 + group), return_type=(out, out))
+    def decode(ctx: Any, q: Any, *scales: Any) -> Any:
+        i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
+        odt = ir.BF16Type.get() if jnp.dtype(dtype) == jnp.bfloat16 else ir.F16Type.get()
+        struct = llvm.StructType.get_literal([i32] * 4)
+        v2, o2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), odt)
+        hi_regs = np.empty(q.registers.shape, dtype=object)
+        lo_regs = np.empty(q.registers.shape, dtype=object)
+        for idx, reg in np.ndenumerate(q.registers):  # two bytes of one row: elements 2j..2j+3 of W
+            sel = arith.extui(i32, mgu.bitcast(reg, i16))  # nibbles: lo0, hi0, lo1, hi1
+            looked = llvm.inline_asm(struct, [sel], ptx, "=r,=r,=r,=r,r")
+            assert isinstance(looked, ir.Value)
+            lo0, hi0, lo1, hi1 = (mgu.bitcast(llvm.extractvalue(i32, looked, [i]), f32) for i in range(4))
+            s = _scale_register(scales, idx)
+            s0 = vector.extract(s, dynamic_position=[], static_position=[0])
+            s1 = vector.extract(s, dynamic_position=[], static_position=[1])
+            for regs, (a, b) in ((hi_regs, (hi0, hi1)), (lo_regs, (lo0, lo1))):
+                pair = vector.from_elements(v2, [arith.mulf(a, s0), arith.mulf(b, s1)])
+                regs[idx] = arith.truncf(o2, pair)  # to nearest even, as astype
+        return tuple(
+            fa.FragmentedArray(_registers=r, _layout=q.layout, _is_signed=None) for r in (hi_regs, lo_regs)
+        )
+
+    return decode
+
+
+# Each row's 16 products ``round(table[j] * absmax)`` as two byte tables. Operands are numbered outputs first,
+# then inputs: $8..$15 hold the products in pairs (entry 2i in bits 0-15 of $(8 + i), entry 2i + 1 in bits
+# 16-31); $0..$3 get the low bytes of entries 4w..4w+3, $4..$7 their high bytes.
+PRODUCT_TABLES_PTX = "\n".join(
+    ["{"]
+    + [f"prmt.b32 ${w}, ${2 * w + 8}, ${2 * w + 9}, 0x6420;" for w in range(4)]
+    + [f"prmt.b32 ${w + 4}, ${2 * w + 8}, ${2 * w + 9}, 0x7531;" for w in range(4)]
+    + ["}"]
+)
+# Four lookups in those tables: $2 holds four 4-bit indices (lo0, hi0, lo1, hi1), $3..$6 the low-byte table,
+# $7..$10 the high-byte one; $0 gets the products of hi0 and hi1 as a pair, $1 those of lo0 and lo1.
+PRODUCT_LOOKUP_PTX = "\n".join([
+    "{", ".reg .b32 s7, s2, t, a, b, rl, rh;",
+    "and.b32 s7, $2, 0x7777;", "shr.b32 t, $2, 1;", "and.b32 t, t, 0x4444;", "or.b32 s2, t, 0x3210;",
+    "prmt.b32 a, $3, $4, s7;", "prmt.b32 b, $5, $6, s7;", "prmt.b32 rl, a, b, s2;",
+    "prmt.b32 a, $7, $8, s7;", "prmt.b32 b, $9, $10, s7;", "prmt.b32 rh, a, b, s2;",
+    "prmt.b32 $0, rl, rh, 0x7351;", "prmt.b32 $1, rl, rh, 0x6240;", "}",
+])  # fmt: skip
+
+
+def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
+    """As :func:`_decoder`, with each row's 16 products ``round(table[j] * absmax)`` made once per absmax
+    block and looked up (12 instructions per four elements, no multiply or rounding per element): the same
+    values, as bitsandbytes rounds them."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    values = [float(v) for v in np.asarray(table, np.float32)]
+    out = plgpu.ShapeDtypeStruct((_TILE, 32 * group), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 + group), return_type=(out, out))
+    def decode(ctx: Any, q: Any, *scales: Any) -> Any:
+        i32, i16, f32 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(16), ir.F32Type.get()
+        odt = ir.BF16Type.get() if jnp.dtype(dtype) == jnp.bfloat16 else ir.F16Type.get()
+        v2, o2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), odt)
+        consts = [mgu.c(v, f32) for v in values]
+        tables: dict[Any, list[Any]] = {}  # (block, the row a register holds) -> 8 words
+
+        def row_tables(s: Any) -> list[Any]:
+            pairs = []
+            for i in range(8):
+                prods = vector.from_elements(
+                    v2, [arith.mulf(consts[2 * i], s), arith.mulf(consts[2 * i + 1], s)]
+                )
+                pairs.append(mgu.bitcast(arith.truncf(o2, prods), i32))  # to nearest even, as astype
+            words = llvm.inline_asm(llvm.StructType.get_literal([i32] * 8), pairs, PRODUCT_TABLES_PTX,
+                                    ",".join(["=r"] * 8 + ["r"] * 8))  # fmt: skip
+            assert isinstance(words, ir.Value)
+            return [llvm.extractvalue(i32, words, [i]) for i in range(8)]
+
+        hi_regs = np.empty(q.registers.shape, dtype=object)
+        lo_regs = np.empty(q.registers.shape, dtype=object)
+        for idx, reg in np.ndenumerate(q.registers):  # two bytes of one row: elements 2j..2j+3 of W
+            row = (
+                idx[1] // 4,
+                *idx[:1],
+                *idx[2:],
+            )  # the block, and the row: column tiles of a block share it
+            if row not in tables:
+                s = vector.extract(_scale_register(scales, idx), dynamic_position=[], static_position=[0])
+                tables[row] = row_tables(s)
+            sel = arith.extui(i32, mgu.bitcast(reg, i16))  # nibbles: lo0, hi0, lo1, hi1
+            looked = llvm.inline_asm(llvm.StructType.get_literal([i32] * 2), [sel, *tables[row]],
+                                     PRODUCT_LOOKUP_PTX, ",".join(["=r"] * 2 + ["r"] * 9))  # fmt: skip
+            assert isinstance(looked, ir.Value)
+            hi_regs[idx] = mgu.bitcast(llvm.extractvalue(i32, looked, [0]), o2)
+            lo_regs[idx] = mgu.bitcast(llvm.extractvalue(i32, looked, [1]), o2)
+        return tuple(
+            fa.FragmentedArray(_registers=r, _layout=q.layout, _is_signed=None) for r in (hi_regs, lo_regs)
+        )
+
+    return decode
+
+
+_products = True  # False: the byte-permute lookup of the table (benchmarks/fused_matmul_mosaic.py times both)
+
+
+class _Format(NamedTuple):
+    """How a weight's stored columns meet x: each absmax/scale block of a row holds ``cols`` stored columns
+    (bytes of W) and meets ``len(xs)`` operands of x, ``x_rows`` rows of each; ``decode(w, scale)`` turns a
+    ``[64, cols]`` block and its row scales (broadcast to ``[64, cols]``) into one left operand per x
+    operand, in the warpgroup MMA's register layout."""
+
+    cols: int
+    x_rows: int
+    blocks: int  # blocks per pipeline step
+    decode: Any
+    group: int = 1  # blocks per MMA: ``decode(w [64, cols * group], *scales)`` (x's rows per MMA: a multiple of 64 from
+    # 64 tokens up, where x's tile swizzles 128 bytes)
+
+
+def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
+                    out_dtype: Any, split: int | None, stages: int) -> jax.Array:  # fmt: skip
+    """``sum_i decode(W)_i @ x_ops[i]`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns,
+    ``scales_t`` float32 ``[kw / cols, n]``, each ``x_ops[i]`` ``[kx, rows]`` (x transposed, its rows padded).
+    The contraction is split until the grid fills the multiprocessors (float32 partial sums, added by XLA)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n, kw = w.shape
+    rows = x_ops[0].shape[1]  # the MMA's N
+    wb, xb = fmt.cols * fmt.blocks, fmt.x_rows * fmt.blocks  # stored columns and x rows per step
+    steps, tiles = kw // wb, n // _TILE
+    if split is None:
+        split = 1
+        while tiles * split < _SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
+            split *= 2
+    if steps % split:
+        raise ValueError(f"split={split} does not divide the contraction's {steps} steps of {xb} elements")
+    sp = steps // split  # steps per program
+
+    def transforms(minor_bytes: int, itemsize: int, kind: str) -> tuple:
+        swz = plgpu.find_swizzle(minor_bytes * 8, kind)
+        return (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
+
+    x_tr = transforms(rows * 2, 2, "rhs")
+    w_tr = transforms(wb * w.dtype.itemsize, w.dtype.itemsize, "lhs")
+    o_tr = transforms(rows * 4, 4, "out")
+
+    def step(_: Any, w_smem: Any, s_smem: Any, *refs: Any) -> Any:
+        *x_smem, acc = refs
+        ws = w_smem[...]
+        g = fmt.group
+        for b in range(0, fmt.blocks, g):
+            scales = [jax.lax.broadcast_in_dim(s_smem[b + i], (_TILE, fmt.cols), [0]) for i in range(g)]
+            lhs = fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
+            for a, xs in zip(lhs, x_smem, strict=True):
+                plgpu.wgmma(acc, a, xs.at[pl.ds(fmt.x_rows * b, fmt.x_rows * g)])
+            plgpu.wgmma_wait(0)
+        return acc
+
+    def body(w_gmem: Any, s_gmem: Any, *refs: Any, out_smem: Any) -> None:
+        *x_gmem, out_gmem = refs
+        i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
+        wrows = pl.ds(i * _TILE, _TILE)
+
+        def scoped(acc: Any) -> None:
+            plgpu.emit_pipeline(
+                step,
+                grid=(sp,),
+                in_specs=[
+                    plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
+                    plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0)),
+                    *[plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr) for _ in x_gmem],
+                ],
+                max_concurrent_steps=stages,
+                init_carry=acc,
+            )(
+                w_gmem.at[wrows, pl.ds(j * sp * wb, sp * wb)],
+                s_gmem.at[pl.ds(j * sp * fmt.blocks, sp * fmt.blocks), wrows],
+                *[xg.at[pl.ds(j * sp * xb, sp * xb)] for xg in x_gmem],
+            )
+            out_smem[...] = acc[...]
+
+        pl.run_scoped(scoped, plgpu.ACC((_TILE, rows), jnp.float32))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[j, wrows])
+        plgpu.wait_smem_to_gmem(0)
+
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((split, n, rows), jnp.float32),
+        grid=(tiles, split),
+        grid_names=("n", "s"),
+        scratch_types=dict(out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr)),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )(w, scales_t, *x_ops)
+    return out.sum(0)[:, :m].T.astype(out_dtype)
+
+
+_STAGES = {16: 4, 32: 4, 64: 3, 128: 2}  # pipeline depth by x's padded rows: shared memory holds x's tiles
+
+
+def _padded_rows(m: int) -> int:
+    """x's rows padded to the MMA's N: 16, 32, 64 or 128.
+
+    Raises:
+        ValueError: more than 128 rows.
+    """
+    if m > max(_STAGES):
+        raise ValueError(f"the kernel takes up to {max(_STAGES)} rows of x, got {m}")
+    return next(r for r in _STAGES if m <= r)
+
+
+def _padded_t(x: jax.Array) -> jax.Array:
+    """``x [m, k]`` transposed, its rows padded to the MMA's N: ``[k, 16 | 32 | 64 | 128]``."""
+    m, k = x.shape
+    return jnp.zeros((_padded_rows(m), k), x.dtype).at[:m].set(x).T
+
+
+def kernel(
+    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None,
+    stages: int | None = None, decode: Any = None,
+) -> jax.Array:  # fmt: skip
+    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to 128), where
+    ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
+    and its absmax, float32, transposed to ``[k / 64, n]``. ``split``: programs along the contraction
+    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth (default
+    by x's rows); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
+    times some)."""
+    xt = _padded_t(x)
+    x_ops = [xt[0::2], xt[1::2]]  # [k / 2, rows]: the even elements of x meet the high nibbles
+    group = 1 if xt.shape[1] <= 32 else 2  # from 64 rows of x, two absmax blocks per MMA
+    decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
+    fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group)
+    return _swapped_matmul(x_ops, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+                           stages=stages or _STAGES[xt.shape[1]])  # fmt: skip
+
+
+def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
+               stages: int | None = None) -> jax.Array:  # fmt: skip
+    """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype``, where ``W [n, k]`` is ``float32(w) * scale`` rounded
+    to ``x.dtype`` (``jax_side.dequantize_fp8``'s order), ``w`` float8_e4m3fn ``[n, k]``, and ``scales_t``
+    float32 ``[k / 128, n]`` each row's scale per 128 columns."""
+
+    def decode(wb: jax.Array, scale: jax.Array) -> list[jax.Array]:
+        return [(wb.astype(jnp.float32) * scale).astype(x.dtype)]
+
+    fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
+    xt = _padded_t(x)
+    return _swapped_matmul([xt], w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+                           stages=stages or _STAGES[xt.shape[1]])  # fmt: skip
+
+
+def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
+    """A 4-bit weight's packed bytes ``[n, k / 2]`` and its decoded absmax, float32 ``[k / 64, n]``."""
+    n, k = w.shape
+    flat, _ = _packed_bytes(w.packed)  # quant_storage wider than a byte: its bytes
+    if w.nested_absmax is not None and w.nested_code is not None:
+        absmax = decode_nested_absmax(w.absmax, w.nested_absmax, w.nested_code, w.nested_blocksize, w.offset)
+    else:
+        absmax = w.absmax
+    return flat[: n * k // 2].reshape(n, k // 2), absmax.reshape(n, k // 64).T
+
+
+def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`."""
+    q, absmax_t = pieces(w)
+    return kernel(x2, q, absmax_t, table=standard_code(w.quant_type))
+
+
+def fp8_scales_t(w: FP8Weight) -> jax.Array:
+    """An FP8 weight's scales as each row's scale per 128 columns, float32 ``[in / 128, out]``."""
+    n, k = w.shape
+    layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+    s = w.scale_inv.astype(jnp.float32)
+    if layout.kind == "tensor":
+        return jnp.broadcast_to(s.reshape(()), (k // 128, n))
+    if layout.kind == "row":
+        return jnp.broadcast_to(s.reshape(1, n), (k // 128, n))
+    bo, bi = layout.block
+    s = jnp.repeat(s.reshape(layout.grid), bo, axis=0)[:n]
+    return jnp.repeat(s, bi // 128, axis=1)[:, : k // 128].T
+
+
+def fp8_matmul(x2: jax.Array, w: FP8Weight) -> jax.Array:
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`fp8_kernel`, for calls :func:`takes`."""
+    return fp8_kernel(x2, w.weight, fp8_scales_t(w))
