@@ -16,11 +16,18 @@ memory is what JAX's allocator holds after the load; the bytes-moved floor is th
 4.2 TB/s.
 
     python benchmarks/keep_quantized.py --layers 4 --out benchmarks/results/keep-quantized-fused-h200.json
+
+Each model's lowering and compile times are printed as it is compiled. To look into one model's compile
+(here with the Mosaic GPU kernel taking up to 128 rows of x), with every thread's stack printed if it takes
+over 240 s::
+
+    python benchmarks/keep_quantized.py --layers 1 --only "kept NF4" --max-rows 128 --rounds 1 --dump-after 240
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import functools
 import json
 import pathlib
@@ -126,6 +133,11 @@ def main() -> None:
     parser.add_argument("--triton", action="store_true",
                         help="also time kept NF4 and FP8 compiled with the Pallas Triton kernel where Hopper GPUs take "
                              "the Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="the most rows of x kept layers hand the Mosaic GPU kernel (jax_side._mosaic.MAX_ROWS)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", default=None, help="time these models only (e.g. 'kept NF4')")
+    parser.add_argument("--dump-after", type=float, default=None,
+                        help="print every thread's stack after this many seconds (a compile that seems to hang)")  # fmt: skip
     parser.add_argument("--nf4-lookup", action="store_true",
                         help="also time kept NF4 with the Mosaic GPU kernel's byte-permute lookup of the table in "
                              "place of its product tables (jax_side._mosaic)")  # fmt: skip
@@ -140,6 +152,12 @@ def main() -> None:
         modes += [("nf4", "kept NF4, Triton kernel", "auto"), ("fp8", "kept FP8, Triton kernel", "auto")]
     if args.nf4_lookup:
         modes.append(("nf4", "kept NF4, table lookup", "auto"))
+    if args.only:
+        modes = [m for m in modes if m[1] in args.only]
+    if args.max_rows is not None:
+        _mosaic.MAX_ROWS = args.max_rows
+    if args.dump_after:
+        faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
     tmp = tempfile.TemporaryDirectory(dir=".")
     for fmt in ("nf4", "fp8"):
@@ -178,10 +196,16 @@ def main() -> None:
                 forward = jax.jit(functools.partial(_forward, graphdef))
                 for tokens in TOKENS:
                     ids = _ids(tokens)
-                    row[f"tokens{tokens}_temp_bytes"] = (
-                        forward.lower(state, ids).compile().memory_analysis().temp_size_in_bytes
-                    )
+                    start = time.perf_counter()
+                    lowered = forward.lower(state, ids)
+                    lowered_at = time.perf_counter()
+                    compiled = lowered.compile()
+                    row[f"tokens{tokens}_lower_s"] = lowered_at - start
+                    row[f"tokens{tokens}_compile_s"] = time.perf_counter() - lowered_at
+                    row[f"tokens{tokens}_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
                     forward(state, ids).block_until_ready()
+                    print(f"{mode} at {tokens} tokens: lowered in {row[f'tokens{tokens}_lower_s']:.1f} s, compiled in "
+                          f"{row[f'tokens{tokens}_compile_s']:.1f} s", flush=True)  # fmt: skip
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = True
             _mosaic._force, _mosaic._products = None, True
             forwards[mode] = (forward, state, matmul or "auto")
@@ -199,7 +223,11 @@ def main() -> None:
         for tokens in TOKENS:
             for form in ("waited", "back_to_back"):
                 row[f"tokens{tokens}_{form}_ms"] = statistics.median(row[f"tokens{tokens}_{form}_ms_rounds"])
-    dense = results["dense"]
+    dense = results.get("dense")  # absent under --only
+
+    def vs_dense(row: dict, key: str) -> str:
+        return f"{row[key] / dense[key]:.2f}x dense; " if dense else ""
+
     print(
         f"{torch.cuda.get_device_name()}: {args.layers} Llama-3-8B layers (vocab {VOCAB}), jax.jit of the split "
         f"state, batch 1; median of {args.rounds} rounds (each: the median of 10 calls each waited for, then "
@@ -209,8 +237,8 @@ def main() -> None:
     for mode, row in results.items():
         for form in ("waited", "back_to_back"):
             print(f"  {mode:<19} {form:<12} params {row['param_bytes'] / 1e9:6.3f} GB  "
-                  + "  ".join(f"{t} tokens {row[f'tokens{t}_{form}_ms']:7.3f} ms ({row[f'tokens{t}_{form}_ms'] / dense[f'tokens{t}_{form}_ms']:.2f}x dense;"
-                              f" rounds {min(row[f'tokens{t}_{form}_ms_rounds']):.3f}-{max(row[f'tokens{t}_{form}_ms_rounds']):.3f})" for t in TOKENS)
+                  + "  ".join(f"{t} tokens {row[f'tokens{t}_{form}_ms']:7.3f} ms ({vs_dense(row, f'tokens{t}_{form}_ms')}"
+                              f"rounds {min(row[f'tokens{t}_{form}_ms_rounds']):.3f}-{max(row[f'tokens{t}_{form}_ms_rounds']):.3f})" for t in TOKENS)
                   + f"  XLA temp {row['tokens1_temp_bytes'] / 1e6:.1f} MB"
                   + f"  bytes-moved floor {row['param_bytes'] / 4.2e12 * 1e3:.3f} ms at 4.2 TB/s")  # fmt: skip
         floor[mode] = row["param_bytes"] / 4.2e12
