@@ -36,7 +36,7 @@ import torch
 
 import torch_side
 from torch_side._checks import BlockSizeUnknown
-from torch_side._fp8 import SCALE_DTYPES
+from torch_side._fp8 import check_scale_dtype
 
 from . import _staging
 from ._classify import Classification, classify, module_info
@@ -1193,11 +1193,10 @@ def _fp8_entry(
         )
     scale = scales[0]
     scale_shape, scale_dtype = shapes[scale]
-    if scale_dtype not in SCALE_DTYPES:  # refused by every path alike (a kept weight would convert it)
-        raise CheckpointError(
-            f"{ckpt.where(scale)}: {scale.rpartition('.')[2]} must be float32, bfloat16, float16 or "
-            f"float8_e8m0fnu, got {scale_dtype}"
-        )
+    try:  # refused by every path alike, as the decode refuses it (a kept weight would convert it)
+        check_scale_dtype(scale_dtype)
+    except TypeError as e:
+        raise scale_error(ckpt, scale, e) from e
     try:
         layout, partial = _fp8_layout(shape, scale_shape, block)
     except BlockSizeUnknown as e:  # torch_side's hint is to a caller; here the block size is the config's

@@ -46,6 +46,14 @@ SCALE_DTYPES = tuple(
     getattr(torch, n) for n in ("float32", "bfloat16", "float16", "float8_e8m0fnu") if hasattr(torch, n)
 )
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_scale_dtype(dtype: torch.dtype) -> None:
+    """Raises TypeError (naming the argument ``scale_inv``) where no decode takes scales of ``dtype``."""
+    if dtype not in SCALE_DTYPES:
+        raise TypeError(f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {dtype}")
+
+
 DEFAULT_BLOCK = 128
 GROUP_CHUNK = 32  # weights per grouped launch of the many-weights functions (launched as soon as gathered)
 
@@ -351,10 +359,7 @@ def dequantize_fp8(
             )
         scale_inv = torch.tensor(float(scale_inv), dtype=torch.float32, device=W.device)
     scale_inv = resolved(plain(scale_inv))
-    if scale_inv.dtype not in SCALE_DTYPES:
-        raise TypeError(
-            f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}"
-        )
+    check_scale_dtype(scale_inv.dtype)
     if dtype not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
     same_device(W.device, scale_inv=scale_inv)
