@@ -153,6 +153,9 @@ def main() -> None:
     if args.nf4_lookup:
         modes.append(("nf4", "kept NF4, table lookup", "auto"))
     if args.only:
+        unknown = set(args.only) - {m[1] for m in modes}
+        if unknown:  # a misspelt name would time nothing
+            parser.error(f"--only: no model {sorted(unknown)}; the models: {[m[1] for m in modes]}")
         modes = [m for m in modes if m[1] in args.only]
     if args.max_rows is not None:
         _mosaic.MAX_ROWS = args.max_rows
