@@ -98,6 +98,7 @@ def takes(x2: jax.Array, w: Any) -> bool:
     n = w.shape[0]
     if isinstance(w, NF4Weight):
         fits = w.code is None and w.blocksize == 64
+        step = 64 * _BLOCKS
     else:
         layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
         fits = (
@@ -105,12 +106,13 @@ def takes(x2: jax.Array, w: Any) -> bool:
             and not layout.stack
             and (layout.kind != "block" or layout.block[1] % 128 == 0)
         )
+        step = 128 * _FP8_BLOCKS
     return (
         fits
         and 2 <= m <= MAX_ROWS
         and x2.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and n % _TILE == 0
-        and k % 256 == 0
+        and k % step == 0
         and all(jnp.dtype(d) in (x2.dtype, jnp.dtype(jnp.float32)) for d in w.roundings)
         and not _varies((x2, w))
         and _unavailable() is None
@@ -297,6 +299,8 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
     n, kw = w.shape
     rows = x_ops[0].shape[1]  # the MMA's N
     wb, xb = fmt.cols * fmt.blocks, fmt.x_rows * fmt.blocks  # stored columns and x rows per step
+    if kw % wb:
+        raise ValueError(f"the weight's {kw} stored columns are not whole pipeline steps of {wb}")
     steps, tiles = kw // wb, n // _TILE
     if split is None:
         split = 1

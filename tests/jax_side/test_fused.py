@@ -825,7 +825,7 @@ def hopper(monkeypatch, request):
     monkeypatch.setattr(_mosaic, "_products", request.param)
 
 
-def test_which_calls_take_it(hopper):
+def test_which_calls_take_it(hopper, monkeypatch):
     w = nf4((128, 512))
     fits = [(m, dt) for m in (2, 5, 16, 17, 32) for dt in (jnp.bfloat16, jnp.float16)]
     for m, dt in fits:  # a weight decoding to x's dtype (or float32): rounded once, as the kernel does
@@ -847,6 +847,10 @@ def test_which_calls_take_it(hopper):
     for name, (x, weight) in others.items():
         assert _kernels(x, weight) == {"triton"}, name
     assert _kernels(x_for(1, 512, jnp.bfloat16), w) == set()  # one row: XLA's reduction
+    w768, x768 = nf4((64, 768)), x_for(5, 768, jnp.bfloat16)
+    assert _kernels(x768, w768) == {"mosaic"}  # three steps of 256 columns
+    monkeypatch.setattr(_mosaic, "_BLOCKS", 8)  # steps of 512: 768 columns are not whole steps
+    assert _kernels(x768, w768) == {"triton"}
     # fp4, plain absmax, a float32 weight used in bfloat16, leading dimensions: taken
     assert _kernels(x_for(3, 512, jnp.bfloat16), nf4((64, 512), quant_type="fp4", nested=False)) == {"mosaic"}
     f32 = dataclasses.replace(w, dtype="float32", decode_dtype="bfloat16")
@@ -897,6 +901,11 @@ def test_the_kernels_own_limits_are_refused_with_reasons():
         _mosaic.kernel(jnp.zeros((129, 512), jnp.bfloat16), q, a, table=standard_code("nf4"))
     with pytest.raises(ValueError, match="split=3 does not divide the contraction's 2 steps"):
         _mosaic.kernel(jnp.zeros((4, 512), jnp.bfloat16), q, a, table=standard_code("nf4"), split=3)
+    q, a = jnp.zeros((64, 384), jnp.uint8), jnp.zeros((12, 64), jnp.float32)  # 768 columns: 1.5 steps of 512
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_mosaic, "_BLOCKS", 8)
+        with pytest.raises(ValueError, match="384 stored columns are not whole pipeline steps of 256"):
+            _mosaic.kernel(jnp.zeros((4, 768), jnp.bfloat16), q, a, table=standard_code("nf4"))
 
 
 def test_not_chosen_off_hopper_nor_where_x_varies(hopper, monkeypatch):
@@ -1030,7 +1039,7 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
         (5, jnp.float16),
         (16, jnp.bfloat16),
         (17, jnp.bfloat16),
-        (32, jnp.float16),
+        (_mosaic.MAX_ROWS, jnp.float16),
     ):
         x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
         weight = dataclasses.replace(w, dtype=jnp.dtype(dtype).name)  # decoding to x's dtype: rounded once
@@ -1040,7 +1049,7 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
     matmul = _mosaic.nf4_matmul if isinstance(w, jax_side.NF4Weight) else _mosaic.fp8_matmul
     k = w.shape[1]
     dense = np.asarray(w.dequantize(), np.float32)  # bfloat16 values, widened
-    for m in (16, 33, 64, 100, 128):  # 33 and up: more rows than quantized_matmul hands it
+    for m in (16, 33, 64, 100, 128):  # also the kernel's own limit, called directly
         x = jax.device_put(x_for(m, k, jnp.bfloat16, seed=m), gpu)
         assert_close(jax.jit(lambda x, w: matmul(x, w))(x, w), x, w)
         # one-hot rows pick single columns of the weight: each output is one decoded element, bit for bit
