@@ -2,8 +2,8 @@
 XLA, per layer on Llama-3-8B shapes, with ``fused_matmul.py``'s weights and loop: FP8 (block 128) as
 ``quantized_matmul`` runs it, and NF4 with other decodes of the nibbles in the kernel's place:
 
-- ``prmt`` (in use): four 16-entry float32 lookups per 24 instructions, 20 of them byte permutes;
-- ``products``: each row's 16 products ``round(code[j] * absmax)`` made once per absmax block and looked up
+- ``prmt``: four 16-entry float32 lookups per 24 instructions, 20 of them byte permutes;
+- ``products`` (in use): each row's 16 products ``round(code[j] * absmax)`` made once per absmax block and looked up
   by byte permutes (12 instructions per four elements, no multiply or rounding per element);
 - ``select``: a tree of 15 selects per nibble;
 - ``none``: ``nibble - 8`` (wrong values; the time of everything else in the kernel, a bound).
@@ -16,6 +16,7 @@ Needs a Hopper GPU and a JAX whose Pallas has the Mosaic GPU lowering::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -94,12 +95,29 @@ def triton(x, w):
         _mosaic._force = None
 
 
+@contextlib.contextmanager
+def variant(spec: str):
+    """``jax_side._mosaic``'s settings ``NAME=INT,...`` while a kernel is traced (and checked), then restored."""
+    pairs = [(name, int(value)) for name, value in (p.split("=") for p in spec.split(",") if p)]
+    before = {name: getattr(_mosaic, name) for name, _ in pairs}  # AttributeError: no such setting
+    for name, value in pairs:
+        setattr(_mosaic, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(_mosaic, name, value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--tokens", type=int, nargs="+", default=[16], help="1 to 128")
     parser.add_argument("--decodes", nargs="+", default=["prmt", "products", "select", "none"])
     parser.add_argument("--formats", nargs="+", default=["NF4", "FP8"])
+    parser.add_argument("--variants", nargs="+", default=[""],
+                        help="settings of jax_side._mosaic to time the kernel under, each a comma-separated list "
+                             "of NAME=INT (e.g. _BLOCKS=8,_FP8_BLOCKS=4); '' is the module as it is")  # fmt: skip
     args = parser.parse_args()
     if _mosaic._unavailable() is not None or not _mosaic._hopper():
         raise SystemExit(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
@@ -108,10 +126,15 @@ def main() -> None:
         w = fm.nf4_weight(rng, n, k)
         x = jnp.asarray(rng.standard_normal((t, k), dtype=np.float32)).astype(jnp.bfloat16)
         want = np.asarray(reference(x, *_mosaic.pieces(w)))
-        for decode in [d for d in args.decodes if d != "none"]:
-            got = np.asarray(jax.jit(mosaic(decode))(x, w), np.float32)
+        for decode, spec in [(d, v) for d in args.decodes if d != "none" for v in args.variants]:
+            try:
+                with variant(spec):
+                    got = np.asarray(jax.jit(mosaic(decode))(x, w), np.float32)
+            except ValueError as e:  # a setting this shape does not fit (e.g. _BLOCKS=8 at 768 columns)
+                print(f"check {n}x{k} T={t} {decode} {spec}: refused ({e})", flush=True)
+                continue
             err = float(np.abs(got - want).max() / np.abs(want).max())
-            print(f"check {n}x{k} T={t} {decode}: max rel err {err:.2e}", flush=True)
+            print(f"check {n}x{k} T={t} {decode} {spec}: max rel err {err:.2e}", flush=True)
             assert err < 2e-2, err
     rows = []
     for fmt in args.formats:
@@ -134,12 +157,14 @@ def main() -> None:
                 r["dense_us"] = fm.time_per_matmul(fm.dense, dense, x) * 1e6
                 r["triton_us"] = fm.time_per_matmul(triton, ws, x) * 1e6
                 r["quantized_matmul_us"] = fm.time_per_matmul(fm.fused, ws, x) * 1e6
-                for decode in (
-                    [d for d in args.decodes if t <= 32 or d in ("prmt", "products")] if fmt == "NF4" else ()
-                ):
-                    r[f"mosaic_{decode}_us"] = fm.time_per_matmul(mosaic(decode), ws, x) * 1e6
-                if fmt == "FP8":  # the kernel called directly: also where quantized_matmul does not take it
-                    r["mosaic_us"] = fm.time_per_matmul(_mosaic.fp8_matmul, ws, x) * 1e6
+                for spec in args.variants:
+                    tag = f"[{spec}]" if spec else ""
+                    decodes = [d for d in args.decodes if t <= 32 or d in ("prmt", "products")]
+                    with variant(spec):  # read when the kernel is traced
+                        for decode in decodes if fmt == "NF4" else ():
+                            r[f"mosaic_{decode}{tag}_us"] = fm.time_per_matmul(mosaic(decode), ws, x) * 1e6
+                        if fmt == "FP8":  # the kernel called directly, also where quantized_matmul does not
+                            r[f"mosaic{tag}_us"] = fm.time_per_matmul(_mosaic.fp8_matmul, ws, x) * 1e6
                 print(json.dumps({key: round(v, 4 if key == "check_rel_err" else 1) if isinstance(v, float) else v
                                   for key, v in r.items()}), flush=True)  # fmt: skip
                 rows.append(r)
