@@ -254,6 +254,13 @@ def _rules_hash() -> str:
     return hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()[:16]
 
 
+@functools.cache
+def _transformers_version() -> str:
+    """The installed transformers' version, read once per process (reading its metadata takes about 1 ms,
+    which every opened checkpoint would pay). Raises ``importlib.metadata.PackageNotFoundError``."""
+    return importlib.metadata.version("transformers")
+
+
 def _cache_file(arch: str, config: dict[str, Any]) -> pathlib.Path | None:
     """The file that remembers the model of ``config``: named by a hash of the config, of the versions of
     what builds and reads the model (transformers, torch, qbridge) and of the rules in this file."""
@@ -263,7 +270,7 @@ def _cache_file(arch: str, config: dict[str, Any]) -> pathlib.Path | None:
     if root is None:
         return None
     try:
-        versions = [importlib.metadata.version("transformers"), torch.__version__, qbridge.__version__]
+        versions = [_transformers_version(), torch.__version__, qbridge.__version__]
         text = json.dumps([_rules_hash(), arch, versions, config], sort_keys=True, default=repr)
     except (importlib.metadata.PackageNotFoundError, OSError, TypeError, ValueError):
         return None
