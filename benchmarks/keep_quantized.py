@@ -22,6 +22,11 @@ Each model's lowering and compile times are printed as it is compiled. To look i
 over 240 s::
 
     python benchmarks/keep_quantized.py --layers 1 --only "kept NF4" --max-rows 128 --rounds 1 --dump-after 240
+
+To compare the kernel's row limit within one process (the models alternate in every round)::
+
+    python benchmarks/keep_quantized.py --layers 4 --only dense "kept NF4" "kept FP8" "kept NF4, up to 128 rows" \
+        "kept FP8, up to 128 rows" --also-rows 128 --rounds 5
 """
 
 from __future__ import annotations
@@ -135,6 +140,9 @@ def main() -> None:
                              "the Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
     parser.add_argument("--max-rows", type=int, default=None,
                         help="the most rows of x kept layers hand the Mosaic GPU kernel (jax_side._mosaic.MAX_ROWS)")  # fmt: skip
+    parser.add_argument("--also-rows", type=int, default=None,
+                        help="also time kept NF4 and FP8 compiled with this many rows as the Mosaic GPU kernel's limit "
+                             "(jax_side._mosaic.MAX_ROWS), in the same rounds as the models at the limit in use")  # fmt: skip
     parser.add_argument("--only", nargs="+", default=None, help="time these models only (e.g. 'kept NF4')")
     parser.add_argument("--dump-after", type=float, default=None,
                         help="print every thread's stack after this many seconds (a compile that seems to hang)")  # fmt: skip
@@ -152,6 +160,9 @@ def main() -> None:
         modes += [("nf4", "kept NF4, Triton kernel", "auto"), ("fp8", "kept FP8, Triton kernel", "auto")]
     if args.nf4_lookup:
         modes.append(("nf4", "kept NF4, table lookup", "auto"))
+    also = f", up to {args.also_rows} rows" if args.also_rows is not None else None
+    if also:
+        modes += [("nf4", f"kept NF4{also}", "auto"), ("fp8", f"kept FP8{also}", "auto")]
     if args.only:
         unknown = set(args.only) - {m[1] for m in modes}
         if unknown:  # a misspelt name would time nothing
@@ -159,6 +170,7 @@ def main() -> None:
         modes = [m for m in modes if m[1] in args.only]
     if args.max_rows is not None:
         _mosaic.MAX_ROWS = args.max_rows
+    max_rows = _mosaic.MAX_ROWS
     if args.dump_after:
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
@@ -195,6 +207,8 @@ def main() -> None:
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = mode != "kept FP8, earlier tiles"
             _mosaic._force = False if mode.endswith("Triton kernel") else None
             _mosaic._products = mode != "kept NF4, table lookup"
+            _mosaic.MAX_ROWS = args.also_rows if also and mode.endswith(also) else max_rows
+            row["mosaic_max_rows"] = _mosaic.MAX_ROWS
             with jax_side.matmul_path(matmul or "auto"):
                 forward = jax.jit(functools.partial(_forward, graphdef))
                 for tokens in TOKENS:
@@ -210,7 +224,7 @@ def main() -> None:
                     print(f"{mode} at {tokens} tokens: lowered in {row[f'tokens{tokens}_lower_s']:.1f} s, compiled in "
                           f"{row[f'tokens{tokens}_compile_s']:.1f} s", flush=True)  # fmt: skip
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = True
-            _mosaic._force, _mosaic._products = None, True
+            _mosaic._force, _mosaic._products, _mosaic.MAX_ROWS = None, True, max_rows
             forwards[mode] = (forward, state, matmul or "auto")
             results[mode] = row
     for r in range(args.rounds):
