@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[16], help="1 to 128")
     parser.add_argument("--decodes", nargs="+", default=["prmt", "products", "select", "none"])
     parser.add_argument("--formats", nargs="+", default=["NF4", "FP8"])
+    parser.add_argument("--parts", action="store_true",
+                        help="NF4: also time the kernel (product tables) on an absmax decoded to float32 before the loop, "
+                             "as if a kept weight held it so: a call without its nested-absmax decode")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=[""],
                         help="settings of jax_side._mosaic to time the kernel under, each a comma-separated list "
                              "of NAME=INT (e.g. _BLOCKS=8,_FP8_BLOCKS=4); '' is the module as it is")  # fmt: skip
@@ -157,6 +160,12 @@ def main() -> None:
                 r["dense_us"] = fm.time_per_matmul(fm.dense, dense, x) * 1e6
                 r["triton_us"] = fm.time_per_matmul(triton, ws, x) * 1e6
                 r["quantized_matmul_us"] = fm.time_per_matmul(fm.fused, ws, x) * 1e6
+                if fmt == "NF4" and args.parts:
+                    # (packed bytes [n, k / 2], float32 absmax [k / 64, n]): the difference from mosaic_products_us
+                    # is what decoding the nested absmax on every call costs
+                    decoded = [_mosaic.pieces(w) for w in ws]
+                    r["mosaic_products_absmax_decoded_us"] = fm.time_per_matmul(
+                        lambda x, qa: _mosaic.kernel(x, *qa, table=NF4), decoded, x) * 1e6  # fmt: skip
                 for spec in args.variants:
                     tag = f"[{spec}]" if spec else ""
                     decodes = [d for d in args.decodes if t <= 32 or d in ("prmt", "products")]
