@@ -179,6 +179,31 @@ def architecture_uses_conv1d(config: dict[str, Any]) -> bool:
 LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
 
 
+def _layer_count(config: Any) -> int:
+    """The layers a config names, over its sub-configs too (``text_config``, ``encoder``...): every positive
+    integer under a name of ``LAYER_FIELDS`` or ``num_*layers`` / ``n_*layers`` (T5's ``num_decoder_layers``
+    say). An upper bound on the layers a model built from it has: it bounds the work building asks for."""
+    total, todo = 0, [config]
+    while todo:  # not recursive: a config may nest as deep as its JSON parser allowed
+        node = todo.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(value, (dict, list)):
+                todo.append(value)
+            elif (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and value > 0
+                and isinstance(key, str)
+                and (
+                    key in LAYER_FIELDS
+                    or (key.startswith(("num_", "n_")) and key.endswith(("layers", "layer")))
+                )
+            ):
+                total += value
+    return total
+
+
 def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[ModuleInfo | None, str]:
     """The torch model of ``config`` built on the meta device and asked about its tensors, or None and why.
 
@@ -187,9 +212,7 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
     architectures = config.get("architectures") or []
     if not architectures:
         return None, "config.json names no architecture"
-    layers = sum(
-        v for k in LAYER_FIELDS if isinstance(v := config.get(k), int) and not isinstance(v, bool) and v > 0
-    )
+    layers = _layer_count(config)
     if tensors is not None and layers > max(tensors, 8):
         return None, f"config.json names {layers} layers for {tensors} tensors; the model was not built"
     if _transformers_dir() is None:
@@ -288,9 +311,11 @@ def _strings(value: Any, what: str) -> dict[str, str]:
 def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
     """The ModuleInfo remembered at ``path``, or None (absent, damaged, or not what this code writes: then
     the model is built again and the file rewritten)."""
-    if path is None or not path.is_file():
+    if path is None:
         return None
     try:
+        if not path.is_file():  # OSError for a directory this user cannot search or a name too long
+            return None
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or data.get("architecture") != arch:
             raise ValueError("not a record of this architecture")
@@ -307,7 +332,7 @@ def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
             set(non_persistent),
             _strings(data["tied"], "tied"),
         )
-    except Exception as e:  # damaged in any way (deep nesting included): built again, the file rewritten
+    except Exception as e:  # unreadable or damaged in any way (deep nesting included): built again
         log.debug("ignoring %s: %r", path, e)
         return None
     return info

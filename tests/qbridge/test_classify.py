@@ -549,6 +549,39 @@ def test_the_model_is_built_once_and_remembered(tmp_path, monkeypatch):
     assert module_info(config)[0] == first and not saved.exists()
 
 
+def test_a_cache_directory_that_cannot_be_read_is_passed_over(tmp_path, monkeypatch):
+    """A remembered answer that cannot even be looked for (a name longer than the file system allows; a
+    directory this user may not search fails the same way) is not there: the model is built."""
+    from qbridge._classify import module_info
+
+    monkeypatch.setenv("QBRIDGE_CACHE_DIR", str(tmp_path / ("a" * 300)))
+    config = {**transformers.GPT2Config(**GPT2).to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    info, note = module_info(config)
+    assert (
+        info is not None and "transformer.h.0.attn.c_attn.weight" in info.kinds and "remembered" not in note
+    )
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [{"num_layers": 1, "num_decoder_layers": 3000}, {"text_config": {"num_hidden_layers": 3000}, "num_layers": 1},
+     {"encoder": {"layers": [{"n_layers": 3000}]}, "num_hidden_layers": 1}],
+    ids=["T5's num_decoder_layers", "a sub-config", "nested in a list"],
+)  # fmt: skip
+def test_a_config_naming_more_layers_than_tensors_is_not_built(layers, monkeypatch):
+    """Building on the meta device takes time in proportion to the layers: a config.json naming thousands of
+    layers beside a one-tensor checkpoint is not built, wherever in the config the count stands."""
+    from qbridge._classify import module_info
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("built")
+
+    monkeypatch.setattr(transformers.T5ForConditionalGeneration, "_from_config", no_building)
+    config = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "d_model": 64, **layers}
+    info, note = module_info(config, tensors=1)
+    assert info is None and "3001 layers for 1 tensors; the model was not built" in note
+
+
 def test_a_later_process_loads_without_importing_transformers(tmp_path):
     _llama(tmp_path / "llama")
     script = (
