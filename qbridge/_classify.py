@@ -190,18 +190,15 @@ def _layer_count(config: Any) -> int:
         for key, value in items:
             if isinstance(value, (dict, list)):
                 todo.append(value)
-            elif (
-                isinstance(value, int)
-                and not isinstance(value, bool)
-                and value > 0
-                and isinstance(key, str)
-                and (
-                    key in LAYER_FIELDS
-                    or (key.startswith(("num_", "n_")) and key.endswith(("layers", "layer")))
-                )
-            ):
+            elif type(value) is int and value > 0 and _names_layers(key):  # not a bool
                 total += value
     return total
+
+
+def _names_layers(key: Any) -> bool:
+    return isinstance(key, str) and (
+        key in LAYER_FIELDS or (key.startswith(("num_", "n_")) and key.endswith(("layers", "layer")))
+    )
 
 
 def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[ModuleInfo | None, str]:
