@@ -50,8 +50,9 @@ from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
 # The rows of x quantized_matmul hands the kernel. It takes up to 128, faster than the Triton kernel per layer at
-# 64 and 128 rows on an H200 (benchmarks/RESULTS.md), but whole Llama forwards handing it 128 rows did not finish
-# within minutes in the one run that tried them (a slow compile or a hang: not known yet).
+# 64 and 128 rows on an H200, and whole Llama forwards handing it 128 rows compile and pass the main-job test;
+# whether the forward gains has not been measured in one process yet (benchmarks/RESULTS.md;
+# benchmarks/keep_quantized.py --also-rows 128 compares the two limits).
 MAX_ROWS = 32
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
