@@ -170,7 +170,8 @@ def main() -> None:
         modes = [m for m in modes if m[1] in args.only]
     if args.max_rows is not None:
         _mosaic.MAX_ROWS = args.max_rows
-    max_rows = _mosaic.MAX_ROWS
+    # the module's settings, set per model while it is compiled and restored after it
+    max_rows, products, force = _mosaic.MAX_ROWS, _mosaic._products, _mosaic._force
     if args.dump_after:
         faulthandler.dump_traceback_later(args.dump_after, repeat=True)
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
@@ -205,8 +206,8 @@ def main() -> None:
             row: dict = {"param_bytes": held, "resident_jax_bytes": resident}
             # compiled here; the rounds below replay the compiled programs
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = mode != "kept FP8, earlier tiles"
-            _mosaic._force = False if mode.endswith("Triton kernel") else None
-            _mosaic._products = mode != "kept NF4, table lookup"
+            _mosaic._force = False if mode.endswith("Triton kernel") else force
+            _mosaic._products = False if mode == "kept NF4, table lookup" else products
             _mosaic.MAX_ROWS = args.also_rows if also and mode.endswith(also) else max_rows
             row["mosaic_max_rows"] = _mosaic.MAX_ROWS
             with jax_side.matmul_path(matmul or "auto"):
@@ -224,7 +225,7 @@ def main() -> None:
                     print(f"{mode} at {tokens} tokens: lowered in {row[f'tokens{tokens}_lower_s']:.1f} s, compiled in "
                           f"{row[f'tokens{tokens}_compile_s']:.1f} s", flush=True)  # fmt: skip
             _fused._fp8_two_scales = _fused._fp8_wide_tiles = True
-            _mosaic._force, _mosaic._products, _mosaic.MAX_ROWS = None, True, max_rows
+            _mosaic._force, _mosaic._products, _mosaic.MAX_ROWS = force, products, max_rows
             forwards[mode] = (forward, state, matmul or "auto")
             results[mode] = row
     for r in range(args.rounds):
