@@ -235,7 +235,7 @@ def main() -> None:
                     row["fused_tensor_cores_s"] = time_per_matmul(fused, weights, x)
                 finally:
                     _fused._one_row_in_xla = True
-            # the Triton kernel's variants below: with the Mosaic GPU kernel (Hopper, 2-32 rows) set aside
+            # the Triton kernel's variants below: with the Mosaic GPU kernel (Hopper, 2-128 rows) set aside
             if fmt == "FP8" and 1 < m <= 16:  # a scale gathered per element there, as before
                 _fused._fp8_two_scales, _mosaic._force = False, False
                 try:

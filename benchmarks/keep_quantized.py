@@ -137,7 +137,7 @@ def main() -> None:
                              "per element up to 16 rows, 128x64 output tiles above 64)")  # fmt: skip
     parser.add_argument("--triton", action="store_true",
                         help="also time kept NF4 and FP8 compiled with the Pallas Triton kernel where Hopper GPUs take "
-                             "the Mosaic GPU kernel (2 to 32 tokens; jax_side._mosaic)")  # fmt: skip
+                             "the Mosaic GPU kernel (2 to 128 tokens; jax_side._mosaic)")  # fmt: skip
     parser.add_argument("--max-rows", type=int, default=None,
                         help="the most rows of x kept layers hand the Mosaic GPU kernel (jax_side._mosaic.MAX_ROWS)")  # fmt: skip
     parser.add_argument("--also-rows", type=int, default=None,

@@ -8,9 +8,9 @@ weight's dtype, then cast to the computation dtype) and feeds it to the tensor c
 accumulation. A single row of x (one token) is multiplied without Pallas: as a product and a sum along
 ``in``, which XLA compiles into one reduction that decodes each weight element where it reads it, with the
 same roundings, float32 products and sums (faster than the kernel at one row on an H200; see
-``benchmarks/RESULTS.md``). On Hopper GPUs, 2 to 32 rows of bfloat16 or float16 x times a 4-bit or FP8
-weight that fits it go to a kernel in Pallas' Mosaic GPU lowering instead (``jax_side._mosaic``; at 16 tokens
-on an H200, 0.50-0.63x the Triton kernel's time for 4-bit weights, 0.68-0.98x for FP8). No dense weight exists in memory at
+``benchmarks/RESULTS.md``). On Hopper GPUs, 2 to 128 rows of bfloat16 or float16 x times a 4-bit or FP8
+weight that fits it go to a kernel in Pallas' Mosaic GPU lowering instead (``jax_side._mosaic``; at 16 to 128
+tokens on an H200, 0.50-0.85x the Triton kernel's time for 4-bit weights, 0.62-0.98x for FP8). No dense weight exists in memory at
 any point.
 
 The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other
@@ -594,7 +594,7 @@ def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     this JAX cannot build the kernel (``"interpret"`` then raises ValueError)."""
     if x2.shape[0] == 1 and x2.dtype in OUT_DTYPES and _one_row_in_xla:  # others: the kernel, as before
         return _one_row_batchable(interpret)(x2, w, _code(w))
-    if not interpret and _mosaic.takes(x2, w):  # 2-32 rows of x on Hopper: faster (see jax_side._mosaic)
+    if not interpret and _mosaic.takes(x2, w):  # 2-128 rows of x on Hopper: faster (see jax_side._mosaic)
         return _mosaic.nf4_matmul(x2, w) if isinstance(w, NF4Weight) else _mosaic.fp8_matmul(x2, w)
     reason = _kernel_unavailable()
     if reason is not None:

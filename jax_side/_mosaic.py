@@ -26,7 +26,7 @@ x), and a nested absmax decoded inside a jit may round once where the eager deco
 ahead of time on a Hopper host (``jax.export``) carries the kernel.
 
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
-Pallas' Mosaic GPU lowering, 2 to ``MAX_ROWS`` (32) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
+Pallas' Mosaic GPU lowering, 2 to ``MAX_ROWS`` (128) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
 multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
 outside ``jax.shard_map``'s varying axes; 4-bit weights with blocksize 64 and the standard NF4/FP4 table
 (``code`` None: the table is compiled into the kernel), FP8 weights in float8_e4m3fn with per-tensor,
@@ -49,11 +49,11 @@ from ._nf4 import decode_nested_absmax
 from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
-# The rows of x quantized_matmul hands the kernel. It takes up to 128, faster than the Triton kernel per layer at
-# 64 and 128 rows on an H200, and whole Llama forwards handing it 128 rows compile and pass the main-job test;
-# whether the forward gains has not been measured in one process yet (benchmarks/RESULTS.md;
-# benchmarks/keep_quantized.py --also-rows 128 compares the two limits).
-MAX_ROWS = 32
+# The most rows of x quantized_matmul hands the kernel (its own limit, _STAGES' largest). At 128 tokens on an
+# H200 a two-layer Llama forward spent 0.71x (NF4) and 0.84x (FP8) the GPU time with this limit than with 32
+# (the Triton kernel above it), both compiled in one process (benchmarks/profile_forward.py --also-rows;
+# benchmarks/RESULTS.md).
+MAX_ROWS = 128
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)

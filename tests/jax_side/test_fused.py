@@ -827,7 +827,7 @@ def hopper(monkeypatch, request):
 
 def test_which_calls_take_it(hopper, monkeypatch):
     w = nf4((128, 512))
-    fits = [(m, dt) for m in (2, 5, 16, 17, 32) for dt in (jnp.bfloat16, jnp.float16)]
+    fits = [(m, dt) for m in (2, 5, 16, 17, 33, 64, _mosaic.MAX_ROWS) for dt in (jnp.bfloat16, jnp.float16)]
     for m, dt in fits:  # a weight decoding to x's dtype (or float32): rounded once, as the kernel does
         weight = dataclasses.replace(w, dtype=jnp.dtype(dt).name)
         assert _kernels(x_for(m, 512, dt), weight) == {"mosaic"}, (m, dt)
@@ -1039,6 +1039,7 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
         (5, jnp.float16),
         (16, jnp.bfloat16),
         (17, jnp.bfloat16),
+        (64, jnp.bfloat16),
         (_mosaic.MAX_ROWS, jnp.float16),
     ):
         x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
