@@ -92,6 +92,34 @@ def write(path: pathlib.Path, layers: int, fmt: str = "nf4") -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+def write_checkpoint(root: pathlib.Path, layers: int, fmt: str) -> tuple[pathlib.Path, object, object]:
+    """Writes ``fmt``'s checkpoint (``write``) into ``root / fmt``: its path, its ``LlamaConfig`` and the
+    abstract target to load it into."""
+    path = root / fmt
+    path.mkdir()
+    write(path, layers, fmt)
+    config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
+    return path, config, jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+
+
+def load_model(path: pathlib.Path, config, target, kept: bool) -> tuple[tuple, int, int]:
+    """The Llama of ``path`` loaded onto the GPU, dense or kept quantized: ``((graphdef, state), bytes the
+    parameters hold, bytes JAX's allocator gained in the load)``."""
+    from flax import nnx
+
+    before = _jax_bytes()
+    params = qbridge.load_checkpoint(path, target=target, keep_quantized=kept, progress=False, device="cuda")
+    jax.block_until_ready(params)
+    resident = _jax_bytes() - before  # the loaded parameters live in JAX's allocator
+    model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    if kept:
+        jax_side.load_quantized_into_nnx(model, params)
+    else:
+        nnx.update(model, params)
+    held, _ = jax_side.quantized_nbytes(params)
+    return nnx.split(model), int(held), int(resident)
+
+
 def _forward(graphdef, state, ids):
     from flax import nnx
 
@@ -126,8 +154,6 @@ def _jax_bytes() -> int:
 
 
 def main() -> None:
-    from flax import nnx
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5, help="rounds over every model and token count")
@@ -177,31 +203,14 @@ def main() -> None:
     forwards = {}  # every model stays loaded, so that the rounds below alternate between them
     tmp = tempfile.TemporaryDirectory(dir=".")
     for fmt in ("nf4", "fp8"):
-        path = pathlib.Path(tmp.name) / fmt
-        path.mkdir()
-        write(path, args.layers, fmt)
-        config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
-        target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+        path, config, target = write_checkpoint(pathlib.Path(tmp.name), args.layers, fmt)
         loaded: dict[bool, tuple] = {}  # kept weights are loaded once for both of their paths
         for mode_fmt, mode, matmul in modes:
             if mode_fmt != fmt:
                 continue
             kept = mode != "dense"
             if kept not in loaded:
-                before = _jax_bytes()
-                params = qbridge.load_checkpoint(
-                    path, target=target, keep_quantized=kept, progress=False, device="cuda"
-                )
-                jax.block_until_ready(params)
-                resident = _jax_bytes() - before  # the loaded parameters live in JAX's allocator
-                model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
-                if kept:
-                    jax_side.load_quantized_into_nnx(model, params)
-                else:
-                    nnx.update(model, params)
-                held, _ = jax_side.quantized_nbytes(params)
-                del params
-                loaded[kept] = (nnx.split(model), int(held), int(resident))
+                loaded[kept] = load_model(path, config, target, kept)
             (graphdef, state), held, resident = loaded[kept]
             row: dict = {"param_bytes": held, "resident_jax_bytes": resident}
             # compiled here; the rounds below replay the compiled programs

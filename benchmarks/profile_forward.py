@@ -31,12 +31,9 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import torch
-from keep_quantized import _forward, _ids, latency_ms, write
+from keep_quantized import _forward, _ids, latency_ms, load_model, write_checkpoint
 
-import jax_side
-import qbridge
 from jax_side import _mosaic
 
 
@@ -98,8 +95,6 @@ def profile(run, calls: int, waited: bool = False) -> dict:
 
 
 def main() -> None:
-    from flax import nnx
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 128])
@@ -121,24 +116,11 @@ def main() -> None:
     compiled: dict[tuple[str, int], tuple] = {}  # (model, tokens) -> (compiled forward, state, ids)
     tmp = tempfile.TemporaryDirectory(dir=".")
     for fmt in ("nf4", "fp8"):
-        path = pathlib.Path(tmp.name) / fmt
-        path.mkdir()
-        write(path, args.layers, fmt)
-        config = jax_side.LlamaConfig.from_hf(json.loads((path / "config.json").read_text()))
-        target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)
+        path, config, target = write_checkpoint(pathlib.Path(tmp.name), args.layers, fmt)
         for kept in [False, True] if fmt == "nf4" else [True]:
             if (f"kept {fmt.upper()}" if kept else "dense") not in args.models:
                 continue
-            params = qbridge.load_checkpoint(
-                path, target=target, keep_quantized=kept, progress=False, device="cuda"
-            )
-            model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
-            if kept:
-                jax_side.load_quantized_into_nnx(model, params)
-            else:
-                nnx.update(model, params)
-            del params
-            graphdef, state = nnx.split(model)
+            (graphdef, state), _, _ = load_model(path, config, target, kept)
             for limit in limits if kept else [max_rows]:
                 # a jit of its own per limit: a jit reuses its trace, in which the kernel was picked
                 forward = jax.jit(functools.partial(_forward, graphdef))
