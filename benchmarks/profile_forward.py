@@ -11,9 +11,13 @@ of whole forwards (``keep_quantized.py``) spread more than the difference. Then 
 timed by wall clock, the models alternating in rounds (``keep_quantized.latency_ms``).
 
 ``--also-rows N`` compiles the kept models a second time with ``jax_side._mosaic.MAX_ROWS = N`` (the rows of
-x kept layers hand the Mosaic GPU kernel), so that both limits are traced and timed in one process::
+x kept layers hand the Mosaic GPU kernel; its default is 128), so that both limits are traced and timed in
+one process; ``--options`` compiles every model again under XLA options (here with XLA's command buffers off)::
 
-    python benchmarks/profile_forward.py --layers 2 --tokens 16 128 --also-rows 128 --out profile.json
+    python benchmarks/profile_forward.py --layers 2 --tokens 16 128 --also-rows 32 \
+        --options "" "xla_gpu_enable_command_buffer=" --out profile.json
+
+The JSON holds the arguments and the module's row limit beside the results.
 """
 
 from __future__ import annotations
@@ -96,22 +100,37 @@ def profile(run, calls: int, waited: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 128])
+    parser.add_argument(
+        "--layers", type=int, default=2, help="decoder layers of Llama-3-8B's shapes (default 2)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[16, 128], help="tokens per forward, batch 1"
+    )
     parser.add_argument("--calls", type=int, default=5, help="forwards traced back to back")
     parser.add_argument("--rounds", type=int, default=5, help="wall-clock rounds, the models alternating")
-    parser.add_argument("--also-rows", type=int, default=None)
+    parser.add_argument("--also-rows", type=int, default=None,
+                        help="also compile the kept models with this many rows as the Mosaic GPU kernel's limit "
+                             "(jax_side._mosaic.MAX_ROWS; the models are named '..., up to N rows')")  # fmt: skip
     parser.add_argument("--top", type=int, default=12, help="kernel names printed per model")
     parser.add_argument("--host-top", type=int, default=0, help="host event names printed per model")
     parser.add_argument("--options", nargs="+", default=[""],
                         help="XLA compiler options to compile every model under, each a semicolon-separated list of "
                              "KEY=VALUE ('' is XLA's defaults), e.g. xla_gpu_enable_command_buffer=")  # fmt: skip
     parser.add_argument("--waited", action="store_true", help="also trace calls each waited for")
-    parser.add_argument("--models", nargs="+", default=["dense", "kept NF4", "kept FP8"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["dense", "kept NF4", "kept FP8"],
+        help="of 'dense', 'kept NF4', 'kept FP8' (default all three)",
+    )
     parser.add_argument("--dump", default=None, help="write each compiled program's HLO into this directory")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
     args = parser.parse_args()
+    if unknown := set(args.models) - {"dense", "kept NF4", "kept FP8"}:
+        parser.error(f"--models: no model {sorted(unknown)}; the models: 'dense', 'kept NF4', 'kept FP8'")
     max_rows = _mosaic.MAX_ROWS
+    if args.also_rows == max_rows:
+        parser.error(f"--also-rows {max_rows} is the row limit in use already")
     limits = [max_rows] + ([args.also_rows] if args.also_rows else [])
     compiled: dict[tuple[str, int], tuple] = {}  # (model, tokens) -> (compiled forward, state, ids)
     tmp = tempfile.TemporaryDirectory(dir=".")
@@ -188,7 +207,7 @@ def main() -> None:
         )
     if args.out:
         meta = {"device": torch.cuda.get_device_name(), "jax": jax.__version__, "torch": torch.__version__,
-                "layers": args.layers, "calls": args.calls, "rounds": args.rounds}  # fmt: skip
+                "args": vars(args), "mosaic_max_rows": max_rows}  # fmt: skip
         pathlib.Path(args.out).write_text(json.dumps({**meta, "results": results}, indent=1))
 
 
