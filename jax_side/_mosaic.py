@@ -50,9 +50,9 @@ from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
 # The most rows of x quantized_matmul hands the kernel (its own limit, _STAGES' largest). At 128 tokens on an
-# H200 a two-layer Llama forward spent 0.71x (NF4) and 0.84x (FP8) the GPU time with this limit than with 32
-# (the Triton kernel above it), both compiled in one process (benchmarks/profile_forward.py --also-rows;
-# benchmarks/RESULTS.md).
+# H200, a two-layer Llama forward with this limit spent 0.71x (NF4) and 0.84x (FP8) of the GPU time it spent
+# with a limit of 32 (the Triton kernel taking the rows above it); both were compiled in one process
+# (benchmarks/profile_forward.py --also-rows; benchmarks/RESULTS.md).
 MAX_ROWS = 128
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
