@@ -64,6 +64,21 @@ def trace_events(trace_dir: str) -> tuple[list[dict], list[dict]]:
     return [e for e in done if (e["pid"], e["tid"]) in lines], [e for e in done if e["pid"] in host]
 
 
+def compiler_options(text: str) -> dict[str, str]:
+    """``"KEY=VALUE;KEY=VALUE"`` (spaces around each pair ignored; ``""``: none) as a dict.
+
+    Raises:
+        ValueError: a pair without ``=`` or with an empty key.
+    """
+    out = {}
+    for pair in filter(None, (p.strip() for p in text.split(";"))):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{pair!r} is no KEY=VALUE pair (in {text!r})")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def profile(run, calls: int, waited: bool = False) -> dict:
     """Per forward: span, busy time and kernel count of ``calls`` queued calls of ``run()`` (``waited``: each
     waited for), the kernels and the host's events grouped by name (us per forward, launches per forward)."""
@@ -123,14 +138,25 @@ def main() -> None:
         default=["dense", "kept NF4", "kept FP8"],
         help="of 'dense', 'kept NF4', 'kept FP8' (default all three)",
     )
-    parser.add_argument("--dump", default=None, help="write each compiled program's HLO into this directory")
+    parser.add_argument("--dump", default=None,
+                        help="write each compiled program's HLO into this directory (numbered files; index.txt "
+                             "names the model, options and tokens of each)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     args = parser.parse_args()
     if unknown := set(args.models) - {"dense", "kept NF4", "kept FP8"}:
         parser.error(f"--models: no model {sorted(unknown)}; the models: 'dense', 'kept NF4', 'kept FP8'")
-    max_rows = _mosaic.MAX_ROWS
+    for name in ("layers", "calls", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    max_rows, most = _mosaic.MAX_ROWS, max(_mosaic._STAGES)  # the limit in use, the kernel's own
+    if args.also_rows is not None and not 2 <= args.also_rows <= most:
+        parser.error(f"--also-rows must be 2 to {most} (the rows the kernel takes), got {args.also_rows}")
     if args.also_rows == max_rows:
         parser.error(f"--also-rows {max_rows} is the row limit in use already")
+    try:
+        options = {opts: compiler_options(opts) for opts in args.options}
+    except ValueError as e:
+        parser.error(f"--options: {e}")
     limits = [max_rows] + ([args.also_rows] if args.also_rows else [])
     compiled: dict[tuple[str, int], tuple] = {}  # (model, tokens) -> (compiled forward, state, ids)
     tmp = tempfile.TemporaryDirectory(dir=".")
@@ -146,17 +172,18 @@ def main() -> None:
                 name = f"kept {fmt.upper()}" if kept else "dense"
                 name += f", up to {limit} rows" if kept and limit != max_rows else ""
                 _mosaic.MAX_ROWS = limit
-                for opts in args.options:
-                    options = dict(kv.split("=", 1) for kv in opts.split(";") if kv)
+                for opts, parsed in options.items():
                     for tokens in args.tokens:
                         ids = _ids(tokens)
-                        fn = forward.lower(state, ids).compile(compiler_options=options or None)
+                        fn = forward.lower(state, ids).compile(compiler_options=parsed or None)
                         key = name + (f" [{opts}]" if opts else "")
                         compiled[key, tokens] = (fn, state, ids)
-                        if args.dump:
+                        if args.dump:  # numbered files, and an index of what each holds
                             os.makedirs(args.dump, exist_ok=True)
-                            file = f"{key}-{tokens}".replace(" ", "_").replace(",", "").replace("=", "-")
-                            pathlib.Path(args.dump, file + ".txt").write_text(fn.as_text())
+                            file = f"{len(compiled):03d}.txt"
+                            pathlib.Path(args.dump, file).write_text(fn.as_text())
+                            with open(pathlib.Path(args.dump, "index.txt"), "a") as index:
+                                index.write(f"{file}\t{key}, {tokens} tokens\n")
                 _mosaic.MAX_ROWS = max_rows
             print(f"{fmt} kept={kept}: compiled", flush=True)
     tmp.cleanup()
