@@ -17,6 +17,11 @@ one process; ``--options`` compiles every model again under XLA options (here wi
     python benchmarks/profile_forward.py --layers 2 --tokens 16 128 --also-rows 32 \
         --options "" "xla_gpu_enable_command_buffer=" --out profile.json
 
+``--variants`` compiles the kept models once per setting of ``jax_side._mosaic`` (``NAME=INT,...``; models
+named ``kept FP8 {_grid_scales=0}``), e.g. the FP8 kernel with its scales laid out by XLA against as stored::
+
+    python benchmarks/profile_forward.py --models dense "kept FP8" --variants "" _grid_scales=0
+
 The JSON holds the arguments and the module's row limit beside the results.
 """
 
@@ -36,6 +41,7 @@ import time
 
 import jax
 import torch
+from fused_matmul_mosaic import variant
 from keep_quantized import _forward, _ids, latency_ms, load_model, write_checkpoint
 
 from jax_side import _mosaic
@@ -138,6 +144,9 @@ def main() -> None:
         default=["dense", "kept NF4", "kept FP8"],
         help="of 'dense', 'kept NF4', 'kept FP8' (default all three)",
     )
+    parser.add_argument("--variants", nargs="+", default=[""],
+                        help="settings of jax_side._mosaic to compile the kept models under, each a comma-separated "
+                             "list of NAME=INT ('' is the module as it is), e.g. _products=0")  # fmt: skip
     parser.add_argument("--dump", default=None,
                         help="write each compiled program's HLO into this directory (numbered files; index.txt "
                              "names the model, options and tokens of each)")  # fmt: skip
@@ -157,6 +166,12 @@ def main() -> None:
         options = {opts: compiler_options(opts) for opts in args.options}
     except ValueError as e:
         parser.error(f"--options: {e}")
+    for spec in args.variants:  # a misspelt setting would fail only after the checkpoints are written
+        try:
+            with variant(spec):
+                pass
+        except (ValueError, AttributeError) as e:
+            parser.error(f"--variants {spec!r}: {e}")
     limits = [max_rows] + ([args.also_rows] if args.also_rows else [])
     compiled: dict[tuple[str, int], tuple] = {}  # (model, tokens) -> (compiled forward, state, ids)
     tmp = tempfile.TemporaryDirectory(dir=".")
@@ -166,24 +181,26 @@ def main() -> None:
             if (f"kept {fmt.upper()}" if kept else "dense") not in args.models:
                 continue
             (graphdef, state), _, _ = load_model(path, config, target, kept)
-            for limit in limits if kept else [max_rows]:
-                # a jit of its own per limit: a jit reuses its trace, in which the kernel was picked
+            for limit, spec in [(r, v) for r in limits for v in args.variants] if kept else [(max_rows, "")]:
+                # a jit of its own per limit and setting: a jit reuses its trace, in which the kernel was picked
                 forward = jax.jit(functools.partial(_forward, graphdef))
                 name = f"kept {fmt.upper()}" if kept else "dense"
                 name += f", up to {limit} rows" if kept and limit != max_rows else ""
+                name += f" {{{spec}}}" if spec else ""
                 _mosaic.MAX_ROWS = limit
-                for opts, parsed in options.items():
-                    for tokens in args.tokens:
-                        ids = _ids(tokens)
-                        fn = forward.lower(state, ids).compile(compiler_options=parsed or None)
-                        key = name + (f" [{opts}]" if opts else "")
-                        compiled[key, tokens] = (fn, state, ids)
-                        if args.dump:  # numbered files, and an index of what each holds
-                            os.makedirs(args.dump, exist_ok=True)
-                            file = f"{len(compiled):03d}.txt"
-                            pathlib.Path(args.dump, file).write_text(fn.as_text())
-                            with open(pathlib.Path(args.dump, "index.txt"), "a") as index:
-                                index.write(f"{file}\t{key}, {tokens} tokens\n")
+                with variant(spec):  # jax_side._mosaic's settings while the model is traced
+                    for opts, parsed in options.items():
+                        for tokens in args.tokens:
+                            ids = _ids(tokens)
+                            fn = forward.lower(state, ids).compile(compiler_options=parsed or None)
+                            key = name + (f" [{opts}]" if opts else "")
+                            compiled[key, tokens] = (fn, state, ids)
+                            if args.dump:  # numbered files, and an index of what each holds
+                                os.makedirs(args.dump, exist_ok=True)
+                                file = f"{len(compiled):03d}.txt"
+                                pathlib.Path(args.dump, file).write_text(fn.as_text())
+                                with open(pathlib.Path(args.dump, "index.txt"), "a") as index:
+                                    index.write(f"{file}\t{key}, {tokens} tokens\n")
                 _mosaic.MAX_ROWS = max_rows
             print(f"{fmt} kept={kept}: compiled", flush=True)
     tmp.cleanup()
