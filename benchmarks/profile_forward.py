@@ -85,6 +85,14 @@ def compiler_options(text: str) -> dict[str, str]:
     return out
 
 
+def _by_name(events: list[dict]) -> list[tuple[str, list[float]]]:
+    """``events`` grouped by name, their durations (us), the most time first."""
+    groups: dict[str, list[float]] = collections.defaultdict(list)
+    for e in events:
+        groups[e["name"]].append(e["dur"])
+    return sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+
+
 def profile(run, calls: int, waited: bool = False) -> dict:
     """Per forward: span, busy time and kernel count of ``calls`` queued calls of ``run()`` (``waited``: each
     waited for), the kernels and the host's events grouped by name (us per forward, launches per forward)."""
@@ -100,14 +108,7 @@ def profile(run, calls: int, waited: bool = False) -> dict:
         return {"kernels": 0}
     start = min(e["ts"] for e in kernels)
     end = max(e["ts"] + e["dur"] for e in kernels)
-    by_name: dict[str, list[float]] = collections.defaultdict(list)
-    for e in kernels:
-        by_name[e["name"]].append(e["dur"])
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
-    host_by_name: dict[str, list[float]] = collections.defaultdict(list)
-    for e in host:
-        host_by_name[e["name"]].append(e["dur"])
-    host_top = sorted(host_by_name.items(), key=lambda kv: -sum(kv[1]))
+    top, host_top = _by_name(kernels), _by_name(host)
     return {
         "span_us": (end - start) / calls,
         "busy_us": sum(e["dur"] for e in kernels) / calls,
