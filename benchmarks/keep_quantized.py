@@ -25,8 +25,8 @@ over 240 s::
 
 To compare the kernel's row limit within one process (the models alternate in every round)::
 
-    python benchmarks/keep_quantized.py --layers 4 --only dense "kept NF4" "kept FP8" "kept NF4, up to 128 rows" \
-        "kept FP8, up to 128 rows" --also-rows 128 --rounds 5
+    python benchmarks/keep_quantized.py --layers 4 --only dense "kept NF4" "kept FP8" "kept NF4, up to 32 rows" \
+        "kept FP8, up to 32 rows" --also-rows 32 --rounds 5
 """
 
 from __future__ import annotations
@@ -120,6 +120,16 @@ def load_model(path: pathlib.Path, config, target, kept: bool) -> tuple[tuple, i
     return nnx.split(model), int(held), int(resident)
 
 
+def check_also_rows(parser: argparse.ArgumentParser, also_rows: int | None) -> None:
+    """Refuses (``parser.error``) a second row limit the Mosaic GPU kernel cannot take (2 to its own 128) or
+    that is the limit in use (``jax_side._mosaic.MAX_ROWS``), which would time the same programs twice."""
+    most = max(_mosaic._STAGES)
+    if also_rows is not None and not 2 <= also_rows <= most:
+        parser.error(f"--also-rows must be 2 to {most} (the rows the kernel takes), got {also_rows}")
+    if also_rows == _mosaic.MAX_ROWS:
+        parser.error(f"--also-rows {also_rows} is the row limit in use already")
+
+
 def _forward(graphdef, state, ids):
     from flax import nnx
 
@@ -196,6 +206,7 @@ def main() -> None:
         modes = [m for m in modes if m[1] in args.only]
     if args.max_rows is not None:
         _mosaic.MAX_ROWS = args.max_rows
+    check_also_rows(parser, args.also_rows)
     # the module's settings, set per model while it is compiled and restored after it
     max_rows, products, force = _mosaic.MAX_ROWS, _mosaic._products, _mosaic._force
     if args.dump_after:

@@ -42,7 +42,7 @@ import time
 import jax
 import torch
 from fused_matmul_mosaic import variant
-from keep_quantized import _forward, _ids, latency_ms, load_model, write_checkpoint
+from keep_quantized import _forward, _ids, check_also_rows, latency_ms, load_model, write_checkpoint
 
 from jax_side import _mosaic
 
@@ -158,11 +158,8 @@ def main() -> None:
     for name in ("layers", "calls", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    max_rows, most = _mosaic.MAX_ROWS, max(_mosaic._STAGES)  # the limit in use, the kernel's own
-    if args.also_rows is not None and not 2 <= args.also_rows <= most:
-        parser.error(f"--also-rows must be 2 to {most} (the rows the kernel takes), got {args.also_rows}")
-    if args.also_rows == max_rows:
-        parser.error(f"--also-rows {max_rows} is the row limit in use already")
+    max_rows = _mosaic.MAX_ROWS
+    check_also_rows(parser, args.also_rows)
     try:
         options = {opts: compiler_options(opts) for opts in args.options}
     except ValueError as e:
