@@ -12,8 +12,10 @@ each block of a row is decoded in registers and multiplied on the tensor cores w
   multiply or rounding per element); ``_products = False`` looks the table up instead and multiplies each
   element (24 instructions per four float32 lookups). A nested absmax is decoded by XLA before the call
   (1/64 of the weight's elements, float32).
-- FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order),
-  the scales laid out by XLA as each row's scale per 128 columns (1/128 of the weight's elements).
+- FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order).
+  Block scales of 128 columns whose blocks span whole 64-row tiles (DeepSeek-V3's 128x128) are read as
+  stored: each program copies the part of its row of the grid it needs once. Other layouts are laid out
+  by XLA before the call as each row's scale per 128 columns (1/128 of the weight's elements).
 
 Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul_mosaic.py``,
 ``benchmarks/RESULTS.md``): the 4-bit kernel takes 0.50-0.85x the time of the Pallas Triton kernel in
@@ -272,6 +274,8 @@ def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
     return decode
 
 
+# False: FP8 block scales laid out per row by XLA before every call, as before 2026-12-01 (benchmarks time both)
+_grid_scales = True
 _products = True  # False: the byte-permute lookup of the table (benchmarks/fused_matmul_mosaic.py times both)
 
 
@@ -290,10 +294,15 @@ class _Format(NamedTuple):
 
 
 def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
-                    out_dtype: Any, split: int | None, stages: int) -> jax.Array:  # fmt: skip
+                    out_dtype: Any, split: int | None, stages: int, scale_rows: int | None = None) -> jax.Array:  # fmt: skip
     """``sum_i decode(W)_i @ x_ops[i]`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns,
     ``scales_t`` float32 ``[kw / cols, n]``, each ``x_ops[i]`` ``[kx, rows]`` (x transposed, its rows padded).
-    The contraction is split until the grid fills the multiprocessors (float32 partial sums, added by XLA)."""
+    The contraction is split until the grid fills the multiprocessors (float32 partial sums, added by XLA).
+
+    With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
+    ``[ceil(n / scale_rows), kw / cols]``: each program copies the part of its row its steps use into shared
+    memory once (a multiple of 4 scales: the contraction is split no further than that allows), and
+    ``decode`` gets each block's scale as a scalar."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -303,9 +312,18 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
     if kw % wb:
         raise ValueError(f"the weight's {kw} stored columns are not whole pipeline steps of {wb}")
     steps, tiles = kw // wb, n // _TILE
+
+    def whole(parts: int) -> bool:  # a program's grid scales are whole 16-byte units (a TMA copy's)
+        return scale_rows is None or steps // parts * fmt.blocks % 4 == 0
+
     if split is None:
         split = 1
-        while tiles * split < _SMS and steps % (split * 2) == 0 and steps // (split * 2) >= 2:
+        while (
+            tiles * split < _SMS
+            and steps % (split * 2) == 0
+            and steps // (split * 2) >= 2
+            and whole(split * 2)
+        ):
             split *= 2
     if steps % split:
         raise ValueError(f"split={split} does not divide the contraction's {steps} steps of {xb} elements")
@@ -319,37 +337,63 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
     w_tr = transforms(wb * w.dtype.itemsize, w.dtype.itemsize, "lhs")
     o_tr = transforms(rows * 4, 4, "out")
 
-    def step(_: Any, w_smem: Any, s_smem: Any, *refs: Any) -> Any:
-        *x_smem, acc = refs
+    width = sp * fmt.blocks  # a program's grid scales
+    if scale_rows is not None and (scale_rows % _TILE or not whole(split) or width > 256):
+        raise ValueError(
+            f"the kernel cannot read a block-scale grid of {scales_t.shape} ({scale_rows} rows a block)"
+        )
+
+    def step(idx: Any, w_smem: Any, *refs: Any) -> Any:
+        if scale_rows is None:
+            s_smem, *x_smem, acc = refs
+        else:
+            *x_smem, row_scales, acc = refs
         ws = w_smem[...]
         g = fmt.group
         for b in range(0, fmt.blocks, g):
-            scales = [jax.lax.broadcast_in_dim(s_smem[b + i], (_TILE, fmt.cols), [0]) for i in range(g)]
+            if scale_rows is None:
+                scales = [jax.lax.broadcast_in_dim(s_smem[b + i], (_TILE, fmt.cols), [0]) for i in range(g)]
+            else:
+                scales = [row_scales[0, idx[0] * fmt.blocks + b + i] for i in range(g)]
             lhs = fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
             for a, xs in zip(lhs, x_smem, strict=True):
                 plgpu.wgmma(acc, a, xs.at[pl.ds(fmt.x_rows * b, fmt.x_rows * g)])
             plgpu.wgmma_wait(0)
         return acc
 
-    def body(w_gmem: Any, s_gmem: Any, *refs: Any, out_smem: Any) -> None:
+    def body(w_gmem: Any, s_gmem: Any, *refs: Any, out_smem: Any, **grid_scales: Any) -> None:
         *x_gmem, out_gmem = refs
         i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
         wrows = pl.ds(i * _TILE, _TILE)
+        if scale_rows is None:
+            s_spec = [plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0))]
+            s_in = [s_gmem.at[pl.ds(j * sp * fmt.blocks, sp * fmt.blocks), wrows]]
+        else:  # this program's row of the grid, the columns of its steps
+            s_spec, s_in = [], []
+            row_scales, copied = grid_scales["row_scales"], grid_scales["copied"]
+            plgpu.copy_gmem_to_smem(
+                s_gmem.at[pl.ds(i * _TILE // scale_rows, 1), pl.ds(j * sp * fmt.blocks, width)],
+                row_scales,
+                copied,
+            )
+            plgpu.barrier_wait(copied)
 
         def scoped(acc: Any) -> None:
             plgpu.emit_pipeline(
-                step,
+                step
+                if scale_rows is None
+                else lambda idx, *refs: step(idx, *refs[:-1], row_scales, refs[-1]),
                 grid=(sp,),
                 in_specs=[
                     plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
-                    plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0)),
+                    *s_spec,
                     *[plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr) for _ in x_gmem],
                 ],
                 max_concurrent_steps=stages,
                 init_carry=acc,
             )(
                 w_gmem.at[wrows, pl.ds(j * sp * wb, sp * wb)],
-                s_gmem.at[pl.ds(j * sp * fmt.blocks, sp * fmt.blocks), wrows],
+                *s_in,
                 *[xg.at[pl.ds(j * sp * xb, sp * xb)] for xg in x_gmem],
             )
             out_smem[...] = acc[...]
@@ -364,7 +408,16 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
         out_type=jax.ShapeDtypeStruct((split, n, rows), jnp.float32),
         grid=(tiles, split),
         grid_names=("n", "s"),
-        scratch_types=dict(out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr)),
+        scratch_types=dict(
+            out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr),
+            **(
+                {}
+                if scale_rows is None
+                else dict(
+                    row_scales=plgpu.SMEM((1, width), jnp.float32), copied=plgpu.Barrier(num_arrivals=1)
+                )
+            ),
+        ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(w, scales_t, *x_ops)
     return out.sum(0)[:, :m].T.astype(out_dtype)
@@ -410,10 +463,12 @@ def kernel(
 
 
 def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
-               stages: int | None = None) -> jax.Array:  # fmt: skip
+               stages: int | None = None, scale_rows: int | None = None) -> jax.Array:  # fmt: skip
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype``, where ``W [n, k]`` is ``float32(w) * scale`` rounded
     to ``x.dtype`` (``jax_side.dequantize_fp8``'s order), ``w`` float8_e4m3fn ``[n, k]``, and ``scales_t``
-    float32 ``[k / 128, n]`` each row's scale per 128 columns."""
+    float32 ``[k / 128, n]`` each row's scale per 128 columns; or, with ``scale_rows`` (a multiple of 64),
+    the block-scale grid float32 ``[ceil(n / scale_rows), k / 128]`` (``k / 128`` a multiple of 4), read
+    as it is stored."""
 
     def decode(wb: jax.Array, scale: jax.Array) -> list[jax.Array]:
         return [(wb.astype(jnp.float32) * scale).astype(x.dtype)]
@@ -421,7 +476,7 @@ def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | 
     fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
     xt = _padded_t(x)
     return _swapped_matmul([xt], w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
-                           stages=stages or _STAGES[xt.shape[1]])  # fmt: skip
+                           stages=stages or _STAGES[xt.shape[1]], scale_rows=scale_rows)  # fmt: skip
 
 
 def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
@@ -455,6 +510,21 @@ def fp8_scales_t(w: FP8Weight) -> jax.Array:
     return jnp.repeat(s, bi // 128, axis=1)[:, : k // 128].T
 
 
+def grid_rows(w: FP8Weight) -> int | None:
+    """The rows of ``w``'s scale blocks where :func:`fp8_kernel` reads its block-scale grid as stored (blocks of
+    128 columns spanning whole 64-row tiles, the grid's columns a multiple of 4), else None."""
+    layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+    bo, bi = layout.block
+    fits = layout.kind == "block" and bi == 128 and bo % _TILE == 0 and layout.grid[1] % 4 == 0
+    return bo if fits else None
+
+
 def fp8_matmul(x2: jax.Array, w: FP8Weight) -> jax.Array:
-    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`fp8_kernel`, for calls :func:`takes`."""
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`fp8_kernel`, for calls :func:`takes`:
+    block scales read as stored where :func:`grid_rows` allows, else laid out per row and 128 columns by XLA
+    first (:func:`fp8_scales_t`)."""
+    if _grid_scales and (rows := grid_rows(w)) is not None:
+        layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
+        grid = w.scale_inv.astype(jnp.float32).reshape(layout.grid)
+        return fp8_kernel(x2, w.weight, grid, scale_rows=rows)
     return fp8_kernel(x2, w.weight, fp8_scales_t(w))

@@ -877,6 +877,52 @@ def test_fp8_calls_it_takes(hopper):
         assert _kernels(x_for(5, w.shape[1], jnp.bfloat16), w) == {"triton"}, name
 
 
+def test_fp8_block_scales_read_as_stored(hopper, monkeypatch):
+    """Block scales of 128 columns over whole 64-row tiles go to the kernel as the checkpoint stores them (no
+    per-call XLA kernel laying them out per row); other layouts keep that layout."""
+    as_stored = {
+        "block 128": (fp8((256, 512), (2, 4)), 128),
+        "block 192x128": (fp8((384, 512), (2, 4), block=(192, 128)), 192),
+        "block 64x128": (fp8((128, 1024), (2, 8), block=(64, 128)), 64),
+    }
+    laid_out = {
+        "per-row": fp8((128, 512), (128, 1)),
+        "per-tensor": fp8((64, 256), (1,)),
+        "block 64x256": fp8((192, 512), (3, 2), block=(64, 256)),
+        "block 96x128": fp8((192, 512), (2, 4), block=(96, 128)),  # a 64-row tile spans two block rows
+        "6 block columns": fp8((192, 768), (2, 6)),  # not whole 16 bytes a row
+    }
+    for name, (w, rows) in as_stored.items():
+        n, k = w.shape
+        assert _mosaic.grid_rows(w) == rows, name
+        for grid in (True, False):
+            monkeypatch.setattr(_mosaic, "_grid_scales", grid)
+            text = (
+                jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
+                .trace(x_for(5, k, jnp.bfloat16), w)
+                .lower(lowering_platforms=("cuda",))
+                .as_text()
+            )
+            assert "mosaic_gpu" in text, name
+            assert (f"tensor<{k // 128}x{n}xf32>" in text) != grid, (name, grid)  # the per-row layout
+    for name, w in laid_out.items():
+        assert _mosaic.grid_rows(w) is None, name
+    # six steps over one tile: split in two, a program would copy 6 of the grid's scales, not whole 16 bytes
+    w = fp8((64, 1536), (1, 12))
+    for grid, parts in ((True, 1), (False, 2)):  # a function of its own each time: read when traced
+        monkeypatch.setattr(_mosaic, "_grid_scales", grid)
+        text = (
+            jax.jit(lambda x, w: _mosaic.fp8_matmul(x, w))
+            .trace(x_for(5, 1536, jnp.bfloat16), w)
+            .lower(lowering_platforms=("cuda",))
+            .as_text()
+        )
+        assert f"tensor<{parts}x64x16xf32>" in text, grid  # the kernel's partial sums, one per part
+    with pytest.raises(ValueError, match="cannot read a block-scale grid"):
+        _mosaic.fp8_kernel(x_for(5, 768, jnp.bfloat16), jnp.zeros((128, 768), jnp.float8_e4m3fn),
+                           jnp.ones((1, 6), jnp.float32), scale_rows=128)  # fmt: skip
+
+
 @pytest.mark.parametrize("layout", ["block 128", "per-row", "per-tensor", "block 64x256", "partial blocks"])
 def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
     """The kernel's scales (each row's scale per 128 columns) times the float8 values are the weight
