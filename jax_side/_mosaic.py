@@ -5,12 +5,13 @@ held in registers (64 rows of W per program), and x is the right operand in shar
 to 16, 32, 64 or 128, the MMA's N). Weight bytes, scales and x reach shared memory through a TMA pipeline;
 each block of a row is decoded in registers and multiplied on the tensor cores with float32 accumulation.
 
-- 4-bit: x's even and odd columns (split by XLA before the call) meet the high and low nibbles of
-  bitsandbytes' packed bytes. Each element is ``round(code[nibble] * absmax)`` in x's dtype (bitsandbytes'
-  order of operations, as ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once
-  per absmax block and looked up by byte permutes (``prmt.b32``: 12 instructions per four elements, no
-  multiply or rounding per element); ``_products = False`` looks the table up instead and multiplies each
-  element (24 instructions per four float32 lookups). A nested absmax is decoded by XLA before the call
+- 4-bit: x's even and odd columns meet the high and low nibbles of bitsandbytes' packed bytes (XLA orders
+  each 64 or 128 columns of x evens first, in the one transpose that pads x before the call). Each element
+  is ``round(code[nibble] * absmax)`` in x's dtype (bitsandbytes' order of operations, as
+  ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once per absmax block and
+  looked up by byte permutes (``prmt.b32``: 12 instructions per four elements, no multiply or rounding per
+  element); ``_products = False`` looks the table up instead and multiplies each element (24 instructions
+  per four float32 lookups). A nested absmax is decoded by XLA before the call
   (1/64 of the weight's elements, float32).
 - FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order).
   Block scales of 128 columns whose blocks span whole 64-row tiles (DeepSeek-V3's 128x128) are read as
@@ -291,12 +292,15 @@ class _Format(NamedTuple):
     decode: Any
     group: int = 1  # blocks per MMA: ``decode(w [64, cols * group], *scales)`` (x's rows per MMA: a multiple of 64 from
     # 64 tokens up, where x's tile swizzles 128 bytes)
+    # left operands per block: x's rows for each ``group`` blocks hold each part's ``x_rows * group`` rows in turn
+    parts: int = 1
 
 
-def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
+def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
                     out_dtype: Any, split: int | None, stages: int, scale_rows: int | None = None) -> jax.Array:  # fmt: skip
-    """``sum_i decode(W)_i @ x_ops[i]`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns,
-    ``scales_t`` float32 ``[kw / cols, n]``, each ``x_ops[i]`` ``[kx, rows]`` (x transposed, its rows padded).
+    """``decode(W) @ xt`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns, ``scales_t`` float32
+    ``[kw / cols, n]``, ``xt [kx, rows]`` x transposed, its rows padded and, with ``fmt.parts`` left operands
+    per block, each ``fmt.group`` blocks' rows ordered as the operands meet them.
     The contraction is split until the grid fills the multiprocessors (float32 partial sums, added by XLA).
 
     With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
@@ -307,8 +311,8 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n, kw = w.shape
-    rows = x_ops[0].shape[1]  # the MMA's N
-    wb, xb = fmt.cols * fmt.blocks, fmt.x_rows * fmt.blocks  # stored columns and x rows per step
+    rows = xt.shape[1]  # the MMA's N
+    wb, xb = fmt.cols * fmt.blocks, fmt.parts * fmt.x_rows * fmt.blocks  # stored columns and x rows per step
     if kw % wb:
         raise ValueError(f"the weight's {kw} stored columns are not whole pipeline steps of {wb}")
     steps, tiles = kw // wb, n // _TILE
@@ -345,9 +349,9 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
 
     def step(idx: Any, w_smem: Any, *refs: Any) -> Any:
         if scale_rows is None:
-            s_smem, *x_smem, acc = refs
+            s_smem, x_smem, acc = refs
         else:
-            *x_smem, row_scales, acc = refs
+            x_smem, row_scales, acc = refs
         ws = w_smem[...]
         g = fmt.group
         for b in range(0, fmt.blocks, g):
@@ -356,13 +360,15 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
             else:
                 scales = [row_scales[0, idx[0] * fmt.blocks + b + i] for i in range(g)]
             lhs = fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
-            for a, xs in zip(lhs, x_smem, strict=True):
-                plgpu.wgmma(acc, a, xs.at[pl.ds(fmt.x_rows * b, fmt.x_rows * g)])
+            for i, a in enumerate(lhs):
+                at = fmt.x_rows * (fmt.parts * b + i * g)  # part i of the blocks from b
+                plgpu.wgmma(acc, a, x_smem.at[pl.ds(at, fmt.x_rows * g)])
             plgpu.wgmma_wait(0)
         return acc
 
-    def body(w_gmem: Any, s_gmem: Any, *refs: Any, out_smem: Any, **grid_scales: Any) -> None:
-        *x_gmem, out_gmem = refs
+    def body(
+        w_gmem: Any, s_gmem: Any, x_gmem: Any, out_gmem: Any, *, out_smem: Any, **grid_scales: Any
+    ) -> None:
         i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
         wrows = pl.ds(i * _TILE, _TILE)
         if scale_rows is None:
@@ -387,14 +393,14 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
                 in_specs=[
                     plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
                     *s_spec,
-                    *[plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr) for _ in x_gmem],
+                    plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr),
                 ],
                 max_concurrent_steps=stages,
                 init_carry=acc,
             )(
                 w_gmem.at[wrows, pl.ds(j * sp * wb, sp * wb)],
                 *s_in,
-                *[xg.at[pl.ds(j * sp * xb, sp * xb)] for xg in x_gmem],
+                x_gmem.at[pl.ds(j * sp * xb, sp * xb)],
             )
             out_smem[...] = acc[...]
 
@@ -419,7 +425,7 @@ def _swapped_matmul(x_ops: list[jax.Array], w: jax.Array, scales_t: jax.Array, f
             ),
         ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(w, scales_t, *x_ops)
+    )(w, scales_t, xt)
     return out.sum(0)[:, :m].T.astype(out_dtype)
 
 
@@ -443,6 +449,17 @@ def _padded_t(x: jax.Array) -> jax.Array:
     return jnp.zeros((_padded_rows(m), k), x.dtype).at[:m].set(x).T
 
 
+def _paired_t(x: jax.Array, span: int) -> jax.Array:
+    """As :func:`_padded_t`, with each ``span`` columns of x reordered evens first, then odds (``[k, rows]``):
+    the even columns meet the high nibbles. One transpose in XLA, padding included."""
+    m, k = x.shape
+    rows = _padded_rows(m)
+    if k % span:
+        raise ValueError(f"x's {k} columns are not whole spans of {span}")
+    xp = jnp.zeros((rows, k), x.dtype).at[:m].set(x)
+    return xp.reshape(rows, k // span, span // 2, 2).transpose(1, 3, 2, 0).reshape(k, rows)
+
+
 def kernel(
     x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None,
     stages: int | None = None, decode: Any = None,
@@ -453,13 +470,13 @@ def kernel(
     (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth (default
     by x's rows); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
     times some)."""
-    xt = _padded_t(x)
-    x_ops = [xt[0::2], xt[1::2]]  # [k / 2, rows]: the even elements of x meet the high nibbles
-    group = 1 if xt.shape[1] <= 32 else 2  # from 64 rows of x, two absmax blocks per MMA
+    rows = _padded_rows(x.shape[0])
+    group = 1 if rows <= 32 else 2  # from 64 rows of x, two absmax blocks per MMA
+    xt = _paired_t(x, 64 * group)
     decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
-    fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group)
-    return _swapped_matmul(x_ops, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
-                           stages=stages or _STAGES[xt.shape[1]])  # fmt: skip
+    fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group, parts=2)
+    return _swapped_matmul(xt, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+                           stages=stages or _STAGES[rows])  # fmt: skip
 
 
 def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
@@ -475,7 +492,7 @@ def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | 
 
     fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
     xt = _padded_t(x)
-    return _swapped_matmul([xt], w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
+    return _swapped_matmul(xt, w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
                            stages=stages or _STAGES[xt.shape[1]], scale_rows=scale_rows)  # fmt: skip
 
 

@@ -941,6 +941,21 @@ def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
     assert_same_bits(got.astype(np.float32), np.asarray(w.dequantize(dtype=jnp.float32)))
 
 
+@pytest.mark.parametrize("span", [64, 128])
+def test_x_ordered_for_the_nibbles(span):
+    """Each ``span`` columns of x reach the 4-bit kernel evens first (they meet the high nibbles), then odds,
+    transposed with x's rows padded to the MMA's N."""
+    x = np.random.default_rng(span).standard_normal((5, 3 * span)).astype(np.float32)
+    padded = np.zeros((16, 3 * span), np.float32)
+    padded[:5] = x
+    units = [padded[:, u * span : (u + 1) * span] for u in range(3)]
+    want = np.concatenate([part.T for unit in units for part in (unit[:, 0::2], unit[:, 1::2])])
+    got = np.asarray(_mosaic._paired_t(jnp.asarray(x, jnp.bfloat16), span).astype(jnp.float32))
+    assert_same_bits(got, want.astype(jnp.bfloat16).astype(np.float32))
+    with pytest.raises(ValueError, match="192 columns are not whole spans of 128"):
+        _mosaic._paired_t(jnp.zeros((2, 192), jnp.bfloat16), 128)
+
+
 def test_the_kernels_own_limits_are_refused_with_reasons():
     q, a = jnp.zeros((64, 256), jnp.uint8), jnp.zeros((8, 64), jnp.float32)
     with pytest.raises(ValueError, match="up to 128 rows of x, got 129"):
