@@ -11,8 +11,10 @@ each block of a row is decoded in registers and multiplied on the tensor cores w
   ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once per absmax block and
   looked up by byte permutes (``prmt.b32``: 12 instructions per four elements, no multiply or rounding per
   element); ``_products = False`` looks the table up instead and multiplies each element (24 instructions
-  per four float32 lookups). A nested absmax is decoded by XLA before the call
-  (1/64 of the weight's elements, float32).
+  per four float32 lookups). A nested absmax is handed over as stored: each program copies its codes, the
+  tile's nested absmax and their table into shared memory and decodes its scales once before its loop, with
+  the eager decode's two roundings (:func:`_absmax_filler`); where those copies cannot be whole TMA units
+  (``in`` not a multiple of 1024, say) or do not fit beside the pipeline, XLA decodes it before the call.
 - FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order).
   Block scales of 128 columns whose blocks span whole 64-row tiles (DeepSeek-V3's 128x128) are read as
   stored: each program copies the part of its row of the grid it needs once. Other layouts are laid out
@@ -24,8 +26,8 @@ Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul
 
 Differences from ``dequantize()`` then a matmul: a decoded product below FLT_MIN in magnitude is kept, not
 flushed to zero (as in the Triton kernel; such a product moves a sum by less than FLT_MIN times an element of
-x), and a nested absmax decoded inside a jit may round once where the eager decode rounds twice (see
-``jax_side._nf4``). :func:`takes` asks this process's devices, not the lowering's target: a program lowered
+x), and a nested absmax that XLA decodes inside a jit may round once where the eager decode rounds twice
+(see ``jax_side._nf4``). :func:`takes` asks this process's devices, not the lowering's target: a program lowered
 ahead of time on a Hopper host (``jax.export``) carries the kernel.
 
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
@@ -296,8 +298,103 @@ class _Format(NamedTuple):
     parts: int = 1
 
 
-def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array, fmt: _Format, *, m: int,
-                    out_dtype: Any, split: int | None, stages: int, scale_rows: int | None = None) -> jax.Array:  # fmt: skip
+class Nested(NamedTuple):
+    """A 4-bit weight's nested absmax as stored, for the kernel to decode: ``codes`` uint8 ``[n, k / 64]`` (one
+    per block of a row), ``nested_absmax`` float32 ``[n * k / 64 / nested_blocksize]``, ``nested_code`` float32
+    ``[256]``, ``offset`` float32 ``[1]``."""
+
+    codes: jax.Array
+    nested_absmax: jax.Array
+    nested_code: jax.Array
+    offset: jax.Array
+    nested_blocksize: int
+
+
+_nested_in_kernel = True  # False: a nested absmax decoded by XLA before every call (benchmarks time both)
+_SMEM_LIMIT = 200 * 1024  # shared memory a program may take with a nested absmax held (H100/H200: 227 KiB)
+
+
+def _smem_bytes(fmt: _Format, w: jax.Array, rows: int, stages: int) -> int:
+    """Shared memory a program's pipeline and output take: ``stages`` steps of W's bytes and x, the output tile."""
+    wb, xb = fmt.cols * fmt.blocks, fmt.parts * fmt.x_rows * fmt.blocks
+    return stages * (_TILE * wb * w.dtype.itemsize + xb * rows * 2) + _TILE * rows * 4
+
+
+def _nested_copy(nested: Nested, kb: int, width: int, smem: int) -> str | None:
+    """How a program copies its absmax codes to decode them itself: ``"own"`` (its ``width`` columns) or
+    ``"rows"`` (the tile's whole rows of ``kb`` codes); None where it cannot (TMA copies of whole 16-byte
+    units and at most 256 elements a side; nested blocks that do not start with the tile; shared memory)."""
+    nb = nested.nested_blocksize
+    if not _nested_in_kernel or nested.nested_code.shape != (256,) or kb % 16 or _TILE * kb % nb:
+        return None
+    kn = _TILE * kb // nb  # nested absmax per tile
+    copy = "own" if width % 16 == 0 and width <= 256 else "rows" if kb <= 256 else None
+    held = _TILE * (width if copy == "own" else kb) + 4 * kn + 4 * 256 + 4 * _TILE * width
+    return copy if copy and kn % 4 == 0 and kn <= 256 and smem + held <= _SMEM_LIMIT else None
+
+
+def _decoded_t(nested: Nested, n: int, kb: int) -> jax.Array:
+    """A nested absmax decoded by XLA (``decode_nested_absmax``), transposed: float32 ``[kb, n]``."""
+    codes = nested.codes.reshape(-1)
+    absmax = decode_nested_absmax(
+        codes, nested.nested_absmax, nested.nested_code, nested.nested_blocksize, nested.offset.reshape(())
+    )
+    return absmax.reshape(n, kb).T
+
+
+def _absmax_filler(width: int, *, kb: int, nested_blocksize: int) -> Any:
+    """``fill(codes, nested, table, absmax, offset, col, first)``: decodes a program's nested absmax into
+    ``absmax`` float32 ``[width, 64]`` (shared memory; ``absmax[c, r]`` the scale of the tile's row ``r`` in
+    the program's block ``c``), as ``decode_nested_absmax`` on concrete arrays: ``flush(flush(table[code] *
+    nested[a // nested_blocksize]) + offset)``, two roundings (no fused multiply-add), ``a`` the absmax's index
+    in the tile. ``codes`` uint8 (the tile's rows; the program's block ``c`` at column ``first + c``),
+    ``nested`` float32 (the tile's nested absmax), ``table`` float32 ``[256]``, ``offset`` float32 ``[1]`` in
+    global memory, ``col`` the program's first block in a row. Ends with a warpgroup barrier."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref
+    from jax.experimental.mosaic.gpu import utils as mgu
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5 + (plgpu.Layout.WGMMA,) * 2)
+    def fill(
+        ctx: Any, codes: Any, nested: Any, table: Any, absmax: Any, offset: Any, col: Any, first: Any
+    ) -> None:
+        i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+
+        def c(v: int) -> Any:
+            return mgu.c(v, i32)
+
+        def at(v: Any) -> Any:
+            return arith.index_castui(index, v)
+
+        def rn(op: str, a: Any, b: Any) -> Any:  # rounded to nearest: never fused into a multiply-add
+            return llvm.inline_asm(f32, [a, b], f"{op}.rn.f32 $0, $1, $2;", "=f,f,f")
+
+        def flush(v: Any) -> Any:  # below FLT_MIN in magnitude: a zero of its sign (NaN kept)
+            bits = mgu.bitcast(v, i32)
+            small = arith.cmpi(arith.CmpIPredicate.ult, arith.andi(bits, c(0x7FFFFFFF)), c(0x00800000))
+            return mgu.bitcast(arith.select(small, arith.andi(bits, c(-0x80000000)), bits), f32)
+
+        t = arith.remui(mgu.thread_idx(), c(128))
+        r, half = arith.remui(t, c(_TILE)), arith.divui(t, c(_TILE))  # a row; even or odd blocks
+        col, first = col.registers.item(), first.registers.item()
+        add = memref.load(offset, [at(c(0))])
+        row_start = arith.muli(r, c(kb))
+        for u in range(width // 2):
+            blk = arith.addi(half, c(2 * u))  # the program's block
+            code = memref.load(codes, [at(r), at(arith.addi(first, blk))])
+            value = memref.load(table, [at(arith.extui(i32, code))])
+            a = arith.addi(row_start, arith.addi(col, blk))
+            scale = memref.load(nested, [at(arith.divui(a, c(nested_blocksize)))])
+            memref.store(flush(rn("add", flush(rn("mul", value, scale)), add)), absmax, [at(blk), at(r)])
+        mgu.warpgroup_barrier()
+
+    return fill
+
+
+def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt: _Format, *, m: int,
+                    out_dtype: Any, split: int | None, stages: int, scale_rows: int | None = None,
+                    nested: Nested | None = None) -> jax.Array:  # fmt: skip
     """``decode(W) @ xt`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns, ``scales_t`` float32
     ``[kw / cols, n]``, ``xt [kx, rows]`` x transposed, its rows padded and, with ``fmt.parts`` left operands
     per block, each ``fmt.group`` blocks' rows ordered as the operands meet them.
@@ -306,7 +403,11 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array, fmt: _Form
     With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
     ``[ceil(n / scale_rows), kw / cols]``: each program copies the part of its row its steps use into shared
     memory once (a multiple of 4 scales: the contraction is split no further than that allows), and
-    ``decode`` gets each block's scale as a scalar."""
+    ``decode`` gets each block's scale as a scalar.
+
+    With ``nested`` (``scales_t`` None), each program copies its absmax codes, the tile's nested absmax and
+    their table into shared memory and decodes its absmax there once (:func:`_absmax_filler`), where
+    :func:`_nested_copy` allows; elsewhere XLA decodes it first."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -341,54 +442,71 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array, fmt: _Form
     w_tr = transforms(wb * w.dtype.itemsize, w.dtype.itemsize, "lhs")
     o_tr = transforms(rows * 4, 4, "out")
 
-    width = sp * fmt.blocks  # a program's grid scales
+    width = sp * fmt.blocks  # a program's blocks (scales) per row
     if scale_rows is not None and (scale_rows % _TILE or not whole(split) or width > 256):
         raise ValueError(
-            f"the kernel cannot read a block-scale grid of {scales_t.shape} ({scale_rows} rows a block)"
+            f"the kernel cannot read a block-scale grid of {getattr(scales_t, 'shape', None)} ({scale_rows} rows "
+            "a block)"
         )
+    if nested is not None:
+        copy = _nested_copy(nested, kw // fmt.cols, width, smem=_smem_bytes(fmt, w, rows, stages))
+        if copy is None:  # decoded by XLA first
+            scales_t, nested = _decoded_t(nested, n, kw // fmt.cols), None
+        else:
+            fill = _absmax_filler(width, kb=kw // fmt.cols, nested_blocksize=nested.nested_blocksize)
 
     def step(idx: Any, w_smem: Any, *refs: Any) -> Any:
-        if scale_rows is None:
+        if scale_rows is None and nested is None:
             s_smem, x_smem, acc = refs
         else:
-            x_smem, row_scales, acc = refs
+            x_smem, held, acc = refs
         ws = w_smem[...]
         g = fmt.group
         for b in range(0, fmt.blocks, g):
-            if scale_rows is None:
-                scales = [jax.lax.broadcast_in_dim(s_smem[b + i], (_TILE, fmt.cols), [0]) for i in range(g)]
+            at = [idx[0] * fmt.blocks + b + i for i in range(g)]  # the blocks' columns among the program's
+            if scale_rows is not None:
+                scales = [held[0, c] for c in at]
             else:
-                scales = [row_scales[0, idx[0] * fmt.blocks + b + i] for i in range(g)]
+                row_scales = [s_smem[b + i] for i in range(g)] if nested is None else [held[c] for c in at]
+                scales = [jax.lax.broadcast_in_dim(v, (_TILE, fmt.cols), [0]) for v in row_scales]
             lhs = fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
             for i, a in enumerate(lhs):
-                at = fmt.x_rows * (fmt.parts * b + i * g)  # part i of the blocks from b
-                plgpu.wgmma(acc, a, x_smem.at[pl.ds(at, fmt.x_rows * g)])
+                at_x = fmt.x_rows * (fmt.parts * b + i * g)  # part i of the blocks from b
+                plgpu.wgmma(acc, a, x_smem.at[pl.ds(at_x, fmt.x_rows * g)])
             plgpu.wgmma_wait(0)
         return acc
 
-    def body(
-        w_gmem: Any, s_gmem: Any, x_gmem: Any, out_gmem: Any, *, out_smem: Any, **grid_scales: Any
-    ) -> None:
+    def body(w_gmem: Any, s_gmem: Any, x_gmem: Any, *refs: Any, out_smem: Any, **held_refs: Any) -> None:
+        *nested_gmem, out_gmem = refs
         i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
         wrows = pl.ds(i * _TILE, _TILE)
-        if scale_rows is None:
-            s_spec = [plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0))]
-            s_in = [s_gmem.at[pl.ds(j * sp * fmt.blocks, sp * fmt.blocks), wrows]]
-        else:  # this program's row of the grid, the columns of its steps
-            s_spec, s_in = [], []
-            row_scales, copied = grid_scales["row_scales"], grid_scales["copied"]
+        s_spec, s_in, held = [], [], None
+        if scale_rows is not None:  # this program's row of the grid, the columns of its steps
+            held = held_refs["row_scales"]
             plgpu.copy_gmem_to_smem(
-                s_gmem.at[pl.ds(i * _TILE // scale_rows, 1), pl.ds(j * sp * fmt.blocks, width)],
-                row_scales,
-                copied,
+                s_gmem.at[pl.ds(i * _TILE // scale_rows, 1), pl.ds(j * width, width)], held, held_refs["got"]
             )
-            plgpu.barrier_wait(copied)
+            plgpu.barrier_wait(held_refs["got"])
+        elif nested is not None:  # this program's absmax codes, nested absmax and table; decoded here once
+            held, codes, nested_s, table = (held_refs[k] for k in ("absmax", "codes", "nested", "table"))
+            nested_absmax, nested_code, offset = nested_gmem
+            kb = kw // fmt.cols  # blocks per row
+            # whole rows of codes, or the program's own columns: the program's first block among those copied
+            first, cols = (j * width, pl.ds(0, kb)) if copy == "rows" else (0, pl.ds(j * width, width))
+            kn = _TILE * kb // nested.nested_blocksize  # the tile's nested absmax
+            plgpu.copy_gmem_to_smem(s_gmem.at[wrows, cols], codes, held_refs["got_codes"])
+            plgpu.copy_gmem_to_smem(nested_absmax.at[pl.ds(i * kn, kn)], nested_s, held_refs["got_nested"])
+            plgpu.copy_gmem_to_smem(nested_code, table, held_refs["got_table"])
+            for got in ("got_codes", "got_nested", "got_table"):
+                plgpu.barrier_wait(held_refs[got])
+            fill(codes, nested_s, table, held, offset, j * width, first)
+        else:
+            s_spec = [plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0))]
+            s_in = [s_gmem.at[pl.ds(j * width, width), wrows]]
 
         def scoped(acc: Any) -> None:
             plgpu.emit_pipeline(
-                step
-                if scale_rows is None
-                else lambda idx, *refs: step(idx, *refs[:-1], row_scales, refs[-1]),
+                step if held is None else lambda idx, *refs: step(idx, *refs[:-1], held, refs[-1]),
                 grid=(sp,),
                 in_specs=[
                     plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
@@ -409,23 +527,28 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array, fmt: _Form
         plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[j, wrows])
         plgpu.wait_smem_to_gmem(0)
 
+    scratch: dict[str, Any] = dict(out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr))
+    ins: tuple = (w, scales_t, xt)
+    if scale_rows is not None:
+        scratch.update(row_scales=plgpu.SMEM((1, width), jnp.float32), got=plgpu.Barrier(num_arrivals=1))
+    elif nested is not None:
+        kb = kw // fmt.cols
+        scratch.update(
+            codes=plgpu.SMEM((_TILE, kb if copy == "rows" else width), jnp.uint8),
+            nested=plgpu.SMEM((_TILE * kb // nested.nested_blocksize,), jnp.float32),
+            table=plgpu.SMEM((256,), jnp.float32),
+            absmax=plgpu.SMEM((width, _TILE), jnp.float32),
+            **{got: plgpu.Barrier(num_arrivals=1) for got in ("got_codes", "got_nested", "got_table")},
+        )
+        ins = (w, nested.codes, xt, nested.nested_absmax, nested.nested_code, nested.offset)
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((split, n, rows), jnp.float32),
         grid=(tiles, split),
         grid_names=("n", "s"),
-        scratch_types=dict(
-            out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr),
-            **(
-                {}
-                if scale_rows is None
-                else dict(
-                    row_scales=plgpu.SMEM((1, width), jnp.float32), copied=plgpu.Barrier(num_arrivals=1)
-                )
-            ),
-        ),
+        scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )(w, scales_t, xt)
+    )(*ins)
     return out.sum(0)[:, :m].T.astype(out_dtype)
 
 
@@ -461,12 +584,13 @@ def _paired_t(x: jax.Array, span: int) -> jax.Array:
 
 
 def kernel(
-    x: jax.Array, q: jax.Array, absmax_t: jax.Array, *, table: Any, split: int | None = None,
+    x: jax.Array, q: jax.Array, absmax_t: jax.Array | Nested, *, table: Any, split: int | None = None,
     stages: int | None = None, decode: Any = None,
 ) -> jax.Array:  # fmt: skip
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to 128), where
     ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
-    and its absmax, float32, transposed to ``[k / 64, n]``. ``split``: programs along the contraction
+    and its absmax, float32, transposed to ``[k / 64, n]``, or its nested absmax as stored (:class:`Nested`,
+    decoded by the kernel where it can). ``split``: programs along the contraction
     (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth (default
     by x's rows); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
     times some)."""
@@ -475,8 +599,9 @@ def kernel(
     xt = _paired_t(x, 64 * group)
     decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
     fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group, parts=2)
-    return _swapped_matmul(xt, q, absmax_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
-                           stages=stages or _STAGES[rows])  # fmt: skip
+    nested, scales_t = (absmax_t, None) if isinstance(absmax_t, Nested) else (None, absmax_t)
+    return _swapped_matmul(xt, q, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype,
+                           split=split, stages=stages or _STAGES[rows], nested=nested)  # fmt: skip
 
 
 def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
@@ -508,9 +633,21 @@ def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
 
 
 def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
-    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`."""
-    q, absmax_t = pieces(w)
-    return kernel(x2, q, absmax_t, table=standard_code(w.quant_type))
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`: a
+    nested absmax handed over as stored, for the kernel to decode where it can."""
+    if w.nested_absmax is None or w.nested_code is None:
+        q, absmax_t = pieces(w)
+        return kernel(x2, q, absmax_t, table=standard_code(w.quant_type))
+    n, k = w.shape
+    flat, _ = _packed_bytes(w.packed)
+    nested = Nested(
+        codes=w.absmax.reshape(n, k // 64),
+        nested_absmax=w.nested_absmax.reshape(-1),
+        nested_code=w.nested_code.reshape(-1),
+        offset=jnp.asarray(w.offset, jnp.float32).reshape(1),
+        nested_blocksize=w.nested_blocksize,
+    )
+    return kernel(x2, flat[: n * k // 2].reshape(n, k // 2), nested, table=standard_code(w.quant_type))
 
 
 def fp8_scales_t(w: FP8Weight) -> jax.Array:

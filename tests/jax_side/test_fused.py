@@ -941,6 +941,49 @@ def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
     assert_same_bits(got.astype(np.float32), np.asarray(w.dequantize(dtype=jnp.float32)))
 
 
+def _lowered(x, w) -> str:
+    return (
+        jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
+        .trace(x, w)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+
+
+def test_nested_absmax_decoded_by_the_kernel_where_it_can(hopper, monkeypatch):
+    """A nested absmax reaches the kernel as stored (no XLA gather of its table before the call) where each
+    program's codes, nested absmax and table can be copied whole (TMA: 16-byte units; rows of codes a
+    multiple of 16) and fit in shared memory beside the pipeline; elsewhere XLA decodes it first."""
+    cases = {  # (out, in), rows of x: taken by the kernel either way
+        "in 1024": ((128, 1024), 16),
+        "in 3072, 64 rows": ((256, 3072), 64),
+        "in 14336, 128 rows": ((64, 14336), 128),
+    }
+    for name, (shape, m) in cases.items():
+        w, x = nf4(shape, seed=m), x_for(m, shape[1], jnp.bfloat16)
+        text = _lowered(x, w)
+        assert "mosaic_gpu" in text and "gather" not in text, name
+        monkeypatch.setattr(_mosaic, "_nested_in_kernel", False)
+        assert "gather" in _lowered(x, w), name  # the switch: XLA decodes it before the call
+        monkeypatch.setattr(_mosaic, "_nested_in_kernel", True)
+    for name, (w, x) in {
+        "codes' rows not 16-byte units (in 512)": (nf4((128, 512)), x_for(16, 512, jnp.bfloat16)),
+        "a program's columns not 16-byte units, and rows of 272 codes (in 17408)": (
+            nf4((64, 17408)),
+            x_for(16, 17408, jnp.bfloat16),
+        ),
+    }.items():
+        text = _lowered(x, w)
+        assert "mosaic_gpu" in text and "gather" in text, name
+    # what a program holds: its own columns of codes where they are whole 16-byte units, else whole rows
+    nested = _mosaic.Nested(jnp.zeros((64, 64), jnp.uint8), jnp.zeros(16), jnp.zeros(256), jnp.zeros(1), 256)
+    assert _mosaic._nested_copy(nested, 64, 16, smem=0) == "own"
+    assert _mosaic._nested_copy(nested, 64, 8, smem=0) == "rows"
+    assert _mosaic._nested_copy(nested, 64, 8, smem=_mosaic._SMEM_LIMIT) is None
+    assert _mosaic._nested_copy(nested._replace(nested_blocksize=128), 64, 16, smem=0) == "own"
+    assert _mosaic._nested_copy(nested._replace(nested_blocksize=48), 64, 16, smem=0) is None  # 64 x 64 codes
+
+
 @pytest.mark.parametrize("span", [64, 128])
 def test_x_ordered_for_the_nibbles(span):
     """Each ``span`` columns of x reach the 4-bit kernel evens first (they meet the high nibbles), then odds,
@@ -1081,8 +1124,9 @@ def _on_hopper() -> bool:
 @pytest.mark.parametrize(
     "make",
     [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3),
+     lambda: nf4((1024, 4096), seed=4),
      lambda: fp8((256, 512), (2, 4)), lambda: fp8((128, 512), (128, 1)), lambda: fp8((4096, 4096), (32, 32), seed=3)],
-    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
+    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "nf4 1024x4096", "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
 )  # fmt: skip
 @pytest.mark.parametrize("products", [False, True], ids=["lookup", "product tables"])
 def test_on_a_hopper_gpu(make, products, monkeypatch):
@@ -1119,7 +1163,12 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
         cols[:4] = [0, 1, 63 % k, k - 1]  # both nibbles, a block's last column, the row's last
         onehot = jax.device_put(jnp.asarray(np.eye(k, dtype=np.float32)[cols], jnp.bfloat16), gpu)
         got = np.asarray(jax.jit(lambda x, w: matmul(x, w))(onehot, w), np.float32)
-        if getattr(w, "nested_absmax", None) is None:  # equal values: a -0.0 element sums to +0.0
+        # a nested absmax the kernel decodes itself (in 4096: whole 16-byte units of codes, its own columns
+        # at 4096 rows, whole rows at 1024) rounds twice, as the eager decode does
+        by_kernel = getattr(w, "nested_absmax", None) is not None and k % 1024 == 0
+        if (
+            getattr(w, "nested_absmax", None) is None or by_kernel
+        ):  # equal values: a -0.0 element sums to +0.0
             np.testing.assert_array_equal(got, dense[:, cols].T)
         else:  # a jitted nested absmax may round once where the eager decode rounds twice: one bf16 step
             np.testing.assert_allclose(got, dense[:, cols].T, rtol=2**-8, atol=0)
