@@ -333,13 +333,14 @@ def _nested_copy(nested: Nested, kb: int, width: int, smem: int) -> str | None:
     return copy if copy and kn % 4 == 0 and kn <= 256 and smem + held <= _SMEM_LIMIT else None
 
 
-def _decoded_t(nested: Nested, n: int, kb: int) -> jax.Array:
-    """A nested absmax decoded by XLA (``decode_nested_absmax``), transposed: float32 ``[kb, n]``."""
+def _decoded_t(nested: Nested, n: int, k: int) -> jax.Array:
+    """A nested absmax of a weight ``[n, k]`` decoded by XLA (``decode_nested_absmax``), transposed: float32
+    ``[k / 64, n]``."""
     codes = nested.codes.reshape(-1)
     absmax = decode_nested_absmax(
         codes, nested.nested_absmax, nested.nested_code, nested.nested_blocksize, nested.offset.reshape(())
     )
-    return absmax.reshape(n, kb).T
+    return absmax.reshape(n, k // 64).T
 
 
 def _absmax_filler(width: int, *, kb: int, nested_blocksize: int) -> Any:
@@ -448,12 +449,13 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
             f"the kernel cannot read a block-scale grid of {getattr(scales_t, 'shape', None)} ({scale_rows} rows "
             "a block)"
         )
+    kb = kw // fmt.cols  # blocks per row
     if nested is not None:
-        copy = _nested_copy(nested, kw // fmt.cols, width, smem=_smem_bytes(fmt, w, rows, stages))
+        copy = _nested_copy(nested, kb, width, smem=_smem_bytes(fmt, w, rows, stages))
         if copy is None:  # decoded by XLA first
-            scales_t, nested = _decoded_t(nested, n, kw // fmt.cols), None
+            scales_t, nested = _decoded_t(nested, n, 64 * kb), None
         else:
-            fill = _absmax_filler(width, kb=kw // fmt.cols, nested_blocksize=nested.nested_blocksize)
+            fill = _absmax_filler(width, kb=kb, nested_blocksize=nested.nested_blocksize)
 
     def step(idx: Any, w_smem: Any, *refs: Any) -> Any:
         if scale_rows is None and nested is None:
@@ -490,7 +492,6 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
         elif nested is not None:  # this program's absmax codes, nested absmax and table; decoded here once
             held, codes, nested_s, table = (held_refs[k] for k in ("absmax", "codes", "nested", "table"))
             nested_absmax, nested_code, offset = nested_gmem
-            kb = kw // fmt.cols  # blocks per row
             # whole rows of codes, or the program's own columns: the program's first block among those copied
             first, cols = (j * width, pl.ds(0, kb)) if copy == "rows" else (0, pl.ds(j * width, width))
             kn = _TILE * kb // nested.nested_blocksize  # the tile's nested absmax
@@ -532,7 +533,6 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
     if scale_rows is not None:
         scratch.update(row_scales=plgpu.SMEM((1, width), jnp.float32), got=plgpu.Barrier(num_arrivals=1))
     elif nested is not None:
-        kb = kw // fmt.cols
         scratch.update(
             codes=plgpu.SMEM((_TILE, kb if copy == "rows" else width), jnp.uint8),
             nested=plgpu.SMEM((_TILE * kb // nested.nested_blocksize,), jnp.float32),
@@ -621,25 +621,14 @@ def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | 
                            stages=stages or _STAGES[xt.shape[1]], scale_rows=scale_rows)  # fmt: skip
 
 
-def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
-    """A 4-bit weight's packed bytes ``[n, k / 2]`` and its decoded absmax, float32 ``[k / 64, n]``."""
+def _stored(w: NF4Weight) -> tuple[jax.Array, jax.Array | Nested]:
+    """A 4-bit weight's packed bytes ``[n, k / 2]`` and its absmax as stored: float32 transposed to
+    ``[k / 64, n]``, or :class:`Nested`."""
     n, k = w.shape
     flat, _ = _packed_bytes(w.packed)  # quant_storage wider than a byte: its bytes
-    if w.nested_absmax is not None and w.nested_code is not None:
-        absmax = decode_nested_absmax(w.absmax, w.nested_absmax, w.nested_code, w.nested_blocksize, w.offset)
-    else:
-        absmax = w.absmax
-    return flat[: n * k // 2].reshape(n, k // 2), absmax.reshape(n, k // 64).T
-
-
-def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
-    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`: a
-    nested absmax handed over as stored, for the kernel to decode where it can."""
+    q = flat[: n * k // 2].reshape(n, k // 2)
     if w.nested_absmax is None or w.nested_code is None:
-        q, absmax_t = pieces(w)
-        return kernel(x2, q, absmax_t, table=standard_code(w.quant_type))
-    n, k = w.shape
-    flat, _ = _packed_bytes(w.packed)
+        return q, w.absmax.reshape(n, k // 64).T
     nested = Nested(
         codes=w.absmax.reshape(n, k // 64),
         nested_absmax=w.nested_absmax.reshape(-1),
@@ -647,7 +636,19 @@ def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
         offset=jnp.asarray(w.offset, jnp.float32).reshape(1),
         nested_blocksize=w.nested_blocksize,
     )
-    return kernel(x2, flat[: n * k // 2].reshape(n, k // 2), nested, table=standard_code(w.quant_type))
+    return q, nested
+
+
+def pieces(w: NF4Weight) -> tuple[jax.Array, jax.Array]:
+    """A 4-bit weight's packed bytes ``[n, k / 2]`` and its decoded absmax, float32 ``[k / 64, n]``."""
+    q, absmax = _stored(w)
+    return q, _decoded_t(absmax, *w.shape) if isinstance(absmax, Nested) else absmax
+
+
+def nf4_matmul(x2: jax.Array, w: NF4Weight) -> jax.Array:
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`kernel`, for calls :func:`takes`: a
+    nested absmax handed over as stored, for the kernel to decode where it can."""
+    return kernel(x2, *_stored(w), table=standard_code(w.quant_type))
 
 
 def fp8_scales_t(w: FP8Weight) -> jax.Array:
