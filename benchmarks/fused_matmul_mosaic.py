@@ -72,10 +72,12 @@ def reference(x, q, absmax_t, table=NF4):
 
 
 def mosaic(decode: str):
-    """``fn(x, w)`` for ``fused_matmul.time_per_matmul``: the absmax decode included in the time."""
+    """``fn(x, w)`` for ``fused_matmul.time_per_matmul``: the absmax decode included in the time (a nested
+    absmax handed over as stored: decoded by the kernel, or by XLA first under ``--variants
+    _nested_in_kernel=0``)."""
 
     def fn(x, w):
-        q, a = _mosaic.pieces(w)
+        q, a = _mosaic._stored(w)
         other = None if decode in ("prmt", "products") else decoder(decode, x.dtype)
         before, _mosaic._products = _mosaic._products, decode == "products"  # read when the kernel is traced
         try:
