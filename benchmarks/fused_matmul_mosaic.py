@@ -97,11 +97,47 @@ def triton(x, w):
         _mosaic._force = None
 
 
+def settings() -> list[str]:
+    """The settings of ``jax_side._mosaic`` a variant may change: its module-level integers and switches."""
+    return sorted(n for n, v in vars(_mosaic).items() if isinstance(v, int) and not n.startswith("__"))
+
+
+def parse_variant(spec: str) -> list[tuple[str, int]]:
+    """``"NAME=INT,..."`` as ``[(NAME, INT), ...]`` (``""``: none).
+
+    Raises:
+        ValueError: a part without ``=``, a name that is not one of :func:`settings`, a value not an integer.
+    """
+    pairs = []
+    for part in (p for p in spec.split(",") if p):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"each setting is NAME=INT, got {part!r}")
+        if name not in settings():
+            raise ValueError(
+                f"jax_side._mosaic has no setting {name!r}; its settings: {', '.join(settings())}"
+            )
+        try:
+            pairs.append((name, int(value)))
+        except ValueError:
+            raise ValueError(f"{name} takes an integer, got {value!r}") from None
+    return pairs
+
+
+def check_variants(parser: argparse.ArgumentParser, specs: list[str]) -> None:
+    """Refuses (``parser.error``) a ``--variants`` entry :func:`parse_variant` refuses, before any work."""
+    for spec in specs:
+        try:
+            parse_variant(spec)
+        except ValueError as e:
+            parser.error(f"--variants {spec!r}: {e}")
+
+
 @contextlib.contextmanager
 def variant(spec: str):
     """``jax_side._mosaic``'s settings ``NAME=INT,...`` while a kernel is traced (and checked), then restored."""
-    pairs = [(name, int(value)) for name, value in (p.split("=") for p in spec.split(",") if p)]
-    before = {name: getattr(_mosaic, name) for name, _ in pairs}  # AttributeError: no such setting
+    pairs = parse_variant(spec)
+    before = {name: getattr(_mosaic, name) for name, _ in pairs}
     for name, value in pairs:
         setattr(_mosaic, name, value)
     try:
@@ -112,11 +148,15 @@ def variant(spec: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16], help="1 to 128")
-    parser.add_argument("--decodes", nargs="+", default=["prmt", "products", "select", "none"])
-    parser.add_argument("--formats", nargs="+", default=["NF4", "FP8"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="write the rows here as JSON")
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[16], help="rows of x, 1 to 128 (default 16)"
+    )
+    parser.add_argument("--decodes", nargs="+", default=["prmt", "products", "select", "none"],
+                        choices=["prmt", "products", "select", "none"],
+                        help="NF4 decodes of the nibbles to time (default all; select and none up to 32 rows)")  # fmt: skip
+    parser.add_argument("--formats", nargs="+", default=["NF4", "FP8"], choices=["NF4", "FP8"])
     parser.add_argument("--parts", action="store_true",
                         help="NF4: also time the kernel (product tables) on an absmax decoded to float32 before the loop, "
                              "as if a kept weight held it so: a call without its nested-absmax decode")  # fmt: skip
@@ -124,8 +164,14 @@ def main() -> None:
                         help="settings of jax_side._mosaic to time the kernel under, each a comma-separated list "
                              "of NAME=INT (e.g. _BLOCKS=8,_FP8_BLOCKS=4); '' is the module as it is")  # fmt: skip
     args = parser.parse_args()
-    if _mosaic._unavailable() is not None or not _mosaic._hopper():
-        raise SystemExit(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
+    if bad := [t for t in args.tokens if not 1 <= t <= 128]:
+        parser.error(f"--tokens: 1 to 128 rows of x, got {bad}")
+    check_variants(parser, args.variants)
+    if (why := _mosaic._unavailable()) is not None:
+        raise SystemExit(f"fused_matmul_mosaic.py: {why}")
+    if not _mosaic._hopper():
+        raise SystemExit("fused_matmul_mosaic.py needs a Hopper GPU (compute capability 9.x); this process has "
+                         f"{[d.device_kind for d in jax.devices()]}")  # fmt: skip
     rng = np.random.default_rng(0)
     for n, k, t in [(4096, 4096, 16), (192, 768, 3)]:
         w = fm.nf4_weight(rng, n, k)

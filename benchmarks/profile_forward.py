@@ -41,7 +41,7 @@ import time
 
 import jax
 import torch
-from fused_matmul_mosaic import variant
+from fused_matmul_mosaic import check_variants, variant
 from keep_quantized import _forward, _ids, check_also_rows, latency_ms, load_model, write_checkpoint
 
 from jax_side import _mosaic
@@ -121,7 +121,7 @@ def profile(run, calls: int, waited: bool = False) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--layers", type=int, default=2, help="decoder layers of Llama-3-8B's shapes (default 2)"
     )
@@ -164,12 +164,14 @@ def main() -> None:
         options = {opts: compiler_options(opts) for opts in args.options}
     except ValueError as e:
         parser.error(f"--options: {e}")
-    for spec in args.variants:  # a misspelt setting would fail only after the checkpoints are written
-        try:
-            with variant(spec):
-                pass
-        except (ValueError, AttributeError) as e:
-            parser.error(f"--variants {spec!r}: {e}")
+    check_variants(
+        parser, args.variants
+    )  # a misspelt setting would fail only after the checkpoints are written
+    if not torch.cuda.is_available() or jax.devices()[0].platform != "gpu":
+        raise SystemExit(
+            "profile_forward.py needs a CUDA GPU seen by torch and JAX (it reads the forwards' GPU kernels from "
+            f"JAX's profiler); this process has torch CUDA {torch.cuda.is_available()}, JAX {jax.devices()[0]}"
+        )
     limits = [max_rows] + ([args.also_rows] if args.also_rows else [])
     compiled: dict[tuple[str, int], tuple] = {}  # (model, tokens) -> (compiled forward, state, ids)
     tmp = tempfile.TemporaryDirectory(dir=".")
