@@ -158,6 +158,8 @@ def main() -> None:
     for name in ("layers", "calls", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if bad := [t for t in args.tokens if t < 1]:
+        parser.error(f"--tokens: at least 1 token per forward, got {bad}")
     max_rows = _mosaic.MAX_ROWS
     check_also_rows(parser, args.also_rows)
     try:

@@ -431,6 +431,8 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
             and whole(split * 2)
         ):
             split *= 2
+        if scale_rows is not None:  # a program's grid scales: at most 256 (a TMA copy's side)
+            split = max(split, _grid_split(steps, fmt.blocks) or split)
     if steps % split:
         raise ValueError(f"split={split} does not divide the contraction's {steps} steps of {xb} elements")
     sp = steps // split  # steps per program
@@ -665,13 +667,27 @@ def fp8_scales_t(w: FP8Weight) -> jax.Array:
     return jnp.repeat(s, bi // 128, axis=1)[:, : k // 128].T
 
 
+def _grid_split(steps: int, blocks: int) -> int | None:
+    """The fewest programs (a power of 2) along a contraction of ``steps`` pipeline steps of ``blocks`` scales
+    whose share of a row of the scale grid one TMA copy takes (whole 16-byte units, at most 256), or None."""
+    split = 1
+    while steps % split == 0:
+        width = steps // split * blocks
+        if width % 4 == 0 and width <= 256:
+            return split
+        split *= 2
+    return None
+
+
 def grid_rows(w: FP8Weight) -> int | None:
     """The rows of ``w``'s scale blocks where :func:`fp8_kernel` reads its block-scale grid as stored (blocks of
-    128 columns spanning whole 64-row tiles, the grid's columns a multiple of 4), else None."""
+    128 columns spanning whole 64-row tiles, the contraction split so that each program copies at most 256
+    whole 16-byte units of a row of the grid), else None."""
     layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
     bo, bi = layout.block
     fits = layout.kind == "block" and bi == 128 and bo % _TILE == 0 and layout.grid[1] % 4 == 0
-    return bo if fits else None
+    steps = w.shape[1] // (128 * _FP8_BLOCKS)
+    return bo if fits and _grid_split(steps, _FP8_BLOCKS) is not None else None
 
 
 def fp8_matmul(x2: jax.Array, w: FP8Weight) -> jax.Array:

@@ -921,6 +921,23 @@ def test_fp8_block_scales_read_as_stored(hopper, monkeypatch):
     with pytest.raises(ValueError, match="cannot read a block-scale grid"):
         _mosaic.fp8_kernel(x_for(5, 768, jnp.bfloat16), jnp.zeros((128, 768), jnp.float8_e4m3fn),
                            jnp.ones((1, 6), jnp.float32), scale_rows=128)  # fmt: skip
+    # rows of the grid longer than one TMA copy takes (256 scales): the contraction is split until a program's
+    # share fits, e.g. Llama-3.1-405B's down_proj (416 scales a row; enough tiles to fill the GPU unsplit)
+    monkeypatch.setattr(_mosaic, "_grid_scales", True)
+    wide = jax.eval_shape(
+        lambda: jax_side.FP8Weight(
+            jnp.zeros((16384, 53248), jnp.float8_e4m3fn), jnp.ones((128, 416)), block=(128, 128)
+        )
+    )
+    assert _mosaic.grid_rows(wide) == 128
+    text = _lowered(jax.ShapeDtypeStruct((16, 53248), jnp.bfloat16), wide)
+    assert "mosaic_gpu" in text and "tensor<2x16384x16xf32>" in text  # two parts of 208 scales
+    # no split gives whole 16-byte units of at most 256 scales (258 steps: 516, then 258 a program): laid out
+    odd = jax.eval_shape(
+        lambda: jax_side.FP8Weight(jnp.zeros((64, 66048), jnp.float8_e4m3fn), jnp.ones((1, 516)))
+    )
+    assert _mosaic.grid_rows(odd) is None
+    assert "mosaic_gpu" in _lowered(jax.ShapeDtypeStruct((16, 66048), jnp.bfloat16), odd)
 
 
 @pytest.mark.parametrize("layout", ["block 128", "per-row", "per-tensor", "block 64x256", "partial blocks"])
