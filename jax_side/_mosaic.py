@@ -403,8 +403,9 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
 
     With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
     ``[ceil(n / scale_rows), kw / cols]``: each program copies the part of its row its steps use into shared
-    memory once (a multiple of 4 scales: the contraction is split no further than that allows), and
-    ``decode`` gets each block's scale as a scalar.
+    memory once (a multiple of 4 scales and at most 256, one TMA copy: the contraction is split no further
+    than the first allows and at least as far as the second needs), and ``decode`` gets each block's scale
+    as a scalar.
 
     With ``nested`` (``scales_t`` None), each program copies its absmax codes, the tile's nested absmax and
     their table into shared memory and decodes its absmax there once (:func:`_absmax_filler`), where
