@@ -805,14 +805,18 @@ def test_the_interpreter_notices_a_changed_instruction():
     assert run_ptx(ptx, 4, [0x0001]) != [int(v) for v in standard_code("nf4")[[1, 0, 0, 0]].view(np.uint32)]
 
 
-def _kernels(x, w) -> set[str]:
+def _lowered(x, w) -> str:
     # a function of its own each time: the module's switches are read when a call is traced
-    text = (
+    return (
         jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
         .trace(x, w)
         .lower(lowering_platforms=("cuda",))
         .as_text()
     )
+
+
+def _kernels(x, w) -> set[str]:
+    text = _lowered(x, w)
     return {
         name for name, key in (("mosaic", "mosaic_gpu"), ("triton", "__gpu$xla.gpu.triton")) if key in text
     }
@@ -897,12 +901,7 @@ def test_fp8_block_scales_read_as_stored(hopper, monkeypatch):
         assert _mosaic.grid_rows(w) == rows, name
         for grid in (True, False):
             monkeypatch.setattr(_mosaic, "_grid_scales", grid)
-            text = (
-                jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
-                .trace(x_for(5, k, jnp.bfloat16), w)
-                .lower(lowering_platforms=("cuda",))
-                .as_text()
-            )
+            text = _lowered(x_for(5, k, jnp.bfloat16), w)
             assert "mosaic_gpu" in text, name
             assert (f"tensor<{k // 128}x{n}xf32>" in text) != grid, (name, grid)  # the per-row layout
     for name, w in laid_out.items():
@@ -956,15 +955,6 @@ def test_fp8_scales_per_row_and_128_columns_equal_the_decode(layout):
     for dt in w.roundings:  # then the weight's roundings, as the kernel rounds to x's dtype
         got = got.astype(dt)
     assert_same_bits(got.astype(np.float32), np.asarray(w.dequantize(dtype=jnp.float32)))
-
-
-def _lowered(x, w) -> str:
-    return (
-        jax.jit(lambda x, w: jax_side.quantized_matmul(x, w))
-        .trace(x, w)
-        .lower(lowering_platforms=("cuda",))
-        .as_text()
-    )
 
 
 def test_nested_absmax_decoded_by_the_kernel_where_it_can(hopper, monkeypatch):
