@@ -63,6 +63,7 @@ _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
 _SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
+_TMA_SIDE = 256  # the most elements along each side of one TMA copy
 _force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
 
 
@@ -328,9 +329,9 @@ def _nested_copy(nested: Nested, kb: int, width: int, smem: int) -> str | None:
     if not _nested_in_kernel or nested.nested_code.shape != (256,) or kb % 16 or _TILE * kb % nb:
         return None
     kn = _TILE * kb // nb  # nested absmax per tile
-    copy = "own" if width % 16 == 0 and width <= 256 else "rows" if kb <= 256 else None
+    copy = "own" if width % 16 == 0 and width <= _TMA_SIDE else "rows" if kb <= _TMA_SIDE else None
     held = _TILE * (width if copy == "own" else kb) + 4 * kn + 4 * 256 + 4 * _TILE * width
-    return copy if copy and kn % 4 == 0 and kn <= 256 and smem + held <= _SMEM_LIMIT else None
+    return copy if copy and kn % 4 == 0 and kn <= _TMA_SIDE and smem + held <= _SMEM_LIMIT else None
 
 
 def _decoded_t(nested: Nested, n: int, k: int) -> jax.Array:
@@ -447,7 +448,7 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
     o_tr = transforms(rows * 4, 4, "out")
 
     width = sp * fmt.blocks  # a program's blocks (scales) per row
-    if scale_rows is not None and (scale_rows % _TILE or not whole(split) or width > 256):
+    if scale_rows is not None and (scale_rows % _TILE or not whole(split) or width > _TMA_SIDE):
         raise ValueError(
             f"the kernel cannot read a block-scale grid of {getattr(scales_t, 'shape', None)} ({scale_rows} rows "
             "a block)"
@@ -674,7 +675,7 @@ def _grid_split(steps: int, blocks: int) -> int | None:
     split = 1
     while steps % split == 0:
         width = steps // split * blocks
-        if width % 4 == 0 and width <= 256:
+        if width % 4 == 0 and width <= _TMA_SIDE:
             return split
         split *= 2
     return None
