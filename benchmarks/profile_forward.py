@@ -189,8 +189,8 @@ def main() -> None:
                 name = f"kept {fmt.upper()}" if kept else "dense"
                 name += f", up to {limit} rows" if kept and limit != max_rows else ""
                 name += f" {{{spec}}}" if spec else ""
-                _mosaic.MAX_ROWS = limit
-                with variant(spec):  # jax_side._mosaic's settings while the model is traced
+                # jax_side._mosaic's settings while the model is traced
+                with variant(f"MAX_ROWS={limit}"), variant(spec):
                     for opts, parsed in options.items():
                         for tokens in args.tokens:
                             ids = _ids(tokens)
@@ -203,7 +203,6 @@ def main() -> None:
                                 pathlib.Path(args.dump, file).write_text(fn.as_text())
                                 with open(pathlib.Path(args.dump, "index.txt"), "a") as index:
                                     index.write(f"{file}\t{key}, {tokens} tokens\n")
-                _mosaic.MAX_ROWS = max_rows
             print(f"{fmt} kept={kept}: compiled", flush=True)
     tmp.cleanup()
     results: dict[str, dict] = {}
