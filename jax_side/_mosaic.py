@@ -17,7 +17,8 @@ each block of a row is decoded in registers and multiplied on the tensor cores w
   (``in`` not a multiple of 1024, say) or do not fit beside the pipeline, XLA decodes it before the call.
 - FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order).
   Block scales of 128 columns whose blocks span whole 64-row tiles (DeepSeek-V3's 128x128) are read as
-  stored: each program copies the part of its row of the grid it needs once. Other layouts are laid out
+  stored: each program copies the part of its row of the grid it needs once, and waits for it at its
+  pipeline's first step, while the pipeline's first copies of W and x are on their way. Other layouts are laid out
   by XLA before the call as each row's scale per 128 columns (1/128 of the weight's elements).
 
 Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul_mosaic.py``,
@@ -41,6 +42,7 @@ per-row or block scales whose blocks span a multiple of 128 columns. Others go t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -312,6 +314,10 @@ class Nested(NamedTuple):
 
 
 _nested_in_kernel = True  # False: a nested absmax decoded by XLA before every call (benchmarks time both)
+# True: a program waits for its row of an FP8 scale grid at its pipeline's first step, after the pipeline has
+# issued its first copies of W and x; False: before the pipeline. (A nested absmax's wait and decode stay
+# before the pipeline: at its first step they cost 3 % more kernel time at 16 tokens on an H200; RESULTS.md.)
+_grid_wait_in_loop = True
 _SMEM_LIMIT = 200 * 1024  # shared memory a program may take with a nested absmax held (H100/H200: 227 KiB)
 
 
@@ -405,8 +411,8 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
     With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
     ``[ceil(n / scale_rows), kw / cols]``: each program copies the part of its row its steps use into shared
     memory once (a multiple of 4 scales and at most 256, one TMA copy: the contraction is split no further
-    than the first allows and at least as far as the second needs), and ``decode`` gets each block's scale
-    as a scalar.
+    than the first allows and at least as far as the second needs), waited for at the pipeline's first step
+    (``_grid_wait_in_loop``), and ``decode`` gets each block's scale as a scalar.
 
     With ``nested`` (``scales_t`` None), each program copies its absmax codes, the tile's nested absmax and
     their table into shared memory and decodes its absmax there once (:func:`_absmax_filler`), where
@@ -487,12 +493,16 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
         i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
         wrows = pl.ds(i * _TILE, _TILE)
         s_spec, s_in, held = [], [], None
+        ready: Callable[[], None] | None = None  # the wait for the program's grid scales, at the first step
         if scale_rows is not None:  # this program's row of the grid, the columns of its steps
             held = held_refs["row_scales"]
             plgpu.copy_gmem_to_smem(
                 s_gmem.at[pl.ds(i * _TILE // scale_rows, 1), pl.ds(j * width, width)], held, held_refs["got"]
             )
-            plgpu.barrier_wait(held_refs["got"])
+            if _grid_wait_in_loop:
+                ready = functools.partial(plgpu.barrier_wait, held_refs["got"])
+            else:
+                plgpu.barrier_wait(held_refs["got"])
         elif nested is not None:  # this program's absmax codes, nested absmax and table; decoded here once
             held, codes, nested_s, table = (held_refs[k] for k in ("absmax", "codes", "nested", "table"))
             nested_absmax, nested_code, offset = nested_gmem
@@ -509,9 +519,14 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
             s_spec = [plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0))]
             s_in = [s_gmem.at[pl.ds(j * width, width), wrows]]
 
+        def held_step(idx: Any, *refs: Any) -> Any:
+            if ready is not None:  # the first step: the pipeline's first copies are on their way
+                pl.when(idx[0] == 0)(ready)
+            return step(idx, *refs[:-1], held, refs[-1])
+
         def scoped(acc: Any) -> None:
             plgpu.emit_pipeline(
-                step if held is None else lambda idx, *refs: step(idx, *refs[:-1], held, refs[-1]),
+                step if held is None else held_step,
                 grid=(sp,),
                 in_specs=[
                     plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),

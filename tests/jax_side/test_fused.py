@@ -991,6 +991,46 @@ def test_nested_absmax_decoded_by_the_kernel_where_it_can(hopper, monkeypatch):
     assert _mosaic._nested_copy(nested._replace(nested_blocksize=48), 64, 16, smem=0) is None  # 64 x 64 codes
 
 
+def _kernel_ops(x, w) -> list[tuple[tuple[str, ...], str]]:
+    """The kernel's operations with the operations that enclose each (``scan`` is the pipeline's loop,
+    ``cond`` a ``pl.when``), from the traced program."""
+    found: list[tuple[tuple[str, ...], str]] = []
+
+    def walk(jaxpr, path):
+        for eqn in jaxpr.eqns:
+            found.append((path, eqn.primitive.name))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub, (*path, eqn.primitive.name))
+
+    walk(jax.make_jaxpr(lambda x, w: jax_side.quantized_matmul(x, w))(x, w).jaxpr, ())
+    kernel = next(i for i, (_, name) in enumerate(found) if name == "mpmd_map" or name == "pallas_call")
+    depth = len(found[kernel + 1][0])  # the kernel body's own level
+    return [(path[depth:], name) for path, name in found[kernel + 1 :] if len(path) >= depth]
+
+
+def test_grid_scales_are_waited_for_inside_the_pipeline(hopper, monkeypatch):
+    """A program's row of an FP8 scale grid is waited for at the pipeline's first step, after the pipeline
+    has issued its first copies of W and x (``_grid_wait_in_loop = False``: before the pipeline); a nested
+    absmax's three copies are waited for, and decoded, before the pipeline either way."""
+    x = x_for(16, 1024, jnp.bfloat16)
+    for in_loop in (True, False):
+        monkeypatch.setattr(_mosaic, "_grid_wait_in_loop", in_loop)
+        for w, held, moves in (
+            (fp8((256, 1024), (2, 8)), ["barrier_wait"], True),
+            (nf4((128, 1024), seed=3), ["barrier_wait"] * 3 + ["inline_mgpu_p"], False),
+        ):
+            waits = [
+                (path, name) for path, name in _kernel_ops(x, w) if name in ("barrier_wait", "inline_mgpu_p")
+            ]
+            at_first_step = [name for path, name in waits if path[-2:] == ("scan", "cond")]
+            before_loop = [name for path, name in waits if "scan" not in path]
+            want = (held, []) if in_loop and moves else ([], held)
+            assert (at_first_step, before_loop) == want, (in_loop, held)
+
+
 @pytest.mark.parametrize("span", [64, 128])
 def test_x_ordered_for_the_nibbles(span):
     """Each ``span`` columns of x reach the 4-bit kernel evens first (they meet the high nibbles), then odds,
