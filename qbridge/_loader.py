@@ -34,7 +34,7 @@ import torch
 import jax_side
 from jax_side._tree import kind_override, warn_unmatched
 
-from . import _staging
+from . import _gc, _staging
 from ._checkpoint import Checkpoint, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
@@ -318,7 +318,7 @@ def load_checkpoint(
         # pinned memory for the weights read ahead (READ_AHEAD_BYTES) and for those waiting for their groups
         # (as many): made once per process, in the background, while the checkpoint is opened
         _staging.prepare(2 * READ_AHEAD_BYTES)
-    with open_checkpoint(path) as ckpt:
+    with _gc.older_generations_deferred(), open_checkpoint(path) as ckpt:
         t, plan, match, skipped = plan_load(
             ckpt, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict
         )
