@@ -545,6 +545,8 @@ def _one_row_batchable(interpret: bool) -> Any:
 
     @jax.custom_batching.custom_vmap
     def one_row(x: jax.Array, w: Any, code: Any) -> jax.Array:
+        if not interpret and _mosaic.takes(x, w):  # one row through the Mosaic kernel: see _mosaic._one_row
+            return _mosaic.matmul(x, w)
         return _one_row(x, w, code)
 
     @one_row.def_vmap
@@ -595,7 +597,7 @@ def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     if x2.shape[0] == 1 and x2.dtype in OUT_DTYPES and _one_row_in_xla:  # others: the kernel, as before
         return _one_row_batchable(interpret)(x2, w, _code(w))
     if not interpret and _mosaic.takes(x2, w):  # 2-128 rows of x on Hopper: faster (see jax_side._mosaic)
-        return _mosaic.nf4_matmul(x2, w) if isinstance(w, NF4Weight) else _mosaic.fp8_matmul(x2, w)
+        return _mosaic.matmul(x2, w)
     reason = _kernel_unavailable()
     if reason is not None:
         if interpret:

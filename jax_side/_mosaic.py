@@ -32,7 +32,7 @@ x), and a nested absmax that XLA decodes inside a jit may round once where the e
 ahead of time on a Hopper host (``jax.export``) carries the kernel.
 
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
-Pallas' Mosaic GPU lowering, 2 to ``MAX_ROWS`` (128) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
+Pallas' Mosaic GPU lowering, 2 (1 with ``_one_row``) to ``MAX_ROWS`` (128) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
 multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
 outside ``jax.shard_map``'s varying axes; 4-bit weights with blocksize 64 and the standard NF4/FP4 table
 (``code`` None: the table is compiled into the kernel), FP8 weights in float8_e4m3fn with per-tensor,
@@ -67,6 +67,8 @@ _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
 _SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
 _TMA_SIDE = 256  # the most elements along each side of one TMA copy
 _force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
+# True: one row of x comes here too (padded to 16 rows), not to XLA's one-row reduction (jax_side._fused)
+_one_row = False
 
 
 @functools.cache
@@ -118,7 +120,7 @@ def takes(x2: jax.Array, w: Any) -> bool:
         step = 128 * _FP8_BLOCKS
     return (
         fits
-        and 2 <= m <= MAX_ROWS
+        and (1 if _one_row else 2) <= m <= MAX_ROWS
         and x2.dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and n % _TILE == 0
         and k % step == 0
@@ -716,3 +718,9 @@ def fp8_matmul(x2: jax.Array, w: FP8Weight) -> jax.Array:
         grid = w.scale_inv.astype(jnp.float32).reshape(layout.grid)
         return fp8_kernel(x2, w.weight, grid, scale_rows=rows)
     return fp8_kernel(x2, w.weight, fp8_scales_t(w))
+
+
+def matmul(x2: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
+    """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`nf4_matmul` or :func:`fp8_matmul`, for
+    calls :func:`takes`."""
+    return nf4_matmul(x2, w) if isinstance(w, NF4Weight) else fp8_matmul(x2, w)

@@ -1011,6 +1011,18 @@ def _kernel_ops(x, w) -> list[tuple[tuple[str, ...], str]]:
     return [(path[depth:], name) for path, name in found[kernel + 1 :] if len(path) >= depth]
 
 
+def test_one_row_through_the_kernel_where_switched_on(hopper, monkeypatch):
+    """One row of x goes to XLA's one-row reduction, or, with ``_mosaic._one_row``, to the Mosaic kernel
+    (padded to 16 rows); ``jax.vmap`` over single rows hands the kernel the batch's rows together either way."""
+    xb = x_for(3, 1024, jnp.bfloat16).reshape(3, 1, 1024)
+    for w in (nf4((128, 1024), seed=1), fp8((256, 1024), (2, 8))):
+        for one in (False, True):
+            monkeypatch.setattr(_mosaic, "_one_row", one)
+            assert ("mosaic_gpu" in _lowered(xb[0], w)) == one, (type(w).__name__, one)
+            vmapped = jax.jit(jax.vmap(lambda x, w: jax_side.quantized_matmul(x, w), in_axes=(0, None)))
+            assert "mosaic_gpu" in vmapped.trace(xb, w).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_grid_scales_are_waited_for_inside_the_pipeline(hopper, monkeypatch):
     """A program's row of an FP8 scale grid is waited for at the pipeline's first step, after the pipeline
     has issued its first copies of W and x (``_grid_wait_in_loop = False``: before the pipeline); a nested
@@ -1187,6 +1199,7 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
     w = jax.device_put(w, gpu)
     # each call a function of its own: the module's switches are read when a call is traced
     for m, dtype in (
+        (1, jnp.bfloat16),  # through the kernel where _mosaic._one_row is on, else XLA's one-row reduction
         (2, jnp.bfloat16),
         (5, jnp.float16),
         (16, jnp.bfloat16),
@@ -1197,7 +1210,7 @@ def test_on_a_hopper_gpu(make, products, monkeypatch):
         x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
         weight = dataclasses.replace(w, dtype=jnp.dtype(dtype).name)  # decoding to x's dtype: rounded once
         lowered = jax.jit(lambda x, w: jax_side.quantized_matmul(x, w)).lower(x, weight)
-        assert "mosaic_gpu" in lowered.as_text(), m
+        assert ("mosaic_gpu" in lowered.as_text()) == (m > 1 or _mosaic._one_row), m
         assert_close(lowered.compile()(x, weight), x, weight)
     matmul = _mosaic.nf4_matmul if isinstance(w, jax_side.NF4Weight) else _mosaic.fp8_matmul
     k = w.shape[1]
