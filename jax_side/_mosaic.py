@@ -18,8 +18,8 @@ each block of a row is decoded in registers and multiplied on the tensor cores w
 - FP8 (float8_e4m3fn): ``round(float32(w) * scale)`` in x's dtype (``jax_side.dequantize_fp8``'s order).
   Block scales of 128 columns whose blocks span whole 64-row tiles (DeepSeek-V3's 128x128) are read as
   stored: each program copies the part of its row of the grid it needs once, and waits for it at its
-  pipeline's first step, while the pipeline's first copies of W and x are on their way. Other layouts are laid out
-  by XLA before the call as each row's scale per 128 columns (1/128 of the weight's elements).
+  pipeline's first step, while the pipeline's first copies of W and x are on their way. Other layouts are
+  laid out by XLA before the call as each row's scale per 128 columns (1/128 of the weight's elements).
 
 Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul_mosaic.py``,
 ``benchmarks/RESULTS.md``): the 4-bit kernel takes 0.50-0.85x the time of the Pallas Triton kernel in
@@ -32,11 +32,12 @@ x), and a nested absmax that XLA decodes inside a jit may round once where the e
 ahead of time on a Hopper host (``jax.export``) carries the kernel.
 
 Which calls it takes (:func:`takes`): Hopper GPUs (compute capability 9.x: the warpgroup MMA), a JAX with
-Pallas' Mosaic GPU lowering, 2 (1 with ``_one_row``) to ``MAX_ROWS`` (128) rows of bfloat16 or float16 x, weights ``[out, in]`` with ``out`` a
-multiple of 64 and ``in`` a multiple of 256, rounded once (``roundings`` of x's dtype or float32 only),
-outside ``jax.shard_map``'s varying axes; 4-bit weights with blocksize 64 and the standard NF4/FP4 table
-(``code`` None: the table is compiled into the kernel), FP8 weights in float8_e4m3fn with per-tensor,
-per-row or block scales whose blocks span a multiple of 128 columns. Others go to ``_fused``'s Triton kernel.
+Pallas' Mosaic GPU lowering, 2 (1 with ``_one_row``) to ``MAX_ROWS`` (128) rows of bfloat16 or float16 x,
+weights ``[out, in]`` with ``out`` a multiple of 64 and ``in`` a multiple of 256, rounded once
+(``roundings`` of x's dtype or float32 only), outside ``jax.shard_map``'s varying axes; 4-bit weights with
+blocksize 64 and the standard NF4/FP4 table (``code`` None: the table is compiled into the kernel), FP8
+weights in float8_e4m3fn with per-tensor, per-row or block scales whose blocks span a multiple of 128
+columns. Others go to ``_fused``'s Triton kernel.
 """
 
 from __future__ import annotations
