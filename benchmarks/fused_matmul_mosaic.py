@@ -106,7 +106,8 @@ def parse_variant(spec: str) -> list[tuple[str, int]]:
     """``"NAME=INT,..."`` as ``[(NAME, INT), ...]`` (``""``: none).
 
     Raises:
-        ValueError: a part without ``=``, a name that is not one of :func:`settings`, a value not an integer.
+        ValueError: a part without ``=``, a name that is not one of :func:`settings`, a value not an integer,
+            a switch (a bool setting) given other than 0 or 1, a size (an int setting) below 1.
     """
     pairs = []
     for part in (p for p in spec.split(",") if p):
@@ -118,9 +119,14 @@ def parse_variant(spec: str) -> list[tuple[str, int]]:
                 f"jax_side._mosaic has no setting {name!r}; its settings: {', '.join(settings())}"
             )
         try:
-            pairs.append((name, int(value)))
+            number = int(value)
         except ValueError:
             raise ValueError(f"{name} takes an integer, got {value!r}") from None
+        if isinstance(getattr(_mosaic, name), bool) and number not in (0, 1):
+            raise ValueError(f"{name} is a switch: 0 or 1, got {number}")
+        if not isinstance(getattr(_mosaic, name), bool) and number < 1:
+            raise ValueError(f"{name} is a size: at least 1, got {number}")
+        pairs.append((name, number))
     return pairs
 
 

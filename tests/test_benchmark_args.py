@@ -1,0 +1,33 @@
+"""The GPU benchmarks refuse bad ``--variants`` before any work (a bad setting used to fail only after the
+weights were built, on the GPU machine's time)."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+fused_matmul_mosaic = pytest.importorskip("fused_matmul_mosaic")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("_one_row=2", "_one_row is a switch: 0 or 1, got 2"),
+        ("_TILE=0", "_TILE is a size: at least 1, got 0"),
+        ("MAX_ROWS=-4", "MAX_ROWS is a size: at least 1, got -4"),
+        ("_nope=1", "jax_side._mosaic has no setting '_nope'"),
+        ("_BLOCKS=x", "_BLOCKS takes an integer, got 'x'"),
+        ("_BLOCKS", "each setting is NAME=INT, got '_BLOCKS'"),
+    ],
+)
+def test_bad_variants_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        fused_matmul_mosaic.parse_variant(spec)
+
+
+def test_good_variants_parse():
+    assert fused_matmul_mosaic.parse_variant("") == []
+    assert fused_matmul_mosaic.parse_variant("_one_row=1,MAX_ROWS=32") == [("_one_row", 1), ("MAX_ROWS", 32)]
