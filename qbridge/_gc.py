@@ -1,22 +1,25 @@
 """Python's garbage collector during a load: its collections of the older generations deferred.
 
 Each collection of Python's oldest generation traverses every object the collector tracks in the process:
-the caller's own heap (torch, JAX and transformers imported: about 240,000 objects) and the load's entries,
-plan and results, which grow with the checkpoint. At DeepSeek-V3's tensor count (95,038 tensors, the tiny
-layout of ``benchmarks/loader_gc.py``) those collections took about 15 % of a whole load on a 2-core CPU
-machine (``benchmarks/RESULTS.md``). :func:`older_generations_deferred` raises the thresholds of the two
-older generations while a load runs; the youngest generation is collected at its usual pace, so short-lived
-reference cycles still go promptly.
+the caller's own heap (torch, JAX and qbridge imported: about 236,000 objects) and the load's entries, plan
+and results, which grow with the checkpoint. At about DeepSeek-V3's tensor count (95,038 tensors: its 61
+layers as MoE layers at tiny shapes, ``benchmarks/loader_gc.py``) those collections made a whole load on a
+2-core CPU machine measurably slower (``benchmarks/RESULTS.md``). :func:`older_generations_deferred` raises
+the thresholds of the two older generations while a load runs; the youngest generation is collected at its
+usual pace, so short-lived reference cycles still go promptly. It leaves the collector alone on Python 3.14
+and later, whose incremental collector gives the thresholds another meaning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 import threading
 from collections.abc import Iterator
 
 FACTOR = 10  # the older generations' thresholds are multiplied by this during a load (1: left alone)
+_INCREMENTAL = sys.version_info >= (3, 14)  # an incremental collector: the thresholds mean something else
 
 _lock = threading.Lock()
 _depth = 0  # loads running now, in any thread
@@ -30,6 +33,9 @@ def older_generations_deferred() -> Iterator[None]:
     :data:`FACTOR`; the caller's thresholds come back when the last of the loads running in any thread
     leaves (an exception included), unless the thresholds were changed meanwhile (that change is kept)."""
     global _depth, _saved, _raised
+    if _INCREMENTAL:
+        yield
+        return
     with _lock:
         if _depth == 0:
             _saved = gc.get_threshold()

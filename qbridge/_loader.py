@@ -228,6 +228,12 @@ def load_checkpoint(
 ) -> Any:
     """Loads a (quantized) PyTorch checkpoint as Flax parameters on a JAX device, or sharded over many.
 
+    While it runs (Python up to 3.13), Python's garbage collector collects its two older generations ten
+    times less often: their ``gc.set_threshold`` values are raised, and the caller's come back when the last
+    load running in any thread ends, an error included. At the tensor count of a model like DeepSeek-V3 those
+    collections, each walking every object of the process, made a load measurably slower
+    (``benchmarks/RESULTS.md``).
+
     Args:
         path: a checkpoint directory (``config.json`` + ``*.safetensors`` or ``model.safetensors.index.json``,
             or ``*.bin``/``*.pt``) or one file. Formats: bitsandbytes 4-bit (NF4/FP4, nested or not) and
@@ -283,9 +289,6 @@ def load_checkpoint(
         (the dequantized result is written there once, on the GPU, by torch or by XLA: arrays in torch's
         memory would break the updates of XLA's CUDA-graph command buffers, see :func:`qbridge.to_jax`).
         Every array is ready when this returns (the host waits once, at the end, for torch's writes).
-        While a load runs, Python's garbage collector collects its two older generations ten times less
-        often (their ``gc.set_threshold`` values raised; the caller's come back when the last concurrent load
-        ends): at DeepSeek-V3's tensor count those collections cost about 15 % of a load.
 
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,

@@ -83,3 +83,13 @@ def test_a_change_made_during_a_load_is_kept(dense_dir):
         assert gc.get_threshold() == (1234, 5, 6)
     finally:
         gc.set_threshold(*before)
+
+
+def test_left_alone_under_an_incremental_collector(dense_dir, monkeypatch):
+    monkeypatch.setattr(_gc, "_INCREMENTAL", True)  # Python 3.14 and later
+    before = gc.get_threshold()
+    seen = set()
+    qbridge.load_checkpoint(
+        dense_dir, device="cpu", progress=False, sharding=lambda n, s: seen.add(gc.get_threshold())
+    )
+    assert seen == {before}
