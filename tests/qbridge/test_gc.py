@@ -5,7 +5,9 @@ whatever happens."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import warnings
 
 import pytest
 
@@ -93,3 +95,50 @@ def test_left_alone_under_an_incremental_collector(dense_dir, monkeypatch):
         dense_dir, device="cpu", progress=False, sharding=lambda n, s: seen.add(gc.get_threshold())
     )
     assert seen == {before}
+
+
+def test_only_the_older_generations_the_load_raised_come_back(dense_dir):
+    before = gc.get_threshold()
+    try:
+        qbridge.load_checkpoint(
+            dense_dir, device="cpu", progress=False, sharding=lambda n, s: gc.set_threshold(2000)
+        )
+        assert gc.get_threshold() == (2000, *before[1:])  # the caller's change kept, the load's raise undone
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_thresholds_too_large_to_multiply_are_capped(dense_dir):
+    before = gc.get_threshold()
+    seen = set()
+    try:
+        gc.set_threshold(700, 300_000_000, 10)
+        qbridge.load_checkpoint(
+            dense_dir, device="cpu", progress=False, sharding=lambda n, s: seen.add(gc.get_threshold())
+        )
+        assert seen == {(700, 2**31 - 1, 10 * _gc.FACTOR)}
+        assert gc.get_threshold() == (700, 300_000_000, 10)
+    finally:
+        gc.set_threshold(*before)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_process_forked_during_a_load_starts_with_the_callers_thresholds():
+    before = gc.get_threshold()
+    with _gc.older_generations_deferred():
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # JAX warns that its process forks while it has threads
+            pid = os.fork()
+        if pid == 0:  # the child: report its thresholds, then one load's worth of entering and leaving
+            with _gc.older_generations_deferred():
+                inside = gc.get_threshold()
+            os.write(write, repr((gc.get_threshold(), inside, _gc._depth)).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        reported = os.read(read, 1000).decode()
+        os.close(read)
+        assert gc.get_threshold() == _raised(before)  # the parent's load goes on
+    assert gc.get_threshold() == before
+    assert reported == repr((before, _raised(before), 0))
