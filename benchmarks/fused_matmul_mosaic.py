@@ -99,7 +99,7 @@ def triton(x, w):
 
 def settings() -> list[str]:
     """The settings of ``jax_side._mosaic`` a variant may change: its module-level integers and switches."""
-    return sorted(n for n, v in vars(_mosaic).items() if isinstance(v, int) and not n.startswith("__"))
+    return [name for name, value in _mosaic.settings() if isinstance(value, int)]
 
 
 def parse_variant(spec: str) -> list[tuple[str, int]]:

@@ -535,19 +535,19 @@ def _one_row(x: jax.Array, w: NF4Weight | FP8Weight, code: jax.Array | None = No
 
 
 @functools.cache
-def _one_row_batchable(interpret: bool, mosaic: bool) -> Any:
+def _one_row_batchable(interpret: bool, mosaic: tuple | None) -> Any:
     """:func:`_one_row` (taking the 4-bit table as an argument: a custom batching rule takes no batched
     constants) whose ``jax.vmap`` over x alone multiplies the batch's rows together through the kernel
     (``B`` rows of x against one weight). A batched reduction would decode the weight once per row, and XLA
     then materializes the dense weight (measured on an H200: 33 MB of temporaries and 3-4x the time of the
     kernel for 8 rows of a 4096x4096 weight). With the weight or table batched too, each row meets its own
-    weight: the one-row form, batched. ``mosaic``: the row goes to the Mosaic kernel instead (see
-    ``_mosaic._one_row``). One function per setting: JAX 0.11 reuses a custom_vmap function's trace for the
-    same arguments, so a setting read inside it would be read once."""
+    weight: the one-row form, batched. ``mosaic``: None, or the row goes to the Mosaic kernel instead (see
+    ``_mosaic._one_row``), ``_mosaic.settings()`` as they are. One function per setting: JAX 0.11 reuses a
+    custom_vmap function's trace for the same arguments, so a setting read inside it would be read once."""
 
     @jax.custom_batching.custom_vmap
     def one_row(x: jax.Array, w: Any, code: Any) -> jax.Array:
-        return _mosaic.matmul(x, w) if mosaic else _one_row(x, w, code)
+        return _mosaic.matmul(x, w) if mosaic is not None else _one_row(x, w, code)
 
     @one_row.def_vmap
     def _(axis_size: int, in_batched: Any, x: jax.Array, w: Any, code: Any) -> tuple[jax.Array, bool]:
@@ -595,7 +595,8 @@ def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array
     """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form; expanded where
     this JAX cannot build the kernel (``"interpret"`` then raises ValueError)."""
     if x2.shape[0] == 1 and x2.dtype in OUT_DTYPES and _one_row_in_xla:  # others: the kernel, as before
-        return _one_row_batchable(interpret, not interpret and _mosaic.takes(x2, w))(x2, w, _code(w))
+        mosaic = _mosaic.settings() if not interpret and _mosaic.takes(x2, w) else None
+        return _one_row_batchable(interpret, mosaic)(x2, w, _code(w))
     if not interpret and _mosaic.takes(x2, w):  # 2-128 rows of x on Hopper: faster (see jax_side._mosaic)
         return _mosaic.matmul(x2, w)
     reason = _kernel_unavailable()

@@ -725,3 +725,14 @@ def matmul(x2: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
     """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`nf4_matmul` or :func:`fp8_matmul`, for
     calls :func:`takes`."""
     return nf4_matmul(x2, w) if isinstance(w, NF4Weight) else fp8_matmul(x2, w)
+
+
+def settings() -> tuple[tuple[str, Any], ...]:
+    """This module's settings as they are now (its module-level integers, switches and ``_force``): a key
+    for functions whose traces JAX may reuse (``jax_side._fused``'s one-row function), so that a change of
+    any setting makes another function."""
+    return tuple(
+        (name, value)
+        for name, value in sorted(globals().items())
+        if not name.startswith("__") and (isinstance(value, int) or name == "_force")
+    )

@@ -1021,6 +1021,15 @@ def test_one_row_through_the_kernel_where_switched_on(hopper, monkeypatch):
             assert ("mosaic_gpu" in _lowered(xb[0], w)) == one, (type(w).__name__, one)
             vmapped = jax.jit(jax.vmap(lambda x, w: jax_side.quantized_matmul(x, w), in_axes=(0, None)))
             assert "mosaic_gpu" in vmapped.trace(xb, w).lower(lowering_platforms=("cuda",)).as_text()
+    # JAX 0.11 reuses a custom_vmap function's trace: each setting of the kernel's module gets a function
+    # of its own, so that a setting read while the row is traced is read again
+    monkeypatch.setattr(_mosaic, "_one_row", True)
+    w = nf4((128, 1024), seed=1)
+    _fused._one_row_batchable.cache_clear()
+    for products in (True, False, True):
+        monkeypatch.setattr(_mosaic, "_products", products)
+        _lowered(xb[0], w)
+    assert _fused._one_row_batchable.cache_info().currsize == 2
 
 
 def test_grid_scales_are_waited_for_inside_the_pipeline(hopper, monkeypatch):
