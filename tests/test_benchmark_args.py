@@ -31,3 +31,14 @@ def test_bad_variants_are_refused(spec, message):
 def test_good_variants_parse():
     assert fused_matmul_mosaic.parse_variant("") == []
     assert fused_matmul_mosaic.parse_variant("_one_row=1,MAX_ROWS=32") == [("_one_row", 1), ("MAX_ROWS", 32)]
+
+
+def test_settings_a_script_ignores_are_refused():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        fused_matmul_mosaic.check_variants(
+            parser, ["", "_one_row=1"], ignored={"_one_row": "is not timed here"}
+        )
+    fused_matmul_mosaic.check_variants(parser, ["", "_BLOCKS=8"], ignored={"_one_row": "is not timed here"})
