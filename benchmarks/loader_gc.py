@@ -46,6 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.layers < 1 or args.rounds < 1:
         parser.error("--layers and --rounds must be at least 1")
+    if args.out and not pathlib.Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out {args.out}: its folder does not exist")
 
     import jax
     import torch
@@ -53,13 +55,24 @@ def main() -> None:
     import qbridge
     from qbridge import _gc
     from qbridge._checkpoint import open_checkpoint
+    from qbridge._devices import resolve_device
     from qbridge._loader import plan_load
+
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--device {args.device}: {e}")
 
     ds.HIDDEN, ds.MOE_INTER, ds.Q_LORA, ds.KV_LORA, ds.ROPE, ds.HEADS = 256, 128, 128, 64, 64, 2  # --tiny's
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="loader-gc-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    count, nbytes = ds.write_checkpoint(root, args.layers, 256, "cpu")
+    try:
+        count, nbytes = ds.write_checkpoint(root, args.layers, 256, "cpu")
+    except BaseException:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     print(f"wrote {count} tensors, {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s to {root}")
     print(
         f"objects the collector tracks before loading: {len(gc.get_objects())}; thresholds {gc.get_threshold()}"
@@ -88,8 +101,8 @@ def main() -> None:
     settings = {f"deferred x{default}": default, "left alone": 1, "switched off": None}
     kinds = ("open_plan", "load", "collect_after")
     times: dict[str, dict[str, list[float]]] = {name: {k: [] for k in kinds} for name in settings}
-    load()  # warm-up: imports, kernels, the model's classification
     try:
+        load()  # warm-up: imports, kernels, the model's classification
         for r in range(args.rounds):
             for name, factor in settings.items():
                 _gc.FACTOR = factor or 1
