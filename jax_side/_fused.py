@@ -592,12 +592,14 @@ def _warn_expanding(reason: str) -> None:
 
 
 def _rows(x2: jax.Array, w: NF4Weight | FP8Weight, interpret: bool) -> jax.Array:
-    """``x2 [m, k] @ dequantize(w).T`` through the kernel (``m > 1``), or the one-row form; expanded where
-    this JAX cannot build the kernel (``"interpret"`` then raises ValueError)."""
+    """``x2 [m, k] @ dequantize(w).T`` through a kernel, or the one-row form (``m == 1``; through the Mosaic
+    kernel where ``_mosaic._one_row`` is on); expanded where this JAX cannot build the kernel
+    (``"interpret"`` then raises ValueError)."""
+    # 2-128 rows of x on Hopper (1 with _mosaic._one_row): faster (see jax_side._mosaic)
+    mosaic = not interpret and _mosaic.takes(x2, w)
     if x2.shape[0] == 1 and x2.dtype in OUT_DTYPES and _one_row_in_xla:  # others: the kernel, as before
-        mosaic = _mosaic.settings() if not interpret and _mosaic.takes(x2, w) else None
-        return _one_row_batchable(interpret, mosaic)(x2, w, _code(w))
-    if not interpret and _mosaic.takes(x2, w):  # 2-128 rows of x on Hopper: faster (see jax_side._mosaic)
+        return _one_row_batchable(interpret, _mosaic.settings() if mosaic else None)(x2, w, _code(w))
+    if mosaic:
         return _mosaic.matmul(x2, w)
     reason = _kernel_unavailable()
     if reason is not None:
