@@ -166,9 +166,8 @@ def main() -> None:
         options = {opts: compiler_options(opts) for opts in args.options}
     except ValueError as e:
         parser.error(f"--options: {e}")
-    check_variants(
-        parser, args.variants
-    )  # a misspelt setting would fail only after the checkpoints are written
+    # a misspelt setting would fail only after the checkpoints are written
+    check_variants(parser, args.variants)
     if not torch.cuda.is_available() or jax.devices()[0].platform != "gpu":
         raise SystemExit(
             "profile_forward.py needs a CUDA GPU seen by torch and JAX (it reads the forwards' GPU kernels from "
