@@ -39,6 +39,13 @@ HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS = 7168, 2048, 1536, 512, 64, 128
 WHOLE_MODEL = {"layers": 61, "moe_layers": 58, "tensors": 91_000, "bytes": 680e9}
 
 
+def use_tiny_shapes() -> None:
+    """Every tensor and name as before, at tiny shapes (``--tiny``: hidden 256, expert 128): the wall time per
+    tensor of a load is then its host work."""
+    global HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS
+    HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS = 256, 128, 128, 64, 64, 2
+
+
 def layer_tensors(i: int, experts: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, kind) of one DeepSeek-V3 MoE decoder layer; kind is "fp8", "bf16" or "f32"."""
     p = f"model.layers.{i}."
@@ -164,8 +171,7 @@ def main() -> None:
     import qbridge
 
     if args.tiny:
-        global HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS
-        HIDDEN, MOE_INTER, Q_LORA, KV_LORA, ROPE, HEADS = 256, 128, 128, 64, 64, 2
+        use_tiny_shapes()
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="deepseek-v3-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

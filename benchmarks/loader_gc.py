@@ -63,7 +63,7 @@ def main() -> None:
     except (ValueError, RuntimeError) as e:
         parser.error(f"--device {args.device}: {e}")
 
-    ds.HIDDEN, ds.MOE_INTER, ds.Q_LORA, ds.KV_LORA, ds.ROPE, ds.HEADS = 256, 128, 128, 64, 64, 2  # --tiny's
+    ds.use_tiny_shapes()
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="loader-gc-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
