@@ -358,9 +358,9 @@ def _nf4_matmul(x: jax.Array, w: NF4Weight, *, interpret: bool) -> jax.Array:
     flat, _ = _packed_bytes(w.packed)  # quant_storage wider than a byte: its bytes
     packed = flat[: n * k // 2].reshape(n, groups, half)
     absmax = w.absmax.reshape(n, groups)
-    nested = w.nested_absmax is not None and w.nested_code is not None
+    nested = w.nested_absmax is not None
     nabs = w.nested_absmax.reshape(-1) if w.nested_absmax is not None else jnp.zeros((1,), jnp.float32)
-    ncode = w.nested_code.reshape(-1) if w.nested_code is not None else jnp.zeros((1,), jnp.float32)
+    ncode = jnp.asarray(w.nested_table()).reshape(-1) if nested else jnp.zeros((1,), jnp.float32)
     offset = jnp.asarray(0.0 if w.offset is None else w.offset, jnp.float32).reshape(1)  # None: not nested
     code = _nf4_code(w)
     split_x = m > 16
@@ -480,8 +480,10 @@ def _nf4_rows(w: NF4Weight, code: jax.Array) -> tuple[jax.Array, jax.Array]:
     bs = w.blocksize
     flat, _ = _packed_bytes(w.packed)
     q = flat[: n * k // 2].reshape(n, k // bs, bs // 2)
-    if w.nested_absmax is not None and w.nested_code is not None:
-        absmax = decode_nested_absmax(w.absmax, w.nested_absmax, w.nested_code, w.nested_blocksize, w.offset)
+    if w.nested_absmax is not None:
+        absmax = decode_nested_absmax(
+            w.absmax, w.nested_absmax, w.nested_table(), w.nested_blocksize, w.offset
+        )
     else:
         absmax = w.absmax
     scale = absmax.reshape(n, k // bs, 1)

@@ -649,12 +649,12 @@ def _stored(w: NF4Weight) -> tuple[jax.Array, jax.Array | Nested]:
     n, k = w.shape
     flat, _ = _packed_bytes(w.packed)  # quant_storage wider than a byte: its bytes
     q = flat[: n * k // 2].reshape(n, k // 2)
-    if w.nested_absmax is None or w.nested_code is None:
+    if w.nested_absmax is None:
         return q, w.absmax.reshape(n, k // 64).T
     nested = Nested(
         codes=w.absmax.reshape(n, k // 64),
         nested_absmax=w.nested_absmax.reshape(-1),
-        nested_code=w.nested_code.reshape(-1),
+        nested_code=jnp.asarray(w.nested_table()).reshape(-1),
         offset=jnp.asarray(w.offset, jnp.float32).reshape(1),
         nested_blocksize=w.nested_blocksize,
     )

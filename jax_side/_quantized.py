@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._casts import cast_exactly
+from ._codes import dynamic_code
 from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import dequantize_nf4
 
@@ -165,7 +166,9 @@ class NF4Weight(_Sizes):
         packed: uint8 ``[ceil(n / 2)]``, the packed nibbles (high nibble = even element).
         absmax: float32 ``[ceil(n / blocksize)]``, or uint8 when nested.
         nested_absmax: float32 ``[ceil(len(absmax) / nested_blocksize)]`` when nested, else None.
-        nested_code: float32 ``[256]``, the table of the nested absmax, when nested, else None.
+        nested_code: float32 ``[256]``, the table of the nested absmax, or None for bitsandbytes' standard one
+            (its signed dynamic map, ``jax_side._codes.DYNAMIC_CODE``; what its quantization writes), which the
+            loader leaves out: one array fewer for every jitted call to hand over. Unused when not nested.
         offset: float32 scalar added to the decoded absmax when nested (required then), else None.
         code: the 16-entry table, or None for the standard table of ``quant_type``.
         shape: the weight's shape in torch's layout (``[out, in]`` for a Linear).
@@ -211,11 +214,18 @@ class NF4Weight(_Sizes):
             return self._dequantize_with_auto_axes(self.packed, mesh, transpose, dtype)
         dense = dequantize_nf4(
             self.packed, self.absmax, shape=self.shape, blocksize=self.blocksize, code=self.code,
-            nested_absmax=self.nested_absmax, nested_code=self.nested_code, nested_blocksize=self.nested_blocksize,
+            nested_absmax=self.nested_absmax, nested_code=self.nested_table(), nested_blocksize=self.nested_blocksize,
             offset=self.offset, quant_type=self.quant_type,
             dtype=self.roundings[0], transpose=transpose,
         )  # fmt: skip
         return self._finish(dense, dtype)
+
+    def nested_table(self) -> Any:
+        """The nested absmax's float32 ``[256]`` table: ``nested_code`` as held, or bitsandbytes' standard one
+        (a new numpy array) where the absmax is nested and ``nested_code`` is None."""
+        if self.nested_absmax is not None and self.nested_code is None:
+            return dynamic_code()
+        return self.nested_code
 
     def _check_offset(self) -> None:
         if self.nested_absmax is not None and self.offset is None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import jax_side
+from jax_side._codes import dynamic_code
 from jax_side._fp8 import OUT_DTYPES
 
 from ._checkpoint import Checkpoint, Entry
@@ -44,6 +45,19 @@ def keeps_quantized(entry: Entry, rule: jax_side.LeafRule) -> bool:
         return False
     perm = jax_side.permutation(rule, 2)  # the quantized layers use [out, in] as the kernel's transpose
     return (rule.flax_name == "kernel" and perm == (1, 0)) or (rule.flax_name == "embedding" and perm is None)
+
+
+_DYNAMIC_BITS = torch.from_numpy(dynamic_code()).view(torch.int32)
+
+
+def held_table(table: torch.Tensor) -> torch.Tensor | None:
+    """A nested absmax's table as a kept weight holds it: None where it is bitsandbytes' standard one bit for
+    bit (``jax_side.NF4Weight.nested_code``: one array fewer to hand over on every jitted call), else
+    ``table``. A table not in host memory is kept as it is (comparing it would wait for its device)."""
+    if table.device.type == "cpu" and table.dtype == torch.float32 and table.numel() == _DYNAMIC_BITS.numel():
+        if torch.equal(table.reshape(-1).view(torch.int32), _DYNAMIC_BITS):
+            return None
+    return table
 
 
 def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
@@ -80,10 +94,11 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     packed = ckpt.read(entry.keys["weight"])
     packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
     nested = "nested_absmax" in pieces
+    table = held_table(pieces["nested_quant_map"]) if nested else None
     return jax_side.NF4Weight(
         packed=put(packed[: (np.prod(entry.shape) + 1) // 2]), absmax=put(pieces["absmax"]),
         nested_absmax=put(pieces["nested_absmax"]) if nested else None,
-        nested_code=put(pieces["nested_quant_map"]) if nested else None,
+        nested_code=put(table) if table is not None else None,
         offset=put(torch.tensor(float(doc.get("nested_offset", 0.0)), dtype=torch.float32)) if nested else None,
         shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), nested_blocksize=int(doc.get("nested_blocksize", 256)),
         quant_type=entry.info["quant_type"], dtype=name, decode_dtype=decode_dtype,

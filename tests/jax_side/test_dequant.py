@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import jax_side
 import torch_side
 from jax_side import _cpu_kernel
+from jax_side._codes import dynamic_code
 
 pytest.importorskip("bitsandbytes")
 
@@ -112,6 +113,10 @@ def test_standard_tables_are_bitsandbytes_tables():
         cuda_table = to_numpy(cuda_code(quant_type))  # as bits: FP4's zero with the sign bit is -0.0
         assert_same_bits(jax_side.standard_code(quant_type), cuda_table)
         assert_same_bits(torch_side.standard_code(quant_type).numpy(), cuda_table)
+    # the nested absmax's table: bitsandbytes' signed dynamic map, which its 4-bit quantization writes
+    assert_same_bits(dynamic_code(), F.create_dynamic_map(signed=True).numpy())
+    _, _, qs = bnb_quantize((16, 1024), nested=True)
+    assert_same_bits(dynamic_code(), to_numpy(qs.state2.code))
 
 
 def test_denormal_products_flush_to_zero():

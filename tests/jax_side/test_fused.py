@@ -27,7 +27,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import jax_side
 from jax_side import _casts, _fused, _mosaic
-from jax_side._codes import standard_code
+from jax_side._codes import dynamic_code, standard_code
 from jax_side._quantized import from_pieces, meta_fields
 
 pytest.importorskip("bitsandbytes")
@@ -500,7 +500,11 @@ def test_weights_the_kernel_does_not_take():
         no_offset.dequantize()
     good = nf4((8, 128))
     bad = {  # pieces that make no weight: refused on every path, as dequantize refuses them
-        "nested_code missing": (dataclasses.replace(good, nested_code=None), ValueError, "needs both"),
+        "a table without a nested absmax": (
+            dataclasses.replace(good, nested_absmax=None),
+            ValueError,
+            "needs both",
+        ),
         "uint8 absmax, not nested": (
             dataclasses.replace(good, nested_absmax=None, nested_code=None, offset=None),
             TypeError,
@@ -603,6 +607,33 @@ def test_the_stored_pieces_get_no_gradient_on_any_path():
         assert float(jnp.abs(g.nested_absmax).sum()) == 0.0 and float(jnp.abs(g.nested_code).sum()) == 0.0, (
             path
         )
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_nested_absmax_without_its_table_decodes_with_the_standard_one(quant_type, monkeypatch):
+    """``nested_code=None`` is bitsandbytes' dynamic map: the same bits as the table held, on every path and
+    through the Mosaic kernel's lowering, with one array fewer in the tree; a table held is used."""
+    w = nf4((128, 1024), quant_type=quant_type, seed=5)
+    assert_same_bits(np.asarray(w.nested_code), dynamic_code())  # what bitsandbytes wrote
+    bare = dataclasses.replace(w, nested_code=None)
+    assert len(jax.tree_util.tree_leaves(bare)) == len(jax.tree_util.tree_leaves(w)) - 1
+    for dtype in (None, jnp.float32):
+        assert_same_bits(bare.dequantize(dtype=dtype), w.dequantize(dtype=dtype))
+        assert_same_bits(jax.jit(lambda w: w.dequantize(transpose=True))(bare),
+                         jax.jit(lambda w: w.dequantize(transpose=True))(w))  # fmt: skip
+    other = dataclasses.replace(w, nested_code=w.nested_code * 0.5)  # a table of its own: used
+    assert not np.array_equal(np.asarray(other.dequantize()), np.asarray(w.dequantize()))
+    for m in (1, 19):
+        x = x_for(m, 1024, jnp.bfloat16, seed=m)
+        for path in ("auto", "expand", "interpret"):
+            with jax_side.matmul_path(path):
+                matmul = jax.jit(jax_side.quantized_matmul)
+                assert_same_bits(matmul(x, bare), matmul(x, w))
+                assert not np.array_equal(np.asarray(matmul(x, other)), np.asarray(matmul(x, w))), path
+    monkeypatch.setattr(_mosaic, "_force", True)  # the Mosaic kernel's program, lowered on any machine
+    x = x_for(16, 1024, jnp.bfloat16)
+    text = _lowered(x, bare)
+    assert "mosaic_gpu" in text and "gather" not in text  # the table reaches the kernel as a constant
 
 
 def test_tied_output_layer_uses_the_kernel():

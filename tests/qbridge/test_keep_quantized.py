@@ -59,6 +59,8 @@ def test_kept_quantized_matches_the_dense_path(made, name, param_dtype):
     kept, dense, quant_model, dense_model, swapped = _models(made, name, param_dtype=param_dtype)
     leaf = kept["model"]["layers"][1]["self_attn"]["o_proj"]["kernel"]
     assert isinstance(leaf, jax_side.FP8Weight if name == "fp8" else jax_side.NF4Weight)
+    if name.endswith("True"):  # bitsandbytes' own table of the nested absmax: left out, used by default
+        assert leaf.nested_absmax is not None and leaf.nested_code is None
     assert len(swapped) == 14 and "model.layers.0.mlp.down_proj" in swapped
     assert isinstance(quant_model.model.layers[0].mlp.down_proj, jax_side.QuantLinear)
     held, as_dense = jax_side.quantized_nbytes(kept)
@@ -81,6 +83,38 @@ def test_kept_quantized_matches_the_dense_path(made, name, param_dtype):
     else:  # float32 dots may sum in another order: within that order's error, far below a skipped rounding's
         err = np.abs(np.asarray(quant_logits, np.float64) - np.asarray(dense_logits, np.float64)).max()
         assert err <= 2e-5 * np.abs(np.asarray(dense_logits, np.float64)).max(), err
+
+
+def test_a_nested_table_of_its_own_is_kept(made, tmp_path):
+    """A checkpoint whose nested absmax tables are not bitsandbytes' standard one keeps them: the kept weights
+    hold them and expand to the dense load's bits."""
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "q").mkdir()
+    for f in (made / "nf4-True").iterdir():
+        (tmp_path / "q" / f.name).write_bytes(f.read_bytes())
+    (path,) = (tmp_path / "q").glob("*.safetensors")
+    tensors = load_file(path)
+    tables = [k for k in tensors if k.endswith("nested_quant_map")]
+    assert tables
+    changed = tables[0]
+    tensors[changed] = tensors[changed] * 0.75  # one weight's table changed, the rest standard
+    save_file(tensors, path, metadata={"format": "pt"})
+    target = jax_side.abstract_llama(_config(made), param_dtype=jnp.bfloat16)
+    kept = qbridge.load_checkpoint(tmp_path / "q", target=target, keep_quantized=True, progress=False)
+    dense = qbridge.load_checkpoint(tmp_path / "q", target=target, progress=False)
+    held = 0
+    for path_, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
+        if jax_side.is_quantized(x):
+            keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path_]
+            node = dense
+            for k in keys:
+                node = node[k]
+            assert_same_bits(x.dequantize(transpose=True), node)
+            if x.nested_code is not None:
+                held += 1
+                assert_same_bits(x.nested_code, to_numpy(tensors[changed]))
+    assert held == 1
 
 
 def test_a_dtype_the_kept_weights_cannot_decode_to_is_refused_by_name(made):
