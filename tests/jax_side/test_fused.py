@@ -1224,9 +1224,10 @@ def _on_hopper() -> bool:
 @pytest.mark.parametrize(
     "make",
     [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3),
-     lambda: nf4((1024, 4096), seed=4),
+     lambda: nf4((1024, 4096), seed=4), lambda: dataclasses.replace(nf4((1024, 4096), seed=5), nested_code=None),
      lambda: fp8((256, 512), (2, 4)), lambda: fp8((128, 512), (128, 1)), lambda: fp8((4096, 4096), (32, 32), seed=3)],
-    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "nf4 1024x4096", "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
+    ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "nf4 1024x4096", "nf4 1024x4096 standard table left out",
+         "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
 )  # fmt: skip
 @pytest.mark.parametrize("products", [False, True], ids=["lookup", "product tables"])
 def test_on_a_hopper_gpu(make, products, monkeypatch):
