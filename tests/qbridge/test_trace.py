@@ -364,19 +364,31 @@ def test_parity_is_reached_from_a_plain_import():
     assert out.returncode == 0 and out.stdout.split() == ["compare", "trace"], out.stderr[-2000:]
 
 
-def test_nf4_widths_bitsandbytes_cannot_run_on_the_cpu_compare_against_the_exact_decode(tmp_path):
-    """bitsandbytes' CPU 4-bit path fails for an in-dimension that is not a multiple of its blocksize (96 and
-    200 here): parity then compares against transformers' model holding the exact decode, and says so,
-    instead of ending in bitsandbytes' traceback."""
+def test_nf4_widths_bitsandbytes_cannot_run_on_the_cpu_compare_against_the_exact_decode(
+    tmp_path, monkeypatch
+):
+    """bitsandbytes' CPU 4-bit path fails on some CPUs for an in-dimension that is not a multiple of its
+    blocksize (96 and 200 here; it failed on AVX-512 machines and runs on an AVX2 one): parity then compares
+    against transformers' model holding the exact decode, and says so, instead of ending in bitsandbytes'
+    traceback."""
     from qbridge.parity import trace_checkpoint
 
-    pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes")
     sizes = dict(hidden_size=96, intermediate_size=200, num_attention_heads=3, num_key_value_heads=1)
     dense_llama(tmp_path / "dense", sizes=sizes)
     bnb_llama(tmp_path / "dense", tmp_path / "nf4", quant_type="nf4", nested=True)
+    note = "could not run the 4-bit torch model on the CPU"
+    report = trace_checkpoint(tmp_path / "nf4", tokens=5)  # as this machine's bitsandbytes runs it
+    assert report.first_divergence is None, str(report)
+    assert report.notes == [] or (len(report.notes) == 1 and note in report.notes[0]), report.notes
+
+    def fails(*args, **kwargs):  # as bitsandbytes' CPU path fails where it does
+        raise RuntimeError("the CPU 4-bit matmul failed for this shape")
+
+    monkeypatch.setattr(bnb, "matmul_4bit", fails)
     report = trace_checkpoint(tmp_path / "nf4", tokens=5)
     assert report.first_divergence is None, str(report)
-    assert len(report.notes) == 1 and "could not run the 4-bit torch model on the CPU" in report.notes[0]
+    assert len(report.notes) == 1 and note in report.notes[0] and "this shape" in report.notes[0]
 
 
 ROPES = {
