@@ -9,6 +9,7 @@ mapped torch file's memory, which are copied before the load returns.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 import jax_side
+from jax_side import _nf4
 from jax_side._codes import dynamic_code
 from jax_side._fp8 import OUT_DTYPES
 
 from ._checkpoint import Checkpoint, Entry
 from ._decode import bnb4_pieces, check_scales
+from ._dtypes import TORCH_TO_JAX
+from ._errors import CheckpointError
 from ._handoff import XlaDestinations, jax_owned_copy, to_jax
 
 
@@ -60,6 +64,36 @@ def held_table(table: torch.Tensor) -> torch.Tensor | None:
     return table
 
 
+def _piece(t: torch.Tensor) -> Any:
+    """A checkpoint tensor's dtype (as JAX would hold it, without narrowing) and size, for jax_side's checks."""
+    return SimpleNamespace(dtype=TORCH_TO_JAX.get(t.dtype, np.dtype(object)), size=t.numel())
+
+
+def check_pieces(
+    ckpt: Checkpoint, entry: Entry, packed: torch.Tensor, pieces: dict[str, torch.Tensor]
+) -> None:
+    """The checks a kept 4-bit weight's ``dequantize`` makes of its pieces (dtypes, sizes, the nested table),
+    made on the checkpoint's tensors before they are handed over, as the dense load makes them: a bad piece
+    is refused at load time, not when the weight is first used, and a float64 table is not rounded to
+    float32 on its way into JAX.
+
+    Raises:
+        CheckpointError: naming the weight and what is wrong."""
+    doc = entry.info["quant_state"]
+    nested = "nested_absmax" in pieces
+    try:
+        _nf4._check(
+            packed.numel() * packed.element_size(), packed.element_size(), _piece(pieces["absmax"]),
+            shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), code=None,
+            nested_absmax=_piece(pieces["nested_absmax"]) if nested else None,
+            nested_code=_piece(pieces["nested_quant_map"]) if nested else None,
+            nested_blocksize=int(doc.get("nested_blocksize", 256)), quant_type=entry.info["quant_type"],
+            dtype=np.float32,
+        )  # fmt: skip
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
+
+
 def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any) -> Any:
     """The stored pieces of a 4-bit or FP8 weight on ``jdev`` (see :func:`hand_over`), as a
     :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (torch layout; dequantizing to ``dtype``, or
@@ -92,6 +126,7 @@ def quantized_leaf(ckpt: Checkpoint, entry: Entry, jdev: jax.Device, dtype: Any)
     doc = entry.info["quant_state"]
     pieces = bnb4_pieces(ckpt, entry)
     packed = ckpt.read(entry.keys["weight"])
+    check_pieces(ckpt, entry, packed, pieces)
     packed = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
     nested = "nested_absmax" in pieces
     table = held_table(pieces["nested_quant_map"]) if nested else None

@@ -85,9 +85,9 @@ def test_kept_quantized_matches_the_dense_path(made, name, param_dtype):
         assert err <= 2e-5 * np.abs(np.asarray(dense_logits, np.float64)).max(), err
 
 
-def test_a_nested_table_of_its_own_is_kept(made, tmp_path):
-    """A checkpoint whose nested absmax tables are not bitsandbytes' standard one keeps them: the kept weights
-    hold them and expand to the dense load's bits."""
+def _one_table_changed(made, tmp_path, change) -> tuple:
+    """A copy of the nested NF4 checkpoint with its first nested absmax table replaced by ``change(table)``:
+    (its path, the table's key, the new table)."""
     from safetensors.torch import load_file, save_file
 
     (tmp_path / "q").mkdir()
@@ -95,26 +95,51 @@ def test_a_nested_table_of_its_own_is_kept(made, tmp_path):
         (tmp_path / "q" / f.name).write_bytes(f.read_bytes())
     (path,) = (tmp_path / "q").glob("*.safetensors")
     tensors = load_file(path)
-    tables = [k for k in tensors if k.endswith("nested_quant_map")]
-    assert tables
-    changed = tables[0]
-    tensors[changed] = tensors[changed] * 0.75  # one weight's table changed, the rest standard
+    key = next(k for k in tensors if k.endswith("nested_quant_map"))
+    tensors[key] = change(tensors[key])
     save_file(tensors, path, metadata={"format": "pt"})
+    return tmp_path / "q", key, tensors[key]
+
+
+def test_a_nested_table_of_its_own_is_kept(made, tmp_path):
+    """A checkpoint whose nested absmax tables are not bitsandbytes' standard one keeps them: the kept weights
+    hold them and expand to the dense load's bits."""
+    path, _, table = _one_table_changed(made, tmp_path, lambda t: t * 0.75)  # the rest standard
     target = jax_side.abstract_llama(_config(made), param_dtype=jnp.bfloat16)
-    kept = qbridge.load_checkpoint(tmp_path / "q", target=target, keep_quantized=True, progress=False)
-    dense = qbridge.load_checkpoint(tmp_path / "q", target=target, progress=False)
+    kept = qbridge.load_checkpoint(path, target=target, keep_quantized=True, progress=False)
+    dense = qbridge.load_checkpoint(path, target=target, progress=False)
     held = 0
-    for path_, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
+    for where, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
         if jax_side.is_quantized(x):
-            keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path_]
             node = dense
-            for k in keys:
-                node = node[k]
+            for k in where:
+                node = node[getattr(k, "key", getattr(k, "idx", None))]
             assert_same_bits(x.dequantize(transpose=True), node)
             if x.nested_code is not None:
                 held += 1
-                assert_same_bits(x.nested_code, to_numpy(tensors[changed]))
+                assert_same_bits(x.nested_code, to_numpy(table))
     assert held == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.half(), "must be float32, got float32 and float16"),
+        (lambda t: t.double(), "must be float32, got float32 and float64"),  # not rounded on its way to JAX
+        (lambda t: t[:255].clone(), "nested_code must have 256 entries, got 255"),
+    ],
+    ids=["float16", "float64", "255 entries"],
+)
+def test_a_bad_nested_table_is_refused_at_load_time_by_name(made, tmp_path, change, message):
+    """As the dense load refuses it: not first when the kept weight is used."""
+    path, key, _ = _one_table_changed(made, tmp_path, change)
+    weight = key.removesuffix(".nested_quant_map")
+    target = jax_side.abstract_llama(_config(made), param_dtype=jnp.bfloat16)
+    for keep in (True, False):
+        with pytest.raises(qbridge.CheckpointError, match=re.escape(weight)) as got:
+            qbridge.load_checkpoint(path, target=target, keep_quantized=keep, progress=False)
+        if keep:
+            assert message in str(got.value)
 
 
 def test_a_dtype_the_kept_weights_cannot_decode_to_is_refused_by_name(made):
