@@ -52,6 +52,20 @@ def _models(made, name, device=None, param_dtype=jnp.bfloat16):
     return kept, dense, quant_model, dense_model, swapped
 
 
+def _expand_to_the_dense_load(kept, dense) -> list:
+    """Asserts that every kept weight of ``kept`` expands to exactly the dense load's value at its path;
+    returns the kept weights."""
+    weights = []
+    for path, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
+        if jax_side.is_quantized(x):
+            node = dense
+            for k in path:
+                node = node[getattr(k, "key", getattr(k, "idx", None))]
+            assert_same_bits(x.dequantize(transpose=True), node)
+            weights.append(x)
+    return weights
+
+
 # float32: the checkpoint is bfloat16, so the kept weights round to bfloat16 before widening, as the dense load
 @pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("name", ["nf4-True", "nf4-False", "fp4-True", "fp8"])
@@ -65,13 +79,7 @@ def test_kept_quantized_matches_the_dense_path(made, name, param_dtype):
     assert isinstance(quant_model.model.layers[0].mlp.down_proj, jax_side.QuantLinear)
     held, as_dense = jax_side.quantized_nbytes(kept)
     assert held < 0.65 * as_dense  # tiny layers: the norms, embeddings and tables weigh in
-    # every kept weight expands to exactly the dense load's value
-    for path, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
-        if jax_side.is_quantized(x):
-            node = dense
-            for k in path:
-                node = node[getattr(k, "key", getattr(k, "idx", None))]
-            assert_same_bits(x.dequantize(transpose=True), node)
+    _expand_to_the_dense_load(kept, dense)
     forward = nnx.jit(lambda m, ids: m(ids))
     quant_logits, dense_logits = (
         forward(quant_model, jnp.asarray(IDS)),
@@ -108,17 +116,9 @@ def test_a_nested_table_of_its_own_is_kept(made, tmp_path):
     target = jax_side.abstract_llama(_config(made), param_dtype=jnp.bfloat16)
     kept = qbridge.load_checkpoint(path, target=target, keep_quantized=True, progress=False)
     dense = qbridge.load_checkpoint(path, target=target, progress=False)
-    held = 0
-    for where, x in jax.tree_util.tree_leaves_with_path(kept, is_leaf=jax_side.is_quantized):
-        if jax_side.is_quantized(x):
-            node = dense
-            for k in where:
-                node = node[getattr(k, "key", getattr(k, "idx", None))]
-            assert_same_bits(x.dequantize(transpose=True), node)
-            if x.nested_code is not None:
-                held += 1
-                assert_same_bits(x.nested_code, to_numpy(table))
-    assert held == 1
+    held = [w.nested_code for w in _expand_to_the_dense_load(kept, dense) if w.nested_code is not None]
+    assert len(held) == 1
+    assert_same_bits(held[0], to_numpy(table))
 
 
 @pytest.mark.parametrize(
