@@ -9,7 +9,6 @@ mapped torch file's memory, which are copied before the load returns.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -17,13 +16,12 @@ import numpy as np
 import torch
 
 import jax_side
-from jax_side import _nf4
+import torch_side
 from jax_side._codes import dynamic_code
 from jax_side._fp8 import OUT_DTYPES
 
 from ._checkpoint import Checkpoint, Entry
 from ._decode import bnb4_pieces, check_scales
-from ._dtypes import TORCH_TO_JAX
 from ._errors import CheckpointError
 from ._handoff import XlaDestinations, jax_owned_copy, to_jax
 
@@ -64,31 +62,25 @@ def held_table(table: torch.Tensor) -> torch.Tensor | None:
     return table
 
 
-def _piece(t: torch.Tensor) -> Any:
-    """A checkpoint tensor's dtype (as JAX would hold it, without narrowing) and size, for jax_side's checks."""
-    return SimpleNamespace(dtype=TORCH_TO_JAX.get(t.dtype, np.dtype(object)), size=t.numel())
-
-
 def check_pieces(
     ckpt: Checkpoint, entry: Entry, packed: torch.Tensor, pieces: dict[str, torch.Tensor]
 ) -> None:
-    """The checks a kept 4-bit weight's ``dequantize`` makes of its pieces (dtypes, sizes, the nested table),
-    made on the checkpoint's tensors before they are handed over, as the dense load makes them: a bad piece
-    is refused at load time, not when the weight is first used, and a float64 table is not rounded to
-    float32 on its way into JAX.
+    """The dense load's checks of a 4-bit weight's pieces (torch_side's: dtypes, sizes, the nested table),
+    made on the checkpoint's tensors before a kept weight's pieces are handed over: a bad piece is refused at
+    load time, with the dense load's message, not when the weight is first used, and a float64 table is not
+    rounded to float32 on its way into JAX.
 
     Raises:
         CheckpointError: naming the weight and what is wrong."""
     doc = entry.info["quant_state"]
     nested = "nested_absmax" in pieces
     try:
-        _nf4._check(
-            packed.numel() * packed.element_size(), packed.element_size(), _piece(pieces["absmax"]),
-            shape=tuple(entry.shape), blocksize=int(doc["blocksize"]), code=None,
-            nested_absmax=_piece(pieces["nested_absmax"]) if nested else None,
-            nested_code=_piece(pieces["nested_quant_map"]) if nested else None,
-            nested_blocksize=int(doc.get("nested_blocksize", 256)), quant_type=entry.info["quant_type"],
-            dtype=np.float32,
+        torch_side._nf4._check_pieces(
+            torch_side._nf4._packed_bytes(packed, tuple(entry.shape)), pieces["absmax"], shape=tuple(entry.shape),
+            blocksize=int(doc["blocksize"]), code=None, nested_absmax=pieces.get("nested_absmax"),
+            nested_code=pieces.get("nested_quant_map"), nested_blocksize=int(doc.get("nested_blocksize", 256)),
+            offset=float(doc.get("nested_offset", 0.0)) if nested else None, quant_type=entry.info["quant_type"],
+            dtype=entry.dtype,
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
