@@ -114,9 +114,9 @@ def write_checkpoint(root: pathlib.Path, layers: int, experts: int, device: str)
     return count, nbytes
 
 
-def read_bandwidth(files: list[pathlib.Path], threads: int) -> float:
-    """Bytes/s reading ``files`` from the page cache with ``threads`` threads, 64 MiB at a time."""
-    chunk = 64 << 20
+def read_bandwidth(files: list[pathlib.Path], threads: int, chunk: int = 64 << 20) -> float:
+    """Bytes/s reading ``files`` from the page cache with ``threads`` threads, ``chunk`` bytes at a time
+    (default 64 MiB; smaller for a small checkpoint, so that every thread has reads to do)."""
 
     def read(job: tuple[pathlib.Path, int]) -> int:
         path, offset = job
