@@ -105,15 +105,15 @@ class FP8Groups:
             # non_blocking: pinned memory copies asynchronously; small pageable copies are staged at once
             # (a blocking copy would make the host wait for the device's earlier work). The rows are copied
             # whole, so that every weight's scales start 16-byte aligned on the device too.
-            S = rows.to(dev, non_blocking=True)[:, : math.prod(sshape)].unflatten(1, sshape).unbind(0)
+            # [n, ...] tensors whose rows are the weights and their scales (no tensor made per weight)
+            S = rows.to(dev, non_blocking=True)[:, : math.prod(sshape)].unflatten(1, sshape)
             wkeys = [e.keys["weight"] for e in entries]
             if math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES:  # not read ahead: read here
                 packed = ckpt.read_stacked(wkeys, pin=dev.type == "cuda").to(dev, non_blocking=True)
-                W = packed[:, : math.prod(wshape)].unflatten(1, wshape).unbind(0)
+                W = packed[:, : math.prod(wshape)].unflatten(1, wshape)
             else:
-                stacked = torch.empty((len(wkeys), *wshape), dtype=wdtype, device=dev)
-                W = stacked.unbind(0)
-                ckpt.read_into(wkeys, W)
+                W = torch.empty((len(wkeys), *wshape), dtype=wdtype, device=dev)
+                ckpt.read_into(wkeys, W.unbind(0))
             args = dict(block_size=block_size, transpose=transpose)
             start = 0 if fp8_planned(W[0], S[0], dtype, **args) else 1  # a first call checks the kind
             if start:

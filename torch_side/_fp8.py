@@ -537,8 +537,8 @@ def fp8_planned(
 
 
 def dequantize_fp8_group_into(
-    weights: Sequence[torch.Tensor],
-    scale_invs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | torch.Tensor,
+    scale_invs: Sequence[torch.Tensor] | torch.Tensor,
     outs: Sequence[int],
     dtype: torch.dtype,
     *,
@@ -551,7 +551,8 @@ def dequantize_fp8_group_into(
 
     Every weight must be of one kind (shape, float8 dtype, contiguity; views of one ``[n, ...]`` tensor are),
     every scale too, on the current CUDA device; each address holds a contiguous output of that call's shape
-    and ``dtype`` on that device, written on its current stream.
+    and ``dtype`` on that device, written on its current stream. ``weights`` (and ``scale_invs``) may be that
+    ``[n, ...]`` tensor itself, each row contiguous, 16-byte aligned: no tensor is then made per weight.
 
     Returns:
         True when written; False, with nothing written, when no earlier call of this process checked a

@@ -266,16 +266,33 @@ def dequantize_fp8_triton(
 MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 
 
-def _members(columns: Sequence[Sequence[Any]]) -> list[torch.Tensor] | None:
+def _members(columns: Sequence[Sequence[Any] | torch.Tensor]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
     offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
-    16-byte aligned (the grouped kernel tells the compiler the offsets are multiples of 16 bytes)."""
-    device = columns[0][0].device
-    n = len(columns[0])
-    ptrs = [[t.data_ptr() for t in column] for column in columns]
-    sizes = [column[0].element_size() for column in columns]
-    if any(p % 16 for column in ptrs for p in column):
-        return None
+    16-byte aligned (the grouped kernel tells the compiler the offsets are multiples of 16 bytes).
+
+    A column is a sequence of tensors (or addresses), or one tensor ``[n, ...]`` whose rows are the
+    weights' tensors: their offsets are then multiples of its first stride, with no tensor made per row."""
+    first = columns[0]
+    device = first.device if isinstance(first, torch.Tensor) else first[0].device
+    n = len(first)
+    ptrs: list[Sequence[int]] = []
+    sizes: list[int] = []
+    for column in columns:
+        if isinstance(column, torch.Tensor):
+            size = column.element_size()
+            step = column.stride(0) * size if column.dim() else 0
+            if column.data_ptr() % 16 or step % 16:
+                return None
+            base = column.data_ptr()
+            ptrs.append(range(base, base + n * step, step) if step else [base] * n)
+        else:
+            size = column[0].element_size()
+            column_ptrs = [t.data_ptr() for t in column]
+            if any(ptr % 16 for ptr in column_ptrs):
+                return None
+            ptrs.append(column_ptrs)
+        sizes.append(size)
     tables = []
     for start in range(0, n, MAX_GROUP):
         stop = min(n, start + MAX_GROUP)
@@ -307,8 +324,8 @@ def _check_outs(
 
 
 def dequantize_fp8_group(
-    Ws: Sequence[torch.Tensor],
-    scales: Sequence[torch.Tensor],
+    Ws: Sequence[torch.Tensor] | torch.Tensor,
+    scales: Sequence[torch.Tensor] | torch.Tensor,
     *,
     block: tuple[int, int],
     grid_shape: tuple[int, int],
@@ -319,6 +336,9 @@ def dequantize_fp8_group(
 ) -> list[Any] | None:
     """:func:`dequantize_fp8_triton` of many contiguous weights of one shape, float8 dtype and scale layout
     (scales contiguous, of one shape and dtype) in one launch per :data:`MAX_GROUP`; the same bits.
+
+    ``Ws`` and ``scales`` are each a sequence of tensors, or one tensor ``[n, ...]`` whose rows are the
+    weights (or their scales), each row contiguous: then no tensor is made per weight.
 
     ``outs``: where to write, one per weight (tensors, or ``_compile.Address`` of memory torch does not
     hold), each contiguous of the output's shape and ``dtype`` on the weights' device; default: new tensors.
@@ -333,11 +353,11 @@ def dequantize_fp8_group(
     W0 = Ws[0]
     grid, ints, meta, out_shape = _fp8_spec(W0, scales[0].numel() == 1, block, grid_shape, transpose)
     if outs is None:
-        outs = [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in Ws]
+        outs = [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in range(len(Ws))]
     else:
         outs = list(outs)
         _check_outs(outs, len(Ws), out_shape, dtype, W0.device)
-    raw = [W.view(torch.uint8) for W in Ws]
+    raw = Ws.view(torch.uint8) if isinstance(Ws, torch.Tensor) else [W.view(torch.uint8) for W in Ws]
     tables = _members([raw, scales, outs])
     if tables is None:
         return None

@@ -106,6 +106,33 @@ def test_groups_larger_than_a_launch_and_misaligned_members(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_grouped_fp8_kernel_takes_stacked_rows(monkeypatch, transpose):
+    """Weights and scales given as one ``[n, ...]`` tensor each, rows padded as the loader reads them (each
+    row a multiple of 16 bytes, a row's tensor contiguous inside it): the bits of one call per weight, over
+    several launches; a row stride that breaks 16-byte alignment launches nothing."""
+    monkeypatch.setattr(_triton, "MAX_GROUP", 2)  # 5 weights: launches of 2, 2 and 1
+    shape, n = (130, 257), 5
+    Ws, scales = _fp8_members(shape, n, seed=11)
+    layout = torch_side.fp8_scale_layout(shape, scales[0].shape)
+    w_row, s_row = -(-shape[0] * shape[1] // 16) * 16, 4 * 4  # bytes; float32 scales: 4 elements per 16 bytes
+    packed = torch.full((n, w_row), 0x7F, dtype=torch.uint8)  # padding: NaN in e4m3, never read
+    scale_rows = torch.full((n, s_row // 4 * 2), float("nan"))
+    for i in range(n):
+        packed[i, : Ws[i].numel()] = Ws[i].view(torch.uint8).reshape(-1)
+        scale_rows[i, : scales[i].numel()] = scales[i].reshape(-1)
+    W = packed[:, : Ws[0].numel()].view(torch.float8_e4m3fn).unflatten(1, shape)
+    S = scale_rows[:, : scales[0].numel()].unflatten(1, scales[0].shape)
+    kw = dict(block=layout.block, grid_shape=layout.grid, dtype=torch.bfloat16, transpose=transpose)
+    outs = _triton.dequantize_fp8_group(W, S, **kw)
+    assert outs is not None and len(outs) == n
+    for Wi, s, out in zip(Ws, scales, outs, strict=True):
+        want = torch_side.dequantize_fp8_reference(Wi, s, layout, torch.bfloat16)
+        assert_bitwise_equal(out, want.t() if transpose else want)
+    odd = torch.zeros((n, w_row + 1), dtype=torch.uint8)[:, : Ws[0].numel()].view(torch.float8_e4m3fn)
+    assert _triton.dequantize_fp8_group(odd.unflatten(1, shape), S, **kw) is None
+
+
 @pytest.mark.parametrize("chunk", [32, 2])
 def test_many_equals_one_call_per_weight(device, chunk, monkeypatch):
     """Mixed kinds, shapes, a transposed ([1, n]) weight, a Params4bit, a None quant state; FP8 in several
