@@ -133,10 +133,15 @@ class _Source:
             stored = list(handle.keys())
             available = set(stored)
             meta = handle.metadata() or {}
+            dtypes: dict[str, torch.dtype] = {}  # a file holds few dtypes: each name looked up once
             for key in self._selected(path, stored, available, keys):
                 sl = handle.get_slice(key)
+                name = sl.get_dtype()
+                dtype = dtypes.get(name)
+                if dtype is None:
+                    dtype = dtypes[name] = _st_dtype(name, path, key)
                 self.key_file[key] = path
-                self.shapes[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, key))
+                self.shapes[key] = (tuple(sl.get_shape()), dtype)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors' own errors: a truncated file, a corrupt header
@@ -968,6 +973,13 @@ def _bnb8_weight(ckpt: Checkpoint, base: str, leaf: str) -> bool:
     )
 
 
+def _scale_owner(key: str) -> str | None:
+    """The float8 weight whose scale ``key`` would be by its name (``...weight_scale_inv``), or None."""
+    if "weight_scale" not in key:
+        return None
+    return next((key.removesuffix(s) for s in FP8_SCALES if key.endswith(f"weight{s}")), None)
+
+
 def _classify(ckpt: Checkpoint) -> None:
     src = ckpt.source
     entries: dict[str, Entry] = {}
@@ -993,7 +1005,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "(the checkpoint is incomplete)"
                 + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
-        owner = next((key.removesuffix(s) for s in FP8_SCALES if key.endswith(f"weight{s}")), None)
+        owner = _scale_owner(key)
         if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
             held = f"is stored as {src.shapes[owner][1]}, not float8" if owner in src.shapes else "is missing"
             raise CheckpointError(
