@@ -269,27 +269,36 @@ MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 def _members(columns: Sequence[Sequence[Any] | torch.Tensor]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
     offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
-    16-byte aligned (the grouped kernel tells the compiler the offsets are multiples of 16 bytes).
+    contiguous or not 16-byte aligned (the grouped kernel reads each tensor as contiguous, and tells the
+    compiler the offsets are multiples of 16 bytes).
 
     A column is a sequence of tensors (or addresses), or one tensor ``[n, ...]`` whose rows are the
-    weights' tensors: their offsets are then multiples of its first stride, with no tensor made per row."""
+    weights' tensors: their offsets are then multiples of its first stride, with no tensor made per row.
+
+    Raises:
+        ValueError: a column holds another number of tensors than the first.
+    """
     first = columns[0]
     device = first.device if isinstance(first, torch.Tensor) else first[0].device
     n = len(first)
     ptrs: list[Sequence[int]] = []
     sizes: list[int] = []
-    for column in columns:
+    for k, column in enumerate(columns):
+        if len(column) != n:
+            raise ValueError(f"{len(column)} tensors in argument {k} of a group of {n}: one per weight")
         if isinstance(column, torch.Tensor):
             size = column.element_size()
-            step = column.stride(0) * size if column.dim() else 0
-            if column.data_ptr() % 16 or step % 16:
+            step = column.stride(0) * size
+            if column.data_ptr() % 16 or step % 16 or not column[0].is_contiguous():
                 return None
             base = column.data_ptr()
             ptrs.append(range(base, base + n * step, step) if step else [base] * n)
         else:
             size = column[0].element_size()
             column_ptrs = [t.data_ptr() for t in column]
-            if any(ptr % 16 for ptr in column_ptrs):
+            if any(ptr % 16 for ptr in column_ptrs) or not all(
+                t.is_contiguous() for t in column if isinstance(t, torch.Tensor)
+            ):
                 return None
             ptrs.append(column_ptrs)
         sizes.append(size)
@@ -343,12 +352,13 @@ def dequantize_fp8_group(
     ``outs``: where to write, one per weight (tensors, or ``_compile.Address`` of memory torch does not
     hold), each contiguous of the output's shape and ``dtype`` on the weights' device; default: new tensors.
 
-    Returns the outputs, or None (nothing launched) when a pointer is not 16-byte aligned.
+    Returns the outputs, or None (nothing launched) when a pointer is not 16-byte aligned or a weight or
+    scale is not contiguous.
 
     Raises:
         KernelNotReady: as in :func:`dequantize_4bit_triton` (nothing launched).
-        ValueError: ``outs`` is not one output per weight of the output's dtype (and, for tensors, shape,
-            contiguity and device); nothing launched.
+        ValueError: ``scales`` or ``outs`` is not one per weight, or ``outs`` are not of the output's dtype
+            (and, for tensors, shape, contiguity and device); nothing launched.
     """
     W0 = Ws[0]
     grid, ints, meta, out_shape = _fp8_spec(W0, scales[0].numel() == 1, block, grid_shape, transpose)

@@ -131,6 +131,16 @@ def test_grouped_fp8_kernel_takes_stacked_rows(monkeypatch, transpose):
         assert_bitwise_equal(out, want.t() if transpose else want)
     odd = torch.zeros((n, w_row + 1), dtype=torch.uint8)[:, : Ws[0].numel()].view(torch.float8_e4m3fn)
     assert _triton.dequantize_fp8_group(odd.unflatten(1, shape), S, **kw) is None
+    with pytest.raises(ValueError, match="4 tensors in argument 1 of a group of 5"):  # not read past its end
+        _triton.dequantize_fp8_group(W, S[:4], **kw)
+    # rows that are not contiguous (each a transposed weight; the row stride 16-byte aligned): not launched,
+    # where the kernel would read them as contiguous
+    square = torch.stack([random_fp8((64, 128), seed=i).t().contiguous() for i in range(2)]).transpose(1, 2)
+    s2 = torch.stack([random_scales((1, 1), seed=i).expand(1, 4) for i in range(2)])[..., :1]
+    kw2 = dict(block=(128, 128), grid_shape=(1, 1), dtype=torch.bfloat16, transpose=transpose)
+    assert _triton.dequantize_fp8_group(square, s2, **kw2) is None
+    assert _triton.dequantize_fp8_group(list(square), list(s2), **kw2) is None
+    assert _triton.dequantize_fp8_group(square.contiguous(), s2, **kw2) is not None
 
 
 @pytest.mark.parametrize("chunk", [32, 2])
