@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,7 +141,7 @@ def repeated_loads(ckpt: pathlib.Path, size: int, device: str, loads: int) -> di
         out = ns["raw_load"](str(files[0]), device)
         times["raw"].append(time.perf_counter() - t0)
         del out
-    med = {k: sorted(v[1:])[len(v[1:]) // 2] for k, v in times.items()}
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
     print(
         f"in process: page-cache read {read8 / 1e9:.1f} GB/s (8 threads)"
         + (f", pinned host-to-device {copy / 1e9:.1f} GB/s" if copy is not None else "")
@@ -162,6 +163,10 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=6, help="in-process loads of each route (default 6)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     args = parser.parse_args()
+    if args.loads < 2:
+        parser.error(
+            f"--loads must be at least 2 (the first load of each route is left out), got {args.loads}"
+        )
     import jax
     import torch
 

@@ -42,3 +42,16 @@ def test_settings_a_script_ignores_are_refused():
             parser, ["", "_one_row=1"], ignored={"_one_row": "is not timed here"}
         )
     fused_matmul_mosaic.check_variants(parser, ["", "_BLOCKS=8"], ignored={"_one_row": "is not timed here"})
+
+
+def test_too_few_in_process_loads_are_refused_before_any_work(monkeypatch, capsys):
+    """``fresh_process_raw_route.py`` leaves each route's first in-process load out: ``--loads 1`` used to fail
+    only after minutes of fresh processes, losing their results."""
+    fresh_process_raw_route = pytest.importorskip("fresh_process_raw_route")
+    monkeypatch.setattr(
+        fresh_process_raw_route, "write_checkpoint", lambda *a: pytest.fail("work started before the check")
+    )
+    monkeypatch.setattr(sys, "argv", ["fresh_process_raw_route.py", "--loads", "1"])
+    with pytest.raises(SystemExit):
+        fresh_process_raw_route.main()
+    assert "--loads must be at least 2" in capsys.readouterr().err
