@@ -1,0 +1,263 @@
+"""Where a GPU load's host time goes, per checkpoint tensor, at DeepSeek-V3's layout in tiny shapes.
+
+Three parts, each printed:
+
+1. ``phases``: ``qbridge.load_checkpoint`` of one tiny DeepSeek-V3 MoE layer (``deepseek_v3_scale.py --tiny``:
+   1558 tensors, 782 leaves; device work and reading negligible, so wall time is host work), with timers
+   wrapped around the loader's steps (opening, planning, the FP8 groups' reads, allocation call, grouped
+   launch ...), after every background compile. The timers add their own cost; the total is printed too.
+2. ``group``: the steps of one group of 32 expert weights timed one by one (median of 200 calls), then the
+   whole grouped decode (``FP8Groups`` decoding 32 weights), the arrays kept alive as a load keeps them.
+3. ``allocation``: XLA programs that make n new arrays, kept alive (a load keeps its results): a broadcast of
+   a distinct value per array against ``jax.lax.empty`` (XLA's AllocateBuffer on a GPU).
+
+Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``. ``phases``
+runs on a CPU too (``--device cpu``: the CPU load decodes weight by weight, without groups).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import math
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import deepseek_v3_scale
+
+COUNT = 1558  # checkpoint tensors of one tiny layer with 256 routed experts
+
+
+def _load(root: pathlib.Path, device: str) -> None:
+    import jax
+
+    import qbridge
+
+    jax.block_until_ready(qbridge.load_checkpoint(root, device=device, progress=False))
+
+
+def _warm(root: pathlib.Path, device: str) -> None:
+    """Loads until every background compile the loads ask for is ready, and twice more."""
+    import torch_side
+    from qbridge._handoff import wait_for_allocators
+
+    for _ in range(3):
+        _load(root, device)
+    torch_side.wait_for_kernels()
+    wait_for_allocators()
+    for _ in range(2):
+        _load(root, device)
+
+
+def phases(root: pathlib.Path, device: str, loads: int) -> None:
+    from qbridge import _checkpoint, _group, _handoff, _loader
+
+    spent: collections.defaultdict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter[str] = collections.Counter()
+
+    def timed(owner: Any, name: str) -> None:
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t
+                calls[name] += 1
+
+        setattr(owner, name, wrapper)
+
+    originals: list[tuple[Any, str, Any]] = []
+    for owner, names in [
+        (_loader, ["open_checkpoint", "plan_load", "materialize", "hand_over"]),
+        (_loader._ReadAhead, ["advance"]),
+        (_group.FP8Groups, ["flush", "kind", "_one", "_check"]),
+        (_group, ["dequantize_fp8_group_into", "fp8_planned"]),
+        (_checkpoint.Checkpoint, ["read_stacked", "read_into", "close"]),
+        (_handoff.XlaDestinations, ["take_many", "settle"]),
+    ]:
+        for name in names:
+            originals.append((owner, name, getattr(owner, name)))
+            timed(owner, name)
+    _warm(root, device)
+    spent.clear()
+    calls.clear()
+    walls = []
+    for _ in range(loads):
+        t = time.perf_counter()
+        _load(root, device)
+        walls.append(time.perf_counter() - t)
+    wall = statistics.median(walls)
+    print(
+        f"phases ({device}): {wall * 1e3:.1f} ms per load = {wall / COUNT * 1e6:.1f} us per tensor (median of {loads})"
+    )
+    for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(
+            f"  {name:28s} {s / loads / COUNT * 1e6:7.2f} us per tensor  {calls[name] // loads} calls per load"
+        )
+    for owner, name, f in originals:  # the later parts time the loader unwrapped
+        setattr(owner, name, f)
+
+
+def _median_us(fn: Any, repeat: int = 200) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def group(root: pathlib.Path) -> None:
+    import jax
+
+    from qbridge import _handoff
+    from qbridge._checkpoint import open_checkpoint
+    from qbridge._group import FP8Groups
+    from qbridge._loader import plan_load
+    from torch_side._fp8 import dequantize_fp8_group_into, fp8_planned
+
+    _warm(root, "cuda")
+    dev, jdev = torch.device("cuda", 0), jax.devices("gpu")[0]
+    with open_checkpoint(root) as ckpt:
+        _, plan, _, _ = plan_load(ckpt, None)
+        keys = [f"model.layers.0.mlp.experts.{i}.down_proj.weight" for i in range(32)]
+        by_key = {p.key: p for p in plan}
+        members = [by_key[k] for k in keys]
+        entries = [ckpt.entries[k] for k in keys]
+        skeys = [e.keys["scale"] for e in entries]
+        (wshape, _), (sshape, _) = ckpt.source.shapes[keys[0]], ckpt.source.shapes[skeys[0]]
+        shape, dtype = entries[0].shape, torch.bfloat16
+        args = dict(block_size=entries[0].info["block_size"], transpose=True)
+        kept: list[Any] = []
+
+        def keep(x: Any) -> Any:
+            kept.append(x)
+            if len(kept) > 40:
+                kept.pop(0)
+            return x
+
+        rows = ckpt.read_stacked(skeys)
+        packed = ckpt.read_stacked(keys, pin=True).to(dev)
+        W = packed[:, : math.prod(wshape)].unflatten(1, wshape)
+        S = rows.to(dev)[:, : math.prod(sshape)].unflatten(1, sshape)
+        destinations = _handoff.XlaDestinations()
+        arrays = destinations.take_many(32, (shape[1], shape[0]), dtype, jdev, dev)
+        addresses = [a.unsafe_buffer_pointer() for a in arrays]
+        steps = {
+            "read 32 scales (read_stacked)": lambda: ckpt.read_stacked(skeys),
+            "read 32 tiny weights, pinned": lambda: ckpt.read_stacked(keys, pin=True),
+            "scales to the GPU, [n, ...] view": lambda: rows.to(dev, non_blocking=True)[
+                :, : math.prod(sshape)
+            ].unflatten(1, sshape),
+            "the kind's plan (fp8_planned)": lambda: fp8_planned(W[0], S[0], dtype, **args),
+            "allocation call of 32 arrays (take_many)": lambda: keep(
+                destinations.take_many(32, (shape[1], shape[0]), dtype, jdev, dev)
+            ),
+            "32 addresses (unsafe_buffer_pointer)": lambda: [a.unsafe_buffer_pointer() for a in arrays],
+            "grouped launch (dequantize_fp8_group_into)": lambda: dequantize_fp8_group_into(
+                W, S, addresses, dtype, **args
+            ),
+        }
+        for label, fn in steps.items():
+            print(f"group: {label:44s} {_median_us(fn):8.1f} us")
+
+        def whole() -> float:
+            into, values = _handoff.XlaDestinations(), {}
+            groups = FP8Groups(ckpt, dev, jdev, into, values, 1 << 40)
+            kinds = [groups.kind(ckpt.entries[p.key], p.rule, None) for p in members]
+            for p, kind in zip(members[:-1], kinds[:-1]):
+                groups.add(kind, p.leaf.path, ckpt.entries[p.key])
+            t = time.perf_counter()
+            groups.add(kinds[-1], members[-1].leaf.path, ckpt.entries[members[-1].key])  # decodes the 32
+            took = time.perf_counter() - t
+            into.settle()
+            if any(v is None for v in values.values()):
+                raise RuntimeError("a weight of the group was not decoded")
+            keep(values)
+            return took
+
+        for _ in range(10):
+            whole()
+        took = sorted(whole() for _ in range(100))
+        print(
+            f"group: {'the whole grouped decode of 32 weights':44s} {took[50] * 1e6:8.1f} us (median of 100)"
+        )
+
+
+def allocation() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    device = jax.devices()[0]
+    shape, dtype = (256, 128), jnp.bfloat16
+    out = (jax.sharding.SingleDeviceSharding(device),)
+    fill = jax.device_put(np.zeros((), dtype), device)
+
+    def broadcast(count: int) -> Any:
+        return lambda f: tuple(jax.lax.broadcast(f + np.asarray(i, dtype), shape) for i in range(count))
+
+    def empty(count: int) -> Any:
+        return lambda f: tuple(jax.lax.empty(shape, dtype) for _ in range(count))
+
+    for count in (1, 8, 32, 64):
+        programs = {
+            label: jax.jit(make(count), out_shardings=out * count).lower(fill).compile()
+            for label, make in [("broadcast of a value per array", broadcast), ("jax.lax.empty", empty)]
+        }
+        for label, fn in programs.items():
+            kept: list[Any] = [fn(fill) for _ in range(20)]
+            jax.block_until_ready(kept)
+
+            def call(fn: Any = fn, kept: list[Any] = kept) -> None:
+                kept.append(fn(fill))
+                if len(kept) > 60:
+                    kept.pop(0)
+
+            print(
+                f"allocation: {count:3d} arrays kept alive, {label:32s} {_median_us(call):8.1f} us per call"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["phases", "group", "allocation"],
+                        choices=["phases", "group", "allocation"])  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
+    parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
+    args = parser.parse_args()
+    if args.device == "cpu" and set(args.parts) != {"phases"}:
+        parser.error(
+            "--device cpu runs the phases part only (groups and XLA's allocation calls are the GPU's)"
+        )
+    if args.loads < 1:
+        parser.error(f"--loads must be at least 1, got {args.loads}")
+    import jax
+
+    print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
+          f"jax {jax.__version__}")  # fmt: skip
+    deepseek_v3_scale.use_tiny_shapes()
+    with tempfile.TemporaryDirectory(prefix="qbridge-loader-host-") as tmp:
+        root = pathlib.Path(tmp)
+        deepseek_v3_scale.write_checkpoint(root, 1, 256, "cpu")
+        if "phases" in args.parts:
+            phases(root, args.device, args.loads)
+        if "group" in args.parts:
+            group(root)
+    if "allocation" in args.parts:
+        allocation()
+
+
+if __name__ == "__main__":
+    main()
