@@ -354,7 +354,7 @@ def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
     bf16 = jax.numpy.dtype(jax.numpy.bfloat16)
     key = (shape, bf16, cpu, _handoff._pooled(shape, bf16))
 
-    def exhausted(fill):
+    def exhausted():
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate")
 
     compiled, _handoff._allocators[key] = _handoff._allocators[key], exhausted
