@@ -857,7 +857,26 @@ def _find_files(
         raise CheckpointError(
             f"{path}: an Orbax checkpoint, not a PyTorch one; read it with qbridge.restore_converted"
         )
-    raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files")
+    below = _checkpoint_folders(path)
+    hint = f" (its folders {', '.join(below)} hold tensor files: pass one of them)" if below else ""
+    raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files{hint}")
+
+
+def _checkpoint_folders(path: pathlib.Path) -> list[str]:
+    """The folders right below ``path`` that hold a tensor file, for a hint (unreadable ones passed over)."""
+
+    def holds_tensors(folder: pathlib.Path) -> bool:
+        try:
+            return folder.is_dir() and any(
+                f.suffix in (".safetensors", *TORCH_SUFFIXES) for f in folder.iterdir()
+            )
+        except OSError:
+            return False
+
+    try:
+        return sorted(d.name for d in path.iterdir() if holds_tensors(d))
+    except OSError:
+        return []
 
 
 def read_config(path: pathlib.Path) -> dict[str, Any]:

@@ -189,8 +189,20 @@ def test_pickle_that_weights_only_refuses_is_never_run(tmp_path):
 
 
 def test_empty_directory_and_missing_path(tmp_path):
-    with pytest.raises(CheckpointError, match=r"no .safetensors, .bin or .pt files"):
+    with pytest.raises(CheckpointError, match=r"no .safetensors, .bin or .pt files$"):
         qbridge.load_checkpoint(tmp_path, progress=False)
+    # a folder of checkpoints (what `qbridge demo --workdir` writes): the ones below it are named
+    from safetensors.torch import save_file
+
+    for name in ("llama-nf4", "llama-bf16"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.ones(2)}, tmp_path / name / "model.safetensors")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(
+        CheckpointError,
+        match=r"no .safetensors, .bin or .pt files \(its folders llama-bf16, llama-nf4 hold tensor files: pass one",
+    ):
+        qbridge.open_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no such file or directory"):
         qbridge.load_checkpoint(tmp_path / "nope", progress=False)
 
