@@ -157,7 +157,7 @@ def repeated_loads(ckpt: pathlib.Path, size: int, device: str, loads: int) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers to write (default 4)")
     parser.add_argument("--scale", type=int, default=1, help="divide every dimension by this (default 1)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--loads", type=int, default=6, help="in-process loads of each route (default 6)")
@@ -170,6 +170,8 @@ def main() -> None:
     import jax
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda (the default): torch sees no CUDA GPU here; use --device cpu")
     rows = []
     with tempfile.TemporaryDirectory(prefix="qbridge-raw-route-") as tmp:
         root = pathlib.Path(tmp)

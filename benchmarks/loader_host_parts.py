@@ -243,6 +243,8 @@ def main() -> None:
         )
     if args.loads < 1:
         parser.error(f"--loads must be at least 1, got {args.loads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("torch sees no CUDA GPU here: use --device cpu --parts phases")
     import jax
 
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "

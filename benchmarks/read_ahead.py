@@ -25,14 +25,16 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tensors", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tensors", type=int, default=16, help="28 MiB tensors in the file (default 16)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds, the first left out (default 7)")
     parser.add_argument(
         "--pin", action="store_true", help="read into pinned memory, as a GPU load does (CUDA)"
     )
     args = parser.parse_args()
     if args.tensors < 1 or args.rounds < 2:
         parser.error("--tensors must be at least 1 and --rounds at least 2 (the first round is left out)")
+    if args.pin and not torch.cuda.is_available():
+        parser.error("--pin reads into pinned memory, for copies to a CUDA GPU, and torch sees none here")
     from safetensors.torch import save_file
 
     from qbridge._checkpoint import READ_THREADS, open_checkpoint
