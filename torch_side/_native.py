@@ -3,9 +3,9 @@ with ctypes.
 
 torch operations alone cannot decode a 4-bit weight as fast as bitsandbytes' native CPU kernel: at
 1024x1024 the byte lookup alone (``index_select``) costs more than that whole kernel. The C kernel looks
-each nibble up in a register-held table (AVX-512 where the CPU has it, plain C elsewhere), multiplies
-by the block's scale and rounds while storing, on a small pool of threads for large weights; it gives
-the bits of ``_nf4.dequantize_4bit_reference`` (tested against it).
+each nibble up in a register-held table (AVX-512 where the CPU has it, else AVX2 with F16C, plain C
+elsewhere), multiplies by the block's scale and rounds while storing, on a small pool of threads for large
+weights; it gives the bits of ``_nf4.dequantize_4bit_reference`` (tested against it).
 
 It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for the machine's
 CPU and kept in qbridge's cache directory (``_cache.cache_dir``, under ``cpu-kernels/``), named by a hash

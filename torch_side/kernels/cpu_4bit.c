@@ -33,6 +33,12 @@
 #else
 #define QB_AVX512 0
 #endif
+#if !QB_AVX512 && defined(__AVX2__) && defined(__F16C__)
+#include <immintrin.h>
+#define QB_AVX2 1 /* 8 lanes: the 16-entry table as two 8-entry permutes */
+#else
+#define QB_AVX2 0
+#endif
 
 enum { QB_F32 = 0, QB_BF16 = 1, QB_F16 = 2 };
 
@@ -184,6 +190,69 @@ static inline void run32(const uint8_t *packed, __m512 table, float scale, void 
 }
 #endif
 
+#if QB_AVX2
+/* As flush16, over 8 lanes: a product below FLT_MIN in magnitude becomes a zero of its sign. */
+static inline __m256 flush8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i tiny = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(u, _mm256_and_si256(u, _mm256_set1_epi32((int)0x80000000u)), tiny));
+}
+
+/* bfloat16 bits of 8 floats in the low half of each lane, rounded as bf16_of rounds (NaN as 0xFFFF) */
+static inline __m256i bf16_bits8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+/* table[q] of 8 nibbles q (int32 lanes): entries 0..7 from t_lo, 8..15 from t_hi, chosen by q's bit 3 */
+static inline __m256 lookup8(__m256i q, __m256 t_lo, __m256 t_hi) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, q), _mm256_permutevar8x32_ps(t_hi, q),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+
+/* The products table[q] * s of the 16 nibbles in 8 bytes, high nibble first: elements 0..7 in *v0, 8..15 in
+ * *v1 (not flushed). */
+static inline void decode16(const uint8_t *bytes, __m256 t_lo, __m256 t_hi, __m256 s, __m256 *v0, __m256 *v1) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const __m128i x = _mm_loadl_epi64((const __m128i *)bytes);
+    const __m128i q = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(x, 4), low), _mm_and_si128(x, low));
+    *v0 = _mm256_mul_ps(lookup8(_mm256_cvtepu8_epi32(q), t_lo, t_hi), s);
+    *v1 = _mm256_mul_ps(lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)), t_lo, t_hi), s);
+}
+
+/* 16 outputs from element i: v0 -> i..i+7, v1 -> i+8..i+15, rounded as store_one rounds */
+static inline void store16x2(void *out, int kind, int64_t i, __m256 v0, __m256 v1) {
+    if (kind == QB_F32) {
+        _mm256_storeu_ps((float *)out + i, v0);
+        _mm256_storeu_ps((float *)out + i + 8, v1);
+    } else if (kind == QB_BF16) { /* packus interleaves 128-bit halves: the permute puts them back in order */
+        const __m256i p = _mm256_packus_epi32(bf16_bits8(v0), bf16_bits8(v1));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm256_permute4x64_epi64(p, 0xD8));
+    } else {
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i *)((uint16_t *)out + i + 8),
+                         _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
+/* count elements from element `start` (even), count a multiple of 16, one scale */
+static inline void run16(const uint8_t *packed, __m256 t_lo, __m256 t_hi, float scale, void *out, int kind,
+                         int flush_products, int64_t start, int64_t count) {
+    const __m256 s = _mm256_set1_ps(scale);
+    for (int64_t i = start; i < start + count; i += 16) {
+        __m256 v0, v1;
+        decode16(packed + i / 2, t_lo, t_hi, s, &v0, &v1);
+        if (flush_products) {
+            v0 = flush8(v0);
+            v1 = flush8(v1);
+        }
+        store16x2(out, kind, i, v0, v1);
+    }
+}
+#endif
+
 /* Products code[q] * scale can be denormal only when 0 < |scale| < FLT_MIN / (smallest nonzero |code|);
  * blocks with a scale at least twice that (or zero, NaN or infinite: no denormal products) skip the flush. */
 static float flush_limit(const float *code) {
@@ -207,6 +276,8 @@ static void run_blocks(const qb_job *job) {
     const float limit = flush_limit(job->code);
 #if QB_AVX512
     const __m512 table = _mm512_loadu_ps(job->code);
+#elif QB_AVX2
+    const __m256 t_lo = _mm256_loadu_ps(job->code), t_hi = _mm256_loadu_ps(job->code + 8);
 #endif
     for (int64_t j = job->first_block; j < job->stop_block; j++) {
         const float scale = scale_of(job, j);
@@ -229,6 +300,23 @@ static void run_blocks(const qb_job *job) {
             }
             i += vec;
         }
+#elif QB_AVX2
+        const float magnitude = scale < 0 ? -scale : scale;
+        const int exact = magnitude >= limit || magnitude == 0.0f || magnitude > FLT_MAX; /* NaN: flush path */
+        const int64_t vec = (stop - start) - (stop - start) % 16;
+        if (vec) {
+            if (job->kind == QB_BF16) {
+                if (exact)
+                    run16(job->packed, t_lo, t_hi, scale, job->out, QB_BF16, 0, start, vec);
+                else
+                    run16(job->packed, t_lo, t_hi, scale, job->out, QB_BF16, 1, start, vec);
+            } else if (job->kind == QB_F32) {
+                run16(job->packed, t_lo, t_hi, scale, job->out, QB_F32, !exact, start, vec);
+            } else {
+                run16(job->packed, t_lo, t_hi, scale, job->out, QB_F16, !exact, start, vec);
+            }
+            i += vec;
+        }
 #endif
         for (; i < stop; i++) store_one(job->out, job->kind, i, decode_one(job, i, scale));
     }
@@ -243,6 +331,24 @@ static inline void store_tile_t(const qb_job *job, const float *tile, int64_t r,
                                             _mm512_set1_epi32(QB_TILE_C));
     for (int64_t c = 0; c < width; c++)
         store16(job->out, job->kind, (c0 + c) * job->rows + r, _mm512_i32gather_ps(down, tile + c, 4));
+}
+#elif QB_AVX2
+/* As above, for a tile of 8 rows: tile column c becomes outputs (c0 + c) * rows + r .. + 7. */
+static inline void store_tile8_t(const qb_job *job, const float *tile, int64_t r, int64_t c0, int64_t width) {
+    const __m256i down = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(QB_TILE_C));
+    for (int64_t c = 0; c < width; c++) {
+        const __m256 v = _mm256_i32gather_ps(tile + c, down, 4);
+        const int64_t i = (c0 + c) * job->rows + r;
+        if (job->kind == QB_F32) {
+            _mm256_storeu_ps((float *)job->out + i, v);
+        } else if (job->kind == QB_BF16) {
+            const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits8(v), bf16_bits8(v)), 0xD8);
+            _mm_storeu_si128((__m128i *)((uint16_t *)job->out + i), _mm256_castsi256_si128(p));
+        } else {
+            _mm_storeu_si128((__m128i *)((uint16_t *)job->out + i),
+                             _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        }
+    }
 }
 #endif
 
@@ -283,6 +389,37 @@ static void run_blocks_t(const qb_job *job) {
                 }
             }
             store_tile_t(job, tile, r, c0, width);
+        }
+    }
+#elif QB_AVX2 /* the same with 8 rows per tile and 16 elements per decode */
+    const __m256 t_lo = _mm256_loadu_ps(job->code), t_hi = _mm256_loadu_ps(job->code + 8);
+    float tile[8 * QB_TILE_C];
+    for (; r + 8 <= job->stop_row; r += 8) {
+        for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
+            const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
+            for (int k = 0; k < 8; k++) {
+                float *into = tile + k * QB_TILE_C;
+                int64_t i = (r + k) * cols + c0, c = 0;
+                while (c < width) { /* a segment of one absmax block */
+                    const int64_t j = i / bs;
+                    const int64_t seg = (j + 1) * bs - i < width - c ? (j + 1) * bs - i : width - c;
+                    const float scale = scale_of(job, j);
+                    int64_t e = 0;
+                    if ((i & 1) == 0) { /* 16 elements from 8 bytes, high nibble first */
+                        const __m256 sv = _mm256_set1_ps(scale);
+                        for (; e + 16 <= seg; e += 16) {
+                            __m256 v0, v1;
+                            decode16(job->packed + (i + e) / 2, t_lo, t_hi, sv, &v0, &v1);
+                            _mm256_storeu_ps(into + c + e, flush8(v0));
+                            _mm256_storeu_ps(into + c + e + 8, flush8(v1));
+                        }
+                    }
+                    for (; e < seg; e++) into[c + e] = decode_one(job, i + e, scale);
+                    i += seg;
+                    c += seg;
+                }
+            }
+            store_tile8_t(job, tile, r, c0, width);
         }
     }
 #endif
