@@ -138,7 +138,8 @@ def test_several_threads_split_blocks_exactly(kernel, threads):
 def test_special_scales_and_tables(kernel):
     """NaN, infinite, zero and signed-zero scales, scales small enough to make denormal products (flushed
     to zeros of their sign, as bitsandbytes' CUDA kernel does), products past float16's and bfloat16's
-    range, float16 subnormal results, and tables with zeros of both signs and tiny entries."""
+    range, float16 subnormal results, and tables with zeros of both signs and tiny entries; row-major and
+    written transposed."""
     n, blocksize = 64 * 40, 64
     specials = [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-38, -3e-39, 1e-45, 2.5e-38,
                 7e-38, 1e30, -3e38, 1e-5, -6e-8, 65504.0, 3.3e38]  # fmt: skip
@@ -165,6 +166,9 @@ def test_special_scales_and_tables(kernel):
                 packed, absmax, shape=(n,), blocksize=blocksize, code=code, dtype=dtype, backend="torch"
             )
             assert_bitwise_equal(torch_path, want)
+            # written transposed too ([40, 64]: blocks of one row, whole tiles), as a CPU load asks for it
+            got_t = dequantize_4bit_native(packed, absmax, code, blocksize, n, dtype, transposed=(40, 64))
+            assert_bitwise_equal(got_t, want.reshape(40, 64).t())
 
 
 def test_nan_is_written_as_torch_writes_it(kernel):

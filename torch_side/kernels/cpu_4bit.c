@@ -324,6 +324,7 @@ static void run_blocks(const qb_job *job) {
 
 #define QB_TILE_C 64
 #if QB_AVX512
+#define QB_TILE_R 16 /* rows per tile of the transposed decodes */
 /* Stores a decoded tile (16 rows from row r, `width` columns from column c0, QB_TILE_C floats per row)
  * transposed: tile column c becomes outputs (c0 + c) * rows + r .. + 15, rounded as store16 rounds. */
 static inline void store_tile_t(const qb_job *job, const float *tile, int64_t r, int64_t c0, int64_t width) {
@@ -333,8 +334,9 @@ static inline void store_tile_t(const qb_job *job, const float *tile, int64_t r,
         store16(job->out, job->kind, (c0 + c) * job->rows + r, _mm512_i32gather_ps(down, tile + c, 4));
 }
 #elif QB_AVX2
+#define QB_TILE_R 8
 /* As above, for a tile of 8 rows: tile column c becomes outputs (c0 + c) * rows + r .. + 7. */
-static inline void store_tile8_t(const qb_job *job, const float *tile, int64_t r, int64_t c0, int64_t width) {
+static inline void store_tile_t(const qb_job *job, const float *tile, int64_t r, int64_t c0, int64_t width) {
     const __m256i down = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(QB_TILE_C));
     for (int64_t c = 0; c < width; c++) {
         const __m256 v = _mm256_i32gather_ps(tile + c, down, 4);
@@ -352,74 +354,59 @@ static inline void store_tile8_t(const qb_job *job, const float *tile, int64_t r
 }
 #endif
 
+#if QB_AVX512 || QB_AVX2
+/* `width` elements of one row from flat element i into `into`, segment by segment of one absmax block: the
+ * products, flushed (rounded later, as the tile is stored). */
+static inline void decode_row(const qb_job *job, float *into, int64_t i, int64_t width) {
+    const int64_t bs = job->blocksize;
+    int64_t c = 0;
+    while (c < width) {
+        const int64_t j = i / bs;
+        const int64_t seg = (j + 1) * bs - i < width - c ? (j + 1) * bs - i : width - c;
+        const float scale = scale_of(job, j);
+        int64_t e = 0;
+        if ((i & 1) == 0) { /* whole bytes, high nibble first */
+#if QB_AVX512
+            const __m512 table = _mm512_loadu_ps(job->code), sv = _mm512_set1_ps(scale);
+            for (; e + 32 <= seg; e += 32) {
+                __m512 v0, v1;
+                decode32(job->packed + (i + e) / 2, table, sv, &v0, &v1);
+                _mm512_storeu_ps(into + c + e, flush16(v0));
+                _mm512_storeu_ps(into + c + e + 16, flush16(v1));
+            }
+#else
+            const __m256 t_lo = _mm256_loadu_ps(job->code), t_hi = _mm256_loadu_ps(job->code + 8);
+            const __m256 sv = _mm256_set1_ps(scale);
+            for (; e + 16 <= seg; e += 16) {
+                __m256 v0, v1;
+                decode16(job->packed + (i + e) / 2, t_lo, t_hi, sv, &v0, &v1);
+                _mm256_storeu_ps(into + c + e, flush8(v0));
+                _mm256_storeu_ps(into + c + e + 8, flush8(v1));
+            }
+#endif
+        }
+        for (; e < seg; e++) into[c + e] = decode_one(job, i + e, scale);
+        i += seg;
+        c += seg;
+    }
+}
+#endif
+
 /* The 4-bit decode written transposed, for a weight of shape [rows, cols] (element i = r * cols + c of the
  * flat order): element (r, c) to out[c * rows + r], the [cols, rows] layout (a Linear's kernel in Flax).
- * 16 rows at a time are decoded into a float32 tile 64 columns wide (segment by segment of one absmax
- * block), and each of its columns is stored as 16 consecutive outputs: the same products, flushes and
- * rounding as the row-major decode. Rows first_row .. stop_row - 1. */
+ * QB_TILE_R rows at a time (16 with AVX-512, 8 with AVX2) are decoded into a float32 tile 64 columns wide
+ * (segment by segment of one absmax block), and each of its columns is stored as QB_TILE_R consecutive
+ * outputs: the same products, flushes and rounding as the row-major decode. Rows first_row .. stop_row - 1. */
 static void run_blocks_t(const qb_job *job) {
     const int64_t cols = job->cols, rows = job->rows, bs = job->blocksize;
     int64_t r = job->first_row;
-#if QB_AVX512
-    const __m512 table = _mm512_loadu_ps(job->code);
-    float tile[16 * QB_TILE_C];
-    for (; r + 16 <= job->stop_row; r += 16) {
+#if QB_AVX512 || QB_AVX2
+    float tile[QB_TILE_R * QB_TILE_C];
+    for (; r + QB_TILE_R <= job->stop_row; r += QB_TILE_R) {
         for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
             const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
-            for (int k = 0; k < 16; k++) {
-                float *into = tile + k * QB_TILE_C;
-                int64_t i = (r + k) * cols + c0, c = 0;
-                while (c < width) { /* a segment of one absmax block */
-                    const int64_t j = i / bs;
-                    const int64_t seg = (j + 1) * bs - i < width - c ? (j + 1) * bs - i : width - c;
-                    const float scale = scale_of(job, j);
-                    int64_t e = 0;
-                    if ((i & 1) == 0) { /* 32 elements from 16 bytes, high nibble first */
-                        const __m512 sv = _mm512_set1_ps(scale);
-                        for (; e + 32 <= seg; e += 32) {
-                            __m512 v0, v1;
-                            decode32(job->packed + (i + e) / 2, table, sv, &v0, &v1);
-                            _mm512_storeu_ps(into + c + e, flush16(v0));
-                            _mm512_storeu_ps(into + c + e + 16, flush16(v1));
-                        }
-                    }
-                    for (; e < seg; e++) into[c + e] = decode_one(job, i + e, scale);
-                    i += seg;
-                    c += seg;
-                }
-            }
+            for (int k = 0; k < QB_TILE_R; k++) decode_row(job, tile + k * QB_TILE_C, (r + k) * cols + c0, width);
             store_tile_t(job, tile, r, c0, width);
-        }
-    }
-#elif QB_AVX2 /* the same with 8 rows per tile and 16 elements per decode */
-    const __m256 t_lo = _mm256_loadu_ps(job->code), t_hi = _mm256_loadu_ps(job->code + 8);
-    float tile[8 * QB_TILE_C];
-    for (; r + 8 <= job->stop_row; r += 8) {
-        for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
-            const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
-            for (int k = 0; k < 8; k++) {
-                float *into = tile + k * QB_TILE_C;
-                int64_t i = (r + k) * cols + c0, c = 0;
-                while (c < width) { /* a segment of one absmax block */
-                    const int64_t j = i / bs;
-                    const int64_t seg = (j + 1) * bs - i < width - c ? (j + 1) * bs - i : width - c;
-                    const float scale = scale_of(job, j);
-                    int64_t e = 0;
-                    if ((i & 1) == 0) { /* 16 elements from 8 bytes, high nibble first */
-                        const __m256 sv = _mm256_set1_ps(scale);
-                        for (; e + 16 <= seg; e += 16) {
-                            __m256 v0, v1;
-                            decode16(job->packed + (i + e) / 2, t_lo, t_hi, sv, &v0, &v1);
-                            _mm256_storeu_ps(into + c + e, flush8(v0));
-                            _mm256_storeu_ps(into + c + e + 8, flush8(v1));
-                        }
-                    }
-                    for (; e < seg; e++) into[c + e] = decode_one(job, i + e, scale);
-                    i += seg;
-                    c += seg;
-                }
-            }
-            store_tile8_t(job, tile, r, c0, width);
         }
     }
 #endif
@@ -453,59 +440,48 @@ static void run_fp8_rows(const qb_job *job) {
 }
 
 /* The FP8 decode written transposed (as run_blocks_t writes the 4-bit one): element (r, c) of the [rows, cols]
- * weight to out[c * rows + r], 16 rows at a time through a float32 tile 64 columns wide; the same products
- * and rounding while storing. */
+ * weight to out[c * rows + r], QB_TILE_R rows at a time through a float32 tile 64 columns wide; the same
+ * products and rounding while storing. */
 static inline float fp8_value(const qb_job *job, int64_t r, int64_t c) {
     return job->lut[job->fp8[r * job->cols + c]] * job->scale[(r / job->block_rows) * job->scale_cols + c / job->block_cols];
 }
 
-static void run_fp8_rows_t(const qb_job *job) {
-    const int64_t cols = job->cols, rows = job->rows, bc = job->block_cols;
-    int64_t r = job->first_row;
+#if QB_AVX512 || QB_AVX2
+/* Columns c0 .. c0 + width - 1 of FP8 row rr into `into`: each byte's float32 value times its tile's scale. */
+static inline void fp8_row(const qb_job *job, float *into, int64_t rr, int64_t c0, int64_t width) {
+    const int64_t bc = job->block_cols;
+    const float *scales = job->scale + (rr / job->block_rows) * job->scale_cols;
+    const uint8_t *w = job->fp8 + rr * job->cols + c0;
+    int64_t c = 0;
 #if QB_AVX512
-    float tile[16 * QB_TILE_C];
-    for (; r + 16 <= job->stop_row; r += 16) {
-        for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
-            const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
-            for (int k = 0; k < 16; k++) {
-                const int64_t rr = r + k;
-                const float *scales = job->scale + (rr / job->block_rows) * job->scale_cols;
-                const uint8_t *w = job->fp8 + rr * cols + c0;
-                float *into = tile + k * QB_TILE_C;
-                int64_t c = 0;
-                for (; c + 16 <= width; c += 16) {
-                    const int64_t first = (c0 + c) / bc, last = (c0 + c + 15) / bc;
-                    if (first != last) break; /* 16 columns across two scale blocks: element by element */
-                    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c)));
-                    _mm512_storeu_ps(into + c, _mm512_mul_ps(_mm512_set1_ps(scales[first]),
-                                                             _mm512_i32gather_ps(bytes, job->lut, 4)));
-                }
-                for (; c < width; c++) into[c] = job->lut[w[c]] * scales[(c0 + c) / bc];
-            }
-            store_tile_t(job, tile, r, c0, width);
-        }
+    for (; c + 16 <= width; c += 16) {
+        const int64_t first = (c0 + c) / bc, last = (c0 + c + 15) / bc;
+        if (first != last) break; /* 16 columns across two scale blocks: element by element */
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + c)));
+        _mm512_storeu_ps(into + c, _mm512_mul_ps(_mm512_set1_ps(scales[first]), _mm512_i32gather_ps(bytes, job->lut, 4)));
     }
-#elif QB_AVX2 /* the same with 8 rows per tile and 8 columns per gather */
-    float tile[8 * QB_TILE_C];
-    for (; r + 8 <= job->stop_row; r += 8) {
+#else
+    for (; c + 8 <= width; c += 8) {
+        const int64_t first = (c0 + c) / bc, last = (c0 + c + 7) / bc;
+        if (first != last) break; /* 8 columns across two scale blocks: element by element */
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + c)));
+        _mm256_storeu_ps(into + c, _mm256_mul_ps(_mm256_set1_ps(scales[first]), _mm256_i32gather_ps(job->lut, bytes, 4)));
+    }
+#endif
+    for (; c < width; c++) into[c] = job->lut[w[c]] * scales[(c0 + c) / bc];
+}
+#endif
+
+static void run_fp8_rows_t(const qb_job *job) {
+    const int64_t cols = job->cols, rows = job->rows;
+    int64_t r = job->first_row;
+#if QB_AVX512 || QB_AVX2
+    float tile[QB_TILE_R * QB_TILE_C];
+    for (; r + QB_TILE_R <= job->stop_row; r += QB_TILE_R) {
         for (int64_t c0 = 0; c0 < cols; c0 += QB_TILE_C) {
             const int64_t width = cols - c0 < QB_TILE_C ? cols - c0 : QB_TILE_C;
-            for (int k = 0; k < 8; k++) {
-                const int64_t rr = r + k;
-                const float *scales = job->scale + (rr / job->block_rows) * job->scale_cols;
-                const uint8_t *w = job->fp8 + rr * cols + c0;
-                float *into = tile + k * QB_TILE_C;
-                int64_t c = 0;
-                for (; c + 8 <= width; c += 8) {
-                    const int64_t first = (c0 + c) / bc, last = (c0 + c + 7) / bc;
-                    if (first != last) break; /* 8 columns across two scale blocks: element by element */
-                    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(w + c)));
-                    _mm256_storeu_ps(into + c, _mm256_mul_ps(_mm256_set1_ps(scales[first]),
-                                                             _mm256_i32gather_ps(job->lut, bytes, 4)));
-                }
-                for (; c < width; c++) into[c] = job->lut[w[c]] * scales[(c0 + c) / bc];
-            }
-            store_tile8_t(job, tile, r, c0, width);
+            for (int k = 0; k < QB_TILE_R; k++) fp8_row(job, tile + k * QB_TILE_C, r + k, c0, width);
+            store_tile_t(job, tile, r, c0, width);
         }
     }
 #endif
