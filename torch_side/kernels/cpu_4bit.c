@@ -169,9 +169,13 @@ static inline void decode32(const uint8_t *bytes, __m512 table, __m512 s, __m512
     *v1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table), s);
 }
 
-/* count elements from element `start` (even), count a multiple of 32, one scale */
-static inline void run32(const uint8_t *packed, __m512 table, float scale, void *out, int kind, int flush_products,
-                         int64_t start, int64_t count) {
+typedef __m512 qb_table; /* the 16-entry table in one register */
+static inline qb_table load_table(const float *code) { return _mm512_loadu_ps(code); }
+#define QB_STEP 32 /* elements per vector step of the row-major decode */
+
+/* count elements from element `start` (even), count a multiple of QB_STEP, one scale */
+static inline void run_step(const uint8_t *packed, qb_table table, float scale, void *out, int kind,
+                            int flush_products, int64_t start, int64_t count) {
     const __m512 s = _mm512_set1_ps(scale);
     for (int64_t i = start; i < start + count; i += 32) {
         __m512 v0, v1;
@@ -206,20 +210,29 @@ static inline __m256i bf16_bits8(__m256 v) {
     return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xffff), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
 
-/* table[q] of 8 nibbles q (int32 lanes): entries 0..7 from t_lo, 8..15 from t_hi, chosen by q's bit 3 */
-static inline __m256 lookup8(__m256i q, __m256 t_lo, __m256 t_hi) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_lo, q), _mm256_permutevar8x32_ps(t_hi, q),
+typedef struct {
+    __m256 lo, hi; /* entries 0..7 and 8..15 */
+} qb_table;
+static inline qb_table load_table(const float *code) {
+    const qb_table table = {_mm256_loadu_ps(code), _mm256_loadu_ps(code + 8)};
+    return table;
+}
+#define QB_STEP 16
+
+/* table[q] of 8 nibbles q (int32 lanes): from its low or high half, chosen by q's bit 3 */
+static inline __m256 lookup8(__m256i q, qb_table table) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(table.lo, q), _mm256_permutevar8x32_ps(table.hi, q),
                             _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
 }
 
 /* The products table[q] * s of the 16 nibbles in 8 bytes, high nibble first: elements 0..7 in *v0, 8..15 in
  * *v1 (not flushed). */
-static inline void decode16(const uint8_t *bytes, __m256 t_lo, __m256 t_hi, __m256 s, __m256 *v0, __m256 *v1) {
+static inline void decode16(const uint8_t *bytes, qb_table table, __m256 s, __m256 *v0, __m256 *v1) {
     const __m128i low = _mm_set1_epi8(0x0f);
     const __m128i x = _mm_loadl_epi64((const __m128i *)bytes);
     const __m128i q = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(x, 4), low), _mm_and_si128(x, low));
-    *v0 = _mm256_mul_ps(lookup8(_mm256_cvtepu8_epi32(q), t_lo, t_hi), s);
-    *v1 = _mm256_mul_ps(lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)), t_lo, t_hi), s);
+    *v0 = _mm256_mul_ps(lookup8(_mm256_cvtepu8_epi32(q), table), s);
+    *v1 = _mm256_mul_ps(lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)), table), s);
 }
 
 /* 16 outputs from element i: v0 -> i..i+7, v1 -> i+8..i+15, rounded as store_one rounds */
@@ -237,13 +250,13 @@ static inline void store16x2(void *out, int kind, int64_t i, __m256 v0, __m256 v
     }
 }
 
-/* count elements from element `start` (even), count a multiple of 16, one scale */
-static inline void run16(const uint8_t *packed, __m256 t_lo, __m256 t_hi, float scale, void *out, int kind,
-                         int flush_products, int64_t start, int64_t count) {
+/* count elements from element `start` (even), count a multiple of QB_STEP, one scale */
+static inline void run_step(const uint8_t *packed, qb_table table, float scale, void *out, int kind,
+                            int flush_products, int64_t start, int64_t count) {
     const __m256 s = _mm256_set1_ps(scale);
     for (int64_t i = start; i < start + count; i += 16) {
         __m256 v0, v1;
-        decode16(packed + i / 2, t_lo, t_hi, s, &v0, &v1);
+        decode16(packed + i / 2, table, s, &v0, &v1);
         if (flush_products) {
             v0 = flush8(v0);
             v1 = flush8(v1);
@@ -253,6 +266,7 @@ static inline void run16(const uint8_t *packed, __m256 t_lo, __m256 t_hi, float 
 }
 #endif
 
+#if QB_AVX512 || QB_AVX2
 /* Products code[q] * scale can be denormal only when 0 < |scale| < FLT_MIN / (smallest nonzero |code|);
  * blocks with a scale at least twice that (or zero, NaN or infinite: no denormal products) skip the flush. */
 static float flush_limit(const float *code) {
@@ -263,6 +277,7 @@ static float flush_limit(const float *code) {
     }
     return smallest > 0 ? 2.0f * (FLT_MIN / smallest) : 0.0f;
 }
+#endif
 
 /* Element i of a 4-bit weight: its nibble (the high one when i is even) from the table, times its block's
  * scale, flushed below FLT_MIN. */
@@ -273,47 +288,28 @@ static inline float decode_one(const qb_job *job, int64_t i, float scale) {
 
 static void run_blocks(const qb_job *job) {
     const int64_t bs = job->blocksize, n = job->n;
+#if QB_AVX512 || QB_AVX2
     const float limit = flush_limit(job->code);
-#if QB_AVX512
-    const __m512 table = _mm512_loadu_ps(job->code);
-#elif QB_AVX2
-    const __m256 t_lo = _mm256_loadu_ps(job->code), t_hi = _mm256_loadu_ps(job->code + 8);
+    const qb_table table = load_table(job->code);
 #endif
     for (int64_t j = job->first_block; j < job->stop_block; j++) {
         const float scale = scale_of(job, j);
         const int64_t start = j * bs, stop = start + bs < n ? start + bs : n;
         int64_t i = start;
-#if QB_AVX512
+#if QB_AVX512 || QB_AVX2
         const float magnitude = scale < 0 ? -scale : scale;
         const int exact = magnitude >= limit || magnitude == 0.0f || magnitude > FLT_MAX; /* NaN: flush path */
-        const int64_t vec = (stop - start) - (stop - start) % 32;
+        const int64_t vec = (stop - start) - (stop - start) % QB_STEP;
         if (vec) {
             if (job->kind == QB_BF16) {
                 if (exact)
-                    run32(job->packed, table, scale, job->out, QB_BF16, 0, start, vec);
+                    run_step(job->packed, table, scale, job->out, QB_BF16, 0, start, vec);
                 else
-                    run32(job->packed, table, scale, job->out, QB_BF16, 1, start, vec);
+                    run_step(job->packed, table, scale, job->out, QB_BF16, 1, start, vec);
             } else if (job->kind == QB_F32) {
-                run32(job->packed, table, scale, job->out, QB_F32, !exact, start, vec);
+                run_step(job->packed, table, scale, job->out, QB_F32, !exact, start, vec);
             } else {
-                run32(job->packed, table, scale, job->out, QB_F16, !exact, start, vec);
-            }
-            i += vec;
-        }
-#elif QB_AVX2
-        const float magnitude = scale < 0 ? -scale : scale;
-        const int exact = magnitude >= limit || magnitude == 0.0f || magnitude > FLT_MAX; /* NaN: flush path */
-        const int64_t vec = (stop - start) - (stop - start) % 16;
-        if (vec) {
-            if (job->kind == QB_BF16) {
-                if (exact)
-                    run16(job->packed, t_lo, t_hi, scale, job->out, QB_BF16, 0, start, vec);
-                else
-                    run16(job->packed, t_lo, t_hi, scale, job->out, QB_BF16, 1, start, vec);
-            } else if (job->kind == QB_F32) {
-                run16(job->packed, t_lo, t_hi, scale, job->out, QB_F32, !exact, start, vec);
-            } else {
-                run16(job->packed, t_lo, t_hi, scale, job->out, QB_F16, !exact, start, vec);
+                run_step(job->packed, table, scale, job->out, QB_F16, !exact, start, vec);
             }
             i += vec;
         }
@@ -367,7 +363,8 @@ static inline void decode_row(const qb_job *job, float *into, int64_t i, int64_t
         int64_t e = 0;
         if ((i & 1) == 0) { /* whole bytes, high nibble first */
 #if QB_AVX512
-            const __m512 table = _mm512_loadu_ps(job->code), sv = _mm512_set1_ps(scale);
+            const qb_table table = load_table(job->code);
+            const __m512 sv = _mm512_set1_ps(scale);
             for (; e + 32 <= seg; e += 32) {
                 __m512 v0, v1;
                 decode32(job->packed + (i + e) / 2, table, sv, &v0, &v1);
@@ -375,11 +372,11 @@ static inline void decode_row(const qb_job *job, float *into, int64_t i, int64_t
                 _mm512_storeu_ps(into + c + e + 16, flush16(v1));
             }
 #else
-            const __m256 t_lo = _mm256_loadu_ps(job->code), t_hi = _mm256_loadu_ps(job->code + 8);
+            const qb_table table = load_table(job->code);
             const __m256 sv = _mm256_set1_ps(scale);
             for (; e + 16 <= seg; e += 16) {
                 __m256 v0, v1;
-                decode16(job->packed + (i + e) / 2, t_lo, t_hi, sv, &v0, &v1);
+                decode16(job->packed + (i + e) / 2, table, sv, &v0, &v1);
                 _mm256_storeu_ps(into + c + e, flush8(v0));
                 _mm256_storeu_ps(into + c + e + 8, flush8(v1));
             }
