@@ -12,7 +12,8 @@ First with empty caches (a fresh ``TRITON_CACHE_DIR`` and ``QBRIDGE_CACHE_DIR``)
 those runs left. Each process prints its import and load seconds; the whole-process wall time is measured
 outside it. Then, in this process (``--loads``, default 6, alternating, the first of each excluded): repeated
 loads of both routes against the physical floor measured in the same run: the file's bytes at the slower of
-the page-cache read with 8 threads and pinned host-to-device copies (they can overlap). ``--scale`` divides every dimension (a quick run, or a CPU smoke test with ``--device cpu``).
+the page-cache read with 8 threads and pinned host-to-device copies (they can overlap). ``--scale`` divides
+every dimension (a quick run, or a CPU smoke test with ``--device cpu``).
 
     python benchmarks/fresh_process_raw_route.py --layers 4 --out benchmarks/results/fresh-raw-route.json
 """
