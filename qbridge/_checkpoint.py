@@ -29,7 +29,7 @@ import pickle
 import re
 import stat
 import threading
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import torch
@@ -98,6 +98,9 @@ READ_THREADS = 4  # background readers of read_ahead (page cache to host memory)
 READ_AHEAD_MIN_BYTES = SMALL_TENSOR_BYTES  # smaller tensors are read when asked for
 
 
+_Check = Callable[[str, torch.Tensor], None]  # sees a stored tensor in host memory; raises to refuse it
+
+
 class _Source:
     """Where tensors come from: safetensors files opened lazily, or one torch state dict."""
 
@@ -112,7 +115,7 @@ class _Source:
         self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
         # read_ahead's readings: the tensor, and the staging block holding it (None: memory of its own)
         self._ahead: dict[str, concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]]] = {}
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = os.getpid()  # a forked child's copies of the futures have no thread to finish them
         # each safetensors file as opened: maps and header reads use it, so a file replaced on disk
         # afterwards (an atomic re-save) is not mixed in
         self._files: dict[pathlib.Path, Any] = {}
@@ -212,11 +215,7 @@ class _Source:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes <= READ_AHEAD_MIN_BYTES:
             return 0
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                READ_THREADS, thread_name_prefix="qbridge-read"
-            )
-        self._ahead[key] = self._pool.submit(self._copy_out, key, pin)
+        self._ahead[key] = _readers().submit(self._copy_out, key, pin)
         return nbytes
 
     def _copy_out(self, key: str, pin: bool) -> tuple[torch.Tensor, _staging.Block | None]:
@@ -248,7 +247,6 @@ class _Source:
         ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
         # a torch file's tensor (a tensor subclass, torchao's, stays as stored), or None
         stored = self._state.get(key) if ahead is None and self._state is not None else None
-        torch_file = stored is not None
         if stored is not None:
             t = stored
         elif ahead is not None:
@@ -260,16 +258,33 @@ class _Source:
             path = self.key_file.get(key)
             if path is None:
                 raise CheckpointError(f"checkpoint has no tensor {key!r}")
-            try:
-                t = self._open[path].get_tensor(key)
-            except Exception as e:
-                raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
-        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
-            if not torch_file:
-                t = t.clone()  # its own memory: safetensors hands out views of one file mapping per file
+            if _nbytes(self, key) <= SMALL_TENSOR_BYTES:  # memory of its own
+                t = self._read_small(path, key)
+            else:
+                try:
+                    t = self._open[path].get_tensor(key)  # a view of safetensors' map of the file
+                except Exception as e:
+                    raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # memory of its own, or a torch file's tensor
             if ahead is None and key in self._small:  # tables and scales read again for another shard:
                 return t  # counted once
         return self._count_read(key, t)
+
+    def _read_small(self, path: pathlib.Path, key: str) -> torch.Tensor:
+        """A small stored tensor read into memory of its own with one positioned read: a view of the file's
+        map (``get_tensor``) cost about 35 us on a GPU host, and its copy faulted the map's pages in."""
+        shape, dtype = self.shapes[key]
+        begin, end = self._offsets(path)[key]
+        t = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            raw = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+            got = _read_at(self._files[path], begin, raw, self._file_lock)
+            if got != end - begin:
+                raise CheckpointError(
+                    f"{path}: reading {key!r} failed: the file ends after {got} of its {end - begin} bytes "
+                    "(cut short since it was opened)"
+                )
+        return t
 
     def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
@@ -277,10 +292,13 @@ class _Source:
             self._small.add(key)
         return self._counted(t)
 
-    def read_into(self, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> None:
+    def read_into(
+        self, keys: Sequence[str], outs: Sequence[torch.Tensor], *, check: _Check | None = None
+    ) -> None:
         """Copies each stored tensor ``keys[i]`` into ``outs[i]`` (its shape and dtype, on any device), on the
-        current stream of that device, without waiting for the copy. A key read ahead into the staging
-        region gives its block back once the device has copied it."""
+        current stream of that device, without waiting for the copy, after ``check(key, tensor)`` has seen
+        it in host memory. A key read ahead into the staging region gives its block back once the device
+        has copied it."""
         if isinstance(keys, str) or len(keys) != len(outs):
             raise ValueError(
                 f"read_into takes a sequence of keys, one per tensor, got {keys!r} for {len(outs)}"
@@ -296,11 +314,16 @@ class _Source:
             for key, out in zip(keys, outs, strict=True):
                 ahead = self._ahead.pop(key, None)
                 if ahead is None:
-                    out.copy_(self.read(key), non_blocking=True)
+                    t = self.read(key)
+                    if check is not None:
+                        check(key, t)
+                    out.copy_(t, non_blocking=True)
                     continue
                 t, block = self._read_ahead_result(key, ahead)
                 if block is not None:
                     returning.append((block, out.device))
+                if check is not None:
+                    check(key, t)
                 out.copy_(t, non_blocking=True)
                 self._count_read(key, t)
         finally:
@@ -314,14 +337,18 @@ class _Source:
                     events[device].record(torch.cuda.current_stream(device))
                 block.give_back(events[device])
 
-    def read_to(self, key: str, device: torch.device) -> torch.Tensor:
-        """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting."""
+    def read_to(self, key: str, device: torch.device, *, check: _Check | None = None) -> torch.Tensor:
+        """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting, after
+        ``check(key, tensor)`` has seen it in host memory."""
         device = torch.device(device)
         if device.type == "cpu" or key not in self._ahead:
-            return self.read(key).to(device, non_blocking=True)
+            t = self.read(key)
+            if check is not None:
+                check(key, t)
+            return t.to(device, non_blocking=True)
         shape, dtype = self.shapes[key]
         out = torch.empty(shape, dtype=dtype, device=device)
-        self.read_into([key], [out])
+        self.read_into([key], [out], check=check)
         return out
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
@@ -445,9 +472,10 @@ class _Source:
         return self._byte_ranges[path]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if os.getpid() == self._pid:  # reads not started are dropped; those running finish
+            for ahead in self._ahead.values():
+                ahead.cancel()
+            concurrent.futures.wait(self._ahead.values())
         for ahead in self._ahead.values():  # read ahead and never asked for: their blocks go back
             if (  # done: a forked child's unfinished futures have no thread to finish them
                 ahead.done()
@@ -465,6 +493,30 @@ class _Source:
         self._small.clear()
         self._state = None
 
+
+_readers_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_readers_lock = threading.Lock()
+
+
+def _readers() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's reading threads (``READ_THREADS``), shared by every checkpoint and started once: starting
+    them for every load cost about a tenth of a small checkpoint's load on a GPU host."""
+    global _readers_pool
+    with _readers_lock:
+        if _readers_pool is None:
+            _readers_pool = concurrent.futures.ThreadPoolExecutor(
+                READ_THREADS, thread_name_prefix="qbridge-read"
+            )
+        return _readers_pool
+
+
+def _readers_after_fork() -> None:
+    """A forked child has none of its parent's threads: it starts its own readers when it reads ahead."""
+    global _readers_pool, _readers_lock
+    _readers_pool, _readers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_readers_after_fork)
 
 _PREADV = getattr(os, "preadv", None)  # reads at an offset, leaving the file's position alone (POSIX)
 
@@ -567,25 +619,31 @@ class Checkpoint:
         """
         return self.source.read(key)
 
-    def read_to(self, key: str, device: torch.device) -> torch.Tensor:
+    def read_to(self, key: str, device: torch.device, *, check: _Check | None = None) -> torch.Tensor:
         """The stored tensor ``key`` on ``device``: a new tensor, copied on the device's current stream without
-        the host waiting (on the CPU: :meth:`read`'s tensor). Counted as :meth:`read` counts.
+        the host waiting (on the CPU: :meth:`read`'s tensor). ``check(key, tensor)``, when given, sees the
+        tensor in host memory first (pinned memory where it was read ahead), and may raise to refuse it.
+        Counted as :meth:`read` counts.
 
         Raises:
             CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
         """
-        return self.source.read_to(key, device)
+        return self.source.read_to(key, device, check=check)
 
-    def read_into(self, keys: Sequence[str], outs: Sequence[torch.Tensor]) -> None:
+    def read_into(
+        self, keys: Sequence[str], outs: Sequence[torch.Tensor], *, check: _Check | None = None
+    ) -> None:
         """Copies each stored tensor ``keys[i]`` into ``outs[i]`` (a tensor of its shape and dtype, on any
-        device) on that device's current stream, without the host waiting. Counted as :meth:`read` counts.
+        device) on that device's current stream, without the host waiting; ``check(key, tensor)``, when
+        given, sees each tensor in host memory before its copy, and may raise to refuse it (the tensors
+        before it are copied). Counted as :meth:`read` counts.
 
         Raises:
             CheckpointError: a key the checkpoint lacks, or a tensor whose bytes cannot be read.
             ValueError: ``keys`` is not a sequence of keys as long as ``outs``, or an ``outs[i]`` of another
                 shape or dtype than its stored tensor (nothing copied).
         """
-        self.source.read_into(keys, outs)
+        self.source.read_into(keys, outs, check=check)
 
     def read_ahead(self, key: str, *, pin: bool = False) -> int:
         """Starts reading the stored tensor ``key`` in a background thread (into pinned host memory with

@@ -8,6 +8,7 @@ weight's pieces and its result at a time: the caller drops them before the next 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -46,12 +47,17 @@ def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
 
 
 def bnb4_pieces(
-    ckpt: Checkpoint, entry: Entry, absmax_range: tuple[int, int] | None = None
+    ckpt: Checkpoint,
+    entry: Entry,
+    absmax_range: tuple[int, int] | None = None,
+    *,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A 4-bit weight's scales and the nested absmax's table (on the CPU), checked. The 16-entry
-    ``quant_map`` is checked but not returned: bitsandbytes' ``dequantize_4bit`` never reads it (its
-    kernels take the table of ``quant_type``), so the weight is decoded with that table; one that differs
-    is warned about.
+    """A 4-bit weight's scales and the nested absmax's table, checked: on the CPU, or on ``device``, copied
+    without the host waiting (each checked in host memory first: the absmax in the pinned memory it was
+    read ahead into, where it was). The 16-entry ``quant_map`` is checked but not returned: bitsandbytes'
+    ``dequantize_4bit`` never reads it (its kernels take the table of ``quant_type``), so the weight is
+    decoded with that table; one that differs is warned about.
 
     ``absmax_range`` ``(a0, a1)`` reads only absmax blocks ``a0:a1`` (``a0`` a multiple of the nested block
     size when nested) and the nested absmax values that cover them."""
@@ -62,14 +68,19 @@ def bnb4_pieces(
         if "nested_absmax" in entry.keys:
             nb = int(entry.info["quant_state"].get("nested_blocksize", 256))
             sliced["nested_absmax"] = (slice(a0 // nb, -(-a1 // nb)),)
-    pieces = {
-        role: ckpt.read_slice(key, sliced[role]) if role in sliced else ckpt.read(key)
-        for role, key in entry.keys.items()
-        if role not in ("quant_state", "weight")
-    }
-    for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # scales and tables: finite
-        if role in pieces:
-            check_scales(ckpt, entry.keys[role], pieces[role])
+    checked = functools.partial(check_scales, ckpt)  # scales and tables: finite
+    pieces: dict[str, torch.Tensor] = {}
+    for role, key in entry.keys.items():
+        if role in ("quant_state", "weight"):
+            continue
+        if role in sliced:
+            pieces[role] = ckpt.read_slice(key, sliced[role])
+        elif device is not None and role != "quant_map":  # quant_map is compared in host memory below
+            pieces[role] = ckpt.read_to(key, device, check=checked)
+            continue
+        else:
+            pieces[role] = ckpt.read(key)
+        checked(key, pieces[role])
     offset = float(entry.info["quant_state"].get("nested_offset", 0.0))
     if abs(offset) > float(np.finfo(np.float32).max):
         raise CheckpointError(
@@ -94,9 +105,9 @@ def bnb4_pieces(
 
 def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
     doc = entry.info["quant_state"]
-    # non_blocking: a small copy from pageable memory is staged at once; a blocking one would wait for the
-    # device to finish the previous weights (torch synchronizes the stream after it)
-    on = {role: t.to(device, non_blocking=True) for role, t in bnb4_pieces(ckpt, entry).items()}
+    # copied without waiting: a small copy from pageable memory is staged at once; a blocking one would wait
+    # for the device to finish the previous weights (torch synchronizes the stream after it)
+    on = bnb4_pieces(ckpt, entry, device=device)
     nested = "nested_absmax" in on
     try:
         return torch_side.dequantize_nf4(

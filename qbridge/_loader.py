@@ -55,7 +55,7 @@ class _ReadAhead:
     the current one is copied, decoded and handed over, at most ``READ_AHEAD_BYTES`` at a time (one weight
     more when a single weight is larger)."""
 
-    def __init__(self, ckpt: Checkpoint, keys: Sequence[str | None], *, pin: bool) -> None:
+    def __init__(self, ckpt: Checkpoint, keys: Sequence[Sequence[str]], *, pin: bool) -> None:
         self.ckpt, self.keys, self.pin = ckpt, keys, pin
         self.next = 0
         self.inflight: collections.deque[tuple[int, int]] = collections.deque()  # (plan index, bytes)
@@ -66,21 +66,21 @@ class _ReadAhead:
         while self.inflight and self.inflight[0][0] < i:
             self.bytes -= self.inflight.popleft()[1]
         while self.next < len(self.keys) and (self.bytes < READ_AHEAD_BYTES or not self.inflight):
-            key = self.keys[self.next]
-            n = self.ckpt.read_ahead(key, pin=self.pin) if key is not None else 0
+            n = sum(self.ckpt.read_ahead(key, pin=self.pin) for key in self.keys[self.next])
             if n:
                 self.inflight.append((self.next, n))
                 self.bytes += n
             self.next += 1
 
 
-def _stored_weight_key(entry: Any) -> str | None:
-    """The key of the stored tensor holding a weight's bulk (its packed or float8 bytes), read ahead."""
+def _stored_keys(entry: Any) -> tuple[str, ...]:
+    """The keys of the stored tensors holding a weight's bulk, read ahead: its packed or float8 bytes, and a
+    4-bit weight's absmax (at a blocksize of 64, a 32nd of the packed bytes when nested, an 8th when not)."""
     if entry.kind in ("bnb4", "fp8", "bnb8"):
-        return entry.keys.get("weight")
+        return tuple(entry.keys[role] for role in ("weight", "absmax") if role in entry.keys)
     if entry.kind == "torchao":
-        return None
-    return entry.name
+        return ()
+    return (entry.name,)
 
 
 @dataclasses.dataclass
@@ -340,9 +340,9 @@ def load_checkpoint(
         ahead = _ReadAhead(
             ckpt,
             [
-                _stored_weight_key(ckpt.entries[p.key])
+                _stored_keys(ckpt.entries[p.key])
                 if sharding is None and p.leaf.sharding is None and not keep_quantized
-                else None
+                else ()
                 for p in plan
             ],
             pin=tdev.type == "cuda",

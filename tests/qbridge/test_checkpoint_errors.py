@@ -324,7 +324,7 @@ from safetensors.torch import save_file
 from qbridge import CheckpointError
 from qbridge._checkpoint import open_checkpoint
 folder = pathlib.Path(sys.argv[1])
-save_file({"a": torch.ones(40000), "b": torch.ones(40000)}, folder / "model.safetensors")
+save_file({"a": torch.ones(40000), "b": torch.ones(40000), "z": torch.ones(10)}, folder / "model.safetensors")
 with open_checkpoint(folder / "model.safetensors") as ckpt:
     ckpt.read_ahead("a", pin=False)
     assert ckpt.read("a").sum() == 40000
@@ -335,6 +335,10 @@ with open_checkpoint(folder / "model.safetensors") as ckpt:
         ckpt.read("b")
     except CheckpointError as e:
         print("REFUSED", e)
+    try:  # a small tensor (the file's last) is read with a positioned read, not through the file's map
+        ckpt.read("z")
+    except CheckpointError as e:
+        print("SMALL REFUSED", e)
 """
 
 
@@ -345,6 +349,13 @@ def test_a_file_cut_in_place_during_a_load_is_an_error_not_a_crash(tmp_path):
     r = subprocess.run([sys.executable, "-c", _TRUNCATED, str(tmp_path)], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
     assert r.returncode == 0 and "REFUSED" in r.stdout and "reading 'b' failed" in r.stdout, (
+        r.returncode,
+        r.stdout + r.stderr[-3000:],
+    )
+    assert (
+        "SMALL REFUSED" in r.stdout
+        and "reading 'z' failed: the file ends after 0 of its 40 bytes" in r.stdout
+    ), (
         r.returncode,
         r.stdout + r.stderr[-3000:],
     )

@@ -427,6 +427,70 @@ def test_loads_are_the_same_with_any_read_ahead_window(tmp_path, dense_dir, monk
         )
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_a_4bit_weights_absmax_is_read_ahead_and_still_checked(tmp_path, dense_dir, monkeypatch, nested):
+    """The loader reads a 4-bit weight's absmax ahead with its packed bytes (on a GPU its copy then runs from
+    pinned memory): the same parameters and bytes read as without reading ahead, and a damaged (NaN)
+    absmax read ahead still fails, naming its key."""
+    from safetensors.torch import load_file, save_file
+
+    import qbridge._checkpoint as checkpoint
+
+    bnb_llama(dense_dir, tmp_path / "q", quant_type="nf4", nested=nested)
+    asked = []
+    read_ahead = checkpoint._Source.read_ahead
+
+    def spy(self, key, *, pin):
+        asked.append(key)
+        return read_ahead(self, key, pin=pin)
+
+    monkeypatch.setattr(checkpoint._Source, "read_ahead", spy)
+    results = []
+    for smallest in (1 << 40, 0):
+        monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", smallest)
+        params, report = qbridge.load_checkpoint(
+            tmp_path / "q", device="cpu", progress=False, return_report=True
+        )
+        results.append((jax.tree.map(np.asarray, params), report.read_bytes))
+    assert sum(key.endswith(".weight.absmax") for key in asked) == 2 * 14  # every 4-bit weight's, each load
+    (plain, read), (ahead, read_ahead_bytes) = results
+    assert read_ahead_bytes == read > 0
+    jax.tree.map(lambda x, y: assert_same_bits(x, y), plain, ahead)
+    if nested:  # a nested absmax is uint8 codes: its float32 scales (small, read when asked for) are checked
+        return
+    (tmp_path / "bad").mkdir()
+    for f in (tmp_path / "q").iterdir():
+        (tmp_path / "bad" / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight.absmax"
+    tensors[key][7] = float("nan")
+    save_file(tensors, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    asked.clear()
+    with pytest.raises(qbridge.CheckpointError, match=rf"{key}.*1 scale\(s\) are NaN or Inf"):
+        qbridge.load_checkpoint(tmp_path / "bad", device="cpu", progress=False)
+    assert key in asked
+
+
+def test_reading_threads_are_started_once_per_process(dense_dir, monkeypatch):
+    """The reading threads serve every load of the process: starting them per load cost about a tenth of a
+    small checkpoint's load on a GPU host."""
+    import threading
+
+    import qbridge._checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", 0)
+
+    def readers():
+        return {t.ident for t in threading.enumerate() if t.name.startswith("qbridge-read")}
+
+    qbridge.load_checkpoint(dense_dir, device="cpu", progress=False)
+    first = readers()
+    assert 0 < len(first) <= checkpoint.READ_THREADS
+    for _ in range(2):
+        qbridge.load_checkpoint(dense_dir, device="cpu", progress=False)
+    assert readers() == first
+
+
 class _Terminal:
     """A stand-in for a terminal's stderr: says it is one and keeps what is written."""
 

@@ -283,3 +283,36 @@ def test_closing_in_a_forked_child_with_a_read_in_flight_returns(tmp_path, cpu_r
         pytest.fail("closing the checkpoint in the forked child hung")
     assert os.waitstatus_to_exitcode(status) == 0
     ckpt.close()
+
+
+def test_a_check_sees_each_tensor_in_host_memory_before_its_copy(tmp_path, cpu_region, monkeypatch):
+    """``read_to``/``read_into`` with ``check``: it sees each stored tensor in host memory (read ahead into the
+    region, or read when asked for) before the copy; a refusal propagates, nothing is copied for it, and
+    the region gets its block back."""
+    from safetensors.torch import save_file
+
+    import qbridge._checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", 1024)
+    g = torch.Generator().manual_seed(3)
+    stored = {"a": torch.randn(300, 257, generator=g), "b": torch.randn(211, 263, generator=g)}
+    save_file(stored, tmp_path / "model.safetensors")
+    seen = []
+
+    def check(key, t):
+        seen.append((key, t.device.type, torch.equal(t, stored[key])))
+        if key == "b":
+            raise qbridge.CheckpointError(f"{key}: refused")
+
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        for ahead in (True, False):
+            if ahead:
+                assert ckpt.read_ahead("a", pin=True) and ckpt.read_ahead("b", pin=True)
+            assert torch.equal(ckpt.read_to("a", torch.device("cpu"), check=check), stored["a"])
+            out = torch.zeros(211, 263)
+            with pytest.raises(qbridge.CheckpointError, match="b: refused"):
+                ckpt.read_into(["b"], [out], check=check)
+            assert not out.any()  # refused before its copy
+            assert seen == [("a", "cpu", True), ("b", "cpu", True)]
+            seen.clear()
+        assert cpu_region.free_bytes() == cpu_region.nbytes
