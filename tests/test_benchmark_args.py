@@ -55,3 +55,13 @@ def test_too_few_in_process_loads_are_refused_before_any_work(monkeypatch, capsy
     with pytest.raises(SystemExit):
         fresh_process_raw_route.main()
     assert "--loads must be at least 2" in capsys.readouterr().err
+
+
+def test_an_ab_run_without_a_base_tree_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """``in_process_ab.py --base`` must hold a qbridge tree; a wrong folder fails at once, not after the
+    checkpoints are written."""
+    in_process_ab = pytest.importorskip("in_process_ab")
+    monkeypatch.setattr(sys, "argv", ["in_process_ab.py", "--base", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        in_process_ab.main()
+    assert f"--base {tmp_path}: no qbridge/__init__.py there" in capsys.readouterr().err
