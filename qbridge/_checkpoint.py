@@ -494,6 +494,21 @@ class _Source:
         self._state = None
 
 
+@functools.cache
+def _cuda_here() -> bool:
+    return torch.cuda.is_available()
+
+
+def _check_pin(pin: bool, method: str) -> None:
+    """Refuses ``pin`` at once where torch has no CUDA GPU: torch's pinned allocation would fail later, in a
+    reading thread, as a failed read of the checkpoint."""
+    if pin and not _cuda_here():
+        raise ValueError(
+            f"{method}(pin=True): pinned memory is for copies to a CUDA GPU, and torch sees none here; "
+            "use pin=False"
+        )
+
+
 _readers_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _readers_lock = threading.Lock()
 
@@ -649,7 +664,12 @@ class Checkpoint:
         """Starts reading the stored tensor ``key`` in a background thread (into pinned host memory with
         ``pin``: the process's staging region, ``qbridge._staging``, where it has room); the next
         :meth:`read`, :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes read
-        ahead (0 for small tensors, torch files' tensors and keys read ahead already)."""
+        ahead (0 for small tensors, torch files' tensors and keys read ahead already).
+
+        Raises:
+            ValueError: ``pin`` where torch sees no CUDA GPU (pinned memory is for copies to one).
+        """
+        _check_pin(pin, "read_ahead")
         return self.source.read_ahead(key, pin=pin)
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool = False) -> torch.Tensor:
@@ -660,8 +680,10 @@ class Checkpoint:
         Raises:
             CheckpointError: a key the checkpoint lacks, a tensor whose bytes cannot be read (a truncated
                 file), or a closed checkpoint.
-            ValueError: no keys, or tensors that differ in shape or dtype.
+            ValueError: no keys, tensors that differ in shape or dtype, or ``pin`` where torch sees no CUDA
+                GPU.
         """
+        _check_pin(pin, "read_stacked")
         return self.source.read_stacked(keys, pin=pin)
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from checkpoints import fp8_experts, fp8_experts_decoded, loaded_weights
 from helpers import to_numpy
 
 import qbridge
-from qbridge import _staging
+from qbridge import _checkpoint, _staging
 
 PAGE = _staging.ALIGN
 
@@ -115,6 +115,7 @@ def cpu_region(monkeypatch):
     monkeypatch.setattr(_staging, "_region", region)
     monkeypatch.setattr(_staging, "_started", True)
     monkeypatch.setattr(_staging, "_made", made)
+    monkeypatch.setattr(_checkpoint, "_cuda_here", lambda: True)  # the region takes pin=True reads here
     return region
 
 
@@ -316,3 +317,21 @@ def test_a_check_sees_each_tensor_in_host_memory_before_its_copy(tmp_path, cpu_r
             assert seen == [("a", "cpu", True), ("b", "cpu", True)]
             seen.clear()
         assert cpu_region.free_bytes() == cpu_region.nbytes
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="pinned memory is refused only where torch has no CUDA GPU"
+)
+def test_pinned_reads_without_a_cuda_gpu_are_refused_at_once(tmp_path):
+    """``pin=True`` where torch sees no CUDA GPU fails when asked, naming what to use; it used to fail later,
+    in a reading thread, as a failed read of the checkpoint."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(300, 257), "s": torch.randn(10)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        for call in (lambda: ckpt.read_ahead("w", pin=True), lambda: ckpt.read_stacked(["s"], pin=True)):
+            with pytest.raises(
+                ValueError, match=r"\(pin=True\): pinned memory is for copies to a CUDA GPU.*pin=False"
+            ):
+                call()
+        assert ckpt.read_ahead("w", pin=False) and torch.equal(ckpt.read("w"), ckpt.read("w"))
