@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,9 @@ from torch_side._nf4 import dequantize_4bit_native
 from torch_side._plans import NF4_PLANS
 
 FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+_FE_UPWARD = {"x86_64": 0x800, "aarch64": 0x400000}  # fenv.h's FE_UPWARD (glibc)
 
 
 @pytest.fixture(scope="module")
@@ -663,9 +667,10 @@ def test_a_cache_that_cannot_take_the_build_gets_none(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
-def test_float16_nan_payloads_without_the_compilers_float16(tmp_path):
-    """Compilers without _Float16 take the kernel's own float16 rounding: NaN payloads as the hardware
-    conversion (and torch) keep them, in the vector part and the scalar tail alike."""
+def test_float16_nan_payloads_in_the_vector_part_and_the_scalar_tail(tmp_path):
+    """The kernel's own float16 rounding (integer arithmetic, with any compiler; here one without _Float16)
+    keeps NaN payloads as the hardware conversion (and torch) keep them, in the vector part and the scalar
+    tail alike."""
     code = """
     import torch, torch_side
     torch_side.wait_for_kernels()  # the first call builds the kernel on the spot
@@ -956,3 +961,35 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
         got = torch_side.dequantize_fp8(W, scale, dtype, transpose=transpose)
         assert got.is_contiguous()
         assert_bitwise_equal(got, want)
+
+
+@pytest.mark.skipif(
+    platform.machine() not in _FE_UPWARD, reason="rounding-mode constants known for x86-64 and arm64"
+)
+def test_float16_rounds_to_nearest_even_under_any_rounding_mode(kernel):
+    """The float16 output rounds to nearest even whatever the calling thread's rounding mode (fesetround), in
+    the vector part and the scalar tail alike, as torch's CPU conversion does; the float32 products follow the
+    mode, as torch's own float32 products do."""
+    import ctypes
+    import ctypes.util
+    import struct
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    cases = [_pieces(64 * k + 15, 64, nested=False, seed=k) for k in range(40)]  # each with a tail of 15
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # every part on this thread, under its mode
+    mode = libm.fegetround()
+    assert libm.fesetround(_FE_UPWARD[platform.machine()]) == 0
+    try:
+        outs = [
+            (dequantize_4bit_native(packed, absmax, code, 64, len(packed) * 2 - 1, torch.float32),
+             dequantize_4bit_native(packed, absmax, code, 64, len(packed) * 2 - 1, torch.float16))
+            for packed, absmax, code, _ in cases
+        ]  # fmt: skip
+    finally:
+        libm.fesetround(mode)
+        torch.set_num_threads(before)
+    for f32, f16 in outs:
+        # Python's float16 packing rounds to nearest even in exact steps, whatever the mode
+        want = [struct.unpack("<h", struct.pack("<e", v))[0] for v in f32.tolist()]
+        assert torch.equal(f16.view(torch.int16), torch.tensor(want, dtype=torch.int16))

@@ -6,7 +6,8 @@
  * is absmax[j] (float32), or for a nested absmax flush(flush(nested_code[a[j]] * nested_absmax[j /
  * nested_blocksize]) + offset): two float32 roundings, no fused multiply-add (built with
  * -ffp-contract=off). Rounding to bfloat16 is to nearest even with every NaN written as 0xFFFF, as torch
- * does on the CPU; to float16 it is the IEEE conversion (round to nearest even).
+ * does on the CPU; to float16 it is the IEEE conversion (round to nearest even, whatever the thread's
+ * rounding mode).
  *
  * FP8 weights (qb_dequantize_fp8) decode element (r, c) as lut[byte] * scale[tile of (r, c)] in float32,
  * the table holding torch's float32 value of each of the 256 bytes, with no flush, then the same rounding
@@ -89,23 +90,22 @@ static inline uint16_t bf16_of(float v) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* float16 bits of v, rounded to nearest even whatever the thread's rounding mode (as the vector paths'
+ * explicit rounding and torch's conversion do; a compiler's float16 cast follows the mode), in integer
+ * arithmetic: a NaN keeps its sign and the top of its payload, quieted, as the hardware conversion does. */
 static inline uint16_t f16_of(float v) {
-#if defined(__FLT16_MAX__)
-    _Float16 h = (_Float16)v;
-    uint16_t r;
-    memcpy(&r, &h, 2);
-    return r;
-#else /* IEEE float32 -> float16, round to nearest even (the FP16 library's fp16_ieee_from_fp32_value) */
-    const float scale_to_inf = float_of(0x77800000u), scale_to_zero = float_of(0x08800000u);
-    float base = (v < 0 ? -v : v) * scale_to_inf * scale_to_zero;
-    uint32_t w = bits_of(v), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xff000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = float_of((bias >> 1) + 0x07800000u) + base;
-    uint32_t b = bits_of(base), exp_bits = (b >> 13) & 0x00007c00u, mantissa_bits = b & 0x00000fffu;
-    uint32_t nonsign = exp_bits + mantissa_bits;
-    /* a NaN keeps its sign and the top of its payload, quieted, as the hardware conversion does */
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u | ((w >> 13) & 0x3ffu) : nonsign));
-#endif
+    const uint32_t u = bits_of(v), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* from 65520 up: infinity */
+    if (a >= 0x38800000u) { /* a normal float16: the exponent rebiased, 13 bits rounded off */
+        const uint32_t m = a - 0x38000000u;
+        return (uint16_t)(sign | ((m + 0x0fffu + ((m >> 13) & 1u)) >> 13));
+    }
+    if (a < 0x33000000u) return (uint16_t)sign; /* up to 2^-25, half the smallest subnormal: a zero */
+    /* a float16 subnormal: the value in units of 2^-24, rounded */
+    const uint32_t mant = (a & 0x7fffffu) | 0x800000u, shift = 126u - (a >> 23);
+    const uint32_t q = mant >> shift, rest = mant & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    return (uint16_t)(sign | (q + (rest > half || (rest == half && (q & 1u)))));
 }
 
 static inline void store_one(void *out, int kind, int64_t i, float v) {
