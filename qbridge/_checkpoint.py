@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -271,19 +272,23 @@ class _Source:
         return self._count_read(key, t)
 
     def _read_small(self, path: pathlib.Path, key: str) -> torch.Tensor:
-        """A small stored tensor read into memory of its own with one positioned read: a view of the file's
-        map (``get_tensor``) cost about 35 us on a GPU host, and its copy faulted the map's pages in."""
+        """A small stored tensor read into memory of its own (torch's, resizable, so that a CPU load's JAX
+        array may share it) with one positioned read: a view of the file's map (``get_tensor``) cost about
+        35 us on a GPU host, and its copy faulted the map's pages in."""
         shape, dtype = self.shapes[key]
-        begin, end = self._offsets(path)[key]
         t = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            raw = t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
-            got = _read_at(self._files[path], begin, raw, self._file_lock)
-            if got != end - begin:
-                raise CheckpointError(
-                    f"{path}: reading {key!r} failed: the file ends after {got} of its {end - begin} bytes "
-                    "(cut short since it was opened)"
-                )
+        try:
+            begin, end = self._offsets(path)[key]
+            if end > begin:  # written through its address: a numpy view would make the storage fixed-size
+                raw = memoryview((ctypes.c_char * (end - begin)).from_address(t.data_ptr())).cast("B")
+                got = _read_at(self._files[path], begin, raw, self._file_lock)
+        except Exception as e:  # a closed checkpoint, a header cut short since the file was opened
+            raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+        if end > begin and got != end - begin:
+            raise CheckpointError(
+                f"{path}: reading {key!r} failed: the file ends after {got} of its {end - begin} bytes "
+                "(cut short since it was opened)"
+            )
         return t
 
     def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,9 @@ def bnb4_pieces(
             sliced["nested_absmax"] = (slice(a0 // nb, -(-a1 // nb)),)
     checked = functools.partial(check_scales, ckpt)  # scales and tables: finite
     pieces: dict[str, torch.Tensor] = {}
-    for role, key in entry.keys.items():
-        if role in ("quant_state", "weight"):
+    for role in ("absmax", "nested_absmax", "quant_map", "nested_quant_map"):  # checked in this order
+        key = entry.keys.get(role)
+        if key is None:
             continue
         if role in sliced:
             pieces[role] = ckpt.read_slice(key, sliced[role])

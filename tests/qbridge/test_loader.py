@@ -471,6 +471,56 @@ def test_a_4bit_weights_absmax_is_read_ahead_and_still_checked(tmp_path, dense_d
     assert key in asked
 
 
+def test_small_tensors_are_read_into_torchs_own_memory(tmp_path):
+    """A small tensor (64 KiB at most) is read into torch's own, resizable memory, which a CPU load's array
+    shares (memory of a fixed size is copied: it may be the file's); reading it from a closed checkpoint, or
+    from a file whose header was cut short since it was opened, fails naming the file and the key."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(4)
+    stored = {
+        "norm": torch.randn(64, generator=g).to(torch.bfloat16),
+        "bias": torch.randn(16384, generator=g),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(stored, file)
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        for key, want in load_file(file).items():
+            got = ckpt.read(key)
+            assert got.untyped_storage().resizable(), key
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
+    with pytest.raises(qbridge.CheckpointError, match=r"model.safetensors: reading 'norm' failed"):
+        ckpt.read("norm")  # closed
+    ckpt = qbridge.open_checkpoint(tmp_path)
+    try:
+        os.truncate(file, 5)  # into the header, before any tensor was read
+        with pytest.raises(qbridge.CheckpointError, match=r"model.safetensors: reading 'norm' failed"):
+            ckpt.read("norm")
+    finally:
+        ckpt.close()
+
+
+def test_the_first_damaged_piece_named_is_as_before(tmp_path, dense_dir):
+    """With several damaged pieces, the error names the first in the order absmax, nested_absmax,
+    quant_map, nested_quant_map, whatever order the checkpoint stores them in."""
+    from safetensors.torch import load_file, save_file
+
+    bnb_llama(dense_dir, tmp_path / "q", quant_type="nf4", nested=True)
+    (tmp_path / "bad").mkdir()
+    for f in (tmp_path / "q").iterdir():
+        (tmp_path / "bad" / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    weight = "model.layers.1.mlp.up_proj.weight"
+    tensors[f"{weight}.quant_map"][3] = float("nan")
+    tensors[f"{weight}.nested_absmax"][0] = float("inf")
+    save_file(tensors, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    for keep in (False, True):
+        with pytest.raises(qbridge.CheckpointError, match=rf"{weight}.nested_absmax\].*NaN or Inf"):
+            qbridge.load_checkpoint(tmp_path / "bad", device="cpu", keep_quantized=keep, progress=False)
+
+
 def test_reading_threads_are_started_once_per_process(dense_dir, monkeypatch):
     """The reading threads serve every load of the process: starting them per load cost about a tenth of a
     small checkpoint's load on a GPU host."""
