@@ -135,7 +135,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
                 bs = int(e.info["quant_state"]["blocksize"])
                 if e.shape and e.shape[-1] % bs:
                     care.append(f"{e.name}: {list(e.shape)}, rows are not whole {bs}-element blocks "
-                                "(bitsandbytes' CPU kernel is wrong here; qbridge is not)")  # fmt: skip
+                                "(bitsandbytes' native CPU kernel, which it runs on AVX-512 CPUs, is wrong here; "
+                                "qbridge is not)")  # fmt: skip
         return CheckpointSummary(
             path=os.fspath(path),
             format=ckpt.format,

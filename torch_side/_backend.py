@@ -45,6 +45,23 @@ def triton_kernels_available() -> bool:
     return importlib.util.find_spec("torch_side.kernels") is not None
 
 
+@functools.cache
+def bnb_native_cpu_kernel() -> bool:
+    """Whether bitsandbytes' CPU ``dequantize_4bit`` runs its native kernel on this machine. bitsandbytes
+    0.50 registers that kernel only where torch's CPU capability is AVX-512 (``backends/cpu/ops.py``);
+    elsewhere its pure-torch reference answers, which counts blocks as the format does. Other versions are
+    taken to run it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("bitsandbytes")
+    except PackageNotFoundError:
+        return False
+    if release.split(".")[:2] == ["0", "50"]:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return True
+
+
 def bnb_cpu_kernel_restarts_blocks(shape: tuple[int, ...], blocksize: int) -> bool:
     """Whether bitsandbytes' native CPU ``dequantize_4bit`` may give wrong values for ``shape`` (conservative).
 
@@ -114,12 +131,16 @@ def choose_4bit_backend(
                 "backend='bnb' cannot use a custom 4-bit code table: bitsandbytes' kernels hard-code the "
                 "standard NF4/FP4 tables. Use backend='torch' or 'auto'."
             )
-        if device.type == "cpu" and bnb_cpu_kernel_restarts_blocks(shape, blocksize):
+        if (
+            device.type == "cpu"
+            and bnb_native_cpu_kernel()
+            and bnb_cpu_kernel_restarts_blocks(shape, blocksize)
+        ):
             raise ValueError(
                 f"backend='bnb' on CPU can give wrong values for shape {tuple(shape)} with blocksize {blocksize}: "
-                "bitsandbytes' CPU dequantize_4bit restarts blocks at every row, so where the last dimension is "
-                "not a multiple of the blocksize its values are wrong for most shapes. Use backend='auto' or "
-                "'torch'."
+                "bitsandbytes' native CPU dequantize_4bit (on this CPU) restarts blocks at every row, so where "
+                "the last dimension is not a multiple of the blocksize its values are wrong for most shapes. "
+                "Use backend='auto' or 'torch'."
             )
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='bnb' is supported here on cpu and cuda, not {device.type}")
