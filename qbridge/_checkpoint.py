@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -210,7 +211,11 @@ class _Source:
         :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes it holds, 0 when
         nothing is read ahead: tensors of torch files (mapped already), small ones, keys read ahead
         already."""
-        if self._closed or self._state is not None or key in self._ahead or key not in self.key_file:
+        if self._closed or key in self._ahead:
+            return 0
+        if key not in self.key_file:
+            raise self._no_tensor(key)
+        if self._state is not None:
             return 0
         shape, dtype = self.shapes[key]
         nbytes = math.prod(shape) * dtype.itemsize
@@ -245,6 +250,8 @@ class _Source:
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
+        if self._closed:
+            raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
         ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
         # a torch file's tensor (a tensor subclass, torchao's, stays as stored), or None
         stored = self._state.get(key) if ahead is None and self._state is not None else None
@@ -258,7 +265,7 @@ class _Source:
         else:
             path = self.key_file.get(key)
             if path is None:
-                raise CheckpointError(f"checkpoint has no tensor {key!r}")
+                raise self._no_tensor(key)
             if _nbytes(self, key) <= SMALL_TENSOR_BYTES:  # memory of its own
                 t = self._read_small(path, key)
             else:
@@ -270,6 +277,13 @@ class _Source:
             if ahead is None and key in self._small:  # tables and scales read again for another shard:
                 return t  # counted once
         return self._count_read(key, t)
+
+    def _no_tensor(self, key: str) -> CheckpointError:
+        """The error for a key the checkpoint lacks, with the closest key it holds (a typo, a plural)."""
+        close = difflib.get_close_matches(key, self.key_file, n=1, cutoff=0.9)
+        return CheckpointError(
+            f"checkpoint has no tensor {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+        )
 
     def _read_small(self, path: pathlib.Path, key: str) -> torch.Tensor:
         """A small stored tensor read into memory of its own (torch's, resizable, so that a CPU load's JAX
@@ -366,7 +380,7 @@ class _Source:
             raise ValueError(f"read_stacked takes a non-empty sequence of keys, got {keys!r}")
         for key in keys:
             if key not in self.key_file:
-                raise CheckpointError(f"checkpoint has no tensor {key!r}")
+                raise self._no_tensor(key)
         if self._closed:
             raise CheckpointError(f"reading {keys[0]!r} failed: the checkpoint is closed")
         shape, dtype = self.shapes[keys[0]]
@@ -410,7 +424,7 @@ class _Source:
             return self._counted(self._state[key][index])
         path = self.key_file.get(key)
         if path is None:
-            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+            raise self._no_tensor(key)
         try:
             return self._counted(self._open[path].get_slice(key)[index])
         except Exception as e:
@@ -445,7 +459,7 @@ class _Source:
             return self._state[key]
         path = self.key_file.get(key)
         if path is None:
-            raise CheckpointError(f"checkpoint has no tensor {key!r}")
+            raise self._no_tensor(key)
         shape, dtype = self.shapes[key]
         begin, end = self._offsets(path)[key]
         if end <= begin:
@@ -635,7 +649,8 @@ class Checkpoint:
         """The stored tensor ``key`` as it is on disk (quantized pieces stay quantized), on the CPU.
 
         Raises:
-            CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
+            CheckpointError: ``key`` is not in the checkpoint (the message names the closest key it holds),
+                its bytes cannot be read, or the checkpoint is closed.
         """
         return self.source.read(key)
 
@@ -669,9 +684,10 @@ class Checkpoint:
         """Starts reading the stored tensor ``key`` in a background thread (into pinned host memory with
         ``pin``: the process's staging region, ``qbridge._staging``, where it has room); the next
         :meth:`read`, :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes read
-        ahead (0 for small tensors, torch files' tensors and keys read ahead already).
+        ahead (0 for small tensors, torch files' tensors, keys read ahead already, and after :meth:`close`).
 
         Raises:
+            CheckpointError: ``key`` is not in the checkpoint.
             ValueError: ``pin`` where torch sees no CUDA GPU (pinned memory is for copies to one).
         """
         _check_pin(pin, "read_ahead")

@@ -491,8 +491,8 @@ def test_small_tensors_are_read_into_torchs_own_memory(tmp_path):
             got = ckpt.read(key)
             assert got.untyped_storage().resizable(), key
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
-    with pytest.raises(qbridge.CheckpointError, match=r"model.safetensors: reading 'norm' failed"):
-        ckpt.read("norm")  # closed
+    with pytest.raises(qbridge.CheckpointError, match=r"reading 'norm' failed: the checkpoint is closed"):
+        ckpt.read("norm")
     ckpt = qbridge.open_checkpoint(tmp_path)
     try:
         os.truncate(file, 5)  # into the header, before any tensor was read
@@ -500,6 +500,24 @@ def test_small_tensors_are_read_into_torchs_own_memory(tmp_path):
             ckpt.read("norm")
     finally:
         ckpt.close()
+
+
+def test_a_missing_key_is_named_with_the_closest_one_held(tmp_path):
+    """A key the checkpoint lacks fails when it is read or read ahead (read ahead used to return 0 for it),
+    naming the closest key the checkpoint holds."""
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.ones(300, 257)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        for call in (ckpt.read, lambda key: ckpt.read_ahead(key, pin=False)):
+            with pytest.raises(
+                qbridge.CheckpointError,
+                match=r"no tensor 'model.layers.0.mlp.down_proj.weights'; did you mean "
+                r"'model.layers.0.mlp.down_proj.weight'\?",
+            ):
+                call("model.layers.0.mlp.down_proj.weights")
+            with pytest.raises(qbridge.CheckpointError, match=r"no tensor 'lm_head.weight'$"):
+                call("lm_head.weight")
 
 
 def test_the_first_damaged_piece_named_is_as_before(tmp_path, dense_dir):
