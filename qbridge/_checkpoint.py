@@ -296,7 +296,7 @@ class _Source:
             if end > begin:  # written through its address: a numpy view would make the storage fixed-size
                 raw = memoryview((ctypes.c_char * (end - begin)).from_address(t.data_ptr())).cast("B")
                 got = _read_at(self._files[path], begin, raw, self._file_lock)
-        except Exception as e:  # a closed checkpoint, a header cut short since the file was opened
+        except Exception as e:  # a header cut short since the file was opened, say
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
         if end > begin and got != end - begin:
             raise CheckpointError(
