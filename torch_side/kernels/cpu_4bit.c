@@ -192,6 +192,14 @@ static inline void run_step(const uint8_t *packed, qb_table table, float scale, 
         }
     }
 }
+
+/* QB_STEP products from the bytes at `bytes` (high nibble first), flushed, as float32 at `into` */
+static inline void flushed_step(const uint8_t *bytes, qb_table table, float scale, float *into) {
+    __m512 v0, v1;
+    decode32(bytes, table, _mm512_set1_ps(scale), &v0, &v1);
+    _mm512_storeu_ps(into, flush16(v0));
+    _mm512_storeu_ps(into + 16, flush16(v1));
+}
 #endif
 
 #if QB_AVX2
@@ -263,6 +271,14 @@ static inline void run_step(const uint8_t *packed, qb_table table, float scale, 
         }
         store16x2(out, kind, i, v0, v1);
     }
+}
+
+/* QB_STEP products from the bytes at `bytes` (high nibble first), flushed, as float32 at `into` */
+static inline void flushed_step(const uint8_t *bytes, qb_table table, float scale, float *into) {
+    __m256 v0, v1;
+    decode16(bytes, table, _mm256_set1_ps(scale), &v0, &v1);
+    _mm256_storeu_ps(into, flush8(v0));
+    _mm256_storeu_ps(into + 8, flush8(v1));
 }
 #endif
 
@@ -362,25 +378,8 @@ static inline void decode_row(const qb_job *job, float *into, int64_t i, int64_t
         const float scale = scale_of(job, j);
         int64_t e = 0;
         if ((i & 1) == 0) { /* whole bytes, high nibble first */
-#if QB_AVX512
             const qb_table table = load_table(job->code);
-            const __m512 sv = _mm512_set1_ps(scale);
-            for (; e + 32 <= seg; e += 32) {
-                __m512 v0, v1;
-                decode32(job->packed + (i + e) / 2, table, sv, &v0, &v1);
-                _mm512_storeu_ps(into + c + e, flush16(v0));
-                _mm512_storeu_ps(into + c + e + 16, flush16(v1));
-            }
-#else
-            const qb_table table = load_table(job->code);
-            const __m256 sv = _mm256_set1_ps(scale);
-            for (; e + 16 <= seg; e += 16) {
-                __m256 v0, v1;
-                decode16(job->packed + (i + e) / 2, table, sv, &v0, &v1);
-                _mm256_storeu_ps(into + c + e, flush8(v0));
-                _mm256_storeu_ps(into + c + e + 8, flush8(v1));
-            }
-#endif
+            for (; e + QB_STEP <= seg; e += QB_STEP) flushed_step(job->packed + (i + e) / 2, table, scale, into + c + e);
         }
         for (; e < seg; e++) into[c + e] = decode_one(job, i + e, scale);
         i += seg;
