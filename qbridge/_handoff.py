@@ -729,7 +729,17 @@ class XlaDestinations:
 
     def __init__(self) -> None:
         self._streams: dict[int, torch.cuda.Stream] = {}
-        self._spare: dict[_Key, list[jax.Array]] = {}
+        # arrays allocated and not yet taken, and arrays still expected, by (shape, JAX dtype, device)
+        self._spare: dict[tuple[tuple[int, ...], Any, jax.Device], list[jax.Array]] = {}
+        self._expected: collections.Counter[tuple[tuple[int, ...], Any, jax.Device]] = collections.Counter()
+
+    def expect(self, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, count: int) -> None:
+        """Says that :meth:`take` will be asked for ``count`` more arrays of ``shape`` and ``dtype`` on
+        ``device``: its allocation calls then make up to 32 of them at once, beyond ``POOL_BYTES`` (one call
+        instead of one per weight for a model's repeated large weights; the arrays are what the caller
+        fills anyway, and those not taken are dropped by :meth:`settle`)."""
+        if dtype in _FILLABLE and count > 0:
+            self._expected[(tuple(shape), TORCH_TO_JAX[dtype], device)] += count
 
     def take(
         self, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, on: torch.device
@@ -738,19 +748,22 @@ class XlaDestinations:
         the same device as torch sees it), to be written on torch's current stream; or None."""
         if dtype not in _FILLABLE or not math.prod(shape):
             return None
-        jdtype = TORCH_TO_JAX[dtype]
-        key = (tuple(shape), jdtype, device, _pooled(tuple(shape), jdtype))
-        spare = self._spare.get(key)
+        kind = (tuple(shape), TORCH_TO_JAX[dtype], device)
+        spare = self._spare.get(kind)
         if not spare:
-            fn = _allocator(key)
+            # the arrays still expected, up to 32 (counted down as arrays are taken; a call not compiled
+            # yet, whose arrays the caller makes another way, leaves the count alone)
+            fn = _allocator((*kind, max(_pooled(*kind[:2]), min(32, self._expected[kind]))))
             if fn is None:
                 return None
             try:
-                spare = self._spare[key] = list(fn())[::-1]
+                spare = self._spare[kind] = list(fn())[::-1]
             except jax.errors.JaxRuntimeError as e:  # out of memory, say: the caller's route may still fit
-                log.debug("allocating %s arrays in XLA failed, so they are copied by XLA: %s", key[:2], e)
+                log.debug("allocating %s arrays in XLA failed, so they are copied by XLA: %s", kind[:2], e)
                 return None
         out = spare.pop()
+        if self._expected[kind] > 0:
+            self._expected[kind] -= 1
         with on_device(on):
             dest = _torch_view(out, on)  # JAX's export makes torch's current stream wait for the allocation
             if dest.device != on or dest.data_ptr() != out.unsafe_buffer_pointer():
@@ -803,6 +816,7 @@ class XlaDestinations:
             stream.synchronize()
         self._streams.clear()
         self._spare.clear()
+        self._expected.clear()
 
 
 def _start_compile(key: _Key) -> None:

@@ -337,6 +337,41 @@ def load_checkpoint(
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")
         values: dict[Any, Any] = {}
         dense = 0
+        into = XlaDestinations()  # dense results: torch writes them into arrays XLA allocated
+        # FP8 weights of one kind decoded together into arrays XLA allocates (a GPU load of whole arrays)
+        groups = (
+            FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if jdev.platform == "gpu" else None
+        )
+        # each leaf's route, decided before anything is read: kept quantized ("kept"), sharded ("sharded"),
+        # decoded in a group of FP8 weights (the group's kind), or by itself (None)
+        routes: list[tuple[Any, Any, Any]] = []  # (cast, sharding, route)
+        for p, name in zip(plan, names, strict=True):
+            entry = ckpt.entries[p.key]
+            cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
+            leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
+            if keep_quantized and keeps_quantized(entry, p.rule):
+                if leaf_sharding is not None and not _replicated_here(leaf_sharding):
+                    raise ValueError(
+                        f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
+                        + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
+                           "several devices") + "); load it dense to shard it, or keep it on one device"
+                    )  # fmt: skip
+                route: Any = "kept"
+            elif leaf_sharding is not None:
+                route = "sharded"
+            elif groups is not None:
+                route = groups.kind(entry, p.rule, cast)
+                if route is None:  # handed over by itself: its array is allocated with its shape's others
+                    out = (
+                        _torch_dtype(cast)
+                        if cast is not None and entry.dtype.is_floating_point
+                        else entry.dtype
+                    )
+                    if out is not None:
+                        into.expect(tuple(p.leaf.shape), out, jdev, 1)
+            else:
+                route = None
+            routes.append((cast, leaf_sharding, route))
         ahead = _ReadAhead(
             ckpt,
             [
@@ -347,41 +382,28 @@ def load_checkpoint(
             ],
             pin=tdev.type == "cuda",
         )
-        into = XlaDestinations()  # dense results: torch writes them into arrays XLA allocated
-        # FP8 weights of one kind decoded together into arrays XLA allocates (a GPU load of whole arrays)
-        groups = (
-            FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if jdev.platform == "gpu" else None
-        )
         try:
             for i, p in enumerate(plan):
                 ahead.advance(i)
                 entry = ckpt.entries[p.key]
-                cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
+                cast, leaf_sharding, route = routes[i]
 
                 def convert(t: torch.Tensor, cast: Any = cast) -> torch.Tensor:
                     return t.to(_torch_dtype(cast)) if cast is not None and t.is_floating_point() else t
 
-                name = names[i]
-                leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
-                if keep_quantized and keeps_quantized(entry, p.rule):
-                    if leaf_sharding is not None and not _replicated_here(leaf_sharding):
-                        raise ValueError(
-                            f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
-                            + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
-                               "several devices") + "); load it dense to shard it, or keep it on one device"
-                        )  # fmt: skip
+                if route == "kept":
                     kept = quantized_leaf(ckpt, entry, jdev, cast)
                     # a replicated placement: a copy of the pieces on each device
                     values[p.leaf.path] = (
                         kept if leaf_sharding is None else jax.device_put(kept, leaf_sharding)
                     )
                     dense += values[p.leaf.path].nbytes
-                elif leaf_sharding is not None:
+                elif route == "sharded":
                     values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
                     dense += values[p.leaf.path].nbytes
-                elif groups is not None and (kind := groups.kind(entry, p.rule, cast)) is not None:
+                elif groups is not None and route is not None:  # an FP8 group's kind
                     values[p.leaf.path] = None  # keeps the plan's order; set when its group is decoded
-                    groups.add(kind, p.leaf.path, entry)
+                    groups.add(route, p.leaf.path, entry)
                     dense += entry.dense_bytes
                 else:
                     tensor = convert(materialize(ckpt, entry, tdev, p.rule))

@@ -365,3 +365,33 @@ def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
     # what it does not take: the caller keeps its own route
     assert into.write(torch.randn(shape, dtype=torch.float64), cpu) is None
     assert into.write(torch.empty(0, 29, dtype=torch.bfloat16), cpu) is None
+
+
+def test_expected_arrays_of_a_shape_come_from_one_allocation_call():
+    """XlaDestinations.expect (the loader says how many results of each shape it will hand over): a shape
+    larger than POOL_BYTES, expected three times, is allocated three arrays at a time, in one call, once
+    that call is compiled; each write is then its own array with the tensor's bits, and a write beyond the
+    expected ones asks for a call of one array again."""
+    from qbridge import _handoff
+
+    cpu = jax.devices("cpu")[0]
+    shape = (2051, 2048)  # float32: over POOL_BYTES, so one array per call unless expected
+    f32 = jax.numpy.dtype(jax.numpy.float32)
+    assert _handoff._pooled(shape, f32) == 1
+    into = _handoff.XlaDestinations()
+    into.expect(shape, torch.float32, cpu, 3)
+    gen = torch.Generator().manual_seed(12)
+    tensors = [torch.randn(shape, generator=gen) for _ in range(3)]
+    assert into.write(tensors[0], cpu) is None  # first sighting of the call for three arrays
+    assert into.write(tensors[0], cpu) is None  # second: compiling it (the expected count stays three)
+    _handoff.wait_for_allocators()
+    assert (shape, f32, cpu, 3) in _handoff._allocators
+    arrays = [into.write(tensors[0], cpu)]
+    assert len(into._spare[(shape, f32, cpu)]) == 2  # the other two of the same call
+    arrays += [into.write(t, cpu) for t in tensors[1:]]
+    assert not into._spare[(shape, f32, cpu)]
+    assert into.write(tensors[0], cpu) is None  # nothing more expected: a call of one array, not compiled
+    into.settle()
+    assert len({a.unsafe_buffer_pointer() for a in arrays}) == 3
+    for t, a in zip(tensors, arrays, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), t.numpy())
