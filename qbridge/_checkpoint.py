@@ -98,6 +98,7 @@ class Entry:
 SMALL_TENSOR_BYTES = 1 << 16
 READ_THREADS = 4  # background readers of read_ahead (page cache to host memory)
 READ_AHEAD_MIN_BYTES = SMALL_TENSOR_BYTES  # smaller tensors are read when asked for
+READ_PART_BYTES = 16 << 20  # a tensor read ahead that is over twice this is read in parts this size
 
 
 _Check = Callable[[str, torch.Tensor], None]  # sees a stored tensor in host memory; raises to refuse it
@@ -225,14 +226,16 @@ class _Source:
         return nbytes
 
     def _copy_out(self, key: str, pin: bool) -> tuple[torch.Tensor, _staging.Block | None]:
-        mapped = self.map_tensor(key)  # the bytes safetensors' header places there
-        block = _staging.take(_tensor_nbytes(mapped)) if pin else None
-        if block is None:  # pageable memory, or memory torch pins
-            out = torch.empty(mapped.shape, dtype=mapped.dtype, pin_memory=pin)
-        else:
-            out = block.tensor(mapped.dtype, tuple(mapped.shape))
+        shape, dtype = self.shapes[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        block = _staging.take(nbytes) if pin else None
+        out = torch.empty(shape, dtype=dtype, pin_memory=pin) if block is None else block.tensor(dtype, shape)
         try:
-            return out.copy_(mapped), block  # torch copies without holding the GIL: readers run in parallel
+            # positioned reads, without the GIL: a copy from the file's map (torch's copy_) ran an OpenMP team
+            # of every core in each reading thread, which starved the loader's own thread, and a file cut
+            # short in place made it crash (SIGBUS) where a read ends early (benchmarks/RESULTS.md)
+            self._read_bytes(self.key_file[key], key, out)
+            return out, block
         except BaseException:
             if block is not None:
                 block.give_back()
@@ -243,6 +246,8 @@ class _Source:
     ) -> tuple[torch.Tensor, _staging.Block | None]:
         try:
             return ahead.result()
+        except EOFError as e:  # cut short since it was opened (_read_bytes)
+            raise CheckpointError(f"{self.key_file[key]}: reading {key!r} failed: {e}") from e
         except Exception as e:
             raise CheckpointError(
                 f"{self.key_file[key]}: reading {key!r} failed ({type(e).__name__}: {e})"
@@ -292,18 +297,45 @@ class _Source:
         shape, dtype = self.shapes[key]
         t = torch.empty(shape, dtype=dtype)
         try:
-            begin, end = self._offsets(path)[key]
-            if end > begin:  # written through its address: a numpy view would make the storage fixed-size
-                raw = memoryview((ctypes.c_char * (end - begin)).from_address(t.data_ptr())).cast("B")
-                got = _read_at(self._files[path], begin, raw, self._file_lock)
+            self._read_bytes(path, key, t)
+        except EOFError as e:
+            raise CheckpointError(f"{path}: reading {key!r} failed: {e}") from e
         except Exception as e:  # a header cut short since the file was opened, say
             raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
-        if end > begin and got != end - begin:
-            raise CheckpointError(
-                f"{path}: reading {key!r} failed: the file ends after {got} of its {end - begin} bytes "
-                "(cut short since it was opened)"
-            )
         return t
+
+    def _read_bytes(self, path: pathlib.Path, key: str, t: torch.Tensor) -> None:
+        """Reads the stored tensor ``key``'s bytes into ``t`` (contiguous CPU memory of its size) with
+        positioned reads, written through its address (a numpy view would make torch's storage fixed-size).
+
+        Raises:
+            EOFError: the file ends before the tensor does (cut short since it was opened).
+            ValueError: the header's byte range for ``key`` does not hold ``t``'s bytes.
+        """
+        begin, end = self._offsets(path)[key]
+        if end - begin != t.numel() * t.element_size():
+            raise ValueError(
+                f"the header gives it {end - begin} bytes, its shape and dtype {t.numel() * t.element_size()}"
+            )
+        n = end - begin
+        if not n:
+            return
+        raw = memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+        f, lock = self._files[path], self._file_lock
+        # a large tensor in parts: the first read here, the others on the part readers at once (one thread's
+        # read of a whole embedding table took several times what the page cache gives several)
+        parts = range(0, n, READ_PART_BYTES) if n > 2 * READ_PART_BYTES else range(0, n, n)
+        others = [
+            _readers("part").submit(_read_at, f, begin + a, raw[a : a + READ_PART_BYTES], lock)
+            for a in parts[1:]
+        ]
+        try:
+            got = _read_at(f, begin, raw[: min(n, parts.step)], lock)
+        finally:
+            concurrent.futures.wait(others)  # nothing writes into t once this returns
+        got += sum(part.result() for part in others)
+        if got != n:
+            raise EOFError(f"the file ends after {got} of its {n} bytes (cut short since it was opened)")
 
     def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
@@ -528,26 +560,27 @@ def _check_pin(pin: bool, method: str) -> None:
         )
 
 
-_readers_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_readers_lock = threading.Lock()
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
-def _readers() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's reading threads (``READ_THREADS``), shared by every checkpoint and started once: starting
-    them for every load cost about a tenth of a small checkpoint's load on a GPU host."""
-    global _readers_pool
-    with _readers_lock:
-        if _readers_pool is None:
-            _readers_pool = concurrent.futures.ThreadPoolExecutor(
-                READ_THREADS, thread_name_prefix="qbridge-read"
+def _readers(name: str = "read") -> concurrent.futures.ThreadPoolExecutor:
+    """The process's reading threads, ``READ_THREADS`` per ``name`` (``"read"``: whole tensors read ahead;
+    ``"part"``: the parts of a large one), shared by every checkpoint and started once: starting them for
+    every load cost about a tenth of a small checkpoint's load on a GPU host."""
+    with _pools_lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(
+                READ_THREADS, thread_name_prefix=f"qbridge-{name}"
             )
-        return _readers_pool
+        return pool
 
 
 def _readers_after_fork() -> None:
     """A forked child has none of its parent's threads: it starts its own readers when it reads ahead."""
-    global _readers_pool, _readers_lock
-    _readers_pool, _readers_lock = None, threading.Lock()
+    global _pools, _pools_lock
+    _pools, _pools_lock = {}, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_readers_after_fork)

@@ -3,7 +3,9 @@ parameters matches the torch model, and every dequantized weight equals the prod
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import warnings
 
 import jax
@@ -374,6 +376,53 @@ def test_read_ahead_hands_out_the_stored_bytes_and_counts_them(tmp_path, dense_d
         assert ckpt.read_ahead(last)
         with pytest.raises(qbridge.CheckpointError, match=f"model.safetensors: reading '{last}' failed"):
             ckpt.read(last)
+
+
+def test_a_large_tensor_read_ahead_is_read_in_parts_on_several_threads(tmp_path, monkeypatch):
+    """A tensor read ahead that is over twice ``READ_PART_BYTES`` is read in parts, the first by its reading
+    thread and the others by the part readers at once: the stored bytes exactly, for sizes around the
+    split; a file cut inside such a tensor fails naming the key and how many of its bytes the file holds."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    import qbridge._checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "READ_PART_BYTES", 1000)
+    g = torch.Generator().manual_seed(21)
+    stored = {
+        "at_two_parts": torch.randint(0, 256, (2000,), generator=g, dtype=torch.uint8),  # not split
+        "one_byte_over": torch.randint(0, 256, (2001,), generator=g, dtype=torch.uint8),
+        "odd": torch.randn(333, 7, generator=g).to(torch.bfloat16),  # 4662 bytes: 5 parts
+        "rows": torch.randn(517, 3, generator=g),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(stored, file)
+    threads, read_at = collections.Counter(), checkpoint._read_at
+
+    def spy(f, offset, into, lock):
+        threads[threading.current_thread().name.rpartition("_")[0]] += 1
+        return read_at(f, offset, into, lock)
+
+    monkeypatch.setattr(checkpoint, "_read_at", spy)
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        for key in stored:
+            assert ckpt.read_ahead(key)
+        for key, want in load_file(file).items():
+            got = ckpt.read(key)
+            assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
+    # one read per whole tensor on a reading thread; the parts after the first on the part readers
+    assert threads["qbridge-read"] == 4 and threads["qbridge-part"] == 2 + 4 + 6, threads
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        begin = ckpt.source._offsets(file)["odd"][0]
+        os.truncate(file, begin + 2500)  # inside its third part
+        assert ckpt.read_ahead("odd")
+        with pytest.raises(
+            qbridge.CheckpointError,
+            match=r"model.safetensors: reading 'odd' failed: the file ends after 2500 of its 4662 bytes",
+        ):
+            ckpt.read("odd")
 
 
 def test_read_ahead_reads_the_file_as_opened(tmp_path, dense_dir, monkeypatch):
