@@ -129,6 +129,8 @@ def test_fp4_negative_zero(device):
      ((5, 9), (1, 1), (5, 9)), ((300, 200), (3, 4), (100, 64)), ((1, 1), (1, 1), (1, 1))],
 )  # fmt: skip
 def test_fp8_kernel(device, shape, scale_shape, block):
+    if device == "cpu" and shape == (576, 7168):  # the interpreter: DeepSeek-V3's rows, fewer columns
+        shape, scale_shape = (576, 640), (5, 5)
     for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
         for dtype in DTYPES:
             w = random_fp8(shape, dtype=fp8).to(device)
