@@ -611,13 +611,22 @@ def test_a_short_process_still_fills_the_cache(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == [built.name, built.name + ".sha256"]
 
 
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A cache folder holding the kernel as a process builds it (built once for the tests that damage it)."""
+    folder = tmp_path_factory.mktemp("built-cache")
+    assert _run(PROBE, QBRIDGE_CACHE_DIR=str(folder)).returncode == 0
+    return folder
+
+
 @pytest.mark.parametrize("damage", ["truncate", "world-writable", "no hash", "a link", "another library"])
-def test_a_damaged_or_foreign_library_is_built_again_not_loaded(tmp_path, damage):
+def test_a_damaged_or_foreign_library_is_built_again_not_loaded(tmp_path, built_cache, damage):
     """A truncated library (dlopen of one can kill the process), one that others may write, or one
     without its hash is not loaded: it is built again."""
     env = dict(QBRIDGE_CACHE_DIR=str(tmp_path))
-    assert _run(PROBE, **env).returncode == 0
+    shutil.copytree(built_cache / "cpu-kernels", tmp_path / "cpu-kernels")  # the build, its modes kept
     (built,) = (tmp_path / "cpu-kernels").glob("cpu_4bit-*.so")
+    assert (built.stat().st_mode & 0o777) == 0o755
     if damage == "truncate":
         built.write_bytes(built.read_bytes()[:4096])
     elif damage == "world-writable":
