@@ -735,9 +735,10 @@ class XlaDestinations:
 
     def expect(self, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, count: int) -> None:
         """Says that :meth:`take` will be asked for ``count`` more arrays of ``shape`` and ``dtype`` on
-        ``device``: its allocation calls then make up to 32 of them at once, beyond ``POOL_BYTES`` (one call
-        instead of one per weight for a model's repeated large weights; the arrays are what the caller
-        fills anyway, and those not taken are dropped by :meth:`settle`)."""
+        ``device``: its allocation calls then make several of them at once (as many as are still expected,
+        rounded down to a power of two, up to 32), beyond ``POOL_BYTES``: a few calls instead of one per
+        weight for a model's repeated large weights. Every :meth:`take` of the shape counts one down, also
+        one whose array the caller makes another way (while the call is compiled)."""
         if dtype in _FILLABLE and count > 0:
             self._expected[(tuple(shape), TORCH_TO_JAX[dtype], device)] += count
 
@@ -749,11 +750,15 @@ class XlaDestinations:
         if dtype not in _FILLABLE or not math.prod(shape):
             return None
         kind = (tuple(shape), TORCH_TO_JAX[dtype], device)
+        expected = self._expected[kind]  # this array included; counted down whichever route it takes
+        if expected:
+            self._expected[kind] = expected - 1
         spare = self._spare.get(kind)
         if not spare:
-            # the arrays still expected, up to 32 (counted down as arrays are taken; a call not compiled
-            # yet, whose arrays the caller makes another way, leaves the count alone)
-            fn = _allocator((*kind, max(_pooled(*kind[:2]), min(32, self._expected[kind]))))
+            # as many arrays as are still expected, rounded down to a power of two (at most 32), so that a
+            # shape has few allocation programs and none makes an array that will not be taken
+            many = 1 << (min(32, expected).bit_length() - 1) if expected else 1
+            fn = _allocator((*kind, max(_pooled(*kind[:2]), many)))
             if fn is None:
                 return None
             try:
@@ -762,8 +767,6 @@ class XlaDestinations:
                 log.debug("allocating %s arrays in XLA failed, so they are copied by XLA: %s", kind[:2], e)
                 return None
         out = spare.pop()
-        if self._expected[kind] > 0:
-            self._expected[kind] -= 1
         with on_device(on):
             dest = _torch_view(out, on)  # JAX's export makes torch's current stream wait for the allocation
             if dest.device != on or dest.data_ptr() != out.unsafe_buffer_pointer():

@@ -369,29 +369,39 @@ def test_arrays_xla_allocates_take_torch_writes_once_their_shape_is_compiled():
 
 def test_expected_arrays_of_a_shape_come_from_one_allocation_call():
     """XlaDestinations.expect (the loader says how many results of each shape it will hand over): a shape
-    larger than POOL_BYTES, expected three times, is allocated three arrays at a time, in one call, once
-    that call is compiled; each write is then its own array with the tensor's bits, and a write beyond the
-    expected ones asks for a call of one array again."""
+    larger than POOL_BYTES, expected five times, is allocated four arrays at a time (the power of two at or
+    below what is still expected), in one call once that call is compiled; each write is its own array with
+    the tensor's bits; every write counts one down, also one whose array comes another way, so no call makes
+    an array that will not be taken."""
     from qbridge import _handoff
 
     cpu = jax.devices("cpu")[0]
     shape = (2051, 2048)  # float32: over POOL_BYTES, so one array per call unless expected
     f32 = jax.numpy.dtype(jax.numpy.float32)
+    kind = (shape, f32, cpu)
     assert _handoff._pooled(shape, f32) == 1
-    into = _handoff.XlaDestinations()
-    into.expect(shape, torch.float32, cpu, 3)
     gen = torch.Generator().manual_seed(12)
-    tensors = [torch.randn(shape, generator=gen) for _ in range(3)]
-    assert into.write(tensors[0], cpu) is None  # first sighting of the call for three arrays
-    assert into.write(tensors[0], cpu) is None  # second: compiling it (the expected count stays three)
+    tensors = [torch.randn(shape, generator=gen) for _ in range(5)]
+    into = _handoff.XlaDestinations()
+    for _ in range(2):  # two loads' first writes: the call for four is seen twice, and compiled
+        into.expect(shape, torch.float32, cpu, 4)
+        assert into.write(tensors[0], cpu) is None
+        into.settle()
     _handoff.wait_for_allocators()
-    assert (shape, f32, cpu, 3) in _handoff._allocators
+    assert (*kind, 4) in _handoff._allocators
+    into.expect(shape, torch.float32, cpu, 5)
     arrays = [into.write(tensors[0], cpu)]
-    assert len(into._spare[(shape, f32, cpu)]) == 2  # the other two of the same call
-    arrays += [into.write(t, cpu) for t in tensors[1:]]
-    assert not into._spare[(shape, f32, cpu)]
-    assert into.write(tensors[0], cpu) is None  # nothing more expected: a call of one array, not compiled
+    assert len(into._spare[kind]) == 3  # the other three of the same call
+    arrays += [into.write(t, cpu) for t in tensors[1:4]]
+    assert not into._spare[kind] and into._expected[kind] == 1
+    assert into.write(tensors[4], cpu) is None  # the last one: a call of one array, not compiled here
+    assert into._expected[kind] == 0 and not into._spare.get(kind)  # counted down all the same; none left
     into.settle()
-    assert len({a.unsafe_buffer_pointer() for a in arrays}) == 3
-    for t, a in zip(tensors, arrays, strict=True):
+    assert len({a.unsafe_buffer_pointer() for a in arrays}) == 4
+    for t, a in zip(tensors, arrays, strict=False):
         np.testing.assert_array_equal(np.asarray(a), t.numpy())
+    # a write while a call is compiled still counts down: the next call is sized by what is left
+    into.expect(shape, torch.float32, cpu, 3)
+    assert into.write(tensors[0], cpu) is None  # the call for two (three expected) is not there
+    assert into._expected[kind] == 2
+    into.settle()
