@@ -325,14 +325,15 @@ class _Source:
         # a large tensor in parts: the first read here, the others on the part readers at once (one thread's
         # read of a whole embedding table took several times what the page cache gives several)
         parts = range(0, n, READ_PART_BYTES) if n > 2 * READ_PART_BYTES else range(0, n, n)
-        others = [
-            _readers("part").submit(_read_at, f, begin + a, raw[a : a + READ_PART_BYTES], lock)
-            for a in parts[1:]
-        ]
+        others: list[concurrent.futures.Future[int]] = []
         try:
+            for a in parts[1:]:
+                others.append(
+                    _readers("part").submit(_read_at, f, begin + a, raw[a : a + READ_PART_BYTES], lock)
+                )
             got = _read_at(f, begin, raw[: min(n, parts.step)], lock)
         finally:
-            concurrent.futures.wait(others)  # nothing writes into t once this returns
+            concurrent.futures.wait(others)  # nothing writes into t once this returns or raises
         got += sum(part.result() for part in others)
         if got != n:
             raise EOFError(f"the file ends after {got} of its {n} bytes (cut short since it was opened)")

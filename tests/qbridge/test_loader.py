@@ -425,6 +425,52 @@ def test_a_large_tensor_read_ahead_is_read_in_parts_on_several_threads(tmp_path,
             ckpt.read("odd")
 
 
+def test_a_part_read_that_cannot_start_leaves_no_read_writing(tmp_path, monkeypatch):
+    """When a part of a large tensor cannot be handed to a part reader (no thread can start, say), the read
+    fails only after the parts already handed out have landed: nothing writes into memory that the failed
+    read gave back."""
+    import threading
+    import time
+
+    from safetensors.torch import save_file
+
+    import qbridge._checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoint, "READ_PART_BYTES", 1000)
+    save_file({"x": torch.ones(5000, dtype=torch.uint8)}, tmp_path / "model.safetensors")
+    readers, read_at, landed = checkpoint._readers, checkpoint._read_at, []
+
+    def slow(f, offset, into, lock):
+        if threading.current_thread().name.startswith("qbridge-part"):
+            time.sleep(0.3)
+        got = read_at(f, offset, into, lock)
+        landed.append(time.monotonic())
+        return got
+
+    class Parts:  # the part readers, refusing the third part
+        submitted = 0
+
+        def submit(self, *args):
+            self.submitted += 1
+            if self.submitted == 3:
+                raise RuntimeError("can't start new thread")
+            return readers("part").submit(*args)
+
+    parts = Parts()
+    monkeypatch.setattr(
+        checkpoint, "_readers", lambda name="read": parts if name == "part" else readers(name)
+    )
+    monkeypatch.setattr(checkpoint, "_read_at", slow)
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.read_ahead("x")
+        with pytest.raises(qbridge.CheckpointError, match=r"reading 'x' failed \(RuntimeError: can't start"):
+            ckpt.read("x")
+        failed = time.monotonic()
+    time.sleep(0.5)
+    assert len(landed) == 2 and max(landed) <= failed  # the two parts handed out, both before the error
+
+
 def test_read_ahead_reads_the_file_as_opened(tmp_path, dense_dir, monkeypatch):
     """A file replaced on disk after the checkpoint was opened (an atomic re-save) is not mixed in: reading
     ahead maps the file that was opened. A key read twice is counted once; after close nothing is read."""
