@@ -206,13 +206,20 @@ class _Source:
             self.key_file[key] = path
             self.shapes[key] = (tuple(value.shape), value.dtype)
 
+    def _reading(self) -> dict[str, concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]]]:
+        """The reads ahead this process may wait for: in a child forked while reads were running, none (the
+        parent's threads, which would finish them, are not in the child: waiting would hang)."""
+        if os.getpid() != self._pid:
+            self._ahead, self._pid = {}, os.getpid()
+        return self._ahead
+
     def read_ahead(self, key: str, *, pin: bool) -> int:
         """Starts reading the stored tensor ``key`` in a background thread, into pinned host memory with
         ``pin`` (so that its host-to-device copy can run asynchronously); the next :meth:`read`,
         :meth:`read_to` or :meth:`read_into` of ``key`` returns it. Returns the bytes it holds, 0 when
         nothing is read ahead: tensors of torch files (mapped already), small ones, keys read ahead
         already."""
-        if self._closed or key in self._ahead:
+        if self._closed or key in self._reading():
             return 0
         if key not in self.key_file:
             raise self._no_tensor(key)
@@ -257,7 +264,7 @@ class _Source:
         """The tensor stored under ``key``, on the CPU."""
         if self._closed:
             raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
-        ahead = self._ahead.pop(key, None)  # read by read_ahead's thread: its result, or its error
+        ahead = self._reading().pop(key, None)  # read by read_ahead's thread: its result, or its error
         # a torch file's tensor (a tensor subclass, torchao's, stays as stored), or None
         stored = self._state.get(key) if ahead is None and self._state is not None else None
         if stored is not None:
@@ -364,7 +371,7 @@ class _Source:
         returning: list[tuple[_staging.Block, torch.device]] = []
         try:
             for key, out in zip(keys, outs, strict=True):
-                ahead = self._ahead.pop(key, None)
+                ahead = self._reading().pop(key, None)
                 if ahead is None:
                     t = self.read(key)
                     if check is not None:
@@ -393,7 +400,7 @@ class _Source:
         """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting, after
         ``check(key, tensor)`` has seen it in host memory."""
         device = torch.device(device)
-        if device.type == "cpu" or key not in self._ahead:
+        if device.type == "cpu" or key not in self._reading():
             t = self.read(key)
             if check is not None:
                 check(key, t)
@@ -426,7 +433,7 @@ class _Source:
             if self.shapes[key] != (shape, dtype):
                 raise ValueError(f"read_stacked: {key!r} is {self.shapes[key]}, not {(shape, dtype)}")
             path = self.key_file[key]
-            if self._state is not None or key in self._ahead or not nbytes:
+            if self._state is not None or key in self._reading() or not nbytes:
                 out[i, :numel].copy_(self.read(key).reshape(-1))
                 continue
             begin, end = self._offsets(path)[key]
