@@ -253,12 +253,8 @@ class _Source:
     ) -> tuple[torch.Tensor, _staging.Block | None]:
         try:
             return ahead.result()
-        except EOFError as e:  # cut short since it was opened (_read_bytes)
-            raise CheckpointError(f"{self.key_file[key]}: reading {key!r} failed: {e}") from e
         except Exception as e:
-            raise CheckpointError(
-                f"{self.key_file[key]}: reading {key!r} failed ({type(e).__name__}: {e})"
-            ) from e
+            raise _read_error(self.key_file[key], key, e) from e
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key``, on the CPU."""
@@ -284,7 +280,7 @@ class _Source:
                 try:
                     t = self._open[path].get_tensor(key)  # a view of safetensors' map of the file
                 except Exception as e:
-                    raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+                    raise _read_error(path, key, e) from e
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # memory of its own, or a torch file's tensor
             if ahead is None and key in self._small:  # tables and scales read again for another shard:
                 return t  # counted once
@@ -305,10 +301,8 @@ class _Source:
         t = torch.empty(shape, dtype=dtype)
         try:
             self._read_bytes(path, key, t)
-        except EOFError as e:
-            raise CheckpointError(f"{path}: reading {key!r} failed: {e}") from e
-        except Exception as e:  # a header cut short since the file was opened, say
-            raise CheckpointError(f"{path}: reading {key!r} failed ({type(e).__name__}: {e})") from e
+        except Exception as e:  # a file or its header cut short since it was opened, say
+            raise _read_error(path, key, e) from e
         return t
 
     def _read_bytes(self, path: pathlib.Path, key: str, t: torch.Tensor) -> None:
@@ -566,6 +560,13 @@ def _check_pin(pin: bool, method: str) -> None:
             f"{method}(pin=True): pinned memory is for copies to a CUDA GPU, and torch sees none here; "
             "use pin=False"
         )
+
+
+def _read_error(path: pathlib.Path, key: str, e: BaseException) -> CheckpointError:
+    """The error for a failed read of ``key``: a file cut short says so (``_read_bytes``' EOFError); any other
+    failure is named by its type."""
+    detail = f": {e}" if isinstance(e, EOFError) else f" ({type(e).__name__}: {e})"
+    return CheckpointError(f"{path}: reading {key!r} failed{detail}")
 
 
 _pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
