@@ -274,13 +274,7 @@ class _Source:
             path = self.key_file.get(key)
             if path is None:
                 raise self._no_tensor(key)
-            if _nbytes(self, key) <= SMALL_TENSOR_BYTES:  # memory of its own
-                t = self._read_small(path, key)
-            else:
-                try:
-                    t = self._open[path].get_tensor(key)  # a view of safetensors' map of the file
-                except Exception as e:
-                    raise _read_error(path, key, e) from e
+            t = self._read_whole(path, key)
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # memory of its own, or a torch file's tensor
             if ahead is None and key in self._small:  # tables and scales read again for another shard:
                 return t  # counted once
@@ -293,10 +287,11 @@ class _Source:
             f"checkpoint has no tensor {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
         )
 
-    def _read_small(self, path: pathlib.Path, key: str) -> torch.Tensor:
-        """A small stored tensor read into memory of its own (torch's, resizable, so that a CPU load's JAX
-        array may share it) with one positioned read: a view of the file's map (``get_tensor``) cost about
-        35 us on a GPU host, and its copy faulted the map's pages in."""
+    def _read_whole(self, path: pathlib.Path, key: str) -> torch.Tensor:
+        """A stored tensor read into memory of its own (torch's, resizable, so that a CPU load's JAX array may
+        share it) with positioned reads. Not a view of the file's map (``get_tensor``): for a small tensor
+        that cost about 35 us on a GPU host, its copy faulted the map's pages in, and using such a view
+        after the file was cut short in place crashed the process (SIGBUS)."""
         shape, dtype = self.shapes[key]
         t = torch.empty(shape, dtype=dtype)
         try:
