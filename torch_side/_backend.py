@@ -46,11 +46,12 @@ def triton_kernels_available() -> bool:
 
 
 @functools.cache
-def bnb_native_cpu_kernel() -> bool:
-    """Whether bitsandbytes' CPU ``dequantize_4bit`` runs its native kernel on this machine. bitsandbytes
-    0.50 registers that kernel only where torch's CPU capability is AVX-512 (``backends/cpu/ops.py``);
-    elsewhere its pure-torch reference answers, which counts blocks as the format does. Other versions are
-    taken to run it."""
+def bnb_cpu_avx512_kernel() -> bool:
+    """Whether bitsandbytes' CPU ``dequantize_4bit`` takes its native kernel's AVX-512 path on this machine,
+    the one that restarts blocks at every row. bitsandbytes 0.50 registers its native CPU kernel wherever its
+    library loads (``backends/cpu/ops.py``); on CPUs without AVX-512 (torch's CPU capability) the kernel's
+    other path counts blocks over the flat tensor, as the format does (``tests/torch_side/test_nf4.py``
+    checks this against the registered op). Other versions are taken to restart blocks."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -133,7 +134,7 @@ def choose_4bit_backend(
             )
         if (
             device.type == "cpu"
-            and bnb_native_cpu_kernel()
+            and bnb_cpu_avx512_kernel()
             and bnb_cpu_kernel_restarts_blocks(shape, blocksize)
         ):
             raise ValueError(

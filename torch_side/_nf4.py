@@ -6,8 +6,8 @@ elements (the last block may be short). Element ``i`` is stored as a nibble ``q`
 rounded once to the output dtype. A nested (double-quant) absmax is itself stored as uint8 and decodes
 to ``nested_code[a] * nested_absmax[j // nested_blocksize]`` rounded to float32, then ``+ offset``
 rounded again: two roundings, no fused multiply-add. These are the semantics of bitsandbytes' CUDA
-kernels and of its pure-torch reference; its native CPU kernel departs from them for some shapes and is
-used only where it agrees (see ``_backend.bnb_cpu_kernel_is_exact``).
+kernels and of its pure-torch reference; its native CPU kernel departs from them for some shapes on
+AVX-512 CPUs, where ``backend="bnb"`` refuses them (see ``_backend.bnb_cpu_kernel_restarts_blocks``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_side
-from torch_side._backend import bnb_cpu_kernel_restarts_blocks, bnb_native_cpu_kernel, choose_4bit_backend
+from torch_side._backend import bnb_cpu_avx512_kernel, bnb_cpu_kernel_restarts_blocks, choose_4bit_backend
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -78,13 +78,13 @@ def test_forced_backends_agree(device, backend):
 
 
 def test_cpu_routes_around_the_broken_bitsandbytes_kernel():
-    # bitsandbytes 0.50's native CPU kernel (which it runs on AVX-512 CPUs) restarts blocks at every row:
-    # wrong for these shapes, and refused; elsewhere its pure-torch reference answers, with the right numbers
+    # bitsandbytes 0.50's native CPU kernel restarts blocks at every row in its AVX-512 path: wrong for these
+    # shapes, and refused; its other path (CPUs without AVX-512) counts blocks right
     for shape in [(128, 96), (7, 48), (3, 32)]:
         _, packed, qs = bnb_quantize(shape, nested=False)
         assert bnb_cpu_kernel_restarts_blocks(shape, qs.blocksize)
         assert_bitwise_equal(torch_side.dequantize(packed, qs), bnb_reference(packed, qs))
-        if bnb_native_cpu_kernel():
+        if bnb_cpu_avx512_kernel():
             with pytest.raises(ValueError, match="restarts blocks at every row"):
                 torch_side.dequantize(packed, qs, backend="bnb")
         else:
@@ -92,9 +92,9 @@ def test_cpu_routes_around_the_broken_bitsandbytes_kernel():
             torch.testing.assert_close(got, bnb_reference(packed, qs), rtol=0, atol=0)
 
 
-def test_the_native_kernel_is_detected_where_bitsandbytes_runs_it():
-    """bitsandbytes 0.50 runs its native CPU kernel (rows restarting their blocks) only on AVX-512 CPUs:
-    the detection agrees with what its registered op returns on this machine."""
+def test_the_row_restarting_kernel_path_is_detected_where_bitsandbytes_takes_it():
+    """bitsandbytes 0.50's native CPU kernel restarts blocks at every row only in its AVX-512 path: the
+    detection agrees with what its registered op returns on this machine."""
     from importlib.metadata import version
 
     if version("bitsandbytes").split(".")[:2] != ["0", "50"]:
@@ -102,7 +102,7 @@ def test_the_native_kernel_is_detected_where_bitsandbytes_runs_it():
     _, packed, qs = bnb_quantize((128, 96), nested=False, seed=3)
     native = torch.ops.bitsandbytes.dequantize_4bit(packed, qs.absmax, 64, "nf4", [128, 96], qs.dtype)
     wrong = not torch.equal(native, bnb_reference(packed, qs))
-    assert wrong == bnb_native_cpu_kernel()
+    assert wrong == bnb_cpu_avx512_kernel()
 
 
 def test_fp4_negative_zero_follows_the_cuda_kernel():
