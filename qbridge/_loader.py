@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import logging
 import os
 import sys
@@ -309,8 +310,18 @@ def load_checkpoint(
     if dtype not in (None, "target", "checkpoint"):
         try:
             floating = jnp.issubdtype(np.dtype(dtype), jnp.floating)
-        except TypeError:
-            floating = False
+        except TypeError:  # not a dtype numpy knows (JAX registers bfloat16 there)
+            names = ["bfloat16", "float16", "float32", "float64", "target", "checkpoint"]
+            close = (
+                difflib.get_close_matches(str(dtype), names, n=1, cutoff=0.5)
+                if isinstance(dtype, str)
+                else []
+            )
+            raise ValueError(
+                f"dtype={dtype!r} is not a dtype name" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + ": give a floating dtype (bfloat16, float16, float32; JAX's, numpy's, torch's or its name), "
+                "or 'target' / 'checkpoint' with a target"
+            ) from None  # fmt: skip
         if not floating:
             raise ValueError(
                 f"dtype={dtype!r}: weights are cast only to a floating dtype (bfloat16, float16, float32 ...)"

@@ -845,6 +845,21 @@ def test_a_non_floating_dtype_is_refused(tmp_path):
         qbridge.load_checkpoint(tmp_path / "st", dtype=np.int8, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("bf16", " \\(did you mean 'bfloat16'\\?\\)"),
+        ("float33", " \\(did you mean 'float32'\\?\\)"),
+        ("xyz", ""),
+    ],
+)
+def test_a_dtype_name_nothing_knows_is_named_with_the_closest_one(name, hint):
+    """A misspelt dtype name is refused before anything is read, as a name nothing knows (not as a
+    non-floating dtype), with the closest floating dtype's name."""
+    with pytest.raises(ValueError, match=f"dtype='{name}' is not a dtype name{hint}: give a floating dtype"):
+        qbridge.load_checkpoint("/nonexistent", dtype=name, progress=False)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [("nested_offset", 1e308, "does not fit float32"),
                                                          ("code", float("inf"), "NaN or Inf")])  # fmt: skip
 def test_quant_tables_and_offsets_that_would_make_nan_weights(tmp_path, field, value, message):
