@@ -201,6 +201,52 @@ def _replicated_here(sharding: Any) -> bool:
     return bool(sharding.is_fully_replicated and sharding.is_fully_addressable)
 
 
+def _routes(
+    ckpt: Checkpoint,
+    plan: Sequence[Any],
+    names: Sequence[str],
+    dtype: Any,
+    sharding: Any,
+    keep_quantized: bool,
+    groups: FP8Groups | None,
+    into: XlaDestinations,
+    jdev: jax.Device,
+) -> list[tuple[Any, Any, Any]]:
+    """Each planned leaf's ``(cast, sharding, route)``, decided before anything is read. The route: ``"kept"``
+    (kept quantized), ``"sharded"``, an FP8 group's kind (decoded with its group), or None (by itself; on a
+    GPU its array is expected by ``into``, so that one allocation call makes its shape's arrays).
+
+    Raises:
+        ValueError: a leaf kept quantized that is to be sharded (split over devices).
+    """
+    routes: list[tuple[Any, Any, Any]] = []
+    for p, name in zip(plan, names, strict=True):
+        entry = ckpt.entries[p.key]
+        cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
+        leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
+        route: Any = None
+        if keep_quantized and keeps_quantized(entry, p.rule):
+            if leaf_sharding is not None and not _replicated_here(leaf_sharding):
+                raise ValueError(
+                    f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
+                    + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
+                       "several devices") + "); load it dense to shard it, or keep it on one device"
+                )  # fmt: skip
+            route = "kept"
+        elif leaf_sharding is not None:
+            route = "sharded"
+        elif groups is not None:
+            route = groups.kind(entry, p.rule, cast)
+            if route is None:
+                out = (
+                    _torch_dtype(cast) if cast is not None and entry.dtype.is_floating_point else entry.dtype
+                )
+                if out is not None:
+                    into.expect(tuple(p.leaf.shape), out, jdev, 1)
+        routes.append((cast, leaf_sharding, route))
+    return routes
+
+
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     """A progress bar on a terminal or in a notebook; None where nobody watches one (a log file, a pipe)."""
     if not enabled:
@@ -353,36 +399,7 @@ def load_checkpoint(
         groups = (
             FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if jdev.platform == "gpu" else None
         )
-        # each leaf's route, decided before anything is read: kept quantized ("kept"), sharded ("sharded"),
-        # decoded in a group of FP8 weights (the group's kind), or by itself (None)
-        routes: list[tuple[Any, Any, Any]] = []  # (cast, sharding, route)
-        for p, name in zip(plan, names, strict=True):
-            entry = ckpt.entries[p.key]
-            cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
-            leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
-            if keep_quantized and keeps_quantized(entry, p.rule):
-                if leaf_sharding is not None and not _replicated_here(leaf_sharding):
-                    raise ValueError(
-                        f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
-                        + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
-                           "several devices") + "); load it dense to shard it, or keep it on one device"
-                    )  # fmt: skip
-                route: Any = "kept"
-            elif leaf_sharding is not None:
-                route = "sharded"
-            elif groups is not None:
-                route = groups.kind(entry, p.rule, cast)
-                if route is None:  # handed over by itself: its array is allocated with its shape's others
-                    out = (
-                        _torch_dtype(cast)
-                        if cast is not None and entry.dtype.is_floating_point
-                        else entry.dtype
-                    )
-                    if out is not None:
-                        into.expect(tuple(p.leaf.shape), out, jdev, 1)
-            else:
-                route = None
-            routes.append((cast, leaf_sharding, route))
+        routes = _routes(ckpt, plan, names, dtype, sharding, keep_quantized, groups, into, jdev)
         ahead = _ReadAhead(
             ckpt,
             [
