@@ -329,7 +329,8 @@ class _Source:
                 )
             got = _read_at(f, begin, raw[: min(n, parts.step)], lock)
         finally:
-            concurrent.futures.wait(others)  # nothing writes into t once this returns or raises
+            if others:  # nothing writes into t once this returns or raises
+                concurrent.futures.wait(others)
         got += sum(part.result() for part in others)
         if got != n:
             raise EOFError(f"the file ends after {got} of its {n} bytes (cut short since it was opened)")
@@ -1239,7 +1240,9 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
     src = ckpt.source
     where = ckpt.where(state_key)
     try:
-        doc = json.loads(bytes(src.read(state_key).tolist()).decode("utf-8"))
+        document = src.read(state_key).detach()  # uint8, as bitsandbytes stores it; another dtype as values
+        raw = document.numpy().tobytes() if document.dtype == torch.uint8 else bytes(document.tolist())
+        doc = json.loads(raw.decode("utf-8"))
     except Exception as e:
         raise CheckpointError(f"{where}: the bitsandbytes quant state is not readable JSON ({e})") from e
     if not isinstance(doc, dict):
