@@ -166,12 +166,24 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 def flush_denormals_(x: torch.Tensor) -> torch.Tensor:
     """Replaces float32 values below FLT_MIN in magnitude by zeros of their sign, in place.
 
-    bitsandbytes' CUDA kernels are built to flush denormals, so their products never are denormal.
+    bitsandbytes' CUDA kernels are built to flush denormals, so their products never are denormal. Every
+    other value keeps its bits; a NaN stays a NaN, with the payload a float32 multiply leaves it (a GPU's
+    canonical NaN, as the products this flushes already have).
     """
-    tiny = x.abs() < FLT_MIN
-    x.masked_fill_(tiny & (x > 0), 0.0)
-    x.masked_fill_(tiny & (x < 0), -0.0)
-    return x
+    return x.mul_(x.abs() >= FLT_MIN)  # x * 0 keeps x's sign; NaN stays NaN; three operations, not eight
+
+
+def _add_offset_(x: torch.Tensor, offset: float | torch.Tensor) -> torch.Tensor:
+    """``x += offset`` in float32, in place, with ``offset`` rounded to float32 first (one number).
+
+    A number on the host is added as a scalar (the same float32 addition): copying it to the GPU first
+    would make the host wait for the GPU at every weight.
+    """
+    if isinstance(offset, torch.Tensor) and offset.device == x.device:
+        return x.add_(offset.to(torch.float32).reshape(()))
+    if isinstance(offset, torch.Tensor) and offset.device.type != "cpu":  # on another device: copied
+        return x.add_(torch.as_tensor(offset, dtype=torch.float32, device=x.device).reshape(()))
+    return x.add_(torch.as_tensor(offset, dtype=torch.float32).reshape(()).item())
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -205,9 +217,7 @@ def decode_nested_absmax_reference(
     scaled = flush_denormals_(
         _scale_blocks(nested_code[absmax.reshape(-1).long()], nested_absmax.reshape(-1), nested_blocksize)
     )
-    return flush_denormals_(
-        scaled.add_(torch.as_tensor(offset, dtype=torch.float32, device=scaled.device).reshape(()))
-    )
+    return flush_denormals_(_add_offset_(scaled, offset))
 
 
 def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
@@ -503,7 +513,7 @@ def _decode_absmax(
         decoded = torch.ops.bitsandbytes.dequantize_blockwise.default(
             absmax.reshape(-1), nested_absmax.reshape(-1), nested_code, nested_blocksize, torch.float32
         )
-        return decoded.add_(torch.as_tensor(offset, dtype=torch.float32, device=decoded.device).reshape(()))
+        return _add_offset_(decoded, offset)
     return decode_nested_absmax_reference(absmax, nested_absmax, nested_code, nested_blocksize, offset)
 
 

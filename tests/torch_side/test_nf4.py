@@ -319,6 +319,62 @@ def test_nested_decode_has_two_roundings():
     assert not np.array_equal(fused, want)  # the rounding order is observable on this data
 
 
+def _float32_classes() -> torch.Tensor:
+    """Every class of float32 value, both signs: zeros, subnormals, FLT_MIN and its neighbours, normal,
+    largest, infinite, NaN (quiet and signalling payloads), and random bit patterns."""
+    bits = [
+        0,
+        1,
+        2,
+        0x0007_FFFF,
+        0x007F_FFFE,
+        0x007F_FFFF,
+        0x0080_0000,
+        0x0080_0001,
+        0x3F80_0000,
+        0x7F7F_FFFF,
+    ]
+    bits += [0x7F80_0000, 0x7FC0_0000, 0x7F80_0001, 0x7FFF_FFFF]
+    base = torch.tensor(bits, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(11)
+    both = torch.cat((base, base | 0x8000_0000, torch.randint(0, 1 << 32, (4096,), generator=gen)))
+    return (both - ((both >= 1 << 31).long() << 32)).to(torch.int32).view(torch.float32)
+
+
+def test_flush_denormals_replaces_exactly_the_denormals_by_zeros_of_their_sign(device):
+    """Below FLT_MIN in magnitude -> zero of the same sign; every other value keeps its bits, and a NaN stays
+    a NaN (its payload as float32 arithmetic leaves it: a GPU's multiply gives its canonical NaN, so do the
+    products this flushes)."""
+    x = _float32_classes().to(device)
+    subnormal = (x.abs() < torch.finfo(torch.float32).tiny) & (x != 0)
+    want = torch.where(subnormal, torch.zeros_like(x).copysign(x), x)
+    got = torch_side._nf4.flush_denormals_(x.clone())
+    nan = x.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert int(subnormal.sum()) >= 10 and int(nan.sum()) >= 8
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [0.1, 1 / 3 + 1e-12, -2.5e-39, 1e39, torch.tensor(1 / 3, dtype=torch.float64), torch.tensor([0.7])],
+    ids=["float", "between-float32s", "denormal", "overflows", "float64-tensor", "one-element"],
+)
+def test_the_nested_offset_is_rounded_to_float32_then_added(device, offset):
+    """However the offset comes (a number, a float64 or one-element tensor), the decode adds its float32
+    rounding, as bitsandbytes does with its float32 offset."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=gen)
+    absmax2 = torch.rand(4, generator=gen) * 3
+    code2 = torch.sort(torch.randn(256, generator=gen)).values
+    as_float32 = torch.as_tensor(offset, dtype=torch.float32).reshape(())
+    want = torch_side.decode_nested_absmax_reference(a, absmax2, code2, 256, as_float32)
+    got = torch_side.decode_nested_absmax_reference(
+        a.to(device), absmax2.to(device), code2.to(device), 256, offset
+    )
+    assert_bitwise_equal(got.cpu(), want)
+
+
 def test_denormal_products_flush_to_zero_as_on_cuda(device):
     """bitsandbytes' CUDA kernels flush float32 denormals; so does every backend here."""
     for dtype in (torch.float32, torch.bfloat16):
@@ -363,6 +419,30 @@ def test_cuda_result_is_ordered_on_the_current_stream():
     side.synchronize()
     # absmax belongs to packed_old's quantization, so compare against the same pieces on the CPU
     assert_bitwise_equal(got, bnb_reference(packed_new, qs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "bnb"])
+def test_a_nested_weight_decodes_without_host_syncs(backend):
+    """With the offset a number (as a checkpoint's quant state gives it, and as the loader passes it, with
+    the standard table) or a CPU tensor, the exact torch and bitsandbytes paths never make the host wait
+    for the GPU (a sync per weight serializes a load)."""
+    _, packed, qs = bnb_quantize((256, 320), nested=True, device="cuda", seed=4)
+    pieces = dict(
+        shape=(256, 320), blocksize=qs.blocksize, nested_absmax=qs.state2.absmax,
+        nested_code=qs.state2.code, nested_blocksize=qs.state2.blocksize, dtype=torch.bfloat16,
+    )  # fmt: skip
+    want = bnb_reference(packed, qs)
+    # the first call of a process puts the standard tables on the device (once): the calls after it count
+    torch_side.dequantize_nf4(packed, qs.absmax, offset=float(qs.offset), backend=backend, **pieces)
+    torch.cuda.synchronize()
+    for offset in (float(qs.offset), qs.offset.cpu()):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, backend=backend, **pieces)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert_bitwise_equal(got, want)
 
 
 @pytest.mark.gpu
