@@ -335,6 +335,16 @@ class _Source:
         if got != n:
             raise EOFError(f"the file ends after {got} of its {n} bytes (cut short since it was opened)")
 
+    def _check_not_cut(self, path: pathlib.Path, key: str) -> None:
+        """Raises EOFError when the file, as opened, no longer holds all of ``key``'s bytes: a copy out of a
+        map of a file cut short in place since it was mapped ends the process (SIGBUS) instead of failing."""
+        begin, end = self._offsets(path)[key]
+        size = os.fstat(self._files[path].fileno()).st_size
+        if size < end:
+            raise EOFError(
+                f"the file ends after {max(0, size - begin)} of its {end - begin} bytes (cut short since it was opened)"
+            )
+
     def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
@@ -456,7 +466,10 @@ class _Source:
         if path is None:
             raise self._no_tensor(key)
         try:
+            self._check_not_cut(path, key)  # the slice is copied from safetensors' map of the file
             return self._counted(self._open[path].get_slice(key)[index])
+        except EOFError as e:
+            raise _read_error(path, key, e) from e
         except Exception as e:
             raise CheckpointError(
                 f"{path}: reading {key!r}{list(index)} failed ({type(e).__name__}: {e})"
@@ -473,6 +486,12 @@ class _Source:
         as rows of ``row_bytes``: a new uint8 CPU tensor. Only those byte ranges are copied, from the file's
         memory (:meth:`map_tensor`)."""
         (r0, r1), (c0, c1) = rows, cols
+        path = self.key_file.get(key)
+        if self._state is None and path is not None:
+            try:
+                self._check_not_cut(path, key)
+            except EOFError as e:
+                raise _read_error(path, key, e) from e
         flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
         if flat.numel() % row_bytes or r1 * row_bytes > flat.numel():
             raise CheckpointError(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -376,6 +378,39 @@ def test_read_ahead_hands_out_the_stored_bytes_and_counts_them(tmp_path, dense_d
         assert ckpt.read_ahead(last)
         with pytest.raises(qbridge.CheckpointError, match=f"model.safetensors: reading '{last}' failed"):
             ckpt.read(last)
+
+
+def test_a_slice_or_window_of_a_file_cut_short_since_it_was_opened_fails_naming_the_key(tmp_path):
+    """Sharded loads read slices (through safetensors' map of the file) and windows (a map of the tensor's
+    pages); a file cut short in place since it was opened fails naming the file, the key and the bytes it
+    still holds. Copying out of the map ended the process instead (SIGBUS): hence a child process here."""
+    code = """
+import os, sys, torch, qbridge
+from safetensors.torch import save_file
+d = sys.argv[1]
+a = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+save_file({"a": a, "b": torch.ones(256, 64)}, d + "/model.safetensors")
+with qbridge.open_checkpoint(d) as ckpt:
+    begin, end = ckpt.source._offsets(ckpt.source.key_file["b"])["b"]
+    assert torch.equal(ckpt.read_slice("a", (slice(3, 9),)), a[3:9])
+    os.truncate(d + "/model.safetensors", begin + 1000)
+    assert torch.equal(ckpt.read_slice("a", (slice(3, 9), slice(1, 5))), a[3:9, 1:5])  # still whole
+    for read in (
+        lambda: ckpt.read_slice("b", (slice(200, 256), slice(0, 8))),
+        lambda: ckpt.read_window("b", 256, (200, 256), (0, 8)),
+    ):
+        try:
+            read()
+        except qbridge.CheckpointError as e:
+            print("ERROR", e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    want = "model.safetensors: reading 'b' failed: the file ends after 1000 of its 65536 bytes (cut short"
+    assert len(errors) == 2 and all(want in line for line in errors), done.stdout
 
 
 def test_a_large_tensor_read_ahead_is_read_in_parts_on_several_threads(tmp_path, monkeypatch):
