@@ -96,7 +96,9 @@ class Entry:
 # tensors up to this size (quant maps, FP8 scale grids, norms) are kept once read: every shard of a weight
 # needs them whole, and reading them again for each device would multiply small reads by the device count
 SMALL_TENSOR_BYTES = 1 << 16
-READ_THREADS = 4  # background readers of read_ahead (page cache to host memory)
+# background readers of read_ahead (page cache to host memory); 8 made repeated loads of an NF4 checkpoint
+# 0.76-0.95x the time of 4 in five rounds of fresh processes on an H200 host (benchmarks/RESULTS.md)
+READ_THREADS = 8
 READ_AHEAD_MIN_BYTES = SMALL_TENSOR_BYTES  # smaller tensors are read when asked for
 READ_PART_BYTES = 16 << 20  # a tensor read ahead that is over twice this is read in parts this size
 
