@@ -342,7 +342,7 @@ class _Source:
         map of a file cut short in place since it was mapped ends the process (SIGBUS) instead of failing."""
         begin, end = self._offsets(path)[key]
         size = os.fstat(self._files[path].fileno()).st_size
-        if size < end:
+        if size < end and end > begin:  # an empty tensor has no bytes to lose
             raise EOFError(
                 f"the file ends after {max(0, size - begin)} of its {end - begin} bytes (cut short since it was opened)"
             )
@@ -463,13 +463,16 @@ class _Source:
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""
         if self._state is not None and key in self._state:
-            return self._counted(self._state[key][index])
+            return self._counted(self._state[key][index].clone(memory_format=torch.contiguous_format))
         path = self.key_file.get(key)
         if path is None:
             raise self._no_tensor(key)
         try:
-            self._check_not_cut(path, key)  # the slice is copied from safetensors' map of the file
-            return self._counted(self._open[path].get_slice(key)[index])
+            self._check_not_cut(path, key)
+            # safetensors' slice is a view of its map of the file: copied out here, so that the result is
+            # memory of its own (a view would end the process with SIGBUS if the file were cut later)
+            t = self._open[path].get_slice(key)[index]
+            return self._counted(t.clone(memory_format=torch.contiguous_format))
         except EOFError as e:
             raise _read_error(path, key, e) from e
         except Exception as e:
@@ -492,15 +495,20 @@ class _Source:
         if self._state is None and path is not None:
             try:
                 self._check_not_cut(path, key)
-            except EOFError as e:
+                flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
+            except (EOFError, OSError, ValueError) as e:  # ValueError: a header cut short, a map past the end
                 raise _read_error(path, key, e) from e
-        flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
+        else:
+            flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
         if flat.numel() % row_bytes or r1 * row_bytes > flat.numel():
             raise CheckpointError(
                 f"{self.key_file[key]}: reading {key!r} failed: its {flat.numel()} bytes do not hold rows {rows} "
                 f"of {row_bytes} bytes"
             )
-        return self._counted(flat.view(-1, row_bytes)[r0:r1, c0:c1].contiguous())
+        # copied (contiguous() keeps a full-width window as a view of the map): memory of its own
+        return self._counted(
+            flat.view(-1, row_bytes)[r0:r1, c0:c1].clone(memory_format=torch.contiguous_format)
+        )
 
     def map_tensor(self, key: str) -> torch.Tensor:
         """The stored tensor ``key`` over the file's memory (a copy-on-write map of a safetensors file; a

@@ -389,12 +389,16 @@ import os, sys, torch, qbridge
 from safetensors.torch import save_file
 d = sys.argv[1]
 a = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-save_file({"a": a, "b": torch.ones(256, 64)}, d + "/model.safetensors")
+save_file({"a": a, "b": torch.ones(256, 64), "z": torch.ones(0, 4)}, d + "/model.safetensors")
 with qbridge.open_checkpoint(d) as ckpt:
     begin, end = ckpt.source._offsets(ckpt.source.key_file["b"])["b"]
     assert torch.equal(ckpt.read_slice("a", (slice(3, 9),)), a[3:9])
+    # read before the file is cut: memory of their own, which the cut cannot take away
+    kept = [ckpt.read_slice("b", (slice(200, 256),)), ckpt.read_window("b", 256, (200, 256), (0, 256))]
     os.truncate(d + "/model.safetensors", begin + 1000)
     assert torch.equal(ckpt.read_slice("a", (slice(3, 9), slice(1, 5))), a[3:9, 1:5])  # still whole
+    assert float(kept[0].sum()) == 56 * 64 and int(kept[1].sum()) == 56 * 256 * (0x80 + 0x3F) // 4
+    assert ckpt.read_slice("z", (slice(0, 0),)).numel() == 0  # an empty tensor loses nothing
     for read in (
         lambda: ckpt.read_slice("b", (slice(200, 256), slice(0, 8))),
         lambda: ckpt.read_window("b", 256, (200, 256), (0, 8)),
@@ -411,6 +415,18 @@ with qbridge.open_checkpoint(d) as ckpt:
     errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
     want = "model.safetensors: reading 'b' failed: the file ends after 1000 of its 65536 bytes (cut short"
     assert len(errors) == 2 and all(want in line for line in errors), done.stdout
+
+
+def test_a_window_of_a_file_whose_header_was_cut_before_it_was_read_fails_naming_the_key(tmp_path):
+    """A file cut inside its header after it was opened, before the header's byte ranges were needed: a
+    window read fails as a CheckpointError naming the file and the key, not with the JSON parser's error."""
+    from safetensors.torch import save_file
+
+    save_file({"b": torch.ones(16, 64)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        os.truncate(tmp_path / "model.safetensors", 20)
+        with pytest.raises(qbridge.CheckpointError, match=r"model.safetensors: reading 'b' failed"):
+            ckpt.read_window("b", 256, (0, 2), (0, 8))
 
 
 def test_a_large_tensor_read_ahead_is_read_in_parts_on_several_threads(tmp_path, monkeypatch):
