@@ -137,6 +137,17 @@ def _check_pieces(
             raise ValueError(
                 f"{where}: offset must be one number, got a tensor of shape {tuple(offset.shape)}"
             )
+        if isinstance(offset, torch.Tensor) and offset.is_complex():
+            raise TypeError(f"{where}: offset must be a real number, got a {offset.dtype} tensor")
+        if not isinstance(offset, (torch.Tensor, numbers.Real)):  # a one-element array or list is one number
+            try:
+                values = torch.as_tensor(offset, dtype=torch.float32).numel()
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(
+                    f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
+                ) from e
+            if values != 1:
+                raise ValueError(f"{where}: offset must be one number, got {values} values: {offset!r}")
     elif absmax.dtype == torch.uint8:
         raise TypeError(
             f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
@@ -683,11 +694,18 @@ def dequantize_nf4(
         raise_out_mismatch(result_shape, dtype, out)
         same_device(flat.device, out=out)
     if check_finite:
-        for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("offset", offset)):
+        for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax)):
             if isinstance(t, torch.Tensor):
                 _check_finite(t, name)
-            elif isinstance(t, float) and not math.isfinite(t):
-                raise ValueError(f"{name} is {t}; pass check_finite=False to let it propagate")
+        # the offset as the decode adds it: rounded to float32 (1e39 is finite, its float32 is not)
+        if isinstance(offset, torch.Tensor):
+            _check_finite(offset.to(torch.float32), "offset")
+        elif not math.isfinite(torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()):
+            raise ValueError(
+                f"offset is {offset!r} (as float32, which the decode adds: "
+                f"{torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()}); pass check_finite=False "
+                "to let it propagate"
+            )
     device = flat.device
     standard = code is None or is_standard_code(code, quant_type)
     chosen = choose_4bit_backend(

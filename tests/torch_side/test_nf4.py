@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import DTYPES, as_bnb_returns, assert_bitwise_equal, bnb_quantize, bnb_reference, legacy_list
@@ -395,6 +396,63 @@ def test_check_finite():
     assert not torch.isnan(got.reshape(-1)[: 3 * 64]).any()
     with pytest.raises(ValueError, match=r"absmax holds 1 non-finite value.*index \(3,\)"):
         torch_side.dequantize_nf4(packed, absmax, shape=(8, 64), check_finite=True)
+
+
+def _nested_pieces(seed=0):
+    _, packed, qs = bnb_quantize((16, 64), nested=True, seed=seed)
+    return packed, qs, dict(
+        shape=(16, 64), blocksize=qs.blocksize, nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+        nested_blocksize=qs.state2.blocksize, dtype=torch.float32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [np.float32("nan"), np.float16("inf"), 1e39, torch.tensor(1e39, dtype=torch.float64), 2**200, -math.inf],
+    ids=[
+        "numpy-nan",
+        "numpy-float16-inf",
+        "overflows-float32",
+        "float64-tensor-overflows",
+        "big-int",
+        "-inf",
+    ],
+)
+def test_check_finite_sees_the_offset_as_the_float32_the_decode_adds(offset):
+    packed, qs, pieces = _nested_pieces()
+    with pytest.raises(ValueError, match="offset"):
+        torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, check_finite=True, **pieces)
+    got = torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, **pieces)  # propagates by default
+    assert not bool(torch.isfinite(got).all())
+
+
+def test_a_finite_offset_passes_check_finite():
+    packed, qs, pieces = _nested_pieces()
+    for offset in (np.float64(0.25), 3.4e38, torch.tensor([0.5], dtype=torch.float64), [0.5]):
+        torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, check_finite=True, **pieces)
+
+
+@pytest.mark.parametrize(
+    "offset, error, message",
+    [
+        ("0.5", TypeError, "offset must be one real number"),
+        (1 + 2j, TypeError, "offset must be one real number"),
+        (torch.tensor(0.5 + 1j), TypeError, "offset must be a real number"),
+        ([0.5, 0.25], ValueError, "offset must be one number, got 2 values"),
+        (np.array([0.5, 0.25]), ValueError, "offset must be one number, got 2 values"),
+    ],
+)
+def test_an_offset_that_is_not_one_real_number_is_refused_naming_it(offset, error, message):
+    packed, qs, pieces = _nested_pieces()
+    with pytest.raises(error, match=message):
+        torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, **pieces)
+
+
+def test_an_offset_given_as_a_one_element_list_or_array_is_that_number():
+    packed, qs, pieces = _nested_pieces(seed=3)
+    want = torch_side.dequantize_nf4(packed, qs.absmax, offset=float(qs.offset), **pieces)
+    for offset in ([float(qs.offset)], np.array(float(qs.offset)), np.float32(qs.offset)):
+        assert_bitwise_equal(torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, **pieces), want)
 
 
 def test_result_does_not_alias_input():
