@@ -335,7 +335,7 @@ class _Source:
                 concurrent.futures.wait(others)
         got += sum(part.result() for part in others)
         if got != n:
-            raise EOFError(f"the file ends after {got} of its {n} bytes (cut short since it was opened)")
+            raise _cut_short(got, n)
 
     def _check_not_cut(self, path: pathlib.Path, key: str) -> None:
         """Raises EOFError when the file, as opened, no longer holds all of ``key``'s bytes: a copy out of a
@@ -343,9 +343,7 @@ class _Source:
         begin, end = self._offsets(path)[key]
         size = os.fstat(self._files[path].fileno()).st_size
         if size < end and end > begin:  # an empty tensor has no bytes to lose
-            raise EOFError(
-                f"the file ends after {max(0, size - begin)} of its {end - begin} bytes (cut short since it was opened)"
-            )
+            raise _cut_short(max(0, size - begin), end - begin)
 
     def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
@@ -585,6 +583,11 @@ def _check_pin(pin: bool, method: str) -> None:
             f"{method}(pin=True): pinned memory is for copies to a CUDA GPU, and torch sees none here; "
             "use pin=False"
         )
+
+
+def _cut_short(held: int, n: int) -> EOFError:
+    """The error for a tensor of ``n`` bytes of which the file, cut short since it was opened, holds ``held``."""
+    return EOFError(f"the file ends after {held} of its {n} bytes (cut short since it was opened)")
 
 
 def _read_error(path: pathlib.Path, key: str, e: BaseException) -> CheckpointError:

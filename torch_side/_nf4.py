@@ -184,6 +184,11 @@ def flush_denormals_(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(x.abs() >= FLT_MIN)  # x * 0 keeps x's sign; NaN stays NaN; three operations, not eight
 
 
+def _offset_float32(offset: Any) -> float:
+    """A host offset (a number, a one-element CPU tensor or array) as the float32 the decode adds."""
+    return torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()
+
+
 def _add_offset_(x: torch.Tensor, offset: float | torch.Tensor) -> torch.Tensor:
     """``x += offset`` in float32, in place, with ``offset`` rounded to float32 first (one number).
 
@@ -194,7 +199,7 @@ def _add_offset_(x: torch.Tensor, offset: float | torch.Tensor) -> torch.Tensor:
         return x.add_(offset.to(torch.float32).reshape(()))
     if isinstance(offset, torch.Tensor) and offset.device.type != "cpu":  # on another device: copied
         return x.add_(torch.as_tensor(offset, dtype=torch.float32, device=x.device).reshape(()))
-    return x.add_(torch.as_tensor(offset, dtype=torch.float32).reshape(()).item())
+    return x.add_(_offset_float32(offset))
 
 
 def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -443,7 +448,7 @@ def _kernel_call(
         return out
     assert nested_code is not None
     if type(offset) is not float:  # rounded to float32 (and refused unless one number) as the reference does;
-        offset = torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()  # a float rounds in the call
+        offset = _offset_float32(offset)  # a float rounds in the call
     # entries past the last absmax block never read another nested scale: the same decode, in C's int64
     nested_blocksize = min(nested_blocksize, max(1, -(-n // blocksize)))
     fn(packed.data_ptr(), None, absmax.data_ptr(), nested_code.data_ptr(), nested_absmax.data_ptr(),
@@ -700,10 +705,9 @@ def dequantize_nf4(
         # the offset as the decode adds it: rounded to float32 (1e39 is finite, its float32 is not)
         if isinstance(offset, torch.Tensor):
             _check_finite(offset.to(torch.float32), "offset")
-        elif not math.isfinite(torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()):
+        elif not math.isfinite(added := _offset_float32(offset)):
             raise ValueError(
-                f"offset is {offset!r} (as float32, which the decode adds: "
-                f"{torch.as_tensor(offset, dtype=torch.float32).reshape(()).item()}); pass check_finite=False "
+                f"offset is {offset!r} (as float32, which the decode adds: {added}); pass check_finite=False "
                 "to let it propagate"
             )
     device = flat.device
