@@ -498,10 +498,15 @@ class _Source:
                 raise _read_error(path, key, e) from e
         else:
             flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
-        if flat.numel() % row_bytes or r1 * row_bytes > flat.numel():
+        if (
+            row_bytes < 1
+            or flat.numel() % row_bytes
+            or not 0 <= r0 <= r1 <= flat.numel() // row_bytes
+            or not 0 <= c0 <= c1 <= row_bytes
+        ):
             raise CheckpointError(
-                f"{self.key_file[key]}: reading {key!r} failed: its {flat.numel()} bytes do not hold rows {rows} "
-                f"of {row_bytes} bytes"
+                f"{self.key_file[key]}: reading {key!r} failed: its {flat.numel()} bytes do not hold rows {rows}, "
+                f"columns {cols} of rows of {row_bytes} bytes"
             )
         # copied (contiguous() keeps a full-width window as a view of the map): memory of its own
         return self._counted(

@@ -190,6 +190,11 @@ def test_read_window_equals_the_slice(made):
         assert torch.equal(window, whole[5:17, 32:64]) and ckpt.bytes_read - before == 12 * 32
         with pytest.raises(qbridge.CheckpointError, match="reading"):
             ckpt.read_window(entry.keys["weight"], 97, (0, 1), (0, 1))
+        # a window past the rows or columns, reversed, or of rows of no bytes: refused, not cut to fit
+        for row_bytes, rows, cols in [(96, (0, 2), (0, 100)), (96, (4, 2), (0, 8)), (96, (-2, 2), (0, 8)),
+                                      (96, (60, 65), (0, 8)), (96, (0, 2), (8, 4)), (0, (0, 1), (0, 1))]:  # fmt: skip
+            with pytest.raises(qbridge.CheckpointError, match="do not hold rows"):
+                ckpt.read_window(entry.keys["weight"], row_bytes, rows, cols)
     torch.save({"w": whole.clone()}, made / "window.pt")
     with open_checkpoint(made / "window.pt") as ckpt:
         assert torch.equal(ckpt.read_window("w", 96, (5, 17), (32, 64)), whole[5:17, 32:64])
