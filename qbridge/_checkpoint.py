@@ -126,6 +126,11 @@ class _Source:
         self._files: dict[pathlib.Path, Any] = {}
         self._file_lock = threading.Lock()  # reader threads share the files' positions
         self._closed = False
+        # reads using the files now: close() waits for them before closing the files (a descriptor closed
+        # under a read could be reused by a file opened meanwhile, and the read would return its bytes)
+        self._users = 0
+        self._users_done = threading.Condition()
+        self._users_pid = os.getpid()
 
     def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
         from safetensors import safe_open
@@ -208,6 +213,33 @@ class _Source:
             self.key_file[key] = path
             self.shapes[key] = (tuple(value.shape), value.dtype)
 
+    @contextlib.contextmanager
+    def _using_files(self, key: str) -> Iterator[None]:
+        """Holds the files open while reading ``key``: :meth:`close` waits until no read uses them.
+
+        Raises:
+            CheckpointError: the checkpoint is closed (or closing).
+        """
+        users_done = self._users_here()
+        with users_done:
+            if self._closed:
+                raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with users_done:
+                self._users -= 1
+                if not self._users:
+                    users_done.notify_all()
+
+    def _users_here(self) -> threading.Condition:
+        """The condition guarding the count of reads using the files; a forked child starts from none (its
+        parent's reading threads are not in it, and their lock may have been held when it forked)."""
+        if os.getpid() != self._users_pid:
+            self._users, self._users_done, self._users_pid = 0, threading.Condition(), os.getpid()
+        return self._users_done
+
     def _reading(self) -> dict[str, concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]]]:
         """The reads ahead this process may wait for: in a child forked while reads were running, none (the
         parent's threads, which would finish them, are not in the child: waiting would hang)."""
@@ -255,6 +287,8 @@ class _Source:
     ) -> tuple[torch.Tensor, _staging.Block | None]:
         try:
             return ahead.result()
+        except CheckpointError:  # closed while it was waiting to be read
+            raise
         except Exception as e:
             raise _read_error(self.key_file[key], key, e) from e
 
@@ -298,6 +332,8 @@ class _Source:
         t = torch.empty(shape, dtype=dtype)
         try:
             self._read_bytes(path, key, t)
+        except CheckpointError:  # closed
+            raise
         except Exception as e:  # a file or its header cut short since it was opened, say
             raise _read_error(path, key, e) from e
         return t
@@ -309,7 +345,12 @@ class _Source:
         Raises:
             EOFError: the file ends before the tensor does (cut short since it was opened).
             ValueError: the header's byte range for ``key`` does not hold ``t``'s bytes.
+            CheckpointError: the checkpoint is closed.
         """
+        with self._using_files(key):
+            self._read_bytes_open(path, key, t)
+
+    def _read_bytes_open(self, path: pathlib.Path, key: str, t: torch.Tensor) -> None:
         begin, end = self._offsets(path)[key]
         if end - begin != t.numel() * t.element_size():
             raise ValueError(
@@ -436,13 +477,14 @@ class _Source:
             if self._state is not None or key in self._reading() or not nbytes:
                 out[i, :numel].copy_(self.read(key).reshape(-1))
                 continue
-            begin, end = self._offsets(path)[key]
-            start = i * row_bytes
-            got = (
-                _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
-                if end - begin == nbytes
-                else -1
-            )
+            with self._using_files(key):
+                begin, end = self._offsets(path)[key]
+                start = i * row_bytes
+                got = (
+                    _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
+                    if end - begin == nbytes
+                    else -1
+                )
             if got != nbytes:
                 found = (
                     f"{got} of its {nbytes} bytes read"
@@ -466,11 +508,14 @@ class _Source:
         if path is None:
             raise self._no_tensor(key)
         try:
-            self._check_not_cut(path, key)
-            # safetensors' slice is a view of its map of the file: copied out here, so that the result is
-            # memory of its own (a view would end the process with SIGBUS if the file were cut later)
-            t = self._open[path].get_slice(key)[index]
-            return self._counted(t.clone(memory_format=torch.contiguous_format))
+            with self._using_files(key):
+                self._check_not_cut(path, key)
+                # safetensors' slice is a view of its map of the file: copied out here, so that the result is
+                # memory of its own (a view would end the process with SIGBUS if the file were cut later)
+                t = self._open[path].get_slice(key)[index]
+                return self._counted(t.clone(memory_format=torch.contiguous_format))
+        except CheckpointError:  # closed
+            raise
         except EOFError as e:
             raise _read_error(path, key, e) from e
         except Exception as e:
@@ -492,8 +537,9 @@ class _Source:
         path = self.key_file.get(key)
         if self._state is None and path is not None:
             try:
-                self._check_not_cut(path, key)
-                flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
+                with self._using_files(key):
+                    self._check_not_cut(path, key)
+                    flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
             except (EOFError, OSError, ValueError) as e:  # ValueError: a header cut short, a map past the end
                 raise _read_error(path, key, e) from e
         else:
@@ -523,13 +569,17 @@ class _Source:
         if path is None:
             raise self._no_tensor(key)
         shape, dtype = self.shapes[key]
-        begin, end = self._offsets(path)[key]
+        with self._using_files(key):
+            begin, end = self._offsets(path)[key]
         if end <= begin:
             return torch.empty(0, dtype=torch.uint8).view(dtype).reshape(shape)
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         # a copy-on-write map of the tensor's pages (the file never changes through it), unmapped when the
         # tensor is gone; mmap refuses a range past the file's end (a truncated file) with ValueError
-        mapping = mmap.mmap(self._files[path].fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        with self._using_files(key):
+            mapping = mmap.mmap(
+                self._files[path].fileno(), end - start, offset=start, access=mmap.ACCESS_COPY
+            )
         # a view of the map, which it keeps alive (the map is unmapped when its last view is gone)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=begin - start)
         return raw.view(dtype).reshape(shape)
@@ -566,6 +616,10 @@ class _Source:
             ):
                 block.give_back()
         self._ahead.clear()
+        users_done = self._users_here()
+        with users_done:  # reads using the files (in other threads) finish before the files close
+            self._closed = True
+            users_done.wait_for(lambda: not self._users)
         for f in self._files.values():
             f.close()
         self._files.clear()

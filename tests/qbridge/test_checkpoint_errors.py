@@ -571,3 +571,52 @@ def test_a_pipe_for_the_config_or_the_index_is_refused_at_once(tmp_path, name):
     os.mkfifo(ck / name)
     with pytest.raises(CheckpointError, match=rf"{name}: .*not a regular file"):
         qbridge.load_checkpoint(ck, device="cpu")
+
+
+def test_close_waits_for_a_read_running_in_another_thread(tmp_path, monkeypatch):
+    """close() while another thread reads: the read finishes with the checkpoint's own bytes. Closing the
+    file under it let a file opened meanwhile take its descriptor, and the read returned that file's bytes
+    without an error. A read started after close() is refused."""
+    import threading
+
+    from safetensors.torch import save_file
+
+    from qbridge import _checkpoint
+    from qbridge._checkpoint import open_checkpoint
+
+    if _checkpoint._PREADV is None:
+        pytest.skip("positioned reads (os.preadv) are not available here")
+    gen = torch.Generator().manual_seed(14)
+    a, b = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    save_file({"w": a}, tmp_path / "a.safetensors")
+    save_file({"w": b}, tmp_path / "b.safetensors")
+    real, started, other_open = _checkpoint._PREADV, threading.Event(), threading.Event()
+
+    def slow_preadv(fd, bufs, offset):
+        started.set()
+        other_open.wait(0.5)  # the other file is opened while this read waits (at most 0.5 s)
+        return real(fd, bufs, offset)
+
+    first = open_checkpoint(tmp_path / "a.safetensors")
+    monkeypatch.setattr(_checkpoint, "_PREADV", slow_preadv)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.append(_try(first.read, "w")))
+    reader.start()
+    assert started.wait(10)
+    first.close()
+    with open_checkpoint(tmp_path / "b.safetensors") as second:
+        other_open.set()
+        reader.join(10)
+        monkeypatch.setattr(_checkpoint, "_PREADV", real)
+        assert torch.equal(second.read("w"), b)
+    assert len(got) == 1 and isinstance(got[0], torch.Tensor), got
+    assert torch.equal(got[0], a)
+    with pytest.raises(CheckpointError, match="reading 'w' failed: the checkpoint is closed"):
+        first.read("w")
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
