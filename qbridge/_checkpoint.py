@@ -93,6 +93,23 @@ class Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+class _Entries(dict[str, Entry]):
+    """weight name -> :class:`Entry`; a name that is no weight's raises a KeyError saying what it is instead
+    (a stored piece of a weight, with that weight's name) or the closest weight name."""
+
+    def __missing__(self, key: str) -> Entry:
+        for entry in self.values():
+            for role, stored in entry.keys.items():
+                if stored == key and role != "weight":
+                    raise KeyError(
+                        f"{key!r} is the {role!r} piece of weight {entry.name!r}: entries are keyed by weight "
+                        f"name (entries[{entry.name!r}].keys[{role!r}] is this key; read it with read({key!r}))"
+                    )
+        close = difflib.get_close_matches(str(key), self, n=1, cutoff=0.8)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"the checkpoint has no weight {key!r}{hint}")
+
+
 # tensors up to this size (quant maps, FP8 scale grids, norms) are kept once read: every shard of a weight
 # needs them whole, and reading them again for each device would multiply small reads by the device count
 SMALL_TENSOR_BYTES = 1 << 16
@@ -746,7 +763,7 @@ class Checkpoint:
         self.source = source
         self.config = config
         self.format = fmt
-        self.entries: dict[str, Entry] = {}
+        self.entries: dict[str, Entry] = _Entries()
         self._classification: Classification | None = None
         self._asked_model = False
         self.warned: set[str] = set()  # keys a warning was given for (once per key, however often read)
@@ -759,7 +776,9 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Closes the files (memory maps of safetensors files, opened torch files)."""
+        """Closes the files (memory maps of safetensors files, opened torch files), after reads running in
+        other threads have finished; reads not yet started are dropped. Reading afterwards raises
+        :class:`CheckpointError`."""
         self.source.close()
 
     @property
@@ -1287,7 +1306,7 @@ def _classify(ckpt: Checkpoint) -> None:
         else:
             entry = Entry(key, "dense", shape, kdtype, _nbytes(src, key), {"weight": key})
         entries[key] = entry
-    ckpt.entries = entries
+    ckpt.entries = _Entries(entries)
     _check_format(ckpt, {e.kind for e in entries.values()} - {"dense"})
 
 

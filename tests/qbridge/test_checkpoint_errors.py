@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -620,3 +621,18 @@ def _try(fn, *args):
         return fn(*args)
     except Exception as e:
         return e
+
+
+@pytest.mark.parametrize("name", ["nf4", "fp8"])
+def test_entries_name_a_stored_piece_asked_for_as_a_weight(made, name):
+    """entries is keyed by weight name: a stored piece's key (an absmax, a scale_inv) names the weight it
+    belongs to, and a near miss names the closest weight, instead of a bare KeyError."""
+    with qbridge.open_checkpoint(made / name) as ckpt:
+        weight = next(e for e in ckpt.entries.values() if e.kind != "dense")
+        role, piece = next((r, k) for r, k in weight.keys.items() if r != "weight")
+        with pytest.raises(KeyError, match=rf"{re.escape(repr(piece))} is the '{role}' piece of weight"):
+            ckpt.entries[piece]
+        assert piece not in ckpt.entries and ckpt.entries.get(piece) is None
+        with pytest.raises(KeyError, match=rf"no weight .*; did you mean {re.escape(repr(weight.name))}"):
+            ckpt.entries[weight.name[:-1] + "s"]
+        assert ckpt.entries[weight.name] is weight
