@@ -31,7 +31,7 @@ import pickle
 import re
 import stat
 import threading
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import torch
@@ -105,9 +105,25 @@ class _Entries(dict[str, Entry]):
                         f"{key!r} is the {role!r} piece of weight {entry.name!r}: entries are keyed by weight "
                         f"name (entries[{entry.name!r}].keys[{role!r}] is this key; read it with read({key!r}))"
                     )
-        close = difflib.get_close_matches(str(key), self, n=1, cutoff=0.8)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"the checkpoint has no weight {key!r}{hint}")
+        raise KeyError(f"the checkpoint has no weight {key!r}{_did_you_mean(str(key), self, 0.8)}")
+
+
+# Flax's names of a torch module's ``weight`` (Dense, LayerNorm / RMSNorm, Embed)
+_FLAX_LEAF = re.compile(r"\.(kernel|scale|embedding)$")
+
+
+def _did_you_mean(key: str, names: Collection[str], cutoff: float) -> str:
+    """``"; did you mean 'name'?"`` for the name of ``names`` that ``key`` most likely meant (a module's name
+    without ``.weight``, a Flax leaf name, a typo or a plural), or ``""``."""
+    for guess in (f"{key}.weight", _FLAX_LEAF.sub(".weight", key)):
+        if guess != key and guess in names:
+            leaf = key.rpartition(".")[2]
+            transposed = ", as [out, in]: the kernel's transpose" if leaf == "kernel" else ""
+            why = f" (torch's checkpoints store Flax's {leaf!r} as 'weight'{transposed})"
+            why = why if guess != f"{key}.weight" else ""
+            return f"; did you mean {guess!r}?{why}"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=cutoff)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # tensors up to this size (quant maps, FP8 scale grids, norms) are kept once read: every shard of a weight
@@ -280,8 +296,18 @@ class _Source:
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes <= READ_AHEAD_MIN_BYTES:
             return 0
-        self._ahead[key] = _readers().submit(self._copy_out, key, pin)
+        with self._users_here():  # close() takes the reads ahead under this lock: none is added after it
+            if self._closed or key in self._reading():
+                return 0
+            self._ahead[key] = _readers().submit(self._copy_out, key, pin)
         return nbytes
+
+    def _take_ahead(
+        self, key: str
+    ) -> concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]] | None:
+        """Takes ``key``'s read ahead, if there is one (then close() no longer sees it)."""
+        with self._users_here():
+            return self._reading().pop(key, None)
 
     def _copy_out(self, key: str, pin: bool) -> tuple[torch.Tensor, _staging.Block | None]:
         shape, dtype = self.shapes[key]
@@ -306,6 +332,8 @@ class _Source:
             return ahead.result()
         except CheckpointError:  # closed while it was waiting to be read
             raise
+        except concurrent.futures.CancelledError as e:  # dropped by close() before it started
+            raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed") from e
         except Exception as e:
             raise _read_error(self.key_file[key], key, e) from e
 
@@ -313,9 +341,10 @@ class _Source:
         """The tensor stored under ``key``, on the CPU."""
         if self._closed:
             raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
-        ahead = self._reading().pop(key, None)  # read by read_ahead's thread: its result, or its error
+        ahead = self._take_ahead(key)  # read by read_ahead's thread: its result, or its error
+        state = self._state  # once: close() sets it to None
         # a torch file's tensor (a tensor subclass, torchao's, stays as stored), or None
-        stored = self._state.get(key) if ahead is None and self._state is not None else None
+        stored = state.get(key) if ahead is None and state is not None else None
         if stored is not None:
             t = stored
         elif ahead is not None:
@@ -335,10 +364,7 @@ class _Source:
 
     def _no_tensor(self, key: str) -> CheckpointError:
         """The error for a key the checkpoint lacks, with the closest key it holds (a typo, a plural)."""
-        close = difflib.get_close_matches(key, self.key_file, n=1, cutoff=0.9)
-        return CheckpointError(
-            f"checkpoint has no tensor {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-        )
+        return CheckpointError(f"checkpoint has no tensor {key!r}{_did_you_mean(key, self.key_file, 0.9)}")
 
     def _read_whole(self, path: pathlib.Path, key: str) -> torch.Tensor:
         """A stored tensor read into memory of its own (torch's, resizable, so that a CPU load's JAX array may
@@ -429,7 +455,7 @@ class _Source:
         returning: list[tuple[_staging.Block, torch.device]] = []
         try:
             for key, out in zip(keys, outs, strict=True):
-                ahead = self._reading().pop(key, None)
+                ahead = self._take_ahead(key)
                 if ahead is None:
                     t = self.read(key)
                     if check is not None:
@@ -497,11 +523,14 @@ class _Source:
             with self._using_files(key):
                 begin, end = self._offsets(path)[key]
                 start = i * row_bytes
-                got = (
-                    _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
-                    if end - begin == nbytes
-                    else -1
-                )
+                try:
+                    got = (
+                        _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
+                        if end - begin == nbytes
+                        else -1
+                    )
+                except OSError as e:  # as read() says it
+                    raise _read_error(path, key, e) from e
             if got != nbytes:
                 found = (
                     f"{got} of its {nbytes} bytes read"
@@ -519,8 +548,9 @@ class _Source:
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""
-        if self._state is not None and key in self._state:
-            return self._counted(self._state[key][index].clone(memory_format=torch.contiguous_format))
+        state = self._state  # once: close() sets it to None
+        if state is not None and key in state:
+            return self._counted(state[key][index].clone(memory_format=torch.contiguous_format))
         path = self.key_file.get(key)
         if path is None:
             raise self._no_tensor(key)
@@ -552,15 +582,20 @@ class _Source:
         memory (:meth:`map_tensor`)."""
         (r0, r1), (c0, c1) = rows, cols
         path = self.key_file.get(key)
-        if self._state is None and path is not None:
+        state = self._state  # once: close() sets it to None
+        if state is not None and key in state:
+            flat = state[key].reshape(-1).view(torch.uint8)
+        elif path is None:
+            raise self._no_tensor(key)
+        else:
             try:
                 with self._using_files(key):
                     self._check_not_cut(path, key)
-                    flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
+                    flat = self._map_open(path, key).reshape(-1).view(torch.uint8)
+            except CheckpointError:  # closed
+                raise
             except (EOFError, OSError, ValueError) as e:  # ValueError: a header cut short, a map past the end
                 raise _read_error(path, key, e) from e
-        else:
-            flat = self.map_tensor(key).reshape(-1).view(torch.uint8)
         if (
             row_bytes < 1
             or flat.numel() % row_bytes
@@ -580,23 +615,25 @@ class _Source:
         """The stored tensor ``key`` over the file's memory (a copy-on-write map of a safetensors file; a
         torch file's tensors are mapped already): nothing is read until it is used, and nothing is
         counted. Count what is used with :meth:`count`."""
-        if self._state is not None and key in self._state:
-            return self._state[key]
+        state = self._state  # once: close() sets it to None
+        if state is not None and key in state:
+            return state[key]
         path = self.key_file.get(key)
         if path is None:
             raise self._no_tensor(key)
-        shape, dtype = self.shapes[key]
         with self._using_files(key):
-            begin, end = self._offsets(path)[key]
+            return self._map_open(path, key)
+
+    def _map_open(self, path: pathlib.Path, key: str) -> torch.Tensor:
+        """:meth:`map_tensor` of a safetensors file's ``key``, in a read holding the files open."""
+        shape, dtype = self.shapes[key]
+        begin, end = self._offsets(path)[key]
         if end <= begin:
             return torch.empty(0, dtype=torch.uint8).view(dtype).reshape(shape)
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
         # a copy-on-write map of the tensor's pages (the file never changes through it), unmapped when the
         # tensor is gone; mmap refuses a range past the file's end (a truncated file) with ValueError
-        with self._using_files(key):
-            mapping = mmap.mmap(
-                self._files[path].fileno(), end - start, offset=start, access=mmap.ACCESS_COPY
-            )
+        mapping = mmap.mmap(self._files[path].fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
         # a view of the map, which it keeps alive (the map is unmapped when its last view is gone)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=begin - start)
         return raw.view(dtype).reshape(shape)
@@ -620,11 +657,15 @@ class _Source:
         return self._byte_ranges[path]
 
     def close(self) -> None:
+        users_done = self._users_here()
+        with users_done:  # from here no read starts and no read ahead is added; a second close finds none
+            self._closed = True
+            reads_ahead, self._ahead = self._ahead, {}
         if os.getpid() == self._pid:  # reads not started are dropped; those running finish
-            for ahead in self._ahead.values():
+            for ahead in reads_ahead.values():
                 ahead.cancel()
-            concurrent.futures.wait(self._ahead.values())
-        for ahead in self._ahead.values():  # read ahead and never asked for: their blocks go back
+            concurrent.futures.wait(reads_ahead.values())
+        for ahead in reads_ahead.values():  # read ahead and never asked for: their blocks go back
             if (  # done: a forked child's unfinished futures have no thread to finish them
                 ahead.done()
                 and not ahead.cancelled()
@@ -632,15 +673,11 @@ class _Source:
                 and (block := ahead.result()[1]) is not None
             ):
                 block.give_back()
-        self._ahead.clear()
-        users_done = self._users_here()
         with users_done:  # reads using the files (in other threads) finish before the files close
-            self._closed = True
             users_done.wait_for(lambda: not self._users)
-        for f in self._files.values():
+            files, self._files = self._files, {}
+        for f in files.values():
             f.close()
-        self._files.clear()
-        self._closed = True
         self._open.clear()
         self._small.clear()
         self._state = None
@@ -810,7 +847,14 @@ class Checkpoint:
 
         Raises:
             CheckpointError: ``key`` is not in the checkpoint, or its bytes cannot be read.
+            ValueError: ``device`` is a CUDA device torch does not have here.
         """
+        device = torch.device(device)
+        if device.type == "cuda" and (not _cuda_here() or (device.index or 0) >= torch.cuda.device_count()):
+            have = f"{torch.cuda.device_count()} CUDA devices" if _cuda_here() else "no CUDA GPU"
+            raise ValueError(
+                f"read_to({key!r}, {str(device)!r}): torch sees {have} here; read to 'cpu' instead"
+            )
         return self.source.read_to(key, device, check=check)
 
     def read_into(

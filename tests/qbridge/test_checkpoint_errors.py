@@ -3,10 +3,12 @@ written; no pickle code is ever executed."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -623,6 +625,143 @@ def _try(fn, *args):
         return e
 
 
+def test_close_while_reads_ahead_run_refuses_new_ones_and_reads(tmp_path, monkeypatch):
+    """While close() waits for reads ahead that are running, read_ahead adds none (it added a read that
+    close() then dropped, its staging block lost) and reading a key whose read ahead close() dropped says
+    the checkpoint is closed (it said "CancelledError"). A second close() at the same time returns without
+    error (both went through the same dictionaries: "dictionary changed size during iteration")."""
+    import threading
+    import time
+
+    from safetensors.torch import save_file
+
+    from qbridge import _checkpoint
+    from qbridge._checkpoint import READ_AHEAD_MIN_BYTES, open_checkpoint
+
+    if _checkpoint._PREADV is None:
+        pytest.skip("positioned reads (os.preadv) are not available here")
+    gen = torch.Generator().manual_seed(15)
+    rows = READ_AHEAD_MIN_BYTES // (4 * 64) + 1  # over the size read ahead
+    tensors = {f"w{i}": torch.randn(rows, 64, generator=gen) for i in range(12)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    real, release = _checkpoint._PREADV, threading.Event()
+
+    def slow_preadv(fd, bufs, offset):
+        release.wait(10)
+        return real(fd, bufs, offset)
+
+    ckpt = open_checkpoint(tmp_path / "m.safetensors")
+    monkeypatch.setattr(_checkpoint, "_PREADV", slow_preadv)
+    keys = list(tensors)
+    for key in keys[:10]:  # the reading threads wait in slow_preadv; the rest wait for a thread
+        assert ckpt.read_ahead(key) > 0
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            ckpt.close()
+        except BaseException as e:
+            errors.append(e)
+
+    closers = [threading.Thread(target=close) for _ in range(2)]
+    waiting = ckpt.source._ahead[keys[9]]  # no reading thread is free for it
+    closers[0].start()
+    deadline = time.monotonic() + 5
+    while not waiting.cancelled() and time.monotonic() < deadline:  # close() has begun
+        time.sleep(0.001)
+    assert waiting.cancelled() and not release.is_set()
+    closers[1].start()
+    try:
+        assert ckpt.read_ahead(keys[11]) == 0
+        for key in (keys[9], keys[11]):  # dropped by close(); never read ahead
+            with pytest.raises(CheckpointError, match=f"reading '{key}' failed: the checkpoint is closed"):
+                ckpt.read(key)
+    finally:
+        release.set()
+        for closer in closers:
+            closer.join(10)
+    assert not errors, errors
+    assert not any(closer.is_alive() for closer in closers)
+    assert not ckpt.source._files and not ckpt.source._ahead
+
+
+def _close_at_each_step(ckpt_path, read) -> collections.Counter:
+    """Opens ``ckpt_path`` again for each step of ``read(ckpt)`` (each bytecode of qbridge's checkpoint code it
+    runs) and starts close() in another thread at that step, giving it a moment before the read goes on (a
+    close() waiting for the read lets it go on); returns what each run gave."""
+    import threading
+
+    from qbridge import _checkpoint
+
+    outcomes: collections.Counter = collections.Counter()
+    step = 0
+    while True:
+        step += 1
+        ckpt = qbridge.open_checkpoint(ckpt_path)
+        closer = threading.Thread(target=ckpt.close)
+        seen = [0]
+
+        def tracer(frame, event, arg, seen=seen, step=step, closer=closer):
+            if frame.f_code.co_filename != _checkpoint.__file__:
+                return None
+            frame.f_trace_opcodes = True
+            if event == "opcode":
+                seen[0] += 1
+                if seen[0] == step:
+                    closer.start()
+                    closer.join(0.02)
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            read(ckpt)
+            outcomes["ok"] += 1
+        except CheckpointError as e:
+            assert re.fullmatch("reading 'w' failed: the checkpoint is closed", str(e)), e
+            outcomes["closed"] += 1
+        finally:
+            sys.settrace(None)
+            if closer.is_alive() or seen[0] >= step:
+                closer.join(10)
+                assert not closer.is_alive()
+            ckpt.close()
+        if seen[0] < step:  # the read ran to its end before this step: every step was tried
+            outcomes["steps"] = step - 1
+            return outcomes
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+@pytest.mark.parametrize("method", ["read", "read_slice", "read_window", "map_tensor"])
+def test_close_at_any_step_of_a_read_gives_the_tensor_or_says_closed(tmp_path, kind, method):
+    """close() landing at any point of a read in another thread: the read returns the stored bytes or raises
+    CheckpointError "the checkpoint is closed", nothing else (a torch file's read raised AttributeError when
+    close() cleared its tensors between two looks; read_window raised a ValueError-wrapped error after
+    close() had waited for it)."""
+    from safetensors.torch import save_file
+
+    w = torch.randn(16, 8, generator=torch.Generator().manual_seed(16))
+    if kind == "safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({"w": w}, path)
+    else:
+        path = tmp_path / "pytorch_model.bin"
+        torch.save({"w": w}, path)
+    raw = w.reshape(-1).view(torch.uint8).view(16, 32)
+    read, expected = {
+        "read": (lambda c: c.read("w"), w),
+        "read_slice": (lambda c: c.read_slice("w", (slice(2, 5),)), w[2:5]),
+        "read_window": (lambda c: c.read_window("w", 32, (1, 3), (4, 12)), raw[1:3, 4:12]),
+        "map_tensor": (lambda c: c.source.map_tensor("w").clone(), w),
+    }[method]
+
+    def checked(ckpt):
+        t = read(ckpt)
+        assert torch.equal(t, expected)
+
+    outcomes = _close_at_each_step(path, checked)
+    assert outcomes["closed"] > 0 and outcomes["ok"] > 0, outcomes
+
+
 @pytest.mark.parametrize("name", ["nf4", "fp8"])
 def test_entries_name_a_stored_piece_asked_for_as_a_weight(made, name):
     """entries is keyed by weight name: a stored piece's key (an absmax, a scale_inv) names the weight it
@@ -636,3 +775,59 @@ def test_entries_name_a_stored_piece_asked_for_as_a_weight(made, name):
         with pytest.raises(KeyError, match=rf"no weight .*; did you mean {re.escape(repr(weight.name))}"):
             ckpt.entries[weight.name[:-1] + "s"]
         assert ckpt.entries[weight.name] is weight
+
+
+@pytest.mark.parametrize(
+    ("asked", "meant", "why"),
+    [
+        ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.up_proj.weight", ""),
+        (
+            "model.layers.0.mlp.up_proj.kernel",
+            "model.layers.0.mlp.up_proj.weight",
+            " (torch's checkpoints store Flax's 'kernel' as 'weight', as [out, in]: the kernel's transpose)",
+        ),
+        ("model.norm.scale", "model.norm.weight", " (torch's checkpoints store Flax's 'scale' as 'weight')"),
+        (
+            "model.embed_tokens.embedding",
+            "model.embed_tokens.weight",
+            " (torch's checkpoints store Flax's 'embedding' as 'weight')",
+        ),
+        ("model.norm.weights", "model.norm.weight", ""),
+        ("lm_head.bias", None, ""),
+    ],
+)
+def test_a_module_or_flax_name_is_answered_with_the_stored_name(tmp_path, asked, meant, why):
+    """A module's name without ``.weight``, or a Flax leaf name (kernel, scale, embedding), read from a
+    checkpoint or looked up in entries names the stored key it meant; a name with nothing near gets no guess."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(17)
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": torch.randn(8, 4, generator=gen),
+            "model.norm.weight": torch.randn(4, generator=gen),
+            "model.embed_tokens.weight": torch.randn(16, 4, generator=gen),
+        },
+        tmp_path / "model.safetensors",
+    )
+    hint = f"; did you mean {meant!r}?{why}" if meant else ""
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError) as raised:
+            ckpt.read(asked)
+        assert str(raised.value) == f"checkpoint has no tensor {asked!r}{hint}"
+        with pytest.raises(KeyError) as missing:
+            ckpt.entries[asked]
+        assert missing.value.args[0] == f"the checkpoint has no weight {asked!r}{hint}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch has a CUDA GPU here")
+def test_read_to_a_gpu_torch_does_not_have_says_so(tmp_path):
+    """read_to(key, "cuda") with a CPU build of torch: a ValueError naming the key and the device (it was
+    torch's bare AssertionError "Torch not compiled with CUDA enabled")."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(4, 4)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match=r"read_to\('w', 'cuda:1'\): torch sees no CUDA GPU here"):
+            ckpt.read_to("w", "cuda:1")
+        assert torch.equal(ckpt.read_to("w", "cpu"), ckpt.read("w"))
