@@ -146,9 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
     inspect = sub.add_parser(
-        "inspect", formatter_class=defaults, help="what a checkpoint holds: format, tensors by kind, sizes"
+        "inspect",
+        formatter_class=defaults,
+        help="what a checkpoint holds: format, tensors by kind, sizes",
+        description="Summarizes a checkpoint without reading its weights: its quantization format, its tensors "
+        "by kind (bnb4, bnb8, fp8, torchao, dense) with stored and decoded sizes, the dtypes they decode to, "
+        "and what needs care. Scales (absmax, scale_inv, SCB) are read and checked; a damaged file or scale "
+        "is an error naming it (a non-zero exit status).",
     )
-    inspect.add_argument("path")
+    inspect.add_argument(
+        "path",
+        help="a checkpoint: a folder (safetensors shards with their index, or a torch state dict) or one file",
+    )
     inspect.set_defaults(func=_inspect)
     convert = sub.add_parser(
         "convert",
