@@ -865,6 +865,10 @@ class Checkpoint:
         given, sees each tensor in host memory before its copy, and may raise to refuse it (the tensors
         before it are copied). Counted as :meth:`read` counts.
 
+        Work queued on the device's current stream after this call sees the tensors; another stream, or the
+        host, must wait for it first (``torch.cuda.current_stream().synchronize()``, or an event recorded
+        on it). Staging memory a read ahead used goes back only once the device has copied out of it.
+
         Raises:
             CheckpointError: a key the checkpoint lacks, or a tensor whose bytes cannot be read.
             ValueError: ``keys`` is not a sequence of keys as long as ``outs``, or an ``outs[i]`` of another
