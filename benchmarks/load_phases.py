@@ -1,0 +1,106 @@
+"""The NF4 checkpoint's steady in-process load split into its two phases: reading, and the loading loop.
+
+Writes the NF4 checkpoint of ``in_process_ab.py`` (``--layers`` Llama-3-8B decoder layers), loads it once and
+waits for the kernels, then alternates, ``--rounds`` times (the first two left out):
+
+- ``normal``: ``qbridge.load_checkpoint`` as users call it (the reads run beside the loop);
+- ``preread``: the same load, with every read ahead started at once and waited for before the loop's first
+  weight: its **read phase** (8 reading threads, whole tensors into the pinned region) and its **loop
+  phase** (copies to the device, decode, handoff, the small pieces; the reads done) timed apart;
+- ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
+  takes it).
+
+    python benchmarks/load_phases.py [--layers 4] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (the first two are left out)")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import fresh_process_raw_route as raw_route
+    import jax
+    import torch
+
+    import qbridge
+    import torch_side
+    from qbridge import _loader
+
+    with tempfile.TemporaryDirectory(prefix="qbridge-phases-") as tmp:
+        ckpt = pathlib.Path(tmp)
+        raw_route.write_checkpoint(ckpt, args.layers, 1, "cuda")
+
+        def load() -> None:
+            jax.block_until_ready(qbridge.load_checkpoint(str(ckpt), device="cuda", progress=False))
+
+        load()
+        torch_side.wait_for_kernels()
+        advance = _loader._ReadAhead.advance
+        marks: dict[str, list[float]] = {"read phase": [], "loop phase": []}
+
+        def read_all_first(self, i: int) -> None:
+            if i:
+                return advance(self, i)
+            window = _loader.READ_AHEAD_BYTES
+            _loader.READ_AHEAD_BYTES = 1 << 62
+            try:
+                advance(self, 0)
+            finally:
+                _loader.READ_AHEAD_BYTES = window
+            concurrent.futures.wait(list(self.ckpt.source._ahead.values()))
+            marks["read done"] = [time.perf_counter()]
+
+        def preread() -> None:
+            _loader._ReadAhead.advance = read_all_first
+            try:
+                t0 = time.perf_counter()
+                load()
+                t1 = time.perf_counter()
+            finally:
+                _loader._ReadAhead.advance = advance
+            marks["read phase"].append(marks["read done"][0] - t0)
+            marks["loop phase"].append(t1 - marks["read done"][0])
+
+        def switch(seconds: float):
+            def run() -> None:
+                before = sys.getswitchinterval()
+                sys.setswitchinterval(seconds)
+                try:
+                    load()
+                finally:
+                    sys.setswitchinterval(before)
+
+            return run
+
+        routes = {"normal": load, "preread": preread}
+        routes.update({f"switch {s * 1e3:g} ms": switch(s) for s in (1e-4, 5e-4, 2e-2)})
+        times: dict[str, list[float]] = {name: [] for name in routes}
+        for r in range(args.rounds):
+            for name, fn in routes.items():
+                t0 = time.perf_counter()
+                fn()
+                if r >= 2:
+                    times[name].append(time.perf_counter() - t0)
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}")
+        for name, ts in {**times, **{k: v[2:] for k, v in marks.items() if k != "read done"}}.items():
+            print(
+                f"{name:16s} median {statistics.median(ts) * 1e3:6.1f} ms [{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}]"
+            )
+
+
+if __name__ == "__main__":
+    main()
