@@ -7,6 +7,8 @@ waits for the kernels, then alternates, ``--rounds`` times (the first two left o
 - ``preread``: the same load, with every read ahead started at once and waited for before the loop's first
   weight: its **read phase** (8 reading threads, whole tensors into the pinned region) and its **loop
   phase** (copies to the device, decode, handoff, the small pieces; the reads done) timed apart;
+- ``preread, pieces one by one``: ``preread`` with ``Checkpoint.stage_small`` turned off (each weight's
+  scales and tables read and copied on their own, as before it), its loop phase timed apart too;
 - ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
   takes it).
 
@@ -38,7 +40,7 @@ def main() -> None:
 
     import qbridge
     import torch_side
-    from qbridge import _loader
+    from qbridge import _checkpoint, _loader
 
     with tempfile.TemporaryDirectory(prefix="qbridge-phases-") as tmp:
         ckpt = pathlib.Path(tmp)
@@ -50,7 +52,12 @@ def main() -> None:
         load()
         torch_side.wait_for_kernels()
         advance = _loader._ReadAhead.advance
-        marks: dict[str, list[float]] = {"read phase": [], "loop phase": []}
+        marks: dict[str, list[float]] = {
+            "read phase": [],
+            "loop phase": [],
+            "loop phase, pieces one by one": [],
+        }
+        stage_small = _checkpoint._Source.stage_small
 
         def read_all_first(self, i: int) -> None:
             if i:
@@ -64,16 +71,22 @@ def main() -> None:
             concurrent.futures.wait(list(self.ckpt.source._ahead.values()))
             marks["read done"] = [time.perf_counter()]
 
-        def preread() -> None:
+        def preread(staged: bool = True) -> None:
             _loader._ReadAhead.advance = read_all_first
+            if not staged:
+                _checkpoint._Source.stage_small = lambda self, keys, device: 0
             try:
                 t0 = time.perf_counter()
                 load()
                 t1 = time.perf_counter()
             finally:
                 _loader._ReadAhead.advance = advance
-            marks["read phase"].append(marks["read done"][0] - t0)
-            marks["loop phase"].append(t1 - marks["read done"][0])
+                _checkpoint._Source.stage_small = stage_small
+            if staged:
+                marks["read phase"].append(marks["read done"][0] - t0)
+            marks["loop phase" if staged else "loop phase, pieces one by one"].append(
+                t1 - marks["read done"][0]
+            )
 
         def switch(seconds: float):
             def run() -> None:
@@ -86,7 +99,7 @@ def main() -> None:
 
             return run
 
-        routes = {"normal": load, "preread": preread}
+        routes = {"normal": load, "preread": preread, "preread, pieces one by one": lambda: preread(False)}
         routes.update({f"switch {s * 1e3:g} ms": switch(s) for s in (1e-4, 5e-4, 2e-2)})
         times: dict[str, list[float]] = {name: [] for name in routes}
         for r in range(args.rounds):

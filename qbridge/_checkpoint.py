@@ -134,6 +134,7 @@ SMALL_TENSOR_BYTES = 1 << 16
 READ_THREADS = 8
 READ_AHEAD_MIN_BYTES = SMALL_TENSOR_BYTES  # smaller tensors are read when asked for
 READ_PART_BYTES = 16 << 20  # a tensor read ahead that is over twice this is read in parts this size
+STAGE_SMALL_BYTES = 64 << 20  # stage_small's page-locked buffer holds at most this much
 
 
 _Check = Callable[[str, torch.Tensor], None]  # sees a stored tensor in host memory; raises to refuse it
@@ -151,6 +152,9 @@ class _Source:
         self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
+        # stage_small's tensors not yet asked for: key -> (its bytes in page-locked host memory, its copy on a
+        # device); each is handed out once
+        self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # read_ahead's readings: the tensor, and the staging block holding it (None: memory of its own)
         self._ahead: dict[str, concurrent.futures.Future[tuple[torch.Tensor, _staging.Block | None]]] = {}
         self._pid = os.getpid()  # a forked child's copies of the futures have no thread to finish them
@@ -341,6 +345,9 @@ class _Source:
         """The tensor stored under ``key``, on the CPU."""
         if self._closed:
             raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
+        staged = self._staged.pop(key, None)
+        if staged is not None:  # the host's copy of a tensor stage_small read: memory of its own
+            return self._count_small(key, staged[0].clone())
         ahead = self._take_ahead(key)  # read by read_ahead's thread: its result, or its error
         state = self._state  # once: close() sets it to None
         # a torch file's tensor (a tensor subclass, torchao's, stays as stored), or None
@@ -435,6 +442,51 @@ class _Source:
             self._small.add(key)
         return self._counted(t)
 
+    def _count_small(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Counts a small tensor unless it was read (and counted) before, as :meth:`read` does."""
+        return t if key in self._small else self._count_read(key, t)
+
+    def stage_small(self, keys: Sequence[str], device: torch.device) -> int:
+        """Reads the small stored tensors among ``keys`` (at most ``SMALL_TENSOR_BYTES`` each; of safetensors
+        files) into one page-locked buffer, at most ``STAGE_SMALL_BYTES`` in all, and queues one copy of it
+        to the CUDA ``device`` on its current stream; returns the bytes staged. The next :meth:`read_to` of
+        such a key for that device returns its part of that copy (with ``check`` seeing its host bytes) and
+        the next :meth:`read` its host bytes, each once. Keys not staged (larger, read ahead, unknown, of a
+        torch file, or whose bytes cannot be read: their read says why) are read as before."""
+        if self._closed or self._state is not None:
+            return 0
+        chosen: list[tuple[str, int, int]] = []  # key, offset in the buffer, bytes
+        total = 0
+        for key in dict.fromkeys(keys):
+            if key in self._staged or key not in self.key_file or key in self._reading():
+                continue
+            shape, dtype = self.shapes[key]
+            n = math.prod(shape) * dtype.itemsize
+            if not 0 < n <= SMALL_TENSOR_BYTES or total + n > STAGE_SMALL_BYTES:
+                continue
+            chosen.append((key, total, n))
+            total += -(-n // 16) * 16  # each tensor 16-byte aligned
+        if not chosen:
+            return 0
+        host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        views: dict[str, torch.Tensor] = {}
+        for key, at, n in chosen:
+            shape, dtype = self.shapes[key]
+            view = host[at : at + n].view(dtype).view(shape)
+            try:
+                self._read_bytes(self.key_file[key], key, view)
+            except CheckpointError:  # closed
+                raise
+            except Exception:  # a file cut short, a header that does not hold it: its own read will say
+                continue
+            views[key] = view
+        on_device = host.to(device, non_blocking=True)  # the buffer lives while a view of it does
+        for key, at, n in chosen:
+            if key in views:
+                shape, dtype = self.shapes[key]
+                self._staged[key] = (views[key], on_device[at : at + n].view(dtype).view(shape))
+        return sum(n for key, _, n in chosen if key in views)
+
     def read_into(
         self, keys: Sequence[str], outs: Sequence[torch.Tensor], *, check: _Check | None = None
     ) -> None:
@@ -484,6 +536,15 @@ class _Source:
         """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting, after
         ``check(key, tensor)`` has seen it in host memory."""
         device = torch.device(device)
+        staged = self._staged.get(key)
+        if (
+            staged is not None
+            and _same_device(staged[1].device, device)
+            and self._staged.pop(key, None) is staged
+        ):
+            if check is not None:
+                check(key, staged[0])
+            return self._count_small(key, staged[1])
         if device.type == "cpu" or key not in self._reading():
             t = self.read(key)
             if check is not None:
@@ -680,7 +741,18 @@ class _Source:
             f.close()
         self._open.clear()
         self._small.clear()
+        self._staged.clear()
         self._state = None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two torch devices are one (``cuda`` alone is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index == b.index
+    here = torch.cuda.current_device()
+    return (here if a.index is None else a.index) == (here if b.index is None else b.index)
 
 
 @functools.cache
@@ -888,6 +960,27 @@ class Checkpoint:
         """
         _check_pin(pin, "read_ahead")
         return self.source.read_ahead(key, pin=pin)
+
+    def stage_small(self, keys: Sequence[str], device: torch.device | str) -> int:
+        """Reads the small stored tensors among ``keys`` (scales, tables: at most 64 KiB each) in one pass
+        into one page-locked buffer and queues a single copy of it to the CUDA ``device`` on its current
+        stream, instead of a read and a copy per tensor. The next :meth:`read_to` of such a key for that
+        device returns its part of the device's copy (a view of memory nothing else uses; ``check`` sees the
+        host bytes), the next :meth:`read` a CPU tensor of its own; each once, later reads read the file.
+        Returns the bytes staged (0 for keys larger, read ahead, of a torch file, or unreadable: their own
+        reads say why).
+
+        Raises:
+            CheckpointError: the checkpoint is closed.
+            ValueError: ``device`` is not a CUDA device torch has here.
+        """
+        device = torch.device(device)
+        if device.type != "cuda" or not _cuda_here() or (device.index or 0) >= torch.cuda.device_count():
+            have = f"{torch.cuda.device_count()} CUDA devices" if _cuda_here() else "no CUDA GPU"
+            raise ValueError(
+                f"stage_small(device={str(device)!r}) stages for a CUDA device; torch sees {have} here"
+            )
+        return self.source.stage_small(keys, device)
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool = False) -> torch.Tensor:
         """The stored tensors ``keys``, all of one shape and dtype, as the rows of one new CPU tensor

@@ -84,6 +84,17 @@ def _stored_keys(entry: Any) -> tuple[str, ...]:
     return (entry.name,)
 
 
+def _small_pieces(entry: Any) -> tuple[str, ...]:
+    """The keys of a 4-bit weight's scales and tables (``Checkpoint.stage_small`` keeps those that are
+    small): read and copied to a GPU in one pass for a whole load, where one read and one copy each cost
+    most of the loading loop's host work per weight (``benchmarks/RESULTS.md``)."""
+    if entry.kind != "bnb4":
+        return ()
+    return tuple(
+        entry.keys[r] for r in ("absmax", "nested_absmax", "quant_map", "nested_quant_map") if r in entry.keys
+    )
+
+
 @dataclasses.dataclass
 class LoadReport:
     """What :func:`load_checkpoint` read and where it put it.
@@ -411,6 +422,17 @@ def load_checkpoint(
             pin=tdev.type == "cuda",
         )
         try:
+            if tdev.type == "cuda" and sharding is None and not keep_quantized:
+                ahead.advance(0)  # the large reads start first
+                ckpt.stage_small(
+                    [
+                        key
+                        for (_, leaf_sharding, route), p in zip(routes, plan, strict=True)
+                        if route is None and leaf_sharding is None
+                        for key in _small_pieces(ckpt.entries[p.key])
+                    ],
+                    tdev,
+                )
             for i, p in enumerate(plan):
                 ahead.advance(i)
                 entry = ckpt.entries[p.key]
