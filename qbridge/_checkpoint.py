@@ -114,7 +114,9 @@ _FLAX_LEAF = re.compile(r"\.(kernel|scale|embedding)$")
 
 def _did_you_mean(key: str, names: Collection[str], cutoff: float) -> str:
     """``"; did you mean 'name'?"`` for the name of ``names`` that ``key`` most likely meant (a module's name
-    without ``.weight``, a Flax leaf name, a typo or a plural), or ``""``."""
+    without ``.weight``, a Flax leaf name, a typo or a plural), or ``""`` (also for a key that is not a string)."""
+    if not isinstance(key, str):
+        return ""
     for guess in (f"{key}.weight", _FLAX_LEAF.sub(".weight", key)):
         if guess != key and guess in names:
             leaf = key.rpartition(".")[2]
@@ -345,7 +347,7 @@ class _Source:
         """The tensor stored under ``key``, on the CPU."""
         if self._closed:
             raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
-        staged = self._staged.pop(key, None)
+        staged = self._staged.pop(key, None) if not self._closed else None
         if staged is not None:  # the host's copy of a tensor stage_small read: memory of its own
             return self._count_small(key, staged[0].clone())
         ahead = self._take_ahead(key)  # read by read_ahead's thread: its result, or its error
@@ -453,7 +455,11 @@ class _Source:
         such a key for that device returns its part of that copy (with ``check`` seeing its host bytes) and
         the next :meth:`read` its host bytes, each once. Keys not staged (larger, read ahead, unknown, of a
         torch file, or whose bytes cannot be read: their read says why) are read as before."""
-        if self._closed or self._state is not None:
+        if isinstance(keys, (str, bytes)):
+            raise ValueError(f"stage_small takes a sequence of keys, got the string {keys!r}")
+        if self._closed:
+            raise CheckpointError("staging failed: the checkpoint is closed")
+        if self._state is not None:
             return 0
         chosen: list[tuple[str, int, int]] = []  # key, offset in the buffer, bytes
         total = 0
@@ -481,10 +487,13 @@ class _Source:
                 continue
             views[key] = view
         on_device = host.to(device, non_blocking=True)  # the buffer lives while a view of it does
-        for key, at, n in chosen:
-            if key in views:
-                shape, dtype = self.shapes[key]
-                self._staged[key] = (views[key], on_device[at : at + n].view(dtype).view(shape))
+        with self._users_here():  # close() drops what is staged under this lock: nothing is added after it
+            if self._closed:
+                raise CheckpointError("staging failed: the checkpoint is closed")
+            for key, at, n in chosen:
+                if key in views:
+                    shape, dtype = self.shapes[key]
+                    self._staged[key] = (views[key], on_device[at : at + n].view(dtype).view(shape))
         return sum(n for key, _, n in chosen if key in views)
 
     def read_into(
@@ -536,7 +545,7 @@ class _Source:
         """The tensor stored under ``key`` on ``device``, copied on its current stream without waiting, after
         ``check(key, tensor)`` has seen it in host memory."""
         device = torch.device(device)
-        staged = self._staged.get(key)
+        staged = self._staged.get(key) if not self._closed else None
         if (
             staged is not None
             and _same_device(staged[1].device, device)
@@ -582,15 +591,15 @@ class _Source:
                 out[i, :numel].copy_(self.read(key).reshape(-1))
                 continue
             with self._using_files(key):
-                begin, end = self._offsets(path)[key]
                 start = i * row_bytes
                 try:
+                    begin, end = self._offsets(path)[key]  # a header cut short since opening: ValueError
                     got = (
                         _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
                         if end - begin == nbytes
                         else -1
                     )
-                except OSError as e:  # as read() says it
+                except (OSError, ValueError) as e:  # as read() says it
                     raise _read_error(path, key, e) from e
             if got != nbytes:
                 found = (
@@ -683,7 +692,13 @@ class _Source:
         if path is None:
             raise self._no_tensor(key)
         with self._using_files(key):
-            return self._map_open(path, key)
+            try:
+                return self._map_open(path, key)
+            except (
+                OSError,
+                ValueError,
+            ) as e:  # a header cut short, a map past a file cut short: as read says
+                raise _read_error(path, key, e) from e
 
     def _map_open(self, path: pathlib.Path, key: str) -> torch.Tensor:
         """:meth:`map_tensor` of a safetensors file's ``key``, in a read holding the files open."""
@@ -722,6 +737,7 @@ class _Source:
         with users_done:  # from here no read starts and no read ahead is added; a second close finds none
             self._closed = True
             reads_ahead, self._ahead = self._ahead, {}
+            self._staged = {}
         if os.getpid() == self._pid:  # reads not started are dropped; those running finish
             for ahead in reads_ahead.values():
                 ahead.cancel()
@@ -972,9 +988,16 @@ class Checkpoint:
 
         Raises:
             CheckpointError: the checkpoint is closed.
-            ValueError: ``device`` is not a CUDA device torch has here.
+            ValueError: ``keys`` is a string, or ``device`` is not a CUDA device torch has here.
         """
-        device = torch.device(device)
+        if isinstance(keys, (str, bytes)):
+            raise ValueError(f"stage_small takes a sequence of keys, got the string {keys!r}")
+        if self.source._closed:
+            raise CheckpointError("staging failed: the checkpoint is closed")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:  # torch's names only; an index alone needs an accelerator
+            raise ValueError(f"stage_small(device={device!r}): not a torch device ({e})") from None
         if device.type != "cuda" or not _cuda_here() or (device.index or 0) >= torch.cuda.device_count():
             have = f"{torch.cuda.device_count()} CUDA devices" if _cuda_here() else "no CUDA GPU"
             raise ValueError(

@@ -831,3 +831,47 @@ def test_read_to_a_gpu_torch_does_not_have_says_so(tmp_path):
         with pytest.raises(ValueError, match=r"read_to\('w', 'cuda:1'\): torch sees no CUDA GPU here"):
             ckpt.read_to("w", "cuda:1")
         assert torch.equal(ckpt.read_to("w", "cpu"), ckpt.read("w"))
+
+
+@pytest.mark.parametrize("key", [b"model.norm.weight", ("model.norm.weight",), 7])
+def test_a_key_that_is_not_a_string_is_not_in_the_checkpoint(tmp_path, key):
+    """The hint for a missing key (a module or Flax name) matched a pattern against it: a bytes or tuple key
+    raised TypeError from the pattern instead of the reader's CheckpointError."""
+    from safetensors.torch import save_file
+
+    save_file({"model.norm.weight": torch.randn(4)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        for read in (ckpt.read, ckpt.read_ahead, ckpt.source.map_tensor, lambda k: ckpt.read_stacked([k])):
+            with pytest.raises(CheckpointError, match=re.escape(f"checkpoint has no tensor {key!r}")):
+                read(key)
+
+
+@pytest.mark.parametrize("method", ["read", "read_stacked", "map_tensor"])
+def test_a_file_emptied_before_its_first_read_is_a_checkpoint_error_naming_the_key(tmp_path, method):
+    """read_stacked and map_tensor read the header's byte ranges on first use: a file cut short before then
+    raised a bare ValueError (a header of 0 bytes; a map past the end) where read says which file and key."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(40, 40), "b": torch.randn(40, 40)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        os.truncate(tmp_path / "model.safetensors", 0)
+        read = {"read": lambda: ckpt.read("a"), "read_stacked": lambda: ckpt.read_stacked(["a", "b"]),
+                "map_tensor": lambda: ckpt.source.map_tensor("a")}[method]  # fmt: skip
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: reading 'a' failed"):
+            read()
+
+
+def test_stage_small_refuses_a_string_a_closed_checkpoint_and_a_device_that_is_not_a_gpu(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(
+        {"ab": torch.randn(4), "a": torch.randn(4), "b": torch.randn(4)}, tmp_path / "model.safetensors"
+    )
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match=r"stage_small takes a sequence of keys, got the string 'ab'"):
+            ckpt.stage_small("ab", "cuda")
+        for device in ("gpu", "meta", "cpu") if torch.cuda.is_available() else (0, "gpu", "meta", "cpu"):
+            with pytest.raises(ValueError, match=rf"stage_small\(device={re.escape(repr(device))}\)"):
+                ckpt.stage_small(["a"], device)
+    with pytest.raises(CheckpointError, match="staging failed: the checkpoint is closed"):
+        ckpt.stage_small(["a"], "cuda")

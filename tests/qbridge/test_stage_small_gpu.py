@@ -135,3 +135,17 @@ def test_a_load_staging_its_small_pieces_gives_the_same_arrays(tmp_path, monkeyp
             np.testing.assert_array_equal(
                 np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), err_msg=str(path)
             )
+
+
+@gpu
+def test_close_drops_what_was_staged(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
+    save_file(_stored(), tmp_path / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path / "model.safetensors")
+    assert ckpt.stage_small(["scales", "table"], "cuda") > 0
+    ckpt.close()
+    assert not ckpt.source._staged
+    for read in (lambda: ckpt.read_to("scales", torch.device("cuda")), lambda: ckpt.read("table")):
+        with pytest.raises(CheckpointError, match="the checkpoint is closed"):
+            read()
