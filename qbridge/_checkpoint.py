@@ -347,7 +347,7 @@ class _Source:
         """The tensor stored under ``key``, on the CPU."""
         if self._closed:
             raise CheckpointError(f"reading {key!r} failed: the checkpoint is closed")
-        staged = self._staged.pop(key, None) if not self._closed else None
+        staged = self._staged.pop(key, None)
         if staged is not None:  # the host's copy of a tensor stage_small read: memory of its own
             return self._count_small(key, staged[0].clone())
         ahead = self._take_ahead(key)  # read by read_ahead's thread: its result, or its error
@@ -454,11 +454,8 @@ class _Source:
         to the CUDA ``device`` on its current stream; returns the bytes staged. The next :meth:`read_to` of
         such a key for that device returns its part of that copy (with ``check`` seeing its host bytes) and
         the next :meth:`read` its host bytes, each once. Keys not staged (larger, read ahead, unknown, of a
-        torch file, or whose bytes cannot be read: their read says why) are read as before."""
-        if isinstance(keys, (str, bytes)):
-            raise ValueError(f"stage_small takes a sequence of keys, got the string {keys!r}")
-        if self._closed:
-            raise CheckpointError("staging failed: the checkpoint is closed")
+        torch file, or whose bytes cannot be read: their read says why) are read as before. Checked by
+        :meth:`Checkpoint.stage_small`: ``keys`` a sequence, ``device`` a CUDA device torch has."""
         if self._state is not None:
             return 0
         chosen: list[tuple[str, int, int]] = []  # key, offset in the buffer, bytes
@@ -692,12 +689,10 @@ class _Source:
         if path is None:
             raise self._no_tensor(key)
         with self._using_files(key):
+            # a header cut short, a map past the end of a file cut short: an error as read() gives it
             try:
                 return self._map_open(path, key)
-            except (
-                OSError,
-                ValueError,
-            ) as e:  # a header cut short, a map past a file cut short: as read says
+            except (OSError, ValueError) as e:
                 raise _read_error(path, key, e) from e
 
     def _map_open(self, path: pathlib.Path, key: str) -> torch.Tensor:
@@ -757,7 +752,6 @@ class _Source:
             f.close()
         self._open.clear()
         self._small.clear()
-        self._staged.clear()
         self._state = None
 
 
@@ -774,6 +768,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 @functools.cache
 def _cuda_here() -> bool:
     return torch.cuda.is_available()
+
+
+def _has_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA device torch has here."""
+    return device.type == "cuda" and _cuda_here() and (device.index or 0) < torch.cuda.device_count()
+
+
+def _torch_gpus() -> str:
+    """What torch sees here, in words, for an error about a CUDA device it lacks."""
+    have = f"{torch.cuda.device_count()} CUDA devices" if _cuda_here() else "no CUDA GPU"
+    return f"torch sees {have} here"
 
 
 def _check_pin(pin: bool, method: str) -> None:
@@ -938,11 +943,8 @@ class Checkpoint:
             ValueError: ``device`` is a CUDA device torch does not have here.
         """
         device = torch.device(device)
-        if device.type == "cuda" and (not _cuda_here() or (device.index or 0) >= torch.cuda.device_count()):
-            have = f"{torch.cuda.device_count()} CUDA devices" if _cuda_here() else "no CUDA GPU"
-            raise ValueError(
-                f"read_to({key!r}, {str(device)!r}): torch sees {have} here; read to 'cpu' instead"
-            )
+        if device.type == "cuda" and not _has_gpu(device):
+            raise ValueError(f"read_to({key!r}, {str(device)!r}): {_torch_gpus()}; read to 'cpu' instead")
         return self.source.read_to(key, device, check=check)
 
     def read_into(
@@ -998,11 +1000,8 @@ class Checkpoint:
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:  # torch's names only; an index alone needs an accelerator
             raise ValueError(f"stage_small(device={device!r}): not a torch device ({e})") from None
-        if device.type != "cuda" or not _cuda_here() or (device.index or 0) >= torch.cuda.device_count():
-            have = f"{torch.cuda.device_count()} CUDA devices" if _cuda_here() else "no CUDA GPU"
-            raise ValueError(
-                f"stage_small(device={str(device)!r}) stages for a CUDA device; torch sees {have} here"
-            )
+        if not _has_gpu(device):
+            raise ValueError(f"stage_small(device={str(device)!r}) stages for a CUDA device; {_torch_gpus()}")
         return self.source.stage_small(keys, device)
 
     def read_stacked(self, keys: Sequence[str], *, pin: bool = False) -> torch.Tensor:
