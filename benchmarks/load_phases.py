@@ -7,8 +7,9 @@ waits for the kernels, then alternates, ``--rounds`` times (the first two left o
 - ``preread``: the same load, with every read ahead started at once and waited for before the loop's first
   weight: its **read phase** (8 reading threads, whole tensors into the pinned region) and its **loop
   phase** (copies to the device, decode, handoff, the small pieces; the reads done) timed apart;
-- ``preread, pieces one by one``: ``preread`` with ``Checkpoint.stage_small`` turned off (each weight's
-  scales and tables read and copied on their own, as before it), its loop phase timed apart too;
+- ``normal, pieces one by one`` and ``preread, pieces one by one``: the same with ``Checkpoint.stage_small``
+  turned off (each weight's scales and tables read and copied on their own, as before it), the preread's two
+  phases timed apart too;
 - ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
   takes it).
 
@@ -55,6 +56,7 @@ def main() -> None:
         marks: dict[str, list[float]] = {
             "read phase": [],
             "loop phase": [],
+            "read phase, pieces one by one": [],
             "loop phase, pieces one by one": [],
         }
         stage_small = _checkpoint._Source.stage_small
@@ -82,11 +84,16 @@ def main() -> None:
             finally:
                 _loader._ReadAhead.advance = advance
                 _checkpoint._Source.stage_small = stage_small
-            if staged:
-                marks["read phase"].append(marks["read done"][0] - t0)
-            marks["loop phase" if staged else "loop phase, pieces one by one"].append(
-                t1 - marks["read done"][0]
-            )
+            suffix = "" if staged else ", pieces one by one"
+            marks["read phase" + suffix].append(marks["read done"][0] - t0)
+            marks["loop phase" + suffix].append(t1 - marks["read done"][0])
+
+        def unstaged() -> None:
+            _checkpoint._Source.stage_small = lambda self, keys, device: 0
+            try:
+                load()
+            finally:
+                _checkpoint._Source.stage_small = stage_small
 
         def switch(seconds: float):
             def run() -> None:
@@ -99,7 +106,12 @@ def main() -> None:
 
             return run
 
-        routes = {"normal": load, "preread": preread, "preread, pieces one by one": lambda: preread(False)}
+        routes = {
+            "normal": load,
+            "normal, pieces one by one": unstaged,
+            "preread": preread,
+            "preread, pieces one by one": lambda: preread(False),
+        }
         routes.update({f"switch {s * 1e3:g} ms": switch(s) for s in (1e-4, 5e-4, 2e-2)})
         times: dict[str, list[float]] = {name: [] for name in routes}
         for r in range(args.rounds):
