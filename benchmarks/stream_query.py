@@ -1,0 +1,130 @@
+"""What ``to_jax``'s default ``producer="auto"`` pays to ask torch's streams whether they are busy (GPU machine).
+
+``to_jax(t)`` asks every stream torch hands out on ``t``'s device (the default stream and the stream pools:
+129 on a CUDA device) whether it is still running work, so that a tensor written on another stream is
+handed over only after it; ``RESULTS.md`` records that at about 4x a bare ``jax.dlpack.from_dlpack``. This
+benchmark splits that cost and times cheaper ways to ask the same question, in one process:
+
+- ``torch query``: the scan as ``qbridge._handoff`` makes it (torch's ``Stream.query`` per stream);
+- ``driver ctypes``: ``cuStreamQuery`` per stream through ctypes;
+- ``driver C loop``: one call into a few lines of C (compiled here with the machine's C compiler) that calls
+  ``cuStreamQuery`` for every stream and returns the busy ones;
+- beside them, per tensor: ``to_jax(t)``, ``to_jax(t, producer="current")`` and bare ``from_dlpack``.
+
+Each way is first checked to find the one stream made busy on purpose (``torch.cuda._sleep``) and no other.
+Medians of 15 rounds of 200 calls, warm-up excluded, host time (no call here waits for the GPU).
+
+    python benchmarks/stream_query.py
+"""
+
+from __future__ import annotations
+
+import ctypes
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import torch
+
+import qbridge
+from qbridge import _handoff
+
+C_LOOP = r"""
+#include <dlfcn.h>
+typedef int (*query_t)(void *);
+static query_t query;
+int init(void) {
+    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!h) return -1;
+    query = (query_t)dlsym(h, "cuStreamQuery");
+    return query ? 0 : -2;
+}
+int busy(void **streams, int n, int *out) {
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (query(streams[i]) != 0) out[k++] = i;
+    return k;
+}
+"""
+
+
+def per_call_us(fn, calls: int = 200, rounds: int = 15) -> float:
+    for _ in range(50):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    dev = torch.device("cuda", 0)
+    torch.cuda.init()
+    streams = _handoff._torch_streams(0)
+    handles = [s.cuda_stream for s in streams]
+    n = len(handles)
+    query = _handoff._query
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuStreamQuery.argtypes = [ctypes.c_void_p]
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-stream-query-"))
+    (tmp / "q.c").write_text(C_LOOP)
+    subprocess.run(
+        ["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp / "q.so"), str(tmp / "q.c"), "-ldl"], check=True
+    )
+    lib = ctypes.CDLL(str(tmp / "q.so"))
+    assert lib.init() == 0
+    array = (ctypes.c_void_p * n)(*handles)
+    out = (ctypes.c_int * n)()
+
+    ways = {
+        "torch query": lambda: [i for i, s in enumerate(streams) if not query(s)],
+        "driver ctypes": lambda: [i for i, h in enumerate(handles) if driver.cuStreamQuery(h) != 0],
+        "driver C loop": lambda: list(out[: lib.busy(array, n, out)]),
+    }
+    # each way finds the one busy stream, and no other
+    target = 1 + n // 2
+    torch.cuda.synchronize()
+    with torch.cuda.stream(streams[target]):
+        torch.cuda._sleep(2_000_000_000 // 1000 * 200)  # some 0.1 s of spinning on the GPU
+    for name, way in ways.items():
+        found = way()
+        assert found == [target], (name, found)
+    torch.cuda.synchronize()
+    for name, way in ways.items():
+        assert way() == [], name
+
+    t = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    kept: list = []
+
+    def bare() -> None:
+        kept.append(jax.dlpack.from_dlpack(t))
+
+    def auto() -> None:
+        kept.append(qbridge.to_jax(t))
+
+    def current() -> None:
+        kept.append(qbridge.to_jax(t, producer="current"))
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}, {n} streams")
+    for _ in range(2):
+        row = {name: per_call_us(way) for name, way in ways.items()}
+        for name, fn in (("from_dlpack", bare), ("to_jax auto", auto), ("to_jax current", current)):
+            row[name] = per_call_us(fn, calls=100, rounds=9)
+            kept.clear()
+        print(
+            " | ".join(f"{k} {v:.1f} us" for k, v in row.items()),
+            f"| per stream: torch {row['torch query'] / n:.2f}, C loop {row['driver C loop'] / n:.2f} us",
+            flush=True,
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
