@@ -570,6 +570,8 @@ def _plan_key(
         or type(shape) not in (tuple, torch.Size)
     ):
         return None  # 64.0 hashes as 64, an iterator would be used up: only exact types may skip the checks
+    if isinstance(out, torch.Tensor) and out.layout != torch.strided:
+        return None  # sparse: the full checks refuse it
     grad = packed.is_cpu and torch.is_grad_enabled()
     if packed.is_cpu and fwad._current_level >= 0:
         return None  # forward-mode AD: the torch path carries tangents; the kernel's result would drop them
@@ -668,7 +670,8 @@ def dequantize_nf4(
 
     Raises:
         AssertionError: ``out`` has the wrong shape or dtype.
-        TypeError: a piece has the wrong dtype (e.g. FP8 bytes, a float absmax for a nested state).
+        TypeError: a piece has the wrong dtype (e.g. FP8 bytes, a float absmax for a nested state), ``out``
+            is not a dense (strided) tensor.
         ValueError: pieces that do not fit together, unknown quant type or block size, pieces on
             different devices, non-finite scales with ``check_finite``.
     """
@@ -696,6 +699,8 @@ def dequantize_nf4(
     result_shape = _result_shape(shape, transpose)
     if out is not None:
         require_tensor(out, "out")
+        if out.layout != torch.strided:  # torch's own errors for these name storage or is_contiguous
+            raise TypeError(f"out must be a dense (strided) tensor, got layout {out.layout}")
         raise_out_mismatch(result_shape, dtype, out)
         same_device(flat.device, out=out)
     if check_finite:
@@ -853,7 +858,8 @@ def dequantize(
 
     Raises:
         AssertionError: ``out`` does not match the quant state's shape and dtype (message: expected vs got).
-        TypeError: a quant-state piece of the wrong type or dtype (see :func:`torch_side.dequantize_nf4`).
+        TypeError: a quant-state piece of the wrong type or dtype (see :func:`torch_side.dequantize_nf4`),
+            an ``out`` that is not a dense (strided) tensor.
         ValueError: a malformed or mismatched quant state (see :func:`torch_side.dequantize_nf4`).
 
     Example:

@@ -245,6 +245,20 @@ def test_out_mismatch_is_an_assertion_error(make_out, message):
     assert torch.equal(out.view(torch.uint8), before.view(torch.uint8))  # nothing written
 
 
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_a_sparse_out_is_refused_by_name(layout):
+    _, packed, qs = bnb_quantize((30, 50))
+    dense = torch.zeros(qs.shape, dtype=qs.dtype)
+    out = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
+    for _ in range(2):  # the first call, and one that could find a plan made by a dense out= call
+        with pytest.raises(
+            TypeError, match=r"out must be a dense \(strided\) tensor, got layout torch.sparse"
+        ):
+            torch_side.dequantize(packed, qs, out=out)
+        torch_side.dequantize(packed, qs, out=dense)
+    assert out._nnz() == 0
+
+
 def test_quant_storage_dtypes():
     for storage in (torch.bfloat16, torch.float16, torch.float32, torch.int8):
         w = torch.randn(64, 96, dtype=torch.bfloat16)
