@@ -65,7 +65,7 @@ from ._casts import cast_exactly, exact_f32
 from ._codes import standard_code
 from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
-from ._nf4 import _is_traced, decode_nested_absmax
+from ._nf4 import _decode_nested, _is_traced
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
 from ._varying import vary_alike
 
@@ -481,9 +481,7 @@ def _nf4_rows(w: NF4Weight, code: jax.Array) -> tuple[jax.Array, jax.Array]:
     flat, _ = _packed_bytes(w.packed)
     q = flat[: n * k // 2].reshape(n, k // bs, bs // 2)
     if w.nested_absmax is not None:
-        absmax = decode_nested_absmax(
-            w.absmax, w.nested_absmax, w.nested_table(), w.nested_blocksize, w.offset
-        )
+        absmax = _decode_nested(w.absmax, w.nested_absmax, w.nested_table(), w.nested_blocksize, w.offset)
     else:
         absmax = w.absmax
     scale = absmax.reshape(n, k // bs, 1)

@@ -53,7 +53,7 @@ import numpy as np
 from ._codes import standard_code
 from ._fp8 import fp8_scale_layout
 from ._nf4 import _bytes as _packed_bytes
-from ._nf4 import decode_nested_absmax
+from ._nf4 import _decode_nested
 from ._quantized import FP8Weight, NF4Weight
 from ._varying import _varying_axes
 
@@ -347,7 +347,7 @@ def _decoded_t(nested: Nested, n: int, k: int) -> jax.Array:
     """A nested absmax of a weight ``[n, k]`` decoded by XLA (``decode_nested_absmax``), transposed: float32
     ``[k / 64, n]``."""
     codes = nested.codes.reshape(-1)
-    absmax = decode_nested_absmax(
+    absmax = _decode_nested(
         codes, nested.nested_absmax, nested.nested_code, nested.nested_blocksize, nested.offset.reshape(())
     )
     return absmax.reshape(n, k // 64).T

@@ -165,23 +165,22 @@ def _check(
         raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
 
 
-def _offset(offset: Any, shape: tuple[int, ...]) -> Any:
+def _offset(offset: Any, shape: tuple[int, ...], where: str = "") -> Any:
     """A nested absmax's offset as an array (a jax array or tracer as given; a number, a numpy or a torch
-    scalar through numpy), checked to be one real number."""
+    scalar through numpy), checked to be one real number (errors start with ``where``, by default the
+    4-bit weight of ``shape``)."""
+    where = where or f"4-bit weight of shape {shape}"
     if not isinstance(offset, jax.Array | np.ndarray):
         try:
             offset = np.asarray(offset)
         except Exception as e:
-            raise TypeError(
-                f"4-bit weight of shape {shape}: offset must be a real number, got {offset!r}"
-            ) from e
+            raise TypeError(f"{where}: offset must be a real number, got {offset!r}") from e
     if math.prod(offset.shape) != 1:
         raise ValueError(
-            f"4-bit weight of shape {shape}: offset must be one number (the checkpoint's nested_offset), got "
-            f"shape {offset.shape}"
+            f"{where}: offset must be one number (the checkpoint's nested_offset), got shape {offset.shape}"
         )
     if not (jnp.issubdtype(offset.dtype, jnp.floating) or jnp.issubdtype(offset.dtype, jnp.integer)):
-        raise TypeError(f"4-bit weight of shape {shape}: offset must be a real number, got {offset.dtype}")
+        raise TypeError(f"{where}: offset must be a real number, got {offset.dtype}")
     return offset
 
 
@@ -223,13 +222,22 @@ def decode_nested_absmax(
 
     Two float32 roundings, as bitsandbytes does: on concrete arrays the product and the sum run as two
     separate computations so that no fused multiply-add can merge them. Traced inside a caller's jit,
-    the compiler may fuse them (see the module docstring). Returns a new float32 array.
+    the compiler may fuse them (see the module docstring). Returns a new float32 array of ``absmax``'s
+    size.
 
-    ``offset`` (the checkpoint's ``nested_offset``, a QuantState's ``.offset``) is required: bitsandbytes
-    stores one with every nested absmax and adds it to every decoded scale.
+    Args:
+        absmax: the uint8 codes (a QuantState's ``.absmax`` when nested), any shape.
+        nested_absmax: float32 scales, ``ceil(absmax.size / nested_blocksize)`` of them (``.state2.absmax``).
+        nested_code: the float32 table of 256 entries (``.state2.code``, the checkpoint's ``nested_quant_map``).
+        nested_blocksize: codes per nested scale (``.state2.blocksize``; 256 in bitsandbytes).
+        offset: one number (the checkpoint's ``nested_offset``, a QuantState's ``.offset``), required:
+            bitsandbytes stores one with every nested absmax and adds it to every decoded scale.
 
     Raises:
-        ValueError: no ``offset``; ``nested_blocksize`` not a positive int.
+        ValueError: no ``offset`` or more than one number; ``nested_blocksize`` not a positive int;
+            ``nested_absmax`` or ``nested_code`` of the wrong size.
+        TypeError: ``absmax`` not uint8, ``nested_absmax`` or ``nested_code`` not float32, ``offset`` not a
+            real number.
     """
     if offset is None:
         raise ValueError(
@@ -237,6 +245,33 @@ def decode_nested_absmax(
             "every decoded scale is shifted by it"
         )
     _check_nested_blocksize(nested_blocksize)
+    absmax = _array(absmax, "absmax")
+    nested_absmax = _array(nested_absmax, "nested_absmax")
+    nested_code = _array(nested_code, "nested_code")
+    where = "decode_nested_absmax"
+    if absmax.dtype != jnp.uint8:
+        raise TypeError(f"{where}: absmax holds the uint8 codes of a nested absmax, got {absmax.dtype}")
+    if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
+        raise TypeError(
+            f"{where}: nested_absmax and nested_code must be float32, got {nested_absmax.dtype} and "
+            f"{nested_code.dtype}"
+        )
+    need = -(-absmax.size // nested_blocksize)
+    if nested_absmax.size != need:
+        raise ValueError(
+            f"{where}: nested_absmax has {nested_absmax.size} entries; {absmax.size} codes in nested blocks of "
+            f"{nested_blocksize} need {need}"
+        )
+    if nested_code.size != NESTED_CODE_SIZE:
+        raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}")
+    offset = _offset(offset, (), where)
+    return _decode_nested(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+
+
+def _decode_nested(
+    absmax: Any, nested_absmax: Any, nested_code: Any, nested_blocksize: int, offset: Any
+) -> jax.Array:
+    """:func:`decode_nested_absmax` of pieces checked already (a weight's, a kernel's)."""
     absmax = jnp.asarray(absmax).reshape(-1)
     nested_absmax = jnp.asarray(nested_absmax).reshape(-1)
     nested_code = jnp.asarray(nested_code).reshape(-1)
@@ -468,5 +503,5 @@ def dequantize_nf4(
                 packed, absmax, *table, *nested, statics=statics, quant_type=standard, kernel=True
             )
         # XLA's operations: the two roundings in two programs unless traced (see the module docstring)
-        absmax = decode_nested_absmax(absmax, nested_absmax, nested_code, nested_blocksize, offset)
+        absmax = _decode_nested(absmax, nested_absmax, nested_code, nested_blocksize, offset)
     return _dequantize(packed, absmax, *table, statics=statics, quant_type=standard, kernel=kernel)

@@ -126,6 +126,53 @@ def test_denormal_products_flush_to_zero():
         assert_same_bits(jax_side.dequantize_nf4(p, a, **kw), to_numpy(bnb_reference(packed, qs)))
 
 
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(nested_code=lambda c: c[:10]), ValueError, "nested_code must have 256 entries, got 10"),
+        (dict(nested_code=lambda c: c[:0]), ValueError, "nested_code must have 256 entries, got 0"),
+        (dict(nested_absmax=lambda m: m[:0]), ValueError, "nested_absmax has 0 entries; 300 codes .* need 2"),
+        (dict(nested_absmax=lambda m: np.concatenate([m, m])), ValueError, "nested_absmax has 4 entries"),
+        (
+            dict(nested_blocksize=lambda b: 16),
+            ValueError,
+            "nested_absmax has 2 entries; 300 codes in nested blocks of 16 need 19",
+        ),
+        (
+            dict(absmax=lambda a: a.astype(np.int32) * 100),
+            TypeError,
+            "absmax holds the uint8 codes of a nested absmax, got int32",
+        ),
+        (
+            dict(absmax=lambda a: a.astype(np.float32)),
+            TypeError,
+            "absmax holds the uint8 codes of a nested absmax, got float32",
+        ),
+        (
+            dict(nested_absmax=lambda m: m.astype(np.float16)),
+            TypeError,
+            "nested_absmax and nested_code must be float32, got float16",
+        ),
+        (dict(offset=lambda o: np.ones(3, np.float32)), ValueError, "offset must be one number"),
+        (dict(offset=lambda o: "0.5"), TypeError, "offset must be a real number"),
+    ],
+)
+def test_a_nested_decode_refuses_pieces_that_do_not_fit(change, error, message):
+    gen = np.random.default_rng(6)
+    args = dict(
+        absmax=gen.integers(0, 256, 300, dtype=np.uint8),
+        nested_absmax=gen.random(2, dtype=np.float32),
+        nested_code=np.sort(gen.standard_normal(256).astype(np.float32)),
+        nested_blocksize=256,
+        offset=np.float32(0.01),
+    )
+    jax_side.decode_nested_absmax(**args)  # as given: decoded
+    for name, make in change.items():
+        args[name] = make(args[name])
+    with pytest.raises(error, match=f"decode_nested_absmax: {message}"):
+        jax_side.decode_nested_absmax(**args)
+
+
 def test_nested_decode_is_exact_eagerly():
     gen = np.random.default_rng(5)
     a = gen.integers(0, 256, 65536, dtype=np.uint8)
