@@ -171,6 +171,14 @@ def _make_linen():
                 b = self.variable(
                     "lora", "lora_B", lambda: jnp.zeros((self.lora.r, self.features), jnp.float32)
                 ).value
+                want = ((in_features, self.lora.r), (self.lora.r, self.features))
+                if (tuple(a.shape), tuple(b.shape)) != want:
+                    raise ValueError(
+                        f"{self.name or type(self).__name__}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, where "
+                        f"LoraConfig(r={self.lora.r}) and the weight [out, in] = {tuple(weight.shape)} need "
+                        f"lora_A {want[0]} ([in, r]) and lora_B {want[1]} ([r, out]; PEFT's files hold their "
+                        "transposes)"
+                    )
                 xa = x.astype(a.dtype)
                 if self.lora.lora_dropout:
                     xa = linen.Dropout(self.lora.lora_dropout)(xa, deterministic=deterministic)
@@ -262,8 +270,9 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
 
     Raises:
         TypeError: a quantized weight sits where neither a Linear kernel nor an Embed table is.
-        ValueError: a weight's path does not exist in the model, or its shape differs from the model's
-            (parameters loaded without ``target=model``, or for another model). Nothing is changed then.
+        ValueError: a weight's path does not exist in the model (a bias for a Linear built without one
+            included), or its shape differs from the model's (parameters loaded without ``target=model``, or
+            for another model). Nothing is changed then.
     """
     nnx, _ = _flax()
     from flax import traverse_util
@@ -278,6 +287,12 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         if leaf == "kernel" and isinstance(old, nnx.Linear):
             _check_shape(path, tuple(weight.shape), (old.out_features, old.in_features), "[out, in]")
             bias = _get(rest, (*module_path, "bias"))  # the loaded bias, else the module's own
+            if bias is not None and getattr(old, "bias", None) is None:
+                raise ValueError(
+                    f"{dotted((*module_path, 'bias'))}: a bias for a Linear built without one (use_bias=False); "
+                    "the parameters must follow the model's own structure, as qbridge.load_checkpoint(path, "
+                    "target=model, keep_quantized=True) returns them"
+                )
             if bias is not None and hasattr(bias, "shape"):
                 _check_shape((*module_path, "bias"), tuple(bias.shape), (old.out_features,), "[out]")
             if bias is None and getattr(old, "bias", None) is not None:

@@ -290,7 +290,7 @@ def test_a_tree_loaded_without_the_model_is_refused_and_changes_nothing(made):
 
 def test_values_that_do_not_fit_the_model_change_nothing(made):
     """A number where the model holds an array, integers where it holds floats, an array where it holds a
-    module: refused by name before anything changes. Loading again into a kept-quantized model says to use
+    module, a bias for a kept-quantized Linear built without one: refused by name before anything changes. Loading again into a kept-quantized model says to use
     a fresh one."""
     config = _config(made)
     kept, *_ = _models(made, "nf4-True")
@@ -298,6 +298,8 @@ def test_values_that_do_not_fit_the_model_change_nothing(made):
         "number": (("model", "norm", "scale"), 1.0, r"model\.norm\.scale: shape \(\) where"),
         "integers": (("model", "norm", "scale"), jnp.ones((config.hidden_size,), jnp.int32), r"int32 values where"),
         "module": (("model", "norm"), jnp.ones((config.hidden_size,)), r"model\.norm: a value where the model holds a module"),
+        "bias": (("model", "layers", 0, "mlp", "down_proj", "bias"), jnp.full((config.hidden_size,), 5.0),
+                 r"down_proj\.bias: a bias for a Linear built without one \(use_bias=False\)"),
     }  # fmt: skip
     for path, value, says in bad.values():
         params = jax.tree_util.tree_map(lambda x: x, kept, is_leaf=jax_side.is_quantized)

@@ -384,6 +384,11 @@ def test_linen_quant_dense_with_lora():
     grads = jax.grad(loss)(variables["lora"], jax.random.key(1))
     assert set(grads) == {"lora_A", "lora_B"} and np.abs(np.asarray(grads["lora_B"])).sum() > 0
     np.testing.assert_array_equal(np.asarray(layer.apply(variables, x)), np.asarray(base))
+    # adapters of another rank, or in PEFT's [r, in] / [out, r] layout: refused by shape, not scaled wrongly
+    a, b = variables["lora"]["lora_A"], variables["lora"]["lora_B"]
+    for lora in ({"lora_A": a[:, :2], "lora_B": b[:2]}, {"lora_A": a.T, "lora_B": b.T}):
+        with pytest.raises(ValueError, match=r"LoraConfig\(r=4\) .* need lora_A \(64, 4\) \(\[in, r\]\)"):
+            layer.apply({**variables, "lora": lora}, x)
 
 
 def test_a_loaded_adapter_is_deterministic_and_replaces_what_was_there(made, tmp_path):
