@@ -95,7 +95,8 @@ def load_peft_adapter(
     """Reads a PEFT LoRA adapter directory into an nnx model with kept-quantized layers: adds the adapters
     its config names (``jax_side.add_lora``; dropout off until ``model.train()``) and sets their values,
     exactly. ``autocast_adapter_dtype``: as ``peft.PeftModel.from_pretrained``'s (default True), float16 and
-    bfloat16 adapters are widened to float32 (exactly); False keeps the file's dtype.
+    bfloat16 adapters are widened to float32 (exactly); False keeps the file's dtypes. Either way each
+    adapter keeps its own (a file that mixes dtypes loads each tensor in its own).
 
     Returns:
         The dotted paths of the adapted layers.
@@ -174,12 +175,22 @@ def load_peft_adapter(
         if missing:
             problems.append(f"layers without adapters: {missing}")
         raise CheckpointError(f"{path / WEIGHTS}: " + "; ".join(problems))
+    # each adapter keeps its own dtype (a file may mix them), float16 and bfloat16 widened to float32 with
+    # autocast_adapter_dtype, as PEFT's default on loading does
+    dtypes = {
+        k: jnp.dtype(jnp.float32)
+        if autocast_adapter_dtype and v.dtype in (jnp.float16, jnp.bfloat16)
+        else jnp.dtype(v.dtype)
+        for k, v in values.items()
+    }
     jax_side.remove_lora(model)  # the file's adapters replace any the model had
-    dtype = next(iter(values.values())).dtype
-    if autocast_adapter_dtype and dtype in (jnp.float16, jnp.bfloat16):  # PEFT's default on loading
-        dtype = jnp.dtype(jnp.float32)
-    names = jax_side.add_lora(model, config, rngs=rngs, dtype=dtype)
+    first = next(iter(dtypes.values()))
+    names = jax_side.add_lora(model, config, rngs=rngs, dtype=first)
     layers = jax_side.lora_layers(model)
     for (name, attr), value in values.items():
-        getattr(layers[name], attr)[...] = value.T.astype(dtype)
+        kept = value.T.astype(dtypes[(name, attr)])
+        if kept.dtype == first:
+            getattr(layers[name], attr)[...] = kept
+        else:  # an adapter of another dtype than the one add_lora made: a parameter of its own dtype
+            setattr(layers[name], attr, type(getattr(layers[name], attr))(kept))
     return sorted(names)

@@ -239,6 +239,34 @@ def test_half_precision_adapter_files_are_widened_as_peft_loads_them(made, tmp_p
         )
 
 
+def test_a_file_of_mixed_dtypes_keeps_each_adapters_values(made, tmp_path):
+    """One float16 tensor among float32 ones: each adapter in its own dtype, bit for bit (with
+    autocast_adapter_dtype=False the float32 ones were rounded to the first tensor's float16); the model
+    runs."""
+    from safetensors.numpy import load_file, save_file
+
+    torch_model = peft.get_peft_model(
+        _torch_4bit(made), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    torch_model.save_pretrained(tmp_path / "peft")
+    file = tmp_path / "peft" / "adapter_model.safetensors"
+    rng = np.random.default_rng(7)
+    stored = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in load_file(file).items()}
+    first = sorted(stored)[0]
+    stored[first] = stored[first].astype(np.float16)
+    save_file(stored, file)
+    for autocast in (False, True):
+        model = _kept(made)
+        qbridge.load_peft_adapter(model, tmp_path / "peft", autocast_adapter_dtype=autocast)
+        layers = jax_side.lora_layers(model)
+        for key, value in stored.items():
+            name, attr = key.removeprefix("base_model.model.").split(".lora_")
+            got = np.asarray(getattr(layers[name], "lora_" + attr.removesuffix(".weight"))[...])
+            assert got.dtype == (np.float32 if autocast else value.dtype), (key, got.dtype)
+            np.testing.assert_array_equal(got.T.astype(np.float32), value.astype(np.float32))
+        assert np.isfinite(np.asarray(model(jnp.asarray(IDS)), np.float32)).all()
+
+
 def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
     torch_model = peft.get_peft_model(_torch_4bit(made), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     torch_model.save_pretrained(tmp_path / "peft")
