@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -60,14 +61,34 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
+        """Raises ValueError for a field these layers cannot use, named (every value is checked here, so that
+        a config that was made can be saved, loaded back and applied)."""
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(
-            self.target_modules, str
-        ):  # a set of names, as PEFT keeps them (list, tuple or set)
-            object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+        if not _real(self.lora_alpha) or not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not _real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.use_rslora not in (True, False):
+            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if targets != ALL_LINEAR:
+                try:
+                    re.compile(targets)
+                except re.error as e:
+                    raise ValueError(
+                        f"target_modules {targets!r} is one string, used as a regular expression over the full "
+                        f"path, and not a valid one ({e}); name modules in a list: ['q_proj', 'v_proj']"
+                    ) from None
+            return
+        names: Any = list(targets) if isinstance(targets, Iterable) else targets
+        if not isinstance(names, list) or not all(isinstance(t, str) for t in names):
+            raise ValueError(
+                "target_modules must be module names (a list, tuple or set of strings), 'all-linear' or one "
+                f"regular expression, got {targets!r}"
+            )
+        object.__setattr__(self, "target_modules", tuple(sorted(names)))  # a set of names, as PEFT keeps them
 
     @property
     def scaling(self) -> float:
@@ -121,6 +142,21 @@ class LoraConfig:
         targets = doc.get("target_modules") or ()
         return cls(r=r, lora_alpha=float(doc.get("lora_alpha", 8)), lora_dropout=float(doc.get("lora_dropout", 0.0)),
                    target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=bool(doc.get("use_rslora", False)))  # fmt: skip
+
+
+def _real(x: Any) -> bool:
+    """A real number: an int or a float (numpy's too) or a 0-d numeric array, not a bool."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, numbers.Real):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return (
+        getattr(x, "shape", None) == ()
+        and dtype is not None
+        and dtype != jnp.bool_
+        and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    )
 
 
 def init_lora_a(key: jax.Array, in_features: int, r: int, dtype: Any = jnp.float32) -> jax.Array:

@@ -76,6 +76,38 @@ def test_targets_are_matched_as_peft_matches_them():
 
 
 @pytest.mark.parametrize(
+    "fields, says",
+    [
+        (dict(r=True), "r must be a positive integer, got True"),
+        (dict(r=0), "r must be a positive integer, got 0"),
+        (dict(lora_alpha="16"), "lora_alpha must be a finite number, got '16'"),
+        (dict(lora_alpha=float("nan")), "lora_alpha must be a finite number, got nan"),
+        (dict(lora_dropout="0.1"), r"lora_dropout must be a number in \[0, 1\), got '0.1'"),
+        (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\), got 1.0"),
+        (dict(use_rslora="yes"), "use_rslora must be True or False, got 'yes'"),
+        (dict(target_modules=None), "target_modules must be module names .* got None"),
+        (dict(target_modules=["q_proj", 3]), r"target_modules must be module names .* got \['q_proj', 3\]"),
+        (
+            dict(target_modules="(q_proj"),
+            r"target_modules '\(q_proj' is one string, used as a regular expression",
+        ),
+    ],
+)
+def test_a_config_these_layers_cannot_use_is_refused_when_made(fields, says):
+    """Values that a later step could not use (an r of True saved as true and refused when read back, an
+    alpha that fails at the first forward, a regular expression that fails at the first match)."""
+    with pytest.raises(ValueError, match=says):
+        jax_side.LoraConfig(**fields)
+    config = jax_side.LoraConfig(r=4, lora_alpha=jnp.float32(16), lora_dropout=np.float32(0.1))
+    assert config.scaling == 4.0 and jax_side.LoraConfig(
+        target_modules=iter(["v_proj", "q_proj"])
+    ).target_modules == (
+        "q_proj",
+        "v_proj",
+    )
+
+
+@pytest.mark.parametrize(
     "field, value",
     [("alora_invocation_tokens", [7]), ("arrow_config", {"top_k": 2}), ("use_bdlora", True),
      ("a_field_of_a_later_peft", 3)],
@@ -289,6 +321,8 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
         (["lm_head"], r"adapter_config.json: lm_head is a dense nnx.Linear.*bitsandbytes leaves lm_head dense"),
         (["v_proj"], r"adapters for layers adapter_config.json's target_modules=\('v_proj',\) does not name: "
                      r"\['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"),
+        ("(q_proj", r"adapter_config.json: target_modules '\(q_proj' is one string, used as a regular expression"
+                    r".*not a valid one \(missing \)"),
     ):  # fmt: skip
         (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**doc, "target_modules": targets}))
         model = _kept(made)
