@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -50,10 +52,20 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
+    """``block_size`` as ``(rows, cols)``: ints of any kind (numpy's too), not floats or bools (as
+    ``torch_side``'s)."""
+    pair: tuple[Any, ...]
+    try:
+        pair = (block_size, block_size) if _is_int(block_size) else tuple(block_size)  # type: ignore[arg-type]
+    except TypeError:  # a float, say: not a pair either
+        pair = (block_size,)
+    if len(pair) != 2 or not all(_is_int(b) and b > 0 for b in pair):
         raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-    return (pair[0], pair[1])
+    return (operator.index(pair[0]), operator.index(pair[1]))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _fitting_blocks(n: int, s: int) -> tuple[int, float]:

@@ -254,6 +254,23 @@ def test_a_float_block_size_is_refused_as_a_block_size():
         torch_side.dequantize_fp8(w, torch.rand(2, 2), torch.bfloat16, block_size=128.0)
 
 
+@pytest.mark.parametrize("block", [128.0, np.float32(128), "128", (128, 128.0), True, (True, True)])
+def test_jax_sides_block_sizes_are_refused_as_torch_sides_are(block):
+    """A float, a string or a bool where a block size goes: the block-size message from jax_side's
+    dequantize_fp8 and FP8Weight too (a float was a bare "'float' object is not iterable", True was
+    taken for 1); ints of any kind decode as the int does."""
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((200, 300)), jnp.float8_e4m3fn)
+    s = jnp.asarray(np.random.default_rng(1).random((2, 3)) + 0.5, jnp.float32)
+    says = r"block_size must be a positive int or a pair of them, got "
+    with pytest.raises(ValueError, match=says):
+        jax_side.dequantize_fp8(w, s, block_size=block)
+    with pytest.raises(ValueError, match=says):
+        jax_side.quantized_matmul(jnp.ones((2, 300)), jax_side.FP8Weight(w, s, block=block))
+    want = np.asarray(jax_side.dequantize_fp8(w, s, block_size=128))
+    for size in (np.int64(128), (np.int64(128), 128)):
+        np.testing.assert_array_equal(np.asarray(jax_side.dequantize_fp8(w, s, block_size=size)), want)
+
+
 def test_block_sizes_are_checked_the_same_whatever_was_decoded_before():
     import torch_side
 
