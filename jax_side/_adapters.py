@@ -26,8 +26,8 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None, dtype: Any = j
 
     Raises:
         ValueError: nothing matched ``config.target_modules``.
-        TypeError: a matched layer is a dense ``nnx.Linear``: adapters attach to kept-quantized layers
-            (load with ``keep_quantized=True``).
+        TypeError: ``config`` is no :class:`LoraConfig`; a matched layer is a dense ``nnx.Linear``: adapters
+            attach to kept-quantized layers (load with ``keep_quantized=True``).
     """
     nnx = _nnx()
     rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -41,6 +41,11 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
     """``dotted path -> layer`` for the kept-quantized Linear layers of ``model`` that ``config`` targets,
     changing nothing. Raises as :func:`add_lora` does."""
     nnx = _nnx()
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"config must be a jax_side.LoraConfig, got {type(config).__name__} (from a dict: "
+            "jax_side.LoraConfig(**d); from PEFT's adapter_config.json: jax_side.LoraConfig.from_peft(doc))"
+        )
     quant_linear = _classes()["QuantLinear"]
     layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
     for name, node in layers:

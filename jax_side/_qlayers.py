@@ -269,7 +269,8 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         The dotted paths of the swapped modules.
 
     Raises:
-        TypeError: a quantized weight sits where neither a Linear kernel nor an Embed table is.
+        TypeError: ``params`` is no mapping; a quantized weight sits where neither a Linear kernel nor an
+            Embed table is.
         ValueError: a weight's path does not exist in the model (a bias for a Linear built without one
             included), or its shape differs from the model's (parameters loaded without ``target=model``, or
             for another model). Nothing is changed then.
@@ -277,6 +278,11 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
     nnx, _ = _flax()
     from flax import traverse_util
 
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"params must be a nested dict of arrays (as qbridge.load_checkpoint(path, target=model, "
+            f"keep_quantized=True) returns), got {type(params).__name__}"
+        )
     classes = _classes()
     quantized, rest = _split(params)
     swaps = []  # every new module is made before the model changes, so a refused tree leaves it as it was

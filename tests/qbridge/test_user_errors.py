@@ -527,3 +527,14 @@ def test_a_config_dtype_quantized_weights_cannot_decode_to_is_refused(tmp_path):
         else:
             params = qbridge.load_checkpoint(folder, device="cpu")
             assert params["params"]["k"]["kernel"].shape == (128, 64)
+
+
+def test_kept_layer_helpers_name_arguments_of_the_wrong_kind():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"params must be a nested dict of arrays .* got list"):
+        jax_side.load_quantized_into_nnx(model, [1, 2])
+    with pytest.raises(
+        TypeError, match=r"config must be a jax_side.LoraConfig, got dict .*LoraConfig\(\*\*d\)"
+    ):
+        jax_side.add_lora(model, {"r": 4})
