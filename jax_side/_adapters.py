@@ -43,8 +43,9 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
     nnx = _nnx()
     if not isinstance(config, LoraConfig):
         raise TypeError(
-            f"config must be a jax_side.LoraConfig, got {type(config).__name__} (from a dict: "
-            "jax_side.LoraConfig(**d); from PEFT's adapter_config.json: jax_side.LoraConfig.from_peft(doc))"
+            f"config must be a jax_side.LoraConfig, got {type(config).__module__}.{type(config).__qualname__} "
+            "(from a dict: jax_side.LoraConfig(**d); from a peft.LoraConfig: "
+            "jax_side.LoraConfig.from_peft(config.to_dict()))"
         )
     quant_linear = _classes()["QuantLinear"]
     layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]

@@ -88,9 +88,12 @@ def fp8_scale_layout(
     these forms per matrix.
 
     Raises:
-        ValueError: the shapes do not fit together, or several block sizes fit and they tile differently.
+        ValueError: the shapes do not fit together, or several block sizes fit and they tile differently;
+            ``block_size`` is neither a positive int nor a pair of them (whatever the scale's shape).
     """
     weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
+    if block_size is not None:  # read before a per-tensor scale answers, as torch_side's dequantize_fp8 does
+        block_size = _block_pair(block_size)
     if math.prod(scale_shape) == 1:
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))

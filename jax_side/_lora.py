@@ -61,16 +61,30 @@ class LoraConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        """Raises ValueError for a field these layers cannot use, named (every value is checked here, so that
-        a config that was made can be saved, loaded back and applied)."""
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        """Raises ValueError for a field these layers cannot use, named, so that a config that was made can
+        be applied, saved and loaded back. Numbers are kept as Python numbers (``lora_alpha`` and
+        ``lora_dropout`` as floats, ``use_rslora`` as a bool; None is False, as in ``from_peft``); a
+        ``lora_alpha`` traced by JAX (a sweep under ``jax.vmap``, a gradient) is kept as it is."""
+        if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not _real(self.lora_alpha) or not math.isfinite(self.lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not _real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        object.__setattr__(self, "r", int(self.r))
+        if not isinstance(self.lora_alpha, jax.core.Tracer):
+            alpha = _as_float(self.lora_alpha)
+            if alpha is None or not math.isfinite(alpha):
+                raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+            object.__setattr__(self, "lora_alpha", alpha)
+        dropout = _as_float(self.lora_dropout)
+        if dropout is None or not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        if self.use_rslora not in (True, False):
+        object.__setattr__(self, "lora_dropout", dropout)
+        rslora = False if self.use_rslora is None else self.use_rslora
+        if (
+            isinstance(rslora, (str, bytes))
+            or getattr(rslora, "shape", ()) != ()
+            or rslora not in (True, False)
+        ):
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        object.__setattr__(self, "use_rslora", bool(rslora))
         targets = self.target_modules
         if isinstance(targets, str):
             if targets != ALL_LINEAR:
@@ -140,23 +154,23 @@ class LoraConfig:
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"adapter config: r must be a positive integer, found {r!r}")
         targets = doc.get("target_modules") or ()
-        return cls(r=r, lora_alpha=float(doc.get("lora_alpha", 8)), lora_dropout=float(doc.get("lora_dropout", 0.0)),
-                   target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=bool(doc.get("use_rslora", False)))  # fmt: skip
+        # null fields take PEFT's defaults; the values are checked as a config made here is ("false" is no bool)
+        alpha, dropout = doc.get("lora_alpha"), doc.get("lora_dropout")
+        return cls(r=r, lora_alpha=8.0 if alpha is None else alpha, lora_dropout=0.0 if dropout is None else dropout,
+                   target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=doc.get("use_rslora") or False)  # fmt: skip
 
 
-def _real(x: Any) -> bool:
-    """A real number: an int or a float (numpy's too) or a 0-d numeric array, not a bool."""
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, numbers.Real):
-        return True
-    dtype = getattr(x, "dtype", None)
-    return (
-        getattr(x, "shape", None) == ()
-        and dtype is not None
-        and dtype != jnp.bool_
-        and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
-    )
+def _as_float(x: Any) -> float | None:
+    """``x`` as a Python float where it is one real number (an int or a float, numpy's, JAX's or torch's
+    scalars too), else None (a bool, a string, an array of several values, too large for a float)."""
+    if isinstance(x, (bool, str, bytes)) or str(getattr(x, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    if not isinstance(x, numbers.Real) and tuple(getattr(x, "shape", (None,))) != ():
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def init_lora_a(key: jax.Array, in_features: int, r: int, dtype: Any = jnp.float32) -> jax.Array:

@@ -225,7 +225,7 @@ def decode_nested_absmax(
     the compiler may fuse them (see the module docstring). Returns a new float32 array of ``absmax``'s
     size.
 
-    Args:
+    Args (JAX or numpy arrays; a QuantState's torch tensors through ``qbridge.to_jax`` or ``.numpy()``):
         absmax: the uint8 codes (a QuantState's ``.absmax`` when nested), any shape.
         nested_absmax: float32 scales, ``ceil(absmax.size / nested_blocksize)`` of them (``.state2.absmax``).
         nested_code: the float32 table of 256 entries (``.state2.code``, the checkpoint's ``nested_quant_map``).
@@ -237,7 +237,7 @@ def decode_nested_absmax(
         ValueError: no ``offset`` or more than one number; ``nested_blocksize`` not a positive int;
             ``nested_absmax`` or ``nested_code`` of the wrong size.
         TypeError: ``absmax`` not uint8, ``nested_absmax`` or ``nested_code`` not float32, ``offset`` not a
-            real number.
+            real number; a torch tensor given as a piece.
     """
     if offset is None:
         raise ValueError(

@@ -98,13 +98,36 @@ def test_a_config_these_layers_cannot_use_is_refused_when_made(fields, says):
     alpha that fails at the first forward, a regular expression that fails at the first match)."""
     with pytest.raises(ValueError, match=says):
         jax_side.LoraConfig(**fields)
-    config = jax_side.LoraConfig(r=4, lora_alpha=jnp.float32(16), lora_dropout=np.float32(0.1))
-    assert config.scaling == 4.0 and jax_side.LoraConfig(
-        target_modules=iter(["v_proj", "q_proj"])
-    ).target_modules == (
+
+
+def test_a_config_keeps_python_numbers_and_a_traced_alpha():
+    """numpy, JAX and torch scalars are kept as Python numbers (so that save_peft_adapter can write the
+    config and hash it); None for use_rslora is False, as in PEFT's files; an alpha traced by JAX (a sweep
+    under vmap, a gradient) is kept as it is."""
+    for alpha in (16, np.float32(16), np.int64(16), jnp.float32(16), torch.tensor(16.0)):
+        config = jax_side.LoraConfig(r=4, lora_alpha=alpha, lora_dropout=np.float32(0.25), use_rslora=None)
+        assert (type(config.lora_alpha), type(config.lora_dropout), config.use_rslora) == (
+            float,
+            float,
+            False,
+        )
+        assert config.scaling == 4.0 and hash(config) == hash(
+            jax_side.LoraConfig(r=4, lora_alpha=16.0, lora_dropout=0.25)
+        )
+        json.dumps(config.to_peft())
+    assert jax_side.LoraConfig(target_modules=iter(["v_proj", "q_proj"])).target_modules == (
         "q_proj",
         "v_proj",
     )
+    scalings = jax.vmap(lambda a: jax_side.LoraConfig(r=4, lora_alpha=a).scaling)(jnp.array([4.0, 8.0]))
+    np.testing.assert_array_equal(np.asarray(scalings), [1.0, 2.0])
+    assert jax.grad(lambda a: jax_side.LoraConfig(r=4, lora_alpha=a).scaling)(8.0) == 0.25
+    with pytest.raises(ValueError, match="use_rslora must be True or False, got 'false'"):
+        jax_side.LoraConfig.from_peft({"peft_type": "LORA", "r": 4, "use_rslora": "false"})
+    read = jax_side.LoraConfig.from_peft(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": None, "lora_dropout": None}
+    )
+    assert (read.lora_alpha, read.lora_dropout, read.use_rslora) == (8.0, 0.0, False)
 
 
 @pytest.mark.parametrize(
