@@ -225,7 +225,10 @@ def decode_nested_absmax(
     the compiler may fuse them (see the module docstring). Returns a new float32 array of ``absmax``'s
     size.
 
-    Args (JAX or numpy arrays; a QuantState's torch tensors through ``qbridge.to_jax`` or ``.numpy()``):
+    The pieces are JAX or numpy arrays (a QuantState's torch tensors through ``qbridge.to_jax`` or
+    ``.numpy()``).
+
+    Args:
         absmax: the uint8 codes (a QuantState's ``.absmax`` when nested), any shape.
         nested_absmax: float32 scales, ``ceil(absmax.size / nested_blocksize)`` of them (``.state2.absmax``).
         nested_code: the float32 table of 256 entries (``.state2.code``, the checkpoint's ``nested_quant_map``).
