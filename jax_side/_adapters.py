@@ -21,6 +21,9 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None, dtype: Any = j
         rngs: ``nnx.Rngs`` for ``lora_A`` and dropout (default ``nnx.Rngs(0)``).
         dtype: the adapters' dtype (float32, as QLoRA keeps them).
 
+    A layer that has adapters already gets new ones (of this config); ``jax_side.remove_lora(model)`` takes
+    every adapter off first, so that one config covers the model (``qbridge.save_peft_adapter`` writes one).
+
     Returns:
         The dotted paths of the adapted layers (``model.layers.0.self_attn.q_proj`` ...).
 
@@ -44,8 +47,8 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
     if not isinstance(config, LoraConfig):
         raise TypeError(
             f"config must be a jax_side.LoraConfig, got {type(config).__module__}.{type(config).__qualname__} "
-            "(from a dict: jax_side.LoraConfig(**d); from a peft.LoraConfig: "
-            "jax_side.LoraConfig.from_peft(config.to_dict()))"
+            "(make one with jax_side.LoraConfig(r=..., lora_alpha=..., target_modules=[...]); from PEFT's "
+            "config or its adapter_config.json: jax_side.LoraConfig.from_peft(peft_config.to_dict()))"
         )
     quant_linear = _classes()["QuantLinear"]
     layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
@@ -63,7 +66,17 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
                 "(LoRA adapters here attach to kept-quantized layers: load the checkpoint with keep_quantized=True "
                 "and put it in with jax_side.load_quantized_into_nnx)"
             )
-        raise ValueError(f"no kept-quantized Linear matches target_modules={config.target_modules!r}")
+        held = [name for name, node in layers if isinstance(node, quant_linear)]
+        hint = (
+            f" (one string is a regular expression over the whole dotted path, such as {held[0]!r}; to name "
+            f"modules, pass a list: [{config.target_modules!r}])"
+            if isinstance(config.target_modules, str)
+            else ""
+        )
+        raise ValueError(
+            f"no kept-quantized Linear matches target_modules={config.target_modules!r}{hint}; the model's "
+            f"kept-quantized Linear layers are {held[:4]}{' ...' if len(held) > 4 else ''} ({len(held)} in all)"
+        )
     return targets
 
 

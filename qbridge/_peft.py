@@ -52,8 +52,15 @@ def save_peft_adapter(
         raise ValueError("the model has no LoRA adapters: add them with jax_side.add_lora")
     configs = {adapter.config for adapter in layers.values()}
     if len(configs) != 1:
+        by_config: dict[Any, list[str]] = {}
+        for name, adapter in sorted(layers.items()):
+            by_config.setdefault(adapter.config, []).append(name)
+        made = "; ".join(
+            f"{c} on {names[:3]}{' ...' if len(names) > 3 else ''}" for c, names in by_config.items()
+        )
         raise ValueError(
-            f"the adapters were made with {len(configs)} different LoraConfigs; PEFT's file holds one"
+            f"the adapters were made with {len(configs)} different LoraConfigs ({made}); PEFT's file holds one: "
+            "call jax_side.remove_lora(model) and then jax_side.add_lora(model, config) once for the whole model"
         )
     config = configs.pop()
     tensors = {}

@@ -294,6 +294,27 @@ def test_half_precision_adapter_files_are_widened_as_peft_loads_them(made, tmp_p
         )
 
 
+def test_targets_that_match_nothing_and_two_configs_say_what_to_do(made, tmp_path):
+    """A lone string is a regular expression over the whole path: the message says so and names the layers;
+    adapters of two configs cannot go in one PEFT file: the message names them and says how to start over."""
+    model = _kept(made)
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules='q_proj' \(one string is a regular expression over the whole dotted path, such as "
+        r"'model.layers.0.*pass a list: \['q_proj'\]\); the model's kept-quantized Linear layers are \[",
+    ):
+        jax_side.add_lora(model, jax_side.LoraConfig(target_modules="q_proj"))
+    jax_side.add_lora(model, jax_side.LoraConfig(r=8, target_modules="all-linear"))
+    jax_side.add_lora(model, jax_side.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(
+        ValueError, match=r"2 different LoraConfigs \(LoraConfig\(r=.*jax_side.remove_lora\(model\)"
+    ):
+        qbridge.save_peft_adapter(model, tmp_path / "two")
+    jax_side.remove_lora(model)
+    jax_side.add_lora(model, jax_side.LoraConfig(r=4, target_modules=["q_proj"]))
+    qbridge.save_peft_adapter(model, tmp_path / "one")
+
+
 def test_a_file_of_mixed_dtypes_keeps_each_adapters_values(made, tmp_path):
     """One float16 tensor among float32 ones: each adapter in its own dtype, bit for bit (with
     autocast_adapter_dtype=False the float32 ones were rounded to the first tensor's float16); the model

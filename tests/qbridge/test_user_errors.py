@@ -537,6 +537,7 @@ def test_kept_layer_helpers_name_arguments_of_the_wrong_kind():
     with pytest.raises(TypeError, match=r"params must be a nested dict of arrays .* got list"):
         jax_side.load_quantized_into_nnx(model, [1, 2])
     with pytest.raises(
-        TypeError, match=r"config must be a jax_side.LoraConfig, got builtins.dict .*LoraConfig\(\*\*d\)"
+        TypeError,
+        match=r"config must be a jax_side.LoraConfig, got builtins.dict .*LoraConfig.from_peft\(peft_config.to_dict\(\)\)",
     ):
         jax_side.add_lora(model, {"r": 4})
