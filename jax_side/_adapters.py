@@ -60,13 +60,13 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
                             "quantize it (bitsandbytes leaves lm_head dense); leave it out of target_modules")  # fmt: skip
     targets = {name: node for name, node in layers if isinstance(node, quant_linear) and config.matches(name)}
     if not targets:
-        if not any(isinstance(node, quant_linear) for _, node in layers):
+        held = [name for name, node in layers if isinstance(node, quant_linear)]
+        if not held:
             raise ValueError(
                 f"no kept-quantized Linear matches target_modules={config.target_modules!r}: the model holds none "
                 "(LoRA adapters here attach to kept-quantized layers: load the checkpoint with keep_quantized=True "
                 "and put it in with jax_side.load_quantized_into_nnx)"
             )
-        held = [name for name, node in layers if isinstance(node, quant_linear)]
         hint = (
             f" (one string is a regular expression over the whole dotted path, such as {held[0]!r}; to name "
             f"modules, pass a list: [{config.target_modules!r}])"

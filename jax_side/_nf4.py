@@ -137,23 +137,7 @@ def _check(
     if nested:
         if nested_absmax is None or nested_code is None:
             raise ValueError("a nested absmax needs both nested_absmax and nested_code")
-        _check_nested_blocksize(nested_blocksize, f"{where}: ")
-        if absmax.dtype != jnp.uint8:
-            raise TypeError(f"{where}: a nested (double-quant) absmax is uint8, got {absmax.dtype}")
-        if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
-            raise TypeError(
-                f"{where}: nested_absmax and nested_code must be float32, got {nested_absmax.dtype} and {nested_code.dtype}"
-            )
-        n_nested = -(-nblocks // nested_blocksize)
-        if nested_absmax.size != n_nested:
-            raise ValueError(
-                f"{where}: nested_absmax has {nested_absmax.size} entries; {nblocks} absmax blocks in nested "
-                f"blocks of {nested_blocksize} need {n_nested}"
-            )
-        if nested_code.size != NESTED_CODE_SIZE:
-            raise ValueError(
-                f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}"
-            )
+        _check_nested(absmax, nested_absmax, nested_code, nested_blocksize, where)
     elif absmax.dtype == jnp.uint8:
         raise TypeError(
             f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
@@ -163,6 +147,28 @@ def _check(
         raise TypeError(f"{where}: absmax must be float32 (or uint8 when nested), got {absmax.dtype}")
     if code is not None and (code.dtype != jnp.float32 or code.size != 16):
         raise ValueError(f"code must be a float32 table of 16 entries, got {code.dtype} with {code.size}")
+
+
+def _check_nested(
+    absmax: jax.Array, nested_absmax: jax.Array, nested_code: jax.Array, nested_blocksize: Any, where: str
+) -> None:
+    """A nested absmax's pieces: uint8 codes, float32 scales (one per ``nested_blocksize`` codes) and a
+    float32 table of 256 entries; errors start with ``where``."""
+    _check_nested_blocksize(nested_blocksize, f"{where}: ")
+    if absmax.dtype != jnp.uint8:
+        raise TypeError(f"{where}: a nested (double-quant) absmax is uint8, got {absmax.dtype}")
+    if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
+        raise TypeError(
+            f"{where}: nested_absmax and nested_code must be float32, got {nested_absmax.dtype} and {nested_code.dtype}"
+        )
+    n_nested = -(-absmax.size // nested_blocksize)
+    if nested_absmax.size != n_nested:
+        raise ValueError(
+            f"{where}: nested_absmax has {nested_absmax.size} entries; {absmax.size} absmax blocks in nested "
+            f"blocks of {nested_blocksize} need {n_nested}"
+        )
+    if nested_code.size != NESTED_CODE_SIZE:
+        raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}")
 
 
 def _offset(offset: Any, shape: tuple[int, ...], where: str = "") -> Any:
@@ -247,26 +253,11 @@ def decode_nested_absmax(
             "decode_nested_absmax needs offset= (the checkpoint's nested_offset, a QuantState's .offset); "
             "every decoded scale is shifted by it"
         )
-    _check_nested_blocksize(nested_blocksize)
+    where = "decode_nested_absmax"
     absmax = _array(absmax, "absmax")
     nested_absmax = _array(nested_absmax, "nested_absmax")
     nested_code = _array(nested_code, "nested_code")
-    where = "decode_nested_absmax"
-    if absmax.dtype != jnp.uint8:
-        raise TypeError(f"{where}: absmax holds the uint8 codes of a nested absmax, got {absmax.dtype}")
-    if nested_absmax.dtype != jnp.float32 or nested_code.dtype != jnp.float32:
-        raise TypeError(
-            f"{where}: nested_absmax and nested_code must be float32, got {nested_absmax.dtype} and "
-            f"{nested_code.dtype}"
-        )
-    need = -(-absmax.size // nested_blocksize)
-    if nested_absmax.size != need:
-        raise ValueError(
-            f"{where}: nested_absmax has {nested_absmax.size} entries; {absmax.size} codes in nested blocks of "
-            f"{nested_blocksize} need {need}"
-        )
-    if nested_code.size != NESTED_CODE_SIZE:
-        raise ValueError(f"{where}: nested_code must have {NESTED_CODE_SIZE} entries, got {nested_code.size}")
+    _check_nested(absmax, nested_absmax, nested_code, nested_blocksize, where)
     offset = _offset(offset, (), where)
     return _decode_nested(absmax, nested_absmax, nested_code, nested_blocksize, offset)
 

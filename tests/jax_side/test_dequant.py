@@ -131,22 +131,26 @@ def test_denormal_products_flush_to_zero():
     [
         (dict(nested_code=lambda c: c[:10]), ValueError, "nested_code must have 256 entries, got 10"),
         (dict(nested_code=lambda c: c[:0]), ValueError, "nested_code must have 256 entries, got 0"),
-        (dict(nested_absmax=lambda m: m[:0]), ValueError, "nested_absmax has 0 entries; 300 codes .* need 2"),
+        (
+            dict(nested_absmax=lambda m: m[:0]),
+            ValueError,
+            "nested_absmax has 0 entries; 300 absmax blocks in nested blocks of 256 need 2",
+        ),
         (dict(nested_absmax=lambda m: np.concatenate([m, m])), ValueError, "nested_absmax has 4 entries"),
         (
             dict(nested_blocksize=lambda b: 16),
             ValueError,
-            "nested_absmax has 2 entries; 300 codes in nested blocks of 16 need 19",
+            "nested_absmax has 2 entries; 300 absmax blocks in nested blocks of 16 need 19",
         ),
         (
             dict(absmax=lambda a: a.astype(np.int32) * 100),
             TypeError,
-            "absmax holds the uint8 codes of a nested absmax, got int32",
+            r"a nested \(double-quant\) absmax is uint8, got int32",
         ),
         (
             dict(absmax=lambda a: a.astype(np.float32)),
             TypeError,
-            "absmax holds the uint8 codes of a nested absmax, got float32",
+            r"a nested \(double-quant\) absmax is uint8, got float32",
         ),
         (
             dict(nested_absmax=lambda m: m.astype(np.float16)),
