@@ -5,7 +5,10 @@
 handed over only after it; ``RESULTS.md`` records that at about 4x a bare ``jax.dlpack.from_dlpack``. This
 benchmark splits that cost and times cheaper ways to ask the same question, in one process:
 
-- ``torch query``: the scan as ``qbridge._handoff`` makes it (torch's ``Stream.query`` per stream);
+- ``torch query``: the scan as ``qbridge._handoff`` made it until 2026-12-04 (torch's ``Stream.query`` per
+  stream, in a list comprehension);
+- ``torch all(map)``: the scan as it makes it now (``all(map(Stream.query, streams))``: no Python bytecode
+  per stream when none is busy);
 - ``driver ctypes``: ``cuStreamQuery`` per stream through ctypes;
 - ``driver C loop``: one call into a few lines of C (compiled here with the machine's C compiler) that calls
   ``cuStreamQuery`` for every stream and returns the busy ones;
@@ -85,6 +88,10 @@ def main() -> None:
 
     ways = {
         "torch query": lambda: [i for i, s in enumerate(streams) if not query(s)],
+        # qbridge's scan now: one all() over map() (no Python per stream) when nothing is busy
+        "torch all(map)": lambda: (
+            [] if all(map(query, streams)) else [i for i, s in enumerate(streams) if not query(s)]
+        ),
         "driver ctypes": lambda: [i for i, h in enumerate(handles) if driver.cuStreamQuery(h) != 0],
         "driver C loop": lambda: list(out[: lib.busy(array, n, out)]),
     }

@@ -132,6 +132,9 @@ def _jax_stream(home: jax.Device, index: int) -> torch.cuda.ExternalStream | Non
 _query = getattr(torch._C._CudaStreamBase, "query", torch.cuda.Stream.query)
 
 
+# (device index, current stream's id) -> torch's streams on that device but the current one: what "auto" asks
+_OTHERS: dict[tuple[int, int], tuple[torch.cuda.Stream, ...]] = {}
+
 # inside to_jax_many: device index -> the busy streams found by its first "auto" scan
 _SCANS: contextvars.ContextVar[dict[int, list[torch.cuda.Stream]] | None] = contextvars.ContextVar(
     "qbridge_stream_scans", default=None
@@ -162,13 +165,21 @@ def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stre
     if producer == "current":
         return []
     if isinstance(producer, str):  # "auto"
+        index = t.device.index
         scans = _SCANS.get()
-        if scans is not None and t.device.index in scans:  # to_jax_many: scanned once per device
-            return scans[t.device.index]
-        current = torch.cuda.current_stream(t.device)
-        busy = [s for s in _torch_streams(t.device.index) if not _query(s) and s != current]
+        if scans is not None and index in scans:  # to_jax_many: scanned once per device
+            return scans[index]
+        pool = _torch_streams(index)
+        current_id = torch._C._cuda_getCurrentStream(index)[0]
+        others = _OTHERS.get((index, current_id))
+        if others is None:
+            if len(_OTHERS) >= 1024:  # external streams made current one after another: start over
+                _OTHERS.clear()
+            others = _OTHERS[(index, current_id)] = tuple(s for s in pool if s.stream_id != current_id)
+        # the usual answer, nothing else running, in one pass without Python work per stream
+        busy = [] if all(map(_query, others)) else [s for s in others if not _query(s)]
         if scans is not None:
-            scans[t.device.index] = busy
+            scans[index] = busy
         return busy
     current = torch.cuda.current_stream(t.device)
     streams = [producer] if isinstance(producer, torch.cuda.Stream) else producer

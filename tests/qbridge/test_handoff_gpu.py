@@ -53,6 +53,26 @@ def test_no_unfinished_reads(where, consumer):
     assert bad == 0, f"{bad} of {TRIALS} reads saw unfinished data"
 
 
+def test_auto_waits_for_the_default_stream_when_another_is_current():
+    """producer="auto" asks every stream but the current one: with a side stream current, work still running
+    on the default stream (the producer) is waited for, and the current stream's own work too."""
+    import qbridge
+
+    side = torch.cuda.Stream()
+    default = torch.cuda.default_stream()
+    bad = 0
+    for trial in range(200):
+        buf = _produce(default, 1 << 20, float(trial))
+        with torch.cuda.stream(side):
+            x = qbridge.to_jax(buf)
+        bad += float(x[-1]) != trial
+        buf2 = _produce(side, 1 << 20, float(trial + 1))
+        with torch.cuda.stream(side):
+            y = qbridge.to_jax(buf2)
+        bad += float(y[-1]) != trial + 1
+    assert bad == 0, f"{bad} of 400 reads saw unfinished data"
+
+
 def test_many_tensors_wait_for_their_producers_with_one_stream_scan(monkeypatch):
     """to_jax_many asks torch's streams once per call whether they are busy, and every tensor still waits
     for its producers: side streams, the current stream, and work queued after the scan on the current one."""
