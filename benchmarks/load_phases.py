@@ -13,6 +13,10 @@ waits for the kernels, then alternates, ``--rounds`` times (the first two left o
 - ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
   takes it).
 
+Each route's median is also printed over the floor measured in the same process after the loads, as
+``in_process_ab.py`` measures it: the file's size over the slower of an 8-thread page-cache read and a pinned
+host-to-device copy.
+
     python benchmarks/load_phases.py [--layers 4] [--rounds 10]
 """
 
@@ -120,10 +124,24 @@ def main() -> None:
                 fn()
                 if r >= 2:
                     times[name].append(time.perf_counter() - t0)
+        # the floor as in_process_ab.py measures it, here in the loading process after its loads
+        import deepseek_v3_scale as ds
+
+        file = ckpt / "model.safetensors"
+        read8 = ds.read_bandwidth([file], 8, 4 << 20)
+        copy = ds.pinned_copy_bandwidth()
+        floor = file.stat().st_size / min(read8, copy)
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}")
+        print(
+            f"NF4 checkpoint {file.stat().st_size / 1e9:.3f} GB: floor {floor * 1e3:.1f} ms (page cache "
+            f"{read8 / 1e9:.1f} GB/s with 8 threads, pinned copies {copy / 1e9:.1f} GB/s; in this process, "
+            "after its loads)"
+        )
         for name, ts in {**times, **{k: v[2:] for k, v in marks.items() if k != "read done"}}.items():
+            median = statistics.median(ts)
             print(
-                f"{name:16s} median {statistics.median(ts) * 1e3:6.1f} ms [{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}]"
+                f"{name:16s} median {median * 1e3:6.1f} ms [{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}]"
+                f"  {median / floor:.2f}x the floor"
             )
 
 
