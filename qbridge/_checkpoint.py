@@ -580,17 +580,26 @@ class _Source:
         out = torch.empty((len(keys), row), dtype=dtype, pin_memory=pin)
         nbytes, row_bytes = numel * dtype.itemsize, row * dtype.itemsize
         flat = out.view(torch.uint8).numpy().data.cast("B") if nbytes else memoryview(b"")
-        for i, key in enumerate(keys):
+        for key in keys:
             if self.shapes[key] != (shape, dtype):
                 raise ValueError(f"read_stacked: {key!r} is {self.shapes[key]}, not {(shape, dtype)}")
-            path = self.key_file[key]
-            if self._state is not None or key in self._reading() or not nbytes:
-                out[i, :numel].copy_(self.read(key).reshape(-1))
-                continue
-            with self._using_files(key):
+        reading = self._reading()
+        direct = self._state is None and nbytes > 0
+        # the files are held once for the whole batch (close() waits for it), each file's byte ranges looked
+        # up once: a batch is a group of weights' scales, dozens of tiny reads
+        with self._using_files(keys[0]):
+            ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
+            for i, key in enumerate(keys):
+                if not direct or key in reading:
+                    out[i, :numel].copy_(self.read(key).reshape(-1))
+                    continue
+                path = self.key_file[key]
                 start = i * row_bytes
                 try:
-                    begin, end = self._offsets(path)[key]  # a header cut short since opening: ValueError
+                    offsets = ranges.get(path)
+                    if offsets is None:  # a header cut short since opening: ValueError
+                        offsets = ranges[path] = self._offsets(path)
+                    begin, end = offsets[key]
                     got = (
                         _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
                         if end - begin == nbytes
@@ -598,19 +607,19 @@ class _Source:
                     )
                 except (OSError, ValueError) as e:  # as read() says it
                     raise _read_error(path, key, e) from e
-            if got != nbytes:
-                found = (
-                    f"{got} of its {nbytes} bytes read"
-                    if got >= 0
-                    else f"{end - begin} bytes stored where {nbytes} belong"
-                )
-                raise CheckpointError(
-                    f"{path}: reading {key!r} failed: {found} (a truncated or damaged file)"
-                )
-            if key not in self._small:
-                self.bytes_read += nbytes
-                if nbytes <= SMALL_TENSOR_BYTES:
-                    self._small.add(key)
+                if got != nbytes:
+                    found = (
+                        f"{got} of its {nbytes} bytes read"
+                        if got >= 0
+                        else f"{end - begin} bytes stored where {nbytes} belong"
+                    )
+                    raise CheckpointError(
+                        f"{path}: reading {key!r} failed: {found} (a truncated or damaged file)"
+                    )
+                if key not in self._small:
+                    self.bytes_read += nbytes
+                    if nbytes <= SMALL_TENSOR_BYTES:
+                        self._small.add(key)
         return out
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
