@@ -50,7 +50,8 @@ class TraceReport:
     Attributes:
         pairs: the paired modules, in the order their calls ended on the torch side.
         first_divergence: the torch name of the module where the two models part ways (see the module
-            docstring), or None when every pair agrees.
+            docstring), or None when every pair agrees. The model itself is named ``""`` (torch's name for
+            it, printed as ``(model)``): test with ``is None``, or use :attr:`ok`.
         unpaired_torch: torch modules called with no Flax counterpart.
         unpaired_flax: Flax modules called with no torch counterpart.
         notes: what was done to the reference before comparing, in words (:func:`trace_checkpoint`: FP8
@@ -79,7 +80,9 @@ class TraceReport:
                 f"{p.max_rel:>10.2e}{p.cosine:>12.7f}  {verdict}{mark}"
             )
         lines.append(
-            f"first divergence: {self.first_divergence}" if self.first_divergence else "the two models agree"
+            f"first divergence: {self.first_divergence or '(model)'}"
+            if self.first_divergence is not None
+            else "the two models agree"
         )
         if self.unpaired_torch:
             lines.append("torch modules with no Flax counterpart: " + ", ".join(self.unpaired_torch))
@@ -115,7 +118,7 @@ class TraceReport:
         step = max(1, len(names) // 24)
         ax.set_xticks(range(0, len(names), step), names[::step], rotation=90, fontsize=7)
         if self.first_divergence is not None:
-            i = names.index(self.first_divergence)
+            i = [p.name for p in self.pairs].index(self.first_divergence)
             ax.axvline(i, color="tab:red", linestyle="--", linewidth=1)
             ax.text(
                 i,

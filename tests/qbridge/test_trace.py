@@ -474,3 +474,36 @@ def test_rope_fields_given_twice_are_read_as_transformers_reads_them(fields):
     ours = jax_side.LlamaConfig.from_hf({**LLAMA, **fields})
     theirs = transformers.LlamaConfig(**{**LLAMA, **fields}).rope_parameters
     assert (ours.rope_type, ours.rope_theta) == (theirs["rope_type"], theirs["rope_theta"])
+
+
+def test_a_divergence_in_the_model_itself_is_reported_and_plotted(tmp_path):
+    """When only the model's own output differs (no submodule pairs up, or the fault is in the model's own
+    code), the model, named "" as torch names it, is the first divergence: the report says so (it said
+    "the two models agree"), the plot marks it, and the CLI's exit status follows."""
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    class Flax(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(16, name="fc2")(linen.relu(linen.Dense(32, name="fc1")(x)))
+
+    torch.manual_seed(0)
+    net = Torch().eval()
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    variables = {"params": {"fc1": {"kernel": sd["up.weight"].T, "bias": sd["up.bias"]},
+                            "fc2": {"kernel": sd["down.weight"].T * 1.5, "bias": sd["down.bias"]}}}  # fmt: skip
+    report = trace(net, Flax(), torch.randn(4, 16), variables=variables)
+    assert report.first_divergence == "" and not report.ok
+    text = str(report)
+    assert "first divergence: (model)" in text and "agree" not in text
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    ax = report.plot()
+    assert any(t.get_text() == "first divergence" for t in ax.texts)
