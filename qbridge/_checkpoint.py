@@ -1207,6 +1207,11 @@ def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | Non
 def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
     """``file``, once it is known to lie in ``root`` (no absolute names, no ``..``, no link out of it).
 
+    One kind of link out is followed: the Hugging Face cache's. ``huggingface_hub`` keeps a model's files in
+    ``<repo>/blobs/`` and lists each revision in ``<repo>/snapshots/<revision>/`` as links to them; where
+    ``root`` is such a snapshot folder, a link to a file directly in that repository's ``blobs`` folder is
+    the file.
+
     Raises:
         CheckpointError: naming ``what`` (the file and entry that point there) and where it leads, or why
             the name cannot be followed (a link loop, a name too long).
@@ -1218,11 +1223,17 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
         real_root, real = root.resolve(), file.resolve()
     except (OSError, RuntimeError, ValueError) as e:  # a link loop, a name too long, a NUL byte
         raise CheckpointError(f"{what}: {file} cannot be followed ({type(e).__name__}: {e})") from e
-    if not real.is_relative_to(real_root):
+    if not real.is_relative_to(real_root) and not _hub_blob(real_root, real):
         raise CheckpointError(
             f"{what}: {file} is a link to {real}, outside the checkpoint directory {real_root}; refused"
         )
     return file
+
+
+def _hub_blob(real_root: pathlib.Path, real: pathlib.Path) -> bool:
+    """Whether ``real_root`` is a Hugging Face cache snapshot (``<repo>/snapshots/<revision>``) and ``real`` a
+    file directly in that repository's ``blobs`` folder (both resolved)."""
+    return real_root.parent.name == "snapshots" and real.parent == real_root.parent.parent / "blobs"
 
 
 def _find_files(

@@ -875,3 +875,39 @@ def test_stage_small_refuses_a_string_a_closed_checkpoint_and_a_device_that_is_n
                 ckpt.stage_small(["a"], device)
     with pytest.raises(CheckpointError, match="staging failed: the checkpoint is closed"):
         ckpt.stage_small(["a"], "cuda")
+
+
+def test_a_hugging_face_cache_snapshot_loads_and_other_links_out_stay_refused(tmp_path):
+    """What ``huggingface_hub.snapshot_download`` returns, ``<repo>/snapshots/<revision>/`` whose files are
+    links to ``<repo>/blobs/``, loads as the files themselves do (it was refused as links leading outside
+    the checkpoint); a link to a blob of another repository, or out of the snapshot otherwise, is refused."""
+    import hashlib
+
+    import jax
+
+    dense_llama(tmp_path / "dense")
+    bnb_llama(tmp_path / "dense", tmp_path / "nf4", quant_type="nf4", nested=True, shard=True)
+    source = tmp_path / "nf4"
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in sorted(source.iterdir()):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / digest)
+        os.symlink(f"../../blobs/{digest}", snapshot / f.name)
+    want = qbridge.load_checkpoint(source, device="cpu", progress=False)
+    got = qbridge.load_checkpoint(snapshot, device="cpu", progress=False)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert a.dtype == b.dtype and (a == b).all()
+    assert qbridge.inspect_checkpoint(snapshot).kinds == qbridge.inspect_checkpoint(source).kinds
+    # a blob of another repository in the cache: refused
+    other = tmp_path / "hub" / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    config = snapshot / "config.json"
+    shutil.copyfile(config, other / "cfg")
+    config.unlink()
+    os.symlink(other / "cfg", config)
+    with pytest.raises(CheckpointError, match=r"config.json is a link to .*outside the checkpoint directory"):
+        qbridge.inspect_checkpoint(snapshot)
