@@ -356,12 +356,24 @@ def trace(
         A :class:`TraceReport` (``report.first_divergence``, ``print(report)``, ``report.plot()``).
 
     Raises:
-        TypeError: ``flax_module`` is neither an nnx nor a linen module, or a linen module without variables.
+        TypeError: ``torch_module`` is no ``torch.nn.Module`` (the two models given the other way round, say),
+            ``flax_module`` is neither an nnx nor a linen module, or a linen module without variables.
     """
     import torch
 
     from ._compare import compare
     from ._handoff import to_jax
+
+    if not isinstance(torch_module, torch.nn.Module):
+        swapped = isinstance(flax_module, torch.nn.Module)
+        raise TypeError(
+            f"torch_module must be a torch.nn.Module, got {type(torch_module).__name__}"
+            + (
+                "; the two models are given the other way round: trace(torch_model, flax_model, ...)"
+                if swapped
+                else ""
+            )
+        )
 
     def as_torch(x: Any) -> Any:  # numpy or JAX arrays (token ids ...) as torch tensors of their values
         return (
@@ -556,7 +568,12 @@ def trace_checkpoint(
                 )
             factory = import_object(model, "model")
             try:  # the calling convention is checked; errors from inside the factory are the factory's own
-                inspect.signature(factory).bind(config, rngs=None)
+                if isinstance(
+                    factory, type
+                ):  # a class: its __init__ (nnx's metaclass shows (*args, **kwargs))
+                    inspect.signature(factory.__init__).bind(None, config, rngs=None)
+                else:
+                    inspect.signature(factory).bind(config, rngs=None)
             except (TypeError, ValueError) as e:
                 raise ValueError(
                     f"model {model!r} cannot be called as {model.partition(':')[2]}(config_dict, "
@@ -567,9 +584,10 @@ def trace_checkpoint(
         load_report: list[str] = []
         try:
             with _transformers_quiet(load_report):  # its load report kept; what went wrong is said below
-                torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-                    path, attn_implementation="eager", device_map="cpu"
-                ).eval()
+                built: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, attn_implementation="eager", device_map="cpu", output_loading_info=True
+                )
+                torch_model, loading = built[0].eval(), built[1]
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             cause = _conversion_error("\n".join(load_report))
             # transformers' error points to its load report, which was not shown: that report's first error
@@ -588,7 +606,18 @@ def trace_checkpoint(
                 "weight decoded exactly (qbridge.dequantized_state)"
             ]
         else:
-            notes = _exact_fp8_reference(torch_model, ckpt) if ckpt.format == "fp8" else []
+            missing = sorted(loading.get("missing_keys") or ())
+            if missing:  # transformers could not read them: left at their random initial values
+                with _transformers_quiet():
+                    torch_model = _decoded_reference(path)
+                notes = [
+                    f"transformers {transformers.__version__} left {len(missing)} weight(s) of the checkpoint "
+                    f"unread, newly initialized ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                    "the torch reference is transformers' model of the config without its quantization_config, "
+                    "holding every weight decoded exactly (qbridge.dequantized_state)"
+                ]
+            else:
+                notes = _exact_fp8_reference(torch_model, ckpt) if ckpt.format == "fp8" else []
         fmt = ckpt.format
     params = load_checkpoint(path, target=flax_model, keep_quantized=keep_quantized, progress=False)
     if keep_quantized:

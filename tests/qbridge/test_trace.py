@@ -276,6 +276,9 @@ def test_a_model_module_in_the_current_directory(made, tmp_path, monkeypatch, ca
     )
     (tmp_path / "port_buggy.py").write_text("def Llama(config, rngs=None):\n    return 1 + 'a'\n")
     (tmp_path / "port_fails.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "port_class.py").write_text(  # an nnx Module class that takes no rngs
+        "from flax import nnx\nclass NoRngs(nnx.Module):\n    def __init__(self, config):\n        pass\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     before = list(sys.path)
@@ -285,6 +288,8 @@ def test_a_model_module_in_the_current_directory(made, tmp_path, monkeypatch, ca
         main(["parity", str(made / "f32"), "--model", "port_buggy:Llama"])
     assert main(["parity", str(made / "f32"), "--model", "port_fails:Llama"]) == 2
     assert "cannot import it (RuntimeError: boom at import)" in capsys.readouterr().err
+    assert main(["parity", str(made / "f32"), "--model", "port_class:NoRngs"]) == 2
+    assert "cannot be called as NoRngs(config_dict, rngs=nnx.Rngs(0))" in capsys.readouterr().err
 
 
 def test_compare_with_infinities_nans_and_integers():
@@ -507,3 +512,29 @@ def test_a_divergence_in_the_model_itself_is_reported_and_plotted(tmp_path):
     matplotlib.use("Agg")
     ax = report.plot()
     assert any(t.get_text() == "first divergence" for t in ax.texts)
+
+
+def test_weights_transformers_cannot_read_are_not_compared_at_random(made, tmp_path, capsys):
+    """A checkpoint qbridge reads whole but transformers reads only in part (a torch file holding
+    {"state_dict": ...}): transformers leaves those weights at random initial values, so the reference
+    becomes the exact decode, with a note naming them (the report blamed the Flax side)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "wrapped"
+    folder.mkdir()
+    shutil.copyfile(made / "f32" / "config.json", folder / "config.json")
+    torch.save({"state_dict": load_file(made / "f32" / "model.safetensors")}, folder / "pytorch_model.bin")
+    assert main(["parity", str(folder), "--tokens", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "the two models agree" in out
+    assert re.search(
+        r"note: transformers \S+ left \d+ weight\(s\) of the checkpoint unread, newly initialized", out
+    )
+
+
+def test_the_two_models_given_the_other_way_round_are_named(made):
+    torch_model, flax_model = _pair(made)
+    with pytest.raises(TypeError, match=r"torch_module must be a torch.nn.Module, got .*other way round"):
+        trace(flax_model, torch_model, IDS)
