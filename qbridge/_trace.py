@@ -570,8 +570,9 @@ def trace_checkpoint(
             try:  # the calling convention is checked; errors from inside the factory are the factory's own
                 if isinstance(
                     factory, type
-                ):  # a class: its __init__ (nnx's metaclass shows (*args, **kwargs))
-                    inspect.signature(factory.__init__).bind(None, config, rngs=None)
+                ):  # its __init__: nnx's metaclass shows the class as (*args, **kwargs)
+                    init = next(vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c))
+                    inspect.signature(init).bind(None, config, rngs=None)
                 else:
                     inspect.signature(factory).bind(config, rngs=None)
             except (TypeError, ValueError) as e:
