@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import secrets
 import shutil
 import uuid
@@ -189,6 +190,12 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         try:
             restored = _orbax().StandardCheckpointer().restore(path)
         except (FileNotFoundError, ValueError, KeyError) as e:
+            if "topology mismatch" in str(e).lower():
+                raise CheckpointError(
+                    f"{path}: written from another set of devices than this process has (Orbax: "
+                    f"{first_line(e)}); pass a target: restore_converted(out, target), the model or a tree of "
+                    "jax.ShapeDtypeStruct with the shardings to read it onto"
+                ) from e
             if any((path / name).exists() for name in _ORBAX_FILES):
                 raise CheckpointError(
                     f"{path}: the Orbax checkpoint there is damaged or incomplete (Orbax: {first_line(e)}); "
@@ -198,6 +205,8 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
                 f"{path}: not a checkpoint written by convert_checkpoint (Orbax: {first_line(e)}); a PyTorch "
                 "checkpoint loads with load_checkpoint"
             ) from e
+        except Exception as e:  # TensorStore's read of a damaged array: a bare Exception, its cause says what
+            raise _damaged(path, e) from e
         return _read_quantized_fields(restored, path / QUANTIZED_FIELDS)
     tree = _as_tree(target, path)
     try:
@@ -209,8 +218,25 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
             "one (restore_converted(out)); one written from a target (qbridge convert --target llama) restores "
             "onto that target: the model, nnx.state(model), or the same tree of arrays or ShapeDtypeStructs"
         ) from e
+    except Exception as e:  # as above
+        raise _damaged(path, e) from e
     _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
     return restored
+
+
+def _damaged(path: pathlib.Path, e: Exception) -> Exception:
+    """The error for an Orbax restore that failed reading an array (a data file cut short or removed):
+    a CheckpointError naming the leaf when TensorStore's error says which; ``e`` itself otherwise."""
+    said = f"{e}\n{e.__cause__ or ''}"
+    leaf = re.search(r'Error reading "([^"/]+)/', said) or re.search(r"'path': '([^'/]+)/'", said)
+    if "Encountered error while reading" not in said and leaf is None:
+        return e
+    cause = first_line(e.__cause__) if e.__cause__ is not None else first_line(e)
+    return CheckpointError(
+        f"{path}: the Orbax checkpoint there is damaged: reading "
+        + (f"the array {leaf.group(1)!r}" if leaf else "an array")
+        + f" failed ({cause}); convert it again"
+    )
 
 
 def _as_tree(target: Any, path: pathlib.Path) -> Any:

@@ -380,3 +380,63 @@ def test_convert_passes_kinds_rename_and_strict_through(nf4, tmp_path, capsys):
     assert main(["convert", str(nf4), str(out), "--target", "no.such.module:Thing", "--quiet"]) == 2
     assert main(["convert", str(nf4), str(out), "--kind", r"embed_tokens=linear", "--quiet"]) == 0
     assert "kernel" in qbridge.restore_converted(out)["params"]["model"]["embed_tokens"]
+
+
+def test_a_damaged_orbax_checkpoint_names_the_array(nf4, tmp_path):
+    """A data file cut short or removed: TensorStore's bare Exception (with its spec dumped) became a
+    CheckpointError naming the array, with or without a target."""
+    import os
+    import shutil
+
+    out = tmp_path / "orbax"
+    qbridge.convert_checkpoint(nf4, out, progress=False)
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                      qbridge.restore_converted(out))  # fmt: skip
+    for case in ("cut", "removed"):
+        damaged = tmp_path / case
+        shutil.copytree(out, damaged)
+        data = max((f for f in damaged.rglob("*") if f.is_file() and "d" in f.relative_to(damaged).parts[:-1]),
+                   key=lambda f: f.stat().st_size)  # fmt: skip
+        if case == "cut":
+            os.truncate(data, data.stat().st_size // 2)
+        else:
+            data.unlink()
+        for target in (None, abstract):
+            with pytest.raises(
+                qbridge.CheckpointError, match=r"damaged: reading the array 'params\.[\w.]+' failed"
+            ):
+                qbridge.restore_converted(damaged, target)
+
+
+def test_a_checkpoint_written_from_other_devices_asks_for_a_target(nf4, tmp_path):
+    """Written from 4 devices (another process), restored without a target in this one: Orbax's topology
+    mismatch said the checkpoint was damaged and to convert it again; it asks for a target, with which it
+    restores."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "four.orbax"
+    code = (
+        "import jax, numpy as np, qbridge\n"
+        "from jax.sharding import Mesh, PartitionSpec as P\n"
+        "mesh = Mesh(np.array(jax.devices()).reshape(4), ('x',))\n"
+        f"qbridge.convert_checkpoint({str(nf4)!r}, {str(out)!r}, progress=False,\n"
+        "    sharding=(mesh, [(r'.*kernel$', P(None, 'x')), (r'.*', P())]))\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+    if len(jax.devices()) == 4:
+        pytest.skip("this process has the 4 devices the checkpoint was written from")
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"written from another set of devices .* pass a target"
+    ):
+        qbridge.restore_converted(out)
+    loaded = qbridge.load_checkpoint(nf4, progress=False)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), loaded
+    )
+    restored = qbridge.restore_converted(out, abstract)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(loaded), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
