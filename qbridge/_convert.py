@@ -179,8 +179,10 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         target's; a ``UserWarning`` names the first weight where they differ from the record.
 
     Raises:
-        CheckpointError: ``out`` is not an Orbax checkpoint; the checkpoint's record of kept-quantized weights
-            does not fit its arrays; the target's tree is not the checkpoint's; an nnx target for
+        CheckpointError: ``out`` is not an Orbax checkpoint, or one written from other devices without a
+            target; an array of it cannot be read (a data file cut short or removed: the array is named); the
+            checkpoint's record of kept-quantized weights does not fit its arrays; the target's tree is not
+            the checkpoint's (the leaves either lacks and the shapes that differ are named); an nnx target for
             kept-quantized weights.
     """
     path = pathlib.Path(out).absolute()
@@ -212,8 +214,11 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)
     except (ValueError, TypeError, KeyError, AssertionError) as e:
+        diff = _tree_diff(path, tree)
         raise CheckpointError(
-            f"{path}: the target's tree does not match the checkpoint's ({type(e).__name__}: {first_line(e)}). A "
+            f"{path}: the target's tree does not match the checkpoint's ("
+            + (diff if diff else f"{type(e).__name__}: {first_line(e)}")
+            + "). A "
             "checkpoint written without a target holds {'params': {...}} with Flax names and restores without "
             "one (restore_converted(out)); one written from a target (qbridge convert --target llama) restores "
             "onto that target: the model, nnx.state(model), or the same tree of arrays or ShapeDtypeStructs"
@@ -222,6 +227,36 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         raise _damaged(path, e) from e
     _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
     return restored
+
+
+def _tree_diff(path: pathlib.Path, tree: Any, most: int = 6) -> str | None:
+    """How ``tree`` differs from the checkpoint's recorded arrays, leaf by leaf (dotted paths): leaves the
+    checkpoint lacks, leaves the target lacks, and shapes that differ; None if the record cannot be read or
+    nothing differs there."""
+
+    def dotted(keypath: Any) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath)
+
+    try:
+        meta = _orbax().StandardCheckpointer().metadata(path)
+        stored = {dotted(p): tuple(m.shape) for p, m in
+                  jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta)) if hasattr(m, "shape")}  # fmt: skip
+        wanted = {dotted(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    except Exception:  # an older Orbax, an unreadable record: Orbax's own words then
+        return None
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+    parts = []
+    if lacking := sorted(wanted.keys() - stored.keys()):
+        parts.append(f"the checkpoint has no {listed(lacking)}")
+    if extra := sorted(stored.keys() - wanted.keys()):
+        parts.append(f"the target has no {listed(extra)}")
+    if shapes := [f"{k} {stored[k]} stored, {wanted[k]} in the target" for k in sorted(stored.keys() & wanted.keys())
+                  if stored[k] != wanted[k]]:  # fmt: skip
+        parts.append(f"shapes differ: {listed(shapes)}")
+    return "; ".join(parts) or None
 
 
 def _damaged(path: pathlib.Path, e: Exception) -> Exception:

@@ -191,6 +191,19 @@ def test_restoring_onto_an_nnx_model_or_state(nf4, tmp_path):
     qbridge.convert_checkpoint(nf4, kept, target=target, keep_quantized=True, progress=False)
     with pytest.raises(qbridge.CheckpointError, match=r"kept-quantized weights.*load_quantized_into_nnx"):
         qbridge.restore_converted(kept, model)
+    # a model of another size: the leaves either side lacks, and the shapes that differ, are named
+    layers = config.num_hidden_layers
+    bigger = jax_side.abstract_llama(dataclasses.replace(config, num_hidden_layers=layers + 1))
+    with pytest.raises(
+        qbridge.CheckpointError, match=rf"the checkpoint has no model\.layers\.{layers}\.input_layernorm"
+    ):
+        qbridge.restore_converted(out, bigger)
+    smaller = jax_side.abstract_llama(dataclasses.replace(config, num_hidden_layers=layers - 1))
+    with pytest.raises(qbridge.CheckpointError, match=rf"the target has no model\.layers\.{layers - 1}\."):
+        qbridge.restore_converted(out, smaller)
+    wider = jax_side.abstract_llama(dataclasses.replace(config, vocab_size=config.vocab_size * 2))
+    with pytest.raises(qbridge.CheckpointError, match=r"shapes differ: lm_head\.kernel \(\d+, \d+\) stored"):
+        qbridge.restore_converted(out, wider)
 
 
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
