@@ -274,6 +274,10 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         ValueError: a weight's path does not exist in the model (a bias for a Linear built without one
             included), or its shape differs from the model's (parameters loaded without ``target=model``, or
             for another model). Nothing is changed then.
+
+    Warns:
+        UserWarning: ``params`` leave some of the model's parameters (``nnx.Param``, LoRA factors aside) as
+            they were, naming them: parameters loaded for a model with fewer layers, say.
     """
     nnx, _ = _flax()
     from flax import traverse_util
@@ -348,6 +352,20 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
         warn_at_caller(
             "load_quantized_into_nnx: these parameters hold no quantized weight (loaded without "
             "keep_quantized=True, or the checkpoint quantizes no Linear or Embed): the model was updated dense"
+        )
+    # the model's parameters these leave as they were (LoRA factors aside: added and trained after loading)
+    covered = set(traverse_util.flatten_dict(rest)) | set(quantized) | {(*p[:-1], "bias") for p in quantized}
+    untouched = [
+        dotted(path)
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if path not in covered and not issubclass(getattr(v, "type", type(v)), nnx.LoRAParam)
+    ]
+    if untouched:
+        warn_at_caller(
+            f"load_quantized_into_nnx: the parameters leave {len(untouched)} of the model's parameters as they "
+            f"were ({', '.join(untouched[:4])}{', ...' if len(untouched) > 4 else ''}): loaded for a model with "
+            "fewer layers or modules? qbridge.load_checkpoint(path, target=model, keep_quantized=True) gives "
+            "every parameter of the model"
         )
     nnx.update(model, rest)
     for parent, name, new, _ in swaps:

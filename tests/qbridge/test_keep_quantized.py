@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -373,6 +374,26 @@ def test_parameters_of_another_model_are_refused_and_change_nothing(made, name):
         assert isinstance(model.model.layers[0].mlp.down_proj, nnx.Linear)
         after = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
         jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+
+
+def test_parameters_of_a_model_with_fewer_layers_are_named_where_they_leave_the_model_as_it_was(made):
+    """Kept parameters put into a model with one layer more: the extra layer kept its random initial values
+    silently; now a warning names them (a LoRA factor added later is no parameter the checkpoint holds)."""
+    config = _config(made)
+    kept, *_ = _models(made, "nf4-True")
+    layers = config.num_hidden_layers
+    model = jax_side.llama_for_causal_lm(
+        jax_side.LlamaConfig(**{**config.__dict__, "num_hidden_layers": layers + 1}), param_dtype=jnp.bfloat16
+    )
+    with pytest.warns(
+        UserWarning, match=rf"leave 9 of the model's parameters as they were \(model\.layers\.{layers}\."
+    ) as caught:
+        jax_side.load_quantized_into_nnx(model, kept)
+    assert caught[0].filename == __file__
+    same = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax_side.load_quantized_into_nnx(same, kept)
 
 
 @pytest.mark.parametrize("name", ["nf4-True", "fp8", "dense", "dense-torch-file"])
