@@ -37,6 +37,7 @@ from typing import Any, BinaryIO
 import torch
 
 import torch_side
+from jax_side._tree import warn_at_caller
 from torch_side._checks import BlockSizeUnknown
 from torch_side._fp8 import check_scale_dtype
 
@@ -1276,6 +1277,20 @@ def _find_files(
         inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if f.name not in NOT_MODEL_FILES
     ]
     if files:
+        ignored = sorted(
+            f.name
+            for suffix in TORCH_SUFFIXES
+            for f in path.glob(f"*{suffix}")
+            if f.name not in NOT_MODEL_FILES
+        )
+        if (
+            ignored
+        ):  # safetensors first, as transformers reads a folder: the torch files' tensors are not loaded
+            warn_at_caller(
+                f"{path}: reading its {len(files)} .safetensors file(s); {', '.join(ignored[:4])}"
+                f"{', ...' if len(ignored) > 4 else ''} beside them are left out (with no index, the .safetensors "
+                "files are the checkpoint, as transformers reads a folder); save their tensors as .safetensors to have them read"
+            )
         return files, None, "safetensors", None
     torch_index = path / "pytorch_model.bin.index.json"
     if torch_index.exists():

@@ -911,3 +911,17 @@ def test_a_hugging_face_cache_snapshot_loads_and_other_links_out_stay_refused(tm
     os.symlink(other / "cfg", config)
     with pytest.raises(CheckpointError, match=r"config.json is a link to .*outside the checkpoint directory"):
         qbridge.inspect_checkpoint(snapshot)
+
+
+def test_torch_files_beside_safetensors_files_are_named_as_left_out(tmp_path):
+    """A folder without an index holding .safetensors files and a torch file: the .safetensors files are the
+    checkpoint, as before, and a warning names the torch file left out (its tensors were lost silently)."""
+    st.save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "part-a.safetensors")
+    st.save_file({"c.weight": torch.randn(4, 4)}, tmp_path / "part-c.safetensors")
+    torch.save({"b.weight": torch.randn(4, 4)}, tmp_path / "extra.bin")
+    with pytest.warns(
+        UserWarning, match=r"reading its 2 \.safetensors file\(s\); extra\.bin beside them are left out"
+    ) as caught:
+        params = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
+    assert caught[0].filename == __file__
+    assert sorted(params["params"]) == ["a", "c"]
