@@ -1397,6 +1397,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             source.add_safetensors(f, None if keys_of is None else keys_of[f])
         else:
             source.add_torch(f, None if keys_of is None else keys_of[f])
+    if not source.key_file:  # nothing to load: every file empty (an index lists the keys it needs)
+        source.close()
+        names = ", ".join(f.name for f in files[:4]) + (", ..." if len(files) > 4 else "")
+        raise CheckpointError(f"{path}: holds no tensors ({names}: empty); nothing to load")
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method not in (None, "bitsandbytes", "fp8", "torchao"):
         raise FormatError(

@@ -925,3 +925,22 @@ def test_torch_files_beside_safetensors_files_are_named_as_left_out(tmp_path):
         params = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
     assert caught[0].filename == __file__
     assert sorted(params["params"]) == ["a", "c"]
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_a_checkpoint_without_tensors_is_refused(tmp_path, kind):
+    """An empty file (no tensors) loaded, inspected and converted as an empty model, with exit status 0 from
+    the command line; now refused, naming the file."""
+    from qbridge._cli import main
+
+    if kind == "safetensors":
+        st.save_file({}, tmp_path / "model.safetensors")
+    else:
+        torch.save({}, tmp_path / "pytorch_model.bin")
+    for call in (qbridge.inspect_checkpoint, lambda p: qbridge.load_checkpoint(p, progress=False)):
+        with pytest.raises(
+            CheckpointError, match=r"holds no tensors \((model\.safetensors|pytorch_model\.bin): empty\)"
+        ):
+            call(tmp_path)
+    assert main(["convert", str(tmp_path), str(tmp_path / "out.orbax"), "--quiet"]) == 2
+    assert not (tmp_path / "out.orbax").exists()
