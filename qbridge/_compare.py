@@ -137,7 +137,9 @@ def compare(
         ValueError: the two have different structures or shapes.
     """
     refs, cands = _flatten(reference), _flatten(candidate)
-    if len(refs) == len(cands) == 1:  # one output each (a model output's logits against an array): paired
+    if len(refs) == len(cands) == 1 and "output" in (refs[0][0], cands[0][0]):
+        # one output each, one of them a bare array (a model output's logits against an array): paired; two
+        # named outputs (dicts, model outputs) must have the same name
         cands = [(refs[0][0], cands[0][1])]
     if [n for n, _ in refs] != [n for n, _ in cands]:
         raise ValueError(f"outputs differ in structure: {[n for n, _ in refs]} vs {[n for n, _ in cands]}")

@@ -321,6 +321,10 @@ def test_compare_with_infinities_nans_and_integers():
     with torch.no_grad():
         output = model(IDS)  # a transformers ModelOutput (a dict): its logits, against an array or the same
     assert compare(output, output.logits.numpy()).ok and compare(output, {"logits": output.logits}).ok
+    # two named outputs pair by name, also one each (they were paired whatever their names)
+    with pytest.raises(ValueError, match=r"outputs differ in structure: \['logits'\] vs \['hidden'\]"):
+        compare(output, {"hidden": output.logits})
+    assert compare([output.logits], output.logits.numpy()).ok  # one of them a bare array: paired
 
 
 def test_dict_outputs_pair_by_name_not_by_order():
