@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 import warnings
+from collections.abc import Callable
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -62,7 +63,8 @@ def _errors() -> tuple[type[BaseException], ...]:
     from jax_side import MatchError
     from qbridge import QBridgeError
 
-    return (QBridgeError, MatchError, FileExistsError, ValueError, ImportError, re.error)
+    # OSError: a path the command was given cannot be made or written (a read-only or missing parent), named
+    return (QBridgeError, MatchError, OSError, ValueError, ImportError, re.error)
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -89,7 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _multiprocess(args: argparse.Namespace) -> int:
     from qbridge import check_multiprocess_load
 
-    mesh = tuple(int(s) for s in args.mesh.lower().split("x")) if args.mesh else None
+    mesh = args.mesh
     pairs = _pairs(args.rule, "--rule") or {}
     rules = [(pattern, [None if a in ("", "none", "None") else a for a in axes.split(",")])
              for pattern, axes in pairs.items()] or None  # fmt: skip
@@ -103,6 +105,41 @@ def _multiprocess(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(str(r) for r in reports))
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of seconds, got {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"a positive number of seconds, got {text}")
+    return value
+
+
+def _mesh(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(n < 1 for n in shape):
+        raise argparse.ArgumentTypeError(f"'N' or 'DxM' with positive integers, got {text!r}")
+    return shape
 
 
 class _Defaults(argparse.HelpFormatter):
@@ -132,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=defaults,
         help="a small Llama quantized to NF4, loaded into Flax through qbridge, compared",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random model and inputs")
+    demo.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random model and inputs")
     demo.add_argument(
         "--workdir", default=None, help="keep the checkpoints here (default: a temporary directory)"
     )
@@ -208,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--keep-quantized", action="store_true", help="load the Flax model kept quantized")
     parity.add_argument("--tokens", type=int, default=16, help="sequence length of the random token ids")
     parity.add_argument("--batch", type=int, default=2, help="sequences per batch")
-    parity.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    parity.add_argument("--seed", type=_at_least(0), default=0, help="seed of the random token ids")
     parity.set_defaults(func=_parity)
     bench = sub.add_parser(
         "bench",
@@ -224,11 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="load checkpoints sharded over N local jax.distributed processes; check every shard, measure reads",
     )
     multi.add_argument("paths", nargs="+", help="checkpoint directories or files")
-    multi.add_argument("--processes", type=int, default=2, help="local processes to start")
-    multi.add_argument("--cpu-devices", type=int, default=4, help="CPU devices per process")
+    multi.add_argument("--processes", type=_at_least(1), default=2, help="local processes to start")
+    multi.add_argument("--cpu-devices", type=_at_least(1), default=4, help="CPU devices per process")
     multi.add_argument("--gpus", action="store_true", help="one GPU per process instead of CPU devices")
     multi.add_argument(
-        "--mesh", default=None, help="mesh shape over all devices: 'N' or 'DxM' (default: 1-D)"
+        "--mesh", default=None, type=_mesh, help="mesh shape over all devices: 'N' or 'DxM' (default: 1-D)"
     )
     multi.add_argument("--rule", action="append", metavar="PATTERN=AXES",
                        help="shard leaves matching PATTERN as AXES, mesh axes or 'none' per leaf axis: 'x' on a 1-D mesh, "
@@ -240,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also convert the first checkpoint to DIR/NAME.orbax from all processes (created if "
         "missing; an existing NAME.orbax is replaced) and restore it onto another sharding",
     )
-    multi.add_argument("--timeout", type=float, default=600.0, help="seconds before every process is stopped")  # fmt: skip
+    multi.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds before every process is stopped")  # fmt: skip
     multi.set_defaults(func=_multiprocess)
     return parser
 

@@ -453,3 +453,36 @@ def test_a_checkpoint_written_from_other_devices_asks_for_a_target(nf4, tmp_path
     restored = qbridge.restore_converted(out, abstract)
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(loaded), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (
+            ["multiprocess", "x", "--timeout", "-1"],
+            "argument --timeout: a positive number of seconds, got -1",
+        ),
+        (
+            ["multiprocess", "x", "--mesh", "abc"],
+            "argument --mesh: 'N' or 'DxM' with positive integers, got 'abc'",
+        ),
+        (["multiprocess", "x", "--mesh", "2x0"], "argument --mesh: 'N' or 'DxM' with positive integers"),
+        (["multiprocess", "x", "--processes", "0"], "argument --processes: at least 1, got 0"),
+        (["demo", "--seed", "-5"], "argument --seed: at least 0, got -5"),
+        (["parity", "x", "--seed", "-1"], "argument --seed: at least 0, got -1"),
+    ],
+)
+def test_cli_numbers_are_checked_naming_the_option(argv, said, capsys):
+    """Numbers and shapes the commands take are checked as they are parsed, naming the option (a negative
+    timeout started the processes and killed them; --mesh abc said "invalid literal for int()")."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_cli_paths_that_cannot_be_made_are_named(tmp_path, capsys):
+    """A folder the command must create under a file (or where it cannot): one line naming it, exit 2 (was
+    a FileNotFoundError traceback)."""
+    (tmp_path / "a-file").write_text("")
+    assert main(["demo", "--workdir", str(tmp_path / "a-file" / "sub")]) == 2
+    assert "a-file" in capsys.readouterr().err
