@@ -160,10 +160,14 @@ class MatchReport:
         if transposed:
             lines.append(_transposed_hint(sorted(set(transposed))))
         for leaf, key, want_dtype, got_dtype in self.dtype_mismatches:
-            lines.append(
-                f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} (leave dtype=None to cast floating "
-                "leaves to the target's dtypes)"
+            floating = all(jnp.issubdtype(np.dtype(d), jnp.floating) for d in (want_dtype, got_dtype))
+            why = (
+                "leave dtype=None to cast floating leaves to the target's dtypes"
+                if floating  # refused only under dtype="checkpoint"
+                else "only floating tensors are cast to a floating target leaf: is the target's leaf the one this "
+                "tensor belongs in?"
             )
+            lines.append(f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} ({why})")
         return "\n".join(lines)
 
 

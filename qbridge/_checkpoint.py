@@ -180,6 +180,8 @@ class _Source:
         except OSError as e:  # a name too long for the file system
             raise CheckpointError(f"{path}: cannot be opened ({type(e).__name__}: {e})") from e
         if not exists:
+            if path.is_dir():
+                raise CheckpointError(f"{path}: a directory where a .safetensors file belongs")
             raise CheckpointError(f"{path}: file missing (listed in the checkpoint's index)")
         try:
             handle = safe_open(str(path), framework="pt")
@@ -222,6 +224,8 @@ class _Source:
         entries for this file), each required."""
         if not path.exists():
             raise CheckpointError(f"{path}: file missing")
+        if path.is_dir():
+            raise CheckpointError(f"{path}: a directory where a torch file belongs")
         _import_torchao_quietly()
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)

@@ -123,6 +123,19 @@ def test_dtype_policies():
         )
     with pytest.raises(jax_side.MatchError, match="leave dtype=None to cast"):  # the opt-in strict mode
         jax_side.match_to_target(ck, m, dtype="checkpoint")
+    # an integer leaf where a floating tensor belongs: no cast is offered, and dtype=None is not the advice
+    ints = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(m))
+    )
+    ints["layers"][0]["norm"]["scale"] = jax.ShapeDtypeStruct(
+        ints["layers"][0]["norm"]["scale"].shape, jnp.int32
+    )
+    with pytest.raises(
+        jax_side.MatchError,
+        match=r"'layers\.0\.norm\.scale' is int32, checkpoint 'layers\.0\.norm\.weight' is float16 \(only floating tensors are cast",
+    ) as e:
+        jax_side.match_to_target(ck, ints)
+    assert "leave dtype=None" not in str(e.value)
     tree, report = jax_side.match_to_target(ck, m, dtype=jnp.bfloat16)
     assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and {
         (c[2], c[3]) for c in report.casts

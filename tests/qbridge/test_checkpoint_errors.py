@@ -944,3 +944,17 @@ def test_a_checkpoint_without_tensors_is_refused(tmp_path, kind):
             call(tmp_path)
     assert main(["convert", str(tmp_path), str(tmp_path / "out.orbax"), "--quiet"]) == 2
     assert not (tmp_path / "out.orbax").exists()
+
+
+@pytest.mark.parametrize("name", ["model-00002.safetensors", "part.bin"])
+def test_a_directory_named_as_a_tensor_file_is_named_as_such(tmp_path, name):
+    """A directory where a shard belongs (no index): "file missing (listed in the checkpoint's index)"
+    became what it is."""
+    other = "model-00001.safetensors" if name.endswith(".safetensors") else "other.bin"
+    if other.endswith(".safetensors"):
+        st.save_file({"a.weight": torch.randn(2, 2)}, tmp_path / other)
+    else:
+        torch.save({"a.weight": torch.randn(2, 2)}, tmp_path / other)
+    (tmp_path / name).mkdir()
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: a directory where a .* file belongs"):
+        qbridge.inspect_checkpoint(tmp_path)
