@@ -429,7 +429,10 @@ def to_jax(
     """Hands a torch tensor to JAX, zero-copy whenever JAX can alias its memory.
 
     **The result aliases the tensor when no copy is made:** writing to the torch tensor afterwards
-    changes the JAX array (which JAX assumes immutable). Pass ``copy=True`` for an independent array.
+    changes the JAX array (which JAX assumes immutable), and the array holds the tensor's memory as it was
+    handed over: resizing that memory (``t.resize_``, ``t.untyped_storage().resize_(0)`` as FSDP frees a
+    parameter) or ``t.set_(...)`` leaves the array reading freed or reused memory, as a bare
+    ``jax.dlpack.from_dlpack`` does. Pass ``copy=True`` for an independent array.
 
     **Arrays kept for many jitted calls (parameters): pass** ``copy=True``. On GPUs, XLA records jitted
     programs into CUDA graphs (command buffers, on by default) and updates them with each call's buffers.
