@@ -80,7 +80,8 @@ def convert_checkpoint(
         The :class:`LoadReport` of the load.
 
     Raises:
-        ValueError: ``out`` is empty.
+        ValueError: ``out`` is empty, or a link that leads nowhere (a link that leads somewhere is followed:
+            the checkpoint is written there).
         FileExistsError: ``out`` exists and ``overwrite`` is False, or it is no Orbax checkpoint (only those
             are replaced), or it is or holds the checkpoint being converted.
         CheckpointError: from loading (a damaged or unreadable checkpoint); nothing is written then.
@@ -91,6 +92,12 @@ def convert_checkpoint(
     if not os.fspath(out):
         raise ValueError("out is empty: name the Orbax checkpoint directory to create")
     out = pathlib.Path(out).absolute()
+    if out.is_symlink():  # written where the link leads (the link then leads to the new checkpoint)
+        if not out.exists():
+            raise ValueError(
+                f"{out} is a link to {os.readlink(out)}, which does not exist: name the directory to create"
+            )
+        out = out.resolve()
     source = pathlib.Path(path).absolute().resolve()
     if source == out.resolve() or source.is_relative_to(out.resolve()):
         raise FileExistsError(

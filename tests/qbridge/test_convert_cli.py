@@ -486,3 +486,23 @@ def test_cli_paths_that_cannot_be_made_are_named(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     assert main(["demo", "--workdir", str(tmp_path / "a-file" / "sub")]) == 2
     assert "a-file" in capsys.readouterr().err
+
+
+def test_converting_onto_a_link_writes_where_it_leads(nf4, tmp_path):
+    """out a link to an Orbax checkpoint, overwrite=True: the checkpoint it leads to is replaced and the
+    link stays (it was replaced by a directory, the old link left as hidden debris and its checkpoint stale);
+    a link leading nowhere is refused before anything is loaded (a NotADirectoryError naming a partial
+    directory, after the whole load)."""
+    import os
+
+    real, link = tmp_path / "real.orbax", tmp_path / "link.orbax"
+    qbridge.convert_checkpoint(nf4, real, progress=False)
+    os.symlink(real, link)
+    qbridge.convert_checkpoint(nf4, link, dtype=jnp.float32, overwrite=True, progress=False)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link.orbax", "real.orbax"]
+    assert {a.dtype for a in jax.tree_util.tree_leaves(qbridge.restore_converted(real))} == {
+        jnp.dtype("float32")
+    }
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling.orbax")
+    with pytest.raises(ValueError, match=r"dangling\.orbax is a link to .*nowhere, which does not exist"):
+        qbridge.convert_checkpoint(nf4, tmp_path / "dangling.orbax", progress=False)
