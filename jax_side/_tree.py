@@ -160,13 +160,16 @@ class MatchReport:
         if transposed:
             lines.append(_transposed_hint(sorted(set(transposed))))
         for leaf, key, want_dtype, got_dtype in self.dtype_mismatches:
-            floating = all(jnp.issubdtype(np.dtype(d), jnp.floating) for d in (want_dtype, got_dtype))
-            why = (
-                "leave dtype=None to cast floating leaves to the target's dtypes"
-                if floating  # refused only under dtype="checkpoint"
-                else "only floating tensors are cast to a floating target leaf: is the target's leaf the one this "
-                "tensor belongs in?"
-            )
+            kinds = [jnp.issubdtype(np.dtype(d), jnp.floating) for d in (want_dtype, got_dtype)]
+            if all(kinds):  # refused only under dtype="checkpoint"
+                why = "leave dtype=None to cast floating leaves to the target's dtypes"
+            elif any(kinds):
+                why = "only floating tensors are cast, to floating leaves: is the target's leaf the one this tensor belongs in?"
+            else:
+                why = (
+                    "integer and bool tensors are not cast: the target's leaf must have the tensor's dtype (an int64 "
+                    "one with JAX's x64 on: jax.config.update('jax_enable_x64', True))"
+                )
             lines.append(f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} ({why})")
         return "\n".join(lines)
 

@@ -59,11 +59,20 @@ NOT_MODEL_FILES = {
     "adapter_model.safetensors",
     "adapter_model.bin",
     "optimizer.pt",
+    "optimizer.bin",  # accelerate's save_state
     "scheduler.pt",
+    "scheduler.bin",
     "training_args.bin",
     "rng_state.pth",
     "scaler.pt",
 }
+_RNG_STATES = re.compile(r"rng_state_\d+\.pth")  # transformers' Trainer, one per process
+
+
+def not_model_file(name: str) -> bool:
+    """Whether a file of this name, beside a model's weights, holds something else (adapters, a trainer's
+    optimizer, scheduler, random states)."""
+    return name in NOT_MODEL_FILES or _RNG_STATES.fullmatch(name) is not None
 
 
 @dataclasses.dataclass
@@ -1083,7 +1092,7 @@ class Checkpoint:
                 real = inside(root, path, str(path)).resolve()
             except CheckpointError:  # a link out of the directory or in a loop
                 continue
-            if real in opened or path.name in NOT_MODEL_FILES or real.name in NOT_MODEL_FILES:
+            if real in opened or not_model_file(path.name) or not_model_file(real.name):
                 continue
             keys = _header_keys(real)
             if keys is not None:
@@ -1212,10 +1221,10 @@ def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | Non
 def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
     """``file``, once it is known to lie in ``root`` (no absolute names, no ``..``, no link out of it).
 
-    One kind of link out is followed: the Hugging Face cache's. ``huggingface_hub`` keeps a model's files in
-    ``<repo>/blobs/`` and lists each revision in ``<repo>/snapshots/<revision>/`` as links to them; where
-    ``root`` is such a snapshot folder, a link to a file directly in that repository's ``blobs`` folder is
-    the file.
+    One kind of link out is followed: the Hugging Face cache's. ``huggingface_hub`` keeps a repository's files
+    in ``<repo>/blobs/`` (each named by its hash) and lists each revision in ``<repo>/snapshots/<revision>/``
+    as links to them; where ``root`` is such a snapshot folder or a folder in one, a link to a blob of that
+    repository is the file.
 
     Raises:
         CheckpointError: naming ``what`` (the file and entry that point there) and where it leads, or why
@@ -1235,10 +1244,26 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
     return file
 
 
+_HUB_REPO = re.compile(r"(models|datasets|spaces)--.+")
+_HUB_BLOB = re.compile(
+    r"[0-9a-f]{40}|[0-9a-f]{64}"
+)  # a git object id or a SHA-256, as huggingface_hub names them
+
+
 def _hub_blob(real_root: pathlib.Path, real: pathlib.Path) -> bool:
-    """Whether ``real_root`` is a Hugging Face cache snapshot (``<repo>/snapshots/<revision>``) and ``real`` a
-    file directly in that repository's ``blobs`` folder (both resolved)."""
-    return real_root.parent.name == "snapshots" and real.parent == real_root.parent.parent / "blobs"
+    """Whether ``real_root`` is in a Hugging Face cache snapshot (``<repo>/snapshots/<revision>``, or a folder
+    of one such as ``text_encoder``; the repository named ``models--...``, ``datasets--...`` or
+    ``spaces--...``) and ``real`` a blob of that repository: a file directly in its ``blobs`` folder, named
+    by its hash (both resolved)."""
+    for snapshot in (real_root, *real_root.parents):
+        if snapshot.parent.name == "snapshots":
+            repo = snapshot.parent.parent
+            return (
+                _HUB_REPO.fullmatch(repo.name) is not None
+                and real.parent == repo / "blobs"
+                and _HUB_BLOB.fullmatch(real.name) is not None
+            )
+    return False
 
 
 def _find_files(
@@ -1278,14 +1303,11 @@ def _find_files(
         ):  # transformers' single-file name: other files beside it (adapters ...) are not the model
             return [inside(path, single, str(single))], None, container, None
     files = [
-        inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if f.name not in NOT_MODEL_FILES
+        inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if not not_model_file(f.name)
     ]
     if files:
         ignored = sorted(
-            f.name
-            for suffix in TORCH_SUFFIXES
-            for f in path.glob(f"*{suffix}")
-            if f.name not in NOT_MODEL_FILES
+            f.name for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}") if not not_model_file(f.name)
         )
         if (
             ignored
@@ -1301,7 +1323,7 @@ def _find_files(
         files, keys = _read_index(inside(path, torch_index, str(torch_index)))
         return files, keys, "torch", torch_index
     files = [inside(path, f, str(f)) for f in sorted(f for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}"))
-             if f.name not in NOT_MODEL_FILES]  # fmt: skip
+             if not not_model_file(f.name)]  # fmt: skip
     if files:
         return files, None, "torch", None
     if (path / "_CHECKPOINT_METADATA").exists():  # what qbridge convert writes

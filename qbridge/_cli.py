@@ -107,8 +107,9 @@ def _multiprocess(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
-def _at_least(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``least`` (argparse names the option in its error)."""
+def _at_least(least: int, below: int = 2**63) -> Callable[[str], int]:
+    """An argparse type: an integer from ``least`` to under ``below`` (argparse names the option in its
+    error); the default bound is what torch's and numpy's seeds and counts hold."""
 
     def parse(text: str) -> int:
         try:
@@ -117,6 +118,8 @@ def _at_least(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"an integer, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"at least {least}, got {value}")
+        if value >= below:
+            raise argparse.ArgumentTypeError(f"below {below}, got {value}")
         return value
 
     return parse

@@ -137,9 +137,14 @@ def compare(
         ValueError: the two have different structures or shapes.
     """
     refs, cands = _flatten(reference), _flatten(candidate)
-    if len(refs) == len(cands) == 1 and "output" in (refs[0][0], cands[0][0]):
-        # one output each, one of them a bare array (a model output's logits against an array): paired; two
-        # named outputs (dicts, model outputs) must have the same name
+    named = [
+        isinstance(t, dict) or (hasattr(t, "logits") and not hasattr(t, "shape"))
+        for t in (reference, candidate)
+    ]
+    if len(refs) == len(cands) == 1 and not all(named):
+        # one output each, one of them unnamed (an array, or a one-element tuple such as a model's output with
+        # return_dict=False): paired with the other; two named outputs (dicts, model outputs) must have the
+        # same name
         cands = [(refs[0][0], cands[0][1])]
     if [n for n, _ in refs] != [n for n, _ in cands]:
         raise ValueError(f"outputs differ in structure: {[n for n, _ in refs]} vs {[n for n, _ in cands]}")

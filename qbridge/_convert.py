@@ -93,11 +93,17 @@ def convert_checkpoint(
         raise ValueError("out is empty: name the Orbax checkpoint directory to create")
     out = pathlib.Path(out).absolute()
     if out.is_symlink():  # written where the link leads (the link then leads to the new checkpoint)
-        if not out.exists():
-            raise ValueError(
-                f"{out} is a link to {os.readlink(out)}, which does not exist: name the directory to create"
+        try:
+            out = out.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # nowhere, or a loop of links
+            why = (
+                "a loop of links"
+                if isinstance(e, RuntimeError) or "loop" in str(e).lower()
+                else "which does not exist"
             )
-        out = out.resolve()
+            raise ValueError(
+                f"{out} is a link to {os.readlink(out)}, {why}: name the directory to create"
+            ) from None
     source = pathlib.Path(path).absolute().resolve()
     if source == out.resolve() or source.is_relative_to(out.resolve()):
         raise FileExistsError(
@@ -256,6 +262,11 @@ def _tree_diff(path: pathlib.Path, tree: Any, most: int = 6) -> str | None:
         return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
     parts = []
+    if wanted == stored:  # the same leaves by name and shape: the containers differ (a list for a dict)
+        return (
+            "the same arrays by name and shape, in other containers: a list where the checkpoint holds a dict "
+            "keyed by numbers, say; give the tree as it was written, or restore without a target"
+        )
     if lacking := sorted(wanted.keys() - stored.keys()):
         parts.append(f"the checkpoint has no {listed(lacking)}")
     if extra := sorted(stored.keys() - wanted.keys()):

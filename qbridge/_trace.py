@@ -608,7 +608,9 @@ def trace_checkpoint(
             ]
         else:
             missing = sorted(loading.get("missing_keys") or ())
-            if missing:  # transformers could not read them: left at their random initial values
+            # tensors the checkpoint holds that transformers could not read: left at their random initial
+            # values (a tensor the checkpoint lacks is the load's error to report, below)
+            if missing and all(k in ckpt.entries for k in missing):
                 with _transformers_quiet():
                     torch_model = _decoded_reference(path)
                 notes = [

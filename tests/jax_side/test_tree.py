@@ -136,6 +136,9 @@ def test_dtype_policies():
     ) as e:
         jax_side.match_to_target(ck, ints)
     assert "leave dtype=None" not in str(e.value)
+    ints = {"layers": {0: {"norm": {"num_batches_tracked": jax.ShapeDtypeStruct((), jnp.int32)}}}}
+    with pytest.raises(jax_side.MatchError, match=r"integer and bool tensors are not cast"):
+        jax_side.match_to_target({"layers.0.norm.num_batches_tracked": np.zeros((), np.int64)}, ints)
     tree, report = jax_side.match_to_target(ck, m, dtype=jnp.bfloat16)
     assert tree["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and {
         (c[2], c[3]) for c in report.casts

@@ -902,6 +902,28 @@ def test_a_hugging_face_cache_snapshot_loads_and_other_links_out_stay_refused(tm
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         assert a.dtype == b.dtype and (a == b).all()
     assert qbridge.inspect_checkpoint(snapshot).kinds == qbridge.inspect_checkpoint(source).kinds
+    # the same files in a folder of the snapshot (as huggingface_hub lays out text_encoder/, say): loaded
+    sub = snapshot / "text_encoder"
+    sub.mkdir()
+    for f in sorted(source.iterdir()):
+        os.symlink(f"../../../blobs/{hashlib.sha256(f.read_bytes()).hexdigest()}", sub / f.name)
+    got = qbridge.load_checkpoint(sub, device="cpu", progress=False)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    # the layout outside a cache (no models--... repository) or a blob not named by a hash: refused
+    home = tmp_path / "home"
+    shutil.copytree(repo, home, symlinks=True)
+    with pytest.raises(CheckpointError, match=r"is a link to .*outside the checkpoint directory"):
+        qbridge.inspect_checkpoint(home / "snapshots" / "0123abcd")
+    named = tmp_path / "hub" / "models--org--named"
+    shutil.copytree(repo, named, symlinks=True)
+    blob = next((named / "blobs").iterdir())
+    blob.rename(named / "blobs" / "weights")
+    (named / "snapshots" / "0123abcd" / "config.json").unlink()
+    link = next(f for f in (named / "snapshots" / "0123abcd").iterdir() if os.readlink(f).endswith(blob.name))
+    link.unlink()
+    os.symlink("../../blobs/weights", link)
+    with pytest.raises(CheckpointError, match=r"is a link to .*weights, outside the checkpoint directory"):
+        qbridge.load_checkpoint(named / "snapshots" / "0123abcd", device="cpu", progress=False)
     # a blob of another repository in the cache: refused
     other = tmp_path / "hub" / "models--org--other" / "blobs"
     other.mkdir(parents=True)

@@ -201,6 +201,13 @@ def test_restoring_onto_an_nnx_model_or_state(nf4, tmp_path):
     smaller = jax_side.abstract_llama(dataclasses.replace(config, num_hidden_layers=layers - 1))
     with pytest.raises(qbridge.CheckpointError, match=rf"the target has no model\.layers\.{layers - 1}\."):
         qbridge.restore_converted(out, smaller)
+    # the same arrays in other containers (layers as a list where the checkpoint keys them by number)
+    listed = nnx.to_pure_dict(nnx.state(target))
+    listed["model"]["layers"] = [listed["model"]["layers"][i] for i in sorted(listed["model"]["layers"])]
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"the same arrays by name and shape, in other containers"
+    ):
+        qbridge.restore_converted(out, listed)
     wider = jax_side.abstract_llama(dataclasses.replace(config, vocab_size=config.vocab_size * 2))
     with pytest.raises(qbridge.CheckpointError, match=r"shapes differ: lm_head\.kernel \(\d+, \d+\) stored"):
         qbridge.restore_converted(out, wider)
@@ -469,6 +476,7 @@ def test_a_checkpoint_written_from_other_devices_asks_for_a_target(nf4, tmp_path
         (["multiprocess", "x", "--mesh", "2x0"], "argument --mesh: 'N' or 'DxM' with positive integers"),
         (["multiprocess", "x", "--processes", "0"], "argument --processes: at least 1, got 0"),
         (["demo", "--seed", "-5"], "argument --seed: at least 0, got -5"),
+        (["demo", "--seed", str(2**64)], "argument --seed: below 9223372036854775808"),
         (["parity", "x", "--seed", "-1"], "argument --seed: at least 0, got -1"),
     ],
 )
@@ -506,3 +514,7 @@ def test_converting_onto_a_link_writes_where_it_leads(nf4, tmp_path):
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling.orbax")
     with pytest.raises(ValueError, match=r"dangling\.orbax is a link to .*nowhere, which does not exist"):
         qbridge.convert_checkpoint(nf4, tmp_path / "dangling.orbax", progress=False)
+    os.symlink(tmp_path / "loop2", tmp_path / "loop1")
+    os.symlink(tmp_path / "loop1", tmp_path / "loop2")
+    with pytest.raises(ValueError, match=r"loop1 is a link to .*loop2, a loop of links"):
+        qbridge.convert_checkpoint(nf4, tmp_path / "loop1", progress=False)

@@ -325,6 +325,8 @@ def test_compare_with_infinities_nans_and_integers():
     with pytest.raises(ValueError, match=r"outputs differ in structure: \['logits'\] vs \['hidden'\]"):
         compare(output, {"hidden": output.logits})
     assert compare([output.logits], output.logits.numpy()).ok  # one of them a bare array: paired
+    # a one-element tuple (a model's output with return_dict=False) against a named output: paired
+    assert compare(output, (output.logits,)).ok and compare({"logits": output.logits}, [output.logits]).ok
 
 
 def test_dict_outputs_pair_by_name_not_by_order():
@@ -542,3 +544,24 @@ def test_the_two_models_given_the_other_way_round_are_named(made):
     torch_model, flax_model = _pair(made)
     with pytest.raises(TypeError, match=r"torch_module must be a torch.nn.Module, got .*other way round"):
         trace(flax_model, torch_model, IDS)
+
+
+def test_a_weight_the_checkpoint_lacks_is_named_by_the_load(made, tmp_path):
+    """transformers' missing keys that the checkpoint does not hold either are the load's error to report
+    (the target leaf without a tensor), not a reason to build the reference another way."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qbridge.parity import trace_checkpoint
+
+    folder = tmp_path / "lacking"
+    folder.mkdir()
+    shutil.copyfile(made / "f32" / "config.json", folder / "config.json")
+    state = load_file(made / "f32" / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        jax_side.MatchError, match=r"'model\.layers\.1\.mlp\.up_proj\.kernel' has no checkpoint tensor"
+    ):
+        trace_checkpoint(folder, tokens=4, batch=1)
