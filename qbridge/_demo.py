@@ -63,26 +63,43 @@ def _bnb_weights_equal(model: torch.nn.Module, params: Any) -> tuple[int, int]:
     return checked, equal
 
 
+# written by the demo beside each checkpoint it saves: the mark that a folder is the demo's to replace (a
+# config of the demo's model alone is not: a user's own quantization of it has one too)
+MARK = "qbridge-demo.json"
+
+
 def _made_by_demo(folder: pathlib.Path) -> bool:
-    """Whether ``folder`` holds a checkpoint an earlier demo wrote (its config is the demo's model)."""
+    """Whether ``folder`` holds a checkpoint an earlier demo wrote (its mark, and the demo's model's config)."""
     try:
         config = json.loads((folder / "config.json").read_text())
+        mark = json.loads((folder / MARK).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and all(config.get(k) == v for k, v in DEMO_CONFIG.items())
+    return (
+        isinstance(mark, dict)
+        and mark.get("written_by") == "qbridge demo"
+        and isinstance(config, dict)
+        and all(config.get(k) == v for k, v in DEMO_CONFIG.items())
+    )
 
 
-# what save_pretrained writes for the demo's models: the only files the demo removes from its folders
+def _mark(folder: pathlib.Path) -> None:
+    (folder / MARK).write_text(json.dumps({"written_by": "qbridge demo"}) + "\n")
+
+
+# what save_pretrained writes for the demo's models, and the demo's mark: the only files the demo removes
 _SAVED = re.compile(
-    r"(generation_)?config\.json|model(-[0-9]+-of-[0-9]+)?\.safetensors|model\.safetensors\.index\.json"
+    r"(generation_)?config\.json|model(-[0-9]+-of-[0-9]+)?\.safetensors|model\.safetensors\.index\.json|"
+    + re.escape(MARK)
 )
 
 
 def _clear(folders: list[pathlib.Path], overwrite: bool) -> None:
     """Readies the demo's checkpoint folders for writing, or raises FileExistsError before anything is
     removed. A folder may hold only files ``save_pretrained`` writes (``config.json``,
-    ``generation_config.json``, ``model*.safetensors`` and its index); they are removed where an earlier
-    demo wrote them (the config is the demo's model's), and for another checkpoint with ``overwrite``.
+    ``generation_config.json``, ``model*.safetensors`` and its index) and the demo's mark; they are removed
+    where an earlier demo wrote them (its mark beside the demo's model's config), and for another checkpoint
+    with ``overwrite``.
     Anything else (another file, a folder, a link) is never removed: the demo refuses."""
     removals: list[pathlib.Path] = []
     for folder in folders:
@@ -153,6 +170,7 @@ def run_demo(
         dense: Any = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG))
         dense = dense.to(torch.bfloat16)
         dense.save_pretrained(dense_dir)
+        _mark(dense_dir)
         quant = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
@@ -160,6 +178,7 @@ def run_demo(
         model = _timed(seconds, "quantize (bitsandbytes)", lambda: AutoModelForCausalLM.from_pretrained(
             dense_dir, quantization_config=quant, dtype=torch.bfloat16, device_map=tdev))  # fmt: skip
         _timed(seconds, "save_pretrained", lambda: model.save_pretrained(nf4_dir))
+        _mark(nf4_dir)
         summary = str(inspect_checkpoint(nf4_dir))
         config = jax_side.LlamaConfig.from_hf(json.loads((nf4_dir / "config.json").read_text()))
         target = jax_side.abstract_llama(config, param_dtype=jnp.bfloat16)

@@ -344,6 +344,16 @@ def test_demo_command(capsys, tmp_path):
     (folders[1] / "model-00002-of-00002.safetensors").write_bytes(b"stale")
     _clear(folders, overwrite=False)
     assert all(f.is_dir() and not any(f.iterdir()) for f in folders)
+    # a checkpoint of the demo's model that the demo did not write (the user's own quantization of it: the
+    # same config, no mark) is not its own: refused without overwrite, nothing removed (it was deleted)
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (folders[1] / "qbridge-demo.json").unlink()
+    kept = sorted(p.name for p in folders[1].iterdir())
+    assert not _made_by_demo(folders[1])
+    assert main(["demo", "--workdir", str(tmp_path)]) == 2
+    assert "llama-nf4 holds a checkpoint an earlier demo did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in folders[1].iterdir()) == kept
 
 
 def _leaves(tree):
