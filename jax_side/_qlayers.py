@@ -350,8 +350,9 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
                 )
     if not swaps:
         warn_at_caller(
-            "load_quantized_into_nnx: these parameters hold no quantized weight (loaded without "
-            "keep_quantized=True, or the checkpoint quantizes no Linear or Embed): the model was updated dense"
+            "load_quantized_into_nnx: these parameters hold no kept-quantized weight (loaded without "
+            "keep_quantized=True; or the checkpoint's quantized weights are of a kind that loads dense, such as "
+            "bitsandbytes 8-bit or torchao; or it quantizes no Linear or Embed): the model was updated dense"
         )
     # the model's parameters these leave as they were (LoRA factors aside: added and trained after loading)
     covered = set(traverse_util.flatten_dict(rest)) | set(quantized) | {(*p[:-1], "bias") for p in quantized}

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import jax_side
-from jax_side._tree import kind_override, warn_unmatched
+from jax_side._tree import kind_override, warn_at_caller, warn_unmatched
 
 from . import _gc, _staging
 from ._checkpoint import Checkpoint, open_checkpoint
@@ -231,8 +231,11 @@ def _routes(
         ValueError: a leaf kept quantized that is to be sharded (split over devices).
     """
     routes: list[tuple[Any, Any, Any]] = []
+    dense_anyway: dict[str, int] = {}  # with keep_quantized: quantized weights that load dense, by kind
     for p, name in zip(plan, names, strict=True):
         entry = ckpt.entries[p.key]
+        if keep_quantized and entry.kind != "dense" and not keeps_quantized(entry, p.rule):
+            dense_anyway[entry.kind] = dense_anyway.get(entry.kind, 0) + 1
         cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
         leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
         route: Any = None
@@ -255,7 +258,17 @@ def _routes(
                 if out is not None:
                     into.expect(tuple(p.leaf.shape), out, jdev, 1)
         routes.append((cast, leaf_sharding, route))
+    if dense_anyway:
+        kinds = ", ".join(f"{n} {_KIND_WORDS.get(k, k)}" for k, n in sorted(dense_anyway.items()))
+        warn_at_caller(
+            f"keep_quantized=True: {kinds} weight(s) of this checkpoint load dense: what stays quantized is "
+            "bitsandbytes 4-bit and FP8 weights of Linear kernels and embedding tables"
+        )
     return routes
+
+
+_KIND_WORDS = {"bnb8": "bitsandbytes 8-bit", "torchao": "torchao", "bnb4": "4-bit (not a Linear kernel or embedding)",
+               "fp8": "FP8 (not a Linear kernel or embedding)"}  # fmt: skip
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:

@@ -1012,3 +1012,25 @@ def test_a_router_of_its_own_class_keeps_torchs_layout_unless_kinds_names_it(tmp
     np.testing.assert_array_equal(
         np.asarray(again["params"]["model"]["layers"]["0"]["mlp"]["gate"]["kernel"]), want.T
     )
+
+
+def test_keep_quantized_names_the_weights_that_load_dense(tmp_path):
+    """keep_quantized=True on a bitsandbytes 8-bit checkpoint: its weights load dense, as documented, and
+    the load now says so (then load_quantized_into_nnx's warning said 'loaded without keep_quantized=True')."""
+    model = _llama(tmp_path / "dense")
+    q = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+        dtype=torch.bfloat16, device_map="cpu",
+    )  # fmt: skip
+    q.save_pretrained(tmp_path / "int8")
+    with pytest.warns(
+        UserWarning,
+        match=r"keep_quantized=True: \d+ bitsandbytes 8-bit weight\(s\) of this checkpoint load dense",
+    ) as caught:
+        params = qbridge.load_checkpoint(tmp_path / "int8", keep_quantized=True, progress=False)
+    assert caught[0].filename == __file__
+    assert not any(
+        jax_side.is_quantized(leaf)
+        for leaf in jax.tree_util.tree_leaves(params, is_leaf=jax_side.is_quantized)
+    )
+    del model

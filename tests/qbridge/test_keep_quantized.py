@@ -330,7 +330,7 @@ def test_dense_parameters_warn_and_adapters_say_why_they_cannot_attach(made):
         made / "nf4-True", target=jax_side.abstract_llama(config, param_dtype=jnp.bfloat16), progress=False
     )
     model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
-    with pytest.warns(UserWarning, match=r"hold no quantized weight.*keep_quantized=True") as caught:
+    with pytest.warns(UserWarning, match=r"hold no kept-quantized weight.*keep_quantized=True") as caught:
         assert jax_side.load_quantized_into_nnx(model, dense) == []
     assert caught[0].filename == __file__
     for targets in ("all-linear", "q_proj"):
