@@ -1332,6 +1332,16 @@ def _find_files(
         )
     below = _checkpoint_folders(path)
     hint = f" (its folders {', '.join(below)} hold tensor files: pass one of them)" if below else ""
+    if (path / "snapshots").is_dir() and _HUB_REPO.fullmatch(path.name):  # a Hugging Face cache repository
+        try:
+            revision = (path / "refs" / "main").read_text().strip()
+        except OSError:
+            revision = ""
+        hint = (
+            f" (a Hugging Face cache repository: pass its snapshot, {path / 'snapshots' / revision}"
+            if revision
+            else f" (a Hugging Face cache repository: pass one of its snapshots, {path / 'snapshots'}/<revision>"
+        ) + ", as huggingface_hub.snapshot_download returns it)"
     raise CheckpointError(f"{path}: no .safetensors, .bin or .pt files{hint}")
 
 

@@ -924,6 +924,13 @@ def test_a_hugging_face_cache_snapshot_loads_and_other_links_out_stay_refused(tm
     os.symlink("../../blobs/weights", link)
     with pytest.raises(CheckpointError, match=r"is a link to .*weights, outside the checkpoint directory"):
         qbridge.load_checkpoint(named / "snapshots" / "0123abcd", device="cpu", progress=False)
+    # the repository folder itself: the snapshot to pass is named
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(
+        CheckpointError, match=r"a Hugging Face cache repository: pass its snapshot, .*snapshots/0123abcd"
+    ):
+        qbridge.load_checkpoint(repo, device="cpu", progress=False)
     # a blob of another repository in the cache: refused
     other = tmp_path / "hub" / "models--org--other" / "blobs"
     other.mkdir(parents=True)
