@@ -207,6 +207,8 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
     ``tensors``, the checkpoint's tensor count, bounds the work a config can ask for: a config naming more
     layers than that is not built (building takes time in proportion to the layers)."""
     architectures = config.get("architectures") or []
+    if not config:  # no config.json, or an empty one
+        return None, "no config.json to name an architecture"
     if not architectures:
         return None, "config.json names no architecture"
     layers = _layer_count(config)

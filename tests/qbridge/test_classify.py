@@ -1034,3 +1034,14 @@ def test_keep_quantized_names_the_weights_that_load_dense(tmp_path):
         for leaf in jax.tree_util.tree_leaves(params, is_leaf=jax_side.is_quantized)
     )
     del model
+
+
+def test_a_folder_without_config_says_so_in_how_it_was_classified(tmp_path):
+    """inspect of a folder without config.json said 'config.json names no architecture'."""
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.ones(2, 2)}, tmp_path / "model.safetensors")
+    assert (
+        qbridge.inspect_checkpoint(tmp_path).classified_by
+        == "name rules (no config.json to name an architecture)"
+    )
