@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-import operator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from . import _cpu_kernel
 from ._tree import refuse_torch
 
 FP8_DTYPES = tuple(
@@ -51,21 +51,10 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``block_size`` as ``(rows, cols)``: ints of any kind (numpy's too), not floats or bools (as
-    ``torch_side``'s)."""
-    pair: tuple[Any, ...]
-    try:
-        pair = (block_size, block_size) if _is_int(block_size) else tuple(block_size)  # type: ignore[arg-type]
-    except TypeError:  # a float, say: not a pair either
-        pair = (block_size,)
-    if len(pair) != 2 or not all(_is_int(b) and b > 0 for b in pair):
-        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-    return (operator.index(pair[0]), operator.index(pair[1]))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+# torch_side's reading of integer arguments, shared by file (standard library only: torch is not imported)
+_integers = _cpu_kernel._shared("_integers")
+_block_pair: Callable[[Any], tuple[int, int]] = _integers.block_pair
+_is_int: Callable[[Any], bool] = _integers.is_int
 
 
 def _fitting_blocks(n: int, s: int) -> tuple[int, float]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import operator
 from typing import Any
 
@@ -36,6 +35,7 @@ from jax.interpreters import batching, mlir
 
 from . import _cpu_kernel
 from ._codes import standard_code
+from ._fp8 import _is_int
 from ._tree import refuse_torch
 from ._varying import vary_alike
 
@@ -84,10 +84,6 @@ def _array(x: Any, name: str = "an argument") -> jax.Array:
         return x
     refuse_torch(x, name)
     return jnp.asarray(x)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_nested_blocksize(nested_blocksize: Any, where: str = "") -> None:

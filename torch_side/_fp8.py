@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +32,7 @@ from ._checks import (
 )
 from ._checks import check_finite as _check_finite
 from ._compile import Address, KernelNotReady, kernels_imported
+from ._integers import block_pair as _block_pair
 from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
 from ._plans import FP8_PLANS, tensor_key
 
@@ -85,22 +85,6 @@ def _fitting_blocks(n: int, s: int) -> tuple[int, float]:
     lo = _ceil_div(n, s)
     hi = math.inf if s == 1 else _ceil_div(n, s - 1) - 1
     return (lo, hi)
-
-
-def _block_pair(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``block_size`` as ``(rows, cols)``: ints of any kind (numpy's too), not floats or bools."""
-    pair: tuple[Any, ...]
-    try:
-        pair = (block_size, block_size) if _is_int(block_size) else tuple(block_size)  # type: ignore[arg-type]
-    except TypeError:  # a float, say: not a pair either
-        pair = (block_size,)
-    if len(pair) != 2 or not all(_is_int(b) and b > 0 for b in pair):
-        raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
-    return (operator.index(pair[0]), operator.index(pair[1]))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def fp8_scale_layout(
