@@ -1245,9 +1245,8 @@ def inside(root: pathlib.Path, file: pathlib.Path, what: str) -> pathlib.Path:
 
 
 _HUB_REPO = re.compile(r"(models|datasets|spaces)--.+")
-_HUB_BLOB = re.compile(
-    r"[0-9a-f]{40}|[0-9a-f]{64}"
-)  # a git object id or a SHA-256, as huggingface_hub names them
+# a blob's name: a git object id or a SHA-256, as huggingface_hub names them
+_HUB_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 
 
 def _hub_blob(real_root: pathlib.Path, real: pathlib.Path) -> bool:
@@ -1309,9 +1308,8 @@ def _find_files(
         ignored = sorted(
             f.name for suffix in TORCH_SUFFIXES for f in path.glob(f"*{suffix}") if not not_model_file(f.name)
         )
-        if (
-            ignored
-        ):  # safetensors first, as transformers reads a folder: the torch files' tensors are not loaded
+        # safetensors first, as transformers reads a folder: the torch files' tensors are not loaded
+        if ignored:
             warn_at_caller(
                 f"{path}: reading its {len(files)} .safetensors file(s); {', '.join(ignored[:4])}"
                 f"{', ...' if len(ignored) > 4 else ''} beside them are left out (with no index, the .safetensors "

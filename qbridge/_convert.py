@@ -18,6 +18,7 @@ import numpy as np
 
 import jax_side
 from jax_side._quantized import from_pieces, meta_fields
+from jax_side._tree import dotted
 
 from ._errors import CheckpointError, first_line
 from ._loader import LoadReport, load_checkpoint
@@ -244,29 +245,29 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
 
 def _tree_diff(path: pathlib.Path, tree: Any, most: int = 6) -> str | None:
     """How ``tree`` differs from the checkpoint's recorded arrays, leaf by leaf (dotted paths): leaves the
-    checkpoint lacks, leaves the target lacks, and shapes that differ; None if the record cannot be read or
-    nothing differs there."""
+    checkpoint lacks, leaves the target lacks, shapes that differ, or, where all of those agree, that the
+    containers differ; None if the record cannot be read."""
 
-    def dotted(keypath: Any) -> str:
-        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath)
+    def name(keypath: Any) -> str:
+        return dotted(tuple(_key(k) for k in keypath))
 
     try:
         meta = _orbax().StandardCheckpointer().metadata(path)
-        stored = {dotted(p): tuple(m.shape) for p, m in
+        stored = {name(p): tuple(m.shape) for p, m in
                   jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta)) if hasattr(m, "shape")}  # fmt: skip
-        wanted = {dotted(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+        wanted = {name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
     except Exception:  # an older Orbax, an unreadable record: Orbax's own words then
         return None
-
-    def listed(names: list[str]) -> str:
-        return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-    parts = []
     if wanted == stored:  # the same leaves by name and shape: the containers differ (a list for a dict)
         return (
             "the same arrays by name and shape, in other containers: a list where the checkpoint holds a dict "
             "keyed by numbers, say; give the tree as it was written, or restore without a target"
         )
+
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+    parts = []
     if lacking := sorted(wanted.keys() - stored.keys()):
         parts.append(f"the checkpoint has no {listed(lacking)}")
     if extra := sorted(stored.keys() - wanted.keys()):
@@ -274,7 +275,7 @@ def _tree_diff(path: pathlib.Path, tree: Any, most: int = 6) -> str | None:
     if shapes := [f"{k} {stored[k]} stored, {wanted[k]} in the target" for k in sorted(stored.keys() & wanted.keys())
                   if stored[k] != wanted[k]]:  # fmt: skip
         parts.append(f"shapes differ: {listed(shapes)}")
-    return "; ".join(parts) or None
+    return "; ".join(parts)  # not empty: the two differ
 
 
 def _damaged(path: pathlib.Path, e: Exception) -> Exception:

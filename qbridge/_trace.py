@@ -568,9 +568,8 @@ def trace_checkpoint(
                 )
             factory = import_object(model, "model")
             try:  # the calling convention is checked; errors from inside the factory are the factory's own
-                if isinstance(
-                    factory, type
-                ):  # its __init__: nnx's metaclass shows the class as (*args, **kwargs)
+                # a class: its __init__ (nnx's metaclass shows the class as (*args, **kwargs))
+                if isinstance(factory, type):
                     init = next(vars(c)["__init__"] for c in factory.__mro__ if "__init__" in vars(c))
                     inspect.signature(init).bind(None, config, rngs=None)
                 else:
@@ -602,9 +601,8 @@ def trace_checkpoint(
             with _transformers_quiet():
                 torch_model = _decoded_reference(path)  # e.g. partial tiles the scale grid does not divide
             notes = [
-                f"transformers {transformers.__version__} could not build the FP8 model ({why}); the torch "
-                "reference is transformers' model of the config without its quantization_config, holding every "
-                "weight decoded exactly (qbridge.dequantized_state)"
+                f"transformers {transformers.__version__} could not build the FP8 model ({why}); "
+                f"{_EXACT_REFERENCE} (qbridge.dequantized_state)"
             ]
         else:
             missing = sorted(loading.get("missing_keys") or ())
@@ -616,8 +614,7 @@ def trace_checkpoint(
                 notes = [
                     f"transformers {transformers.__version__} left {len(missing)} weight(s) of the checkpoint "
                     f"unread, newly initialized ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                    "the torch reference is transformers' model of the config without its quantization_config, "
-                    "holding every weight decoded exactly (qbridge.dequantized_state)"
+                    f"{_EXACT_REFERENCE} (qbridge.dequantized_state)"
                 ]
             else:
                 notes = _exact_fp8_reference(torch_model, ckpt) if ckpt.format == "fp8" else []
@@ -642,13 +639,19 @@ def trace_checkpoint(
             torch_model = _decoded_reference(path)
         notes.append(
             f"bitsandbytes {bitsandbytes.__version__} could not run the 4-bit torch model on the CPU "
-            f"({type(e).__name__}: {first_line(e)}); the torch reference is transformers' model of the config "
-            "without its quantization_config, holding every weight decoded exactly (qbridge.dequantized_state, "
-            "the bits of bitsandbytes' CUDA kernel)"
+            f"({type(e).__name__}: {first_line(e)}); {_EXACT_REFERENCE} (qbridge.dequantized_state, the bits of "
+            "bitsandbytes' CUDA kernel)"
         )
         report = trace(torch_model, flax_model, ids, **tolerances)
     report.notes.extend(notes)
     return report
+
+
+# what a report's note says when the torch reference is _decoded_reference's model
+_EXACT_REFERENCE = (
+    "the torch reference is transformers' model of the config without its quantization_config, holding every "
+    "weight decoded exactly"
+)
 
 
 @contextlib.contextmanager
