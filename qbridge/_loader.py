@@ -234,12 +234,13 @@ def _routes(
     dense_anyway: dict[str, int] = {}  # with keep_quantized: quantized weights that load dense, by kind
     for p, name in zip(plan, names, strict=True):
         entry = ckpt.entries[p.key]
-        if keep_quantized and entry.kind != "dense" and not keeps_quantized(entry, p.rule):
+        kept = keep_quantized and keeps_quantized(entry, p.rule)
+        if keep_quantized and entry.kind != "dense" and not kept:
             dense_anyway[entry.kind] = dense_anyway.get(entry.kind, 0) + 1
         cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
         leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
         route: Any = None
-        if keep_quantized and keeps_quantized(entry, p.rule):
+        if kept:
             if leaf_sharding is not None and not _replicated_here(leaf_sharding):
                 raise ValueError(
                     f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
