@@ -661,8 +661,9 @@ def dequantize_nf4(
             transposed view of a row-major result).
         out: where to write the result; must have the result's shape (after ``transpose``) and ``dtype``.
         backend: ``"auto"``, ``"bnb"``, ``"torch"`` or ``"triton"`` (see ``torch_side._backend``).
-        check_finite: raise ValueError if a scale is NaN or Inf (a host sync on a GPU). By default
-            non-finite scales propagate as they do in bitsandbytes.
+        check_finite: raise ValueError if a scale (``absmax``, ``nested_absmax``, ``offset``) or a table
+            entry (``code``, ``nested_code``) is NaN or Inf (a host sync on a GPU). By default
+            non-finite values propagate as they do in bitsandbytes.
 
     Returns:
         A new tensor of ``shape`` (``[in, out]`` with ``transpose``) and ``dtype`` on ``packed``'s device,
@@ -704,7 +705,9 @@ def dequantize_nf4(
         raise_out_mismatch(result_shape, dtype, out)
         same_device(flat.device, out=out)
     if check_finite:
-        for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax)):
+        pieces = (("absmax", absmax), ("nested_absmax", nested_absmax), ("nested_code", nested_code),
+                  ("code", code))  # fmt: skip
+        for name, t in pieces:
             if isinstance(t, torch.Tensor):
                 _check_finite(t, name)
         # the offset as the decode adds it: rounded to float32 (1e39 is finite, its float32 is not)

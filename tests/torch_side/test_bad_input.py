@@ -252,6 +252,19 @@ def test_fp8_non_finite_scales():
         torch_side.dequantize_fp8(w, s, check_finite=True)
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="this torch has no float8_e8m0fnu")
+def test_fp8_nan_e8m0_scales_are_caught_by_check_finite():
+    """torch.isfinite calls e8m0's NaN byte (0xFF) finite: the check widens float8 scales first."""
+    w = random_fp8((256, 128))
+    s = torch.full((2, 1), 127, dtype=torch.uint8)  # 2**0
+    s[1, 0] = 255  # NaN
+    s = s.view(torch.float8_e8m0fnu)
+    with pytest.raises(ValueError, match=r"scale_inv holds 1 non-finite value.*index \(1, 0\): nan"):
+        torch_side.dequantize_fp8(w, s, check_finite=True)
+    with pytest.raises(ValueError, match=r"non-finite"):
+        torch_side.dequantize_fp8_many([w], [s], check_finite=True)
+
+
 def test_fp8_backend_bnb_refused():
     with pytest.raises(ValueError, match="no FP8"):
         torch_side.dequantize_fp8(random_fp8((8, 8)), torch.ones(1), backend="bnb")

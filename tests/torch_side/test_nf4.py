@@ -412,6 +412,22 @@ def test_check_finite():
         torch_side.dequantize_nf4(packed, absmax, shape=(8, 64), check_finite=True)
 
 
+def test_check_finite_checks_the_tables_too():
+    """A NaN in a nested absmax's table, or in a custom 4-bit table, is a damaged piece as a NaN scale is."""
+    packed, qs, pieces = _nested_pieces()
+    nested_code = pieces["nested_code"].clone()
+    nested_code[int(qs.absmax[0])] = float("nan")  # the entry the first absmax code picks
+    bad = {**pieces, "nested_code": nested_code}
+    assert torch.isnan(torch_side.dequantize_nf4(packed, qs.absmax, offset=qs.offset, **bad)).any()
+    with pytest.raises(ValueError, match=r"nested_code holds 1 non-finite value"):
+        torch_side.dequantize_nf4(packed, qs.absmax, offset=qs.offset, check_finite=True, **bad)
+    _, packed, qs = bnb_quantize((8, 64), nested=False)
+    code = torch_side.standard_code("nf4").clone()
+    code[5] = float("inf")
+    with pytest.raises(ValueError, match=r"code holds 1 non-finite value.*index \(5,\)"):
+        torch_side.dequantize_nf4(packed, qs.absmax, shape=(8, 64), code=code, check_finite=True)
+
+
 def _nested_pieces(seed=0):
     _, packed, qs = bnb_quantize((16, 64), nested=True, seed=seed)
     return packed, qs, dict(
