@@ -141,13 +141,25 @@ def _check_pieces(
             raise TypeError(f"{where}: offset must be a real number, got a {offset.dtype} tensor")
         if not isinstance(offset, (torch.Tensor, numbers.Real)):  # a one-element array or list is one number
             try:
-                values = torch.as_tensor(offset, dtype=torch.float32).numel()
-            except (TypeError, ValueError, RuntimeError) as e:
+                as_tensor = torch.as_tensor(offset)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
                 raise TypeError(
                     f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
                 ) from e
-            if values != 1:
-                raise ValueError(f"{where}: offset must be one number, got {values} values: {offset!r}")
+            if as_tensor.is_complex() or as_tensor.dtype == torch.bool:
+                raise TypeError(
+                    f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
+                )
+            if as_tensor.numel() != 1:
+                raise ValueError(
+                    f"{where}: offset must be one number, got {as_tensor.numel()} values: {offset!r}"
+                )
+        elif isinstance(offset, numbers.Real) and not isinstance(offset, torch.Tensor):
+            try:
+                float(offset)
+            except OverflowError as e:
+                shown = r if len(r := repr(offset)) <= 40 else r[:37] + "..."
+                raise ValueError(f"{where}: offset {shown} is beyond the range of a float") from e
     elif absmax.dtype == torch.uint8:
         raise TypeError(
             f"{where}: absmax is uint8, which is a nested (double-quant) absmax: pass nested_absmax, "
@@ -572,6 +584,8 @@ def _plan_key(
         return None  # 64.0 hashes as 64, an iterator would be used up: only exact types may skip the checks
     if isinstance(out, torch.Tensor) and out.layout != torch.strided:
         return None  # sparse: the full checks refuse it
+    if not (offset is None or type(offset) is float or isinstance(offset, torch.Tensor)):
+        return None  # a list, an array (its length) or an int (10**400): checked each call (the key holds its type)
     grad = packed.is_cpu and torch.is_grad_enabled()
     if packed.is_cpu and fwad._current_level >= 0:
         return None  # forward-mode AD: the torch path carries tangents; the kernel's result would drop them

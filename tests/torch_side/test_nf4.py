@@ -470,12 +470,26 @@ def test_a_finite_offset_passes_check_finite():
         (torch.tensor(0.5 + 1j), TypeError, "offset must be a real number"),
         ([0.5, 0.25], ValueError, "offset must be one number, got 2 values"),
         (np.array([0.5, 0.25]), ValueError, "offset must be one number, got 2 values"),
+        (np.array([0.5j]), TypeError, "offset must be one real number"),
+        (np.array([True]), TypeError, "offset must be one real number"),
+        (10**400, ValueError, "offset 1000.*is beyond the range of a float"),
     ],
+    ids=["str", "complex", "complex-tensor", "list", "array", "complex-array", "bool-array", "10**400"],
 )
 def test_an_offset_that_is_not_one_real_number_is_refused_naming_it(offset, error, message):
     packed, qs, pieces = _nested_pieces()
     with pytest.raises(error, match=message):
         torch_side.dequantize_nf4(packed, qs.absmax, offset=offset, **pieces)
+
+
+def test_an_offset_of_another_length_is_refused_after_a_call_that_planned_the_kind():
+    """A repeated call reuses the first call's checks (its plan); an offset of two values after a one-value
+    list of the same type is still refused by name, not by a torch error from inside the decode."""
+    packed, qs, pieces = _nested_pieces()
+    torch_side.dequantize_nf4(packed, qs.absmax, offset=[0.5], **pieces)
+    torch_side.dequantize_nf4(packed, qs.absmax, offset=[0.5], **pieces)
+    with pytest.raises(ValueError, match="offset must be one number, got 2 values"):
+        torch_side.dequantize_nf4(packed, qs.absmax, offset=[0.5, 0.25], **pieces)
 
 
 def test_an_offset_given_as_a_one_element_list_or_array_is_that_number():
