@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -110,8 +111,14 @@ def as_list(items: Any, name: str) -> list[Any]:
     """``items`` (a list, tuple or other iterable of per-weight values) as a list.
 
     Raises:
-        TypeError: ``items`` is a single tensor (whose rows would be taken for weights) or not iterable.
+        TypeError: ``items`` is a single tensor (whose rows would be taken for weights), a mapping (whose keys
+            would be), or not iterable.
     """
+    if isinstance(items, Mapping):
+        raise TypeError(
+            f"{name} must be a list of per-weight values, got a {type(items).__name__}: pass its "
+            "list(....values()) (iterating a mapping gives its keys)"
+        )
     if isinstance(items, torch.Tensor) or not hasattr(items, "__iter__") or isinstance(items, (str, bytes)):
         raise TypeError(f"{name} must be a list of per-weight values, got a {type(items).__name__}")
     return list(items)

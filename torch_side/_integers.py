@@ -31,3 +31,18 @@ def block_pair(block_size: Any) -> tuple[int, int]:
     if len(pair) != 2 or not all(is_int(b) and b > 0 for b in pair):
         raise ValueError(f"block_size must be a positive int or a pair of them, got {block_size!r}")
     return (operator.index(pair[0]), operator.index(pair[1]))
+
+
+def as_int(value: Any, what: str) -> int:
+    """``value`` as an int: Python's and numpy's ints, and anything else with ``__index__`` (a 0-d integer
+    tensor), never a float, a string or a bool.
+
+    Raises:
+        TypeError: ``value`` is not an integer; the message names ``what``.
+    """
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an int, got {value!r}")

@@ -38,7 +38,7 @@ from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable, transposes_well
 from ._plans import NF4_PLANS, remember, tensor_key
-from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, quant_state_pieces
+from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, _shape, quant_state_pieces
 
 NESTED_CODE_SIZE = 256
 
@@ -580,6 +580,9 @@ def _plan_key(
         type(blocksize) is not int
         or type(nested_blocksize) is not int
         or type(shape) not in (tuple, torch.Size)
+        or (
+            type(shape) is tuple and not all(type(d) is int for d in shape)
+        )  # (64.0, 128) hashes as (64, 128)
     ):
         return None  # 64.0 hashes as 64, an iterator would be used up: only exact types may skip the checks
     if isinstance(out, torch.Tensor) and out.layout != torch.strided:
@@ -701,7 +704,7 @@ def dequantize_nf4(
     packed = resolved(plain(require_tensor(packed, "packed")))
     absmax, code, offset = resolved(absmax), resolved(code), resolved(offset)
     nested_absmax, nested_code = resolved(nested_absmax), resolved(nested_code)
-    shape = tuple(int(s) for s in shape)
+    shape = _shape(shape, "dequantize_nf4")
     n = math.prod(shape)
     flat = _packed_bytes(packed, shape)
     _check_pieces(
@@ -887,7 +890,7 @@ def dequantize(
     if quant_state is None:
         quant_state = getattr(W, "quant_state", None)  # a Params4bit carries its own
         if quant_state is None:
-            return W
+            return require_tensor(W, "W")
     require_tensor(W, "W")
     absmax, pieces = quant_state_pieces(quant_state)
     # bitsandbytes' convention: a [1, n] packed weight is W.t(), and the 2-D result is transposed back.

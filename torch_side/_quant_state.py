@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ._integers import as_int
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,9 +85,14 @@ class FourBitState:
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
+    """``value`` (a sequence of ints of any kind) as a tuple of ints.
+
+    Raises:
+        ValueError: not a sequence of ints (floats are not truncated), or a negative size.
+    """
     try:
         # a torch.Size holds ints already (its conversion alone costs 0.5 us of a 64x64 call's 9)
-        shape = tuple(value) if type(value) is torch.Size else tuple(int(s) for s in value)
+        shape = tuple(value) if type(value) is torch.Size else tuple(as_int(s, "a size") for s in value)
     except TypeError:
         raise ValueError(f"{where}: shape must be a sequence of ints, got {value!r}") from None
     if shape and min(shape) < 0:
@@ -125,11 +132,13 @@ def _quant_state_object_pieces(qs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         raise ValueError("incomplete QuantState: nested (double-quant) state without offset")
     return absmax, {
         "shape": _shape(shape, "QuantState"),
-        "blocksize": int(blocksize),
+        "blocksize": as_int(blocksize, "QuantState: blocksize"),
         "code": getattr(qs, "code", None),
         "nested_absmax": state2.absmax if state2 is not None else None,
         "nested_code": state2.code if state2 is not None else None,
-        "nested_blocksize": int(state2.blocksize) if state2 is not None else 256,
+        "nested_blocksize": as_int(state2.blocksize, "QuantState: state2.blocksize")
+        if state2 is not None
+        else 256,
         "offset": offset if nested else 0.0,
         "quant_type": quant_type,
         "dtype": dtype,
@@ -167,12 +176,13 @@ def _from_legacy_list(qs: Sequence[Any]) -> FourBitState:
                 "legacy quant_state: state2 must be the list [absmax2, code2, blocksize2, ...] that "
                 "bitsandbytes' quantize_blockwise returned"
             )
-        nested_absmax, nested_code, nested_blocksize = state2[0], state2[1], int(state2[2])
+        nested_absmax, nested_code = state2[0], state2[1]
+        nested_blocksize = as_int(state2[2], "legacy quant_state: state2's blocksize (entry 2)")
     return FourBitState(
         absmax=absmax,
         shape=_shape(shape, "legacy quant_state"),
         dtype=dtype,
-        blocksize=int(blocksize),
+        blocksize=as_int(blocksize, "legacy quant_state: entry 3 (blocksize)"),
         quant_type=quant_type,
         code=code,
         nested_absmax=nested_absmax,

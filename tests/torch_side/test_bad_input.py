@@ -289,3 +289,59 @@ def test_fp8_scale_as_a_number():
     for wrong in (True, np.bool_(True), "2", None, np.array([2.0]), np.array(True), np.array("2.0")):
         with pytest.raises(TypeError, match="scale_inv must be a tensor or a real number, got"):
             torch_side.dequantize_fp8(w, wrong)
+
+
+def test_non_integer_shapes_and_block_sizes_are_refused_not_truncated():
+    """64.5 rows were read as 64, a QuantState's blocksize 64.9 as 64 (and "64" as 64): refused by name."""
+    packed, qs = _state()
+    with pytest.raises(ValueError, match=r"shape must be a sequence of ints, got \(64.5, 128\)"):
+        torch_side.dequantize_nf4(packed, qs.absmax, shape=(64.5, 128), blocksize=64)
+    torch_side.dequantize_nf4(packed, qs.absmax, shape=tuple(qs.shape), blocksize=64, nested_absmax=qs.state2.absmax,
+                              nested_code=qs.state2.code, offset=qs.offset)  # fmt: skip
+    with pytest.raises(ValueError, match=r"shape must be a sequence of ints, got \(\d+\.0, \d+\)"):  # planned
+        torch_side.dequantize_nf4(
+            packed, qs.absmax, shape=(float(qs.shape[0]), qs.shape[1]), nested_absmax=qs.state2.absmax,
+            nested_code=qs.state2.code, offset=qs.offset,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="shape must be a sequence of ints, got 8192"):
+        torch_side.dequantize_nf4(packed, qs.absmax, shape=8192)
+    for bad in (64.9, "64", None):
+        q = copy.copy(qs)
+        q.blocksize = bad
+        with pytest.raises((TypeError, ValueError), match=r"blocksize"):
+            torch_side.dequantize(packed, q)
+    q = copy.copy(qs)
+    q.state2 = copy.copy(qs.state2)
+    q.state2.blocksize = 256.0
+    with pytest.raises(TypeError, match=r"state2.blocksize must be an int, got 256.0"):
+        torch_side.dequantize(packed, q)
+    legacy = [
+        qs.absmax,
+        qs.shape,
+        qs.dtype,
+        64.7,
+        [qs.offset, [qs.state2.absmax, qs.state2.code, 256]],
+        "nf4",
+    ]
+    with pytest.raises(TypeError, match=r"entry 3 \(blocksize\) must be an int, got 64.7"):
+        torch_side.dequantize(packed, legacy)
+    legacy[3] = np.int64(64)  # numpy ints are ints
+    want = torch_side.dequantize(packed, qs)
+    assert torch.equal(torch_side.dequantize(packed, legacy).view(torch.int16), want.view(torch.int16))
+
+
+def test_dequantize_refuses_what_is_not_a_tensor():
+    """With no quant state, a weight comes back as it is: only a tensor, not a numpy array or None; a dict of
+    weights is not taken for the list of its keys."""
+    with pytest.raises(TypeError, match=r"W must be a torch\.Tensor, got ndarray"):
+        torch_side.dequantize(np.zeros((4, 1), np.uint8))
+    with pytest.raises(TypeError, match=r"W must be a torch\.Tensor, got NoneType"):
+        torch_side.dequantize(None)
+    t = torch.zeros(4, 1, dtype=torch.uint8)
+    assert torch_side.dequantize(t) is t
+    with pytest.raises(TypeError, match=r"weights\[0\].*must be a torch.Tensor, got str"):
+        torch_side.dequantize_many(["not a tensor"])
+    with pytest.raises(
+        TypeError, match=r"weights must be a list .* got a dict: pass its list\(....values\(\)\)"
+    ):
+        torch_side.dequantize_many({"layer.weight": t})
