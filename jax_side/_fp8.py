@@ -188,7 +188,8 @@ def dequantize_fp8(
         block_size: the block edge or ``(rows, cols)``; default 128 if the scale shape agrees with it,
             else the single square size that fits.
         dtype: bfloat16, float16 or float32.
-        transpose: return the ``[in, out]`` (Flax ``kernel``) layout (``[experts, in, out]`` when stacked).
+        transpose: return the ``[in, out]`` (Flax ``kernel``) layout (``[experts, in, out]`` for a 3-D weight,
+            stacked, with one scale per expert or one for all).
 
     Returns:
         A new ``jax.Array``; jit-compatible (shapes decide the layout statically).
@@ -216,6 +217,10 @@ def dequantize_fp8(
     if jnp.dtype(dtype) not in OUT_DTYPES:
         raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
     layout = fp8_scale_layout(w.shape, scale_inv.shape, block_size)
+    if transpose and w.ndim == 3 and layout.kind == "tensor" and not layout.stack:
+        # one scale for a stacked [experts, out, in] weight: the same decode as that scale for each expert
+        scale_inv = jnp.broadcast_to(scale_inv.reshape(1), (w.shape[0],))
+        layout = fp8_scale_layout(w.shape[1:], (1, 1), None)._replace(stack=tuple(w.shape[:1]))
     if transpose and w.ndim != 2 + len(layout.stack):
         raise ValueError(
             f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {w.shape}"

@@ -292,7 +292,8 @@ def dequantize_fp8(
         dtype: bfloat16 (default), float16 or float32.
         block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
             shape agrees with 128, else the single square block size consistent with both shapes.
-        transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` when stacked): written transposed
+        transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` for a 3-D weight, stacked, with one
+            scale per expert or one for all): written transposed
             in the same pass by the Triton backend and by qbridge's CPU kernel (where that beats copying:
             ``_native.transposes_well``), else a transposed view of the row-major result.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. ``"auto"``: Triton on CUDA; on the CPU qbridge's C
@@ -353,6 +354,10 @@ def dequantize_fp8(
         layout = _layout(W.shape, scale_inv.shape, block_size)
     except TypeError:  # an unhashable block_size (a list): the same rules, not remembered
         layout = fp8_scale_layout(tuple(W.shape), tuple(scale_inv.shape), block_size)
+    if transpose and W.dim() == 3 and layout.kind == "tensor" and not layout.stack:
+        # one scale for a stacked [experts, out, in] weight: the same decode as that scale for each expert
+        scale_inv = scale_inv.reshape(1).expand(W.shape[0]).contiguous()
+        layout = _layout(tuple(W.shape[1:]), (1, 1), None)._replace(stack=tuple(W.shape[:1]))
     if transpose and W.dim() != 2 + len(layout.stack):
         raise ValueError(
             f"transpose=True needs a 2-D weight (or a stacked [experts, out, in] one), got shape {tuple(W.shape)}"

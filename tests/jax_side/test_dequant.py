@@ -236,6 +236,18 @@ def test_fp8_matches_the_float32_reference(shape, scale_shape, fp8):
         assert_same_bits(got_t, to_numpy(torch_side.dequantize_fp8(w, s)).T)
 
 
+@pytest.mark.parametrize("experts", [1, 3])
+@pytest.mark.parametrize("scale_shape", [(), (1,), (1, 1, 1)])
+def test_a_stacked_fp8_weight_with_one_scale_is_transposed_per_expert(experts, scale_shape):
+    """One scale for a stacked [experts, out, in] weight (one expert's [1] too, which was read as a per-tensor
+    scale of a 3-D weight and refused with transpose=True): each expert's [in, out], the same bits on both
+    sides as the untransposed decode's."""
+    w, s = random_fp8((experts, 130, 72)), random_scales(scale_shape)
+    want = to_numpy(torch_side.dequantize_fp8(w, s)).transpose(0, 2, 1)
+    assert_same_bits(to_numpy(torch_side.dequantize_fp8(w, s, transpose=True)), want)
+    assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), to_numpy(s), transpose=True), want)
+
+
 def test_fp8_under_jit_is_exact():
     w, s = random_fp8((576, 7168)), random_scales((5, 56))
     got = jax.jit(lambda w, s: jax_side.dequantize_fp8(w, s))(to_numpy(w), to_numpy(s))
