@@ -303,8 +303,20 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
                     "the parameters must follow the model's own structure, as qbridge.load_checkpoint(path, "
                     "target=model, keep_quantized=True) returns them"
                 )
-            if bias is not None and hasattr(bias, "shape"):
+            if (
+                bias is not None
+            ):  # as the model's other parameters are checked (below): an array of [out] floats
+                if not hasattr(bias, "shape") or not hasattr(bias, "dtype"):
+                    raise TypeError(
+                        f"{dotted((*module_path, 'bias'))}: the bias must be an array, got {type(bias).__name__}"
+                    )
                 _check_shape((*module_path, "bias"), tuple(bias.shape), (old.out_features,), "[out]")
+                if not jnp.issubdtype(bias.dtype, jnp.inexact):
+                    raise ValueError(
+                        f"{dotted((*module_path, 'bias'))}: {bias.dtype} values where the model holds a float "
+                        "bias: these parameters were not loaded for this model (load them with "
+                        "qbridge.load_checkpoint(path, target=model, keep_quantized=True))"
+                    )
             if bias is None and getattr(old, "bias", None) is not None:
                 bias = old.bias[...]
             new = classes["QuantLinear"](weight, bias, dtype=dtype if dtype is not None else old.dtype)

@@ -475,3 +475,32 @@ def test_linen_dense_on_the_llama_weights(made, name):
         assert_same_bits(quant, want)
         checked += 1
     assert checked == 14
+
+
+@pytest.mark.parametrize(
+    "bias, error, says",
+    [
+        ([0.0] * 7, TypeError, r"l1\.bias: the bias must be an array, got list"),
+        (np.zeros(31, np.float32), ValueError, r"l1\.bias: shape \(31,\)"),
+        (np.zeros(32, np.int32), ValueError, r"l1\.bias: int32 values where the model holds a float bias"),
+    ],
+    ids=["list", "wrong-length", "integers"],
+)
+def test_a_kept_linears_bias_is_checked_as_the_models_other_parameters_are(bias, error, says):
+    """A list of the wrong length was accepted as a kept Linear's bias (the model failed at its first call)."""
+    rng = np.random.default_rng(0)
+    weight = jax_side.NF4Weight(
+        packed=jnp.asarray(rng.integers(0, 256, 32 * 64 // 2, dtype=np.uint8)),
+        absmax=jnp.ones(32 * 64 // 64, jnp.float32), shape=(32, 64), dtype="float32",
+    )  # fmt: skip
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(64, 32, rngs=rngs)
+
+    model = Model(nnx.Rngs(0))
+    with pytest.raises(error, match=says):
+        jax_side.load_quantized_into_nnx(model, {"l1": {"kernel": weight, "bias": bias}})
+    assert isinstance(model.l1, nnx.Linear)
+    jax_side.load_quantized_into_nnx(model, {"l1": {"kernel": weight, "bias": np.ones(32, np.float32)}})
+    assert np.array_equal(np.asarray(model.l1(jnp.zeros((1, 64)))), np.ones((1, 32), np.float32))
