@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _cpu_kernel
-from ._tree import refuse_torch
+from ._layout import refuse_torch
 
 FP8_DTYPES = tuple(
     jnp.dtype(getattr(jnp, name))

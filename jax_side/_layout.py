@@ -171,7 +171,7 @@ def kind_of_flax_leaf(flax_name: str, ndim: int, module_type: str | None = None)
         if t in _NORM_TYPES:
             return t
     if flax_name == "kernel":
-        return "linear" if ndim == 2 else f"conv{ndim - 2}d"
+        return "linear" if ndim == 2 else f"conv{ndim - 2}d" if 3 <= ndim <= 5 else "param"
     if flax_name == "embedding":
         return "embedding"
     if flax_name in ("mean", "var"):
@@ -203,10 +203,33 @@ def permutation(rule: LeafRule, ndim: int) -> tuple[int, ...] | None:
     return rule.perm
 
 
+def _check_rank(rule: LeafRule, ndim: int) -> None:
+    """Raises ValueError when ``rule`` permutes the axes of arrays of another rank than ``ndim``."""
+    if rule.perm is not None and len(rule.perm) != ndim:
+        raise ValueError(
+            f"the layout rule for {rule.flax_name!r} lays out arrays of rank {len(rule.perm)}, got rank {ndim}: "
+            "the rule of another module kind (rule_for(kind, name) picks it)"
+        )
+
+
 def flax_shape(rule: LeafRule, torch_shape: Sequence[int]) -> tuple[int, ...]:
-    """The Flax shape of a torch array of ``torch_shape`` under ``rule``."""
+    """The Flax shape of a torch array of ``torch_shape`` under ``rule``.
+
+    Raises:
+        ValueError: ``rule`` lays out arrays of another rank.
+    """
+    _check_rank(rule, len(torch_shape))
     perm = permutation(rule, len(torch_shape))
     return tuple(torch_shape) if perm is None else tuple(torch_shape[a] for a in perm)
+
+
+def refuse_torch(value: Any, what: str) -> None:
+    """Raises TypeError when ``value`` is a torch tensor: jax_side takes JAX or numpy arrays."""
+    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "data_ptr"):  # a tensor, not a Size
+        raise TypeError(
+            f"{what} is a torch tensor; jax_side takes JAX or numpy arrays: hand it over with qbridge.to_jax(t) "
+            "(a checkpoint loads with qbridge.load_checkpoint)"
+        )
 
 
 def apply_rule(x: Any, rule: LeafRule, *, dtype: Any = None, transposed: bool = False) -> Any:
@@ -221,8 +244,14 @@ def apply_rule(x: Any, rule: LeafRule, *, dtype: Any = None, transposed: bool = 
 
     Returns:
         A new array when a transpose, flip or cast is needed, else ``x`` itself.
+
+    Raises:
+        TypeError: ``x`` is a torch tensor (``qbridge.to_jax`` hands it over).
+        ValueError: ``rule`` lays out arrays of another rank.
     """
+    refuse_torch(x, "x")
     x = jnp.asarray(x)
+    _check_rank(rule, x.ndim)
     perm = None if transposed else permutation(rule, x.ndim)
     if perm is not None:
         x = jnp.transpose(x, perm)

@@ -36,7 +36,7 @@ from jax.interpreters import batching, mlir
 from . import _cpu_kernel
 from ._codes import standard_code
 from ._fp8 import _is_int
-from ._tree import refuse_torch
+from ._layout import refuse_torch
 from ._varying import vary_alike
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._layout import known_module_type
+from ._layout import known_module_type, refuse_torch
 from ._tree import (
     MatchError,
     MatchReport,
@@ -19,7 +19,6 @@ from ._tree import (
     dotted,
     fill,
     plan_match,
-    refuse_torch,
 )
 
 COLLECTIONS = ("params", "batch_stats")

@@ -324,15 +324,6 @@ def not_parameter(key: str, ndim: int, optional: Mapping[str, str] | None = None
     return buffer_reason(key, ndim)
 
 
-def refuse_torch(value: Any, what: str) -> None:
-    """Raises TypeError when ``value`` is a torch tensor: jax_side takes JAX or numpy arrays."""
-    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "data_ptr"):  # a tensor, not a Size
-        raise TypeError(
-            f"{what} is a torch tensor; jax_side takes JAX or numpy arrays: hand it over with qbridge.to_jax(t) "
-            "(a checkpoint loads with qbridge.load_checkpoint)"
-        )
-
-
 def warn_at_caller(message: str) -> None:
     """A UserWarning attributed to the first caller outside jax_side and qbridge (the user's line), so
     that it points there and Python shows it once per line, however deep the call inside and however

@@ -243,3 +243,38 @@ def test_rules_as_data():
     assert jax_side.rule_for("conv_transpose1d", "weight").flip == (0,)
     with pytest.raises(ValueError, match="unknown module kind"):
         jax_side.rule_for("lstm", "weight")
+
+
+def test_a_rule_for_another_rank_is_refused_not_skipped():
+    """A Linear's rule on a 3-D array (or a convolution's on a 2-D one) returned the array as it was."""
+    linear = jax_side.rule_for("linear", "weight")
+    with pytest.raises(ValueError, match=r"rule for 'kernel' lays out arrays of rank 2, got rank 3"):
+        jax_side.apply_rule(np.ones((2, 3, 4)), linear)
+    with pytest.raises(ValueError, match=r"rank 2, got rank 3"):
+        jax_side.flax_shape(linear, (2, 3, 4))
+    with pytest.raises(ValueError, match=r"rank 3, got rank 2"):
+        jax_side.apply_rule(np.ones((3, 4)), jax_side.rule_for("stacked_linear", "weight"))
+    with pytest.raises(ValueError, match=r"rank 4, got rank 3"):
+        jax_side.apply_rule(np.ones((2, 3, 4)), jax_side.rule_for("conv2d", "weight"))
+    assert jax_side.apply_rule(np.ones((3, 4)), linear).shape == (4, 3)
+    assert jax_side.flax_shape(jax_side.rule_for("layernorm", "weight"), (7,)) == (7,)
+
+
+def test_a_kernel_of_no_layer_rank_is_a_plain_parameter():
+    """A "kernel" of rank 0, 1 or 6 was read as 'conv-2d', 'conv-1d', 'conv4d' (no such kinds)."""
+    for ndim in (0, 1, 6):
+        assert jax_side.kind_of_flax_leaf("kernel", ndim) == "param"
+        assert jax_side.rule_for_flax_leaf("kernel", ndim).perm is None
+    assert [jax_side.kind_of_flax_leaf("kernel", n) for n in (2, 3, 4, 5)] == [
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+    ]
+
+
+def test_apply_rule_refuses_a_torch_tensor_by_name():
+    with pytest.raises(TypeError, match=r"x is a torch tensor.*qbridge\.to_jax"):
+        jax_side.apply_rule(torch.ones(2, 3, dtype=torch.bfloat16), jax_side.rule_for("linear", "weight"))
+    with pytest.raises(TypeError, match=r"x is a torch tensor"):
+        jax_side.apply_rule(torch.ones(2, 3), jax_side.rule_for("linear", "weight"))
