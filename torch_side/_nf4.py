@@ -248,6 +248,26 @@ def decode_nested_absmax_reference(
     return flush_denormals_(_add_offset_(scaled, offset))
 
 
+def _wrapped(*tensors: torch.Tensor) -> bool:
+    """Whether a functorch transform (``torch.func.vmap``, ``grad``, ``jvp``) wraps any of ``tensors``."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _carries(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` carries more than its values: a graph to build (requires grad while grad is
+    enabled), a forward-mode tangent, or a functorch wrapper. Such a decode runs out of place."""
+    grad = torch.is_grad_enabled()
+    return any(
+        t is not None
+        and (
+            (grad and t.requires_grad)
+            or torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or (fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None)
+        )
+        for t in tensors
+    )
+
+
 def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
     """Whether some ``code[q] * absmax`` product may be denormal (then flushed to zero, as bitsandbytes'
     CUDA kernel does): only scales below ``FLT_MIN / smallest nonzero |code|`` can make one."""
@@ -277,11 +297,19 @@ def dequantize_4bit_reference(
     values = torch.nn.functional.embedding(flat.reshape(-1).to(torch.int32), pair_table(code)).reshape(-1)[:n]
     scales = absmax.reshape(-1)
     full = n - n % blocksize
-    if full:
-        values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
-    if full < n:
-        values[full:].mul_(scales[full // blocksize])
-    if values.device.type != "cpu" or _needs_flush(absmax, code, n):  # a GPU flushes without asking (no sync)
+    if _carries(flat, absmax, code):  # out of place: vmap cannot write batched scales into unbatched values
+        parts = [(values[:full].view(-1, blocksize) * scales[: full // blocksize, None]).reshape(-1)]
+        if full < n:
+            parts.append(values[full:] * scales[full // blocksize])
+        values = torch.cat(parts) if len(parts) > 1 else parts[0]
+    else:
+        if full:
+            values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
+        if full < n:
+            values[full:].mul_(scales[full // blocksize])
+    # a GPU flushes without asking (no sync), as does a functorch transform (whose tensors cannot be asked:
+    # vmap refuses data-dependent control flow); flushing where nothing is denormal changes nothing
+    if values.device.type != "cpu" or _wrapped(absmax, code) or _needs_flush(absmax, code, n):
         flush_denormals_(values)
     return values.to(dtype)
 
@@ -300,7 +328,9 @@ def dequantize_4bit_cpu(
     to make denormal products take the reference itself. Returns a new flat tensor of ``n`` elements.
     """
     absmax = absmax.reshape(-1)
-    if n == 0 or _needs_flush(absmax, code, n):
+    # a graph to build, a tangent to carry or a functorch wrapper (no storage of its own): the reference's
+    # operations carry them; this path writes through out=, which autograd and functorch refuse
+    if n == 0 or not readable(flat, absmax, code) or _needs_flush(absmax, code, n):
         return dequantize_4bit_reference(flat, absmax, code, blocksize, n, dtype)
     pairs = pair_table(code).contiguous().view(torch.int64).reshape(256)  # byte -> (code[hi], code[lo])
     flat = flat.reshape(-1)
@@ -736,7 +766,8 @@ def dequantize_nf4(
                 "to let it propagate"
             )
     device = flat.device
-    standard = code is None or is_standard_code(code, quant_type)
+    # (a table that carries a graph, a tangent or a transform is used as given, even with the standard values)
+    standard = code is None or (not _carries(code) and is_standard_code(code, quant_type))
     chosen = choose_4bit_backend(
         device, backend, shape=shape, blocksize=blocksize, quant_type=quant_type, standard_code=standard
     )

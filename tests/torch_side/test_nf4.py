@@ -591,3 +591,44 @@ def test_cpu_decode_in_steps_matches_bitsandbytes(shape, step, monkeypatch):
         flat = packed.reshape(-1).view(torch.uint8)[: (math.prod(shape) + 1) // 2]
         want = torch_side.dequantize_4bit_reference(flat, absmax, table, blocksize, math.prod(shape), dtype)
         assert_bitwise_equal(got.reshape(-1), want)
+
+
+def test_autograd_and_functorch_go_through_the_cpu_decode():
+    """The CPU torch path wrote through out=, which autograd and functorch refuse: absmax.requires_grad,
+    torch.func.grad, vmap and forward-mode AD all raised torch's internal errors, and a custom table that
+    required grad (with the standard values) was replaced by the standard one, dropping its graph."""
+    import torch.autograd.forward_ad as fwad
+
+    _, packed, qs = bnb_quantize((48, 70), nested=False)  # a short last block (3360 = 52 * 64 + 32)
+    kw = dict(shape=(48, 70), dtype=torch.float32)
+    want = torch_side.dequantize_nf4(packed, qs.absmax, **kw)
+    codes = torch_side.standard_code("nf4")[
+        torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], -1).reshape(-1)[: 48 * 70].long()
+    ]  # each element's table value: d(element) / d(its block's absmax)
+    block = torch.arange(48 * 70) // 64
+    expected_grad = torch.zeros_like(qs.absmax).index_add_(0, block, codes)
+
+    absmax = qs.absmax.clone().requires_grad_()
+    got = torch_side.dequantize_nf4(packed, absmax, **kw)
+    assert torch.equal(got.detach().view(torch.int32), want.view(torch.int32))
+    got.sum().backward()
+    torch.testing.assert_close(absmax.grad, expected_grad)
+
+    grad = torch.func.grad(lambda a: torch_side.dequantize_nf4(packed, a, **kw).sum())(qs.absmax)
+    torch.testing.assert_close(grad, expected_grad)
+
+    stacked = torch.stack([qs.absmax, 2 * qs.absmax])
+    batched = torch.func.vmap(lambda a: torch_side.dequantize_nf4(packed, a, **kw))(stacked)
+    for i in range(2):
+        one = torch_side.dequantize_nf4(packed, stacked[i].contiguous(), **kw)
+        assert torch.equal(batched[i].view(torch.int32), one.view(torch.int32))
+
+    with fwad.dual_level():
+        out = torch_side.dequantize_nf4(packed, fwad.make_dual(qs.absmax, torch.ones_like(qs.absmax)), **kw)
+        tangent = fwad.unpack_dual(out).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent.reshape(-1), codes)
+
+    table = torch_side.standard_code("nf4") * torch.ones(16, requires_grad=True)
+    got = torch_side.dequantize_nf4(packed, qs.absmax, code=table, **kw)
+    assert got.requires_grad and torch.equal(got.detach().view(torch.int32), want.view(torch.int32))
