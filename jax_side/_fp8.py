@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _cpu_kernel
 from ._layout import refuse_torch
@@ -209,6 +211,8 @@ def dequantize_fp8(
                 " If these are FP8 bytes, view them back: jax.lax.bitcast_convert_type(w, jnp.float8_e4m3fn)."
             )
         raise TypeError(f"dequantize_fp8 takes a float8 weight, got {w.dtype}.{hint}")
+    if isinstance(scale_inv, numbers.Real) and not isinstance(scale_inv, bool):  # a number: its float32, as
+        scale_inv = np.float32(scale_inv)  # torch_side reads it (also under jax_enable_x64)
     scale_inv = jnp.asarray(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:
         raise TypeError(

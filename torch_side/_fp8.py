@@ -104,6 +104,8 @@ def fp8_scale_layout(
         ValueError: the shapes do not fit together, or several block sizes fit and they tile differently.
     """
     weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
+    if block_size is not None:  # checked whatever the scale's shape (one scale ignores it)
+        _block_pair(block_size)
     if math.prod(scale_shape) == 1:
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from ._checks import (
 from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
+from ._integers import is_int
 from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable, transposes_well
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, _shape, quant_state_pieces
@@ -116,8 +118,12 @@ def _check_pieces(
                 f"{where}: nested_absmax and nested_code must be float32, "
                 f"got {nested_absmax.dtype} and {nested_code.dtype}"
             )
-        if not isinstance(nested_blocksize, int) or nested_blocksize <= 0:
+        if not is_int(nested_blocksize) or nested_blocksize <= 0:  # numpy's ints too, not bools
             raise ValueError(f"nested_blocksize must be a positive int, got {nested_blocksize!r}")
+        if isinstance(offset, bool):
+            raise TypeError(
+                f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
+            )
         n_nested = -(-nblocks // nested_blocksize)
         if nested_absmax.numel() != n_nested:
             raise ValueError(
@@ -735,6 +741,8 @@ def dequantize_nf4(
     absmax, code, offset = resolved(absmax), resolved(code), resolved(offset)
     nested_absmax, nested_code = resolved(nested_absmax), resolved(nested_code)
     shape = _shape(shape, "dequantize_nf4")
+    if is_int(nested_blocksize):  # numpy's ints as Python's (a bool is refused with the pieces)
+        nested_blocksize = operator.index(nested_blocksize)
     n = math.prod(shape)
     flat = _packed_bytes(packed, shape)
     _check_pieces(

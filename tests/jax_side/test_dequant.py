@@ -346,3 +346,37 @@ def test_the_cpu_decode_is_the_kernel_where_ready(decode_path):
         p, a, kw = bnb_pieces(packed, qs)
         text = _lowered(lambda p, a, kw=kw: jax_side.dequantize_nf4(p, a, **kw), p, a)
         assert (_cpu_kernel.TARGET in text) == (decode_path == "kernel")
+
+
+def test_both_sides_read_integer_and_number_arguments_alike():
+    """numpy ints are ints and bools are not, on both sides; a Python number is an FP8 scale on both (as
+    its float32, also under jax_enable_x64); a block size is checked even where one scale ignores it."""
+    _, packed, qs = bnb_quantize((64, 128), nested=True)
+    t = dict(
+        shape=(64, 128), nested_absmax=qs.state2.absmax, nested_code=qs.state2.code, offset=float(qs.offset)
+    )
+    j = {**t, "nested_absmax": to_numpy(qs.state2.absmax), "nested_code": to_numpy(qs.state2.code)}
+    want = torch_side.dequantize_nf4(packed, qs.absmax, **t)
+    got = torch_side.dequantize_nf4(packed, qs.absmax, **{**t, "nested_blocksize": np.int64(256)})
+    assert_same_bits(to_numpy(got), to_numpy(want))
+    assert_same_bits(jax_side.dequantize_nf4(to_numpy(packed), to_numpy(qs.absmax), **j), to_numpy(want))
+    for side, p, a, kw in (
+        (torch_side, packed, qs.absmax, t),
+        (jax_side, to_numpy(packed), to_numpy(qs.absmax), j),
+    ):
+        with pytest.raises(ValueError, match="nested_blocksize must be a positive int, got True"):
+            side.dequantize_nf4(p, a, **{**kw, "nested_blocksize": True})
+        with pytest.raises(TypeError, match="offset must be"):
+            side.dequantize_nf4(p, a, **{**kw, "offset": True})
+    w = random_fp8((64, 64))
+    want = to_numpy(torch_side.dequantize_fp8(w, 2))
+    assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), 2), want)
+    assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), np.float64(2.0)), want)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), 2.0), want)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    for side in (torch_side, jax_side):
+        with pytest.raises(ValueError, match="block_size must be a positive int"):
+            side.fp8_scale_layout((4, 4), (1, 1), -1)
