@@ -64,6 +64,7 @@ from . import _cpu_kernel, _mosaic
 from ._casts import cast_exactly, exact_f32
 from ._codes import standard_code
 from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
+from ._layout import refuse_torch
 from ._nf4 import _bytes as _packed_bytes
 from ._nf4 import _decode_nested, _is_traced
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
@@ -701,6 +702,9 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
         raise TypeError(f"quantized_matmul takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
     if len(weight.shape) != 2:
         raise ValueError(f"quantized_matmul takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    for leaf in jax.tree_util.tree_leaves(weight):  # the pieces (and x, below) as dequantize() asks for them
+        refuse_torch(leaf, f"a piece of the {type(weight).__name__}")
+    refuse_torch(x, "x")
     if (
         not hasattr(x, "shape")
         or not hasattr(x, "dtype")

@@ -145,7 +145,11 @@ class _Sizes:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+        # a piece given as a Python number (an offset of 0.5, say) counts as the array it becomes
+        return sum(
+            jnp.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
+            for x in jax.tree_util.tree_leaves(self)
+        )
 
     @property
     def dense_nbytes(self) -> int:

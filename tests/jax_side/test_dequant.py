@@ -380,3 +380,18 @@ def test_both_sides_read_integer_and_number_arguments_alike():
     for side in (torch_side, jax_side):
         with pytest.raises(ValueError, match="block_size must be a positive int"):
             side.fp8_scale_layout((4, 4), (1, 1), -1)
+
+
+def test_a_kept_weight_with_a_torch_piece_or_a_number_offset():
+    """quantized_matmul named no torch piece ("Cannot interpret 'torch.uint8' as a data type"), and nbytes
+    failed on an offset given as a Python float, which dequantize() takes."""
+    rng = np.random.default_rng(0)
+    packed = rng.integers(0, 256, 32 * 64 // 2, dtype=np.uint8)
+    w = jax_side.NF4Weight(packed=torch.from_numpy(packed), absmax=jnp.ones(32, jnp.float32), shape=(32, 64))
+    with pytest.raises(TypeError, match=r"a piece of the NF4Weight is a torch tensor.*qbridge\.to_jax"):
+        jax_side.quantized_matmul(jnp.ones((2, 64)), w)
+    codes = jnp.asarray(rng.integers(0, 256, 32, dtype=np.uint8))
+    nested = jax_side.NF4Weight(packed=jnp.asarray(packed), absmax=codes, nested_absmax=jnp.ones(1, jnp.float32),
+                                offset=0.5, shape=(32, 64))  # fmt: skip
+    assert nested.nbytes == packed.nbytes + 32 + 4 + 4  # the offset as the float32 array it becomes
+    assert jax_side.quantized_nbytes({"w": nested}) == (nested.nbytes, 32 * 64 * 2)
