@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _cpu_kernel
-from ._layout import refuse_torch
+from ._layout import out_dtype, refuse_torch
 
 FP8_DTYPES = tuple(
     jnp.dtype(getattr(jnp, name))
@@ -213,13 +213,16 @@ def dequantize_fp8(
         raise TypeError(f"dequantize_fp8 takes a float8 weight, got {w.dtype}.{hint}")
     if isinstance(scale_inv, numbers.Real) and not isinstance(scale_inv, bool):  # a number: its float32, as
         scale_inv = np.float32(scale_inv)  # torch_side reads it (also under jax_enable_x64)
+    elif not hasattr(scale_inv, "shape"):  # None, a string, a list: not read as an array of some dtype
+        raise TypeError(
+            f"scale_inv must be an array or a real number, got {type(scale_inv).__name__} {scale_inv!r}"
+        )
     scale_inv = jnp.asarray(scale_inv)
     if scale_inv.dtype not in SCALE_DTYPES:
         raise TypeError(
             f"scale_inv must be float32, bfloat16, float16 or float8_e8m0fnu, got {scale_inv.dtype}"
         )
-    if jnp.dtype(dtype) not in OUT_DTYPES:
-        raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {jnp.dtype(dtype)}")
+    out_dtype(dtype, OUT_DTYPES, TypeError)
     layout = fp8_scale_layout(w.shape, scale_inv.shape, block_size)
     if transpose and w.ndim == 3 and layout.kind == "tensor" and not layout.stack:
         # one scale for a stacked [experts, out, in] weight: the same decode as that scale for each expert

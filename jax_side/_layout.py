@@ -232,6 +232,24 @@ def refuse_torch(value: Any, what: str) -> None:
         )
 
 
+def out_dtype(dtype: Any, allowed: Any, error: type[Exception]) -> Any:
+    """``dtype`` as a numpy dtype, one of ``allowed``; else ``error`` (TypeError for a torch dtype) naming it.
+    (``jnp.dtype(None)`` is float64, and a torch dtype gave numpy's "Cannot interpret" message.)"""
+    names = "float16, bfloat16 or float32"
+    if type(dtype).__module__.split(".")[0] == "torch":
+        raise TypeError(
+            f"dtype is a torch dtype ({dtype}); jax_side takes JAX or numpy dtypes, such as "
+            f"jnp.{str(dtype).removeprefix('torch.')}"
+        )
+    try:
+        d = jnp.dtype(dtype) if dtype is not None else None
+    except TypeError:
+        d = None
+    if d is None or d not in allowed:
+        raise error(f"output dtype must be {names}, got {d if d is not None else dtype!r}")
+    return d
+
+
 def apply_rule(x: Any, rule: LeafRule, *, dtype: Any = None, transposed: bool = False) -> Any:
     """Lays out one torch-layout array ``x`` for Flax under ``rule`` and casts it to ``dtype`` if given.
 

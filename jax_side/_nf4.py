@@ -36,7 +36,7 @@ from jax.interpreters import batching, mlir
 from . import _cpu_kernel
 from ._codes import standard_code
 from ._fp8 import _is_int
-from ._layout import refuse_torch
+from ._layout import out_dtype, refuse_torch
 from ._varying import vary_alike
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -114,8 +114,7 @@ def _check(
         raise ValueError(
             f"blocksize must be one of the ints {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
         )
-    if jnp.dtype(dtype) not in _OUT:
-        raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {jnp.dtype(dtype)}")
+    out_dtype(dtype, _OUT, ValueError)
     n = math.prod(shape)
     need = (n + 1) // 2
     # quant_storage wider than a byte rounds the byte count up to whole storage elements.

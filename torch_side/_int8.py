@@ -28,7 +28,7 @@ def dequantize_int8(
         A new tensor of ``CB``'s shape on ``CB``'s device.
 
     Raises:
-        TypeError: ``CB`` is not int8 or ``SCB`` not floating.
+        TypeError: ``CB`` is not int8, ``SCB`` not floating, or ``dtype`` not float16, bfloat16 or float32.
         ValueError: ``SCB`` does not have one value per row, or lives on another device.
     """
     CB, SCB = plain(require_tensor(CB, "CB")), plain(require_tensor(SCB, "SCB"))
@@ -36,6 +36,8 @@ def dequantize_int8(
         raise TypeError(f"CB must be int8, got {CB.dtype}")
     if not SCB.is_floating_point():
         raise TypeError(f"SCB must be floating (bitsandbytes stores float32), got {SCB.dtype}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
     rows = CB.shape[0] if CB.dim() else 1
     if SCB.numel() != rows:
         raise ValueError(f"SCB has {SCB.numel()} values for the {rows} rows of a {tuple(CB.shape)} weight")
@@ -43,4 +45,5 @@ def dequantize_int8(
     with on_device(CB.device), torch.no_grad():
         scale = SCB.to(torch.float32).reshape(rows, *([1] * max(CB.dim() - 1, 0)))
         out = CB.to(torch.float32) * scale * RECIPROCAL_127
+    out = out.reshape(CB.shape)  # a 0-d CB's one row was made [1]
     return out if dtype == torch.float32 else out.to(dtype)

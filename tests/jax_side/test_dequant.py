@@ -395,3 +395,24 @@ def test_a_kept_weight_with_a_torch_piece_or_a_number_offset():
                                 offset=0.5, shape=(32, 64))  # fmt: skip
     assert nested.nbytes == packed.nbytes + 32 + 4 + 4  # the offset as the float32 array it becomes
     assert jax_side.quantized_nbytes({"w": nested}) == (nested.nbytes, 32 * 64 * 2)
+
+
+def test_dtypes_and_scales_that_are_not_arrays_are_named():
+    """dtype=None read as float64, a torch dtype gave numpy's "Cannot interpret", a scale of None or "2" gave
+    JAX's internal errors; dequantize_int8 took dtype="float16" for a device and returned a 0-d CB as [1]."""
+    p, a = np.zeros(32, np.uint8), np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="output dtype must be float16, bfloat16 or float32, got None"):
+        jax_side.dequantize_nf4(p, a, shape=(64,), dtype=None)
+    with pytest.raises(TypeError, match=r"dtype is a torch dtype \(torch.bfloat16\).*jnp.bfloat16"):
+        jax_side.dequantize_nf4(p, a, shape=(64,), dtype=torch.bfloat16)
+    w8 = jnp.ones((4, 4), jnp.float8_e4m3fn)
+    for bad in (None, "2", [2.0]):
+        with pytest.raises(TypeError, match="scale_inv must be an array or a real number"):
+            jax_side.dequantize_fp8(w8, bad)
+    with pytest.raises(TypeError, match="output dtype must be"):
+        jax_side.dequantize_fp8(w8, 2.0, dtype=jnp.int8)
+    cb = torch.tensor([[5, -3], [127, -127]], dtype=torch.int8)
+    for bad in ("float16", torch.int8):
+        with pytest.raises(TypeError, match=r"dtype must be torch\.float16, torch\.bfloat16 or torch\.float32"):
+            torch_side.dequantize_int8(cb, torch.ones(2), dtype=bad)
+    assert torch_side.dequantize_int8(torch.tensor(5, dtype=torch.int8), torch.ones(1)).shape == ()
