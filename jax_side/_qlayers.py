@@ -155,7 +155,7 @@ def _make_linen():
             weight = quantized(self, "kernel")
             if weight.shape[0] != self.features:
                 raise ValueError(
-                    f"{self.name}: features={self.features} but the weight has {weight.shape[0]} outputs"
+                    f"{self.name or type(self).__name__}: features={self.features} but the weight has {weight.shape[0]} outputs"
                 )
             bias = (
                 self.param("bias", linen.initializers.zeros_init(), (self.features,))

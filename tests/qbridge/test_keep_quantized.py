@@ -504,3 +504,14 @@ def test_a_kept_linears_bias_is_checked_as_the_models_other_parameters_are(bias,
     assert isinstance(model.l1, nnx.Linear)
     jax_side.load_quantized_into_nnx(model, {"l1": {"kernel": weight, "bias": np.ones(32, np.float32)}})
     assert np.array_equal(np.asarray(model.l1(jnp.zeros((1, 64)))), np.ones((1, 32), np.float32))
+
+
+def test_an_unnamed_linen_layer_names_its_class_in_errors():
+    """A QuantDense applied on its own (no parent: no name) began its error with "None: ..."."""
+    rng = np.random.default_rng(0)
+    weight = jax_side.NF4Weight(
+        packed=jnp.asarray(rng.integers(0, 256, 32 * 64 // 2, dtype=np.uint8)),
+        absmax=jnp.ones(32 * 64 // 64, jnp.float32), shape=(32, 64), dtype="float32",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"^QuantDense: features=16 but the weight has 32 outputs"):
+        jax_side.QuantDense(16).apply({"quantized": {"kernel": weight}}, jnp.ones((1, 64)))
