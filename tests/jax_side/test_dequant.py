@@ -413,6 +413,8 @@ def test_dtypes_and_scales_that_are_not_arrays_are_named():
         jax_side.dequantize_fp8(w8, 2.0, dtype=jnp.int8)
     cb = torch.tensor([[5, -3], [127, -127]], dtype=torch.int8)
     for bad in ("float16", torch.int8):
-        with pytest.raises(TypeError, match=r"dtype must be torch\.float16, torch\.bfloat16 or torch\.float32"):
+        with pytest.raises(
+            TypeError, match=r"dtype must be torch\.float16, torch\.bfloat16 or torch\.float32"
+        ):
             torch_side.dequantize_int8(cb, torch.ones(2), dtype=bad)
     assert torch_side.dequantize_int8(torch.tensor(5, dtype=torch.int8), torch.ones(1)).shape == ()
