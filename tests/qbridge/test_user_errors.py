@@ -304,7 +304,7 @@ def test_messages_name_the_argument_and_the_transformation():
         jax_side.dequantize_nf4(torch.zeros(8, dtype=torch.uint8), jnp.ones(1), shape=(4, 4))
     with pytest.raises(ValueError, match="JAX has 1 CPU device"):
         qbridge.to_jax(torch.ones(2), device="cpu:3")
-    from jax_side._tree import refuse_torch
+    from jax_side._layout import refuse_torch
 
     refuse_torch(torch.Size([2, 2]), "a shape")  # a torch.Size is a shape, not a tensor: not refused
 

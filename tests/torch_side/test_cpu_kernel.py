@@ -533,8 +533,8 @@ def test_out_and_inputs_autograd_and_functorch_see_after_a_plan_exists(kernel):
     """What the torch path gives autograd, forward-mode AD and torch.func, a call through a plan gives too
     (a plan's kernel call would drop a graph, a tangent or a batch): an out with a tangent gets it zeroed,
     a zero tensor out is refused as immutable, vmap over out works, and scales that need a graph or carry a
-    tangent are refused as the torch path refuses them (its multiply writes with out=), not decoded without
-    them, before and after a plan exists."""
+    tangent get them (the torch path's operations), not a result without them, before and after a plan
+    exists."""
     import torch.autograd.forward_ad as fwad
 
     packed = torch.randint(0, 256, (2048,), dtype=torch.uint8)
@@ -553,19 +553,23 @@ def test_out_and_inputs_autograd_and_functorch_see_after_a_plan_exists(kernel):
             primal, tangent = fwad.unpack_dual(out)
             assert_bitwise_equal(primal, want)
             assert tangent is None or not tangent.any(), call
-            # the torch path refuses a tangent on the scales (its out= multiply has no forward AD): a plan
-            # must not drop the tangent silently instead
-            with pytest.raises(NotImplementedError, match="forward AD"):
+            # a tangent on the scales is carried (the torch path's operations), planned or not: a plan must
+            # not drop it
+            primal, tangent = fwad.unpack_dual(
                 torch_side.dequantize_nf4(packed, fwad.make_dual(absmax, torch.ones(64)), **kw)
+            )
+            assert_bitwise_equal(primal, want)
+            assert tangent is not None and tangent.any(), call
         with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
             torch_side.dequantize_nf4(packed, absmax, **kw, out=torch._efficientzerotensor((64, 64)))
         outs = torch.zeros(3, 64, 64)
         torch.func.vmap(lambda o: torch_side.dequantize_nf4(packed, absmax, **kw, out=o))(outs)
         assert_bitwise_equal(outs, want.expand(3, 64, 64))
-        needs_grad = absmax.clone().requires_grad_()  # refused by the torch path's out= multiply, as is
+        needs_grad = absmax.clone().requires_grad_()  # a graph, as the torch path's operations build it
         for out in (None, torch.empty(64, 64)):
-            with pytest.raises(RuntimeError, match="don't support automatic differentiation"):
-                torch_side.dequantize_nf4(packed, needs_grad, **kw, out=out)
+            got = torch_side.dequantize_nf4(packed, needs_grad, **kw, out=out)
+            assert got.requires_grad and got.grad_fn is not None, call
+            assert_bitwise_equal(got.detach(), want)
 
 
 def test_the_torch_path_flushes_every_denormal_product(kernel):
