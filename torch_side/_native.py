@@ -203,15 +203,27 @@ def readable(*tensors: torch.Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is None or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if t is None or _carries(t, grad):
             return False
         if t.device.type != "cpu" or not t.is_contiguous() or t.is_neg() or t.is_conj():
             return False
-        if (grad and t.requires_grad) or (
-            fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None
-        ):
-            return False
     return True
+
+
+def _carries(t: torch.Tensor, grad: bool) -> bool:
+    return (
+        torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or (grad and t.requires_grad)
+        or (fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None)
+    )
+
+
+def carries(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` carries more than its values: a functorch wrapper, a graph to build
+    (requires grad while grad is enabled) or a forward-mode tangent, which a result the kernel writes, or
+    one written through ``out=``, would drop (None: nothing)."""
+    grad = torch.is_grad_enabled()
+    return any(t is not None and _carries(t, grad) for t in tensors)
 
 
 def cpu_fp8(wait: bool = False) -> Any:

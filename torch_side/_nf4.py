@@ -38,7 +38,7 @@ from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._integers import is_int
-from ._native import CPU_KINDS, cpu_4bit, cpu_4bit_t, readable, transposes_well
+from ._native import CPU_KINDS, carries, cpu_4bit, cpu_4bit_t, readable, transposes_well
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, _shape, quant_state_pieces
 
@@ -120,10 +120,14 @@ def _check_pieces(
             )
         if not is_int(nested_blocksize) or nested_blocksize <= 0:  # numpy's ints too, not bools
             raise ValueError(f"nested_blocksize must be a positive int, got {nested_blocksize!r}")
-        if isinstance(offset, bool):
-            raise TypeError(
+
+        def not_one_number() -> TypeError:  # made only when raised: a tensor's repr is costly
+            return TypeError(
                 f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
             )
+
+        if isinstance(offset, bool):
+            raise not_one_number()
         n_nested = -(-nblocks // nested_blocksize)
         if nested_absmax.numel() != n_nested:
             raise ValueError(
@@ -149,13 +153,9 @@ def _check_pieces(
             try:
                 as_tensor = torch.as_tensor(offset)
             except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-                raise TypeError(
-                    f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
-                ) from e
+                raise not_one_number() from e
             if as_tensor.is_complex() or as_tensor.dtype == torch.bool:
-                raise TypeError(
-                    f"{where}: offset must be one real number (a float, or a one-element tensor), got {offset!r}"
-                )
+                raise not_one_number()
             if as_tensor.numel() != 1:
                 raise ValueError(
                     f"{where}: offset must be one number, got {as_tensor.numel()} values: {offset!r}"
@@ -259,21 +259,6 @@ def _wrapped(*tensors: torch.Tensor) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _carries(*tensors: torch.Tensor | None) -> bool:
-    """Whether any of ``tensors`` carries more than its values: a graph to build (requires grad while grad is
-    enabled), a forward-mode tangent, or a functorch wrapper. Such a decode runs out of place."""
-    grad = torch.is_grad_enabled()
-    return any(
-        t is not None
-        and (
-            (grad and t.requires_grad)
-            or torch._C._functorch.is_functorch_wrapped_tensor(t)
-            or (fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None)
-        )
-        for t in tensors
-    )
-
-
 def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
     """Whether some ``code[q] * absmax`` product may be denormal (then flushed to zero, as bitsandbytes'
     CUDA kernel does): only scales below ``FLT_MIN / smallest nonzero |code|`` can make one."""
@@ -303,7 +288,7 @@ def dequantize_4bit_reference(
     values = torch.nn.functional.embedding(flat.reshape(-1).to(torch.int32), pair_table(code)).reshape(-1)[:n]
     scales = absmax.reshape(-1)
     full = n - n % blocksize
-    if _carries(flat, absmax, code):  # out of place: vmap cannot write batched scales into unbatched values
+    if carries(flat, absmax, code):  # out of place: vmap cannot write batched scales into unbatched values
         parts = [(values[:full].view(-1, blocksize) * scales[: full // blocksize, None]).reshape(-1)]
         if full < n:
             parts.append(values[full:] * scales[full // blocksize])
@@ -775,7 +760,7 @@ def dequantize_nf4(
             )
     device = flat.device
     # (a table that carries a graph, a tangent or a transform is used as given, even with the standard values)
-    standard = code is None or (not _carries(code) and is_standard_code(code, quant_type))
+    standard = code is None or (not carries(code) and is_standard_code(code, quant_type))
     chosen = choose_4bit_backend(
         device, backend, shape=shape, blocksize=blocksize, quant_type=quant_type, standard_code=standard
     )
