@@ -303,20 +303,14 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
                     "the parameters must follow the model's own structure, as qbridge.load_checkpoint(path, "
                     "target=model, keep_quantized=True) returns them"
                 )
-            if (
-                bias is not None
-            ):  # as the model's other parameters are checked (below): an array of [out] floats
+            # checked as the model's other parameters are (below): an array of [out] floats
+            if bias is not None:
                 if not hasattr(bias, "shape") or not hasattr(bias, "dtype"):
                     raise TypeError(
                         f"{dotted((*module_path, 'bias'))}: the bias must be an array, got {type(bias).__name__}"
                     )
                 _check_shape((*module_path, "bias"), tuple(bias.shape), (old.out_features,), "[out]")
-                if not jnp.issubdtype(bias.dtype, jnp.inexact):
-                    raise ValueError(
-                        f"{dotted((*module_path, 'bias'))}: {bias.dtype} values where the model holds a float "
-                        "bias: these parameters were not loaded for this model (load them with "
-                        "qbridge.load_checkpoint(path, target=model, keep_quantized=True))"
-                    )
+                _check_float((*module_path, "bias"), bias.dtype, old.bias[...].dtype)
             if bias is None and getattr(old, "bias", None) is not None:
                 bias = old.bias[...]
             new = classes["QuantLinear"](weight, bias, dtype=dtype if dtype is not None else old.dtype)
@@ -352,14 +346,7 @@ def load_quantized_into_nnx(model: Any, params: Mapping[Any, Any], *, dtype: Any
             )
         if hasattr(held, "shape"):
             _check_shape(path, tuple(jnp.shape(value)), tuple(held.shape), "as the model holds it")
-            if jnp.issubdtype(held.dtype, jnp.inexact) and not jnp.issubdtype(
-                jnp.result_type(value), jnp.inexact
-            ):
-                raise ValueError(
-                    f"{dotted(path)}: {jnp.result_type(value)} values where the model holds "
-                    f"{held.dtype}: these parameters were not loaded for this model (load them with "
-                    "qbridge.load_checkpoint(path, target=model, keep_quantized=True))"
-                )
+            _check_float(path, jnp.result_type(value), held.dtype)
     if not swaps:
         warn_at_caller(
             "load_quantized_into_nnx: these parameters hold no kept-quantized weight (loaded without "
@@ -396,6 +383,15 @@ def _check_shape(path: tuple[Any, ...], got: tuple[int, ...], want: tuple[int, .
             f"{dotted(path)}: shape {got} where the model's is {want} ({layout}): these parameters "
             "were loaded for another model; load them with qbridge.load_checkpoint(path, target=model, "
             "keep_quantized=True) for this one"
+        )
+
+
+def _check_float(path: tuple[Any, ...], got: Any, held: Any) -> None:
+    """Integers where the model holds floats are parameters of something else, refused before the model changes."""
+    if jnp.issubdtype(held, jnp.inexact) and not jnp.issubdtype(got, jnp.inexact):
+        raise ValueError(
+            f"{dotted(path)}: {got} values where the model holds {held}: these parameters were not loaded "
+            "for this model (load them with qbridge.load_checkpoint(path, target=model, keep_quantized=True))"
         )
 
 
