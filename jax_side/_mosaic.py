@@ -8,7 +8,8 @@ each block of a row is decoded in registers and multiplied on the tensor cores w
 - 4-bit: x's even and odd columns meet the high and low nibbles of bitsandbytes' packed bytes (XLA orders
   each 64 or 128 columns of x evens first, in the one transpose that pads x before the call). Each element
   is ``round(code[nibble] * absmax)`` in x's dtype (bitsandbytes' order of operations, as
-  ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once per absmax block and
+  ``jax_side.dequantize_nf4`` then a cast). Each row's 16 products are made once per absmax block, a
+  quarter by each of the four threads that hold the row and shared by shuffles within the quad, and
   looked up by byte permutes (``prmt.b32``: 12 instructions per four elements, no multiply or rounding per
   element); ``_products = False`` looks the table up instead and multiplies each element (24 instructions
   per four float32 lookups). A nested absmax is handed over as stored: each program copies its codes, the
@@ -226,10 +227,31 @@ PRODUCT_LOOKUP_PTX = "\n".join([
 ])  # fmt: skip
 
 
+# A row's two byte tables made by the four threads of a quad that hold the row (the warpgroup MMA's layout
+# gives threads 4q..4q+3 of a warp the same rows), each making a quarter: thread t of the quad multiplies
+# entries 4t..4t+3 (:func:`quad_entries`) into the pairs $8 (entries 4t, 4t + 1) and $9 (4t + 2, 4t + 3),
+# permutes them into its word of each table, and gathers the quad's four words of each by shuffles within
+# the quad (``shfl.sync.idx`` with segments of 4 lanes: ``c = 0x1c1f``). $0..$7 as PRODUCT_TABLES_PTX's:
+# 4 multiplies, 2 conversions, 2 permutes and 8 shuffles per table, where each thread making all of it
+# takes 16, 8 and 8.
+QUAD_TABLES_PTX = "\n".join(
+    ["{", ".reg .b32 lo, hi;", "prmt.b32 lo, $8, $9, 0x6420;", "prmt.b32 hi, $8, $9, 0x7531;"]
+    + [f"shfl.sync.idx.b32 ${w}, lo, {w}, 0x1c1f, 0xffffffff;" for w in range(4)]
+    + [f"shfl.sync.idx.b32 ${w + 4}, hi, {w}, 0x1c1f, 0xffffffff;" for w in range(4)]
+    + ["}"]
+)
+
+
+def quad_entries(lane: int) -> range:
+    """The table entries thread ``lane`` of a warp multiplies for QUAD_TABLES_PTX: its quarter of 16."""
+    return range(4 * (lane % 4), 4 * (lane % 4) + 4)
+
+
 def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
     """As :func:`_decoder`, with each row's 16 products ``round(table[j] * absmax)`` made once per absmax
     block and looked up (12 instructions per four elements, no multiply or rounding per element): the same
-    values, as bitsandbytes rounds them."""
+    values, as bitsandbytes rounds them. With ``_quad_tables`` the four threads holding a row make its
+    products a quarter each and share them (QUAD_TABLES_PTX); otherwise each makes all 16."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, vector
     from jax.experimental.mosaic.gpu import fragmented_array as fa
@@ -246,8 +268,26 @@ def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
         v2, o2 = ir.VectorType.get((2,), f32), ir.VectorType.get((2,), odt)
         consts = [mgu.c(v, f32) for v in values]
         tables: dict[Any, list[Any]] = {}  # (block, the row a register holds) -> 8 words
+        if _quad_tables:  # this thread's quarter of the table: quad_entries(lane)
+            quarter = arith.andi(mgu.thread_idx(), mgu.c(3, i32))
+            mine = [consts[i] for i in quad_entries(0)]
+            for t in (1, 2, 3):
+                at_t = arith.cmpi(arith.CmpIPredicate.eq, quarter, mgu.c(t, i32))
+                mine = [arith.select(at_t, consts[e], v) for e, v in zip(quad_entries(t), mine, strict=True)]
+
+        def quad_tables(s: Any) -> list[Any]:
+            pairs = []
+            for i in range(2):
+                prods = vector.from_elements(v2, [arith.mulf(mine[2 * i], s), arith.mulf(mine[2 * i + 1], s)])
+                pairs.append(mgu.bitcast(arith.truncf(o2, prods), i32))  # to nearest even, as astype
+            words = llvm.inline_asm(llvm.StructType.get_literal([i32] * 8), pairs, QUAD_TABLES_PTX,
+                                    ",".join(["=r"] * 8 + ["r"] * 2))  # fmt: skip
+            assert isinstance(words, ir.Value)
+            return [llvm.extractvalue(i32, words, [i]) for i in range(8)]
 
         def row_tables(s: Any) -> list[Any]:
+            if _quad_tables:
+                return quad_tables(s)
             pairs = []
             for i in range(8):
                 prods = vector.from_elements(
@@ -286,6 +326,9 @@ def _products_decoder(dtype: Any, table: Any, group: int = 1) -> Any:
 # False: FP8 block scales laid out per row by XLA before every call, as before 2026-12-01 (benchmarks time both)
 _grid_scales = True
 _products = True  # False: the byte-permute lookup of the table (benchmarks/fused_matmul_mosaic.py times both)
+# True: each row's product tables made a quarter by each thread of the quad holding the row, and shared by
+# shuffles (QUAD_TABLES_PTX); False: each thread makes the whole of each table (benchmarks time both)
+_quad_tables = True
 
 
 class _Format(NamedTuple):

@@ -832,6 +832,70 @@ def test_the_product_tables_give_each_rounded_product(dtype):
             assert got == want, (absmax, hex(sel))
 
 
+def run_ptx_warp(ptx: str, outputs: int, inputs: list[list[int]]) -> list[list[int]]:
+    """:func:`run_ptx` for lanes 0..len(inputs)-1 of one warp in step, ``inputs[lane]`` each lane's operands,
+    with ``shfl.sync.idx.b32 d, a, b, c, 0xffffffff`` as PTX defines it (the source lane ``(lane & segmask) |
+    (b & ~segmask)``, ``segmask = c[12:8]``, a lane's own value where that is beyond ``(lane & segmask) |
+    c[4:0]`` or beyond the lanes run)."""
+    regs = [{f"${outputs + i}": v for i, v in enumerate(own)} for own in inputs]
+
+    def value(lane: int, t: str) -> int:
+        return regs[lane][t] if t in regs[lane] else _immediate(t)
+
+    for line in ptx.splitlines():
+        op, _, rest = line.strip().rstrip(";").partition(" ")
+        if op in ("{", "}", ".reg"):
+            continue
+        dest, *src = (t.strip() for t in rest.split(","))
+        assert not dest.startswith("$") or int(dest[1:]) < outputs, f"writes the input {dest}"
+        if op == "shfl.sync.idx.b32":
+            a, b, c, mask = src
+            assert int(mask, 0) == 0xFFFFFFFF, mask
+            new = []
+            for lane in range(len(regs)):
+                seg, clamp, bv = (value(lane, c) >> 8) & 31, value(lane, c) & 31, value(lane, b) & 31
+                j = (lane & seg) | (bv & ~seg & 31)
+                ok = j <= ((lane & seg) | (clamp & ~seg & 31)) and j < len(regs)
+                new.append(value(j if ok else lane, a))
+            for lane, v in enumerate(new):
+                regs[lane][dest] = v
+        else:
+            for lane in range(len(regs)):
+                regs[lane][dest] = _OPS[op]([value(lane, t) for t in src])
+    return [[lane_regs[f"${i}"] for i in range(outputs)] for lane_regs in regs]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_quad_makes_each_row_table_a_quarter_each(quant_type, dtype):
+    """QUAD_TABLES_PTX on two quads of a warp (each lane holding its quad's row, with its own absmax):
+    every lane ends with the words PRODUCT_TABLES_PTX makes from all 16 products of its row."""
+    code = standard_code(quant_type)
+    rng = np.random.default_rng(0)
+    for absmaxes in ([np.float32(0.0371), np.float32(17.25)], rng.random(2, np.float32) * 100):
+        lanes, want = [], []
+        for lane in range(8):
+            products = (code * absmaxes[lane // 4]).astype(dtype).view(np.uint16).astype(np.int64)
+            pairs = [int(products[2 * i] | products[2 * i + 1] << 16) for i in range(8)]
+            want.append(run_ptx(_mosaic.PRODUCT_TABLES_PTX, 8, pairs))
+            e = list(_mosaic.quad_entries(lane))  # the entries this lane multiplies
+            lanes.append(
+                [int(products[e[0]] | products[e[1]] << 16), int(products[e[2]] | products[e[3]] << 16)]
+            )
+        assert run_ptx_warp(_mosaic.QUAD_TABLES_PTX, 8, lanes) == want
+    assert sorted(e for lane in range(4) for e in _mosaic.quad_entries(lane)) == list(range(16))
+
+
+def test_the_warp_interpreter_shuffles_within_segments():
+    def shuffle(b: int, c: int) -> list[int]:
+        ptx = f"{{\nshfl.sync.idx.b32 $0, $1, {b}, {c:#x}, 0xffffffff;\n}}"
+        return [got[0] for got in run_ptx_warp(ptx, 1, [[10 * lane] for lane in range(8)])]
+
+    assert shuffle(2, 0x1C1F) == [20, 20, 20, 20, 60, 60, 60, 60]  # within each quad
+    assert shuffle(5, 0x1F) == [50] * 8  # the whole warp
+    assert shuffle(3, 0x1C01) == [0, 10, 20, 30, 40, 50, 60, 70]  # beyond the clamp: each lane its own
+
+
 def test_the_interpreter_notices_a_changed_instruction():
     ptx = _mosaic.lookup_ptx(standard_code("nf4")).replace("$0, u01, u23, 0x5410", "$0, u01, u23, 0x5401")
     assert run_ptx(ptx, 4, [0x0001]) != [int(v) for v in standard_code("nf4")[[1, 0, 0, 0]].view(np.uint32)]
@@ -1221,6 +1285,34 @@ def _on_hopper() -> bool:
 
 
 @pytest.mark.gpu
+def test_a_quads_shared_tables_give_the_bits_of_each_threads_own():
+    """The product tables made a quarter per thread and shared in the quad give the same outputs, bit for bit,
+    as each thread making them whole: nested and plain absmax, NF4 and FP4, both dtypes, x's rows padded."""
+    if not _on_hopper():
+        pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
+    gpu = jax.devices("gpu")[0]
+    weights = [
+        nf4((192, 768), quant_type="fp4", nested=False),
+        nf4((1024, 4096), seed=4),
+        nf4((320, 1024), seed=6),
+    ]
+    for w in weights:
+        w = jax.device_put(w, gpu)
+        for m, dtype in ((2, jnp.bfloat16), (16, jnp.float16), (33, jnp.bfloat16), (128, jnp.bfloat16)):
+            x = jax.device_put(x_for(m, w.shape[1], dtype, seed=m), gpu)
+            weight = dataclasses.replace(w, dtype=jnp.dtype(dtype).name)
+            got = {}
+            for quad in (True, False):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(_mosaic, "_quad_tables", quad)
+                    lowered = jax.jit(lambda x, w: _mosaic.nf4_matmul(x, w)).lower(x, weight)  # traced here
+                got[quad] = np.asarray(lowered.compile()(x, weight).astype(jnp.float32))
+            np.testing.assert_array_equal(got[True], got[False], err_msg=f"{w.shape} {m} {dtype}")
+            assert np.abs(got[True]).max() > 0
+            assert_close(got[True].astype(dtype), x, weight)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "make",
     [lambda: nf4((128, 512)), lambda: nf4((192, 768), quant_type="fp4", nested=False), lambda: nf4((4096, 4096), seed=3),
@@ -1229,9 +1321,13 @@ def _on_hopper() -> bool:
     ids=["nf4 nested", "fp4 plain", "nf4 4096x4096", "nf4 1024x4096", "nf4 1024x4096 standard table left out",
          "fp8 block 128", "fp8 per-row", "fp8 4096x4096"],
 )  # fmt: skip
-@pytest.mark.parametrize("products", [False, True], ids=["lookup", "product tables"])
-def test_on_a_hopper_gpu(make, products, monkeypatch):
+@pytest.mark.parametrize(
+    "products, quad", [(False, False), (True, True), (True, False)],
+    ids=["lookup", "product tables", "product tables each thread makes whole"],
+)  # fmt: skip
+def test_on_a_hopper_gpu(make, products, quad, monkeypatch):
     monkeypatch.setattr(_mosaic, "_products", products)
+    monkeypatch.setattr(_mosaic, "_quad_tables", quad)
     if not _on_hopper():
         pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
     w = make()
