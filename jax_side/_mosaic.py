@@ -67,6 +67,12 @@ _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
 _SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
+# 4-bit weights and up to 32 rows of x: a pipeline of 2 steps, and the contraction split until the grid holds
+# this many programs (several per multiprocessor: the kernel waits on its own instructions' latency, and
+# shared memory for 2 steps lets 4 programs share one). At 14336x4096 and 16 rows on an H200 the kernel took
+# 0.80x its time with 4 steps and the grid filled once (benchmarks/RESULTS.md).
+_NF4_SMALL_STAGES = 2
+_NF4_SMALL_PROGRAMS = 6 * _SMS
 _TMA_SIDE = 256  # the most elements along each side of one TMA copy
 _force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
 # True: one row of x comes here too (padded to 16 rows), not to XLA's one-row reduction (jax_side._fused)
@@ -448,11 +454,12 @@ def _absmax_filler(width: int, *, kb: int, nested_blocksize: int) -> Any:
 
 def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt: _Format, *, m: int,
                     out_dtype: Any, split: int | None, stages: int, scale_rows: int | None = None,
-                    nested: Nested | None = None) -> jax.Array:  # fmt: skip
+                    nested: Nested | None = None, programs: int = 0) -> jax.Array:  # fmt: skip
     """``decode(W) @ xt`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns, ``scales_t`` float32
     ``[kw / cols, n]``, ``xt [kx, rows]`` x transposed, its rows padded and, with ``fmt.parts`` left operands
     per block, each ``fmt.group`` blocks' rows ordered as the operands meet them.
-    The contraction is split until the grid fills the multiprocessors (float32 partial sums, added by XLA).
+    The contraction is split until the grid fills the multiprocessors, or holds ``programs`` programs where
+    that is given (float32 partial sums, added by XLA).
 
     With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
     ``[ceil(n / scale_rows), kw / cols]``: each program copies the part of its row its steps use into shared
@@ -479,7 +486,7 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
     if split is None:
         split = 1
         while (
-            tiles * split < _SMS
+            tiles * split < (programs or _SMS)
             and steps % (split * 2) == 0
             and steps // (split * 2) >= 2
             and whole(split * 2)
@@ -618,6 +625,7 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
 
 
 _STAGES = {16: 4, 32: 4, 64: 3, 128: 2}  # pipeline depth by x's padded rows: shared memory holds x's tiles
+_stages = 0  # one pipeline depth for every call (benchmarks try depths); 0: by x's rows
 
 
 def _padded_rows(m: int) -> int:
@@ -665,8 +673,10 @@ def kernel(
     decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
     fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group, parts=2)
     nested, scales_t = (absmax_t, None) if isinstance(absmax_t, Nested) else (None, absmax_t)
-    return _swapped_matmul(xt, q, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype,
-                           split=split, stages=stages or _STAGES[rows], nested=nested)  # fmt: skip
+    small = rows <= 32
+    stages = stages or _stages or (_NF4_SMALL_STAGES if small else _STAGES[rows])
+    return _swapped_matmul(xt, q, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split, stages=stages,
+                           nested=nested, programs=_NF4_SMALL_PROGRAMS if small else 0)  # fmt: skip
 
 
 def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
@@ -683,7 +693,7 @@ def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | 
     fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
     xt = _padded_t(x)
     return _swapped_matmul(xt, w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
-                           stages=stages or _STAGES[xt.shape[1]], scale_rows=scale_rows)  # fmt: skip
+                           stages=stages or _stages or _STAGES[xt.shape[1]], scale_rows=scale_rows)  # fmt: skip
 
 
 def _stored(w: NF4Weight) -> tuple[jax.Array, jax.Array | Nested]:

@@ -925,6 +925,24 @@ def hopper(monkeypatch, request):
     monkeypatch.setattr(_mosaic, "_products", request.param)
 
 
+def test_few_rows_split_the_4bit_contraction_for_several_programs_per_multiprocessor(hopper):
+    """Up to 32 rows of x, a 4-bit weight's grid is split until it holds _NF4_SMALL_PROGRAMS programs (where
+    the contraction allows: each program at least two pipeline steps); from 33 rows
+    it fills the multiprocessors once, as FP8 does. Read from the partial sums' shape in the lowered program."""
+    w = jax.eval_shape(lambda: jax_side.NF4Weight(packed=jnp.zeros((4096 * 4096 // 2,), jnp.uint8),
+                                                  absmax=jnp.ones((4096 * 4096 // 64,)), shape=(4096, 4096)))  # fmt: skip
+
+    def parts(m: int) -> int:
+        text = _lowered(jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16), w)
+        assert "mosaic_gpu" in text
+        return int(re.findall(r"tensor<(\d+)x4096x\d+xf32>", text)[0])
+
+    tiles, steps = 4096 // 64, 4096 // (64 * _mosaic._BLOCKS)
+    assert tiles * steps // 2 < _mosaic._NF4_SMALL_PROGRAMS  # so the split stops where the steps run out
+    assert [parts(m) for m in (2, 16, 32)] == [steps // 2] * 3
+    assert [parts(m) for m in (33, 64, 128)] == [4] * 3  # 64 tiles x 4 = 256 programs: the first past 132
+
+
 def test_which_calls_take_it(hopper, monkeypatch):
     w = nf4((128, 512))
     fits = [(m, dt) for m in (2, 5, 16, 17, 33, 64, _mosaic.MAX_ROWS) for dt in (jnp.bfloat16, jnp.float16)]
