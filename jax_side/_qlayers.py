@@ -112,7 +112,7 @@ def _make_nnx():
             return table if self.dtype is None else cast_exactly(table, self.dtype)
 
         def __call__(self, ids: jax.Array) -> jax.Array:
-            return jnp.take(self._table(), ids, axis=0)
+            return jnp.take(self._table(), _ids(ids, "QuantEmbed"), axis=0)
 
         def attend(self, query: jax.Array) -> jax.Array:
             """``query @ table.T`` as ``nnx.Embed.attend`` computes it (tied output layers); ``query`` is
@@ -122,6 +122,19 @@ def _make_nnx():
             return quantized_matmul(query.astype(dtype), weight)
 
     return QuantizedVariable, QuantLinear, QuantEmbed
+
+
+def _ids(ids: Any, who: str) -> jax.Array:
+    """``ids`` as an integer array, as ``nnx.Embed``/``linen.Embed`` take them.
+
+    Raises:
+        ValueError: ids of another dtype (floats, bools), naming the layer (the error type flax raises).
+    """
+    ids = jnp.asarray(ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{who}: ids must be integers (rows of the table), got {ids.dtype}; cast them with "
+                         "ids.astype(jnp.int32) if they hold whole numbers")  # fmt: skip
+    return ids
 
 
 def _make_linen():
@@ -192,6 +205,7 @@ def _make_linen():
 
         @linen.compact
         def __call__(self, ids: jax.Array) -> jax.Array:
+            ids = _ids(ids, self.name or type(self).__name__)
             table = jax.lax.stop_gradient(quantized(self, "embedding").dequantize())
             return jnp.take(table if self.dtype is None else cast_exactly(table, self.dtype), ids, axis=0)
 

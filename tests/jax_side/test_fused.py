@@ -646,6 +646,25 @@ def test_tied_output_layer_uses_the_kernel():
     assert_close(got, q, table)
 
 
+def test_embedding_lookups_take_integer_ids_only():
+    """QuantEmbed (nnx) and QuantEmbedLinen look up the dequantized table's rows for integer ids (arrays or
+    lists), and refuse float and bool ids by the layer's name, with flax's error type."""
+    table = nf4((50, 64))
+    dense = np.asarray(table.dequantize())
+    embed = jax_side.QuantEmbed(table)
+    ids = np.array([[0, 49, 7], [3, 3, 12]], np.int32)
+    assert_same_bits(embed(jnp.asarray(ids)), jnp.asarray(dense[ids]))
+    assert_same_bits(embed([1, 2]), jnp.asarray(dense[[1, 2]]))
+    linen_embed = jax_side.QuantEmbedLinen(name="embed")
+    variables = {"quantized": {"embedding": table}}
+    assert_same_bits(linen_embed.apply(variables, jnp.asarray(ids, jnp.uint8)), jnp.asarray(dense[ids]))
+    for bad in (jnp.array([1.0, 2.0]), jnp.array([True, False]), [0.5]):
+        with pytest.raises(ValueError, match="QuantEmbed: ids must be integers"):
+            embed(bad)
+        with pytest.raises(ValueError, match="embed: ids must be integers"):
+            linen_embed.apply(variables, bad)
+
+
 def test_sharded_weights():
     """Weights and inputs placed over 4 CPU devices, on meshes with automatic and with explicit axes (JAX's
     sharding in types), with the mesh set as the context's or not: the interpreted kernel, the expansion
