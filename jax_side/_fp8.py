@@ -157,6 +157,9 @@ def _decode_matrix(
     else:
         rows, cols = w.shape
         (bo, bi), (so, si) = layout.block, layout.grid
+        # a block past the matrix's edge covers it whole (one block along it): the same scales, no repeat count
+        # beyond the matrix (a block size of 2**31 would overflow JAX's int32 repeat counts)
+        bo, bi = min(bo, rows), min(bi, cols)
         s = s.reshape(so, si)
         if rows % bo == 0 and cols % bi == 0:
             out = (wf.reshape(so, bo, si, bi) * s[:, None, :, None]).reshape(rows, cols)

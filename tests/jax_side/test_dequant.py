@@ -248,6 +248,20 @@ def test_a_stacked_fp8_weight_with_one_scale_is_transposed_per_expert(experts, s
     assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), to_numpy(s), transpose=True), want)
 
 
+@pytest.mark.parametrize("block_size", [2**31, (2**31, 128), (128, 2**40), (7, 2**31)])
+def test_fp8_blocks_past_the_matrix_cover_it_whole(block_size):
+    """A block size beyond a matrix's side (one block along it) gives the bits of the smallest block that
+    covers the side, on both sides, eagerly and under jit (jax_side overflowed JAX's int32 repeat counts)."""
+    w = random_fp8((130, 300))
+    bo, bi = (block_size, block_size) if isinstance(block_size, int) else block_size
+    s = random_scales((-(-130 // bo), -(-300 // bi)))
+    want = to_numpy(torch_side.dequantize_fp8(w, s, block_size=(min(bo, 130), min(bi, 300))))
+    assert_same_bits(to_numpy(torch_side.dequantize_fp8(w, s, block_size=block_size)), want)
+    assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), to_numpy(s), block_size=block_size), want)
+    decode = jax.jit(lambda w, s: jax_side.dequantize_fp8(w, s, block_size=block_size, transpose=True))
+    assert_same_bits(decode(to_numpy(w), to_numpy(s)), want.T)
+
+
 def test_fp8_under_jit_is_exact():
     w, s = random_fp8((576, 7168)), random_scales((5, 56))
     got = jax.jit(lambda w, s: jax_side.dequantize_fp8(w, s))(to_numpy(w), to_numpy(s))
