@@ -806,16 +806,8 @@ _OPS = {
 def run_ptx(ptx: str, outputs: int, inputs: list[int]) -> list[int]:
     """Runs an inline-assembly PTX text as LLVM numbers its operands (``outputs`` results ``$0..``, then the
     ``inputs``); returns the results. Refuses any instruction it does not know, so a change to the text
-    cannot pass unchecked, and any operand it was not given."""
-    regs = {f"${outputs + i}": v for i, v in enumerate(inputs)}
-    for line in ptx.splitlines():
-        op, _, rest = line.strip().rstrip(";").partition(" ")
-        if op in ("{", "}", ".reg"):
-            continue
-        dest, *src = (t.strip() for t in rest.split(","))
-        assert not dest.startswith("$") or int(dest[1:]) < outputs, f"writes the input {dest}"
-        regs[dest] = _OPS[op]([regs[t] if t in regs else _immediate(t) for t in src])
-    return [regs[f"${i}"] for i in range(outputs)]
+    cannot pass unchecked, and any operand it was not given. (One lane of :func:`run_ptx_warp`.)"""
+    return run_ptx_warp(ptx, outputs, [inputs])[0]
 
 
 def _immediate(t: str) -> int:
