@@ -98,7 +98,19 @@ def _make_nnx():
             return y
 
     class QuantEmbed(nnx.Module):
-        """``nnx.Embed`` over a quantized ``[num_embeddings, features]`` table."""
+        """``nnx.Embed`` over a quantized ``[num_embeddings, features]`` table: ``embed(ids)`` gives the rows of
+        ``weight.dequantize()`` (the same bits), shape ``ids.shape + (features,)``; ``embed.attend(query)``
+        gives ``query @ table.T`` through :func:`quantized_matmul` (tied output layers). The table is
+        decoded at each call; gradients never reach it.
+
+        Args:
+            weight: a 2-D :class:`NF4Weight` or :class:`FP8Weight` (positional).
+            dtype: the lookups' dtype (None: the weight's ``dtype``): ``weight.dequantize()``'s values, cast.
+
+        Raises:
+            TypeError: ``weight`` is not a 2-D quantized weight.
+            ValueError (at a call): ids that are not integers.
+        """
 
         def __init__(self, weight: Any, *, dtype: Any = None):
             if not is_quantized(weight) or len(weight.shape) != 2:
