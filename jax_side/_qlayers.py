@@ -109,7 +109,7 @@ def _make_nnx():
 
         Raises:
             TypeError: ``weight`` is not a 2-D quantized weight.
-            ValueError (at a call): ids that are not integers.
+            ValueError: (when called) ids that are not integers.
         """
 
         def __init__(self, weight: Any, *, dtype: Any = None):
