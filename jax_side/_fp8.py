@@ -35,7 +35,7 @@ DEFAULT_BLOCK = 128
 
 class ScaleLayout(NamedTuple):
     """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile of one ``[out, in]``
-    matrix. ``stack`` holds the leading dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in
+    matrix (a ``block_size`` past a side of the matrix is read as that side). ``stack`` holds the leading dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in
     one tensor) whose scales are ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
 
     kind: str  # "tensor", "row" or "block"
@@ -103,8 +103,8 @@ def fp8_scale_layout(
     if block_size is not None:
         bo, bi = _block_pair(block_size)
         grid = (_ceil_div(rows, bo), _ceil_div(cols, bi))
-        if grid == scale_shape:
-            return ScaleLayout("block", (bo, bi), grid)
+        if grid == scale_shape:  # a block past a side is that side: the same tiles, no size beyond the matrix
+            return ScaleLayout("block", (min(bo, max(rows, 1)), min(bi, max(cols, 1))), grid)
     if scale_shape in ((rows, 1), (rows,)):
         return ScaleLayout("row", (1, max(cols, 1)), (rows, 1))
     if len(scale_shape) != 2 or block_size is not None:
@@ -157,9 +157,6 @@ def _decode_matrix(
     else:
         rows, cols = w.shape
         (bo, bi), (so, si) = layout.block, layout.grid
-        # a block past the matrix's edge covers it whole (one block along it): the same scales, no repeat count
-        # beyond the matrix (a block size of 2**31 would overflow JAX's int32 repeat counts)
-        bo, bi = min(bo, rows), min(bi, cols)
         s = s.reshape(so, si)
         if rows % bo == 0 and cols % bi == 0:
             out = (wf.reshape(so, bo, si, bi) * s[:, None, :, None]).reshape(rows, cols)

@@ -249,17 +249,34 @@ def test_a_stacked_fp8_weight_with_one_scale_is_transposed_per_expert(experts, s
 
 
 @pytest.mark.parametrize("block_size", [2**31, (2**31, 128), (128, 2**40), (7, 2**31)])
-def test_fp8_blocks_past_the_matrix_cover_it_whole(block_size):
-    """A block size beyond a matrix's side (one block along it) gives the bits of the smallest block that
-    covers the side, on both sides, eagerly and under jit (jax_side overflowed JAX's int32 repeat counts)."""
-    w = random_fp8((130, 300))
+@pytest.mark.parametrize("fmt", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_blocks_past_the_matrix_cover_it_whole(block_size, fmt):
+    """A block size beyond a matrix's side (one block along it) is read as that side, on both sides: the
+    layout says so, and every decode (torch's C kernel and plain torch path, jax eagerly and under jit,
+    stacked experts) gives the bits of the smallest block that covers the side. (jax_side overflowed JAX's
+    int32 repeat counts; torch's plain path asked for tens of GB.)"""
+    w = random_fp8((130, 300), dtype=fmt)
     bo, bi = (block_size, block_size) if isinstance(block_size, int) else block_size
-    s = random_scales((-(-130 // bo), -(-300 // bi)))
-    want = to_numpy(torch_side.dequantize_fp8(w, s, block_size=(min(bo, 130), min(bi, 300))))
-    assert_same_bits(to_numpy(torch_side.dequantize_fp8(w, s, block_size=block_size)), want)
+    grid = (-(-130 // bo), -(-300 // bi))
+    s = random_scales(grid)
+    covering = (min(bo, 130), min(bi, 300))
+    for layout in (jax_side.fp8_scale_layout, torch_side.fp8_scale_layout):
+        kind = "tensor" if grid == (1, 1) else "block"  # one scale: per tensor, whatever the block
+        assert tuple(layout((130, 300), grid, block_size)) == (kind, covering, grid, ())
+    want = to_numpy(torch_side.dequantize_fp8(w, s, block_size=covering))
+    for backend in ("auto", "torch"):
+        got = torch_side.dequantize_fp8(w, s, block_size=block_size, backend=backend)
+        assert_same_bits(to_numpy(got), want)
     assert_same_bits(jax_side.dequantize_fp8(to_numpy(w), to_numpy(s), block_size=block_size), want)
     decode = jax.jit(lambda w, s: jax_side.dequantize_fp8(w, s, block_size=block_size, transpose=True))
     assert_same_bits(decode(to_numpy(w), to_numpy(s)), want.T)
+    stacked_w, stacked_s = torch.stack([w, w.flip(0)]), torch.stack([s, s * 2])
+    stacked = torch_side.dequantize_fp8(stacked_w, stacked_s, block_size=block_size, backend="torch")
+    assert_same_bits(to_numpy(stacked[0]), want)
+    assert_same_bits(
+        jax_side.dequantize_fp8(to_numpy(stacked_w), to_numpy(stacked_s), block_size=block_size),
+        to_numpy(stacked),
+    )
 
 
 def test_fp8_under_jit_is_exact():

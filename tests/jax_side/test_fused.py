@@ -665,6 +665,26 @@ def test_embedding_lookups_take_integer_ids_only():
             linen_embed.apply(variables, bad)
 
 
+def test_fp8_blocks_past_the_matrix_in_every_matmul_path(monkeypatch):
+    """An FP8 weight whose block is past a side (2**31 rows, say: one block along it) multiplies as the weight
+    with the covering block, in every path, and the Hopper kernel lowers where it takes the call (each path
+    overflowed JAX's int32 with the block as given)."""
+    for block, covering in (((2**31, 128), (320, 128)), ((64, 2**31), (64, 512))):
+        w = fp8((320, 512), (-(-320 // block[0]), -(-512 // block[1])), block=block)
+        same = dataclasses.replace(w, block=covering)
+        x = x_for(4, 512, jnp.bfloat16)
+        for path in ("auto", "interpret", "expand"):
+            with jax_side.matmul_path(path):
+                assert_same_bits(
+                    jax.jit(jax_side.quantized_matmul)(x, w), jax.jit(jax_side.quantized_matmul)(x, same)
+                )
+                assert_close(jax_side.quantized_matmul(x, w), x, w)
+    w = fp8((320, 512), (1, 4), block=(2**31, 128))
+    monkeypatch.setattr(_mosaic, "_force", True)
+    assert _mosaic.grid_rows(w) == 320
+    assert _kernels(x_for(16, 512, jnp.bfloat16), w) == {"mosaic"}
+
+
 def test_sharded_weights():
     """Weights and inputs placed over 4 CPU devices, on meshes with automatic and with explicit axes (JAX's
     sharding in types), with the mesh set as the context's or not: the interpreted kernel, the expansion
