@@ -100,7 +100,8 @@ def _make_nnx():
     class QuantEmbed(nnx.Module):
         """``nnx.Embed`` over a quantized ``[num_embeddings, features]`` table: ``embed(ids)`` gives the rows of
         ``weight.dequantize()`` (the same bits), shape ``ids.shape + (features,)``; ``embed.attend(query)``
-        gives ``query @ table.T`` through :func:`quantized_matmul` (tied output layers). The table is
+        gives ``query @ table.T`` through :func:`quantized_matmul` (tied output layers). As ``nnx.Embed``:
+        ids past the table give NaN rows, and a one-row table gives its row for every id. The table is
         decoded at each call; gradients never reach it.
 
         Args:
@@ -124,7 +125,7 @@ def _make_nnx():
             return table if self.dtype is None else cast_exactly(table, self.dtype)
 
         def __call__(self, ids: jax.Array) -> jax.Array:
-            return jnp.take(self._table(), _ids(ids, "QuantEmbed"), axis=0)
+            return _lookup(self._table(), _ids(ids, "QuantEmbed"))
 
         def attend(self, query: jax.Array) -> jax.Array:
             """``query @ table.T`` as ``nnx.Embed.attend`` computes it (tied output layers); ``query`` is
@@ -142,11 +143,24 @@ def _ids(ids: Any, who: str) -> jax.Array:
     Raises:
         ValueError: ids of another dtype (floats, bools), naming the layer (the error type flax raises).
     """
-    ids = jnp.asarray(ids)
+    try:
+        ids = jnp.asarray(ids)
+    except (TypeError, ValueError):  # None, strings, objects: JAX's message would not name the layer
+        raise ValueError(
+            f"{who}: ids must be integers (rows of the table), got {type(ids).__name__}"
+        ) from None
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{who}: ids must be integers (rows of the table), got {ids.dtype}; cast them with "
                          "ids.astype(jnp.int32) if they hold whole numbers")  # fmt: skip
     return ids
+
+
+def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table``'s rows for ``ids``, shape ``ids.shape + (features,)``, as flax's ``Embed`` gives them: ids past
+    the table give NaN rows (``jnp.take``'s fill), and a one-row table gives its row for every id."""
+    if table.shape[0] == 1:
+        return jnp.broadcast_to(table[0], ids.shape + table.shape[1:])
+    return jnp.take(table, ids, axis=0)
 
 
 def _make_linen():
@@ -219,7 +233,7 @@ def _make_linen():
         def __call__(self, ids: jax.Array) -> jax.Array:
             ids = _ids(ids, self.name or type(self).__name__)
             table = jax.lax.stop_gradient(quantized(self, "embedding").dequantize())
-            return jnp.take(table if self.dtype is None else cast_exactly(table, self.dtype), ids, axis=0)
+            return _lookup(table if self.dtype is None else cast_exactly(table, self.dtype), ids)
 
     return QuantDense, QuantEmbedLinen
 

@@ -648,7 +648,8 @@ def test_tied_output_layer_uses_the_kernel():
 
 def test_embedding_lookups_take_integer_ids_only():
     """QuantEmbed (nnx) and QuantEmbedLinen look up the dequantized table's rows for integer ids (arrays or
-    lists), and refuse float and bool ids by the layer's name, with flax's error type."""
+    lists) as flax's Embed does (a one-row table's row for every id, NaN rows past a longer table), and
+    refuse float, bool, None and string ids by the layer's name, with flax's error type."""
     table = nf4((50, 64))
     dense = np.asarray(table.dequantize())
     embed = jax_side.QuantEmbed(table)
@@ -658,7 +659,16 @@ def test_embedding_lookups_take_integer_ids_only():
     linen_embed = jax_side.QuantEmbedLinen(name="embed")
     variables = {"quantized": {"embedding": table}}
     assert_same_bits(linen_embed.apply(variables, jnp.asarray(ids, jnp.uint8)), jnp.asarray(dense[ids]))
-    for bad in (jnp.array([1.0, 2.0]), jnp.array([True, False]), [0.5]):
+    # as flax's Embed: a one-row table gives its row for every id; ids past a longer table give NaN rows
+    one = nf4((1, 64))
+    for ids in (jnp.array([0, 1, 5]), jnp.array([[2], [0]], jnp.uint8)):
+        want = nnx.Embed(1, 64, param_dtype=one.dequantize().dtype, rngs=nnx.Rngs(0))
+        want.embedding[...] = one.dequantize()
+        assert_same_bits(jax_side.QuantEmbed(one)(ids), want(ids))
+        assert_same_bits(linen_embed.apply({"quantized": {"embedding": one}}, ids), want(ids))
+    assert_same_bits(jax_side.QuantEmbed(one)(jnp.int32(3)), one.dequantize()[0])  # flax's Embed fails on 0-d
+    assert np.isnan(np.asarray(embed(jnp.array([50])), np.float32)).all()
+    for bad in (jnp.array([1.0, 2.0]), jnp.array([True, False]), [0.5], None, "abc"):
         with pytest.raises(ValueError, match="QuantEmbed: ids must be integers"):
             embed(bad)
         with pytest.raises(ValueError, match="embed: ids must be integers"):
