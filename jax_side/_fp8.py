@@ -35,8 +35,9 @@ DEFAULT_BLOCK = 128
 
 class ScaleLayout(NamedTuple):
     """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile of one ``[out, in]``
-    matrix (a ``block_size`` past a side of the matrix is read as that side). ``stack`` holds the leading dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in
-    one tensor) whose scales are ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
+    matrix (a ``block_size`` past a side of the matrix is read as that side). ``stack`` holds the leading
+    dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in one tensor) whose scales are
+    ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
 
     kind: str  # "tensor", "row" or "block"
     block: tuple[int, int]
@@ -101,7 +102,7 @@ def fp8_scale_layout(
         )
     rows, cols = weight_shape
     if block_size is not None:
-        bo, bi = _block_pair(block_size)
+        bo, bi = block_size
         grid = (_ceil_div(rows, bo), _ceil_div(cols, bi))
         if grid == scale_shape:  # a block past a side is that side: the same tiles, no size beyond the matrix
             return ScaleLayout("block", (min(bo, max(rows, 1)), min(bi, max(cols, 1))), grid)

@@ -60,8 +60,9 @@ GROUP_CHUNK = 32  # weights per grouped launch of the many-weights functions (la
 
 class ScaleLayout(NamedTuple):
     """How a scale tensor tiles a weight: every scale covers a ``block[0] x block[1]`` tile of one ``[out, in]``
-    matrix (a ``block_size`` past a side of the matrix is read as that side). ``stack`` holds the leading dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in
-    one tensor) whose scales are ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
+    matrix (a ``block_size`` past a side of the matrix is read as that side). ``stack`` holds the leading
+    dimensions of a stacked weight ``[*stack, out, in]`` (MoE experts in one tensor) whose scales are
+    ``[*stack, *grid]``: each matrix has its own tiles, none crosses to the next."""
 
     kind: str  # "tensor", "row" or "block"
     block: tuple[int, int]
@@ -105,7 +106,7 @@ def fp8_scale_layout(
     """
     weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
     if block_size is not None:  # checked whatever the scale's shape (one scale ignores it)
-        _block_pair(block_size)
+        block_size = _block_pair(block_size)
     if math.prod(scale_shape) == 1:
         whole = (weight_shape[0], math.prod(weight_shape[1:])) if weight_shape else (1, 1)
         return ScaleLayout("tensor", whole, (1, 1))
@@ -122,7 +123,7 @@ def fp8_scale_layout(
         )
     rows, cols = weight_shape
     if block_size is not None:
-        bo, bi = _block_pair(block_size)
+        bo, bi = block_size
         grid = (_ceil_div(rows, bo), _ceil_div(cols, bi))
         if grid == scale_shape:  # a block past a side is that side: the same tiles, no size beyond the matrix
             return ScaleLayout("block", (min(bo, max(rows, 1)), min(bi, max(cols, 1))), grid)

@@ -210,9 +210,14 @@ def readable(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def wrapped(*tensors: torch.Tensor) -> bool:
+    """Whether a functorch transform (``torch.func.vmap``, ``grad``, ``jvp``) wraps any of ``tensors``."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def _carries(t: torch.Tensor, grad: bool) -> bool:
     return (
-        torch._C._functorch.is_functorch_wrapped_tensor(t)
+        wrapped(t)
         or (grad and t.requires_grad)
         or (fwad._current_level >= 0 and fwad.unpack_dual(t).tangent is not None)
     )

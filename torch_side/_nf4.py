@@ -38,7 +38,7 @@ from ._checks import check_finite as _check_finite
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._integers import is_int
-from ._native import CPU_KINDS, carries, cpu_4bit, cpu_4bit_t, readable, transposes_well
+from ._native import CPU_KINDS, carries, cpu_4bit, cpu_4bit_t, readable, transposes_well, wrapped
 from ._plans import NF4_PLANS, remember, tensor_key
 from ._quant_state import BLOCKSIZES, OUT_DTYPES, PACKED_DTYPES, QUANT_TYPES, _shape, quant_state_pieces
 
@@ -160,7 +160,7 @@ def _check_pieces(
                 raise ValueError(
                     f"{where}: offset must be one number, got {as_tensor.numel()} values: {offset!r}"
                 )
-        elif isinstance(offset, numbers.Real) and not isinstance(offset, torch.Tensor):
+        elif isinstance(offset, numbers.Real):  # a Python or numpy number (a tensor is none)
             try:
                 float(offset)
             except OverflowError as e:
@@ -254,11 +254,6 @@ def decode_nested_absmax_reference(
     return flush_denormals_(_add_offset_(scaled, offset))
 
 
-def _wrapped(*tensors: torch.Tensor) -> bool:
-    """Whether a functorch transform (``torch.func.vmap``, ``grad``, ``jvp``) wraps any of ``tensors``."""
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-
-
 def _needs_flush(absmax: torch.Tensor, code: torch.Tensor, n: int) -> bool:
     """Whether some ``code[q] * absmax`` product may be denormal (then flushed to zero, as bitsandbytes'
     CUDA kernel does): only scales below ``FLT_MIN / smallest nonzero |code|`` can make one."""
@@ -300,7 +295,7 @@ def dequantize_4bit_reference(
             values[full:].mul_(scales[full // blocksize])
     # a GPU flushes without asking (no sync), as does a functorch transform (whose tensors cannot be asked:
     # vmap refuses data-dependent control flow); flushing where nothing is denormal changes nothing
-    if values.device.type != "cpu" or _wrapped(absmax, code) or _needs_flush(absmax, code, n):
+    if values.device.type != "cpu" or wrapped(absmax, code) or _needs_flush(absmax, code, n):
         flush_denormals_(values)
     return values.to(dtype)
 
