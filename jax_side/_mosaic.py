@@ -67,12 +67,13 @@ _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
 _SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
-# 4-bit weights and up to 32 rows of x: a pipeline of 2 steps, and the contraction split until the grid holds
-# this many programs (several per multiprocessor: the kernel waits on its own instructions' latency, and
-# shared memory for 2 steps lets 4 programs share one). At 14336x4096 and 16 rows on an H200 the kernel took
-# 0.80x its time with 4 steps and the grid filled once (benchmarks/RESULTS.md).
-_NF4_SMALL_STAGES = 2
-_NF4_SMALL_PROGRAMS = 6 * _SMS
+# Up to 32 rows of x: a pipeline of 2 steps, and the contraction split until the grid holds this many programs
+# (several per multiprocessor: the kernel waits on its own instructions' latency, and shared memory for 2 steps
+# lets 4 programs share one). On an H200, at 14336x4096 and 16 rows, the 4-bit kernel took 0.80x its time with
+# 4 steps and the grid filled once; in a two-layer Llama forward the FP8 kernels took 0.92x (16 rows) and
+# 0.82x (32 rows) of theirs (benchmarks/RESULTS.md).
+_SMALL_STAGES = 2
+_SMALL_PROGRAMS = 6 * _SMS
 _TMA_SIDE = 256  # the most elements along each side of one TMA copy
 _force: bool | None = None  # tests lower the kernel for CUDA on machines without a Hopper GPU through this
 # True: one row of x comes here too (padded to 16 rows), not to XLA's one-row reduction (jax_side._fused)
@@ -639,6 +640,14 @@ def _padded_rows(m: int) -> int:
     return next(r for r in _STAGES if m <= r)
 
 
+def _pipeline(rows: int, stages: int | None) -> tuple[int, int]:
+    """The pipeline's depth (``stages``, else ``_stages``, else by x's padded ``rows``) and the programs the
+    grid is split for (0: until it fills the multiprocessors once), :func:`_swapped_matmul`'s ``stages`` and
+    ``programs``."""
+    small = rows <= 32
+    return stages or _stages or (_SMALL_STAGES if small else _STAGES[rows]), _SMALL_PROGRAMS if small else 0
+
+
 def _padded_t(x: jax.Array) -> jax.Array:
     """``x [m, k]`` transposed, its rows padded to the MMA's N: ``[k, 16 | 32 | 64 | 128]``."""
     m, k = x.shape
@@ -673,10 +682,9 @@ def kernel(
     decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
     fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group, parts=2)
     nested, scales_t = (absmax_t, None) if isinstance(absmax_t, Nested) else (None, absmax_t)
-    small = rows <= 32
-    stages = stages or _stages or (_NF4_SMALL_STAGES if small else _STAGES[rows])
+    stages, programs = _pipeline(rows, stages)
     return _swapped_matmul(xt, q, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split, stages=stages,
-                           nested=nested, programs=_NF4_SMALL_PROGRAMS if small else 0)  # fmt: skip
+                           nested=nested, programs=programs)  # fmt: skip
 
 
 def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
@@ -692,8 +700,9 @@ def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | 
 
     fmt = _Format(cols=128, x_rows=128, blocks=_FP8_BLOCKS, decode=decode)
     xt = _padded_t(x)
-    return _swapped_matmul(xt, w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split,
-                           stages=stages or _stages or _STAGES[xt.shape[1]], scale_rows=scale_rows)  # fmt: skip
+    stages, programs = _pipeline(xt.shape[1], stages)
+    return _swapped_matmul(xt, w, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split, stages=stages,
+                           scale_rows=scale_rows, programs=programs)  # fmt: skip
 
 
 def _stored(w: NF4Weight) -> tuple[jax.Array, jax.Array | Nested]:

@@ -966,20 +966,28 @@ def hopper(monkeypatch, request):
     monkeypatch.setattr(_mosaic, "_products", request.param)
 
 
-def test_few_rows_split_the_4bit_contraction_for_several_programs_per_multiprocessor(hopper):
-    """Up to 32 rows of x, a 4-bit weight's grid is split until it holds _NF4_SMALL_PROGRAMS programs (where
-    the contraction allows: each program at least two pipeline steps); from 33 rows
-    it fills the multiprocessors once, as FP8 does. Read from the partial sums' shape in the lowered program."""
-    w = jax.eval_shape(lambda: jax_side.NF4Weight(packed=jnp.zeros((4096 * 4096 // 2,), jnp.uint8),
-                                                  absmax=jnp.ones((4096 * 4096 // 64,)), shape=(4096, 4096)))  # fmt: skip
+@pytest.mark.parametrize("fmt", ["NF4", "FP8"])
+def test_few_rows_split_the_contraction_for_several_programs_per_multiprocessor(hopper, fmt):
+    """Up to 32 rows of x, the grid is split until it holds _SMALL_PROGRAMS programs (where the contraction
+    allows: each program at least two pipeline steps); from 33 rows it fills the multiprocessors once. Read
+    from the partial sums' shape in the lowered program (FP8: its block-scale grid read as stored)."""
+    if fmt == "NF4":
+        w = jax.eval_shape(lambda: jax_side.NF4Weight(packed=jnp.zeros((4096 * 4096 // 2,), jnp.uint8),
+                                                      absmax=jnp.ones((4096 * 4096 // 64,)), shape=(4096, 4096)))  # fmt: skip
+        steps = 4096 // (64 * _mosaic._BLOCKS)
+    else:
+        w = jax.eval_shape(
+            lambda: jax_side.FP8Weight(jnp.zeros((4096, 4096), jnp.float8_e4m3fn), jnp.ones((32, 32)))
+        )
+        steps = 4096 // (128 * _mosaic._FP8_BLOCKS)
 
     def parts(m: int) -> int:
         text = _lowered(jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16), w)
         assert "mosaic_gpu" in text
         return int(re.findall(r"tensor<(\d+)x4096x\d+xf32>", text)[0])
 
-    tiles, steps = 4096 // 64, 4096 // (64 * _mosaic._BLOCKS)
-    assert tiles * steps // 2 < _mosaic._NF4_SMALL_PROGRAMS  # so the split stops where the steps run out
+    tiles = 4096 // 64
+    assert tiles * steps // 2 < _mosaic._SMALL_PROGRAMS  # so the split stops where the steps run out
     assert [parts(m) for m in (2, 16, 32)] == [steps // 2] * 3
     assert [parts(m) for m in (33, 64, 128)] == [4] * 3  # 64 tiles x 4 = 256 programs: the first past 132
 
@@ -1076,7 +1084,8 @@ def test_fp8_block_scales_read_as_stored(hopper, monkeypatch):
         _mosaic.fp8_kernel(x_for(5, 768, jnp.bfloat16), jnp.zeros((128, 768), jnp.float8_e4m3fn),
                            jnp.ones((1, 6), jnp.float32), scale_rows=128)  # fmt: skip
     # rows of the grid longer than one TMA copy takes (256 scales): the contraction is split until a program's
-    # share fits, e.g. Llama-3.1-405B's down_proj (416 scales a row; enough tiles to fill the GPU unsplit)
+    # share fits, e.g. Llama-3.1-405B's down_proj (416 scales a row; enough tiles to fill the GPU unsplit at 64
+    # rows of x: up to 32, the grid is split further for several programs per multiprocessor)
     monkeypatch.setattr(_mosaic, "_grid_scales", True)
     wide = jax.eval_shape(
         lambda: jax_side.FP8Weight(
@@ -1084,8 +1093,8 @@ def test_fp8_block_scales_read_as_stored(hopper, monkeypatch):
         )
     )
     assert _mosaic.grid_rows(wide) == 128
-    text = _lowered(jax.ShapeDtypeStruct((16, 53248), jnp.bfloat16), wide)
-    assert "mosaic_gpu" in text and "tensor<2x16384x16xf32>" in text  # two parts of 208 scales
+    text = _lowered(jax.ShapeDtypeStruct((64, 53248), jnp.bfloat16), wide)
+    assert "mosaic_gpu" in text and "tensor<2x16384x64xf32>" in text  # two parts of 208 scales
     # no split gives whole 16-byte units of at most 256 scales (258 steps: 516, then 258 a program): laid out
     odd = jax.eval_shape(
         lambda: jax_side.FP8Weight(jnp.zeros((64, 66048), jnp.float8_e4m3fn), jnp.ones((1, 516)))
