@@ -10,8 +10,8 @@ accumulation. A single row of x (one token) is multiplied without Pallas: as a p
 same roundings, float32 products and sums (faster than the kernel at one row on an H200; see
 ``benchmarks/RESULTS.md``). On Hopper GPUs, 2 to 128 rows of bfloat16 or float16 x times a 4-bit or FP8
 weight that fits it go to a kernel in Pallas' Mosaic GPU lowering instead (``jax_side._mosaic``; at 16 to 128
-tokens on an H200, 0.50-0.85x the Triton kernel's time for 4-bit weights, 0.62-0.98x for FP8). No dense weight exists in memory at
-any point.
+tokens on an H200, 0.50-0.85x the Triton kernel's time for 4-bit weights, 0.62-0.98x for FP8). On these
+paths no dense weight exists in memory at any point.
 
 The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other
 backends) is made in one place, :func:`matmul_path`:
