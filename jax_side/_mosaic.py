@@ -66,10 +66,10 @@ MAX_ROWS = 128
 _TILE = 64  # rows of W per program: the warpgroup MMA's M
 _BLOCKS = 4  # absmax blocks per row per pipeline step (256 elements of the contraction)
 _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
-_SMS = 132  # H100/H200 multiprocessors: the contraction is split until the grid fills them
+_SMS = 132  # H100/H200 multiprocessors: from 33 rows of x the contraction is split until the grid fills them
 # Up to 32 rows of x: a pipeline of 2 steps, and the contraction split until the grid holds this many programs
 # (several per multiprocessor: the kernel waits on its own instructions' latency, and shared memory for 2 steps
-# lets 4 programs share one). On an H200, at 14336x4096 and 16 rows, the 4-bit kernel took 0.80x its time with
+# lets 4 programs share one, 3 for FP8 at 17-32 rows). On an H200, at 14336x4096 and 16 rows, the 4-bit kernel took 0.80x its time with
 # 4 steps and the grid filled once; in a two-layer Llama forward the FP8 kernels took 0.92x (16 rows) and
 # 0.82x (32 rows) of theirs (benchmarks/RESULTS.md).
 _SMALL_STAGES = 2
@@ -625,7 +625,8 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
     return out.sum(0)[:, :m].T.astype(out_dtype)
 
 
-_STAGES = {16: 4, 32: 4, 64: 3, 128: 2}  # pipeline depth by x's padded rows: shared memory holds x's tiles
+# pipeline depth by x's padded rows (shared memory holds x's tiles); up to 32 rows _SMALL_STAGES is used instead
+_STAGES = {16: 4, 32: 4, 64: 3, 128: 2}
 _stages = 0  # one pipeline depth for every call (benchmarks try depths); 0: by x's rows
 
 
@@ -642,8 +643,8 @@ def _padded_rows(m: int) -> int:
 
 def _pipeline(rows: int, stages: int | None) -> tuple[int, int]:
     """The pipeline's depth (``stages``, else ``_stages``, else by x's padded ``rows``) and the programs the
-    grid is split for (0: until it fills the multiprocessors once), :func:`_swapped_matmul`'s ``stages`` and
-    ``programs``."""
+    grid is split for (``_SMALL_PROGRAMS`` up to 32 rows whatever the depth; 0 above: until it fills the
+    multiprocessors once), :func:`_swapped_matmul`'s ``stages`` and ``programs``."""
     small = rows <= 32
     return stages or _stages or (_SMALL_STAGES if small else _STAGES[rows]), _SMALL_PROGRAMS if small else 0
 
@@ -672,9 +673,9 @@ def kernel(
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to 128), where
     ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
     and its absmax, float32, transposed to ``[k / 64, n]``, or its nested absmax as stored (:class:`Nested`,
-    decoded by the kernel where it can). ``split``: programs along the contraction
-    (default: doubled until the grid fills the multiprocessors); ``stages``: the pipeline's depth (default
-    by x's rows); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
+    decoded by the kernel where it can). ``split``: programs along the contraction (default: doubled until
+    the grid holds ``_SMALL_PROGRAMS`` programs up to 32 rows, else until it fills the multiprocessors);
+    ``stages``: the pipeline's depth (default by x's rows, :func:`_pipeline`); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
     times some)."""
     rows = _padded_rows(x.shape[0])
     group = 1 if rows <= 32 else 2  # from 64 rows of x, two absmax blocks per MMA
