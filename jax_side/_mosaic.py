@@ -69,9 +69,9 @@ _FP8_BLOCKS = 2  # FP8: 128-column scale blocks per step (256 elements)
 _SMS = 132  # H100/H200 multiprocessors: from 33 rows of x the contraction is split until the grid fills them
 # Up to 32 rows of x: a pipeline of 2 steps, and the contraction split until the grid holds this many programs
 # (several per multiprocessor: the kernel waits on its own instructions' latency, and shared memory for 2 steps
-# lets 4 programs share one, 3 for FP8 at 17-32 rows). On an H200, at 14336x4096 and 16 rows, the 4-bit kernel took 0.80x its time with
-# 4 steps and the grid filled once; in a two-layer Llama forward the FP8 kernels took 0.92x (16 rows) and
-# 0.82x (32 rows) of theirs (benchmarks/RESULTS.md).
+# lets 4 programs share one, 3 for FP8 at 17-32 rows). On an H200, at 14336x4096 and 16 rows, the 4-bit kernel
+# took 0.80x its time with 4 steps and the grid filled once; in a two-layer Llama forward the FP8 kernels took
+# 0.92x (16 rows) and 0.82x (32 rows) of theirs (benchmarks/RESULTS.md).
 _SMALL_STAGES = 2
 _SMALL_PROGRAMS = 6 * _SMS
 _TMA_SIDE = 256  # the most elements along each side of one TMA copy
@@ -675,8 +675,8 @@ def kernel(
     and its absmax, float32, transposed to ``[k / 64, n]``, or its nested absmax as stored (:class:`Nested`,
     decoded by the kernel where it can). ``split``: programs along the contraction (default: doubled until
     the grid holds ``_SMALL_PROGRAMS`` programs up to 32 rows, else until it fills the multiprocessors);
-    ``stages``: the pipeline's depth (default by x's rows, :func:`_pipeline`); ``decode``: another ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py``
-    times some)."""
+    ``stages``: the pipeline's depth (default by x's rows, :func:`_pipeline`); ``decode``: another
+    ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
     rows = _padded_rows(x.shape[0])
     group = 1 if rows <= 32 else 2  # from 64 rows of x, two absmax blocks per MMA
     xt = _paired_t(x, 64 * group)
