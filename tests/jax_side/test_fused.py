@@ -1095,6 +1095,8 @@ def test_fp8_block_scales_read_as_stored(hopper, monkeypatch):
     assert _mosaic.grid_rows(wide) == 128
     text = _lowered(jax.ShapeDtypeStruct((64, 53248), jnp.bfloat16), wide)
     assert "mosaic_gpu" in text and "tensor<2x16384x64xf32>" in text  # two parts of 208 scales
+    text = _lowered(jax.ShapeDtypeStruct((16, 53248), jnp.bfloat16), wide)
+    assert "mosaic_gpu" in text and "tensor<4x16384x16xf32>" in text  # few rows: four parts of 104 scales
     # no split gives whole 16-byte units of at most 256 scales (258 steps: 516, then 258 a program): laid out
     odd = jax.eval_shape(
         lambda: jax_side.FP8Weight(jnp.zeros((64, 66048), jnp.float8_e4m3fn), jnp.ones((1, 516)))
