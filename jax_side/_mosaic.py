@@ -22,6 +22,10 @@ each block of a row is decoded in registers and multiplied on the tensor cores w
   pipeline's first step, while the pipeline's first copies of W and x are on their way. Other layouts are
   laid out by XLA before the call as each row's scale per 128 columns (1/128 of the weight's elements).
 
+Weights that share x (a layer's q/k/v or gate/up) can take one launch (:func:`matmul_group`): the grid
+holds every weight's tiles, each program taking its weight's pipeline; on an H200 a two-layer Llama forward
+then took 0.95x the GPU time at 16 tokens of one launch per weight (``benchmarks/RESULTS.md``).
+
 Measured on an H200 at Llama-3-8B's projection shapes (``benchmarks/fused_matmul_mosaic.py``,
 ``benchmarks/RESULTS.md``): the 4-bit kernel takes 0.50-0.85x the time of the Pallas Triton kernel in
 ``_fused`` at 16, 64 and 128 rows of x, the FP8 kernel 0.62-0.98x at 16 and 128 rows.
@@ -44,7 +48,7 @@ columns. Others go to ``_fused``'s Triton kernel.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -453,14 +457,14 @@ def _absmax_filler(width: int, *, kb: int, nested_blocksize: int) -> Any:
     return fill
 
 
-def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt: _Format, *, m: int,
-                    out_dtype: Any, split: int | None, stages: int, scale_rows: int | None = None,
-                    nested: Nested | None = None, programs: int = 0) -> jax.Array:  # fmt: skip
+def _swapped_matmul(xt: jax.Array, w: Any, scales_t: Any, fmt: _Format, *, m: int, out_dtype: Any,
+                    split: int | None, stages: int, scale_rows: Any = None, nested: Any = None,
+                    programs: int = 0) -> jax.Array:  # fmt: skip
     """``decode(W) @ xt`` -> ``[m, n]`` in ``out_dtype``: ``w [n, kw]`` stored columns, ``scales_t`` float32
     ``[kw / cols, n]``, ``xt [kx, rows]`` x transposed, its rows padded and, with ``fmt.parts`` left operands
     per block, each ``fmt.group`` blocks' rows ordered as the operands meet them.
     The contraction is split until the grid fills the multiprocessors, or holds ``programs`` programs where
-    that is given (float32 partial sums, added by XLA).
+    that is given (float32 partial sums, added by XLA one after another).
 
     With ``scale_rows`` (a multiple of 64), ``scales_t`` is instead a block-scale grid, float32
     ``[ceil(n / scale_rows), kw / cols]``: each program copies the part of its row its steps use into shared
@@ -470,19 +474,39 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
 
     With ``nested`` (``scales_t`` None), each program copies its absmax codes, the tile's nested absmax and
     their table into shared memory and decodes its absmax there once (:func:`_absmax_filler`), where
-    :func:`_nested_copy` allows; elsewhere XLA decodes it first."""
+    :func:`_nested_copy` allows; elsewhere XLA decodes it first.
+
+    A group of weights that share x: ``w``, ``scales_t``, ``scale_rows`` and ``nested`` as tuples of one entry
+    per weight (``kw`` equal, the same kind of scales), multiplied in one launch whose grid holds every
+    weight's tiles in turn (each program takes the pipeline of the weight its tile is in): the result is
+    ``[m, sum of n]``, the weights' outputs side by side. A program computes exactly what it computes for its
+    weight alone with the same ``split``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    n, kw = w.shape
+    grouped = isinstance(w, tuple)
+    ws = w if grouped else (w,)
+    count = len(ws)
+    ss = scales_t if grouped else (scales_t,)
+    srs = scale_rows if isinstance(scale_rows, tuple) else (scale_rows,) * count
+    nesteds: tuple[Any, ...] = (nested,) * count if nested is None or isinstance(nested, Nested) else nested
+    grid_kind = srs[0] is not None
+    if {s is not None for s in srs} != {grid_kind} or len({nd is None for nd in nesteds}) != 1:
+        raise ValueError("a group's weights must hold the same kind of scales")
+    kw = ws[0].shape[1]
+    if any(v.shape[1] != kw for v in ws):
+        raise ValueError(f"a group's weights must have the same stored columns, got {[v.shape for v in ws]}")
     rows = xt.shape[1]  # the MMA's N
     wb, xb = fmt.cols * fmt.blocks, fmt.parts * fmt.x_rows * fmt.blocks  # stored columns and x rows per step
     if kw % wb:
         raise ValueError(f"the weight's {kw} stored columns are not whole pipeline steps of {wb}")
-    steps, tiles = kw // wb, n // _TILE
+    steps = kw // wb
+    member_tiles = [v.shape[0] // _TILE for v in ws]
+    starts = [sum(member_tiles[:g]) for g in range(count)]  # each weight's first tile in the grid
+    tiles, n = sum(member_tiles), sum(v.shape[0] for v in ws)
 
     def whole(parts: int) -> bool:  # a program's grid scales are whole 16-byte units (a TMA copy's)
-        return scale_rows is None or steps // parts * fmt.blocks % 4 == 0
+        return not grid_kind or steps // parts * fmt.blocks % 4 == 0
 
     if split is None:
         split = 1
@@ -493,7 +517,7 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
             and whole(split * 2)
         ):
             split *= 2
-        if scale_rows is not None:  # a program's grid scales: at most 256 (a TMA copy's side)
+        if grid_kind:  # a program's grid scales: at most 256 (a TMA copy's side)
             split = max(split, _grid_split(steps, fmt.blocks) or split)
     if steps % split:
         raise ValueError(f"split={split} does not divide the contraction's {steps} steps of {xb} elements")
@@ -504,116 +528,145 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
         return (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
 
     x_tr = transforms(rows * 2, 2, "rhs")
-    w_tr = transforms(wb * w.dtype.itemsize, w.dtype.itemsize, "lhs")
+    w_tr = transforms(wb * ws[0].dtype.itemsize, ws[0].dtype.itemsize, "lhs")
     o_tr = transforms(rows * 4, 4, "out")
 
     width = sp * fmt.blocks  # a program's blocks (scales) per row
-    if scale_rows is not None and (scale_rows % _TILE or not whole(split) or width > _TMA_SIDE):
+    if grid_kind and (any(r % _TILE for r in srs) or not whole(split) or width > _TMA_SIDE):
         raise ValueError(
-            f"the kernel cannot read a block-scale grid of {getattr(scales_t, 'shape', None)} ({scale_rows} rows "
-            "a block)"
+            f"the kernel cannot read a block-scale grid of {[getattr(s, 'shape', None) for s in ss]} "
+            f"({srs} rows a block)"
         )
     kb = kw // fmt.cols  # blocks per row
-    if nested is not None:
-        copy = _nested_copy(nested, kb, width, smem=_smem_bytes(fmt, w, rows, stages))
-        if copy is None:  # decoded by XLA first
-            scales_t, nested = _decoded_t(nested, n, 64 * kb), None
+    copy = None
+    if nesteds[0] is not None:
+        smem = _smem_bytes(fmt, ws[0], rows, stages)
+        copies = {_nested_copy(nd, kb, width, smem=smem) for nd in nesteds}
+        nbs = {nd.nested_blocksize for nd in nesteds}
+        if len(copies) != 1 or None in copies or len(nbs) != 1:  # decoded by XLA first
+            ss = tuple(_decoded_t(nd, v.shape[0], 64 * kb) for nd, v in zip(nesteds, ws))
+            nesteds = (None,) * count
         else:
-            fill = _absmax_filler(width, kb=kb, nested_blocksize=nested.nested_blocksize)
+            (copy,), (nb,) = copies, nbs
+            fill = _absmax_filler(width, kb=kb, nested_blocksize=nb)
+    is_nested = nesteds[0] is not None
 
     def step(idx: Any, w_smem: Any, *refs: Any) -> Any:
-        if scale_rows is None and nested is None:
+        if not grid_kind and not is_nested:
             s_smem, x_smem, acc = refs
         else:
             x_smem, held, acc = refs
-        ws = w_smem[...]
+        wv = w_smem[...]
         g = fmt.group
         for b in range(0, fmt.blocks, g):
             at = [idx[0] * fmt.blocks + b + i for i in range(g)]  # the blocks' columns among the program's
-            if scale_rows is not None:
+            if grid_kind:
                 scales = [held[0, c] for c in at]
             else:
-                row_scales = [s_smem[b + i] for i in range(g)] if nested is None else [held[c] for c in at]
+                row_scales = [s_smem[b + i] for i in range(g)] if not is_nested else [held[c] for c in at]
                 scales = [jax.lax.broadcast_in_dim(v, (_TILE, fmt.cols), [0]) for v in row_scales]
-            lhs = fmt.decode(ws[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
+            lhs = fmt.decode(wv[:, fmt.cols * b : fmt.cols * (b + g)], *scales)
             for i, a in enumerate(lhs):
                 at_x = fmt.x_rows * (fmt.parts * b + i * g)  # part i of the blocks from b
                 plgpu.wgmma(acc, a, x_smem.at[pl.ds(at_x, fmt.x_rows * g)])
             plgpu.wgmma_wait(0)
         return acc
 
-    def body(w_gmem: Any, s_gmem: Any, x_gmem: Any, *refs: Any, out_smem: Any, **held_refs: Any) -> None:
-        *nested_gmem, out_gmem = refs
+    per = 5 if is_nested else 2  # global refs per weight: w and scales (codes), then the nested pieces
+
+    def body(x_gmem: Any, *refs: Any, out_smem: Any, **held_refs: Any) -> None:
+        *member_refs, out_gmem = refs
         i, j = jax.lax.axis_index("n"), jax.lax.axis_index("s")
-        wrows = pl.ds(i * _TILE, _TILE)
-        s_spec, s_in, held = [], [], None
-        ready: Callable[[], None] | None = None  # the wait for the program's grid scales, at the first step
-        if scale_rows is not None:  # this program's row of the grid, the columns of its steps
-            held = held_refs["row_scales"]
-            plgpu.copy_gmem_to_smem(
-                s_gmem.at[pl.ds(i * _TILE // scale_rows, 1), pl.ds(j * width, width)], held, held_refs["got"]
+
+        def member(g: int, t: Any) -> None:  # the program's tile t of weight g
+            w_gmem, s_gmem, *nested_gmem = member_refs[per * g : per * (g + 1)]
+            wrows = pl.ds(t * _TILE, _TILE)
+            s_spec, s_in, held = [], [], None
+            ready: Callable[[], None] | None = (
+                None  # the wait for the program's grid scales at the first step
             )
-            if _grid_wait_in_loop:
-                ready = functools.partial(plgpu.barrier_wait, held_refs["got"])
+            if grid_kind:  # this program's row of the grid, the columns of its steps
+                held = held_refs["row_scales"]
+                plgpu.copy_gmem_to_smem(
+                    s_gmem.at[pl.ds(t * _TILE // srs[g], 1), pl.ds(j * width, width)], held, held_refs["got"]
+                )
+                if _grid_wait_in_loop:
+                    ready = functools.partial(plgpu.barrier_wait, held_refs["got"])
+                else:
+                    plgpu.barrier_wait(held_refs["got"])
+            elif is_nested:  # this program's absmax codes, nested absmax and table; decoded here once
+                held, codes, nested_s, table = (held_refs[k] for k in ("absmax", "codes", "nested", "table"))
+                nested_absmax, nested_code, offset = nested_gmem
+                # whole rows of codes, or the program's own columns: the program's first block among those copied
+                first, cols = (j * width, pl.ds(0, kb)) if copy == "rows" else (0, pl.ds(j * width, width))
+                kn = _TILE * kb // nb  # the tile's nested absmax
+                plgpu.copy_gmem_to_smem(s_gmem.at[wrows, cols], codes, held_refs["got_codes"])
+                plgpu.copy_gmem_to_smem(
+                    nested_absmax.at[pl.ds(t * kn, kn)], nested_s, held_refs["got_nested"]
+                )
+                plgpu.copy_gmem_to_smem(nested_code, table, held_refs["got_table"])
+                for got in ("got_codes", "got_nested", "got_table"):
+                    plgpu.barrier_wait(held_refs[got])
+                fill(codes, nested_s, table, held, offset, j * width, first)
             else:
-                plgpu.barrier_wait(held_refs["got"])
-        elif nested is not None:  # this program's absmax codes, nested absmax and table; decoded here once
-            held, codes, nested_s, table = (held_refs[k] for k in ("absmax", "codes", "nested", "table"))
-            nested_absmax, nested_code, offset = nested_gmem
-            # whole rows of codes, or the program's own columns: the program's first block among those copied
-            first, cols = (j * width, pl.ds(0, kb)) if copy == "rows" else (0, pl.ds(j * width, width))
-            kn = _TILE * kb // nested.nested_blocksize  # the tile's nested absmax
-            plgpu.copy_gmem_to_smem(s_gmem.at[wrows, cols], codes, held_refs["got_codes"])
-            plgpu.copy_gmem_to_smem(nested_absmax.at[pl.ds(i * kn, kn)], nested_s, held_refs["got_nested"])
-            plgpu.copy_gmem_to_smem(nested_code, table, held_refs["got_table"])
-            for got in ("got_codes", "got_nested", "got_table"):
-                plgpu.barrier_wait(held_refs[got])
-            fill(codes, nested_s, table, held, offset, j * width, first)
-        else:
-            s_spec = [plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0))]
-            s_in = [s_gmem.at[pl.ds(j * width, width), wrows]]
+                s_spec = [plgpu.BlockSpec((fmt.blocks, _TILE), lambda s: (s, 0))]
+                s_in = [s_gmem.at[pl.ds(j * width, width), wrows]]
 
-        def held_step(idx: Any, *refs: Any) -> Any:
-            if ready is not None:  # the first step: the pipeline's first copies are on their way
-                pl.when(idx[0] == 0)(ready)
-            return step(idx, *refs[:-1], held, refs[-1])
+            def held_step(idx: Any, *refs: Any) -> Any:
+                if ready is not None:  # the first step: the pipeline's first copies are on their way
+                    pl.when(idx[0] == 0)(ready)
+                return step(idx, *refs[:-1], held, refs[-1])
 
-        def scoped(acc: Any) -> None:
-            plgpu.emit_pipeline(
-                step if held is None else held_step,
-                grid=(sp,),
-                in_specs=[
-                    plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
-                    *s_spec,
-                    plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr),
-                ],
-                max_concurrent_steps=stages,
-                init_carry=acc,
-            )(
-                w_gmem.at[wrows, pl.ds(j * sp * wb, sp * wb)],
-                *s_in,
-                x_gmem.at[pl.ds(j * sp * xb, sp * xb)],
-            )
-            out_smem[...] = acc[...]
+            def scoped(acc: Any) -> None:
+                plgpu.emit_pipeline(
+                    step if held is None else held_step,
+                    grid=(sp,),
+                    in_specs=[
+                        plgpu.BlockSpec((_TILE, wb), lambda s: (0, s), transforms=w_tr),
+                        *s_spec,
+                        plgpu.BlockSpec((xb, rows), lambda s: (s, 0), transforms=x_tr),
+                    ],
+                    max_concurrent_steps=stages,
+                    init_carry=acc,
+                )(
+                    w_gmem.at[wrows, pl.ds(j * sp * wb, sp * wb)],
+                    *s_in,
+                    x_gmem.at[pl.ds(j * sp * xb, sp * xb)],
+                )
+                out_smem[...] = acc[...]
 
-        pl.run_scoped(scoped, plgpu.ACC((_TILE, rows), jnp.float32))
+            pl.run_scoped(scoped, plgpu.ACC((_TILE, rows), jnp.float32))
+
+        if count == 1:
+            member(0, i)
+        else:  # the weight whose tiles hold tile i
+            for g in range(count):
+                pl.when((i >= starts[g]) & (i < starts[g] + member_tiles[g]))(
+                    functools.partial(member, g, i - starts[g])
+                )
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[j, wrows])
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[j, pl.ds(i * _TILE, _TILE)])
         plgpu.wait_smem_to_gmem(0)
 
     scratch: dict[str, Any] = dict(out_smem=plgpu.SMEM((_TILE, rows), jnp.float32, transforms=o_tr))
-    ins: tuple = (w, scales_t, xt)
-    if scale_rows is not None:
+    ins: list = [xt]
+    if grid_kind:
         scratch.update(row_scales=plgpu.SMEM((1, width), jnp.float32), got=plgpu.Barrier(num_arrivals=1))
-    elif nested is not None:
+        for v, s in zip(ws, ss):
+            ins += [v, s]
+    elif is_nested:
         scratch.update(
             codes=plgpu.SMEM((_TILE, kb if copy == "rows" else width), jnp.uint8),
-            nested=plgpu.SMEM((_TILE * kb // nested.nested_blocksize,), jnp.float32),
+            nested=plgpu.SMEM((_TILE * kb // nb,), jnp.float32),
             table=plgpu.SMEM((256,), jnp.float32),
             absmax=plgpu.SMEM((width, _TILE), jnp.float32),
             **{got: plgpu.Barrier(num_arrivals=1) for got in ("got_codes", "got_nested", "got_table")},
         )
-        ins = (w, nested.codes, xt, nested.nested_absmax, nested.nested_code, nested.offset)
+        for v, nd in zip(ws, nesteds):
+            ins += [v, nd.codes, nd.nested_absmax, nd.nested_code, nd.offset]
+    else:
+        for v, s in zip(ws, ss):
+            ins += [v, s]
     out = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((split, n, rows), jnp.float32),
@@ -622,7 +675,10 @@ def _swapped_matmul(xt: jax.Array, w: jax.Array, scales_t: jax.Array | None, fmt
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )(*ins)
-    return out.sum(0)[:, :m].T.astype(out_dtype)
+    # the partial sums added in order, one after another: the same additions whatever the grid's other weights
+    # (a reduction's order may change with its shape)
+    total = functools.reduce(jnp.add, [out[s] for s in range(split)])
+    return total[:, :m].T.astype(out_dtype)
 
 
 # pipeline depth by x's padded rows (shared memory holds x's tiles); up to 32 rows _SMALL_STAGES is used instead
@@ -667,13 +723,14 @@ def _paired_t(x: jax.Array, span: int) -> jax.Array:
 
 
 def kernel(
-    x: jax.Array, q: jax.Array, absmax_t: jax.Array | Nested, *, table: Any, split: int | None = None,
+    x: jax.Array, q: Any, absmax_t: Any, *, table: Any, split: int | None = None,
     stages: int | None = None, decode: Any = None,
 ) -> jax.Array:  # fmt: skip
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to 128), where
     ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
     and its absmax, float32, transposed to ``[k / 64, n]``, or its nested absmax as stored (:class:`Nested`,
-    decoded by the kernel where it can). ``split``: programs along the contraction (default: doubled until
+    decoded by the kernel where it can); ``q`` and ``absmax_t`` as tuples of a group's weights (the same ``k``
+    and kind of absmax) give ``[m, sum of n]`` from one launch. ``split``: programs along the contraction (default: doubled until
     the grid holds ``_SMALL_PROGRAMS`` programs up to 32 rows, else until it fills the multiprocessors);
     ``stages``: the pipeline's depth (default by x's rows, :func:`_pipeline`); ``decode``: another
     ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
@@ -682,19 +739,26 @@ def kernel(
     xt = _paired_t(x, 64 * group)
     decode = decode or (_products_decoder if _products else _decoder)(x.dtype, table, group)
     fmt = _Format(cols=32, x_rows=32, blocks=_BLOCKS, decode=decode, group=group, parts=2)
-    nested, scales_t = (absmax_t, None) if isinstance(absmax_t, Nested) else (None, absmax_t)
+    nested: Any
+    scales_t: Any
+    if isinstance(q, tuple):  # a group: one entry per weight
+        nested = tuple(a if isinstance(a, Nested) else None for a in absmax_t)
+        scales_t = tuple(None if isinstance(a, Nested) else a for a in absmax_t)
+    else:
+        nested, scales_t = (absmax_t, None) if isinstance(absmax_t, Nested) else (None, absmax_t)
     stages, programs = _pipeline(rows, stages)
     return _swapped_matmul(xt, q, scales_t, fmt, m=x.shape[0], out_dtype=x.dtype, split=split, stages=stages,
                            nested=nested, programs=programs)  # fmt: skip
 
 
-def fp8_kernel(x: jax.Array, w: jax.Array, scales_t: jax.Array, *, split: int | None = None,
-               stages: int | None = None, scale_rows: int | None = None) -> jax.Array:  # fmt: skip
+def fp8_kernel(x: jax.Array, w: Any, scales_t: Any, *, split: int | None = None, stages: int | None = None,
+               scale_rows: Any = None) -> jax.Array:  # fmt: skip
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype``, where ``W [n, k]`` is ``float32(w) * scale`` rounded
     to ``x.dtype`` (``jax_side.dequantize_fp8``'s order), ``w`` float8_e4m3fn ``[n, k]``, and ``scales_t``
     float32 ``[k / 128, n]`` each row's scale per 128 columns; or, with ``scale_rows`` (a multiple of 64),
     the block-scale grid float32 ``[ceil(n / scale_rows), k / 128]`` (``k / 128`` a multiple of 4), read
-    as it is stored."""
+    as it is stored. ``w``, ``scales_t`` and ``scale_rows`` as tuples of a group's weights give ``[m, sum of
+    n]`` from one launch."""
 
     def decode(wb: jax.Array, scale: jax.Array) -> list[jax.Array]:
         return [(wb.astype(jnp.float32) * scale).astype(x.dtype)]
@@ -788,6 +852,54 @@ def matmul(x2: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
     """``x2 [m, in] @ dequantize(w).T`` in ``x2.dtype`` through :func:`nf4_matmul` or :func:`fp8_matmul`, for
     calls :func:`takes`."""
     return nf4_matmul(x2, w) if isinstance(w, NF4Weight) else fp8_matmul(x2, w)
+
+
+# False: weights that share x take one launch each (benchmarks time both through this)
+_grouped = True
+
+
+def groupable(x2: jax.Array, ws: Sequence[Any]) -> bool:
+    """Whether :func:`matmul_group` multiplies ``x2`` by every weight of ``ws`` in one launch: each one
+    :func:`takes`, all of one format with the same ``in`` (4-bit: the same table, all nested or none, one
+    nested blocksize)."""
+    if not _grouped or len(ws) < 2 or not all(takes(x2, w) for w in ws):
+        return False
+    first = ws[0]
+    same = all(type(w) is type(first) and w.shape[1] == first.shape[1] for w in ws)
+    if isinstance(first, NF4Weight):
+        same = same and all(
+            w.quant_type == first.quant_type
+            and (w.nested_absmax is None) == (first.nested_absmax is None)
+            and w.nested_blocksize == first.nested_blocksize
+            for w in ws
+        )
+    return same
+
+
+def matmul_group(x2: jax.Array, ws: Sequence[Any], *, split: int | None = None) -> list[jax.Array]:
+    """``[x2 @ dequantize(w).T for w in ws]`` from one kernel launch (calls :func:`groupable` accepts), each
+    ``[m, out]`` in ``x2.dtype``: the grid holds every weight's tiles, and each program computes what it
+    computes in :func:`matmul` of its weight alone with the same ``split`` (by default the split is chosen
+    for the whole grid, so a weight's contraction may be split into fewer parts than alone, and its float32
+    sums made in another order)."""
+    if isinstance(ws[0], NF4Weight):
+        stored = [_stored(w) for w in ws]
+        y = kernel(x2, tuple(q for q, _ in stored), tuple(a for _, a in stored),
+                   table=standard_code(ws[0].quant_type), split=split)  # fmt: skip
+    else:
+        rows = [grid_rows(w) for w in ws] if _grid_scales else [None]
+        if all(r is not None for r in rows):
+            grids = tuple(
+                w.scale_inv.astype(jnp.float32).reshape(
+                    fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block).grid
+                )
+                for w in ws
+            )
+            y = fp8_kernel(x2, tuple(w.weight for w in ws), grids, scale_rows=tuple(rows), split=split)
+        else:
+            y = fp8_kernel(x2, tuple(w.weight for w in ws), tuple(fp8_scales_t(w) for w in ws), split=split)
+    ends = np.cumsum([w.shape[0] for w in ws])
+    return [y[:, end - w.shape[0] : end] for w, end in zip(ws, ends)]
 
 
 def settings() -> tuple[tuple[str, Any], ...]:
