@@ -9,7 +9,14 @@ from jax_side._adapters import add_lora, lora_layers, lora_targets, remove_lora
 from jax_side._codes import FP4_CODE, NF4_CODE, standard_code
 from jax_side._cpu_kernel import wait_for_kernels
 from jax_side._fp8 import ScaleLayout, dequantize_fp8, fp8_scale_layout
-from jax_side._fused import fits_kernel, get_matmul_path, matmul_path, quantized_matmul, set_matmul_path
+from jax_side._fused import (
+    fits_kernel,
+    get_matmul_path,
+    matmul_path,
+    quantized_matmul,
+    quantized_matmuls,
+    set_matmul_path,
+)
 from jax_side._layout import (
     KINDS,
     RULES,
@@ -25,7 +32,7 @@ from jax_side._layout import (
 from jax_side._llama import LlamaConfig, abstract_llama, llama_for_causal_lm
 from jax_side._lora import LoraConfig
 from jax_side._nf4 import decode_nested_absmax, dequantize_nf4
-from jax_side._qlayers import load_quantized_into_nnx
+from jax_side._qlayers import fused_linears, load_quantized_into_nnx
 from jax_side._quantized import FP8Weight, NF4Weight, is_quantized, quantized_nbytes
 from jax_side._target import (
     Target,
@@ -84,6 +91,7 @@ __all__ = [
     "fits_kernel",
     "flax_shape",
     "fp8_scale_layout",
+    "fused_linears",
     "get_matmul_path",
     "infer_kind",
     "is_quantized",
@@ -103,6 +111,7 @@ __all__ = [
     "plan_for_target",
     "plan_match",
     "quantized_matmul",
+    "quantized_matmuls",
     "quantized_nbytes",
     "rebuild_target",
     "remove_lora",

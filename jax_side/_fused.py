@@ -11,7 +11,8 @@ same roundings, float32 products and sums (faster than the kernel at one row on 
 ``benchmarks/RESULTS.md``). On Hopper GPUs, 2 to 128 rows of bfloat16 or float16 x times a 4-bit or FP8
 weight that fits it go to a kernel in Pallas' Mosaic GPU lowering instead (``jax_side._mosaic``; at 16 to 128
 tokens on an H200, 0.50-0.85x the Triton kernel's time for 4-bit weights, 0.62-0.98x for FP8). On these
-paths no dense weight exists in memory at any point.
+paths no dense weight exists in memory at any point. :func:`quantized_matmuls` multiplies weights that share
+x (q/k/v, gate/up) in one launch of that kernel where it takes each of them.
 
 The choice between this kernel and expanding the weight then multiplying (the only path on CPU and other
 backends) is made in one place, :func:`matmul_path`:
@@ -53,7 +54,7 @@ import importlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -651,7 +652,12 @@ def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any
     with _cpu_kernel.set_aside():  # XLA's decode fuses into the dot's operand (see _expand)
         dense = cast_exactly(w.dequantize(), dy.dtype)  # [out, in]
     dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
-    zeros = jax.tree_util.tree_map(
+    return dx, _no_gradient(w)
+
+
+def _no_gradient(w: Any) -> Any:
+    """The stored pieces' cotangent: zeros (float0 for integer pieces)."""
+    return jax.tree_util.tree_map(
         lambda a: (
             jnp.zeros(a.shape, jax.dtypes.float0)
             if not jnp.issubdtype(a.dtype, jnp.inexact)
@@ -659,7 +665,6 @@ def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any
         ),
         w,
     )
-    return dx, zeros
 
 
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
@@ -677,6 +682,29 @@ def _check_pieces(weight: NF4Weight | FP8Weight) -> None:
     decoding; once per kind of weight (the checks see only shapes, dtypes and the static fields)."""
     leaves, treedef = jax.tree_util.tree_flatten(weight)
     _checked(str(treedef), treedef, tuple((tuple(jnp.shape(a)), jnp.result_type(a)) for a in leaves))
+
+
+def _validate(x: jax.Array, weight: Any, who: str = "quantized_matmul") -> None:
+    """:func:`quantized_matmul`'s checks of its arguments (see its Raises)."""
+    if not is_quantized(weight):
+        raise TypeError(f"{who} takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2:
+        raise ValueError(f"{who} takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    for leaf in jax.tree_util.tree_leaves(weight):  # the pieces (and x, below) as dequantize() asks for them
+        refuse_torch(leaf, f"a piece of the {type(weight).__name__}")
+    refuse_torch(x, "x")
+    if (
+        not hasattr(x, "shape")
+        or not hasattr(x, "dtype")
+        or x.ndim == 0
+        or not jnp.issubdtype(x.dtype, jnp.floating)
+    ):
+        raise TypeError(f"x must be a floating-point array of shape [..., in], got {type(x).__name__} "
+                        f"{getattr(x, 'dtype', '')}{tuple(getattr(x, 'shape', ()))}")  # fmt: skip
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features, the weight {tuple(weight.shape)} takes {weight.shape[-1]}"
+        )
 
 
 def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
@@ -698,25 +726,7 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
         ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; the path is
             ``"interpret"`` and the kernel does not take ``weight``.
     """
-    if not is_quantized(weight):
-        raise TypeError(f"quantized_matmul takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
-    if len(weight.shape) != 2:
-        raise ValueError(f"quantized_matmul takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
-    for leaf in jax.tree_util.tree_leaves(weight):  # the pieces (and x, below) as dequantize() asks for them
-        refuse_torch(leaf, f"a piece of the {type(weight).__name__}")
-    refuse_torch(x, "x")
-    if (
-        not hasattr(x, "shape")
-        or not hasattr(x, "dtype")
-        or x.ndim == 0
-        or not jnp.issubdtype(x.dtype, jnp.floating)
-    ):
-        raise TypeError(f"x must be a floating-point array of shape [..., in], got {type(x).__name__} "
-                        f"{getattr(x, 'dtype', '')}{tuple(getattr(x, 'shape', ()))}")  # fmt: skip
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(
-            f"x has {x.shape[-1]} features, the weight {tuple(weight.shape)} takes {weight.shape[-1]}"
-        )
+    _validate(x, weight)
     mesh = explicit_mesh(x, weight)
     if mesh is not None:  # the kernel and the expansion run with the mesh's axes automatic around them
         from jax.sharding import PartitionSpec as P
@@ -751,3 +761,80 @@ def _auto_on_concrete(x: jax.Array, w: Any) -> jax.Array:
     """``"auto"`` on concrete arrays, jitted: outside a jit ``platform_dependent`` picks the default backend's
     branch, not the arrays' platform (CPU arrays on a GPU machine reached the Pallas kernel and failed)."""
     return _kernel_matmul(x, w, "auto")
+
+
+def _grouped(x: jax.Array, ws: tuple) -> tuple[jax.Array, ...]:
+    """``x @ dequantize(w).T`` for each of ``ws`` on a CUDA device: one Mosaic launch for the group where the
+    kernel takes each call (:func:`_mosaic.groupable`), else one call per weight as :func:`_fused` makes it."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
+    if x2.shape[0] > 1 and _mosaic.groupable(x2, ws):
+        return tuple(y.reshape(*lead, w.shape[0]) for y, w in zip(_mosaic.matmul_group(x2, ws), ws))
+    return tuple(_fused(x, w, False) for w in ws)
+
+
+@jax.custom_vjp
+def _kernel_matmuls(x: jax.Array, ws: tuple) -> tuple[jax.Array, ...]:
+    # new functions for the branches in each trace: JAX reuses a branch's trace for the same function, and
+    # the kernel's settings are read while it is traced
+    return jax.lax.platform_dependent(
+        x, ws, default=lambda x, ws: tuple(_expand(x, w) for w in ws), cuda=lambda x, ws: _grouped(x, ws)
+    )
+
+
+def _kernel_matmuls_fwd(x: jax.Array, ws: tuple) -> tuple[tuple[jax.Array, ...], Any]:
+    return _kernel_matmuls(x, ws), ws
+
+
+def _kernel_matmuls_bwd(ws: tuple, dys: tuple) -> tuple[jax.Array, Any]:
+    # one product over the weights side by side: the sum over them accumulates in the dot, rounded once
+    dtype = dys[0].dtype
+    with _cpu_kernel.set_aside():  # XLA's decode fuses into the dot's operand (see _expand)
+        dense = jnp.concatenate([cast_exactly(w.dequantize(), dtype) for w in ws])  # [sum of out, in]
+    dy = jnp.concatenate(dys, axis=-1)
+    dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
+    return dx, tuple(_no_gradient(w) for w in ws)
+
+
+_kernel_matmuls.defvjp(_kernel_matmuls_fwd, _kernel_matmuls_bwd)
+
+
+def quantized_matmuls(x: jax.Array, weights: Sequence[NF4Weight | FP8Weight]) -> tuple[jax.Array, ...]:
+    """``tuple(quantized_matmul(x, w) for w in weights)`` with one kernel launch for weights that share
+    ``x`` (a layer's q/k/v or gate/up projections).
+
+    Each result is what :func:`quantized_matmul` gives for its weight (``x.dtype``, ``[..., out]``), up to the
+    order of the float32 accumulation: on a Hopper GPU under ``matmul_path("auto")``, weights of one format
+    and ``in`` that the Mosaic kernel takes (2 to 128 rows of x) are multiplied in one launch whose grid holds
+    every weight's tiles, the contraction split for the whole grid (fewer parts than for a small weight
+    alone). Elsewhere (one row of x, other paths and backends, weights the kernel does not take, meshes with
+    explicit axes, arrays outside a trace) each weight is multiplied as :func:`quantized_matmul` does.
+    Gradients as :func:`quantized_matmul`'s: to ``x`` (the sum over the weights), none to the pieces.
+
+    Raises:
+        TypeError, ValueError: as :func:`quantized_matmul`, for any of ``weights``; ValueError: no weights.
+    """
+    weights = tuple(weights)
+    if not weights:
+        raise ValueError("quantized_matmuls takes at least one weight")
+    for w in weights:
+        _validate(x, w, "quantized_matmuls")
+        _check_pieces(w)
+    separate = (
+        len(weights) == 1
+        or get_matmul_path() != "auto"
+        or any(fits_kernel(w) is not None for w in weights)
+        or any(explicit_mesh(x, w) is not None for w in weights)
+        or not _is_traced(*jax.tree.leaves((x, weights)))
+    )
+    if separate:
+        return tuple(quantized_matmul(x, w) for w in weights)
+    try:
+        return _kernel_matmuls(x, weights)
+    except TypeError as e:  # JAX's own words for forward mode through a custom VJP
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            "quantized_matmuls on matmul_path('auto') has reverse-mode derivatives only (jax.grad, jax.vjp); "
+            "for forward mode (jax.jvp, jax.jacfwd, jax.hessian) run it under jax_side.matmul_path('expand')"
+        ) from e

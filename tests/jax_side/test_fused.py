@@ -1261,6 +1261,148 @@ def test_not_chosen_off_hopper_nor_where_x_varies(hopper, monkeypatch):
     assert _kernels(x, w) == {"triton"}
 
 
+# ------------------------------------------------------------------------------------- weights sharing x
+
+GROUPS = {
+    "nf4 nested q/k/v": lambda: [nf4((256, 1024)), nf4((64, 1024), seed=1), nf4((64, 1024), seed=2)],
+    "nf4 plain gate/up": lambda: [nf4((192, 512), nested=False), nf4((192, 512), nested=False, seed=3)],
+    "fp8 block 128": lambda: [fp8((256, 1024), (2, 8)), fp8((128, 1024), (1, 8), seed=3)],
+    "fp8 per-row": lambda: [fp8((128, 512), (128, 1)), fp8((64, 512), (64, 1), seed=5)],
+    "odd shapes (not the kernel's)": lambda: [nf4((70, 384)), nf4((33, 384), seed=1), fp8((40, 384), (1, 3))],
+}
+
+
+def _mosaic_launches(f, *args) -> int:
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return len(re.findall(r"custom_call @mosaic_gpu", text))
+
+
+@pytest.mark.parametrize("name", list(GROUPS))
+def test_weights_sharing_x_give_what_each_gives_alone(name):
+    """``quantized_matmuls(x, ws)`` gives ``quantized_matmul(x, w)`` for each weight, bit for bit on the CPU
+    (where each is expanded), on every path, jitted and not, for 1-3-D x; its gradient to x is the sum of
+    theirs; vmap over x batches it."""
+    ws = GROUPS[name]()
+    k = ws[0].shape[1]
+    for shape in ((5, k), (2, 3, k), (1, k), (k,)):
+        x = jnp.asarray(np.random.default_rng(len(shape)).standard_normal(shape), jnp.bfloat16)
+        for path in ("auto", "expand", "interpret"):
+            if path == "interpret" and any(_fused.fits_kernel(w) for w in ws):
+                continue
+            with jax_side.matmul_path(path):
+                for run in (
+                    jax_side.quantized_matmuls,
+                    jax.jit(lambda x, ws: jax_side.quantized_matmuls(x, ws)),
+                ):
+                    got = run(x, ws)
+                    assert isinstance(got, tuple) and len(got) == len(ws)
+                    for y, w in zip(got, ws):
+                        assert_same_bits(y, jax.jit(jax_side.quantized_matmul)(x, w))
+    x = x_for(6, k, jnp.bfloat16, seed=9)
+
+    def total(f):
+        return lambda x: sum(y.astype(jnp.float32).sum() for y in f(x))
+
+    grad = np.asarray(jax.jit(jax.grad(total(lambda x: jax_side.quantized_matmuls(x, ws))))(x), np.float64)
+    each = jax.jit(jax.grad(total(lambda x: [jax_side.quantized_matmul(x, w) for w in ws])))(x)
+    # the sum over the weights' rows in float64, each weight decoded to x's dtype: the gradient rounded once
+    want = sum(np.asarray(w.dequantize().astype(x.dtype).astype(jnp.float32), np.float64).sum(0) for w in ws)
+    np.testing.assert_allclose(grad, np.broadcast_to(want, grad.shape), rtol=2**-8, atol=1e-6)
+    # the weights' gradients each rounded, then added: within a few roundings of the largest
+    np.testing.assert_allclose(grad, np.asarray(each, np.float64), rtol=0, atol=2**-6 * np.abs(want).max())
+    xb = x.reshape(2, 3, k)
+    batched = jax.jit(jax.vmap(lambda x: jax_side.quantized_matmuls(x, ws)))(xb)
+    for y, w in zip(batched, ws):
+        assert_same_bits(y, jax.vmap(lambda x, w=w: jax_side.quantized_matmul(x, w))(xb))
+
+
+def test_weights_sharing_x_refuse_what_quantized_matmul_refuses():
+    ws = GROUPS["nf4 nested q/k/v"]()
+    x = x_for(4, 1024, jnp.bfloat16)
+    with pytest.raises(ValueError, match="at least one weight"):
+        jax_side.quantized_matmuls(x, [])
+    with pytest.raises(ValueError, match="x has 1024 features, the weight \\(64, 512\\) takes 512"):
+        jax_side.quantized_matmuls(x, [ws[0], nf4((64, 512))])
+    with pytest.raises(TypeError, match="quantized_matmuls takes an NF4Weight or FP8Weight, got ndarray"):
+        jax_side.quantized_matmuls(x, [ws[0], np.zeros((4, 1024))])
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
+        jax_side.quantized_matmuls(jnp.zeros((4, 1024), jnp.int32), ws)
+    with pytest.raises(TypeError, match="forward mode"):
+        jax.jvp(lambda x: jax_side.quantized_matmuls(x, ws), (x,), (x,))
+    with jax_side.matmul_path("expand"):  # forward mode where each weight is expanded
+        jax.jvp(lambda x: jax_side.quantized_matmuls(x, ws), (x,), (x,))
+
+
+@pytest.mark.parametrize("fmt", ["NF4", "FP8"])
+def test_weights_sharing_x_go_to_the_hopper_kernel_in_one_launch(fmt, monkeypatch):
+    """On a Hopper GPU (the kernel lowered here for CUDA), weights that share x and that the kernel takes
+    are multiplied in one Mosaic launch; groups it cannot take together (another format, nested beside
+    plain absmax, one row of x, rows not whole tiles) are multiplied one launch per weight, as alone."""
+    monkeypatch.setattr(_mosaic, "_force", True)
+    ws = GROUPS["nf4 nested q/k/v" if fmt == "NF4" else "fp8 block 128"]()
+    k = ws[0].shape[1]
+
+    def group(x, ws):
+        return jax_side.quantized_matmuls(x, ws)
+
+    for m in (2, 16, 33, 128):
+        x = x_for(m, k, jnp.bfloat16)
+        assert _mosaic_launches(group, x, ws) == 1, m
+        assert _mosaic_launches(lambda x, ws: [jax_side.quantized_matmul(x, w) for w in ws], x, ws) == len(ws)
+    x = x_for(16, k, jnp.bfloat16)
+    other = fp8((64, k), (1, k // 128)) if fmt == "NF4" else nf4((64, k))
+    assert _mosaic_launches(group, x, [*ws, other]) == len(ws) + 1
+    if fmt == "NF4":
+        assert _mosaic_launches(group, x, [ws[0], nf4((64, k), nested=False)]) == 2
+    assert _mosaic_launches(group, x_for(1, k, jnp.bfloat16), ws) == 0  # XLA's one-row reduction
+    assert _mosaic_launches(group, x, [ws[0], ws[1]]) == 1
+    odd = GROUPS["odd shapes (not the kernel's)"]()
+    assert _mosaic_launches(group, x_for(16, 384, jnp.bfloat16), odd) == 0
+    with jax_side.matmul_path("interpret"):
+        assert _mosaic_launches(group, x, ws) == 0
+
+
+def test_fused_linears_keep_each_modules_bias_and_lora(monkeypatch):
+    """``fused_linears`` gives each module's own output: QuantLinear modules with and without biases and LoRA
+    adapters (non-zero ``lora_B``), bit for bit on the CPU, gradients to x, biases and adapters equal to
+    calling the modules; dense ``nnx.Linear`` modules and mixes are called one by one. On a Hopper GPU the
+    kept modules' products take one launch."""
+    ws = GROUPS["nf4 nested q/k/v"]()
+    rng = np.random.default_rng(0)
+    mods = [
+        jax_side.QuantLinear(ws[0], jnp.asarray(rng.standard_normal(256), jnp.float32)),
+        jax_side.QuantLinear(ws[1], lora=jax_side.LoraConfig(r=4), rngs=nnx.Rngs(1)),
+        jax_side.QuantLinear(ws[2], jnp.asarray(rng.standard_normal(64), jnp.float32)),
+    ]
+    mods[1].lora.lora_B[...] = jnp.asarray(rng.standard_normal((4, 64)) * 0.1, jnp.float32)
+    x = x_for(5, 1024, jnp.bfloat16)
+    got = jax_side.fused_linears(x, mods)
+    for y, m in zip(got, mods):
+        assert_same_bits(y, m(x))
+    assert got[0].dtype == jnp.float32  # promoted with the float32 bias, as nnx.Linear does
+
+    def loss(mods, x, fused):
+        ys = jax_side.fused_linears(x, mods) if fused else [m(x) for m in mods]
+        return sum(y.astype(jnp.float32).sum() for y in ys)
+
+    graphdef, params, rest = nnx.split(tuple(mods), nnx.Param, ...)
+    grads = {}
+    for fused in (True, False):
+        f = lambda p, x, fused=fused: loss(nnx.merge(graphdef, p, rest), x, fused)  # noqa: E731
+        grads[fused] = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        assert_same_bits(a, b)
+    dense = nnx.Linear(1024, 32, rngs=nnx.Rngs(0))
+    for y, m in zip(jax_side.fused_linears(x, [mods[0], dense]), [mods[0], dense]):
+        assert_same_bits(y, m(x))
+    with pytest.raises(ValueError, match="at least one module"):
+        jax_side.fused_linears(x, [])
+    monkeypatch.setattr(_mosaic, "_force", True)
+    x16 = x_for(16, 1024, jnp.bfloat16)
+    plain = [jax_side.QuantLinear(w, dtype=jnp.bfloat16) for w in ws]
+    assert _mosaic_launches(lambda x: jax_side.fused_linears(x, plain), x16) == 1
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -1452,3 +1594,65 @@ def test_on_a_hopper_gpu(make, products, quad, monkeypatch):
     dense64 = np.asarray(w.dequantize(dtype=jnp.float32), np.float64)
     np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(dense64.sum(0), grad.shape),
                                rtol=2e-2, atol=2e-2 * np.abs(dense64.sum(0)).max())  # fmt: skip
+
+
+def _alone(x, w, split):
+    """:func:`_mosaic.matmul` of one weight with the contraction split ``split`` ways."""
+    if isinstance(w, jax_side.NF4Weight):
+        return _mosaic.kernel(x, *_mosaic._stored(w), table=standard_code(w.quant_type), split=split)
+    rows = _mosaic.grid_rows(w)
+    if rows is None:
+        return _mosaic.fp8_kernel(x, w.weight, _mosaic.fp8_scales_t(w), split=split)
+    grid = w.scale_inv.astype(jnp.float32).reshape(-(-w.shape[0] // rows), -1)
+    return _mosaic.fp8_kernel(x, w.weight, grid, scale_rows=rows, split=split)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "make",
+    [lambda: [nf4((512, 4096)), nf4((128, 4096), seed=1), nf4((128, 4096), seed=2)],
+     lambda: [nf4((192, 1024), nested=False), nf4((320, 1024), nested=False, seed=3)],
+     lambda: [nf4((256, 2048), quant_type="fp4"), nf4((64, 2048), quant_type="fp4", seed=4)],
+     lambda: [fp8((512, 4096), (4, 32)), fp8((128, 4096), (1, 32), seed=3), fp8((128, 4096), (1, 32), seed=4)],
+     lambda: [fp8((128, 1024), (128, 1)), fp8((64, 1024), (64, 1), seed=5)]],
+    ids=["nf4 nested q/k/v", "nf4 plain", "fp4 nested", "fp8 block 128 q/k/v", "fp8 per-row"],
+)  # fmt: skip
+def test_weights_sharing_x_on_a_hopper_gpu(make):
+    """One Mosaic launch for weights that share x: each result equals expand-then-matmul within the
+    accumulation's tolerance, and, with the contraction split alike, each weight's columns are the bits of
+    the kernel on that weight alone; gradients to x and vmap over x as for one weight."""
+    if not _on_hopper():
+        pytest.skip(f"needs a Hopper GPU and Pallas' Mosaic GPU lowering ({_mosaic._unavailable()})")
+    gpu = jax.devices("gpu")[0]
+    ws = jax.device_put(make(), gpu)
+    k = ws[0].shape[1]
+    for m, dtype in (
+        (2, jnp.bfloat16),
+        (16, jnp.bfloat16),
+        (33, jnp.float16),
+        (_mosaic.MAX_ROWS, jnp.bfloat16),
+    ):
+        x = jax.device_put(x_for(m, k, dtype, seed=m), gpu)
+        group = [dataclasses.replace(w, dtype=jnp.dtype(dtype).name) for w in ws]  # decoded to x's dtype
+        lowered = jax.jit(lambda x, ws: jax_side.quantized_matmuls(x, ws)).lower(x, group)
+        assert len(re.findall(r"custom_call @mosaic_gpu", lowered.as_text())) == 1, m
+        for y, w in zip(lowered.compile()(x, group), group):
+            assert_close(y, x, w)
+        for split in (1, 2, 4):
+            together = jax.jit(lambda x, ws, s=split: _mosaic.matmul_group(x, ws, split=s))(x, group)
+            for y, w in zip(together, group):
+                print(f"{m} rows, split {split}, weight {w.shape}")  # shown where the bits differ
+                assert_same_bits(y, jax.jit(lambda x, w, s=split: _alone(x, w, s))(x, w))
+    xb = jax.device_put(x_for(12, k, jnp.bfloat16, seed=7).reshape(3, 4, k), gpu)
+    batched = jax.jit(jax.vmap(lambda x, ws: jax_side.quantized_matmuls(x, ws), in_axes=(0, None)))(xb, ws)
+    for y, w in zip(batched, ws):
+        for i in range(3):
+            assert_close(y[i], xb[i], w)
+    value, grad = jax.jit(jax.value_and_grad(
+        lambda x: sum(y.astype(jnp.float32).sum() for y in jax_side.quantized_matmuls(x, ws))
+    ))(xb[0])  # fmt: skip
+    want = sum(float(np.asarray(y[0], np.float64).sum()) for y in batched)
+    np.testing.assert_allclose(float(value), want, rtol=1e-2, atol=1e-2 * abs(want) + 1)
+    rows = sum(np.asarray(w.dequantize(dtype=jnp.float32), np.float64).sum(0) for w in ws)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), np.broadcast_to(rows, grad.shape),
+                               rtol=2e-2, atol=2e-2 * np.abs(rows).max())  # fmt: skip
