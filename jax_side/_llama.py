@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._qlayers import fused_linears
+
 
 def _nnx():
     try:
@@ -189,9 +191,11 @@ def _make_modules():
         def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
             c = self.config
             b, s, _ = h.shape
-            q = self.q_proj(h).reshape(b, s, c.num_attention_heads, c.head_size).transpose(0, 2, 1, 3)
-            k = self.k_proj(h).reshape(b, s, c.kv_heads, c.head_size).transpose(0, 2, 1, 3)
-            v = self.v_proj(h).reshape(b, s, c.kv_heads, c.head_size).transpose(0, 2, 1, 3)
+            # kept-quantized projections: one kernel launch for the three (fused_linears)
+            q, k, v = fused_linears(h, (self.q_proj, self.k_proj, self.v_proj))
+            q = q.reshape(b, s, c.num_attention_heads, c.head_size).transpose(0, 2, 1, 3)
+            k = k.reshape(b, s, c.kv_heads, c.head_size).transpose(0, 2, 1, 3)
+            v = v.reshape(b, s, c.kv_heads, c.head_size).transpose(0, 2, 1, 3)
             cos, sin = cos.astype(q.dtype)[None, None], sin.astype(q.dtype)[None, None]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
@@ -212,7 +216,8 @@ def _make_modules():
             self.down_proj = nnx.Linear(c.intermediate_size, c.hidden_size, **kw)
 
         def __call__(self, h: jax.Array) -> jax.Array:
-            return self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+            gate, up = fused_linears(h, (self.gate_proj, self.up_proj))
+            return self.down_proj(jax.nn.silu(gate) * up)
 
     class LlamaDecoderLayer(nnx.Module):
         def __init__(self, c: LlamaConfig, *, dtype: Any, param_dtype: Any, rngs: Any):

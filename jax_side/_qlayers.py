@@ -11,14 +11,14 @@ to biases and to LoRA adapters (``jax_side.add_lora``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ._casts import cast_exactly
-from ._fused import quantized_matmul
+from ._fused import quantized_matmul, quantized_matmuls
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
 from ._tree import dotted, warn_at_caller
@@ -39,15 +39,19 @@ def _dense(x: jax.Array, weight: NF4Weight | FP8Weight, bias: jax.Array | None, 
     expanded then multiplied); the stored pieces get no gradient.
     """
     weight = jax.lax.stop_gradient(weight)
-    if dtype is None:
-        wdtype = jnp.dtype(weight.dtype)
-        dtype = (
-            jnp.result_type(x.dtype, wdtype) if bias is None else jnp.result_type(x.dtype, wdtype, bias.dtype)
-        )
+    dtype = _compute_dtype(x, weight, bias, dtype)
     y = quantized_matmul(x.astype(dtype), weight)
     if bias is not None:
         y = y + bias.astype(dtype)
     return y
+
+
+def _compute_dtype(x: jax.Array, weight: NF4Weight | FP8Weight, bias: jax.Array | None, dtype: Any) -> Any:
+    """The dtype ``nnx.Linear`` computes in: ``dtype``, else the promotion of x's, the weight's and the bias'."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    wdtype = jnp.dtype(weight.dtype)
+    return jnp.result_type(x.dtype, wdtype) if bias is None else jnp.result_type(x.dtype, wdtype, bias.dtype)
 
 
 def _make_nnx():
@@ -97,6 +101,18 @@ def _make_nnx():
                 y = y + self.lora(x, y.dtype)
             return y
 
+        def _compute_dtype(self, x: jax.Array) -> Any:
+            return _compute_dtype(x, self.weight.get_value(), None if self.bias is None else self.bias[...],
+                                  self.dtype)  # fmt: skip
+
+        def _finish(self, x: jax.Array, y: jax.Array) -> jax.Array:
+            """``y`` (the product, in the compute dtype) with the bias and LoRA added, as :meth:`__call__`."""
+            if self.bias is not None:
+                y = y + self.bias[...].astype(y.dtype)
+            if self.lora is not None:
+                y = y + self.lora(x, y.dtype)
+            return y
+
     class QuantEmbed(nnx.Module):
         """``nnx.Embed`` over a quantized ``[num_embeddings, features]`` table: ``embed(ids)`` gives the rows of
         ``weight.dequantize()`` (the same bits), shape ``ids.shape + (features,)``; ``embed.attend(query)``
@@ -135,6 +151,34 @@ def _make_nnx():
             return quantized_matmul(query.astype(dtype), weight)
 
     return QuantizedVariable, QuantLinear, QuantEmbed
+
+
+def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]:
+    """``tuple(module(x) for module in modules)``, with one kernel launch for the matmuls where the modules
+    are kept-quantized ``QuantLinear`` layers that share ``x`` (a layer's q/k/v or gate/up projections).
+
+    The modules stay as they are (their names, parameters, LoRA adapters and biases): where every one is a
+    ``QuantLinear`` computing in the same dtype, their products come from :func:`jax_side.quantized_matmuls`
+    (on a Hopper GPU, one Mosaic launch for the group; each result equal to the module's own up to the order
+    of the float32 accumulation), then each module adds its bias and LoRA delta as its ``__call__`` does.
+    Otherwise (dense ``nnx.Linear`` modules, a mix, other dtypes) each module is called. ``jax_side``'s Llama
+    calls its projections through this.
+
+    Raises:
+        ValueError: no modules; as ``QuantLinear.__call__`` otherwise.
+    """
+    modules = tuple(modules)
+    if not modules:
+        raise ValueError("fused_linears takes at least one module")
+    quant_linear = _classes()["QuantLinear"] if len(modules) > 1 else None
+    if quant_linear is not None and all(type(m) is quant_linear for m in modules):
+        dtypes = {jnp.dtype(m._compute_dtype(x)) for m in modules}
+        if len(dtypes) == 1:
+            (dtype,) = dtypes
+            weights = [jax.lax.stop_gradient(m.weight.get_value()) for m in modules]
+            ys = quantized_matmuls(x.astype(dtype), weights)
+            return tuple(m._finish(x, y) for m, y in zip(modules, ys))
+    return tuple(m(x) for m in modules)
 
 
 def _ids(ids: Any, who: str) -> jax.Array:
