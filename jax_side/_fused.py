@@ -812,14 +812,23 @@ def quantized_matmuls(x: jax.Array, weights: Sequence[NF4Weight | FP8Weight]) ->
     Gradients as :func:`quantized_matmul`'s: to ``x`` (the sum over the weights), none to the pieces.
 
     Raises:
-        TypeError, ValueError: as :func:`quantized_matmul`, for any of ``weights``; ValueError: no weights.
+        TypeError, ValueError: as :func:`quantized_matmul`, for any of ``weights`` (the message names its
+            index); TypeError: ``weights`` is not a sequence (one weight alone); ValueError: no weights.
     """
+    if is_quantized(weights) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"quantized_matmuls takes a sequence of weights, got {type(weights).__name__} (one weight: "
+            "quantized_matmul(x, weight))"
+        )
     weights = tuple(weights)
     if not weights:
         raise ValueError("quantized_matmuls takes at least one weight")
-    for w in weights:
-        _validate(x, w, "quantized_matmuls")
-        _check_pieces(w)
+    for i, w in enumerate(weights):
+        try:
+            _validate(x, w, "quantized_matmuls")
+            _check_pieces(w)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"weights[{i}]: {e}") from e
     separate = (
         len(weights) == 1
         or get_matmul_path() != "auto"

@@ -157,28 +157,39 @@ def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]
     """``tuple(module(x) for module in modules)``, with one kernel launch for the matmuls where the modules
     are kept-quantized ``QuantLinear`` layers that share ``x`` (a layer's q/k/v or gate/up projections).
 
-    The modules stay as they are (their names, parameters, LoRA adapters and biases): where every one is a
-    ``QuantLinear`` computing in the same dtype, their products come from :func:`jax_side.quantized_matmuls`
-    (on a Hopper GPU, one Mosaic launch for the group; each result equal to the module's own up to the order
-    of the float32 accumulation), then each module adds its bias and LoRA delta as its ``__call__`` does.
-    Otherwise (dense ``nnx.Linear`` modules, a mix, other dtypes) each module is called. ``jax_side``'s Llama
-    calls its projections through this.
+    The modules stay as they are (their names, parameters, LoRA adapters and biases): the ``QuantLinear``
+    modules (not subclasses, whose ``__call__`` may differ) that compute in the same dtype get their products
+    from one :func:`jax_side.quantized_matmuls` (on a Hopper GPU, one Mosaic launch for them; each result equal
+    to the module's own up to the order of the float32 accumulation), then each adds its bias and LoRA delta
+    as its ``__call__`` does. Every other module (dense ``nnx.Linear``, a QuantLinear alone in its dtype) is
+    called. ``jax_side``'s Llama calls its projections through this.
 
     Raises:
+        TypeError: ``modules`` is not a sequence, or holds something that is not callable (kept weights
+            themselves go to :func:`jax_side.quantized_matmuls`).
         ValueError: no modules; as ``QuantLinear.__call__`` otherwise.
     """
+    if callable(modules) or is_quantized(modules) or not hasattr(modules, "__iter__"):
+        raise TypeError(f"fused_linears takes a sequence of modules, got {type(modules).__name__}")
     modules = tuple(modules)
     if not modules:
         raise ValueError("fused_linears takes at least one module")
+    for i, m in enumerate(modules):
+        if not callable(m):
+            hint = " (kept weights themselves: jax_side.quantized_matmuls)" if is_quantized(m) else ""
+            raise TypeError(f"fused_linears takes modules; modules[{i}] is a {type(m).__name__}{hint}")
+    out: list[Any] = [None] * len(modules)
+    groups: dict[Any, list[int]] = {}  # compute dtype -> QuantLinear modules (not subclasses) computing in it
     quant_linear = _classes()["QuantLinear"] if len(modules) > 1 else None
-    if quant_linear is not None and all(type(m) is quant_linear for m in modules):
-        dtypes = {jnp.dtype(m._compute_dtype(x)) for m in modules}
-        if len(dtypes) == 1:
-            (dtype,) = dtypes
-            weights = [jax.lax.stop_gradient(m.weight.get_value()) for m in modules]
-            ys = quantized_matmuls(x.astype(dtype), weights)
-            return tuple(m._finish(x, y) for m, y in zip(modules, ys))
-    return tuple(m(x) for m in modules)
+    for i, m in enumerate(modules):
+        if quant_linear is not None and type(m) is quant_linear:
+            groups.setdefault(jnp.dtype(m._compute_dtype(x)), []).append(i)
+    for dtype, members in groups.items():
+        if len(members) > 1:
+            weights = [jax.lax.stop_gradient(modules[i].weight.get_value()) for i in members]
+            for i, y in zip(members, quantized_matmuls(x.astype(dtype), weights)):
+                out[i] = modules[i]._finish(x, y)
+    return tuple(m(x) if y is None else y for m, y in zip(modules, out))
 
 
 def _ids(ids: Any, who: str) -> jax.Array:

@@ -1321,12 +1321,18 @@ def test_weights_sharing_x_refuse_what_quantized_matmul_refuses():
     x = x_for(4, 1024, jnp.bfloat16)
     with pytest.raises(ValueError, match="at least one weight"):
         jax_side.quantized_matmuls(x, [])
-    with pytest.raises(ValueError, match="x has 1024 features, the weight \\(64, 512\\) takes 512"):
+    with pytest.raises(
+        ValueError, match="weights\\[1\\]: x has 1024 features, the weight \\(64, 512\\) takes 512"
+    ):
         jax_side.quantized_matmuls(x, [ws[0], nf4((64, 512))])
     with pytest.raises(TypeError, match="quantized_matmuls takes an NF4Weight or FP8Weight, got ndarray"):
         jax_side.quantized_matmuls(x, [ws[0], np.zeros((4, 1024))])
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         jax_side.quantized_matmuls(jnp.zeros((4, 1024), jnp.int32), ws)
+    with pytest.raises(
+        TypeError, match="a sequence of weights, got NF4Weight \\(one weight: quantized_matmul"
+    ):
+        jax_side.quantized_matmuls(x, ws[0])
     with pytest.raises(TypeError, match="forward mode"):
         jax.jvp(lambda x: jax_side.quantized_matmuls(x, ws), (x,), (x,))
     with jax_side.matmul_path("expand"):  # forward mode where each weight is expanded
@@ -1364,9 +1370,10 @@ def test_weights_sharing_x_go_to_the_hopper_kernel_in_one_launch(fmt, monkeypatc
 
 def test_fused_linears_keep_each_modules_bias_and_lora(monkeypatch):
     """``fused_linears`` gives each module's own output: QuantLinear modules with and without biases and LoRA
-    adapters (non-zero ``lora_B``), bit for bit on the CPU, gradients to x, biases and adapters equal to
-    calling the modules; dense ``nnx.Linear`` modules and mixes are called one by one. On a Hopper GPU the
-    kept modules' products take one launch."""
+    adapters (non-zero ``lora_B``), bit for bit on the CPU; the biases' and adapters' gradients bit for bit,
+    x's within the sum's rounding; dense ``nnx.Linear`` modules are called one by one. On a Hopper GPU the
+    kept modules of one compute dtype take one launch, also beside a dense module; bad arguments are refused
+    by name."""
     ws = GROUPS["nf4 nested q/k/v"]()
     rng = np.random.default_rng(0)
     mods = [
@@ -1390,17 +1397,36 @@ def test_fused_linears_keep_each_modules_bias_and_lora(monkeypatch):
     for fused in (True, False):
         f = lambda p, x, fused=fused: loss(nnx.merge(graphdef, p, rest), x, fused)  # noqa: E731
         grads[fused] = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
-    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+    # the biases' and adapters' gradients are the modules' own; x's sums the two float32 modules' products
+    # (grouped) in one dot, so it is rounded once where the modules' calls round each
+    for a, b in zip(jax.tree.leaves(grads[True][0]), jax.tree.leaves(grads[False][0])):
         assert_same_bits(a, b)
+    gx, want = (np.asarray(grads[f][1], np.float64) for f in (True, False))
+    np.testing.assert_allclose(gx, want, rtol=0, atol=2**-6 * np.abs(want).max())
+    assert len(jax.tree.leaves(grads[True][0])) == 4  # two biases, lora_A, lora_B
     dense = nnx.Linear(1024, 32, rngs=nnx.Rngs(0))
     for y, m in zip(jax_side.fused_linears(x, [mods[0], dense]), [mods[0], dense]):
         assert_same_bits(y, m(x))
     with pytest.raises(ValueError, match="at least one module"):
         jax_side.fused_linears(x, [])
+    with pytest.raises(
+        TypeError,
+        match=r"modules\[1\] is a NF4Weight \(kept weights themselves: jax_side.quantized_matmuls",
+    ):
+        jax_side.fused_linears(x, [mods[0], ws[1]])
+    with pytest.raises(TypeError, match="a sequence of modules, got QuantLinear"):
+        jax_side.fused_linears(x, mods[0])
     monkeypatch.setattr(_mosaic, "_force", True)
     x16 = x_for(16, 1024, jnp.bfloat16)
     plain = [jax_side.QuantLinear(w, dtype=jnp.bfloat16) for w in ws]
     assert _mosaic_launches(lambda x: jax_side.fused_linears(x, plain), x16) == 1
+    # a dense module among them is called alone; the kept ones still take one launch; a float32 one its own
+    f32 = jax_side.QuantLinear(ws[1], dtype=jnp.float32)
+    mixed = [plain[0], nnx.Linear(1024, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), plain[1], f32, plain[2]]
+    assert _mosaic_launches(lambda x: jax_side.fused_linears(x, mixed), x16) == 1
+    monkeypatch.setattr(_mosaic, "_force", None)
+    for y, m in zip(jax_side.fused_linears(x16, mixed), mixed):
+        assert_same_bits(y, m(x16))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
