@@ -1427,6 +1427,19 @@ def test_fused_linears_keep_each_modules_bias_and_lora(monkeypatch):
     monkeypatch.setattr(_mosaic, "_force", None)
     for y, m in zip(jax_side.fused_linears(x16, mixed), mixed):
         assert_same_bits(y, m(x16))
+    # a wrapped QuantLinear.__call__ (qbridge.parity's trace watches each module so) sees every module called
+    seen = []
+    own = jax_side.QuantLinear.__call__
+
+    def watched(self, x):
+        seen.append(self)
+        return own(self, x)
+
+    monkeypatch.setattr(jax_side.QuantLinear, "__call__", watched)
+    got = jax_side.fused_linears(x16, plain)
+    assert [id(m) for m in seen] == [id(m) for m in plain]
+    for y, m in zip(got, plain):
+        assert_same_bits(y, own(m, x16))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
