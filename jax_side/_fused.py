@@ -804,22 +804,25 @@ def quantized_matmuls(x: jax.Array, weights: Sequence[NF4Weight | FP8Weight]) ->
     ``x`` (a layer's q/k/v or gate/up projections).
 
     Each result is what :func:`quantized_matmul` gives for its weight (``x.dtype``, ``[..., out]``), up to the
-    order of the float32 accumulation: on a Hopper GPU under ``matmul_path("auto")``, weights of one format
-    and ``in`` that the Mosaic kernel takes (2 to 128 rows of x) are multiplied in one launch whose grid holds
+    order of the float32 accumulation: on a Hopper GPU under ``matmul_path("auto")``, inside a trace (``jax.jit``),
+    weights of one format and ``in`` that the Mosaic kernel takes (2 to 128 rows of x; 4-bit weights all
+    nested or all plain, one table) are multiplied in one launch whose grid holds
     every weight's tiles, the contraction split for the whole grid (fewer parts than for a small weight
     alone). Elsewhere (one row of x, other paths and backends, weights the kernel does not take, meshes with
     explicit axes, arrays outside a trace) each weight is multiplied as :func:`quantized_matmul` does.
-    Gradients as :func:`quantized_matmul`'s: to ``x`` (the sum over the weights), none to the pieces.
+    Gradients to ``x`` (the sum over the weights, from one product over their expansions side by side: rounded
+    once, where separate calls' gradients are rounded each and then added), none to the pieces.
+    Where the kernel decodes a nested absmax itself alone but a group's split leaves it no room (``in`` of
+    8192 or more at 128 rows, say), XLA decodes it before the call, which may round once where the kernel
+    rounds twice (see ``jax_side._nf4``).
 
     Raises:
         TypeError, ValueError: as :func:`quantized_matmul`, for any of ``weights`` (the message names its
             index); TypeError: ``weights`` is not a sequence (one weight alone); ValueError: no weights.
     """
     if is_quantized(weights) or not isinstance(weights, Sequence):
-        raise TypeError(
-            f"quantized_matmuls takes a sequence of weights, got {type(weights).__name__} (one weight: "
-            "quantized_matmul(x, weight))"
-        )
+        hint = " (one weight: quantized_matmul(x, weight))" if is_quantized(weights) else ""
+        raise TypeError(f"quantized_matmuls takes a sequence of weights, got {type(weights).__name__}{hint}")
     weights = tuple(weights)
     if not weights:
         raise ValueError("quantized_matmuls takes at least one weight")
@@ -828,6 +831,8 @@ def quantized_matmuls(x: jax.Array, weights: Sequence[NF4Weight | FP8Weight]) ->
             _validate(x, w, "quantized_matmuls")
             _check_pieces(w)
         except (TypeError, ValueError) as e:
+            if str(e).startswith(("x must", "x is")):  # about x itself, whichever weight it met first
+                raise
             raise type(e)(f"weights[{i}]: {e}") from e
     separate = (
         len(weights) == 1

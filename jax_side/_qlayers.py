@@ -159,7 +159,8 @@ def _make_nnx():
 
 def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]:
     """``tuple(module(x) for module in modules)``, with one kernel launch for the matmuls where the modules
-    are kept-quantized ``QuantLinear`` layers that share ``x`` (a layer's q/k/v or gate/up projections).
+    are kept-quantized ``QuantLinear`` layers that share ``x`` (a layer's q/k/v or gate/up projections; one
+    launch where :func:`jax_side.quantized_matmuls` makes one: inside ``jax.jit``, 2 to 128 rows of x).
 
     The modules stay as they are (their names, parameters, LoRA adapters and biases): the ``QuantLinear``
     modules (not subclasses, whose ``__call__`` may differ) that compute in the same dtype get their products
@@ -181,8 +182,10 @@ def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]
     if not modules:
         raise ValueError("fused_linears takes at least one module")
     for i, m in enumerate(modules):
-        if not callable(m):
-            hint = " (kept weights themselves: jax_side.quantized_matmuls)" if is_quantized(m) else ""
+        get = getattr(m, "get_value", None)  # an nnx Variable (a kept layer's .weight) is callable
+        held = is_quantized(m) or (callable(get) and is_quantized(get()))
+        if held or not callable(m):
+            hint = " (kept weights themselves: jax_side.quantized_matmuls)" if held else ""
             raise TypeError(f"fused_linears takes modules; modules[{i}] is a {type(m).__name__}{hint}")
     out: list[Any] = [None] * len(modules)
     groups: dict[Any, list[int]] = {}  # compute dtype -> QuantLinear modules (not subclasses) computing in it
@@ -193,7 +196,8 @@ def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]
             if type(m) is quant_linear:
                 groups.setdefault(jnp.dtype(m._compute_dtype(x)), []).append(i)
     for dtype, members in groups.items():
-        if len(members) > 1:
+        # x that no module takes: each module's own call says so
+        if len(members) > 1 and all(x.shape[-1:] == (modules[i].in_features,) for i in members):
             weights = [jax.lax.stop_gradient(modules[i].weight.get_value()) for i in members]
             for i, y in zip(members, quantized_matmuls(x.astype(dtype), weights)):
                 out[i] = modules[i]._finish(x, y)

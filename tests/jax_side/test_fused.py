@@ -1333,6 +1333,10 @@ def test_weights_sharing_x_refuse_what_quantized_matmul_refuses():
         TypeError, match="a sequence of weights, got NF4Weight \\(one weight: quantized_matmul"
     ):
         jax_side.quantized_matmuls(x, ws[0])
+    with pytest.raises(TypeError, match=r"a sequence of weights, got generator$"):
+        jax_side.quantized_matmuls(x, (w for w in ws))
+    with pytest.raises(TypeError, match=r"^x is a torch tensor"):  # about x: no weight named
+        jax_side.quantized_matmuls(torch.zeros(4, 1024), ws)
     with pytest.raises(TypeError, match="forward mode"):
         jax.jvp(lambda x: jax_side.quantized_matmuls(x, ws), (x,), (x,))
     with jax_side.matmul_path("expand"):  # forward mode where each weight is expanded
@@ -1416,6 +1420,13 @@ def test_fused_linears_keep_each_modules_bias_and_lora(monkeypatch):
         jax_side.fused_linears(x, [mods[0], ws[1]])
     with pytest.raises(TypeError, match="a sequence of modules, got QuantLinear"):
         jax_side.fused_linears(x, mods[0])
+    with pytest.raises(TypeError, match=r"modules\[1\] is a QuantizedVariable \(kept weights themselves"):
+        jax_side.fused_linears(x, [mods[0], mods[1].weight])
+    dense = nnx.Linear(256, 32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x has 256 features, the weight \(256, 1024\) takes 1024"):
+        jax_side.fused_linears(
+            x_for(3, 256, jnp.bfloat16), [dense, mods[0], mods[2]]
+        )  # the module's own words
     monkeypatch.setattr(_mosaic, "_force", True)
     x16 = x_for(16, 1024, jnp.bfloat16)
     plain = [jax_side.QuantLinear(w, dtype=jnp.bfloat16) for w in ws]
