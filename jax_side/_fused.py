@@ -69,7 +69,7 @@ from ._layout import refuse_torch
 from ._nf4 import _bytes as _packed_bytes
 from ._nf4 import _decode_nested, _is_traced
 from ._quantized import FP8Weight, NF4Weight, explicit_mesh, is_quantized, with_auto_axes
-from ._varying import vary_alike
+from ._varying import _varying_axes, vary_alike
 
 PATHS = ("auto", "expand", "interpret")
 
@@ -645,14 +645,27 @@ def _kernel_matmul(x: jax.Array, w: Any, path: str) -> jax.Array:
 
 
 def _kernel_matmul_fwd(x: jax.Array, w: Any, path: str) -> tuple[jax.Array, Any]:
-    return _kernel_matmul(x, w, path), w
+    return _kernel_matmul(x, w, path), (w, _x_type(x))
 
 
-def _kernel_matmul_bwd(path: str, w: Any, dy: jax.Array) -> tuple[jax.Array, Any]:
+def _x_type(x: jax.Array) -> jax.Array:
+    """None of x's elements, only its type: x's mesh axes of variation for the backward pass (no memory)."""
+    return x[..., :0]
+
+
+def _like_x(dx: jax.Array, x_type: jax.Array) -> jax.Array:
+    """``dx`` summed over the ``jax.shard_map`` axes it varies along and x does not (weights split over a mesh
+    axis, x the same on each: each device holds part of x's gradient), as JAX's own transpose sums them."""
+    extra = tuple(sorted(_varying_axes(dx) - _varying_axes(x_type)))
+    return jax.lax.psum(dx, extra) if extra else dx
+
+
+def _kernel_matmul_bwd(path: str, res: Any, dy: jax.Array) -> tuple[jax.Array, Any]:
+    w, x_type = res
     with _cpu_kernel.set_aside():  # XLA's decode fuses into the dot's operand (see _expand)
         dense = cast_exactly(w.dequantize(), dy.dtype)  # [out, in]
     dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
-    return dx, _no_gradient(w)
+    return _like_x(dx, x_type), _no_gradient(w)
 
 
 def _no_gradient(w: Any) -> Any:
@@ -783,17 +796,18 @@ def _kernel_matmuls(x: jax.Array, ws: tuple) -> tuple[jax.Array, ...]:
 
 
 def _kernel_matmuls_fwd(x: jax.Array, ws: tuple) -> tuple[tuple[jax.Array, ...], Any]:
-    return _kernel_matmuls(x, ws), ws
+    return _kernel_matmuls(x, ws), (ws, _x_type(x))
 
 
-def _kernel_matmuls_bwd(ws: tuple, dys: tuple) -> tuple[jax.Array, Any]:
+def _kernel_matmuls_bwd(res: tuple, dys: tuple) -> tuple[jax.Array, Any]:
+    ws, x_type = res
     # one product over the weights side by side: the sum over them accumulates in the dot, rounded once
     dtype = dys[0].dtype
     with _cpu_kernel.set_aside():  # XLA's decode fuses into the dot's operand (see _expand)
         dense = jnp.concatenate([cast_exactly(w.dequantize(), dtype) for w in ws])  # [sum of out, in]
     dy = jnp.concatenate(dys, axis=-1)
     dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
-    return dx, tuple(_no_gradient(w) for w in ws)
+    return _like_x(dx, x_type), tuple(_no_gradient(w) for w in ws)
 
 
 _kernel_matmuls.defvjp(_kernel_matmuls_fwd, _kernel_matmuls_bwd)

@@ -772,7 +772,8 @@ def test_inside_shard_map_with_varying_axes_checked():
     """``jax.shard_map`` with ``check_vma=True`` (its default) on four CPU devices: x varying, replicated,
     or unvarying after a ``psum``, against a replicated weight, forward and backward, under "auto" (whose
     jit also builds the CUDA branch's kernel call), "expand" and, where x varies along no axis,
-    "interpret"."""
+    "interpret"; and weights split along ``out`` against the same x on each device, x's gradient summed over
+    the devices, for ``quantized_matmul`` and ``quantized_matmuls``."""
     code = textwrap.dedent(
         """
         import sys
@@ -780,6 +781,7 @@ def test_inside_shard_map_with_varying_axes_checked():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import PartitionSpec as P
         import jax_side
+        import torch
         from test_fused import nf4, fp8
         mesh = jax.make_mesh((4,), ("x",))
         for w in (nf4((128, 256)), fp8((128, 256), (1, 2))):
@@ -802,12 +804,31 @@ def test_inside_shard_map_with_varying_axes_checked():
                     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-5, atol=1e-4)
                     assert np.isfinite(np.asarray(g)).all()
                     print(type(w).__name__, path, name)
+        # tensor parallel: the weights split along out over the axis, x the same on each device; x's gradient
+        # is the sum over every device's part (the backward's own psum), one weight and a group alike
+        # (FP8 with per-row scales: pieces that split along out; a 4-bit weight's flat pieces carry its whole shape)
+        ws = ([fp8((128, 256), (128, 1)), fp8((256, 256), (256, 1), seed=2)],
+              [fp8((64, 256), (64, 1), fmt=torch.float8_e5m2), fp8((128, 256), (128, 1), seed=3)])
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((8, 256)), jnp.float32)
+        for group in ws:
+            rows = sum(np.asarray(w.dequantize(dtype=jnp.float32), np.float64).sum(0) for w in group)
+            specs = (P(), [jax.tree.map(lambda _: P("x"), w) for w in group])
+            group = jax.device_put(group, jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs[1]))
+            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P()))
+            for path in ("auto", "expand", "interpret"):
+                for name, fn in (("one", lambda x, ws: [jax_side.quantized_matmul(x, w) for w in ws]),
+                                 ("group", jax_side.quantized_matmuls)):
+                    loss = lambda x, ws, fn=fn: sum(y.sum() for y in fn(x, ws))
+                    with jax_side.matmul_path(path):
+                        g = jax.jit(jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=specs, out_specs=P()))(x, group)
+                    np.testing.assert_allclose(np.asarray(g, np.float64), np.broadcast_to(rows, g.shape), rtol=1e-5, atol=1e-4)
+                    print(type(group[0]).__name__, path, "weights split", name)
         """
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert len(out.stdout.splitlines()) == 16, out.stdout
+    assert len(out.stdout.splitlines()) == 16 + 12, out.stdout
 
 
 # ------------------------------------------------------------------------------ Mosaic GPU, on Hopper
