@@ -662,10 +662,20 @@ def _like_x(dx: jax.Array, x_type: jax.Array) -> jax.Array:
 
 def _kernel_matmul_bwd(path: str, res: Any, dy: jax.Array) -> tuple[jax.Array, Any]:
     w, x_type = res
+    dx, (none,) = _backward((w,), x_type, (dy,))
+    return dx, none
+
+
+def _backward(ws: tuple, x_type: jax.Array, dys: tuple) -> tuple[jax.Array, Any]:
+    """x's gradient, the weights expanded again: for a group, one product over them side by side (the sum
+    over the weights accumulates in the dot, rounded once); none for the pieces."""
+    dtype = dys[0].dtype
     with _cpu_kernel.set_aside():  # XLA's decode fuses into the dot's operand (see _expand)
-        dense = cast_exactly(w.dequantize(), dy.dtype)  # [out, in]
-    dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
-    return _like_x(dx, x_type), _no_gradient(w)
+        dense = [cast_exactly(w.dequantize(), dtype) for w in ws]  # [out, in] each
+    dense_all = dense[0] if len(ws) == 1 else jnp.concatenate(dense)  # [sum of out, in]
+    dy = dys[0] if len(ws) == 1 else jnp.concatenate(dys, axis=-1)
+    dx = jax.lax.dot_general(dy, dense_all, (((dy.ndim - 1,), (0,)), ((), ())))
+    return _like_x(dx, x_type), tuple(_no_gradient(w) for w in ws)
 
 
 def _no_gradient(w: Any) -> Any:
@@ -801,13 +811,7 @@ def _kernel_matmuls_fwd(x: jax.Array, ws: tuple) -> tuple[tuple[jax.Array, ...],
 
 def _kernel_matmuls_bwd(res: tuple, dys: tuple) -> tuple[jax.Array, Any]:
     ws, x_type = res
-    # one product over the weights side by side: the sum over them accumulates in the dot, rounded once
-    dtype = dys[0].dtype
-    with _cpu_kernel.set_aside():  # XLA's decode fuses into the dot's operand (see _expand)
-        dense = jnp.concatenate([cast_exactly(w.dequantize(), dtype) for w in ws])  # [sum of out, in]
-    dy = jnp.concatenate(dys, axis=-1)
-    dx = jax.lax.dot_general(dy, dense, (((dy.ndim - 1,), (0,)), ((), ())))
-    return _like_x(dx, x_type), tuple(_no_gradient(w) for w in ws)
+    return _backward(ws, x_type, dys)
 
 
 _kernel_matmuls.defvjp(_kernel_matmuls_fwd, _kernel_matmuls_bwd)

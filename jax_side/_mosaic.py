@@ -582,9 +582,8 @@ def _swapped_matmul(xt: jax.Array, w: Any, scales_t: Any, fmt: _Format, *, m: in
             w_gmem, s_gmem, *nested_gmem = member_refs[per * g : per * (g + 1)]
             wrows = pl.ds(t * _TILE, _TILE)
             s_spec, s_in, held = [], [], None
-            ready: Callable[[], None] | None = (
-                None  # the wait for the program's grid scales at the first step
-            )
+            # the wait for the program's grid scales, at the pipeline's first step
+            ready: Callable[[], None] | None = None
             if grid_kind:  # this program's row of the grid, the columns of its steps
                 held = held_refs["row_scales"]
                 plgpu.copy_gmem_to_smem(
@@ -652,9 +651,7 @@ def _swapped_matmul(xt: jax.Array, w: Any, scales_t: Any, fmt: _Format, *, m: in
     ins: list = [xt]
     if grid_kind:
         scratch.update(row_scales=plgpu.SMEM((1, width), jnp.float32), got=plgpu.Barrier(num_arrivals=1))
-        for v, s in zip(ws, ss):
-            ins += [v, s]
-    elif is_nested:
+    if is_nested:
         scratch.update(
             codes=plgpu.SMEM((_TILE, kb if copy == "rows" else width), jnp.uint8),
             nested=plgpu.SMEM((_TILE * kb // nb,), jnp.float32),
@@ -729,9 +726,10 @@ def kernel(
     """``x [m, k] @ W.T`` -> ``[m, n]`` in ``x.dtype`` (bfloat16 or float16; ``m`` up to 128), where
     ``W [n, k]`` is held as ``q`` uint8 ``[n, k / 2]`` (bitsandbytes' packing: high nibble = even column)
     and its absmax, float32, transposed to ``[k / 64, n]``, or its nested absmax as stored (:class:`Nested`,
-    decoded by the kernel where it can); ``q`` and ``absmax_t`` as tuples of a group's weights (the same ``k``
-    and kind of absmax) give ``[m, sum of n]`` from one launch. ``split``: programs along the contraction (default: doubled until
-    the grid holds ``_SMALL_PROGRAMS`` programs up to 32 rows, else until it fills the multiprocessors);
+    decoded by the kernel where it can); ``q`` and ``absmax_t`` as tuples of a group's weights (the same
+    ``k`` and kind of absmax) give ``[m, sum of n]`` from one launch. ``split``: programs along the
+    contraction (default: doubled until the grid holds ``_SMALL_PROGRAMS`` programs up to 32 rows, else
+    until it fills the multiprocessors);
     ``stages``: the pipeline's depth (default by x's rows, :func:`_pipeline`); ``decode``: another
     ``(hi, lo) = decode(q, *scales)`` (``benchmarks/fused_matmul_mosaic.py`` times some)."""
     rows = _padded_rows(x.shape[0])
@@ -842,10 +840,16 @@ def fp8_matmul(x2: jax.Array, w: FP8Weight) -> jax.Array:
     block scales read as stored where :func:`grid_rows` allows, else laid out per row and 128 columns by XLA
     first (:func:`fp8_scales_t`)."""
     if _grid_scales and (rows := grid_rows(w)) is not None:
-        layout = fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block)
-        grid = w.scale_inv.astype(jnp.float32).reshape(layout.grid)
-        return fp8_kernel(x2, w.weight, grid, scale_rows=rows)
+        return fp8_kernel(x2, w.weight, scale_grid(w), scale_rows=rows)
     return fp8_kernel(x2, w.weight, fp8_scales_t(w))
+
+
+def scale_grid(w: FP8Weight) -> jax.Array:
+    """An FP8 weight's block scales as their grid, float32 ``[ceil(out / rows), ceil(in / cols)]`` (as stored),
+    what :func:`fp8_kernel` reads with ``scale_rows``."""
+    return w.scale_inv.astype(jnp.float32).reshape(
+        fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block).grid
+    )
 
 
 def matmul(x2: jax.Array, w: NF4Weight | FP8Weight) -> jax.Array:
@@ -889,12 +893,7 @@ def matmul_group(x2: jax.Array, ws: Sequence[Any], *, split: int | None = None) 
     else:
         rows = [grid_rows(w) for w in ws] if _grid_scales else [None]
         if all(r is not None for r in rows):
-            grids = tuple(
-                w.scale_inv.astype(jnp.float32).reshape(
-                    fp8_scale_layout(w.weight.shape, w.scale_inv.shape, w.block).grid
-                )
-                for w in ws
-            )
+            grids = tuple(scale_grid(w) for w in ws)
             y = fp8_kernel(x2, tuple(w.weight for w in ws), grids, scale_rows=tuple(rows), split=split)
         else:
             y = fp8_kernel(x2, tuple(w.weight for w in ws), tuple(fp8_scales_t(w) for w in ws), split=split)

@@ -98,11 +98,8 @@ def _make_nnx():
                 )
 
         def __call__(self, x: jax.Array) -> jax.Array:
-            bias = None if self.bias is None else self.bias[...]
-            y = _dense(x, self.weight.get_value(), bias, self.dtype)
-            if self.lora is not None:
-                y = y + self.lora(x, y.dtype)
-            return y
+            weight = jax.lax.stop_gradient(self.weight.get_value())
+            return self._finish(x, quantized_matmul(x.astype(self._compute_dtype(x)), weight))
 
         def _compute_dtype(self, x: jax.Array) -> Any:
             return _compute_dtype(x, self.weight.get_value(), None if self.bias is None else self.bias[...],

@@ -1674,8 +1674,7 @@ def _alone(x, w, split):
     rows = _mosaic.grid_rows(w)
     if rows is None:
         return _mosaic.fp8_kernel(x, w.weight, _mosaic.fp8_scales_t(w), split=split)
-    grid = w.scale_inv.astype(jnp.float32).reshape(-(-w.shape[0] // rows), -1)
-    return _mosaic.fp8_kernel(x, w.weight, grid, scale_rows=rows, split=split)
+    return _mosaic.fp8_kernel(x, w.weight, _mosaic.scale_grid(w), scale_rows=rows, split=split)
 
 
 @pytest.mark.gpu
