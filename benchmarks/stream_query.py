@@ -12,7 +12,11 @@ benchmark splits that cost and times cheaper ways to ask the same question, in o
 - ``driver ctypes``: ``cuStreamQuery`` per stream through ctypes;
 - ``driver C loop``: one call into a few lines of C (compiled here with the machine's C compiler) that calls
   ``cuStreamQuery`` for every stream and returns the busy ones;
-- beside them, per tensor: ``to_jax(t)``, ``to_jax(t, producer="current")`` and bare ``from_dlpack``.
+- ``qbridge scan``: the scan ``to_jax`` makes now, once torch_side's library is loaded (its C loop over the
+  driver's ``cuStreamQuery`` for the pool streams, torch's query for the default stream);
+- beside them, per tensor: ``to_jax(t)`` (the C scan), ``to_jax(t)`` with the scan through torch's queries
+  (as before the C scan, or before the library is loaded), ``to_jax(t, producer="current")`` and bare
+  ``from_dlpack``.
 
 Each way is first checked to find the one stream made busy on purpose (``torch.cuda._sleep``) and no other.
 Medians of 15 rounds of 200 calls, warm-up excluded, host time (no call here waits for the GPU).
@@ -35,6 +39,7 @@ import torch
 
 import qbridge
 from qbridge import _handoff
+from torch_side import _native
 
 C_LOOP = r"""
 #include <dlfcn.h>
@@ -86,6 +91,8 @@ def main() -> None:
     array = (ctypes.c_void_p * n)(*handles)
     out = (ctypes.c_int * n)()
 
+    assert _native.stream_scan(wait=True) is not None, "torch_side's library (the C scan) could not be built"
+    others = _handoff._Others(streams)  # the scan of to_jax("auto"), over the same streams
     ways = {
         "torch query": lambda: [i for i, s in enumerate(streams) if not query(s)],
         # qbridge's scan now: one all() over map() (no Python per stream) when nothing is busy
@@ -94,6 +101,7 @@ def main() -> None:
         ),
         "driver ctypes": lambda: [i for i, h in enumerate(handles) if driver.cuStreamQuery(h) != 0],
         "driver C loop": lambda: list(out[: lib.busy(array, n, out)]),
+        "qbridge scan": lambda: [] if others.idle(0) else [i for i, s in enumerate(streams) if not query(s)],
     }
     # each way finds the one busy stream, and no other
     target = 1 + n // 2
@@ -119,15 +127,30 @@ def main() -> None:
     def current() -> None:
         kept.append(qbridge.to_jax(t, producer="current"))
 
+    def auto_torch_scan() -> None:
+        scan, _native._SCAN = _native._SCAN, None
+        try:
+            kept.append(qbridge.to_jax(t))
+        finally:
+            _native._SCAN = scan
+
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}, {n} streams")
-    for _ in range(2):
+    for _ in range(3):
         row = {name: per_call_us(way) for name, way in ways.items()}
-        for name, fn in (("from_dlpack", bare), ("to_jax auto", auto), ("to_jax current", current)):
+        for name, fn in (
+            ("from_dlpack", bare),
+            ("to_jax auto", auto),
+            ("to_jax auto, torch queries", auto_torch_scan),
+            ("to_jax current", current),
+        ):
             row[name] = per_call_us(fn, calls=100, rounds=9)
             kept.clear()
         print(
             " | ".join(f"{k} {v:.1f} us" for k, v in row.items()),
             f"| per stream: torch {row['torch query'] / n:.2f}, C loop {row['driver C loop'] / n:.2f} us",
+            f"| to_jax auto / bare {row['to_jax auto'] / row['from_dlpack']:.2f}x",
+            f"(torch queries {row['to_jax auto, torch queries'] / row['from_dlpack']:.2f}x),",
+            f"current / bare {row['to_jax current'] / row['from_dlpack']:.2f}x",
             flush=True,
         )
     sys.stdout.flush()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextvars
+import ctypes
 import functools
 import logging
 import math
@@ -36,6 +37,7 @@ import torch
 
 import torch_side
 from jax_side._tree import warn_at_caller
+from torch_side import _native
 from torch_side._checks import on_device
 from torch_side._fp8 import FP8_DTYPES
 
@@ -132,8 +134,54 @@ def _jax_stream(home: jax.Device, index: int) -> torch.cuda.ExternalStream | Non
 _query = getattr(torch._C._CudaStreamBase, "query", torch.cuda.Stream.query)
 
 
+@functools.cache
+def _driver_query() -> int | None:
+    """The address of the CUDA driver's ``cuStreamQuery`` in this process (libcuda, which torch's CUDA build
+    has loaded), or None: a torch without CUDA, a HIP build, no such library."""
+    if torch.version.cuda is None or getattr(torch.version, "hip", None):
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL("libcuda.so.1").cuStreamQuery, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
+def _load_scan() -> None:
+    """Starts loading (or building, once a machine) the library holding the C scan, in a thread: a process's
+    first handoff does not wait the milliseconds its load takes (torch's queries answer meanwhile)."""
+    threading.Thread(target=_native.stream_scan, name="qbridge-stream-scan-load", daemon=True).start()
+
+
+class _Others:
+    """torch's streams on one device but the current one (what "auto" asks), and for the C scan their
+    handles but the null one (the legacy default stream, which the driver would take as the current
+    context's: it is asked through torch, under torch's device guard)."""
+
+    __slots__ = ("count", "handles", "null", "streams")
+
+    def __init__(self, streams: tuple[torch.cuda.Stream, ...]) -> None:
+        self.streams = streams
+        live = [s.cuda_stream for s in streams if s.cuda_stream]
+        self.handles = (ctypes.c_void_p * len(live))(*live)
+        self.count = len(live)
+        self.null = tuple(s for s in streams if not s.cuda_stream)
+
+    def idle(self, index: int) -> bool:
+        """Whether none of the streams has unfinished work: one C loop over the driver's ``cuStreamQuery``
+        where the library holding it is loaded and ``cuda:index`` is torch's current device (the driver
+        answers for the current context's streams); else torch's ``Stream.query`` of each. An answer other
+        than idle or busy (an error) counts as busy: the caller asks torch again, which raises it."""
+        scan, query = _native._SCAN, _driver_query()
+        if scan is None or query is None or torch._C._cuda_getDevice() != index:
+            if scan is None and query is not None:
+                _load_scan()
+            return all(map(_query, self.streams))
+        return scan(query, self.handles, self.count) < 0 and all(map(_query, self.null))
+
+
 # (device index, current stream's id) -> torch's streams on that device but the current one: what "auto" asks
-_OTHERS: dict[tuple[int, int], tuple[torch.cuda.Stream, ...]] = {}
+_OTHERS: dict[tuple[int, int], _Others] = {}
 
 # inside to_jax_many: device index -> the busy streams found by its first "auto" scan
 _SCANS: contextvars.ContextVar[dict[int, list[torch.cuda.Stream]] | None] = contextvars.ContextVar(
@@ -175,9 +223,11 @@ def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stre
         if others is None:
             if len(_OTHERS) >= 1024:  # external streams made current one after another: start over
                 _OTHERS.clear()
-            others = _OTHERS[(index, current_id)] = tuple(s for s in pool if s.stream_id != current_id)
+            others = _OTHERS[(index, current_id)] = _Others(
+                tuple(s for s in pool if s.stream_id != current_id)
+            )
         # the usual answer, nothing else running, in one pass without Python work per stream
-        busy = [] if all(map(_query, others)) else [s for s in others if not _query(s)]
+        busy = [] if others.idle(index) else [s for s in others.streams if not _query(s)]
         if scans is not None:
             scans[index] = busy
         return busy

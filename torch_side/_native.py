@@ -19,6 +19,10 @@ later first call wait for it).
 fails (logged once at warning level), calls take the torch path. A cache directory that cannot take the
 build (read-only, ``QBRIDGE_CACHE_DIR=off``) gets none: the process builds one for itself, in a temporary
 directory removed once loaded.
+
+The same library holds ``qbridge.to_jax``'s scan of torch's CUDA streams (``kernels/stream_scan.c``: the
+driver's ``cuStreamQuery`` for every stream in one C loop); until it is loaded, and with
+``QBRIDGE_CPU_KERNEL=off``, the scan asks torch's ``Stream.query`` of each stream.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from ._checks import tracing
 log = logging.getLogger("torch_side")
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
+# built into the same library: qbridge.to_jax's scan of torch's CUDA streams (stream_first_busy)
+SCAN_SOURCE = SOURCE.with_name("stream_scan.c")
+SOURCES = (SOURCE, SCAN_SOURCE)
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
 
@@ -53,6 +60,7 @@ CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kerne
 _FN: Any = None  # the loaded qb_dequantize_4bit, once ready
 _FP8: Any = None  # the loaded qb_dequantize_fp8, from the same library
 _FN_T: Any = None  # the loaded qb_dequantize_4bit_t (written transposed), from the same library
+_SCAN: Any = None  # the loaded qb_first_busy_stream, from the same library
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -73,7 +81,7 @@ class Unwritable(BuildError):
 def library_path(root: pathlib.Path) -> pathlib.Path:
     """Where the built kernel lies under ``root``: named by a hash of its source and what else the build
     depends on (``_build_c.machine_key``)."""
-    key = SOURCE.read_bytes().hex() + "\0" + machine_key()
+    key = "".join(source.read_bytes().hex() for source in SOURCES) + "\0" + machine_key()
     return root / "cpu-kernels" / f"cpu_4bit-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
 
 
@@ -94,7 +102,9 @@ def build(target: pathlib.Path) -> None:
     compiler = _compiler()
     private = _PRIVATE is not None and target.is_relative_to(_PRIVATE)
     try:
-        code, complaint = _BUILDS.run([str(SOURCE)], str(target), compiler, private=private)
+        code, complaint = _BUILDS.run(
+            [str(source) for source in SOURCES], str(target), compiler, private=private
+        )
     except RuntimeError as e:  # the process is exiting
         raise BuildError(str(e)) from None
     except OSError as e:
@@ -108,12 +118,13 @@ def _whole(path: pathlib.Path) -> bool:
     return whole(str(path))
 
 
-def load(path: pathlib.Path) -> tuple[Any, Any, Any]:
-    """The kernel's entry points from a built library (4-bit, FP8, 4-bit written transposed), with their
+def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any]:
+    """The library's entry points (4-bit, FP8, 4-bit written transposed, the stream scan), with their
     argument types set."""
     try:
         library = ctypes.CDLL(str(path))
         fn, fp8, fn_t = library.qb_dequantize_4bit, library.qb_dequantize_fp8, library.qb_dequantize_4bit_t
+        scan = library.qb_first_busy_stream
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
     log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
@@ -124,11 +135,13 @@ def load(path: pathlib.Path) -> tuple[Any, Any, Any]:
     fp8.restype = i32
     fn_t.argtypes = [p, p, p, p, p, i64, ctypes.c_float, p, i64, i64, i64, p, i32, i32]
     fn_t.restype = i32
-    return fn, fp8, fn_t
+    scan.argtypes = [p, p, i64]
+    scan.restype = i32
+    return fn, fp8, fn_t, scan
 
 
 def _build_and_load() -> None:
-    global _FN, _FP8, _FN_T, _UNAVAILABLE
+    global _FN, _FP8, _FN_T, _SCAN, _UNAVAILABLE
     try:
         root = cache_dir()
         if root is not None:
@@ -140,7 +153,7 @@ def _build_and_load() -> None:
                     whole = _whole(path)
                 if whole:
                     try:
-                        _FN, _FP8, _FN_T = load(path)
+                        _FN, _FP8, _FN_T, _SCAN = load(path)
                         return
                     except BuildError as e:  # whole but not the kernel (replaced by hand): built again
                         log.debug("%s could not be loaded (%s): built again", path, e)
@@ -151,7 +164,7 @@ def _build_and_load() -> None:
         # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
         path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
         build(path)
-        _FN, _FP8, _FN_T = load(path)
+        _FN, _FP8, _FN_T, _SCAN = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _BUILDS.exiting:  # a private build stopped at exit is no news
@@ -235,6 +248,15 @@ def cpu_fp8(wait: bool = False) -> Any:
     """The FP8 entry point of the same library (see :func:`cpu_4bit`), or None."""
     cpu_4bit(wait)
     return _FP8
+
+
+def stream_scan(wait: bool = False) -> Any:
+    """The stream scan of the same library (see :func:`cpu_4bit`), or None: ``qb_first_busy_stream(query,
+    streams, n)`` calls ``query`` (the CUDA driver's ``cuStreamQuery``, by address) for each of the ``n``
+    stream handles at ``streams`` and returns the index of the first that does not answer 0 (idle), or -1
+    (``kernels/stream_scan.c``)."""
+    cpu_4bit(wait)
+    return _SCAN
 
 
 def transposes_well(rows: int, cols: int, *, nibbles: bool) -> bool:

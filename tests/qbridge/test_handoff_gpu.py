@@ -35,9 +35,24 @@ def _produce(stream, n, value):
     return buf
 
 
+@pytest.fixture(params=["C loop", "torch"])
+def stream_scan(request, monkeypatch):
+    """The two ways "auto" asks torch's streams whether they are busy: the library's C loop over the driver's
+    cuStreamQuery (once it is loaded) and torch's Stream.query of each (before that, or without it)."""
+    from qbridge import _handoff
+    from torch_side import _native
+
+    if request.param == "C loop":
+        assert _native.stream_scan(wait=True) is not None, "the library holding the scan was not built"
+        assert _handoff._driver_query() is not None, "libcuda's cuStreamQuery was not found"
+    else:
+        monkeypatch.setattr(_native, "_SCAN", None)
+    return request.param
+
+
 @pytest.mark.parametrize("where", ["side", "current"])
 @pytest.mark.parametrize("consumer", ["eager", "jit"])
-def test_no_unfinished_reads(where, consumer):
+def test_no_unfinished_reads(where, consumer, stream_scan):
     import qbridge
 
     jax = _jax()
@@ -53,7 +68,7 @@ def test_no_unfinished_reads(where, consumer):
     assert bad == 0, f"{bad} of {TRIALS} reads saw unfinished data"
 
 
-def test_auto_waits_for_the_default_stream_when_another_is_current():
+def test_auto_waits_for_the_default_stream_when_another_is_current(stream_scan):
     """producer="auto" asks every stream but the current one: with a side stream current, work still running
     on the default stream (the producer) is waited for, and the current stream's own work too."""
     import qbridge
@@ -73,7 +88,7 @@ def test_auto_waits_for_the_default_stream_when_another_is_current():
     assert bad == 0, f"{bad} of 400 reads saw unfinished data"
 
 
-def test_many_tensors_wait_for_their_producers_with_one_stream_scan(monkeypatch):
+def test_many_tensors_wait_for_their_producers_with_one_stream_scan(monkeypatch, stream_scan):
     """to_jax_many asks torch's streams once per call whether they are busy, and every tensor still waits
     for its producers: side streams, the current stream, and work queued after the scan on the current one."""
     import qbridge
@@ -92,6 +107,37 @@ def test_many_tensors_wait_for_their_producers_with_one_stream_scan(monkeypatch)
         assert all(x.unsafe_buffer_pointer() == b.data_ptr() for x, b in zip(xs, bufs, strict=True))
     assert bad == 0, f"{bad} of 800 reads saw unfinished data"
     assert len(scans) == 100  # one scan per call, not per tensor
+
+
+def test_the_c_scan_finds_each_busy_stream_and_asks_torch_only_for_the_default(monkeypatch):
+    """With the library loaded, "auto" asks the driver about every pool stream in one C loop and torch only
+    about the legacy default stream (whose null handle the driver would take as the current context's): each
+    stream made busy in turn, the default and pool streams of every priority, is found and no other; an idle
+    device costs at most one torch query."""
+    from qbridge import _handoff
+    from torch_side import _native
+
+    assert _native.stream_scan(wait=True) is not None and _handoff._driver_query() is not None
+    asked = []
+    query = _handoff._query
+    monkeypatch.setattr(_handoff, "_query", lambda s: asked.append(s) or query(s))
+    torch.cuda.synchronize()
+    t = torch.ones(4, device="cuda")
+    pool = _handoff._torch_streams(0)
+    assert len({s.priority for s in pool}) >= 2
+    side = torch.cuda.Stream()
+    for current in (torch.cuda.default_stream(), side):
+        with torch.cuda.stream(current):
+            others = [s for s in pool if s != current]
+            asked.clear()
+            assert _handoff._busy_producers(t, "auto") == []
+            assert len(asked) == (current != torch.cuda.default_stream())  # the default stream, through torch
+            for busy in others[:: max(1, len(others) // 16)] + others[-1:]:
+                with torch.cuda.stream(busy):
+                    torch.cuda._sleep(2_000_000)
+                assert _handoff._busy_producers(t, "auto") == [busy], (busy, busy.priority)
+                busy.synchronize()
+            assert _handoff._busy_producers(t, "auto") == []
 
 
 def test_the_race_test_can_see_a_race():

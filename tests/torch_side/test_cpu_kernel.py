@@ -7,12 +7,14 @@ absence are tested in fresh processes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 import multiprocessing
 import os
 import pathlib
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -943,9 +945,9 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
         pytest.skip("the AVX-512 paths exist on x86-64 only: the build here is the plain one already")
     flags = [f for f in _build_c.FLAGS if f != "-march=native"] + ["-mno-avx512f"]
     target = tmp_path / "plain.so"
-    subprocess.run([*_build_c.compiler(), *flags, str(_native.SOURCE), "-o", str(target)], check=True)
+    subprocess.run([*_build_c.compiler(), *flags, *map(str, _native.SOURCES), "-o", str(target)], check=True)
     monkeypatch.setattr(_native, "_FN", None)
-    fn, fp8, fn_t = _native.load(target)
+    fn, fp8, fn_t, _ = _native.load(target)
     monkeypatch.setattr(_native, "_FN", fn)
     monkeypatch.setattr(_native, "_FP8", fp8)
     monkeypatch.setattr(_native, "_FN_T", fn_t)
@@ -1006,3 +1008,30 @@ def test_float16_rounds_to_nearest_even_under_any_rounding_mode(kernel):
         # Python's float16 packing rounds to nearest even in exact steps, whatever the mode
         want = [struct.unpack("<h", struct.pack("<e", v))[0] for v in f32.tolist()]
         assert torch.equal(f16.view(torch.int16), torch.tensor(want, dtype=torch.int16))
+
+
+def test_the_stream_scan_returns_the_first_stream_not_idle(kernel):
+    """The library's stream scan (kernels/stream_scan.c, qbridge.to_jax's check of torch's CUDA streams) asks
+    the query it is given of each handle in order and stops at the first that does not answer 0, returning
+    its index; -1 when every one answers 0. The query here is a Python function standing in for the driver's
+    ``cuStreamQuery`` (this machine may have no GPU): the loop under test is the library's own."""
+    scan = _native.stream_scan(wait=True)
+    query_t = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    rng = random.Random(0)
+    for n in [0, 1, 2, 128, 129]:
+        handles = rng.sample(range(1, 1 << 47), n)  # as distinct as stream handles are
+        cases = [
+            [0] * n
+        ]  # every stream idle, then the first busy one at each place, others at random after it
+        cases += [[0] * i + [600] + rng.choices([0, 600, 700], k=n - i - 1) for i in range(n)]
+        for answers in cases:
+            answer_of = dict(zip(handles, answers, strict=True))
+            asked: list[int] = []
+            query = query_t(lambda h, asked=asked, answer_of=answer_of: asked.append(h) or answer_of[h])
+            got = scan(ctypes.cast(query, ctypes.c_void_p), (ctypes.c_void_p * n)(*handles), n)
+            first = next((i for i, a in enumerate(answers) if a), -1)
+            assert got == first, (n, answers)
+            assert asked == handles[: n if first < 0 else first + 1]  # in order, none after the first busy
+    for error in (1, 700, 900, -1):  # any answer but idle counts: the caller asks torch, which raises it
+        query = query_t(lambda h, error=error: error if h == 3 else 0)
+        assert scan(ctypes.cast(query, ctypes.c_void_p), (ctypes.c_void_p * 4)(1, 2, 3, 4), 4) == 2
