@@ -230,6 +230,9 @@ def test_to_jax_checks_its_arguments_on_every_device():
     assert qbridge.to_jax(t, device=torch.device("cpu")).devices() == {jax.devices("cpu")[0]}
     with pytest.raises(TypeError, match="producer must be 'auto', 'current'"):
         qbridge.to_jax(t, producer="curent")  # a typo is caught here too, not first on a GPU
+    for tensors in ([], [t, t]):  # to_jax_many: the call's argument, named as such, even for an empty list
+        with pytest.raises(TypeError, match=r"^producer must be 'auto', 'current'"):
+            qbridge.to_jax_many(tensors, producer="curent")
     with pytest.raises(ValueError, match="beyond float32's range"):
         qbridge.to_jax(torch.tensor([1.0, 1e300], dtype=torch.float64))  # it would become inf
     with pytest.warns(UserWarning, match="rounded"):
