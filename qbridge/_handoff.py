@@ -150,7 +150,10 @@ def _driver_query() -> int | None:
 def _load_scan() -> None:
     """Starts loading (or building, once a machine) the library holding the C scan, in a thread: a process's
     first handoff does not wait the milliseconds its load takes (torch's queries answer meanwhile)."""
-    threading.Thread(target=_native.stream_scan, name="qbridge-stream-scan-load", daemon=True).start()
+    try:
+        threading.Thread(target=_native.stream_scan, name="qbridge-stream-scan-load", daemon=True).start()
+    except RuntimeError as e:  # no thread to be had (a process limit; at interpreter exit): torch's queries
+        log.debug("qbridge's stream scan is not loaded, torch asks each stream: %s", e)
 
 
 class _Others:
@@ -189,13 +192,21 @@ _SCANS: contextvars.ContextVar[dict[int, list[torch.cuda.Stream]] | None] = cont
 )
 
 
+def _check_copy(copy: Any) -> None:
+    """Raises TypeError for a ``copy`` other than None, True or False (a NumPy bool is one of them)."""
+    if not (copy is None or isinstance(copy, (bool, np.bool_))):
+        raise TypeError(f"copy must be None, True or False, got {copy!r}")
+
+
 def _check_producer(producer: Producer) -> None:
     """Raises TypeError for a ``producer`` that is none of the accepted values (on any device)."""
     if isinstance(producer, str):
         ok = producer in ("auto", "current")
     else:
         ok = isinstance(producer, torch.cuda.Stream) or (
-            isinstance(producer, Sequence) and all(isinstance(s, torch.cuda.Stream) for s in producer)
+            isinstance(producer, Sequence)
+            and not isinstance(producer, (bytes, bytearray))  # b"" would pass as an empty list of streams
+            and all(isinstance(s, torch.cuda.Stream) for s in producer)
         )
     if not ok:
         _bad_producer(producer)
@@ -536,8 +547,7 @@ def to_jax(
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"to_jax takes a torch.Tensor, got {type(t).__name__}")
-    if copy not in (None, True, False):
-        raise TypeError(f"copy must be None, True or False, got {copy!r}")
+    _check_copy(copy)
     _check_producer(producer)
     if t.is_nested:  # components may differ in shape: no array shape
         raise TypeError(
@@ -623,7 +633,10 @@ def to_jax_many(
     """
     if isinstance(tensors, torch.Tensor) or not hasattr(tensors, "__iter__"):
         raise TypeError(f"to_jax_many takes a list of torch tensors, got a {type(tensors).__name__}")
-    _check_producer(producer)  # an argument of the call, not of one tensor: checked for an empty list too
+    # the call's arguments, not one tensor's: checked first, an empty list's too
+    _check_copy(copy)
+    _check_producer(producer)
+    _as_device(device)
     tensors = list(tensors)  # every tensor made (its work queued) before the one scan of the streams
     token = _SCANS.set({})
     try:

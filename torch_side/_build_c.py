@@ -80,6 +80,13 @@ class Builds:
         self._lock = threading.Lock()  # a build for this process only starts before the exit handler looks
         self.exiting = False  # set at exit: a build for this process only may no longer start
         self._private: subprocess.Popen[str] | None = None
+        if hasattr(os, "register_at_fork"):  # a child forked while a thread held the lock would wait forever
+            os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child has none of the parent's threads, and the parent's build is not its own."""
+        self._lock = threading.Lock()
+        self._private = None
 
     def run(self, sources: list[str], target: str, compiler: list[str], *, private: bool) -> tuple[int, str]:
         """Builds ``sources`` into ``target`` and waits: the builder's exit code (0, 1, or

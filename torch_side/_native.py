@@ -69,6 +69,10 @@ _PRIVATE: pathlib.Path | None = None  # the folder of a build for this process o
 _BUILDS = Builds()  # the builder's runs; a build for this process only is stopped at exit
 
 
+# what answers instead when the library cannot be had (its two users)
+_FALLBACK = "CPU decoding takes the torch path (and qbridge.to_jax asks torch about each CUDA stream)"
+
+
 class BuildError(RuntimeError):
     """The C kernel could not be built or loaded."""
 
@@ -168,10 +172,10 @@ def _build_and_load() -> None:
     except BuildError as e:
         _UNAVAILABLE = True
         if not _BUILDS.exiting:  # a private build stopped at exit is no news
-            log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %s", e)
+            log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %s", _FALLBACK, e)
     except Exception as e:  # a missing source, an unreadable home: the torch path still answers
         _UNAVAILABLE = True
-        log.warning("qbridge's CPU 4-bit kernel is unavailable, CPU decoding takes the torch path: %r", e)
+        log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %r", _FALLBACK, e)
     finally:
         if _PRIVATE is not None:  # unused, or loaded from
             shutil.rmtree(_PRIVATE, ignore_errors=True)
@@ -192,7 +196,13 @@ def cpu_4bit(wait: bool = False) -> Any:
                 _UNAVAILABLE = True
                 return None
             root = cache_dir()
-            if root is not None and _whole(library_path(root)):
+            try:
+                cached = root is not None and _whole(library_path(root))
+            except OSError as e:  # a source missing from a stripped install: the torch path answers
+                _UNAVAILABLE = True
+                log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %s", _FALLBACK, e)  # the file
+                return None
+            if cached:
                 _build_and_load()
                 return _FN
             # a process that ends first leaves a build for the cache to finish (its own session), and

@@ -405,3 +405,18 @@ def test_expected_arrays_of_a_shape_come_from_one_allocation_call():
     assert into.write(tensors[0], cpu) is None  # the call for two (three expected) is not there
     assert into._expected[kind] == 2
     into.settle()
+
+
+def test_no_thread_for_the_stream_scan_leaves_torch_asking_each_stream(monkeypatch):
+    """Loading the compiled stream scan takes a thread at a process's first handoff; where none can be
+    started (a process limit, or at interpreter exit on Python 3.12+), the handoff goes on with torch's
+    queries instead of failing."""
+    import threading
+
+    from qbridge import _handoff
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert _handoff._load_scan.__wrapped__() is None

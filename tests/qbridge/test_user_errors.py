@@ -230,9 +230,23 @@ def test_to_jax_checks_its_arguments_on_every_device():
     assert qbridge.to_jax(t, device=torch.device("cpu")).devices() == {jax.devices("cpu")[0]}
     with pytest.raises(TypeError, match="producer must be 'auto', 'current'"):
         qbridge.to_jax(t, producer="curent")  # a typo is caught here too, not first on a GPU
-    for tensors in ([], [t, t]):  # to_jax_many: the call's argument, named as such, even for an empty list
-        with pytest.raises(TypeError, match=r"^producer must be 'auto', 'current'"):
-            qbridge.to_jax_many(tensors, producer="curent")
+    for bad in (b"", bytearray()):  # bytes are a sequence, not of streams
+        with pytest.raises(TypeError, match="producer must be 'auto', 'current'"):
+            qbridge.to_jax(t, producer=bad)
+    for bad in ("yes", 1, 0.0, np.array([True, False]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="copy must be None, True or False"):
+            qbridge.to_jax(t, copy=bad)
+    assert qbridge.to_jax(t, copy=np.True_).unsafe_buffer_pointer() != t.data_ptr()  # a NumPy bool is one
+    # to_jax_many: the call's arguments, named as such (not as tensors[0]'s), even for an empty list
+    for tensors in ([], [t, t]):
+        for kwargs, error, match in [
+            (dict(producer="curent"), TypeError, r"^producer must be 'auto', 'current'"),
+            (dict(copy="yes"), TypeError, r"^copy must be None, True or False"),
+            (dict(device=0), TypeError, r"^device must be a jax.Device"),
+            (dict(device="tpu"), ValueError, "tpu"),
+        ]:
+            with pytest.raises(error, match=match):
+                qbridge.to_jax_many(tensors, **kwargs)
     with pytest.raises(ValueError, match="beyond float32's range"):
         qbridge.to_jax(torch.tensor([1.0, 1e300], dtype=torch.float64))  # it would become inf
     with pytest.warns(UserWarning, match="rounded"):

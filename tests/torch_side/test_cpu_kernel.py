@@ -377,6 +377,54 @@ def test_without_a_kernel_the_torch_path_answers(tmp_path, env, says):
         assert done.stderr.count("CPU 4-bit kernel is unavailable") == 1 and says in done.stderr
 
 
+def test_a_source_missing_from_the_install_leaves_the_torch_path(tmp_path):
+    """A library source missing (a stripped install) is logged once, naming the file, and every call takes
+    the torch path with the same bits, instead of failing the decode."""
+    code = (
+        """
+    import pathlib
+    from torch_side import _native
+    _native.SOURCES = (_native.SOURCE, pathlib.Path("/nonexistent/stream_scan.c"))
+    """
+        + PROBE
+        + """
+    want = torch_side.dequantize_nf4(packed, torch.linspace(-2, 2, 64), **args, backend="torch")
+    got = torch_side.dequantize_nf4(packed, torch.linspace(-2, 2, 64), **args)
+    print("same", torch.equal(got.view(torch.int16), want.view(torch.int16)))
+    """
+    )
+    done = _run(code, QBRIDGE_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "after waiting False" in done.stdout and "same True" in done.stdout
+    assert done.stderr.count("CPU 4-bit kernel is unavailable") == 1 and "stream_scan.c" in done.stderr
+
+
+def test_a_child_forked_while_a_build_starts_can_build():
+    """A build holds its runner's lock while it starts the compiler; a child forked by another thread in that
+    moment gets a lock of its own, not the parent's held one (its first build would wait forever)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    done = _run("""
+    import os, threading
+    from torch_side import _build_c
+    builds = _build_c.Builds()
+    held, forked = threading.Event(), threading.Event()
+    def hold():
+        with builds._lock:
+            held.set()
+            forked.wait(10)
+    threading.Thread(target=hold).start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if builds._lock.acquire(timeout=5) else 1)
+    forked.set()
+    print("child could take the lock", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0)
+    """)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "child could take the lock True" in done.stdout
+
+
 def test_calls_of_changing_sizes_on_many_threads_never_return_early(kernel):
     """Each part of a call runs exactly once and the call returns after all of them, also when workers
     wake late and calls of different part counts follow each other (a busy thread preempts workers)."""
