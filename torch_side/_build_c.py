@@ -191,7 +191,7 @@ def build(sources: list[str], target: str, compiler: list[str]) -> str | None:
                 os.replace(tmp + ".sha256", target + ".sha256")
                 os.replace(tmp, target)
                 return None
-            complaint = done.stderr.strip()[-400:]
+            complaint = done.stderr.strip()[-400:] or f"it exited with {done.returncode} and printed nothing"
         names = ", ".join(os.path.basename(s) for s in sources)
         return f"{' '.join(compiler)} failed to build {names}: {complaint}"
     finally:

@@ -351,7 +351,10 @@ def test_a_damaged_build_in_the_cache_is_built_again(tmp_path):
 @pytest.mark.parametrize(
     "env, says",
     [
-        (dict(CC="false"), "false failed to build cpu_4bit.c"),
+        (
+            dict(CC="false"),
+            "false failed to build cpu_4bit.c, stream_scan.c: it exited with 1 and printed nothing",
+        ),
         (dict(CC="/nonexistent/cc"), "could not be run"),
         (dict(QBRIDGE_CPU_KERNEL="off"), None),
     ],
