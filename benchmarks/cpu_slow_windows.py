@@ -14,15 +14,17 @@ call costs when the second thread's share does not come, is measured beside the 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import subprocess
 import sys
 import time
 
 PROBE = r"""
-import statistics, sys, time
+import sys
 import bitsandbytes.functional as F
 import torch
 import torch_side
+from cpu_decode import median_ms
 
 blocks, slow_us = int(sys.argv[1]), float(sys.argv[2])
 torch.manual_seed(0)
@@ -43,13 +45,8 @@ def cpu_ticks():
     return rows
 
 
-def block_us(fn, calls=150):
-    ts = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+def block_us(fn, calls=150):  # cpu_decode's median of back-to-back calls (after 3 untimed), in us
+    return median_ms(fn, calls) * 1e3
 
 
 decode = lambda: torch_side.dequantize(packed, qs, out=out)
@@ -87,8 +84,9 @@ def main() -> None:
     for i in range(args.processes):
         t0 = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-c", PROBE, str(args.blocks), str(args.slow)], capture_output=True, text=True
-        )
+            [sys.executable, "-c", PROBE, str(args.blocks), str(args.slow)],
+            capture_output=True, text=True, cwd=pathlib.Path(__file__).parent,  # finds cpu_decode
+        )  # fmt: skip
         if done.returncode:
             sys.exit(f"process {i + 1} failed:\n{done.stderr[-2000:]}")
         print(f"process {i + 1} ({time.perf_counter() - t0:.0f} s):\n{done.stdout.rstrip()}", flush=True)
