@@ -49,7 +49,7 @@ from ._checks import tracing
 log = logging.getLogger("torch_side")
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
-# built into the same library: qbridge.to_jax's scan of torch's CUDA streams (stream_first_busy)
+# built into the same library: qbridge.to_jax's scan of torch's CUDA streams (qb_first_busy_stream)
 SCAN_SOURCE = SOURCE.with_name("stream_scan.c")
 SOURCES = (SOURCE, SCAN_SOURCE)
 ENV = "QBRIDGE_CPU_KERNEL"
@@ -175,7 +175,8 @@ def _build_and_load() -> None:
             log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %s", _FALLBACK, e)
     except Exception as e:  # a missing source, an unreadable home: the torch path still answers
         _UNAVAILABLE = True
-        log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %r", _FALLBACK, e)
+        # the type and the message (an OSError's names the file, which its repr leaves out)
+        log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %s: %s", _FALLBACK, type(e).__name__, e)
     finally:
         if _PRIVATE is not None:  # unused, or loaded from
             shutil.rmtree(_PRIVATE, ignore_errors=True)
@@ -198,10 +199,8 @@ def cpu_4bit(wait: bool = False) -> Any:
             root = cache_dir()
             try:
                 cached = root is not None and _whole(library_path(root))
-            except OSError as e:  # a source missing from a stripped install: the torch path answers
-                _UNAVAILABLE = True
-                log.warning("qbridge's CPU 4-bit kernel is unavailable, %s: %s", _FALLBACK, e)  # the file
-                return None
+            except OSError:  # a source missing from a stripped install: the build below reports it
+                cached = False
             if cached:
                 _build_and_load()
                 return _FN
