@@ -10,8 +10,9 @@ benchmark splits that cost and times cheaper ways to ask the same question, in o
 - ``torch all(map)``: the scan as it makes it now (``all(map(Stream.query, streams))``: no Python bytecode
   per stream when none is busy);
 - ``driver ctypes``: ``cuStreamQuery`` per stream through ctypes;
-- ``driver C loop``: one call into a few lines of C (compiled here with the machine's C compiler) that calls
-  ``cuStreamQuery`` for every stream and returns the busy ones;
+- ``driver C loop``: one call of torch_side's library's loop (``kernels/stream_scan.c``) over every
+  stream's handle, calling ``cuStreamQuery`` for each (until 2026-12-04 a loop compiled here that listed
+  every busy stream: the same calls when none is busy);
 - ``qbridge scan``: the scan ``to_jax`` makes now, once torch_side's library is loaded (its C loop over the
   driver's ``cuStreamQuery`` for the pool streams, torch's query for the default stream);
 - beside them, per tensor: ``to_jax(t)`` (the C scan), ``to_jax(t)`` with the scan through torch's queries
@@ -27,11 +28,8 @@ Medians of 15 rounds of 200 calls, warm-up excluded, host time (no call here wai
 from __future__ import annotations
 
 import ctypes
-import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -40,24 +38,6 @@ import torch
 import qbridge
 from qbridge import _handoff
 from torch_side import _native
-
-C_LOOP = r"""
-#include <dlfcn.h>
-typedef int (*query_t)(void *);
-static query_t query;
-int init(void) {
-    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (!h) return -1;
-    query = (query_t)dlsym(h, "cuStreamQuery");
-    return query ? 0 : -2;
-}
-int busy(void **streams, int n, int *out) {
-    int k = 0;
-    for (int i = 0; i < n; i++)
-        if (query(streams[i]) != 0) out[k++] = i;
-    return k;
-}
-"""
 
 
 def per_call_us(fn, calls: int = 200, rounds: int = 15) -> float:
@@ -81,26 +61,24 @@ def main() -> None:
     query = _handoff._query
     driver = ctypes.CDLL("libcuda.so.1")
     driver.cuStreamQuery.argtypes = [ctypes.c_void_p]
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qbridge-stream-query-"))
-    (tmp / "q.c").write_text(C_LOOP)
-    subprocess.run(
-        ["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp / "q.so"), str(tmp / "q.c"), "-ldl"], check=True
-    )
-    lib = ctypes.CDLL(str(tmp / "q.so"))
-    assert lib.init() == 0
     array = (ctypes.c_void_p * n)(*handles)
-    out = (ctypes.c_int * n)()
+    scan = _native.stream_scan(wait=True)
+    assert scan is not None, "torch_side's library (the C scan) could not be built"
+    driver_query = _handoff._driver_query()
 
-    assert _native.stream_scan(wait=True) is not None, "torch_side's library (the C scan) could not be built"
+    def c_loop() -> list[int]:  # the first busy stream, as a list like the other ways' answers
+        first = scan(driver_query, array, n)
+        return [] if first < 0 else [first]
+
     others = _handoff._Others(streams)  # the scan of to_jax("auto"), over the same streams
     ways = {
         "torch query": lambda: [i for i, s in enumerate(streams) if not query(s)],
-        # qbridge's scan now: one all() over map() (no Python per stream) when nothing is busy
+        # qbridge's scan before the C loop, and its fallback: no Python per stream when nothing is busy
         "torch all(map)": lambda: (
             [] if all(map(query, streams)) else [i for i, s in enumerate(streams) if not query(s)]
         ),
         "driver ctypes": lambda: [i for i, h in enumerate(handles) if driver.cuStreamQuery(h) != 0],
-        "driver C loop": lambda: list(out[: lib.busy(array, n, out)]),
+        "driver C loop": c_loop,
         "qbridge scan": lambda: [] if others.idle(0) else [i for i, s in enumerate(streams) if not query(s)],
     }
     # each way finds the one busy stream, and no other
@@ -128,11 +106,11 @@ def main() -> None:
         kept.append(qbridge.to_jax(t, producer="current"))
 
     def auto_torch_scan() -> None:
-        scan, _native._SCAN = _native._SCAN, None
+        saved, _native._SCAN = _native._SCAN, None
         try:
             kept.append(qbridge.to_jax(t))
         finally:
-            _native._SCAN = scan
+            _native._SCAN = saved
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}, {n} streams")
     for _ in range(3):
