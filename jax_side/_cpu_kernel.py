@@ -50,6 +50,28 @@ log = logging.getLogger("jax_side")
 
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
+ON = ("", "on", "1", "yes", "true", "auto", "enable", "enabled")
+
+
+def switched_off() -> bool:
+    """Whether ``QBRIDGE_CPU_KERNEL`` turns the kernel off (one of ``OFF``; unset or one of ``ON``: on),
+    read at each call; checked once when jax_side is imported.
+
+    Raises:
+        ValueError: the variable holds another value (a misspelt ``of`` must not leave the kernel on).
+    """
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in OFF:
+        return True
+    if value not in ON:
+        raise ValueError(
+            f"{ENV} must be unset, 'on' or 'off' (also accepted: {', '.join(ON[2:] + OFF[1:])}), "
+            f"got {os.environ[ENV]!r}"
+        )
+    return False
+
+
+switched_off()  # a misspelt value fails at import, not later inside a call
 TARGET = "qbridge_dequantize_4bit_cpu"  # the FFI target's name, registered for the CPU platform
 BINDING = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit_xla.c"
 
@@ -181,7 +203,7 @@ def cpu_kernel_ready() -> bool:
         return _READY
     with _LOCK:
         if not _READY and not _UNAVAILABLE and _BUILDING is None:
-            if os.environ.get(ENV, "").strip().lower() in OFF:
+            if switched_off():
                 _UNAVAILABLE = True
                 return False
             root = _cache_dir()

@@ -119,6 +119,15 @@ def matmul_path(path: str) -> Iterator[None]:
         yield
 
 
+def _held(weight: Any) -> Any:
+    """The NF4Weight/FP8Weight a flax ``nnx.Variable`` holds (a kept layer's ``.weight``), else ``weight``."""
+    if is_quantized(weight):
+        return weight
+    get = getattr(weight, "get_value", None)  # an nnx Variable
+    inner = get() if callable(get) else getattr(weight, "value", None)
+    return inner if is_quantized(inner) else weight
+
+
 def fits_kernel(weight: NF4Weight | FP8Weight | Any) -> str | None:
     """None if the fused kernel takes ``weight``, else the reason it does not.
 
@@ -128,15 +137,12 @@ def fits_kernel(weight: NF4Weight | FP8Weight | Any) -> str | None:
     Raises:
         TypeError: ``weight`` is neither.
     """
+    weight = _held(weight)
     if not is_quantized(weight):
-        get = getattr(weight, "get_value", None)  # an nnx Variable
-        inner = get() if callable(get) else getattr(weight, "value", None)
-        if not is_quantized(inner):
-            raise TypeError(
-                "fits_kernel takes an NF4Weight or FP8Weight (or an nnx Variable holding one), got "
-                f"{type(weight).__name__}"
-            )
-        weight = inner
+        raise TypeError(
+            "fits_kernel takes an NF4Weight or FP8Weight (or an nnx Variable holding one), got "
+            f"{type(weight).__name__}"
+        )
     if len(weight.shape) != 2:
         return f"a {len(weight.shape)}-D weight (the kernel takes 2-D [out, in])"
     out, inp = weight.shape
@@ -733,6 +739,9 @@ def _validate(x: jax.Array, weight: Any, who: str = "quantized_matmul") -> None:
 def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     """``x @ dequantize(weight).T``: ``x [..., in]`` times a kept-quantized ``[out, in]`` weight.
 
+    ``weight`` is an NF4Weight or FP8Weight, or a flax ``nnx.Variable`` holding one (a kept layer's
+    ``.weight``).
+
     The dense weight is rounded to ``weight.roundings`` (its ``decode_dtype``, if set, then its ``dtype``) and
     cast to ``x.dtype``, as expand-then-matmul does;
     products accumulate in float32 and the result is ``x.dtype`` ``[..., out]``. The path (the fused
@@ -743,12 +752,14 @@ def quantized_matmul(x: jax.Array, weight: NF4Weight | FP8Weight) -> jax.Array:
     gradient is a custom VJP that recomputes the dense weight in the backward pass instead of keeping it.
 
     Raises:
-        TypeError: ``weight`` is not an NF4Weight/FP8Weight, or ``x`` is not a floating-point array.
+        TypeError: ``weight`` is not an NF4Weight/FP8Weight (nor a Variable holding one), or ``x`` is not a
+            floating-point array.
         TypeError, ValueError: the weight's pieces do not make a weight (dtypes, sizes, tables, a nested
             absmax without its offset: what ``weight.dequantize()`` refuses), on every path.
         ValueError: the weight is not 2-D; ``x``'s last dimension is not the weight's ``in``; the path is
             ``"interpret"`` and the kernel does not take ``weight``.
     """
+    weight = _held(weight)
     _validate(x, weight)
     mesh = explicit_mesh(x, weight)
     if mesh is not None:  # the kernel and the expansion run with the mesh's axes automatic around them
@@ -819,7 +830,8 @@ _kernel_matmuls.defvjp(_kernel_matmuls_fwd, _kernel_matmuls_bwd)
 
 def quantized_matmuls(x: jax.Array, weights: Sequence[NF4Weight | FP8Weight]) -> tuple[jax.Array, ...]:
     """``tuple(quantized_matmul(x, w) for w in weights)`` with one kernel launch for weights that share
-    ``x`` (a layer's q/k/v or gate/up projections).
+    ``x`` (a layer's q/k/v or gate/up projections). Each of ``weights`` may be a flax ``nnx.Variable``
+    holding the weight (a kept layer's ``.weight``).
 
     Each result is what :func:`quantized_matmul` gives for its weight (``x.dtype``, ``[..., out]``), up to the
     order of the float32 accumulation: on a Hopper GPU under ``matmul_path("auto")``, inside a trace (``jax.jit``),
@@ -838,10 +850,10 @@ def quantized_matmuls(x: jax.Array, weights: Sequence[NF4Weight | FP8Weight]) ->
         TypeError, ValueError: as :func:`quantized_matmul`, for any of ``weights`` (the message names its
             index); TypeError: ``weights`` is not a sequence (one weight alone); ValueError: no weights.
     """
-    if is_quantized(weights) or not isinstance(weights, Sequence):
-        hint = " (one weight: quantized_matmul(x, weight))" if is_quantized(weights) else ""
+    if is_quantized(_held(weights)) or not isinstance(weights, Sequence):
+        hint = " (one weight: quantized_matmul(x, weight))" if is_quantized(_held(weights)) else ""
         raise TypeError(f"quantized_matmuls takes a sequence of weights, got {type(weights).__name__}{hint}")
-    weights = tuple(weights)
+    weights = tuple(map(_held, weights))
     if not weights:
         raise ValueError("quantized_matmuls takes at least one weight")
     for i, w in enumerate(weights):

@@ -159,6 +159,8 @@ def choose_4bit_backend(
         choice, why = "bnb", "bitsandbytes' CUDA kernel"
     elif not standard_code:
         choice, why = "torch", "custom code table"
+    elif device.type == "cpu":  # "torch" names both CPU routes, which give the same bits
+        choice, why = "torch", "qbridge's C kernel once it is loaded (logged), else torch's operations"
     else:
         choice, why = "torch", f"the exact torch path for {device.type} tensors"
     log.debug("4-bit dequantization backend %s: %s", choice, why)

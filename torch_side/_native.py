@@ -54,6 +54,28 @@ SCAN_SOURCE = SOURCE.with_name("stream_scan.c")
 SOURCES = (SOURCE, SCAN_SOURCE)
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
+ON = ("", "on", "1", "yes", "true", "auto", "enable", "enabled")
+
+
+def switched_off() -> bool:
+    """Whether ``QBRIDGE_CPU_KERNEL`` turns the kernel off (one of ``OFF``; unset or one of ``ON``: on),
+    read at each call; checked once when torch_side is imported.
+
+    Raises:
+        ValueError: the variable holds another value (a misspelt ``of`` must not leave the kernel on).
+    """
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in OFF:
+        return True
+    if value not in ON:
+        raise ValueError(
+            f"{ENV} must be unset, 'on' or 'off' (also accepted: {', '.join(ON[2:] + OFF[1:])}), "
+            f"got {os.environ[ENV]!r}"
+        )
+    return False
+
+
+switched_off()  # a misspelt value fails at import, not later inside a call
 
 CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's output kinds
 
@@ -193,7 +215,7 @@ def cpu_4bit(wait: bool = False) -> Any:
         return _FN
     with _LOCK:
         if _FN is None and not _UNAVAILABLE and _BUILDING is None:
-            if os.environ.get(ENV, "").strip().lower() in OFF:
+            if switched_off():
                 _UNAVAILABLE = True
                 return None
             root = cache_dir()

@@ -118,6 +118,25 @@ def test_kernel_builds_without_torch_and_falls_back(env, tmp_path):
         assert list((tmp_path / "cache" / "cpu-kernels").glob("cpu_4bit_xla-*.so"))
 
 
+@pytest.mark.parametrize(
+    "value, off", [("", False), ("On", False), ("true", False), ("off", True), (" no", True)]
+)
+def test_the_switch_reads_on_and_off_values(monkeypatch, value, off):
+    monkeypatch.setenv("QBRIDGE_CPU_KERNEL", value)
+    assert _cpu_kernel.switched_off() is off
+
+
+def test_a_misspelt_switch_fails_at_import_naming_it():
+    """jax_side checks the switch it shares with torch_side itself: a typo fails its import without torch."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['torch'] = None; import jax_side"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "QBRIDGE_CPU_KERNEL": "offf"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "QBRIDGE_CPU_KERNEL must be unset, 'on' or 'off'" in done.stderr and "got 'offf'" in done.stderr
+
+
 def test_programs_for_gpus_keep_xlas_operations():
     """The kernel is chosen as a program lowers: one lowered for CUDA never calls the CPU target."""
     p, a = np.arange(48, dtype=np.uint8), np.ones(2, np.float32)

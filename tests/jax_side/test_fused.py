@@ -449,6 +449,23 @@ def test_the_path_switch():
     assert out.returncode != 0 and "QBRIDGE_MATMUL" in out.stderr
 
 
+def test_a_kept_layers_weight_variable_is_taken_as_its_weight():
+    """quantized_matmul(s) take a kept layer's .weight (an nnx Variable) as fits_kernel does: the same bits."""
+    w, v = nf4((8, 128)), fp8((24, 128), (1, 1))
+    layers = [jax_side.QuantLinear(q, None, rngs=nnx.Rngs(0)) for q in (w, v)]
+    x = x_for(3, 128, jnp.float32)
+    assert_same_bits(jax_side.quantized_matmul(x, layers[0].weight), jax_side.quantized_matmul(x, w))
+    got = jax.jit(lambda x: jax_side.quantized_matmuls(x, [layers[0].weight, v]))(x)
+    for y, want in zip(got, jax.jit(lambda x: jax_side.quantized_matmuls(x, [w, v]))(x)):
+        assert_same_bits(y, want)
+    with pytest.raises(
+        TypeError, match=r"sequence of weights, got QuantizedVariable \(one weight: quantized_matmul"
+    ):
+        jax_side.quantized_matmuls(x, layers[1].weight)
+    with pytest.raises(TypeError, match="quantized_matmul takes an NF4Weight or FP8Weight, got Param"):
+        jax_side.quantized_matmul(x, nnx.Param(jnp.ones((8, 128))))
+
+
 def test_weights_the_kernel_does_not_take():
     crossing = nf4((5, 100))  # in=100: absmax blocks of 64 run across rows
     assert "not a multiple of the blocksize" in jax_side.fits_kernel(crossing)

@@ -380,6 +380,23 @@ def test_without_a_kernel_the_torch_path_answers(tmp_path, env, says):
         assert done.stderr.count("CPU 4-bit kernel is unavailable") == 1 and says in done.stderr
 
 
+@pytest.mark.parametrize(
+    "value, off", [("", False), ("on", False), (" 1 ", False), ("Yes", False), ("off", True), ("OFF ", True),
+                   ("0", True), ("disabled", True)],
+)  # fmt: skip
+def test_the_switch_reads_on_and_off_values(monkeypatch, value, off):
+    monkeypatch.setenv("QBRIDGE_CPU_KERNEL", value)
+    assert _native.switched_off() is off
+
+
+def test_a_misspelt_switch_fails_at_import_naming_it():
+    """A value that is neither on nor off (here a typo of off) must not leave the kernel silently on."""
+    done = _run("import torch_side", QBRIDGE_CPU_KERNEL="of")
+    assert done.returncode != 0
+    assert "ValueError: QBRIDGE_CPU_KERNEL must be unset, 'on' or 'off'" in done.stderr
+    assert "got 'of'" in done.stderr
+
+
 def test_a_source_missing_from_the_install_leaves_the_torch_path(tmp_path):
     """A library source missing (a stripped install) is logged once, naming the file, and every call takes
     the torch path with the same bits, instead of failing the decode."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -147,6 +148,16 @@ def test_auto_never_picks_the_cpu_kernel_of_bitsandbytes():
             choose_4bit_backend(cpu, "auto", shape=shape, blocksize=64, quant_type="nf4", standard_code=True)
             == "torch"
         )
+
+
+def test_the_cpu_choice_is_logged_as_the_kernel_or_torch_not_the_torch_path_alone(caplog):
+    """ "torch" on the CPU names both routes (the C kernel answers once loaded): the debug line says so."""
+    with caplog.at_level(logging.DEBUG, logger="torch_side"):
+        choose_4bit_backend(
+            torch.device("cpu"), "auto", shape=(64,), blocksize=64, quant_type="nf4", standard_code=True
+        )
+    assert "backend torch: qbridge's C kernel once it is loaded" in caplog.text
+    assert "exact torch path" not in caplog.text
 
 
 @settings(max_examples=60, deadline=None)
