@@ -138,7 +138,36 @@ def _fp8(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) 
         raise scale_error(ckpt, entry.keys["scale"], e, scale.shape) from e
 
 
+# bitsandbytes' LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING: the layouts an 8-bit weight's ``weight_format`` tag names
+_BNB8_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
+
+
+def _check_bnb8_format(ckpt: Checkpoint, entry: Entry) -> None:
+    """Raises CheckpointError unless the weight's ``weight_format`` tag, where it has one, says ``row`` (0): the
+    only layout bitsandbytes itself loads (``maybe_rearrange_weight`` refuses the others), and the one the
+    decode reads."""
+    key = f"{entry.keys['weight'].rpartition('.')[0]}.weight_format"
+    if key not in ckpt.source.shapes:
+        return
+    tag = ckpt.read(key)
+    if tag.numel() != 1 or tag.dtype.is_floating_point or tag.dtype.is_complex or tag.dtype == torch.bool:
+        raise CheckpointError(
+            f"{ckpt.where(key)}: a bitsandbytes 8-bit weight-layout tag must be one integer, got "
+            f"{tag.dtype} of shape {list(tag.shape)} (the checkpoint is damaged)"
+        )
+    value = int(tag.item())
+    if value != 0:
+        name = _BNB8_FORMATS.get(value)
+        raise CheckpointError(
+            f"{ckpt.where(key)}: {entry.name} is stored in bitsandbytes' "
+            + (f"{name!r} layout ({value})" if name else f"unknown layout {value}")
+            + ", not 'row' (0): only row-layout 8-bit weights can be decoded (bitsandbytes itself loads no "
+            "other); save the model again with a current bitsandbytes, which writes 'row'"
+        )
+
+
 def _bnb8(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
+    _check_bnb8_format(ckpt, entry)
     scb = ckpt.read(entry.keys["scb"])
     check_scales(ckpt, entry.keys["scb"], scb)
     w = ckpt.read_to(entry.keys["weight"], device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -234,6 +235,47 @@ def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
                 qbridge.CheckpointError, match=rf"{base}\.weight.*without its row scales {base}\.SCB"
             ):
                 call(tmp_path / "int8")
+
+
+def test_an_8bit_weight_in_a_layout_other_than_row_is_refused_by_name(tmp_path):
+    """bitsandbytes loads only row-layout 8-bit weights (its load hook refuses any other weight_format tag);
+    such a weight had been decoded as if its bytes were rows, silently. Each tag value is checked as
+    bitsandbytes checks it, against bitsandbytes' own hook."""
+    from bitsandbytes.nn.modules import maybe_rearrange_weight
+    from safetensors.torch import load_file, save_file
+
+    _llama(tmp_path / "dense")
+    q = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
+        device_map="cpu",
+    )
+    q.save_pretrained(tmp_path / "int8")
+    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    base = "model.layers.0.mlp.down_proj"
+    assert tensors[f"{base}.weight_format"].item() == 0  # what bitsandbytes writes
+    for tag, words in [(2, "'col_turing' layout (2)"), (1, "'col32' layout (1)"), (7, "unknown layout 7")]:
+        tensors[f"{base}.weight_format"] = torch.tensor(tag, dtype=torch.uint8)
+        with pytest.raises(ValueError):  # bitsandbytes refuses it too
+            maybe_rearrange_weight(dict(tensors), f"{base}.", None, True, [], [], [])
+        save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+        for call in (qbridge.load_checkpoint, qbridge.dequantized_state):
+            with pytest.raises(
+                qbridge.CheckpointError, match=rf"{base}\.weight_format.*{re.escape(words)}, not 'row'"
+            ):
+                call(tmp_path / "int8")
+    tensors[f"{base}.weight_format"] = torch.tensor([0.0, 0.0])
+    save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"weight-layout tag must be one integer, got torch\.float32"
+    ):
+        qbridge.load_checkpoint(tmp_path / "int8")
+    tensors[f"{base}.weight_format"] = torch.tensor(0, dtype=torch.uint8)  # row again: loads, as before
+    save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+    state = qbridge.dequantized_state(tmp_path / "int8")
+    module = q.model.layers[0].mlp.down_proj
+    want = F.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).to(state[f"{base}.weight"].dtype)
+    assert_same_bits(to_numpy(state[f"{base}.weight"]), to_numpy(want))
 
 
 def test_an_8bit_config_that_kept_floating_weights_loads_them(tmp_path):
