@@ -31,6 +31,7 @@ import pickle
 import re
 import stat
 import threading
+import warnings
 from collections.abc import Callable, Collection, Container, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -157,6 +158,8 @@ class _Source:
 
     def __init__(self) -> None:
         self.key_file: dict[str, pathlib.Path] = {}
+        # tensors an index-named file holds that the index does not list (loaded all the same): key -> file
+        self.unlisted: dict[str, pathlib.Path] = {}
         self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.metadata: dict[pathlib.Path, dict[str, str]] = {}
         self._open: dict[pathlib.Path, Any] = {}
@@ -181,7 +184,11 @@ class _Source:
         self._users_done = threading.Condition()
         self._users_pid = os.getpid()
 
-    def add_safetensors(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
+    def add_safetensors(
+        self, path: pathlib.Path, keys: list[str] | None = None, listed: Container[str] = ()
+    ) -> None:
+        """Adds a safetensors file, opened lazily; ``keys``: an index's entries for it, each required (and
+        the tensors it holds that the index, listing ``listed``, names nowhere)."""
         from safetensors import safe_open
 
         try:
@@ -198,7 +205,7 @@ class _Source:
             available = set(stored)
             meta = handle.metadata() or {}
             dtypes: dict[str, torch.dtype] = {}  # a file holds few dtypes: each name looked up once
-            for key in self._selected(path, stored, available, keys):
+            for key in self._selected(path, stored, available, keys, listed):
                 sl = handle.get_slice(key)
                 name = sl.get_dtype()
                 dtype = dtypes.get(name)
@@ -215,22 +222,41 @@ class _Source:
         self.metadata[path] = meta
 
     def _selected(
-        self, path: pathlib.Path, stored: list[str], available: Container[str], keys: list[str] | None
+        self,
+        path: pathlib.Path,
+        stored: list[str],
+        available: Container[str],
+        keys: list[str] | None,
+        listed: Container[str] = (),
     ) -> list[str]:
-        """The keys of ``path`` to add: all it stores, or an index's ``keys`` for it, each of which it must
-        hold; none may be held by a file added before."""
+        """The keys of ``path`` to add: all it stores; or an index's ``keys`` for it, each of which it must
+        hold, and those it stores that the index (``listed``: every key it maps to a file) does not list,
+        as transformers loads a shard file whole (recorded in ``unlisted`` for a warning). None may be held
+        by a file added before."""
+        if keys is not None:
+            extra = [key for key in stored if key not in listed]
+            self.unlisted.update(dict.fromkeys(extra, path))
+            keys = keys + extra
         for key in stored if keys is None else keys:
             if key not in available:
                 raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
             if key in self.key_file:
                 raise CheckpointError(
                     f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
+                    + (
+                        " (the checkpoint's index lists neither)"
+                        if key not in listed and keys is not None
+                        else ""
+                    )
                 )
         return stored if keys is None else keys
 
-    def add_torch(self, path: pathlib.Path, keys: list[str] | None = None) -> None:
-        """Adds a torch state-dict file (loaded mapped, ``weights_only``); ``keys``: only those (an index's
-        entries for this file), each required."""
+    def add_torch(
+        self, path: pathlib.Path, keys: list[str] | None = None, listed: Container[str] = ()
+    ) -> None:
+        """Adds a torch state-dict file (loaded mapped, ``weights_only``); ``keys``: an index's entries for
+        this file, each required (and the tensors it holds that the index, listing ``listed``, names
+        nowhere)."""
         if not path.exists():
             raise CheckpointError(f"{path}: file missing")
         if path.is_dir():
@@ -255,7 +281,9 @@ class _Source:
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
-        state = {key: state[key] for key in self._selected(path, list(state), state, keys)}
+        if keys is not None:  # what the index leaves out is taken where it is a tensor (not a step count)
+            state = {k: v for k, v in state.items() if k in listed or isinstance(v, torch.Tensor)}
+        state = {key: state[key] for key in self._selected(path, list(state), state, keys, listed)}
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(
@@ -1426,11 +1454,22 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     config = read_config(path)
     files, keys_of, container, index = _find_files(path)
     source = _Source()
+    listed = set().union(*keys_of.values()) if keys_of else set()
     for f in files:
         if container == "safetensors":
-            source.add_safetensors(f, None if keys_of is None else keys_of[f])
+            source.add_safetensors(f, None if keys_of is None else keys_of[f], listed)
         else:
-            source.add_torch(f, None if keys_of is None else keys_of[f])
+            source.add_torch(f, None if keys_of is None else keys_of[f], listed)
+    if source.unlisted:
+        some = list(source.unlisted.items())[:3]
+        warnings.warn(
+            f"{index or path}: the index does not list {len(source.unlisted)} tensor(s) that the files it names hold ("
+            + ", ".join(f"{key} in {f.name}" for key, f in some)
+            + (", ..." if len(source.unlisted) > 3 else "")
+            + "); they are loaded from those files, as transformers loads every tensor of a listed file. "
+            "Add them to the index to silence this warning",
+            stacklevel=3,
+        )
     if not source.key_file:  # nothing to load: every file empty (an index lists the keys it needs)
         source.close()
         names = ", ".join(f.name for f in files[:4]) + (", ..." if len(files) > 4 else "")

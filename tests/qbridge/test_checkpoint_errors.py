@@ -10,9 +10,12 @@ import re
 import shutil
 import sys
 
+import jax
+import numpy as np
 import pytest
 import torch
 from checkpoints import bnb_llama, dense_llama, fp8_llama
+from helpers import assert_same_bits
 
 import jax_side
 import qbridge
@@ -431,16 +434,39 @@ def test_an_ambiguous_scale_grid_points_to_the_config_not_to_an_argument(tmp_pat
     assert "block_size=" not in str(e.value)
 
 
-def test_a_piece_the_index_leaves_out_is_named_with_the_file_that_holds_it(made, tmp_path):
-    """A scale present in its shard but missing from model.safetensors.index.json (so never read): the
-    error says which file holds it and that the index does not list it."""
+def test_tensors_a_listed_file_holds_but_the_index_leaves_out_are_loaded_with_a_warning(made, tmp_path):
+    """A piece (an absmax) and a dense tensor (a norm) present in their shards but missing from
+    model.safetensors.index.json: transformers loads every tensor of a shard the index names, so they are
+    loaded (they had been refused, and the norm dropped silently), with one warning naming them and their
+    files; the result is the whole checkpoint's."""
+    want = qbridge.load_checkpoint(made / "sharded", progress=False)
     ck = _copy(made, "sharded", tmp_path)
     index = json.loads((ck / "model.safetensors.index.json").read_text())
-    key = next(k for k in index["weight_map"] if k.endswith("down_proj.weight.absmax"))
-    shard = index["weight_map"].pop(key)
+    absmax = next(k for k in index["weight_map"] if k.endswith("down_proj.weight.absmax"))
+    norm = next(k for k in index["weight_map"] if k.endswith("input_layernorm.weight"))
+    shards = [index["weight_map"].pop(k) for k in (absmax, norm)]
     (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="the index does not list 2 tensor") as caught:
+        got = qbridge.load_checkpoint(ck, progress=False)
+    (said,) = [str(w.message) for w in caught if "does not list" in str(w.message)]
+    assert f"{absmax} in {shards[0]}" in said and f"{norm} in {shards[1]}" in said
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_same_bits(np.asarray(a), np.asarray(b))
+
+
+def test_a_tensor_two_listed_files_hold_that_the_index_leaves_out_is_refused(made, tmp_path):
+    """Left out of the index and held by two of its files: which one is the model's is not known."""
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    norm = next(k for k in index["weight_map"] if k.endswith("input_layernorm.weight"))
+    home = index["weight_map"].pop(norm)
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != home)
+    value = st.load_file(ck / home)[norm]
+    _rewrite(ck / other, lambda s: s.update({norm: value}))
     with pytest.raises(
-        CheckpointError, match=rf"without {key}.*{shard} holds {key}, but the checkpoint's index"
+        CheckpointError, match=rf"holds {norm!r}, which .* holds too.*the checkpoint's index lists neither"
     ):
         qbridge.load_checkpoint(ck, progress=False)
 

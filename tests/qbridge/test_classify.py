@@ -750,9 +750,18 @@ def test_a_torch_index_selects_keys_as_a_safetensors_index_does(tmp_path):
         json.dumps({"weight_map": {"a.weight": "pytorch_model-1.bin", "b.weight": "pytorch_model-2.bin"}})
     )
     for where in (path, index):  # the directory's index, or the index as the path
-        assert set(qbridge.load_checkpoint(where, device="cpu", progress=False)["params"]) == {"a", "b"}
-    torch.save({"b.weight": torch.ones(2, 2), "step": 7}, path / "pytorch_model-2.bin")  # unlisted: not read
-    assert set(qbridge.load_checkpoint(index, device="cpu", progress=False)["params"]) == {"a", "b"}
+        with pytest.warns(
+            UserWarning, match=r"does not list 1 tensor.*extra\.weight in pytorch_model-1\.bin"
+        ):
+            loaded = qbridge.load_checkpoint(where, device="cpu", progress=False)["params"]
+        assert set(loaded) == {"a", "b", "extra"}  # as transformers loads a listed file: whole
+    torch.save({"b.weight": torch.ones(2, 2), "step": 7}, path / "pytorch_model-2.bin")  # unlisted, no tensor
+    with pytest.warns(UserWarning, match="does not list 1 tensor"):  # extra.weight, not step
+        assert set(qbridge.load_checkpoint(index, device="cpu", progress=False)["params"]) == {
+            "a",
+            "b",
+            "extra",
+        }
     torch.save({"step": 7}, path / "pytorch_model-3.bin")
     with pytest.raises(
         CheckpointError, match=r"pytorch_model-3.bin: expected a state dict of tensors; 'step' holds"
