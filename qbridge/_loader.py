@@ -508,8 +508,20 @@ def load_checkpoint(
 
 def dequantized_state(path: str | os.PathLike[str], *, device: Any = "cpu") -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint dequantized in torch layout, as ``{torch name: tensor}`` (for
-    inspection and parity tests). Loads everything at once: meant for small checkpoints."""
+    inspection and parity tests): the state dict of the model without its quantization. Loads everything at
+    once: meant for small checkpoints. The ``weight_format`` tags of bitsandbytes 8-bit weights are left out
+    (they describe the stored int8 layout, which the dequantized weight no longer has; an unquantized model
+    has no such entry)."""
     _, tdev = resolve_device(device)
     identity = jax_side.rule_for("param", "weight")
     with open_checkpoint(path) as ckpt:
-        return {name: materialize(ckpt, e, tdev, identity, stored=True) for name, e in ckpt.entries.items()}
+        tags = {
+            f"{e.keys['weight'].rpartition('.')[0]}.weight_format"
+            for e in ckpt.entries.values()
+            if e.kind == "bnb8"
+        }
+        return {
+            name: materialize(ckpt, e, tdev, identity, stored=True)
+            for name, e in ckpt.entries.items()
+            if name not in tags
+        }

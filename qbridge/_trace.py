@@ -616,6 +616,13 @@ def trace_checkpoint(
                     f"unread, newly initialized ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
                     f"{_EXACT_REFERENCE} (qbridge.dequantized_state)"
                 ]
+            elif ckpt.format == "bitsandbytes-8bit":
+                with _transformers_quiet():
+                    torch_model = _decoded_reference(path)
+                notes = [
+                    "bitsandbytes' 8-bit layers round their inputs to int8 too (LLM.int8()), which a model of "
+                    f"dequantized weights does not; {_EXACT_REFERENCE} (qbridge.dequantized_state)"
+                ]
             else:
                 notes = _exact_fp8_reference(torch_model, ckpt) if ckpt.format == "fp8" else []
         fmt = ckpt.format
@@ -629,10 +636,11 @@ def trace_checkpoint(
     )
     try:
         report = trace(torch_model, flax_model, ids, **tolerances)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # (the Flax model's own errors: raised by the trace below)
         if fmt != "bitsandbytes-4bit" or any(p.is_cuda for p in torch_model.parameters()):
             raise
-        # bitsandbytes' CPU 4-bit path fails for some shapes (an in-dimension not a multiple of its blocksize)
+        # bitsandbytes' CPU 4-bit path fails for some shapes (an in-dimension not a multiple of its blocksize:
+        # a RuntimeError, or an AssertionError where its packed-weight conversion asserts on the out-dimension)
         import bitsandbytes
 
         with _transformers_quiet():

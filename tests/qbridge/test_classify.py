@@ -203,6 +203,7 @@ def test_int8_checkpoint_and_int8params_agree_with_bitsandbytes(tmp_path, dtype)
     )
     q.save_pretrained(tmp_path / "int8")
     state = qbridge.dequantized_state(tmp_path / "int8")
+    assert not [k for k in state if k.endswith("weight_format")]  # the int8 layout tags: not the model's
     for name, module in q.named_modules():
         if isinstance(module, bnb.nn.Linear8bitLt):
             want = F.int8_vectorwise_dequant(module.weight.data, module.weight.SCB).to(dtype)
