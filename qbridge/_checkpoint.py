@@ -1548,6 +1548,19 @@ def _classify(ckpt: Checkpoint) -> None:
                 "(the checkpoint is incomplete)"
                 + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
+        piece = _TORCHAO_PIECE.fullmatch(key)
+        if (
+            piece  # one of the pieces, beside the data piece of the same tensor, in a file without metadata
+            and f"{piece[1]}._{piece[2]}_qdata" in src.shapes
+            and "tensor_names" not in src.metadata.get(src.key_file[key], {})
+        ):
+            raise CheckpointError(
+                f"{ckpt.where(key)}: a piece of a torchao tensor in torchao's safetensors layout "
+                "(module._weight_qdata, ._weight_scale, ...), but the file's header has no torchao metadata "
+                "('tensor_names' and each tensor's type), without which the weight cannot be rebuilt: the "
+                "file was re-saved without it; save the model again with torchao's safetensors support (or "
+                "torch.save)"
+            )
         owner = _scale_owner(key)
         if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
             held = f"is stored as {src.shapes[owner][1]}, not float8" if owner in src.shapes else "is missing"
@@ -1766,6 +1779,11 @@ def _fp8_entry(
     stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)
+
+
+# the pieces torchao's safetensors layout writes for a tensor subclass ``module.weight``: ``module._weight_qdata``
+# (its data) and ``module._weight_scale`` etc., described by the file's metadata
+_TORCHAO_PIECE = re.compile(r"(.+)\._([A-Za-z0-9]+)_(qdata|scale|zero_point|act_scale)")
 
 
 def _torchao_safetensors_entries(

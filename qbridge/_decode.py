@@ -18,7 +18,7 @@ import jax_side
 import torch_side
 
 from ._checkpoint import Checkpoint, Entry, scale_error
-from ._errors import CheckpointError
+from ._errors import CheckpointError, first_line
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
@@ -188,7 +188,13 @@ def torchao_weight(ckpt: Checkpoint, entry: Entry, *, mapped: bool = False) -> t
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
         pieces = {key: read(key) for key in entry.keys.values()}
-        rebuilt, _ = unflatten_tensor_state_dict(pieces, entry.info["metadata"])
+        try:
+            rebuilt, _ = unflatten_tensor_state_dict(pieces, entry.info["metadata"])
+        except Exception as e:  # metadata torchao cannot use (damaged, or of another torchao version)
+            raise CheckpointError(
+                f"{entry.info['file']}: torchao could not rebuild {entry.name!r} from the file's torchao "
+                f"metadata ({type(e).__name__}: {first_line(e)})"
+            ) from e
         if entry.name not in rebuilt:
             raise CheckpointError(f"{entry.info['file']}: torchao could not rebuild {entry.name!r}")
         return rebuilt[entry.name]
@@ -197,7 +203,10 @@ def torchao_weight(ckpt: Checkpoint, entry: Entry, *, mapped: bool = False) -> t
 
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
     weight = torchao_weight(ckpt, entry)
-    dense = torch_side.dequantize_weight(weight.to(device))
+    try:
+        dense = torch_side.dequantize_weight(weight.to(device))
+    except NotImplementedError as e:  # torchao's own dequantize failed, or no decode of this subclass
+        raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
     if tuple(dense.shape) != entry.shape:
         raise CheckpointError(
             f"{ckpt.where(entry.name)}: rebuilt shape {tuple(dense.shape)}, expected {entry.shape}"

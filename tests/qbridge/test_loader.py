@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -165,6 +166,31 @@ def test_torchao_llama(tmp_path, dense_dir, layout):
     assert summary.decoded_to == {"torchao": sorted(decoded)} == {"torchao": ["bfloat16"]}
     assert "decoded to: torchao bfloat16" in str(summary)
     assert_parity(_torch_logits(model), flax_model(jnp.asarray(IDS)))
+
+
+def test_damaged_torchao_safetensors_name_the_file_and_tensor(tmp_path, dense_dir):
+    """torchao's safetensors layout needs its header metadata: edited so torchao's own decode asserts, the
+    error names the tensor (it was a bare NotImplementedError); stripped, the pieces are named as
+    torchao's, not taken for an FP8 weight's scale (they were: "the scale of a float8 weight")."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "ao"
+    torchao_llama(dense_dir, out)
+    file = out / "st" / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta, data = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    doc = json.loads(meta[name])
+    doc["_data"]["block_size"] = [91, doc["_data"]["block_size"][1]]  # rows of 91: torchao asserts
+    save_file(data, file, metadata={**meta, name: json.dumps(doc)})
+    with pytest.raises(qbridge.CheckpointError, match=rf"\[{re.escape(name)}\]: cannot dequantize a torchao"):
+        qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
+    save_file(data, file)  # no metadata
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"_weight_qdata\]: a piece of a torchao tensor .* no torchao metadata"
+    ):
+        qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
 
 
 def test_dense_safetensors_and_torch_files(tmp_path, dense_dir):
