@@ -238,7 +238,7 @@ def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
                 call(tmp_path / "int8")
 
 
-def test_an_8bit_weight_in_a_layout_other_than_row_is_refused_by_name(tmp_path):
+def test_an_8bit_weight_in_a_layout_other_than_row_or_not_int8_is_refused_by_name(tmp_path):
     """bitsandbytes loads only row-layout 8-bit weights (its load hook refuses any other weight_format tag);
     such a weight had been decoded as if its bytes were rows, silently. Each tag value is checked as
     bitsandbytes checks it, against bitsandbytes' own hook."""
@@ -265,6 +265,14 @@ def test_an_8bit_weight_in_a_layout_other_than_row_is_refused_by_name(tmp_path):
                 qbridge.CheckpointError, match=rf"{base}\.weight_format.*{re.escape(words)}, not 'row'"
             ):
                 call(tmp_path / "int8")
+    stored = tensors[f"{base}.weight"]
+    tensors[f"{base}.weight"] = stored.view(torch.uint8)  # the int8 bytes under another dtype
+    save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        qbridge.CheckpointError, match=rf"{base}\.SCB\]: the row scales .* stored as torch\.uint8, not int8"
+    ):
+        qbridge.load_checkpoint(tmp_path / "int8")
+    tensors[f"{base}.weight"] = stored
     tensors[f"{base}.weight_format"] = torch.tensor([0.0, 0.0])
     save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(
