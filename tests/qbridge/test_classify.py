@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -211,12 +212,8 @@ def test_int8_checkpoint_and_int8params_agree_with_bitsandbytes(tmp_path, dtype)
             assert_same_bits(to_numpy(torch_side.dequantize_weight(module.weight).to(dtype)), to_numpy(want))
 
 
-def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
-    """An 8-bit checkpoint missing one weight's SCB had loaded that weight's int8 values as its kernel (and
-    inspect counted it dense); it is refused, by name, whether its weight_format tag or the config says
-    8-bit."""
-    from safetensors.torch import load_file, save_file
-
+def _int8_checkpoint(tmp_path: pathlib.Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """transformers' 8-bit model of a small Llama saved to ``tmp_path / "int8"``, and the tensors it wrote."""
     _llama(tmp_path / "dense")
     q = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "dense",
@@ -224,7 +221,16 @@ def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
         device_map="cpu",
     )
     q.save_pretrained(tmp_path / "int8")
-    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    return q, st.load_file(tmp_path / "int8" / "model.safetensors")
+
+
+def test_an_int8_weight_without_its_scb_is_refused_by_name(tmp_path):
+    """An 8-bit checkpoint missing one weight's SCB had loaded that weight's int8 values as its kernel (and
+    inspect counted it dense); it is refused, by name, whether its weight_format tag or the config says
+    8-bit."""
+    from safetensors.torch import save_file
+
+    _, tensors = _int8_checkpoint(tmp_path)
     base = "model.layers.0.self_attn.q_proj"
     del tensors[f"{base}.SCB"]
     for drop_tag in (False, True):  # known by its weight_format tag, or by the config alone
@@ -243,16 +249,9 @@ def test_an_8bit_weight_in_a_layout_other_than_row_or_not_int8_is_refused_by_nam
     such a weight had been decoded as if its bytes were rows, silently. Each tag value is checked as
     bitsandbytes checks it, against bitsandbytes' own hook."""
     from bitsandbytes.nn.modules import maybe_rearrange_weight
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    _llama(tmp_path / "dense")
-    q = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "dense",
-        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True),
-        device_map="cpu",
-    )
-    q.save_pretrained(tmp_path / "int8")
-    tensors = load_file(tmp_path / "int8" / "model.safetensors")
+    q, tensors = _int8_checkpoint(tmp_path)
     base = "model.layers.0.mlp.down_proj"
     assert tensors[f"{base}.weight_format"].item() == 0  # what bitsandbytes writes
     for tag, words in [(2, "'col_turing' layout (2)"), (1, "'col32' layout (1)"), (7, "unknown layout 7")]:
