@@ -1442,6 +1442,25 @@ def _model_dtype(ckpt: Checkpoint) -> torch.dtype:
     return DTYPES[str(name)]
 
 
+_SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)(\.safetensors|\.bin)")
+
+
+def _unnamed_shards(files: list[pathlib.Path]) -> list[pathlib.Path]:
+    """Files beside an index's ``files`` named as shards of the same series (``model-00003-of-00004``) that
+    the index does not name."""
+    series = {(m[1], m[3], m[4], f.parent) for f in files if (m := _SHARD.fullmatch(f.name))}
+    named = {f.name for f in files}
+    found = []
+    for prefix, total, suffix, folder in sorted(series):
+        if int(total) > 1 << 16:  # a name no checkpoint has: not searched
+            continue
+        for n in range(1, int(total) + 1):
+            name = f"{prefix}-{n:0{len(total)}d}-of-{total}{suffix}"
+            if name not in named and (folder / name).is_file():
+                found.append(folder / name)
+    return found
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Opens a checkpoint (a directory or a file) and classifies every tensor, reading no weight data.
 
@@ -1467,7 +1486,15 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             + ", ".join(f"{key} in {f.name}" for key, f in some)
             + (", ..." if len(source.unlisted) > 3 else "")
             + "); they are loaded from those files, as transformers loads every tensor of a listed file. "
-            "Add them to the index to silence this warning",
+            "Add them to the index to silence this warning.",
+            stacklevel=3,
+        )
+    unnamed = _unnamed_shards(files) if index is not None else []
+    if unnamed:
+        warnings.warn(
+            f"{index}: does not name {', '.join(f.name for f in unnamed)}, a shard of the same series as the "
+            "files it names: its tensors are not loaded (nor by transformers). List them in the index if they "
+            "belong to the model, or remove the file.",
             stacklevel=3,
         )
     if not source.key_file:  # nothing to load: every file empty (an index lists the keys it needs)

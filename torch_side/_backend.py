@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from ._checks import tracing
+from ._native import switched_off
 
 log = logging.getLogger("torch_side")
 
@@ -159,6 +160,8 @@ def choose_4bit_backend(
         choice, why = "bnb", "bitsandbytes' CUDA kernel"
     elif not standard_code:
         choice, why = "torch", "custom code table"
+    elif device.type == "cpu" and switched_off():
+        choice, why = "torch", "torch's operations (QBRIDGE_CPU_KERNEL turns qbridge's C kernel off)"
     elif device.type == "cpu":  # "torch" names both CPU routes, which give the same bits
         choice, why = "torch", "qbridge's C kernel once it is loaded (logged), else torch's operations"
     else:

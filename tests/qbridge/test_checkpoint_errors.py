@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -453,6 +454,22 @@ def test_tensors_a_listed_file_holds_but_the_index_leaves_out_are_loaded_with_a_
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert_same_bits(np.asarray(a), np.asarray(b))
+
+
+def test_a_shard_the_index_no_longer_names_is_warned_about(made, tmp_path):
+    """An index that names no tensor of one shard of its series leaves that file unread (as transformers
+    does): a load without a target had lost its tensors without a word; now a warning names the file."""
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    dropped = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"] = {k: f for k, f in index["weight_map"].items() if f != dropped}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match=rf"does not name {re.escape(dropped)}, a shard of the same series"):
+        qbridge.load_checkpoint(ck, progress=False)
+    (ck / dropped).unlink()  # gone: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        qbridge.inspect_checkpoint(ck)
 
 
 def test_a_tensor_two_listed_files_hold_that_the_index_leaves_out_is_refused(made, tmp_path):

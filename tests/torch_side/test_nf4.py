@@ -150,14 +150,18 @@ def test_auto_never_picks_the_cpu_kernel_of_bitsandbytes():
         )
 
 
-def test_the_cpu_choice_is_logged_as_the_kernel_or_torch_not_the_torch_path_alone(caplog):
-    """ "torch" on the CPU names both routes (the C kernel answers once loaded): the debug line says so."""
-    with caplog.at_level(logging.DEBUG, logger="torch_side"):
-        choose_4bit_backend(
-            torch.device("cpu"), "auto", shape=(64,), blocksize=64, quant_type="nf4", standard_code=True
-        )
-    assert "backend torch: qbridge's C kernel once it is loaded" in caplog.text
-    assert "exact torch path" not in caplog.text
+def test_the_cpu_choice_is_logged_as_the_kernel_or_torch_not_the_torch_path_alone(caplog, monkeypatch):
+    """The backend "torch" on the CPU names both routes (the C kernel answers once loaded): the debug line
+    says so, and says torch's operations alone where QBRIDGE_CPU_KERNEL turns the kernel off."""
+    for switch, says in (("on", "backend torch: qbridge's C kernel once it is loaded"),
+                         ("off", "backend torch: torch's operations (QBRIDGE_CPU_KERNEL turns")):  # fmt: skip
+        monkeypatch.setenv("QBRIDGE_CPU_KERNEL", switch)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="torch_side"):
+            choose_4bit_backend(torch.device("cpu"), "auto", shape=(64,), blocksize=64, quant_type="nf4",
+                                standard_code=True)  # fmt: skip
+        assert says in caplog.text
+        assert "exact torch path" not in caplog.text
 
 
 @settings(max_examples=60, deadline=None)
