@@ -716,7 +716,9 @@ def _check_pieces(weight: NF4Weight | FP8Weight) -> None:
 def _validate(x: jax.Array, weight: Any, who: str = "quantized_matmul") -> None:
     """:func:`quantized_matmul`'s checks of its arguments (see its Raises)."""
     if not is_quantized(weight):
-        raise TypeError(f"{who} takes an NF4Weight or FP8Weight, got {type(weight).__name__}")
+        raise TypeError(
+            f"{who} takes an NF4Weight or FP8Weight (or an nnx Variable holding one), got {type(weight).__name__}"
+        )
     if len(weight.shape) != 2:
         raise ValueError(f"{who} takes a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
     for leaf in jax.tree_util.tree_leaves(weight):  # the pieces (and x, below) as dequantize() asks for them

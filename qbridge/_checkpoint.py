@@ -1448,16 +1448,15 @@ _SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)(\.safetensors|\.bin)")
 def _unnamed_shards(files: list[pathlib.Path]) -> list[pathlib.Path]:
     """Files beside an index's ``files`` named as shards of the same series (``model-00003-of-00004``) that
     the index does not name."""
-    series = {(m[1], m[3], m[4], f.parent) for f in files if (m := _SHARD.fullmatch(f.name))}
+    series = {(m[1], int(m[3]), m[4]) for f in files if (m := _SHARD.fullmatch(f.name))}
     named = {f.name for f in files}
+    folders = sorted({f.parent for f in files})
     found = []
-    for prefix, total, suffix, folder in sorted(series):
-        if int(total) > 1 << 16:  # a name no checkpoint has: not searched
-            continue
-        for n in range(1, int(total) + 1):
-            name = f"{prefix}-{n:0{len(total)}d}-of-{total}{suffix}"
-            if name not in named and (folder / name).is_file():
-                found.append(folder / name)
+    for folder in folders:
+        for path in sorted(folder.glob("*-of-*")):  # any padding, any shard number
+            m = _SHARD.fullmatch(path.name)
+            if m and path.name not in named and (m[1], int(m[3]), m[4]) in series and path.is_file():
+                found.append(path)
     return found
 
 
@@ -1474,11 +1473,15 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     files, keys_of, container, index = _find_files(path)
     source = _Source()
     listed = set().union(*keys_of.values()) if keys_of else set()
-    for f in files:
-        if container == "safetensors":
-            source.add_safetensors(f, None if keys_of is None else keys_of[f], listed)
-        else:
-            source.add_torch(f, None if keys_of is None else keys_of[f], listed)
+    try:
+        for f in files:
+            if container == "safetensors":
+                source.add_safetensors(f, None if keys_of is None else keys_of[f], listed)
+            else:
+                source.add_torch(f, None if keys_of is None else keys_of[f], listed)
+    except BaseException:
+        source.close()  # the files opened before the one refused
+        raise
     if source.unlisted:
         some = list(source.unlisted.items())[:3]
         warnings.warn(
@@ -1582,12 +1585,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "(the checkpoint is incomplete)"
                 + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
-        piece = _TORCHAO_PIECE.fullmatch(key)
-        if (
-            piece  # one of the pieces, beside the data piece of the same tensor, in a file without metadata
-            and f"{piece[1]}._{piece[2]}_qdata" in src.shapes
-            and "tensor_names" not in src.metadata.get(src.key_file[key], {})
-        ):
+        if _torchao_piece(src, key) and "tensor_names" not in src.metadata.get(src.key_file[key], {}):
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a torchao tensor in torchao's safetensors layout "
                 "(module._weight_qdata, ._weight_scale, ...), but the file's header has no torchao metadata "
@@ -1820,6 +1818,22 @@ def _fp8_entry(
 _TORCHAO_PIECE = re.compile(r"(.+)\._([A-Za-z0-9]+)_(qdata|scale|zero_point|act_scale)")
 
 
+def _torchao_piece(src: _Source, key: str) -> bool:
+    """Whether ``key`` is, by its name and its partners, a piece of a torchao tensor in torchao's layout: its
+    tensor's ``_qdata`` (integer or float8, not a floating dtype of 16 or more bits) and ``_scale`` are both
+    held, under the same file."""
+    piece = _TORCHAO_PIECE.fullmatch(key)
+    if piece is None:
+        return False
+    qdata, scale = (f"{piece[1]}._{piece[2]}_{name}" for name in ("qdata", "scale"))
+    return (
+        qdata in src.shapes
+        and scale in src.shapes
+        and src.shapes[qdata][1] not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        and src.key_file.get(qdata) == src.key_file.get(scale) == src.key_file.get(key)
+    )
+
+
 def _torchao_safetensors_entries(
     ckpt: Checkpoint, path: pathlib.Path, meta: dict[str, str]
 ) -> Iterator[Entry]:
@@ -1827,11 +1841,26 @@ def _torchao_safetensors_entries(
         names = json.loads(meta["tensor_names"])
     except Exception as e:
         raise CheckpointError(f"{path}: torchao metadata 'tensor_names' is not JSON ({e})") from e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: torchao metadata 'tensor_names' is not a list of names: {names!r}")
     for name in names:
         try:
             doc = json.loads(meta[name])
         except Exception as e:
             raise CheckpointError(f"{path}: torchao metadata for {name!r} missing or not JSON ({e})") from e
+        pieces = doc.get("_tensor_data_names", []) if isinstance(doc, dict) else None
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("_type", ""), str)
+            or not isinstance(doc.get("_data", {}), dict)
+            or not isinstance(pieces, list)
+            or not all(isinstance(p, str) for p in pieces)
+        ):
+            raise CheckpointError(
+                f"{path}: torchao metadata for {name!r} is not torchao's description of a tensor (an object with "
+                "a '_type' name, a '_data' object and a '_tensor_data_names' list; the file is damaged): "
+                f"{meta[name][:200]}"
+            )
         if doc.get("_type") in ("Tensor", "torch.Tensor"):
             continue  # a plain tensor: classified as dense
         module, _, leaf = name.rpartition(".")
@@ -1859,5 +1888,10 @@ def _torchao_safetensors_entries(
             dtype,
             stored,
             keys,
-            {"type": doc.get("_type"), "metadata": meta, "file": path},
+            # torchao's metadata of this tensor alone: torchao rebuilds it without reading the file's others
+            {
+                "type": doc.get("_type"),
+                "metadata": {"tensor_names": json.dumps([name]), name: meta[name]},
+                "file": path,
+            },
         )

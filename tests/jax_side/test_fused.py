@@ -462,7 +462,10 @@ def test_a_kept_layers_weight_variable_is_taken_as_its_weight():
         TypeError, match=r"sequence of weights, got QuantizedVariable \(one weight: quantized_matmul"
     ):
         jax_side.quantized_matmuls(x, layers[1].weight)
-    with pytest.raises(TypeError, match="quantized_matmul takes an NF4Weight or FP8Weight, got Param"):
+    with pytest.raises(
+        TypeError,
+        match=r"quantized_matmul takes an NF4Weight or FP8Weight \(or an nnx Variable holding one\), got Param",
+    ):
         jax_side.quantized_matmul(x, nnx.Param(jnp.ones((8, 128))))
 
 
@@ -488,7 +491,9 @@ def test_weights_the_kernel_does_not_take():
         jax_side.quantized_matmul(x[:, :99], crossing)
     with pytest.raises(ValueError, match=r"2-D \[out, in\] weight, got shape \(2, 64, 128\)"):
         jax_side.quantized_matmul(x_for(2, 128, jnp.float32), stacked)
-    with pytest.raises(TypeError, match="takes an NF4Weight or FP8Weight, got ArrayImpl"):
+    with pytest.raises(
+        TypeError, match=r"takes an NF4Weight or FP8Weight \(or an nnx Variable holding one\), got ArrayImpl"
+    ):
         jax_side.quantized_matmul(x, jnp.ones((5, 100)))
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         jax_side.quantized_matmul(jnp.ones((3, 100), jnp.int32), crossing)
@@ -1363,7 +1368,10 @@ def test_weights_sharing_x_refuse_what_quantized_matmul_refuses():
         ValueError, match="weights\\[1\\]: x has 1024 features, the weight \\(64, 512\\) takes 512"
     ):
         jax_side.quantized_matmuls(x, [ws[0], nf4((64, 512))])
-    with pytest.raises(TypeError, match="quantized_matmuls takes an NF4Weight or FP8Weight, got ndarray"):
+    with pytest.raises(
+        TypeError,
+        match=r"quantized_matmuls takes an NF4Weight or FP8Weight \(or an nnx Variable holding one\), got ndarray",
+    ):
         jax_side.quantized_matmuls(x, [ws[0], np.zeros((4, 1024))])
     with pytest.raises(TypeError, match="x must be a floating-point array"):
         jax_side.quantized_matmuls(jnp.zeros((4, 1024), jnp.int32), ws)

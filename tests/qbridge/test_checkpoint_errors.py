@@ -466,10 +466,42 @@ def test_a_shard_the_index_no_longer_names_is_warned_about(made, tmp_path):
     (ck / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.warns(UserWarning, match=rf"does not name {re.escape(dropped)}, a shard of the same series"):
         qbridge.load_checkpoint(ck, progress=False)
-    (ck / dropped).unlink()  # gone: nothing to say
+    (number,) = re.fullmatch(r".*-(\d+)-of-\d+\.safetensors", dropped).groups()
+    unpadded = dropped.replace(f"-{number}-of-", f"-{int(number)}-of-")  # the same shard, another padding
+    (ck / dropped).rename(ck / unpadded)
+    with pytest.warns(UserWarning, match=rf"does not name {re.escape(unpadded)}, a shard of the same series"):
+        qbridge.load_checkpoint(ck, progress=False)
+    (ck / unpadded).unlink()  # gone: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         qbridge.inspect_checkpoint(ck)
+
+
+def test_a_stray_tensor_in_a_listed_file_is_named_as_unlisted_when_a_target_refuses_it(tmp_path):
+    """A tensor a listed shard holds beside the model's, that the index omits (an optimizer's leftover), is
+    loaded; against a strict target it is unused, and the error says it is not in the index."""
+    import jax_side
+
+    ck = tmp_path / "ck"
+    dense_llama(ck)
+    state = st.load_file(ck / "model.safetensors")
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():
+        extra = {"optimizer.exp_avg": torch.zeros(3)} if name.startswith("model-00001") else {}
+        st.save_file({**{k: state[k] for k in part}, **extra}, ck / name, metadata={"format": "pt"})
+    (ck / "model.safetensors").unlink()
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = jax_side.LlamaConfig.from_hf(json.loads((ck / "config.json").read_text()))
+    with (
+        pytest.warns(UserWarning, match="does not list 1 tensor"),
+        pytest.raises(
+            jax_side.MatchError,
+            match=r"'optimizer.exp_avg' in model-00001-of-00002.safetensors, are not listed",
+        ),
+    ):
+        qbridge.load_checkpoint(ck, target=jax_side.abstract_llama(config), progress=False)
 
 
 def test_a_tensor_two_listed_files_hold_that_the_index_leaves_out_is_refused(made, tmp_path):

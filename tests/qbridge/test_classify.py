@@ -278,6 +278,10 @@ def test_an_8bit_weight_in_a_layout_other_than_row_or_not_int8_is_refused_by_nam
         qbridge.CheckpointError, match=r"weight-layout tag must be one integer, got torch\.float32"
     ):
         qbridge.load_checkpoint(tmp_path / "int8")
+    tensors[f"{base}.weight_format"] = torch.tensor(False)  # bitsandbytes takes False for 0, row: so do we
+    save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
+    maybe_rearrange_weight(dict(tensors), f"{base}.", None, True, [], [], [])
+    qbridge.load_checkpoint(tmp_path / "int8")
     tensors[f"{base}.weight_format"] = torch.tensor(0, dtype=torch.uint8)  # row again: loads, as before
     save_file(tensors, tmp_path / "int8" / "model.safetensors", metadata={"format": "pt"})
     state = qbridge.dequantized_state(tmp_path / "int8")

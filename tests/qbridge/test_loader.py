@@ -193,6 +193,51 @@ def test_damaged_torchao_safetensors_name_the_file_and_tensor(tmp_path, dense_di
         qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
 
 
+def test_torchao_metadata_of_the_wrong_shape_names_its_tensor(tmp_path, dense_dir):
+    """One tensor's torchao metadata damaged (not an object, fields of the wrong types, an unknown type): the
+    error names that tensor and its file (it had raised AttributeError or TypeError, or named the first
+    tensor decoded, whichever was damaged: every tensor was rebuilt from the whole file's metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "ao"
+    torchao_llama(dense_dir, out)
+    file = out / "st" / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta, data = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.1.mlp.down_proj.weight"  # not the first decoded
+    doc = json.loads(meta[name])
+    for bad in ("null", "[1, 2]", '"Int8Tensor"', json.dumps({**doc, "_data": 5}),
+                json.dumps({**doc, "_tensor_data_names": 5})):  # fmt: skip
+        save_file(data, file, metadata={**meta, name: bad})
+        with pytest.raises(
+            qbridge.CheckpointError,
+            match=rf"model\.safetensors: torchao metadata for {re.escape(repr(name))} is not",
+        ):
+            qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
+    save_file(data, file, metadata={**meta, name: json.dumps({**doc, "_type": "Int9Tensor"})})
+    with pytest.raises(
+        qbridge.CheckpointError, match=rf"could not rebuild {re.escape(repr(name))} .*Int9Tensor"
+    ):
+        qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
+
+
+def test_tensors_named_like_torchao_pieces_in_other_checkpoints_load_as_they_are(tmp_path, dense_dir):
+    """A dense tensor named like a piece of torchao's layout (``._w_qdata``, with or without a ``._w_scale``
+    of a floating dtype) is not taken for torchao's (it had been refused as such)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(dense_dir / "model.safetensors")
+    extra = {"model.extra._w_qdata": torch.rand(4), "model.attn._k_qdata": torch.rand(3).bfloat16(),
+             "model.attn._k_scale": torch.rand(1)}  # fmt: skip
+    (tmp_path / "d").mkdir()
+    save_file({**state, **extra}, tmp_path / "d" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "d" / "config.json").write_text((dense_dir / "config.json").read_text())
+    got = qbridge.dequantized_state(tmp_path / "d")
+    for key, value in extra.items():
+        assert torch.equal(got[key], value)
+
+
 def test_dense_safetensors_and_torch_files(tmp_path, dense_dir):
     transformers = pytest.importorskip("transformers")
     reference = transformers.LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16).eval()
