@@ -1572,9 +1572,7 @@ def _classify(ckpt: Checkpoint) -> None:
     for key in sorted(set(src.shapes) - taken):
         shape, kdtype = src.shapes[key]
         base, _, leaf = key.rpartition(".")
-        if (
-            leaf == "SCB" and f"{base}.weight" in src.shapes
-        ):  # an 8-bit weight's row scales; its weight not int8
+        if leaf == "SCB" and f"{base}.weight" in src.shapes:  # row scales beside a weight not stored as int8
             raise CheckpointError(
                 f"{ckpt.where(key)}: the row scales of a bitsandbytes 8-bit weight, but its weight {base}.weight "
                 f"is stored as {src.shapes[f'{base}.weight'][1]}, not int8 (the checkpoint is damaged)"

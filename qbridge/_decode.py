@@ -150,9 +150,8 @@ def _check_bnb8_format(ckpt: Checkpoint, entry: Entry) -> None:
     if key not in ckpt.source.shapes:
         return
     tag = ckpt.read(key)
-    if (
-        tag.numel() != 1 or tag.dtype.is_floating_point or tag.dtype.is_complex
-    ):  # (a bool: as bitsandbytes, 0/1)
+    integral = not (tag.dtype.is_floating_point or tag.dtype.is_complex)  # a bool too: 0/1, as bitsandbytes
+    if tag.numel() != 1 or not integral:
         raise CheckpointError(
             f"{ckpt.where(key)}: a bitsandbytes 8-bit weight-layout tag must be one integer, got "
             f"{tag.dtype} of shape {list(tag.shape)} (the checkpoint is damaged)"
