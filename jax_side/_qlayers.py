@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ._casts import cast_exactly
-from ._fused import quantized_matmul, quantized_matmuls
+from ._fused import _held, quantized_matmul, quantized_matmuls
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
 from ._tree import dotted, warn_at_caller
@@ -179,8 +179,8 @@ def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]
     if not modules:
         raise ValueError("fused_linears takes at least one module")
     for i, m in enumerate(modules):
-        get = getattr(m, "get_value", None)  # an nnx Variable (a kept layer's .weight) is callable
-        held = is_quantized(m) or (callable(get) and is_quantized(get()))
+        # a weight, or an nnx Variable holding one (a kept layer's .weight, which is callable)
+        held = is_quantized(_held(m))
         if held or not callable(m):
             hint = " (kept weights themselves: jax_side.quantized_matmuls)" if held else ""
             raise TypeError(f"fused_linears takes modules; modules[{i}] is a {type(m).__name__}{hint}")
