@@ -160,6 +160,12 @@ class _Source:
         self.key_file: dict[str, pathlib.Path] = {}
         # tensors an index-named file holds that the index does not list (loaded all the same): key -> file
         self.unlisted: dict[str, pathlib.Path] = {}
+        # tensors the index lists in a file that does not hold them: key -> that file (see adopt_misplaced);
+        # and what each file of an index holds (safetensors: its keys; torch: its state dict)
+        self.misplaced: dict[str, pathlib.Path] = {}
+        self._stored: dict[pathlib.Path, Any] = {}
+        # tensors adopt_misplaced found in another file: key -> (the file the index names, the file holding it)
+        self.moved: dict[str, tuple[pathlib.Path, pathlib.Path]] = {}
         self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.metadata: dict[pathlib.Path, dict[str, str]] = {}
         self._open: dict[pathlib.Path, Any] = {}
@@ -236,10 +242,13 @@ class _Source:
         if keys is not None:
             extra = [key for key in stored if key not in listed]
             self.unlisted.update(dict.fromkeys(extra, path))
+            self._stored[path] = available
+            missing = [key for key in keys if key not in available]
+            if missing:  # perhaps in another listed file, as transformers would load it: adopt_misplaced
+                self.misplaced.update(dict.fromkeys(missing, path))
+                keys = [key for key in keys if key in available]
             keys = keys + extra
         for key in stored if keys is None else keys:
-            if key not in available:
-                raise CheckpointError(f"{path}: the index lists {key!r}, which this file does not hold")
             if key in self.key_file:
                 raise CheckpointError(
                     f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
@@ -250,6 +259,38 @@ class _Source:
                     )
                 )
         return stored if keys is None else keys
+
+    def adopt_misplaced(self) -> None:
+        """Once every file of an index is added: each tensor the index lists in a file that does not hold it
+        is taken from the one other listed file that does (recorded in ``moved``), as transformers, which
+        loads every tensor of each listed file, would load it.
+
+        Raises:
+            CheckpointError: no listed file holds it, or several do (naming them).
+        """
+        for key, named in self.misplaced.items():
+            holders = [path for path, held in self._stored.items() if path != named and key in held]
+            if not holders:
+                raise CheckpointError(
+                    f"{named}: the index lists {key!r}, which this file does not hold, nor does any other file "
+                    "the index names; the checkpoint is incomplete (download or save it again)"
+                )
+            if len(holders) > 1:
+                raise CheckpointError(
+                    f"{named}: the index lists {key!r}, which this file does not hold, while "
+                    f"{' and '.join(map(str, holders))} each hold it; which one is the model's is not known"
+                )
+            (holder,) = holders
+            if holder in self._open:
+                sl = self._open[holder].get_slice(key)
+                self.shapes[key] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), holder, key))
+            else:
+                value = self._stored[holder][key]
+                self._state = {**(self._state or {}), key: value}
+                self.shapes[key] = (tuple(value.shape), value.dtype)
+            self.key_file[key] = holder
+            self.moved[key] = (named, holder)
+        self._stored.clear()
 
     def add_torch(
         self, path: pathlib.Path, keys: list[str] | None = None, listed: Container[str] = ()
@@ -284,6 +325,8 @@ class _Source:
         if keys is not None:  # what the index leaves out is taken where it is a tensor (not a step count)
             state = {k: v for k, v in state.items() if k in listed or isinstance(v, torch.Tensor)}
         state = {key: state[key] for key in self._selected(path, list(state), state, keys, listed)}
+        if keys is not None:
+            self._stored[path] = {k: v for k, v in self._stored[path].items() if isinstance(v, torch.Tensor)}
         for key, value in state.items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(
@@ -1479,9 +1522,20 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 source.add_safetensors(f, None if keys_of is None else keys_of[f], listed)
             else:
                 source.add_torch(f, None if keys_of is None else keys_of[f], listed)
+        source.adopt_misplaced()
     except BaseException:
         source.close()  # the files opened before the one refused
         raise
+    if source.moved:
+        some = list(source.moved.items())[:3]
+        warnings.warn(
+            f"{index}: lists {len(source.moved)} tensor(s) in a file that does not hold them ("
+            + ", ".join(f"{key} in {named.name}, held by {holder.name}" for key, (named, holder) in some)
+            + (", ..." if len(source.moved) > 3 else "")
+            + "); they are loaded from the file that holds them, as transformers loads every tensor of a listed "
+            "file. Correct the index to silence this warning.",
+            stacklevel=3,
+        )
     if source.unlisted:
         some = list(source.unlisted.items())[:3]
         warnings.warn(

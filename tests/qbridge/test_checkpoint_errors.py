@@ -520,6 +520,44 @@ def test_a_tensor_two_listed_files_hold_that_the_index_leaves_out_is_refused(mad
         qbridge.load_checkpoint(ck, progress=False)
 
 
+def test_a_tensor_the_index_lists_in_the_wrong_file_is_loaded_from_its_holder_with_a_warning(made, tmp_path):
+    """The index names a file for an absmax and a norm that another listed file holds: transformers loads
+    them (it reads every tensor of each listed file), and so does qbridge, with a warning naming both
+    files; the result is the whole checkpoint's. It had been refused without naming the holder."""
+    want = qbridge.load_checkpoint(made / "sharded", progress=False)
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    moved = [next(k for k in index["weight_map"] if k.endswith(end)) for end in ("down_proj.weight.absmax",
+                                                                                   "input_layernorm.weight")]  # fmt: skip
+    holders = [index["weight_map"][k] for k in moved]
+    for k, holder in zip(moved, holders):
+        index["weight_map"][k] = next(f for f in files if f != holder)
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="lists 2 tensor.*in a file that does not hold them") as caught:
+        got = qbridge.load_checkpoint(ck, progress=False)
+    (said,) = [str(w.message) for w in caught if "does not hold them" in str(w.message)]
+    for k, holder in zip(moved, holders):
+        assert f"{k} in {index['weight_map'][k]}, held by {holder}" in said
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_same_bits(np.asarray(a), np.asarray(b))
+    # held by two other listed files: which one is the model's is not known
+    other = next(f for f in files if f not in (holders[1], index["weight_map"][moved[1]]))
+    value = st.load_file(ck / holders[1])[moved[1]]
+    _rewrite(ck / other, lambda s: s.update({moved[1]: value}))
+    with pytest.raises(CheckpointError, match=rf"lists {moved[1]!r}, which this file does not hold, while .* and "
+                                              r".* each hold it"):  # fmt: skip
+        qbridge.load_checkpoint(ck, progress=False)
+    # held by no listed file
+    for f in (holders[1], other):
+        _rewrite(ck / f, lambda s: s.pop(moved[1]))
+    with pytest.raises(
+        CheckpointError, match=rf"lists {moved[1]!r}, which this file does not hold, nor does any"
+    ):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
 def test_a_piece_in_a_file_the_index_never_names_is_named_with_that_file(made, tmp_path):
     """A scale moved into a safetensors file that model.safetensors.index.json does not name at all (so it is
     never opened): the error says which file holds it."""

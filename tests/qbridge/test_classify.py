@@ -783,9 +783,24 @@ def test_a_torch_index_selects_keys_as_a_safetensors_index_does(tmp_path):
         json.dumps({"weight_map": {"a.weight": "pytorch_model-1.bin", "gone.weight": "pytorch_model-2.bin"}})
     )
     with pytest.raises(
-        CheckpointError, match=r"pytorch_model-2.bin: the index lists 'gone.weight', which this file"
+        CheckpointError,
+        match=r"pytorch_model-2.bin: the index lists 'gone.weight', which this file does not hold, nor does any",
     ):
         qbridge.inspect_checkpoint(path)
+    # listed in the wrong file: loaded from the file that holds it, as transformers does
+    a = torch.randn(2, 3)
+    torch.save({"a.weight": a, "extra.weight": torch.ones(3, 3)}, path / "pytorch_model-1.bin")
+    index.write_text(
+        json.dumps({"weight_map": {"a.weight": "pytorch_model-2.bin", "b.weight": "pytorch_model-1.bin"}})
+    )  # swapped
+    with pytest.warns(
+        UserWarning,
+        match=r"lists 2 tensor.*b\.weight in pytorch_model-1\.bin, held by pytorch_model-2\.bin, a\.weight in "
+        r"pytorch_model-2\.bin, held by pytorch_model-1\.bin",
+    ):
+        loaded = qbridge.load_checkpoint(index, device="cpu", progress=False)["params"]
+    assert set(loaded) == {"a", "b", "extra"}
+    assert np.array_equal(np.asarray(loaded["a"]["kernel"]), a.T.numpy())
 
 
 def test_a_link_out_of_the_checkpoint_is_refused(tmp_path):
