@@ -1537,10 +1537,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             stacklevel=3,
         )
     if source.unlisted:
-        some = list(source.unlisted.items())[:3]
+        unlisted = list(source.unlisted.items())[:3]
         warnings.warn(
             f"{index or path}: the index does not list {len(source.unlisted)} tensor(s) that the files it names hold ("
-            + ", ".join(f"{key} in {f.name}" for key, f in some)
+            + ", ".join(f"{key} in {f.name}" for key, f in unlisted)
             + (", ..." if len(source.unlisted) > 3 else "")
             + "); they are loaded from those files, as transformers loads every tensor of a listed file. "
             "Add them to the index to silence this warning.",
