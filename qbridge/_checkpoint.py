@@ -193,8 +193,9 @@ class _Source:
     def add_safetensors(
         self, path: pathlib.Path, keys: list[str] | None = None, listed: Container[str] = ()
     ) -> None:
-        """Adds a safetensors file, opened lazily; ``keys``: an index's entries for it, each required (and
-        the tensors it holds that the index, listing ``listed``, names nowhere)."""
+        """Adds a safetensors file, opened lazily; ``keys``: an index's entries for it (those it does not hold
+        are left to :meth:`adopt_misplaced`), and the tensors it holds that the index, listing ``listed``,
+        names nowhere."""
         from safetensors import safe_open
 
         try:
@@ -235,10 +236,10 @@ class _Source:
         keys: list[str] | None,
         listed: Container[str] = (),
     ) -> list[str]:
-        """The keys of ``path`` to add: all it stores; or an index's ``keys`` for it, each of which it must
-        hold, and those it stores that the index (``listed``: every key it maps to a file) does not list,
-        as transformers loads a shard file whole (recorded in ``unlisted`` for a warning). None may be held
-        by a file added before."""
+        """The keys of ``path`` to add: all it stores; or those of an index's ``keys`` for it that it holds
+        (the others recorded in ``misplaced`` for :meth:`adopt_misplaced`), and those it stores that the index
+        (``listed``: every key it maps to a file) does not list, as transformers loads a shard file whole
+        (recorded in ``unlisted`` for a warning). None may be held by a file added before."""
         if keys is not None:
             extra = [key for key in stored if key not in listed]
             self.unlisted.update(dict.fromkeys(extra, path))
@@ -296,8 +297,8 @@ class _Source:
         self, path: pathlib.Path, keys: list[str] | None = None, listed: Container[str] = ()
     ) -> None:
         """Adds a torch state-dict file (loaded mapped, ``weights_only``); ``keys``: an index's entries for
-        this file, each required (and the tensors it holds that the index, listing ``listed``, names
-        nowhere)."""
+        this file (those it does not hold are left to :meth:`adopt_misplaced`), and the tensors it holds that
+        the index, listing ``listed``, names nowhere."""
         if not path.exists():
             raise CheckpointError(f"{path}: file missing")
         if path.is_dir():
