@@ -166,6 +166,9 @@ class _Source:
         self._stored: dict[pathlib.Path, Any] = {}
         # tensors adopt_misplaced found in another file: key -> (the file the index names, the file holding it)
         self.moved: dict[str, tuple[pathlib.Path, pathlib.Path]] = {}
+        # tensors an index-named file holds that the index lists in another file: key -> those files (see
+        # adopt_misplaced: the same bits are a harmless copy, other bits are refused)
+        self.also_held: dict[str, list[pathlib.Path]] = {}
         self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.metadata: dict[pathlib.Path, dict[str, str]] = {}
         self._open: dict[pathlib.Path, Any] = {}
@@ -244,6 +247,10 @@ class _Source:
             extra = [key for key in stored if key not in listed]
             self.unlisted.update(dict.fromkeys(extra, path))
             self._stored[path] = available
+            own = set(keys)
+            for key in stored:
+                if key in listed and key not in own:
+                    self.also_held.setdefault(key, []).append(path)
             missing = [key for key in keys if key not in available]
             if missing:  # perhaps in another listed file, as transformers would load it: adopt_misplaced
                 self.misplaced.update(dict.fromkeys(missing, path))
@@ -264,11 +271,26 @@ class _Source:
     def adopt_misplaced(self) -> None:
         """Once every file of an index is added: each tensor the index lists in a file that does not hold it
         is taken from the one other listed file that does (recorded in ``moved``), as transformers, which
-        loads every tensor of each listed file, would load it.
+        loads every tensor of each listed file, would load it; a tensor that the named file and another
+        listed file both hold is loaded when both copies have the same bits.
 
         Raises:
-            CheckpointError: no listed file holds it, or several do (naming them).
+            CheckpointError: no listed file holds a misplaced tensor, or several do (naming them); two listed
+                files hold different copies of a tensor (naming both: transformers would load the later
+                file's, the index names the other, and which one is the model's is not known).
         """
+        for key, others in self.also_held.items():
+            named = self.key_file.get(key)
+            if named is None:  # not in the file the index names: a misplaced tensor, below
+                continue
+            for other in others:
+                if not self._same_bits(key, named, other):
+                    raise CheckpointError(
+                        f"{other}: holds {key!r} too, with other values than {named}, the file the index lists "
+                        "it in; which copy is the model's is not known (transformers would load the later "
+                        "file's): remove the stale copy or correct the index"
+                    )
+        self.also_held.clear()
         for key, named in self.misplaced.items():
             holders = [path for path, held in self._stored.items() if path != named and key in held]
             if not holders:
@@ -292,6 +314,27 @@ class _Source:
             self.key_file[key] = holder
             self.moved[key] = (named, holder)
         self._stored.clear()
+
+    def _same_bits(self, key: str, a: pathlib.Path, b: pathlib.Path) -> bool:
+        """Whether files ``a`` and ``b`` (both added, of an index) store ``key`` with the same dtype, shape
+        and bytes (a tensor subclass is compared by its plain parts where it has them; else, not the same)."""
+
+        def stored(path: pathlib.Path) -> Any:
+            if path in self._open:
+                return self._open[path].get_tensor(key)
+            return self._stored[path][key]
+
+        x, y = stored(a), stored(b)
+        if type(x) is not type(y) or x.dtype != y.dtype or tuple(x.shape) != tuple(y.shape):
+            return False
+        try:
+            return bool(
+                torch.equal(
+                    x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)
+                )
+            )
+        except Exception:  # a tensor subclass without a byte view: not known to be the same
+            return False
 
     def add_torch(
         self, path: pathlib.Path, keys: list[str] | None = None, listed: Container[str] = ()
@@ -1361,18 +1404,26 @@ def _find_files(
         raise CheckpointError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt, .pth, .index.json)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
+    # transformers' order: model.safetensors, its index, pytorch_model.bin, ... (a single file's name: other
+    # files beside it, adapters ..., are not the model; an index beside it is not read, with a warning)
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files, keys = _read_index(inside(path, index, str(index)))
-        return files, keys, "safetensors", index
     for single, container in (
         (path / "model.safetensors", "safetensors"),
+        (index, "safetensors"),
         (path / "pytorch_model.bin", "torch"),
     ):
-        if (
-            single.exists()
-        ):  # transformers' single-file name: other files beside it (adapters ...) are not the model
-            return [inside(path, single, str(single))], None, container, None
+        if not single.exists():
+            continue
+        if single == index:
+            files, keys = _read_index(inside(path, index, str(index)))
+            return files, keys, "safetensors", index
+        for stale in (index, path / "pytorch_model.bin.index.json"):
+            if stale.exists() and stale.name.startswith(single.name):
+                warn_at_caller(
+                    f"{path}: reading {single.name}; {stale.name} beside it is not read (the single file is "
+                    "the checkpoint, as transformers reads a folder): remove whichever is stale"
+                )
+        return [inside(path, single, str(single))], None, container, None
     files = [
         inside(path, f, str(f)) for f in sorted(path.glob("*.safetensors")) if not not_model_file(f.name)
     ]

@@ -558,6 +558,90 @@ def test_a_tensor_the_index_lists_in_the_wrong_file_is_loaded_from_its_holder_wi
         qbridge.load_checkpoint(ck, progress=False)
 
 
+def test_a_tensor_two_listed_files_hold_loads_when_the_copies_match_and_is_refused_when_they_differ(
+    made, tmp_path
+):
+    """A listed norm and absmax that another listed file holds as well: the same bits load as the intact
+    checkpoint; other bits (a stale copy) are refused naming both files. The index's copy had been loaded
+    silently, where transformers loads the later file's."""
+    want = qbridge.load_checkpoint(made / "sharded", progress=False)
+    ck = _copy(made, "sharded", tmp_path)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    copied = [next(k for k in index["weight_map"] if k.endswith(end)) for end in ("down_proj.weight.absmax",
+                                                                                   "input_layernorm.weight")]  # fmt: skip
+    for key in copied:
+        home = index["weight_map"][key]
+        value = st.load_file(ck / home)[key]
+        for other in (f for f in files if f != home):  # before and after the home file
+            _rewrite(ck / other, lambda s, key=key, value=value: s.update({key: value.clone()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a copy with the same bits is no cause for a warning
+        got = qbridge.load_checkpoint(ck, progress=False)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_same_bits(np.asarray(a), np.asarray(b))
+    for key in copied:
+        home = index["weight_map"][key]
+        stale = next(f for f in files if f != home)
+        for changed in (
+            lambda v: v + 1,
+            lambda v: v.to(torch.float32),
+            lambda v: v[:-1],
+        ):  # bits, dtype, shape
+            _rewrite(ck / stale, lambda s, key=key, changed=changed: s.update({key: changed(s[key])}))
+            with pytest.raises(
+                CheckpointError,
+                match=rf"{re.escape(stale)}: holds {key!r} too, with other values than .*{re.escape(home)}, the "
+                r"file the index lists it in",
+            ):
+                qbridge.load_checkpoint(ck, progress=False)
+            _rewrite(ck / stale, lambda s, key=key, home=home: s.update({key: st.load_file(ck / home)[key]}))
+
+
+def test_model_safetensors_beside_an_index_is_read_as_transformers_reads_it(made, tmp_path):
+    """A folder holding model.safetensors and a stale model.safetensors.index.json with its shards:
+    transformers reads model.safetensors, and so does qbridge, warning that the index is not read (it had
+    read the index's shards); likewise pytorch_model.bin beside pytorch_model.bin.index.json."""
+    transformers = pytest.importorskip("transformers")
+    ck = _copy(made, "dense", tmp_path)
+    state = st.load_file(ck / "model.safetensors")
+    keys = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in halves.items():  # the stale shards: the old values
+        st.save_file({k: state[k] for k in part}, ck / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    new = {k: v * 2 for k, v in state.items()}
+    st.save_file(new, ck / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(
+        UserWarning, match=r"reading model.safetensors; model.safetensors.index.json beside it is not read"
+    ):
+        got = qbridge.dequantized_state(ck, device="cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ck, device_map="cpu").state_dict()
+    for k, v in new.items():
+        assert torch.equal(got[k], v), k
+        assert torch.equal(theirs[k], v), k  # what transformers reads, so that the test shows the same choice
+    (ck / "model.safetensors").unlink()  # the index alone: its shards, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = qbridge.dequantized_state(ck, device="cpu")
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    for f in ck.glob("*.safetensors*"):
+        f.unlink()
+    torch.save(new, ck / "pytorch_model.bin")
+    for name, part in halves.items():
+        torch.save({k: state[k] for k in part}, ck / name.replace(".safetensors", ".bin"))
+    (ck / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: v.replace(".safetensors", ".bin") for k, v in weight_map.items()}})
+    )
+    with pytest.warns(
+        UserWarning, match=r"reading pytorch_model.bin; pytorch_model.bin.index.json beside it is not read"
+    ):
+        got = qbridge.dequantized_state(ck, device="cpu")
+    assert all(torch.equal(got[k], v) for k, v in new.items())
+
+
 def test_a_piece_in_a_file_the_index_never_names_is_named_with_that_file(made, tmp_path):
     """A scale moved into a safetensors file that model.safetensors.index.json does not name at all (so it is
     never opened): the error says which file holds it."""
@@ -683,6 +767,8 @@ def test_header_keys_never_waits_and_reads_only_regular_safetensors_files(tmp_pa
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
 def test_a_pipe_for_the_config_or_the_index_is_refused_at_once(tmp_path, name):
     ck = _fp8_missing_scale(tmp_path / "ck")
+    if name.endswith(".index.json"):  # beside model.safetensors an index is not read
+        (ck / "model.safetensors").rename(ck / "model-00001-of-00001.safetensors")
     (ck / name).unlink(missing_ok=True)
     os.mkfifo(ck / name)
     with pytest.raises(CheckpointError, match=rf"{name}: .*not a regular file"):
