@@ -30,7 +30,9 @@ def add_lora(model: Any, config: LoraConfig, *, rngs: Any = None, dtype: Any = j
     Raises:
         ValueError: nothing matched ``config.target_modules``.
         TypeError: ``config`` is no :class:`LoraConfig`; a matched layer is a dense ``nnx.Linear``: adapters
-            attach to kept-quantized layers (load with ``keep_quantized=True``).
+            attach to kept-quantized layers (load with ``keep_quantized=True``); a matched layer is an
+            embedding table (``embed_tokens``), which PEFT adapts with embedding adapters that are not made
+            here.
     """
     nnx = _nnx()
     rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -52,6 +54,12 @@ def lora_targets(model: Any, config: LoraConfig) -> dict[str, Any]:
         )
     quant_linear = _classes()["QuantLinear"]
     layers = [(".".join(str(p) for p in path), node) for path, node in nnx.iter_graph(model)]
+    embeddings = (nnx.Embed, _classes()["QuantEmbed"])
+    for name, node in layers:
+        if isinstance(node, embeddings) and config.matches(name) and config.target_modules != ALL_LINEAR:
+            raise TypeError(f"{name} is an embedding table: LoRA adapters here attach to Linear layers only (PEFT's "
+                            "lora_embedding_A/B are not made here, and a saved adapter config naming it would promise "
+                            "them); leave it out of target_modules")  # fmt: skip
     for name, node in layers:
         if isinstance(node, nnx.Linear) and config.matches(name) and config.target_modules != ALL_LINEAR:
             raise TypeError(f"{name} is a dense nnx.Linear: LoRA adapters here attach to kept-quantized layers only. "

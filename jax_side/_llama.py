@@ -160,6 +160,25 @@ def _rotary(positions: jax.Array, c: LlamaConfig) -> tuple[jax.Array, jax.Array]
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def _explicit(x: jax.Array) -> Any:
+    """``x``'s sharding where a mesh with Explicit axes shards it (JAX then asks for the result's sharding of
+    some operations), else None."""
+    sharding = jax.typeof(x).sharding
+    return sharding if any(axis is not None for axis in getattr(sharding, "spec", ())) else None
+
+
+def _repeat_heads(x: jax.Array, groups: int, *, like: jax.Array) -> jax.Array:
+    """``(batch, kv_heads, seq, head_size)`` -> ``(batch, kv_heads * groups, seq, head_size)``, each key/value
+    head repeated ``groups`` times in place (transformers' ``repeat_kv``). Under a mesh with Explicit axes the
+    result is sharded as ``like`` (the queries, of that shape), so that the attention's products line up
+    whichever projections the user sharded; elsewhere XLA places it."""
+    if groups > 1:
+        x = jnp.repeat(x, groups, axis=1, out_sharding=_explicit(x))
+    if _explicit(x) is not None or _explicit(like) is not None:
+        x = jax.sharding.reshard(x, jax.typeof(like).sharding)
+    return x
+
+
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -200,7 +219,7 @@ def _make_modules():
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             groups = c.num_attention_heads // c.kv_heads
-            k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+            k, v = _repeat_heads(k, groups, like=q), _repeat_heads(v, groups, like=q)
             scores = (q @ k.transpose(0, 1, 3, 2)) * (c.head_size**-0.5)
             causal = jnp.tril(jnp.ones((s, s), dtype=bool))
             scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)

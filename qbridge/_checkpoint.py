@@ -32,7 +32,7 @@ import re
 import stat
 import threading
 import warnings
-from collections.abc import Callable, Collection, Container, Iterator, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import torch
@@ -268,14 +268,18 @@ class _Source:
                 )
         return stored if keys is None else keys
 
-    def adopt_misplaced(self) -> None:
+    def adopt_misplaced(self, beside: Callable[[], Iterable[tuple[pathlib.Path, set[str]]]] = tuple) -> None:
         """Once every file of an index is added: each tensor the index lists in a file that does not hold it
         is taken from the one other listed file that does (recorded in ``moved``), as transformers, which
         loads every tensor of each listed file, would load it; a tensor that the named file and another
         listed file both hold is loaded when both copies have the same bits.
 
+        ``beside``: the files beside the index that it never names, with their keys (searched, for the message,
+        for a misplaced tensor that no listed file holds).
+
         Raises:
-            CheckpointError: no listed file holds a misplaced tensor, or several do (naming them); two listed
+            CheckpointError: no listed file holds a misplaced tensor (naming a file beside that holds it), or
+                several do (naming them); two listed
                 files hold different copies of a tensor (naming both: transformers would load the later
                 file's, the index names the other, and which one is the model's is not known).
         """
@@ -294,9 +298,16 @@ class _Source:
         for key, named in self.misplaced.items():
             holders = [path for path, held in self._stored.items() if path != named and key in held]
             if not holders:
+                there = next((path for path, held in beside() if key in held), None)
                 raise CheckpointError(
                     f"{named}: the index lists {key!r}, which this file does not hold, nor does any other file "
-                    "the index names; the checkpoint is incomplete (download or save it again)"
+                    "the index names; "
+                    + (
+                        f"{there} holds it, but the index never names that file: list {key!r} under it in the "
+                        "index (transformers does not read that file either)"
+                        if there is not None
+                        else "the checkpoint is incomplete (download or save it again)"
+                    )
                 )
             if len(holders) > 1:
                 raise CheckpointError(
@@ -1193,25 +1204,12 @@ class Checkpoint:
 
     def _every_file(self) -> Iterator[tuple[pathlib.Path, set[str]]]:
         """Each safetensors file opened, then, where a safetensors index chose the files, each other regular
-        safetensors file in the index's directory that it never names (for messages: its header is read
-        here; links out of the directory and files beside the model, such as adapters, are passed over),
-        with the keys it holds."""
+        safetensors file in the index's directory that it never names (:func:`_files_beside`), with the keys
+        it holds."""
         for path, handle in self.source._open.items():
             yield path, set(handle.keys())
-        if self.index is None:
-            return
-        root = self.index.parent
-        opened = {p.resolve() for p in self.source._open}
-        for path in sorted(root.glob("*.safetensors")):
-            try:
-                real = inside(root, path, str(path)).resolve()
-            except CheckpointError:  # a link out of the directory or in a loop
-                continue
-            if real in opened or not_model_file(path.name) or not_model_file(real.name):
-                continue
-            keys = _header_keys(real)
-            if keys is not None:
-                yield path, keys
+        if self.index is not None:
+            yield from _files_beside(self.index, self.source._open)
 
     def classify(self, *, ask_model: bool = False) -> Classification:
         """Classifies the tensors (see ``qbridge._classify``): which are no parameters, which torch module
@@ -1321,6 +1319,26 @@ def _read_header(f: BinaryIO, limit: int | None = None) -> tuple[int, dict[str, 
     if not isinstance(header, dict):
         raise ValueError("a safetensors header is a JSON object")
     return size, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _files_beside(
+    index: pathlib.Path, opened: Iterable[pathlib.Path]
+) -> Iterator[tuple[pathlib.Path, set[str]]]:
+    """Each regular safetensors file in ``index``'s directory but the ``opened`` ones, with the keys it holds
+    (for messages: its header is read here; links out of the directory and files beside the model, such as
+    adapters, are passed over)."""
+    root = index.parent
+    seen = {p.resolve() for p in opened}
+    for path in sorted(root.glob("*.safetensors")):
+        try:
+            real = inside(root, path, str(path)).resolve()
+        except CheckpointError:  # a link out of the directory or in a loop
+            continue
+        if real in seen or not_model_file(path.name) or not_model_file(real.name):
+            continue
+        keys = _header_keys(real)
+        if keys is not None:
+            yield path, keys
 
 
 def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | None:
@@ -1574,7 +1592,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 source.add_safetensors(f, None if keys_of is None else keys_of[f], listed)
             else:
                 source.add_torch(f, None if keys_of is None else keys_of[f], listed)
-        source.adopt_misplaced()
+        source.adopt_misplaced(
+            (lambda: _files_beside(index, source._open))
+            if index is not None and container == "safetensors"
+            else tuple
+        )
     except BaseException:
         source.close()  # the files opened before the one refused
         raise

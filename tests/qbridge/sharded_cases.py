@@ -155,6 +155,46 @@ def test_flax_model_under_jit_with_shardings(made):
     assert_parity(outputs[0], outputs[1])
 
 
+def test_the_model_runs_on_a_mesh_with_explicit_axes(made):
+    """The built-in Llama (grouped key/value heads) under a mesh whose axes are Explicit (JAX's sharding in
+    types): dense projections sharded by column, and kept ones with a sharded LoRA B on the key/value
+    projections only, give the unsharded model's logits. Repeating the key/value heads had failed (JAX asked
+    for ``out_sharding``), and sharded keys against unsharded queries failed their product."""
+    config, _ = _target(made)
+    assert config.num_attention_heads > config.kv_heads
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    ids = jnp.asarray(IDS)
+    rng = np.random.default_rng(0)
+    for case in ("dense", "kept + LoRA"):
+        model = jax_side.llama_for_causal_lm(config)
+        if case == "dense":
+            nnx.update(model, qbridge.load_checkpoint(made / "nf4", target=model, progress=False))
+        else:
+            kept = qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False)
+            jax_side.load_quantized_into_nnx(model, kept)
+            jax_side.add_lora(
+                model, jax_side.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"])
+            )
+        graph, state = nnx.split(model)
+
+        def place(path, x, case=case):
+            name = jax.tree_util.keystr(path)
+            if "lora_B" in name:  # PEFT starts B at zero: random values, so that the adapter counts
+                x = jnp.asarray(rng.standard_normal(x.shape) * 0.1, x.dtype)
+            sharded = "lora_B" in name if case != "dense" else "proj']['kernel" in name
+            return x, jax.device_put(x, NamedSharding(mesh, P(None, "model") if sharded else P()))
+
+        pairs = jax.tree_util.tree_map_with_path(place, state)
+        whole = jax.tree.map(lambda p: p[0], pairs, is_leaf=lambda p: isinstance(p, tuple))
+        placed = jax.tree.map(lambda p: p[1], pairs, is_leaf=lambda p: isinstance(p, tuple))
+        want = np.asarray(nnx.merge(graph, whole)(ids))
+        with jax.set_mesh(mesh):
+            run = jax.jit(lambda s, x, graph=graph: nnx.merge(graph, s)(x), static_argnames="graph")
+            got = run(placed, jax.device_put(ids, NamedSharding(mesh, P())))
+        assert len(got.sharding.device_set) == 8, case
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=case)
+
+
 def test_bad_sharding_spec(made):
     with pytest.raises(TypeError, match="sharding must be a callable"):
         qbridge.load_checkpoint(made / "nf4", progress=False, sharding=["x"])

@@ -167,6 +167,14 @@ def test_adapters_start_as_peft_starts_them(made):
     )  # B = 0: the base model
     with pytest.raises(TypeError, match=r"lm_head is a dense nnx.Linear"):
         jax_side.add_lora(model, jax_side.LoraConfig(target_modules=["lm_head"]))
+    # PEFT adapts embed_tokens with embedding adapters, which are not made here: refused, nothing added (it
+    # had been passed over in silence, and a saved adapter config still named it)
+    remove_all = jax_side.remove_lora(model)
+    for targets in (["q_proj", "embed_tokens"], r".*(q_proj|embed_tokens)"):
+        with pytest.raises(TypeError, match=r"model.embed_tokens is an embedding table.*leave it out"):
+            jax_side.add_lora(model, jax_side.LoraConfig(target_modules=targets))
+        assert jax_side.lora_layers(model) == {}
+    assert len(remove_all) == 14
 
 
 def test_only_the_adapters_train(made):
@@ -363,6 +371,7 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
         (["foo_proj"], r"adapter_config.json: no kept-quantized Linear matches target_modules=\('foo_proj',\)"),
         (None, r"adapter_config.json: no kept-quantized Linear matches"),
         (["lm_head"], r"adapter_config.json: lm_head is a dense nnx.Linear.*bitsandbytes leaves lm_head dense"),
+        (["q_proj", "embed_tokens"], r"adapter_config.json: model.embed_tokens is an embedding table"),
         (["v_proj"], r"adapters for layers adapter_config.json's target_modules=\('v_proj',\) does not name: "
                      r"\['base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"),
         ("(q_proj", r"adapter_config.json: target_modules '\(q_proj' is one string, used as a regular expression"
@@ -379,17 +388,24 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
 
 
 def test_an_adapter_on_an_embedding_is_refused_as_not_linear(made, tmp_path):
-    """PEFT's LoRA on embed_tokens (lora_embedding_A/B): the error says the layer is not linear, where it
-    said the model lacked a layer it has."""
+    """PEFT's LoRA on embed_tokens (lora_embedding_A/B): the error says the layer is an embedding table (its
+    config names it) or not linear (its weights alone hold it), where it said the model lacked a layer it has."""
     torch_model = peft.get_peft_model(
         _torch_4bit(made), peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"])
     )
     torch_model.save_pretrained(tmp_path / "peft")
-    model = _kept(made)
-    with pytest.raises(qbridge.CheckpointError, match=r"not linear: \['model.embed_tokens \(Embed\)'\]") as e:
-        qbridge.load_peft_adapter(model, tmp_path / "peft")
-    assert "lacks" not in str(e.value)
-    assert jax_side.lora_layers(model) == {}
+    config = tmp_path / "peft" / "adapter_config.json"
+    for targets, says in (
+        (None, r"adapter_config.json: model.embed_tokens is an embedding table"),
+        (["q_proj"], r"not linear: \['model.embed_tokens \(Embed\)'\]"),
+    ):
+        if targets is not None:
+            config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": targets}))
+        model = _kept(made)
+        with pytest.raises(qbridge.CheckpointError, match=says) as e:
+            qbridge.load_peft_adapter(model, tmp_path / "peft")
+        assert "lacks" not in str(e.value)
+        assert jax_side.lora_layers(model) == {}
 
 
 def test_dropout_is_on_while_training_only(made):
