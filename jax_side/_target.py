@@ -127,6 +127,21 @@ def _module_type(node: Any) -> str:
 def _from_nnx_module(module: Any) -> Target:
     from flax import nnx
 
+    kept = [
+        (".".join(map(str, path)), type(node).__name__)
+        for path, node in nnx.iter_graph(module)
+        if type(node).__name__ in ("QuantLinear", "QuantEmbed")
+        and type(node).__module__.startswith("jax_side")
+    ]
+    if kept:
+        raise TypeError(
+            f"target: {kept[0][0]} is a {kept[0][1]}"
+            + (f" (and {len(kept) - 1} more layers)" if len(kept) > 1 else "")
+            + ", a kept-quantized layer that jax_side.load_quantized_into_nnx put in; a target describes the "
+            "model's dense layout (Linear kernels, Embed tables): pass a model built afresh, or its abstract "
+            "form (jax_side.abstract_llama(config) for the built-in Llama), and put the result into a fresh "
+            "model"
+        )
     types = {
         tuple(path): _module_type(node)
         for path, node in nnx.iter_graph(module)
@@ -137,7 +152,13 @@ def _from_nnx_module(module: Any) -> Target:
 
 def as_target(target: Any) -> Target:
     """Reads a linen params or variables dict (arrays or ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an
-    ``nnx.State``."""
+    ``nnx.State``.
+
+    Raises:
+        TypeError: ``target`` is none of these, or an ``nnx.Module`` holding kept-quantized layers
+            (``QuantLinear``/``QuantEmbed``, put in by ``load_quantized_into_nnx``): a target gives the dense
+            layout.
+    """
     if isinstance(target, Target):
         return target
     if _is_nnx_module(target):

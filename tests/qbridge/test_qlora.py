@@ -556,3 +556,18 @@ def test_a_broken_adapter_leaves_the_model_as_it_was(made, tmp_path):
         with pytest.raises(qbridge.CheckpointError, match=message):
             qbridge.load_peft_adapter(model, tmp_path / "peft")
         assert jax_side.lora_layers(model) == {}
+
+
+def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_path):
+    """A model that load_quantized_into_nnx filled, given again as ``target=``: the error names a kept layer and
+    says to pass a fresh model (a MatchError had listed every weight as unused)."""
+    model = _kept(made)
+    says = r"target: model.layers.0.mlp.down_proj is a QuantLinear \(and 13 more layers\).*pass a model built afresh"
+    for call in (
+        lambda: qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False),
+        lambda: qbridge.load_checkpoint(made / "nf4", target=model, strict=False, progress=False),
+        lambda: qbridge.convert_checkpoint(made / "nf4", tmp_path / "out", target=model, progress=False),
+    ):
+        with pytest.raises(TypeError, match=says):
+            call()
+    assert not (tmp_path / "out").exists()
