@@ -138,6 +138,20 @@ def load_peft_adapter(
         targets = jax_side.lora_targets(model, config)  # everything is checked before the model changes
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from e
+    if tensors and not any(k.startswith(PREFIX) for k in tensors):
+        some = sorted(tensors)[:2]
+        raise CheckpointError(
+            f"{path / WEIGHTS}: no key starts with {PREFIX!r} ({', '.join(some)}{', ...' if len(tensors) > 2 else ''}), "
+            f"as PEFT's save_pretrained writes them and its loader reads them: not a PEFT adapter file as saved, "
+            f"or its keys were renamed (prefix them with {PREFIX!r})"
+        )
+    both = sorted(k for k in tensors if ".default." in k and k.replace(".default.", ".") in tensors)
+    if both:
+        raise CheckpointError(
+            f"{path / WEIGHTS}: holds {both[0]!r} and {both[0].replace('.default.', '.')!r}"
+            + (f" (and {len(both) - 1} more such pairs)" if len(both) > 1 else "")
+            + ", two spellings of one adapter; which one is the adapter is not known: keep one"
+        )
     values = {}
     for name, layer in targets.items():
         for attr, shape in (

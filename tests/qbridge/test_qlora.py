@@ -365,6 +365,20 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
     ):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
     del tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"]
+    # keys without PEFT's prefix (renamed by hand): said so, not blamed on target_modules; one adapter under
+    # both spellings, PEFT's file one and its in-memory ".default." one: refused, not one of them picked
+    b = next(k for k in sorted(tensors) if "lora_B" in k)
+    for edited, says in (
+        ({k.removeprefix("base_model.model."): v for k, v in tensors.items()},
+         r"no key starts with 'base_model.model.' \(model.layers.0.self_attn.q_proj.lora_A.weight, .*prefix them"),
+        ({**tensors, b.replace(".weight", ".default.weight"): tensors[b] - 5},
+         rf"holds {re.escape(repr(b.replace('.weight', '.default.weight')))} and {re.escape(repr(b))}, two spellings"),
+    ):  # fmt: skip
+        save_file(edited, tmp_path / "peft" / "adapter_model.safetensors")
+        model = _kept(made)
+        with pytest.raises(qbridge.CheckpointError, match=says):
+            qbridge.load_peft_adapter(model, tmp_path / "peft")
+        assert jax_side.lora_layers(model) == {}
     save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
     doc = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     for targets, says in (
