@@ -62,6 +62,12 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
     mesh, rules = spec
     for pattern, partition in rules:
         if re.search(pattern, name):
+            if len(partition) > len(shape):
+                raise ValueError(
+                    f"{name}: the sharding rule {pattern!r} gives it {partition}, {len(partition)} entries for "
+                    f"{len(shape)} axes (its Flax shape is {shape}); a PartitionSpec has at most one entry per axis: "
+                    "narrow the rule's regex or its spec"
+                )
             return jax.sharding.NamedSharding(mesh, partition)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -297,7 +303,7 @@ def check_spec(spec: Any) -> Any:
 
     Raises:
         TypeError: not a callable, nor a ``(mesh, rules)`` pair of ``(regex, PartitionSpec)`` rules.
-        ValueError: a rule's regex does not compile.
+        ValueError: a rule's regex does not compile; a rule names an axis the mesh lacks.
     """
     if spec is None or callable(spec):
         return spec
@@ -318,4 +324,17 @@ def check_spec(spec: Any) -> Any:
             re.compile(rule[0])
         except (re.error, TypeError) as e:
             raise ValueError(f"sharding rule {rule[0]!r} is no regular expression: {e}") from e
+        axes = spec[0].axis_names
+        named = [
+            a
+            for entry in rule[1]
+            if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))
+        ]
+        unknown = [a for a in named if isinstance(a, str) and a not in axes]
+        if unknown:
+            raise ValueError(
+                f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, unknown))}, which the mesh lacks "
+                f"(its axes: {', '.join(map(repr, axes))})"
+            )
     return (spec[0], rules)

@@ -198,6 +198,24 @@ def test_the_model_runs_on_a_mesh_with_explicit_axes(made):
 def test_bad_sharding_spec(made):
     with pytest.raises(TypeError, match="sharding must be a callable"):
         qbridge.load_checkpoint(made / "nf4", progress=False, sharding=["x"])
+    # an axis the mesh lacks, and a spec of more entries than the leaf has axes: the rule and leaf named
+    # (JAX's bare error, and "list index out of range", had been all)
+    with pytest.raises(
+        ValueError, match=r"rule 'q_proj': P\(None, 'tp'\) names 'tp', which the mesh lacks \(its axes: 'x'\)"
+    ):
+        qbridge.load_checkpoint(
+            made / "nf4", progress=False, sharding=(_mesh_1d(), [("q_proj", P(None, "tp"))])
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"input_layernorm.scale: the sharding rule 'norm' gives it P\('x', None\), 2 entries for 1",
+    ):
+        _, target = _target(made)
+        qbridge.load_checkpoint(
+            made / "nf4", target=target, progress=False, sharding=(_mesh_1d(), [("norm", P("x", None))])
+        )
+    unconstrained = (_mesh_1d(), [("q_proj", P(None, P.UNCONSTRAINED))])
+    assert qbridge._sharding.check_spec(unconstrained)[1] == tuple(unconstrained[1])
     with pytest.warns(UserWarning, match=r"the sharding rule 'nowhere' matched no leaf") as seen:
         qbridge.load_checkpoint(made / "dense", progress=False, sharding=(_mesh_1d(), [("nowhere", P("x"))]))
     assert seen[0].filename == __file__
