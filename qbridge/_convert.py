@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pathlib
 import re
 import secrets
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Mapping
@@ -50,9 +52,14 @@ def convert_checkpoint(
     """Loads ``path`` with :func:`qbridge.load_checkpoint` and writes the parameters to ``out`` as an Orbax
     checkpoint (``orbax.checkpoint.StandardCheckpointer``), all or nothing.
 
-    The checkpoint is written to a hidden sibling directory and renamed into place only when complete: an
-    interrupted or failed conversion leaves no ``out`` (and removes its partial files when it can).
-    Read it back with :func:`restore_converted` (or ``orbax.checkpoint.StandardCheckpointer().restore``).
+    The checkpoint is written to a hidden sibling directory (``.OUT.partial-*``) and renamed into place only
+    when complete: an interrupted or failed conversion leaves no ``out`` and removes its partial files; those
+    of a process that was killed are removed by the next conversion to ``out`` on the same machine (a
+    partial directory of a process still running, or of another machine, is left, and named in a warning
+    when its owner is not known to run).
+    Read it back with :func:`restore_converted`, which gives the tree :func:`qbridge.load_checkpoint` returns
+    (a plain ``orbax.checkpoint.StandardCheckpointer().restore`` gives the integer keys of layer lists as
+    strings, which ``nnx.update`` refuses, and kept-quantized weights as loose pieces).
 
     Under ``jax.distributed`` every process calls it with the same arguments: with ``sharding`` each
     process reads and decodes only its own shards (see :func:`qbridge.load_checkpoint`) and writes them
@@ -128,7 +135,13 @@ def convert_checkpoint(
     token = _shared_token()  # one name for the partial directory in every process
     partial = out.parent / f".{out.name}.partial-{token}"
     primary = jax.process_index() == 0
+    if primary:
+        _remove_abandoned(out)
     try:
+        if primary:  # who writes it: a later conversion removes it if this process dies before it does
+            partial.mkdir()
+            (partial / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        _barrier(f"qbridge-convert-partial-{token}")
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(partial / "state", params)
         checkpointer.wait_until_finished()
@@ -148,6 +161,46 @@ def convert_checkpoint(
         if primary:
             shutil.rmtree(partial, ignore_errors=True)
     return report
+
+
+_OWNER = "qbridge-owner.json"  # in a partial directory: the host and process writing it
+
+
+def _remove_abandoned(out: pathlib.Path) -> None:
+    """Removes the partial directories of conversions to ``out`` whose process died on this host before
+    removing them (killed, out of memory); warns naming those whose owner is not known (another host, no
+    owner file) and is not known to run. Those of a process that runs are left alone."""
+    host = socket.gethostname()
+    unknown = []
+    for partial in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
+        try:
+            owner = json.loads((partial / _OWNER).read_text())
+            same_host, pid = owner["host"] == host, int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            unknown.append(partial.name)
+            continue
+        if not same_host:
+            unknown.append(partial.name)
+        elif not _running(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+    if unknown:
+        warnings.warn(
+            f"{out.parent}: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}: partial files of a "
+            f"conversion to {out.name} by another machine or an older qbridge; remove them if no conversion to "
+            f"{out.name} is running",
+            stacklevel=3,
+        )
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one that is not ours to signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    return True
 
 
 def _shared_token() -> str:

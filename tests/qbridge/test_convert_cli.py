@@ -283,6 +283,46 @@ def test_failure_while_writing_leaves_nothing(nf4, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_conversions_partial_files_are_removed_by_the_next(nf4, tmp_path):
+    """A conversion killed after Orbax wrote its arrays (SIGKILL: no cleanup runs) leaves a hidden partial
+    directory; the next conversion to the same place removes it (they had piled up, each model-sized). One of
+    another machine is kept and named in a warning; one of a process that runs is kept in silence."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.orbax"
+    child = (
+        "import os, signal, sys, qbridge, qbridge._convert as c\n"
+        "c._write_quantized_fields = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "qbridge.convert_checkpoint(sys.argv[1], sys.argv[2], progress=False)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    killed = subprocess.run([sys.executable, "-c", child, str(nf4), str(out)], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.orbax.partial-")]
+    assert (left / "state").is_dir()  # Orbax's arrays: what had been left behind
+    elsewhere = tmp_path / ".out.orbax.partial-0000000100000001"
+    elsewhere.mkdir()
+    (elsewhere / "qbridge-owner.json").write_text(
+        json.dumps({"host": socket.gethostname() + "-other", "pid": 1})
+    )
+    running = tmp_path / ".out.orbax.partial-0000000200000002"
+    running.mkdir()
+    (running / "qbridge-owner.json").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    )
+    with pytest.warns(
+        UserWarning, match=r"\.out\.orbax\.partial-0000000100000001: partial files of a conversion"
+    ):
+        qbridge.convert_checkpoint(nf4, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.orbax", elsewhere.name, running.name])
+    assert jax.tree.structure(qbridge.restore_converted(out)) == jax.tree.structure(
+        qbridge.load_checkpoint(nf4, progress=False)
+    )
+
+
 def test_cli_inspect_convert_and_errors(nf4, tmp_path, capsys):
     assert main(["inspect", str(nf4)]) == 0
     assert "bitsandbytes-4bit" in capsys.readouterr().out
