@@ -291,8 +291,7 @@ class _Source:
                 if not self._same_bits(key, named, other):
                     raise CheckpointError(
                         f"{other}: holds {key!r} too, with other values than {named}, the file the index lists "
-                        "it in; which copy is the model's is not known (transformers would load the later "
-                        "file's): remove the stale copy or correct the index"
+                        "it in; which copy is the model's is not known: remove the stale copy or correct the index"
                     )
         self.also_held.clear()
         for key, named in self.misplaced.items():

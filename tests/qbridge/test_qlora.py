@@ -45,6 +45,11 @@ def _torch_4bit(made):
     ).eval()
 
 
+def _fresh(made):
+    config = jax_side.LlamaConfig.from_hf(json.loads((made / "nf4" / "config.json").read_text()))
+    return jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
+
+
 def _kept(made):
     config = jax_side.LlamaConfig.from_hf(json.loads((made / "nf4" / "config.json").read_text()))
     model = jax_side.llama_for_causal_lm(config, param_dtype=jnp.bfloat16)
@@ -585,3 +590,12 @@ def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_
         with pytest.raises(TypeError, match=says):
             call()
     assert not (tmp_path / "out").exists()
+    # restoring a dense conversion onto it: the same cause named (a list of missing keys had been all)
+    qbridge.convert_checkpoint(made / "nf4", tmp_path / "dense.orbax", target=_fresh(made), progress=False)
+    with pytest.raises(
+        qbridge.CheckpointError,
+        match=r"dense.orbax: the target's model.layers.0.mlp.down_proj is a QuantLinear",
+    ):
+        qbridge.restore_converted(tmp_path / "dense.orbax", model)
+    nnx.update(fresh := _fresh(made), qbridge.restore_converted(tmp_path / "dense.orbax", _fresh(made)))
+    assert np.isfinite(np.asarray(fresh(jnp.asarray(IDS)), np.float32)).all()
