@@ -54,9 +54,9 @@ def convert_checkpoint(
 
     The checkpoint is written to a hidden sibling directory (``.OUT.partial-*``) and renamed into place only
     when complete: an interrupted or failed conversion leaves no ``out`` and removes its partial files; those
-    of a process that was killed are removed by the next conversion to ``out`` on the same machine (a
-    partial directory of a process still running, or of another machine, is left, and named in a warning
-    when its owner is not known to run).
+    of a process that was killed are removed by the next conversion to ``out`` on the same machine, container
+    and boot (a partial directory of a process still running is left; one of another machine, container or
+    boot is left and named in a warning).
     Read it back with :func:`restore_converted`, which gives the tree :func:`qbridge.load_checkpoint` returns
     (a plain ``orbax.checkpoint.StandardCheckpointer().restore`` gives the integer keys of layer lists as
     strings, which ``nnx.update`` refuses, and kept-quantized weights as loose pieces).
@@ -140,7 +140,7 @@ def convert_checkpoint(
     try:
         if primary:  # who writes it: a later conversion removes it if this process dies before it does
             partial.mkdir()
-            (partial / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+            (partial / _OWNER).write_text(json.dumps(_owner()))
         _barrier(f"qbridge-convert-partial-{token}")
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(partial / "state", params)
@@ -163,31 +163,54 @@ def convert_checkpoint(
     return report
 
 
-_OWNER = "qbridge-owner.json"  # in a partial directory: the host and process writing it
+_OWNER = "qbridge-owner.json"  # in a partial directory: where and by which process it is written
+
+
+def _owner() -> dict[str, Any]:
+    """Who writes a partial directory: the host name, the boot (Linux's ``boot_id``) and the process-id
+    namespace, which together say whether a process id means the same process here, and the process id.
+    Containers may share a host name (and a volume) with each other, not their boot and namespace both."""
+
+    def read(path: str) -> str | None:
+        try:
+            return pathlib.Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    try:
+        pid_namespace: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_namespace = None
+    return {
+        "host": socket.gethostname(),
+        "boot": read("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": pid_namespace,
+        "pid": os.getpid(),
+    }
 
 
 def _remove_abandoned(out: pathlib.Path) -> None:
     """Removes the partial directories of conversions to ``out`` whose process died on this host before
-    removing them (killed, out of memory); warns naming those whose owner is not known (another host, no
-    owner file) and is not known to run. Those of a process that runs are left alone."""
-    host = socket.gethostname()
+    removing them (killed, out of memory); warns naming those whose owner is not known (another host,
+    container or boot, no owner file) and is not known to run. Those of a process that runs are left alone."""
+    here = {key: value for key, value in _owner().items() if key != "pid"}
     unknown = []
     for partial in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
         try:
             owner = json.loads((partial / _OWNER).read_text())
-            same_host, pid = owner["host"] == host, int(owner["pid"])
+            same_place, pid = all(owner[key] == value for key, value in here.items()), int(owner["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             unknown.append(partial.name)
             continue
-        if not same_host:
+        if not same_place:
             unknown.append(partial.name)
         elif not _running(pid):
             shutil.rmtree(partial, ignore_errors=True)
     if unknown:
         warnings.warn(
             f"{out.parent}: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}: partial files of a "
-            f"conversion to {out.name} by another machine or an older qbridge; remove them if no conversion to "
-            f"{out.name} is running",
+            f"conversion to {out.name} by another machine, container or boot, or an older qbridge; remove them "
+            f"if no conversion to {out.name} is running",
             stacklevel=3,
         )
 

@@ -285,8 +285,10 @@ def test_failure_while_writing_leaves_nothing(nf4, tmp_path, monkeypatch):
 
 def test_a_killed_conversions_partial_files_are_removed_by_the_next(nf4, tmp_path):
     """A conversion killed after Orbax wrote its arrays (SIGKILL: no cleanup runs) leaves a hidden partial
-    directory; the next conversion to the same place removes it (they had piled up, each model-sized). One of
-    another machine is kept and named in a warning; one of a process that runs is kept in silence."""
+    directory; the next conversion to the same place removes it (they had piled up, each model-sized). Those of
+    another machine, process-id namespace (a container sharing the host name and volume) or boot, or of an
+    owner record without them, are kept and named in a warning (a live conversion in such a container had been
+    deleted); one of a process that runs is kept in silence."""
     import os
     import socket
     import subprocess
@@ -303,21 +305,29 @@ def test_a_killed_conversions_partial_files_are_removed_by_the_next(nf4, tmp_pat
     assert killed.returncode == -9, killed.stderr[-2000:]
     (left,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.orbax.partial-")]
     assert (left / "state").is_dir()  # Orbax's arrays: what had been left behind
-    elsewhere = tmp_path / ".out.orbax.partial-0000000100000001"
-    elsewhere.mkdir()
-    (elsewhere / "qbridge-owner.json").write_text(
-        json.dumps({"host": socket.gethostname() + "-other", "pid": 1})
-    )
+    owner = json.loads((left / "qbridge-owner.json").read_text())
+    assert owner["pid"] != os.getpid() and owner["host"] == socket.gethostname()
+    # the same host name in another process-id namespace (a container sharing the volume): its pid means
+    # nothing here, so a live conversion there must not be taken for dead
+    elsewhere = {
+        ".out.orbax.partial-0000000100000001": dict(owner, host=owner["host"] + "-other"),
+        ".out.orbax.partial-0000000300000003": dict(owner, pid_namespace=(owner["pid_namespace"] or 0) + 1),
+        ".out.orbax.partial-0000000400000004": dict(owner, boot="another boot"),
+        ".out.orbax.partial-0000000500000005": {"host": owner["host"], "pid": owner["pid"]},  # older qbridge
+    }
+    for name, who in elsewhere.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "qbridge-owner.json").write_text(json.dumps(who))
     running = tmp_path / ".out.orbax.partial-0000000200000002"
     running.mkdir()
-    (running / "qbridge-owner.json").write_text(
-        json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-    )
+    (running / "qbridge-owner.json").write_text(json.dumps(dict(owner, pid=os.getpid())))
     with pytest.warns(
-        UserWarning, match=r"\.out\.orbax\.partial-0000000100000001: partial files of a conversion"
+        UserWarning,
+        match=r"partial-0000000100000001, \S+partial-0000000300000003, \S+partial-0000000400000004 \.\.\.: partial "
+        r"files of a conversion to out\.orbax by another machine, container or boot",
     ):
         qbridge.convert_checkpoint(nf4, out, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.orbax", elsewhere.name, running.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.orbax", *elsewhere, running.name])
     assert jax.tree.structure(qbridge.restore_converted(out)) == jax.tree.structure(
         qbridge.load_checkpoint(nf4, progress=False)
     )
