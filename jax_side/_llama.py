@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ._qlayers import fused_linears
 
@@ -160,23 +161,27 @@ def _rotary(positions: jax.Array, c: LlamaConfig) -> tuple[jax.Array, jax.Array]
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def _explicit(x: jax.Array) -> Any:
-    """``x``'s sharding where a mesh with Explicit axes shards it (JAX then asks for the result's sharding of
-    some operations), else None."""
-    sharding = jax.typeof(x).sharding
-    return sharding if any(axis is not None for axis in getattr(sharding, "spec", ())) else None
-
-
-def _repeat_heads(x: jax.Array, groups: int, *, like: jax.Array) -> jax.Array:
+def _repeat_heads(x: jax.Array, groups: int) -> jax.Array:
     """``(batch, kv_heads, seq, head_size)`` -> ``(batch, kv_heads * groups, seq, head_size)``, each key/value
-    head repeated ``groups`` times in place (transformers' ``repeat_kv``). Under a mesh with Explicit axes the
-    result is sharded as ``like`` (the queries, of that shape), so that the attention's products line up
-    whichever projections the user sharded; elsewhere XLA places it."""
-    if groups > 1:
-        x = jnp.repeat(x, groups, axis=1, out_sharding=_explicit(x))
-    if _explicit(x) is not None or _explicit(like) is not None:
-        x = jax.sharding.reshard(x, jax.typeof(like).sharding)
-    return x
+    head repeated ``groups`` times in place (transformers' ``repeat_kv``)."""
+    return jnp.repeat(x, groups, axis=1) if groups > 1 else x
+
+
+def _explicit_mesh(input_ids: jax.Array, module: Any) -> Any:
+    """The mesh in use when some of its axes are Explicit (JAX's sharding in types), else None: the context's
+    (``jax.set_mesh``), else that of the ids, else that of the first of ``module``'s arrays typed with one."""
+    from flax import nnx
+
+    def typed(x: Any) -> Any:
+        mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+        return None if mesh is None or mesh.empty else mesh
+
+    mesh: Any = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        mesh = typed(input_ids) or next(
+            (m for m in map(typed, jax.tree.leaves(nnx.state(module))) if m is not None), None
+        )
+    return mesh if mesh is not None and not mesh.empty and mesh.explicit_axes else None
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
@@ -219,7 +224,7 @@ def _make_modules():
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             groups = c.num_attention_heads // c.kv_heads
-            k, v = _repeat_heads(k, groups, like=q), _repeat_heads(v, groups, like=q)
+            k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
             scores = (q @ k.transpose(0, 1, 3, 2)) * (c.head_size**-0.5)
             causal = jnp.tril(jnp.ones((s, s), dtype=bool))
             scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
@@ -301,6 +306,21 @@ def _make_modules():
                                           param_dtype=param_dtype, rngs=rngs)  # fmt: skip
 
         def __call__(self, input_ids: jax.Array) -> jax.Array:
+            mesh = _explicit_mesh(input_ids, self)
+            if mesh is None:
+                return self._logits(input_ids)
+            # Explicit axes: the body runs with them Auto, so that XLA places every activation whichever
+            # weights the user sharded (column, row, heads, batch); the logits come out sharded as the ids
+            # on their axes, the vocabulary whole.
+            graph, state = nnx.split(self)
+            spec = tuple(getattr(jax.typeof(input_ids).sharding, "spec", ())) + (None,) * jnp.ndim(input_ids)
+            run = jax.sharding.auto_axes(
+                lambda state, ids: nnx.merge(graph, state)._logits(ids),
+                out_sharding=jax.sharding.NamedSharding(mesh, P(*spec[: jnp.ndim(input_ids)], None)),
+            )
+            return run(state, input_ids)
+
+        def _logits(self, input_ids: jax.Array) -> jax.Array:
             h = self.model(input_ids)
             if self.config.tie_word_embeddings:
                 return self.model.embed_tokens.attend(h)

@@ -155,34 +155,61 @@ def test_flax_model_under_jit_with_shardings(made):
     assert_parity(outputs[0], outputs[1])
 
 
+EXPLICIT_LAYOUTS = {  # name: (rules on the model's state, the ids' spec)
+    "column": ([(r"proj'\]\['kernel", P(None, "model"))], P()),
+    "Megatron (column, then row), batch on data": (
+        [
+            (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)'\]\['kernel", P(None, "model")),
+            (r"(o_proj|down_proj)'\]\['kernel", P("model", None)),
+            (r"embed_tokens'\]\['embedding", P(None, "model")),
+        ],
+        P("data"),
+    ),
+    "key/value heads split over more devices than heads": (
+        [(r"(k_proj|v_proj)'\]\['kernel", P(None, ("data", "model")))],
+        P(None, "model"),
+    ),
+    "2-D": (
+        [(r"proj'\]\['kernel", P("data", "model")), (r"lm_head'\]\['kernel", P(None, ("data", "model")))],
+        P("data"),
+    ),
+}
+
+
 def test_the_model_runs_on_a_mesh_with_explicit_axes(made):
     """The built-in Llama (grouped key/value heads) under a mesh whose axes are Explicit (JAX's sharding in
-    types): dense projections sharded by column, and kept ones with a sharded LoRA B on the key/value
-    projections only, give the unsharded model's logits. Repeating the key/value heads had failed (JAX asked
-    for ``out_sharding``), and sharded keys against unsharded queries failed their product."""
+    types, ``jax.make_mesh``'s default): each common layout of the dense weights, and kept ones with a sharded
+    LoRA B, give the unsharded model's logits, sharded as the ids; LoRA gradients match too. Repeating the
+    key/value heads, row-parallel projections, key/value heads split past their count and ids sharded on the
+    batch had each failed inside the model (JAX asked for ``out_sharding``)."""
+    import re
+
     config, _ = _target(made)
     assert config.num_attention_heads > config.kv_heads
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-    ids = jnp.asarray(IDS)
+    ids = jnp.asarray(np.concatenate([IDS, IDS[::-1]]))  # a batch of 4: splits over "data"
     rng = np.random.default_rng(0)
-    for case in ("dense", "kept + LoRA"):
+    cases = [("dense", name) for name in EXPLICIT_LAYOUTS] + [("kept + LoRA", None)]
+    for case, layout in cases:
         model = jax_side.llama_for_causal_lm(config)
         if case == "dense":
             nnx.update(model, qbridge.load_checkpoint(made / "nf4", target=model, progress=False))
+            rules, ids_spec = EXPLICIT_LAYOUTS[layout]
         else:
             kept = qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False)
             jax_side.load_quantized_into_nnx(model, kept)
             jax_side.add_lora(
                 model, jax_side.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "v_proj"])
             )
+            rules, ids_spec = [(r"lora_B", P(None, "model"))], P("data")
         graph, state = nnx.split(model)
 
-        def place(path, x, case=case):
+        def place(path, x, rules=rules):
             name = jax.tree_util.keystr(path)
             if "lora_B" in name:  # PEFT starts B at zero: random values, so that the adapter counts
                 x = jnp.asarray(rng.standard_normal(x.shape) * 0.1, x.dtype)
-            sharded = "lora_B" in name if case != "dense" else "proj']['kernel" in name
-            return x, jax.device_put(x, NamedSharding(mesh, P(None, "model") if sharded else P()))
+            spec = next((spec for pattern, spec in rules if re.search(pattern, name)), P())
+            return x, jax.device_put(x, NamedSharding(mesh, spec))
 
         pairs = jax.tree_util.tree_map_with_path(place, state)
         whole = jax.tree.map(lambda p: p[0], pairs, is_leaf=lambda p: isinstance(p, tuple))
@@ -190,9 +217,29 @@ def test_the_model_runs_on_a_mesh_with_explicit_axes(made):
         want = np.asarray(nnx.merge(graph, whole)(ids))
         with jax.set_mesh(mesh):
             run = jax.jit(lambda s, x, graph=graph: nnx.merge(graph, s)(x), static_argnames="graph")
-            got = run(placed, jax.device_put(ids, NamedSharding(mesh, P())))
-        assert len(got.sharding.device_set) == 8, case
-        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=case)
+            got = run(placed, jax.device_put(ids, NamedSharding(mesh, ids_spec)))
+        what = f"{case} {layout or ''}"
+        assert len(got.sharding.device_set) == 8, what
+        assert got.sharding.spec == P(*ids_spec, *(None,) * (3 - len(ids_spec))), (what, got.sharding.spec)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=what)
+        if case == "dense":
+            continue
+
+        # gradients of the LoRA factors, sharded, against those computed whole
+        def loss(lora, rest, x, graph=graph):
+            return jnp.mean(nnx.merge(graph, lora, rest)(x).astype(jnp.float32) ** 2)
+
+        graph_l, lora_whole, rest_whole = nnx.split(nnx.merge(graph, whole), nnx.LoRAParam, ...)
+        _, lora_placed, rest_placed = nnx.split(nnx.merge(graph, placed), nnx.LoRAParam, ...)
+        want_grads = jax.grad(loss)(lora_whole, rest_whole, ids, graph=graph_l)
+        with jax.set_mesh(mesh):
+            got_grads = jax.jit(jax.grad(loss), static_argnames="graph")(
+                lora_placed, rest_placed, jax.device_put(ids, NamedSharding(mesh, ids_spec)), graph=graph_l
+            )
+        for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+        assert len(jax.tree.leaves(want_grads)) == 2 * 2 * config.num_hidden_layers
+        assert all(np.abs(np.asarray(w)).max() > 0 for w in jax.tree.leaves(want_grads))
 
 
 def test_bad_sharding_spec(made):
