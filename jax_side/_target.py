@@ -88,10 +88,30 @@ def _from_dict(tree: Mapping[str, Any]) -> Target:
     return Target(leaves, rebuild, prefix_len)
 
 
+def _refuse_kept(kept: list[tuple[str, str]]) -> None:
+    """Raises the TypeError for a target holding kept-quantized layers: ``(dotted path, type name)`` each."""
+    if kept:
+        raise TypeError(
+            f"target: {kept[0][0]} is a {kept[0][1]}"
+            + (f" (and {len(kept) - 1} more)" if len(kept) > 1 else "")
+            + ", kept quantized by jax_side.load_quantized_into_nnx; a target describes the "
+            "model's dense layout (Linear kernels, Embed tables): pass a model built afresh (or its state), or "
+            "its abstract form (jax_side.abstract_llama(config) for the built-in Llama), and put the result "
+            "into a fresh model"
+        )
+
+
 def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) -> Target:
     from flax import nnx
 
     flat = list(nnx.to_flat_state(state))
+    _refuse_kept(
+        [
+            (".".join(map(str, path)), type(var).__name__)
+            for path, var in flat
+            if type(var).__name__ == "QuantizedVariable" and type(var).__module__.startswith("jax_side")
+        ]
+    )
     leaves = []
     for path, var in flat:
         if not isinstance(var, (nnx.Param, nnx.BatchStat)):
@@ -133,15 +153,7 @@ def _from_nnx_module(module: Any) -> Target:
         if type(node).__name__ in ("QuantLinear", "QuantEmbed")
         and type(node).__module__.startswith("jax_side")
     ]
-    if kept:
-        raise TypeError(
-            f"target: {kept[0][0]} is a {kept[0][1]}"
-            + (f" (and {len(kept) - 1} more layers)" if len(kept) > 1 else "")
-            + ", a kept-quantized layer that jax_side.load_quantized_into_nnx put in; a target describes the "
-            "model's dense layout (Linear kernels, Embed tables): pass a model built afresh, or its abstract "
-            "form (jax_side.abstract_llama(config) for the built-in Llama), and put the result into a fresh "
-            "model"
-        )
+    _refuse_kept(kept)
     types = {
         tuple(path): _module_type(node)
         for path, node in nnx.iter_graph(module)
@@ -155,9 +167,9 @@ def as_target(target: Any) -> Target:
     ``nnx.State``.
 
     Raises:
-        TypeError: ``target`` is none of these, or an ``nnx.Module`` holding kept-quantized layers
-            (``QuantLinear``/``QuantEmbed``, put in by ``load_quantized_into_nnx``): a target gives the dense
-            layout.
+        TypeError: ``target`` is none of these, or an ``nnx.Module`` or ``nnx.State`` holding kept-quantized
+            layers (``QuantLinear``/``QuantEmbed``, put in by ``load_quantized_into_nnx``): a target gives the
+            dense layout.
     """
     if isinstance(target, Target):
         return target

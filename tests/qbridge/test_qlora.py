@@ -579,9 +579,9 @@ def test_a_broken_adapter_leaves_the_model_as_it_was(made, tmp_path):
 
 def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_path):
     """A model that load_quantized_into_nnx filled, given again as ``target=``: the error names a kept layer and
-    says to pass a fresh model (a MatchError had listed every weight as unused)."""
+    says to pass a fresh model (a MatchError had listed every weight as unused); its nnx.State likewise."""
     model = _kept(made)
-    says = r"target: model.layers.0.mlp.down_proj is a QuantLinear \(and 13 more layers\).*pass a model built afresh"
+    says = r"target: model.layers.0.mlp.down_proj is a QuantLinear \(and 13 more\).*pass a model built afresh"
     for call in (
         lambda: qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False),
         lambda: qbridge.load_checkpoint(made / "nf4", target=model, strict=False, progress=False),
@@ -589,6 +589,10 @@ def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_
     ):
         with pytest.raises(TypeError, match=says):
             call()
+    with pytest.raises(
+        TypeError, match=r"target: model.layers.0.mlp.down_proj.weight is a QuantizedVariable \("
+    ):
+        qbridge.load_checkpoint(made / "nf4", target=nnx.state(model), progress=False)
     assert not (tmp_path / "out").exists()
     # restoring a dense conversion onto it: the same cause named (a list of missing keys had been all)
     qbridge.convert_checkpoint(made / "nf4", tmp_path / "dense.orbax", target=_fresh(made), progress=False)
