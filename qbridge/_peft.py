@@ -85,6 +85,14 @@ def _layer_of(key: str) -> str:
     return key.removeprefix(PREFIX).split(".lora_", 1)[0]
 
 
+def _same_tensor(a: Any, b: Any) -> bool:
+    """Whether two arrays hold the same dtype, shape and bits."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
 def _module_at(model: Any, path: str) -> Any:
     """The submodule of ``model`` at a dotted torch path (``model.layers.0.mlp``), or None."""
     node = model
@@ -138,19 +146,27 @@ def load_peft_adapter(
         targets = jax_side.lora_targets(model, config)  # everything is checked before the model changes
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG}: {e}") from e
-    if tensors and not any(k.startswith(PREFIX) for k in tensors):
-        some = sorted(tensors)[:2]
+    unprefixed = sorted(k for k in tensors if not k.startswith(PREFIX))
+    if unprefixed:
+        some = ", ".join(unprefixed[:2]) + (", ..." if len(unprefixed) > 2 else "")
+        which = (
+            "no key"
+            if len(unprefixed) == len(tensors)
+            else f"{len(unprefixed)} of {len(tensors)} keys do not"
+        )
         raise CheckpointError(
-            f"{path / WEIGHTS}: no key starts with {PREFIX!r} ({', '.join(some)}{', ...' if len(tensors) > 2 else ''}), "
-            f"as PEFT's save_pretrained writes them and its loader reads them: not a PEFT adapter file as saved, "
-            f"or its keys were renamed (prefix them with {PREFIX!r})"
+            f"{path / WEIGHTS}: {which} start{'s' if which == 'no key' else ''} with {PREFIX!r} ({some}), as PEFT's "
+            f"save_pretrained writes them and its loader reads them: not a PEFT adapter file as saved, or its keys "
+            f"were renamed (prefix them with {PREFIX!r})"
         )
     both = sorted(k for k in tensors if ".default." in k and k.replace(".default.", ".") in tensors)
-    if both:
+    differ = [k for k in both if not _same_tensor(tensors[k], tensors[k.replace(".default.", ".")])]
+    if differ:
         raise CheckpointError(
-            f"{path / WEIGHTS}: holds {both[0]!r} and {both[0].replace('.default.', '.')!r}"
-            + (f" (and {len(both) - 1} more such pairs)" if len(both) > 1 else "")
-            + ", two spellings of one adapter; which one is the adapter is not known: keep one"
+            f"{path / WEIGHTS}: holds {differ[0]!r} and {differ[0].replace('.default.', '.')!r}"
+            + (f" (and {len(differ) - 1} more such pairs)" if len(differ) > 1 else "")
+            + ", two spellings of one adapter with different values; which one is the adapter is not known: keep "
+            "one"
         )
     values = {}
     for name, layer in targets.items():

@@ -370,12 +370,15 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
     ):
         qbridge.load_peft_adapter(_kept(made), tmp_path / "peft")
     del tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"]
-    # keys without PEFT's prefix (renamed by hand): said so, not blamed on target_modules; one adapter under
-    # both spellings, PEFT's file one and its in-memory ".default." one: refused, not one of them picked
+    # keys without PEFT's prefix (renamed by hand), all or some: said so, not blamed on target_modules; one
+    # adapter under both spellings, PEFT's file one and its in-memory ".default." one, with different values:
+    # refused, not one of them picked
     b = next(k for k in sorted(tensors) if "lora_B" in k)
     for edited, says in (
         ({k.removeprefix("base_model.model."): v for k, v in tensors.items()},
          r"no key starts with 'base_model.model.' \(model.layers.0.self_attn.q_proj.lora_A.weight, .*prefix them"),
+        ({(k.removeprefix("base_model.model.") if ".layers.0." in k else k): v for k, v in tensors.items()},
+         rf"2 of {len(tensors)} keys do not start with 'base_model.model.' \(model.layers.0.self_attn.q_proj.lora_A"),
         ({**tensors, b.replace(".weight", ".default.weight"): tensors[b] - 5},
          rf"holds {re.escape(repr(b.replace('.weight', '.default.weight')))} and {re.escape(repr(b))}, two spellings"),
     ):  # fmt: skip
@@ -384,6 +387,18 @@ def test_peft_files_that_do_not_fit_are_refused(made, tmp_path):
         with pytest.raises(qbridge.CheckpointError, match=says):
             qbridge.load_peft_adapter(model, tmp_path / "peft")
         assert jax_side.lora_layers(model) == {}
+    # the same values under both spellings: one adapter, loaded as from the plain file
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    qbridge.load_peft_adapter(plain := _kept(made), tmp_path / "peft")
+    save_file(
+        {**tensors, b.replace(".weight", ".default.weight"): tensors[b]},
+        tmp_path / "peft" / "adapter_model.safetensors",
+    )
+    qbridge.load_peft_adapter(doubled := _kept(made), tmp_path / "peft")
+    (want, got) = (nnx.state(m, nnx.LoRAParam) for m in (plain, doubled))
+    assert jax.tree.structure(want) == jax.tree.structure(got) and len(jax.tree.leaves(want)) > 0
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
     doc = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     for targets, says in (
