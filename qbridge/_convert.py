@@ -53,10 +53,11 @@ def convert_checkpoint(
     checkpoint (``orbax.checkpoint.StandardCheckpointer``), all or nothing.
 
     The checkpoint is written to a hidden sibling directory (``.OUT.partial-*``) and renamed into place only
-    when complete: an interrupted or failed conversion leaves no ``out`` and removes its partial files; those
-    of a process that was killed are removed by the next conversion to ``out`` on the same machine, container
-    and boot (a partial directory of a process still running is left; one of another machine, container or
-    boot is left and named in a warning).
+    when complete (an ``out`` that ``overwrite`` replaces is first renamed to ``.OUT.replaced-*``, then
+    removed): an interrupted or failed conversion leaves no new ``out`` and removes its partial files. What a
+    killed one left, the next conversion to ``out`` removes: partial files whose process ran on the same
+    machine, container and boot and runs no more (others are left and named in a warning), and a replaced
+    ``out`` where a new one is in place (one with no ``out`` beside it is left and named).
     Read it back with :func:`restore_converted`, which gives the tree :func:`qbridge.load_checkpoint` returns
     (a plain ``orbax.checkpoint.StandardCheckpointer().restore`` gives the integer keys of layer lists as
     strings, which ``nnx.update`` refuses, and kept-quantized weights as loose pieces).
@@ -191,8 +192,20 @@ def _owner() -> dict[str, Any]:
 
 def _remove_abandoned(out: pathlib.Path) -> None:
     """Removes the partial directories of conversions to ``out`` whose process died on this host before
-    removing them (killed, out of memory); warns naming those whose owner is not known (another host,
+    removing them (killed, out of memory), and earlier checkpoints an overwrite moved aside and died before
+    removing (``.OUT.replaced-*``); warns naming those whose owner is not known (another host,
     container or boot, no owner file) and is not known to run. Those of a process that runs are left alone."""
+    # an earlier ``out`` an overwrite moved aside and was killed before removing: superseded once ``out`` is
+    # there again; else the overwrite died between its two renames, and it is the one checkpoint left
+    for retired in sorted(out.parent.glob(f".{glob.escape(out.name)}.replaced-*")):
+        if out.exists():
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            warnings.warn(
+                f"{retired}: {out.name} as it was before an overwrite that did not finish; rename it back to "
+                f"{out.name} to keep it, or remove it",
+                stacklevel=3,
+            )
     here = {key: value for key, value in _owner().items() if key != "pid"}
     unknown = []
     for partial in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 
 import jax
@@ -328,6 +329,52 @@ def test_a_killed_conversions_partial_files_are_removed_by_the_next(nf4, tmp_pat
     ):
         qbridge.convert_checkpoint(nf4, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.orbax", *elsewhere, running.name])
+    assert jax.tree.structure(qbridge.restore_converted(out)) == jax.tree.structure(
+        qbridge.load_checkpoint(nf4, progress=False)
+    )
+
+
+def test_an_overwrite_killed_between_its_renames_leaves_the_old_checkpoint_named(nf4, tmp_path):
+    """An overwrite renames the old ``out`` aside, moves the new one in, then removes the old. Killed before
+    removing it, the next conversion removes the old copy (model-sized, hidden, it had stayed); killed between
+    the renames, the old copy is the only checkpoint left: kept, and named in a warning."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.orbax"
+    qbridge.convert_checkpoint(nf4, out, progress=False)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for kill_at in ("removing the old", "between the renames"):
+        child = (
+            "import os, signal, sys, qbridge, qbridge._convert as c\n"
+            "def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)\n"
+            + (
+                "c.shutil = type('S', (), {'rmtree': staticmethod(die)})\n"
+                if kill_at == "removing the old"
+                else "real = os.replace\n"  # the rename of the new checkpoint into place
+                "os.replace = lambda a, b: die() if 'partial' in str(a) and str(b) == sys.argv[2] else real(a, b)\n"
+            )
+            + "qbridge.convert_checkpoint(sys.argv[1], sys.argv[2], overwrite=True, progress=False)\n"
+        )
+        killed = subprocess.run(
+            [sys.executable, "-c", child, str(nf4), str(out)], env=env, capture_output=True
+        )
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        (retired,) = tmp_path.glob(".out.orbax.replaced-*")
+        if kill_at == "removing the old":
+            assert out.is_dir()
+            qbridge.convert_checkpoint(nf4, tmp_path / "out.orbax", overwrite=True, progress=False)
+            assert not retired.exists()
+        else:
+            assert not out.exists()
+            with pytest.warns(
+                UserWarning, match=rf"{re.escape(retired.name)}: out.orbax as it was before an overwrite"
+            ):
+                qbridge.convert_checkpoint(nf4, out, progress=False)
+            assert retired.is_dir() and out.is_dir()
+        for partial in tmp_path.glob(".out.orbax.partial-*"):  # what the killed conversion left: removed too
+            raise AssertionError(f"{partial} left")
     assert jax.tree.structure(qbridge.restore_converted(out)) == jax.tree.structure(
         qbridge.load_checkpoint(nf4, progress=False)
     )
