@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ._qlayers import fused_linears
+from ._quantized import explicit_axes, explicit_mesh, with_auto_axes
 
 
 def _nnx():
@@ -167,23 +168,6 @@ def _repeat_heads(x: jax.Array, groups: int) -> jax.Array:
     return jnp.repeat(x, groups, axis=1) if groups > 1 else x
 
 
-def _explicit_mesh(input_ids: jax.Array, module: Any) -> Any:
-    """The mesh in use when some of its axes are Explicit (JAX's sharding in types), else None: the context's
-    (``jax.set_mesh``), else that of the ids, else that of the first of ``module``'s arrays typed with one."""
-    from flax import nnx
-
-    def typed(x: Any) -> Any:
-        mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-        return None if mesh is None or mesh.empty else mesh
-
-    mesh: Any = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        mesh = typed(input_ids) or next(
-            (m for m in map(typed, jax.tree.leaves(nnx.state(module))) if m is not None), None
-        )
-    return mesh if mesh is not None and not mesh.empty and mesh.explicit_axes else None
-
-
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -306,7 +290,10 @@ def _make_modules():
                                           param_dtype=param_dtype, rngs=rngs)  # fmt: skip
 
         def __call__(self, input_ids: jax.Array) -> jax.Array:
-            mesh = _explicit_mesh(input_ids, self)
+            context = jax.sharding.get_abstract_mesh()
+            mesh = explicit_mesh(input_ids) or (
+                context if explicit_axes(context) else explicit_mesh(nnx.state(self))
+            )
             if mesh is None:
                 return self._logits(input_ids)
             # Explicit axes: the body runs with them Auto, so that XLA places every activation whichever
@@ -314,11 +301,12 @@ def _make_modules():
             # on their axes, the vocabulary whole.
             graph, state = nnx.split(self)
             spec = tuple(getattr(jax.typeof(input_ids).sharding, "spec", ())) + (None,) * jnp.ndim(input_ids)
-            run = jax.sharding.auto_axes(
+            return with_auto_axes(
                 lambda state, ids: nnx.merge(graph, state)._logits(ids),
-                out_sharding=jax.sharding.NamedSharding(mesh, P(*spec[: jnp.ndim(input_ids)], None)),
+                (state, input_ids),
+                P(*spec[: jnp.ndim(input_ids)], None),
+                mesh,
             )
-            return run(state, input_ids)
 
         def _logits(self, input_ids: jax.Array) -> jax.Array:
             h = self.model(input_ids)

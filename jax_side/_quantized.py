@@ -37,7 +37,7 @@ def explicit_mesh(*trees: Any) -> Any:
             mesh = jax.typeof(leaf).sharding.mesh
         except (AttributeError, TypeError):  # not an array, or no sharding in its type
             continue
-        if not _explicit_axes(mesh):
+        if not explicit_axes(mesh):
             continue
         if found is not None and mesh != found:
             raise ValueError(
@@ -49,7 +49,7 @@ def explicit_mesh(*trees: Any) -> Any:
     return found
 
 
-def _explicit_axes(mesh: Any) -> tuple[str, ...]:
+def explicit_axes(mesh: Any) -> tuple[str, ...]:
     types = getattr(mesh, "axis_types", ())
     return tuple(
         n for n, t in zip(getattr(mesh, "axis_names", ()), types) if t == jax.sharding.AxisType.Explicit
@@ -61,7 +61,7 @@ def with_auto_axes(fn: Any, args: tuple, out_spec: Any, mesh: Any) -> Any:
     inside, XLA places the work as it does on meshes with automatic axes (gathering stored pieces where a
     gather needs them); the result is placed as ``out_spec`` says. Manual axes (inside ``shard_map``) stay
     manual."""
-    run = jax.sharding.auto_axes(fn, axes=_explicit_axes(mesh), out_sharding=out_spec)
+    run = jax.sharding.auto_axes(fn, axes=explicit_axes(mesh), out_sharding=out_spec)
     if jax.sharding.get_abstract_mesh().empty:  # arrays on a mesh that is not the context's
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh if hasattr(mesh, "abstract_mesh") else mesh):
             return run(*args)
