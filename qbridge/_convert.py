@@ -55,9 +55,10 @@ def convert_checkpoint(
     The checkpoint is written to a hidden sibling directory (``.OUT.partial-*``) and renamed into place only
     when complete (an ``out`` that ``overwrite`` replaces is first renamed to ``.OUT.replaced-*``, then
     removed): an interrupted or failed conversion leaves no new ``out`` and removes its partial files. What a
-    killed one left, the next conversion to ``out`` removes: partial files whose process ran on the same
-    machine, container and boot and runs no more (others are left and named in a warning), and a replaced
-    ``out`` where a new one is in place (one with no ``out`` beside it is left and named).
+    killed one left, the next conversion to ``out`` puts right: an ``out`` it had moved aside and not
+    replaced is renamed back (with a warning), one it had replaced is removed, and partial files are removed
+    where their process ran on the same machine, container and boot and runs no more (others are left and
+    named in a warning).
     Read it back with :func:`restore_converted`, which gives the tree :func:`qbridge.load_checkpoint` returns
     (a plain ``orbax.checkpoint.StandardCheckpointer().restore`` gives the integer keys of layer lists as
     strings, which ``nnx.update`` refuses, and kept-quantized weights as loose pieces).
@@ -113,6 +114,7 @@ def convert_checkpoint(
             raise ValueError(
                 f"{out} is a link to {os.readlink(out)}, {why}: name the directory to create"
             ) from None
+    _restore_replaced(out)
     source = pathlib.Path(path).absolute().resolve()
     if source == out.resolve() or source.is_relative_to(out.resolve()):
         raise FileExistsError(
@@ -190,22 +192,41 @@ def _owner() -> dict[str, Any]:
     }
 
 
+def _restore_replaced(out: pathlib.Path) -> None:
+    """Where no ``out`` is, renames back the ``out`` an overwrite had moved aside (``.OUT.replaced-*``) and
+    was killed before moving the new one in, with a warning: the overwrite did not happen, so ``out`` is
+    what it was."""
+    if out.exists() or out.is_symlink():
+        return
+    aside = sorted(out.parent.glob(f".{glob.escape(out.name)}.replaced-*"), key=_mtime)
+    if not aside:
+        return
+    try:
+        os.replace(aside[-1], out)
+    except OSError:  # another process of this job, or another conversion, got there first
+        return
+    warnings.warn(
+        f"{out}: restored from {aside[-1].name}, where an overwrite that did not finish (killed) had moved it "
+        "aside",
+        stacklevel=3,
+    )
+
+
+def _mtime(path: pathlib.Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _remove_abandoned(out: pathlib.Path) -> None:
     """Removes the partial directories of conversions to ``out`` whose process died on this host before
     removing them (killed, out of memory), and earlier checkpoints an overwrite moved aside and died before
     removing (``.OUT.replaced-*``); warns naming those whose owner is not known (another host,
     container or boot, no owner file) and is not known to run. Those of a process that runs are left alone."""
-    # an earlier ``out`` an overwrite moved aside and was killed before removing: superseded once ``out`` is
-    # there again; else the overwrite died between its two renames, and it is the one checkpoint left
-    for retired in sorted(out.parent.glob(f".{glob.escape(out.name)}.replaced-*")):
+    for retired in out.parent.glob(f".{glob.escape(out.name)}.replaced-*"):  # superseded: ``out`` is back
         if out.exists():
             shutil.rmtree(retired, ignore_errors=True)
-        else:
-            warnings.warn(
-                f"{retired}: {out.name} as it was before an overwrite that did not finish; rename it back to "
-                f"{out.name} to keep it, or remove it",
-                stacklevel=3,
-            )
     here = {key: value for key, value in _owner().items() if key != "pid"}
     unknown = []
     for partial in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
@@ -221,9 +242,9 @@ def _remove_abandoned(out: pathlib.Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
     if unknown:
         warnings.warn(
-            f"{out.parent}: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}: partial files of a "
-            f"conversion to {out.name} by another machine, container or boot, or an older qbridge; remove them "
-            f"if no conversion to {out.name} is running",
+            f"{out.parent}: {', '.join(unknown[:3])}{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}"
+            f": partial files of a conversion to {out.name} by another machine, container or boot, or an older "
+            f"qbridge; remove them if no conversion to {out.name} is running",
             stacklevel=3,
         )
 

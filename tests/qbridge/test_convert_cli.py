@@ -324,7 +324,7 @@ def test_a_killed_conversions_partial_files_are_removed_by_the_next(nf4, tmp_pat
     (running / "qbridge-owner.json").write_text(json.dumps(dict(owner, pid=os.getpid())))
     with pytest.warns(
         UserWarning,
-        match=r"partial-0000000100000001, \S+partial-0000000300000003, \S+partial-0000000400000004 \.\.\.: partial "
+        match=r"partial-0000000100000001, \S+partial-0000000300000003, \S+partial-0000000400000004 \(and 1 more\): partial "
         r"files of a conversion to out\.orbax by another machine, container or boot",
     ):
         qbridge.convert_checkpoint(nf4, out, progress=False)
@@ -337,7 +337,8 @@ def test_a_killed_conversions_partial_files_are_removed_by_the_next(nf4, tmp_pat
 def test_an_overwrite_killed_between_its_renames_leaves_the_old_checkpoint_named(nf4, tmp_path):
     """An overwrite renames the old ``out`` aside, moves the new one in, then removes the old. Killed before
     removing it, the next conversion removes the old copy (model-sized, hidden, it had stayed); killed between
-    the renames, the old copy is the only checkpoint left: kept, and named in a warning."""
+    the renames, the old copy is the only checkpoint left: the next conversion renames it back, as the
+    overwrite had not happened, and says so."""
     import os
     import subprocess
     import sys
@@ -366,13 +367,17 @@ def test_an_overwrite_killed_between_its_renames_leaves_the_old_checkpoint_named
             assert out.is_dir()
             qbridge.convert_checkpoint(nf4, tmp_path / "out.orbax", overwrite=True, progress=False)
             assert not retired.exists()
-        else:
+        else:  # the overwrite did not happen: out is what it was, and is there again
             assert not out.exists()
-            with pytest.warns(
-                UserWarning, match=rf"{re.escape(retired.name)}: out.orbax as it was before an overwrite"
+            with (
+                pytest.warns(
+                    UserWarning, match=rf"out.orbax: restored from {re.escape(retired.name)}, where an"
+                ),
+                pytest.raises(FileExistsError, match=r"out\.orbax exists; pass overwrite=True"),
             ):
                 qbridge.convert_checkpoint(nf4, out, progress=False)
-            assert retired.is_dir() and out.is_dir()
+            assert out.is_dir() and not retired.exists()
+            qbridge.convert_checkpoint(nf4, out, overwrite=True, progress=False)
         for partial in tmp_path.glob(".out.orbax.partial-*"):  # what the killed conversion left: removed too
             raise AssertionError(f"{partial} left")
     assert jax.tree.structure(qbridge.restore_converted(out)) == jax.tree.structure(
