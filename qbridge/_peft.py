@@ -119,8 +119,11 @@ def load_peft_adapter(
     Raises:
         CheckpointError: a missing or unreadable file, a config these layers do not implement (DoRA,
             trained biases ...: ``jax_side.LoraConfig.from_peft``), ``target_modules`` that name no
-            kept-quantized layer or name a dense one, adapters for layers the model lacks or the config does
-            not name (named), missing adapters, or shapes and dtypes that do not fit. Nothing is changed then; on
+            kept-quantized layer or name a dense one, keys without PEFT's ``base_model.model.`` prefix (all
+            or some), one adapter under both of PEFT's spellings (``lora_A.weight`` and
+            ``lora_A.default.weight``) with different dtypes, shapes or values (the same bits load), adapters
+            for layers the model lacks or the config does not name (named), missing adapters, or shapes and
+            dtypes that do not fit. Nothing is changed then; on
             success the file's adapters replace any the model had.
     """
     from safetensors.flax import load_file
@@ -149,24 +152,30 @@ def load_peft_adapter(
     unprefixed = sorted(k for k in tensors if not k.startswith(PREFIX))
     if unprefixed:
         some = ", ".join(unprefixed[:2]) + (", ..." if len(unprefixed) > 2 else "")
-        which = (
-            "no key"
-            if len(unprefixed) == len(tensors)
-            else f"{len(unprefixed)} of {len(tensors)} keys do not"
-        )
+        if len(unprefixed) == len(tensors):
+            which = "no key starts"
+        else:
+            which = f"{len(unprefixed)} of {len(tensors)} keys {'does' if len(unprefixed) == 1 else 'do'} not start"
         raise CheckpointError(
-            f"{path / WEIGHTS}: {which} start{'s' if which == 'no key' else ''} with {PREFIX!r} ({some}), as PEFT's "
+            f"{path / WEIGHTS}: {which} with {PREFIX!r} ({some}), as PEFT's "
             f"save_pretrained writes them and its loader reads them: not a PEFT adapter file as saved, or its keys "
             f"were renamed (prefix them with {PREFIX!r})"
         )
     both = sorted(k for k in tensors if ".default." in k and k.replace(".default.", ".") in tensors)
     differ = [k for k in both if not _same_tensor(tensors[k], tensors[k.replace(".default.", ".")])]
     if differ:
+        a, b = tensors[differ[0]], tensors[differ[0].replace(".default.", ".")]
+        how = (
+            f"different dtypes ({a.dtype} and {b.dtype})"
+            if a.dtype != b.dtype
+            else f"different shapes ({tuple(a.shape)} and {tuple(b.shape)})"
+            if a.shape != b.shape
+            else "different values"
+        )
         raise CheckpointError(
             f"{path / WEIGHTS}: holds {differ[0]!r} and {differ[0].replace('.default.', '.')!r}"
             + (f" (and {len(differ) - 1} more such pairs)" if len(differ) > 1 else "")
-            + ", two spellings of one adapter with different values; which one is the adapter is not known: keep "
-            "one"
+            + f", two spellings of one adapter with {how}; which one is the adapter is not known: keep one"
         )
     values = {}
     for name, layer in targets.items():
