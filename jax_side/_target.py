@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from ._layout import known_module_type, refuse_torch
+from ._quantized import is_quantized
 from ._tree import (
     MatchError,
     MatchReport,
@@ -72,6 +73,14 @@ def _value(var: Any) -> Any:
 
 
 def _from_dict(tree: Mapping[str, Any]) -> Target:
+    kept = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+    _refuse_kept(
+        [
+            (dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)), type(leaf).__name__)
+            for path, leaf in kept
+            if is_quantized(leaf)
+        ]
+    )
     collections = set(tree) & set(COLLECTIONS)
     prefix_len = 1 if "params" in collections else 0
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -92,9 +101,9 @@ def _refuse_kept(kept: list[tuple[str, str]]) -> None:
     """Raises the TypeError for a target holding kept-quantized layers: ``(dotted path, type name)`` each."""
     if kept:
         raise TypeError(
-            f"target: {kept[0][0]} is a {kept[0][1]}"
-            + (f" (and {len(kept) - 1} more)" if len(kept) > 1 else "")
-            + ", kept quantized by jax_side.load_quantized_into_nnx; a target describes the "
+            f"target: {kept[0][0]} ({kept[0][1]})"
+            + (f" and {len(kept) - 1} more are" if len(kept) > 1 else " is")
+            + " kept quantized (keep_quantized=True, jax_side.load_quantized_into_nnx); a target describes the "
             "model's dense layout (Linear kernels, Embed tables): pass a model built afresh (or its state), or "
             "its abstract form (jax_side.abstract_llama(config) for the built-in Llama), and put the result "
             "into a fresh model"

@@ -377,6 +377,9 @@ def load_checkpoint(
             partial is returned.
         FormatError: an unknown ``quant_method`` or mixed formats.
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
+        TypeError: ``target`` is no linen params dict, ``nnx.Module`` or ``nnx.State``, or holds weights kept
+            quantized (a model, state or tree that ``jax_side.load_quantized_into_nnx`` or ``keep_quantized``
+            filled; the message names one): a target gives the dense layout.
     """
 
     sharding = check_spec(sharding)

@@ -596,7 +596,7 @@ def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_
     """A model that load_quantized_into_nnx filled, given again as ``target=``: the error names a kept layer and
     says to pass a fresh model (a MatchError had listed every weight as unused); its nnx.State likewise."""
     model = _kept(made)
-    says = r"target: model.layers.0.mlp.down_proj is a QuantLinear \(and 13 more\).*pass a model built afresh"
+    says = r"target: model.layers.0.mlp.down_proj \(QuantLinear\) and 13 more are kept quantized.*pass a model built afresh"
     for call in (
         lambda: qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False),
         lambda: qbridge.load_checkpoint(made / "nf4", target=model, strict=False, progress=False),
@@ -605,9 +605,20 @@ def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_
         with pytest.raises(TypeError, match=says):
             call()
     with pytest.raises(
-        TypeError, match=r"target: model.layers.0.mlp.down_proj.weight is a QuantizedVariable \("
+        TypeError, match=r"target: model.layers.0.mlp.down_proj.weight \(QuantizedVariable\) and "
     ):
         qbridge.load_checkpoint(made / "nf4", target=nnx.state(model), progress=False)
+    # the pure dict of that state, and the tree keep_quantized=True gives, as nnx and linen targets
+    kept = qbridge.load_checkpoint(made / "nf4", target=_fresh(made), keep_quantized=True, progress=False)
+    for tree, where in (
+        (nnx.state(model).to_pure_dict(), "model.layers.0.mlp.down_proj.weight"),
+        (kept, "model.layers.0.mlp.down_proj.kernel"),
+        ({"params": kept}, "params.model.layers.0.mlp.down_proj.kernel"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"target: {re.escape(where)} \(NF4Weight\) and 13 more are kept"
+        ):
+            qbridge.load_checkpoint(made / "nf4", target=tree, progress=False)
     assert not (tmp_path / "out").exists()
     # restoring a dense conversion onto it: the same cause named (a list of missing keys had been all)
     qbridge.convert_checkpoint(made / "nf4", tmp_path / "dense.orbax", target=_fresh(made), progress=False)
