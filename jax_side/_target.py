@@ -73,14 +73,7 @@ def _value(var: Any) -> Any:
 
 
 def _from_dict(tree: Mapping[str, Any]) -> Target:
-    kept = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-    _refuse_kept(
-        [
-            (dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)), type(leaf).__name__)
-            for path, leaf in kept
-            if is_quantized(leaf)
-        ]
-    )
+    _refuse_kept(kept_in(tree))
     collections = set(tree) & set(COLLECTIONS)
     prefix_len = 1 if "params" in collections else 0
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
@@ -95,6 +88,36 @@ def _from_dict(tree: Mapping[str, Any]) -> Target:
         return jax.tree_util.tree_unflatten(treedef, [values.get(p, o) for p, o in zip(paths, originals)])
 
     return Target(leaves, rebuild, prefix_len)
+
+
+def kept_in(target: Any) -> list[tuple[str, str]]:
+    """The weights kept quantized in a target, ``(dotted path, type name)`` each: an nnx model's
+    ``QuantLinear``/``QuantEmbed`` layers, an ``nnx.State``'s quantized variables, a tree's
+    :class:`NF4Weight`/:class:`FP8Weight` leaves (what ``load_quantized_into_nnx`` and ``keep_quantized=True``
+    give)."""
+    if _is_nnx_module(target):
+        from flax import nnx
+
+        return [
+            (".".join(map(str, path)), type(node).__name__)
+            for path, node in nnx.iter_graph(target)
+            if type(node).__name__ in ("QuantLinear", "QuantEmbed")
+            and type(node).__module__.startswith("jax_side")
+        ]
+    if _is_nnx_state(target):
+        from flax import nnx
+
+        return [
+            (".".join(map(str, path)), type(var).__name__)
+            for path, var in nnx.to_flat_state(target)
+            if type(var).__name__ == "QuantizedVariable" and type(var).__module__.startswith("jax_side")
+        ]
+    flat = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_quantized)[0]
+    return [
+        (dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)), type(leaf).__name__)
+        for path, leaf in flat
+        if is_quantized(leaf)
+    ]
 
 
 def _refuse_kept(kept: list[tuple[str, str]]) -> None:
@@ -113,14 +136,8 @@ def _refuse_kept(kept: list[tuple[str, str]]) -> None:
 def _from_nnx_state(state: Any, module_types: Mapping[Path, str] | None = None) -> Target:
     from flax import nnx
 
+    _refuse_kept(kept_in(state))
     flat = list(nnx.to_flat_state(state))
-    _refuse_kept(
-        [
-            (".".join(map(str, path)), type(var).__name__)
-            for path, var in flat
-            if type(var).__name__ == "QuantizedVariable" and type(var).__module__.startswith("jax_side")
-        ]
-    )
     leaves = []
     for path, var in flat:
         if not isinstance(var, (nnx.Param, nnx.BatchStat)):
@@ -156,13 +173,7 @@ def _module_type(node: Any) -> str:
 def _from_nnx_module(module: Any) -> Target:
     from flax import nnx
 
-    kept = [
-        (".".join(map(str, path)), type(node).__name__)
-        for path, node in nnx.iter_graph(module)
-        if type(node).__name__ in ("QuantLinear", "QuantEmbed")
-        and type(node).__module__.startswith("jax_side")
-    ]
-    _refuse_kept(kept)
+    _refuse_kept(kept_in(module))
     types = {
         tuple(path): _module_type(node)
         for path, node in nnx.iter_graph(module)

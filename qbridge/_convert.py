@@ -20,6 +20,7 @@ import numpy as np
 
 import jax_side
 from jax_side._quantized import from_pieces, meta_fields
+from jax_side._target import kept_in
 from jax_side._tree import dotted
 
 from ._errors import CheckpointError, first_line
@@ -412,21 +413,15 @@ def _as_tree(target: Any, path: pathlib.Path) -> Any:
         return target
     if not isinstance(target, (nnx.Module, nnx.State)):
         return target
-    if isinstance(target, nnx.Module):
-        kept = [
-            (".".join(map(str, p)), type(node).__name__)
-            for p, node in nnx.iter_graph(target)
-            if type(node).__name__ in ("QuantLinear", "QuantEmbed")
-            and type(node).__module__.startswith("jax_side")
-        ]
-        if kept:
-            raise CheckpointError(
-                f"{path}: the target's {kept[0][0]} is a {kept[0][1]}"
-                + (f" (and {len(kept) - 1} more layers)" if len(kept) > 1 else "")
-                + ", a kept-quantized layer that jax_side.load_quantized_into_nnx put in; restore onto a model "
-                "built afresh, or restore without a target and put the result in with "
-                "jax_side.load_quantized_into_nnx (a checkpoint converted with keep_quantized=True)"
-            )
+    kept = kept_in(target)
+    if kept:
+        raise CheckpointError(
+            f"{path}: the target's {kept[0][0]} ({kept[0][1]})"
+            + (f" and {len(kept) - 1} more are" if len(kept) > 1 else " is")
+            + " kept quantized (jax_side.load_quantized_into_nnx put it in); restore onto a model built afresh, "
+            "or restore without a target and put the result in with jax_side.load_quantized_into_nnx (a "
+            "checkpoint converted with keep_quantized=True)"
+        )
     if _kept_weights(path / QUANTIZED_FIELDS):
         raise CheckpointError(
             f"{path}: holds kept-quantized weights, which an nnx model's dense kernels cannot receive: restore it "

@@ -622,10 +622,14 @@ def test_a_model_with_kept_layers_as_target_is_refused_naming_a_layer(made, tmp_
     assert not (tmp_path / "out").exists()
     # restoring a dense conversion onto it: the same cause named (a list of missing keys had been all)
     qbridge.convert_checkpoint(made / "nf4", tmp_path / "dense.orbax", target=_fresh(made), progress=False)
-    with pytest.raises(
-        qbridge.CheckpointError,
-        match=r"dense.orbax: the target's model.layers.0.mlp.down_proj is a QuantLinear",
+    for target, where in (
+        (model, r"down_proj \(QuantLinear\)"),
+        (nnx.state(model), r"down_proj.weight \(Quant"),
     ):
-        qbridge.restore_converted(tmp_path / "dense.orbax", model)
+        with pytest.raises(
+            qbridge.CheckpointError,
+            match=rf"dense.orbax: the target's model.layers.0.mlp.{where}.* and 13 more are kept quantized",
+        ):
+            qbridge.restore_converted(tmp_path / "dense.orbax", target)
     nnx.update(fresh := _fresh(made), qbridge.restore_converted(tmp_path / "dense.orbax", _fresh(made)))
     assert np.isfinite(np.asarray(fresh(jnp.asarray(IDS)), np.float32)).all()
