@@ -168,6 +168,12 @@ def _repeat_heads(x: jax.Array, groups: int) -> jax.Array:
     return jnp.repeat(x, groups, axis=1) if groups > 1 else x
 
 
+def _logits_spec(input_ids: jax.Array) -> P:
+    """The logits' PartitionSpec: the ids' on their axes, the vocabulary whole."""
+    spec = tuple(getattr(jax.typeof(input_ids).sharding, "spec", ())) + (None,) * jnp.ndim(input_ids)
+    return P(*spec[: jnp.ndim(input_ids)], None)
+
+
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -290,23 +296,56 @@ def _make_modules():
                                           param_dtype=param_dtype, rngs=rngs)  # fmt: skip
 
         def __call__(self, input_ids: jax.Array) -> jax.Array:
-            context = jax.sharding.get_abstract_mesh()
-            mesh = explicit_mesh(input_ids) or (
-                context if explicit_axes(context) else explicit_mesh(nnx.state(self))
-            )
+            mesh = explicit_mesh(input_ids, nnx.state(self))  # ValueError where they lie on two meshes
+            if mesh is None and explicit_axes(jax.sharding.get_abstract_mesh()):
+                mesh = jax.sharding.get_abstract_mesh()
             if mesh is None:
                 return self._logits(input_ids)
-            # Explicit axes: the body runs with them Auto, so that XLA places every activation whichever
-            # weights the user sharded (column, row, heads, batch); the logits come out sharded as the ids
-            # on their axes, the vocabulary whole.
-            graph, state = nnx.split(self)
-            spec = tuple(getattr(jax.typeof(input_ids).sharding, "spec", ())) + (None,) * jnp.ndim(input_ids)
-            return with_auto_axes(
-                lambda state, ids: nnx.merge(graph, state)._logits(ids),
-                (state, input_ids),
-                P(*spec[: jnp.ndim(input_ids)], None),
-                mesh,
-            )
+            return self._on_auto_axes(input_ids, mesh)
+
+        def _on_auto_axes(self, input_ids: jax.Array, mesh: Any) -> jax.Array:
+            """The forward with the mesh's Explicit axes made Auto, so that XLA places every activation
+            whichever weights the user sharded (column, row, heads, batch); the logits come out sharded as
+            the ids on their axes, the vocabulary whole. It runs on this module itself (its variables hold
+            the weights as the body sees them for the call), so that what a call changes (dropout's random
+            counters) stays changed, and hooks on its submodules see the call."""
+            from flax.errors import TraceContextError
+
+            variables = [var for _, var in nnx.to_flat_state(nnx.state(self))]
+            before = [var.value for var in variables]
+            try:
+                for var, value in zip(variables, before):
+                    var.value = value  # unchanged: may this trace change them?
+            except TraceContextError:  # a model captured by a jax.jit: a copy runs (nothing can change)
+                graph, state = nnx.split(self)
+                return with_auto_axes(
+                    lambda state, ids: nnx.merge(graph, state)._logits(ids), (state, input_ids),
+                    _logits_spec(input_ids), mesh,
+                )  # fmt: skip
+            changed: dict[int, Any] = {}
+
+            def run(values: list[Any], ids: jax.Array) -> jax.Array:
+                for var, value in zip(variables, values, strict=True):
+                    var.value = value
+                out = self._logits(ids)
+                changed.update(
+                    (i, var.value)
+                    for i, (var, value) in enumerate(zip(variables, values))
+                    if isinstance(var.value, jax.Array) and var.value is not value
+                )
+                return out
+
+            try:
+                logits = with_auto_axes(run, (before, input_ids), _logits_spec(input_ids), mesh)
+            finally:
+                for var, value in zip(variables, before, strict=True):
+                    var.value = value
+            if changed:  # placed back as each variable was
+                specs = {i: getattr(jax.typeof(before[i]).sharding, "spec", P()) for i in changed}
+                placed = with_auto_axes(lambda: dict(changed), (), specs, mesh)
+                for i, value in placed.items():
+                    variables[i].value = value
+            return logits
 
         def _logits(self, input_ids: jax.Array) -> jax.Array:
             h = self.model(input_ids)

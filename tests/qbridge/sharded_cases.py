@@ -242,6 +242,70 @@ def test_the_model_runs_on_a_mesh_with_explicit_axes(made):
         assert all(np.abs(np.asarray(w)).max() > 0 for w in jax.tree.leaves(want_grads))
 
 
+def test_the_model_on_explicit_axes_keeps_what_a_call_changes_and_is_the_model_called(made):
+    """On a mesh with Explicit axes the forward runs on the model itself: LoRA dropout's random counters
+    advance call by call as without a mesh (a copy had run, so every step drew the same mask), per-layer
+    tracing sees every layer (it had seen none), a model captured by a plain jax.jit runs, and ids and weights
+    on two meshes are refused (a bare KeyError had come)."""
+    import torch
+    import transformers
+
+    from qbridge.parity import trace
+
+    config, _ = _target(made)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    ids = jnp.asarray(np.concatenate([IDS, IDS[::-1]]))
+
+    def kept_with_dropout(on_mesh):
+        model = jax_side.llama_for_causal_lm(config)
+        kept = qbridge.load_checkpoint(made / "nf4", target=model, keep_quantized=True, progress=False)
+        jax_side.load_quantized_into_nnx(model, kept)
+        jax_side.add_lora(
+            model,
+            jax_side.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"]),
+        )
+        nnx.update(model, jax.tree.map(lambda x: jnp.full_like(x, 0.1), nnx.state(model, nnx.LoRAParam)))
+        model.train()
+        if on_mesh:
+            graph, state = nnx.split(model)
+            model = nnx.merge(graph, jax.device_put(state, NamedSharding(mesh, P())))
+        return model
+
+    def counts(model):
+        return [int(v[...]) for _, v in nnx.to_flat_state(nnx.state(model, nnx.RngCount))]
+
+    plain, placed = kept_with_dropout(False), kept_with_dropout(True)
+    want = [np.asarray(plain(ids)) for _ in range(2)]
+    with jax.set_mesh(mesh):
+        x = jax.device_put(ids, NamedSharding(mesh, P("data")))
+        got = [np.asarray(placed(x)) for _ in range(2)]
+    assert not np.array_equal(want[0], want[1])  # two masks
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert counts(placed) == counts(plain) and min(counts(plain)) == 2
+
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+        made / "dense", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    model = jax_side.llama_for_causal_lm(config)
+    nnx.update(model, qbridge.load_checkpoint(made / "dense", target=model, progress=False))
+    whole = trace(torch_model, model, IDS)
+    graph, state = nnx.split(model)
+    model = nnx.merge(graph, jax.device_put(state, NamedSharding(mesh, P())))
+    split = trace(
+        torch_model, model, IDS, flax_inputs=(jax.device_put(jnp.asarray(IDS), NamedSharding(mesh, P())),)
+    )
+    assert len(split.pairs) == len(whole.pairs) > 10 and split.first_divergence == whole.first_divergence
+
+    x = jax.device_put(ids, NamedSharding(mesh, P("data")))
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(lambda ids: model(ids))(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5
+    )
+    other = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    with pytest.raises(ValueError, match="lie on different meshes"):
+        model(jax.device_put(ids, NamedSharding(other, P("a"))))
+
+
 def test_bad_sharding_spec(made):
     with pytest.raises(TypeError, match="sharding must be a callable"):
         qbridge.load_checkpoint(made / "nf4", progress=False, sharding=["x"])
