@@ -10,7 +10,6 @@ import re
 import secrets
 import shutil
 import socket
-import uuid
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -54,12 +53,12 @@ def convert_checkpoint(
     checkpoint (``orbax.checkpoint.StandardCheckpointer``), all or nothing.
 
     The checkpoint is written to a hidden sibling directory (``.OUT.partial-*``) and renamed into place only
-    when complete (an ``out`` that ``overwrite`` replaces is first renamed to ``.OUT.replaced-*``, then
-    removed): an interrupted or failed conversion leaves no new ``out`` and removes its partial files. What a
-    killed one left, the next conversion to ``out`` puts right: an ``out`` it had moved aside and not
-    replaced is renamed back (with a warning), one it had replaced is removed, and partial files are removed
-    where their process ran on the same machine, container and boot and runs no more (others are left and
-    named in a warning).
+    when complete (an ``out`` that ``overwrite`` replaces is first renamed to ``.OUT.replaced-*``, and once
+    the new one is in place to ``.OUT.removing-*`` and removed): an interrupted or failed conversion leaves no
+    new ``out`` and removes its partial files. What a killed one left, the next conversion to ``out`` puts
+    right where the killed process ran on the same machine, container and boot: an ``out`` it had moved aside
+    and not replaced is renamed back (with a warning), and its partial files and a replaced ``out`` it was
+    removing are removed; partial files of others are left and named in a warning.
     Read it back with :func:`restore_converted`, which gives the tree :func:`qbridge.load_checkpoint` returns
     (a plain ``orbax.checkpoint.StandardCheckpointer().restore`` gives the integer keys of layer lists as
     strings, which ``nnx.update`` refuses, and kept-quantized weights as loose pieces).
@@ -103,6 +102,7 @@ def convert_checkpoint(
     if not os.fspath(out):
         raise ValueError("out is empty: name the Orbax checkpoint directory to create")
     out = pathlib.Path(out).absolute()
+    _restore_replaced(pathlib.Path(os.path.realpath(out)))
     if out.is_symlink():  # written where the link leads (the link then leads to the new checkpoint)
         try:
             out = out.resolve(strict=True)
@@ -115,7 +115,6 @@ def convert_checkpoint(
             raise ValueError(
                 f"{out} is a link to {os.readlink(out)}, {why}: name the directory to create"
             ) from None
-    _restore_replaced(out)
     source = pathlib.Path(path).absolute().resolve()
     if source == out.resolve() or source.is_relative_to(out.resolve()):
         raise FileExistsError(
@@ -154,10 +153,13 @@ def convert_checkpoint(
         _barrier(f"qbridge-convert-written-{token}")
         if primary:
             if out.exists():
-                retired = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+                # named as the partial directory, whose owner record says whether its process still runs
+                retired = out.parent / f".{out.name}.replaced-{token}"
                 os.replace(out, retired)
                 os.replace(partial / "state", out)
-                shutil.rmtree(retired, ignore_errors=True)
+                removing = out.parent / f".{out.name}.removing-{token}"  # superseded: anyone may remove it
+                os.replace(retired, removing)
+                shutil.rmtree(removing, ignore_errors=True)
             else:
                 os.replace(partial / "state", out)
         _barrier(f"qbridge-convert-in-place-{token}")
@@ -194,53 +196,64 @@ def _owner() -> dict[str, Any]:
 
 
 def _restore_replaced(out: pathlib.Path) -> None:
-    """Where no ``out`` is, renames back the ``out`` an overwrite had moved aside (``.OUT.replaced-*``) and
-    was killed before moving the new one in, with a warning: the overwrite did not happen, so ``out`` is
-    what it was."""
+    """Where no ``out`` is, renames back the ``out`` an overwrite had moved aside (``.OUT.replaced-TOKEN``) and
+    died before moving the new one in, with a warning: the overwrite did not happen. Only where the
+    conversion's process (its partial directory's owner) ran here and runs no more."""
     if out.exists() or out.is_symlink():
         return
-    aside = sorted(out.parent.glob(f".{glob.escape(out.name)}.replaced-*"), key=_mtime)
-    if not aside:
+    prefix = f".{out.name}.replaced-"
+    for aside in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
+        partial = out.parent / f".{out.name}.partial-{aside.name.removeprefix(prefix)}"
+        if _owner_state(partial) != "ended":
+            continue
+        try:
+            os.replace(aside, out)
+        except OSError:  # another process of this job, or another conversion, got there first
+            return
+        warnings.warn(
+            f"{out}: restored from {aside.name}, where an overwrite that did not finish (killed) had moved it "
+            "aside",
+            stacklevel=3,
+        )
         return
-    try:
-        os.replace(aside[-1], out)
-    except OSError:  # another process of this job, or another conversion, got there first
-        return
-    warnings.warn(
-        f"{out}: restored from {aside[-1].name}, where an overwrite that did not finish (killed) had moved it "
-        "aside",
-        stacklevel=3,
-    )
 
 
-def _mtime(path: pathlib.Path) -> float:
+def _owner_state(partial: pathlib.Path) -> str:
+    """``"ended"`` where the conversion writing ``partial`` ran on this machine, container and boot and runs
+    no more, ``"running"`` where it runs, ``"unknown"`` elsewhere (another place, no or a bad owner record)."""
+    here = {key: value for key, value in _owner().items() if key != "pid"}
     try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+        owner = json.loads((partial / _OWNER).read_text())
+        same_place, pid = all(owner[key] == value for key, value in here.items()), int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    if not same_place or pid <= 0:
+        return "unknown"
+    return "running" if _running(pid) else "ended"
 
 
 def _remove_abandoned(out: pathlib.Path) -> None:
     """Removes the partial directories of conversions to ``out`` whose process died on this host before
-    removing them (killed, out of memory), and earlier checkpoints an overwrite moved aside and died before
-    removing (``.OUT.replaced-*``); warns naming those whose owner is not known (another host,
+    removing them (killed, out of memory), and earlier checkpoints an overwrite replaced and died while
+    removing (``.OUT.removing-*``); warns naming those whose owner is not known (another host,
     container or boot, no owner file) and is not known to run. Those of a process that runs are left alone."""
-    for retired in out.parent.glob(f".{glob.escape(out.name)}.replaced-*"):  # superseded: ``out`` is back
-        if out.exists():
-            shutil.rmtree(retired, ignore_errors=True)
-    here = {key: value for key, value in _owner().items() if key != "pid"}
+    for superseded in out.parent.glob(f".{glob.escape(out.name)}.removing-*"):
+        shutil.rmtree(superseded, ignore_errors=True)
     unknown = []
     for partial in sorted(out.parent.glob(f".{glob.escape(out.name)}.partial-*")):
-        try:
-            owner = json.loads((partial / _OWNER).read_text())
-            same_place, pid = all(owner[key] == value for key, value in here.items()), int(owner["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            unknown.append(partial.name)
-            continue
-        if not same_place:
-            unknown.append(partial.name)
-        elif not _running(pid):
+        state = _owner_state(partial)
+        if state == "ended":
             shutil.rmtree(partial, ignore_errors=True)
+        elif state == "unknown":
+            unknown.append(partial.name)
+    prefix = f".{out.name}.replaced-"
+    for aside in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
+        if _owner_state(out.parent / f".{out.name}.partial-{aside.name.removeprefix(prefix)}") != "running":
+            warnings.warn(
+                f"{aside}: {out.name} as it was before an overwrite that did not finish; {out.name} was written "
+                "since: remove it, or rename it back to keep it",
+                stacklevel=3,
+            )
     if unknown:
         warnings.warn(
             f"{out.parent}: {', '.join(unknown[:3])}{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}"

@@ -362,8 +362,10 @@ def test_an_overwrite_killed_between_its_renames_leaves_the_old_checkpoint_named
             [sys.executable, "-c", child, str(nf4), str(out)], env=env, capture_output=True
         )
         assert killed.returncode == -9, killed.stderr[-2000:]
-        (retired,) = tmp_path.glob(".out.orbax.replaced-*")
-        if kill_at == "removing the old":
+        (retired,) = tmp_path.glob(
+            ".out.orbax.replaced-*" if kill_at != "removing the old" else ".out.orbax.removing-*"
+        )
+        if kill_at == "removing the old":  # superseded, never to be restored, half removed or not
             assert out.is_dir()
             qbridge.convert_checkpoint(nf4, tmp_path / "out.orbax", overwrite=True, progress=False)
             assert not retired.exists()
@@ -380,6 +382,13 @@ def test_an_overwrite_killed_between_its_renames_leaves_the_old_checkpoint_named
             qbridge.convert_checkpoint(nf4, out, overwrite=True, progress=False)
         for partial in tmp_path.glob(".out.orbax.partial-*"):  # what the killed conversion left: removed too
             raise AssertionError(f"{partial} left")
+    # an overwrite that runs, between its renames (its partial directory's owner runs): its old out is its own
+    os.replace(out, tmp_path / ".out.orbax.replaced-00000001")
+    (tmp_path / ".out.orbax.partial-00000001").mkdir()
+    owner = dict(qbridge._convert._owner(), pid=os.getpid())
+    (tmp_path / ".out.orbax.partial-00000001" / "qbridge-owner.json").write_text(json.dumps(owner))
+    qbridge.convert_checkpoint(nf4, out, progress=False)  # out was missing: written, the other's left alone
+    assert (tmp_path / ".out.orbax.replaced-00000001").is_dir()
     assert jax.tree.structure(qbridge.restore_converted(out)) == jax.tree.structure(
         qbridge.load_checkpoint(nf4, progress=False)
     )
