@@ -296,7 +296,12 @@ def _make_modules():
                                           param_dtype=param_dtype, rngs=rngs)  # fmt: skip
 
         def __call__(self, input_ids: jax.Array) -> jax.Array:
-            mesh = explicit_mesh(input_ids, nnx.state(self))  # ValueError where they lie on two meshes
+            # the ids, and the weights of the embedding, the first layer and the head, say where the model
+            # lies (all of its weights would cost a walk of the whole graph on every eager call); ValueError
+            # where they lie on two meshes
+            first = [self.model.layers[0]] if len(self.model.layers) else []
+            placed = [self.model.embed_tokens, *first, getattr(self, "lm_head", None)]
+            mesh = explicit_mesh(input_ids, [nnx.state(part) for part in placed if part is not None])
             if mesh is None and explicit_axes(jax.sharding.get_abstract_mesh()):
                 mesh = jax.sharding.get_abstract_mesh()
             if mesh is None:
