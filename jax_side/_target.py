@@ -120,16 +120,20 @@ def kept_in(target: Any) -> list[tuple[str, str]]:
     ]
 
 
+def kept_said(kept: list[tuple[str, str]]) -> str:
+    """:func:`kept_in`'s finding in words: ``"<path> (<type>) and N more are kept quantized"``."""
+    more = f" and {len(kept) - 1} more are" if len(kept) > 1 else " is"
+    return f"{kept[0][0]} ({kept[0][1]}){more} kept quantized"
+
+
 def _refuse_kept(kept: list[tuple[str, str]]) -> None:
     """Raises the TypeError for a target holding kept-quantized layers: ``(dotted path, type name)`` each."""
     if kept:
         raise TypeError(
-            f"target: {kept[0][0]} ({kept[0][1]})"
-            + (f" and {len(kept) - 1} more are" if len(kept) > 1 else " is")
-            + " kept quantized (keep_quantized=True, jax_side.load_quantized_into_nnx); a target describes the "
-            "model's dense layout (Linear kernels, Embed tables): pass a model built afresh (or its state), or "
-            "its abstract form (jax_side.abstract_llama(config) for the built-in Llama), and put the result "
-            "into a fresh model"
+            f"target: {kept_said(kept)} (keep_quantized=True, jax_side.load_quantized_into_nnx); a target "
+            "describes the model's dense layout (Linear kernels, Embed tables): pass a model built afresh (or "
+            "its state), or its abstract form (jax_side.abstract_llama(config) for the built-in Llama), and put "
+            "the result into a fresh model"
         )
 
 

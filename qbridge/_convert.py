@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -19,7 +20,7 @@ import numpy as np
 
 import jax_side
 from jax_side._quantized import from_pieces, meta_fields
-from jax_side._target import kept_in
+from jax_side._target import kept_in, kept_said
 from jax_side._tree import dotted
 
 from ._errors import CheckpointError, first_line
@@ -173,9 +174,15 @@ _OWNER = "qbridge-owner.json"  # in a partial directory: where and by which proc
 
 
 def _owner() -> dict[str, Any]:
-    """Who writes a partial directory: the host name, the boot (Linux's ``boot_id``) and the process-id
-    namespace, which together say whether a process id means the same process here, and the process id.
-    Containers may share a host name (and a volume) with each other, not their boot and namespace both."""
+    """Who writes a partial directory: where (:func:`_place`) and the process id."""
+    return {**_place(), "pid": os.getpid()}
+
+
+@functools.cache
+def _place() -> dict[str, Any]:
+    """Where this process runs: the host name, the boot (Linux's ``boot_id``) and the process-id namespace,
+    which together say whether a process id means the same process here. Containers may share a host name
+    (and a volume) with each other, not their boot and namespace both."""
 
     def read(path: str) -> str | None:
         try:
@@ -191,8 +198,17 @@ def _owner() -> dict[str, Any]:
         "host": socket.gethostname(),
         "boot": read("/proc/sys/kernel/random/boot_id"),
         "pid_namespace": pid_namespace,
-        "pid": os.getpid(),
     }
+
+
+def _moved_aside(out: pathlib.Path) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """Each ``.OUT.replaced-TOKEN`` beside ``out`` (an ``out`` an overwrite moved aside), with the partial
+    directory of that conversion (``.OUT.partial-TOKEN``, whose owner record says whether it runs)."""
+    prefix = f".{out.name}.replaced-"
+    return [
+        (aside, out.parent / f".{out.name}.partial-{aside.name.removeprefix(prefix)}")
+        for aside in sorted(out.parent.glob(f"{glob.escape(prefix)}*"))
+    ]
 
 
 def _restore_replaced(out: pathlib.Path) -> None:
@@ -201,9 +217,7 @@ def _restore_replaced(out: pathlib.Path) -> None:
     conversion's process (its partial directory's owner) ran here and runs no more."""
     if out.exists() or out.is_symlink():
         return
-    prefix = f".{out.name}.replaced-"
-    for aside in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
-        partial = out.parent / f".{out.name}.partial-{aside.name.removeprefix(prefix)}"
+    for aside, partial in _moved_aside(out):
         if _owner_state(partial) != "ended":
             continue
         try:
@@ -221,10 +235,9 @@ def _restore_replaced(out: pathlib.Path) -> None:
 def _owner_state(partial: pathlib.Path) -> str:
     """``"ended"`` where the conversion writing ``partial`` ran on this machine, container and boot and runs
     no more, ``"running"`` where it runs, ``"unknown"`` elsewhere (another place, no or a bad owner record)."""
-    here = {key: value for key, value in _owner().items() if key != "pid"}
     try:
         owner = json.loads((partial / _OWNER).read_text())
-        same_place, pid = all(owner[key] == value for key, value in here.items()), int(owner["pid"])
+        same_place, pid = all(owner[key] == value for key, value in _place().items()), int(owner["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown"
     if not same_place or pid <= 0:
@@ -246,9 +259,8 @@ def _remove_abandoned(out: pathlib.Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
         elif state == "unknown":
             unknown.append(partial.name)
-    prefix = f".{out.name}.replaced-"
-    for aside in sorted(out.parent.glob(f"{glob.escape(prefix)}*")):
-        if _owner_state(out.parent / f".{out.name}.partial-{aside.name.removeprefix(prefix)}") != "running":
+    for aside, partial in _moved_aside(out):
+        if _owner_state(partial) != "running":
             warnings.warn(
                 f"{aside}: {out.name} as it was before an overwrite that did not finish; {out.name} was written "
                 "since: remove it, or rename it back to keep it",
@@ -429,11 +441,9 @@ def _as_tree(target: Any, path: pathlib.Path) -> Any:
     kept = kept_in(target)
     if kept:
         raise CheckpointError(
-            f"{path}: the target's {kept[0][0]} ({kept[0][1]})"
-            + (f" and {len(kept) - 1} more are" if len(kept) > 1 else " is")
-            + " kept quantized (jax_side.load_quantized_into_nnx put it in); restore onto a model built afresh, "
-            "or restore without a target and put the result in with jax_side.load_quantized_into_nnx (a "
-            "checkpoint converted with keep_quantized=True)"
+            f"{path}: the target's {kept_said(kept)} (jax_side.load_quantized_into_nnx put it in); restore onto "
+            "a model built afresh, or restore without a target and put the result in with "
+            "jax_side.load_quantized_into_nnx (a checkpoint converted with keep_quantized=True)"
         )
     if _kept_weights(path / QUANTIZED_FIELDS):
         raise CheckpointError(
