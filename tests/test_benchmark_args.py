@@ -65,3 +65,46 @@ def test_an_ab_run_without_a_base_tree_is_refused_before_any_work(tmp_path, monk
     with pytest.raises(SystemExit):
         in_process_ab.main()
     assert f"--base {tmp_path}: no qbridge/__init__.py there" in capsys.readouterr().err
+
+
+def test_the_forward_floor_counts_the_kept_weights_bytes_and_keeps_the_rest():
+    """``forward_floor.py`` replaces the Mosaic kernels' time by the kept weights' bytes at the ceiling: its
+    bytes per layer are what jax_side's own weights of those shapes hold, and every other kernel's time stays."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jax_side
+
+    forward_floor = pytest.importorskip("forward_floor")
+    nf4 = fp8 = 0
+    for n, k in forward_floor.PROJECTIONS:
+        blocks = n * k // 64
+        nf4 += jax_side.quantized_nbytes(
+            jax_side.NF4Weight(
+                packed=jnp.zeros(n * k // 2, jnp.uint8), absmax=jnp.zeros(blocks, jnp.uint8),
+                nested_absmax=jnp.zeros(-(-blocks // 256), jnp.float32), offset=jnp.zeros((), jnp.float32),
+                shape=(n, k),
+            )
+        )[0]  # fmt: skip
+        scales = jnp.zeros((-(-n // 128), -(-k // 128)), jnp.float32)
+        fp8 += jax_side.quantized_nbytes(jax_side.FP8Weight(jnp.zeros((n, k), jnp.float8_e4m3fn), scales))[0]
+    assert (forward_floor.layer_bytes("NF4"), forward_floor.layer_bytes("FP8")) == (nf4, fp8)
+
+    kernels = [{"name": "body_mosaic_gpu_kernel", "us": 150.0}, {"name": "gemm_fusion_dot", "us": 60.0}]
+    profile = {
+        "args": {"layers": 2},
+        "results": {
+            "dense, 16 tokens": {"busy_us": 400.0, "by_name": [{"name": "gemm_fusion_dot_3", "us": 300.0}]},
+            "kept FP8, 16 tokens": {"busy_us": 250.0, "by_name": kernels},
+            "kept NF4, 1 token": {
+                "busy_us": 300.0,
+                "by_name": [{"name": "input_reduce_fusion", "us": 200.0}],
+            },
+        },
+    }
+    (row,) = forward_floor.floors(profile, ceiling=1e12)  # one token has no Mosaic kernel: left out
+    at_ceiling = 2 * fp8 / 1e12 * 1e6
+    assert row["weights_at_ceiling_us"] == pytest.approx(at_ceiling)
+    assert row["floor_us"] == pytest.approx(250.0 - 150.0 + at_ceiling)
+    assert row["floor_over_dense"] == pytest.approx((100.0 + at_ceiling) / 400.0)
+    assert np.isclose(row["busy_over_dense"], 250.0 / 400.0)
