@@ -84,6 +84,9 @@ class Classification:
         guessed: parameter keys whose kind comes from name rules.
         conv1d: keys owned by transformers' ``Conv1D`` modules (stored ``[in, out]`` unless quantized).
         source: where the module kinds came from, in words.
+        kept_tied: ``key -> why`` for copies the config or the model ties to another tensor that the
+            checkpoint holds otherwise (quantized where the other is not, or with different values): they stay
+            parameters of their own, which a target that ties them has no leaf for.
     """
 
     optional: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -91,6 +94,7 @@ class Classification:
     guessed: list[str] = dataclasses.field(default_factory=list)
     conv1d: set[str] = dataclasses.field(default_factory=set)
     source: str = "name rules"
+    kept_tied: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def torch_kind(module: torch.nn.Module, ndim: int = 2) -> str:
@@ -419,14 +423,18 @@ def classify(
     else:
         pairs = []
     sources: set[str] = set()
+    tied_by = (
+        f"the {modules.architecture} model" if modules is not None else "tie_word_embeddings in the config"
+    )
     for copy, source in pairs:
-        if (
-            copy in out.optional
-            or copy in sources
-            or source in out.optional
-            or copy in quantized
-            or source in quantized
-        ):
+        if copy in out.optional or copy in sources or source in out.optional:
+            continue
+        if (copy in quantized) != (source in quantized):
+            which = copy if copy in quantized else source
+            out.kept_tied.setdefault(copy, f"{tied_by} ties it to {source!r}, but the checkpoint stores {which!r} "
+                                           "quantized and the other not")  # fmt: skip
+            continue
+        if copy in quantized:
             continue
         if shapes[copy] == shapes[source] and _same_tensor(read, copy, source):
             out.optional[copy] = f"tied to {source} (an identical copy)"
@@ -434,11 +442,16 @@ def classify(
             out.kinds.pop(copy, None)
             if copy in out.guessed:
                 out.guessed.remove(copy)
-        elif modules is not None:
-            log.info(
-                "%s is tied to %s in %s, but the checkpoint holds different values: kept",
-                copy,
-                source,
-                modules.architecture,
+            out.kept_tied.pop(copy, None)
+        else:
+            out.kept_tied.setdefault(
+                copy, f"{tied_by} ties it to {source!r}, but the checkpoint holds different values"
             )
+            if modules is not None:
+                log.info(
+                    "%s is tied to %s in %s, but the checkpoint holds different values: kept",
+                    copy,
+                    source,
+                    modules.architecture,
+                )
     return out

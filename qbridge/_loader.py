@@ -183,14 +183,22 @@ def plan_load(
                                                       torch_kinds=classes.kinds, optional=classes.optional)  # fmt: skip
         except jax_side.MatchError as e:
             if ask or not (e.report.unused or e.report.shape_mismatches):
+                notes = []
                 stray = [key for key in e.report.unused if key in ckpt.source.unlisted]
                 if stray:  # loaded because a listed file holds them: say where they came from
-                    raise jax_side.MatchError(
-                        e.report,
-                        f"{e}\n  ({len(stray)} of the unused tensors, such as {stray[0]!r} in "
+                    notes.append(
+                        f"({len(stray)} of the unused tensors, such as {stray[0]!r} in "
                         f"{ckpt.source.unlisted[stray[0]].name}, are not listed in the checkpoint's index: a file "
-                        "it names holds them beside the model's; remove them from that file, or pass strict=False)",
-                    ) from e
+                        "it names holds them beside the model's; remove them from that file, or pass strict=False)"
+                    )
+                notes += [  # an output layer the config ties, stored apart: a tied target has no leaf for it
+                    f"({key!r} is kept as a parameter of its own: {classes.kept_tied[key]}; a target with an "
+                    "output layer of its own (tie_word_embeddings=False) takes it)"
+                    for key in e.report.unused
+                    if key in classes.kept_tied
+                ]
+                if notes:
+                    raise jax_side.MatchError(e.report, "\n  ".join([str(e), *notes])) from e
                 raise
             ask = True  # let the model explain the leftovers, then match again
             continue

@@ -95,8 +95,30 @@ def test_a_tied_name_that_holds_other_values_stays_a_parameter(tmp_path):
     )  # the config says tied; the file says otherwise
     _bin(model, tmp_path / "bin", state)
     _, target = _target(tmp_path / "bin")
-    with pytest.raises(jax_side.MatchError, match=r"unused: checkpoint tensor 'lm_head.weight'"):
+    with pytest.raises(jax_side.MatchError, match=r"unused: checkpoint tensor 'lm_head.weight'") as e:
         qbridge.load_checkpoint(tmp_path / "bin", target=target, progress=False)
+    assert "'lm_head.weight' is kept as a parameter of its own: " in str(e.value)
+    assert "ties it to 'model.embed_tokens.weight', but the checkpoint holds different values" in str(e.value)
+
+
+def test_a_tied_output_layer_stored_quantized_apart_from_the_embedding_is_named_as_the_cause(tmp_path):
+    """torchao's ``quantize_`` of a tied Llama quantizes ``lm_head`` and leaves the embedding dense, while
+    config.json still ties them: the tied target has no leaf for it, and the refusal says why."""
+    ao = pytest.importorskip("torchao.quantization")
+    model = _llama(tmp_path / "st", tie_word_embeddings=True)
+    ao.quantize_(model, ao.Int8WeightOnlyConfig())
+    assert torch_side.is_quant_tensor_subclass(model.lm_head.weight)
+    assert not torch_side.is_quant_tensor_subclass(model.model.embed_tokens.weight)
+    _bin(model, tmp_path / "bin")
+    _, target = _target(tmp_path / "bin")
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path / "bin", target=target, progress=False)
+    message = str(e.value)
+    assert "unused: checkpoint tensor 'lm_head.weight' fills no target leaf" in message
+    assert (
+        "ties it to 'model.embed_tokens.weight', but the checkpoint stores 'lm_head.weight' quantized and the "
+        "other not; a target with an output layer of its own (tie_word_embeddings=False) takes it" in message
+    )
 
 
 def test_fp8_activation_kv_and_probability_scales_are_skipped(tmp_path):
