@@ -192,8 +192,9 @@ def plan_load(
                         "it names holds them beside the model's; remove them from that file, or pass strict=False)"
                     )
                 notes += [  # an output layer the config ties, stored apart: a tied target has no leaf for it
-                    f"({key!r} is kept as a parameter of its own: {classes.kept_tied[key]}; a target with an "
-                    "output layer of its own (tie_word_embeddings=False) takes it)"
+                    f"({key!r} is kept as a parameter of its own: {classes.kept_tied[key]}; load it into a target "
+                    "with an output layer of its own, e.g. jax_side's Llama built from "
+                    "LlamaConfig.from_hf({**config_json, 'tie_word_embeddings': False}))"
                     for key in e.report.unused
                     if key in classes.kept_tied
                 ]

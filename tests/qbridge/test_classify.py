@@ -117,7 +117,8 @@ def test_a_tied_output_layer_stored_quantized_apart_from_the_embedding_is_named_
     assert "unused: checkpoint tensor 'lm_head.weight' fills no target leaf" in message
     assert (
         "ties it to 'model.embed_tokens.weight', but the checkpoint stores 'lm_head.weight' quantized and the "
-        "other not; a target with an output layer of its own (tie_word_embeddings=False) takes it" in message
+        "other not; load it into a target with an output layer of its own, e.g. jax_side's Llama built from "
+        "LlamaConfig.from_hf({**config_json, 'tie_word_embeddings': False})" in message
     )
 
 
