@@ -3,9 +3,9 @@
 What plain ``jax.dlpack.from_dlpack`` gets wrong, and what is done here instead:
 
 - **Streams.** torch's ``__dlpack__`` orders JAX's stream only after torch's *current* stream, so work
-  left on a side stream is read unfinished. Here a dedicated export stream first waits (on the GPU, the
-  host never blocks) on the current stream and on every torch stream that still has work queued, and
-  JAX's stream waits on the export stream.
+  left on a side stream is read unfinished. Here every torch stream is asked whether it still has work
+  queued; JAX's stream waits (on the GPU, the host never blocks) for the current stream, and, when another
+  stream is busy, for a dedicated export stream that first waits for the current stream and the busy ones.
 - **Reuse.** The tensor is marked as used on JAX's stream (``record_stream``), so torch's caching
   allocator does not hand its memory to new work before JAX's reads are done.
 - **Alignment.** JAX accepts a view whose pointer is off alignment and fails later inside jit (GPU) or
@@ -135,15 +135,25 @@ _query = getattr(torch._C._CudaStreamBase, "query", torch.cuda.Stream.query)
 
 
 @functools.cache
-def _driver_query() -> int | None:
-    """The address of the CUDA driver's ``cuStreamQuery`` in this process (libcuda, which torch's CUDA build
-    has loaded), or None: a torch without CUDA, a HIP build, no such library."""
+def _driver_calls() -> tuple[int, int, int] | None:
+    """The addresses of the CUDA driver's ``cuStreamQuery``, ``cuEventRecord`` and ``cuStreamWaitEvent`` in
+    this process (libcuda, which torch's CUDA build has loaded), or None: a torch without CUDA, a HIP build,
+    no such library."""
     if torch.version.cuda is None or getattr(torch.version, "hip", None):
         return None
     try:
-        return ctypes.cast(ctypes.CDLL("libcuda.so.1").cuStreamQuery, ctypes.c_void_p).value
+        driver = ctypes.CDLL("libcuda.so.1")
+        calls = (driver.cuStreamQuery, driver.cuEventRecord, driver.cuStreamWaitEvent)
     except (OSError, AttributeError):
         return None
+    addresses = tuple(ctypes.cast(call, ctypes.c_void_p).value for call in calls)
+    return addresses if all(addresses) else None  # type: ignore[return-value]
+
+
+def _driver_query() -> int | None:
+    """The address of the CUDA driver's ``cuStreamQuery`` (see :func:`_driver_calls`), or None."""
+    calls = _driver_calls()
+    return None if calls is None else calls[0]
 
 
 @functools.cache
@@ -183,8 +193,46 @@ class _Others:
         return scan(query, self.handles, self.count) < 0 and all(map(_query, self.null))
 
 
-# (device index, current stream's id) -> torch's streams on that device but the current one: what "auto" asks
+# (device index, current stream's handle) -> torch's streams on that device but the current one: what "auto"
+# asks (a stream's handle names it while it exists; the legacy default stream's is 0)
 _OTHERS: dict[tuple[int, int], _Others] = {}
+
+
+def _others(index: int, current: int) -> _Others:
+    """torch's streams on ``cuda:index`` but the one whose handle is ``current`` (made once per pair)."""
+    others = _OTHERS.get((index, current))
+    if others is None:
+        if len(_OTHERS) >= 1024:  # external streams made current one after another: start over
+            _OTHERS.clear()
+        others = _OTHERS[(index, current)] = _Others(
+            tuple(s for s in _torch_streams(index) if s.cuda_stream != current)
+        )
+    return others
+
+
+class _ThreadEvents(threading.local):
+    """One CUDA event per device for each thread that hands tensors over (see :func:`_event`)."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, torch.cuda.Event] = {}
+        self.handles: dict[int, int] = {}
+
+
+_EVENTS = _ThreadEvents()
+
+
+def _event(index: int) -> int:
+    """The handle of this thread's event on ``cuda:index`` (made at its first use there): every handoff of
+    the thread records it on torch's current stream and makes JAX's stream wait for that record. A later
+    record does not move an earlier wait, and another thread has events of its own."""
+    handle = _EVENTS.handles.get(index)
+    if handle is None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(index))  # torch makes the CUDA event at its first record
+        _EVENTS.events[index] = event
+        handle = _EVENTS.handles[index] = event.cuda_event
+    return handle
+
 
 # inside to_jax_many: device index -> the busy streams found by its first "auto" scan
 _SCANS: contextvars.ContextVar[dict[int, list[torch.cuda.Stream]] | None] = contextvars.ContextVar(
@@ -228,15 +276,7 @@ def _busy_producers(t: torch.Tensor, producer: Producer) -> list[torch.cuda.Stre
         scans = _SCANS.get()
         if scans is not None and index in scans:  # to_jax_many: scanned once per device
             return scans[index]
-        pool = _torch_streams(index)
-        current_id = torch._C._cuda_getCurrentStream(index)[0]
-        others = _OTHERS.get((index, current_id))
-        if others is None:
-            if len(_OTHERS) >= 1024:  # external streams made current one after another: start over
-                _OTHERS.clear()
-            others = _OTHERS[(index, current_id)] = _Others(
-                tuple(s for s in pool if s.stream_id != current_id)
-            )
+        others = _others(index, torch._C._cuda_getCurrentRawStream(index))
         # the usual answer, nothing else running, in one pass without Python work per stream
         busy = [] if others.idle(index) else [s for s in others.streams if not _query(s)]
         if scans is not None:
@@ -335,8 +375,63 @@ def _describe(t: torch.Tensor) -> str:
 _NOTHING = _nullcontext()
 
 
+_DL_CUDA = 2  # DLPack's kDLCUDA
+_TO_DLPACK = getattr(
+    torch._C, "_to_dlpack", None
+)  # what Tensor.__dlpack__ calls once its stream work is done
+
+
+def _export_ordered(t: torch.Tensor, home: jax.Device, index: int, producer: str) -> jax.Array | None:
+    """The handoff of a CUDA tensor on the current device (``cuda:index``) when ``producer`` is "auto" and no
+    stream but the current one is busy, or is "current": one call of torch_side's library scans the other
+    streams ("auto") and makes JAX's stream wait for torch's current one (as torch's ``__dlpack__(stream=)``
+    does, with this thread's event instead of a new one), then torch's export and JAX's import are called
+    directly. None where this does not apply (the library or the driver's calls not loaded, JAX or torch
+    without the direct calls, a busy stream, an error from the driver): then the route through torch's
+    ``__dlpack__``, which finds every busy stream and reports errors."""
+    order, driver, importer = _native._ORDER, _driver_calls(), _importer()
+    if order is None or driver is None or importer is None or _TO_DLPACK is None:
+        if order is None and driver is not None:
+            _load_scan()
+        return None
+    stream = _import_stream(home)
+    if not stream:
+        return None
+    current = torch._C._cuda_getCurrentRawStream(index)
+    handles, count, scans, others = None, 0, None, None
+    if producer == "auto":
+        scans = _SCANS.get()
+        if scans is not None and index in scans:  # to_jax_many: scanned once per device
+            if scans[index]:
+                return None
+        else:
+            others = _others(index, current)
+            handles, count = others.handles, others.count
+    query, record, wait = driver
+    if others is not None and others.null and not all(map(_query, others.null)):
+        answer = 0  # the legacy default stream is busy
+    else:
+        answer = order(query, handles, count, record, wait, _event(index), current, stream)
+    if answer != -1:
+        if others is not None and scans is not None and answer >= 0:  # to_jax_many keeps every busy one
+            scans[index] = [s for s in others.streams if not _query(s)]
+        return None
+    if others is not None and scans is not None:
+        scans[index] = []
+    fn, takes_device_type = importer
+    capsule = _TO_DLPACK(t)
+    x = fn(capsule, home, stream, False, _DL_CUDA) if takes_device_type else fn(capsule, home, stream, False)
+    t.record_stream(_jax_stream(home, index))  # type: ignore[arg-type]  # not None: JAX has the stream
+    return x
+
+
 def _export_cuda(t: torch.Tensor, home: jax.Device, producer: Producer) -> jax.Array:
     """Hands a CUDA tensor to JAX on ``home`` with the stream and reuse guarantees of the module docstring."""
+    index = t.device.index
+    if isinstance(producer, str) and torch._C._cuda_getDevice() == index:
+        x = _export_ordered(t, home, index, producer)
+        if x is not None:
+            return x
     with on_device(t.device):
         after = _after_producers(t, producer)
         # torch's __dlpack__ makes JAX's stream wait for the current stream (made ``after`` here if needed)

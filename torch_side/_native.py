@@ -49,7 +49,8 @@ from ._checks import tracing
 log = logging.getLogger("torch_side")
 
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
-# built into the same library: qbridge.to_jax's scan of torch's CUDA streams (qb_first_busy_stream)
+# built into the same library: qbridge.to_jax's scan of torch's CUDA streams and its ordering of JAX's stream
+# (qb_first_busy_stream, qb_order_after_idle)
 SCAN_SOURCE = SOURCE.with_name("stream_scan.c")
 SOURCES = (SOURCE, SCAN_SOURCE)
 ENV = "QBRIDGE_CPU_KERNEL"
@@ -83,6 +84,7 @@ _FN: Any = None  # the loaded qb_dequantize_4bit, once ready
 _FP8: Any = None  # the loaded qb_dequantize_fp8, from the same library
 _FN_T: Any = None  # the loaded qb_dequantize_4bit_t (written transposed), from the same library
 _SCAN: Any = None  # the loaded qb_first_busy_stream, from the same library
+_ORDER: Any = None  # the loaded qb_order_after_idle, from the same library
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -144,13 +146,13 @@ def _whole(path: pathlib.Path) -> bool:
     return whole(str(path))
 
 
-def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any]:
-    """The library's entry points (4-bit, FP8, 4-bit written transposed, the stream scan), with their
-    argument types set."""
+def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any, Any]:
+    """The library's entry points (4-bit, FP8, 4-bit written transposed, the stream scan, the scan with the
+    ordering of a consumer stream), with their argument types set."""
     try:
         library = ctypes.CDLL(str(path))
         fn, fp8, fn_t = library.qb_dequantize_4bit, library.qb_dequantize_fp8, library.qb_dequantize_4bit_t
-        scan = library.qb_first_busy_stream
+        scan, order = library.qb_first_busy_stream, library.qb_order_after_idle
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
     log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
@@ -163,11 +165,13 @@ def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any]:
     fn_t.restype = i32
     scan.argtypes = [p, p, i64]
     scan.restype = i32
-    return fn, fp8, fn_t, scan
+    order.argtypes = [p, p, i64, p, p, p, p, p]
+    order.restype = i32
+    return fn, fp8, fn_t, scan, order
 
 
 def _build_and_load() -> None:
-    global _FN, _FP8, _FN_T, _SCAN, _UNAVAILABLE
+    global _FN, _FP8, _FN_T, _SCAN, _ORDER, _UNAVAILABLE
     try:
         root = cache_dir()
         if root is not None:
@@ -179,7 +183,7 @@ def _build_and_load() -> None:
                     whole = _whole(path)
                 if whole:
                     try:
-                        _FN, _FP8, _FN_T, _SCAN = load(path)
+                        _FN, _FP8, _FN_T, _SCAN, _ORDER = load(path)
                         return
                     except BuildError as e:  # whole but not the kernel (replaced by hand): built again
                         log.debug("%s could not be loaded (%s): built again", path, e)
@@ -190,7 +194,7 @@ def _build_and_load() -> None:
         # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
         path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
         build(path)
-        _FN, _FP8, _FN_T, _SCAN = load(path)
+        _FN, _FP8, _FN_T, _SCAN, _ORDER = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _BUILDS.exiting:  # a private build stopped at exit is no news
@@ -288,6 +292,17 @@ def stream_scan(wait: bool = False) -> Any:
     (``kernels/stream_scan.c``)."""
     cpu_4bit(wait)
     return _SCAN
+
+
+def stream_order(wait: bool = False) -> Any:
+    """The scan with the ordering of a consumer stream, from the same library (see :func:`cpu_4bit`), or
+    None: ``qb_order_after_idle(query, streams, n, record, wait, event, current, consumer)`` scans as
+    :func:`stream_scan` does and, when no stream is busy, records ``event`` on ``current`` and makes
+    ``consumer`` wait for it (``record``, ``wait``: the driver's ``cuEventRecord`` and ``cuStreamWaitEvent``,
+    by address); -1 when ordered, a busy stream's index, or -2/-3 when the record/wait failed
+    (``kernels/stream_scan.c``)."""
+    cpu_4bit(wait)
+    return _ORDER
 
 
 def transposes_well(rows: int, cols: int, *, nibbles: bool) -> bool:

@@ -35,19 +35,29 @@ def _produce(stream, n, value):
     return buf
 
 
-@pytest.fixture(params=["C loop", "torch"])
+@pytest.fixture(params=["C order", "C loop", "torch"])
 def stream_scan(request, monkeypatch):
-    """The two ways "auto" asks torch's streams whether they are busy: the library's C loop over the driver's
-    cuStreamQuery (once it is loaded) and torch's Stream.query of each (before that, or without it)."""
+    """The three ways a handoff asks torch's streams whether they are busy and orders JAX's stream: one call
+    of the library that scans with the driver's cuStreamQuery and records this thread's event on the current
+    stream for JAX's stream to wait for (once the library is loaded; the test fails unless that call was
+    asked); the library's scan with torch's __dlpack__ ordering the streams; torch's Stream.query of
+    each stream (before the library is loaded, or without it)."""
     from qbridge import _handoff
     from torch_side import _native
 
-    if request.param == "C loop":
-        assert _native.stream_scan(wait=True) is not None, "the library holding the scan was not built"
-        assert _handoff._driver_query() is not None, "libcuda's cuStreamQuery was not found"
+    assert _native.stream_scan(wait=True) is not None, "the library holding the scan was not built"
+    assert _handoff._driver_calls() is not None, "libcuda's cuStreamQuery, cuEventRecord, cuStreamWaitEvent"
+    ordered = []
+    if request.param == "C order":
+        order = _native._ORDER
+        monkeypatch.setattr(_native, "_ORDER", lambda *a: ordered.append(order(*a)) or ordered[-1])
     else:
+        monkeypatch.setattr(_native, "_ORDER", None)
+    if request.param == "torch":
         monkeypatch.setattr(_native, "_SCAN", None)
-    return request.param
+    yield request.param
+    if request.param == "C order":
+        assert ordered, "no handoff asked the library's ordering call"
 
 
 @pytest.mark.parametrize("where", ["side", "current"])
@@ -95,8 +105,8 @@ def test_many_tensors_wait_for_their_producers_with_one_stream_scan(monkeypatch,
     from qbridge import _handoff
 
     scans = []
-    original = _handoff._torch_streams
-    monkeypatch.setattr(_handoff, "_torch_streams", lambda index: scans.append(index) or original(index))
+    original = _handoff._others
+    monkeypatch.setattr(_handoff, "_others", lambda *a: scans.append(a) or original(*a))
     sides = [torch.cuda.Stream() for _ in range(3)]
     bad = 0
     for trial in range(100):
@@ -118,6 +128,11 @@ def test_the_c_scan_finds_each_busy_stream_and_asks_torch_only_for_the_default(m
     from torch_side import _native
 
     assert _native.stream_scan(wait=True) is not None and _handoff._driver_query() is not None
+    gpu = _gpu()
+
+    def ordered_in_one_call() -> bool:  # the library's ordering call took the handoff (no busy stream)
+        return _handoff._export_ordered(t, gpu, 0, "auto") is not None
+
     asked = []
     query = _handoff._query
     monkeypatch.setattr(_handoff, "_query", lambda s: asked.append(s) or query(s))
@@ -132,12 +147,41 @@ def test_the_c_scan_finds_each_busy_stream_and_asks_torch_only_for_the_default(m
             asked.clear()
             assert _handoff._busy_producers(t, "auto") == []
             assert len(asked) == (current != torch.cuda.default_stream())  # the default stream, through torch
+            assert ordered_in_one_call()
             for busy in others[:: max(1, len(others) // 16)] + others[-1:]:
                 with torch.cuda.stream(busy):
                     torch.cuda._sleep(2_000_000)
                 assert _handoff._busy_producers(t, "auto") == [busy], (busy, busy.priority)
+                assert not ordered_in_one_call(), (busy, busy.priority)  # left to the export stream's route
                 busy.synchronize()
             assert _handoff._busy_producers(t, "auto") == []
+            assert ordered_in_one_call()
+
+
+def test_threads_handing_over_from_their_own_streams_read_finished_data(stream_scan):
+    """Each thread records its own event for JAX's stream to wait for: four threads, each producing on a
+    current stream of its own and handing over at once, read only finished values."""
+    import threading
+
+    import qbridge
+
+    bad = []
+
+    def work(k: int) -> None:
+        mine = torch.cuda.Stream()
+        with torch.cuda.stream(mine):
+            for trial in range(100):
+                buf = _produce(mine, 1 << 18, float(1000 * k + trial))
+                x = qbridge.to_jax(buf)
+                if float(x[-1]) != 1000 * k + trial:
+                    bad.append((k, trial))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not bad, f"{len(bad)} of 400 reads saw unfinished data"
 
 
 def test_the_race_test_can_see_a_race():

@@ -1015,7 +1015,7 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
     target = tmp_path / "plain.so"
     subprocess.run([*_build_c.compiler(), *flags, *map(str, _native.SOURCES), "-o", str(target)], check=True)
     monkeypatch.setattr(_native, "_FN", None)
-    fn, fp8, fn_t, _ = _native.load(target)
+    fn, fp8, fn_t, *_ = _native.load(target)
     monkeypatch.setattr(_native, "_FN", fn)
     monkeypatch.setattr(_native, "_FP8", fp8)
     monkeypatch.setattr(_native, "_FN_T", fn_t)
@@ -1103,3 +1103,76 @@ def test_the_stream_scan_returns_the_first_stream_not_idle(kernel):
     for error in (1, 700, 900, -1):  # any answer but idle counts: the caller asks torch, which raises it
         query = query_t(lambda h, error=error: error if h == 3 else 0)
         assert scan(ctypes.cast(query, ctypes.c_void_p), (ctypes.c_void_p * 4)(1, 2, 3, 4), 4) == 2
+
+
+def test_the_stream_order_scans_then_records_on_current_and_makes_the_consumer_wait(kernel):
+    """The library's ordering call (kernels/stream_scan.c, qbridge.to_jax's stream work for one tensor) scans
+    as the scan above does; when no stream is busy it records the event on the current stream and then makes
+    the consumer wait for that event, in this order and once each; a busy stream is reported with nothing
+    recorded; a consumer that is the current stream needs nothing; a failed record or wait is reported (-2,
+    -3), a failed record with no wait after it. The driver's functions are Python stand-ins here (this machine
+    may have no GPU): the code under test is the library's own; the GPU suite runs it on the driver."""
+    order = _native.stream_order(wait=True)
+    p = ctypes.c_void_p
+    query_t = ctypes.CFUNCTYPE(ctypes.c_int, p)
+    record_t = ctypes.CFUNCTYPE(ctypes.c_int, p, p)
+    wait_t = ctypes.CFUNCTYPE(ctypes.c_int, p, p, ctypes.c_uint)
+    event, current, consumer = 0xE0, 0xC0, 0xD0
+    rng = random.Random(1)
+    for n in [0, 1, 128]:
+        handles = rng.sample(range(1, 1 << 47), n)
+        for busy_at in [None, *sorted({0, n // 2, n - 1} if n else set())]:
+            for record_answer, wait_answer, on in [
+                (0, 0, consumer),
+                (0, 0, current),
+                (1, 0, consumer),
+                (0, 400, consumer),
+            ]:
+                calls: list[tuple] = []
+                query = query_t(
+                    lambda h, calls=calls, hit=None if busy_at is None else handles[busy_at]: (
+                        calls.append(("query", h)) or (600 if h == hit else 0)
+                    )
+                )
+                record = record_t(
+                    lambda e, s, calls=calls, a=record_answer: calls.append(("record", e, s)) or a
+                )
+                wait = wait_t(
+                    lambda s, e, f, calls=calls, a=wait_answer: calls.append(("wait", s, e, f)) or a
+                )
+                got = order(
+                    ctypes.cast(query, p), (p * n)(*handles), n, ctypes.cast(record, p), ctypes.cast(wait, p),
+                    event, current, on,
+                )  # fmt: skip
+                asked = [c for c in calls if c[0] == "query"]
+                rest = [c for c in calls if c[0] != "query"]
+                if busy_at is not None:
+                    assert (got, rest) == (busy_at, []) and len(asked) == busy_at + 1
+                    continue
+                assert asked == [("query", h) for h in handles]
+                if on == current:
+                    assert (got, rest) == (-1, [])
+                elif record_answer:
+                    assert (got, rest) == (-2, [("record", event, current)])
+                else:
+                    assert rest == [("record", event, current), ("wait", consumer, event, 0)]
+                    assert got == (-3 if wait_answer else -1)
+    # the legacy default stream (a null handle) is recorded on as such
+    calls = []
+    record = record_t(lambda e, s: calls.append(s) or 0)
+    wait = wait_t(lambda s, e, f: 0)
+    query = query_t(lambda h: 0)
+    assert (
+        order(
+            ctypes.cast(query, p),
+            None,
+            0,
+            ctypes.cast(record, p),
+            ctypes.cast(wait, p),
+            event,
+            None,
+            consumer,
+        )
+        == -1
+    )
+    assert calls == [None]

@@ -23,3 +23,31 @@ int qb_first_busy_stream(qb_stream_query_t query, void *const *streams, int64_t 
             return (int)i;
     return -1;
 }
+
+typedef int (*qb_event_record_t)(void *event, void *stream);                         /* cuEventRecord */
+typedef int (*qb_stream_wait_event_t)(void *stream, void *event, unsigned int flags); /* cuStreamWaitEvent */
+
+/* qbridge.to_jax's stream work for one tensor handed to JAX, in one call: the scan above over
+ * streams[0..n) (n = 0: none), then, when none is busy, `consumer` (JAX's stream for imported buffers) made
+ * to wait on the GPU for the work queued so far on `current` (torch's current stream; a null handle is the
+ * legacy default stream): `event` recorded on `current`, `consumer` waiting for that record. This is the
+ * ordering torch's Tensor.__dlpack__(stream=consumer) makes with an event of its own, without the host
+ * waiting. A later record of the same event does not move an earlier wait (CUDA waits for the record made
+ * before cuStreamWaitEvent was called), so one event per calling thread serves every call.
+ *
+ * Returns -1 when `consumer` is ordered after `current` (or is `current`); the index of the first busy
+ * stream, with nothing recorded; -2 when cuEventRecord, -3 when cuStreamWaitEvent did not answer 0 (the
+ * caller then takes torch's route, which reports the error). */
+int qb_order_after_idle(qb_stream_query_t query, void *const *streams, int64_t n, qb_event_record_t record,
+                        qb_stream_wait_event_t wait, void *event, void *current, void *consumer) {
+    int first = qb_first_busy_stream(query, streams, n);
+    if (first >= 0)
+        return first;
+    if (consumer == current)
+        return -1;
+    if (record(event, current) != 0)
+        return -2;
+    if (wait(consumer, event, 0) != 0)
+        return -3;
+    return -1;
+}
