@@ -15,9 +15,10 @@ benchmark splits that cost and times cheaper ways to ask the same question, in o
   every busy stream: the same calls when none is busy);
 - ``qbridge scan``: the scan ``to_jax`` makes now, once torch_side's library is loaded (its C loop over the
   driver's ``cuStreamQuery`` for the pool streams, torch's query for the default stream);
-- beside them, per tensor: ``to_jax(t)`` (the C scan), ``to_jax(t)`` with the scan through torch's queries
-  (as before the C scan, or before the library is loaded), ``to_jax(t, producer="current")`` and bare
-  ``from_dlpack``.
+- beside them, per tensor: ``to_jax(t)`` (one call of the library scans and orders JAX's stream after
+  torch's current one), ``to_jax(t)`` with the C scan and torch's ``__dlpack__`` ordering the streams (as
+  before 2026-12-05), ``to_jax(t)`` with the scan through torch's queries (as before the C scan, or before
+  the library is loaded), ``to_jax(t, producer="current")`` both ways, and bare ``from_dlpack``.
 
 Each way is first checked to find the one stream made busy on purpose (``torch.cuda._sleep``) and no other.
 Medians of 15 rounds of 200 calls, warm-up excluded, host time (no call here waits for the GPU).
@@ -37,6 +38,7 @@ import torch
 
 import qbridge
 from qbridge import _handoff
+from qbridge._env import jax_gpu_for
 from torch_side import _native
 
 
@@ -106,11 +108,25 @@ def main() -> None:
         kept.append(qbridge.to_jax(t, producer="current"))
 
     def auto_torch_scan() -> None:
-        saved, _native._SCAN = _native._SCAN, None
+        saved, _native._SCAN, saved_order, _native._ORDER = _native._SCAN, None, _native._ORDER, None
         try:
             kept.append(qbridge.to_jax(t))
         finally:
-            _native._SCAN = saved
+            _native._SCAN, _native._ORDER = saved, saved_order
+
+    def through_dlpack(fn):  # the C scan, then torch's __dlpack__ orders JAX's stream (before 2026-12-05)
+        def run() -> None:
+            saved, _native._ORDER = _native._ORDER, None
+            try:
+                fn()
+            finally:
+                _native._ORDER = saved
+
+        return run
+
+    assert _native.stream_order(wait=True) is not None
+    kept.append(qbridge.to_jax(t))
+    assert _handoff._export_ordered(t, jax_gpu_for(0), 0, "auto") is not None, "not taken"
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}, {n} streams")
     for _ in range(3):
@@ -118,8 +134,10 @@ def main() -> None:
         for name, fn in (
             ("from_dlpack", bare),
             ("to_jax auto", auto),
+            ("to_jax auto, __dlpack__", through_dlpack(auto)),
             ("to_jax auto, torch queries", auto_torch_scan),
             ("to_jax current", current),
+            ("to_jax current, __dlpack__", through_dlpack(current)),
         ):
             row[name] = per_call_us(fn, calls=100, rounds=9)
             kept.clear()
@@ -127,8 +145,10 @@ def main() -> None:
             " | ".join(f"{k} {v:.1f} us" for k, v in row.items()),
             f"| per stream: torch {row['torch query'] / n:.2f}, C loop {row['driver C loop'] / n:.2f} us",
             f"| to_jax auto / bare {row['to_jax auto'] / row['from_dlpack']:.2f}x",
-            f"(torch queries {row['to_jax auto, torch queries'] / row['from_dlpack']:.2f}x),",
+            f"(C scan + __dlpack__ {row['to_jax auto, __dlpack__'] / row['from_dlpack']:.2f}x,",
+            f"torch queries {row['to_jax auto, torch queries'] / row['from_dlpack']:.2f}x),",
             f"current / bare {row['to_jax current'] / row['from_dlpack']:.2f}x",
+            f"(__dlpack__ {row['to_jax current, __dlpack__'] / row['from_dlpack']:.2f}x)",
             flush=True,
         )
     sys.stdout.flush()
