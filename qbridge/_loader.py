@@ -198,8 +198,9 @@ def plan_load(
                     for key in e.report.unused
                     if key in classes.kept_tied
                 ]
-                if notes:
-                    raise jax_side.MatchError(e.report, "\n  ".join([str(e), *notes])) from e
+                if notes:  # one error holding the notes, where the plain one was raised (no chained block)
+                    noted = jax_side.MatchError(e.report, "\n  ".join([str(e), *notes]))
+                    raise noted.with_traceback(e.__traceback__) from None
                 raise
             ask = True  # let the model explain the leftovers, then match again
             continue

@@ -12,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+import traceback
 import warnings
 from typing import Any
 
@@ -99,6 +100,14 @@ def test_a_tied_name_that_holds_other_values_stays_a_parameter(tmp_path):
         qbridge.load_checkpoint(tmp_path / "bin", target=target, progress=False)
     assert "'lm_head.weight' is kept as a parameter of its own: " in str(e.value)
     assert "ties it to 'model.embed_tokens.weight', but the checkpoint holds different values" in str(e.value)
+    # one traceback block, the note in it: not the plain refusal first and the note in a chained one
+    assert e.value.__suppress_context__ and e.value.__cause__ is None
+    printed = "".join(traceback.format_exception(e.value))
+    assert (
+        printed.count("Traceback (most recent call last)") == 1
+        and "kept as a parameter of its own" in printed
+    )
+    assert "plan_for_target" in printed  # where the refusal was raised is still shown
 
 
 def test_a_tied_output_layer_stored_quantized_apart_from_the_embedding_is_named_as_the_cause(tmp_path):
