@@ -10,9 +10,12 @@ Three parts, each printed:
    whole grouped decode (``FP8Groups`` decoding 32 weights), the arrays kept alive as a load keeps them.
 3. ``allocation``: XLA programs that make n new arrays, kept alive (a load keeps its results): a broadcast of
    a distinct value per array against ``jax.lax.empty`` (XLA's AllocateBuffer on a GPU).
+4. ``profile``: ``cProfile`` of the calling thread over ``--loads`` loads after every background compile, the
+   functions that spend most of it themselves and with what they call (the profiler's own cost included:
+   for where, not how much).
 
 Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``. ``phases``
-runs on a CPU too (``--device cpu``: the CPU load decodes weight by weight, without groups).
+and ``profile`` run on a CPU too (``--device cpu``: the CPU load decodes weight by weight, without groups).
 """
 
 from __future__ import annotations
@@ -230,16 +233,41 @@ def allocation() -> None:
             )
 
 
+def profile(root: pathlib.Path, device: str, loads: int) -> None:
+    import cProfile
+    import pstats
+
+    _warm(root, device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(loads):
+        _load(root, device)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt  # type: ignore[attr-defined]
+    print(
+        f"profile ({device}): {total / loads / COUNT * 1e6:.1f} us per tensor under the profiler, {loads} loads"
+    )
+    for key in ("tottime", "cumulative"):
+        print(f"  by {key}: us per checkpoint tensor, calls per load, function")
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2 if key == "tottime" else 3])  # type: ignore[attr-defined]
+        for (file, line, name), (_, calls, tt, ct, _) in rows[:30]:
+            spent = tt if key == "tottime" else ct
+            where = f"{pathlib.Path(file).name}:{line}" if line else file
+            print(f"    {spent / loads / COUNT * 1e6:7.2f} {calls // loads:6d}  {name} ({where})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["phases", "group", "allocation"],
-                        choices=["phases", "group", "allocation"])  # fmt: skip
+                        choices=["phases", "group", "allocation", "profile"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
     parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
     args = parser.parse_args()
-    if args.device == "cpu" and set(args.parts) != {"phases"}:
+    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile"}:
         parser.error(
-            "--device cpu runs the phases part only (groups and XLA's allocation calls are the GPU's)"
+            "--device cpu runs the phases and profile parts only (groups and XLA's allocation calls are the "
+            "GPU's)"
         )
     if args.loads < 1:
         parser.error(f"--loads must be at least 1, got {args.loads}")
@@ -255,6 +283,8 @@ def main() -> None:
         deepseek_v3_scale.write_checkpoint(root, 1, 256, "cpu")
         if "phases" in args.parts:
             phases(root, args.device, args.loads)
+        if "profile" in args.parts:
+            profile(root, args.device, args.loads)
         if "group" in args.parts:
             group(root)
     if "allocation" in args.parts:
