@@ -376,9 +376,8 @@ _NOTHING = _nullcontext()
 
 
 _DL_CUDA = 2  # DLPack's kDLCUDA
-_TO_DLPACK = getattr(
-    torch._C, "_to_dlpack", None
-)  # what Tensor.__dlpack__ calls once its stream work is done
+# what Tensor.__dlpack__ calls once its stream work is done
+_TO_DLPACK = getattr(torch._C, "_to_dlpack", None)
 
 
 def _export_ordered(t: torch.Tensor, home: jax.Device, index: int, producer: str) -> jax.Array | None:
