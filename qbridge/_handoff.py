@@ -376,6 +376,7 @@ _NOTHING = _nullcontext()
 
 
 _DL_CUDA = 2  # DLPack's kDLCUDA
+_FAILED = {-2: "cuEventRecord", -3: "cuStreamWaitEvent"}  # qb_order_after_idle's error answers
 # what Tensor.__dlpack__ calls once its stream work is done
 _TO_DLPACK = getattr(torch._C, "_to_dlpack", None)
 
@@ -414,6 +415,11 @@ def _export_ordered(t: torch.Tensor, home: jax.Device, index: int, producer: str
     if answer != -1:
         if others is not None and scans is not None and answer >= 0:  # to_jax_many keeps every busy one
             scans[index] = [s for s in others.streams if not _query(s)]
+        elif answer < -1:  # torch's route, with an event of its own, reports the driver's error if it stays
+            log.debug("the driver's %s failed: torch's __dlpack__ orders JAX's stream", _FAILED[answer])
+            if answer == -2:  # this thread's event: made again at its next handoff
+                _EVENTS.handles.pop(index, None)
+                _EVENTS.events.pop(index, None)
         return None
     if others is not None and scans is not None:
         scans[index] = []
@@ -660,6 +666,10 @@ def to_jax(
     if t.requires_grad:
         t = t.detach()
     jax_dtype(t.dtype)  # raises TypeError naming what JAX lacks
+    if not t.numel() and t.layout == torch.strided:
+        # no bytes to alias: an empty tensor of the default strides, so that the array has JAX's default
+        # layout whatever strides the empty view had (torch.empty(0, 4).t() has strides (1, 4))
+        t = t.new_empty(t.shape)
     target = _as_device(device)
     home = _home(t)
     if target is None:

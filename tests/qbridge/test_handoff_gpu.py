@@ -40,7 +40,8 @@ def stream_scan(request, monkeypatch):
     """The three ways a handoff asks torch's streams whether they are busy and orders JAX's stream: one call
     of the library that scans with the driver's cuStreamQuery and records this thread's event on the current
     stream for JAX's stream to wait for (once the library is loaded; the test fails unless that call was
-    asked); the library's scan with torch's __dlpack__ ordering the streams; torch's Stream.query of
+    asked; the fixture's value is the list of its answers, -1 for an ordered handoff, None for the other
+    ways); the library's scan with torch's __dlpack__ ordering the streams; torch's Stream.query of
     each stream (before the library is loaded, or without it)."""
     from qbridge import _handoff
     from torch_side import _native
@@ -55,7 +56,7 @@ def stream_scan(request, monkeypatch):
         monkeypatch.setattr(_native, "_ORDER", None)
     if request.param == "torch":
         monkeypatch.setattr(_native, "_SCAN", None)
-    yield request.param
+    yield ordered if request.param == "C order" else None
     if request.param == "C order":
         assert ordered, "no handoff asked the library's ordering call"
 
@@ -76,6 +77,8 @@ def test_no_unfinished_reads(where, consumer, stream_scan):
         got = float(x[-1]) if consumer == "eager" else float(last(x))
         bad += got != trial
     assert bad == 0, f"{bad} of {TRIALS} reads saw unfinished data"
+    if stream_scan is not None and where == "current":  # idle others: every handoff ordered in one call
+        assert stream_scan.count(-1) == TRIALS, stream_scan[:10]
 
 
 def test_auto_waits_for_the_default_stream_when_another_is_current(stream_scan):
@@ -158,30 +161,88 @@ def test_the_c_scan_finds_each_busy_stream_and_asks_torch_only_for_the_default(m
             assert ordered_in_one_call()
 
 
-def test_threads_handing_over_from_their_own_streams_read_finished_data(stream_scan):
+@pytest.mark.parametrize("producer", ["current", "auto"])
+def test_threads_handing_over_from_their_own_streams_read_finished_data(producer, stream_scan):
     """Each thread records its own event for JAX's stream to wait for: four threads, each producing on a
-    current stream of its own and handing over at once, read only finished values."""
+    current stream of its own and handing over at once, read only finished values. With "current" every
+    handoff takes the library's one call (the other threads' streams are not asked), so the threads' events
+    are recorded and waited for side by side; with "auto" the others' busy streams are waited for too."""
     import threading
 
     import qbridge
 
-    bad = []
+    bad, errors = [], []
 
     def work(k: int) -> None:
-        mine = torch.cuda.Stream()
-        with torch.cuda.stream(mine):
-            for trial in range(100):
-                buf = _produce(mine, 1 << 18, float(1000 * k + trial))
-                x = qbridge.to_jax(buf)
-                if float(x[-1]) != 1000 * k + trial:
-                    bad.append((k, trial))
+        try:
+            mine = torch.cuda.Stream()
+            with torch.cuda.stream(mine):
+                for trial in range(100):
+                    buf = _produce(mine, 1 << 18, float(1000 * k + trial))
+                    x = qbridge.to_jax(buf, producer=producer)
+                    if float(x[-1]) != 1000 * k + trial:
+                        bad.append((k, trial))
+        except BaseException as e:  # a thread's error fails the test, not a warning
+            errors.append(e)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert not errors, errors
     assert not bad, f"{len(bad)} of 400 reads saw unfinished data"
+    if stream_scan is not None and producer == "current":
+        assert stream_scan.count(-1) == 400
+
+
+def test_a_current_stream_race_is_visible_without_the_wait():
+    """The race tests above can see a missing wait for the current stream: torch's export and JAX's import
+    called directly, without the event the handoff records on the current stream (a pool stream here) for
+    JAX's stream, read unfinished data."""
+    from qbridge import _handoff
+
+    gpu = _gpu()
+    fn, takes_device_type = _handoff._importer()
+    stream = _handoff._import_stream(gpu)
+    side = torch.cuda.Stream()
+    bad = 0
+    with torch.cuda.stream(side):
+        for trial in range(50):
+            buf = _produce(side, 1 << 20, float(trial + 1))
+            capsule = _handoff._TO_DLPACK(buf)
+            x = fn(capsule, gpu, stream, False, 2) if takes_device_type else fn(capsule, gpu, stream, False)
+            bad += float(x[-1]) != trial + 1
+    torch.cuda.synchronize()
+    assert bad > 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.empty(0, 4, device="cuda").t(),
+        lambda: torch.empty(3, 0, 5, device="cuda", dtype=torch.bfloat16).permute(2, 0, 1),
+        lambda: torch.empty(0, 16, device="cuda", dtype=torch.float8_e4m3fn).t(),
+        lambda: torch.ones(4, 6, device="cuda")[:, 2:2],
+        lambda: torch.empty(0, device="cuda", dtype=torch.int32),
+    ],
+    ids=["(0,4).t()", "permuted 3-D bf16", "float8 (0,16).t()", "empty slice", "(0,) int32"],
+)
+@pytest.mark.parametrize("producer", ["auto", "current"])
+@pytest.mark.parametrize("copy", [None, False, True])
+def test_empty_views_of_any_strides_are_handed_over(make, producer, copy, stream_scan):
+    """Empty tensors, whatever their strides, arrive with their shape and dtype, are usable in JAX, and
+    copy=False does not refuse them."""
+    import qbridge
+    from qbridge._dtypes import TORCH_TO_JAX
+
+    jax = _jax()
+    t = make()
+    x = qbridge.to_jax(t, producer=producer, copy=copy)
+    assert x.shape == tuple(t.shape) and x.dtype == TORCH_TO_JAX[t.dtype]
+    assert x.devices() == {_gpu()}
+    assert np.asarray(x).shape == tuple(t.shape)
+    assert jax.jit(lambda a: a.sum(axis=0))(x).shape == tuple(t.shape[1:])
 
 
 def test_the_race_test_can_see_a_race():
