@@ -124,12 +124,12 @@ class MatchReport:
             head = f"checkpoint matches its target: {len(self.matched)} leaves, {len(self.skipped)} tensors skipped (not parameters)"
             return "; ".join([head, *self.cast_summary()])
         counts = [
-            f"{len(items)} {what}"
-            for items, what in (
-                (self.missing, "target leaves missing"),
-                (self.unused, "checkpoint tensors unused"),
-                (self.shape_mismatches, "shapes differ"),
-                (self.dtype_mismatches, "dtypes differ"),
+            f"{len(items)} {one if len(items) == 1 else many}"
+            for items, one, many in (
+                (self.missing, "target leaf missing", "target leaves missing"),
+                (self.unused, "checkpoint tensor unused", "checkpoint tensors unused"),
+                (self.shape_mismatches, "shape differs", "shapes differ"),
+                (self.dtype_mismatches, "dtype differs", "dtypes differ"),
             )
             if items
         ]

@@ -714,10 +714,10 @@ def to_jax_many(
     tensors]``, the same arrays and guarantees, for less host time per tensor.
 
     With ``producer="auto"``, :func:`to_jax` asks every stream torch hands out whether it is busy, for each
-    tensor (129 streams on a CUDA device: about 20 us of host time on an H200, about 0.4x the import
-    itself; about 50 us, torch asking each stream, until qbridge's compiled scan is ready: it is loaded in
-    the background at a process's first handoff, built once per machine in about a second, and not used
-    with ``QBRIDGE_CPU_KERNEL=off``). Here that is asked once
+    tensor (129 streams on a CUDA device: 0.15-0.35 us a stream in qbridge's compiled scan, measured on H100
+    and H200 hosts; about 0.4 us a stream, torch asking each, until that scan is ready: it is loaded in the
+    background at a process's first handoff, built once per machine in about a second, and not used with
+    ``QBRIDGE_CPU_KERNEL=off``). Here that is asked once
     per device for the whole list, at the first tensor: pass tensors whose producers have queued their
     work before the call (as one call of :func:`to_jax` assumes for its tensor). Work that this call
     queues itself (dequantizing a quantized tensor, a copy) is on the current stream, which every import

@@ -83,8 +83,8 @@ def test_wrong_checkpoint_reports_every_problem_by_name():
     for needle in ("layers.1.norm.scale", "lm_head.weight", "(8, 12)", "float16", "dtype=None"):
         assert needle in message
     assert message.splitlines()[0] == (  # the counts first, then every problem
-        "checkpoint does not match its target (1 target leaves missing, 1 checkpoint tensors unused, "
-        "1 shapes differ, 1 dtypes differ):"
+        "checkpoint does not match its target (1 target leaf missing, 1 checkpoint tensor unused, "
+        "1 shape differs, 1 dtype differs):"
     )
     np.testing.assert_array_equal(np.asarray(m.layers[0].up.kernel[...]), before)  # nothing written
     with pytest.raises(
@@ -262,3 +262,16 @@ def test_key_candidates():
 def test_bad_target():
     with pytest.raises(TypeError, match="target must be"):
         jax_side.match_to_target({}, [1, 2])
+
+
+def test_a_refusal_counts_its_problems_in_words_that_agree_with_the_count():
+    report = jax_side.MatchReport(
+        missing=[("a.kernel", ["a.weight"]), ("b.kernel", ["b.weight"])],
+        unused=["x.weight"],
+        shape_mismatches=[("c.kernel", "c.weight", (2, 3), (3, 2)), ("d.kernel", "d.weight", (4,), (5,))],
+        dtype_mismatches=[("e.kernel", "e.weight", "float32", "float16")],
+    )
+    assert str(report).splitlines()[0] == (
+        "checkpoint does not match its target (2 target leaves missing, 1 checkpoint tensor unused, "
+        "2 shapes differ, 1 dtype differs):"
+    )
