@@ -92,6 +92,32 @@ class MatchReport:
             for (src, dst), leaves in groups.items()
         ]
 
+    def config_hints(self) -> list[str]:
+        """What suggests the target was built from another configuration than the checkpoint's, in words: numbered
+        blocks (``layers.5``, ``h.11``) on one side only, or sizes that differ in several leaves. Transposed
+        kernels and rename rules have hints of their own and are not counted here."""
+        hints = []
+        top = max((_block(key) for key in self.matched.values()), default=-1)
+        extra = sorted({_block(key) for key in self.unused} - set(range(-1, top + 1)))
+        if extra and top >= 0:
+            hints.append(
+                f"the checkpoint has blocks numbered up to {extra[-1]} and the target up to {top}: the target has fewer "
+                "layers than the checkpoint; build it from the checkpoint's own config.json"
+            )
+        lacking = sorted({_block(leaf) for leaf, _ in self.missing} - set(range(-1, top + 1)))
+        if lacking and top >= 0:
+            hints.append(
+                f"the target has blocks numbered up to {lacking[-1]} and the checkpoint up to {top}: the target has more "
+                "layers than the checkpoint; build it from the checkpoint's own config.json"
+            )
+        plain = [leaf for leaf, *_ in self.shape_mismatches if not self.hints.get(leaf)]
+        if len(plain) >= 2:
+            hints.append(
+                f"{len(plain)} leaves differ in shape: the target's sizes (hidden size, intermediate size, heads, vocabulary ...) are not "
+                "the checkpoint's; build it from the checkpoint's own config.json"
+            )
+        return hints
+
     def rename_hint(self) -> str | None:
         """Where unused checkpoint keys are missing leaves' keys with a prefix added (or dropped), the
         ``rename`` rule that would match them, in words; else None."""
@@ -143,6 +169,7 @@ class MatchReport:
         hint = self.rename_hint()
         if hint:
             lines.append(f"  ({hint})")
+        lines += [f"  ({hint})" for hint in self.config_hints()]
         for leaf, tried in self.missing:
             lines.append(
                 f"  missing: target leaf {leaf!r} has no checkpoint tensor (looked for {', '.join(tried)})"
@@ -172,6 +199,15 @@ class MatchReport:
                 )
             lines.append(f"  dtype: {leaf!r} is {want_dtype}, checkpoint {key!r} is {got_dtype} ({why})")
         return "\n".join(lines)
+
+
+_BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")  # a numbered block in a dotted name: layers.5.mlp, h.11
+
+
+def _block(name: str) -> int:
+    """The number of the outermost numbered block ``name`` is in (``model.layers.5.mlp.experts.2.w1``: 5), or -1."""
+    found = _BLOCK.search(name)
+    return int(found.group(1)) if found else -1
 
 
 _TRANSPOSED = " (its transpose)"  # the hint of a Conv1D kernel laid out as its target's transpose

@@ -275,3 +275,29 @@ def test_a_refusal_counts_its_problems_in_words_that_agree_with_the_count():
         "checkpoint does not match its target (2 target leaves missing, 1 checkpoint tensor unused, "
         "2 shapes differ, 1 dtype differs):"
     )
+
+
+def test_a_target_of_another_configuration_is_named_as_the_likely_cause():
+    """Numbered blocks on one side only, or several leaves of other sizes, point at a target built from
+    another configuration than the checkpoint's; a single mismatch, or a transposed kernel (which has a
+    hint of its own), does not."""
+    matched = {f"layers.{i}.q.kernel": f"layers.{i}.q.weight" for i in range(2)}
+    fewer = jax_side.MatchReport(unused=["layers.2.q.weight", "layers.3.q.weight", "layers.3.experts.7.w"],
+                                 matched=matched)  # fmt: skip
+    assert fewer.config_hints() == [
+        "the checkpoint has blocks numbered up to 3 and the target up to 1: the target has fewer layers than the "
+        "checkpoint; build it from the checkpoint's own config.json"
+    ]
+    assert f"  ({fewer.config_hints()[0]})" in str(fewer).splitlines()
+    more = jax_side.MatchReport(missing=[("layers.4.q.kernel", ["layers.4.q.weight"])], matched=matched)
+    assert more.config_hints() == [
+        "the target has blocks numbered up to 4 and the checkpoint up to 1: the target has more layers than the "
+        "checkpoint; build it from the checkpoint's own config.json"
+    ]
+    sizes = [("a.kernel", "a.weight", (2, 3), (2, 4)), ("b.kernel", "b.weight", (3,), (4,))]
+    assert "2 leaves differ in shape" in jax_side.MatchReport(shape_mismatches=sizes).config_hints()[0]
+    assert jax_side.MatchReport(shape_mismatches=sizes[:1]).config_hints() == []
+    transposed = jax_side.MatchReport(shape_mismatches=sizes, hints={"a.kernel": " (its transpose)"})
+    assert transposed.config_hints() == []
+    # a leftover inside the target's own range of blocks (a stray tensor) is not called a missing layer
+    assert jax_side.MatchReport(unused=["layers.1.extra.weight"], matched=matched).config_hints() == []

@@ -1155,3 +1155,17 @@ def test_a_folder_without_config_says_so_in_how_it_was_classified(tmp_path):
         qbridge.inspect_checkpoint(tmp_path).classified_by
         == "name rules (no config.json to name an architecture)"
     )
+
+
+def test_a_target_with_fewer_layers_than_the_checkpoint_is_named_as_the_cause(tmp_path):
+    """A transformers Llama of two layers loaded into a one-layer target: the refusal says the target has
+    fewer layers and to build it from the checkpoint's config.json."""
+    _llama(tmp_path / "st")
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    target = jax_side.abstract_llama(
+        jax_side.LlamaConfig.from_hf({**config, "num_hidden_layers": 1}), param_dtype=jnp.bfloat16
+    )
+    with pytest.raises(jax_side.MatchError) as e:
+        qbridge.load_checkpoint(tmp_path / "st", target=target, progress=False)
+    assert "the checkpoint has blocks numbered up to 1 and the target up to 0" in str(e.value)
+    assert "build it from the checkpoint's own config.json" in str(e.value)
