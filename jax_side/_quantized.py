@@ -20,7 +20,7 @@ import numpy as np
 
 from ._casts import cast_exactly
 from ._codes import dynamic_code
-from ._fp8 import OUT_DTYPES, dequantize_fp8, fp8_scale_layout
+from ._fp8 import OUT_DTYPES, _block_pair, dequantize_fp8, fp8_scale_layout
 from ._nf4 import dequantize_nf4
 
 
@@ -258,6 +258,12 @@ class FP8Weight(_Sizes):
     block: tuple[int, int] = (128, 128)
     dtype: str = "bfloat16"
     decode_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        # a pair of Python ints from here on (an int n is (n, n)): a float, string or bool is refused now, with
+        # the block-size message, and not later inside jit, where JAX compares it with other weights' blocks
+        # as pytree metadata (an np.float32 block failed there with JAX's message, not this one)
+        object.__setattr__(self, "block", _block_pair(self.block))
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -279,6 +279,9 @@ def test_jax_sides_block_sizes_are_refused_as_torch_sides_are(block):
     w = jnp.asarray(np.random.default_rng(0).standard_normal((200, 300)), jnp.float8_e4m3fn)
     s = jnp.asarray(np.random.default_rng(1).random((2, 3)) + 0.5, jnp.float32)
     says = r"block_size must be a positive int or a pair of them, got "
+    # a weight of good blocks used first (as earlier calls of a process do): the bad one is still refused with
+    # the block-size message, not JAX's when it compares the two as pytree metadata in its cache
+    jax_side.quantized_matmul(jnp.ones((2, 300)), jax_side.FP8Weight(w, s, block=(128, 128)))
     with pytest.raises(ValueError, match=says):
         jax_side.dequantize_fp8(w, s, block_size=block)
     with pytest.raises(ValueError, match=says):
