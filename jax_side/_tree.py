@@ -113,7 +113,7 @@ class MatchReport:
         plain = [leaf for leaf, *_ in self.shape_mismatches if not self.hints.get(leaf)]
         if len(plain) >= 2:
             hints.append(
-                f"{len(plain)} leaves differ in shape: the target's sizes (hidden size, intermediate size, heads, vocabulary ...) are not "
+                f"{len(plain)} leaves differ in shape, so the target's sizes (hidden size, intermediate size, heads, vocabulary ...) are not "
                 "the checkpoint's; build it from the checkpoint's own config.json"
             )
         return hints
