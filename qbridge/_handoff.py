@@ -215,7 +215,6 @@ class _ThreadEvents(threading.local):
 
     def __init__(self) -> None:
         self.events: dict[int, torch.cuda.Event] = {}
-        self.handles: dict[int, int] = {}
 
 
 _EVENTS = _ThreadEvents()
@@ -225,13 +224,11 @@ def _event(index: int) -> int:
     """The handle of this thread's event on ``cuda:index`` (made at its first use there): every handoff of
     the thread records it on torch's current stream and makes JAX's stream wait for that record. A later
     record does not move an earlier wait, and another thread has events of its own."""
-    handle = _EVENTS.handles.get(index)
-    if handle is None:
-        event = torch.cuda.Event()
+    event = _EVENTS.events.get(index)
+    if event is None:
+        event = _EVENTS.events[index] = torch.cuda.Event()
         event.record(torch.cuda.current_stream(index))  # torch makes the CUDA event at its first record
-        _EVENTS.events[index] = event
-        handle = _EVENTS.handles[index] = event.cuda_event
-    return handle
+    return event.cuda_event
 
 
 # inside to_jax_many: device index -> the busy streams found by its first "auto" scan
@@ -331,13 +328,17 @@ def _from_dlpack(t: torch.Tensor, device: jax.Device) -> jax.Array:
     """``jax.dlpack.from_dlpack(t, copy=False)`` for a tensor :func:`to_jax` has checked (JAX's dtype,
     aligned, compact, on ``device``), without repeating the checks: the same import, the same stream
     protocol (torch's ``__dlpack__(stream=...)`` orders JAX's stream after torch's current one)."""
-    importer = _importer()
-    if importer is None:
+    if _importer() is None:
         return jax.dlpack.from_dlpack(t, copy=False)
-    fn, takes_device_type = importer
     dl_type = int(t.__dlpack_device__()[0])
     stream = None if dl_type == _DL_CUDA_HOST else _import_stream(device)
-    capsule = t.__dlpack__(stream=stream)
+    return _import(t.__dlpack__(stream=stream), device, stream, dl_type)
+
+
+def _import(capsule: Any, device: jax.Device, stream: int | None, dl_type: int) -> jax.Array:
+    """JAX's import of a DLPack capsule of memory of DLPack device type ``dl_type`` on ``device``, ready
+    after ``stream``'s work (:func:`_importer`, which must have found the call)."""
+    fn, takes_device_type = _importer()  # type: ignore[misc]
     if takes_device_type:
         return fn(capsule, device, stream, False, dl_type)
     return fn(capsule, device, stream, False)
@@ -418,14 +419,11 @@ def _export_ordered(t: torch.Tensor, home: jax.Device, index: int, producer: str
         elif answer < -1:  # torch's route, with an event of its own, reports the driver's error if it stays
             log.debug("the driver's %s failed: torch's __dlpack__ orders JAX's stream", _FAILED[answer])
             if answer == -2:  # this thread's event: made again at its next handoff
-                _EVENTS.handles.pop(index, None)
                 _EVENTS.events.pop(index, None)
         return None
     if others is not None and scans is not None:
         scans[index] = []
-    fn, takes_device_type = importer
-    capsule = _TO_DLPACK(t)
-    x = fn(capsule, home, stream, False, _DL_CUDA) if takes_device_type else fn(capsule, home, stream, False)
+    x = _import(_TO_DLPACK(t), home, stream, _DL_CUDA)
     t.record_stream(_jax_stream(home, index))  # type: ignore[arg-type]  # not None: JAX has the stream
     return x
 

@@ -203,7 +203,6 @@ def test_a_current_stream_race_is_visible_without_the_wait():
     from qbridge import _handoff
 
     gpu = _gpu()
-    fn, takes_device_type = _handoff._importer()
     stream = _handoff._import_stream(gpu)
     side = torch.cuda.Stream()
     bad = 0
@@ -211,7 +210,7 @@ def test_a_current_stream_race_is_visible_without_the_wait():
         for trial in range(50):
             buf = _produce(side, 1 << 20, float(trial + 1))
             capsule = _handoff._TO_DLPACK(buf)
-            x = fn(capsule, gpu, stream, False, 2) if takes_device_type else fn(capsule, gpu, stream, False)
+            x = _handoff._import(capsule, gpu, stream, _handoff._DL_CUDA)
             bad += float(x[-1]) != trial + 1
     torch.cuda.synchronize()
     assert bad > 0
