@@ -43,7 +43,7 @@ from torch_side._checks import BlockSizeUnknown
 from torch_side._fp8 import check_scale_dtype
 
 from . import _staging
-from ._classify import Classification, classify, module_info
+from ._classify import Classification, ConfigMismatch, ModuleInfo, classify, config_mismatches, module_info
 from ._dtypes import safetensors_dtype
 from ._errors import CheckpointError, FormatError
 
@@ -1044,6 +1044,7 @@ class Checkpoint:
         self.entries: dict[str, Entry] = _Entries()
         self._classification: Classification | None = None
         self._asked_model = False
+        self._modules: ModuleInfo | None = None  # the torch model's answers, once asked
         self.warned: set[str] = set()  # keys a warning was given for (once per key, however often read)
         self.index: pathlib.Path | None = None  # the safetensors index that chose the files, if one did
 
@@ -1222,6 +1223,7 @@ class Checkpoint:
             else (None, "the torch model was not asked")
         )
         self._asked_model = ask_model
+        self._modules = modules
         shapes = {name: (e.shape, e.dtype) for name, e in self.entries.items()}
         quantized = {name for name, e in self.entries.items() if e.kind != "dense"}
         self._classification = classify(
@@ -1240,6 +1242,14 @@ class Checkpoint:
                 entry.info["stored_in_out"] = True
                 entry.shape = entry.shape[::-1]
         return self._classification
+
+    def config_mismatches(self) -> ConfigMismatch | None:
+        """How the tensors differ from the torch model of ``config.json`` (see
+        ``qbridge._classify.config_mismatches``): None where they agree, or where the model was not built
+        (``classify(ask_model=True)`` builds it when transformers knows the architecture)."""
+        classification = self.classify(ask_model=self._asked_model)
+        shapes = {name: tuple(e.shape) for name, e in self.entries.items()}
+        return config_mismatches(shapes, classification, self._modules)
 
 
 def _read_index(index: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.Path, list[str]]]:

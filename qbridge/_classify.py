@@ -72,6 +72,7 @@ class ModuleInfo:
     classes: dict[str, str]  # the same names -> the owning module's class name
     non_persistent: set[str]  # buffers the model does not save (caches)
     tied: dict[str, str]  # tied copy -> the tensor it shares
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # every tensor's torch shape
 
 
 @dataclasses.dataclass
@@ -245,13 +246,14 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
             None,
             f"could not build {arch} on the meta device ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
         )
-    kinds, classes, non_persistent = {}, {}, set()
+    kinds, classes, non_persistent, shapes = {}, {}, set(), {}
     hidden = _hidden_sizes(plain)
     for prefix, module in model.named_modules(remove_duplicate=False):
         own = [*module.named_parameters(prefix=prefix, recurse=False, remove_duplicate=False),
                *module.named_buffers(prefix=prefix, recurse=False, remove_duplicate=False)]  # fmt: skip
         in_out = "expert" in type(module).__name__.lower() and experts_stored_in_out(module, hidden)
         for name, value in own:
+            shapes[name] = tuple(value.shape)
             kind = torch_kind(module, value.dim())
             # [experts, in, out] storage is the kernels' layout already: kept as stored
             kinds[name] = "param" if kind == "stacked_linear" and in_out else kind
@@ -269,7 +271,7 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
             first[id(param)] = name
     for copy, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         tied.setdefault(str(copy), str(source))
-    info = ModuleInfo(arch, kinds, classes, non_persistent, tied)
+    info = ModuleInfo(arch, kinds, classes, non_persistent, tied, shapes)
     _write_info(remembered, info)
     return info, f"{arch} built on the meta device"
 
@@ -328,12 +330,18 @@ def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
         non_persistent = data["non_persistent"]
         if not isinstance(non_persistent, list) or not all(isinstance(k, str) for k in non_persistent):
             raise TypeError("non_persistent must be a list of names")
+        shapes = data["shapes"]
+        if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(type(n) is int and n >= 0 for n in v) for v in shapes.values()
+        ):
+            raise TypeError("shapes must map names to lists of sizes")
         info = ModuleInfo(
             arch,
             kinds,
             _strings(data["classes"], "classes"),
             set(non_persistent),
             _strings(data["tied"], "tied"),
+            {str(k): tuple(v) for k, v in shapes.items()},
         )
     except Exception as e:  # unreadable or damaged in any way (deep nesting included): built again
         log.debug("ignoring %s: %r", path, e)
@@ -455,3 +463,83 @@ def classify(
                     modules.architecture,
                 )
     return out
+
+
+@dataclasses.dataclass
+class ConfigMismatch:
+    """Where a checkpoint differs from the torch model its ``config.json`` builds (on the meta device).
+
+    Attributes:
+        architecture: the model's class name (``config.json``'s ``architectures[0]``).
+        missing: ``name -> torch shape`` of the model's parameters and saved buffers that the checkpoint
+            lacks (tied copies and buffers the model does not save aside).
+        shapes: ``(key, the model's torch shape, the checkpoint's torch shape)`` for tensors of other sizes;
+            a quantized weight's shape is its quant state's (bitsandbytes) or stored one (FP8, 8-bit).
+    """
+
+    architecture: str
+    missing: dict[str, tuple[int, ...]]
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+
+    def describe(self, limit: int = 8) -> str:
+        """The mismatches in words, one line each (at most ``limit`` of each sort, then a count)."""
+        lines = []
+        for key, shape in list(self.missing.items())[:limit]:
+            lines.append(f"missing: {key} (the model's {list(shape)})")
+        if len(self.missing) > limit:
+            lines.append(f"... and {len(self.missing) - limit} more missing")
+        for key, model, stored in self.shapes[:limit]:
+            lines.append(f"other size: {key}: the model's {list(model)}, the checkpoint's {list(stored)}")
+        if len(self.shapes) > limit:
+            lines.append(f"... and {len(self.shapes) - limit} more of other sizes")
+        return "\n  ".join(lines)
+
+    def summary(self) -> str:
+        parts = []
+        if self.missing:
+            n = len(self.missing)
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} of the model missing")
+        if self.shapes:
+            n = len(self.shapes)
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} of other sizes")
+        return ", ".join(parts)
+
+
+def config_mismatches(
+    shapes: dict[str, tuple[int, ...]], classification: Classification, modules: ModuleInfo | None
+) -> ConfigMismatch | None:
+    """How the checkpoint's tensors (``key -> torch shape``, after classification) differ from ``modules``,
+    the torch model of its ``config.json``, or None where they agree or the model was not built.
+
+    Sizes are compared for every parameter the model names. Missing tensors are looked for only where every
+    parameter of the checkpoint has one of the model's names: one it does not name means the checkpoint
+    follows another naming somewhere (another prefix, or a stored layout transformers converts when it
+    loads, such as Mixtral's per-expert weights of a model that fuses them), where what looks missing may be
+    stored under other names. Tied copies and buffers the model does not save are never missing. A
+    transformers ``Conv1D`` weight is compared as the ``[out, in]`` matrix the checkpoint's entry holds."""
+    if modules is None or not modules.shapes:
+        return None
+    params = [key for key in shapes if key not in classification.optional]
+    wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    unknown: list[str] = []
+    for key in params:
+        model = modules.shapes.get(key)
+        if model is None:
+            unknown.append(key)
+            continue
+        if modules.classes.get(key) == "Conv1D" and len(model) == 2:
+            model = model[::-1]
+        if tuple(shapes[key]) != model:
+            wrong.append((key, model, tuple(shapes[key])))
+    missing: dict[str, tuple[int, ...]] = {}
+    if not unknown:  # the checkpoint names its tensors as the model does: what it lacks is missing
+        shared = {source for copy, source in modules.tied.items() if copy in shapes}
+        missing = {
+            name: shape
+            for name, shape in modules.shapes.items()
+            if name not in shapes and name not in modules.non_persistent and name not in modules.tied
+            and name not in shared
+        }  # fmt: skip
+    if not (missing or wrong):
+        return None
+    return ConfigMismatch(modules.architecture, missing, wrong)

@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rename", action="append", metavar="PATTERN=REPLACEMENT", help="checkpoint key rename (repeatable)"
     )
     convert.add_argument(
-        "--no-strict", action="store_true", help="with a target: report mismatches instead of refusing"
+        "--no-strict",
+        action="store_true",
+        help="report mismatches instead of refusing (with a target: the target's; without: config.json's model's)",
     )
     convert.add_argument(
         "--overwrite", action="store_true", help="replace OUT once the new checkpoint is complete"

@@ -38,6 +38,10 @@ class CheckpointSummary:
             its quant state's dtype; FP8 and 8-bit: ``config.json``'s ``dtype`` (or ``torch_dtype``), bfloat16 when absent,
             as transformers decodes them; torchao: the tensor subclass's own dtype, what its ``dequantize()``
             returns). ``load_checkpoint``'s ``dtype`` casts after that decode.
+        config_mismatches: how the tensors differ from the torch model of ``config.json`` (built on the meta
+            device), one line each (``"missing: <key> ..."``, ``"other size: <key>: ..."``): what makes
+            ``load_checkpoint`` without a target refuse the checkpoint (with ``strict=False``: warn). Empty
+            where they agree or the model was not built.
     """
 
     path: str
@@ -53,6 +57,7 @@ class CheckpointSummary:
     classified_by: str = ""
     guessed: list[str] = dataclasses.field(default_factory=list)
     decoded_to: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    config_mismatches: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.path}: {self.format}, {self.files} file(s)"]
@@ -75,6 +80,15 @@ class CheckpointSummary:
                 + " (a dtype= given to load_checkpoint casts after that decode)"
             )
         lines.append(f"classified by: {self.classified_by}")
+        if self.config_mismatches:
+            lines.append(
+                "does not fit the model of its config.json (load_checkpoint without a target refuses it):"
+            )
+            lines += [f"  {m}" for m in self.config_mismatches[:SHOWN]]
+            if len(self.config_mismatches) > SHOWN:
+                lines.append(
+                    f"  ... {len(self.config_mismatches)} in all (CheckpointSummary.config_mismatches)"
+                )
         if self.guessed:
             shown = ", ".join(self.guessed[:SHOWN]) + (
                 f", ... ({len(self.guessed)} in all)" if len(self.guessed) > SHOWN else ""
@@ -109,6 +123,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
     """
     with open_checkpoint(path) as ckpt:
         classification = ckpt.classify(ask_model=True)
+        unfit = ckpt.config_mismatches()
         for e in ckpt.entries.values():
             for role in ("absmax", "nested_absmax", "scale", "scb"):
                 if role in e.keys:
@@ -151,4 +166,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             classified_by=classification.source,
             guessed=list(classification.guessed),
             decoded_to={kind: sorted(names) for kind, names in decoded.items()},
+            config_mismatches=unfit.describe(limit=len(ckpt.entries) + len(unfit.missing)).split("\n  ")
+            if unfit is not None
+            else [],
         )

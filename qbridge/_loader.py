@@ -41,6 +41,7 @@ from ._classify import architecture_uses_conv1d
 from ._decode import materialize
 from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, torch_dtype
+from ._errors import CheckpointError
 from ._group import FP8Groups
 from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
@@ -174,6 +175,19 @@ def plan_load(
         classes = ckpt.classify(ask_model=ask)
         shapes = {name: (e.shape, TORCH_TO_JAX.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
         if target is None:
+            unfit = ckpt.config_mismatches()
+            if unfit is not None:
+                text = (
+                    f"{ckpt.path}: the checkpoint does not hold what its config.json's model has "
+                    f"({unfit.architecture}, built on the meta device): {unfit.summary()}:\n  {unfit.describe()}"
+                )
+                if strict:
+                    raise CheckpointError(
+                        f"{text}\nThe files and config.json may belong to different models, or the files are "
+                        "incomplete or damaged (a quantized weight's size is its quant state's shape). Pass "
+                        "strict=False to load what the checkpoint holds, with a warning"
+                    )
+                warn_at_caller(text)
             plan, skipped = jax_side.plan_by_name(
                 shapes, kinds=kinds, rename=rename, torch_kinds=classes.kinds, optional=classes.optional
             )
@@ -351,6 +365,11 @@ def load_checkpoint(
         strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
             unfilled leaves as the target has them (a target leaf that holds only a shape,
             ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
+            Without a target, where the torch model of ``config.json`` was built (see ``target``): raise
+            :class:`CheckpointError` for checkpoint tensors of other sizes than the model's (a quantized
+            weight's size: its quant state's shape) and, where every checkpoint parameter has one of the
+            model's names, for parameters and saved buffers it lacks (tied copies aside); with False, warn
+            and load what the checkpoint holds. :func:`inspect_checkpoint` lists the same.
         progress: show a progress bar (bytes and tensors) on a terminal or in a notebook; none where
             stderr is a file or a pipe.
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).
@@ -383,8 +402,9 @@ def load_checkpoint(
     Raises:
         CheckpointError: a missing, truncated or corrupt file, a quant state that does not fit its tensor,
             damaged (NaN/Inf) scales, a quantized weight without its scales, a ``config.json``
-            model dtype quantized weights cannot decode to; the message names the file and key. Nothing
-            partial is returned.
+            model dtype quantized weights cannot decode to; without a target and with ``strict``, tensors
+            that ``config.json``'s model has and the checkpoint lacks or holds at other sizes. The message
+            names the file and key. Nothing partial is returned.
         FormatError: an unknown ``quant_method`` or mixed formats.
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
         TypeError: ``target`` is no linen params dict, ``nnx.Module`` or ``nnx.State``, or holds weights kept

@@ -109,6 +109,57 @@ def test_piece_without_its_quant_state(made, tmp_path):
         qbridge.load_checkpoint(ck, progress=False)
 
 
+def _transposed_quant_state(state):
+    key = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4"
+    doc = json.loads(bytes(state[key].tolist()))
+    doc["shape"] = doc["shape"][::-1]  # the same element count: only the config's model can tell
+    state[key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+
+
+def _without_q_proj_of_layer_1(state):
+    for key in [k for k in state if k.startswith("model.layers.1.self_attn.q_proj.weight")]:
+        del state[key]
+
+
+def test_without_a_target_the_checkpoint_is_checked_against_its_config_models_tensors(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    _rewrite(ck / "model.safetensors", lambda s: (_transposed_quant_state(s), _without_q_proj_of_layer_1(s)))
+    with pytest.raises(CheckpointError) as info:
+        qbridge.load_checkpoint(ck, progress=False)
+    text = str(info.value)
+    assert "LlamaForCausalLM" in text and "1 tensor of the model missing, 1 tensor of other sizes" in text
+    assert "missing: model.layers.1.self_attn.q_proj.weight (the model's [64, 64])" in text
+    assert "model.layers.0.mlp.down_proj.weight: the model's [64, 192], the checkpoint's [192, 64]" in text
+    assert "strict=False" in text
+    summary = qbridge.inspect_checkpoint(ck)  # tells the same, without refusing
+    assert summary.config_mismatches == [
+        "missing: model.layers.1.self_attn.q_proj.weight (the model's [64, 64])",
+        "other size: model.layers.0.mlp.down_proj.weight: the model's [64, 192], the checkpoint's [192, 64]",
+    ]
+    assert "does not fit the model of its config.json" in str(summary)
+    assert qbridge.inspect_checkpoint(made / "nf4").config_mismatches == []
+    # strict=False: what the checkpoint holds, as it holds it, with the same words in a warning
+    words = r"(?s)missing: model.layers.1.self_attn.q_proj.weight.*the checkpoint's \[192, 64\]"
+    with pytest.warns(UserWarning, match=words):
+        params, report = qbridge.load_checkpoint(ck, progress=False, strict=False, return_report=True)
+    layers = params["params"]["model"]["layers"]
+    assert "q_proj" not in layers["1"]["self_attn"] and "q_proj" in layers["0"]["self_attn"]
+    assert layers["0"]["mlp"]["down_proj"]["kernel"].shape == (64, 192)
+    assert report.leaves == 20  # 21 parameters of the two-layer model, one missing
+    assert "remembered" in report.classified_by  # the model's answers as a later process reads them back
+
+
+def test_a_config_of_other_sizes_is_named_without_a_target(made, tmp_path):
+    ck = _copy(made, "fp8", tmp_path)
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError) as info:
+        qbridge.load_checkpoint(ck, progress=False)
+    text = str(info.value)
+    assert "6 tensors of other sizes" in text and "of the model missing" not in text
+    assert "model.layers.1.mlp.up_proj.weight: the model's [128, 64], the checkpoint's [192, 64]" in text
+
+
 @pytest.mark.parametrize("leaf", ["weight_scale_inv", "weight_scale"])
 def test_fp8_scale_shape_that_does_not_fit(made, tmp_path, leaf):
     """The error names the scale tensor, and calls it by the checkpoint's name for it."""
@@ -458,19 +509,26 @@ def test_tensors_a_listed_file_holds_but_the_index_leaves_out_are_loaded_with_a_
 
 def test_a_shard_the_index_no_longer_names_is_warned_about(made, tmp_path):
     """An index that names no tensor of one shard of its series leaves that file unread (as transformers
-    does): a load without a target had lost its tensors without a word; now a warning names the file."""
+    does): a load without a target had lost its tensors without a word; now a warning names the file, and
+    the tensors the config's model has and the load lacks are refused (strict=False: warned about)."""
     ck = _copy(made, "sharded", tmp_path)
     index = json.loads((ck / "model.safetensors.index.json").read_text())
     dropped = sorted(set(index["weight_map"].values()))[-1]
     index["weight_map"] = {k: f for k, f in index["weight_map"].items() if f != dropped}
     (ck / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.warns(UserWarning, match=rf"does not name {re.escape(dropped)}, a shard of the same series"):
+    with (
+        pytest.warns(UserWarning, match=rf"does not name {re.escape(dropped)}, a shard of the same series"),
+        pytest.raises(CheckpointError, match=r"tensors? of the model missing"),  # and the load refuses
+    ):
         qbridge.load_checkpoint(ck, progress=False)
     (number,) = re.fullmatch(r".*-(\d+)-of-\d+\.safetensors", dropped).groups()
     unpadded = dropped.replace(f"-{number}-of-", f"-{int(number)}-of-")  # the same shard, another padding
     (ck / dropped).rename(ck / unpadded)
-    with pytest.warns(UserWarning, match=rf"does not name {re.escape(unpadded)}, a shard of the same series"):
-        qbridge.load_checkpoint(ck, progress=False)
+    with pytest.warns(UserWarning) as warned:
+        qbridge.load_checkpoint(ck, progress=False, strict=False)
+    said = [str(w.message) for w in warned]
+    assert any(f"does not name {unpadded}, a shard of the same series" in m for m in said), said
+    assert any("of the model missing" in m for m in said), said
     (ck / unpadded).unlink()  # gone: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

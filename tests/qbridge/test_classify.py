@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import torch
 from checkpoints import LLAMA, fp8_quantize
 from helpers import assert_same_bits, to_numpy
+from safetensors import safe_open
 
 import jax_side
 import qbridge
@@ -553,6 +555,54 @@ def test_gpt2_conv1d_into_the_flax_gpt2_layout(gpt2_dirs, which):
         stored = _gpt2_weight(gpt2_dirs, name, which)
         want = stored.T if which == "plain" else stored  # FlaxConv1D holds [out, in]
         assert_same_bits(np.asarray(node["kernel"]), want)
+
+
+@pytest.mark.parametrize("which", ["plain", "int4", "int8"])
+def test_gpt2_checkpoints_are_checked_against_their_models_sizes_without_a_target(gpt2_dirs, which, tmp_path):
+    """Conv1D weights are stored [in, out] plain and [out, in] quantized: both agree with the config's model
+    (strict loads raise on any difference), and a config of another n_inner names the Conv1D weights."""
+    qbridge.load_checkpoint(gpt2_dirs / which, progress=False, device="cpu")
+    other = tmp_path / which
+    shutil.copytree(gpt2_dirs / which, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "n_inner": 128}))
+    with pytest.raises(CheckpointError) as info:
+        qbridge.load_checkpoint(other, progress=False, device="cpu")
+    text = str(info.value)
+    assert "GPT2LMHeadModel" in text and "6 tensors of other sizes" in text  # c_fc weights and biases, c_proj
+    assert "transformer.h.1.mlp.c_fc.weight: the model's [128, 64], the checkpoint's [256, 64]" in text
+    assert "transformer.h.1.mlp.c_proj.weight: the model's [64, 128], the checkpoint's [64, 256]" in text
+
+
+def test_missing_tensors_are_not_claimed_where_the_checkpoint_names_tensors_otherwise(tmp_path):
+    """transformers 5 holds Mixtral's experts fused (mlp.experts.gate_up_proj) and converts the stored
+    per-expert weights (block_sparse_moe.experts.0.w1) when it loads: the fused names are not missing, even
+    where most of the checkpoint's names are the model's. Sizes of the names both share are still checked."""
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**sizes)).save_pretrained(tmp_path / "mixtral")
+    with safe_open(tmp_path / "mixtral" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    named = [k for k in keys if ".self_attn." in k or "norm" in k or "embed" in k or "lm_head" in k]
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in keys and 2 * len(named) > len(keys)
+    params = qbridge.load_checkpoint(tmp_path / "mixtral", progress=False, device="cpu")["params"]
+    assert "block_sparse_moe" in params["model"]["layers"]["1"]
+    config = json.loads((tmp_path / "mixtral" / "config.json").read_text())
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
+    with pytest.raises(CheckpointError) as info:
+        qbridge.load_checkpoint(tmp_path / "mixtral", progress=False, device="cpu")
+    text = str(info.value)
+    assert "4 tensors of other sizes" in text and "of the model missing" not in text
+    assert "model.layers.0.self_attn.k_proj.weight: the model's [32, 32], the checkpoint's [16, 32]" in text
+
+
+def test_a_tied_output_layer_that_is_not_stored_is_not_missing(tmp_path):
+    _llama(tmp_path / "tied", tie_word_embeddings=True)
+    with safe_open(tmp_path / "tied" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    params = qbridge.load_checkpoint(tmp_path / "tied", progress=False, device="cpu")["params"]
+    assert "lm_head" not in params
 
 
 @pytest.mark.parametrize("which", ["plain", "int4", "int8"])
