@@ -6,7 +6,7 @@ Each MoE layer holds what a DeepSeek-V3 MoE layer holds (``config.json`` of deep
 ``[7168, 2048]`` in float8_e4m3fn with 128x128 ``weight_scale_inv`` blocks; MLA attention (``q_a_proj``
 ``[1536, 7168]``, ``q_b_proj`` ``[24576, 1536]``, ``kv_a_proj_with_mqa`` ``[576, 7168]`` with its partial
 tile row, ``kv_b_proj`` ``[32768, 512]``, ``o_proj`` ``[7168, 16384]``) in FP8; norms, the router
-``gate.weight`` ``[256, 7168]`` and ``e_score_correction_bias`` in bf16/float32. Values are random (never
+``gate.weight`` ``[experts, 7168]`` and ``e_score_correction_bias`` in bf16/float32. Values are random (never
 zeros). One file per layer, with ``model.safetensors.index.json``, as the real checkpoint is sharded.
 
 Printed and written (``--out``): tensors, bytes, the load's wall time in a warm page cache (first and
@@ -59,8 +59,8 @@ def layer_tensors(i: int, experts: int) -> dict[str, tuple[tuple[int, ...], str]
         p + "self_attn.kv_a_layernorm.weight": ((KV_LORA,), "bf16"),
         p + "self_attn.kv_b_proj.weight": ((HEADS * (128 + 128), KV_LORA), "fp8"),
         p + "self_attn.o_proj.weight": ((HIDDEN, HEADS * 128), "fp8"),
-        p + "mlp.gate.weight": ((256, HIDDEN), "bf16"),
-        p + "mlp.gate.e_score_correction_bias": ((256,), "f32"),
+        p + "mlp.gate.weight": ((experts, HIDDEN), "bf16"),
+        p + "mlp.gate.e_score_correction_bias": ((experts,), "f32"),
     }
     mlps = [f"{p}mlp.experts.{e}." for e in range(experts)] + [f"{p}mlp.shared_experts."]
     for m in mlps:
@@ -97,11 +97,21 @@ def write_checkpoint(root: pathlib.Path, layers: int, experts: int, device: str)
     (root / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": nbytes}, "weight_map": weight_map})
     )
-    config = {
+    config = {  # the sizes of the tensors above (a loader checks them against the model this config builds)
         "model_type": "deepseek_v3",
         "architectures": ["DeepseekV3ForCausalLM"],
         "hidden_size": HIDDEN,
+        "moe_intermediate_size": MOE_INTER,
+        "q_lora_rank": Q_LORA,
+        "kv_lora_rank": KV_LORA,
+        "qk_rope_head_dim": ROPE,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
         "n_routed_experts": experts,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 0,  # every layer written is an MoE layer
         "num_hidden_layers": layers,
         "quantization_config": {
             "quant_method": "fp8",
