@@ -1770,8 +1770,21 @@ def _check_format(ckpt: Checkpoint, quantized: set[str]) -> None:
     # llm_int8_has_fp16_weight: bitsandbytes' 8-bit layers keep their floating weights, saved as they are
     fp16_weights = bool(ckpt.quantization_config.get("llm_int8_has_fp16_weight"))
     if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"} and not fp16_weights:
-        raise CheckpointError(
-            f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state"
+        packed = [e.name for e in ckpt.entries.values() if e.dtype in (torch.uint8, torch.int8)]
+        if packed or not any(e.dtype.is_floating_point for e in ckpt.entries.values()):
+            raise CheckpointError(
+                f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state"
+                + (
+                    f" ({packed[0]} is stored as {ckpt.entries[packed[0]].dtype}: its quant state is missing)"
+                    if packed
+                    else ""
+                )
+            )
+        # the producer quantized no layer (transformers 5 leaves Falcon's FalconLinear layers dense, say) and
+        # saved its floating weights: loaded as stored, as transformers loads them
+        warn_at_caller(
+            f"{ckpt.path}: config.json says bitsandbytes, but every weight is stored unquantized (the producer "
+            "quantized no layer): loaded as stored"
         )
     if method == "fp8" and "fp8" not in quantized:
         raise CheckpointError(f"{ckpt.path}: config says fp8 but no float8 weight was found")

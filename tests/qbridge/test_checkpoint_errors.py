@@ -149,6 +149,28 @@ def test_without_a_target_the_checkpoint_is_checked_against_its_config_models_te
     assert "remembered" in report.classified_by  # the model's answers as a later process reads them back
 
 
+def test_a_bitsandbytes_config_over_unquantized_weights_loads_them_and_over_bare_bytes_is_refused(
+    made, tmp_path
+):
+    """transformers 5 quantizes none of Falcon's FalconLinear layers, and saves the float weights with a
+    bitsandbytes quantization_config: transformers loads them as stored, and so does qbridge, with a warning.
+    Packed 4-bit bytes whose quant states were all stripped stay refused, naming a weight."""
+    ck = _copy(made, "dense", tmp_path)
+    config = json.loads((made / "nf4" / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**json.loads((ck / "config.json").read_text()),
+                                                "quantization_config": config["quantization_config"]}))  # fmt: skip
+    with pytest.warns(UserWarning, match="says bitsandbytes, but every weight is stored unquantized"):
+        got = qbridge.load_checkpoint(ck, progress=False, device="cpu")
+    want = qbridge.load_checkpoint(made / "dense", progress=False, device="cpu")
+    jax.tree.map(lambda a, b: assert_same_bits(np.asarray(a), np.asarray(b)), got, want)
+    bare = _copy(made, "nf4", tmp_path)
+    _rewrite(bare / "model.safetensors", lambda s: [s.pop(k) for k in list(s) if k.rpartition(".")[2] != "weight"
+                                                    and ".weight." in k])  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"no tensor carries a bitsandbytes quant state \(model\.\S+\.weight "
+                                              r"is stored as torch.uint8: its quant state is missing\)"):  # fmt: skip
+        qbridge.load_checkpoint(bare, progress=False)
+
+
 def test_a_config_of_other_sizes_is_named_without_a_target(made, tmp_path):
     ck = _copy(made, "fp8", tmp_path)
     config = json.loads((ck / "config.json").read_text())
