@@ -1219,3 +1219,43 @@ def test_a_target_with_fewer_layers_than_the_checkpoint_is_named_as_the_cause(tm
         qbridge.load_checkpoint(tmp_path / "st", target=target, progress=False)
     assert "the checkpoint has blocks numbered up to 1 and the target up to 0" in str(e.value)
     assert "build it from the checkpoint's own config.json" in str(e.value)
+
+
+SWEEP = {  # one of each kind of layout and naming the check against the config's model meets
+    "GPT2": dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4),  # Conv1D
+    "T5": dict(vocab_size=128, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4),  # shared embeddings
+    "Bert": dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "Whisper": dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+                    max_source_positions=32, max_target_positions=32, decoder_start_token_id=1, pad_token_id=0),
+    "Mixtral": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1),  # converted experts
+    "DeepseekV3": dict(vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                       num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4, num_attention_heads=4,
+                       num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                       qk_nope_head_dim=8, v_head_dim=8),  # MLA, a dense layer and an MoE one
+    "Gemma2": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8),  # tied output layer
+}  # fmt: skip
+HEADS = {"Bert": "BertForMaskedLM", "T5": "T5ForConditionalGeneration", "Whisper": "WhisperForConditionalGeneration",
+         "GPT2": "GPT2LMHeadModel"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SWEEP)
+def test_checkpoints_transformers_makes_fit_their_configs_models(name, tmp_path):
+    """Plain and bitsandbytes NF4 checkpoints of each layout load strictly without a target: the check
+    against the config's model refuses none of them (their tensors are what the model holds, or named
+    otherwise, as transformers converts them)."""
+    cls = getattr(transformers, HEADS.get(name, f"{name}ForCausalLM"))
+    torch.manual_seed(0)
+    cls(getattr(transformers, f"{name}Config")(**SWEEP[name])).save_pretrained(tmp_path / "plain")
+    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    cls.from_pretrained(tmp_path / "plain", quantization_config=nf4, device_map="cpu").save_pretrained(
+        tmp_path / "nf4"
+    )
+    for which in ("plain", "nf4"):
+        _, report = qbridge.load_checkpoint(
+            tmp_path / which, progress=False, device="cpu", return_report=True
+        )
+        assert "built on the meta device" in report.classified_by, which
+        assert report.format == ("bitsandbytes-4bit" if which == "nf4" else "safetensors")
