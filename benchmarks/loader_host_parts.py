@@ -1,6 +1,6 @@
 """Where a GPU load's host time goes, per checkpoint tensor, at DeepSeek-V3's layout in tiny shapes.
 
-Three parts, each printed:
+Five parts, each printed:
 
 1. ``phases``: ``qbridge.load_checkpoint`` of one tiny DeepSeek-V3 MoE layer (``deepseek_v3_scale.py --tiny``:
    1558 tensors, 782 leaves; device work and reading negligible, so wall time is host work), with timers
@@ -13,9 +13,12 @@ Three parts, each printed:
 4. ``profile``: ``cProfile`` of the calling thread over ``--loads`` loads after every background compile, the
    functions that spend most of it themselves and with what they call (the profiler's own cost included:
    for where, not how much).
+5. ``reads``: ``Checkpoint.read_stacked`` of a group's 32 scales and of its 32 tiny weights (no pinning, so any
+   machine), microseconds per key.
 
-Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``. ``phases``
-and ``profile`` run on a CPU too (``--device cpu``: the CPU load decodes weight by weight, without groups).
+Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``.
+``phases``, ``profile`` and ``reads`` run on a CPU too (``--device cpu``: the CPU load decodes weight by weight,
+without groups).
 """
 
 from __future__ import annotations
@@ -119,6 +122,30 @@ def _median_us(fn: Any, repeat: int = 200) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e6
+
+
+def reads(root: pathlib.Path, rounds: int = 21) -> None:
+    """``Checkpoint.read_stacked`` of a group's 32 scales and of its 32 tiny weights, as the grouped FP8 route
+    reads them (no pinning: any machine), microseconds per key, median of ``rounds`` passes over the layer."""
+    from qbridge._checkpoint import open_checkpoint
+
+    with open_checkpoint(root) as ckpt:
+        for leaf in ("weight_scale_inv", "weight"):
+            groups = [
+                [f"model.layers.0.mlp.experts.{e}.{proj}.{leaf}" for e in range(g, g + 32)]
+                for proj in ("gate_proj", "up_proj", "down_proj")
+                for g in range(0, 256, 32)
+            ]
+            for keys in groups:  # the file's pages in the page cache, the byte ranges looked up
+                ckpt.read_stacked(keys)
+            times = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                for keys in groups:
+                    ckpt.read_stacked(keys)
+                times.append((time.perf_counter() - t) / (32 * len(groups)))
+            print(f"reads: read_stacked of 32 {leaf} tensors: {statistics.median(times) * 1e6:.2f} us per key "
+                  f"(median of {rounds})")  # fmt: skip
 
 
 def group(root: pathlib.Path) -> None:
@@ -260,19 +287,19 @@ def profile(root: pathlib.Path, device: str, loads: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["phases", "group", "allocation"],
-                        choices=["phases", "group", "allocation", "profile"])  # fmt: skip
+                        choices=["phases", "group", "allocation", "profile", "reads"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
     parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
     args = parser.parse_args()
-    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile"}:
+    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile", "reads"}:
         parser.error(
-            "--device cpu runs the phases and profile parts only (groups and XLA's allocation calls are the "
-            "GPU's)"
+            "--device cpu runs the phases, profile and reads parts only (groups and XLA's allocation calls are "
+            "the GPU's)"
         )
     if args.loads < 1:
         parser.error(f"--loads must be at least 1, got {args.loads}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("torch sees no CUDA GPU here: use --device cpu --parts phases")
+        parser.error("torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads)")
     import jax
 
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
@@ -285,6 +312,8 @@ def main() -> None:
             phases(root, args.device, args.loads)
         if "profile" in args.parts:
             profile(root, args.device, args.loads)
+        if "reads" in args.parts:
+            reads(root)
         if "group" in args.parts:
             group(root)
     if "allocation" in args.parts:

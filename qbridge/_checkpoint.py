@@ -700,6 +700,46 @@ class _Source:
         self.read_into([key], [out], check=check)
         return out
 
+    def _read_run(
+        self,
+        path: pathlib.Path,
+        run: list[tuple[int, int, str]],
+        flat: memoryview,
+        nbytes: int,
+        row_bytes: int,
+    ) -> None:
+        """Reads the tensors of ``run`` (``(begin, row, key)`` in file order, ``nbytes`` each, apart by at
+        most ``_GAP_READ`` bytes) into their rows of ``flat``: one positioned read of all of them where the
+        system has ``preadv``, each on its own otherwise or where that read comes up short (then the short
+        one is named)."""
+        f = self._files[path]
+        if len(run) > 1 and _PREADV is not None:
+            buffers: list[memoryview] = []
+            scratch = memoryview(bytearray(_GAP_READ))
+            at = run[0][0]  # where the file's bytes read so far end
+            for begin, i, _ in run:
+                if begin > at:
+                    buffers.append(scratch[: begin - at])
+                start = i * row_bytes
+                buffers.append(flat[start : start + nbytes])
+                at = begin + nbytes
+            total = at - run[0][0]
+            try:
+                got = int(_PREADV(f.fileno(), buffers, run[0][0]))
+            except OSError:
+                got = -1
+            if got == total:
+                return
+        for begin, i, key in run:  # one at a time: short reads repeated, errors named
+            try:
+                got = _read_at(f, begin, flat[i * row_bytes : i * row_bytes + nbytes], self._file_lock)
+            except OSError as e:  # as read() says it
+                raise _read_error(path, key, e) from e
+            if got != nbytes:
+                raise CheckpointError(
+                    f"{path}: reading {key!r} failed: {got} of its {nbytes} bytes read (a truncated or damaged file)"
+                )
+
     def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
         ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
@@ -725,40 +765,52 @@ class _Source:
         reading = self._reading()
         direct = self._state is None and nbytes > 0
         # the files are held once for the whole batch (close() waits for it), each file's byte ranges looked
-        # up once: a batch is a group of weights' scales, dozens of tiny reads
+        # up once: a batch is a group of weights' scales, dozens of tiny reads. Tensors that lie close
+        # together in a file (a group's scales are every third one of a layer's experts) are read with one
+        # positioned read of many buffers: their rows, and a scratch buffer for the bytes between them
         with self._using_files(keys[0]):
-            ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
+            direct_reads: dict[pathlib.Path, list[tuple[int, int, str]]] = {}  # path -> (begin, row, key)
+            path: pathlib.Path | None = None  # the last key's file (compared by identity: no hash per key)
+            bucket: list[tuple[int, int, str]] = []
+            offsets: dict[str, tuple[int, int]] = {}
+            small = self._small
             for i, key in enumerate(keys):
                 if not direct or key in reading:
                     out[i, :numel].copy_(self.read(key).reshape(-1))
                     continue
-                path = self.key_file[key]
-                start = i * row_bytes
+                held = self.key_file[key]
                 try:
-                    offsets = ranges.get(path)
-                    if offsets is None:  # a header cut short since opening: ValueError
-                        offsets = ranges[path] = self._offsets(path)
+                    if held is not path:
+                        path, bucket = held, direct_reads.setdefault(held, [])
+                        offsets = self._offsets(held)  # a header cut short since opening: ValueError
                     begin, end = offsets[key]
-                    got = (
-                        _read_at(self._files[path], begin, flat[start : start + nbytes], self._file_lock)
-                        if end - begin == nbytes
-                        else -1
-                    )
                 except (OSError, ValueError) as e:  # as read() says it
-                    raise _read_error(path, key, e) from e
-                if got != nbytes:
-                    found = (
-                        f"{got} of its {nbytes} bytes read"
-                        if got >= 0
-                        else f"{end - begin} bytes stored where {nbytes} belong"
-                    )
+                    raise _read_error(held, key, e) from e
+                if end - begin != nbytes:
                     raise CheckpointError(
-                        f"{path}: reading {key!r} failed: {found} (a truncated or damaged file)"
+                        f"{held}: reading {key!r} failed: {end - begin} bytes stored where {nbytes} belong (a "
+                        "truncated or damaged file)"
                     )
-                if key not in self._small:
+                bucket.append((begin, i, key))
+                if key not in small:
                     self.bytes_read += nbytes
                     if nbytes <= SMALL_TENSOR_BYTES:
-                        self._small.add(key)
+                        small.add(key)
+            for held, wanted in direct_reads.items():
+                wanted.sort()
+                run = [wanted[0]]
+                for item in wanted[1:]:
+                    gap = item[0] - (run[-1][0] + nbytes)
+                    if (
+                        0 <= gap <= _GAP_READ
+                        and item[0] + nbytes - run[0][0] <= _RUN_BYTES
+                        and len(run) < _RUN_BUFFERS
+                    ):
+                        run.append(item)
+                        continue
+                    self._read_run(held, run, flat, nbytes, row_bytes)
+                    run = [item]
+                self._read_run(held, run, flat, nbytes, row_bytes)
         return out
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
@@ -976,7 +1028,12 @@ def _readers_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_readers_after_fork)
 
-_PREADV = getattr(os, "preadv", None)  # reads at an offset, leaving the file's position alone (POSIX)
+_PREADV = getattr(os, "preadv", None)
+# read_stacked reads tensors at most this many bytes apart in a file with one positioned read (the bytes
+# between them into a scratch buffer), up to _RUN_BYTES and _RUN_BUFFERS buffers a read (IOV_MAX is 1024)
+_GAP_READ = 16 << 10
+_RUN_BYTES = 16 << 20
+_RUN_BUFFERS = 500  # reads at an offset, leaving the file's position alone (POSIX)
 
 
 def _read_at(f: Any, offset: int, into: memoryview, lock: threading.Lock) -> int:

@@ -371,6 +371,41 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
         ckpt.read_stacked(["s0"])
 
 
+def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_path, monkeypatch):
+    """A group's scales are every third tensor of a layer's experts: read_stacked reads each file's run of them
+    with one positioned read (the bytes between them into scratch), in any order asked, and gives each row
+    what read() gives. Runs end at gaps over _GAP_READ, and a read that comes up short is repeated key by
+    key (test above)."""
+    from safetensors.torch import save_file
+
+    from qbridge import _checkpoint
+    from qbridge._checkpoint import open_checkpoint
+
+    if _checkpoint._PREADV is None:
+        pytest.skip("no os.preadv here: every tensor is read on its own")
+    gen = torch.Generator().manual_seed(7)
+    for part in range(2):
+        stored = {f"e{e:03d}.{proj}.s": torch.rand(3, 7, generator=gen)
+                  for e in range(20 * part, 20 * part + 20) for proj in ("down", "gate", "up")}  # fmt: skip
+        save_file(stored, tmp_path / f"model-{part}.safetensors")
+    keys = [f"e{e:03d}.gate.s" for e in range(40)]
+    keys = keys[::2] + keys[1::2]  # not in file order
+    calls = []
+    real = _checkpoint._PREADV
+    monkeypatch.setattr(
+        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
+    )
+    with open_checkpoint(tmp_path) as ckpt:
+        rows = ckpt.read_stacked(keys)
+        assert calls == [39, 39]  # per file: 20 rows and the 19 gaps between them
+        for i, key in enumerate(keys):
+            assert torch.equal(rows[i, :21], ckpt.read(key).reshape(-1)), key
+        calls.clear()
+        monkeypatch.setattr(_checkpoint, "_GAP_READ", 4 * 21 * 2 - 1)  # the gaps (two scales) no longer fit
+        again = ckpt.read_stacked(keys)
+        assert calls == [1] * 40 and torch.equal(again[:, :21], rows[:, :21])
+
+
 _MANY_FILES = """
 import resource, sys, pathlib, torch
 from safetensors.torch import save_file
