@@ -218,9 +218,11 @@ def flax_shape(rule: LeafRule, torch_shape: Sequence[int]) -> tuple[int, ...]:
     Raises:
         ValueError: ``rule`` lays out arrays of another rank.
     """
+    perm = rule.perm
+    if perm is None:
+        return tuple(torch_shape)
     _check_rank(rule, len(torch_shape))
-    perm = permutation(rule, len(torch_shape))
-    return tuple(torch_shape) if perm is None else tuple(torch_shape[a] for a in perm)
+    return tuple([torch_shape[a] for a in perm])
 
 
 def refuse_torch(value: Any, what: str) -> None:

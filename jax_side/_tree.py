@@ -418,6 +418,9 @@ def warn_unmatched(
 ) -> None:
     """Warns about each ``what`` rule whose regex matches none of ``names`` (a rule that did nothing is
     most often a typo or a rule for another checkpoint)."""
+    patterns = list(patterns)
+    if not patterns:
+        return
     names = list(names)
     for pattern in patterns:
         if not any(re.search(pattern, n) for n in names):
@@ -484,8 +487,13 @@ def plan_by_name(
     check_rules("kinds", kinds)
     raw = _renamed(checkpoint, rename)
     # the module path follows the rename; the tensor's own name (weight, bias, ...) keeps deciding its layout
-    names = {k: ".".join(filter(None, (n.rpartition(".")[0], k.rpartition(".")[2]))) for k, n in raw.items()}
-    for key, new in raw.items():
+    plain = not rename and not any(k.startswith(".") or k.endswith(".") for k in raw)
+    names = (
+        raw  # each key's own name
+        if plain
+        else {k: ".".join(filter(None, (n.rpartition(".")[0], k.rpartition(".")[2]))) for k, n in raw.items()}
+    )
+    for key, new in raw.items() if rename else ():
         if new.rpartition(".")[2] != key.rpartition(".")[2]:
             warn_at_caller(
                 f"rename turned {key!r} into {new!r}: without a target, renaming reaches the module path only; "
