@@ -495,6 +495,7 @@ class ConfigMismatch:
         return "\n  ".join(lines)
 
     def summary(self) -> str:
+        """The counts in words: ``"1 tensor of the model missing, 2 tensors of other sizes"``."""
         parts = []
         if self.missing:
             n = len(self.missing)
