@@ -700,46 +700,6 @@ class _Source:
         self.read_into([key], [out], check=check)
         return out
 
-    def _read_run(
-        self,
-        path: pathlib.Path,
-        run: list[tuple[int, int, str]],
-        flat: memoryview,
-        nbytes: int,
-        row_bytes: int,
-    ) -> None:
-        """Reads the tensors of ``run`` (``(begin, row, key)`` in file order, ``nbytes`` each, apart by at
-        most ``_GAP_READ`` bytes) into their rows of ``flat``: one positioned read of all of them where the
-        system has ``preadv``, each on its own otherwise or where that read comes up short (then the short
-        one is named)."""
-        f = self._files[path]
-        if len(run) > 1 and _PREADV is not None:
-            buffers: list[memoryview] = []
-            scratch = memoryview(bytearray(_GAP_READ))
-            at = run[0][0]  # where the file's bytes read so far end
-            for begin, i, _ in run:
-                if begin > at:
-                    buffers.append(scratch[: begin - at])
-                start = i * row_bytes
-                buffers.append(flat[start : start + nbytes])
-                at = begin + nbytes
-            total = at - run[0][0]
-            try:
-                got = int(_PREADV(f.fileno(), buffers, run[0][0]))
-            except OSError:
-                got = -1
-            if got == total:
-                return
-        for begin, i, key in run:  # one at a time: short reads repeated, errors named
-            try:
-                got = _read_at(f, begin, flat[i * row_bytes : i * row_bytes + nbytes], self._file_lock)
-            except OSError as e:  # as read() says it
-                raise _read_error(path, key, e) from e
-            if got != nbytes:
-                raise CheckpointError(
-                    f"{path}: reading {key!r} failed: {got} of its {nbytes} bytes read (a truncated or damaged file)"
-                )
-
     def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
         ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
@@ -798,19 +758,32 @@ class _Source:
                         small.add(key)
             for held, wanted in direct_reads.items():
                 wanted.sort()
-                run = [wanted[0]]
-                for item in wanted[1:]:
-                    gap = item[0] - (run[-1][0] + nbytes)
-                    if (
-                        0 <= gap <= _GAP_READ
-                        and item[0] + nbytes - run[0][0] <= _RUN_BYTES
-                        and len(run) < _RUN_BUFFERS
+                f, j, n = self._files[held], 0, len(wanted)
+                while j < n:  # runs of tensors at most _GAP_READ apart: one read each where it can
+                    first, k = wanted[j][0], j + 1
+                    at = first + nbytes
+                    while (
+                        k < n
+                        and 0 <= wanted[k][0] - at <= _GAP_READ
+                        and wanted[k][0] + nbytes - first <= _RUN_BYTES
+                        and k - j < _RUN_BUFFERS
                     ):
-                        run.append(item)
-                        continue
-                    self._read_run(held, run, flat, nbytes, row_bytes)
-                    run = [item]
-                self._read_run(held, run, flat, nbytes, row_bytes)
+                        at = wanted[k][0] + nbytes
+                        k += 1
+                    if k - j == 1 or not _read_together(f, wanted[j:k], flat, nbytes, row_bytes):
+                        for begin, i, key in wanted[j:k]:  # one at a time: short reads repeated, errors named
+                            try:
+                                got = _read_at(
+                                    f, begin, flat[i * row_bytes : i * row_bytes + nbytes], self._file_lock
+                                )
+                            except OSError as e:  # as read() says it
+                                raise _read_error(held, key, e) from e
+                            if got != nbytes:
+                                raise CheckpointError(
+                                    f"{held}: reading {key!r} failed: {got} of its {nbytes} bytes read (a truncated or "
+                                    "damaged file)"
+                                )
+                    j = k
         return out
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
@@ -1051,6 +1024,29 @@ def _read_at(f: Any, offset: int, into: memoryview, lock: threading.Lock) -> int
             break
         done += got
     return done
+
+
+def _read_together(
+    f: Any, run: list[tuple[int, int, str]], flat: memoryview, nbytes: int, row_bytes: int
+) -> bool:
+    """Reads the tensors of ``run`` (``(begin, row, key)`` in file order, ``nbytes`` each, at most
+    ``_GAP_READ`` bytes apart) into their rows of ``flat`` (``row_bytes`` apart) with one positioned read of
+    many buffers, the bytes between them into scratch. False where the system has no ``preadv`` or the read
+    came up short or failed: the caller then reads them one by one."""
+    if _PREADV is None:
+        return False
+    scratch = memoryview(bytearray(_GAP_READ))
+    buffers: list[memoryview] = []
+    at = run[0][0]  # where the bytes read so far end in the file
+    for begin, i, _ in run:
+        if begin > at:
+            buffers.append(scratch[: begin - at])
+        buffers.append(flat[i * row_bytes : i * row_bytes + nbytes])
+        at = begin + nbytes
+    try:
+        return int(_PREADV(f.fileno(), buffers, run[0][0])) == at - run[0][0]
+    except OSError:
+        return False
 
 
 def _tensor_nbytes(t: Any) -> int:
