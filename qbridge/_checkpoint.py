@@ -704,8 +704,8 @@ class _Source:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
         ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
         (unset) up to a multiple of 16 bytes. Pinned memory with ``pin`` (CUDA needed). A safetensors file's
-        tensor is read with positioned reads straight into its row; each key is counted as :meth:`read`
-        counts it."""
+        tensor is read with positioned reads straight into its row (tensors close together in one read); each
+        key is counted as :meth:`read` counts it."""
         if isinstance(keys, str) or not keys:
             raise ValueError(f"read_stacked takes a non-empty sequence of keys, got {keys!r}")
         for key in keys:

@@ -298,7 +298,7 @@ def test_failed_match_returns_nothing(made):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, dtype):
-    """Checkpoint.read_stacked (the grouped FP8 route's reader: one system call per tensor into one
+    """Checkpoint.read_stacked (the grouped FP8 route's reader: positioned reads into one
     tensor) holds in row i what read(keys[i]) holds, padded to 16 bytes, from safetensors and torch files,
     counts bytes once per small key, and names a tensor whose bytes the file lacks."""
     from safetensors.torch import save_file
