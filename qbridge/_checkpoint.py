@@ -1001,12 +1001,12 @@ def _readers_after_fork() -> None:
 
 os.register_at_fork(after_in_child=_readers_after_fork)
 
-_PREADV = getattr(os, "preadv", None)
+_PREADV = getattr(os, "preadv", None)  # reads at an offset, leaving the file's position alone (POSIX)
 # read_stacked reads tensors at most this many bytes apart in a file with one positioned read (the bytes
 # between them into a scratch buffer), up to _RUN_BYTES and _RUN_BUFFERS buffers a read (IOV_MAX is 1024)
 _GAP_READ = 16 << 10
 _RUN_BYTES = 16 << 20
-_RUN_BUFFERS = 500  # reads at an offset, leaving the file's position alone (POSIX)
+_RUN_BUFFERS = 500
 
 
 def _read_at(f: Any, offset: int, into: memoryview, lock: threading.Lock) -> int:

@@ -481,18 +481,24 @@ class ConfigMismatch:
     missing: dict[str, tuple[int, ...]]
     shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
 
+    def lines(self) -> list[str]:
+        """Every mismatch in words, one line each: ``"missing: <key> (the model's [..])"``, then
+        ``"other size: <key>: the model's [..], the checkpoint's [..]"``."""
+        return [f"missing: {key} (the model's {list(shape)})" for key, shape in self.missing.items()] + [
+            f"other size: {key}: the model's {list(model)}, the checkpoint's {list(stored)}"
+            for key, model, stored in self.shapes
+        ]
+
     def describe(self, limit: int = 8) -> str:
-        """The mismatches in words, one line each (at most ``limit`` of each sort, then a count)."""
-        lines = []
-        for key, shape in list(self.missing.items())[:limit]:
-            lines.append(f"missing: {key} (the model's {list(shape)})")
-        if len(self.missing) > limit:
-            lines.append(f"... and {len(self.missing) - limit} more missing")
-        for key, model, stored in self.shapes[:limit]:
-            lines.append(f"other size: {key}: the model's {list(model)}, the checkpoint's {list(stored)}")
+        """:meth:`lines` joined for a message, at most ``limit`` of each sort, then a count of the rest."""
+        lines = self.lines()
+        missing, shown = len(self.missing), lines[: min(limit, len(self.missing))]
+        if missing > limit:
+            shown.append(f"... and {missing - limit} more missing")
+        shown += lines[missing : missing + limit]
         if len(self.shapes) > limit:
-            lines.append(f"... and {len(self.shapes) - limit} more of other sizes")
-        return "\n  ".join(lines)
+            shown.append(f"... and {len(self.shapes) - limit} more of other sizes")
+        return "\n  ".join(shown)
 
     def summary(self) -> str:
         """The counts in words: ``"1 tensor of the model missing, 2 tensors of other sizes"``."""

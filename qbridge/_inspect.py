@@ -166,7 +166,5 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             classified_by=classification.source,
             guessed=list(classification.guessed),
             decoded_to={kind: sorted(names) for kind, names in decoded.items()},
-            config_mismatches=unfit.describe(limit=len(ckpt.entries) + len(unfit.missing)).split("\n  ")
-            if unfit is not None
-            else [],
+            config_mismatches=unfit.lines() if unfit is not None else [],
         )

@@ -171,6 +171,29 @@ def test_a_bitsandbytes_config_over_unquantized_weights_loads_them_and_over_bare
         qbridge.load_checkpoint(bare, progress=False)
 
 
+def test_a_long_list_of_mismatches_is_cut_in_the_message_and_whole_in_lines():
+    from qbridge._classify import ConfigMismatch
+
+    unfit = ConfigMismatch("LlamaForCausalLM", {f"m{i}.weight": (4, 2) for i in range(11)},
+                           [(f"s{i}.weight", (3,), (5,)) for i in range(9)])  # fmt: skip
+    assert unfit.summary() == "11 tensors of the model missing, 9 tensors of other sizes"
+    lines = unfit.describe().split("\n  ")
+    assert lines[:8] == [f"missing: m{i}.weight (the model's [4, 2])" for i in range(8)]
+    assert lines[8] == "... and 3 more missing" and lines[-1] == "... and 1 more of other sizes"
+    assert lines[9:-1] == [
+        f"other size: s{i}.weight: the model's [3], the checkpoint's [5]" for i in range(8)
+    ]
+    assert (
+        len(unfit.lines()) == 20
+        and unfit.lines()[-1] == "other size: s8.weight: the model's [3], the checkpoint's [5]"
+    )
+    one = ConfigMismatch("GPT2LMHeadModel", {"a.weight": (2,)}, [])
+    assert (
+        one.summary() == "1 tensor of the model missing"
+        and one.describe() == "missing: a.weight (the model's [2])"
+    )
+
+
 def test_a_config_of_other_sizes_is_named_without_a_target(made, tmp_path):
     ck = _copy(made, "fp8", tmp_path)
     config = json.loads((ck / "config.json").read_text())
