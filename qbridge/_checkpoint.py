@@ -2023,7 +2023,7 @@ def _torchao_piece(src: _Source, key: str) -> bool:
     """Whether ``key`` is, by its name and its partners, a piece of a torchao tensor in torchao's layout: its
     tensor's ``_qdata`` (integer or float8, not a floating dtype of 16 or more bits) and ``_scale`` are both
     held, under the same file."""
-    piece = _TORCHAO_PIECE.fullmatch(key)
+    piece = _TORCHAO_PIECE.fullmatch(key) if "._" in key else None  # the pattern needs "._"
     if piece is None:
         return False
     qdata, scale = (f"{piece[1]}._{piece[2]}_{name}" for name in ("qdata", "scale"))
