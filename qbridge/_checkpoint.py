@@ -1823,12 +1823,20 @@ def _check_format(ckpt: Checkpoint, quantized: set[str]) -> None:
     # llm_int8_has_fp16_weight: bitsandbytes' 8-bit layers keep their floating weights, saved as they are
     fp16_weights = bool(ckpt.quantization_config.get("llm_int8_has_fp16_weight"))
     if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"} and not fp16_weights:
-        packed = [e.name for e in ckpt.entries.values() if e.dtype in (torch.uint8, torch.int8)]
+        qc = ckpt.quantization_config
+        four_bit = bool(qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
+        packed = [  # bytes, or 4-bit weights packed into a column of bnb_4bit_quant_storage's dtype
+            e.name
+            for e in ckpt.entries.values()
+            if e.dtype in (torch.uint8, torch.int8)
+            or (four_bit and e.name.endswith("weight") and len(e.shape) == 2 and e.shape[1] == 1)
+        ]
         if packed or not any(e.dtype.is_floating_point for e in ckpt.entries.values()):
             raise CheckpointError(
                 f"{ckpt.path}: config says bitsandbytes but no tensor carries a bitsandbytes quant state"
                 + (
-                    f" ({packed[0]} is stored as {ckpt.entries[packed[0]].dtype}: its quant state is missing)"
+                    f" ({packed[0]} is stored as {ckpt.entries[packed[0]].dtype} {list(ckpt.entries[packed[0]].shape)}, "
+                    "packed bytes: its quant state is missing)"
                     if packed
                     else ""
                 )

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import threading
 from typing import Any
 
@@ -73,6 +74,12 @@ class ModuleInfo:
     non_persistent: set[str]  # buffers the model does not save (caches)
     tied: dict[str, str]  # tied copy -> the tensor it shares
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # every tensor's torch shape
+    # regular expressions (searched) of names a checkpoint may lack: the model's _keys_to_ignore_on_save and
+    # _keys_to_ignore_on_load_missing (transformers saves without them, or loads without a word)
+    may_lack: list[str] = dataclasses.field(default_factory=list)
+    # regular expressions (searched) of checkpoint names whose values transformers converts when it loads
+    # (its weight converters: fused, split or transposed in place), so their stored sizes may differ
+    converted: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -271,9 +278,41 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
             first[id(param)] = name
     for copy, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         tied.setdefault(str(copy), str(source))
-    info = ModuleInfo(arch, kinds, classes, non_persistent, tied, shapes)
+    info = ModuleInfo(arch, kinds, classes, non_persistent, tied, shapes, _may_lack(model), _converted(model))
     _write_info(remembered, info)
     return info, f"{arch} built on the meta device"
+
+
+def _may_lack(model: torch.nn.Module) -> list[str]:
+    """Regular expressions of the names a checkpoint of ``model`` may lack: each transformers model's (and
+    sub-model's) ``_keys_to_ignore_on_save`` (names, left out when saving: Marian's sinusoidal positions)
+    and ``_keys_to_ignore_on_load_missing`` (patterns loaded without a word: BART's final_logits_bias)."""
+    out: list[str] = []
+    for prefix, module in model.named_modules():
+        for name in getattr(type(module), "_keys_to_ignore_on_save", None) or ():
+            out.append(re.escape(f"{prefix}.{name}" if prefix else str(name)) + "$")
+        out.extend(str(p) for p in getattr(type(module), "_keys_to_ignore_on_load_missing", None) or ())
+    return sorted(set(out))
+
+
+def _converted(model: torch.nn.Module) -> list[str]:
+    """Regular expressions of the checkpoint names whose values transformers converts when it loads ``model``
+    (``transformers.conversion_mapping``'s weight converters, transformers 5; none before)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+
+        transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    except Exception:  # an older transformers, or one that changed this: nothing is excused
+        return []
+    out = []
+    for t in transforms:
+        pattern = getattr(getattr(t, "compiled_sources", None), "pattern", None)
+        if isinstance(t, WeightConverter) and isinstance(pattern, str):
+            pattern = re.sub(r"\(\?P<\w+>", "(?:", pattern)  # its named groups: unnamed, to join several
+            scope = getattr(t, "scope_prefix", None)
+            out.append(f"{re.escape(scope)}\\..*(?:{pattern})" if scope else pattern)
+    return out
 
 
 @functools.cache
@@ -335,6 +374,14 @@ def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
             isinstance(v, list) and all(type(n) is int and n >= 0 for n in v) for v in shapes.values()
         ):
             raise TypeError("shapes must map names to lists of sizes")
+        if kinds and set(shapes) != set(kinds):
+            raise ValueError("shapes must name the tensors kinds names")
+        patterns = [data["may_lack"], data["converted"]]
+        for found in patterns:
+            if not isinstance(found, list) or not all(isinstance(p, str) for p in found):
+                raise TypeError("may_lack and converted must be lists of patterns")
+            for pattern in found:
+                re.compile(pattern)
         info = ModuleInfo(
             arch,
             kinds,
@@ -342,6 +389,7 @@ def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
             set(non_persistent),
             _strings(data["tied"], "tied"),
             {str(k): tuple(v) for k, v in shapes.items()},
+            *patterns,
         )
     except Exception as e:  # unreadable or damaged in any way (deep nesting included): built again
         log.debug("ignoring %s: %r", path, e)
@@ -522,13 +570,18 @@ def config_mismatches(
     parameter of the checkpoint has one of the model's names: one it does not name means the checkpoint
     follows another naming somewhere (another prefix, or a stored layout transformers converts when it
     loads, such as Mixtral's per-expert weights of a model that fuses them), where what looks missing may be
-    stored under other names. Tied copies and buffers the model does not save are never missing. A
-    transformers ``Conv1D`` weight is compared as the ``[out, in]`` matrix the checkpoint's entry holds."""
+    stored under other names. Tied copies, buffers the model does not save, BatchNorm's ``num_batches_tracked``
+    and the names the model lets a checkpoint lack (``_keys_to_ignore_on_save``,
+    ``_keys_to_ignore_on_load_missing``) are never missing; a tensor transformers converts when it loads (a
+    weight converter of ``transformers.conversion_mapping``: Qwen3-VL-MoE's experts, transposed in place) may
+    be of other sizes. A transformers ``Conv1D`` weight is compared as the ``[out, in]`` matrix the
+    checkpoint's entry holds."""
     if modules is None or not modules.shapes:
         return None
     params = [key for key in shapes if key not in classification.optional]
     wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     unknown: list[str] = []
+    converted = re.compile("|".join(f"(?:{p})" for p in modules.converted)) if modules.converted else None
     for key in params:
         model = modules.shapes.get(key)
         if model is None:
@@ -536,16 +589,18 @@ def config_mismatches(
             continue
         if modules.classes.get(key) == "Conv1D" and len(model) == 2:
             model = model[::-1]
-        if tuple(shapes[key]) != model:
+        if tuple(shapes[key]) != model and (converted is None or not converted.search(key)):
             wrong.append((key, model, tuple(shapes[key])))
     missing: dict[str, tuple[int, ...]] = {}
     if not unknown:  # the checkpoint names its tensors as the model does: what it lacks is missing
         shared = {source for copy, source in modules.tied.items() if copy in shapes}
+        excused = re.compile("|".join(f"(?:{p})" for p in modules.may_lack)) if modules.may_lack else None
         missing = {
             name: shape
             for name, shape in modules.shapes.items()
             if name not in shapes and name not in modules.non_persistent and name not in modules.tied
-            and name not in shared
+            and name not in shared and not name.endswith("num_batches_tracked")
+            and (excused is None or not excused.search(name))
         }  # fmt: skip
     if not (missing or wrong):
         return None

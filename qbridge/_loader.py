@@ -179,13 +179,19 @@ def plan_load(
             if unfit is not None:
                 text = (
                     f"{ckpt.path}: the checkpoint does not hold what its config.json's model has "
-                    f"({unfit.architecture}, built on the meta device): {unfit.summary()}:\n  {unfit.describe()}"
+                    f"({classes.source}): {unfit.summary()}:\n  {unfit.describe()}"
                 )
                 if strict:
+                    stale = (
+                        " If transformers' modeling code changed since the model's record was remembered (a "
+                        "development install of the same version), delete that record."
+                        if "remembered" in classes.source
+                        else ""
+                    )
                     raise CheckpointError(
                         f"{text}\nThe files and config.json may belong to different models, or the files are "
                         "incomplete or damaged (a quantized weight's size is its quant state's shape). Pass "
-                        "strict=False to load what the checkpoint holds, with a warning"
+                        f"strict=False to load what the checkpoint holds, with a warning.{stale}"
                     )
                 warn_at_caller(text)
             plan, skipped = jax_side.plan_by_name(
@@ -368,8 +374,9 @@ def load_checkpoint(
             Without a target, where the torch model of ``config.json`` was built (see ``target``): raise
             :class:`CheckpointError` for checkpoint tensors of other sizes than the model's (a quantized
             weight's size: its quant state's shape) and, where every checkpoint parameter has one of the
-            model's names, for parameters and saved buffers it lacks (tied copies aside); with False, warn
-            and load what the checkpoint holds. :func:`inspect_checkpoint` lists the same.
+            model's names, for parameters and saved buffers it lacks (what transformers lets a checkpoint
+            lack, or converts as it loads, aside); with False, warn and load what the checkpoint holds.
+            :func:`inspect_checkpoint` lists the same.
         progress: show a progress bar (bytes and tensors) on a terminal or in a notebook; none where
             stderr is a file or a pipe.
         kinds: regex -> torch module kind overrides (``{"up\\.\\d+$": "conv_transpose2d"}``).

@@ -131,6 +131,11 @@ def test_without_a_target_the_checkpoint_is_checked_against_its_config_models_te
     assert "missing: model.layers.1.self_attn.q_proj.weight (the model's [64, 64])" in text
     assert "model.layers.0.mlp.down_proj.weight: the model's [64, 192], the checkpoint's [192, 64]" in text
     assert "strict=False" in text
+    with pytest.raises(CheckpointError) as again:  # the model's record is named, should it be stale
+        qbridge.load_checkpoint(ck, progress=False)
+    assert re.search(
+        r"remembered from an earlier build: \S+\.json\).*delete that record", str(again.value), re.S
+    )
     summary = qbridge.inspect_checkpoint(ck)  # tells the same, without refusing
     assert summary.config_mismatches == [
         "missing: model.layers.1.self_attn.q_proj.weight (the model's [64, 64])",
@@ -154,7 +159,8 @@ def test_a_bitsandbytes_config_over_unquantized_weights_loads_them_and_over_bare
 ):
     """transformers 5 quantizes none of Falcon's FalconLinear layers, and saves the float weights with a
     bitsandbytes quantization_config: transformers loads them as stored, and so does qbridge, with a warning.
-    Packed 4-bit bytes whose quant states were all stripped stay refused, naming a weight."""
+    Packed 4-bit bytes whose quant states were all stripped stay refused, naming a weight, whatever dtype
+    bnb_4bit_quant_storage packed them into (a bfloat16 column looked like unquantized weights)."""
     ck = _copy(made, "dense", tmp_path)
     config = json.loads((made / "nf4" / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**json.loads((ck / "config.json").read_text()),
@@ -163,12 +169,19 @@ def test_a_bitsandbytes_config_over_unquantized_weights_loads_them_and_over_bare
         got = qbridge.load_checkpoint(ck, progress=False, device="cpu")
     want = qbridge.load_checkpoint(made / "dense", progress=False, device="cpu")
     jax.tree.map(lambda a, b: assert_same_bits(np.asarray(a), np.asarray(b)), got, want)
-    bare = _copy(made, "nf4", tmp_path)
-    _rewrite(bare / "model.safetensors", lambda s: [s.pop(k) for k in list(s) if k.rpartition(".")[2] != "weight"
-                                                    and ".weight." in k])  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"no tensor carries a bitsandbytes quant state \(model\.\S+\.weight "
-                                              r"is stored as torch.uint8: its quant state is missing\)"):  # fmt: skip
-        qbridge.load_checkpoint(bare, progress=False)
+    bnb_llama(made / "dense", tmp_path / "bf16-storage", quant_type="nf4", nested=True,
+              quant_storage=torch.bfloat16)  # fmt: skip
+    for stored, dtype in (
+        ("nf4", "uint8"),
+        ("bf16-storage", "bfloat16"),
+    ):  # packed in a column of the storage dtype
+        bare = _copy(made, stored, tmp_path / "bare") if stored == "nf4" else tmp_path / stored
+        _rewrite(bare / "model.safetensors", lambda s: [s.pop(k) for k in list(s) if k.rpartition(".")[2] != "weight"
+                                                        and ".weight." in k])  # fmt: skip
+        words = rf"no tensor carries a bitsandbytes quant state \(model\.\S+\.weight is stored as torch.{dtype} \[\d+, 1\], packed"
+        for strict in (True, False):
+            with pytest.raises(CheckpointError, match=words):
+                qbridge.load_checkpoint(bare, progress=False, strict=strict)
 
 
 def test_a_long_list_of_mismatches_is_cut_in_the_message_and_whole_in_lines():

@@ -680,6 +680,11 @@ def test_the_model_is_built_once_and_remembered(tmp_path, monkeypatch):
     assert (
         third == first and "remembered" not in note and json.loads(saved.read_text())["kinds"] == first.kinds
     )
+    assert first.shapes["transformer.h.0.attn.c_attn.weight"] == (64, 192)  # Conv1D: [in, out] in torch
+    for damage in ({"shapes": {}}, {"may_lack": ["("]}, {"converted": "x"}):  # the size check's inputs
+        saved.write_text(json.dumps({**json.loads(saved.read_text()), **damage}))
+        fourth, note = module_info(config)
+        assert fourth == first and "remembered" not in note, damage
     monkeypatch.setenv("QBRIDGE_CACHE_DIR", "off")
     saved.unlink()
     assert module_info(config)[0] == first and not saved.exists()
@@ -1259,3 +1264,90 @@ def test_checkpoints_transformers_makes_fit_their_configs_models(name, tmp_path)
         )
         assert "built on the meta device" in report.classified_by, which
         assert report.format == ("bitsandbytes-4bit" if which == "nf4" else "safetensors")
+
+
+def _saved(model: torch.nn.Module, path: pathlib.Path, edit=None) -> pathlib.Path:
+    """``model`` saved by transformers, its tensors then edited (``edit(state) -> state``) as older or other
+    producers wrote them."""
+    model.save_pretrained(path)
+    if edit is not None:
+        state = st.load_file(path / "model.safetensors")
+        st.save_file(edit(state), path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_tensors_transformers_lets_a_checkpoint_lack_are_not_missing(tmp_path):
+    """Marian's save leaves out its sinusoidal positions (_keys_to_ignore_on_save), BART loads without
+    final_logits_bias (_keys_to_ignore_on_load_missing), older checkpoints lack BatchNorm's
+    num_batches_tracked: transformers loads each, and so does a strict load without a target. Another
+    tensor missing from BART is still refused."""
+    torch.manual_seed(0)
+    marian = transformers.MarianConfig(vocab_size=128, decoder_vocab_size=128, d_model=32, encoder_layers=1,
+                                       decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                                       encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                       pad_token_id=1, eos_token_id=0, decoder_start_token_id=1)  # fmt: skip
+    bart = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                   decoder_ffn_dim=64, max_position_embeddings=64)  # fmt: skip
+    resnet = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    cases = {
+        "marian": (transformers.MarianMTModel(marian), None),
+        "bart": (
+            transformers.BartForConditionalGeneration(bart),
+            lambda s: {k: v for k, v in s.items() if k != "final_logits_bias"},
+        ),
+        "resnet": (
+            transformers.ResNetForImageClassification(resnet),
+            lambda s: {k: v for k, v in s.items() if not k.endswith("num_batches_tracked")},
+        ),
+    }
+    for name, (model, edit) in cases.items():
+        path = _saved(model, tmp_path / name, edit)
+        type(model).from_pretrained(path)  # the producer loads it
+        _, report = qbridge.load_checkpoint(path, progress=False, device="cpu", return_report=True)
+        assert "built on the meta device" in report.classified_by, name
+    gone = "model.encoder.layernorm_embedding.weight"
+    path = _saved(
+        cases["bart"][0], tmp_path / "bart-lacking", lambda s: {k: v for k, v in s.items() if k != gone}
+    )
+    with pytest.raises(CheckpointError, match=rf"missing: {re.escape(gone)} \(the model's \[32\]\)"):
+        qbridge.load_checkpoint(path, progress=False, device="cpu")
+
+
+def test_tensors_transformers_converts_as_it_loads_may_differ_in_size(tmp_path):
+    """Qwen3-VL-MoE checkpoints on the Hub hold the fused experts as [experts, in, out], and transformers 5
+    transposes them as it loads (a weight converter under the same name): they load strictly without a
+    target, as stored. An attention weight of other size in the same checkpoint is still refused."""
+    if not hasattr(transformers, "Qwen3VLMoeForConditionalGeneration"):
+        pytest.skip("this transformers has no Qwen3-VL-MoE")
+    config = transformers.Qwen3VLMoeConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, vocab_size=128, max_position_embeddings=64),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           deepstack_visual_indexes=[0], patch_size=8),
+        image_token_id=3, video_token_id=4, vision_start_token_id=5, vision_end_token_id=6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLMoeForConditionalGeneration(config)
+    experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+    def hub_layout(state, also=()):
+        return {
+            k: v.transpose(-1, -2).contiguous() if k.endswith(experts) or k in also else v
+            for k, v in state.items()
+        }
+
+    path = _saved(model, tmp_path / "hub", hub_layout)
+    stored = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert tuple(f.get_slice(stored).get_shape()) == (4, 32, 16)  # [experts, hidden, 2 x 8]: the Hub's
+    params = qbridge.load_checkpoint(path, progress=False, device="cpu")["params"]
+    assert params["model"]["language_model"]["layers"]["0"]["mlp"]["experts"]["gate_up_proj"].shape[0] == 4
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    path = _saved(model, tmp_path / "damaged", lambda s: hub_layout({**s, q_proj: s[q_proj][:16]}))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"other size: {re.escape(q_proj)}: the model's \[32, 32\], the checkpoint's \[16, 32\]",
+    ):
+        qbridge.load_checkpoint(path, progress=False, device="cpu")
