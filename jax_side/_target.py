@@ -20,6 +20,7 @@ from ._tree import (
     dotted,
     fill,
     plan_match,
+    warn_at_caller,
 )
 
 COLLECTIONS = ("params", "batch_stats")
@@ -247,12 +248,18 @@ def plan_for_target(
     filled = {p.leaf.path for p in plan}
     empty = [dotted(leaf.path) for leaf in leaves if leaf.abstract and leaf.path not in filled]
     if empty:
+        leaves_are = "target leaf is" if len(empty) == 1 else "target leaves are"
         raise MatchError(report, (
-            f"strict=False, but {len(empty)} target leaves are filled by no checkpoint tensor and the target holds "
+            f"strict=False, but {len(empty)} {leaves_are} filled by no checkpoint tensor and the target holds "
             f"only their shapes (jax.ShapeDtypeStruct), so they would have no value: {', '.join(empty)}. Pass a "
             "concrete target (the initialized model, nnx.state(model) or a params dict of arrays) to keep its "
             f"values there, or fix the match:\n{report}"
         ))  # fmt: skip
+    if not report.ok:  # strict=False: loaded as far as it fits, and said so (the report holds it too)
+        warn_at_caller(
+            "strict=False: the checkpoint does not fit the target; the leaves it fills are loaded, the others "
+            f"keep the target's values:\n{report}"
+        )
     return t, plan, report
 
 
@@ -290,7 +297,8 @@ def match_to_target(
         target: a linen ``params`` dict or ``{"params": ..., "batch_stats": ...}`` dict (its leaves may be
             ``jax.ShapeDtypeStruct``), an ``nnx.Module`` or an ``nnx.State``.
         strict: raise :class:`MatchError` listing every missing leaf, unused tensor and shape or dtype
-            mismatch; with False, problems are only reported and unfilled leaves keep the target's values
+            mismatch; with False, problems are reported (in the report and a UserWarning) and unfilled
+            leaves keep the target's values
             (a target that holds only shapes there raises instead: there is no value to keep).
         dtype: None (or ``"target"``) casts each floating leaf to the target leaf's dtype, as torch's
             ``load_state_dict`` does, listing each cast in ``report.casts``; ``"checkpoint"`` keeps the

@@ -49,6 +49,13 @@ class MatchError(ValueError):
         self.report = report
 
 
+# after a hint to build the target from the checkpoint's config.json: where it was, that file is the cause
+_OWN_CONFIG = (
+    " (if the target was built from it, the config.json does not describe these files: qbridge's "
+    "inspect_checkpoint compares them)"
+)
+
+
 @dataclasses.dataclass
 class MatchReport:
     """What matching a checkpoint to a target found.
@@ -102,19 +109,19 @@ class MatchReport:
         if extra and top >= 0:
             hints.append(
                 f"the checkpoint has blocks numbered up to {extra[-1]} and the target up to {top}: the target has fewer "
-                "layers than the checkpoint; build it from the checkpoint's own config.json"
+                f"layers than the checkpoint; build it from the checkpoint's own config.json{_OWN_CONFIG}"
             )
         lacking = sorted({_block(leaf) for leaf, _ in self.missing} - set(range(-1, top + 1)))
         if lacking and top >= 0:
             hints.append(
                 f"the target has blocks numbered up to {lacking[-1]} and the checkpoint up to {top}: the target has more "
-                "layers than the checkpoint; build it from the checkpoint's own config.json"
+                f"layers than the checkpoint; build it from the checkpoint's own config.json{_OWN_CONFIG}"
             )
         plain = [leaf for leaf, *_ in self.shape_mismatches if not self.hints.get(leaf)]
         if len(plain) >= 2:
             hints.append(
                 f"{len(plain)} leaves differ in shape, so the target's sizes (hidden size, intermediate size, heads, vocabulary ...) are not "
-                "the checkpoint's; build it from the checkpoint's own config.json"
+                f"the checkpoint's; build it from the checkpoint's own config.json{_OWN_CONFIG}"
             )
         return hints
 

@@ -188,10 +188,11 @@ def plan_load(
                         if "remembered" in classes.source
                         else ""
                     )
+                    sizes = " (a quantized weight's size is its quant state's shape)" if unfit.shapes else ""
                     raise CheckpointError(
                         f"{text}\nThe files and config.json may belong to different models, or the files are "
-                        "incomplete or damaged (a quantized weight's size is its quant state's shape). Pass "
-                        f"strict=False to load what the checkpoint holds, with a warning.{stale}"
+                        f"incomplete or damaged{sizes}. Pass strict=False to load what the checkpoint holds, with "
+                        f"a warning.{stale}"
                     )
                 warn_at_caller(text)
             plan, skipped = jax_side.plan_by_name(
@@ -368,8 +369,8 @@ def load_checkpoint(
             ``torch_dtype``; bfloat16 when absent), as transformers decodes them. A cast comes after that
             decode (so an FP8 weight loaded as float32 is its bfloat16 decode widened, not
             ``float32(w) * scale``; give the config ``"dtype": "float32"`` for that).
-        strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, leave
-            unfilled leaves as the target has them (a target leaf that holds only a shape,
+        strict: with a target, raise :class:`jax_side.MatchError` listing every problem; with False, warn
+            with that list and leave unfilled leaves as the target has them (a target leaf that holds only a shape,
             ``jax.ShapeDtypeStruct``, and that nothing fills raises instead: it would have no value).
             Without a target, where the torch model of ``config.json`` was built (see ``target``): raise
             :class:`CheckpointError` for checkpoint tensors of other sizes than the model's (a quantized

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,14 +100,22 @@ def test_wrong_checkpoint_reports_every_problem_by_name():
 
 
 def test_non_strict_returns_the_report_and_keeps_target_values():
+    """And warns with the report (a user who does not read it would otherwise keep the target's values
+    without a word); a strict=False load that fits says nothing."""
     m = Model(nnx.Rngs(0))
     ck = _checkpoint()
     del ck["layers.1.norm.weight"]
-    tree, report = jax_side.match_to_target(ck, m, strict=False)
+    with pytest.warns(
+        UserWarning, match=r"(?s)strict=False: the checkpoint does not fit the target.*layers\.1\.norm\.scale"
+    ):
+        tree, report = jax_side.match_to_target(ck, m, strict=False)
     assert not report.ok and report.missing[0][0] == "layers.1.norm.scale"
     np.testing.assert_array_equal(
         np.asarray(tree["layers"][1]["norm"]["scale"]), np.asarray(m.layers[1].norm.scale[...])
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert jax_side.match_to_target(_checkpoint(), m, strict=False)[1].ok
 
 
 def test_dtype_policies():
@@ -164,7 +174,7 @@ def test_non_strict_never_leaves_a_shape_where_a_value_belongs():
     abstract = jax.eval_shape(lambda: nnx.state(Model(nnx.Rngs(0))))
     with pytest.raises(
         jax_side.MatchError,
-        match=r"strict=False, but 1 target leaves.*layers\.1\.norm\.scale.*concrete target",
+        match=r"strict=False, but 1 target leaf is.*layers\.1\.norm\.scale.*concrete target",
     ):
         jax_side.match_to_target(ck, abstract, strict=False)
     linen_abstract = {
@@ -286,13 +296,15 @@ def test_a_target_of_another_configuration_is_named_as_the_likely_cause():
                                  matched=matched)  # fmt: skip
     assert fewer.config_hints() == [
         "the checkpoint has blocks numbered up to 3 and the target up to 1: the target has fewer layers than the "
-        "checkpoint; build it from the checkpoint's own config.json"
+        "checkpoint; build it from the checkpoint's own config.json (if the target was built from it, the "
+        "config.json does not describe these files: qbridge's inspect_checkpoint compares them)"
     ]
     assert f"  ({fewer.config_hints()[0]})" in str(fewer).splitlines()
     more = jax_side.MatchReport(missing=[("layers.4.q.kernel", ["layers.4.q.weight"])], matched=matched)
     assert more.config_hints() == [
         "the target has blocks numbered up to 4 and the checkpoint up to 1: the target has more layers than the "
-        "checkpoint; build it from the checkpoint's own config.json"
+        "checkpoint; build it from the checkpoint's own config.json (if the target was built from it, the "
+        "config.json does not describe these files: qbridge's inspect_checkpoint compares them)"
     ]
     sizes = [("a.kernel", "a.weight", (2, 3), (2, 4)), ("b.kernel", "b.weight", (3,), (4,))]
     assert "2 leaves differ in shape" in jax_side.MatchReport(shape_mismatches=sizes).config_hints()[0]
