@@ -255,12 +255,17 @@ def plan_for_target(
             "concrete target (the initialized model, nnx.state(model) or a params dict of arrays) to keep its "
             f"values there, or fix the match:\n{report}"
         ))  # fmt: skip
-    if not report.ok:  # strict=False: loaded as far as it fits, and said so (the report holds it too)
+    return t, plan, report
+
+
+def warn_misfit(report: MatchReport) -> None:
+    """With ``strict=False``: a UserWarning at the caller's line listing what does not fit (nothing when the
+    checkpoint fits), so that target values kept in place are not kept without a word."""
+    if not report.ok:
         warn_at_caller(
             "strict=False: the checkpoint does not fit the target; the leaves it fills are loaded, the others "
             f"keep the target's values:\n{report}"
         )
-    return t, plan, report
 
 
 def rebuild_target(t: Target, values: dict[Path, Any]) -> Any:
@@ -321,6 +326,7 @@ def match_to_target(
         k: (tuple(np.shape(v)), getattr(v, "dtype", np.asarray(v).dtype)) for k, v in checkpoint.items()
     }
     t, plan, report = plan_for_target(shapes, target, dtype=dtype, kinds=kinds, rename=rename, strict=strict)
+    warn_misfit(report)
     values = fill(plan, lambda p: checkpoint[p.key], dtype=dtype)
     return rebuild_target(t, values), report
 

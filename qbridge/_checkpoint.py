@@ -1825,11 +1825,18 @@ def _check_format(ckpt: Checkpoint, quantized: set[str]) -> None:
     if method == "bitsandbytes" and not quantized & {"bnb4", "bnb8"} and not fp16_weights:
         qc = ckpt.quantization_config
         four_bit = bool(qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
+        storage = str(qc.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
         packed = [  # bytes, or 4-bit weights packed into a column of bnb_4bit_quant_storage's dtype
             e.name
             for e in ckpt.entries.values()
             if e.dtype in (torch.uint8, torch.int8)
-            or (four_bit and e.name.endswith("weight") and len(e.shape) == 2 and e.shape[1] == 1)
+            or (
+                four_bit
+                and e.name.endswith("weight")
+                and len(e.shape) == 2
+                and e.shape[1] == 1
+                and str(e.dtype).removeprefix("torch.") == storage
+            )
         ]
         if packed or not any(e.dtype.is_floating_point for e in ckpt.entries.values()):
             raise CheckpointError(

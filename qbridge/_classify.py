@@ -574,7 +574,7 @@ def config_mismatches(
     and the names the model lets a checkpoint lack (``_keys_to_ignore_on_save``,
     ``_keys_to_ignore_on_load_missing``) are never missing; a tensor transformers converts when it loads (a
     weight converter of ``transformers.conversion_mapping``: Qwen3-VL-MoE's experts, transposed in place) may
-    be of other sizes. A transformers ``Conv1D`` weight is compared as the ``[out, in]`` matrix the
+    hold the model's sizes in another order. A transformers ``Conv1D`` weight is compared as the ``[out, in]`` matrix the
     checkpoint's entry holds."""
     if modules is None or not modules.shapes:
         return None
@@ -589,8 +589,11 @@ def config_mismatches(
             continue
         if modules.classes.get(key) == "Conv1D" and len(model) == 2:
             model = model[::-1]
-        if tuple(shapes[key]) != model and (converted is None or not converted.search(key)):
-            wrong.append((key, model, tuple(shapes[key])))
+        stored = tuple(shapes[key])
+        if stored != model and not (  # a converter's transpose in place: the same sizes in another order
+            converted is not None and sorted(stored) == sorted(model) and converted.search(key)
+        ):
+            wrong.append((key, model, stored))
     missing: dict[str, tuple[int, ...]] = {}
     if not unknown:  # the checkpoint names its tensors as the model does: what it lacks is missing
         shared = {source for copy, source in modules.tied.items() if copy in shapes}

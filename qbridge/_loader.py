@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import jax_side
+from jax_side._target import warn_misfit
 from jax_side._tree import kind_override, warn_at_caller, warn_unmatched
 
 from . import _gc, _staging
@@ -228,6 +229,7 @@ def plan_load(
         if match.unused and not ask:
             ask = True
             continue
+        warn_misfit(match)  # strict=False: said once, after the last match
         return t, plan, match, dict(match.skip_reasons)
 
 

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -165,8 +166,15 @@ def test_a_bitsandbytes_config_over_unquantized_weights_loads_them_and_over_bare
     config = json.loads((made / "nf4" / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps({**json.loads((ck / "config.json").read_text()),
                                                 "quantization_config": config["quantization_config"]}))  # fmt: skip
+    # a float [N, 1] weight (Mamba's dt_proj at time_step_rank 1) is no packed column: storage is uint8
+    column = torch.randn(8, 1, generator=torch.Generator().manual_seed(3)).bfloat16()
+    _rewrite(ck / "model.safetensors", lambda s: s.__setitem__("model.column.weight", column))
     with pytest.warns(UserWarning, match="says bitsandbytes, but every weight is stored unquantized"):
         got = qbridge.load_checkpoint(ck, progress=False, device="cpu")
+    assert_same_bits(
+        np.asarray(got["params"]["model"]["column"]["kernel"]), column.float().numpy().T.astype(jnp.bfloat16)
+    )
+    del got["params"]["model"]["column"]
     want = qbridge.load_checkpoint(made / "dense", progress=False, device="cpu")
     jax.tree.map(lambda a, b: assert_same_bits(np.asarray(a), np.asarray(b)), got, want)
     bnb_llama(made / "dense", tmp_path / "bf16-storage", quant_type="nf4", nested=True,

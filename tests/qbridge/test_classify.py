@@ -1332,11 +1332,8 @@ def test_tensors_transformers_converts_as_it_loads_may_differ_in_size(tmp_path):
     model = transformers.Qwen3VLMoeForConditionalGeneration(config)
     experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
-    def hub_layout(state, also=()):
-        return {
-            k: v.transpose(-1, -2).contiguous() if k.endswith(experts) or k in also else v
-            for k, v in state.items()
-        }
+    def hub_layout(state):
+        return {k: v.transpose(-1, -2).contiguous() if k.endswith(experts) else v for k, v in state.items()}
 
     path = _saved(model, tmp_path / "hub", hub_layout)
     stored = "model.language_model.layers.0.mlp.experts.gate_up_proj"
@@ -1351,3 +1348,40 @@ def test_tensors_transformers_converts_as_it_loads_may_differ_in_size(tmp_path):
         match=rf"other size: {re.escape(q_proj)}: the model's \[32, 32\], the checkpoint's \[16, 32\]",
     ):
         qbridge.load_checkpoint(path, progress=False, device="cpu")
+    # the converter transposes: an expert tensor of other sizes than the model's, in any order, is refused
+    path = _saved(
+        model, tmp_path / "cut", lambda s: {**hub_layout(s), stored: s[stored][:2, :8].contiguous()}
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=rf"other size: {re.escape(stored)}: the model's \[4, 16, 32\], the checkpoint's \[2, 8, 32\]",
+    ):
+        qbridge.load_checkpoint(path, progress=False, device="cpu")
+
+
+def test_strict_false_with_a_target_that_fits_in_the_end_says_nothing(tmp_path):
+    """A torch file of Whisper holds the tied proj_out.weight, which only the torch model explains: the first
+    match, by name rules, leaves it unused, the second (the model asked) skips it. strict=False warns only
+    about the last match: nothing here, and once for a target that does not fit."""
+    config = transformers.WhisperConfig(**SWEEP["Whisper"])
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(config)
+    model.config.architectures = ["WhisperForConditionalGeneration"]
+    _bin(model, tmp_path / "whisper")
+    target = qbridge.load_checkpoint(tmp_path / "whisper", progress=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = qbridge.load_checkpoint(tmp_path / "whisper", target=target, strict=False, progress=False,
+                                            device="cpu", return_report=True)  # fmt: skip
+    assert report.match.ok and "proj_out.weight" in report.match.skipped
+    del target["params"]["model"]["decoder"]["layer_norm"]
+    target["params"]["model"]["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        qbridge.load_checkpoint(
+            tmp_path / "whisper", target=target, strict=False, progress=False, device="cpu"
+        )
+    misfits = [w for w in said if "does not fit the target" in str(w.message)]
+    assert len(misfits) == 1 and "model.extra.kernel" in str(misfits[0].message), [
+        str(w.message) for w in said
+    ]
