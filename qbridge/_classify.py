@@ -78,7 +78,7 @@ class ModuleInfo:
     # _keys_to_ignore_on_load_missing (transformers saves without them, or loads without a word)
     may_lack: list[str] = dataclasses.field(default_factory=list)
     # regular expressions (searched) of checkpoint names whose values transformers converts when it loads
-    # (its weight converters: fused, split or transposed in place), so their stored sizes may differ
+    # (its weight converters: fused, split or transposed in place): the model's sizes may be stored reordered
     converted: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -520,7 +520,8 @@ class ConfigMismatch:
     Attributes:
         architecture: the model's class name (``config.json``'s ``architectures[0]``).
         missing: ``name -> torch shape`` of the model's parameters and saved buffers that the checkpoint
-            lacks (tied copies and buffers the model does not save aside).
+            lacks (tied copies, buffers the model does not save and what transformers lets a checkpoint lack
+            aside).
         shapes: ``(key, the model's torch shape, the checkpoint's torch shape)`` for tensors of other sizes;
             a quantized weight's shape is its quant state's (bitsandbytes) or stored one (FP8, 8-bit).
     """
@@ -573,9 +574,9 @@ def config_mismatches(
     stored under other names. Tied copies, buffers the model does not save, BatchNorm's ``num_batches_tracked``
     and the names the model lets a checkpoint lack (``_keys_to_ignore_on_save``,
     ``_keys_to_ignore_on_load_missing``) are never missing; a tensor transformers converts when it loads (a
-    weight converter of ``transformers.conversion_mapping``: Qwen3-VL-MoE's experts, transposed in place) may
-    hold the model's sizes in another order. A transformers ``Conv1D`` weight is compared as the ``[out, in]`` matrix the
-    checkpoint's entry holds."""
+    weight converter of ``transformers.conversion_mapping``: Qwen3-VL-MoE's experts, transposed in place)
+    may hold the model's sizes in another order. A transformers ``Conv1D`` weight is compared as the
+    ``[out, in]`` matrix the checkpoint's entry holds."""
     if modules is None or not modules.shapes:
         return None
     params = [key for key in shapes if key not in classification.optional]
