@@ -20,8 +20,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from qbridge import inspect_checkpoint
 
-    print(inspect_checkpoint(args.path))
-    return 0
+    summary = inspect_checkpoint(args.path)
+    print(summary)
+    return 1 if summary.config_mismatches else 0  # what a load without a target refuses
 
 
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str] | None:
@@ -192,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Summarizes a checkpoint without reading its weights: its quantization format, its tensors "
         "by kind (bnb4, bnb8, fp8, torchao, dense) with stored and decoded sizes, the dtypes they decode to, "
         "and what needs care. Scales (absmax, scale_inv, SCB) are read and checked; a damaged file or scale "
-        "is an error naming it (a non-zero exit status).",
+        "is an error naming it (exit status 2). Tensors missing or of other sizes than the model config.json "
+        "builds (what a load without a target refuses) are listed after the summary (exit status 1).",
     )
     inspect.add_argument(
         "path",

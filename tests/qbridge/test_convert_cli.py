@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import warnings
 
 import jax
@@ -412,6 +413,16 @@ def test_cli_inspect_convert_and_errors(nf4, tmp_path, capsys):
     assert isinstance(kept, jax_side.NF4Weight) and (kept.dtype, kept.decode_dtype) == ("float32", "bfloat16")
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    other = tmp_path / "other-config"  # a config.json of other sizes: summarized, listed, exit status 1
+    shutil.copytree(nf4, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]})
+    )
+    assert main(["inspect", str(other)]) == 1
+    out = capsys.readouterr().out
+    assert "bitsandbytes-4bit" in out and "does not fit the model of its config.json" in out
+    assert "other size: model.layers.0.mlp.up_proj.weight" in out
 
 
 def test_parity_module():
