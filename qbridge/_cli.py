@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "by kind (bnb4, bnb8, fp8, torchao, dense) with stored and decoded sizes, the dtypes they decode to, "
         "and what needs care. Scales (absmax, scale_inv, SCB) are read and checked; a damaged file or scale "
         "is an error naming it (exit status 2). Tensors missing or of other sizes than the model config.json "
-        "builds (what a load without a target refuses) are listed after the summary (exit status 1).",
+        "builds (what a load without a target refuses) are listed in the summary (exit status 1).",
     )
     inspect.add_argument(
         "path",
