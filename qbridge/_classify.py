@@ -561,6 +561,12 @@ class ConfigMismatch:
         return ", ".join(parts)
 
 
+def _any_of(patterns: list[str]) -> re.Pattern[str] | None:
+    """One regular expression that a name matches (searched) where it matches any of ``patterns``; None for
+    none."""
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
 def config_mismatches(
     shapes: dict[str, tuple[int, ...]], classification: Classification, modules: ModuleInfo | None
 ) -> ConfigMismatch | None:
@@ -582,7 +588,7 @@ def config_mismatches(
     params = [key for key in shapes if key not in classification.optional]
     wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     unknown: list[str] = []
-    converted = re.compile("|".join(f"(?:{p})" for p in modules.converted)) if modules.converted else None
+    converted = _any_of(modules.converted)
     for key in params:
         model = modules.shapes.get(key)
         if model is None:
@@ -598,7 +604,7 @@ def config_mismatches(
     missing: dict[str, tuple[int, ...]] = {}
     if not unknown:  # the checkpoint names its tensors as the model does: what it lacks is missing
         shared = {source for copy, source in modules.tied.items() if copy in shapes}
-        excused = re.compile("|".join(f"(?:{p})" for p in modules.may_lack)) if modules.may_lack else None
+        excused = _any_of(modules.may_lack)
         missing = {
             name: shape
             for name, shape in modules.shapes.items()
