@@ -11,8 +11,8 @@ Five parts, each printed:
 3. ``allocation``: XLA programs that make n new arrays, kept alive (a load keeps its results): a broadcast of
    a distinct value per array against ``jax.lax.empty`` (XLA's AllocateBuffer on a GPU).
 4. ``profile``: ``cProfile`` of the calling thread over ``--loads`` loads after every background compile, the
-   functions that spend most of it themselves and with what they call (the profiler's own cost included:
-   for where, not how much).
+   functions that spend most of it themselves and with what they call, and what ``load_checkpoint`` and the
+   groups' ``flush`` call (the profiler's own cost included: for where, not how much).
 5. ``reads``: ``Checkpoint.read_stacked`` of a group's 32 scales and of its 32 tiny weights (no pinning, so any
    machine), microseconds per key.
 
@@ -282,6 +282,22 @@ def profile(root: pathlib.Path, device: str, loads: int) -> None:
             spent = tt if key == "tottime" else ct
             where = f"{pathlib.Path(file).name}:{line}" if line else file
             print(f"    {spent / loads / COUNT * 1e6:7.2f} {calls // loads:6d}  {name} ({where})")
+    # what the loader's main steps spend their time in: each one's callees, by time under the call
+    for file_end, name in [("_loader.py", "load_checkpoint"), ("_group.py", "flush")]:
+        caller = next((k for k in stats.stats if k[0].endswith(file_end) and k[2] == name), None)  # type: ignore[attr-defined]
+        if caller is None:
+            continue
+        print(
+            f"  callees of {name} ({file_end}): us per checkpoint tensor under it, calls per load, function"
+        )
+        callees = []
+        for (file, line, callee), (*_, callers) in stats.stats.items():  # type: ignore[attr-defined]
+            if caller in callers:
+                _, calls, _, under = callers[caller]
+                where = f"{pathlib.Path(file).name}:{line}" if line else file
+                callees.append((under, calls, f"{callee} ({where})"))
+        for under, calls, label in sorted(callees, reverse=True)[:15]:
+            print(f"    {under / loads / COUNT * 1e6:7.2f} {calls // loads:6d}  {label}")
 
 
 def main() -> None:
