@@ -18,7 +18,7 @@ Five parts, each printed:
 
 Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``.
 ``phases``, ``profile`` and ``reads`` run on a CPU too (``--device cpu``: the CPU load decodes weight by weight,
-without groups).
+without groups). ``--group N`` sets the FP8 groups' size (weights per grouped decode) for the process.
 """
 
 from __future__ import annotations
@@ -306,6 +306,8 @@ def main() -> None:
                         choices=["phases", "group", "allocation", "profile", "reads"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
     parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
+    parser.add_argument("--group", type=int, default=None,
+                        help="weights per grouped FP8 decode (default: the loader's, qbridge._group.GROUP)")  # fmt: skip
     args = parser.parse_args()
     if args.device == "cpu" and not set(args.parts) <= {"phases", "profile", "reads"}:
         parser.error(
@@ -314,12 +316,20 @@ def main() -> None:
         )
     if args.loads < 1:
         parser.error(f"--loads must be at least 1, got {args.loads}")
+    if args.group is not None:
+        if args.group < 2:
+            parser.error(f"--group must be at least 2, got {args.group}")
+        from qbridge import _group
+
+        _group.GROUP = args.group
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads)")
     import jax
 
+    from qbridge import _group
+
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
-          f"jax {jax.__version__}")  # fmt: skip
+          f"jax {jax.__version__}; {_group.GROUP} weights per group")  # fmt: skip
     deepseek_v3_scale.use_tiny_shapes()
     with tempfile.TemporaryDirectory(prefix="qbridge-loader-host-") as tmp:
         root = pathlib.Path(tmp)
