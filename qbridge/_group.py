@@ -4,8 +4,8 @@ host work of reading, copying, decoding and handing over across a group instead 
 
 For a GPU load without sharding, the loader hands this stage every FP8 weight that the decode writes in
 one pass in the Flax layout (as stored, or transposed) and that keeps its dtype. Weights of one kind
-(shape, float8 dtype, scale shape and dtype, block size, output dtype, layout) wait until :data:`GROUP` of
-them are gathered (or until the pending weights hold ``max_bytes``, or the load ends); then
+(shape, float8 dtype, scale shape and dtype, block size, output dtype, layout) wait until a group of them
+is gathered (or until the pending weights hold ``max_bytes``, or the load ends); then
 
 1. their scales are read with one system call each into one tensor, checked for NaN/Inf together, and
    copied to the device in one copy; their float8 bytes (read ahead into pinned host memory by the
@@ -39,7 +39,17 @@ from ._dtypes import torch_dtype
 from ._handoff import XlaDestinations, _torch_view
 from ._place import hand_over
 
-GROUP = 32  # weights per grouped decode
+GROUP = 256  # weights per grouped decode, at most (see group_size)
+
+
+def group_size(weight_bytes: int, max_bytes: int) -> int:
+    """Weights per group of a kind whose weights store ``weight_bytes`` each: as many as half of ``max_bytes``
+    holds, rounded down to a power of two (few allocation programs per shape), between 1 and :data:`GROUP`.
+    A group's fixed host work (its reads' and copies' calls, the allocation call, the launch) is shared by
+    more small weights; large weights (DeepSeek-V3's experts, 14.7 MB: 32 in the loader's 1 GiB) keep the
+    pending bytes within the bound."""
+    n = min(GROUP, max(1, max_bytes // 2 // max(1, weight_bytes)))
+    return 1 << (n.bit_length() - 1)
 
 
 class FP8Groups:
@@ -61,6 +71,7 @@ class FP8Groups:
         self.max_bytes = max_bytes
         self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry]]] = {}
         self.pending_bytes: dict[tuple[Any, ...], int] = {}
+        self.sizes: dict[tuple[Any, ...], int] = {}  # group_size of each kind seen
         self.total = 0  # stored bytes pending
 
     def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
@@ -84,7 +95,10 @@ class FP8Groups:
         members.append((path, entry))
         self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + entry.stored_bytes
         self.total += entry.stored_bytes
-        if len(members) == GROUP:
+        size = self.sizes.get(kind)
+        if size is None:
+            size = self.sizes[kind] = group_size(entry.stored_bytes, self.max_bytes)
+        if len(members) >= size:
             self.flush(kind)
         elif self.total > self.max_bytes:
             self.flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
@@ -116,21 +130,25 @@ class FP8Groups:
                 ckpt.read_into(wkeys, W.unbind(0))
             args = dict(block_size=block_size, transpose=transpose)
             start = 0 if fp8_planned(W[0], S[0], dtype, **args) else 1  # a first call checks the kind
-            if start:
-                self._one(members[0], W[0], S[0], None, dtype, args)
-            rest = members[start:]
             out_shape = (shape[1], shape[0]) if transpose else shape
+            # one allocation call for the whole group, the weight checked by its own call included: a
+            # group's size, and so its allocation program, is the same in a process's first load and later
             arrays = (
-                self.into.take_many(len(rest), out_shape, dtype, self.jdev, dev) if len(rest) > 1 else None
+                self.into.take_many(len(members), out_shape, dtype, self.jdev, dev)
+                if len(members) - start > 1
+                else None
             )
+            if start:
+                self._one(members[0], W[0], S[0], arrays[0] if arrays is not None else None, dtype, args)
+            rest = members[start:]
             if arrays is not None:
-                addresses = [a.unsafe_buffer_pointer() for a in arrays]
+                addresses = [a.unsafe_buffer_pointer() for a in arrays[start:]]
                 if dequantize_fp8_group_into(W[start:], S[start:], addresses, dtype, **args):
-                    for (path, _), array in zip(rest, arrays, strict=True):
+                    for (path, _), array in zip(rest, arrays[start:], strict=True):
                         self.values[path] = array
                     return
             for j, member in enumerate(rest):
-                into = arrays[j] if arrays is not None else None
+                into = arrays[start + j] if arrays is not None else None
                 self._one(member, W[start + j], S[start + j], into, dtype, args)
 
     def _one(

@@ -12,7 +12,8 @@ order:
 
 Every temporary is dropped before the next weight, so that peak device memory stays near the size of
 the result plus one tensor; on a GPU, plus one group of FP8 weights' quantized bytes (``_group``: at most
-32 weights, and the weights waiting for their groups hold at most ``READ_AHEAD_BYTES`` of host memory).
+half of ``READ_AHEAD_BYTES``, or one weight, and the weights waiting for their groups hold at most
+``READ_AHEAD_BYTES`` of host memory).
 """
 
 from __future__ import annotations

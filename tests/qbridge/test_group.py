@@ -43,18 +43,32 @@ def _grouped(folder, max_bytes):
     return values, sizes
 
 
-@pytest.mark.parametrize("max_bytes", [1 << 30, 300_000])
-def test_groups_decode_every_weight_as_a_load_does(tmp_path, max_bytes):
+@pytest.mark.parametrize(
+    ("max_bytes", "cap", "want"),
+    [
+        (1 << 30, 256, [37, 40]),  # each kind's weights in one group, decoded at the end
+        (1 << 30, 16, [5, 8, 16, 16, 16, 16]),  # full groups of 16 (at most GROUP), then the remainders
+        # groups sized to half the bound: weights of 98 KB (gate_proj) by 2, of 26 KB (down_proj) by 8
+        (600_000, 256, [2] * 20 + [8] * 4 + [5]),
+        (300_000, 256, [1] * 40 + [4] * 9 + [1]),
+        # groups not sized to the bound (as when many kinds wait together): decoded early as the pending
+        # weights outgrow it
+        (300_000, None, None),
+    ],
+)
+def test_groups_decode_every_weight_as_a_load_does(tmp_path, monkeypatch, max_bytes, cap, want):
+    if cap is None:
+        monkeypatch.setattr(_group, "group_size", lambda weight_bytes, max_bytes: _group.GROUP)
+    else:
+        monkeypatch.setattr(_group, "GROUP", cap)
     fp8_experts(tmp_path)
     values, sizes = _grouped(tmp_path, max_bytes)
     counts = sorted(c for _, c in FP8_EXPERT_KINDS.values())
     assert len(values) == sum(counts) and all(v is not None for v in values.values())
-    if max_bytes > 1e9:  # full groups, then each kind's remainder at the end
-        assert sorted(sizes) == sorted(
-            [_group.GROUP] * sum(c // _group.GROUP for c in counts) + [c % _group.GROUP for c in counts]
-        )
-    else:  # the pending weights outgrew the bound: groups decoded early
-        assert max(sizes) < _group.GROUP and sum(sizes) == sum(counts)
+    if want is not None:
+        assert sorted(sizes) == sorted(want), sizes
+    else:
+        assert max(sizes) < min(counts) and sum(sizes) == sum(counts), sizes
     loaded = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
     for path, got in values.items():
         want = loaded
@@ -63,6 +77,16 @@ def test_groups_decode_every_weight_as_a_load_does(tmp_path, max_bytes):
         np.testing.assert_array_equal(
             np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16), err_msg=str(path)
         )
+
+
+def test_group_size():
+    """As many weights as half the bound holds, a power of two, at most GROUP, at least one."""
+    gib = 1 << 30
+    assert _group.group_size(2048 * 7168 + 16 * 56 * 4, gib) == 32  # a DeepSeek-V3 expert and its scales
+    assert _group.group_size(7168 * 18432 + 56 * 144 * 4, gib) == 4
+    assert _group.group_size(128 * 256 + 2 * 4, gib) == _group.GROUP == 256  # tiny weights: capped
+    assert _group.group_size(gib, gib) == 1 and _group.group_size(0, gib) == 256
+    assert [_group.group_size(100, b) for b in (200, 399, 400, 1599, 1600)] == [1, 1, 2, 4, 8]
 
 
 def test_a_damaged_scale_inside_a_group_is_named(tmp_path):
