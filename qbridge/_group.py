@@ -15,8 +15,9 @@ is gathered (or until the pending weights hold ``max_bytes``, or the load ends);
    call per weight).
 
 The first weight of a kind in a process is decoded by itself (its call checks the kind), and until a
-kind's allocation call and the grouped kernel are compiled (in the background, from their second use)
-its weights are decoded one by one into results handed over as the loader's other weights are. Either
+kind's allocation call and the grouped kernel are compiled (in the background: the grouped kernel together
+with the single weight's, a group's allocation call from the first time it is asked for) its weights are
+decoded one by one into results handed over as the loader's other weights are. Either
 way the values are the same.
 """
 
@@ -46,7 +47,7 @@ def group_size(weight_bytes: int, max_bytes: int) -> int:
     """Weights per group of a kind whose weights store ``weight_bytes`` each: as many as half of ``max_bytes``
     holds, rounded down to a power of two (few allocation programs per shape), between 1 and :data:`GROUP`.
     A group's fixed host work (its reads' and copies' calls, the allocation call, the launch) is shared by
-    more small weights; large weights (DeepSeek-V3's experts, 14.7 MB: 32 in the loader's 1 GiB) keep the
+    more small weights; large weights (DeepSeek-V3's experts, 14.7 MB: 32 in half of the loader's 1 GiB) keep the
     pending bytes within the bound."""
     n = min(GROUP, max(1, max_bytes // 2 // max(1, weight_bytes)))
     return 1 << (n.bit_length() - 1)
