@@ -316,17 +316,15 @@ def main() -> None:
         )
     if args.loads < 1:
         parser.error(f"--loads must be at least 1, got {args.loads}")
+    from qbridge import _group
+
     if args.group is not None:
         if args.group < 2:
             parser.error(f"--group must be at least 2, got {args.group}")
-        from qbridge import _group
-
         _group.GROUP = args.group
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads)")
     import jax
-
-    from qbridge import _group
 
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
           f"jax {jax.__version__}; {_group.GROUP} weights per group")  # fmt: skip

@@ -72,7 +72,6 @@ class FP8Groups:
         self.max_bytes = max_bytes
         self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry]]] = {}
         self.pending_bytes: dict[tuple[Any, ...], int] = {}
-        self.sizes: dict[tuple[Any, ...], int] = {}  # group_size of each kind seen
         self.total = 0  # stored bytes pending
 
     def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
@@ -96,10 +95,7 @@ class FP8Groups:
         members.append((path, entry))
         self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + entry.stored_bytes
         self.total += entry.stored_bytes
-        size = self.sizes.get(kind)
-        if size is None:
-            size = self.sizes[kind] = group_size(entry.stored_bytes, self.max_bytes)
-        if len(members) >= size:
+        if len(members) >= group_size(entry.stored_bytes, self.max_bytes):  # one kind: one size
             self.flush(kind)
         elif self.total > self.max_bytes:
             self.flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
