@@ -919,9 +919,10 @@ class XlaDestinations:
 
     def expect(self, shape: Sequence[int], dtype: torch.dtype, device: jax.Device, count: int) -> None:
         """Says that :meth:`take` will be asked for ``count`` more arrays of ``shape`` and ``dtype`` on
-        ``device``: its allocation calls then make several of them at once (as many as are still expected,
-        rounded down to a power of two, up to 32), beyond ``POOL_BYTES``: a few calls instead of one per
-        weight for a model's repeated large weights. Every :meth:`take` of the shape counts one down, also
+        ``device``: its allocation calls then make as many of them at once as are still expected, rounded
+        down to a power of two, up to 32, whatever their size (a shape not expected gets a pool of up to 32,
+        ``POOL_BYTES`` in all): a few calls instead of one per weight for a model's repeated large weights, and
+        no arrays made for nothing for its one-off small ones. Every :meth:`take` of the shape counts one down, also
         one whose array the caller makes another way (while the call is compiled)."""
         if dtype in _FILLABLE and count > 0:
             self._expected[(tuple(shape), TORCH_TO_JAX[dtype], device)] += count
@@ -940,9 +941,10 @@ class XlaDestinations:
         spare = self._spare.get(kind)
         if not spare:
             # as many arrays as are still expected, rounded down to a power of two (at most 32), so that a
-            # shape has few allocation programs and none makes an array that will not be taken
-            many = 1 << (min(32, expected).bit_length() - 1) if expected else 1
-            fn = _allocator((*kind, max(_pooled(*kind[:2]), many)))
+            # shape has few allocation programs and none makes an array that will not be taken (a call's host
+            # time grows with its arrays); a shape nobody said would come: a pool, POOL_BYTES in all
+            many = 1 << (min(32, expected).bit_length() - 1) if expected else _pooled(*kind[:2])
+            fn = _allocator((*kind, many))
             if fn is None:
                 return None
             try:

@@ -407,6 +407,34 @@ def test_expected_arrays_of_a_shape_come_from_one_allocation_call():
     into.settle()
 
 
+def test_a_small_shape_expected_once_gets_a_call_of_one_array():
+    """A small shape (a norm's weight) that the loader expects once is allocated by a call making one array,
+    not a pool of 32 (a call's host time grows with its arrays, and the other 31 would be dropped); a small
+    shape nobody said would come still gets the pool."""
+    from qbridge import _handoff
+
+    cpu = jax.devices("cpu")[0]
+    shape = (3, 77)
+    f32 = jax.numpy.dtype(jax.numpy.float32)
+    kind = (shape, f32, cpu)
+    assert _handoff._pooled(shape, f32) == 32
+    gen = torch.Generator().manual_seed(13)
+    t = torch.randn(shape, generator=gen)
+    for expected in (1, 0):
+        into = _handoff.XlaDestinations()
+        for _ in range(2):  # seen twice: compiled
+            into.expect(shape, torch.float32, cpu, expected)
+            assert into.write(t, cpu) is None
+            into.settle()
+        _handoff.wait_for_allocators()
+        assert (*kind, 1 if expected else 32) in _handoff._allocators
+        into.expect(shape, torch.float32, cpu, expected)
+        a = into.write(t, cpu)
+        assert len(into._spare[kind]) == (0 if expected else 31)
+        into.settle()
+        np.testing.assert_array_equal(np.asarray(a), t.numpy())
+
+
 def test_no_thread_for_the_stream_scan_leaves_torch_asking_each_stream(monkeypatch):
     """Loading the compiled stream scan takes a thread at a process's first handoff; where none can be
     started (a process limit, or at interpreter exit on Python 3.12+), the handoff goes on with torch's
