@@ -89,8 +89,8 @@ def phases(root: pathlib.Path, device: str, loads: int) -> None:
         (_loader._ReadAhead, ["advance"]),
         (_group.FP8Groups, ["flush", "kind", "_one", "_check"]),
         (_group, ["dequantize_fp8_group_into", "fp8_planned"]),
-        (_checkpoint.Checkpoint, ["read_stacked", "read_into", "close"]),
-        (_handoff.XlaDestinations, ["take_many", "settle"]),
+        (_checkpoint.Checkpoint, ["read_stacked", "read_into", "read_to", "stage_small", "close"]),
+        (_handoff.XlaDestinations, ["take_many", "take", "settle"]),
     ]:
         for name in names:
             originals.append((owner, name, getattr(owner, name)))

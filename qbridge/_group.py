@@ -9,7 +9,10 @@ is gathered (or until the pending weights hold ``max_bytes``, or the load ends);
 
 1. their scales are read with one system call each into one tensor, checked for NaN/Inf together, and
    copied to the device in one copy; their float8 bytes (read ahead into pinned host memory by the
-   loader's reading threads, or, when small, read like the scales) go into one device tensor;
+   loader's reading threads, or, when small, read like the scales) go into one device tensor. The scales
+   and small float8 bytes of a kind's next group are read in a background thread while the loader goes on
+   (:meth:`FP8Groups.expect` gives the weights to come, in order; at most ``AHEAD_BYTES`` are read ahead);
+   a group that turns out otherwise (decoded early, see below) reads its own;
 2. XLA allocates their results in one call (``XlaDestinations.take_many``);
 3. one launch decodes every weight into its result (``torch_side``'s grouped FP8 kernel: the bits of one
    call per weight).
@@ -23,6 +26,9 @@ way the values are the same.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import itertools
 import math
 from typing import Any
 
@@ -34,13 +40,14 @@ import torch_side
 from torch_side._checks import on_device
 from torch_side._fp8 import dequantize_fp8_group_into, fp8_planned
 
-from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry, scale_error
+from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry, _readers, scale_error
 from ._decode import all_finite, check_scales
 from ._dtypes import torch_dtype
 from ._handoff import XlaDestinations, _torch_view
 from ._place import hand_over
 
 GROUP = 256  # weights per grouped decode, at most (see group_size)
+AHEAD_BYTES = 64 << 20  # scales and small float8 bytes of groups to come, read ahead, at most
 
 
 def group_size(weight_bytes: int, max_bytes: int) -> int:
@@ -73,6 +80,11 @@ class FP8Groups:
         self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry]]] = {}
         self.pending_bytes: dict[tuple[Any, ...], int] = {}
         self.total = 0  # stored bytes pending
+        # the weights still to come of each kind, in the order they will be added (expect)
+        self.upcoming: dict[tuple[Any, ...], collections.deque[Entry]] = {}
+        # each kind's next group's reads, started in the background: (scale keys, future, bytes)
+        self.ahead: dict[tuple[Any, ...], tuple[list[str], concurrent.futures.Future[Any], int]] = {}
+        self.ahead_bytes = 0
 
     def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
         """The group ``entry`` joins, or None when it is loaded by itself: not FP8, not 2-D, flipped, laid
@@ -88,9 +100,68 @@ class FP8Groups:
         return (entry.shape, shapes[entry.keys["weight"]], shapes[entry.keys["scale"]],
                 entry.info["block_size"], entry.dtype, perm == (1, 0))  # fmt: skip
 
+    def expect(self, kind: tuple[Any, ...], entry: Entry) -> None:
+        """Says that ``entry`` will be added to ``kind`` (in the order of these calls), so that its group's
+        scales and small float8 bytes can be read ahead; :meth:`start` starts the first reads."""
+        self.upcoming.setdefault(kind, collections.deque()).append(entry)
+
+    def start(self) -> None:
+        """Starts reading each expected kind's first group in the background (up to ``AHEAD_BYTES``)."""
+        for kind in self.upcoming:
+            self._read_ahead(kind)
+
+    def _read_ahead(self, kind: tuple[Any, ...]) -> None:
+        """Starts reading the next group of ``kind`` (the next weights expected, as many as a group holds)."""
+        upcoming = self.upcoming.get(kind)
+        if kind in self.ahead or not upcoming:
+            return
+        (wshape, wdtype), (sshape, sdtype) = kind[1], kind[2]
+        entries = list(itertools.islice(upcoming, group_size(upcoming[0].stored_bytes, self.max_bytes)))
+        wbytes = math.prod(wshape) * wdtype.itemsize
+        small = wbytes <= READ_AHEAD_MIN_BYTES  # larger float8 bytes: read ahead by the loader's readers
+        nbytes = len(entries) * (math.prod(sshape) * sdtype.itemsize + (wbytes if small else 0))
+        if self.ahead_bytes + nbytes > AHEAD_BYTES:
+            return
+        skeys = [e.keys["scale"] for e in entries]
+        wkeys = [e.keys["weight"] for e in entries] if small else None
+        self.ahead[kind] = (skeys, _readers("group").submit(self._read, skeys, wkeys), nbytes)
+        self.ahead_bytes += nbytes
+
+    def _read(self, skeys: list[str], wkeys: list[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A group's scales (rows padded to 16 bytes) and, for small weights, float8 bytes (pinned on a GPU)."""
+        rows = self.ckpt.read_stacked(skeys)
+        return rows, None if wkeys is None else self.ckpt.read_stacked(wkeys, pin=self.tdev.type == "cuda")
+
+    def _reads(
+        self, kind: tuple[Any, ...], entries: list[Entry], small: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The group's reads: those read ahead when they are of these weights, else read here."""
+        skeys = [e.keys["scale"] for e in entries]
+        ahead = self.ahead.pop(kind, None)
+        if ahead is not None:
+            keys, future, nbytes = ahead
+            self.ahead_bytes -= nbytes
+            if keys == skeys:
+                return future.result()
+            future.cancel()  # another group (decoded early): its own reads below
+            concurrent.futures.wait([future])
+        return self._read(skeys, [e.keys["weight"] for e in entries] if small else None)
+
+    def close(self) -> None:
+        """Drops the reads ahead that no group took (a load that failed or ended early), once they are done."""
+        futures = [future for _, future, _ in self.ahead.values()]
+        self.ahead.clear()
+        self.ahead_bytes = 0
+        for future in futures:
+            future.cancel()
+        concurrent.futures.wait(futures)
+
     def add(self, kind: tuple[Any, ...], path: Any, entry: Entry) -> None:
         """Queues a weight (its result goes to ``values[path]``); decodes its group when it is full, and the
         largest group when the pending weights outgrow ``max_bytes``."""
+        upcoming = self.upcoming.get(kind)
+        if upcoming and upcoming[0] is entry:
+            upcoming.popleft()
         members = self.pending.setdefault(kind, [])
         members.append((path, entry))
         self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + entry.stored_bytes
@@ -110,7 +181,9 @@ class FP8Groups:
         shape, (wshape, wdtype), (sshape, _), block_size, dtype, transpose = kind
         entries = [e for _, e in members]
         ckpt, dev = self.ckpt, self.tdev
-        rows = ckpt.read_stacked([e.keys["scale"] for e in entries])  # each row padded to 16 bytes
+        small = math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES  # not read ahead by the loader
+        rows, stacked = self._reads(kind, entries, small)  # each row padded to 16 bytes
+        self._read_ahead(kind)  # the next group of this kind, while this one is decoded
         self._check(rows[:, : math.prod(sshape)], entries, sshape)
         with on_device(dev):
             # non_blocking: pinned memory copies asynchronously; small pageable copies are staged at once
@@ -118,13 +191,11 @@ class FP8Groups:
             # whole, so that every weight's scales start 16-byte aligned on the device too.
             # [n, ...] tensors whose rows are the weights and their scales (no tensor made per weight)
             S = rows.to(dev, non_blocking=True)[:, : math.prod(sshape)].unflatten(1, sshape)
-            wkeys = [e.keys["weight"] for e in entries]
-            if math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES:  # not read ahead: read here
-                packed = ckpt.read_stacked(wkeys, pin=dev.type == "cuda").to(dev, non_blocking=True)
-                W = packed[:, : math.prod(wshape)].unflatten(1, wshape)
+            if stacked is not None:
+                W = stacked.to(dev, non_blocking=True)[:, : math.prod(wshape)].unflatten(1, wshape)
             else:
-                W = torch.empty((len(wkeys), *wshape), dtype=wdtype, device=dev)
-                ckpt.read_into(wkeys, W.unbind(0))
+                W = torch.empty((len(entries), *wshape), dtype=wdtype, device=dev)
+                ckpt.read_into([e.keys["weight"] for e in entries], W.unbind(0))
             args = dict(block_size=block_size, transpose=transpose)
             start = 0 if fp8_planned(W[0], S[0], dtype, **args) else 1  # a first call checks the kind
             out_shape = (shape[1], shape[0]) if transpose else shape

@@ -294,7 +294,9 @@ def _routes(
             route = "sharded"
         elif groups is not None:
             route = groups.kind(entry, p.rule, cast)
-            if route is None:
+            if route is not None:
+                groups.expect(route, entry)
+            else:
                 out = (
                     _torch_dtype(cast) if cast is not None and entry.dtype.is_floating_point else entry.dtype
                 )
@@ -499,6 +501,8 @@ def load_checkpoint(
                     ],
                     tdev,
                 )
+            if groups is not None:
+                groups.start()  # the first groups' scales and small float8 bytes, read in the background
             for i, p in enumerate(plan):
                 ahead.advance(i)
                 entry = ckpt.entries[p.key]
@@ -532,6 +536,8 @@ def load_checkpoint(
             if groups is not None:
                 groups.flush_all()
         finally:
+            if groups is not None:
+                groups.close()  # reads ahead that no group took (a failed load) finish before the files close
             into.settle()  # torch's writes have landed: the arrays may be read (or, on an error, freed)
             if bar is not None:
                 bar.close()

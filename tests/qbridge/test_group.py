@@ -5,6 +5,8 @@ call gives it; a damaged scale inside a group named. The GPU half is ``test_grou
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -19,27 +21,44 @@ from qbridge._handoff import XlaDestinations
 from qbridge._loader import plan_load
 
 
-def _grouped(folder, max_bytes):
-    """Every FP8 weight of the checkpoint through FP8Groups: (values by leaf path, group sizes decoded)."""
+def _grouped(folder, max_bytes, readers=None):
+    """Every FP8 weight of the checkpoint through FP8Groups, the weights to come said first as the loader
+    says them: (values by leaf path, group sizes decoded). ``readers`` collects the name of the thread that
+    read each group (a reading thread when its reads were started ahead)."""
     sizes = []
     with open_checkpoint(folder) as ckpt:
         _, plan, _, _ = plan_load(ckpt, None)
         values = {}
         groups = _group.FP8Groups(ckpt, torch.device("cpu"), jax.devices("cpu")[0], XlaDestinations(), values,
                                   max_bytes)  # fmt: skip
-        flush = groups.flush
+        flush, read = groups.flush, groups._read
 
         def sized(kind):
             sizes.append(len(groups.pending[kind]))
             flush(kind)
 
-        groups.flush = sized
-        for p in plan:
-            kind = groups.kind(ckpt.entries[p.key], p.rule, None)
+        def named(*args):
+            if readers is not None:
+                readers.append(threading.current_thread().name)
+            return read(*args)
+
+        groups.flush, groups._read = sized, named
+        kinds = [groups.kind(ckpt.entries[p.key], p.rule, None) for p in plan]
+        for p, kind in zip(plan, kinds):
             if kind is not None:
-                values[p.leaf.path] = None
-                groups.add(kind, p.leaf.path, ckpt.entries[p.key])
-        groups.flush_all()
+                groups.expect(kind, ckpt.entries[p.key])
+        groups.start()
+        try:
+            for p, kind in zip(plan, kinds):
+                if kind is not None:
+                    values[p.leaf.path] = None
+                    groups.add(kind, p.leaf.path, ckpt.entries[p.key])
+            groups.flush_all()
+        finally:
+            groups.close()
+        assert not groups.ahead and groups.ahead_bytes == 0
+        # each weight's bytes counted once, whether its reads ran ahead, were dropped, or ran here
+        assert ckpt.bytes_read == sum(ckpt.entries[p.key].stored_bytes for p, k in zip(plan, kinds) if k)
     return values, sizes
 
 
@@ -62,13 +81,19 @@ def test_groups_decode_every_weight_as_a_load_does(tmp_path, monkeypatch, max_by
     else:
         monkeypatch.setattr(_group, "GROUP", cap)
     fp8_experts(tmp_path)
-    values, sizes = _grouped(tmp_path, max_bytes)
+    readers = []
+    values, sizes = _grouped(tmp_path, max_bytes, readers)
     counts = sorted(c for _, c in FP8_EXPERT_KINDS.values())
     assert len(values) == sum(counts) and all(v is not None for v in values.values())
+    here = readers.count(threading.main_thread().name)
     if want is not None:
         assert sorted(sizes) == sorted(want), sizes
+        # every group's reads started ahead, and taken
+        assert here == 0 and len(readers) == len(sizes), readers
     else:
         assert max(sizes) < min(counts) and sum(sizes) == sum(counts), sizes
+        # groups decoded early read their own (their reads ahead, of other weights, dropped)
+        assert 0 < here < len(sizes) < len(readers), readers
     loaded = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
     for path, got in values.items():
         want = loaded
