@@ -6,6 +6,7 @@ work on the device (run with `pytest -m gpu`)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -34,8 +35,18 @@ def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
         return grouped[-1]
 
     monkeypatch.setattr(_group, "dequantize_fp8_group_into", recorded)
+    readers = []
+    read = _group.FP8Groups._read
+
+    def named(self, *args):
+        readers.append(threading.current_thread().name)
+        return read(self, *args)
+
+    monkeypatch.setattr(_group.FP8Groups, "_read", named)
     for load in range(4):  # first loads: kernels and allocation calls compile in the background
-        params = _flat(qbridge.load_checkpoint(tmp_path / "ckpt", progress=False)["params"])
+        tree, report = qbridge.load_checkpoint(tmp_path / "ckpt", progress=False, return_report=True)
+        params = _flat(tree["params"])
+        assert report.read_bytes == report.stored_bytes  # each weight counted once, read ahead or not
         kernels = {k: v for k, v in params.items() if "_proj" in k}
         assert len(kernels) == sum(c for _, c in KINDS.values())
         for key, got in kernels.items():
@@ -45,6 +56,8 @@ def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
         if load == 1:
             torch_side.wait_for_kernels()
             _handoff.wait_for_allocators()
+    if _group.GROUP > 1:  # every group's scales and small float8 bytes were read ahead in a reading thread
+        assert readers and all(name.startswith("qbridge-group") for name in readers), readers
     return grouped
 
 
