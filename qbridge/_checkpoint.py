@@ -176,6 +176,7 @@ class _Source:
         self.bytes_read = 0  # tensor bytes handed out by read / read_slice / read_window (headers aside)
         self._count_lock = threading.Lock()
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
+        self._header_sizes: dict[pathlib.Path, int] = {}
         self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
         # stage_small's tensors not yet asked for: key -> (its bytes in page-locked host memory, its copy on a
         # device); each is handed out once
@@ -229,7 +230,9 @@ class _Source:
         except Exception as e:  # safetensors' own errors: a truncated file, a corrupt header
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
         self._open[path] = handle
-        self._files[path] = open(path, "rb")  # closed by close()
+        self._files[path] = f = open(path, "rb")  # closed by close()
+        # the header's size as opened: a file rewritten in place since is refused (see _offsets)
+        self._header_sizes[path] = int.from_bytes(os.pread(f.fileno(), 8, 0), "little")
         self.metadata[path] = meta
 
     def _selected(
@@ -578,6 +581,21 @@ class _Source:
         if size < end and end > begin:  # an empty tensor has no bytes to lose
             raise _cut_short(max(0, size - begin), end - begin)
 
+    def count_stacked(self, keys: Sequence[str]) -> None:
+        """Counts the stored tensors ``keys`` (of one shape and dtype) as read, as :meth:`read_stacked` counts
+        them: a small one only the first time (then remembered)."""
+        if not keys:
+            return
+        shape, dtype = self.shapes[keys[0]]
+        nbytes = math.prod(shape) * dtype.itemsize
+        small = self._small
+        with self._count_lock:  # a group's reads ahead are read in a reading thread, counted in the loader's
+            for key in keys:
+                if key not in small:
+                    self.bytes_read += nbytes
+                    if nbytes <= SMALL_TENSOR_BYTES:
+                        small.add(key)
+
     def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
         if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
@@ -701,12 +719,14 @@ class _Source:
         self.read_into([key], [out], check=check)
         return out
 
-    def read_stacked(self, keys: Sequence[str], *, pin: bool) -> torch.Tensor:
+    def read_stacked(self, keys: Sequence[str], *, pin: bool, count: bool = True) -> torch.Tensor:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
         ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
         (unset) up to a multiple of 16 bytes. Pinned memory with ``pin`` (CUDA needed). A safetensors file's
         tensor is read with positioned reads straight into its row (tensors close together in one read); each
-        key is counted as :meth:`read` counts it."""
+        key is counted as :meth:`read` counts it, or, without ``count``, left for :meth:`count_stacked` (a
+        read ahead that may be dropped; keys of safetensors files only: others are read through :meth:`read`,
+        which counts)."""
         if isinstance(keys, str) or not keys:
             raise ValueError(f"read_stacked takes a non-empty sequence of keys, got {keys!r}")
         for key in keys:
@@ -734,7 +754,6 @@ class _Source:
             path: pathlib.Path | None = None  # the last key's file (compared by identity: no hash per key)
             bucket: list[tuple[int, int, str]] = []
             offsets: dict[str, tuple[int, int]] = {}
-            small = self._small
             for i, key in enumerate(keys):
                 if not direct or key in reading:
                     out[i, :numel].copy_(self.read(key).reshape(-1))
@@ -753,11 +772,8 @@ class _Source:
                         "truncated or damaged file)"
                     )
                 bucket.append((begin, i, key))
-                if key not in small:
-                    with self._count_lock:  # a group's reads ahead count from a reading thread
-                        self.bytes_read += nbytes
-                    if nbytes <= SMALL_TENSOR_BYTES:
-                        small.add(key)
+            if count:
+                self.count_stacked([key for wanted in direct_reads.values() for _, _, key in wanted])
             for held, wanted in direct_reads.items():
                 wanted.sort()
                 f, j, n = self._files[held], 0, len(wanted)
@@ -898,6 +914,10 @@ class _Source:
         shape and dtype known) the ranges follow from their sizes in that order (``offset_keys``) and the
         header's size; otherwise they are read from the header's ``data_offsets``. A file of 91,000 tensors
         costs a sum per tensor instead of a parse of its JSON header.
+
+        Raises:
+            CheckpointError: the file's header has another size than when it was opened (the file was
+                rewritten in place: its tensors may lie elsewhere now).
         """
         ranges = self._byte_ranges.get(path)
         if ranges is not None:
@@ -906,6 +926,11 @@ class _Source:
             f = self._files[path]
             f.seek(0)
             size = int.from_bytes(f.read(8), "little")
+        if size != self._header_sizes.get(path, size):
+            raise CheckpointError(
+                f"{path}: the file changed on disk since the checkpoint was opened (rewritten in place); open "
+                "the checkpoint again"
+            )
         handle, shapes, key_file = self._open[path], self.shapes, self.key_file
         order = handle.offset_keys() if hasattr(handle, "offset_keys") else ()  # safetensors 0.6 and later
         ranges, at = {}, 8 + size
@@ -1237,10 +1262,12 @@ class Checkpoint:
             raise ValueError(f"stage_small(device={str(device)!r}) stages for a CUDA device; {_torch_gpus()}")
         return self.source.stage_small(keys, device)
 
-    def read_stacked(self, keys: Sequence[str], *, pin: bool = False) -> torch.Tensor:
+    def read_stacked(self, keys: Sequence[str], *, pin: bool = False, count: bool = True) -> torch.Tensor:
         """The stored tensors ``keys``, all of one shape and dtype, as the rows of one new CPU tensor
         ``[len(keys), row]``: row ``i`` holds tensor ``i``'s elements in order, then padding up to a multiple
-        of 16 bytes (``row * itemsize``). Pinned memory with ``pin``. Counted as :meth:`read` counts.
+        of 16 bytes (``row * itemsize``). Pinned memory with ``pin``. Counted as :meth:`read` counts; without
+        ``count``, the bytes of safetensors files' keys are left for :meth:`count_stacked` (a read ahead that
+        may be dropped, counted when used).
 
         Raises:
             CheckpointError: a key the checkpoint lacks, a tensor whose bytes cannot be read (a truncated
@@ -1249,7 +1276,12 @@ class Checkpoint:
                 GPU.
         """
         _check_pin(pin, "read_stacked")
-        return self.source.read_stacked(keys, pin=pin)
+        return self.source.read_stacked(keys, pin=pin, count=count)
+
+    def count_stacked(self, keys: Sequence[str]) -> None:
+        """Counts ``keys`` (tensors of one shape and dtype) as read, as :meth:`read_stacked` counts them: what a
+        ``read_stacked(..., count=False)`` read, once it is used."""
+        self.source.count_stacked(keys)
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """Rows/columns ``index`` of the stored tensor ``key``, reading only those bytes from safetensors

@@ -82,8 +82,11 @@ class FP8Groups:
         self.total = 0  # stored bytes pending
         # the weights still to come of each kind, in the order they will be added (expect)
         self.upcoming: dict[tuple[Any, ...], collections.deque[Entry]] = {}
-        # each kind's next group's reads, started in the background: (scale keys, future, bytes)
-        self.ahead: dict[tuple[Any, ...], tuple[list[str], concurrent.futures.Future[Any], int]] = {}
+        # each kind's next group's reads, started in the background: (scale keys, float8 keys or None, the
+        # reads, their bytes); counted as read when a group takes them
+        self.ahead: dict[
+            tuple[Any, ...], tuple[list[str], list[str] | None, concurrent.futures.Future[Any], int]
+        ] = {}
         self.ahead_bytes = 0
 
     def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
@@ -113,7 +116,8 @@ class FP8Groups:
     def _read_ahead(self, kind: tuple[Any, ...]) -> None:
         """Starts reading the next group of ``kind`` (the next weights expected, as many as a group holds)."""
         upcoming = self.upcoming.get(kind)
-        if kind in self.ahead or not upcoming:
+        # a torch file's tensors are in memory already (read_stacked reads them through read, which counts)
+        if kind in self.ahead or not upcoming or self.ckpt.source._state is not None:
             return
         (wshape, wdtype), (sshape, sdtype) = kind[1], kind[2]
         entries = list(itertools.islice(upcoming, group_size(upcoming[0].stored_bytes, self.max_bytes)))
@@ -124,13 +128,19 @@ class FP8Groups:
             return
         skeys = [e.keys["scale"] for e in entries]
         wkeys = [e.keys["weight"] for e in entries] if small else None
-        self.ahead[kind] = (skeys, _readers("group").submit(self._read, skeys, wkeys), nbytes)
+        future = _readers("group").submit(self._read, skeys, wkeys, False)
+        self.ahead[kind] = (skeys, wkeys, future, nbytes)
         self.ahead_bytes += nbytes
 
-    def _read(self, skeys: list[str], wkeys: list[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A group's scales (rows padded to 16 bytes) and, for small weights, float8 bytes (pinned on a GPU)."""
-        rows = self.ckpt.read_stacked(skeys)
-        return rows, None if wkeys is None else self.ckpt.read_stacked(wkeys, pin=self.tdev.type == "cuda")
+    def _read(
+        self, skeys: list[str], wkeys: list[str] | None, count: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A group's scales (rows padded to 16 bytes) and, for small weights, float8 bytes (pinned on a GPU);
+        counted as read with ``count`` (a read ahead is counted when a group takes it)."""
+        rows = self.ckpt.read_stacked(skeys, count=count)
+        if wkeys is None:
+            return rows, None
+        return rows, self.ckpt.read_stacked(wkeys, pin=self.tdev.type == "cuda", count=count)
 
     def _reads(
         self, kind: tuple[Any, ...], entries: list[Entry], small: bool
@@ -139,17 +149,21 @@ class FP8Groups:
         skeys = [e.keys["scale"] for e in entries]
         ahead = self.ahead.pop(kind, None)
         if ahead is not None:
-            keys, future, nbytes = ahead
+            keys, wkeys, future, nbytes = ahead
             self.ahead_bytes -= nbytes
             if keys == skeys:
-                return future.result()
-            future.cancel()  # another group (decoded early): its own reads below
+                got = future.result()
+                self.ckpt.count_stacked(keys)
+                if wkeys is not None:
+                    self.ckpt.count_stacked(wkeys)
+                return got
+            future.cancel()  # another group (decoded early): its own reads below; the dropped ones uncounted
             concurrent.futures.wait([future])
         return self._read(skeys, [e.keys["weight"] for e in entries] if small else None)
 
     def close(self) -> None:
         """Drops the reads ahead that no group took (a load that failed or ended early), once they are done."""
-        futures = [future for _, future, _ in self.ahead.values()]
+        futures = [future for _, _, future, _ in self.ahead.values()]
         self.ahead.clear()
         self.ahead_bytes = 0
         for future in futures:

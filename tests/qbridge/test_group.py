@@ -5,6 +5,7 @@ call gives it; a damaged scale inside a group named. The GPU half is ``test_grou
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 
 import jax
@@ -16,15 +17,16 @@ from helpers import to_numpy
 
 import qbridge
 from qbridge import _group
-from qbridge._checkpoint import open_checkpoint
+from qbridge._checkpoint import SMALL_TENSOR_BYTES, open_checkpoint
 from qbridge._handoff import XlaDestinations
 from qbridge._loader import plan_load
 
 
-def _grouped(folder, max_bytes, readers=None):
+def _grouped(folder, max_bytes, readers=None, settled=False):
     """Every FP8 weight of the checkpoint through FP8Groups, the weights to come said first as the loader
     says them: (values by leaf path, group sizes decoded). ``readers`` collects the name of the thread that
-    read each group (a reading thread when its reads were started ahead)."""
+    read each group (a reading thread when its reads were started ahead); ``settled``: the first reads ahead
+    finish before the first weight is added (none is dropped before it ran)."""
     sizes = []
     with open_checkpoint(folder) as ckpt:
         _, plan, _, _ = plan_load(ckpt, None)
@@ -48,6 +50,8 @@ def _grouped(folder, max_bytes, readers=None):
             if kind is not None:
                 groups.expect(kind, ckpt.entries[p.key])
         groups.start()
+        if settled:
+            concurrent.futures.wait([future for *_, future, _ in groups.ahead.values()])
         try:
             for p, kind in zip(plan, kinds):
                 if kind is not None:
@@ -94,6 +98,42 @@ def test_groups_decode_every_weight_as_a_load_does(tmp_path, monkeypatch, max_by
         assert max(sizes) < min(counts) and sum(sizes) == sum(counts), sizes
         # groups decoded early read their own (their reads ahead, of other weights, dropped)
         assert 0 < here < len(sizes) < len(readers), readers
+    loaded = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
+    for path, got in values.items():
+        want = loaded
+        for segment in path:
+            want = want[segment]
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16), err_msg=str(path)
+        )
+
+
+def test_reads_ahead_of_large_scales_dropped_by_early_groups_are_not_counted(tmp_path):
+    """Scales over 64 KiB (small blocks) are not remembered as read once: a group decoded early drops the read
+    ahead of its kind's full group and reads its own; only the reads a group takes count, so the checkpoint's
+    bytes are counted once (``_grouped`` checks) and the values are a CPU load's."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    tensors = {}
+    for kind in range(5):
+        shape = (512, 520 + 4 * kind)  # block 4: scales [128, 130+], over 64 KiB of float32
+        for expert in range(2):
+            key = f"model.layers.0.mlp.experts.{expert}.p{kind}_proj.weight"
+            tensors[key] = (torch.rand(shape, generator=gen) * 2 - 1).to(torch.float8_e4m3fn)
+            tensors[f"{key}_scale_inv"] = torch.rand((128, shape[1] // 4), generator=gen) + 0.5
+    save_file(tensors, tmp_path / "model.safetensors")
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [4, 4]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    largest = 512 * 536 + 128 * 134 * 4
+    assert 128 * 130 * 4 > SMALL_TENSOR_BYTES
+    readers = []
+    # groups of 2 of every kind; five kinds wait together, so pending bytes pass the bound and groups are
+    # decoded early
+    values, sizes = _grouped(tmp_path, int(4.5 * largest), readers, settled=True)
+    assert min(sizes) == 1 and readers.count(threading.main_thread().name) > 0, (sizes, readers)
     loaded = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
     for path, got in values.items():
         want = loaded

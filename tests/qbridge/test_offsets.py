@@ -106,3 +106,19 @@ def test_a_file_holding_a_tensor_the_index_lists_elsewhere_reads_its_header(tmp_
             assert torch.equal(
                 ckpt.read(key).reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)
             ), key
+
+
+def test_a_file_rewritten_in_place_since_it_was_opened_is_refused(tmp_path):
+    """A file saved again in place (same inode, another header) after opening: its tensors may lie elsewhere
+    now, so a read names the file and says to open the checkpoint again, instead of reading other bytes."""
+    a, b = torch.arange(6, dtype=torch.int64), torch.arange(200, 206, dtype=torch.int64)
+    st.save_file({"a": a, "b": b}, tmp_path / "model.safetensors")
+    other = tmp_path / "other.safetensors"
+    st.save_file({"a": a, "aa": torch.full((4,), -1), "b": b}, other)
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        with open(tmp_path / "model.safetensors", "r+b") as f:  # the same file, rewritten
+            f.write(other.read_bytes())
+        with pytest.raises(
+            qbridge.CheckpointError, match=r"model\.safetensors: the file changed on disk since"
+        ):
+            ckpt.read("b")
