@@ -20,7 +20,9 @@ from helpers import to_numpy
 pytestmark = pytest.mark.gpu
 
 
-def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
+def _loads_grouped(tmp_path, monkeypatch, scale_dtype, readers=None):
+    """Four loads, each weight's bits checked; returns each grouped launch's answer. ``readers`` collects the
+    name of the thread that read each group's scales (a reading thread when they were read ahead)."""
     import qbridge
     import torch_side
     from qbridge import _group, _handoff
@@ -35,7 +37,7 @@ def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
         return grouped[-1]
 
     monkeypatch.setattr(_group, "dequantize_fp8_group_into", recorded)
-    readers = []
+    readers = [] if readers is None else readers
     read = _group.FP8Groups._read
 
     def named(self, *args):
@@ -56,8 +58,6 @@ def _loads_grouped(tmp_path, monkeypatch, scale_dtype):
         if load == 1:
             torch_side.wait_for_kernels()
             _handoff.wait_for_allocators()
-    if _group.GROUP > 1:  # every group's scales and small float8 bytes were read ahead in a reading thread
-        assert readers and all(name.startswith("qbridge-group") for name in readers), readers
     return grouped
 
 
@@ -67,8 +67,11 @@ def test_grouped_loads_give_the_bits_of_one_call_per_weight(tmp_path, monkeypatc
     from qbridge import _group
 
     monkeypatch.setattr(_group, "GROUP", cap)
-    grouped = _loads_grouped(tmp_path, monkeypatch, scale_dtype)
+    readers = []
+    grouped = _loads_grouped(tmp_path, monkeypatch, scale_dtype, readers)
     assert True in grouped, grouped  # the grouped route ran (and gave the bits above)
+    # every group's scales and small float8 bytes were read ahead in a reading thread
+    assert readers and all(name.startswith("qbridge-group") for name in readers), readers
 
 
 def test_one_weight_at_a_time_gives_the_same(tmp_path, monkeypatch):
@@ -149,8 +152,10 @@ def test_pending_weights_are_decoded_before_they_outgrow_the_bound(tmp_path, mon
         return flush(self, kind)
 
     monkeypatch.setattr(_group.FP8Groups, "flush", sized)
-    _loads_grouped(tmp_path, monkeypatch, torch.float32)
+    readers = []
+    _loads_grouped(tmp_path, monkeypatch, torch.float32, readers)
     assert sizes and max(sizes) < min(count for _, count in KINDS.values()), sizes
+    assert threading.main_thread().name in readers, readers  # groups decoded early read their own
 
 
 FRESH_PROCESS = r"""
