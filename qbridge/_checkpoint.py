@@ -509,10 +509,9 @@ class _Source:
             if path is None:
                 raise self._no_tensor(key)
             t = self._read_whole(path, key)
-        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:  # memory of its own, or a torch file's tensor
-            if ahead is None and key in self._small:  # tables and scales read again for another shard:
-                return t  # counted once
-        return self._count_read(key, t)
+        # a small tensor read again (tables and scales, for another shard) is counted once; one read ahead
+        # was not read before
+        return self._count_read(key, t, again=ahead is None)
 
     def _no_tensor(self, key: str) -> CheckpointError:
         """The error for a key the checkpoint lacks, with the closest key it holds (a typo, a plural)."""
@@ -596,15 +595,21 @@ class _Source:
                     if nbytes <= SMALL_TENSOR_BYTES:
                         small.add(key)
 
-    def _count_read(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        """Counts a tensor read from its file; a small one is remembered, so that reading it again is not."""
-        if _tensor_nbytes(t) <= SMALL_TENSOR_BYTES:
-            self._small.add(key)
-        return self._counted(t)
+    def _count_read(self, key: str, t: torch.Tensor, *, again: bool = False) -> torch.Tensor:
+        """Counts a tensor read from its file; a small one is remembered, so that reading it again (``again``:
+        it may have been read before) is not. Checked and counted under one lock (threads may read together)."""
+        n = _tensor_nbytes(t)
+        with self._count_lock:
+            if n <= SMALL_TENSOR_BYTES:
+                if again and key in self._small:
+                    return t
+                self._small.add(key)
+            self.bytes_read += n
+        return t
 
     def _count_small(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a small tensor unless it was read (and counted) before, as :meth:`read` does."""
-        return t if key in self._small else self._count_read(key, t)
+        return self._count_read(key, t, again=True)
 
     def stage_small(self, keys: Sequence[str], device: torch.device) -> int:
         """Reads the small stored tensors among ``keys`` (at most ``SMALL_TENSOR_BYTES`` each; of safetensors
