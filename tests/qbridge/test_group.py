@@ -66,6 +66,18 @@ def _grouped(folder, max_bytes, readers=None, settled=False):
     return values, sizes
 
 
+def _assert_a_cpu_loads_values(folder, values):
+    """Each grouped result has the bits of a CPU load of the checkpoint (weight by weight)."""
+    loaded = qbridge.load_checkpoint(folder, device="cpu", progress=False)
+    for path, got in values.items():
+        want = loaded
+        for segment in path:
+            want = want[segment]
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16), err_msg=str(path)
+        )
+
+
 @pytest.mark.parametrize(
     ("max_bytes", "cap", "want"),
     [
@@ -98,14 +110,7 @@ def test_groups_decode_every_weight_as_a_load_does(tmp_path, monkeypatch, max_by
         assert max(sizes) < min(counts) and sum(sizes) == sum(counts), sizes
         # groups decoded early read their own (their reads ahead, of other weights, dropped)
         assert 0 < here < len(sizes) < len(readers), readers
-    loaded = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
-    for path, got in values.items():
-        want = loaded
-        for segment in path:
-            want = want[segment]
-        np.testing.assert_array_equal(
-            np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16), err_msg=str(path)
-        )
+    _assert_a_cpu_loads_values(tmp_path, values)
 
 
 def test_reads_ahead_of_large_scales_dropped_by_early_groups_are_not_counted(tmp_path):
@@ -134,14 +139,7 @@ def test_reads_ahead_of_large_scales_dropped_by_early_groups_are_not_counted(tmp
     # decoded early
     values, sizes = _grouped(tmp_path, int(4.5 * largest), readers, settled=True)
     assert min(sizes) == 1 and readers.count(threading.main_thread().name) > 0, (sizes, readers)
-    loaded = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
-    for path, got in values.items():
-        want = loaded
-        for segment in path:
-            want = want[segment]
-        np.testing.assert_array_equal(
-            np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16), err_msg=str(path)
-        )
+    _assert_a_cpu_loads_values(tmp_path, values)
 
 
 def test_group_size():
