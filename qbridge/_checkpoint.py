@@ -232,7 +232,7 @@ class _Source:
         self._open[path] = handle
         self._files[path] = f = open(path, "rb")  # closed by close()
         # the header's size as opened: a file rewritten in place since is refused (see _offsets)
-        self._header_sizes[path] = int.from_bytes(os.pread(f.fileno(), 8, 0), "little")
+        self._header_sizes[path] = _header_size(f, self._file_lock) or 0
         self.metadata[path] = meta
 
     def _selected(
@@ -570,6 +570,7 @@ class _Source:
                 concurrent.futures.wait(others)
         got += sum(part.result() for part in others)
         if got != n:
+            self._check_header(path)  # rewritten in place rather than cut short: says so
             raise _cut_short(got, n)
 
     def _check_not_cut(self, path: pathlib.Path, key: str) -> None:
@@ -802,6 +803,7 @@ class _Source:
                             except OSError as e:  # as read() says it
                                 raise _read_error(held, key, e) from e
                             if got != nbytes:
+                                self._check_header(held)  # rewritten in place rather than cut short
                                 raise CheckpointError(
                                     f"{held}: reading {key!r} failed: {got} of its {nbytes} bytes read (a truncated or "
                                     "damaged file)"
@@ -911,6 +913,24 @@ class _Source:
         """Counts ``t``'s bytes (its inner tensors' for a tensor subclass) as read; returns ``t``."""
         return self._counted(t)
 
+    def _check_header(self, path: pathlib.Path) -> int:
+        """The size of a safetensors file's header, read from the file now.
+
+        Raises:
+            CheckpointError: another size than when it was opened (the file was rewritten in place: its
+                tensors may lie elsewhere now). A rewrite that keeps the size is not seen.
+        """
+        opened = self._header_sizes.get(path)
+        size = _header_size(self._files[path], self._file_lock)
+        if size is None or opened is None:  # cut short to less than a header: the read says how short
+            return opened or 0
+        if size != opened:
+            raise CheckpointError(
+                f"{path}: the file changed on disk since the checkpoint was opened (rewritten in place); open "
+                "the checkpoint again"
+            )
+        return size
+
     def _offsets(self, path: pathlib.Path) -> dict[str, tuple[int, int]]:
         """Absolute byte ranges of a safetensors file's tensors.
 
@@ -921,21 +941,14 @@ class _Source:
         costs a sum per tensor instead of a parse of its JSON header.
 
         Raises:
-            CheckpointError: the file's header has another size than when it was opened (the file was
-                rewritten in place: its tensors may lie elsewhere now).
+            CheckpointError: the file's header has another size than when it was opened (rewritten in place;
+                checked when the ranges are first worked out, and by a read that comes up short).
         """
         ranges = self._byte_ranges.get(path)
         if ranges is not None:
             return ranges
-        with self._file_lock:
-            f = self._files[path]
-            f.seek(0)
-            size = int.from_bytes(f.read(8), "little")
-        if size != self._header_sizes.get(path, size):
-            raise CheckpointError(
-                f"{path}: the file changed on disk since the checkpoint was opened (rewritten in place); open "
-                "the checkpoint again"
-            )
+        size = self._check_header(path)
+        f = self._files[path]
         handle, shapes, key_file = self._open[path], self.shapes, self.key_file
         order = handle.offset_keys() if hasattr(handle, "offset_keys") else ()  # safetensors 0.6 and later
         ranges, at = {}, 8 + size
@@ -1063,11 +1076,25 @@ def _readers_after_fork() -> None:
 os.register_at_fork(after_in_child=_readers_after_fork)
 
 _PREADV = getattr(os, "preadv", None)  # reads at an offset, leaving the file's position alone (POSIX)
+_PREAD = getattr(os, "pread", None)
 # read_stacked reads tensors at most this many bytes apart in a file with one positioned read (the bytes
 # between them into a scratch buffer), up to _RUN_BYTES and _RUN_BUFFERS buffers a read (IOV_MAX is 1024)
 _GAP_READ = 16 << 10
 _RUN_BYTES = 16 << 20
 _RUN_BUFFERS = 500
+
+
+def _header_size(f: Any, lock: threading.Lock) -> int | None:
+    """A safetensors file's header size (its first 8 bytes, little-endian), read from the file itself where
+    positioned reads exist (the file object's buffer may hold the bytes as they were); None when the file is
+    shorter than 8 bytes now."""
+    if _PREAD is not None:
+        head = _PREAD(f.fileno(), 8, 0)
+    else:
+        with lock:
+            f.seek(0)
+            head = f.read(8)
+    return int.from_bytes(head, "little") if len(head) == 8 else None
 
 
 def _read_at(f: Any, offset: int, into: memoryview, lock: threading.Lock) -> int:

@@ -122,3 +122,22 @@ def test_a_file_rewritten_in_place_since_it_was_opened_is_refused(tmp_path):
             qbridge.CheckpointError, match=r"model\.safetensors: the file changed on disk since"
         ):
             ckpt.read("b")
+
+
+def test_a_read_that_comes_up_short_on_a_rewritten_file_says_it_was_rewritten(tmp_path):
+    """After a file's first read its byte ranges are known; a rewrite in place that leaves a tensor's bytes
+    short (another, shorter file) is named as a rewrite, not as a file cut short."""
+    a, big = torch.arange(6, dtype=torch.int64), torch.arange(4096, dtype=torch.int64)
+    st.save_file({"a": a, "big": big}, tmp_path / "model.safetensors")
+    other = tmp_path / "other.safetensors"
+    st.save_file({"a": a, "aa": a.clone(), "big": big[:8].clone()}, other)  # another header size, shorter
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        assert torch.equal(ckpt.read("a"), a)  # the file's byte ranges are known from here on
+        with open(tmp_path / "model.safetensors", "r+b") as f:  # rewritten in place, and shorter
+            f.write(other.read_bytes())
+            f.truncate()
+        for read in (ckpt.read, lambda key: ckpt.read_stacked([key])):
+            with pytest.raises(
+                qbridge.CheckpointError, match=r"model\.safetensors: the file changed on disk"
+            ):
+                read("big")
