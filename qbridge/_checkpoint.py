@@ -579,6 +579,7 @@ class _Source:
         begin, end = self._offsets(path)[key]
         size = os.fstat(self._files[path].fileno()).st_size
         if size < end and end > begin:  # an empty tensor has no bytes to lose
+            self._check_header(path)  # rewritten in place rather than cut short: says so
             raise _cut_short(max(0, size - begin), end - begin)
 
     def count_stacked(self, keys: Sequence[str]) -> None:
@@ -770,16 +771,14 @@ class _Source:
                         path, bucket = held, direct_reads.setdefault(held, [])
                         offsets = self._offsets(held)  # a header cut short since opening: ValueError
                     begin, end = offsets[key]
-                except (OSError, ValueError) as e:  # as read() says it
-                    raise _read_error(held, key, e) from e
+                except (OSError, ValueError, KeyError) as e:  # as read() says it (KeyError: a header read
+                    raise _read_error(held, key, e) from e  # again that no longer lists it)
                 if end - begin != nbytes:
                     raise CheckpointError(
                         f"{held}: reading {key!r} failed: {end - begin} bytes stored where {nbytes} belong (a "
                         "truncated or damaged file)"
                     )
                 bucket.append((begin, i, key))
-            if count:
-                self.count_stacked([key for wanted in direct_reads.values() for _, _, key in wanted])
             for held, wanted in direct_reads.items():
                 wanted.sort()
                 f, j, n = self._files[held], 0, len(wanted)
@@ -809,6 +808,8 @@ class _Source:
                                     "damaged file)"
                                 )
                     j = k
+            if count:  # once read: a read that failed counts nothing
+                self.count_stacked([key for wanted in direct_reads.values() for _, _, key in wanted])
         return out
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
@@ -861,7 +862,8 @@ class _Source:
                     flat = self._map_open(path, key).reshape(-1).view(torch.uint8)
             except CheckpointError:  # closed
                 raise
-            except (EOFError, OSError, ValueError) as e:  # ValueError: a header cut short, a map past the end
+            # ValueError: a header cut short, a map past the end; KeyError: a header read again without it
+            except (EOFError, OSError, ValueError, KeyError) as e:
                 raise _read_error(path, key, e) from e
         if (
             row_bytes < 1
@@ -892,7 +894,7 @@ class _Source:
             # a header cut short, a map past the end of a file cut short: an error as read() gives it
             try:
                 return self._map_open(path, key)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, KeyError) as e:  # KeyError: a header read again without it
                 raise _read_error(path, key, e) from e
 
     def _map_open(self, path: pathlib.Path, key: str) -> torch.Tensor:

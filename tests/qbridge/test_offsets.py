@@ -6,6 +6,7 @@ the header instead. Reads through the ranges give the stored bytes."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -141,3 +142,62 @@ def test_a_read_that_comes_up_short_on_a_rewritten_file_says_it_was_rewritten(tm
                 qbridge.CheckpointError, match=r"model\.safetensors: the file changed on disk"
             ):
                 read("big")
+
+
+def test_slices_and_windows_of_a_shorter_rewrite_say_it_was_rewritten(tmp_path):
+    a, big = torch.arange(6, dtype=torch.int64), torch.arange(4096, dtype=torch.int64)
+    st.save_file({"a": a, "big": big}, tmp_path / "model.safetensors")
+    other = tmp_path / "other.safetensors"
+    st.save_file({"a": a, "aa": a.clone(), "big": big[:8].clone()}, other)
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        assert torch.equal(ckpt.read("a"), a)
+        with open(tmp_path / "model.safetensors", "r+b") as f:
+            f.write(other.read_bytes())
+            f.truncate()
+        for read in (
+            lambda: ckpt.read_slice("big", (slice(0, 4096),)),
+            lambda: ckpt.read_window("big", 8, (0, 4096), (0, 8)),
+        ):
+            with pytest.raises(
+                qbridge.CheckpointError, match=r"model\.safetensors: the file changed on disk"
+            ):
+                read()
+
+
+def test_a_failed_stacked_read_counts_nothing(tmp_path):
+    st.save_file({"a": torch.zeros(64, 1024), "b": torch.ones(64, 1024)}, tmp_path / "model.safetensors")
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        begin = ckpt.source._offsets(tmp_path / "model.safetensors")["b"][0]
+        os.truncate(tmp_path / "model.safetensors", begin + 100)
+        with pytest.raises(qbridge.CheckpointError, match="reading 'b' failed"):
+            ckpt.read_stacked(["a", "b"])
+        assert ckpt.bytes_read == 0  # nothing handed out
+        assert torch.equal(ckpt.read("a"), torch.zeros(64, 1024)) and ckpt.bytes_read == 64 * 1024 * 4
+
+
+def test_a_header_read_again_without_the_key_is_a_checkpoint_error(tmp_path):
+    """A file whose ranges come from its header (it holds a tensor the index lists in another file), rewritten
+    in place with the same header size but a tensor renamed: every read names the file and the key."""
+    s1, s2 = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    a, c = torch.zeros(64, 64), torch.ones(64, 64)
+    st.save_file({"a": a}, s1)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": s1.name, "c": s2.name}})
+    )
+    renamed = tmp_path / "renamed.bin"
+    st.save_file({"a": a, "e": c}, renamed)  # 'c' renamed 'e': the same header size
+    reads = {
+        "read": lambda ckpt: ckpt.read("c"),
+        "read_stacked": lambda ckpt: ckpt.read_stacked(["c"]),
+        "read_window": lambda ckpt: ckpt.read_window("c", 256, (0, 1), (0, 4)),
+        "map_tensor": lambda ckpt: ckpt.source.map_tensor("c"),
+    }
+    for read in reads.values():
+        st.save_file({"a": a, "c": c}, s2)
+        with qbridge.open_checkpoint(tmp_path) as ckpt:
+            with open(s2, "r+b") as f:
+                f.write(renamed.read_bytes())
+            with pytest.raises(
+                qbridge.CheckpointError, match=r"model-00002-of-00002\.safetensors: reading 'c'"
+            ):
+                read(ckpt)
