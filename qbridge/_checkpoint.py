@@ -589,25 +589,25 @@ class _Source:
             return
         shape, dtype = self.shapes[keys[0]]
         nbytes = math.prod(shape) * dtype.itemsize
-        small = self._small
         with self._count_lock:  # a group's reads ahead are read in a reading thread, counted in the loader's
             for key in keys:
-                if key not in small:
-                    self.bytes_read += nbytes
-                    if nbytes <= SMALL_TENSOR_BYTES:
-                        small.add(key)
+                self._count_held(key, nbytes, again=True)
 
     def _count_read(self, key: str, t: torch.Tensor, *, again: bool = False) -> torch.Tensor:
-        """Counts a tensor read from its file; a small one is remembered, so that reading it again (``again``:
-        it may have been read before) is not. Checked and counted under one lock (threads may read together)."""
-        n = _tensor_nbytes(t)
+        """Counts a tensor read from its file (see :meth:`_count_held`), under the lock (threads may read
+        together)."""
         with self._count_lock:
-            if n <= SMALL_TENSOR_BYTES:
-                if again and key in self._small:
-                    return t
-                self._small.add(key)
-            self.bytes_read += n
+            self._count_held(key, _tensor_nbytes(t), again=again)
         return t
+
+    def _count_held(self, key: str, nbytes: int, *, again: bool) -> None:
+        """Counts ``nbytes`` of ``key`` as read, the count lock held: a small tensor is remembered, so that
+        reading it again (``again``: it may have been read before) is not counted."""
+        if nbytes <= SMALL_TENSOR_BYTES:
+            if again and key in self._small:
+                return
+            self._small.add(key)
+        self.bytes_read += nbytes
 
     def _count_small(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """Counts a small tensor unless it was read (and counted) before, as :meth:`read` does."""

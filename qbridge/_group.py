@@ -60,6 +60,13 @@ def group_size(weight_bytes: int, max_bytes: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+def _weights_stacked(kind: tuple[Any, ...]) -> bool:
+    """Whether a kind's float8 bytes are read like its scales, stacked in one tensor (each weight at most
+    ``READ_AHEAD_MIN_BYTES``); larger ones are read ahead one by one by the loader's reading threads."""
+    wshape, wdtype = kind[1]
+    return math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES
+
+
 class FP8Groups:
     """Gathers a GPU load's FP8 weights by kind and decodes each group together (see the module).
 
@@ -121,9 +128,10 @@ class FP8Groups:
             return
         (wshape, wdtype), (sshape, sdtype) = kind[1], kind[2]
         entries = list(itertools.islice(upcoming, group_size(upcoming[0].stored_bytes, self.max_bytes)))
-        wbytes = math.prod(wshape) * wdtype.itemsize
-        small = wbytes <= READ_AHEAD_MIN_BYTES  # larger float8 bytes: read ahead by the loader's readers
-        nbytes = len(entries) * (math.prod(sshape) * sdtype.itemsize + (wbytes if small else 0))
+        small = _weights_stacked(kind)
+        nbytes = len(entries) * (
+            math.prod(sshape) * sdtype.itemsize + (math.prod(wshape) * wdtype.itemsize if small else 0)
+        )
         if self.ahead_bytes + nbytes > AHEAD_BYTES:
             return
         skeys = [e.keys["scale"] for e in entries]
@@ -195,8 +203,7 @@ class FP8Groups:
         shape, (wshape, wdtype), (sshape, _), block_size, dtype, transpose = kind
         entries = [e for _, e in members]
         ckpt, dev = self.ckpt, self.tdev
-        small = math.prod(wshape) * wdtype.itemsize <= READ_AHEAD_MIN_BYTES  # not read ahead by the loader
-        rows, stacked = self._reads(kind, entries, small)  # each row padded to 16 bytes
+        rows, stacked = self._reads(kind, entries, _weights_stacked(kind))  # each row padded to 16 bytes
         self._read_ahead(kind)  # the next group of this kind, while this one is decoded
         self._check(rows[:, : math.prod(sshape)], entries, sshape)
         with on_device(dev):
