@@ -313,3 +313,45 @@ def test_a_target_of_another_configuration_is_named_as_the_likely_cause():
     assert transposed.config_hints() == []
     # a leftover inside the target's own range of blocks (a stray tensor) is not called a missing layer
     assert jax_side.MatchReport(unused=["layers.1.extra.weight"], matched=matched).config_hints() == []
+
+
+def test_a_plan_decides_each_tensor_as_it_would_alone():
+    """plan_by_name decides tensors that share a module name, a tensor name and a shape once for all of them:
+    every tensor must still get what it would get planned alone, whatever its torch kind, rank, shape and
+    module (an embedding's, a norm's, a buffer's name, GPT-2's 4-D attention mask), in any order."""
+    modules = ["embed_tokens", "down_proj", "norm", "attn", "wte", "experts"]
+    names = ["weight", "bias", "running_mean", "inv_freq", "A_log"]
+    shapes = [(4,), (3, 5), (5, 3), (2, 3, 4, 5), (6, 2, 3)]
+    kinds = [None, "linear", "embedding", "param", "stacked_linear", "conv2d"]
+    ranks = {"stacked_linear": 3, "conv2d": 4, "linear": 2, "embedding": 2}  # a torch kind's weights' rank
+    combos = [
+        (module, name, shape, kind)
+        for module in modules
+        for name in names
+        for shape in shapes
+        for kind in kinds
+        if kind is None or (name == "weight" and len(shape) == ranks.get(kind, len(shape)))
+    ]
+    rng = np.random.default_rng(5)
+    checkpoint, torch_kinds, optional = {}, {}, {}
+    for layer, i in enumerate(rng.permutation(2 * len(combos)) % len(combos)):  # each combination twice
+        module, name, shape, kind = combos[i]
+        key = f"model.layers.{layer}.{module}.{name}"
+        checkpoint[key] = (shape, np.dtype(np.float32))
+        if kind is not None:
+            torch_kinds[key] = kind
+        if rng.random() < 0.05:
+            optional[key] = "a tied copy"
+    plan, skipped = jax_side.plan_by_name(checkpoint, torch_kinds=torch_kinds, optional=optional)
+    alone_plan, alone_skipped = [], {}
+    for key, value in checkpoint.items():
+        p, s = jax_side.plan_by_name(
+            {key: value},
+            torch_kinds={key: torch_kinds[key]} if key in torch_kinds else None,
+            optional={key: optional[key]} if key in optional else None,
+        )
+        alone_plan += p
+        alone_skipped.update(s)
+    assert plan == alone_plan
+    assert skipped == alone_skipped
+    assert len(plan) > 300 and len(skipped) > 60  # both outcomes, and the buffer reasons among them
