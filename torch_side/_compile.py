@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -161,6 +162,28 @@ class Address(StandIn):
     def __init__(self, address: int, dtype: torch.dtype) -> None:
         super().__init__(dtype, True)
         self._ptr = address
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+
+class Addresses:
+    """A column of pointer arguments, one per weight of a grouped launch, given by their addresses on the
+    device (``numpy`` int64 ``[n]``), all of ``dtype``: no object is made per address (element ``i`` is
+    ``Address(addresses[i], dtype)``)."""
+
+    def __init__(self, addresses: Any, dtype: torch.dtype) -> None:
+        self.addresses = addresses
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def __getitem__(self, i: int) -> Address:
+        return Address(int(self.addresses[i]), self.dtype)
+
+    def __iter__(self) -> Iterator[Address]:
+        return (Address(int(a), self.dtype) for a in self.addresses)
 
     def element_size(self) -> int:
         return self.dtype.itemsize

@@ -31,7 +31,7 @@ from ._checks import (
     tracing,
 )
 from ._checks import check_finite as _check_finite
-from ._compile import Address, KernelNotReady, kernels_imported
+from ._compile import Addresses, KernelNotReady, kernels_imported
 from ._integers import block_pair as _block_pair
 from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
 from ._plans import FP8_PLANS, tensor_key
@@ -559,7 +559,7 @@ def dequantize_fp8_group_into(
     from ._triton import dequantize_fp8_group
 
     try:
-        addresses = [Address(p, dtype) for p in outs]
+        addresses = Addresses(np.asarray(outs, dtype=np.int64), dtype)
         return dequantize_fp8_group(weights, scale_invs, wait=False, outs=addresses, **plan.group) is not None
     except KernelNotReady:  # the grouped kernel compiles in the background
         return False

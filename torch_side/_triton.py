@@ -10,10 +10,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._backend import triton_interpreting
-from ._compile import KernelNotReady, StandIn, ask
+from ._compile import Addresses, KernelNotReady, StandIn, ask
 from ._launch import Launcher, launch
 from ._plans import FP8_PLANS, NF4_PLANS, remember
 from .kernels._fp8 import fp8_group_kernel, fp8_kernel
@@ -266,23 +267,23 @@ def dequantize_fp8_triton(
 MAX_GROUP = 65535  # weights per grouped launch (CUDA's limit on grid axis 2)
 
 
-def _members(columns: Sequence[Sequence[Any] | torch.Tensor]) -> list[torch.Tensor] | None:
+def _members(columns: Sequence[Sequence[Any] | torch.Tensor | Addresses]) -> list[torch.Tensor] | None:
     """Per launch of at most :data:`MAX_GROUP` weights, an int64 ``[n, k]`` table of each weight's element
     offsets from the launch's first weight, one column per pointer argument; None when a tensor is not
     contiguous or not 16-byte aligned (the grouped kernel reads each tensor as contiguous, and tells the
     compiler the offsets are multiples of 16 bytes).
 
-    A column is a sequence of tensors (or addresses), or one tensor ``[n, ...]`` whose rows are the
-    weights' tensors: their offsets are then multiples of its first stride, with no tensor made per row.
+    A column is a sequence of tensors (or addresses), an :class:`Addresses`, or one tensor ``[n, ...]`` whose
+    rows are the weights' tensors: their offsets are then multiples of its first stride, with no tensor made
+    per row.
 
     Raises:
         ValueError: a column holds another number of tensors than the first.
     """
-    first = columns[0]
-    device = first.device if isinstance(first, torch.Tensor) else first[0].device
+    first = columns[0]  # tensors: the device to launch on
+    device = first.device if isinstance(first, torch.Tensor) else first[0].device  # type: ignore[union-attr]
     n = len(first)
-    ptrs: list[Sequence[int]] = []
-    sizes: list[int] = []
+    offsets: list[np.ndarray] = []  # each column's element offsets from its first tensor, int64 [n]
     for k, column in enumerate(columns):
         if len(column) != n:
             raise ValueError(f"{len(column)} tensors in argument {k} of a group of {n}: one per weight")
@@ -291,35 +292,37 @@ def _members(columns: Sequence[Sequence[Any] | torch.Tensor]) -> list[torch.Tens
             step = column.stride(0) * size
             if column.data_ptr() % 16 or step % 16 or not column[0].is_contiguous():
                 return None
-            base = column.data_ptr()
-            ptrs.append(range(base, base + n * step, step) if step else [base] * n)
+            offsets.append(np.arange(n, dtype=np.int64) * (step // size))
+            continue
+        if isinstance(column, Addresses):
+            ptrs = np.asarray(column.addresses, dtype=np.int64)
         else:
-            size = column[0].element_size()
-            column_ptrs = [t.data_ptr() for t in column]
-            if any(ptr % 16 for ptr in column_ptrs) or not all(
-                t.is_contiguous() for t in column if isinstance(t, torch.Tensor)
-            ):
+            if not all(t.is_contiguous() for t in column if isinstance(t, torch.Tensor)):
                 return None
-            ptrs.append(column_ptrs)
-        sizes.append(size)
+            ptrs = np.fromiter((t.data_ptr() for t in column), dtype=np.int64, count=n)
+        if (ptrs % 16).any():
+            return None
+        offsets.append(ptrs - ptrs[0])  # multiples of 16 bytes: whole elements
+        offsets[-1] //= column.element_size() if isinstance(column, Addresses) else column[0].element_size()
+    table = np.stack(offsets, axis=1)
     tables = []
     for start in range(0, n, MAX_GROUP):
-        stop = min(n, start + MAX_GROUP)
-        rows = [
-            [(column[i] - column[start]) // size for column, size in zip(ptrs, sizes, strict=True)]
-            for i in range(start, stop)
-        ]
-        tables.append(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True))
+        rows = table[start : min(n, start + MAX_GROUP)]
+        tables.append(torch.from_numpy(rows - rows[0]).to(device, non_blocking=True))
     return tables
 
 
 def _check_outs(
-    outs: list[Any], n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    outs: list[Any] | Addresses, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> None:
     """Outputs given to a grouped launch: one per weight, each of the output's dtype, and each tensor
     contiguous, of the output's shape, on the weights' device (an address cannot be checked further)."""
     if len(outs) != n:
         raise ValueError(f"{len(outs)} outputs for {n} weights: one output per weight")
+    if isinstance(outs, Addresses):  # addresses of one dtype: nothing more to check
+        if outs.dtype != dtype:
+            raise ValueError(f"the outputs' addresses are of {outs.dtype}; the outputs are {dtype}")
+        return
     for i, out in enumerate(outs):
         if out.dtype != dtype:
             raise ValueError(f"outs[{i}] is {out.dtype}; the outputs are {dtype}")
@@ -341,16 +344,16 @@ def dequantize_fp8_group(
     dtype: torch.dtype,
     transpose: bool,
     wait: bool = True,
-    outs: Sequence[Any] | None = None,
-) -> list[Any] | None:
+    outs: Sequence[Any] | Addresses | None = None,
+) -> Sequence[Any] | Addresses | None:
     """:func:`dequantize_fp8_triton` of many contiguous weights of one shape, float8 dtype and scale layout
     (scales contiguous, of one shape and dtype) in one launch per :data:`MAX_GROUP`; the same bits.
 
     ``Ws`` and ``scales`` are each a sequence of tensors, or one tensor ``[n, ...]`` whose rows are the
     weights (or their scales), each row contiguous: then no tensor is made per weight.
 
-    ``outs``: where to write, one per weight (tensors, or ``_compile.Address`` of memory torch does not
-    hold), each contiguous of the output's shape and ``dtype`` on the weights' device; default: new tensors.
+    ``outs``: where to write, one per weight (tensors, ``_compile.Address`` of memory torch does not hold,
+    or one ``_compile.Addresses`` of them all), each contiguous of the output's shape and ``dtype`` on the weights' device; default: new tensors.
 
     Returns the outputs, or None (nothing launched) when a pointer is not 16-byte aligned or a weight or
     scale is not contiguous.
@@ -365,7 +368,7 @@ def dequantize_fp8_group(
     if outs is None:
         outs = [torch.empty(out_shape, dtype=dtype, device=W0.device) for _ in range(len(Ws))]
     else:
-        outs = list(outs)
+        outs = outs if isinstance(outs, Addresses) else list(outs)
         _check_outs(outs, len(Ws), out_shape, dtype, W0.device)
     raw = Ws.view(torch.uint8) if isinstance(Ws, torch.Tensor) else [W.view(torch.uint8) for W in Ws]
     tables = _members([raw, scales, outs])

@@ -5,6 +5,7 @@ bits of the oracle. On CPU the grouped kernel runs under Triton's interpreter; o
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -17,6 +18,7 @@ from helpers import (
 
 import torch_side
 from torch_side import _fp8, _triton
+from torch_side._compile import Address, Addresses
 
 pytest.importorskip("triton")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -143,6 +145,60 @@ def test_grouped_fp8_kernel_takes_stacked_rows(monkeypatch, transpose):
     assert _triton.dequantize_fp8_group(square.contiguous(), s2, **kw2) is not None
 
 
+def _tables_reference(columns, group):
+    """The grouped launch's offset tables as a plain loop: per launch of ``group`` weights, each weight's
+    element offset from the launch's first weight, one column per pointer argument."""
+    ptrs = []
+    for column in columns:
+        if isinstance(column, torch.Tensor):
+            ptrs.append([row.data_ptr() for row in column])
+            size = column.element_size()
+        else:
+            ptrs.append([int(t.data_ptr()) for t in column])
+            size = column[0].element_size()
+        ptrs[-1] = (ptrs[-1], size)
+    n = len(ptrs[0][0])
+    return [
+        [[(p[i] - p[start]) // size for p, size in ptrs] for i in range(start, min(n, start + group))]
+        for start in range(0, n, group)
+    ]
+
+
+@pytest.mark.parametrize("group", [2, 65535])
+def test_offset_tables_of_tensors_rows_and_addresses(monkeypatch, group):
+    """The grouped launch's tables, from tensors, one tensor's rows, and bare addresses of either order
+    (offsets of either sign), over one or several launches, equal a plain loop's; a column of another length
+    raises, and an address or tensor off 16-byte alignment launches nothing."""
+    monkeypatch.setattr(_triton, "MAX_GROUP", group)
+    rng = np.random.default_rng(group)
+    n = 7
+    rows = torch.empty((n, 48), dtype=torch.uint8)  # rows 48 bytes apart
+    tensors = [torch.empty(int(rng.integers(1, 9)) * 4, dtype=torch.float32) for _ in range(n)]
+    base = 1 << 44
+    addresses = base + 16 * rng.permutation(1000)[:n].astype(np.int64) * 8
+    listed = [Address(int(a), torch.bfloat16) for a in addresses]
+    got = _triton._members([rows, tensors, Addresses(addresses, torch.bfloat16)])
+    assert got is not None
+    want = _tables_reference([rows, tensors, listed], group)
+    assert [t.tolist() for t in got] == want
+    assert all(t.dtype == torch.int64 for t in got)
+    assert [t.tolist() for t in _triton._members([rows, tensors, listed])] == want
+    assert any(v < 0 for table in want for row in table for v in row)  # out of order: both signs
+    with pytest.raises(ValueError, match="6 tensors in argument 2 of a group of 7"):
+        _triton._members([rows, tensors, Addresses(addresses[:6], torch.bfloat16)])
+    odd = addresses.copy()
+    odd[3] += 2
+    assert _triton._members([rows, tensors, Addresses(odd, torch.bfloat16)]) is None
+    assert (
+        _triton._members([rows, tensors, [*listed[:3], Address(int(odd[3]), torch.bfloat16), *listed[4:]]])
+        is None
+    )
+    assert (
+        _triton._members([rows, [*tensors[:2], torch.empty(9, dtype=torch.uint8)[1:], *tensors[3:]], listed])
+        is None
+    )
+
+
 @pytest.mark.parametrize("chunk", [32, 2])
 def test_many_equals_one_call_per_weight(device, chunk, monkeypatch):
     """Mixed kinds, shapes, a transposed ([1, n]) weight, a Params4bit, a None quant state; FP8 in several
@@ -238,15 +294,16 @@ def test_group_into_addresses_gives_the_bits_of_one_call_per_weight(transpose):
     out_shape = shape[::-1] if transpose else shape
     outs = torch.full((5, *out_shape), 3.0, dtype=torch.float16, device="cuda")
     args = dict(block_size=None, transpose=transpose)
-    addresses = [o.data_ptr() for o in outs]
+    order = [3, 0, 4, 1, 2]  # addresses below the first one's too: offsets of either sign
+    addresses = [outs[i].data_ptr() for i in order]
     unseen = random_fp8((72, 40), seed=22).cuda()  # a shape no other test decodes: no plan for it
     assert not _fp8.fp8_planned(unseen, Ss[0][:1, :1], torch.float16, **args)
     assert not _fp8.dequantize_fp8_group_into([unseen], [Ss[0][:1, :1]], addresses[:1], torch.float16, **args)
     want = [torch_side.dequantize_fp8(W, s, torch.float16, **args) for W, s in zip(Ws, Ss, strict=True)]
     assert _fp8.fp8_planned(Ws[0], Ss[0], torch.float16, **args)
     assert _fp8.dequantize_fp8_group_into(Ws, Ss, addresses, torch.float16, **args)
-    for got, w in zip(outs, want, strict=True):
-        assert_bitwise_equal(got, w)
+    for i, w in zip(order, want, strict=True):
+        assert_bitwise_equal(outs[i], w)
     assert not _fp8.dequantize_fp8_group_into(
         Ws[:2], Ss[:2], [addresses[0], addresses[1] + 2], torch.float16, **args
     )
