@@ -5,7 +5,8 @@ Five parts, each printed:
 1. ``phases``: ``qbridge.load_checkpoint`` of one tiny DeepSeek-V3 MoE layer (``deepseek_v3_scale.py --tiny``:
    1558 tensors, 782 leaves; device work and reading negligible, so wall time is host work), with timers
    wrapped around the loader's steps (opening, planning, the FP8 groups' reads, allocation call, grouped
-   launch ...), after every background compile. The timers add their own cost; the total is printed too.
+   launch ...), after every background compile. The timers add their own cost: the loads' time is printed
+   without them (untimed, first) and with them.
 2. ``group``: the steps of one group of 32 expert weights timed one by one (median of 200 calls), then the
    whole grouped decode (``FP8Groups`` decoding 32 weights), the arrays kept alive as a load keeps them.
 3. ``allocation``: XLA programs that make n new arrays, kept alive (a load keeps its results): a broadcast of
@@ -83,6 +84,15 @@ def phases(root: pathlib.Path, device: str, loads: int) -> None:
 
         setattr(owner, name, wrapper)
 
+    _warm(root, device)
+    plain = []  # without the timers, which add their own cost
+    for _ in range(loads):
+        t = time.perf_counter()
+        _load(root, device)
+        plain.append(time.perf_counter() - t)
+    wall = statistics.median(plain)
+    print(f"phases ({device}), untimed: {wall * 1e3:.1f} ms per load = {wall / COUNT * 1e6:.1f} us per tensor "
+          f"(median of {loads})")  # fmt: skip
     originals: list[tuple[Any, str, Any]] = []
     for owner, names in [
         (_loader, ["open_checkpoint", "plan_load", "materialize", "hand_over"]),
@@ -105,7 +115,8 @@ def phases(root: pathlib.Path, device: str, loads: int) -> None:
         walls.append(time.perf_counter() - t)
     wall = statistics.median(walls)
     print(
-        f"phases ({device}): {wall * 1e3:.1f} ms per load = {wall / COUNT * 1e6:.1f} us per tensor (median of {loads})"
+        f"phases ({device}), timed: {wall * 1e3:.1f} ms per load = {wall / COUNT * 1e6:.1f} us per tensor (median of "
+        f"{loads})"
     )
     for name, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(
