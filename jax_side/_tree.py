@@ -281,7 +281,7 @@ class PlannedLeaf:
 
 def dotted(path: Path) -> str:
     """A tree path as one dotted name: ``("params", "layers", 0, "kernel")`` -> ``"params.layers.0.kernel"``."""
-    return ".".join(str(p) for p in path)
+    return ".".join(map(str, path))
 
 
 # --- flat state dict -> Flax variables by name --------------------------------------------------------

@@ -44,7 +44,7 @@ from ._decode import materialize
 from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
-from ._group import FP8Groups
+from ._group import FP8Groups, _weights_stacked
 from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
 from ._sharding import check_spec, load_sharded_leaf, sharding_for
 
@@ -483,9 +483,13 @@ def load_checkpoint(
             ckpt,
             [
                 _stored_keys(ckpt.entries[p.key])
-                if sharding is None and p.leaf.sharding is None and not keep_quantized
+                if sharding is None
+                and p.leaf.sharding is None
+                and not keep_quantized
+                # an FP8 group's kind (a tuple) whose float8 bytes are small: read with its scales
+                and not (isinstance(route, tuple) and _weights_stacked(route))
                 else ()
-                for p in plan
+                for p, (_, _, route) in zip(plan, routes, strict=True)
             ],
             pin=tdev.type == "cuda",
         )
