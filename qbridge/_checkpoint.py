@@ -590,8 +590,12 @@ class _Source:
         shape, dtype = self.shapes[keys[0]]
         nbytes = math.prod(shape) * dtype.itemsize
         with self._count_lock:  # a group's reads ahead are read in a reading thread, counted in the loader's
-            for key in keys:
-                self._count_held(key, nbytes, again=True)
+            if nbytes <= SMALL_TENSOR_BYTES:  # as _count_held(key, nbytes, again=True) for each, in one pass
+                fresh = set(keys).difference(self._small)
+                self._small.update(fresh)
+                self.bytes_read += nbytes * len(fresh)
+            else:
+                self.bytes_read += nbytes * len(keys)
 
     def _count_read(self, key: str, t: torch.Tensor, *, again: bool = False) -> torch.Tensor:
         """Counts a tensor read from its file (see :meth:`_count_held`), under the lock (threads may read
