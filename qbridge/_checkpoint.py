@@ -177,6 +177,9 @@ class _Source:
         self._count_lock = threading.Lock()
         self._byte_ranges: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         self._header_sizes: dict[pathlib.Path, int] = {}
+        # byte ranges worked out at opening (every tensor of the file added): _offsets takes them at the
+        # file's first read, once it has checked that the header has the size it had at opening
+        self._ranges_as_opened: dict[pathlib.Path, dict[str, tuple[int, int]]] = {}
         self._small: set[str] = set()  # small tensors read (and counted) once: scales, tables
         # stage_small's tensors not yet asked for: key -> (its bytes in page-locked host memory, its copy on a
         # device); each is handed out once
@@ -211,28 +214,51 @@ class _Source:
             if path.is_dir():
                 raise CheckpointError(f"{path}: a directory where a .safetensors file belongs")
             raise CheckpointError(f"{path}: file missing (listed in the checkpoint's index)")
+        f = None
         try:
             handle = safe_open(str(path), framework="pt")
             stored = list(handle.keys())
             available = set(stored)
             meta = handle.metadata() or {}
+            selected = self._selected(path, stored, available, keys, listed)  # distinct keys it holds
+            # every tensor of the file added: taken in the order of their offsets where safetensors (0.6 and
+            # later) gives it
+            whole = len(selected) == len(stored) and hasattr(handle, "offset_keys")
+            if whole:
+                selected = handle.offset_keys()
+            f = open(path, "rb")  # closed by close()
+            # the header's size as opened: a file rewritten in place since is refused (see _offsets)
+            size = _header_size(f, self._file_lock) or 0
+            # every tensor of the file added, in the order of their offsets: safetensors checked at opening that
+            # they lie back to back from the start of the data, so their byte ranges follow from their sizes
+            ranges: dict[str, tuple[int, int]] = {}
+            at = 8 + size
             dtypes: dict[str, torch.dtype] = {}  # a file holds few dtypes: each name looked up once
-            for key in self._selected(path, stored, available, keys, listed):
+            for key in selected:
                 sl = handle.get_slice(key)
                 name = sl.get_dtype()
                 dtype = dtypes.get(name)
                 if dtype is None:
                     dtype = dtypes[name] = _st_dtype(name, path, key)
+                shape = tuple(sl.get_shape())
                 self.key_file[key] = path
-                self.shapes[key] = (tuple(sl.get_shape()), dtype)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors' own errors: a truncated file, a corrupt header
+                self.shapes[key] = (shape, dtype)
+                if whole:
+                    end = at + math.prod(shape) * dtype.itemsize
+                    ranges[key] = (at, end)
+                    at = end
+        except Exception as e:
+            if f is not None:
+                f.close()
+            if isinstance(e, CheckpointError):
+                raise
+            # safetensors' own errors: a truncated file, a corrupt header
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
         self._open[path] = handle
-        self._files[path] = f = open(path, "rb")  # closed by close()
-        # the header's size as opened: a file rewritten in place since is refused (see _offsets)
-        self._header_sizes[path] = _header_size(f, self._file_lock) or 0
+        self._files[path] = f
+        self._header_sizes[path] = size
+        if whole:
+            self._ranges_as_opened[path] = ranges
         self.metadata[path] = meta
 
     def _selected(
@@ -943,8 +969,9 @@ class _Source:
         safetensors, opening the file, checked that its tensors lie back to back from the start of the data in
         the order of their offsets (``Metadata::validate``), so where every tensor of the file was added (its
         shape and dtype known) the ranges follow from their sizes in that order (``offset_keys``) and the
-        header's size; otherwise they are read from the header's ``data_offsets``. A file of 91,000 tensors
-        costs a sum per tensor instead of a parse of its JSON header.
+        header's size (worked out as the file was added, taken here at its first read); otherwise they are
+        read from the header's ``data_offsets``. A file of 91,000 tensors costs a sum per tensor instead of a
+        parse of its JSON header.
 
         Raises:
             CheckpointError: the file's header has another size than when it was opened (rewritten in place;
@@ -954,6 +981,10 @@ class _Source:
         if ranges is not None:
             return ranges
         size = self._check_header(path)
+        ranges = self._ranges_as_opened.pop(path, None)
+        if ranges is not None:
+            self._byte_ranges[path] = ranges
+            return ranges
         f = self._files[path]
         handle, shapes, key_file = self._open[path], self.shapes, self.key_file
         order = handle.offset_keys() if hasattr(handle, "offset_keys") else ()  # safetensors 0.6 and later

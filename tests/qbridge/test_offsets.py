@@ -100,8 +100,12 @@ def test_a_file_holding_a_tensor_the_index_lists_elsewhere_reads_its_header(tmp_
     weight_map = {**dict.fromkeys(a, names[0]), **{k: names[1] for k in b if k != "shared"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with qbridge.open_checkpoint(tmp_path) as ckpt:
+        # the first file, all of whose tensors the index lists there, got its ranges at opening, from the sizes
+        # safetensors gave in offset order; the second's copy of shared is not added: its header says
+        assert set(ckpt.source._ranges_as_opened) == {tmp_path / names[0]}
         for name in names:
             assert ckpt.source._offsets(tmp_path / name) == _header_ranges(tmp_path / name)
+        assert not ckpt.source._ranges_as_opened  # taken at each file's first read
         for key, t in {**b, **a}.items():
             assert ckpt.source.key_file[key] == tmp_path / weight_map[key]
             assert torch.equal(
