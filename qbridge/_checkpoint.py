@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable, Collection, Container, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 import torch_side
@@ -787,6 +788,10 @@ class _Source:
         # together in a file (a group's scales are every third one of a layer's experts) are read with one
         # positioned read of many buffers: their rows, and a scratch buffer for the bytes between them
         with self._using_files(keys[0]):
+            if direct and reading.keys().isdisjoint(keys) and self._read_evenly_spaced(keys, out, nbytes):
+                if count:
+                    self.count_stacked(keys)
+                return out
             direct_reads: dict[pathlib.Path, list[tuple[int, int, str]]] = {}  # path -> (begin, row, key)
             path: pathlib.Path | None = None  # the last key's file (compared by identity: no hash per key)
             bucket: list[tuple[int, int, str]] = []
@@ -841,6 +846,41 @@ class _Source:
             if count:  # once read: a read that failed counts nothing
                 self.count_stacked([key for wanted in direct_reads.values() for _, _, key in wanted])
         return out
+
+    def _read_evenly_spaced(self, keys: Sequence[str], out: torch.Tensor, nbytes: int) -> bool:
+        """:meth:`read_stacked`'s reads where its tensors (``nbytes`` each) lie evenly spaced in one safetensors
+        file, in any order, at most ``_GAP_READ`` bytes apart (a group's scales: a file stores the tensors of one
+        dtype together, by name, so one projection's scales are every third of a layer's experts'): one
+        positioned read of the bytes from the first to the last, put in their rows by one copy. False, with
+        nothing counted, where they are not so, or the read fails or comes up short: the general reads then
+        read them and name what failed. The files are held by the caller."""
+        held = self.key_file[keys[0]]
+        key_file = self.key_file
+        if len(keys) < 2 or not all(key_file[key] is held for key in keys):
+            return False
+        try:
+            offsets = self._offsets(held)
+            spans = np.array([offsets[key] for key in keys], dtype=np.int64).reshape(len(keys), 2)
+        except (CheckpointError, OSError, ValueError, KeyError):
+            return False
+        if (spans[:, 1] - spans[:, 0] != nbytes).any():
+            return False
+        order = np.argsort(spans[:, 0], kind="stable")  # file order: order[j] is the row of the j-th tensor
+        begins = spans[order, 0]
+        step = int(begins[1] - begins[0])
+        n = len(keys)
+        span = (n - 1) * step + nbytes
+        if not nbytes <= step <= nbytes + _GAP_READ or (np.diff(begins) != step).any() or span > _RUN_BYTES:
+            return False
+        data = np.empty(n * step, dtype=np.uint8)
+        try:
+            got = _read_at(self._files[held], int(begins[0]), data.data[:span], self._file_lock)
+        except OSError:
+            return False
+        if got != span:
+            return False
+        out.view(torch.uint8).numpy()[order, :nbytes] = data.reshape(n, step)[:, :nbytes]
+        return True
 
     def read_slice(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
         """``tensor[index]`` read without reading the rest (safetensors reads only the requested rows)."""

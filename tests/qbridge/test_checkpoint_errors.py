@@ -450,6 +450,71 @@ def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_pa
         assert calls == [1] * 40 and torch.equal(again[:, :21], rows[:, :21])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_read_stacked_reads_evenly_spaced_tensors_with_one_read(tmp_path, monkeypatch, dtype):
+    """One projection's scales of one file's experts lie evenly spaced (a file stores one dtype's tensors
+    together, by name): read_stacked reads them, asked in any order, with one positioned read of one buffer,
+    gives each row what read() gives and counts each once; asked twice for one key, spaced unevenly or too far
+    apart, or from a file cut short since opening, it reads as before (key by key, or naming the key that
+    the file lacks, counting nothing)."""
+    from safetensors.torch import save_file
+
+    from qbridge import _checkpoint
+    from qbridge._checkpoint import open_checkpoint
+
+    if _checkpoint._PREADV is None:
+        pytest.skip("no os.preadv here: every tensor is read on its own")
+    gen = torch.Generator().manual_seed(8)
+    stored = {f"e{e:03d}.{proj}.s": (torch.rand(3, 7, generator=gen) * 100).to(dtype)
+              for e in range(40) for proj in ("down", "gate", "up")}  # fmt: skip
+    stored["z.odd"] = torch.rand(5)  # another dtype (float32) or after the experts: not in the run
+    save_file(stored, tmp_path / "model.safetensors")
+    order = torch.randperm(40, generator=gen).tolist()
+    keys = [f"e{e:03d}.gate.s" for e in order]
+    nbytes = 21 * dtype.itemsize
+    calls = []
+    real = _checkpoint._PREADV
+    monkeypatch.setattr(
+        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
+    )
+    with open_checkpoint(tmp_path) as ckpt:
+        rows = ckpt.read_stacked(keys)
+        assert calls == [1] and ckpt.bytes_read == 40 * nbytes
+        for i, key in enumerate(keys):
+            assert torch.equal(rows[i, :21].view(torch.uint8), stored[key].reshape(-1).view(torch.uint8)), key
+        calls.clear()
+        twice = ckpt.read_stacked([keys[0], *keys[:5]])  # a key twice: not evenly spaced
+        assert calls and calls != [1]
+        assert torch.equal(twice[1:, :21], rows[:5, :21]) and torch.equal(
+            twice[0, :21], rows[0, :21]
+        )  # padding: unset
+        calls.clear()
+        three = ["e001.gate.s", "e002.gate.s", "e005.gate.s"]  # spaced 3 and 9 tensors apart
+        uneven = ckpt.read_stacked(three)
+        assert calls != [1]
+        for i, key in enumerate(three):
+            assert torch.equal(uneven[i, :21].view(torch.uint8), stored[key].reshape(-1).view(torch.uint8)), (
+                key
+            )
+        calls.clear()
+        monkeypatch.setattr(_checkpoint, "_GAP_READ", 2 * nbytes - 1)  # two tensors between: too far apart
+        apart = ckpt.read_stacked(keys)
+        assert calls == [1] * 40 and torch.equal(apart[:, :21], rows[:, :21])
+        monkeypatch.setattr(_checkpoint, "_GAP_READ", 16 << 10)
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(whole)
+    with open_checkpoint(tmp_path / "cut" / "model.safetensors") as ckpt:
+        ends = {key: ckpt.source._offsets(ckpt.source.key_file[key])[key][1] for key in keys}
+        last = max(keys, key=ends.__getitem__)
+        (tmp_path / "cut" / "model.safetensors").write_bytes(whole[: ends[last] - 3])  # cut after opening
+        with pytest.raises(
+            CheckpointError, match=rf"reading '{last}' failed: {nbytes - 3} of its {nbytes} bytes"
+        ):
+            ckpt.read_stacked(keys)
+        assert ckpt.bytes_read == 0
+
+
 _MANY_FILES = """
 import resource, sys, pathlib, torch
 from safetensors.torch import save_file
