@@ -415,6 +415,18 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
         ckpt.read_stacked(["s0"])
 
 
+def _count_preadv(monkeypatch):
+    """A list that gets the number of buffers of each positioned read of many buffers from here on."""
+    from qbridge import _checkpoint
+
+    calls = []
+    real = _checkpoint._PREADV
+    monkeypatch.setattr(
+        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
+    )
+    return calls
+
+
 def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_path, monkeypatch):
     """A group's scales are every third tensor of a layer's experts: read_stacked reads each file's run of them
     with one positioned read (the bytes between them into scratch), in any order asked, and gives each row
@@ -434,11 +446,7 @@ def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_pa
         save_file(stored, tmp_path / f"model-{part}.safetensors")
     keys = [f"e{e:03d}.gate.s" for e in range(40)]
     keys = keys[::2] + keys[1::2]  # not in file order
-    calls = []
-    real = _checkpoint._PREADV
-    monkeypatch.setattr(
-        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
-    )
+    calls = _count_preadv(monkeypatch)
     with open_checkpoint(tmp_path) as ckpt:
         rows = ckpt.read_stacked(keys)
         assert calls == [39, 39]  # per file: 20 rows and the 19 gaps between them
@@ -472,11 +480,7 @@ def test_read_stacked_reads_evenly_spaced_tensors_with_one_read(tmp_path, monkey
     order = torch.randperm(40, generator=gen).tolist()
     keys = [f"e{e:03d}.gate.s" for e in order]
     nbytes = 21 * dtype.itemsize
-    calls = []
-    real = _checkpoint._PREADV
-    monkeypatch.setattr(
-        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
-    )
+    calls = _count_preadv(monkeypatch)
     with open_checkpoint(tmp_path) as ckpt:
         rows = ckpt.read_stacked(keys)
         assert calls == [1] and ckpt.bytes_read == 40 * nbytes
