@@ -466,7 +466,9 @@ def plan_by_name(
     torch_kinds: Mapping[str, str] | None = None,
     optional: Mapping[str, str] | None = None,
 ) -> tuple[list[PlannedLeaf], dict[str, str]]:
-    """Decides, from names and shapes alone, where each checkpoint tensor goes in Flax variables.
+    """Decides, from names and shapes (and the torch kinds and reasons given), where each checkpoint tensor
+    goes in Flax variables. Every tensor gets a leaf of its own: a quantized weight's pieces (an FP8 weight's
+    ``weight_scale_inv``) are the loader's to group, not this function's.
 
     Args:
         checkpoint: ``torch key -> (torch-layout shape, dtype)``.
@@ -485,8 +487,8 @@ def plan_by_name(
 
     Raises:
         ValueError: two tensors would land on the same leaf, ``numbered`` is unknown, a ``kinds`` or
-            ``rename`` pattern is no regular expression, a kind is unknown, or a ``kinds`` pattern gives a
-            tensor a kind whose layout is for another rank.
+            ``rename`` pattern is no regular expression, a kind is unknown, or a ``kinds`` pattern (or a
+            ``torch_kinds`` entry) gives a tensor a kind whose layout is for another rank.
         TypeError: ``kinds`` or ``rename`` is not a mapping of strings to strings.
     """
     if numbered not in ("keep", "underscore", "int"):
