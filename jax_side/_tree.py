@@ -514,54 +514,45 @@ def plan_by_name(
     plan: list[PlannedLeaf] = []
     skipped: dict[str, str] = {}
     taken: dict[Path, str] = {}
-    # without kinds= patterns or renaming, a tensor's buffer reason, rule and Flax shape follow from its own
-    # name, its module's last name, its shape and its torch kind alone: decided once per such combination (a
-    # model repeats a handful across its layers and experts)
-    decided: dict[tuple[Any, ...], tuple[str | None, LeafRule | None, tuple[int, ...]]] = {}
+    # without kinds= patterns or renaming, a tensor's buffer reason and rule follow from its own name, its
+    # module's last name, its rank and its torch kind alone: decided once per such combination (a model repeats
+    # a handful across its layers and experts)
+    decided: dict[tuple[Any, ...], tuple[str | None, LeafRule | None]] = {}
     for key, (shape, dtype) in checkpoint.items():
         name = names[key]
         module, _, leaf = name.rpartition(".")
         if optional and key in optional:
             skipped[key] = optional[key]
             continue
-        memo = None
-        if not kinds and name == key and isinstance(shape, tuple):
-            memo = (module.rpartition(".")[2], leaf, shape, by_name.get(name))
-            known = decided.get(memo)
-            if known is not None:
-                reason, rule, fshape = known
-                if reason is not None:
-                    skipped[key] = reason
-                    continue
-                assert rule is not None
-                path = (rule.collection, *_segments(module, numbered), rule.flax_name)
-                if path in taken:
-                    raise ValueError(
-                        f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}"
-                    )
-                taken[path] = key
-                plan.append(PlannedLeaf(TargetLeaf(path, fshape, dtype), key, rule))
-                continue
-        reason = not_parameter(key, len(shape), optional)
+        memo = (
+            (module.rpartition(".")[2], leaf, len(shape), by_name.get(name))
+            if not kinds and name == key
+            else None
+        )
+        known = decided.get(memo) if memo is not None else None
+        if known is not None:
+            reason, rule = known
+        else:
+            reason = not_parameter(key, len(shape), optional)
+            rule = None
+            if reason is None:
+                overridden = kind_override(module, kinds)  # kinds= decides first, as in infer_kind
+                if overridden is None:
+                    rule = rule_for(infer_kind(name, len(shape), None, by_name), leaf)
+                else:
+                    rule = rule_for(overridden, leaf)
+                    check_rank(rule, shape, key, overridden)
+            if memo is not None:
+                decided[memo] = (reason, rule)
         if reason is not None:
             skipped[key] = reason
-            if memo is not None:
-                decided[memo] = (reason, None, ())
             continue
-        overridden = kind_override(module, kinds)  # kinds= decides first, as in infer_kind
-        if overridden is None:
-            rule = rule_for(infer_kind(name, len(shape), None, by_name), leaf)
-        else:
-            rule = rule_for(overridden, leaf)
-            check_rank(rule, shape, key, overridden)
-        fshape = flax_shape(rule, shape)
-        if memo is not None:
-            decided[memo] = (None, rule, fshape)
+        assert rule is not None
         path = (rule.collection, *_segments(module, numbered), rule.flax_name)
         if path in taken:
             raise ValueError(f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}")
         taken[path] = key
-        plan.append(PlannedLeaf(TargetLeaf(path, fshape, dtype), key, rule))
+        plan.append(PlannedLeaf(TargetLeaf(path, flax_shape(rule, shape), dtype), key, rule))
     return plan, skipped
 
 

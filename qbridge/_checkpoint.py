@@ -2253,7 +2253,8 @@ def _torchao_safetensors_entries(
             continue  # a plain tensor: classified as dense
         module, _, leaf = name.rpartition(".")
         prefix = f"{module}._{leaf}_"
-        keys = {k[len(prefix) :]: k for k in ckpt.source.shapes if k.startswith(prefix)}
+        # by name, whatever order the file's tensors were added in
+        keys = dict(sorted((k[len(prefix) :], k) for k in ckpt.source.shapes if k.startswith(prefix)))
         missing = [n for n in doc.get("_tensor_data_names", []) if n not in keys]
         if missing:
             raise CheckpointError(f"{path}: torchao tensor {name!r} lacks its pieces {missing}")

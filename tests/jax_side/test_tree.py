@@ -355,3 +355,18 @@ def test_a_plan_decides_each_tensor_as_it_would_alone():
     assert plan == alone_plan
     assert skipped == alone_skipped
     assert len(plan) > 300 and len(skipped) > 60  # both outcomes, and the buffer reasons among them
+    # dimensions as given (numpy integers, 0-d arrays: unhashable), each tensor's own, whatever came before
+    mixed = {
+        "a.0.proj.weight": ((3, 4), np.float32),
+        "a.1.proj.weight": ((np.int64(3), np.int64(4)), np.float32),
+        "a.2.proj.weight": ((np.array(3), np.array(4)), np.float32),
+    }
+    shapes = [p.leaf.shape for p in jax_side.plan_by_name(mixed)[0]]
+    assert [[type(d) for d in shape] for shape in shapes] == [[int, int], [np.int64] * 2, [np.ndarray] * 2]
+    assert all(tuple(map(int, shape)) == (4, 3) for shape in shapes)
+    # two problems at once: the leaf named twice is said first, naming both keys
+    with pytest.raises(ValueError, match=r"'a\.proj\.weight' and 'a\.proj\.weight\.' both map"):
+        jax_side.plan_by_name(
+            {"a.proj.weight": ((2, 3), np.float32), "a.proj.weight.": ((2, 3, 4), np.float32)},
+            torch_kinds={"a.proj.weight": "linear"},
+        )

@@ -205,3 +205,22 @@ def test_a_header_read_again_without_the_key_is_a_checkpoint_error(tmp_path):
                 qbridge.CheckpointError, match=r"model-00002-of-00002\.safetensors: reading 'c'"
             ):
                 read(ckpt)
+
+
+def test_a_torchao_weight_without_qdata_takes_its_shape_from_its_first_piece_by_name(tmp_path):
+    """A file's tensors are added in the order of their offsets; a torchao weight described without a
+    ``qdata`` piece takes its shape from its first piece by name (``packed``), whatever order the file
+    stores its pieces in."""
+    doc = {"_type": "Int4SomethingTensor", "_data": {}, "_tensor_data_names": ["packed", "scale"]}
+    meta = {"tensor_names": json.dumps(["lin.weight"]), "lin.weight": json.dumps(doc)}
+    # bfloat16 before uint8 in the file (safetensors stores wider dtypes first): offset order is scale, packed
+    st.save_file(
+        {"lin._weight_packed": torch.zeros(4, 8, dtype=torch.uint8),
+         "lin._weight_scale": torch.ones(4, 1, dtype=torch.bfloat16)},
+        tmp_path / "model.safetensors", metadata=meta,
+    )  # fmt: skip
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        assert list(ckpt.source.shapes) == ["lin._weight_scale", "lin._weight_packed"]  # as added
+        entry = ckpt.entries["lin.weight"]
+        assert entry.shape == (4, 8)
+        assert list(entry.keys) == sorted(entry.keys)
