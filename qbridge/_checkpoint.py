@@ -763,8 +763,8 @@ class _Source:
         (unset) up to a multiple of 16 bytes. Pinned memory with ``pin`` (CUDA needed). A safetensors file's
         tensor is read with positioned reads straight into its row (tensors close together in one read); each
         key is counted as :meth:`read` counts it, or, without ``count``, left for :meth:`count_stacked` (a
-        read ahead that may be dropped; keys of safetensors files only: others are read through :meth:`read`,
-        which counts)."""
+        read ahead that may be dropped; keys of safetensors files not read ahead by themselves only: others are
+        read through :meth:`read`, which counts)."""
         if isinstance(keys, str) or not keys:
             raise ValueError(f"read_stacked takes a non-empty sequence of keys, got {keys!r}")
         for key in keys:
@@ -1376,7 +1376,8 @@ class Checkpoint:
         ``[len(keys), row]``: row ``i`` holds tensor ``i``'s elements in order, then padding up to a multiple
         of 16 bytes (``row * itemsize``). Pinned memory with ``pin``. Counted as :meth:`read` counts; without
         ``count``, the bytes of safetensors files' keys are left for :meth:`count_stacked` (a read ahead that
-        may be dropped, counted when used).
+        may be dropped, counted when used), except those of keys read ahead by themselves (:meth:`read_ahead`),
+        which are taken through :meth:`read` and counted there: don't pass those to :meth:`count_stacked`.
 
         Raises:
             CheckpointError: a key the checkpoint lacks, a tensor whose bytes cannot be read (a truncated
