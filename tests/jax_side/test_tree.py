@@ -355,6 +355,39 @@ def test_a_plan_decides_each_tensor_as_it_would_alone():
     assert plan == alone_plan
     assert skipped == alone_skipped
     assert len(plan) > 300 and len(skipped) > 60  # both outcomes, and the buffer reasons among them
+    # a kinds= pattern that names some layers' modules only: each tensor still as alone
+    kinds = {r"^model\.layers\.1\d*\.(down_proj|norm|attn)$": "param"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a rule for a module no checkpoint key has: warned about
+        together = jax_side.plan_by_name(checkpoint, kinds=kinds, torch_kinds=torch_kinds, optional=optional)
+        alone = [
+            jax_side.plan_by_name(
+                {key: value},
+                kinds=kinds,
+                torch_kinds={key: torch_kinds[key]} if key in torch_kinds else None,
+                optional={key: optional[key]} if key in optional else None,
+            )
+            for key, value in checkpoint.items()
+        ]
+    assert together[0] == [p for a in alone for p in a[0]]
+    assert together[0] != plan  # the pattern changed some
+    # renamed modules (an attention's mask buffer is told by its module's own name, before renaming)
+    rename = {r"\.attn\.": ".norm."}
+    together = jax_side.plan_by_name(checkpoint, rename=rename, torch_kinds=torch_kinds, optional=optional)
+    alone_plan, alone_skipped = [], {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rule changes no other module's key: warned about
+        for key, value in checkpoint.items():
+            p, s = jax_side.plan_by_name(
+                {key: value},
+                rename=rename,
+                torch_kinds={key: torch_kinds[key]} if key in torch_kinds else None,
+                optional={key: optional[key]} if key in optional else None,
+            )
+            alone_plan += p
+            alone_skipped.update(s)
+    assert together == (alone_plan, alone_skipped)
+    assert "causal-mask buffer" in together[1].values()
     # dimensions as given (numpy integers, 0-d arrays: unhashable), each tensor's own, whatever came before
     mixed = {
         "a.0.proj.weight": ((3, 4), np.float32),
