@@ -222,16 +222,15 @@ class _Source:
             available = set(stored)
             meta = handle.metadata() or {}
             selected = self._selected(path, stored, available, keys, listed)  # distinct keys it holds
-            # every tensor of the file added: taken in the order of their offsets where safetensors (0.6 and
-            # later) gives it
+            # every tensor of the file added: taken in the order of their offsets, where safetensors (0.6 and
+            # later) gives it. safetensors checked at opening that they lie back to back from the start of the
+            # data, so their byte ranges follow from their sizes (see _offsets)
             whole = len(selected) == len(stored) and hasattr(handle, "offset_keys")
             if whole:
                 selected = handle.offset_keys()
             f = open(path, "rb")  # closed by close()
             # the header's size as opened: a file rewritten in place since is refused (see _offsets)
             size = _header_size(f, self._file_lock) or 0
-            # every tensor of the file added, in the order of their offsets: safetensors checked at opening that
-            # they lie back to back from the start of the data, so their byte ranges follow from their sizes
             ranges: dict[str, tuple[int, int]] = {}
             at = 8 + size
             dtypes: dict[str, torch.dtype] = {}  # a file holds few dtypes: each name looked up once
@@ -1007,11 +1006,12 @@ class _Source:
         """Absolute byte ranges of a safetensors file's tensors.
 
         safetensors, opening the file, checked that its tensors lie back to back from the start of the data in
-        the order of their offsets (``Metadata::validate``), so where every tensor of the file was added (its
-        shape and dtype known) the ranges follow from their sizes in that order (``offset_keys``) and the
-        header's size (worked out as the file was added, taken here at its first read); otherwise they are
-        read from the header's ``data_offsets``. A file of 91,000 tensors costs a sum per tensor instead of a
-        parse of its JSON header.
+        the order of their offsets (``Metadata::validate``), so where every tensor of the file was added, the
+        ranges followed from their sizes in that order (``offset_keys``) and the header's size as the file was
+        added (:meth:`add_safetensors`): they are taken here, at the file's first read. Otherwise (a file
+        holding tensors an index lists elsewhere, or safetensors older than 0.6) they are read from the
+        header's ``data_offsets``. A file of 91,000 tensors costs a sum per tensor instead of a parse of its
+        JSON header.
 
         Raises:
             CheckpointError: the file's header has another size than when it was opened (rewritten in place;
@@ -1020,27 +1020,12 @@ class _Source:
         ranges = self._byte_ranges.get(path)
         if ranges is not None:
             return ranges
-        size = self._check_header(path)
+        self._check_header(path)
         ranges = self._ranges_as_opened.pop(path, None)
         if ranges is not None:
             self._byte_ranges[path] = ranges
             return ranges
         f = self._files[path]
-        handle, shapes, key_file = self._open[path], self.shapes, self.key_file
-        order = handle.offset_keys() if hasattr(handle, "offset_keys") else ()  # safetensors 0.6 and later
-        ranges, at = {}, 8 + size
-        for key in order:
-            held = key_file.get(key)
-            if held is not path and held != path:  # a tensor of the file not added: read the header
-                break
-            shape, dtype = shapes[key]
-            end = at + math.prod(shape) * dtype.itemsize
-            ranges[key] = (at, end)
-            at = end
-        else:
-            if order:
-                self._byte_ranges[path] = ranges
-                return ranges
         with self._file_lock:
             f.seek(0)
             size, header = _read_header(f)

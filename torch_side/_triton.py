@@ -295,15 +295,16 @@ def _members(columns: Sequence[Sequence[Any] | torch.Tensor | Addresses]) -> lis
             offsets.append(np.arange(n, dtype=np.int64) * (step // size))
             continue
         if isinstance(column, Addresses):
+            size = column.element_size()
             ptrs = np.asarray(column.addresses, dtype=np.int64)
         else:
             if not all(t.is_contiguous() for t in column if isinstance(t, torch.Tensor)):
                 return None
+            size = column[0].element_size()
             ptrs = np.fromiter((t.data_ptr() for t in column), dtype=np.int64, count=n)
         if (ptrs % 16).any():
             return None
-        offsets.append(ptrs - ptrs[0])  # multiples of 16 bytes: whole elements
-        offsets[-1] //= column.element_size() if isinstance(column, Addresses) else column[0].element_size()
+        offsets.append((ptrs - ptrs[0]) // size)  # multiples of 16 bytes: whole elements
     table = np.stack(offsets, axis=1)
     tables = []
     for start in range(0, n, MAX_GROUP):
@@ -353,7 +354,8 @@ def dequantize_fp8_group(
     weights (or their scales), each row contiguous: then no tensor is made per weight.
 
     ``outs``: where to write, one per weight (tensors, ``_compile.Address`` of memory torch does not hold,
-    or one ``_compile.Addresses`` of them all), each contiguous of the output's shape and ``dtype`` on the weights' device; default: new tensors.
+    or one ``_compile.Addresses`` of them all), each contiguous of the output's shape and ``dtype`` on the
+    weights' device; default: new tensors.
 
     Returns the outputs, or None (nothing launched) when a pointer is not 16-byte aligned or a weight or
     scale is not contiguous.
