@@ -95,6 +95,7 @@ class FP8Groups:
             tuple[Any, ...], tuple[list[str], list[str] | None, concurrent.futures.Future[Any], int]
         ] = {}
         self.ahead_bytes = 0
+        self._sizes: dict[int, int] = {}  # group_size by a weight's stored bytes (a kind's are all alike)
 
     def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
         """The group ``entry`` joins, or None when it is loaded by itself: not FP8, not 2-D, flipped, laid
@@ -186,9 +187,13 @@ class FP8Groups:
             upcoming.popleft()
         members = self.pending.setdefault(kind, [])
         members.append((path, entry))
-        self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + entry.stored_bytes
-        self.total += entry.stored_bytes
-        if len(members) >= group_size(entry.stored_bytes, self.max_bytes):  # one kind: one size
+        stored = entry.stored_bytes
+        self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + stored
+        self.total += stored
+        size = self._sizes.get(stored)
+        if size is None:
+            size = self._sizes[stored] = group_size(stored, self.max_bytes)
+        if len(members) >= size:  # one kind: one size
             self.flush(kind)
         elif self.total > self.max_bytes:
             self.flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
@@ -227,6 +232,10 @@ class FP8Groups:
                 if len(members) - start > 1
                 else None
             )
+            if arrays is None:  # each weight by itself, handed over as a single weight: its array expected,
+                # so that an allocation call makes as many as the group's weights (not a pool of a shape
+                # nobody said would come, made for one weight: tens of arrays at a small shape)
+                self.into.expect(out_shape, dtype, self.jdev, len(members))
             if start:
                 self._one(members[0], W[0], S[0], arrays[0] if arrays is not None else None, dtype, args)
             rest = members[start:]
