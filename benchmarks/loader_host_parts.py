@@ -16,10 +16,12 @@ Five parts, each printed:
    groups' ``flush`` call (the profiler's own cost included: for where, not how much).
 5. ``reads``: ``Checkpoint.read_stacked`` of a group's 32 scales and of its 32 tiny weights (no pinning, so any
    machine), microseconds per key.
+6. ``threads``: each load's wall time against the CPU time of the whole process and of the calling thread,
+   and the loader's steps by thread (the calling one or another), wall and CPU time inside each.
 
 Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``.
-``phases``, ``profile`` and ``reads`` run on a CPU too (``--device cpu``: the CPU load decodes weight by weight,
-without groups). ``--group N`` sets the FP8 groups' size (weights per grouped decode) for the process.
+``phases``, ``profile``, ``reads`` and ``threads`` run on a CPU too (``--device cpu``: the CPU load decodes weight
+by weight, without groups). ``--group N`` sets the FP8 groups' size (weights per grouped decode) for the process.
 """
 
 from __future__ import annotations
@@ -294,35 +296,109 @@ def profile(root: pathlib.Path, device: str, loads: int) -> None:
             where = f"{pathlib.Path(file).name}:{line}" if line else file
             print(f"    {spent / loads / COUNT * 1e6:7.2f} {calls // loads:6d}  {name} ({where})")
     # what the loader's main steps spend their time in: each one's callees, by time under the call
-    for file_end, name in [("_loader.py", "load_checkpoint"), ("_group.py", "flush")]:
-        caller = next((k for k in stats.stats if k[0].endswith(file_end) and k[2] == name), None)  # type: ignore[attr-defined]
-        if caller is None:
-            continue
+    for file_end, name in [
+        ("_loader.py", "load_checkpoint"),
+        ("_group.py", "flush"),
+        ("_group.py", "_one"),
+        ("_decode.py", "materialize"),
+        ("_place.py", "hand_over"),
+        ("_handoff.py", "take"),
+        ("_checkpoint.py", "read_to"),
+    ]:
+        for caller in [k for k in stats.stats if k[0].endswith(file_end) and k[2] == name]:  # type: ignore[attr-defined]
+            print(
+                f"  callees of {name} ({file_end}:{caller[1]}): us per checkpoint tensor under it, calls per "
+                "load, function"
+            )
+            callees = []
+            for (file, line, callee), (*_, callers) in stats.stats.items():  # type: ignore[attr-defined]
+                if caller in callers:
+                    _, calls, _, under = callers[caller]
+                    where = f"{pathlib.Path(file).name}:{line}" if line else file
+                    callees.append((under, calls, f"{callee} ({where})"))
+            for under, calls, label in sorted(callees, reverse=True)[:12]:
+                print(f"    {under / loads / COUNT * 1e6:7.2f} {calls // loads:6d}  {label}")
+
+
+def threads(root: pathlib.Path, device: str, loads: int) -> None:
+    """Each load's wall time against the CPU time of the process (every thread) and of the calling thread,
+    then the loader's steps by thread: wall time and that thread's CPU time inside each (a wall time above the
+    CPU time is waiting: for the GIL, another thread, the device or the disk)."""
+    import concurrent.futures
+    import threading
+
+    from qbridge import _checkpoint, _group, _handoff, _loader
+
+    _warm(root, device)
+    rows = []
+    for _ in range(loads):
+        w, p, c = time.perf_counter(), time.process_time(), time.thread_time()
+        _load(root, device)
+        rows.append((time.perf_counter() - w, time.process_time() - p, time.thread_time() - c))
+    for i, label in enumerate(["wall", "process CPU (every thread)", "calling thread's CPU"]):
+        v = statistics.median(r[i] for r in rows)
         print(
-            f"  callees of {name} ({file_end}): us per checkpoint tensor under it, calls per load, function"
+            f"threads ({device}): {label:28s} {v / COUNT * 1e6:7.1f} us per tensor (median of {loads} loads)"
         )
-        callees = []
-        for (file, line, callee), (*_, callers) in stats.stats.items():  # type: ignore[attr-defined]
-            if caller in callers:
-                _, calls, _, under = callers[caller]
-                where = f"{pathlib.Path(file).name}:{line}" if line else file
-                callees.append((under, calls, f"{callee} ({where})"))
-        for under, calls, label in sorted(callees, reverse=True)[:15]:
-            print(f"    {under / loads / COUNT * 1e6:7.2f} {calls // loads:6d}  {label}")
+    spent: collections.defaultdict[tuple[str, str], list[float]] = collections.defaultdict(
+        lambda: [0.0, 0.0, 0]
+    )
+    main = threading.main_thread()
+
+    def timed(owner: Any, name: str) -> tuple[Any, str, Any]:
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                row = spent[("main" if threading.current_thread() is main else "other", name)]
+                row[0] += time.perf_counter() - w
+                row[1] += time.thread_time() - c
+                row[2] += 1
+
+        setattr(owner, name, wrapper)
+        return owner, name, f
+
+    originals = [
+        timed(owner, name)
+        for owner, names in [
+            (_loader, ["open_checkpoint", "plan_load", "materialize", "hand_over"]),
+            (_group.FP8Groups, ["flush", "_reads", "_check"]),
+            (_group, ["dequantize_fp8_group_into"]),
+            (_checkpoint._Source, ["read_stacked", "read_into", "read", "stage_small"]),
+            (_checkpoint.Checkpoint, ["read_to", "close"]),
+            (_handoff.XlaDestinations, ["take_many", "take", "settle"]),
+            (concurrent.futures.Future, ["result"]),
+        ]
+        for name in names
+    ]
+    _warm(root, device)
+    spent.clear()
+    for _ in range(loads):
+        _load(root, device)
+    print("  thread  step                    wall us/tensor  CPU us/tensor  calls per load")
+    for (thread, name), (w, c, n) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {thread:6s}  {name:22s} {w / loads / COUNT * 1e6:14.2f} {c / loads / COUNT * 1e6:14.2f} "
+              f"{n // loads:15d}")  # fmt: skip
+    for owner, name, f in originals:
+        setattr(owner, name, f)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["phases", "group", "allocation"],
-                        choices=["phases", "group", "allocation", "profile", "reads"])  # fmt: skip
+                        choices=["phases", "group", "allocation", "profile", "reads", "threads"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
     parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
     parser.add_argument("--group", type=int, default=None,
                         help="weights per grouped FP8 decode (default: the loader's, qbridge._group.GROUP)")  # fmt: skip
     args = parser.parse_args()
-    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile", "reads"}:
+    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile", "reads", "threads"}:
         parser.error(
-            "--device cpu runs the phases, profile and reads parts only (groups and XLA's allocation calls are "
+            "--device cpu runs the phases, profile, reads and threads parts only (groups and XLA's allocation calls are "
             "the GPU's)"
         )
     if args.loads < 1:
@@ -334,7 +410,9 @@ def main() -> None:
             parser.error(f"--group must be at least 2, got {args.group}")
         _group.GROUP = args.group
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads)")
+        parser.error(
+            "torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads, threads)"
+        )
     import jax
 
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
@@ -347,6 +425,8 @@ def main() -> None:
             phases(root, args.device, args.loads)
         if "profile" in args.parts:
             profile(root, args.device, args.loads)
+        if "threads" in args.parts:
+            threads(root, args.device, args.loads)
         if "reads" in args.parts:
             reads(root)
         if "group" in args.parts:
