@@ -221,7 +221,8 @@ def flax_shape(rule: LeafRule, torch_shape: Sequence[int]) -> tuple[int, ...]:
     perm = rule.perm
     if perm is None:
         return tuple(torch_shape)
-    _check_rank(rule, len(torch_shape))
+    if len(perm) != len(torch_shape):
+        _check_rank(rule, len(torch_shape))
     return tuple([torch_shape[a] for a in perm])
 
 

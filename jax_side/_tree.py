@@ -457,6 +457,13 @@ def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str,
     return out
 
 
+def _dot_at_an_end(keys: Iterable[str]) -> bool:
+    """Whether a key starts or ends with ``"."``, asked of the keys joined by NUL: a key holding NUL itself can
+    only make the answer True (the slower exact naming then), never hide such a key."""
+    joined = "\0".join(keys)
+    return joined.startswith(".") or joined.endswith(".") or "\0." in joined or ".\0" in joined
+
+
 def plan_by_name(
     checkpoint: Mapping[str, tuple[tuple[int, ...], Any]],
     *,
@@ -496,7 +503,7 @@ def plan_by_name(
     check_rules("kinds", kinds)
     raw = _renamed(checkpoint, rename)
     # the module path follows the rename; the tensor's own name (weight, bias, ...) keeps deciding its layout
-    plain = not rename and not any(k.startswith(".") or k.endswith(".") for k in raw)
+    plain = not rename and not _dot_at_an_end(raw)
     names = (
         raw  # each key's own name
         if plain
@@ -740,7 +747,8 @@ def leaf_dtype(planned: PlannedLeaf, dtype: Any, src_dtype: Any) -> Any:
         return None
     if dtype in (None, "target"):
         want = planned.leaf.dtype
-        return None if want is None or np.dtype(want) == np.dtype(src_dtype) else want
+        # the same dtype object (a plan without a target keeps each tensor's): no cast, without converting
+        return None if want is None or want is src_dtype or np.dtype(want) == np.dtype(src_dtype) else want
     return dtype
 
 

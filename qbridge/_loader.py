@@ -254,6 +254,9 @@ def _replicated_here(sharding: Any) -> bool:
     return bool(sharding.is_fully_replicated and sharding.is_fully_addressable)
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def _routes(
     ckpt: Checkpoint,
     plan: Sequence[Any],
@@ -279,7 +282,7 @@ def _routes(
         kept = keep_quantized and keeps_quantized(entry, p.rule)
         if keep_quantized and entry.kind != "dense" and not kept:
             dense_anyway[entry.kind] = dense_anyway.get(entry.kind, 0) + 1
-        cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, np.dtype(np.float32)))
+        cast = jax_side.leaf_dtype(p, dtype, TORCH_TO_JAX.get(entry.dtype, _FLOAT32))
         leaf_sharding = sharding_for(sharding, name, tuple(p.leaf.shape), p.leaf.sharding)
         route: Any = None
         if kept:

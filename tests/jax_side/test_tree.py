@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import jax
@@ -403,3 +404,17 @@ def test_a_plan_decides_each_tensor_as_it_would_alone():
             {"a.proj.weight": ((2, 3), np.float32), "a.proj.weight.": ((2, 3, 4), np.float32)},
             torch_kinds={"a.proj.weight": "linear"},
         )
+
+
+def test_the_joined_check_for_a_dot_at_a_keys_end_answers_as_each_key_would():
+    """``plan_by_name`` asks whether any key starts or ends with "." of the keys joined by NUL: keys holding
+    NUL or dots anywhere, alone or together, get the answer of asking each key."""
+    from jax_side._tree import _dot_at_an_end
+
+    rng = random.Random(11)
+    for _ in range(3000):
+        keys = [
+            "".join(rng.choice("a.\0") for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(0, 4))
+        ]
+        each = any(k.startswith(".") or k.endswith(".") for k in keys)
+        assert _dot_at_an_end(keys) == each or (not each and any("\0" in k for k in keys)), keys

@@ -1421,3 +1421,16 @@ def test_a_directory_named_as_a_tensor_file_is_named_as_such(tmp_path, name):
     (tmp_path / name).mkdir()
     with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: a directory where a .* file belongs"):
         qbridge.inspect_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [3, None, ["model-00001-of-00001.safetensors"], {"file": "x"}, True])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_an_index_mapping_a_tensor_to_no_file_name_is_refused(tmp_path, bad, where):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(4, 4), "b": torch.randn(3)}, tmp_path / "model-00001-of-00001.safetensors")
+    entries = [("a", "model-00001-of-00001.safetensors"), ("b", bad)]
+    weight_map = dict(entries if where == "last" else entries[::-1])
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"index\.json: weight_map must map tensor names to file names"):
+        qbridge.open_checkpoint(tmp_path)
