@@ -1934,7 +1934,12 @@ def _classify(ckpt: Checkpoint) -> None:
                 "(the checkpoint is incomplete)"
                 + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
-        if _torchao_piece(src, key) and "tensor_names" not in src.metadata.get(src.key_file[key], {}):
+        # (each test's own first check asked here: a key of neither name pays no call)
+        if (
+            "._" in key
+            and _torchao_piece(src, key)
+            and "tensor_names" not in src.metadata.get(src.key_file[key], {})
+        ):
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a torchao tensor in torchao's safetensors layout "
                 "(module._weight_qdata, ._weight_scale, ...), but the file's header has no torchao metadata "
@@ -1942,7 +1947,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "file was re-saved without it; save the model again with torchao's safetensors support (or "
                 "torch.save)"
             )
-        owner = _scale_owner(key)
+        owner = _scale_owner(key) if "weight_scale" in key else None
         if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
             held = f"is stored as {src.shapes[owner][1]}, not float8" if owner in src.shapes else "is missing"
             raise CheckpointError(
@@ -2159,18 +2164,19 @@ def _fp8_entry(
 ) -> Entry:
     """``block``: ``quantization_config.weight_block_size``, or None."""
     shapes = ckpt.source.shapes
-    scales = [key + suffix for suffix in FP8_SCALES if key + suffix in shapes]
-    if not scales:
+    inv, plain = key + FP8_SCALES[0], key + FP8_SCALES[1]  # weight_scale_inv, weight_scale
+    has_inv, has_plain = inv in shapes, plain in shapes
+    if not (has_inv or has_plain):
         raise CheckpointError(
             f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale"
             + ckpt.unlisted(*(key + suffix for suffix in FP8_SCALES))
         )
-    if len(scales) > 1:
+    if has_inv and has_plain:
         raise CheckpointError(
-            f"{ckpt.where(key)}: float8 weight with two scales, {' and '.join(scales)}; which one it is "
+            f"{ckpt.where(key)}: float8 weight with two scales, {inv} and {plain}; which one it is "
             "multiplied by cannot be told (the checkpoint is damaged or mixes two formats)"
         )
-    scale = scales[0]
+    scale = inv if has_inv else plain
     scale_shape, scale_dtype = shapes[scale]
     try:  # refused by every path alike, as the decode refuses it (a kept weight would convert it)
         check_scale_dtype(scale_dtype)

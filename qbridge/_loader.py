@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import sys
@@ -154,6 +155,11 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch_dtype(dtype)
+
+
+def _convert(t: torch.Tensor, cast: Any) -> torch.Tensor:
+    """A loaded tensor cast to the leaf's dtype ``cast`` (None: kept), floating tensors only."""
+    return t.to(_torch_dtype(cast)) if cast is not None and t.is_floating_point() else t
 
 
 def plan_load(
@@ -514,10 +520,6 @@ def load_checkpoint(
                 ahead.advance(i)
                 entry = ckpt.entries[p.key]
                 cast, leaf_sharding, route = routes[i]
-
-                def convert(t: torch.Tensor, cast: Any = cast) -> torch.Tensor:
-                    return t.to(_torch_dtype(cast)) if cast is not None and t.is_floating_point() else t
-
                 if route == "kept":
                     kept = quantized_leaf(ckpt, entry, jdev, cast)
                     # a replicated placement: a copy of the pieces on each device
@@ -526,14 +528,16 @@ def load_checkpoint(
                     )
                     dense += values[p.leaf.path].nbytes
                 elif route == "sharded":
-                    values[p.leaf.path] = load_sharded_leaf(ckpt, entry, p.rule, leaf_sharding, convert)
+                    values[p.leaf.path] = load_sharded_leaf(
+                        ckpt, entry, p.rule, leaf_sharding, functools.partial(_convert, cast=cast)
+                    )
                     dense += values[p.leaf.path].nbytes
                 elif groups is not None and route is not None:  # an FP8 group's kind
                     values[p.leaf.path] = None  # keeps the plan's order; set when its group is decoded
                     groups.add(route, p.leaf.path, entry)
                     dense += entry.dense_bytes
                 else:
-                    tensor = convert(materialize(ckpt, entry, tdev, p.rule))
+                    tensor = _convert(materialize(ckpt, entry, tdev, p.rule), cast)
                     values[p.leaf.path] = hand_over(tensor, jdev, into)
                     dense += tensor.numel() * tensor.element_size()
                     del tensor
