@@ -9,7 +9,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -256,9 +256,6 @@ def _grouped_transpose_hint(want: tuple[int, ...], got: tuple[int, ...]) -> str:
     )
 
 
-_D = TypeVar("_D")
-
-
 @dataclasses.dataclass(frozen=True)
 class TargetLeaf:
     """One leaf of a target tree: where it is, what it must look like, and which torch module kind fills it
@@ -280,15 +277,6 @@ class PlannedLeaf:
     leaf: TargetLeaf
     key: str
     rule: LeafRule
-
-
-def _frozen(cls: type[_D], **fields: Any) -> _D:
-    """``cls(**fields)`` for a frozen dataclass without ``__post_init__``, given every field: its ``__init__``
-    sets each field through ``object.__setattr__``, which made two objects per planned tensor cost about 1.9
-    us; the fields go into the instance's ``__dict__`` at once instead."""
-    obj = object.__new__(cls)
-    obj.__dict__.update(fields)
-    return obj
 
 
 def dotted(path: Path) -> str:
@@ -571,9 +559,7 @@ def plan_by_name(
         if path in taken:
             raise ValueError(f"{taken[path]!r} and {key!r} both map to the Flax leaf {dotted(path[1:])!r}")
         taken[path] = key
-        target = _frozen(TargetLeaf, path=path, shape=flax_shape(rule, shape), dtype=dtype, module_type=None,
-                         sharding=None, abstract=False)  # fmt: skip
-        plan.append(_frozen(PlannedLeaf, leaf=target, key=key, rule=rule))
+        plan.append(PlannedLeaf(TargetLeaf(path, flax_shape(rule, shape), dtype), key, rule))
     return plan, skipped
 
 

@@ -418,23 +418,3 @@ def test_the_joined_check_for_a_dot_at_a_keys_end_answers_as_each_key_would():
         ]
         each = any(k.startswith(".") or k.endswith(".") for k in keys)
         assert _dot_at_an_end(keys) == each or (not each and any("\0" in k for k in keys)), keys
-
-
-def test_planned_leaves_are_the_dataclasses_their_constructors_make():
-    """plan_by_name fills its leaves' fields at once instead of through the frozen dataclasses' ``__init__``:
-    each leaf has every field, equals, hashes and prints as the one the constructors make, and stays frozen."""
-    import dataclasses
-
-    from jax_side._tree import PlannedLeaf, TargetLeaf
-
-    shapes = {"model.layers.0.mlp.down_proj.weight": ((5, 7), np.float32), "model.norm.weight": ((5,), np.float32),
-              "model.layers.0.conv.weight": ((2, 3, 4, 4), jnp.bfloat16)}  # fmt: skip
-    plan, _ = jax_side.plan_by_name(shapes, numbered="int")
-    assert len(plan) == 3
-    for p in plan:
-        made = PlannedLeaf(TargetLeaf(p.leaf.path, p.leaf.shape, p.leaf.dtype), p.key, p.rule)
-        for obj, cls in ((p, PlannedLeaf), (p.leaf, TargetLeaf)):
-            assert type(obj) is cls and list(vars(obj)) == [f.name for f in dataclasses.fields(cls)]
-        assert p == made and hash(p) == hash(made) and repr(p) == repr(made)
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            p.leaf.shape = (1,)  # type: ignore[misc]
