@@ -459,8 +459,17 @@ def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str,
 
 def _dot_at_an_end(keys: Iterable[str]) -> bool:
     """Whether a key starts or ends with ``"."``, asked of the keys joined by NUL: a key holding NUL itself can
-    only make the answer True (the slower exact naming then), never hide such a key."""
-    joined = "\0".join(keys)
+    only make the answer True (the slower exact naming then), never hide such a key.
+
+    Raises:
+        TypeError: a key is no string (naming it)."""
+    try:
+        joined = "\0".join(keys)
+    except TypeError:
+        bad = next(k for k in keys if not isinstance(k, str))
+        raise TypeError(
+            f"checkpoint keys are torch state-dict names (strings), got {bad!r} ({type(bad).__name__})"
+        ) from None
     return joined.startswith(".") or joined.endswith(".") or "\0." in joined or ".\0" in joined
 
 
@@ -496,7 +505,8 @@ def plan_by_name(
         ValueError: two tensors would land on the same leaf, ``numbered`` is unknown, a ``kinds`` or
             ``rename`` pattern is no regular expression, a kind is unknown, or a ``kinds`` pattern (or a
             ``torch_kinds`` entry) gives a tensor a kind whose layout is for another rank.
-        TypeError: ``kinds`` or ``rename`` is not a mapping of strings to strings.
+        TypeError: ``kinds`` or ``rename`` is not a mapping of strings to strings, or (without ``rename``) a
+            checkpoint key is no string.
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")

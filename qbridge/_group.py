@@ -227,14 +227,14 @@ class FP8Groups:
             out_shape = (shape[1], shape[0]) if transpose else shape
             # one allocation call for the whole group, the weight checked by its own call included: a
             # group's size, and so its allocation program, is the same in a process's first load and later
-            arrays = (
-                self.into.take_many(len(members), out_shape, dtype, self.jdev, dev)
-                if len(members) - start > 1
-                else None
-            )
-            if arrays is None:  # each weight by itself, handed over as a single weight: its array expected,
-                # so that an allocation call makes as many as the group's weights (not a pool of a shape
-                # nobody said would come, made for one weight: tens of arrays at a small shape)
+            if len(members) - start > 1:
+                arrays = self.into.take_many(len(members), out_shape, dtype, self.jdev, dev)
+            else:  # a group of one weight (a kind's last, or its only one) is handed over as a single weight:
+                # its array expected, so that its allocation call makes one (not a pool of a shape nobody said
+                # would come: tens of arrays at a small shape). A group whose allocation call is not compiled
+                # yet (a process's first loads) takes pools as before: expecting its weights would ask for a
+                # program per count that the compiled group call makes useless
+                arrays = None
                 self.into.expect(out_shape, dtype, self.jdev, len(members))
             if start:
                 self._one(members[0], W[0], S[0], arrays[0] if arrays is not None else None, dtype, args)

@@ -82,29 +82,32 @@ def test_one_weight_at_a_time_gives_the_same(tmp_path, monkeypatch):
     assert _loads_grouped(tmp_path, monkeypatch, torch.float32) == []
 
 
-def test_weights_handed_over_by_themselves_get_one_array_each(tmp_path, monkeypatch):
-    """A group decoded weight by weight (a kind's last group of one weight; any group before its allocation
-    call is compiled) has its arrays expected: each allocation call makes at most as many arrays as the
-    group's weights still to be handed over, not a pool of a shape nobody said would come (32 arrays at this
-    shape, 31 of them for nothing)."""
+def test_a_group_of_one_weight_gets_one_array(tmp_path, monkeypatch):
+    """A kind's last group of one weight is handed over by itself with its array expected: once the loads'
+    allocation calls are compiled, it asks for one array, not a pool of a shape nobody said would come (32
+    arrays at this shape, 31 of them for nothing)."""
+    import qbridge
     from qbridge import _group, _handoff
 
     monkeypatch.setattr(_group, "GROUP", 4)  # down_proj: 37 weights, nine groups of 4 and a last one of 1
-    asked = []
-    real = _handoff._allocator
+    asked, loads = [], []
+    real, load = _handoff._allocator, qbridge.load_checkpoint
 
     def recorded(key, *args, **kwargs):
-        asked.append(key)
+        asked.append((len(loads), key))
         return real(key, *args, **kwargs)
 
+    def counted(*args, **kwargs):
+        loads.append(None)
+        return load(*args, **kwargs)
+
     monkeypatch.setattr(_handoff, "_allocator", recorded)
+    monkeypatch.setattr(qbridge, "load_checkpoint", counted)
     grouped = _loads_grouped(tmp_path, monkeypatch, torch.float32)
-    assert True in grouped, grouped
+    assert len(loads) == 4 and True in grouped, grouped
     down = (KINDS["down_proj"][0][1], KINDS["down_proj"][0][0])  # its Flax kernel: [in, out]
-    counts = {key[3] for key in asked if key[0] == down}
-    # a group's call, or while it compiles, as many as its weights still expect (rounded down to a power of
-    # two); the last group of one: one
-    assert 1 in counts and counts <= {1, 2, 4}, asked
+    # the last load: the groups of 4 (their grouped call) and the last one's single array
+    assert {key[3] for n, key in asked if n == 4 and key[0] == down} == {4, 1}, asked
 
 
 def test_a_damaged_scale_inside_a_group_is_named(tmp_path):
