@@ -18,9 +18,11 @@ Five parts, each printed:
    machine), microseconds per key.
 6. ``threads``: each load's wall time against the CPU time of the whole process and of the calling thread,
    and the loader's steps by thread (the calling one or another), wall and CPU time inside each.
+7. ``steps``: the host steps of a GPU load that need no GPU (opening, planning, names and routes, read-ahead
+   lists, the FP8 groups' bookkeeping without their decode, nesting), timed one by one on any machine.
 
 Usage (GPU machine): ``python benchmarks/loader_host_parts.py [--parts phases group allocation]``.
-``phases``, ``profile``, ``reads`` and ``threads`` run on a CPU too (``--device cpu``: the CPU load decodes weight
+``phases``, ``profile``, ``reads``, ``threads`` and ``steps`` run on a CPU too (``--device cpu``: the CPU load decodes weight
 by weight, without groups). ``--group N`` sets the FP8 groups' size (weights per grouped decode) for the process.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import itertools
 import math
 import pathlib
 import statistics
@@ -387,18 +390,79 @@ def threads(root: pathlib.Path, device: str, loads: int) -> None:
         setattr(owner, name, f)
 
 
+def steps(root: pathlib.Path, loads: int) -> None:
+    """The host steps of a GPU load that need no GPU, timed one by one on any machine: opening, planning, the
+    names and routes (the FP8 groups' kinds), the read-ahead lists, the groups' bookkeeping of every FP8
+    weight (their flush, the decode, left out), nesting the results; us per checkpoint tensor, median of
+    ``loads`` passes after five."""
+    import jax
+
+    import jax_side
+    from qbridge import _gc, _group, _loader
+    from qbridge._checkpoint import open_checkpoint
+    from qbridge._handoff import XlaDestinations
+
+    jdev = jax.devices("cpu")[0]
+
+    class Bookkeeping(_group.FP8Groups):
+        def flush(self, kind: tuple[Any, ...]) -> None:  # no decode: the groups' bookkeeping alone
+            self.pending.pop(kind)
+            self.total -= self.pending_bytes.pop(kind)
+
+    def one() -> list[float]:
+        marks = [time.perf_counter()]
+        with _gc.older_generations_deferred(), open_checkpoint(root) as ckpt:  # as load_checkpoint runs them
+            marks.append(time.perf_counter())
+            _, plan, _, _ = _loader.plan_load(ckpt, None)
+            marks.append(time.perf_counter())
+            names = [jax_side.dotted(p.leaf.path[1:]) for p in plan]
+            values: dict[Any, Any] = {}
+            into = XlaDestinations()
+            groups = Bookkeeping(ckpt, torch.device("cpu"), jdev, into, values, _loader.READ_AHEAD_BYTES)
+            routes = _loader._routes(ckpt, plan, names, None, None, False, groups, into, jdev)
+            marks.append(time.perf_counter())
+            _loader._ReadAhead(
+                ckpt,
+                [
+                    ()
+                    if isinstance(route, tuple) and _group._weights_stacked(route)
+                    else _loader._stored_keys(ckpt.entries[p.key])
+                    for p, (_, _, route) in zip(plan, routes, strict=True)
+                ],
+                pin=False,
+            )
+            marks.append(time.perf_counter())
+            for p, (_, _, route) in zip(plan, routes, strict=True):
+                if route is not None:
+                    values[p.leaf.path] = None
+                    groups.add(route, p.leaf.path, ckpt.entries[p.key])
+            marks.append(time.perf_counter())
+            jax_side.nest(values)
+            marks.append(time.perf_counter())
+        return [b - a for a, b in itertools.pairwise(marks)]
+
+    for _ in range(5):
+        one()
+    runs = [one() for _ in range(loads)]
+    labels = ["opening", "planning", "names and routes", "read-ahead lists", "groups' bookkeeping", "nesting"]
+    for label, times in zip(labels, zip(*runs)):
+        print(f"steps: {label:20s} {statistics.median(times) / COUNT * 1e6:6.2f} us per tensor")
+    total = statistics.median(sum(r) for r in runs)
+    print(f"steps: {'all of them':20s} {total / COUNT * 1e6:6.2f} us per tensor (median of {loads})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["phases", "group", "allocation"],
-                        choices=["phases", "group", "allocation", "profile", "reads", "threads"])  # fmt: skip
+                        choices=["phases", "group", "allocation", "profile", "reads", "threads", "steps"])  # fmt: skip
     parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
     parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
     parser.add_argument("--group", type=int, default=None,
                         help="weights per grouped FP8 decode (default: the loader's, qbridge._group.GROUP)")  # fmt: skip
     args = parser.parse_args()
-    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile", "reads", "threads"}:
+    if args.device == "cpu" and not set(args.parts) <= {"phases", "profile", "reads", "threads", "steps"}:
         parser.error(
-            "--device cpu runs the phases, profile, reads and threads parts only (groups and XLA's allocation calls are "
+            "--device cpu runs the phases, profile, reads, threads and steps parts only (groups and XLA's allocation calls are "
             "the GPU's)"
         )
     if args.loads < 1:
@@ -411,7 +475,7 @@ def main() -> None:
         _group.GROUP = args.group
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
-            "torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads, threads)"
+            "torch sees no CUDA GPU here: use --device cpu --parts phases (or profile, reads, threads, steps)"
         )
     import jax
 
@@ -427,6 +491,8 @@ def main() -> None:
             profile(root, args.device, args.loads)
         if "threads" in args.parts:
             threads(root, args.device, args.loads)
+        if "steps" in args.parts:
+            steps(root, max(args.loads, 20))
         if "reads" in args.parts:
             reads(root)
         if "group" in args.parts:
