@@ -1476,10 +1476,11 @@ def _read_index(index: pathlib.Path) -> tuple[list[pathlib.Path], dict[pathlib.P
         weight_map = json.loads(_regular_text(index))["weight_map"]
     except Exception as e:
         raise CheckpointError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from e
-    # JSON's strings are str itself: the types of keys and values, asked of each in one pass of C
-    if not isinstance(weight_map, dict) or not {*map(type, weight_map), *map(type, weight_map.values())} <= {
-        str
-    }:
+    # JSON's strings are str itself: the types of the keys and values, gathered in one pass of C
+    types = (
+        {*map(type, weight_map), *map(type, weight_map.values())} if isinstance(weight_map, dict) else None
+    )
+    if types is None or not types <= {str}:
         raise CheckpointError(f"{index}: weight_map must map tensor names to file names (strings)")
     if not weight_map:
         raise CheckpointError(f"{index}: weight_map lists no tensors")

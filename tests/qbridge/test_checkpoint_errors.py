@@ -1434,3 +1434,13 @@ def test_an_index_mapping_a_tensor_to_no_file_name_is_refused(tmp_path, bad, whe
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match=r"index\.json: weight_map must map tensor names to file names"):
         qbridge.open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("weight_map", [["a"], "model-00001-of-00001.safetensors", None])
+def test_an_index_whose_weight_map_is_no_mapping_is_refused(tmp_path, weight_map):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(4, 4)}, tmp_path / "model-00001-of-00001.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"index\.json: weight_map must map tensor names to file names"):
+        qbridge.open_checkpoint(tmp_path)
