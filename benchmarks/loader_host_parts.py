@@ -1,6 +1,6 @@
 """Where a GPU load's host time goes, per checkpoint tensor, at DeepSeek-V3's layout in tiny shapes.
 
-Five parts, each printed:
+Seven parts, each printed (times in microseconds per checkpoint tensor unless said otherwise):
 
 1. ``phases``: ``qbridge.load_checkpoint`` of one tiny DeepSeek-V3 MoE layer (``deepseek_v3_scale.py --tiny``:
    1558 tensors, 782 leaves; device work and reading negligible, so wall time is host work), with timers
@@ -452,11 +452,15 @@ def steps(root: pathlib.Path, loads: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )  # the parts, what each prints and which run without a GPU
     parser.add_argument("--parts", nargs="+", default=["phases", "group", "allocation"],
                         choices=["phases", "group", "allocation", "profile", "reads", "threads", "steps"])  # fmt: skip
-    parser.add_argument("--device", default="cuda", help="phases' device: cuda (default) or cpu")
-    parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases part (default 8)")
+    parser.add_argument("--device", default="cuda", help="the device of the phases, profile and threads parts' loads: cuda (default) or cpu; "
+                        "--device cpu for any part on a machine without a GPU")  # fmt: skip
+    parser.add_argument("--loads", type=int, default=8, help="timed loads of the phases, profile and threads parts (default 8); passes of the steps "
+                        "part: at least 20")  # fmt: skip
     parser.add_argument("--group", type=int, default=None,
                         help="weights per grouped FP8 decode (default: the loader's, qbridge._group.GROUP)")  # fmt: skip
     args = parser.parse_args()
@@ -480,7 +484,7 @@ def main() -> None:
     import jax
 
     print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}; torch {torch.__version__}, "
-          f"jax {jax.__version__}; {_group.GROUP} weights per group")  # fmt: skip
+          f"jax {jax.__version__}; the loader's FP8 groups hold up to {_group.GROUP} weights")  # fmt: skip
     deepseek_v3_scale.use_tiny_shapes()
     with tempfile.TemporaryDirectory(prefix="qbridge-loader-host-") as tmp:
         root = pathlib.Path(tmp)

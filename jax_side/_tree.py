@@ -442,6 +442,8 @@ def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str,
     out: dict[str, str] = {}
     for key in keys:
         new = key
+        if rename and not isinstance(key, str):
+            raise _not_a_name(key)
         for pattern, repl in (rename or {}).items():
             new, count = re.subn(pattern, repl, new)
             if count:
@@ -457,6 +459,12 @@ def _renamed(keys: Iterable[str], rename: Mapping[str, str] | None) -> dict[str,
     return out
 
 
+def _not_a_name(key: Any) -> TypeError:
+    return TypeError(
+        f"checkpoint keys are torch state-dict names (strings), got {key!r} ({type(key).__name__})"
+    )
+
+
 def _dot_at_an_end(keys: Iterable[str]) -> bool:
     """Whether a key starts or ends with ``"."``, asked of the keys joined by NUL: a key holding NUL itself can
     only make the answer True (the slower exact naming then), never hide such a key.
@@ -466,10 +474,7 @@ def _dot_at_an_end(keys: Iterable[str]) -> bool:
     try:
         joined = "\0".join(keys)
     except TypeError:
-        bad = next(k for k in keys if not isinstance(k, str))
-        raise TypeError(
-            f"checkpoint keys are torch state-dict names (strings), got {bad!r} ({type(bad).__name__})"
-        ) from None
+        raise _not_a_name(next(k for k in keys if not isinstance(k, str))) from None
     return joined.startswith(".") or joined.endswith(".") or "\0." in joined or ".\0" in joined
 
 
@@ -505,8 +510,8 @@ def plan_by_name(
         ValueError: two tensors would land on the same leaf, ``numbered`` is unknown, a ``kinds`` or
             ``rename`` pattern is no regular expression, a kind is unknown, or a ``kinds`` pattern (or a
             ``torch_kinds`` entry) gives a tensor a kind whose layout is for another rank.
-        TypeError: ``kinds`` or ``rename`` is not a mapping of strings to strings, or (without ``rename``) a
-            checkpoint key is no string.
+        TypeError: ``kinds`` or ``rename`` is not a mapping of strings to strings, or a checkpoint key is no
+            string.
     """
     if numbered not in ("keep", "underscore", "int"):
         raise ValueError(f"numbered must be 'keep', 'underscore' or 'int', got {numbered!r}")

@@ -421,11 +421,12 @@ def test_the_joined_check_for_a_dot_at_a_keys_end_answers_as_each_key_would():
         assert _dot_at_an_end(keys) == each or (not each and any("\0" in k for k in keys)), keys
 
 
+@pytest.mark.parametrize("rename", [None, {"^a": "b"}])
 @pytest.mark.parametrize("bad", [1, b"a.weight", ("a", "weight"), None])
-def test_a_key_that_is_no_string_is_named(bad):
+def test_a_key_that_is_no_string_is_named(bad, rename):
     shapes = {"a.weight": ((2, 3), np.float32), bad: ((2, 3), np.float32)}
     with pytest.raises(
         TypeError,
         match=rf"checkpoint keys are torch state-dict names \(strings\), got {re.escape(repr(bad))}",
     ):
-        jax_side.plan_by_name(shapes)
+        jax_side.plan_by_name(shapes, rename=rename)
