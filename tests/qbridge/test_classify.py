@@ -427,7 +427,10 @@ def test_a_rejected_scale_is_told_what_fits():
         with pytest.raises(ValueError) as info:
             side.fp8_scale_layout((300, 300), (2, 2), (128, 128))
         message = str(info.value)
-        assert "takes one scale (of any shape), per-row scales [300, 1] or block scales (3, 3)" in message
+        assert (
+            "takes a per-tensor scale (one element, any shape), per-row scales [300, 1] or block scales (3, 3)"
+            in message
+        )
         side.fp8_scale_layout((300, 300), (1, 1, 1), (128, 128))  # one element is accepted whatever its shape
 
 
