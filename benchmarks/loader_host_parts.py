@@ -69,25 +69,32 @@ def _warm(root: pathlib.Path, device: str) -> None:
         _load(root, device)
 
 
+def _timed(owner: Any, name: str, record: Any) -> tuple[Any, str, Any]:
+    """Wraps ``owner.name`` so that every call reports ``record(name, wall seconds, CPU seconds of its thread)``;
+    returns ``(owner, name, original)`` to put back."""
+    f = getattr(owner, name)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            record(name, time.perf_counter() - wall, time.thread_time() - cpu)
+
+    setattr(owner, name, wrapper)
+    return owner, name, f
+
+
 def phases(root: pathlib.Path, device: str, loads: int) -> None:
     from qbridge import _checkpoint, _group, _handoff, _loader
 
     spent: collections.defaultdict[str, float] = collections.defaultdict(float)
     calls: collections.Counter[str] = collections.Counter()
 
-    def timed(owner: Any, name: str) -> None:
-        f = getattr(owner, name)
-
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - t
-                calls[name] += 1
-
-        setattr(owner, name, wrapper)
+    def record(name: str, wall: float, cpu: float) -> None:
+        spent[name] += wall
+        calls[name] += 1
 
     _warm(root, device)
     plain = []  # without the timers, which add their own cost
@@ -98,18 +105,18 @@ def phases(root: pathlib.Path, device: str, loads: int) -> None:
     wall = statistics.median(plain)
     print(f"phases ({device}), untimed: {wall * 1e3:.1f} ms per load = {wall / COUNT * 1e6:.1f} us per tensor "
           f"(median of {loads})")  # fmt: skip
-    originals: list[tuple[Any, str, Any]] = []
-    for owner, names in [
-        (_loader, ["open_checkpoint", "plan_load", "materialize", "hand_over"]),
-        (_loader._ReadAhead, ["advance"]),
-        (_group.FP8Groups, ["flush", "kind", "_one", "_check"]),
-        (_group, ["dequantize_fp8_group_into", "fp8_planned"]),
-        (_checkpoint.Checkpoint, ["read_stacked", "read_into", "read_to", "stage_small", "close"]),
-        (_handoff.XlaDestinations, ["take_many", "take", "settle"]),
-    ]:
-        for name in names:
-            originals.append((owner, name, getattr(owner, name)))
-            timed(owner, name)
+    originals = [
+        _timed(owner, name, record)
+        for owner, names in [
+            (_loader, ["open_checkpoint", "plan_load", "materialize", "hand_over"]),
+            (_loader._ReadAhead, ["advance"]),
+            (_group.FP8Groups, ["flush", "kind", "_one", "_check"]),
+            (_group, ["dequantize_fp8_group_into", "fp8_planned"]),
+            (_checkpoint.Checkpoint, ["read_stacked", "read_into", "read_to", "stage_small", "close"]),
+            (_handoff.XlaDestinations, ["take_many", "take", "settle"]),
+        ]
+        for name in names
+    ]
     _warm(root, device)
     spent.clear()
     calls.clear()
@@ -348,25 +355,14 @@ def threads(root: pathlib.Path, device: str, loads: int) -> None:
     )
     main = threading.main_thread()
 
-    def timed(owner: Any, name: str) -> tuple[Any, str, Any]:
-        f = getattr(owner, name)
-
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            w, c = time.perf_counter(), time.thread_time()
-            try:
-                return f(*args, **kwargs)
-            finally:
-                row = spent[("main" if threading.current_thread() is main else "other", name)]
-                row[0] += time.perf_counter() - w
-                row[1] += time.thread_time() - c
-                row[2] += 1
-
-        setattr(owner, name, wrapper)
-        return owner, name, f
+    def record(name: str, wall: float, cpu: float) -> None:
+        row = spent[("main" if threading.current_thread() is main else "other", name)]
+        row[0] += wall
+        row[1] += cpu
+        row[2] += 1
 
     originals = [
-        timed(owner, name)
+        _timed(owner, name, record)
         for owner, names in [
             (_loader, ["open_checkpoint", "plan_load", "materialize", "hand_over"]),
             (_group.FP8Groups, ["flush", "_reads", "_check"]),
