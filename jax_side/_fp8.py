@@ -112,8 +112,8 @@ def fp8_scale_layout(
         blocks = f"block scales {grid} (block_size {(bo, bi)})" if block_size is not None else (
             f"block scales [ceil({rows}/b), ceil({cols}/b)]")  # fmt: skip
         raise ValueError(
-            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes a per-tensor scale (one element, any shape), "
-            f"per-row scales [{rows}, 1] or {blocks}"
+            f"scale_inv has shape {scale_shape}; a [{rows}, {cols}] weight takes a per-tensor scale (one element, "
+            f"any shape), per-row scales [{rows}, 1] or {blocks}"
         )
     grid128 = (_ceil_div(rows, DEFAULT_BLOCK), _ceil_div(cols, DEFAULT_BLOCK))
     if grid128 == scale_shape:

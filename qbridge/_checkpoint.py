@@ -1935,12 +1935,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "(the checkpoint is incomplete)"
                 + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
-        # (each test's own first check asked here: a key of neither name pays no call)
-        if (
-            "._" in key
-            and _torchao_piece(src, key)
-            and "tensor_names" not in src.metadata.get(src.key_file[key], {})
-        ):
+        if _torchao_piece(src, key) and "tensor_names" not in src.metadata.get(src.key_file[key], {}):
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a torchao tensor in torchao's safetensors layout "
                 "(module._weight_qdata, ._weight_scale, ...), but the file's header has no torchao metadata "
@@ -1948,7 +1943,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "file was re-saved without it; save the model again with torchao's safetensors support (or "
                 "torch.save)"
             )
-        owner = _scale_owner(key) if "weight_scale" in key else None
+        owner = _scale_owner(key)
         if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
             held = f"is stored as {src.shapes[owner][1]}, not float8" if owner in src.shapes else "is missing"
             raise CheckpointError(
@@ -2169,8 +2164,7 @@ def _fp8_entry(
     has_inv, has_plain = inv in shapes, plain in shapes
     if not (has_inv or has_plain):
         raise CheckpointError(
-            f"{ckpt.where(key)}: float8 weight without {key}_scale_inv or {key}_scale"
-            + ckpt.unlisted(*(key + suffix for suffix in FP8_SCALES))
+            f"{ckpt.where(key)}: float8 weight without {inv} or {plain}" + ckpt.unlisted(inv, plain)
         )
     if has_inv and has_plain:
         raise CheckpointError(
