@@ -16,7 +16,8 @@ the floor overlaps them: ``bytes / min(read, copy)``), and the extrapolation to 
 layers, 58 of them MoE; about 91,000 tensors, 680 GB).
 
 Usage (GPU machine): ``python benchmarks/deepseek_v3_scale.py --layers 2 --out results/deepseek-v3-scale-h200.json``.
-``--experts 8`` makes a small checkpoint for a quick run (on a CPU too: ``--device cpu``). ``--tiny`` keeps
+``--shard`` splits the weights over every visible GPU (``sharding=``, tensor parallel), the load of a model
+too large for one GPU. ``--experts 8`` makes a small checkpoint for a quick run (on a CPU too: ``--device cpu``). ``--tiny`` keeps
 every tensor and name at tiny shapes: the wall time per tensor is then the host work per tensor.
 """
 
@@ -155,6 +156,21 @@ def pinned_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return nbytes / statistics.median(times[1:])
 
 
+def tensor_parallel(devices: list) -> tuple:
+    """``sharding=`` splitting each projection over ``devices`` (one mesh axis ``"x"``): column-parallel
+    ``gate_proj``/``up_proj``/``q_b_proj``/``kv_b_proj`` kernels (``[in, out]``, out split), row-parallel
+    ``down_proj``/``o_proj`` kernels (in split); other leaves replicated."""
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(devices), ("x",))
+    return mesh, [
+        (r"(gate_proj|up_proj|q_b_proj|kv_b_proj)\.kernel$", P(None, "x")),
+        (r"(down_proj|o_proj)\.kernel$", P("x", None)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Load a synthetic FP8 checkpoint with DeepSeek-V3's MoE-layer tensors to JAX, against "
@@ -168,10 +184,21 @@ def main() -> None:
     )
     parser.add_argument("--loads", type=int, default=2, help="loads in this process (default 2)")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="load the checkpoint an earlier run with the same arguments left in --dir",
+    )
+    parser.add_argument(
         "--tiny",
         action="store_true",
         help="the same tensors and names at tiny shapes (hidden 256, expert 128): device work and reading "
         "become negligible, so the wall time per tensor is the host work per tensor",
+    )
+    parser.add_argument(
+        "--shard",
+        action="store_true",
+        help="split every weight over all visible GPUs (tensor parallel: experts' and attention's gate/up/q_b/kv_b "
+        "kernels by columns, down/o kernels by rows, the rest replicated), as a model too large for one GPU loads",
     )
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     args = parser.parse_args()
@@ -185,15 +212,23 @@ def main() -> None:
     root = pathlib.Path(args.dir or tempfile.mkdtemp(prefix="deepseek-v3-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    count, nbytes = write_checkpoint(root, args.layers, args.experts, args.device)
-    print(f"wrote {count} tensors, {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s to {root}")
+    index = root / "model.safetensors.index.json"
+    if args.reuse and index.exists():  # as an earlier run with the same arguments wrote it
+        written = json.loads(index.read_text())
+        count, nbytes = len(written["weight_map"]), written["metadata"]["total_size"]
+        print(f"reusing {count} tensors, {nbytes / 1e9:.2f} GB in {root}")
+    else:
+        count, nbytes = write_checkpoint(root, args.layers, args.experts, args.device)
+        print(f"wrote {count} tensors, {nbytes / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s to {root}")
     files = sorted(root.glob("*.safetensors"))
     read_bandwidth(files, 8)  # into the page cache
     read8 = read_bandwidth(files, 8)
     read1 = read_bandwidth(files, 1)
     gpu = args.device == "cuda"
     copy = pinned_copy_bandwidth() if gpu else None  # a CPU load copies nothing to a device
-    rate = min(read8, copy) if copy is not None else read8
+    gpus = len(jax.local_devices(backend="gpu")) if gpu and args.shard else 1
+    # split over GPUs, each copies its share over its own link (GPU 0's bandwidth taken for each)
+    rate = min(read8, gpus * copy) if copy is not None else read8
     floor = nbytes / rate
     print(
         f"page-cache read: {read8 / 1e9:.1f} GB/s (8 threads), {read1 / 1e9:.1f} GB/s (1 thread); "
@@ -201,10 +236,13 @@ def main() -> None:
         + f"floor {floor:.3f} s"
     )
 
+    sharding = tensor_parallel(jax.local_devices(backend="gpu")) if args.shard else None
+    if sharding is not None:
+        print(f"split over {gpus} GPUs")
     loads = []
     for i in range(args.loads):
         wall0, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()
-        params = qbridge.load_checkpoint(root, device=args.device, progress=False)
+        params = qbridge.load_checkpoint(root, device=args.device, progress=False, sharding=sharding)
         jax.block_until_ready(params)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         own = time.thread_time() - own0  # the calling thread alone: checks, launches, handoff (no reading)
@@ -246,6 +284,7 @@ def main() -> None:
         "layers": args.layers,
         "tiny": args.tiny,
         "experts": args.experts,
+        "gpus": gpus if gpu else 0,
         "tensors": count,
         "bytes": nbytes,
         "read_gb_s_8_threads": read8 / 1e9,
