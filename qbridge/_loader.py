@@ -403,7 +403,10 @@ def load_checkpoint(
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with
             ``rules`` a sequence of ``(regex, PartitionSpec)`` searched against the name, first match wins,
             unmatched leaves replicated (a rule that matches no leaf warns). A target's own multi-device
-            shardings win. Every addressable device reads and dequantizes only its own slice.
+            shardings win. A process that holds all of a leaf's devices reads the weight once, ahead (as an
+            unsharded load reads), decodes it on one of them (the leaves take turns) and copies each shard
+            to its device from there; a process of a multi-process job reads and decodes on each of its
+            devices only that device's slice.
         keep_quantized: leave bitsandbytes 4-bit and FP8 Linear kernels and embedding tables quantized: those
             leaves arrive as :class:`jax_side.NF4Weight` / :class:`jax_side.FP8Weight` (their stored pieces,
             zero-copy from torch), to be used by ``jax_side``'s quantized layers
@@ -488,20 +491,23 @@ def load_checkpoint(
             FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if jdev.platform == "gpu" else None
         )
         routes = _routes(ckpt, plan, names, dtype, sharding, keep_quantized, groups, into, jdev)
-        ahead = _ReadAhead(
-            ckpt,
-            [
-                _stored_keys(ckpt.entries[p.key])
-                if sharding is None
+        ahead_keys = [
+            _stored_keys(ckpt.entries[p.key])
+            if (
+                sharding is None
                 and p.leaf.sharding is None
                 and not keep_quantized
                 # an FP8 group's kind (a tuple) whose float8 bytes are small: read with its scales
                 and not (isinstance(route, tuple) and _weights_stacked(route))
-                else ()
-                for p, (_, _, route) in zip(plan, routes, strict=True)
-            ],
-            pin=tdev.type == "cuda",
-        )
+            )
+            # a leaf split over devices that are all this process's: read whole, ahead (see load_sharded_leaf)
+            or (route == "sharded" and leaf_sharding.is_fully_addressable)
+            else ()
+            for p, (_, leaf_sharding, route) in zip(plan, routes, strict=True)
+        ]
+        if tdev.type == "cuda" and sharding is not None and any(ahead_keys):
+            _staging.prepare(2 * READ_AHEAD_BYTES)  # pinned memory for those reads, as an unsharded load has
+        ahead = _ReadAhead(ckpt, ahead_keys, pin=tdev.type == "cuda")
         try:
             if tdev.type == "cuda" and sharding is None and not keep_quantized:
                 ahead.advance(0)  # the large reads start first
@@ -529,7 +535,7 @@ def load_checkpoint(
                     dense += values[p.leaf.path].nbytes
                 elif route == "sharded":
                     values[p.leaf.path] = load_sharded_leaf(
-                        ckpt, entry, p.rule, leaf_sharding, functools.partial(_convert, cast=cast)
+                        ckpt, entry, p.rule, leaf_sharding, functools.partial(_convert, cast=cast), turn=i
                     )
                     dense += values[p.leaf.path].nbytes
                 elif groups is not None and route is not None:  # an FP8 group's kind

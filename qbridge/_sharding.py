@@ -1,6 +1,12 @@
-"""Sharded loading: every addressable device reads and dequantizes only its own slice of each weight.
+"""Sharded loading: each weight made as per-device shards, one global ``jax.Array``.
 
-A shard is produced from the checkpoint directly: the slice's rows and columns are read from the file
+In one process that holds every device of a leaf's sharding, the weight is read whole once (ahead, by the
+loader's reading threads, as in an unsharded load), decoded on one of those devices (the leaves take
+turns, spreading the copies to the devices and the decoding over them), and each shard is cut from it on
+that device and copied to its own: every stored byte is read once, and that device holds one whole decoded
+weight besides its shards while the leaf is made. In a process of a multi-controller job (``jax.distributed``),
+which holds only some of the devices, every addressable device reads and dequantizes only its own slice.
+Such a shard is produced from the checkpoint directly: the slice's rows and columns are read from the file
 (safetensors reads only those), the quantized pieces covering them are moved to the shard's device and
 dequantized there, and the exact slice is cut out on that device. Quantization blocks that straddle a
 shard boundary are dequantized whole and then cut (FP8 tiles; bitsandbytes' flat 4-bit blocks, which
@@ -8,7 +14,7 @@ run across rows). The shards become one global array with ``jax.make_array_from_
 without any further copy. Only addressable devices are served, so each process of a multi-controller
 job (``jax.distributed``) produces just its own shards.
 
-What a process reads from the files (``LoadReport.read_bytes`` counts it):
+What a process of a multi-controller job reads from the files (``LoadReport.read_bytes`` counts it):
 
 - plain weights: the rows and columns of its shards (safetensors slices);
 - FP8 weights: the scale tiles that cover its shards, rows and columns rounded out to whole tiles, and
@@ -255,8 +261,16 @@ def load_sharded_leaf(
     rule: jax_side.LeafRule,
     sharding: Any,
     cast: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    turn: int = 0,
 ) -> jax.Array:
-    """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device."""
+    """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device.
+
+    Where every device of ``sharding`` is this process's (one process serves every shard), the weight is
+    read whole once (the loader reads it ahead, as an unsharded load does), decoded on one of them, device
+    ``turn`` modulo their count (so that a load's leaves spread their host-to-device copies and decoding
+    over the devices), and each shard cut from it and copied to its device: every stored byte is read once.
+    Otherwise (a process of a multi-process job) each shard reads only its own slice, as the module says."""
     shape = jax_side.flax_shape(rule, entry.shape)
     try:
         indices = sharding.addressable_devices_indices_map(shape)
@@ -264,8 +278,9 @@ def load_sharded_leaf(
         raise ValueError(f"{entry.name}: sharding {sharding} does not fit the Flax shape {shape}: {e}") from e
     arrays = []
     whole = None
-    if not reads_slices(entry):  # decoded once per process, on its first device, and cut for each device
-        whole = materialize(ckpt, entry, _torch_device(next(iter(indices))), rule)
+    if sharding.is_fully_addressable or not reads_slices(entry):  # decoded once here, cut for each device
+        devices = list(indices)
+        whole = materialize(ckpt, entry, _torch_device(devices[turn % len(devices)]), rule)
     made: dict[str, torch.Tensor] = {}  # replicas within this process are read once and copied
     for device, index in indices.items():
         key = repr(tuple((s.start, s.stop, s.step) for s in index))
