@@ -17,7 +17,8 @@ layers, 58 of them MoE; about 91,000 tensors, 680 GB).
 
 Usage (GPU machine): ``python benchmarks/deepseek_v3_scale.py --layers 2 --out results/deepseek-v3-scale-h200.json``.
 ``--shard`` splits the weights over every visible GPU (``sharding=``, tensor parallel), the load of a model
-too large for one GPU. ``--experts 8`` makes a small checkpoint for a quick run (on a CPU too: ``--device cpu``). ``--tiny`` keeps
+too large for one GPU (on a CPU: over the host devices ``XLA_FLAGS=--xla_force_host_platform_device_count=N``
+makes). ``--experts 8`` makes a small checkpoint for a quick run (on a CPU too: ``--device cpu``). ``--tiny`` keeps
 every tensor and name at tiny shapes: the wall time per tensor is then the host work per tensor.
 """
 
@@ -197,7 +198,7 @@ def main() -> None:
     parser.add_argument(
         "--shard",
         action="store_true",
-        help="split every weight over all visible GPUs (tensor parallel: experts' and attention's gate/up/q_b/kv_b "
+        help="split every weight over all visible GPUs (or CPU devices with --device cpu; tensor parallel: experts' and attention's gate/up/q_b/kv_b "
         "kernels by columns, down/o kernels by rows, the rest replicated), as a model too large for one GPU loads",
     )
     parser.add_argument("--out", default=None, help="write the results here as JSON")
@@ -226,7 +227,8 @@ def main() -> None:
     read1 = read_bandwidth(files, 1)
     gpu = args.device == "cuda"
     copy = pinned_copy_bandwidth() if gpu else None  # a CPU load copies nothing to a device
-    gpus = len(jax.local_devices(backend="gpu")) if gpu and args.shard else 1
+    devices = jax.local_devices(backend="gpu" if gpu else "cpu")  # on a CPU: XLA_FLAGS's host devices
+    gpus = len(devices) if gpu and args.shard else 1
     # split over GPUs, each copies its share over its own link (GPU 0's bandwidth taken for each)
     rate = min(read8, gpus * copy) if copy is not None else read8
     floor = nbytes / rate
@@ -236,9 +238,9 @@ def main() -> None:
         + f"floor {floor:.3f} s"
     )
 
-    sharding = tensor_parallel(jax.local_devices(backend="gpu")) if args.shard else None
+    sharding = tensor_parallel(devices) if args.shard else None
     if sharding is not None:
-        print(f"split over {gpus} GPUs")
+        print(f"split over {len(devices)} {'GPUs' if gpu else 'CPU devices'}")
     loads = []
     for i in range(args.loads):
         wall0, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()
@@ -284,7 +286,7 @@ def main() -> None:
         "layers": args.layers,
         "tiny": args.tiny,
         "experts": args.experts,
-        "gpus": gpus if gpu else 0,
+        "devices": len(devices) if args.shard else 1,
         "tensors": count,
         "bytes": nbytes,
         "read_gb_s_8_threads": read8 / 1e9,

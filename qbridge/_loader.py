@@ -434,7 +434,8 @@ def load_checkpoint(
         jax_side.MatchError: ``strict`` and the checkpoint does not fit ``target``.
         TypeError: ``target`` is no linen params dict, ``nnx.Module`` or ``nnx.State``, or holds weights kept
             quantized (a model, state or tree that ``jax_side.load_quantized_into_nnx`` or ``keep_quantized``
-            filled; the message names one): a target gives the dense layout.
+            filled; the message names one): a target gives the dense layout. A ``sharding=`` callable that
+            returns something other than a ``jax.sharding.Sharding`` or None (the leaf named).
     """
 
     sharding = check_spec(sharding)

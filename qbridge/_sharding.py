@@ -64,7 +64,13 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
     if spec is None:
         return None
     if callable(spec):
-        return spec(name, shape)
+        got = spec(name, shape)
+        if got is not None and not isinstance(got, jax.sharding.Sharding):
+            raise TypeError(
+                f"{name}: the sharding= callable returned {got!r} ({type(got).__name__}), not a "
+                "jax.sharding.Sharding or None; one device d is placed with jax.sharding.SingleDeviceSharding(d)"
+            )
+        return got
     mesh, rules = spec
     for pattern, partition in rules:
         if re.search(pattern, name):

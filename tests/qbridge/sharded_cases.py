@@ -325,6 +325,15 @@ def test_bad_sharding_spec(made):
         qbridge.load_checkpoint(
             made / "nf4", target=target, progress=False, sharding=(_mesh_1d(), [("norm", P("x", None))])
         )
+    # a callable that returns a device (or anything else) instead of a Sharding: the leaf named
+    for wrong, shown in [
+        (jax.devices()[1], r"CpuDevice\(id=1\) \(\w*Device\)"),
+        ("cpu:1", r"'cpu:1' \(str\)"),
+    ]:
+        with pytest.raises(
+            TypeError, match=r"\.kernel: the sharding= callable returned " + shown + r", not a jax"
+        ):
+            qbridge.load_checkpoint(made / "nf4", progress=False, sharding=lambda name, shape, w=wrong: w)
     unconstrained = (_mesh_1d(), [("q_proj", P(None, P.UNCONSTRAINED))])
     assert qbridge._sharding.check_spec(unconstrained)[1] == tuple(unconstrained[1])
     with pytest.warns(UserWarning, match=r"the sharding rule 'nowhere' matched no leaf") as seen:
