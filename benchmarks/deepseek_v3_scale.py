@@ -244,16 +244,27 @@ def main() -> None:
     loads = []
     for i in range(args.loads):
         wall0, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()
-        params = qbridge.load_checkpoint(root, device=args.device, progress=False, sharding=sharding)
+        params, report = qbridge.load_checkpoint(
+            root, device=args.device, progress=False, sharding=sharding, return_report=True
+        )
         jax.block_until_ready(params)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         own = time.thread_time() - own0  # the calling thread alone: checks, launches, handoff (no reading)
         leaves = len(jax.tree.leaves(params))
         del params
-        loads.append({"wall_s": wall, "host_cpu_s": cpu, "caller_thread_cpu_s": own, "leaves": leaves})
+        loads.append(
+            {
+                "wall_s": wall,
+                "host_cpu_s": cpu,
+                "caller_thread_cpu_s": own,
+                "leaves": leaves,
+                "read_bytes": report.read_bytes,
+            }
+        )
         print(
             f"load {i + 1}: {wall:.2f} s wall ({wall / floor:.1f}x the floor), {cpu:.2f} s host CPU "
-            f"({own:.2f} s on the calling thread); {leaves} leaves; {count / wall:.0f} tensors/s; "
+            f"({own:.2f} s on the calling thread); {leaves} leaves; {report.read_bytes / nbytes:.3f}x the stored "
+            f"bytes read; {count / wall:.0f} tensors/s; "
             f"{wall / count * 1e6:.0f} us wall, {cpu / count * 1e6:.0f} us host CPU and "
             f"{own / count * 1e6:.0f} us on the calling thread per tensor"
         )

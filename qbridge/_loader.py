@@ -47,7 +47,7 @@ from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
 from ._group import FP8Groups, _weights_stacked
 from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
-from ._sharding import check_spec, load_sharded_leaf, sharding_for
+from ._sharding import check_spec, fits, load_sharded_leaf, sharding_for
 
 log = logging.getLogger("qbridge")
 
@@ -118,9 +118,10 @@ class LoadReport:
             ``kinds`` decide first).
         classified_by: where the module kinds came from, in words (with a target: how many leaves the
             target's module types laid out).
-        read_bytes: tensor bytes this process read from the checkpoint's files (headers aside). A sharded
-            load reads the byte ranges of this process's shards, so under ``jax.distributed`` each process
-            reads about its share (the README's *Several processes* says what is read).
+        read_bytes: tensor bytes this process read from the checkpoint's files (headers aside). A load in one
+            process, sharded or not, reads every stored byte of its leaves once; under ``jax.distributed`` a
+            process reads the byte ranges of its own shards, about its share (the README's *Several
+            processes* says what is read).
     """
 
     format: str
@@ -279,7 +280,8 @@ def _routes(
     GPU its array is expected by ``into``, so that one allocation call makes its shape's arrays).
 
     Raises:
-        ValueError: a leaf kept quantized that is to be sharded (split over devices).
+        ValueError: a leaf kept quantized that is to be sharded (split over devices); a sharding that does not
+            fit its leaf's shape.
     """
     routes: list[tuple[Any, Any, Any]] = []
     dense_anyway: dict[str, int] = {}  # with keep_quantized: quantized weights that load dense, by kind
@@ -301,6 +303,7 @@ def _routes(
             route = "kept"
         elif leaf_sharding is not None:
             route = "sharded"
+            fits(leaf_sharding, name, tuple(p.leaf.shape))  # before anything is read
         elif groups is not None:
             route = groups.kind(entry, p.rule, cast)
             if route is not None:

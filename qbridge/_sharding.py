@@ -84,6 +84,21 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def fits(sharding: Any, name: str, shape: tuple[int, ...]) -> None:
+    """Checks that ``sharding`` can lay out leaf ``name`` (dotted Flax path) of Flax ``shape``.
+
+    Raises:
+        ValueError: it cannot (an axis its mesh splits into parts the dimension does not divide into, say),
+            naming the leaf and JAX's reason.
+    """
+    try:
+        sharding.shard_shape(shape)
+    except Exception as e:
+        raise ValueError(
+            f"{name}: {e} (its Flax shape is {shape}); narrow the rule or pick another spec"
+        ) from e
+
+
 def _torch_device(device: jax.Device) -> torch.device:
     return torch.device("cuda", device.local_hardware_id) if device.platform == "gpu" else torch.device("cpu")
 
@@ -323,9 +338,17 @@ def check_spec(spec: Any) -> Any:
     rule's regex compiled.
 
     Raises:
-        TypeError: not a callable, nor a ``(mesh, rules)`` pair of ``(regex, PartitionSpec)`` rules.
+        TypeError: not a callable, nor a ``(mesh, rules)`` pair of ``(regex, PartitionSpec)`` rules (a bare
+            mesh included).
         ValueError: a rule's regex does not compile; a rule names an axis the mesh lacks.
     """
+    if isinstance(
+        spec, jax.sharding.Mesh
+    ):  # callable too (a context decorator): not a (name, shape) callable
+        raise TypeError(
+            "sharding=mesh: give the mesh with its rules, sharding=(mesh, [(regex, PartitionSpec), ...]) (leaves no "
+            "rule matches are replicated over the mesh), or a callable (name, shape) -> Sharding"
+        )
     if spec is None or callable(spec):
         return spec
     if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], jax.sharding.Mesh)):

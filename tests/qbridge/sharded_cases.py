@@ -334,6 +334,16 @@ def test_bad_sharding_spec(made):
             TypeError, match=r"\.kernel: the sharding= callable returned " + shown + r", not a jax"
         ):
             qbridge.load_checkpoint(made / "nf4", progress=False, sharding=lambda name, shape, w=wrong: w)
+    # a mesh without its rules (a Mesh is callable, a context decorator): told to pair it with rules
+    with pytest.raises(TypeError, match=r"sharding=mesh: give the mesh with its rules, sharding=\(mesh, \["):
+        qbridge.load_checkpoint(made / "nf4", progress=False, sharding=_mesh_1d())
+    # a split the dimension does not divide into: refused while planning (the Flax leaf named, where the
+    # shard's own making named the torch key), before any weight is read
+    three = Mesh(np.array(jax.devices()[:3]), ("x",))
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.up_proj\.kernel: .*partitioned 3 times"):
+        qbridge.load_checkpoint(
+            made / "dense", progress=False, sharding=(three, [(r"up_proj\.kernel$", P("x"))])
+        )
     unconstrained = (_mesh_1d(), [("q_proj", P(None, P.UNCONSTRAINED))])
     assert qbridge._sharding.check_spec(unconstrained)[1] == tuple(unconstrained[1])
     with pytest.warns(UserWarning, match=r"the sharding rule 'nowhere' matched no leaf") as seen:
