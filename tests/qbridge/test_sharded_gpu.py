@@ -36,8 +36,9 @@ def made(written):
 
 @pytest.mark.parametrize("name", ["nf4", "fp8", "dense"])
 def test_sharded_over_one_gpu_reads_ahead_and_equals_unsharded(written, name):
-    """A mesh of one GPU: every leaf's devices are this process's, so each weight is read once, ahead (pinned
-    staging, the reading threads), decoded whole and cut; the arrays equal an unsharded load's bit for bit."""
+    """A mesh of one GPU: every leaf's devices are this process's, so each weight is read once, whole (ahead,
+    into pinned staging, where it is large enough), decoded and cut; the arrays equal an unsharded load's bit
+    for bit. Its tensors are small: a real-size one-GPU sharded load is `deepseek_v3_scale.py --shard`."""
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
