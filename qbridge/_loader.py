@@ -483,7 +483,16 @@ def load_checkpoint(
         names = [jax_side.dotted(p.leaf.path[1:] if target is None else p.leaf.path) for p in plan]
         if isinstance(sharding, tuple):  # (mesh, rules)
             warn_unmatched(
-                "sharding", [rule[0] for rule in sharding[1]], names, "matched no leaf; it placed nothing"
+                "sharding",
+                [rule[0] for rule in sharding[1]],
+                names,
+                "matched no leaf; it placed nothing (rules search each leaf's dotted Flax path, such as "
+                + (
+                    repr(max(names, key=lambda n: n.count(".")))
+                    if names
+                    else "'model.layers.0.mlp.down_proj.kernel'"
+                )
+                + ", not torch's keys)",
             )
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")

@@ -346,7 +346,10 @@ def test_bad_sharding_spec(made):
         )
     unconstrained = (_mesh_1d(), [("q_proj", P(None, P.UNCONSTRAINED))])
     assert qbridge._sharding.check_spec(unconstrained)[1] == tuple(unconstrained[1])
-    with pytest.warns(UserWarning, match=r"the sharding rule 'nowhere' matched no leaf") as seen:
+    with pytest.warns(
+        UserWarning,
+        match=r"the sharding rule 'nowhere' matched no leaf; .* dotted Flax path, such as 'model\.",
+    ) as seen:
         qbridge.load_checkpoint(made / "dense", progress=False, sharding=(_mesh_1d(), [("nowhere", P("x"))]))
     assert seen[0].filename == __file__
 
