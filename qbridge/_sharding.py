@@ -85,14 +85,16 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
 
 
 def fits(sharding: Any, name: str, shape: tuple[int, ...]) -> None:
-    """Checks that ``sharding`` can lay out leaf ``name`` (dotted Flax path) of Flax ``shape``.
+    """Checks that ``sharding`` can lay out leaf ``name`` (dotted Flax path) of Flax ``shape``: the loader asks it
+    of every sharded leaf while planning, before anything is read (:func:`load_sharded_leaf` then takes the
+    same map of shards, which JAX keeps).
 
     Raises:
         ValueError: it cannot (an axis its mesh splits into parts the dimension does not divide into, say),
             naming the leaf and JAX's reason.
     """
     try:
-        sharding.shard_shape(shape)
+        sharding.addressable_devices_indices_map(shape)
     except Exception as e:
         raise ValueError(
             f"{name}: {e} (its Flax shape is {shape}); narrow the rule or pick another spec"
@@ -293,10 +295,7 @@ def load_sharded_leaf(
     over the devices), and each shard cut from it and copied to its device: every stored byte is read once.
     Otherwise (a process of a multi-process job) each shard reads only its own slice, as the module says."""
     shape = jax_side.flax_shape(rule, entry.shape)
-    try:
-        indices = sharding.addressable_devices_indices_map(shape)
-    except Exception as e:
-        raise ValueError(f"{entry.name}: sharding {sharding} does not fit the Flax shape {shape}: {e}") from e
+    indices = sharding.addressable_devices_indices_map(shape)  # its fit checked by fits() while planning
     arrays = []
     whole = None
     if sharding.is_fully_addressable or not reads_slices(entry):  # decoded once here, cut for each device
@@ -342,9 +341,7 @@ def check_spec(spec: Any) -> Any:
             mesh included).
         ValueError: a rule's regex does not compile; a rule names an axis the mesh lacks.
     """
-    if isinstance(
-        spec, jax.sharding.Mesh
-    ):  # callable too (a context decorator): not a (name, shape) callable
+    if isinstance(spec, jax.sharding.Mesh):  # callable too (a context decorator), but no (name, shape) one
         raise TypeError(
             "sharding=mesh: give the mesh with its rules, sharding=(mesh, [(regex, PartitionSpec), ...]) (leaves no "
             "rule matches are replicated over the mesh), or a callable (name, shape) -> Sharding"
