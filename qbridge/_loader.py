@@ -112,7 +112,8 @@ class LoadReport:
         stored_bytes: bytes the checkpoint stores for the loaded leaves (all their pieces).
         dense_bytes: bytes of the result (whole arrays; a sharded array counts once).
         seconds: wall time of the load.
-        device: where the result lives.
+        device: where the result lives: one device (``cuda:0``, ``cpu:0``), or with ``sharding=`` the devices
+            its arrays span (``8 devices: cuda:0-7``).
         guessed: parameters whose module kind came from name rules, not from the torch model (with a
             target: only those where that kind decided the layout; the target's nnx module types and
             ``kinds`` decide first).
@@ -148,6 +149,19 @@ class LoadReport:
             )
             + "".join(f"; {line}" for line in (self.match.cast_summary() if self.match else []))
         )
+
+
+def _where(values: Mapping[Any, Any], jdev: Any) -> str:
+    """The devices a sharded load's arrays span, in words: ``cuda:0`` alone, or ``8 devices: cuda:0-7``."""
+    devices: set[Any] = set()
+    for leaf in jax.tree.leaves(list(values.values())):  # a kept leaf is a tree of arrays
+        devices.update(leaf.sharding.device_set if isinstance(leaf, jax.Array) else (jdev,))
+    if len(devices) <= 1:
+        return str(next(iter(devices), jdev))
+    ids = sorted(d.id for d in devices)
+    platforms = sorted({str(d).rpartition(":")[0] or d.platform for d in devices})
+    span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
+    return f"{len(devices)} devices: {'/'.join(platforms)}:{span}"
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype | None:
@@ -584,8 +598,9 @@ def load_checkpoint(
         elif kinds:  # kinds= searches the module path (the Flax name without its leaf) before a guess
             decided = {p.key for p, name in zip(plan, names) if kind_override(name.rpartition(".")[0], kinds)}
             guessed = [key for key in guessed if key not in decided]
+        where = _where(values, jdev) if sharding is not None else str(jdev)
         report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
-                            str(jdev), skipped, guessed, classified_by, read_bytes=ckpt.bytes_read)  # fmt: skip
+                            where, skipped, guessed, classified_by, read_bytes=ckpt.bytes_read)  # fmt: skip
     if skipped:
         log.info(
             "load_checkpoint skipped %s (not parameters)", ", ".join(f"{k} ({r})" for k, r in skipped.items())

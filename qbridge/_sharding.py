@@ -378,4 +378,11 @@ def check_spec(spec: Any) -> Any:
                 f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, unknown))}, which the mesh lacks "
                 f"(its axes: {', '.join(map(repr, axes))})"
             )
+        twice = sorted({a for a in named if isinstance(a, str) and named.count(a) > 1})
+        if twice:
+            raise ValueError(
+                f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, twice))} more than once; a mesh "
+                "axis splits at most one dimension of an array (split two dimensions over two axes, "
+                "or one dimension over a tuple of axes)"
+            )
     return (spec[0], rules)

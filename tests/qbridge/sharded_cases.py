@@ -317,6 +317,10 @@ def test_bad_sharding_spec(made):
         qbridge.load_checkpoint(
             made / "nf4", progress=False, sharding=(_mesh_1d(), [("q_proj", P(None, "tp"))])
         )
+    # an axis named twice (JAX's DuplicateSpecError named no rule nor leaf), also inside a tuple of axes
+    for twice in (P("x", "x"), P(("x",), "x")):
+        with pytest.raises(ValueError, match=r"rule 'q_proj': P\(.*\) names 'x' more than once; a mesh axis"):
+            qbridge.load_checkpoint(made / "nf4", progress=False, sharding=(_mesh_1d(), [("q_proj", twice)]))
     with pytest.raises(
         ValueError,
         match=r"input_layernorm.scale: the sharding rule 'norm' gives it P\('x', None\), 2 entries for 1",
@@ -364,6 +368,9 @@ def test_read_bytes_whole_and_sharded(made, name):
         made / name, progress=False, return_report=True, sharding=(_mesh_1d(), ROWS_AND_COLUMNS)
     )
     assert sharded.read_bytes == report.stored_bytes, (sharded, report)
+    # the report says where the arrays live: every device of the mesh, not the default device
+    assert report.device == str(jax.devices()[0])
+    assert sharded.device == "8 devices: cpu:0-7" and " on 8 devices: cpu:0-7 in " in str(sharded), sharded
 
 
 def test_read_window_equals_the_slice(made):
