@@ -21,6 +21,19 @@ from ._qlayers import fused_linears
 from ._quantized import explicit_axes, explicit_mesh, with_auto_axes
 
 
+def _get(var: Any) -> Any:
+    """An nnx Variable's value (``get_value``: flax deprecates ``.value``, which older releases only have)."""
+    return var.get_value() if hasattr(var, "get_value") else var.value
+
+
+def _set(var: Any, value: Any) -> None:
+    """Sets an nnx Variable's value (``set_value``, or ``.value`` in older flax releases)."""
+    if hasattr(var, "set_value"):
+        var.set_value(value)
+    else:
+        var.value = value
+
+
 def _nnx():
     try:
         from flax import nnx
@@ -317,10 +330,10 @@ def _make_modules():
             from flax.errors import TraceContextError
 
             variables = [var for _, var in nnx.to_flat_state(nnx.state(self))]
-            before = [var.value for var in variables]
+            before = [_get(var) for var in variables]
             try:
                 for var, value in zip(variables, before):
-                    var.value = value  # unchanged: may this trace change them?
+                    _set(var, value)  # unchanged: may this trace change them?
             except TraceContextError:  # a model captured by a jax.jit: a copy runs (nothing can change)
                 graph, state = nnx.split(self)
                 return with_auto_axes(
@@ -331,12 +344,13 @@ def _make_modules():
 
             def run(values: list[Any], ids: jax.Array) -> jax.Array:
                 for var, value in zip(variables, values, strict=True):
-                    var.value = value
+                    _set(var, value)
                 out = self._logits(ids)
+                now = [_get(var) for var in variables]
                 changed.update(
-                    (i, var.value)
-                    for i, (var, value) in enumerate(zip(variables, values))
-                    if isinstance(var.value, jax.Array) and var.value is not value
+                    (i, new)
+                    for i, (new, value) in enumerate(zip(now, values))
+                    if isinstance(new, jax.Array) and new is not value
                 )
                 return out
 
@@ -344,12 +358,12 @@ def _make_modules():
                 logits = with_auto_axes(run, (before, input_ids), _logits_spec(input_ids), mesh)
             finally:
                 for var, value in zip(variables, before, strict=True):
-                    var.value = value
+                    _set(var, value)
             if changed:  # placed back as each variable was
                 specs = {i: getattr(jax.typeof(before[i]).sharding, "spec", P()) for i in changed}
                 placed = with_auto_axes(lambda: dict(changed), (), specs, mesh)
                 for i, value in placed.items():
-                    variables[i].value = value
+                    _set(variables[i], value)
             return logits
 
         def _logits(self, input_ids: jax.Array) -> jax.Array:
