@@ -318,6 +318,14 @@ def _routes(
         elif leaf_sharding is not None:
             route = "sharded"
             fits(leaf_sharding, name, tuple(p.leaf.shape))  # before anything is read
+            if jdev.platform == "gpu":  # each shard is copied into an array XLA allocated on its device
+                out = (
+                    _torch_dtype(cast) if cast is not None and entry.dtype.is_floating_point else entry.dtype
+                )
+                if out is not None:
+                    piece = leaf_sharding.shard_shape(tuple(p.leaf.shape))
+                    for device in leaf_sharding.addressable_devices:
+                        into.expect(piece, out, device, 1)
         elif groups is not None:
             route = groups.kind(entry, p.rule, cast)
             if route is not None:
@@ -562,7 +570,13 @@ def load_checkpoint(
                     dense += values[p.leaf.path].nbytes
                 elif route == "sharded":
                     values[p.leaf.path] = load_sharded_leaf(
-                        ckpt, entry, p.rule, leaf_sharding, functools.partial(_convert, cast=cast), turn=i
+                        ckpt,
+                        entry,
+                        p.rule,
+                        leaf_sharding,
+                        functools.partial(_convert, cast=cast),
+                        turn=i,
+                        into=into,
                     )
                     dense += values[p.leaf.path].nbytes
                 elif groups is not None and route is not None:  # an FP8 group's kind

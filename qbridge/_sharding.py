@@ -47,6 +47,7 @@ import torch_side
 from ._checkpoint import Checkpoint, Entry
 from ._decode import bnb4_pieces, check_scales, materialize, torchao_weight
 from ._errors import CheckpointError
+from ._handoff import XlaDestinations
 from ._place import hand_over
 
 ShardingSpec = Callable[[str, tuple[int, ...]], Any] | tuple[Any, Sequence[tuple[str, Any]]]
@@ -286,8 +287,11 @@ def load_sharded_leaf(
     cast: Callable[[torch.Tensor], torch.Tensor],
     *,
     turn: int = 0,
+    into: XlaDestinations | None = None,
 ) -> jax.Array:
-    """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device.
+    """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device (on GPUs
+    copied into an array from ``into`` where it has one, valid once ``into.settle()`` returns; see
+    :func:`hand_over`).
 
     Where every device of ``sharding`` is this process's (one process serves every shard), the weight is
     read whole once (the loader reads it ahead, as an unsharded load does), decoded on one of them, device
@@ -315,7 +319,7 @@ def load_sharded_leaf(
                 whole = materialize(ckpt, entry, _torch_device(device), rule)
                 shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
         made.setdefault(key, shard)
-        arrays.append(hand_over(shard, device))
+        arrays.append(hand_over(shard, device, into))
         del shard
     made.clear()
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
