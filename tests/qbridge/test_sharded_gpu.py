@@ -35,22 +35,36 @@ def made(written):
 
 
 @pytest.mark.parametrize("name", ["nf4", "fp8", "dense"])
-def test_sharded_over_one_gpu_reads_ahead_and_equals_unsharded(written, name):
+def test_sharded_over_one_gpu_reads_ahead_and_equals_unsharded(written, name, monkeypatch):
     """A mesh of one GPU: every leaf's devices are this process's, so each weight is read once, whole (ahead,
     into pinned staging, where it is large enough), decoded and cut; the arrays equal an unsharded load's bit
-    for bit. Its tensors are small: a real-size one-GPU sharded load is `deepseek_v3_scale.py --shard`."""
+    for bit. Its tensors are small: a real-size one-GPU sharded load is `deepseek_v3_scale.py --shard`.
+    Once the allocation programs of the shards' shapes are compiled, every shard is written by torch into an
+    array XLA allocated (XLA's own copy, the route until then, is made to fail)."""
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
+
+    from qbridge import _handoff, _place
 
     gpu = jax.local_devices(backend="gpu")[0]
     mesh = Mesh(np.array([gpu]), ("x",))
     rules = [(r"(q_proj|gate_proj)\.kernel$", P(None, "x")), (r"down_proj\.kernel$", P("x", None))]
     whole, report = qbridge.load_checkpoint(written / name, progress=False, return_report=True)
+    for _ in range(2):  # a shape's allocation program is compiled in the background from its second use
+        qbridge.load_checkpoint(written / name, progress=False, sharding=(mesh, rules))
+        _handoff.wait_for_allocators()
+
+    def xla_copy(*args, **kwargs):
+        raise AssertionError("a shard was copied by XLA, not written into an array XLA allocated")
+
+    monkeypatch.setattr(_place, "jax_owned_copy", xla_copy)
     sharded, sharded_report = qbridge.load_checkpoint(
         written / name, progress=False, return_report=True, sharding=(mesh, rules)
     )
+    monkeypatch.undo()
     assert sharded_report.read_bytes == report.read_bytes == report.stored_bytes
+    assert sharded_report.device == str(gpu)
     flat_w = dict(jax.tree_util.tree_leaves_with_path(whole))
     for path, x in jax.tree_util.tree_leaves_with_path(sharded):
         leaf = jax_side.dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))
