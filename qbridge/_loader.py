@@ -39,7 +39,7 @@ from jax_side._target import warn_misfit
 from jax_side._tree import kind_override, warn_at_caller, warn_unmatched
 
 from . import _gc, _staging
-from ._checkpoint import Checkpoint, open_checkpoint
+from ._checkpoint import Checkpoint, Entry, open_checkpoint
 from ._classify import architecture_uses_conv1d
 from ._decode import materialize
 from ._devices import resolve_device
@@ -170,6 +170,12 @@ def _torch_dtype(dtype: Any) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch_dtype(dtype)
+
+
+def _loaded_dtype(entry: Entry, cast: Any) -> torch.dtype | None:
+    """The torch dtype of ``entry`` as loaded: the leaf's dtype ``cast`` for floating weights (see
+    :func:`_convert`), else its own."""
+    return _torch_dtype(cast) if cast is not None and entry.dtype.is_floating_point else entry.dtype
 
 
 def _convert(t: torch.Tensor, cast: Any) -> torch.Tensor:
@@ -319,9 +325,7 @@ def _routes(
             route = "sharded"
             fits(leaf_sharding, name, tuple(p.leaf.shape))  # before anything is read
             if jdev.platform == "gpu":  # each shard is copied into an array XLA allocated on its device
-                out = (
-                    _torch_dtype(cast) if cast is not None and entry.dtype.is_floating_point else entry.dtype
-                )
+                out = _loaded_dtype(entry, cast)
                 if out is not None:
                     piece = leaf_sharding.shard_shape(tuple(p.leaf.shape))
                     for device in leaf_sharding.addressable_devices:
@@ -331,9 +335,7 @@ def _routes(
             if route is not None:
                 groups.expect(route, entry)
             else:
-                out = (
-                    _torch_dtype(cast) if cast is not None and entry.dtype.is_floating_point else entry.dtype
-                )
+                out = _loaded_dtype(entry, cast)
                 if out is not None:
                     into.expect(tuple(p.leaf.shape), out, jdev, 1)
         routes.append((cast, leaf_sharding, route))
