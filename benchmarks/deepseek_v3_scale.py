@@ -250,7 +250,8 @@ def main() -> None:
 
     sharding = tensor_parallel(devices) if args.shard else None
     if sharding is not None:
-        print(f"split over {len(devices)} {'GPUs' if gpu else 'CPU devices'}")
+        kind = "GPU" if gpu else "CPU device"
+        print(f"split over {len(devices)} {kind}{'s' if len(devices) > 1 else ''}")
     loads = []
     for i in range(args.loads):
         wall0, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.sharding import PartitionSpec as P
 
 import jax_side
 from jax_side._target import warn_misfit
@@ -158,10 +159,15 @@ def _where(values: Mapping[Any, Any], jdev: Any) -> str:
         devices.update(leaf.sharding.device_set if isinstance(leaf, jax.Array) else (jdev,))
     if len(devices) <= 1:
         return str(next(iter(devices), jdev))
-    ids = sorted(d.id for d in devices)
-    platforms = sorted({str(d).rpartition(":")[0] or d.platform for d in devices})
-    span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ",".join(map(str, ids))
-    return f"{len(devices)} devices: {'/'.join(platforms)}:{span}"
+    kinds: dict[str, list[int]] = {}  # platform as devices print it (cuda, cpu) -> ids
+    for d in devices:
+        kinds.setdefault(str(d).rpartition(":")[0] or d.platform, []).append(d.id)
+    spans = []
+    for kind, ids in sorted(kinds.items()):
+        ids.sort()
+        whole = ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 1
+        spans.append(f"{kind}:{ids[0]}-{ids[-1]}" if whole else f"{kind}:" + ",".join(map(str, ids)))
+    return f"{len(devices)} devices: {', '.join(spans)}"
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype | None:
@@ -279,6 +285,18 @@ def _guesses_that_decided(
 def _replicated_here(sharding: Any) -> bool:
     """Whether ``sharding`` holds a whole copy on each of its devices, all of them this process's."""
     return bool(sharding.is_fully_replicated and sharding.is_fully_addressable)
+
+
+def _replicated(sharding: Any) -> Any:
+    """A fully replicated ``sharding`` as one that fits arrays of any rank (a kept weight's pieces are not of
+    its leaf's rank: ``P(None, None)`` cannot place a 1-D array), over the same devices and memory."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
+    devices = sorted(sharding.device_set, key=lambda d: d.id)
+    if len(devices) == 1:
+        return jax.sharding.SingleDeviceSharding(devices[0], memory_kind=sharding.memory_kind)
+    mesh = jax.sharding.Mesh(np.array(devices), ("replicas",))
+    return jax.sharding.NamedSharding(mesh, P(), memory_kind=sharding.memory_kind)
 
 
 _FLOAT32 = np.dtype(np.float32)
@@ -463,6 +481,9 @@ def load_checkpoint(
             quantized (a model, state or tree that ``jax_side.load_quantized_into_nnx`` or ``keep_quantized``
             filled; the message names one): a target gives the dense layout. A ``sharding=`` callable that
             returns something other than a ``jax.sharding.Sharding`` or None (the leaf named).
+        ValueError: a sharding rule naming an axis its mesh lacks, an axis twice, or reduced/unreduced axes
+            (the rule named); a leaf's sharding that its shape does not divide into or that puts it in host
+            memory (``memory_kind``), refused before anything is read (the leaf named); a bad ``dtype``.
     """
 
     sharding = check_spec(sharding)
@@ -567,7 +588,7 @@ def load_checkpoint(
                     kept = quantized_leaf(ckpt, entry, jdev, cast)
                     # a replicated placement: a copy of the pieces on each device
                     values[p.leaf.path] = (
-                        kept if leaf_sharding is None else jax.device_put(kept, leaf_sharding)
+                        kept if leaf_sharding is None else jax.device_put(kept, _replicated(leaf_sharding))
                     )
                     dense += values[p.leaf.path].nbytes
                 elif route == "sharded":
@@ -614,7 +635,8 @@ def load_checkpoint(
         elif kinds:  # kinds= searches the module path (the Flax name without its leaf) before a guess
             decided = {p.key for p, name in zip(plan, names) if kind_override(name.rpartition(".")[0], kinds)}
             guessed = [key for key in guessed if key not in decided]
-        where = _where(values, jdev) if sharding is not None else str(jdev)
+        # the devices the arrays span where any leaf was placed by a sharding (sharding= or the target's own)
+        where = _where(values, jdev) if any(r[1] is not None for r in routes) else str(jdev)
         report = LoadReport(ckpt.format, len(values), sorted(skipped), match, stored, dense, time.perf_counter() - start,
                             where, skipped, guessed, classified_by, read_bytes=ckpt.bytes_read)  # fmt: skip
     if skipped:

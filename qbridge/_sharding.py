@@ -91,9 +91,16 @@ def fits(sharding: Any, name: str, shape: tuple[int, ...]) -> None:
     same map of shards, which JAX keeps).
 
     Raises:
-        ValueError: it cannot (an axis its mesh splits into parts the dimension does not divide into, say),
-            naming the leaf and JAX's reason.
+        ValueError: it cannot (an axis its mesh splits into parts the dimension does not divide into, say,
+            or memory other than the devices'), naming the leaf and the reason.
     """
+    memory = getattr(sharding, "memory_kind", None)
+    if memory not in (None, "device"):
+        raise ValueError(
+            f"{name}: its sharding puts it in {memory!r} memory; leaves are loaded into device memory: load with "
+            f"the sharding's memory_kind left as 'device', then move the arrays (jax.device_put(x, "
+            f"sharding.with_memory_kind({memory!r})))"
+        )
     try:
         sharding.addressable_devices_indices_map(shape)
     except Exception as e:
@@ -369,20 +376,25 @@ def check_spec(spec: Any) -> Any:
             re.compile(rule[0])
         except (re.error, TypeError) as e:
             raise ValueError(f"sharding rule {rule[0]!r} is no regular expression: {e}") from e
+        if getattr(rule[1], "unreduced", None) or getattr(rule[1], "reduced", None):
+            raise ValueError(
+                f"sharding rule {rule[0]!r}: {rule[1]} has reduced or unreduced axes, which describe partial sums "
+                "of a computation, not how a stored weight is laid out: give a PartitionSpec of axis names and None"
+            )
         axes = spec[0].axis_names
-        named = [
+        named = [  # each entry: None, UNCONSTRAINED, an axis name or a tuple of them
             a
             for entry in rule[1]
-            if entry is not None
+            if entry is not None and entry is not jax.sharding.PartitionSpec.UNCONSTRAINED
             for a in (entry if isinstance(entry, tuple) else (entry,))
         ]
-        unknown = [a for a in named if isinstance(a, str) and a not in axes]
+        unknown = list(dict.fromkeys(a for a in named if a not in axes))
         if unknown:
             raise ValueError(
                 f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, unknown))}, which the mesh lacks "
                 f"(its axes: {', '.join(map(repr, axes))})"
             )
-        twice = sorted({a for a in named if isinstance(a, str) and named.count(a) > 1})
+        twice = list(dict.fromkeys(a for a in named if named.count(a) > 1))
         if twice:
             raise ValueError(
                 f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, twice))} more than once; a mesh "

@@ -105,6 +105,13 @@ def test_kept_weights_are_replicated_where_no_rule_splits_them(made):
     with pytest.raises(ValueError, match=r"down_proj.kernel: keep_quantized does not shard"):
         qbridge.load_checkpoint(made / "nf4", target=target, progress=False, keep_quantized=True,
                                 sharding=(mesh, [(r"down_proj\.kernel$", P("x", None))]))  # fmt: skip
+    # replicated by a spec with an entry per axis (as an nnx model made under an Explicit mesh carries): the
+    # pieces, of other ranks than the kernel, are replicated (the kernel's P(None, None) cannot place them)
+    entries = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, keep_quantized=True,
+                                      sharding=(mesh, [(r"down_proj\.kernel$", P(None, None))]))  # fmt: skip
+    kept = entries["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
+    assert all(a.sharding == NamedSharding(mesh, P()) for a in jax.tree.leaves(kept))
+    _same(kept.dequantize(), whole["model"]["layers"][0]["mlp"]["down_proj"]["kernel"].dequantize())
 
 
 def test_shards_hold_only_their_slice(made):
@@ -136,9 +143,10 @@ def test_target_shardings_are_honoured(made):
     _, target = _target(made)
     mesh = _mesh_2d()
     first = qbridge.load_checkpoint(made / "nf4", target=target, progress=False, sharding=(mesh, TWO_D))
-    again = qbridge.load_checkpoint(made / "fp4", target=first, progress=False)
+    again, report = qbridge.load_checkpoint(made / "fp4", target=first, progress=False, return_report=True)
     for leaf, x in _leaves(again).items():
         assert x.sharding == _leaves(first)[leaf].sharding, leaf
+    assert report.device == "8 devices: cpu:0-7"  # placed by the target's shardings, not by sharding=
 
 
 def test_flax_model_under_jit_with_shardings(made):
@@ -316,6 +324,20 @@ def test_bad_sharding_spec(made):
     ):
         qbridge.load_checkpoint(
             made / "nf4", progress=False, sharding=(_mesh_1d(), [("q_proj", P(None, "tp"))])
+        )
+    # entries that are no axis of the mesh, and specs of partial sums: the rule named (JAX's errors did not)
+    for spec, words in [
+        (P(1, None), r"names 1, which the mesh lacks"),
+        (P(("x", None), None), r"names None, which the mesh lacks"),
+        (P(None, None, unreduced={"x"}), r"has reduced or unreduced axes"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^sharding rule 'q_proj': .*{words}"):
+            qbridge.load_checkpoint(made / "nf4", progress=False, sharding=(_mesh_1d(), [("q_proj", spec)]))
+    # memory other than the devices': refused while planning, the leaf named (JAX's error came after the reads)
+    host = NamedSharding(_mesh_1d(), P(), memory_kind="pinned_host")
+    with pytest.raises(ValueError, match=r"q_proj\.kernel: its sharding puts it in 'pinned_host' memory"):
+        qbridge.load_checkpoint(
+            made / "nf4", progress=False, sharding=lambda n, s: host if "q_proj" in n else None
         )
     # an axis named twice (JAX's DuplicateSpecError named no rule nor leaf), also inside a tuple of axes
     for twice in (P("x", "x"), P(("x",), "x")):
