@@ -342,7 +342,8 @@ def _routes(
         elif leaf_sharding is not None:
             route = "sharded"
             fits(leaf_sharding, name, tuple(p.leaf.shape))  # before anything is read
-            if jdev.platform == "gpu":  # each shard is copied into an array XLA allocated on its device
+            # on GPUs (whatever device= is) each shard is copied into an array XLA allocated on its device
+            if next(iter(leaf_sharding.device_set)).platform == "gpu":
                 out = _loaded_dtype(entry, cast)
                 if out is not None:
                     piece = leaf_sharding.shard_shape(tuple(p.leaf.shape))
