@@ -24,6 +24,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -282,6 +283,14 @@ def _guesses_that_decided(
     ]
 
 
+def unmatched_words(names: Sequence[str]) -> str:
+    """What a warning says of a sharding rule that matched none of the leaves ``names`` (dotted Flax paths)."""
+    example = (
+        repr(max(names, key=lambda n: n.count("."))) if names else "'model.layers.0.mlp.down_proj.kernel'"
+    )
+    return f"matched no leaf; it placed nothing (rules search each leaf's dotted Flax path, such as {example}, not torch's keys)"
+
+
 def _replicated_here(sharding: Any) -> bool:
     """Whether ``sharding`` holds a whole copy on each of its devices, all of them this process's."""
     return bool(sharding.is_fully_replicated and sharding.is_fully_addressable)
@@ -333,11 +342,17 @@ def _routes(
         route: Any = None
         if kept:
             if leaf_sharding is not None and not _replicated_here(leaf_sharding):
+                if p.leaf.sharding is not None and len(p.leaf.sharding.device_set) > 1:
+                    by = "the target's leaf is sharded over several devices"
+                elif isinstance(sharding, tuple):
+                    rule = next((r for r, _ in sharding[1] if re.search(r, name)), None)
+                    by = f"by the sharding rule {rule!r}"
+                else:
+                    by = "by the sharding= callable"
                 raise ValueError(
-                    f"{name}: keep_quantized does not shard, and this leaf is to be sharded ("
-                    + ("by sharding=" if sharding is not None else "the target's leaf is sharded over "
-                       "several devices") + "); load it dense to shard it, or keep it on one device"
-                )  # fmt: skip
+                    f"{name}: keep_quantized does not shard, and this leaf is to be sharded ({by}): load it dense "
+                    "to shard it, or replicate it (P(), or no rule matching it) or place it on one device"
+                )
             route = "kept"
         elif leaf_sharding is not None:
             route = "sharded"
@@ -532,13 +547,7 @@ def load_checkpoint(
                 "sharding",
                 [rule[0] for rule in sharding[1]],
                 names,
-                "matched no leaf; it placed nothing (rules search each leaf's dotted Flax path, such as "
-                + (
-                    repr(max(names, key=lambda n: n.count(".")))
-                    if names
-                    else "'model.layers.0.mlp.down_proj.kernel'"
-                )
-                + ", not torch's keys)",
+                unmatched_words(names),
             )
         stored = sum(ckpt.entries[p.key].stored_bytes for p in plan)
         bar = _progress(stored, progress, f"qbridge: {os.fspath(path)}")

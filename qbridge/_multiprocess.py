@@ -128,7 +128,14 @@ def check_multiprocess_load(
         RuntimeError: a process failed or the time ran out; the message holds the end of each process's
             output. Every process started is gone when this returns or raises.
     """
+    from jax.sharding import PartitionSpec
+
+    import jax_side
+    from jax_side._tree import warn_unmatched
+
     from ._checkpoint import open_checkpoint
+    from ._loader import plan_load, unmatched_words
+    from ._sharding import spec_problem
 
     if processes < 1 or cpu_devices < 1:
         raise ValueError(f"processes and cpu_devices must be positive, got {processes} and {cpu_devices}")
@@ -152,18 +159,20 @@ def check_multiprocess_load(
             raise TypeError(
                 f"rule {pattern!r}: the partition is a list of axis names or None per leaf axis, got {partition!r}"
             )
-        named = [a for p in partition for a in ((p,) if isinstance(p, str) or p is None else p)]
-        unknown = [a for a in named if a is not None and a not in axes]
-        if unknown:
+        given = PartitionSpec(*(p if isinstance(p, str) or p is None else tuple(p) for p in partition))
+        problem = spec_problem(given, axes)
+        if problem:
             raise ValueError(
-                f"rule {pattern!r}: axes {unknown} are not in the mesh's axes {list(axes)} (a 1-D mesh has axis "
-                "'x', a 2-D mesh 'data' and 'model')"
+                f"rule {pattern!r}: {problem} (a 1-D mesh has axis 'x', a 2-D mesh 'data' and 'model')"
             )
     if isinstance(checkpoints, (str, os.PathLike)):
         checkpoints = [checkpoints]
     for c in checkpoints:  # a bad path is reported here, once, not by every process
-        with open_checkpoint(c):
-            pass
+        with open_checkpoint(c) as ckpt:
+            if rules:  # a rule that matches nothing is said here: the processes' own warnings are not shown
+                _, plan, _, _ = plan_load(ckpt, None)
+                names = [jax_side.dotted(p.leaf.path[1:]) for p in plan]
+                warn_unmatched("sharding", [pattern for pattern, _ in rules], names, unmatched_words(names))
     if convert_dir is not None:
         pathlib.Path(convert_dir).mkdir(parents=True, exist_ok=True)
     spec = {

@@ -33,9 +33,10 @@ Replicated leaves are read whole by every process that holds a replica.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -78,7 +79,7 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
             if len(partition) > len(shape):
                 raise ValueError(
                     f"{name}: the sharding rule {pattern!r} gives it {partition}, {len(partition)} entries for "
-                    f"{len(shape)} axes (its Flax shape is {shape}); a PartitionSpec has at most one entry per axis: "
+                    f"{len(shape)} ax{'i' if len(shape) == 1 else 'e'}s (its Flax shape is {shape}); a PartitionSpec has at most one entry per axis: "
                     "narrow the rule's regex or its spec"
                 )
             return jax.sharding.NamedSharding(mesh, partition)
@@ -343,28 +344,77 @@ def reads_slices(entry: Entry) -> bool:
     )
 
 
+def spec_problem(spec: jax.sharding.PartitionSpec, axes: Sequence[Any]) -> str | None:
+    """What makes ``spec`` unfit to lay out a stored weight over a mesh of ``axes``, in words, or None: an
+    entry that is no axis of the mesh, an axis named twice, reduced or unreduced axes."""
+    if getattr(spec, "unreduced", None) or getattr(spec, "reduced", None):
+        return (
+            f"{spec} has reduced or unreduced axes, which describe partial sums of a computation, not how a "
+            "stored weight is laid out: give a PartitionSpec of axis names and None"
+        )
+    named = [  # each entry: None, UNCONSTRAINED, an axis name or a tuple of them
+        a
+        for entry in spec
+        if entry is not None and entry is not jax.sharding.PartitionSpec.UNCONSTRAINED
+        for a in (entry if isinstance(entry, tuple) else (entry,))
+    ]
+    unknown = list(dict.fromkeys(a for a in named if a not in axes))
+    if unknown:
+        return (
+            f"{spec} names {', '.join(map(repr, unknown))}, which the mesh lacks (its axes: "
+            f"{', '.join(map(repr, axes))})"
+        )
+    twice = list(dict.fromkeys(a for a in named if named.count(a) > 1))
+    if twice:
+        return (
+            f"{spec} names {', '.join(map(repr, twice))} more than once; a mesh axis splits at most one dimension "
+            "of an array (split two dimensions over two axes, or one dimension over a tuple of axes)"
+        )
+    return None
+
+
 def check_spec(spec: Any) -> Any:
     """``spec`` checked, with ``(mesh, rules)`` rules made a tuple (an iterator is read once), and each
     rule's regex compiled.
 
     Raises:
-        TypeError: not a callable, nor a ``(mesh, rules)`` pair of ``(regex, PartitionSpec)`` rules (a bare
-            mesh included).
-        ValueError: a rule's regex does not compile; a rule names an axis the mesh lacks.
+        TypeError: not a callable ``(name, shape)``, nor a ``(mesh, rules)`` pair of ``(regex, PartitionSpec)``
+            rules (a list, an iterator or a ``{regex: PartitionSpec}`` dict); a bare mesh included.
+        ValueError: a rule's regex does not compile; a rule's spec is unfit (:func:`spec_problem`).
     """
     if isinstance(spec, jax.sharding.Mesh):  # callable too (a context decorator), but no (name, shape) one
         raise TypeError(
             "sharding=mesh: give the mesh with its rules, sharding=(mesh, [(regex, PartitionSpec), ...]) (leaves no "
             "rule matches are replicated over the mesh), or a callable (name, shape) -> Sharding"
         )
-    if spec is None or callable(spec):
+    if spec is None:
         return spec
-    if not (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], jax.sharding.Mesh)):
+    if callable(spec):
+        try:
+            inspect.signature(spec).bind("model.layers.0.mlp.down_proj.kernel", (1, 1))
+        except TypeError as e:
+            raise TypeError(
+                f"the sharding= callable is called as f(name, shape) (a leaf's dotted Flax path and its shape), "
+                f"and {getattr(spec, '__name__', type(spec).__name__)} cannot be: {e}"
+            ) from None
+        except ValueError:  # no signature to read (a builtin): called as it is
+            pass
+        return spec
+    usage = "a callable (name, shape) -> Sharding or a pair (mesh, [(regex, PartitionSpec), ...])"
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise TypeError(f"sharding must be {usage}, got {type(spec).__name__}")
+    if not isinstance(spec[0], jax.sharding.Mesh):
+        swapped = " (the pair's order is (mesh, rules))" if isinstance(spec[1], jax.sharding.Mesh) else ""
         raise TypeError(
-            "sharding must be a callable (name, shape) -> Sharding or a pair (mesh, [(regex, PartitionSpec), ...]), "
-            f"got {type(spec).__name__}"
+            f"sharding must be {usage}: its first element is a {type(spec[0]).__name__}, not a "
+            f"jax.sharding.Mesh{swapped}"
         )
-    rules = tuple(spec[1])
+    if isinstance(spec[1], jax.sharding.PartitionSpec):
+        raise TypeError(
+            f"sharding=(mesh, {spec[1]}): give the rules as a list of (regex, PartitionSpec) pairs, such as "
+            f"[(r'.*', {spec[1]})] for every leaf (a leaf of another rank needs its own rule)"
+        )
+    rules = tuple(spec[1].items()) if isinstance(spec[1], Mapping) else tuple(spec[1])  # {regex: spec} too
     for rule in rules:
         if not (
             isinstance(rule, (tuple, list))
@@ -376,29 +426,7 @@ def check_spec(spec: Any) -> Any:
             re.compile(rule[0])
         except (re.error, TypeError) as e:
             raise ValueError(f"sharding rule {rule[0]!r} is no regular expression: {e}") from e
-        if getattr(rule[1], "unreduced", None) or getattr(rule[1], "reduced", None):
-            raise ValueError(
-                f"sharding rule {rule[0]!r}: {rule[1]} has reduced or unreduced axes, which describe partial sums "
-                "of a computation, not how a stored weight is laid out: give a PartitionSpec of axis names and None"
-            )
-        axes = spec[0].axis_names
-        named = [  # each entry: None, UNCONSTRAINED, an axis name or a tuple of them
-            a
-            for entry in rule[1]
-            if entry is not None and entry is not jax.sharding.PartitionSpec.UNCONSTRAINED
-            for a in (entry if isinstance(entry, tuple) else (entry,))
-        ]
-        unknown = list(dict.fromkeys(a for a in named if a not in axes))
-        if unknown:
-            raise ValueError(
-                f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, unknown))}, which the mesh lacks "
-                f"(its axes: {', '.join(map(repr, axes))})"
-            )
-        twice = list(dict.fromkeys(a for a in named if named.count(a) > 1))
-        if twice:
-            raise ValueError(
-                f"sharding rule {rule[0]!r}: {rule[1]} names {', '.join(map(repr, twice))} more than once; a mesh "
-                "axis splits at most one dimension of an array (split two dimensions over two axes, "
-                "or one dimension over a tuple of axes)"
-            )
+        problem = spec_problem(rule[1], spec[0].axis_names)
+        if problem:
+            raise ValueError(f"sharding rule {rule[0]!r}: {problem}")
     return (spec[0], rules)

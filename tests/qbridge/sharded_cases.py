@@ -339,6 +339,23 @@ def test_bad_sharding_spec(made):
         qbridge.load_checkpoint(
             made / "nf4", progress=False, sharding=lambda n, s: host if "q_proj" in n else None
         )
+    # a newcomer's slips: one spec for rules, the pair swapped, a callable of another signature
+    with pytest.raises(
+        TypeError, match=r"give the rules as a list of \(regex, PartitionSpec\) pairs, such as"
+    ):
+        qbridge.load_checkpoint(made / "nf4", progress=False, sharding=(_mesh_1d(), P(None, "x")))
+    with pytest.raises(
+        TypeError, match=r"first element is a list, not a jax.sharding.Mesh \(the pair's order"
+    ):
+        qbridge.load_checkpoint(made / "nf4", progress=False, sharding=([("q_proj", P())], _mesh_1d()))
+    with pytest.raises(TypeError, match=r"called as f\(name, shape\) .*, and <lambda> cannot be"):
+        qbridge.load_checkpoint(made / "nf4", progress=False, sharding=lambda name: None)
+    # the keep_quantized refusal names the rule that splits the leaf
+    with pytest.raises(
+        ValueError, match=r"keep_quantized does not shard, .*\(by the sharding rule 'down_proj'\)"
+    ):
+        qbridge.load_checkpoint(made / "nf4", progress=False, keep_quantized=True,
+                                sharding=(_mesh_1d(), [("down_proj", P("x", None))]))  # fmt: skip
     # an axis named twice (JAX's DuplicateSpecError named no rule nor leaf), also inside a tuple of axes
     for twice in (P("x", "x"), P(("x",), "x")):
         with pytest.raises(ValueError, match=r"rule 'q_proj': P\(.*\) names 'x' more than once; a mesh axis"):
@@ -425,6 +442,12 @@ def test_rules_given_as_an_iterator_are_applied(made):
     rules = ((pattern, spec) for pattern, spec in ROWS_AND_COLUMNS)  # read once only
     params = qbridge.load_checkpoint(
         made / "nf4", target=target, progress=False, sharding=(_mesh_1d(), rules)
+    )
+    down = params["model"]["layers"][1]["mlp"]["down_proj"]["kernel"]
+    assert down.sharding == NamedSharding(_mesh_1d(), P("x", None))
+    # and as a {regex: PartitionSpec} dict, in its order
+    params = qbridge.load_checkpoint(
+        made / "nf4", target=target, progress=False, sharding=(_mesh_1d(), dict(ROWS_AND_COLUMNS))
     )
     down = params["model"]["layers"][1]["mlp"]["down_proj"]["kernel"]
     assert down.sharding == NamedSharding(_mesh_1d(), P("x", None))

@@ -97,8 +97,25 @@ def test_bad_arguments_are_refused_before_any_process_starts(made, tmp_path):
         check_multiprocess_load([made / "nf4", tmp_path / "missing"], processes=2, cpu_devices=1)
     with pytest.raises(ValueError, match="mesh shape 3x3 holds 9 devices; 2 processes x 4 device"):
         check_multiprocess_load(made / "nf4", mesh_shape=(3, 3))
-    with pytest.raises(ValueError, match=r"axes \['nope'\] are not in the mesh's axes \['x'\]"):
+    with pytest.raises(
+        ValueError, match=r"P\('nope', None\) names 'nope', which the mesh lacks \(its axes: 'x'\)"
+    ):
         check_multiprocess_load(made / "nf4", rules=[("kernel$", ["nope", None])])
+    # an axis named twice: refused here, as load_checkpoint refuses it (each process printed a traceback)
+    with pytest.raises(
+        ValueError, match=r"rule 'kernel\$': P\('model', 'model'\) names 'model' more than once"
+    ):
+        check_multiprocess_load(made / "nf4", mesh_shape=(2, 4), rules=[("kernel$", ["model", "model"])])
+    # a rule that matches no leaf: said here, as each checkpoint is opened (the processes' own warnings are
+    # not shown); a missing second checkpoint stops it before any process starts
+    with pytest.warns(UserWarning, match=r"rule 'down_proj.*weight.*' matched no leaf; .* dotted Flax path"):
+        with pytest.raises(qbridge.CheckpointError, match="missing"):
+            check_multiprocess_load(
+                [made / "nf4", tmp_path / "missing"],
+                processes=2,
+                cpu_devices=1,
+                rules=[(r"down_proj\.weight$", ["x"])],
+            )
     with pytest.raises(ValueError, match="must hold positive ints"):
         check_multiprocess_load(made / "nf4", mesh_shape=(-2, -4))
     with pytest.raises(ValueError, match="is no regular expression"):
