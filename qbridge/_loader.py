@@ -462,8 +462,8 @@ def load_checkpoint(
         sharding: shard the result over devices: a callable ``(name, shape) -> jax.sharding.Sharding``, where
             ``name`` is the leaf's dotted Flax path (``"model.layers.0.mlp.down_proj.kernel"``) and ``shape``
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with
-            ``rules`` a sequence of ``(regex, PartitionSpec)`` searched against the name, first match wins,
-            unmatched leaves replicated (a rule that matches no leaf warns). A target's own multi-device
+            ``rules`` a sequence of ``(regex, PartitionSpec)`` (or a ``{regex: PartitionSpec}`` dict) searched
+            against the name, first match wins, unmatched leaves replicated (a rule that matches no leaf warns). A target's own multi-device
             shardings win. A process that holds all of a leaf's devices reads the weight once, ahead (as an
             unsharded load reads), decodes it on one of them (the leaves take turns) and copies each shard
             to its device from there; a process of a multi-process job reads and decodes on each of its

@@ -79,8 +79,8 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
             if len(partition) > len(shape):
                 raise ValueError(
                     f"{name}: the sharding rule {pattern!r} gives it {partition}, {len(partition)} entries for "
-                    f"{len(shape)} ax{'i' if len(shape) == 1 else 'e'}s (its Flax shape is {shape}); a PartitionSpec has at most one entry per axis: "
-                    "narrow the rule's regex or its spec"
+                    f"{len(shape)} ax{'i' if len(shape) == 1 else 'e'}s (its Flax shape is {shape}); a "
+                    "PartitionSpec has at most one entry per axis: narrow the rule's regex or its spec"
                 )
             return jax.sharding.NamedSharding(mesh, partition)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
