@@ -19,15 +19,12 @@ from jax.sharding import PartitionSpec as P
 
 from ._qlayers import fused_linears
 from ._quantized import explicit_axes, explicit_mesh, with_auto_axes
-
-
-def _get(var: Any) -> Any:
-    """An nnx Variable's value (``get_value``: flax deprecates ``.value``, which older releases only have)."""
-    return var.get_value() if hasattr(var, "get_value") else var.value
+from ._target import _value
 
 
 def _set(var: Any, value: Any) -> None:
-    """Sets an nnx Variable's value (``set_value``, or ``.value`` in older flax releases)."""
+    """Sets an nnx Variable's value (``set_value``: flax deprecates ``.value``, which flax 0.11 only has; read
+    with ``_target._value``)."""
     if hasattr(var, "set_value"):
         var.set_value(value)
     else:
@@ -330,7 +327,7 @@ def _make_modules():
             from flax.errors import TraceContextError
 
             variables = [var for _, var in nnx.to_flat_state(nnx.state(self))]
-            before = [_get(var) for var in variables]
+            before = [_value(var) for var in variables]
             try:
                 for var, value in zip(variables, before):
                     _set(var, value)  # unchanged: may this trace change them?
@@ -346,7 +343,7 @@ def _make_modules():
                 for var, value in zip(variables, values, strict=True):
                     _set(var, value)
                 out = self._logits(ids)
-                now = [_get(var) for var in variables]
+                now = [_value(var) for var in variables]
                 changed.update(
                     (i, new)
                     for i, (new, value) in enumerate(zip(now, values))

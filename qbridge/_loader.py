@@ -24,7 +24,6 @@ import difflib
 import functools
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,7 +48,7 @@ from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
 from ._group import FP8Groups, _weights_stacked
 from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
-from ._sharding import check_spec, fits, load_sharded_leaf, sharding_for
+from ._sharding import check_spec, fits, load_sharded_leaf, matching_rule, sharding_for
 
 log = logging.getLogger("qbridge")
 
@@ -288,7 +287,10 @@ def unmatched_words(names: Sequence[str]) -> str:
     example = (
         repr(max(names, key=lambda n: n.count("."))) if names else "'model.layers.0.mlp.down_proj.kernel'"
     )
-    return f"matched no leaf; it placed nothing (rules search each leaf's dotted Flax path, such as {example}, not torch's keys)"
+    return (
+        f"matched no leaf; it placed nothing (rules search each leaf's dotted Flax path, such as {example}, "
+        "not torch's keys)"
+    )
 
 
 def _replicated_here(sharding: Any) -> bool:
@@ -345,8 +347,8 @@ def _routes(
                 if p.leaf.sharding is not None and len(p.leaf.sharding.device_set) > 1:
                     by = "the target's leaf is sharded over several devices"
                 elif isinstance(sharding, tuple):
-                    rule = next((r for r, _ in sharding[1] if re.search(r, name)), None)
-                    by = f"by the sharding rule {rule!r}"
+                    rule = matching_rule(sharding[1], name)  # one matched: a leaf none matches is replicated
+                    by = f"by the sharding rule {rule[0] if rule else None!r}"
                 else:
                     by = "by the sharding= callable"
                 raise ValueError(
@@ -463,8 +465,8 @@ def load_checkpoint(
             ``name`` is the leaf's dotted Flax path (``"model.layers.0.mlp.down_proj.kernel"``) and ``shape``
             its Flax shape (a None result: that leaf goes to ``device``), or a pair ``(mesh, rules)`` with
             ``rules`` a sequence of ``(regex, PartitionSpec)`` (or a ``{regex: PartitionSpec}`` dict) searched
-            against the name, first match wins, unmatched leaves replicated (a rule that matches no leaf warns). A target's own multi-device
-            shardings win. A process that holds all of a leaf's devices reads the weight once, ahead (as an
+            against the name, first match wins, unmatched leaves replicated (a rule that matches no leaf
+            warns). A target's own multi-device shardings win. A process that holds all of a leaf's devices reads the weight once, ahead (as an
             unsharded load reads), decodes it on one of them (the leaves take turns) and copies each shard
             to its device from there; a process of a multi-process job reads and decodes on each of its
             devices only that device's slice.

@@ -74,16 +74,22 @@ def sharding_for(spec: ShardingSpec | None, name: str, shape: tuple[int, ...], e
             )
         return got
     mesh, rules = spec
-    for pattern, partition in rules:
-        if re.search(pattern, name):
-            if len(partition) > len(shape):
-                raise ValueError(
-                    f"{name}: the sharding rule {pattern!r} gives it {partition}, {len(partition)} entries for "
-                    f"{len(shape)} ax{'i' if len(shape) == 1 else 'e'}s (its Flax shape is {shape}); a "
-                    "PartitionSpec has at most one entry per axis: narrow the rule's regex or its spec"
-                )
-            return jax.sharding.NamedSharding(mesh, partition)
+    found = matching_rule(rules, name)
+    if found is not None:
+        pattern, partition = found
+        if len(partition) > len(shape):
+            raise ValueError(
+                f"{name}: the sharding rule {pattern!r} gives it {partition}, {len(partition)} entries for "
+                f"{len(shape)} ax{'i' if len(shape) == 1 else 'e'}s (its Flax shape is {shape}); a "
+                "PartitionSpec has at most one entry per axis: narrow the rule's regex or its spec"
+            )
+        return jax.sharding.NamedSharding(mesh, partition)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def matching_rule(rules: Sequence[tuple[str, Any]], name: str) -> tuple[str, Any] | None:
+    """The first ``(regex, PartitionSpec)`` rule whose regex is found in leaf ``name`` (dotted Flax path), or None."""
+    return next((rule for rule in rules if re.search(rule[0], name)), None)
 
 
 def fits(sharding: Any, name: str, shape: tuple[int, ...]) -> None:
