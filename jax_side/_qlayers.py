@@ -21,6 +21,7 @@ from ._casts import cast_exactly
 from ._fused import _held, quantized_matmul, quantized_matmuls
 from ._lora import init_lora_a, lora_adapter_class, lora_delta
 from ._quantized import FP8Weight, NF4Weight, is_quantized
+from ._target import _value
 from ._tree import dotted, warn_at_caller
 
 
@@ -98,11 +99,11 @@ def _make_nnx():
                 )
 
         def __call__(self, x: jax.Array) -> jax.Array:
-            weight = jax.lax.stop_gradient(self.weight.get_value())
+            weight = jax.lax.stop_gradient(_value(self.weight))
             return self._finish(x, quantized_matmul(x.astype(self._compute_dtype(x)), weight))
 
         def _compute_dtype(self, x: jax.Array) -> Any:
-            return _compute_dtype(x, self.weight.get_value(), None if self.bias is None else self.bias[...],
+            return _compute_dtype(x, _value(self.weight), None if self.bias is None else self.bias[...],
                                   self.dtype)  # fmt: skip
 
         def _finish(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -137,7 +138,7 @@ def _make_nnx():
             self.num_embeddings, self.features = weight.shape
 
         def _table(self) -> jax.Array:
-            table = jax.lax.stop_gradient(self.weight.get_value().dequantize())
+            table = jax.lax.stop_gradient(_value(self.weight).dequantize())
             return table if self.dtype is None else cast_exactly(table, self.dtype)
 
         def __call__(self, ids: jax.Array) -> jax.Array:
@@ -146,7 +147,7 @@ def _make_nnx():
         def attend(self, query: jax.Array) -> jax.Array:
             """``query @ table.T`` as ``nnx.Embed.attend`` computes it (tied output layers); ``query`` is
             cast to the table's dtype. Shape ``[..., features]`` -> ``[..., num_embeddings]``."""
-            weight = jax.lax.stop_gradient(self.weight.get_value())
+            weight = jax.lax.stop_gradient(_value(self.weight))
             dtype = jnp.dtype(weight.dtype if self.dtype is None else self.dtype)
             return quantized_matmul(query.astype(dtype), weight)
 
@@ -195,7 +196,7 @@ def fused_linears(x: jax.Array, modules: Sequence[Any]) -> tuple[jax.Array, ...]
     for dtype, members in groups.items():
         # x that no module takes: each module's own call says so
         if len(members) > 1 and all(x.shape[-1:] == (modules[i].in_features,) for i in members):
-            weights = [jax.lax.stop_gradient(modules[i].weight.get_value()) for i in members]
+            weights = [jax.lax.stop_gradient(_value(modules[i].weight)) for i in members]
             for i, y in zip(members, quantized_matmuls(x.astype(dtype), weights)):
                 out[i] = modules[i]._finish(x, y)
     return tuple(m(x) if y is None else y for m, y in zip(modules, out))
