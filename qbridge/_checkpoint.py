@@ -218,16 +218,18 @@ class _Source:
         f = None
         try:
             handle = safe_open(str(path), framework="pt")
-            stored = list(handle.keys())
+            # in the order of their offsets, where safetensors (0.6 and later) gives it
+            by_offset = handle.offset_keys() if hasattr(handle, "offset_keys") else None
+            stored = sorted(by_offset) if by_offset is not None else list(handle.keys())  # keys() sorts too
             available = set(stored)
             meta = handle.metadata() or {}
             selected = self._selected(path, stored, available, keys, listed)  # distinct keys it holds
-            # every tensor of the file added: taken in the order of their offsets, where safetensors (0.6 and
-            # later) gives it. safetensors checked at opening that they lie back to back from the start of the
-            # data, so their byte ranges follow from their sizes (see _offsets)
-            whole = len(selected) == len(stored) and hasattr(handle, "offset_keys")
+            # every tensor of the file added: taken in the order of their offsets. safetensors checked at
+            # opening that they lie back to back from the start of the data, so their byte ranges follow from
+            # their sizes (see _offsets)
+            whole = len(selected) == len(stored) and by_offset is not None
             if whole:
-                selected = handle.offset_keys()
+                selected = by_offset
             f = open(path, "rb")  # closed by close()
             # the header's size as opened: a file rewritten in place since is refused (see _offsets)
             size = _header_size(f, self._file_lock) or 0
