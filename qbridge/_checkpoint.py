@@ -227,8 +227,8 @@ class _Source:
             # every tensor of the file added: taken in the order of their offsets. safetensors checked at
             # opening that they lie back to back from the start of the data, so their byte ranges follow from
             # their sizes (see _offsets)
-            whole = len(selected) == len(stored) and by_offset is not None
-            if whole:
+            whole = by_offset is not None and len(selected) == len(stored)
+            if by_offset is not None and whole:
                 selected = by_offset
             f = open(path, "rb")  # closed by close()
             # the header's size as opened: a file rewritten in place since is refused (see _offsets)
