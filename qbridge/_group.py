@@ -2,10 +2,11 @@
 loader's route for a checkpoint's repeated weights (a mixture-of-experts model's experts), which shares the
 host work of reading, copying, decoding and handing over across a group instead of paying it per weight.
 
-For a GPU load without sharding, the loader hands this stage every FP8 weight that the decode writes in
-one pass in the Flax layout (as stored, or transposed) and that keeps its dtype. Weights of one kind
-(shape, float8 dtype, scale shape and dtype, block size, output dtype, layout) wait until a group of them
-is gathered (or until the pending weights hold ``max_bytes``, or the load ends); then
+On a GPU the loader hands this stage every FP8 weight that the decode writes in one pass in the Flax
+layout (as stored, or transposed) and that keeps its dtype, whether it is placed on the load's device or
+split over GPUs that are all this process's (a ``jax.sharding.Sharding``; see below). Weights of one kind
+(shape, float8 dtype, scale shape and dtype, block size, output dtype, layout, sharding) wait until a
+group of them is gathered (or until the pending weights hold ``max_bytes``, or the load ends); then
 
 1. their scales are read with one system call each into one tensor, checked for NaN/Inf together, and
    copied to the device in one copy; their float8 bytes (read ahead into pinned host memory by the
@@ -16,6 +17,11 @@ is gathered (or until the pending weights hold ``max_bytes``, or the load ends);
 2. XLA allocates their results in one call (``XlaDestinations.take_many``);
 3. one launch decodes every weight into its result (``torch_side``'s grouped FP8 kernel: the bits of one
    call per weight).
+
+A sharded kind's group is decoded on one of its devices (the groups take turns) into one torch buffer
+of at most ``SHARDED_BYTES`` of results, instead of into arrays XLA allocated, and each weight's shards
+are cut from it and copied into their devices' arrays (:func:`qbridge._sharding.load_sharded_leaf`): that
+device holds a group's decoded weights besides their shards while the group is placed.
 
 The first weight of a kind in a process is decoded by itself (its call checks the kind), and until a
 kind's allocation call and the grouped kernel are compiled (in the background: the grouped kernel together
@@ -30,9 +36,11 @@ import collections
 import concurrent.futures
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import torch
 
 import jax_side
@@ -45,9 +53,12 @@ from ._decode import all_finite, check_scales
 from ._dtypes import torch_dtype
 from ._handoff import XlaDestinations, _torch_view
 from ._place import hand_over
+from ._sharding import torch_device
 
 GROUP = 256  # weights per grouped decode, at most (see group_size)
 AHEAD_BYTES = 64 << 20  # scales and small float8 bytes of groups to come, read ahead, at most
+# a sharded kind's group: its decoded weights (the buffer its shards are cut from), at most
+SHARDED_BYTES = 256 << 20
 
 
 def group_size(weight_bytes: int, max_bytes: int) -> int:
@@ -84,7 +95,7 @@ class FP8Groups:
     ) -> None:
         self.ckpt, self.tdev, self.jdev, self.into, self.values = ckpt, tdev, jdev, into, values
         self.max_bytes = max_bytes
-        self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry]]] = {}
+        self.pending: dict[tuple[Any, ...], list[tuple[Any, Entry, Any]]] = {}  # (path, entry, place)
         self.pending_bytes: dict[tuple[Any, ...], int] = {}
         self.total = 0  # stored bytes pending
         # the weights still to come of each kind, in the order they will be added (expect)
@@ -95,11 +106,16 @@ class FP8Groups:
             tuple[Any, ...], tuple[list[str], list[str] | None, concurrent.futures.Future[Any], int]
         ] = {}
         self.ahead_bytes = 0
-        self._sizes: dict[int, int] = {}  # group_size by a weight's stored bytes (a kind's are all alike)
+        self._sizes: dict[tuple[Any, ...], int] = {}  # weights per group, by kind
+        self.turn = 0  # the sharded groups' turns: the device a group is decoded on
 
-    def kind(self, entry: Entry, rule: jax_side.LeafRule, cast: Any) -> tuple[Any, ...] | None:
+    def kind(
+        self, entry: Entry, rule: jax_side.LeafRule, cast: Any, sharding: Any = None
+    ) -> tuple[Any, ...] | None:
         """The group ``entry`` joins, or None when it is loaded by itself: not FP8, not 2-D, flipped, laid
-        out otherwise than as stored or transposed, or cast to another dtype."""
+        out otherwise than as stored or transposed, or cast to another dtype. ``sharding``: the leaf's
+        ``jax.sharding.Sharding`` over GPUs that are all this process's, or None (placed on the load's device);
+        weights of a sharded kind are added with the function that places each (see :meth:`add`)."""
         if entry.kind != "fp8" or len(entry.shape) != 2 or rule.flip:
             return None
         if cast is not None and torch_dtype(cast) != entry.dtype:
@@ -108,8 +124,9 @@ class FP8Groups:
         if perm not in (None, (1, 0)):
             return None
         shapes = self.ckpt.source.shapes
-        return (entry.shape, shapes[entry.keys["weight"]], shapes[entry.keys["scale"]],
+        kind = (entry.shape, shapes[entry.keys["weight"]], shapes[entry.keys["scale"]],
                 entry.info["block_size"], entry.dtype, perm == (1, 0))  # fmt: skip
+        return kind if sharding is None else (*kind, sharding)
 
     def expect(self, kind: tuple[Any, ...], entry: Entry) -> None:
         """Says that ``entry`` will be added to ``kind`` (in the order of these calls), so that its group's
@@ -128,7 +145,7 @@ class FP8Groups:
         if kind in self.ahead or not upcoming or self.ckpt.source._state is not None:
             return
         (wshape, wdtype), (sshape, sdtype) = kind[1], kind[2]
-        entries = list(itertools.islice(upcoming, group_size(upcoming[0].stored_bytes, self.max_bytes)))
+        entries = list(itertools.islice(upcoming, self._size(kind, upcoming[0])))
         small = _weights_stacked(kind)
         nbytes = len(entries) * (
             math.prod(sshape) * sdtype.itemsize + (math.prod(wshape) * wdtype.itemsize if small else 0)
@@ -179,21 +196,37 @@ class FP8Groups:
             future.cancel()
         concurrent.futures.wait(futures)
 
-    def add(self, kind: tuple[Any, ...], path: Any, entry: Entry) -> None:
+    def _size(self, kind: tuple[Any, ...], entry: Entry) -> int:
+        """Weights per group of ``kind`` (``entry`` one of them): :func:`group_size` of their stored bytes in
+        ``max_bytes``, and for a sharded kind of their decoded bytes in ``2 * SHARDED_BYTES`` too."""
+        size = self._sizes.get(kind)
+        if size is None:
+            size = group_size(entry.stored_bytes, self.max_bytes)
+            if len(kind) > 6:
+                size = min(size, group_size(entry.dense_bytes, 2 * SHARDED_BYTES))
+            self._sizes[kind] = size
+        return size
+
+    def add(
+        self,
+        kind: tuple[Any, ...],
+        path: Any,
+        entry: Entry,
+        place: Callable[[torch.Tensor], jax.Array] | None = None,
+    ) -> None:
         """Queues a weight (its result goes to ``values[path]``); decodes its group when it is full, and the
-        largest group when the pending weights outgrow ``max_bytes``."""
+        largest group when the pending weights outgrow ``max_bytes``. A sharded kind's weight comes with
+        ``place``, which makes its ``jax.Array`` from the decoded weight (Flax layout, on one of the
+        sharding's devices; the loader's :func:`~qbridge._sharding.load_sharded_leaf` with ``whole=``)."""
         upcoming = self.upcoming.get(kind)
         if upcoming and upcoming[0] is entry:
             upcoming.popleft()
         members = self.pending.setdefault(kind, [])
-        members.append((path, entry))
+        members.append((path, entry, place))
         stored = entry.stored_bytes
         self.pending_bytes[kind] = self.pending_bytes.get(kind, 0) + stored
         self.total += stored
-        size = self._sizes.get(stored)
-        if size is None:
-            size = self._sizes[stored] = group_size(stored, self.max_bytes)
-        if len(members) >= size:  # one kind: one size
+        if len(members) >= self._size(kind, entry):  # one kind: one size
             self.flush(kind)
         elif self.total > self.max_bytes:
             self.flush(max(self.pending_bytes, key=self.pending_bytes.__getitem__))
@@ -205,9 +238,15 @@ class FP8Groups:
     def flush(self, kind: tuple[Any, ...]) -> None:
         members = self.pending.pop(kind)
         self.total -= self.pending_bytes.pop(kind)
-        shape, (wshape, wdtype), (sshape, _), block_size, dtype, transpose = kind
-        entries = [e for _, e in members]
+        shape, (wshape, wdtype), (sshape, _), block_size, dtype, transpose = kind[:6]
+        out_shape = (shape[1], shape[0]) if transpose else shape
+        sharded = len(kind) > 6
+        entries = [e for _, e, _ in members]
         ckpt, dev = self.ckpt, self.tdev
+        if sharded:  # decoded on one of the sharding's devices, taking turns
+            devices = list(kind[6].addressable_devices_indices_map(out_shape))
+            dev = torch_device(devices[self.turn % len(devices)])
+            self.turn += 1
         rows, stacked = self._reads(kind, entries, _weights_stacked(kind))  # each row padded to 16 bytes
         self._read_ahead(kind)  # the next group of this kind, while this one is decoded
         self._check(rows[:, : math.prod(sshape)], entries, sshape)
@@ -224,7 +263,9 @@ class FP8Groups:
                 ckpt.read_into([e.keys["weight"] for e in entries], W.unbind(0))
             args = dict(block_size=block_size, transpose=transpose)
             start = 0 if fp8_planned(W[0], S[0], dtype, **args) else 1  # a first call checks the kind
-            out_shape = (shape[1], shape[0]) if transpose else shape
+            if sharded:
+                self._sharded(members, W, S, start, out_shape, dtype, args)
+                return
             # one allocation call for the whole group, the weight checked by its own call included: a
             # group's size, and so its allocation program, is the same in a process's first load and later
             if len(members) - start > 1:
@@ -242,29 +283,59 @@ class FP8Groups:
             if arrays is not None:
                 addresses = [a.unsafe_buffer_pointer() for a in arrays[start:]]
                 if dequantize_fp8_group_into(W[start:], S[start:], addresses, dtype, **args):
-                    for (path, _), array in zip(rest, arrays[start:], strict=True):
+                    for (path, _, _), array in zip(rest, arrays[start:], strict=True):
                         self.values[path] = array
                     return
             for j, member in enumerate(rest):
                 into = arrays[start + j] if arrays is not None else None
                 self._one(member, W[start + j], S[start + j], into, dtype, args)
 
+    def _sharded(
+        self,
+        members: list[tuple[Any, Entry, Any]],
+        W: torch.Tensor,
+        S: torch.Tensor,
+        start: int,
+        out_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        args: dict[str, Any],
+    ) -> None:
+        """A sharded kind's group, on the current device: decoded by one launch into one buffer (each result
+        16-byte aligned), then each weight's ``place``; one by one while the launch cannot be made."""
+        if start:
+            self._one(members[0], W[0], S[0], None, dtype, args)
+        rest = members[start:]
+        if len(rest) > 1 and fp8_planned(W[start], S[start], dtype, **args):  # else no launch can be made
+            numel, size = math.prod(out_shape), dtype.itemsize
+            stride = -(-numel * size // 16) * 16 // size  # elements from one result to the next
+            buffer = torch.empty(len(rest) * stride, dtype=dtype, device=W.device)
+            addresses = (buffer.data_ptr() + np.arange(len(rest), dtype=np.int64) * (stride * size)).tolist()
+            if dequantize_fp8_group_into(W[start:], S[start:], addresses, dtype, **args):
+                for j, (path, _, place) in enumerate(rest):
+                    self.values[path] = place(buffer[j * stride : j * stride + numel].view(out_shape))
+                return
+        for j, member in enumerate(rest):
+            self._one(member, W[start + j], S[start + j], None, dtype, args)
+
     def _one(
         self,
-        member: tuple[Any, Entry],
+        member: tuple[Any, Entry, Any],
         W: torch.Tensor,
         scale: torch.Tensor,
         array: jax.Array | None,
         dtype: torch.dtype,
         args: dict[str, Any],
     ) -> None:
-        """One weight by itself (its own call, as the loader decodes a weight), into ``array`` if given."""
-        path, entry = member
+        """One weight by itself (its own call, as the loader decodes a weight), into ``array`` if given, or
+        placed by its ``place``."""
+        path, entry, place = member
         try:
             t = torch_side.dequantize_fp8(W, scale, dtype, **args)
         except (TypeError, ValueError) as e:
             raise scale_error(self.ckpt, entry.keys["scale"], e, scale.shape) from e
-        if array is not None:
+        if place is not None:
+            self.values[path] = place(t)
+        elif array is not None:
             _torch_view(array, self.tdev).copy_(t)
             self.values[path] = array
         else:

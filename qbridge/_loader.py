@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -366,6 +366,11 @@ def _routes(
                     piece = leaf_sharding.shard_shape(tuple(p.leaf.shape))
                     for device in leaf_sharding.addressable_devices:
                         into.expect(piece, out, device, 1)
+            # an FP8 weight that every device's shard is cut from: decoded with its group's
+            if groups is not None and leaf_sharding.is_fully_addressable:
+                route = groups.kind(entry, p.rule, cast, leaf_sharding) or route
+                if route != "sharded":
+                    groups.expect(route, entry)
         elif groups is not None:
             route = groups.kind(entry, p.rule, cast)
             if route is not None:
@@ -382,6 +387,25 @@ def _routes(
             "bitsandbytes 4-bit and FP8 weights of Linear kernels and embedding tables"
         )
     return routes
+
+
+def _grouped(jdev: jax.Device) -> bool:
+    """Whether a load onto ``jdev`` decodes FP8 weights in groups (:mod:`qbridge._group`): on a GPU. On the
+    CPU each is decoded by itself, with its own read."""
+    return jdev.platform == "gpu"
+
+
+def _placer(
+    ckpt: Checkpoint, entry: Entry, rule: jax_side.LeafRule, sharding: Any, cast: Any, into: XlaDestinations
+) -> Callable[[torch.Tensor], jax.Array]:
+    """How a sharded leaf's FP8 group places it: its decoded weight (Flax layout, on one of ``sharding``'s
+    devices) cut into its shards, as :func:`load_sharded_leaf` cuts a weight it decodes itself."""
+
+    def place(whole: torch.Tensor) -> jax.Array:
+        convert = functools.partial(_convert, cast=cast)
+        return load_sharded_leaf(ckpt, entry, rule, sharding, convert, into=into, whole=whole)
+
+    return place
 
 
 _KIND_WORDS = {"bnb8": "bitsandbytes 8-bit", "torchao": "torchao", "bnb4": "4-bit (not a Linear kernel or embedding)",
@@ -557,9 +581,7 @@ def load_checkpoint(
         dense = 0
         into = XlaDestinations()  # dense results: torch writes them into arrays XLA allocated
         # FP8 weights of one kind decoded together into arrays XLA allocates (a GPU load of whole arrays)
-        groups = (
-            FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if jdev.platform == "gpu" else None
-        )
+        groups = FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if _grouped(jdev) else None
         routes = _routes(ckpt, plan, names, dtype, sharding, keep_quantized, groups, into, jdev)
         ahead_keys = [
             _stored_keys(ckpt.entries[p.key])
@@ -570,8 +592,10 @@ def load_checkpoint(
                 # an FP8 group's kind (a tuple) whose float8 bytes are small: read with its scales
                 and not (isinstance(route, tuple) and _weights_stacked(route))
             )
-            # a leaf split over devices that are all this process's: read whole, ahead (see load_sharded_leaf)
+            # a leaf split over devices that are all this process's: read whole, ahead (see load_sharded_leaf),
+            # unless its group reads its float8 bytes with its scales
             or (route == "sharded" and leaf_sharding.is_fully_addressable)
+            or (leaf_sharding is not None and isinstance(route, tuple) and not _weights_stacked(route))
             else ()
             for p, (_, leaf_sharding, route) in zip(plan, routes, strict=True)
         ]
@@ -616,7 +640,10 @@ def load_checkpoint(
                     dense += values[p.leaf.path].nbytes
                 elif groups is not None and route is not None:  # an FP8 group's kind
                     values[p.leaf.path] = None  # keeps the plan's order; set when its group is decoded
-                    groups.add(route, p.leaf.path, entry)
+                    place = None
+                    if leaf_sharding is not None:  # its shards cut from its group's result
+                        place = _placer(ckpt, entry, p.rule, leaf_sharding, cast, into)
+                    groups.add(route, p.leaf.path, entry, place)
                     dense += entry.dense_bytes
                 else:
                     tensor = _convert(materialize(ckpt, entry, tdev, p.rule), cast)

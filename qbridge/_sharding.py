@@ -116,7 +116,8 @@ def fits(sharding: Any, name: str, shape: tuple[int, ...]) -> None:
         ) from e
 
 
-def _torch_device(device: jax.Device) -> torch.device:
+def torch_device(device: jax.Device) -> torch.device:
+    """The torch device of a JAX device (a GPU, else the CPU)."""
     return torch.device("cuda", device.local_hardware_id) if device.platform == "gpu" else torch.device("cpu")
 
 
@@ -302,6 +303,7 @@ def load_sharded_leaf(
     *,
     turn: int = 0,
     into: XlaDestinations | None = None,
+    whole: torch.Tensor | None = None,
 ) -> jax.Array:
     """One global ``jax.Array`` with ``sharding``, each addressable shard made on its own device (on GPUs
     copied into an array from ``into`` where it has one, valid once ``into.settle()`` returns; see
@@ -311,27 +313,28 @@ def load_sharded_leaf(
     read whole once (the loader reads it ahead, as an unsharded load does), decoded on one of them, device
     ``turn`` modulo their count (so that a load's leaves spread their host-to-device copies and decoding
     over the devices), and each shard cut from it and copied to its device: every stored byte is read once.
-    Otherwise (a process of a multi-process job) each shard reads only its own slice, as the module says."""
+    Otherwise (a process of a multi-process job) each shard reads only its own slice, as the module says.
+    ``whole``: the weight decoded already (Flax layout, on one of the devices; an FP8 group's result), cut
+    for each device as a weight decoded here is; nothing is read."""
     shape = jax_side.flax_shape(rule, entry.shape)
     indices = sharding.addressable_devices_indices_map(shape)  # its fit checked by fits() while planning
     arrays = []
-    whole = None
-    if sharding.is_fully_addressable or not reads_slices(entry):  # decoded once here, cut for each device
+    if whole is None and (sharding.is_fully_addressable or not reads_slices(entry)):  # decoded once, cut
         devices = list(indices)
-        whole = materialize(ckpt, entry, _torch_device(devices[turn % len(devices)]), rule)
+        whole = materialize(ckpt, entry, torch_device(devices[turn % len(devices)]), rule)
     made: dict[str, torch.Tensor] = {}  # replicas within this process are read once and copied
     for device, index in indices.items():
         key = repr(tuple((s.start, s.stop, s.step) for s in index))
         if key in made:  # a copy: arrays of different devices never share memory
-            shard = made[key].to(_torch_device(device), copy=True)
+            shard = made[key].to(torch_device(device), copy=True)
         elif whole is not None:
-            shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
+            shard = cast(whole[tuple(index)].contiguous().to(torch_device(device)))
         else:
             try:
-                shard = cast(load_shard(ckpt, entry, rule, index, _torch_device(device)))
+                shard = cast(load_shard(ckpt, entry, rule, index, torch_device(device)))
             except _NoSlice:  # from here on: decoded whole once, cut for each device
-                whole = materialize(ckpt, entry, _torch_device(device), rule)
-                shard = cast(whole[tuple(index)].contiguous().to(_torch_device(device)))
+                whole = materialize(ckpt, entry, torch_device(device), rule)
+                shard = cast(whole[tuple(index)].contiguous().to(torch_device(device)))
         made.setdefault(key, shard)
         arrays.append(hand_over(shard, device, into))
         del shard

@@ -89,6 +89,51 @@ def test_sharded_equals_unsharded(made, name, layout):
         assert len(x.addressable_shards) == 8
 
 
+@pytest.mark.parametrize("layout", ["1d", "2d"])
+def test_fp8_groups_place_sharded_weights(made, layout, monkeypatch):
+    """On a GPU load, FP8 weights split over devices that are all this process's are decoded with their group
+    (one launch per group, on one of the devices; see qbridge._group) and each cut into its shards. Here the
+    groups run on the CPU devices, as the loader runs them on GPUs (a group's weights decoded one by one, as a
+    GPU does while the grouped kernel compiles): every leaf equals the unsharded load's, every stored byte is
+    read once, and each FP8 weight was decoded by its group, not by itself."""
+    from qbridge import _group, _loader, _sharding
+
+    _, target = _target(made)
+    mesh, rules = (_mesh_1d(), ROWS_AND_COLUMNS) if layout == "1d" else (_mesh_2d(), TWO_D)
+    whole, report = qbridge.load_checkpoint(made / "fp8", target=target, progress=False, return_report=True)
+    flushed, by_itself = [], []
+    flush, materialize = _group.FP8Groups.flush, _sharding.materialize
+    monkeypatch.setattr(_loader, "_grouped", lambda jdev: True)
+
+    def flush_recorded(self, kind):
+        flushed.append(kind)
+        flush(self, kind)
+
+    def materialize_recorded(ckpt, entry, *args, **kwargs):
+        by_itself.append(entry.kind)
+        return materialize(ckpt, entry, *args, **kwargs)
+
+    monkeypatch.setattr(_group.FP8Groups, "flush", flush_recorded)
+    monkeypatch.setattr(_sharding, "materialize", materialize_recorded)
+    sharded, sharded_report = qbridge.load_checkpoint(
+        made / "fp8", target=target, progress=False, return_report=True, sharding=(mesh, rules)
+    )
+    monkeypatch.undo()
+    assert sharded_report.read_bytes == report.read_bytes == report.stored_bytes
+    a, b = _leaves(whole), _leaves(sharded)
+    assert a.keys() == b.keys()
+    for leaf, x in b.items():
+        _same(x, a[leaf])
+        spec = next((p for pattern, p in rules if __import__("re").search(pattern, leaf)), P())
+        assert x.sharding == NamedSharding(mesh, spec), leaf
+    assert "fp8" not in by_itself and by_itself  # the other weights (norms, embedding) decoded by themselves
+    # one group per kind (the weights are small: each kind's all in one), each kind with its leaves' sharding
+    assert len(flushed) == len(set(flushed)) and all(len(kind) == 7 for kind in flushed)
+    fp8_leaves = [leaf for leaf in b if ".layers." in f".{leaf}" and "_proj.kernel" in leaf]
+    assert {kind[6] for kind in flushed} == {b[leaf].sharding for leaf in fp8_leaves}
+    assert len(fp8_leaves) == 14 and len(flushed) < len(fp8_leaves)
+
+
 def test_kept_weights_are_replicated_where_no_rule_splits_them(made):
     _, target = _target(made)
     mesh = _mesh_1d()

@@ -40,12 +40,14 @@ def test_sharded_over_one_gpu_reads_ahead_and_equals_unsharded(written, name, mo
     into pinned staging, where it is large enough), decoded and cut; the arrays equal an unsharded load's bit
     for bit. Its tensors are small: a real-size one-GPU sharded load is `deepseek_v3_scale.py --shard`.
     Once the allocation programs of the shards' shapes are compiled, every shard is written by torch into an
-    array XLA allocated (XLA's own copy, the route until then, is made to fail)."""
+    array XLA allocated (XLA's own copy, the route until then, is made to fail); once the grouped FP8 kernel
+    is compiled, every FP8 weight is decoded by its group's launch, none by itself."""
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from qbridge import _handoff, _place
+    import torch_side
+    from qbridge import _group, _handoff, _place, _sharding
 
     gpu = jax.local_devices(backend="gpu")[0]
     mesh = Mesh(np.array([gpu]), ("x",))
@@ -54,17 +56,34 @@ def test_sharded_over_one_gpu_reads_ahead_and_equals_unsharded(written, name, mo
     for _ in range(2):  # a shape's allocation program is compiled in the background from its second use
         qbridge.load_checkpoint(written / name, progress=False, sharding=(mesh, rules))
         _handoff.wait_for_allocators()
+        torch_side.wait_for_kernels()
 
     def xla_copy(*args, **kwargs):
         raise AssertionError("a shard was copied by XLA, not written into an array XLA allocated")
 
+    launches, by_itself = [], []
+    group_into, materialize = _group.dequantize_fp8_group_into, _sharding.materialize
+
+    def group_recorded(weights, *args, **kwargs):
+        launches.append((len(weights), group_into(weights, *args, **kwargs)))
+        return launches[-1][1]
+
+    def materialize_recorded(ckpt, entry, *args, **kwargs):
+        by_itself.append(entry.kind)
+        return materialize(ckpt, entry, *args, **kwargs)
+
     monkeypatch.setattr(_place, "jax_owned_copy", xla_copy)
+    monkeypatch.setattr(_group, "dequantize_fp8_group_into", group_recorded)
+    monkeypatch.setattr(_sharding, "materialize", materialize_recorded)
     sharded, sharded_report = qbridge.load_checkpoint(
         written / name, progress=False, return_report=True, sharding=(mesh, rules)
     )
     monkeypatch.undo()
     assert sharded_report.read_bytes == report.read_bytes == report.stored_bytes
     assert sharded_report.device == str(gpu)
+    if name == "fp8":  # 14 FP8 weights (7 projections x 2 layers), each kind in one launch
+        assert "fp8" not in by_itself, by_itself
+        assert sum(n for n, _ in launches) == 14 and all(ok for _, ok in launches), launches
     flat_w = dict(jax.tree_util.tree_leaves_with_path(whole))
     for path, x in jax.tree_util.tree_leaves_with_path(sharded):
         leaf = jax_side.dotted(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))
