@@ -580,7 +580,7 @@ def load_checkpoint(
         values: dict[Any, Any] = {}
         dense = 0
         into = XlaDestinations()  # dense results: torch writes them into arrays XLA allocated
-        # FP8 weights of one kind decoded together into arrays XLA allocates (a GPU load of whole arrays)
+        # FP8 weights of one kind (and sharding) decoded together on a GPU (see qbridge._group)
         groups = FP8Groups(ckpt, tdev, jdev, into, values, READ_AHEAD_BYTES) if _grouped(jdev) else None
         routes = _routes(ckpt, plan, names, dtype, sharding, keep_quantized, groups, into, jdev)
         ahead_keys = [
