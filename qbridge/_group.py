@@ -113,7 +113,7 @@ class FP8Groups:
         self, entry: Entry, rule: jax_side.LeafRule, cast: Any, sharding: Any = None
     ) -> tuple[Any, ...] | None:
         """The group ``entry`` joins, or None when it is loaded by itself: not FP8, not 2-D, flipped, laid
-        out otherwise than as stored or transposed, or cast to another dtype. ``sharding``: the leaf's
+        out otherwise than as stored or transposed, cast to another dtype, or with a 0-d scale. ``sharding``: the leaf's
         ``jax.sharding.Sharding`` over GPUs that are all this process's, or None (placed on the load's device);
         weights of a sharded kind are added with the function that places each (see :meth:`add`)."""
         if entry.kind != "fp8" or len(entry.shape) != 2 or rule.flip:
@@ -124,6 +124,8 @@ class FP8Groups:
         if perm not in (None, (1, 0)):
             return None
         shapes = self.ckpt.source.shapes
+        if not shapes[entry.keys["scale"]][0]:  # a 0-d scale (one for the tensor): by itself, as it is stored
+            return None
         kind = (entry.shape, shapes[entry.keys["weight"]], shapes[entry.keys["scale"]],
                 entry.info["block_size"], entry.dtype, perm == (1, 0))  # fmt: skip
         return kind if sharding is None else (*kind, sharding)

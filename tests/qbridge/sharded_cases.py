@@ -134,6 +134,33 @@ def test_fp8_groups_place_sharded_weights(made, layout, monkeypatch):
     assert len(fp8_leaves) == 14 and len(flushed) < len(fp8_leaves)
 
 
+def test_fp8_weights_with_a_0d_scale_load_by_themselves_on_the_grouped_route(tmp_path, monkeypatch):
+    """A per-tensor scale stored 0-d (``torch.tensor(0.01)``) keeps its weight out of the FP8 groups: on the
+    route a GPU load takes (forced here on the CPU devices), sharded or not, it loads as the plain load does.
+    The groups' stacked scales had no row shape for it: the load failed with a bare unflatten error."""
+    from safetensors.torch import save_file
+
+    from qbridge import _loader
+
+    g = torch.Generator().manual_seed(3)
+    stored = {}
+    for i in range(2):
+        stored[f"model.layers.{i}.mlp.up_proj.weight"] = (torch.randn(64, 32, generator=g) * 100).to(
+            torch.float8_e4m3fn
+        )
+        stored[f"model.layers.{i}.mlp.up_proj.weight_scale_inv"] = torch.rand((), generator=g) + 0.01
+    save_file(stored, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    mesh = _mesh_1d()
+    want = _leaves(qbridge.load_checkpoint(tmp_path, progress=False))
+    monkeypatch.setattr(_loader, "_grouped", lambda jdev: True)
+    for sharding in (None, (mesh, [(r"up_proj\.kernel$", P(None, "x"))])):
+        got = _leaves(qbridge.load_checkpoint(tmp_path, progress=False, sharding=sharding))
+        assert got.keys() == want.keys() and len(got) == 2
+        for leaf, x in got.items():
+            _same(x, want[leaf])
+
+
 def test_kept_weights_are_replicated_where_no_rule_splits_them(made):
     _, target = _target(made)
     mesh = _mesh_1d()
