@@ -4,6 +4,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (JAX fixes its device count w
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,18 @@ def _leaves(tree):
             for path, v in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
 
 
+def _same_as_unsharded(sharded, whole, mesh, rules):
+    """Every leaf of ``sharded`` equals ``whole``'s bit for bit and has its rule's sharding (replicated where
+    none matches); returns ``sharded``'s leaves by dotted path."""
+    a, b = _leaves(whole), _leaves(sharded)
+    assert a.keys() == b.keys()
+    for leaf, x in b.items():
+        _same(x, a[leaf])
+        spec = next((p for pattern, p in rules if re.search(pattern, leaf)), P())
+        assert x.sharding == NamedSharding(mesh, spec), leaf
+    return b
+
+
 def _mesh_1d():
     return Mesh(np.array(jax.devices()), ("x",))
 
@@ -80,12 +93,7 @@ def test_sharded_equals_unsharded(made, name, layout):
     mesh, rules = (_mesh_1d(), ROWS_AND_COLUMNS) if layout == "1d" else (_mesh_2d(), TWO_D)
     whole = qbridge.load_checkpoint(made / name, target=target, progress=False)
     sharded = qbridge.load_checkpoint(made / name, target=target, progress=False, sharding=(mesh, rules))
-    a, b = _leaves(whole), _leaves(sharded)
-    assert a.keys() == b.keys()
-    for leaf, x in b.items():
-        _same(x, a[leaf])
-        spec = next((p for pattern, p in rules if __import__("re").search(pattern, leaf)), P())
-        assert x.sharding == NamedSharding(mesh, spec), leaf
+    for x in _same_as_unsharded(sharded, whole, mesh, rules).values():
         assert len(x.addressable_shards) == 8
 
 
@@ -120,12 +128,7 @@ def test_fp8_groups_place_sharded_weights(made, layout, monkeypatch):
     )
     monkeypatch.undo()
     assert sharded_report.read_bytes == report.read_bytes == report.stored_bytes
-    a, b = _leaves(whole), _leaves(sharded)
-    assert a.keys() == b.keys()
-    for leaf, x in b.items():
-        _same(x, a[leaf])
-        spec = next((p for pattern, p in rules if __import__("re").search(pattern, leaf)), P())
-        assert x.sharding == NamedSharding(mesh, spec), leaf
+    b = _same_as_unsharded(sharded, whole, mesh, rules)
     assert "fp8" not in by_itself and by_itself  # the other weights (norms, embedding) decoded by themselves
     # one group per kind (the weights are small: each kind's all in one), each kind with its leaves' sharding
     assert len(flushed) == len(set(flushed)) and all(len(kind) == 7 for kind in flushed)
