@@ -175,7 +175,9 @@ def test_offset_tables_of_tensors_rows_and_addresses(monkeypatch, group):
     rows = torch.empty((n, 48), dtype=torch.uint8)  # rows 48 bytes apart
     tensors = [torch.empty(int(rng.integers(1, 9)) * 4, dtype=torch.float32) for _ in range(n)]
     base = 1 << 44
-    addresses = base + 16 * rng.permutation(1000)[:n].astype(np.int64) * 8
+    order = rng.permutation(1000)[:n].astype(np.int64)
+    order[[0, order.argmax()]] = order[[order.argmax(), 0]]  # the highest first: offsets of both signs
+    addresses = base + 16 * order * 8
     listed = [Address(int(a), torch.bfloat16) for a in addresses]
     got = _triton._members([rows, tensors, Addresses(addresses, torch.bfloat16)])
     assert got is not None
