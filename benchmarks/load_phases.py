@@ -10,6 +10,9 @@ waits for the kernels, then alternates, ``--rounds`` times (the first two left o
 - ``normal, pieces one by one`` and ``preread, pieces one by one``: the same with ``Checkpoint.stage_small``
   turned off (each weight's scales and tables read and copied on their own, as before it), the preread's two
   phases timed apart too;
+- ``normal, decoded then copied`` and ``preread, decoded then copied``: the same with each 4-bit weight decoded
+  into a torch tensor of its own, then copied into its array (the route before 4-bit weights were decoded
+  straight into the arrays XLA allocated);
 - ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
   takes it).
 
@@ -62,6 +65,8 @@ def main() -> None:
             "loop phase": [],
             "read phase, pieces one by one": [],
             "loop phase, pieces one by one": [],
+            "read phase, decoded then copied": [],
+            "loop phase, decoded then copied": [],
         }
         stage_small = _checkpoint._Source.stage_small
 
@@ -77,10 +82,14 @@ def main() -> None:
             concurrent.futures.wait(list(self.ckpt.source._ahead.values()))
             marks["read done"] = [time.perf_counter()]
 
-        def preread(staged: bool = True) -> None:
+        written_by_kernel = _loader.written_by_kernel
+
+        def preread(staged: bool = True, copied: bool = False) -> None:
             _loader._ReadAhead.advance = read_all_first
             if not staged:
                 _checkpoint._Source.stage_small = lambda self, keys, device: 0
+            if copied:
+                _loader.written_by_kernel = lambda entry, rule: None
             try:
                 t0 = time.perf_counter()
                 load()
@@ -88,9 +97,17 @@ def main() -> None:
             finally:
                 _loader._ReadAhead.advance = advance
                 _checkpoint._Source.stage_small = stage_small
-            suffix = "" if staged else ", pieces one by one"
+                _loader.written_by_kernel = written_by_kernel
+            suffix = ("" if staged else ", pieces one by one") + (", decoded then copied" if copied else "")
             marks["read phase" + suffix].append(marks["read done"][0] - t0)
             marks["loop phase" + suffix].append(t1 - marks["read done"][0])
+
+        def copied() -> None:
+            _loader.written_by_kernel = lambda entry, rule: None
+            try:
+                load()
+            finally:
+                _loader.written_by_kernel = written_by_kernel
 
         def unstaged() -> None:
             _checkpoint._Source.stage_small = lambda self, keys, device: 0
@@ -115,6 +132,8 @@ def main() -> None:
             "normal, pieces one by one": unstaged,
             "preread": preread,
             "preread, pieces one by one": lambda: preread(False),
+            "normal, decoded then copied": copied,
+            "preread, decoded then copied": lambda: preread(copied=True),
         }
         routes.update({f"switch {s * 1e3:g} ms": switch(s) for s in (1e-4, 5e-4, 2e-2)})
         times: dict[str, list[float]] = {name: [] for name in routes}

@@ -104,7 +104,9 @@ def bnb4_pieces(
     return pieces
 
 
-def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool) -> torch.Tensor:
+def _bnb4(
+    ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     doc = entry.info["quant_state"]
     # copied without waiting: a small copy from pageable memory is staged at once; a blocking one would wait
     # for the device to finish the previous weights (torch synchronizes the stream after it)
@@ -116,7 +118,7 @@ def _bnb4(ckpt: Checkpoint, entry: Entry, device: torch.device, transpose: bool)
             quant_type=entry.info["quant_type"], dtype=entry.dtype,
             nested_absmax=on.get("nested_absmax"), nested_code=on.get("nested_quant_map"),
             nested_blocksize=int(doc.get("nested_blocksize", 256)), offset=float(doc.get("nested_offset", 0.0)) if nested else 0.0,
-            transpose=transpose,
+            transpose=transpose, out=out,
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt.where(entry.name)}: {e}") from e
@@ -215,17 +217,41 @@ def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tens
     return dense
 
 
+def written_by_kernel(entry: Entry, rule: jax_side.LeafRule) -> tuple[int, ...] | None:
+    """The shape :func:`materialize` gives a 4-bit weight that its kernel writes in the Flax layout itself
+    (as stored, or transposed in the same pass: no permutation or flip after it), so that it can write it
+    into ``out=``; None for any other weight."""
+    if entry.kind != "bnb4" or rule.flip:
+        return None
+    perm = jax_side.permutation(rule, len(entry.shape))
+    if perm is None:
+        return tuple(entry.shape)
+    return (entry.shape[1], entry.shape[0]) if perm == (1, 0) else None
+
+
 def materialize(
-    ckpt: Checkpoint, entry: Entry, device: torch.device, rule: jax_side.LeafRule, *, stored: bool = False
+    ckpt: Checkpoint,
+    entry: Entry,
+    device: torch.device,
+    rule: jax_side.LeafRule,
+    *,
+    stored: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One checkpoint weight, dequantized on ``device`` and laid out for Flax by ``rule``, contiguous.
 
     ``rule`` applies to the logical layout (``entry.shape``): a plain transformers ``Conv1D`` weight, stored
-    ``[in, out]``, is read as ``[out, in]`` first, unless ``stored`` asks for the layout as stored."""
+    ``[in, out]``, is read as ``[out, in]`` first, unless ``stored`` asks for the layout as stored. ``out``: a
+    contiguous tensor of the weight's dtype on ``device``, of the shape :func:`written_by_kernel` gives (only
+    for such a weight), which the kernel writes and which is returned."""
     perm = jax_side.permutation(rule, len(entry.shape))
     fused_t = perm == (1, 0) and entry.kind in ("bnb4", "fp8")  # the kernels write the transpose in one pass
+    if out is not None and written_by_kernel(entry, rule) is None:
+        raise ValueError(
+            f"materialize(out=) writes 4-bit weights that need no copy after decoding, not {entry.name}"
+        )
     if entry.kind == "bnb4":
-        t = _bnb4(ckpt, entry, device, fused_t)
+        t = _bnb4(ckpt, entry, device, fused_t, out)
     elif entry.kind == "fp8":
         t = _fp8(ckpt, entry, device, fused_t)
     elif entry.kind == "bnb8":

@@ -42,7 +42,7 @@ from jax_side._tree import kind_override, warn_at_caller, warn_unmatched
 from . import _gc, _staging
 from ._checkpoint import Checkpoint, Entry, open_checkpoint
 from ._classify import architecture_uses_conv1d
-from ._decode import materialize
+from ._decode import materialize, written_by_kernel
 from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
@@ -646,10 +646,24 @@ def load_checkpoint(
                     groups.add(route, p.leaf.path, entry, place)
                     dense += entry.dense_bytes
                 else:
-                    tensor = _convert(materialize(ckpt, entry, tdev, p.rule), cast)
-                    values[p.leaf.path] = hand_over(tensor, jdev, into)
-                    dense += tensor.numel() * tensor.element_size()
-                    del tensor
+                    # a 4-bit weight whose kernel writes its Flax layout, uncast, on a GPU: decoded straight into
+                    # an array XLA allocated (no torch result, no copy of it)
+                    direct = (
+                        tdev.type == "cuda"
+                        and jdev.platform == "gpu"
+                        and _loaded_dtype(entry, cast) == entry.dtype
+                        and written_by_kernel(entry, p.rule) == tuple(p.leaf.shape)
+                    )
+                    got = into.take(p.leaf.shape, entry.dtype, jdev, tdev) if direct else None
+                    if got is not None:
+                        materialize(ckpt, entry, tdev, p.rule, out=got[1])
+                        values[p.leaf.path] = got[0]
+                        dense += got[0].nbytes
+                    else:  # (an array asked of into and not given: its shape's arrays are not ready; XLA copies)
+                        tensor = _convert(materialize(ckpt, entry, tdev, p.rule), cast)
+                        values[p.leaf.path] = hand_over(tensor, jdev, None if direct else into)
+                        dense += tensor.numel() * tensor.element_size()
+                        del tensor
                 if bar is not None:
                     bar.update(entry.stored_bytes)
                     bar.set_postfix(tensors=f"{i + 1}/{len(plan)}", refresh=False)  # drawn at update's pace

@@ -2,7 +2,8 @@
 quantized) to a ``jax.Array`` on one JAX device. Placing shards over many devices is ``_sharding``'s.
 
 On GPUs each result is copied once, on the device, into memory XLA allocated, with no host wait per
-tensor (torch copies into arrays from ``_handoff.XlaDestinations``, and the loader waits once at the end;
+tensor (torch copies into arrays from ``_handoff.XlaDestinations``, into which the loader has a 4-bit
+weight's kernel decode directly, and the loader waits once at the end;
 XLA copies a shape whose allocation is still being compiled); on the CPU results alias torch's memory, except tensors that may still be a
 mapped torch file's memory, which are copied before the load returns.
 """

@@ -549,3 +549,65 @@ def test_the_loader_writes_into_arrays_xla_allocated_and_returns_after_the_write
     pointers = {params[k].unsafe_buffer_pointer() for k in stored}
     assert len(pointers) == len(stored)
     assert all(params[k].devices() == {_gpu()} for k in stored)
+
+
+def test_the_loader_decodes_4bit_weights_straight_into_arrays_xla_allocated(tmp_path, monkeypatch):
+    """Once a shape's allocation is compiled, a 4-bit weight whose kernel writes its Flax layout (a Linear
+    kernel, transposed in the same pass; a weight loaded as stored) is decoded into the array XLA allocated:
+    no torch result is copied in (``write`` is never asked for them), the kernel's ``out=`` is that array's
+    memory, the load returns after the kernel's writes landed (the device kept busy before each decode), and
+    the arrays hold the bits of the route that decodes, then copies (and of bitsandbytes, transposed)."""
+    from safetensors.torch import save_file
+
+    import qbridge
+    import torch_side
+    from qbridge import _handoff, _loader
+
+    F = pytest.importorskip("bitsandbytes.functional")
+    stored, weights = {}, {}
+    shapes = {"model.a.weight": (768, 1000), "model.b.weight": (130, 4095), "model.c.weight": (768, 1000)}
+    for i, (name, shape) in enumerate(shapes.items()):
+        _, packed, qs = bnb_quantize(shape, quant_type="fp4" if i == 1 else "nf4", nested=i != 1, seed=i)
+        weights[name] = (packed, qs)
+        stored[name] = packed
+        stored.update({f"{name}.{k}": v for k, v in qs.as_dict(packed=True).items()})
+    stored["model.norm"] = torch.randn(1000).bfloat16()
+    save_file(stored, tmp_path / "model.safetensors")
+    for _ in range(2):  # a shape's allocation is compiled from its second sighting
+        qbridge.load_checkpoint(tmp_path, progress=False)
+    _handoff.wait_for_allocators()
+    torch_side.wait_for_kernels()
+    monkeypatch.setattr(_loader, "written_by_kernel", lambda entry, rule: None)  # decode, then copy
+    copied = qbridge.load_checkpoint(tmp_path, progress=False)["params"]
+    monkeypatch.undo()
+
+    written, outs = [], []
+    write, decode = _handoff.XlaDestinations.write, torch_side.dequantize_nf4
+
+    def recorded_write(self, t, device):
+        written.append(tuple(t.shape))
+        return write(self, t, device)
+
+    def slow_decode(*args, out=None, **kwargs):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of device work queued before the kernel
+        outs.append(None if out is None else out.data_ptr())
+        return decode(*args, out=out, **kwargs)
+
+    monkeypatch.setattr(_handoff.XlaDestinations, "write", recorded_write)
+    monkeypatch.setattr(torch_side, "dequantize_nf4", slow_decode)
+    params = qbridge.load_checkpoint(tmp_path, progress=False)["params"]
+    flat = {k: params["model"][k[len("model.") : -len(".weight")]]["kernel"] for k in shapes}
+    # read at once, before anything else waits for the device
+    got = {k: np.asarray(v) for k, v in flat.items()}
+    assert written == [(1000,)], "only the norm is written by a copy"
+    assert sorted(outs) == sorted(a.unsafe_buffer_pointer() for a in flat.values())
+    for name, shape in shapes.items():
+        want = copied["model"][name[len("model.") : -len(".weight")]]["kernel"]
+        np.testing.assert_array_equal(
+            got[name].view(np.uint16), np.asarray(want).view(np.uint16), err_msg=name
+        )
+        packed, qs = weights[name]
+        qs.to(torch.device("cuda"))  # (in place)
+        ref = F.dequantize_4bit(packed.cuda(), quant_state=qs).t().contiguous()
+        assert got[name].shape == (shape[1], shape[0])
+        np.testing.assert_array_equal(got[name].view(np.uint16), to_numpy(ref).view(np.uint16), err_msg=name)
