@@ -16,7 +16,8 @@ waits for the kernels, then alternates, ``--rounds`` times (the first two left o
 - ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
   takes it).
 
-Each route's median is also printed over the floor measured in the same process after the loads, as
+Then the peak of torch's GPU memory during one ``normal`` load and one ``normal, decoded then copied``, above
+what the process held before it. Each route's median is also printed over the floor measured in the same process after the loads, as
 ``in_process_ab.py`` measures it: the file's size over the slower of an 8-thread page-cache read and a pinned
 host-to-device copy.
 
@@ -143,6 +144,15 @@ def main() -> None:
                 fn()
                 if r >= 2:
                     times[name].append(time.perf_counter() - t0)
+        # peak torch GPU memory of one load above what the process held before it (the results are XLA's)
+        peaks = {}
+        for name in ("normal", "normal, decoded then copied"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated()
+            routes[name]()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated() - start
         # the floor as in_process_ab.py measures it, here in the loading process after its loads
         import deepseek_v3_scale as ds
 
@@ -156,6 +166,7 @@ def main() -> None:
             f"{read8 / 1e9:.1f} GB/s with 8 threads, pinned copies {copy / 1e9:.1f} GB/s; in this process, "
             "after its loads)"
         )
+        print(", ".join(f"{name}: peak torch memory {peak / 1e6:.1f} MB" for name, peak in peaks.items()))
         for name, ts in {**times, **{k: v[2:] for k, v in marks.items() if k != "read done"}}.items():
             median = statistics.median(ts)
             print(
