@@ -255,7 +255,9 @@ class _Source:
             if isinstance(e, CheckpointError):
                 raise
             # safetensors' own errors: a truncated file, a corrupt header
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({type(e).__name__}: {e}){_shorter_than_its_header(path)}"
+            ) from e
         self._open[path] = handle
         self._files[path] = f
         self._header_sizes[path] = size
@@ -1148,6 +1150,27 @@ _RUN_BYTES = 16 << 20
 _RUN_BUFFERS = 500
 
 
+def _shorter_than_its_header(path: pathlib.Path) -> str:
+    """For the message about a safetensors file that safetensors refused: ``"; it is N bytes, where its header
+    ..."`` when the file is shorter than its header says (a download or copy cut short), else ``""``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > 100 << 20:  # (safetensors refuses headers above 100 MB)
+                return ""
+            if size < 8 + n:
+                return f"; the file is {size} bytes, shorter than its {n}-byte header: it was cut short (an interrupted download or copy?)"
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except Exception:  # not a safetensors header at all: safetensors' words say it
+        return ""
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"; the file is {size} bytes where its header describes {need}: it was cut short (an interrupted download or copy?)"
+    return ""
+
+
 def _header_size(f: Any, lock: threading.Lock) -> int | None:
     """A safetensors file's header size (its first 8 bytes, little-endian), read from the file itself where
     positioned reads exist (the file object's buffer may hold the bytes as they were); None when the file is
@@ -1932,8 +1955,13 @@ def _classify(ckpt: Checkpoint) -> None:
                 f"is stored as {src.shapes[f'{base}.weight'][1]}, not int8 (the checkpoint is damaged)"
             )
         if leaf in BNB_PIECES or ".quant_state." in key or leaf == "SCB":
+            weight_key = key.partition(".quant_state.")[0] if ".quant_state." in key else base
+            if leaf in BNB_PIECES and base in src.shapes:  # the weight is there: its quant state is not
+                what = f"its weight {base} is here, its quant state {base}.quant_state.bitsandbytes__nf4 (or __fp4) is not"
+            else:
+                what = f"its weight {weight_key if leaf != 'SCB' else f'{base}.weight'} is missing"
             raise CheckpointError(
-                f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing "
+                f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing: {what} "
                 "(the checkpoint is incomplete)"
                 + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
             )
@@ -2103,7 +2131,20 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
         )
     nested = "nested_absmax" in keys
     if nested and ("nested_quant_map" not in keys or "nested_offset" not in doc):
-        raise CheckpointError(f"{where}: a nested absmax needs .nested_quant_map and nested_offset")
+        missing = " and ".join(
+            ([f"{name}.nested_quant_map"] if "nested_quant_map" not in keys else [])
+            + (["the quant state's nested_offset"] if "nested_offset" not in doc else [])
+        )
+        raise CheckpointError(
+            f"{where}: a nested absmax ({name}.nested_absmax) needs {name}.nested_quant_map and the quant "
+            f"state's nested_offset; {missing} missing (the checkpoint is incomplete)"
+            + ckpt.unlisted(f"{name}.nested_quant_map")
+        )
+    if not nested and "nested_quant_map" in keys:  # the table of a nested absmax that is not there
+        raise CheckpointError(
+            f"{ckpt.where(name)}: 4-bit weight with {name}.nested_quant_map but without {name}.nested_absmax, "
+            f"the nested absmax it decodes (the checkpoint is incomplete){ckpt.unlisted(f'{name}.nested_absmax')}"
+        )
     # the sizes must fit before any byte is dequantized
     n = math.prod(shape)
     blocksize = int(doc["blocksize"])

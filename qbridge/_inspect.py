@@ -150,7 +150,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
                 bs = int(e.info["quant_state"]["blocksize"])
                 if e.shape and e.shape[-1] % bs:
                     care.append(f"{e.name}: {list(e.shape)}, rows are not whole {bs}-element blocks "
-                                "(bitsandbytes' native CPU kernel is wrong here on AVX-512 CPUs; "
+                                "(bitsandbytes' native CPU kernel can be wrong here on AVX-512 CPUs; "
                                 "qbridge is not)")  # fmt: skip
         return CheckpointSummary(
             path=os.fspath(path),

@@ -60,9 +60,21 @@ def test_missing_shard(made, tmp_path):
 def test_truncated_file(made, tmp_path):
     ck = _copy(made, "nf4", tmp_path)
     f = ck / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-1000])
-    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file"):
+    data = f.read_bytes()
+    f.write_bytes(data[:-1000])
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model.safetensors: not a readable safetensors file .*; the file is {len(data) - 1000} bytes where "
+        rf"its header describes {len(data)}: it was cut short",
+    ):
         qbridge.load_checkpoint(ck, progress=False)
+    header = int.from_bytes(data[:8], "little")
+    f.write_bytes(data[: header // 2])  # inside the header
+    with pytest.raises(
+        CheckpointError,
+        match=rf"the file is {header // 2} bytes, shorter than its {header}-byte header: it was cut",
+    ):
+        qbridge.inspect_checkpoint(ck)
 
 
 def test_corrupt_header(made, tmp_path):
@@ -106,7 +118,37 @@ def test_piece_without_its_quant_state(made, tmp_path):
     ck = _copy(made, "nf4", tmp_path)
     key = "model.layers.1.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"
     _rewrite(ck / "model.safetensors", lambda s: s.pop(key))
-    with pytest.raises(CheckpointError, match=r"q_proj.weight.absmax\]: a piece of a quantized weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"q_proj.weight.absmax\]: a piece of a quantized weight whose weight or quant state is missing: its "
+        r"weight model.layers.1.self_attn.q_proj.weight is here, its quant state "
+        r"model.layers.1.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4 \(or __fp4\) is not",
+    ):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+@pytest.mark.parametrize("missing", ["nested_absmax", "nested_quant_map", "nested_offset"])
+def test_a_nested_absmax_without_one_of_its_pieces_names_it(made, tmp_path, missing):
+    ck = _copy(made, "nf4", tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state_key = f"{name}.quant_state.bitsandbytes__nf4"
+
+    def edit(state):
+        if missing == "nested_offset":
+            doc = json.loads(bytes(state[state_key].tolist()))
+            del doc["nested_offset"]
+            state[state_key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+        else:
+            state.pop(f"{name}.{missing}")
+
+    _rewrite(ck / "model.safetensors", edit)
+    words = {
+        "nested_absmax": rf"\[{name}\]: 4-bit weight with {name}.nested_quant_map but without {name}.nested_absmax",
+        "nested_quant_map": rf"needs {name}.nested_quant_map and the quant state's nested_offset; "
+        rf"{name}.nested_quant_map missing",
+        "nested_offset": r"the quant state's nested_offset missing",
+    }
+    with pytest.raises(CheckpointError, match=words[missing]):
         qbridge.load_checkpoint(ck, progress=False)
 
 
