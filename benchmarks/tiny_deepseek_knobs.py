@@ -1,0 +1,93 @@
+"""The tiny DeepSeek-V3 layer's host work under settings that shorten its waits for the reading threads.
+
+``deepseek_v3_scale.py --tiny`` (one MoE layer, 1558 tensors at tiny shapes: a load's wall time is its host
+work) loaded again and again in one process on a GPU, after its kernels and allocation programs are ready,
+four settings alternating, ``--rounds`` times (the first two left out):
+
+- ``default``;
+- ``switch 0.5 ms`` and ``switch 0.1 ms``: ``sys.setswitchinterval`` (how soon a thread waiting for the GIL,
+  a reading thread back from its read, takes it from the loading thread);
+- ``gap 96 KiB``: ``qbridge._checkpoint._GAP_READ`` 96 KiB and ``_RUN_BYTES`` 32 MiB, so that a group's 256
+  tiny float8 weights, which lie 64 KiB apart (the other projections' weights between them), are read with
+  one positioned read instead of one each.
+
+Prints each setting's wall time per checkpoint tensor, median [range], and the calling thread's CPU time.
+
+    python benchmarks/tiny_deepseek_knobs.py [--rounds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+COUNT = 1558  # checkpoint tensors of one tiny layer with 256 routed experts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (the first two are left out)")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import deepseek_v3_scale
+    import jax
+    import torch
+
+    import qbridge
+    import torch_side
+    from qbridge import _checkpoint
+    from qbridge._handoff import wait_for_allocators
+
+    if not torch.cuda.is_available():
+        parser.error("torch sees no CUDA GPU here: the loads this times are a GPU's")
+    deepseek_v3_scale.use_tiny_shapes()
+    gap, run, switch = _checkpoint._GAP_READ, _checkpoint._RUN_BYTES, sys.getswitchinterval()
+
+    def setting(name: str) -> None:
+        sys.setswitchinterval({"switch 0.5 ms": 5e-4, "switch 0.1 ms": 1e-4}.get(name, switch))
+        _checkpoint._GAP_READ, _checkpoint._RUN_BYTES = (
+            (96 << 10, 32 << 20) if name == "gap 96 KiB" else (gap, run)
+        )
+
+    with tempfile.TemporaryDirectory(prefix="qbridge-knobs-") as tmp:
+        root = pathlib.Path(tmp)
+        deepseek_v3_scale.write_checkpoint(root, 1, 256, "cpu")
+
+        def load() -> None:
+            jax.block_until_ready(qbridge.load_checkpoint(root, device="cuda", progress=False))
+
+        for _ in range(3):
+            load()
+        torch_side.wait_for_kernels()
+        wait_for_allocators()
+        for _ in range(3):
+            load()
+        names = ["default", "switch 0.5 ms", "switch 0.1 ms", "gap 96 KiB"]
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        try:
+            for r in range(args.rounds):
+                for n in names:
+                    setting(n)
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    load()
+                    if r >= 2:
+                        wall[n].append(time.perf_counter() - t0)
+                        cpu[n].append(time.thread_time() - c0)
+        finally:
+            setting("default")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}")
+    for n in names:
+        us = [t / COUNT * 1e6 for t in wall[n]]
+        print(f"{n:14s} wall {statistics.median(us):5.1f} us per tensor [{min(us):.1f}-{max(us):.1f}]"
+              f"  calling thread CPU {statistics.median(cpu[n]) / COUNT * 1e6:5.1f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
