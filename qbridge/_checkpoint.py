@@ -1162,7 +1162,16 @@ def _shorter_than_its_header(path: pathlib.Path) -> str:
             if size < 8 + n:
                 return f"; the file is {size} bytes, shorter than its {n}-byte header: it was cut short (an interrupted download or copy?)"
             header = json.loads(f.read(n))
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        ends = []
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            start, end = (int(o) for o in v["data_offsets"])
+            dtype = safetensors_dtype(v["dtype"])
+            # a header whose offsets disagree with its shapes is corrupt, not a file cut short
+            if dtype is not None and end - start != math.prod(v["shape"]) * dtype.itemsize:
+                return ""
+            ends.append(end)
     except Exception:  # not a safetensors header at all: safetensors' words say it
         return ""
     need = 8 + n + max(ends, default=0)
@@ -1958,12 +1967,22 @@ def _classify(ckpt: Checkpoint) -> None:
             weight_key = key.partition(".quant_state.")[0] if ".quant_state." in key else base
             if leaf in BNB_PIECES and base in src.shapes:  # the weight is there: its quant state is not
                 what = f"its weight {base} is here, its quant state {base}.quant_state.bitsandbytes__nf4 (or __fp4) is not"
+            elif (
+                ".quant_state." in key and weight_key in src.shapes
+            ):  # a state key bitsandbytes does not write
+                what = (f"its weight {weight_key} is here, but bitsandbytes names a quant state "
+                        f"{weight_key}.quant_state.bitsandbytes__nf4 or __fp4, not {key}")  # fmt: skip
             else:
                 what = f"its weight {weight_key if leaf != 'SCB' else f'{base}.weight'} is missing"
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a quantized weight whose weight or quant state is missing: {what} "
                 "(the checkpoint is incomplete)"
-                + ckpt.unlisted(key.partition(".quant_state.")[0], base, f"{base}.weight")
+                + ckpt.unlisted(
+                    key.partition(".quant_state.")[0],
+                    base,
+                    f"{base}.weight",
+                    *(f"{base}.quant_state.bitsandbytes__{qt}" for qt in ("nf4", "fp4")),
+                )
             )
         if _torchao_piece(src, key) and "tensor_names" not in src.metadata.get(src.key_file[key], {}):
             raise CheckpointError(
@@ -2139,6 +2158,12 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
             f"{where}: a nested absmax ({name}.nested_absmax) needs {name}.nested_quant_map and the quant "
             f"state's nested_offset; {missing} missing (the checkpoint is incomplete)"
             + ckpt.unlisted(f"{name}.nested_quant_map")
+        )
+    if not nested and "nested_quant_map" not in keys and src.shapes[keys["absmax"]][1] == torch.uint8:
+        raise CheckpointError(
+            f"{ckpt.where(keys['absmax'])}: a nested absmax's uint8 codes, but {name}.nested_absmax and "
+            f"{name}.nested_quant_map, which decode them, are missing (the checkpoint is incomplete)"
+            + ckpt.unlisted(f"{name}.nested_absmax", f"{name}.nested_quant_map")
         )
     if not nested and "nested_quant_map" in keys:  # the table of a nested absmax that is not there
         raise CheckpointError(

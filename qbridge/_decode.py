@@ -246,10 +246,18 @@ def materialize(
     for such a weight), which the kernel writes and which is returned."""
     perm = jax_side.permutation(rule, len(entry.shape))
     fused_t = perm == (1, 0) and entry.kind in ("bnb4", "fp8")  # the kernels write the transpose in one pass
-    if out is not None and written_by_kernel(entry, rule) is None:
-        raise ValueError(
-            f"materialize(out=) writes 4-bit weights that need no copy after decoding, not {entry.name}"
-        )
+    if out is not None:
+        shape = written_by_kernel(entry, rule)
+        if shape is None:
+            raise ValueError(
+                f"materialize(out=) writes 4-bit weights that need no copy after decoding, not {entry.name}"
+            )
+        elsewhere = out.device.type != device.type or device.index not in (None, out.device.index)
+        if tuple(out.shape) != shape or out.dtype != entry.dtype or elsewhere or not out.is_contiguous():
+            raise ValueError(
+                f"materialize(out=) for {entry.name} takes a contiguous {shape} {entry.dtype} tensor on {device}, "
+                f"got {'a' if out.is_contiguous() else 'a non-contiguous'} {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
     if entry.kind == "bnb4":
         t = _bnb4(ckpt, entry, device, fused_t, out)
     elif entry.kind == "fp8":

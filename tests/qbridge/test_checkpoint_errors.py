@@ -77,6 +77,17 @@ def test_truncated_file(made, tmp_path):
         qbridge.inspect_checkpoint(ck)
 
 
+def test_a_whole_file_whose_header_gives_a_tensor_more_bytes_is_not_called_cut_short(tmp_path):
+    # all 64 bytes of its one tensor are there, but the header gives it 4064 where its shape says 16 float32
+    header = json.dumps({"a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 4064]}}).encode()
+    header = header.ljust(-(-len(header) // 8) * 8)
+    data = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as e:
+        qbridge.load_checkpoint(tmp_path, progress=False)
+    assert "cut short" not in str(e.value)
+
+
 def test_corrupt_header(made, tmp_path):
     ck = _copy(made, "nf4", tmp_path)
     f = ck / "model.safetensors"
@@ -127,7 +138,41 @@ def test_piece_without_its_quant_state(made, tmp_path):
         qbridge.load_checkpoint(ck, progress=False)
 
 
-@pytest.mark.parametrize("missing", ["nested_absmax", "nested_quant_map", "nested_offset"])
+def test_a_quant_state_in_a_file_the_index_leaves_out_is_named_there(made, tmp_path):
+    ck = _copy(made, "sharded", tmp_path)
+    index_path = ck / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = next(k for k in sorted(index["weight_map"]) if k.endswith(".quant_state.bitsandbytes__nf4"))
+    moved = {}
+    _rewrite(ck / index["weight_map"].pop(key), lambda s: moved.update({key: s.pop(key)}))
+    st.save_file(moved, ck / "extra.safetensors", metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"its quant state {re.escape(key)} \(or __fp4\) is not .*extra.safetensors holds {re.escape(key)}",
+    ):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_a_quant_state_under_a_name_bitsandbytes_does_not_write_is_named_as_such(made, tmp_path):
+    ck = _copy(made, "nf4", tmp_path)
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def edit(state):
+        state[f"{name}.quant_state.bitsandbytes__int4"] = state.pop(f"{name}.quant_state.bitsandbytes__nf4")
+        for piece in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+            state.pop(f"{name}.{piece}")
+
+    _rewrite(ck / "model.safetensors", edit)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"its weight {name} is here, but bitsandbytes names a quant state {name}.quant_state.bitsandbytes__nf4 "
+        rf"or __fp4, not {name}.quant_state.bitsandbytes__int4",
+    ):
+        qbridge.load_checkpoint(ck, progress=False)
+
+
+@pytest.mark.parametrize("missing", ["nested_absmax", "nested_quant_map", "nested_offset", "both tensors"])
 def test_a_nested_absmax_without_one_of_its_pieces_names_it(made, tmp_path, missing):
     ck = _copy(made, "nf4", tmp_path)
     name = "model.layers.0.mlp.up_proj.weight"
@@ -138,6 +183,9 @@ def test_a_nested_absmax_without_one_of_its_pieces_names_it(made, tmp_path, miss
             doc = json.loads(bytes(state[state_key].tolist()))
             del doc["nested_offset"]
             state[state_key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+        elif missing == "both tensors":
+            state.pop(f"{name}.nested_absmax")
+            state.pop(f"{name}.nested_quant_map")
         else:
             state.pop(f"{name}.{missing}")
 
@@ -147,9 +195,11 @@ def test_a_nested_absmax_without_one_of_its_pieces_names_it(made, tmp_path, miss
         "nested_quant_map": rf"needs {name}.nested_quant_map and the quant state's nested_offset; "
         rf"{name}.nested_quant_map missing",
         "nested_offset": r"the quant state's nested_offset missing",
+        "both tensors": rf"\[{name}.absmax\]: a nested absmax's uint8 codes, but {name}.nested_absmax and "
+        rf"{name}.nested_quant_map, which decode them, are missing",
     }
-    with pytest.raises(CheckpointError, match=words[missing]):
-        qbridge.load_checkpoint(ck, progress=False)
+    with pytest.raises(CheckpointError, match=words[missing]):  # on opening, before any weight is decoded
+        qbridge.inspect_checkpoint(ck)
 
 
 def _transposed_quant_state(state):

@@ -886,3 +886,47 @@ def _at(tree, path):
     for part in path:
         tree = tree[part]
     return tree
+
+
+def test_materialize_writes_a_4bit_weight_into_out_and_refuses_what_it_cannot_write(tmp_path):
+    """``materialize(out=)`` (the loader's route into XLA's arrays, there on GPUs) gives the bits of a call
+    without it, in ``out`` itself; a weight whose layout needs work after the kernel, or an ``out`` of another
+    shape, dtype or device or not contiguous, is refused with ValueError before anything is decoded."""
+    from helpers import bnb_quantize
+    from safetensors.torch import save_file
+
+    from qbridge._checkpoint import open_checkpoint
+    from qbridge._decode import materialize, written_by_kernel
+    from qbridge._loader import plan_load
+
+    stored = {}
+    for i, shape in enumerate([(130, 4095), (64, 96)]):
+        _, packed, qs = bnb_quantize(shape, quant_type="nf4" if i else "fp4", nested=bool(i), seed=i)
+        stored[f"m{i}.weight"] = packed
+        stored.update({f"m{i}.weight.{k}": v for k, v in qs.as_dict(packed=True).items()})
+    stored["norm.weight"] = torch.randn(96).bfloat16()
+    save_file(stored, tmp_path / "model.safetensors")
+    cpu = torch.device("cpu")
+    with open_checkpoint(tmp_path) as ckpt:
+        _, plan, _, _ = plan_load(ckpt, None)
+        by_key = {p.key: p for p in plan}
+        for key in ("m0.weight", "m1.weight"):
+            p, entry = by_key[key], ckpt.entries[key]
+            shape = written_by_kernel(entry, p.rule)
+            assert shape == (entry.shape[1], entry.shape[0])  # a Linear kernel: transposed by the kernel
+            want = materialize(ckpt, entry, cpu, p.rule)
+            out = torch.full(shape, float("nan"), dtype=entry.dtype)
+            got = materialize(ckpt, entry, cpu, p.rule, out=out)
+            assert got is out
+            assert_same_bits(to_numpy(got), to_numpy(want))
+            for bad in (
+                torch.empty(entry.shape, dtype=entry.dtype),  # not transposed
+                torch.empty(shape, dtype=torch.float32),
+                torch.empty((shape[1], shape[0]), dtype=entry.dtype).t(),  # the shape, not contiguous
+            ):
+                with pytest.raises(ValueError, match=rf"materialize\(out=\) for {key} takes a contiguous"):
+                    materialize(ckpt, entry, cpu, p.rule, out=bad)
+        p, entry = by_key["norm.weight"], ckpt.entries["norm.weight"]
+        assert written_by_kernel(entry, p.rule) is None
+        with pytest.raises(ValueError, match="writes 4-bit weights that need no copy"):
+            materialize(ckpt, entry, cpu, p.rule, out=torch.empty(96, dtype=torch.bfloat16))
