@@ -1150,6 +1150,10 @@ _RUN_BYTES = 16 << 20
 _RUN_BUFFERS = 500
 
 
+# bytes of a safetensors header read for messages (safetensors refuses larger ones)
+_HEADER_LIMIT = 100 * 2**20
+
+
 def _shorter_than_its_header(path: pathlib.Path) -> str:
     """For the message about a safetensors file that safetensors refused: ``"; it is N bytes, where its header
     ..."`` when the file is shorter than its header says (a download or copy cut short), else ``""``."""
@@ -1157,15 +1161,12 @@ def _shorter_than_its_header(path: pathlib.Path) -> str:
         size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > 100 << 20:  # (safetensors refuses headers above 100 MB)
-                return ""
-            if size < 8 + n:
+            if 8 <= size < 8 + n <= 8 + _HEADER_LIMIT:
                 return f"; the file is {size} bytes, shorter than its {n}-byte header: it was cut short (an interrupted download or copy?)"
-            header = json.loads(f.read(n))
+            f.seek(0)
+            n, header = _read_header(f, _HEADER_LIMIT)
         ends = []
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
+        for v in header.values():
             start, end = (int(o) for o in v["data_offsets"])
             dtype = safetensors_dtype(v["dtype"])
             # a header whose offsets disagree with its shapes is corrupt, not a file cut short
@@ -1597,7 +1598,7 @@ def _files_beside(
             yield path, keys
 
 
-def _header_keys(path: pathlib.Path, limit: int = 100 * 2**20) -> set[str] | None:
+def _header_keys(path: pathlib.Path, limit: int = _HEADER_LIMIT) -> set[str] | None:
     """The tensor names in a safetensors file's header (for messages), or None where ``path`` is no regular
     file (see :func:`_open_regular`) or no readable safetensors file."""
     try:
@@ -1967,9 +1968,8 @@ def _classify(ckpt: Checkpoint) -> None:
             weight_key = key.partition(".quant_state.")[0] if ".quant_state." in key else base
             if leaf in BNB_PIECES and base in src.shapes:  # the weight is there: its quant state is not
                 what = f"its weight {base} is here, its quant state {base}.quant_state.bitsandbytes__nf4 (or __fp4) is not"
-            elif (
-                ".quant_state." in key and weight_key in src.shapes
-            ):  # a state key bitsandbytes does not write
+            elif ".quant_state." in key and weight_key in src.shapes:
+                # a quant state under a name bitsandbytes does not write
                 what = (f"its weight {weight_key} is here, but bitsandbytes names a quant state "
                         f"{weight_key}.quant_state.bitsandbytes__nf4 or __fp4, not {key}")  # fmt: skip
             else:
