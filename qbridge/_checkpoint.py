@@ -236,19 +236,24 @@ class _Source:
             ranges: dict[str, tuple[int, int]] = {}
             at = 8 + size
             dtypes: dict[str, torch.dtype] = {}  # a file holds few dtypes: each name looked up once
+            shapes, get_slice, prod = (
+                self.shapes,
+                handle.get_slice,
+                math.prod,
+            )  # (a DeepSeek-V3 file: 560 keys)
             for key in selected:
-                sl = handle.get_slice(key)
+                sl = get_slice(key)
                 name = sl.get_dtype()
                 dtype = dtypes.get(name)
                 if dtype is None:
                     dtype = dtypes[name] = _st_dtype(name, path, key)
                 shape = tuple(sl.get_shape())
-                self.key_file[key] = path
-                self.shapes[key] = (shape, dtype)
+                shapes[key] = (shape, dtype)
                 if whole:
-                    end = at + math.prod(shape) * dtype.itemsize
+                    end = at + prod(shape) * dtype.itemsize
                     ranges[key] = (at, end)
                     at = end
+            self.key_file.update(dict.fromkeys(selected, path))
         except Exception as e:
             if f is not None:
                 f.close()
@@ -269,7 +274,7 @@ class _Source:
         self,
         path: pathlib.Path,
         stored: list[str],
-        available: Container[str],
+        available: Collection[str],
         keys: list[str] | None,
         listed: Container[str] = (),
     ) -> list[str]:
@@ -278,19 +283,25 @@ class _Source:
         (``listed``: every key it maps to a file) does not list, as transformers loads a shard file whole
         (recorded in ``unlisted`` for a warning). None may be held by a file added before."""
         if keys is not None:
-            extra = [key for key in stored if key not in listed]
+            # set operations first (a file of a DeepSeek-V3 index holds hundreds of keys, all listed, all its
+            # own): the ordered passes below only where one finds something
+            have = available if isinstance(available, (set, frozenset)) else set(available)
+            subset = isinstance(listed, (set, frozenset)) and have <= listed
+            extra = [] if subset else [key for key in stored if key not in listed]
             self.unlisted.update(dict.fromkeys(extra, path))
             self._stored[path] = available
             own = set(keys)
-            for key in stored:
-                if key in listed and key not in own:
-                    self.also_held.setdefault(key, []).append(path)
-            missing = [key for key in keys if key not in available]
-            if missing:  # perhaps in another listed file, as transformers would load it: adopt_misplaced
-                self.misplaced.update(dict.fromkeys(missing, path))
+            if not have <= own:
+                for key in stored:
+                    if key in listed and key not in own:
+                        self.also_held.setdefault(key, []).append(path)
+            if not own <= have:  # perhaps in another listed file, as transformers would load it
+                missing = [key for key in keys if key not in available]
+                self.misplaced.update(dict.fromkeys(missing, path))  # for adopt_misplaced
                 keys = [key for key in keys if key in available]
-            keys = keys + extra
-        for key in stored if keys is None else keys:
+            keys = keys + extra if extra else keys
+        chosen = stored if keys is None else keys
+        for key in () if self.key_file.keys().isdisjoint(chosen) else chosen:
             if key in self.key_file:
                 raise CheckpointError(
                     f"{path}: holds {key!r}, which {self.key_file[key]} holds too; which one is the model's is not known"
