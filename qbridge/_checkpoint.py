@@ -40,6 +40,7 @@ import torch
 
 import torch_side
 from jax_side._tree import warn_at_caller
+from torch_side import _native
 from torch_side._checks import BlockSizeUnknown
 from torch_side._fp8 import check_scale_dtype
 
@@ -775,7 +776,9 @@ class _Source:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
         ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
         (unset) up to a multiple of 16 bytes. Pinned memory with ``pin`` (CUDA needed). A safetensors file's
-        tensor is read with positioned reads straight into its row (tensors close together in one read); each
+        tensor is read with positioned reads straight into its row (tensors close together in one read; a
+        file's share in one call of torch_side's C library, which leaves the GIL to other threads, where it is
+        loaded); each
         key is counted as :meth:`read` counts it, or, without ``count``, left for :meth:`count_stacked` (a
         read ahead that may be dropped; keys of safetensors files not read ahead by themselves only: others are
         read through :meth:`read`, which counts)."""
@@ -828,9 +831,12 @@ class _Source:
                         "truncated or damaged file)"
                     )
                 bucket.append((begin, i, key))
+            read_ranges = _native._READ or _native.read_ranges()  # None while it is built, or without it
             for held, wanted in direct_reads.items():
                 wanted.sort()
                 f, j, n = self._files[held], 0, len(wanted)
+                if read_ranges is not None and _read_ranges(read_ranges, f, wanted, out, nbytes, row_bytes):
+                    continue  # else read again below, one by one, to name what went wrong
                 while j < n:  # runs of tensors at most _GAP_READ apart: one read each where it can
                     first, k = wanted[j][0], j + 1
                     at = first + nbytes
@@ -1243,6 +1249,35 @@ def _read_together(
         return int(_PREADV(f.fileno(), buffers, run[0][0])) == at - run[0][0]
     except OSError:
         return False
+
+
+def _read_ranges(
+    read: Any, f: Any, wanted: list[tuple[int, int, str]], out: torch.Tensor, nbytes: int, row_bytes: int
+) -> bool:
+    """:meth:`_Source.read_stacked`'s reads of one file's tensors (``(begin, row, key)`` in file order,
+    ``nbytes`` each) into their rows of ``out`` (``row_bytes`` apart) in one call of the C library's
+    ``qb_read_ranges`` (``read``), which leaves the GIL to the other threads throughout; the bytes between two
+    tensors at most ``_GAP_READ`` apart go into a scratch buffer, so that such a run is one positioned read.
+    False when a read came up short or failed (some rows then hold some bytes): the caller reads them again."""
+    n = len(wanted)
+    begins = np.fromiter((w[0] for w in wanted), np.int64, n)
+    rows = np.fromiter((w[1] for w in wanted), np.int64, n)
+    gaps = np.zeros(n, np.int64)
+    gaps[1:] = begins[1:] - begins[:-1] - nbytes
+    filled = (gaps > 0) & (gaps <= _GAP_READ)
+    at = np.arange(n) + np.cumsum(filled)  # where each tensor's range goes, after the gaps before it
+    count = int(at[-1]) + 1
+    offsets, lengths, addresses = (np.empty(count, np.int64) for _ in range(3))
+    offsets[at], lengths[at], addresses[at] = begins, nbytes, out.data_ptr() + rows * row_bytes
+    scratch = np.empty(_GAP_READ, np.uint8)
+    gap_at = at[filled] - 1
+    offsets[gap_at], lengths[gap_at], addresses[gap_at] = (
+        begins[filled] - gaps[filled],
+        gaps[filled],
+        scratch.ctypes.data,
+    )
+    got = read(f.fileno(), count, offsets.ctypes.data, lengths.ctypes.data, addresses.ctypes.data)
+    return int(got) == -1
 
 
 def _tensor_nbytes(t: Any) -> int:

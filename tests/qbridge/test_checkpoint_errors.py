@@ -22,6 +22,7 @@ from helpers import assert_same_bits
 import jax_side
 import qbridge
 from qbridge import CheckpointError, FormatError
+from torch_side import _native
 
 pytest.importorskip("bitsandbytes")
 st = pytest.importorskip("safetensors.torch")
@@ -432,14 +433,46 @@ def test_failed_match_returns_nothing(made):
     assert text.count("shape:") == 6 and "model.layers.0.mlp.down_proj.kernel" in text
 
 
+def _reads(monkeypatch, how):
+    """Makes read_stacked read the way ``how`` says, and returns a list that gets, from here on, the number
+    of buffers of each positioned read of many buffers (``"python"``: ``os.preadv`` from Python, the C library
+    kept out) or the number of ranges of each call of the C library's ``qb_read_ranges`` (``"c"``)."""
+    from qbridge import _checkpoint
+
+    calls = []
+    if how == "python":
+        monkeypatch.setattr(_native, "_READ", None)
+        monkeypatch.setattr(_native, "read_ranges", lambda wait=False: None)
+        real = _checkpoint._PREADV
+        if real is None:
+            pytest.skip("no os.preadv here: every tensor is read on its own")
+        monkeypatch.setattr(
+            _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
+        )
+        return calls
+    read = _native.read_ranges(wait=True)
+    if read is None:
+        try:
+            compiler = _native._compiler()
+        except _native.BuildError:
+            pytest.skip("no C compiler here: read_stacked reads from Python (tested with 'python')")
+        pytest.fail(f"torch_side's C library could not be built with {compiler} (see the warning logged)")
+    monkeypatch.setattr(_native, "_READ", lambda fd, n, *arrays: calls.append(n) or read(fd, n, *arrays))
+    return calls
+
+
+@pytest.mark.parametrize("how", ["c", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
-def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, dtype):
+def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, monkeypatch, dtype, how):
     """Checkpoint.read_stacked (the grouped FP8 route's reader: positioned reads into one
     tensor) holds in row i what read(keys[i]) holds, padded to 16 bytes, from safetensors and torch files,
-    counts bytes once per small key, and names a tensor whose bytes the file lacks."""
+    counts bytes once per small key, and names a tensor whose bytes the file lacks: read by torch_side's C
+    library in one call per file (``how="c"``), or from Python (``"python"``: without that library)."""
     from safetensors.torch import save_file
 
     from qbridge._checkpoint import open_checkpoint
+
+    calls = _reads(monkeypatch, how)
 
     gen = torch.Generator().manual_seed(5)
     stored = {f"s{i}": (torch.randn(3, 5, generator=gen) * 40).to(dtype) for i in range(4)}
@@ -461,6 +494,9 @@ def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, dtype):
             assert ckpt.bytes_read == 3 * 15 * dtype.itemsize
             with pytest.raises(ValueError, match="'other' is"):
                 ckpt.read_stacked(["s0", "other"])
+            if file == "model.safetensors" and how == "c":  # twice: s0, s1 (a gap, into scratch), s2, s3
+                assert calls == [4, 4], calls
+            calls.clear()
     whole = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "model.safetensors").write_bytes(whole)
@@ -508,29 +544,24 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
 
 
 def _count_preadv(monkeypatch):
-    """A list that gets the number of buffers of each positioned read of many buffers from here on."""
-    from qbridge import _checkpoint
-
-    calls = []
-    real = _checkpoint._PREADV
-    monkeypatch.setattr(
-        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
-    )
-    return calls
+    """A list that gets the number of buffers of each positioned read of many buffers from here on (from
+    Python: the C library kept out)."""
+    return _reads(monkeypatch, "python")
 
 
-def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["c", "python"])
+def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_path, monkeypatch, how):
     """A group's scales are every third tensor of a layer's experts: read_stacked reads each file's run of them
     with one positioned read (the bytes between them into scratch), in any order asked, and gives each row
-    what read() gives. Runs end at gaps over _GAP_READ, and a read that comes up short is repeated key by
-    key (test above)."""
+    what read() gives, from Python or in one call of torch_side's C library per file. Runs end at gaps over
+    _GAP_READ (from Python, a read each; the C library's call then reads the rows alone), and a read that comes
+    up short is repeated key by key (test above)."""
     from safetensors.torch import save_file
 
     from qbridge import _checkpoint
     from qbridge._checkpoint import open_checkpoint
 
-    if _checkpoint._PREADV is None:
-        pytest.skip("no os.preadv here: every tensor is read on its own")
+    calls = _reads(monkeypatch, how)
     gen = torch.Generator().manual_seed(7)
     for part in range(2):
         stored = {f"e{e:03d}.{proj}.s": torch.rand(3, 7, generator=gen)
@@ -538,7 +569,6 @@ def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_pa
         save_file(stored, tmp_path / f"model-{part}.safetensors")
     keys = [f"e{e:03d}.gate.s" for e in range(40)]
     keys = keys[::2] + keys[1::2]  # not in file order
-    calls = _count_preadv(monkeypatch)
     with open_checkpoint(tmp_path) as ckpt:
         rows = ckpt.read_stacked(keys)
         assert calls == [39, 39]  # per file: 20 rows and the 19 gaps between them
@@ -547,7 +577,8 @@ def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_pa
         calls.clear()
         monkeypatch.setattr(_checkpoint, "_GAP_READ", 4 * 21 * 2 - 1)  # the gaps (two scales) no longer fit
         again = ckpt.read_stacked(keys)
-        assert calls == [1] * 40 and torch.equal(again[:, :21], rows[:, :21])
+        assert calls == ([1] * 40 if how == "python" else [20, 20])
+        assert torch.equal(again[:, :21], rows[:, :21])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
