@@ -16,6 +16,7 @@ No pickle code is ever executed: torch files are read with ``weights_only=True``
 
 from __future__ import annotations
 
+import array
 import concurrent.futures
 import contextlib
 import ctypes
@@ -831,7 +832,7 @@ class _Source:
                         "truncated or damaged file)"
                     )
                 bucket.append((begin, i, key))
-            read_ranges = _native._READ or _native.read_ranges()  # None while it is built, or without it
+            read_ranges = _batched_reads() if direct_reads else None
             for held, wanted in direct_reads.items():
                 wanted.sort()
                 f, j, n = self._files[held], 0, len(wanted)
@@ -1251,6 +1252,16 @@ def _read_together(
         return False
 
 
+def _batched_reads() -> Any:
+    """torch_side's C library's ``qb_read_ranges``, or None: while the library is built (this starts that),
+    without a compiler, or with ``QBRIDGE_CPU_KERNEL`` off (or, set after import, neither on nor off: the
+    reads do not fail on it)."""
+    try:
+        return _native._READ or _native.read_ranges()
+    except ValueError:
+        return None
+
+
 def _read_ranges(
     read: Any, f: Any, wanted: list[tuple[int, int, str]], out: torch.Tensor, nbytes: int, row_bytes: int
 ) -> bool:
@@ -1259,24 +1270,27 @@ def _read_ranges(
     ``qb_read_ranges`` (``read``), which leaves the GIL to the other threads throughout; the bytes between two
     tensors at most ``_GAP_READ`` apart go into a scratch buffer, so that such a run is one positioned read.
     False when a read came up short or failed (some rows then hold some bytes): the caller reads them again."""
-    n = len(wanted)
-    begins = np.fromiter((w[0] for w in wanted), np.int64, n)
-    rows = np.fromiter((w[1] for w in wanted), np.int64, n)
-    gaps = np.zeros(n, np.int64)
-    gaps[1:] = begins[1:] - begins[:-1] - nbytes
-    filled = (gaps > 0) & (gaps <= _GAP_READ)
-    at = np.arange(n) + np.cumsum(filled)  # where each tensor's range goes, after the gaps before it
-    count = int(at[-1]) + 1
-    offsets, lengths, addresses = (np.empty(count, np.int64) for _ in range(3))
-    offsets[at], lengths[at], addresses[at] = begins, nbytes, out.data_ptr() + rows * row_bytes
-    scratch = np.empty(_GAP_READ, np.uint8)
-    gap_at = at[filled] - 1
-    offsets[gap_at], lengths[gap_at], addresses[gap_at] = (
-        begins[filled] - gaps[filled],
-        gaps[filled],
-        scratch.ctypes.data,
-    )
-    got = read(f.fileno(), count, offsets.ctypes.data, lengths.ctypes.data, addresses.ctypes.data)
+    gap_read = _GAP_READ  # once: the scratch buffer holds every gap filled
+    scratch = bytearray(gap_read)
+    at = ctypes.addressof(ctypes.c_char.from_buffer(scratch)) if gap_read else 0
+    base = out.data_ptr()
+    # plain lists into arrays: a group's share of a file is a few to a few hundred tensors, for which numpy's
+    # own calls cost more than the loop
+    offsets, lengths, addresses = [], [], []
+    end = None
+    for begin, row, _ in wanted:
+        if end is not None and 0 < begin - end <= gap_read:
+            offsets.append(end)
+            lengths.append(begin - end)
+            addresses.append(at)
+        offsets.append(begin)
+        lengths.append(nbytes)
+        addresses.append(base + row * row_bytes)
+        end = begin + nbytes
+    arrays = [
+        array.array("q", values) for values in (offsets, lengths, addresses)
+    ]  # int64, alive for the call
+    got = read(f.fileno(), len(offsets), *(values.buffer_info()[0] for values in arrays))
     return int(got) == -1
 
 

@@ -543,6 +543,35 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
         ckpt.read_stacked(["s0"])
 
 
+def test_read_stacked_asks_for_the_c_library_only_where_it_reads_from_a_file(tmp_path, monkeypatch):
+    """torch_side's C library (built on first use) is asked for by read_stacked only where it would read a
+    safetensors file's tensors: not for a torch file's (in memory already) or empty ones. Where asking for
+    it raises (QBRIDGE_CPU_KERNEL set, after import, to a value neither on nor off), the reads are Python's."""
+    from safetensors.torch import save_file
+
+    from qbridge._checkpoint import open_checkpoint
+
+    asked = []
+    monkeypatch.setattr(_native, "_READ", None)
+    monkeypatch.setattr(_native, "read_ranges", lambda wait=False: asked.append(wait))
+    stored = {k: torch.randn(3, 5) for k in "abcd"} | {"z0": torch.empty(0, 2), "z1": torch.empty(0, 2)}
+    save_file(stored, tmp_path / "model.safetensors")
+    torch.save(stored, tmp_path / "model.pt")
+    keys = ["d", "a", "b"]  # not evenly spaced in the file (read apart from that route's single read)
+    want = torch.stack([stored[k] for k in keys]).flatten(1)
+    with open_checkpoint(tmp_path / "model.pt") as ckpt:
+        assert torch.equal(ckpt.read_stacked(keys)[:, :15], want)
+    with open_checkpoint(tmp_path / "model.safetensors") as ckpt:
+        assert ckpt.read_stacked(["z0", "z1"]).shape == (2, 0) and not asked
+        assert torch.equal(ckpt.read_stacked(keys)[:, :15], want) and asked == [False]
+
+        def refuse(wait=False):
+            raise ValueError("QBRIDGE_CPU_KERNEL must be unset, 'on' or 'off', got 'of'")
+
+        monkeypatch.setattr(_native, "read_ranges", refuse)
+        assert torch.equal(ckpt.read_stacked(keys)[:, :15], want)
+
+
 def _count_preadv(monkeypatch):
     """A list that gets the number of buffers of each positioned read of many buffers from here on (from
     Python: the C library kept out)."""

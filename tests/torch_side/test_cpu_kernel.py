@@ -1211,8 +1211,10 @@ def test_the_batched_reads_read_every_range_and_name_the_first_they_cannot(kerne
             assert got == -1, name
             for (o, n), b in zip(ranges, buffers, strict=True):
                 assert b[:n].tobytes() == data[o : o + n], (name, o, n)
-        for bad, length in [(2, 1 << 20), (2, -1)]:  # past the end of the file; a negative length
-            ranges = [(0, 100), (100, 50), (len(data) - 10, length), (7, 3)]
+        # past the end of the file; a negative length; a negative offset; a range past the largest offset
+        for bad, at, length in [(2, len(data) - 10, 1 << 20), (2, len(data) - 10, -1), (2, -4, 8),
+                                (2, (1 << 63) - 5, 8), (2, 2**62, 2**62 + 1)]:  # fmt: skip
+            ranges = [(0, 100), (100, 50), (at, length), (7, 3)]
             buffers = [np.zeros(max(n, 1), np.uint8) for _, n in ranges]
             offsets = np.array([o for o, _ in ranges], np.int64)
             lengths = np.array([n for _, n in ranges], np.int64)

@@ -6,8 +6,16 @@
  * reading thread waits for a loading thread that holds it. Called through ctypes (which lets the lock go for
  * the whole call), this loop reads a whole group without it.
  *
- * Built with the CPU decode (cpu_4bit.c) into one library by torch_side/_native.py; POSIX only (preadv).
+ * Built with the CPU decode (cpu_4bit.c) into one library by torch_side/_native.py. Where the system has no
+ * positioned reads (not POSIX), every call answers that it read nothing, and the caller reads from Python.
  */
+#if !defined(__unix__) && !defined(__APPLE__)
+#include <stdint.h>
+int64_t qb_read_ranges(int fd, int64_t n, const int64_t *offsets, const int64_t *lengths, char *const *addresses) {
+    (void)fd, (void)offsets, (void)lengths, (void)addresses;
+    return n > 0 ? 0 : -1;
+}
+#else
 #define _DEFAULT_SOURCE
 #include <errno.h>
 #include <limits.h>
@@ -51,7 +59,7 @@ int64_t qb_read_ranges(int fd, int64_t n, const int64_t *offsets, const int64_t 
     while (i < n) {
         int64_t start = offsets[i], at = start, j = i;
         int k = 0;
-        while (j < n && k < QB_BATCH && offsets[j] == at && lengths[j] >= 0 &&
+        while (j < n && k < QB_BATCH && offsets[j] == at && at >= 0 && lengths[j] >= 0 && lengths[j] <= INT64_MAX - at &&
                at - start <= (int64_t)1 << 30) {
             iov[k].iov_base = addresses[j];
             iov[k].iov_len = (size_t)lengths[j];
@@ -59,7 +67,7 @@ int64_t qb_read_ranges(int fd, int64_t n, const int64_t *offsets, const int64_t 
             j++;
             k++;
         }
-        if (k == 0) /* a negative length */
+        if (k == 0) /* a negative offset or length, or a range past the largest offset */
             return i;
         ssize_t got;
         do
@@ -73,3 +81,4 @@ int64_t qb_read_ranges(int fd, int64_t n, const int64_t *offsets, const int64_t 
     }
     return -1;
 }
+#endif
