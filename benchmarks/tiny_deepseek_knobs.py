@@ -2,21 +2,18 @@
 
 ``deepseek_v3_scale.py --tiny`` (one MoE layer, 1558 tensors at tiny shapes: a load's wall time is its host
 work) loaded again and again in one process on a GPU, after its kernels and allocation programs are ready,
-the settings alternating, ``--rounds`` times (the first two left out):
+four settings alternating, ``--rounds`` times (the first two left out):
 
 - ``default``;
 - ``switch 0.5 ms`` and ``switch 0.1 ms``: ``sys.setswitchinterval`` (how soon a thread waiting for the GIL,
   a reading thread back from its read, takes it from the loading thread);
 - ``gap 96 KiB``: ``qbridge._checkpoint._GAP_READ`` 96 KiB and ``_RUN_BYTES`` 32 MiB, so that a group's 256
   tiny float8 weights, which lie 64 KiB apart (the other projections' weights between them), are read with
-  one positioned read instead of one each;
-- ``python reads``: the groups' reads from Python, one positioned read per tensor (or per run of tensors
-  close together), as without torch_side's C library (``QBRIDGE_CPU_KERNEL=off``), where by default each
-  file's share of a group is read by one call of it that leaves the GIL to the loading thread.
+  one positioned read instead of one each.
 
-``--settings`` picks some (``default`` always runs). Prints each setting's wall time per checkpoint tensor, median [range], and the calling thread's CPU time.
+Prints each setting's wall time per checkpoint tensor, median [range], and the calling thread's CPU time.
 
-    python benchmarks/tiny_deepseek_knobs.py [--rounds 12] [--settings "python reads" ...]
+    python benchmarks/tiny_deepseek_knobs.py [--rounds 12]
 """
 
 from __future__ import annotations
@@ -34,8 +31,6 @@ COUNT = 1558  # checkpoint tensors of one tiny layer with 256 routed experts
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
-    every = ["switch 0.5 ms", "switch 0.1 ms", "gap 96 KiB", "python reads"]
-    parser.add_argument("--settings", nargs="+", choices=every, default=every, help="besides the default")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (the first two are left out)")
@@ -48,22 +43,17 @@ def main() -> None:
     import torch_side
     from qbridge import _checkpoint
     from qbridge._handoff import wait_for_allocators
-    from torch_side import _native
 
     if not torch.cuda.is_available():
         parser.error("torch sees no CUDA GPU here: the loads this times are a GPU's")
     deepseek_v3_scale.use_tiny_shapes()
     gap, run, switch = _checkpoint._GAP_READ, _checkpoint._RUN_BYTES, sys.getswitchinterval()
-    read_ranges, loaded = _native.read_ranges, _native.read_ranges(wait=True)  # the C library, or None
 
     def setting(name: str) -> None:
         sys.setswitchinterval({"switch 0.5 ms": 5e-4, "switch 0.1 ms": 1e-4}.get(name, switch))
         _checkpoint._GAP_READ, _checkpoint._RUN_BYTES = (
             (96 << 10, 32 << 20) if name == "gap 96 KiB" else (gap, run)
         )
-        python = name == "python reads"
-        _native.read_ranges = (lambda wait=False: None) if python else read_ranges
-        _native._READ = None if python else loaded
 
     with tempfile.TemporaryDirectory(prefix="qbridge-knobs-") as tmp:
         root = pathlib.Path(tmp)
@@ -78,7 +68,7 @@ def main() -> None:
         wait_for_allocators()
         for _ in range(3):
             load()
-        names = ["default", *args.settings]
+        names = ["default", "switch 0.5 ms", "switch 0.1 ms", "gap 96 KiB"]
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         try:
@@ -92,8 +82,7 @@ def main() -> None:
                         cpu[n].append(time.thread_time() - c0)
         finally:
             setting("default")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}"
-          + ("" if loaded else "; torch_side's C library not loaded: every setting reads from Python"))  # fmt: skip
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}")
     for n in names:
         us = [t / COUNT * 1e6 for t in wall[n]]
         print(f"{n:14s} wall {statistics.median(us):5.1f} us per tensor [{min(us):.1f}-{max(us):.1f}]"

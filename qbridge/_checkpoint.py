@@ -16,7 +16,6 @@ No pickle code is ever executed: torch files are read with ``weights_only=True``
 
 from __future__ import annotations
 
-import array
 import concurrent.futures
 import contextlib
 import ctypes
@@ -41,7 +40,6 @@ import torch
 
 import torch_side
 from jax_side._tree import warn_at_caller
-from torch_side import _native
 from torch_side._checks import BlockSizeUnknown
 from torch_side._fp8 import check_scale_dtype
 
@@ -238,11 +236,8 @@ class _Source:
             ranges: dict[str, tuple[int, int]] = {}
             at = 8 + size
             dtypes: dict[str, torch.dtype] = {}  # a file holds few dtypes: each name looked up once
-            shapes, get_slice, prod = (
-                self.shapes,
-                handle.get_slice,
-                math.prod,
-            )  # (a DeepSeek-V3 file: 560 keys)
+            # looked up once for the loop (a file of DeepSeek-V3's holds about 560 keys)
+            shapes, get_slice, prod = self.shapes, handle.get_slice, math.prod
             for key in selected:
                 sl = get_slice(key)
                 name = sl.get_dtype()
@@ -777,9 +772,7 @@ class _Source:
         """The stored tensors ``keys`` (plain tensors of one shape and dtype) as the rows of one new CPU tensor
         ``[len(keys), row]`` of their dtype: row ``i`` holds tensor ``i``'s elements in order, then padding
         (unset) up to a multiple of 16 bytes. Pinned memory with ``pin`` (CUDA needed). A safetensors file's
-        tensor is read with positioned reads straight into its row (tensors close together in one read; a
-        file's share in one call of torch_side's C library, which leaves the GIL to other threads, where it is
-        loaded); each
+        tensor is read with positioned reads straight into its row (tensors close together in one read); each
         key is counted as :meth:`read` counts it, or, without ``count``, left for :meth:`count_stacked` (a
         read ahead that may be dropped; keys of safetensors files not read ahead by themselves only: others are
         read through :meth:`read`, which counts)."""
@@ -832,12 +825,9 @@ class _Source:
                         "truncated or damaged file)"
                     )
                 bucket.append((begin, i, key))
-            read_ranges = _batched_reads() if direct_reads else None
             for held, wanted in direct_reads.items():
                 wanted.sort()
                 f, j, n = self._files[held], 0, len(wanted)
-                if read_ranges is not None and _read_ranges(read_ranges, f, wanted, out, nbytes, row_bytes):
-                    continue  # else read again below, one by one, to name what went wrong
                 while j < n:  # runs of tensors at most _GAP_READ apart: one read each where it can
                     first, k = wanted[j][0], j + 1
                     at = first + nbytes
@@ -1250,48 +1240,6 @@ def _read_together(
         return int(_PREADV(f.fileno(), buffers, run[0][0])) == at - run[0][0]
     except OSError:
         return False
-
-
-def _batched_reads() -> Any:
-    """torch_side's C library's ``qb_read_ranges``, or None: while the library is built (this starts that),
-    without a compiler, or with ``QBRIDGE_CPU_KERNEL`` off (or, set after import, neither on nor off: the
-    reads do not fail on it)."""
-    try:
-        return _native._READ or _native.read_ranges()
-    except ValueError:
-        return None
-
-
-def _read_ranges(
-    read: Any, f: Any, wanted: list[tuple[int, int, str]], out: torch.Tensor, nbytes: int, row_bytes: int
-) -> bool:
-    """:meth:`_Source.read_stacked`'s reads of one file's tensors (``(begin, row, key)`` in file order,
-    ``nbytes`` each) into their rows of ``out`` (``row_bytes`` apart) in one call of the C library's
-    ``qb_read_ranges`` (``read``), which leaves the GIL to the other threads throughout; the bytes between two
-    tensors at most ``_GAP_READ`` apart go into a scratch buffer, so that such a run is one positioned read.
-    False when a read came up short or failed (some rows then hold some bytes): the caller reads them again."""
-    gap_read = _GAP_READ  # once: the scratch buffer holds every gap filled
-    scratch = bytearray(gap_read)
-    at = ctypes.addressof(ctypes.c_char.from_buffer(scratch)) if gap_read else 0
-    base = out.data_ptr()
-    # plain lists into arrays: a group's share of a file is a few to a few hundred tensors, for which numpy's
-    # own calls cost more than the loop
-    offsets, lengths, addresses = [], [], []
-    end = None
-    for begin, row, _ in wanted:
-        if end is not None and 0 < begin - end <= gap_read:
-            offsets.append(end)
-            lengths.append(begin - end)
-            addresses.append(at)
-        offsets.append(begin)
-        lengths.append(nbytes)
-        addresses.append(base + row * row_bytes)
-        end = begin + nbytes
-    arrays = [
-        array.array("q", values) for values in (offsets, lengths, addresses)
-    ]  # int64, alive for the call
-    got = read(f.fileno(), len(offsets), *(values.buffer_info()[0] for values in arrays))
-    return int(got) == -1
 
 
 def _tensor_nbytes(t: Any) -> int:

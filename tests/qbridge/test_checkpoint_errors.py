@@ -22,7 +22,6 @@ from helpers import assert_same_bits
 import jax_side
 import qbridge
 from qbridge import CheckpointError, FormatError
-from torch_side import _native
 
 pytest.importorskip("bitsandbytes")
 st = pytest.importorskip("safetensors.torch")
@@ -433,46 +432,14 @@ def test_failed_match_returns_nothing(made):
     assert text.count("shape:") == 6 and "model.layers.0.mlp.down_proj.kernel" in text
 
 
-def _reads(monkeypatch, how):
-    """Makes read_stacked read the way ``how`` says, and returns a list that gets, from here on, the number
-    of buffers of each positioned read of many buffers (``"python"``: ``os.preadv`` from Python, the C library
-    kept out) or the number of ranges of each call of the C library's ``qb_read_ranges`` (``"c"``)."""
-    from qbridge import _checkpoint
-
-    calls = []
-    if how == "python":
-        monkeypatch.setattr(_native, "_READ", None)
-        monkeypatch.setattr(_native, "read_ranges", lambda wait=False: None)
-        real = _checkpoint._PREADV
-        if real is None:
-            pytest.skip("no os.preadv here: every tensor is read on its own")
-        monkeypatch.setattr(
-            _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
-        )
-        return calls
-    read = _native.read_ranges(wait=True)
-    if read is None:
-        try:
-            compiler = _native._compiler()
-        except _native.BuildError:
-            pytest.skip("no C compiler here: read_stacked reads from Python (tested with 'python')")
-        pytest.fail(f"torch_side's C library could not be built with {compiler} (see the warning logged)")
-    monkeypatch.setattr(_native, "_READ", lambda fd, n, *arrays: calls.append(n) or read(fd, n, *arrays))
-    return calls
-
-
-@pytest.mark.parametrize("how", ["c", "python"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
-def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, monkeypatch, dtype, how):
+def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, dtype):
     """Checkpoint.read_stacked (the grouped FP8 route's reader: positioned reads into one
     tensor) holds in row i what read(keys[i]) holds, padded to 16 bytes, from safetensors and torch files,
-    counts bytes once per small key, and names a tensor whose bytes the file lacks: read by torch_side's C
-    library in one call per file (``how="c"``), or from Python (``"python"``: without that library)."""
+    counts bytes once per small key, and names a tensor whose bytes the file lacks."""
     from safetensors.torch import save_file
 
     from qbridge._checkpoint import open_checkpoint
-
-    calls = _reads(monkeypatch, how)
 
     gen = torch.Generator().manual_seed(5)
     stored = {f"s{i}": (torch.randn(3, 5, generator=gen) * 40).to(dtype) for i in range(4)}
@@ -494,9 +461,6 @@ def test_read_stacked_gives_each_tensor_as_read_gives_it(tmp_path, monkeypatch, 
             assert ckpt.bytes_read == 3 * 15 * dtype.itemsize
             with pytest.raises(ValueError, match="'other' is"):
                 ckpt.read_stacked(["s0", "other"])
-            if file == "model.safetensors" and how == "c":  # twice: s0, s1 (a gap, into scratch), s2, s3
-                assert calls == [4, 4], calls
-            calls.clear()
     whole = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "model.safetensors").write_bytes(whole)
@@ -543,54 +507,30 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
         ckpt.read_stacked(["s0"])
 
 
-def test_read_stacked_asks_for_the_c_library_only_where_it_reads_from_a_file(tmp_path, monkeypatch):
-    """torch_side's C library (built on first use) is asked for by read_stacked only where it would read a
-    safetensors file's tensors: not for a torch file's (in memory already) or empty ones. Where asking for
-    it raises (QBRIDGE_CPU_KERNEL set, after import, to a value neither on nor off), the reads are Python's."""
-    from safetensors.torch import save_file
-
-    from qbridge._checkpoint import open_checkpoint
-
-    asked = []
-    monkeypatch.setattr(_native, "_READ", None)
-    monkeypatch.setattr(_native, "read_ranges", lambda wait=False: asked.append(wait))
-    stored = {k: torch.randn(3, 5) for k in "abcd"} | {"z0": torch.empty(0, 2), "z1": torch.empty(0, 2)}
-    save_file(stored, tmp_path / "model.safetensors")
-    torch.save(stored, tmp_path / "model.pt")
-    keys = ["d", "a", "b"]  # not evenly spaced in the file (read apart from that route's single read)
-    want = torch.stack([stored[k] for k in keys]).flatten(1)
-    with open_checkpoint(tmp_path / "model.pt") as ckpt:
-        assert torch.equal(ckpt.read_stacked(keys)[:, :15], want)
-    with open_checkpoint(tmp_path / "model.safetensors") as ckpt:
-        assert ckpt.read_stacked(["z0", "z1"]).shape == (2, 0) and not asked
-        assert torch.equal(ckpt.read_stacked(keys)[:, :15], want) and asked == [False]
-
-        def refuse(wait=False):
-            raise ValueError("QBRIDGE_CPU_KERNEL must be unset, 'on' or 'off', got 'of'")
-
-        monkeypatch.setattr(_native, "read_ranges", refuse)
-        assert torch.equal(ckpt.read_stacked(keys)[:, :15], want)
-
-
 def _count_preadv(monkeypatch):
-    """A list that gets the number of buffers of each positioned read of many buffers from here on (from
-    Python: the C library kept out)."""
-    return _reads(monkeypatch, "python")
+    """A list that gets the number of buffers of each positioned read of many buffers from here on."""
+    from qbridge import _checkpoint
+
+    calls = []
+    real = _checkpoint._PREADV
+    monkeypatch.setattr(
+        _checkpoint, "_PREADV", lambda fd, bufs, at: calls.append(len(bufs)) or real(fd, bufs, at)
+    )
+    return calls
 
 
-@pytest.mark.parametrize("how", ["c", "python"])
-def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_path, monkeypatch, how):
+def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_path, monkeypatch):
     """A group's scales are every third tensor of a layer's experts: read_stacked reads each file's run of them
     with one positioned read (the bytes between them into scratch), in any order asked, and gives each row
-    what read() gives, from Python or in one call of torch_side's C library per file. Runs end at gaps over
-    _GAP_READ (from Python, a read each; the C library's call then reads the rows alone), and a read that comes
-    up short is repeated key by key (test above)."""
+    what read() gives. Runs end at gaps over _GAP_READ, and a read that comes up short is repeated key by
+    key (test above)."""
     from safetensors.torch import save_file
 
     from qbridge import _checkpoint
     from qbridge._checkpoint import open_checkpoint
 
-    calls = _reads(monkeypatch, how)
+    if _checkpoint._PREADV is None:
+        pytest.skip("no os.preadv here: every tensor is read on its own")
     gen = torch.Generator().manual_seed(7)
     for part in range(2):
         stored = {f"e{e:03d}.{proj}.s": torch.rand(3, 7, generator=gen)
@@ -598,6 +538,7 @@ def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_pa
         save_file(stored, tmp_path / f"model-{part}.safetensors")
     keys = [f"e{e:03d}.gate.s" for e in range(40)]
     keys = keys[::2] + keys[1::2]  # not in file order
+    calls = _count_preadv(monkeypatch)
     with open_checkpoint(tmp_path) as ckpt:
         rows = ckpt.read_stacked(keys)
         assert calls == [39, 39]  # per file: 20 rows and the 19 gaps between them
@@ -606,8 +547,7 @@ def test_read_stacked_reads_tensors_close_together_with_one_call_per_file(tmp_pa
         calls.clear()
         monkeypatch.setattr(_checkpoint, "_GAP_READ", 4 * 21 * 2 - 1)  # the gaps (two scales) no longer fit
         again = ckpt.read_stacked(keys)
-        assert calls == ([1] * 40 if how == "python" else [20, 20])
-        assert torch.equal(again[:, :21], rows[:, :21])
+        assert calls == [1] * 40 and torch.equal(again[:, :21], rows[:, :21])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])

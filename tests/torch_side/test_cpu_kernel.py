@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import math
 import multiprocessing
 import os
@@ -23,7 +22,6 @@ import textwrap
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from helpers import DTYPES, as_bnb_returns, assert_bitwise_equal, bnb_quantize, bnb_reference, flush
@@ -355,7 +353,7 @@ def test_a_damaged_build_in_the_cache_is_built_again(tmp_path):
     [
         (
             dict(CC="false"),
-            "false failed to build cpu_4bit.c, stream_scan.c, read_ranges.c: it exited with 1 and printed nothing",
+            "false failed to build cpu_4bit.c, stream_scan.c: it exited with 1 and printed nothing",
         ),
         (dict(CC="/nonexistent/cc"), "could not be run"),
         (dict(QBRIDGE_CPU_KERNEL="off"), None),
@@ -1178,47 +1176,3 @@ def test_the_stream_order_scans_then_records_on_current_and_makes_the_consumer_w
         == -1
     )
     assert calls == [None]
-
-
-def test_the_batched_reads_read_every_range_and_name_the_first_they_cannot(kernel, tmp_path):
-    """The library's batched positioned reads (kernels/read_ranges.c, qbridge's read_stacked) write each range
-    of the file into its own buffer, as os.pread reads it: ranges in any order, back to back (read together,
-    in runs longer than one preadv takes), apart, empty, or of one byte. A range that runs past the file's
-    end, or has a negative length, is named by its index (-1: all read), the ranges before it whole."""
-    read = _native.read_ranges(wait=True)
-    data = os.urandom(3 << 20)
-    path = tmp_path / "data.bin"
-    path.write_bytes(data)
-    rng = random.Random(11)
-    back_to_back = list(itertools.accumulate([rng.randrange(0, 40) for _ in range(1300)], initial=5000))
-    cases = {
-        "apart, any order": [
-            (rng.randrange(0, len(data) - 70000), rng.randrange(1, 70000)) for _ in range(300)
-        ],
-        "back to back": list(zip(back_to_back[:-1], [b - a for a, b in itertools.pairwise(back_to_back)])),
-        "one byte, empty, the last byte": [(0, 1), (10, 0), (len(data) - 1, 1), (len(data), 0)],
-        "one range of the whole file": [(0, len(data))],
-    }
-    with open(path, "rb") as f:
-        for name, ranges in cases.items():
-            buffers = [np.full(max(n, 1), 0xA5, np.uint8) for _, n in ranges]
-            offsets = np.array([o for o, _ in ranges], np.int64)
-            lengths = np.array([n for _, n in ranges], np.int64)
-            addresses = np.array([b.ctypes.data for b in buffers], np.int64)
-            got = read(
-                f.fileno(), len(ranges), offsets.ctypes.data, lengths.ctypes.data, addresses.ctypes.data
-            )
-            assert got == -1, name
-            for (o, n), b in zip(ranges, buffers, strict=True):
-                assert b[:n].tobytes() == data[o : o + n], (name, o, n)
-        # past the end of the file; a negative length; a negative offset; a range past the largest offset
-        for bad, at, length in [(2, len(data) - 10, 1 << 20), (2, len(data) - 10, -1), (2, -4, 8),
-                                (2, (1 << 63) - 5, 8), (2, 2**62, 2**62 + 1)]:  # fmt: skip
-            ranges = [(0, 100), (100, 50), (at, length), (7, 3)]
-            buffers = [np.zeros(max(n, 1), np.uint8) for _, n in ranges]
-            offsets = np.array([o for o, _ in ranges], np.int64)
-            lengths = np.array([n for _, n in ranges], np.int64)
-            addresses = np.array([b.ctypes.data for b in buffers], np.int64)
-            got = read(f.fileno(), 4, offsets.ctypes.data, lengths.ctypes.data, addresses.ctypes.data)
-            assert got == bad
-            assert buffers[0].tobytes() == data[:100] and buffers[1].tobytes() == data[100:150]
