@@ -2240,7 +2240,12 @@ def _fp8_entry(
     has_inv, has_plain = inv in shapes, plain in shapes
     if not (has_inv or has_plain):
         raise CheckpointError(
-            f"{ckpt.where(key)}: float8 weight without {inv} or {plain}" + ckpt.unlisted(inv, plain)
+            f"{ckpt.where(key)}: float8 weight without {inv} or {plain}"
+            + (
+                ckpt.unlisted(inv, plain)
+                or "; an FP8 checkpoint stores each weight's scale beside it: this "
+                "one is incomplete (download or save it again)"
+            )
         )
     if has_inv and has_plain:
         raise CheckpointError(

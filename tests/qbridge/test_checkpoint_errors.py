@@ -1037,7 +1037,10 @@ def test_files_the_model_does_not_come_from_are_not_offered(tmp_path):
     checkpoint directory."""
     scale = {"b.weight_scale_inv": torch.ones(2, 2)}
     ck = _fp8_missing_scale(tmp_path / "ck", **{"adapter_model.safetensors": scale})
-    with pytest.raises(CheckpointError, match=r"without b.weight_scale_inv or b.weight_scale$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"without b.weight_scale_inv or b.weight_scale; an FP8 checkpoint stores each weight's scale beside it: this one is incomplete \(download or save it again\)$",
+    ):
         qbridge.load_checkpoint(ck, device="cpu")
     ck = _fp8_missing_scale(tmp_path / "sharded")
     (ck / "model.safetensors").rename(ck / "s1.safetensors")
@@ -1046,7 +1049,10 @@ def test_files_the_model_does_not_come_from_are_not_offered(tmp_path):
     )
     st.save_file(scale, tmp_path / "outside.safetensors")
     os.symlink(tmp_path / "outside.safetensors", ck / "link.safetensors")
-    with pytest.raises(CheckpointError, match=r"without b.weight_scale_inv or b.weight_scale$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"without b.weight_scale_inv or b.weight_scale; an FP8 checkpoint stores each weight's scale beside it: this one is incomplete \(download or save it again\)$",
+    ):
         qbridge.load_checkpoint(ck, device="cpu")
 
 
