@@ -1052,13 +1052,22 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
 def test_float16_rounds_to_nearest_even_under_any_rounding_mode(kernel):
     """The float16 output rounds to nearest even whatever the calling thread's rounding mode (fesetround), in
     the vector part and the scalar tail alike, as torch's CPU conversion does; the float32 products follow the
-    mode, as torch's own float32 products do."""
+    mode, as torch's own float32 products do. The 4-bit decode and the FP8 one (rows of 16k + 15 bytes: whole
+    vector steps, then a tail; scales that make ties and float16 subnormals)."""
     import ctypes
     import ctypes.util
     import struct
 
+    from torch_side._fp8 import dequantize_fp8_native
+
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     cases = [_pieces(64 * k + 15, 64, nested=False, seed=k) for k in range(40)]  # each with a tail of 15
+    gen = torch.Generator().manual_seed(3)
+    fp8 = []
+    for k in range(1, 9):
+        W = (torch.randn(5, 16 * k + 15, generator=gen) * 100).to(torch.float8_e4m3fn)
+        scale = torch.tensor([1.0 + 1 / 3, 2.0**-20, 0.7, 3.0e-3])[torch.randint(0, 4, (5, 1), generator=gen)]
+        fp8.append((W, scale, torch_side.fp8_scale_layout(W.shape, scale.shape, None)))
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # every part on this thread, under its mode
     mode = libm.fegetround()
@@ -1068,6 +1077,11 @@ def test_float16_rounds_to_nearest_even_under_any_rounding_mode(kernel):
             (dequantize_4bit_native(packed, absmax, code, 64, len(packed) * 2 - 1, torch.float32),
              dequantize_4bit_native(packed, absmax, code, 64, len(packed) * 2 - 1, torch.float16))
             for packed, absmax, code, _ in cases
+        ]  # fmt: skip
+        outs += [
+            (dequantize_fp8_native(W, scale, layout, torch.float32).reshape(-1),
+             dequantize_fp8_native(W, scale, layout, torch.float16).reshape(-1))
+            for W, scale, layout in fp8
         ]  # fmt: skip
     finally:
         libm.fesetround(mode)
