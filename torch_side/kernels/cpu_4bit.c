@@ -302,6 +302,22 @@ static inline float decode_one(const qb_job *job, int64_t i, float scale) {
     return flush(job->code[(i & 1) ? (b & 15) : (b >> 4)] * scale);
 }
 
+/* Elements i .. stop - 1 of a 4-bit weight (one block's, scale its scale), decoded and stored as the job's
+ * kind: a block's tail after whole vector steps, or whole blocks where the build has no vector path. One
+ * loop per kind, the kind chosen once, as fp8_store does for FP8. */
+static inline void decode_run(const qb_job *job, int64_t i, int64_t stop, float scale) {
+    if (job->kind == QB_F32) {
+        float *o = (float *)job->out;
+        for (; i < stop; i++) o[i] = decode_one(job, i, scale);
+    } else if (job->kind == QB_BF16) {
+        uint16_t *o = (uint16_t *)job->out;
+        for (; i < stop; i++) o[i] = bf16_of(decode_one(job, i, scale));
+    } else {
+        uint16_t *o = (uint16_t *)job->out;
+        for (; i < stop; i++) o[i] = f16_of(decode_one(job, i, scale));
+    }
+}
+
 static void run_blocks(const qb_job *job) {
     const int64_t bs = job->blocksize, n = job->n;
 #if QB_AVX512 || QB_AVX2
@@ -330,7 +346,7 @@ static void run_blocks(const qb_job *job) {
             i += vec;
         }
 #endif
-        for (; i < stop; i++) store_one(job->out, job->kind, i, decode_one(job, i, scale));
+        decode_run(job, i, stop, scale);
     }
 }
 
