@@ -1356,7 +1356,9 @@ def test_weights_sharing_x_give_what_each_gives_alone(name):
     xb = x.reshape(2, 3, k)
     batched = jax.jit(jax.vmap(lambda x: jax_side.quantized_matmuls(x, ws)))(xb)
     for y, w in zip(batched, ws):
-        assert_same_bits(y, jax.vmap(lambda x, w=w: jax_side.quantized_matmul(x, w))(xb))
+        # against the same program of one weight, jitted too: XLA's CPU dot of a batch dispatched op by op may
+        # round one element otherwise (seen on an AVX2 machine: 1 of 1536, FP8 block 128)
+        assert_same_bits(y, jax.jit(jax.vmap(lambda x, w=w: jax_side.quantized_matmul(x, w)))(xb))
 
 
 def test_weights_sharing_x_refuse_what_quantized_matmul_refuses():
