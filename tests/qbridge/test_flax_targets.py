@@ -6,7 +6,7 @@ transformers 5 has no Flax classes: this module runs where transformers 4.x is i
 elsewhere). The second test environment, as the README says:
 
     python3 -m venv .venv-flax4 && . .venv-flax4/bin/activate && \\
-      pip install torch==2.13.0 -e '.[test]' 'transformers==4.57.6' && python -m pytest tests/qbridge/test_flax_targets.py
+      pip install torch==2.13.0 -e '.[test]' 'transformers==4.57.6' && python -m pytest -n 0 -s tests/qbridge/test_flax_targets.py
 
 Qwen2 has no Flax class in transformers: its checkpoints load into jax_side's Llama (Qwen2's biased q/k/v
 projections are not modelled there), so it is checked weight by weight instead.
@@ -241,7 +241,7 @@ def test_architecture_into_its_transformers_flax_model(made, arch, fmt):
 
 @pytest.fixture(scope="module", autouse=True)
 def _table():
-    """Prints the architecture x format table of the run at the end (``pytest -s``), for the README."""
+    """Prints the architecture x format table of the run at the end (``pytest -n 0 -s``), for the README."""
     yield
     if RESULTS:
         lines = ["| architecture | " + " | ".join(FORMATS) + " |", "| --- |" + " --- |" * len(FORMATS)]
