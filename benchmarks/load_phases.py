@@ -14,7 +14,10 @@ waits for the kernels, then alternates, ``--rounds`` times (the first two left o
   into a torch tensor of its own, then copied into its array (the route before 4-bit weights were decoded
   straight into the arrays XLA allocated);
 - ``switch X``: the normal load under ``sys.setswitchinterval(X)`` (how often a thread waiting for the GIL
-  takes it).
+  takes it);
+- ``normal, N reading threads`` and ``preread, N reading threads``: the normal and preread loads with N
+  threads reading ahead instead of ``qbridge._checkpoint.READ_THREADS`` (each setting's threads started
+  once, before the rounds).
 
 Then the peak of torch's GPU memory during one ``normal`` load and one ``normal, decoded then copied``, above
 what the process held before it. Each route's median is also printed over the floor measured in the same process after the loads, as
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import pathlib
 import statistics
 import sys
@@ -85,7 +89,7 @@ def main() -> None:
 
         written_by_kernel = _loader.written_by_kernel
 
-        def preread(staged: bool = True, copied: bool = False) -> None:
+        def preread(staged: bool = True, copied: bool = False, label: str = "") -> None:
             _loader._ReadAhead.advance = read_all_first
             if not staged:
                 _checkpoint._Source.stage_small = lambda self, keys, device: 0
@@ -99,9 +103,13 @@ def main() -> None:
                 _loader._ReadAhead.advance = advance
                 _checkpoint._Source.stage_small = stage_small
                 _loader.written_by_kernel = written_by_kernel
-            suffix = ("" if staged else ", pieces one by one") + (", decoded then copied" if copied else "")
-            marks["read phase" + suffix].append(marks["read done"][0] - t0)
-            marks["loop phase" + suffix].append(t1 - marks["read done"][0])
+            suffix = (
+                ("" if staged else ", pieces one by one")
+                + (", decoded then copied" if copied else "")
+                + label
+            )
+            marks.setdefault("read phase" + suffix, []).append(marks["read done"][0] - t0)
+            marks.setdefault("loop phase" + suffix, []).append(t1 - marks["read done"][0])
 
         def copied() -> None:
             _loader.written_by_kernel = lambda entry, rule: None
@@ -128,6 +136,22 @@ def main() -> None:
 
             return run
 
+        pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+        def readers(n: int, fn):
+            if n not in pools:
+                pools[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="qbridge-read")
+
+            def run() -> None:
+                before = _checkpoint._readers("read")
+                _checkpoint._pools["read"] = pools[n]
+                try:
+                    fn()
+                finally:
+                    _checkpoint._pools["read"] = before
+
+            return run
+
         routes = {
             "normal": load,
             "normal, pieces one by one": unstaged,
@@ -137,6 +161,11 @@ def main() -> None:
             "preread, decoded then copied": lambda: preread(copied=True),
         }
         routes.update({f"switch {s * 1e3:g} ms": switch(s) for s in (1e-4, 5e-4, 2e-2)})
+        for n in (12, 16):
+            routes[f"normal, {n} reading threads"] = readers(n, load)
+            routes[f"preread, {n} reading threads"] = readers(
+                n, functools.partial(preread, label=f", {n} reading threads")
+            )
         times: dict[str, list[float]] = {name: [] for name in routes}
         for r in range(args.rounds):
             for name, fn in routes.items():
@@ -158,6 +187,7 @@ def main() -> None:
 
         file = ckpt / "model.safetensors"
         read8 = ds.read_bandwidth([file], 8, 4 << 20)
+        more = {n: ds.read_bandwidth([file], n, 4 << 20) for n in (12, 16)}  # the floor's read, more threads
         copy = ds.pinned_copy_bandwidth()
         floor = file.stat().st_size / min(read8, copy)
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}")
@@ -165,6 +195,9 @@ def main() -> None:
             f"NF4 checkpoint {file.stat().st_size / 1e9:.3f} GB: floor {floor * 1e3:.1f} ms (page cache "
             f"{read8 / 1e9:.1f} GB/s with 8 threads, pinned copies {copy / 1e9:.1f} GB/s; in this process, "
             "after its loads)"
+        )
+        print(
+            "page cache read with " + ", ".join(f"{n} threads: {bw / 1e9:.1f} GB/s" for n, bw in more.items())
         )
         print(", ".join(f"{name}: peak torch memory {peak / 1e6:.1f} MB" for name, peak in peaks.items()))
         for name, ts in {**times, **{k: v[2:] for k, v in marks.items() if k != "read done"}}.items():
