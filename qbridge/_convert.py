@@ -361,28 +361,37 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
             raise _damaged(path, e) from e
         return _read_quantized_fields(restored, path / QUANTIZED_FIELDS)
     tree = _as_tree(target, path)
+    leaves = _leaf_shapes(path, tree)
+    if leaves is not None and leaves[0] != leaves[1]:
+        # told from the record before any array is read: Orbax, finding out while reading, leaves its reads
+        # of the other arrays to fail later, with hundreds of lines of tracebacks on stderr
+        raise _not_the_tree(path, _leaves_differ(*leaves))
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)
     except (ValueError, TypeError, KeyError, AssertionError) as e:
         diff = _tree_diff(path, tree)
-        raise CheckpointError(
-            f"{path}: the target's tree does not match the checkpoint's ("
-            + (diff if diff else f"{type(e).__name__}: {first_line(e)}")
-            + "). A "
-            "checkpoint written without a target holds {'params': {...}} with Flax names and restores without "
-            "one (restore_converted(out)); one written from a target (qbridge convert --target llama) restores "
-            "onto that target: the model, nnx.state(model), or the same tree of arrays or ShapeDtypeStructs"
-        ) from e
+        raise _not_the_tree(path, diff if diff else f"{type(e).__name__}: {first_line(e)}") from e
     except Exception as e:  # as above
         raise _damaged(path, e) from e
     _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
     return restored
 
 
-def _tree_diff(path: pathlib.Path, tree: Any, most: int = 6) -> str | None:
-    """How ``tree`` differs from the checkpoint's recorded arrays, leaf by leaf (dotted paths): leaves the
-    checkpoint lacks, leaves the target lacks, shapes that differ, or, where all of those agree, that the
-    containers differ; None if the record cannot be read."""
+def _not_the_tree(path: pathlib.Path, how: str) -> CheckpointError:
+    """The error for a target whose tree is not the checkpoint's (``how``: in what)."""
+    return CheckpointError(
+        f"{path}: the target's tree does not match the checkpoint's ({how}). A checkpoint written without a "
+        "target holds {'params': {...}} with Flax names and restores without one (restore_converted(out)); "
+        "one written from a target (qbridge convert --target llama) restores onto that target: the model, "
+        "nnx.state(model), or the same tree of arrays or ShapeDtypeStructs"
+    )
+
+
+def _leaf_shapes(
+    path: pathlib.Path, tree: Any
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]] | None:
+    """The checkpoint's recorded arrays and ``tree``'s leaves, each as ``{dotted path: shape}``; None if the
+    record cannot be read (an older Orbax, a damaged record: Orbax's restore then says what it finds)."""
 
     def name(keypath: Any) -> str:
         return dotted(tuple(_key(k) for k in keypath))
@@ -392,13 +401,31 @@ def _tree_diff(path: pathlib.Path, tree: Any, most: int = 6) -> str | None:
         stored = {name(p): tuple(m.shape) for p, m in
                   jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta)) if hasattr(m, "shape")}  # fmt: skip
         wanted = {name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    except Exception:  # an older Orbax, an unreadable record: Orbax's own words then
+    except Exception:
         return None
-    if wanted == stored:  # the same leaves by name and shape: the containers differ (a list for a dict)
+    return stored, wanted
+
+
+def _tree_diff(path: pathlib.Path, tree: Any) -> str | None:
+    """How ``tree`` differs from the checkpoint's recorded arrays, leaf by leaf (dotted paths): leaves the
+    checkpoint lacks, leaves the target lacks, shapes that differ, or, where all of those agree, that the
+    containers differ; None if the record cannot be read."""
+    leaves = _leaf_shapes(path, tree)
+    if leaves is None:  # Orbax's own words then
+        return None
+    if leaves[0] == leaves[1]:  # the same leaves by name and shape: the containers differ (a list for a dict)
         return (
             "the same arrays by name and shape, in other containers: a list where the checkpoint holds a dict "
             "keyed by numbers, say; give the tree as it was written, or restore without a target"
         )
+    return _leaves_differ(*leaves)
+
+
+def _leaves_differ(
+    stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], most: int = 6
+) -> str:
+    """Which leaves ``wanted`` (the target's) and ``stored`` (the checkpoint's) name apart, and the shapes in
+    which their common leaves differ; ``{dotted path: shape}`` each, not equal."""
 
     def listed(names: list[str]) -> str:
         return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

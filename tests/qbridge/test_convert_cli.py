@@ -6,6 +6,8 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -213,6 +215,35 @@ def test_restoring_onto_an_nnx_model_or_state(nf4, tmp_path):
     wider = jax_side.abstract_llama(dataclasses.replace(config, vocab_size=config.vocab_size * 2))
     with pytest.raises(qbridge.CheckpointError, match=r"shapes differ: lm_head\.kernel \(\d+, \d+\) stored"):
         qbridge.restore_converted(out, wider)
+
+
+def test_a_target_of_other_shapes_is_refused_before_any_array_is_read(nf4, tmp_path):
+    """Orbax, finding a shape that differs while it reads, left its reads of the other arrays to fail later:
+    over 800 lines of tracebacks on stderr ("Event loop is closed", TensorStore's "Encountered error while
+    reading array index") beside the error. The shapes are compared with the checkpoint's record first: the
+    error, and nothing on stderr (in a process of its own, where those tracebacks went)."""
+    config = jax_side.LlamaConfig.from_hf(json.loads((nf4 / "config.json").read_text()))
+    out = tmp_path / "model.orbax"
+    qbridge.convert_checkpoint(
+        nf4, out, target=jax_side.abstract_llama(config, param_dtype=jnp.float32), progress=False
+    )
+    code = (
+        "import dataclasses, json, pathlib, qbridge, jax_side\n"
+        f"config = jax_side.LlamaConfig.from_hf(json.loads(pathlib.Path({str(nf4 / 'config.json')!r}).read_text()))\n"
+        "wider = jax_side.abstract_llama(dataclasses.replace(config, vocab_size=config.vocab_size * 2))\n"
+        "try:\n"
+        f"    qbridge.restore_converted({str(out)!r}, wider)\n"
+        "except qbridge.CheckpointError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"refused: .*shapes differ: lm_head\.kernel \(\d+, \d+\) stored", done.stdout), (
+        done.stdout
+    )
+    assert "Traceback" not in done.stderr and "Encountered error" not in done.stderr, done.stderr[-3000:]
 
 
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
