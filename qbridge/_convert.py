@@ -362,9 +362,10 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
         return _read_quantized_fields(restored, path / QUANTIZED_FIELDS)
     tree = _as_tree(target, path)
     leaves = _leaf_shapes(path, tree)
-    if leaves is not None and leaves[0] != leaves[1]:
-        # told from the record before any array is read: Orbax, finding out while reading, leaves its reads
-        # of the other arrays to fail later, with hundreds of lines of tracebacks on stderr
+    if leaves is not None and any(leaves[0][k] != leaves[1][k] for k in leaves[0].keys() & leaves[1].keys()):
+        # a shape that differs, told from the record before any array is read: Orbax, finding it while
+        # reading, leaves its reads of the other arrays to fail later, with hundreds of lines of tracebacks
+        # on stderr. Leaves one side lacks are left to Orbax (a None in the target skips that array)
         raise _not_the_tree(path, _leaves_differ(*leaves))
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)
@@ -400,10 +401,18 @@ def _leaf_shapes(
         meta = _orbax().StandardCheckpointer().metadata(path)
         stored = {name(p): tuple(m.shape) for p, m in
                   jax.tree_util.tree_leaves_with_path(getattr(meta, "item_metadata", meta)) if hasattr(m, "shape")}  # fmt: skip
-        wanted = {name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+        wanted = {name(p): _recorded_shape(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
     except Exception:
         return None
     return stored, wanted
+
+
+def _recorded_shape(x: Any) -> tuple[int, ...]:
+    """The shape Orbax records for a target leaf: its own, or a typed PRNG key's ``key_data`` shape."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+    return tuple(np.shape(x))
 
 
 def _tree_diff(path: pathlib.Path, tree: Any) -> str | None:

@@ -246,6 +246,35 @@ def test_a_target_of_other_shapes_is_refused_before_any_array_is_read(nf4, tmp_p
     assert "Traceback" not in done.stderr and "Encountered error" not in done.stderr, done.stderr[-3000:]
 
 
+def test_the_shapes_compared_first_are_those_orbax_reads(nf4, tmp_path):
+    """The comparison made before reading skips what Orbax skips and records what Orbax records: a None in the
+    target leaves that array unread (the rest restore), and a typed PRNG key is recorded by its key data's
+    shape ((2,) for threefry, where the key's own shape is ())."""
+    import orbax.checkpoint as ocp
+
+    out = tmp_path / "dense.orbax"
+    qbridge.convert_checkpoint(nf4, out, progress=False)
+    want = qbridge.restore_converted(out)
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
+    target["params"]["lm_head"]["kernel"] = None
+    got = qbridge.restore_converted(out, target)
+    assert got["params"]["lm_head"]["kernel"] is None
+    del want["params"]["lm_head"]["kernel"], got["params"]["lm_head"]["kernel"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    keyed = tmp_path / "keyed.orbax"
+    with ocp.StandardCheckpointer() as c:
+        c.save(keyed, {"rng": jax.random.key(3), "w": jnp.arange(2.0)})
+    for onto in ({"rng": jax.random.key(1), "w": jnp.zeros(2)},
+                 {"rng": jax.eval_shape(lambda: jax.random.key(1)), "w": jax.ShapeDtypeStruct((2,), jnp.float32)}):  # fmt: skip
+        got = qbridge.restore_converted(keyed, onto)
+        np.testing.assert_array_equal(jax.random.key_data(got["rng"]), jax.random.key_data(jax.random.key(3)))
+        np.testing.assert_array_equal(got["w"], [0.0, 1.0])
+    with pytest.raises(
+        qbridge.CheckpointError, match=r"shapes differ: w \(2,\) stored, \(3,\) in the target"
+    ):
+        qbridge.restore_converted(keyed, {"rng": jax.random.key(1), "w": jnp.zeros(3)})
+
+
 def test_convert_refuses_to_clobber_and_overwrites_on_request(nf4, tmp_path):
     out = tmp_path / "orbax"
     out.mkdir()
