@@ -89,6 +89,9 @@ def test_the_freshness_check_catches_tampering():
 def test_notebook_runs_and_draws(name, tmp_path, monkeypatch):
     monkeypatch.setenv("QBRIDGE_FIGURES", str(tmp_path))
     monkeypatch.setenv("QBRIDGE_ADAPTER", str(tmp_path / "qlora-adapter"))
+    # the notebooks' working directories (tempfile.mkdtemp, kept for the reader to look into) under tmp_path
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     book = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = nbclient.NotebookClient(
         book, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}

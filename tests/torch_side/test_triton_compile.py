@@ -67,8 +67,7 @@ def test_every_kernel_variant_compiles_for_sm90():
 
 
 BACKGROUND = r"""
-import os, sys, tempfile
-os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+import os, sys
 import torch, triton.compiler.compiler as tc
 from torch_side import _compile
 from torch_side._compile_child import compile_only
@@ -124,12 +123,13 @@ with compile_only(90):
 """
 
 
-def test_background_compiles_are_the_variants_a_launch_would_compile():
+def test_background_compiles_are_the_variants_a_launch_would_compile(tmp_path):
     """The variant key and the stand-in arguments of the background compile (torch_side._compile) give
     the compiled kernel Triton picks for the real arguments (pointer alignment, sizes of 1, multiples of
     16, 64-bit sizes); the compile process fills the cache a launch then reads without compiling, and
     writes the variant's record."""
-    result = _run(BACKGROUND, 900, TRITON_DEFAULT_FP_FUSION="1")
+    # an empty Triton cache of the test's own (removed with tmp_path)
+    result = _run(BACKGROUND, 900, TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     # 8 cases, 7 variants: 256x512 and 272x528 (multiples of 16, aligned) share one
     assert result.returncode == 0 and "VARIANTS 7 7" in result.stdout and "FROM THE CACHE" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:]
