@@ -370,8 +370,10 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)
     except (ValueError, TypeError, KeyError, AssertionError) as e:
-        diff = _tree_diff(path, tree)
-        raise _not_the_tree(path, diff if diff else f"{type(e).__name__}: {first_line(e)}") from e
+        diff, said = _tree_diff(path, tree), f"{type(e).__name__}: {first_line(e)}"
+        if diff is not None and diff.startswith(_SAME_LEAVES):  # a guess: Orbax's own words beside it
+            diff += f" (Orbax: {said})"
+        raise _not_the_tree(path, diff if diff else said) from e
     except Exception as e:  # as above
         raise _damaged(path, e) from e
     _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
@@ -415,6 +417,9 @@ def _recorded_shape(x: Any) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
+_SAME_LEAVES = "the same arrays by name and shape"
+
+
 def _tree_diff(path: pathlib.Path, tree: Any) -> str | None:
     """How ``tree`` differs from the checkpoint's recorded arrays, leaf by leaf (dotted paths): leaves the
     checkpoint lacks, leaves the target lacks, shapes that differ, or, where all of those agree, that the
@@ -424,7 +429,7 @@ def _tree_diff(path: pathlib.Path, tree: Any) -> str | None:
         return None
     if leaves[0] == leaves[1]:  # the same leaves by name and shape: the containers differ (a list for a dict)
         return (
-            "the same arrays by name and shape, in other containers: a list where the checkpoint holds a dict "
+            f"{_SAME_LEAVES}, in other containers: a list where the checkpoint holds a dict "
             "keyed by numbers, say; give the tree as it was written, or restore without a target"
         )
     return _leaves_differ(*leaves)
