@@ -18,6 +18,13 @@ if "QBRIDGE_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["QBRIDGE_CACHE_DIR"], ignore_errors=True)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the default, see ``pyproject.toml``): one process per core this process may run on, 4 at
+    most (each imports torch and JAX); an explicit ``-n N`` gives N."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def _cuda_visible() -> bool:
     try:
         import torch
