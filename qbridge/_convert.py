@@ -370,10 +370,18 @@ def restore_converted(out: str | os.PathLike[str], target: Any = None) -> Any:
     try:
         restored = _orbax().StandardCheckpointer().restore(path, tree)
     except (ValueError, TypeError, KeyError, AssertionError) as e:
-        diff, said = _tree_diff(path, tree), f"{type(e).__name__}: {first_line(e)}"
-        if diff is not None and diff.startswith(_SAME_LEAVES):  # a guess: Orbax's own words beside it
-            diff += f" (Orbax: {said})"
-        raise _not_the_tree(path, diff if diff else said) from e
+        said = f"{type(e).__name__}: {first_line(e)}"
+        if leaves is None:  # no record to compare with: Orbax's own words
+            how = said
+        elif leaves[0] == leaves[1]:  # the same leaves by name and shape: a guess, Orbax's words beside it
+            how = (
+                "the same arrays by name and shape, in other containers: a list where the checkpoint holds a "
+                "dict keyed by numbers, say; give the tree as it was written, or restore without a target "
+                f"(Orbax: {said})"
+            )
+        else:
+            how = _leaves_differ(*leaves)
+        raise _not_the_tree(path, how) from e
     except Exception as e:  # as above
         raise _damaged(path, e) from e
     _warn_if_fields_differ(restored, path / QUANTIZED_FIELDS)
@@ -415,24 +423,6 @@ def _recorded_shape(x: Any) -> tuple[int, ...]:
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return tuple(jax.eval_shape(jax.random.key_data, x).shape)
     return tuple(np.shape(x))
-
-
-_SAME_LEAVES = "the same arrays by name and shape"
-
-
-def _tree_diff(path: pathlib.Path, tree: Any) -> str | None:
-    """How ``tree`` differs from the checkpoint's recorded arrays, leaf by leaf (dotted paths): leaves the
-    checkpoint lacks, leaves the target lacks, shapes that differ, or, where all of those agree, that the
-    containers differ; None if the record cannot be read."""
-    leaves = _leaf_shapes(path, tree)
-    if leaves is None:  # Orbax's own words then
-        return None
-    if leaves[0] == leaves[1]:  # the same leaves by name and shape: the containers differ (a list for a dict)
-        return (
-            f"{_SAME_LEAVES}, in other containers: a list where the checkpoint holds a dict "
-            "keyed by numbers, say; give the tree as it was written, or restore without a target"
-        )
-    return _leaves_differ(*leaves)
 
 
 def _leaves_differ(
