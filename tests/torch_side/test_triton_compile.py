@@ -67,7 +67,6 @@ def test_every_kernel_variant_compiles_for_sm90():
 
 
 BACKGROUND = r"""
-import os, sys
 import torch, triton.compiler.compiler as tc
 from torch_side import _compile
 from torch_side._compile_child import compile_only
