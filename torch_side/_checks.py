@@ -17,6 +17,25 @@ def require_tensor(value: object, name: str) -> torch.Tensor:
     return value
 
 
+def quantized_otherwise(W: torch.Tensor) -> str | None:
+    """What ``W`` is where it holds a weight quantized in a format other than bitsandbytes 4-bit (whose
+    values are not its memory): a torch-quantized tensor, a quantized bitsandbytes ``Int8Params``, or a tensor
+    subclass with a dequantize method of its own (torchao's); None for anything else."""
+    kind = f"{type(W).__module__}.{type(W).__qualname__}"
+    if W.is_quantized:
+        return f"a torch-quantized tensor ({W.dtype})"
+    if type(W).__name__ == "Int8Params" and type(W).__module__.startswith("bitsandbytes"):
+        return f"a quantized {kind} (8-bit)" if getattr(W, "SCB", None) is not None else None
+    if type(W) in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if callable(getattr(W, "get_original_weight", None)) or getattr(type(W), "dequantize", None) not in (
+        None,
+        torch.Tensor.dequantize,
+    ):
+        return f"a {kind}"
+    return None
+
+
 def tracing() -> bool:
     """Whether ``torch.compile`` is tracing this call: the kernels, which read and write memory through
     pointers, and the plans, which launch them, are left out of a traced call, which takes the torch path

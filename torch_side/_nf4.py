@@ -28,6 +28,7 @@ from ._checks import (
     numbered,
     on_device,
     plain,
+    quantized_otherwise,
     raise_out_mismatch,
     require_tensor,
     resolved,
@@ -881,7 +882,10 @@ def dequantize(
         quant_state: a ``bitsandbytes.functional.QuantState`` or the legacy list of bitsandbytes <= 0.41,
             ``[absmax, shape, dtype, blocksize, [offset, state2] | None, quant_type, code]``. None takes a
             ``Params4bit``'s own ``quant_state``; for a weight without one (nothing quantized) it returns
-            ``W`` itself. Like bitsandbytes, only ``quant_type`` chooses the table; ``code`` is not read.
+            ``W`` itself, and for a weight quantized otherwise (a torchao subclass, a bitsandbytes
+            ``Int8Params``, a torch-quantized tensor) it raises TypeError, pointing to
+            :func:`torch_side.dequantize_weight`. Like bitsandbytes, only ``quant_type`` chooses the table;
+            ``code`` is not read.
         out: optional tensor to write into; must have exactly the quant state's shape and dtype (also for a
             ``[1, n]`` W, whose result is then ``out.t()``).
         backend: ``"auto"`` (fastest exact backend for the device), ``"bnb"``, ``"torch"`` or ``"triton"``.
@@ -898,7 +902,8 @@ def dequantize(
     Raises:
         AssertionError: ``out`` does not match the quant state's shape and dtype (message: expected vs got).
         TypeError: a quant-state piece of the wrong type or dtype (see :func:`torch_side.dequantize_nf4`),
-            an ``out`` that is not a dense (strided) tensor.
+            an ``out`` that is not a dense (strided) tensor; no quant state for a weight quantized in another
+            format (above).
         ValueError: a malformed or mismatched quant state (see :func:`torch_side.dequantize_nf4`).
 
     Example:
@@ -909,7 +914,13 @@ def dequantize(
     if quant_state is None:
         quant_state = getattr(W, "quant_state", None)  # a Params4bit carries its own
         if quant_state is None:
-            return require_tensor(W, "W")
+            other = quantized_otherwise(require_tensor(W, "W"))
+            if other is not None:  # its memory is not its values: never handed back as the weight
+                raise TypeError(
+                    f"W is {other}, not a bitsandbytes 4-bit weight: torch_side.dequantize_weight(W) decodes it "
+                    "(dequantize takes packed 4-bit bytes with their quant state, or a Params4bit)"
+                )
+            return W
     require_tensor(W, "W")
     absmax, pieces = quant_state_pieces(quant_state)
     # bitsandbytes' convention: a [1, n] packed weight is W.t(), and the 2-D result is transposed back.
@@ -939,7 +950,8 @@ def dequantize_many(
         weights: packed weights as :func:`dequantize` takes them, or ``Params4bit`` (whose ``quant_state``
             is used when ``quant_states`` is None).
         quant_states: one quant state per weight, or None (each weight's own, as :func:`dequantize`
-            takes it: ``Params4bit`` carry theirs; a weight without one comes back as it is).
+            takes it: ``Params4bit`` carry theirs; a weight without one comes back as it is, and one
+            quantized in another format raises TypeError).
         backend, check_finite: as in :func:`dequantize`, for every weight.
 
     Returns:

@@ -330,6 +330,36 @@ def test_non_integer_shapes_and_block_sizes_are_refused_not_truncated():
     assert torch.equal(torch_side.dequantize(packed, legacy).view(torch.int16), want.view(torch.int16))
 
 
+def test_dequantize_refuses_weights_quantized_in_other_formats_instead_of_returning_their_memory():
+    """Without a quant state, dequantize and dequantize_many handed a bitsandbytes 8-bit weight back as its
+    int8 codes and a torchao weight or a torch-quantized tensor back unchanged, as if they were the dense
+    weight; they raise and point to dequantize_weight, which decodes each of them. Weights not quantized yet
+    still come back as they are."""
+    bnb = pytest.importorskip("bitsandbytes")
+    ao = pytest.importorskip("torchao.quantization")
+    int8 = bnb.nn.Linear8bitLt(96, 64, has_fp16_weights=False).to("cpu").weight
+    assert int8.SCB is not None and int8.dtype == torch.int8
+    linear = torch.nn.Linear(96, 64)
+    ao.quantize_(linear, ao.Int8WeightOnlyConfig())
+    nf4 = ao.NF4Tensor.from_tensor(torch.randn(128, 256, dtype=torch.bfloat16), 64, 256)
+    quantized = torch.quantize_per_tensor(torch.randn(3, 4), 0.1, 0, torch.qint8)
+    for w, what in [
+        (int8, r"a quantized bitsandbytes\.nn\.modules\.Int8Params \(8-bit\)"),
+        (linear.weight, r"a torchao\..*Int8Tensor"),
+        (nf4, r"a torchao\..*NF4Tensor"),
+        (quantized, r"a torch-quantized tensor \(torch\.qint8\)"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^W is {what}, not a bitsandbytes 4-bit weight: "
+                           r"torch_side\.dequantize_weight\(W\) decodes it"):  # fmt: skip
+            torch_side.dequantize(w)
+        with pytest.raises(TypeError, match=rf"^weights\[1\]: W is {what}"):
+            torch_side.dequantize_many([torch.zeros(2), w])
+        assert not torch_side.is_quant_tensor_subclass(dense := torch_side.dequantize_weight(w))
+        assert dense.is_floating_point()
+    fresh = bnb.nn.Linear8bitLt(96, 64, has_fp16_weights=False).weight  # not quantized until moved
+    assert fresh.SCB is None and torch_side.dequantize(fresh) is fresh
+
+
 def test_dequantize_refuses_what_is_not_a_tensor():
     """With no quant state, a weight comes back as it is: only a tensor, not a numpy array or None; a dict of
     weights is not taken for the list of its keys."""
