@@ -204,8 +204,40 @@ def torchao_weight(ckpt: Checkpoint, entry: Entry, *, mapped: bool = False) -> t
     return read(entry.name)
 
 
+def _inner_tensors(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A tensor subclass's inner tensors (``__tensor_flatten__``: torchao's qdata, scale, zero_point ...),
+    those of nested subclasses included, as ``(dotted name, tensor)``."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not callable(flatten):
+        return []
+    found = []
+    for name in flatten()[0]:
+        inner = getattr(t, name, None)
+        if isinstance(inner, torch.Tensor):
+            nested = _inner_tensors(inner)
+            found += [(f"{name}.{sub}", x) for sub, x in nested] if nested else [(name, inner)]
+    return found
+
+
+def check_torchao_scales(ckpt: Checkpoint, entry: Entry, weight: torch.Tensor) -> None:
+    """Raises CheckpointError where a torchao weight's floating inner tensors other than its data (its scales,
+    zero points, an NF4 weight's quantization factors; not ``qdata``, ``quantized_data``, ``int_data`` ...)
+    hold NaN or Inf: as a bitsandbytes absmax or an FP8 ``scale_inv`` is checked, a damaged checkpoint is
+    refused."""
+    for name, inner in _inner_tensors(weight):
+        if "data" in name.rpartition(".")[2] or not inner.is_floating_point() or not inner.numel():
+            continue
+        if not all_finite(inner):
+            bad = int((~torch.isfinite(_checkable(inner))).sum())
+            raise CheckpointError(
+                f"{ckpt.where(entry.name)}: {bad} value(s) of its torchao {type(weight).__name__}'s {name} are NaN "
+                "or Inf: the checkpoint is damaged there"
+            )
+
+
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
     weight = torchao_weight(ckpt, entry)
+    check_torchao_scales(ckpt, entry, weight)
     try:
         dense = torch_side.dequantize_weight(weight.to(device))
     except NotImplementedError as e:  # torchao's own dequantize failed, or no decode of this subclass

@@ -46,7 +46,7 @@ import jax_side
 import torch_side
 
 from ._checkpoint import Checkpoint, Entry
-from ._decode import bnb4_pieces, check_scales, materialize, torchao_weight
+from ._decode import bnb4_pieces, check_scales, check_torchao_scales, materialize, torchao_weight
 from ._errors import CheckpointError
 from ._handoff import XlaDestinations
 from ._place import hand_over
@@ -239,6 +239,7 @@ def _torchao_slice(
     except (AssertionError, NotImplementedError, RuntimeError, ValueError, IndexError) as e:
         raise _NoSlice(str(e)) from e
     ckpt.source.count(part)
+    check_torchao_scales(ckpt, entry, part)  # the slice's own scales
     dense = torch_side.dequantize_weight(part.to(device))
     want = tuple(b - a for a, b in _bounds(torch_index, entry.shape))
     if tuple(dense.shape) != want:

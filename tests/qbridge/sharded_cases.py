@@ -97,6 +97,22 @@ def test_sharded_equals_unsharded(made, name, layout):
         assert len(x.addressable_shards) == 8
 
 
+def test_a_sharded_torchao_weight_with_a_nan_scale_is_refused(made, tmp_path):
+    """Each shard of a torchao weight is sliced by torchao and its own scales checked: a NaN refuses the load
+    as the unsharded load refuses it."""
+    state = torch.load(made / "ao" / "model.pt", weights_only=True)
+    key = "model.layers.1.mlp.up_proj.weight"
+    state[key].scale.view(-1)[3] = float("nan")
+    torch.save(state, tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text((made / "ao" / "config.json").read_text())
+    _, target = _target(made)
+    for sharding in (None, (_mesh_1d(), ROWS_AND_COLUMNS)):
+        with pytest.raises(
+            qbridge.CheckpointError, match=rf"\[{key}\]: 1 value\(s\) of its torchao Int8Tensor's scale"
+        ):
+            qbridge.load_checkpoint(tmp_path, target=target, progress=False, sharding=sharding)
+
+
 @pytest.mark.parametrize("layout", ["1d", "2d"])
 def test_fp8_groups_place_sharded_weights(made, layout, monkeypatch):
     """On a GPU load, FP8 weights split over devices that are all this process's are decoded with their group

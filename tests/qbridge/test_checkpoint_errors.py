@@ -363,6 +363,55 @@ def test_fp8_nan_scale(made, tmp_path):
         qbridge.load_checkpoint(ck, progress=False)
 
 
+@pytest.mark.parametrize("layout", ["torch.save", "torchao safetensors"])
+@pytest.mark.parametrize(("config", "bad"), [("int8", "nan"), ("float8", "inf"), ("intx", "nan")])
+def test_torchao_nan_scale(tmp_path, config, bad, layout):
+    """torchao weights' scales are checked as bitsandbytes' and FP8's are: a NaN or Inf refuses the load,
+    naming the tensor (it loaded, its weight all NaN, before the check)."""
+    ao = pytest.importorskip("torchao.quantization")
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    cfg = {
+        "int8": ao.Int8WeightOnlyConfig(),
+        "float8": ao.Float8WeightOnlyConfig(),
+        "intx": ao.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=ao.PerGroup(32)),
+    }[config]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 16, bias=False))
+    ao.quantize_(model, cfg)
+    good = {k: v.dequantize() for k, v in model.state_dict().items()}
+    model[1].weight.scale.view(-1)[3] = float(bad)
+    state = model.state_dict()
+    if layout == "torch.save":
+        torch.save(state, tmp_path / "model.pt")
+    else:
+        data, meta = flatten_tensor_state_dict(state)
+        st.save_file(data, tmp_path / "model.safetensors", metadata=meta)
+    with pytest.raises(
+        CheckpointError, match=rf"\[1\.weight\]: 1 value\(s\) of its torchao \w+'s scale are NaN or Inf"
+    ):
+        qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
+    with pytest.raises(CheckpointError, match=r"\[1\.weight\]: 1 value\(s\)"):
+        qbridge.dequantized_state(tmp_path)
+    # a process of a multi-process job reads only its shards' slices: torchao slices the weight, and the
+    # slice's scales are checked (rows 0-7 hold the damaged one; rows 8-15 load)
+    from qbridge._sharding import load_shard
+
+    with qbridge.open_checkpoint(tmp_path) as ckpt:
+        entry, rule = ckpt.entries["1.weight"], jax_side.rule_for("param", "weight")
+        with pytest.raises(CheckpointError, match=r"\[1\.weight\]: 1 value\(s\) of its torchao"):
+            load_shard(ckpt, entry, rule, (slice(0, 8),), torch.device("cpu"))
+        assert load_shard(ckpt, entry, rule, (slice(8, 16),), torch.device("cpu")).shape == (8, 32)
+    model[1].weight.scale.view(-1)[3] = 1.0  # the same checkpoint undamaged loads, with torchao's values
+    state = model.state_dict()
+    if layout == "torch.save":
+        torch.save(state, tmp_path / "model.pt")
+    else:
+        st.save_file(flatten_tensor_state_dict(state)[0], tmp_path / "model.safetensors", metadata=meta)
+    loaded = qbridge.dequantized_state(tmp_path)
+    assert torch.equal(loaded["0.weight"], good["0.weight"])
+
+
 def test_mixed_formats(made, tmp_path):
     ck = _copy(made, "nf4", tmp_path)
     fp8 = st.load_file(made / "fp8" / "model.safetensors")
