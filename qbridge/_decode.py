@@ -210,7 +210,7 @@ def _inner_tensors(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     flatten = getattr(t, "__tensor_flatten__", None)
     if type(t) in (torch.Tensor, torch.nn.Parameter) or not callable(flatten):
         return []
-    found = []
+    found: list[tuple[str, torch.Tensor]] = []
     for name in flatten()[0]:
         inner = getattr(t, name, None)
         if isinstance(inner, torch.Tensor):

@@ -388,7 +388,7 @@ def test_torchao_nan_scale(tmp_path, config, bad, layout):
         data, meta = flatten_tensor_state_dict(state)
         st.save_file(data, tmp_path / "model.safetensors", metadata=meta)
     with pytest.raises(
-        CheckpointError, match=rf"\[1\.weight\]: 1 value\(s\) of its torchao \w+'s scale are NaN or Inf"
+        CheckpointError, match=r"\[1\.weight\]: 1 value\(s\) of its torchao \w+'s scale are NaN or Inf"
     ):
         qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
     with pytest.raises(CheckpointError, match=r"\[1\.weight\]: 1 value\(s\)"):
