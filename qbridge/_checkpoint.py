@@ -207,14 +207,7 @@ class _Source:
         names nowhere."""
         from safetensors import safe_open
 
-        try:
-            exists = path.is_file()
-        except OSError as e:  # a name too long for the file system
-            raise CheckpointError(f"{path}: cannot be opened ({type(e).__name__}: {e})") from e
-        if not exists:
-            if path.is_dir():
-                raise CheckpointError(f"{path}: a directory where a .safetensors file belongs")
-            raise CheckpointError(f"{path}: file missing (listed in the checkpoint's index)")
+        _check_tensor_file(path, ".safetensors file", keys is not None)
         f = None
         try:
             handle = safe_open(str(path), framework="pt")
@@ -394,15 +387,19 @@ class _Source:
         """Adds a torch state-dict file (loaded mapped, ``weights_only``); ``keys``: an index's entries for
         this file (those it does not hold are left to :meth:`adopt_misplaced`), and the tensors it holds that
         the index, listing ``listed``, names nowhere."""
-        if not path.exists():
-            raise CheckpointError(f"{path}: file missing")
-        if path.is_dir():
-            raise CheckpointError(f"{path}: a directory where a torch file belongs")
+        _check_tensor_file(path, "torch file", keys is not None)
         _import_torchao_quietly()
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            # mapped, unless saved in torch's format before 1.6 (not a zip archive; transformers' old
+            # pytorch_model.bin files), which torch reads only whole
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipped)
         except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else ""
+            lines = str(e).splitlines()
+            # torch's own reason, where its message wraps it in advice about trusting the file
+            reason = [line.strip() for line in lines if line.strip().startswith("WeightsUnpickler error:")]
+            first = reason[0] if reason else lines[0] if lines else ""
             if (
                 isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e).lower()
             ) or "Weights only load failed" in str(e):
@@ -427,6 +424,20 @@ class _Source:
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(
                     f"{path}: expected a state dict of tensors; {key!r} holds a {type(value).__name__}"
+                )
+            if value.is_nested or value.layout != torch.strided:
+                what, how = (
+                    ("a nested tensor", "torch.nested.to_padded_tensor(t, 0.0)")
+                    if value.is_nested
+                    else (f"a sparse tensor ({value.layout})", "t.to_dense()")
+                )
+                raise CheckpointError(
+                    f"{path} [{key}]: {what}; qbridge reads dense tensors: save it as {how}"
+                )
+            if value.is_quantized:
+                raise CheckpointError(
+                    f"{path} [{key}]: a torch-quantized tensor ({value.dtype}); qbridge reads bitsandbytes, "
+                    "FP8 and torchao quantization: save it with .dequantize()"
                 )
         self._state = {**(self._state or {}), **state}
         for key, value in state.items():
@@ -1558,6 +1569,31 @@ def _open_regular(path: pathlib.Path) -> Iterator[BinaryIO]:
             yield f
     finally:
         os.close(fd)
+
+
+def _check_tensor_file(path: pathlib.Path, kind: str, indexed: bool) -> None:
+    """Raises CheckpointError unless ``path`` is a regular file (a link to one included): for a missing file,
+    a link to nothing (an interrupted download leaves one in a Hugging Face cache), a directory, or another
+    kind of file (a FIFO would block the read forever), saying which. ``indexed``: an index named it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise CheckpointError(
+                f"{path}: a link to {os.readlink(path)}, which does not exist (an interrupted download leaves "
+                "such links): download the checkpoint again"
+            ) from None
+        listed = " (listed in the checkpoint's index)" if indexed else ""
+        raise CheckpointError(f"{path}: file missing{listed}") from None
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise CheckpointError(f"{path}: cannot be opened ({type(e).__name__}: {e})") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path}: a directory where a {kind} belongs")
+    if not stat.S_ISREG(st.st_mode):
+        what = (
+            "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        )
+        raise CheckpointError(f"{path}: {what}, not a regular file, where a {kind} belongs")
 
 
 def _regular_text(path: pathlib.Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -55,6 +56,81 @@ def test_missing_shard(made, tmp_path):
     victim.unlink()
     with pytest.raises(CheckpointError, match=f"{victim.name}: file missing"):
         qbridge.load_checkpoint(ck, progress=False)
+
+
+def test_a_torch_file_in_the_format_before_torch_1_6_is_read(tmp_path):
+    """Files saved without the zip archive (transformers' old pytorch_model.bin files, or
+    ``_use_new_zipfile_serialization=False``) cannot be mapped; they are read whole (they were refused as
+    damaged)."""
+    torch.manual_seed(0)
+    state = {"fc.weight": torch.randn(4, 8), "fc.bias": torch.randn(4)}
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "pytorch_model.bin").read_bytes()[:2] != b"PK"
+    loaded = qbridge.dequantized_state(tmp_path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    params = qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)["params"]
+    assert np.array_equal(np.asarray(params["fc"]["kernel"]), state["fc.weight"].numpy().T)
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[:-10])  # cut short, in that format
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: the file is damaged"):
+        qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
+    (tmp_path / "pytorch_model.bin").write_bytes(
+        data[: len(data) // 2]
+    )  # inside the pickle: a name cut short
+    with pytest.raises(CheckpointError, match=r"refused it \(UnpicklingError: WeightsUnpickler error: Unsupported "
+                       r"global: GLOBAL collections\.\w+ was not an allowed global"):  # fmt: skip
+        qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
+
+
+def test_tensor_files_that_are_no_regular_files(tmp_path):
+    """A link to a missing blob of a Hugging Face cache (an interrupted download) says so; a FIFO is refused
+    (reading it blocked forever); a missing file is missing, with the index named only where there is one."""
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--org--tiny" / "blobs").mkdir()
+    (snapshot / "model.safetensors").symlink_to(pathlib.Path("..", "..", "blobs", "e" * 64))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a link to \.\./\.\./blobs/e{64}, which does not "
+                       r"exist \(an interrupted download leaves such links\): download the checkpoint again"):  # fmt: skip
+        qbridge.load_checkpoint(snapshot, device="cpu", progress=False)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "pytorch_model.bin")
+    for call in (qbridge.load_checkpoint, qbridge.inspect_checkpoint):
+        with pytest.raises(
+            CheckpointError, match=r"pytorch_model\.bin: a FIFO, not a regular file, where a torch file"
+        ):
+            call(fifo)
+    ck = tmp_path / "plain"
+    ck.mkdir()
+    st.save_file({"a": torch.zeros(2)}, ck / "model.safetensors")
+    source = qbridge.open_checkpoint(ck).source
+    with pytest.raises(CheckpointError, match=r"gone\.safetensors: file missing$"):
+        source.add_safetensors(ck / "gone.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"gone\.bin: file missing \(listed in the checkpoint's index\)$"
+    ):
+        source.add_torch(ck / "gone.bin", keys=["a"])
+
+
+@pytest.mark.parametrize("kind", ["qint8", "sparse_coo", "sparse_csr", "nested"])
+def test_torch_files_holding_tensors_that_are_not_dense(tmp_path, kind):
+    """A torch-quantized, sparse or nested tensor is refused when the file is opened, naming the file and key
+    and saying how to save it (they crashed deep inside with errors naming neither, or, for dequantized_state,
+    a qint8 tensor came back still quantized)."""
+    t = torch.randn(3, 4)
+    value = {
+        "qint8": lambda: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8),
+        "sparse_coo": t.to_sparse,
+        "sparse_csr": t.to_sparse_csr,
+        "nested": lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]),
+    }[kind]()
+    torch.save({"fc.weight": value, "fc.bias": torch.zeros(3)}, tmp_path / "model.pt")
+    what = {"qint8": r"a torch-quantized tensor \(torch\.qint8\); .* save it with \.dequantize\(\)",
+            "sparse_coo": r"a sparse tensor \(torch\.sparse_coo\); .* save it as t\.to_dense\(\)",
+            "sparse_csr": r"a sparse tensor \(torch\.sparse_csr\)", "nested": r"a nested tensor; .*to_padded_tensor"}[kind]  # fmt: skip
+    for call in (qbridge.load_checkpoint, qbridge.dequantized_state, qbridge.inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=rf"model\.pt \[fc\.weight\]: {what}"):
+            call(tmp_path)
 
 
 def test_truncated_file(made, tmp_path):
