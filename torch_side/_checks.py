@@ -36,6 +36,23 @@ def quantized_otherwise(W: torch.Tensor) -> str | None:
     return None
 
 
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def out_dtype(dtype: Any, error: type[Exception] = TypeError) -> Any:
+    """``dtype``, or the torch dtype its name names (``"bfloat16"``, ``"torch.float16"``: as a quant-state
+    JSON or ``jax_side`` writes it). A name of anything else raises ``error``; other values are left to the
+    caller's check."""
+    if isinstance(dtype, str):
+        found = _DTYPE_NAMES.get(dtype.removeprefix("torch."))
+        if found is None:
+            raise error(
+                f"output dtype must be float16, bfloat16 or float32 (a torch.dtype or its name), got {dtype!r}"
+            )
+        return found
+    return dtype
+
+
 def tracing() -> bool:
     """Whether ``torch.compile`` is tracing this call: the kernels, which read and write memory through
     pointers, and the plans, which launch them, are left out of a traced call, which takes the torch path

@@ -24,6 +24,7 @@ from ._checks import (
     as_list,
     numbered,
     on_device,
+    out_dtype,
     plain,
     require_tensor,
     resolved,
@@ -292,7 +293,7 @@ def dequantize_fp8(
             multiplies): per block ``[ceil(out / b), ceil(in / b)]``, per row ``[out, 1]``, or one element
             (stacked weights: ``[experts, ...]`` of those, or ``[experts]``). float32 (bfloat16, float16 and
             float8_e8m0fnu are widened exactly).
-        dtype: bfloat16 (default), float16 or float32.
+        dtype: bfloat16 (default), float16 or float32 (a torch.dtype, or its name: ``"bfloat16"``).
         block_size: the block edge, or ``(rows, cols)`` for non-square blocks. Default: 128 if the scale
             shape agrees with 128, else the single square block size consistent with both shapes.
         transpose: return the ``[in, out]`` transpose (``[experts, in, out]`` for a 3-D weight, stacked, with one
@@ -320,6 +321,8 @@ def dequantize_fp8(
         >>> torch_side.dequantize_fp8(w, s).shape
         torch.Size([576, 7168])
     """
+    if type(dtype) is not torch.dtype:
+        dtype = out_dtype(dtype)
     plan_key = _plan_key(W, scale_inv, dtype, block_size, transpose, backend, check_finite)
     if plan_key is not None:
         plan = FP8_PLANS.get(plan_key)
@@ -349,7 +352,9 @@ def dequantize_fp8(
     scale_inv = resolved(plain(scale_inv))
     check_scale_dtype(scale_inv.dtype)
     if dtype not in OUT_DTYPES:
-        raise TypeError(f"output dtype must be bfloat16, float16 or float32, got {dtype}")
+        raise TypeError(
+            f"output dtype must be bfloat16, float16 or float32 (a torch.dtype or its name), got {dtype!r}"
+        )
     same_device(W.device, scale_inv=scale_inv)
     if block_size is not None:  # checked before the remembered layouts (128.0 hashes as 128 does)
         block_size = _block_pair(block_size)
@@ -472,6 +477,8 @@ def dequantize_fp8_many(
         TypeError: ``weights`` or ``scale_invs`` is a single tensor instead of a list (or another iterable);
             and as :func:`dequantize_fp8`, naming the weight's index.
     """
+    if type(dtype) is not torch.dtype:
+        dtype = out_dtype(dtype)
     weights = as_list(weights, "weights")
     scale_invs = as_list(scale_invs, "scale_invs")
     if len(weights) != len(scale_invs):

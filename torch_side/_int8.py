@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import on_device, plain, require_tensor, same_device
+from ._checks import on_device, out_dtype, plain, require_tensor, same_device
 
 RECIPROCAL_127 = 7.874015718698502e-3  # bitsandbytes' constant, multiplied in float32
 
@@ -22,7 +22,7 @@ def dequantize_int8(
     Args:
         CB: int8 ``[rows, cols]`` (any rank: rows are the first axis).
         SCB: float32 ``[rows]`` (or ``[rows, 1]``): each row's absmax.
-        dtype: the result dtype; the float32 value is rounded once more to it (float32: unchanged).
+        dtype: the result dtype (a torch.dtype, or its name: ``"bfloat16"``); the float32 value is rounded once more to it (float32: unchanged).
 
     Returns:
         A new tensor of ``CB``'s shape on ``CB``'s device.
@@ -36,6 +36,7 @@ def dequantize_int8(
         raise TypeError(f"CB must be int8, got {CB.dtype}")
     if not SCB.is_floating_point():
         raise TypeError(f"SCB must be floating (bitsandbytes stores float32), got {SCB.dtype}")
+    dtype = out_dtype(dtype)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}")
     rows = CB.shape[0] if CB.dim() else 1

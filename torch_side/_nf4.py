@@ -27,6 +27,7 @@ from ._checks import (
     as_list,
     numbered,
     on_device,
+    out_dtype,
     plain,
     quantized_otherwise,
     raise_out_mismatch,
@@ -102,7 +103,9 @@ def _check_pieces(
             f"blocksize must be one of the ints {BLOCKSIZES} (what bitsandbytes writes), got {blocksize!r}"
         )
     if dtype not in OUT_DTYPES:
-        raise ValueError(f"output dtype must be float16, bfloat16 or float32, got {dtype}")
+        raise ValueError(
+            f"output dtype must be float16, bfloat16 or float32 (a torch.dtype or its name), got {dtype!r}"
+        )
     n = math.prod(shape)
     nblocks = -(-n // blocksize)
     nested = nested_absmax is not None or nested_code is not None
@@ -690,7 +693,7 @@ def dequantize_nf4(
         offset: added after decoding a nested absmax (``nested_offset``); required with one (bitsandbytes
             stores it with every nested absmax), ignored without.
         quant_type: ``"nf4"`` or ``"fp4"``.
-        dtype: float16, bfloat16 or float32.
+        dtype: float16, bfloat16 or float32 (a torch.dtype, or its name: ``"bfloat16"``).
         transpose: return the ``[in, out]`` transpose of a 2-D ``[out, in]`` weight (possibly a
             transposed view of a row-major result).
         out: where to write the result; must have the result's shape (after ``transpose``) and ``dtype``.
@@ -710,6 +713,8 @@ def dequantize_nf4(
         ValueError: pieces that do not fit together, unknown quant type or block size, pieces on
             different devices, non-finite scales with ``check_finite``.
     """
+    if type(dtype) is not torch.dtype:
+        dtype = out_dtype(dtype, ValueError)
     plan_key = _plan_key(
         packed, absmax, shape, blocksize, code, nested_absmax, nested_code, nested_blocksize, offset,
         quant_type, dtype, transpose, out, backend, check_finite,

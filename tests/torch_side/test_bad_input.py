@@ -103,7 +103,9 @@ def test_output_dtype():
     packed, qs = _state()
     q = copy.copy(qs)
     q.dtype = torch.float64
-    with pytest.raises(ValueError, match=r"float16, bfloat16 or float32, got torch.float64"):
+    with pytest.raises(
+        ValueError, match=r"float16, bfloat16 or float32 \(a torch.dtype or its name\), got torch.float64"
+    ):
         torch_side.dequantize(packed, q)
 
 
@@ -240,6 +242,45 @@ def test_fp8_scale_dtype_and_output_dtype():
         torch_side.dequantize_fp8(w, torch.ones(1, 1, dtype=torch.int32))
     with pytest.raises(TypeError, match="output dtype must be"):
         torch_side.dequantize_fp8(w, torch.ones(1, 1), torch.int8)
+
+
+def test_output_dtypes_given_by_name():
+    """The output dtype may be named as a quant-state JSON or jax_side names it ("bfloat16"); the same bits as
+    the torch dtype. Other names are refused saying what is taken (the message read "must be float16,
+    bfloat16 or float32, got bfloat16" for the name)."""
+    _, packed, qs = bnb_quantize((45, 70), nested=True, seed=3)
+    pieces = dict(
+        shape=(45, 70), nested_absmax=qs.state2.absmax, nested_code=qs.state2.code, offset=qs.offset
+    )
+    w, scale = random_fp8((200, 130)), random_scales((2, 2))
+    cb, scb = torch.randint(-127, 128, (5, 7), dtype=torch.int8), torch.rand(5) + 0.5
+    for name, dtype in [
+        ("bfloat16", torch.bfloat16),
+        ("torch.float16", torch.float16),
+        ("float32", torch.float32),
+    ]:
+        want = torch_side.dequantize_nf4(packed, qs.absmax, **pieces, dtype=dtype)
+        got = torch_side.dequantize_nf4(packed, qs.absmax, **pieces, dtype=name)
+        assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        want = torch_side.dequantize_fp8(w, scale, dtype)
+        for got in (
+            torch_side.dequantize_fp8(w, scale, name),
+            torch_side.dequantize_fp8_many([w], [scale], name)[0],
+        ):
+            assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        got = torch_side.dequantize_int8(cb, scb, dtype=name)
+        assert torch.equal(got, torch_side.dequantize_int8(cb, scb, dtype=dtype))
+    taken = r"output dtype must be float16, bfloat16 or float32 \(a torch\.dtype or its name\), got 'bf16'"
+    with pytest.raises(ValueError, match=taken):
+        torch_side.dequantize_nf4(packed, qs.absmax, **pieces, dtype="bf16")
+    for call in (
+        lambda: torch_side.dequantize_fp8(w, scale, "bf16"),
+        lambda: torch_side.dequantize_int8(cb, scb, dtype="bf16"),
+    ):
+        with pytest.raises(TypeError, match=taken):
+            call()
+    with pytest.raises(ValueError, match=r"\(a torch\.dtype or its name\), got torch\.float64"):
+        torch_side.dequantize_nf4(packed, qs.absmax, **pieces, dtype=torch.float64)
 
 
 def test_fp8_non_finite_scales():
