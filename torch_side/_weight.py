@@ -34,7 +34,8 @@ def _torchao_version() -> str:
 
 def _cannot(W: torch.Tensor, why: str) -> NotImplementedError:
     kind = f"{type(W).__module__}.{type(W).__qualname__}"
-    return NotImplementedError(f"cannot dequantize a {kind} (torchao {_torchao_version()}): {why}")
+    version = f" (torchao {_torchao_version()})" if type(W).__module__.startswith("torchao") else ""
+    return NotImplementedError(f"cannot dequantize a {kind}{version}: {why}")
 
 
 def _bnb_kind(W: torch.Tensor) -> str | None:
@@ -58,7 +59,13 @@ def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
     get_original = getattr(W, "get_original_weight", None)  # torchao NF4Tensor; its .dequantize is unrelated
     method = getattr(type(W), "dequantize", None)
     if not callable(get_original) and method in (None, torch.Tensor.dequantize):
-        raise _cannot(W, "it has no dequantize() method of its own")
+        if type(W).__name__ == "DTensor":
+            how = "hand over W.full_tensor() (the whole tensor) or W.to_local() (this process's shard)"
+        else:
+            how = "if its memory holds its values, hand over W.as_subclass(torch.Tensor)"
+        raise _cannot(
+            W, f"it is no quantized tensor qbridge knows (it has no dequantize() method of its own): {how}"
+        )
     try:
         result = get_original() if callable(get_original) else W.dequantize()
     except NotImplementedError as e:
@@ -99,8 +106,9 @@ def dequantize_weight(
         ``.t()`` view), so the result aliases ``W`` then. Dequantization runs under ``torch.no_grad()``.
 
     Raises:
-        NotImplementedError: a tensor subclass that cannot dequantize here (names its type and the
-            torchao version).
+        NotImplementedError: a tensor subclass that cannot dequantize here (names its type, torchao's
+            version for torchao's, and for a subclass without a decode, such as a DTensor, how to hand over
+            its values).
         TypeError: a quant state of the wrong kind for ``W`` (see :func:`dequantize`, :func:`dequantize_fp8`).
         ValueError: a quant state whose pieces do not fit ``W``.
     """

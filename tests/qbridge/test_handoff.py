@@ -12,6 +12,7 @@ import torch
 from helpers import bnb_quantize, bnb_reference, fp8_reference_loops, random_fp8, random_scales, to_numpy
 
 import qbridge
+import torch_side
 
 ALIASABLE = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.bfloat16, torch.float32,
@@ -448,3 +449,27 @@ def test_no_thread_for_the_stream_scan_leaves_torch_asking_each_stream(monkeypat
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
     assert _handoff._load_scan.__wrapped__() is None
+
+
+def test_a_dtensor_is_no_quantized_tensor_and_the_error_says_how_to_hand_it_over(tmp_path):
+    """A DTensor (FSDP2's parameters) is a tensor subclass without a decode: to_jax said it could not
+    "dequantize" it and named torchao's version; it now says how to take its values."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch without torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        d = distribute_tensor(torch.randn(4, 4), init_device_mesh("cpu", (1,)), [Replicate()])
+        for call in (torch_side.dequantize_weight, qbridge.to_jax):
+            with pytest.raises(
+                NotImplementedError,
+                match=r"^cannot dequantize a torch\.distributed\.tensor\.DTensor: it is no quantized tensor "
+                r"qbridge knows .*: hand over W\.full_tensor\(\) \(the whole tensor\) or W\.to_local\(\)",
+            ):
+                call(d)
+        assert np.array_equal(np.asarray(qbridge.to_jax(d.full_tensor())), d.full_tensor().numpy())
+    finally:
+        dist.destroy_process_group()
