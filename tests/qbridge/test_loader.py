@@ -186,6 +186,14 @@ def test_damaged_torchao_safetensors_name_the_file_and_tensor(tmp_path, dense_di
     save_file(data, file, metadata={**meta, name: json.dumps(doc)})
     with pytest.raises(qbridge.CheckpointError, match=rf"\[{re.escape(name)}\]: cannot dequantize a torchao"):
         qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
+    names = [n for n in json.loads(meta["tensor_names"]) if n != name]  # the metadata leaves one tensor out
+    save_file(data, file, metadata={**meta, "tensor_names": json.dumps(names)})
+    with pytest.raises(
+        qbridge.CheckpointError,
+        match=rf"q_proj\._weight_\w+\]: a piece of the torchao tensor {re.escape(name)} in torchao's safetensors "
+        rf"layout, but the file's torchao metadata \('tensor_names'\) does not list {re.escape(name)}",
+    ):  # it read "the scale of a float8 weight, but its weight ..._weight is missing" of an int8 checkpoint
+        qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
     save_file(data, file)  # no metadata
     with pytest.raises(
         qbridge.CheckpointError, match=r"_weight_qdata\]: a piece of a torchao tensor .* no torchao metadata"
