@@ -723,6 +723,8 @@ class _Source:
                 f"read_into takes a sequence of keys, one per tensor, got {keys!r} for {len(outs)}"
             )
         for key, out in zip(keys, outs, strict=True):
+            if out.device.type == "meta":  # a copy into it would do nothing
+                raise ValueError(f"read_into: the tensor for {key!r} is a meta tensor, which holds no data")
             if key in self.shapes and (tuple(out.shape), out.dtype) != self.shapes[key]:
                 shape, dtype = self.shapes[key]
                 raise ValueError(
@@ -1368,7 +1370,7 @@ class Checkpoint:
         Raises:
             CheckpointError: a key the checkpoint lacks, or a tensor whose bytes cannot be read.
             ValueError: ``keys`` is not a sequence of keys as long as ``outs``, or an ``outs[i]`` of another
-                shape or dtype than its stored tensor (nothing copied).
+                shape or dtype than its stored tensor, or on the meta device (nothing copied).
         """
         self.source.read_into(keys, outs, check=check)
 

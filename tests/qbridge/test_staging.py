@@ -240,6 +240,12 @@ def test_read_into_refuses_tensors_of_another_shape_or_dtype_before_copying(tmp_
             assert not any(o.any() for o in outs)  # nothing copied
         with pytest.raises(ValueError, match="a sequence of keys"):
             ckpt.read_into("a", [torch.zeros(300, 257, dtype=torch.int64)])
+        outs = [torch.zeros(300, 257, dtype=torch.int64), torch.empty(300, 257, device="meta")]
+        with pytest.raises(
+            ValueError, match=r"read_into: the tensor for 'b' is a meta tensor, which holds no data"
+        ):
+            ckpt.read_into(["a", "b"], outs)  # it returned, having read nothing into it
+        assert not outs[0].any()
         got = ckpt.read_to("a", "cpu")  # a device's name will do
         assert torch.equal(got, stored["a"])
         outs = [torch.zeros(300, 257, dtype=torch.int64), torch.zeros(300, 257)]
