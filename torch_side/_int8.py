@@ -22,7 +22,8 @@ def dequantize_int8(
     Args:
         CB: int8 ``[rows, cols]`` (any rank: rows are the first axis).
         SCB: float32 ``[rows]`` (or ``[rows, 1]``): each row's absmax.
-        dtype: the result dtype (a torch.dtype, or its name: ``"bfloat16"``); the float32 value is rounded once more to it (float32: unchanged).
+        dtype: the result dtype (a torch.dtype, or its name: ``"bfloat16"``); the float32 value is rounded
+            once more to it (float32: unchanged).
 
     Returns:
         A new tensor of ``CB``'s shape on ``CB``'s device.
