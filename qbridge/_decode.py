@@ -220,12 +220,18 @@ def _inner_tensors(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 
 def check_torchao_scales(ckpt: Checkpoint, entry: Entry, weight: torch.Tensor) -> None:
-    """Raises CheckpointError where a torchao weight's floating inner tensors other than its data (its scales,
-    zero points, an NF4 weight's quantization factors; not ``qdata``, ``quantized_data``, ``int_data`` ...)
-    hold NaN or Inf: as a bitsandbytes absmax or an FP8 ``scale_inv`` is checked, a damaged checkpoint is
-    refused."""
+    """Raises CheckpointError where a torchao weight's floating scales or zero points (inner tensors named
+    ``scale``, ``zero_point``, ``_scale_e8m0``, ``per_tensor_scale`` ...) hold NaN or Inf: as a bitsandbytes
+    absmax or an FP8 ``scale_inv`` is checked, a damaged checkpoint is refused. Other inner tensors are not
+    scales: an NF4Tensor's ``quantization_factor`` is infinite where a block's absmaxes are all equal (an
+    all-zero or ternary weight), and it decodes exactly."""
     for name, inner in _inner_tensors(weight):
-        if "data" in name.rpartition(".")[2] or not inner.is_floating_point() or not inner.numel():
+        leaf = name.rpartition(".")[2]
+        if (
+            ("scale" not in leaf and leaf != "zero_point")
+            or not inner.is_floating_point()
+            or not inner.numel()
+        ):
             continue
         if not all_finite(inner):
             bad = int((~torch.isfinite(_checkable(inner))).sum())

@@ -131,6 +131,16 @@ def test_torch_files_holding_tensors_that_are_not_dense(tmp_path, kind):
     for call in (qbridge.load_checkpoint, qbridge.dequantized_state, qbridge.inspect_checkpoint):
         with pytest.raises(CheckpointError, match=rf"model\.pt \[fc\.weight\]: {what}"):
             call(tmp_path)
+    # a load that does not need it: a target without that leaf takes the rest, strict=False saying what was
+    # left out (the file was refused whole); strict, every tensor must be used, and it is refused
+    target = {"fc": {"bias": jnp.zeros(3)}}
+    with pytest.warns(
+        UserWarning, match=rf"1 tensor\(s\) of the checkpoint cannot be read and are left out: .*{what}"
+    ):
+        loaded = qbridge.load_checkpoint(tmp_path, target=target, strict=False, device="cpu", progress=False)
+    assert np.array_equal(np.asarray(loaded["fc"]["bias"]), np.zeros(3))
+    with pytest.raises(CheckpointError, match=rf"\[fc\.weight\]: {what}"):
+        qbridge.load_checkpoint(tmp_path, target=target, device="cpu", progress=False)
 
 
 def test_truncated_file(made, tmp_path):
@@ -486,6 +496,22 @@ def test_torchao_nan_scale(tmp_path, config, bad, layout):
         st.save_file(flatten_tensor_state_dict(state)[0], tmp_path / "model.safetensors", metadata=meta)
     loaded = qbridge.dequantized_state(tmp_path)
     assert torch.equal(loaded["0.weight"], good["0.weight"])
+
+
+def test_torchao_nf4_weights_with_infinite_quantization_factors_load(tmp_path):
+    """An NF4Tensor's quantization_factor (256 / (2 * absmax range)) is infinite where a block's absmaxes are
+    all equal (a ternary or constant weight): torchao decodes it exactly, and it is no damaged scale (it was
+    refused as one)."""
+    ao = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    for w in (
+        (torch.randint(-1, 2, (256, 256)).float() * 0.02).bfloat16(),
+        torch.ones(64, 256, dtype=torch.bfloat16),
+    ):
+        nf4 = ao.NF4Tensor.from_tensor(w, 64, 256)
+        assert not torch.isfinite(nf4.quantization_factor).all()
+        torch.save({"proj.weight": nf4}, tmp_path / "model.pt")
+        assert torch.equal(qbridge.dequantized_state(tmp_path)["proj.weight"], nf4.get_original_weight())
 
 
 def test_mixed_formats(made, tmp_path):
