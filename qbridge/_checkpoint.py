@@ -161,6 +161,9 @@ class _Source:
         self.key_file: dict[str, pathlib.Path] = {}
         # tensors an index-named file holds that the index does not list (loaded all the same): key -> file
         self.unlisted: dict[str, pathlib.Path] = {}
+        # tensors of torch files that qbridge cannot read (sparse, nested, torch-quantized): left out of the
+        # checkpoint, with why; a load that needs one refuses it (see Checkpoint.refuse_unreadable)
+        self.unreadable: dict[str, str] = {}
         # tensors the index lists in a file that does not hold them: key -> that file (see adopt_misplaced);
         # and what each file of an index holds (safetensors: its keys; torch: its state dict)
         self.misplaced: dict[str, pathlib.Path] = {}
@@ -431,14 +434,15 @@ class _Source:
                     if value.is_nested
                     else (f"a sparse tensor ({value.layout})", "t.to_dense()")
                 )
-                raise CheckpointError(
+                self.unreadable[key] = (
                     f"{path} [{key}]: {what}; qbridge reads dense tensors: save it as {how}"
                 )
-            if value.is_quantized:
-                raise CheckpointError(
+            elif value.is_quantized:
+                self.unreadable[key] = (
                     f"{path} [{key}]: a torch-quantized tensor ({value.dtype}); qbridge reads bitsandbytes, "
                     "FP8 and torchao quantization: save it with .dequantize()"
                 )
+        state = {key: value for key, value in state.items() if key not in self.unreadable}
         self._state = {**(self._state or {}), **state}
         for key, value in state.items():
             self.key_file[key] = path
@@ -1458,6 +1462,16 @@ class Checkpoint:
     def where(self, key: str) -> str:
         """``"<file> [<key>]"``: the file holding ``key``, for error messages."""
         return f"{self.source.key_file.get(key, self.path)} [{key}]"
+
+    def refuse_unreadable(self) -> None:
+        """Raises CheckpointError naming the first tensor of a torch file that qbridge cannot read (sparse,
+        nested or torch-quantized: left out when the file was opened), if any: for what takes every tensor
+        (a load without a target or with ``strict``, ``dequantized_state``, ``inspect``)."""
+        unreadable = self.source.unreadable
+        if unreadable:
+            first = next(iter(unreadable.values()))
+            more = f" ({len(unreadable) - 1} more such tensor(s))" if len(unreadable) > 1 else ""
+            raise CheckpointError(first + more)
 
     def unlisted(self, *keys: str) -> str:
         """For the message about missing ``keys``: where a safetensors file holds one that the checkpoint's

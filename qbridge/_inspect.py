@@ -122,6 +122,7 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
         FormatError: an unknown or mixed quantization format.
     """
     with open_checkpoint(path) as ckpt:
+        ckpt.refuse_unreadable()
         classification = ckpt.classify(ask_model=True)
         unfit = ckpt.config_mismatches()
         for e in ckpt.entries.values():

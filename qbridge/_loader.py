@@ -206,6 +206,13 @@ def plan_load(
     caches the name rules do not know).
     """
     ask = target is None or architecture_uses_conv1d(ckpt.config)
+    if target is None or strict:  # every tensor is to be loaded, or used by the target
+        ckpt.refuse_unreadable()
+    elif ckpt.source.unreadable:
+        warn_at_caller(
+            f"{len(ckpt.source.unreadable)} tensor(s) of the checkpoint cannot be read and are left out: "
+            + "; ".join(ckpt.source.unreadable.values())
+        )
     while True:
         classes = ckpt.classify(ask_model=ask)
         shapes = {name: (e.shape, TORCH_TO_JAX.get(e.dtype, e.dtype)) for name, e in ckpt.entries.items()}
@@ -709,6 +716,7 @@ def dequantized_state(path: str | os.PathLike[str], *, device: Any = "cpu") -> d
     _, tdev = resolve_device(device)
     identity = jax_side.rule_for("param", "weight")
     with open_checkpoint(path) as ckpt:
+        ckpt.refuse_unreadable()
         tags = {
             f"{e.keys['weight'].rpartition('.')[0]}.weight_format"
             for e in ckpt.entries.values()
