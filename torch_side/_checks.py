@@ -25,7 +25,8 @@ def quantized_otherwise(W: torch.Tensor) -> str | None:
     if W.is_quantized:
         return f"a torch-quantized tensor ({W.dtype})"
     if type(W).__name__ == "Int8Params" and type(W).__module__.startswith("bitsandbytes"):
-        return f"a quantized {kind} (8-bit)" if getattr(W, "SCB", None) is not None else None
+        quantized = getattr(W, "SCB", None) is not None or W.dtype == torch.int8  # SCB moved to its module
+        return f"a quantized {kind} (8-bit)" if quantized else None
     if type(W) in (torch.Tensor, torch.nn.Parameter):
         return None
     if callable(getattr(W, "get_original_weight", None)) or getattr(type(W), "dequantize", None) not in (

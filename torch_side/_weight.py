@@ -53,6 +53,12 @@ def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
         return dequantize(W.data, bnb_param.quant_state, backend=backend)
     if kind == "Int8Params":
         if getattr(W, "SCB", None) is None:
+            if W.dtype == torch.int8:  # its codes, their row scales elsewhere
+                raise TypeError(
+                    "W is a bitsandbytes Int8Params holding int8 codes without its row scales (W.SCB is None: "
+                    "after a forward pass bitsandbytes keeps them in the module, module.state.SCB): "
+                    "torch_side.dequantize_int8(W.data, module.state.SCB) decodes it"
+                )
             return W.data  # not quantized yet
         # bitsandbytes' int8_vectorwise_dequant, its order of operations
         return dequantize_int8(W.data, bnb_param.SCB)
@@ -109,7 +115,9 @@ def dequantize_weight(
         NotImplementedError: a tensor subclass that cannot dequantize here (names its type, torchao's
             version for torchao's, and for a subclass without a decode, such as a DTensor, how to hand over
             its values).
-        TypeError: a quant state of the wrong kind for ``W`` (see :func:`dequantize`, :func:`dequantize_fp8`).
+        TypeError: a quant state of the wrong kind for ``W`` (see :func:`dequantize`, :func:`dequantize_fp8`);
+            an ``Int8Params`` holding int8 codes without its ``SCB`` (bitsandbytes keeps it in the module's
+            ``state`` after a forward pass: :func:`dequantize_int8` with it decodes the weight).
         ValueError: a quant state whose pieces do not fit ``W``.
     """
     require_tensor(W, "W")

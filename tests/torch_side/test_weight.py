@@ -166,6 +166,25 @@ def test_subclass_that_cannot_dequantize():
         torch_side.dequantize_weight(b)
 
 
+def test_an_int8params_whose_row_scales_moved_to_its_module_is_refused():
+    """After a forward pass bitsandbytes moves an Int8Params' SCB into its module's state and sets W.SCB to
+    None; the int8 codes came back as the weight (dequantize_weight, and through it to_jax). They are refused,
+    saying where the scales are; decoded with them, the weight is bitsandbytes'."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    lin = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False)
+    lin.weight = bnb.nn.Int8Params(torch.randn(32, 64).half(), requires_grad=False, has_fp16_weights=False)
+    lin = lin.to("cpu")
+    lin(torch.randn(2, 64).half())
+    assert lin.weight.SCB is None and lin.weight.dtype == torch.int8 and lin.state.SCB is not None
+    with pytest.raises(TypeError, match=r"int8 codes without its row scales .*module\.state\.SCB"):
+        torch_side.dequantize_weight(lin.weight)
+    with pytest.raises(TypeError, match=r"W is a quantized bitsandbytes\.nn\.modules\.Int8Params"):
+        torch_side.dequantize(lin.weight)
+    want = bnb.functional.int8_vectorwise_dequant(lin.weight.data, lin.state.SCB)
+    assert torch.equal(torch_side.dequantize_int8(lin.weight.data, lin.state.SCB), want)
+
+
 def test_requires_grad_weight_dequantizes_without_graph():
     ao = pytest.importorskip("torchao.quantization")
     nf4 = ao.NF4Tensor.from_tensor(torch.randn(128, 128, dtype=torch.bfloat16), 64, 256)
