@@ -117,7 +117,7 @@ def dequantize_weight(
             its values).
         TypeError: a quant state of the wrong kind for ``W`` (see :func:`dequantize`, :func:`dequantize_fp8`);
             an ``Int8Params`` holding int8 codes without its ``SCB`` (bitsandbytes keeps it in the module's
-            ``state`` after a forward pass: :func:`dequantize_int8` with it decodes the weight).
+            ``state`` after a forward pass: ``torch_side.dequantize_int8(W.data, module.state.SCB)`` decodes it).
         ValueError: a quant state whose pieces do not fit ``W``.
     """
     require_tensor(W, "W")
