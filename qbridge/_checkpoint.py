@@ -2337,7 +2337,7 @@ def _fp8_entry(
 
 # the pieces torchao's safetensors layout writes for a tensor subclass ``module.weight``: ``module._weight_qdata``
 # (its data) and ``module._weight_scale`` etc., described by the file's metadata
-_TORCHAO_PIECE = re.compile(r"(.+)\._([A-Za-z0-9]+)_(qdata|scale|zero_point|act_scale)")
+_TORCHAO_PIECE = re.compile(r"(.+)\._([A-Za-z0-9_]+?)_(qdata|scale|zero_point|act_scale)")
 
 
 def _torchao_piece(src: _Source, key: str) -> bool:

@@ -201,6 +201,33 @@ def test_damaged_torchao_safetensors_name_the_file_and_tensor(tmp_path, dense_di
         qbridge.load_checkpoint(out / "st", device="cpu", progress=False)
 
 
+def test_torchao_pieces_of_a_tensor_whose_name_holds_underscores_are_recognised(tmp_path):
+    """torchao's safetensors layout writes module.gate_up_proj as module._gate_up_proj_qdata ...; names with
+    underscores were not taken for its pieces, and with the tensor left out of the metadata the raw int8 data
+    and scales came back as weights of their own."""
+    ao = pytest.importorskip("torchao.quantization")
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    linear = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    ao.quantize_(linear, ao.Int8WeightOnlyConfig())
+    data, meta = flatten_tensor_state_dict(
+        {"mlp.experts.gate_up_proj": linear.weight, "mlp.norm.weight": torch.ones(4)}
+    )
+    assert "mlp.experts._gate_up_proj_qdata" in data
+    save_file(data, tmp_path / "model.safetensors", metadata=meta)
+    loaded = qbridge.dequantized_state(tmp_path)
+    assert sorted(loaded) == ["mlp.experts.gate_up_proj", "mlp.norm.weight"]
+    assert torch.equal(loaded["mlp.experts.gate_up_proj"], linear.weight.dequantize())
+    meta["tensor_names"] = json.dumps(["mlp.norm.weight"])
+    save_file(data, tmp_path / "model.safetensors", metadata=meta)
+    with pytest.raises(
+        qbridge.CheckpointError,
+        match=r"_gate_up_proj_\w+\]: a piece of the torchao tensor mlp\.experts\.gate_up_proj",
+    ):
+        qbridge.dequantized_state(tmp_path)
+
+
 def test_torchao_metadata_of_the_wrong_shape_names_its_tensor(tmp_path, dense_dir):
     """One tensor's torchao metadata damaged (not an object, fields of the wrong types, an unknown type): the
     error names that tensor and its file (it had raised AttributeError or TypeError, or named the first
