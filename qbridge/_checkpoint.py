@@ -1738,6 +1738,8 @@ def _find_files(
             )
         raise CheckpointError(f"{path}: not a checkpoint file (.safetensors, .bin, .pt, .pth, .index.json)")
     if not path.is_dir():
+        if path.is_symlink() or path.exists():  # a link to nothing, a FIFO ...: said as such
+            _check_tensor_file(path, "checkpoint file", False)
         raise CheckpointError(f"{path}: no such file or directory")
     # transformers' order: model.safetensors, its index, pytorch_model.bin, ... (a single file's name: other
     # files beside it, adapters ..., are not the model; an index beside it is not read, with a warning)

@@ -100,6 +100,15 @@ def test_tensor_files_that_are_no_regular_files(tmp_path):
             CheckpointError, match=r"pytorch_model\.bin: a FIFO, not a regular file, where a torch file"
         ):
             call(fifo)
+        # named itself: the same words (they read "no such file or directory")
+        with pytest.raises(
+            CheckpointError, match=r"pytorch_model\.bin: a FIFO, not a regular file, where a checkpoint"
+        ):
+            call(fifo / "pytorch_model.bin")
+        with pytest.raises(
+            CheckpointError, match=r"model\.safetensors: a link to \.\./\.\./blobs/e{64}, which does not"
+        ):
+            call(snapshot / "model.safetensors")
     ck = tmp_path / "plain"
     ck.mkdir()
     st.save_file({"a": torch.zeros(2)}, ck / "model.safetensors")
