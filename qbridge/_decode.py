@@ -37,13 +37,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(_checkable(t)).all())
 
 
-def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor) -> None:
+def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor, what: str = "scale(s)") -> None:
+    """Raises CheckpointError naming ``key`` where the floating tensor ``t`` holds NaN or Inf: ``"{count}
+    {what} are NaN or Inf"``."""
     if not t.is_floating_point() or not t.numel() or all_finite(t):
         return
     bad = int((~torch.isfinite(_checkable(t))).sum())
-    raise CheckpointError(
-        f"{ckpt.where(key)}: {bad} scale(s) are NaN or Inf: the checkpoint is damaged there"
-    )
+    raise CheckpointError(f"{ckpt.where(key)}: {bad} {what} are NaN or Inf: the checkpoint is damaged there")
 
 
 def bnb4_pieces(
@@ -227,18 +227,8 @@ def check_torchao_scales(ckpt: Checkpoint, entry: Entry, weight: torch.Tensor) -
     all-zero or ternary weight), and it decodes exactly."""
     for name, inner in _inner_tensors(weight):
         leaf = name.rpartition(".")[2]
-        if (
-            ("scale" not in leaf and leaf != "zero_point")
-            or not inner.is_floating_point()
-            or not inner.numel()
-        ):
-            continue
-        if not all_finite(inner):
-            bad = int((~torch.isfinite(_checkable(inner))).sum())
-            raise CheckpointError(
-                f"{ckpt.where(entry.name)}: {bad} value(s) of its torchao {type(weight).__name__}'s {name} are NaN "
-                "or Inf: the checkpoint is damaged there"
-            )
+        if "scale" in leaf or leaf == "zero_point":
+            check_scales(ckpt, entry.name, inner, f"value(s) of its torchao {type(weight).__name__}'s {name}")
 
 
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:
