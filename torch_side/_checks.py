@@ -17,6 +17,20 @@ def require_tensor(value: object, name: str) -> torch.Tensor:
     return value
 
 
+def bnb_kind(W: torch.Tensor) -> str | None:
+    """The name of ``W``'s bitsandbytes parameter class (``"Params4bit"``, ``"Int8Params"``), or None."""
+    return type(W).__name__ if type(W).__module__.startswith("bitsandbytes") else None
+
+
+def decodes_itself(W: torch.Tensor) -> bool:
+    """Whether ``W``'s class has a decode of its own: torchao's NF4Tensor ``get_original_weight()`` (its
+    ``dequantize`` is unrelated), other subclasses a ``dequantize()`` that is not torch's."""
+    return callable(getattr(W, "get_original_weight", None)) or getattr(type(W), "dequantize", None) not in (
+        None,
+        torch.Tensor.dequantize,
+    )
+
+
 def quantized_otherwise(W: torch.Tensor) -> str | None:
     """What ``W`` is where it holds a weight quantized in a format other than bitsandbytes 4-bit (whose
     values are not its memory): a torch-quantized tensor, a quantized bitsandbytes ``Int8Params``, or a tensor
@@ -24,17 +38,12 @@ def quantized_otherwise(W: torch.Tensor) -> str | None:
     kind = f"{type(W).__module__}.{type(W).__qualname__}"
     if W.is_quantized:
         return f"a torch-quantized tensor ({W.dtype})"
-    if type(W).__name__ == "Int8Params" and type(W).__module__.startswith("bitsandbytes"):
+    if bnb_kind(W) == "Int8Params":
         quantized = getattr(W, "SCB", None) is not None or W.dtype == torch.int8  # SCB moved to its module
         return f"a quantized {kind} (8-bit)" if quantized else None
     if type(W) in (torch.Tensor, torch.nn.Parameter):
         return None
-    if callable(getattr(W, "get_original_weight", None)) or getattr(type(W), "dequantize", None) not in (
-        None,
-        torch.Tensor.dequantize,
-    ):
-        return f"a {kind}"
-    return None
+    return f"a {kind}" if decodes_itself(W) else None
 
 
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

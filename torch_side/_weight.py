@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._checks import require_tensor
+from ._checks import bnb_kind, decodes_itself, require_tensor
 from ._fp8 import FP8_DTYPES, dequantize_fp8
 from ._int8 import dequantize_int8
 from ._nf4 import dequantize
@@ -38,14 +38,8 @@ def _cannot(W: torch.Tensor, why: str) -> NotImplementedError:
     return NotImplementedError(f"cannot dequantize a {kind}{version}: {why}")
 
 
-def _bnb_kind(W: torch.Tensor) -> str | None:
-    if not type(W).__module__.startswith("bitsandbytes"):
-        return None
-    return type(W).__name__
-
-
 def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
-    kind = _bnb_kind(W)
+    kind = bnb_kind(W)
     bnb_param: Any = W  # a bitsandbytes Parameter subclass: its attributes are bitsandbytes'
     if kind == "Params4bit":
         if not getattr(W, "bnb_quantized", False) or bnb_param.quant_state is None:
@@ -62,9 +56,7 @@ def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
             return W.data  # not quantized yet
         # bitsandbytes' int8_vectorwise_dequant, its order of operations
         return dequantize_int8(W.data, bnb_param.SCB)
-    get_original = getattr(W, "get_original_weight", None)  # torchao NF4Tensor; its .dequantize is unrelated
-    method = getattr(type(W), "dequantize", None)
-    if not callable(get_original) and method in (None, torch.Tensor.dequantize):
+    if not decodes_itself(W):
         if type(W).__name__ == "DTensor":
             how = "hand over W.full_tensor() (the whole tensor) or W.to_local() (this process's shard)"
         else:
@@ -73,6 +65,9 @@ def _dequantize_subclass(W: torch.Tensor, backend: str) -> torch.Tensor:
             W, f"it is no quantized tensor qbridge knows (it has no dequantize() method of its own): {how}"
         )
     try:
+        get_original = getattr(
+            W, "get_original_weight", None
+        )  # torchao NF4Tensor; its .dequantize is unrelated
         result = get_original() if callable(get_original) else W.dequantize()
     except NotImplementedError as e:
         raise _cannot(W, str(e) or "dequantize() is not implemented") from e
