@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from ._checkpoint import open_checkpoint
-from ._decode import check_scales
+from ._decode import check_scales, check_torchao_scales, torchao_weight
 
 SHOWN = 8  # lines of one kind a summary shows before it counts the rest
 
@@ -114,7 +114,8 @@ class CheckpointSummary:
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
     """Summarizes a checkpoint without reading its weights (see :class:`CheckpointSummary`): from the headers,
-    the quant states and the scales (absmax, ``scale_inv``, ``SCB``), which are read and checked.
+    the quant states and the scales (absmax, ``scale_inv``, ``SCB``, a torchao weight's scales and zero
+    points), which are read and checked.
 
     Raises:
         CheckpointError: as :func:`qbridge.load_checkpoint` would for the same files, damaged (NaN/Inf)
@@ -129,6 +130,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointSummary:
             for role in ("absmax", "nested_absmax", "scale", "scb"):
                 if role in e.keys:
                     check_scales(ckpt, e.keys[role], ckpt.read(e.keys[role]))
+            if e.kind == "torchao":  # over the file's map: only the scales and zero points are read
+                check_torchao_scales(ckpt, e, torchao_weight(ckpt, e, mapped=True))
         kinds: dict[str, dict[str, int]] = collections.defaultdict(
             lambda: {"tensors": 0, "stored_bytes": 0, "dense_bytes": 0}
         )

@@ -488,6 +488,10 @@ def test_torchao_nan_scale(tmp_path, config, bad, layout):
         qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
     with pytest.raises(CheckpointError, match=r"\[1\.weight\]: 1 value\(s\)"):
         qbridge.dequantized_state(tmp_path)
+    # inspect too (a torch.save file's torchao weights were not checked, and `qbridge inspect` exited 0;
+    # torchao's safetensors layout names the stored scale)
+    with pytest.raises(CheckpointError, match=r"\[1\._?weight(_scale)?\]: 1 .*NaN or Inf"):
+        qbridge.inspect_checkpoint(tmp_path)
     # a process of a multi-process job reads only its shards' slices: torchao slices the weight, and the
     # slice's scales are checked (rows 0-7 hold the damaged one; rows 8-15 load)
     from qbridge._sharding import load_shard
@@ -505,6 +509,7 @@ def test_torchao_nan_scale(tmp_path, config, bad, layout):
         st.save_file(flatten_tensor_state_dict(state)[0], tmp_path / "model.safetensors", metadata=meta)
     loaded = qbridge.dequantized_state(tmp_path)
     assert torch.equal(loaded["0.weight"], good["0.weight"])
+    assert qbridge.inspect_checkpoint(tmp_path).kinds["torchao"]["tensors"] == 2
 
 
 def test_torchao_nf4_weights_with_infinite_quantization_factors_load(tmp_path):
@@ -521,6 +526,7 @@ def test_torchao_nf4_weights_with_infinite_quantization_factors_load(tmp_path):
         assert not torch.isfinite(nf4.quantization_factor).all()
         torch.save({"proj.weight": nf4}, tmp_path / "model.pt")
         assert torch.equal(qbridge.dequantized_state(tmp_path)["proj.weight"], nf4.get_original_weight())
+        assert qbridge.inspect_checkpoint(tmp_path).kinds["torchao"]["tensors"] == 1
 
 
 def test_mixed_formats(made, tmp_path):
