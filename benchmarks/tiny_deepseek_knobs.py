@@ -2,11 +2,9 @@
 
 ``deepseek_v3_scale.py --tiny`` (one MoE layer, 1558 tensors at tiny shapes: a load's wall time is its host
 work) loaded again and again in one process on a GPU, after its kernels and allocation programs are ready,
-the settings alternating, ``--rounds`` times (the first two left out):
+four settings alternating, ``--rounds`` times (the first two left out):
 
 - ``default``;
-- ``ahead 1 group`` and ``ahead 4 groups``: ``qbridge._group.AHEAD_GROUPS`` (a kind's groups whose scales and
-  small float8 bytes are read at once by the reading threads; default 2);
 - ``switch 0.5 ms`` and ``switch 0.1 ms``: ``sys.setswitchinterval`` (how soon a thread waiting for the GIL,
   a reading thread back from its read, takes it from the loading thread);
 - ``gap 96 KiB``: ``qbridge._checkpoint._GAP_READ`` 96 KiB and ``_RUN_BYTES`` 32 MiB, so that a group's 256
@@ -43,21 +41,19 @@ def main() -> None:
 
     import qbridge
     import torch_side
-    from qbridge import _checkpoint, _group
+    from qbridge import _checkpoint
     from qbridge._handoff import wait_for_allocators
 
     if not torch.cuda.is_available():
         parser.error("torch sees no CUDA GPU here: the loads this times are a GPU's")
     deepseek_v3_scale.use_tiny_shapes()
     gap, run, switch = _checkpoint._GAP_READ, _checkpoint._RUN_BYTES, sys.getswitchinterval()
-    depth = _group.AHEAD_GROUPS
 
     def setting(name: str) -> None:
         sys.setswitchinterval({"switch 0.5 ms": 5e-4, "switch 0.1 ms": 1e-4}.get(name, switch))
         _checkpoint._GAP_READ, _checkpoint._RUN_BYTES = (
             (96 << 10, 32 << 20) if name == "gap 96 KiB" else (gap, run)
         )
-        _group.AHEAD_GROUPS = {"ahead 1 group": 1, "ahead 4 groups": 4}.get(name, depth)
 
     with tempfile.TemporaryDirectory(prefix="qbridge-knobs-") as tmp:
         root = pathlib.Path(tmp)
@@ -72,7 +68,7 @@ def main() -> None:
         wait_for_allocators()
         for _ in range(3):
             load()
-        names = ["default", "ahead 1 group", "ahead 4 groups", "switch 0.5 ms", "switch 0.1 ms", "gap 96 KiB"]
+        names = ["default", "switch 0.5 ms", "switch 0.1 ms", "gap 96 KiB"]
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         try:

@@ -11,9 +11,9 @@ group of them is gathered (or until the pending weights hold ``max_bytes``, or t
 1. their scales are read with one system call each into one tensor, checked for NaN/Inf together, and
    copied to the device in one copy; their float8 bytes (read ahead into pinned host memory by the
    loader's reading threads, or, when small, read like the scales) go into one device tensor. The scales
-   and small float8 bytes of a kind's next ``AHEAD_GROUPS`` groups are read in background threads while
-   the loader goes on (:meth:`FP8Groups.expect` gives the weights to come, in order; at most ``AHEAD_BYTES``
-   are read ahead); a group that turns out otherwise (decoded early, see below) reads its own;
+   and small float8 bytes of a kind's next group are read in a background thread while the loader goes on
+   (:meth:`FP8Groups.expect` gives the weights to come, in order; at most ``AHEAD_BYTES`` are read ahead);
+   a group that turns out otherwise (decoded early, see below) reads its own;
 2. XLA allocates their results in one call (``XlaDestinations.take_many``);
 3. one launch decodes every weight into its result (``torch_side``'s grouped FP8 kernel: the bits of one
    call per weight).
@@ -57,7 +57,6 @@ from ._sharding import torch_device
 
 GROUP = 256  # weights per grouped decode, at most (see group_size)
 AHEAD_BYTES = 64 << 20  # scales and small float8 bytes of groups to come, read ahead, at most
-AHEAD_GROUPS = 2  # groups of a kind whose reads are under way at once, at most
 # a sharded kind's group: its decoded weights (the buffer its shards are cut from), at most
 SHARDED_BYTES = 256 << 20
 
@@ -101,14 +100,11 @@ class FP8Groups:
         self.total = 0  # stored bytes pending
         # the weights still to come of each kind, in the order they will be added (expect)
         self.upcoming: dict[tuple[Any, ...], collections.deque[Entry]] = {}
-        # each kind's next groups' reads, in order, started in the background: (scale keys, float8 keys or
-        # None, the reads, their bytes); counted as read when a group takes them
+        # each kind's next group's reads, started in the background: (scale keys, float8 keys or None, the
+        # reads, their bytes); counted as read when a group takes them
         self.ahead: dict[
-            tuple[Any, ...],
-            collections.deque[tuple[list[str], list[str] | None, concurrent.futures.Future[Any], int]],
+            tuple[Any, ...], tuple[list[str], list[str] | None, concurrent.futures.Future[Any], int]
         ] = {}
-        # by kind: how many of its upcoming weights (from the first) those reads cover
-        self.covered: dict[tuple[Any, ...], int] = {}
         self.ahead_bytes = 0
         self._sizes: dict[tuple[Any, ...], int] = {}  # weights per group, by kind
         self.turn = 0  # the sharded groups' turns: the device a group is decoded on
@@ -140,39 +136,29 @@ class FP8Groups:
         self.upcoming.setdefault(kind, collections.deque()).append(entry)
 
     def start(self) -> None:
-        """Starts reading each expected kind's first groups in the background (up to ``AHEAD_BYTES``): the
-        kinds' first groups, then their second ones ..."""
-        for depth in range(1, AHEAD_GROUPS + 1):
-            for kind in self.upcoming:
-                self._read_ahead(kind, depth)
+        """Starts reading each expected kind's first group in the background (up to ``AHEAD_BYTES``)."""
+        for kind in self.upcoming:
+            self._read_ahead(kind)
 
-    def _read_ahead(self, kind: tuple[Any, ...], depth: int | None = None) -> None:
-        """Starts reading the next groups of ``kind`` (the weights expected after those whose reads are under
-        way, as many as a group holds) until ``depth`` (default ``AHEAD_GROUPS``) groups' reads are under
-        way. Called where no weight of the kind is pending (a group's first weight is the next one expected)."""
-        depth = AHEAD_GROUPS if depth is None else depth
+    def _read_ahead(self, kind: tuple[Any, ...]) -> None:
+        """Starts reading the next group of ``kind`` (the next weights expected, as many as a group holds)."""
         upcoming = self.upcoming.get(kind)
         # a torch file's tensors are in memory already (read_stacked reads them through read, which counts)
-        if not upcoming or self.ckpt.source._state is not None:
+        if kind in self.ahead or not upcoming or self.ckpt.source._state is not None:
             return
         (wshape, wdtype), (sshape, sdtype) = kind[1], kind[2]
+        entries = list(itertools.islice(upcoming, self._size(kind, upcoming[0])))
         small = _weights_stacked(kind)
-        each = math.prod(sshape) * sdtype.itemsize + (math.prod(wshape) * wdtype.itemsize if small else 0)
-        queued = self.ahead.setdefault(kind, collections.deque())
-        covered = self.covered.get(kind, 0)
-        size = self._size(kind, upcoming[0])
-        while len(queued) < depth and covered < len(upcoming):
-            entries = list(itertools.islice(upcoming, covered, covered + size))
-            nbytes = len(entries) * each
-            if self.ahead_bytes + nbytes > AHEAD_BYTES:
-                break
-            skeys = [e.keys["scale"] for e in entries]
-            wkeys = [e.keys["weight"] for e in entries] if small else None
-            future = _readers("group").submit(self._read, skeys, wkeys, False)
-            queued.append((skeys, wkeys, future, nbytes))
-            self.ahead_bytes += nbytes
-            covered += len(entries)
-        self.covered[kind] = covered
+        nbytes = len(entries) * (
+            math.prod(sshape) * sdtype.itemsize + (math.prod(wshape) * wdtype.itemsize if small else 0)
+        )
+        if self.ahead_bytes + nbytes > AHEAD_BYTES:
+            return
+        skeys = [e.keys["scale"] for e in entries]
+        wkeys = [e.keys["weight"] for e in entries] if small else None
+        future = _readers("group").submit(self._read, skeys, wkeys, False)
+        self.ahead[kind] = (skeys, wkeys, future, nbytes)
+        self.ahead_bytes += nbytes
 
     def _read(
         self, skeys: list[str], wkeys: list[str] | None, count: bool = True
@@ -189,9 +175,9 @@ class FP8Groups:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The group's reads: those read ahead when they are of these weights, else read here."""
         skeys = [e.keys["scale"] for e in entries]
-        queued = self.ahead.get(kind)
-        if queued:
-            keys, wkeys, future, nbytes = queued.popleft()
+        ahead = self.ahead.pop(kind, None)
+        if ahead is not None:
+            keys, wkeys, future, nbytes = ahead
             self.ahead_bytes -= nbytes
             if keys == skeys:
                 got = future.result()
@@ -199,22 +185,14 @@ class FP8Groups:
                 if wkeys is not None:
                     self.ckpt.count_stacked(wkeys)
                 return got
-            # another group (decoded early): its own reads below. The kind's later reads ahead no longer
-            # match its groups either: dropped (uncounted), to be read ahead again from its next weight
-            futures = [future] + [f for _, _, f, _ in queued]
-            self.ahead_bytes -= sum(n for _, _, _, n in queued)
-            queued.clear()
-            self.covered[kind] = 0
-            for f in futures:
-                f.cancel()
-            concurrent.futures.wait(futures)
+            future.cancel()  # another group (decoded early): its own reads below; the dropped ones uncounted
+            concurrent.futures.wait([future])
         return self._read(skeys, [e.keys["weight"] for e in entries] if small else None)
 
     def close(self) -> None:
         """Drops the reads ahead that no group took (a load that failed or ended early), once they are done."""
-        futures = [future for queued in self.ahead.values() for _, _, future, _ in queued]
+        futures = [future for _, _, future, _ in self.ahead.values()]
         self.ahead.clear()
-        self.covered.clear()
         self.ahead_bytes = 0
         for future in futures:
             future.cancel()
@@ -245,8 +223,6 @@ class FP8Groups:
         upcoming = self.upcoming.get(kind)
         if upcoming and upcoming[0] is entry:
             upcoming.popleft()
-            if self.covered.get(kind):  # it was the first of those the reads ahead cover
-                self.covered[kind] -= 1
         members = self.pending.setdefault(kind, [])
         members.append((path, entry, place))
         stored = entry.stored_bytes
@@ -274,7 +250,7 @@ class FP8Groups:
             dev = torch_device(devices[self.turn % len(devices)])
             self.turn += 1
         rows, stacked = self._reads(kind, entries, _weights_stacked(kind))  # each row padded to 16 bytes
-        self._read_ahead(kind)  # the kind's next groups, while this one is decoded
+        self._read_ahead(kind)  # the next group of this kind, while this one is decoded
         self._check(rows[:, : math.prod(sshape)], entries, sshape)
         with on_device(dev):
             # non_blocking: pinned memory copies asynchronously; small pageable copies are staged at once

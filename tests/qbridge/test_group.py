@@ -51,7 +51,7 @@ def _grouped(folder, max_bytes, readers=None, settled=False):
                 groups.expect(kind, ckpt.entries[p.key])
         groups.start()
         if settled:
-            concurrent.futures.wait([f for queued in groups.ahead.values() for *_, f, _ in queued])
+            concurrent.futures.wait([future for *_, future, _ in groups.ahead.values()])
         try:
             for p, kind in zip(plan, kinds):
                 if kind is not None:
@@ -178,54 +178,3 @@ def test_which_weights_join_a_group(tmp_path):
             is None
         )
     assert to_numpy(stored["model.norm.weight"]).shape == (384,)
-
-
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_a_kinds_next_groups_are_read_ahead_together(tmp_path, monkeypatch, depth):
-    """``AHEAD_GROUPS`` groups of each kind are read at once, each covering the next weights of its kind in
-    order; as a group is taken, the kind's next one is started; every group's reads come from a reading
-    thread and hold its own weights' scales."""
-    monkeypatch.setattr(_group, "GROUP", 16)
-    monkeypatch.setattr(_group, "AHEAD_GROUPS", depth)
-    fp8_experts(tmp_path)
-    with open_checkpoint(tmp_path) as ckpt:
-        _, plan, _, _ = plan_load(ckpt, None)
-        values = {}
-        groups = _group.FP8Groups(ckpt, torch.device("cpu"), jax.devices("cpu")[0], XlaDestinations(), values,
-                                  1 << 30)  # fmt: skip
-        order = [(p, groups.kind(ckpt.entries[p.key], p.rule, None)) for p in plan]
-        order = [(p, kind) for p, kind in order if kind is not None]
-        by_kind = {}
-        for p, kind in order:
-            groups.expect(kind, ckpt.entries[p.key])
-            by_kind.setdefault(kind, []).append(ckpt.entries[p.key].keys["scale"])
-        assert sorted(len(v) for v in by_kind.values()) == sorted(c for _, c in FP8_EXPERT_KINDS.values())
-        groups.start()
-        for kind, keys in by_kind.items():
-            chunks = [keys[i : i + 16] for i in range(0, len(keys), 16)]  # 3 groups of each kind
-            assert [q[0] for q in groups.ahead[kind]] == chunks[:depth]
-            assert groups.covered[kind] == sum(map(len, chunks[:depth]))
-        taken = []
-        reads = groups._reads
-
-        def reads_taken(kind, entries, small):
-            queued = list(groups.ahead[kind])
-            got = reads(kind, entries, small)
-            taken.append(bool(queued) and queued[0][0] == [e.keys["scale"] for e in entries])
-            return got
-
-        groups._reads = reads_taken
-        try:
-            for p, kind in order:
-                values[p.leaf.path] = None
-                groups.add(kind, p.leaf.path, ckpt.entries[p.key])
-                if not groups.pending.get(kind):  # a group was just decoded: the next ones are under way
-                    left = len(groups.upcoming[kind])
-                    assert groups.covered[kind] == min(left, 16 * depth), (left, depth)
-                    assert len(groups.ahead[kind]) == min(depth, -(-left // 16))
-            groups.flush_all()
-        finally:
-            groups.close()
-        assert taken == [True] * 6  # every group took reads made ahead of it, of its own weights
-        assert ckpt.bytes_read == sum(ckpt.entries[p.key].stored_bytes for p, _ in order)
-    _assert_a_cpu_loads_values(tmp_path, values)
