@@ -29,7 +29,12 @@ _NUMBERED = re.compile(r"^(.*)_(\d+)$")
 
 @dataclasses.dataclass
 class TracePair:
-    """One module seen from both sides: its torch name and Flax path, how its input and output compare."""
+    """One module seen from both sides: its torch name and Flax path, how its input and output compare.
+
+    ``shape`` is the torch output's; ``flax_shape`` is None where the Flax output has that shape (after moving
+    a channels-last axis, in a torch model with convolutions), else the Flax output's shape, and the pair fails
+    (``max_abs`` and ``max_rel`` inf, ``cosine`` NaN): a port that returns, say, hidden states where torch
+    returns logits, or ``[batch, vocab, seq]`` where torch returns ``[batch, seq, vocab]``."""
 
     name: str
     flax_path: str
@@ -41,6 +46,7 @@ class TracePair:
     ok: bool
     input_ok: bool
     order: int
+    flax_shape: tuple[int, ...] | None = None  # the Flax output's shape where it is not torch's: failed
 
 
 @dataclasses.dataclass
@@ -75,6 +81,8 @@ class TraceReport:
         for p in self.pairs:
             mark = "  <- first divergence" if p.name == self.first_divergence else ""
             verdict = "ok" if p.ok else ("FAIL" if p.input_ok else "fail (input differs)")
+            if p.flax_shape is not None:
+                verdict += f": the Flax output is {'x'.join(map(str, p.flax_shape))}"
             lines.append(
                 f"{p.name or '(model)':<44}{'x'.join(map(str, p.shape)):<16}{p.dtype:<10}{p.max_abs:>11.3g}"
                 f"{p.max_rel:>10.2e}{p.cosine:>12.7f}  {verdict}{mark}"
@@ -316,11 +324,14 @@ def _as_numpy(x: Any) -> np.ndarray | None:
     return a.astype(np.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
 
-def _aligned(ref: np.ndarray, cand: np.ndarray) -> np.ndarray | None:
-    """``cand`` in ``ref``'s layout: as is, or channels-last moved first (Flax convolutions), or None."""
+def _aligned(ref: np.ndarray, cand: np.ndarray, channels_first: bool) -> np.ndarray | None:
+    """``cand`` in ``ref``'s layout: as is, or, where torch's model has convolutions (``channels_first``:
+    their outputs and those of the layers after them are channels-first, Flax's channels-last), with its last
+    axis moved to the second; None where neither fits. Only there: in a sequence model, ``[batch, vocab,
+    seq]`` against ``[batch, seq, vocab]`` is a port's bug, not a layout."""
     if ref.shape == cand.shape:
         return cand
-    if cand.ndim >= 3 and np.moveaxis(cand, -1, 1).shape == ref.shape:
+    if channels_first and cand.ndim >= 3 and np.moveaxis(cand, -1, 1).shape == ref.shape:
         return np.moveaxis(cand, -1, 1)
     return None
 
@@ -351,6 +362,11 @@ def trace(
         rename: regex -> replacement applied to torch module names before pairing, as ``load_checkpoint``'s
             ``rename`` does to checkpoint keys.
         rtol, min_cosine: override :func:`qbridge.parity.compare`'s dtype-aware tolerances.
+
+    A torch module and the Flax module of its name are paired; where their outputs' shapes differ (after
+    moving Flax's channels-last axis, where the torch model has convolutions), the pair fails (see
+    :class:`TracePair`). The models themselves (``(model)``) are paired too: a port whose output is not
+    torch's output (hidden states for logits, another layout) fails there.
 
     Returns:
         A :class:`TraceReport` (``report.first_divergence``, ``print(report)``, ``report.plot()``).
@@ -410,6 +426,8 @@ def trace(
             f"flax_module must be an nnx.Module or a linen.Module, got {type(flax_module).__name__}"
         )
 
+    # torch convolutions give channels-first outputs (and so do the layers after them), Flax's channels-last
+    channels_first = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in torch_module.modules())
     by_torch_name: dict[str, str] = {}
     for name in flax_calls:
         for candidate in _flax_names(name):
@@ -421,16 +439,23 @@ def trace(
             key = re.sub(pattern, repl, key)
         flax_name = by_torch_name.get(key)
         ref, cand = _as_numpy(call.out), None if flax_name is None else _as_numpy(flax_calls[flax_name].out)
-        if flax_name is None or ref is None or cand is None or _aligned(ref, cand) is None:
+        if flax_name is None or ref is None or cand is None:
             unpaired_torch.append(name or "(model)")
             continue
         paired_flax.add(flax_name)
         theirs = flax_calls[flax_name]
+        input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine, channels_first)
+        dtype = _dtype_name(call.out, theirs.out)
+        aligned = _aligned(ref, cand, channels_first)
+        if aligned is None:  # the module of that name gives another shape: where the ports part ways
+            inf = float("inf")
+            pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, inf, inf, float("nan"), False, input_ok,
+                                   call.end, tuple(cand.shape)))  # fmt: skip
+            continue
         tol, cos = _tolerances(call.out, theirs.out, rtol, min_cosine)
-        o = compare({"o": ref}, {"o": _aligned(ref, cand)}, rtol=tol, min_cosine=cos).outputs[0]
-        input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine)
-        pairs.append(TracePair(name, flax_name, tuple(ref.shape), _dtype_name(call.out, theirs.out), o.max_abs, o.max_rel,
-                               o.cosine, o.ok, input_ok, call.end))  # fmt: skip
+        o = compare({"o": ref}, {"o": aligned}, rtol=tol, min_cosine=cos).outputs[0]
+        pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, o.max_abs, o.max_rel, o.cosine, o.ok,
+                               input_ok, call.end))  # fmt: skip
     first = _first_divergence(pairs, torch_calls)
     unpaired_flax = [n or "(model)" for n in flax_calls if n not in paired_flax]
     return TraceReport(pairs, first, unpaired_torch, unpaired_flax)
@@ -453,11 +478,11 @@ def _tolerances(a: Any, b: Any, rtol: float | None, min_cosine: float | None) ->
     return (rtol if rtol is not None else default_rtol, min_cosine if min_cosine is not None else default_cos)
 
 
-def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None) -> bool:
+def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None, channels_first: bool) -> bool:
     ref, cand = _as_numpy(a), _as_numpy(b)
     if ref is None or cand is None:
         return True  # nothing to compare: taken as agreeing
-    cand = _aligned(ref, cand)
+    cand = _aligned(ref, cand, channels_first)
     if cand is None:
         return False
     if ref.dtype.kind not in "fc":

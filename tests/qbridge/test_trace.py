@@ -92,6 +92,35 @@ def test_a_transposed_dense_kernel(made):
     assert all(p.ok for p in report.pairs if p.name.startswith("model.layers.0"))
 
 
+@pytest.mark.parametrize("fault", ["hidden states for logits", "logits as [batch, vocab, seq]"])
+def test_a_port_whose_output_is_not_torchs_fails_at_the_model(made, fault):
+    """The models' own outputs are paired as their modules are: a port that returns another shape (no
+    lm_head applied; a layout of its own) fails at ``(model)``. Both were "the two models agree" (the outputs
+    left unpaired, and a [batch, vocab, seq] output moved back by the channels-last rule for convolutions,
+    which this model has none of)."""
+    torch_model, flax_model = _pair(made)
+    cls = type(flax_model)
+
+    class Wrong(cls):
+        def __call__(self, ids):
+            if fault == "hidden states for logits":
+                return self.model(ids)
+            return jnp.swapaxes(cls.__call__(self, ids), 1, 2)
+
+    flax_model.__class__ = Wrong
+    report = trace(torch_model, flax_model, IDS)
+    assert not report.ok and report.first_divergence == ""
+    (model,) = [p for p in report.pairs if p.name == ""]
+    want = (
+        (2, 11, LLAMA["hidden_size"]) if fault == "hidden states for logits" else (2, LLAMA["vocab_size"], 11)
+    )
+    assert model.shape == (2, 11, LLAMA["vocab_size"]) and model.flax_shape == want
+    assert model.max_abs == np.inf and np.isnan(model.cosine)
+    assert all(p.ok for p in report.pairs if p.name != "")  # the layers before it agree
+    assert f"FAIL: the Flax output is {'x'.join(map(str, want))}  <- first divergence" in str(report)
+    assert "the two models agree" not in str(report)
+
+
 def test_a_wrong_norm_epsilon(made):
     torch_model, flax_model = _pair(made)
     flax_model.model.layers[1].post_attention_layernorm.eps = 1e-2
@@ -327,6 +356,29 @@ def test_compare_with_infinities_nans_and_integers():
     assert compare([output.logits], output.logits.numpy()).ok  # one of them a bare array: paired
     # a one-element tuple (a model's output with return_dict=False) against a named output: paired
     assert compare(output, (output.logits,)).ok and compare({"logits": output.logits}, [output.logits]).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compare_with_masks_filled_with_the_dtypes_minimum(dtype):
+    """transformers masks with ``torch.finfo(dtype).min``, a finite value: the same one on both sides agrees
+    and is left out of the errors' scale and the cosine, as the same infinity is. Any candidate passed before
+    (the scale ~3e38, the cosine swamped by the shared values)."""
+    from qbridge.parity import compare
+
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.standard_normal((2, 8)).astype(np.float32)).to(dtype)
+    lowest = torch.finfo(dtype).min
+    ref[:, :4] = lowest
+    for cand, ok in [(ref.clone(), True), (-ref, False), (ref * 1.5, False)]:
+        cand[:, :4] = lowest
+        for pair in [(ref, cand), (ref, cand.float().numpy())]:  # a Flax side in float32 beside it
+            (out,) = compare(*pair).outputs
+            assert out.ok == ok, (dtype, str(compare(*pair)))
+            assert out.max_abs < 10 and (out.cosine > 0.999 if ok else out.max_rel > 0.1)
+    cand = ref.clone()
+    cand[0, 0] = 0.0  # masked on one side only: fails
+    (out,) = compare(ref, cand).outputs
+    assert not out.ok and out.max_rel > 0.5
 
 
 def test_dict_outputs_pair_by_name_not_by_order():
