@@ -80,6 +80,9 @@ class ModuleInfo:
     # regular expressions (searched) of checkpoint names whose values transformers converts when it loads
     # (its weight converters: fused, split or transposed in place): the model's sizes may be stored reordered
     converted: list[str] = dataclasses.field(default_factory=list)
+    # regular expressions (searched) of names a checkpoint may hold that the model does not have: the model's
+    # _keys_to_ignore_on_load_unexpected (DeepSeek-V3's multi-token-prediction layer, model.layers.61)
+    may_have: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -278,7 +281,17 @@ def module_info(config: dict[str, Any], tensors: int | None = None) -> tuple[Mod
             first[id(param)] = name
     for copy, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
         tied.setdefault(str(copy), str(source))
-    info = ModuleInfo(arch, kinds, classes, non_persistent, tied, shapes, _may_lack(model), _converted(model))
+    info = ModuleInfo(
+        arch,
+        kinds,
+        classes,
+        non_persistent,
+        tied,
+        shapes,
+        _may_lack(model),
+        _converted(model),
+        _may_have(model),
+    )
     _write_info(remembered, info)
     return info, f"{arch} built on the meta device"
 
@@ -292,6 +305,16 @@ def _may_lack(model: torch.nn.Module) -> list[str]:
         for name in getattr(type(module), "_keys_to_ignore_on_save", None) or ():
             out.append(re.escape(f"{prefix}.{name}" if prefix else str(name)) + "$")
         out.extend(str(p) for p in getattr(type(module), "_keys_to_ignore_on_load_missing", None) or ())
+    return sorted(set(out))
+
+
+def _may_have(model: torch.nn.Module) -> list[str]:
+    """Regular expressions of the names a checkpoint of ``model`` may hold that it does not have: each
+    transformers model's (and sub-model's) ``_keys_to_ignore_on_load_unexpected``, which transformers loads
+    without a word."""
+    out: list[str] = []
+    for _, module in model.named_modules():
+        out.extend(str(p) for p in getattr(type(module), "_keys_to_ignore_on_load_unexpected", None) or ())
     return sorted(set(out))
 
 
@@ -376,10 +399,10 @@ def _read_info(path: pathlib.Path | None, arch: str) -> ModuleInfo | None:
             raise TypeError("shapes must map names to lists of sizes")
         if kinds and set(shapes) != set(kinds):
             raise ValueError("shapes must name the tensors kinds names")
-        patterns = [data["may_lack"], data["converted"]]
+        patterns = [data["may_lack"], data["converted"], data["may_have"]]
         for found in patterns:
             if not isinstance(found, list) or not all(isinstance(p, str) for p in found):
-                raise TypeError("may_lack and converted must be lists of patterns")
+                raise TypeError("may_lack, converted and may_have must be lists of patterns")
             for pattern in found:
                 re.compile(pattern)
         info = ModuleInfo(
@@ -524,19 +547,27 @@ class ConfigMismatch:
             aside).
         shapes: ``(key, the model's torch shape, the checkpoint's torch shape)`` for tensors of other sizes;
             a quantized weight's shape is its quant state's (bitsandbytes) or stored one (FP8, 8-bit).
+        unexpected: the checkpoint's tensors named as the model names its own but with numbers it does not
+            have (``model.layers.3...`` where the config's model has three layers, a 33rd expert), beyond what
+            the model lets a checkpoint hold (``_keys_to_ignore_on_load_unexpected``).
     """
 
     architecture: str
     missing: dict[str, tuple[int, ...]]
     shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    unexpected: list[str] = dataclasses.field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Every mismatch in words, one line each: ``"missing: <key> (the model's [..])"``, then
-        ``"other size: <key>: the model's [..], the checkpoint's [..]"``."""
-        return [f"missing: {key} (the model's {list(shape)})" for key, shape in self.missing.items()] + [
-            f"other size: {key}: the model's {list(model)}, the checkpoint's {list(stored)}"
-            for key, model, stored in self.shapes
-        ]
+        ``"other size: <key>: the model's [..], the checkpoint's [..]"``, then ``"not in the model: <key>"``."""
+        return (
+            [f"missing: {key} (the model's {list(shape)})" for key, shape in self.missing.items()]
+            + [
+                f"other size: {key}: the model's {list(model)}, the checkpoint's {list(stored)}"
+                for key, model, stored in self.shapes
+            ]
+            + [f"not in the model: {key}" for key in self.unexpected]
+        )
 
     def describe(self, limit: int = 8) -> str:
         """:meth:`lines` joined for a message, at most ``limit`` of each sort, then a count of the rest."""
@@ -544,9 +575,12 @@ class ConfigMismatch:
         missing, shown = len(self.missing), lines[: min(limit, len(self.missing))]
         if missing > limit:
             shown.append(f"... and {missing - limit} more missing")
-        shown += lines[missing : missing + limit]
+        shown += lines[missing : missing + min(limit, len(self.shapes))]
         if len(self.shapes) > limit:
             shown.append(f"... and {len(self.shapes) - limit} more of other sizes")
+        shown += lines[missing + len(self.shapes) :][:limit]
+        if len(self.unexpected) > limit:
+            shown.append(f"... and {len(self.unexpected) - limit} more not in the model")
         return "\n  ".join(shown)
 
     def summary(self) -> str:
@@ -558,7 +592,13 @@ class ConfigMismatch:
         if self.shapes:
             n = len(self.shapes)
             parts.append(f"{n} tensor{'s' if n != 1 else ''} of other sizes")
+        if self.unexpected:
+            n = len(self.unexpected)
+            parts.append(f"{n} tensor{'s' if n != 1 else ''} the model does not have")
         return ", ".join(parts)
+
+
+_NUMBERS = re.compile(r"\.\d+(?=\.|$)")  # a name's numbered parts (a layer's, an expert's index)
 
 
 def _any_of(patterns: list[str]) -> re.Pattern[str] | None:
@@ -582,7 +622,12 @@ def config_mismatches(
     ``_keys_to_ignore_on_load_missing``) are never missing; a tensor transformers converts when it loads (a
     weight converter of ``transformers.conversion_mapping``: Qwen3-VL-MoE's experts, transposed in place)
     may hold the model's sizes in another order. A transformers ``Conv1D`` weight is compared as the
-    ``[out, in]`` matrix the checkpoint's entry holds."""
+    ``[out, in]`` matrix the checkpoint's entry holds.
+
+    A tensor the model does not name is unexpected where the model names one that differs from it in its
+    numbers only (another layer, another expert: the config's counts are not the checkpoint's) and the model
+    does not let a checkpoint hold it (``_keys_to_ignore_on_load_unexpected``); others (another naming) are
+    not counted."""
     if modules is None or not modules.shapes:
         return None
     params = [key for key in shapes if key not in classification.optional]
@@ -601,6 +646,14 @@ def config_mismatches(
             converted is not None and sorted(stored) == sorted(model) and converted.search(key)
         ):
             wrong.append((key, model, stored))
+    unexpected: list[str] = []
+    if unknown:  # named as the model names its tensors, with other numbers: counts the config does not give
+        templates = {_NUMBERS.sub(".#", name) for name in modules.shapes}
+        allowed = _any_of(modules.may_have)
+        unexpected = [
+            key for key in unknown
+            if _NUMBERS.sub(".#", key) in templates and (allowed is None or not allowed.search(key))
+        ]  # fmt: skip
     missing: dict[str, tuple[int, ...]] = {}
     if not unknown:  # the checkpoint names its tensors as the model does: what it lacks is missing
         shared = {source for copy, source in modules.tied.items() if copy in shapes}
@@ -612,6 +665,6 @@ def config_mismatches(
             and name not in shared and not name.endswith("num_batches_tracked")
             and (excused is None or not excused.search(name))
         }  # fmt: skip
-    if not (missing or wrong):
+    if not (missing or wrong or unexpected):
         return None
-    return ConfigMismatch(modules.architecture, missing, wrong)
+    return ConfigMismatch(modules.architecture, missing, wrong, unexpected)

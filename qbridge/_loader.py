@@ -220,7 +220,7 @@ def plan_load(
             unfit = ckpt.config_mismatches()
             if unfit is not None:
                 text = (
-                    f"{ckpt.path}: the checkpoint does not hold what its config.json's model has "
+                    f"{ckpt.path}: the checkpoint does not fit its config.json's model "
                     f"({classes.source}): {unfit.summary()}:\n  {unfit.describe()}"
                 )
                 if strict:

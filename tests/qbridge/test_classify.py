@@ -600,6 +600,57 @@ def test_missing_tensors_are_not_claimed_where_the_checkpoint_names_tensors_othe
     assert "model.layers.0.self_attn.k_proj.weight: the model's [32, 32], the checkpoint's [16, 32]" in text
 
 
+def test_tensors_of_layers_or_experts_the_config_does_not_have_are_refused(tmp_path, capsys):
+    """A config with fewer layers than the checkpoint (named as the model names its tensors, with numbers
+    the model does not have): a load without a target is refused naming them, strict=False loads them with a
+    warning, and `qbridge inspect` lists them and exits 1 (the load returned the extra layer without a word
+    and inspect exited 0). What the model lets a checkpoint hold (_keys_to_ignore_on_load_unexpected) and
+    tensors named otherwise are not counted."""
+    from qbridge._cli import main
+
+    layers = LLAMA["num_hidden_layers"]
+    _llama(tmp_path / "more")
+    config = json.loads((tmp_path / "more" / "config.json").read_text())
+    (tmp_path / "more" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers - 1}))
+    last = f"model.layers.{layers - 1}"
+    with pytest.raises(CheckpointError) as info:
+        qbridge.load_checkpoint(tmp_path / "more", progress=False, device="cpu")
+    text = str(info.value)
+    assert "does not fit its config.json's model" in text and "9 tensors the model does not have" in text
+    assert f"not in the model: {last}.mlp.down_proj.weight" in text
+    with pytest.warns(UserWarning, match="9 tensors the model does not have"):
+        params = qbridge.load_checkpoint(tmp_path / "more", progress=False, device="cpu", strict=False)
+    assert str(layers - 1) in params["params"]["model"]["layers"]
+    summary = qbridge.inspect_checkpoint(tmp_path / "more")
+    assert len(summary.config_mismatches) == 9
+    assert f"not in the model: {last}.input_layernorm.weight" in summary.config_mismatches
+    assert main(["inspect", str(tmp_path / "more")]) == 1
+    assert "not in the model" in capsys.readouterr().out
+    # the checks themselves: numbered like the model's names, not excused by the model's patterns
+    from qbridge._classify import Classification, ModuleInfo, config_mismatches
+
+    model = {f"model.layers.{i}.mlp.experts.{e}.w.weight": (4, 4) for i in range(2) for e in range(3)}
+    info = ModuleInfo("M", {}, {}, set(), {}, model, may_have=[r"model\.layers\.61\."])
+    stored = {**model, "model.layers.1.mlp.experts.3.w.weight": (4, 4), "model.layers.61.mlp.experts.0.w.weight": (4, 4),
+              "model.layers.2.other.weight": (4,), "mtp.layers.0.mlp.experts.0.w.weight": (4, 4)}  # fmt: skip
+    unfit = config_mismatches(stored, Classification(), info)
+    assert unfit is not None and unfit.unexpected == ["model.layers.1.mlp.experts.3.w.weight"]
+    assert unfit.missing == {} and unfit.shapes == []
+    info.may_have = []
+    assert config_mismatches(stored, Classification(), info).unexpected == [
+        "model.layers.1.mlp.experts.3.w.weight", "model.layers.61.mlp.experts.0.w.weight"
+    ]  # fmt: skip
+    # transformers' own patterns are taken from the model (DeepSeek-V3's multi-token-prediction layer)
+    from qbridge._classify import _may_have
+
+    with torch.device("meta"):
+        ds = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, q_lora_rank=16, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8))  # fmt: skip
+    assert any(re.search(p, "model.layers.61.eh_proj.weight") for p in _may_have(ds))
+
+
 def test_a_tied_output_layer_that_is_not_stored_is_not_missing(tmp_path):
     _llama(tmp_path / "tied", tie_word_embeddings=True)
     with safe_open(tmp_path / "tied" / "model.safetensors", "pt") as f:
