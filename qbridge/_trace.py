@@ -547,7 +547,8 @@ def trace_checkpoint(
     Raises:
         CheckpointError: no ``config.json``, a missing, truncated or unreadable weight file (naming it), or a
             checkpoint transformers cannot build a model from.
-        ValueError: ``tokens`` or ``batch`` below 1, or a ``model`` path that names nothing.
+        ValueError: ``tokens`` or ``batch`` below 1, ``tokens`` beyond the config's
+            ``max_position_embeddings``, or a ``model`` path that names nothing.
         ImportError: ``model``'s module cannot be imported.
     """
     import inspect
@@ -581,6 +582,12 @@ def trace_checkpoint(
             "architectures, and the weights)"
         )
     config = read_config(path)  # checked: it is untrusted input
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and not isinstance(positions, bool) and 0 < positions < tokens:
+        raise ValueError(
+            f"tokens={tokens}: {path}'s config.json gives the model {positions} positions "
+            f"(max_position_embeddings); pass at most {positions}"
+        )
     dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(str(config_dtype(config)[1]), jnp.bfloat16)
     # opened first: missing, truncated or unreadable files are named before transformers reads them
     with open_checkpoint(path) as ckpt:

@@ -281,6 +281,11 @@ def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
         ([str(cut)], "cut/model.safetensors: not a readable safetensors file"),
         ([str(made / "f32"), "--batch", "0"], "batch must be a positive number"),
         ([str(made / "f32"), "--tokens", "-3"], "tokens must be a positive number"),
+        # past the model's positions (it ended in a traceback of transformers' mask, or a 40 GB allocation)
+        (
+            [str(made / "f32"), "--tokens", "100000"],
+            "gives the model 128 positions (max_position_embeddings)",
+        ),
         ([str(made / "f32"), "--model", "checkpoints:Nope"], "model 'checkpoints:Nope': cannot import it"),
         ([str(made / "f32"), "--model", "nowhere"], "'package.module:Name'"),
         ([str(made / "f32"), "--model", "jax_side:LlamaConfig"], "name an nnx Module class (or factory)"),
