@@ -311,10 +311,19 @@ def _may_lack(model: torch.nn.Module) -> list[str]:
 def _may_have(model: torch.nn.Module) -> list[str]:
     """Regular expressions of the names a checkpoint of ``model`` may hold that it does not have: each
     transformers model's (and sub-model's) ``_keys_to_ignore_on_load_unexpected``, which transformers loads
-    without a word."""
+    without a word: the built model's own lists (Gemma-3n sets them per instance, one per layer that shares
+    another's keys and values; ``post_init`` gathers the sub-models'), and the multi-token-prediction layers
+    a config announces (``num_nextn_predict_layers``: DeepSeek-V3 stores them as the layers after
+    ``num_hidden_layers``, where transformers' own pattern names only the full model's ``model.layers.61``)."""
     out: list[str] = []
     for _, module in model.named_modules():
-        out.extend(str(p) for p in getattr(type(module), "_keys_to_ignore_on_load_unexpected", None) or ())
+        out.extend(str(p) for p in getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ())
+    config = getattr(model, "config", None)
+    layers, nextn = (
+        getattr(config, name, None) for name in ("num_hidden_layers", "num_nextn_predict_layers")
+    )
+    if type(layers) is int and type(nextn) is int and 0 < nextn <= 64:
+        out.append(rf"(^|\.)layers\.({'|'.join(str(layers + i) for i in range(nextn))})\.")
     return sorted(set(out))
 
 
@@ -548,8 +557,10 @@ class ConfigMismatch:
         shapes: ``(key, the model's torch shape, the checkpoint's torch shape)`` for tensors of other sizes;
             a quantized weight's shape is its quant state's (bitsandbytes) or stored one (FP8, 8-bit).
         unexpected: the checkpoint's tensors named as the model names its own but with numbers it does not
-            have (``model.layers.3...`` where the config's model has three layers, a 33rd expert), beyond what
-            the model lets a checkpoint hold (``_keys_to_ignore_on_load_unexpected``).
+            have (``model.layers.3...`` where the config's model has three layers; an expert the model names
+            one by one), beyond what the model lets a checkpoint hold (``_keys_to_ignore_on_load_unexpected``,
+            the multi-token-prediction layers a config announces). Experts stored one by one that transformers
+            fuses as it loads (Mixtral's, in transformers 5) are named otherwise than the model's: not counted.
     """
 
     architecture: str

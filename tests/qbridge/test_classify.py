@@ -651,6 +651,52 @@ def test_tensors_of_layers_or_experts_the_config_does_not_have_are_refused(tmp_p
     assert any(re.search(p, "model.layers.61.eh_proj.weight") for p in _may_have(ds))
 
 
+def test_tensors_transformers_lets_a_checkpoint_hold_are_not_refused(tmp_path):
+    """Gemma-3n as Google publishes it stores keys and values for its KV-shared layers, which transformers
+    drops without a word (patterns its text model sets per instance); DeepSeek-V3 stores its
+    multi-token-prediction layers after num_hidden_layers (num_nextn_predict_layers; transformers' own
+    pattern names only the full model's layer 61). Both load without a target (both were refused as tensors
+    the model does not have); without num_nextn_predict_layers DeepSeek-V3's extra layer is refused."""
+    kw = dict(vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+              hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2,
+              layer_types=["sliding_attention", "full_attention"] * 3, sliding_window=16,
+              activation_sparsity_pattern=[0.0] * 6)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Gemma3nForCausalLM(
+        transformers.Gemma3nTextConfig(num_kv_shared_layers=0, **kw)
+    ).save_pretrained(tmp_path / "gemma3n")
+    config = transformers.Gemma3nTextConfig(num_kv_shared_layers=2, **kw)
+    config.architectures = ["Gemma3nForCausalLM"]
+    config.save_pretrained(tmp_path / "gemma3n")
+    _, info = transformers.Gemma3nForCausalLM.from_pretrained(tmp_path / "gemma3n", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]  # transformers loads it without a word
+    with safe_open(tmp_path / "gemma3n" / "model.safetensors", "pt") as f:
+        assert "model.layers.5.self_attn.k_proj.weight" in f.keys()
+    assert qbridge.inspect_checkpoint(tmp_path / "gemma3n").config_mismatches == []
+    qbridge.load_checkpoint(tmp_path / "gemma3n", progress=False, device="cpu")
+
+    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                 first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                 v_head_dim=8, n_group=1, topk_group=1, n_shared_experts=1)  # fmt: skip
+    path = tmp_path / "deepseek"
+    transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**sizes)).save_pretrained(path)
+    state = st.load_file(path / "model.safetensors")
+    h, v = sizes["hidden_size"], sizes["vocab_size"]
+    state |= {"model.layers.2.eh_proj.weight": torch.randn(h, 2 * h), "model.layers.2.enorm.weight": torch.ones(h),
+              "model.layers.2.hnorm.weight": torch.ones(h), "model.layers.2.shared_head.head.weight": torch.randn(v, h),
+              "model.layers.2.input_layernorm.weight": torch.ones(h)}  # fmt: skip
+    st.save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    assert qbridge.inspect_checkpoint(path).config_mismatches == []
+    assert "2" in qbridge.load_checkpoint(path, progress=False, device="cpu")["params"]["model"]["layers"]
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match=r"not in the model: model\.layers\.2\.input_layernorm\.weight"):
+        qbridge.load_checkpoint(path, progress=False, device="cpu")
+
+
 def test_a_tied_output_layer_that_is_not_stored_is_not_missing(tmp_path):
     _llama(tmp_path / "tied", tie_word_embeddings=True)
     with safe_open(tmp_path / "tied" / "model.safetensors", "pt") as f:
