@@ -302,9 +302,9 @@ def _may_lack(model: torch.nn.Module) -> list[str]:
     and ``_keys_to_ignore_on_load_missing`` (patterns loaded without a word: BART's final_logits_bias)."""
     out: list[str] = []
     for prefix, module in model.named_modules():
-        for name in getattr(type(module), "_keys_to_ignore_on_save", None) or ():
+        for name in getattr(module, "_keys_to_ignore_on_save", None) or ():
             out.append(re.escape(f"{prefix}.{name}" if prefix else str(name)) + "$")
-        out.extend(str(p) for p in getattr(type(module), "_keys_to_ignore_on_load_missing", None) or ())
+        out.extend(str(p) for p in getattr(module, "_keys_to_ignore_on_load_missing", None) or ())
     return sorted(set(out))
 
 
