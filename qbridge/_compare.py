@@ -162,43 +162,66 @@ def compare(
         cand, cand_dtype = _numpy(c)
         if ref.shape != cand.shape:
             raise ValueError(f"output {name!r}: shapes {ref.shape} and {cand.shape} differ")
-        kinds = [_kind(ref_dtype), _kind(cand_dtype)]
-        floating = [k for k in kinds if k in _ORDER]  # an integer output beside a float one: the float's
-        kind = min(floating, key=_ORDER.index) if floating else kinds[0]
-        default_rtol, default_cos = _tolerances(kind)
-        tol, cos_min = (
-            rtol if rtol is not None else default_rtol,
-            min_cosine if min_cosine is not None else default_cos,
-        )
-        # the same infinity on both sides (masked logits) agrees; NaN, or an infinity on one side only, fails.
-        # So does the same largest finite value of either side's dtype (transformers masks with finfo.min):
-        # left out of the errors' scale and the cosine, which it would swamp
-        both = np.isfinite(ref) & np.isfinite(cand)
-        extremes = _mask_values(ref_dtype, cand_dtype)
-        if extremes and ref.dtype.kind == "f":
-            both &= ~((ref == cand) & np.isin(np.abs(ref), extremes))
-        agree_elsewhere = bool(((ref == cand) | both).all())
-        ref_f, cand_f = ref[both], cand[both]
-        if kind not in _ORDER:  # integers and booleans: exact, in their own arithmetic (no float64 rounding)
-            diffs = [
-                abs(int(r) - int(c))
-                for r, c in zip(ref_f.ravel().tolist(), cand_f.ravel().tolist())
-                if r != c
-            ]
-            max_abs = float(max(diffs, default=0))
-            ref_f, cand_f = ref_f.astype(np.float64), cand_f.astype(np.float64)
-        else:
-            err = np.abs(ref_f - cand_f)  # a complex difference's modulus
-            max_abs = float(err.max()) if err.size else 0.0
-        if not agree_elsewhere:
-            max_abs = float("inf")
-        scale = float(np.abs(ref_f).max()) if ref_f.size else 0.0
-        max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
-        denom = float(np.linalg.norm(ref_f) * np.linalg.norm(cand_f))
-        cosine = float(np.real(np.vdot(ref_f, cand_f)) / denom) if denom else float(max_abs == 0)
-        ok = agree_elsewhere and max_rel <= tol and cosine >= cos_min
-        outputs.append(OutputParity(name, tuple(ref.shape), kind, max_abs, max_rel, cosine, tol, cos_min, ok))
+        outputs.append(_output_parity(name, ref, ref_dtype, cand, cand_dtype, rtol, min_cosine))
     return ParityReport(outputs)
+
+
+def _output_parity(
+    name: str,
+    ref: np.ndarray,
+    ref_dtype: str,
+    cand: np.ndarray,
+    cand_dtype: str,
+    rtol: float | None,
+    min_cosine: float | None,
+) -> OutputParity:
+    """One output's parity: ``ref`` and ``cand`` (one shape; float64, complex128, integers or booleans, as
+    :func:`_numpy` gives them, or floats widened exactly) and the names of the dtypes they came from, which
+    pick the tolerances and the mask values."""
+    kinds = [_kind(ref_dtype), _kind(cand_dtype)]
+    floating = [k for k in kinds if k in _ORDER]  # an integer output beside a float one: the float's
+    kind = min(floating, key=_ORDER.index) if floating else kinds[0]
+    default_rtol, default_cos = _tolerances(kind)
+    tol, cos_min = (
+        rtol if rtol is not None else default_rtol,
+        min_cosine if min_cosine is not None else default_cos,
+    )
+    # the same infinity on both sides (masked logits) agrees; NaN, or an infinity on one side only, fails. A
+    # masked position may hold, instead of an infinity, the largest finite value of either side's dtype
+    # (transformers masks with finfo.min): masked on both sides, with one sign, it agrees too. Masked
+    # positions are left out of the errors' scale and the cosine, which they would swamp
+    both = np.isfinite(ref) & np.isfinite(cand)
+    same = ref == cand
+    if ref.dtype.kind == "f" and cand.dtype.kind == "f":
+        extremes = _mask_values(ref_dtype, cand_dtype)
+        masked = (_masked(ref, extremes) & _masked(cand, extremes)) & (np.signbit(ref) == np.signbit(cand))
+        both &= ~masked
+        same |= masked
+    agree_elsewhere = bool((same | both).all())
+    ref_f, cand_f = ref[both], cand[both]
+    if kind not in _ORDER:  # integers and booleans: exact, in their own arithmetic (no float64 rounding)
+        diffs = [
+            abs(int(r) - int(c)) for r, c in zip(ref_f.ravel().tolist(), cand_f.ravel().tolist()) if r != c
+        ]
+        max_abs = float(max(diffs, default=0))
+        ref_f, cand_f = ref_f.astype(np.float64), cand_f.astype(np.float64)
+    else:
+        err = np.abs(ref_f - cand_f)  # a complex difference's modulus
+        max_abs = float(err.max()) if err.size else 0.0
+    if not agree_elsewhere:
+        max_abs = float("inf")
+    scale = float(np.abs(ref_f).max()) if ref_f.size else 0.0
+    max_rel = max_abs / scale if scale else (0.0 if max_abs == 0 else float("inf"))
+    denom = float(np.linalg.norm(ref_f) * np.linalg.norm(cand_f))
+    cosine = float(np.real(np.vdot(ref_f, cand_f)) / denom) if denom else float(max_abs == 0)
+    ok = agree_elsewhere and max_rel <= tol and cosine >= cos_min
+    return OutputParity(name, tuple(ref.shape), kind, max_abs, max_rel, cosine, tol, cos_min, ok)
+
+
+def _masked(x: np.ndarray, extremes: list[float]) -> np.ndarray:
+    """Where ``x`` holds an infinity or one of ``extremes`` (either sign): a masked position."""
+    magnitude = np.abs(x)
+    return np.isinf(magnitude) | np.isin(magnitude, extremes)
 
 
 def run_parity(

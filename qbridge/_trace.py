@@ -377,7 +377,6 @@ def trace(
     """
     import torch
 
-    from ._compare import compare
     from ._handoff import to_jax
 
     if not isinstance(torch_module, torch.nn.Module):
@@ -453,7 +452,7 @@ def trace(
                                    call.end, tuple(cand.shape)))  # fmt: skip
             continue
         tol, cos = _tolerances(call.out, theirs.out, rtol, min_cosine)
-        o = compare({"o": ref}, {"o": aligned}, rtol=tol, min_cosine=cos).outputs[0]
+        o = _parity(ref, call.out, aligned, theirs.out, tol, cos)
         pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, o.max_abs, o.max_rel, o.cosine, o.ok,
                                input_ok, call.end))  # fmt: skip
     first = _first_divergence(pairs, torch_calls)
@@ -487,10 +486,22 @@ def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None, 
         return False
     if ref.dtype.kind not in "fc":
         return bool(np.array_equal(ref, cand))
-    from ._compare import compare
-
     tol, cos = _tolerances(a, b, rtol, min_cosine)
-    return compare({"i": ref}, {"i": cand}, rtol=tol, min_cosine=cos).ok
+    return _parity(ref, a, cand, b, tol, cos).ok
+
+
+def _parity(
+    ref: np.ndarray, ref_of: Any, cand: np.ndarray, cand_of: Any, rtol: float, min_cosine: float
+) -> Any:
+    """:func:`qbridge.parity.compare` of one output, ``ref`` and ``cand`` as :func:`_as_numpy` gave them
+    (floats widened to float32) from the values ``ref_of`` and ``cand_of``, whose dtypes name the mask values
+    (a bfloat16 output's ``finfo.min`` is not float32's)."""
+    from ._compare import _numpy, _output_parity
+
+    return _output_parity(
+        "o", _numpy(ref)[0], str(getattr(ref_of, "dtype", ref.dtype)), _numpy(cand)[0],
+        str(getattr(cand_of, "dtype", cand.dtype)), rtol, min_cosine,
+    )  # fmt: skip
 
 
 def _first_divergence(pairs: list[TracePair], calls: Mapping[str, _Call]) -> str | None:

@@ -17,8 +17,10 @@ logits by a few percent of their range.) Complex outputs take their parts' toler
 differences. Integer and boolean outputs (token ids, masks) must be equal, compared as integers. The
 errors and the cosine are taken over the elements finite on both sides: the same infinity on both sides
 (masked logits) agrees, while a NaN, or an infinity on one side only, fails the output (``max_abs`` inf).
-The same largest finite value of either side's dtype on both sides (``torch.finfo(dtype).min``, which
-transformers fills masked positions with) agrees too, and is left out of the errors' scale and the cosine.
+A masked position (an infinity, or the largest finite value of either side's dtype:
+``torch.finfo(dtype).min``, which transformers fills masked positions with) on both sides, with one sign,
+agrees too, whichever of these each side holds, and masked positions are left out of the errors' scale and
+the cosine.
 """
 
 from ._compare import (

@@ -384,6 +384,71 @@ def test_compare_with_masks_filled_with_the_dtypes_minimum(dtype):
     cand[0, 0] = 0.0  # masked on one side only: fails
     (out,) = compare(ref, cand).outputs
     assert not out.ok and out.max_rel > 0.5
+    # each side masks with its own dtype's minimum, or an infinity: masked on both sides alike
+    for mask in (np.finfo(np.float32).min, -np.inf):
+        port = ref.float().numpy().copy()
+        port[:, :4] = mask
+        assert compare(ref, port).ok  # a bfloat16 torch output against a float32 port's
+        wrong = np.where(np.arange(8) < 4, mask, -port).astype(np.float32)
+        (out,) = compare(ref, wrong).outputs
+        assert not out.ok and out.max_rel > 0.1  # (the masks swamped the scale: rel 0.004, passed)
+    port = ref.float().numpy().copy()
+    port[:, :4] = np.inf  # masked with the other sign: not alike
+    assert not compare(ref, port).ok
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_trace_finds_a_wrong_module_whose_output_holds_mask_values(dtype):
+    """trace compares each module's output with the mask values of its own dtype: a bfloat16 or float16
+    module filling masked positions with finfo.min, its other values wrong, fails (its outputs widened to
+    float32, the masks swamped the scale, and it passed)."""
+    tdt, jdt, rows = getattr(torch, dtype), getattr(jnp, dtype), 6
+
+    class Scores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            s = self.q(x) @ x.transpose(-1, -2)
+            return s.masked_fill(
+                torch.triu(torch.ones(rows, rows, dtype=torch.bool), 1), torch.finfo(s.dtype).min
+            )
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scores = Scores()
+
+        def forward(self, x):
+            return self.scores(x).softmax(-1)
+
+    class FlaxScores(nnx.Module):
+        def __init__(self, scale):
+            self.q, self.scale = nnx.Linear(8, 8, rngs=nnx.Rngs(1), dtype=jdt, param_dtype=jdt), scale
+
+        def __call__(self, x):
+            s = self.scale * (self.q(x) @ jnp.swapaxes(x, -1, -2))
+            return jnp.where(jnp.triu(jnp.ones((rows, rows), bool), 1), jnp.finfo(s.dtype).min, s)
+
+    class FlaxModel(nnx.Module):
+        def __init__(self, scale):
+            self.scores = FlaxScores(scale)
+
+        def __call__(self, x):
+            return nnx.softmax(self.scores(x), -1)
+
+    torch.manual_seed(0)
+    model = Model().to(tdt).eval()
+    x = torch.randn(1, rows, 8).to(tdt)
+    for scale, agrees in ((1, True), (3, False)):
+        port = FlaxModel(scale)
+        port.scores.q.kernel.value = jnp.asarray(model.scores.q.weight.detach().float().numpy().T, dtype=jdt)
+        port.scores.q.bias.value = jnp.asarray(model.scores.q.bias.detach().float().numpy(), dtype=jdt)
+        report = trace(model, port, x, flax_inputs=(jnp.asarray(x.float().numpy(), dtype=jdt),))
+        (scores,) = [p for p in report.pairs if p.name == "scores"]
+        assert scores.ok == agrees, str(report)
+        assert report.first_divergence == (None if agrees else "scores")
 
 
 def test_dict_outputs_pair_by_name_not_by_order():
