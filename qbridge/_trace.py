@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -32,7 +33,8 @@ class TracePair:
     """One module seen from both sides: its torch name and Flax path, how its input and output compare.
 
     ``shape`` is the torch output's; ``flax_shape`` is None where the Flax output has that shape (after moving
-    a channels-last axis, in a torch model with convolutions), else the Flax output's shape, and the pair fails
+    a convolution's channels-last axis, or reshaping heads split into an axis of their own), else the Flax
+    output's shape, and the pair fails
     (``max_abs`` and ``max_rel`` inf, ``cosine`` NaN): a port that returns, say, hidden states where torch
     returns logits, or ``[batch, vocab, seq]`` where torch returns ``[batch, seq, vocab]``."""
 
@@ -143,15 +145,17 @@ class TraceReport:
 
 
 def _first_array(value: Any) -> Any:
-    """The first array of a module's output (a tuple's first, a model output's logits or first field)."""
+    """The first array of a module's output (a tuple's first; a model output's logits, last hidden state or
+    first field; a dict's logits, last hidden state or first key in sorted order)."""
     import torch
 
     if isinstance(value, (torch.Tensor, np.ndarray)) or (hasattr(value, "shape") and hasattr(value, "dtype")):
         return value
-    if isinstance(
-        value, Mapping
-    ):  # by name, never by insertion order (the two sides may build dicts differently)
-        for key in ("logits", "last_hidden_state", *sorted(value, key=str)):
+    if isinstance(value, Mapping):
+        # a dict by name, never by insertion order (the two sides may build dicts differently); a transformers
+        # model output in its fields' order, which its tuple (return_dict=False) and a port's follow
+        order = list(value) if hasattr(value, "to_tuple") else sorted(value, key=str)
+        for key in ("logits", "last_hidden_state", *order):
             found = _first_array(value[key]) if key in value else None
             if found is not None:
                 return found
@@ -324,16 +328,34 @@ def _as_numpy(x: Any) -> np.ndarray | None:
     return a.astype(np.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
 
-def _aligned(ref: np.ndarray, cand: np.ndarray, channels_first: bool) -> np.ndarray | None:
-    """``cand`` in ``ref``'s layout: as is, or, where torch's model has convolutions (``channels_first``:
-    their outputs and those of the layers after them are channels-first, Flax's channels-last), with its last
-    axis moved to the second; None where neither fits. Only there: in a sequence model, ``[batch, vocab,
-    seq]`` against ``[batch, seq, vocab]`` is a port's bug, not a layout."""
+def _aligned(ref: np.ndarray, cand: np.ndarray, move: bool) -> np.ndarray | None:
+    """``cand`` in ``ref``'s layout, or None where none fits: with its last axis moved to the second where
+    ``move`` says Flax's output is channels-last where torch's is channels-first (:func:`_moves`); else as is;
+    else reshaped where the two differ only in how the trailing axes after a common start are split (torch's
+    ``[batch, seq, heads * dim]`` against ``nnx.LinearGeneral``'s ``[batch, seq, heads, dim]``). Two orders
+    of the same axes (``[batch, vocab, seq]`` against ``[batch, seq, vocab]``) are no layout: None."""
+    if move and cand.ndim >= 3 and np.moveaxis(cand, -1, 1).shape == ref.shape:
+        return np.moveaxis(cand, -1, 1)
     if ref.shape == cand.shape:
         return cand
-    if channels_first and cand.ndim >= 3 and np.moveaxis(cand, -1, 1).shape == ref.shape:
-        return np.moveaxis(cand, -1, 1)
+    common = 0
+    while common < min(ref.ndim, cand.ndim) and ref.shape[common] == cand.shape[common]:
+        common += 1
+    a, b = ref.shape[common:], cand.shape[common:]
+    if a and b and 1 in (len(a), len(b)) and math.prod(a) == math.prod(b):
+        return cand.reshape(ref.shape)
     return None
+
+
+def _channels_first_input(ref: np.ndarray | None, cand: np.ndarray | None) -> bool:
+    """Whether torch's input is channels-first where Flax's is channels-last (not where either fits)."""
+    return (
+        ref is not None
+        and cand is not None
+        and ref.shape != cand.shape
+        and cand.ndim >= 3
+        and np.moveaxis(cand, -1, 1).shape == ref.shape
+    )
 
 
 def trace(
@@ -363,9 +385,9 @@ def trace(
             ``rename`` does to checkpoint keys.
         rtol, min_cosine: override :func:`qbridge.parity.compare`'s dtype-aware tolerances.
 
-    A torch module and the Flax module of its name are paired; where their outputs' shapes differ (after
-    moving Flax's channels-last axis, where the torch model has convolutions), the pair fails (see
-    :class:`TracePair`). The models themselves (``(model)``) are paired too: a port whose output is not
+    A torch module and the Flax module of its name are paired; where their outputs' shapes differ, after
+    matching the layouts a correct port gives (Flax's channels-last outputs of convolutions and of the layers
+    and blocks after them; heads split into an axis of their own), the pair fails (see :class:`TracePair`). The models themselves (``(model)``) are paired too: a port whose output is not
     torch's output (hidden states for logits, another layout) fails there.
 
     Returns:
@@ -425,8 +447,11 @@ def trace(
             f"flax_module must be an nnx.Module or a linen.Module, got {type(flax_module).__name__}"
         )
 
-    # torch convolutions give channels-first outputs (and so do the layers after them), Flax's channels-last
-    channels_first = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in torch_module.modules())
+    # torch convolutions give channels-first outputs (and so do the layers after them), Flax's channels-last:
+    # each module's output is moved back where its own layout says so (see the loop)
+    modules = dict(torch_module.named_modules())
+    channels_first = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in modules.values())
+    moved: dict[str, bool] = {}  # paired modules' outputs, by name: whether moved back
     by_torch_name: dict[str, str] = {}
     for name in flax_calls:
         for candidate in _flax_names(name):
@@ -445,7 +470,9 @@ def trace(
         theirs = flax_calls[flax_name]
         input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine, channels_first)
         dtype = _dtype_name(call.out, theirs.out)
-        aligned = _aligned(ref, cand, channels_first)
+        move = channels_first and _moves(name, modules.get(name), call, theirs, torch_calls, moved)
+        aligned = _aligned(ref, cand, move)
+        moved[name] = aligned is not None and move and aligned.shape != cand.shape
         if aligned is None:  # the module of that name gives another shape: where the ports part ways
             inf = float("inf")
             pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, inf, inf, float("nan"), False, input_ok,
@@ -458,6 +485,33 @@ def trace(
     first = _first_divergence(pairs, torch_calls)
     unpaired_flax = [n or "(model)" for n in flax_calls if n not in paired_flax]
     return TraceReport(pairs, first, unpaired_torch, unpaired_flax)
+
+
+def _moves(
+    name: str,
+    module: Any,
+    call: _Call,
+    theirs: _Call,
+    calls: Mapping[str, _Call],
+    moved: Mapping[str, bool],
+) -> bool:
+    """Whether a module's Flax output is channels-last where torch's is channels-first (in a torch model
+    with convolutions): a convolution's; a module without submodules whose torch input is channels-first
+    where Flax's is channels-last (a norm, activation or pooling after a convolution); a module with
+    submodules whose last paired submodule to finish was moved (a block of them), or, without paired ones,
+    by its input. A model whose last layer gives ``[batch, seq, vocab]`` returning ``[batch, vocab, seq]``
+    is not moved back, whatever convolutions came before."""
+    import torch
+
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return True
+    inside = [] if module is None or next(module.children(), None) is None else [
+        child for child in moved if child != name and (name == "" or child.startswith(name + "."))
+        and calls[child].start > call.start and calls[child].end < call.end
+    ]  # fmt: skip
+    if inside:
+        return moved[max(inside, key=lambda child: calls[child].end)]
+    return _channels_first_input(_as_numpy(call.inp), _as_numpy(theirs.inp))
 
 
 def _dtype_name(a: Any, b: Any) -> str:
@@ -481,7 +535,7 @@ def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None, 
     ref, cand = _as_numpy(a), _as_numpy(b)
     if ref is None or cand is None:
         return True  # nothing to compare: taken as agreeing
-    cand = _aligned(ref, cand, channels_first)
+    cand = _aligned(ref, cand, channels_first and _channels_first_input(ref, cand))
     if cand is None:
         return False
     if ref.dtype.kind not in "fc":

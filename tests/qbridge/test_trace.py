@@ -234,6 +234,79 @@ def test_a_linen_port_with_numbered_names_and_channels_last_images():
     assert report.unpaired_torch == ["extra"]
 
 
+def test_layouts_a_correct_port_may_use_and_one_it_may_not():
+    """Per module, not per model: a Conv1d front end's output is channels-first in torch and channels-last
+    in Flax (moved back), a square one too (8 channels at 8 steps: compared as stored, it failed); a head
+    split by nnx.LinearGeneral ([batch, seq, heads, dim] against [batch, seq, heads * dim]) is reshaped (it
+    failed); and logits returned as [batch, vocab, seq] fail at the model although the model has a
+    convolution (any convolution anywhere let every module's last axis be moved, and it passed)."""
+    channels, width, vocab, heads = 4, 8, 10, 2
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(channels, width, 3, padding=1)
+            self.q_proj = torch.nn.Linear(width, width)
+            self.head = torch.nn.Linear(width, vocab)
+
+        def forward(self, x):  # x [batch, channels, steps]
+            h = self.conv(x).transpose(1, 2)
+            return self.head(self.q_proj(h))  # [batch, steps, vocab]
+
+    class Flax(nnx.Module):
+        def __init__(self, t, transposed):
+            self.transposed = transposed
+            self.conv = nnx.Conv(channels, width, (3,), padding=1, rngs=nnx.Rngs(0))
+            self.conv.kernel[...] = jnp.asarray(t.conv.weight.detach().numpy().transpose(2, 1, 0))
+            self.conv.bias[...] = jnp.asarray(t.conv.bias.detach().numpy())
+            self.q_proj = nnx.LinearGeneral(width, (heads, width // heads), rngs=nnx.Rngs(0))
+            self.q_proj.kernel[...] = jnp.asarray(
+                t.q_proj.weight.detach().numpy().T.reshape(width, heads, -1)
+            )
+            self.q_proj.bias[...] = jnp.asarray(t.q_proj.bias.detach().numpy().reshape(heads, -1))
+            self.head = nnx.Linear(width, vocab, rngs=nnx.Rngs(0))
+            self.head.kernel[...] = jnp.asarray(t.head.weight.detach().numpy().T)
+            self.head.bias[...] = jnp.asarray(t.head.bias.detach().numpy())
+
+        def __call__(self, x):  # x [batch, steps, channels]
+            q = self.q_proj(self.conv(x))
+            logits = self.head(q.reshape(*q.shape[:2], width))
+            return jnp.swapaxes(logits, 1, 2) if self.transposed else logits
+
+    torch.manual_seed(0)
+    net = Torch().eval()
+    for steps in (7, width):  # 8 steps: the conv's output is square
+        x = torch.randn(2, channels, steps)
+        flax_x = (jnp.asarray(x.numpy().transpose(0, 2, 1)),)
+        report = trace(net, Flax(net, transposed=False), x, flax_inputs=flax_x)
+        assert report.ok and [p.name for p in report.pairs] == ["conv", "q_proj", "head", ""], str(report)
+        report = trace(net, Flax(net, transposed=True), x, flax_inputs=flax_x)
+        assert report.first_divergence == "" and [p.name for p in report.pairs if not p.ok] == [""], str(
+            report
+        )
+        assert report.pairs[-1].flax_shape == (2, vocab, steps)
+
+
+def test_a_model_output_is_paired_by_its_own_field_order():
+    """A transformers model output without logits (CLIP's: logits_per_image first) gives its first field, as
+    its tuple does (return_dict=False) and a port returning that tuple does: it gave its first field in
+    sorted order (image_embeds), and the ports failed as of another shape."""
+    from transformers.models.clip.modeling_clip import CLIPOutput
+
+    texts = torch.randn(3, 5)
+
+    class Torch(torch.nn.Module):
+        def forward(self, x):
+            return CLIPOutput(logits_per_image=x @ texts, image_embeds=x[:, :2], text_embeds=texts)
+
+    class Flax(nnx.Module):
+        def __call__(self, x):
+            return x @ jnp.asarray(texts.numpy()), x[:, :2], texts.numpy()
+
+    report = trace(Torch(), Flax(), torch.randn(4, 3))
+    assert report.ok and report.pairs[0].shape == (4, 5), str(report)
+
+
 def test_the_report_as_a_dataframe(made):
     pytest.importorskip("pandas")
     torch_model, flax_model = _pair(made)
@@ -443,8 +516,8 @@ def test_trace_finds_a_wrong_module_whose_output_holds_mask_values(dtype):
     x = torch.randn(1, rows, 8).to(tdt)
     for scale, agrees in ((1, True), (3, False)):
         port = FlaxModel(scale)
-        port.scores.q.kernel.value = jnp.asarray(model.scores.q.weight.detach().float().numpy().T, dtype=jdt)
-        port.scores.q.bias.value = jnp.asarray(model.scores.q.bias.detach().float().numpy(), dtype=jdt)
+        port.scores.q.kernel[...] = jnp.asarray(model.scores.q.weight.detach().float().numpy().T, dtype=jdt)
+        port.scores.q.bias[...] = jnp.asarray(model.scores.q.bias.detach().float().numpy(), dtype=jdt)
         report = trace(model, port, x, flax_inputs=(jnp.asarray(x.float().numpy(), dtype=jdt),))
         (scores,) = [p for p in report.pairs if p.name == "scores"]
         assert scores.ok == agrees, str(report)
