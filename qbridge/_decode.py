@@ -221,14 +221,22 @@ def _inner_tensors(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 def check_torchao_scales(ckpt: Checkpoint, entry: Entry, weight: torch.Tensor) -> None:
     """Raises CheckpointError where a torchao weight's floating scales or zero points (inner tensors named
-    ``scale``, ``zero_point``, ``_scale_e8m0``, ``per_tensor_scale`` ...) hold NaN or Inf: as a bitsandbytes
-    absmax or an FP8 ``scale_inv`` is checked, a damaged checkpoint is refused. Other inner tensors are not
-    scales: an NF4Tensor's ``quantization_factor`` is infinite where a block's absmaxes are all equal (an
-    all-zero or ternary weight), and it decodes exactly."""
+    ``scale``, ``zero_point``, ``_scale_e8m0``, ``per_tensor_scale`` ...) hold NaN or Inf, or its other
+    floating inner tensors hold NaN: as a bitsandbytes absmax or an FP8 ``scale_inv`` is checked, a damaged
+    checkpoint is refused. Those others may be infinite: an NF4Tensor's ``quantization_factor`` is where a
+    block's absmaxes are all equal (an all-zero or ternary weight), and it decodes exactly."""
+    kind = type(weight).__name__
     for name, inner in _inner_tensors(weight):
         leaf = name.rpartition(".")[2]
         if "scale" in leaf or leaf == "zero_point":
-            check_scales(ckpt, entry.name, inner, f"value(s) of its torchao {type(weight).__name__}'s {name}")
+            check_scales(ckpt, entry.name, inner, f"value(s) of its torchao {kind}'s {name}")
+        elif inner.is_floating_point() and inner.numel():
+            nan = int(torch.isnan(_checkable(inner)).sum())
+            if nan:
+                raise CheckpointError(
+                    f"{ckpt.where(entry.name)}: {nan} value(s) of its torchao {kind}'s {name} are NaN: the "
+                    "checkpoint is damaged there"
+                )
 
 
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:

@@ -527,6 +527,16 @@ def test_torchao_nf4_weights_with_infinite_quantization_factors_load(tmp_path):
         torch.save({"proj.weight": nf4}, tmp_path / "model.pt")
         assert torch.equal(qbridge.dequantized_state(tmp_path)["proj.weight"], nf4.get_original_weight())
         assert qbridge.inspect_checkpoint(tmp_path).kinds["torchao"]["tensors"] == 1
+    # a NaN there, or in its 16-entry table, is never right: refused (they loaded, the weight partly NaN)
+    for inner in ("quantization_factor", "nf4"):
+        nf4 = ao.NF4Tensor.from_tensor(torch.randn(64, 256).bfloat16(), 64, 256)
+        getattr(nf4, inner).view(-1)[0] = float("nan")
+        torch.save({"proj.weight": nf4}, tmp_path / "model.pt")
+        said = rf"\[proj\.weight\]: 1 value\(s\) of its torchao NF4Tensor's {inner} are NaN"
+        with pytest.raises(CheckpointError, match=said):
+            qbridge.load_checkpoint(tmp_path, device="cpu", progress=False)
+        with pytest.raises(CheckpointError, match=said):
+            qbridge.inspect_checkpoint(tmp_path)
 
 
 def test_mixed_formats(made, tmp_path):
