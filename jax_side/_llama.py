@@ -61,6 +61,9 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    # Mistral's sliding attention window: a query attends to itself and the sliding_window - 1 positions
+    # before it (transformers' sliding-window causal mask); None: the whole sequence before it
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -70,6 +73,9 @@ class LlamaConfig:
             )
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not implemented by jax_side's Llama (silu)")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"sliding_window must be a positive number of positions or None, got {window!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -89,7 +95,8 @@ class LlamaConfig:
         ``linear`` and ``llama3`` (Llama 3.1 and later) are implemented as transformers computes them.
 
         Raises:
-            ValueError: a rope type, activation or sliding attention window this model does not implement, a
+            ValueError: a rope type or activation this model does not implement, a sliding attention window
+                outside a Mistral config (Qwen2's ``use_sliding_window``; Mistral's is implemented), a
                 ``model_type`` other than ``llama`` or ``mistral`` (architectures with Llama's names that
                 compute otherwise), or a config without a Llama's sizes (another architecture:
                 ``model_type`` named).
@@ -109,10 +116,12 @@ class LlamaConfig:
                 "that share Llama's names compute otherwise (multipliers, layers without rotary embeddings, "
                 "interleaved rotary); give it a target of its own"
             )
-        if config.get("sliding_window") is not None or config.get("use_sliding_window"):
+        if (config.get("sliding_window") is not None and kind != "mistral") or config.get(
+            "use_sliding_window"
+        ):
             raise ValueError(
-                f"a sliding attention window ({config.get('sliding_window')}) is not implemented by jax_side's "
-                "Llama: it attends over the whole sequence"
+                f"a sliding attention window ({config.get('sliding_window')}) outside a Mistral config is not "
+                "implemented by jax_side's Llama"
             )
         # as transformers 5 reads it: a 4.x rope_scaling replaces rope_parameters, whose rope_theta wins over
         # the top-level one
@@ -227,6 +236,8 @@ def _make_modules():
             k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
             scores = (q @ k.transpose(0, 1, 3, 2)) * (c.head_size**-0.5)
             causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+            if c.sliding_window is not None and c.sliding_window < s:  # keys within the window before it
+                causal = jnp.triu(causal, 1 - c.sliding_window)
             scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
             weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
             out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, s, c.num_attention_heads * c.head_size)

@@ -668,7 +668,7 @@ def test_a_config_the_llama_does_not_implement_is_refused(change, error):
         ("Granite", dict(embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0)),
         ("SmolLM3", dict(pad_token_id=0)),
         ("Ernie4_5", dict(head_dim=16)),
-        ("Mistral", dict(sliding_window=4)),
+        ("Qwen2", dict(use_sliding_window=True, sliding_window=4)),
     ],
 )
 def test_configs_with_llamas_names_that_compute_otherwise_are_refused(name, extra):
@@ -682,13 +682,21 @@ def test_configs_with_llamas_names_that_compute_otherwise_are_refused(name, extr
         jax_side.LlamaConfig.from_hf(config)
 
 
-def test_a_mistral_without_a_sliding_window_agrees_end_to_end(tmp_path):
+@pytest.mark.parametrize("window", [None, 4, 11])
+def test_a_mistral_agrees_end_to_end_with_or_without_a_sliding_window(tmp_path, window):
+    """Mistral's sliding window (a query sees itself and the window - 1 positions before it) is implemented:
+    at 11 tokens a window of 4 masks most of each row (it was refused, Mistral-7B-v0.1's 4096 included, even
+    where the window could not matter); and a window over the whole sequence masks nothing more."""
     torch.manual_seed(0)
-    config = transformers.MistralConfig(**LLAMA, sliding_window=None)
+    config = transformers.MistralConfig(**LLAMA, sliding_window=window)
     transformers.MistralForCausalLM(config).eval().save_pretrained(tmp_path / "f32")
+    assert jax_side.LlamaConfig.from_hf(config.to_dict()).sliding_window == window
     torch_model, flax_model = _pair(tmp_path)
     report = trace(torch_model, flax_model, IDS)
     assert report.ok and report.first_divergence is None, str(report)
+    if window == 4:  # the window matters here: without it the attention differs
+        object.__setattr__(flax_model.model.layers[0].self_attn.config, "sliding_window", None)
+        assert trace(torch_model, flax_model, IDS).first_divergence == "model.layers.0.self_attn"
 
 
 @pytest.mark.parametrize(
