@@ -25,10 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 RESULT = "QBRIDGE_PROCESS_RESULT "
+# seconds the processes get to end once every one has printed its result (jax.distributed's shutdown),
+# before those still running are stopped
+SHUTDOWN_GRACE = 20.0
 
 
 @dataclasses.dataclass
@@ -124,9 +128,14 @@ def check_multiprocess_load(
     Returns:
         One :class:`ProcessReport` per process, by process index.
 
+    A process that printed its result and then failed to end cleanly (XLA's coordination service can abort
+    in ``jax.distributed.shutdown()`` while another process's requests are in flight), or is still ending
+    ``SHUTDOWN_GRACE`` seconds after every process reported, has done its checks: they are returned, with a
+    ``RuntimeWarning`` naming it and the end of its output.
+
     Raises:
-        RuntimeError: a process failed or the time ran out; the message holds the end of each process's
-            output. Every process started is gone when this returns or raises.
+        RuntimeError: a process failed before printing its result, or the time ran out; the message holds
+            the end of each process's output. Every process started is gone when this returns or raises.
     """
     from jax.sharding import PartitionSpec
 
@@ -203,12 +212,23 @@ def check_multiprocess_load(
             started.append((proc, out))
         deadline = time.monotonic() + timeout
         failed = False
+        reported = [False] * processes  # whether each process has printed its result line
+        all_reported_at = None
         stop = _stop_on_sigterm()  # a SIGTERM ends this call through the finally below, not around it
         try:
             while any(p.poll() is None for p, _ in started):
-                if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p, _ in started):
+                reported = [r or _reported(out) for r, (_, out) in zip(reported, started)]
+                # a process that failed before reporting fails the run; one that reported and then ended
+                # otherwise (an abort in jax.distributed's shutdown) has done its work
+                if time.monotonic() > deadline or any(
+                    p.poll() not in (None, 0) and not r for (p, _), r in zip(started, reported)
+                ):
                     failed = True
                     break
+                if all(reported):  # every check done: the others get a few seconds to end their shutdown
+                    all_reported_at = all_reported_at or time.monotonic()
+                    if time.monotonic() - all_reported_at > SHUTDOWN_GRACE:
+                        break
                 time.sleep(0.2)
         finally:
             for proc, _ in started:  # the others would wait for the failed one at a barrier
@@ -221,7 +241,8 @@ def check_multiprocess_load(
             out.seek(0)
             texts.append(out.read())
             out.close()
-    if failed or any(p.returncode != 0 for p, _ in started):
+    reported = [RESULT in text for text in texts]
+    if failed or any(p.returncode != 0 and not r for (p, _), r in zip(started, reported)):
         tails = "\n".join(
             f"--- process {i} (exit {p.returncode}) ---\n{_tail(text)}"
             for i, ((p, _), text) in enumerate(zip(started, texts))
@@ -238,7 +259,31 @@ def check_multiprocess_load(
         if line is None:
             raise RuntimeError(f"process {i} printed no result:\n{text[-4000:]}")
         reports.append(ProcessReport(**json.loads(line[len(RESULT) :])))
+    ended = [(i, p.returncode) for i, (p, _) in enumerate(started) if p.returncode != 0]
+    if ended:  # after its result: its checks stand
+        warnings.warn(
+            "; ".join(
+                f"process {i} reported its result, then "
+                + (
+                    "was stopped after " + f"{SHUTDOWN_GRACE:g} s"
+                    if code == -signal.SIGKILL
+                    else f"exited {code}"
+                )
+                + " while ending jax.distributed"
+                for i, code in ended
+            )
+            + f" (its output ends: {_tail(texts[ended[0][0]])[-600:]!r})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return sorted(reports, key=lambda r: r.process_index)
+
+
+def _reported(out: Any) -> bool:
+    """Whether a process's output file holds its result line yet."""
+    out.flush()
+    with open(out.name) as f:
+        return RESULT in f.read()
 
 
 def _stop_on_sigterm() -> Any:
