@@ -34,9 +34,9 @@ class TracePair:
 
     ``shape`` is the torch output's; ``flax_shape`` is None where the Flax output has that shape (after moving
     a convolution's channels-last axis, or reshaping heads split into an axis of their own), else the Flax
-    output's shape, and the pair fails
-    (``max_abs`` and ``max_rel`` inf, ``cosine`` NaN): a port that returns, say, hidden states where torch
-    returns logits, or ``[batch, vocab, seq]`` where torch returns ``[batch, seq, vocab]``."""
+    output's shape, and the pair fails (``max_abs`` and ``max_rel`` inf, ``cosine`` NaN): a port that
+    returns, say, hidden states where torch returns logits, or ``[batch, vocab, seq]`` where torch returns
+    ``[batch, seq, vocab]``."""
 
     name: str
     flax_path: str
@@ -387,8 +387,9 @@ def trace(
 
     A torch module and the Flax module of its name are paired; where their outputs' shapes differ, after
     matching the layouts a correct port gives (Flax's channels-last outputs of convolutions and of the layers
-    and blocks after them; heads split into an axis of their own), the pair fails (see :class:`TracePair`). The models themselves (``(model)``) are paired too: a port whose output is not
-    torch's output (hidden states for logits, another layout) fails there.
+    and blocks after them; heads split into an axis of their own), the pair fails (see :class:`TracePair`).
+    The models themselves (``(model)``) are paired too: a port whose output is not torch's output (hidden
+    states for logits, another layout) fails there.
 
     Returns:
         A :class:`TraceReport` (``report.first_divergence``, ``print(report)``, ``report.plot()``).
