@@ -110,6 +110,11 @@ def check_multiprocess_load(
     """Loads ``checkpoints`` sharded under ``jax.distributed`` in ``processes`` local processes and checks
     every shard against a whole load.
 
+    A process that printed its result and then failed to end cleanly (XLA's coordination service can abort
+    in ``jax.distributed.shutdown()`` while another process's requests are in flight), or is still ending
+    ``SHUTDOWN_GRACE`` seconds after every process reported, has done its checks: they are returned, with a
+    ``RuntimeWarning`` naming it and the end of its output.
+
     Args:
         checkpoints: checkpoint directories (or files) :func:`qbridge.load_checkpoint` reads.
         processes: how many processes to start (each is one JAX process, coordinator on 127.0.0.1).
@@ -127,11 +132,6 @@ def check_multiprocess_load(
 
     Returns:
         One :class:`ProcessReport` per process, by process index.
-
-    A process that printed its result and then failed to end cleanly (XLA's coordination service can abort
-    in ``jax.distributed.shutdown()`` while another process's requests are in flight), or is still ending
-    ``SHUTDOWN_GRACE`` seconds after every process reported, has done its checks: they are returned, with a
-    ``RuntimeWarning`` naming it and the end of its output.
 
     Raises:
         RuntimeError: a process failed before printing its result, or the time ran out; the message holds
@@ -264,11 +264,7 @@ def check_multiprocess_load(
         warnings.warn(
             "; ".join(
                 f"process {i} reported its result, then "
-                + (
-                    "was stopped after " + f"{SHUTDOWN_GRACE:g} s"
-                    if code == -signal.SIGKILL
-                    else f"exited {code}"
-                )
+                + (f"was stopped after {SHUTDOWN_GRACE:g} s" if code == -signal.SIGKILL else f"exited {code}")
                 + " while ending jax.distributed"
                 for i, code in ended
             )
