@@ -187,7 +187,7 @@ def _output_parity(
         min_cosine if min_cosine is not None else default_cos,
     )
     # the same infinity on both sides (masked logits) agrees; NaN, or an infinity on one side only, fails. A
-    # masked position may hold, instead of an infinity, the largest finite value of either side's dtype
+    # masked position may hold, instead of an infinity, the largest finite magnitude of either side's dtype
     # (transformers masks with finfo.min): masked on both sides, with one sign, it agrees too. Masked
     # positions are left out of the errors' scale and the cosine, which they would swamp
     both = np.isfinite(ref) & np.isfinite(cand)

@@ -225,4 +225,6 @@ def format_demo(result: DemoResult) -> str:
             "",
             f"checkpoints kept: {where / 'llama-nf4'} (NF4), {where / 'llama-bf16'} (its bf16 weights)",
         ]
+    else:  # the summary names the checkpoint's path, which is gone now
+        lines += ["", "the checkpoints were in a temporary folder, removed: --workdir DIR keeps them"]
     return "\n".join(lines)

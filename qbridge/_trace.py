@@ -60,7 +60,8 @@ class TraceReport:
         first_divergence: the torch name of the module where the two models part ways (see the module
             docstring), or None when every pair agrees. The model itself is named ``""`` (torch's name for
             it, printed as ``(model)``): test with ``is None``, or use :attr:`ok`.
-        unpaired_torch: torch modules called with no Flax counterpart.
+        unpaired_torch: torch modules called whose Flax counterpart was not (none of that name, or one
+            the port did not call).
         unpaired_flax: Flax modules called with no torch counterpart.
         notes: what was done to the reference before comparing, in words (:func:`trace_checkpoint`: FP8
             weights that transformers decoded wrongly, replaced by their exact decode).
@@ -95,7 +96,7 @@ class TraceReport:
             else "the two models agree"
         )
         if self.unpaired_torch:
-            lines.append("torch modules with no Flax counterpart: " + ", ".join(self.unpaired_torch))
+            lines.append("torch modules with no Flax counterpart called: " + ", ".join(self.unpaired_torch))
         if self.unpaired_flax:
             lines.append("Flax modules with no torch counterpart: " + ", ".join(self.unpaired_flax))
         lines.extend(f"note: {note}" for note in self.notes)
@@ -627,7 +628,7 @@ def trace_checkpoint(
 
     import jax_side
 
-    from ._checkpoint import config_dtype, open_checkpoint, read_config
+    from ._checkpoint import open_checkpoint, read_config
     from ._errors import CheckpointError, first_line
     from ._loader import load_checkpoint
     from ._targets import import_object
@@ -654,11 +655,10 @@ def trace_checkpoint(
             f"tokens={tokens}: {path}'s config.json gives the model {positions} positions "
             f"(max_position_embeddings); pass at most {positions}"
         )
-    dtype = {"float32": jnp.float32, "float16": jnp.float16}.get(str(config_dtype(config)[1]), jnp.bfloat16)
     # opened first: missing, truncated or unreadable files are named before transformers reads them
     with open_checkpoint(path) as ckpt:
-        if model == "llama":
-            flax_model = jax_side.llama_for_causal_lm(jax_side.LlamaConfig.from_hf(config), param_dtype=dtype)
+        if model == "llama":  # built once the torch model's dtype is known (below); its config checked now
+            llama = jax_side.LlamaConfig.from_hf(config)
         else:
             if ":" not in model:
                 raise ValueError(
@@ -724,6 +724,9 @@ def trace_checkpoint(
             else:
                 notes = _exact_fp8_reference(torch_model, ckpt) if ckpt.format == "fp8" else []
         fmt = ckpt.format
+    if model == "llama":  # in the torch model's dtype: what transformers made of config.json (or the weights)
+        dtype = {torch.float32: jnp.float32, torch.float16: jnp.float16}.get(torch_model.dtype, jnp.bfloat16)
+        flax_model = jax_side.llama_for_causal_lm(llama, param_dtype=dtype)
     params = load_checkpoint(path, target=flax_model, keep_quantized=keep_quantized, progress=False)
     if keep_quantized:
         jax_side.load_quantized_into_nnx(flax_model, params)

@@ -520,6 +520,11 @@ def test_demo_command(capsys, tmp_path):
     assert "equal to bitsandbytes' own dequantization: 28 of 28" in out
     assert "logits" in out and " ok" in out
     assert f"checkpoints kept: {tmp_path / 'llama-nf4'} (NF4)" in out
+    # without a workdir the summary's path is gone when the demo ends: it says so, and how to keep them
+    from qbridge._demo import DemoResult, format_demo
+
+    text = format_demo(DemoResult("/tmp/x/llama-nf4", "/tmp/x/llama-nf4: ...", "", 28, 28, {}, "cpu"))
+    assert text.endswith("the checkpoints were in a temporary folder, removed: --workdir DIR keeps them")
     # what it left is recognized as its own, and its files replaced (no stale shard of the earlier checkpoint)
     from qbridge._demo import _clear, _made_by_demo
 

@@ -337,6 +337,20 @@ def test_the_cli(made, capsys):
     assert "first divergence: model.layers.0.input_layernorm" in capsys.readouterr().out
 
 
+def test_the_built_in_model_runs_in_the_torch_models_dtype(made, tmp_path):
+    """A config.json naming no dtype: transformers makes the torch model of the weights' float32, and the
+    built-in Flax Llama is compared in float32 too (it ran in bfloat16, with bfloat16's tolerances)."""
+    import shutil
+
+    shutil.copytree(made / "f32", tmp_path / "f32")
+    config = json.loads((tmp_path / "f32" / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "f32" / "config.json").write_text(json.dumps(config))
+    report = qbridge.parity.trace_checkpoint(tmp_path / "f32", tokens=5)
+    assert report.ok and {p.dtype for p in report.pairs} == {"float32"}, str(report)
+    assert max(p.max_rel for p in report.pairs) < 1e-4
+
+
 def test_the_cli_names_what_is_wrong(made, tmp_path, capsys):
     """Bad input to `qbridge parity` ends in one line naming the file or the option (exit code 2), before
     transformers reads anything: no directory or config.json, a truncated weight file, no token ids, a
