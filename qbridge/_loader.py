@@ -231,10 +231,16 @@ def plan_load(
                         else ""
                     )
                     sizes = " (a quantized weight's size is its quant state's shape)" if unfit.shapes else ""
+                    counts = (
+                        " Where config.json counts fewer layers or experts (num_hidden_layers ...) than the files "
+                        "hold, correct it: a model built from it has no place for the others."
+                        if unfit.unexpected
+                        else ""
+                    )
                     raise CheckpointError(
                         f"{text}\nThe files and config.json may belong to different models, or the files are "
-                        f"incomplete or damaged{sizes}. Pass strict=False to load what the checkpoint holds, with "
-                        f"a warning.{stale}"
+                        f"incomplete or damaged{sizes}.{counts} Pass strict=False to load what the checkpoint "
+                        f"holds, with a warning.{stale}"
                     )
                 warn_at_caller(text)
             plan, skipped = jax_side.plan_by_name(

@@ -618,6 +618,7 @@ def test_tensors_of_layers_or_experts_the_config_does_not_have_are_refused(tmp_p
     text = str(info.value)
     assert "does not fit its config.json's model" in text and "9 tensors the model does not have" in text
     assert f"not in the model: {last}.mlp.down_proj.weight" in text
+    assert "config.json counts fewer layers or experts (num_hidden_layers ...) than the files hold" in text
     with pytest.warns(UserWarning, match="9 tensors the model does not have"):
         params = qbridge.load_checkpoint(tmp_path / "more", progress=False, device="cpu", strict=False)
     assert str(layers - 1) in params["params"]["model"]["layers"]
