@@ -188,13 +188,14 @@ def _output_parity(
     )
     # the same infinity on both sides (masked logits) agrees; NaN, or an infinity on one side only, fails. A
     # masked position may hold, instead of an infinity, the largest finite magnitude of either side's dtype
-    # (transformers masks with finfo.min): masked on both sides, with one sign, it agrees too. Masked
-    # positions are left out of the errors' scale and the cosine, which they would swamp
+    # (transformers masks with finfo.min; a bfloat16 output's may reach the other side widened to float32):
+    # masked on both sides, with one sign, it agrees too. Masked positions are left out of the errors' scale
+    # and the cosine, which they would swamp
     both = np.isfinite(ref) & np.isfinite(cand)
     same = ref == cand
     if ref.dtype.kind == "f" and cand.dtype.kind == "f":
         extremes = _mask_values(ref_dtype, cand_dtype)
-        masked = (_masked(ref, extremes) & _masked(cand, extremes)) & (np.signbit(ref) == np.signbit(cand))
+        masked = _masked(ref, extremes) & _masked(cand, extremes) & (np.signbit(ref) == np.signbit(cand))
         both &= ~masked
         same |= masked
     agree_elsewhere = bool((same | both).all())

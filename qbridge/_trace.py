@@ -171,6 +171,16 @@ def _first_array(value: Any) -> Any:
     return None
 
 
+def _named(value: Any) -> dict[str, Any] | None:
+    """A mapping output's first arrays by key (logits, last hidden state, then a model output's fields in
+    their order, a dict's keys sorted), or None for other outputs."""
+    if not isinstance(value, Mapping) or hasattr(value, "shape"):
+        return None
+    order = list(value) if hasattr(value, "to_tuple") else sorted(value, key=str)
+    found = {str(k): _first_array(value[k]) for k in ("logits", "last_hidden_state", *order) if k in value}
+    return {k: v for k, v in found.items() if v is not None} or None
+
+
 def _first_input(args: tuple, kwargs: Mapping[str, Any]) -> Any:
     found = _first_array(args)
     if found is None:
@@ -187,6 +197,8 @@ class _Call:
     out: Any
     start: int
     end: int
+    # a mapping output's arrays by key, in the order _first_array searches them (paired by key, see trace)
+    named: dict[str, Any] | None = None
 
 
 def _torch_run(module: Any, inputs: Any) -> dict[str, _Call]:
@@ -209,7 +221,7 @@ def _torch_run(module: Any, inputs: Any) -> dict[str, _Call]:
             counter[0] += 1
             if name not in calls:  # a module called twice: its first call is compared
                 inp, start = pending.get(name, (None, counter[0]))
-                calls[name] = _Call(inp, _first_array(output), start, counter[0])
+                calls[name] = _Call(inp, _first_array(output), start, counter[0], _named(output))
 
         return hook
 
@@ -254,7 +266,7 @@ def _nnx_run(module: Any, inputs: Any) -> dict[str, _Call]:
             counter[0] += 1
             name = paths.get(id(self))
             if name is not None and name not in calls:
-                calls[name] = _Call(inp, _first_array(out), start, counter[0])
+                calls[name] = _Call(inp, _first_array(out), start, counter[0], _named(out))
             return out
 
         return traced
@@ -293,7 +305,7 @@ def _linen_run(module: Any, variables: Any, inputs: Any) -> dict[str, _Call]:
         counter[0] += 1
         name = _dotted(tuple(context.module.path))
         if name not in calls:
-            calls[name] = _Call(inp, _first_array(out), start, counter[0])
+            calls[name] = _Call(inp, _first_array(out), start, counter[0], _named(out))
         return out
 
     with nn.intercept_methods(interceptor):
@@ -329,21 +341,33 @@ def _as_numpy(x: Any) -> np.ndarray | None:
     return a.astype(np.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
 
-def _aligned(ref: np.ndarray, cand: np.ndarray, move: bool) -> np.ndarray | None:
+def _aligned(ref: np.ndarray, cand: np.ndarray, move: bool, certain: bool = False) -> np.ndarray | None:
     """``cand`` in ``ref``'s layout, or None where none fits: with its last axis moved to the second where
-    ``move`` says Flax's output is channels-last where torch's is channels-first (:func:`_moves`); else as is;
-    else reshaped where the two differ only in how the trailing axes after a common start are split (torch's
-    ``[batch, seq, heads * dim]`` against ``nnx.LinearGeneral``'s ``[batch, seq, heads, dim]``). Two orders
-    of the same axes (``[batch, vocab, seq]`` against ``[batch, seq, vocab]``) are no layout: None."""
-    if move and cand.ndim >= 3 and np.moveaxis(cand, -1, 1).shape == ref.shape:
+    ``move`` says Flax's output is channels-last where torch's is channels-first (:func:`_moves`; where the
+    shapes are equal, a square output, only when ``certain``); else as is; else reshaped where Flax splits
+    into several axes what torch holds in one, between a common start and end (``nnx.LinearGeneral``'s
+    ``[batch, seq, heads, dim]`` against ``[batch, seq, heads * dim]``; a patch grid ``[batch, h, w, dim]``
+    against ``[batch, h * w, dim]``). Two orders of the same axes (``[batch, vocab, seq]`` against
+    ``[batch, seq, vocab]``), or axes Flax merges that torch keeps, are no layout: None."""
+    if (
+        move
+        and (certain or ref.shape != cand.shape)
+        and cand.ndim >= 3
+        and np.moveaxis(cand, -1, 1).shape == ref.shape
+    ):
         return np.moveaxis(cand, -1, 1)
     if ref.shape == cand.shape:
         return cand
-    common = 0
-    while common < min(ref.ndim, cand.ndim) and ref.shape[common] == cand.shape[common]:
-        common += 1
-    a, b = ref.shape[common:], cand.shape[common:]
-    if a and b and 1 in (len(a), len(b)) and math.prod(a) == math.prod(b):
+    if cand.ndim <= ref.ndim:
+        return None
+    start = 0
+    while start < ref.ndim and ref.shape[start] == cand.shape[start]:
+        start += 1
+    end = 0
+    while end < ref.ndim - start and ref.shape[ref.ndim - 1 - end] == cand.shape[cand.ndim - 1 - end]:
+        end += 1
+    one, several = ref.shape[start : ref.ndim - end], cand.shape[start : cand.ndim - end]
+    if len(one) == 1 and len(several) > 1 and math.prod(one) == math.prod(several):
         return cand.reshape(ref.shape)
     return None
 
@@ -454,6 +478,10 @@ def trace(
     modules = dict(torch_module.named_modules())
     channels_first = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in modules.values())
     moved: dict[str, bool] = {}  # paired modules' outputs, by name: whether moved back
+    producer: dict[int, str] = {}  # a torch output's id -> the (first) module that gave it
+    for name, call in sorted(torch_calls.items(), key=lambda kv: kv[1].end):
+        if call.out is not None:
+            producer.setdefault(id(call.out), name)
     by_torch_name: dict[str, str] = {}
     for name in flax_calls:
         for candidate in _flax_names(name):
@@ -464,24 +492,34 @@ def trace(
         for pattern, repl in (rename or {}).items():
             key = re.sub(pattern, repl, key)
         flax_name = by_torch_name.get(key)
-        ref, cand = _as_numpy(call.out), None if flax_name is None else _as_numpy(flax_calls[flax_name].out)
+        out, their_out = call.out, None if flax_name is None else flax_calls[flax_name].out
+        if flax_name is not None and call.named and flax_calls[flax_name].named:  # two mappings: by key
+            theirs_named = flax_calls[flax_name].named or {}
+            common = next((k for k in call.named if k in theirs_named), None)
+            if common is not None:
+                out, their_out = call.named[common], theirs_named[common]
+        ref, cand = _as_numpy(out), None if their_out is None else _as_numpy(their_out)
         if flax_name is None or ref is None or cand is None:
             unpaired_torch.append(name or "(model)")
             continue
         paired_flax.add(flax_name)
         theirs = flax_calls[flax_name]
         input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine, channels_first)
-        dtype = _dtype_name(call.out, theirs.out)
-        move = channels_first and _moves(name, modules.get(name), call, theirs, torch_calls, moved)
-        aligned = _aligned(ref, cand, move)
-        moved[name] = aligned is not None and move and aligned.shape != cand.shape
+        dtype = _dtype_name(out, their_out)
+        move, certain = (
+            _moves(name, modules.get(name), call, theirs, torch_calls, moved, producer)
+            if channels_first
+            else (False, False)
+        )
+        aligned = _aligned(ref, cand, move, certain)
+        moved[name] = aligned is not None and move and aligned is not cand
         if aligned is None:  # the module of that name gives another shape: where the ports part ways
             inf = float("inf")
             pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, inf, inf, float("nan"), False, input_ok,
                                    call.end, tuple(cand.shape)))  # fmt: skip
             continue
-        tol, cos = _tolerances(call.out, theirs.out, rtol, min_cosine)
-        o = _parity(ref, call.out, aligned, theirs.out, tol, cos)
+        tol, cos = _tolerances(out, their_out, rtol, min_cosine)
+        o = _parity(ref, out, aligned, their_out, tol, cos)
         pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, o.max_abs, o.max_rel, o.cosine, o.ok,
                                input_ok, call.end))  # fmt: skip
     first = _first_divergence(pairs, torch_calls)
@@ -496,24 +534,39 @@ def _moves(
     theirs: _Call,
     calls: Mapping[str, _Call],
     moved: Mapping[str, bool],
-) -> bool:
+    producer: Mapping[int, str],
+) -> tuple[bool, bool]:
     """Whether a module's Flax output is channels-last where torch's is channels-first (in a torch model
-    with convolutions): a convolution's; a module without submodules whose torch input is channels-first
-    where Flax's is channels-last (a norm, activation or pooling after a convolution); a module with
-    submodules whose last paired submodule to finish was moved (a block of them), or, without paired ones,
-    by its input. A model whose last layer gives ``[batch, seq, vocab]`` returning ``[batch, vocab, seq]``
-    is not moved back, whatever convolutions came before."""
+    with convolutions), and whether that is known rather than guessed from shapes: ``(move, certain)``.
+
+    - a convolution's: known;
+    - a module with paired submodules, from the last of them to finish: its layout where the module's output
+      has its shape, or its sizes at another resolution (pooled); the other layout where torch permuted it
+      (ConvNeXt's and wav2vec2's blocks permute back to channels-first after a LayerNorm or Linear that sees
+      channels-last data on both sides; a model whose convolution gives ``[batch, vocab, seq]`` and returns
+      ``[batch, seq, vocab]``);
+    - else, from its input: the layout of the module whose output it is (known), or, for an input no
+      module gave (the model's own, or one computed between modules), channels-first in torch where Flax's
+      is channels-last (guessed: a square input is not).
+    """
     import torch
 
     if isinstance(module, torch.nn.modules.conv._ConvNd):
-        return True
+        return True, True
     inside = [] if module is None or next(module.children(), None) is None else [
         child for child in moved if child != name and (name == "" or child.startswith(name + "."))
         and calls[child].start > call.start and calls[child].end < call.end
     ]  # fmt: skip
     if inside:
-        return moved[max(inside, key=lambda child: calls[child].end)]
-    return _channels_first_input(_as_numpy(call.inp), _as_numpy(theirs.inp))
+        last = max(inside, key=lambda child: calls[child].end)
+        mine, its = tuple(getattr(call.out, "shape", ())), tuple(getattr(calls[last].out, "shape", ()))
+        if len(mine) == len(its):
+            permuted = mine != its and sorted(mine) == sorted(its)
+            return moved[last] != permuted, True
+    source = producer.get(id(call.inp))
+    if source is not None and source in moved and source != name:
+        return moved[source], True
+    return _channels_first_input(_as_numpy(call.inp), _as_numpy(theirs.inp)), False
 
 
 def _dtype_name(a: Any, b: Any) -> str:

@@ -271,6 +271,8 @@ def test_layouts_a_correct_port_may_use_and_one_it_may_not():
         def __call__(self, x):  # x [batch, steps, channels]
             q = self.q_proj(self.conv(x))
             logits = self.head(q.reshape(*q.shape[:2], width))
+            if self.transposed == "flat":  # [batch, steps * vocab]: merged, not split (it passed, reshaped)
+                return logits.reshape(logits.shape[0], -1)
             return jnp.swapaxes(logits, 1, 2) if self.transposed else logits
 
     torch.manual_seed(0)
@@ -285,6 +287,127 @@ def test_layouts_a_correct_port_may_use_and_one_it_may_not():
             report
         )
         assert report.pairs[-1].flax_shape == (2, vocab, steps)
+        report = trace(net, Flax(net, transposed="flat"), x, flax_inputs=flax_x)
+        assert report.first_divergence == "" and report.pairs[-1].flax_shape == (2, steps * vocab)
+
+
+def _conv(t, f):
+    w = t.weight.detach().numpy()
+    f.kernel[...] = jnp.asarray(np.moveaxis(w, [0, 1], [-1, -2]) if w.ndim == 4 else w.transpose(2, 1, 0))
+    f.bias[...] = jnp.asarray(t.bias.detach().numpy())
+
+
+def _linear(t, f):
+    f.kernel[...] = jnp.asarray(t.weight.detach().numpy().T)
+    f.bias[...] = jnp.asarray(t.bias.detach().numpy())
+
+
+def test_blocks_that_permute_back_to_channels_first_and_square_outputs_agree():
+    """A ConvNeXt-style block (depthwise conv, then LayerNorm and a Linear on channels-last data, permuted
+    back in torch), and a residual block whose channels equal its height and width (6 at 6x6; its ReLU a
+    function in Flax): correct ports agree (each failed: the block's last submodule sees one layout on both
+    sides; a square output's layout cannot be told from its shape)."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.dwconv = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+            self.norm, self.pw = torch.nn.LayerNorm(c), torch.nn.Linear(c, c)
+
+        def forward(self, x):
+            return x + self.pw(self.norm(self.dwconv(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+    class Res(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+            self.relu, self.conv2 = torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv2(self.relu(self.bn1(self.conv1(x))))
+
+    class Net(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.stem, self.block = torch.nn.Conv2d(3, c, 2, stride=2), Block(c)
+            self.narrow, self.res, self.head = torch.nn.Conv2d(c, 6, 1), Res(6), torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.head(self.res(self.narrow(self.block(self.stem(x)))).mean((2, 3)))
+
+    class FlaxBlock(nnx.Module):
+        def __init__(self, c, rngs):
+            self.dwconv = nnx.Conv(c, c, (3, 3), padding=1, feature_group_count=c, rngs=rngs)
+            self.norm, self.pw = nnx.LayerNorm(c, epsilon=1e-5, rngs=rngs), nnx.Linear(c, c, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.pw(self.norm(self.dwconv(x)))
+
+    class FlaxRes(nnx.Module):
+        def __init__(self, c, rngs):
+            self.conv1 = nnx.Conv(c, c, (3, 3), padding=1, rngs=rngs)
+            self.bn1 = nnx.BatchNorm(c, use_running_average=True, rngs=rngs)
+            self.conv2 = nnx.Conv(c, c, (3, 3), padding=1, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.conv2(nnx.relu(self.bn1(self.conv1(x))))
+
+    class FlaxNet(nnx.Module):
+        def __init__(self, c, rngs):
+            self.stem = nnx.Conv(3, c, (2, 2), strides=2, padding="VALID", rngs=rngs)
+            self.block, self.narrow = FlaxBlock(c, rngs), nnx.Conv(c, 6, (1, 1), rngs=rngs)
+            self.res, self.head = FlaxRes(6, rngs), nnx.Linear(6, 5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.res(self.narrow(self.block(self.stem(x)))).mean((1, 2)))
+
+    torch.manual_seed(0)
+    net, port = Net(8).eval(), FlaxNet(8, nnx.Rngs(0))
+    for t, f in [(net.stem, port.stem), (net.block.dwconv, port.block.dwconv), (net.res.conv1, port.res.conv1),
+                 (net.res.conv2, port.res.conv2), (net.narrow, port.narrow)]:  # fmt: skip
+        _conv(t, f)
+    _linear(net.block.pw, port.block.pw)
+    _linear(net.head, port.head)
+    x = torch.randn(2, 3, 12, 12)  # the block: 8 channels at 6x6; the residual block: 6 at 6x6
+    report = trace(net, port, x, flax_inputs=(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),))
+    assert report.ok and {"block", "res", "res.bn1", "res.conv2"} <= {p.name for p in report.pairs}, str(
+        report
+    )
+
+
+def test_a_conv_models_output_permuted_by_the_port_fails():
+    """A model whose last convolution gives [batch, vocab, steps] and which returns [batch, steps, vocab]
+    (a CTC head): a port returning [batch, vocab, steps] fails at the model (moved back as a convolution's
+    output, it passed); a correct one agrees."""
+    vocab = 10
+
+    class Torch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.front, self.head = torch.nn.Conv1d(4, 16, 3, padding=1), torch.nn.Conv1d(16, vocab, 1)
+
+        def forward(self, x):
+            return self.head(self.front(x)).transpose(1, 2)
+
+    class Flax(nnx.Module):
+        def __init__(self, wrong):
+            self.front = nnx.Conv(4, 16, (3,), padding=1, rngs=nnx.Rngs(0))
+            self.head, self.wrong = nnx.Conv(16, vocab, (1,), rngs=nnx.Rngs(0)), wrong
+
+        def __call__(self, x):
+            y = self.head(self.front(x))
+            return jnp.swapaxes(y, 1, 2) if self.wrong else y
+
+    torch.manual_seed(0)
+    net = Torch().eval()
+    x = torch.randn(2, 4, 31)
+    flax_x = (jnp.asarray(x.numpy().transpose(0, 2, 1)),)
+    for wrong in (False, True):
+        port = Flax(wrong)
+        _conv(net.front, port.front)
+        _conv(net.head, port.head)
+        report = trace(net, port, x, flax_inputs=flax_x)
+        assert report.ok != wrong and report.first_divergence == ("" if wrong else None), str(report)
 
 
 def test_a_model_output_is_paired_by_its_own_field_order():
@@ -304,6 +427,13 @@ def test_a_model_output_is_paired_by_its_own_field_order():
             return x @ jnp.asarray(texts.numpy()), x[:, :2], texts.numpy()
 
     report = trace(Torch(), Flax(), torch.randn(4, 3))
+    assert report.ok and report.pairs[0].shape == (4, 5), str(report)
+
+    class FlaxDict(nnx.Module):  # the same fields as a dict: paired by key (sorted, it gave image_embeds)
+        def __call__(self, x):
+            return {"logits_per_image": x @ jnp.asarray(texts.numpy()), "image_embeds": x[:, :2]}
+
+    report = trace(Torch(), FlaxDict(), torch.randn(4, 3))
     assert report.ok and report.pairs[0].shape == (4, 5), str(report)
 
 
