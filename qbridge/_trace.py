@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 import re
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -199,29 +200,46 @@ class _Call:
     end: int
     # a mapping output's arrays by key, in the order _first_array searches them (paired by key, see trace)
     named: dict[str, Any] | None = None
+    # torch only: the module whose output (the tensor itself) this call's input was, if any
+    source: str | None = None
 
 
 def _torch_run(module: Any, inputs: Any) -> dict[str, _Call]:
     import torch
 
     calls: dict[str, _Call] = {}
-    pending: dict[str, tuple[Any, int]] = {}
+    pending: dict[str, tuple[Any, int, str | None]] = {}
     counter = [0]
     hooks = []
+    # the tensors modules gave, while they live: id -> (a weak reference, the first module that gave it)
+    made: dict[int, tuple[Any, str]] = {}
+
+    def snapshot(x: Any) -> Any:  # values as they are now: torch may change the tensor in place later
+        return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
     def pre(name: str):
         def hook(mod: Any, args: tuple, kwargs: dict) -> None:
             counter[0] += 1
-            pending[name] = (_first_input(args, kwargs), counter[0])
+            inp = _first_input(args, kwargs)
+            known = made.get(id(inp))
+            source = known[1] if known is not None and known[0]() is inp else None
+            pending[name] = (snapshot(inp), counter[0], source)
 
         return hook
 
     def post(name: str):
         def hook(mod: Any, args: tuple, kwargs: dict, output: Any) -> None:
             counter[0] += 1
+            out = _first_array(output)
+            if isinstance(out, torch.Tensor):
+                known = made.get(id(out))
+                if known is None or known[0]() is not out:  # an in-place module gives its input back
+                    made[id(out)] = (weakref.ref(out), name)
             if name not in calls:  # a module called twice: its first call is compared
-                inp, start = pending.get(name, (None, counter[0]))
-                calls[name] = _Call(inp, _first_array(output), start, counter[0], _named(output))
+                inp, start, source = pending.get(name, (None, counter[0], None))
+                named = _named(output)
+                named = {k: snapshot(v) for k, v in named.items()} if named else None
+                calls[name] = _Call(inp, snapshot(out), start, counter[0], named, source)
 
         return hook
 
@@ -478,10 +496,9 @@ def trace(
     modules = dict(torch_module.named_modules())
     channels_first = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in modules.values())
     moved: dict[str, bool] = {}  # paired modules' outputs, by name: whether moved back
-    producer: dict[int, str] = {}  # a torch output's id -> the (first) module that gave it
-    for name, call in sorted(torch_calls.items(), key=lambda kv: kv[1].end):
-        if call.out is not None:
-            producer.setdefault(id(call.out), name)
+    # the same, and for torch modules without a counterpart that keep their input's layout (a ReLU, a pooling
+    # that Flax calls as a function): whether torch's output is channels-first where Flax's is channels-last
+    layout: dict[str, bool] = {}
     by_torch_name: dict[str, str] = {}
     for name in flax_calls:
         for candidate in _flax_names(name):
@@ -501,18 +518,27 @@ def trace(
         ref, cand = _as_numpy(out), None if their_out is None else _as_numpy(their_out)
         if flax_name is None or ref is None or cand is None:
             unpaired_torch.append(name or "(model)")
+            module = modules.get(name)
+            if module is not None and next(module.children(), None) is None:  # a leaf: its input's layout
+                if isinstance(module, torch.nn.modules.conv._ConvNd):
+                    layout[name] = True
+                elif call.source in layout:
+                    layout[name] = layout[call.source]
             continue
         paired_flax.add(flax_name)
         theirs = flax_calls[flax_name]
-        input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine, channels_first)
+        source = call.source if call.source in layout else None  # its input's layout, where known
+        input_ok = _inputs_agree(
+            call.inp, theirs.inp, rtol, min_cosine, channels_first, None if source is None else layout[source]
+        )
         dtype = _dtype_name(out, their_out)
         move, certain = (
-            _moves(name, modules.get(name), call, theirs, torch_calls, moved, producer)
+            _moves(name, modules.get(name), call, theirs, torch_calls, moved, layout)
             if channels_first
             else (False, False)
         )
         aligned = _aligned(ref, cand, move, certain)
-        moved[name] = aligned is not None and move and aligned is not cand
+        moved[name] = layout[name] = aligned is not None and move and aligned is not cand
         if aligned is None:  # the module of that name gives another shape: where the ports part ways
             inf = float("inf")
             pairs.append(TracePair(name, flax_name, tuple(ref.shape), dtype, inf, inf, float("nan"), False, input_ok,
@@ -534,7 +560,7 @@ def _moves(
     theirs: _Call,
     calls: Mapping[str, _Call],
     moved: Mapping[str, bool],
-    producer: Mapping[int, str],
+    layout: Mapping[str, bool],
 ) -> tuple[bool, bool]:
     """Whether a module's Flax output is channels-last where torch's is channels-first (in a torch model
     with convolutions), and whether that is known rather than guessed from shapes: ``(move, certain)``.
@@ -545,7 +571,8 @@ def _moves(
       (ConvNeXt's and wav2vec2's blocks permute back to channels-first after a LayerNorm or Linear that sees
       channels-last data on both sides; a model whose convolution gives ``[batch, vocab, seq]`` and returns
       ``[batch, seq, vocab]``);
-    - else, from its input: the layout of the module whose output it is (known), or, for an input no
+    - else, from its input: the layout of the module whose output it is (known: the tensor itself, seen
+      by the hooks), or, for an input no
       module gave (the model's own, or one computed between modules), channels-first in torch where Flax's
       is channels-last (guessed: a square input is not).
     """
@@ -563,9 +590,8 @@ def _moves(
         if len(mine) == len(its):
             permuted = mine != its and sorted(mine) == sorted(its)
             return moved[last] != permuted, True
-    source = producer.get(id(call.inp))
-    if source is not None and source in moved and source != name:
-        return moved[source], True
+    if call.source is not None and call.source in layout and call.source != name:
+        return layout[call.source], True
     return _channels_first_input(_as_numpy(call.inp), _as_numpy(theirs.inp)), False
 
 
@@ -586,11 +612,18 @@ def _tolerances(a: Any, b: Any, rtol: float | None, min_cosine: float | None) ->
     return (rtol if rtol is not None else default_rtol, min_cosine if min_cosine is not None else default_cos)
 
 
-def _inputs_agree(a: Any, b: Any, rtol: float | None, min_cosine: float | None, channels_first: bool) -> bool:
+def _inputs_agree(
+    a: Any, b: Any, rtol: float | None, min_cosine: float | None, channels_first: bool, moved: bool | None
+) -> bool:
+    """Whether a module's inputs agree; ``moved``: whether the module that gave torch's input had its Flax
+    output moved back (None: not known, guessed from the shapes)."""
     ref, cand = _as_numpy(a), _as_numpy(b)
     if ref is None or cand is None:
         return True  # nothing to compare: taken as agreeing
-    cand = _aligned(ref, cand, channels_first and _channels_first_input(ref, cand))
+    if moved is None:
+        cand = _aligned(ref, cand, channels_first and _channels_first_input(ref, cand))
+    else:
+        cand = _aligned(ref, cand, channels_first and moved, certain=True)
     if cand is None:
         return False
     if ref.dtype.kind not in "fc":

@@ -306,7 +306,8 @@ def test_blocks_that_permute_back_to_channels_first_and_square_outputs_agree():
     """A ConvNeXt-style block (depthwise conv, then LayerNorm and a Linear on channels-last data, permuted
     back in torch), and a residual block whose channels equal its height and width (6 at 6x6; its ReLU a
     function in Flax): correct ports agree (each failed: the block's last submodule sees one layout on both
-    sides; a square output's layout cannot be told from its shape)."""
+    sides; a square output's layout cannot be told from its shape; an in-place ReLU or `out += x` changed
+    outputs the hooks had recorded)."""
 
     class Block(torch.nn.Module):
         def __init__(self, c):
@@ -321,10 +322,12 @@ def test_blocks_that_permute_back_to_channels_first_and_square_outputs_agree():
         def __init__(self, c):
             super().__init__()
             self.conv1, self.bn1 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
-            self.relu, self.conv2 = torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1)
+            self.relu, self.conv2 = torch.nn.ReLU(inplace=True), torch.nn.Conv2d(c, c, 3, padding=1)
 
-        def forward(self, x):
-            return x + self.conv2(self.relu(self.bn1(self.conv1(x))))
+        def forward(self, x):  # in place, as torchvision's blocks: the hooks keep each output as it was
+            out = self.conv2(self.relu(self.bn1(self.conv1(x))))
+            out += x
+            return out
 
     class Net(torch.nn.Module):
         def __init__(self, c):
