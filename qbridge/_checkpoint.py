@@ -2046,18 +2046,18 @@ def _classify(ckpt: Checkpoint) -> None:
                     *(f"{base}.quant_state.bitsandbytes__{qt}" for qt in ("nf4", "fp4")),
                 )
             )
-        if _torchao_piece(src, key) and "tensor_names" in src.metadata.get(src.key_file[key], {}):
-            # the file's torchao tensors were taken by their metadata: this one's tensor is not listed there
-            piece = _TORCHAO_PIECE.fullmatch(key)
-            assert piece is not None  # _torchao_piece matched it
-            name = f"{piece[1]}.{piece[2]}"
-            raise CheckpointError(
-                f"{ckpt.where(key)}: a piece of the torchao tensor {name} in torchao's safetensors layout, but the "
-                f"file's torchao metadata ('tensor_names') does not list {name}, without which it cannot be "
-                "rebuilt: the metadata is incomplete; save the model again with torchao's safetensors support "
-                "(or torch.save)"
-            )
         if _torchao_piece(src, key):
+            if "tensor_names" in src.metadata.get(src.key_file[key], {}):
+                # the file's torchao tensors were taken by their metadata: this one's tensor is not listed there
+                piece = _TORCHAO_PIECE.fullmatch(key)
+                assert piece is not None  # _torchao_piece matched it
+                name = f"{piece[1]}.{piece[2]}"
+                raise CheckpointError(
+                    f"{ckpt.where(key)}: a piece of the torchao tensor {name} in torchao's safetensors layout, but "
+                    f"the file's torchao metadata ('tensor_names') does not list {name}, without which it cannot "
+                    "be rebuilt: the metadata is incomplete; save the model again with torchao's safetensors "
+                    "support (or torch.save)"
+                )
             raise CheckpointError(
                 f"{ckpt.where(key)}: a piece of a torchao tensor in torchao's safetensors layout "
                 "(module._weight_qdata, ._weight_scale, ...), but the file's header has no torchao metadata "
