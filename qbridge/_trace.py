@@ -154,11 +154,8 @@ def _first_array(value: Any) -> Any:
     if isinstance(value, (torch.Tensor, np.ndarray)) or (hasattr(value, "shape") and hasattr(value, "dtype")):
         return value
     if isinstance(value, Mapping):
-        # a dict by name, never by insertion order (the two sides may build dicts differently); a transformers
-        # model output in its fields' order, which its tuple (return_dict=False) and a port's follow
-        order = list(value) if hasattr(value, "to_tuple") else sorted(value, key=str)
-        for key in ("logits", "last_hidden_state", *order):
-            found = _first_array(value[key]) if key in value else None
+        for key in _search_order(value):
+            found = _first_array(value[key])
             if found is not None:
                 return found
         return None
@@ -172,13 +169,20 @@ def _first_array(value: Any) -> Any:
     return None
 
 
+def _search_order(value: Mapping[Any, Any]) -> list[Any]:
+    """A mapping output's keys in the order its first array is searched for: logits, last hidden state,
+    then a transformers model output's fields in their order (which its tuple, ``return_dict=False``, and a
+    port's follow), a dict's keys sorted (never by insertion order: the two sides may build dicts
+    differently)."""
+    order = list(value) if hasattr(value, "to_tuple") else sorted(value, key=str)
+    return list(dict.fromkeys(k for k in ("logits", "last_hidden_state", *order) if k in value))
+
+
 def _named(value: Any) -> dict[str, Any] | None:
-    """A mapping output's first arrays by key (logits, last hidden state, then a model output's fields in
-    their order, a dict's keys sorted), or None for other outputs."""
+    """A mapping output's first arrays by key, in :func:`_search_order`; None for other outputs."""
     if not isinstance(value, Mapping) or hasattr(value, "shape"):
         return None
-    order = list(value) if hasattr(value, "to_tuple") else sorted(value, key=str)
-    found = {str(k): _first_array(value[k]) for k in ("logits", "last_hidden_state", *order) if k in value}
+    found = {str(k): _first_array(value[k]) for k in _search_order(value)}
     return {k: v for k, v in found.items() if v is not None} or None
 
 
@@ -367,12 +371,7 @@ def _aligned(ref: np.ndarray, cand: np.ndarray, move: bool, certain: bool = Fals
     ``[batch, seq, heads, dim]`` against ``[batch, seq, heads * dim]``; a patch grid ``[batch, h, w, dim]``
     against ``[batch, h * w, dim]``). Two orders of the same axes (``[batch, vocab, seq]`` against
     ``[batch, seq, vocab]``), or axes Flax merges that torch keeps, are no layout: None."""
-    if (
-        move
-        and (certain or ref.shape != cand.shape)
-        and cand.ndim >= 3
-        and np.moveaxis(cand, -1, 1).shape == ref.shape
-    ):
+    if move and (certain or ref.shape != cand.shape) and _fits_moved(ref, cand):
         return np.moveaxis(cand, -1, 1)
     if ref.shape == cand.shape:
         return cand
@@ -390,15 +389,14 @@ def _aligned(ref: np.ndarray, cand: np.ndarray, move: bool, certain: bool = Fals
     return None
 
 
+def _fits_moved(ref: np.ndarray, cand: np.ndarray) -> bool:
+    """Whether ``cand`` with its last axis moved to the second has ``ref``'s shape."""
+    return cand.ndim >= 3 and (cand.shape[0], cand.shape[-1], *cand.shape[1:-1]) == ref.shape
+
+
 def _channels_first_input(ref: np.ndarray | None, cand: np.ndarray | None) -> bool:
     """Whether torch's input is channels-first where Flax's is channels-last (not where either fits)."""
-    return (
-        ref is not None
-        and cand is not None
-        and ref.shape != cand.shape
-        and cand.ndim >= 3
-        and np.moveaxis(cand, -1, 1).shape == ref.shape
-    )
+    return ref is not None and cand is not None and ref.shape != cand.shape and _fits_moved(ref, cand)
 
 
 def trace(
@@ -527,10 +525,8 @@ def trace(
             continue
         paired_flax.add(flax_name)
         theirs = flax_calls[flax_name]
-        source = call.source if call.source in layout else None  # its input's layout, where known
-        input_ok = _inputs_agree(
-            call.inp, theirs.inp, rtol, min_cosine, channels_first, None if source is None else layout[source]
-        )
+        known = layout.get(call.source) if call.source is not None else None  # its input's layout
+        input_ok = _inputs_agree(call.inp, theirs.inp, rtol, min_cosine, channels_first, known)
         dtype = _dtype_name(out, their_out)
         move, certain = (
             _moves(name, modules.get(name), call, theirs, torch_calls, moved, layout)
@@ -620,10 +616,8 @@ def _inputs_agree(
     ref, cand = _as_numpy(a), _as_numpy(b)
     if ref is None or cand is None:
         return True  # nothing to compare: taken as agreeing
-    if moved is None:
-        cand = _aligned(ref, cand, channels_first and _channels_first_input(ref, cand))
-    else:
-        cand = _aligned(ref, cand, channels_first and moved, certain=True)
+    # not known: moved where the shapes say so (they differ, and fit moved), as _aligned does uncertain
+    cand = _aligned(ref, cand, channels_first and moved is not False, certain=moved is not None)
     if cand is None:
         return False
     if ref.dtype.kind not in "fc":
