@@ -37,13 +37,19 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(_checkable(t)).all())
 
 
-def check_scales(ckpt: Checkpoint, key: str, t: torch.Tensor, what: str = "scale(s)") -> None:
+def check_scales(
+    ckpt: Checkpoint, key: str, t: torch.Tensor, what: str = "scale(s)", *, infinite_ok: bool = False
+) -> None:
     """Raises CheckpointError naming ``key`` where the floating tensor ``t`` holds NaN or Inf: ``"{count}
-    {what} are NaN or Inf"``."""
-    if not t.is_floating_point() or not t.numel() or all_finite(t):
+    {what} are NaN or Inf"``; with ``infinite_ok``, where it holds NaN: ``"{count} {what} are NaN"``."""
+    if not t.is_floating_point() or not t.numel():
         return
-    bad = int((~torch.isfinite(_checkable(t))).sum())
-    raise CheckpointError(f"{ckpt.where(key)}: {bad} {what} are NaN or Inf: the checkpoint is damaged there")
+    if infinite_ok:
+        bad, said = int(torch.isnan(_checkable(t)).sum()), "NaN"
+    else:
+        bad, said = (0 if all_finite(t) else int((~torch.isfinite(_checkable(t))).sum())), "NaN or Inf"
+    if bad:
+        raise CheckpointError(f"{ckpt.where(key)}: {bad} {what} are {said}: the checkpoint is damaged there")
 
 
 def bnb4_pieces(
@@ -228,15 +234,10 @@ def check_torchao_scales(ckpt: Checkpoint, entry: Entry, weight: torch.Tensor) -
     kind = type(weight).__name__
     for name, inner in _inner_tensors(weight):
         leaf = name.rpartition(".")[2]
-        if "scale" in leaf or leaf == "zero_point":
-            check_scales(ckpt, entry.name, inner, f"value(s) of its torchao {kind}'s {name}")
-        elif inner.is_floating_point() and inner.numel():
-            nan = int(torch.isnan(_checkable(inner)).sum())
-            if nan:
-                raise CheckpointError(
-                    f"{ckpt.where(entry.name)}: {nan} value(s) of its torchao {kind}'s {name} are NaN: the "
-                    "checkpoint is damaged there"
-                )
+        scale = "scale" in leaf or leaf == "zero_point"
+        check_scales(
+            ckpt, entry.name, inner, f"value(s) of its torchao {kind}'s {name}", infinite_ok=not scale
+        )
 
 
 def _torchao(ckpt: Checkpoint, entry: Entry, device: torch.device) -> torch.Tensor:

@@ -277,7 +277,6 @@ def check_multiprocess_load(
 
 def _reported(out: Any) -> bool:
     """Whether a process's output file holds its result line yet."""
-    out.flush()
     with open(out.name) as f:
         return RESULT in f.read()
 
