@@ -40,6 +40,7 @@ import torch
 
 import torch_side
 from jax_side._tree import warn_at_caller
+from torch_side import _native
 from torch_side._checks import BlockSizeUnknown
 from torch_side._fp8 import check_scale_dtype
 
@@ -845,6 +846,8 @@ class _Source:
             for held, wanted in direct_reads.items():
                 wanted.sort()
                 f, j, n = self._files[held], 0, len(wanted)
+                if _read_ranges(f, wanted, out.data_ptr(), nbytes, row_bytes):
+                    continue  # else read again below, where what fails is named
                 while j < n:  # runs of tensors at most _GAP_READ apart: one read each where it can
                     first, k = wanted[j][0], j + 1
                     at = first + nbytes
@@ -1257,6 +1260,27 @@ def _read_together(
         return int(_PREADV(f.fileno(), buffers, run[0][0])) == at - run[0][0]
     except OSError:
         return False
+
+
+def _read_ranges(f: Any, wanted: list[tuple[int, int, str]], base: int, nbytes: int, row_bytes: int) -> bool:
+    """Reads the tensors of ``wanted`` (``(begin, row, key)``, ``nbytes`` each) into their rows of the host
+    memory at address ``base`` (``row_bytes`` apart) with one call of torch_side's library
+    (``qb_read_ranges``), which reads them all in one C loop without holding the GIL: read one by one from
+    Python, every read gives the GIL up and waits to take it back from the thread that loads. False, with
+    some rows perhaps written, where the library is not loaded (yet, or ever: ``QBRIDGE_CPU_KERNEL=off``), the
+    system has no positioned reads, or a read failed or came up short: the caller then reads them again one
+    by one and names what failed."""
+    read = _native.read_ranges() if _PREAD is not None else None
+    if read is None:
+        return False
+    n = len(wanted)
+    begins = np.fromiter((w[0] for w in wanted), dtype=np.int64, count=n)
+    dests = np.fromiter((w[1] for w in wanted), dtype=np.int64, count=n) * row_bytes + base
+    lengths = np.full(n, nbytes, dtype=np.int64)
+    got, error = ctypes.c_int64(0), ctypes.c_int(0)
+    first = read(f.fileno(), n, begins.ctypes.data, lengths.ctypes.data, dests.ctypes.data,
+                 ctypes.byref(got), ctypes.byref(error))  # fmt: skip
+    return bool(first == -1)
 
 
 def _tensor_nbytes(t: Any) -> int:

@@ -21,8 +21,9 @@ build (read-only, ``QBRIDGE_CACHE_DIR=off``) gets none: the process builds one f
 directory removed once loaded.
 
 The same library holds ``qbridge.to_jax``'s scan of torch's CUDA streams (``kernels/stream_scan.c``: the
-driver's ``cuStreamQuery`` for every stream in one C loop); until it is loaded, and with
-``QBRIDGE_CPU_KERNEL=off``, the scan asks torch's ``Stream.query`` of each stream.
+driver's ``cuStreamQuery`` for every stream in one C loop) and the checkpoint reader's reads of many byte
+ranges in one call (``kernels/read_ranges.c``); until it is loaded, and with ``QBRIDGE_CPU_KERNEL=off``, the
+scan asks torch's ``Stream.query`` of each stream and the reader reads each range from Python.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ SOURCE = pathlib.Path(__file__).with_name("kernels") / "cpu_4bit.c"
 # built into the same library: qbridge.to_jax's scan of torch's CUDA streams and its ordering of JAX's stream
 # (qb_first_busy_stream, qb_order_after_idle)
 SCAN_SOURCE = SOURCE.with_name("stream_scan.c")
-SOURCES = (SOURCE, SCAN_SOURCE)
+# and the checkpoint reader's reads of many byte ranges in one call (qb_read_ranges)
+READ_SOURCE = SOURCE.with_name("read_ranges.c")
+SOURCES = (SOURCE, SCAN_SOURCE, READ_SOURCE)
 ENV = "QBRIDGE_CPU_KERNEL"
 OFF = ("off", "0", "no", "false", "none", "disable", "disabled")
 ON = ("", "on", "1", "yes", "true", "auto", "enable", "enabled")
@@ -85,6 +88,7 @@ _FP8: Any = None  # the loaded qb_dequantize_fp8, from the same library
 _FN_T: Any = None  # the loaded qb_dequantize_4bit_t (written transposed), from the same library
 _SCAN: Any = None  # the loaded qb_first_busy_stream, from the same library
 _ORDER: Any = None  # the loaded qb_order_after_idle, from the same library
+_READ: Any = None  # the loaded qb_read_ranges, from the same library
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -93,8 +97,11 @@ _PRIVATE: pathlib.Path | None = None  # the folder of a build for this process o
 _BUILDS = Builds()  # the builder's runs; a build for this process only is stopped at exit
 
 
-# what answers instead when the library cannot be had (its two users)
-_FALLBACK = "CPU decoding takes the torch path (and qbridge.to_jax asks torch about each CUDA stream)"
+# what answers instead when the library cannot be had (its three users)
+_FALLBACK = (
+    "CPU decoding takes the torch path (qbridge.to_jax asks torch about each CUDA stream, and checkpoint reads "
+    "are made one by one)"
+)
 
 
 class BuildError(RuntimeError):
@@ -146,13 +153,13 @@ def _whole(path: pathlib.Path) -> bool:
     return whole(str(path))
 
 
-def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any, Any]:
+def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any, Any, Any]:
     """The library's entry points (4-bit, FP8, 4-bit written transposed, the stream scan, the scan with the
-    ordering of a consumer stream), with their argument types set."""
+    ordering of a consumer stream, the reads of many byte ranges), with their argument types set."""
     try:
-        library = ctypes.CDLL(str(path))
+        library = ctypes.CDLL(str(path))  # its calls give up the GIL while they run
         fn, fp8, fn_t = library.qb_dequantize_4bit, library.qb_dequantize_fp8, library.qb_dequantize_4bit_t
-        scan, order = library.qb_first_busy_stream, library.qb_order_after_idle
+        scan, order, read = library.qb_first_busy_stream, library.qb_order_after_idle, library.qb_read_ranges
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
     log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
@@ -167,11 +174,13 @@ def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any, Any]:
     scan.restype = i32
     order.argtypes = [p, p, i64, p, p, p, p, p]
     order.restype = i32
-    return fn, fp8, fn_t, scan, order
+    read.argtypes = [i32, i64, p, p, p, p, p]
+    read.restype = i64
+    return fn, fp8, fn_t, scan, order, read
 
 
 def _build_and_load() -> None:
-    global _FN, _FP8, _FN_T, _SCAN, _ORDER, _UNAVAILABLE
+    global _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ, _UNAVAILABLE
     try:
         root = cache_dir()
         if root is not None:
@@ -183,7 +192,7 @@ def _build_and_load() -> None:
                     whole = _whole(path)
                 if whole:
                     try:
-                        _FN, _FP8, _FN_T, _SCAN, _ORDER = load(path)
+                        _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ = load(path)
                         return
                     except BuildError as e:  # whole but not the kernel (replaced by hand): built again
                         log.debug("%s could not be loaded (%s): built again", path, e)
@@ -194,7 +203,7 @@ def _build_and_load() -> None:
         # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
         path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
         build(path)
-        _FN, _FP8, _FN_T, _SCAN, _ORDER = load(path)
+        _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _BUILDS.exiting:  # a private build stopped at exit is no news
@@ -303,6 +312,17 @@ def stream_order(wait: bool = False) -> Any:
     (``kernels/stream_scan.c``)."""
     cpu_4bit(wait)
     return _ORDER
+
+
+def read_ranges(wait: bool = False) -> Any:
+    """The reads of many byte ranges of the same library (see :func:`cpu_4bit`), or None:
+    ``qb_read_ranges(fd, n, offsets, lengths, dests, got, error)`` reads bytes ``[offsets[i], offsets[i] +
+    lengths[i])`` of the open file ``fd`` into ``dests[i]`` for each of the ``n`` ranges (int64 arrays, an
+    array of addresses) with positioned reads, and returns -1 when all were read whole, else the index of the
+    first that was not, with ``*got`` (int64) the bytes of it read and ``*error`` (int) the read's errno, 0 where
+    the file ended first (``kernels/read_ranges.c``). The GIL is given up for the whole call."""
+    cpu_4bit(wait)
+    return _READ
 
 
 def transposes_well(rows: int, cols: int, *, nibbles: bool) -> bool:

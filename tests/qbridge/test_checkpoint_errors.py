@@ -670,6 +670,7 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
             with pytest.raises(ValueError, match="non-empty sequence of keys"):
                 ckpt.read_stacked(keys)
         assert ckpt.read_stacked(["z0", "z1"]).shape == (2, 0)
+        monkeypatch.setattr(_checkpoint, "_read_ranges", lambda *args: False)  # the reads from Python
         real = _checkpoint._PREADV
         if real is not None:
             monkeypatch.setattr(
@@ -684,9 +685,11 @@ def test_read_stacked_refuses_what_it_cannot_read_and_repeats_short_reads(tmp_pa
 
 
 def _count_preadv(monkeypatch):
-    """A list that gets the number of buffers of each positioned read of many buffers from here on."""
+    """A list that gets the number of buffers of each positioned read of many buffers from here on, where the
+    tensors of a group are read from Python (torch_side's library's reads, tested below, kept out)."""
     from qbridge import _checkpoint
 
+    monkeypatch.setattr(_checkpoint, "_read_ranges", lambda *args: False)
     calls = []
     real = _checkpoint._PREADV
     monkeypatch.setattr(
@@ -785,6 +788,104 @@ def test_read_stacked_reads_evenly_spaced_tensors_with_one_read(tmp_path, monkey
         ):
             ckpt.read_stacked(keys)
         assert ckpt.bytes_read == 0
+
+
+@pytest.fixture
+def read_ranges():
+    """torch_side's library's qb_read_ranges, built (or loaded) now; skipped where no C compiler is."""
+    from torch_side import _native
+
+    fn = _native.read_ranges(wait=True)
+    if fn is None:
+        try:
+            compiler = _native._compiler()
+        except _native.BuildError:
+            pytest.skip("no C compiler here: a group's tensors are read from Python (tested above)")
+        pytest.fail(f"torch_side's library could not be built with {compiler} (see the warning it logged)")
+    return fn
+
+
+def test_read_stacked_reads_a_group_in_one_call_of_the_library(tmp_path, monkeypatch, read_ranges):
+    """A group's tensors that lie apart in their files (one projection of a layer's experts, the other two
+    projections between them, too far apart to read in one run) are read by torch_side's library, one call per
+    file for all of its rows, asked in any order; each row holds what read() gives, each key is counted once.
+    A file cut short since it was opened: the library's call fails, the reads from Python name the key, and
+    nothing is counted."""
+    from safetensors.torch import save_file
+
+    from qbridge._checkpoint import open_checkpoint
+    from torch_side import _native
+
+    gen = torch.Generator().manual_seed(9)
+    for part in range(2):  # 33 x 65 float32: 8580 bytes, two of them between (17160 > _GAP_READ)
+        stored = {f"e{e:03d}.{proj}.w": torch.randn(33, 65, generator=gen)
+                  for e in range(20 * part, 20 * part + 20) for proj in ("down", "gate", "up")}  # fmt: skip
+        save_file(stored, tmp_path / f"model-{part}.safetensors")
+    order = torch.randperm(40, generator=gen).tolist()
+    keys = [f"e{e:03d}.up.w" for e in order]
+    nbytes = 33 * 65 * 4
+    calls: list[int] = []
+    monkeypatch.setattr(_native, "_READ", lambda fd, n, *rest: calls.append(n) or read_ranges(fd, n, *rest))
+    with open_checkpoint(tmp_path) as ckpt:
+        rows = ckpt.read_stacked(keys)
+        assert sorted(calls) == [20, 20] and ckpt.bytes_read == 40 * nbytes
+        for i, key in enumerate(keys):
+            assert torch.equal(
+                rows[i, : 33 * 65].view(torch.uint8), ckpt.read(key).reshape(-1).view(torch.uint8)
+            )
+        pinned = torch.cuda.is_available()  # pinned rows are host memory too
+        again = ckpt.read_stacked(keys[:7], pin=pinned)
+        assert len(calls) == 4 and torch.equal(again[:, : 33 * 65], rows[:7, : 33 * 65])
+    whole = (tmp_path / "model-1.safetensors").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes(whole)
+    calls.clear()
+    with open_checkpoint(tmp_path / "cut" / "model.safetensors") as ckpt:
+        keys = [f"e{e:03d}.up.w" for e in range(20, 40)]
+        ends = {key: ckpt.source._offsets(ckpt.source.key_file[key])[key][1] for key in keys}
+        last = max(keys, key=ends.__getitem__)
+        (tmp_path / "cut" / "model.safetensors").write_bytes(whole[: ends[last] - 5])  # cut after opening
+        with pytest.raises(
+            CheckpointError, match=rf"reading '{last}' failed: {nbytes - 5} of its {nbytes} bytes read"
+        ):
+            ckpt.read_stacked(keys)
+        assert calls == [20] and ckpt.bytes_read == 0
+
+
+def test_read_ranges_says_which_range_it_could_not_read(tmp_path, read_ranges):
+    """qb_read_ranges reads each byte range into its buffer and returns -1; where a range cannot be read whole
+    it returns that range's index, the bytes of it read and the errno (0: the file ended first), and reads no
+    later range."""
+    import ctypes
+    import errno
+
+    data = np.random.default_rng(10).integers(0, 256, 1000, dtype=np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+
+    def call(fd, ranges):
+        buffers = [np.zeros(n, dtype=np.uint8) for _, n in ranges]
+        begins = np.array([b for b, _ in ranges] or [0], dtype=np.int64)
+        lengths = np.array([n for _, n in ranges] or [0], dtype=np.int64)
+        dests = np.array([b.ctypes.data for b in buffers] or [0], dtype=np.int64)
+        got, error = ctypes.c_int64(-7), ctypes.c_int(-7)
+        first = read_ranges(fd, len(ranges), begins.ctypes.data, lengths.ctypes.data, dests.ctypes.data,
+                            ctypes.byref(got), ctypes.byref(error))  # fmt: skip
+        return first, got.value, error.value, buffers
+
+    with open(tmp_path / "f", "rb") as f:
+        ranges = [(500, 300), (10, 100), (0, 0), (990, 10)]
+        first, got, error, buffers = call(f.fileno(), ranges)
+        assert (first, got, error) == (-1, -7, -7)
+        for (begin, n), buffer in zip(ranges, buffers):
+            assert np.array_equal(buffer, data[begin : begin + n])
+        first, got, error, buffers = call(f.fileno(), [(10, 100), (900, 200), (0, 50)])
+        assert (first, got, error) == (1, 100, 0)  # the file ends 100 bytes into the second range
+        assert np.array_equal(buffers[1][:100], data[900:]) and not buffers[2].any()
+        assert call(f.fileno(), [])[0] == -1
+        fd = os.dup(f.fileno())
+    os.close(fd)
+    first, got, error, _ = call(fd, [(0, 10)])
+    assert (first, got, error) == (0, 0, errno.EBADF)
 
 
 _MANY_FILES = """

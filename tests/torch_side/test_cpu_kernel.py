@@ -353,7 +353,7 @@ def test_a_damaged_build_in_the_cache_is_built_again(tmp_path):
     [
         (
             dict(CC="false"),
-            "false failed to build cpu_4bit.c, stream_scan.c: it exited with 1 and printed nothing",
+            "false failed to build cpu_4bit.c, stream_scan.c, read_ranges.c: it exited with 1 and printed nothing",
         ),
         (dict(CC="/nonexistent/cc"), "could not be run"),
         (dict(QBRIDGE_CPU_KERNEL="off"), None),
