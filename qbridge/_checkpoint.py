@@ -845,20 +845,12 @@ class _Source:
                 bucket.append((begin, i, key))
             for held, wanted in direct_reads.items():
                 wanted.sort()
-                f, j, n = self._files[held], 0, len(wanted)
-                if _read_ranges(f, wanted, out.data_ptr(), nbytes, row_bytes):
+                f = self._files[held]
+                runs = _runs(wanted, nbytes)  # tensors at most _GAP_READ apart: one read each where it can
+                # reads of many runs (tensors far apart: one projection of a layer's experts) in one call
+                if len(runs) > 1 and _read_ranges(f, wanted, out.data_ptr(), nbytes, row_bytes):
                     continue  # else read again below, where what fails is named
-                while j < n:  # runs of tensors at most _GAP_READ apart: one read each where it can
-                    first, k = wanted[j][0], j + 1
-                    at = first + nbytes
-                    while (
-                        k < n
-                        and 0 <= wanted[k][0] - at <= _GAP_READ
-                        and wanted[k][0] + nbytes - first <= _RUN_BYTES
-                        and k - j < _RUN_BUFFERS
-                    ):
-                        at = wanted[k][0] + nbytes
-                        k += 1
+                for j, k in runs:
                     if k - j == 1 or not _read_together(f, wanted[j:k], flat, nbytes, row_bytes):
                         for begin, i, key in wanted[j:k]:  # one at a time: short reads repeated, errors named
                             try:
@@ -873,7 +865,6 @@ class _Source:
                                     f"{held}: reading {key!r} failed: {got} of its {nbytes} bytes read (a truncated or "
                                     "damaged file)"
                                 )
-                    j = k
             if count:  # once read: a read that failed counts nothing
                 self.count_stacked([key for wanted in direct_reads.values() for _, _, key in wanted])
         return out
@@ -1262,15 +1253,37 @@ def _read_together(
         return False
 
 
+def _runs(wanted: list[tuple[int, int, str]], nbytes: int) -> list[tuple[int, int]]:
+    """The runs ``wanted[j:k]`` of :meth:`_Source.read_stacked`'s tensors (``(begin, row, key)`` in file order,
+    ``nbytes`` each) that one positioned read of many buffers takes: at most ``_GAP_READ`` bytes apart, up to
+    ``_RUN_BYTES`` and ``_RUN_BUFFERS`` tensors."""
+    runs, j, n = [], 0, len(wanted)
+    while j < n:
+        first, k = wanted[j][0], j + 1
+        at = first + nbytes
+        while (
+            k < n
+            and 0 <= wanted[k][0] - at <= _GAP_READ
+            and wanted[k][0] + nbytes - first <= _RUN_BYTES
+            and k - j < _RUN_BUFFERS
+        ):
+            at = wanted[k][0] + nbytes
+            k += 1
+        runs.append((j, k))
+        j = k
+    return runs
+
+
 def _read_ranges(f: Any, wanted: list[tuple[int, int, str]], base: int, nbytes: int, row_bytes: int) -> bool:
-    """Reads the tensors of ``wanted`` (``(begin, row, key)``, ``nbytes`` each) into their rows of the host
+    """Reads the tensors of ``wanted`` (``(begin, row, key)``, ``nbytes`` each, in file order) into their rows of the host
     memory at address ``base`` (``row_bytes`` apart) with one call of torch_side's library
     (``qb_read_ranges``), which reads them all in one C loop without holding the GIL: read one by one from
     Python, every read gives the GIL up and waits to take it back from the thread that loads. False, with
     some rows perhaps written, where the library is not loaded (yet, or ever: ``QBRIDGE_CPU_KERNEL=off``), the
     system has no positioned reads, or a read failed or came up short: the caller then reads them again one
-    by one and names what failed."""
-    read = _native.read_ranges() if _PREAD is not None else None
+    by one and names what failed. The library is only used here once loaded (a GPU load starts loading it:
+    :func:`qbridge._handoff.load_library`): a read never builds it."""
+    read = _native.read_ranges(start=False) if _PREAD is not None else None
     if read is None:
         return False
     n = len(wanted)

@@ -51,7 +51,7 @@ from torch_side._fp8 import dequantize_fp8_group_into, fp8_planned
 from ._checkpoint import READ_AHEAD_MIN_BYTES, Checkpoint, Entry, _readers, scale_error
 from ._decode import all_finite, check_scales
 from ._dtypes import torch_dtype
-from ._handoff import XlaDestinations, _torch_view
+from ._handoff import XlaDestinations, _torch_view, load_library
 from ._place import hand_over
 from ._sharding import torch_device
 
@@ -108,6 +108,7 @@ class FP8Groups:
         self.ahead_bytes = 0
         self._sizes: dict[tuple[Any, ...], int] = {}  # weights per group, by kind
         self.turn = 0  # the sharded groups' turns: the device a group is decoded on
+        load_library()  # its reads of many ranges read a group's tensors (Checkpoint.read_stacked), once loaded
 
     def kind(
         self, entry: Entry, rule: jax_side.LeafRule, cast: Any, sharding: Any = None

@@ -157,13 +157,16 @@ def _driver_query() -> int | None:
 
 
 @functools.cache
-def _load_scan() -> None:
-    """Starts loading (or building, once a machine) the library holding the C scan, in a thread: a process's
-    first handoff does not wait the milliseconds its load takes (torch's queries answer meanwhile)."""
+def load_library() -> None:
+    """Starts loading (or building, once a machine) torch_side's library, which holds the C stream scan and the
+    checkpoint reader's reads of many ranges, in a thread: a process's first handoff (or GPU load) does not wait
+    the milliseconds its load takes (torch's queries, and reads from Python, answer meanwhile)."""
     try:
-        threading.Thread(target=_native.stream_scan, name="qbridge-stream-scan-load", daemon=True).start()
+        threading.Thread(target=_native.stream_scan, name="qbridge-library-load", daemon=True).start()
     except RuntimeError as e:  # no thread to be had (a process limit; at interpreter exit): torch's queries
-        log.debug("qbridge's stream scan is not loaded, torch asks each stream: %s", e)
+        log.debug(
+            "torch_side's library is not loaded (torch asks each stream, reads are made one by one): %s", e
+        )
 
 
 class _Others:
@@ -188,7 +191,7 @@ class _Others:
         scan, query = _native._SCAN, _driver_query()
         if scan is None or query is None or torch._C._cuda_getDevice() != index:
             if scan is None and query is not None:
-                _load_scan()
+                load_library()
             return all(map(_query, self.streams))
         return scan(query, self.handles, self.count) < 0 and all(map(_query, self.null))
 
@@ -393,7 +396,7 @@ def _export_ordered(t: torch.Tensor, home: jax.Device, index: int, producer: str
     order, driver, importer = _native._ORDER, _driver_calls(), _importer()
     if order is None or driver is None or importer is None or _TO_DLPACK is None:
         if order is None and driver is not None:
-            _load_scan()
+            load_library()
         return None
     stream = _import_stream(home)
     if not stream:

@@ -314,14 +314,16 @@ def stream_order(wait: bool = False) -> Any:
     return _ORDER
 
 
-def read_ranges(wait: bool = False) -> Any:
-    """The reads of many byte ranges of the same library (see :func:`cpu_4bit`), or None:
+def read_ranges(wait: bool = False, *, start: bool = True) -> Any:
+    """The reads of many byte ranges of the same library (see :func:`cpu_4bit`; without ``start``, only where
+    it is loaded already: nothing is set up or built), or None:
     ``qb_read_ranges(fd, n, offsets, lengths, dests, got, error)`` reads bytes ``[offsets[i], offsets[i] +
     lengths[i])`` of the open file ``fd`` into ``dests[i]`` for each of the ``n`` ranges (int64 arrays, an
     array of addresses) with positioned reads, and returns -1 when all were read whole, else the index of the
     first that was not, with ``*got`` (int64) the bytes of it read and ``*error`` (int) the read's errno, 0 where
     the file ended first (``kernels/read_ranges.c``). The GIL is given up for the whole call."""
-    cpu_4bit(wait)
+    if start:
+        cpu_4bit(wait)
     return _READ
 
 

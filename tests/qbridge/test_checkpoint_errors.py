@@ -819,6 +819,7 @@ def test_read_stacked_reads_a_group_in_one_call_of_the_library(tmp_path, monkeyp
     """A group's tensors that lie apart in their files (one projection of a layer's experts, the other two
     projections between them, too far apart to read in one run) are read by torch_side's library, one call per
     file for all of its rows, asked in any order; each row holds what read() gives, each key is counted once.
+    Tensors back to back are read in one positioned read, without it.
     A file cut short since it was opened: the library's call fails, the reads from Python name the key, and
     nothing is counted."""
     from safetensors.torch import save_file
@@ -846,6 +847,11 @@ def test_read_stacked_reads_a_group_in_one_call_of_the_library(tmp_path, monkeyp
         pinned = torch.cuda.is_available()  # pinned rows are host memory too
         again = ckpt.read_stacked(keys[:7], pin=pinned)
         assert len(calls) == 4 and torch.equal(again[:, : 33 * 65], rows[:7, : 33 * 65])
+        close = [f"e{e:03d}.{proj}.w" for e in range(3) for proj in ("down", "gate", "up")]
+        together = ckpt.read_stacked(close)  # one run (back to back): one positioned read of many buffers
+        assert len(calls) == 4
+        for i, key in enumerate(close):
+            assert torch.equal(together[i, : 33 * 65], ckpt.read(key).reshape(-1)), key
     calls.clear()
     keys = [f"e{e:03d}.up.w" for e in range(20, 40)]
     _refuses_a_file_cut_after_opening(tmp_path, tmp_path / "model-1.safetensors", keys, nbytes, 5)
@@ -863,7 +869,7 @@ def test_read_ranges_says_which_range_it_could_not_read(tmp_path, read_ranges):
     (tmp_path / "f").write_bytes(data.tobytes())
 
     def call(fd, ranges):
-        buffers = [np.zeros(n, dtype=np.uint8) for _, n in ranges]
+        buffers = [np.zeros(max(n, 0), dtype=np.uint8) for _, n in ranges]
         begins = np.array([b for b, _ in ranges] or [0], dtype=np.int64)
         lengths = np.array([n for _, n in ranges] or [0], dtype=np.int64)
         dests = np.array([b.ctypes.data for b in buffers] or [0], dtype=np.int64)
@@ -882,10 +888,46 @@ def test_read_ranges_says_which_range_it_could_not_read(tmp_path, read_ranges):
         assert (first, got, error) == (1, 100, 0)  # the file ends 100 bytes into the second range
         assert np.array_equal(buffers[1][:100], data[900:]) and not buffers[2].any()
         assert call(f.fileno(), [])[0] == -1
+        for bad in ([(10, 10), (-1, 5)], [(10, 10), (0, -5)]):  # a negative offset or length
+            first, got, error, buffers = call(f.fileno(), bad)
+            assert (first, got, error) == (1, 0, errno.EINVAL) and np.array_equal(buffers[0], data[10:20])
+        got, error = ctypes.c_int64(-7), ctypes.c_int(-7)
+        assert read_ranges(f.fileno(), -3, None, None, None, ctypes.byref(got), ctypes.byref(error)) == 0
+        assert (got.value, error.value) == (0, errno.EINVAL)
         fd = os.dup(f.fileno())
     os.close(fd)
     first, got, error, _ = call(fd, [(0, 10)])
     assert (first, got, error) == (0, 0, errno.EBADF)
+
+
+def test_a_read_never_sets_up_the_library(tmp_path):
+    """read_stacked uses torch_side's library only once something else loaded it (a GPU load starts that): a
+    read in a process where it is not built yet starts no build (a forked worker would leave its folder
+    behind) and reads from Python, and a misspelt QBRIDGE_CPU_KERNEL set after import does not fail it."""
+    import subprocess
+    import textwrap
+
+    from safetensors.torch import save_file
+
+    # 20 kB each, two between: too far apart for one run, as where the library would read them
+    save_file({f"e{e}.{p}": torch.full((5000,), e * 3.0 + i) for e in range(8) for i, p in enumerate("abc")},
+              tmp_path / "model.safetensors")  # fmt: skip
+    code = textwrap.dedent(f"""
+        import os, torch
+        from qbridge._checkpoint import open_checkpoint
+        from torch_side import _native
+        os.environ["QBRIDGE_CPU_KERNEL"] = "of"  # misspelt after import
+        with open_checkpoint({str(tmp_path / "model.safetensors")!r}) as ckpt:
+            rows = ckpt.read_stacked([f"e{{e}}.b" for e in range(8)])
+        assert all(bool((rows[e, :5000] == e * 3.0 + 1).all()) for e in range(8))
+        print("building", _native._BUILDING is not None, "private", _native._PRIVATE is not None)
+        """)  # fmt: skip
+    cache = tmp_path / "cache"  # empty: nothing built yet
+    env = {**os.environ, "QBRIDGE_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "building False private False" in done.stdout
+    assert not cache.exists() or not any(cache.rglob("*.so"))
 
 
 _MANY_FILES = """

@@ -448,7 +448,7 @@ def test_no_thread_for_the_stream_scan_leaves_torch_asking_each_stream(monkeypat
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
-    assert _handoff._load_scan.__wrapped__() is None
+    assert _handoff.load_library.__wrapped__() is None
 
 
 def test_a_dtensor_is_no_quantized_tensor_and_the_error_says_how_to_hand_it_over(tmp_path):

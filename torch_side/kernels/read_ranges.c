@@ -21,11 +21,22 @@
  *
  * Returns -1 when every range was read whole. Otherwise the index i of the first range that was not, with
  * *got the bytes of it read and *error the read's errno (0: the file ended first); the ranges after it are
- * not read. */
+ * not read. A negative offset or length is EINVAL at its range, nothing of it read; a negative n is EINVAL at
+ * range 0. */
 int64_t qb_read_ranges(int fd, int64_t n, const int64_t *offsets, const int64_t *lengths, void *const *dests,
                        int64_t *got, int *error) {
+    if (n < 0) {
+        *got = 0;
+        *error = EINVAL;
+        return 0;
+    }
     for (int64_t i = 0; i < n; i++) {
         int64_t done = 0;
+        if (offsets[i] < 0 || lengths[i] < 0) {
+            *got = 0;
+            *error = EINVAL;
+            return i;
+        }
         while (done < lengths[i]) {
             ssize_t r = pread(fd, (char *)dests[i] + done, (size_t)(lengths[i] - done), (off_t)(offsets[i] + done));
             if (r < 0 && errno == EINTR)
