@@ -73,9 +73,10 @@ def layer_tensors(i: int, experts: int) -> dict[str, tuple[tuple[int, ...], str]
 
 
 def write_checkpoint(root: pathlib.Path, layers: int, experts: int, device: str) -> tuple[int, int]:
-    """Writes the checkpoint; returns (tensor count, bytes)."""
+    """Writes the checkpoint into ``root`` (made if missing); returns (tensor count, bytes)."""
     from safetensors.torch import save_file
 
+    root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=device).manual_seed(0)
     weight_map, count, nbytes = {}, 0, 0
     for i in range(layers):
