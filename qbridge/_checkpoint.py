@@ -847,9 +847,11 @@ class _Source:
                 wanted.sort()
                 f = self._files[held]
                 runs = _runs(wanted, nbytes)  # tensors at most _GAP_READ apart: one read each where it can
-                # reads of many runs (tensors far apart: one projection of a layer's experts) in one call
-                if len(runs) > 1 and _read_ranges(f, wanted, out.data_ptr(), nbytes, row_bytes):
-                    continue  # else read again below, where what fails is named
+                # the tensors alone in their runs (far apart: one projection of a layer's experts) in one call;
+                # else read below with the runs, where what fails is named
+                alone = [wanted[j] for j, k in runs if k - j == 1]
+                if len(alone) > 1 and _read_ranges(f, alone, out.data_ptr(), nbytes, row_bytes):
+                    runs = [(j, k) for j, k in runs if k - j > 1]
                 for j, k in runs:
                     if k - j == 1 or not _read_together(f, wanted[j:k], flat, nbytes, row_bytes):
                         for begin, i, key in wanted[j:k]:  # one at a time: short reads repeated, errors named

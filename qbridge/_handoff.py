@@ -162,11 +162,19 @@ def load_library() -> None:
     checkpoint reader's reads of many ranges, in a thread: a process's first handoff (or GPU load) does not wait
     the milliseconds its load takes (torch's queries, and reads from Python, answer meanwhile)."""
     try:
-        threading.Thread(target=_native.stream_scan, name="qbridge-library-load", daemon=True).start()
+        threading.Thread(target=_load_library, name="qbridge-library-load", daemon=True).start()
     except RuntimeError as e:  # no thread to be had (a process limit; at interpreter exit): torch's queries
-        log.debug(
-            "torch_side's library is not loaded (torch asks each stream, reads are made one by one): %s", e
-        )
+        log.debug(_NOT_LOADED, e)
+
+
+_NOT_LOADED = "torch_side's library is not loaded (torch asks each stream, reads are made one by one): %s"
+
+
+def _load_library() -> None:
+    try:
+        _native.stream_scan()
+    except ValueError as e:  # QBRIDGE_CPU_KERNEL misspelt since import: logged, not a thread's traceback
+        log.warning(_NOT_LOADED, e)
 
 
 class _Others:

@@ -819,7 +819,8 @@ def test_read_stacked_reads_a_group_in_one_call_of_the_library(tmp_path, monkeyp
     """A group's tensors that lie apart in their files (one projection of a layer's experts, the other two
     projections between them, too far apart to read in one run) are read by torch_side's library, one call per
     file for all of its rows, asked in any order; each row holds what read() gives, each key is counted once.
-    Tensors back to back are read in one positioned read, without it.
+    Tensors back to back are read in one positioned read, without it; the tensors alone in their runs beside
+    them, in one call.
     A file cut short since it was opened: the library's call fails, the reads from Python name the key, and
     nothing is counted."""
     from safetensors.torch import save_file
@@ -852,6 +853,11 @@ def test_read_stacked_reads_a_group_in_one_call_of_the_library(tmp_path, monkeyp
         assert len(calls) == 4
         for i, key in enumerate(close):
             assert torch.equal(together[i, : 33 * 65], ckpt.read(key).reshape(-1)), key
+        mixed = ["e012.up.w", *close[:5], "e005.up.w", "e009.gate.w"]  # a run of five, three alone
+        got = ckpt.read_stacked(mixed)  # the run in one positioned read, the three alone in one call
+        assert calls[4:] == [3]
+        for i, key in enumerate(mixed):
+            assert torch.equal(got[i, : 33 * 65], ckpt.read(key).reshape(-1)), key
     calls.clear()
     keys = [f"e{e:03d}.up.w" for e in range(20, 40)]
     _refuses_a_file_cut_after_opening(tmp_path, tmp_path / "model-1.safetensors", keys, nbytes, 5)

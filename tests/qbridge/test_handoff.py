@@ -451,6 +451,23 @@ def test_no_thread_for_the_stream_scan_leaves_torch_asking_each_stream(monkeypat
     assert _handoff.load_library.__wrapped__() is None
 
 
+def test_a_library_load_refused_by_a_misspelt_switch_is_logged_not_raised_in_its_thread(monkeypatch, caplog):
+    """QBRIDGE_CPU_KERNEL misspelt after import: the library's load (in a thread, from a first handoff or a
+    GPU load's groups) logs why it is not loaded instead of ending its thread with a traceback; torch's
+    queries and reads from Python answer instead."""
+    import logging
+
+    from qbridge import _handoff
+    from torch_side import _native
+
+    for name, value in (("_FN", None), ("_UNAVAILABLE", False), ("_BUILDING", None)):  # not loaded yet
+        monkeypatch.setattr(_native, name, value)
+    monkeypatch.setenv("QBRIDGE_CPU_KERNEL", "of")
+    with caplog.at_level(logging.WARNING, logger="qbridge"):
+        _handoff._load_library()
+    assert "torch_side's library is not loaded" in caplog.text and "got 'of'" in caplog.text
+
+
 def test_a_dtensor_is_no_quantized_tensor_and_the_error_says_how_to_hand_it_over(tmp_path):
     """A DTensor (FSDP2's parameters) is a tensor subclass without a decode: to_jax said it could not
     "dequantize" it and named torchao's version; it now says how to take its values."""
