@@ -1277,8 +1277,8 @@ def _runs(wanted: list[tuple[int, int, str]], nbytes: int) -> list[tuple[int, in
 
 
 def _read_ranges(f: Any, wanted: list[tuple[int, int, str]], base: int, nbytes: int, row_bytes: int) -> bool:
-    """Reads the tensors of ``wanted`` (``(begin, row, key)``, ``nbytes`` each, in file order) into their rows of the host
-    memory at address ``base`` (``row_bytes`` apart) with one call of torch_side's library
+    """Reads the tensors of ``wanted`` (``(begin, row, key)``, ``nbytes`` each, in file order) into their rows
+    of the host memory at address ``base`` (``row_bytes`` apart) with one call of torch_side's library
     (``qb_read_ranges``), which reads them all in one C loop without holding the GIL: read one by one from
     Python, every read gives the GIL up and waits to take it back from the thread that loads. False, with
     some rows perhaps written, where the library is not loaded (yet, or ever: ``QBRIDGE_CPU_KERNEL=off``), the
