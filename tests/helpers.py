@@ -190,3 +190,18 @@ def bnb_pieces(packed, qs):
             offset=d["nested_offset"],
         )
     return to_numpy(packed), to_numpy(qs.absmax), kw
+
+
+def library_entry(entry: Any, without_compiler: str) -> Any:
+    """``entry``, an entry point of torch_side's library asked for with ``wait=True`` (None where it did not
+    load): returned where it loaded; else the test is skipped where no C compiler is here (saying
+    ``without_compiler``), and fails where one is (the build failed)."""
+    from torch_side import _native
+
+    if entry is None:
+        try:
+            compiler = _native._compiler()
+        except _native.BuildError:
+            pytest.skip(without_compiler)
+        pytest.fail(f"torch_side's library could not be built with {compiler} (see the warning it logged)")
+    return entry

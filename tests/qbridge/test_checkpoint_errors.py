@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import bnb_llama, dense_llama, fp8_llama
-from helpers import assert_same_bits
+from helpers import assert_same_bits, library_entry
 
 import jax_side
 import qbridge
@@ -805,14 +805,10 @@ def read_ranges():
     """torch_side's library's qb_read_ranges, built (or loaded) now; skipped where no C compiler is."""
     from torch_side import _native
 
-    fn = _native.read_ranges(wait=True)
-    if fn is None:
-        try:
-            compiler = _native._compiler()
-        except _native.BuildError:
-            pytest.skip("no C compiler here: a group's tensors are read from Python (tested above)")
-        pytest.fail(f"torch_side's library could not be built with {compiler} (see the warning it logged)")
-    return fn
+    return library_entry(
+        _native.read_ranges(wait=True),
+        "no C compiler here: a group's tensors are read from Python (tested above)",
+    )
 
 
 def test_read_stacked_reads_a_group_in_one_call_of_the_library(tmp_path, monkeypatch, read_ranges):

@@ -24,7 +24,15 @@ import time
 
 import pytest
 import torch
-from helpers import DTYPES, as_bnb_returns, assert_bitwise_equal, bnb_quantize, bnb_reference, flush
+from helpers import (
+    DTYPES,
+    as_bnb_returns,
+    assert_bitwise_equal,
+    bnb_quantize,
+    bnb_reference,
+    flush,
+    library_entry,
+)
 
 import torch_side
 from torch_side import _native
@@ -39,16 +47,9 @@ _FE_UPWARD = {"x86_64": 0x800, "aarch64": 0x400000}  # fenv.h's FE_UPWARD (glibc
 
 @pytest.fixture(scope="module")
 def kernel():
-    fn = _native.cpu_4bit(wait=True)
-    if fn is None:
-        try:
-            compiler = _native._compiler()
-        except _native.BuildError:
-            pytest.skip("no C compiler here: CPU calls take the torch path (tested elsewhere)")
-        pytest.fail(
-            f"the CPU kernel could not be built with {compiler} (see the warning logged by torch_side)"
-        )
-    return fn
+    return library_entry(
+        _native.cpu_4bit(wait=True), "no C compiler here: CPU calls take the torch path (tested elsewhere)"
+    )
 
 
 def _pieces(n, blocksize, *, nested, seed, nested_blocksize=256, code=None):
