@@ -568,9 +568,8 @@ def _moves(
       channels-last data on both sides; a model whose convolution gives ``[batch, vocab, seq]`` and returns
       ``[batch, seq, vocab]``);
     - else, from its input: the layout of the module whose output it is (known: the tensor itself, seen
-      by the hooks), or, for an input no
-      module gave (the model's own, or one computed between modules), channels-first in torch where Flax's
-      is channels-last (guessed: a square input is not).
+      by the hooks), or, for an input no module gave (the model's own, or one computed between modules),
+      channels-first in torch where Flax's is channels-last (guessed: a square input is not).
     """
     import torch
 
