@@ -123,7 +123,7 @@ if i == 0:
     assert [r.process_index for r in reports] == [0, 1] and all(r.ok for r in reports)
     said = str(caught[0].message)
     assert ("exited -6" if after == "abort" else "was stopped after 1 s") in said and "Check failed" in said
-    after = "fail"  # process 1 fails before its result: the run fails, as before
+    # process 1 fails before its result: the run fails, as before
     stand_in.write_text(stand_in.read_text().replace("'abort'", "'fail'").replace("'hang'", "'fail'"))
     with pytest.raises(RuntimeError, match=r"the 2-process load process 1 failed"):
         check_multiprocess_load(str(made / "fp8"), processes=2, timeout=60)
