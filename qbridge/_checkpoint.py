@@ -2085,7 +2085,7 @@ def _classify(ckpt: Checkpoint) -> None:
                     *(f"{base}.quant_state.bitsandbytes__{qt}" for qt in ("nf4", "fp4")),
                 )
             )
-        if _torchao_piece(src, key):
+        if "._" in key and _torchao_piece(src, key):  # (the pattern needs "._": no call for the others)
             if "tensor_names" in src.metadata.get(src.key_file[key], {}):
                 # the file's torchao tensors were taken by their metadata: this one's tensor is not listed there
                 piece = _TORCHAO_PIECE.fullmatch(key)
@@ -2104,7 +2104,7 @@ def _classify(ckpt: Checkpoint) -> None:
                 "file was re-saved without it; save the model again with torchao's safetensors support (or "
                 "torch.save)"
             )
-        owner = _scale_owner(key)
+        owner = _scale_owner(key) if "weight_scale" in key else None
         if owner is not None:  # a float8 weight's scale whose weight is not float8 (those took theirs)
             held = f"is stored as {src.shapes[owner][1]}, not float8" if owner in src.shapes else "is missing"
             raise CheckpointError(
@@ -2302,13 +2302,20 @@ def _bnb4_entry(ckpt: Checkpoint, name: str, quant_type: str, state_key: str) ->
 
 
 @functools.lru_cache(maxsize=1024)
-def _fp8_layout(
-    shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int] | None
-) -> tuple[torch_side.ScaleLayout, bool]:
-    """The scale layout of a (weight shape, scale shape, block) (a checkpoint repeats few), and whether its
-    blocks leave a partial tile; or its ValueError."""
+def _fp8_facts(
+    shape: tuple[int, ...],
+    scale_shape: tuple[int, ...],
+    scale_dtype: torch.dtype,
+    block: tuple[int, int] | None,
+) -> tuple[torch_side.ScaleLayout, bool, int]:
+    """Of a float8 weight's (shape, scale shape, scale dtype, block) (a checkpoint repeats few across its layers
+    and experts): the scale layout, whether its blocks leave a partial tile, and the bytes stored for both; or
+    the TypeError of a scale dtype no decode takes, or the ValueError of scales that do not tile the weight."""
+    check_scale_dtype(scale_dtype)
     layout = torch_side.fp8_scale_layout(shape, scale_shape, block)
-    return layout, layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))
+    partial = layout.kind == "block" and any(d % b for d, b in zip(shape[-2:], layout.block))
+    stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
+    return layout, partial, stored
 
 
 def _scale_words(key: str, msg: str, stored: Sequence[int] | None) -> str:
@@ -2358,12 +2365,10 @@ def _fp8_entry(
         )
     scale = inv if has_inv else plain
     scale_shape, scale_dtype = shapes[scale]
-    try:  # refused by every path alike, as the decode refuses it (a kept weight would convert it)
-        check_scale_dtype(scale_dtype)
+    try:  # a scale dtype no decode takes is refused by every path alike (a kept weight would convert it)
+        layout, partial, stored = _fp8_facts(shape, scale_shape, scale_dtype, block)
     except TypeError as e:
         raise scale_error(ckpt, scale, e) from e
-    try:
-        layout, partial = _fp8_layout(shape, scale_shape, block)
     except BlockSizeUnknown as e:  # torch_side's hint is to a caller; here the block size is the config's
         raise CheckpointError(
             f"{ckpt.where(scale)}: {_scale_words(scale, e.reason, scale_shape)}; the checkpoint's config.json "
@@ -2371,7 +2376,6 @@ def _fp8_entry(
         ) from e
     except ValueError as e:
         raise scale_error(ckpt, scale, e, scale_shape) from e
-    stored = math.prod(shape) + math.prod(scale_shape) * scale_dtype.itemsize  # float8: one byte each
     info = {"block_size": block, "layout": layout, "partial": partial}
     return Entry(key, "fp8", shape, dtype, stored, {"weight": key, "scale": scale}, info)
 
