@@ -47,7 +47,7 @@ from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
 from ._group import FP8Groups, _weights_stacked
-from ._place import XlaDestinations, hand_over, keeps_quantized, quantized_leaf
+from ._place import XlaDestinations, from_host, hand_over, keeps_quantized, put_from_host, quantized_leaf
 from ._sharding import check_spec, fits, load_sharded_leaf, matching_rule, sharding_for
 
 log = logging.getLogger("qbridge")
@@ -338,8 +338,10 @@ def _routes(
     jdev: jax.Device,
 ) -> list[tuple[Any, Any, Any]]:
     """Each planned leaf's ``(cast, sharding, route)``, decided before anything is read. The route: ``"kept"``
-    (kept quantized), ``"sharded"``, an FP8 group's kind (decoded with its group), or None (by itself; on a
-    GPU its array is expected by ``into``, so that one allocation call makes its shape's arrays).
+    (kept quantized), ``"sharded"``, an FP8 group's kind (decoded with its group), ``"host"`` (on a GPU, a
+    small unquantized tensor put with the others from the host: :func:`~qbridge._place.from_host`), or None
+    (by itself; on a GPU its array is expected by ``into``, so that one allocation call makes its shape's
+    arrays).
 
     Raises:
         ValueError: a leaf kept quantized that is to be sharded (split over devices); a sharding that does not
@@ -388,6 +390,8 @@ def _routes(
             route = groups.kind(entry, p.rule, cast)
             if route is not None:
                 groups.expect(route, entry)
+            elif from_host(entry, _loaded_dtype(entry, cast)):
+                route = "host"  # put with the load's other small tensors, from their host bytes
             else:
                 out = _loaded_dtype(entry, cast)
                 if out is not None:
@@ -629,6 +633,7 @@ def load_checkpoint(
                 )
             if groups is not None:
                 groups.start()  # the first groups' scales and small float8 bytes, read in the background
+            from_host_leaves: list[tuple[Any, Entry, jax_side.LeafRule]] = []
             for i, p in enumerate(plan):
                 ahead.advance(i)
                 entry = ckpt.entries[p.key]
@@ -651,6 +656,10 @@ def load_checkpoint(
                         into=into,
                     )
                     dense += values[p.leaf.path].nbytes
+                elif route == "host":
+                    values[p.leaf.path] = None  # keeps the plan's order; set with the others at the end
+                    from_host_leaves.append((p.leaf.path, entry, p.rule))
+                    dense += entry.dense_bytes
                 elif groups is not None and route is not None:  # an FP8 group's kind
                     values[p.leaf.path] = None  # keeps the plan's order; set when its group is decoded
                     place = None
@@ -682,6 +691,11 @@ def load_checkpoint(
                     bar.set_postfix(tensors=f"{i + 1}/{len(plan)}", refresh=False)  # drawn at update's pace
             if groups is not None:
                 groups.flush_all()
+            if from_host_leaves:
+                put = put_from_host(ckpt, from_host_leaves, jdev)
+                values.update(
+                    (path, array) for (path, _, _), array in zip(from_host_leaves, put, strict=True)
+                )
         finally:
             if groups is not None:
                 groups.close()  # reads ahead that no group took (a failed load) finish before the files close

@@ -436,6 +436,48 @@ def test_fp8_llama_on_the_gpu(tmp_path, dense_dir):
     assert_same_bits(_kernel(params, name), to_numpy(want))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_small_unquantized_tensors_go_to_the_gpu_from_the_host_bit_for_bit(tmp_path, fmt, monkeypatch):
+    """A GPU load puts its small unquantized tensors (norms, biases, embeddings and transformers ``Conv1D``
+    weights stored ``[in, out]``, of at most 64 KiB; bfloat16 and float32) from their host bytes with one
+    ``jax.device_put``: each leaf is, bit for bit, the array of a load without that route, on the GPU, and
+    every stored byte is counted as read once."""
+    import transformers
+
+    from qbridge import _loader, _place
+
+    dtype = torch.bfloat16 if fmt == "safetensors" else torch.float32
+    config = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(dtype).eval()
+    model.save_pretrained(tmp_path / "gpt2", safe_serialization=fmt == "safetensors")
+    put: list[list[str]] = []
+    real = _loader.put_from_host
+
+    def spy(ckpt, leaves, jdev):
+        put.append([entry.name for _, entry, _ in leaves])
+        return real(ckpt, leaves, jdev)
+
+    monkeypatch.setattr(_loader, "put_from_host", spy)
+    gpu = jax.local_devices(backend="gpu")[0]
+    loaded, report = qbridge.load_checkpoint(
+        tmp_path / "gpt2", device="cuda", progress=False, return_report=True
+    )
+    assert report.read_bytes == report.stored_bytes
+    assert len(put) == 1 and "transformer.h.0.attn.c_attn.weight" in put[0]  # a Conv1D weight, 48 KiB or less
+    small = {"transformer.ln_f.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.wte.weight"}
+    assert small <= set(put[0])
+    monkeypatch.setattr(_place, "HOST_PUT_BYTES", 0)  # each by itself, as before the route
+    before = qbridge.load_checkpoint(tmp_path / "gpt2", device="cuda", progress=False)
+    assert len(put) == 1
+    a, b = jax.tree_util.tree_leaves_with_path(loaded), jax.tree_util.tree_leaves_with_path(before)
+    assert [path for path, _ in a] == [path for path, _ in b]
+    for (path, x), (_, y) in zip(a, b, strict=True):
+        assert x.devices() == {gpu} and x.dtype == y.dtype and x.shape == y.shape, path
+        assert_same_bits(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_a_small_tensor_read_twice_is_counted_once(tmp_path, fmt):
     """Scales and tables are read once per shard of a sharded load: ``bytes_read`` counts them once, from
