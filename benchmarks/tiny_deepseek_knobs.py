@@ -12,11 +12,16 @@ four settings alternating, ``--rounds`` times (the first two left out):
   from its read, takes it from the loading thread);
 - ``gap 96 KiB``: ``qbridge._checkpoint._GAP_READ`` 96 KiB and ``_RUN_BYTES`` 32 MiB, so that a group's 256
   tiny float8 weights, which lie 64 KiB apart (the other projections' weights between them), are read with
-  one positioned read instead of one each.
+  one positioned read instead of one each;
+- ``dense one by one``: ``qbridge._place.HOST_PUT_BYTES`` 0, so that the small unquantized tensors (norms,
+  the router's bias) are each read, copied to the GPU and handed over by itself (as before they were put
+  together from the host).
 
 Prints each setting's wall time per checkpoint tensor, median [range], and the calling thread's CPU time.
+``--layers N`` writes N MoE layers (one file each, as DeepSeek-V3's checkpoint is sharded): a load's work per
+tensor without the parts it does once per load.
 
-    python benchmarks/tiny_deepseek_knobs.py [--rounds 12]
+    python benchmarks/tiny_deepseek_knobs.py [--rounds 12] [--layers 1]
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ import sys
 import tempfile
 import time
 
-COUNT = 1558  # checkpoint tensors of one tiny layer with 256 routed experts
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=1, help="MoE layers of the checkpoint (default 1)")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (the first two are left out)")
+    if args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import deepseek_v3_scale
     import jax
@@ -44,7 +50,7 @@ def main() -> None:
 
     import qbridge
     import torch_side
-    from qbridge import _checkpoint
+    from qbridge import _checkpoint, _place
     from qbridge._handoff import wait_for_allocators
     from torch_side import _native
 
@@ -52,6 +58,7 @@ def main() -> None:
         parser.error("torch sees no CUDA GPU here: the loads this times are a GPU's")
     deepseek_v3_scale.use_tiny_shapes()
     gap, run, switch = _checkpoint._GAP_READ, _checkpoint._RUN_BYTES, sys.getswitchinterval()
+    host = _place.HOST_PUT_BYTES
 
     read = _native.read_ranges(wait=True)
     if read is None:
@@ -63,10 +70,11 @@ def main() -> None:
         _checkpoint._GAP_READ, _checkpoint._RUN_BYTES = (
             (96 << 10, 32 << 20) if name == "gap 96 KiB" else (gap, run)
         )
+        _place.HOST_PUT_BYTES = 0 if name == "dense one by one" else host
 
     with tempfile.TemporaryDirectory(prefix="qbridge-knobs-") as tmp:
         root = pathlib.Path(tmp)
-        deepseek_v3_scale.write_checkpoint(root, 1, 256, "cpu")
+        count, _ = deepseek_v3_scale.write_checkpoint(root, args.layers, 256, "cpu")
 
         def load() -> None:
             jax.block_until_ready(qbridge.load_checkpoint(root, device="cuda", progress=False))
@@ -77,7 +85,7 @@ def main() -> None:
         wait_for_allocators()
         for _ in range(3):
             load()
-        names = ["default", "reads one by one", "switch 0.5 ms", "gap 96 KiB"]
+        names = ["default", "reads one by one", "switch 0.5 ms", "gap 96 KiB", "dense one by one"]
         wall: dict[str, list[float]] = {n: [] for n in names}
         cpu: dict[str, list[float]] = {n: [] for n in names}
         try:
@@ -91,11 +99,12 @@ def main() -> None:
                         cpu[n].append(time.thread_time() - c0)
         finally:
             setting("default")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, jax {jax.__version__}; "
+          f"{args.layers} layer(s), {count} tensors")  # fmt: skip
     for n in names:
-        us = [t / COUNT * 1e6 for t in wall[n]]
+        us = [t / count * 1e6 for t in wall[n]]
         print(f"{n:16s} wall {statistics.median(us):5.1f} us per tensor [{min(us):.1f}-{max(us):.1f}]"
-              f"  calling thread CPU {statistics.median(cpu[n]) / COUNT * 1e6:5.1f}")  # fmt: skip
+              f"  calling thread CPU {statistics.median(cpu[n]) / count * 1e6:5.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -108,3 +108,11 @@ def test_the_forward_floor_counts_the_kept_weights_bytes_and_keeps_the_rest():
     assert row["floor_us"] == pytest.approx(250.0 - 150.0 + at_ceiling)
     assert row["floor_over_dense"] == pytest.approx((100.0 + at_ceiling) / 400.0)
     assert np.isclose(row["busy_over_dense"], 250.0 / 400.0)
+
+
+def test_a_knobs_run_without_a_layer_is_refused_before_any_work(monkeypatch, capsys):
+    tiny_deepseek_knobs = pytest.importorskip("tiny_deepseek_knobs")
+    monkeypatch.setattr(sys, "argv", ["tiny_deepseek_knobs.py", "--layers", "0"])
+    with pytest.raises(SystemExit):
+        tiny_deepseek_knobs.main()
+    assert "--layers must be at least 1, got 0" in capsys.readouterr().err
