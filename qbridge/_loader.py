@@ -47,7 +47,15 @@ from ._devices import resolve_device
 from ._dtypes import TORCH_TO_JAX, torch_dtype
 from ._errors import CheckpointError
 from ._group import FP8Groups, _weights_stacked
-from ._place import XlaDestinations, from_host, hand_over, keeps_quantized, put_from_host, quantized_leaf
+from ._place import (
+    XlaDestinations,
+    from_host,
+    hand_over,
+    host_bytes,
+    keeps_quantized,
+    put_from_host,
+    quantized_leaf,
+)
 from ._sharding import check_spec, fits, load_sharded_leaf, matching_rule, sharding_for
 
 log = logging.getLogger("qbridge")
@@ -633,7 +641,7 @@ def load_checkpoint(
                 )
             if groups is not None:
                 groups.start()  # the first groups' scales and small float8 bytes, read in the background
-            from_host_leaves: list[tuple[Any, Entry, jax_side.LeafRule]] = []
+            hosted: list[tuple[Any, np.ndarray]] = []  # (leaf path, host bytes), put at the end
             for i, p in enumerate(plan):
                 ahead.advance(i)
                 entry = ckpt.entries[p.key]
@@ -656,9 +664,9 @@ def load_checkpoint(
                         into=into,
                     )
                     dense += values[p.leaf.path].nbytes
-                elif route == "host":
-                    values[p.leaf.path] = None  # keeps the plan's order; set with the others at the end
-                    from_host_leaves.append((p.leaf.path, entry, p.rule))
+                elif route == "host":  # read in the plan's order; put with the others at the end
+                    values[p.leaf.path] = None  # keeps the plan's order
+                    hosted.append((p.leaf.path, host_bytes(ckpt, entry, p.rule)))
                     dense += entry.dense_bytes
                 elif groups is not None and route is not None:  # an FP8 group's kind
                     values[p.leaf.path] = None  # keeps the plan's order; set when its group is decoded
@@ -691,11 +699,9 @@ def load_checkpoint(
                     bar.set_postfix(tensors=f"{i + 1}/{len(plan)}", refresh=False)  # drawn at update's pace
             if groups is not None:
                 groups.flush_all()
-            if from_host_leaves:
-                put = put_from_host(ckpt, from_host_leaves, jdev)
-                values.update(
-                    (path, array) for (path, _, _), array in zip(from_host_leaves, put, strict=True)
-                )
+            if hosted:
+                put = put_from_host([host for _, host in hosted], jdev)
+                values.update((path, array) for (path, _), array in zip(hosted, put, strict=True))
         finally:
             if groups is not None:
                 groups.close()  # reads ahead that no group took (a failed load) finish before the files close

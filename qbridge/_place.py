@@ -50,11 +50,12 @@ def hand_over(t: torch.Tensor, jdev: jax.Device, into: XlaDestinations | None = 
 
 
 def from_host(entry: Entry, loaded: torch.dtype | None) -> bool:
-    """Whether a GPU load puts ``entry`` (loaded as ``loaded``) with :func:`put_from_host`: an unquantized
-    tensor of at most ``HOST_PUT_BYTES``, not cast, of a dtype that torch and XLA share bit for bit. By itself
-    each took about 0.5 ms of the loading thread's wall time on an H100, 0.25 ms of its CPU (a read, a copy to
-    the GPU, an allocation call of XLA's, the handover of its array to torch and torch's copy into it); a
-    tiny DeepSeek-V3 layer's five (four norms, the router's bias), put together, 0.67 ms."""
+    """Whether a GPU load reads ``entry`` (loaded as ``loaded``) with :func:`host_bytes` and puts it with the
+    load's others by :func:`put_from_host`: an unquantized tensor of at most ``HOST_PUT_BYTES``, not cast, of a
+    dtype that torch and XLA share bit for bit. By itself each took about 0.5 ms of the loading thread's wall
+    time on an H100, 0.25 ms of its CPU (a read, a copy to the GPU, an allocation call of XLA's, the handover of
+    its array to torch and torch's copy into it); a tiny DeepSeek-V3 layer's five (four norms, the router's
+    bias), put together, 0.67 ms."""
     return (
         entry.kind == "dense"
         and 0 < entry.stored_bytes <= HOST_PUT_BYTES
@@ -63,22 +64,25 @@ def from_host(entry: Entry, loaded: torch.dtype | None) -> bool:
     )
 
 
-def put_from_host(
-    ckpt: Checkpoint, leaves: list[tuple[Any, Entry, jax_side.LeafRule]], jdev: jax.Device
-) -> list[jax.Array]:
-    """The arrays on ``jdev`` of ``leaves`` (``(path, entry, rule)``, each taken by :func:`from_host`): each
-    tensor read on the calling thread (counted as read) and laid out for Flax by its rule on the host, then
-    all of them copied to the device by one ``jax.device_put``, without a host wait. The arrays are XLA's own,
-    each the stored bytes bit for bit. JAX holds each host tensor until its copy is made: memory of the
-    load's own, which nothing else writes (a mapped torch file's tensor is copied first)."""
-    cpu = torch.device("cpu")
-    hosts = []
-    for _, entry, rule in leaves:
-        t = materialize(ckpt, entry, cpu, rule)
-        if not t.untyped_storage().resizable():  # memory torch did not allocate: perhaps a mapped file's
-            t = t.clone()
-        # a numpy view of its bytes (bfloat16 too: JAX's numpy dtype for it)
-        hosts.append(t.reshape(-1).view(torch.uint8).numpy().view(TORCH_TO_JAX[t.dtype]).reshape(t.shape))
+def host_bytes(ckpt: Checkpoint, entry: Entry, rule: jax_side.LeafRule) -> np.ndarray:
+    """A tensor that :func:`from_host` takes, read on the calling thread (counted as read) and laid out for Flax
+    by ``rule``, as a numpy array over memory of its own (a mapped torch file's tensor is copied), for
+    :func:`put_from_host`.
+
+    Raises:
+        CheckpointError: its bytes cannot be read (naming the tensor).
+    """
+    t = materialize(ckpt, entry, torch.device("cpu"), rule)
+    if not t.untyped_storage().resizable():  # memory torch did not allocate: perhaps a mapped file's
+        t = t.clone()
+    # a numpy view of its bytes (bfloat16 too: JAX's numpy dtype for it)
+    return t.reshape(-1).view(torch.uint8).numpy().view(TORCH_TO_JAX[t.dtype]).reshape(t.shape)
+
+
+def put_from_host(hosts: list[np.ndarray], jdev: jax.Device) -> list[jax.Array]:
+    """The arrays on ``jdev`` of a load's :func:`host_bytes`, copied by one ``jax.device_put``, without a host
+    wait: XLA's own arrays, each the stored bytes bit for bit. JAX holds each host array until its copy is
+    made (nothing else writes them)."""
     return list(jax.device_put(hosts, jdev))
 
 

@@ -436,6 +436,43 @@ def test_fp8_llama_on_the_gpu(tmp_path, dense_dir):
     assert_same_bits(_kernel(params, name), to_numpy(want))
 
 
+def _gpt2(folder, fmt):
+    """A random transformers GPT-2 (Conv1D weights stored [in, out]), bfloat16 in safetensors, float32 in a
+    torch file: its biases, norms and attention output weights of at most 64 KiB, its other weights larger."""
+    import transformers
+
+    dtype = torch.bfloat16 if fmt == "safetensors" else torch.float32
+    config = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=128, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).to(dtype).eval().save_pretrained(
+        folder, safe_serialization=fmt == "safetensors"
+    )
+
+
+def _loads_from_host(folder, monkeypatch, device):
+    """The load of ``folder`` onto ``device``, its report, and the keys it read for the host route."""
+    from qbridge import _loader
+
+    hosted: list[str] = []
+    real = _loader.host_bytes
+
+    def spy(ckpt, entry, rule):
+        hosted.append(entry.name)
+        return real(ckpt, entry, rule)
+
+    monkeypatch.setattr(_loader, "host_bytes", spy)
+    loaded, report = qbridge.load_checkpoint(folder, device=device, progress=False, return_report=True)
+    return loaded, report, hosted
+
+
+def _same_leaves(a, b, device):
+    a, b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [path for path, _ in a] == [path for path, _ in b]
+    for (path, x), (_, y) in zip(a, b, strict=True):
+        assert x.devices() == {device} and x.dtype == y.dtype and x.shape == y.shape, path
+        assert_same_bits(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_small_unquantized_tensors_go_to_the_gpu_from_the_host_bit_for_bit(tmp_path, fmt, monkeypatch):
@@ -443,39 +480,53 @@ def test_small_unquantized_tensors_go_to_the_gpu_from_the_host_bit_for_bit(tmp_p
     weights stored ``[in, out]``, of at most 64 KiB; bfloat16 and float32) from their host bytes with one
     ``jax.device_put``: each leaf is, bit for bit, the array of a load without that route, on the GPU, and
     every stored byte is counted as read once."""
-    import transformers
+    from qbridge import _place
 
-    from qbridge import _loader, _place
-
-    dtype = torch.bfloat16 if fmt == "safetensors" else torch.float32
-    config = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).to(dtype).eval()
-    model.save_pretrained(tmp_path / "gpt2", safe_serialization=fmt == "safetensors")
-    put: list[list[str]] = []
-    real = _loader.put_from_host
-
-    def spy(ckpt, leaves, jdev):
-        put.append([entry.name for _, entry, _ in leaves])
-        return real(ckpt, leaves, jdev)
-
-    monkeypatch.setattr(_loader, "put_from_host", spy)
-    gpu = jax.local_devices(backend="gpu")[0]
-    loaded, report = qbridge.load_checkpoint(
-        tmp_path / "gpt2", device="cuda", progress=False, return_report=True
-    )
+    _gpt2(tmp_path / "gpt2", fmt)
+    loaded, report, hosted = _loads_from_host(tmp_path / "gpt2", monkeypatch, "cuda")
     assert report.read_bytes == report.stored_bytes
-    assert len(put) == 1 and "transformer.h.0.attn.c_attn.weight" in put[0]  # a Conv1D weight, 48 KiB or less
-    small = {"transformer.ln_f.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.wte.weight"}
-    assert small <= set(put[0])
+    assert "transformer.h.0.attn.c_proj.weight" in hosted  # a Conv1D weight of 64 KiB or less
+    small = {"transformer.ln_f.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.wpe.weight"}
+    assert small <= set(hosted) and "transformer.h.0.mlp.c_fc.weight" not in hosted  # 128 KiB or more
     monkeypatch.setattr(_place, "HOST_PUT_BYTES", 0)  # each by itself, as before the route
+    hosted.clear()
     before = qbridge.load_checkpoint(tmp_path / "gpt2", device="cuda", progress=False)
-    assert len(put) == 1
-    a, b = jax.tree_util.tree_leaves_with_path(loaded), jax.tree_util.tree_leaves_with_path(before)
-    assert [path for path, _ in a] == [path for path, _ in b]
-    for (path, x), (_, y) in zip(a, b, strict=True):
-        assert x.devices() == {gpu} and x.dtype == y.dtype and x.shape == y.shape, path
-        assert_same_bits(np.asarray(x), np.asarray(y))
+    assert not hosted
+    _same_leaves(loaded, before, jax.local_devices(backend="gpu")[0])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_the_host_route_taken_on_the_cpu_gives_the_cpu_loads_bits(tmp_path, fmt, monkeypatch):
+    """The host route's reading, layout and ``jax.device_put`` (a GPU load's, made to run on the CPU here)
+    give the bits of the CPU load's own route, count every byte once, and read in the plan's order: a file
+    cut short names its first tensor cut, as the route before did."""
+    from qbridge import _loader
+
+    _gpt2(tmp_path / "gpt2", fmt)
+    cpu = jax.devices("cpu")[0]
+    plain = qbridge.load_checkpoint(tmp_path / "gpt2", device="cpu", progress=False)
+    monkeypatch.setattr(_loader, "_grouped", lambda jdev: True)  # the GPU load's routes
+    loaded, report, hosted = _loads_from_host(tmp_path / "gpt2", monkeypatch, "cpu")
+    assert report.read_bytes == report.stored_bytes
+    assert "transformer.h.0.attn.c_proj.weight" in hosted and "transformer.h.0.mlp.c_fc.weight" not in hosted
+    _same_leaves(loaded, plain, cpu)
+    if fmt == "safetensors":
+        # the file cut after planning, every tensor with it: the plan's first is named (a small one, read in the
+        # plan's order, before the larger ones after it)
+        file = tmp_path / "gpt2" / "model.safetensors"
+        header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        plan_load, planned = _loader.plan_load, []
+
+        def cut_after(*args, **kwargs):
+            planned.append(plan_load(*args, **kwargs))
+            os.truncate(file, header + 2)
+            return planned[-1]
+
+        monkeypatch.setattr(_loader, "plan_load", cut_after)
+        with pytest.raises(qbridge.CheckpointError) as cut:
+            qbridge.load_checkpoint(tmp_path / "gpt2", device="cpu", progress=False)
+        first = planned[0][1][0].key
+        assert first in hosted and f"reading '{first}' failed" in str(cut.value)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
