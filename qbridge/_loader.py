@@ -398,11 +398,11 @@ def _routes(
             route = groups.kind(entry, p.rule, cast)
             if route is not None:
                 groups.expect(route, entry)
-            elif from_host(entry, _loaded_dtype(entry, cast)):
-                route = "host"  # put with the load's other small tensors, from their host bytes
             else:
                 out = _loaded_dtype(entry, cast)
-                if out is not None:
+                if from_host(entry, out):
+                    route = "host"  # put with the load's other small tensors, from their host bytes
+                elif out is not None:
                     into.expect(tuple(p.leaf.shape), out, jdev, 1)
         routes.append((cast, leaf_sharding, route))
     if dense_anyway:
