@@ -51,11 +51,11 @@ def hand_over(t: torch.Tensor, jdev: jax.Device, into: XlaDestinations | None = 
 
 def from_host(entry: Entry, loaded: torch.dtype | None) -> bool:
     """Whether a GPU load reads ``entry`` (loaded as ``loaded``) with :func:`host_bytes` and puts it with the
-    load's others by :func:`put_from_host`: an unquantized tensor of at most ``HOST_PUT_BYTES``, not cast, of a
-    dtype that torch and XLA share bit for bit. By itself each took about 0.5 ms of the loading thread's wall
-    time on an H100, 0.25 ms of its CPU (a read, a copy to the GPU, an allocation call of XLA's, the handover of
-    its array to torch and torch's copy into it); a tiny DeepSeek-V3 layer's five (four norms, the router's
-    bias), put together, 0.67 ms."""
+    load's others by :func:`put_from_host`: an unquantized tensor of at most ``HOST_PUT_BYTES``, not cast, of
+    a dtype that torch and XLA share bit for bit. By itself each took about 0.5 ms of the loading thread's
+    wall time on an H100, 0.25 ms of its CPU (a read, a copy to the GPU, an allocation call of XLA's, the
+    handover of its array to torch and torch's copy into it); a tiny DeepSeek-V3 layer's five (four norms,
+    the router's bias), put together, 0.67 ms."""
     return (
         entry.kind == "dense"
         and 0 < entry.stored_bytes <= HOST_PUT_BYTES
@@ -65,8 +65,8 @@ def from_host(entry: Entry, loaded: torch.dtype | None) -> bool:
 
 
 def host_bytes(ckpt: Checkpoint, entry: Entry, rule: jax_side.LeafRule) -> np.ndarray:
-    """A tensor that :func:`from_host` takes, read on the calling thread (counted as read) and laid out for Flax
-    by ``rule``, as a numpy array over memory of its own (a mapped torch file's tensor is copied), for
+    """A tensor that :func:`from_host` takes, read on the calling thread (counted as read) and laid out for
+    Flax by ``rule``, as a numpy array over memory of its own (a mapped torch file's tensor is copied), for
     :func:`put_from_host`.
 
     Raises:

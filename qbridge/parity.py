@@ -20,7 +20,8 @@ errors and the cosine are taken over the elements finite on both sides: the same
 A masked position (an infinity, or the largest finite magnitude of either side's dtype:
 ``torch.finfo(dtype).min``, its lowest value, which transformers fills masked positions with) on both
 sides, with one sign, agrees too, whichever of these each side holds, and masked positions are left out of
-the errors' scale and the cosine. Other mask values (``-1e9``, ``-1e4``) are compared as values: they set the errors' scale.
+the errors' scale and the cosine. Other mask values (``-1e9``, ``-1e4``) are compared as values: they set
+the errors' scale.
 """
 
 from ._compare import (
