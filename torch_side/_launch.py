@@ -27,6 +27,12 @@ except ImportError:  # older Triton: always its runner
     _RUNTIME = None
 
 
+def hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook (``knobs.runtime.launch_enter_hook`` or ``launch_exit_hook``) is set. Since
+    Triton 3.5 each is a ``HookChain``, never None, set when it holds a call; in 3.4 a callable or None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class Launcher:
     """One compiled specialization of a kernel and the constexpr values it was compiled for."""
 
@@ -43,7 +49,7 @@ class Launcher:
         compiled = self.compiled
         stream = torch._C._cuda_getCurrentRawStream(device_index)
         runtime = _RUNTIME
-        if runtime is None or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+        if runtime is None or hooked(runtime.launch_enter_hook) or hooked(runtime.launch_exit_hook):
             compiled[self.grid](*args, *self.constexprs, stream=stream)
             return
         g = self.grid

@@ -236,3 +236,69 @@ def test_repeated_calls_reuse_their_checked_plan_with_new_data():
                 assert_bitwise_equal(out, F.dequantize_4bit(packed, qs))
     # {nested, plain} x {offset tensor and row-major, offset number and transposed, out aligned or not}
     assert len(NF4_PLANS) == 8
+
+
+def test_a_hook_chain_without_calls_is_no_launch_hook():
+    """Since Triton 3.5 its launch hooks are ``HookChain`` objects, never None: an empty one is no hook (a
+    planned call then launches the compiled kernel itself), one holding a call is, and so is a plain callable
+    or a chain's call set the way Triton 3.4 sets one."""
+    knobs = pytest.importorskip("triton.knobs")
+    from torch_side._launch import hooked
+
+    assert not hooked(None)
+    assert hooked(print)
+    if not hasattr(knobs, "HookChain"):
+        pytest.skip("this Triton's launch hooks are callables or None")
+    assert not hooked(knobs.runtime.launch_enter_hook) and not hooked(knobs.runtime.launch_exit_hook)
+    chain = knobs.HookChain()
+    assert not hooked(chain)
+    chain.add(print)
+    assert hooked(chain)
+    chain.remove(print)
+    assert not hooked(chain)
+
+
+@pytest.mark.gpu
+def test_planned_calls_launch_directly_unless_a_launch_hook_is_set(monkeypatch):
+    """A planned call launches the compiled kernel itself, not through Triton's runner (which builds launch
+    metadata and calls the launch hooks on every launch); with a launch hook set (a profiler's), planned calls
+    go through the runner, which calls it with each launch's kernel. The bits are the same either way."""
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+
+    w = random_fp8((256, 512), seed=5).cuda()
+    s = random_scales((2, 4), seed=6).cuda()
+    _, packed, qs = bnb_quantize((64, 320), nested=True, seed=7, device="cuda")
+    calls = [
+        (lambda: torch_side.dequantize_fp8(w, s, backend="triton"), fp8_reference_loops(w, s, (128, 128), torch.bfloat16)),
+        (lambda: torch_side.dequantize(packed, qs, backend="triton"), F.dequantize_4bit(packed, qs)),
+    ]  # fmt: skip
+    for call, _ in calls:  # their plans
+        call()
+    runner = CompiledKernel.__getitem__
+    through_runner: list[object] = []
+    monkeypatch.setattr(
+        CompiledKernel, "__getitem__", lambda self, grid: through_runner.append(grid) or runner(self, grid)
+    )
+    for call, want in calls:
+        assert_bitwise_equal(call(), want)
+    assert through_runner == []
+
+    names: list[str] = []
+
+    def hook(metadata) -> None:
+        names.append(metadata["name"])
+
+    enter = knobs.runtime.launch_enter_hook
+    if hasattr(enter, "add"):  # a HookChain (Triton 3.5 and later)
+        enter.add(hook)
+    else:
+        monkeypatch.setattr(knobs.runtime, "launch_enter_hook", hook)
+    try:
+        for call, want in calls:
+            assert_bitwise_equal(call(), want)
+    finally:
+        if hasattr(enter, "remove"):
+            enter.remove(hook)
+    assert len(through_runner) == 2
+    assert names[0] != names[1] and "fp8" in names[0] and "nf4" in names[1], names
