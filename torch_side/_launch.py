@@ -23,14 +23,18 @@ try:  # Triton's launch hooks (profilers): when one is set, launches go through 
     from triton import knobs as _knobs
 
     _RUNTIME: Any = _knobs.runtime
+    _CHAIN: Any = getattr(_knobs, "HookChain", None)  # Triton 3.5 and later
 except ImportError:  # older Triton: always its runner
-    _RUNTIME = None
+    _RUNTIME = _CHAIN = None
 
 
 def hooked(hook: Any) -> bool:
     """Whether a Triton launch hook (``knobs.runtime.launch_enter_hook`` or ``launch_exit_hook``) is set. Since
-    Triton 3.5 each is a ``HookChain``, never None, set when it holds a call; in 3.4 a callable or None."""
-    return hook is not None and bool(getattr(hook, "calls", True))
+    Triton 3.5 each is a ``HookChain``, never None, set when it holds a call (a hook assigned in its place,
+    as Triton 3.4 takes one, is set unless it is None)."""
+    if _CHAIN is not None and isinstance(hook, _CHAIN):
+        return bool(hook.calls)
+    return hook is not None
 
 
 class Launcher:
