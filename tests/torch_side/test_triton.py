@@ -240,8 +240,8 @@ def test_repeated_calls_reuse_their_checked_plan_with_new_data():
 
 def test_a_hook_chain_without_calls_is_no_launch_hook():
     """Since Triton 3.5 its launch hooks are ``HookChain`` objects, never None: an empty one is no hook (a
-    planned call then launches the compiled kernel itself), one holding a call is, and so is a plain callable
-    or a chain's call set the way Triton 3.4 sets one."""
+    planned call then launches the compiled kernel itself), one holding a call is, and so is any callable
+    assigned in the chain's place (as Triton 3.4 takes a hook), whatever attributes it has."""
     knobs = pytest.importorskip("triton.knobs")
     from torch_side._launch import hooked
 
