@@ -5,7 +5,8 @@ compiled kernel up on each call, and compiles it on the caller's thread the firs
 gets the ``CompiledKernel`` from ``_compile`` (which can make it ready in the background instead) and
 returns a :class:`Launcher` holding it; the callers keep it in a plan keyed by everything that decides that
 choice (dtypes, shapes, 16-byte alignment of every pointer, the constexpr values, the device), and launch
-it directly on the current stream when the same key comes back (``_fp8`` and ``_nf4``).
+it directly on the current stream when the same key comes back (``_fp8`` and ``_nf4``). While a launch hook
+is set (:func:`hooked`: a profiler's), launches go through the compiled kernel's own runner, which calls it.
 
 Under ``TRITON_INTERPRET=1`` there is no compiled kernel: every launch goes through the interpreter.
 """
