@@ -176,6 +176,22 @@ def assert_same_bits(got, want) -> None:
     assert diff == 0, f"{diff} of {got.size} elements differ in their bits"
 
 
+def assert_same_leaves(a, b, device=None) -> None:
+    """Two pytrees of arrays: the same leaf paths, and leaf by leaf the same dtype, shape and bytes (NaN
+    payloads included), each on ``device`` when one is given."""
+    import jax
+    import numpy as np
+
+    a, b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [path for path, _ in a] == [path for path, _ in b]
+    for (path, x), (_, y) in zip(a, b, strict=True):
+        assert device is None or x.devices() == {device}, path
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        np.testing.assert_array_equal(
+            np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), err_msg=str(path)
+        )
+
+
 def bnb_pieces(packed, qs):
     """The pieces a serialized bitsandbytes checkpoint holds, as numpy arrays."""
     kw = dict(

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import bnb_llama, dense_llama, fp8_llama
+from helpers import assert_same_leaves
 
 import jax_side
 import qbridge
@@ -56,13 +57,7 @@ def test_convert_round_trip(nf4, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["orbax"]  # no partial or temporary files left
     restored = qbridge.restore_converted(out)
     loaded = qbridge.load_checkpoint(nf4, progress=False)
-    flat_a = jax.tree_util.tree_leaves_with_path(restored)
-    flat_b = jax.tree_util.tree_leaves_with_path(loaded)
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (_, a), (_, b) in zip(flat_a, flat_b):
-        assert a.dtype == b.dtype and np.array_equal(
-            np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)
-        )
+    assert_same_leaves(restored, loaded)
 
 
 def test_kept_quantized_weights_come_back_as_weights_without_a_target(nf4, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import bnb_llama, fp8_llama, torchao_llama
-from helpers import assert_same_bits, bnb_reference, fp8_reference_loops, to_numpy
+from helpers import assert_same_bits, assert_same_leaves, bnb_reference, fp8_reference_loops, to_numpy
 
 import jax_side
 import qbridge
@@ -465,14 +465,6 @@ def _loads_from_host(folder, monkeypatch, device):
     return loaded, report, hosted
 
 
-def _same_leaves(a, b, device):
-    a, b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [path for path, _ in a] == [path for path, _ in b]
-    for (path, x), (_, y) in zip(a, b, strict=True):
-        assert x.devices() == {device} and x.dtype == y.dtype and x.shape == y.shape, path
-        assert_same_bits(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_small_unquantized_tensors_go_to_the_gpu_from_the_host_bit_for_bit(tmp_path, fmt, monkeypatch):
@@ -492,7 +484,7 @@ def test_small_unquantized_tensors_go_to_the_gpu_from_the_host_bit_for_bit(tmp_p
     hosted.clear()
     before = qbridge.load_checkpoint(tmp_path / "gpt2", device="cuda", progress=False)
     assert not hosted
-    _same_leaves(loaded, before, jax.local_devices(backend="gpu")[0])
+    assert_same_leaves(loaded, before, jax.local_devices(backend="gpu")[0])
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
@@ -509,7 +501,7 @@ def test_the_host_route_taken_on_the_cpu_gives_the_cpu_loads_bits(tmp_path, fmt,
     loaded, report, hosted = _loads_from_host(tmp_path / "gpt2", monkeypatch, "cpu")
     assert report.read_bytes == report.stored_bytes
     assert "transformer.h.0.attn.c_proj.weight" in hosted and "transformer.h.0.mlp.c_fc.weight" not in hosted
-    _same_leaves(loaded, plain, cpu)
+    assert_same_leaves(loaded, plain, cpu)
     if fmt == "safetensors":
         # the file cut after planning, every tensor with it: the plan's first is named (a small one, read in the
         # plan's order, before the larger ones after it)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_leaves
 from safetensors.torch import save_file
 
 import qbridge
@@ -108,7 +109,6 @@ def test_a_load_staging_its_small_pieces_gives_the_same_arrays(tmp_path, monkeyp
     arrays are bit for bit those of a load that reads and copies each piece on its own."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
-    import jax
     from checkpoints import bnb_llama, dense_llama
 
     dense_llama(tmp_path / "dense", sizes={"hidden_size": 256, "intermediate_size": 512, "vocab_size": 384})
@@ -129,12 +129,7 @@ def test_a_load_staging_its_small_pieces_gives_the_same_arrays(tmp_path, monkeyp
         with monkeypatch.context() as m:
             m.setattr(_checkpoint._Source, "stage_small", lambda self, keys, device: 0)
             without = qbridge.load_checkpoint(folder, device="cuda", progress=False)
-        a, b = jax.tree_util.tree_leaves_with_path(with_staging), jax.tree_util.tree_leaves_with_path(without)
-        assert [p for p, _ in a] == [p for p, _ in b]
-        for (path, x), (_, y) in zip(a, b, strict=True):
-            np.testing.assert_array_equal(
-                np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8), err_msg=str(path)
-            )
+        assert_same_leaves(with_staging, without)
 
 
 @gpu
