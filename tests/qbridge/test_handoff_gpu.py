@@ -513,19 +513,23 @@ def test_the_loader_writes_into_arrays_xla_allocated_and_returns_after_the_write
     """Once a shape's allocation is compiled, the loader's dense results are written by torch into new
     arrays that XLA allocated (distinct buffers, the checkpoint's exact values), and the load returns only
     after those writes landed: read at once, each array holds its values even when the device is kept busy
-    before every write."""
+    before every write. A tensor of at most ``HOST_PUT_BYTES`` comes from its host bytes instead (not
+    written)."""
     from safetensors.torch import save_file
 
     import qbridge
-    from qbridge import _handoff
+    from qbridge import _handoff, _place
 
     gen = torch.Generator().manual_seed(3)
     stored = {
         "w0": torch.randn(1024, 512, generator=gen),
         "w1": torch.randn(1024, 512, generator=gen),
-        "w2": torch.randn(33, 7, generator=gen).bfloat16(),
-        "b": torch.randn(4099, generator=gen).half(),
+        "w2": torch.randn(1033, 37, generator=gen).bfloat16(),
+        "b": torch.randn(40999, generator=gen).half(),
+        "small": torch.randn(33, 7, generator=gen).bfloat16(),
     }
+    large = [k for k, v in stored.items() if v.numel() * v.element_size() > _place.HOST_PUT_BYTES]
+    assert large == ["w0", "w1", "w2", "b"]
     save_file(stored, tmp_path / "model.safetensors")
     for _ in range(2):  # a shape's allocation is compiled from its second sighting
         qbridge.load_checkpoint(tmp_path, progress=False)
@@ -541,7 +545,7 @@ def test_the_loader_writes_into_arrays_xla_allocated_and_returns_after_the_write
 
     monkeypatch.setattr(_handoff.XlaDestinations, "write", slow_write)
     params = qbridge.load_checkpoint(tmp_path, progress=False)["params"]
-    assert written == [True] * len(stored)
+    assert written == [True] * len(large)
     for name, value in stored.items():  # read at once, before anything else waits for the device
         got, want = np.asarray(params[name]), to_numpy(value)
         assert got.dtype == want.dtype and got.shape == want.shape, name
@@ -571,7 +575,7 @@ def test_the_loader_decodes_4bit_weights_straight_into_arrays_xla_allocated(tmp_
         weights[name] = (packed, qs)
         stored[name] = packed
         stored.update({f"{name}.{k}": v for k, v in qs.as_dict(packed=True).items()})
-    stored["model.norm"] = torch.randn(1000).bfloat16()
+    stored["model.norm"] = torch.randn(40000).bfloat16()  # over HOST_PUT_BYTES: written by a copy
     save_file(stored, tmp_path / "model.safetensors")
     for _ in range(2):  # a shape's allocation is compiled from its second sighting
         qbridge.load_checkpoint(tmp_path, progress=False)
@@ -599,7 +603,7 @@ def test_the_loader_decodes_4bit_weights_straight_into_arrays_xla_allocated(tmp_
     flat = {k: params["model"][k[len("model.") : -len(".weight")]]["kernel"] for k in shapes}
     # read at once, before anything else waits for the device
     got = {k: np.asarray(v) for k, v in flat.items()}
-    assert written == [(1000,)], "only the norm is written by a copy"
+    assert written == [(40000,)], "only the norm is written by a copy"
     assert sorted(outs) == sorted(a.unsafe_buffer_pointer() for a in flat.values())
     for name, shape in shapes.items():
         want = copied["model"][name[len("model.") : -len(".weight")]]["kernel"]
