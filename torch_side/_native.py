@@ -89,6 +89,7 @@ _FN_T: Any = None  # the loaded qb_dequantize_4bit_t (written transposed), from 
 _SCAN: Any = None  # the loaded qb_first_busy_stream, from the same library
 _ORDER: Any = None  # the loaded qb_order_after_idle, from the same library
 _READ: Any = None  # the loaded qb_read_ranges, from the same library
+_PLANNED: Any = None  # the loaded qb_dequantize_4bit_planned (a plan's call), from the same library
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -153,13 +154,16 @@ def _whole(path: pathlib.Path) -> bool:
     return whole(str(path))
 
 
-def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any, Any, Any]:
+def load(path: pathlib.Path, *, planned: bool = True) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
     """The library's entry points (4-bit, FP8, 4-bit written transposed, the stream scan, the scan with the
-    ordering of a consumer stream, the reads of many byte ranges), with their argument types set."""
+    ordering of a consumer stream, the reads of many byte ranges, a planned 4-bit call), with their argument
+    types set. ``planned=False`` also loads a library built from an older revision, which lacks the last
+    one (then None; ``benchmarks/cpu_kernel_builds.py``)."""
     try:
         library = ctypes.CDLL(str(path))  # its calls give up the GIL while they run
         fn, fp8, fn_t = library.qb_dequantize_4bit, library.qb_dequantize_fp8, library.qb_dequantize_4bit_t
         scan, order, read = library.qb_first_busy_stream, library.qb_order_after_idle, library.qb_read_ranges
+        planned_fn = library.qb_dequantize_4bit_planned if planned else None
     except (OSError, AttributeError) as e:
         raise BuildError(f"{path} could not be loaded: {e}") from e
     log.debug("qbridge's CPU 4-bit kernel loaded from %s: CPU decoding takes it from now on", path)
@@ -176,11 +180,14 @@ def load(path: pathlib.Path) -> tuple[Any, Any, Any, Any, Any, Any]:
     order.restype = i32
     read.argtypes = [i32, i64, p, p, p, p, p]
     read.restype = i64
-    return fn, fp8, fn_t, scan, order, read
+    if planned_fn is not None:
+        planned_fn.argtypes = [p, p, p, p, p, ctypes.c_float, p, i32]
+        planned_fn.restype = i32
+    return fn, fp8, fn_t, scan, order, read, planned_fn
 
 
 def _build_and_load() -> None:
-    global _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ, _UNAVAILABLE
+    global _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ, _PLANNED, _UNAVAILABLE
     try:
         root = cache_dir()
         if root is not None:
@@ -192,7 +199,7 @@ def _build_and_load() -> None:
                     whole = _whole(path)
                 if whole:
                     try:
-                        _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ = load(path)
+                        _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ, _PLANNED = load(path)
                         return
                     except BuildError as e:  # whole but not the kernel (replaced by hand): built again
                         log.debug("%s could not be loaded (%s): built again", path, e)
@@ -203,7 +210,7 @@ def _build_and_load() -> None:
         # cpu_4bit made (or one made now), removed below once loaded (the loaded library stays mapped)
         path = library_path(_PRIVATE if _PRIVATE is not None else _make_private())
         build(path)
-        _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ = load(path)
+        _FN, _FP8, _FN_T, _SCAN, _ORDER, _READ, _PLANNED = load(path)
     except BuildError as e:
         _UNAVAILABLE = True
         if not _BUILDS.exiting:  # a private build stopped at exit is no news
@@ -340,6 +347,18 @@ def cpu_4bit_t(wait: bool = False) -> Any:
     """The transposed 4-bit entry point of the same library (see :func:`cpu_4bit`), or None."""
     cpu_4bit(wait)
     return _FN_T
+
+
+def cpu_4bit_planned(wait: bool = False) -> Any:
+    """The planned 4-bit entry point of the same library (see :func:`cpu_4bit`), or None:
+    ``qb_dequantize_4bit_planned(plan, packed, scales, nested_code, nested_absmax, offset, out, threads)``,
+    with what a plan fixed in ``plan`` (int64 values in the order of ``PLAN_FIELDS``)."""
+    cpu_4bit(wait)
+    return _PLANNED
+
+
+# the int64 values of a plan, in the order of kernels/cpu_4bit.c's QB_PLAN_* (code: the table's address)
+PLAN_FIELDS = ("code", "n", "rows", "cols", "blocksize", "nested_blocksize", "kind", "transposed")
 
 
 def _make_private() -> pathlib.Path:

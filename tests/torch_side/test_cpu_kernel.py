@@ -21,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 import torch
@@ -598,6 +599,47 @@ def test_out_keeps_torchs_rules(kernel, transpose):
     for _ in range(2):  # the first call, then through the plan
         _same_as_torch_path(overlapping)
         _same_as_torch_path(over_the_bytes)
+
+    class Recording(torch.Tensor):  # a subclass that sees the operations on it
+        seen: ClassVar[list[str]] = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(getattr(func, "__name__", ""))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    NF4_PLANS.clear()
+    for call in ("first", "planned"):  # a subclass's out is filled by torch's copy_, which it sees
+        out = torch.zeros(64, 64).as_subclass(Recording)
+        Recording.seen.clear()
+        torch_side.dequantize_nf4(packed, absmax, **kw, out=out)
+        assert "copy_" in Recording.seen, call
+        assert_bitwise_equal(out.as_subclass(torch.Tensor), want)
+    assert len(NF4_PLANS) == 1  # the second call went through the plan
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_planned_calls_read_their_own_pieces_in_every_shape(kernel, nested):
+    """After the first call of a kind, a call goes through its plan (the kernel's planned entry point, with
+    what the key fixed held in the plan): new data of the same kind reads its own pieces and gives the
+    torch path's bits, in every shape the plans take (0-d, 1-d, 3-d, odd sizes, a transposed result
+    written by the kernel and one returned as a view), every dtype."""
+    from torch_side._plans import NF4_PLANS
+
+    cases = [((), False), ((7,), False), ((2, 3, 64), False), ((33, 130), False), ((33, 130), True)]
+    cases.append(((700, 1500), True))  # written transposed by the kernel, on several threads
+    NF4_PLANS.clear()
+    for seed in range(3):
+        for shape, transpose in cases:
+            n = math.prod(shape)
+            for dtype in DTYPES:
+                packed, absmax, _, extra = _pieces(n, 64, nested=nested, seed=seed, nested_blocksize=7)
+                kw = dict(shape=shape, dtype=dtype, transpose=transpose, **extra)
+                want = torch_side.dequantize_nf4(packed, absmax, **kw, backend="torch")
+                got = torch_side.dequantize_nf4(packed, absmax, **kw)
+                assert got.shape == want.shape, (shape, transpose)
+                assert_bitwise_equal(got, want)
+    assert len(NF4_PLANS) == len(cases) * len(DTYPES)  # one plan per kind, taken by the later calls
 
 
 def test_out_and_inputs_autograd_and_functorch_see_after_a_plan_exists(kernel):
