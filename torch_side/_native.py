@@ -36,6 +36,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import threading
 from typing import Any
@@ -183,7 +184,52 @@ def load(path: pathlib.Path, *, planned: bool = True) -> tuple[Any, Any, Any, An
     if planned_fn is not None:
         planned_fn.argtypes = [p, p, p, p, p, ctypes.c_float, p, i32]
         planned_fn.restype = i32
+        team = torch_openmp_team()
+        if team is not None:  # calls from the main thread decode on torch's own threads
+            library.qb_use_gomp_parallel.argtypes = [p]
+            library.qb_use_gomp_parallel.restype = None
+            library.qb_use_gomp_parallel(team)
     return fn, fp8, fn_t, scan, order, read, planned_fn
+
+
+def torch_openmp_team() -> int | None:
+    """The address of ``GOMP_parallel`` in the GNU OpenMP runtime torch runs its parallel operations on (its
+    Linux builds), or None: not Linux, torch's parallel backend is not OpenMP, or the process holds another
+    OpenMP runtime (Intel's, LLVM's) or no single libgomp that is torch's (one inside torch's folders, else
+    the only one loaded).
+
+    The kernel then splits a call from the main thread over torch's own threads (``kernels/cpu_4bit.c``,
+    ``qb_use_gomp_parallel``): beside them, a pool of its own got no CPU for milliseconds while they spun
+    after one of torch's parallel operations (``benchmarks/RESULTS.md``)."""
+    if (
+        not sys.platform.startswith("linux")
+        or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
+    ):
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = {
+                line.split(None, 5)[5].strip() for line in maps if line.count(" ") >= 5 and "/lib" in line
+            }
+    except OSError:
+        return None
+    names = {path: os.path.basename(path) for path in loaded}
+    if any(name.startswith(("libiomp", "libomp")) for name in names.values()):
+        return None  # another runtime beside it: which one torch's threads belong to is not known here
+    gomp = sorted(path for path, name in names.items() if name.startswith("libgomp") and ".so" in name)
+    roots = tuple(
+        os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), d) + os.sep
+        for d in ("torch", "torch.libs")
+    )
+    torch_own = [path for path in gomp if path.startswith(roots)]
+    chosen = torch_own if torch_own else gomp
+    if len(chosen) != 1:
+        return None
+    try:  # the copy loaded already (RTLD_NOLOAD: none is loaded here)
+        runtime = ctypes.CDLL(chosen[0], mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
+        return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 def _build_and_load() -> None:

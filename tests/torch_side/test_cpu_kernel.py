@@ -8,6 +8,7 @@ absence are tested in fresh processes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import multiprocessing
@@ -127,18 +128,68 @@ def test_written_transposed_matches_the_reference(kernel, rows, cols, blocksize,
         torch.set_num_threads(before)
 
 
+ROUTES = ["main thread", "another thread"]
+
+
+def _on(route, fn):
+    """``fn()`` on the calling (main) thread or on a thread of its own: the kernel splits a call from the
+    main thread over torch's OpenMP threads where torch runs on GNU OpenMP (``_native.torch_openmp_team``),
+    and a call from another thread over its own pool."""
+    if route == "main thread":
+        assert threading.current_thread() is threading.main_thread()
+        return fn()
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_several_threads_split_blocks_exactly(kernel, threads):
-    """Large weights are split over threads by whole blocks: each thread count gives the same bits
-    (n past the size from which threads are used, with a short last block)."""
+def test_several_threads_split_blocks_exactly(kernel, threads, route):
+    """Large weights are split over threads by whole blocks (FP8 and the transposed decodes by rows, in
+    whole tiles), several parts per thread: each thread count gives the same bits, on torch's OpenMP threads
+    and on the kernel's own pool (n past the size from which threads are used, with a short last block;
+    rows past whole tiles)."""
     n = (1 << 20) + 4097
+    rows, cols = 1031, 1030
+    gen = torch.Generator().manual_seed(threads)
+    W = _fp8_weight((rows, cols), torch.float8_e4m3fn, gen)
+    scale = torch.rand(9, 9, generator=gen)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for nested in (False, True):
             packed, absmax, code, extra = _pieces(n, 64, nested=nested, seed=threads)
-            got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.bfloat16, **extra)
-            assert_bitwise_equal(got, _reference(packed, absmax, code, 64, n, torch.bfloat16, extra))
+            decode = functools.partial(
+                dequantize_4bit_native, packed, absmax, code, 64, n, torch.bfloat16, **extra
+            )
+            assert_bitwise_equal(
+                _on(route, decode), _reference(packed, absmax, code, 64, n, torch.bfloat16, extra)
+            )
+            packed, absmax, code, extra = _pieces(rows * cols, 64, nested=nested, seed=threads)
+            decode = functools.partial(
+                dequantize_4bit_native, packed, absmax, code, 64, rows * cols, torch.float16, **extra,
+                transposed=(rows, cols),
+            )  # fmt: skip
+            want = _reference(packed, absmax, code, 64, rows * cols, torch.float16, extra)
+            assert_bitwise_equal(_on(route, decode), want.reshape(rows, cols).t())
+        for transpose in (False, True):
+            decode = functools.partial(
+                torch_side.dequantize_fp8, W, scale, torch.bfloat16, transpose=transpose
+            )
+            want = torch_side.dequantize_fp8(W, scale, torch.bfloat16, transpose=transpose, backend="torch")
+            assert_bitwise_equal(_on(route, decode), want)
     finally:
         torch.set_num_threads(before)
 
@@ -287,14 +338,17 @@ def _decode_in_child(queue):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork is Linux's default start method")
 def test_a_forked_child_decodes_with_its_own_threads(kernel):
-    """The pool's threads do not survive a fork: a child forked after the parent used them starts its own
-    (it would wait forever on the parent's otherwise)."""
+    """Neither the pool's threads nor torch's OpenMP threads survive a fork: a child forked after the parent
+    used both starts a pool of its own (it would wait forever on the parent's threads otherwise)."""
     n = (1 << 20) + 1
     _FORKED.update(n=n, job=_pieces(n, 64, nested=False, seed=9))
     packed, absmax, code, _ = _FORKED["job"]
     want = _reference(packed, absmax, code, 64, n, torch.float32, {})
-    got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)  # the parent's pool runs
-    assert_bitwise_equal(got, want)
+    for route in ROUTES:  # torch's OpenMP threads (where torch runs on GNU OpenMP), then the pool
+        got = _on(
+            route, functools.partial(dequantize_4bit_native, packed, absmax, code, 64, n, torch.float32)
+        )
+        assert_bitwise_equal(got, want)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.SimpleQueue()
     child = ctx.Process(target=_decode_in_child, args=(queue,))
@@ -304,6 +358,54 @@ def test_a_forked_child_decodes_with_its_own_threads(kernel):
         child.kill()
     assert child.exitcode == 0, "the forked child did not finish"
     assert queue.get() == hashlib.sha256(want.numpy().tobytes()).hexdigest()
+
+
+ROUTE_PROBE = """
+    import functools, os, sys, threading, torch, torch_side
+    from torch_side import _native
+    from torch_side._nf4 import dequantize_4bit_native
+
+    def named():  # the kernel's pool threads, by the name they give themselves
+        tasks = os.listdir("/proc/self/task")
+        return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "qbridge-decode" for t in tasks)
+
+    torch.set_num_threads(2)
+    torch_side.wait_for_kernels()
+    n = 1 << 21
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8)
+    absmax, code = torch.rand(n // 64), torch.tensor(torch_side.NF4_CODE, dtype=torch.float32)
+    decode = functools.partial(dequantize_4bit_native, packed, absmax, code, 64, n, torch.float32)
+    team = _native.torch_openmp_team() is not None
+    print("team", team, "backend", torch.__config__.parallel_info().count("parallel backend: OpenMP"))
+    torch.randn(1 << 22).sum()  # torch's own threads start
+    results = [decode()]
+    print("after main thread", named())
+    worker = threading.Thread(target=lambda: results.append(decode()))
+    worker.start(); worker.join()
+    print("after another thread", named())
+    torch.set_num_threads(3)
+    worker = threading.Thread(target=lambda: results.append(decode()))
+    worker.start(); worker.join()
+    print("after 3 threads", named())
+    print("same", all(torch.equal(r, results[0]) for r in results))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads are named and listed through /proc on Linux")
+def test_calls_from_the_main_thread_take_torchs_openmp_threads(kernel):
+    """Where torch runs on GNU OpenMP (its Linux wheels), a decode called from the main thread is split
+    over torch's own threads (the kernel's pool beside them got no CPU while they spun), and one called
+    from another thread over the kernel's pool, which grows to the thread count asked for."""
+    done = _run(ROUTE_PROBE)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.rsplit(" ", 1) for line in done.stdout.splitlines() if not line.startswith("team"))
+    gnu = "team True" in done.stdout
+    if "backend 1" in done.stdout and platform.machine() in ("x86_64", "AMD64"):
+        assert gnu, done.stdout  # torch's x86-64 Linux wheels ship GNU OpenMP: the team must be found
+    assert lines["after main thread"] == ("0" if gnu else "1"), done.stdout
+    assert lines["after another thread"] == "1", done.stdout
+    assert lines["after 3 threads"] == "2", done.stdout
+    assert lines["same"] == "True", done.stdout
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -447,9 +549,11 @@ def test_a_child_forked_while_a_build_starts_can_build():
     assert "child could take the lock True" in done.stdout
 
 
-def test_calls_of_changing_sizes_on_many_threads_never_return_early(kernel):
+@pytest.mark.parametrize("route", ROUTES)
+def test_calls_of_changing_sizes_on_many_threads_never_return_early(kernel, route):
     """Each part of a call runs exactly once and the call returns after all of them, also when workers
-    wake late and calls of different part counts follow each other (a busy thread preempts workers)."""
+    wake late and calls of different part counts follow each other (a busy thread preempts workers), on
+    torch's OpenMP threads and on the kernel's own pool."""
     before = torch.get_num_threads()
     torch.set_num_threads(8)
     stop = threading.Event()
@@ -466,10 +570,14 @@ def test_calls_of_changing_sizes_on_many_threads_never_return_early(kernel):
         for i, n in enumerate((1 << 19, 1 << 21, 3 << 19)):
             packed, absmax, code, _ = _pieces(n, 64, nested=False, seed=i)
             jobs.append((packed, absmax, code, n, _reference(packed, absmax, code, 64, n, torch.float32, {})))
-        for _ in range(60):
-            for packed, absmax, code, n, want in jobs:
-                got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)
-                assert torch.equal(got, want)
+
+        def calls():
+            for _ in range(60):
+                for packed, absmax, code, n, want in jobs:
+                    got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)
+                    assert torch.equal(got, want)
+
+        _on(route, calls)
     finally:
         stop.set()
         spinner.join()

@@ -22,11 +22,18 @@
  * Built by torch_side/_native.py with the machine's C compiler and loaded with ctypes; jax_side/_cpu_kernel.py
  * builds it again together with its XLA FFI binding (jax_side/kernels/cpu_4bit_xla.c) for jax_side's CPU decode.
  */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* pthread_setname_np */
+#endif
 #include <float.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -531,6 +538,7 @@ static void run_fp8_rows_t(const qb_job *job) {
         for (int64_t c = 0; c < cols; c++) store_one(job->out, job->kind, c * rows + r, fp8_value(job, r, c));
 }
 
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #define QB_CSR 1
@@ -551,25 +559,37 @@ static void run_part(const qb_job *job) {
 }
 
 /* A pool of worker threads, started on first use and kept: starting a thread per call costs more than
- * decoding a megabyte. A call publishes its parts in one 64-bit word (generation, number of parts, next part
- * to claim); the caller and the workers claim parts from that word with compare-and-swap, so each part of
- * a call runs exactly once, by whichever thread claims it, and a worker that wakes late can only claim
- * parts of the call being served (their jobs stay valid until the call has counted all of them done). A
- * worker that found nothing to claim spins for up to SPIN_NS before it sleeps, so that calls in a loop do
- * not pay a wake-up each. One call uses the pool at a time; a call that finds it busy decodes alone. */
+ * decoding a megabyte. A call splits its work into parts, several per thread (QB_PARTS_PER_THREAD), and
+ * publishes them in one 64-bit word (generation, seats, number of parts, next part to claim); the caller
+ * and the workers claim parts from that word with compare-and-swap, so each part runs exactly once, by
+ * whichever thread claims it. A worker takes one of the call's `threads - 1` seats with its first claim
+ * (in the same compare-and-swap), so no more threads than asked decode, whatever the pool's size; a worker
+ * that wakes late can only claim parts of the call being served (their jobs stay valid until the call has
+ * counted all of them done). Several parts per thread let the threads that run take over the parts of one
+ * that starts late or is preempted (with one part per thread the caller waited for that thread's whole
+ * share); torch's OpenMP team below claims the same parts. A worker that found nothing to claim spins for
+ * up to SPIN_NS before it sleeps, so that calls in a loop do not pay a wake-up each. One call uses the pool
+ * at a time; a call that finds it busy decodes alone. */
 #define QB_MAX_THREADS 64
+#define QB_PARTS_PER_THREAD 8
+#define QB_MAX_PARTS 64
 #define SPIN_NS 200000L
-#define WORD(gen, parts, next) (((uint64_t)(gen) << 16) | ((uint64_t)(parts) << 8) | (uint64_t)(next))
-#define WORD_GEN(w) ((w) >> 16)
+#define WORD(gen, seats, parts, next)                                                                         \
+    (((uint64_t)(gen) << 24) | ((uint64_t)(seats) << 16) | ((uint64_t)(parts) << 8) | (uint64_t)(next))
+#define WORD_GEN(w) ((w) >> 24)
+#define WORD_SEATS(w) ((int)(((w) >> 16) & 0xff))
 #define WORD_PARTS(w) ((int)(((w) >> 8) & 0xff))
 #define WORD_NEXT(w) ((int)((w) & 0xff))
+#define ONE_SEAT ((uint64_t)1 << 16)
 static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER; /* held by the call using the pool */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_start = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
-static qb_job pool_jobs[QB_MAX_THREADS];
+static qb_job pool_jobs[QB_MAX_PARTS];
 static int pool_workers = 0;
 static int pool_pending = 0; /* atomic: parts of the current call not finished yet */
-static uint64_t pool_word = 0; /* atomic: WORD(generation, parts, next part to claim) */
+static uint64_t pool_word = 0; /* atomic: WORD(generation, seats left, parts, next part to claim) */
+typedef void (*qb_gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static qb_gomp_parallel_fn gomp_parallel = NULL; /* torch's OpenMP, where set (see qb_use_gomp_parallel) */
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -585,14 +605,16 @@ static inline long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-/* Claims the next part of the call being served: its index, or -1 (then *gen is the generation seen). */
-static int claim(uint64_t *gen) {
+/* Claims the next part of generation `gen`: its index, or -1 when none is left (or the word has moved on
+ * to another call). With `seat`, the claim also takes one of the call's seats, and fails when none is
+ * left. */
+static int claim(uint64_t gen, int seat) {
     uint64_t w = __atomic_load_n(&pool_word, __ATOMIC_ACQUIRE);
-    while (WORD_NEXT(w) < WORD_PARTS(w)) {
-        if (__atomic_compare_exchange_n(&pool_word, &w, w + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    while (WORD_GEN(w) == gen && WORD_NEXT(w) < WORD_PARTS(w) && (!seat || WORD_SEATS(w) > 0)) {
+        const uint64_t next = w + 1 - (seat ? ONE_SEAT : 0);
+        if (__atomic_compare_exchange_n(&pool_word, &w, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             return WORD_NEXT(w);
     }
-    *gen = WORD_GEN(w);
     return -1;
 }
 
@@ -606,26 +628,29 @@ static void finish_part(void) {
 
 static void *pool_worker(void *arg) {
     (void)arg;
+    uint64_t served = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)); /* the last call looked at */
     for (;;) {
-        uint64_t gen = 0;
-        const int part = claim(&gen);
-        if (part >= 0) {
-            run_part(&pool_jobs[part]);
-            finish_part();
+        const uint64_t gen = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE));
+        if (gen != served) { /* a call to serve: a seat with the first part, then parts while any are left */
+            served = gen;
+            for (int part = claim(gen, 1); part >= 0; part = claim(gen, 0)) {
+                run_part(&pool_jobs[part]);
+                finish_part();
+            }
             continue;
         }
-        /* nothing to claim: wait for the next call (a new generation), spinning first */
+        /* wait for the next call (a new generation), spinning first */
         const long until = now_ns() + SPIN_NS;
         int changed = 0;
         while (!changed && now_ns() < until) {
             for (int k = 0; k < 64 && !changed; k++) {
-                changed = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) != gen;
+                changed = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) != served;
                 cpu_relax();
             }
         }
         if (!changed) {
             pthread_mutex_lock(&pool_lock);
-            while (WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) == gen)
+            while (WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) == served)
                 pthread_cond_wait(&pool_start, &pool_lock);
             pthread_mutex_unlock(&pool_lock);
         }
@@ -642,34 +667,80 @@ static void pool_after_fork(void) { /* the child has no workers: start again (lo
     pool_done = fresh;
     pool_workers = 0;
     pool_pending = 0;
-    pool_word = WORD(WORD_GEN(pool_word) + 1, 0, 0);
+    pool_word = WORD(WORD_GEN(pool_word) + 1, 0, 0, 0);
+    gomp_parallel = NULL;
 }
 
+/* torch's own threads, where torch runs on GNU OpenMP (its Linux builds): GOMP_parallel of the libgomp torch
+ * loaded, set by torch_side (qb_use_gomp_parallel) when it loads this library. A call from the process's
+ * main thread then runs its parts on torch's OpenMP team instead of the pool above: the threads torch has
+ * just used spin for a while after each of torch's parallel operations (bitsandbytes' CPU kernel is one),
+ * and a pool of our own beside them was seen to get no CPU for milliseconds on a 2-core machine (calls at a
+ * single thread's time, 1.8x the usual, in 10-30 % of the blocks of calls timed). Other threads keep the
+ * pool: libgomp gives every thread that starts a parallel region a team of its own. A forked child keeps
+ * the pool too (libgomp's threads do not survive a fork). */
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static void pool_register_fork(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
-/* Runs parts 0 .. parts-1 of jobs, on this thread and the pool's; returns the number of threads offered. */
-static int run_parallel(qb_job *jobs, int parts) {
+void qb_use_gomp_parallel(void *fn) {
+    pthread_once(&pool_once, pool_register_fork);
+    __atomic_store_n(&gomp_parallel, (qb_gomp_parallel_fn)fn, __ATOMIC_RELEASE);
+}
+
+static int on_main_thread(void) {
+#if defined(__linux__)
+    static __thread int main_thread = -1;
+    if (main_thread < 0) main_thread = (pid_t)syscall(SYS_gettid) == getpid();
+    return main_thread;
+#else
+    return 0;
+#endif
+}
+
+typedef struct {
+    qb_job *jobs;
+    int parts;
+    int next; /* atomic: the next part to claim */
+} qb_team_call;
+
+static void team_body(void *data) { /* run by each thread of the team, the caller included */
+    qb_team_call *call = (qb_team_call *)data;
+    for (int part; (part = __atomic_fetch_add(&call->next, 1, __ATOMIC_ACQ_REL)) < call->parts;)
+        run_part(&call->jobs[part]);
+}
+
+/* Runs parts 0 .. parts-1 of jobs on this thread and on up to threads - 1 of the pool's; returns the number
+ * of threads offered. */
+static int run_parallel(qb_job *jobs, int parts, int threads) {
     pthread_once(&pool_once, pool_register_fork);
 #if QB_CSR
     for (int t = 0; t < parts; t++) jobs[t].csr = _mm_getcsr();
 #endif
-    if (parts > 1 && pthread_mutex_trylock(&pool_call) == 0) {
-        while (pool_workers < parts - 1 && pool_workers + 1 < QB_MAX_THREADS) {
+    const qb_gomp_parallel_fn team = __atomic_load_n(&gomp_parallel, __ATOMIC_ACQUIRE);
+    if (team && threads > 1 && parts > 1 && on_main_thread()) {
+        qb_team_call call = {jobs, parts, 0};
+        team(team_body, &call, (unsigned)threads, 0); /* returns when every part is done */
+        return threads;
+    }
+    if (threads > 1 && parts > 1 && pthread_mutex_trylock(&pool_call) == 0) {
+        while (pool_workers < threads - 1 && pool_workers + 1 < QB_MAX_THREADS) {
             pthread_t id;
             if (pthread_create(&id, NULL, pool_worker, NULL) != 0) break;
+#if defined(__linux__)
+            pthread_setname_np(id, "qbridge-decode"); /* as tools (top -H, py-spy) show it */
+#endif
             pthread_detach(id);
             pool_workers++;
         }
+        const int seats = pool_workers < threads - 1 ? pool_workers : threads - 1;
         for (int t = 0; t < parts; t++) pool_jobs[t] = jobs[t];
         __atomic_store_n(&pool_pending, parts, __ATOMIC_RELEASE);
         pthread_mutex_lock(&pool_lock);
         const uint64_t gen = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) + 1;
-        __atomic_store_n(&pool_word, WORD(gen, parts, 0), __ATOMIC_RELEASE);
+        __atomic_store_n(&pool_word, WORD(gen, seats, parts, 0), __ATOMIC_RELEASE);
         pthread_cond_broadcast(&pool_start);
         pthread_mutex_unlock(&pool_lock);
-        uint64_t seen;
-        for (int part; (part = claim(&seen)) >= 0;) { /* every part nobody else took */
+        for (int part; (part = claim(gen, 0)) >= 0;) { /* every part nobody else took */
             run_part(&pool_jobs[part]);
             __atomic_sub_fetch(&pool_pending, 1, __ATOMIC_ACQ_REL);
         }
@@ -679,7 +750,7 @@ static int run_parallel(qb_job *jobs, int parts) {
         while (__atomic_load_n(&pool_pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&pool_done, &pool_lock);
         pthread_mutex_unlock(&pool_lock);
         pthread_mutex_unlock(&pool_call);
-        return pool_workers + 1 < parts ? pool_workers + 1 : parts;
+        return seats + 1;
     }
     for (int t = 0; t < parts; t++) jobs[t].run(&jobs[t]); /* on the caller's thread: its own word */
     return 1;
@@ -696,6 +767,46 @@ static int thread_count(int threads, int64_t elements, int64_t units) {
     return threads;
 }
 
+/* The parts a call of `threads` threads is split into: one on one thread, else QB_PARTS_PER_THREAD per
+ * thread, at most QB_MAX_PARTS and at most one per unit of work. */
+static int part_count(int threads, int64_t units) {
+    if (threads <= 1) return 1;
+    int64_t parts = (int64_t)threads * QB_PARTS_PER_THREAD;
+    if (parts > QB_MAX_PARTS) parts = QB_MAX_PARTS;
+    if (parts > units) parts = units;
+    return (int)parts;
+}
+
+/* Where part t of `parts` starts among `units` units, at a multiple of `align` (the last part ends at
+ * `units`): a part of rows then holds whole tiles of the transposed decodes. */
+static int64_t part_start(int64_t units, int t, int parts, int64_t align) {
+    if (t >= parts) return units;
+    const int64_t start = units * t / parts;
+    return start - start % align;
+}
+
+/* The parts of a transposed decode of `rows` rows (and in *align, where they may start): at whole 4 KiB
+ * pages of each output row where there are rows enough for a part per thread (1024 or 2048 rows: whole
+ * tiles too), so that each part writes pages of its own; parts that shared the pages of a new result made
+ * the threads fault the same pages in (4096x4096 NF4 -> bf16 written transposed: 19-21 ms against
+ * 14.6-14.9 with one part per thread, each on half of every row's pages). Fewer rows: one part per
+ * thread, at whole tiles. */
+#ifdef QB_TILE_R
+#define QB_TILE_ROWS QB_TILE_R
+#else
+#define QB_TILE_ROWS 1
+#endif
+static int transposed_parts(int threads, int64_t rows, int kind, int64_t *align) {
+    const int64_t page_rows = 4096 / (kind == QB_F32 ? 4 : 2);
+    if (rows / page_rows >= threads) {
+        *align = page_rows;
+        return part_count(threads, rows / page_rows);
+    }
+    *align = QB_TILE_ROWS;
+    const int64_t tiles = rows / QB_TILE_ROWS > 0 ? rows / QB_TILE_ROWS : 1;
+    return threads < tiles ? threads : (int)tiles;
+}
+
 /* Decodes n elements into out (kind: 0 float32, 1 bfloat16, 2 float16) on up to `threads` threads.
  * absmax: float32 scales, or NULL with absmax_code/nested_code/nested_absmax/offset for a nested absmax.
  * Returns the number of threads that decoded. */
@@ -705,16 +816,18 @@ int qb_dequantize_4bit(const uint8_t *packed, const float *absmax, const uint8_t
                        int threads) {
     const int64_t blocks = (n + blocksize - 1) / blocksize;
     threads = thread_count(threads, n, blocks);
-    qb_job jobs[QB_MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
+    const int parts = part_count(threads, blocks);
+    qb_job jobs[QB_MAX_PARTS];
+    for (int t = 0; t < parts; t++) {
         qb_job job = {.run = run_blocks, .packed = packed, .absmax = absmax, .absmax_code = absmax_code,
                       .nested_code = nested_code, .nested_absmax = nested_absmax,
                       .nested_blocksize = nested_blocksize, .offset = offset, .code = code, .n = n,
-                      .blocksize = blocksize, .out = out, .kind = kind, .first_block = blocks * t / threads,
-                      .stop_block = blocks * (t + 1) / threads};
+                      .blocksize = blocksize, .out = out, .kind = kind,
+                      .first_block = part_start(blocks, t, parts, 1),
+                      .stop_block = part_start(blocks, t + 1, parts, 1)};
         jobs[t] = job;
     }
-    return run_parallel(jobs, threads);
+    return run_parallel(jobs, parts, threads);
 }
 
 /* qb_dequantize_4bit of a [rows, cols] weight (n = rows * cols), written transposed: element (r, c) at
@@ -724,16 +837,19 @@ int qb_dequantize_4bit_t(const uint8_t *packed, const float *absmax, const uint8
                          float offset, const float *code, int64_t rows, int64_t cols, int64_t blocksize, void *out,
                          int kind, int threads) {
     threads = thread_count(threads, rows * cols, rows);
-    qb_job jobs[QB_MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
+    int64_t align = 1;
+    const int parts = transposed_parts(threads, rows, kind, &align);
+    qb_job jobs[QB_MAX_PARTS];
+    for (int t = 0; t < parts; t++) {
         qb_job job = {.run = run_blocks_t, .packed = packed, .absmax = absmax, .absmax_code = absmax_code,
                       .nested_code = nested_code, .nested_absmax = nested_absmax,
                       .nested_blocksize = nested_blocksize, .offset = offset, .code = code, .n = rows * cols,
                       .blocksize = blocksize, .out = out, .kind = kind, .rows = rows, .cols = cols,
-                      .first_row = rows * t / threads, .stop_row = rows * (t + 1) / threads};
+                      .first_row = part_start(rows, t, parts, align),
+                      .stop_row = part_start(rows, t + 1, parts, align)};
         jobs[t] = job;
     }
-    return run_parallel(jobs, threads);
+    return run_parallel(jobs, parts, threads);
 }
 
 /* A planned 4-bit call (torch_side._nf4.NF4CpuPlan): what the plan fixed, as int64 values in `plan`
@@ -767,13 +883,16 @@ int qb_dequantize_fp8(const uint8_t *w, const float *lut, const float *scale, in
                       int64_t block_rows, int64_t block_cols, int64_t scale_cols, void *out, int kind,
                       int threads, int transpose) {
     threads = thread_count(threads, rows * cols, rows);
-    qb_job jobs[QB_MAX_THREADS];
-    for (int t = 0; t < threads; t++) {
+    int64_t align = 1;
+    const int parts = transpose ? transposed_parts(threads, rows, kind, &align) : part_count(threads, rows);
+    qb_job jobs[QB_MAX_PARTS];
+    for (int t = 0; t < parts; t++) {
         qb_job job = {.run = transpose ? run_fp8_rows_t : run_fp8_rows, .out = out, .kind = kind, .fp8 = w,
                       .lut = lut, .scale = scale, .rows = rows, .cols = cols, .block_rows = block_rows,
-                      .block_cols = block_cols, .scale_cols = scale_cols, .first_row = rows * t / threads,
-                      .stop_row = rows * (t + 1) / threads};
+                      .block_cols = block_cols, .scale_cols = scale_cols,
+                      .first_row = part_start(rows, t, parts, align),
+                      .stop_row = part_start(rows, t + 1, parts, align)};
         jobs[t] = job;
     }
-    return run_parallel(jobs, threads);
+    return run_parallel(jobs, parts, threads);
 }
