@@ -194,15 +194,20 @@ def load(path: pathlib.Path, *, planned: bool = True) -> tuple[Any, Any, Any, An
 
 def torch_openmp_team() -> int | None:
     """The address of ``GOMP_parallel`` in the GNU OpenMP runtime torch runs its parallel operations on (its
-    Linux builds), or None: not Linux, torch's parallel backend is not OpenMP, or the process holds another
-    OpenMP runtime (Intel's, LLVM's) or no single libgomp that is torch's (one inside torch's folders, else
-    the only one loaded).
+    Linux builds), or None: not Linux, torch's parallel backend is not OpenMP, its threads do not spin
+    between parallel regions (``OMP_WAIT_POLICY=passive``, or a ``GOMP_SPINCOUNT`` under 100000), or the
+    process holds another OpenMP runtime (Intel's, LLVM's) or no single libgomp that is torch's (one inside
+    torch's folders, else the only one loaded).
 
     The kernel then splits a call from the main thread over torch's own threads (``kernels/cpu_4bit.c``,
     ``qb_use_gomp_parallel``): beside them, a pool of its own got no CPU for milliseconds while they spun
-    after one of torch's parallel operations (``benchmarks/RESULTS.md``)."""
+    after one of torch's parallel operations. Threads that sleep at once leave the CPUs to the pool, and
+    waking them costs more than the pool's calls (1024x1024: 78-106 us against 41-48;
+    ``benchmarks/RESULTS.md``)."""
     if (
         not sys.platform.startswith("linux")
+        or os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+        or _spins_briefly(os.environ.get("GOMP_SPINCOUNT"))
         or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
     ):
         return None
@@ -230,6 +235,19 @@ def torch_openmp_team() -> int | None:
         return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
+
+
+def _spins_briefly(spincount: str | None) -> bool:
+    """Whether libgomp's ``GOMP_SPINCOUNT`` (a count, with an optional k, M, G or T suffix, or "infinite")
+    makes its threads spin fewer than 100000 times before they sleep (unset: libgomp's own default, 300000)."""
+    if spincount is None or not spincount.strip():
+        return False
+    value = spincount.strip().lower()
+    if value in ("infinite", "infinity"):
+        return False
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}.get(value[-1], 1)
+    digits = value[:-1] if value[-1] in "kmgt" else value
+    return digits.isdigit() and int(digits) * scale < 100_000
 
 
 def _build_and_load() -> None:

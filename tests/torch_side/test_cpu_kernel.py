@@ -392,20 +392,36 @@ ROUTE_PROBE = """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="threads are named and listed through /proc on Linux")
-def test_calls_from_the_main_thread_take_torchs_openmp_threads(kernel):
-    """Where torch runs on GNU OpenMP (its Linux wheels), a decode called from the main thread is split
-    over torch's own threads (the kernel's pool beside them got no CPU while they spun), and one called
-    from another thread over the kernel's pool, which grows to the thread count asked for."""
-    done = _run(ROUTE_PROBE)
+@pytest.mark.parametrize("wait_policy", ["", "passive"])
+def test_calls_from_the_main_thread_take_torchs_openmp_threads(kernel, wait_policy):
+    """Where torch runs on GNU OpenMP (its Linux wheels) and its threads spin between parallel regions (as
+    by default), a decode called from the main thread is split over torch's own threads (the kernel's pool
+    beside them got no CPU while they spun), and one called from another thread over the kernel's pool,
+    which grows to the thread count asked for. With OMP_WAIT_POLICY=passive torch's threads sleep at once,
+    and the pool takes every call (waking them cost more)."""
+    done = _run(ROUTE_PROBE, OMP_WAIT_POLICY=wait_policy)
     assert done.returncode == 0, done.stderr
     lines = dict(line.rsplit(" ", 1) for line in done.stdout.splitlines() if not line.startswith("team"))
-    gnu = "team True" in done.stdout
+    team = "team True" in done.stdout
     if "backend 1" in done.stdout and platform.machine() in ("x86_64", "AMD64"):
-        assert gnu, done.stdout  # torch's x86-64 Linux wheels ship GNU OpenMP: the team must be found
-    assert lines["after main thread"] == ("0" if gnu else "1"), done.stdout
+        # torch's x86-64 Linux wheels ship GNU OpenMP: the team must be found where its threads spin
+        assert team == (wait_policy != "passive"), done.stdout
+    assert lines["after main thread"] == ("0" if team else "1"), done.stdout
     assert lines["after another thread"] == "1", done.stdout
     assert lines["after 3 threads"] == "2", done.stdout
     assert lines["same"] == "True", done.stdout
+
+
+@pytest.mark.parametrize(
+    "value, brief",
+    [(None, False), ("", False), ("0", True), ("99999", True), ("99k", True), ("100k", False), ("300000", False),
+     ("1M", False), ("infinite", False), ("Infinity", False), ("lots", False)],
+)  # fmt: skip
+def test_a_short_gomp_spincount_keeps_the_pool(value, brief):
+    """libgomp's GOMP_SPINCOUNT (a count with an optional k/M/G/T suffix, or infinite): under 100000 spins
+    torch's threads sleep almost at once, and the kernel keeps its own pool; a value libgomp would not
+    read either changes nothing."""
+    assert _native._spins_briefly(value) is brief
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
