@@ -4,8 +4,10 @@ with ctypes.
 torch operations alone cannot decode a 4-bit weight as fast as bitsandbytes' native CPU kernel: at
 1024x1024 the byte lookup alone (``index_select``) costs more than that whole kernel. The C kernel looks
 each nibble up in a register-held table (AVX-512 where the CPU has it, else AVX2 with F16C, plain C
-elsewhere), multiplies by the block's scale and rounds while storing, on a small pool of threads for large
-weights; it gives the bits of ``_nf4.dequantize_4bit_reference`` (tested against it).
+elsewhere), multiplies by the block's scale and rounds while storing; it gives the bits of
+``_nf4.dequantize_4bit_reference`` (tested against it). Large weights are split over torch's thread count:
+from the main thread on torch's own OpenMP threads where :func:`torch_openmp_team` finds them, else on a
+small pool of the kernel's own.
 
 It is built with the machine's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``) for the machine's
 CPU and kept in qbridge's cache directory (``_cache.cache_dir``, under ``cpu-kernels/``), named by a hash
