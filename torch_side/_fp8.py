@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwad
 
 from ._backend import choose_fp8_backend
 from ._checks import (
@@ -35,7 +36,7 @@ from ._checks import check_finite as _check_finite
 from ._compile import Addresses, KernelNotReady, kernels_imported
 from ._integers import block_pair as _block_pair
 from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
-from ._plans import FP8_PLANS, tensor_key
+from ._plans import FP8_CPU_PLANS, FP8_PLANS, remember, tensor_key
 
 FP8_DTYPES = tuple(
     getattr(torch, name)
@@ -225,23 +226,17 @@ def dequantize_fp8_native(
         return None
     scale = scale.to(torch.float32)  # exact: the reference widens the same way
     if layout.kind == "tensor":  # any shape: rows of its last dimension (split over threads), one scale
-        cols = W.shape[-1] if W.dim() else 1
-        rows, block_rows, block_cols, scale_cols = W.numel() // cols, W.numel() // cols, cols, 1
         if scale.numel() != 1:
             return None
-    else:
-        if W.dim() != 2:
-            return None
-        (rows, cols), (block_rows, block_cols), scale_cols = W.shape, layout.block, layout.grid[1]
-        if scale.numel() != layout.grid[0] * layout.grid[1] or block_rows < 1 or block_cols < 1:
-            return None
+    elif W.dim() != 2 or scale.numel() != layout.grid[0] * layout.grid[1] or min(layout.block) < 1:
+        return None
     if transpose and W.dim() != 2:
         return None
     shape = (W.shape[1], W.shape[0]) if transpose else W.shape
     out = torch.empty(shape, dtype=dtype, device="cpu")  # not the default device: the kernel writes here
     table = _byte_values(W.dtype)  # held through the call (another thread may replace the cached one)
-    fn(W.view(torch.uint8).data_ptr(), table.data_ptr(), scale.data_ptr(), rows, cols, block_rows, block_cols,
-       scale_cols, out.data_ptr(), kind, torch.get_num_threads(), int(transpose))  # fmt: skip
+    fn(W.view(torch.uint8).data_ptr(), table.data_ptr(), scale.data_ptr(), *_native_args(W, layout), out.data_ptr(),
+       kind, torch.get_num_threads(), int(transpose))  # fmt: skip
     return out
 
 
@@ -272,6 +267,80 @@ def _plan_key(
     except TypeError:  # an unhashable argument (a block_size list): no plan
         return None
     return key
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_CPU = torch.device("cpu")
+
+
+def _cpu_plan_key(
+    W: torch.Tensor,
+    scale_inv: Any,
+    dtype: Any,
+    block_size: Any,
+    transpose: Any,
+    backend: Any,
+    check_finite: Any,
+) -> tuple[Any, ...] | None:
+    """The key of a CPU call's plan (``_plans.FP8_CPU_PLANS``), or None when it cannot have one: a number as
+    the scale, ``check_finite``, a backend other than ``"auto"``, a call ``torch.compile`` traces, forward-mode
+    AD, a piece that is lazily negated, wrapped by a functorch transform or in need of a graph (the torch
+    path carries those), an unhashable argument."""
+    if check_finite or backend != "auto" or not isinstance(scale_inv, torch.Tensor) or not scale_inv.is_cpu:
+        return None
+    if (
+        block_size is not None
+        and type(block_size) is not int
+        and not (type(block_size) is tuple and all(type(b) is int for b in block_size))
+    ):
+        return None  # 128.0 hashes as 128: only exact ints may skip the checks
+    if tracing() or fwad._current_level >= 0:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in (W, scale_inv):
+        if _functorch_wrapped(t) or t.is_neg() or t.is_conj() or (grad and t.requires_grad):
+            return None
+    try:
+        key = (tensor_key(W), tensor_key(scale_inv), dtype, block_size, transpose)
+        hash(key)
+    except TypeError:  # an unhashable argument (a block_size list): no plan
+        return None
+    return key
+
+
+class FP8CpuPlan:
+    """A checked FP8 call on the CPU through the C kernel (``_plans``): allocate the output and call, with the
+    arguments :func:`dequantize_fp8_native` computed for the call that made the plan."""
+
+    __slots__ = ("args", "dtype", "fn", "kind", "out_size", "table", "transpose", "transposed_view")
+
+    def __init__(
+        self, W: torch.Tensor, layout: ScaleLayout, dtype: torch.dtype, transpose: bool, written_t: bool
+    ) -> None:
+        self.fn, self.table, self.dtype, self.kind = cpu_fp8(), _byte_values(W.dtype), dtype, CPU_KINDS[dtype]
+        self.args = _native_args(W, layout)
+        self.transpose = int(written_t)  # the kernel writes the transpose itself
+        self.transposed_view = transpose and not written_t
+        out_shape = (W.shape[1], W.shape[0]) if written_t else tuple(W.shape)
+        self.out_size = out_shape if out_shape else ((),)  # torch.empty(*sizes): 0.3 us less than a tuple
+
+    def __call__(self, W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if scale.dtype != torch.float32:
+            scale = scale.to(torch.float32)  # exact: the reference widens the same way
+        out = torch.empty(*self.out_size, dtype=self.dtype, device=_CPU)  # not the default device
+        self.fn(W.data_ptr(), self.table.data_ptr(), scale.data_ptr(), *self.args, out.data_ptr(), self.kind,
+                torch.get_num_threads(), self.transpose)  # fmt: skip
+        return out.t() if self.transposed_view else out
+
+
+def _native_args(W: torch.Tensor, layout: ScaleLayout) -> tuple[int, int, int, int, int]:
+    """The C kernel's ``rows, cols, block_rows, block_cols, scale_cols`` for ``W`` (a per-tensor scale: rows
+    of ``W``'s last dimension, any shape)."""
+    if layout.kind == "tensor":
+        cols = W.shape[-1] if W.dim() else 1
+        return W.numel() // cols, cols, W.numel() // cols, cols, 1
+    (rows, cols), (block_rows, block_cols) = W.shape, layout.block
+    return rows, cols, block_rows, block_cols, layout.grid[1]
 
 
 def dequantize_fp8(
@@ -324,10 +393,17 @@ def dequantize_fp8(
     if type(dtype) is not torch.dtype:
         dtype = out_dtype(dtype)
     plan_key = _plan_key(W, scale_inv, dtype, block_size, transpose, backend, check_finite)
+    cpu_key = None
     if plan_key is not None:
         plan = FP8_PLANS.get(plan_key)
         if plan is not None and W.device.index == torch.cuda.current_device():
             return plan(plain(W), plain(scale_inv), W.device)  # type: ignore[arg-type]  # a key: a tensor
+    elif isinstance(W, torch.Tensor) and W.is_cpu:
+        cpu_key = _cpu_plan_key(W, scale_inv, dtype, block_size, transpose, backend, check_finite)
+        if cpu_key is not None:
+            cpu_plan = FP8_CPU_PLANS.get(cpu_key)
+            if cpu_plan is not None:
+                return cpu_plan(plain(W), plain(scale_inv))  # type: ignore[arg-type]  # a key: a tensor
     W = resolved(plain(require_tensor(W, "W")))
     if W.dtype not in FP8_DTYPES:
         hint = ""
@@ -374,7 +450,7 @@ def dequantize_fp8(
         _check_finite(scale_inv, "scale_inv")
     if scale_inv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         scale_inv = scale_inv.to(torch.float32)  # power-of-two e8m0 scales: exact
-        plan_key = None
+        plan_key = cpu_key = None
     chosen = choose_fp8_backend(W.device, backend, W.dtype)
     if (
         layout.stack
@@ -404,7 +480,7 @@ def dequantize_fp8(
             )
         return _decode_matrix(
             W, scale_inv, layout, dtype, transpose, chosen, plan_key, wait=backend == "triton",
-            native=backend == "auto",
+            native=backend == "auto", cpu_key=cpu_key,
         )  # fmt: skip
 
 
@@ -418,12 +494,15 @@ def _decode_matrix(
     plan_key: tuple[Any, ...] | None = None,
     wait: bool = True,
     native: bool = False,
+    cpu_key: tuple[Any, ...] | None = None,
 ) -> torch.Tensor:
     if native and W.device.type == "cpu":
         # the kernel writes the transpose itself where that beats a transposed view of its row-major result
         written_t = transpose and W.dim() == 2 and transposes_well(W.shape[0], W.shape[1], nibbles=False)
         decoded = dequantize_fp8_native(W, scale, layout, dtype, written_t)
         if decoded is not None:
+            if cpu_key is not None:  # the next call of this kind calls the kernel straight away
+                remember(FP8_CPU_PLANS, cpu_key, FP8CpuPlan(W, layout, dtype, transpose, written_t))
             return decoded.t() if transpose and not written_t else decoded
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)

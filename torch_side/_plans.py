@@ -5,7 +5,8 @@ functions one weight at a time. The first call of each kind goes through every c
 kernel; its plan is stored under a key made of everything those checks and that choice read (each
 tensor's type, dtype, shape, device, contiguity and pointer alignment, and the other arguments). A later
 call with an equal key was going to pass the same checks and make the same choice, so it only allocates
-its output and launches (``_launch.Launcher``). Plans exist for the Triton path on CUDA only.
+its output and launches (``_launch.Launcher``), or calls the CPU's C kernel (``_native``): plans exist for
+the Triton path on CUDA and for the C kernel on the CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 FP8_PLANS: dict[tuple[Any, ...], Any] = {}
+FP8_CPU_PLANS: dict[tuple[Any, ...], Any] = {}  # CPU FP8 calls through the C kernel (_fp8.FP8CpuPlan)
 NF4_PLANS: dict[tuple[Any, ...], Any] = {}
 MAX_PLANS = 4096  # per format; a process that makes more starts over (the first calls pay the checks again)
 

@@ -1070,6 +1070,61 @@ def test_a_default_device_does_not_move_the_cpu_kernels_output(kernel):
     assert_bitwise_equal(got4, want4)
 
 
+def test_planned_fp8_calls_read_their_own_pieces(kernel):
+    """After the first CPU call of a kind, an FP8 call goes through its plan (``_plans.FP8_CPU_PLANS``):
+    new data of the same kind gives the torch path's bits, for block scales with partial tiles, per-row and
+    per-tensor scales (a 3-D weight too), bfloat16 and float16 scales, every output dtype, and both
+    transposed routes (written by the kernel, and a view of its row-major result). What a plan's kernel call
+    would drop still takes the torch path with a plan there: a scale that needs a graph, one with a
+    tangent, check_finite's check."""
+    import torch.autograd.forward_ad as fwad
+
+    from torch_side._plans import FP8_CPU_PLANS
+
+    cases = [
+        ((300, 700), (3, 6), {}),  # partial tiles
+        ((700, 1500), (6, 12), {"transpose": True}),  # written transposed by the kernel
+        ((10, 130), (1, 2), {"transpose": True}),  # a transposed view (too few rows to write it)
+        ((64, 100), (64, 1), {}),  # per row
+        ((4, 5, 64), (1,), {}),  # one scale, any shape
+        ((256, 256), (2, 2), {"scale_dtype": torch.bfloat16}),
+        ((256, 256), (2, 2), {"scale_dtype": torch.float16}),
+    ]
+    FP8_CPU_PLANS.clear()
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        for shape, scale_shape, kw in cases:
+            kw = dict(kw)
+            scale_dtype = kw.pop("scale_dtype", torch.float32)
+            W = _fp8_weight(shape, torch.float8_e4m3fn, gen)
+            scale = (torch.rand(scale_shape, generator=gen) + 0.25).to(scale_dtype)
+            for dtype in DTYPES:
+                want = torch_side.dequantize_fp8(W, scale, dtype, backend="torch", **kw)
+                got = torch_side.dequantize_fp8(W, scale, dtype, **kw)
+                assert got.shape == want.shape
+                assert_bitwise_equal(got, want)
+    assert len(FP8_CPU_PLANS) == len(cases) * len(DTYPES)  # one per kind, taken by the later calls
+    W = _fp8_weight((300, 700), torch.float8_e4m3fn, torch.Generator().manual_seed(5))
+    scale = torch.rand(3, 6) + 0.25
+    want = torch_side.dequantize_fp8(W, scale, backend="torch")
+    got = torch_side.dequantize_fp8(W, scale.clone().requires_grad_())
+    assert got.grad_fn is not None
+    assert_bitwise_equal(got.detach(), want)
+    with fwad.dual_level():
+        primal, tangent = fwad.unpack_dual(
+            torch_side.dequantize_fp8(W, fwad.make_dual(scale, torch.ones(3, 6)))
+        )
+    assert_bitwise_equal(primal, want)
+    assert tangent is not None and tangent.any()
+    with pytest.raises(ValueError, match="scale_inv"):
+        torch_side.dequantize_fp8(W, torch.full((3, 6), float("nan")), check_finite=True)
+    small_e5m2 = _fp8_weight((64, 64), torch.float8_e5m2, torch.Generator().manual_seed(6))
+    before = len(FP8_CPU_PLANS)
+    for _ in range(2):  # the torch path (as fast as the table at this size): no plan
+        torch_side.dequantize_fp8(small_e5m2, torch.rand(1, 1))
+    assert len(FP8_CPU_PLANS) == before
+
+
 def test_first_fp8_calls_from_several_threads_at_once(kernel):
     """Threads that make the first FP8 call of a process together each get the right bits (the byte
     table a thread passes to the kernel stays alive through its call, whichever table the cache keeps)."""
