@@ -333,6 +333,21 @@ class FP8CpuPlan:
         return out.t() if self.transposed_view else out
 
 
+class FP8TorchPlan:
+    """A checked FP8 call on the CPU that takes the torch path by choice (float8_e5m2 under
+    ``E5M2_NATIVE_FROM`` elements, which torch widens as fast as the C kernel's table): the reference's
+    operations without the checks before them."""
+
+    __slots__ = ("dtype", "layout", "transpose")
+
+    def __init__(self, layout: ScaleLayout, dtype: torch.dtype, transpose: bool) -> None:
+        self.layout, self.dtype, self.transpose = layout, dtype, transpose
+
+    def __call__(self, W: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        result = dequantize_fp8_reference(W, scale, self.layout, self.dtype)
+        return result.t() if self.transpose else result
+
+
 def _native_args(W: torch.Tensor, layout: ScaleLayout) -> tuple[int, int, int, int, int]:
     """The C kernel's ``rows, cols, block_rows, block_cols, scale_cols`` for ``W`` (a per-tensor scale: rows
     of ``W``'s last dimension, any shape)."""
@@ -504,6 +519,14 @@ def _decode_matrix(
             if cpu_key is not None:  # the next call of this kind calls the kernel straight away
                 remember(FP8_CPU_PLANS, cpu_key, FP8CpuPlan(W, layout, dtype, transpose, written_t))
             return decoded.t() if transpose and not written_t else decoded
+        if (
+            cpu_key is not None
+            and W.dtype == torch.float8_e5m2
+            and 0 < W.numel() < E5M2_NATIVE_FROM
+            and not layout.stack
+            and cpu_fp8() is not None  # the torch path by choice, not while the kernel is being built
+        ):
+            remember(FP8_CPU_PLANS, cpu_key, FP8TorchPlan(layout, dtype, transpose))
     if W.numel() == 0:
         result = torch.empty(W.shape, dtype=dtype, device=W.device)
     elif chosen == "triton":

@@ -1074,9 +1074,9 @@ def test_planned_fp8_calls_read_their_own_pieces(kernel):
     """After the first CPU call of a kind, an FP8 call goes through its plan (``_plans.FP8_CPU_PLANS``):
     new data of the same kind gives the torch path's bits, for block scales with partial tiles, per-row and
     per-tensor scales (a 3-D weight too), bfloat16 and float16 scales, every output dtype, and both
-    transposed routes (written by the kernel, and a view of its row-major result). What a plan's kernel call
-    would drop still takes the torch path with a plan there: a scale that needs a graph, one with a
-    tangent, check_finite's check."""
+    transposed routes (written by the kernel, and a view of its row-major result), and small float8_e5m2
+    weights, which take the torch path by choice. What a plan's kernel call would drop still takes the
+    torch path with a plan there: a scale that needs a graph, one with a tangent, check_finite's check."""
     import torch.autograd.forward_ad as fwad
 
     from torch_side._plans import FP8_CPU_PLANS
@@ -1118,11 +1118,14 @@ def test_planned_fp8_calls_read_their_own_pieces(kernel):
     assert tangent is not None and tangent.any()
     with pytest.raises(ValueError, match="scale_inv"):
         torch_side.dequantize_fp8(W, torch.full((3, 6), float("nan")), check_finite=True)
-    small_e5m2 = _fp8_weight((64, 64), torch.float8_e5m2, torch.Generator().manual_seed(6))
     before = len(FP8_CPU_PLANS)
-    for _ in range(2):  # the torch path (as fast as the table at this size): no plan
-        torch_side.dequantize_fp8(small_e5m2, torch.rand(1, 1))
-    assert len(FP8_CPU_PLANS) == before
+    for seed in range(3):  # small e5m2 weights take the torch path by choice, planned as well
+        gen = torch.Generator().manual_seed(6 + seed)
+        small_e5m2, scale = _fp8_weight((64, 100), torch.float8_e5m2, gen), torch.rand(64, 1, generator=gen)
+        for transpose in (False, True):
+            want = torch_side.dequantize_fp8(small_e5m2, scale, backend="torch", transpose=transpose)
+            assert_bitwise_equal(torch_side.dequantize_fp8(small_e5m2, scale, transpose=transpose), want)
+    assert len(FP8_CPU_PLANS) == before + 2
 
 
 def test_first_fp8_calls_from_several_threads_at_once(kernel):
