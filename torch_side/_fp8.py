@@ -240,6 +240,16 @@ def dequantize_fp8_native(
     return out
 
 
+def _exact_block_size(block_size: Any) -> bool:
+    """Whether ``block_size`` is None, an int or a tuple of ints, exactly: 128.0 hashes as 128 does, so
+    only exact ints may skip the checks a plan's key stands for."""
+    return (
+        block_size is None
+        or type(block_size) is int
+        or (type(block_size) is tuple and all(type(b) is int for b in block_size))
+    )
+
+
 def _plan_key(
     W: Any, scale_inv: Any, dtype: Any, block_size: Any, transpose: Any, backend: Any, check_finite: Any
 ) -> tuple[Any, ...] | None:
@@ -255,12 +265,8 @@ def _plan_key(
         or scale_inv.is_neg()  # a lazy negation: the pointer holds other values (resolved by the full path)
     ):
         return None
-    if (
-        block_size is not None
-        and type(block_size) is not int
-        and not (type(block_size) is tuple and all(type(b) is int for b in block_size))
-    ):
-        return None  # 128.0 hashes as 128: only exact ints may skip the checks
+    if not _exact_block_size(block_size):
+        return None
     try:
         key = (tensor_key(W), tensor_key(scale_inv), dtype, block_size, transpose, backend)
         hash(key)
@@ -288,12 +294,8 @@ def _cpu_plan_key(
     path carries those), an unhashable argument."""
     if check_finite or backend != "auto" or not isinstance(scale_inv, torch.Tensor) or not scale_inv.is_cpu:
         return None
-    if (
-        block_size is not None
-        and type(block_size) is not int
-        and not (type(block_size) is tuple and all(type(b) is int for b in block_size))
-    ):
-        return None  # 128.0 hashes as 128: only exact ints may skip the checks
+    if not _exact_block_size(block_size):
+        return None
     if tracing() or fwad._current_level >= 0:
         return None
     grad = torch.is_grad_enabled()
