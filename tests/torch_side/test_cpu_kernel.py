@@ -1234,7 +1234,7 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
     4-bit and FP8."""
     import platform
 
-    from torch_side import _build_c, _fp8
+    from torch_side import _build_c, _fp8, _nf4
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("the AVX-512 paths exist on x86-64 only: the build here is the plain one already")
@@ -1242,11 +1242,14 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
     target = tmp_path / "plain.so"
     subprocess.run([*_build_c.compiler(), *flags, *map(str, _native.SOURCES), "-o", str(target)], check=True)
     monkeypatch.setattr(_native, "_FN", None)
-    fn, fp8, fn_t, *_ = _native.load(target)
+    fn, fp8, fn_t, *_, planned = _native.load(target)
     monkeypatch.setattr(_native, "_FN", fn)
     monkeypatch.setattr(_native, "_FP8", fp8)
     monkeypatch.setattr(_native, "_FN_T", fn_t)
-    NF4_PLANS.clear()
+    monkeypatch.setattr(_native, "_PLANNED", planned)
+    # plans of its own, made here with the plain build's entry points, dropped after
+    monkeypatch.setattr(_nf4, "NF4_PLANS", {})
+    monkeypatch.setattr(_fp8, "FP8_CPU_PLANS", {})
     for rows, cols, blocksize, nested in [(33, 130, 64, True), (17, 63, 32, False), (300, 900, 4096, True)]:
         n = rows * cols
         for i, dtype in enumerate(DTYPES):
@@ -1261,6 +1264,13 @@ def test_the_plain_c_paths_match_the_reference_too(kernel, tmp_path, monkeypatch
                 packed, absmax, code, blocksize, n, dtype, **extra, transposed=(rows, cols)
             )
             assert_bitwise_equal(got, want.reshape(rows, cols).t())
+    for transpose in (False, True):  # the second call of each through its plan: the planned entry point
+        packed, absmax, _, extra = _pieces(700 * 1500, 64, nested=True, seed=3, nested_blocksize=7)
+        kw = dict(shape=(700, 1500), transpose=transpose, **extra)
+        want = torch_side.dequantize_nf4(packed, absmax, **kw, backend="torch")
+        for _ in range(2):
+            assert_bitwise_equal(torch_side.dequantize_nf4(packed, absmax, **kw), want)
+    assert len(_nf4.NF4_PLANS) == 2
     gen = torch.Generator().manual_seed(12)
     W = _fp8_weight((257, 513), torch.float8_e4m3fn, gen)
     scale = torch.rand(3, 5, generator=gen) * 1e-2
