@@ -93,6 +93,7 @@ _SCAN: Any = None  # the loaded qb_first_busy_stream, from the same library
 _ORDER: Any = None  # the loaded qb_order_after_idle, from the same library
 _READ: Any = None  # the loaded qb_read_ranges, from the same library
 _PLANNED: Any = None  # the loaded qb_dequantize_4bit_planned (a plan's call), from the same library
+_FORKED = False  # set in a child forked after torch_side was imported (_after_fork_in_child)
 _UNAVAILABLE = False  # set when it cannot be had in this process (disabled, no compiler, failed build)
 _LOCK = threading.Lock()
 _BUILDING: threading.Thread | None = None
@@ -196,10 +197,12 @@ def load(path: pathlib.Path, *, planned: bool = True) -> tuple[Any, Any, Any, An
 
 def torch_openmp_team() -> int | None:
     """The address of ``GOMP_parallel`` in the GNU OpenMP runtime torch runs its parallel operations on (its
-    Linux builds), or None: not Linux, torch's parallel backend is not OpenMP, its threads do not spin
-    between parallel regions (``OMP_WAIT_POLICY=passive``, or a ``GOMP_SPINCOUNT`` under 100000), or the
-    process holds another OpenMP runtime (Intel's, LLVM's) or no single libgomp that is torch's (one inside
-    torch's folders, else the only one loaded).
+    Linux builds), or None: not Linux, a child forked after torch_side was imported (libgomp's state
+    there counts the parent's threads, which the fork did not copy: a parallel region would wait for them),
+    torch's parallel backend is not OpenMP, its threads do not spin between parallel regions
+    (``OMP_WAIT_POLICY=passive``, or a ``GOMP_SPINCOUNT`` under 100000), or the process holds another OpenMP
+    runtime (Intel's, LLVM's) or no single libgomp that is torch's (one inside torch's folders, else the
+    only one loaded).
 
     The kernel then splits a call from the main thread over torch's own threads (``kernels/cpu_4bit.c``,
     ``qb_use_gomp_parallel``): beside them, a pool of its own got no CPU for milliseconds while they spun
@@ -208,6 +211,7 @@ def torch_openmp_team() -> int | None:
     ``benchmarks/RESULTS.md``)."""
     if (
         not sys.platform.startswith("linux")
+        or _FORKED
         or os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
         or _spins_briefly(os.environ.get("GOMP_SPINCOUNT"))
         or "parallel backend: OpenMP" not in torch.__config__.parallel_info()
@@ -436,9 +440,12 @@ def _make_private() -> pathlib.Path:
 
 
 def _after_fork_in_child() -> None:
-    """A build thread of the parent does not exist in a forked child: the child starts its own if needed."""
-    global _BUILDING, _LOCK
+    """A build thread of the parent does not exist in a forked child: the child starts its own if needed.
+    Nor do the parent's OpenMP threads, which libgomp still counts: a library the child loads keeps its own
+    pool (``torch_openmp_team``), as one loaded before the fork does (``kernels/cpu_4bit.c``)."""
+    global _BUILDING, _LOCK, _FORKED
     _LOCK = threading.Lock()
+    _FORKED = True
     if _FN is None:
         _BUILDING = None
 

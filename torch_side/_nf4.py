@@ -443,11 +443,18 @@ def writable_in_place(out: torch.Tensor, pieces: Sequence[torch.Tensor | None]) 
 
 
 def _owns_writable_memory(out: torch.Tensor, pieces: Sequence[torch.Tensor | None]) -> bool:
-    """The rest of :func:`writable_in_place`'s rule, for an ``out`` known to be strided and accepted by
-    :func:`torch_side._native.readable` (a plan's key holds that): a plain ``torch.Tensor`` (no Parameter or
+    """The rest of :func:`writable_in_place`'s rule, for an ``out`` on the CPU, strided, and neither lazily
+    negated, wrapped by a transform nor carrying a tangent (a plan's key and its per-call checks hold that):
+    contiguous (the key holds whether it is, not that it is), a plain ``torch.Tensor`` (no Parameter or
     other subclass), no grad, not an inference or zero tensor, memory of its own, shared with none of
     ``pieces``."""
-    if type(out) is not torch.Tensor or out.requires_grad or out.is_inference() or out._is_zerotensor():
+    if (
+        type(out) is not torch.Tensor
+        or not out.is_contiguous()
+        or out.requires_grad
+        or out.is_inference()
+        or out._is_zerotensor()
+    ):
         return False
     start = out.data_ptr()
     if not start:

@@ -361,13 +361,23 @@ def test_a_forked_child_decodes_with_its_own_threads(kernel):
 
 
 ROUTE_PROBE = """
-    import functools, os, sys, threading, torch, torch_side
+    import functools, os, sys, threading, time, torch, torch_side
     from torch_side import _native
     from torch_side._nf4 import dequantize_4bit_native
 
-    def named():  # the kernel's pool threads, by the name they give themselves
-        tasks = os.listdir("/proc/self/task")
-        return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "qbridge-decode" for t in tasks)
+    def comm(task):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                return f.read().strip()
+        except FileNotFoundError:  # a thread that ended (a joined one) after the listing
+            return ""
+
+    def named():  # the kernel's pool threads, by the name they are given (which may show a moment late)
+        counts = []
+        for _ in range(10):
+            counts.append(sum(comm(t) == "qbridge-decode" for t in os.listdir("/proc/self/task")))
+            time.sleep(0.01)
+        return max(counts)
 
     torch.set_num_threads(2)
     torch_side.wait_for_kernels()
@@ -422,6 +432,43 @@ def test_a_short_gomp_spincount_keeps_the_pool(value, brief):
     torch's threads sleep almost at once, and the kernel keeps its own pool; a value libgomp would not
     read either changes nothing."""
     assert _native._spins_briefly(value) is brief
+
+
+FRESH_CHILD = """
+    import os, signal, time, torch, torch_side
+    from torch_side._nf4 import dequantize_4bit_native
+    torch.set_num_threads(2)
+    n = 1 << 21
+    packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8)
+    absmax = torch.rand(n // 64)
+    code = torch.tensor(torch_side.NF4_CODE, dtype=torch.float32)
+    torch.randn(1 << 22).sum()  # torch's OpenMP threads run in the parent
+    pid = os.fork()
+    if pid == 0:  # the kernel's library is loaded here first
+        torch_side.wait_for_kernels()
+        got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)
+        os._exit(0 if got is not None else 3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print("child", os.waitstatus_to_exitcode(status))
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        print("child hung")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is Linux's default start method")
+def test_a_child_forked_before_the_kernel_is_loaded_decodes_on_its_own_pool(kernel):
+    """A forked child that loads the kernel's library itself keeps the kernel's own pool: libgomp's state in
+    it still counts the parent's OpenMP threads, which the fork did not copy, and a decode on torch's team
+    there waited forever."""
+    done = _run(FRESH_CHILD)
+    assert done.returncode == 0, done.stderr
+    assert "child 0" in done.stdout, done.stdout + done.stderr
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -723,6 +770,23 @@ def test_out_keeps_torchs_rules(kernel, transpose):
     for _ in range(2):  # the first call, then through the plan
         _same_as_torch_path(overlapping)
         _same_as_torch_path(over_the_bytes)
+
+    # an out that is not contiguous (a column slice, a transposed view, an expanded tensor) is filled by
+    # torch's copy_ (or refused as torch refuses it), on the first call and through the plan that call made
+    NF4_PLANS.clear()
+    for call in ("first", "planned"):
+        buf = torch.zeros(64, 160)
+        assert torch_side.dequantize_nf4(packed, absmax, **kw, out=buf[:, 16:80]) is not None
+        assert_bitwise_equal(buf[:, 16:80], want)
+        assert not buf[:, :16].any() and not buf[:, 80:].any(), call  # nothing written beside the slice
+        flipped = torch.zeros(64, 64).t()
+        torch_side.dequantize_nf4(packed, absmax, **kw, out=flipped)
+        assert_bitwise_equal(flipped, want)
+        guard = torch.zeros(64 * 66)
+        expanded = guard[64 : 2 * 64].view(1, 64).expand(64, 64)
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            torch_side.dequantize_nf4(packed, absmax, **kw, out=expanded)
+        assert not guard.any(), call  # the kernel never wrote through the expanded tensor's pointer
 
     class Recording(torch.Tensor):  # a subclass that sees the operations on it
         seen: ClassVar[list[str]] = []

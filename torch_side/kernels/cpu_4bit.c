@@ -606,11 +606,12 @@ static inline long now_ns(void) {
 }
 
 /* Claims the next part of generation `gen`: its index, or -1 when none is left (or the word has moved on
- * to another call). With `seat`, the claim also takes one of the call's seats, and fails when none is
- * left. */
+ * to another call). With `seat`, the claim also takes one of the call's seats, and gives -2 when parts
+ * are left but no seat is. */
 static int claim(uint64_t gen, int seat) {
     uint64_t w = __atomic_load_n(&pool_word, __ATOMIC_ACQUIRE);
-    while (WORD_GEN(w) == gen && WORD_NEXT(w) < WORD_PARTS(w) && (!seat || WORD_SEATS(w) > 0)) {
+    while (WORD_GEN(w) == gen && WORD_NEXT(w) < WORD_PARTS(w)) {
+        if (seat && WORD_SEATS(w) == 0) return -2;
         const uint64_t next = w + 1 - (seat ? ONE_SEAT : 0);
         if (__atomic_compare_exchange_n(&pool_word, &w, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             return WORD_NEXT(w);
@@ -628,19 +629,26 @@ static void finish_part(void) {
 
 static void *pool_worker(void *arg) {
     (void)arg;
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "qbridge-decode"); /* as its creator names it, should that fail */
+#endif
     uint64_t served = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)); /* the last call looked at */
     for (;;) {
         const uint64_t gen = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE));
+        int seated = 1;
         if (gen != served) { /* a call to serve: a seat with the first part, then parts while any are left */
             served = gen;
-            for (int part = claim(gen, 1); part >= 0; part = claim(gen, 0)) {
+            int part = claim(gen, 1);
+            seated = part != -2;
+            for (; part >= 0; part = claim(gen, 0)) {
                 run_part(&pool_jobs[part]);
                 finish_part();
             }
-            continue;
+            if (seated) continue;
         }
-        /* wait for the next call (a new generation), spinning first */
-        const long until = now_ns() + SPIN_NS;
+        /* wait for the next call (a new generation), spinning first, unless the last call had no seat for
+         * this worker (calls of fewer threads than the pool holds: it would take CPU from those that decode) */
+        const long until = seated ? now_ns() + SPIN_NS : 0;
         int changed = 0;
         while (!changed && now_ns() < until) {
             for (int k = 0; k < 64 && !changed; k++) {
@@ -738,7 +746,7 @@ static int run_parallel(qb_job *jobs, int parts, int threads) {
         pthread_mutex_lock(&pool_lock);
         const uint64_t gen = WORD_GEN(__atomic_load_n(&pool_word, __ATOMIC_ACQUIRE)) + 1;
         __atomic_store_n(&pool_word, WORD(gen, seats, parts, 0), __ATOMIC_RELEASE);
-        pthread_cond_broadcast(&pool_start);
+        for (int k = 0; k < seats; k++) pthread_cond_signal(&pool_start); /* sleepers enough for the seats */
         pthread_mutex_unlock(&pool_lock);
         for (int part; (part = claim(gen, 0)) >= 0;) { /* every part nobody else took */
             run_part(&pool_jobs[part]);
