@@ -64,12 +64,21 @@ def out_dtype(dtype: Any, error: type[Exception] = TypeError) -> Any:
 
 
 def tracing() -> bool:
-    """Whether ``torch.compile`` is tracing this call: the kernels, which read and write memory through
-    pointers, and the plans, which launch them, are left out of a traced call, which takes the torch path
-    (plain torch operations, which the compiler traces and compiles; the same bits). Traced, pointers and
-    tables computed on the way are not the values a kernel reads (seen: ``torch.compile`` of
-    ``dequantize_fp8`` on the CPU gave garbage through the C kernel)."""
-    return torch.compiler.is_compiling()
+    """Whether this call is traced or transformed rather than run: ``torch.compile`` traces it, a
+    ``TorchDispatchMode`` is active (``FakeTensorMode``, ``make_fx``'s tracer, a user's mode), a functorch
+    transform runs it (``torch.func.functionalize``, ``vmap``, ``grad``, ``jvp``), or ``torch.jit.trace``
+    records it. The kernels, which read and write memory through pointers, and the plans, which launch
+    them, are left out of such a call, which takes the torch path (plain torch operations, which the
+    tracer sees; the same bits). There, pointers are not the values a kernel reads or memory it may write
+    (seen: ``torch.compile`` of ``dequantize_fp8`` on the CPU gave garbage through the C kernel; under
+    ``functionalize`` and ``FakeTensorMode`` the CPU kernel wrote through a null pointer; ``make_fx`` and
+    ``torch.jit.trace`` recorded only the empty result)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch._C._is_tracing()
+    )
 
 
 def resolved(t: _T) -> _T:

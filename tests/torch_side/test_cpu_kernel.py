@@ -22,6 +22,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from typing import ClassVar
 
 import pytest
@@ -871,6 +872,46 @@ def test_out_and_inputs_autograd_and_functorch_see_after_a_plan_exists(kernel):
             got = torch_side.dequantize_nf4(packed, needs_grad, **kw, out=out)
             assert got.requires_grad and got.grad_fn is not None, call
             assert_bitwise_equal(got.detach(), want)
+
+
+def test_traced_and_transformed_calls_take_the_torch_path(kernel):
+    """Under functionalize, FakeTensorMode, make_fx and torch.jit.trace a call takes the torch path, as its
+    tracer must see it, also where plans exist: the kernel wrote through a null pointer under the first two
+    and left an empty result in the others' recordings."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gen = torch.Generator().manual_seed(21)
+    packed = torch.randint(0, 256, (2048,), dtype=torch.uint8, generator=gen)
+    absmax = torch.rand(64, generator=gen)
+    kw = dict(shape=(64, 64), dtype=torch.float32)
+    W = _fp8_weight((64, 64), torch.float8_e4m3fn, gen)
+    s = torch.rand(1, 1, generator=gen)
+    want = torch_side.dequantize_nf4(packed, absmax, **kw, backend="torch")
+    fwant = torch_side.dequantize_fp8(W, s, torch.float32, backend="torch")
+    for _ in range(2):  # plans of each kind exist
+        torch_side.dequantize_nf4(packed, absmax, **kw)
+        torch_side.dequantize_nf4(packed, absmax, **kw, out=torch.empty(64, 64))
+        torch_side.dequantize_fp8(W, s, torch.float32)
+    nf4 = functools.partial(torch_side.dequantize_nf4, **kw)
+    assert_bitwise_equal(torch.func.functionalize(nf4)(packed, absmax), want)
+    assert_bitwise_equal(torch.func.functionalize(lambda: nf4(packed, absmax))(), want)  # closed over
+    out = torch.zeros(64, 64)
+    torch.func.functionalize(lambda o: nf4(packed, absmax, out=o))(out)
+    assert_bitwise_equal(out, want)
+    fp8 = functools.partial(torch_side.dequantize_fp8, dtype=torch.float32)
+    assert_bitwise_equal(torch.func.functionalize(lambda: fp8(W, s))(), fwant)
+    with FakeTensorMode() as mode:
+        fake = fp8(mode.from_tensor(W), mode.from_tensor(s))
+    assert type(fake).__name__ == "FakeTensor" and fake.shape == (64, 64)
+    W2 = _fp8_weight((64, 64), torch.float8_e4m3fn, gen)
+    s2 = torch.rand(1, 1, generator=gen)
+    fwant2 = torch_side.dequantize_fp8(W2, s2, torch.float32, backend="torch")
+    assert_bitwise_equal(make_fx(lambda w, x: fp8(w, x))(W, s)(W2, s2), fwant2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and tracer warnings
+        traced = torch.jit.trace(lambda w, x: fp8(w, x), (W, s))
+    assert_bitwise_equal(traced(W2, s2), fwant2)
 
 
 def test_the_torch_path_flushes_every_denormal_product(kernel):
