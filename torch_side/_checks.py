@@ -63,6 +63,10 @@ def out_dtype(dtype: Any, error: type[Exception] = TypeError) -> Any:
     return dtype
 
 
+CPU = torch.device("cpu")  # where the C kernels write (not the default device, which may be another)
+functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # vmap, grad, jvp: no storage of its own
+
+
 def tracing() -> bool:
     """Whether this call is traced or transformed rather than run: ``torch.compile`` traces it, a
     ``TorchDispatchMode`` is active (``FakeTensorMode``, ``make_fx``'s tracer, a user's mode), a functorch

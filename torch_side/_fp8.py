@@ -20,6 +20,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 
 from ._backend import choose_fp8_backend
+from ._checks import CPU as _CPU
 from ._checks import (
     BlockSizeUnknown,
     as_list,
@@ -33,6 +34,7 @@ from ._checks import (
     tracing,
 )
 from ._checks import check_finite as _check_finite
+from ._checks import functorch_wrapped as _functorch_wrapped
 from ._compile import Addresses, KernelNotReady, kernels_imported
 from ._integers import block_pair as _block_pair
 from ._native import CPU_KINDS, cpu_fp8, readable, transposes_well
@@ -273,10 +275,6 @@ def _plan_key(
     except TypeError:  # an unhashable argument (a block_size list): no plan
         return None
     return key
-
-
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-_CPU = torch.device("cpu")
 
 
 def _cpu_plan_key(

@@ -24,6 +24,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 
 from ._backend import choose_4bit_backend
+from ._checks import CPU as _CPU
 from ._checks import (
     as_list,
     numbered,
@@ -38,6 +39,7 @@ from ._checks import (
     tracing,
 )
 from ._checks import check_finite as _check_finite
+from ._checks import functorch_wrapped as _functorch_wrapped
 from ._codes import is_standard_code, pairs_of, standard_code, standard_pairs
 from ._compile import KernelNotReady, kernels_imported
 from ._integers import is_int
@@ -425,9 +427,6 @@ def dequantize_4bit_native(
                         rows_cols=transposed)  # fmt: skip
 
 
-_CPU = torch.device("cpu")
-
-
 def writable_in_place(out: torch.Tensor, pieces: Sequence[torch.Tensor | None]) -> bool:
     """Whether the C kernel may write ``out`` (already checked for shape and dtype) through its pointer with
     the effect torch's in-place copy would have: a plain strided, contiguous CPU tensor with memory of its
@@ -685,9 +684,6 @@ def _plan_key(
     except (TypeError, AttributeError):  # not tensors, unhashable values: the full checks will say
         return None
     return key
-
-
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _plan_ready(
