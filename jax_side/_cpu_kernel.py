@@ -214,10 +214,7 @@ def cpu_kernel_ready() -> bool:
             if cached:
                 _build_and_register()
                 return _READY
-            _BUILDING = threading.Thread(
-                target=_build_and_register, name="qbridge-jax-cpu-kernel", daemon=True
-            )
-            _BUILDING.start()
+            _BUILDING = _builds().start(_build_and_register, "qbridge-jax-cpu-kernel")
     return _READY
 
 

@@ -10,6 +10,7 @@ and a library that matches it has a whole library (a truncated one can crash the
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import platform
@@ -22,9 +23,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", "-pthread")
 TIMEOUT_S = 120.0
+# at most this many seconds, a process exiting waits for its build thread to start the builder
+LAUNCH_WAIT_S = 30.0
 
 
 UNWRITABLE = 2  # the exit code when the target's folder cannot take the build
@@ -80,6 +84,7 @@ class Builds:
         self._lock = threading.Lock()  # a build for this process only starts before the exit handler looks
         self.exiting = False  # set at exit: a build for this process only may no longer start
         self._private: subprocess.Popen[str] | None = None
+        self._launched = threading.Event()  # set once the build thread started its builder, or ended
         if hasattr(os, "register_at_fork"):  # a child forked while a thread held the lock would wait forever
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -87,6 +92,32 @@ class Builds:
         """A forked child has none of the parent's threads, and the parent's build is not its own."""
         self._lock = threading.Lock()
         self._private = None
+
+    def start(self, work: Callable[[], None], name: str) -> threading.Thread:
+        """Runs ``work`` (which calls :meth:`run`) in a daemon thread of that name. At the caller's exit, waits
+        until that thread has started its builder or ended (at most ``LAUNCH_WAIT_S``): a process that exits
+        at once, or whose thread got no CPU before the exit, still leaves its build to land in the cache."""
+        self._launched.clear()
+        thread = threading.Thread(target=self._launching(work), name=name, daemon=True)
+        atexit.register(self._until_launched, thread, os.getpid())
+        thread.start()
+        return thread
+
+    def _launching(self, work: Callable[[], None]) -> Callable[[], None]:
+        def launching() -> None:
+            try:
+                work()
+            finally:
+                self._launched.set()
+
+        return launching
+
+    def _until_launched(self, thread: threading.Thread, owner: int) -> None:
+        if os.getpid() != owner:  # a forked child inherits the handler, not the thread
+            return
+        deadline = time.monotonic() + LAUNCH_WAIT_S
+        while thread.is_alive() and not self._launched.wait(0.05) and time.monotonic() < deadline:
+            pass
 
     def run(self, sources: list[str], target: str, compiler: list[str], *, private: bool) -> tuple[int, str]:
         """Builds ``sources`` into ``target`` and waits: the builder's exit code (0, 1, or
@@ -96,15 +127,18 @@ class Builds:
             RuntimeError: a build for this process only, asked for while it exits.
             OSError: the builder could not be started.
         """
-        with self._lock:
-            if private and self.exiting:
-                raise RuntimeError("the process is exiting")
-            proc = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), os.pathsep.join(sources), target, *compiler],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-            )  # fmt: skip
-            if private:
-                self._private = proc
+        try:
+            with self._lock:
+                if private and self.exiting:
+                    raise RuntimeError("the process is exiting")
+                proc = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), os.pathsep.join(sources), target, *compiler],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                )  # fmt: skip
+                if private:
+                    self._private = proc
+        finally:
+            self._launched.set()
         _, stderr = proc.communicate()
         return proc.returncode, stderr.strip()
 

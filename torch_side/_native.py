@@ -319,8 +319,7 @@ def cpu_4bit(wait: bool = False) -> Any:
             # a process that ends first leaves a build for the cache to finish (its own session), and
             # stops a build for itself only and removes its folder (made here, before any exit can begin)
             _make_private()
-            _BUILDING = threading.Thread(target=_build_and_load, name="qbridge-cpu-kernel-build", daemon=True)
-            _BUILDING.start()
+            _BUILDING = _BUILDS.start(_build_and_load, "qbridge-cpu-kernel-build")
         building = _BUILDING
     if (wait or _WAIT_FROM_NOW) and building is not None:
         building.join()

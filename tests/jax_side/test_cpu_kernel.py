@@ -226,6 +226,39 @@ def test_several_cpu_devices_keep_xlas_operations(tmp_path):
     assert done.stdout.splitlines() == ["ready True usable False", "spec x"]
 
 
+_SHORT = """
+import sys, time
+sys.modules["torch"] = None
+import numpy as np, jax_side
+from jax_side import _cpu_kernel
+builder = _cpu_kernel._builder()
+def compiler(found=builder.compiler):  # the build thread gets no CPU for a second before it starts the builder
+    time.sleep(1.0)
+    return found()
+builder.compiler = compiler
+jax_side.dequantize_nf4(np.arange(48, dtype=np.uint8), np.ones(2, np.float32), shape=(96,))
+print("ready at exit", _cpu_kernel.cpu_kernel_ready())
+"""
+
+
+def test_a_process_that_exits_before_its_build_thread_starts_still_fills_the_cache(tmp_path):
+    """The exit waits until the build thread has started the builder (in its own session), which then lands
+    the library in the cache: a thread that got no CPU before the exit (seen under load) left no build."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "QBRIDGE_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _SHORT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["ready at exit False"]
+    folder = tmp_path / "cpu-kernels"
+    deadline = time.monotonic() + 180  # the compiler shares the machine with the other test processes
+    while not list(folder.glob("cpu_4bit_xla-*.so")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(folder.glob("cpu_4bit_xla-*.so"))) == 1, (
+        f"no build landed in 180 s: {done.stderr[-2000:]}"
+    )
+
+
 _REGISTERED = """
 import logging, sys
 logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(message)s")

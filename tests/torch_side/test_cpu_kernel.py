@@ -936,15 +936,26 @@ def test_the_torch_path_flushes_every_denormal_product(kernel):
 
 
 SHORT = """
-import torch, torch_side
+import sys, time, torch, torch_side
+from torch_side import _native
+if sys.argv[1:] == ["starved"]:  # the build thread gets no CPU for a second before it starts the builder
+    def compiler(found=_native.compiler):
+        time.sleep(1.0)
+        return found()
+    _native.compiler = compiler
 torch_side.dequantize_nf4(torch.zeros(2048, dtype=torch.uint8), torch.rand(64), shape=(4096,))
 """
 
 
-def test_a_short_process_still_fills_the_cache(tmp_path):
+@pytest.mark.parametrize("thread", ["quick", "starved"])
+def test_a_short_process_still_fills_the_cache(tmp_path, thread):
     """A process that exits while its build runs leaves the build to finish (in its own session): the
-    library lands whole in the cache, with nothing half-written beside it."""
-    done = _run(SHORT, QBRIDGE_CACHE_DIR=str(tmp_path))
+    library lands whole in the cache, with nothing half-written beside it. Its exit waits until the build
+    thread has started the builder: one that got no CPU before the exit (seen under load) left no build."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SHORT), thread], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "QBRIDGE_CACHE_DIR": str(tmp_path)},
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "cpu-kernels"
     deadline = time.monotonic() + 180  # the compiler shares the machine with the other test processes
