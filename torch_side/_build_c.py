@@ -92,6 +92,7 @@ class Builds:
         """A forked child has none of the parent's threads, and the parent's build is not its own."""
         self._lock = threading.Lock()
         self._private = None
+        self._launched = threading.Event()
 
     def start(self, work: Callable[[], None], name: str) -> threading.Thread:
         """Runs ``work`` (which calls :meth:`run`) in a daemon thread of that name. At the caller's exit, waits
