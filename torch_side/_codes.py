@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from ._checks import tracing
+
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -37,10 +39,14 @@ def _code_on(quant_type: str, device: torch.device) -> torch.Tensor:
 
 
 def standard_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The float32 table of ``quant_type`` (``"nf4"`` or ``"fp4"``) on ``device``, cached: do not write to it."""
+    """The float32 table of ``quant_type`` (``"nf4"`` or ``"fp4"``) on ``device``, cached: do not write to it.
+    A traced call (``FakeTensorMode``, ``make_fx``, ``torch.compile``; see ``_checks.tracing``) gets a new
+    one, made under its tracer and not cached: a fake table kept for later calls crashed them."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if tracing():
+        return _code_on.__wrapped__(quant_type, device)
     return _code_on(quant_type, device)
 
 
@@ -68,4 +74,6 @@ def standard_pairs(quant_type: str, device: torch.device | str = "cpu") -> torch
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if tracing():  # made under the tracer, not cached (see standard_code)
+        return pairs_of(_code_on.__wrapped__(quant_type, device))
     return _pairs_on(quant_type, device)

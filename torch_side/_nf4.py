@@ -310,9 +310,10 @@ def dequantize_4bit_reference(
             values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
         if full < n:
             values[full:].mul_(scales[full // blocksize])
-    # a GPU flushes without asking (no sync), as does a functorch transform (whose tensors cannot be asked:
-    # vmap refuses data-dependent control flow); flushing where nothing is denormal changes nothing
-    if values.device.type != "cpu" or wrapped(absmax, code) or _needs_flush(absmax, code, n):
+    # a GPU flushes without asking (no sync), as do a functorch transform (whose tensors cannot be asked:
+    # vmap refuses data-dependent control flow) and a tracer (FakeTensorMode cannot answer; make_fx would
+    # record the answer of its example inputs); flushing where nothing is denormal changes nothing
+    if values.device.type != "cpu" or wrapped(absmax, code) or tracing() or _needs_flush(absmax, code, n):
         flush_denormals_(values)
     return values.to(dtype)
 

@@ -914,6 +914,46 @@ def test_traced_and_transformed_calls_take_the_torch_path(kernel):
     assert_bitwise_equal(traced(W2, s2), fwant2)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_4bit_call_traced_first_leaves_later_calls_whole(kernel, quant_type):
+    """A process's first 4-bit call made under FakeTensorMode cached its fake code table, and every later
+    real call read it: the kernel crashed the process (SIGSEGV), the torch path raised. Traced 4-bit calls
+    also failed (the check for denormal products asks the data, which FakeTensorMode cannot answer) or, under
+    make_fx, recorded that check's answer for the example inputs. Now the tracer gets a table of its own and
+    the torch path flushes unasked under it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_side import _codes
+
+    gen = torch.Generator().manual_seed(22)
+    packed, absmax = (
+        torch.randint(0, 256, (2048,), dtype=torch.uint8, generator=gen),
+        torch.rand(64, generator=gen),
+    )
+    code = torch.tensor(_codes.CODES[quant_type])
+    f = functools.partial(
+        torch_side.dequantize_nf4, shape=(64, 64), quant_type=quant_type, dtype=torch.float32
+    )
+    _codes._code_on.cache_clear()  # this call is the process's first
+    _codes._pairs_on.cache_clear()
+    with FakeTensorMode() as mode:
+        fake = f(mode.from_tensor(packed), mode.from_tensor(absmax))
+    assert type(fake).__name__ == "FakeTensor" and fake.shape == (64, 64) and fake.dtype == torch.float32
+    assert type(torch_side.standard_code(quant_type)) is torch.Tensor
+    assert type(_codes.standard_pairs(quant_type)) is torch.Tensor
+    assert_bitwise_equal(
+        f(packed, absmax), _plain(packed, absmax, code, 64, 4096, torch.float32).view(64, 64)
+    )
+    p2, a2 = torch.randint(0, 256, (2048,), dtype=torch.uint8, generator=gen), torch.rand(64, generator=gen)
+    tiny = torch.full((64,), 2.0**-130)  # every product denormal: flushed to zero
+    for mode in ("fake", "real"):
+        graph = make_fx(f, tracing_mode=mode)(packed, absmax)
+        for a in (a2, tiny):
+            assert_bitwise_equal(graph(p2, a), _plain(p2, a, code, 64, 4096, torch.float32).view(64, 64))
+    assert not bool(_plain(p2, tiny, code, 64, 4096, torch.float32).any())
+
+
 def test_the_torch_path_flushes_every_denormal_product(kernel):
     """A table entry above 1 makes FLT_MIN / entry itself denormal: the torch path's check for scales
     that need the flush must not round it away (the kernel and CUDA flush)."""
