@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -197,8 +198,9 @@ def load(path: pathlib.Path, *, planned: bool = True) -> tuple[Any, Any, Any, An
 
 def torch_openmp_team() -> int | None:
     """The address of ``GOMP_parallel`` in the GNU OpenMP runtime torch runs its parallel operations on (its
-    Linux builds), or None: not Linux, a child forked after torch_side was imported (libgomp's state
-    there counts the parent's threads, which the fork did not copy: a parallel region would wait for them),
+    Linux builds), or None: not Linux, a child forked after torch_side was imported or one its parent's
+    libgomp lies at the same addresses in (``_forked_from_parent``; libgomp's state there counts the
+    parent's threads, which the fork did not copy: a parallel region would wait for them),
     torch's parallel backend is not OpenMP, its threads do not spin between parallel regions
     (``OMP_WAIT_POLICY=passive``, or a ``GOMP_SPINCOUNT`` under 100000), or the process holds another OpenMP
     runtime (Intel's, LLVM's) or no single libgomp that is torch's (one inside torch's folders, else the
@@ -219,9 +221,7 @@ def torch_openmp_team() -> int | None:
         return None
     try:
         with open("/proc/self/maps") as maps:
-            loaded = {
-                line.split(None, 5)[5].strip() for line in maps if line.count(" ") >= 5 and "/lib" in line
-            }
+            loaded = _libraries_mapped(maps)
     except OSError:
         return None
     names = {path: os.path.basename(path) for path in loaded}
@@ -234,13 +234,41 @@ def torch_openmp_team() -> int | None:
     )
     torch_own = [path for path in gomp if path.startswith(roots)]
     chosen = torch_own if torch_own else gomp
-    if len(chosen) != 1:
+    if len(chosen) != 1 or _forked_from_parent(chosen[0], loaded[chosen[0]]):
         return None
     try:  # the copy loaded already (RTLD_NOLOAD: none is loaded here)
         runtime = ctypes.CDLL(chosen[0], mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
         return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
+
+
+def _libraries_mapped(maps: Iterable[str]) -> dict[str, str]:
+    """The shared libraries of a ``/proc/PID/maps`` listing, each with the address range of its first
+    mapping (``"start-end"``, hexadecimal)."""
+    mapped: dict[str, str] = {}
+    for line in maps:
+        fields = line.split(None, 5)
+        if len(fields) == 6 and "/lib" in fields[5]:
+            mapped.setdefault(fields[5].strip(), fields[0])
+    return mapped
+
+
+def _forked_from_parent(library: str, where: str) -> bool:
+    """Whether this process is its parent's copy made by ``fork`` without ``exec``, known by ``library``
+    lying at the same addresses ``where`` in both (a process that ran ``exec`` mapped it anew, at addresses
+    of its own). It may have been forked before torch_side was imported, which ``_FORKED`` does not see,
+    after the parent's OpenMP threads ran: libgomp's state here then counts threads that the fork did not
+    copy, and a parallel region on torch's team waits for them forever. A parent whose listing cannot be
+    read counts as one (the kernel's own pool is right either way); none (``getppid()`` 0) as none."""
+    parent = os.getppid()
+    if parent == 0:
+        return False
+    try:
+        with open(f"/proc/{parent}/maps") as maps:
+            return _libraries_mapped(maps).get(library) == where
+    except OSError:
+        return True
 
 
 def _spins_briefly(spincount: str | None) -> bool:

@@ -436,19 +436,25 @@ def test_a_short_gomp_spincount_keeps_the_pool(value, brief):
 
 
 FRESH_CHILD = """
-    import os, signal, time, torch, torch_side
-    from torch_side._nf4 import dequantize_4bit_native
+    import hashlib, os, signal, sys, time, torch
+    if sys.argv[1] == "parent":
+        import torch_side
     torch.set_num_threads(2)
     n = 1 << 21
     packed = torch.randint(0, 256, (n // 2,), dtype=torch.uint8)
     absmax = torch.rand(n // 64)
-    code = torch.tensor(torch_side.NF4_CODE, dtype=torch.float32)
     torch.randn(1 << 22).sum()  # torch's OpenMP threads run in the parent
+    reading, writing = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the kernel's library is loaded here first
+    if pid == 0:  # the kernel's library is loaded here first (torch_side imported here first, or before the fork)
+        import torch_side
+        from torch_side._nf4 import dequantize_4bit_native
         torch_side.wait_for_kernels()
+        code = torch.tensor(torch_side.NF4_CODE, dtype=torch.float32)
         got = dequantize_4bit_native(packed, absmax, code, 64, n, torch.float32)
-        os._exit(0 if got is not None else 3)
+        # numpy's hash of the bits: torch's own parallel operations wait forever in this child
+        os.write(writing, hashlib.sha256(got.numpy().tobytes()).hexdigest().encode() if got is not None else b"none")
+        os._exit(0)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -459,17 +465,47 @@ FRESH_CHILD = """
     else:
         os.kill(pid, signal.SIGKILL)
         print("child hung")
+        sys.exit()
+    import torch_side
+    want = torch_side.dequantize_4bit_reference(
+        packed, absmax, torch.tensor(torch_side.NF4_CODE, dtype=torch.float32), 64, n, torch.float32
+    )
+    same = os.read(reading, 100).decode() == hashlib.sha256(want.numpy().tobytes()).hexdigest()
+    print("the reference's bits", same)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork is Linux's default start method")
-def test_a_child_forked_before_the_kernel_is_loaded_decodes_on_its_own_pool(kernel):
+@pytest.mark.parametrize("imported", ["parent", "child"])
+def test_a_child_forked_before_the_kernel_is_loaded_decodes_on_its_own_pool(kernel, imported):
     """A forked child that loads the kernel's library itself keeps the kernel's own pool: libgomp's state in
     it still counts the parent's OpenMP threads, which the fork did not copy, and a decode on torch's team
-    there waited forever."""
-    done = _run(FRESH_CHILD)
+    there waited forever. Also where torch_side is first imported in the child (no fork handler of its own
+    ran): it knows the fork by its parent's libgomp, at the same addresses as its own."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FRESH_CHILD), imported], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "child 0" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["child 0", "the reference's bits True"], done.stdout + done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/PID/maps is Linux's")
+def test_a_process_run_by_exec_is_no_copy_of_its_parent():
+    """This process's parent (a shell, pytest's runner) maps its libraries elsewhere, or not at all: it is no
+    fork of it, and torch's team stays open to it; a library at the same addresses in the parent is a copy."""
+    with open("/proc/self/maps") as maps:
+        mapped = _native._libraries_mapped(maps)
+    library, where = next(iter(mapped.items()))
+    assert not _native._forked_from_parent(library, where)
+    assert not _native._forked_from_parent("/no/such/library.so", where)
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a fork without exec: the same libraries at the same addresses
+        os.write(writing, b"1" if _native._forked_from_parent(library, where) else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(reading, 1) == b"1"
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
