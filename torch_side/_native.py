@@ -67,7 +67,8 @@ ON = ("", "on", "1", "yes", "true", "auto", "enable", "enabled")
 
 def switched_off() -> bool:
     """Whether ``QBRIDGE_CPU_KERNEL`` turns the kernel off (one of ``OFF``; unset or one of ``ON``: on),
-    read at each call; checked once when torch_side is imported.
+    read by each call until the library is loaded (a library loaded stays in use); checked once when
+    torch_side is imported.
 
     Raises:
         ValueError: the variable holds another value (a misspelt ``of`` must not leave the kernel on).
