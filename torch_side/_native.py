@@ -258,7 +258,7 @@ def _libraries_mapped(maps: Iterable[str]) -> dict[str, str]:
 def _forked_from_parent(library: str, where: str) -> bool:
     """Whether this process is its parent's copy made by ``fork`` without ``exec``, known by ``library``
     lying at the same addresses ``where`` in both (a process that ran ``exec`` mapped it anew, at addresses
-    of its own). It may have been forked before torch_side was imported, which ``_FORKED`` does not see,
+    of its own; with address randomization off, both may match, and the kernel keeps its pool). It may have been forked before torch_side was imported, which ``_FORKED`` does not see,
     after the parent's OpenMP threads ran: libgomp's state here then counts threads that the fork did not
     copy, and a parallel region on torch's team waits for them forever. A parent whose listing cannot be
     read counts as one (the kernel's own pool is right either way); none (``getppid()`` 0) as none."""
