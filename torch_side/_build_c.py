@@ -100,7 +100,7 @@ class Builds:
         at once, or whose thread got no CPU before the exit, still leaves its build to land in the cache."""
         self._launched.clear()
         thread = threading.Thread(target=self._launching(work), name=name, daemon=True)
-        atexit.register(self._until_launched, thread, os.getpid())
+        atexit.register(self._until_launched, os.getpid())
         thread.start()
         return thread
 
@@ -113,12 +113,10 @@ class Builds:
 
         return launching
 
-    def _until_launched(self, thread: threading.Thread, owner: int) -> None:
+    def _until_launched(self, owner: int) -> None:
         if os.getpid() != owner:  # a forked child inherits the handler, not the thread
             return
-        deadline = time.monotonic() + LAUNCH_WAIT_S
-        while thread.is_alive() and not self._launched.wait(0.05) and time.monotonic() < deadline:
-            pass
+        self._launched.wait(LAUNCH_WAIT_S)  # set by run at the launch, or by the thread as it ends
 
     def run(self, sources: list[str], target: str, compiler: list[str], *, private: bool) -> tuple[int, str]:
         """Builds ``sources`` into ``target`` and waits: the builder's exit code (0, 1, or

@@ -482,10 +482,7 @@ def test_a_child_forked_before_the_kernel_is_loaded_decodes_on_its_own_pool(kern
     it still counts the parent's OpenMP threads, which the fork did not copy, and a decode on torch's team
     there waited forever. Also where torch_side is first imported in the child (no fork handler of its own
     ran): it knows the fork by its parent's libgomp, at the same addresses as its own."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FRESH_CHILD), imported], capture_output=True, text=True,
-        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+    done = _run(FRESH_CHILD, imported)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["child 0", "the reference's bits True"], done.stdout + done.stderr
 
@@ -508,10 +505,11 @@ def test_a_process_run_by_exec_is_no_copy_of_its_parent():
     assert os.read(reading, 1) == b"1"
 
 
-def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+def _run(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a new Python process (``args`` as its ``sys.argv[1:]``), on JAX's CPU, ``env`` added."""
     script = textwrap.dedent(code)
     return subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
     )  # fmt: skip
 
@@ -1028,10 +1026,7 @@ def test_a_short_process_still_fills_the_cache(tmp_path, thread):
     """A process that exits while its build runs leaves the build to finish (in its own session): the
     library lands whole in the cache, with nothing half-written beside it. Its exit waits until the build
     thread has started the builder: one that got no CPU before the exit (seen under load) left no build."""
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SHORT), thread], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "QBRIDGE_CACHE_DIR": str(tmp_path)},
-    )  # fmt: skip
+    done = _run(SHORT, thread, QBRIDGE_CACHE_DIR=str(tmp_path))
     assert done.returncode == 0, done.stderr
     folder = tmp_path / "cpu-kernels"
     deadline = time.monotonic() + 180  # the compiler shares the machine with the other test processes
